@@ -1,0 +1,201 @@
+"""The smtp-gateway under test plus its DMDS sandbox upstream, configured from bench/gateway.toml.in."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from string import Template
+
+from servers import (
+    BENCH_DIR,
+    HOST,
+    Server,
+    SetupError,
+    free_port,
+    log_tail,
+    spawn,
+    terminate,
+    wait_for_smtp,
+    wait_until,
+)
+
+REPO_DIR = BENCH_DIR.parent
+TEMPLATE = BENCH_DIR / "gateway.toml.in"
+LOGIN = "bench"
+PASSWORD = "bench-password"
+APIKEY = "bench-apikey"
+
+
+def gateway_env() -> dict[str, str]:
+    """Environment for gateway processes: the repo on PYTHONPATH, no stray GATEWAY_* settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_DIR), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def gateway_command() -> list[str]:
+    """How to run the gateway CLI: the console script, else `python -m gateway`."""
+    script = shutil.which("smtp-gateway")
+    if script:
+        return [script]
+    return [sys.executable, "-m", "gateway"]
+
+
+def check_cli() -> list[str]:
+    """Return the gateway command if `serve` and `sandbox` are available; raise SetupError otherwise."""
+    cmd = gateway_command()
+    if (
+        cmd[0] == sys.executable
+        and importlib.util.find_spec("gateway") is None
+        and not (REPO_DIR / "gateway" / "__main__.py").exists()
+    ):
+        raise SetupError("gateway CLI not found (no smtp-gateway script, no gateway/__main__.py)")
+    for sub in ("serve", "sandbox"):
+        try:
+            result = subprocess.run(
+                [*cmd, sub, "--help"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env=gateway_env(),
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise SetupError(f"gateway CLI `{sub} --help` failed: {exc}") from None
+        if result.returncode != 0:
+            tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
+            raise SetupError(f"gateway CLI `{' '.join(cmd)} {sub} --help` failed: {' | '.join(tail)}")
+    return cmd
+
+
+def password_hash(password: str) -> str:
+    """A gateway password hash (gateway.passwords when importable, else the same scrypt format)."""
+    sys.path.insert(0, str(REPO_DIR))
+    try:
+        from gateway.passwords import hash_password
+
+        return str(hash_password(password))
+    except ImportError:
+        salt = os.urandom(16)
+        digest = hashlib.scrypt(password.encode(), salt=salt, n=2**14, r=8, p=1, dklen=32)
+        return "$".join(
+            ("scrypt", "16384", "8", "1", base64.b64encode(salt).decode(), base64.b64encode(digest).decode())
+        )
+    finally:
+        sys.path.remove(str(REPO_DIR))
+
+
+def render_config(port: int, api_base: str, spool_path: Path) -> str:
+    """Fill bench/gateway.toml.in."""
+    return Template(TEMPLATE.read_text()).substitute(
+        port=port,
+        api_base=api_base,
+        apikey=APIKEY,
+        spool_path=str(spool_path),
+        password_hash=password_hash(PASSWORD),
+    )
+
+
+def http_json(url: str, method: str = "GET", timeout: float = 2.0) -> object:
+    """Small JSON HTTP helper for the sandbox's control endpoints."""
+    request = urllib.request.Request(url, method=method)
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read() or b"null")
+
+
+class Gateway(Server):
+    """`smtp-gateway serve` with a private `smtp-gateway sandbox` upstream adding `latency_ms` per call."""
+
+    label = "gateway"
+
+    def __init__(self, workdir: Path, latency_ms: int, cmd: list[str]) -> None:
+        super().__init__(workdir)
+        self.latency_ms = latency_ms
+        self.cmd = cmd
+        self.label = f"gateway-{latency_ms}ms"
+        self.sandbox: subprocess.Popen[bytes] | None = None
+        self.sandbox_port = 0
+        self.tmp: Path | None = None
+        self.auth = (LOGIN, PASSWORD)
+
+    @property
+    def sandbox_url(self) -> str:
+        return f"http://{HOST}:{self.sandbox_port}"
+
+    def _sandbox_ready(self) -> bool:
+        try:
+            http_json(f"{self.sandbox_url}/_sandbox/health", timeout=0.5)
+            return True
+        except OSError:
+            return False
+
+    def _start_sandbox(self) -> None:
+        self.sandbox_port = free_port()
+        cmd = [
+            *self.cmd,
+            "sandbox",
+            "--listen",
+            f"{HOST}:{self.sandbox_port}",
+            "--latency-ms",
+            str(self.latency_ms),
+        ]
+        cmd += ["--apikey", APIKEY]
+        log = self.workdir / f"{self.label}-sandbox.log"
+        self.sandbox = spawn(cmd, log, env=gateway_env())
+        try:
+            wait_until(self._sandbox_ready, "sandbox", 30, self.sandbox)
+        except SetupError as exc:
+            raise SetupError(f"{exc}: {log_tail(log, 5)}") from None
+
+    def start(self) -> None:
+        self.tmp = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
+        self._start_sandbox()
+        self.port = free_port()
+        config = self.tmp / "gateway.toml"
+        config.write_text(render_config(self.port, self.sandbox_url, self.tmp / "spool.sqlite3"))
+        self.proc = spawn([*self.cmd, "serve", "--config", str(config)], self.log, env=gateway_env())
+        try:
+            wait_for_smtp(self.port, self.label, 60, self.proc)
+        except SetupError as exc:
+            raise SetupError(f"{exc}: {log_tail(self.log, 8)}") from None
+
+    def upstream_requests(self) -> int:
+        """Requests the sandbox has recorded since the last clear (-1 if unknown)."""
+        try:
+            health = http_json(f"{self.sandbox_url}/_sandbox/health")
+        except (OSError, ValueError):
+            return -1
+        return int(health.get("requests", -1)) if isinstance(health, dict) else -1
+
+    def settle(self, expected: int = 0, timeout: float = 60.0) -> str:
+        """Check every accepted message reached the sandbox, then clear its request log (memory)."""
+        deadline = time.monotonic() + timeout
+        seen = self.upstream_requests()
+        while 0 <= seen < expected and time.monotonic() < deadline:
+            time.sleep(0.2)
+            seen = self.upstream_requests()
+        with contextlib.suppress(OSError):
+            http_json(f"{self.sandbox_url}/_sandbox/requests", method="DELETE")
+        if seen >= 0 and seen != expected:
+            return f"sandbox saw {seen} API calls for {expected} messages"
+        return ""
+
+    def stop(self) -> None:
+        terminate(self.proc)
+        self.proc = None
+        terminate(self.sandbox)
+        self.sandbox = None
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None

@@ -1,0 +1,115 @@
+"""Deterministic generator of the benchmark test messages (bench/messages/*.eml)."""
+
+from __future__ import annotations
+
+import random
+from email.message import EmailMessage
+from email.policy import SMTP as SMTP_POLICY
+from pathlib import Path
+
+MESSAGES_DIR = Path(__file__).resolve().parent / "messages"
+SENDER = "sender@bench.test"
+RECIPIENT = "rcpt@example.com"
+
+SMALL_NAME = "multipart-5k"
+LARGE_NAME = "attach-1m"
+
+# fmt: off
+_WORDS = (
+    "delivery", "account", "campaign", "invoice", "order", "shipment", "customer", "update",
+    "newsletter", "offer", "product", "service", "support", "team", "report", "monthly", "summary",
+    "details", "payment", "receipt", "subscription", "renewal", "reminder", "welcome", "confirm",
+    "thanks", "review", "schedule", "meeting",
+)
+# fmt: on
+
+
+def _paragraphs(rng: random.Random, count: int, words: int) -> list[str]:
+    """Return `count` pseudo-random paragraphs of about `words` words."""
+    out = []
+    for _ in range(count):
+        text = " ".join(rng.choice(_WORDS) for _ in range(words))
+        out.append(text[0].upper() + text[1:] + ".")
+    return out
+
+
+def _headers(msg: EmailMessage, subject: str, ident: str) -> None:
+    """Set realistic, fixed headers on `msg`."""
+    msg["From"] = f"Bench Sender <{SENDER}>"
+    msg["To"] = f"Bench Recipient <{RECIPIENT}>"
+    msg["Reply-To"] = "support@bench.test"
+    msg["Subject"] = subject
+    msg["Date"] = "Mon, 02 Jun 2025 10:00:00 +0000"
+    msg["Message-ID"] = f"<{ident}@bench.test>"
+    msg["X-Mailer"] = "smtp-gateway-bench/1.0"
+    msg["List-Unsubscribe"] = "<mailto:unsubscribe@bench.test?subject=unsubscribe>, <https://bench.test/u/42>"
+    msg["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
+
+
+def _alternative_bodies(rng: random.Random, paragraphs: int) -> tuple[str, str]:
+    """Return matching (text, html) bodies."""
+    paras = _paragraphs(rng, paragraphs, 28)
+    text = "Hello Bench Recipient,\n\n" + "\n\n".join(paras) + "\n\n-- \nThe Bench Team\n"
+    html_paras = "\n".join(f'<p style="margin:0 0 12px 0">{p}</p>' for p in paras)
+    html = (
+        '<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>Bench</title></head>\n'
+        '<body style="font-family:Arial,sans-serif">\n<p>Hello Bench Recipient,</p>\n'
+        f"{html_paras}\n<p>-- <br>The Bench Team</p>\n</body></html>\n"
+    )
+    return text, html
+
+
+def _fix_boundaries(msg: EmailMessage) -> None:
+    """Give every multipart a fixed boundary so the output is byte-for-byte reproducible."""
+    for index, part in enumerate(msg.walk()):
+        if part.is_multipart():
+            part.set_boundary(f"=_bench_{index}_{part.get_content_subtype()}_7f3a9c")
+
+
+def small_message() -> bytes:
+    """A ~5 KB multipart/alternative (text + html) message."""
+    rng = random.Random(5)
+    msg = EmailMessage(policy=SMTP_POLICY)
+    _headers(msg, "Your monthly bench summary", "bench-5k")
+    text, html = _alternative_bodies(rng, 8)
+    msg.set_content(text)
+    msg.add_alternative(html, subtype="html")
+    _fix_boundaries(msg)
+    return msg.as_bytes()
+
+
+def large_message() -> bytes:
+    """A message with a text body and a 1 MiB PDF-like base64 attachment."""
+    rng = random.Random(1)
+    msg = EmailMessage(policy=SMTP_POLICY)
+    _headers(msg, "Your invoice (PDF attached)", "bench-1m")
+    text, html = _alternative_bodies(rng, 2)
+    msg.set_content(text)
+    msg.add_alternative(html, subtype="html")
+    pdf = b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n" + rng.randbytes(1024 * 1024 - 15)
+    msg.add_attachment(pdf, maintype="application", subtype="pdf", filename="invoice-2025-06.pdf")
+    _fix_boundaries(msg)
+    return msg.as_bytes()
+
+
+def to_lf(data: bytes) -> bytes:
+    """Convert CRLF line ends to LF (smtp-source -F appends CRLF to each line itself)."""
+    return data.replace(b"\r\n", b"\n")
+
+
+def write_messages(directory: Path = MESSAGES_DIR) -> dict[str, Path]:
+    """Write both messages (LF line ends) and return {name: path}."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, data in ((SMALL_NAME, small_message()), (LARGE_NAME, large_message())):
+        path = directory / f"{name}.eml"
+        body = to_lf(data)
+        if not path.exists() or path.read_bytes() != body:
+            path.write_bytes(body)
+        paths[name] = path
+    return paths
+
+
+if __name__ == "__main__":
+    for label, written in write_messages().items():
+        print(f"{label}: {written} ({written.stat().st_size} bytes)")

@@ -1,0 +1,105 @@
+"""Peak-RSS sampler for a process tree, polling /proc from a background thread."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+PROC = Path("/proc")
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of `pid` (via /proc/PID/task/*/children, else a /proc scan)."""
+    task_dir = PROC / str(pid) / "task"
+    try:
+        tasks = list(task_dir.iterdir())
+    except OSError:
+        return []
+    kids: list[int] = []
+    for task in tasks:
+        try:
+            kids.extend(int(x) for x in (task / "children").read_text().split())
+        except FileNotFoundError:
+            return _children_by_scan(pid)
+        except OSError:
+            continue
+    return kids
+
+
+def _children_by_scan(pid: int) -> list[int]:
+    """Fallback for kernels without CONFIG_PROC_CHILDREN."""
+    kids = []
+    for entry in PROC.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rpartition(")")[2].split()[1]) == pid:
+            kids.append(int(entry.name))
+    return kids
+
+
+def tree(roots: Iterable[int]) -> set[int]:
+    """All pids in the trees under `roots` (roots included)."""
+    seen: set[int] = set()
+    stack = list(roots)
+    while stack:
+        pid = stack.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        stack.extend(children(pid))
+    return seen
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of one process (0 if it is gone)."""
+    try:
+        return int((PROC / str(pid) / "statm").read_text().split()[1]) * PAGE_SIZE
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def tree_rss(roots: Iterable[int]) -> int:
+    """Sum of RSS over the process tree (shared pages are counted once per process)."""
+    return sum(rss_bytes(pid) for pid in tree(roots))
+
+
+class PeakRss(threading.Thread):
+    """Samples the summed RSS of a process tree until stopped; keeps the peak."""
+
+    def __init__(self, roots: Callable[[], list[int]], interval_s: float = 0.1) -> None:
+        super().__init__(daemon=True)
+        self.roots = roots
+        self.interval_s = interval_s
+        self.peak = 0
+        self._stop_event = threading.Event()
+
+    def sample(self) -> None:
+        """Take one sample now."""
+        self.peak = max(self.peak, tree_rss(self.roots()))
+
+    def run(self) -> None:
+        """Sampling loop."""
+        while not self._stop_event.is_set():
+            self.sample()
+            self._stop_event.wait(self.interval_s)
+
+    def stop(self) -> int:
+        """Stop sampling and return the peak in bytes."""
+        self._stop_event.set()
+        self.join(timeout=2)
+        self.sample()
+        return self.peak
+
+    def __enter__(self) -> PeakRss:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

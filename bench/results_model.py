@@ -1,0 +1,64 @@
+"""Data classes for benchmark results, shared by run.py and report.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Point:
+    """One smtp-source throughput measurement."""
+
+    setup: str
+    message: str
+    mode: str  # "persistent" | "per-connection"
+    sessions: int
+    count: int
+    elapsed_s: float = 0.0
+    msgs_per_s: float = 0.0
+    peak_rss_bytes: int = 0
+    error: str = ""
+    warning: str = ""
+
+
+@dataclass
+class Latency:
+    """One-session per-transaction latency measured with bench/smtpload.py."""
+
+    setup: str
+    message: str
+    count: int
+    msgs_per_s: float = 0.0
+    p50_ms: float = 0.0
+    p90_ms: float = 0.0
+    p99_ms: float = 0.0
+    mean_ms: float = 0.0
+    max_ms: float = 0.0
+    auth: bool = False
+    error: str = ""
+
+
+@dataclass
+class SetupResult:
+    """All measurements of one server setup."""
+
+    name: str
+    description: str
+    skipped: str = ""
+    peak_rss_bytes: int = 0
+    points: list[Point] = field(default_factory=list)
+    latencies: list[Latency] = field(default_factory=list)
+    duration_s: float = 0.0
+
+
+@dataclass
+class RunResult:
+    """The whole benchmark run."""
+
+    profile: str
+    machine: dict[str, str]
+    messages: dict[str, dict[str, object]]
+    setups: list[SetupResult] = field(default_factory=list)
+    ratios: list[dict[str, object]] = field(default_factory=list)
+    duration_s: float = 0.0
+    interrupted: bool = False

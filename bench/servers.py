@@ -1,0 +1,378 @@
+"""Start/stop helpers for every server the benchmark measures (all on 127.0.0.1, free ports)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+HOST = "127.0.0.1"
+
+
+class SetupError(Exception):
+    """A server could not be started; the benchmark skips its rows."""
+
+
+def free_port() -> int:
+    """A currently free loopback TCP port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def greeting(port: int, timeout: float = 1.0) -> str:
+    """Connect, read the first reply line and close ("" on any failure)."""
+    try:
+        with socket.create_connection((HOST, port), timeout=timeout) as sock:
+            sock.settimeout(timeout)
+            data = sock.recv(512)
+            with contextlib.suppress(OSError):
+                sock.sendall(b"QUIT\r\n")
+            return data.decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def port_open(port: int) -> bool:
+    """True when something accepts TCP connections on the port."""
+    try:
+        with socket.create_connection((HOST, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def wait_until(check: object, what: str, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Poll `check()` until true; fail early when `proc` exits."""
+    assert callable(check)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise SetupError(f"{what}: process exited with status {proc.returncode}")
+        time.sleep(0.05)
+    raise SetupError(f"{what}: not ready after {timeout:.0f}s")
+
+
+def wait_for_smtp(port: int, what: str, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Wait until the port answers with a 220 greeting."""
+    wait_until(lambda: greeting(port).startswith("220"), what, timeout, proc)
+
+
+def spawn(
+    cmd: list[str], log: Path, stdout_pipe: bool = False, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start a server in its own session (so Ctrl-C reaches only the bench), logging to `log`."""
+    log_fh = log.open("ab")
+    try:
+        return subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if stdout_pipe else log_fh,
+            stderr=log_fh,
+            start_new_session=True,
+            env=env,
+        )
+    finally:
+        log_fh.close()
+
+
+def terminate(proc: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
+    """SIGTERM the process group, then SIGKILL it if it does not exit in time."""
+    if proc is None or proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def log_tail(log: Path, lines: int = 15) -> str:
+    """Last lines of a log file, for error messages."""
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+class Server:
+    """Base class: a named server with a port, start/stop, RSS roots and a between-points hook."""
+
+    label = "server"
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log(self) -> Path:
+        return self.workdir / f"{self.label}.log"
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        terminate(self.proc)
+        self.proc = None
+
+    def rss_roots(self) -> list[int]:
+        """Pids whose process trees make up the server (for peak RSS)."""
+        return [self.proc.pid] if self.proc is not None else []
+
+    def settle(self, expected: int) -> str:
+        """Called after each measured point of `expected` messages; returns a warning or ""."""
+        return ""
+
+    def __enter__(self) -> Server:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class SmtpSink(Server):
+    """Postfix's smtp-sink: a no-op C SMTP server."""
+
+    label = "smtp-sink"
+
+    def start(self) -> None:
+        binary = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
+        if not Path(binary).exists():
+            raise SetupError("smtp-sink not found (apt-get install postfix)")
+        user = ["-u", "nobody"] if os.geteuid() == 0 else []
+        for _ in range(5):
+            self.port = free_port()
+            self.proc = spawn([binary, *user, "-h", "sink.bench", f"{HOST}:{self.port}", "1024"], self.log)
+            try:
+                wait_for_smtp(self.port, self.label, 10, self.proc)
+                return
+            except SetupError:
+                terminate(self.proc)
+        raise SetupError(f"smtp-sink did not start: {log_tail(self.log)}")
+
+
+class BareAiosmtpd(Server):
+    """bench/bare_aiosmtpd.py: aiosmtpd whose DATA handler only answers 250."""
+
+    label = "bare-aiosmtpd"
+
+    def start(self) -> None:
+        cmd = [sys.executable, str(BENCH_DIR / "bare_aiosmtpd.py"), "--host", HOST, "--port", "0"]
+        self.proc = spawn(cmd, self.log, stdout_pipe=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().decode().strip()
+        if not line.startswith("LISTENING "):
+            raise SetupError(f"bare_aiosmtpd did not start: {line!r} {log_tail(self.log)}")
+        self.port = int(line.rpartition(":")[2])
+        wait_for_smtp(self.port, self.label, 10, self.proc)
+
+
+POSTFIX_MAIN_CF = """\
+# Throwaway benchmark instance: never the system config, never port 25.
+compatibility_level = 3.6
+config_directory = {conf}
+queue_directory = {queue}
+data_directory = {data}
+command_directory = /usr/sbin
+daemon_directory = /usr/lib/postfix/sbin
+shlib_directory = /usr/lib/postfix
+meta_directory = /etc/postfix
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = postfix.bench
+mydomain = bench
+myorigin = $myhostname
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+mydestination =
+relay_domains =
+local_recipient_maps =
+alias_maps =
+alias_database =
+relayhost = [127.0.0.1]:{sink_port}
+smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
+smtpd_banner = $myhostname ESMTP
+smtp_tls_security_level = none
+smtpd_tls_security_level = none
+smtputf8_enable = no
+biff = no
+append_dot_mydomain = no
+maillog_file = {maillog}
+maillog_file_prefixes = {tmp}
+"""
+
+POSTFIX_MASTER_CF = """\
+# service type  private unpriv  chroot  wakeup  maxproc command
+{listen} inet  n       -       n       -       -       smtpd
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+proxywrite unix -       -       n       -       1       proxymap
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+"""
+
+QUEUES = ("maildrop", "incoming", "active", "deferred", "hold")
+
+
+class PrivatePostfix(Server):
+    """A private Postfix instance (own config + queue in a temp dir) relaying to its own smtp-sink."""
+
+    label = "postfix"
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir)
+        self.tmp: Path | None = None
+        self.sink = SmtpSink(workdir)
+        self.sink.label = "postfix-relay-sink"
+
+    @property
+    def conf(self) -> Path:
+        assert self.tmp is not None
+        return self.tmp / "etc"
+
+    @property
+    def queue(self) -> Path:
+        assert self.tmp is not None
+        return self.tmp / "spool"
+
+    def _postfix(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "MAIL_CONFIG": str(self.conf)}
+        return subprocess.run(
+            ["postfix", "-c", str(self.conf), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+            check=False,
+        )
+
+    def _write_config(self) -> None:
+        assert self.tmp is not None
+        for sub in ("etc", "spool", "data"):
+            (self.tmp / sub).mkdir(mode=0o755)
+        os.chown(self.tmp / "data", *_postfix_ids())
+        main_cf = POSTFIX_MAIN_CF.format(
+            conf=self.conf,
+            queue=self.queue,
+            data=self.tmp / "data",
+            sink_port=self.sink.port,
+            maillog=self.tmp / "maillog",
+            tmp=self.tmp,
+        )
+        (self.conf / "main.cf").write_text(main_cf)
+        (self.conf / "master.cf").write_text(POSTFIX_MASTER_CF.format(listen=f"{HOST}:{self.port}"))
+
+    def start(self) -> None:
+        if os.geteuid() != 0:
+            raise SetupError("the private Postfix instance needs root (postfix start)")
+        if shutil.which("postfix") is None:
+            raise SetupError("postfix not found (apt-get install postfix)")
+        self.sink.start()
+        self.tmp = Path(tempfile.mkdtemp(prefix="bench-postfix-"))
+        self.tmp.chmod(0o755)
+        self.port = free_port()
+        self._write_config()
+        result = self._postfix("start")
+        if result.returncode != 0:
+            raise SetupError(f"postfix start failed: {result.stderr.strip()} {self._maillog_tail()}")
+        wait_for_smtp(self.port, self.label, 30)
+
+    def _maillog_tail(self) -> str:
+        return log_tail(self.tmp / "maillog") if self.tmp else ""
+
+    def master_pid(self) -> int | None:
+        """Pid of the instance's master process, from its pid file."""
+        try:
+            pid = int((self.queue / "pid" / "master.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        return pid if Path(f"/proc/{pid}").exists() else None
+
+    def rss_roots(self) -> list[int]:
+        pid = self.master_pid()
+        return [pid] if pid else []
+
+    def queued(self) -> int:
+        """Number of messages still in the instance's queues."""
+        total = 0
+        for name in QUEUES:
+            for _root, _dirs, files in os.walk(self.queue / name):
+                total += len(files)
+        return total
+
+    def settle(self, expected: int, timeout: float = 120.0) -> str:
+        """Wait until the queue has drained to the sink, so points do not overlap."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.queued() == 0:
+                return ""
+            time.sleep(0.1)
+        return f"postfix queue not empty after {timeout:.0f}s ({self.queued()} left)"
+
+    def stop(self) -> None:
+        if self.tmp is not None and self.conf.exists():
+            pid = self.master_pid()
+            with contextlib.suppress(subprocess.SubprocessError, OSError):
+                self._postfix("stop", timeout=30)
+            if pid is not None and not _wait_gone(pid, 15):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGKILL)
+        self.sink.stop()
+        if self.tmp is not None:
+            with contextlib.suppress(OSError):
+                shutil.copy2(self.tmp / "maillog", self.workdir / "postfix-maillog")
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
+
+
+def _postfix_ids() -> tuple[int, int]:
+    """uid/gid of the postfix user."""
+    import pwd
+
+    entry = pwd.getpwnam("postfix")
+    return entry.pw_uid, entry.pw_gid
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    """Wait until a (non-child) process has exited; False if it is still there."""
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pid}").exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True

@@ -1,0 +1,3 @@
+"""smtp-gateway: authenticated SMTP in, email-platform HTTP API calls out."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,41 @@
+"""Pure: which DMDS campaign a message goes to, from the login, a "[NN]" Subject prefix or a header."""
+
+from __future__ import annotations
+
+import re
+
+from gateway import replies
+from gateway.errors import ContentRejected, PolicyRejected
+from gateway.model import Principal
+
+_SUBJECT_PREFIX = re.compile(r"^\s*\[(\d{1,12})\]\s*")
+CAMPAIGN_OPTION = "campaign"
+
+
+def resolve_campaign(principal: Principal, subject: str, options: dict[str, str]) -> tuple[int, str]:
+    """Return (campaign numid, subject to send). The "[NN]" prefix is removed, as DMDS does."""
+    if principal.campaign_from_subject:
+        m = _SUBJECT_PREFIX.match(subject)
+        if m is None:
+            # DMDS silently discards such mail; we refuse it while the client can still see why.
+            raise ContentRejected(reply=replies.CAMPAIGN_REQUIRED)
+        return int(m.group(1)), subject[m.end() :]
+    override = options.get(CAMPAIGN_OPTION)
+    if override is not None:
+        if not principal.may_choose_campaign:
+            raise PolicyRejected(
+                reply=replies.Reply(550, "5.7.1", f"Login {principal.login} may not choose the campaign")
+            )
+        if not override.strip().isdigit():
+            raise ContentRejected(f"X-Gateway-Campaign must be a campaign number, got {override.strip()!r}")
+        return int(override.strip()), subject
+    if principal.campaign is None:
+        raise ContentRejected(reply=replies.CAMPAIGN_REQUIRED)
+    return principal.campaign, subject
+
+
+def option_flag(options: dict[str, str], name: str, default: bool) -> bool:
+    value = options.get(name)
+    if value is None:
+        return default
+    return value.strip().lower() in ("1", "true", "yes", "on")

@@ -1,0 +1,134 @@
+"""Command line: serve | quickstart | sandbox | check-config | hash-password (and the operator tools)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import sys
+from pathlib import Path
+
+from gateway import __version__
+from gateway.settings import ConfigError, Settings, load_settings, masked_dump
+
+
+def _load(args: argparse.Namespace) -> Settings:
+    return load_settings(Path(args.config) if args.config else None)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from gateway import logs
+    from gateway.app import App, run
+
+    settings = _load(args)
+    logs.configure(settings.log)
+    transport = "aiohttp" if args.aiohttp else "httpx"
+    _run_loop(run(App(settings, transport=transport), drain_timeout=args.drain_timeout))
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = _load(args)
+    print(json.dumps(masked_dump(settings), indent=2))
+    print("configuration OK", file=sys.stderr)
+    return 0
+
+
+def cmd_hash_password(args: argparse.Namespace) -> int:
+    from gateway.passwords import hash_password
+
+    password = sys.stdin.readline().rstrip("\n") if args.stdin else getpass.getpass("Password: ")
+    if not password:
+        print("empty password", file=sys.stderr)
+        return 2
+    print(hash_password(password))
+    return 0
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    from gateway.sandbox import SandboxState, run_forever
+
+    campaigns = {}
+    for item in args.campaign or []:
+        numid, _, key = item.partition("=")
+        campaigns[int(numid)] = key
+    state = SandboxState(
+        apikey=args.apikey,
+        campaigns=campaigns,
+        sender_domains=set(args.sender_domain or []),
+        latency=args.latency_ms / 1000.0,
+        record_path=Path(args.record) if args.record else None,
+        echo=None if args.quiet else sys.stdout,
+    )
+    host, _, port = args.listen.rpartition(":")
+    _run_loop(run_forever(state, host or "127.0.0.1", int(port)))
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from gateway import logs, quickstart
+    from gateway.settings import LogSettings
+
+    logs.configure(LogSettings())
+    return quickstart.main(args.workdir, args.sandbox_port, args.port, args.tls_port)
+
+
+def _run_loop(coro: object) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(coro)  # type: ignore[arg-type]
+    except ImportError:
+        asyncio.run(coro)  # type: ignore[arg-type]
+    except KeyboardInterrupt:
+        pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="smtp-gateway", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"smtp-gateway {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", "-c", help="TOML file (default: $GATEWAY_CONFIG); GATEWAY_* env overrides")
+        return p
+
+    p = with_config(sub.add_parser("serve", help="run the gateway"))
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds sessions in DATA get on SIGTERM")
+    p.add_argument("--aiohttp", action="store_true", help="use aiohttp as the HTTP transport (faster)")
+    p.set_defaults(func=cmd_serve)
+
+    p = with_config(sub.add_parser("check-config", help="validate the configuration and print it, secrets masked"))
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("hash-password", help="hash a password for [[accounts.X.users]] password_hash")
+    p.add_argument("--stdin", action="store_true", help="read the password from standard input")
+    p.set_defaults(func=cmd_hash_password)
+
+    p = sub.add_parser("sandbox", help="run the DMDS-compatible sandbox upstream")
+    p.add_argument("--listen", default="127.0.0.1:8025")
+    p.add_argument("--apikey", default="sandbox-account-apikey")
+    p.add_argument("--campaign", action="append", metavar="NUMID=APIKEY", help="an API campaign (repeatable)")
+    p.add_argument("--sender-domain", action="append", help="permitted sender domain (repeatable; default any)")
+    p.add_argument("--latency-ms", type=float, default=0.0, help="delay added to every API call")
+    p.add_argument("--record", help="append every request as JSON lines to this file")
+    p.add_argument("--quiet", action="store_true", help="do not print requests")
+    p.set_defaults(func=cmd_sandbox)
+
+    p = sub.add_parser("quickstart", help="gateway + sandbox upstream in one process, for trying it out")
+    p.add_argument("--workdir", default="var/quickstart")
+    p.add_argument("--port", type=int, default=2525)
+    p.add_argument("--tls-port", type=int, default=2587)
+    p.add_argument("--sandbox-port", type=int, default=8025)
+    p.set_defaults(func=cmd_quickstart)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"smtp-gateway: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,42 @@
+"""Password hashes for logins listed in config: scrypt (stdlib), self-describing, never stored in clear."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+
+# scrypt cost: n=2**14, r=8, p=1 (~30 ms on a 2-core CI machine). Verification runs in a thread and its
+# result is cached, so the cost is paid once per credential per cache TTL, not per connection.
+_N, _R, _P = 2**14, 8, 1
+
+
+def hash_password(password: str, *, n: int = _N, r: int = _R, p: int = _P) -> str:
+    salt = os.urandom(16)
+    digest = hashlib.scrypt(password.encode("utf-8"), salt=salt, n=n, r=r, p=p, dklen=32)
+    return "$".join(("scrypt", str(n), str(r), str(p), _b64(salt), _b64(digest)))
+
+
+def verify_password(password: str, stored: str) -> bool:
+    try:
+        scheme, n, r, p, salt, digest = stored.split("$")
+        if scheme != "scrypt":
+            return False
+        expected = base64.b64decode(digest)
+        actual = hashlib.scrypt(
+            password.encode("utf-8"),
+            salt=base64.b64decode(salt),
+            n=int(n),
+            r=int(r),
+            p=int(p),
+            dklen=len(expected),
+            maxmem=256 * 1024 * 1024,
+        )
+    except (ValueError, TypeError):
+        return False
+    return hmac.compare_digest(actual, expected)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")

@@ -1,0 +1,143 @@
+"""accept(): a message's way from the end of DATA to a reply: parse, policy, plan, deliver or spool."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from typing import Protocol
+
+import structlog
+
+from gateway import campaigns, mime, policy, replies
+from gateway.delivery import Delivery, Outcome
+from gateway.errors import ContentRejected, Deferred, GatewayError, Rejected, SpoolUnavailable
+from gateway.model import Principal, Submission
+from gateway.recipients import plan_legs
+from gateway.replies import Reply
+from gateway.settings import Settings
+
+log = structlog.get_logger("gateway.pipeline")
+
+# Parsing a large message takes milliseconds of CPU: do it off the event loop (design invariant 6).
+PARSE_IN_THREAD_BYTES = 256 * 1024
+
+CampaignCheck = Callable[[str, int], Awaitable[bool]]
+
+
+class Spool(Protocol):
+    """Durable store for accepted messages the upstream could not take yet (gateway/spool/)."""
+
+    async def enqueue(self, submission: Submission, outcome: Outcome) -> str:
+        """Persist (fsync'd) the legs not yet delivered; return the local queue id. Raises SpoolUnavailable."""
+        ...
+
+
+class Pipeline:
+    def __init__(
+        self,
+        settings: Settings,
+        delivery: Delivery,
+        campaign_known: CampaignCheck,
+        spool: Spool | None = None,
+    ) -> None:
+        self.settings = settings
+        self.delivery = delivery
+        self.campaign_known = campaign_known
+        self.spool = spool
+        self.accounts = settings.accounts
+
+    # -- SMTP phases -------------------------------------------------------------------------------
+
+    async def check_sender(self, principal: Principal, address: str, smtputf8: bool) -> str:
+        return policy.check_sender(self.accounts[principal.account], principal, address, smtputf8)
+
+    async def check_recipient(self, principal: Principal, address: str, smtputf8: bool) -> str:
+        return policy.check_recipient(address, smtputf8)
+
+    async def accept(
+        self, principal: Principal, mail_from: str, rcpt_tos: list[str], raw: bytes, smtputf8: bool
+    ) -> Reply:
+        """The reply to the end of DATA. Never raises: unexpected errors become 451 4.3.0."""
+        bound = log.bind(login=principal.login, account=principal.account, size=len(raw), rcpts=len(rcpt_tos))
+        try:
+            submission = await self.prepare(principal, mail_from, rcpt_tos, raw, smtputf8)
+            reply = await self.deliver(submission, bound)
+        except Rejected as exc:
+            bound.info("message_rejected", reply=str(exc.reply))
+            return exc.reply
+        except Deferred as exc:
+            bound.warning("message_deferred", reply=str(exc.reply), reason=exc.reason)
+            return exc.reply
+        except GatewayError as exc:
+            bound.error("message_failed", reply=str(exc.reply), reason=exc.reason)
+            return exc.reply
+        return reply
+
+    async def prepare(
+        self, principal: Principal, mail_from: str, rcpt_tos: list[str], raw: bytes, smtputf8: bool
+    ) -> Submission:
+        account = self.accounts[principal.account]
+        if len(raw) > PARSE_IN_THREAD_BYTES:
+            message = await asyncio.to_thread(mime.parse, raw)
+        else:
+            message = mime.parse(raw)
+        campaign, subject = campaigns.resolve_campaign(principal, message.subject, message.options)
+        if account.campaigns and campaign not in account.campaigns:
+            raise ContentRejected(reply=replies.UNKNOWN_CAMPAIGN.with_text(f"Unknown campaign {campaign}"))
+        if (principal.campaign_from_subject or "campaign" in message.options) and not await self.campaign_known(
+            principal.account, campaign
+        ):
+            raise ContentRejected(reply=replies.UNKNOWN_CAMPAIGN.with_text(f"Unknown campaign {campaign}"))
+        if subject != message.subject:
+            message = replace(message, subject=subject)
+        message = policy.apply_from_policy(account, principal, message, mail_from, smtputf8)
+        legs = plan_legs(rcpt_tos, message.to, message.cc)
+        if not legs:
+            raise ContentRejected(reply=replies.NO_VALID_RECIPIENTS)
+        return Submission(
+            principal=principal,
+            mail_from=mail_from,
+            rcpt_tos=tuple(rcpt_tos),
+            message=message,
+            campaign=campaign,
+            legs=legs,
+            archive=campaigns.option_flag(message.options, "archive", account.archive),
+            batch_eeid=(message.options.get("batch") or "").strip() or None,
+        )
+
+    async def deliver(self, submission: Submission, bound: structlog.BoundLogger) -> Reply:
+        budget = self.settings.delivery.inline_budget
+        try:
+            outcome = await asyncio.wait_for(self.delivery.attempt(submission), budget)
+        except TimeoutError:
+            outcome = Outcome(
+                deferred={leg.index: Deferred("upstream did not answer within the inline budget")
+                          for leg in submission.legs}
+            )
+        return await self.conclude(submission, outcome, bound)
+
+    async def conclude(self, submission: Submission, outcome: Outcome, bound: structlog.BoundLogger) -> Reply:
+        if outcome.rejected and not outcome.delivered:
+            raise next(iter(outcome.rejected.values()))
+        if outcome.complete and not outcome.rejected:
+            first = outcome.first_id
+            assert first is not None
+            bound.info("message_sent", upstream_id=first, legs=len(submission.legs), campaign=submission.campaign)
+            return replies.queued(first)
+        passthrough = self.settings.delivery.mode == "passthrough"
+        if self.spool is None or (passthrough and not outcome.delivered):
+            raise next(iter(outcome.deferred.values()))
+        try:
+            local_id = await self.spool.enqueue(submission, outcome)
+        except SpoolUnavailable:
+            if outcome.delivered:
+                bound.error("spool_unavailable_partial_delivery", delivered=sorted(outcome.delivered))
+            raise
+        first = outcome.first_id or local_id
+        bound.info(
+            "message_spooled", queue_id=local_id, upstream_id=outcome.first_id,
+            delivered=sorted(outcome.delivered), deferred=sorted(outcome.deferred),
+        )
+        return replies.queued(first)
+

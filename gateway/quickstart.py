@@ -1,0 +1,80 @@
+"""`smtp-gateway quickstart`: the gateway and a sandbox upstream in one process, ready for swaks."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+from gateway.app import App, run
+from gateway.passwords import hash_password
+from gateway.sandbox import Sandbox, SandboxState
+from gateway.settings import load_settings
+from gateway.tlsutil import write_self_signed
+
+SANDBOX_APIKEY = "sandbox-account-apikey"
+CAMPAIGNS = {22: "campaign-22-apikey", 23: "campaign-23-apikey"}
+DEMO_USER, DEMO_PASSWORD = "demo", "demo-password"
+
+
+def quickstart_settings(workdir: Path, sandbox_port: int, smtp_port: int, tls_port: int) -> dict[str, Any]:
+    cert, key = write_self_signed(workdir / "tls")
+    return {
+        "hostname": "localhost",
+        "tls": {"cert_file": str(cert), "key_file": str(key)},
+        "listeners": [
+            # Loopback only, so AUTH without TLS is acceptable here (and handy with swaks).
+            {"name": "plain", "address": "127.0.0.1", "port": smtp_port, "tls": "none",
+             "allow_insecure_auth": True},
+            {"name": "submission", "address": "127.0.0.1", "port": tls_port, "tls": "starttls"},
+        ],
+        "accounts": {
+            "sandbox": {
+                "dmdsid": "sandbox",
+                "api_base": f"http://127.0.0.1:{sandbox_port}",
+                "apikey": SANDBOX_APIKEY,
+                "sender_domains": {"example.com": "dmds-example@nl.example.com"},
+                "users": [{"username": DEMO_USER, "password_hash": hash_password(DEMO_PASSWORD), "campaign": 22}],
+            }
+        },
+        "delivery": {"spool_path": str(workdir / "spool.sqlite3")},
+        "dns": {"check_sender_domain": False},
+    }
+
+
+async def quickstart(workdir: Path, sandbox_port: int, smtp_port: int, tls_port: int) -> None:
+    workdir.mkdir(parents=True, exist_ok=True)
+    record = workdir / "sandbox-requests.jsonl"
+    state = SandboxState(apikey=SANDBOX_APIKEY, campaigns=dict(CAMPAIGNS), sender_domains={"example.com"},
+                         record_path=record, echo=sys.stdout)
+    sandbox = Sandbox(state)
+    bound = await sandbox.start("127.0.0.1", sandbox_port)
+    settings = load_settings(None, **quickstart_settings(workdir, bound, smtp_port, tls_port))
+    print(_banner(bound, smtp_port, tls_port, record), file=sys.stderr, flush=True)
+    try:
+        await run(App(settings), drain_timeout=5.0)
+    finally:
+        await sandbox.stop()
+
+
+def _banner(sandbox_port: int, smtp_port: int, tls_port: int, record: Path) -> str:
+    return f"""
+smtp-gateway quick start
+  SMTP (loopback, AUTH without TLS allowed): 127.0.0.1:{smtp_port}
+  SMTP submission with STARTTLS (self-signed): 127.0.0.1:{tls_port}
+  sandbox DMDS upstream: http://127.0.0.1:{sandbox_port}   requests: {record}
+
+Send a message (the sandbox prints the API request it received):
+  swaks --server 127.0.0.1:{smtp_port} --auth PLAIN --auth-user {DEMO_USER} --auth-password {DEMO_PASSWORD} \\
+        --from info@example.com --to someone@example.net --header 'Subject: Hello'
+SMTP-API login (campaign 22 and its apikey):
+  swaks --server 127.0.0.1:{smtp_port} --auth LOGIN --auth-user sandbox-22 --auth-password {CAMPAIGNS[22]} \\
+        --from info@example.com --to someone@example.net
+Read back what the gateway sent:  curl -s http://127.0.0.1:{sandbox_port}/_sandbox/requests
+"""
+
+
+def main(workdir: str, sandbox_port: int, smtp_port: int, tls_port: int) -> int:
+    asyncio.run(quickstart(Path(workdir), sandbox_port, smtp_port, tls_port))
+    return 0

@@ -1,0 +1,48 @@
+"""Pure: the envelope decides who receives; map RCPT TO addresses onto DMDS calls ("legs").
+
+| envelope recipient found in | becomes                         |
+|-----------------------------|---------------------------------|
+| To:                         | contact (contacto / contactos)  |
+| Cc:                         | copia (Cc, visible)             |
+| neither (Bcc, or no header) | copia_oculta (blind copy)       |
+
+DMDS gives every contact of a send_many_inline call its own message, and documents copia /
+copia_oculta for the single-contact call only, so Cc and Bcc ride on the first contact's call and
+the other To contacts go in a second call joined to the same batch (reuse_eeid). With no To
+recipient, the Cc (else Bcc) recipients become the contacts, one private copy each.
+"""
+
+from __future__ import annotations
+
+from gateway.model import Address, Leg
+
+
+def plan_legs(
+    rcpt_tos: tuple[str, ...] | list[str], to: tuple[Address, ...], cc: tuple[Address, ...]
+) -> tuple[Leg, ...]:
+    names = {a.email.lower(): a.name for a in (*cc, *to)}  # To names win over Cc names
+    in_to = {a.email.lower() for a in to}
+    in_cc = {a.email.lower() for a in cc} - in_to
+    seen: set[str] = set()
+    contacts: list[Address] = []
+    copies: list[Address] = []
+    blind: list[Address] = []
+    for rcpt in rcpt_tos:
+        key = rcpt.lower()
+        if key in seen:  # one copy per recipient even when RCPT TO repeats an address
+            continue
+        seen.add(key)
+        addr = Address(email=rcpt, name=names.get(key, ""))
+        if key in in_to:
+            contacts.append(addr)
+        elif key in in_cc:
+            copies.append(addr)
+        else:
+            blind.append(Address(email=rcpt))
+    if not contacts:
+        everyone = (*copies, *blind)
+        return (Leg(0, everyone),) if everyone else ()
+    if not copies and not blind:
+        return (Leg(0, tuple(contacts)),)
+    first = Leg(0, (contacts[0],), tuple(copies), tuple(blind))
+    return (first, Leg(1, tuple(contacts[1:]))) if len(contacts) > 1 else (first,)

@@ -1,0 +1,140 @@
+"""SMTP replies with RFC 3463 enhanced status codes: the one table every part of the gateway answers from."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One SMTP reply line: basic code, enhanced status code and human text."""
+
+    code: int
+    status: str
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.status} {self.text}"
+
+    @property
+    def is_temporary(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def is_permanent(self) -> bool:
+        return self.code >= 500
+
+    def with_text(self, text: str) -> Reply:
+        return Reply(self.code, self.status, sanitize(text))
+
+
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+def sanitize(text: str, limit: int = 400) -> str:
+    """Make free text (an upstream's reason, a library's message) safe for one SMTP reply line."""
+    text = _UNSAFE.sub(" ", text).strip()
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return text
+
+
+def queued(queue_id: str) -> Reply:
+    return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+
+
+OK = Reply(250, "2.0.0", "Ok")
+SENDER_OK = Reply(250, "2.1.0", "Ok")
+RECIPIENT_OK = Reply(250, "2.1.5", "Ok")
+AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
+
+AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
+TLS_REQUIRED = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
+ENCRYPTION_REQUIRED = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+AUTH_INVALID = Reply(535, "5.7.8", "Authentication credentials invalid")
+AUTH_TEMPFAIL = Reply(454, "4.7.0", "Temporary authentication failure")
+AUTH_TOO_MANY = Reply(421, "4.7.0", "Too many failed authentication attempts, closing connection")
+
+SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address rejected: not owned by user")
+BAD_SENDER = Reply(553, "5.1.3", "Bad sender address syntax")
+BAD_RECIPIENT = Reply(553, "5.1.3", "Bad recipient address syntax")
+RECIPIENT_UNDELIVERABLE = Reply(550, "5.1.1", "Recipient address rejected")
+HEADER_FROM_REJECTED = Reply(550, "5.7.1", "From header address rejected")
+TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
+MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
+INVALID_CONTENT = Reply(554, "5.6.0", "Message content rejected")
+NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
+CAMPAIGN_REQUIRED = Reply(
+    554, "5.6.0", "No campaign selected: start the Subject with [NN], the campaign's number"
+)
+UNKNOWN_CAMPAIGN = Reply(554, "5.6.0", "Unknown campaign")
+
+UPSTREAM_REFUSED = Reply(554, "5.6.0", "Upstream refused the message")
+UPSTREAM_AUTH = Reply(451, "4.7.0", "Upstream rejected the gateway's credentials; try again later")
+UPSTREAM_UNAVAILABLE = Reply(451, "4.4.1", "Upstream temporarily unavailable; try again later")
+RATE_LIMITED = Reply(452, "4.4.5", "Upstream rate limit reached; try again later")
+DNS_TEMPFAIL = Reply(451, "4.4.3", "DNS lookup failed temporarily; try again later")
+
+SPOOL_FULL = Reply(452, "4.3.1", "Insufficient system storage")
+SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
+INTERNAL_ERROR = Reply(451, "4.3.0", "Internal error; try again later")
+
+# Enhanced codes for aiosmtpd's own replies that carry none; chosen per RFC 3463/5248.
+DEFAULT_ENHANCED: dict[int, str] = {
+    211: "2.0.0",
+    214: "2.0.0",
+    221: "2.0.0",
+    235: "2.7.0",
+    250: "2.0.0",
+    251: "2.1.5",
+    252: "2.5.0",
+    421: "4.3.0",
+    450: "4.2.0",
+    451: "4.3.0",
+    452: "4.3.1",
+    454: "4.7.0",
+    500: "5.5.2",
+    501: "5.5.4",
+    502: "5.5.1",
+    503: "5.5.1",
+    504: "5.5.4",
+    530: "5.7.0",
+    535: "5.7.8",
+    538: "5.7.11",
+    550: "5.0.0",
+    552: "5.3.4",
+    553: "5.1.3",
+    554: "5.0.0",
+    555: "5.5.4",
+}
+
+_HAS_ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}(?: |$)")
+
+
+def add_enhanced_code(line: str) -> str:
+    """Insert a default enhanced status code into a reply line that lacks one (RFC 2034 §3)."""
+    if len(line) < 4 or not line[:3].isdigit() or line[3] not in " -":
+        return line
+    code = int(line[:3])
+    enhanced = DEFAULT_ENHANCED.get(code)
+    rest = line[4:]
+    if enhanced is None or _HAS_ENHANCED.match(rest):
+        return line
+    # Our own wording for aiosmtpd's terser messages; the code keeps the meaning.
+    rest = _REWORDED.get(rest, rest)
+    if rest.startswith("Error: "):
+        rest = rest[len("Error: ") :]
+    return f"{line[:3]}{line[3]}{enhanced} {rest}" if rest else f"{line[:3]}{line[3]}{enhanced}"
+
+
+_REWORDED = {
+    "OK": "Ok",
+    "Bye": "Bye",
+    "Error: bad syntax": "Syntax error",
+    "Error: need MAIL command": "Need MAIL command first",
+    "Error: need RCPT command": "Need RCPT command first",
+    "Error: nested MAIL command": "Nested MAIL command",
+    "Already authenticated": "Already authenticated",
+    "Must issue a STARTTLS command first": "Must issue a STARTTLS command first",
+}

@@ -1,0 +1,228 @@
+"""Configuration models: the only module that reads environment variables and config files."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+ENV_PREFIX = "GATEWAY_"
+CONFIG_ENV = "GATEWAY_CONFIG"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ListenerSettings(_Section):
+    name: str = "submission"
+    address: str = "127.0.0.1"
+    port: int = Field(587, ge=0, le=65535)
+    # starttls: plain connect, STARTTLS offered (submission, 587); implicit: TLS from the first byte (465);
+    # none: no TLS at all, only for explicitly trusted networks or loopback.
+    tls: Literal["starttls", "implicit", "none"] = "starttls"
+    # AUTH on a connection that is not (yet) encrypted. Off by default: the password would travel in clear.
+    allow_insecure_auth: bool = False
+    # Clients from these networks are treated as `trusted_login` without AUTH (Postfix mynetworks);
+    # for devices that cannot authenticate. Empty: everybody must AUTH.
+    trusted_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    trusted_login: str | None = None
+    # Proxy protocol etc. deliberately absent: not needed yet.
+
+    @model_validator(mode="after")
+    def _trusted_pair(self) -> ListenerSettings:
+        if self.trusted_networks and not self.trusted_login:
+            raise ValueError("trusted_networks needs trusted_login (the login those clients act as)")
+        return self
+
+
+class TlsSettings(_Section):
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+class LimitsSettings(_Section):
+    max_message_size: int = Field(25 * 1024 * 1024, ge=1024)
+    max_recipients: int = Field(50, ge=1)
+    session_timeout: float = Field(300.0, gt=0)
+    max_auth_failures: int = Field(3, ge=1)
+    max_sessions: int = Field(1000, ge=1)
+
+
+class UserSettings(_Section):
+    """A login listed in config. The password is stored as a hash made by `smtp-gateway hash-password`."""
+
+    username: str
+    password_hash: SecretStr
+    campaign: int | None = None
+    may_choose_campaign: bool = False
+    campaign_from_subject: bool = False
+    allowed_senders: list[str] = []
+    default_from: str | None = None
+    force_from: bool = False
+
+    @field_validator("password_hash")
+    @classmethod
+    def _is_hash(cls, v: SecretStr) -> SecretStr:
+        if not v.get_secret_value().startswith("scrypt$"):
+            raise ValueError("must be a hash made by `smtp-gateway hash-password` (starts with 'scrypt$')")
+        return v
+
+
+class AccountSettings(_Section):
+    provider: Literal["dmds"] = "dmds"
+    dmdsid: str = Field(pattern=r"^[A-Za-z0-9_.]+$")
+    # Default https://api-dmds-<dmdsid>.planisys.net (upstream-apis.md §1.1).
+    api_base: str | None = None
+    apikey: SecretStr
+    # Permitted sender domain -> its registered return-path address (as listed on the DMDS web).
+    sender_domains: dict[str, str] = {}
+    # <dmdsid>-<campaign numid> + that campaign's apikey, verified against DMDS' campania_apikey.
+    smtp_api_logins: bool = True
+    # <dmdsid> + the account APIKEY, campaign from a "[NN]" Subject prefix (SMTP-DMDS sandbox style).
+    sandbox_logins: bool = True
+    # When not empty, only these campaign numids may be used.
+    campaigns: list[int] = []
+    users: list[UserSettings] = []
+    credential_cache_ttl: float = Field(300.0, ge=0)
+    negative_cache_ttl: float = Field(30.0, ge=0)
+    http_timeout: float = Field(30.0, gt=0)
+    max_connections: int = Field(50, ge=1)
+    archive: bool = False
+
+    @property
+    def base_url(self) -> str:
+        return (self.api_base or f"https://api-dmds-{self.dmdsid}.planisys.net").rstrip("/")
+
+    @field_validator("sender_domains")
+    @classmethod
+    def _lower_domains(cls, v: dict[str, str]) -> dict[str, str]:
+        return {d.lower().strip("."): rp.strip() for d, rp in v.items()}
+
+
+class DeliverySettings(_Section):
+    # store-and-forward: a message the upstream cannot take now is spooled and the client gets 250.
+    # passthrough: never spool; the client gets 451 and must retry itself.
+    mode: Literal["store-and-forward", "passthrough"] = "store-and-forward"
+    inline_budget: float = Field(10.0, gt=0)
+    spool_path: Path = Path("var/spool.sqlite3")
+    retry_schedule: list[float] = [60, 300, 900, 1800, 3600, 7200, 14400]
+    retry_jitter: float = Field(0.2, ge=0, le=1)
+    max_lifetime: float = Field(5 * 24 * 3600, gt=0)
+    concurrency: int = Field(4, ge=1)
+
+
+class DnsSettings(_Section):
+    nameservers: list[str] = []
+    port: int = 53
+    timeout: float = Field(3.0, gt=0)
+    max_ttl: int = 3600
+    negative_ttl: int = 300
+    check_sender_domain: bool = True
+    check_recipient_domains: bool = False
+
+
+class LogSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "console"
+
+
+class HttpSettings(_Section):
+    """The operator endpoint: /healthz, /readyz and /metrics. Port 0 disables it."""
+
+    address: str = "127.0.0.1"
+    port: int = Field(0, ge=0, le=65535)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    hostname: str = "smtp-gateway.localdomain"
+    listeners: list[ListenerSettings] = [ListenerSettings()]
+    tls: TlsSettings = TlsSettings()
+    limits: LimitsSettings = LimitsSettings()
+    accounts: dict[str, AccountSettings] = {}
+    delivery: DeliverySettings = DeliverySettings()
+    dns: DnsSettings = DnsSettings()
+    log: LogSettings = LogSettings()
+    http: HttpSettings = HttpSettings()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        needs_cert = any(listener.tls != "none" for listener in self.listeners)
+        if needs_cert and not (self.tls.cert_file and self.tls.key_file):
+            raise ValueError("tls.cert_file and tls.key_file are required by a starttls/implicit listener")
+        logins = {u.username for a in self.accounts.values() for u in a.users}
+        for listener in self.listeners:
+            if listener.trusted_login and listener.trusted_login not in logins:
+                raise ValueError(
+                    f"listeners[{listener.name}].trusted_login {listener.trusted_login!r} is not a user"
+                )
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Precedence: explicit arguments > GATEWAY_* environment > the TOML file.
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+
+class ConfigError(Exception):
+    """A configuration problem, naming the offending key."""
+
+
+def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
+    """Build Settings from the TOML file (or $GATEWAY_CONFIG), the environment and overrides."""
+    if path is None and os.environ.get(CONFIG_ENV):
+        path = Path(os.environ[CONFIG_ENV])
+    if path is not None and not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+
+    class _FileSettings(Settings):
+        model_config = SettingsConfigDict(toml_file=path)
+
+    try:
+        return _FileSettings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors(include_input=False, include_url=False):
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"{key}: {err['msg']}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def masked_dump(settings: Settings) -> dict[str, Any]:
+    """The configuration as plain data with every secret masked (SecretStr dumps as '**********')."""
+    return settings.model_dump(mode="json")

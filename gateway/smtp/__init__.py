@@ -1,0 +1,1 @@
+"""The SMTP edge: the only package that imports aiosmtpd."""

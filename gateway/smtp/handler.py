@@ -1,0 +1,168 @@
+"""aiosmtpd handler hooks: each SMTP phase asks the pipeline and turns its answer into a reply."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+from typing import Any
+
+import structlog
+from aiosmtpd.smtp import MISSING, AuthResult, Envelope, Session
+
+from gateway import replies
+from gateway.credentials import Authenticator, AuthFailed, AuthUnavailable
+from gateway.errors import GatewayError
+from gateway.model import Principal
+from gateway.pipeline import Pipeline
+from gateway.settings import LimitsSettings, ListenerSettings
+
+log = structlog.get_logger("gateway.smtp")
+
+
+class GatewayHandler:
+    def __init__(
+        self,
+        listener: ListenerSettings,
+        limits: LimitsSettings,
+        pipeline: Pipeline,
+        authenticator: Authenticator,
+    ) -> None:
+        self.listener = listener
+        self.limits = limits
+        self.pipeline = pipeline
+        self.authenticator = authenticator
+        self._trusted = tuple(listener.trusted_networks)
+
+    # -- who is sending ----------------------------------------------------------------------------
+
+    def principal(self, session: Session) -> Principal | None:
+        if isinstance(session.auth_data, Principal):
+            return session.auth_data
+        if self._trusted and self.listener.trusted_login and session.peer:
+            try:
+                ip = ipaddress.ip_address(session.peer[0])
+            except ValueError:
+                return None
+            if any(ip in net for net in self._trusted):
+                return self.authenticator.principal_for_user(self.listener.trusted_login)
+        return None
+
+    async def auth_PLAIN(self, server: Any, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            blob = await server.challenge_auth("")
+            if blob is MISSING:
+                return AuthResult(success=False, handled=True)
+        else:
+            blob = _b64(args[1])
+            if blob is None:
+                await server.push("501 5.5.2 Cannot decode base64")
+                return AuthResult(success=False, handled=True)
+        parts = blob.split(b"\x00")
+        if len(parts) != 3:
+            await server.push("501 5.5.2 Cannot split AUTH PLAIN value")
+            return AuthResult(success=False, handled=True)
+        return await self._check(server, parts[1], parts[2])
+
+    async def auth_LOGIN(self, server: Any, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            login = await server.challenge_auth(server.AuthLoginUsernameChallenge)
+            if login is MISSING:
+                return AuthResult(success=False, handled=True)
+        else:
+            login = _b64(args[1])
+            if login is None:
+                await server.push("501 5.5.2 Cannot decode base64")
+                return AuthResult(success=False, handled=True)
+        password = await server.challenge_auth(server.AuthLoginPasswordChallenge)
+        if password is MISSING:
+            return AuthResult(success=False, handled=True)
+        return await self._check(server, login, password)
+
+    async def _check(self, server: Any, login: bytes, password: bytes) -> AuthResult:
+        session: Session = server.session
+        try:
+            username, secret = login.decode("utf-8"), password.decode("utf-8")
+            principal = await self.authenticator.authenticate(username, secret)
+        except (AuthFailed, UnicodeDecodeError):
+            failures = getattr(session, "auth_failures", 0) + 1
+            session.auth_failures = failures
+            log.info("auth_failed", peer=_peer(session), login=_safe_login(login), failures=failures)
+            if failures >= self.limits.max_auth_failures:
+                await server.push(str(replies.AUTH_TOO_MANY))
+                server.transport.close()
+                return AuthResult(success=False, handled=True)
+            return AuthResult(success=False, message=str(replies.AUTH_INVALID))
+        except AuthUnavailable as exc:
+            log.warning("auth_unavailable", peer=_peer(session), login=_safe_login(login), reason=str(exc))
+            return AuthResult(success=False, message=str(replies.AUTH_TEMPFAIL))
+        log.info("auth_ok", peer=_peer(session), login=principal.login, account=principal.account)
+        return AuthResult(success=True, auth_data=principal, message=str(replies.AUTH_OK))
+
+    # -- envelope ----------------------------------------------------------------------------------
+
+    async def handle_MAIL(
+        self, server: Any, session: Session, envelope: Envelope, address: str, mail_options: list[str]
+    ) -> str:
+        principal = self.principal(session)
+        if principal is None:
+            return str(replies.AUTH_REQUIRED)
+        smtputf8 = "SMTPUTF8" in mail_options
+        try:
+            await self.pipeline.check_sender(principal, address, smtputf8)
+        except GatewayError as exc:
+            log.info("sender_rejected", peer=_peer(session), login=principal.login, reply=str(exc.reply))
+            return str(exc.reply)
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return str(replies.SENDER_OK)
+
+    async def handle_RCPT(
+        self, server: Any, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
+    ) -> str:
+        principal = self.principal(session)
+        if principal is None:
+            return str(replies.AUTH_REQUIRED)
+        if len(envelope.rcpt_tos) >= self.limits.max_recipients:
+            return str(replies.TOO_MANY_RECIPIENTS)
+        try:
+            await self.pipeline.check_recipient(principal, address, "SMTPUTF8" in envelope.mail_options)
+        except GatewayError as exc:
+            log.info("recipient_rejected", peer=_peer(session), login=principal.login, reply=str(exc.reply))
+            return str(exc.reply)
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return str(replies.RECIPIENT_OK)
+
+    async def handle_DATA(self, server: Any, session: Session, envelope: Envelope) -> str:
+        principal = self.principal(session)
+        if principal is None:
+            return str(replies.AUTH_REQUIRED)
+        raw = envelope.original_content
+        assert isinstance(raw, bytes)
+        reply = await self.pipeline.accept(
+            principal, envelope.mail_from, list(envelope.rcpt_tos), raw, "SMTPUTF8" in envelope.mail_options
+        )
+        return str(reply)
+
+    async def handle_exception(self, error: Exception) -> str:
+        # Never aiosmtpd's "500 Error: (Type) text": log the traceback here, tell the client 451.
+        log.error("smtp_unexpected_error", error_type=type(error).__name__, exc_info=error)
+        return str(replies.INTERNAL_ERROR)
+
+
+def _b64(value: str) -> bytes | None:
+    try:
+        return base64.b64decode(value.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError):
+        return None
+
+
+def _peer(session: Session) -> str:
+    peer = session.peer
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+
+
+def _safe_login(login: bytes) -> str:
+    # A user may type the password in the user name field: log a bounded, printable form only.
+    return login[:64].decode("utf-8", "replace").replace("\n", " ")

@@ -1,0 +1,138 @@
+"""aiosmtpd's SMTP protocol, adjusted: enhanced status codes on every reply, a fast DATA reader, our AUTH prompts."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, syntax
+
+from gateway import replies
+from gateway.replies import add_enhanced_code
+
+# Replies that never carry an enhanced code (RFC 2034 §3: not the greeting, not EHLO/HELO lines) and
+# intermediate replies whose text is protocol data (334 challenges, 354).
+_LEAVE_ALONE = ("220", "334", "354")
+_CHUNK = 64 * 1024
+_END = b"\r\n.\r\n"
+
+
+class GatewaySMTP(SMTP):  # type: ignore[misc]
+    # Many printers and scanners expect exactly these prompts (aiosmtpd's defaults differ).
+    AuthLoginUsernameChallenge = "Username:"
+    AuthLoginPasswordChallenge = "Password:"
+
+    def __init__(
+        self, handler: Any, *, draining: asyncio.Event, on_close: Callable[[GatewaySMTP], None], **kwargs: Any
+    ) -> None:
+        super().__init__(handler, **kwargs)
+        self._in_ehlo = False
+        self._draining = draining
+        self._on_close = on_close
+        self.in_data = False
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self._on_close(self)
+        super().connection_lost(error)
+
+    async def push(self, status: str | bytes) -> None:
+        if isinstance(status, str) and not self._in_ehlo and not status.startswith(_LEAVE_ALONE):
+            status = add_enhanced_code(status)
+        await super().push(status)
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self._in_ehlo = True
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._in_ehlo = False
+
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, hostname: str) -> None:
+        self._in_ehlo = bool(hostname)
+        try:
+            await super().smtp_HELO(hostname)
+        finally:
+            self._in_ehlo = False
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if self._draining.is_set():
+            await self.push(str(replies.SHUTTING_DOWN))
+            self.transport.close()
+            return
+        stripped = (arg or "").strip()
+        if stripped[:5].upper() == "FROM:" and stripped[5:].lstrip().startswith("<>"):
+            if await self.check_helo_needed():
+                return
+            # DMDS applies the registered return-path itself; a null-sender bounce has nowhere to go.
+            await self.push("553 5.7.1 Null sender <> not accepted: this gateway does not relay bounces")
+            return
+        await super().smtp_MAIL(arg)
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str | None) -> None:
+        """Read the message in large chunks (aiosmtpd reads line by line), tolerating bare LF lines.
+
+        Only CRLF.CRLF ends the data (no bare-LF terminator: avoids SMTP smuggling ambiguities).
+        Lines longer than 998 octets are accepted: the message is parsed, not relayed as is.
+        """
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 5.5.1 Need RCPT command first")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        self.in_data = True
+        try:
+            content = await self._read_data()
+        finally:
+            self.in_data = False
+        if content is None:
+            await self.push(str(replies.MESSAGE_TOO_BIG))
+            self._set_post_data_state()
+            return
+        self.envelope.content = content
+        self.envelope.original_content = content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push(status)
+
+    async def _read_data(self) -> bytes | None:
+        reader = self._reader
+        limit = self.data_size_limit or 0
+        # A CRLF stands before the data (the DATA line's own), so the terminator search and the
+        # dot-unstuffing below treat the first line like every other line.
+        buf = bytearray(b"\r\n")
+        too_big = False
+        while True:
+            start = max(0, len(buf) - len(_END) + 1)
+            chunk = await reader.read(_CHUNK)
+            if not chunk:
+                raise ConnectionResetError("connection closed during DATA")
+            self._reset_timeout()
+            buf += chunk
+            end = buf.find(_END, start)
+            if end != -1:
+                break
+            if limit and len(buf) > limit + 2 + len(_END):
+                too_big = True
+                del buf[: len(buf) - len(_END)]  # keep only what the terminator search needs
+        leftover = bytes(buf[end + len(_END) :])
+        if leftover:
+            # Pipelined commands after the final dot belong to the command loop.
+            reader._buffer[0:0] = leftover
+        if too_big:
+            return None
+        del buf[end + 2 :]
+        if limit and len(buf) - 2 > limit:
+            return None
+        return bytes(buf.replace(b"\r\n.", b"\r\n")[2:])

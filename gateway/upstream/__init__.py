@@ -1,0 +1,1 @@
+"""Upstream email-platform drivers: the only package that speaks HTTP."""

@@ -1,0 +1,40 @@
+"""Shared fixtures: a real gateway and sandbox upstream on loopback for every end-to-end test."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness import LoopThread, Running, start, stop
+
+CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
+
+
+@pytest.fixture(scope="session")
+def loop_thread() -> Iterator[LoopThread]:
+    lt = LoopThread()
+    yield lt
+    lt.close()
+
+
+@pytest.fixture
+def gateway_factory(loop_thread: LoopThread, tmp_path: Path) -> Iterator[Callable[..., Running]]:
+    """Start a gateway with config overrides: gateway_factory(delivery={"mode": "passthrough"})."""
+    started: list[Running] = []
+
+    def factory(**overrides: Any) -> Running:
+        running = start(loop_thread, tmp_path / f"gw{len(started)}", **overrides)
+        started.append(running)
+        return running
+
+    yield factory
+    for running in started:
+        stop(running)
+
+
+@pytest.fixture
+def gateway(gateway_factory: Callable[..., Running]) -> Running:
+    return gateway_factory()

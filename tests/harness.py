@@ -1,0 +1,126 @@
+"""Test harness: the real gateway and the sandbox upstream on one event loop in a background thread."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+
+from gateway.app import App
+from gateway.passwords import hash_password
+from gateway.sandbox import Sandbox, SandboxState
+from gateway.settings import Settings, load_settings
+from gateway.tlsutil import write_self_signed
+
+T = TypeVar("T")
+
+APIKEY = "test-account-apikey"
+CAMPAIGNS = {22: "campaign-22-apikey", 23: "campaign-23-apikey"}
+USER, PASSWORD = "scanner", "scanner-password"
+# Hashing costs ~50 ms: do it once per test run.
+PASSWORD_HASH = hash_password(PASSWORD)
+
+
+class LoopThread:
+    """An asyncio loop in a daemon thread; tests submit coroutines and block on their results."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
+        future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return future.result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+def base_config(tmp: Path, sandbox_port: int, **overrides: Any) -> dict[str, Any]:
+    """A gateway config for tests: plain (insecure AUTH allowed), STARTTLS and implicit-TLS listeners."""
+    cert, key = write_self_signed(tmp / "tls")
+    config: dict[str, Any] = {
+        "hostname": "gw.test",
+        "tls": {"cert_file": str(cert), "key_file": str(key)},
+        "listeners": [
+            {"name": "plain", "address": "127.0.0.1", "port": 0, "tls": "none", "allow_insecure_auth": True},
+            {"name": "starttls", "address": "127.0.0.1", "port": 0, "tls": "starttls"},
+            {"name": "implicit", "address": "127.0.0.1", "port": 0, "tls": "implicit"},
+        ],
+        "accounts": {
+            "acme": {
+                "dmdsid": "acme",
+                "api_base": f"http://127.0.0.1:{sandbox_port}",
+                "apikey": APIKEY,
+                "sender_domains": {"acme.example": "dmds-acme@nl.acme.example"},
+                "http_timeout": 5.0,
+                "users": [{"username": USER, "password_hash": PASSWORD_HASH, "campaign": 22}],
+            }
+        },
+        "delivery": {"spool_path": str(tmp / "spool.sqlite3"), "inline_budget": 5.0},
+        "dns": {"check_sender_domain": False},
+    }
+    for key_, value in overrides.items():
+        if isinstance(value, dict) and isinstance(config.get(key_), dict):
+            config[key_] = {**config[key_], **value}
+        else:
+            config[key_] = value
+    return config
+
+
+@dataclass
+class Running:
+    """A started gateway + sandbox; `port(name)` gives a listener's port."""
+
+    loop: LoopThread
+    app: App
+    sandbox: Sandbox
+    settings: Settings
+    tmp: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def port(self, listener: str = "plain") -> int:
+        return self.app.ports[listener]
+
+    @property
+    def sandbox_url(self) -> str:
+        return f"http://127.0.0.1:{self.sandbox.port}"
+
+    @property
+    def requests(self) -> list[dict[str, Any]]:
+        """Every request the sandbox upstream received (accepted ones have status 200)."""
+        return list(self.sandbox.state.requests)
+
+    @property
+    def sent(self) -> list[dict[str, Any]]:
+        return [r for r in self.sandbox.state.requests if r["status"] == 200]
+
+    def fault(self, **spec: Any) -> None:
+        httpx.post(f"{self.sandbox_url}/_sandbox/faults", json=spec).raise_for_status()
+
+    def clear_faults(self) -> None:
+        httpx.delete(f"{self.sandbox_url}/_sandbox/faults").raise_for_status()
+
+
+def start(loop: LoopThread, tmp: Path, sandbox_state: SandboxState | None = None, **overrides: Any) -> Running:
+    state = sandbox_state or SandboxState(apikey=APIKEY, campaigns=dict(CAMPAIGNS))
+    sandbox = Sandbox(state)
+    port = loop.run(sandbox.start("127.0.0.1", 0))
+    settings = load_settings(None, **base_config(tmp, port, **overrides))
+    app = App(settings)
+    loop.run(app.start())
+    return Running(loop=loop, app=app, sandbox=sandbox, settings=settings, tmp=tmp)
+
+
+def stop(running: Running) -> None:
+    running.loop.run(running.app.stop(drain_timeout=2.0))
+    running.loop.run(running.sandbox.stop())
