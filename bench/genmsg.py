@@ -8,7 +8,10 @@ from email.policy import SMTP as SMTP_POLICY
 from pathlib import Path
 
 MESSAGES_DIR = Path(__file__).resolve().parent / "messages"
-SENDER = "sender@bench.test"
+# Not "bench.test": the gateway and its sandbox validate addresses with email-validator, which rejects
+# special-use TLDs (.test, .local, ...) with 553 5.1.3. One line to change if that is ever relaxed.
+SENDER_DOMAIN = "bench.example.com"
+SENDER = f"sender@{SENDER_DOMAIN}"
 RECIPIENT = "rcpt@example.com"
 
 SMALL_NAME = "multipart-5k"
@@ -37,12 +40,14 @@ def _headers(msg: EmailMessage, subject: str, ident: str) -> None:
     """Set realistic, fixed headers on `msg`."""
     msg["From"] = f"Bench Sender <{SENDER}>"
     msg["To"] = f"Bench Recipient <{RECIPIENT}>"
-    msg["Reply-To"] = "support@bench.test"
+    msg["Reply-To"] = f"support@{SENDER_DOMAIN}"
     msg["Subject"] = subject
     msg["Date"] = "Mon, 02 Jun 2025 10:00:00 +0000"
-    msg["Message-ID"] = f"<{ident}@bench.test>"
+    msg["Message-ID"] = f"<{ident}@{SENDER_DOMAIN}>"
     msg["X-Mailer"] = "smtp-gateway-bench/1.0"
-    msg["List-Unsubscribe"] = "<mailto:unsubscribe@bench.test?subject=unsubscribe>, <https://bench.test/u/42>"
+    msg["List-Unsubscribe"] = (
+        f"<mailto:unsubscribe@{SENDER_DOMAIN}?subject=unsubscribe>, <https://{SENDER_DOMAIN}/u/42>"
+    )
     msg["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
 
 

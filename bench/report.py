@@ -59,6 +59,8 @@ def ratio_table(run: RunResult) -> list[str]:
     """gateway ÷ Postfix and gateway ÷ bare aiosmtpd throughput."""
     if not run.ratios:
         return ["(no gateway results)"]
+    if all(r.get("vs_postfix") is None and r.get("vs_bare_aiosmtpd") is None for r in run.ratios):
+        return ["(no Postfix or bare aiosmtpd results in this run to compare with)"]
     sessions = _sessions(run)
     head = "| gateway setup | message | connections | " + " | ".join(f"{s} sess." for s in sessions) + " |"
     lines = [head, "|" + " --- |" * (3 + len(sessions))]
@@ -69,9 +71,7 @@ def ratio_table(run: RunResult) -> list[str]:
         cell = " / ".join(f"{v:.2f}×" if isinstance(v, float) else "–" for v in (vs_pf, vs_bare))
         rows.setdefault(key, {})[int(str(ratio["sessions"]))] = cell
     for (setup, message, mode), cells in rows.items():
-        lines.append(
-            f"| {setup} | {message} | {mode} | " + " | ".join(cells.get(s, "–") for s in sessions) + " |"
-        )
+        lines.append(f"| {setup} | {message} | {mode} | " + " | ".join(cells.get(s, "–") for s in sessions) + " |")
     return lines
 
 
@@ -84,9 +84,7 @@ def latency_table(run: RunResult) -> list[str]:
     for setup in run.setups:
         for lat in setup.latencies:
             if lat.error:
-                lines.append(
-                    f"| {setup.name} | {lat.message} | {lat.count} | error: {lat.error[:60]} | | | | |"
-                )
+                lines.append(f"| {setup.name} | {lat.message} | {lat.count} | error: {lat.error[:60]} | | | | |")
                 continue
             lines.append(
                 f"| {setup.name}{' (AUTH)' if lat.auth else ''} | {lat.message} | {lat.count} | "
@@ -98,10 +96,11 @@ def latency_table(run: RunResult) -> list[str]:
 
 def rss_table(run: RunResult) -> list[str]:
     """Peak RSS of each server's process tree over the whole setup."""
-    lines = ["| setup | peak RSS (MiB) | what is counted |", "| --- | --- | --- |"]
+    lines = ["| setup | peak RSS sum (MiB) | peak PSS sum (MiB) | what is counted |", "| --- | --- | --- | --- |"]
     for setup in run.setups:
         if not setup.skipped:
-            lines.append(f"| {setup.name} | {setup.peak_rss_bytes / MIB:,.1f} | {setup.description} |")
+            rss, pss = setup.peak_rss_bytes / MIB, setup.peak_pss_bytes / MIB
+            lines.append(f"| {setup.name} | {rss:,.1f} | {pss:,.1f} | {setup.description} |")
     return lines
 
 
@@ -149,7 +148,8 @@ def tables(run: RunResult) -> list[str]:
         "",
         *latency_table(run),
         "",
-        "Peak RSS of the server process tree (sum of RSS over the tree, sampled every 100 ms):",
+        "Peak memory of the server process tree while under load (RSS summed over the tree every 100 ms,"
+        " which counts shared pages once per process; PSS summed every 1 s, which splits them):",
         "",
         *rss_table(run),
     ]

@@ -13,10 +13,13 @@ class Point:
     message: str
     mode: str  # "persistent" | "per-connection"
     sessions: int
-    count: int
+    count: int  # at most this many messages were to be sent
+    sent: int = 0  # messages completed (250 after DATA)
     elapsed_s: float = 0.0
+    time_limited: bool = False  # stopped at the profile's time limit before `count`
     msgs_per_s: float = 0.0
     peak_rss_bytes: int = 0
+    peak_pss_bytes: int = 0
     error: str = ""
     warning: str = ""
 
@@ -27,7 +30,7 @@ class Latency:
 
     setup: str
     message: str
-    count: int
+    count: int  # messages timed
     msgs_per_s: float = 0.0
     p50_ms: float = 0.0
     p90_ms: float = 0.0
@@ -46,6 +49,7 @@ class SetupResult:
     description: str
     skipped: str = ""
     peak_rss_bytes: int = 0
+    peak_pss_bytes: int = 0
     points: list[Point] = field(default_factory=list)
     latencies: list[Latency] = field(default_factory=list)
     duration_s: float = 0.0

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
+import shlex
 import shutil
 import signal
 import subprocess
@@ -20,30 +20,31 @@ from pathlib import Path
 
 import genmsg
 import report
+import smtpsource
 from gateway_target import Gateway, check_cli
 from procmon import PeakRss
 from results_model import Latency, Point, RunResult, SetupResult
 from servers import BENCH_DIR, HOST, BareAiosmtpd, PrivatePostfix, Server, SetupError, SmtpSink
+from smtpsource import SourceRun
 
 MESSAGES = {"5KB": genmsg.SMALL_NAME, "1MB": genmsg.LARGE_NAME}
 MODES = ("persistent", "per-connection")
-POINT_TIMEOUT_S = 300.0
 
 
 @dataclass(frozen=True)
 class Profile:
-    """How many messages per point, and how long a point should take when the rate is known."""
+    """Each point sends up to `max_count` messages and stops after `target_s` seconds."""
 
     name: str
     target_s: float
-    base: dict[str, int]
-    latency: dict[str, int]
-    warmup: int
+    max_count: dict[str, int]
+    latency_max: dict[str, int]
+    warmup: dict[str, int]
 
 
 PROFILES = {
-    "full": Profile("full", 6.0, {"5KB": 3000, "1MB": 300}, {"5KB": 1000, "1MB": 100}, 40),
-    "quick": Profile("quick", 1.0, {"5KB": 600, "1MB": 60}, {"5KB": 200, "1MB": 20}, 20),
+    "full": Profile("full", 5.0, {"5KB": 20000, "1MB": 2000}, {"5KB": 5000, "1MB": 500}, {"5KB": 50, "1MB": 10}),
+    "quick": Profile("quick", 0.8, {"5KB": 4000, "1MB": 400}, {"5KB": 1000, "1MB": 100}, {"5KB": 20, "1MB": 5}),
 }
 
 
@@ -57,14 +58,14 @@ class SetupSpec:
     factory: Callable[[Path], Server]
 
 
-def build_specs(wanted: list[str], gateway_cmd: list[str] | None, gateway_problem: str) -> list[SetupSpec]:
+def build_specs(
+    wanted: list[str], gateway_cmd: list[str] | None, gateway_problem: str, serve_args: list[str]
+) -> list[SetupSpec]:
     """The setups to run, in order."""
     specs = [
         SetupSpec("smtp-sink", "smtp-sink process", 0.0, SmtpSink),
         SetupSpec("bare-aiosmtpd", "bare_aiosmtpd.py process", 0.0, BareAiosmtpd),
-        SetupSpec(
-            "postfix", "master + all its children (smtpd, cleanup, qmgr, smtp, ...)", 0.0, PrivatePostfix
-        ),
+        SetupSpec("postfix", "master + all its children (smtpd, cleanup, qmgr, smtp, ...)", 0.0, PrivatePostfix),
     ]
     for latency_ms in (0, 50, 200):
         name = "gateway" if latency_ms == 0 else f"gateway+{latency_ms}ms"
@@ -72,11 +73,9 @@ def build_specs(wanted: list[str], gateway_cmd: list[str] | None, gateway_proble
         def factory(workdir: Path, ms: int = latency_ms) -> Server:
             if gateway_cmd is None:
                 raise SetupError(gateway_problem or "gateway CLI unavailable")
-            return Gateway(workdir, ms, gateway_cmd)
+            return Gateway(workdir, ms, gateway_cmd, serve_args)
 
-        specs.append(
-            SetupSpec(name, "smtp-gateway serve process tree (not the sandbox)", latency_ms / 1000, factory)
-        )
+        specs.append(SetupSpec(name, "smtp-gateway serve process tree (not the sandbox)", latency_ms / 1000, factory))
     return [s for s in specs if _selected(s.name, wanted)]
 
 
@@ -84,138 +83,111 @@ def _selected(name: str, wanted: list[str]) -> bool:
     return not wanted or name in wanted or name.split("+")[0] in wanted
 
 
-def plan_count(
-    profile: Profile, message: str, sessions: int, upstream_s: float, known: list[tuple[int, float]]
-) -> int:
-    """Messages for one point: enough for ~target_s at the expected rate, capped by the profile."""
-    base = profile.base[message]
-    estimate = math.inf
-    below = [k for k in known if k[0] <= sessions]
-    if below:
-        s0, rate0 = max(below)
-        estimate = rate0 * sessions / s0
-    if upstream_s > 0:
-        estimate = min(estimate, sessions / upstream_s)
-    if math.isinf(estimate):
-        return base
-    return int(min(base, max(2 * sessions, 10, estimate * profile.target_s)))
+def message_path(message: str) -> Path:
+    """The .eml file of a message label."""
+    return genmsg.MESSAGES_DIR / f"{MESSAGES[message]}.eml"
 
 
-def smtp_source_cmd(port: int, path: Path, sessions: int, count: int, persistent: bool) -> list[str]:
-    """The smtp-source command line for one point."""
-    binary = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
-    cmd = [binary, "-s", str(sessions), "-m", str(count), "-C", "3", "-M", "client.bench"]
-    if persistent:
-        cmd.append("-d")
-    cmd += ["-F", str(path), "-f", genmsg.SENDER, "-t", genmsg.RECIPIENT, f"{HOST}:{port}"]
-    return cmd
+def source(server: Server, message: str, sessions: int, count: int, persistent: bool, limit: float) -> SourceRun:
+    """Run smtp-source against the server."""
+    target = f"{HOST}:{server.port}"
+    path = message_path(message)
+    return smtpsource.run(target, path, sessions, count, persistent, limit, genmsg.SENDER, genmsg.RECIPIENT)
 
 
-def run_smtp_source(port: int, path: Path, sessions: int, count: int, persistent: bool) -> tuple[float, str]:
-    """Run smtp-source; return (elapsed seconds, error text or "")."""
-    cmd = smtp_source_cmd(port, path, sessions, count, persistent)
-    start = time.perf_counter()
-    try:
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=POINT_TIMEOUT_S, check=False)
-    except subprocess.TimeoutExpired:
-        return time.perf_counter() - start, f"smtp-source timed out after {POINT_TIMEOUT_S:.0f}s"
-    elapsed = time.perf_counter() - start
-    if result.returncode != 0:
-        return elapsed, (result.stderr or result.stdout).strip().replace("\n", " | ")[-300:] or "failed"
-    return elapsed, ""
-
-
-def measure_point(server: Server, setup: str, message: str, mode: str, sessions: int, count: int) -> Point:
+def measure_point(server: Server, setup: str, message: str, mode: str, sessions: int, profile: Profile) -> Point:
     """One throughput point, with the server tree's peak RSS while it ran."""
-    path = genmsg.MESSAGES_DIR / f"{MESSAGES[message]}.eml"
+    count = max(profile.max_count[message], 2 * sessions)
     point = Point(setup, message, mode, sessions, count)
     with PeakRss(server.rss_roots) as rss:
-        point.elapsed_s, point.error = run_smtp_source(
-            server.port, path, sessions, count, mode == "persistent"
-        )
-    point.peak_rss_bytes = rss.peak
+        sent = source(server, message, sessions, count, mode == "persistent", profile.target_s)
+    point.sent, point.elapsed_s, point.time_limited = sent.sent, sent.elapsed_s, sent.time_limited
+    point.peak_rss_bytes, point.peak_pss_bytes = rss.peak, rss.peak_pss
+    point.error = sent.error
     if not point.error:
-        point.msgs_per_s = count / point.elapsed_s
-        point.warning = server.settle(count)
-    else:
-        server.settle(0)
+        point.msgs_per_s = sent.sent / sent.elapsed_s
+    # Messages in flight when smtp-source was stopped may or may not have been taken.
+    point.warning = server.settle(sent.sent, sessions if sent.time_limited or sent.error else 0)
     return point
 
 
-def measure_latency(
-    server: Server, setup: str, message: str, count: int, auth: tuple[str, str] | None
-) -> Latency:
-    """Per-transaction latency at one session via smtpload.py."""
-    path = genmsg.MESSAGES_DIR / f"{MESSAGES[message]}.eml"
-    cmd = [sys.executable, str(BENCH_DIR / "smtpload.py"), f"{HOST}:{server.port}", "-F", str(path)]
-    cmd += ["-m", str(count), "-s", "1", "--json"]
-    if auth is not None:
-        cmd += ["--auth", f"{auth[0]}:{auth[1]}"]
-    lat = Latency(setup, message, count, auth=auth is not None)
+def run_smtpload(server: Server, message: str, count: int, limit: float) -> dict[str, object]:
+    """One-session smtpload.py run (AUTH PLAIN when the server has credentials); its JSON result."""
+    cmd = [sys.executable, str(BENCH_DIR / "smtpload.py"), f"{HOST}:{server.port}", "-F", str(message_path(message))]
+    cmd += ["-m", str(count), "-s", "1", "--duration", str(limit), "--json"]
+    cmd += ["--from", genmsg.SENDER, "--to", genmsg.RECIPIENT]
+    if server.auth is not None:
+        cmd += ["--auth", f"{server.auth[0]}:{server.auth[1]}"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=limit + 120, check=False)
     try:
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=POINT_TIMEOUT_S, check=False)
         data = json.loads(result.stdout)
+    except ValueError:
+        raise ValueError(f"smtpload.py failed: {result.stderr.strip()[-300:]}") from None
+    assert isinstance(data, dict)
+    return data
+
+
+def measure_latency(server: Server, setup: str, message: str, profile: Profile) -> Latency:
+    """Per-transaction latency at one session."""
+    lat = Latency(setup, message, 0, auth=server.auth is not None)
+    try:
+        data = run_smtpload(server, message, profile.latency_max[message], profile.target_s)
     except (subprocess.TimeoutExpired, ValueError) as exc:
-        lat.error = f"smtpload failed: {exc}"
+        lat.error = str(exc)
         return lat
-    ms = data.get("latencies_ms", {})
-    lat.msgs_per_s = data["msgs_per_s"]
+    ms = data.get("latencies_ms") or {}
+    assert isinstance(ms, dict)
+    lat.count, lat.msgs_per_s = int(str(data["messages"])), float(str(data["msgs_per_s"]))
     lat.p50_ms, lat.p90_ms, lat.p99_ms = ms.get("p50", 0.0), ms.get("p90", 0.0), ms.get("p99", 0.0)
     lat.mean_ms, lat.max_ms = ms.get("mean", 0.0), ms.get("max", 0.0)
-    lat.error = f"{data['errors']} errors, first: {data['first_error']}" if data["errors"] else ""
-    server.settle(0 if lat.error else count)
+    if data["errors"]:
+        lat.error = f"{data['errors']} errors, first: {data['first_error']}"
+    server.settle(lat.count, 1)
     return lat
 
 
-def warm_up(server: Server, profile: Profile) -> None:
-    """Unmeasured messages so caches, pools and worker processes exist; fails fast on a broken setup."""
-    path = genmsg.MESSAGES_DIR / f"{genmsg.SMALL_NAME}.eml"
-    _elapsed, error = run_smtp_source(server.port, path, 2, profile.warmup, True)
-    if error:
-        raise SetupError(f"warm-up failed: {error}")
-    if warning := server.settle(profile.warmup):
-        print(f"    warm-up warning: {warning}", flush=True)
+def warm_up(server: Server, profile: Profile, messages: list[str]) -> None:
+    """Unmeasured messages on one session so caches, pools and processes exist.
+
+    Fails fast (SetupError) on a broken setup, before any point is measured.
+    """
+    for message in messages:
+        count = profile.warmup[message]
+        sent = source(server, message, 1, count, True, 120.0)
+        if sent.error or sent.time_limited:
+            raise SetupError(f"warm-up with the {message} message failed: {sent.error or 'too slow'}")
+        if warning := server.settle(count):
+            print(f"  warm-up warning: {warning}", flush=True)
 
 
 def say(point: Point) -> None:
     """Progress line for a point."""
     what = point.error or f"{point.msgs_per_s:10,.1f} msgs/s"
     print(
-        f"  {point.setup:15} {point.message:4} {point.mode:14} {point.sessions:3} sess. n={point.count:<5} "
+        f"  {point.setup:15} {point.message:4} {point.mode:14} {point.sessions:3} sess. n={point.sent:<6}"
         f"{what}  ({point.elapsed_s:.1f}s, rss {point.peak_rss_bytes / report.MIB:.0f} MiB)"
         + (f"  WARNING: {point.warning}" if point.warning else ""),
         flush=True,
     )
 
 
-def measure_throughput(
-    server: Server, spec: SetupSpec, args: argparse.Namespace, result: SetupResult
-) -> None:
+def measure_throughput(server: Server, spec: SetupSpec, args: argparse.Namespace, result: SetupResult) -> None:
     """All smtp-source points of one setup."""
-    profile: Profile = args.profile
     for message in args.messages:
-        known: list[tuple[int, float]] = []
         for mode in args.modes:
             for sessions in args.sessions:
-                count = plan_count(profile, message, sessions, spec.upstream_s, known)
-                point = measure_point(server, spec.name, message, mode, sessions, count)
+                point = measure_point(server, spec.name, message, mode, sessions, args.profile)
                 result.points.append(point)
                 say(point)
-                if not point.error:
-                    known.append((sessions, point.msgs_per_s))
 
 
 def measure_latencies(server: Server, spec: SetupSpec, args: argparse.Namespace, result: SetupResult) -> None:
     """One-session latency runs of one setup."""
-    profile: Profile = args.profile
-    auth = getattr(server, "auth", None)
     for message in args.messages:
-        known = [(p.sessions, p.msgs_per_s) for p in result.points if p.message == message and not p.error]
-        count = min(profile.latency[message], plan_count(profile, message, 1, spec.upstream_s, known))
-        lat = measure_latency(server, spec.name, message, count, auth)
+        lat = measure_latency(server, spec.name, message, args.profile)
         result.latencies.append(lat)
         shown = lat.error or f"p50 {lat.p50_ms:.2f} ms  p99 {lat.p99_ms:.2f} ms"
-        print(f"  {spec.name:15} {message:4} latency n={count:<5} {shown}", flush=True)
+        print(f"  {spec.name:15} {message:4} latency n={lat.count:<6}{shown}", flush=True)
 
 
 def run_setup(spec: SetupSpec, args: argparse.Namespace, workdir: Path) -> SetupResult:
@@ -225,7 +197,9 @@ def run_setup(spec: SetupSpec, args: argparse.Namespace, workdir: Path) -> Setup
     print(f"== {spec.name}", flush=True)
     try:
         with spec.factory(workdir) as server:
-            warm_up(server, args.profile)
+            if server.info:
+                result.description += f"; {server.info}"
+            warm_up(server, args.profile, args.messages)
             measure_throughput(server, spec, args, result)
             if not args.no_latency:
                 measure_latencies(server, spec, args, result)
@@ -233,6 +207,7 @@ def run_setup(spec: SetupSpec, args: argparse.Namespace, workdir: Path) -> Setup
         result.skipped = str(exc)
         print(f"  SKIPPED {spec.name}: {exc}", flush=True)
     result.peak_rss_bytes = max((p.peak_rss_bytes for p in result.points), default=0)
+    result.peak_pss_bytes = max((p.peak_pss_bytes for p in result.points), default=0)
     result.duration_s = time.monotonic() - started
     return result
 
@@ -259,9 +234,7 @@ def compute_ratios(setups: list[SetupResult]) -> list[dict[str, object]]:
                     if other in by_name
                     else None
                 )
-                row[key] = (
-                    point.msgs_per_s / ref.msgs_per_s if ref and not ref.error and ref.msgs_per_s else None
-                )
+                row[key] = point.msgs_per_s / ref.msgs_per_s if ref and not ref.error and ref.msgs_per_s else None
             ratios.append(row)
     return ratios
 
@@ -305,9 +278,7 @@ def machine_info() -> dict[str, str]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument(
-        "--quick", action="store_true", help="small counts (~1-2 min) instead of the full run"
-    )
+    parser.add_argument("--quick", action="store_true", help="short points (~2 min) instead of the full run")
     parser.add_argument(
         "--setups",
         default="",
@@ -318,9 +289,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--modes", default=",".join(MODES), help="comma list: persistent,per-connection")
     parser.add_argument("--no-latency", action="store_true", help="skip the one-session latency runs")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results", help="where latest.json/md go")
-    parser.add_argument(
-        "--update-readme", action="store_true", help="also put the tables into bench/README.md"
-    )
+    parser.add_argument("--update-readme", action="store_true", help="also put the tables into bench/README.md")
+    parser.add_argument("--gateway-args", default="", help='extra `smtp-gateway serve` options, e.g. "--aiohttp"')
     parser.add_argument("--keep-logs", action="store_true", help="keep the server logs directory")
     args = parser.parse_args(argv)
     args.profile = PROFILES["quick" if args.quick else "full"]
@@ -354,7 +324,7 @@ def _sigterm(_signum: int, _frame: object) -> None:
 
 def preflight() -> None:
     """Fail early when the load generator is missing."""
-    if not (shutil.which("smtp-source") or Path("/usr/sbin/smtp-source").exists()):
+    if smtpsource.binary() is None:
         sys.exit("smtp-source not found: apt-get install postfix (it ships smtp-source and smtp-sink)")
 
 
@@ -373,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     print(f"profile {args.profile.name}; logs in {workdir}", flush=True)
     try:
-        specs = build_specs(args.setups, *resolve_gateway(args.setups))
+        specs = build_specs(args.setups, *resolve_gateway(args.setups), shlex.split(args.gateway_args))
         for spec in specs:
             run.setups.append(run_setup(spec, args, workdir))
     except KeyboardInterrupt:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -11,10 +12,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 HOST = "127.0.0.1"
+PR_SET_PDEATHSIG = 1
+STALE_GLOB = "bench-postfix-*"
 
 
 class SetupError(Exception):
@@ -81,9 +85,30 @@ def spawn(
             stderr=log_fh,
             start_new_session=True,
             env=env,
+            preexec_fn=_die_with_parent,
         )
     finally:
         log_fh.close()
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM if the bench dies, even by SIGKILL (Linux PR_SET_PDEATHSIG)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def no_interrupts() -> Iterator[None]:
+    """Ignore further Ctrl-C while servers are being stopped (main thread only)."""
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def terminate(proc: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
@@ -114,6 +139,8 @@ class Server:
     label = "server"
 
     def __init__(self, workdir: Path) -> None:
+        self.info = ""  # extra description, e.g. the event loop in use
+        self.auth: tuple[str, str] | None = None  # AUTH PLAIN credentials for smtpload.py
         self.workdir = workdir
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
@@ -133,20 +160,22 @@ class Server:
         """Pids whose process trees make up the server (for peak RSS)."""
         return [self.proc.pid] if self.proc is not None else []
 
-    def settle(self, expected: int) -> str:
-        """Called after each measured point of `expected` messages; returns a warning or ""."""
+    def settle(self, expected: int, slack: int = 0) -> str:
+        """Called after each run of `expected` (+ up to `slack` in flight) messages; a warning or ""."""
         return ""
 
     def __enter__(self) -> Server:
         try:
             self.start()
         except BaseException:
-            self.stop()
+            with no_interrupts():
+                self.stop()
             raise
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
+        with no_interrupts():
+            self.stop()
 
 
 class SmtpSink(Server):
@@ -182,7 +211,9 @@ class BareAiosmtpd(Server):
         line = self.proc.stdout.readline().decode().strip()
         if not line.startswith("LISTENING "):
             raise SetupError(f"bare_aiosmtpd did not start: {line!r} {log_tail(self.log)}")
-        self.port = int(line.rpartition(":")[2])
+        address, _, loop_name = line.removeprefix("LISTENING ").partition(" ")
+        self.info = f"{loop_name} event loop"
+        self.port = int(address.rpartition(":")[2])
         wait_for_smtp(self.port, self.label, 10, self.proc)
 
 
@@ -302,9 +333,11 @@ class PrivatePostfix(Server):
             raise SetupError("the private Postfix instance needs root (postfix start)")
         if shutil.which("postfix") is None:
             raise SetupError("postfix not found (apt-get install postfix)")
+        stop_stale_instances()
         self.sink.start()
-        self.tmp = Path(tempfile.mkdtemp(prefix="bench-postfix-"))
+        self.tmp = Path(tempfile.mkdtemp(prefix=STALE_GLOB.rstrip("*")))
         self.tmp.chmod(0o755)
+        (self.tmp / "bench.pid").write_text(f"{os.getpid()}\n")
         self.port = free_port()
         self._write_config()
         result = self._postfix("start")
@@ -321,7 +354,7 @@ class PrivatePostfix(Server):
             pid = int((self.queue / "pid" / "master.pid").read_text().split()[0])
         except (OSError, ValueError, IndexError):
             return None
-        return pid if Path(f"/proc/{pid}").exists() else None
+        return pid if _alive(pid) else None
 
     def rss_roots(self) -> list[int]:
         pid = self.master_pid()
@@ -335,7 +368,7 @@ class PrivatePostfix(Server):
                 total += len(files)
         return total
 
-    def settle(self, expected: int, timeout: float = 120.0) -> str:
+    def settle(self, expected: int, slack: int = 0, timeout: float = 120.0) -> str:
         """Wait until the queue has drained to the sink, so points do not overlap."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -345,19 +378,58 @@ class PrivatePostfix(Server):
         return f"postfix queue not empty after {timeout:.0f}s ({self.queued()} left)"
 
     def stop(self) -> None:
-        if self.tmp is not None and self.conf.exists():
-            pid = self.master_pid()
-            with contextlib.suppress(subprocess.SubprocessError, OSError):
-                self._postfix("stop", timeout=30)
-            if pid is not None and not _wait_gone(pid, 15):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(pid, signal.SIGKILL)
+        if self.tmp is not None:
+            stop_instance(self.tmp)
         self.sink.stop()
         if self.tmp is not None:
             with contextlib.suppress(OSError):
                 shutil.copy2(self.tmp / "maillog", self.workdir / "postfix-maillog")
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp = None
+
+
+def _alive(pid: int) -> bool:
+    """True if the process exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def stop_instance(tmp: Path) -> None:
+    """`postfix stop` the instance under `tmp`, then SIGKILL its master's group if it is still there."""
+    conf = tmp / "etc"
+    if not (conf / "main.cf").exists():
+        return
+    try:
+        pid: int | None = int((tmp / "spool" / "pid" / "master.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        pid = None
+    with contextlib.suppress(subprocess.SubprocessError, OSError):
+        subprocess.run(
+            ["postfix", "-c", str(conf), "stop"],
+            capture_output=True,
+            timeout=30,
+            env={**os.environ, "MAIL_CONFIG": str(conf)},
+            check=False,
+        )
+    if pid is not None and _alive(pid) and not _wait_gone(pid, 15):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+
+
+def stop_stale_instances() -> None:
+    """Stop and remove Postfix instances left by a bench run that was killed (its bench.pid is dead)."""
+    for tmp in Path(tempfile.gettempdir()).glob(STALE_GLOB):
+        try:
+            owner = int((tmp / "bench.pid").read_text())
+        except (OSError, ValueError):
+            continue
+        if owner == os.getpid() or _alive(owner):
+            continue
+        stop_instance(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _postfix_ids() -> tuple[int, int]:
@@ -371,7 +443,7 @@ def _postfix_ids() -> tuple[int, int]:
 def _wait_gone(pid: int, timeout: float) -> bool:
     """Wait until a (non-child) process has exited; False if it is still there."""
     deadline = time.monotonic() + timeout
-    while Path(f"/proc/{pid}").exists():
+    while _alive(pid):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.1)

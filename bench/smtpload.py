@@ -126,13 +126,14 @@ class Job:
     auth: tuple[str, str] | None
     per_connection: bool
     remaining: int
+    deadline: float = math.inf  # time.perf_counter() after which no new message is started
     helo: str = "smtpload.bench"
     latencies: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
     def take(self) -> bool:
         """Claim one message to send; False when all are claimed."""
-        if self.remaining <= 0:
+        if self.remaining <= 0 or time.perf_counter() >= self.deadline:
             return False
         self.remaining -= 1
         return True
@@ -196,10 +197,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--file", "-F", required=True, type=Path, help="message file (headers + body)")
     parser.add_argument("--messages", "-m", type=int, default=100)
     parser.add_argument("--sessions", "-s", type=int, default=1)
-    parser.add_argument("--from", dest="sender", default="sender@bench.test")
+    parser.add_argument("--from", dest="sender", default="sender@bench.example.com")
     parser.add_argument("--to", dest="rcpt", default="rcpt@example.com")
     parser.add_argument("--auth", default="", help="USER:PASSWORD for AUTH PLAIN (plain session, no TLS)")
     parser.add_argument("--per-connection", action="store_true", help="one message per connection")
+    parser.add_argument("--duration", type=float, default=0.0, help="start no new message after this many s")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser.parse_args(argv)
 
@@ -219,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         per_connection=args.per_connection,
         remaining=args.messages,
     )
+    if args.duration > 0:
+        job.deadline = time.perf_counter() + args.duration
     result = asyncio.run(run_load(job, args.sessions))
     if args.json:
         print(json.dumps(asdict(result)))

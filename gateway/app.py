@@ -11,9 +11,13 @@ import structlog
 
 from gateway.credentials import Authenticator
 from gateway.delivery import Delivery
+from gateway.dns import DnsResolver
+from gateway.domaincheck import check_domains
+from gateway.observability import OperatorEndpoint
 from gateway.pipeline import Pipeline
 from gateway.settings import Settings
 from gateway.smtp.server import Listeners
+from gateway.spool import RetryWorker, Spool
 from gateway.upstream.base import Driver, Transport
 from gateway.upstream.dmds import DmdsDriver
 
@@ -26,7 +30,11 @@ class App:
     transport: Transport = "httpx"
     drivers: dict[str, DmdsDriver] = field(default_factory=dict)
     listeners: Listeners | None = None
+    spool: Spool | None = None
+    worker: RetryWorker | None = None
+    operator: OperatorEndpoint | None = None
     _campaigns: dict[tuple[str, int], tuple[bool, float]] = field(default_factory=dict)
+    _background: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def start(self) -> None:
         for name, account in self.settings.accounts.items():
@@ -36,12 +44,51 @@ class App:
                 timeout=account.http_timeout,
                 max_connections=account.max_connections,
                 transport=self.transport,
+                account=name,
             )
         self.authenticator = Authenticator(self.settings.accounts, self._campaign_key)
         drivers: dict[str, Driver] = dict(self.drivers)
-        self.pipeline = Pipeline(self.settings, Delivery(drivers), self._campaign_known)
+        dns_settings = self.settings.dns
+        self.resolver = DnsResolver(
+            dns_settings.nameservers or None,
+            dns_settings.port,
+            dns_settings.timeout,
+            dns_settings.max_ttl,
+            dns_settings.negative_ttl,
+        )
+        delivery = Delivery(drivers)
+        # Store-and-forward (gateway/spool/): opened before listening; whatever the last run left is resumed.
+        dsettings = self.settings.delivery
+        self.spool = Spool(dsettings)
+        await self.spool.open()
+        self.worker = RetryWorker(
+            self.spool, delivery, list(self.settings.accounts), dsettings.concurrency, dsettings.poll_interval
+        )
+        self.worker.start()
+        self.pipeline = Pipeline(
+            self.settings, delivery, self._campaign_known, spool=self.spool, resolver=self.resolver
+        )
         self.listeners = Listeners(self.settings, self.pipeline, self.authenticator)
         await self.listeners.start()
+        if self.settings.http.port is not None:
+            self.operator = OperatorEndpoint()
+            port = await self.operator.start(self.settings.http.address, self.settings.http.port)
+            self.operator.is_ready = True
+            log.info("operator_endpoint_started", address=self.settings.http.address, port=port)
+        if self.settings.dns.check_sender_domain:
+            self._background.add(asyncio.get_running_loop().create_task(self._log_domain_findings()))
+
+    async def _log_domain_findings(self) -> None:
+        """The same findings as `smtp-gateway check-domains`, logged once at startup."""
+        for name, account in self.settings.accounts.items():
+            for report in await check_domains(self.resolver, dict(account.sender_domains)):
+                fields = {"account": name, "domain": report.domain, "return_path": report.return_path}
+                if report.problems:
+                    log.error("sender_domain_problem", problems=report.problems, **fields)
+                elif report.warnings:
+                    log.warning("sender_domain_warning", warnings=report.warnings, **fields)
+                else:
+                    log.info("sender_domain_ok", **fields)
 
     async def _campaign_key(self, account: str, numid: int) -> str | None:
         return await self.drivers[account].campaign_apikey(numid)
@@ -64,8 +111,16 @@ class App:
         return self.listeners.ports if self.listeners else {}
 
     async def stop(self, drain_timeout: float = 30.0) -> None:
+        for task in self._background:
+            task.cancel()
+        if self.operator is not None:
+            self.operator.is_ready = False
         if self.listeners is not None:
             await self.listeners.drain(drain_timeout)
+        if self.worker is not None:
+            await self.worker.stop(self.settings.delivery.shutdown_timeout)
+        if self.spool is not None:
+            await self.spool.close(self.settings.delivery.shutdown_timeout)
         for driver in self.drivers.values():
             with contextlib.suppress(Exception):
                 await driver.aclose()

@@ -20,10 +20,11 @@ def _load(args: argparse.Namespace) -> Settings:
 def cmd_serve(args: argparse.Namespace) -> int:
     from gateway import logs
     from gateway.app import App, run
+    from gateway.upstream.base import Transport
 
     settings = _load(args)
     logs.configure(settings.log)
-    transport = "aiohttp" if args.aiohttp else "httpx"
+    transport: Transport = "aiohttp" if args.aiohttp else "httpx"
     _run_loop(run(App(settings, transport=transport), drain_timeout=args.drain_timeout))
     return 0
 
@@ -33,6 +34,28 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(json.dumps(masked_dump(settings), indent=2))
     print("configuration OK", file=sys.stderr)
     return 0
+
+
+def cmd_check_domains(args: argparse.Namespace) -> int:
+    from gateway.dns import DnsResolver
+    from gateway.domaincheck import check_domains, format_table, to_json
+
+    settings = _load(args)
+    d = settings.dns
+    resolver = DnsResolver(d.nameservers or None, d.port, d.timeout, d.max_ttl, d.negative_ttl)
+    pairs = {dom: rp for account in settings.accounts.values() for dom, rp in account.sender_domains.items()}
+    if not pairs:
+        print("no sender_domains configured", file=sys.stderr)
+        return 1
+    reports = asyncio.run(check_domains(resolver, pairs))
+    print(to_json(reports) if args.json else format_table(reports))
+    return 0 if all(r.ok for r in reports) else 1
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    from gateway.spool import admin
+
+    return admin.main(_load(args), args)
 
 
 def cmd_hash_password(args: argparse.Namespace) -> int:
@@ -101,6 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = with_config(sub.add_parser("check-config", help="validate the configuration and print it, secrets masked"))
     p.set_defaults(func=cmd_check_config)
+
+    p = with_config(sub.add_parser("check-domains", help="DNS report on every permitted sender domain"))
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_check_domains)
+
+    from gateway.spool import admin
+
+    admin.add_parser(sub, with_config)
+    sub.choices["queue"].set_defaults(func=cmd_queue)
 
     p = sub.add_parser("hash-password", help="hash a password for [[accounts.X.users]] password_hash")
     p.add_argument("--stdin", action="store_true", help="read the password from standard input")

@@ -96,9 +96,8 @@ class Authenticator:
 
     def _remember(self, key: bytes, username: str, principal: Principal | None) -> None:
         account = self._accounts.get(principal.account) if principal else self._account_of(username)
-        if account is None:
-            ttl = 30.0
-        else:
+        ttl = 30.0  # an unknown username: remember the refusal briefly
+        if account is not None:
             ttl = account.credential_cache_ttl if principal else account.negative_cache_ttl
         if ttl > 0:
             if len(self._cache) > 100_000:  # bound memory under a credential-stuffing attack

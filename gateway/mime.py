@@ -22,10 +22,12 @@ OPTION_PREFIX = "x-gateway-"
 class _RawHeaders(Compat32):
     """compat32, but header values stay raw strings (8-bit bytes as surrogates) for header_text()."""
 
-    def header_fetch_parse(self, name: str, value: str) -> str:  # type: ignore[override]
-        return value
+    def header_fetch_parse(self, name: str, value: str) -> str:
+        # Unfold (RFC 5322 §2.2.3): a folded boundary= parameter must still match its delimiter lines.
+        return _FOLD.sub("", value) if "\n" in value else value
 
 
+_FOLD = re.compile(r"\r?\n(?=[ \t])")
 _POLICY = _RawHeaders()
 _WS = re.compile(r"\s+")
 
@@ -47,7 +49,8 @@ def _parse(raw: bytes) -> Message:
         raise ContentRejected("Empty message")
 
     html_body, text_body, attachments = _bodies(msg)
-    if html_body is None:
+    if html_body is None or not html_body.strip():
+        # An empty HTML part (or none): the text, else an empty document; DMDS refuses an empty html.
         html_body = text_to_html(text_body or "")
     options = {
         name[len(OPTION_PREFIX) :].lower(): header_text(value)
@@ -124,6 +127,13 @@ def decode_bytes(data: bytes, charset: str | None) -> str:
             return data.decode(charset)
         except (UnicodeDecodeError, LookupError):
             pass
+        if data.isascii():
+            # A 7-bit charset (ISO-2022-*) with a bad sequence: UTF-8 would "succeed" and keep the
+            # raw escape sequences; decode what the declared charset can.
+            try:
+                return data.decode(charset, errors="replace")
+            except LookupError:
+                pass
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
@@ -159,7 +169,7 @@ def _bodies(msg: EmailMessage) -> tuple[str | None, str | None, list[Attachment]
         is_attachment = disposition == "attachment" or (filename is not None and disposition != "inline")
         if not is_attachment and ctype == "text/html" and html_body is None:
             html_body = _text_payload(part)
-        elif (not is_attachment and ctype == "text/plain" and filename is None) or (not is_attachment and ctype.startswith("text/") and ctype != "text/html" and filename is None):
+        elif not is_attachment and filename is None and ctype.startswith("text/") and ctype != "text/html":
             texts.append(_text_payload(part))
         elif ctype.startswith("multipart/"):
             continue  # an empty multipart: nothing to carry
@@ -178,7 +188,7 @@ def _leaves(msg: EmailMessage) -> list[EmailMessage]:
         if part.is_multipart() and part.get_content_maintype() == "multipart":
             payload = part.get_payload()
             if isinstance(payload, list) and payload:
-                stack.extend(reversed(payload))
+                stack.extend(p for p in reversed(payload) if isinstance(p, EmailMessage))
             continue
         out.append(part)
     return out

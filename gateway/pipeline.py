@@ -11,8 +11,18 @@ import structlog
 
 from gateway import campaigns, mime, policy, replies
 from gateway.delivery import Delivery, Outcome
-from gateway.errors import ContentRejected, Deferred, GatewayError, Rejected, SpoolUnavailable
+from gateway.dns import DnsResolver, DnsTemporaryError
+from gateway.errors import (
+    ContentRejected,
+    Deferred,
+    DnsTempFailure,
+    GatewayError,
+    PolicyRejected,
+    Rejected,
+    SpoolUnavailable,
+)
 from gateway.model import Principal, Submission
+from gateway.observability import MESSAGES
 from gateway.recipients import plan_legs
 from gateway.replies import Reply
 from gateway.settings import Settings
@@ -28,8 +38,13 @@ CampaignCheck = Callable[[str, int], Awaitable[bool]]
 class Spool(Protocol):
     """Durable store for accepted messages the upstream could not take yet (gateway/spool/)."""
 
-    async def enqueue(self, submission: Submission, outcome: Outcome) -> str:
-        """Persist (fsync'd) the legs not yet delivered; return the local queue id. Raises SpoolUnavailable."""
+    async def enqueue(
+        self, submission: Submission, outcome: Outcome, inflight: Awaitable[Outcome] | None = None
+    ) -> str:
+        """Persist (fsync'd) the legs not yet delivered; return the local queue id. Raises SpoolUnavailable.
+
+        `inflight`: the upstream call still running for the legs not in `outcome`; the spool records its
+        result when it finishes (delivered legs are never sent again)."""
         ...
 
 
@@ -40,7 +55,9 @@ class Pipeline:
         delivery: Delivery,
         campaign_known: CampaignCheck,
         spool: Spool | None = None,
+        resolver: DnsResolver | None = None,
     ) -> None:
+        self.resolver = resolver
         self.settings = settings
         self.delivery = delivery
         self.campaign_known = campaign_known
@@ -50,10 +67,29 @@ class Pipeline:
     # -- SMTP phases -------------------------------------------------------------------------------
 
     async def check_sender(self, principal: Principal, address: str, smtputf8: bool) -> str:
-        return policy.check_sender(self.accounts[principal.account], principal, address, smtputf8)
+        normalized = policy.check_sender(self.accounts[principal.account], principal, address, smtputf8)
+        if self.resolver is not None and self.settings.dns.check_sender_domain:
+            await self._domain_must_exist(normalized, replies.SENDER_DOMAIN_UNKNOWN)
+        return normalized
 
     async def check_recipient(self, principal: Principal, address: str, smtputf8: bool) -> str:
-        return policy.check_recipient(address, smtputf8)
+        normalized = policy.check_recipient(address, smtputf8)
+        if self.resolver is not None and self.settings.dns.check_recipient_domains:
+            await self._domain_must_exist(normalized, replies.RECIPIENT_DOMAIN_UNKNOWN)
+        return normalized
+
+    async def _domain_must_exist(self, address: str, refusal: Reply) -> None:
+        assert self.resolver is not None
+        domain = policy.domain_of(address)
+        try:
+            exists = await self.resolver.domain_exists(domain)
+        except DnsTemporaryError as exc:
+            raise DnsTempFailure(reply=replies.DNS_TEMPFAIL.with_text(
+                f"<{address}>: DNS lookup of {domain} failed temporarily ({exc}); try again later"
+            )) from None
+        if not exists:
+            # DMDS' own wording ("The domain name escuelaxyz.com does not exist.").
+            raise PolicyRejected(reply=refusal.with_text(f"<{address}>: The domain name {domain} does not exist."))
 
     async def accept(
         self, principal: Principal, mail_from: str, rcpt_tos: list[str], raw: bytes, smtputf8: bool
@@ -65,13 +101,14 @@ class Pipeline:
             reply = await self.deliver(submission, bound)
         except Rejected as exc:
             bound.info("message_rejected", reply=str(exc.reply))
-            return exc.reply
+            reply = exc.reply
         except Deferred as exc:
             bound.warning("message_deferred", reply=str(exc.reply), reason=exc.reason)
-            return exc.reply
+            reply = exc.reply
         except GatewayError as exc:
             bound.error("message_failed", reply=str(exc.reply), reason=exc.reason)
-            return exc.reply
+            reply = exc.reply
+        MESSAGES.labels(result=f"{reply.code // 100}xx").inc()
         return reply
 
     async def prepare(
@@ -107,15 +144,30 @@ class Pipeline:
         )
 
     async def deliver(self, submission: Submission, bound: structlog.BoundLogger) -> Reply:
+        """Inline within the budget; past it, the running call is not cancelled (that would make a duplicate
+        likely on retry) but spooled as in flight and left to finish in the background."""
         budget = self.settings.delivery.inline_budget
+        call = asyncio.ensure_future(self.delivery.attempt(submission))
+        done, _ = await asyncio.wait({call}, timeout=budget)
+        if call in done:
+            return await self.conclude(submission, call.result(), bound)
+        slow = Deferred("upstream did not answer within the inline budget")
+        if self.spool is None or self.settings.delivery.mode == "passthrough":
+            call.cancel()
+            raise slow
         try:
-            outcome = await asyncio.wait_for(self.delivery.attempt(submission), budget)
-        except TimeoutError:
-            outcome = Outcome(
-                deferred={leg.index: Deferred("upstream did not answer within the inline budget")
-                          for leg in submission.legs}
-            )
-        return await self.conclude(submission, outcome, bound)
+            local_id = await self.spool.enqueue(submission, Outcome(), inflight=call)
+        except SpoolUnavailable:
+            # Cannot store it: the running call's answer is all there is. Wait for it (bounded by the HTTP timeout).
+            try:
+                outcome = await call
+            except Exception:
+                raise SpoolUnavailable("spool not writable and upstream slow") from None
+            if outcome.complete and not outcome.rejected:
+                return await self.conclude(submission, outcome, bound)
+            raise
+        bound.info("message_spooled", queue_id=local_id, inflight=True, reason=slow.reason)
+        return replies.queued(local_id)
 
     async def conclude(self, submission: Submission, outcome: Outcome, bound: structlog.BoundLogger) -> Reply:
         if outcome.rejected and not outcome.delivered:

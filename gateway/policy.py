@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from functools import lru_cache
 
+import idna
 from email_validator import EmailNotValidError, validate_email
 
 from gateway import replies
@@ -14,11 +15,19 @@ from gateway.replies import Reply
 from gateway.settings import AccountSettings
 
 
+class _UpstreamCannotTake(Exception):
+    pass
+
+
 @lru_cache(maxsize=8192)
 def _validate(address: str, smtputf8: bool) -> str:
     # Syntax only: deliverability (DNS) is gateway.dns' job, asynchronously.
     result = validate_email(address, check_deliverability=False, allow_smtputf8=smtputf8)
-    return result.normalized
+    if result.ascii_email is None:
+        # DMDS refuses these ("Internationalized characters before the @-sign are not supported.").
+        raise _UpstreamCannotTake(address)
+    # An internationalized domain travels as its IDNA (xn--) form, which the API accepts.
+    return result.ascii_email
 
 
 def normalize_address(address: str, smtputf8: bool, bad: Reply) -> str:
@@ -27,49 +36,87 @@ def normalize_address(address: str, smtputf8: bool, bad: Reply) -> str:
         return _validate(address, smtputf8)
     except EmailNotValidError as exc:
         raise PolicyRejected(reply=bad.with_text(f"<{address}>: {exc}")) from None
+    except _UpstreamCannotTake:
+        raise PolicyRejected(reply=replies.UTF8_LOCALPART.with_text(
+            f"<{address}>: Internationalized characters before the @-sign are not supported by the upstream API"
+        )) from None
 
 
 def domain_of(address: str) -> str:
     return address.rpartition("@")[2].lower().rstrip(".")
 
 
+def ascii_domain(domain: str) -> str:
+    """A domain as compared and sent: lower case, no final dot, IDNA (xn--) form when internationalized."""
+    domain = domain.strip().rstrip(".").lower()
+    if domain.isascii():
+        return domain
+    try:
+        return idna.encode(domain, uts46=True).decode("ascii")
+    except idna.IDNAError:
+        return domain
+
+
+def permitted_domains(account: AccountSettings) -> set[str]:
+    """The account's permitted sender domains, as ascii_domain() forms (config may list Unicode names)."""
+    return {ascii_domain(domain) for domain in account.sender_domains}
+
+
+def _ascii_address(address: str) -> str:
+    local, at, domain = address.strip().rpartition("@")
+    return f"{local}@{ascii_domain(domain)}".lower() if at else address.strip().lower()
+
+
 def return_paths(account: AccountSettings) -> dict[str, str]:
-    """Registered return-path address (lower-cased) -> its sender domain."""
-    return {rp.lower(): domain for domain, rp in account.sender_domains.items()}
+    """Registered return-path address (lower-cased, IDNA domain) -> its sender domain (ascii_domain form)."""
+    return {_ascii_address(rp): ascii_domain(domain) for domain, rp in account.sender_domains.items()}
 
 
 def sender_permitted(account: AccountSettings, principal: Principal, address: str) -> bool:
     """MAIL FROM may be a permitted domain's return-path or any address in a permitted domain."""
-    lowered = address.lower()
+    lowered = _ascii_address(address)
     domain = return_paths(account).get(lowered) or domain_of(lowered)
-    if domain not in account.sender_domains:
+    if domain not in permitted_domains(account):
         return False
     return login_may_use(principal, lowered, domain)
+
+
+def _entry(entry: str) -> tuple[str, str]:
+    """An allowed_senders entry as ("address", a@dom) or ("domain", dom); "@dom" and "dom" are domains."""
+    entry = entry.strip()
+    if "@" in entry.lstrip("@"):
+        return "address", _ascii_address(entry)
+    return "domain", ascii_domain(entry.lstrip("@"))
 
 
 def login_may_use(principal: Principal, address: str, domain: str) -> bool:
     """A login limited to given addresses or domains (Postfix smtpd_sender_login_maps)."""
     if not principal.allowed_senders:
         return True
-    for entry in principal.allowed_senders:
-        if "@" in entry.lstrip("@"):
-            if entry == address:
-                return True
-        elif entry.lstrip("@") == domain:
+    address, domain = _ascii_address(address), ascii_domain(domain)
+    for kind, value in map(_entry, principal.allowed_senders):
+        if value == (address if kind == "address" else domain):
             return True
-    # A login limited to some addresses may still use the return-path of their domains.
     return False
 
 
 def check_sender(account: AccountSettings, principal: Principal, address: str, smtputf8: bool) -> str:
     """MAIL FROM policy. Returns the normalized address or raises PolicyRejected (553)."""
+    if not address.strip().strip("<>"):
+        # The gateway relays no bounces: a null sender is refused like a sender the login does not own.
+        raise PolicyRejected(
+            reply=replies.SENDER_NOT_OWNED.with_text(
+                "Null sender <> not accepted: this gateway does not relay bounces"
+            )
+        )
     normalized = normalize_address(address, smtputf8, replies.BAD_SENDER)
-    lowered = normalized.lower()
+    lowered = _ascii_address(normalized)
     rp_domain = return_paths(account).get(lowered)
     if rp_domain is not None:
-        # The return-path belongs to the domain, not to one login's addresses.
+        # The return-path belongs to the domain, not to one login's addresses: a login limited to some
+        # addresses of a domain may use that domain's return-path.
         if login_may_use(principal, lowered, rp_domain) or any(
-            domain_of(e) == rp_domain or e.lstrip("@") == rp_domain for e in principal.allowed_senders
+            domain_of(value) == rp_domain for _, value in map(_entry, principal.allowed_senders)
         ):
             return normalized
     elif sender_permitted(account, principal, normalized):
@@ -85,37 +132,56 @@ def check_recipient(address: str, smtputf8: bool) -> str:
     return normalize_address(address, smtputf8, replies.BAD_RECIPIENT)
 
 
+# Syntax errors in the address headers checked at the end of DATA.
+HEADER_SYNTAX = Reply(550, "5.1.3", "Bad address syntax in header")
+
+
+def _header_address(header: str, addr: Address, smtputf8: bool) -> Address:
+    """One header address validated (550 5.1.3 naming the header) and normalized (IDN domain as xn--)."""
+    try:
+        email = normalize_address(addr.email, smtputf8, HEADER_SYNTAX)
+    except PolicyRejected as exc:
+        raise PolicyRejected(reply=exc.reply.with_text(f"{header}: header {exc.reply.text}")) from None
+    return addr if email == addr.email else Address(email, addr.name)
+
+
 def apply_from_policy(
     account: AccountSettings, principal: Principal, message: Message, mail_from: str, smtputf8: bool
 ) -> Message:
-    """Header From/Sender policy at the end of DATA (550 5.7.1), with per-login default/forced From.
+    """Header policy at the end of DATA, with per-login default/forced From.
 
-    Missing From: the login's default_from, else the envelope sender (as sendmail does).
+    From and Sender must be in a permitted domain the login may use (550 5.7.1); every address of From,
+    Sender, Reply-To, To and Cc must be valid (550 5.1.3, 553 5.6.7 for a local part the upstream
+    cannot take) and travels normalized. Missing From: the login's default_from, else the envelope
+    sender (as sendmail does).
     """
     from_ = message.from_
     if principal.force_from and principal.default_from:
         from_ = Address(principal.default_from, from_.name if from_ else "")
     elif from_ is None:
         from_ = Address(principal.default_from or mail_from)
-    checked: list[tuple[str, Address]] = [("From", from_)]
-    if message.sender is not None:
-        checked.append(("Sender", message.sender))
-    for header, addr in checked:
-        normalize_address(addr.email, smtputf8, replies.HEADER_FROM_REJECTED.with_text(f"{header}: header"))
+    from_ = _header_address("From", from_, smtputf8)
+    sender = _header_address("Sender", message.sender, smtputf8) if message.sender is not None else None
+    permitted = permitted_domains(account)
+    for header, addr in (("From", from_), ("Sender", sender)):
+        if addr is None:
+            continue
         domain = domain_of(addr.email)
-        if domain not in account.sender_domains:
+        if domain not in permitted:
             raise PolicyRejected(
                 reply=replies.HEADER_FROM_REJECTED.with_text(
                     f"{header}: header domain {domain} is not a permitted sender domain for this account"
                 )
             )
-        if not login_may_use(principal, addr.email.lower(), domain):
+        if not login_may_use(principal, addr.email, domain):
             raise PolicyRejected(
                 reply=replies.HEADER_FROM_REJECTED.with_text(
                     f"{header}: header <{addr.email}> is not owned by {principal.login}"
                 )
             )
-    for header, value in (("Reply-To", message.reply_to),):
-        if value is not None:
-            normalize_address(value.email, smtputf8, Reply(550, "5.1.3", f"{header}: header"))
-    return message if from_ is message.from_ else replace(message, from_=from_)
+    reply_to = _header_address("Reply-To", message.reply_to, smtputf8) if message.reply_to is not None else None
+    to = tuple(_header_address("To", a, smtputf8) for a in message.to)
+    cc = tuple(_header_address("Cc", a, smtputf8) for a in message.cc)
+    if (from_, sender, reply_to, to, cc) == (message.from_, message.sender, message.reply_to, message.to, message.cc):
+        return message
+    return replace(message, from_=from_, sender=sender, reply_to=reply_to, to=to, cc=cc)

@@ -58,6 +58,7 @@ AUTH_TOO_MANY = Reply(421, "4.7.0", "Too many failed authentication attempts, cl
 
 SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address rejected: not owned by user")
 BAD_SENDER = Reply(553, "5.1.3", "Bad sender address syntax")
+UTF8_LOCALPART = Reply(553, "5.6.7", "Non-ASCII local part not supported")
 BAD_RECIPIENT = Reply(553, "5.1.3", "Bad recipient address syntax")
 RECIPIENT_UNDELIVERABLE = Reply(550, "5.1.1", "Recipient address rejected")
 HEADER_FROM_REJECTED = Reply(550, "5.7.1", "From header address rejected")
@@ -74,6 +75,8 @@ UPSTREAM_REFUSED = Reply(554, "5.6.0", "Upstream refused the message")
 UPSTREAM_AUTH = Reply(451, "4.7.0", "Upstream rejected the gateway's credentials; try again later")
 UPSTREAM_UNAVAILABLE = Reply(451, "4.4.1", "Upstream temporarily unavailable; try again later")
 RATE_LIMITED = Reply(452, "4.4.5", "Upstream rate limit reached; try again later")
+SENDER_DOMAIN_UNKNOWN = Reply(553, "5.1.8", "Sender address rejected: domain does not exist")
+RECIPIENT_DOMAIN_UNKNOWN = Reply(550, "5.1.2", "Recipient address rejected: domain does not exist")
 DNS_TEMPFAIL = Reply(451, "4.4.3", "DNS lookup failed temporarily; try again later")
 
 SPOOL_FULL = Reply(452, "4.3.1", "Insufficient system storage")

@@ -52,6 +52,8 @@ class SandboxState:
     echo: TextIO | None = None
     requests: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=100_000))
     faults: list[Fault] = field(default_factory=list)
+    # campania_apikey lookups (numid per request), kept apart from the sends in `requests`.
+    lookups: deque[int | str] = field(default_factory=lambda: deque(maxlen=100_000))
     rng: random.Random = field(default_factory=lambda: random.Random(1234))
 
     def next_fault(self) -> Fault | None:
@@ -205,6 +207,7 @@ class Sandbox:
         return web.json_response(answer)
 
     async def campaign_apikey(self, request: web.Request) -> web.Response:
+        self.state.lookups.append(request.match_info["numid"])
         if not self._authorized(request):
             return _err("APIKEY invalida", 403)
         fault = self.state.next_fault()

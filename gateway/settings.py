@@ -127,6 +127,11 @@ class DeliverySettings(_Section):
     retry_jitter: float = Field(0.2, ge=0, le=1)
     max_lifetime: float = Field(5 * 24 * 3600, gt=0)
     concurrency: int = Field(4, ge=1)
+    # Longest the retry worker sleeps between looks at the spool: bounds how soon a
+    # `smtp-gateway queue retry|requeue` made by another process is acted on.
+    poll_interval: float = Field(1.0, gt=0)
+    # On SIGTERM: how long running retry calls (and calls spooled in flight) get to finish and record.
+    shutdown_timeout: float = Field(10.0, ge=0)
 
 
 class DnsSettings(_Section):
@@ -145,10 +150,10 @@ class LogSettings(_Section):
 
 
 class HttpSettings(_Section):
-    """The operator endpoint: /healthz, /readyz and /metrics. Port 0 disables it."""
+    """The operator endpoint: /healthz, /readyz and /metrics (Prometheus). No port: disabled."""
 
     address: str = "127.0.0.1"
-    port: int = Field(0, ge=0, le=65535)
+    port: int | None = Field(None, ge=0, le=65535)
 
 
 class Settings(BaseSettings):

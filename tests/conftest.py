@@ -10,6 +10,10 @@ import pytest
 
 from tests.harness import LoopThread, Running, start, stop
 
+pytest_plugins = ["tests.conftest_dns"]
+
+pytest_plugins = ["tests.conftest_dns"]
+
 CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
 
 
@@ -38,3 +42,19 @@ def gateway_factory(loop_thread: LoopThread, tmp_path: Path) -> Iterator[Callabl
 @pytest.fixture
 def gateway(gateway_factory: Callable[..., Running]) -> Running:
     return gateway_factory()
+
+
+# Lines a test wants in the terminal summary whatever -s says (the corpus counts): (title, lines).
+SUMMARY_KEY = pytest.StashKey[list[tuple[str, list[str]]]]()
+
+
+@pytest.fixture
+def terminal_summary(request: pytest.FixtureRequest) -> list[tuple[str, list[str]]]:
+    return request.config.stash.setdefault(SUMMARY_KEY, [])
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    for title, lines in config.stash.get(SUMMARY_KEY, []):
+        terminalreporter.section(title)
+        for line in lines:
+            terminalreporter.write_line(line)

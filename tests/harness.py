@@ -101,6 +101,11 @@ class Running:
         return list(self.sandbox.state.requests)
 
     @property
+    def lookups(self) -> list[int | str]:
+        """The campania_apikey lookups the sandbox answered (the numid of each)."""
+        return list(self.sandbox.state.lookups)
+
+    @property
     def sent(self) -> list[dict[str, Any]]:
         return [r for r in self.sandbox.state.requests if r["status"] == 200]
 

@@ -14,6 +14,7 @@ from gateway import replies
 from gateway.credentials import Authenticator, AuthFailed, AuthUnavailable
 from gateway.errors import GatewayError
 from gateway.model import Principal
+from gateway.observability import AUTH
 from gateway.pipeline import Pipeline
 from gateway.settings import LimitsSettings, ListenerSettings
 
@@ -85,17 +86,20 @@ class GatewayHandler:
             username, secret = login.decode("utf-8"), password.decode("utf-8")
             principal = await self.authenticator.authenticate(username, secret)
         except (AuthFailed, UnicodeDecodeError):
+            AUTH.labels(result="invalid").inc()
             failures = getattr(session, "auth_failures", 0) + 1
-            session.auth_failures = failures
+            session.auth_failures = failures  # type: ignore[attr-defined]
             log.info("auth_failed", peer=_peer(session), login=_safe_login(login), failures=failures)
             if failures >= self.limits.max_auth_failures:
                 await server.push(str(replies.AUTH_TOO_MANY))
                 server.transport.close()
                 return AuthResult(success=False, handled=True)
-            return AuthResult(success=False, message=str(replies.AUTH_INVALID))
+            return AuthResult(success=False, handled=False, message=str(replies.AUTH_INVALID))
         except AuthUnavailable as exc:
+            AUTH.labels(result="unavailable").inc()
             log.warning("auth_unavailable", peer=_peer(session), login=_safe_login(login), reason=str(exc))
-            return AuthResult(success=False, message=str(replies.AUTH_TEMPFAIL))
+            return AuthResult(success=False, handled=False, message=str(replies.AUTH_TEMPFAIL))
+        AUTH.labels(result="ok").inc()
         log.info("auth_ok", peer=_peer(session), login=principal.login, account=principal.account)
         return AuthResult(success=True, auth_data=principal, message=str(replies.AUTH_OK))
 
@@ -109,7 +113,7 @@ class GatewayHandler:
             return str(replies.AUTH_REQUIRED)
         smtputf8 = "SMTPUTF8" in mail_options
         try:
-            await self.pipeline.check_sender(principal, address, smtputf8)
+            address = await self.pipeline.check_sender(principal, address, smtputf8)
         except GatewayError as exc:
             log.info("sender_rejected", peer=_peer(session), login=principal.login, reply=str(exc.reply))
             return str(exc.reply)
@@ -126,7 +130,8 @@ class GatewayHandler:
         if len(envelope.rcpt_tos) >= self.limits.max_recipients:
             return str(replies.TOO_MANY_RECIPIENTS)
         try:
-            await self.pipeline.check_recipient(principal, address, "SMTPUTF8" in envelope.mail_options)
+            # The normalized form travels on (an IDN domain as its xn-- form).
+            address = await self.pipeline.check_recipient(principal, address, "SMTPUTF8" in envelope.mail_options)
         except GatewayError as exc:
             log.info("recipient_rejected", peer=_peer(session), login=principal.login, reply=str(exc.reply))
             return str(exc.reply)
@@ -139,7 +144,7 @@ class GatewayHandler:
         if principal is None:
             return str(replies.AUTH_REQUIRED)
         raw = envelope.original_content
-        assert isinstance(raw, bytes)
+        assert isinstance(raw, bytes) and envelope.mail_from is not None
         reply = await self.pipeline.accept(
             principal, envelope.mail_from, list(envelope.rcpt_tos), raw, "SMTPUTF8" in envelope.mail_options
         )

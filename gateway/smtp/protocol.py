@@ -18,7 +18,7 @@ _CHUNK = 64 * 1024
 _END = b"\r\n.\r\n"
 
 
-class GatewaySMTP(SMTP):  # type: ignore[misc]
+class GatewaySMTP(SMTP):
     # Many printers and scanners expect exactly these prompts (aiosmtpd's defaults differ).
     AuthLoginUsernameChallenge = "Username:"
     AuthLoginPasswordChallenge = "Password:"
@@ -37,9 +37,16 @@ class GatewaySMTP(SMTP):  # type: ignore[misc]
         super().connection_lost(error)
 
     async def push(self, status: str | bytes) -> None:
-        if isinstance(status, str) and not self._in_ehlo and not status.startswith(_LEAVE_ALONE):
-            status = add_enhanced_code(status)
-        await super().push(status)
+        if isinstance(status, str):
+            if self._in_ehlo and status == "250 HELP":
+                # aiosmtpd does not advertise these, though it handles pipelined commands and every
+                # reply here carries an enhanced code (RFC 2920, RFC 2034).
+                await super().push("250-PIPELINING")
+                await super().push("250-ENHANCEDSTATUSCODES")
+            # EHLO/HELO's 250 lines carry no enhanced code; their errors (501 ...) do.
+            elif not (self._in_ehlo and status.startswith("250")) and not status.startswith(_LEAVE_ALONE):
+                status = add_enhanced_code(status)
+        await super().push(status)  # type: ignore[type-var]
 
     @syntax("EHLO hostname")
     async def smtp_EHLO(self, hostname: str) -> None:
@@ -61,7 +68,8 @@ class GatewaySMTP(SMTP):  # type: ignore[misc]
     async def smtp_MAIL(self, arg: str | None) -> None:
         if self._draining.is_set():
             await self.push(str(replies.SHUTTING_DOWN))
-            self.transport.close()
+            if self.transport is not None:
+                self.transport.close()
             return
         stripped = (arg or "").strip()
         if stripped[:5].upper() == "FROM:" and stripped[5:].lstrip().startswith("<>"):
@@ -76,6 +84,7 @@ class GatewaySMTP(SMTP):  # type: ignore[misc]
     async def smtp_DATA(self, arg: str | None) -> None:
         """Read the message in large chunks (aiosmtpd reads line by line), tolerating bare LF lines.
 
+        A line's leading dot is unstuffed after CRLF and after a bare LF alike.
         Only CRLF.CRLF ends the data (no bare-LF terminator: avoids SMTP smuggling ambiguities).
         Lines longer than 998 octets are accepted: the message is parsed, not relayed as is.
         """
@@ -98,12 +107,12 @@ class GatewaySMTP(SMTP):  # type: ignore[misc]
             self.in_data = False
         if content is None:
             await self.push(str(replies.MESSAGE_TOO_BIG))
-            self._set_post_data_state()
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
             return
         self.envelope.content = content
         self.envelope.original_content = content
         status = await self._call_handler_hook("DATA")
-        self._set_post_data_state()
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push(status)
 
     async def _read_data(self) -> bytes | None:
@@ -129,10 +138,12 @@ class GatewaySMTP(SMTP):  # type: ignore[misc]
         leftover = bytes(buf[end + len(_END) :])
         if leftover:
             # Pipelined commands after the final dot belong to the command loop.
-            reader._buffer[0:0] = leftover
+            reader._buffer[0:0] = leftover  # type: ignore[attr-defined]
         if too_big:
             return None
         del buf[end + 2 :]
         if limit and len(buf) - 2 > limit:
             return None
-        return bytes(buf.replace(b"\r\n.", b"\r\n")[2:])
+        # Undo dot-stuffing after bare LF too: clients that end lines with LF (smtplib with bytes,
+        # scripts) stuff the dots of those lines. Only CRLF.CRLF ends the data, so this is unambiguous.
+        return bytes(buf.replace(b"\n.", b"\n")[2:])

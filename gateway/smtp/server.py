@@ -12,7 +12,7 @@ import structlog
 from gateway import replies
 from gateway.credentials import Authenticator
 from gateway.pipeline import Pipeline
-from gateway.settings import Settings, TlsSettings
+from gateway.settings import ConfigError, Settings, TlsSettings
 from gateway.smtp.handler import GatewayHandler
 from gateway.smtp.protocol import GatewaySMTP
 
@@ -26,7 +26,10 @@ COMMAND_LIMITS = {"NOOP": 100, "HELP": 20, "VRFY": 20, "EXPN": 5, "AUTH": 10, "S
 def tls_context(tls: TlsSettings) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     assert tls.cert_file and tls.key_file
-    context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    try:
+        context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"tls.cert_file / tls.key_file cannot be loaded: {exc}") from None
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context
 

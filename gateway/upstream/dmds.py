@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import time
 from typing import Any
 
 import httpx
@@ -10,6 +11,7 @@ import orjson
 
 from gateway.errors import UpstreamAuthFailed, UpstreamRejected, UpstreamUnavailable
 from gateway.model import Address, Leg, SendResult, Submission
+from gateway.observability import UPSTREAM_SECONDS
 from gateway.replies import RATE_LIMITED
 from gateway.upstream.base import Transport, make_client
 
@@ -156,7 +158,9 @@ class DmdsDriver:
         max_connections: int = 50,
         transport: Transport = "httpx",
         client: httpx.AsyncClient | None = None,
+        account: str = "default",
     ) -> None:
+        self.account = account
         # The raw key goes in Authorization with no scheme (upstream-apis.md §1.1, [V]).
         self._client = client or make_client(
             base_url,
@@ -169,8 +173,15 @@ class DmdsDriver:
     async def send(self, submission: Submission, leg: Leg, batch_id: str | None) -> SendResult:
         path = WIRE["send_one"] if len(leg.contacts) == 1 else WIRE["send_many"]
         content = orjson.dumps(build_payload(submission, leg, batch_id))
-        response = await self._post(path, content)
-        return classify(response)
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            response = await self._post(path, content)
+            result = classify(response)
+            outcome = "ok"
+            return result
+        finally:
+            UPSTREAM_SECONDS.labels(account=self.account, outcome=outcome).observe(time.perf_counter() - started)
 
     async def _post(self, path: str, content: bytes) -> httpx.Response:
         try:

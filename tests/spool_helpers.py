@@ -1,0 +1,51 @@
+"""Shared helpers for the spool tests: send over SMTP, wait for a condition with a bounded deadline."""
+
+from __future__ import annotations
+
+import smtplib
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from gateway.spool.store import SpoolStore
+from tests.harness import PASSWORD, USER
+
+T = TypeVar("T")
+
+
+def message(subject: str, to: tuple[str, ...] = ("client@example.com",), body: str = "hello") -> bytes:
+    head = f"From: billing@acme.example\r\nTo: {', '.join(to)}\r\nSubject: {subject}\r\n\r\n"
+    return (head + body + "\r\n").encode()
+
+
+def send(
+    port: int, subject: str, to: tuple[str, ...] = ("client@example.com",), body: str = "hello",
+    bcc: tuple[str, ...] = (),
+) -> tuple[int, str]:
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.login(USER, PASSWORD)
+        client.mail("billing@acme.example")
+        for rcpt in (*to, *bcc):
+            client.rcpt(rcpt)
+        code, text = client.data(message(subject, to, body))
+    return code, text.decode()
+
+
+def wait_for(check: Callable[[], T | None], timeout: float = 15.0, what: str = "condition") -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def spool_rows(path: Path, *states: str) -> list[dict[str, object]]:
+    store = SpoolStore(path)
+    try:
+        return store.list(states or ("queued", "inflight", "dead"))
+    finally:
+        store.close()

@@ -1,0 +1,126 @@
+"""MIME -> DMDS payload: bodies, attachments and cid images, header decoding, X-Gateway-* options."""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections.abc import Callable
+from email.message import EmailMessage
+
+from gateway import mime
+from tests.harness import APIKEY, PASSWORD, PASSWORD_HASH, USER, Running
+from tests.smtputil import SENDER, send, session
+
+PNG = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
+)
+
+
+def submit(running: Running, raw: bytes, user: str = USER, password: str = PASSWORD) -> dict[str, object]:
+    with session(running, user=user, password=password) as client:
+        code, text = send(client, raw)
+    assert code == 250, text
+    return running.sent[-1]["body"]
+
+
+def test_html_part_becomes_html(gateway: Running) -> None:
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = SENDER, "client@example.com", "alt"
+    msg.set_content("plain version")
+    msg.add_alternative("<p>Rich <b>version</b></p>", subtype="html")
+    body = submit(gateway, msg.as_bytes())
+    assert body["html"].strip() == "<p>Rich <b>version</b></p>"
+
+
+def test_text_only_becomes_escaped_html_keeping_line_breaks(gateway: Running) -> None:
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = SENDER, "client@example.com", "text"
+    msg.set_content("a < b & c\nsecond line\n  indented")
+    body = submit(gateway, msg.as_bytes())
+    assert "a &lt; b &amp; c\nsecond line\n  indented" in body["html"]
+    assert "white-space:pre-wrap" in body["html"]
+
+
+def test_attachments_and_inline_cid_images(gateway: Running) -> None:
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = SENDER, "client@example.com", "images"
+    msg.set_content("fallback")
+    msg.add_alternative('<p>Logo: <img src="cid:logo123@acme"></p>', subtype="html")
+    msg.get_payload()[1].add_related(PNG, "image", "png", cid="<logo123@acme>", filename="logo.png")
+    msg.add_attachment(b"%PDF-1.4 fake", maintype="application", subtype="pdf", filename="invoice.pdf")
+    body = submit(gateway, msg.as_bytes())
+    attachments = {a["nombre"]: a for a in body["adjuntos"]}
+    assert base64.b64decode(attachments["invoice.pdf"]["contenido"]) == b"%PDF-1.4 fake"
+    assert attachments["invoice.pdf"]["tipo"] == "application/pdf"
+    assert "cid" not in attachments["invoice.pdf"]
+    logo = attachments["logo.png"]
+    assert (logo["cid"], logo["tipo"], base64.b64decode(logo["contenido"])) == ("logo123@acme", "image/png", PNG)
+    # No cid: reference in the html is left without its part.
+    cids = {a.get("cid") for a in body["adjuntos"]}
+    assert set(re.findall(r"cid:([^\"'>\s]+)", body["html"])) <= cids
+
+
+def test_encoded_headers_and_charsets(gateway: Running) -> None:
+    raw = (
+        "From: =?ISO-8859-1?Q?Jos=E9_P=E9rez?= <billing@acme.example>\r\n"
+        "To: =?UTF-8?B?w5Zyc2Vs?= <client@example.com>\r\n"
+        "Reply-To: Support <support@acme.example>\r\n"
+        "Subject: =?iso-8859-1?q?Caf=E9?= =?utf-8?b?4oKs?= au lait\r\n"
+        "MIME-Version: 1.0\r\n"
+        'Content-Type: multipart/mixed; boundary="b"\r\n\r\n'
+        "--b\r\nContent-Type: text/plain; charset=iso-8859-15\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+    ).encode() + "Prix: 5 € – merci\r\n".encode("iso-8859-15", errors="replace").replace(b"?", b"-") + (
+        "--b\r\nContent-Type: text/plain\r\n"
+        "Content-Disposition: attachment; filename*=utf-8''r%C3%A9sum%C3%A9.txt\r\n\r\nhello\r\n--b--\r\n"
+    ).encode()
+    body = submit(gateway, raw)
+    assert body["asunto"] == "Café€ au lait"
+    assert body["remitente_nombre"] == "José Pérez"
+    assert body["contacto"]["nombre"] == "Örsel"
+    assert body["reply-to"] == "support@acme.example"
+    assert "Prix: 5 €" in body["html"]
+    assert [a["nombre"] for a in body["adjuntos"]] == ["résumé.txt"]
+
+
+def test_8bit_latin1_header_is_decoded() -> None:
+    raw = b"From: a@acme.example\r\nSubject: Fr\xf6sche\r\n\r\nx\r\n"
+    assert mime.parse(raw).subject == "Frösche"
+
+
+def test_folded_boundary_parameter() -> None:
+    raw = (
+        b'Content-Type: multipart/mixed; boundary="simple\r\n boundary"\r\n\r\n'
+        b"--simple boundary\r\n\r\nfirst part\r\n--simple boundary--\r\n"
+    )
+    assert mime.parse(raw).text == "first part"
+
+
+def test_empty_html_part_still_gives_a_body() -> None:
+    raw = b"Content-Type: text/html\r\n\r\n"
+    assert mime.parse(raw).html.strip()
+
+
+def test_gateway_headers_are_consumed(gateway_factory: Callable[..., Running]) -> None:
+    running = gateway_factory()
+    chooser = {"username": "chooser", "password_hash": PASSWORD_HASH, "campaign": 22, "may_choose_campaign": True}
+    other = gateway_factory(accounts={"acme": {
+        "dmdsid": "acme", "apikey": APIKEY, "api_base": running.sandbox_url,
+        "sender_domains": {"acme.example": "dmds-acme@nl.acme.example"},
+        "users": [{"username": USER, "password_hash": PASSWORD_HASH, "campaign": 22}, chooser],
+    }})
+    extra = "X-Gateway-Archive: yes\r\nX-Gateway-Batch: 3abc993d-batch\r\nX-Gateway-Campaign: 23\r\n"
+    raw = (f"From: {SENDER}\r\nTo: client@example.com\r\nSubject: opts\r\n{extra}\r\nbody\r\n").encode()
+    with session(other, user="chooser") as client:
+        code, text = send(client, raw)
+    assert code == 250, text
+    body = running.sent[-1]["body"]
+    assert body["campana_id"] == 23
+    assert body["archive"] is True
+    assert (body["reuse_eeid"], body["eeid"]) == (True, "3abc993d-batch")
+    assert "X-Gateway" not in str(body)
+    # A login that may not choose the campaign is refused, not silently sent elsewhere.
+    with session(other) as client:
+        code, text = send(client, raw)
+    assert code == 550
+    assert text.startswith("5.7.1 ")
+    assert len(running.sent) == 1

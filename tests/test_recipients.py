@@ -1,0 +1,116 @@
+"""The envelope decides who receives: RCPT TO mapped onto DMDS calls (gateway/recipients.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.model import Address, Leg
+from gateway.recipients import plan_legs
+from tests.harness import Running
+from tests.smtputil import message, send, session
+
+
+def recipients_of(body: dict[str, Any]) -> list[str]:
+    contacts = body.get("contactos") or [body["contacto"]]
+    return (
+        [c["email"] for c in contacts]
+        + [c["cc_email"] for c in body.get("copia", [])]
+        + [c["bcc_email"] for c in body.get("copia_oculta", [])]
+    )
+
+
+def deliver(gateway: Running, headers: str, rcpts: list[str]) -> tuple[int, str, list[dict[str, Any]]]:
+    raw = (f"From: billing@acme.example\r\n{headers}Subject: rcpt\r\n\r\nbody\r\n").encode()
+    with session(gateway) as client:
+        code, text = send(client, raw, rcpts)
+    return code, text, [r["body"] for r in gateway.sent]
+
+
+def test_to_cc_bcc_each_get_one_copy(gateway: Running) -> None:
+    code, text, bodies = deliver(
+        gateway,
+        "To: Ann Smith <ann@example.com>\r\nCc: Carl <carl@example.com>\r\n",
+        ["ann@example.com", "carl@example.com", "hidden@example.com"],
+    )
+    assert code == 250, text
+    [body] = bodies
+    assert body["contacto"] == {"email": "ann@example.com", "nombre": "Ann", "apellido": "Smith"}
+    assert body["copia"] == [{"cc_email": "carl@example.com", "cc_nombre": "Carl"}]
+    assert body["copia_oculta"] == [{"bcc_email": "hidden@example.com"}]
+    assert text == f"2.0.0 Ok: queued as {gateway.sent[0]['response']['eeid']}"
+
+
+def test_header_only_addresses_get_nothing(gateway: Running) -> None:
+    code, text, bodies = deliver(
+        gateway, "To: ann@example.com, bob@example.com\r\nCc: carl@example.com\r\n", ["bob@example.com"]
+    )
+    assert code == 250, text
+    assert [recipients_of(b) for b in bodies] == [["bob@example.com"]]
+
+
+def test_several_to_use_a_second_call_in_the_same_batch(gateway: Running) -> None:
+    code, text, bodies = deliver(
+        gateway,
+        "To: a@example.com, b@example.com, c@example.com\r\nCc: d@example.com\r\n",
+        ["a@example.com", "b@example.com", "c@example.com", "d@example.com", "e@example.com"],
+    )
+    assert code == 250, text
+    first, second = bodies
+    assert first["contacto"]["email"] == "a@example.com"
+    assert first["copia"] == [{"cc_email": "d@example.com"}]
+    assert first["copia_oculta"] == [{"bcc_email": "e@example.com"}]
+    assert "reuse_eeid" not in first
+    assert [c["email"] for c in second["contactos"]] == ["b@example.com", "c@example.com"]
+    first_eeid = gateway.sent[0]["response"]["eeid"]
+    assert (second["reuse_eeid"], second["eeid"]) == (True, first_eeid)
+    # Bcc never rides on a call whose contacts could see it, and no address gets two copies.
+    assert "copia" not in second
+    assert "copia_oculta" not in second
+    everyone = recipients_of(first) + recipients_of(second)
+    assert sorted(everyone) == sorted(set(everyone))
+    assert text == f"2.0.0 Ok: queued as {first_eeid}"
+    assert [r["path"] for r in gateway.sent] == ["/v1/envio/send_one_inline/", "/v1/envio/send_many_inline/"]
+
+
+def test_several_to_without_cc_is_one_call(gateway: Running) -> None:
+    code, text, bodies = deliver(gateway, "To: a@example.com, b@example.com\r\n", ["a@example.com", "b@example.com"])
+    assert code == 250, text
+    [body] = bodies
+    assert [c["email"] for c in body["contactos"]] == ["a@example.com", "b@example.com"]
+
+
+def test_no_to_in_envelope_makes_each_copy_private(gateway: Running) -> None:
+    code, text, bodies = deliver(
+        gateway, "To: list@example.com\r\nCc: carl@example.com\r\n", ["carl@example.com", "blind@example.com"]
+    )
+    assert code == 250, text
+    [body] = bodies
+    assert [c["email"] for c in body["contactos"]] == ["carl@example.com", "blind@example.com"]
+    assert "copia" not in body
+    assert "copia_oculta" not in body
+
+
+def test_no_header_recipients_at_all(gateway: Running) -> None:
+    with session(gateway) as client:
+        code, text = send(client, message().replace(b"To: client@example.com\r\n", b""), ["x@example.com"])
+    assert code == 250, text
+    assert gateway.sent[0]["body"]["contacto"] == {"email": "x@example.com"}
+
+
+def test_repeated_rcpt_gets_one_copy(gateway: Running) -> None:
+    code, text, bodies = deliver(gateway, "To: a@example.com\r\n", ["a@example.com", "A@example.com"])
+    assert code == 250, text
+    assert [recipients_of(b) for b in bodies] == [["a@example.com"]]
+
+
+def test_plan_legs_table() -> None:
+    to = (Address("a@x.example", "A"), Address("b@x.example"))
+    cc = (Address("c@x.example", "C"),)
+    legs = plan_legs(["a@x.example", "b@x.example", "c@x.example", "z@x.example"], to, cc)
+    assert legs == (
+        Leg(0, (Address("a@x.example", "A"),), (Address("c@x.example", "C"),), (Address("z@x.example"),)),
+        Leg(1, (Address("b@x.example"),)),
+    )
+    assert plan_legs([], to, cc) == ()
+    # A Bcc address that also appears in To/Cc by name is still only that one copy.
+    assert plan_legs(["c@x.example"], (), cc) == (Leg(0, (Address("c@x.example", "C"),)),)

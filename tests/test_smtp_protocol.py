@@ -1,0 +1,234 @@
+"""What any SMTP client sees: EHLO extensions, enhanced status codes on every reply, limits, pipelining."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from tests.harness import Running
+from tests.smtputil import ENHANCED, RECIPIENT, SENDER, RawClient, message
+
+
+def ehlo_keywords(client: RawClient) -> list[str]:
+    client.write(b"EHLO client.test\r\n")
+    lines = client.reply()
+    assert all(line.startswith("250") for line in lines), lines
+    return [line[4:].split(" ")[0].upper() for line in lines[1:]]
+
+
+def test_greeting_is_220(gateway: Running) -> None:
+    with RawClient(gateway) as client:
+        assert client.greeting[-1].startswith("220 ")
+
+
+@pytest.mark.parametrize("listener", ["plain", "implicit"])
+def test_ehlo_advertises_extensions(gateway: Running, listener: str) -> None:
+    with RawClient(gateway, listener) as client:
+        keywords = ehlo_keywords(client)
+    for keyword in ("SIZE", "8BITMIME", "SMTPUTF8", "PIPELINING", "ENHANCEDSTATUSCODES", "AUTH"):
+        assert keyword in keywords, keywords
+    assert "STARTTLS" not in keywords
+
+
+def test_starttls_listener_offers_auth_only_after_tls(gateway: Running) -> None:
+    with RawClient(gateway, "starttls") as client:
+        before = ehlo_keywords(client)
+        assert "STARTTLS" in before
+        assert "AUTH" not in before
+        assert "ENHANCEDSTATUSCODES" in before
+        client.starttls()
+        after = ehlo_keywords(client)
+    assert "AUTH" in after
+    assert "STARTTLS" not in after
+
+
+def test_every_reply_carries_an_enhanced_code(gateway: Running) -> None:
+    """Each command of a long session, good and bad; every final reply line has an enhanced code."""
+    raw = message(subject="every reply").decode()
+    script: list[tuple[str, str]] = [
+        ("EHLO", "501"),  # bad syntax
+        ("HELO", "501"),
+        ("FROB x", "500"),  # unknown command
+        ("NOOP", "250"),
+        ("RSET", "250"),
+        ("VRFY someone", "252"),
+        ("HELP", "250"),
+        ("EHLO client.test", "250"),
+        (f"MAIL FROM:<{SENDER}>", "530"),  # no AUTH yet
+        (f"RCPT TO:<{RECIPIENT}>", "503"),
+        ("DATA", "503"),
+        ("AUTH NOSUCH", "504"),
+        ("__LOGIN__", "235"),
+        ("__LOGIN__", "503"),  # already authenticated
+        ("MAIL FROM:<>", "553"),  # null sender
+        ("MAIL TO:<x@y.example>", "501"),  # bad syntax
+        ("MAIL FROM:<not an address>", "553"),
+        ("MAIL FROM:<someone@elsewhere.example>", "553"),  # sender not permitted
+        (f"MAIL FROM:<{SENDER}>", "250"),
+        (f"MAIL FROM:<{SENDER}>", "503"),  # nested MAIL
+        ("RCPT TO:<bad address>", "553"),
+        ("RCPT x", "501"),
+        ("DATA", "503"),  # no RCPT yet
+        (f"RCPT TO:<{RECIPIENT}>", "250"),
+        ("DATA extra", "501"),
+        ("__DATA__", "250"),
+        ("NOOP", "250"),
+        ("QUIT", "221"),
+    ]
+    seen: list[str] = []
+    with RawClient(gateway) as client:
+        for command, code in script:
+            if command == "__LOGIN__":
+                line = client.login()
+            elif command == "__DATA__":
+                assert client.cmd("DATA").startswith("354")
+                client.write(raw.encode() + b".\r\n")
+                line = client.reply()[-1]
+            else:
+                line = client.cmd(command)
+            seen.append(line)
+            assert line.startswith(code), (command, line)
+            if command.startswith("EHLO ") and code == "250":
+                continue  # RFC 2034 §3: EHLO's reply lines carry no enhanced code
+            assert ENHANCED.match(line), (command, line)
+        assert client.closed()
+    assert seen[-3].startswith("250 2.0.0 Ok: queued as ")
+
+
+def test_mail_without_auth_is_530(gateway: Running) -> None:
+    with RawClient(gateway) as client:
+        client.cmd("EHLO client.test")
+        assert client.cmd(f"MAIL FROM:<{SENDER}>").startswith("530 5.7.0 ")
+
+
+def test_null_sender_refused_with_enhanced_code(gateway: Running) -> None:
+    with RawClient(gateway) as client:
+        client.cmd("EHLO client.test")
+        client.login()
+        line = client.cmd("MAIL FROM:<>")
+    assert line.startswith("553 5.7.1 ")
+
+
+def test_oversize_message_is_552(gateway_factory: Callable[..., Running]) -> None:
+    running = gateway_factory(limits={"max_message_size": 2048})
+    with RawClient(running) as client:
+        client.cmd("EHLO client.test")
+        client.login()
+        assert client.cmd(f"MAIL FROM:<{SENDER}>").startswith("250")
+        assert client.cmd(f"RCPT TO:<{RECIPIENT}>").startswith("250")
+        assert client.cmd("DATA").startswith("354")
+        client.write(message(body=("y" * 70 + "\r\n") * 100) + b".\r\n")
+        line = client.reply()[-1]
+        assert line.startswith("552 5.3.4 "), line
+        # The session goes on: a small message still passes.
+        assert client.cmd(f"MAIL FROM:<{SENDER}>").startswith("250")
+        assert client.cmd(f"RCPT TO:<{RECIPIENT}>").startswith("250")
+        assert client.cmd("DATA").startswith("354")
+        client.write(message(subject="small") + b".\r\n")
+        assert client.reply()[-1].startswith("250 2.0.0 ")
+    assert [r["body"]["asunto"] for r in running.sent] == ["small"]
+
+
+def test_size_parameter_over_limit_is_refused(gateway_factory: Callable[..., Running]) -> None:
+    running = gateway_factory(limits={"max_message_size": 2048})
+    with RawClient(running) as client:
+        client.cmd("EHLO client.test")
+        client.login()
+        line = client.cmd(f"MAIL FROM:<{SENDER}> SIZE=999999")
+    assert line.startswith("552 5.3.4 "), line
+
+
+def test_too_many_recipients_is_452(gateway_factory: Callable[..., Running]) -> None:
+    running = gateway_factory(limits={"max_recipients": 2})
+    with RawClient(running) as client:
+        client.cmd("EHLO client.test")
+        client.login()
+        assert client.cmd(f"MAIL FROM:<{SENDER}>").startswith("250")
+        assert client.cmd("RCPT TO:<a@example.com>").startswith("250 2.1.5 ")
+        assert client.cmd("RCPT TO:<b@example.com>").startswith("250 2.1.5 ")
+        assert client.cmd("RCPT TO:<c@example.com>").startswith("452 4.5.3 ")
+        assert client.cmd("DATA").startswith("354")
+        client.write(message(to="a@example.com, b@example.com, c@example.com") + b".\r\n")
+        assert client.reply()[-1].startswith("250 2.0.0 ")
+    contacts = running.sent[0]["body"]["contactos"]
+    assert sorted(c["email"] for c in contacts) == ["a@example.com", "b@example.com"]
+
+
+def test_pipelined_commands_get_replies_in_order(gateway: Running) -> None:
+    with RawClient(gateway) as client:
+        client.cmd("EHLO client.test")
+        client.login()
+        body = message(subject="pipelined")
+        client.write(
+            f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{RECIPIENT}>\r\nRCPT TO:<other@example.com>\r\nDATA\r\n".encode()
+        )
+        replies = [client.reply()[-1] for _ in range(4)]
+        assert [r[:3] for r in replies] == ["250", "250", "250", "354"], replies
+        # The message, its end and the next commands in one write.
+        client.write(body + b".\r\nNOOP\r\nQUIT\r\n")
+        final = [client.reply()[-1] for _ in range(3)]
+    assert final[0].startswith("250 2.0.0 Ok: queued as "), final
+    assert final[1].startswith("250 2.0.0 ")
+    assert final[2].startswith("221 2.0.0 ")
+    assert gateway.sent[0]["body"]["asunto"] == "pipelined"
+
+
+def test_dot_stuffing_and_bare_lf_lines(gateway: Running) -> None:
+    with RawClient(gateway) as client:
+        client.cmd("EHLO client.test")
+        client.login()
+        client.cmd(f"MAIL FROM:<{SENDER}>")
+        client.cmd(f"RCPT TO:<{RECIPIENT}>")
+        assert client.cmd("DATA").startswith("354")
+        client.write(
+            f"From: {SENDER}\r\nTo: {RECIPIENT}\r\nSubject: dots\r\n\r\n..leading dot\nbare lf line\r\n.\r\n".encode()
+        )
+        assert client.reply()[-1].startswith("250 2.0.0 ")
+    html = gateway.sent[0]["body"]["html"]
+    assert ".leading dot\nbare lf line" in html
+    assert "..leading" not in html
+
+
+def test_unexpected_exception_in_data_is_451(gateway: Running, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def boom(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("unexpected")
+
+    monkeypatch.setattr(gateway.app.pipeline, "prepare", boom)
+    with RawClient(gateway) as client:
+        client.cmd("EHLO client.test")
+        client.login()
+        client.cmd(f"MAIL FROM:<{SENDER}>")
+        client.cmd(f"RCPT TO:<{RECIPIENT}>")
+        assert client.cmd("DATA").startswith("354")
+        client.write(message() + b".\r\n")
+        line = client.reply()[-1]
+        assert line.startswith("451 4.3.0 "), line
+        assert "RuntimeError" not in line
+    assert gateway.sent == []
+
+
+def test_unexpected_exception_in_mail_is_451(gateway: Running, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def boom(*args: object, **kwargs: object) -> str:
+        raise RuntimeError("unexpected")
+
+    monkeypatch.setattr(gateway.app.pipeline, "check_sender", boom)
+    with RawClient(gateway) as client:
+        client.cmd("EHLO client.test")
+        client.login()
+        line = client.cmd(f"MAIL FROM:<{SENDER}>")
+    assert line.startswith("451 4.3.0 "), line
+
+
+def test_dot_stuffed_bare_lf_lines_are_unstuffed(gateway: Running) -> None:
+    """smtplib sends bytes with bare LF as they are, stuffing the dots of LF-ended lines."""
+    raw = f"From: {SENDER}\nTo: {RECIPIENT}\nSubject: lf dots\n\nfirst\n.second\n..third\n".encode()
+    with RawClient(gateway) as client:
+        client.cmd("EHLO client.test")
+        client.login()
+        client.cmd(f"MAIL FROM:<{SENDER}>")
+        client.cmd(f"RCPT TO:<{RECIPIENT}>")
+        assert client.cmd("DATA").startswith("354")
+        client.write(raw.replace(b"\n.", b"\n..") + b"\r\n.\r\n")
+        assert client.reply()[-1].startswith("250 2.0.0 ")
+    assert "first\n.second\n..third" in gateway.sent[0]["body"]["html"]
