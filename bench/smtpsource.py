@@ -11,6 +11,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 HELO_NAME = "client.bench"
 
@@ -19,8 +20,9 @@ HELO_NAME = "client.bench"
 class SourceRun:
     """Outcome of one smtp-source run."""
 
-    sent: int
+    sent: int  # smtp-source's counter (it counts a message before its end-of-DATA reply)
     elapsed_s: float
+    msgs_per_s: float
     time_limited: bool
     error: str = ""
 
@@ -42,22 +44,48 @@ def command(target: str, path: Path, sessions: int, count: int, persistent: bool
 
 
 class Counter(threading.Thread):
-    """Reads smtp-source's "1\\r2\\r3\\r..." counter output and keeps the latest value."""
+    """Reads smtp-source's "1\\r2\\r3\\r..." counter output; keeps the latest value and when it was seen."""
 
-    def __init__(self, stream: int) -> None:
+    def __init__(self, stream: int, start: float) -> None:
         super().__init__(daemon=True)
         self.fd = stream
+        self.start_time = start
         self.value = 0
+        self.history: list[tuple[float, int]] = []  # (seconds since start, value)
 
     def run(self) -> None:
         tail = b""
         while chunk := os.read(self.fd, 65536):
             tail += chunk
             head, sep, tail = tail.rpartition(b"\r")
-            if sep:
-                last = head.rpartition(b"\r")[2].strip()
-                if last.isdigit():
-                    self.value = int(last)
+            last = head.rpartition(b"\r")[2].strip()
+            if sep and last.isdigit():
+                self.value = int(last)
+                self.history.append((time.perf_counter() - self.start_time, self.value))
+
+    def first_at_least(self, value: int) -> tuple[float, int] | None:
+        """The first (time, value) with value >= `value`."""
+        for mark in list(self.history):
+            if mark[1] >= value:
+                return mark
+        return None
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """Terminate smtp-source if it still runs."""
+    if proc.poll() is None:
+        proc.terminate()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def _error_text(err: IO[bytes], returncode: int) -> str:
+    err.seek(0)
+    text = err.read().decode(errors="replace").strip().replace("\n", " | ")
+    return text[-300:] or f"exit status {returncode}"
 
 
 def run(
@@ -70,34 +98,40 @@ def run(
     sender: str,
     rcpt: str,
 ) -> SourceRun:
-    """Send up to `count` messages; stop smtp-source after `time_limit` seconds and count what was done."""
+    """Send up to `count` messages; a run that completes gives count / elapsed.
+
+    A longer run is stopped once `time_limit` has passed and the steady-state window holds enough
+    messages (or at 4 × `time_limit`), and gives the rate over that window, read from smtp-source's
+    counter: the window starts when every session has a message under way, and ends at the stop.
+    The counter runs ahead of the server's replies by at most one message per session; in steady
+    state that offset is the same at both ends and cancels out.
+    """
     cmd = command(target, path, sessions, count, persistent, sender, rcpt)
+    need = 2 * sessions + 5
     with tempfile.TemporaryFile() as err:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
         assert proc.stdout is not None
-        counter = Counter(proc.stdout.fileno())
+        counter = Counter(proc.stdout.fileno(), start)
         counter.start()
+        window: tuple[float, int, float, int] | None = None
         try:
-            proc.wait(timeout=time_limit)
-            elapsed, limited = time.perf_counter() - start, False
-        except subprocess.TimeoutExpired:
-            elapsed, limited = time.perf_counter() - start, True
-            sent_at_limit = counter.value
+            while proc.poll() is None:
+                time.sleep(0.05)
+                now, value = time.perf_counter() - start, counter.value
+                first = counter.first_at_least(min(sessions, count))
+                enough = first is not None and value - first[1] >= need
+                if now >= 4 * time_limit or (now >= time_limit and enough):
+                    window = (*first, now, value) if first and value > first[1] else (0.0, 0, now, value)
+                    break
+            elapsed = time.perf_counter() - start
         finally:
-            if proc.poll() is None:
-                proc.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=10)
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            _stop(proc)
             counter.join(timeout=5)
             proc.stdout.close()
-        if limited:
-            return SourceRun(sent_at_limit, elapsed, True)
+        if window is not None:
+            t1, v1, t2, v2 = window
+            return SourceRun(v2, t2, (v2 - v1) / (t2 - t1), True)
         if proc.returncode != 0:
-            err.seek(0)
-            text = err.read().decode(errors="replace").strip().replace("\n", " | ")
-            return SourceRun(counter.value, elapsed, False, text[-300:] or f"exit status {proc.returncode}")
-        return SourceRun(max(counter.value, count), elapsed, False)
+            return SourceRun(counter.value, elapsed, 0.0, False, _error_text(err, proc.returncode))
+        return SourceRun(count, elapsed, count / elapsed, False)

@@ -12,8 +12,6 @@ from tests.harness import LoopThread, Running, start, stop
 
 pytest_plugins = ["tests.conftest_dns"]
 
-pytest_plugins = ["tests.conftest_dns"]
-
 CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
 
 

@@ -40,6 +40,13 @@ class LoopThread:
         return future.result(timeout)
 
     def close(self) -> None:
+        async def cancel_leftovers() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        self.run(cancel_leftovers())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
         self.loop.close()
@@ -121,6 +128,9 @@ def start(loop: LoopThread, tmp: Path, sandbox_state: SandboxState | None = None
     sandbox = Sandbox(state)
     port = loop.run(sandbox.start("127.0.0.1", 0))
     settings = load_settings(None, **base_config(tmp, port, **overrides))
+    for name, account in settings.accounts.items():
+        # Tests talk to loopback only: an account without api_base would default to the real DMDS host.
+        assert account.base_url.startswith("http://127.0.0.1"), f"account {name} must set api_base to the sandbox"
     app = App(settings)
     loop.run(app.start())
     return Running(loop=loop, app=app, sandbox=sandbox, settings=settings, tmp=tmp)

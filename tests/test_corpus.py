@@ -211,7 +211,7 @@ def test_corpus(gateway_factory: Callable[..., Running], terminal_summary: list[
             client.quit()
         client.close()
     lines = [f"{count:4d}  {outcome}" for outcome, count in sorted(outcomes.items(), key=lambda kv: -kv[1])]
-    terminal_summary.append(("corpus: 400 messages through the gateway", lines + [f"{len(failures)} problems"]))
+    terminal_summary.append(("corpus: 400 messages through the gateway", [*lines, f"{len(failures)} problems"]))
     assert not failures, "\n".join(lines + failures)
 
 

@@ -62,17 +62,17 @@ def test_attachments_and_inline_cid_images(gateway: Running) -> None:
 
 def test_encoded_headers_and_charsets(gateway: Running) -> None:
     raw = (
-        "From: =?ISO-8859-1?Q?Jos=E9_P=E9rez?= <billing@acme.example>\r\n"
-        "To: =?UTF-8?B?w5Zyc2Vs?= <client@example.com>\r\n"
-        "Reply-To: Support <support@acme.example>\r\n"
-        "Subject: =?iso-8859-1?q?Caf=E9?= =?utf-8?b?4oKs?= au lait\r\n"
-        "MIME-Version: 1.0\r\n"
-        'Content-Type: multipart/mixed; boundary="b"\r\n\r\n'
-        "--b\r\nContent-Type: text/plain; charset=iso-8859-15\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
-    ).encode() + "Prix: 5 € – merci\r\n".encode("iso-8859-15", errors="replace").replace(b"?", b"-") + (
-        "--b\r\nContent-Type: text/plain\r\n"
-        "Content-Disposition: attachment; filename*=utf-8''r%C3%A9sum%C3%A9.txt\r\n\r\nhello\r\n--b--\r\n"
-    ).encode()
+        b"From: =?ISO-8859-1?Q?Jos=E9_P=E9rez?= <billing@acme.example>\r\n"
+        b"To: =?UTF-8?B?w5Zyc2Vs?= <client@example.com>\r\n"
+        b"Reply-To: Support <support@acme.example>\r\n"
+        b"Subject: =?iso-8859-1?q?Caf=E9?= =?utf-8?b?4oKs?= au lait\r\n"
+        b"MIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n'
+        b"--b\r\nContent-Type: text/plain; charset=iso-8859-15\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+    ) + "Prix: 5 € – merci\r\n".encode("iso-8859-15", errors="replace").replace(b"?", b"-") + (
+        b"--b\r\nContent-Type: text/plain\r\n"
+        b"Content-Disposition: attachment; filename*=utf-8''r%C3%A9sum%C3%A9.txt\r\n\r\nhello\r\n--b--\r\n"
+    )
     body = submit(gateway, raw)
     assert body["asunto"] == "Café€ au lait"
     assert body["remitente_nombre"] == "José Pérez"

@@ -160,9 +160,9 @@ def test_temporary_failure_then_success_in_one_session(gateway_factory: Factory,
         (True, "x@nowhere.example", "550 5.1.2 <x@nowhere.example>: The domain name nowhere.example does not exist."),
         (
             True,
-            "x@slow.example",
-            "451 4.4.3 <x@slow.example>: DNS lookup of slow.example failed temporarily "
-            "(DNS timeout looking up slow.example MX); try again later",
+            "x@mx.slow.example",
+            "451 4.4.3 <x@mx.slow.example>: DNS lookup of mx.slow.example failed temporarily "
+            "(DNS timeout looking up mx.slow.example MX); try again later",
         ),
     ],
 )

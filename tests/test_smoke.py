@@ -17,7 +17,7 @@ def test_authenticated_message_is_sent_upstream(gateway: Running) -> None:
     with smtplib.SMTP("127.0.0.1", gateway.port("plain")) as client:
         client.login(USER, PASSWORD)
         client.send_message(msg)
-        code, text = client.noop()
+        code, _text = client.noop()
     assert code == 250
     sent = gateway.sent
     assert len(sent) == 1
