@@ -21,7 +21,10 @@ def _rate(point: Point | None) -> str:
     return f"{point.msgs_per_s:,.0f}" if point.msgs_per_s >= 100 else f"{point.msgs_per_s:,.1f}"
 
 
-def _find(setup: SetupResult, message: str, mode: str, sessions: int) -> Point | None:
+def find_point(setup: SetupResult | None, message: str, mode: str, sessions: int) -> Point | None:
+    """The point of `setup` with that message, connection mode and session count."""
+    if setup is None:
+        return None
     for point in setup.points:
         if (point.message, point.mode, point.sessions) == (message, mode, sessions):
             return point
@@ -50,7 +53,7 @@ def throughput_table(run: RunResult) -> list[str]:
         if setup.skipped:
             continue
         for message, mode in _row_keys(run):
-            cells = [_rate(_find(setup, message, mode, s)) for s in sessions]
+            cells = [_rate(find_point(setup, message, mode, s)) for s in sessions]
             lines.append(f"| {setup.name} | {message} | {mode} | " + " | ".join(cells) + " |")
     return lines
 

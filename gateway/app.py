@@ -18,7 +18,7 @@ from gateway.pipeline import Pipeline
 from gateway.settings import Settings
 from gateway.smtp.server import Listeners
 from gateway.spool import RetryWorker, Spool
-from gateway.upstream.base import Driver, Transport
+from gateway.upstream.base import Driver
 from gateway.upstream.dmds import DmdsDriver
 
 log = structlog.get_logger("gateway.app")
@@ -27,7 +27,6 @@ log = structlog.get_logger("gateway.app")
 @dataclass
 class App:
     settings: Settings
-    transport: Transport = "httpx"
     drivers: dict[str, DmdsDriver] = field(default_factory=dict)
     listeners: Listeners | None = None
     spool: Spool | None = None
@@ -43,7 +42,7 @@ class App:
                 account.apikey.get_secret_value(),
                 timeout=account.http_timeout,
                 max_connections=account.max_connections,
-                transport=self.transport,
+                transport=account.http_client,
                 account=name,
             )
         self.authenticator = Authenticator(self.settings.accounts, self._campaign_key)

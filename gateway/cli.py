@@ -20,12 +20,10 @@ def _load(args: argparse.Namespace) -> Settings:
 def cmd_serve(args: argparse.Namespace) -> int:
     from gateway import logs
     from gateway.app import App, run
-    from gateway.upstream.base import Transport
 
     settings = _load(args)
     logs.configure(settings.log)
-    transport: Transport = "aiohttp" if args.aiohttp else "httpx"
-    _run_loop(run(App(settings, transport=transport), drain_timeout=args.drain_timeout))
+    _run_loop(run(App(settings), drain_timeout=args.drain_timeout))
     return 0
 
 
@@ -119,7 +117,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = with_config(sub.add_parser("serve", help="run the gateway"))
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds sessions in DATA get on SIGTERM")
-    p.add_argument("--aiohttp", action="store_true", help="use aiohttp as the HTTP transport (faster)")
     p.set_defaults(func=cmd_serve)
 
     p = with_config(sub.add_parser("check-config", help="validate the configuration and print it, secrets masked"))

@@ -205,6 +205,8 @@ def test_unexpected_exception_in_data_is_451(gateway: Running, monkeypatch: pyte
         line = client.reply()[-1]
         assert line.startswith("451 4.3.0 "), line
         assert "RuntimeError" not in line
+        # The failed transaction is over: the same session can start the next one (no "nested MAIL").
+        assert client.cmd(f"MAIL FROM:<{SENDER}>").startswith("250 2.1.0 ")
     assert gateway.sent == []
 
 

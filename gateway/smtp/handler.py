@@ -49,16 +49,20 @@ class GatewayHandler:
                 return self.authenticator.principal_for_user(self.listener.trusted_login)
         return None
 
-    async def auth_PLAIN(self, server: Any, args: list[str]) -> AuthResult:
+    async def _initial_response(self, server: Any, args: list[str], challenge: str) -> bytes | None:
+        """The initial response given with AUTH, or the answer to `challenge`; None when already answered."""
         if len(args) == 1:
-            blob = await server.challenge_auth("")
-            if blob is MISSING:
-                return AuthResult(success=False, handled=True)
-        else:
-            blob = _b64(args[1])
-            if blob is None:
-                await server.push("501 5.5.2 Cannot decode base64")
-                return AuthResult(success=False, handled=True)
+            blob = await server.challenge_auth(challenge)
+            return None if blob is MISSING else bytes(blob)
+        decoded = _b64(args[1])
+        if decoded is None:
+            await server.push("501 5.5.2 Cannot decode base64")
+        return decoded
+
+    async def auth_PLAIN(self, server: Any, args: list[str]) -> AuthResult:
+        blob = await self._initial_response(server, args, "")
+        if blob is None:
+            return AuthResult(success=False, handled=True)
         parts = blob.split(b"\x00")
         if len(parts) != 3:
             await server.push("501 5.5.2 Cannot split AUTH PLAIN value")
@@ -66,15 +70,9 @@ class GatewayHandler:
         return await self._check(server, parts[1], parts[2])
 
     async def auth_LOGIN(self, server: Any, args: list[str]) -> AuthResult:
-        if len(args) == 1:
-            login = await server.challenge_auth(server.AuthLoginUsernameChallenge)
-            if login is MISSING:
-                return AuthResult(success=False, handled=True)
-        else:
-            login = _b64(args[1])
-            if login is None:
-                await server.push("501 5.5.2 Cannot decode base64")
-                return AuthResult(success=False, handled=True)
+        login = await self._initial_response(server, args, server.AuthLoginUsernameChallenge)
+        if login is None:
+            return AuthResult(success=False, handled=True)
         password = await server.challenge_auth(server.AuthLoginPasswordChallenge)
         if password is MISSING:
             return AuthResult(success=False, handled=True)
