@@ -126,7 +126,7 @@ class Gateway(Server):
         self.latency_ms = latency_ms
         self.cmd = cmd
         self.serve_args = serve_args
-        self.info = " ".join(["serve", *serve_args])
+        self.info = f"serve {' '.join(serve_args)}" if serve_args else ""
         self.label = f"gateway-{latency_ms}ms"
         self.sandbox: subprocess.Popen[bytes] | None = None
         self.sandbox_port = 0

@@ -1,14 +1,27 @@
-"""Peak-RSS sampler for a process tree, polling /proc from a background thread."""
+"""Process-tree helpers: peak RSS/PSS sampling from /proc, and dying with the bench."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
+import signal
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 PROC = Path("/proc")
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Popen preexec_fn: the child gets SIGTERM when the bench dies, even by SIGKILL (Linux only).
+
+    Lost when the child changes its uid (smtp-sink -u nobody): stop_stale() covers those.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def children(pid: int) -> list[int]:

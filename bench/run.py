@@ -25,7 +25,18 @@ import smtpsource
 from gateway_target import Gateway, check_cli
 from procmon import PeakRss
 from results_model import Latency, Point, RunResult, SetupResult
-from servers import BENCH_DIR, HOST, BareAiosmtpd, PrivatePostfix, Server, SetupError, SmtpSink
+from servers import (
+    BENCH_DIR,
+    HOST,
+    RUN_DIR_PREFIX,
+    BareAiosmtpd,
+    PrivatePostfix,
+    Server,
+    SetupError,
+    SmtpSink,
+    claim,
+    stop_stale,
+)
 from smtpsource import SourceRun
 
 MESSAGES = {"5KB": genmsg.SMALL_NAME, "1MB": genmsg.LARGE_NAME}
@@ -333,7 +344,9 @@ def main(argv: list[str] | None = None) -> int:
         for label, name in MESSAGES.items()
     }
     run = RunResult(args.profile.name, machine_info(), messages)
-    workdir = Path(tempfile.mkdtemp(prefix="bench-run-"))
+    stop_stale()
+    workdir = Path(tempfile.mkdtemp(prefix=RUN_DIR_PREFIX))
+    claim(workdir)
     started = time.monotonic()
     print(f"profile {args.profile.name}; logs in {workdir}", flush=True)
     try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import shutil
 import signal
@@ -15,10 +14,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from procmon import die_with_parent
+
 BENCH_DIR = Path(__file__).resolve().parent
 HOST = "127.0.0.1"
-PR_SET_PDEATHSIG = 1
-STALE_GLOB = "bench-postfix-*"
+RUN_DIR_PREFIX = "bench-run-"
+POSTFIX_DIR_PREFIX = "bench-postfix-"
+OWNER_FILE = "bench.pid"
+PIDS_FILE = "servers.pids"
 
 
 class SetupError(Exception):
@@ -78,23 +81,64 @@ def spawn(
     """Start a server in its own session (so Ctrl-C reaches only the bench), logging to `log`."""
     log_fh = log.open("ab")
     try:
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE if stdout_pipe else log_fh,
             stderr=log_fh,
             start_new_session=True,
             env=env,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
     finally:
         log_fh.close()
+    with (log.parent / PIDS_FILE).open("a") as fh:  # for stop_stale() after a `kill -9` of the bench
+        fh.write(f"{proc.pid} {cmd[0]}\n")
+    return proc
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM if the bench dies, even by SIGKILL (Linux PR_SET_PDEATHSIG)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+def claim(directory: Path) -> None:
+    """Mark a temp dir as belonging to this bench process."""
+    (directory / OWNER_FILE).write_text(f"{os.getpid()}\n")
+
+
+def _stale(directory: Path) -> bool:
+    """True if the bench process that claimed `directory` is gone."""
+    try:
+        owner = int((directory / OWNER_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return owner != os.getpid() and not _alive(owner)
+
+
+def _kill_recorded(directory: Path) -> None:
+    """SIGTERM the servers listed in a stale run dir, if they still run the recorded program."""
+    try:
+        lines = (directory / PIDS_FILE).read_text().splitlines()
+    except OSError:
+        return
+    for line in lines:
+        pid_text, _, program = line.partition(" ")
+        try:
+            argv0 = Path(f"/proc/{pid_text}/cmdline").read_bytes().split(b"\0")[0].decode()
+        except (OSError, UnicodeDecodeError):
+            continue
+        if argv0 == program and _alive(int(pid_text)):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(int(pid_text), signal.SIGTERM)
+
+
+def stop_stale() -> None:
+    """Stop servers and Postfix instances left behind by a bench run that was killed (kill -9)."""
+    tmp = Path(tempfile.gettempdir())
+    for directory in tmp.glob(RUN_DIR_PREFIX + "*"):
+        if _stale(directory):
+            _kill_recorded(directory)
+            shutil.rmtree(directory, ignore_errors=True)
+    for directory in tmp.glob(POSTFIX_DIR_PREFIX + "*"):
+        if _stale(directory):
+            stop_instance(directory)
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -333,11 +377,10 @@ class PrivatePostfix(Server):
             raise SetupError("the private Postfix instance needs root (postfix start)")
         if shutil.which("postfix") is None:
             raise SetupError("postfix not found (apt-get install postfix)")
-        stop_stale_instances()
         self.sink.start()
-        self.tmp = Path(tempfile.mkdtemp(prefix=STALE_GLOB.rstrip("*")))
+        self.tmp = Path(tempfile.mkdtemp(prefix=POSTFIX_DIR_PREFIX))
         self.tmp.chmod(0o755)
-        (self.tmp / "bench.pid").write_text(f"{os.getpid()}\n")
+        claim(self.tmp)
         self.port = free_port()
         self._write_config()
         result = self._postfix("start")
@@ -417,19 +460,6 @@ def stop_instance(tmp: Path) -> None:
     if pid is not None and _alive(pid) and not _wait_gone(pid, 15):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
-
-
-def stop_stale_instances() -> None:
-    """Stop and remove Postfix instances left by a bench run that was killed (its bench.pid is dead)."""
-    for tmp in Path(tempfile.gettempdir()).glob(STALE_GLOB):
-        try:
-            owner = int((tmp / "bench.pid").read_text())
-        except (OSError, ValueError):
-            continue
-        if owner == os.getpid() or _alive(owner):
-            continue
-        stop_instance(tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _postfix_ids() -> tuple[int, int]:

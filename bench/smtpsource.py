@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from procmon import die_with_parent
+
 HELO_NAME = "client.bench"
 
 
@@ -102,7 +104,8 @@ def run(
 
     A longer run is stopped once `time_limit` has passed and the steady-state window holds enough
     messages (or at 4 × `time_limit`), and gives the rate over that window, read from smtp-source's
-    counter: the window starts when every session has a message under way, and ends at the stop.
+    counter: the window starts once the sessions are up and busy (the counter has reached 2 × sessions),
+    and ends at the stop.
     The counter runs ahead of the server's replies by at most one message per session; in steady
     state that offset is the same at both ends and cancels out.
     """
@@ -110,7 +113,9 @@ def run(
     need = 2 * sessions + 5
     with tempfile.TemporaryFile() as err:
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, preexec_fn=die_with_parent
+        )
         assert proc.stdout is not None
         counter = Counter(proc.stdout.fileno(), start)
         counter.start()
@@ -119,7 +124,7 @@ def run(
             while proc.poll() is None:
                 time.sleep(0.05)
                 now, value = time.perf_counter() - start, counter.value
-                first = counter.first_at_least(min(sessions, count))
+                first = counter.first_at_least(min(2 * sessions, count))
                 enough = first is not None and value - first[1] >= need
                 if now >= 4 * time_limit or (now >= time_limit and enough):
                     window = (*first, now, value) if first and value > first[1] else (0.0, 0, now, value)

@@ -116,6 +116,10 @@ class App:
             self.operator.is_ready = False
         if self.listeners is not None:
             await self.listeners.drain(drain_timeout)
+        if self.operator is not None:
+            # /readyz answered 503 while draining; now nothing is left to observe.
+            with contextlib.suppress(Exception):
+                await self.operator.stop()
         if self.worker is not None:
             await self.worker.stop(self.settings.delivery.shutdown_timeout)
         if self.spool is not None:

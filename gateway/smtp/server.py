@@ -6,11 +6,13 @@ import asyncio
 import contextlib
 import ssl
 from dataclasses import dataclass, field
+from typing import cast
 
 import structlog
 
 from gateway import replies
 from gateway.credentials import Authenticator
+from gateway.observability import SESSIONS
 from gateway.pipeline import Pipeline
 from gateway.settings import ConfigError, Settings, TlsSettings
 from gateway.smtp.handler import GatewayHandler
@@ -41,9 +43,10 @@ class _Refuse(asyncio.Protocol):
         self.line = line
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.WriteTransport)
-        transport.write(self.line.encode() + b"\r\n")
-        transport.close()
+        # uvloop's transports are not asyncio.WriteTransport subclasses: no isinstance check here.
+        writer = cast(asyncio.WriteTransport, transport)
+        writer.write(self.line.encode() + b"\r\n")
+        writer.close()
 
 
 @dataclass
@@ -96,6 +99,7 @@ class Listeners:
                     loop=loop,
                 )
                 self.sessions.add(proto)
+                SESSIONS.labels(listener=listener.name).inc()
                 return proto
 
             server = await loop.create_server(

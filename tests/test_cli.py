@@ -1,0 +1,239 @@
+"""The command line as an operator runs it: check-config (secrets masked, errors naming the key, env
+overrides), hash-password, and the repository's own config/example.toml."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from gateway.passwords import verify_password
+from gateway.settings import (
+    AccountSettings,
+    DeliverySettings,
+    DnsSettings,
+    HttpSettings,
+    LimitsSettings,
+    ListenerSettings,
+    LogSettings,
+    Settings,
+    TlsSettings,
+    UserSettings,
+    load_settings,
+)
+from tests.harness import PASSWORD, PASSWORD_HASH
+
+CLI = [sys.executable, "-m", "gateway"]
+EXAMPLE = Path(__file__).resolve().parents[1] / "config" / "example.toml"
+MASK = "**********"
+FILE_APIKEY = "file-apikey-s3cr3t-0001"
+ENV_APIKEY = "env-apikey-s3cr3t-0002"
+SECOND_HASH_USER = "printer"
+
+
+def _env(**extra: str) -> dict[str, str]:
+    """The parent's environment without any GATEWAY_* variable (hermetic), plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, stdin: str | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args], input=stdin, capture_output=True, text=True, timeout=60, check=False, env=_env(**env)
+    )
+
+
+def write_config(tmp_path: Path, extra: str = "") -> Path:
+    second_hash = PASSWORD_HASH  # any valid scrypt hash; two users make "every user" meaningful
+    path = tmp_path / "gateway.toml"
+    path.write_text(f"""
+hostname = "gw.example"
+[[listeners]]
+name = "plain"
+address = "127.0.0.1"
+port = 2525
+tls = "none"
+allow_insecure_auth = true
+[accounts.acme]
+dmdsid = "acme"
+api_base = "http://127.0.0.1:9"
+apikey = "{FILE_APIKEY}"
+sender_domains = {{ "acme.example" = "dmds-acme@nl.acme.example" }}
+[[accounts.acme.users]]
+username = "scanner"
+password_hash = "{PASSWORD_HASH}"
+campaign = 22
+[[accounts.acme.users]]
+username = "{SECOND_HASH_USER}"
+password_hash = "{second_hash}"
+campaign = 23
+[dns]
+check_sender_domain = false
+{extra}
+""")
+    return path
+
+
+def _secrets_absent(result: subprocess.CompletedProcess[str], *secrets: str) -> None:
+    for secret in secrets:
+        assert secret not in result.stdout, f"secret {secret[:12]}... printed on stdout"
+        assert secret not in result.stderr, f"secret {secret[:12]}... printed on stderr"
+    # The hash is also recognisable by its parts (salt, digest): none of them may leak either.
+    for part in PASSWORD_HASH.split("$")[4:]:
+        assert part not in result.stdout + result.stderr
+
+
+# ---- check-config ---------------------------------------------------------------------------------
+
+
+def test_check_config_prints_json_with_every_secret_masked(tmp_path: Path) -> None:
+    result = run_cli("check-config", "-c", str(write_config(tmp_path)))
+    assert result.returncode == 0, result.stderr
+    dumped: dict[str, Any] = json.loads(result.stdout)
+    account = dumped["accounts"]["acme"]
+    assert account["apikey"] == MASK
+    assert [u["username"] for u in account["users"]] == ["scanner", SECOND_HASH_USER]
+    assert [u["password_hash"] for u in account["users"]] == [MASK, MASK]
+    # The rest is shown as configured (masking did not blank the whole account).
+    assert account["dmdsid"] == "acme"
+    assert account["sender_domains"] == {"acme.example": "dmds-acme@nl.acme.example"}
+    assert dumped["listeners"][0]["port"] == 2525
+    _secrets_absent(result, FILE_APIKEY, PASSWORD_HASH, PASSWORD)
+
+
+def test_unknown_key_is_refused_and_named(tmp_path: Path) -> None:
+    config = write_config(tmp_path, "[limits]\nmax_recipeints = 5\n")
+    result = run_cli("check-config", "-c", str(config))
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "limits.max_recipeints" in result.stderr
+    _secrets_absent(result, FILE_APIKEY, PASSWORD_HASH)
+
+
+def test_invalid_env_value_is_refused_and_named(tmp_path: Path) -> None:
+    result = run_cli("check-config", "-c", str(write_config(tmp_path)), GATEWAY_LIMITS__MAX_RECIPIENTS="0")
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert re.search(r"^\s*limits\.max_recipients: .*greater than or equal to 1", result.stderr, re.M), result.stderr
+    _secrets_absent(result, FILE_APIKEY, PASSWORD_HASH)
+
+
+def test_invalid_secret_value_is_named_but_not_echoed(tmp_path: Path) -> None:
+    """A clear password pasted where the hash belongs: refused, and the error does not repeat it."""
+    config = write_config(tmp_path).read_text().replace(PASSWORD_HASH, PASSWORD, 1)
+    path = tmp_path / "pasted.toml"
+    path.write_text(config)
+    result = run_cli("check-config", "-c", str(path))
+    assert result.returncode == 2
+    assert "accounts.acme.users.0.password_hash" in result.stderr
+    assert PASSWORD not in result.stderr + result.stdout
+
+
+def test_missing_config_file_exits_2(tmp_path: Path) -> None:
+    result = run_cli("check-config", "-c", str(tmp_path / "nope.toml"))
+    assert result.returncode == 2
+    assert "nope.toml" in result.stderr
+
+
+def test_env_overrides_nested_keys(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    result = run_cli(
+        "check-config", "-c", str(config),
+        GATEWAY_ACCOUNTS__ACME__APIKEY=ENV_APIKEY, GATEWAY_LOG__LEVEL="debug", GATEWAY_LIMITS__MAX_RECIPIENTS="7",
+    )
+    assert result.returncode == 0, result.stderr
+    dumped = json.loads(result.stdout)
+    assert dumped["log"]["level"] == "debug"
+    assert dumped["limits"]["max_recipients"] == 7
+    # The env merges into the file's account: its other keys survive, the key stays masked.
+    account = dumped["accounts"]["acme"]
+    assert (account["dmdsid"], account["apikey"], len(account["users"])) == ("acme", MASK, 2)
+    _secrets_absent(result, FILE_APIKEY, ENV_APIKEY, PASSWORD_HASH)
+    # And without the env the file's values are back.
+    plain = json.loads(run_cli("check-config", "-c", str(config)).stdout)
+    assert (plain["log"]["level"], plain["limits"]["max_recipients"]) == ("info", 50)
+
+
+def test_env_apikey_replaces_the_file_apikey(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = write_config(tmp_path)
+    for key in [k for k in os.environ if k.startswith("GATEWAY_")]:
+        monkeypatch.delenv(key)
+    assert load_settings(config).accounts["acme"].apikey.get_secret_value() == FILE_APIKEY
+    monkeypatch.setenv("GATEWAY_ACCOUNTS__ACME__APIKEY", ENV_APIKEY)
+    settings = load_settings(config)
+    account = settings.accounts["acme"]
+    assert account.apikey.get_secret_value() == ENV_APIKEY
+    assert account.dmdsid == "acme" and account.sender_domains == {"acme.example": "dmds-acme@nl.acme.example"}
+    assert [u.username for u in account.users] == ["scanner", SECOND_HASH_USER]
+    # $GATEWAY_CONFIG names the file when no path is given.
+    monkeypatch.setenv("GATEWAY_CONFIG", str(config))
+    assert load_settings().accounts["acme"].apikey.get_secret_value() == ENV_APIKEY
+
+
+# ---- hash-password --------------------------------------------------------------------------------
+
+
+def test_hash_password_from_stdin_verifies() -> None:
+    password = "correct horse battery staple ñ"
+    result = run_cli("hash-password", "--stdin", stdin=password + "\n")
+    assert result.returncode == 0, result.stderr
+    stored = result.stdout.strip()
+    assert stored.startswith("scrypt$") and "\n" not in stored
+    assert password not in result.stdout + result.stderr
+    assert verify_password(password, stored)
+    assert not verify_password(password + "x", stored)
+    assert not verify_password("", stored)
+    # Salted: the same password hashes differently each time, and each verifies.
+    again = run_cli("hash-password", "--stdin", stdin=password + "\n").stdout.strip()
+    assert again != stored and verify_password(password, again)
+
+
+def test_hash_password_refuses_empty_input() -> None:
+    result = run_cli("hash-password", "--stdin", stdin="\n")
+    assert result.returncode == 2
+    assert result.stdout == ""
+
+
+# ---- config/example.toml --------------------------------------------------------------------------
+
+
+def test_example_config_is_valid() -> None:
+    result = run_cli("check-config", "-c", str(EXAMPLE))
+    assert result.returncode == 0, result.stderr
+    dumped = json.loads(result.stdout)
+    assert dumped["accounts"]["acme"]["apikey"] == MASK
+    assert "change-me" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("model", "section"),
+    [
+        (Settings, ""),
+        (ListenerSettings, "listeners"),
+        (TlsSettings, "tls"),
+        (LimitsSettings, "limits"),
+        (AccountSettings, "accounts.acme"),
+        (UserSettings, "accounts.acme.users"),
+        (DeliverySettings, "delivery"),
+        (DnsSettings, "dns"),
+        (LogSettings, "log"),
+        (HttpSettings, "http"),
+    ],
+)
+def test_example_config_lists_every_key(model: type[BaseModel], section: str) -> None:
+    """README: config/example.toml lists every key (set, or commented out when it has no useful default)."""
+    text = EXAMPLE.read_text()
+    missing = [
+        name for name in model.model_fields
+        if not re.search(rf"^\s*#?\s*{re.escape(name)}\s*=", text, re.M)  # a key ...
+        and not re.search(rf"^\[\[?([\w.]+\.)?{re.escape(name)}[].]", text, re.M)  # ... or a table
+    ]
+    assert missing == [], f"[{section}] keys missing from config/example.toml: {missing}"

@@ -1,0 +1,309 @@
+"""Graceful shutdown of the real server (`smtp-gateway serve` in a subprocess, the sandbox in another):
+SIGTERM refuses new sessions with 421 4.3.2, lets a session in DATA finish, tells idle sessions 421 and
+exits 0; what was spooled before a SIGTERM is delivered after the restart."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.harness import APIKEY, PASSWORD, PASSWORD_HASH, USER
+from tests.spool_helpers import send, spool_rows, wait_for
+
+CLI = [sys.executable, "-m", "gateway"]
+DRAIN_TIMEOUT = 8.0
+EEID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), 0.2):
+            return True
+    except OSError:
+        return False
+
+
+def _sandbox_up(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/_sandbox/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _kill(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is not None and proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+@dataclass
+class Stack:
+    tmp: Path
+    smtp_port: int
+    sandbox_url: str
+    config: Path
+    log: Path
+    gateway: subprocess.Popen[bytes] | None = None
+
+    def serve(self) -> subprocess.Popen[bytes]:
+        with self.log.open("ab") as out:
+            self.gateway = subprocess.Popen(
+                [*CLI, "serve", "--config", str(self.config), "--drain-timeout", str(DRAIN_TIMEOUT)],
+                stdout=out, stderr=subprocess.STDOUT,
+            )
+        wait_for(lambda: _listening(self.smtp_port) or self.gateway.poll() is not None, 15, "gateway listening")
+        assert self.gateway.poll() is None, self.log.read_text()
+        return self.gateway
+
+    def terminate(self) -> float:
+        """SIGTERM the gateway; returns when it was sent (monotonic)."""
+        assert self.gateway is not None
+        self.gateway.send_signal(signal.SIGTERM)
+        return time.monotonic()
+
+    def sent(self) -> list[dict[str, Any]]:
+        entries: list[dict[str, Any]] = httpx.get(f"{self.sandbox_url}/_sandbox/requests", timeout=5).json()
+        return [e for e in entries if e["status"] == 200]
+
+    def fault(self, **spec: Any) -> None:
+        httpx.post(f"{self.sandbox_url}/_sandbox/faults", json=spec, timeout=5).raise_for_status()
+
+    def clear_faults(self) -> None:
+        httpx.delete(f"{self.sandbox_url}/_sandbox/faults", timeout=5).raise_for_status()
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        found = []
+        for line in self.log.read_text().splitlines():
+            if line.startswith("{") and f'"{name}"' in line:
+                event = json.loads(line)
+                if event.get("event") == name:
+                    found.append(event)
+        return found
+
+
+def _config(tmp: Path, smtp_port: int, sandbox_port: int) -> Path:
+    path = tmp / "gateway.toml"
+    path.write_text(f"""
+hostname = "gw.example"
+[[listeners]]
+name = "plain"
+address = "127.0.0.1"
+port = {smtp_port}
+tls = "none"
+allow_insecure_auth = true
+[accounts.acme]
+dmdsid = "acme"
+api_base = "http://127.0.0.1:{sandbox_port}"
+apikey = "{APIKEY}"
+http_timeout = 5.0
+sender_domains = {{ "acme.example" = "dmds-acme@nl.acme.example" }}
+[[accounts.acme.users]]
+username = "{USER}"
+password_hash = "{PASSWORD_HASH}"
+campaign = 22
+[delivery]
+spool_path = "{tmp / 'spool.sqlite3'}"
+inline_budget = 3.0
+retry_schedule = [0.3]
+retry_jitter = 0.1
+poll_interval = 0.2
+shutdown_timeout = 3.0
+[dns]
+check_sender_domain = false
+[log]
+format = "json"
+""")
+    return path
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    smtp_port, sandbox_port = _free_port(), _free_port()
+    sandbox = subprocess.Popen(
+        [*CLI, "sandbox", "--listen", f"127.0.0.1:{sandbox_port}", "--quiet", "--apikey", APIKEY,
+         "--campaign", "22=campaign-22-apikey"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    st = Stack(tmp_path, smtp_port, f"http://127.0.0.1:{sandbox_port}", _config(tmp_path, smtp_port, sandbox_port),
+               tmp_path / "gateway.log")
+    try:
+        wait_for(lambda: _sandbox_up(st.sandbox_url), 15, "sandbox")
+        yield st
+    finally:
+        _kill(st.gateway)
+        _kill(sandbox)
+
+
+class Raw:
+    """A line-level SMTP client: reads whole replies, so a test can stop anywhere (e.g. inside DATA)."""
+
+    def __init__(self, port: int, timeout: float = 10.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout)
+        self.file = self.sock.makefile("rb")
+
+    def reply(self) -> str:
+        """One complete reply (the last line of a multi-line one); '' when the server closed."""
+        while True:
+            line = self.file.readline()
+            if not line:
+                return ""
+            text = line.decode().rstrip("\r\n")
+            if len(text) < 4 or text[3] != "-":
+                return text
+
+    def cmd(self, line: str) -> str:
+        self.sock.sendall(line.encode() + b"\r\n")
+        return self.reply()
+
+    def login(self) -> None:
+        assert self.reply().startswith("220 ")
+        assert self.cmd("EHLO client.test").startswith("250 ")
+        blob = base64.b64encode(f"\0{USER}\0{PASSWORD}".encode()).decode()
+        assert self.cmd(f"AUTH PLAIN {blob}").startswith("235 ")
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+def _greeting_when_draining(port: int, deadline: float) -> str:
+    """Connect until the greeting is no longer 220 (the SIGTERM is handled asynchronously)."""
+    while True:
+        client = Raw(port, timeout=5)
+        try:
+            greeting = client.reply()
+            if not greeting.startswith("220"):
+                return greeting
+            client.cmd("QUIT")
+        finally:
+            client.close()
+        if time.monotonic() > deadline:
+            raise AssertionError("new connections were still greeted with 220 after SIGTERM")
+        time.sleep(0.05)
+
+
+def test_sigterm_refuses_new_sessions_and_lets_data_finish(stack: Stack) -> None:
+    stack.serve()
+    in_data = Raw(stack.smtp_port)
+    idle = Raw(stack.smtp_port)
+    try:
+        in_data.login()
+        idle.login()
+        assert in_data.cmd("MAIL FROM:<billing@acme.example>").startswith("250 ")
+        assert in_data.cmd("RCPT TO:<client@example.com>").startswith("250 ")
+        assert in_data.cmd("DATA").startswith("354 ")
+        in_data.sock.sendall(b"From: billing@acme.example\r\nTo: client@example.com\r\n"
+                             b"Subject: draining\r\n\r\nfirst half\r\n")
+
+        sigterm_at = stack.terminate()
+        greeting = _greeting_when_draining(stack.smtp_port, sigterm_at + 5)
+        assert greeting.startswith("421 4.3.2 "), greeting
+        assert stack.gateway is not None and stack.gateway.poll() is None  # still draining, not gone
+
+        # The session in DATA finishes its message: delivered upstream, answered with the eeid.
+        in_data.sock.sendall(b"second half\r\n.\r\n")
+        final = in_data.reply()
+        assert re.fullmatch(rf"250 2\.0\.0 Ok: queued as {EEID}", final), final
+        eeid = final.rsplit(" ", 1)[1]
+        assert [(e["body"]["asunto"], e["response"]["eeid"]) for e in stack.sent()] == [("draining", eeid)]
+        assert "first half" in stack.sent()[0]["body"]["html"] and "second half" in stack.sent()[0]["body"]["html"]
+        # ...and is then told the server is going away (or simply closed).
+        after = in_data.reply()
+        assert after == "" or after.startswith("421 4.3.2 "), after
+
+        # The idle session was told 421 4.3.2 (or closed), never left hanging.
+        told = idle.reply()
+        assert told == "" or told.startswith("421 4.3.2 "), told
+        assert idle.reply() == ""
+
+        assert stack.gateway.wait(DRAIN_TIMEOUT + 5) == 0
+        assert time.monotonic() - sigterm_at < DRAIN_TIMEOUT, "exit had to wait for the drain timeout"
+    finally:
+        in_data.close()
+        idle.close()
+    assert stack.events("shutting_down") and stack.events("stopped")
+
+
+def test_idle_session_at_sigterm_gets_421_and_process_exits_0(stack: Stack) -> None:
+    stack.serve()
+    idle = Raw(stack.smtp_port)
+    try:
+        idle.login()
+        assert idle.cmd("NOOP").startswith("250 ")
+        sigterm_at = stack.terminate()
+        last = idle.reply()  # blocks until the server speaks or closes: no sleep needed
+        assert last == "" or last.startswith("421 4.3.2 "), last
+        assert idle.reply() == ""  # and the connection is closed
+        assert stack.gateway is not None and stack.gateway.wait(DRAIN_TIMEOUT + 5) == 0
+        # Nobody was in DATA: the process must not have waited for the drain timeout.
+        assert time.monotonic() - sigterm_at < DRAIN_TIMEOUT / 2
+    finally:
+        idle.close()
+
+
+def test_mail_after_sigterm_in_open_session_is_refused(stack: Stack) -> None:
+    """A session that is between messages when SIGTERM arrives cannot start a new one."""
+    stack.serve()
+    in_data = Raw(stack.smtp_port)
+    other = Raw(stack.smtp_port)
+    try:
+        in_data.login()
+        other.login()
+        assert in_data.cmd("MAIL FROM:<billing@acme.example>").startswith("250 ")
+        assert in_data.cmd("RCPT TO:<client@example.com>").startswith("250 ")
+        assert in_data.cmd("DATA").startswith("354 ")  # keeps the drain waiting
+        stack.terminate()
+        _greeting_when_draining(stack.smtp_port, time.monotonic() + 5)
+        reply = other.cmd("MAIL FROM:<billing@acme.example>")
+        assert reply == "" or reply.startswith("421 4.3.2 "), reply
+        in_data.sock.sendall(b"Subject: last\r\n\r\nbody\r\n.\r\n")
+        assert in_data.reply().startswith("250 2.0.0 Ok: queued as ")
+        assert stack.gateway is not None and stack.gateway.wait(DRAIN_TIMEOUT + 5) == 0
+        assert [e["body"]["asunto"] for e in stack.sent()] == ["last"]
+    finally:
+        in_data.close()
+        other.close()
+
+
+def test_spooled_messages_survive_sigterm_and_go_out_after_restart(stack: Stack) -> None:
+    """test_spool_crash covers SIGKILL; this is the graceful path: spool closed on SIGTERM, resumed at start."""
+    stack.serve()
+    stack.fault(status=503, count=None)  # until cleared
+    replies = [send(stack.smtp_port, f"spooled {n}") for n in range(3)]
+    assert [code for code, _ in replies] == [250, 250, 250]
+    queue_ids = [text.rsplit(" ", 1)[1] for _, text in replies]
+    assert all(len(q) == 16 for q in queue_ids), queue_ids  # local ids: spooled, not delivered
+    spool = stack.tmp / "spool.sqlite3"
+
+    stack.terminate()
+    assert stack.gateway is not None and stack.gateway.wait(DRAIN_TIMEOUT + 5) == 0
+    assert stack.sent() == []
+    assert sorted(str(r["id"]) for r in spool_rows(spool, "queued", "inflight")) == sorted(queue_ids)
+
+    stack.clear_faults()
+    stack.serve()
+    wait_for(lambda: len(stack.sent()) >= 3 or None, 15, "spooled messages delivered after restart")
+    wait_for(lambda: not spool_rows(spool) or None, 10, "spool empty")
+    assert sorted(e["body"]["asunto"] for e in stack.sent()) == ["spooled 0", "spooled 1", "spooled 2"]
+    stack.terminate()
+    assert stack.gateway.wait(DRAIN_TIMEOUT + 5) == 0
