@@ -46,8 +46,9 @@ def gateway_env() -> dict[str, str]:
 
 
 def gateway_command() -> list[str]:
-    """How to run the gateway CLI: the console script, else `python -m gateway`."""
-    script = shutil.which("smtp-gateway")
+    """How to run the gateway CLI: the console script (next to this Python first), else `python -m gateway`."""
+    beside = Path(sys.executable).parent / "smtp-gateway"
+    script = str(beside) if beside.exists() else shutil.which("smtp-gateway")
     if script:
         return [script]
     return [sys.executable, "-m", "gateway"]

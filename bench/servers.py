@@ -172,7 +172,7 @@ def terminate(proc: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> No
 def log_tail(log: Path, lines: int = 15) -> str:
     """Last lines of a log file, for error messages."""
     try:
-        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+        return " | ".join(log.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
 
