@@ -18,12 +18,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from functools import lru_cache
 import random
 import sys
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, TextIO
 
