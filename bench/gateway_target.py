@@ -98,10 +98,11 @@ def password_hash(password: str) -> str:
         sys.path.remove(str(REPO_DIR))
 
 
-def render_config(port: int, api_base: str, spool_path: Path) -> str:
+def render_config(port: int, api_base: str, spool_path: Path, dns_port: int) -> str:
     """Fill bench/gateway.toml.in."""
     return Template(TEMPLATE.read_text()).substitute(
         port=port,
+        dns_port=dns_port,
         api_base=api_base,
         apikey=APIKEY,
         spool_path=str(spool_path),
@@ -122,15 +123,21 @@ class Gateway(Server):
 
     label = "gateway"
 
-    def __init__(self, workdir: Path, latency_ms: int, cmd: list[str], serve_args: list[str]) -> None:
+    def __init__(
+        self, workdir: Path, latency_ms: int, cmd: list[str], serve_args: list[str], workers: int = 1
+    ) -> None:
         super().__init__(workdir)
+        self.workers = workers
+        self.extra: list[subprocess.Popen[bytes]] = []  # worker processes after the first
         self.latency_ms = latency_ms
         self.cmd = cmd
         self.serve_args = serve_args
         self.info = f"serve {' '.join(serve_args)}" if serve_args else ""
-        self.label = f"gateway-{latency_ms}ms"
+        self.label = f"gateway-{latency_ms}ms" + (f"-x{workers}" if workers > 1 else "")
         self.sandbox: subprocess.Popen[bytes] | None = None
         self.sandbox_port = 0
+        self.dns: subprocess.Popen[bytes] | None = None
+        self.dns_port = 0
         self.tmp: Path | None = None
         self.auth = (LOGIN, PASSWORD)
 
@@ -163,16 +170,42 @@ class Gateway(Server):
         except SetupError as exc:
             raise SetupError(f"{exc}: {log_tail(log, 5)}") from None
 
+    def _start_dns(self) -> None:
+        script = Path(__file__).with_name("dnsserve.py")
+        self.dns = spawn(
+            [sys.executable, str(script), genmsg.SENDER_DOMAIN],
+            self.workdir / f"{self.label}-dns.log",
+            stdout_pipe=True,
+        )
+        assert self.dns.stdout is not None
+        line = self.dns.stdout.readline().strip()
+        if not line.isdigit():
+            raise SetupError("bench DNS server did not start")
+        self.dns_port = int(line)
+
     def start(self) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
         self._start_sandbox()
+        self._start_dns()
         self.port = free_port()
-        config = self.tmp / "gateway.toml"
-        config.write_text(render_config(self.port, self.sandbox_url, self.tmp / "spool.sqlite3"))
-        cmd = [*self.cmd, "serve", "--config", str(config), *self.serve_args]
-        self.proc = spawn(cmd, self.log, env=gateway_env())
+        for worker in range(self.workers):
+            # Each worker process has its own spool; with several, the kernel spreads connections (SO_REUSEPORT).
+            config = self.tmp / f"gateway-{worker}.toml"
+            text = render_config(self.port, self.sandbox_url, self.tmp / f"spool-{worker}.sqlite3", self.dns_port)
+            if self.workers > 1:
+                text = text.replace('tls = "none"', 'tls = "none"\nreuse_port = true', 1)
+            config.write_text(text)
+            cmd = [*self.cmd, "serve", "--config", str(config), *self.serve_args]
+            proc = spawn(cmd, self.log, env=gateway_env())
+            if worker == 0:
+                self.proc = proc
+            else:
+                self.extra.append(proc)
         try:
             wait_for_smtp(self.port, self.label, 60, self.proc)
+            # Every worker must be listening before the first point, or worker 0 takes the early load.
+            wait_until(lambda: self.log.read_text(errors="replace").count('"ready"') >= self.workers,
+                       "all gateway workers", 60, self.proc)
         except SetupError as exc:
             raise SetupError(f"{exc}: {log_tail(self.log, 8)}") from None
 
@@ -212,11 +245,19 @@ class Gateway(Server):
             seen = now
         return seen
 
+    def rss_roots(self) -> list[int]:
+        return [p.pid for p in (self.proc, *self.extra) if p is not None]
+
     def stop(self) -> None:
         terminate(self.proc)
         self.proc = None
+        for proc in self.extra:
+            terminate(proc)
+        self.extra = []
         terminate(self.sandbox)
         self.sandbox = None
+        terminate(self.dns)
+        self.dns = None
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp = None

@@ -42,7 +42,7 @@ from smtpsource import SourceRun
 MESSAGES = {"5KB": genmsg.SMALL_NAME, "1MB": genmsg.LARGE_NAME}
 MODES = ("persistent", "per-connection")
 # --quick leaves out gateway+50ms (between the two others) to stay near two minutes.
-QUICK_SETUPS = ["smtp-sink", "bare-aiosmtpd", "postfix", "gateway", "gateway+200ms"]
+QUICK_SETUPS = ["smtp-sink", "bare-aiosmtpd", "postfix", "gateway", "gateway+200ms", "gateway-x2"]
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,15 @@ def build_specs(
             return Gateway(workdir, ms, gateway_cmd, serve_args)
 
         specs.append(SetupSpec(name, "smtp-gateway serve process tree (not the sandbox)", factory))
+
+    def two_workers(workdir: Path) -> Server:
+        if gateway_cmd is None:
+            raise SetupError(gateway_problem or "gateway CLI unavailable")
+        return Gateway(workdir, 0, gateway_cmd, serve_args, workers=2)
+
+    specs.append(
+        SetupSpec("gateway-x2", "two smtp-gateway serve processes on one port (SO_REUSEPORT)", two_workers)
+    )
     return [s for s in specs if _selected(s.name, wanted)]
 
 
@@ -287,7 +296,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--setups",
         default="",
-        help="comma list: smtp-sink,bare-aiosmtpd,postfix,gateway,gateway+50ms,gateway+200ms",
+        help="comma list: smtp-sink,bare-aiosmtpd,postfix,gateway,gateway+50ms,gateway+200ms,gateway-x2",
     )
     parser.add_argument("--sessions", default="1,10,50", help="comma list of smtp-source session counts")
     parser.add_argument("--messages", default="5KB,1MB", help="comma list: 5KB,1MB")

@@ -44,6 +44,9 @@ class ListenerSettings(_Section):
     # for devices that cannot authenticate. Empty: everybody must AUTH.
     trusted_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
     trusted_login: str | None = None
+    # SO_REUSEPORT: several gateway processes may listen on this port and the kernel spreads
+    # connections over them. Each process needs its own delivery.spool_path (see README, Performance).
+    reuse_port: bool = False
     # Proxy protocol etc. deliberately absent: not needed yet.
 
     @model_validator(mode="after")

@@ -46,7 +46,9 @@ class GatewayHandler:
             except ValueError:
                 return None
             if any(ip in net for net in self._trusted):
-                return self.authenticator.principal_for_user(self.listener.trusted_login)
+                # Remembered for the session: MAIL, RCPT and DATA all ask (AUTH may still replace it).
+                session.auth_data = self.authenticator.principal_for_user(self.listener.trusted_login)
+                return session.auth_data
         return None
 
     async def _initial_response(self, server: Any, args: list[str], challenge: str) -> bytes | None:

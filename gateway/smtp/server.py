@@ -108,6 +108,7 @@ class Listeners:
                 port=listener.port,
                 ssl=context if implicit else None,
                 reuse_address=True,
+                reuse_port=listener.reuse_port or None,
                 backlog=1024,
             )
             self.servers.append(server)
