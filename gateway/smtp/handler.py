@@ -47,8 +47,9 @@ class GatewayHandler:
                 return None
             if any(ip in net for net in self._trusted):
                 # Remembered for the session: MAIL, RCPT and DATA all ask (AUTH may still replace it).
-                session.auth_data = self.authenticator.principal_for_user(self.listener.trusted_login)
-                return session.auth_data
+                principal = self.authenticator.principal_for_user(self.listener.trusted_login)
+                session.auth_data = principal  # type: ignore[assignment]  # aiosmtpd types it as None
+                return principal
         return None
 
     async def _initial_response(self, server: Any, args: list[str], challenge: str) -> bytes | None:
