@@ -24,13 +24,12 @@ from gateway.errors import (
 )
 from gateway.model import Principal, Submission
 from gateway.observability import MESSAGES
-
-MESSAGES_BY_CLASS = {cls: MESSAGES.labels(result=f"{cls}xx") for cls in (2, 4, 5)}
 from gateway.recipients import plan_legs
 from gateway.replies import Reply
 from gateway.settings import Settings
 
 log = structlog.get_logger("gateway.pipeline")
+MESSAGES_BY_CLASS = {cls: MESSAGES.labels(result=f"{cls}xx") for cls in (2, 4, 5)}
 
 # Parsing a large message takes milliseconds of CPU: do it off the event loop (design invariant 6).
 PARSE_IN_THREAD_BYTES = 256 * 1024
