@@ -1,0 +1,106 @@
+"""DMDS driver unit tests with httpx.MockTransport: every answer maps to a result or a typed error."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from gateway.errors import Deferred, UpstreamAuthFailed, UpstreamRejected, UpstreamUnavailable
+from gateway.model import Address, Leg
+from gateway.replies import RATE_LIMITED
+from gateway.upstream.dmds import DmdsDriver
+from tests.test_dmds_payload import submission
+
+ONE = (Leg(0, (Address("ann@example.com"),)),)
+MANY = (Leg(0, (Address("ann@example.com"), Address("bob@example.com"))),)
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+def driver(handler: Handler, seen: list[httpx.Request] | None = None) -> DmdsDriver:
+    def record(request: httpx.Request) -> httpx.Response:
+        if seen is not None:
+            seen.append(request)
+        return handler(request)
+
+    return DmdsDriver("https://api-dmds-acme.example", "the-key", transport=httpx.MockTransport(record))
+
+
+async def test_ok_answer_gives_the_eeid_and_sends_the_raw_key() -> None:
+    seen: list[httpx.Request] = []
+    d = driver(lambda r: httpx.Response(200, json={"status": "ok", "sent": 1, "eeid": "e-1"}), seen)
+    result = await d.send(submission(ONE), ONE[0], None)
+    assert (result.upstream_id, result.sent) == ("e-1", 1)
+    request = seen[0]
+    assert request.url == "https://api-dmds-acme.example/v1/envio/send_one_inline/"
+    assert request.headers["Authorization"] == "the-key"  # no scheme (upstream-apis.md §1.1)
+    assert json.loads(request.content)["contacto"] == {"email": "ann@example.com"}
+
+
+async def test_several_contacts_use_send_many_inline() -> None:
+    seen: list[httpx.Request] = []
+    d = driver(lambda r: httpx.Response(200, json={"status": "ok", "sent": 2, "eeid": "e-2"}), seen)
+    await d.send(submission(MANY), MANY[0], "batch-1")
+    body = json.loads(seen[0].content)
+    assert seen[0].url.path == "/v1/envio/send_many_inline/"
+    assert [c["email"] for c in body["contactos"]] == ["ann@example.com", "bob@example.com"]
+    assert (body["reuse_eeid"], body["eeid"]) == (True, "batch-1")
+
+
+@pytest.mark.parametrize(
+    ("response", "error", "text"),
+    [
+        (httpx.Response(403, json={"status": "err", "on": "forbidden"}), UpstreamAuthFailed, "APIKEY"),
+        (httpx.Response(401, text=""), UpstreamAuthFailed, "APIKEY"),
+        (httpx.Response(429, text="slow down"), UpstreamUnavailable, "429"),
+        (httpx.Response(500, text="boom"), UpstreamUnavailable, "500"),
+        (httpx.Response(503, text=""), UpstreamUnavailable, "503"),
+        (httpx.Response(400, json={"status": "err", "on": "invalid email x"}), UpstreamRejected, "invalid email x"),
+        (httpx.Response(422, json={"msg": "missing html"}), UpstreamRejected, "missing html"),
+        (httpx.Response(200, json={"status": "err", "on": "dominio remitente no permitido"}), UpstreamRejected,
+         "dominio remitente no permitido"),
+        (httpx.Response(200, text="<html>proxy error</html>"), UpstreamUnavailable, "not JSON"),
+        (httpx.Response(200, json={"status": "ok", "sent": 1}), UpstreamUnavailable, "without an eeid"),
+    ],
+)
+async def test_answers_map_to_typed_errors(response: httpx.Response, error: type[Exception], text: str) -> None:
+    d = driver(lambda r: response)
+    with pytest.raises(error) as info:
+        await d.send(submission(ONE), ONE[0], None)
+    assert text in str(info.value)
+
+
+async def test_rate_limit_is_452_4_4_5() -> None:
+    d = driver(lambda r: httpx.Response(429))
+    with pytest.raises(UpstreamUnavailable) as info:
+        await d.send(submission(ONE), ONE[0], None)
+    assert info.value.reply == RATE_LIMITED
+
+
+@pytest.mark.parametrize(
+    "exc", [httpx.ConnectError("refused"), httpx.ReadTimeout("slow"), httpx.RemoteProtocolError("x")]
+)
+async def test_transport_failures_are_temporary(exc: Exception) -> None:
+    def fail(request: httpx.Request) -> httpx.Response:
+        raise exc
+
+    with pytest.raises(Deferred):
+        await driver(fail).send(submission(ONE), ONE[0], None)
+
+
+async def test_campaign_apikey_lookup() -> None:
+    def answer(request: httpx.Request) -> httpx.Response:
+        numid = request.url.path.rsplit("/", 1)[1]
+        if numid == "22":
+            return httpx.Response(200, json={"status": "ok", "numid": 22, "apikey": "k22"})
+        if numid == "500":
+            return httpx.Response(500)
+        return httpx.Response(404, json={"status": "err", "on": "campana inexistente"})
+
+    d = driver(answer)
+    assert await d.campaign_apikey(22) == "k22"
+    assert await d.campaign_apikey(99) is None
+    with pytest.raises(UpstreamUnavailable):
+        await d.campaign_apikey(500)
