@@ -32,7 +32,7 @@ _POLICY = _RawHeaders()
 _WS = re.compile(r"\s+")
 
 
-def parse(raw: bytes) -> Message:
+def parse(raw: bytes | bytearray) -> Message:
     """Decode a submitted message. Raises ContentRejected when it cannot be turned into an API call."""
     try:
         return _parse(raw)
@@ -40,7 +40,7 @@ def parse(raw: bytes) -> Message:
         raise ContentRejected("Message structure is nested too deeply") from None
 
 
-def _parse(raw: bytes) -> Message:
+def _parse(raw: bytes | bytearray) -> Message:
     try:
         msg = message_from_bytes(raw, policy=_POLICY)
     except Exception as exc:  # the stdlib parser is lenient; anything it raises is a broken message

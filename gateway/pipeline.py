@@ -97,7 +97,7 @@ class Pipeline:
             raise PolicyRejected(reply=refusal.with_text(f"<{address}>: The domain name {domain} does not exist."))
 
     async def accept(
-        self, principal: Principal, mail_from: str, rcpt_tos: list[str], raw: bytes, smtputf8: bool
+        self, principal: Principal, mail_from: str, rcpt_tos: list[str], raw: bytes | bytearray, smtputf8: bool
     ) -> Reply:
         """The reply to the end of DATA. Never raises: unexpected errors become 451 4.3.0."""
         bound = log.bind(login=principal.login, account=principal.account, size=len(raw), rcpts=len(rcpt_tos))
@@ -117,13 +117,17 @@ class Pipeline:
         return reply
 
     async def prepare(
-        self, principal: Principal, mail_from: str, rcpt_tos: list[str], raw: bytes, smtputf8: bool
+        self, principal: Principal, mail_from: str, rcpt_tos: list[str], raw: bytes | bytearray, smtputf8: bool
     ) -> Submission:
         account = self.accounts[principal.account]
         if len(raw) > PARSE_IN_THREAD_BYTES:
             message = await asyncio.get_running_loop().run_in_executor(_PARSER, mime.parse, raw)
         else:
             message = mime.parse(raw)
+        if isinstance(raw, bytearray):
+            # Everything the call needs is in `message` now; release the raw copy (the session's
+            # envelope and the callers' frames still point at this buffer, not at its contents).
+            raw.clear()
         campaign, subject = campaigns.resolve_campaign(principal, message.subject, message.options)
         if account.campaigns and campaign not in account.campaigns:
             raise ContentRejected(reply=replies.UNKNOWN_CAMPAIGN.with_text(f"Unknown campaign {campaign}"))

@@ -145,7 +145,7 @@ class GatewayHandler:
         if principal is None:
             return str(replies.AUTH_REQUIRED)
         raw = envelope.original_content
-        assert isinstance(raw, bytes) and envelope.mail_from is not None
+        assert isinstance(raw, (bytes, bytearray)) and envelope.mail_from is not None
         reply = await self.pipeline.accept(
             principal, envelope.mail_from, list(envelope.rcpt_tos), raw, "SMTPUTF8" in envelope.mail_options
         )
