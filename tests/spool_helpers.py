@@ -49,3 +49,47 @@ def spool_rows(path: Path, *states: str) -> list[dict[str, object]]:
         return store.list(states or ("queued", "inflight", "dead"))
     finally:
         store.close()
+
+
+def write_serve_config(tmp: Path, smtp_port: int, sandbox_port: int, delivery: dict[str, object]) -> Path:
+    """A TOML config for `smtp-gateway serve` in a subprocess: one plain listener, the test account,
+    the given [delivery] keys, no DNS checks, JSON logs (the tests read log events)."""
+    from tests.harness import APIKEY, PASSWORD_HASH, USER
+
+    lines = "\n".join(f"{key} = {_toml(value)}" for key, value in delivery.items())
+    path = tmp / "gateway.toml"
+    path.write_text(f"""
+hostname = "gw.example"
+[[listeners]]
+name = "plain"
+address = "127.0.0.1"
+port = {smtp_port}
+tls = "none"
+allow_insecure_auth = true
+[accounts.acme]
+dmdsid = "acme"
+api_base = "http://127.0.0.1:{sandbox_port}"
+apikey = "{APIKEY}"
+http_timeout = 5.0
+sender_domains = {{ "acme.example" = "dmds-acme@nl.acme.example" }}
+[[accounts.acme.users]]
+username = "{USER}"
+password_hash = "{PASSWORD_HASH}"
+campaign = 22
+[delivery]
+spool_path = "{tmp / 'spool.sqlite3'}"
+{lines}
+[dns]
+check_sender_domain = false
+[log]
+format = "json"
+""")
+    return path
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return str(value)

@@ -21,8 +21,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.harness import APIKEY, PASSWORD, PASSWORD_HASH, USER
-from tests.spool_helpers import send, spool_rows, wait_for
+from tests.harness import APIKEY, PASSWORD, USER
+from tests.spool_helpers import send, spool_rows, wait_for, write_serve_config
 
 CLI = [sys.executable, "-m", "gateway"]
 DRAIN_TIMEOUT = 8.0
@@ -102,38 +102,9 @@ class Stack:
 
 
 def _config(tmp: Path, smtp_port: int, sandbox_port: int) -> Path:
-    path = tmp / "gateway.toml"
-    path.write_text(f"""
-hostname = "gw.example"
-[[listeners]]
-name = "plain"
-address = "127.0.0.1"
-port = {smtp_port}
-tls = "none"
-allow_insecure_auth = true
-[accounts.acme]
-dmdsid = "acme"
-api_base = "http://127.0.0.1:{sandbox_port}"
-apikey = "{APIKEY}"
-http_timeout = 5.0
-sender_domains = {{ "acme.example" = "dmds-acme@nl.acme.example" }}
-[[accounts.acme.users]]
-username = "{USER}"
-password_hash = "{PASSWORD_HASH}"
-campaign = 22
-[delivery]
-spool_path = "{tmp / 'spool.sqlite3'}"
-inline_budget = 3.0
-retry_schedule = [0.3]
-retry_jitter = 0.1
-poll_interval = 0.2
-shutdown_timeout = 3.0
-[dns]
-check_sender_domain = false
-[log]
-format = "json"
-""")
-    return path
+    delivery = {"inline_budget": 3.0, "retry_schedule": [0.3], "retry_jitter": 0.1, "poll_interval": 0.2,
+                "shutdown_timeout": 3.0}
+    return write_serve_config(tmp, smtp_port, sandbox_port, delivery)
 
 
 @pytest.fixture

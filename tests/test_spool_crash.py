@@ -18,8 +18,8 @@ from typing import Any
 
 import httpx
 
-from tests.harness import APIKEY, PASSWORD, PASSWORD_HASH, USER
-from tests.spool_helpers import message, wait_for
+from tests.harness import APIKEY, PASSWORD, USER
+from tests.spool_helpers import message, wait_for, write_serve_config
 
 CLI = [sys.executable, "-m", "gateway"]
 
@@ -31,38 +31,9 @@ def _free_port() -> int:
 
 
 def _config(tmp: Path, smtp_port: int, sandbox_port: int) -> Path:
-    path = tmp / "gateway.toml"
-    path.write_text(f"""
-hostname = "gw.example"
-[[listeners]]
-name = "plain"
-address = "127.0.0.1"
-port = {smtp_port}
-tls = "none"
-allow_insecure_auth = true
-[accounts.acme]
-dmdsid = "acme"
-api_base = "http://127.0.0.1:{sandbox_port}"
-apikey = "{APIKEY}"
-http_timeout = 5.0
-sender_domains = {{ "acme.example" = "dmds-acme@nl.acme.example" }}
-[[accounts.acme.users]]
-username = "{USER}"
-password_hash = "{PASSWORD_HASH}"
-campaign = 22
-[delivery]
-spool_path = "{tmp / 'spool.sqlite3'}"
-inline_budget = 0.5
-retry_schedule = [0.2, 0.5]
-retry_jitter = 0.2
-poll_interval = 0.2
-concurrency = 8
-[dns]
-check_sender_domain = false
-[log]
-format = "json"
-""")
-    return path
+    return write_serve_config(tmp, smtp_port, sandbox_port, {
+        "inline_budget": 0.5, "retry_schedule": [0.2, 0.5], "retry_jitter": 0.2, "poll_interval": 0.2, "concurrency": 8
+    })
 
 
 def _serve(config: Path, log: Path, port: int) -> subprocess.Popen[bytes]:
