@@ -71,6 +71,18 @@ class SetupSpec:
     factory: Callable[[Path], Server]
 
 
+def install_postfix() -> None:
+    """On a fresh Debian machine, as root: install Postfix (smtp-source, smtp-sink) without its
+    configuration dialog, so the one bench command works there too. The system Postfix is never started
+    by the bench; it runs its own instance."""
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        return
+    print("installing Debian's postfix package (smtp-source, smtp-sink) ...", flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], env=env, check=False)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "postfix"], env=env, check=False)
+
+
 def build_specs(
     wanted: list[str], gateway_cmd: list[str] | None, gateway_problem: str, serve_args: list[str]
 ) -> list[SetupSpec]:
@@ -338,6 +350,8 @@ def _sigterm(_signum: int, _frame: object) -> None:
 
 def preflight() -> None:
     """Fail early when the load generator is missing."""
+    if smtpsource.binary() is None:
+        install_postfix()
     if smtpsource.binary() is None:
         sys.exit("smtp-source not found: apt-get install postfix (it ships smtp-source and smtp-sink)")
 
