@@ -17,14 +17,6 @@ class Reply:
     def __str__(self) -> str:
         return f"{self.code} {self.status} {self.text}"
 
-    @property
-    def is_temporary(self) -> bool:
-        return 400 <= self.code < 500
-
-    @property
-    def is_permanent(self) -> bool:
-        return self.code >= 500
-
     def with_text(self, text: str) -> Reply:
         return Reply(self.code, self.status, sanitize(text))
 
@@ -50,8 +42,6 @@ RECIPIENT_OK = Reply(250, "2.1.5", "Ok")
 AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
 
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
-TLS_REQUIRED = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
-ENCRYPTION_REQUIRED = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
 AUTH_INVALID = Reply(535, "5.7.8", "Authentication credentials invalid")
 AUTH_TEMPFAIL = Reply(454, "4.7.0", "Temporary authentication failure")
 AUTH_TOO_MANY = Reply(421, "4.7.0", "Too many failed authentication attempts, closing connection")
@@ -60,7 +50,6 @@ SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address rejected: not owned by us
 BAD_SENDER = Reply(553, "5.1.3", "Bad sender address syntax")
 UTF8_LOCALPART = Reply(553, "5.6.7", "Non-ASCII local part not supported")
 BAD_RECIPIENT = Reply(553, "5.1.3", "Bad recipient address syntax")
-RECIPIENT_UNDELIVERABLE = Reply(550, "5.1.1", "Recipient address rejected")
 HEADER_FROM_REJECTED = Reply(550, "5.7.1", "From header address rejected")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
