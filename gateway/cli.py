@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from gateway import __version__
-from gateway.settings import ConfigError, Settings, load_settings, masked_dump
+from gateway.settings import ConfigError, DmdsAccount, Settings, load_settings, masked_dump
 
 
 def _load(args: argparse.Namespace) -> Settings:
@@ -41,7 +41,8 @@ def cmd_check_domains(args: argparse.Namespace) -> int:
     settings = _load(args)
     d = settings.dns
     resolver = DnsResolver(d.nameservers or None, d.port, d.timeout, d.max_ttl, d.negative_ttl)
-    pairs = {dom: rp for account in settings.accounts.values() for dom, rp in account.sender_domains.items()}
+    pairs = {dom: rp for account in settings.accounts.values() if isinstance(account, DmdsAccount)
+             for dom, rp in account.sender_domains.items()}
     if not pairs:
         print("no sender_domains configured", file=sys.stderr)
         return 1
@@ -51,7 +52,7 @@ def cmd_check_domains(args: argparse.Namespace) -> int:
 
 
 def cmd_queue(args: argparse.Namespace) -> int:
-    from gateway.spool import admin
+    from gateway.queue import admin
 
     return admin.main(_load(args), args)
 
@@ -68,22 +69,25 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
-    from gateway.sandbox import SandboxState, run_forever
+    from gateway.providers.dengage.sandbox import DengageSandbox
+    from gateway.providers.dengage.sandbox import install as dengage
+    from gateway.providers.dmds.sandbox import DmdsSandbox
+    from gateway.providers.dmds.sandbox import install as dmds
+    from gateway.sandbox import Sandbox, SandboxState, run_forever
 
     campaigns = {}
     for item in args.campaign or []:
         numid, _, key = item.partition("=")
         campaigns[int(numid)] = key
     state = SandboxState(
-        apikey=args.apikey,
-        campaigns=campaigns,
-        sender_domains=set(args.sender_domain or []),
         latency=args.latency_ms / 1000.0,
         record_path=Path(args.record) if args.record else None,
         echo=None if args.quiet else sys.stdout,
     )
+    dmds_state = DmdsSandbox(apikey=args.apikey, campaigns=campaigns, sender_domains=set(args.sender_domain or []))
+    sandbox = Sandbox(state, [lambda s: dmds(s, dmds_state), lambda s: dengage(s, DengageSandbox())])
     host, _, port = args.listen.rpartition(":")
-    _run_loop(run_forever(state, host or "127.0.0.1", int(port)))
+    _run_loop(run_forever(sandbox, host or "127.0.0.1", int(port)))
     return 0
 
 
@@ -126,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_check_domains)
 
-    from gateway.spool import admin
+    from gateway.queue import admin
 
     admin.add_parser(sub, with_config)
     sub.choices["queue"].set_defaults(func=cmd_queue)
