@@ -14,6 +14,7 @@ from gateway.delivery.health import AccountHealth
 from gateway.delivery.owner import DeliveryOwner
 from gateway.dns import DnsResolver
 from gateway.domaincheck import check_domains
+from gateway.errors import SpoolUnavailable
 from gateway.observability import OperatorEndpoint
 from gateway.pipeline import Pipeline
 from gateway.providers import registry
@@ -40,25 +41,28 @@ class App:
 
     async def start(self) -> None:
         settings = self.settings
-        for name, account in settings.accounts.items():
-            self.providers[name] = registry.build(name, account)
-        self.authenticator = Authenticator(settings.accounts, self.providers)
-        d = settings.dns
-        self.resolver = DnsResolver(d.nameservers or None, d.port, d.timeout, d.max_ttl, d.negative_ttl)
         # The queue is opened before listening; what another instance (or the last run) left is resumed.
         self.store = open_store(settings.delivery)
         try:
             await self.store.open()
-        except Exception as exc:
+        except SpoolUnavailable as exc:
             # Not fatal: the healthy path needs no queue; messages that need it get 452 4.3.1 until it can
             # be opened (each use tries again).
-            log.error("queue_unavailable", queue=self.store.url, error=str(exc))
+            log.error("queue_unavailable", queue=self.store.url, error=exc.reason)
+        for name, account in settings.accounts.items():
+            self.providers[name] = registry.build(name, account, self.store)
+        self.authenticator = Authenticator(settings.accounts, self.providers)
+        d = settings.dns
+        self.resolver = DnsResolver(d.nameservers or None, d.port, d.timeout, d.max_ttl, d.negative_ttl)
         self.health = AccountHealth(list(settings.accounts))
         self.owner = DeliveryOwner(self.providers, self.store, settings.delivery, self.health)
         dsettings = settings.delivery
         self.worker = RetryWorker(self.owner, list(settings.accounts), dsettings.concurrency,
                                   dsettings.poll_interval, dsettings.probe_interval)
         self.worker.start()
+        # Another instance made something due: wake the worker now rather than at its next poll.
+        self._background.add(asyncio.get_running_loop().create_task(
+            self.store.listen(lambda account: self.owner.wakeup.set() if self.owner else None)))
         self.pipeline = Pipeline(settings, self.providers, self.owner, resolver=self.resolver)
         self.listeners = Listeners(settings, self.pipeline, self.authenticator)
         await self.listeners.start()

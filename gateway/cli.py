@@ -9,6 +9,8 @@ import json
 import sys
 from pathlib import Path
 
+import structlog
+
 from gateway import __version__
 from gateway.settings import ConfigError, DmdsAccount, Settings, load_settings, masked_dump
 
@@ -23,8 +25,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _load(args)
     logs.configure(settings.log)
+    if args.workers > 1 and args.worker_slot is None:
+        from gateway.supervisor import Supervisor
+
+        worker_args = ["serve", "--drain-timeout", str(args.drain_timeout)]
+        if args.config:
+            worker_args += ["--config", args.config]
+        return Supervisor(worker_args, args.workers).run()
+    if args.worker_slot is not None:
+        settings = as_worker(settings, args.worker_slot)
+        structlog.contextvars.bind_contextvars(worker=args.worker_slot)
     _run_loop(run(App(settings), drain_timeout=args.drain_timeout))
     return 0
+
+
+def as_worker(settings: Settings, slot: int) -> Settings:
+    """Worker `slot` of `serve --workers N`: every listener shared (SO_REUSEPORT), and its own operator
+    endpoint port (http.port + slot), so each worker's metrics and health can be scraped."""
+    listeners = [listener.model_copy(update={"reuse_port": True}) for listener in settings.listeners]
+    http = settings.http
+    if http.port:
+        http = http.model_copy(update={"port": http.port + slot})
+    return settings.model_copy(update={"listeners": listeners, "http": http})
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -121,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = with_config(sub.add_parser("serve", help="run the gateway"))
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds sessions in DATA get on SIGTERM")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes sharing the listeners (SO_REUSEPORT) and the queue; one per core is typical")
+    p.add_argument("--worker-slot", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_serve)
 
     p = with_config(sub.add_parser("check-config", help="validate the configuration and print it, secrets masked"))

@@ -67,6 +67,10 @@ class AccountBase(Section):
     # every instance on a PostgreSQL queue); None: no limit. `rate_burst`: how many may go at once.
     rate_limit: float | None = Field(None, gt=0)
     rate_burst: int = Field(10, ge=1)
+    # Opt-in: the Message-ID with the envelope (sender, recipients) is the message's idempotency key, so a
+    # client that resends after losing the 250 does not deliver twice. For clients that keep the
+    # Message-ID on a resend (most MTAs and mail libraries do); X-Gateway-Idempotency-Key always works.
+    idempotency_from_message_id: bool = False
 
     @model_validator(mode="after")
     def _unique_users(self) -> AccountBase:

@@ -58,6 +58,13 @@ CLIENT_GONE = Counter(
     ["verdict"],
     registry=REGISTRY,
 )
+RESENDS = Counter(
+    "smtp_gateway_resends_total",
+    "Messages not sent again because their idempotency key was seen within the window: answered (250 with the "
+    "first message's id) or in_progress (451: the first copy is still being delivered)",
+    ["account", "result"],
+    registry=REGISTRY,
+)
 INTERNAL_ERRORS = Counter(
     "smtp_gateway_internal_errors_total",
     "Unexpected exceptions (bugs), each logged once with its traceback",

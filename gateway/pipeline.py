@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import structlog
 
-from gateway import mime, policy, replies
+from gateway import idempotency, mime, policy, replies
 from gateway.delivery.owner import DeliveryOwner
 from gateway.dns import DnsResolver, DnsTemporaryError
 from gateway.errors import ContentRejected, Deferred, DnsTempFailure, GatewayError, PolicyRejected, Rejected
@@ -78,7 +78,9 @@ class Pipeline:
         bound = log.bind(login=principal.login, account=principal.account, size=len(raw), rcpts=len(rcpt_tos))
         try:
             submission, plan = await self.prepare(principal, mail_from, rcpt_tos, raw, smtputf8)
-            reply = await self.owner.submit(submission, plan, bound)
+            account = self.settings.accounts[principal.account]
+            key = idempotency.key_of(submission, account.idempotency_from_message_id)
+            reply = await self.owner.submit(submission, plan, bound, key)
         except Rejected as exc:
             bound.info("message_rejected", reply=str(exc.reply), reason=exc.reason)
             reply = exc.reply

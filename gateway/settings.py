@@ -110,6 +110,9 @@ class DeliverySettings(_Section):
     ambiguous: Literal["resend", "hold"] = "resend"
     # On SIGTERM: how long running upstream calls get to finish and record.
     shutdown_timeout: float = Field(10.0, ge=0)
+    # A message resent with the same idempotency key within this window gets the first one's 250 and is
+    # not sent again (X-Gateway-Idempotency-Key header; or Message-ID + envelope, per account).
+    idempotency_window: float = Field(24 * 3600, gt=0)
 
     @field_validator("queue_url")
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import pytest
 
 from tests.harness import LoopThread, Running, start, stop
+from tests.pgserver import PgCluster, PgUnavailable
 
 pytest_plugins = ["tests.conftest_dns"]
 
@@ -20,6 +22,21 @@ def loop_thread() -> Iterator[LoopThread]:
     lt = LoopThread()
     yield lt
     lt.close()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    """One private PostgreSQL cluster per test session. Missing server binaries skip these tests on a
+    developer machine, and fail them in CI (CI=true), where .ci/run installs PostgreSQL."""
+    try:
+        cluster = PgCluster()
+    except PgUnavailable as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL is required in CI: {exc}")
+        pytest.skip(str(exc))
+    cluster.start()
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from gateway.delivery import transition
 from gateway.delivery.outcome import Outcome
 from gateway.errors import UpstreamRejected, UpstreamUnavailable
 from gateway.queue import codec
+from gateway.queue.postgres import PostgresQueue
 from gateway.queue.sqlite import SqliteQueue
 from gateway.queue.sqlite_schema import LATEST, V1
 from gateway.queue.store import QueueStore
@@ -23,13 +24,14 @@ from tests.queue_contract import PLAN, POLICY, new, submission
 Factory = Callable[[], QueueStore]
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "postgresql"])
 async def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Factory]:
     """Opens stores on one shared backend: several stores are several instances on one queue."""
     opened: list[QueueStore] = []
+    url = request.getfixturevalue("pg_cluster").new_database() if request.param == "postgresql" else ""
 
     def factory() -> QueueStore:
-        store = SqliteQueue(tmp_path / "queue.sqlite3")
+        store: QueueStore = PostgresQueue(url) if url else SqliteQueue(tmp_path / "queue.sqlite3")
         opened.append(store)
         return store
 
@@ -223,24 +225,49 @@ async def test_idempotency_keys(make_store: Factory) -> None:
     await a.open()
     await b.open()
     now = time.time()
-    assert await a.claim_key("acme", "k1", "M1", now, 3600) is None
-    hit = await b.claim_key("acme", "k1", "M2", now, 3600)
+    assert await a.claim_key("acme", "k1", "M1", now, 3600, 60) is None
+    hit = await b.claim_key("acme", "k1", "M2", now, 3600, 60)
     assert hit is not None and (hit.msg_id, hit.reply_id) == ("M1", None)  # first copy still in progress
     await a.finish_key("acme", "k1", "M1", "eeid-1")
-    hit = await b.claim_key("acme", "k1", "M3", now + 10, 3600)
+    hit = await b.claim_key("acme", "k1", "M3", now + 10, 3600, 60)
     assert hit is not None and hit.reply_id == "eeid-1"
-    assert await b.claim_key("other", "k1", "M4", now, 3600) is None  # per account
-    assert await b.claim_key("acme", "k1", "M5", now + 3601, 3600) is None  # window over
-    assert await a.claim_key("acme", "k2", "M6", now, 3600) is None
+    assert await b.claim_key("other", "k1", "M4", now, 3600, 60) is None  # per account
+    assert await b.claim_key("acme", "k1", "M5", now + 3601, 3600, 60) is None  # window over
+    assert await a.claim_key("acme", "k2", "M6", now, 3600, 60) is None
     await a.finish_key("acme", "k2", "M6", None)  # refused: the key is forgotten
-    assert await b.claim_key("acme", "k2", "M7", now, 3600) is None
+    assert await b.claim_key("acme", "k2", "M7", now, 3600, 60) is None
+    # An attempt whose process died before answering: its key is taken over after `stale` seconds ...
+    assert await a.claim_key("acme", "k3", "M8", now, 3600, 60) is None
+    hit = await b.claim_key("acme", "k3", "M9", now + 30, 3600, 60)
+    assert hit is not None and hit.reply_id is None  # within `stale`: still in progress
+    assert await b.claim_key("acme", "k3", "M9", now + 61, 3600, 60) is None
+    # ... unless its message was queued: then it was accepted, and a resend gets that message's id.
+    await a.insert(new("M10", now))
+    assert await a.claim_key("acme", "k4", "M10", now, 3600, 60) is None
+    hit = await b.claim_key("acme", "k4", "M11", now + 61, 3600, 60)
+    assert hit is not None and hit.reply_id == "M10"
 
 
 async def test_migrate_is_idempotent(make_store: Factory) -> None:
     first = make_store()
-    assert await first.migrate() == (0, LATEST)  # a new queue: every migration ran
+    found, latest = await first.migrate()
+    assert found == 0 and latest >= 1  # a new queue: every migration ran
     second = make_store()
-    assert await second.migrate() == (LATEST, LATEST)
+    assert await second.migrate() == (latest, latest)
+
+
+async def test_shared_rate_limit_spaces_calls_across_instances(make_store: Factory) -> None:
+    """Two instances taking slots of one 10/s bucket (burst 2) are spaced as one: the n-th slot waits
+    about (n - burst + 1) / rate, whichever instance takes it."""
+    a, b = make_store(), make_store()
+    await a.open()
+    await b.open()
+    waits = [await (a if n % 2 else b).rate_slot("acme", 0.1, 2) for n in range(6)]
+    assert waits[0] == pytest.approx(0, abs=0.05) and waits[1] == pytest.approx(0, abs=0.05)
+    for n in range(2, 6):
+        assert waits[n] == pytest.approx((n - 1) * 0.1, abs=0.05)
+    await a.rate_pause("acme", 5.0, 30.0)  # a 429 with Retry-After: 5
+    assert await b.rate_slot("acme", 0.1, 2) >= 4.5
 
 
 async def test_a_v1_spool_is_migrated_and_its_messages_resumed(tmp_path: Path) -> None:

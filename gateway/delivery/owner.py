@@ -34,7 +34,7 @@ from gateway.delivery.outcome import Outcome
 from gateway.delivery.transition import Before, Decision, RetryPolicy
 from gateway.errors import Deferred, GatewayError, SpoolUnavailable
 from gateway.model import Call, Submission
-from gateway.observability import AMBIGUOUS, CLIENT_GONE, DELIVERIES, INTERNAL_ERRORS
+from gateway.observability import AMBIGUOUS, CLIENT_GONE, DELIVERIES, INTERNAL_ERRORS, RESENDS
 from gateway.providers.base import Provider
 from gateway.queue import codec
 from gateway.queue.store import Claimed, NewMessage, QueueStore
@@ -43,6 +43,7 @@ from gateway.settings import DeliverySettings
 
 log = structlog.get_logger("gateway.delivery")
 SLOW = Reply(451, "4.4.1", "Upstream did not answer within the inline budget; try again later")
+IN_PROGRESS = Reply(451, "4.3.0", "A message with this idempotency key is being delivered; try again later")
 
 
 def new_id() -> str:
@@ -66,6 +67,7 @@ class _Inline:
     started: set[str] = field(default_factory=set)  # call keys handed to the upstream
     token: int | None = None  # set once the message is stored in flight
     client_gone: bool = False
+    idempotency_key: str | None = None
 
 
 class DeliveryOwner:
@@ -90,19 +92,52 @@ class DeliveryOwner:
     # -- inline ----------------------------------------------------------------------------------------
 
     async def submit(
-        self, submission: Submission, plan: Sequence[Call], bound: structlog.typing.FilteringBoundLogger
+        self, submission: Submission, plan: Sequence[Call], bound: structlog.typing.FilteringBoundLogger,
+        idempotency_key: str | None = None,
     ) -> Reply:
         """The reply to a new message. The attempt is ours: if the session is cancelled (client gone),
         the attempt goes on and records its outcome."""
         now = self.clock()
-        attempt = _Inline(new_id(), submission, transition.fresh(plan, now, self.policy), bound)
+        attempt = _Inline(new_id(), submission, transition.fresh(plan, now, self.policy), bound,
+                          idempotency_key=idempotency_key)
+        if idempotency_key is not None:
+            resent = await self._resent(attempt, now)
+            if resent is not None:
+                return resent
         decided: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        if idempotency_key is not None:
+            decided.add_done_callback(lambda f: self._spawn(self._finish_key(attempt, f.result())))
         self._spawn(self._first_attempt(attempt, decided))
         try:
             return await asyncio.shield(decided)
         except asyncio.CancelledError:
             attempt.client_gone = True
             raise
+
+    async def _resent(self, attempt: _Inline, now: float) -> Reply | None:
+        """A resend of a message already taken (same idempotency key within the window): its reply."""
+        account, key = attempt.submission.principal.account, attempt.idempotency_key
+        assert key is not None
+        # Past the inline budget (+ time to store) the first attempt has answered, or its process is gone.
+        stale = self.settings.inline_budget + 60.0
+        hit = await self.store.claim_key(account, key, attempt.msg_id, now, self.settings.idempotency_window, stale)
+        if hit is None:
+            return None
+        RESENDS.labels(account=account, result="in_progress" if hit.reply_id is None else "answered").inc()
+        attempt.log.info("message_resend_not_sent", key=key[:12], first_queue_id=hit.msg_id, reply_id=hit.reply_id)
+        if hit.reply_id is None:
+            return IN_PROGRESS
+        return replies.queued(hit.reply_id)
+
+    async def _finish_key(self, attempt: _Inline, reply: Reply) -> None:
+        """Remember the id the 250 carried, or forget the key when the message was not taken."""
+        key = attempt.idempotency_key
+        assert key is not None
+        reply_id = reply.text.rpartition(" ")[2] if reply.code == 250 else None
+        try:
+            await self.store.finish_key(attempt.submission.principal.account, key, attempt.msg_id, reply_id)
+        except SpoolUnavailable as exc:
+            attempt.log.error("idempotency_key_not_recorded", key=key[:12], error=exc.reason)
 
     async def _first_attempt(self, attempt: _Inline, decided: asyncio.Future[Reply]) -> None:
         try:
@@ -218,7 +253,7 @@ class DeliveryOwner:
             id=attempt.msg_id, account=s.principal.account, mail_from=s.mail_from, subject=s.message.subject,
             submission=codec.encode(s), decision=decision, inflight_owner=self.owner if inflight else None,
             lease_until=self.clock() + self.settings.lease_seconds, created=attempt.before.created,
-            expires=attempt.before.expires,
+            expires=attempt.before.expires, idempotency_key=attempt.idempotency_key,
         )
 
     @staticmethod

@@ -9,20 +9,25 @@ from __future__ import annotations
 from typing import cast
 
 from gateway.providers.base import Provider
+from gateway.queue.store import QueueStore
 from gateway.settings import AccountSettings, DengageAccount, DmdsAccount
 from gateway.upstream.client import HttpClient
-from gateway.upstream.ratelimit import RateLimiter, TokenBucket, Unlimited
+from gateway.upstream.ratelimit import RateLimiter, SharedBucket, TokenBucket, Unlimited
 
 
-def limiter_for(name: str, account: AccountSettings) -> RateLimiter:
+def limiter_for(name: str, account: AccountSettings, store: QueueStore | None = None) -> RateLimiter:
+    """The account's rate limit: shared through the queue store by every process and instance on it
+    (so N of them stay under the upstream's limit together), or this process's own without a store."""
     if account.rate_limit is None:
         return Unlimited()
-    return TokenBucket(account.rate_limit, account.rate_burst, account=name)
+    if store is None:
+        return TokenBucket(account.rate_limit, account.rate_burst, account=name)
+    return SharedBucket(store.rate_slot, store.rate_pause, account.rate_limit, account.rate_burst, account=name)
 
 
-def build(name: str, account: AccountSettings, limiter: RateLimiter | None = None) -> Provider:
+def build(name: str, account: AccountSettings, store: QueueStore | None = None) -> Provider:
     """The account's provider with its own pooled HTTP client and (unless given a shared one) rate limiter."""
-    limiter = limiter or limiter_for(name, account)
+    limiter = limiter_for(name, account, store)
     if isinstance(account, DmdsAccount):
         from gateway.providers.dmds.provider import DmdsProvider
 

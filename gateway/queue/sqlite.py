@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import sqlite3
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -35,6 +36,7 @@ class SqliteQueue:
         self._db: sqlite3.Connection | None = None
         self._found_version = 0  # the schema version this process found (migrated on connecting)
         self._closed = False
+        self._rate = RateFile(path.with_name(path.name + "-ratelimit"))
 
     # -- plumbing ------------------------------------------------------------------------------------
 
@@ -104,6 +106,7 @@ class SqliteQueue:
 
         await asyncio.get_running_loop().run_in_executor(self._executor, shut)
         self._executor.shutdown(wait=True)
+        await self._rate.close()
 
     # -- the server's side ---------------------------------------------------------------------------
 
@@ -254,16 +257,34 @@ class SqliteQueue:
 
         return await self._run(run)
 
+    async def listen(self, wake: Callable[[str], None]) -> None:
+        return None  # SQLite has no notifications: the retry worker polls (delivery.poll_interval)
+
+    # -- shared rate limits ---------------------------------------------------------------------------
+
+    async def rate_slot(self, account: str, interval: float, burst: int) -> float:
+        return await self._rate.slot(account, interval, burst)
+
+    async def rate_pause(self, account: str, seconds: float, slow_for: float) -> None:
+        await self._rate.pause(account, seconds, slow_for)
+
     # -- idempotency keys -----------------------------------------------------------------------------
 
-    async def claim_key(self, account: str, key: str, msg_id: str, now: float, window: float) -> KeyHit | None:
+    async def claim_key(
+        self, account: str, key: str, msg_id: str, now: float, window: float, stale: float
+    ) -> KeyHit | None:
         def run() -> KeyHit | None:
             with self._tx() as db:
                 db.execute("DELETE FROM idempotency WHERE expires<?", (now,))
-                row = db.execute("SELECT msg_id, reply_id FROM idempotency WHERE account=? AND key=?",
+                row = db.execute("SELECT msg_id, reply_id, created FROM idempotency WHERE account=? AND key=?",
                                  (account, key)).fetchone()
-                if row is not None:
+                if row is not None and (row["reply_id"] is not None or row["created"] >= now - stale):
                     return KeyHit(row["msg_id"], row["reply_id"])
+                if row is not None:
+                    if db.execute("SELECT 1 FROM messages WHERE id=?", (row["msg_id"],)).fetchone() is not None:
+                        db.execute("UPDATE idempotency SET reply_id=msg_id WHERE account=? AND key=?", (account, key))
+                        return KeyHit(row["msg_id"], row["msg_id"])
+                    db.execute("DELETE FROM idempotency WHERE account=? AND key=?", (account, key))
                 db.execute("INSERT INTO idempotency (account, key, msg_id, created, expires) VALUES (?,?,?,?,?)",
                            (account, key, msg_id, now, now + window))
             return None
@@ -352,3 +373,69 @@ class SqliteQueue:
             return cur.rowcount == 1
 
         return await self._run(run)
+
+
+class RateFile:
+    """The token buckets of the local processes sharing a SQLite queue, in a side file of their own: they
+    need no durability (no fsync) and must not wait behind the queue's writes (own thread)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="queue-rate")
+        self._db: sqlite3.Connection | None = None
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=OFF")
+            db.execute("CREATE TABLE IF NOT EXISTS rate_buckets (account TEXT PRIMARY KEY, tat REAL NOT NULL,"
+                       " slow_until REAL NOT NULL DEFAULT 0)")
+            self._db = db
+        return self._db
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args))
+        except (sqlite3.Error, OSError) as exc:
+            raise SpoolUnavailable(f"rate limit file {self.path}: {type(exc).__name__}: {exc}") from exc
+
+    async def slot(self, account: str, interval: float, burst: int) -> float:
+        def run() -> float:
+            db = self._conn()
+            now = time.time()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                row = db.execute("SELECT tat, slow_until FROM rate_buckets WHERE account=?", (account,)).fetchone()
+                tat, slow_until = (row[0], row[1]) if row else (now, 0.0)
+                step = interval * (2 if slow_until > now else 1)
+                tat = max(tat, now)
+                db.execute("INSERT INTO rate_buckets (account, tat, slow_until) VALUES (?,?,?) ON CONFLICT (account)"
+                           " DO UPDATE SET tat=excluded.tat", (account, tat + step, slow_until))
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return max(0.0, tat - (burst - 1) * step - now)
+
+        return await self._run(run)
+
+    async def pause(self, account: str, seconds: float, slow_for: float) -> None:
+        def run() -> None:
+            now = time.time()
+            self._conn().execute(
+                "INSERT INTO rate_buckets (account, tat, slow_until) VALUES (?,?,?) ON CONFLICT (account) DO UPDATE"
+                " SET tat=MAX(tat, excluded.tat), slow_until=excluded.slow_until",
+                (account, now + seconds, now + slow_for),
+            )
+
+        await self._run(run)
+
+    async def close(self) -> None:
+        def shut() -> None:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, shut)
+        self._executor.shutdown(wait=True)

@@ -16,7 +16,7 @@ gateway/delivery/transition.py; the store applies them atomically and only under
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -117,10 +117,32 @@ class QueueStore(Protocol):
         `limit=1`: a probe of an upstream that is down). Claims then take them oldest first."""
         ...
 
+    async def listen(self, wake: Callable[[str], None]) -> None:
+        """Call `wake(account)` when another instance makes a message of `account` due; runs until
+        cancelled. Backends without notifications return at once (the worker polls)."""
+        ...
+
+    # -- rate limits shared by every instance on this queue ---------------------------------------------
+
+    async def rate_slot(self, account: str, interval: float, burst: int) -> float:
+        """Take `account`'s next call slot of a token bucket (one call per `interval`, `burst` at once);
+        returns the seconds to wait for it."""
+        ...
+
+    async def rate_pause(self, account: str, seconds: float, slow_for: float) -> None:
+        """No slot for `seconds` (the upstream's Retry-After), then half the rate for `slow_for` seconds."""
+        ...
+
     # -- idempotency keys (resends are not sent twice) --------------------------------------------------
 
-    async def claim_key(self, account: str, key: str, msg_id: str, now: float, window: float) -> KeyHit | None:
-        """Record `key` for a new message; if it is already known within `window`, the earlier one."""
+    async def claim_key(
+        self, account: str, key: str, msg_id: str, now: float, window: float, stale: float
+    ) -> KeyHit | None:
+        """Record `key` for a new message; if it is already known within `window`, the earlier one.
+
+        A key still unanswered after `stale` seconds belongs to an attempt whose process died: if its
+        message is in the queue it was accepted (the hit carries that message's id); otherwise the new
+        message takes the key over."""
         ...
 
     async def finish_key(self, account: str, key: str, msg_id: str, reply_id: str | None) -> None:

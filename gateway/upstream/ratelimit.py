@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from gateway.errors import RateLimited
+import structlog
+
+from gateway.errors import Deferred, RateLimited
 from gateway.observability import RATE_LIMIT_WAIT
+
+log = structlog.get_logger("gateway.upstream")
 
 
 class RateLimiter(Protocol):
@@ -22,7 +26,7 @@ class RateLimiter(Protocol):
         """Wait for a slot; raise RateLimited if that would take longer than `max_wait` seconds."""
         ...
 
-    def penalize(self, retry_after: float | None) -> None:
+    async def penalize(self, retry_after: float | None) -> None:
         """The upstream answered 429: pause for `retry_after` (or a second) and slow down."""
         ...
 
@@ -31,7 +35,7 @@ class Unlimited:
     async def acquire(self, max_wait: float | None = None) -> None:
         return None
 
-    def penalize(self, retry_after: float | None) -> None:
+    async def penalize(self, retry_after: float | None) -> None:
         return None
 
 
@@ -76,7 +80,49 @@ class TokenBucket:
         if wait > 0:
             await asyncio.sleep(wait)
 
-    def penalize(self, retry_after: float | None) -> None:
+    async def penalize(self, retry_after: float | None) -> None:
         now = self._clock()
         self._tat = max(self._tat, now + (retry_after if retry_after is not None else 1.0))
         self._slow_since, self._slow_factor = now, 0.5
+
+
+SlotFn = Callable[[str, float, int], Awaitable[float]]
+PauseFn = Callable[[str, float, float], Awaitable[None]]
+
+
+class SharedBucket:
+    """One bucket for every process and instance on the same queue: the queue store keeps its state
+    (a row per account), so N instances together stay under the upstream's limit. When the store
+    cannot be reached, this process falls back to its own bucket rather than stop sending."""
+
+    def __init__(self, slot: SlotFn, pause: PauseFn, rate: float, burst: int, *, account: str,
+                 recovery: float = 30.0) -> None:
+        self._slot, self._pause = slot, pause
+        self._interval, self._burst = 1.0 / rate, burst
+        self._account = account
+        self._recovery = recovery
+        self._local = TokenBucket(rate, burst, account=account, recovery=recovery)
+        self._wait_metric = RATE_LIMIT_WAIT.labels(account=account)
+        self._degraded = False
+
+    async def acquire(self, max_wait: float | None = None) -> None:
+        try:
+            wait = await self._slot(self._account, self._interval, self._burst)
+        except Deferred as exc:
+            if not self._degraded:
+                self._degraded = True
+                log.error("rate_limit_store_unavailable", account=self._account, error=exc.reason,
+                          fallback="this process's own bucket")
+            await self._local.acquire(max_wait)
+            return
+        self._degraded = False
+        self._wait_metric.observe(wait)
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+    async def penalize(self, retry_after: float | None) -> None:
+        await self._local.penalize(retry_after)
+        try:
+            await self._pause(self._account, retry_after if retry_after is not None else 1.0, self._recovery)
+        except Deferred as exc:
+            log.error("rate_limit_store_unavailable", account=self._account, error=exc.reason)

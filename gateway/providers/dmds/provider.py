@@ -188,7 +188,7 @@ class DmdsProvider:
             return wire.classify(response)
         except Deferred as exc:
             if response.status == 429:
-                self.limiter.penalize(getattr(exc, "retry_after", None))
+                await self.limiter.penalize(getattr(exc, "retry_after", None))
             raise
 
     async def aclose(self) -> None:

@@ -1,0 +1,391 @@
+"""The PostgreSQL queue backend: one database shared by gateway instances on several machines.
+
+psycopg 3, async, pooled. Claims lock rows with `FOR UPDATE SKIP LOCKED`, so instances never wait for
+each other and never claim one message twice; every write happens in one transaction and is committed
+before the call returns (with a synchronous standby, `synchronous_commit` decides when a commit is
+acknowledged: README, "Running several instances"). Changes that make a message due NOTIFY the other
+instances (LISTEN/NOTIFY), so they need not poll. Time values are epoch seconds from the instances'
+clocks: keep them NTP-synchronised (leases are 60 s; a skew of a second or two does not matter).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import psycopg
+import structlog
+from psycopg.rows import DictRow, dict_row
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from gateway.delivery.transition import Before, CallRow, Decision
+from gateway.errors import SpoolUnavailable
+from gateway.queue import postgres_schema
+from gateway.queue.store import Claimed, KeyHit, NewMessage
+
+log = structlog.get_logger("gateway.queue.postgres")
+CHANNEL = "smtp_gateway_queue"
+_CALL_COLUMNS = "key, recipients, state, upstream_id, error, lost"
+
+
+def redacted(url: str) -> str:
+    """The URL as it may be logged (settings refuse a password in it; belt and braces)."""
+    scheme, _, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    return f"{scheme}://{userinfo.partition(':')[0]}{at}{host}" if at else url
+
+
+class PostgresQueue:
+    def __init__(self, url: str, password: str | None = None, *, max_connections: int = 10) -> None:
+        self.url = redacted(url)
+        self._conninfo = url
+        self._kwargs: dict[str, Any] = {"autocommit": True, "row_factory": dict_row}
+        if password:
+            self._kwargs["password"] = password
+        self._pool = AsyncConnectionPool(url, connection_class=psycopg.AsyncConnection[DictRow],
+                                         kwargs=self._kwargs, min_size=1, max_size=max_connections,
+                                         open=False, name="smtp-gateway-queue")
+        self._opened = False
+        self._found_version = 0
+
+    @contextlib.asynccontextmanager
+    async def _tx(self) -> AsyncIterator[psycopg.AsyncConnection[DictRow]]:
+        """A pooled connection inside one transaction; backend failures become SpoolUnavailable."""
+        try:
+            if not self._opened:
+                await self.open()
+            async with self._pool.connection(timeout=10.0) as conn, conn.transaction():
+                yield conn
+        except (psycopg.Error, PoolTimeout, OSError) as exc:
+            raise SpoolUnavailable(f"queue {self.url}: {type(exc).__name__}: {exc}") from exc
+
+    async def open(self) -> None:
+        if self._opened:
+            return
+        try:
+            await self._pool.open(wait=True, timeout=10.0)
+            self._opened = True
+            self._found_version = await self._migrate()
+        except (psycopg.Error, PoolTimeout, OSError) as exc:
+            raise SpoolUnavailable(f"queue {self.url}: {type(exc).__name__}: {exc}") from exc
+
+    async def _migrate(self) -> int:
+        async with self._pool.connection() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (postgres_schema.MIGRATION_LOCK,))
+            await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)")
+            row = await (await conn.execute("SELECT version FROM schema_version")).fetchone()
+            found = int(row["version"]) if row else 0
+            if found > postgres_schema.LATEST:
+                raise psycopg.DataError(f"queue schema version {found} is newer than this gateway")
+            for number in range(found + 1, postgres_schema.LATEST + 1):
+                for statement in postgres_schema.MIGRATIONS[number - 1].split(";"):
+                    if statement.strip():
+                        await conn.execute(statement.encode())  # our own constant SQL
+                await conn.execute("DELETE FROM schema_version")
+                await conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (number,))
+                log.info("queue_migrated", queue=self.url, version=number)
+        return found
+
+    async def migrate(self) -> tuple[int, int]:
+        await self.open()
+        return self._found_version, postgres_schema.LATEST
+
+    async def close(self) -> None:
+        if self._opened:
+            self._opened = False
+            await self._pool.close()
+
+    # -- the server's side ---------------------------------------------------------------------------
+
+    async def insert(self, m: NewMessage) -> int:
+        d = m.decision
+        inflight = m.inflight_owner is not None
+        state = "inflight" if inflight else ("dead" if d.verdict == "dead" else "queued")
+        token = 1 if inflight else 0
+        async with self._tx() as conn:
+            await conn.execute(
+                "INSERT INTO messages (id, account, state, created, expires, next_attempt, attempts, mail_from,"
+                " subject, size, last_error, dead_reason, dead_at, owner, lease_until, token, internal_errors,"
+                " idem_key, submission) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
+                (m.id, m.account, state, m.created, m.expires, d.next_attempt, d.attempts, m.mail_from, m.subject,
+                 len(m.submission), d.last_error, d.dead_reason, m.created if state == "dead" else None,
+                 m.inflight_owner, m.lease_until if inflight else None, token, d.internal_errors,
+                 m.idempotency_key, m.submission),
+            )
+            async with conn.cursor() as cur:
+                await cur.executemany(
+                    f"INSERT INTO calls (msg_id, ord, {_CALL_COLUMNS}) VALUES (%s,%s,%s,%s,%s,%s,%s,%s)",
+                    [(m.id, n, c.key, c.recipients, c.state, c.upstream_id, c.error, c.lost)
+                     for n, c in enumerate(d.calls.values())],
+                )
+            if state == "queued":
+                await self._notify(conn, m.account)
+        return token
+
+    @staticmethod
+    async def _notify(conn: psycopg.AsyncConnection[DictRow], account: str) -> None:
+        await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, account))
+
+    async def claim(self, owner: str, account: str, now: float, limit: int, lease: float) -> list[Claimed]:
+        async with self._tx() as conn:
+            rows = await (await conn.execute(
+                "SELECT id, false AS reaped FROM messages WHERE account=%s AND state='queued' AND next_attempt<=%s"
+                " ORDER BY next_attempt, seq LIMIT %s FOR UPDATE SKIP LOCKED", (account, now, limit),
+            )).fetchall()
+            if len(rows) < limit:
+                rows += await (await conn.execute(
+                    "SELECT id, true AS reaped FROM messages WHERE account=%s AND state='inflight'"
+                    " AND (lease_until IS NULL OR lease_until<%s) ORDER BY seq LIMIT %s FOR UPDATE SKIP LOCKED",
+                    (account, now, limit - len(rows)),
+                )).fetchall()
+            if not rows:
+                return []
+            reaped = {r["id"]: r["reaped"] for r in rows}
+            updated = await (await conn.execute(
+                "UPDATE messages SET state='inflight', owner=%s, lease_until=%s, token=token+1 WHERE id = ANY(%s)"
+                " RETURNING id, seq, token, submission, attempts, created, expires, internal_errors",
+                (owner, now + lease, list(reaped)),
+            )).fetchall()
+            calls: dict[str, dict[str, CallRow]] = {r["id"]: {} for r in updated}
+            for c in await (await conn.execute(
+                f"SELECT msg_id, {_CALL_COLUMNS} FROM calls WHERE msg_id = ANY(%s) ORDER BY msg_id, ord",
+                (list(reaped),),
+            )).fetchall():
+                calls[c["msg_id"]][c["key"]] = CallRow(c["key"], c["recipients"], c["state"], c["upstream_id"],
+                                                       c["error"], c["lost"])
+        return [
+            Claimed(m["id"], account, m["token"], bytes(m["submission"]),
+                    Before(calls[m["id"]], m["attempts"], m["created"], m["expires"], m["internal_errors"]),
+                    reaped=reaped[m["id"]])
+            for m in sorted(updated, key=lambda m: (reaped[m["id"]], m["seq"]))
+        ]
+
+    async def mark_sending(self, msg_id: str, token: int, keys: Sequence[str]) -> bool:
+        async with self._tx() as conn:
+            if not await self._holds(conn, msg_id, token):
+                return False
+            await conn.execute("UPDATE calls SET state='sending' WHERE msg_id=%s AND key = ANY(%s) AND state='pending'",
+                               (msg_id, list(keys)))
+        return True
+
+    @staticmethod
+    async def _holds(conn: psycopg.AsyncConnection[DictRow], msg_id: str, token: int) -> bool:
+        row = await (await conn.execute("SELECT 1 FROM messages WHERE id=%s AND token=%s FOR UPDATE",
+                                        (msg_id, token))).fetchone()
+        return row is not None
+
+    async def settle(self, msg_id: str, token: int, d: Decision, now: float) -> bool:
+        async with self._tx() as conn:
+            if not await self._holds(conn, msg_id, token):
+                return False
+            if d.verdict == "delivered":
+                await conn.execute("DELETE FROM messages WHERE id=%s", (msg_id,))
+                return True
+            dead = d.verdict in ("dead", "refused")
+            row = await (await conn.execute(
+                "UPDATE messages SET state=%s, attempts=%s, next_attempt=%s, last_error=%s, dead_reason=%s,"
+                " dead_at=%s, internal_errors=%s, owner=NULL, lease_until=NULL WHERE id=%s RETURNING account",
+                ("dead" if dead else "queued", d.attempts, d.next_attempt, d.last_error,
+                 d.dead_reason if dead else None, now if dead else None, d.internal_errors, msg_id),
+            )).fetchone()
+            async with conn.cursor() as cur:
+                await cur.executemany(
+                    "UPDATE calls SET state=%s, upstream_id=%s, error=%s, lost=%s WHERE msg_id=%s AND key=%s",
+                    [(c.state, c.upstream_id, c.error, c.lost, msg_id, c.key) for c in d.calls.values()],
+                )
+            if not dead and row is not None:
+                await self._notify(conn, row["account"])
+        return True
+
+    async def release(self, msg_id: str, token: int, now: float) -> bool:
+        async with self._tx() as conn:
+            row = await (await conn.execute(
+                "UPDATE messages SET state='queued', next_attempt=%s, owner=NULL, lease_until=NULL"
+                " WHERE id=%s AND token=%s AND state='inflight' RETURNING account", (now, msg_id, token),
+            )).fetchone()
+            if row is not None:
+                await self._notify(conn, row["account"])
+        return row is not None
+
+    async def renew(self, owner: str, lease_until: float) -> int:
+        async with self._tx() as conn:
+            cur = await conn.execute("UPDATE messages SET lease_until=%s WHERE owner=%s AND state='inflight'",
+                                     (lease_until, owner))
+            return cur.rowcount
+
+    async def expire_owners(self, owners: Sequence[str], now: float) -> int:
+        async with self._tx() as conn:
+            cur = await conn.execute("UPDATE messages SET lease_until=%s WHERE owner = ANY(%s) AND state='inflight'",
+                                     (now - 1, list(owners)))
+            return cur.rowcount
+
+    async def owners(self) -> list[str]:
+        async with self._tx() as conn:
+            rows = await (await conn.execute(
+                "SELECT DISTINCT owner FROM messages WHERE state='inflight' AND owner IS NOT NULL")).fetchall()
+        return [r["owner"] for r in rows]
+
+    async def next_due(self, accounts: Sequence[str]) -> float | None:
+        async with self._tx() as conn:
+            row = await (await conn.execute(
+                "SELECT MIN(CASE state WHEN 'queued' THEN next_attempt ELSE COALESCE(lease_until, 0) END) AS t"
+                " FROM messages WHERE state IN ('queued', 'inflight') AND account = ANY(%s)", (list(accounts),),
+            )).fetchone()
+        return None if row is None or row["t"] is None else float(row["t"])
+
+    async def wake(self, account: str, now: float, limit: int | None = None) -> int:
+        async with self._tx() as conn:
+            cur = await conn.execute(
+                "UPDATE messages SET next_attempt=%s WHERE id IN (SELECT id FROM messages WHERE account=%s"
+                " AND state='queued' AND next_attempt>%s ORDER BY seq LIMIT %s FOR UPDATE SKIP LOCKED)",
+                (now, account, now, limit),
+            )
+            if cur.rowcount:
+                await self._notify(conn, account)
+            return cur.rowcount
+
+    async def listen(self, wake: Callable[[str], None]) -> None:
+        """Call `wake(account)` whenever another instance made a message due; reconnects until cancelled."""
+        delay = 1.0
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(self._conninfo, **self._kwargs)
+                async with conn:
+                    await conn.execute(f"LISTEN {CHANNEL}")
+                    delay = 1.0
+                    async for notice in conn.notifies():
+                        wake(notice.payload)
+            except (psycopg.Error, OSError) as exc:
+                log.warning("queue_listen_failed", queue=self.url, error=f"{type(exc).__name__}: {exc}",
+                            retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    # -- shared rate limits ---------------------------------------------------------------------------
+
+    async def rate_slot(self, account: str, interval: float, burst: int) -> float:
+        """Take the account's next call slot (GCRA, one row per account, the database's clock); returns
+        the seconds to wait for it."""
+        async with self._tx() as conn:
+            row = await (await conn.execute(
+                "WITH now AS (SELECT extract(epoch FROM clock_timestamp()) AS t)"
+                " INSERT INTO rate_buckets AS b (account, tat) SELECT %(a)s, now.t + %(i)s FROM now"
+                " ON CONFLICT (account) DO UPDATE SET tat = GREATEST(b.tat, (SELECT t FROM now))"
+                " + CASE WHEN b.slow_until > (SELECT t FROM now) THEN 2 * %(i)s ELSE %(i)s END"
+                " RETURNING tat - (SELECT t FROM now) AS ahead, slow_until > (SELECT t FROM now) AS slow",
+                {"a": account, "i": interval},
+            )).fetchone()
+        assert row is not None
+        step = interval * (2 if row["slow"] else 1)
+        return max(0.0, float(row["ahead"]) - step - (burst - 1) * step)
+
+    async def rate_pause(self, account: str, seconds: float, slow_for: float) -> None:
+        """The upstream said 429: no slot for `seconds`, and half the rate for `slow_for` seconds."""
+        async with self._tx() as conn:
+            await conn.execute(
+                "WITH now AS (SELECT extract(epoch FROM clock_timestamp()) AS t)"
+                " INSERT INTO rate_buckets AS b (account, tat, slow_until)"
+                " SELECT %(a)s, now.t + %(s)s, now.t + %(w)s FROM now ON CONFLICT (account) DO UPDATE"
+                " SET tat = GREATEST(b.tat, EXCLUDED.tat), slow_until = EXCLUDED.slow_until",
+                {"a": account, "s": seconds, "w": slow_for},
+            )
+
+    # -- idempotency keys -----------------------------------------------------------------------------
+
+    async def claim_key(
+        self, account: str, key: str, msg_id: str, now: float, window: float, stale: float
+    ) -> KeyHit | None:
+        async with self._tx() as conn:
+            await conn.execute("DELETE FROM idempotency WHERE account=%s AND key=%s AND expires<%s",
+                               (account, key, now))
+            inserted = await (await conn.execute(
+                "INSERT INTO idempotency (account, key, msg_id, created, expires) VALUES (%s,%s,%s,%s,%s)"
+                " ON CONFLICT (account, key) DO NOTHING RETURNING msg_id", (account, key, msg_id, now, now + window),
+            )).fetchone()
+            if inserted is not None:
+                return None
+            row = await (await conn.execute(
+                "SELECT msg_id, reply_id, created FROM idempotency WHERE account=%s AND key=%s FOR UPDATE",
+                (account, key))).fetchone()
+            if row is None or row["reply_id"] is not None or row["created"] >= now - stale:
+                return None if row is None else KeyHit(row["msg_id"], row["reply_id"])
+            stored = await (await conn.execute("SELECT 1 FROM messages WHERE id=%s", (row["msg_id"],))).fetchone()
+            if stored is not None:
+                await conn.execute("UPDATE idempotency SET reply_id=msg_id WHERE account=%s AND key=%s", (account, key))
+                return KeyHit(row["msg_id"], row["msg_id"])
+            await conn.execute("UPDATE idempotency SET msg_id=%s, created=%s, expires=%s WHERE account=%s AND key=%s",
+                               (msg_id, now, now + window, account, key))
+        return None
+
+    async def finish_key(self, account: str, key: str, msg_id: str, reply_id: str | None) -> None:
+        async with self._tx() as conn:
+            if reply_id is None:
+                await conn.execute("DELETE FROM idempotency WHERE account=%s AND key=%s AND msg_id=%s",
+                                   (account, key, msg_id))
+            else:
+                await conn.execute("UPDATE idempotency SET reply_id=%s WHERE account=%s AND key=%s AND msg_id=%s",
+                                   (reply_id, account, key, msg_id))
+
+    # -- operators ------------------------------------------------------------------------------------
+
+    async def counts(self, now: float) -> dict[str, dict[str, Any]]:
+        async with self._tx() as conn:
+            rows = await (await conn.execute(
+                "SELECT state, COUNT(*) AS n, MIN(created) AS oldest FROM messages GROUP BY state")).fetchall()
+        return {r["state"]: {"count": r["n"], "oldest_age": now - r["oldest"]} for r in rows}
+
+    async def list(self, states: Sequence[str], limit: int = 1000) -> list[dict[str, Any]]:
+        async with self._tx() as conn:
+            rows = await (await conn.execute(
+                "SELECT m.id, m.state, m.account, m.created, m.next_attempt, m.attempts, m.mail_from, m.subject,"
+                " m.size, m.last_error, m.dead_reason, m.dead_at, m.owner,"
+                " (SELECT COUNT(*) FROM calls c WHERE c.msg_id=m.id AND c.state!='done') AS open_calls,"
+                " (SELECT COUNT(*) FROM calls c WHERE c.msg_id=m.id) AS calls"
+                " FROM messages m WHERE m.state = ANY(%s) ORDER BY m.seq LIMIT %s", (list(states), limit),
+            )).fetchall()
+        return [dict(r) for r in rows]
+
+    async def show(self, msg_id: str) -> dict[str, Any] | None:
+        async with self._tx() as conn:
+            row = await (await conn.execute("SELECT * FROM messages WHERE id=%s", (msg_id,))).fetchone()
+            if row is None:
+                return None
+            calls = await (await conn.execute(
+                f"SELECT {_CALL_COLUMNS} FROM calls WHERE msg_id=%s ORDER BY ord", (msg_id,))).fetchall()
+        out = {k: v for k, v in row.items() if k != "submission"}
+        out["calls"] = [dict(c) for c in calls]
+        return out
+
+    async def submission(self, msg_id: str) -> bytes | None:
+        async with self._tx() as conn:
+            row = await (await conn.execute("SELECT submission FROM messages WHERE id=%s", (msg_id,))).fetchone()
+        return None if row is None else bytes(row["submission"])
+
+    async def retry_now(self, msg_id: str, now: float) -> bool:
+        async with self._tx() as conn:
+            row = await (await conn.execute(
+                "UPDATE messages SET next_attempt=%s WHERE id=%s AND state='queued' RETURNING account", (now, msg_id),
+            )).fetchone()
+            if row is not None:
+                await self._notify(conn, row["account"])
+        return row is not None
+
+    async def delete(self, msg_id: str) -> bool:
+        async with self._tx() as conn:
+            cur = await conn.execute("DELETE FROM messages WHERE id=%s AND state!='inflight'", (msg_id,))
+            return cur.rowcount == 1
+
+    async def requeue(self, msg_id: str, now: float, max_lifetime: float) -> bool:
+        async with self._tx() as conn:
+            row = await (await conn.execute(
+                "UPDATE messages SET state='queued', next_attempt=%s, expires=%s, attempts=0, dead_reason=NULL,"
+                " dead_at=NULL, internal_errors=0 WHERE id=%s AND state='dead' RETURNING account",
+                (now, now + max_lifetime, msg_id),
+            )).fetchone()
+            if row is not None:
+                await conn.execute("UPDATE calls SET state='pending', error=NULL WHERE msg_id=%s AND state='rejected'",
+                                   (msg_id,))
+                await self._notify(conn, row["account"])
+        return row is not None

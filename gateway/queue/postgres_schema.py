@@ -1,0 +1,62 @@
+"""PostgreSQL schema migrations, in order (the same model as the SQLite queue's version 2 and later)."""
+
+from __future__ import annotations
+
+V1 = """
+CREATE TABLE messages (
+    seq             bigserial PRIMARY KEY,
+    id              text NOT NULL UNIQUE,
+    account         text NOT NULL,
+    state           text NOT NULL CHECK (state IN ('queued', 'inflight', 'dead')),
+    created         double precision NOT NULL,
+    expires         double precision NOT NULL,
+    next_attempt    double precision NOT NULL,
+    attempts        integer NOT NULL DEFAULT 0,
+    mail_from       text NOT NULL,
+    subject         text NOT NULL,
+    size            integer NOT NULL,
+    last_error      text,
+    dead_reason     text,
+    dead_at         double precision,
+    owner           text,
+    lease_until     double precision,
+    token           bigint NOT NULL DEFAULT 0,
+    internal_errors integer NOT NULL DEFAULT 0,
+    idem_key        text,
+    submission      bytea NOT NULL
+);
+CREATE INDEX messages_due ON messages (account, next_attempt, seq) WHERE state = 'queued';
+CREATE INDEX messages_lease ON messages (account, lease_until) WHERE state = 'inflight';
+CREATE INDEX messages_owner ON messages (owner) WHERE owner IS NOT NULL;
+CREATE TABLE calls (
+    msg_id      text NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
+    key         text NOT NULL,
+    ord         integer NOT NULL,
+    recipients  text NOT NULL,
+    state       text NOT NULL CHECK (state IN ('pending', 'sending', 'done', 'rejected')),
+    upstream_id text,
+    error       text,
+    lost        integer NOT NULL DEFAULT 0,
+    PRIMARY KEY (msg_id, key)
+);
+CREATE TABLE idempotency (
+    account  text NOT NULL,
+    key      text NOT NULL,
+    msg_id   text NOT NULL,
+    reply_id text,
+    created  double precision NOT NULL,
+    expires  double precision NOT NULL,
+    PRIMARY KEY (account, key)
+);
+CREATE INDEX idempotency_expires ON idempotency (expires);
+CREATE TABLE rate_buckets (
+    account    text PRIMARY KEY,
+    tat        double precision NOT NULL,
+    slow_until double precision NOT NULL DEFAULT 0
+)
+"""
+
+MIGRATIONS: list[str] = [V1]
+LATEST = len(MIGRATIONS)
+# Serialises migrations of several instances starting at once (pg_advisory_xact_lock key).
+MIGRATION_LOCK = 0x5347_5751  # "SGWQ"

@@ -1,0 +1,78 @@
+"""`smtp-gateway serve --workers N`: N gateway processes sharing the listeners (SO_REUSEPORT: the kernel
+spreads connections) and the queue (SQLite or PostgreSQL). A worker that dies is restarted (after a
+growing pause if it keeps dying at start); its leases end at once because the new worker sees that the
+old process of this host is gone. SIGTERM/SIGINT/SIGHUP are passed on to every worker."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import FrameType
+
+import structlog
+
+log = structlog.get_logger("gateway.supervisor")
+QUICK_DEATH = 10.0  # a worker that dies sooner than this after its start is crash-looping
+
+
+@dataclass
+class _Worker:
+    slot: int
+    proc: subprocess.Popen[bytes]
+    started: float
+    backoff: float = 1.0
+
+
+class Supervisor:
+    def __init__(self, worker_args: Sequence[str], workers: int) -> None:
+        self.worker_args = list(worker_args)
+        self.count = workers
+        self.workers: dict[int, _Worker] = {}
+        self.stopping = False
+        self.exit_code = 0
+
+    def _spawn(self, slot: int, backoff: float = 1.0) -> None:
+        proc = subprocess.Popen([sys.executable, "-m", "gateway", *self.worker_args, "--worker-slot", str(slot)],
+                                stdin=subprocess.DEVNULL)
+        self.workers[slot] = _Worker(slot, proc, time.monotonic(), backoff)
+        log.info("worker_started", worker=slot, pid=proc.pid)
+
+    def _forward(self, signum: int, frame: FrameType | None) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            self.stopping = True
+        for worker in self.workers.values():
+            if worker.proc.poll() is None:
+                worker.proc.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)
+
+    def run(self) -> int:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._forward)
+        for slot in range(self.count):
+            self._spawn(slot)
+        restarts: dict[int, tuple[float, float]] = {}  # slot -> (when to start it again, its backoff)
+        while self.workers or (restarts and not self.stopping):
+            now = time.monotonic()
+            for slot, worker in list(self.workers.items()):
+                code = worker.proc.poll()
+                if code is None:
+                    continue
+                del self.workers[slot]
+                if self.stopping:
+                    self.exit_code = max(self.exit_code, abs(code))
+                    log.info("worker_stopped", worker=slot, pid=worker.proc.pid, exit_code=code)
+                    continue
+                quick = now - worker.started < QUICK_DEATH
+                backoff = min(worker.backoff * 2, 30.0) if quick else 1.0
+                log.error("worker_died", worker=slot, pid=worker.proc.pid, exit_code=code, restart_in=backoff)
+                restarts[slot] = (now + backoff, backoff)
+            if not self.stopping:
+                for slot, (when, backoff) in list(restarts.items()):
+                    if now >= when:
+                        del restarts[slot]
+                        self._spawn(slot, backoff)
+            time.sleep(0.1)
+        return self.exit_code
