@@ -190,7 +190,8 @@ class Sandbox:
         return json_response({"status": "ok", "requests": len(self.state.requests)})
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        # Requests stuck in a "timeout" fault must not hold the sandbox's stop for aiohttp's default 60 s.
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, reuse_address=True)
         await site.start()

@@ -62,7 +62,9 @@ class Supervisor:
                     continue
                 del self.workers[slot]
                 if self.stopping:
-                    self.exit_code = max(self.exit_code, abs(code))
+                    # A worker still starting up when our SIGTERM came dies of it: that is a clean stop too.
+                    if code != -signal.SIGTERM:
+                        self.exit_code = max(self.exit_code, abs(code))
                     log.info("worker_stopped", worker=slot, pid=worker.proc.pid, exit_code=code)
                     continue
                 quick = now - worker.started < QUICK_DEATH

@@ -81,7 +81,10 @@ def base_config(tmp: Path, sandbox_port: int, **overrides: Any) -> dict[str, Any
         "dns": {"check_sender_domain": False},
     }
     for key_, value in overrides.items():
-        if isinstance(value, dict) and isinstance(config.get(key_), dict):
+        if key_ == "accounts":
+            # Per account: the keys given replace the test account's, the others stay.
+            config[key_] = {name: {**config[key_].get(name, {}), **acct} for name, acct in value.items()}
+        elif isinstance(value, dict) and isinstance(config.get(key_), dict):
             config[key_] = {**config[key_], **value}
         else:
             config[key_] = value
@@ -137,7 +140,8 @@ def sandbox_for_tests(state: SandboxState | None = None, dmds: DmdsSandbox | Non
 
 def start(loop: LoopThread, tmp: Path, sandbox: Sandbox | None = None, **overrides: Any) -> Running:
     sandbox = sandbox or sandbox_for_tests()
-    port = loop.run(sandbox.start("127.0.0.1", 0))
+    # A sandbox already serving (another gateway's) is shared: two instances, one upstream.
+    port = sandbox.port or loop.run(sandbox.start("127.0.0.1", 0))
     settings = load_settings(None, **base_config(tmp, port, **overrides))
     for name, account in settings.accounts.items():
         # Tests talk to loopback only: an account without api_base would default to the real DMDS host.

@@ -15,21 +15,21 @@ from tests.harness import PASSWORD, USER
 T = TypeVar("T")
 
 
-def message(subject: str, to: tuple[str, ...] = ("client@example.com",), body: str = "hello") -> bytes:
-    head = f"From: billing@acme.example\r\nTo: {', '.join(to)}\r\nSubject: {subject}\r\n\r\n"
+def message(subject: str, to: tuple[str, ...] = ("client@example.com",), body: str = "hello", extra: str = "") -> bytes:
+    head = f"From: billing@acme.example\r\nTo: {', '.join(to)}\r\nSubject: {subject}\r\n{extra}\r\n"
     return (head + body + "\r\n").encode()
 
 
 def send(
     port: int, subject: str, to: tuple[str, ...] = ("client@example.com",), body: str = "hello",
-    bcc: tuple[str, ...] = (),
+    bcc: tuple[str, ...] = (), extra: str = "",
 ) -> tuple[int, str]:
     with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
         client.login(USER, PASSWORD)
         client.mail("billing@acme.example")
         for rcpt in (*to, *bcc):
             client.rcpt(rcpt)
-        code, text = client.data(message(subject, to, body))
+        code, text = client.data(message(subject, to, body, extra))
     return code, text.decode()
 
 
@@ -57,13 +57,15 @@ def spool_rows(path: Path, *states: str) -> list[dict[str, object]]:
     return asyncio.run(read())
 
 
-def write_serve_config(tmp: Path, smtp_port: int, sandbox_port: int, delivery: dict[str, object]) -> Path:
+def write_serve_config(
+    tmp: Path, smtp_port: int, sandbox_port: int, delivery: dict[str, object], name: str = "gateway.toml"
+) -> Path:
     """A TOML config for `smtp-gateway serve` in a subprocess: one plain listener, the test account,
     the given [delivery] keys, no DNS checks, JSON logs (the tests read log events)."""
     from tests.harness import APIKEY, PASSWORD_HASH, USER
 
     lines = "\n".join(f"{key} = {_toml(value)}" for key, value in delivery.items())
-    path = tmp / "gateway.toml"
+    path = tmp / name
     path.write_text(f"""
 hostname = "gw.example"
 [[listeners]]

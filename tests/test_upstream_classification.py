@@ -1,0 +1,143 @@
+"""When a call fails, did the request reach the upstream? HttpClient against real loopback sockets, with
+both transports: nothing listening is "not sent" (safe to resend); a server that takes the request and
+then stays silent, closes, or resets is "answer lost" (AnswerLost: the upstream may have it)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from gateway.errors import AnswerLost, UpstreamUnavailable
+from gateway.upstream.client import HttpClient
+
+Behaviour = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+TRANSPORTS = ["aiohttp", "httpx"]
+
+
+def _length(head: bytes) -> int:
+    return next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                 if line.lower().startswith(b"content-length")), 0)
+
+
+async def _read_request(reader: asyncio.StreamReader) -> None:
+    await reader.readexactly(_length(await reader.readuntil(b"\r\n\r\n")))
+
+
+async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await _read_request(reader)
+    await asyncio.sleep(30)
+
+
+async def close_after_reading(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await _read_request(reader)
+    writer.close()
+
+
+async def reset_after_reading(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await _read_request(reader)
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    writer.close()
+
+
+async def half_an_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await _read_request(reader)
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"status\":")
+    await writer.drain()
+    writer.close()
+
+
+async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await _read_request(reader)
+    writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 2\r\n\r\n{}")
+    await writer.drain()
+    writer.close()
+
+
+async def _server(behaviour: Behaviour) -> AsyncIterator[int]:
+    """A loopback server running `behaviour` per connection; every connection is closed at the end."""
+    handlers: set[asyncio.Task[None]] = set()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.add(task)
+        try:
+            await behaviour(reader, writer)
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        for task in handlers:
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+        await server.wait_closed()
+
+
+async def _call(port: int, transport: str) -> None:
+    client = HttpClient(f"http://127.0.0.1:{port}", upstream="Test", account="t", timeout=0.5,
+                        transport=transport)  # type: ignore[arg-type]
+    try:
+        await client.request("send", "POST", "/send", headers={"Content-Type": "application/json"}, content=b"{}")
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_nothing_listening_is_not_sent(transport: str) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(UpstreamUnavailable) as info:
+        await _call(port, transport)
+    assert not isinstance(info.value, AnswerLost)
+    assert "not sent" in info.value.reason
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("behaviour", [silent, close_after_reading, reset_after_reading, half_an_answer])
+async def test_a_request_that_went_out_without_a_complete_answer_is_ambiguous(
+    transport: str, behaviour: Behaviour
+) -> None:
+    async for port in _server(behaviour):
+        with pytest.raises(AnswerLost):
+            await _call(port, transport)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_an_answer_is_an_answer_whatever_its_status(transport: str) -> None:
+    async for port in _server(answer):
+        client = HttpClient(f"http://127.0.0.1:{port}", upstream="Test", account="t", timeout=2,
+                            transport=transport)  # type: ignore[arg-type]
+        try:
+            response = await client.request("send", "POST", "/send", headers={}, content=b"{}")
+        finally:
+            await client.aclose()
+        assert response.status == 503 and response.json() == {}
+
+
+async def test_large_bodies_stream_in_slices_with_their_length() -> None:
+    seen: list[int] = []
+
+    async def count(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert b"chunked" not in head.lower()
+        seen.append(len(await reader.readexactly(_length(head))))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+        await writer.drain()
+        writer.close()
+
+    async for port in _server(count):
+        client = HttpClient(f"http://127.0.0.1:{port}", upstream="Test", account="t", timeout=5)
+        try:
+            await client.request("send", "POST", "/send", headers={}, content=b"x" * (3 * 1024 * 1024 + 7))
+        finally:
+            await client.aclose()
+    assert seen == [3 * 1024 * 1024 + 7]
