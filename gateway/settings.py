@@ -89,6 +89,9 @@ class DeliverySettings(_Section):
     # The queue: the SQLite file at spool_path (one machine, any number of local worker processes), or
     # a PostgreSQL database (several machines) when queue_url is set: "postgresql://user@host:5432/db".
     spool_path: Path = Path("var/spool.sqlite3")
+    # Bytes of disk kept free beside the SQLite queue; released only when the disk fills up, so messages
+    # already queued can still be retried and deleted (new ones get 452 4.3.1 until there is room).
+    spool_reserve: int = Field(16 * 1024 * 1024, ge=0)
     queue_url: str = ""
     queue_password: SecretStr | None = None
     queue_password_file: Path | None = None

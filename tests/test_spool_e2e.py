@@ -138,3 +138,27 @@ def test_read_only_spool_answers_452(gateway_factory: Callable[..., Running], sm
     code, text = send(gw.port(), "read only")
     assert (code, text[:5]) == (452, "4.3.1")
     assert len(gw.sent) == 1
+
+
+def test_a_full_disk_does_not_stall_retries_of_stored_messages(
+    gateway_factory: Callable[..., Running], small_fs: Path
+) -> None:
+    """The queue keeps a reserve beside it; when the disk fills up, the reserve is released so that the
+    messages already stored are still claimed, delivered and deleted, while new ones get 452."""
+    gw = gateway_factory(delivery={**FAST, "spool_path": str(small_fs / "spool.sqlite3"), "spool_reserve": 512 * 1024})
+    gw.fault(status=503, count=None)
+    stored = [send(gw.port(), f"stored {i}", body="y" * 20_000) for i in range(5)]
+    assert all(code == 250 for code, _ in stored)
+    filler = small_fs / "filler"
+    with filler.open("wb") as fh:  # fill the file system to the last block
+        try:
+            while True:
+                fh.write(b"\0" * 65536)
+                fh.flush()
+        except OSError:
+            pass
+    gw.clear_faults()
+    wait_for(lambda: len(gw.sent) == 5, what="stored messages delivered on a full disk")
+    wait_for(lambda: spool_rows(gw.settings.delivery.spool_path) == [] or None, what="and deleted")
+    code, text = send(gw.port(), "new while full", body="y" * 300_000)
+    assert (code, text[:5]) in ((250, "2.0.0"), (452, "4.3.1"))  # delivered inline, or no room to store it

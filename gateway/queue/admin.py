@@ -47,7 +47,7 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _main(settings: Settings, args: argparse.Namespace) -> int:
-    store = open_store(settings.delivery)
+    store = open_store(settings.delivery, server=False)
     try:
         await store.open()
         return await _act(store, settings, args)

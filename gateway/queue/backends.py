@@ -7,10 +7,11 @@ from gateway.queue.store import QueueStore
 from gateway.settings import DeliverySettings
 
 
-def open_store(settings: DeliverySettings) -> QueueStore:
+def open_store(settings: DeliverySettings, *, server: bool = True) -> QueueStore:
+    """The queue; `server`: this process delivers (it keeps the SQLite disk reserve; the CLI does not)."""
     if settings.queue_url:
         from gateway.queue.postgres import PostgresQueue  # psycopg is only needed for PostgreSQL
 
         password = settings.queue_password.get_secret_value() if settings.queue_password else None
         return PostgresQueue(settings.queue_url, password)
-    return SqliteQueue(settings.spool_path)
+    return SqliteQueue(settings.spool_path, reserve=settings.spool_reserve if server else 0)

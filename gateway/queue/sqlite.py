@@ -9,7 +9,9 @@ sent for a message on disk. Any SQLite or OS error becomes SpoolUnavailable (452
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -18,17 +20,20 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import structlog
+
 from gateway.delivery.transition import Before, CallRow, Decision
 from gateway.errors import SpoolUnavailable
 from gateway.queue import sqlite_schema
 from gateway.queue.store import Claimed, KeyHit, NewMessage
 
+log = structlog.get_logger("gateway.queue.sqlite")
 T = TypeVar("T")
 _CALL_COLUMNS = "key, recipients, state, upstream_id, error, lost"
 
 
 class SqliteQueue:
-    def __init__(self, path: Path, *, max_page_count: int | None = None) -> None:
+    def __init__(self, path: Path, *, max_page_count: int | None = None, reserve: int = 0) -> None:
         self.path = path
         self.url = f"sqlite:///{path}"
         self._max_page_count = max_page_count
@@ -37,6 +42,7 @@ class SqliteQueue:
         self._found_version = 0  # the schema version this process found (migrated on connecting)
         self._closed = False
         self._rate = RateFile(path.with_name(path.name + "-ratelimit"))
+        self._reserve = Reserve(path.with_name(path.name + "-reserve"), reserve)
 
     # -- plumbing ------------------------------------------------------------------------------------
 
@@ -50,16 +56,33 @@ class SqliteQueue:
     def _call(self, fn: Callable[..., T], *args: Any) -> T:
         if self._db is None:
             self._connect()
-        return fn(*args)
+        try:
+            result = fn(*args)
+        except sqlite3.OperationalError as exc:
+            # The disk is full: give the reserved space back (once) so the messages already stored can still
+            # be claimed, settled and deleted; new messages are refused (452) until it is restored. A WAL
+            # is only reused after a checkpoint, which must first grow the database file: checkpoint and
+            # truncate the WAL now, then try again.
+            if fn == self._insert or not _disk_full(exc) or not (self._reserve.release() or self._reserve.released):
+                raise
+            with contextlib.suppress(sqlite3.OperationalError):  # a busy reader: the retry may still fit
+                self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            result = fn(*args)
+        self._reserve.restore_if_due()
+        return result
 
     def _connect(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._reserve.restore_if_due(force=True)
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
         try:
             db.row_factory = sqlite3.Row
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.execute("PRAGMA foreign_keys=ON")
+            # Debian's SQLite zeroes deleted content by default, which rewrites a delivered message's whole
+            # blob into the WAL just to delete it; FAST zeroes only what costs no extra I/O.
+            db.execute("PRAGMA secure_delete=FAST")
             if self._max_page_count is not None:  # tests: simulate a full disk
                 db.execute(f"PRAGMA max_page_count={int(self._max_page_count)}")
             self._found_version, _ = sqlite_schema.migrate(db)
@@ -114,6 +137,8 @@ class SqliteQueue:
         return await self._run(self._insert, message)
 
     def _insert(self, m: NewMessage) -> int:
+        if self._reserve.released:
+            raise sqlite3.OperationalError("database or disk is full (its reserve is in use to drain the queue)")
         d = m.decision
         inflight = m.inflight_owner is not None
         state = "inflight" if inflight else ("dead" if d.verdict == "dead" else "queued")
@@ -439,3 +464,55 @@ class RateFile:
 
         await asyncio.get_running_loop().run_in_executor(self._executor, shut)
         self._executor.shutdown(wait=True)
+
+
+def _disk_full(exc: sqlite3.OperationalError) -> bool:
+    return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
+
+
+class Reserve:
+    """Disk space set aside beside the queue (a pre-allocated file), released only to let stored messages
+    drain when the file system fills up, and taken back once there is room again."""
+
+    RETRY_EVERY = 30.0
+
+    def __init__(self, path: Path, size: int) -> None:
+        self.path = path
+        self.size = size
+        self.released = False
+        self._next_try = 0.0
+
+    def release(self) -> bool:
+        """Free the reserve; False when there is none to free."""
+        if self.released or self.size <= 0:
+            return False
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            return False
+        self.released = True
+        self._next_try = time.monotonic() + self.RETRY_EVERY
+        log.error("queue_disk_full", path=str(self.path.parent), reserve_released=self.size,
+                  effect="stored messages keep draining; new messages get 452 4.3.1 until there is room")
+        return True
+
+    def restore_if_due(self, force: bool = False) -> None:
+        if self.size <= 0 or (not force and (not self.released or time.monotonic() < self._next_try)):
+            return
+        self._next_try = time.monotonic() + self.RETRY_EVERY
+        try:
+            if self.path.exists() and self.path.stat().st_size >= self.size:
+                self.released = False
+                return
+            with self.path.open("wb") as fh:
+                os.posix_fallocate(fh.fileno(), 0, self.size)
+        except OSError as exc:
+            self.path.unlink(missing_ok=True)  # not enough room yet: keep draining, try again later
+            if force and not self.released:
+                # At start: run without a reserve (a full disk then stalls retries until there is room).
+                log.warning("queue_disk_reserve_unavailable", path=str(self.path), size=self.size, error=str(exc))
+                self.size = 0
+            return
+        if self.released:
+            log.info("queue_disk_reserve_restored", path=str(self.path.parent), size=self.size)
+        self.released = False
