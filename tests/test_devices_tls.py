@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from gateway.observability import TLS_HANDSHAKE_FAILURES
+from gateway.observability import REGISTRY
 from gateway.smtp.server import Listeners
 from gateway.tlsutil import write_self_signed
 from tests.devices_util import captured_logs, events, listener, raw_send
@@ -97,13 +97,16 @@ def implicit_from(port: int, context: ssl.SSLContext, source: str) -> bool:
 def test_refused_handshakes_are_one_info_line_per_client(
     gw: Running, no_error_logs: list[dict[str, Any]]
 ) -> None:
-    before = TLS_HANDSHAKE_FAILURES.labels(listener="implicit", offered="TLSv1.1")._value.get()
+    def failures(offered: str) -> float:
+        labels = {"listener": "implicit", "offered": offered}
+        return REGISTRY.get_sample_value("smtp_gateway_tls_handshake_failures_total", labels) or 0.0
+
+    before = failures("TLSv1.1")
     assert not implicit_from(gw.port("implicit"), client_context("TLSv1"), "127.0.0.1")
     wait_for(lambda: events(no_error_logs, "tls_handshake_failed"), 10, "the failure line")
     # The same client again (another old version): counted, not logged again.
     assert not implicit_from(gw.port("implicit"), client_context("TLSv1.1"), "127.0.0.1")
-    wait_for(lambda: TLS_HANDSHAKE_FAILURES.labels(listener="implicit", offered="TLSv1.1")._value.get() > before,
-             10, "the second failure counted")
+    wait_for(lambda: failures("TLSv1.1") > before, 10, "the second failure counted")
     # Another client: its own line, here over STARTTLS.
     assert not tls1_over_starttls(gw.port("starttls"), "127.0.0.2")
     wait_for(lambda: len(events(no_error_logs, "tls_handshake_failed")) == 2, 10, "the second client's line")
@@ -115,8 +118,7 @@ def test_refused_handshakes_are_one_info_line_per_client(
     assert first["peer"].startswith("127.0.0.1:") and first["offered_ciphers"]
     assert (second["listener"], second["offered"], second["peer"].split(":")[0]) == ("starttls", "TLSv1", "127.0.0.2")
     # The next line for 127.0.0.1 (after the interval) says how many were left out.
-    failures = listeners(gw).handshake_failures
-    failures.interval = 0.0
+    listeners(gw).handshake_failures.interval = 0.0
     assert not implicit_from(gw.port("implicit"), client_context("TLSv1"), "127.0.0.1")
     wait_for(lambda: len(events(no_error_logs, "tls_handshake_failed")) == 3, 10, "the line after the interval")
     assert events(no_error_logs, "tls_handshake_failed")[2]["suppressed"] == 1
