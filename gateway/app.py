@@ -88,6 +88,19 @@ class App:
                 else:
                     log.info("sender_domain_ok", **fields)
 
+    def reload_tls(self) -> None:
+        """SIGHUP: load the TLS certificate files again (renewals) without a restart."""
+        listeners = self.listeners
+        if listeners is None:
+            return
+
+        async def reload() -> None:
+            await listeners.reload_tls()  # logs its outcome
+
+        task = asyncio.get_running_loop().create_task(reload())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     @property
     def ports(self) -> dict[str, int]:
         return self.listeners.ports if self.listeners else {}
@@ -122,6 +135,7 @@ async def run(app: App, drain_timeout: float = 30.0) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await app.start()
+    loop.add_signal_handler(signal.SIGHUP, app.reload_tls)
     log.info("ready", listeners=app.ports)
     try:
         await stop.wait()

@@ -56,6 +56,11 @@ class Authenticator:
             user.username: (name, user) for name, account in accounts.items() for user in account.users
         }
 
+    def knows(self, username: str) -> bool:
+        """Whether `username` is a configured user or has one of the providers' login shapes (so it is a
+        login, safe to log, and not a password typed into the wrong field)."""
+        return username in self._users or any(p.owns_login(username) for p in self._providers.values())
+
     def principal_for_user(self, username: str) -> Principal:
         """The Principal of a configured user, for trusted-network clients that do not AUTH."""
         account, user = self._users[username]

@@ -11,6 +11,12 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 
 SESSIONS = Counter("smtp_gateway_sessions_total", "SMTP sessions opened", ["listener"], registry=REGISTRY)
 AUTH = Counter("smtp_gateway_auth_total", "AUTH attempts by result", ["result"], registry=REGISTRY)
+TLS_HANDSHAKE_FAILURES = Counter(
+    "smtp_gateway_tls_handshake_failures_total",
+    "Failed TLS handshakes by listener and the highest protocol version the client offered",
+    ["listener", "offered"],
+    registry=REGISTRY,
+)
 MESSAGES = Counter(
     "smtp_gateway_messages_total", "Messages by final SMTP reply class", ["result"], registry=REGISTRY
 )

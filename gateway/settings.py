@@ -28,6 +28,18 @@ CONFIG_ENV = "GATEWAY_CONFIG"
 _Section = Section
 
 
+# Networks wider than these prefixes reach far beyond any LAN (0.0.0.0/0, ::/0, 2000::/3, ...): a trusted
+# network that wide is refused unless the listener sets allow_wide_trusted_network (README, Devices).
+WIDEST_TRUSTED_PREFIX = {4: 8, 6: 16}
+
+
+class TrustedNetwork(_Section):
+    """Clients from `network` may send without AUTH, as the configured user `login` (Postfix mynetworks)."""
+
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network
+    login: str
+
+
 class ListenerSettings(_Section):
     name: str = "submission"
     address: str = "127.0.0.1"
@@ -35,27 +47,71 @@ class ListenerSettings(_Section):
     # starttls: plain connect, STARTTLS offered (submission, 587); implicit: TLS from the first byte (465);
     # none: no TLS at all, only for explicitly trusted networks or loopback.
     tls: Literal["starttls", "implicit", "none"] = "starttls"
+    # Mozilla's server-side TLS profiles (gateway/tlsutil.py): modern = TLS 1.3 only; intermediate = TLS 1.2+
+    # with ECDHE + AEAD suites; legacy = also TLS 1.0/1.1 and CBC/3DES suites for old printers (opt-in).
+    tls_profile: Literal["modern", "intermediate", "legacy"] = "intermediate"
     # AUTH on a connection that is not (yet) encrypted. Off by default: the password would travel in clear.
     allow_insecure_auth: bool = False
-    # Clients from these networks are treated as `trusted_login` without AUTH (Postfix mynetworks);
-    # for devices that cannot authenticate. Empty: everybody must AUTH.
+    # AUTH usernames in email form, for devices that insist on an "@": a whole address mapped to a login
+    # (checked first, case-insensitively), and/or "login@anything" stripped to "login". Never guessed.
+    login_aliases: dict[str, str] = {}
+    strip_login_domain: bool = False
+    # Clients from these networks send without AUTH, each network as one configured user; the most specific
+    # network wins. `trusted_networks` + `trusted_login` is the shorthand for several networks, one login.
+    trusted: list[TrustedNetwork] = []
     trusted_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
     trusted_login: str | None = None
+    # A trusted network shorter than /8 (IPv4) or /16 (IPv6) is refused unless this is true.
+    allow_wide_trusted_network: bool = False
     # SO_REUSEPORT: several gateway processes may listen on this port and the kernel spreads
     # connections over them. Each process needs its own delivery.spool_path (see README, Performance).
     reuse_port: bool = False
     # Proxy protocol etc. deliberately absent: not needed yet.
 
+    @field_validator("login_aliases")
+    @classmethod
+    def _aliases_are_addresses(cls, v: dict[str, str]) -> dict[str, str]:
+        for address in v:
+            if "@" not in address:
+                raise ValueError(f"{address!r} is not an address: a login alias maps a whole address to a login")
+        return {address.strip().lower(): login for address, login in v.items()}
+
     @model_validator(mode="after")
     def _trusted_pair(self) -> ListenerSettings:
         if self.trusted_networks and not self.trusted_login:
             raise ValueError("trusted_networks needs trusted_login (the login those clients act as)")
+        if not self.allow_wide_trusted_network:
+            for network, _ in self.trusted_map:
+                if network.prefixlen < WIDEST_TRUSTED_PREFIX[network.version]:
+                    raise ValueError(
+                        f"trusted network {network} is wider than /{WIDEST_TRUSTED_PREFIX[network.version]}: "
+                        "it would let most of the Internet send without AUTH; list the LAN's own networks "
+                        "(or set allow_wide_trusted_network = true if this is really meant)"
+                    )
         return self
+
+    @property
+    def trusted_map(self) -> list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str]]:
+        """Every trusted network with its login, most specific first (the first match wins)."""
+        pairs = [(t.network, t.login) for t in self.trusted]
+        if self.trusted_login:
+            pairs += [(network, self.trusted_login) for network in self.trusted_networks]
+        return sorted(pairs, key=lambda pair: -pair[0].prefixlen)
 
 
 class TlsSettings(_Section):
     cert_file: Path | None = None
     key_file: Path | None = None
+    # A second certificate with the other key type (RSA beside ECDSA, or the reverse); OpenSSL picks the one
+    # the client can use. Devices limited to TLS 1.0 and RSA key exchange need an RSA certificate.
+    extra_cert_file: Path | None = None
+    extra_key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _extra_pair(self) -> TlsSettings:
+        if (self.extra_cert_file is None) != (self.extra_key_file is None):
+            raise ValueError("extra_cert_file and extra_key_file go together")
+        return self
 
 
 class LimitsSettings(_Section):
@@ -181,10 +237,9 @@ class Settings(BaseSettings):
             raise ValueError("tls.cert_file and tls.key_file are required by a starttls/implicit listener")
         logins = {u.username for a in self.accounts.values() for u in a.users}
         for listener in self.listeners:
-            if listener.trusted_login and listener.trusted_login not in logins:
-                raise ValueError(
-                    f"listeners[{listener.name}].trusted_login {listener.trusted_login!r} is not a user"
-                )
+            for _, login in listener.trusted_map:
+                if login not in logins:
+                    raise ValueError(f"listeners[{listener.name}]: trusted login {login!r} is not a user")
         return self
 
     @classmethod

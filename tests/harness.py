@@ -34,8 +34,8 @@ PASSWORD_HASH = hash_password(PASSWORD)
 class LoopThread:
     """An asyncio loop in a daemon thread; tests submit coroutines and block on their results."""
 
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.loop = loop or asyncio.new_event_loop()  # e.g. uvloop.new_event_loop(), as `serve` runs
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
 
@@ -56,8 +56,12 @@ class LoopThread:
         self.loop.close()
 
 
-def base_config(tmp: Path, sandbox_port: int, **overrides: Any) -> dict[str, Any]:
-    """A gateway config for tests: plain (insecure AUTH allowed), STARTTLS and implicit-TLS listeners."""
+def base_config(
+    tmp: Path, sandbox_port: int, extra_users: list[dict[str, Any]] | None = None, **overrides: Any
+) -> dict[str, Any]:
+    """A gateway config for tests: plain (insecure AUTH allowed), STARTTLS and implicit-TLS listeners.
+
+    `extra_users`: [[accounts.acme.users]] entries added after the default user."""
     cert, key = write_self_signed(tmp / "tls")
     config: dict[str, Any] = {
         "hostname": "gw.test",
@@ -74,7 +78,7 @@ def base_config(tmp: Path, sandbox_port: int, **overrides: Any) -> dict[str, Any
                 "apikey": APIKEY,
                 "sender_domains": {"acme.example": "dmds-acme@nl.acme.example"},
                 "http_timeout": 5.0,
-                "users": [{"username": USER, "password_hash": PASSWORD_HASH, "campaign": 22}],
+                "users": [{"username": USER, "password_hash": PASSWORD_HASH, "campaign": 22}, *(extra_users or [])],
             }
         },
         "delivery": {"spool_path": str(tmp / "spool.sqlite3"), "inline_budget": 5.0},
@@ -138,11 +142,17 @@ def sandbox_for_tests(state: SandboxState | None = None, dmds: DmdsSandbox | Non
     return Sandbox(state or SandboxState(), [lambda s: install_dmds(s, dmds), lambda s: install_dengage(s, dengage)])
 
 
-def start(loop: LoopThread, tmp: Path, sandbox: Sandbox | None = None, **overrides: Any) -> Running:
+def start(
+    loop: LoopThread,
+    tmp: Path,
+    sandbox: Sandbox | None = None,
+    extra_users: list[dict[str, Any]] | None = None,
+    **overrides: Any,
+) -> Running:
     sandbox = sandbox or sandbox_for_tests()
     # A sandbox already serving (another gateway's) is shared: two instances, one upstream.
     port = sandbox.port or loop.run(sandbox.start("127.0.0.1", 0))
-    settings = load_settings(None, **base_config(tmp, port, **overrides))
+    settings = load_settings(None, **base_config(tmp, port, extra_users, **overrides))
     for name, account in settings.accounts.items():
         # Tests talk to loopback only: an account without api_base would default to the real DMDS host.
         assert account.base_url.startswith("http://127.0.0.1"), f"account {name} must set api_base to the sandbox"

@@ -84,8 +84,13 @@ def send(client: smtplib.SMTP, raw: bytes, rcpts: list[str] | None = None, mail_
 class RawClient:
     """Speaks SMTP line by line so tests see every reply exactly as sent (smtplib hides some)."""
 
-    def __init__(self, running: Running, listener: str = "plain", timeout: float = 10.0) -> None:
-        sock = socket.create_connection(("127.0.0.1", running.port(listener)), timeout=timeout)
+    def __init__(
+        self, running: Running, listener: str = "plain", timeout: float = 10.0, source: str | None = None
+    ) -> None:
+        # `source`: a loopback alias (127.0.0.2, ...) to connect from, for per-client-address behaviour.
+        sock = socket.create_connection(
+            ("127.0.0.1", running.port(listener)), timeout=timeout, source_address=(source, 0) if source else None
+        )
         if listener == "implicit":
             sock = insecure_context().wrap_socket(sock)
         self.sock = sock

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 import ipaddress
+import os
 from typing import Any
 
 import structlog
@@ -20,6 +23,9 @@ from gateway.settings import LimitsSettings, ListenerSettings
 
 log = structlog.get_logger("gateway.smtp")
 
+# Keys the fingerprints of unknown usernames: stable within a process, useless to anyone reading old logs.
+_FINGERPRINT_KEY = os.urandom(16)
+
 
 class GatewayHandler:
     def __init__(
@@ -33,31 +39,60 @@ class GatewayHandler:
         self.limits = limits
         self.pipeline = pipeline
         self.authenticator = authenticator
-        self._trusted = tuple(listener.trusted_networks)
+        self._trusted = listener.trusted_map
 
     # -- who is sending ----------------------------------------------------------------------------
 
     def principal(self, session: Session) -> Principal | None:
         if isinstance(session.auth_data, Principal):
             return session.auth_data
-        if self._trusted and self.listener.trusted_login and session.peer:
+        if self._trusted and isinstance(session.peer, tuple):
             try:
                 ip = ipaddress.ip_address(session.peer[0])
             except ValueError:
                 return None
-            if any(ip in net for net in self._trusted):
-                # Remembered for the session: MAIL, RCPT and DATA all ask (AUTH may still replace it).
-                principal = self.authenticator.principal_for_user(self.listener.trusted_login)
-                session.auth_data = principal  # type: ignore[assignment]  # aiosmtpd types it as None
-                return principal
+            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+                ip = ip.ipv4_mapped  # a dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d
+            for network, login in self._trusted:  # most specific network first
+                if ip in network:
+                    # Remembered for the session: MAIL, RCPT and DATA all ask (AUTH may still replace it).
+                    principal = self.authenticator.principal_for_user(login)
+                    session.auth_data = principal
+                    log.info("trusted_client", peer=_peer(session), network=str(network), login=login,
+                             account=principal.account)
+                    return principal
         return None
+
+    def login_for(self, username: str) -> tuple[str, str | None]:
+        """The login to check for an AUTH username, and how it was derived (None: as given).
+
+        Devices that insist on an email-style username: a whole address listed in `login_aliases` becomes
+        its login; with `strip_login_domain`, "login@anything" becomes "login". Nothing else is guessed.
+        """
+        alias = self.listener.login_aliases.get(username.strip().lower())
+        if alias is not None:
+            return alias, "login_aliases"
+        if self.listener.strip_login_domain and "@" in username:
+            return username.rpartition("@")[0], "strip_login_domain"
+        return username, None
+
+    def _loggable(self, login: str) -> dict[str, str]:
+        """A login as it may appear in the log: one the gateway knows, else only a fingerprint.
+
+        A user who types the password into the username field must not find it in the log.
+        """
+        if self.authenticator.knows(login):
+            return {"login": login}
+        digest = hmac.new(_FINGERPRINT_KEY, login.encode("utf-8", "surrogateescape"), hashlib.sha256)
+        return {"login_unknown": digest.hexdigest()[:12]}
 
     async def _initial_response(self, server: Any, args: list[str], challenge: str) -> bytes | None:
         """The initial response given with AUTH, or the answer to `challenge`; None when already answered."""
         if len(args) == 1:
             blob = await server.challenge_auth(challenge)
             return None if blob is MISSING else bytes(blob)
-        decoded = _b64(args[1])
+        # RFC 4954 §4: "=" is an empty initial response.
+        decoded = b"" if args[1] == "=" else _b64(args[1])
         if decoded is None:
             await server.push("501 5.5.2 Cannot decode base64")
         return decoded
@@ -85,24 +120,33 @@ class GatewayHandler:
         session: Session = server.session
         try:
             username, secret = login.decode("utf-8"), password.decode("utf-8")
-            principal = await self.authenticator.authenticate(username, secret)
-        except (AuthFailed, UnicodeDecodeError):
-            AUTH.labels(result="invalid").inc()
-            failures = getattr(session, "auth_failures", 0) + 1
-            session.auth_failures = failures  # type: ignore[attr-defined]
-            log.info("auth_failed", peer=_peer(session), login=_safe_login(login), failures=failures)
-            if failures >= self.limits.max_auth_failures:
-                await server.push(str(replies.AUTH_TOO_MANY))
-                server.transport.close()
-                return AuthResult(success=False, handled=True)
-            return AuthResult(success=False, handled=False, message=str(replies.AUTH_INVALID))
+        except UnicodeDecodeError:
+            return await self._refuse(server, session, {"login_unknown": "not UTF-8"})
+        checked, mapped_by = self.login_for(username)
+        mapped = {"mapped_by": mapped_by} if mapped_by else {}
+        fields = {**self._loggable(checked), **mapped}
+        try:
+            principal = await self.authenticator.authenticate(checked, secret)
+        except AuthFailed:
+            return await self._refuse(server, session, fields)
         except AuthUnavailable as exc:
             AUTH.labels(result="unavailable").inc()
-            log.warning("auth_unavailable", peer=_peer(session), login=_safe_login(login), reason=str(exc))
+            log.warning("auth_unavailable", peer=_peer(session), reason=str(exc), **fields)
             return AuthResult(success=False, handled=False, message=str(replies.AUTH_TEMPFAIL))
         AUTH.labels(result="ok").inc()
-        log.info("auth_ok", peer=_peer(session), login=principal.login, account=principal.account)
+        log.info("auth_ok", peer=_peer(session), login=principal.login, account=principal.account, **mapped)
         return AuthResult(success=True, auth_data=principal, message=str(replies.AUTH_OK))
+
+    async def _refuse(self, server: Any, session: Session, fields: dict[str, str]) -> AuthResult:
+        AUTH.labels(result="invalid").inc()
+        failures = getattr(session, "auth_failures", 0) + 1
+        session.auth_failures = failures  # type: ignore[attr-defined]
+        log.info("auth_failed", peer=_peer(session), failures=failures, **fields)
+        if failures >= self.limits.max_auth_failures:
+            await server.push(str(replies.AUTH_TOO_MANY))
+            server.transport.close()
+            return AuthResult(success=False, handled=True)
+        return AuthResult(success=False, handled=False, message=str(replies.AUTH_INVALID))
 
     # -- envelope ----------------------------------------------------------------------------------
 
@@ -168,7 +212,3 @@ def _peer(session: Session) -> str:
     peer = session.peer
     return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
 
-
-def _safe_login(login: bytes) -> str:
-    # A user may type the password in the user name field: log a bounded, printable form only.
-    return login[:64].decode("utf-8", "replace").replace("\n", " ")

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import ssl
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import cast
 
 import structlog
@@ -16,7 +17,9 @@ from gateway.observability import SESSIONS
 from gateway.pipeline import Pipeline
 from gateway.settings import ConfigError, Settings, TlsSettings
 from gateway.smtp.handler import GatewayHandler
+from gateway.smtp.handshake import HandshakeFailures, ListenerTls
 from gateway.smtp.protocol import GatewaySMTP
+from gateway.tlsutil import CertificateError, Profile, describe_certificate, server_context
 
 log = structlog.get_logger("gateway.smtp")
 
@@ -25,27 +28,46 @@ COMMAND_LIMITS = {"NOOP": 100, "HELP": 20, "VRFY": 20, "EXPN": 5, "AUTH": 10, "S
                   "EHLO": 20, "HELO": 20, "*": 10**9}
 
 
-def tls_context(tls: TlsSettings) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+# asyncio's default; shorter when the session timeout is (an idle half-open handshake holds a session slot).
+HANDSHAKE_TIMEOUT = 60.0
+
+
+def certificate_chains(tls: TlsSettings) -> list[tuple[Path, Path]]:
     assert tls.cert_file and tls.key_file
+    chains = [(tls.cert_file, tls.key_file)]
+    if tls.extra_cert_file and tls.extra_key_file:
+        chains.append((tls.extra_cert_file, tls.extra_key_file))
+    return chains
+
+
+def load_contexts(tls: TlsSettings, profiles: dict[str, Profile]) -> tuple[dict[str, ssl.SSLContext], dict[str, str]]:
+    """One new SSLContext per listener (name -> profile), and what the main certificate is, for the log.
+
+    Raises CertificateError: nothing is half-replaced by a file that does not load.
+    """
+    chains = certificate_chains(tls)
+    contexts = {name: server_context(profile, chains) for name, profile in profiles.items()}
     try:
-        context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"tls.cert_file / tls.key_file cannot be loaded: {exc}") from None
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    return context
+        described = describe_certificate(chains[0][0])
+    except ValueError as exc:
+        raise CertificateError(f"{chains[0][0]}: {exc}") from None
+    return contexts, described
 
 
 class _Refuse(asyncio.Protocol):
-    """Answers one line and hangs up: used while draining or when too many sessions are open."""
+    """Answers one line and hangs up: used while draining or when too many sessions are open.
 
-    def __init__(self, line: str) -> None:
+    No line on an implicit-TLS port (None): the client waits for a TLS handshake, a plaintext line is noise.
+    """
+
+    def __init__(self, line: str | None) -> None:
         self.line = line
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.WriteTransport subclasses: no isinstance check here.
         writer = cast(asyncio.WriteTransport, transport)
-        writer.write(self.line.encode() + b"\r\n")
+        if self.line is not None:
+            writer.write(self.line.encode() + b"\r\n")
         writer.close()
 
 
@@ -61,35 +83,53 @@ class Listeners:
     draining: asyncio.Event = field(default_factory=asyncio.Event)
     ports: dict[str, int] = field(default_factory=dict)
 
+    tls: dict[str, ListenerTls] = field(default_factory=dict)
+    handshake_failures: HandshakeFailures = field(default_factory=HandshakeFailures)
+
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        context = None
-        if any(listener.tls != "none" for listener in self.settings.listeners):
-            context = tls_context(self.settings.tls)
         limits = self.settings.limits
+        profiles = {lsn.name: lsn.tls_profile for lsn in self.settings.listeners if lsn.tls != "none"}
+        if profiles:
+            try:
+                contexts, described = load_contexts(self.settings.tls, profiles)
+            except CertificateError as exc:
+                raise ConfigError(f"tls.cert_file / tls.key_file cannot be loaded: {exc}") from None
+            log.info("tls_certificate_loaded", **described)
+            timeout = min(HANDSHAKE_TIMEOUT, limits.session_timeout)
+            for name, profile in profiles.items():
+                self.tls[name] = ListenerTls(name, profile, contexts[name], self.handshake_failures, timeout)
+                if profile == "legacy":
+                    log.warning("tls_legacy_profile", listener=name, protocols="TLSv1 TLSv1.1 TLSv1.2 TLSv1.3",
+                                note="TLS 1.0/1.1 and CBC suites are enabled for old devices; keep this "
+                                     "listener for them only")
         for listener in self.settings.listeners:
+            if listener.allow_wide_trusted_network and listener.trusted_map:
+                log.warning("trusted_network_wide_allowed", listener=listener.name,
+                            networks=[str(network) for network, _ in listener.trusted_map])
             handler = GatewayHandler(listener, limits, self.pipeline, self.authenticator)
-            starttls = listener.tls == "starttls"
             implicit = listener.tls == "implicit"
+            tls = self.tls.get(listener.name)
 
             def factory(
-                handler: GatewayHandler = handler, starttls: bool = starttls, implicit: bool = implicit
-            ) -> asyncio.Protocol:
+                handler: GatewayHandler = handler, tls: ListenerTls | None = tls, implicit: bool = implicit
+            ) -> asyncio.BaseProtocol:
                 if self.draining.is_set():
-                    return _Refuse(str(replies.SHUTTING_DOWN))
+                    return _Refuse(None if implicit else str(replies.SHUTTING_DOWN))
                 if len(self.sessions) >= limits.max_sessions:
-                    return _Refuse("421 4.7.0 Too many connections, try again later")
+                    return _Refuse(None if implicit else "421 4.7.0 Too many connections, try again later")
                 listener = handler.listener
                 proto = GatewaySMTP(
                     handler,
                     draining=self.draining,
                     on_close=self.sessions.discard,
+                    tls=tls,
+                    implicit_tls=implicit,
                     hostname=self.settings.hostname,
                     ident="smtp-gateway ESMTP",
                     data_size_limit=limits.max_message_size,
                     enable_SMTPUTF8=True,
                     decode_data=False,
-                    tls_context=context if starttls else None,
                     require_starttls=False,
                     # Implicit TLS is encrypted from the first byte: aiosmtpd cannot tell (aiosmtpd #281).
                     auth_require_tls=not (implicit or listener.allow_insecure_auth),
@@ -100,13 +140,15 @@ class Listeners:
                 )
                 self.sessions.add(proto)
                 SESSIONS.labels(listener=listener.name).inc()
+                if implicit and tls is not None:
+                    # The session exists once the handshake succeeded; a failed one must not keep its slot.
+                    return tls.handshake(proto, lambda: proto.tls_up, lambda: self.sessions.discard(proto))
                 return proto
 
             server = await loop.create_server(
                 factory,
                 host=listener.address,
                 port=listener.port,
-                ssl=context if implicit else None,
                 reuse_address=True,
                 reuse_port=listener.reuse_port or None,
                 backlog=1024,
@@ -114,7 +156,26 @@ class Listeners:
             self.servers.append(server)
             self.ports[listener.name] = server.sockets[0].getsockname()[1]
             log.info("listener_started", listener=listener.name, address=listener.address,
-                     port=self.ports[listener.name], tls=listener.tls)
+                     port=self.ports[listener.name], tls=listener.tls,
+                     tls_profile=listener.tls_profile if tls else None)
+
+    async def reload_tls(self) -> bool:
+        """Load the certificate files again (SIGHUP): new handshakes use them, open sessions keep theirs.
+
+        A file that does not load leaves every listener on its current certificate; the reason is logged.
+        """
+        if not self.tls:
+            return True
+        profiles = {name: tls.profile for name, tls in self.tls.items()}
+        try:
+            contexts, described = await asyncio.to_thread(load_contexts, self.settings.tls, profiles)
+        except CertificateError as exc:
+            log.error("tls_reload_failed", reason=str(exc), action="kept the certificate already loaded")
+            return False
+        for name, context in contexts.items():
+            self.tls[name].context = context
+        log.info("tls_reloaded", listeners=sorted(contexts), **described)
+        return True
 
     async def drain(self, timeout: float) -> None:
         """Stop taking mail: new sessions get 421, sessions in DATA may finish within `timeout`."""

@@ -1,0 +1,214 @@
+"""Server-side TLS handshakes run by the gateway itself, for implicit TLS and STARTTLS alike.
+
+asyncio and uvloop report a failed handshake to nobody useful: implicit-TLS failures vanish (and the
+session object created for the connection was never released), STARTTLS failures surface in aiosmtpd as
+an exception with a traceback. Here asyncio's SSLProtocol runs behind a thin protocol that keeps the first
+bytes the client sent (its ClientHello), so a failure is logged once per client IP, at info level, with the
+protocol versions and suites the client offered, and the application protocol only hears of a success.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from asyncio import sslproto
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from gateway.observability import TLS_HANDSHAKE_FAILURES
+from gateway.smtp.clienthello import Offer, parse_client_hello
+from gateway.tlsutil import Profile
+
+log = structlog.get_logger("gateway.smtp")
+
+# A ClientHello fits in a few hundred bytes (post-quantum key shares: ~1.8 KB); keep a bit more.
+_HEAD_LIMIT = 8192
+_LOGGED_CIPHERS = 40
+
+
+@dataclass
+class HandshakeFailures:
+    """Logs failed handshakes at most once per client IP per `interval` seconds (counted every time)."""
+
+    interval: float = 600.0
+    max_peers: int = 10_000
+    clock: Callable[[], float] = time.monotonic
+    # client IP -> (when its last line was logged, failures since then that were not logged)
+    _seen: dict[str, tuple[float, int]] = field(default_factory=dict)
+
+    def report(
+        self, listener: str, profile: Profile, peer: Any, head: bytes, error: BaseException | None
+    ) -> None:
+        offer = parse_client_hello(head)
+        TLS_HANDSHAKE_FAILURES.labels(listener=listener, offered=offer.version).inc()
+        ip, port = (str(peer[0]), peer[1]) if isinstance(peer, tuple) else (str(peer), None)
+        if offer.version == "none":
+            # Connected and left without a word: TCP health checks and port scanners. Counted only.
+            log.debug("tls_handshake_abandoned", listener=listener, peer=ip)
+            return
+        now = self.clock()
+        last = self._seen.get(ip)
+        if last is not None and now - last[0] < self.interval:
+            self._seen[ip] = (last[0], last[1] + 1)
+            return
+        if len(self._seen) >= self.max_peers:
+            self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self.interval}
+            if len(self._seen) >= self.max_peers:  # a flood from many addresses: forget, keep memory bounded
+                self._seen.clear()
+        self._seen[ip] = (now, 0)
+        reason = _reason(error)
+        log.info(
+            "tls_handshake_failed",
+            listener=listener,
+            profile=profile,
+            peer=f"{ip}:{port}" if port is not None else ip,
+            offered=offer.version,
+            offered_versions=list(offer.versions),
+            offered_ciphers=list(offer.ciphers[:_LOGGED_CIPHERS]),
+            sni=offer.server_name,
+            reason=reason,
+            hint=_hint(reason, offer, profile),
+            suppressed=last[1] if last is not None else 0,
+        )
+
+
+def _reason(error: BaseException | None) -> str:
+    if isinstance(error, ssl.SSLError):
+        return str(error.reason or error.strerror or type(error).__name__)
+    if isinstance(error, ConnectionAbortedError):
+        return "HANDSHAKE_TIMEOUT"
+    if error is None or isinstance(error, ConnectionResetError):
+        return "CLOSED_BY_CLIENT"
+    return type(error).__name__
+
+
+def _hint(reason: str, offer: Offer, profile: Profile) -> str | None:
+    """A sentence for the operator, for the causes that have a configuration answer."""
+    if offer.version == "plaintext":
+        return "the client speaks plain SMTP to a TLS port: use the STARTTLS or plain listener for it"
+    if reason == "UNSUPPORTED_PROTOCOL" and offer.version in ("SSLv2", "SSLv3"):
+        return f"the client offers at most {offer.version}, which no profile accepts"
+    if reason == "UNSUPPORTED_PROTOCOL" and profile != "legacy":
+        return f"the client offers at most {offer.version}; tls_profile = \"legacy\" accepts TLS 1.0 and 1.1"
+    if reason == "NO_SHARED_CIPHER":
+        return ("no cipher suite in common; devices limited to RSA key exchange need an RSA certificate "
+                "(tls.extra_cert_file) and tls_profile = \"legacy\"")
+    return None
+
+
+class TlsHandshake(asyncio.BufferedProtocol):
+    """Sits between a TCP transport and asyncio's SSLProtocol until the handshake is over.
+
+    It copies the client's first bytes aside, then steps out of the way (the transport talks to the
+    SSLProtocol directly) once the handshake succeeded. `result` resolves to True on success; on failure
+    the client is reported to `failures` and the connection is closed.
+    """
+
+    def __init__(
+        self,
+        tls: ListenerTls,
+        app: asyncio.BaseProtocol,
+        established: Callable[[], bool],
+        on_failure: Callable[[], None] | None = None,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        self._listener = tls
+        self._established = established
+        self._on_failure = on_failure
+        self._head = bytearray()
+        self._view: memoryview | None = None
+        self._transport: asyncio.BaseTransport | None = None
+        self.result: asyncio.Future[bool] = loop.create_future()
+        waiter: asyncio.Future[None] = loop.create_future()
+        waiter.add_done_callback(self._finished)
+        self.tls = sslproto.SSLProtocol(
+            loop,
+            app,
+            tls.context,
+            waiter,
+            server_side=True,
+            ssl_handshake_timeout=tls.handshake_timeout,  # type: ignore[arg-type]  # typeshed: int; any number works
+        )
+
+    @property
+    def app_transport(self) -> asyncio.Transport:
+        """The encrypted transport the application writes to (created by SSLProtocol with itself)."""
+        return self.tls._app_transport
+
+    # -- the TCP transport's protocol while the handshake runs ------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+        self.tls.connection_made(transport)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        self._view = memoryview(self.tls.get_buffer(sizehint))
+        return self._view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        room = _HEAD_LIMIT - len(self._head)
+        if room > 0 and self._view is not None:
+            self._head += self._view[: min(nbytes, room)]
+        self.tls.buffer_updated(nbytes)
+
+    def eof_received(self) -> bool | None:
+        # typeshed says None; SSLProtocol returns True while the application has paused reading.
+        keep_open: bool | None = self.tls.eof_received()  # type: ignore[func-returns-value]
+        return keep_open
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.tls.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.tls.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.tls.resume_writing()
+
+    # -- outcome ------------------------------------------------------------------------------------------
+
+    def _finished(self, waiter: asyncio.Future[None]) -> None:
+        error = None if waiter.cancelled() else waiter.exception()
+        # SSLProtocol also resolves the waiter without error when the client hangs up mid-handshake:
+        # only the application protocol having been connected means success.
+        ok = error is None and not waiter.cancelled() and self._established()
+        transport = self._transport
+        if ok and transport is not None:
+            transport.set_protocol(self.tls)
+        elif not ok:
+            peer = transport.get_extra_info("peername") if transport is not None else None
+            self._listener.failures.report(
+                self._listener.name, self._listener.profile, peer, bytes(self._head), error
+            )
+            if transport is not None:
+                transport.close()
+            if self._on_failure is not None:
+                self._on_failure()
+        self._head = bytearray()
+        self._view = None
+        if not self.result.done():
+            self.result.set_result(ok)
+
+
+@dataclass
+class ListenerTls:
+    """A listener's TLS: its profile and current SSLContext (replaced when certificates are reloaded)."""
+
+    name: str
+    profile: Profile
+    context: ssl.SSLContext
+    failures: HandshakeFailures
+    handshake_timeout: float = 60.0
+
+    def handshake(
+        self,
+        app: asyncio.BaseProtocol,
+        established: Callable[[], bool],
+        on_failure: Callable[[], None] | None = None,
+    ) -> TlsHandshake:
+        """A handshake with the context current now: sessions started before a reload keep theirs."""
+        return TlsHandshake(self, app, established, on_failure)

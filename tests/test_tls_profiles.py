@@ -1,0 +1,130 @@
+"""What each TLS profile accepts, proved with real handshakes from Python's ssl (the fast counterpart of the
+testssl.sh runs in the README): protocol versions per profile, the TLS 1.2 suites `intermediate` offers
+(AEAD only, no CBC), and the old suites `legacy` adds for printers."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from gateway.tlsutil import write_self_signed
+from tests.devices_util import listener
+from tests.harness import Running
+
+VERSIONS = {
+    "TLSv1": ssl.TLSVersion.TLSv1,
+    "TLSv1.1": ssl.TLSVersion.TLSv1_1,
+    "TLSv1.2": ssl.TLSVersion.TLSv1_2,
+    "TLSv1.3": ssl.TLSVersion.TLSv1_3,
+}
+ACCEPTED = {
+    "modern": {"TLSv1.3"},
+    "intermediate": {"TLSv1.2", "TLSv1.3"},
+    "legacy": {"TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"},
+}
+INTERMEDIATE_TLS12 = {
+    "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-GCM-SHA384",
+    "ECDHE-RSA-AES256-GCM-SHA384", "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
+}
+
+
+def client_context(version: str | None = None, ciphers: str = "ALL:@SECLEVEL=0") -> ssl.SSLContext:
+    """A client as permissive as an old device: any version, any suite OpenSSL still knows."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TLSVersion.TLSv1/1.1: that is the point
+        context.minimum_version = VERSIONS[version] if version else ssl.TLSVersion.TLSv1
+        context.maximum_version = VERSIONS[version] if version else ssl.TLSVersion.TLSv1_3
+    context.set_ciphers(ciphers)
+    return context
+
+
+def handshake(port: int, context: ssl.SSLContext) -> tuple[str, str] | None:
+    """(protocol, suite) the server agreed to, or None if it refused the handshake."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        try:
+            with context.wrap_socket(sock) as tls:
+                version, cipher = tls.version(), tls.cipher()
+                assert version is not None and cipher is not None
+                return version, cipher[0]
+        except (ssl.SSLError, ConnectionResetError):
+            return None
+
+
+def tls12_suites(aead: bool) -> list[str]:
+    """Every TLS 1.2-and-below suite this OpenSSL can offer, AEAD or not."""
+    return [c["name"] for c in client_context().get_ciphers() if c["protocol"] != "TLSv1.3" and c["aead"] == aead]
+
+
+@pytest.fixture
+def profiles(gateway_factory: Callable[..., Running], tmp_path: Path) -> Running:
+    """One implicit-TLS listener per profile, with an ECDSA certificate and an RSA one beside it."""
+    rsa_cert, rsa_key = write_self_signed(tmp_path / "rsa", key_type="rsa")
+    return gateway_factory(
+        tls={"extra_cert_file": str(rsa_cert), "extra_key_file": str(rsa_key)},
+        listeners=[listener(p, "implicit", tls_profile=p) for p in ACCEPTED]
+        + [listener("legacy-starttls", "starttls", tls_profile="legacy")],
+    )
+
+
+@pytest.mark.parametrize("profile", list(ACCEPTED))
+def test_protocol_versions_per_profile(profiles: Running, profile: str) -> None:
+    accepted = {v for v in VERSIONS if handshake(profiles.port(profile), client_context(v)) is not None}
+    assert accepted == ACCEPTED[profile]
+
+
+def test_intermediate_offers_no_cbc_or_other_non_aead_suite(profiles: Running) -> None:
+    non_aead = tls12_suites(aead=False)
+    assert any("-SHA" in s and "CBC" not in s for s in non_aead)  # the client really offers CBC suites
+    offer_all = client_context("TLSv1.2", ":".join(non_aead) + ":@SECLEVEL=0")
+    assert handshake(profiles.port("intermediate"), offer_all) is None
+    # The same offer is taken by the legacy listener: the refusal above is the profile's doing.
+    assert handshake(profiles.port("legacy"), offer_all) is not None
+
+
+def test_intermediate_tls12_suites_are_exactly_the_ecdhe_aead_ones(profiles: Running) -> None:
+    accepted = set()
+    for suite in tls12_suites(aead=True):
+        agreed = handshake(profiles.port("intermediate"), client_context("TLSv1.2", suite + ":@SECLEVEL=0"))
+        if agreed is not None:
+            accepted.add(agreed[1])
+    assert accepted == INTERMEDIATE_TLS12
+
+
+@pytest.mark.parametrize(
+    "suite",
+    ["ECDHE-ECDSA-AES128-SHA", "ECDHE-RSA-AES128-SHA", "ECDHE-RSA-AES256-SHA", "AES128-SHA", "AES256-SHA"],
+)
+def test_legacy_takes_the_old_suites_over_tls1(profiles: Running, suite: str) -> None:
+    agreed = handshake(profiles.port("legacy"), client_context("TLSv1", suite + ":@SECLEVEL=0"))
+    assert agreed == ("TLSv1", suite)
+
+
+def test_legacy_prefers_the_strongest_suite(profiles: Running) -> None:
+    """Server order: a device offering everything gets an ECDHE AEAD suite, not the first one it lists."""
+    weakest_first = client_context("TLSv1.2", "DES-CBC3-SHA:AES128-SHA:ECDHE-RSA-AES128-GCM-SHA256:@SECLEVEL=0")
+    assert handshake(profiles.port("legacy"), weakest_first) == ("TLSv1.2", "ECDHE-RSA-AES128-GCM-SHA256")
+
+
+def test_rsa_only_device_needs_the_rsa_certificate(gateway_factory: Callable[..., Running]) -> None:
+    """With only the ECDSA certificate, a device limited to RSA key exchange has no suite in common."""
+    running = gateway_factory(listeners=[listener("legacy", "implicit", tls_profile="legacy")])
+    assert handshake(running.port("legacy"), client_context("TLSv1", "AES128-SHA:@SECLEVEL=0")) is None
+    assert handshake(running.port("legacy"), client_context("TLSv1", "ECDHE-ECDSA-AES128-SHA:@SECLEVEL=0"))
+
+
+def test_each_listener_has_its_own_context(profiles: Running) -> None:
+    listeners = profiles.app.listeners
+    assert listeners is not None
+    contexts = {name: tls.context for name, tls in listeners.tls.items()}
+    assert len({id(c) for c in contexts.values()}) == len(contexts) == 4
+    assert contexts["modern"].minimum_version == ssl.TLSVersion.TLSv1_3
+    assert contexts["intermediate"].minimum_version == ssl.TLSVersion.TLSv1_2
+    assert contexts["legacy"].minimum_version == ssl.TLSVersion.TLSv1
