@@ -32,7 +32,7 @@ ENV_PREFIX = "GATEWAY_"
 CONFIG_ENV = "GATEWAY_CONFIG"
 # GATEWAY_* names that other software sets and that are no settings: CGI's GATEWAY_INTERFACE, and the
 # variables Kubernetes injects for a Service named "gateway" (GATEWAY_SERVICE_HOST, GATEWAY_PORT_587_TCP, ...).
-_FOREIGN_ENV = re.compile(
+FOREIGN_ENV = re.compile(
     r"GATEWAY_(CONFIG|INTERFACE|SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\d+_(TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?)?)"
 )
 
@@ -236,7 +236,7 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
     if path is not None and not path.is_file():
         what = "is a directory" if path.is_dir() else "not found"
         raise ConfigError(f"config file {what}: {path} (give a TOML file with --config FILE or ${CONFIG_ENV})")
-    unknown = configkeys.unknown_env(os.environ, config_keys(), ENV_PREFIX, "__", _FOREIGN_ENV)
+    unknown = configkeys.unknown_env(os.environ, config_keys(), ENV_PREFIX, "__", FOREIGN_ENV)
     if unknown:
         raise ConfigError("\n".join(unknown))
 
