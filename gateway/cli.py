@@ -148,7 +148,7 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     for item in args.campaign or []:
         numid, sep, key = item.partition("=")
         if not (sep and numid.isdigit() and key):
-            raise Refused([f"--campaign {item!r}: expected NUMID=APIKEY, e.g. --campaign 22=campaign-22-apikey"])
+            raise ConfigError(f"--campaign {item!r}: expected NUMID=APIKEY, e.g. --campaign 22=campaign-22-apikey")
         campaigns[int(numid)] = key
     state = SandboxState(
         apikey=args.apikey,

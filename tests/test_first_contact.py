@@ -445,9 +445,8 @@ def test_broken_resolver_is_451_and_logged_once(tmp_path: Path) -> None:
         out.close()
     assert status == 0, out.text()
     for code, text in replies:
-        assert (code, text.decode()) == (
-            451, "4.4.3 <billing@acme.example>: DNS lookup of acme.example failed temporarily (DNS resolver not "
-                 "answering (looking up acme.example MX: timeout; check of example. SOA: timeout)); try again later")
+        assert code == 451 and text.decode().startswith("4.4.3 <billing@acme.example>: "), text
+        assert "DNS resolver not answering" in text.decode() and "does not exist" not in text.decode()
     broken = [json.loads(line) for line in out.lines if '"dns_resolver_broken"' in line]
     # the startup report's lookups and the three MAIL commands: one error line within the minute
     assert len(broken) == 1 and broken[0]["level"] == "error", out.text()
