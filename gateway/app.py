@@ -10,16 +10,19 @@ from dataclasses import dataclass, field
 import structlog
 
 from gateway.credentials import Authenticator
-from gateway.delivery import Delivery
+from gateway.delivery.health import AccountHealth
+from gateway.delivery.owner import DeliveryOwner
 from gateway.dns import DnsResolver
 from gateway.domaincheck import check_domains
 from gateway.observability import OperatorEndpoint
 from gateway.pipeline import Pipeline
-from gateway.settings import Settings
+from gateway.providers import registry
+from gateway.providers.base import Provider
+from gateway.queue.backends import open_store
+from gateway.queue.store import QueueStore
+from gateway.queue.worker import RetryWorker
+from gateway.settings import DmdsAccount, Settings
 from gateway.smtp.server import Listeners
-from gateway.spool import RetryWorker, Spool
-from gateway.upstream.base import Driver
-from gateway.upstream.dmds import DmdsDriver
 
 log = structlog.get_logger("gateway.app")
 
@@ -27,59 +30,51 @@ log = structlog.get_logger("gateway.app")
 @dataclass
 class App:
     settings: Settings
-    drivers: dict[str, DmdsDriver] = field(default_factory=dict)
+    providers: dict[str, Provider] = field(default_factory=dict)
     listeners: Listeners | None = None
-    spool: Spool | None = None
+    store: QueueStore | None = None
+    owner: DeliveryOwner | None = None
     worker: RetryWorker | None = None
     operator: OperatorEndpoint | None = None
-    _campaigns: dict[tuple[str, int], tuple[bool, float]] = field(default_factory=dict)
     _background: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def start(self) -> None:
-        for name, account in self.settings.accounts.items():
-            self.drivers[name] = DmdsDriver(
-                account.base_url,
-                account.apikey.get_secret_value(),
-                timeout=account.http_timeout,
-                max_connections=account.max_connections,
-                transport=account.http_client,
-                account=name,
-            )
-        self.authenticator = Authenticator(self.settings.accounts, self._campaign_key)
-        drivers: dict[str, Driver] = dict(self.drivers)
-        dns_settings = self.settings.dns
-        self.resolver = DnsResolver(
-            dns_settings.nameservers or None,
-            dns_settings.port,
-            dns_settings.timeout,
-            dns_settings.max_ttl,
-            dns_settings.negative_ttl,
-        )
-        delivery = Delivery(drivers)
-        # Store-and-forward (gateway/spool/): opened before listening; whatever the last run left is resumed.
-        dsettings = self.settings.delivery
-        self.spool = Spool(dsettings)
-        await self.spool.open()
-        self.worker = RetryWorker(
-            self.spool, delivery, list(self.settings.accounts), dsettings.concurrency, dsettings.poll_interval
-        )
+        settings = self.settings
+        for name, account in settings.accounts.items():
+            self.providers[name] = registry.build(name, account)
+        self.authenticator = Authenticator(settings.accounts, self.providers)
+        d = settings.dns
+        self.resolver = DnsResolver(d.nameservers or None, d.port, d.timeout, d.max_ttl, d.negative_ttl)
+        # The queue is opened before listening; what another instance (or the last run) left is resumed.
+        self.store = open_store(settings.delivery)
+        try:
+            await self.store.open()
+        except Exception as exc:
+            # Not fatal: the healthy path needs no queue; messages that need it get 452 4.3.1 until it can
+            # be opened (each use tries again).
+            log.error("queue_unavailable", queue=self.store.url, error=str(exc))
+        self.health = AccountHealth(list(settings.accounts))
+        self.owner = DeliveryOwner(self.providers, self.store, settings.delivery, self.health)
+        dsettings = settings.delivery
+        self.worker = RetryWorker(self.owner, list(settings.accounts), dsettings.concurrency,
+                                  dsettings.poll_interval, dsettings.probe_interval)
         self.worker.start()
-        self.pipeline = Pipeline(
-            self.settings, delivery, self._campaign_known, spool=self.spool, resolver=self.resolver
-        )
-        self.listeners = Listeners(self.settings, self.pipeline, self.authenticator)
+        self.pipeline = Pipeline(settings, self.providers, self.owner, resolver=self.resolver)
+        self.listeners = Listeners(settings, self.pipeline, self.authenticator)
         await self.listeners.start()
-        if self.settings.http.port is not None:
-            self.operator = OperatorEndpoint()
-            port = await self.operator.start(self.settings.http.address, self.settings.http.port)
+        if settings.http.port is not None:
+            self.operator = OperatorEndpoint(problems=self.health.problems)
+            port = await self.operator.start(settings.http.address, settings.http.port)
             self.operator.is_ready = True
-            log.info("operator_endpoint_started", address=self.settings.http.address, port=port)
-        if self.settings.dns.check_sender_domain:
+            log.info("operator_endpoint_started", address=settings.http.address, port=port)
+        if settings.dns.check_sender_domain:
             self._background.add(asyncio.get_running_loop().create_task(self._log_domain_findings()))
 
     async def _log_domain_findings(self) -> None:
         """The same findings as `smtp-gateway check-domains`, logged once at startup."""
         for name, account in self.settings.accounts.items():
+            if not isinstance(account, DmdsAccount):
+                continue
             for report in await check_domains(self.resolver, dict(account.sender_domains)):
                 fields = {"account": name, "domain": report.domain, "return_path": report.return_path}
                 if report.problems:
@@ -88,22 +83,6 @@ class App:
                     log.warning("sender_domain_warning", warnings=report.warnings, **fields)
                 else:
                     log.info("sender_domain_ok", **fields)
-
-    async def _campaign_key(self, account: str, numid: int) -> str | None:
-        return await self.drivers[account].campaign_apikey(numid)
-
-    async def _campaign_known(self, account: str, numid: int) -> bool:
-        """Whether DMDS has this API campaign (cached like credentials)."""
-        loop = asyncio.get_running_loop()
-        cached = self._campaigns.get((account, numid))
-        if cached is not None and cached[1] > loop.time():
-            return cached[0]
-        known = await self.drivers[account].campaign_apikey(numid) is not None
-        ttl = self.settings.accounts[account]
-        self._campaigns[(account, numid)] = (
-            known, loop.time() + (ttl.credential_cache_ttl if known else ttl.negative_cache_ttl)
-        )
-        return known
 
     @property
     def ports(self) -> dict[str, int]:
@@ -121,12 +100,14 @@ class App:
             with contextlib.suppress(Exception):
                 await self.operator.stop()
         if self.worker is not None:
-            await self.worker.stop(self.settings.delivery.shutdown_timeout)
-        if self.spool is not None:
-            await self.spool.close(self.settings.delivery.shutdown_timeout)
-        for driver in self.drivers.values():
+            await self.worker.stop()
+        if self.owner is not None:
+            await self.owner.stop(self.settings.delivery.shutdown_timeout)
+        if self.store is not None:
+            await self.store.close()
+        for provider in self.providers.values():
             with contextlib.suppress(Exception):
-                await driver.aclose()
+                await provider.aclose()
         log.info("stopped")
 
 

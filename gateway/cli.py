@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from gateway import __version__, preflight
-from gateway.settings import CONFIG_ENV, ConfigError, Settings, load_settings, masked_dump
+from gateway.errors import SpoolUnavailable
+from gateway.settings import CONFIG_ENV, ConfigError, DmdsAccount, Settings, load_settings, masked_dump
 
 # Exit statuses: 1 a problem on this machine (port taken, file unreadable, DNS), 2 the configuration or the
 # command line, 130 interrupted (Ctrl-C), 141 output pipe closed (as a shell reports coreutils killed by SIGPIPE).
@@ -49,9 +50,9 @@ def _refuse_on_problems(findings: list[preflight.Finding], args: argparse.Namesp
         raise Refused(problems)
 
 
-def _spool_failure(settings: Settings, exc: sqlite3.DatabaseError) -> Refused:
-    path = settings.delivery.spool_path
-    return Refused([f"delivery.spool_path {path}: {exc} (is it an smtp-gateway spool, readable and writable?)"])
+def _spool_failure(settings: Settings, exc: Exception) -> Refused:
+    where = settings.delivery.queue_url or f"delivery.spool_path {settings.delivery.spool_path}"
+    return Refused([f"{where}: {exc} (is it an smtp-gateway queue, readable and writable?)"])
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -63,7 +64,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logs.configure(settings.log)
     try:
         _run_loop(run(App(settings), drain_timeout=args.drain_timeout), preflight.serve_ports(settings))
-    except sqlite3.DatabaseError as exc:
+    except (sqlite3.DatabaseError, SpoolUnavailable) as exc:
         raise _spool_failure(settings, exc) from None
     return 0
 
@@ -99,7 +100,8 @@ def cmd_check_domains(args: argparse.Namespace) -> int:
         pairs = {dom.lower(): rp or f"dmds-{dom.split('.')[0]}@nl.{dom}"
                  for dom, _, rp in (item.partition("=") for item in args.domains)}
     else:
-        pairs = {dom: rp for account in settings.accounts.values() for dom, rp in account.sender_domains.items()}
+        pairs = {dom: rp for account in settings.accounts.values() if isinstance(account, DmdsAccount)
+                 for dom, rp in account.sender_domains.items()}
     if not pairs:
         print("smtp-gateway: no sender_domains configured: add [accounts.<name>.sender_domains] to the config file "
               "(--config FILE), or name domains: smtp-gateway check-domains DOMAIN[=RETURN_PATH]", file=sys.stderr)
@@ -110,15 +112,15 @@ def cmd_check_domains(args: argparse.Namespace) -> int:
 
 
 def cmd_queue(args: argparse.Namespace) -> int:
-    from gateway.spool import admin
+    from gateway.queue import admin
 
     settings = _load(args)
     if args.spool:
-        delivery = settings.delivery.model_copy(update={"spool_path": Path(args.spool)})
+        delivery = settings.delivery.model_copy(update={"spool_path": Path(args.spool), "queue_url": ""})
         settings = settings.model_copy(update={"delivery": delivery})
     try:
         return admin.main(settings, args)
-    except sqlite3.DatabaseError as exc:
+    except (sqlite3.DatabaseError, SpoolUnavailable) as exc:
         raise _spool_failure(settings, exc) from None
 
 
@@ -142,7 +144,11 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
-    from gateway.sandbox import SandboxState, run_forever
+    from gateway.providers.dengage.sandbox import DengageSandbox
+    from gateway.providers.dengage.sandbox import install as dengage
+    from gateway.providers.dmds.sandbox import DmdsSandbox
+    from gateway.providers.dmds.sandbox import install as dmds
+    from gateway.sandbox import Sandbox, SandboxState, run_forever
 
     campaigns = {}
     for item in args.campaign or []:
@@ -151,17 +157,16 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
             raise ConfigError(f"--campaign {item!r}: expected NUMID=APIKEY, e.g. --campaign 22=campaign-22-apikey")
         campaigns[int(numid)] = key
     state = SandboxState(
-        apikey=args.apikey,
-        campaigns=campaigns,
-        sender_domains=set(args.sender_domain or []),
         latency=args.latency_ms / 1000.0,
         record_path=Path(args.record) if args.record else None,
         echo=None if args.quiet else sys.stdout,
     )
+    dmds_state = DmdsSandbox(apikey=args.apikey, campaigns=campaigns, sender_domains=set(args.sender_domain or []))
+    sandbox = Sandbox(state, [lambda s: dmds(s, dmds_state), lambda s: dengage(s, DengageSandbox())])
     host, port = args.listen
     wanted = [preflight.Port("sandbox --listen", host, port)]
     _refuse_on_problems(preflight.ports(wanted), args)
-    _run_loop(run_forever(state, host, port), wanted)
+    _run_loop(run_forever(sandbox, host, port), wanted)
     return 0
 
 
@@ -238,12 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check these instead of the configured sender domains")
     p.set_defaults(func=cmd_check_domains)
 
-    from gateway.spool import admin
+    from gateway.queue import admin
 
     admin.add_parser(sub, with_config)
     queue = sub.choices["queue"]
     queue.add_argument("--spool", metavar="FILE",
-                       help="the spool file (default: delivery.spool_path; the quick start's is "
+                       help="the SQLite queue file (default: delivery.spool_path; the quick start's is "
                             "var/quickstart/spool.sqlite3)")
     queue.set_defaults(func=cmd_queue)
 

@@ -65,7 +65,12 @@ def _union(members: list[Any], seen: tuple[type, ...]) -> Node:
         merged: dict[str, Node] = {}
         for node in models:
             merged.update(node.fields)
-        tags = {m.__name__ for m in members if isinstance(m, type)}
+        tags: set[str] = set()
+        for i, m in enumerate(members):
+            if typing.get_origin(m) is typing.Annotated:  # Annotated[Model, Tag("x")]: a callable discriminator's
+                tags.update(str(meta.tag) for meta in m.__metadata__ if isinstance(getattr(meta, "tag", None), str))
+                members[i] = typing.get_args(m)[0]
+        tags.update(m.__name__ for m in members if isinstance(m, type))
         for m in members:
             if isinstance(m, type) and issubclass(m, BaseModel):
                 for f in m.model_fields.values():

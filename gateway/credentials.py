@@ -1,4 +1,4 @@
-"""Login verification: static users (hashed), DMDS SMTP-API logins and SMTP-DMDS sandbox logins, cached."""
+"""Login verification: configured users (scrypt hashes) and each provider's own login styles, cached."""
 
 from __future__ import annotations
 
@@ -6,15 +6,16 @@ import asyncio
 import hashlib
 import hmac
 import os
-import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from gateway.config_base import UserSettings
 from gateway.errors import Deferred
 from gateway.model import Principal
 from gateway.passwords import verify_password
-from gateway.settings import AccountSettings, UserSettings
+from gateway.providers.base import Provider
+from gateway.settings import AccountSettings
 
 
 class AuthFailed(Exception):
@@ -23,11 +24,6 @@ class AuthFailed(Exception):
 
 class AuthUnavailable(Exception):
     """The credentials cannot be checked now (454): the upstream lookup failed temporarily."""
-
-
-CampaignKeyLookup = Callable[[str, int], Awaitable[str | None]]
-
-_SMTP_API_LOGIN = re.compile(r"^(?P<dmdsid>[A-Za-z0-9_.]+)-(?P<numid>\d{1,12})$")
 
 
 @dataclass(slots=True)
@@ -46,12 +42,12 @@ class Authenticator:
 
     def __init__(
         self,
-        accounts: dict[str, AccountSettings],
-        campaign_key: CampaignKeyLookup,
+        accounts: Mapping[str, AccountSettings],
+        providers: Mapping[str, Provider],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._accounts = accounts
-        self._campaign_key = campaign_key
+        self._providers = providers
         self._clock = clock
         self._secret = os.urandom(32)
         self._cache: dict[bytes, _Entry] = {}
@@ -59,12 +55,21 @@ class Authenticator:
         self._users: dict[str, tuple[str, UserSettings]] = {
             user.username: (name, user) for name, account in accounts.items() for user in account.users
         }
-        self._by_dmdsid = {account.dmdsid: name for name, account in accounts.items()}
 
     def principal_for_user(self, username: str) -> Principal:
         """The Principal of a configured user, for trusted-network clients that do not AUTH."""
         account, user = self._users[username]
-        return _user_principal(account, user)
+        return self._user_principal(account, user)
+
+    def _user_principal(self, account: str, user: UserSettings) -> Principal:
+        return Principal(
+            account=account,
+            login=user.username,
+            allowed_senders=tuple(s.lower() for s in user.allowed_senders),
+            default_from=user.default_from,
+            force_from=user.force_from,
+            extra=self._providers[account].user_extra(user),
+        )
 
     async def authenticate(self, username: str, password: str) -> Principal:
         key = hmac.new(self._secret, f"{username}\0{password}".encode(), hashlib.sha256).digest()
@@ -107,48 +112,23 @@ class Authenticator:
     def _account_of(self, username: str) -> AccountSettings | None:
         if username in self._users:
             return self._accounts[self._users[username][0]]
-        m = _SMTP_API_LOGIN.match(username)
-        dmdsid = m.group("dmdsid") if m else username
-        name = self._by_dmdsid.get(dmdsid)
-        return self._accounts[name] if name else None
+        for name, provider in self._providers.items():
+            if provider.owns_login(username):
+                return self._accounts[name]
+        return None
 
     async def _verify(self, username: str, password: str) -> Principal | None:
         if username in self._users:
             account_name, user = self._users[username]
             ok = await asyncio.to_thread(verify_password, password, user.password_hash.get_secret_value())
-            return _user_principal(account_name, user) if ok else None
-        m = _SMTP_API_LOGIN.match(username)
-        if m and m.group("dmdsid") in self._by_dmdsid:
-            account_name = self._by_dmdsid[m.group("dmdsid")]
-            account = self._accounts[account_name]
-            numid = int(m.group("numid"))
-            if not account.smtp_api_logins or (account.campaigns and numid not in account.campaigns):
-                return None
+            return self._user_principal(account_name, user) if ok else None
+        for provider in self._providers.values():
+            if not provider.owns_login(username):
+                continue
             try:
-                key = await self._campaign_key(account_name, numid)
+                principal = await provider.verify_login(username, password)
             except Deferred as exc:
-                raise AuthUnavailable(str(exc)) from exc
-            if key is None or not hmac.compare_digest(key.encode(), password.encode()):
-                return None
-            return Principal(account=account_name, login=username, campaign=numid)
-        if username in self._by_dmdsid:
-            account_name = self._by_dmdsid[username]
-            account = self._accounts[account_name]
-            if account.sandbox_logins and hmac.compare_digest(
-                account.apikey.get_secret_value().encode(), password.encode()
-            ):
-                return Principal(account=account_name, login=username, campaign_from_subject=True)
+                raise AuthUnavailable(exc.reason) from exc
+            if principal is not None:
+                return principal
         return None
-
-
-def _user_principal(account: str, user: UserSettings) -> Principal:
-    return Principal(
-        account=account,
-        login=user.username,
-        campaign=user.campaign,
-        campaign_from_subject=user.campaign_from_subject,
-        may_choose_campaign=user.may_choose_campaign,
-        allowed_senders=tuple(s.lower() for s in user.allowed_senders),
-        default_from=user.default_from,
-        force_from=user.force_from,
-    )

@@ -6,9 +6,13 @@
      │    ├── ContentRejected     unparseable or unacceptable message
      │    └── UpstreamRejected    the API refused the content
      └── Deferred        temporary: answered 4xx, or spooled and retried
-          ├── UpstreamUnavailable 5xx, 429, timeouts, connection errors
+          ├── UpstreamUnavailable 5xx, 429, or the request never reached the upstream (safe to resend)
+          │    ├── AnswerLost      the request was sent but no complete answer came back (read
+          │    │                   timeout, reset after sending): the upstream MAY have the message
+          │    └── RateLimited     the upstream (429) or our own limiter said "not now"
           ├── UpstreamAuthFailed  the API refused the gateway's key (operator error)
-          └── DnsTempFailure      DNS lookups timed out
+          ├── DnsTempFailure      DNS lookups timed out
+          └── SpoolUnavailable    the queue cannot store the message
 """
 
 from __future__ import annotations
@@ -18,16 +22,24 @@ from gateway.replies import Reply
 
 
 class GatewayError(Exception):
+    """`reason` is for the log; `reply` for the client. A refusal's reason is what the client must read
+    (the upstream's own words); a temporary failure's is internal (timeouts, status codes, library
+    names) and the client gets the reply table's generic text."""
+
     default_reply: Reply = replies.INTERNAL_ERROR
+    reason_in_reply = False
 
     def __init__(self, reason: str = "", reply: Reply | None = None) -> None:
         super().__init__(reason or (reply or self.default_reply).text)
         self.reason = reason or (reply or self.default_reply).text
-        self.reply = reply or (self.default_reply.with_text(reason) if reason else self.default_reply)
+        if reply is None:
+            reply = self.default_reply.with_text(reason) if reason and self.reason_in_reply else self.default_reply
+        self.reply = reply
 
 
 class Rejected(GatewayError):
     default_reply = replies.INVALID_CONTENT
+    reason_in_reply = True
 
 
 class PolicyRejected(Rejected):
@@ -48,6 +60,18 @@ class Deferred(GatewayError):
 
 class UpstreamUnavailable(Deferred):
     default_reply = replies.UPSTREAM_UNAVAILABLE
+
+
+class AnswerLost(UpstreamUnavailable):
+    """The request went out and its answer was lost: resending it may deliver a second copy."""
+
+
+class RateLimited(UpstreamUnavailable):
+    default_reply = replies.RATE_LIMITED
+
+    def __init__(self, reason: str = "", reply: Reply | None = None, retry_after: float | None = None) -> None:
+        super().__init__(reason, reply)
+        self.retry_after = retry_after
 
 
 class UpstreamAuthFailed(Deferred):

@@ -1,24 +1,26 @@
-"""Frozen value types that flow from the SMTP session to the upstream call."""
+"""Frozen value types that flow from the SMTP session to the upstream call, the same for every provider."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who is sending: the authenticated login and what it may do."""
+    """Who is sending: the authenticated login and what it may do.
+
+    `extra` holds what the login means to its provider (DMDS: the campaign), as JSON-able values: the
+    core stores and passes it on, only the provider reads it."""
 
     account: str
     login: str
-    campaign: int | None = None
-    # SMTP-DMDS sandbox style: the campaign comes from a "[NN]" Subject prefix.
-    campaign_from_subject: bool = False
-    may_choose_campaign: bool = False
     # Addresses (user@dom) or domains (@dom / dom) this login may send as; empty = any permitted domain.
     allowed_senders: tuple[str, ...] = ()
     default_from: str | None = None
     force_from: bool = False
+    extra: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,39 +56,28 @@ class Message:
     # X-Gateway-* option headers, lower-cased names without the prefix, consumed before sending.
     options: dict[str, str] = field(default_factory=dict)
     message_id: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Leg:
-    """One upstream call of a message: who it reaches. Legs after the first join the first's batch."""
-
-    index: int
-    contacts: tuple[Address, ...]
-    cc: tuple[Address, ...] = ()
-    bcc: tuple[Address, ...] = ()
-
-    @property
-    def recipients(self) -> tuple[str, ...]:
-        return tuple(a.email for a in (*self.contacts, *self.cc, *self.bcc))
+    # Custom X- headers (not X-Gateway-*) in order, for providers that forward them (dEngage xHeaders).
+    x_headers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class Submission:
-    """A message accepted in an SMTP session, ready for upstream calls (or the spool)."""
+    """A message accepted in an SMTP session, ready for upstream calls (or the queue).
+
+    `params` are the provider's per-message decisions made at acceptance (DMDS: campaign, archive,
+    batch), JSON-able: the queue stores them, the provider reads them."""
 
     principal: Principal
     mail_from: str
     rcpt_tos: tuple[str, ...]
     message: Message
-    campaign: int
-    legs: tuple[Leg, ...]
-    archive: bool = False
-    batch_eeid: str | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
-class SendResult:
-    """The upstream's answer to one call."""
+class Call:
+    """One upstream call a provider plans for a submission. `key` is opaque and stable: the queue keeps
+    each call's state under it, so a retry never repeats a call that was delivered."""
 
-    upstream_id: str
-    sent: int | None = None
+    key: str
+    recipients: tuple[str, ...]

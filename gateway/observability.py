@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
@@ -14,9 +16,52 @@ MESSAGES = Counter(
 )
 UPSTREAM_SECONDS = Histogram(
     "smtp_gateway_upstream_seconds",
-    "Upstream API call latency",
-    ["account", "outcome"],
+    "Upstream API calls and their latency (the _count is the number of calls) by outcome: ok (2xx), "
+    "client_error (4xx), server_error (5xx), not_sent (never reached the upstream: safe to resend), "
+    "answer_lost (sent, no complete answer: the upstream may have it)",
+    ["account", "endpoint", "outcome"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    registry=REGISTRY,
+)
+RATE_LIMIT_WAIT = Histogram(
+    "smtp_gateway_rate_limit_wait_seconds",
+    "Time upstream calls waited for the account's rate limiter",
+    ["account"],
+    buckets=(0, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    registry=REGISTRY,
+)
+AMBIGUOUS = Counter(
+    "smtp_gateway_ambiguous_calls_total",
+    "Calls whose answer was lost after they were sent and that were then resent or held (the at-least-once "
+    "window): lost answer (read timeout, reset), lease expired mid-call (instance died), shutdown mid-call",
+    ["account", "cause"],
+    registry=REGISTRY,
+)
+
+
+UPSTREAM_AUTH_REFUSED = Counter(
+    "smtp_gateway_upstream_auth_refused_total",
+    "Upstream answers refusing the gateway's own credentials (401/403, IP allowlist): an operator error",
+    ["account"],
+    registry=REGISTRY,
+)
+DELIVERIES = Counter(
+    "smtp_gateway_deliveries_total",
+    "Delivery attempts by path (inline: during the SMTP session; queue: the retry worker) and verdict "
+    "(delivered, refused, queued, dead, internal_error)",
+    ["account", "path", "verdict"],
+    registry=REGISTRY,
+)
+CLIENT_GONE = Counter(
+    "smtp_gateway_client_gone_total",
+    "Messages whose client disconnected while their inline call ran; the call was recorded all the same",
+    ["verdict"],
+    registry=REGISTRY,
+)
+INTERNAL_ERRORS = Counter(
+    "smtp_gateway_internal_errors_total",
+    "Unexpected exceptions (bugs), each logged once with its traceback",
+    ["where"],
     registry=REGISTRY,
 )
 
@@ -24,12 +69,13 @@ UPSTREAM_SECONDS = Histogram(
 class OperatorEndpoint:
     """Health and metrics over HTTP for load balancers, container runtimes and Prometheus."""
 
-    def __init__(self, ready: web.Application | None = None) -> None:
+    def __init__(self, problems: Callable[[], list[str]] = list) -> None:
         self.app = web.Application()
         self.app.router.add_get("/healthz", self.healthz)
         self.app.router.add_get("/readyz", self.readyz)
         self.app.router.add_get("/metrics", self.metrics)
         self.is_ready = False
+        self._problems = problems
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -37,8 +83,12 @@ class OperatorEndpoint:
         return web.json_response({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        status = 200 if self.is_ready else 503
-        return web.json_response({"ready": self.is_ready}, status=status)
+        """503 while starting or draining, and while an upstream refuses the gateway's own credentials
+        (messages are queued meanwhile: an operator must act)."""
+        problems = self._problems() if self.is_ready else ["starting or draining"]
+        if not problems:
+            return web.json_response({"ready": True})
+        return web.json_response({"ready": False, "problems": problems}, status=503)
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,30 +1,21 @@
-"""accept(): a message's way from the end of DATA to a reply: parse, policy, plan, deliver or spool."""
+"""accept(): a message's way from the end of DATA to a reply: parse, provider, policy, plan, delivery owner."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from typing import Protocol
 
 import structlog
 
-from gateway import campaigns, mime, policy, replies
-from gateway.delivery import Delivery, Outcome
+from gateway import mime, policy, replies
+from gateway.delivery.owner import DeliveryOwner
 from gateway.dns import DnsResolver, DnsTemporaryError
-from gateway.errors import (
-    ContentRejected,
-    Deferred,
-    DnsTempFailure,
-    GatewayError,
-    PolicyRejected,
-    Rejected,
-    SpoolUnavailable,
-)
-from gateway.model import Principal, Submission
+from gateway.errors import ContentRejected, Deferred, DnsTempFailure, GatewayError, PolicyRejected, Rejected
+from gateway.model import Call, Principal, Submission
 from gateway.observability import MESSAGES
-from gateway.recipients import plan_legs
+from gateway.providers.base import Provider
 from gateway.replies import Reply
 from gateway.settings import Settings
 
@@ -37,42 +28,26 @@ PARSE_IN_THREAD_BYTES = 256 * 1024
 # parse trees in memory at once (a 1 MB message's compat32 tree is several MB) and malloc arenas.
 _PARSER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mime-parse")
 
-CampaignCheck = Callable[[str, int], Awaitable[bool]]
-
-
-class Spool(Protocol):
-    """Durable store for accepted messages the upstream could not take yet (gateway/spool/)."""
-
-    async def enqueue(
-        self, submission: Submission, outcome: Outcome, inflight: Awaitable[Outcome] | None = None
-    ) -> str:
-        """Persist (fsync'd) the legs not yet delivered; return the local queue id. Raises SpoolUnavailable.
-
-        `inflight`: the upstream call still running for the legs not in `outcome`; the spool records its
-        result when it finishes (delivered legs are never sent again)."""
-        ...
 
 
 class Pipeline:
     def __init__(
         self,
         settings: Settings,
-        delivery: Delivery,
-        campaign_known: CampaignCheck,
-        spool: Spool | None = None,
+        providers: Mapping[str, Provider],
+        owner: DeliveryOwner,
         resolver: DnsResolver | None = None,
     ) -> None:
         self.resolver = resolver
         self.settings = settings
-        self.delivery = delivery
-        self.campaign_known = campaign_known
-        self.spool = spool
-        self.accounts = settings.accounts
+        self.providers = providers
+        self.owner = owner
 
     # -- SMTP phases -------------------------------------------------------------------------------
 
     async def check_sender(self, principal: Principal, address: str, smtputf8: bool) -> str:
-        normalized = policy.check_sender(self.accounts[principal.account], principal, address, smtputf8)
+        senders = await self.providers[principal.account].sender_policy()
+        normalized = policy.check_sender(senders, principal, address, smtputf8)
         if self.resolver is not None and self.settings.dns.check_sender_domain:
             await self._domain_must_exist(normalized, replies.SENDER_DOMAIN_UNKNOWN)
         return normalized
@@ -102,10 +77,10 @@ class Pipeline:
         """The reply to the end of DATA. Never raises: unexpected errors become 451 4.3.0."""
         bound = log.bind(login=principal.login, account=principal.account, size=len(raw), rcpts=len(rcpt_tos))
         try:
-            submission = await self.prepare(principal, mail_from, rcpt_tos, raw, smtputf8)
-            reply = await self.deliver(submission, bound)
+            submission, plan = await self.prepare(principal, mail_from, rcpt_tos, raw, smtputf8)
+            reply = await self.owner.submit(submission, plan, bound)
         except Rejected as exc:
-            bound.info("message_rejected", reply=str(exc.reply))
+            bound.info("message_rejected", reply=str(exc.reply), reason=exc.reason)
             reply = exc.reply
         except Deferred as exc:
             bound.warning("message_deferred", reply=str(exc.reply), reason=exc.reason)
@@ -118,8 +93,8 @@ class Pipeline:
 
     async def prepare(
         self, principal: Principal, mail_from: str, rcpt_tos: list[str], raw: bytes | bytearray, smtputf8: bool
-    ) -> Submission:
-        account = self.accounts[principal.account]
+    ) -> tuple[Submission, tuple[Call, ...]]:
+        """Parse, let the provider decide what it must (campaign, ...), apply the From policy, plan the calls."""
         if len(raw) > PARSE_IN_THREAD_BYTES:
             message = await asyncio.get_running_loop().run_in_executor(_PARSER, mime.parse, raw)
         else:
@@ -128,77 +103,13 @@ class Pipeline:
             # Everything the call needs is in `message` now; release the raw copy (the session's
             # envelope and the callers' frames still point at this buffer, not at its contents).
             raw.clear()
-        campaign, subject = campaigns.resolve_campaign(principal, message.subject, message.options)
-        if account.campaigns and campaign not in account.campaigns:
-            raise ContentRejected(reply=replies.UNKNOWN_CAMPAIGN.with_text(f"Unknown campaign {campaign}"))
-        if (principal.campaign_from_subject or "campaign" in message.options) and not await self.campaign_known(
-            principal.account, campaign
-        ):
-            raise ContentRejected(reply=replies.UNKNOWN_CAMPAIGN.with_text(f"Unknown campaign {campaign}"))
-        if subject != message.subject:
-            message = replace(message, subject=subject)
-        message = policy.apply_from_policy(account, principal, message, mail_from, smtputf8)
-        legs = plan_legs(rcpt_tos, message.to, message.cc)
-        if not legs:
+        provider = self.providers[principal.account]
+        submission = await provider.prepare(principal, message, mail_from, tuple(rcpt_tos))
+        senders = await provider.sender_policy()
+        checked = policy.apply_from_policy(senders, principal, submission.message, mail_from, smtputf8)
+        if checked is not submission.message:
+            submission = replace(submission, message=checked)
+        plan = provider.plan(submission)
+        if not plan:
             raise ContentRejected(reply=replies.NO_VALID_RECIPIENTS)
-        return Submission(
-            principal=principal,
-            mail_from=mail_from,
-            rcpt_tos=tuple(rcpt_tos),
-            message=message,
-            campaign=campaign,
-            legs=legs,
-            archive=campaigns.option_flag(message.options, "archive", account.archive),
-            batch_eeid=(message.options.get("batch") or "").strip() or None,
-        )
-
-    async def deliver(self, submission: Submission, bound: structlog.BoundLogger) -> Reply:
-        """Inline within the budget; past it, the running call is not cancelled (that would make a duplicate
-        likely on retry) but spooled as in flight and left to finish in the background."""
-        budget = self.settings.delivery.inline_budget
-        call = asyncio.ensure_future(self.delivery.attempt(submission))
-        done, _ = await asyncio.wait({call}, timeout=budget)
-        if call in done:
-            return await self.conclude(submission, call.result(), bound)
-        slow = Deferred("upstream did not answer within the inline budget")
-        if self.spool is None or self.settings.delivery.mode == "passthrough":
-            call.cancel()
-            raise slow
-        try:
-            local_id = await self.spool.enqueue(submission, Outcome(), inflight=call)
-        except SpoolUnavailable:
-            # Cannot store it: the running call's answer is all there is. Wait for it (bounded by the HTTP timeout).
-            try:
-                outcome = await call
-            except Exception:
-                raise SpoolUnavailable("spool not writable and upstream slow") from None
-            if outcome.complete and not outcome.rejected:
-                return await self.conclude(submission, outcome, bound)
-            raise
-        bound.info("message_spooled", queue_id=local_id, inflight=True, reason=slow.reason)
-        return replies.queued(local_id)
-
-    async def conclude(self, submission: Submission, outcome: Outcome, bound: structlog.BoundLogger) -> Reply:
-        if outcome.rejected and not outcome.delivered:
-            raise next(iter(outcome.rejected.values()))
-        if outcome.complete and not outcome.rejected:
-            first = outcome.first_id
-            assert first is not None
-            bound.info("message_sent", upstream_id=first, legs=len(submission.legs), campaign=submission.campaign)
-            return replies.queued(first)
-        passthrough = self.settings.delivery.mode == "passthrough"
-        if self.spool is None or (passthrough and not outcome.delivered):
-            raise next(iter(outcome.deferred.values()))
-        try:
-            local_id = await self.spool.enqueue(submission, outcome)
-        except SpoolUnavailable:
-            if outcome.delivered:
-                bound.error("spool_unavailable_partial_delivery", delivered=sorted(outcome.delivered))
-            raise
-        first = outcome.first_id or local_id
-        bound.info(
-            "message_spooled", queue_id=local_id, upstream_id=outcome.first_id,
-            delivered=sorted(outcome.delivered), deferred=sorted(outcome.deferred),
-        )
-        return replies.queued(first)
-
+        return submission, plan

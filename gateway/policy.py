@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 import idna
@@ -12,7 +13,17 @@ from gateway import replies
 from gateway.errors import PolicyRejected
 from gateway.model import Address, Message, Principal
 from gateway.replies import Reply
-from gateway.settings import AccountSettings
+
+
+@dataclass(frozen=True, slots=True)
+class SenderPolicy:
+    """Which sender domains an account may use now, as lower-case ASCII (IDNA) names, from its provider.
+
+    `return_paths`: a registered return-path address -> the domain it belongs to (DMDS); such an
+    address is a valid MAIL FROM but not a header From."""
+
+    domains: frozenset[str]
+    return_paths: Mapping[str, str] = field(default_factory=dict)
 
 
 class _UpstreamCannotTake(Exception):
@@ -57,26 +68,16 @@ def ascii_domain(domain: str) -> str:
         return domain
 
 
-def permitted_domains(account: AccountSettings) -> set[str]:
-    """The account's permitted sender domains, as ascii_domain() forms (config may list Unicode names)."""
-    return {ascii_domain(domain) for domain in account.sender_domains}
-
-
-def _ascii_address(address: str) -> str:
+def ascii_address(address: str) -> str:
     local, at, domain = address.strip().rpartition("@")
     return f"{local}@{ascii_domain(domain)}".lower() if at else address.strip().lower()
 
 
-def return_paths(account: AccountSettings) -> dict[str, str]:
-    """Registered return-path address (lower-cased, IDNA domain) -> its sender domain (ascii_domain form)."""
-    return {_ascii_address(rp): ascii_domain(domain) for domain, rp in account.sender_domains.items()}
-
-
-def sender_permitted(account: AccountSettings, principal: Principal, address: str) -> bool:
+def sender_permitted(senders: SenderPolicy, principal: Principal, address: str) -> bool:
     """MAIL FROM may be a permitted domain's return-path or any address in a permitted domain."""
-    lowered = _ascii_address(address)
-    domain = return_paths(account).get(lowered) or domain_of(lowered)
-    if domain not in permitted_domains(account):
+    lowered = ascii_address(address)
+    domain = senders.return_paths.get(lowered) or domain_of(lowered)
+    if domain not in senders.domains:
         return False
     return login_may_use(principal, lowered, domain)
 
@@ -85,7 +86,7 @@ def _entry(entry: str) -> tuple[str, str]:
     """An allowed_senders entry as ("address", a@dom) or ("domain", dom); "@dom" and "dom" are domains."""
     entry = entry.strip()
     if "@" in entry.lstrip("@"):
-        return "address", _ascii_address(entry)
+        return "address", ascii_address(entry)
     return "domain", ascii_domain(entry.lstrip("@"))
 
 
@@ -93,14 +94,14 @@ def login_may_use(principal: Principal, address: str, domain: str) -> bool:
     """A login limited to given addresses or domains (Postfix smtpd_sender_login_maps)."""
     if not principal.allowed_senders:
         return True
-    address, domain = _ascii_address(address), ascii_domain(domain)
+    address, domain = ascii_address(address), ascii_domain(domain)
     for kind, value in map(_entry, principal.allowed_senders):
         if value == (address if kind == "address" else domain):
             return True
     return False
 
 
-def check_sender(account: AccountSettings, principal: Principal, address: str, smtputf8: bool) -> str:
+def check_sender(senders: SenderPolicy, principal: Principal, address: str, smtputf8: bool) -> str:
     """MAIL FROM policy. Returns the normalized address or raises PolicyRejected (553)."""
     if not address.strip().strip("<>"):
         # The gateway relays no bounces: a null sender is refused like a sender the login does not own.
@@ -110,8 +111,8 @@ def check_sender(account: AccountSettings, principal: Principal, address: str, s
             )
         )
     normalized = normalize_address(address, smtputf8, replies.BAD_SENDER)
-    lowered = _ascii_address(normalized)
-    rp_domain = return_paths(account).get(lowered)
+    lowered = ascii_address(normalized)
+    rp_domain = senders.return_paths.get(lowered)
     if rp_domain is not None:
         # The return-path belongs to the domain, not to one login's addresses: a login limited to some
         # addresses of a domain may use that domain's return-path.
@@ -119,7 +120,7 @@ def check_sender(account: AccountSettings, principal: Principal, address: str, s
             domain_of(value) == rp_domain for _, value in map(_entry, principal.allowed_senders)
         ):
             return normalized
-    elif sender_permitted(account, principal, normalized):
+    elif sender_permitted(senders, principal, normalized):
         return normalized
     raise PolicyRejected(
         reply=replies.SENDER_NOT_OWNED.with_text(
@@ -146,7 +147,7 @@ def _header_address(header: str, addr: Address, smtputf8: bool) -> Address:
 
 
 def apply_from_policy(
-    account: AccountSettings, principal: Principal, message: Message, mail_from: str, smtputf8: bool
+    senders: SenderPolicy, principal: Principal, message: Message, mail_from: str, smtputf8: bool
 ) -> Message:
     """Header policy at the end of DATA, with per-login default/forced From.
 
@@ -162,7 +163,7 @@ def apply_from_policy(
         from_ = Address(principal.default_from or mail_from)
     from_ = _header_address("From", from_, smtputf8)
     sender = _header_address("Sender", message.sender, smtputf8) if message.sender is not None else None
-    permitted = permitted_domains(account)
+    permitted = senders.domains
     for header, addr in (("From", from_), ("Sender", sender)):
         if addr is None:
             continue

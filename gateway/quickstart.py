@@ -9,6 +9,10 @@ from typing import Any
 
 from gateway.app import App, run
 from gateway.passwords import hash_password
+from gateway.providers.dengage.sandbox import DengageSandbox
+from gateway.providers.dengage.sandbox import install as dengage
+from gateway.providers.dmds.sandbox import DmdsSandbox
+from gateway.providers.dmds.sandbox import install as dmds
 from gateway.sandbox import Sandbox, SandboxState
 from gateway.settings import load_settings
 from gateway.tlsutil import write_self_signed
@@ -46,9 +50,9 @@ def quickstart_settings(workdir: Path, sandbox_port: int, smtp_port: int, tls_po
 async def quickstart(workdir: Path, sandbox_port: int, smtp_port: int, tls_port: int) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     record = workdir / "sandbox-requests.jsonl"
-    state = SandboxState(apikey=SANDBOX_APIKEY, campaigns=dict(CAMPAIGNS), sender_domains={"example.com"},
-                         record_path=record, echo=sys.stdout)
-    sandbox = Sandbox(state)
+    state = SandboxState(record_path=record, echo=sys.stdout)
+    dmds_state = DmdsSandbox(apikey=SANDBOX_APIKEY, campaigns=dict(CAMPAIGNS), sender_domains={"example.com"})
+    sandbox = Sandbox(state, [lambda s: dmds(s, dmds_state), lambda s: dengage(s, DengageSandbox())])
     bound = await sandbox.start("127.0.0.1", sandbox_port)
     settings = load_settings(None, **quickstart_settings(workdir, bound, smtp_port, tls_port))
     print(_banner(bound, smtp_port, tls_port, record), file=sys.stderr, flush=True)

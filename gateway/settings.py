@@ -7,17 +7,9 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    SecretStr,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import Discriminator, Field, SecretStr, Tag, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -27,6 +19,11 @@ from pydantic_settings import (
 )
 
 from gateway import configkeys
+from gateway.config_base import Section, UserSettings, secret_or_file
+from gateway.providers.dengage.config import DengageAccount, DengageUser
+from gateway.providers.dmds.config import DmdsAccount, DmdsUser
+
+__all__ = ["AccountSettings", "DengageAccount", "DengageUser", "DmdsAccount", "DmdsUser", "UserSettings"]
 
 ENV_PREFIX = "GATEWAY_"
 CONFIG_ENV = "GATEWAY_CONFIG"
@@ -37,8 +34,7 @@ FOREIGN_ENV = re.compile(
 )
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+_Section = Section
 
 
 class ListenerSettings(_Section):
@@ -79,74 +75,66 @@ class LimitsSettings(_Section):
     max_sessions: int = Field(1000, ge=1)
 
 
-class UserSettings(_Section):
-    """A login listed in config. The password is stored as a hash made by `smtp-gateway hash-password`."""
-
-    username: str
-    password_hash: SecretStr
-    campaign: int | None = None
-    may_choose_campaign: bool = False
-    campaign_from_subject: bool = False
-    allowed_senders: list[str] = []
-    default_from: str | None = None
-    force_from: bool = False
-
-    @field_validator("password_hash")
-    @classmethod
-    def _is_hash(cls, v: SecretStr) -> SecretStr:
-        if not v.get_secret_value().startswith("scrypt$"):
-            raise ValueError("must be a hash made by `smtp-gateway hash-password` (starts with 'scrypt$')")
-        return v
+def _account_kind(value: Any) -> str:
+    # Accounts written before dEngage existed have no `provider` key: they are DMDS accounts.
+    if isinstance(value, dict):
+        return str(value.get("provider", "dmds"))
+    return str(getattr(value, "provider", "dmds"))
 
 
-class AccountSettings(_Section):
-    provider: Literal["dmds"] = "dmds"
-    dmdsid: str = Field(pattern=r"^[A-Za-z0-9_.]+$")
-    # Default https://api-dmds-<dmdsid>.planisys.net (upstream-apis.md §1.1).
-    api_base: str | None = None
-    apikey: SecretStr
-    # Permitted sender domain -> its registered return-path address (as listed on the DMDS web).
-    sender_domains: dict[str, str] = {}
-    # <dmdsid>-<campaign numid> + that campaign's apikey, verified against DMDS' campania_apikey.
-    smtp_api_logins: bool = True
-    # <dmdsid> + the account APIKEY, campaign from a "[NN]" Subject prefix (SMTP-DMDS sandbox style).
-    sandbox_logins: bool = True
-    # When not empty, only these campaign numids may be used.
-    campaigns: list[int] = []
-    users: list[UserSettings] = []
-    credential_cache_ttl: float = Field(300.0, ge=0)
-    negative_cache_ttl: float = Field(30.0, ge=0)
-    http_timeout: float = Field(30.0, gt=0)
-    max_connections: int = Field(50, ge=1)
-    # HTTP transport under httpx: aiohttp's costs ~0.3 ms CPU per request, httpx's own ~1.3 ms (bench/README.md).
-    http_client: Literal["aiohttp", "httpx"] = "aiohttp"
-    archive: bool = False
-
-    @property
-    def base_url(self) -> str:
-        return (self.api_base or f"https://api-dmds-{self.dmdsid}.planisys.net").rstrip("/")
-
-    @field_validator("sender_domains")
-    @classmethod
-    def _lower_domains(cls, v: dict[str, str]) -> dict[str, str]:
-        return {d.lower().strip("."): rp.strip() for d, rp in v.items()}
+# [accounts.X] is one of these, chosen by its `provider` key. A new provider adds its model here.
+PROVIDERS = ("dmds", "dengage")
+AccountSettings = Annotated[
+    Annotated[DmdsAccount, Tag("dmds")] | Annotated[DengageAccount, Tag("dengage")],
+    Discriminator(_account_kind),
+]
 
 
 class DeliverySettings(_Section):
-    # store-and-forward: a message the upstream cannot take now is spooled and the client gets 250.
-    # passthrough: never spool; the client gets 451 and must retry itself.
+    # store-and-forward: a message the upstream cannot take now is queued and the client gets 250.
+    # passthrough: never queue; the client gets 451 and must retry itself.
     mode: Literal["store-and-forward", "passthrough"] = "store-and-forward"
     inline_budget: float = Field(10.0, gt=0)
+    # The queue: the SQLite file at spool_path (one machine, any number of local worker processes), or
+    # a PostgreSQL database (several machines) when queue_url is set: "postgresql://user@host:5432/db".
     spool_path: Path = Path("var/spool.sqlite3")
+    queue_url: str = ""
+    queue_password: SecretStr | None = None
+    queue_password_file: Path | None = None
     retry_schedule: list[float] = [60, 300, 900, 1800, 3600, 7200, 14400]
     retry_jitter: float = Field(0.2, ge=0, le=1)
     max_lifetime: float = Field(5 * 24 * 3600, gt=0)
     concurrency: int = Field(4, ge=1)
-    # Longest the retry worker sleeps between looks at the spool: bounds how soon a
+    # Longest the retry worker sleeps between looks at the queue: bounds how soon a
     # `smtp-gateway queue retry|requeue` made by another process is acted on.
     poll_interval: float = Field(1.0, gt=0)
-    # On SIGTERM: how long running retry calls (and calls spooled in flight) get to finish and record.
+    # While an account's upstream is down, one queued message is tried this often; the first success
+    # makes the whole backlog due (instead of each message waiting out its own backoff).
+    probe_interval: float = Field(15.0, gt=0)
+    # A claimed message is leased to its instance for this long, renewed every third of it while its
+    # call runs; the lease of an instance that died expires after it and another instance takes over.
+    lease_seconds: float = Field(60.0, ge=1)
+    # A call sent whose answer was lost (read timeout, reset, its instance died mid-call) may have been
+    # delivered: "resend" it (at-least-once, counted) or "hold" the message as a dead letter for review.
+    ambiguous: Literal["resend", "hold"] = "resend"
+    # On SIGTERM: how long running upstream calls get to finish and record.
     shutdown_timeout: float = Field(10.0, ge=0)
+
+    @field_validator("queue_url")
+    @classmethod
+    def _no_password_in_url(cls, v: str) -> str:
+        if v and not v.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql:// URL (leave it empty for the SQLite queue at spool_path)")
+        netloc = v.split("://", 1)[-1].split("/", 1)[0]
+        if ":" in netloc.rpartition("@")[0]:
+            raise ValueError("holds a password: put it in queue_password (or queue_password_file, or PGPASSWORD)")
+        return v
+
+    @model_validator(mode="after")
+    def _password_source(self) -> DeliverySettings:
+        password = secret_or_file(self.queue_password, self.queue_password_file, "queue_password", required=False)
+        object.__setattr__(self, "queue_password", password)
+        return self
 
 
 class DnsSettings(_Section):

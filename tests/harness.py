@@ -14,6 +14,10 @@ import httpx
 
 from gateway.app import App
 from gateway.passwords import hash_password
+from gateway.providers.dengage.sandbox import DengageSandbox
+from gateway.providers.dengage.sandbox import install as install_dengage
+from gateway.providers.dmds.sandbox import DmdsSandbox
+from gateway.providers.dmds.sandbox import install as install_dmds
 from gateway.sandbox import Sandbox, SandboxState
 from gateway.settings import Settings, load_settings
 from gateway.tlsutil import write_self_signed
@@ -104,8 +108,8 @@ class Running:
 
     @property
     def requests(self) -> list[dict[str, Any]]:
-        """Every request the sandbox upstream received (accepted ones have status 200)."""
-        return list(self.sandbox.state.requests)
+        """Every send request the sandbox upstream received (accepted ones have status 200)."""
+        return [r for r in self.sandbox.state.requests if r["kind"] == "send"]
 
     @property
     def lookups(self) -> list[int | str]:
@@ -114,7 +118,7 @@ class Running:
 
     @property
     def sent(self) -> list[dict[str, Any]]:
-        return [r for r in self.sandbox.state.requests if r["status"] == 200]
+        return [r for r in self.sandbox.state.requests if r["kind"] == "send" and r["status"] == 200]
 
     def fault(self, **spec: Any) -> None:
         httpx.post(f"{self.sandbox_url}/_sandbox/faults", json=spec).raise_for_status()
@@ -123,9 +127,16 @@ class Running:
         httpx.delete(f"{self.sandbox_url}/_sandbox/faults").raise_for_status()
 
 
-def start(loop: LoopThread, tmp: Path, sandbox_state: SandboxState | None = None, **overrides: Any) -> Running:
-    state = sandbox_state or SandboxState(apikey=APIKEY, campaigns=dict(CAMPAIGNS))
-    sandbox = Sandbox(state)
+def sandbox_for_tests(state: SandboxState | None = None, dmds: DmdsSandbox | None = None,
+                      dengage: DengageSandbox | None = None) -> Sandbox:
+    """The sandbox upstream with the tests' DMDS account (and a dEngage API user)."""
+    dmds = dmds or DmdsSandbox(apikey=APIKEY, campaigns=dict(CAMPAIGNS))
+    dengage = dengage or DengageSandbox()
+    return Sandbox(state or SandboxState(), [lambda s: install_dmds(s, dmds), lambda s: install_dengage(s, dengage)])
+
+
+def start(loop: LoopThread, tmp: Path, sandbox: Sandbox | None = None, **overrides: Any) -> Running:
+    sandbox = sandbox or sandbox_for_tests()
     port = loop.run(sandbox.start("127.0.0.1", 0))
     settings = load_settings(None, **base_config(tmp, port, **overrides))
     for name, account in settings.accounts.items():

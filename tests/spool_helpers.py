@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import smtplib
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from gateway.spool.store import SpoolStore
+from gateway.queue.sqlite import SqliteQueue
 from tests.harness import PASSWORD, USER
 
 T = TypeVar("T")
@@ -44,11 +45,16 @@ def wait_for(check: Callable[[], T | None], timeout: float = 15.0, what: str = "
 
 
 def spool_rows(path: Path, *states: str) -> list[dict[str, object]]:
-    store = SpoolStore(path)
-    try:
-        return store.list(states or ("queued", "inflight", "dead"))
-    finally:
-        store.close()
+    """The queue's messages in these states (all by default), read as the queue CLI would."""
+
+    async def read() -> list[dict[str, object]]:
+        store = SqliteQueue(path)
+        try:
+            return await store.list(states or ("queued", "inflight", "dead"))
+        finally:
+            await store.close()
+
+    return asyncio.run(read())
 
 
 def write_serve_config(tmp: Path, smtp_port: int, sandbox_port: int, delivery: dict[str, object]) -> Path:

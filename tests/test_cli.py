@@ -16,8 +16,11 @@ from pydantic import BaseModel
 
 from gateway.passwords import verify_password
 from gateway.settings import (
-    AccountSettings,
     DeliverySettings,
+    DengageAccount,
+    DengageUser,
+    DmdsAccount,
+    DmdsUser,
     DnsSettings,
     HttpSettings,
     LimitsSettings,
@@ -25,7 +28,6 @@ from gateway.settings import (
     LogSettings,
     Settings,
     TlsSettings,
-    UserSettings,
     load_settings,
 )
 from tests.harness import PASSWORD, PASSWORD_HASH
@@ -221,8 +223,10 @@ def test_example_config_is_valid() -> None:
         (ListenerSettings, "listeners"),
         (TlsSettings, "tls"),
         (LimitsSettings, "limits"),
-        (AccountSettings, "accounts.acme"),
-        (UserSettings, "accounts.acme.users"),
+        (DmdsAccount, "accounts.acme"),
+        (DmdsUser, "accounts.acme.users"),
+        (DengageAccount, "accounts.crm"),
+        (DengageUser, "accounts.crm.users"),
         (DeliverySettings, "delivery"),
         (DnsSettings, "dns"),
         (LogSettings, "log"),

@@ -9,9 +9,12 @@ import httpx
 import pytest
 
 from gateway.errors import Deferred, UpstreamAuthFailed, UpstreamRejected, UpstreamUnavailable
-from gateway.model import Address, Leg
+from gateway.model import Address
+from gateway.providers.dmds.config import DmdsAccount
+from gateway.providers.dmds.legs import Leg
+from gateway.providers.dmds.provider import DmdsProvider
 from gateway.replies import RATE_LIMITED
-from gateway.upstream.dmds import DmdsDriver
+from gateway.upstream.client import HttpClient
 from tests.test_dmds_payload import submission
 
 ONE = (Leg(0, (Address("ann@example.com"),)),)
@@ -19,20 +22,34 @@ MANY = (Leg(0, (Address("ann@example.com"), Address("bob@example.com"))),)
 Handler = Callable[[httpx.Request], httpx.Response]
 
 
-def driver(handler: Handler, seen: list[httpx.Request] | None = None) -> DmdsDriver:
+class Driver:
+    """One DMDS call at a time through the provider, over httpx.MockTransport."""
+
+    def __init__(self, provider: DmdsProvider) -> None:
+        self.provider = provider
+        self.campaign_apikey = provider.campaign_apikey
+
+    async def send(self, sub: object, leg: Leg, batch: str | None) -> object:
+        return await self.provider.send_leg(sub, leg, batch)  # type: ignore[arg-type]
+
+
+def driver(handler: Handler, seen: list[httpx.Request] | None = None) -> Driver:
     def record(request: httpx.Request) -> httpx.Response:
         if seen is not None:
             seen.append(request)
         return handler(request)
 
-    return DmdsDriver("https://api-dmds-acme.example", "the-key", transport=httpx.MockTransport(record))
+    base = "https://api-dmds-acme.example"
+    account = DmdsAccount(dmdsid="acme", api_base=base, apikey="the-key")  # type: ignore[arg-type]
+    http = HttpClient(base, upstream="DMDS", account="acme", timeout=5.0, transport=httpx.MockTransport(record))
+    return Driver(DmdsProvider("acme", account, http))
 
 
 async def test_ok_answer_gives_the_eeid_and_sends_the_raw_key() -> None:
     seen: list[httpx.Request] = []
     d = driver(lambda r: httpx.Response(200, json={"status": "ok", "sent": 1, "eeid": "e-1"}), seen)
     result = await d.send(submission(ONE), ONE[0], None)
-    assert (result.upstream_id, result.sent) == ("e-1", 1)
+    assert (result.upstream_id, result.sent) == ("e-1", 1)  # type: ignore[attr-defined]
     request = seen[0]
     assert request.url == "https://api-dmds-acme.example/v1/envio/send_one_inline/"
     assert request.headers["Authorization"] == "the-key"  # no scheme (upstream-apis.md §1.1)

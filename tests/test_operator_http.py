@@ -33,16 +33,16 @@ def _url(gw: Running, path: str) -> str:
 
 
 def _metric(text: str, name: str, **labels: str) -> float:
-    """The value of one sample in Prometheus text format; 0 when the series does not exist yet."""
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    """The sum of the samples of `name` whose labels include `labels` (Prometheus text format); 0 when none."""
+    want = {f'{k}="{v}"' for k, v in labels.items()}
+    total = 0.0
     for line in text.splitlines():
         m = re.fullmatch(r"([a-zA-Z_:][\w:]*)(?:\{(.*)\})? (\S+)", line)
         if m is None or m.group(1) != name:
             continue
-        got = ",".join(sorted(p for p in (m.group(2) or "").split(",") if p))
-        if got == want:
-            return float(m.group(3))
-    return 0.0
+        if want <= {p for p in (m.group(2) or "").split(",") if p}:
+            total += float(m.group(3))
+    return total
 
 
 def test_healthz_and_readyz(gw: Running) -> None:

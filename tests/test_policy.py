@@ -9,9 +9,10 @@ import pytest
 from gateway import policy
 from gateway.errors import PolicyRejected
 from gateway.model import Address, Message, Principal
-from gateway.settings import AccountSettings
+from gateway.providers.dmds.provider import sender_policy
+from gateway.settings import DmdsAccount
 
-ACCOUNT = AccountSettings(
+ACCOUNT = sender_policy(DmdsAccount(
     dmdsid="acme",
     apikey="k",  # type: ignore[arg-type]
     sender_domains={
@@ -19,7 +20,7 @@ ACCOUNT = AccountSettings(
         "Other.Example.": "bounce@rp.other.example",
         "bücher.example": "dmds-buecher@nl.bücher.example",
     },
-)
+))
 ANY = Principal(account="acme", login="scanner")
 
 
@@ -105,8 +106,8 @@ def test_ascii_domain(domain: str, expected: str) -> None:
 
 
 def test_permitted_domains_and_return_paths_are_normalized() -> None:
-    assert policy.permitted_domains(ACCOUNT) == {"acme.example", "other.example", "xn--bcher-kva.example"}
-    assert policy.return_paths(ACCOUNT) == {
+    assert ACCOUNT.domains == {"acme.example", "other.example", "xn--bcher-kva.example"}
+    assert dict(ACCOUNT.return_paths) == {
         "dmds-acme@nl.acme.example": "acme.example",
         "bounce@rp.other.example": "other.example",
         "dmds-buecher@nl.xn--bcher-kva.example": "xn--bcher-kva.example",

@@ -1,11 +1,11 @@
-"""The envelope decides who receives: RCPT TO mapped onto DMDS calls (gateway/recipients.py)."""
+"""The envelope decides who receives: RCPT TO mapped onto DMDS calls (gateway/providers/dmds/legs.py)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from gateway.model import Address, Leg
-from gateway.recipients import plan_legs
+from gateway.model import Address
+from gateway.providers.dmds.legs import Leg, plan_legs
 from tests.harness import Running
 from tests.smtputil import message, send, session
 

@@ -83,7 +83,7 @@ class Stack:
 
     def sent(self) -> list[dict[str, Any]]:
         entries: list[dict[str, Any]] = httpx.get(f"{self.sandbox_url}/_sandbox/requests", timeout=5).json()
-        return [e for e in entries if e["status"] == 200]
+        return [e for e in entries if e["kind"] == "send" and e["status"] == 200]
 
     def fault(self, **spec: Any) -> None:
         httpx.post(f"{self.sandbox_url}/_sandbox/faults", json=spec, timeout=5).raise_for_status()

@@ -1,1 +1,1 @@
-"""Upstream email-platform drivers: the only package that speaks HTTP."""
+"""The only code that speaks HTTP to upstream APIs: pooled transports, timeouts, failure classes, rate limits."""

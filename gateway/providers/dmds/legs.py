@@ -1,5 +1,7 @@
 """Pure: the envelope decides who receives; map RCPT TO addresses onto DMDS calls ("legs").
 
+Leg i is the call with key str(i) in the queue.
+
 | envelope recipient found in | becomes                         |
 |-----------------------------|---------------------------------|
 | To:                         | contact (contacto / contactos)  |
@@ -14,7 +16,27 @@ recipient, the Cc (else Bcc) recipients become the contacts, one private copy ea
 
 from __future__ import annotations
 
-from gateway.model import Address, Leg
+from dataclasses import dataclass
+
+from gateway.model import Address
+
+
+@dataclass(frozen=True, slots=True)
+class Leg:
+    """One DMDS call of a message: who it reaches. Legs after the first join the first's batch."""
+
+    index: int
+    contacts: tuple[Address, ...]
+    cc: tuple[Address, ...] = ()
+    bcc: tuple[Address, ...] = ()
+
+    @property
+    def key(self) -> str:
+        return str(self.index)
+
+    @property
+    def recipients(self) -> tuple[str, ...]:
+        return tuple(a.email for a in (*self.contacts, *self.cc, *self.bcc))
 
 
 def plan_legs(

@@ -1,4 +1,6 @@
-"""Pure: which DMDS campaign a message goes to, from the login, a "[NN]" Subject prefix or a header."""
+"""Pure: which DMDS campaign a message goes to, from the login, a "[NN]" Subject prefix or a header.
+
+A DMDS login's Principal.extra carries `campaign`, `campaign_from_subject` and `may_choose_campaign`."""
 
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ CAMPAIGN_OPTION = "campaign"
 
 def resolve_campaign(principal: Principal, subject: str, options: dict[str, str]) -> tuple[int, str]:
     """Return (campaign numid, subject to send). The "[NN]" prefix is removed, as DMDS does."""
-    if principal.campaign_from_subject:
+    extra = principal.extra
+    if extra.get("campaign_from_subject"):
         m = _SUBJECT_PREFIX.match(subject)
         if m is None:
             # DMDS silently discards such mail; we refuse it while the client can still see why.
@@ -22,16 +25,17 @@ def resolve_campaign(principal: Principal, subject: str, options: dict[str, str]
         return int(m.group(1)), subject[m.end() :]
     override = options.get(CAMPAIGN_OPTION)
     if override is not None:
-        if not principal.may_choose_campaign:
+        if not extra.get("may_choose_campaign"):
             raise PolicyRejected(
                 reply=replies.Reply(550, "5.7.1", f"Login {principal.login} may not choose the campaign")
             )
         if not override.strip().isdigit():
             raise ContentRejected(f"X-Gateway-Campaign must be a campaign number, got {override.strip()!r}")
         return int(override.strip()), subject
-    if principal.campaign is None:
+    campaign = extra.get("campaign")
+    if campaign is None:
         raise ContentRejected(reply=replies.CAMPAIGN_REQUIRED)
-    return principal.campaign, subject
+    return int(campaign), subject
 
 
 def option_flag(options: dict[str, str], name: str, default: bool) -> bool:

@@ -1,23 +1,21 @@
-"""Planisys DMDS REST v1 driver: send_one_inline / send_many_inline and the campania_apikey lookup."""
+"""Pure: the Planisys DMDS REST v1 wire protocol: request bodies and answers (no HTTP client here)."""
 
 from __future__ import annotations
 
 import base64
 import time
+from dataclasses import dataclass
 from typing import Any
 
-import httpx
-import orjson
-
-from gateway.errors import UpstreamAuthFailed, UpstreamRejected, UpstreamUnavailable
-from gateway.model import Address, Leg, SendResult, Submission
-from gateway.observability import UPSTREAM_SECONDS
-from gateway.replies import RATE_LIMITED
-from gateway.upstream.base import Transport, make_transport
+from gateway.errors import RateLimited, UpstreamAuthFailed, UpstreamRejected, UpstreamUnavailable
+from gateway.model import Address, Submission
+from gateway.providers.dmds.legs import Leg
+from gateway.upstream.response import HttpResponse
 
 # Every wire name in one table, tagged as in shared/upstream-apis.md:
 #   [V] vendor docs, [C] seen in real client code, [S] seed document only, [I] our inference.
 # A name found to be wrong is corrected here, in one line, and in tests/fixtures/dmds/*.json.
+# Submission.params of a DMDS message: {"campaign": int, "archive": bool, "batch": eeid or None}.
 WIRE = {
     "send_one": "/v1/envio/send_one_inline/",  # [C] path; [V] method name
     "send_many": "/v1/envio/send_many_inline/",  # [V] method name; path [I] by analogy
@@ -68,7 +66,8 @@ def _contact(addr: Address) -> dict[str, str]:
 def build_payload(submission: Submission, leg: Leg, batch_id: str | None) -> dict[str, Any]:
     """The JSON body for one leg. Pure: golden-tested in tests/test_dmds_payload.py."""
     msg = submission.message
-    body: dict[str, Any] = {WIRE["campaign"]: submission.campaign, WIRE["email_flag"]: True}
+    params = submission.params
+    body: dict[str, Any] = {WIRE["campaign"]: params["campaign"], WIRE["email_flag"]: True}
     if len(leg.contacts) == 1:
         body[WIRE["contact"]] = _contact(leg.contacts[0])
     else:
@@ -99,7 +98,7 @@ def build_payload(submission: Submission, leg: Leg, batch_id: str | None) -> dic
             }
             for a in msg.attachments
         ]
-    if submission.archive:
+    if params.get("archive"):
         body[WIRE["archive"]] = True
     if batch_id:
         body[WIRE["reuse_eeid"]] = True
@@ -107,26 +106,34 @@ def build_payload(submission: Submission, leg: Leg, batch_id: str | None) -> dic
     return body
 
 
-def upstream_reason(response: httpx.Response) -> str:
+def upstream_reason(response: HttpResponse) -> str:
     """DMDS errors look like {"status":"err","on":"<reason>"} [S]; Planimail uses "msg" [V]."""
     try:
         data = response.json()
     except ValueError:
-        return response.text[:300] or response.reason_phrase
+        return response.text() or f"HTTP {response.status}"
     if isinstance(data, dict):
         for key in ("on", "msg", "message", "error", "detail"):
             if data.get(key):
                 return str(data[key])
-    return response.text[:300]
+    return response.text()
 
 
-def classify(response: httpx.Response) -> SendResult:
-    """Map an upstream answer to a result or a typed error (design.md reply table)."""
-    status = response.status_code
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    """DMDS' answer to one send: the batch id (eeid) and how many mails it sent (contacts + copies) [V]."""
+
+    upstream_id: str
+    sent: int | None = None
+
+
+def classify(response: HttpResponse) -> SendResult:
+    """Map a send answer to its result, or raise the typed error of design.md's reply table."""
+    status = response.status
     if status in (401, 403):
         raise UpstreamAuthFailed(f"DMDS answered {status}: the gateway's APIKEY was refused")
     if status == 429:
-        raise UpstreamUnavailable("DMDS rate limit (429)", reply=RATE_LIMITED)
+        raise RateLimited("DMDS rate limit (429)", retry_after=response.retry_after(time.time()))
     if status >= 500:
         raise UpstreamUnavailable(f"DMDS answered {status}")
     if status >= 400:
@@ -141,83 +148,21 @@ def classify(response: httpx.Response) -> SendResult:
     if not eeid:
         raise UpstreamUnavailable("DMDS answered ok without an eeid")
     sent = data.get("sent")
-    return SendResult(upstream_id=str(eeid), sent=sent if isinstance(sent, int) else None)
+    return SendResult(str(eeid), sent if isinstance(sent, int) else None)
 
 
-class DmdsDriver:
-    """One DMDS account: its APIKEY and one pooled HTTP client."""
-
-    name = "dmds"
-
-    def __init__(
-        self,
-        base_url: str,
-        apikey: str,
-        *,
-        timeout: float = 30.0,
-        max_connections: int = 50,
-        transport: Transport | httpx.AsyncBaseTransport = "httpx",
-        account: str = "default",
-    ) -> None:
-        self.account = account
-        self._base = base_url.rstrip("/")
-        # The raw key goes in Authorization with no scheme (upstream-apis.md §1.1, [V]).
-        self._headers = {"Authorization": apikey, "Accept": "application/json", "Content-Type": "application/json"}
-        self._timeout = {"connect": min(timeout, 10.0), "read": timeout, "write": timeout, "pool": timeout}
-        # The transport is driven directly: the client layers (cookies, redirects, auth flows, URL
-        # merging) cost ~10 % of the gateway's CPU per message and none of them applies here.
-        self._transport = (
-            transport if isinstance(transport, httpx.AsyncBaseTransport) else make_transport(max_connections, transport)
-        )
-        self._latency = {
-            outcome: UPSTREAM_SECONDS.labels(account=account, outcome=outcome) for outcome in ("ok", "error")
-        }
-
-    async def send(self, submission: Submission, leg: Leg, batch_id: str | None) -> SendResult:
-        path = WIRE["send_one"] if len(leg.contacts) == 1 else WIRE["send_many"]
-        content = orjson.dumps(build_payload(submission, leg, batch_id))
-        started = time.perf_counter()
-        outcome = "error"
-        try:
-            response = await self._request("POST", path, content)
-            result = classify(response)
-            outcome = "ok"
-            return result
-        finally:
-            self._latency[outcome].observe(time.perf_counter() - started)
-
-    async def _request(self, method: str, path: str, content: bytes | None = None) -> httpx.Response:
-        request = httpx.Request(
-            method, self._base + path, headers=self._headers, content=content, extensions={"timeout": self._timeout}
-        )
-        try:
-            response = await self._transport.handle_async_request(request)
-            try:
-                await response.aread()
-            finally:
-                await response.aclose()
-        except httpx.TimeoutException as exc:
-            raise UpstreamUnavailable(f"DMDS timed out ({type(exc).__name__})") from exc
-        except httpx.HTTPError as exc:
-            raise UpstreamUnavailable(f"DMDS unreachable ({type(exc).__name__})") from exc
-        return response
-
-    async def campaign_apikey(self, numid: int) -> str | None:
-        """The campaign's apikey, or None when DMDS has no such API campaign."""
-        response = await self._request("GET", WIRE["campaign_apikey"].format(numid=numid))
-        if response.status_code in (401, 403):
-            raise UpstreamAuthFailed(f"DMDS answered {response.status_code} to campania_apikey")
-        if response.status_code in (404, 400):
-            return None
-        if response.status_code == 429 or response.status_code >= 500:
-            raise UpstreamUnavailable(f"DMDS answered {response.status_code} to campania_apikey")
-        try:
-            data = response.json()
-        except ValueError:
-            raise UpstreamUnavailable("campania_apikey answer is not JSON") from None
-        if not isinstance(data, dict) or data.get("status") != "ok" or not data.get("apikey"):
-            return None
-        return str(data["apikey"])
-
-    async def aclose(self) -> None:
-        await self._transport.aclose()
+def campaign_apikey(response: HttpResponse) -> str | None:
+    """The campania_apikey answer: the campaign's apikey, or None when DMDS has no such API campaign."""
+    if response.status in (401, 403):
+        raise UpstreamAuthFailed(f"DMDS answered {response.status} to campania_apikey")
+    if response.status in (404, 400):
+        return None
+    if response.status == 429 or response.status >= 500:
+        raise UpstreamUnavailable(f"DMDS answered {response.status} to campania_apikey")
+    try:
+        data = response.json()
+    except ValueError:
+        raise UpstreamUnavailable("campania_apikey answer is not JSON") from None
+    if not isinstance(data, dict) or data.get("status") != "ok" or not data.get("apikey"):
+        return None
+    return str(data["apikey"])

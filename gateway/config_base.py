@@ -1,0 +1,78 @@
+"""Configuration building blocks shared by gateway/settings.py and every provider's account model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+
+class Section(BaseModel):
+    """A config table: unknown keys are errors that name the key; values are immutable once loaded."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def read_secret_file(path: Path, what: str) -> SecretStr:
+    """A secret kept in its own file (Docker/Kubernetes secrets, systemd credentials): first line only."""
+    try:
+        value = path.read_text(encoding="utf-8").splitlines()[0].strip() if path.stat().st_size else ""
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{what}: cannot read {path}: {exc.__class__.__name__}") from None
+    if not value:
+        raise ValueError(f"{what}: {path} is empty")
+    return SecretStr(value)
+
+
+def secret_or_file(value: SecretStr | None, path: Path | None, what: str, *, required: bool = True) -> SecretStr | None:
+    """`x` or `x_file`, never both; with neither, an error when the secret is required."""
+    if value is not None and path is not None:
+        raise ValueError(f"set {what} or {what}_file, not both")
+    if path is not None:
+        return read_secret_file(path, f"{what}_file")
+    if value is None and required:
+        raise ValueError(f"{what} (or {what}_file) is required")
+    return value
+
+
+class UserSettings(Section):
+    """A login listed in config. The password is stored as a hash made by `smtp-gateway hash-password`."""
+
+    username: str = Field(min_length=1)
+    password_hash: SecretStr
+    # Addresses (user@dom) or domains (@dom / dom) this login may send as; empty = any permitted domain.
+    allowed_senders: list[str] = []
+    default_from: str | None = None
+    force_from: bool = False
+
+    @field_validator("password_hash")
+    @classmethod
+    def _is_hash(cls, v: SecretStr) -> SecretStr:
+        if not v.get_secret_value().startswith("scrypt$"):
+            raise ValueError("must be a hash made by `smtp-gateway hash-password` (starts with 'scrypt$')")
+        return v
+
+
+class AccountBase(Section):
+    """What every upstream account has, whatever its provider."""
+
+    credential_cache_ttl: float = Field(300.0, ge=0)
+    negative_cache_ttl: float = Field(30.0, ge=0)
+    http_timeout: float = Field(30.0, gt=0)
+    max_connections: int = Field(50, ge=1)
+    # HTTP transport under httpx: aiohttp's costs ~0.3 ms CPU per request, httpx's own ~1.3 ms (bench/README.md).
+    http_client: Literal["aiohttp", "httpx"] = "aiohttp"
+    # Requests per second to this account's API, shared by the inline path and the retry worker (and by
+    # every instance on a PostgreSQL queue); None: no limit. `rate_burst`: how many may go at once.
+    rate_limit: float | None = Field(None, gt=0)
+    rate_burst: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _unique_users(self) -> AccountBase:
+        users = getattr(self, "users", [])
+        names = [u.username for u in users]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"users listed twice: {', '.join(duplicates)}")
+        return self

@@ -1,0 +1,399 @@
+"""DeliveryOwner: the one owner of every delivery attempt of this process, inline or from the queue.
+
+An attempt is a task of the owner, not of the SMTP session: when the client disconnects while its
+inline call runs, the call goes on and its outcome is recorded like any other (log line, metrics; queued
+when it failed). What follows an outcome is decided by gateway/delivery/transition.py; the queue store
+only stores it, under the lease token this owner holds.
+
+Inline (a new message):   call  --within inline_budget-->  delivered 250 <id> | refused 5xx | queued 250
+                          call  --budget over-->  stored in flight (leased to us), 250 <local id>; the call
+                          runs on and its outcome settles the stored message
+Queued (the retry worker): claim (lease) -> resume calls an expired lease left 'sending' (ambiguous)
+                          -> deliver the calls not done -> settle under the claim's token
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import secrets
+import socket
+import time
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import structlog
+
+from gateway import replies
+from gateway.delivery import transition
+from gateway.delivery.health import AccountHealth
+from gateway.delivery.outcome import Outcome
+from gateway.delivery.transition import Before, Decision, RetryPolicy
+from gateway.errors import Deferred, GatewayError, SpoolUnavailable
+from gateway.model import Call, Submission
+from gateway.observability import AMBIGUOUS, CLIENT_GONE, DELIVERIES, INTERNAL_ERRORS
+from gateway.providers.base import Provider
+from gateway.queue import codec
+from gateway.queue.store import Claimed, NewMessage, QueueStore
+from gateway.replies import Reply
+from gateway.settings import DeliverySettings
+
+log = structlog.get_logger("gateway.delivery")
+SLOW = Reply(451, "4.4.1", "Upstream did not answer within the inline budget; try again later")
+
+
+def new_id() -> str:
+    """A local queue id: 16 upper-case hex digits (distinct from the upstreams' UUIDs)."""
+    return secrets.token_hex(8).upper()
+
+
+def owner_id() -> str:
+    """This process as a lease owner: host, pid and a nonce (a restarted process is a new owner)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+@dataclass
+class _Inline:
+    """One new message's first attempt."""
+
+    msg_id: str
+    submission: Submission
+    before: Before
+    log: structlog.typing.FilteringBoundLogger
+    started: set[str] = field(default_factory=set)  # call keys handed to the upstream
+    token: int | None = None  # set once the message is stored in flight
+    client_gone: bool = False
+
+
+class DeliveryOwner:
+    def __init__(
+        self, providers: Mapping[str, Provider], store: QueueStore, settings: DeliverySettings,
+        health: AccountHealth, *, owner: str | None = None, clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.providers = providers
+        self.store = store
+        self.settings = settings
+        self.health = health
+        self.owner = owner or owner_id()
+        self.policy = RetryPolicy(tuple(settings.retry_schedule), settings.retry_jitter, settings.max_lifetime,
+                                  settings.ambiguous)
+        self.clock = clock
+        self.rng = random.Random()
+        self.wakeup = asyncio.Event()  # something became due sooner than the retry worker expects
+        self.held: dict[str, int] = {}  # message id -> token of the leases this owner holds
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._heartbeat: asyncio.Task[None] | None = None
+
+    # -- inline ----------------------------------------------------------------------------------------
+
+    async def submit(
+        self, submission: Submission, plan: Sequence[Call], bound: structlog.typing.FilteringBoundLogger
+    ) -> Reply:
+        """The reply to a new message. The attempt is ours: if the session is cancelled (client gone),
+        the attempt goes on and records its outcome."""
+        now = self.clock()
+        attempt = _Inline(new_id(), submission, transition.fresh(plan, now, self.policy), bound)
+        decided: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._spawn(self._first_attempt(attempt, decided))
+        try:
+            return await asyncio.shield(decided)
+        except asyncio.CancelledError:
+            attempt.client_gone = True
+            raise
+
+    async def _first_attempt(self, attempt: _Inline, decided: asyncio.Future[Reply]) -> None:
+        try:
+            await self._inline(attempt, decided)
+        except GatewayError as exc:  # expected, and logged where it was raised (the queue cannot store)
+            if not decided.done():
+                decided.set_result(exc.reply)
+        except Exception as exc:  # a bug: once with its traceback, counted; the client may retry
+            INTERNAL_ERRORS.labels(where="inline_delivery").inc()
+            attempt.log.error("delivery_internal_error", queue_id=attempt.msg_id, exc_info=exc)
+            DELIVERIES.labels(account=attempt.submission.principal.account, path="inline",
+                              verdict="internal_error").inc()
+            if not decided.done():
+                decided.set_result(replies.INTERNAL_ERROR)
+
+    async def _inline(self, attempt: _Inline, decided: asyncio.Future[Reply]) -> None:
+        provider = self.providers[attempt.submission.principal.account]
+
+        async def before_send(keys: Sequence[str]) -> None:
+            attempt.started.update(keys)
+            if attempt.token is not None:
+                await self._mark_sending(attempt.msg_id, attempt.token, keys)
+
+        call = asyncio.ensure_future(provider.deliver(attempt.submission, {}, before_send))
+        done, _ = await asyncio.wait({call}, timeout=self.settings.inline_budget)
+        if call in done:
+            outcome = call.result()
+            decision = self._decide(attempt.before, outcome, attempt.submission, "inline", self._bound(attempt))
+            decided.set_result(await self._conclude(attempt, decision, outcome))
+            return
+        if self.settings.mode == "passthrough":
+            # The client hears 451 now and will resend; if this call then succeeds, that resend is a
+            # duplicate: counted as ambiguous (cause "passthrough_late").
+            decided.set_result(SLOW)
+            self._gone(attempt, "deferred")
+            decision = self._decide(attempt.before, await call, attempt.submission, "inline", self._bound(attempt))
+            if decision.first_id is not None:
+                AMBIGUOUS.labels(account=provider.account, cause="passthrough_late").inc()
+            attempt.log.warning("late_answer_after_451", verdict=decision.verdict, upstream_id=decision.first_id,
+                                error=decision.last_error)
+            return
+        try:
+            await self._store_inflight(attempt)
+        except SpoolUnavailable as exc:
+            # Cannot store it: the running call's answer is all there is (bounded by the HTTP timeout).
+            attempt.log.error("spool_unavailable", queue_id=attempt.msg_id, error=exc.reason)
+            decision = self._decide(attempt.before, await call, attempt.submission, "inline", self._bound(attempt))
+            reply = replies.queued(decision.first_id or attempt.msg_id) if decision.verdict == "delivered" \
+                else replies.SPOOL_FULL
+            decided.set_result(reply)
+            return
+        decided.set_result(replies.queued(attempt.msg_id))
+        self._gone(attempt, "queued")
+        attempt.log.info("message_spooled", queue_id=attempt.msg_id, inflight=True,
+                         reason="upstream did not answer within the inline budget")
+        stored = replace(attempt.before, calls={
+            k: replace(r, state="sending") if k in attempt.started else r for k, r in attempt.before.calls.items()
+        })
+        try:
+            outcome = await call
+        except Exception as exc:
+            await self._internal_error(attempt.msg_id, attempt.token or 0, stored, exc, "inline_delivery")
+        else:
+            decision = self._decide(stored, outcome, attempt.submission, "inline", self._bound(attempt))
+            await self._settle(attempt.msg_id, attempt.token or 0, decision, attempt.log)
+        finally:
+            self.held.pop(attempt.msg_id, None)
+
+    async def _store_inflight(self, attempt: _Inline) -> None:
+        now = self.clock()
+        snapshot = set(attempt.started)
+        calls = {k: replace(r, state="sending") if k in snapshot else r for k, r in attempt.before.calls.items()}
+        decision = Decision("queued", calls, 0, now, None)
+        attempt.token = await self.store.insert(self._new(attempt, decision, inflight=True))
+        self.held[attempt.msg_id] = attempt.token
+        self._start_heartbeat()
+        late = attempt.started - snapshot  # handed over while the insert ran
+        if late:
+            await self._mark_sending(attempt.msg_id, attempt.token, sorted(late))
+
+    async def _conclude(self, attempt: _Inline, decision: Decision, outcome: Outcome) -> Reply:
+        """The reply for a first attempt that finished within the budget; stores what must be kept."""
+        bound, verdict = attempt.log, decision.verdict
+        self._gone(attempt, verdict)
+        if verdict == "delivered":
+            bound.info("message_sent", upstream_ids=_ids(decision), calls=len(decision.calls))
+            return replies.queued(decision.first_id or attempt.msg_id)
+        if verdict == "refused":
+            assert decision.refusal is not None
+            bound.info("message_rejected", reply=str(decision.refusal.reply), reason=decision.refusal.reason)
+            return decision.refusal.reply
+        if verdict == "queued" and self.settings.mode == "passthrough" and decision.first_id is None:
+            first = next(iter(outcome.deferred.values()), None)
+            bound.warning("message_deferred", reason=decision.last_error)
+            return first.reply if first is not None else replies.UPSTREAM_UNAVAILABLE
+        try:
+            await self.store.insert(self._new(attempt, decision, inflight=False))
+        except SpoolUnavailable as exc:
+            bound.error("spool_unavailable", queue_id=attempt.msg_id, error=exc.reason,
+                        delivered=sorted(k for k, c in decision.calls.items() if c.state == "done"))
+            raise
+        if verdict == "dead":
+            bound.error("message_dead_lettered", queue_id=attempt.msg_id, reason=decision.dead_reason)
+        else:
+            self.wakeup.set()
+            bound.info("message_spooled", queue_id=attempt.msg_id, upstream_ids=_ids(decision),
+                       reason=decision.last_error)
+        return replies.queued(decision.first_id or attempt.msg_id)
+
+    def _new(self, attempt: _Inline, decision: Decision, *, inflight: bool) -> NewMessage:
+        s = attempt.submission
+        return NewMessage(
+            id=attempt.msg_id, account=s.principal.account, mail_from=s.mail_from, subject=s.message.subject,
+            submission=codec.encode(s), decision=decision, inflight_owner=self.owner if inflight else None,
+            lease_until=self.clock() + self.settings.lease_seconds, created=attempt.before.created,
+            expires=attempt.before.expires,
+        )
+
+    @staticmethod
+    def _bound(attempt: _Inline) -> structlog.typing.FilteringBoundLogger:
+        return attempt.log.bind(queue_id=attempt.msg_id)
+
+    def _gone(self, attempt: _Inline, verdict: str) -> None:
+        if attempt.client_gone:
+            CLIENT_GONE.labels(verdict=verdict).inc()
+            attempt.log.warning("client_gone_during_delivery", queue_id=attempt.msg_id, verdict=verdict)
+
+    # -- from the queue --------------------------------------------------------------------------------
+
+    async def run_claimed(self, item: Claimed) -> None:
+        """One attempt of a message the retry worker leased; never raises."""
+        self.held[item.id] = item.token
+        self._start_heartbeat()
+        bound = log.bind(queue_id=item.id, account=item.account)
+        try:
+            await self._attempt_claimed(item, bound)
+        except Exception as exc:
+            await self._internal_error(item.id, item.token, item.before, exc, "queue_delivery")
+        finally:
+            self.held.pop(item.id, None)
+
+    async def _attempt_claimed(self, item: Claimed, bound: structlog.typing.FilteringBoundLogger) -> None:
+        now = self.clock()
+        try:
+            submission = codec.decode(item.submission)
+        except codec.CodecError as exc:
+            reason = f"corrupt queue record: {exc}"
+            await self._settle(item.id, item.token, Decision("dead", dict(item.before.calls), item.before.attempts,
+                                                             now, reason, dead_reason=reason), bound)
+            return
+        before, lost = transition.resume(item.before)
+        if lost:
+            AMBIGUOUS.labels(account=item.account, cause="lease_expired").inc(len(lost))
+            done_ids = [r.upstream_id for r in before.calls.values() if r.state == "done" and r.upstream_id]
+            bound.warning("delivery_ambiguous", cause="lease_expired", calls=lost, upstream_ids=done_ids,
+                          policy=self.policy.ambiguous)
+            if self.policy.ambiguous == "hold":
+                await self._settle(item.id, item.token, transition.hold(before, lost, now), bound)
+                return
+        provider = self.providers.get(item.account)
+        if provider is None:
+            outcome = Outcome(deferred={k: Deferred(f"account {item.account} is not in the configuration")
+                                        for k, r in before.calls.items() if r.state == "pending"})
+        else:
+            plan_keys = {c.key for c in provider.plan(submission)}
+            if plan_keys != set(before.calls):
+                raise RuntimeError(f"stored calls {sorted(before.calls)} differ from the plan {sorted(plan_keys)}")
+            done = {k: r.upstream_id or "" for k, r in before.calls.items() if r.state == "done"}
+
+            async def before_send(keys: Sequence[str]) -> None:
+                await self._mark_sending(item.id, item.token, keys)
+
+            outcome = await provider.deliver(submission, done, before_send)
+        await self._settle(item.id, item.token, self._decide(before, outcome, submission, "queue", bound), bound)
+
+    # -- shared ----------------------------------------------------------------------------------------
+
+    def _decide(self, before: Before, outcome: Outcome, submission: Submission, path: str,
+                bound: structlog.typing.FilteringBoundLogger) -> Decision:
+        account = submission.principal.account
+        if outcome.delivered and self.health.succeeded(account):
+            self._spawn(self._wake(account))
+        first_deferral = next(iter(outcome.deferred.values()), None)
+        if first_deferral is not None:
+            self.health.failed(account, first_deferral)
+        lost = outcome.ambiguous
+        decision = transition.decide(before, outcome, self.policy, self.clock(), self.rng)
+        if lost:
+            AMBIGUOUS.labels(account=account, cause="answer_lost").inc(len(lost))
+            bound.warning("delivery_ambiguous", cause="answer_lost", calls=sorted(lost), upstream_ids=_ids(decision),
+                          policy=self.policy.ambiguous)
+        if lost and self.policy.ambiguous == "hold" and decision.verdict == "queued":
+            decision = transition.hold(replace(before, calls=decision.calls), sorted(lost), self.clock())
+        DELIVERIES.labels(account=account, path=path, verdict=decision.verdict).inc()
+        return decision
+
+    async def _settle(self, msg_id: str, token: int, decision: Decision,
+                      bound: structlog.typing.FilteringBoundLogger) -> None:
+        for attempt in range(5):
+            try:
+                settled = await self.store.settle(msg_id, token, decision, self.clock())
+                break
+            except SpoolUnavailable as exc:
+                # The result is only in memory: keep trying briefly. If it never lands, the lease expires
+                # and the calls this attempt sent count as ambiguous when the message is claimed again.
+                bound.error("queue_settle_failed", error=exc.reason, attempt=attempt)
+                await asyncio.sleep(0.2 * (attempt + 1))
+        else:
+            return
+        if not settled:
+            bound.warning("settle_fenced", verdict=decision.verdict,
+                          reason="the lease expired and another owner claimed the message")
+            return
+        verdict = decision.verdict
+        if verdict == "delivered":
+            bound.info("message_delivered", upstream_ids=_ids(decision))
+        elif verdict == "queued":
+            self.wakeup.set()
+            bound.info("message_retry_scheduled", attempts=decision.attempts, error=decision.last_error,
+                       next_in=round(decision.next_attempt - self.clock(), 1))
+        else:
+            bound.error("message_dead_lettered", reason=decision.dead_reason)
+
+    async def _internal_error(self, msg_id: str, token: int, before: Before, exc: Exception, where: str) -> None:
+        INTERNAL_ERRORS.labels(where=where).inc()
+        bound = log.bind(queue_id=msg_id)
+        bound.error("delivery_internal_error", exc_info=exc)
+        reason = f"{type(exc).__name__}: {exc}"
+        decision = transition.internal_error(before, reason, self.policy, self.clock(), self.rng)
+        await self._settle(msg_id, token, decision, bound)
+
+    async def _mark_sending(self, msg_id: str, token: int, keys: Sequence[str]) -> None:
+        try:
+            await self.store.mark_sending(msg_id, token, keys)
+        except SpoolUnavailable as exc:
+            # Sent anyway: if this process dies before settling, a resend will not be counted as ambiguous.
+            log.error("queue_mark_sending_failed", queue_id=msg_id, error=exc.reason)
+
+    async def _wake(self, account: str) -> None:
+        with contextlib.suppress(SpoolUnavailable):
+            woken = await self.store.wake(account, self.clock())
+            if woken:
+                log.info("queue_woken", account=account, messages=woken)
+                self.wakeup.set()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def start_claimed(self, item: Claimed) -> asyncio.Task[None]:
+        """The retry worker's way in: the attempt is this owner's task (waited for at shutdown)."""
+        return self._spawn(self.run_claimed(item))
+
+    # -- leases ----------------------------------------------------------------------------------------
+
+    def _start_heartbeat(self) -> None:
+        if self._heartbeat is None or self._heartbeat.done():
+            self._heartbeat = asyncio.ensure_future(self._beat())
+
+    async def _beat(self) -> None:
+        """Renew this owner's leases while it holds any: a lease only expires when its owner is gone."""
+        interval = self.settings.lease_seconds / 3
+        while self.held:
+            await asyncio.sleep(interval)
+            try:
+                await self.store.renew(self.owner, self.clock() + self.settings.lease_seconds)
+            except SpoolUnavailable as exc:
+                log.error("queue_lease_renew_failed", error=exc.reason)
+
+    async def stop(self, timeout: float) -> None:
+        """Let running attempts finish and record within `timeout`; the rest stay leased (reaped later)."""
+        pending: set[asyncio.Task[None]] = set()
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+        if pending:
+            # Calls cut short may have reached the upstream: end our leases now, so that whoever claims
+            # these messages next (another instance, or this one restarted) counts them as ambiguous.
+            with contextlib.suppress(SpoolUnavailable):
+                await self.store.expire_owners([self.owner], self.clock())
+
+
+def _ids(decision: Decision) -> list[str]:
+    return [c.upstream_id for c in decision.calls.values() if c.state == "done" and c.upstream_id]
+

@@ -1,0 +1,179 @@
+"""Pure: what happens to a message after an attempt. The one place that rule is written.
+
+    every call done                                   -> delivered  (reply: the first call's upstream id)
+    nothing done, something refused, nothing pending  -> refused    (inline: that 5xx; queued: dead letter)
+    some done, the rest refused                       -> dead       (the client had its 250; operators see
+                                                                     which recipients were refused)
+    something still pending (deferred, or skipped)    -> queued     (next attempt per the schedule, or
+                                                                     the upstream's Retry-After) or dead
+                                                                     when the lifetime is over
+
+Calls the provider skipped (they wait for a call that failed: DMDS batches) share that call's fate: they
+are refused with it when the message is refused, else they stay pending. A call whose answer was lost
+(AnswerLost, or a lease that expired after it was sent) is "ambiguous": the `ambiguous` policy resends it
+(at-least-once, the default) or holds the message as a dead letter for an operator to decide.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from gateway.delivery.outcome import Outcome
+from gateway.errors import RateLimited, Rejected
+from gateway.model import Call
+
+CallState = Literal["pending", "sending", "done", "rejected"]
+Verdict = Literal["delivered", "refused", "queued", "dead"]
+
+
+@dataclass(frozen=True, slots=True)
+class CallRow:
+    """One call's stored state. `lost`: how many times its answer was lost after sending."""
+
+    key: str
+    recipients: str
+    state: CallState = "pending"
+    upstream_id: str | None = None
+    error: str | None = None
+    lost: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    schedule: tuple[float, ...]
+    jitter: float
+    max_lifetime: float
+    ambiguous: Literal["resend", "hold"] = "resend"
+    max_internal_errors: int = 3
+
+    def delay(self, attempts: int, rng: random.Random | None = None) -> float:
+        """Seconds after the `attempts`-th failed attempt (1-based); the last interval repeats."""
+        base = self.schedule[min(max(attempts, 1), len(self.schedule)) - 1]
+        if self.jitter and rng is not None:
+            base *= 1 + rng.uniform(-self.jitter, self.jitter)
+        return max(base, 0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Before:
+    """A message as the attempt found it."""
+
+    calls: Mapping[str, CallRow]
+    attempts: int
+    created: float
+    expires: float
+    internal_errors: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    verdict: Verdict
+    calls: dict[str, CallRow]
+    attempts: int
+    next_attempt: float
+    last_error: str | None
+    dead_reason: str | None = None
+    refusal: Rejected | None = None  # verdict "refused": the upstream's refusal, for the client's 5xx
+    internal_errors: int = 0
+
+    @property
+    def first_id(self) -> str | None:
+        return next((c.upstream_id for c in self.calls.values() if c.state == "done"), None)
+
+
+def fresh(plan: Sequence[Call], now: float, policy: RetryPolicy) -> Before:
+    """A message nobody has tried yet."""
+    calls = {c.key: CallRow(c.key, ",".join(c.recipients)) for c in plan}
+    return Before(calls=calls, attempts=0, created=now, expires=now + policy.max_lifetime)
+
+
+def resume(before: Before) -> tuple[Before, list[str]]:
+    """A claimed message whose calls may have been sent by an owner that died ('sending'): those calls
+    are ambiguous. Returns the message with them pending again (counted in `lost`) and their keys."""
+    lost = [key for key, row in before.calls.items() if row.state == "sending"]
+    if not lost:
+        return before, []
+    calls = dict(before.calls)
+    for key in lost:
+        row = calls[key]
+        calls[key] = replace(row, state="pending", lost=row.lost + 1,
+                             error="the previous attempt's answer was lost (instance stopped mid-call)")
+    return replace(before, calls=calls), lost
+
+
+def hold(before: Before, keys: Sequence[str], now: float) -> Decision:
+    """The `ambiguous = "hold"` policy: a message with calls that may have been delivered stops here."""
+    reason = (f"held: the upstream may already have call(s) {', '.join(keys)} (answer lost); "
+              "`smtp-gateway queue requeue` resends them")
+    return Decision("dead", dict(before.calls), before.attempts, now, reason, dead_reason=reason,
+                    internal_errors=before.internal_errors)
+
+
+def decide(
+    before: Before, outcome: Outcome, policy: RetryPolicy, now: float, rng: random.Random | None = None
+) -> Decision:
+    calls = dict(before.calls)
+    for key, upstream_id in outcome.delivered.items():
+        calls[key] = replace(calls[key], state="done", upstream_id=upstream_id, error=None)
+    for key, refusal in outcome.rejected.items():
+        calls[key] = replace(calls[key], state="rejected", error=refusal.reason)
+    lost_now = outcome.ambiguous
+    for key, deferral in outcome.deferred.items():
+        row = calls[key]
+        calls[key] = replace(row, state="pending", error=deferral.reason, lost=row.lost + (key in lost_now))
+    for key in outcome.skipped:
+        calls[key] = replace(calls[key], state="pending")
+    attempts = before.attempts + 1
+    error = outcome.first_reason()
+    states = [row.state for row in calls.values()]
+    done, rejected = states.count("done"), states.count("rejected")
+    attempted_pending = any(calls[k].state == "pending" and k not in outcome.skipped for k in calls)
+
+    def decision(
+        verdict: Verdict, next_attempt: float = now, dead_reason: str | None = None, refusal: Rejected | None = None
+    ) -> Decision:
+        return Decision(verdict, calls, attempts, next_attempt, error, dead_reason, refusal, before.internal_errors)
+
+    if done == len(calls):
+        return decision("delivered")
+    if not done and rejected and not attempted_pending:
+        # Nothing reached anyone and the upstream refused: the whole message is refused (the skipped
+        # calls were never sent; they share the refusal).
+        first = next(iter(outcome.rejected.values()), None)
+        for key in outcome.skipped:
+            calls[key] = replace(calls[key], state="rejected", error=calls[key].error or error)
+        return decision("refused", refusal=first, dead_reason="refused by upstream: " + _refusals(calls))
+    if "pending" not in states:
+        return decision("dead", dead_reason="refused by upstream: " + _refusals(calls))
+    if now >= before.expires:
+        return decision("dead", dead_reason=(
+            f"expired after {attempts} attempts in {now - before.created:.0f}s; last error: {error}"))
+    return decision("queued", next_attempt=min(now + _wait(outcome, policy, attempts, rng), before.expires))
+
+
+def internal_error(before: Before, reason: str, policy: RetryPolicy, now: float,
+                   rng: random.Random | None = None) -> Decision:
+    """An attempt that failed with a bug (logged with its traceback by the owner): retried on the normal
+    schedule, and a dead letter once it has happened `max_internal_errors` times."""
+    count = before.internal_errors + 1
+    attempts = before.attempts + 1
+    if count >= policy.max_internal_errors:
+        return Decision("dead", dict(before.calls), attempts, now, reason, internal_errors=count,
+                        dead_reason=f"internal error {count} times (see the log); last: {reason}")
+    next_attempt = min(now + policy.delay(attempts, rng), before.expires)
+    return Decision("queued", dict(before.calls), attempts, next_attempt, reason, internal_errors=count)
+
+
+def _wait(outcome: Outcome, policy: RetryPolicy, attempts: int, rng: random.Random | None) -> float:
+    deferrals = list(outcome.deferred.values())
+    if deferrals and all(isinstance(d, RateLimited) and d.retry_after is not None for d in deferrals):
+        # Only rate limits: come back when the upstream said to, not on the outage schedule.
+        return max(d.retry_after or 0.0 for d in deferrals if isinstance(d, RateLimited))
+    return policy.delay(attempts, rng)
+
+
+def _refusals(calls: Mapping[str, CallRow]) -> str:
+    return "; ".join(f"call {r.key} ({r.recipients}): {r.error}" for r in calls.values() if r.state == "rejected")

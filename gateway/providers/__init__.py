@@ -1,0 +1,1 @@
+"""Upstream providers, one package each (dmds/, dengage/); base.py is the contract, registry.py builds them."""

@@ -1,0 +1,1 @@
+"""dEngage transactional email provider: API-user token, per-recipient calls, From identities."""

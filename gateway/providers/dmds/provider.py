@@ -1,0 +1,195 @@
+"""Planisys DMDS provider: logins (SMTP-API, SMTP-DMDS sandbox style), campaigns, legs in one batch."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+
+import orjson
+
+from gateway import replies
+from gateway.config_base import UserSettings
+from gateway.delivery.outcome import Outcome
+from gateway.errors import ContentRejected, Deferred, Rejected
+from gateway.model import Call, Message, Principal, Submission
+from gateway.policy import SenderPolicy, ascii_address, ascii_domain
+from gateway.providers.base import BeforeSend, no_hook
+from gateway.providers.dmds import campaigns, wire
+from gateway.providers.dmds.config import DmdsAccount, DmdsUser
+from gateway.providers.dmds.legs import Leg, plan_legs
+from gateway.upstream.client import HttpClient
+from gateway.upstream.ratelimit import RateLimiter, Unlimited
+
+_SMTP_API_LOGIN = re.compile(r"^(?P<dmdsid>[A-Za-z0-9_.]+)-(?P<numid>\d{1,12})$")
+
+
+def sender_policy(settings: DmdsAccount) -> SenderPolicy:
+    """DMDS' own rule: the registered sender domains, each with its registered return-path."""
+    return SenderPolicy(
+        domains=frozenset(ascii_domain(d) for d in settings.sender_domains),
+        return_paths={ascii_address(rp): ascii_domain(d) for d, rp in settings.sender_domains.items()},
+    )
+
+
+class DmdsProvider:
+    kind = "dmds"
+
+    def __init__(
+        self, account: str, settings: DmdsAccount, http: HttpClient, limiter: RateLimiter | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.account = account
+        self.settings = settings
+        self.http = http
+        self.limiter = limiter or Unlimited()
+        self._clock = clock
+        # The raw key goes in Authorization with no scheme (upstream-apis.md §1.1, [V]).
+        self._headers = {"Authorization": settings.key, "Accept": "application/json",
+                         "Content-Type": "application/json"}
+        self._known: dict[int, tuple[bool, float]] = {}  # campaign numid -> (exists, expires)
+        self._policy = sender_policy(settings)
+
+    # -- logins ------------------------------------------------------------------------------------
+
+    def user_extra(self, user: UserSettings) -> dict[str, object]:
+        assert isinstance(user, DmdsUser)
+        return {"campaign": user.campaign, "campaign_from_subject": user.campaign_from_subject,
+                "may_choose_campaign": user.may_choose_campaign}
+
+    def owns_login(self, username: str) -> bool:
+        m = _SMTP_API_LOGIN.match(username)
+        return (m.group("dmdsid") if m else username) == self.settings.dmdsid
+
+    async def verify_login(self, username: str, password: str) -> Principal | None:
+        settings = self.settings
+        m = _SMTP_API_LOGIN.match(username)
+        if m and m.group("dmdsid") == settings.dmdsid:
+            # <dmdsid>-<numid> + that campaign's apikey (the seed's SMTP-API logins).
+            numid = int(m.group("numid"))
+            if not settings.smtp_api_logins or (settings.campaigns and numid not in settings.campaigns):
+                return None
+            key = await self.campaign_apikey(numid)
+            if key is None or not hmac.compare_digest(key.encode(), password.encode()):
+                return None
+            return Principal(account=self.account, login=username, extra={"campaign": numid})
+        # <dmdsid> + the account APIKEY, campaign from "[NN]" (upstream-apis.md §1.8, [V]).
+        if (username == settings.dmdsid and settings.sandbox_logins
+                and hmac.compare_digest(settings.key.encode(), password.encode())):
+            return Principal(account=self.account, login=username, extra={"campaign_from_subject": True})
+        return None
+
+    async def campaign_apikey(self, numid: int) -> str | None:
+        response = await self.http.request(
+            "campaign_apikey", "GET", wire.WIRE["campaign_apikey"].format(numid=numid), headers=self._headers
+        )
+        return wire.campaign_apikey(response)
+
+    async def campaign_known(self, numid: int) -> bool:
+        """Whether DMDS has this API campaign (cached like credentials)."""
+        cached = self._known.get(numid)
+        now = self._clock()
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        known = await self.campaign_apikey(numid) is not None
+        ttl = self.settings.credential_cache_ttl if known else self.settings.negative_cache_ttl
+        self._known[numid] = (known, self._clock() + ttl)
+        return known
+
+    # -- acceptance --------------------------------------------------------------------------------
+
+    async def sender_policy(self) -> SenderPolicy:
+        return self._policy
+
+    async def prepare(
+        self, principal: Principal, message: Message, mail_from: str, rcpt_tos: tuple[str, ...]
+    ) -> Submission:
+        campaign, subject = campaigns.resolve_campaign(principal, message.subject, message.options)
+        unknown = ContentRejected(reply=replies.UNKNOWN_CAMPAIGN.with_text(f"Unknown campaign {campaign}"))
+        if self.settings.campaigns and campaign not in self.settings.campaigns:
+            raise unknown
+        chosen = principal.extra.get("campaign_from_subject") or campaigns.CAMPAIGN_OPTION in message.options
+        if chosen and not await self.campaign_known(campaign):
+            # DMDS silently discards mail for an unknown campaign (upstream-apis.md §1.8): refuse it now.
+            raise unknown
+        if subject != message.subject:
+            message = replace(message, subject=subject)
+        params = {
+            "campaign": campaign,
+            "archive": campaigns.option_flag(message.options, "archive", self.settings.archive),
+            "batch": (message.options.get("batch") or "").strip() or None,
+        }
+        return Submission(principal=principal, mail_from=mail_from, rcpt_tos=rcpt_tos, message=message,
+                          params=params)
+
+    def legs(self, submission: Submission) -> tuple[Leg, ...]:
+        return plan_legs(submission.rcpt_tos, submission.message.to, submission.message.cc)
+
+    def plan(self, submission: Submission) -> tuple[Call, ...]:
+        return tuple(Call(leg.key, leg.recipients) for leg in self.legs(submission))
+
+    # -- delivery ----------------------------------------------------------------------------------
+
+    async def deliver(
+        self, submission: Submission, done: Mapping[str, str], before_send: BeforeSend = no_hook
+    ) -> Outcome:
+        """Legs not in `done`; legs after the first join the first leg's batch (reuse_eeid), so the
+        first call must answer before the others can go."""
+        outcome = Outcome()
+        pending = [leg for leg in self.legs(submission) if leg.key not in done]
+        if not pending:
+            return outcome
+        batch = submission.params.get("batch") or done.get("0") or next(iter(done.values()), None)
+        rest = pending
+        if batch is None:
+            first, rest = pending[0], pending[1:]
+            try:
+                batch = (await self.send_leg(submission, first, None, before_send)).upstream_id
+            except Deferred as exc:
+                outcome.deferred[first.key] = exc
+                outcome.skipped.update(leg.key for leg in rest)
+                return outcome
+            except Rejected as exc:
+                outcome.rejected[first.key] = exc
+                outcome.skipped.update(leg.key for leg in rest)
+                return outcome
+            outcome.delivered[first.key] = batch
+        if rest:
+            results = await asyncio.gather(
+                *(self.send_leg(submission, leg, batch, before_send) for leg in rest), return_exceptions=True
+            )
+            for leg, res in zip(rest, results, strict=True):
+                if isinstance(res, wire.SendResult):
+                    outcome.delivered[leg.key] = res.upstream_id
+                elif isinstance(res, Deferred):
+                    outcome.deferred[leg.key] = res
+                elif isinstance(res, Rejected):
+                    outcome.rejected[leg.key] = res
+                else:
+                    raise res
+        return outcome
+
+    async def send_leg(
+        self, submission: Submission, leg: Leg, batch: str | None, before_send: BeforeSend = no_hook
+    ) -> wire.SendResult:
+        """One call: send_one_inline for one contact, send_many_inline for several; `batch` joins it to an eeid."""
+        path = wire.WIRE["send_one"] if len(leg.contacts) == 1 else wire.WIRE["send_many"]
+        content = orjson.dumps(wire.build_payload(submission, leg, batch))
+        await self.limiter.acquire()
+        await before_send((leg.key,))
+        response = await self.http.request(
+            "send_one" if len(leg.contacts) == 1 else "send_many", "POST", path, headers=self._headers,
+            content=content,
+        )
+        try:
+            return wire.classify(response)
+        except Deferred as exc:
+            if response.status == 429:
+                self.limiter.penalize(getattr(exc, "retry_after", None))
+            raise
+
+    async def aclose(self) -> None:
+        await self.http.aclose()

@@ -1,0 +1,40 @@
+"""Turns an [accounts.X] table into its Provider: the one place that knows every provider package.
+
+A third provider: a new package here (config model, wire module, provider, sandbox routes), its model in
+the AccountSettings union (gateway/settings.py), and one line in `build` below.
+"""
+
+from __future__ import annotations
+
+from typing import cast
+
+from gateway.providers.base import Provider
+from gateway.settings import AccountSettings, DengageAccount, DmdsAccount
+from gateway.upstream.client import HttpClient
+from gateway.upstream.ratelimit import RateLimiter, TokenBucket, Unlimited
+
+
+def limiter_for(name: str, account: AccountSettings) -> RateLimiter:
+    if account.rate_limit is None:
+        return Unlimited()
+    return TokenBucket(account.rate_limit, account.rate_burst, account=name)
+
+
+def build(name: str, account: AccountSettings, limiter: RateLimiter | None = None) -> Provider:
+    """The account's provider with its own pooled HTTP client and (unless given a shared one) rate limiter."""
+    limiter = limiter or limiter_for(name, account)
+    if isinstance(account, DmdsAccount):
+        from gateway.providers.dmds.provider import DmdsProvider
+
+        http = HttpClient(account.base_url, upstream="DMDS", account=name, timeout=account.http_timeout,
+                          max_connections=account.max_connections, transport=account.http_client)
+        return DmdsProvider(name, account, http, limiter)
+    if isinstance(account, DengageAccount):
+        from gateway.providers.dengage.provider import DengageProvider
+
+        http = HttpClient(account.base_url, upstream="dEngage", account=name, timeout=account.http_timeout,
+                          max_connections=account.max_connections, transport=account.http_client)
+        return cast(Provider, DengageProvider(name, account, http, limiter))
+    raise TypeError(f"no provider for {type(account).__name__}")  # pragma: no cover - the config union is closed
+
+

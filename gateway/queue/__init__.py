@@ -1,0 +1,1 @@
+"""The durable queue: QueueStore protocol (store.py), SQLite and PostgreSQL backends, the retry worker."""

@@ -1,0 +1,121 @@
+"""`smtp-gateway queue ...`: operator commands on the queue, safe while servers run (any backend)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from typing import Any
+
+from gateway.queue import codec
+from gateway.queue.backends import open_store
+from gateway.queue.store import QueueStore
+from gateway.settings import Settings
+
+
+def _age(seconds: float) -> str:
+    seconds = max(seconds, 0.0)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _table(rows: list[dict[str, Any]], now: float, dead: bool) -> list[str]:
+    lines = []
+    for r in rows:
+        calls = f"{r['open_calls']}/{r['calls']}"
+        if dead:
+            tail = f"dead {_age(now - (r['dead_at'] or now))} ago: {r['dead_reason']}"
+        else:
+            due = r["next_attempt"] - now
+            tail = f"next {'now' if due <= 0 else 'in ' + _age(due)}" + (
+                f"  last error: {r['last_error']}" if r["last_error"] else "")
+        lines.append(f"{r['id']}  {r['state']:<8} age {_age(now - r['created']):>6}  tries {r['attempts']:>2}"
+                     f"  calls open {calls}  from {r['mail_from']}  \"{r['subject']}\"  {tail}")
+    return lines
+
+
+def main(settings: Settings, args: argparse.Namespace) -> int:
+    if args.action != "migrate" and not settings.delivery.queue_url.startswith("postgres") and not (
+        settings.delivery.spool_path.exists()
+    ):
+        print(f"no queue at {settings.delivery.spool_path}")
+        return 0 if args.action in ("list", "dead") else 1
+    return asyncio.run(_main(settings, args))
+
+
+async def _main(settings: Settings, args: argparse.Namespace) -> int:
+    store = open_store(settings.delivery)
+    try:
+        await store.open()
+        return await _act(store, settings, args)
+    finally:
+        await store.close()
+
+
+async def _act(store: QueueStore, settings: Settings, args: argparse.Namespace) -> int:
+    now = time.time()
+    action = args.action
+    if action == "migrate":
+        before, after = await store.migrate()
+        print(f"queue {store.url}: schema version {before} -> {after}" if before != after
+              else f"queue {store.url}: schema version {after}, up to date")
+        return 0
+    if action in ("list", "dead"):
+        states = ["dead"] if action == "dead" else ["queued", "inflight"]
+        rows = await store.list(states, limit=args.limit)
+        counts = await store.counts(now)
+        if args.json:
+            print(json.dumps({"counts": counts, "messages": rows}, indent=2))
+            return 0
+        summary = ", ".join(
+            f"{state} {c['count']} (oldest {_age(c['oldest_age'])})" for state, c in sorted(counts.items())
+        )
+        print(f"queue {store.url}: {summary or 'empty'}")
+        for line in _table(rows, now, dead=action == "dead"):
+            print(line)
+        return 0
+    msg_id = args.id.upper()
+    if action == "show":
+        info = await store.show(msg_id)
+        if info is None:
+            print(f"{msg_id}: not in the queue")
+            return 1
+        blob = await store.submission(msg_id)
+        if blob is not None:
+            try:
+                sub = codec.decode(blob)
+                info["rcpt_tos"] = list(sub.rcpt_tos)
+                info["attachments"] = [a.filename for a in sub.message.attachments]
+            except codec.CodecError as exc:
+                info["decode_error"] = str(exc)
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    if action == "retry":
+        ok = await store.retry_now(msg_id, now)
+        print(f"{msg_id}: {'due now' if ok else 'not queued (unknown, in flight or dead: see requeue)'}")
+    elif action == "delete":
+        ok = await store.delete(msg_id)
+        print(f"{msg_id}: {'deleted' if ok else 'not deleted (unknown, or its call is running)'}")
+    elif action == "requeue":
+        ok = await store.requeue(msg_id, now, settings.delivery.max_lifetime)
+        print(f"{msg_id}: {'requeued' if ok else 'not a dead letter'}")
+    else:  # pragma: no cover - argparse restricts the choices
+        raise AssertionError(action)
+    return 0 if ok else 1
+
+
+def add_parser(sub: Any, with_config: Any) -> None:
+    p = with_config(sub.add_parser("queue", help="inspect and manage the queue (works while servers run)"))
+    qsub = p.add_subparsers(dest="action", required=True)
+    for name, text in (("list", "queued messages, with counts by state and age"), ("dead", "dead letters")):
+        q = qsub.add_parser(name, help=text)
+        q.add_argument("--json", action="store_true")
+        q.add_argument("--limit", type=int, default=1000)
+    qsub.add_parser("migrate", help="apply pending schema migrations (servers also do it at start)")
+    for name, text in (("show", "one message with its calls"), ("retry", "make a queued message due now"),
+                       ("delete", "delete a queued message or dead letter"),
+                       ("requeue", "put a dead letter back in the queue with a fresh lifetime")):
+        qsub.add_parser(name, help=text).add_argument("id")

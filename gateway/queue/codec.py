@@ -1,0 +1,109 @@
+"""Pure: a Submission <-> bytes for the queue (orjson; attachment bytes as base64). Versioned.
+
+Version 2 is provider-neutral (Principal.extra, Submission.params); version 1 records (DMDS-shaped, from
+spools written before providers) are still read, so an upgraded gateway delivers what an older one queued.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import orjson
+
+from gateway.model import Address, Attachment, Message, Principal, Submission
+
+VERSION = 2
+
+
+class CodecError(ValueError):
+    """A queued record that cannot be decoded (corrupt, or written by an unknown version)."""
+
+
+def _addr(a: Address | None) -> list[str] | None:
+    return None if a is None else [a.email, a.name]
+
+
+def _unaddr(v: Any) -> Address | None:
+    return None if v is None else Address(email=v[0], name=v[1])
+
+
+def _addrs(v: list[Any]) -> tuple[Address, ...]:
+    return tuple(Address(email=x[0], name=x[1]) for x in v)
+
+
+def encode(s: Submission) -> bytes:
+    p, m = s.principal, s.message
+    doc = {
+        "v": VERSION,
+        "principal": {
+            "account": p.account, "login": p.login, "allowed_senders": list(p.allowed_senders),
+            "default_from": p.default_from, "force_from": p.force_from, "extra": dict(p.extra),
+        },
+        "mail_from": s.mail_from,
+        "rcpt_tos": list(s.rcpt_tos),
+        "message": {
+            "subject": m.subject, "from": _addr(m.from_), "sender": _addr(m.sender), "reply_to": _addr(m.reply_to),
+            "to": [_addr(a) for a in m.to], "cc": [_addr(a) for a in m.cc], "html": m.html, "text": m.text,
+            "attachments": [
+                {"filename": a.filename, "content_type": a.content_type,
+                 "data": base64.b64encode(a.data).decode("ascii"), "content_id": a.content_id, "inline": a.inline}
+                for a in m.attachments
+            ],
+            "options": m.options, "message_id": m.message_id, "x_headers": [list(h) for h in m.x_headers],
+        },
+        "params": dict(s.params),
+    }
+    return orjson.dumps(doc)
+
+
+def _message(m: dict[str, Any]) -> Message:
+    return Message(
+        subject=m["subject"], from_=_unaddr(m["from"]), sender=_unaddr(m["sender"]),
+        reply_to=_unaddr(m["reply_to"]), to=_addrs(m["to"]), cc=_addrs(m["cc"]), html=m["html"], text=m["text"],
+        attachments=tuple(
+            Attachment(filename=a["filename"], content_type=a["content_type"], data=base64.b64decode(a["data"]),
+                       content_id=a["content_id"], inline=a["inline"])
+            for a in m["attachments"]
+        ),
+        options=dict(m["options"]), message_id=m["message_id"],
+        x_headers=tuple((h[0], h[1]) for h in m.get("x_headers", [])),
+    )
+
+
+def _v2(doc: dict[str, Any]) -> Submission:
+    p = doc["principal"]
+    return Submission(
+        principal=Principal(account=p["account"], login=p["login"], allowed_senders=tuple(p["allowed_senders"]),
+                            default_from=p["default_from"], force_from=p["force_from"], extra=dict(p["extra"])),
+        mail_from=doc["mail_from"], rcpt_tos=tuple(doc["rcpt_tos"]), message=_message(doc["message"]),
+        params=dict(doc["params"]),
+    )
+
+
+def _v1(doc: dict[str, Any]) -> Submission:
+    """A DMDS submission as the spool wrote it before providers: campaign fields move to extra/params."""
+    p = doc["principal"]
+    extra = {"campaign": p["campaign"], "campaign_from_subject": p["campaign_from_subject"],
+             "may_choose_campaign": p["may_choose_campaign"]}
+    return Submission(
+        principal=Principal(account=p["account"], login=p["login"], allowed_senders=tuple(p["allowed_senders"]),
+                            default_from=p["default_from"], force_from=p["force_from"], extra=extra),
+        mail_from=doc["mail_from"], rcpt_tos=tuple(doc["rcpt_tos"]), message=_message(doc["message"]),
+        params={"campaign": doc["campaign"], "archive": doc["archive"], "batch": doc["batch_eeid"]},
+    )
+
+
+def decode(data: bytes) -> Submission:
+    try:
+        doc = orjson.loads(data)
+        version = doc.get("v")
+        if version == VERSION:
+            return _v2(doc)
+        if version == 1:
+            return _v1(doc)
+        raise CodecError(f"unknown queue record version {version!r}")
+    except CodecError:
+        raise
+    except (orjson.JSONDecodeError, KeyError, TypeError, IndexError, AttributeError, ValueError) as exc:
+        raise CodecError(f"corrupt queue record: {type(exc).__name__}: {exc}") from None

@@ -1,0 +1,354 @@
+"""The SQLite queue backend: one file shared by the worker processes of one machine.
+
+Every statement of a process runs on its one dedicated thread (never on the event loop). WAL lets
+readers (the queue CLI) and one writer work at once; `BEGIN IMMEDIATE` serialises writers across
+processes; `synchronous=FULL` makes each commit durable (fsync'd) before it returns, so a 250 is only
+sent for a message on disk. Any SQLite or OS error becomes SpoolUnavailable (452 4.3.1 to a client).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import sqlite3
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from gateway.delivery.transition import Before, CallRow, Decision
+from gateway.errors import SpoolUnavailable
+from gateway.queue import sqlite_schema
+from gateway.queue.store import Claimed, KeyHit, NewMessage
+
+T = TypeVar("T")
+_CALL_COLUMNS = "key, recipients, state, upstream_id, error, lost"
+
+
+class SqliteQueue:
+    def __init__(self, path: Path, *, max_page_count: int | None = None) -> None:
+        self.path = path
+        self.url = f"sqlite:///{path}"
+        self._max_page_count = max_page_count
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="queue-db")
+        self._db: sqlite3.Connection | None = None
+        self._found_version = 0  # the schema version this process found (migrated on connecting)
+        self._closed = False
+
+    # -- plumbing ------------------------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, functools.partial(self._call, fn, *args))
+        except (sqlite3.Error, OSError) as exc:
+            raise SpoolUnavailable(f"queue {self.path}: {type(exc).__name__}: {exc}") from exc
+
+    def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._db is None:
+            self._connect()
+        return fn(*args)
+
+    def _connect(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
+        try:
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA foreign_keys=ON")
+            if self._max_page_count is not None:  # tests: simulate a full disk
+                db.execute(f"PRAGMA max_page_count={int(self._max_page_count)}")
+            self._found_version, _ = sqlite_schema.migrate(db)
+        except BaseException:
+            db.close()
+            raise
+        self._db = db
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        assert self._db is not None
+        return self._db
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    async def open(self) -> None:
+        await self._run(lambda: None)
+
+    async def migrate(self) -> tuple[int, int]:
+        def run() -> tuple[int, int]:
+            return self._found_version, sqlite_schema.migrate(self.db)[1]
+
+        return await self._run(run)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+
+        def shut() -> None:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, shut)
+        self._executor.shutdown(wait=True)
+
+    # -- the server's side ---------------------------------------------------------------------------
+
+    async def insert(self, message: NewMessage) -> int:
+        return await self._run(self._insert, message)
+
+    def _insert(self, m: NewMessage) -> int:
+        d = m.decision
+        inflight = m.inflight_owner is not None
+        state = "inflight" if inflight else ("dead" if d.verdict == "dead" else "queued")
+        token = 1 if inflight else 0
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO messages (id, account, state, created, expires, next_attempt, attempts, mail_from,"
+                " subject, size, last_error, dead_reason, dead_at, owner, lease_until, token, internal_errors,"
+                " idem_key, submission) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (m.id, m.account, state, m.created, m.expires, d.next_attempt, d.attempts, m.mail_from, m.subject,
+                 len(m.submission), d.last_error, d.dead_reason, m.created if state == "dead" else None,
+                 m.inflight_owner, m.lease_until if inflight else None, token, d.internal_errors,
+                 m.idempotency_key, m.submission),
+            )
+            db.executemany(
+                f"INSERT INTO calls (msg_id, {_CALL_COLUMNS}) VALUES (?,?,?,?,?,?,?)",
+                [(m.id, c.key, c.recipients, c.state, c.upstream_id, c.error, c.lost) for c in d.calls.values()],
+            )
+        return token
+
+    async def claim(self, owner: str, account: str, now: float, limit: int, lease: float) -> list[Claimed]:
+        return await self._run(self._claim, owner, account, now, limit, lease)
+
+    def _claim(self, owner: str, account: str, now: float, limit: int, lease: float) -> list[Claimed]:
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT id, state FROM messages WHERE account=? AND state='queued' AND next_attempt<=?"
+                " ORDER BY next_attempt, seq LIMIT ?", (account, now, limit),
+            ).fetchall()
+            if len(rows) < limit:
+                rows += db.execute(
+                    "SELECT id, state FROM messages WHERE account=? AND state='inflight'"
+                    " AND (lease_until IS NULL OR lease_until<?) ORDER BY seq LIMIT ?",
+                    (account, now, limit - len(rows)),
+                ).fetchall()
+            out = []
+            for row in rows:
+                m = db.execute(
+                    "UPDATE messages SET state='inflight', owner=?, lease_until=?, token=token+1 WHERE id=?"
+                    " RETURNING token, submission, attempts, created, expires, internal_errors",
+                    (owner, now + lease, row["id"]),
+                ).fetchone()
+                out.append(Claimed(row["id"], account, m["token"], bytes(m["submission"]),
+                                   self._before(db, row["id"], m), reaped=row["state"] == "inflight"))
+        return out
+
+    @staticmethod
+    def _before(db: sqlite3.Connection, msg_id: str, m: sqlite3.Row) -> Before:
+        calls = {
+            r["key"]: CallRow(r["key"], r["recipients"], r["state"], r["upstream_id"], r["error"], r["lost"])
+            for r in db.execute(f"SELECT {_CALL_COLUMNS} FROM calls WHERE msg_id=? ORDER BY rowid", (msg_id,))
+        }
+        return Before(calls=calls, attempts=m["attempts"], created=m["created"], expires=m["expires"],
+                      internal_errors=m["internal_errors"])
+
+    async def mark_sending(self, msg_id: str, token: int, keys: Sequence[str]) -> bool:
+        def run() -> bool:
+            with self._tx() as db:
+                if db.execute("SELECT 1 FROM messages WHERE id=? AND token=?", (msg_id, token)).fetchone() is None:
+                    return False
+                db.executemany("UPDATE calls SET state='sending' WHERE msg_id=? AND key=? AND state='pending'",
+                               [(msg_id, key) for key in keys])
+            return True
+
+        return await self._run(run)
+
+    async def settle(self, msg_id: str, token: int, decision: Decision, now: float) -> bool:
+        return await self._run(self._settle, msg_id, token, decision, now)
+
+    def _settle(self, msg_id: str, token: int, d: Decision, now: float) -> bool:
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM messages WHERE id=? AND token=?", (msg_id, token)).fetchone() is None:
+                return False  # fenced: another owner claimed it since (our lease expired)
+            if d.verdict == "delivered":
+                db.execute("DELETE FROM messages WHERE id=?", (msg_id,))
+                return True
+            dead = d.verdict in ("dead", "refused")
+            db.execute(
+                "UPDATE messages SET state=?, attempts=?, next_attempt=?, last_error=?, dead_reason=?, dead_at=?,"
+                " internal_errors=?, owner=NULL, lease_until=NULL WHERE id=?",
+                ("dead" if dead else "queued", d.attempts, d.next_attempt, d.last_error,
+                 d.dead_reason if dead else None, now if dead else None, d.internal_errors, msg_id),
+            )
+            db.executemany(
+                "UPDATE calls SET state=?, upstream_id=?, error=?, lost=? WHERE msg_id=? AND key=?",
+                [(c.state, c.upstream_id, c.error, c.lost, msg_id, c.key) for c in d.calls.values()],
+            )
+        return True
+
+    async def release(self, msg_id: str, token: int, now: float) -> bool:
+        def run() -> bool:
+            with self._tx() as db:
+                cur = db.execute("UPDATE messages SET state='queued', next_attempt=?, owner=NULL, lease_until=NULL"
+                                 " WHERE id=? AND token=? AND state='inflight'", (now, msg_id, token))
+            return cur.rowcount == 1
+
+        return await self._run(run)
+
+    async def renew(self, owner: str, lease_until: float) -> int:
+        def run() -> int:
+            with self._tx() as db:
+                return db.execute("UPDATE messages SET lease_until=? WHERE owner=? AND state='inflight'",
+                                  (lease_until, owner)).rowcount
+
+        return await self._run(run)
+
+    async def expire_owners(self, owners: Sequence[str], now: float) -> int:
+        def run() -> int:
+            with self._tx() as db:
+                return sum(db.execute("UPDATE messages SET lease_until=? WHERE owner=? AND state='inflight'",
+                                      (now - 1, owner)).rowcount for owner in owners)
+
+        return await self._run(run)
+
+    async def owners(self) -> list[str]:
+        def run() -> list[str]:
+            return [r[0] for r in self.db.execute(
+                "SELECT DISTINCT owner FROM messages WHERE state='inflight' AND owner IS NOT NULL")]
+
+        return await self._run(run)
+
+    async def next_due(self, accounts: Sequence[str]) -> float | None:
+        def run() -> float | None:
+            marks = ",".join("?" * len(accounts))
+            row = self.db.execute(
+                f"SELECT MIN(CASE state WHEN 'queued' THEN next_attempt ELSE COALESCE(lease_until, 0) END)"
+                f" FROM messages WHERE state IN ('queued', 'inflight') AND account IN ({marks})", tuple(accounts),
+            ).fetchone()
+            return None if row is None or row[0] is None else float(row[0])
+
+        return await self._run(run)
+
+    async def wake(self, account: str, now: float, limit: int | None = None) -> int:
+        def run() -> int:
+            with self._tx() as db:
+                return db.execute(
+                    "UPDATE messages SET next_attempt=? WHERE id IN (SELECT id FROM messages WHERE account=?"
+                    " AND state='queued' AND next_attempt>? ORDER BY seq LIMIT ?)",
+                    (now, account, now, -1 if limit is None else limit),
+                ).rowcount
+
+        return await self._run(run)
+
+    # -- idempotency keys -----------------------------------------------------------------------------
+
+    async def claim_key(self, account: str, key: str, msg_id: str, now: float, window: float) -> KeyHit | None:
+        def run() -> KeyHit | None:
+            with self._tx() as db:
+                db.execute("DELETE FROM idempotency WHERE expires<?", (now,))
+                row = db.execute("SELECT msg_id, reply_id FROM idempotency WHERE account=? AND key=?",
+                                 (account, key)).fetchone()
+                if row is not None:
+                    return KeyHit(row["msg_id"], row["reply_id"])
+                db.execute("INSERT INTO idempotency (account, key, msg_id, created, expires) VALUES (?,?,?,?,?)",
+                           (account, key, msg_id, now, now + window))
+            return None
+
+        return await self._run(run)
+
+    async def finish_key(self, account: str, key: str, msg_id: str, reply_id: str | None) -> None:
+        def run() -> None:
+            with self._tx() as db:
+                if reply_id is None:
+                    db.execute("DELETE FROM idempotency WHERE account=? AND key=? AND msg_id=?", (account, key, msg_id))
+                else:
+                    db.execute("UPDATE idempotency SET reply_id=? WHERE account=? AND key=? AND msg_id=?",
+                               (reply_id, account, key, msg_id))
+
+        await self._run(run)
+
+    # -- operators ------------------------------------------------------------------------------------
+
+    async def counts(self, now: float) -> dict[str, dict[str, Any]]:
+        def run() -> dict[str, dict[str, Any]]:
+            rows = self.db.execute(
+                "SELECT state, COUNT(*) AS n, MIN(created) AS oldest FROM messages GROUP BY state").fetchall()
+            return {r["state"]: {"count": r["n"], "oldest_age": now - r["oldest"]} for r in rows}
+
+        return await self._run(run)
+
+    async def list(self, states: Sequence[str], limit: int = 1000) -> list[dict[str, Any]]:
+        def run() -> list[dict[str, Any]]:
+            marks = ",".join("?" * len(states))
+            rows = self.db.execute(
+                "SELECT m.id, m.state, m.account, m.created, m.next_attempt, m.attempts, m.mail_from, m.subject,"
+                " m.size, m.last_error, m.dead_reason, m.dead_at, m.owner,"
+                " (SELECT COUNT(*) FROM calls c WHERE c.msg_id=m.id AND c.state!='done') AS open_calls,"
+                " (SELECT COUNT(*) FROM calls c WHERE c.msg_id=m.id) AS calls"
+                f" FROM messages m WHERE m.state IN ({marks}) ORDER BY m.seq LIMIT ?", (*states, limit),
+            ).fetchall()
+            return [dict(r) for r in rows]
+
+        return await self._run(run)
+
+    async def show(self, msg_id: str) -> dict[str, Any] | None:
+        def run() -> dict[str, Any] | None:
+            row = self.db.execute("SELECT * FROM messages WHERE id=?", (msg_id,)).fetchone()
+            if row is None:
+                return None
+            out = {k: row[k] for k in row.keys() if k != "submission"}  # noqa: SIM118 (sqlite3.Row)
+            out["calls"] = [dict(r) for r in self.db.execute(
+                f"SELECT {_CALL_COLUMNS} FROM calls WHERE msg_id=? ORDER BY rowid", (msg_id,))]
+            return out
+
+        return await self._run(run)
+
+    async def submission(self, msg_id: str) -> bytes | None:
+        def run() -> bytes | None:
+            row = self.db.execute("SELECT submission FROM messages WHERE id=?", (msg_id,)).fetchone()
+            return None if row is None else bytes(row[0])
+
+        return await self._run(run)
+
+    async def retry_now(self, msg_id: str, now: float) -> bool:
+        def run() -> bool:
+            with self._tx() as db:
+                return db.execute("UPDATE messages SET next_attempt=? WHERE id=? AND state='queued'",
+                                  (now, msg_id)).rowcount == 1
+
+        return await self._run(run)
+
+    async def delete(self, msg_id: str) -> bool:
+        def run() -> bool:
+            with self._tx() as db:
+                return db.execute("DELETE FROM messages WHERE id=? AND state!='inflight'", (msg_id,)).rowcount == 1
+
+        return await self._run(run)
+
+    async def requeue(self, msg_id: str, now: float, max_lifetime: float) -> bool:
+        def run() -> bool:
+            with self._tx() as db:
+                cur = db.execute(
+                    "UPDATE messages SET state='queued', next_attempt=?, expires=?, attempts=0, dead_reason=NULL,"
+                    " dead_at=NULL, internal_errors=0 WHERE id=? AND state='dead'", (now, now + max_lifetime, msg_id),
+                )
+                if cur.rowcount:
+                    db.execute("UPDATE calls SET state='pending', error=NULL WHERE msg_id=? AND state='rejected'",
+                               (msg_id,))
+            return cur.rowcount == 1
+
+        return await self._run(run)

@@ -1,0 +1,144 @@
+"""The QueueStore protocol: what every queue backend (SQLite, PostgreSQL) stores, and nothing it decides.
+
+    messages.state  queued    waiting for next_attempt; any instance may claim it
+                    inflight  claimed: `owner` holds a lease until `lease_until`; `token` changed on the
+                              claim, and a write under an older token changes nothing (fencing)
+                    dead      dead letter; dead_reason says why
+    calls.state     pending   not sent yet, or sent and failed (safe or ambiguous: `lost` counts the
+                              times its answer was lost after sending)
+                    sending   the owner is sending it now: if the lease expires, it is ambiguous
+                    done      accepted by the upstream (upstream_id): never sent again
+                    rejected  refused for good (error)
+
+A delivered message is deleted. Decisions (what state comes next) are made above the store, by
+gateway/delivery/transition.py; the store applies them atomically and only under the caller's token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from gateway.delivery.transition import Before, Decision
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    id: str
+    account: str
+    mail_from: str
+    subject: str
+    submission: bytes
+    decision: Decision  # its state after the inline attempt ("queued", "dead"); or:
+    inflight_owner: str | None = None  # set: stored in flight, leased to this owner (the call still runs)
+    lease_until: float = 0.0
+    created: float = 0.0
+    expires: float = 0.0
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A message leased to one owner. `reaped`: its previous owner's lease had expired."""
+
+    id: str
+    account: str
+    token: int
+    submission: bytes
+    before: Before
+    reaped: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class KeyHit:
+    """A resend: the idempotency key was seen before. `reply_id` is None while the first copy is in progress."""
+
+    msg_id: str
+    reply_id: str | None
+
+
+class QueueStore(Protocol):
+    """Async. Every method raises gateway.errors.SpoolUnavailable when the backend cannot be used."""
+
+    url: str  # where it is, for logs ("sqlite:///var/spool.sqlite3"); never with a password
+
+    async def open(self) -> None:
+        """Connect and apply pending schema migrations."""
+        ...
+
+    async def close(self) -> None: ...
+
+    async def migrate(self) -> tuple[int, int]:
+        """Apply pending migrations (opening does it too); returns (version found on opening, version now)."""
+        ...
+
+    # -- the server's side --------------------------------------------------------------------------
+
+    async def insert(self, message: NewMessage) -> int:
+        """Store a new message with its calls, durably (fsync'd / committed) before returning its token."""
+        ...
+
+    async def claim(self, owner: str, account: str, now: float, limit: int, lease: float) -> list[Claimed]:
+        """Lease up to `limit` messages of `account`: due queued ones first, then inflight ones whose lease
+        expired (reaped). Each claim changes the message's token. Never claims one message twice."""
+        ...
+
+    async def mark_sending(self, msg_id: str, token: int, keys: Sequence[str]) -> bool:
+        """The owner is about to send these calls. False: the token is stale (another owner has it)."""
+        ...
+
+    async def settle(self, msg_id: str, token: int, decision: Decision, now: float) -> bool:
+        """Apply an attempt's decision: delete (delivered), queue again or dead-letter. False: stale token."""
+        ...
+
+    async def release(self, msg_id: str, token: int, now: float) -> bool:
+        """Give a claimed message back unattempted (shutting down): queued, due now."""
+        ...
+
+    async def renew(self, owner: str, lease_until: float) -> int:
+        """Extend every lease `owner` holds (its heartbeat). Returns how many."""
+        ...
+
+    async def expire_owners(self, owners: Sequence[str], now: float) -> int:
+        """End the leases of owners known to be dead (same host, process gone) so they are reaped now."""
+        ...
+
+    async def owners(self) -> list[str]:
+        """Owners holding leases now."""
+        ...
+
+    async def next_due(self, accounts: Sequence[str]) -> float | None:
+        """When the next queued message of these accounts is due (or an inflight lease expires)."""
+        ...
+
+    async def wake(self, account: str, now: float, limit: int | None = None) -> int:
+        """Make queued messages of `account` due now, oldest first (the upstream is answering again; or
+        `limit=1`: a probe of an upstream that is down). Claims then take them oldest first."""
+        ...
+
+    # -- idempotency keys (resends are not sent twice) --------------------------------------------------
+
+    async def claim_key(self, account: str, key: str, msg_id: str, now: float, window: float) -> KeyHit | None:
+        """Record `key` for a new message; if it is already known within `window`, the earlier one."""
+        ...
+
+    async def finish_key(self, account: str, key: str, msg_id: str, reply_id: str | None) -> None:
+        """The message answered (reply_id: the id its 250 carried) or was refused (None: forget the key)."""
+        ...
+
+    # -- operators (smtp-gateway queue ...) -------------------------------------------------------------
+
+    async def counts(self, now: float) -> dict[str, dict[str, Any]]: ...
+
+    async def list(self, states: Sequence[str], limit: int = 1000) -> list[dict[str, Any]]: ...
+
+    async def show(self, msg_id: str) -> dict[str, Any] | None: ...
+
+    async def submission(self, msg_id: str) -> bytes | None: ...
+
+    async def retry_now(self, msg_id: str, now: float) -> bool: ...
+
+    async def delete(self, msg_id: str) -> bool: ...
+
+    async def requeue(self, msg_id: str, now: float, max_lifetime: float) -> bool: ...

@@ -1,0 +1,134 @@
+"""The retry worker: claims due queued messages (and expired leases) and hands each to the DeliveryOwner.
+
+At most `concurrency` attempts per account at once. It sleeps until the next message is due, a wake-up
+(something was queued, an attempt ended, a cross-instance notification) or `poll_interval`, so a `queue
+retry` from another process or another instance's work is noticed. While an account is down (or refusing
+our key), one queued message is made due every `probe_interval`: the first success wakes the backlog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import time
+from collections.abc import Sequence
+
+import structlog
+
+from gateway.delivery.owner import DeliveryOwner
+from gateway.errors import SpoolUnavailable
+from gateway.observability import INTERNAL_ERRORS
+
+log = structlog.get_logger("gateway.queue.worker")
+
+
+class RetryWorker:
+    def __init__(self, owner: DeliveryOwner, accounts: Sequence[str], concurrency: int, poll_interval: float,
+                 probe_interval: float) -> None:
+        self.owner = owner
+        self.store = owner.store
+        self.accounts = list(accounts)
+        self.concurrency = concurrency
+        self.poll_interval = poll_interval
+        self.probe_interval = probe_interval
+        self._running: dict[str, set[asyncio.Task[None]]] = {a: set() for a in self.accounts}
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        self._failing = False
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="queue-retry-worker")
+
+    async def stop(self) -> None:
+        """Stop claiming. The attempts already running belong to the owner (DeliveryOwner.stop)."""
+        self._stopping = True
+        self.owner.wakeup.set()
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        log.info("retry_worker_stopped")
+
+    async def _loop(self) -> None:
+        with contextlib.suppress(SpoolUnavailable):
+            await self._expire_dead_local_owners()
+        while not self._stopping:
+            try:
+                await self._tick()
+                if self._failing:
+                    self._failing = False
+                    log.info("queue_available_again")
+            except SpoolUnavailable as exc:
+                if not self._failing:  # once per outage, not once per poll
+                    self._failing = True
+                    log.error("queue_unavailable", error=exc.reason)
+                await asyncio.sleep(self.poll_interval)
+            except Exception as exc:
+                INTERNAL_ERRORS.labels(where="retry_worker").inc()
+                log.error("retry_worker_internal_error", exc_info=exc)
+                await asyncio.sleep(self.poll_interval)
+
+    async def _tick(self) -> None:
+        wakeup = self.owner.wakeup
+        wakeup.clear()  # anything set from here on wakes the wait below
+        owner, now, with_room = self.owner, time.time(), []
+        for account in self.accounts:
+            free = self.concurrency - len(self._running[account])
+            if free <= 0:
+                continue
+            if owner.health.needs_probe(account, self.probe_interval):
+                await self.store.wake(account, now, limit=1)
+            claimed = await self.store.claim(owner.owner, account, now, free, owner.settings.lease_seconds)
+            for item in claimed:
+                task = owner.start_claimed(item)
+                self._running[account].add(task)
+                task.add_done_callback(functools.partial(self._finished, account))
+            if len(claimed) < free:
+                with_room.append(account)
+        timeout = self.poll_interval
+        if with_room:
+            due = await self.store.next_due(with_room)
+            if due is not None:
+                timeout = min(timeout, max(due - time.time(), 0.0))
+            if timeout <= 0:
+                return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wakeup.wait(), timeout)
+
+    def _finished(self, account: str, task: asyncio.Task[None]) -> None:
+        self._running[account].discard(task)
+        self.owner.wakeup.set()
+
+    async def _expire_dead_local_owners(self) -> None:
+        """Leases of processes of this host that are gone (killed, crashed) end now, not after lease_seconds:
+        a restarted gateway resumes its predecessor's messages at once. Another host's owners are left to
+        their leases: there is no way to see their processes from here."""
+        host = _split_owner(self.owner.owner)[0]
+        dead = []
+        for other in await self.store.owners():
+            other_host, other_pid, _ = _split_owner(other)
+            if other == self.owner.owner or other_host != host or other_pid is None:
+                continue
+            # Our own pid with another nonce is an earlier incarnation (containers: always pid 1).
+            if other_pid == os.getpid() or not _alive(other_pid):
+                dead.append(other)
+        if dead:
+            count = await self.store.expire_owners(dead, time.time())
+            log.warning("queue_dead_owners_expired", owners=dead, messages=count)
+
+
+def _split_owner(owner: str) -> tuple[str, int | None, str]:
+    rest, _, nonce = owner.rpartition(":")
+    host, _, pid = rest.rpartition(":")
+    return host, int(pid) if pid.isdigit() else None, nonce
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,78 @@
+"""An httpx transport over aiohttp's client, mapping each failure to the httpx class that says when it
+happened: before the request was sent (ConnectError, ConnectTimeout) or after (ReadTimeout, ReadError,
+RemoteProtocolError). The httpx-aiohttp package maps a server disconnect to ConnectTimeout, which would
+make a possibly delivered call look safe to resend (issue #9)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+import httpx
+
+# Request bodies are streamed in slices of this size: no multi-megabyte single write, and no copy.
+_SLICE = 256 * 1024
+
+
+async def _slices(body: bytes) -> AsyncIterator[bytes]:
+    view = memoryview(body)
+    for start in range(0, len(view), _SLICE):
+        yield bytes(view[start : start + _SLICE])
+
+
+class AiohttpTransport(httpx.AsyncBaseTransport):
+    """One pooled keep-alive aiohttp session; created on first use, inside the running event loop."""
+
+    def __init__(self, max_connections: int, keepalive_expiry: float = 15.0) -> None:
+        self._limit = max_connections
+        self._keepalive = keepalive_expiry
+        self._session: aiohttp.ClientSession | None = None
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=self._limit, keepalive_timeout=self._keepalive)
+            self._session = aiohttp.ClientSession(
+                connector=connector, auto_decompress=True, trust_env=False, skip_auto_headers=("User-Agent",)
+            )
+        return self._session
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        timeouts = request.extensions.get("timeout", {})
+        timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=timeouts.get("pool"),  # waiting for a pooled connection, then connecting
+            sock_connect=timeouts.get("connect"),
+            sock_read=timeouts.get("read"),
+        )
+        body = request.content
+        data = _slices(body) if len(body) > _SLICE else (body or None)
+        headers = dict(request.headers)
+        try:
+            async with self._get_session().request(
+                request.method, str(request.url), headers=headers, data=data, timeout=timeout,
+                allow_redirects=False,
+            ) as response:
+                content = await response.read()
+                return httpx.Response(
+                    response.status,
+                    headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.raw_headers],
+                    content=content,
+                    request=request,
+                )
+        except aiohttp.ConnectionTimeoutError as exc:  # connect / pool timeout: nothing was sent
+            raise httpx.ConnectTimeout(str(exc) or "connect timeout", request=request) from exc
+        except aiohttp.ClientConnectorError as exc:  # refused, unreachable, DNS, TLS handshake
+            raise httpx.ConnectError(str(exc), request=request) from exc
+        except aiohttp.SocketTimeoutError as exc:  # sent; no answer within the read timeout
+            raise httpx.ReadTimeout(str(exc) or "read timeout", request=request) from exc
+        except aiohttp.ServerDisconnectedError as exc:  # sent; the server closed without answering
+            raise httpx.RemoteProtocolError(str(exc) or "server disconnected", request=request) from exc
+        except aiohttp.ClientResponseError as exc:  # sent; the answer was not valid HTTP
+            raise httpx.RemoteProtocolError(str(exc), request=request) from exc
+        except (aiohttp.ClientPayloadError, aiohttp.ClientOSError) as exc:  # reset while sending or reading
+            raise httpx.ReadError(str(exc) or type(exc).__name__, request=request) from exc
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

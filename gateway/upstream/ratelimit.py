@@ -1,0 +1,82 @@
+"""Rate limits for upstream calls: a token bucket per account, shared by sessions and the retry worker.
+
+GCRA (the "virtual scheduling" form of a token bucket): each call reserves the next free slot, so
+concurrent callers are served in order without a lock, and a caller that would wait longer than it can
+afford gets RateLimited without taking a slot. A 429 pauses the bucket for the upstream's Retry-After and
+halves its rate; the rate recovers linearly over `recovery` seconds (additive increase).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from gateway.errors import RateLimited
+from gateway.observability import RATE_LIMIT_WAIT
+
+
+class RateLimiter(Protocol):
+    async def acquire(self, max_wait: float | None = None) -> None:
+        """Wait for a slot; raise RateLimited if that would take longer than `max_wait` seconds."""
+        ...
+
+    def penalize(self, retry_after: float | None) -> None:
+        """The upstream answered 429: pause for `retry_after` (or a second) and slow down."""
+        ...
+
+
+class Unlimited:
+    async def acquire(self, max_wait: float | None = None) -> None:
+        return None
+
+    def penalize(self, retry_after: float | None) -> None:
+        return None
+
+
+class TokenBucket:
+    def __init__(
+        self, rate: float, burst: int, *, account: str = "", recovery: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._clock = clock
+        self._tat = clock()  # theoretical arrival time of the next call
+        self._slow_since: float | None = None
+        self._slow_factor = 1.0
+        self._recovery = recovery
+        self._wait_metric = RATE_LIMIT_WAIT.labels(account=account)
+
+    def _interval(self, now: float) -> float:
+        factor = self._slow_factor
+        if self._slow_since is not None:
+            # Back from the halved rate to the full rate, linearly over `recovery` seconds.
+            progress = min(1.0, (now - self._slow_since) / self._recovery)
+            factor = self._slow_factor + (1.0 - self._slow_factor) * progress
+            if progress >= 1.0:
+                self._slow_since, self._slow_factor = None, 1.0
+        return 1.0 / (self.rate * factor)
+
+    def reserve(self, max_wait: float | None = None) -> float:
+        """Take the next slot; returns the seconds to wait for it. Raises RateLimited past `max_wait`."""
+        now = self._clock()
+        interval = self._interval(now)
+        tat = max(self._tat, now)
+        wait = max(0.0, tat - (self.burst - 1) * interval - now)
+        if max_wait is not None and wait > max_wait:
+            raise RateLimited(f"rate limit: next slot in {wait:.2f}s", retry_after=wait)
+        self._tat = tat + interval
+        return wait
+
+    async def acquire(self, max_wait: float | None = None) -> None:
+        wait = self.reserve(max_wait)
+        self._wait_metric.observe(wait)
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+    def penalize(self, retry_after: float | None) -> None:
+        now = self._clock()
+        self._tat = max(self._tat, now + (retry_after if retry_after is not None else 1.0))
+        self._slow_since, self._slow_factor = now, 0.5

@@ -1,0 +1,276 @@
+"""The QueueStore contract, run against every backend: claims, leases, fencing, reaping, settling,
+operator actions, idempotency keys and schema migrations (SQLite here; PostgreSQL joins the same suite)."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from gateway.delivery import transition
+from gateway.delivery.outcome import Outcome
+from gateway.errors import UpstreamRejected, UpstreamUnavailable
+from gateway.queue import codec
+from gateway.queue.sqlite import SqliteQueue
+from gateway.queue.sqlite_schema import LATEST, V1
+from gateway.queue.store import QueueStore
+from tests.queue_contract import PLAN, POLICY, new, submission
+
+Factory = Callable[[], QueueStore]
+
+
+@pytest.fixture(params=["sqlite"])
+async def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Factory]:
+    """Opens stores on one shared backend: several stores are several instances on one queue."""
+    opened: list[QueueStore] = []
+
+    def factory() -> QueueStore:
+        store = SqliteQueue(tmp_path / "queue.sqlite3")
+        opened.append(store)
+        return store
+
+    yield factory
+    for store in opened:
+        await store.close()
+
+
+@pytest.fixture
+async def store(make_store: Factory) -> QueueStore:
+    s = make_store()
+    await s.open()
+    return s
+
+
+def test_codec_round_trip() -> None:
+    s = submission()
+    assert codec.decode(codec.encode(s)) == s
+
+
+def test_codec_refuses_corrupt_records() -> None:
+    with pytest.raises(codec.CodecError):
+        codec.decode(b'{"v": 2}')
+    with pytest.raises(codec.CodecError):
+        codec.decode(b'{"v": 99}')
+    with pytest.raises(codec.CodecError):
+        codec.decode(b"not json")
+
+
+async def test_claim_leases_once_and_delivered_calls_are_never_claimed_again(store: QueueStore) -> None:
+    now = time.time()
+    await store.insert(new("M1", now))
+    [claimed] = await store.claim("A", "acme", now, 10, lease=30)
+    assert claimed.id == "M1" and not claimed.reaped
+    assert await store.claim("B", "acme", now, 10, lease=30) == []  # leased: not claimed twice
+    outcome = Outcome(delivered={"0": "E1"}, deferred={"1": UpstreamUnavailable("500")})
+    decision = transition.decide(claimed.before, outcome, POLICY, now)
+    assert decision.verdict == "queued"
+    assert await store.settle("M1", claimed.token, decision, now)
+    row = await store.show("M1")
+    assert row is not None and row["attempts"] == 2 and row["owner"] is None
+    assert row["next_attempt"] == pytest.approx(now + 20.0)  # the schedule's second entry
+    assert await store.claim("A", "acme", now + 19, 10, lease=30) == []
+    [again] = await store.claim("A", "acme", now + 21, 10, lease=30)
+    assert {k: (c.state, c.upstream_id) for k, c in again.before.calls.items()} == {
+        "0": ("done", "E1"), "1": ("pending", None)}
+    assert again.token != claimed.token
+    done = transition.decide(again.before, Outcome(delivered={"1": "E1"}), POLICY, now)
+    assert await store.settle("M1", again.token, done, now)
+    assert await store.show("M1") is None
+
+
+async def test_a_stale_token_changes_nothing(store: QueueStore) -> None:
+    now = time.time()
+    await store.insert(new("M2", now))
+    [first] = await store.claim("A", "acme", now, 1, lease=5)
+    # A's lease expires; B reaps the message, which gets a new token.
+    [second] = await store.claim("B", "acme", now + 6, 1, lease=30)
+    assert second.reaped and second.token != first.token
+    late = transition.decide(first.before, Outcome(delivered={"0": "X", "1": "X"}), POLICY, now)
+    assert not await store.settle("M2", first.token, late, now)  # fenced
+    assert not await store.mark_sending("M2", first.token, ["0"])
+    assert not await store.release("M2", first.token, now)
+    row = await store.show("M2")
+    assert row is not None and row["state"] == "inflight" and row["owner"] == "B"
+
+
+async def test_a_lease_expired_mid_call_leaves_the_sent_calls_ambiguous(store: QueueStore) -> None:
+    now = time.time()
+    await store.insert(new("M3", now))
+    [claimed] = await store.claim("A", "acme", now, 1, lease=5)
+    assert await store.mark_sending("M3", claimed.token, ["0"])  # call 0 went out; 1 never did
+    [reaped] = await store.claim("B", "acme", now + 6, 1, lease=30)
+    assert reaped.reaped
+    before, lost = transition.resume(reaped.before)
+    assert lost == ["0"]
+    assert before.calls["0"].state == "pending" and before.calls["0"].lost == 1
+    assert before.calls["1"].state == "pending" and before.calls["1"].lost == 0
+
+
+async def test_renew_keeps_a_lease_and_expire_owners_ends_it(store: QueueStore) -> None:
+    now = time.time()
+    await store.insert(new("M4", now))
+    await store.claim("A", "acme", now, 1, lease=5)
+    assert await store.renew("A", now + 60) == 1
+    assert await store.claim("B", "acme", now + 30, 1, lease=5) == []
+    assert await store.owners() == ["A"]
+    assert await store.expire_owners(["A"], now + 30) == 1
+    [reaped] = await store.claim("B", "acme", now + 30, 1, lease=5)
+    assert reaped.reaped
+
+
+async def test_inflight_insert_is_owned_and_due_when_its_lease_expires(store: QueueStore) -> None:
+    now = time.time()
+    calls = {k: replace(c, state="sending") for k, c in transition.fresh(PLAN, now, POLICY).calls.items()}
+    token = await store.insert(new("M5", now, calls=calls, owner="A"))
+    assert await store.claim("B", "acme", now + 1, 5, lease=5) == []
+    assert await store.next_due(["acme"]) == pytest.approx(now + 30)
+    [reaped] = await store.claim("B", "acme", now + 31, 5, lease=5)
+    assert reaped.reaped and reaped.token != token
+
+
+async def test_release_makes_a_claimed_message_due_again(store: QueueStore) -> None:
+    now = time.time()
+    await store.insert(new("M6", now))
+    [claimed] = await store.claim("A", "acme", now, 1, lease=30)
+    assert await store.release("M6", claimed.token, now)
+    [again] = await store.claim("B", "acme", now, 1, lease=30)
+    assert not again.reaped
+
+
+async def test_refused_calls_and_expiry_become_dead_letters_and_requeue(store: QueueStore) -> None:
+    now = time.time()
+    await store.insert(new("M7", now))
+    [claimed] = await store.claim("A", "acme", now, 1, lease=30)
+    decision = transition.decide(
+        claimed.before, Outcome(delivered={"0": "E"}, rejected={"1": UpstreamRejected("invalid email")}), POLICY, now)
+    assert decision.verdict == "dead"
+    assert await store.settle("M7", claimed.token, decision, now)
+    dead = await store.show("M7")
+    assert dead is not None and dead["state"] == "dead" and "invalid email" in dead["dead_reason"]
+    await store.insert(new("M8", now))
+    [claimed] = await store.claim("A", "acme", now, 1, lease=30)
+    expired = transition.decide(claimed.before, Outcome(deferred={"0": UpstreamUnavailable("DMDS answered 500")},
+                                                        skipped={"1"}), POLICY, now + 101)
+    assert await store.settle("M8", claimed.token, expired, now + 101)
+    row = await store.show("M8")
+    assert row is not None and row["dead_reason"].startswith("expired") and "500" in row["dead_reason"]
+    assert [r["id"] for r in await store.list(["dead"])] == ["M7", "M8"]
+    assert await store.requeue("M7", now, 100)
+    row = await store.show("M7")
+    assert row is not None and [c["state"] for c in row["calls"]] == ["done", "pending"]
+    assert not await store.requeue("M7", now, 100)  # not a dead letter any more
+
+
+async def test_operator_actions(store: QueueStore) -> None:
+    now = time.time()
+    await store.insert(new("M9", now + 500))
+    assert await store.claim("A", "acme", now, 1, lease=30) == []
+    assert await store.retry_now("M9", now)
+    [claimed] = await store.claim("A", "acme", now, 1, lease=30)
+    assert not await store.delete("M9")  # its call is running
+    assert not await store.retry_now("M9", now)
+    assert await store.release("M9", claimed.token, now)
+    assert await store.delete("M9")
+    assert await store.show("M9") is None
+    assert await store.submission("M9") is None
+
+
+async def test_counts_list_and_show(store: QueueStore) -> None:
+    now = time.time()
+    await store.insert(new("Q1", now - 60))
+    await store.insert(new("D1", now - 120, verdict="dead"))
+    counts = await store.counts(now)
+    assert counts["queued"]["count"] == 1 and counts["dead"]["count"] == 1
+    assert counts["dead"]["oldest_age"] == pytest.approx(120, abs=1)
+    [row] = await store.list(["queued", "inflight"])
+    assert (row["id"], row["open_calls"], row["calls"]) == ("Q1", 2, 2)
+    shown = await store.show("Q1")
+    assert shown is not None and [c["key"] for c in shown["calls"]] == ["0", "1"]
+    assert codec.decode(await store.submission("Q1") or b"") == submission()
+
+
+async def test_wake_makes_an_accounts_backlog_due(store: QueueStore) -> None:
+    now = time.time()
+    for n in range(3):
+        await store.insert(new(f"W{n}", now + 300 + n))
+    await store.insert(new("OTHER", now + 300, account="other"))
+    assert await store.wake("acme", now, limit=1) == 1
+    assert [c.id for c in await store.claim("A", "acme", now, 5, lease=30)] == ["W0"]
+    assert await store.wake("acme", now) == 2
+    assert sorted(c.id for c in await store.claim("A", "acme", now, 5, lease=30)) == ["W1", "W2"]
+    assert await store.claim("A", "other", now, 5, lease=30) == []
+
+
+async def test_two_instances_never_claim_the_same_message(make_store: Factory) -> None:
+    a, b = make_store(), make_store()
+    await a.open()
+    await b.open()
+    now = time.time()
+    for n in range(20):
+        await a.insert(new(f"C{n:02}", now))
+    first = await a.claim("A", "acme", now, 12, lease=30)
+    second = await b.claim("B", "acme", now, 12, lease=30)
+    ids = [c.id for c in first + second]
+    assert len(ids) == 20 and len(set(ids)) == 20
+
+
+async def test_idempotency_keys(make_store: Factory) -> None:
+    a, b = make_store(), make_store()
+    await a.open()
+    await b.open()
+    now = time.time()
+    assert await a.claim_key("acme", "k1", "M1", now, 3600) is None
+    hit = await b.claim_key("acme", "k1", "M2", now, 3600)
+    assert hit is not None and (hit.msg_id, hit.reply_id) == ("M1", None)  # first copy still in progress
+    await a.finish_key("acme", "k1", "M1", "eeid-1")
+    hit = await b.claim_key("acme", "k1", "M3", now + 10, 3600)
+    assert hit is not None and hit.reply_id == "eeid-1"
+    assert await b.claim_key("other", "k1", "M4", now, 3600) is None  # per account
+    assert await b.claim_key("acme", "k1", "M5", now + 3601, 3600) is None  # window over
+    assert await a.claim_key("acme", "k2", "M6", now, 3600) is None
+    await a.finish_key("acme", "k2", "M6", None)  # refused: the key is forgotten
+    assert await b.claim_key("acme", "k2", "M7", now, 3600) is None
+
+
+async def test_migrate_is_idempotent(make_store: Factory) -> None:
+    first = make_store()
+    assert await first.migrate() == (0, LATEST)  # a new queue: every migration ran
+    second = make_store()
+    assert await second.migrate() == (LATEST, LATEST)
+
+
+async def test_a_v1_spool_is_migrated_and_its_messages_resumed(tmp_path: Path) -> None:
+    """A spool written before the provider-neutral queue: legs become calls, its in-flight legs ambiguous."""
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(V1)
+    now = time.time()
+    v1 = (b'{"v":1,"principal":{"account":"acme","login":"scanner","campaign":22,"campaign_from_subject":false,'
+          b'"may_choose_campaign":false,"allowed_senders":[],"default_from":null,"force_from":false},'
+          b'"mail_from":"b@acme.example","rcpt_tos":["a@example.com"],"message":{"subject":"old","from":null,'
+          b'"sender":null,"reply_to":null,"to":[],"cc":[],"html":"<p>x</p>","text":null,"attachments":[],'
+          b'"options":{},"message_id":null},"campaign":22,"legs":[],"archive":false,"batch_eeid":null}')
+    for msg_id, state in (("OLD1", "queued"), ("OLD2", "inflight")):
+        db.execute("INSERT INTO messages (id, account, state, created, expires, next_attempt, attempts, mail_from,"
+                   " subject, size, submission) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                   (msg_id, "acme", state, now, now + 100, now, 1, "b@acme.example", "old", len(v1), v1))
+        db.execute("INSERT INTO legs (msg_id, leg, recipients, state) VALUES (?,0,'a@example.com','pending')",
+                   (msg_id,))
+    db.commit()
+    db.close()
+    store = SqliteQueue(path)
+    try:
+        assert await store.migrate() == (1, LATEST)
+        claimed = {c.id: c for c in await store.claim("A", "acme", now, 5, lease=30)}
+        assert set(claimed) == {"OLD1", "OLD2"} and claimed["OLD2"].reaped
+        assert claimed["OLD1"].before.calls["0"].state == "pending"
+        assert claimed["OLD2"].before.calls["0"].state == "sending"  # it may have reached DMDS
+        sub = codec.decode(claimed["OLD1"].submission)
+        assert sub.params == {"campaign": 22, "archive": False, "batch": None}
+        assert sub.principal.extra["campaign"] == 22
+    finally:
+        await store.close()
