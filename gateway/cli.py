@@ -1,22 +1,60 @@
-"""Command line: serve | quickstart | sandbox | check-config | hash-password (and the operator tools)."""
+"""Command line: serve | quickstart | sandbox | check-config | check-domains | queue | hash-password."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import getpass
 import json
+import os
+import sqlite3
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import structlog
 
-from gateway import __version__
-from gateway.settings import ConfigError, DmdsAccount, Settings, load_settings, masked_dump
+from gateway import __version__, preflight
+from gateway.errors import SpoolUnavailable
+from gateway.settings import CONFIG_ENV, ConfigError, DmdsAccount, Settings, load_settings, masked_dump
+
+# Exit statuses: 1 a problem on this machine (port taken, file unreadable, DNS), 2 the configuration or the
+# command line, 130 interrupted (Ctrl-C), 141 output pipe closed (as a shell reports coreutils killed by SIGPIPE).
+EXIT_PROBLEM, EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 1, 2, 130, 141
+
+
+class Refused(Exception):
+    """The command cannot run; the lines say why and what to do (exit 1)."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__("\n".join(lines))
+        self.lines = lines
 
 
 def _load(args: argparse.Namespace) -> Settings:
     return load_settings(Path(args.config) if args.config else None)
+
+
+def _no_config_file(args: argparse.Namespace) -> bool:
+    return not args.config and not os.environ.get(CONFIG_ENV)
+
+
+def _refuse_on_problems(findings: list[preflight.Finding], args: argparse.Namespace) -> None:
+    for note in (f for f in findings if not f.problem):
+        print(f"smtp-gateway: {note}", file=sys.stderr)
+    problems = [f.text for f in findings if f.problem]
+    if problems and args.command == "serve" and _no_config_file(args):
+        problems.append(f"no config file was given (--config FILE or ${CONFIG_ENV}); to try the gateway "
+                        "without one: smtp-gateway quickstart")
+    if problems:
+        raise Refused(problems)
+
+
+def _spool_failure(settings: Settings, exc: Exception) -> Refused:
+    where = settings.delivery.queue_url or f"delivery.spool_path {settings.delivery.spool_path}"
+    return Refused([f"{where}: {exc} (is it an smtp-gateway queue, readable and writable?)"])
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -24,6 +62,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.app import App, run
 
     settings = _load(args)
+    if args.worker_slot is None:  # a worker's supervisor has checked (and a sibling worker holds the ports)
+        _refuse_on_problems(preflight.files(settings) + preflight.ports(preflight.serve_ports(settings)), args)
     logs.configure(settings.log)
     if args.workers > 1 and args.worker_slot is None:
         from gateway.supervisor import Supervisor
@@ -35,7 +75,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.worker_slot is not None:
         settings = as_worker(settings, args.worker_slot)
         structlog.contextvars.bind_contextvars(worker=args.worker_slot)
-    _run_loop(run(App(settings), drain_timeout=args.drain_timeout))
+    try:
+        _run_loop(run(App(settings), drain_timeout=args.drain_timeout), preflight.serve_ports(settings))
+    except (sqlite3.DatabaseError, SpoolUnavailable) as exc:
+        raise _spool_failure(settings, exc) from None
     return 0
 
 
@@ -52,21 +95,39 @@ def as_worker(settings: Settings, slot: int) -> Settings:
 def cmd_check_config(args: argparse.Namespace) -> int:
     settings = _load(args)
     print(json.dumps(masked_dump(settings), indent=2))
+    findings = preflight.accounts(settings)
+    if not args.config_only:
+        findings += preflight.files(settings)
+        findings += preflight.ports(preflight.serve_ports(settings), running_gateway_is_ok=True)
+        findings += asyncio.run(preflight.dns(settings))
+    for finding in findings:
+        print(f"smtp-gateway: {finding}", file=sys.stderr)
+    problems = sum(f.problem for f in findings)
+    if problems:
+        print(f"smtp-gateway: {problems} problem(s): `serve` would fail or misbehave", file=sys.stderr)
+        return EXIT_PROBLEM
     print("configuration OK", file=sys.stderr)
     return 0
 
 
 def cmd_check_domains(args: argparse.Namespace) -> int:
+    from gateway import logs
     from gateway.dns import DnsResolver
     from gateway.domaincheck import check_domains, format_table, to_json
 
     settings = _load(args)
+    logs.configure(settings.log)  # to stderr: the report is stdout's
     d = settings.dns
     resolver = DnsResolver(d.nameservers or None, d.port, d.timeout, d.max_ttl, d.negative_ttl)
-    pairs = {dom: rp for account in settings.accounts.values() if isinstance(account, DmdsAccount)
-             for dom, rp in account.sender_domains.items()}
+    if args.domains:
+        pairs = {dom.lower(): rp or f"dmds-{dom.split('.')[0]}@nl.{dom}"
+                 for dom, _, rp in (item.partition("=") for item in args.domains)}
+    else:
+        pairs = {dom: rp for account in settings.accounts.values() if isinstance(account, DmdsAccount)
+                 for dom, rp in account.sender_domains.items()}
     if not pairs:
-        print("no sender_domains configured", file=sys.stderr)
+        print("smtp-gateway: no sender_domains configured: add [accounts.<name>.sender_domains] to the config file "
+              "(--config FILE), or name domains: smtp-gateway check-domains DOMAIN[=RETURN_PATH]", file=sys.stderr)
         return 1
     reports = asyncio.run(check_domains(resolver, pairs))
     print(to_json(reports) if args.json else format_table(reports))
@@ -76,16 +137,31 @@ def cmd_check_domains(args: argparse.Namespace) -> int:
 def cmd_queue(args: argparse.Namespace) -> int:
     from gateway.queue import admin
 
-    return admin.main(_load(args), args)
+    settings = _load(args)
+    if args.spool:
+        delivery = settings.delivery.model_copy(update={"spool_path": Path(args.spool), "queue_url": ""})
+        settings = settings.model_copy(update={"delivery": delivery})
+    try:
+        return admin.main(settings, args)
+    except (sqlite3.DatabaseError, SpoolUnavailable) as exc:
+        raise _spool_failure(settings, exc) from None
 
 
 def cmd_hash_password(args: argparse.Namespace) -> int:
     from gateway.passwords import hash_password
 
-    password = sys.stdin.readline().rstrip("\n") if args.stdin else getpass.getpass("Password: ")
+    if args.stdin or not sys.stdin.isatty():
+        # piped in (echo pw | smtp-gateway hash-password): the first line is the password
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        try:
+            password = getpass.getpass("Password: ")
+        except EOFError:  # Ctrl-D at the prompt
+            password = ""
     if not password:
-        print("empty password", file=sys.stderr)
-        return 2
+        print("smtp-gateway: empty password: type one, or pipe it in (printf '%s\\n' PASSWORD | "
+              "smtp-gateway hash-password --stdin)", file=sys.stderr)
+        return EXIT_CONFIG
     print(hash_password(password))
     return 0
 
@@ -99,7 +175,9 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 
     campaigns = {}
     for item in args.campaign or []:
-        numid, _, key = item.partition("=")
+        numid, sep, key = item.partition("=")
+        if not (sep and numid.isdigit() and key):
+            raise ConfigError(f"--campaign {item!r}: expected NUMID=APIKEY, e.g. --campaign 22=campaign-22-apikey")
         campaigns[int(numid)] = key
     state = SandboxState(
         latency=args.latency_ms / 1000.0,
@@ -108,8 +186,10 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     )
     dmds_state = DmdsSandbox(apikey=args.apikey, campaigns=campaigns, sender_domains=set(args.sender_domain or []))
     sandbox = Sandbox(state, [lambda s: dmds(s, dmds_state), lambda s: dengage(s, DengageSandbox())])
-    host, _, port = args.listen.rpartition(":")
-    _run_loop(run_forever(sandbox, host or "127.0.0.1", int(port)))
+    host, port = args.listen
+    wanted = [preflight.Port("sandbox --listen", host, port)]
+    _refuse_on_problems(preflight.ports(wanted), args)
+    _run_loop(run_forever(sandbox, host, port), wanted)
     return 0
 
 
@@ -117,19 +197,47 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     from gateway import logs, quickstart
     from gateway.settings import LogSettings
 
+    wanted = [preflight.Port("quick start SMTP (--port)", "127.0.0.1", args.port),
+              preflight.Port("quick start STARTTLS (--tls-port)", "127.0.0.1", args.tls_port),
+              preflight.Port("quick start sandbox (--sandbox-port)", "127.0.0.1", args.sandbox_port)]
+    findings = preflight.ports(wanted)
+    if findings:
+        raise Refused([*(f.text for f in findings),
+                       "another quick start may be running; or pick free ports: "
+                       "smtp-gateway quickstart --port 2526 --tls-port 2588 --sandbox-port 8026"])
     logs.configure(LogSettings())
-    return quickstart.main(args.workdir, args.sandbox_port, args.port, args.tls_port)
+    try:
+        return quickstart.main(args.workdir, args.sandbox_port, args.port, args.tls_port)
+    except OSError as exc:
+        raise _listen_failure(exc, wanted) from None
 
 
-def _run_loop(coro: object) -> None:
+def _run_loop(coro: Coroutine[Any, Any, None], ports: list[preflight.Port]) -> None:
     try:
         import uvloop
-
-        uvloop.run(coro)  # type: ignore[arg-type]
     except ImportError:
-        asyncio.run(coro)  # type: ignore[arg-type]
-    except KeyboardInterrupt:
-        pass
+        runner: Any = asyncio.run
+    else:
+        runner = uvloop.run
+    try:
+        runner(coro)
+    except OSError as exc:
+        # a port taken between the check and the bind, or another listen failure
+        raise _listen_failure(exc, ports) from None
+
+
+def _listen_failure(exc: OSError, ports: list[preflight.Port]) -> Exception:
+    if exc.errno not in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+        return exc  # not a listen failure: let it surface
+    findings = preflight.ports(ports)
+    return Refused([f.text for f in findings] or [f"cannot listen: {exc.strerror or exc}"])
+
+
+def _listen_address(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:8025)")
+    return host.strip("[]") or "127.0.0.1", int(port)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,45 +256,72 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker-slot", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_serve)
 
-    p = with_config(sub.add_parser("check-config", help="validate the configuration and print it, secrets masked"))
+    p = with_config(sub.add_parser(
+        "check-config", help="validate the configuration, print it (secrets masked) and check what serve needs"))
+    p.add_argument("--config-only", action="store_true",
+                   help="validate the configuration alone, not this machine (files, ports, DNS): for a config "
+                        "meant for another machine")
     p.set_defaults(func=cmd_check_config)
 
     p = with_config(sub.add_parser("check-domains", help="DNS report on every permitted sender domain"))
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("domains", nargs="*", metavar="DOMAIN[=RETURN_PATH]",
+                   help="check these instead of the configured sender domains")
     p.set_defaults(func=cmd_check_domains)
 
     from gateway.queue import admin
 
     admin.add_parser(sub, with_config)
-    sub.choices["queue"].set_defaults(func=cmd_queue)
+    queue = sub.choices["queue"]
+    queue.add_argument("--spool", metavar="FILE",
+                       help="the SQLite queue file (default: delivery.spool_path; the quick start's is "
+                            "var/quickstart/spool.sqlite3)")
+    queue.set_defaults(func=cmd_queue)
 
     p = sub.add_parser("hash-password", help="hash a password for [[accounts.X.users]] password_hash")
-    p.add_argument("--stdin", action="store_true", help="read the password from standard input")
+    p.add_argument("--stdin", action="store_true",
+                   help="read the password from standard input (the default when it is not a terminal)")
     p.set_defaults(func=cmd_hash_password)
 
     p = sub.add_parser("sandbox", help="run the DMDS-compatible sandbox upstream")
-    p.add_argument("--listen", default="127.0.0.1:8025")
+    p.add_argument("--listen", default="127.0.0.1:8025", type=_listen_address, metavar="HOST:PORT")
     p.add_argument("--apikey", default="sandbox-account-apikey")
     p.add_argument("--campaign", action="append", metavar="NUMID=APIKEY", help="an API campaign (repeatable)")
     p.add_argument("--sender-domain", action="append", help="permitted sender domain (repeatable; default any)")
     p.add_argument("--latency-ms", type=float, default=0.0, help="delay added to every API call")
     p.add_argument("--record", help="append every request as JSON lines to this file")
     p.add_argument("--quiet", action="store_true", help="do not print requests")
-    p.set_defaults(func=cmd_sandbox)
+    p.set_defaults(func=cmd_sandbox, config=None)
 
     p = sub.add_parser("quickstart", help="gateway + sandbox upstream in one process, for trying it out")
     p.add_argument("--workdir", default="var/quickstart")
     p.add_argument("--port", type=int, default=2525)
     p.add_argument("--tls-port", type=int, default=2587)
     p.add_argument("--sandbox-port", type=int, default=8025)
-    p.set_defaults(func=cmd_quickstart)
+    p.set_defaults(func=cmd_quickstart, config=None)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command. Whatever an operator can get wrong ends in a line or two on stderr, never a traceback."""
     try:
-        return int(args.func(args))
+        args = build_parser().parse_args(argv)
+        status = int(args.func(args))
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return status
     except ConfigError as exc:
         print(f"smtp-gateway: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
+    except Refused as exc:
+        for line in exc.lines:
+            print(f"smtp-gateway: {line}", file=sys.stderr)
+        return EXIT_PROBLEM
+    except KeyboardInterrupt:
+        print(file=sys.stderr)  # end the line the ^C was echoed on
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # `smtp-gateway queue list --json | head`: the reader has gone, as with coreutils stop quietly.
+        # Point stdout at /dev/null so the interpreter's final flush does not complain either.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE

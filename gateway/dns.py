@@ -16,15 +16,36 @@ import dns.rdatatype
 import dns.rdtypes.ANY.MX
 import dns.rdtypes.ANY.TXT
 import dns.resolver
+import structlog
 
-__all__ = ["DnsResolver", "DnsTemporaryError"]
+__all__ = ["DnsResolver", "DnsResolverBroken", "DnsTemporaryError"]
+
+log = structlog.get_logger("gateway.dns")
 
 # EDNS0 with the DNS-flag-day buffer size: large TXT (SPF) answers fit without a TCP retry.
 _EDNS_PAYLOAD = 1232
+# How long the verdict of a resolver check stands (a failing resolver is not re-checked on every lookup).
+_VERDICT_TTL = 10.0
+# A broken resolver is logged at error level at most this often, however many lookups fail meanwhile.
+_LOG_INTERVAL = 60.0
 
 
 class DnsTemporaryError(Exception):
     """A lookup could not be answered now (timeout, SERVFAIL, no server replied): answer 451 4.4.3."""
+
+
+class DnsResolverBroken(DnsTemporaryError):
+    """The resolver itself is not working, not just one domain's DNS: a lookup failed (or was denied without
+    proof) and so did the check of the name's top-level domain, which any working resolver answers.
+
+    Typical causes: no DNS server reachable, a server that refuses or SERVFAILs everything, a resolver that
+    answers NXDOMAIN for every name (a filtering or captive network), no nameserver in /etc/resolv.conf.
+    """
+
+    def __init__(self, name: str, lookup: str, reason: str) -> None:
+        super().__init__(f"DNS resolver not answering (looking up {name} {lookup}: {reason})")
+        self.name = name
+        self.reason = reason
 
 
 Status = Literal["ok", "nxdomain", "nodata"]
@@ -60,11 +81,17 @@ class DnsResolver:
         max_entries: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        # Why the resolver cannot work at all (no nameserver configured), else None.
+        self._unconfigured: str | None = None
         if nameservers:
             resolver = dns.asyncresolver.Resolver(configure=False)
             resolver.nameservers = list(nameservers)
         else:
-            resolver = dns.asyncresolver.Resolver()  # system resolv.conf
+            try:
+                resolver = dns.asyncresolver.Resolver()  # system resolv.conf
+            except dns.resolver.NoResolverConfiguration as exc:
+                resolver = dns.asyncresolver.Resolver(configure=False)
+                self._unconfigured = f"no nameserver in /etc/resolv.conf ({exc}) and dns.nameservers is empty"
         resolver.port = port
         resolver.timeout = timeout  # per attempt
         resolver.lifetime = timeout  # whole lookup, all attempts and servers
@@ -76,6 +103,12 @@ class DnsResolver:
         self._clock = clock
         self._cache: dict[_Key, tuple[float, _Result]] = {}
         self._inflight: dict[_Key, asyncio.Task[_Result]] = {}
+        # resolver checks: probe zone -> (expires, why it failed or None), shared while in flight
+        self._verdicts: dict[str, tuple[float, str | None]] = {}
+        self._probing: dict[str, asyncio.Task[str | None]] = {}
+        self._broken_since_log = 0  # broken-resolver lookups not yet logged
+        self._last_broken_log: float | None = None
+        self._broken = False
 
     # ---- public lookups -------------------------------------------------------------------
 
@@ -117,6 +150,13 @@ class DnsResolver:
         )
         return [r.to_text() for r in (*a.records, *aaaa.records)]
 
+    async def check(self, domain: str | None = None) -> str | None:
+        """Why the resolver is not working (None if it is), judged by the top-level domain of ``domain``
+        (the root without one): a working resolver answers that, whatever becomes of the domain itself."""
+        if self._unconfigured is not None:
+            return self._unconfigured
+        return await self._verdict(_probe_zone(domain.strip().rstrip(".").lower() if domain else ""))
+
     # ---- cache and in-flight sharing -----------------------------------------------------
 
     async def _lookup(self, domain: str, rdtype: dns.rdatatype.RdataType) -> _Result:
@@ -149,19 +189,29 @@ class DnsResolver:
             qname = dns.name.from_text(name)
         except dns.exception.DNSException:
             return _Result("nxdomain")  # not a valid domain name: it cannot exist (not cached)
+        if self._unconfigured is not None:
+            self._note_broken(self._unconfigured)
+            raise DnsResolverBroken(name, _type(rdtype), self._unconfigured)
         try:
             answer = await self._resolver.resolve(qname, rdtype, search=False)
-        except dns.resolver.NXDOMAIN:
+        except dns.resolver.NXDOMAIN as exc:
+            if not _vouched(exc):
+                # RFC 2308 §3: a real NXDOMAIN carries the SOA of the zone that vouches for it. Without one
+                # it may come from a resolver that denies every name: believe it only if DNS works.
+                await self._confirm_resolver(name, rdtype, "NXDOMAIN without SOA")
             return self._store(key, _Result("nxdomain"), self._negative_ttl)
         except dns.resolver.NoAnswer:
             return self._store(key, _Result("nodata"), self._negative_ttl)
         except dns.exception.Timeout as exc:
+            await self._confirm_resolver(name, rdtype, "timeout")
             raise DnsTemporaryError(f"DNS timeout looking up {name} {_type(rdtype)}") from exc
         except dns.resolver.NoNameservers as exc:
+            await self._confirm_resolver(name, rdtype, "SERVFAIL or refused")
             raise DnsTemporaryError(
                 f"no DNS server answered for {name} {_type(rdtype)} (SERVFAIL or refused)"
             ) from exc
         except dns.exception.DNSException as exc:
+            await self._confirm_resolver(name, rdtype, type(exc).__name__)
             raise DnsTemporaryError(f"DNS lookup of {name} {_type(rdtype)} failed: {exc}") from exc
         records = tuple(answer.rrset) if answer.rrset is not None else ()
         if not records:
@@ -181,6 +231,78 @@ class DnsResolver:
                 del self._cache[next(iter(self._cache))]  # oldest insertion first
         self._cache[key] = (self._clock() + ttl, result)
         return result
+
+    # ---- is it the domain or the resolver? --------------------------------------------------
+
+    async def _confirm_resolver(self, name: str, rdtype: dns.rdatatype.RdataType, failure: str) -> None:
+        """After a failed lookup of ``name``: raise DnsResolverBroken if the resolver itself is not working."""
+        why = await self._verdict(_probe_zone(name))
+        if why is not None:
+            self._note_broken(f"{name} {_type(rdtype)}: {failure}; {why}")
+            raise DnsResolverBroken(name, _type(rdtype), f"{failure}; {why}") from None
+
+    async def _verdict(self, zone: str) -> str | None:
+        cached = self._verdicts.get(zone)
+        if cached is not None and cached[0] > self._clock():
+            return cached[1]
+        task = self._probing.get(zone)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._probe(zone))
+            self._probing[zone] = task
+            task.add_done_callback(lambda t: self._probed(zone, t))
+        return await asyncio.shield(task)
+
+    def _probed(self, zone: str, task: asyncio.Task[str | None]) -> None:
+        if self._probing.get(zone) is task:
+            del self._probing[zone]
+        if not task.cancelled() and task.exception() is None:
+            self._verdicts[zone] = (self._clock() + _VERDICT_TTL, task.result())
+
+    async def _probe(self, zone: str) -> str | None:
+        """Ask for the SOA of a top-level domain (or the root): None if the resolver answered it credibly."""
+        what = f"check of {zone} SOA"
+        try:
+            await self._resolver.resolve(dns.name.from_text(zone), dns.rdatatype.SOA, search=False)
+        except dns.resolver.NoAnswer:
+            pass  # NOERROR: the resolver works
+        except dns.resolver.NXDOMAIN as exc:
+            if not _vouched(exc):
+                return f"{what}: NXDOMAIN without SOA"
+        except dns.exception.Timeout:
+            return f"{what}: timeout"
+        except dns.resolver.NoNameservers:
+            return f"{what}: SERVFAIL or refused"
+        except dns.exception.DNSException as exc:
+            return f"{what}: {type(exc).__name__}"
+        if self._broken:  # only a passed check ends it: one name resolving proves little
+            self._broken = False
+            log.info("dns_resolver_recovered", check=f"{zone} SOA")
+        return None
+
+    def _note_broken(self, reason: str) -> None:
+        """Log a broken resolver at error level, at most once a minute (counting the lookups in between)."""
+        self._broken = True
+        self._broken_since_log += 1
+        now = self._clock()
+        if self._last_broken_log is None or now - self._last_broken_log >= _LOG_INTERVAL:
+            log.error("dns_resolver_broken", nameservers=[str(ns) for ns in self._resolver.nameservers],
+                      port=self._resolver.port, reason=reason, failed_lookups=self._broken_since_log)
+            self._last_broken_log = now
+            self._broken_since_log = 0
+
+
+def _probe_zone(name: str) -> str:
+    """The top-level domain of ``name`` as an absolute name (``example.com`` -> ``com.``); the root for none."""
+    tld = name.rpartition(".")[2]
+    return f"{tld}." if tld else "."
+
+
+def _vouched(exc: dns.resolver.NXDOMAIN) -> bool:
+    """Whether an NXDOMAIN came with the SOA of the zone that denies the name."""
+    return any(
+        rrset.rdtype == dns.rdatatype.SOA for response in exc.responses().values()  # type: ignore[no-untyped-call]
+        for rrset in response.authority
+    )
 
 
 def _type(rdtype: dns.rdatatype.RdataType) -> str:

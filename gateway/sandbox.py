@@ -79,7 +79,8 @@ class SandboxState:
 class Sandbox:
     """The aiohttp application: shared routes here, each provider's routes installed by its package."""
 
-    def __init__(self, state: SandboxState, providers: list[Callable[[Sandbox], None]] | None = None) -> None:
+    def __init__(self, state: SandboxState, providers: list[Callable[[Sandbox], None]]) -> None:
+        """`providers`: each adds its routes (gateway/providers/*/sandbox.py `install`)."""
         self.state = state
         self.app = web.Application(client_max_size=128 * 1024 * 1024)
         self.redactors: list[Redactor] = []
@@ -88,13 +89,6 @@ class Sandbox:
         self.app.router.add_post("/_sandbox/faults", self.add_fault)
         self.app.router.add_delete("/_sandbox/faults", self.clear_faults)
         self.app.router.add_get("/_sandbox/health", self.health)
-        if providers is None:
-            from gateway.providers.dengage.sandbox import DengageSandbox
-            from gateway.providers.dengage.sandbox import install as dengage
-            from gateway.providers.dmds.sandbox import DmdsSandbox
-            from gateway.providers.dmds.sandbox import install as dmds
-
-            providers = [lambda s: dmds(s, DmdsSandbox()), lambda s: dengage(s, DengageSandbox())]
         for install in providers:
             install(self)
         self._runner: web.AppRunner | None = None

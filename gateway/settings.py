@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
+import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -12,9 +14,11 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
+from gateway import configkeys
 from gateway.config_base import Section, UserSettings, secret_or_file
 from gateway.providers.dengage.config import DengageAccount, DengageUser
 from gateway.providers.dmds.config import DmdsAccount, DmdsUser
@@ -23,6 +27,11 @@ __all__ = ["AccountSettings", "DengageAccount", "DengageUser", "DmdsAccount", "D
 
 ENV_PREFIX = "GATEWAY_"
 CONFIG_ENV = "GATEWAY_CONFIG"
+# GATEWAY_* names that other software sets and that are no settings: CGI's GATEWAY_INTERFACE, and the
+# variables Kubernetes injects for a Service named "gateway" (GATEWAY_SERVICE_HOST, GATEWAY_PORT_587_TCP, ...).
+FOREIGN_ENV = re.compile(
+    r"GATEWAY_(CONFIG|INTERFACE|SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\d+_(TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?)?)"
+)
 
 
 _Section = Section
@@ -230,11 +239,11 @@ class Settings(BaseSettings):
     log: LogSettings = LogSettings()
     http: HttpSettings = HttpSettings()
 
+    # A TLS listener without tls.cert_file/key_file is not refused here: commands that serve no SMTP (queue,
+    # check-domains) work without a certificate; `serve` and `check-config` say what is missing
+    # (gateway/preflight.py).
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
-        needs_cert = any(listener.tls != "none" for listener in self.listeners)
-        if needs_cert and not (self.tls.cert_file and self.tls.key_file):
-            raise ValueError("tls.cert_file and tls.key_file are required by a starttls/implicit listener")
         logins = {u.username for a in self.accounts.values() for u in a.users}
         for listener in self.listeners:
             for _, login in listener.trusted_map:
@@ -259,12 +268,26 @@ class ConfigError(Exception):
     """A configuration problem, naming the offending key."""
 
 
+def config_keys() -> configkeys.Node:
+    """Every key the configuration has, derived from the models (nothing listed by hand)."""
+    return configkeys.tree(Settings)
+
+
 def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
-    """Build Settings from the TOML file (or $GATEWAY_CONFIG), the environment and overrides."""
+    """Build Settings from the TOML file (or $GATEWAY_CONFIG), the environment and overrides.
+
+    Raises ConfigError, whose text names the problem and the fix: a missing or unreadable file, a TOML
+    syntax error (file:line:column), a GATEWAY_* variable that sets nothing (with the nearest valid name),
+    an invalid or unknown key.
+    """
     if path is None and os.environ.get(CONFIG_ENV):
         path = Path(os.environ[CONFIG_ENV])
     if path is not None and not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        what = "is a directory" if path.is_dir() else "not found"
+        raise ConfigError(f"config file {what}: {path} (give a TOML file with --config FILE or ${CONFIG_ENV})")
+    unknown = configkeys.unknown_env(os.environ, config_keys(), ENV_PREFIX, "__", FOREIGN_ENV)
+    if unknown:
+        raise ConfigError("\n".join(unknown))
 
     class _FileSettings(Settings):
         model_config = SettingsConfigDict(toml_file=path)
@@ -273,16 +296,35 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
         return _FileSettings(**overrides)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(_toml_error(path, exc)) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}): save the file as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except SettingsError as exc:
+        # pydantic-settings' words, e.g. 'error parsing value for field "listeners" from source "EnvSettingsSource"'
+        raise ConfigError(f"{exc}: a list or table set in the environment must be JSON") from None
+
+
+def _toml_error(path: Path | None, exc: tomllib.TOMLDecodeError) -> str:
+    # Python 3.11's message ends "(at line L, column C)"; lineno/colno attributes came only in 3.14.
+    m = re.fullmatch(r"(?s)(.*) \(at line (\d+), column (\d+)\)", str(exc))
+    if m is None:
+        return f"{path}: TOML syntax error: {exc}"
+    return f"{path}:{m[2]}:{m[3]}: TOML syntax error: {m[1]}"
 
 
 def format_validation_error(exc: ValidationError) -> str:
+    keys = config_keys()
     lines = []
     for err in exc.errors(include_input=False, include_url=False):
-        loc = list(err["loc"])
-        if len(loc) > 2 and loc[0] == "accounts" and loc[2] in PROVIDERS:
-            del loc[2]  # the union's tag: accounts.acme.users..., not accounts.acme.dmds.users...
-        key = ".".join(str(p) for p in loc) or "(top level)"
-        lines.append(f"{key}: {err['msg']}")
+        key, parent = configkeys.display_key(keys, err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden" and err["loc"]:
+            near = configkeys.suggest_key(parent, str(err["loc"][-1]))
+            msg = "unknown key" + (f"; did you mean {near}?" if near else "")
+        lines.append(f"{key or '(top level)'}: {msg}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 

@@ -6,6 +6,7 @@ Zones are plain data::
         zones={"test": {"dom1.test": [("MX", 300, "10 mx.dom1.test."), ("TXT", 300, '"v=spf1 -all"')]}},
         servfail={"broken.test"},    # answered SERVFAIL (the name and everything under it)
         blackhole={"slow.test"},     # never answered (the name and everything under it)
+        bogus_nxdomain={"com"},      # NXDOMAIN without SOA, as a resolver that denies every name
     )
 
 A name under a served zone that has no records (and no records below it) gets NXDOMAIN; a name that
@@ -43,6 +44,7 @@ class ZoneData:
     zones: dict[str, Zone]  # zone apex -> its names
     servfail: set[str] = field(default_factory=set)
     blackhole: set[str] = field(default_factory=set)
+    bogus_nxdomain: set[str] = field(default_factory=set)
     negative_ttl: int = 60  # SOA minimum, served with NXDOMAIN / NoAnswer
 
 
@@ -152,6 +154,9 @@ class DnsServer:
         response.flags &= ~dns.flags.RA
         if _under(name, self.data.servfail):
             response.set_rcode(dns.rcode.SERVFAIL)
+            return response
+        if _under(name, self.data.bogus_nxdomain):
+            response.set_rcode(dns.rcode.NXDOMAIN)  # and no SOA: nothing vouches for it
             return response
         apexes = [z for z in self.data.zones if name == _norm(z) or name.endswith("." + _norm(z))]
         if not apexes:

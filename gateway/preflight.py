@@ -1,0 +1,249 @@
+"""What `serve` needs from this machine, checked before it starts and by `check-config`: TLS files, listen
+ports, the spool's directory, DNS. Each finding is one line that names the problem and the fix."""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import os
+import socket
+import ssl
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+
+from gateway.settings import Settings
+
+# A certificate this close to its end is reported (as a note: serve still starts).
+_EXPIRY_WARNING = datetime.timedelta(days=14)
+
+
+@dataclass(frozen=True)
+class Finding:
+    text: str
+    problem: bool = True  # False: a note, which neither stops serve nor fails check-config
+
+    def __str__(self) -> str:
+        return f"{'problem' if self.problem else 'note'}: {self.text}"
+
+
+@dataclass(frozen=True)
+class Port:
+    """A TCP port the command will listen on."""
+
+    what: str  # "listener submission", "http (operator endpoint)", ...
+    address: str
+    port: int
+    reuse_port: bool = False
+
+    def __str__(self) -> str:
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"{self.what} {host}:{self.port}"
+
+
+def serve_ports(settings: Settings) -> list[Port]:
+    ports = [Port(f"listener {lst.name}", lst.address, lst.port, lst.reuse_port) for lst in settings.listeners]
+    if settings.http.port is not None:
+        ports.append(Port("http (operator endpoint)", settings.http.address, settings.http.port))
+    return ports
+
+
+def files(settings: Settings) -> list[Finding]:
+    """TLS certificate and key (set, readable, loadable together, not expired) and the spool's directory."""
+    return [*_tls(settings), *_spool(settings.delivery.spool_path)]
+
+
+def accounts(settings: Settings) -> list[Finding]:
+    if settings.accounts:
+        return []
+    return [Finding("no [accounts.<name>] configured: every login will be refused", problem=False)]
+
+
+def _tls(settings: Settings) -> list[Finding]:
+    tls_listeners = [lst.name for lst in settings.listeners if lst.tls != "none"]
+    cert, key = settings.tls.cert_file, settings.tls.key_file
+    if tls_listeners and (cert is None or key is None):
+        unset = " and ".join(n for n, v in (("tls.cert_file", cert), ("tls.key_file", key)) if v is None)
+        return [Finding(
+            f"listener {', '.join(tls_listeners)} uses TLS but {unset} {'is' if ' and ' not in unset else 'are'} "
+            "not set: set both to PEM files (or tls = \"none\" on a loopback-only listener)"
+        )]
+    findings = [f for name, path in (("tls.cert_file", cert), ("tls.key_file", key))
+                if path is not None for f in _readable(name, path)]
+    if findings or not tls_listeners or cert is None or key is None:
+        return findings
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(str(cert), str(key))
+    except ssl.SSLError as exc:
+        return [Finding(f"tls.cert_file {cert} and tls.key_file {key} do not load as a certificate and its key "
+                        f"({exc.reason or exc}): give PEM files that belong together")]
+    return _expiry(cert)
+
+
+def _readable(name: str, path: Path) -> list[Finding]:
+    try:
+        with path.open("rb") as f:
+            f.read(1)
+    except FileNotFoundError:
+        return [Finding(f"{name} {path} does not exist: create it or set {name} to the right file")]
+    except IsADirectoryError:
+        return [Finding(f"{name} {path} is a directory: set {name} to a PEM file")]
+    except PermissionError:
+        return [Finding(f"{name} {path} is not readable by uid {os.getuid()} (permission denied): "
+                        "make it readable by the user the gateway runs as")]
+    except OSError as exc:
+        return [Finding(f"{name} {path} cannot be read ({exc.strerror}): fix the file or set {name}")]
+    return []
+
+
+def _expiry(cert: Path) -> list[Finding]:
+    try:
+        leaf = x509.load_pem_x509_certificates(cert.read_bytes())[0]
+    except (ValueError, IndexError, OSError):
+        return []  # OpenSSL loaded it: a format only it knows is no problem of ours
+    now = datetime.datetime.now(datetime.UTC)
+    ends = leaf.not_valid_after_utc
+    if ends <= now:
+        return [Finding(f"tls.cert_file {cert} expired on {ends:%Y-%m-%d}: renew the certificate")]
+    if ends - now < _EXPIRY_WARNING:
+        return [Finding(f"tls.cert_file {cert} expires on {ends:%Y-%m-%d %H:%M} UTC: renew it soon", problem=False)]
+    return []
+
+
+def _spool(path: Path) -> list[Finding]:
+    where = f"delivery.spool_path {path}"
+    if path.exists():
+        if not path.is_file():
+            return [Finding(f"{where} is not a file: set delivery.spool_path to a file name")]
+        if not os.access(path, os.R_OK | os.W_OK):
+            return [Finding(f"{where} is not readable and writable by uid {os.getuid()}: fix its owner or mode")]
+        return []
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        return [Finding(f"{where} cannot be created: {parent} is not a writable directory for uid {os.getuid()}; "
+                        "create the directory for this user or set delivery.spool_path")]
+    return []
+
+
+# ---- ports ---------------------------------------------------------------------------------------
+
+
+def ports(wanted: Iterable[Port], *, running_gateway_is_ok: bool = False) -> list[Finding]:
+    """Whether each port can be bound as asyncio will bind it; a port held by another process names it.
+
+    With ``running_gateway_is_ok`` (check-config), a port held by a running smtp-gateway is only a note:
+    checking the configuration of the gateway that is running is what an operator does before a restart.
+    """
+    findings = []
+    for port in wanted:
+        if port.port == 0:
+            continue  # any free port
+        err = _bind_error(port)
+        if err is None:
+            continue
+        if err.errno == errno.EADDRINUSE:
+            holder = port_holder(port.port)
+            gateway = holder is not None and ("smtp-gateway" in holder or "-m gateway" in holder)
+            who = f"in use by {holder}" if holder else "in use by another process"
+            if gateway and running_gateway_is_ok:
+                findings.append(Finding(f"{port}: {who} (a running gateway: serve fails until it stops)", False))
+            else:
+                findings.append(Finding(f"{port}: {who}: stop it or choose another port"))
+        elif err.errno == errno.EACCES:
+            findings.append(Finding(f"{port}: permission denied: ports below 1024 need root or "
+                                    "CAP_NET_BIND_SERVICE (or choose a port above 1023)"))
+        elif err.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+            findings.append(Finding(f"{port}: {port.address} is not an address of this machine: change the address"))
+        else:
+            findings.append(Finding(f"{port}: cannot listen ({err.strerror or err})"))
+    return findings
+
+
+def _bind_error(port: Port) -> OSError | None:
+    try:
+        infos = socket.getaddrinfo(port.address or None, port.port, socket.AF_UNSPEC, socket.SOCK_STREAM,
+                                   0, socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return OSError(errno.EADDRNOTAVAIL, f"{port.address} does not resolve ({exc.strerror})")
+    for family, kind, proto, _, sockaddr in infos:
+        try:
+            sock = socket.socket(family, kind, proto)
+        except OSError as exc:
+            return exc
+        with sock:
+            # the options asyncio's create_server sets, so the answer is the one serve will get
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if port.reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(sockaddr)
+            except OSError as exc:
+                return exc
+    return None
+
+
+def port_holder(port: int) -> str | None:
+    """'pid N (command line)' of the process listening on TCP ``port``, from /proc (Linux); None if unknown."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            # sl local_address rem_address st ... inode; state 0A is LISTEN
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rpartition(":")[2], 16) == port:
+                inodes.add(fields[9])
+    if not inodes:
+        return None
+    targets = {f"socket:[{inode}]" for inode in inodes}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fds = list((proc / "fd").iterdir())
+        except OSError:
+            continue  # another user's process, or gone
+        for fd in fds:
+            try:
+                if os.readlink(fd) in targets:
+                    return f"pid {proc.name} ({_cmdline(proc)})"
+            except OSError:
+                continue
+    return "a process of another user (see: ss -ltnp)"
+
+
+def _cmdline(proc: Path) -> str:
+    try:
+        text = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+    except OSError:
+        text = ""
+    return (text[:100] + "...") if len(text) > 100 else text or "?"
+
+
+# ---- DNS -----------------------------------------------------------------------------------------
+
+
+async def dns(settings: Settings) -> list[Finding]:
+    """With a DNS check on: does the resolver answer for the sender domains' top-level domain (the root
+    without one)? The same check the gateway makes before it calls a domain nonexistent."""
+    d = settings.dns
+    if not (d.check_sender_domain or d.check_recipient_domains):
+        return []
+    from gateway.dns import DnsResolver
+
+    resolver = DnsResolver(d.nameservers or None, d.port, d.timeout, d.max_ttl, d.negative_ttl)
+    domain = next((dom for a in settings.accounts.values() for dom in a.sender_domains), None)
+    why = await resolver.check(domain)
+    if why is None:
+        return []
+    servers = ", ".join(d.nameservers) if d.nameservers else "/etc/resolv.conf"
+    return [Finding(f"dns: the resolver ({servers}, port {d.port}) is not working ({why}): every sender would "
+                    "get 451 4.4.3; fix the resolver or set dns.nameservers (or turn dns.check_sender_domain off)")]

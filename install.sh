@@ -1,0 +1,56 @@
+#!/bin/sh
+# Install smtp-gateway into ./.venv with this machine's python3 (3.11+), so it works where the system Python
+# refuses pip installs (PEP 668: Debian 12, Ubuntu 24.04) and where venv/ensurepip is a separate package.
+#
+#   ./install.sh            the gateway:            .venv/bin/smtp-gateway
+#   ./install.sh --test     and the test tools:     .venv/bin/python -m pytest -q
+#
+# Environment: PYTHON (default python3), VENV (default .venv); pip's own PIP_* variables apply
+# (CI installs the minimum versions with PIP_CONSTRAINT).
+set -eu
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+target=.
+case "${1:-}" in
+  "") ;;
+  --test) target=".[test]" ;;
+  *) echo "usage: ./install.sh [--test]" >&2; exit 2 ;;
+esac
+
+say() { echo "install.sh: $*" >&2; }
+
+if ! command -v "$PYTHON" >/dev/null 2>&1; then
+  say "no $PYTHON found: install Python 3.11 or newer (Debian/Ubuntu: apt-get install python3 python3-venv)"
+  exit 1
+fi
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  say "$PYTHON is Python $("$PYTHON" -c 'import platform; print(platform.python_version())'); smtp-gateway needs 3.11 or newer (set PYTHON=python3.11)"
+  exit 1
+fi
+
+# Debian and Ubuntu ship venv's ensurepip in a separate package (python3.X-venv).
+if ! "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1; then
+  pkg=python$("$PYTHON" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')-venv
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "$PYTHON cannot create virtual environments: installing $pkg"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$pkg" >/dev/null
+  else
+    say "$PYTHON cannot create virtual environments; install its venv package first, then run ./install.sh again:"
+    say "  sudo apt-get install $pkg        (Debian/Ubuntu; elsewhere the package that provides venv/ensurepip)"
+    exit 1
+  fi
+fi
+
+# A venv left by another Python (or half-made) is made anew.
+if [ -x "$VENV/bin/python" ] && ! "$VENV/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  rm -rf "$VENV"
+fi
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PYTHON" -m venv "$VENV"
+fi
+
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --editable "$target"
+say "installed into $VENV: run $VENV/bin/smtp-gateway (e.g. $VENV/bin/smtp-gateway quickstart)"

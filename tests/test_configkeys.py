@@ -1,0 +1,126 @@
+"""Valid configuration keys come from the models, for any nesting: sections, dict-keyed tables, lists and
+unions of models (a discriminated union on `provider`, as accounts are becoming)."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+import pytest
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gateway import configkeys
+from gateway.settings import ENV_PREFIX, FOREIGN_ENV, config_keys, format_validation_error
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class User(_Strict):
+    username: str
+    campaign: int | None = None
+
+
+class Dmds(_Strict):
+    provider: Literal["dmds"] = "dmds"
+    dmdsid: str
+    apikey: str
+    users: list[User] = []
+
+
+class Dengage(_Strict):
+    provider: Literal["dengage"]
+    account_id: str
+    token: str
+
+
+class Log(_Strict):
+    level: str = "info"
+
+
+class Root(_Strict):
+    hostname: str = "x"
+    log: Log = Log()
+    accounts: dict[str, Annotated[Dmds | Dengage, Field(discriminator="provider")]] = {}
+    domains: dict[str, str] = {}
+    listeners: list[Log] = []
+    maybe: Log | None = None
+
+
+ROOT = configkeys.tree(Root)
+
+
+def unknown(*names: str) -> list[str]:
+    return configkeys.unknown_env(dict.fromkeys(names, "v"), ROOT, "APP_", "__")
+
+
+def test_paths_cover_nested_and_union_keys() -> None:
+    assert set(configkeys.paths(ROOT)) == {
+        ("hostname",), ("log", "level"), ("accounts", "*", "provider"), ("accounts", "*", "dmdsid"),
+        ("accounts", "*", "apikey"), ("accounts", "*", "users"), ("accounts", "*", "account_id"),
+        ("accounts", "*", "token"), ("domains",), ("listeners",), ("maybe", "level"),
+    }
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["APP_HOSTNAME", "APP_LOG__LEVEL", "APP_LOG", "APP_ACCOUNTS__ACME__TOKEN", "APP_ACCOUNTS__X__DMDSID",
+     "APP_ACCOUNTS__ACME", "APP_DOMAINS__ACME.COM", "APP_LISTENERS", "APP_MAYBE__LEVEL", "app_log__level",
+     "OTHER_THING"],
+)
+def test_valid_names_pass(name: str) -> None:
+    assert unknown(name) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "why", "meant"),
+    [
+        ("APP_HOSTNAM", "there is no key 'hostnam'", "APP_HOSTNAME"),
+        ("APP_ACCOUNT__ACME__TOKEN", "there is no key 'account'", "APP_ACCOUNTS__ACME__TOKEN"),
+        ("APP_ACCOUNTS__ACME__TOKN", "accounts.acme has no key 'tokn'", "APP_ACCOUNTS__ACME__TOKEN"),
+        ("APP_ACCOUNTS__ACME__ACOUNT_ID", "accounts.acme has no key 'acount_id'", "APP_ACCOUNTS__ACME__ACCOUNT_ID"),
+        ("APP_LOG__LEVEL__X", "log.level has no sub-keys", "APP_LOG__LEVEL"),
+        ("APP_LISTENERS__0__LEVEL", "listeners has no sub-keys", "APP_LISTENERS"),
+        ("APP_LOG___LEVEL", "log has no key '_level'", "APP_LOG__LEVEL"),
+        ("APP_LOG____LEVEL", "empty key between delimiters", "APP_LOG__LEVEL"),
+    ],
+)
+def test_unknown_names_get_the_nearest(name: str, why: str, meant: str) -> None:
+    [line] = unknown(name)
+    assert line.startswith(f"unknown environment variable {name}: {why}")
+    assert line.endswith(f"; did you mean {meant}? (or unset it)")
+
+
+def test_far_off_name_gets_the_pattern() -> None:
+    [line] = unknown("APP_ZZZZZZZZZZZZZZ")
+    assert line.endswith("see config/example.toml (APP_<SECTION>__<KEY>) (or unset it)")
+
+
+def test_error_locations_skip_the_union_member() -> None:
+    with pytest.raises(ValidationError) as info:
+        Root.model_validate({"accounts": {"acme": {"provider": "dengage", "account_id": "a", "tokn": "t"}}})
+    shown = sorted(
+        configkeys.display_key(ROOT, e["loc"])[0] for e in info.value.errors()
+    )
+    assert shown == ["accounts.acme.token", "accounts.acme.tokn"]
+    _, parent = configkeys.display_key(ROOT, ("accounts", "acme", "dengage", "tokn"))
+    assert configkeys.suggest_key(parent, "tokn") == "token"
+
+
+def test_every_gateway_key_is_accepted_from_the_environment() -> None:
+    """No false alarm: each settable key of the real Settings, as a variable, is valid."""
+    names = [ENV_PREFIX + "__".join(p if p != "*" else "acme" for p in path).upper()
+             for path in configkeys.paths(config_keys())]
+    assert "GATEWAY_ACCOUNTS__ACME__APIKEY" in names and "GATEWAY_DNS__NAMESERVERS" in names
+    assert configkeys.unknown_env(dict.fromkeys(names, "v"), config_keys(), ENV_PREFIX, "__", FOREIGN_ENV) == []
+
+
+def test_unknown_file_key_in_the_real_settings_is_named_with_a_hint() -> None:
+    from gateway.settings import Settings
+
+    with pytest.raises(ValidationError) as info:
+        Settings.model_validate({"dns": {"nameserver": ["127.0.0.1"]}, "hostnme": "x"})
+    text = format_validation_error(info.value)
+    assert re.search(r"^  dns\.nameserver: unknown key; did you mean nameservers\?$", text, re.M), text
+    assert re.search(r"^  hostnme: unknown key; did you mean hostname\?$", text, re.M), text

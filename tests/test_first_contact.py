@@ -1,0 +1,520 @@
+"""Issue 14, first contact: every row of the newcomer's table as a subprocess, with its exit status and no
+traceback; the README's install command with the distribution's Python; the quick start with the README's
+three swaks examples."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import threading
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.passwords import verify_password
+from gateway.tlsutil import write_self_signed
+from tests.conftest_dns import make_zones
+from tests.dnsserver import DnsServer
+from tests.harness import APIKEY, PASSWORD_HASH, USER, LoopThread
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "gateway"]
+EXAMPLE = ROOT / "config" / "example.toml"
+
+
+def _env(**extra: str) -> dict[str, str]:
+    """The parent's environment without any GATEWAY_* variable, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("GATEWAY_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
+
+
+def run(*args: str, cwd: Path, stdin: str | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([*CLI, *args], cwd=cwd, input=stdin, capture_output=True, text=True, timeout=60,
+                            check=False, env=_env(**env))
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr
+    return result
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def config(tmp: Path, port: int, extra: str = "", listener: str = 'tls = "none"\nallow_insecure_auth = true') -> Path:
+    path = tmp / "gateway.toml"
+    path.write_text(f"""
+[[listeners]]
+name = "plain"
+address = "127.0.0.1"
+port = {port}
+{listener}
+[accounts.acme]
+dmdsid = "acme"
+api_base = "http://127.0.0.1:9"
+apikey = "{APIKEY}"
+sender_domains = {{ "acme.example" = "dmds-acme@nl.acme.example" }}
+[[accounts.acme.users]]
+username = "{USER}"
+password_hash = "{PASSWORD_HASH}"
+campaign = 22
+[delivery]
+spool_path = "{tmp / 'spool.sqlite3'}"
+{extra}
+""")
+    return path
+
+
+NO_DNS = "[dns]\ncheck_sender_domain = false\n"
+
+
+class Lines:
+    """A subprocess' output read line by line in a thread; ``wait_for`` blocks until a line matches."""
+
+    def __init__(self, stream: Any) -> None:
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self._stream = stream
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """After the process has exited: the rest of its output, then the pipe closed."""
+        self._thread.join(30)
+        self._stream.close()
+
+    def _read(self, stream: Any) -> None:
+        for line in stream:
+            with self._cond:
+                self.lines.append(line)
+                self._cond.notify_all()
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def wait_for(self, pattern: str, timeout: float = 30.0) -> str:
+        def found() -> str | None:
+            return next((line for line in self.lines if re.search(pattern, line)), None)
+
+        with self._cond:
+            self._cond.wait_for(lambda: found() is not None or self._closed, timeout)
+            line = found()
+        assert line is not None, f"no line matching {pattern!r} in:\n{''.join(self.lines)}"
+        return line
+
+    def text(self) -> str:
+        with self._cond:
+            return "".join(self.lines)
+
+
+@pytest.fixture
+def listening() -> Iterator[socket.socket]:
+    """A port held by this test process, as another program would hold it."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s
+
+
+@pytest.fixture
+def dns_thread(loop_thread: LoopThread) -> Iterator[DnsServer]:
+    """The loopback DNS server on the harness' background loop, so a subprocess can query it."""
+
+    async def start() -> DnsServer:
+        return await DnsServer(make_zones()).start()
+
+    server = loop_thread.run(start())
+    try:
+        yield server
+    finally:
+        loop_thread.run(server.close())
+
+
+# ---- the README's install command with the distribution's Python --------------------------------------
+
+DEBIAN_PYTHON = Path("/usr/bin/python3")
+
+
+def _project_copy(dst: Path) -> Path:
+    for name in ("pyproject.toml", "README.md", "install.sh"):
+        shutil.copy2(ROOT / name, dst / name)
+    shutil.copytree(ROOT / "gateway", dst / "gateway", ignore=shutil.ignore_patterns("__pycache__"))
+    return dst
+
+
+def _path_with(tmp: Path, **programs: str) -> str:
+    """A PATH whose first directory holds ``programs`` (name -> shell script body, or a file to link)."""
+    bindir = tmp / "bin"
+    bindir.mkdir(exist_ok=True)
+    for name, body in programs.items():
+        target = bindir / name
+        if body.startswith("/"):
+            target.symlink_to(body)
+        else:
+            target.write_text("#!/bin/sh\n" + body + "\n")
+            target.chmod(0o755)
+    return f"{bindir}:/usr/bin:/bin"
+
+
+def test_install_command_works_with_the_distribution_python(tmp_path: Path) -> None:
+    """README: `./install.sh && .venv/bin/smtp-gateway quickstart`, where python3 is Debian's own (PEP 668)."""
+    assert DEBIAN_PYTHON.exists(), "needs the distribution's /usr/bin/python3 (Debian 12 / Ubuntu 24.04)"
+    project = _project_copy(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PIP_CONSTRAINT")}
+    env["PATH"] = _path_with(tmp_path, python3=str(DEBIAN_PYTHON))
+    result = subprocess.run(["./install.sh"], cwd=project, env=env, capture_output=True, text=True,
+                            timeout=600, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    version = subprocess.run([str(project / ".venv/bin/python"), "-c", "import sys; print(sys.version)"],
+                             capture_output=True, text=True, check=True).stdout
+    assert version == subprocess.run([str(DEBIAN_PYTHON), "-c", "import sys; print(sys.version)"],
+                                     capture_output=True, text=True, check=True).stdout
+    gateway = subprocess.run([str(project / ".venv/bin/smtp-gateway"), "hash-password"], input="pw\n",
+                             capture_output=True, text=True, env=env, check=False)
+    assert gateway.returncode == 0 and verify_password("pw", gateway.stdout.strip()), gateway.stderr
+
+
+def test_install_without_venv_support_names_the_package(tmp_path: Path) -> None:
+    """Debian without python3-venv, not root: the exact apt-get command, exit 1 (root installs it itself)."""
+    project = _project_copy(tmp_path)
+    path = _path_with(
+        tmp_path,
+        python3=f'case "$*" in *ensurepip*) exit 1;; esac; exec {DEBIAN_PYTHON} "$@"',  # no ensurepip
+        id="echo 1000",  # not root
+    )
+    result = subprocess.run(["./install.sh"], cwd=project, env={**os.environ, "PATH": path}, capture_output=True,
+                            text=True, timeout=60, check=False)
+    minor = subprocess.run([str(DEBIAN_PYTHON), "-c", "import sys; print(sys.version_info[1])"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert result.returncode == 1
+    assert f"sudo apt-get install python3.{minor}-venv" in result.stderr
+    assert not (project / ".venv").exists()
+
+
+# ---- misspelled variables ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("variable", "meant"),
+    [
+        ("GATEWAY_ACCOUNT__ACME__APIKEY", "GATEWAY_ACCOUNTS__ACME__APIKEY"),
+        ("GATEWAY_HOSTNAM", "GATEWAY_HOSTNAME"),
+        ("GATEWAY_ACCOUNTS__ACME__APIKYE", "GATEWAY_ACCOUNTS__ACME__APIKEY"),
+        ("GATEWAY_DNS__NAMESERVER", "GATEWAY_DNS__NAMESERVERS"),
+        ("gateway_log__formatt", "GATEWAY_LOG__FORMAT"),  # pydantic-settings reads names in any case
+    ],
+)
+@pytest.mark.parametrize("command", [["check-config"], ["serve"], ["queue", "list"]])
+def test_misspelled_variable_names_the_nearest_key(
+    tmp_path: Path, variable: str, meant: str, command: list[str]
+) -> None:
+    secret = "meant-to-be-the-apikey-0003"
+    path = str(config(tmp_path, free_port(), NO_DNS))
+    result = run(command[0], "-c", path, *command[1:], cwd=tmp_path, **{variable: secret})
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert f"unknown environment variable {variable}:" in result.stderr
+    assert f"did you mean {meant}?" in result.stderr
+    assert secret not in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_foreign_gateway_variables_are_not_settings(tmp_path: Path) -> None:
+    """Kubernetes' service links for a Service named "gateway", and CGI's GATEWAY_INTERFACE."""
+    foreign = {"GATEWAY_SERVICE_HOST": "10.0.0.1", "GATEWAY_SERVICE_PORT": "587", "GATEWAY_PORT": "tcp://10.0.0.1:587",
+               "GATEWAY_PORT_587_TCP_ADDR": "10.0.0.1", "GATEWAY_INTERFACE": "CGI/1.1"}
+    result = run("check-config", "--config-only", "-c", str(config(tmp_path, 0, NO_DNS)), cwd=tmp_path, **foreign)
+    assert result.returncode == 0, result.stderr
+
+
+# ---- TOML syntax error -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["check-config", "serve", "check-domains"])
+def test_toml_syntax_error_names_file_line_and_column(tmp_path: Path, command: str) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text('hostname = "gw.example"\n[limits\nmax_recipients = 5\n')
+    result = run(command, "-c", str(path), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"smtp-gateway: {path}:2:8: TOML syntax error: Expected ']' at the end of a table declaration\n"
+    )
+
+
+def test_unknown_file_key_suggests_the_nearest(tmp_path: Path) -> None:
+    path = config(tmp_path, 0, NO_DNS + "[limits]\nmax_recipeints = 5\n")
+    result = run("check-config", "-c", str(path), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "limits.max_recipeints: unknown key; did you mean max_recipients?" in result.stderr
+
+
+# ---- port taken --------------------------------------------------------------------------------------------
+
+
+def test_serve_with_the_port_taken_names_it_and_its_process(tmp_path: Path, listening: socket.socket) -> None:
+    port = listening.getsockname()[1]
+    result = run("serve", "-c", str(config(tmp_path, port, NO_DNS)), cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.startswith(
+        f"smtp-gateway: listener plain 127.0.0.1:{port}: in use by pid {os.getpid()} ("
+    ), result.stderr
+    assert result.stderr.rstrip().endswith("stop it or choose another port")
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_quickstart_with_the_port_taken_names_it(tmp_path: Path, listening: socket.socket) -> None:
+    port = listening.getsockname()[1]
+    result = run("quickstart", "--workdir", str(tmp_path / "qs"), "--port", str(port), "--tls-port",
+                 str(free_port()), "--sandbox-port", str(free_port()), cwd=tmp_path)
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith(f"smtp-gateway: quick start SMTP (--port) 127.0.0.1:{port}: in use by pid {os.getpid()}")
+    assert "pick free ports: smtp-gateway quickstart --port" in lines[1]
+    assert len(lines) == 2
+
+
+def test_check_config_names_the_port_holder(tmp_path: Path, listening: socket.socket) -> None:
+    port = listening.getsockname()[1]
+    result = run("check-config", "-c", str(config(tmp_path, port, NO_DNS)), cwd=tmp_path)
+    assert result.returncode == 1
+    assert f"problem: listener plain 127.0.0.1:{port}: in use by pid {os.getpid()}" in result.stderr
+    assert json.loads(result.stdout)["listeners"][0]["port"] == port  # the configuration is still shown
+
+
+def test_sandbox_with_the_port_taken_names_it(tmp_path: Path, listening: socket.socket) -> None:
+    port = listening.getsockname()[1]
+    result = run("sandbox", "--listen", f"127.0.0.1:{port}", cwd=tmp_path)
+    assert result.returncode == 1
+    assert f"sandbox --listen 127.0.0.1:{port}: in use by pid {os.getpid()}" in result.stderr
+
+
+# ---- hash-password with piped input; queue list | head ------------------------------------------------------
+
+
+def test_hash_password_reads_a_pipe_without_stdin_flag(tmp_path: Path) -> None:
+    result = run("hash-password", cwd=tmp_path, stdin="piped secret\n")
+    assert result.returncode == 0, result.stderr
+    assert verify_password("piped secret", result.stdout.strip())
+    assert "piped secret" not in result.stdout + result.stderr
+
+
+def test_hash_password_with_nothing_piped_says_how(tmp_path: Path) -> None:
+    result = run("hash-password", cwd=tmp_path, stdin="")
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "empty password" in result.stderr and "--stdin" in result.stderr
+
+
+def test_queue_list_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
+    spool = tmp_path / "var" / "quickstart" / "spool.sqlite3"
+    assert run("queue", "--spool", str(spool), "migrate", cwd=tmp_path).returncode == 0
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # like `| head` that has already gone: every write gets EPIPE
+    try:
+        proc = subprocess.run([*CLI, "queue", "--spool", str(spool), "list", "--json"], cwd=tmp_path,
+                              stdout=write_end, stderr=subprocess.PIPE, env=_env(), timeout=60, check=False)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141  # what a shell reports for coreutils killed by SIGPIPE
+    assert proc.stderr == b""
+
+
+# ---- TLS files ---------------------------------------------------------------------------------------------
+
+
+def _tls_config(tmp: Path, cert: Path, key: Path) -> Path:
+    return config(tmp, free_port(), NO_DNS + f'[tls]\ncert_file = "{cert}"\nkey_file = "{key}"\n',
+                  listener='tls = "starttls"')
+
+
+@pytest.mark.parametrize("command", ["check-config", "serve"])
+def test_missing_certificate_is_named(tmp_path: Path, command: str) -> None:
+    _, key = write_self_signed(tmp_path / "tls")
+    missing = tmp_path / "tls" / "fullchain.pem"
+    result = run(command, "-c", str(_tls_config(tmp_path, missing, key)), cwd=tmp_path)
+    assert result.returncode == 1
+    line = f"tls.cert_file {missing} does not exist: create it or set tls.cert_file to the right file"
+    assert f"smtp-gateway: {'problem: ' if command == 'check-config' else ''}{line}\n" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["check-config", "serve"])
+def test_unloadable_key_is_named(tmp_path: Path, command: str) -> None:
+    cert, _ = write_self_signed(tmp_path / "a")
+    _, other_key = write_self_signed(tmp_path / "b")
+    result = run(command, "-c", str(_tls_config(tmp_path, cert, tmp_path)), cwd=tmp_path)  # a directory
+    assert result.returncode == 1
+    assert f"tls.key_file {tmp_path} is a directory: set tls.key_file to a PEM file" in result.stderr
+    result = run(command, "-c", str(_tls_config(tmp_path, cert, other_key)), cwd=tmp_path)  # not its key
+    assert result.returncode == 1
+    assert f"tls.cert_file {cert} and tls.key_file {other_key} do not load as a certificate and its key" \
+        in result.stderr
+
+
+def test_tls_listener_without_certificate_says_what_to_set(tmp_path: Path) -> None:
+    result = run("serve", "-c", str(config(tmp_path, free_port(), NO_DNS, listener='tls = "starttls"')),
+                 cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr == (
+        "smtp-gateway: listener plain uses TLS but tls.cert_file and tls.key_file are not set: set both to PEM "
+        'files (or tls = "none" on a loopback-only listener)\n'
+    )
+
+
+def test_example_config_reports_its_example_certificate_paths(tmp_path: Path) -> None:
+    result = run("check-config", "-c", str(EXAMPLE), cwd=tmp_path)
+    assert result.returncode == 1
+    assert "problem: tls.cert_file /etc/smtp-gateway/tls/fullchain.pem does not exist" in result.stderr
+    assert "problem: tls.key_file /etc/smtp-gateway/tls/privkey.pem does not exist" in result.stderr
+
+
+def test_good_configuration_is_ok(tmp_path: Path) -> None:
+    cert, key = write_self_signed(tmp_path / "tls")
+    result = run("check-config", "-c", str(_tls_config(tmp_path, cert, key)), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "configuration OK\n"
+
+
+# ---- no config file at all -----------------------------------------------------------------------------------
+
+
+def test_without_a_config_file_the_tools_work(tmp_path: Path, dns_thread: DnsServer) -> None:
+    listed = run("queue", "list", cwd=tmp_path)
+    assert (listed.returncode, listed.stdout) == (0, "no queue at var/spool.sqlite3\n")
+    spool = tmp_path / "var" / "quickstart" / "spool.sqlite3"
+    assert run("queue", "--spool", str(spool), "migrate", cwd=tmp_path).returncode == 0
+    listed = run("queue", "--spool", str(spool), "list", cwd=tmp_path)
+    assert (listed.returncode, listed.stdout) == (0, f"queue sqlite:///{spool}: empty\n"), listed.stderr
+    hashed = run("hash-password", cwd=tmp_path, stdin="pw\n")
+    assert hashed.returncode == 0 and verify_password("pw", hashed.stdout.strip())
+    domains = run("check-domains", "dom1.test=dmds-dom1@nl.dom1.test", cwd=tmp_path,
+                  GATEWAY_DNS__NAMESERVERS='["127.0.0.1"]', GATEWAY_DNS__PORT=str(dns_thread.port))
+    assert domains.returncode == 0, domains.stderr
+    assert "1 domain(s): 1 ok" in domains.stdout
+    nothing = run("check-domains", cwd=tmp_path)
+    assert nothing.returncode == 1 and "no sender_domains configured" in nothing.stderr
+
+
+def test_without_a_config_file_serve_says_what_is_missing(tmp_path: Path) -> None:
+    result = run("serve", cwd=tmp_path)
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert "listener submission uses TLS but tls.cert_file and tls.key_file are not set" in lines[0]
+    assert lines[-1] == ("smtp-gateway: no config file was given (--config FILE or $GATEWAY_CONFIG); "
+                         "to try the gateway without one: smtp-gateway quickstart")
+
+
+# ---- DNS resolver not answering ------------------------------------------------------------------------------
+
+
+def test_broken_resolver_is_451_and_logged_once(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # nothing will answer on this port
+        s.bind(("127.0.0.1", 0))
+        dns_port = s.getsockname()[1]
+    port = free_port()
+    extra = (f'[dns]\nnameservers = ["127.0.0.1"]\nport = {dns_port}\ntimeout = 0.3\ncheck_sender_domain = true\n'
+             '[log]\nformat = "json"\n')
+    proc = subprocess.Popen([*CLI, "serve", "-c", str(config(tmp_path, port, extra)), "--drain-timeout", "1"],
+                            cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    out = Lines(proc.stderr)
+    try:
+        out.wait_for('"event": "ready"')
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            client.login(USER, "scanner-password")
+            replies = [client.mail("billing@acme.example") for _ in range(3)]
+            client.rset()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        status = proc.wait(30)
+        out.close()
+    assert status == 0, out.text()
+    for code, text in replies:
+        assert code == 451 and text.decode().startswith("4.4.3 <billing@acme.example>: "), text
+        assert "DNS resolver not answering" in text.decode() and "does not exist" not in text.decode()
+    broken = [json.loads(line) for line in out.lines if '"dns_resolver_broken"' in line]
+    # the startup report's lookups and the three MAIL commands: one error line within the minute
+    assert len(broken) == 1 and broken[0]["level"] == "error", out.text()
+    assert "Traceback" not in out.text()
+
+
+# ---- the quick start, with the README's three swaks examples --------------------------------------------------
+
+
+def readme_swaks() -> list[str]:
+    """The swaks commands of the README's quick start, line continuations joined."""
+    text = (ROOT / "README.md").read_text()
+    quick = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```sh\n(.*?)```", quick, re.S)
+    commands = []
+    for block in blocks:
+        joined = block.replace("\\\n", " ")
+        commands += [line.strip() for line in joined.splitlines() if line.strip().startswith("swaks ")]
+    return commands
+
+
+def test_quickstart_answers_the_readme_swaks_examples(tmp_path: Path) -> None:
+    assert shutil.which("swaks"), "swaks is installed by .ci/run (apt-get install swaks)"
+    commands = readme_swaks()
+    assert len(commands) == 3, commands
+    smtp, tls, sandbox = free_port(), free_port(), free_port()
+    proc = subprocess.Popen(
+        [*CLI, "quickstart", "--port", str(smtp), "--tls-port", str(tls), "--sandbox-port", str(sandbox)],
+        cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    err, out = Lines(proc.stderr), Lines(proc.stdout)
+    try:
+        err.wait_for(r"\bready\b")
+        for command in commands:
+            argv = shlex.split(command.replace("127.0.0.1:2525", f"127.0.0.1:{smtp}")
+                               .replace("127.0.0.1:2587", f"127.0.0.1:{tls}"))
+            sent = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+            assert sent.returncode == 0, sent.stdout + sent.stderr
+            assert re.search(r"<[-~]  250 2\.0\.0 Ok: queued as [0-9a-f-]{36}\n", sent.stdout), sent.stdout
+        with urllib.request.urlopen(f"http://127.0.0.1:{sandbox}/_sandbox/requests", timeout=30) as response:
+            recorded = json.load(response)
+    finally:
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: a graceful stop, no traceback
+        status = proc.wait(30)
+        err.close()
+        out.close()
+    sends = [r for r in recorded if r["path"].startswith("/v1/envio/")]
+    assert [(r["status"], r["body"]["campana_id"]) for r in sends] == [(200, 22), (200, 22), (200, 23)]
+    assert [r["body"]["asunto"] for r in sends][::2] == ["Hello", "Monthly report"]  # the [23] prefix removed
+    record = tmp_path / "var" / "quickstart" / "sandbox-requests.jsonl"
+    assert len([json.loads(line) for line in record.read_text().splitlines()]) >= 3
+    assert status == 0, err.text()
+    assert "Traceback" not in err.text() + out.text()
+
+
+# ---- Ctrl-C ------------------------------------------------------------------------------------------------
+
+
+def test_ctrl_c_on_the_sandbox_exits_quietly(tmp_path: Path) -> None:
+    proc = subprocess.Popen([*CLI, "sandbox", "--listen", f"127.0.0.1:{free_port()}", "--quiet"], cwd=tmp_path,
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err = Lines(proc.stderr)
+    try:
+        err.wait_for("compatible upstream on http")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        status = proc.wait(30)
+        err.close()
+        assert proc.stdout is not None
+        proc.stdout.close()
+    assert status == 130
+    assert "Traceback" not in err.text()
