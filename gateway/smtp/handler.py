@@ -86,11 +86,11 @@ class GatewayHandler:
         try:
             username, secret = login.decode("utf-8"), password.decode("utf-8")
             principal = await self.authenticator.authenticate(username, secret)
-        except (AuthFailed, UnicodeDecodeError):
+        except (AuthFailed, UnicodeDecodeError) as exc:
             AUTH.labels(result="invalid").inc()
             failures = getattr(session, "auth_failures", 0) + 1
             session.auth_failures = failures  # type: ignore[attr-defined]
-            log.info("auth_failed", peer=_peer(session), login=_safe_login(login), failures=failures)
+            log.info("auth_failed", peer=_peer(session), login=_shown(exc, login), failures=failures)
             if failures >= self.limits.max_auth_failures:
                 await server.push(str(replies.AUTH_TOO_MANY))
                 server.transport.close()
@@ -98,7 +98,7 @@ class GatewayHandler:
             return AuthResult(success=False, handled=False, message=str(replies.AUTH_INVALID))
         except AuthUnavailable as exc:
             AUTH.labels(result="unavailable").inc()
-            log.warning("auth_unavailable", peer=_peer(session), login=_safe_login(login), reason=str(exc))
+            log.warning("auth_unavailable", peer=_peer(session), login=_shown(exc, login), reason=str(exc))
             return AuthResult(success=False, handled=False, message=str(replies.AUTH_TEMPFAIL))
         AUTH.labels(result="ok").inc()
         log.info("auth_ok", peer=_peer(session), login=principal.login, account=principal.account)
@@ -167,6 +167,12 @@ def _b64(value: str) -> bytes | None:
 def _peer(session: Session) -> str:
     peer = session.peer
     return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+
+
+def _shown(exc: Exception, login: bytes) -> str:
+    """The login for the log: the authenticator's label (never a provider's secret), else the typed one."""
+    label = getattr(exc, "label", None)
+    return _safe_login(label.encode() if isinstance(label, str) else login)
 
 
 def _safe_login(login: bytes) -> str:
