@@ -229,7 +229,8 @@ class Sandbox:
 
 async def run_forever(sandbox: Sandbox, host: str, port: int) -> None:
     bound = await sandbox.start(host, port)
-    print(f"sandbox: DMDS- and dEngage-compatible upstream on http://{host}:{bound}", file=sys.stderr, flush=True)
+    print(f"sandbox: DMDS- and dEngage-compatible upstream on http://{host}:{bound} "
+          f"(dEngage api_base: http://{host}:{bound}/rest)", file=sys.stderr, flush=True)
     try:
         await asyncio.Event().wait()
     finally:

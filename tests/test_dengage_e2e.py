@@ -7,6 +7,7 @@ the From identities, attachments byte for byte, Bcc hidden, API-user logins, opt
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -21,6 +22,7 @@ import httpx
 import pytest
 from structlog.testing import capture_logs
 
+from gateway.queue.sqlite import SqliteQueue
 from tests.harness import (
     DENGAGE_API_PASSWORD,
     DENGAGE_SENDER,
@@ -376,3 +378,26 @@ def test_sandbox_records_hold_no_secret(gateway_factory: Callable[..., Running])
     assert "sbx-" not in recorded  # no token
     any_login: Any = gw.calls("login")[0]
     assert any_login["response"]["access_token"] == "<redacted>"
+
+
+def test_queue_shows_each_recipient_with_its_id(gateway_factory: Callable[..., Running]) -> None:
+    gw = gateway_factory(dengage={}, delivery={**FAST, "retry_schedule": [600.0]})
+    gw.dengage_control(fail_to={"b@example.com": 1})
+    rcpts = ("a@example.com", "b@example.com")
+    code, text = send(gw, message("queued half", to=rcpts), rcpts)
+    assert code == 250, text
+    [row] = spool_rows(gw.settings.delivery.spool_path, "queued")
+
+    async def show() -> dict[str, Any] | None:
+        store = SqliteQueue(gw.settings.delivery.spool_path)
+        try:
+            return await store.show(str(row["id"]))
+        finally:
+            await store.close()
+
+    info = asyncio.run(show())
+    assert info is not None
+    calls = {c["key"]: (c["state"], c["upstream_id"]) for c in info["calls"]}
+    a_id = gw.calls("send", status=200)[0]["response"]["data"]["transactionalIds"][0]
+    assert calls == {"a@example.com": ("done", a_id), "b@example.com": ("pending", None)}
+    assert queued_id(text) == a_id

@@ -35,8 +35,8 @@ class DengageAccount(AccountBase):
     # Report tags added to every message of this account.
     tags: list[str] = []
     # dEngage allows about 30 requests/s per IP (upstream-apis.md §2.1 [C]). A token bucket lets at most
-    # rate_burst + rate_limit - 1 calls through in any one second: 29 with these defaults.
-    rate_limit: float | None = Field(25.0, gt=0)
+    # rate_burst + rate_limit - 1 calls through in any one second: 29 with these defaults. 0: no limit.
+    rate_limit: float | None = Field(25.0, ge=0)
     rate_burst: int = Field(5, ge=1)
 
     @property
@@ -57,6 +57,11 @@ class DengageAccount(AccountBase):
     @classmethod
     def _lower_domains(cls, v: list[str]) -> list[str]:
         return [d.lower().strip().strip(".").lstrip("@") for d in v]
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _zero_is_unlimited(cls, v: float | None) -> float | None:
+        return v or None
 
     @field_validator("tags")
     @classmethod
