@@ -53,3 +53,13 @@ def test_missing_secret_and_unknown_key_are_named(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "accounts.crm" in result.stderr and "password (or password_file) is required" in result.stderr
     _secrets_absent(result, USERKEY)
+
+
+def test_quickstart_config_has_a_dengage_account(tmp_path: Path) -> None:
+    from gateway.quickstart import DENGAGE_DEMO_USER, quickstart_settings
+    from gateway.settings import DengageAccount, load_settings
+
+    settings = load_settings(None, **quickstart_settings(tmp_path, 8025, 2525, 2587))
+    crm = settings.accounts["crm"]
+    assert isinstance(crm, DengageAccount) and crm.base_url == "http://127.0.0.1:8025/rest"
+    assert [u.username for u in crm.users] == [DENGAGE_DEMO_USER]

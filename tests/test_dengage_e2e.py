@@ -116,6 +116,26 @@ def test_token_is_renewed_before_it_expires(gateway_factory: Callable[..., Runni
     assert len(gw.calls("send", status=200)) == sent
 
 
+def test_token_expiring_earlier_than_announced_is_replaced_after_a_401(gateway_factory: Callable[..., Running]) -> None:
+    # No expires_in in the login answer: the gateway assumes an hour, the sandbox's token lives one second.
+    sandbox = sandbox_for_tests(dengage=dengage_sandbox(token_ttl=1.0, send_expires_in=False))
+    gw = gateway_factory(sandbox=sandbox, dengage={})
+    sent = 0
+    with smtplib.SMTP("127.0.0.1", gw.port(), timeout=30) as client:
+        client.login(DENGAGE_USER, PASSWORD)
+
+        def relogged() -> bool:
+            nonlocal sent
+            code, text = send(gw, message(f"expiry {sent}"), client=client)
+            assert code == 250, text
+            sent += 1
+            return len(gw.calls("login")) >= 2
+
+        wait_for(relogged, 20, "a re-login after the token expired")
+    assert len(gw.calls("send", status=401)) == 1  # one refused call, repeated once with the new token
+    assert subjects(gw) == [f"expiry {i}" for i in range(sent)]  # every message sent, once, in order
+
+
 def test_401_mid_run_logs_in_again_and_sends_once(gateway_factory: Callable[..., Running]) -> None:
     gw = gateway_factory(dengage={})
     assert send(gw, message("before"))[0] == 250

@@ -16,7 +16,7 @@ from typing import TypeVar
 import orjson
 import structlog
 
-from gateway.errors import Deferred, RateLimited
+from gateway.errors import Deferred, RateLimited, UpstreamAuthFailed
 from gateway.providers.dengage import wire
 from gateway.upstream.client import HttpClient
 from gateway.upstream.ratelimit import RateLimiter
@@ -29,6 +29,7 @@ T = TypeVar("T")
 FAILURE_HOLD = 2.0
 # Renew this long before the token expires (clients use 60 s [C]), or a tenth of its lifetime if shorter.
 RENEW_MARGIN = 60.0
+LOG_EVERY = 60.0  # an unreachable identities list is logged at most once a minute
 JSON = {"Accept": "application/json", "Content-Type": "application/json"}
 
 
@@ -104,6 +105,7 @@ class Identities:
         self._fresh_until = 0.0
         self._update: asyncio.Future[tuple[str, ...]] | None = None
         self._failure: tuple[Deferred, float] | None = None
+        self._logged = -LOG_EVERY
 
     async def addresses(self) -> tuple[str, ...]:
         """The identities now. Stale ones are returned at once while a refresh runs in the background;
@@ -125,8 +127,14 @@ class Identities:
         except Deferred as exc:
             if self._addresses is None:
                 # Never fetched: MAIL FROM cannot be checked, so it is a temporary failure (4xx), not a refusal.
-                self._failure = (exc, self._clock() + FAILURE_HOLD)
-                log.warning("dengage_froms_unavailable", account=self.account, reason=exc.reason)
+                now = self._clock()
+                self._failure = (exc, now + FAILURE_HOLD)
+                if now - self._logged >= LOG_EVERY:
+                    # Refused credentials or IP allowlist: an operator error, said at error level.
+                    self._logged = now
+                    report = log.error if isinstance(exc, UpstreamAuthFailed) else log.warning
+                    report("dengage_froms_unavailable", account=self.account, reason=exc.reason,
+                           hint="MAIL FROM is answered 451 until the identities can be fetched")
                 raise
             # Keep the list we have; try again in a minute at most.
             self._fresh_until = self._clock() + min(self._ttl, 60.0)
