@@ -18,7 +18,7 @@ from gateway.providers.dengage import wire
 from gateway.providers.dengage.config import DengageAccount
 from gateway.providers.dengage.provider import DengageProvider
 from gateway.upstream.client import HttpClient
-from gateway.upstream.ratelimit import TokenBucket
+from gateway.upstream.ratelimit import RateLimiter, TokenBucket
 
 BASE = "https://api.dengage.example/rest"
 Handler = Callable[[httpx.Request], Awaitable[httpx.Response]]
@@ -71,11 +71,12 @@ class Upstream:
         return httpx.Response(404)
 
 
-def provider(upstream: Upstream, clock: Clock | None = None, **settings: Any) -> DengageProvider:
+def provider(upstream: Handler, clock: Clock | None = None, limiter: RateLimiter | None = None,
+             **settings: Any) -> DengageProvider:
     account = DengageAccount(provider="dengage", api_base=BASE, userkey="the-userkey",  # type: ignore[arg-type]
                              password="the-password", **settings)
     http = HttpClient(BASE, upstream="dEngage", account="crm", timeout=5.0, transport=httpx.MockTransport(upstream))
-    return DengageProvider("crm", account, http, clock=clock or Clock())
+    return DengageProvider("crm", account, http, limiter, clock=clock or Clock())
 
 
 def submission(*rcpts: str, subject: str = "Invoice") -> Submission:
@@ -184,10 +185,8 @@ async def test_done_recipients_are_not_sent_again() -> None:
 async def test_429_slows_the_limiter_and_is_temporary() -> None:
     up = Upstream()
     up.send_answers = [httpx.Response(429, headers={"Retry-After": "7"})]
-    p = provider(up)
-    clock = Clock()
-    bucket = TokenBucket(100.0, 5, clock=clock)
-    p.limiter = p.tokens._limiter = bucket
+    bucket = TokenBucket(100.0, 5, clock=Clock())
+    p = provider(up, limiter=bucket)
     outcome = await p.deliver(submission("a@example.com"), {})
     [error] = outcome.deferred.values()
     assert isinstance(error, RateLimited) and error.retry_after == 7.0
@@ -201,9 +200,7 @@ async def test_allowlist_refusal_on_login_is_held_briefly() -> None:
         calls.append(request)
         return httpx.Response(403, json={"actionResult": "Your IP address 198.51.100.4 is not whitelisted"})
 
-    p = provider(Upstream())
-    p.http = p.tokens._http = HttpClient(BASE, upstream="dEngage", account="crm", timeout=5.0,
-                                         transport=httpx.MockTransport(refuse))
+    p = provider(refuse)
     for _ in range(3):
         outcome = await p.deliver(submission("a@example.com"), {})
         [error] = outcome.deferred.values()
@@ -269,8 +266,7 @@ async def test_api_user_login_cannot_be_checked_through_a_down_upstream() -> Non
     async def down(request: httpx.Request) -> httpx.Response:
         return httpx.Response(503)
 
-    p = provider(Upstream(), api_user_logins=True)
-    p.http = HttpClient(BASE, upstream="dEngage", account="crm", timeout=5.0, transport=httpx.MockTransport(down))
+    p = provider(down, api_user_logins=True)
     with pytest.raises(UpstreamUnavailable):
         await p.verify_login("the-userkey", "the-password")
 
@@ -302,3 +298,12 @@ async def test_prepare_merges_tags_and_checks_the_template() -> None:
     empty = Message(**{**{f: getattr(message, f) for f in message.__dataclass_fields__}, "subject": " "})
     with pytest.raises(ContentRejected, match="Subject cannot be empty"):
         await p.prepare(Principal("crm", "erp"), empty, "billing@crm.example", ("a@example.com",))
+
+
+async def test_a_redirect_is_temporary_and_names_api_base() -> None:
+    async def moved(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(301, headers={"Location": "https://elsewhere.example/rest/login"})
+
+    outcome = await provider(moved).deliver(submission("a@example.com"), {})
+    [error] = outcome.deferred.values()
+    assert isinstance(error, UpstreamUnavailable) and "check api_base" in error.reason

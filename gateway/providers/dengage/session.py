@@ -17,6 +17,7 @@ import orjson
 import structlog
 
 from gateway.errors import Deferred, RateLimited, UpstreamAuthFailed
+from gateway.observability import INTERNAL_ERRORS
 from gateway.providers.dengage import wire
 from gateway.upstream.client import HttpClient
 from gateway.upstream.ratelimit import RateLimiter
@@ -113,13 +114,22 @@ class Identities:
         now = self._clock()
         if self._addresses is not None:
             if now >= self._fresh_until and self._update is None:
-                self._update = _shared(asyncio.ensure_future(self._refresh()))
+                self._update = _shared(asyncio.ensure_future(self._background_refresh()))
             return self._addresses
         if self._update is None:
             if self._failure is not None and now < self._failure[1]:
                 raise self._failure[0].with_traceback(None)
             self._update = _shared(asyncio.ensure_future(self._refresh()))
         return await asyncio.shield(self._update)
+
+    async def _background_refresh(self) -> tuple[str, ...]:
+        """A refresh nobody waits for: a bug in it is logged here, once, or it would go unseen."""
+        try:
+            return await self._refresh()
+        except Exception as exc:
+            INTERNAL_ERRORS.labels(where="dengage_froms_refresh").inc()
+            log.error("dengage_froms_refresh_internal_error", account=self.account, exc_info=exc)
+            raise
 
     async def _refresh(self) -> tuple[str, ...]:
         try:

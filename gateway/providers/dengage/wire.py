@@ -247,6 +247,9 @@ def check_status(response: HttpResponse, what: str) -> Any:
         raise RateLimited(f"dEngage rate limit (429) on {what}", retry_after=response.retry_after(time.time()))
     if status >= 500:
         raise UpstreamUnavailable(f"dEngage answered {status} to {what}")
+    if 300 <= status < 400:
+        # Not processed where it was sent: a wrong api_base (http for https, a moved data centre).
+        raise UpstreamUnavailable(f"dEngage answered {status} (a redirect) to {what}: check api_base")
     if status >= 400:
         raise UpstreamRejected(upstream_reason(response, data))
     return data
