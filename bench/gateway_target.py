@@ -1,4 +1,5 @@
-"""The smtp-gateway under test plus its DMDS sandbox upstream, configured from bench/gateway.toml.in."""
+"""The smtp-gateway under test plus its sandbox upstream (DMDS or dEngage), configured from
+bench/gateway.toml.in and bench/accounts.toml.in."""
 
 from __future__ import annotations
 
@@ -33,6 +34,12 @@ from servers import (
 
 REPO_DIR = BENCH_DIR.parent
 TEMPLATE = BENCH_DIR / "gateway.toml.in"
+ACCOUNTS = BENCH_DIR / "accounts.toml.in"
+PROVIDERS = ("dmds", "dengage")
+DENGAGE_PASSWORD = "bench-api-password"
+# With the limiter on, the dEngage sandbox enforces dEngage's published 30 requests/s per IP and the
+# gateway runs the account's default limit (25/s, burst 5: at most 29 in any second).
+DENGAGE_UPSTREAM_LIMIT = 30
 LOGIN = "bench"
 PASSWORD = "bench-password"
 APIKEY = "bench-apikey"
@@ -98,16 +105,35 @@ def password_hash(password: str) -> str:
         sys.path.remove(str(REPO_DIR))
 
 
-def render_config(port: int, api_base: str, spool_path: Path, dns_port: int) -> str:
-    """Fill bench/gateway.toml.in."""
+def account_block(provider: str) -> str:
+    """The [accounts.bench] template of one provider: the part of accounts.toml.in after `# -- <provider>`."""
+    blocks: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in ACCOUNTS.read_text().splitlines():
+        if line.startswith("# -- "):
+            current = blocks.setdefault(line[5:].strip(), [])
+        elif current is not None:
+            current.append(line)
+    return "\n".join(blocks[provider]).strip() + "\n"
+
+
+def render_config(port: int, api_base: str, spool_path: Path, dns_port: int, provider: str = "dmds",
+                  rate_limit: float = 0.0) -> str:
+    """Fill bench/gateway.toml.in with the provider's account from bench/accounts.toml.in."""
+    values = {
+        "api_base": api_base,
+        "apikey": APIKEY,
+        "dengage_password": DENGAGE_PASSWORD,
+        "rate_limit": rate_limit,
+        "sender_domain": genmsg.SENDER_DOMAIN,
+        "password_hash": password_hash(PASSWORD),
+    }
+    account = Template(account_block(provider)).substitute(values)
     return Template(TEMPLATE.read_text()).substitute(
         port=port,
         dns_port=dns_port,
-        api_base=api_base,
-        apikey=APIKEY,
         spool_path=str(spool_path),
-        sender_domain=genmsg.SENDER_DOMAIN,
-        password_hash=password_hash(PASSWORD),
+        account=account,
     )
 
 
@@ -119,14 +145,19 @@ def http_json(url: str, method: str = "GET", timeout: float = 2.0) -> object:
 
 
 class Gateway(Server):
-    """`smtp-gateway serve` with a private `smtp-gateway sandbox` upstream adding `latency_ms` per call."""
+    """`smtp-gateway serve` with a private `smtp-gateway sandbox` upstream adding `latency_ms` per call.
+
+    `provider`: the upstream of the bench account; `rate_limit` (dEngage): the account's limiter, 0 off."""
 
     label = "gateway"
 
     def __init__(
-        self, workdir: Path, latency_ms: int, cmd: list[str], serve_args: list[str], workers: int = 1
+        self, workdir: Path, latency_ms: int, cmd: list[str], serve_args: list[str], workers: int = 1,
+        provider: str = "dmds", rate_limit: float = 0.0,
     ) -> None:
         super().__init__(workdir)
+        self.provider = provider
+        self.rate_limit = rate_limit
         self.workers = workers
         self.extra: list[subprocess.Popen[bytes]] = []  # worker processes after the first
         self.latency_ms = latency_ms
@@ -134,12 +165,15 @@ class Gateway(Server):
         self.serve_args = serve_args
         self.info = f"serve {' '.join(serve_args)}" if serve_args else ""
         self.label = f"gateway-{latency_ms}ms" + (f"-x{workers}" if workers > 1 else "")
+        if provider != "dmds":
+            self.label += f"-{provider}" + ("-limited" if rate_limit else "")
         self.sandbox: subprocess.Popen[bytes] | None = None
         self.sandbox_port = 0
         self.dns: subprocess.Popen[bytes] | None = None
         self.dns_port = 0
         self.tmp: Path | None = None
         self.auth = (LOGIN, PASSWORD)
+        self.upstream_429 = 0  # 429 answers of the sandbox over the whole setup
 
     @property
     def sandbox_url(self) -> str:
@@ -163,6 +197,10 @@ class Gateway(Server):
             str(self.latency_ms),
         ]
         cmd += ["--apikey", APIKEY, "--quiet"]
+        if self.provider == "dengage":
+            cmd += ["--dengage-userkey", APIKEY, "--dengage-password", DENGAGE_PASSWORD,
+                    "--dengage-from", f"Bench <{genmsg.SENDER}>",
+                    "--dengage-rate-limit", str(DENGAGE_UPSTREAM_LIMIT if self.rate_limit else 0)]
         log = self.workdir / f"{self.label}-sandbox.log"
         self.sandbox = spawn(cmd, log, env=gateway_env())
         try:
@@ -191,7 +229,8 @@ class Gateway(Server):
         for worker in range(self.workers):
             # Each worker process has its own spool; with several, the kernel spreads connections (SO_REUSEPORT).
             config = self.tmp / f"gateway-{worker}.toml"
-            text = render_config(self.port, self.sandbox_url, self.tmp / f"spool-{worker}.sqlite3", self.dns_port)
+            text = render_config(self.port, self.sandbox_url, self.tmp / f"spool-{worker}.sqlite3", self.dns_port,
+                                 self.provider, self.rate_limit)
             if self.workers > 1:
                 text = text.replace('tls = "none"', 'tls = "none"\nreuse_port = true', 1)
             config.write_text(text)
@@ -209,13 +248,20 @@ class Gateway(Server):
         except SetupError as exc:
             raise SetupError(f"{exc}: {log_tail(self.log, 8)}") from None
 
-    def upstream_requests(self) -> int:
-        """Requests the sandbox has recorded since the last clear (-1 if unknown)."""
+    def _health(self) -> dict[str, object]:
         try:
             health = http_json(f"{self.sandbox_url}/_sandbox/health")
         except (OSError, ValueError):
-            return -1
-        return int(health.get("requests", -1)) if isinstance(health, dict) else -1
+            return {}
+        return health if isinstance(health, dict) else {}
+
+    def upstream_requests(self) -> int:
+        """Send calls the sandbox has recorded since the last clear (-1 if unknown); logins, identity
+        lookups and answers refused with 429 are not sends of a message."""
+        health = self._health()
+        sends = health.get("sends", health.get("requests", -1))
+        refused = health.get("status_429", 0)
+        return int(str(sends)) - int(str(refused)) if int(str(sends)) >= 0 else -1
 
     def settle(self, expected: int, slack: int = 0, timeout: float = 20.0) -> str:
         """Check every accepted message reached the sandbox, then clear its request log (memory).
@@ -229,11 +275,16 @@ class Gateway(Server):
             seen = self.upstream_requests()
         if slack:  # let messages that were in flight land before the log is cleared
             seen = self._wait_stable(seen, deadline)
+        limited = int(str(self._health().get("status_429", 0)))
+        self.upstream_429 += limited
         with contextlib.suppress(OSError):
             http_json(f"{self.sandbox_url}/_sandbox/requests", method="DELETE")
+        warnings = []
         if seen >= 0 and not expected - slack <= seen <= expected + slack:
-            return f"sandbox saw {seen} API calls for {expected} messages"
-        return ""
+            warnings.append(f"sandbox saw {seen} API calls for {expected} messages")
+        if limited:
+            warnings.append(f"sandbox answered {limited} calls with 429")
+        return "; ".join(warnings)
 
     def _wait_stable(self, seen: int, deadline: float) -> int:
         """Poll the sandbox's request count until it has not changed for 0.5 s, or the deadline."""

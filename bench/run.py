@@ -1,4 +1,4 @@
-"""One-command SMTP benchmark: smtp-sink, bare aiosmtpd, private Postfix and smtp-gateway."""
+"""One-command SMTP benchmark: smtp-sink, bare aiosmtpd, private Postfix and smtp-gateway (DMDS and dEngage)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from pathlib import Path
 import genmsg
 import report
 import smtpsource
-from gateway_target import Gateway, check_cli
+from gateway_target import PROVIDERS, Gateway, check_cli
 from procmon import PeakRss
 from results_model import Latency, Point, RunResult, SetupResult
 from servers import (
@@ -42,7 +42,11 @@ from smtpsource import SourceRun
 MESSAGES = {"5KB": genmsg.SMALL_NAME, "1MB": genmsg.LARGE_NAME}
 MODES = ("persistent", "per-connection")
 # --quick leaves out gateway+50ms (between the two others) to stay near two minutes.
-QUICK_SETUPS = ["smtp-sink", "bare-aiosmtpd", "postfix", "gateway", "gateway+200ms", "gateway-x2"]
+QUICK_SETUPS = ["smtp-sink", "bare-aiosmtpd", "postfix", "gateway", "gateway+200ms", "gateway-x2",
+                "gateway-dengage", "gateway-dengage-limited"]
+# The dEngage setups: the account's limiter off (rate_limit = 0), and on at its default 25/s against a
+# sandbox enforcing dEngage's 30 requests/s per IP.
+DENGAGE_RATE = 25.0
 
 
 @dataclass(frozen=True)
@@ -84,9 +88,10 @@ def install_postfix() -> None:
 
 
 def build_specs(
-    wanted: list[str], gateway_cmd: list[str] | None, gateway_problem: str, serve_args: list[str]
+    wanted: list[str], gateway_cmd: list[str] | None, gateway_problem: str, serve_args: list[str],
+    providers: tuple[str, ...] = ("dmds",),
 ) -> list[SetupSpec]:
-    """The setups to run, in order."""
+    """The setups to run, in order: the baselines, then the gateway's with each provider's upstream."""
     specs = [
         SetupSpec("smtp-sink", "smtp-sink process", SmtpSink),
         SetupSpec("bare-aiosmtpd", "bare_aiosmtpd.py process", BareAiosmtpd),
@@ -110,6 +115,19 @@ def build_specs(
     specs.append(
         SetupSpec("gateway-x2", "two smtp-gateway serve processes on one port (SO_REUSEPORT)", two_workers)
     )
+    if "dmds" not in providers:
+        specs = [s for s in specs if not s.name.startswith("gateway")]
+    if "dengage" in providers:
+        for name, rate, what in (("gateway-dengage", 0.0, "limiter off"),
+                                 ("gateway-dengage-limited", DENGAGE_RATE, f"limiter {DENGAGE_RATE:g}/s, "
+                                  "sandbox enforcing 30/s")):
+
+            def dengage(workdir: Path, limit: float = rate) -> Server:
+                if gateway_cmd is None:
+                    raise SetupError(gateway_problem or "gateway CLI unavailable")
+                return Gateway(workdir, 0, gateway_cmd, serve_args, provider="dengage", rate_limit=limit)
+
+            specs.append(SetupSpec(name, f"smtp-gateway serve process tree, dEngage account ({what})", dengage))
     return [s for s in specs if _selected(s.name, wanted)]
 
 
@@ -317,6 +335,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results", help="where latest.json/md go")
     parser.add_argument("--update-readme", action="store_true", help="also put the tables into bench/README.md")
     parser.add_argument("--gateway-args", default="", help='extra `smtp-gateway serve` options, e.g. "--aiohttp"')
+    parser.add_argument("--providers", default="dmds",
+                        help="comma list of the gateway's upstreams: dmds (gateway, gateway+50ms, gateway+200ms, "
+                             "gateway-x2), dengage (gateway-dengage, gateway-dengage-limited)")
     parser.add_argument("--keep-logs", action="store_true", help="keep the server logs directory")
     args = parser.parse_args(argv)
     args.profile = PROFILES["quick" if args.quick else "full"]
@@ -324,6 +345,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.sessions = [int(s) for s in args.sessions.split(",") if s]
     args.messages = [m for m in args.messages.split(",") if m]
     args.modes = [m for m in args.modes.split(",") if m]
+    args.providers = tuple(p for p in args.providers.split(",") if p)
+    for provider in args.providers:
+        if provider not in PROVIDERS:
+            parser.error(f"unknown provider {provider!r} (one of {', '.join(PROVIDERS)})")
     for message in args.messages:
         if message not in MESSAGES:
             parser.error(f"unknown message {message!r}")
@@ -373,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     print(f"profile {args.profile.name}; logs in {workdir}", flush=True)
     try:
-        specs = build_specs(args.setups, *resolve_gateway(args.setups), shlex.split(args.gateway_args))
+        specs = build_specs(args.setups, *resolve_gateway(args.setups), shlex.split(args.gateway_args),
+                            args.providers)
         for spec in specs:
             run.setups.append(run_setup(spec, args, workdir))
     except KeyboardInterrupt:

@@ -185,7 +185,14 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         echo=None if args.quiet else sys.stdout,
     )
     dmds_state = DmdsSandbox(apikey=args.apikey, campaigns=campaigns, sender_domains=set(args.sender_domain or []))
-    sandbox = Sandbox(state, [lambda s: dmds(s, dmds_state), lambda s: dengage(s, DengageSandbox())])
+    dengage_state = DengageSandbox(
+        userkey=args.dengage_userkey, password=args.dengage_password, token_ttl=args.dengage_token_ttl,
+        rate_limit=args.dengage_rate_limit or None, refuse_all=args.dengage_refuse_all,
+        refused_ips=set(args.dengage_refuse_ip or []),
+    )
+    if args.dengage_from:
+        dengage_state.froms = list(args.dengage_from)
+    sandbox = Sandbox(state, [lambda s: dmds(s, dmds_state), lambda s: dengage(s, dengage_state)])
     host, port = args.listen
     wanted = [preflight.Port("sandbox --listen", host, port)]
     _refuse_on_problems(preflight.ports(wanted), args)
@@ -283,11 +290,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read the password from standard input (the default when it is not a terminal)")
     p.set_defaults(func=cmd_hash_password)
 
-    p = sub.add_parser("sandbox", help="run the DMDS-compatible sandbox upstream")
+    p = sub.add_parser("sandbox", help="run the sandbox upstream (DMDS and dEngage paths)")
     p.add_argument("--listen", default="127.0.0.1:8025", type=_listen_address, metavar="HOST:PORT")
-    p.add_argument("--apikey", default="sandbox-account-apikey")
-    p.add_argument("--campaign", action="append", metavar="NUMID=APIKEY", help="an API campaign (repeatable)")
-    p.add_argument("--sender-domain", action="append", help="permitted sender domain (repeatable; default any)")
+    p.add_argument("--apikey", default="sandbox-account-apikey", help="DMDS: the account APIKEY")
+    p.add_argument("--campaign", action="append", metavar="NUMID=APIKEY", help="DMDS: an API campaign (repeatable)")
+    p.add_argument("--sender-domain", action="append", help="DMDS: permitted sender domain (repeatable; default any)")
+    p.add_argument("--dengage-userkey", default="sandbox-userkey", help="dEngage: the API user's userkey")
+    p.add_argument("--dengage-password", default="sandbox-password", help="dEngage: the API user's password")
+    p.add_argument("--dengage-from", action="append", metavar="'NAME <ADDR>'",
+                   help="dEngage: a From identity (repeatable; default 'Sandbox Team <team@example.com>')")
+    p.add_argument("--dengage-token-ttl", type=float, default=3600.0, help="dEngage: seconds a token lives")
+    p.add_argument("--dengage-rate-limit", type=int, default=30,
+                   help="dEngage: requests per second per client IP, then 429 (0: no limit)")
+    p.add_argument("--dengage-refuse-ip", action="append", metavar="IP",
+                   help="dEngage: answer this client IP's requests 403 'not whitelisted' (repeatable)")
+    p.add_argument("--dengage-refuse-all", action="store_true", help="dEngage: refuse every client IP (allowlist)")
     p.add_argument("--latency-ms", type=float, default=0.0, help="delay added to every API call")
     p.add_argument("--record", help="append every request as JSON lines to this file")
     p.add_argument("--quiet", action="store_true", help="do not print requests")

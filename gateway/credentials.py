@@ -19,11 +19,19 @@ from gateway.settings import AccountSettings
 
 
 class AuthFailed(Exception):
-    """The credentials are wrong (535)."""
+    """The credentials are wrong (535). `label`: the username as it may be logged."""
+
+    def __init__(self, label: str) -> None:
+        super().__init__(label)
+        self.label = label
 
 
 class AuthUnavailable(Exception):
     """The credentials cannot be checked now (454): the upstream lookup failed temporarily."""
+
+    def __init__(self, reason: str, label: str | None = None) -> None:
+        super().__init__(reason)
+        self.label = label
 
 
 @dataclass(slots=True)
@@ -82,7 +90,7 @@ class Authenticator:
         entry = self._cache.get(key)
         if entry is not None and entry.expires > now:
             if entry.principal is None:
-                raise AuthFailed(username)
+                raise AuthFailed(self.label(username))
             return entry.principal
         future = self._inflight.get(key)
         if future is None:
@@ -101,8 +109,17 @@ class Authenticator:
         else:
             principal = await asyncio.shield(future)
         if principal is None:
-            raise AuthFailed(username)
+            raise AuthFailed(self.label(username))
         return principal
+
+    def label(self, username: str) -> str:
+        """The username as logs may show it: a provider's secret used as a username (the dEngage API
+        user's userkey) is replaced by a name for it."""
+        for provider in self._providers.values():
+            shown = provider.login_label(username)
+            if shown != username:
+                return shown
+        return username
 
     def _remember(self, key: bytes, username: str, principal: Principal | None) -> None:
         account = self._accounts.get(principal.account) if principal else self._account_of(username)
@@ -133,7 +150,7 @@ class Authenticator:
             try:
                 principal = await provider.verify_login(username, password)
             except Deferred as exc:
-                raise AuthUnavailable(exc.reason) from exc
+                raise AuthUnavailable(exc.reason, provider.login_label(username)) from exc
             if principal is not None:
                 return principal
         return None

@@ -62,6 +62,11 @@ def _parse(raw: bytes | bytearray) -> Message:
         if name.startswith(OPTION_PREFIX)
     }
     message_id = headers.get("message-id", [""])[0].strip()
+    # Custom X- headers (not the X-Gateway-* options), names as written, for providers that forward them.
+    x_headers = tuple(
+        (name, header_text(value).strip()) for name, value in msg.items()
+        if name[:2].lower() == "x-" and not name.lower().startswith(OPTION_PREFIX)
+    ) if any(n.startswith("x-") and not n.startswith(OPTION_PREFIX) for n in headers) else ()
     return Message(
         subject=_WS.sub(" ", header_text(headers.get("subject", [""])[0])).strip(),
         from_=_first_address(headers, "from"),
@@ -74,6 +79,7 @@ def _parse(raw: bytes | bytearray) -> Message:
         attachments=tuple(attachments),
         options=options,
         message_id=message_id or None,
+        x_headers=x_headers,
     )
 
 

@@ -24,6 +24,16 @@ class SenderPolicy:
 
     domains: frozenset[str]
     return_paths: Mapping[str, str] = field(default_factory=dict)
+    # Name the permitted domains in a refusal (dEngage: the account's From identities).
+    name_domains: bool = False
+
+    def permitted_hint(self) -> str:
+        """A refusal's suffix " (permitted: a.example, b.example)", or "" when domains are not named."""
+        if not self.name_domains:
+            return ""
+        shown = sorted(self.domains)
+        text = ", ".join(shown[:10]) + (f" and {len(shown) - 10} more" if len(shown) > 10 else "")
+        return f" (permitted: {text or 'none'})"
 
 
 class _UpstreamCannotTake(Exception):
@@ -122,6 +132,12 @@ def check_sender(senders: SenderPolicy, principal: Principal, address: str, smtp
             return normalized
     elif sender_permitted(senders, principal, normalized):
         return normalized
+    domain = domain_of(lowered)
+    if senders.name_domains and domain not in senders.domains:
+        raise PolicyRejected(reply=replies.SENDER_NOT_OWNED.with_text(
+            f"<{address}>: Sender address rejected: domain {domain} is not a permitted sender domain"
+            f"{senders.permitted_hint()}"
+        ))
     raise PolicyRejected(
         reply=replies.SENDER_NOT_OWNED.with_text(
             f"<{address}>: Sender address rejected: not owned by {principal.login}"
@@ -172,6 +188,7 @@ def apply_from_policy(
             raise PolicyRejected(
                 reply=replies.HEADER_FROM_REJECTED.with_text(
                     f"{header}: header domain {domain} is not a permitted sender domain for this account"
+                    f"{senders.permitted_hint()}"
                 )
             )
         if not login_may_use(principal, addr.email, domain):

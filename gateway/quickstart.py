@@ -20,6 +20,10 @@ from gateway.tlsutil import write_self_signed
 SANDBOX_APIKEY = "sandbox-account-apikey"
 CAMPAIGNS = {22: "campaign-22-apikey", 23: "campaign-23-apikey"}
 DEMO_USER, DEMO_PASSWORD = "demo", "demo-password"
+# The dEngage account "crm": its API user (in the sandbox) and a configured SMTP login.
+DENGAGE_USERKEY, DENGAGE_API_PASSWORD = "sandbox-userkey", "sandbox-password"
+DENGAGE_DEMO_USER, DENGAGE_DEMO_PASSWORD = "demo-dengage", "dengage-password"
+DENGAGE_FROM = "Example Shop <shop@example.org>"
 
 
 def quickstart_settings(workdir: Path, sandbox_port: int, smtp_port: int, tls_port: int) -> dict[str, Any]:
@@ -40,7 +44,15 @@ def quickstart_settings(workdir: Path, sandbox_port: int, smtp_port: int, tls_po
                 "apikey": SANDBOX_APIKEY,
                 "sender_domains": {"example.com": "dmds-example@nl.example.com"},
                 "users": [{"username": DEMO_USER, "password_hash": hash_password(DEMO_PASSWORD), "campaign": 22}],
-            }
+            },
+            "crm": {
+                "provider": "dengage",
+                "api_base": f"http://127.0.0.1:{sandbox_port}/rest",
+                "userkey": DENGAGE_USERKEY,
+                "password": DENGAGE_API_PASSWORD,
+                "users": [{"username": DENGAGE_DEMO_USER, "password_hash": hash_password(DENGAGE_DEMO_PASSWORD),
+                           "tags": ["quickstart"]}],
+            },
         },
         "delivery": {"spool_path": str(workdir / "spool.sqlite3")},
         "dns": {"check_sender_domain": False},
@@ -52,7 +64,8 @@ async def quickstart(workdir: Path, sandbox_port: int, smtp_port: int, tls_port:
     record = workdir / "sandbox-requests.jsonl"
     state = SandboxState(record_path=record, echo=sys.stdout)
     dmds_state = DmdsSandbox(apikey=SANDBOX_APIKEY, campaigns=dict(CAMPAIGNS), sender_domains={"example.com"})
-    sandbox = Sandbox(state, [lambda s: dmds(s, dmds_state), lambda s: dengage(s, DengageSandbox())])
+    dengage_state = DengageSandbox(userkey=DENGAGE_USERKEY, password=DENGAGE_API_PASSWORD, froms=[DENGAGE_FROM])
+    sandbox = Sandbox(state, [lambda s: dmds(s, dmds_state), lambda s: dengage(s, dengage_state)])
     bound = await sandbox.start("127.0.0.1", sandbox_port)
     settings = load_settings(None, **quickstart_settings(workdir, bound, smtp_port, tls_port))
     print(_banner(bound, smtp_port, tls_port, record), file=sys.stderr, flush=True)
@@ -67,7 +80,7 @@ def _banner(sandbox_port: int, smtp_port: int, tls_port: int, record: Path) -> s
 smtp-gateway quick start
   SMTP (loopback, AUTH without TLS allowed): 127.0.0.1:{smtp_port}
   SMTP submission with STARTTLS (self-signed): 127.0.0.1:{tls_port}
-  sandbox DMDS upstream: http://127.0.0.1:{sandbox_port}   requests: {record}
+  sandbox upstream (DMDS at /v1, dEngage at /rest): http://127.0.0.1:{sandbox_port}   requests: {record}
 
 Send a message (the sandbox prints the API request it received):
   swaks --server 127.0.0.1:{smtp_port} --auth PLAIN --auth-user {DEMO_USER} --auth-password {DEMO_PASSWORD} \\
@@ -75,6 +88,10 @@ Send a message (the sandbox prints the API request it received):
 SMTP-API login (campaign 22 and its apikey):
   swaks --server 127.0.0.1:{smtp_port} --auth LOGIN --auth-user sandbox-22 --auth-password {CAMPAIGNS[22]} \\
         --from info@example.com --to someone@example.net
+dEngage login (a configured user of the dEngage account "crm"; its From identity is {DENGAGE_FROM}):
+  swaks --server 127.0.0.1:{smtp_port} --auth PLAIN --auth-user {DENGAGE_DEMO_USER} \\
+        --auth-password {DENGAGE_DEMO_PASSWORD} --from shop@example.org --to someone@example.net \\
+        --header 'Subject: Hello from dEngage'
 Read back what the gateway sent:  curl -s http://127.0.0.1:{sandbox_port}/_sandbox/requests
 """
 

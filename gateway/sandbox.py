@@ -11,6 +11,7 @@ they share: the request record and the faults.
                             {"mode": "err", "reason": "..."}     next request: HTTP 200 with an error body
                             any of them with "kind": "send"      only for that kind of request
                                                                  (send, lookup, login, froms)
+                            ... and/or "provider": "dengage"     only for that provider's requests
     DELETE /_sandbox/faults                                       clear all faults
     GET  /_sandbox/requests                                       every request recorded, faulted ones too
     DELETE /_sandbox/requests                                     forget them
@@ -26,14 +27,27 @@ import sys
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, TextIO
 
 import orjson
 from aiohttp import web
+from email_validator import EmailNotValidError, validate_email
 
 Redactor = Callable[[dict[str, Any]], dict[str, Any]]
 ErrorBody = Callable[[str, int], web.Response]
+
+
+@lru_cache(maxsize=4096)
+def email_error(value: str) -> str | None:
+    """email-validator's objection to an address ("invalid email ..."), or None. Cached: the benchmark
+    sends the same addresses thousands of times and the sandbox should answer "at once"."""
+    try:
+        validate_email(value, check_deliverability=False, allow_smtputf8=False)
+    except EmailNotValidError as exc:
+        return f"invalid email {exc}"
+    return None
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
@@ -49,6 +63,7 @@ class Fault:
     probability: float = 1.0
     reason: str = "sandbox fault"
     kind: str | None = None  # None: any request
+    provider: str | None = None  # None: any provider's
 
 
 @dataclass
@@ -62,9 +77,11 @@ class SandboxState:
     lookups: deque[int | str] = field(default_factory=lambda: deque(maxlen=100_000))
     rng: random.Random = field(default_factory=lambda: random.Random(1234))
 
-    def next_fault(self, kind: str) -> Fault | None:
+    def next_fault(self, kind: str, provider: str | None = None) -> Fault | None:
         for fault in list(self.faults):
             if fault.kind is not None and fault.kind != kind:
+                continue
+            if fault.provider is not None and fault.provider != provider:
                 continue
             if fault.probability < 1.0 and self.rng.random() >= fault.probability:
                 continue
@@ -128,7 +145,7 @@ class Sandbox:
     async def apply_fault(self, request: web.Request, entry: dict[str, Any], error: ErrorBody) -> web.Response | None:
         """Latency, then the next fault for this kind of request, if any (recorded like any request)."""
         state = self.state
-        fault = state.next_fault(entry["kind"])
+        fault = state.next_fault(entry["kind"], entry.get("provider"))
         if state.latency:
             await asyncio.sleep(state.latency)
         if fault is None:
@@ -172,6 +189,7 @@ class Sandbox:
             probability=float(spec.get("probability", 1.0)),
             reason=str(spec.get("reason", "sandbox fault")),
             kind=spec.get("kind"),
+            provider=spec.get("provider"),
         )
         self.state.faults.append(fault)
         return json_response({"status": "ok", "faults": len(self.state.faults)})
@@ -181,7 +199,10 @@ class Sandbox:
         return json_response({"status": "ok"})
 
     async def health(self, request: web.Request) -> web.Response:
-        return json_response({"status": "ok", "requests": len(self.state.requests)})
+        requests = self.state.requests
+        sends = sum(1 for r in requests if r["kind"] == "send")
+        refused_429 = sum(1 for r in requests if r.get("status") == 429)
+        return json_response({"status": "ok", "requests": len(requests), "sends": sends, "status_429": refused_429})
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         # Requests stuck in a "timeout" fault must not hold the sandbox's stop for aiohttp's default 60 s.
@@ -203,7 +224,8 @@ class Sandbox:
 
 async def run_forever(sandbox: Sandbox, host: str, port: int) -> None:
     bound = await sandbox.start(host, port)
-    print(f"sandbox: DMDS- and dEngage-compatible upstream on http://{host}:{bound}", file=sys.stderr, flush=True)
+    print(f"sandbox: DMDS- and dEngage-compatible upstream on http://{host}:{bound} "
+          f"(dEngage api_base: http://{host}:{bound}/rest)", file=sys.stderr, flush=True)
     try:
         await asyncio.Event().wait()
     finally:

@@ -29,6 +29,13 @@ CAMPAIGNS = {22: "campaign-22-apikey", 23: "campaign-23-apikey"}
 USER, PASSWORD = "scanner", "scanner-password"
 # Hashing costs ~50 ms: do it once per test run.
 PASSWORD_HASH = hash_password(PASSWORD)
+# The dEngage account `start(..., dengage={...})` adds: its API user, its configured login (same password
+# as USER) and its From identities in the sandbox.
+DENGAGE_ACCOUNT = "crm"
+DENGAGE_USERKEY, DENGAGE_API_PASSWORD = "test-dengage-userkey", "test-dengage-api-password"
+DENGAGE_USER = "erp"
+DENGAGE_SENDER = "billing@crm.example"
+DENGAGE_FROMS = ["CRM Billing <billing@crm.example>", "CRM News <news@mail.crm.example>"]
 
 
 class LoopThread:
@@ -127,6 +134,18 @@ class Running:
     def sent(self) -> list[dict[str, Any]]:
         return [r for r in self.sandbox.state.requests if r["kind"] == "send" and r["status"] == 200]
 
+    def calls(self, kind: str = "send", provider: str = "dengage", status: int | None = None) -> list[dict[str, Any]]:
+        """The requests of one kind (send, login, froms, lookup) one provider's routes received."""
+        return [r for r in list(self.sandbox.state.requests)
+                if r["kind"] == kind and r.get("provider") == provider and (status is None or r["status"] == status)]
+
+    def dengage_control(self, **spec: Any) -> dict[str, Any]:
+        """Change the sandbox's dEngage behaviour (POST /_sandbox/dengage)."""
+        response = httpx.post(f"{self.sandbox_url}/_sandbox/dengage", json=spec)
+        response.raise_for_status()
+        result: dict[str, Any] = response.json()
+        return result
+
     def fault(self, **spec: Any) -> None:
         httpx.post(f"{self.sandbox_url}/_sandbox/faults", json=spec).raise_for_status()
 
@@ -134,11 +153,30 @@ class Running:
         httpx.delete(f"{self.sandbox_url}/_sandbox/faults").raise_for_status()
 
 
+def dengage_sandbox(**settings: Any) -> DengageSandbox:
+    """The sandbox's dEngage side for the tests' dEngage account."""
+    return DengageSandbox(userkey=DENGAGE_USERKEY, password=DENGAGE_API_PASSWORD, froms=list(DENGAGE_FROMS),
+                          **settings)
+
+
+def dengage_account(sandbox_port: int, **overrides: Any) -> dict[str, Any]:
+    """The tests' dEngage account (provider = "dengage") against the sandbox's /rest paths."""
+    return {
+        "provider": "dengage",
+        "api_base": f"http://127.0.0.1:{sandbox_port}/rest",
+        "userkey": DENGAGE_USERKEY,
+        "password": DENGAGE_API_PASSWORD,
+        "http_timeout": 5.0,
+        "users": [{"username": DENGAGE_USER, "password_hash": PASSWORD_HASH, "tags": ["erp"]}],
+        **overrides,
+    }
+
+
 def sandbox_for_tests(state: SandboxState | None = None, dmds: DmdsSandbox | None = None,
                       dengage: DengageSandbox | None = None) -> Sandbox:
     """The sandbox upstream with the tests' DMDS account (and a dEngage API user)."""
     dmds = dmds or DmdsSandbox(apikey=APIKEY, campaigns=dict(CAMPAIGNS))
-    dengage = dengage or DengageSandbox()
+    dengage = dengage or dengage_sandbox()
     return Sandbox(state or SandboxState(), [lambda s: install_dmds(s, dmds), lambda s: install_dengage(s, dengage)])
 
 
@@ -147,11 +185,15 @@ def start(
     tmp: Path,
     sandbox: Sandbox | None = None,
     extra_users: list[dict[str, Any]] | None = None,
+    dengage: dict[str, Any] | None = None,
     **overrides: Any,
 ) -> Running:
+    """`dengage`: also configure the dEngage account DENGAGE_ACCOUNT, with these keys overridden."""
     sandbox = sandbox or sandbox_for_tests()
     # A sandbox already serving (another gateway's) is shared: two instances, one upstream.
     port = sandbox.port or loop.run(sandbox.start("127.0.0.1", 0))
+    if dengage is not None:
+        overrides["accounts"] = {**overrides.get("accounts", {}), DENGAGE_ACCOUNT: dengage_account(port, **dengage)}
     settings = load_settings(None, **base_config(tmp, port, extra_users, **overrides))
     for name, account in settings.accounts.items():
         # Tests talk to loopback only: an account without api_base would default to the real DMDS host.

@@ -470,7 +470,7 @@ def readme_swaks() -> list[str]:
 def test_quickstart_answers_the_readme_swaks_examples(tmp_path: Path) -> None:
     assert shutil.which("swaks"), "swaks is installed by .ci/run (apt-get install swaks)"
     commands = readme_swaks()
-    assert len(commands) == 3, commands
+    assert len(commands) == 4, commands  # three DMDS login styles, one dEngage login
     smtp, tls, sandbox = free_port(), free_port(), free_port()
     proc = subprocess.Popen(
         [*CLI, "quickstart", "--port", str(smtp), "--tls-port", str(tls), "--sandbox-port", str(sandbox)],
@@ -495,6 +495,8 @@ def test_quickstart_answers_the_readme_swaks_examples(tmp_path: Path) -> None:
     sends = [r for r in recorded if r["path"].startswith("/v1/envio/")]
     assert [(r["status"], r["body"]["campana_id"]) for r in sends] == [(200, 22), (200, 22), (200, 23)]
     assert [r["body"]["asunto"] for r in sends][::2] == ["Hello", "Monthly report"]  # the [23] prefix removed
+    dengage = [r for r in recorded if r["kind"] == "send" and r["path"] == "/rest/transactional/email"]
+    assert [(r["status"], r["body"]["send"]["to"]) for r in dengage] == [(200, "someone@example.net")]
     record = tmp_path / "var" / "quickstart" / "sandbox-requests.jsonl"
     assert len([json.loads(line) for line in record.read_text().splitlines()]) >= 3
     assert status == 0, err.text()

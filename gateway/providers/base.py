@@ -45,6 +45,11 @@ class Provider(Protocol):
         """Whether `username` has this provider's login shape (for the refusal cache's lifetime)."""
         ...
 
+    def login_label(self, username: str) -> str:
+        """How `username` may appear in logs: itself, unless it is a secret of this provider (the
+        dEngage API user's userkey), which is replaced by a name for it."""
+        ...
+
     async def sender_policy(self) -> SenderPolicy:
         """The permitted sender domains now (may ask the upstream, cached). Raises Deferred."""
         ...

@@ -6,8 +6,6 @@ the AccountSettings union (gateway/settings.py), and one line in `build` below.
 
 from __future__ import annotations
 
-from typing import cast
-
 from gateway.providers.base import Provider
 from gateway.queue.store import QueueStore
 from gateway.settings import AccountSettings, DengageAccount, DmdsAccount
@@ -39,7 +37,7 @@ def build(name: str, account: AccountSettings, store: QueueStore | None = None) 
 
         http = HttpClient(account.base_url, upstream="dEngage", account=name, timeout=account.http_timeout,
                           max_connections=account.max_connections, transport=account.http_client)
-        return cast(Provider, DengageProvider(name, account, http, limiter))
+        return DengageProvider(name, account, http, limiter)
     raise TypeError(f"no provider for {type(account).__name__}")  # pragma: no cover - the config union is closed
 
 

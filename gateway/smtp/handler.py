@@ -82,7 +82,7 @@ class GatewayHandler:
         A user who types the password into the username field must not find it in the log.
         """
         if self.authenticator.knows(login):
-            return {"login": login}
+            return {"login": self.authenticator.label(login)}  # never a provider's secret (dEngage userkey)
         digest = hmac.new(_FINGERPRINT_KEY, login.encode("utf-8", "surrogateescape"), hashlib.sha256)
         return {"login_unknown": digest.hexdigest()[:12]}
 

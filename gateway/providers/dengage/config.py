@@ -34,17 +34,39 @@ class DengageAccount(AccountBase):
     users: list[DengageUser] = []
     # Report tags added to every message of this account.
     tags: list[str] = []
-    # dEngage allows about 30 requests/s per IP (upstream-apis.md §2.1 [C]): stay below it by default.
-    rate_limit: float | None = Field(25.0, gt=0)
+    # dEngage allows about 30 requests/s per IP (upstream-apis.md §2.1 [C]). A token bucket lets at most
+    # rate_burst + rate_limit - 1 calls through in any one second: 29 with these defaults. 0: no limit.
+    rate_limit: float | None = Field(25.0, ge=0)
+    rate_burst: int = Field(5, ge=1)
 
     @property
     def base_url(self) -> str:
         return self.api_base.rstrip("/")
 
+    @property
+    def api_userkey(self) -> str:
+        assert self.userkey is not None  # _secret_sources guarantees it
+        return self.userkey.get_secret_value()
+
+    @property
+    def api_password(self) -> str:
+        assert self.password is not None  # _secret_sources guarantees it
+        return self.password.get_secret_value()
+
     @field_validator("sender_domains")
     @classmethod
     def _lower_domains(cls, v: list[str]) -> list[str]:
         return [d.lower().strip().strip(".").lstrip("@") for d in v]
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _zero_is_unlimited(cls, v: float | None) -> float | None:
+        return v or None
+
+    @field_validator("tags")
+    @classmethod
+    def _clean_tags(cls, v: list[str]) -> list[str]:
+        return [t.strip() for t in v if t.strip()]
 
     @model_validator(mode="after")
     def _secret_sources(self) -> DengageAccount:

@@ -1,15 +1,224 @@
-"""dEngage provider: being built (issue #8)."""
+"""dEngage transactional email provider: one call per envelope recipient, a shared bearer token, the
+account's From identities as the permitted sender domains, tags and a template per message."""
 
 from __future__ import annotations
 
-from gateway.providers.dengage.config import DengageAccount
-from gateway.settings import ConfigError
+import asyncio
+import hmac
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TypeVar
+
+import orjson
+import structlog
+
+from gateway import replies
+from gateway.config_base import UserSettings
+from gateway.delivery.outcome import Outcome
+from gateway.errors import ContentRejected, Deferred, RateLimited, Rejected, UpstreamAuthFailed
+from gateway.model import Call, Message, Principal, Submission
+from gateway.policy import SenderPolicy, ascii_domain, domain_of
+from gateway.providers.base import BeforeSend, no_hook
+from gateway.providers.dengage import wire
+from gateway.providers.dengage.config import DengageAccount, DengageUser
+from gateway.providers.dengage.session import JSON, Identities, TokenSource
 from gateway.upstream.client import HttpClient
-from gateway.upstream.ratelimit import RateLimiter
+from gateway.upstream.ratelimit import RateLimiter, Unlimited
+from gateway.upstream.response import HttpResponse
+
+log = structlog.get_logger("gateway.dengage")
+T = TypeVar("T")
+
+TAGS_OPTION = "tags"  # X-Gateway-Tags: a, b
+TEMPLATE_OPTION = "template"  # X-Gateway-Template: <content uuid>
+NO_SUBJECT = replies.INVALID_CONTENT.with_text(
+    "Subject cannot be empty: dEngage needs a Subject (or an X-Gateway-Template whose content has one)")
+
+
+def merge_tags(*groups: object) -> list[str]:
+    """Tags in order, each once; a string group is a comma-separated header value."""
+    out: dict[str, None] = {}
+    for group in groups:
+        items = group.split(",") if isinstance(group, str) else group if isinstance(group, (list, tuple)) else ()
+        for tag in items:
+            text = str(tag).strip()
+            if text:
+                out.setdefault(text, None)
+    return list(out)
 
 
 class DengageProvider:
     kind = "dengage"
 
-    def __init__(self, account: str, settings: DengageAccount, http: HttpClient, limiter: RateLimiter) -> None:
-        raise ConfigError(f"accounts.{account}: provider 'dengage' is not available in this build yet")
+    def __init__(
+        self, account: str, settings: DengageAccount, http: HttpClient, limiter: RateLimiter | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.account = account
+        self.settings = settings
+        self.http = http
+        self.limiter = limiter or Unlimited()
+        self.tokens = TokenSource(account, http, self.limiter, settings.api_userkey, settings.api_password, clock)
+        self.identities = Identities(account, self._fetch_froms, settings.froms_ttl, clock)
+        self._policy: tuple[tuple[str, ...], SenderPolicy] | None = None
+        # The API user's login as it appears in logs and replies: never the userkey itself.
+        self._api_login = f"{account}:api-user"
+        self._warned_no_id = False
+
+    # -- logins ------------------------------------------------------------------------------------
+
+    def user_extra(self, user: UserSettings) -> dict[str, object]:
+        assert isinstance(user, DengageUser)
+        return {"tags": list(user.tags)}
+
+    def _is_api_user(self, username: str) -> bool:
+        return hmac.compare_digest(username.encode(), self.settings.api_userkey.encode())
+
+    def owns_login(self, username: str) -> bool:
+        return self.settings.api_user_logins and self._is_api_user(username)
+
+    def login_label(self, username: str) -> str:
+        return self._api_login if self._is_api_user(username) else username
+
+    async def verify_login(self, username: str, password: str) -> Principal | None:
+        """The API user's userkey + password, checked by a real POST /rest/login (the core caches it)."""
+        if not self.owns_login(username):
+            return None
+        await self.limiter.acquire()
+        response = await self.http.request("login", "POST", str(wire.WIRE["login"]), headers=JSON,
+                                           content=orjson.dumps(wire.login_body(username, password)))
+        try:
+            wire.login_token(response)
+        except wire.IpNotAllowlisted:
+            raise  # dEngage checks the caller's IP before the credentials: they cannot be checked now
+        except UpstreamAuthFailed:
+            return None
+        return Principal(account=self.account, login=self._api_login, extra={"tags": []})
+
+    # -- acceptance --------------------------------------------------------------------------------
+
+    async def sender_policy(self) -> SenderPolicy:
+        """The domains of the account's From identities (narrowed by sender_domains); a From outside them
+        is refused with a reply that names them. Raises Deferred while they were never fetched."""
+        addresses = await self.identities.addresses()
+        cached = self._policy
+        if cached is not None and cached[0] is addresses:
+            return cached[1]
+        domains = frozenset(ascii_domain(domain_of(a)) for a in addresses)
+        if self.settings.sender_domains:
+            wanted = frozenset(ascii_domain(d) for d in self.settings.sender_domains)
+            if wanted - domains:
+                log.warning("dengage_sender_domain_not_identity", account=self.account,
+                            domains=sorted(wanted - domains), identities=sorted(domains))
+            domains &= wanted
+        policy = SenderPolicy(domains=domains, name_domains=True)
+        self._policy = (addresses, policy)
+        return policy
+
+    async def prepare(
+        self, principal: Principal, message: Message, mail_from: str, rcpt_tos: tuple[str, ...]
+    ) -> Submission:
+        options = message.options
+        template = (options.get(TEMPLATE_OPTION) or "").strip() or None
+        if template is not None:
+            try:
+                uuid.UUID(template)
+            except ValueError:
+                raise ContentRejected(
+                    f"X-Gateway-Template must be a dEngage content id (a UUID), got {template[:60]!r}") from None
+        elif not message.subject.strip():
+            raise ContentRejected(reply=NO_SUBJECT)
+        params = {
+            "tags": merge_tags(self.settings.tags, principal.extra.get("tags") or [], options.get(TAGS_OPTION, "")),
+            "template": template,
+            # Chosen once and kept with the queued message: the seed of each call's idempotency key.
+            "ref": uuid.uuid4().hex,
+        }
+        return Submission(principal=principal, mail_from=mail_from, rcpt_tos=rcpt_tos, message=message,
+                          params=params)
+
+    def plan(self, submission: Submission) -> tuple[Call, ...]:
+        """One call per envelope recipient (send.to takes one address); the key is the address in lower
+        case, so RCPT TO repeating an address in another case is still one copy."""
+        calls: dict[str, Call] = {}
+        for rcpt in submission.rcpt_tos:
+            key = rcpt.lower()
+            if key not in calls:
+                calls[key] = Call(key, (rcpt,))
+        return tuple(calls.values())
+
+    # -- delivery ----------------------------------------------------------------------------------
+
+    async def deliver(
+        self, submission: Submission, done: Mapping[str, str], before_send: BeforeSend = no_hook
+    ) -> Outcome:
+        """Every pending recipient's call at once (the rate limiter spaces them); no call waits for another."""
+        outcome = Outcome()
+        pending = [call for call in self.plan(submission) if call.key not in done]
+        results = await asyncio.gather(
+            *(self.send_one(submission, call, before_send) for call in pending), return_exceptions=True
+        )
+        for call, result in zip(pending, results, strict=True):
+            if isinstance(result, wire.SendResult):
+                outcome.delivered[call.key] = result.upstream_id
+            elif isinstance(result, Deferred):
+                outcome.deferred[call.key] = result
+            elif isinstance(result, Rejected):
+                outcome.rejected[call.key] = result
+            else:
+                raise result
+        return outcome
+
+    async def send_one(
+        self, submission: Submission, call: Call, before_send: BeforeSend = no_hook
+    ) -> wire.SendResult:
+        recipient = call.recipients[0]
+        content = orjson.dumps(wire.build_payload(submission, recipient))
+        extra: dict[str, str] = {}
+        header = wire.WIRE["idempotency_header"]
+        if header and submission.params.get("ref"):
+            extra[header] = wire.idempotency_key(str(submission.params["ref"]), recipient)
+
+        async def sending() -> None:
+            await before_send((call.key,))
+
+        result = await self._authorized("send", "POST", str(wire.WIRE["send"]), wire.send_result, content,
+                                        extra, sending)
+        if not result.upstream_id and not self._warned_no_id:
+            # The id keys are unconfirmed (wire.ID_KEYS): say once what the answer held instead.
+            self._warned_no_id = True
+            log.warning("dengage_answer_without_id", account=self.account, keys=list(result.keys))
+        return result
+
+    async def _fetch_froms(self) -> tuple[str, ...]:
+        return await self._authorized("froms", "GET", str(wire.WIRE["froms"]), wire.from_identities)
+
+    async def _authorized(
+        self, endpoint: str, method: str, path: str, parse: Callable[[HttpResponse], T],
+        content: bytes | None = None, extra: Mapping[str, str] | None = None,
+        sending: Callable[[], Awaitable[None]] | None = None,
+    ) -> T:
+        """One API call with the shared token: a 401 logs in again (once for every caller that saw the
+        same token) and repeats the call once. A 429 slows the account's rate limiter."""
+        for attempt in (1, 2):
+            token = await self.tokens.get()
+            await self.limiter.acquire()
+            if sending is not None:
+                await sending()
+            headers = {**JSON, "Authorization": f"Bearer {token}", **(extra or {})}
+            response = await self.http.request(endpoint, method, path, headers=headers, content=content)
+            try:
+                return parse(response)
+            except wire.TokenRejected as exc:
+                self.tokens.invalidate(token)
+                if attempt == 2:
+                    raise UpstreamAuthFailed(f"dEngage refused a fresh token too ({exc.reason})") from None
+                log.info("dengage_token_rejected", account=self.account, endpoint=endpoint)
+            except RateLimited as exc:
+                await self.limiter.penalize(exc.retry_after)
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def aclose(self) -> None:
+        await self.http.aclose()

@@ -64,6 +64,9 @@ class DmdsProvider:
         m = _SMTP_API_LOGIN.match(username)
         return (m.group("dmdsid") if m else username) == self.settings.dmdsid
 
+    def login_label(self, username: str) -> str:
+        return username
+
     async def verify_login(self, username: str, password: str) -> Principal | None:
         settings = self.settings
         m = _SMTP_API_LOGIN.match(username)

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
 import orjson
 from aiohttp import web
-from email_validator import EmailNotValidError, validate_email
 
-from gateway.sandbox import Sandbox, json_response
+from gateway.sandbox import Sandbox, email_error, json_response
 
 SEND_PATHS = ("/v1/envio/send_one_inline/", "/v1/envio/send_many_inline/")
 
@@ -34,18 +32,7 @@ def _err(reason: str, status: int = 400) -> web.Response:
 def _check_email(value: object, what: str) -> str | None:
     if not isinstance(value, str) or not value:
         return f"{what} missing"
-    return _email_error(value)
-
-
-@lru_cache(maxsize=4096)
-def _email_error(value: str) -> str | None:
-    # Cached: the benchmark sends the same addresses thousands of times and the sandbox should
-    # answer "at once" (bench/README.md).
-    try:
-        validate_email(value, check_deliverability=False, allow_smtputf8=False)
-    except EmailNotValidError as exc:
-        return f"invalid email {exc}"
-    return None
+    return email_error(value)
 
 
 def validate_send(body: Any, state: DmdsSandbox, many: bool) -> str | None:

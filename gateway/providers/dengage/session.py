@@ -1,0 +1,161 @@
+"""The dEngage API session of one account: one bearer token and one identities list for the process.
+
+Every SMTP session and the retry worker share them. At most one login is in flight; the token is
+renewed shortly before it expires (`expires_in`, counted from when the login was sent), and a 401 makes
+the next caller log in again. The sender identities (GET /rest/email/froms) are cached for `froms_ttl`
+and refreshed in the background; a failed refresh keeps the last list.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import orjson
+import structlog
+
+from gateway.errors import Deferred, RateLimited, UpstreamAuthFailed
+from gateway.observability import INTERNAL_ERRORS
+from gateway.providers.dengage import wire
+from gateway.upstream.client import HttpClient
+from gateway.upstream.ratelimit import RateLimiter
+
+log = structlog.get_logger("gateway.dengage")
+T = TypeVar("T")
+
+# After a failed login or froms fetch, callers get that failure for this long instead of a new request
+# each: a refused API user must not turn every message into a login attempt.
+FAILURE_HOLD = 2.0
+# Renew this long before the token expires (clients use 60 s [C]), or a tenth of its lifetime if shorter.
+RENEW_MARGIN = 60.0
+LOG_EVERY = 60.0  # an unreachable identities list is logged at most once a minute
+JSON = {"Accept": "application/json", "Content-Type": "application/json"}
+
+
+def _shared(task: asyncio.Future[T]) -> asyncio.Future[T]:
+    # The task's failure is read by its waiters; if every waiter was cancelled, nobody must be warned.
+    task.add_done_callback(lambda f: f.cancelled() or f.exception())
+    return task
+
+
+class TokenSource:
+    def __init__(self, account: str, http: HttpClient, limiter: RateLimiter, userkey: str, password: str,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.account = account
+        self._http = http
+        self._limiter = limiter
+        self._body = orjson.dumps(wire.login_body(userkey, password))
+        self._clock = clock
+        self._token: str | None = None
+        self._renew_at = 0.0
+        self._login: asyncio.Future[str] | None = None
+        self._failure: tuple[Deferred, float] | None = None
+        self.logins = 0  # logins sent by this process (tests and metrics read it)
+
+    async def get(self) -> str:
+        """A valid bearer token (logging in first when there is none or it is about to expire)."""
+        now = self._clock()
+        if self._token is not None and now < self._renew_at:
+            return self._token
+        if self._login is None:
+            if self._failure is not None and now < self._failure[1]:
+                raise self._failure[0].with_traceback(None)
+            self._login = _shared(asyncio.ensure_future(self._log_in()))
+        return await asyncio.shield(self._login)
+
+    def invalidate(self, token: str) -> None:
+        """dEngage answered 401 with this token: the next caller logs in again (once, for everyone)."""
+        if self._token == token:
+            self._token = None
+
+    async def _log_in(self) -> str:
+        try:
+            await self._limiter.acquire()
+            sent = self._clock()
+            self.logins += 1
+            response = await self._http.request("login", "POST", str(wire.WIRE["login"]), headers=JSON,
+                                                content=self._body)
+            token = wire.login_token(response)
+        except Deferred as exc:
+            if isinstance(exc, RateLimited):
+                await self._limiter.penalize(exc.retry_after)
+            self._failure = (exc, self._clock() + FAILURE_HOLD)
+            log.warning("dengage_login_failed", account=self.account, reason=exc.reason)
+            raise
+        finally:
+            self._login = None
+        self._failure = None
+        self._token = token.value
+        self._renew_at = sent + token.expires_in - min(RENEW_MARGIN, token.expires_in / 10)
+        log.info("dengage_login", account=self.account, expires_in=token.expires_in)
+        return token.value
+
+
+class Identities:
+    """The account's sender addresses from GET /rest/email/froms, cached and refreshed."""
+
+    def __init__(self, account: str, fetch: Callable[[], Awaitable[tuple[str, ...]]], ttl: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.account = account
+        self._fetch = fetch
+        self._ttl = ttl
+        self._clock = clock
+        self._addresses: tuple[str, ...] | None = None
+        self._fresh_until = 0.0
+        self._update: asyncio.Future[tuple[str, ...]] | None = None
+        self._failure: tuple[Deferred, float] | None = None
+        self._logged = -LOG_EVERY
+
+    async def addresses(self) -> tuple[str, ...]:
+        """The identities now. Stale ones are returned at once while a refresh runs in the background;
+        with none known yet, the caller waits for the first fetch (and gets its failure: a Deferred)."""
+        now = self._clock()
+        if self._addresses is not None:
+            if now >= self._fresh_until and self._update is None:
+                self._update = _shared(asyncio.ensure_future(self._background_refresh()))
+            return self._addresses
+        if self._update is None:
+            if self._failure is not None and now < self._failure[1]:
+                raise self._failure[0].with_traceback(None)
+            self._update = _shared(asyncio.ensure_future(self._refresh()))
+        return await asyncio.shield(self._update)
+
+    async def _background_refresh(self) -> tuple[str, ...]:
+        """A refresh nobody waits for: a bug in it is logged here, once, or it would go unseen."""
+        try:
+            return await self._refresh()
+        except Exception as exc:
+            INTERNAL_ERRORS.labels(where="dengage_froms_refresh").inc()
+            log.error("dengage_froms_refresh_internal_error", account=self.account, exc_info=exc)
+            raise
+
+    async def _refresh(self) -> tuple[str, ...]:
+        try:
+            addresses = await self._fetch()
+        except Deferred as exc:
+            if self._addresses is None:
+                # Never fetched: MAIL FROM cannot be checked, so it is a temporary failure (4xx), not a refusal.
+                now = self._clock()
+                self._failure = (exc, now + FAILURE_HOLD)
+                if now - self._logged >= LOG_EVERY:
+                    # Refused credentials or IP allowlist: an operator error, said at error level.
+                    self._logged = now
+                    report = log.error if isinstance(exc, UpstreamAuthFailed) else log.warning
+                    report("dengage_froms_unavailable", account=self.account, reason=exc.reason,
+                           hint="MAIL FROM is answered 451 until the identities can be fetched")
+                raise
+            # Keep the list we have; try again in a minute at most.
+            self._fresh_until = self._clock() + min(self._ttl, 60.0)
+            log.warning("dengage_froms_refresh_failed", account=self.account, reason=exc.reason,
+                        kept=len(self._addresses))
+            return self._addresses
+        finally:
+            self._update = None
+        if addresses != self._addresses:
+            log.info("dengage_froms", account=self.account, identities=list(addresses))
+        self._addresses = addresses
+        self._fresh_until = self._clock() + self._ttl
+        self._failure = None
+        return addresses

@@ -1,0 +1,366 @@
+"""Pure: the dEngage REST wire protocol: request bodies and answers (no HTTP client here).
+
+Facts come from shared/upstream-apis.md part 2; the tags below are the same as there.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import re
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.errors import (
+    AnswerLost,
+    RateLimited,
+    UpstreamAuthFailed,
+    UpstreamRejected,
+    UpstreamUnavailable,
+)
+from gateway.mime import text_to_html
+from gateway.model import Submission
+from gateway.upstream.response import HttpResponse
+
+# Every wire name in one table, tagged as in shared/upstream-apis.md part 2:
+#   [V] vendor docs, [C] seen in real client code or notes, [I] our inference.
+# A name found to be wrong is corrected here, in one line, and in tests/fixtures/dengage/*.json.
+# None: the vendor has the feature but the name is not known; the gateway sends nothing for it.
+WIRE: dict[str, str | None] = {
+    "login": "/login",  # [C] POST {userkey, password} -> {access_token, expires_in}; base ends in /rest
+    "login_userkey": "userkey",  # [C] every client sends it lower-case; the docs write userKey
+    "login_password": "password",  # [C]
+    "access_token": "access_token",  # [C]
+    "expires_in": "expires_in",  # [C] seconds; 3600 when absent [C]
+    "send": "/transactional/email",  # [C] POST
+    "froms": "/email/froms",  # [C] GET; the answer's shape is [I] (parsed for anything address-like)
+    "to_object": "send",  # [C] "Send can not be null"
+    "to": "to",  # [C] send.to: ONE address, a string (an array is a deserializer error)
+    "content": "content",  # [C]
+    "subject": "subject",  # [C] content.subject, "Subject cannot be empty"
+    "html": "html",  # [C] content.html, "Html content must be filled"
+    "template_id": "templateId",  # [C] content.templateId (C-NIS, production); C-TT used contentId: unresolved
+    "reply_to": "replyTo",  # [V] exists, root or per content; a plain address here is [I]
+    "attachments": "attachments",  # [V] exists, base64; the item keys below are [I]
+    "att_name": "name",  # [I]
+    "att_content": "content",  # [I] base64
+    "att_type": "type",  # [I] MIME type
+    "att_cid": None,  # unknown: inline images travel as plain attachments
+    "x_headers": "xHeaders",  # [V] exists; shape [I]: an object header name -> value at the root
+    "tags": "tags",  # [C] string list (report filter, [V])
+    # Not sent by the gateway (no SMTP equivalent): "current" [C] personalisation object at the root,
+    # "reporting" [C] {trackOpen, trackClick}, "send.toLanguage" [C], "multiLangContent" [V].
+    "from_address": None,  # unknown: C-TT found senderId, emailFromId, send.from, send.fromId ignored [C]
+    "from_name": None,  # unknown: the docs allow another sender name [V], the field is not known
+    # Idempotency: the vendor page announces support for this endpoint, the text is cut off [V]; the only
+    # public hint is "traceId for idempotency" on transactional PUSH [C] (salil-dengage/dengage-demos
+    # PROJECT-LOG), nothing for email, and not whether it is a header or a field. Unconfirmed: nothing
+    # is sent. Set this to the header name once confirmed; `idempotency_key` below derives the value.
+    "idempotency_header": None,
+}
+# The answer: {"code": 0, "message": ..., "data": {...}} [C]; "transactionId" at the root [C] (C-NIS's
+# notes); "transactionalIds per recipient and a groupId for all" [V] with unknown JSON keys: looked for
+# under every name below, first match wins (see `send_result`).
+ID_KEYS = ("transactionalIds", "transactionalId", "transactionIds", "trackingIds", "trackingId",
+           "transactionId", "messageId", "id")  # [I] order of preference
+GROUP_KEYS = ("groupId", "groupID", "group_id")  # [V] concept, [I] key
+# Codes seen with HTTP 200 and what they mean [C]; every other non-zero code is a refusal too.
+CODES = {
+    0: "success",  # [C]
+    11: "refused",  # [C] "<id> content is null", "Token not found with given ContactKey" (push)
+}
+DEFAULT_EXPIRES_IN = 3600.0  # [C] clients fall back to an hour when expires_in is absent
+ALLOWLIST_WORDS = ("whitelist", "allowlist", "not allowed ip", "ip restriction")  # [C] "not whitelisted"
+IDEMPOTENCY_NAMESPACE = uuid.UUID("1a7c2f0e-5d64-4c1b-9a43-2f6c0a1d7e55")
+
+
+class IpNotAllowlisted(UpstreamAuthFailed):
+    """dEngage refuses this gateway's IP address (API IP Restriction) before looking at credentials: an
+    operator error, temporary for the client; `caller_ip` is the address dEngage saw, when it said."""
+
+    def __init__(self, reason: str, caller_ip: str | None) -> None:
+        super().__init__(reason)
+        self.caller_ip = caller_ip
+
+
+class TokenRejected(UpstreamAuthFailed):
+    """HTTP 401 "Not auhenticated. Please re-login." [V]: the bearer token expired or is unknown."""
+
+
+# -- requests ------------------------------------------------------------------------------------------
+
+
+def login_body(userkey: str, password: str) -> dict[str, str]:
+    return {str(WIRE["login_userkey"]): userkey, str(WIRE["login_password"]): password}
+
+
+def has_body(submission: Submission) -> bool:
+    """Whether the message carries its own body (an HTML part, or text), so that a template's body is
+    overridden only by real content and not by the empty document mime.py makes for an empty message."""
+    msg = submission.message
+    return bool((msg.text or "").strip()) or msg.html != text_to_html(msg.text or "")
+
+
+def build_payload(submission: Submission, recipient: str) -> dict[str, Any]:
+    """The JSON body of the call for one envelope recipient. Pure: golden-tested in
+    tests/test_dengage_payload.py. Only this recipient is named: Cc and Bcc recipients get their own
+    call and never appear in another's; header To/Cc are never forwarded as recipients."""
+    msg = submission.message
+    params = submission.params
+    w = WIRE
+    content: dict[str, Any] = {}
+    template = params.get("template")
+    if template:
+        content[str(w["template_id"])] = template
+    if msg.subject:
+        content[str(w["subject"])] = msg.subject
+    if not template or has_body(submission):
+        content[str(w["html"])] = msg.html
+    body: dict[str, Any] = {str(w["to_object"]): {str(w["to"]): recipient}, str(w["content"]): content}
+    if msg.from_ is not None:
+        if w["from_address"]:
+            body[w["from_address"]] = msg.from_.email
+        if w["from_name"] and msg.from_.name:
+            body[w["from_name"]] = msg.from_.name
+    if msg.reply_to is not None:
+        body[str(w["reply_to"])] = msg.reply_to.email
+    if msg.attachments:
+        body[str(w["attachments"])] = [
+            {
+                str(w["att_name"]): a.filename,
+                str(w["att_content"]): base64.b64encode(a.data).decode("ascii"),
+                str(w["att_type"]): a.content_type,
+                **({w["att_cid"]: a.content_id} if w["att_cid"] and a.content_id else {}),
+            }
+            for a in msg.attachments
+        ]
+    if msg.x_headers:
+        headers: dict[str, str] = {}
+        for name, value in msg.x_headers:
+            # A repeated header keeps every value, comma-joined (as HTTP folds repeated fields).
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        body[str(w["x_headers"])] = headers
+    tags = params.get("tags")
+    if tags:
+        body[str(w["tags"])] = list(tags)
+    return body
+
+
+def idempotency_key(message_ref: str, recipient: str) -> str:
+    """A stable key per (accepted message, recipient): the same on every resend of that call, different
+    for every other call. `message_ref` is chosen once at acceptance and kept in the queue (params)."""
+    return str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, f"{message_ref}\0{recipient.lower()}"))
+
+
+# -- answers -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    value: str
+    expires_in: float
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    """One accepted call: the recipient's transactional id (empty when the answer named none we know),
+    the group id, and the answer's top-level keys (for the log when no id was found)."""
+
+    upstream_id: str
+    group_id: str | None = None
+    keys: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _json(response: HttpResponse) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return None
+
+
+def upstream_reason(response: HttpResponse, data: Any = None) -> str:
+    """The upstream's own words: `message` [C], `actionResult` [C], ASP.NET validation `errors` [I]."""
+    data = _json(response) if data is None else data
+    if isinstance(data, dict):
+        parts: list[str] = []
+        for key in ("message", "Message", "actionResult", "error", "title", "detail"):
+            value = data.get(key)
+            if isinstance(value, str) and value.strip() and value.strip() not in parts:
+                parts.append(value.strip())
+        errors = data.get("errors")
+        if isinstance(errors, dict):
+            for name, problems in errors.items():
+                texts = problems if isinstance(problems, list) else [problems]
+                parts.append(f"{name}: {'; '.join(str(t) for t in texts)}")
+        elif isinstance(errors, list):
+            parts.extend(str(e) for e in errors)
+        if parts:
+            return " - ".join(parts)
+        code = data.get("code")
+        if code is not None:
+            return f"dEngage answered code {code}"
+    return response.text().strip() or f"dEngage answered HTTP {response.status}"
+
+
+_IP = re.compile(r"(?<![\w.:])((?:\d{1,3}\.){3}\d{1,3}|[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7})(?![\w.:])")
+
+
+def caller_ip(text: str) -> str | None:
+    """The IP address an allowlist refusal names (dEngage puts it in actionResult [C])."""
+    for candidate in _IP.findall(text):
+        try:
+            return str(ipaddress.ip_address(candidate))
+        except ValueError:
+            continue
+    return None
+
+
+def _allowlist_refusal(response: HttpResponse, data: Any) -> IpNotAllowlisted | None:
+    action = data.get("actionResult") if isinstance(data, dict) else None
+    text = action if isinstance(action, str) else response.text()
+    if not any(word in text.lower() for word in ALLOWLIST_WORDS):
+        return None
+    ip = caller_ip(text)
+    where = f"from {ip}" if ip else "from this gateway's address"
+    return IpNotAllowlisted(
+        f"dEngage refuses API calls {where}: the address is not on the account's API IP allowlist "
+        f"(Settings > Identity & Access Management > API IP Restriction): {text.strip()[:200]}", ip)
+
+
+def check_status(response: HttpResponse, what: str) -> Any:
+    """The HTTP layer of every dEngage answer: raises the typed error of design.md's reply table, or
+    returns the JSON body (None when it is not JSON) of a 2xx answer."""
+    status = response.status
+    data = _json(response)
+    if status == 401:
+        raise TokenRejected(f"dEngage answered 401 to {what}: {upstream_reason(response, data)}")
+    if status == 403:
+        refusal = _allowlist_refusal(response, data)
+        if refusal is not None:
+            raise refusal
+        raise UpstreamAuthFailed(f"dEngage answered 403 to {what}: the API user may not do this "
+                                 f"({upstream_reason(response, data)})")
+    if status == 429:
+        raise RateLimited(f"dEngage rate limit (429) on {what}", retry_after=response.retry_after(time.time()))
+    if status >= 500:
+        raise UpstreamUnavailable(f"dEngage answered {status} to {what}")
+    if 300 <= status < 400:
+        # Not processed where it was sent: a wrong api_base (http for https, a moved data centre).
+        raise UpstreamUnavailable(f"dEngage answered {status} (a redirect) to {what}: check api_base")
+    if status >= 400:
+        raise UpstreamRejected(upstream_reason(response, data))
+    return data
+
+
+def login_token(response: HttpResponse) -> Token:
+    """POST /rest/login's answer: the token, or UpstreamAuthFailed when the credentials are refused."""
+    try:
+        data = check_status(response, "login")
+    except (TokenRejected, UpstreamRejected) as exc:
+        # 401 or another 4xx on login: the API user's key or password is wrong.
+        raise UpstreamAuthFailed(f"dEngage refused the API user's credentials ({exc.reason})") from None
+    token = data.get(WIRE["access_token"]) if isinstance(data, dict) else None
+    if not isinstance(token, str) or not token:
+        if data is None:
+            raise UpstreamUnavailable("dEngage answered the login with a body that is not JSON")
+        raise UpstreamAuthFailed(f"dEngage login returned no token ({upstream_reason(response, data)})")
+    expires = data.get(WIRE["expires_in"])
+    seconds = float(expires) if isinstance(expires, (int, float)) and expires > 0 else DEFAULT_EXPIRES_IN
+    return Token(token, seconds)
+
+
+def _failure_code(data: dict[str, Any]) -> int | None:
+    """A non-zero `code`, or a `data.HasError`/`errorCount` flag [C] (HTTP 200 with the failure inside)."""
+    code = data.get("code")
+    if isinstance(code, bool) or (code is not None and not isinstance(code, int)):
+        try:
+            code = int(str(code))
+        except ValueError:
+            return -1
+    if isinstance(code, int) and code != 0:
+        return code
+    inner = data.get("data")
+    if isinstance(inner, dict) and (inner.get("HasError") is True or (inner.get("errorCount") or 0) > 0):
+        return -1
+    return None
+
+
+def _ids(value: Any) -> Iterator[str]:
+    """Id strings in a value: a string, a list of strings or of objects, or an object of them."""
+    if isinstance(value, str) and value:
+        yield value
+    elif isinstance(value, list):
+        for item in value:
+            yield from _ids(item)
+    elif isinstance(value, dict):
+        for key in ID_KEYS:
+            if key in value:
+                yield from _ids(value[key])
+                return
+        for item in value.values():  # {"<recipient>": "<id>"}
+            if isinstance(item, str) and item:
+                yield item
+
+
+def _first(places: list[dict[str, Any]], keys: tuple[str, ...]) -> str | None:
+    for place in places:
+        for key in keys:
+            if key in place:
+                found = next(_ids(place[key]), None)
+                if found:
+                    return found
+    return None
+
+
+def send_result(response: HttpResponse) -> SendResult:
+    """POST /rest/transactional/email's answer: the recipient's transactional id, or a typed error.
+
+    HTTP 200 with a non-zero `code` is a failure, never a success [C]: a refusal carrying dEngage's
+    message (every code, known or not, refuses: none is documented as temporary)."""
+    data = check_status(response, "the send")
+    if not isinstance(data, dict):
+        # It answered, but nothing says whether it sent: the ambiguous case, like a lost answer.
+        raise AnswerLost(f"dEngage answered {response.status} with a body that is not a JSON object")
+    code = _failure_code(data)
+    if code is not None and CODES.get(code, "refused") == "refused":
+        raise UpstreamRejected(upstream_reason(response, data))
+    places = [p for p in (data.get("data"), data) if isinstance(p, dict)]
+    return SendResult(
+        upstream_id=_first(places, ID_KEYS) or "",
+        group_id=_first(places, GROUP_KEYS),
+        keys=tuple(sorted(data)),
+    )
+
+
+# Address-like strings in the froms answer, whatever its shape [I]: "a@b.c" or "Name <a@b.c>".
+_ADDRESS = re.compile(r"<?([^\s<>\"@,;]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)+)>?")
+
+
+def _strings(value: Any, depth: int = 0) -> Iterator[str]:
+    if depth > 6:
+        return
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item, depth + 1)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item, depth + 1)
+
+
+def from_identities(response: HttpResponse) -> tuple[str, ...]:
+    """GET /rest/email/froms' answer: the account's sender addresses (lower-case, in order, once each)."""
+    data = check_status(response, "the froms list")
+    if data is None:
+        raise UpstreamUnavailable("dEngage answered the froms list with a body that is not JSON")
+    if isinstance(data, dict) and _failure_code(data) is not None:
+        raise UpstreamUnavailable(f"dEngage refused the froms list: {upstream_reason(response, data)}")
+    found: dict[str, None] = {}
+    for text in _strings(data):
+        for match in _ADDRESS.finditer(text):
+            found.setdefault(match.group(1).lower().rstrip("."), None)
+    return tuple(found)

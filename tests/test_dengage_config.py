@@ -1,0 +1,65 @@
+"""A dEngage account as an operator configures it: check-config masks the API user's secrets (also read
+from a file), names wrong or missing keys, and `rate_limit = 0` turns the limiter off."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.harness import PASSWORD_HASH
+from tests.test_cli import MASK, _secrets_absent, run_cli
+
+USERKEY = "dengage-userkey-s3cr3t-0003"
+API_PASSWORD = "dengage-password-s3cr3t-0004"
+
+
+def write(tmp_path: Path, account: str) -> Path:
+    (tmp_path / "userkey").write_text(USERKEY + "\n")
+    path = tmp_path / "gateway.toml"
+    path.write_text(f"""
+[[listeners]]
+name = "plain"
+port = 2525
+tls = "none"
+[accounts.crm]
+provider = "dengage"
+api_base = "https://tr-api.dengage.com/rest"
+{account}
+[[accounts.crm.users]]
+username = "erp"
+password_hash = "{PASSWORD_HASH}"
+tags = ["erp"]
+""")
+    return path
+
+
+def test_check_config_masks_the_api_user(tmp_path: Path) -> None:
+    path = write(tmp_path, f'userkey_file = "{tmp_path / "userkey"}"\npassword = "{API_PASSWORD}"\nrate_limit = 0')
+    result = run_cli("check-config", "--config-only", "-c", str(path))
+    assert result.returncode == 0, result.stderr
+    crm = json.loads(result.stdout)["accounts"]["crm"]
+    assert (crm["provider"], crm["userkey"], crm["password"]) == ("dengage", MASK, MASK)
+    assert crm["users"][0]["password_hash"] == MASK and crm["users"][0]["tags"] == ["erp"]
+    assert crm["rate_limit"] is None  # 0: no limit
+    assert (crm["api_base"], crm["rate_burst"], crm["api_user_logins"]) == ("https://tr-api.dengage.com/rest", 5, False)
+    _secrets_absent(result, USERKEY, API_PASSWORD, PASSWORD_HASH)
+
+
+def test_missing_secret_and_unknown_key_are_named(tmp_path: Path) -> None:
+    result = run_cli("check-config", "--config-only", "-c", str(write(tmp_path, f'userkey = "{USERKEY}"\nfroms_tll = 60')))
+    assert result.returncode == 2
+    assert "accounts.crm.froms_tll" in result.stderr
+    result = run_cli("check-config", "--config-only", "-c", str(write(tmp_path, f'userkey = "{USERKEY}"')))
+    assert result.returncode == 2
+    assert "accounts.crm" in result.stderr and "password (or password_file) is required" in result.stderr
+    _secrets_absent(result, USERKEY)
+
+
+def test_quickstart_config_has_a_dengage_account(tmp_path: Path) -> None:
+    from gateway.quickstart import DENGAGE_DEMO_USER, quickstart_settings
+    from gateway.settings import DengageAccount, load_settings
+
+    settings = load_settings(None, **quickstart_settings(tmp_path, 8025, 2525, 2587))
+    crm = settings.accounts["crm"]
+    assert isinstance(crm, DengageAccount) and crm.base_url == "http://127.0.0.1:8025/rest"
+    assert [u.username for u in crm.users] == [DENGAGE_DEMO_USER]

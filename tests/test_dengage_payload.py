@@ -1,0 +1,185 @@
+"""Golden JSON for the dEngage wire (gateway/providers/dengage/wire.py): every request name checked in one
+place, and the answers (ids, code != 0, allowlist 403, froms) parsed as the wire table says.
+
+Regenerate after a deliberate wire change: UPDATE_GOLDEN=1 python -m pytest tests/test_dengage_payload.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from gateway.errors import AnswerLost, RateLimited, UpstreamAuthFailed, UpstreamRejected, UpstreamUnavailable
+from gateway.mime import parse, text_to_html
+from gateway.model import Address, Attachment, Message, Principal, Submission
+from gateway.providers.dengage import wire
+from gateway.upstream.response import HttpResponse
+
+FIXTURES = Path(__file__).parent / "fixtures" / "dengage"
+PRINCIPAL = Principal(account="crm", login="erp", extra={"tags": ["erp"]})
+ANN = "ann@example.com"
+
+
+def submission(
+    subject: str = "Invoice 42", html: str = "<p>Hello</p>", text: str | None = "Hello", **kwargs: Any
+) -> Submission:
+    message = Message(
+        subject=subject,
+        from_=Address("billing@crm.example", "CRM Billing"),
+        sender=None,
+        reply_to=kwargs.pop("reply_to", None),
+        to=(Address(ANN, "Ann"),),
+        cc=(Address("carl@example.com", "Carl"),),
+        html=html,
+        text=text,
+        attachments=kwargs.pop("attachments", ()),
+        x_headers=kwargs.pop("x_headers", ()),
+    )
+    params = {"tags": kwargs.pop("tags", []), "template": kwargs.pop("template", None), "ref": "r" * 32}
+    return Submission(principal=PRINCIPAL, mail_from="billing@crm.example",
+                      rcpt_tos=(ANN, "carl@example.com", "hidden@example.com"), message=message, params=params)
+
+
+CASES: dict[str, tuple[Submission, str]] = {
+    "one_recipient": (submission(reply_to=Address("support@crm.example", "Support")), ANN),
+    "bcc_recipient": (submission(), "hidden@example.com"),
+    "attachments": (submission(attachments=(
+        Attachment("invoice.pdf", "application/pdf", b"%PDF-1.4\x00\xff"),
+        Attachment("logo.png", "image/png", b"\x89PNG", content_id="logo@crm", inline=True),
+    )), ANN),
+    "x_headers_and_tags": (submission(
+        x_headers=(("X-Order-Id", "42"), ("X-Campaign", "spring"), ("X-Campaign", "b2b")),
+        tags=["crm", "erp", "invoices"]), ANN),
+    "template_only": (submission(subject="", html=text_to_html(""), text=None,
+                                 template="2206f32b-8d1a-4058-929c-de600493862a"), ANN),
+    "template_with_body": (submission(template="2206f32b-8d1a-4058-929c-de600493862a"), ANN),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_build_payload_matches_golden(name: str) -> None:
+    sub, recipient = CASES[name]
+    payload = wire.build_payload(sub, recipient)
+    path = FIXTURES / f"{name}.json"
+    if os.environ.get("UPDATE_GOLDEN"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert payload == json.loads(path.read_text(encoding="utf-8"))
+
+
+def test_a_call_names_only_its_own_recipient() -> None:
+    sub, _ = CASES["one_recipient"]
+    for recipient in sub.rcpt_tos:
+        text = json.dumps(wire.build_payload(sub, recipient))
+        others = [r for r in sub.rcpt_tos if r != recipient]
+        assert recipient in text and not any(other in text for other in others)
+
+
+def test_attachment_bytes_survive_base64() -> None:
+    sub, _ = CASES["attachments"]
+    [pdf, png] = wire.build_payload(sub, ANN)["attachments"]
+    assert wire.base64.b64decode(pdf["content"]) == b"%PDF-1.4\x00\xff"
+    assert (png["name"], png["type"]) == ("logo.png", "image/png")
+
+
+def test_x_headers_come_from_mime_without_the_gateway_options() -> None:
+    message = parse(b"From: a@crm.example\r\nTo: b@example.com\r\nSubject: s\r\nX-Order-Id: 42\r\n"
+                    b"X-Gateway-Tags: t1\r\nx-trace: =?utf-8?q?caf=C3=A9?=\r\nX-Mailer: ERP 9\r\n\r\nbody\r\n")
+    assert message.x_headers == (("X-Order-Id", "42"), ("x-trace", "café"), ("X-Mailer", "ERP 9"))
+    assert message.options == {"tags": "t1"}
+
+
+def test_idempotency_key_is_stable_per_message_and_recipient() -> None:
+    key = wire.idempotency_key("ref-1", "Ann@Example.com")
+    assert key == wire.idempotency_key("ref-1", "ann@example.com")
+    assert key != wire.idempotency_key("ref-1", "bob@example.com")
+    assert key != wire.idempotency_key("ref-2", "ann@example.com")
+
+
+def answer(status: int, body: Any = None, headers: dict[str, str] | None = None) -> HttpResponse:
+    raw = body if isinstance(body, bytes) else orjson.dumps(body) if body is not None else b""
+    return HttpResponse(status=status, body=raw, headers=headers or {})
+
+
+@pytest.mark.parametrize(
+    ("body", "upstream_id", "group"),
+    [
+        ({"code": 0, "data": {"transactionalIds": ["t-1"], "groupId": "g-1"}}, "t-1", "g-1"),
+        ({"code": 0, "data": {"transactionalIds": [{"email": ANN, "transactionalId": "t-2"}]}}, "t-2", None),
+        ({"code": 0, "data": {"transactionalIds": {ANN: "t-3"}, "groupId": "g-3"}}, "t-3", "g-3"),
+        ({"code": 0, "transactionId": "t-4", "data": {}}, "t-4", None),
+        ({"code": 0, "data": {"trackingId": "t-5"}}, "t-5", None),
+        ({"message": "Success", "data": {"groupId": "g-6"}}, "", "g-6"),  # no code, no recipient id
+    ],
+)
+def test_send_answers_give_the_recipient_id(body: dict[str, Any], upstream_id: str, group: str | None) -> None:
+    result = wire.send_result(answer(200, body))
+    assert (result.upstream_id, result.group_id) == (upstream_id, group)
+
+
+@pytest.mark.parametrize(
+    ("response", "error", "text"),
+    [
+        (answer(200, {"code": 11, "message": "2206f32b content is null"}), UpstreamRejected, "content is null"),
+        (answer(200, {"code": 4711, "message": "Something new"}), UpstreamRejected, "Something new"),
+        (answer(200, {"code": "7"}), UpstreamRejected, "code 7"),
+        (answer(200, {"code": 0, "data": {"HasError": True}, "message": "1 error"}), UpstreamRejected, "1 error"),
+        (answer(400, {"title": "One or more validation errors occurred.",
+                      "errors": {"send.to": ["not a string"]}}), UpstreamRejected, "send.to: not a string"),
+        (answer(401, {"message": "Not auhenticated. Please re-login."}), wire.TokenRejected, "re-login"),
+        (answer(403, {"actionResult": "Your IP address 203.0.113.9 is not whitelisted"}), wire.IpNotAllowlisted,
+         "203.0.113.9"),
+        (answer(403, {"message": "Permission denied"}), UpstreamAuthFailed, "Permission denied"),
+        (answer(429, b"", {"retry-after": "3"}), RateLimited, "429"),
+        (answer(502, b"bad gateway"), UpstreamUnavailable, "502"),
+        (answer(200, b"<html>proxy</html>"), AnswerLost, "not a JSON object"),
+    ],
+)
+def test_send_failures_are_typed(response: HttpResponse, error: type[Exception], text: str) -> None:
+    with pytest.raises(error) as info:
+        wire.send_result(response)
+    assert text in str(info.value)
+
+
+def test_allowlist_refusal_names_the_caller_ip_and_is_an_auth_failure() -> None:
+    with pytest.raises(wire.IpNotAllowlisted) as info:
+        wire.send_result(answer(403, {"message": "", "actionResult": "IP 2001:db8::7 not whitelisted."}))
+    assert isinstance(info.value, UpstreamAuthFailed)
+    assert info.value.caller_ip == "2001:db8::7"
+    assert "API IP allowlist" in info.value.reason
+
+
+def test_rate_limit_carries_retry_after() -> None:
+    with pytest.raises(RateLimited) as info:
+        wire.send_result(answer(429, b"", {"retry-after": "3"}))
+    assert info.value.retry_after == 3.0
+
+
+def test_login_answers() -> None:
+    assert wire.login_token(answer(200, {"access_token": "tok", "expires_in": 120})) == wire.Token("tok", 120.0)
+    assert wire.login_token(answer(200, {"access_token": "tok"})).expires_in == 3600.0  # absent: an hour
+    with pytest.raises(UpstreamAuthFailed, match="credentials"):
+        wire.login_token(answer(401, {"message": "bad"}))
+    with pytest.raises(wire.IpNotAllowlisted):
+        wire.login_token(answer(403, {"actionResult": "IP 10.1.2.3 is not whitelisted"}))
+    with pytest.raises(UpstreamAuthFailed, match="no token"):
+        wire.login_token(answer(200, {"code": 5, "message": "User locked"}))
+    assert wire.login_body("k", "p") == {"userkey": "k", "password": "p"}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"code": 0, "data": [{"id": 1, "name": "CRM", "fromAddress": "Billing@CRM.example"},
+                             {"id": 2, "name": "News", "fromAddress": "news@mail.crm.example"}]},
+        [{"EmailFrom": "CRM Billing <billing@crm.example>"}, {"EmailFrom": "news@mail.crm.example"}],
+        {"data": {"items": [{"from": {"address": "billing@crm.example"}}, "news@mail.crm.example"]}},
+    ],
+)
+def test_froms_are_found_in_any_shape(body: Any) -> None:
+    assert wire.from_identities(answer(200, body)) == ("billing@crm.example", "news@mail.crm.example")
