@@ -1,36 +1,54 @@
-"""Composition root: build every part from Settings, serve on one event loop, shut down gracefully."""
+"""Composition root: build every part from Settings, serve on one event loop, reload on SIGHUP, shut down
+gracefully."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import signal
+import ssl
+import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
+from gateway import logs
 from gateway.credentials import Authenticator
 from gateway.delivery.health import AccountHealth
 from gateway.delivery.owner import DeliveryOwner
 from gateway.dns import DnsResolver
 from gateway.domaincheck import check_domains
 from gateway.errors import SpoolUnavailable
-from gateway.observability import OperatorEndpoint
+from gateway.observability import CONFIG_RELOADS, QUEUE_STATS, OperatorEndpoint
 from gateway.pipeline import Pipeline
 from gateway.providers import registry
 from gateway.providers.base import Provider
 from gateway.queue.backends import open_store
 from gateway.queue.store import QueueStore
 from gateway.queue.worker import RetryWorker
-from gateway.settings import DmdsAccount, Settings
+from gateway.reload import ReloadPlan, plan_reload
+from gateway.settings import ConfigError, DmdsAccount, DnsSettings, Settings
+from gateway.smtp.protocol import GatewaySMTP
 from gateway.smtp.server import Listeners
+from gateway.tlsutil import CertificateError
 
 log = structlog.get_logger("gateway.app")
+
+# How often the queue's depth and ages are read for /metrics (a scrape reads the last figures).
+QUEUE_STATS_EVERY = 10.0
+
+
+def resolver_for(d: DnsSettings) -> DnsResolver:
+    return DnsResolver(d.nameservers or None, d.port, d.timeout, d.max_ttl, d.negative_ttl)
 
 
 @dataclass
 class App:
     settings: Settings
+    # Reads the configuration again (file + environment) for a reload; None: only certificates reload.
+    source: Callable[[], Settings] | None = None
     providers: dict[str, Provider] = field(default_factory=dict)
     listeners: Listeners | None = None
     store: QueueStore | None = None
@@ -38,6 +56,8 @@ class App:
     worker: RetryWorker | None = None
     operator: OperatorEndpoint | None = None
     _background: set[asyncio.Task[None]] = field(default_factory=set)
+    _retired: list[Provider] = field(default_factory=list)
+    _reloading: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def start(self) -> None:
         settings = self.settings
@@ -49,11 +69,11 @@ class App:
             # Not fatal: the healthy path needs no queue; messages that need it get 452 4.3.1 until it can
             # be opened (each use tries again).
             log.error("queue_unavailable", queue=self.store.url, error=exc.reason)
+            self.store.health.record("read", exc.reason)
         for name, account in settings.accounts.items():
             self.providers[name] = registry.build(name, account, self.store)
         self.authenticator = Authenticator(settings.accounts, self.providers)
-        d = settings.dns
-        self.resolver = DnsResolver(d.nameservers or None, d.port, d.timeout, d.max_ttl, d.negative_ttl)
+        self.resolver = resolver_for(settings.dns)
         self.health = AccountHealth(list(settings.accounts))
         self.owner = DeliveryOwner(self.providers, self.store, settings.delivery, self.health)
         dsettings = settings.delivery
@@ -61,21 +81,46 @@ class App:
                                   dsettings.poll_interval, dsettings.probe_interval)
         self.worker.start()
         # Another instance made something due: wake the worker now rather than at its next poll.
-        self._background.add(asyncio.get_running_loop().create_task(
-            self.store.listen(lambda account: self.owner.wakeup.set() if self.owner else None)))
+        self._spawn(self.store.listen(lambda account: self.owner.wakeup.set() if self.owner else None))
+        self._spawn(self._queue_stats())
         self.pipeline = Pipeline(settings, self.providers, self.owner, resolver=self.resolver)
         self.listeners = Listeners(settings, self.pipeline, self.authenticator)
         await self.listeners.start()
         if settings.http.port is not None:
-            self.operator = OperatorEndpoint(problems=self.health.problems)
+            self.operator = OperatorEndpoint(problems=self.problems)
             port = await self.operator.start(settings.http.address, settings.http.port)
             self.operator.is_ready = True
             log.info("operator_endpoint_started", address=settings.http.address, port=port)
         if settings.dns.check_sender_domain:
-            self._background.add(asyncio.get_running_loop().create_task(self._log_domain_findings()))
+            self._spawn(self._log_domain_findings())
+
+    def problems(self) -> list[str]:
+        """Why this instance should not get traffic now (/readyz): an upstream refusing our credentials, a
+        queue that cannot store."""
+        found = self.health.problems()
+        if self.store is not None:
+            found += self.store.health.problems()
+        return found
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _queue_stats(self) -> None:
+        """Keep the queue figures for /metrics fresh (and notice a queue that cannot be read)."""
+        assert self.store is not None
+        while True:
+            try:
+                QUEUE_STATS.update(await self.store.counts(time.time()))
+            except SpoolUnavailable as exc:
+                self.store.health.record("read", exc.reason)
+            else:
+                self.store.health.record("read", None)
+            await asyncio.sleep(QUEUE_STATS_EVERY)
 
     async def _log_domain_findings(self) -> None:
-        """The same findings as `smtp-gateway check-domains`, logged once at startup."""
+        """The same findings as `smtp-gateway check-domains`, logged once at startup (and after a reload)."""
         for name, account in self.settings.accounts.items():
             if not isinstance(account, DmdsAccount):
                 continue
@@ -88,18 +133,98 @@ class App:
                 else:
                     log.info("sender_domain_ok", **fields)
 
-    def reload_tls(self) -> None:
-        """SIGHUP: load the TLS certificate files again (renewals) without a restart."""
-        listeners = self.listeners
-        if listeners is None:
-            return
+    # -- reload (SIGHUP) -------------------------------------------------------------------------------------
+
+    def request_reload(self) -> None:
+        """SIGHUP: read the configuration again and apply it (or, without a source, the certificates)."""
 
         async def reload() -> None:
-            await listeners.reload_tls()  # logs its outcome
+            await self.reload()  # logs its outcome
 
-        task = asyncio.get_running_loop().create_task(reload())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._spawn(reload())
+
+    async def reload(self) -> bool:
+        """Apply the configuration as it is now, if it is valid; else keep the running one and say why.
+
+        New sessions get the new logins, accounts, limits and certificates; sessions in progress finish with
+        what they started with. What needs a restart is kept and named (gateway/reload.py)."""
+        listeners = self.listeners
+        if listeners is None:
+            return False
+        async with self._reloading:
+            if self.source is None:
+                return await listeners.reload_tls()
+            try:
+                new = await asyncio.to_thread(self.source)  # reads the file and any *_file secrets
+                plan = plan_reload(self.settings, new)
+            except (ConfigError, ValueError) as exc:
+                CONFIG_RELOADS.labels(result="invalid").inc()
+                log.error("config_reload_failed", reason=str(exc), action="kept the running configuration")
+                return False
+            try:
+                contexts = await asyncio.to_thread(listeners.prepare_tls, plan.settings)
+            except CertificateError as exc:
+                CONFIG_RELOADS.labels(result="tls_failed").inc()
+                log.error("tls_reload_failed", reason=str(exc),
+                          action="kept the certificate and the configuration already loaded")
+                return False
+            self._apply(plan, listeners, contexts)
+            CONFIG_RELOADS.labels(result="ok").inc()
+            log.info("config_reloaded", changed=plan.changed, restart_needed=plan.restart_needed)
+            if plan.restart_needed:
+                log.warning("config_reload_restart_needed", keys=plan.restart_needed,
+                            note="these changes take effect at the next restart; the running values are kept")
+            return True
+
+    def _apply(self, plan: ReloadPlan, listeners: Listeners,
+               contexts: tuple[dict[str, ssl.SSLContext], dict[str, str]] | None) -> None:
+        old, new = self.settings, plan.settings
+        assert self.owner is not None and self.worker is not None and self.store is not None
+        # An account whose settings did not change keeps its provider: its token, caches and HTTP pool.
+        providers: dict[str, Provider] = {}
+        for name, account in new.accounts.items():
+            current = self.providers.get(name)
+            if current is None or old.accounts.get(name) != account:
+                current = registry.build(name, account, self.store)
+            providers[name] = current
+        retired = [p for name, p in self.providers.items() if providers.get(name) is not p]
+        sessions_before = set(listeners.sessions)
+        self.providers = providers
+        self.authenticator = Authenticator(new.accounts, providers)
+        if new.dns != old.dns:
+            self.resolver = resolver_for(new.dns)
+        self.health.track(list(new.accounts))
+        self.owner.providers = providers
+        self.worker.set_accounts(list(new.accounts))
+        self.pipeline = Pipeline(new, providers, self.owner, resolver=self.resolver)
+        listeners.apply(new, self.pipeline, self.authenticator, contexts)
+        logs.reconfigure(new.log)
+        self.settings = new
+        if retired:
+            self._retired += retired
+            self._spawn(self._retire(retired, sessions_before))
+        if new.dns.check_sender_domain and new.accounts != old.accounts:
+            self._spawn(self._log_domain_findings())
+
+    async def _retire(self, providers: list[Provider], sessions: set[GatewaySMTP]) -> None:
+        """Close replaced providers once nothing can use them: the sessions that were open at the reload
+        have ended and the delivery attempts running then have finished."""
+        assert self.listeners is not None and self.owner is not None
+        await self.listeners.ended(sessions)
+        await self.owner.running()
+        for provider in providers:
+            with contextlib.suppress(Exception):
+                await provider.aclose()
+            self._retired.remove(provider)
+
+    def reload_tls(self) -> None:
+        """The certificate files alone (what SIGHUP did before configuration reloads)."""
+        if self.listeners is not None:
+            self._spawn(self._reload_tls(self.listeners))
+
+    @staticmethod
+    async def _reload_tls(listeners: Listeners) -> None:
+        await listeners.reload_tls()  # logs its outcome
 
     @property
     def ports(self) -> dict[str, int]:
@@ -122,20 +247,21 @@ class App:
             await self.owner.stop(self.settings.delivery.shutdown_timeout)
         if self.store is not None:
             await self.store.close()
-        for provider in self.providers.values():
+        QUEUE_STATS.clear()
+        for provider in [*self.providers.values(), *self._retired]:
             with contextlib.suppress(Exception):
                 await provider.aclose()
         log.info("stopped")
 
 
 async def run(app: App, drain_timeout: float = 30.0) -> None:
-    """Start, wait for SIGTERM/SIGINT, then drain and stop."""
+    """Start, wait for SIGTERM/SIGINT, then drain and stop. SIGHUP reloads."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await app.start()
-    loop.add_signal_handler(signal.SIGHUP, app.reload_tls)
+    loop.add_signal_handler(signal.SIGHUP, app.request_reload)
     log.info("ready", listeners=app.ports)
     try:
         await stop.wait()

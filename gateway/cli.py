@@ -72,11 +72,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.config:
             worker_args += ["--config", args.config]
         return Supervisor(worker_args, args.workers).run()
-    if args.worker_slot is not None:
-        settings = as_worker(settings, args.worker_slot)
-        structlog.contextvars.bind_contextvars(worker=args.worker_slot)
+    slot = args.worker_slot
+    if slot is not None:
+        settings = as_worker(settings, slot)
+        structlog.contextvars.bind_contextvars(worker=slot)
+
+    def source() -> Settings:
+        """SIGHUP: the configuration file and environment read again, as this process reads them."""
+        fresh = _load(args)
+        return as_worker(fresh, slot) if slot is not None else fresh
+
     try:
-        _run_loop(run(App(settings), drain_timeout=args.drain_timeout), preflight.serve_ports(settings))
+        _run_loop(run(App(settings, source=source), drain_timeout=args.drain_timeout),
+                  preflight.serve_ports(settings))
     except (sqlite3.DatabaseError, SpoolUnavailable) as exc:
         raise _spool_failure(settings, exc) from None
     return 0

@@ -1,31 +1,76 @@
-"""Structured logging: stable snake_case events with fields, JSON or console, one configuration point."""
+"""Structured logging: stable snake_case events with fields, JSON or console, one configuration point.
+
+Level and format can change while the server runs (SIGHUP): structlog caches each logger's configuration
+on first use, so both are read per event from `_STATE` rather than baked into the configuration.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
+from typing import Any
 
 import structlog
 
 from gateway.settings import LogSettings
 
+# structlog method names -> levels ("exception" logs at error level with the traceback).
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "warn": logging.WARNING,
+           "error": logging.ERROR, "exception": logging.ERROR, "critical": logging.CRITICAL,
+           "fatal": logging.CRITICAL}
+
+
+class _State:
+    """The live level and renderer."""
+
+    def __init__(self) -> None:
+        self.level = logging.INFO
+        self.json = False
+        self._json = structlog.processors.JSONRenderer()
+        self._console = structlog.dev.ConsoleRenderer(colors=False)
+
+    def filter(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        if _LEVELS.get(method, logging.INFO) < self.level:
+            raise structlog.DropEvent
+        return event
+
+    def render(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> str:
+        if self.json:
+            return str(self._json(logger, method, event))
+        return self._console(logger, method, event)
+
+
+_STATE = _State()
+_configured = False
+
+
+def json_lines(settings: LogSettings) -> bool:
+    """JSON unless forced to console, or "auto" on a terminal (a person reading)."""
+    if settings.format == "auto":
+        return not sys.stderr.isatty()
+    return settings.format == "json"
+
 
 def configure(settings: LogSettings) -> None:
-    level = getattr(logging, settings.level.upper())
-    renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer()
-        if settings.format == "json"
-        else structlog.dev.ConsoleRenderer(colors=False)
-    )
+    """Set the level and format; the first call also configures structlog and the standard library."""
+    global _configured
+    _STATE.level = _LEVELS[settings.level]
+    _STATE.json = json_lines(settings)
+    if _configured:
+        return
+    _configured = True
     structlog.configure(
         processors=[
+            _STATE.filter,
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
-            renderer,
+            _STATE.render,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(level),
+        # Nothing below debug is ever logged; the level itself is _STATE's, read per event.
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
@@ -33,5 +78,12 @@ def configure(settings: LogSettings) -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
     for name in ("httpx", "httpcore", "aiohttp.access"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    # aiosmtpd warns about its own deprecated Session.login_data on every AUTH.
+    # aiosmtpd warns about its own deprecated Session.login_data on every AUTH, and logs client lines
+    # (AUTH responses included) at INFO and unknown commands at WARNING: never let those through.
     logging.getLogger("mail.log").setLevel(logging.ERROR)
+
+
+def reconfigure(settings: LogSettings) -> None:
+    """A reload's new level and format, where logging was configured (a server; not in-process tests)."""
+    if _configured:
+        configure(settings)

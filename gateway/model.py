@@ -81,3 +81,13 @@ class Call:
 
     key: str
     recipients: tuple[str, ...]
+
+
+@dataclass(slots=True)
+class Receipt:
+    """What became of one message, for its transaction's log line: filled in by the pipeline and the
+    delivery owner while the SMTP session waits (the one mutable type here)."""
+
+    queue_id: str | None = None  # stored in the queue under this local id
+    upstream_ids: list[str] = field(default_factory=list)  # delivered: the upstream's ids, first call first
+    reason: str | None = None  # refused or deferred: why (for the log; the client sees the reply)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -77,6 +81,104 @@ INTERNAL_ERRORS = Counter(
     ["where"],
     registry=REGISTRY,
 )
+
+
+SESSIONS_ACTIVE = Gauge("smtp_gateway_sessions_active", "SMTP sessions open now", ["listener"], registry=REGISTRY)
+SESSIONS_TLS = Counter(
+    "smtp_gateway_sessions_tls_total",
+    "SMTP sessions that became encrypted (implicit TLS or STARTTLS), by listener and negotiated TLS version",
+    ["listener", "version"],
+    registry=REGISTRY,
+)
+CONNECTIONS_REFUSED = Counter(
+    "smtp_gateway_connections_refused_total",
+    "Connections closed before a session began, by listener and reason: max_sessions, max_sessions_per_ip, "
+    "draining, proxy_untrusted (no PROXY header accepted from that address), proxy_invalid, proxy_timeout",
+    ["listener", "reason"],
+    registry=REGISTRY,
+)
+REFUSALS = Counter(
+    "smtp_gateway_refusals_total",
+    'Every 4xx/5xx reply sent to an SMTP client, by basic and enhanced status code (e.g. "553 5.7.1")',
+    ["code"],
+    registry=REGISTRY,
+)
+LIMIT_HITS = Counter(
+    "smtp_gateway_limit_hits_total",
+    "Clients cut short by a limit: command_timeout, data_timeout, max_commands_before_data, messages_per_minute, "
+    "max_auth_failures (per connection), max_recipients, max_message_size",
+    ["limit"],
+    registry=REGISTRY,
+)
+AUTH_DELAYED = Counter(
+    "smtp_gateway_auth_delayed_total",
+    "AUTH attempts made to wait first because their client IP failed too often recently",
+    registry=REGISTRY,
+)
+AUTH_LOCKOUTS = Counter(
+    "smtp_gateway_auth_lockouts_total",
+    "Client IPs (IPv6: /64 networks) locked out of AUTH after too many failures",
+    registry=REGISTRY,
+)
+AUTH_TRACKED = Gauge(
+    "smtp_gateway_auth_failure_ips",
+    "Client IPs (IPv6: /64 networks) whose recent AUTH failures are remembered (bounded by limits.max_tracked_ips)",
+    registry=REGISTRY,
+)
+CONFIG_RELOADS = Counter(
+    "smtp_gateway_config_reloads_total",
+    "Configuration reloads (SIGHUP) by result: ok, invalid (the configuration was refused), tls_failed (the "
+    "certificate files did not load); a refused reload keeps the running configuration",
+    ["result"],
+    registry=REGISTRY,
+)
+
+QUEUE_STATES = ("queued", "inflight", "dead")
+
+
+class QueueStats(Collector):
+    """The queue's depth and oldest message by state, as last read.
+
+    The queue store is async: a task of the server reads QueueStore.counts every few seconds and stores it
+    here; a scrape only reads these numbers (never the database, never blocking the event loop).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._counts: Mapping[str, Mapping[str, Any]] | None = None
+        self._updated = 0.0
+
+    def update(self, counts: Mapping[str, Mapping[str, Any]]) -> None:
+        self._counts = counts
+        self._updated = self._clock()
+
+    def clear(self) -> None:
+        self._counts = None
+
+    def collect(self) -> Iterator[Metric]:
+        depth = GaugeMetricFamily("smtp_gateway_queue_messages", "Messages in the queue by state (queued: waiting "
+                                  "for a retry; inflight: being delivered; dead: dead letters)", labels=["state"])
+        oldest = GaugeMetricFamily("smtp_gateway_queue_oldest_age_seconds",
+                                   "Age of the oldest message in the queue by state (0 when there is none)",
+                                   labels=["state"])
+        stale = GaugeMetricFamily("smtp_gateway_queue_stats_age_seconds",
+                                  "Seconds since the queue figures were read (they are refreshed every few seconds)")
+        counts = self._counts
+        if counts is not None:
+            since = self._clock() - self._updated
+            for state in QUEUE_STATES:
+                row = counts.get(state) or {}
+                depth.add_metric([state], float(row.get("count", 0)))
+                age = row.get("oldest_age")
+                oldest.add_metric([state], float(age) + since if row.get("count") and age is not None else 0.0)
+            stale.add_metric([], since)
+        yield depth
+        yield oldest
+        yield stale
+
+
+QUEUE_STATS = QueueStats()
+REGISTRY.register(QUEUE_STATS)
 
 
 class OperatorEndpoint:

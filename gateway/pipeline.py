@@ -13,7 +13,7 @@ from gateway import idempotency, mime, policy, replies
 from gateway.delivery.owner import DeliveryOwner
 from gateway.dns import DnsResolver, DnsTemporaryError
 from gateway.errors import ContentRejected, Deferred, DnsTempFailure, GatewayError, PolicyRejected, Rejected
-from gateway.model import Call, Principal, Submission
+from gateway.model import Call, Principal, Receipt, Submission
 from gateway.observability import MESSAGES
 from gateway.providers.base import Provider
 from gateway.replies import Reply
@@ -72,23 +72,26 @@ class Pipeline:
             raise PolicyRejected(reply=refusal.with_text(f"<{address}>: The domain name {domain} does not exist."))
 
     async def accept(
-        self, principal: Principal, mail_from: str, rcpt_tos: list[str], raw: bytes | bytearray, smtputf8: bool
+        self, principal: Principal, mail_from: str, rcpt_tos: list[str], raw: bytes | bytearray, smtputf8: bool,
+        receipt: Receipt | None = None,
     ) -> Reply:
-        """The reply to the end of DATA. Never raises: unexpected errors become 451 4.3.0."""
+        """The reply to the end of DATA. Never raises: unexpected errors become 451 4.3.0.
+
+        `receipt` learns what became of the message (queue id, upstream ids, or why not) for the one log
+        line the SMTP session writes per transaction."""
+        receipt = receipt if receipt is not None else Receipt()
         bound = log.bind(login=principal.login, account=principal.account, size=len(raw), rcpts=len(rcpt_tos))
         try:
             submission, plan = await self.prepare(principal, mail_from, rcpt_tos, raw, smtputf8)
             account = self.settings.accounts[principal.account]
             key = idempotency.key_of(submission, account.idempotency_from_message_id)
-            reply = await self.owner.submit(submission, plan, bound, key)
-        except Rejected as exc:
-            bound.info("message_rejected", reply=str(exc.reply), reason=exc.reason)
-            reply = exc.reply
-        except Deferred as exc:
-            bound.warning("message_deferred", reply=str(exc.reply), reason=exc.reason)
+            reply = await self.owner.submit(submission, plan, bound, key, receipt)
+        except (Rejected, Deferred) as exc:
+            receipt.reason = exc.reason
             reply = exc.reply
         except GatewayError as exc:
             bound.error("message_failed", reply=str(exc.reply), reason=exc.reason)
+            receipt.reason = exc.reason
             reply = exc.reply
         MESSAGES_BY_CLASS[reply.code // 100].inc()
         return reply

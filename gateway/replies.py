@@ -45,6 +45,10 @@ AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
 AUTH_INVALID = Reply(535, "5.7.8", "Authentication credentials invalid")
 AUTH_TEMPFAIL = Reply(454, "4.7.0", "Temporary authentication failure")
 AUTH_TOO_MANY = Reply(421, "4.7.0", "Too many failed authentication attempts, closing connection")
+AUTH_LOCKED_OUT = Reply(421, "4.7.0", "Too many failed logins from your address; try again later")
+LOGIN_RATE_LIMITED = Reply(451, "4.7.1", "Message rate limit reached; try again later")
+TOO_MANY_SESSIONS = Reply(421, "4.7.0", "Too many connections, try again later")
+TOO_MANY_FROM_ADDRESS = Reply(421, "4.7.0", "Too many connections from your address, try again later")
 
 SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address rejected: not owned by user")
 BAD_SENDER = Reply(553, "5.1.3", "Bad sender address syntax")
@@ -102,6 +106,16 @@ DEFAULT_ENHANCED: dict[int, str] = {
 }
 
 _HAS_ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}(?: |$)")
+_CODES = re.compile(r"([2-5]\d\d)[ -](?:([245]\.\d{1,3}\.\d{1,3})(?: |$))?")
+
+
+def codes(line: str) -> str | None:
+    """A reply line's basic and enhanced status code, e.g. "553 5.7.1" (or "500" without one); None when
+    the line is no reply. A bounded set: the metric label for refusals."""
+    m = _CODES.match(line)
+    if m is None:
+        return None
+    return f"{m[1]} {m[2]}" if m[2] else m[1]
 
 
 def add_enhanced_code(line: str) -> str:

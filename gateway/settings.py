@@ -75,7 +75,10 @@ class ListenerSettings(_Section):
     # SO_REUSEPORT: several gateway processes may listen on this port and the kernel spreads
     # connections over them. Each process needs its own delivery.spool_path (see README, Performance).
     reuse_port: bool = False
-    # Proxy protocol etc. deliberately absent: not needed yet.
+    # Behind a load balancer: every connection starts with a PROXY protocol header (v1 or v2) naming the
+    # real client, accepted only from `proxy_trusted` (the balancers' addresses); others are closed.
+    proxy_protocol: bool = False
+    proxy_trusted: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
 
     @field_validator("login_aliases")
     @classmethod
@@ -87,6 +90,9 @@ class ListenerSettings(_Section):
 
     @model_validator(mode="after")
     def _trusted_pair(self) -> ListenerSettings:
+        if self.proxy_protocol and not self.proxy_trusted:
+            raise ValueError("proxy_protocol needs proxy_trusted: the load balancers' addresses (a PROXY header "
+                             "from anyone else would let any client claim any address)")
         if self.trusted_networks and not self.trusted_login:
             raise ValueError("trusted_networks needs trusted_login (the login those clients act as)")
         if not self.allow_wide_trusted_network:
@@ -124,11 +130,43 @@ class TlsSettings(_Section):
 
 
 class LimitsSettings(_Section):
+    """What one client may take (README, Operations: limits). Per-IP limits count an IPv6 client by its /64."""
+
     max_message_size: int = Field(25 * 1024 * 1024, ge=1024)
     max_recipients: int = Field(50, ge=1)
-    session_timeout: float = Field(300.0, gt=0)
-    max_auth_failures: int = Field(3, ge=1)
+    # Seconds a client may stay silent between commands (and within DATA between two reads): then 421 4.4.2.
+    command_timeout: float = Field(300.0, gt=0)
+    # The older name of command_timeout, still read: when set, it is the command timeout.
+    session_timeout: float | None = Field(None, gt=0)
+    # Seconds the whole DATA phase may take, from 354 to the final dot, however the bytes trickle in.
+    data_timeout: float = Field(600.0, gt=0)
+    max_auth_failures: int = Field(3, ge=1)  # per connection; then 421 and disconnect
     max_sessions: int = Field(1000, ge=1)
+    max_sessions_per_ip: int = Field(20, ge=1)
+    # Commands other than an accepted MAIL/RCPT before a message is sent (counted anew after each DATA).
+    max_commands_before_data: int = Field(100, ge=1)
+    # AUTH failures per client IP, across connections, within auth_failure_window seconds: from
+    # auth_failures_per_ip on, each attempt first waits (1 s, doubling up to auth_delay_max); at
+    # auth_lockout_failures the IP gets 421 4.7.0 at AUTH for auth_lockout_time seconds, without any check.
+    auth_failures_per_ip: int = Field(10, ge=1)
+    auth_failure_window: float = Field(300.0, gt=0)
+    auth_delay_max: float = Field(8.0, ge=0)
+    auth_lockout_failures: int = Field(20, ge=1)
+    auth_lockout_time: float = Field(900.0, gt=0)
+    # Client IPs whose AUTH failures are remembered at most (memory bound under a flood from many IPs).
+    max_tracked_ips: int = Field(100_000, ge=100)
+    # Messages per minute per login (token bucket; 0: no limit), at most message_burst at once
+    # (0: messages_per_minute). Past it MAIL FROM gets 451 4.7.1.
+    messages_per_minute: float = Field(0.0, ge=0)
+    message_burst: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _older_names(self) -> LimitsSettings:
+        if self.session_timeout is not None and "command_timeout" not in self.model_fields_set:
+            object.__setattr__(self, "command_timeout", self.session_timeout)
+        if self.auth_lockout_failures < self.auth_failures_per_ip:
+            raise ValueError("auth_lockout_failures must be at least auth_failures_per_ip")
+        return self
 
 
 def _account_kind(value: Any) -> str:
@@ -211,7 +249,8 @@ class DnsSettings(_Section):
 
 class LogSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
-    format: Literal["json", "console"] = "console"
+    # auto: console lines on a terminal, JSON lines otherwise (systemd, Docker, a file).
+    format: Literal["auto", "json", "console"] = "auto"
 
 
 class HttpSettings(_Section):
@@ -244,11 +283,7 @@ class Settings(BaseSettings):
     # (gateway/preflight.py).
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
-        logins = {u.username for a in self.accounts.values() for u in a.users}
-        for listener in self.listeners:
-            for _, login in listener.trusted_map:
-                if login not in logins:
-                    raise ValueError(f"listeners[{listener.name}]: trusted login {login!r} is not a user")
+        check_consistent(self)
         return self
 
     @classmethod
@@ -262,6 +297,15 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Precedence: explicit arguments > GATEWAY_* environment > the TOML file.
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+
+def check_consistent(settings: Settings) -> None:
+    """What no single section can check: every trusted network's login is a configured user. ValueError."""
+    logins = {u.username for a in settings.accounts.values() for u in a.users}
+    for listener in settings.listeners:
+        for _, login in listener.trusted_map:
+            if login not in logins:
+                raise ValueError(f"listeners[{listener.name}]: trusted login {login!r} is not a user")
 
 
 class ConfigError(Exception):

@@ -36,9 +36,13 @@ class AccountHealth:
         self._clock = clock
         self._states = {account: _State() for account in accounts}
 
+    def track(self, accounts: list[str]) -> None:
+        """The configured accounts changed (reload): new ones start healthy, removed ones are forgotten."""
+        self._states = {account: self._states.get(account) or _State() for account in accounts}
+
     def succeeded(self, account: str) -> bool:
         """A call was accepted. True when the account was down or refusing: its backlog should go now."""
-        state = self._states[account]
+        state = self._states.setdefault(account, _State())
         recovered = state.down_since is not None or state.refused_since is not None
         if recovered:
             log.info("upstream_recovered", account=account,
@@ -47,7 +51,7 @@ class AccountHealth:
         return recovered
 
     def failed(self, account: str, error: Deferred) -> None:
-        state = self._states[account]
+        state = self._states.setdefault(account, _State())
         now = self._clock()
         if isinstance(error, UpstreamAuthFailed):
             UPSTREAM_AUTH_REFUSED.labels(account=account).inc()
@@ -66,7 +70,7 @@ class AccountHealth:
     def needs_probe(self, account: str, interval: float) -> bool:
         """Down or refusing for `interval` and not probed for as long: time to try one queued message?
         (Messages also retry on their own schedule; the probe only bounds how long a backlog can wait.)"""
-        state = self._states[account]
+        state = self._states.setdefault(account, _State())
         since = state.down_since if state.down_since is not None else state.refused_since
         if since is None:
             return False

@@ -33,7 +33,7 @@ from gateway.delivery.health import AccountHealth
 from gateway.delivery.outcome import Outcome
 from gateway.delivery.transition import Before, Decision, RetryPolicy
 from gateway.errors import Deferred, GatewayError, SpoolUnavailable
-from gateway.model import Call, Submission
+from gateway.model import Call, Receipt, Submission
 from gateway.observability import AMBIGUOUS, CLIENT_GONE, DELIVERIES, INTERNAL_ERRORS, RESENDS
 from gateway.providers.base import Provider
 from gateway.queue import codec
@@ -68,6 +68,7 @@ class _Inline:
     token: int | None = None  # set once the message is stored in flight
     client_gone: bool = False
     idempotency_key: str | None = None
+    receipt: Receipt = field(default_factory=Receipt)  # what the session's transaction line reports
 
 
 class DeliveryOwner:
@@ -93,13 +94,13 @@ class DeliveryOwner:
 
     async def submit(
         self, submission: Submission, plan: Sequence[Call], bound: structlog.typing.FilteringBoundLogger,
-        idempotency_key: str | None = None,
+        idempotency_key: str | None = None, receipt: Receipt | None = None,
     ) -> Reply:
         """The reply to a new message. The attempt is ours: if the session is cancelled (client gone),
-        the attempt goes on and records its outcome."""
+        the attempt goes on and records its outcome. `receipt` learns the queue id or upstream ids."""
         now = self.clock()
         attempt = _Inline(new_id(), submission, transition.fresh(plan, now, self.policy), bound,
-                          idempotency_key=idempotency_key)
+                          idempotency_key=idempotency_key, receipt=receipt if receipt is not None else Receipt())
         if idempotency_key is not None:
             resent = await self._resent(attempt, now)
             if resent is not None:
@@ -126,7 +127,9 @@ class DeliveryOwner:
         RESENDS.labels(account=account, result="in_progress" if hit.reply_id is None else "answered").inc()
         attempt.log.info("message_resend_not_sent", key=key[:12], first_queue_id=hit.msg_id, reply_id=hit.reply_id)
         if hit.reply_id is None:
+            attempt.receipt.reason = "a message with this idempotency key is being delivered"
             return IN_PROGRESS
+        attempt.receipt.reason = f"resend of {hit.msg_id}: not sent again"
         return replies.queued(hit.reply_id)
 
     async def _finish_key(self, attempt: _Inline, reply: Reply) -> None:
@@ -143,6 +146,7 @@ class DeliveryOwner:
         try:
             await self._inline(attempt, decided)
         except GatewayError as exc:  # expected, and logged where it was raised (the queue cannot store)
+            attempt.receipt.reason = attempt.receipt.reason or exc.reason
             if not decided.done():
                 decided.set_result(exc.reply)
         except Exception as exc:  # a bug: once with its traceback, counted; the client may retry
@@ -151,6 +155,7 @@ class DeliveryOwner:
             DELIVERIES.labels(account=attempt.submission.principal.account, path="inline",
                               verdict="internal_error").inc()
             if not decided.done():
+                attempt.receipt.reason = "internal error (logged as delivery_internal_error)"
                 decided.set_result(replies.INTERNAL_ERROR)
 
     async def _inline(self, attempt: _Inline, decided: asyncio.Future[Reply]) -> None:
@@ -171,6 +176,7 @@ class DeliveryOwner:
         if self.settings.mode == "passthrough":
             # The client hears 451 now and will resend; if this call then succeeds, that resend is a
             # duplicate: counted as ambiguous (cause "passthrough_late").
+            attempt.receipt.reason = "upstream did not answer within the inline budget"
             decided.set_result(SLOW)
             self._gone(attempt, "deferred")
             decision = self._decide(attempt.before, await call, attempt.submission, "inline", self._bound(attempt))
@@ -185,10 +191,15 @@ class DeliveryOwner:
             # Cannot store it: the running call's answer is all there is (bounded by the HTTP timeout).
             attempt.log.error("spool_unavailable", queue_id=attempt.msg_id, error=exc.reason)
             decision = self._decide(attempt.before, await call, attempt.submission, "inline", self._bound(attempt))
-            reply = replies.queued(decision.first_id or attempt.msg_id) if decision.verdict == "delivered" \
-                else replies.SPOOL_FULL
+            if decision.verdict == "delivered":
+                attempt.receipt.upstream_ids = _ids(decision)
+                reply = replies.queued(decision.first_id or attempt.msg_id)
+            else:
+                attempt.receipt.reason = f"queue unavailable: {exc.reason}"
+                reply = replies.SPOOL_FULL
             decided.set_result(reply)
             return
+        attempt.receipt.queue_id = attempt.msg_id
         decided.set_result(replies.queued(attempt.msg_id))
         self._gone(attempt, "queued")
         attempt.log.info("message_spooled", queue_id=attempt.msg_id, inflight=True,
@@ -222,16 +233,18 @@ class DeliveryOwner:
         """The reply for a first attempt that finished within the budget; stores what must be kept."""
         bound, verdict = attempt.log, decision.verdict
         self._gone(attempt, verdict)
+        receipt = attempt.receipt
         if verdict == "delivered":
-            bound.info("message_sent", upstream_ids=_ids(decision), calls=len(decision.calls))
+            receipt.upstream_ids = _ids(decision)
+            bound.info("message_sent", upstream_ids=receipt.upstream_ids, calls=len(decision.calls))
             return replies.queued(decision.first_id or attempt.msg_id)
         if verdict == "refused":
             assert decision.refusal is not None
-            bound.info("message_rejected", reply=str(decision.refusal.reply), reason=decision.refusal.reason)
+            receipt.reason = decision.refusal.reason
             return decision.refusal.reply
         if verdict == "queued" and self.settings.mode == "passthrough" and decision.first_id is None:
             first = next(iter(outcome.deferred.values()), None)
-            bound.warning("message_deferred", reason=decision.last_error)
+            receipt.reason = decision.last_error
             return first.reply if first is not None else replies.UPSTREAM_UNAVAILABLE
         try:
             await self.store.insert(self._new(attempt, decision, inflight=False))
@@ -239,6 +252,9 @@ class DeliveryOwner:
             bound.error("spool_unavailable", queue_id=attempt.msg_id, error=exc.reason,
                         delivered=sorted(k for k, c in decision.calls.items() if c.state == "done"))
             raise
+        receipt.queue_id = attempt.msg_id
+        receipt.upstream_ids = _ids(decision)
+        receipt.reason = decision.dead_reason if verdict == "dead" else decision.last_error
         if verdict == "dead":
             bound.error("message_dead_lettered", queue_id=attempt.msg_id, reason=decision.dead_reason)
         else:
@@ -408,6 +424,12 @@ class DeliveryOwner:
                 await self.store.renew(self.owner, self.clock() + self.settings.lease_seconds)
             except SpoolUnavailable as exc:
                 log.error("queue_lease_renew_failed", error=exc.reason)
+
+    async def running(self) -> None:
+        """Wait for the attempts running now (not those started later) to finish: after a reload, the
+        providers they hold can then be closed."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks))
 
     async def stop(self, timeout: float) -> None:
         """Let running attempts finish and record within `timeout`; the rest stay leased (reaped later)."""

@@ -23,6 +23,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from gateway.delivery.transition import Before, CallRow, Decision
 from gateway.errors import SpoolUnavailable
 from gateway.queue import postgres_schema
+from gateway.queue.health import QueueHealth
 from gateway.queue.store import Claimed, KeyHit, NewMessage
 
 log = structlog.get_logger("gateway.queue.postgres")
@@ -49,6 +50,7 @@ class PostgresQueue:
                                          open=False, name="smtp-gateway-queue")
         self._opened = False
         self._found_version = 0
+        self.health = QueueHealth()
 
     @contextlib.asynccontextmanager
     async def _tx(self) -> AsyncIterator[psycopg.AsyncConnection[DictRow]]:
@@ -100,6 +102,15 @@ class PostgresQueue:
     # -- the server's side ---------------------------------------------------------------------------
 
     async def insert(self, m: NewMessage) -> int:
+        try:
+            token = await self._insert(m)
+        except SpoolUnavailable as exc:
+            self.health.record("insert", exc.reason)
+            raise
+        self.health.record("insert", None)
+        return token
+
+    async def _insert(self, m: NewMessage) -> int:
         d = m.decision
         inflight = m.inflight_owner is not None
         state = "inflight" if inflight else ("dead" if d.verdict == "dead" else "queued")

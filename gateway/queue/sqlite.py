@@ -25,6 +25,7 @@ import structlog
 from gateway.delivery.transition import Before, CallRow, Decision
 from gateway.errors import SpoolUnavailable
 from gateway.queue import sqlite_schema
+from gateway.queue.health import QueueHealth
 from gateway.queue.store import Claimed, KeyHit, NewMessage
 
 log = structlog.get_logger("gateway.queue.sqlite")
@@ -42,7 +43,8 @@ class SqliteQueue:
         self._found_version = 0  # the schema version this process found (migrated on connecting)
         self._closed = False
         self._rate = RateFile(path.with_name(path.name + "-ratelimit"))
-        self._reserve = Reserve(path.with_name(path.name + "-reserve"), reserve)
+        self.health = QueueHealth()
+        self._reserve = Reserve(path.with_name(path.name + "-reserve"), reserve, self.health)
 
     # -- plumbing ------------------------------------------------------------------------------------
 
@@ -134,7 +136,13 @@ class SqliteQueue:
     # -- the server's side ---------------------------------------------------------------------------
 
     async def insert(self, message: NewMessage) -> int:
-        return await self._run(self._insert, message)
+        try:
+            token = await self._run(self._insert, message)
+        except SpoolUnavailable as exc:
+            self.health.record("insert", exc.reason)
+            raise
+        self.health.record("insert", None)
+        return token
 
     def _insert(self, m: NewMessage) -> int:
         if self._reserve.released:
@@ -476,11 +484,22 @@ class Reserve:
 
     RETRY_EVERY = 30.0
 
-    def __init__(self, path: Path, size: int) -> None:
+    def __init__(self, path: Path, size: int, health: QueueHealth | None = None) -> None:
         self.path = path
         self.size = size
-        self.released = False
+        self._released = False
         self._next_try = 0.0
+        self._health = health
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    @released.setter
+    def released(self, value: bool) -> None:
+        self._released = value
+        if self._health is not None:
+            self._health.reserve_released = value
 
     def release(self) -> bool:
         """Free the reserve; False when there is none to free."""

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from gateway.delivery.transition import Before, Decision
+from gateway.queue.health import QueueHealth
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +63,7 @@ class QueueStore(Protocol):
     """Async. Every method raises gateway.errors.SpoolUnavailable when the backend cannot be used."""
 
     url: str  # where it is, for logs ("sqlite:///var/spool.sqlite3"); never with a password
+    health: QueueHealth  # recent failures to store a message, the disk reserve: for /readyz
 
     async def open(self) -> None:
         """Connect and apply pending schema migrations."""

@@ -38,6 +38,14 @@ class RetryWorker:
         self._task: asyncio.Task[None] | None = None
         self._failing = False
 
+    def set_accounts(self, accounts: Sequence[str]) -> None:
+        """The configured accounts changed (reload): claim for these from now on. Attempts running for an
+        account that was removed finish; its queued messages wait until it is configured again."""
+        self.accounts = list(accounts)
+        for account in self.accounts:
+            self._running.setdefault(account, set())
+        self.owner.wakeup.set()
+
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="queue-retry-worker")
 

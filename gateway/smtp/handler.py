@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
 import hmac
 import ipaddress
+import math
 import os
 from typing import Any
 
@@ -16,8 +18,9 @@ from aiosmtpd.smtp import MISSING, AuthResult, Envelope, Session
 from gateway import replies
 from gateway.credentials import Authenticator, AuthFailed, AuthUnavailable
 from gateway.errors import GatewayError
+from gateway.limits import Defenses, client_key
 from gateway.model import Principal
-from gateway.observability import AUTH
+from gateway.observability import AUTH, AUTH_DELAYED, AUTH_LOCKOUTS, AUTH_TRACKED, INTERNAL_ERRORS, LIMIT_HITS
 from gateway.pipeline import Pipeline
 from gateway.settings import LimitsSettings, ListenerSettings
 
@@ -34,11 +37,14 @@ class GatewayHandler:
         limits: LimitsSettings,
         pipeline: Pipeline,
         authenticator: Authenticator,
+        defenses: Defenses | None = None,
     ) -> None:
         self.listener = listener
         self.limits = limits
         self.pipeline = pipeline
         self.authenticator = authenticator
+        # Per-client state shared by every session of the process (and kept across reloads).
+        self.defenses = defenses or Defenses(limits)
         self._trusted = listener.trusted_map
 
     # -- who is sending ----------------------------------------------------------------------------
@@ -97,7 +103,26 @@ class GatewayHandler:
             await server.push("501 5.5.2 Cannot decode base64")
         return decoded
 
+    async def _locked_out(self, server: Any) -> bool:
+        """A client IP locked out after too many failures gets 421 at AUTH, before any challenge, password
+        hash or upstream lookup."""
+        key = _client(server.session)
+        verdict = self.defenses.auth.before(key)
+        if not verdict.locked_for:
+            return False
+        AUTH.labels(result="locked_out").inc()
+        suppressed = self.defenses.sampler.allow(("auth_locked_out", key))
+        if suppressed is not None:
+            log.warning("auth_locked_out", peer=_peer(server.session), client=key,
+                        retry_in=math.ceil(verdict.locked_for), suppressed=suppressed)
+        server.mark_logged()
+        await server.push(str(replies.AUTH_LOCKED_OUT))
+        server.transport.close()
+        return True
+
     async def auth_PLAIN(self, server: Any, args: list[str]) -> AuthResult:
+        if await self._locked_out(server):
+            return AuthResult(success=False, handled=True)
         blob = await self._initial_response(server, args, "")
         if blob is None:
             return AuthResult(success=False, handled=True)
@@ -108,6 +133,8 @@ class GatewayHandler:
         return await self._check(server, parts[1], parts[2])
 
     async def auth_LOGIN(self, server: Any, args: list[str]) -> AuthResult:
+        if await self._locked_out(server):
+            return AuthResult(success=False, handled=True)
         login = await self._initial_response(server, args, server.AuthLoginUsernameChallenge)
         if login is None:
             return AuthResult(success=False, handled=True)
@@ -125,6 +152,14 @@ class GatewayHandler:
         checked, mapped_by = self.login_for(username)
         mapped = {"mapped_by": mapped_by} if mapped_by else {}
         fields = {**self._loggable(checked), **mapped}
+        verdict = self.defenses.auth.before(_client(session))
+        if verdict.locked_for:  # locked out while this exchange ran
+            return await self._refuse(server, session, fields, checked=False)
+        if verdict.delay:
+            # This IP failed often: every attempt waits first (growing, bounded), then is checked.
+            AUTH_DELAYED.inc()
+            log.info("auth_delayed", peer=_peer(session), delay=verdict.delay, client_failures=verdict.failures)
+            await asyncio.sleep(verdict.delay)
         try:
             principal = await self.authenticator.authenticate(checked, secret)
         except AuthFailed:
@@ -132,17 +167,36 @@ class GatewayHandler:
         except AuthUnavailable as exc:
             AUTH.labels(result="unavailable").inc()
             log.warning("auth_unavailable", peer=_peer(session), reason=str(exc), **fields)
+            server.mark_logged()
             return AuthResult(success=False, handled=False, message=str(replies.AUTH_TEMPFAIL))
         AUTH.labels(result="ok").inc()
         log.info("auth_ok", peer=_peer(session), login=principal.login, account=principal.account, **mapped)
         return AuthResult(success=True, auth_data=principal, message=str(replies.AUTH_OK))
 
-    async def _refuse(self, server: Any, session: Session, fields: dict[str, str]) -> AuthResult:
-        AUTH.labels(result="invalid").inc()
+    async def _refuse(self, server: Any, session: Session, fields: dict[str, str], checked: bool = True) -> AuthResult:
+        key = _client(session)
+        if checked:
+            AUTH.labels(result="invalid").inc()
+            locked = self.defenses.auth.failed(key)
+            AUTH_TRACKED.set(len(self.defenses.auth))
+        else:
+            AUTH.labels(result="locked_out").inc()
+            locked = True
         failures = getattr(session, "auth_failures", 0) + 1
         session.auth_failures = failures  # type: ignore[attr-defined]
         log.info("auth_failed", peer=_peer(session), failures=failures, **fields)
+        server.mark_logged()
+        if locked:
+            if checked:
+                AUTH_LOCKOUTS.inc()
+                limits = self.defenses.limits
+                log.warning("auth_lockout", peer=_peer(session), client=key, failures=limits.auth_lockout_failures,
+                            window=limits.auth_failure_window, locked_for=limits.auth_lockout_time)
+            await server.push(str(replies.AUTH_LOCKED_OUT))
+            server.transport.close()
+            return AuthResult(success=False, handled=True)
         if failures >= self.limits.max_auth_failures:
+            LIMIT_HITS.labels(limit="max_auth_failures").inc()
             await server.push(str(replies.AUTH_TOO_MANY))
             server.transport.close()
             return AuthResult(success=False, handled=True)
@@ -156,11 +210,20 @@ class GatewayHandler:
         principal = self.principal(session)
         if principal is None:
             return str(replies.AUTH_REQUIRED)
+        wait = self.defenses.rates.take(f"{principal.account}/{principal.login}")
+        if wait:
+            LIMIT_HITS.labels(limit="messages_per_minute").inc()
+            log.info("message_rate_limited", peer=_peer(session), login=principal.login, retry_in=math.ceil(wait),
+                     limit=self.defenses.limits.messages_per_minute)
+            server.mark_logged()
+            return str(replies.LOGIN_RATE_LIMITED.with_text(
+                f"Message rate limit reached for {principal.login}; try again in {math.ceil(wait)} s"))
         smtputf8 = "SMTPUTF8" in mail_options
         try:
             address = await self.pipeline.check_sender(principal, address, smtputf8)
         except GatewayError as exc:
             log.info("sender_rejected", peer=_peer(session), login=principal.login, reply=str(exc.reply))
+            server.mark_logged()
             return str(exc.reply)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
@@ -173,12 +236,17 @@ class GatewayHandler:
         if principal is None:
             return str(replies.AUTH_REQUIRED)
         if len(envelope.rcpt_tos) >= self.limits.max_recipients:
+            LIMIT_HITS.labels(limit="max_recipients").inc()
+            log.info("recipient_rejected", peer=_peer(session), login=principal.login,
+                     reply=str(replies.TOO_MANY_RECIPIENTS), limit=self.limits.max_recipients)
+            server.mark_logged()
             return str(replies.TOO_MANY_RECIPIENTS)
         try:
             # The normalized form travels on (an IDN domain as its xn-- form).
             address = await self.pipeline.check_recipient(principal, address, "SMTPUTF8" in envelope.mail_options)
         except GatewayError as exc:
             log.info("recipient_rejected", peer=_peer(session), login=principal.login, reply=str(exc.reply))
+            server.mark_logged()
             return str(exc.reply)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
@@ -190,13 +258,16 @@ class GatewayHandler:
             return str(replies.AUTH_REQUIRED)
         raw = envelope.original_content
         assert isinstance(raw, (bytes, bytearray)) and envelope.mail_from is not None
+        txn = server.txn
         reply = await self.pipeline.accept(
-            principal, envelope.mail_from, list(envelope.rcpt_tos), raw, "SMTPUTF8" in envelope.mail_options
+            principal, envelope.mail_from, list(envelope.rcpt_tos), raw, "SMTPUTF8" in envelope.mail_options,
+            receipt=txn.receipt if txn is not None else None,
         )
         return str(reply)
 
     async def handle_exception(self, error: Exception) -> str:
         # Never aiosmtpd's "500 Error: (Type) text": log the traceback here, tell the client 451.
+        INTERNAL_ERRORS.labels(where="smtp_session").inc()
         log.error("smtp_unexpected_error", error_type=type(error).__name__, exc_info=error)
         return str(replies.INTERNAL_ERROR)
 
@@ -211,4 +282,10 @@ def _b64(value: str) -> bytes | None:
 def _peer(session: Session) -> str:
     peer = session.peer
     return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+
+
+def _client(session: Session) -> str:
+    """The client as per-IP limits count it (the real client behind a PROXY header)."""
+    peer = session.peer
+    return client_key(str(peer[0]) if isinstance(peer, tuple) else str(peer))
 

@@ -1,19 +1,29 @@
 """aiosmtpd's SMTP protocol, adjusted: enhanced status codes on every reply, a fast DATA reader, our AUTH
-prompts and rules (any case, after HELO too, long lines), our TLS handshakes for STARTTLS."""
+prompts and rules (any case, after HELO too, long lines), our TLS handshakes for STARTTLS; and the session's
+own limits (idle and DATA deadlines, commands before DATA), its refusals counted and logged, its log lines
+tagged with a session id, one summary line per DATA."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import re
-from collections.abc import Callable
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, syntax
 
 from gateway import replies
+from gateway.model import Principal, Receipt
+from gateway.observability import LIMIT_HITS, REFUSALS, SESSIONS_TLS
 from gateway.replies import add_enhanced_code
 from gateway.smtp.handshake import ListenerTls
+
+log = structlog.get_logger("gateway.smtp")
 
 # Replies that never carry an enhanced code (RFC 2034 §3: not the greeting, not EHLO/HELO lines) and
 # intermediate replies whose text is protocol data (334 challenges, 354).
@@ -29,6 +39,24 @@ AUTH_LINE_LIMIT = 12288
 # aiosmtpd's reply to a line that is no command quotes the (upper-cased) first word back to the client. A
 # client whose AUTH was refused goes on with its base64 username and password lines: never echo those.
 _UNKNOWN_COMMAND = re.compile(r'500 Error: command ".*" not recognized\Z', re.DOTALL)
+# Commands that move a transaction forward when accepted; every other command (and a refused MAIL/RCPT)
+# counts towards limits.max_commands_before_data.
+_TRANSACTION = frozenset({"MAIL", "RCPT", "DATA", "QUIT"})
+# The attributes aiosmtpd's HELP reads from a command method (set by @syntax).
+_SYNTAX_ATTRS = ("__smtp_syntax__", "__smtp_syntax_extended__", "__smtp_syntax_when__")
+
+
+@dataclass(slots=True)
+class Transaction:
+    """One DATA, from 354 to the final reply: what its summary log line says."""
+
+    started: float
+    size: int = 0
+    receipt: Receipt = field(default_factory=Receipt)
+
+
+def _summary_event(code: int) -> str:
+    return "message_accepted" if code < 400 else "message_deferred" if code < 500 else "message_rejected"
 
 
 class GatewaySMTP(SMTP):
@@ -49,6 +77,10 @@ class GatewaySMTP(SMTP):
         on_close: Callable[[GatewaySMTP], None],
         tls: ListenerTls | None = None,
         implicit_tls: bool = False,
+        listener: str = "",
+        client_key: str = "",
+        data_timeout: float = 600.0,
+        max_commands_before_data: int = 100,
         **kwargs: Any,
     ) -> None:
         super().__init__(handler, tls_context=tls.context if tls and not implicit_tls else None, **kwargs)
@@ -62,15 +94,53 @@ class GatewaySMTP(SMTP):
         # True once the session is encrypted (implicit TLS, or after STARTTLS).
         self.tls_up = False
         self.in_data = False
+        # Carried by every log line of the session (structlog contextvars, bound in its task).
+        self.session_id = secrets.token_hex(6)
+        self.listener = listener
+        self.client_key = client_key  # what per-IP limits count this client as (gateway.limits.client_key)
+        self.txn: Transaction | None = None
+        self._data_timeout = data_timeout
+        self._max_commands = max_commands_before_data
+        self._commands = 0  # commands counted since the last message
+        self._verb: str | None = None  # the command being handled
+        self._logged = False  # the refusal about to be sent has its own log line already
+        self._cut_off: str | None = None  # the limit that ended the session (command_timeout, data_timeout)
+        self._last_code = 0  # of the last final reply sent
+        for verb, method in list(self._smtp_methods.items()):
+            self._smtp_methods[verb] = self._counted(verb, method)
+
+    # -- connection ------------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        if transport.get_extra_info("ssl_object") is not None:
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None and not self.tls_up:
             self.tls_up = True
+            SESSIONS_TLS.labels(listener=self.listener, version=ssl_object.version() or "unknown").inc()
+
+    def eof_received(self) -> bool | None:
+        # aiosmtpd cancels the session task and keeps the socket half-open (True): if the task had not
+        # started yet (uvloop delivers connect and FIN in one loop iteration) nothing ever closed it and the
+        # session kept its slot in CLOSE-WAIT until the idle timeout. The client has gone: close now.
+        super().eof_received()
+        return False
 
     def connection_lost(self, error: Exception | None) -> None:
         self._on_close(self)
         super().connection_lost(error)
+
+    @property
+    def peer(self) -> str:
+        peer = self.session.peer if self.session is not None else None
+        return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+
+    async def _handle_client(self) -> None:
+        # The session task's own context: every line logged by the session, and by the delivery tasks it
+        # starts (they copy the context), carries these.
+        structlog.contextvars.bind_contextvars(session=self.session_id, peer=self.peer, listener=self.listener)
+        await super()._handle_client()
+
+    # -- replies -------------------------------------------------------------------------------------------
 
     async def push(self, status: str | bytes) -> None:
         if isinstance(status, str):
@@ -84,7 +154,84 @@ class GatewaySMTP(SMTP):
                 if _UNKNOWN_COMMAND.match(status):
                     status = "500 5.5.2 Command not recognized"
                 status = add_enhanced_code(status)
+            self._observe(status)
         await super().push(status)  # type: ignore[type-var]
+
+    def mark_logged(self) -> None:
+        """The refusal about to be sent has been logged with its own event (auth_failed, ...)."""
+        self._logged = True
+
+    def _observe(self, line: str) -> None:
+        """Count (and log, unless logged already) every 4xx/5xx reply."""
+        code = replies.codes(line)
+        if code is None or line[3:4] == "-":
+            return
+        self._last_code = int(code[:3])
+        logged, self._logged = self._logged, False
+        if self._last_code < 400:
+            return
+        REFUSALS.labels(code=code).inc()
+        if not logged:
+            log.info("command_refused", command=self._verb, reply=line)
+
+    def say_and_close(self, line: str, *, logged: bool = False) -> None:
+        """A last reply written at once (from a timer or the drain, outside the session task), then close."""
+        if self.transport is None:
+            return
+        self._logged = logged
+        self._observe(line)
+        # A transport on its way out raises whatever its layer does (asyncio's SSL transport: AttributeError).
+        with contextlib.suppress(Exception):
+            self._writer.write(line.encode() + b"\r\n")
+        self.transport.close()
+
+    # -- limits --------------------------------------------------------------------------------------------
+
+    def _counted(self, verb: str, method: Callable[[str | None], Awaitable[None]]) -> Callable[..., Any]:
+        async def run(arg: str | None) -> None:
+            if verb != "QUIT" and self._commands >= self._max_commands and self.transport is not None:
+                # This command would be one too many: refused unexecuted, and the session ends.
+                LIMIT_HITS.labels(limit="max_commands_before_data").inc()
+                log.info("session_cut_off", limit="max_commands_before_data", commands=self._commands,
+                         command=verb)
+                self.mark_logged()
+                await self.push("421 4.7.0 Too many commands without sending mail, closing connection")
+                self.transport.close()
+                return
+            self._verb = verb
+            try:
+                await method(arg)
+            finally:
+                self._verb = None
+            if verb == "DATA" and self.txn is not None:
+                self.txn = None
+                self._commands = 0  # a message went through (or was answered): count afresh
+            elif verb != "QUIT" and (verb not in _TRANSACTION or self._last_code >= 400):
+                self._commands += 1
+
+        for attr in _SYNTAX_ATTRS:
+            if hasattr(method, attr):
+                setattr(run, attr, getattr(method, attr))
+        return run
+
+    def _timeout_cb(self) -> None:
+        """No command (or no DATA bytes) within command_timeout: say so (Postfix: 421 4.4.2) and close."""
+        if self.transport is None:
+            return
+        self._cut_off = "command_timeout"
+        LIMIT_HITS.labels(limit="command_timeout").inc()
+        log.info("session_timeout", limit="command_timeout", timeout=self._timeout_duration, in_data=self.in_data)
+        self.say_and_close(f"421 4.4.2 {self.hostname} Error: timeout exceeded, closing connection",
+                           logged=True)
+
+    def _data_deadline(self) -> None:
+        """DATA not finished within data_timeout, however slowly the bytes kept coming (slowloris)."""
+        if self.transport is None:
+            return
+        self._cut_off = "data_timeout"
+        LIMIT_HITS.labels(limit="data_timeout").inc()
+        self.say_and_close(f"421 4.4.2 {self.hostname} Error: DATA not completed within "
+                           f"{self._data_timeout:g} s, closing connection", logged=True)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         m = _SIMPLE_PATH.match(arg)
@@ -226,24 +373,74 @@ class GatewaySMTP(SMTP):
             await self.push("501 5.5.4 Syntax: DATA")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
+        envelope = self.envelope
+        txn = self.txn = Transaction(self.loop.time())
         self.in_data = True
+        # The whole DATA phase has one deadline; bytes trickling in do not extend it (the idle timer, reset
+        # by each read, still cuts off a client that stops sending).
+        deadline = self.loop.call_later(self._data_timeout, self._data_deadline)
         try:
             content = await self._read_data()
+        except BaseException:
+            self._summarize(envelope, txn, None)
+            raise
         finally:
+            deadline.cancel()
             self.in_data = False
         if content is None:
-            await self.push(str(replies.MESSAGE_TOO_BIG))
+            LIMIT_HITS.labels(limit="max_message_size").inc()
+            txn.receipt.reason = f"larger than max_message_size ({self.data_size_limit} bytes)"
+            status = str(replies.MESSAGE_TOO_BIG)
             self._set_post_data_state()  # type: ignore[no-untyped-call]
-            return
-        # aiosmtpd types these as bytes; a bytearray is bytes-like for every reader (see _read_data).
-        self.envelope.content = content  # type: ignore[assignment]
-        self.envelope.original_content = content  # type: ignore[assignment]
-        try:
-            status = await self._call_handler_hook("DATA")
-        finally:
-            # Whatever happened, the transaction is over: the next MAIL starts afresh (not "nested MAIL").
-            self._set_post_data_state()  # type: ignore[no-untyped-call]
+        else:
+            txn.size = len(content)
+            # aiosmtpd types these as bytes; a bytearray is bytes-like for every reader (see _read_data).
+            envelope.content = content  # type: ignore[assignment]
+            envelope.original_content = content  # type: ignore[assignment]
+            try:
+                status = await self._call_handler_hook("DATA")
+            except asyncio.CancelledError:
+                self._summarize(envelope, txn, None)  # the client left; its delivery goes on and logs
+                raise
+            except Exception as exc:  # logged with its traceback and counted by the handler
+                status = await self.handle_exception(exc)
+            finally:
+                # Whatever happened, the transaction is over: the next MAIL starts afresh (not "nested MAIL").
+                self._set_post_data_state()  # type: ignore[no-untyped-call]
+        self._summarize(envelope, txn, status)
+        self.mark_logged()
         await self.push(status)
+
+    def _summarize(self, envelope: Any, txn: Transaction, status: str | None) -> None:
+        """The transaction's one log line: message_accepted / _deferred / _rejected, or message_aborted
+        when the client left (or was cut off) before its reply."""
+        auth = self.session.auth_data if self.session is not None else None
+        principal = auth if isinstance(auth, Principal) else None
+        receipt = txn.receipt
+        fields: dict[str, Any] = {
+            "login": principal.login if principal else None,
+            "account": principal.account if principal else None,
+            "sender": envelope.mail_from,
+            "rcpts": len(envelope.rcpt_tos),
+            "size": txn.size or None,
+            "duration": round(self.loop.time() - txn.started, 3),
+        }
+        if receipt.queue_id:
+            fields["queue_id"] = receipt.queue_id
+        if receipt.upstream_ids:
+            fields["upstream_id"] = receipt.upstream_ids[0]
+            if len(receipt.upstream_ids) > 1:
+                fields["upstream_ids"] = receipt.upstream_ids
+        if status is None:
+            reason = self._cut_off or ("client disconnected during delivery (the delivery goes on)"
+                                       if txn.size else "client disconnected during DATA")
+            log.info("message_aborted", reason=reason, **fields)
+            return
+        code = int(status[:3])
+        event = _summary_event(code)
+        if receipt.reason is not None and code >= 400:
+            fields["reason"] = receipt.reason
+        (log.warning if 400 <= code < 500 else log.info)(event, reply=status, **fields)
 
     async def _read_data(self) -> bytearray | None:
         reader = self._reader

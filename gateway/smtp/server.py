@@ -7,15 +7,17 @@ import contextlib
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import structlog
 
 from gateway import replies
 from gateway.credentials import Authenticator
-from gateway.observability import SESSIONS
+from gateway.limits import Defenses, client_key
+from gateway.observability import CONNECTIONS_REFUSED, REFUSALS, SESSIONS, SESSIONS_ACTIVE
 from gateway.pipeline import Pipeline
-from gateway.settings import ConfigError, Settings, TlsSettings
+from gateway.settings import ConfigError, LimitsSettings, Settings, TlsSettings
+from gateway.smtp.gate import Gate
 from gateway.smtp.handler import GatewayHandler
 from gateway.smtp.handshake import HandshakeFailures, ListenerTls
 from gateway.smtp.protocol import GatewaySMTP
@@ -64,16 +66,25 @@ class _Refuse(asyncio.Protocol):
         self.line = line
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports are not asyncio.WriteTransport subclasses: no isinstance check here.
-        writer = cast(asyncio.WriteTransport, transport)
-        if self.line is not None:
-            writer.write(self.line.encode() + b"\r\n")
-        writer.close()
+        refuse(transport, self.line)
+
+
+def refuse(transport: asyncio.BaseTransport, line: str | None) -> None:
+    # uvloop's transports are not asyncio.WriteTransport subclasses: no isinstance check here.
+    writer = cast(asyncio.WriteTransport, transport)
+    if line is not None:
+        REFUSALS.labels(code=replies.codes(line) or line[:3]).inc()
+        writer.write(line.encode() + b"\r\n")
+    writer.close()
 
 
 @dataclass
 class Listeners:
-    """All SMTP servers of the process and the sessions they have open."""
+    """All SMTP servers of the process and the sessions they have open.
+
+    What a new session needs (settings, pipeline, authenticator, each listener's handler and TLS context)
+    is read when it starts; `apply` swaps them (SIGHUP) and sessions already open keep what they began with.
+    """
 
     settings: Settings
     pipeline: Pipeline
@@ -85,6 +96,15 @@ class Listeners:
 
     tls: dict[str, ListenerTls] = field(default_factory=dict)
     handshake_failures: HandshakeFailures = field(default_factory=HandshakeFailures)
+    defenses: Defenses | None = None
+    handlers: dict[str, GatewayHandler] = field(default_factory=dict)
+    # Connections waiting for their PROXY header (not sessions yet, but they hold a slot).
+    pending: int = 0
+    _released: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        if self.defenses is None:
+            self.defenses = Defenses(self.settings.limits)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -96,54 +116,21 @@ class Listeners:
             except CertificateError as exc:
                 raise ConfigError(f"tls.cert_file / tls.key_file cannot be loaded: {exc}") from None
             log.info("tls_certificate_loaded", **described)
-            timeout = min(HANDSHAKE_TIMEOUT, limits.session_timeout)
+            timeout = handshake_timeout(limits)
             for name, profile in profiles.items():
                 self.tls[name] = ListenerTls(name, profile, contexts[name], self.handshake_failures, timeout)
                 if profile == "legacy":
                     log.warning("tls_legacy_profile", listener=name, protocols="TLSv1 TLSv1.1 TLSv1.2 TLSv1.3",
                                 note="TLS 1.0/1.1 and CBC suites are enabled for old devices; keep this "
                                      "listener for them only")
+        self._build_handlers()
         for listener in self.settings.listeners:
             if listener.allow_wide_trusted_network and listener.trusted_map:
                 log.warning("trusted_network_wide_allowed", listener=listener.name,
                             networks=[str(network) for network, _ in listener.trusted_map])
-            handler = GatewayHandler(listener, limits, self.pipeline, self.authenticator)
-            implicit = listener.tls == "implicit"
-            tls = self.tls.get(listener.name)
 
-            def factory(
-                handler: GatewayHandler = handler, tls: ListenerTls | None = tls, implicit: bool = implicit
-            ) -> asyncio.BaseProtocol:
-                if self.draining.is_set():
-                    return _Refuse(None if implicit else str(replies.SHUTTING_DOWN))
-                if len(self.sessions) >= limits.max_sessions:
-                    return _Refuse(None if implicit else "421 4.7.0 Too many connections, try again later")
-                listener = handler.listener
-                proto = GatewaySMTP(
-                    handler,
-                    draining=self.draining,
-                    on_close=self.sessions.discard,
-                    tls=tls,
-                    implicit_tls=implicit,
-                    hostname=self.settings.hostname,
-                    ident="smtp-gateway ESMTP",
-                    data_size_limit=limits.max_message_size,
-                    enable_SMTPUTF8=True,
-                    decode_data=False,
-                    require_starttls=False,
-                    # Implicit TLS is encrypted from the first byte: aiosmtpd cannot tell (aiosmtpd #281).
-                    auth_require_tls=not (implicit or listener.allow_insecure_auth),
-                    auth_required=False,  # enforced in handle_MAIL, which also knows trusted networks
-                    timeout=limits.session_timeout,
-                    command_call_limit=COMMAND_LIMITS,
-                    loop=loop,
-                )
-                self.sessions.add(proto)
-                SESSIONS.labels(listener=listener.name).inc()
-                if implicit and tls is not None:
-                    # The session exists once the handshake succeeded; a failed one must not keep its slot.
-                    return tls.handshake(proto, lambda: proto.tls_up, lambda: self.sessions.discard(proto))
-                return proto
+            def factory(name: str = listener.name) -> asyncio.BaseProtocol:
+                return self._connected(name)
 
             server = await loop.create_server(
                 factory,
@@ -157,7 +144,130 @@ class Listeners:
             self.ports[listener.name] = server.sockets[0].getsockname()[1]
             log.info("listener_started", listener=listener.name, address=listener.address,
                      port=self.ports[listener.name], tls=listener.tls,
-                     tls_profile=listener.tls_profile if tls else None)
+                     tls_profile=listener.tls_profile if listener.name in self.tls else None,
+                     proxy_protocol=listener.proxy_protocol or None)
+
+    def _build_handlers(self) -> None:
+        assert self.defenses is not None
+        self.handlers = {
+            listener.name: GatewayHandler(listener, self.settings.limits, self.pipeline, self.authenticator,
+                                          self.defenses)
+            for listener in self.settings.listeners
+        }
+
+    # -- a new connection ----------------------------------------------------------------------------------
+
+    def _connected(self, name: str) -> asyncio.BaseProtocol:
+        """The protocol of a new connection: a Gate (admission, PROXY header) or a refusal."""
+        listener = self.handlers[name].listener
+        implicit = listener.tls == "implicit"
+        if self.draining.is_set():
+            CONNECTIONS_REFUSED.labels(listener=name, reason="draining").inc()
+            return _Refuse(None if implicit else str(replies.SHUTTING_DOWN))
+        if len(self.sessions) + self.pending >= self.settings.limits.max_sessions:
+            CONNECTIONS_REFUSED.labels(listener=name, reason="max_sessions").inc()
+            assert self.defenses is not None
+            suppressed = self.defenses.sampler.allow(("max_sessions", name))
+            if suppressed is not None:
+                log.warning("connection_refused", listener=name, reason="max_sessions",
+                            limit=self.settings.limits.max_sessions, suppressed=suppressed)
+            return _Refuse(None if implicit else str(replies.TOO_MANY_SESSIONS))
+        assert self.defenses is not None
+        self.pending += 1
+        return Gate(name, lambda transport, peer: self._open(name, transport, peer), self._gate_done,
+                    self.defenses.sampler, listener.proxy_trusted if listener.proxy_protocol else None)
+
+    def _gate_done(self, gate: Gate) -> None:
+        self.pending -= 1
+
+    def _open(self, name: str, transport: asyncio.BaseTransport, peer: Any) -> asyncio.BaseProtocol | None:
+        """The session for a client the gate knows (the real one behind a balancer), or None: refused."""
+        assert self.defenses is not None
+        handler = self.handlers[name]
+        listener, limits = handler.listener, self.settings.limits
+        implicit = listener.tls == "implicit"
+        ip = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+        key = client_key(ip)
+        if not self.defenses.sessions.admit(key, limits.max_sessions_per_ip):
+            CONNECTIONS_REFUSED.labels(listener=name, reason="max_sessions_per_ip").inc()
+            suppressed = self.defenses.sampler.allow(("max_sessions_per_ip", key))
+            if suppressed is not None:
+                log.warning("connection_refused", listener=name, peer=ip, client=key, reason="max_sessions_per_ip",
+                            limit=limits.max_sessions_per_ip, suppressed=suppressed)
+            refuse(transport, None if implicit else str(replies.TOO_MANY_FROM_ADDRESS))
+            return None
+        tls = self.tls.get(name)
+        proto = GatewaySMTP(
+            handler,
+            draining=self.draining,
+            on_close=self._release,
+            tls=tls,
+            implicit_tls=implicit,
+            listener=name,
+            client_key=key,
+            data_timeout=limits.data_timeout,
+            max_commands_before_data=limits.max_commands_before_data,
+            hostname=self.settings.hostname,
+            ident="smtp-gateway ESMTP",
+            data_size_limit=limits.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            require_starttls=False,
+            # Implicit TLS is encrypted from the first byte: aiosmtpd cannot tell (aiosmtpd #281).
+            auth_require_tls=not (implicit or listener.allow_insecure_auth),
+            auth_required=False,  # enforced in handle_MAIL, which also knows trusted networks
+            timeout=limits.command_timeout,
+            command_call_limit=COMMAND_LIMITS,
+            loop=asyncio.get_running_loop(),
+        )
+        self.sessions.add(proto)
+        SESSIONS.labels(listener=name).inc()
+        SESSIONS_ACTIVE.labels(listener=name).inc()
+        if implicit and tls is not None:
+            # The session exists once the handshake succeeded; a failed one must not keep its slot.
+            return tls.handshake(proto, lambda: proto.tls_up, lambda: self._release(proto))
+        return proto
+
+    def _release(self, session: GatewaySMTP) -> None:
+        """A session ended (closed, or its TLS handshake failed): its slots are free at once."""
+        if session in self.sessions:
+            self.sessions.remove(session)
+            assert self.defenses is not None
+            self.defenses.sessions.release(session.client_key)
+            SESSIONS_ACTIVE.labels(listener=session.listener).dec()
+            self._released.set()
+
+    async def ended(self, sessions: set[GatewaySMTP]) -> None:
+        """Wait until all of `sessions` have ended."""
+        while sessions & self.sessions:
+            self._released.clear()
+            await self._released.wait()
+
+    # -- reload ----------------------------------------------------------------------------------------------
+
+    def prepare_tls(self, settings: Settings) -> tuple[dict[str, ssl.SSLContext], dict[str, str]] | None:
+        """New TLS contexts for every TLS listener under `settings` (raises CertificateError), or None."""
+        profiles = {lsn.name: lsn.tls_profile for lsn in settings.listeners if lsn.name in self.tls}
+        return load_contexts(settings.tls, profiles) if profiles else None
+
+    def apply(
+        self, settings: Settings, pipeline: Pipeline, authenticator: Authenticator,
+        contexts: tuple[dict[str, ssl.SSLContext], dict[str, str]] | None,
+    ) -> None:
+        """New sessions use these from now on; open sessions keep the ones they started with. The
+        listeners' sockets stay as they are (their addresses and TLS modes need a restart)."""
+        assert self.defenses is not None
+        self.settings, self.pipeline, self.authenticator = settings, pipeline, authenticator
+        self.defenses.configure(settings.limits)
+        self._build_handlers()
+        timeout = handshake_timeout(settings.limits)
+        if contexts is not None:
+            by_name = {lsn.name: lsn for lsn in settings.listeners}
+            for name, context in contexts[0].items():
+                self.tls[name].context = context
+                self.tls[name].profile = by_name[name].tls_profile
+                self.tls[name].handshake_timeout = timeout
+            log.info("tls_reloaded", listeners=sorted(contexts[0]), **contexts[1])
 
     async def reload_tls(self) -> bool:
         """Load the certificate files again (SIGHUP): new handshakes use them, open sessions keep theirs.
@@ -188,14 +298,16 @@ class Listeners:
             await asyncio.sleep(0.05)
         for session in list(self.sessions):
             if session.transport is not None:
-                with contextlib.suppress(Exception):
-                    session._writer.write(str(replies.SHUTTING_DOWN).encode() + b"\r\n")
-                session.transport.close()
+                session.say_and_close(str(replies.SHUTTING_DOWN), logged=True)
         for server in self.servers:
             server.close()
         for server in self.servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1.0)
+
+
+def handshake_timeout(limits: LimitsSettings) -> float:
+    return min(HANDSHAKE_TIMEOUT, limits.command_timeout)
 
 
 def _busy(session: GatewaySMTP) -> bool:

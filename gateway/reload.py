@@ -1,0 +1,61 @@
+"""What a configuration reload (SIGHUP) can change in a running server, and what needs a restart.
+
+Live: accounts (logins, passwords, API keys, sender domains, campaigns, rate limits), [limits], [tls] files
+and each listener's profile, trusted networks, login aliases and PROXY balancers, [dns], [log], hostname.
+Restart: a listener's socket (name, address, port, tls mode, reuse_port, proxy_protocol), listeners added
+or removed, [delivery] (the queue backend and its delivery settings), [http], the number of workers (a
+command-line option). A reload applies the live part and keeps the running values of the rest, naming
+them in its log line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gateway.settings import ListenerSettings, Settings, check_consistent
+
+# A listener's keys that are its socket: changing one needs a new socket, so a restart.
+SOCKET_KEYS = ("address", "port", "tls", "reuse_port", "proxy_protocol")
+RESTART_SECTIONS = ("delivery", "http")
+
+
+@dataclass(frozen=True)
+class ReloadPlan:
+    settings: Settings  # what the server runs with from now on
+    changed: list[str]  # what changes now (top-level keys and listeners)
+    restart_needed: list[str]  # what changed in the file but needs a restart to take effect
+
+
+def plan_reload(old: Settings, new: Settings) -> ReloadPlan:
+    """The settings to apply: `new`, except for what only a restart can change (kept from `old`).
+
+    Raises ValueError when the result is inconsistent (a kept listener trusts a login the new file removed).
+    """
+    restart: list[str] = []
+    for section in RESTART_SECTIONS:
+        before, after = getattr(old, section), getattr(new, section)
+        restart += [f"{section}.{key}" for key in type(after).model_fields
+                    if getattr(before, key) != getattr(after, key)]
+    new_by_name = {lsn.name: lsn for lsn in new.listeners}
+    listeners: list[ListenerSettings] = []
+    changed_listeners = []
+    for running in old.listeners:
+        wanted = new_by_name.pop(running.name, None)
+        if wanted is None:
+            restart.append(f"listeners[{running.name}] (removed)")
+            listeners.append(running)
+            continue
+        moved = [key for key in SOCKET_KEYS if getattr(running, key) != getattr(wanted, key)]
+        if moved:
+            restart += [f"listeners[{running.name}].{key}" for key in moved]
+            listeners.append(running)
+        else:
+            listeners.append(wanted)
+            if wanted != running:
+                changed_listeners.append(f"listeners[{running.name}]")
+    restart += [f"listeners[{name}] (added)" for name in new_by_name]
+    effective = new.model_copy(update={"listeners": listeners, "delivery": old.delivery, "http": old.http})
+    check_consistent(effective)
+    changed = [key for key in type(new).model_fields
+               if key not in (*RESTART_SECTIONS, "listeners") and getattr(old, key) != getattr(new, key)]
+    return ReloadPlan(effective, changed + changed_listeners, restart)

@@ -1,0 +1,121 @@
+"""gateway/limits.py with a controlled clock: the per-IP key, the AUTH failure window (delays that grow and
+stop growing, the lockout and its end), the memory bound under a flood from many addresses, the per-login
+token bucket and the log sampler."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.limits import AuthGuard, LoginRates, LogSampler, SessionCounter, client_key
+from gateway.settings import LimitsSettings
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize(("ip", "key"), [
+    ("192.0.2.7", "192.0.2.7"),
+    ("::ffff:192.0.2.7", "192.0.2.7"),  # a dual-stack listener's view of an IPv4 client
+    ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"),
+    ("2001:db8:1:2:ffff::1", "2001:db8:1:2::/64"),
+    ("not-an-ip", "not-an-ip"),
+])
+def test_client_key(ip: str, key: str) -> None:
+    assert client_key(ip) == key
+
+
+def test_session_counter() -> None:
+    counter = SessionCounter()
+    assert counter.admit("a", 2) and counter.admit("a", 2) and not counter.admit("a", 2)
+    assert counter.admit("b", 2)
+    counter.release("a")
+    assert counter.open("a") == 1 and counter.admit("a", 2)
+    counter.release("a"), counter.release("a")
+    assert counter.open("a") == 0
+
+
+def guard(clock: Clock, **limits: float) -> AuthGuard:
+    return AuthGuard(LimitsSettings(**limits), clock)  # type: ignore[arg-type]
+
+
+def test_failures_slow_then_lock_out_then_expire() -> None:
+    clock = Clock()
+    g = guard(clock, auth_failures_per_ip=3, auth_delay_max=8, auth_lockout_failures=9, auth_failure_window=300,
+              auth_lockout_time=900)
+    delays = []
+    for _ in range(8):
+        delays.append(g.before("ip").delay)
+        assert not g.failed("ip")
+        clock.now += 1
+    # Free until the 3rd failure; then 1 s, doubling, at most auth_delay_max.
+    assert delays == [0, 0, 0, 1, 2, 4, 8, 8]
+    assert g.failed("ip")  # the 9th: locked out
+    verdict = g.before("ip")
+    assert verdict.locked_for == 900 and verdict.delay == 0
+    assert not g.failed("ip")  # failures while locked do not extend it
+    clock.now += 900
+    assert g.before("ip").locked_for == 0 and g.before("ip").delay == 0
+    assert len(g) == 0  # forgotten once nothing is recent
+
+
+def test_failures_leave_the_window() -> None:
+    clock = Clock()
+    g = guard(clock, auth_failures_per_ip=2, auth_failure_window=60, auth_lockout_failures=3)
+    g.failed("ip")
+    clock.now += 50
+    g.failed("ip")
+    assert g.before("ip").delay == 1
+    clock.now += 11  # the first failure is older than the window now
+    assert g.before("ip").delay == 0
+    assert not g.failed("ip")  # two in the window, not three: no lockout
+
+
+def test_memory_stays_bounded_under_a_flood_from_many_addresses() -> None:
+    clock = Clock()
+    g = guard(clock, max_tracked_ips=100)
+    for n in range(10_000):
+        g.failed(f"198.51.{n // 256}.{n % 256}")
+    assert len(g) <= 100
+    # The most recent ones are the ones remembered.
+    assert g.before("198.51.39.15").failures == 1
+
+
+def test_lockout_threshold_cannot_be_below_the_delay_threshold() -> None:
+    with pytest.raises(ValueError, match="auth_lockout_failures"):
+        LimitsSettings(auth_failures_per_ip=10, auth_lockout_failures=5)
+
+
+def test_session_timeout_is_the_older_name_of_command_timeout() -> None:
+    assert LimitsSettings(session_timeout=42).command_timeout == 42
+    assert LimitsSettings(session_timeout=42, command_timeout=7).command_timeout == 7
+    assert LimitsSettings().command_timeout == 300
+
+
+def test_login_rates_token_bucket() -> None:
+    clock = Clock()
+    rates = LoginRates(LimitsSettings(messages_per_minute=60, message_burst=3), clock)
+    assert [rates.take("a") for _ in range(3)] == [0, 0, 0]
+    assert rates.take("a") == pytest.approx(1.0)  # one token a second
+    assert rates.take("b") == 0  # per login
+    clock.now += 1
+    assert rates.take("a") == 0
+    assert rates.take("a") > 0
+    unlimited = LoginRates(LimitsSettings(), clock)
+    assert all(unlimited.take("a") == 0 for _ in range(1000))
+
+
+def test_log_sampler() -> None:
+    clock = Clock()
+    sampler = LogSampler(interval=60, max_keys=10, clock=clock)
+    assert sampler.allow("k") == 0
+    assert sampler.allow("k") is None and sampler.allow("k") is None
+    clock.now += 60
+    assert sampler.allow("k") == 2  # what it held back meanwhile
+    for n in range(100):
+        sampler.allow(n)
+    assert len(sampler._seen) <= 10
