@@ -1,0 +1,211 @@
+"""PROXY protocol v1 and v2 on listeners behind a load balancer: honoured from `proxy_trusted` addresses
+(127.0.0.1 here), refused from others (127.0.0.2); the real client is what limits, logs, AUTH throttling
+and trusted networks see; implicit TLS reads the header before the handshake. Last, HAProxy itself in
+front (send-proxy-v2), when it is installed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.devices_util import events, raw_send, require_tool
+from tests.harness import Running
+from tests.ops_util import captured_with_context, proxy_v1, proxy_v2, sample
+from tests.procs import free_port, listening
+from tests.smtputil import RawClient, message
+from tests.spool_helpers import wait_for
+
+Factory = Callable[..., Running]
+
+
+def proxied(name: str, tls: str = "none", **keys: Any) -> dict[str, Any]:
+    entry: dict[str, Any] = {"name": name, "address": "127.0.0.1", "port": 0, "tls": tls, "proxy_protocol": True,
+                             "proxy_trusted": ["127.0.0.1/32"]}
+    if tls == "none":
+        entry["allow_insecure_auth"] = True
+    return {**entry, **keys}
+
+
+@pytest.fixture
+def gw(gateway_factory: Factory) -> Running:
+    return gateway_factory(listeners=[proxied("lb"), proxied("lb-tls", "implicit")])
+
+
+def send_through(gw: Running, header: bytes, subject: str, listener: str = "lb") -> str:
+    with RawClient(gw, listener, proxy=header, tls=listener == "lb-tls") as client:
+        assert client.greeting[-1].startswith("220 ")
+        client.cmd("EHLO client.test")
+        assert client.login().startswith("235 ")
+        return raw_send(client, message(subject=subject))
+
+
+@pytest.mark.parametrize("header", [proxy_v1("203.0.113.7", 40001), proxy_v2("203.0.113.7", 40001),
+                                    proxy_v2("203.0.113.7", 40001, tlv=b"\x05\x00\x03abc")],
+                         ids=["v1", "v2", "v2-with-tlv"])
+def test_header_from_a_trusted_balancer_names_the_client(gw: Running, header: bytes) -> None:
+    with captured_with_context() as logs:
+        assert send_through(gw, header, "proxied").startswith("250 2.0.0 ")
+    [auth] = events(logs, "auth_ok")
+    assert auth["peer"] == "203.0.113.7:40001"
+    [summary] = events(logs, "message_accepted")
+    assert summary["peer"] == "203.0.113.7:40001" and summary["listener"] == "lb"
+
+
+def test_ipv6_client_through_v1_and_v2(gw: Running) -> None:
+    with captured_with_context() as logs:
+        for header in (proxy_v1("2001:db8::7", 40002, "2001:db8::1"), proxy_v2("2001:db8::8", 40003, "2001:db8::1")):
+            assert send_through(gw, header, "v6").startswith("250 2.0.0 ")
+    assert [e["peer"] for e in events(logs, "auth_ok")] == ["2001:db8::7:40002", "2001:db8::8:40003"]
+
+
+def test_implicit_tls_reads_the_header_before_the_handshake(gw: Running) -> None:
+    with captured_with_context() as logs:
+        assert send_through(gw, proxy_v2("198.51.100.9", 40004), "tls", listener="lb-tls").startswith("250 2.0.0 ")
+    [auth] = events(logs, "auth_ok")
+    assert (auth["peer"], auth["listener"]) == ("198.51.100.9:40004", "lb-tls")
+
+
+def test_untrusted_address_is_refused_without_a_word(gw: Running) -> None:
+    before = sample("smtp_gateway_connections_refused_total", listener="lb", reason="proxy_untrusted")
+    with captured_with_context() as logs:
+        for header in (proxy_v1("203.0.113.7", 40005), proxy_v2("203.0.113.7", 40006)):
+            with socket.create_connection(("127.0.0.1", gw.port("lb")), timeout=10,
+                                          source_address=("127.0.0.2", 0)) as sock:
+                # The peer may already have closed (RST) when the header goes out.
+                try:
+                    sock.sendall(header)
+                    assert sock.recv(100) == b""
+                except ConnectionResetError:
+                    pass
+    refused = events(logs, "connection_refused")
+    assert [(e["reason"], e["peer"]) for e in refused] == [("proxy_untrusted", "127.0.0.2")]  # one line a minute
+    assert sample("smtp_gateway_connections_refused_total", listener="lb", reason="proxy_untrusted") == before + 2
+
+
+def test_a_client_without_a_header_is_refused(gw: Running) -> None:
+    with captured_with_context() as logs, socket.create_connection(("127.0.0.1", gw.port("lb")), timeout=10) as sock:
+        sock.sendall(b"EHLO sneaky.test\r\n")
+        assert sock.recv(100) == b""
+    [refused] = events(logs, "connection_refused")
+    assert refused["reason"] == "proxy_invalid"
+
+
+def test_balancer_health_check_is_its_own_client(gw: Running) -> None:
+    """v2 LOCAL (and v1 UNKNOWN): the balancer talks for itself, as itself."""
+    with captured_with_context() as logs:
+        for header in (proxy_v2(None), b"PROXY UNKNOWN\r\n"):
+            with RawClient(gw, "lb", proxy=header) as client:
+                assert client.greeting[-1].startswith("220 ")
+                assert client.cmd("NOOP").startswith("250 ")
+                assert client.cmd("BOGUS").startswith("500 ")
+    assert [e["peer"].rsplit(":", 1)[0] for e in events(logs, "command_refused")] == ["127.0.0.1", "127.0.0.1"]
+
+
+def test_limits_count_the_real_client(gateway_factory: Factory) -> None:
+    """max_sessions_per_ip = 1: two clients behind the one balancer both get in; one client twice does not."""
+    gw = gateway_factory(listeners=[proxied("lb")], limits={"max_sessions_per_ip": 1})
+    with RawClient(gw, "lb", proxy=proxy_v1("203.0.113.10", 1)) as first, \
+            RawClient(gw, "lb", proxy=proxy_v1("203.0.113.11", 1)) as second:
+        assert first.greeting[-1].startswith("220 ") and second.greeting[-1].startswith("220 ")
+        with RawClient(gw, "lb", proxy=proxy_v1("203.0.113.10", 2)) as again:
+            assert again.greeting[-1] == "421 4.7.0 Too many connections from your address, try again later"
+
+
+def test_auth_lockout_is_per_real_client(gateway_factory: Factory) -> None:
+    gw = gateway_factory(listeners=[proxied("lb")], limits={"auth_failures_per_ip": 1, "auth_delay_max": 0,
+                                                              "auth_lockout_failures": 1})
+    with RawClient(gw, "lb", proxy=proxy_v1("203.0.113.20", 1)) as bad:
+        bad.cmd("EHLO bad.test")
+        assert bad.login("scanner", "wrong").startswith("421 4.7.0 Too many failed logins")
+    with RawClient(gw, "lb", proxy=proxy_v1("203.0.113.20", 2)) as bad:
+        bad.cmd("EHLO bad.test")
+        assert bad.cmd("AUTH LOGIN").startswith("421 4.7.0 ")
+    # The balancer's other clients are not locked out with it.
+    assert send_through(gw, proxy_v1("203.0.113.21", 3), "good").startswith("250 2.0.0 ")
+
+
+def test_trusted_networks_see_the_real_client(gateway_factory: Factory) -> None:
+    gw = gateway_factory(listeners=[proxied("lb", trusted=[{"network": "203.0.113.0/24", "login": "scanner"}])])
+    with RawClient(gw, "lb", proxy=proxy_v2("203.0.113.30", 1)) as device:
+        device.cmd("EHLO printer.lan")
+        assert raw_send(device, message(subject="trusted through the balancer")).startswith("250 2.0.0 ")
+    with RawClient(gw, "lb", proxy=proxy_v2("198.51.100.30", 1)) as stranger:
+        stranger.cmd("EHLO stranger.test")
+        assert stranger.cmd("MAIL FROM:<billing@acme.example>").startswith("530 5.7.0 ")
+
+
+def test_proxy_protocol_needs_its_balancers() -> None:
+    from gateway.settings import ListenerSettings
+
+    with pytest.raises(ValueError, match="proxy_trusted"):
+        ListenerSettings(proxy_protocol=True)
+
+
+# -- HAProxy in front ----------------------------------------------------------------------------------------
+
+HAPROXY_CFG = """
+global
+    maxconn 100
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend smtp
+    bind 127.0.0.1:{front}
+    default_backend gateways
+backend gateways
+    server gw1 127.0.0.1:{back} send-proxy-v2
+"""
+
+
+@pytest.fixture
+def haproxy(gw: Running, tmp_path: Path) -> Iterator[int]:
+    binary = require_tool("haproxy", "haproxy")
+    front = free_port()
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(HAPROXY_CFG.format(front=front, back=gw.port("lb")))
+    proc = subprocess.Popen([binary, "-db", "-f", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: listening(front) or proc.poll() is not None, 15, "haproxy listening")
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        yield front
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+            proc.wait(10)
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+def test_haproxy_send_proxy_v2(gw: Running, haproxy: int) -> None:
+    with captured_with_context() as logs:
+        with socket.create_connection(("127.0.0.1", haproxy), timeout=10, source_address=("127.0.0.5", 0)) as sock:
+            client = sock.makefile("rwb")
+
+            def command(line: str) -> str:
+                client.write(line.encode() + b"\r\n")
+                client.flush()
+                while True:
+                    reply = client.readline().decode()
+                    if reply[3:4] != "-":
+                        return reply.rstrip("\r\n")
+
+            assert client.readline().startswith(b"220 ")
+            command("EHLO behind.haproxy")
+            assert command("AUTH PLAIN AHNjYW5uZXIAc2Nhbm5lci1wYXNzd29yZA==").startswith("235 ")
+            assert command("MAIL FROM:<billing@acme.example>").startswith("250 ")
+            assert command("RCPT TO:<client@example.com>").startswith("250 ")
+            assert command("DATA").startswith("354 ")
+            assert command("Subject: via haproxy\r\n\r\nhello\r\n.").startswith("250 2.0.0 ")
+            command("QUIT")
+    [summary] = events(logs, "message_accepted")
+    assert summary["peer"].startswith("127.0.0.5:")  # the client HAProxy saw, not HAProxy itself
+    assert gw.sent[-1]["body"]["asunto"] == "via haproxy"
