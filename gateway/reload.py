@@ -4,8 +4,8 @@ Live: accounts (logins, passwords, API keys, sender domains, campaigns, rate lim
 and each listener's profile, trusted networks, login aliases and PROXY balancers, [dns], [log], hostname.
 Restart: a listener's socket (name, address, port, tls mode, reuse_port, proxy_protocol), listeners added
 or removed, [delivery] (the queue backend and its delivery settings), [http], the number of workers (a
-command-line option). A reload applies the live part and keeps the running values of the rest, naming
-them in its log line.
+command-line option). A reload applies the live part and keeps the running values of the rest (a listener
+whose socket changed keeps its socket, its other keys apply), naming them in its log line.
 """
 
 from __future__ import annotations
@@ -47,12 +47,15 @@ def plan_reload(old: Settings, new: Settings) -> ReloadPlan:
             continue
         moved = [key for key in SOCKET_KEYS if getattr(running, key) != getattr(wanted, key)]
         if moved:
+            # The socket stays as it is; the listener's other keys apply now.
             restart += [f"listeners[{running.name}].{key}" for key in moved]
-            listeners.append(running)
-        else:
-            listeners.append(wanted)
-            if wanted != running:
-                changed_listeners.append(f"listeners[{running.name}]")
+            kept: dict[str, object] = {key: getattr(running, key) for key in SOCKET_KEYS}
+            if running.proxy_protocol and not wanted.proxy_trusted:
+                kept["proxy_trusted"] = running.proxy_trusted
+            wanted = wanted.model_copy(update=kept)
+        listeners.append(wanted)
+        if wanted != running:
+            changed_listeners.append(f"listeners[{running.name}]")
     restart += [f"listeners[{name}] (added)" for name in new_by_name]
     effective = new.model_copy(update={"listeners": listeners, "delivery": old.delivery, "http": old.http})
     check_consistent(effective)

@@ -186,26 +186,26 @@ def haproxy(gw: Running, tmp_path: Path) -> Iterator[int]:
 
 
 def test_haproxy_send_proxy_v2(gw: Running, haproxy: int) -> None:
-    with captured_with_context() as logs:
-        with socket.create_connection(("127.0.0.1", haproxy), timeout=10, source_address=("127.0.0.5", 0)) as sock:
-            client = sock.makefile("rwb")
+    with captured_with_context() as logs, \
+            socket.create_connection(("127.0.0.1", haproxy), timeout=10, source_address=("127.0.0.5", 0)) as sock:
+        client = sock.makefile("rwb")
 
-            def command(line: str) -> str:
-                client.write(line.encode() + b"\r\n")
-                client.flush()
-                while True:
-                    reply = client.readline().decode()
-                    if reply[3:4] != "-":
-                        return reply.rstrip("\r\n")
+        def command(line: str) -> str:
+            client.write(line.encode() + b"\r\n")
+            client.flush()
+            while True:
+                reply = client.readline().decode()
+                if reply[3:4] != "-":
+                    return reply.rstrip("\r\n")
 
-            assert client.readline().startswith(b"220 ")
-            command("EHLO behind.haproxy")
-            assert command("AUTH PLAIN AHNjYW5uZXIAc2Nhbm5lci1wYXNzd29yZA==").startswith("235 ")
-            assert command("MAIL FROM:<billing@acme.example>").startswith("250 ")
-            assert command("RCPT TO:<client@example.com>").startswith("250 ")
-            assert command("DATA").startswith("354 ")
-            assert command("Subject: via haproxy\r\n\r\nhello\r\n.").startswith("250 2.0.0 ")
-            command("QUIT")
+        assert client.readline().startswith(b"220 ")
+        command("EHLO behind.haproxy")
+        assert command("AUTH PLAIN AHNjYW5uZXIAc2Nhbm5lci1wYXNzd29yZA==").startswith("235 ")  # scanner
+        assert command("MAIL FROM:<billing@acme.example>").startswith("250 ")
+        assert command("RCPT TO:<client@example.com>").startswith("250 ")
+        assert command("DATA").startswith("354 ")
+        assert command("Subject: via haproxy\r\n\r\nhello\r\n.").startswith("250 2.0.0 ")
+        command("QUIT")
     [summary] = events(logs, "message_accepted")
     assert summary["peer"].startswith("127.0.0.5:")  # the client HAProxy saw, not HAProxy itself
     assert gw.sent[-1]["body"]["asunto"] == "via haproxy"

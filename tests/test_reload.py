@@ -1,0 +1,166 @@
+"""Configuration reload (what SIGHUP runs) on a running gateway: new logins, sender domains and limits apply to
+new sessions at once while open sessions finish with what they started with; an invalid configuration (or a
+certificate that does not load) is refused with the reason and the running one stays; what needs a restart
+is named and kept. tests/test_hostile_serve.py sends the real SIGHUP to `serve`."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.reload import plan_reload
+from gateway.settings import ConfigError, Settings, load_settings
+from tests.devices_util import captured_logs, events, raw_send
+from tests.harness import PASSWORD, PASSWORD_HASH, USER, Running, base_config
+from tests.ops_util import sample
+from tests.smtputil import SENDER, RawClient, message
+from tests.spool_helpers import wait_for
+
+Factory = Callable[..., Running]
+NEWBIE = "newbie"
+
+
+def config_of(gw: Running) -> dict[str, Any]:
+    """The running gateway's configuration as the dict a file would hold (ports as bound: 0 stays 0)."""
+    return copy.deepcopy(base_config(gw.tmp, gw.sandbox.port))
+
+
+def reload_with(gw: Running, config: dict[str, Any] | Exception) -> bool:
+    def source() -> Settings:
+        if isinstance(config, Exception):
+            raise config
+        return load_settings(None, **config)
+
+    gw.app.source = source
+    return gw.loop.run(gw.app.reload())
+
+
+def test_new_logins_domains_and_limits_apply_to_new_sessions_only(gateway: Running) -> None:
+    old_provider = gateway.app.providers["acme"]
+    config = config_of(gateway)
+    account = config["accounts"]["acme"]
+    account["users"].append({"username": NEWBIE, "password_hash": PASSWORD_HASH, "campaign": 23})
+    account["sender_domains"]["new.example"] = "dmds-new@nl.new.example"
+    config["limits"] = {"max_recipients": 1}
+    reloads = sample("smtp_gateway_config_reloads_total", result="ok")
+    with captured_logs() as logs, RawClient(gateway) as before:
+        before.cmd("EHLO before.test")
+        assert before.login().startswith("235 ")
+        assert before.cmd(f"MAIL FROM:<{SENDER}>").startswith("250 ")
+        assert before.cmd("RCPT TO:<a@example.com>").startswith("250 ")
+
+        assert reload_with(gateway, config)
+
+        # A new session: the new user, the new sender domain, the new limit.
+        with RawClient(gateway) as after:
+            after.cmd("EHLO after.test")
+            assert after.login(NEWBIE, PASSWORD).startswith("235 ")
+            assert after.cmd("MAIL FROM:<news@new.example>").startswith("250 ")
+            assert after.cmd("RCPT TO:<a@example.com>").startswith("250 ")
+            assert after.cmd("RCPT TO:<b@example.com>") == "452 4.5.3 Too many recipients"
+        # The session from before goes on with what it started with (50 recipients allowed).
+        assert before.cmd("RCPT TO:<b@example.com>").startswith("250 ")
+        assert before.cmd("DATA").startswith("354 ")
+        before.write(message(subject="across the reload") + b".\r\n")
+        assert before.reply()[-1].startswith("250 2.0.0 ")
+        assert before.cmd("MAIL FROM:<news@new.example>").startswith("553 5.7.1 ")  # its policy is the old one
+        assert gateway.app.providers["acme"] is not old_provider
+        assert old_provider in gateway.app._retired  # closed once nothing can use it any more
+    # The session that used the old provider has ended: the provider is closed now.
+    wait_for(lambda: old_provider not in gateway.app._retired, 10, "the replaced provider closed")
+    [reloaded] = events(logs, "config_reloaded")
+    assert reloaded["changed"] == ["limits", "accounts"] and reloaded["restart_needed"] == []
+    assert events(logs, "config_reload_restart_needed") == []
+    assert sample("smtp_gateway_config_reloads_total", result="ok") == reloads + 1
+
+
+def test_unchanged_accounts_keep_their_provider(gateway: Running) -> None:
+    provider = gateway.app.providers["acme"]
+    config = config_of(gateway)
+    config["limits"] = {"max_sessions_per_ip": 5}
+    assert reload_with(gateway, config)
+    assert gateway.app.providers["acme"] is provider and gateway.app._retired == []
+
+
+def test_a_changed_password_takes_effect_at_once(gateway: Running) -> None:
+    from gateway.passwords import hash_password
+
+    with RawClient(gateway) as client:
+        client.cmd("EHLO cached.test")
+        assert client.login().startswith("235 ")  # now in the login cache
+    config = config_of(gateway)
+    config["accounts"]["acme"]["users"][0]["password_hash"] = hash_password("a-new-password")
+    assert reload_with(gateway, config)
+    with RawClient(gateway) as client:
+        client.cmd("EHLO changed.test")
+        assert client.login().startswith("535 ")
+        assert client.login(USER, "a-new-password").startswith("235 ")
+
+
+def test_invalid_configuration_is_refused_and_the_running_one_stays(gateway: Running) -> None:
+    before = sample("smtp_gateway_config_reloads_total", result="invalid")
+    with captured_logs() as logs:
+        assert not reload_with(gateway, ConfigError("limits.max_recipeints: unknown key; did you mean max_recipients?"))
+        bad = config_of(gateway)
+        bad["listeners"][0]["trusted"] = [{"network": "10.0.0.0/8", "login": "nobody"}]
+        assert not reload_with(gateway, bad)
+    failed = events(logs, "config_reload_failed")
+    assert [f["log_level"] for f in failed] == ["error", "error"]
+    assert "max_recipeints" in failed[0]["reason"] and "'nobody' is not a user" in failed[1]["reason"]
+    assert all(f["action"] == "kept the running configuration" for f in failed)
+    assert sample("smtp_gateway_config_reloads_total", result="invalid") == before + 2
+    with RawClient(gateway) as client:
+        client.cmd("EHLO still.test")
+        assert client.login().startswith("235 ")
+        assert raw_send(client, message(subject="still here")).startswith("250 2.0.0 ")
+
+
+def test_a_certificate_that_does_not_load_refuses_the_whole_reload(gateway: Running, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.pem"
+    broken.write_text("-----BEGIN CERTIFICATE-----\nnot a certificate\n")
+    config = config_of(gateway)
+    config["tls"] = {"cert_file": str(broken), "key_file": config["tls"]["key_file"]}
+    config["accounts"]["acme"]["users"].append({"username": NEWBIE, "password_hash": PASSWORD_HASH})
+    with captured_logs() as logs:
+        assert not reload_with(gateway, config)
+    [failed] = events(logs, "tls_reload_failed")
+    assert str(broken) in failed["reason"] and "configuration" in failed["action"]
+    with RawClient(gateway) as client:
+        client.cmd("EHLO old.test")
+        assert client.login(NEWBIE, PASSWORD).startswith("535 ")  # nothing of that file was applied
+
+
+def test_what_needs_a_restart_is_named_and_kept(gateway: Running) -> None:
+    config = config_of(gateway)
+    config["listeners"][0]["port"] = 2  # was 0 (any free port)
+    config["listeners"][0]["login_aliases"] = {"scanner@acme.example": USER}  # live
+    config["listeners"].append({"name": "extra", "address": "127.0.0.1", "port": 0, "tls": "none"})
+    config["delivery"] = {**config["delivery"], "inline_budget": 1.0}
+    port = gateway.port("plain")
+    with captured_logs() as logs:
+        assert reload_with(gateway, config)
+    [warning] = events(logs, "config_reload_restart_needed")
+    assert warning["keys"] == ["delivery.inline_budget", "listeners[plain].port", "listeners[extra] (added)"]
+    assert gateway.port("plain") == port and gateway.app.settings.delivery.inline_budget == 5.0
+    with RawClient(gateway) as client:  # the socket kept; its other keys applied
+        client.cmd("EHLO kept.test")
+        assert client.login("scanner@acme.example", PASSWORD).startswith("235 ")
+
+
+@pytest.mark.parametrize("change", ["address", "tls", "proxy_protocol"])
+def test_plan_keeps_a_listeners_socket(tmp_path: Path, change: str) -> None:
+    base = base_config(tmp_path, 9)
+    old = load_settings(None, **base)
+    listener = dict(base["listeners"][1])
+    listener[change] = {"address": "127.0.0.2", "tls": "none", "proxy_protocol": True}[change]
+    if change == "proxy_protocol":
+        listener["proxy_trusted"] = ["10.0.0.0/8"]
+    new = load_settings(None, **{**base, "listeners": [base["listeners"][0], listener, base["listeners"][2]]})
+    plan = plan_reload(old, new)
+    assert plan.restart_needed == [f"listeners[starttls].{change}"]
+    kept = plan.settings.listeners[1]
+    assert getattr(kept, change) == getattr(old.listeners[1], change)
