@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.errors import RateLimited, UpstreamAuthFailed, UpstreamRejected, UpstreamUnavailable
+from gateway.errors import AnswerLost, RateLimited, UpstreamAuthFailed, UpstreamRejected, UpstreamUnavailable
 from gateway.model import Address, Submission
 from gateway.providers.dmds.legs import Leg
 from gateway.upstream.response import HttpResponse
@@ -141,12 +141,13 @@ def classify(response: HttpResponse) -> SendResult:
     try:
         data = response.json()
     except ValueError:
-        raise UpstreamUnavailable(f"DMDS answered {status} with a body that is not JSON") from None
+        # A 2xx whose body is not JSON (a proxy's page, a cut answer): DMDS may well have taken the message.
+        raise AnswerLost(f"DMDS answered {status} with a body that is not JSON") from None
     if not isinstance(data, dict) or data.get("status") != "ok":
         raise UpstreamRejected(upstream_reason(response))
     eeid = data.get("eeid")
     if not eeid:
-        raise UpstreamUnavailable("DMDS answered ok without an eeid")
+        raise AnswerLost("DMDS answered ok without an eeid")
     sent = data.get("sent")
     return SendResult(str(eeid), sent if isinstance(sent, int) else None)
 
