@@ -54,6 +54,9 @@ class Message:
     # X-Gateway-* option headers, lower-cased names without the prefix, consumed before sending.
     options: dict[str, str] = field(default_factory=dict)
     message_id: str | None = None
+    # What had to be repaired or could not be decoded ("undecodable_base64: part 3 (image/png) ..."):
+    # logged by the pipeline, never sent upstream.
+    defects: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
