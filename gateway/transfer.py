@@ -91,6 +91,20 @@ class _AsArrived(BytesGenerator):
         if lines:
             self.write(_TEXT_LINE_END.sub("\r\n", lines))
 
+    # A multipart (or delivery report) the parser could not split keeps its text as one string; the stdlib
+    # reads it back through get_payload(), which decodes 8-bit bytes by the charset and fails to write them.
+    def _handle_multipart(self, msg: Message) -> None:
+        if isinstance(msg._payload, str):  # type: ignore[attr-defined]
+            self._write_lines(msg._payload)  # type: ignore[attr-defined]
+        else:
+            super()._handle_multipart(msg)  # type: ignore[misc]
+
+    def _handle_message_delivery_status(self, msg: Message) -> None:
+        if isinstance(msg._payload, str):  # type: ignore[attr-defined]
+            self._write_lines(msg._payload)  # type: ignore[attr-defined]
+        else:
+            super()._handle_message_delivery_status(msg)  # type: ignore[misc]
+
 
 def message_bytes(part: Message) -> bytes:
     """The body of a message/* part (an attached message, a delivery report) with CRLF line ends."""

@@ -20,6 +20,12 @@ _CHUNK = 64 * 1024
 # goes to aiosmtpd's full RFC 5322 parser, which costs ~40 us per call (it defines a class each time).
 _SIMPLE_PATH = re.compile(r"\s*<([^<>\s\"\\()@,;:\[\]]+@[^<>\s\"\\()@,;:]+)>(.*)\Z", re.DOTALL)
 _END = b"\r\n.\r\n"
+# aiosmtpd echoes parts of a command in some replies ('500 Error: command "X" not recognized'): a control
+# character there would break the reply line, a lone surrogate (8-bit input) would fail to encode.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
+# aiosmtpd's "553 5.1.3 Error: malformed address" already has an enhanced code, so add_enhanced_code
+# leaves its "Error:" prefix (an internal word the client does not need) in place.
+_ERROR_PREFIX = re.compile(r"^(\d{3}[ -](?:[245]\.\d{1,3}\.\d{1,3} )?)Error: ")
 
 
 class GatewaySMTP(SMTP):
@@ -42,6 +48,7 @@ class GatewaySMTP(SMTP):
 
     async def push(self, status: str | bytes) -> None:
         if isinstance(status, str):
+            status = _UNPRINTABLE.sub("?", status)
             if self._in_ehlo and status == "250 HELP":
                 # aiosmtpd does not advertise these, though it handles pipelined commands and every
                 # reply here carries an enhanced code (RFC 2920, RFC 2034).
@@ -49,14 +56,18 @@ class GatewaySMTP(SMTP):
                 await super().push("250-ENHANCEDSTATUSCODES")
             # EHLO/HELO's 250 lines carry no enhanced code; their errors (501 ...) do.
             elif not (self._in_ehlo and status.startswith("250")) and not status.startswith(_LEAVE_ALONE):
-                status = add_enhanced_code(status)
+                status = _ERROR_PREFIX.sub(lambda m: m.group(1), add_enhanced_code(status), count=1)
         await super().push(status)  # type: ignore[type-var]
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         m = _SIMPLE_PATH.match(arg)
         if m is not None and not self.local_part_limit:
             return m.group(1), m.group(2)
-        result: tuple[str | None, str | None] = super()._getaddr(arg)
+        try:
+            result: tuple[str | None, str | None] = super()._getaddr(arg)
+        except IndexError:
+            # The stdlib's get_angle_addr indexes past the end of a bare "<" ("MAIL FROM:<"): a syntax error.
+            return None, None
         return result
 
     @syntax("EHLO hostname")
