@@ -35,23 +35,25 @@ class _Piece:
 
 
 def extract(msg: EmailMessage, limit: int) -> Bodies:
-    """Bodies and attachments of `msg`. `limit`: most characters + bytes the decoded message may reach
-    (an HTML body built from text can grow five-fold: ContentRejected 552 5.3.4 past the limit)."""
+    """Bodies and attachments of `msg`. `limit`: most bytes of memory the decoded bodies and attachments
+    may take (ContentRejected 552 5.3.4 past it, checked before an HTML body is built from text: escaping
+    can make it five times longer, and one character beyond U+FFFF makes a Python string 4 bytes a
+    character)."""
     walk = _Walk()
     pieces = walk.part(msg)
-    size = sum(len(a.data) for a in walk.attachments) + sum(len(t) for t in walk.texts)
+    size = sum(len(a.data) for a in walk.attachments) + sum(_memory(t) for t in walk.texts)
     htmls = [p for p in pieces if p.kind == "html"]
     body = ""
     if htmls:
         texts = [p.content for p in pieces if p.kind == "text"]
-        _within(limit, size + sum(len(h.content) for h in htmls) + sum(len(t) + _escaped_growth(t) for t in texts))
+        _within(limit, size + sum(_memory(h.content) for h in htmls) + sum(_escaped_memory(t) for t in texts))
         body = htmls[0].content if len(htmls) == 1 and not texts else _join(pieces, walk)
     text = "\n".join(t for t in walk.texts if t) if walk.texts else None
     if not body.strip():
         # No HTML part, or an empty one: the displayed text, else an empty document (DMDS refuses an empty html).
         shown = "\n".join(p.content for p in pieces if p.kind == "text" and p.content) if pieces else ""
         shown = shown or text or ""
-        _within(limit, size + len(shown) + _escaped_growth(shown))
+        _within(limit, size + _escaped_memory(shown))
         body = text_to_html(shown)
     return Bodies(html=body, text=text, attachments=tuple(walk.attachments), defects=tuple(walk.defects))
 
@@ -59,14 +61,23 @@ def extract(msg: EmailMessage, limit: int) -> Bodies:
 def _within(limit: int, size: int) -> None:
     if size > limit:
         raise ContentRejected(
-            f"decoded message would be {size} characters/bytes, over the limit of {limit}",
+            f"decoded message would take {size} bytes, over the limit of {limit}",
             reply=replies.MESSAGE_TOO_BIG.with_text("Message size exceeds fixed limit once decoded"),
         )
 
 
-def _escaped_growth(text: str) -> int:
+def _memory(text: str) -> int:
+    """Bytes a str takes: CPython stores 1, 2 or 4 bytes a character, by its widest character (PEP 393)."""
+    if text.isascii():
+        return len(text)
+    widest = max(text)
+    return len(text) * (1 if widest <= "\xff" else 2 if widest <= "\uffff" else 4)
+
+
+def _escaped_memory(text: str) -> int:
     # html.escape: & -> &amp; (+4), < and > -> &lt; &gt; (+3)
-    return 4 * text.count("&") + 3 * (text.count("<") + text.count(">"))
+    grown = len(text) + 4 * text.count("&") + 3 * (text.count("<") + text.count(">"))
+    return grown * (_memory(text) // len(text)) if text else 0
 
 
 def text_to_html(text: str) -> str:

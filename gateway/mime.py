@@ -27,11 +27,20 @@ MAX_PARTS = 5_000  # MIME parts, attached messages' parts included
 MAX_HEADER_LINES = 50_000  # header lines of all parts together
 # As Postfix's header_size_limit: a longer header value is cut there before it is decoded.
 MAX_HEADER_VALUE = 100 * 1024
-# Decoded bodies + attachments may reach DECODED_FACTOR x the raw size (at least DECODED_FLOOR): plain
-# text of "&" would otherwise become an HTML body five times its size (552 5.3.4 past the limit).
-DECODED_FACTOR = 4
-DECODED_FLOOR = 1024 * 1024
+# Decoded bodies + attachments may take DECODED_FACTOR x the raw size in memory (at least DECODED_FLOOR):
+# plain text of "&" would otherwise become an HTML body five times its size, twenty times in memory with
+# one emoji among it (552 5.3.4 past the limit). Ordinary mail takes one to three times its size.
+DECODED_FACTOR = 12
+DECODED_FLOOR = 8 * 1024 * 1024
 _FEED_CHUNK = 64 * 1024
+# Parsing costs about a microsecond per line, times the nesting depth for the boundary matching: a message
+# with more line ends than this may take tens of milliseconds and is best parsed off the event loop.
+EXPENSIVE_LINE_ENDS = 4_000
+
+
+def expensive(raw: bytes | bytearray) -> bool:
+    """Whether parsing `raw` may keep the CPU busy long enough to belong on a worker thread."""
+    return raw.count(b"\n") + raw.count(b"\r") > EXPENSIVE_LINE_ENDS
 
 
 class _RawHeaders(Compat32):

@@ -120,7 +120,7 @@ class Pipeline:
         self, principal: Principal, mail_from: str, rcpt_tos: list[str], raw: bytes | bytearray, smtputf8: bool
     ) -> Submission:
         account = self.accounts[principal.account]
-        if len(raw) > PARSE_IN_THREAD_BYTES:
+        if len(raw) > PARSE_IN_THREAD_BYTES or mime.expensive(raw):
             message = await asyncio.get_running_loop().run_in_executor(_PARSER, mime.parse, raw)
         else:
             message = mime.parse(raw)

@@ -70,7 +70,9 @@ def _decode_run(run: bytes) -> bytes:
 
 
 _LINE_END = re.compile(rb"\r?\n")
+_BARE_LF = re.compile(rb"(?<!\r)\n")
 _TEXT_LINE_END = re.compile(r"\r?\n")
+_TEXT_BARE_LF = re.compile(r"(?<!\r)\n")
 
 
 class _AsArrived(BytesGenerator):
@@ -89,7 +91,8 @@ class _AsArrived(BytesGenerator):
 
     def _write_lines(self, lines: str) -> None:
         if lines:
-            self.write(_TEXT_LINE_END.sub("\r\n", lines))
+            # No copy of a large body whose lines already end in CRLF (the usual case from SMTP).
+            self.write(_TEXT_LINE_END.sub("\r\n", lines) if _TEXT_BARE_LF.search(lines) else lines)
 
     # A multipart (or delivery report) the parser could not split keeps its text as one string; the stdlib
     # reads it back through get_payload(), which decodes 8-bit bytes by the charset and fails to write them.
@@ -113,6 +116,7 @@ def message_bytes(part: Message) -> bytes:
     generator.skip_headers = True
     generator.flatten(part, linesep="\r\n")
     data = out.getvalue()
+    out.close()  # the buffer's copy is not needed any more
     cte = str(part.get("Content-Transfer-Encoding", "")).strip().lower()
     # RFC 2046 §5.2.1 allows only 7bit/8bit/binary here, but clients decode what senders encode anyway.
     if cte == "base64":
@@ -121,4 +125,4 @@ def message_bytes(part: Message) -> bytes:
         # Encoded text has no header block: the generator wrote an empty one (a leading CRLF).
         data = quopri.decodestring(data.removeprefix(b"\r\n"))
     # Once, whatever the client used (CRLF, bare LF, or a mix); a bare CR stays as it was.
-    return _LINE_END.sub(b"\r\n", data)
+    return _LINE_END.sub(b"\r\n", data) if _BARE_LF.search(data) else data

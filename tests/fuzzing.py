@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import os
 import re
+from typing import Any
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -123,6 +124,33 @@ def session_script(draw: st.DrawFn) -> list[bytes]:
         min_size=1, max_size=16,
     ))
     return [greeting, *items]
+
+
+# -- invariants on what the upstream receives ------------------------------------------------------------------
+
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+BODY_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def sane_payload(body: dict[str, Any]) -> list[str]:
+    problems = []
+    header_fields = [body.get("asunto", ""), body.get("remitente_nombre", ""), body.get("reply-to", "")]
+    contacts = body.get("contactos") or [body.get("contacto", {})]
+    header_fields += [c.get(k, "") for c in contacts for k in ("nombre", "apellido")]
+    header_fields += [c.get("cc_nombre", "") for c in body.get("copia", [])]
+    for att in body.get("adjuntos", []):
+        header_fields += [att["nombre"], att["tipo"], att.get("cid", "")]
+        if not att["nombre"] or att["nombre"] in (".", "..") or re.search(r"[/\\]", att["nombre"]):
+            problems.append(f"attachment name {att['nombre']!r}")
+        if not re.fullmatch(r"[a-z0-9][a-z0-9!#$&^_.+-]*/[a-z0-9][a-z0-9!#$&^_.+-]*", att["tipo"]):
+            problems.append(f"content type {att['tipo']!r}")
+    problems += [f"control character in {value!r}" for value in header_fields if CONTROL.search(value)]
+    if not body.get("html", "").strip():
+        problems.append("empty html")
+    if BODY_CONTROL.search(body.get("html", "")):
+        problems.append("control character in html")
+    return problems
+
 
 
 # -- invariants on what the server says ------------------------------------------------------------------------

@@ -380,10 +380,14 @@ def test_too_many_header_lines_refused() -> None:
 
 
 def test_text_that_would_grow_past_the_decoded_limit_is_552() -> None:
-    raw = HEAD + b"\r\n" + b"&" * (2 * mime.DECODED_FLOOR)
-    error = rejected(raw)
+    # Every "&" becomes "&amp;", and one emoji makes every character of a Python string take 4 bytes:
+    # the HTML body alone would take twenty times the raw size.
+    text = "😀".encode() + b"&" * mime.DECODED_FLOOR
+    error = rejected(HEAD + b"Content-Type: text/plain; charset=utf-8\r\n\r\n" + text)
     assert str(error.reply) == "552 5.3.4 Message size exceeds fixed limit once decoded"
-    assert mime.parse(HEAD + b"\r\n" + b"a & b < c " * 10_000).html  # ordinary text is far below it
+    # Ordinary text, even with an emoji and some markup characters, is far below it.
+    ordinary = "😀 a & b < c, ".encode() + b"plain words and more plain words " * 50_000
+    assert mime.parse(HEAD + b"Content-Type: text/plain; charset=utf-8\r\n\r\n" + ordinary).html
 
 
 def test_huge_header_is_cut_at_a_space() -> None:
