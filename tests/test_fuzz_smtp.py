@@ -7,6 +7,7 @@ serving; nothing reaches the upstream without a complete, valid transaction. Pro
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -55,23 +56,34 @@ _CLOSE = b"\r\n.\r\nQUIT\r\nQUIT\r\n"
 
 
 def converse(running: Running, chunks: list[bytes]) -> list[bytes]:
-    """Send the chunks as one burst, then close the session; every reply line until the server hangs up."""
+    """Send the chunks as one burst, then close the session; every reply line until the server hangs up.
+
+    Replies are read while the burst is written: otherwise they can pile up in the server's send queue,
+    and a server that closes with our unread bytes in its receive queue answers with a TCP reset, which
+    discards that queue (replies the client then never sees)."""
     lines: list[bytes] = []
     with RawClient(running, timeout=20.0) as client:
+
+        def read() -> None:
+            while True:
+                try:
+                    line = client.file.readline()
+                except (ConnectionResetError, TimeoutError, ValueError):
+                    return
+                if not line:
+                    return
+                lines.append(line)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
         try:
             for chunk in chunks:
-                client.write(chunk)
-            client.write(_CLOSE)
+                client.sock.sendall(chunk)
+            client.sock.sendall(_CLOSE)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the server closed first (QUIT, 421, 502): what it said is still to be read
-        while True:
-            try:
-                line = client.file.readline()
-            except ConnectionResetError:
-                break
-            if not line:
-                break
-            lines.append(line)
+        reader.join(30.0)
+        assert not reader.is_alive(), f"the server neither answered nor closed: {lines[-5:]}"
     return lines
 
 
