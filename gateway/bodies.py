@@ -99,7 +99,7 @@ class _Walk:
     leaves: int = 0
 
     def part(self, part: EmailMessage, resource: bool = False) -> list[_Piece]:
-        if part.get_content_maintype() == "multipart" and part.is_multipart():
+        if part.is_multipart() and part.get_content_maintype() == "multipart":
             children = [p for p in part.get_payload() if isinstance(p, EmailMessage)]
             if resource:
                 return [piece for child in children for piece in self.part(child, resource=True)]
@@ -151,7 +151,7 @@ class _Walk:
                 text = self.text_payload(part, ctype)
                 self.texts.append(text)
                 return [_Piece("text", text, plain=ctype == "text/plain")]
-        if part.get_content_maintype() == "multipart":
+        if ctype.startswith("multipart/"):
             return []  # an empty multipart: nothing to carry
         attachment = self.attachment(part, ctype, disposition, filename)
         self.attachments.append(attachment)
@@ -171,7 +171,7 @@ class _Walk:
         return sanitize.body(decoded.text.replace("\r\n", "\n"))
 
     def payload_bytes(self, part: EmailMessage, ctype: str) -> bytes:
-        if part.get_content_maintype() == "message" or part.is_multipart():
+        if part.is_multipart() or ctype.startswith("message/"):
             return transfer.message_bytes(part)
         # Senders write "base64 ", "quoted-printable;", "Quoted Printable": the stdlib then decodes nothing.
         cte = str(part.get("Content-Transfer-Encoding") or "").split(";", 1)[0].strip().lower()

@@ -12,6 +12,7 @@ from email.message import Message
 _ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
 _NOT_ALPHABET = bytes(sorted(set(range(256)) - set(_ALPHABET)))
 _WHITESPACE = b" \t\r\n\v\f"
+_ALPHABET_AND_WHITESPACE = _ALPHABET + _WHITESPACE
 _PADDING = re.compile(rb"=+")
 # Control bytes no text contains (TAB, LF, VT, FF, CR and ESC, which ISO-2022 uses, excepted).
 _BINARY = re.compile(rb"[\x00-\x08\x0e-\x1a\x1c-\x1f]")
@@ -26,9 +27,16 @@ def base64_lenient(data: bytes, text: bool = False) -> bytes | None:
     (an epilogue that lost its boundary). `text`: the part is text, so a repaired result that is binary
     means the part was never base64 (None) rather than something to show.
     """
-    compact = data.translate(None, _WHITESPACE)
-    if not compact.translate(None, _ALPHABET):
-        return _decode_runs(compact)  # the common case: nothing but base64 and line breaks
+    if not data.translate(None, _ALPHABET_AND_WHITESPACE):
+        # The common case, nothing but base64 and line breaks: one pass over the data when the padding,
+        # if any, is at the end and complete (binascii skips the line breaks itself).
+        pad = data.find(b"=")
+        if pad < 0 or not data[pad:].translate(None, b"=" + _WHITESPACE):
+            try:
+                return binascii.a2b_base64(data)
+            except binascii.Error:
+                pass  # missing padding
+        return _decode_runs(data.translate(None, _WHITESPACE))
     chunks: list[bytes] = []
     repaired = False
     for line in data.splitlines():

@@ -103,8 +103,8 @@ def expansion_cases(slow: bool = True) -> dict[str, bytes]:
         "tiny images up to the limit": head + b"Content-Type: multipart/mixed; boundary=b\r\n\r\n" + parts + b"--b--",
         "header lines bomb": head + b"X-A: b\r\n" * mime.MAX_HEADER_LINES + b"\r\nbody\r\n",
         "126 levels with many lines": head + levels + b"\r\n"
-        + b"x\r\n" * (mime.MAX_NESTING_WORK // 128 - 500 if slow else 1_000),
-        "126 levels with too many lines": head + levels + b"\r\n" + b"x\r\n" * (mime.MAX_NESTING_WORK // 126),
+        + b"x\r\n" * (mime.MAX_NESTING_WORK // (2 * 128) - 500 if slow else 1_000),  # two line-end bytes a line
+        "126 levels with too many lines": head + levels + b"\r\n" + b"x\r\n" * (mime.MAX_NESTING_WORK // 250),
         "encoded words bomb": head.replace(b"Subject: expansion", b"Subject: " + b"=?utf-8?b?8J+YgA==?=" * 60_000)
         + b"\r\nbody\r\n",
     }

@@ -24,12 +24,27 @@ from tests.fuzzing import (
     sane_payload,
     session_script,
 )
-from tests.harness import LoopThread, Running, start, stop
+from tests.harness import APIKEY, PASSWORD_HASH, USER, LoopThread, Running, start, stop
 from tests.smtputil import RECIPIENT, SENDER, RawClient, message
 
 
-class Quiet(Running):
-    """A Running whose repr fits on a line (hypothesis prints its arguments when a test fails)."""
+class FuzzTarget:
+    """The gateway under fuzz and the upstream it sends to, with a repr that fits on a line (hypothesis
+    prints the arguments of a failing example)."""
+
+    def __init__(self, running: Running, upstream: Running) -> None:
+        self.running, self.upstream = running, upstream
+
+    def port(self, listener: str = "plain") -> int:
+        return self.running.port(listener)
+
+    @property
+    def requests(self) -> list[dict[str, Any]]:
+        return self.upstream.requests
+
+    @property
+    def sent(self) -> list[dict[str, Any]]:
+        return self.upstream.sent
 
     def __repr__(self) -> str:
         return f"<gateway on port {self.port()}>"
@@ -39,15 +54,21 @@ class Quiet(Running):
 
 
 @pytest.fixture(scope="module")
-def fuzz_gateway(loop_thread: LoopThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+def fuzz_gateway(loop_thread: LoopThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzTarget]:
     """One gateway for all examples of a module (hypothesis runs many examples per test)."""
-    # A long inline budget: every 250 is an upstream call made before the reply, never a spooled message
-    # that would reach the upstream during a later example.
-    running = start(loop_thread, Path(tmp_path_factory.mktemp("fuzz")), delivery={"inline_budget": 60.0},
-                    limits={"max_message_size": 1024 * 1024})
-    running.__class__ = Quiet
-    yield running
+    upstream = start(loop_thread, Path(tmp_path_factory.mktemp("upstream")))
+    # Generous budgets: every 250 is an upstream call made before the reply, never a message spooled after
+    # a slow answer on a busy machine, which the retry worker would deliver during a later example.
+    account = {
+        "dmdsid": "acme", "apikey": APIKEY, "api_base": upstream.sandbox_url, "http_timeout": 60.0,
+        "sender_domains": {"acme.example": "dmds-acme@nl.acme.example"},
+        "users": [{"username": USER, "password_hash": PASSWORD_HASH, "campaign": 22}],
+    }
+    running = start(loop_thread, Path(tmp_path_factory.mktemp("fuzz")), accounts={"acme": account},
+                    delivery={"inline_budget": 60.0}, limits={"max_message_size": 1024 * 1024})
+    yield FuzzTarget(running, upstream)
     stop(running)
+    stop(upstream)
 
 
 # Ends a DATA left open, completes a partial line, answers a pending AUTH challenge (two lines at most),
@@ -55,7 +76,7 @@ def fuzz_gateway(loop_thread: LoopThread, tmp_path_factory: pytest.TempPathFacto
 _CLOSE = b"\r\n.\r\nQUIT\r\nQUIT\r\n"
 
 
-def converse(running: Running, chunks: list[bytes]) -> list[bytes]:
+def converse(running: FuzzTarget, chunks: list[bytes]) -> list[bytes]:
     """Send the chunks as one burst, then close the session; every reply line until the server hangs up.
 
     Replies are read while the burst is written: otherwise they can pile up in the server's send queue,
@@ -87,7 +108,7 @@ def converse(running: Running, chunks: list[bytes]) -> list[bytes]:
     return lines
 
 
-def assert_still_serving(running: Running, subject: str) -> None:
+def assert_still_serving(running: FuzzTarget, subject: str) -> None:
     before = len(running.sent)
     with RawClient(running) as client:
         client.cmd("EHLO client.test")
@@ -105,7 +126,7 @@ def queued(lines: list[bytes]) -> int:
 
 
 @given(script=session_script(), split=st.integers(min_value=1, max_value=4096))
-def test_command_layer(fuzz_gateway: Running, script: list[bytes], split: int) -> None:
+def test_command_layer(fuzz_gateway: FuzzTarget, script: list[bytes], split: int) -> None:
     before = len(fuzz_gateway.requests)
     burst = b"".join(script)
     chunks = [burst[i : i + split] for i in range(0, len(burst), split)] or [b""]
@@ -119,7 +140,7 @@ def test_command_layer(fuzz_gateway: Running, script: list[bytes], split: int) -
     assert len(fuzz_gateway.requests) - before == queued(lines), lines[-20:]
 
 
-def test_command_layer_leaves_the_server_serving(fuzz_gateway: Running) -> None:
+def test_command_layer_leaves_the_server_serving(fuzz_gateway: FuzzTarget) -> None:
     """Runs after test_command_layer on the same server (tests of a module run in order)."""
     assert_still_serving(fuzz_gateway, "after the command fuzz")
 
@@ -157,7 +178,7 @@ def message_bytes(draw: st.DrawFn) -> bytes:
 
 
 @given(raw=message_bytes() | MIME_TREE.map(lambda tree: f"From: {SENDER}\r\nTo: {RECIPIENT}\r\n".encode() + tree))
-def test_data(fuzz_gateway: Running, raw: bytes) -> None:
+def test_data(fuzz_gateway: FuzzTarget, raw: bytes) -> None:
     before = len(fuzz_gateway.requests)
     lines = converse(fuzz_gateway, [
         b"EHLO client.test\r\n", LOGIN + b"\r\n",
@@ -176,17 +197,17 @@ def test_data(fuzz_gateway: Running, raw: bytes) -> None:
         assert new == [], final
 
 
-def test_data_leaves_the_server_serving(fuzz_gateway: Running) -> None:
+def test_data_leaves_the_server_serving(fuzz_gateway: FuzzTarget) -> None:
     assert_still_serving(fuzz_gateway, "after the DATA fuzz")
 
 
-def test_commands_after_quit_are_not_answered(fuzz_gateway: Running) -> None:
+def test_commands_after_quit_are_not_answered(fuzz_gateway: FuzzTarget) -> None:
     lines = converse(fuzz_gateway, [b"QUIT\r\nNOOP\r\n" + LOGIN + b"\r\nMAIL FROM:<" + SENDER.encode() + b">\r\n"])
     assert [line[:4] for line in lines] == [b"221 "]
     assert not check_reply_lines(lines)
 
 
-def test_huge_line_in_a_pipelined_burst(fuzz_gateway: Running) -> None:
+def test_huge_line_in_a_pipelined_burst(fuzz_gateway: FuzzTarget) -> None:
     lines = converse(fuzz_gateway, [b"NOOP\r\n" + b"X" * 200_000 + b"\r\nNOOP\r\n"])
     assert not check_reply_lines(lines)
     assert [line[:10] for line in lines[:3]] == [b"250 2.0.0 ", b"500 5.5.2 ", b"250 2.0.0 "], lines
@@ -195,7 +216,7 @@ def test_huge_line_in_a_pipelined_burst(fuzz_gateway: Running) -> None:
 # -- regressions: what the fuzzing found, pinned ------------------------------------------------------------
 
 
-def test_unknown_command_with_control_characters_gets_a_printable_reply(fuzz_gateway: Running) -> None:
+def test_unknown_command_with_control_characters_gets_a_printable_reply(fuzz_gateway: FuzzTarget) -> None:
     """aiosmtpd echoes an unknown command in its 500 reply; a NUL or ESC there broke the reply line."""
     lines = converse(fuzz_gateway, [b"\x00\r\nFO\x1bO\r\n"])
     assert not check_reply_lines(lines), lines
@@ -203,7 +224,7 @@ def test_unknown_command_with_control_characters_gets_a_printable_reply(fuzz_gat
 
 
 @pytest.mark.parametrize("command", [b"MAIL FROM:<", b"MAIL FROM: <", b"RCPT TO:<"])
-def test_bare_angle_bracket_is_a_syntax_error_not_an_internal_error(fuzz_gateway: Running, command: bytes) -> None:
+def test_bare_angle_bracket_is_a_syntax_error_not_an_internal_error(fuzz_gateway: FuzzTarget, command: bytes) -> None:
     """The stdlib's get_angle_addr raised IndexError on a lone "<": 451 4.3.0 Internal error before."""
     lines = converse(fuzz_gateway, [b"EHLO client.test\r\n", LOGIN + b"\r\n",
                                     f"MAIL FROM:<{SENDER}>\r\n".encode() if command.startswith(b"RCPT") else b"",
