@@ -223,11 +223,28 @@ def test_unknown_command_with_control_characters_gets_a_printable_reply(fuzz_gat
     assert lines[:2] == [b'500 5.5.2 command "?" not recognized\r\n', b'500 5.5.2 command "FO?O" not recognized\r\n']
 
 
-@pytest.mark.parametrize("command", [b"MAIL FROM:<", b"MAIL FROM: <", b"RCPT TO:<"])
-def test_bare_angle_bracket_is_a_syntax_error_not_an_internal_error(fuzz_gateway: FuzzTarget, command: bytes) -> None:
-    """The stdlib's get_angle_addr raised IndexError on a lone "<": 451 4.3.0 Internal error before."""
+@pytest.mark.parametrize(
+    "command",
+    [b"MAIL FROM:<", b"MAIL FROM: <", b"RCPT TO:<", b"MAIL FROM:<@", b"MAIL FROM:<billing@[", b"RCPT TO:a@[1.2"],
+)
+def test_truncated_path_is_a_syntax_error_not_an_internal_error(fuzz_gateway: FuzzTarget, command: bytes) -> None:
+    """The stdlib's address parser raised IndexError on a lone "<" and AttributeError on an unclosed domain
+    literal: 451 4.3.0 Internal error before (anyone could trigger it, before AUTH)."""
     lines = converse(fuzz_gateway, [b"EHLO client.test\r\n", LOGIN + b"\r\n",
                                     f"MAIL FROM:<{SENDER}>\r\n".encode() if command.startswith(b"RCPT") else b"",
                                     command + b"\r\n"])
     assert not check_reply_lines(lines), lines
     assert b"553 5.1.3 malformed address\r\n" in lines, lines
+
+
+_PATH_PIECES = st.sampled_from([*'<>@[]"\\().,:; \t', "a", "b", "1", "é", "\x00", "IPv6:", "::1", "=", "-", "SIZE="])
+_PATHS = st.lists(st.lists(_PATH_PIECES, max_size=20).map("".join), min_size=1, max_size=6)
+
+
+@given(paths=_PATHS)
+def test_mail_and_rcpt_paths(fuzz_gateway: FuzzTarget, paths: list[str]) -> None:
+    """The address parsers behind MAIL and RCPT: whatever the path, a reply, never an internal error."""
+    commands = [f"{'MAIL FROM:' if i % 2 == 0 else 'RCPT TO:'}{path}\r\n" for i, path in enumerate(paths)]
+    lines = converse(fuzz_gateway, [b"EHLO client.test\r\n", LOGIN + b"\r\n",
+                                    "".join(commands).encode("utf-8", "surrogatepass")])
+    assert not check_reply_lines(lines), lines

@@ -65,8 +65,10 @@ class GatewaySMTP(SMTP):
             return m.group(1), m.group(2)
         try:
             result: tuple[str | None, str | None] = super()._getaddr(arg)
-        except IndexError:
-            # The stdlib's get_angle_addr indexes past the end of a bare "<" ("MAIL FROM:<"): a syntax error.
+        except (IndexError, AttributeError):
+            # The stdlib's address parser fails on truncated paths instead of raising HeaderParseError:
+            # IndexError past the end of "<" or "<@", AttributeError on an unclosed "[" domain literal
+            # (found by tests/test_fuzz_smtp.py). Both are syntax errors, not internal ones.
             return None, None
         return result
 
