@@ -58,6 +58,9 @@ class Message:
     message_id: str | None = None
     # Custom X- headers (not X-Gateway-*) in order, for providers that forward them (dEngage xHeaders).
     x_headers: tuple[tuple[str, str], ...] = ()
+    # What had to be repaired or could not be decoded ("undecodable_base64: part 3 (image/png) ..."):
+    # logged by the pipeline, never sent upstream.
+    defects: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
