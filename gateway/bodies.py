@@ -41,7 +41,7 @@ def extract(msg: EmailMessage, limit: int) -> Bodies:
     character)."""
     walk = _Walk()
     pieces = walk.part(msg)
-    size = sum(len(a.data) for a in walk.attachments) + sum(_memory(t) for t in walk.texts)
+    size = sum(a.size for a in walk.attachments) + sum(_memory(t) for t in walk.texts)
     htmls = [p for p in pieces if p.kind == "html"]
     body = ""
     if htmls:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -92,7 +91,7 @@ def build_payload(submission: Submission, leg: Leg, batch_id: str | None) -> dic
             {
                 WIRE["att_name"]: a.filename,
                 WIRE["att_type"]: a.content_type,
-                WIRE["att_content"]: base64.b64encode(a.data).decode("ascii"),
+                WIRE["att_content"]: a.base64().decode("ascii"),
                 **({WIRE["att_cid"]: a.content_id} if a.content_id else {}),
                 **({WIRE["att_inline"]: True} if a.inline else {}),
             }
