@@ -118,7 +118,7 @@ def account_block(provider: str) -> str:
 
 
 def render_config(port: int, api_base: str, spool_path: Path, dns_port: int, provider: str = "dmds",
-                  rate_limit: float = 0.0) -> str:
+                  rate_limit: float = 0.0, queue_url: str = "") -> str:
     """Fill bench/gateway.toml.in with the provider's account from bench/accounts.toml.in."""
     values = {
         "api_base": api_base,
@@ -133,8 +133,24 @@ def render_config(port: int, api_base: str, spool_path: Path, dns_port: int, pro
         port=port,
         dns_port=dns_port,
         spool_path=str(spool_path),
+        queue=f'queue_url = "{queue_url}"' if queue_url else "",
         account=account,
     )
+
+
+def start_postgres() -> tuple[object, str]:
+    """A private PostgreSQL cluster (the tests' own: tests/pgserver.py) and a database URL on it."""
+    sys.path.insert(0, str(REPO_DIR))
+    try:
+        from tests.pgserver import PgCluster, PgUnavailable
+    finally:
+        sys.path.remove(str(REPO_DIR))
+    try:
+        cluster = PgCluster()
+        cluster.start()
+    except (PgUnavailable, RuntimeError) as exc:
+        raise SetupError(f"PostgreSQL: {exc}") from None
+    return cluster, cluster.new_database()
 
 
 def http_json(url: str, method: str = "GET", timeout: float = 2.0) -> object:
@@ -153,18 +169,20 @@ class Gateway(Server):
 
     def __init__(
         self, workdir: Path, latency_ms: int, cmd: list[str], serve_args: list[str], workers: int = 1,
-        provider: str = "dmds", rate_limit: float = 0.0,
+        provider: str = "dmds", rate_limit: float = 0.0, queue: str = "sqlite",
     ) -> None:
         super().__init__(workdir)
+        self.queue = queue
+        self.pg: object | None = None
         self.provider = provider
         self.rate_limit = rate_limit
         self.workers = workers
-        self.extra: list[subprocess.Popen[bytes]] = []  # worker processes after the first
         self.latency_ms = latency_ms
         self.cmd = cmd
         self.serve_args = serve_args
         self.info = f"serve {' '.join(serve_args)}" if serve_args else ""
-        self.label = f"gateway-{latency_ms}ms" + (f"-x{workers}" if workers > 1 else "")
+        self.label = f"gateway-{latency_ms}ms" + (f"-x{workers}" if workers > 1 else "") + (
+            "-pg" if queue == "postgresql" else "")
         if provider != "dmds":
             self.label += f"-{provider}" + ("-limited" if rate_limit else "")
         self.sandbox: subprocess.Popen[bytes] | None = None
@@ -226,20 +244,19 @@ class Gateway(Server):
         self._start_sandbox()
         self._start_dns()
         self.port = free_port()
-        for worker in range(self.workers):
-            # Each worker process has its own spool; with several, the kernel spreads connections (SO_REUSEPORT).
-            config = self.tmp / f"gateway-{worker}.toml"
-            text = render_config(self.port, self.sandbox_url, self.tmp / f"spool-{worker}.sqlite3", self.dns_port,
-                                 self.provider, self.rate_limit)
-            if self.workers > 1:
-                text = text.replace('tls = "none"', 'tls = "none"\nreuse_port = true', 1)
-            config.write_text(text)
-            cmd = [*self.cmd, "serve", "--config", str(config), *self.serve_args]
-            proc = spawn(cmd, self.log, env=gateway_env())
-            if worker == 0:
-                self.proc = proc
-            else:
-                self.extra.append(proc)
+        queue_url = ""
+        if self.queue == "postgresql":
+            self.pg, queue_url = start_postgres()
+        # One configuration and one queue; with several workers, `serve --workers N` runs them on the same
+        # port (SO_REUSEPORT: the kernel spreads connections) and the same queue.
+        config = self.tmp / "gateway.toml"
+        text = render_config(self.port, self.sandbox_url, self.tmp / "spool.sqlite3", self.dns_port,
+                             self.provider, self.rate_limit, queue_url)
+        config.write_text(text)
+        cmd = [*self.cmd, "serve", "--config", str(config), *self.serve_args]
+        if self.workers > 1:
+            cmd += ["--workers", str(self.workers)]
+        self.proc = spawn(cmd, self.log, env=gateway_env())
         try:
             wait_for_smtp(self.port, self.label, 60, self.proc)
             # Every worker must be listening before the first point, or worker 0 takes the early load.
@@ -297,18 +314,18 @@ class Gateway(Server):
         return seen
 
     def rss_roots(self) -> list[int]:
-        return [p.pid for p in (self.proc, *self.extra) if p is not None]
+        return [self.proc.pid] if self.proc is not None else []  # with --workers: the supervisor's tree
 
     def stop(self) -> None:
         terminate(self.proc)
         self.proc = None
-        for proc in self.extra:
-            terminate(proc)
-        self.extra = []
         terminate(self.sandbox)
         self.sandbox = None
         terminate(self.dns)
         self.dns = None
+        if self.pg is not None:
+            self.pg.stop()  # type: ignore[attr-defined]
+            self.pg = None
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp = None

@@ -42,7 +42,7 @@ from smtpsource import SourceRun
 MESSAGES = {"5KB": genmsg.SMALL_NAME, "1MB": genmsg.LARGE_NAME}
 MODES = ("persistent", "per-connection")
 # --quick leaves out gateway+50ms (between the two others) to stay near two minutes.
-QUICK_SETUPS = ["smtp-sink", "bare-aiosmtpd", "postfix", "gateway", "gateway+200ms", "gateway-x2",
+QUICK_SETUPS = ["smtp-sink", "bare-aiosmtpd", "postfix", "gateway", "gateway+200ms", "gateway-x2", "gateway-x2-pg",
                 "gateway-dengage", "gateway-dengage-limited"]
 # The dEngage setups: the account's limiter off (rate_limit = 0), and on at its default 25/s against a
 # sandbox enforcing dEngage's 30 requests/s per IP.
@@ -107,14 +107,15 @@ def build_specs(
 
         specs.append(SetupSpec(name, "smtp-gateway serve process tree (not the sandbox)", factory))
 
-    def two_workers(workdir: Path) -> Server:
-        if gateway_cmd is None:
-            raise SetupError(gateway_problem or "gateway CLI unavailable")
-        return Gateway(workdir, 0, gateway_cmd, serve_args, workers=2)
+    for name, queue, what in (("gateway-x2", "sqlite", "one SQLite queue"),
+                              ("gateway-x2-pg", "postgresql", "one PostgreSQL queue (a private cluster)")):
 
-    specs.append(
-        SetupSpec("gateway-x2", "two smtp-gateway serve processes on one port (SO_REUSEPORT)", two_workers)
-    )
+        def two_workers(workdir: Path, queue: str = queue) -> Server:
+            if gateway_cmd is None:
+                raise SetupError(gateway_problem or "gateway CLI unavailable")
+            return Gateway(workdir, 0, gateway_cmd, serve_args, workers=2, queue=queue)
+
+        specs.append(SetupSpec(name, f"smtp-gateway serve --workers 2 (SO_REUSEPORT), {what}", two_workers))
     if "dmds" not in providers:
         specs = [s for s in specs if not s.name.startswith("gateway")]
     if "dengage" in providers:
@@ -326,7 +327,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--setups",
         default="",
-        help="comma list: smtp-sink,bare-aiosmtpd,postfix,gateway,gateway+50ms,gateway+200ms,gateway-x2",
+        help="comma list: smtp-sink,bare-aiosmtpd,postfix,gateway,gateway+50ms,gateway+200ms,gateway-x2,"
+             "gateway-x2-pg",
     )
     parser.add_argument("--sessions", default="1,10,50", help="comma list of smtp-source session counts")
     parser.add_argument("--messages", default="5KB,1MB", help="comma list: 5KB,1MB")
@@ -337,7 +339,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--gateway-args", default="", help='extra `smtp-gateway serve` options, e.g. "--aiohttp"')
     parser.add_argument("--providers", default="dmds",
                         help="comma list of the gateway's upstreams: dmds (gateway, gateway+50ms, gateway+200ms, "
-                             "gateway-x2), dengage (gateway-dengage, gateway-dengage-limited)")
+                             "gateway-x2, gateway-x2-pg), dengage (gateway-dengage, gateway-dengage-limited)")
     parser.add_argument("--keep-logs", action="store_true", help="keep the server logs directory")
     args = parser.parse_args(argv)
     args.profile = PROFILES["quick" if args.quick else "full"]

@@ -2,21 +2,45 @@
 
 from __future__ import annotations
 
-import codecs
-import html
 import re
-from email import message_from_bytes
-from email.header import decode_header
+from email.feedparser import BytesFeedParser, FeedParser
 from email.message import Message as EmailMessage
 from email.policy import Compat32
 from email.utils import getaddresses
 
+from gateway import bodies, replies, sanitize
 from gateway.errors import ContentRejected
-from gateway.model import Address, Attachment, Message
+from gateway.headers import header_text, undo_surrogates
+from gateway.model import Address, Message
 
 # compat32 is ~7x faster than policy.default on a 5 KB message (bench/README.md); its headers are
 # raw strings, so RFC 2047 / 8-bit decoding is done here, once, only for the headers the API needs.
 OPTION_PREFIX = "x-gateway-"
+
+# What one message may make the parser build (README, Security); past these it is refused with 554 5.6.0.
+# The parse tree costs some 300 bytes per part and per header line whatever their size (1 MB of empty
+# parts took 44 MB and 3.8 s), and every line is matched against the boundary of every enclosing
+# multipart (1 MB of empty lines 99 levels deep took 12 s).
+MAX_DEPTH = 128  # nested multipart/message levels; the corpus' deepest test message has 106
+MAX_NESTING_WORK = 32_000_000  # nesting depth x line ends (CR and LF): ~2 s of boundary matching at most
+MAX_PARTS = 5_000  # MIME parts, attached messages' parts included
+MAX_HEADER_LINES = 50_000  # header lines of all parts together
+# As Postfix's header_size_limit: a longer header value is cut there before it is decoded.
+MAX_HEADER_VALUE = 100 * 1024
+# Decoded bodies + attachments may take DECODED_FACTOR x the raw size in memory (at least DECODED_FLOOR):
+# plain text of "&" would otherwise become an HTML body five times its size, twenty times in memory with
+# one emoji among it (552 5.3.4 past the limit). Ordinary mail takes one to three times its size.
+DECODED_FACTOR = 12
+DECODED_FLOOR = 8 * 1024 * 1024
+_FEED_CHUNK = 64 * 1024
+# Parsing costs about a microsecond per line, times the nesting depth for the boundary matching: a message
+# with more line ends than this may take tens of milliseconds and is best parsed off the event loop.
+EXPENSIVE_LINE_ENDS = 4_000
+
+
+def expensive(raw: bytes | bytearray) -> bool:
+    """Whether parsing `raw` may keep the CPU busy long enough to belong on a worker thread."""
+    return raw.count(b"\n") + raw.count(b"\r") > EXPENSIVE_LINE_ENDS
 
 
 class _RawHeaders(Compat32):
@@ -32,127 +56,122 @@ _POLICY = _RawHeaders()
 _WS = re.compile(r"\s+")
 
 
+def _too_complex(reason: str, text: str) -> ContentRejected:
+    return ContentRejected(reason, reply=replies.INVALID_CONTENT.with_text(text))
+
+
+class _BoundedParser(BytesFeedParser):
+    """The stdlib's feed parser, refusing structures past the limits above while it builds them."""
+
+    def __init__(self, lines: int) -> None:
+        super().__init__(policy=_POLICY)
+        self._lines = lines
+        self._parts = 0
+        self._header_lines = 0
+
+    def _new_message(self) -> None:
+        self._parts += 1
+        if self._parts > MAX_PARTS:
+            raise _too_complex(f"more than {MAX_PARTS} MIME parts", "Message has too many MIME parts")
+        depth = len(self._msgstack) + 1  # type: ignore[attr-defined]
+        if depth > MAX_DEPTH or depth * self._lines > MAX_NESTING_WORK:
+            raise _too_complex(
+                f"{depth} levels deep with {self._lines} lines", "Message structure is nested too deeply"
+            )
+        FeedParser._new_message(self)  # type: ignore[attr-defined]
+
+    def _parse_headers(self, lines: list[str]) -> None:
+        self._header_lines += len(lines)
+        if self._header_lines > MAX_HEADER_LINES:
+            raise _too_complex(f"more than {MAX_HEADER_LINES} header lines", "Message has too many header lines")
+        FeedParser._parse_headers(self, lines)  # type: ignore[attr-defined]
+
+
 def parse(raw: bytes | bytearray) -> Message:
     """Decode a submitted message. Raises ContentRejected when it cannot be turned into an API call."""
     try:
         return _parse(raw)
     except RecursionError:
-        raise ContentRejected("Message structure is nested too deeply") from None
+        # The stdlib's address parser recurses per word: a To: of thousands of encoded words exhausts it.
+        raise _too_complex("recursion limit reached", "Message structure is too complex") from None
+
+
+def _parse_tree(raw: bytes | bytearray) -> EmailMessage:
+    # The parser splits lines at CRLF, LF and a bare CR: counting both bytes overcounts CRLF lines twice,
+    # which only makes the nesting limit stricter for them.
+    parser = _BoundedParser(raw.count(b"\n") + raw.count(b"\r"))
+    view = memoryview(raw)
+    try:
+        if len(raw) <= _FEED_CHUNK:
+            parser.feed(raw)  # a bytearray decodes like bytes
+        else:
+            for start in range(0, len(view), _FEED_CHUNK):
+                parser.feed(bytes(view[start : start + _FEED_CHUNK]))
+        return parser.close()
+    except ContentRejected:
+        raise
+    except Exception as exc:
+        # The stdlib parser is lenient by design: whatever it still raises is a message it cannot read.
+        # The exception's name goes to the reason (logged), never into the reply.
+        raise ContentRejected(
+            f"parser failed: {type(exc).__name__}: {exc}",
+            reply=replies.INVALID_CONTENT.with_text("Message could not be parsed"),
+        ) from exc
+    finally:
+        view.release()  # the caller empties a bytearray once parsed; a live view would forbid that
 
 
 def _parse(raw: bytes | bytearray) -> Message:
-    try:
-        msg = message_from_bytes(raw, policy=_POLICY)
-    except Exception as exc:  # the stdlib parser is lenient; anything it raises is a broken message
-        raise ContentRejected(f"Message could not be parsed: {type(exc).__name__}") from exc
+    msg = _parse_tree(raw)
     if not msg.keys() and not raw.strip():
         raise ContentRejected("Empty message")
-
-    html_body, text_body, attachments = _bodies(msg)
-    if html_body is None or not html_body.strip():
-        # An empty HTML part (or none): the text, else an empty document; DMDS refuses an empty html.
-        html_body = text_to_html(text_body or "")
+    defects: list[str] = []
     # One pass over the headers (compat32's get() scans them all, lower-casing each, on every call).
     headers: dict[str, list[str]] = {}
     for name, value in msg.items():
-        headers.setdefault(name.lower(), []).append(str(value))
+        text = str(value)
+        if len(text) > MAX_HEADER_VALUE:
+            defects.append(f"header_truncated: {sanitize.field(name)[:60]} ({len(text)} characters)")
+            text = _cut(text)
+        headers.setdefault(name.lower(), []).append(text)
+    decoded = bodies.extract(msg, max(DECODED_FACTOR * len(raw), DECODED_FLOOR))
     options = {
-        name[len(OPTION_PREFIX) :]: header_text(values[0])
+        name[len(OPTION_PREFIX) :]: sanitize.field(header_text(values[0]))
         for name, values in headers.items()
         if name.startswith(OPTION_PREFIX)
     }
-    message_id = headers.get("message-id", [""])[0].strip()
-    # Custom X- headers (not the X-Gateway-* options), names as written, for providers that forward them.
+    message_id = sanitize.field(undo_surrogates(headers.get("message-id", [""])[0]))
+    # Custom X- headers (not the X-Gateway-* options), names as written, values cleaned like every field,
+    # for providers that forward them (dEngage xHeaders).
     x_headers = tuple(
-        (name, header_text(value).strip()) for name, value in msg.items()
+        (sanitize.field(name), sanitize.field(header_text(value))) for name, value in msg.items()
         if name[:2].lower() == "x-" and not name.lower().startswith(OPTION_PREFIX)
     ) if any(n.startswith("x-") and not n.startswith(OPTION_PREFIX) for n in headers) else ()
     return Message(
-        subject=_WS.sub(" ", header_text(headers.get("subject", [""])[0])).strip(),
+        subject=sanitize.field(header_text(headers.get("subject", [""])[0])),
         from_=_first_address(headers, "from"),
         sender=_first_address(headers, "sender"),
         reply_to=_first_address(headers, "reply-to"),
         to=_addresses(headers, "to"),
         cc=_addresses(headers, "cc"),
-        html=html_body,
-        text=text_body,
-        attachments=tuple(attachments),
+        html=decoded.html,
+        text=decoded.text,
+        attachments=decoded.attachments,
         options=options,
         message_id=message_id or None,
         x_headers=x_headers,
+        defects=(*defects, *decoded.defects),
     )
 
 
-def header_text(value: object) -> str:
-    """Decode one header value: RFC 2047 encoded words and raw 8-bit (UTF-8, else Latin-1) bytes."""
-    if value is None:
-        return ""
-    raw = _undo_surrogates(str(value))
-    if "=?" not in raw:
-        return raw
-    try:
-        parts = decode_header(raw)
-    except Exception:
-        return _undo_surrogates(raw)
-    out: list[str] = []
-    for chunk, charset in parts:
-        if isinstance(chunk, str):
-            out.append(_undo_surrogates(chunk))
-        else:
-            out.append(decode_bytes(chunk, charset))
-    # decode_header drops the whitespace between an encoded word and plain text; restore one space.
-    return _join_decoded(out, parts)
+text_to_html = bodies.text_to_html
 
 
-def _join_decoded(out: list[str], parts: list[tuple[bytes | str, str | None]]) -> str:
-    result = ""
-    prev_encoded = False
-    for text, (_, charset) in zip(out, parts, strict=True):
-        encoded = charset is not None
-        if result and not (prev_encoded and encoded) and not result[-1].isspace() and not text[:1].isspace():
-            result += " "
-        result += text
-        prev_encoded = encoded
-    return result
-
-
-_SURROGATE = re.compile("[\udc80-\udcff]")
-
-
-def _undo_surrogates(text: str) -> str:
-    if text.isascii() or _SURROGATE.search(text) is None:
-        return text
-    return decode_bytes(text.encode("ascii", "surrogateescape"), None)
-
-
-def decode_bytes(data: bytes, charset: str | None) -> str:
-    """Bytes in a declared charset -> str; unknown or wrong charsets fall back to UTF-8, then Latin-1."""
-    if charset:
-        charset = charset.strip().strip('"').lower()
-        if charset in ("unknown-8bit", "x-unknown", "us-ascii", "ascii"):
-            charset = None
-    if charset:
-        try:
-            codecs.lookup(charset)
-        except LookupError:
-            charset = None
-    if charset:
-        try:
-            return data.decode(charset)
-        except (UnicodeDecodeError, LookupError):
-            pass
-        if data.isascii():
-            # A 7-bit charset (ISO-2022-*) with a bad sequence: UTF-8 would "succeed" and keep the
-            # raw escape sequences; decode what the declared charset can.
-            try:
-                return data.decode(charset, errors="replace")
-            except LookupError:
-                pass
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return data.decode(charset or "latin-1", errors="replace")
-
+def _cut(value: str) -> str:
+    """A header value cut to MAX_HEADER_VALUE at a space, so no encoded word is left half."""
+    head = value[:MAX_HEADER_VALUE]
+    space = max(head.rfind(" "), head.rfind("\t"))
+    return head[:space] if space > MAX_HEADER_VALUE // 2 else head
 
 # One mailbox with nothing the full RFC 5322 parser is needed for (no quotes, comments, groups, lists,
 # routes): "Name <a@b.c>" or "a@b.c". email.utils.getaddresses costs ~60 us per header; this, ~1 us.
@@ -176,125 +195,13 @@ def _addresses(headers: dict[str, list[str]], name: str) -> tuple[Address, ...]:
         return ()
     result: list[Address] = []
     for display, addr in _mailboxes(values):
-        addr = _undo_surrogates(addr).strip()
+        addr = undo_surrogates(addr).strip()
         if not addr or "@" not in addr:
             continue
-        result.append(Address(email=addr, name=_WS.sub(" ", header_text(display)).strip()))
+        result.append(Address(email=addr, name=sanitize.field(header_text(display))))
     return tuple(result)
 
 
 def _first_address(headers: dict[str, list[str]], name: str) -> Address | None:
     found = _addresses(headers, name)
     return found[0] if found else None
-
-
-def _bodies(msg: EmailMessage) -> tuple[str | None, str | None, list[Attachment]]:
-    html_body: str | None = None
-    texts: list[str] = []
-    attachments: list[Attachment] = []
-    for part in _leaves(msg):
-        ctype = part.get_content_type()
-        disposition = str(part.get("Content-Disposition") or "").split(";", 1)[0].strip().lower()
-        filename = _filename(part)
-        is_attachment = disposition == "attachment" or (filename is not None and disposition != "inline")
-        if not is_attachment and ctype == "text/html" and html_body is None:
-            html_body = _text_payload(part)
-        elif not is_attachment and filename is None and ctype.startswith("text/") and ctype != "text/html":
-            texts.append(_text_payload(part))
-        elif ctype.startswith("multipart/"):
-            continue  # an empty multipart: nothing to carry
-        else:
-            attachments.append(_attachment(part, ctype, disposition, filename))
-    text_body = "\n".join(t for t in texts if t) if texts else None
-    return html_body, text_body, attachments
-
-
-def _leaves(msg: EmailMessage) -> list[EmailMessage]:
-    """Leaf parts in order; message/rfc822 parts are kept whole (they travel as .eml attachments)."""
-    out: list[EmailMessage] = []
-    stack = [msg]
-    while stack:
-        part = stack.pop()
-        if part.is_multipart() and part.get_content_maintype() == "multipart":
-            payload = part.get_payload()
-            if isinstance(payload, list) and payload:
-                stack.extend(p for p in reversed(payload) if isinstance(p, EmailMessage))
-            continue
-        out.append(part)
-    return out
-
-
-def _filename(part: EmailMessage) -> str | None:
-    try:
-        name = part.get_filename()
-    except Exception:
-        name = None
-    if name is None:
-        return None
-    return header_text(name).strip() or None
-
-
-def _text_payload(part: EmailMessage) -> str:
-    data = _payload_bytes(part)
-    return decode_bytes(data, part.get_content_charset()).replace("\r\n", "\n")
-
-
-def _payload_bytes(part: EmailMessage) -> bytes:
-    if part.get_content_maintype() == "message" or part.is_multipart():
-        try:
-            inner = part.get_payload(0) if part.is_multipart() else part.get_payload()
-            if isinstance(inner, EmailMessage):
-                return inner.as_bytes()
-        except Exception:
-            pass
-        try:
-            return part.as_bytes().split(b"\n\n", 1)[-1]
-        except Exception:
-            return b""
-    try:
-        data = part.get_payload(decode=True)
-    except Exception:
-        data = None
-    if isinstance(data, bytes):
-        return data
-    raw = part.get_payload()
-    return raw.encode("utf-8", "surrogateescape") if isinstance(raw, str) else b""
-
-
-def _attachment(part: EmailMessage, ctype: str, disposition: str, filename: str | None) -> Attachment:
-    cid = part.get("Content-ID")
-    content_id = str(cid).strip().strip("<>").strip() if cid else None
-    if filename is None:
-        filename = _default_filename(part, ctype)
-    return Attachment(
-        filename=filename,
-        content_type=ctype,
-        data=_payload_bytes(part),
-        content_id=content_id or None,
-        inline=disposition == "inline" or (content_id is not None and disposition != "attachment"),
-    )
-
-
-_EXTENSIONS = {"message/rfc822": ".eml", "application/pdf": ".pdf", "image/png": ".png", "image/jpeg": ".jpg",
-               "image/gif": ".gif", "text/html": ".html", "text/plain": ".txt", "text/calendar": ".ics"}
-
-
-def _default_filename(part: EmailMessage, ctype: str) -> str:
-    ext = _EXTENSIONS.get(ctype, ".bin")
-    if ctype == "message/rfc822":
-        inner = part.get_payload(0) if part.is_multipart() else None
-        subject = header_text(inner.get("Subject", "")) if isinstance(inner, EmailMessage) else ""
-        base = re.sub(r"[^\w .-]+", "", subject).strip()[:60] or "message"
-        return base + ext
-    return "attachment" + ext
-
-
-def text_to_html(text: str) -> str:
-    """Plain text -> safe HTML that keeps the text's line breaks and spacing."""
-    escaped = html.escape(text.replace("\r\n", "\n"), quote=False)
-    return (
-        '<!DOCTYPE html><html><head><meta charset="utf-8"></head>'
-        '<body><div style="white-space:pre-wrap;font-family:monospace">'
-        + escaped
-        + "</div></body></html>"
-    )

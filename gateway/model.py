@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,11 +34,31 @@ class Address:
 
 @dataclass(frozen=True, slots=True)
 class Attachment:
+    """An attachment or inline image. Its content is either `data` (decoded bytes) or, for a large part
+    that arrived as valid base64, `b64`: that base64 text without line breaks, carried to the API as it
+    came (the API wants base64 too; decoding and encoding again would cost time and a second copy)."""
+
     filename: str
     content_type: str
-    data: bytes
+    data: bytes = b""
     content_id: str | None = None
     inline: bool = False
+    b64: bytes | None = None
+
+    def base64(self) -> bytes:
+        """The content as base64 text (no line breaks)."""
+        return self.b64 if self.b64 is not None else base64.b64encode(self.data)
+
+    def decoded(self) -> bytes:
+        """The content as bytes (decodes a carried-through part: for tests and tools, not the hot path)."""
+        return self.data if self.b64 is None else base64.b64decode(self.b64)
+
+    @property
+    def size(self) -> int:
+        """Decoded size in bytes (without decoding)."""
+        if self.b64 is None:
+            return len(self.data)
+        return len(self.b64) // 4 * 3 - self.b64[-2:].count(b"=")
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +79,9 @@ class Message:
     message_id: str | None = None
     # Custom X- headers (not X-Gateway-*) in order, for providers that forward them (dEngage xHeaders).
     x_headers: tuple[tuple[str, str], ...] = ()
+    # What had to be repaired or could not be decoded ("undecodable_base64: part 3 (image/png) ..."):
+    # logged by the pipeline, never sent upstream.
+    defects: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -83,6 +83,9 @@ class Pipeline:
         bound = log.bind(login=principal.login, account=principal.account, size=len(raw), rcpts=len(rcpt_tos))
         try:
             submission, plan = await self.prepare(principal, mail_from, rcpt_tos, raw, smtputf8)
+            if submission.message.defects:
+                # Repaired or sent as it arrived (never upstream in these words): for the operator to see.
+                bound.warning("message_repaired", defects=list(submission.message.defects))
             account = self.settings.accounts[principal.account]
             key = idempotency.key_of(submission, account.idempotency_from_message_id)
             reply = await self.owner.submit(submission, plan, bound, key, receipt)
@@ -100,7 +103,7 @@ class Pipeline:
         self, principal: Principal, mail_from: str, rcpt_tos: list[str], raw: bytes | bytearray, smtputf8: bool
     ) -> tuple[Submission, tuple[Call, ...]]:
         """Parse, let the provider decide what it must (campaign, ...), apply the From policy, plan the calls."""
-        if len(raw) > PARSE_IN_THREAD_BYTES:
+        if len(raw) > PARSE_IN_THREAD_BYTES or mime.expensive(raw):
             message = await asyncio.get_running_loop().run_in_executor(_PARSER, mime.parse, raw)
         else:
             message = mime.parse(raw)

@@ -208,6 +208,9 @@ class DeliverySettings(_Section):
     # While an account's upstream is down, one queued message is tried this often; the first success
     # makes the whole backlog due (instead of each message waiting out its own backoff).
     probe_interval: float = Field(15.0, gt=0)
+    # This instance's name in the queue's leases (owner "<name>:<pid>:<nonce>"); empty: the host name. Give
+    # each machine (container, pod) its own; processes of one name can tell a dead sibling by its pid.
+    instance_name: str = ""
     # A claimed message is leased to its instance for this long, renewed every third of it while its
     # call runs; the lease of an instance that died expires after it and another instance takes over.
     lease_seconds: float = Field(60.0, ge=1)

@@ -197,7 +197,7 @@ def start(
     settings = load_settings(None, **base_config(tmp, port, extra_users, **overrides))
     for name, account in settings.accounts.items():
         # Tests talk to loopback only: an account without api_base would default to the real DMDS host.
-        assert account.base_url.startswith("http://127.0.0.1"), f"account {name} must set api_base to the sandbox"
+        assert account.base_url.startswith(("http://127.0.0.1", "https://127.0.0.1")), f"account {name}: loopback only"
     app = App(settings)
     loop.run(app.start())
     return Running(loop=loop, app=app, sandbox=sandbox, settings=settings, tmp=tmp)

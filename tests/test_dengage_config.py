@@ -46,7 +46,8 @@ def test_check_config_masks_the_api_user(tmp_path: Path) -> None:
 
 
 def test_missing_secret_and_unknown_key_are_named(tmp_path: Path) -> None:
-    result = run_cli("check-config", "--config-only", "-c", str(write(tmp_path, f'userkey = "{USERKEY}"\nfroms_tll = 60')))
+    config = write(tmp_path, f'userkey = "{USERKEY}"\nfroms_tll = 60')
+    result = run_cli("check-config", "--config-only", "-c", str(config))
     assert result.returncode == 2
     assert "accounts.crm.froms_tll" in result.stderr
     result = run_cli("check-config", "--config-only", "-c", str(write(tmp_path, f'userkey = "{USERKEY}"')))

@@ -6,6 +6,7 @@ Regenerate after a deliberate wire change: UPDATE_GOLDEN=1 python -m pytest test
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 from pathlib import Path
@@ -83,7 +84,7 @@ def test_a_call_names_only_its_own_recipient() -> None:
 def test_attachment_bytes_survive_base64() -> None:
     sub, _ = CASES["attachments"]
     [pdf, png] = wire.build_payload(sub, ANN)["attachments"]
-    assert wire.base64.b64decode(pdf["content"]) == b"%PDF-1.4\x00\xff"
+    assert base64.b64decode(pdf["content"]) == b"%PDF-1.4\x00\xff"
     assert (png["name"], png["type"]) == ("logo.png", "image/png")
 
 

@@ -14,6 +14,7 @@ import httpx
 
 from tests.pgserver import PgCluster
 from tests.procs import (
+    RCPTS,
     ambiguous,
     check_delivery,
     events,
@@ -117,3 +118,33 @@ def test_workers_share_one_sqlite_queue_and_a_killed_worker_is_replaced(tmp_path
 
 def kill_pid(pid: int) -> None:
     os.kill(pid, signal.SIGKILL)
+
+
+def test_a_sibling_takes_over_a_dead_processs_leases_without_waiting_for_them(tmp_path: Path) -> None:
+    """Two `serve` processes of one host on one SQLite queue, leases of an hour: when one dies with messages
+    in flight, the other sees that process is gone and takes its messages over at once."""
+    ports, sandbox_port = [free_port(), free_port()], free_port()
+    record = tmp_path / "requests.jsonl"
+    sandbox, sandbox_url = start_sandbox(sandbox_port, record)
+    procs = []
+    try:
+        delivery = {**FAST, "lease_seconds": 3600.0, "retry_schedule": [3600]}
+        configs = [write_serve_config(tmp_path, port, sandbox_port, delivery, f"gw{i}.toml")
+                   for i, port in enumerate(ports)]
+        for config in configs:  # A's calls must still hang when A dies, however slow this machine is
+            config.write_text(config.read_text().replace("http_timeout = 5.0", "http_timeout = 300.0"))
+        logs = [tmp_path / f"gw{i}.log" for i in range(2)]
+        procs = [serve(config, log, port) for config, log, port in zip(configs, logs, ports, strict=True)]
+        httpx.post(f"{sandbox_url}/_sandbox/faults", json={"mode": "timeout", "count": None}).raise_for_status()
+        replies: dict[int, str] = {}
+        load(ports[0], range(5), replies, threading.Event())  # stored in flight: the upstream never answers
+        assert len(replies) == 5 and all(len(i) == 16 for i in replies.values())
+        kill(procs[0])
+        httpx.delete(f"{sandbox_url}/_sandbox/faults").raise_for_status()
+        wait_for(lambda: all(recorded(record)[(f"load {n}", rcpt.format(n=n))] for n in range(5) for rcpt in RCPTS),
+                 30, "the survivor delivering the dead process's messages to every recipient")
+        assert events(logs[1], "queue_dead_owners_expired")
+        check_delivery(replies, recorded(record), ambiguous(*logs))
+    finally:
+        for proc in [*procs, sandbox]:
+            kill(proc)

@@ -7,6 +7,8 @@ import re
 from collections.abc import Callable
 from email.message import EmailMessage
 
+import pytest
+
 from gateway import mime
 from tests.harness import APIKEY, PASSWORD, PASSWORD_HASH, USER, Running
 from tests.smtputil import SENDER, send, session
@@ -148,3 +150,16 @@ def test_fast_mailbox_path_agrees_with_getaddresses_on_the_corpus() -> None:
             assert _mailboxes(values) == expected, values
             checked += 1
     assert checked > 500
+
+
+@pytest.mark.parametrize("value", ["²", "٢٢", "22a", ""])
+def test_a_campaign_header_that_is_not_a_number_is_refused_not_an_internal_error(
+    gateway_factory: Callable[..., Running], value: str
+) -> None:
+    running = gateway_factory()
+    chooser = {"username": "chooser", "password_hash": PASSWORD_HASH, "campaign": 22, "may_choose_campaign": True}
+    other = gateway_factory(accounts={"acme": {"api_base": running.sandbox_url, "users": [chooser]}})
+    raw = (f"From: {SENDER}\r\nTo: client@example.com\r\nSubject: x\r\nX-Gateway-Campaign: {value}\r\n\r\nb\r\n")
+    with session(other, user="chooser") as client:
+        code, text = send(client, raw.encode())
+    assert code == 554 and text.startswith("5.6.0 "), text

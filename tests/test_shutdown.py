@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import signal
 import socket
@@ -22,6 +21,7 @@ import httpx
 import pytest
 
 from tests.harness import APIKEY, PASSWORD, USER
+from tests.procs import free_port, kill, listening, ok
 from tests.spool_helpers import send, spool_rows, wait_for, write_serve_config
 
 CLI = [sys.executable, "-m", "gateway"]
@@ -29,31 +29,12 @@ DRAIN_TIMEOUT = 8.0
 EEID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
-def _listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), 0.2):
-            return True
-    except OSError:
-        return False
 
 
-def _sandbox_up(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/_sandbox/health", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
-def _kill(proc: subprocess.Popen[bytes] | None) -> None:
-    if proc is not None and proc.poll() is None:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
 
 
 @dataclass
@@ -71,7 +52,7 @@ class Stack:
                 [*CLI, "serve", "--config", str(self.config), "--drain-timeout", str(DRAIN_TIMEOUT)],
                 stdout=out, stderr=subprocess.STDOUT,
             )
-        wait_for(lambda: _listening(self.smtp_port) or self.gateway.poll() is not None, 15, "gateway listening")
+        wait_for(lambda: listening(self.smtp_port) or self.gateway.poll() is not None, 15, "gateway listening")
         assert self.gateway.poll() is None, self.log.read_text()
         return self.gateway
 
@@ -109,7 +90,7 @@ def _config(tmp: Path, smtp_port: int, sandbox_port: int) -> Path:
 
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[Stack]:
-    smtp_port, sandbox_port = _free_port(), _free_port()
+    smtp_port, sandbox_port = free_port(), free_port()
     sandbox = subprocess.Popen(
         [*CLI, "sandbox", "--listen", f"127.0.0.1:{sandbox_port}", "--quiet", "--apikey", APIKEY,
          "--campaign", "22=campaign-22-apikey"],
@@ -118,11 +99,11 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
     st = Stack(tmp_path, smtp_port, f"http://127.0.0.1:{sandbox_port}", _config(tmp_path, smtp_port, sandbox_port),
                tmp_path / "gateway.log")
     try:
-        wait_for(lambda: _sandbox_up(st.sandbox_url), 15, "sandbox")
+        wait_for(lambda: ok(f"{st.sandbox_url}/_sandbox/health"), 15, "sandbox")
         yield st
     finally:
-        _kill(st.gateway)
-        _kill(sandbox)
+        kill(st.gateway)
+        kill(sandbox)
 
 
 class Raw:

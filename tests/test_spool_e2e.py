@@ -109,17 +109,23 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-def test_full_disk_answers_452_never_250(gateway_factory: Callable[..., Running], small_fs: Path) -> None:
-    gw = gateway_factory(delivery={**FAST, "spool_path": str(small_fs / "spool.sqlite3")})
-    gw.fault(status=503, count=None)
-    filler = small_fs / "filler"
-    with filler.open("wb") as fh:  # fill the file system to the last block
+def fill(directory: Path) -> Path:
+    """Fill the file system to its last block with one file; returns it (unlink it to make room)."""
+    filler = directory / "filler"
+    with filler.open("wb") as fh:
         try:
             while True:
                 fh.write(b"\0" * 65536)
                 fh.flush()
         except OSError:
             pass
+    return filler
+
+
+def test_full_disk_answers_452_never_250(gateway_factory: Callable[..., Running], small_fs: Path) -> None:
+    gw = gateway_factory(delivery={**FAST, "spool_path": str(small_fs / "spool.sqlite3")})
+    gw.fault(status=503, count=None)
+    filler = fill(small_fs)
     code, text = send(gw.port(), "no room", body="y" * 300_000)
     assert (code, text[:5]) == (452, "4.3.1")
     filler.unlink()
@@ -149,14 +155,7 @@ def test_a_full_disk_does_not_stall_retries_of_stored_messages(
     gw.fault(status=503, count=None)
     stored = [send(gw.port(), f"stored {i}", body="y" * 20_000) for i in range(5)]
     assert all(code == 250 for code, _ in stored)
-    filler = small_fs / "filler"
-    with filler.open("wb") as fh:  # fill the file system to the last block
-        try:
-            while True:
-                fh.write(b"\0" * 65536)
-                fh.flush()
-        except OSError:
-            pass
+    fill(small_fs)
     gw.clear_faults()
     wait_for(lambda: len(gw.sent) == 5, what="stored messages delivered on a full disk")
     wait_for(lambda: spool_rows(gw.settings.delivery.spool_path) == [] or None, what="and deleted")

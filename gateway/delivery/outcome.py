@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from gateway.errors import AnswerLost, Deferred, Rejected
+
+
+class Sent(Protocol):
+    """A provider's answer to one call."""
+
+    @property
+    def upstream_id(self) -> str: ...
 
 
 @dataclass
@@ -23,6 +33,20 @@ class Outcome:
     @property
     def ambiguous(self) -> set[str]:
         return {key for key, exc in self.deferred.items() if isinstance(exc, AnswerLost)}
+
+    async def record_all(self, calls: Mapping[str, Awaitable[Sent]]) -> None:
+        """Run `calls` (key -> the call) concurrently and record each one's result. Deferred and Rejected
+        are the answers a call can have; anything else is a bug and is raised (after all calls ended)."""
+        results = await asyncio.gather(*calls.values(), return_exceptions=True)
+        for key, result in zip(calls, results, strict=True):
+            if isinstance(result, Deferred):
+                self.deferred[key] = result
+            elif isinstance(result, Rejected):
+                self.rejected[key] = result
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                self.delivered[key] = result.upstream_id
 
     def first_reason(self) -> str | None:
         for exc in (*self.rejected.values(), *self.deferred.values()):

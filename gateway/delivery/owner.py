@@ -51,9 +51,9 @@ def new_id() -> str:
     return secrets.token_hex(8).upper()
 
 
-def owner_id() -> str:
-    """This process as a lease owner: host, pid and a nonce (a restarted process is a new owner)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+def owner_id(instance: str = "") -> str:
+    """This process as a lease owner: instance (host) name, pid and a nonce (a restarted process is a new owner)."""
+    return f"{instance or socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
 @dataclass
@@ -80,7 +80,7 @@ class DeliveryOwner:
         self.store = store
         self.settings = settings
         self.health = health
-        self.owner = owner or owner_id()
+        self.owner = owner or owner_id(settings.instance_name)
         self.policy = RetryPolicy(tuple(settings.retry_schedule), settings.retry_jitter, settings.max_lifetime,
                                   settings.ambiguous)
         self.clock = clock

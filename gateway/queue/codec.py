@@ -46,8 +46,8 @@ def encode(s: Submission) -> bytes:
             "subject": m.subject, "from": _addr(m.from_), "sender": _addr(m.sender), "reply_to": _addr(m.reply_to),
             "to": [_addr(a) for a in m.to], "cc": [_addr(a) for a in m.cc], "html": m.html, "text": m.text,
             "attachments": [
-                {"filename": a.filename, "content_type": a.content_type,
-                 "data": base64.b64encode(a.data).decode("ascii"), "content_id": a.content_id, "inline": a.inline}
+                {"filename": a.filename, "content_type": a.content_type, "data": a.base64().decode("ascii"),
+                 "content_id": a.content_id, "inline": a.inline, "carried": a.b64 is not None}
                 for a in m.attachments
             ],
             "options": m.options, "message_id": m.message_id, "x_headers": [list(h) for h in m.x_headers],
@@ -62,13 +62,19 @@ def _message(m: dict[str, Any]) -> Message:
         subject=m["subject"], from_=_unaddr(m["from"]), sender=_unaddr(m["sender"]),
         reply_to=_unaddr(m["reply_to"]), to=_addrs(m["to"]), cc=_addrs(m["cc"]), html=m["html"], text=m["text"],
         attachments=tuple(
-            Attachment(filename=a["filename"], content_type=a["content_type"], data=base64.b64decode(a["data"]),
-                       content_id=a["content_id"], inline=a["inline"])
-            for a in m["attachments"]
+            _attachment(a) for a in m["attachments"]
         ),
         options=dict(m["options"]), message_id=m["message_id"],
         x_headers=tuple((h[0], h[1]) for h in m.get("x_headers", [])),
     )
+
+
+def _attachment(a: dict[str, Any]) -> Attachment:
+    content = a["data"].encode("ascii")
+    carried = a.get("carried", False)  # kept as base64, as it arrived (model.Attachment)
+    return Attachment(filename=a["filename"], content_type=a["content_type"],
+                      data=b"" if carried else base64.b64decode(content), content_id=a["content_id"],
+                      inline=a["inline"], b64=content if carried else None)
 
 
 def _v2(doc: dict[str, Any]) -> Submission:

@@ -22,6 +22,8 @@ from gateway.errors import SpoolUnavailable
 from gateway.observability import INTERNAL_ERRORS
 
 log = structlog.get_logger("gateway.queue.worker")
+# How often the leases of dead processes of this instance are looked for (besides lease expiry).
+DEAD_OWNER_CHECK = 5.0
 
 
 class RetryWorker:
@@ -59,9 +61,12 @@ class RetryWorker:
         log.info("retry_worker_stopped")
 
     async def _loop(self) -> None:
-        with contextlib.suppress(SpoolUnavailable):
-            await self._expire_dead_local_owners()
+        next_check = 0.0
         while not self._stopping:
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + DEAD_OWNER_CHECK
+                with contextlib.suppress(SpoolUnavailable):
+                    await self._expire_dead_local_owners()
             try:
                 await self._tick()
                 if self._failing:
@@ -109,9 +114,9 @@ class RetryWorker:
         self.owner.wakeup.set()
 
     async def _expire_dead_local_owners(self) -> None:
-        """Leases of processes of this host that are gone (killed, crashed) end now, not after lease_seconds:
-        a restarted gateway resumes its predecessor's messages at once. Another host's owners are left to
-        their leases: there is no way to see their processes from here."""
+        """Leases of processes of this instance (host) that are gone (killed, crashed) end now, not after
+        lease_seconds: a restarted gateway or a surviving sibling process resumes their messages at once.
+        Another instance's owners are left to their leases: their processes cannot be seen from here."""
         host = _split_owner(self.owner.owner)[0]
         dead = []
         for other in await self.store.owners():

@@ -39,6 +39,12 @@ AUTH_LINE_LIMIT = 12288
 # aiosmtpd's reply to a line that is no command quotes the (upper-cased) first word back to the client. A
 # client whose AUTH was refused goes on with its base64 username and password lines: never echo those.
 _UNKNOWN_COMMAND = re.compile(r'500 Error: command ".*" not recognized\Z', re.DOTALL)
+# aiosmtpd echoes parts of a command in some replies ('500 Error: command "X" not recognized'): a control
+# character there would break the reply line, a lone surrogate (8-bit input) would fail to encode.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
+# aiosmtpd's "553 5.1.3 Error: malformed address" already has an enhanced code, so add_enhanced_code
+# leaves its "Error:" prefix (an internal word the client does not need) in place.
+_ERROR_PREFIX = re.compile(r"^(\d{3}[ -](?:[245]\.\d{1,3}\.\d{1,3} )?)Error: ")
 # Commands that move a transaction forward when accepted; every other command (and a refused MAIL/RCPT)
 # counts towards limits.max_commands_before_data.
 _TRANSACTION = frozenset({"MAIL", "RCPT", "DATA", "QUIT"})
@@ -144,6 +150,7 @@ class GatewaySMTP(SMTP):
 
     async def push(self, status: str | bytes) -> None:
         if isinstance(status, str):
+            status = _UNPRINTABLE.sub("?", status)
             if self._in_ehlo and status == "250 HELP":
                 # aiosmtpd does not advertise these, though it handles pipelined commands and every
                 # reply here carries an enhanced code (RFC 2920, RFC 2034).
@@ -153,7 +160,7 @@ class GatewaySMTP(SMTP):
             elif not (self._in_ehlo and status.startswith("250")) and not status.startswith(_LEAVE_ALONE):
                 if _UNKNOWN_COMMAND.match(status):
                     status = "500 5.5.2 Command not recognized"
-                status = add_enhanced_code(status)
+                status = _ERROR_PREFIX.sub(lambda m: m.group(1), add_enhanced_code(status), count=1)
             self._observe(status)
         await super().push(status)  # type: ignore[type-var]
 
@@ -237,7 +244,13 @@ class GatewaySMTP(SMTP):
         m = _SIMPLE_PATH.match(arg)
         if m is not None and not self.local_part_limit:
             return m.group(1), m.group(2)
-        result: tuple[str | None, str | None] = super()._getaddr(arg)
+        try:
+            result: tuple[str | None, str | None] = super()._getaddr(arg)
+        except (IndexError, AttributeError):
+            # The stdlib's address parser fails on truncated paths instead of raising HeaderParseError:
+            # IndexError past the end of "<" or "<@", AttributeError on an unclosed "[" domain literal
+            # (found by tests/test_fuzz_smtp.py). Both are syntax errors, not internal ones.
+            return None, None
         return result
 
     @syntax("EHLO hostname")

@@ -23,8 +23,9 @@ async def _slices(body: bytes) -> AsyncIterator[bytes]:
 class AiohttpTransport(httpx.AsyncBaseTransport):
     """One pooled keep-alive aiohttp session; created on first use, inside the running event loop."""
 
-    def __init__(self, max_connections: int, keepalive_expiry: float = 15.0) -> None:
+    def __init__(self, max_connections: int, keepalive_expiry: float = 15.0, max_response: int = 1 << 20) -> None:
         self._limit = max_connections
+        self._max_response = max_response
         self._keepalive = keepalive_expiry
         self._session: aiohttp.ClientSession | None = None
 
@@ -52,11 +53,16 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 request.method, str(request.url), headers=headers, data=data, timeout=timeout,
                 allow_redirects=False,
             ) as response:
-                content = await response.read()
+                content = bytearray()
+                while chunk := await response.content.read(_SLICE):
+                    content += chunk
+                    if len(content) > self._max_response:
+                        # No API answer is this big: stop reading (a misbehaving upstream must not fill memory).
+                        raise httpx.ReadError(f"answer larger than {self._max_response} bytes", request=request)
                 return httpx.Response(
                     response.status,
                     headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.raw_headers],
-                    content=content,
+                    content=bytes(content),
                     request=request,
                 )
         except aiohttp.ConnectionTimeoutError as exc:  # connect / pool timeout: nothing was sent

@@ -24,6 +24,9 @@ from gateway.upstream.response import HttpResponse
 
 TransportKind = Literal["httpx", "aiohttp"]
 _OUTCOMES = {2: "ok", 4: "client_error", 5: "server_error"}
+# No API answer the gateway reads is anywhere near this: a bigger one is a misbehaving upstream (or a proxy's
+# error page gone wrong) and is not read into memory.
+MAX_RESPONSE = 1 << 20
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.WriteError, httpx.WriteTimeout)
 
 
@@ -73,7 +76,7 @@ class HttpClient:
         try:
             response = await self._transport.handle_async_request(request)
             try:
-                body = await response.aread()
+                body = await _read_capped(response, MAX_RESPONSE)
             finally:
                 await response.aclose()
         except _NOT_SENT as exc:
@@ -105,3 +108,12 @@ class HttpClient:
 
     async def aclose(self) -> None:
         await self._transport.aclose()
+
+
+async def _read_capped(response: httpx.Response, limit: int) -> bytes:
+    body = bytearray()
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        if len(body) > limit:
+            raise httpx.ReadError(f"answer larger than {limit} bytes")
+    return bytes(body)

@@ -3,7 +3,6 @@ account's From identities as the permitted sender domains, tags and a template p
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import time
 import uuid
@@ -16,7 +15,7 @@ import structlog
 from gateway import replies
 from gateway.config_base import UserSettings
 from gateway.delivery.outcome import Outcome
-from gateway.errors import ContentRejected, Deferred, RateLimited, Rejected, UpstreamAuthFailed
+from gateway.errors import ContentRejected, RateLimited, UpstreamAuthFailed
 from gateway.model import Call, Message, Principal, Submission
 from gateway.policy import SenderPolicy, ascii_domain, domain_of
 from gateway.providers.base import BeforeSend, no_hook
@@ -155,19 +154,8 @@ class DengageProvider:
     ) -> Outcome:
         """Every pending recipient's call at once (the rate limiter spaces them); no call waits for another."""
         outcome = Outcome()
-        pending = [call for call in self.plan(submission) if call.key not in done]
-        results = await asyncio.gather(
-            *(self.send_one(submission, call, before_send) for call in pending), return_exceptions=True
-        )
-        for call, result in zip(pending, results, strict=True):
-            if isinstance(result, wire.SendResult):
-                outcome.delivered[call.key] = result.upstream_id
-            elif isinstance(result, Deferred):
-                outcome.deferred[call.key] = result
-            elif isinstance(result, Rejected):
-                outcome.rejected[call.key] = result
-            else:
-                raise result
+        await outcome.record_all({call.key: self.send_one(submission, call, before_send)
+                                  for call in self.plan(submission) if call.key not in done})
         return outcome
 
     async def send_one(

@@ -5,7 +5,6 @@ Facts come from shared/upstream-apis.md part 2; the tags below are the same as t
 
 from __future__ import annotations
 
-import base64
 import ipaddress
 import re
 import time
@@ -131,7 +130,7 @@ def build_payload(submission: Submission, recipient: str) -> dict[str, Any]:
         body[str(w["attachments"])] = [
             {
                 str(w["att_name"]): a.filename,
-                str(w["att_content"]): base64.b64encode(a.data).decode("ascii"),
+                str(w["att_content"]): a.base64().decode("ascii"),
                 str(w["att_type"]): a.content_type,
                 **({w["att_cid"]: a.content_id} if w["att_cid"] and a.content_id else {}),
             }

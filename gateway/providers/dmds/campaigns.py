@@ -10,7 +10,8 @@ from gateway import replies
 from gateway.errors import ContentRejected, PolicyRejected
 from gateway.model import Principal
 
-_SUBJECT_PREFIX = re.compile(r"^\s*\[(\d{1,12})\]\s*")
+_SUBJECT_PREFIX = re.compile(r"^\s*\[([0-9]{1,12})\]\s*")
+_NUMID = re.compile(r"[0-9]{1,12}")
 CAMPAIGN_OPTION = "campaign"
 
 
@@ -29,7 +30,7 @@ def resolve_campaign(principal: Principal, subject: str, options: dict[str, str]
             raise PolicyRejected(
                 reply=replies.Reply(550, "5.7.1", f"Login {principal.login} may not choose the campaign")
             )
-        if not override.strip().isdigit():
+        if not _NUMID.fullmatch(override.strip()):  # str.isdigit() also takes "²" and Arabic-Indic digits
             raise ContentRejected(f"X-Gateway-Campaign must be a campaign number, got {override.strip()!r}")
         return int(override.strip()), subject
     campaign = extra.get("campaign")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import re
 import time
@@ -160,19 +159,7 @@ class DmdsProvider:
                 outcome.skipped.update(leg.key for leg in rest)
                 return outcome
             outcome.delivered[first.key] = batch
-        if rest:
-            results = await asyncio.gather(
-                *(self.send_leg(submission, leg, batch, before_send) for leg in rest), return_exceptions=True
-            )
-            for leg, res in zip(rest, results, strict=True):
-                if isinstance(res, wire.SendResult):
-                    outcome.delivered[leg.key] = res.upstream_id
-                elif isinstance(res, Deferred):
-                    outcome.deferred[leg.key] = res
-                elif isinstance(res, Rejected):
-                    outcome.rejected[leg.key] = res
-                else:
-                    raise res
+        await outcome.record_all({leg.key: self.send_leg(submission, leg, batch, before_send) for leg in rest})
         return outcome
 
     async def send_leg(

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import base64
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.errors import RateLimited, UpstreamAuthFailed, UpstreamRejected, UpstreamUnavailable
+from gateway.errors import AnswerLost, RateLimited, UpstreamAuthFailed, UpstreamRejected, UpstreamUnavailable
 from gateway.model import Address, Submission
 from gateway.providers.dmds.legs import Leg
 from gateway.upstream.response import HttpResponse
@@ -92,7 +91,7 @@ def build_payload(submission: Submission, leg: Leg, batch_id: str | None) -> dic
             {
                 WIRE["att_name"]: a.filename,
                 WIRE["att_type"]: a.content_type,
-                WIRE["att_content"]: base64.b64encode(a.data).decode("ascii"),
+                WIRE["att_content"]: a.base64().decode("ascii"),
                 **({WIRE["att_cid"]: a.content_id} if a.content_id else {}),
                 **({WIRE["att_inline"]: True} if a.inline else {}),
             }
@@ -141,12 +140,13 @@ def classify(response: HttpResponse) -> SendResult:
     try:
         data = response.json()
     except ValueError:
-        raise UpstreamUnavailable(f"DMDS answered {status} with a body that is not JSON") from None
+        # A 2xx whose body is not JSON (a proxy's page, a cut answer): DMDS may well have taken the message.
+        raise AnswerLost(f"DMDS answered {status} with a body that is not JSON") from None
     if not isinstance(data, dict) or data.get("status") != "ok":
         raise UpstreamRejected(upstream_reason(response))
     eeid = data.get("eeid")
     if not eeid:
-        raise UpstreamUnavailable("DMDS answered ok without an eeid")
+        raise AnswerLost("DMDS answered ok without an eeid")
     sent = data.get("sent")
     return SendResult(str(eeid), sent if isinstance(sent, int) else None)
 

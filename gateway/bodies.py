@@ -1,0 +1,293 @@
+"""Pure: from a parsed MIME tree, the body a mail client displays (one HTML document) and the attachments."""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import quopri
+import re
+from dataclasses import dataclass, field
+from email.message import Message as EmailMessage
+from typing import Literal
+
+from gateway import charsets, replies, sanitize, transfer
+from gateway.errors import ContentRejected
+from gateway.headers import filename_param, header_text, undo_surrogates
+from gateway.model import Attachment
+
+
+@dataclass(frozen=True, slots=True)
+class Bodies:
+    html: str
+    text: str | None
+    attachments: tuple[Attachment, ...]
+    defects: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Piece:
+    """One displayed unit, in display order: an HTML part, a text part, or an inline image (by index)."""
+
+    kind: Literal["html", "text", "image"]
+    content: str = ""
+    image: int = -1
+    plain: bool = False  # a text/plain part (not text/enriched, text/calendar, ...)
+
+
+def extract(msg: EmailMessage, limit: int) -> Bodies:
+    """Bodies and attachments of `msg`. `limit`: most bytes of memory the decoded bodies and attachments
+    may take (ContentRejected 552 5.3.4 past it, checked before an HTML body is built from text: escaping
+    can make it five times longer, and one character beyond U+FFFF makes a Python string 4 bytes a
+    character)."""
+    walk = _Walk()
+    pieces = walk.part(msg)
+    size = sum(a.size for a in walk.attachments) + sum(_memory(t) for t in walk.texts)
+    htmls = [p for p in pieces if p.kind == "html"]
+    body = ""
+    if htmls:
+        texts = [p.content for p in pieces if p.kind == "text"]
+        _within(limit, size + sum(_memory(h.content) for h in htmls) + sum(_escaped_memory(t) for t in texts))
+        body = htmls[0].content if len(htmls) == 1 and not texts else _join(pieces, walk)
+    text = "\n".join(t for t in walk.texts if t) if walk.texts else None
+    if not body.strip():
+        # No HTML part, or an empty one: the displayed text, else an empty document (DMDS refuses an empty html).
+        shown = "\n".join(p.content for p in pieces if p.kind == "text" and p.content) if pieces else ""
+        shown = shown or text or ""
+        _within(limit, size + _escaped_memory(shown))
+        body = text_to_html(shown)
+    return Bodies(html=body, text=text, attachments=tuple(walk.attachments), defects=tuple(walk.defects))
+
+
+def _within(limit: int, size: int) -> None:
+    if size > limit:
+        raise ContentRejected(
+            f"decoded message would take {size} bytes, over the limit of {limit}",
+            reply=replies.MESSAGE_TOO_BIG.with_text("Message size exceeds fixed limit once decoded"),
+        )
+
+
+def _memory(text: str) -> int:
+    """Bytes a str takes: CPython stores 1, 2 or 4 bytes a character, by its widest character (PEP 393)."""
+    if text.isascii():
+        return len(text)
+    widest = max(text)
+    return len(text) * (1 if widest <= "\xff" else 2 if widest <= "\uffff" else 4)
+
+
+def _escaped_memory(text: str) -> int:
+    # html.escape: & -> &amp; (+4), < and > -> &lt; &gt; (+3)
+    grown = len(text) + 4 * text.count("&") + 3 * (text.count("<") + text.count(">"))
+    return grown * (_memory(text) // len(text)) if text else 0
+
+
+def text_to_html(text: str) -> str:
+    """Plain text -> safe HTML that keeps the text's line breaks and spacing."""
+    escaped = html.escape(text.replace("\r\n", "\n"), quote=False)
+    return (
+        '<!DOCTYPE html><html><head><meta charset="utf-8"></head>'
+        '<body><div style="white-space:pre-wrap;font-family:monospace">'
+        + escaped
+        + "</div></body></html>"
+    )
+
+
+@dataclass
+class _Walk:
+    attachments: list[Attachment] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    defects: list[str] = field(default_factory=list)
+    leaves: int = 0
+
+    def part(self, part: EmailMessage, resource: bool = False) -> list[_Piece]:
+        if part.is_multipart() and part.get_content_maintype() == "multipart":
+            children = [p for p in part.get_payload() if isinstance(p, EmailMessage)]
+            if resource:
+                return [piece for child in children for piece in self.part(child, resource=True)]
+            subtype = part.get_content_subtype()
+            if subtype == "alternative":
+                return self.alternative(children)
+            if subtype == "related":
+                return self.related(part, children)
+            return [piece for child in children for piece in self.part(child)]
+        return self.leaf(part, resource)
+
+    def alternative(self, children: list[EmailMessage]) -> list[_Piece]:
+        """One branch is displayed, the last one a client can show (RFC 2046 §5.1.4: the richest is last):
+        the last with HTML, else the last with text/plain, else the first with any text. The other branches'
+        attachments are kept; their text stays in Message.text only."""
+        branches = [self.part(child) for child in children]
+        with_html = [b for b in branches if any(p.kind == "html" for p in b)]
+        with_plain = [b for b in branches if any(p.plain for p in b)]
+        if with_html or with_plain:
+            return (with_html or with_plain)[-1]
+        return next((b for b in branches if any(p.kind == "text" for p in b)), [])
+
+    def related(self, part: EmailMessage, children: list[EmailMessage]) -> list[_Piece]:
+        """The root is displayed; the other parts are resources it refers to (by Content-ID or -Location),
+        except parts nothing can refer to: Apple Mail's html / image / html pieces, displayed in order."""
+        start = sanitize.content_id(undo_surrogates(str(part.get_param("start") or "")))
+        ids = [sanitize.content_id(undo_surrogates(str(c.get("Content-ID") or ""))) for c in children]
+        root = ids.index(start) if start is not None and start in ids else 0
+        pieces: list[_Piece] = []
+        for index, child in enumerate(children):
+            referable = ids[index] is not None or child.get("Content-Location") is not None
+            is_image = child.get_content_maintype() == "image"
+            pieces += self.part(child, resource=index != root and referable and not is_image)
+        return pieces
+
+    def leaf(self, part: EmailMessage, resource: bool) -> list[_Piece]:
+        self.leaves += 1
+        ctype = sanitize.media_type(part.get_content_type())
+        disposition = str(part.get("Content-Disposition") or "").split(";", 1)[0].strip().lower()
+        filename = _filename(part)
+        if not resource and disposition != "attachment":
+            if ctype == "text/html" and (filename is None or disposition == "inline"):
+                return [_Piece("html", self.text_payload(part, ctype))]
+            # A text/plain part shown inline is body text even when it carries a file name (as clients show
+            # it); other text/* parts (enriched, calendar) only when unnamed, as before.
+            if (ctype == "text/plain" and disposition in ("", "inline")) or (
+                ctype.startswith("text/") and filename is None
+            ):
+                text = self.text_payload(part, ctype)
+                self.texts.append(text)
+                return [_Piece("text", text, plain=ctype == "text/plain")]
+        if ctype.startswith("multipart/"):
+            return []  # an empty multipart: nothing to carry
+        attachment = self.attachment(part, ctype, disposition, filename)
+        self.attachments.append(attachment)
+        if attachment.inline and ctype.startswith("image/"):
+            return [_Piece("image", image=len(self.attachments) - 1)]
+        return []
+
+    def text_payload(self, part: EmailMessage, ctype: str) -> str:
+        data = self.payload_bytes(part, ctype)
+        label = part.get_content_charset()
+        decoded = charsets.decode(data, label)
+        if decoded.replaced:
+            self.defects.append(
+                f"charset_errors: part {self.leaves} ({ctype}, charset {label or 'none'}, read as {decoded.codec}):"
+                f" {decoded.replaced} characters replaced"
+            )
+        return sanitize.body(decoded.text.replace("\r\n", "\n"))
+
+    def payload_bytes(self, part: EmailMessage, ctype: str) -> bytes:
+        if part.is_multipart() or ctype.startswith("message/"):
+            return transfer.message_bytes(part)
+        # Senders write "base64 ", "quoted-printable;", "Quoted Printable": the stdlib then decodes nothing.
+        cte = str(part.get("Content-Transfer-Encoding") or "").split(";", 1)[0].strip().lower()
+        if cte in ("quoted-printable", "quoted printable"):
+            return quopri.decodestring(_raw_payload(part))
+        if cte == "base64":
+            encoded = _raw_payload(part)
+            decoded = transfer.base64_lenient(encoded, text=ctype.startswith("text/"))
+            if decoded is not None:
+                return decoded
+            # Not base64 at all (text, or a raw file, under a base64 header): what arrived is closest.
+            self.defects.append(f"undecodable_base64: part {self.leaves} ({ctype}) sent as it arrived")
+            return encoded
+        payload = part.get_payload(decode=True)
+        return payload if isinstance(payload, bytes) else _raw_payload(part)
+
+    def attachment(self, part: EmailMessage, ctype: str, disposition: str, filename: str | None) -> Attachment:
+        raw_cid = part.get("Content-ID")
+        content_id = sanitize.content_id(undo_surrogates(str(raw_cid))) if raw_cid is not None else None
+        return Attachment(
+            filename=filename or _default_filename(part, ctype),
+            content_type=ctype,
+            data=self.payload_bytes(part, ctype),
+            content_id=content_id,
+            inline=disposition == "inline" or (content_id is not None and disposition != "attachment"),
+        )
+
+
+def _raw_payload(part: EmailMessage) -> bytes:
+    # The payload as parsed (8-bit bytes as surrogates); get_payload() would decode such text by its charset.
+    raw = part._payload  # type: ignore[attr-defined]
+    return raw.encode("ascii", "surrogateescape") if isinstance(raw, str) else b""
+
+
+def _filename(part: EmailMessage) -> str | None:
+    name = filename_param(part)
+    return sanitize.filename(name) if name is not None else None
+
+
+_EXTENSIONS = {"message/rfc822": ".eml", "application/pdf": ".pdf", "image/png": ".png", "image/jpeg": ".jpg",
+               "image/gif": ".gif", "text/html": ".html", "text/plain": ".txt", "text/calendar": ".ics"}
+
+
+def _default_filename(part: EmailMessage, ctype: str) -> str:
+    ext = _EXTENSIONS.get(ctype, ".bin")
+    if ctype == "message/rfc822":
+        inner = part.get_payload(0) if part.is_multipart() else None
+        subject = header_text(inner.get("Subject", "")) if isinstance(inner, EmailMessage) else ""
+        base = re.sub(r"[^\w .-]+", "", sanitize.field(subject)).strip()[:60] or "message"
+        return base + ext
+    return "attachment" + ext
+
+
+# -- joining several displayed pieces into one document ---------------------------------------------------
+
+_BODY_OPEN = re.compile(r"<body\b[^>]*>", re.IGNORECASE)
+_BODY_CLOSE = re.compile(r"</body\s*>", re.IGNORECASE)
+_HEAD = re.compile(r"<head\b[^>]*>(.*?)</head\s*>", re.IGNORECASE | re.DOTALL)
+_STYLE = re.compile(r"<style\b.*?</style\s*>", re.IGNORECASE | re.DOTALL)
+_WRAPPERS = re.compile(r"<!doctype[^>]*>|</?html\b[^>]*>|<head\b.*?</head\s*>", re.IGNORECASE | re.DOTALL)
+
+
+def _join(pieces: list[_Piece], walk: _Walk) -> str:
+    """Several displayed parts -> one HTML document, in order: the first HTML part's document around the
+    others' body content; text parts as preformatted blocks; inline images that sit between HTML parts
+    (and that no HTML part refers to) as <img src="cid:..."> where they were."""
+    html_at = [i for i, p in enumerate(pieces) if p.kind == "html"]
+    referenced = "\n".join(pieces[i].content for i in html_at).lower()
+    fragments: list[str] = []
+    shell_head, shell_tail = "", ""
+    for index, piece in enumerate(pieces):
+        if piece.kind == "html":
+            if index == html_at[0]:
+                shell_head, inner, shell_tail = _split_document(piece.content)
+                fragments.append(inner)
+            else:
+                fragments.append(_inner_body(piece.content))
+        elif piece.kind == "text":
+            if piece.content:
+                fragments.append('<div style="white-space:pre-wrap">' + html.escape(piece.content, quote=False)
+                                 + "</div>")
+        elif html_at[0] < index < html_at[-1]:
+            cid = _image_cid(walk, piece.image)
+            if f"cid:{cid}".lower() not in referenced:
+                fragments.append(f'<img src="cid:{html.escape(cid)}">')
+    return shell_head + "".join(fragments) + shell_tail
+
+
+def _split_document(doc: str) -> tuple[str, str, str]:
+    opened = _BODY_OPEN.search(doc)
+    if opened is None:
+        return "", doc, ""
+    closed = _BODY_CLOSE.search(doc, opened.end())
+    end = closed.start() if closed is not None else len(doc)
+    return doc[: opened.end()], doc[opened.end() : end], doc[end:]
+
+
+def _inner_body(doc: str) -> str:
+    """A later HTML part's body content, keeping the <style> rules of its head."""
+    head = _HEAD.search(doc)
+    styles = "".join(_STYLE.findall(head.group(1))) if head is not None else ""
+    opened = _BODY_OPEN.search(doc)
+    if opened is None:
+        return styles + _WRAPPERS.sub("", doc)
+    closed = _BODY_CLOSE.search(doc, opened.end())
+    return styles + doc[opened.end() : closed.start() if closed is not None else len(doc)]
+
+
+def _image_cid(walk: _Walk, index: int) -> str:
+    attachment = walk.attachments[index]
+    if attachment.content_id:
+        return attachment.content_id
+    # Referenced from the joined body, so it needs an id; derived from the content so a retry is identical.
+    cid = f"part{index + 1}.{hashlib.sha256(attachment.data).hexdigest()[:16]}@smtp-gateway"
+    walk.attachments[index] = Attachment(
+        filename=attachment.filename, content_type=attachment.content_type, data=attachment.data,
+        content_id=cid, inline=True,
+    )
+    return cid

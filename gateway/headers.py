@@ -1,0 +1,78 @@
+"""Pure: raw header values -> Unicode: RFC 2047 encoded words, RFC 2231 parameters, raw 8-bit bytes."""
+
+from __future__ import annotations
+
+import binascii
+import re
+from email.errors import HeaderParseError
+from email.header import decode_header
+from email.message import Message
+
+from gateway import charsets
+
+_SURROGATE = re.compile("[\udc80-\udcff]")
+# RFC 2231 percent-decoding happens in the stdlib as Latin-1 text; this undoes it to the raw bytes.
+_LATIN1 = "latin-1"
+
+
+def header_text(value: object) -> str:
+    """Decode one header value: RFC 2047 encoded words and raw 8-bit bytes (see gateway/charsets.py)."""
+    if value is None:
+        return ""
+    raw = undo_surrogates(str(value))
+    if "=?" not in raw:
+        return raw
+    try:
+        parts = decode_header(raw)
+    except (HeaderParseError, binascii.Error, ValueError):
+        # A broken encoded word is shown as it is written, as mail clients do.
+        return raw
+    out: list[str] = []
+    for chunk, charset in parts:
+        if isinstance(chunk, str):
+            out.append(undo_surrogates(chunk))
+        else:
+            out.append(charsets.decode(chunk, charset).text)
+    # decode_header drops the whitespace between an encoded word and plain text; restore one space.
+    return _join_decoded(out, parts)
+
+
+def _join_decoded(out: list[str], parts: list[tuple[bytes | str, str | None]]) -> str:
+    result = ""
+    prev_encoded = False
+    for text, (_, charset) in zip(out, parts, strict=True):
+        encoded = charset is not None
+        if result and not (prev_encoded and encoded) and not result[-1].isspace() and not text[:1].isspace():
+            result += " "
+        result += text
+        prev_encoded = encoded
+    return result
+
+
+def undo_surrogates(text: str) -> str:
+    """Header text parsed from bytes keeps 8-bit bytes as surrogates: decode them (UTF-8, else detected)."""
+    if text.isascii() or _SURROGATE.search(text) is None:
+        return text
+    return charsets.decode(text.encode("ascii", "surrogateescape"), None).text
+
+
+def filename_param(part: Message) -> str | None:
+    """The part's file name: Content-Disposition filename, else Content-Type name; RFC 2231 or 2047 decoded."""
+    for param, header in (("filename", "content-disposition"), ("name", "content-type")):
+        try:
+            value = part.get_param(param, None, header)
+        except TypeError:
+            # The stdlib sorts RFC 2231 sections by number and fails when `name*` and `name*0` are mixed.
+            continue
+        if value is None:
+            continue
+        if isinstance(value, tuple):
+            # RFC 2231: (charset, language, text whose characters are the percent-decoded octets).
+            charset, _, text = value
+            try:
+                data = text.encode(_LATIN1, "surrogateescape")
+            except UnicodeEncodeError:
+                return header_text(text)
+            return charsets.decode(data, charset or None).text
+        return header_text(value)
+    return None

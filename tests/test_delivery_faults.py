@@ -1,0 +1,99 @@
+"""Faults inside delivery, end to end in-process: the upstream refusing the gateway's own key (queued,
+logged at error level once a minute, counted, /readyz 503), a corrupt queue record (dead-lettered with the
+reason), and a bug in delivery (451 4.3.0 inline; from the queue: retried, then dead-lettered, each time
+logged once with its traceback and counted; never retried silently for days)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import httpx
+import structlog
+
+from gateway.delivery import transition
+from gateway.delivery.outcome import Outcome
+from gateway.model import Submission
+from gateway.observability import REGISTRY
+from gateway.providers.base import BeforeSend, no_hook
+from gateway.queue.sqlite import SqliteQueue
+from gateway.queue.store import NewMessage
+from tests.harness import Running
+from tests.spool_helpers import send, spool_rows, wait_for
+
+FAST = {"retry_schedule": [0.2], "retry_jitter": 0.0, "poll_interval": 0.2, "inline_budget": 5.0}
+
+
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_a_refused_key_is_queued_logged_once_counted_and_not_ready(gateway_factory: Callable[..., Running]) -> None:
+    gw = gateway_factory(delivery=FAST, http={"port": 0})
+    before = metric("smtp_gateway_upstream_auth_refused_total", account="acme")
+    gw.fault(status=403, count=None, kind="send")
+    with structlog.testing.capture_logs() as logs:
+        replies = [send(gw.port(), f"key refused {i}") for i in range(3)]
+    assert all(code == 250 for code, _ in replies)  # queued: nothing is lost while an operator fixes the key
+    assert len(spool_rows(gw.settings.delivery.spool_path)) == 3
+    assert [e["event"] for e in logs].count("upstream_refused_credentials") == 1
+    assert metric("smtp_gateway_upstream_auth_refused_total", account="acme") >= before + 3
+    assert gw.app.operator is not None
+    ready = httpx.get(f"http://127.0.0.1:{gw.app.operator.port}/readyz", timeout=5)
+    assert ready.status_code == 503 and "refuses the gateway's credentials" in ready.json()["problems"][0]
+    gw.clear_faults()
+    wait_for(lambda: len(gw.sent) == 3, what="delivered once the key works")
+    assert httpx.get(f"http://127.0.0.1:{gw.app.operator.port}/readyz", timeout=5).status_code == 200
+
+
+def test_a_corrupt_queue_record_is_dead_lettered_with_the_reason(gateway_factory: Callable[..., Running]) -> None:
+    gw = gateway_factory(delivery=FAST)
+    now = time.time()
+    plan = transition.fresh((), now, transition.RetryPolicy((1.0,), 0, 100))
+    corrupt = NewMessage(id="C0FFEE0000000001", account="acme", mail_from="a@acme.example", subject="x",
+                         submission=b'{"v": 2, "principal": {}}', decision=transition.Decision(
+                             "queued", dict(plan.calls), 1, now, None), created=now, expires=now + 100)
+
+    async def insert() -> None:
+        store = SqliteQueue(gw.settings.delivery.spool_path)
+        try:
+            await store.insert(corrupt)
+        finally:
+            await store.close()
+
+    asyncio.run(insert())
+    [dead] = wait_for(lambda: spool_rows(gw.settings.delivery.spool_path, "dead"), what="dead letter")
+    assert dead["id"] == "C0FFEE0000000001" and dead["dead_reason"].startswith("corrupt queue record")
+
+
+class Broken:
+    """Stands in for a bug: the provider's deliver raises what no code expects."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def __call__(self, submission: Submission, done: Mapping[str, str],
+                       before_send: BeforeSend = no_hook) -> Outcome:
+        self.calls += 1
+        raise KeyError("campana")
+
+
+def test_a_bug_in_delivery_is_logged_counted_and_dead_lettered(gateway_factory: Callable[..., Running]) -> None:
+    gw = gateway_factory(delivery=FAST)
+    gw.fault(status=503, count=1, kind="send")
+    assert send(gw.port(), "will meet a bug")[0] == 250  # queued after the 503
+    before = metric("smtp_gateway_internal_errors_total", where="queue_delivery")
+    provider: Any = gw.app.providers["acme"]
+    broken = Broken()
+    with structlog.testing.capture_logs() as logs:
+        provider.deliver = broken
+        [dead] = wait_for(lambda: spool_rows(gw.settings.delivery.spool_path, "dead"), what="dead letter")
+    assert broken.calls == 3
+    assert dead["dead_reason"].startswith("internal error 3 times") and "KeyError" in dead["dead_reason"]
+    errors = [e for e in logs if e["event"] == "delivery_internal_error"]
+    assert len(errors) == 3 and all(isinstance(e.get("exc_info"), KeyError) for e in errors)
+    assert metric("smtp_gateway_internal_errors_total", where="queue_delivery") == before + 3
+    # Inline, the client hears 451 4.3.0 and nothing of the bug.
+    assert send(gw.port(), "inline bug") == (451, "4.3.0 Internal error; try again later")

@@ -1,0 +1,397 @@
+"""Faithful messages: what the API receives is what a mail client would show, and carries no control characters."""
+
+from __future__ import annotations
+
+import base64
+import re
+
+import pytest
+
+from gateway import mime
+from gateway.errors import ContentRejected
+from gateway.model import Message
+from tests.harness import Running
+from tests.smtputil import SENDER, send, session
+
+HEAD = b"From: Billing <billing@acme.example>\r\nTo: client@example.com\r\nSubject: test\r\nMIME-Version: 1.0\r\n"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def mixed(*parts: bytes, kind: str = "mixed") -> bytes:
+    body = b"".join(b"--b\r\n" + part + b"\r\n" for part in parts)
+    return HEAD + f'Content-Type: multipart/{kind}; boundary="b"\r\n\r\n'.encode() + body + b"--b--\r\n"
+
+
+def header_fields(msg: Message) -> list[str]:
+    """Every string the API receives that comes from a header."""
+    fields = [msg.subject, *(msg.options.values()), msg.message_id or ""]
+    for addr in (msg.from_, msg.sender, msg.reply_to, *msg.to, *msg.cc):
+        if addr is not None:
+            fields += [addr.name]
+    for att in msg.attachments:
+        fields += [att.filename, att.content_type, att.content_id or ""]
+    return fields
+
+
+# -- control characters ------------------------------------------------------------------------------------
+
+
+def test_rfc2231_filename_with_crlf_and_nul_is_one_clean_line() -> None:
+    raw = mixed(
+        b"Content-Type: text/plain\r\n\r\nbody",
+        b"Content-Type: application/octet-stream\r\n"
+        b"Content-Disposition: attachment; filename*=utf-8''evil%0D%0AContent-Type%3A%20text%2Fhtml%00.txt\r\n"
+        b"\r\nAAAA",
+    )
+    (att,) = mime.parse(raw).attachments
+    assert not _CONTROL.search(att.filename)
+    # The slash of "text/html" makes the rest a directory path: only the base name is left.
+    assert att.filename == "html.txt"
+
+
+def test_controls_in_every_header_field_are_removed_or_spaced() -> None:
+    raw = (
+        b"From: =?utf-8?q?Evil=00Name=0D=0AX-Injected=3A_1?= <billing@acme.example>\r\n"
+        b"To: =?utf-8?q?Tab=09Name?= <client@example.com>\r\n"
+        b"Subject: =?utf-8?q?Hello=00World=0D=0ABcc=3A_victim=40example=2Ecom=C2=85?=\r\n"
+        b"Message-ID: <id\x01@acme.example>\r\n"
+        b"X-Gateway-Batch: =?utf-8?q?abc=00def?=\r\n"
+        b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n'
+        b"--b\r\nContent-Type: text/plain\r\n\r\nbody\r\n"
+        b"--b\r\nContent-Type: image/pn\x7fg\r\nContent-ID: <logo\x00@acme>\r\n"
+        b'Content-Disposition: inline; filename="lo\x1bgo.png"\r\n\r\nAAAA\r\n--b--\r\n'
+    )
+    msg = mime.parse(raw)
+    for value in header_fields(msg):
+        assert not _CONTROL.search(value), value
+    assert msg.subject == "HelloWorld Bcc: victim@example.com"
+    assert msg.from_ is not None and msg.from_.name == "EvilName X-Injected: 1"
+    assert msg.to[0].name == "Tab Name"
+    assert msg.options["batch"] == "abcdef"
+    assert msg.message_id == "<id@acme.example>"
+    (att,) = msg.attachments
+    assert (att.filename, att.content_type, att.content_id) == ("logo.png", "image/pn", "logo@acme")
+
+
+def test_nul_in_subject_never_reaches_the_api(gateway: Running) -> None:
+    raw = f"From: {SENDER}\r\nTo: client@example.com\r\nSubject: a\x00b\x07c\r\n\r\nbody\r\n".encode()
+    with session(gateway) as client:
+        code, text = send(client, raw)
+    assert code == 250, text
+    assert gateway.sent[-1]["body"]["asunto"] == "abc"
+
+
+def test_body_controls_removed_tab_and_line_breaks_kept() -> None:
+    raw = HEAD + b"Content-Type: text/plain; charset=utf-8\r\n\r\ncol1\tcol2\r\nnul\x00here\x0cform\x1bfeed\r\n"
+    msg = mime.parse(raw)
+    assert msg.text == "col1\tcol2\nnulhereformfeed\n"
+    html = mime.parse(mixed(b"Content-Type: text/html\r\n\r\n<p>a\x00b\x01c\tdone</p>")).html
+    assert html == "<p>abc\tdone</p>"
+
+
+# -- attachment names ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("given", "sent"),
+    [
+        ("/tmp/whoa", "whoa"),
+        ("C:\\TEMP\\nsmail39.png", "nsmail39.png"),
+        ("1234/../../1234.txt", "1234.txt"),
+        ("..", "attachment.bin"),
+        (".", "attachment.bin"),
+        ("dir/", "attachment.bin"),
+        ("   ", "attachment.bin"),
+        ("invoice\u202efdp.exe", "invoicefdp.exe"),  # a right-to-left override would show "invoiceexe.pdf"
+    ],
+)
+def test_attachment_names_are_base_names(given: str, sent: str) -> None:
+    encoded = given.encode()
+    quoted = encoded.replace(b"\\", b"\\\\")
+    raw = mixed(
+        b"Content-Type: text/plain\r\n\r\nbody",
+        b'Content-Type: application/octet-stream\r\nContent-Disposition: attachment; filename="' + quoted + b'"\r\n'
+        b"\r\nAAAA",
+    )
+    (att,) = mime.parse(raw).attachments
+    assert att.filename == sent
+
+
+def test_very_long_name_keeps_its_extension() -> None:
+    name = b"x" * 400 + b".pdf"
+    raw = mixed(b'Content-Type: application/pdf; name="' + name + b'"\r\n\r\nAAAA')
+    (att,) = mime.parse(raw).attachments
+    assert len(att.filename) == 255
+    assert att.filename.endswith(".pdf")
+
+
+# -- charsets ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("label", ["iso-8859-1", "latin1", "us-ascii", "ascii", None])
+def test_latin_labels_mean_windows_1252(label: str | None) -> None:
+    text = "5 € – “quoted” and then…"
+    ctype = f"text/plain; charset={label}" if label else "text/plain"
+    raw = HEAD + f"Content-Type: {ctype}\r\nContent-Transfer-Encoding: 8bit\r\n\r\n".encode() + text.encode("cp1252")
+    assert mime.parse(raw).text == text
+
+
+def test_trailing_ellipsis_survives_in_subject_and_body() -> None:
+    raw = (
+        b"From: billing@acme.example\r\nSubject: =?iso-8859-1?q?Wait=85?=\r\n"
+        b"Content-Type: text/plain; charset=iso-8859-1\r\n\r\nMore to come\x85"
+    )
+    msg = mime.parse(raw)
+    assert msg.subject == "Wait…"
+    assert msg.text == "More to come…"
+
+
+def test_raw_8bit_headers_decoded_as_browsers_do() -> None:
+    raw = (
+        b"From: =?utf-8?q?x?= <billing@acme.example>\r\nTo: J\xfcrgen M\xfcller <client@example.com>\r\n"
+        b"Subject: Caf\xc3\xa9 \xe2\x82\xac\r\n\r\nbody\r\n"
+    )
+    msg = mime.parse(raw)
+    assert msg.subject == "Café €"  # valid UTF-8 wins
+    assert msg.to[0].name == "Jürgen Müller"  # not UTF-8: windows-1252
+
+
+def test_valid_utf8_under_a_single_byte_label_is_utf8() -> None:
+    raw = HEAD + b"Content-Type: text/html; charset=windows-1251\r\n\r\n<p>Protecci\xc3\xb3n</p>"
+    assert mime.parse(raw).html == "<p>Protección</p>"
+
+
+def test_utf8_label_over_latin1_bytes_is_detected() -> None:
+    raw = HEAD + b"Content-Type: text/plain; charset=utf-8\r\n\r\nDet h\xe4r \xe4r ett meddelande"
+    assert mime.parse(raw).text == "Det här är ett meddelande"
+
+
+def test_utf8_with_a_few_broken_bytes_keeps_utf8() -> None:
+    raw = HEAD + "Content-Type: text/plain; charset=utf-8\r\n\r\nПривет мир ".encode() + b"\xd0"
+    msg = mime.parse(raw)
+    assert msg.text == "Привет мир \ufffd"
+    assert any(d.startswith("charset_errors: ") for d in msg.defects)
+
+
+def test_undeclared_cyrillic_is_detected() -> None:
+    text = "Уважаемые коллеги, направляем вам отчёт за март."
+    for codec in ("koi8-r", "cp1251"):
+        raw = b"From: billing@acme.example\r\nContent-Type: text/plain\r\n\r\n" + text.encode(codec)
+        assert mime.parse(raw).text == text, codec
+
+
+def test_gb2312_label_reads_gbk_characters() -> None:
+    text = "グループへの配信に失敗しました"  # "ー" is in GBK, not in GB2312
+    raw = HEAD + b"Content-Type: text/plain; charset=gb2312\r\n\r\n" + text.encode("gbk")
+    assert mime.parse(raw).text == text
+
+
+# -- what is body, what is attachment ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("disposition", [b"Content-Disposition: inline; filename=notes.txt\r\n", b""])
+def test_inline_text_plain_with_a_name_is_body_text(disposition: bytes) -> None:
+    raw = mixed(
+        b"Content-Type: text/plain\r\n\r\nFirst part.",
+        b"Content-Type: text/plain; name=notes.txt\r\n" + disposition + b"\r\nSecond part.",
+    )
+    msg = mime.parse(raw)
+    assert msg.attachments == ()
+    assert "First part." in msg.html
+    assert "Second part." in msg.html
+
+
+def test_text_plain_attachment_stays_an_attachment() -> None:
+    raw = mixed(
+        b"Content-Type: text/plain\r\n\r\nBody.",
+        b"Content-Type: text/plain\r\nContent-Disposition: attachment; filename=log.txt\r\n\r\nlog line",
+    )
+    msg = mime.parse(raw)
+    assert [a.filename for a in msg.attachments] == ["log.txt"]
+    assert "log line" not in msg.html
+
+
+APPLE_HTML_1 = (
+    b'<html><head><meta http-equiv="Content-Type" content="text/html; charset=utf-8"><style>p{color:red}</style>'
+    b'</head><body style="word-wrap: break-word;"><div>Before the picture</div></body></html>'
+)
+APPLE_HTML_2 = (
+    b"<html><head><style>.after{color:blue}</style></head><body style=\"word-wrap: break-word;\">"
+    b"<div class=after>After the picture</div></body></html>"
+)
+
+
+@pytest.mark.parametrize("kind", ["mixed", "related"])
+def test_apple_mail_html_image_html_becomes_one_body(kind: str) -> None:
+    png = base64.b64encode(b"\x89PNG\r\n\x1a\nfake").decode()
+    raw = HEAD + b'Content-Type: multipart/alternative; boundary="alt"\r\n\r\n--alt\r\n' + (
+        b"Content-Type: text/plain\r\n\r\nBefore the picture\r\n[image]\r\nAfter the picture\r\n--alt\r\n"
+    ) + mixed(
+        b"Content-Type: text/html; charset=utf-8\r\n\r\n" + APPLE_HTML_1,
+        b"Content-Type: image/png; name=photo.png\r\nContent-Disposition: inline; filename=photo.png\r\n"
+        b"Content-Transfer-Encoding: base64\r\nContent-Id: <A1B2@apple>\r\n\r\n" + png.encode(),
+        b"Content-Type: text/html; charset=utf-8\r\n\r\n" + APPLE_HTML_2,
+        kind=kind,
+    )[len(HEAD):] + b"\r\n--alt--\r\n"
+    msg = mime.parse(raw)
+    assert [(a.filename, a.content_id, a.inline) for a in msg.attachments] == [("photo.png", "A1B2@apple", True)]
+    html = msg.html
+    assert html.count("<body") == 1 and html.count("</body>") == 1
+    before, image, after = html.index("Before the picture"), html.index('src="cid:A1B2@apple"'), html.index("After")
+    assert before < image < after
+    assert ".after{color:blue}" in html  # the later part's style rules travel with it
+
+
+def test_image_without_content_id_between_html_parts_gets_one() -> None:
+    raw = mixed(
+        b"Content-Type: text/html\r\n\r\n<p>one</p>",
+        b"Content-Type: image/gif\r\nContent-Disposition: inline; filename=a.gif\r\n\r\nGIF89a",
+        b"Content-Type: text/html\r\n\r\n<p>two</p>",
+    )
+    msg = mime.parse(raw)
+    (att,) = msg.attachments
+    assert att.content_id is not None and att.inline
+    assert msg.html == f'<p>one</p><img src="cid:{att.content_id}"><p>two</p>'
+    assert mime.parse(raw).attachments[0].content_id == att.content_id  # the same every time (spool retries)
+
+
+def test_single_html_body_is_unchanged() -> None:
+    html = b"<html><head><title>t</title></head><body><p>Just this</p></body></html>"
+    raw = mixed(b"Content-Type: text/plain\r\n\r\nJust this", b"Content-Type: text/html\r\n\r\n" + html,
+                kind="alternative")
+    assert mime.parse(raw).html == html.decode()
+
+
+def test_footer_text_after_html_alternative_is_shown() -> None:
+    alternative = (
+        b'Content-Type: multipart/alternative; boundary="alt"\r\n\r\n--alt\r\nContent-Type: text/plain\r\n\r\nHi\r\n'
+        b"--alt\r\nContent-Type: text/html\r\n\r\n<html><body><p>Hi</p></body></html>\r\n--alt--"
+    )
+    raw = mixed(alternative, b"Content-Type: text/plain\r\n\r\n-- \r\nList footer <unsubscribe>")
+    assert mime.parse(raw).html == (
+        '<html><body><p>Hi</p><div style="white-space:pre-wrap">-- \nList footer &lt;unsubscribe&gt;</div>'
+        "</body></html>"
+    )
+
+
+# -- transfer encodings ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("encoded", "data"),
+    [
+        (b"PGh0*bWw+Cg==", b"<html>\n"),  # a character outside the alphabet is skipped
+        (b"PGh0bWw+Cg", b"<html>\n"),  # missing padding
+        (b"QUJD\r\nREVG\r\nRw", b"ABCDEFG"),
+        (b"QUJD\r\nRA==\r\nRUY=", b"ABCDEF"),  # two encodings one after the other
+        (b"PGh0bWw+Cg==\r\n\r\n--lost-boundary-->\r\nSome epilogue text", b"<html>\n"),
+        (b"QUJDRA=", b"ABCD"),
+        (b"QUJDR", b"ABC"),  # a dangling sixth bit group carries no byte
+    ],
+)
+def test_invalid_base64_decoded_as_clients_do(encoded: bytes, data: bytes) -> None:
+    raw = mixed(
+        b"Content-Type: text/plain\r\n\r\nbody",
+        b"Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n"
+        b"Content-Disposition: attachment; filename=a.bin\r\n\r\n" + encoded,
+    )
+    msg = mime.parse(raw)
+    assert msg.attachments[0].data == data
+    assert msg.defects == ()
+
+
+def test_part_that_is_not_base64_at_all_is_a_defect_and_sent_as_it_arrived() -> None:
+    raw = mixed(
+        b"Content-Type: text/plain\r\nContent-Transfer-Encoding: base64\r\n\r\nHello, this is plain text after all.",
+    )
+    msg = mime.parse(raw)
+    assert msg.text == "Hello, this is plain text after all."
+    assert msg.defects == ("undecodable_base64: part 1 (text/plain) sent as it arrived",)
+
+
+def test_sloppy_transfer_encoding_names_are_understood() -> None:
+    png = base64.b64encode(b"\x89PNG-data").decode()
+    raw = mixed(
+        b"Content-Type: text/plain\r\nContent-Transfer-Encoding: quoted-printable;\r\n\r\nMove =E2=99=9A",
+        b"Content-Type: image/png\r\nContent-Transfer-Encoding: base64 \r\n\r\n" + png.encode(),
+    )
+    msg = mime.parse(raw)
+    assert msg.text == "Move ♚"
+    assert msg.attachments[0].data == b"\x89PNG-data"
+
+
+def test_attached_message_keeps_its_bytes_with_crlf_once() -> None:
+    inner = (
+        b"From: x@y.example\r\nSubject: caf\xc3\xa9 with a long folded\r\n header line\r\n"
+        b"X-Long: " + b"a" * 90 + b" " + b"b" * 60 + b"\r\n"
+        b"Content-Type: multipart/mixed; boundary=in\r\n\r\npreamble\r\n--in\r\nContent-Type: text/plain\r\n\r\n"
+        b"line one\r\nline\rtwo keeps its bare CR\r\n--in--\r\nepilogue\r\n"
+    )
+    raw = mixed(b"Content-Type: text/plain\r\n\r\nsee attached", b"Content-Type: message/rfc822\r\n\r\n" + inner)
+    (att,) = mime.parse(raw).attachments
+    assert att.data == inner
+    assert att.filename == "café with a long folded header line.eml"
+    # A client that ends its lines with a bare LF: the attachment gets CRLF, once.
+    lf_raw = raw.replace(b"\r\n", b"\n")
+    (att,) = mime.parse(lf_raw).attachments
+    assert att.data == inner  # the same bytes, the bare CR untouched
+
+
+def test_base64_encoded_attached_message_is_decoded() -> None:
+    inner = b"Subject: inner\r\n\r\nText body\r\n"
+    raw = mixed(
+        b"Content-Type: message/rfc822\r\nContent-Transfer-Encoding: base64\r\n\r\n" + base64.encodebytes(inner)
+    )
+    assert mime.parse(raw).attachments[0].data == inner
+
+
+# -- limits --------------------------------------------------------------------------------------------------
+
+
+def rejected(raw: bytes) -> ContentRejected:
+    with pytest.raises(ContentRejected) as info:
+        mime.parse(raw)
+    return info.value
+
+
+def test_too_many_parts_refused() -> None:
+    raw = mixed(*[b"Content-Type: text/plain\r\n\r\nx"] * (mime.MAX_PARTS + 1))
+    error = rejected(raw)
+    assert str(error.reply) == "554 5.6.0 Message has too many MIME parts"
+    assert mime.parse(mixed(*[b"Content-Type: text/plain\r\n\r\nx"] * (mime.MAX_PARTS - 2))).text
+
+
+def test_too_deep_refused() -> None:
+    levels = b"".join(b"Content-Type: multipart/mixed; boundary=b%d\r\n\r\n--b%d\r\n" % (i, i) for i in range(200))
+    error = rejected(HEAD + levels + b"\r\ndeep\r\n")
+    assert str(error.reply) == "554 5.6.0 Message structure is nested too deeply"
+
+
+def test_deep_nesting_refused_earlier_for_long_messages() -> None:
+    levels = b"".join(b"Content-Type: multipart/mixed; boundary=b%d\r\n\r\n--b%d\r\n" % (i, i) for i in range(40))
+    assert mime.parse(HEAD + levels + b"\r\n" + b"line\r\n" * 1000).text
+    error = rejected(HEAD + levels + b"\r\n" + b"\n" * (mime.MAX_NESTING_WORK // 40))
+    assert str(error.reply) == "554 5.6.0 Message structure is nested too deeply"
+
+
+def test_too_many_header_lines_refused() -> None:
+    error = rejected(HEAD + b"X-A: b\r\n" * mime.MAX_HEADER_LINES + b"\r\nbody\r\n")
+    assert str(error.reply) == "554 5.6.0 Message has too many header lines"
+
+
+def test_text_that_would_grow_past_the_decoded_limit_is_552() -> None:
+    # Every "&" becomes "&amp;", and one emoji makes every character of a Python string take 4 bytes:
+    # the HTML body alone would take twenty times the raw size.
+    text = "😀".encode() + b"&" * mime.DECODED_FLOOR
+    error = rejected(HEAD + b"Content-Type: text/plain; charset=utf-8\r\n\r\n" + text)
+    assert str(error.reply) == "552 5.3.4 Message size exceeds fixed limit once decoded"
+    # Ordinary text, even with an emoji and some markup characters, is far below it.
+    ordinary = "😀 a & b < c, ".encode() + b"plain words and more plain words " * 50_000
+    assert mime.parse(HEAD + b"Content-Type: text/plain; charset=utf-8\r\n\r\n" + ordinary).html
+
+
+def test_huge_header_is_cut_at_a_space() -> None:
+    words = b" ".join([b"=?utf-8?q?caf=C3=A9?="] * 8000)
+    msg = mime.parse(b"From: billing@acme.example\r\nSubject: " + words + b"\r\n\r\nbody\r\n")
+    assert re.fullmatch("(café)+", msg.subject)  # adjacent encoded words join; none is left half
+    assert msg.defects[0].startswith("header_truncated: Subject")
