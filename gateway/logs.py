@@ -6,6 +6,7 @@ on first use, so both are read per event from `_STATE` rather than baked into th
 
 from __future__ import annotations
 
+import datetime
 import logging
 import sys
 from collections.abc import MutableMapping
@@ -45,6 +46,24 @@ _STATE = _State()
 _configured = False
 
 
+class _LibraryFormatter(logging.Formatter):
+    """Libraries' own log records (psycopg's pool, asyncio) as lines of the same format as ours, so a
+    JSON log stays JSON on every line: event "library_log" with the logger's name and its message."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        event: dict[str, Any] = {
+            "event": "library_log",
+            "logger": record.name,
+            "message": record.getMessage(),
+            "level": record.levelname.lower(),
+            "timestamp": datetime.datetime.fromtimestamp(record.created, datetime.UTC).strftime(
+                "%Y-%m-%dT%H:%M:%S.%fZ"),
+        }
+        if record.exc_info:
+            event["exception"] = self.formatException(record.exc_info)
+        return _STATE.render(None, record.levelname.lower(), event)
+
+
 def json_lines(settings: LogSettings) -> bool:
     """JSON unless forced to console, or "auto" on a terminal (a person reading)."""
     if settings.format == "auto":
@@ -75,7 +94,9 @@ def configure(settings: LogSettings) -> None:
         cache_logger_on_first_use=True,
     )
     # Libraries: warnings only (aiosmtpd logs every command at INFO; httpx every request).
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LibraryFormatter())
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
     for name in ("httpx", "httpcore", "aiohttp.access"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # aiosmtpd warns about its own deprecated Session.login_data on every AUTH, and logs client lines

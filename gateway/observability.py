@@ -125,6 +125,13 @@ AUTH_TRACKED = Gauge(
     "Client IPs (IPv6: /64 networks) whose recent AUTH failures are remembered (bounded by limits.max_tracked_ips)",
     registry=REGISTRY,
 )
+DEAD_LETTERS = Counter(
+    "smtp_gateway_dead_letters_total",
+    "Messages that became dead letters, by cause: refused (by the upstream, for good), expired (max_lifetime), "
+    "held (ambiguous = \"hold\"), internal_error, corrupt (an unreadable queue record)",
+    ["cause"],
+    registry=REGISTRY,
+)
 CONFIG_RELOADS = Counter(
     "smtp_gateway_config_reloads_total",
     "Configuration reloads (SIGHUP) by result: ok, invalid (the configuration was refused), tls_failed (the "

@@ -71,3 +71,50 @@ def proxy_v2(src: str | None, sport: int = 0, dst: str = "192.0.2.1", dport: int
         family = 0x21
     body += tlv
     return V2_SIGNATURE + struct.pack("!BBH", 0x21, family, len(body)) + body
+
+
+def toml(config: dict[str, Any]) -> str:
+    """A config dict as a TOML file (tables, arrays of tables, inline tables in arrays)."""
+    lines: list[str] = []
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{value(k)} = {value(x)}" for k, x in v.items()) + " }"
+        raise TypeError(type(v))
+
+    def table(path: str, body: dict[str, Any]) -> None:
+        scalars = {k: v for k, v in body.items() if not _is_table(v) and v is not None}  # TOML has no null
+        for key, v in scalars.items():
+            lines.append(f"{value(key)} = {value(v)}")
+        for key, v in body.items():
+            name = f"{path}.{value(key)}" if path else value(key)
+            if isinstance(v, dict) and _is_table(v):
+                lines.append(f"\n[{name}]")
+                table(name, v)
+            elif isinstance(v, list) and _is_table(v):
+                for item in v:
+                    lines.append(f"\n[[{name}]]")
+                    table(name, item)
+
+    table("", config)
+    return "\n".join(lines) + "\n"
+
+
+def _is_table(v: Any) -> bool:
+    """Dicts of dicts/lists, or non-empty lists of dicts, become tables; small dicts inline."""
+    if isinstance(v, list):
+        return bool(v) and all(isinstance(x, dict) for x in v)
+    return isinstance(v, dict) and v is not None and not _inline(v)
+
+
+def _inline(v: dict[str, Any]) -> bool:
+    # Maps of plain values (sender_domains, login_aliases) are written inline; sections are tables.
+    return all(isinstance(x, str) for x in v.values()) and all("@" in x or "." in k for k, x in v.items())

@@ -34,7 +34,7 @@ from gateway.delivery.outcome import Outcome
 from gateway.delivery.transition import Before, Decision, RetryPolicy
 from gateway.errors import Deferred, GatewayError, SpoolUnavailable
 from gateway.model import Call, Receipt, Submission
-from gateway.observability import AMBIGUOUS, CLIENT_GONE, DELIVERIES, INTERNAL_ERRORS, RESENDS
+from gateway.observability import AMBIGUOUS, CLIENT_GONE, DEAD_LETTERS, DELIVERIES, INTERNAL_ERRORS, RESENDS
 from gateway.providers.base import Provider
 from gateway.queue import codec
 from gateway.queue.store import Claimed, NewMessage, QueueStore
@@ -256,6 +256,7 @@ class DeliveryOwner:
         receipt.upstream_ids = _ids(decision)
         receipt.reason = decision.dead_reason if verdict == "dead" else decision.last_error
         if verdict == "dead":
+            DEAD_LETTERS.labels(cause=dead_cause(decision)).inc()
             bound.error("message_dead_lettered", queue_id=attempt.msg_id, reason=decision.dead_reason)
         else:
             self.wakeup.set()
@@ -375,6 +376,7 @@ class DeliveryOwner:
             bound.info("message_retry_scheduled", attempts=decision.attempts, error=decision.last_error,
                        next_in=round(decision.next_attempt - self.clock(), 1))
         else:
+            DEAD_LETTERS.labels(cause=dead_cause(decision)).inc()
             bound.error("message_dead_lettered", reason=decision.dead_reason)
 
     async def _internal_error(self, msg_id: str, token: int, before: Before, exc: Exception, where: str) -> None:
@@ -449,6 +451,17 @@ class DeliveryOwner:
             # these messages next (another instance, or this one restarted) counts them as ambiguous.
             with contextlib.suppress(SpoolUnavailable):
                 await self.store.expire_owners([self.owner], self.clock())
+
+
+def dead_cause(decision: Decision) -> str:
+    """The dead-letter metric's cause label, from the decision (a bounded set)."""
+    reason = decision.dead_reason or ""
+    if decision.verdict == "refused" or reason.startswith("refused"):
+        return "refused"
+    for cause in ("expired", "held", "corrupt"):
+        if reason.startswith(cause):
+            return cause
+    return "internal_error" if reason.startswith("internal error") else "other"
 
 
 def _ids(decision: Decision) -> list[str]:

@@ -1,0 +1,201 @@
+"""`smtp-gateway serve` itself (a subprocess on uvloop, JSON logs because its stderr is no terminal): a
+connect-and-close flood leaves no slot taken (before: CLOSE-WAIT until the timeout, 421 for everyone);
+SIGHUP applies a good configuration to new sessions without dropping open ones, refuses a bad one with the
+reason, names what needs a restart; with `--workers 2` every worker reloads."""
+
+from __future__ import annotations
+
+import copy
+import json
+import signal
+import socket
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.devices_util import raw_send
+from tests.harness import PASSWORD, PASSWORD_HASH, LoopThread, base_config, sandbox_for_tests
+from tests.ops_util import scraped, toml
+from tests.procs import CLI, free_port, listening
+from tests.smtputil import RawClient, message
+from tests.spool_helpers import wait_for
+
+NEWBIE = "newbie"
+
+
+@dataclass
+class Served:
+    proc: subprocess.Popen[bytes]
+    log: Path
+    config: Path
+    smtp: int
+    http: int
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        found = []
+        for line in self.log.read_text(errors="replace").splitlines():
+            event = json.loads(line)  # every line is JSON: the default when stderr is no terminal
+            if name is None or event["event"] == name:
+                found.append(event)
+        return found
+
+    def metrics(self) -> str:
+        return httpx.get(f"http://127.0.0.1:{self.http}/metrics", timeout=5).text
+
+    def port(self, listener: str = "plain") -> int:
+        return self.smtp
+
+    def write(self, config: dict[str, Any] | str) -> None:
+        self.config.write_text(config if isinstance(config, str) else toml(config))
+
+
+@pytest.fixture
+def sandbox_port(loop_thread: LoopThread) -> Iterator[int]:
+    sandbox = sandbox_for_tests()
+    port = loop_thread.run(sandbox.start("127.0.0.1", 0))
+    yield port
+    loop_thread.run(sandbox.stop())
+
+
+@pytest.fixture
+def serve(tmp_path: Path, sandbox_port: int) -> Iterator[Callable[..., Served]]:
+    started: list[Served] = []
+
+    def start(*args: str, **overrides: Any) -> Served:
+        smtp, http = free_port(), free_port()
+        config = config_for(tmp_path, sandbox_port, smtp, http, **overrides)
+        path = tmp_path / "gateway.toml"
+        path.write_text(toml(config))
+        log = tmp_path / f"serve{len(started)}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen([*CLI, "serve", "--config", str(path), "--drain-timeout", "2", *args],
+                                    stdout=out, stderr=subprocess.STDOUT)
+        served = Served(proc, log, path, smtp, http)
+        started.append(served)
+        wait_for(lambda: (listening(smtp) and listening(http)) or proc.poll() is not None, 30, "serve listening")
+        assert proc.poll() is None, log.read_text()
+        return served
+
+    yield start
+    for served in started:
+        if served.proc.poll() is None:
+            served.proc.send_signal(signal.SIGTERM)
+            try:
+                served.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                served.proc.kill()
+                served.proc.wait(5)
+
+
+def config_for(tmp: Path, sandbox_port: int, smtp: int, http: int, **overrides: Any) -> dict[str, Any]:
+    config = base_config(tmp, sandbox_port, **overrides)
+    config["listeners"] = [{"name": "plain", "address": "127.0.0.1", "port": smtp, "tls": "none",
+                            "allow_insecure_auth": True}]
+    config["http"] = {"address": "127.0.0.1", "port": http}
+    return config
+
+
+def close_wait(port: int) -> int:
+    """Sockets of the gateway's port in CLOSE-WAIT (state 08 in /proc/net/tcp)."""
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].split(":")[1], 16) == port and fields[3] == "08":
+            count += 1
+    return count
+
+
+def test_connect_and_close_flood_holds_no_slot(serve: Callable[..., Served]) -> None:
+    served = serve(limits={"max_sessions": 50})
+    before = served.metrics()
+
+    def handled(text: str) -> float:
+        return (scraped(text, "smtp_gateway_sessions_total", listener="plain")
+                + scraped(text, "smtp_gateway_connections_refused_total", listener="plain"))
+
+    for _ in range(200):
+        socket.create_connection(("127.0.0.1", served.smtp), timeout=10).close()
+    # Every connection taken (as a session, or refused while 50 were open), then every slot free again:
+    # nothing waits for the 300 s command timeout any more.
+    wait_for(lambda: handled(served.metrics()) - handled(before) >= 200, 30, "the flood handled")
+    wait_for(lambda: scraped(served.metrics(), "smtp_gateway_sessions_active", listener="plain") == 0, 30,
+             "every session released")
+    assert close_wait(served.smtp) == 0
+    with RawClient(served) as client:  # type: ignore[arg-type]
+        assert client.greeting[-1].startswith("220 ")
+        client.cmd("EHLO after.flood")
+        assert client.login().startswith("235 ")
+        assert raw_send(client, message(subject="after the flood")).startswith("250 2.0.0 ")
+
+
+def test_sighup_good_bad_and_restart_only(serve: Callable[..., Served], tmp_path: Path, sandbox_port: int) -> None:
+    served = serve()
+    config = config_for(tmp_path, sandbox_port, served.smtp, served.http)
+    with RawClient(served) as before:  # type: ignore[arg-type]
+        before.cmd("EHLO before.reload")
+        assert before.login().startswith("235 ")
+        assert before.cmd("MAIL FROM:<billing@acme.example>").startswith("250 ")
+        assert before.cmd("RCPT TO:<a@example.com>").startswith("250 ")
+
+        good = copy.deepcopy(config)
+        good["accounts"]["acme"]["users"].append({"username": NEWBIE, "password_hash": PASSWORD_HASH,
+                                                  "campaign": 22})
+        good["limits"] = {"max_recipients": 1}
+        served.write(good)
+        served.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: served.events("config_reloaded"), 30, "config_reloaded")
+        with RawClient(served) as after:  # type: ignore[arg-type]
+            after.cmd("EHLO after.reload")
+            assert after.login(NEWBIE, PASSWORD).startswith("235 ")
+            assert raw_send(after, message(subject="new login")).startswith("250 2.0.0 ")
+        # The open session was not dropped and keeps its limits.
+        assert before.cmd("RCPT TO:<b@example.com>").startswith("250 ")
+        assert before.cmd("DATA").startswith("354 ")
+        before.write(message(subject="across the reload") + b".\r\n")
+        assert before.reply()[-1].startswith("250 2.0.0 ")
+
+    served.write("[limits\nmax_recipients = 2\n")  # a TOML syntax error
+    served.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: served.events("config_reload_failed"), 30, "config_reload_failed")
+    [failed] = served.events("config_reload_failed")
+    assert failed["level"] == "error" and f"{served.config}:1:" in failed["reason"] and "TOML" in failed["reason"]
+    with RawClient(served) as client:  # type: ignore[arg-type]
+        client.cmd("EHLO still.there")
+        assert client.login(NEWBIE, PASSWORD).startswith("235 ")  # the configuration that was running
+
+    moved = copy.deepcopy(good)
+    moved["listeners"][0]["port"] = free_port()
+    served.write(moved)
+    served.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: served.events("config_reload_restart_needed"), 30, "config_reload_restart_needed")
+    [restart] = served.events("config_reload_restart_needed")
+    assert restart["keys"] == ["listeners[plain].port"] and restart["level"] == "warning"
+    assert listening(served.smtp)
+
+    text = served.metrics()
+    assert scraped(text, "smtp_gateway_config_reloads_total", result="ok") == 2
+    assert scraped(text, "smtp_gateway_config_reloads_total", result="invalid") == 1
+    served.proc.send_signal(signal.SIGTERM)
+    assert served.proc.wait(30) == 0
+    assert "Traceback" not in served.log.read_text()
+    assert [e["event"] for e in served.events() if e["level"] == "error"] == ["config_reload_failed"]
+
+
+def test_sighup_reaches_every_worker(serve: Callable[..., Served], tmp_path: Path, sandbox_port: int) -> None:
+    served = serve("--workers", "2")
+    wait_for(lambda: len(served.events("ready")) == 2, 30, "both workers ready")
+    config = config_for(tmp_path, sandbox_port, served.smtp, served.http)
+    config["accounts"]["acme"]["users"].append({"username": NEWBIE, "password_hash": PASSWORD_HASH, "campaign": 22})
+    served.write(config)
+    served.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: len(served.events("config_reloaded")) == 2, 30, "both workers reloaded")
+    assert sorted(e["worker"] for e in served.events("config_reloaded")) == [0, 1]
+    for _ in range(4):  # whichever worker the kernel picks knows the new login
+        with RawClient(served) as client:  # type: ignore[arg-type]
+            client.cmd("EHLO worker.test")
+            assert client.login(NEWBIE, PASSWORD).startswith("235 ")
