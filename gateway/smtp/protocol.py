@@ -170,14 +170,14 @@ class GatewaySMTP(SMTP):
 
     def _observe(self, line: str) -> None:
         """Count (and log, unless logged already) every 4xx/5xx reply."""
-        code = replies.codes(line)
-        if code is None or line[3:4] == "-":
+        basic = line[:3]
+        if line[3:4] == "-" or not basic.isdigit():
             return
-        self._last_code = int(code[:3])
+        self._last_code = int(basic)
         logged, self._logged = self._logged, False
         if self._last_code < 400:
             return
-        REFUSALS.labels(code=code).inc()
+        REFUSALS.labels(code=replies.codes(line) or basic).inc()
         if not logged:
             log.info("command_refused", command=self._verb, reply=line)
 
