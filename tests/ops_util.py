@@ -13,6 +13,7 @@ from typing import Any
 import structlog
 
 from gateway.observability import REGISTRY
+from tests.smtputil import RECIPIENT, SENDER, RawClient
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 
@@ -50,6 +51,15 @@ def scraped(text: str, name: str, **labels: str) -> float:
         if want <= {p for p in (m.group(2) or "").split(",") if p}:
             total += float(m.group(3))
     return total
+
+
+def start_data(client: RawClient, ehlo: str = "client.test") -> None:
+    """EHLO, AUTH as the test user, MAIL, RCPT: the client is at DATA's 354."""
+    client.cmd(f"EHLO {ehlo}")
+    assert client.login().startswith("235 ")
+    assert client.cmd(f"MAIL FROM:<{SENDER}>").startswith("250 ")
+    assert client.cmd(f"RCPT TO:<{RECIPIENT}>").startswith("250 ")
+    assert client.cmd("DATA").startswith("354 ")
 
 
 def proxy_v1(src: str, sport: int, dst: str = "192.0.2.1", dport: int = 25) -> bytes:

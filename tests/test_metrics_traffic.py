@@ -15,7 +15,7 @@ import pytest
 from gateway import app as app_module
 from tests.devices_util import raw_send
 from tests.harness import PASSWORD, Running
-from tests.ops_util import scraped
+from tests.ops_util import scraped, start_data
 from tests.smtputil import RawClient, message
 from tests.spool_helpers import send, wait_for
 from tests.test_spool_e2e import fill, small_fs  # noqa: F401  (small_fs is a fixture)
@@ -42,7 +42,7 @@ def ready(gw: Running) -> httpx.Response:
 @pytest.fixture
 def gw(gateway_factory: Factory) -> Iterator[Running]:
     yield gateway_factory(http={"port": 0}, delivery=FAST,
-                          limits={"max_sessions_per_ip": 2, "data_timeout": 0.5, "auth_failures_per_ip": 1,
+                          limits={"max_sessions_per_ip": 2, "data_timeout": 1.0, "auth_failures_per_ip": 1,
                                   "auth_delay_max": 0.05, "auth_lockout_failures": 2},
                           accounts={"acme": {"rate_limit": 1000.0}})
 
@@ -95,11 +95,7 @@ def test_counters_move_with_real_traffic(gw: Running) -> None:
 
     # A DATA that never ends.
     with RawClient(gw) as client:
-        client.cmd("EHLO slow.test")
-        assert client.login().startswith("235 ")
-        assert client.cmd("MAIL FROM:<billing@acme.example>").startswith("250 ")
-        assert client.cmd("RCPT TO:<client@example.com>").startswith("250 ")
-        assert client.cmd("DATA").startswith("354 ")
+        start_data(client, "slow.test")
         client.write(b"Subject: never ends\r\n")
         assert client.reply()[-1].startswith("421 4.4.2 ")
     assert moved("smtp_gateway_limit_hits_total", limit="data_timeout") == 1
@@ -118,7 +114,8 @@ def test_queue_figures_retries_and_dead_letters(gw: Running) -> None:
     assert send(gw.port(), "waits in the queue")[0] == 250
     wait_for(lambda: scraped(metrics(gw), "smtp_gateway_queue_messages", state="queued") == 1, 10, "queued: 1")
     wait_for(lambda: moved("smtp_gateway_deliveries_total", path="queue", verdict="queued") >= 1, 10, "a retry")
-    assert scraped(metrics(gw), "smtp_gateway_queue_oldest_age_seconds", state="queued") > 0
+    # Queued, or in flight while a retry runs: its age shows in one of the two.
+    assert scraped(metrics(gw), "smtp_gateway_queue_oldest_age_seconds") > 0
     assert moved("smtp_gateway_deliveries_total", path="inline", verdict="queued") == 1
     gw.clear_faults()
     wait_for(lambda: moved("smtp_gateway_deliveries_total", path="queue", verdict="delivered") == 1, 10,

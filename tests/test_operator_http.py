@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import re
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +13,7 @@ import httpx
 import pytest
 
 from tests.harness import APIKEY, CAMPAIGNS, PASSWORD, PASSWORD_HASH, USER, LoopThread, Running, start, stop
+from tests.ops_util import scraped
 from tests.spool_helpers import send, wait_for
 
 
@@ -30,19 +30,6 @@ def _url(gw: Running, path: str) -> str:
     assert gw.app.operator is not None, "http.port = 0 must enable the operator endpoint"
     assert gw.app.operator.port != 0, "app.operator.port must be the bound port"
     return f"http://127.0.0.1:{gw.app.operator.port}{path}"
-
-
-def _metric(text: str, name: str, **labels: str) -> float:
-    """The sum of the samples of `name` whose labels include `labels` (Prometheus text format); 0 when none."""
-    want = {f'{k}="{v}"' for k, v in labels.items()}
-    total = 0.0
-    for line in text.splitlines():
-        m = re.fullmatch(r"([a-zA-Z_:][\w:]*)(?:\{(.*)\})? (\S+)", line)
-        if m is None or m.group(1) != name:
-            continue
-        if want <= {p for p in (m.group(2) or "").split(",") if p}:
-            total += float(m.group(3))
-    return total
 
 
 def test_healthz_and_readyz(gw: Running) -> None:
@@ -64,17 +51,17 @@ def test_metrics_count_messages_and_hold_no_secret(gw: Running) -> None:
     after = response.text
 
     assert "# TYPE smtp_gateway_messages_total counter" in after
-    assert _metric(after, "smtp_gateway_messages_total", result="2xx") == (
-        _metric(before, "smtp_gateway_messages_total", result="2xx") + 1
+    assert scraped(after, "smtp_gateway_messages_total", result="2xx") == (
+        scraped(before, "smtp_gateway_messages_total", result="2xx") + 1
     )
-    assert _metric(after, "smtp_gateway_sessions_total", listener="plain") >= (
-        _metric(before, "smtp_gateway_sessions_total", listener="plain") + 1
+    assert scraped(after, "smtp_gateway_sessions_total", listener="plain") >= (
+        scraped(before, "smtp_gateway_sessions_total", listener="plain") + 1
     )
-    assert _metric(after, "smtp_gateway_auth_total", result="ok") >= (
-        _metric(before, "smtp_gateway_auth_total", result="ok") + 1
+    assert scraped(after, "smtp_gateway_auth_total", result="ok") >= (
+        scraped(before, "smtp_gateway_auth_total", result="ok") + 1
     )
-    assert _metric(after, "smtp_gateway_upstream_seconds_count", account="acme", outcome="ok") >= (
-        _metric(before, "smtp_gateway_upstream_seconds_count", account="acme", outcome="ok") + 1
+    assert scraped(after, "smtp_gateway_upstream_seconds_count", account="acme", outcome="ok") >= (
+        scraped(before, "smtp_gateway_upstream_seconds_count", account="acme", outcome="ok") + 1
     )
     secrets = [APIKEY, PASSWORD, PASSWORD_HASH, *CAMPAIGNS.values(), base64.b64encode(APIKEY.encode()).decode()]
     assert [s for s in secrets if s in after] == []

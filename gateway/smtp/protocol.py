@@ -227,7 +227,9 @@ class GatewaySMTP(SMTP):
             return
         self._cut_off = "command_timeout"
         LIMIT_HITS.labels(limit="command_timeout").inc()
-        log.info("session_timeout", limit="command_timeout", timeout=self._timeout_duration, in_data=self.in_data)
+        # A timer: its context may predate the session task's, so the session's fields are given here.
+        log.info("session_timeout", limit="command_timeout", timeout=self._timeout_duration, in_data=self.in_data,
+                 session=self.session_id, peer=self.peer, listener=self.listener)
         self.say_and_close(f"421 4.4.2 {self.hostname} Error: timeout exceeded, closing connection",
                            logged=True)
 
