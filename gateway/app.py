@@ -217,15 +217,6 @@ class App:
                 await provider.aclose()
             self._retired.remove(provider)
 
-    def reload_tls(self) -> None:
-        """The certificate files alone (what SIGHUP did before configuration reloads)."""
-        if self.listeners is not None:
-            self._spawn(self._reload_tls(self.listeners))
-
-    @staticmethod
-    async def _reload_tls(listeners: Listeners) -> None:
-        await listeners.reload_tls()  # logs its outcome
-
     @property
     def ports(self) -> dict[str, int]:
         return self.listeners.ports if self.listeners else {}
