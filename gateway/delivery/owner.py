@@ -249,9 +249,10 @@ class DeliveryOwner:
 
     def _new(self, attempt: _Inline, decision: Decision, *, inflight: bool) -> NewMessage:
         s = attempt.submission
+        record, blobs = codec.encode(s)
         return NewMessage(
             id=attempt.msg_id, account=s.principal.account, mail_from=s.mail_from, subject=s.message.subject,
-            submission=codec.encode(s), decision=decision, inflight_owner=self.owner if inflight else None,
+            submission=record, blobs=blobs, decision=decision, inflight_owner=self.owner if inflight else None,
             lease_until=self.clock() + self.settings.lease_seconds, created=attempt.before.created,
             expires=attempt.before.expires, idempotency_key=attempt.idempotency_key,
         )
@@ -282,7 +283,7 @@ class DeliveryOwner:
     async def _attempt_claimed(self, item: Claimed, bound: structlog.typing.FilteringBoundLogger) -> None:
         now = self.clock()
         try:
-            submission = codec.decode(item.submission)
+            submission = codec.decode(item.submission, item.blobs)
         except codec.CodecError as exc:
             reason = f"corrupt queue record: {exc}"
             await self._settle(item.id, item.token, Decision("dead", dict(item.before.calls), item.before.attempts,

@@ -25,7 +25,7 @@ import structlog
 from gateway.delivery.transition import Before, CallRow, Decision
 from gateway.errors import SpoolUnavailable
 from gateway.queue import sqlite_schema
-from gateway.queue.store import Claimed, KeyHit, NewMessage
+from gateway.queue.store import Claimed, KeyHit, NewMessage, chunks
 
 log = structlog.get_logger("gateway.queue.sqlite")
 T = TypeVar("T")
@@ -157,6 +157,7 @@ class SqliteQueue:
                 f"INSERT INTO calls (msg_id, {_CALL_COLUMNS}) VALUES (?,?,?,?,?,?,?)",
                 [(m.id, c.key, c.recipients, c.state, c.upstream_id, c.error, c.lost) for c in d.calls.values()],
             )
+            db.executemany("INSERT INTO blobs (msg_id, n, seq, data) VALUES (?,?,?,?)", chunks(m.id, m.blobs))
         return token
 
     async def claim(self, owner: str, account: str, now: float, limit: int, lease: float) -> list[Claimed]:
@@ -182,8 +183,18 @@ class SqliteQueue:
                     (owner, now + lease, row["id"]),
                 ).fetchone()
                 out.append(Claimed(row["id"], account, m["token"], bytes(m["submission"]),
-                                   self._before(db, row["id"], m), reaped=row["state"] == "inflight"))
+                                   self._before(db, row["id"], m), reaped=row["state"] == "inflight",
+                                   blobs=self._blobs(db, row["id"])))
         return out
+
+    @staticmethod
+    def _blobs(db: sqlite3.Connection, msg_id: str) -> list[bytes]:
+        blobs: list[bytearray] = []
+        for n, data in db.execute("SELECT n, data FROM blobs WHERE msg_id=? ORDER BY n, seq", (msg_id,)):
+            if n == len(blobs):
+                blobs.append(bytearray())
+            blobs[n] += data  # chunk by chunk: never the chunks and the whole at once
+        return blobs  # type: ignore[return-value]  # bytearray serves where bytes are read
 
     @staticmethod
     def _before(db: sqlite3.Connection, msg_id: str, m: sqlite3.Row) -> Before:
