@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -62,6 +62,16 @@ CLIENT_GONE = Counter(
     "smtp_gateway_client_gone_total",
     "Messages whose client disconnected while their inline call ran; the call was recorded all the same",
     ["verdict"],
+    registry=REGISTRY,
+)
+LARGE_BYTES = Gauge(
+    "smtp_gateway_large_message_bytes",
+    "Bytes of large messages (over limits.large_message_threshold) held now, of limits.max_large_bytes",
+    registry=REGISTRY,
+)
+LARGE_REFUSED = Counter(
+    "smtp_gateway_large_messages_refused_total",
+    "Large messages refused with 452 4.3.1 because limits.max_large_bytes were in use",
     registry=REGISTRY,
 )
 RESENDS = Counter(

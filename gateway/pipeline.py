@@ -10,6 +10,7 @@ from dataclasses import replace
 import structlog
 
 from gateway import idempotency, mime, policy, replies
+from gateway.budget import Reservation
 from gateway.delivery.owner import DeliveryOwner
 from gateway.dns import DnsResolver, DnsTemporaryError
 from gateway.errors import ContentRejected, Deferred, DnsTempFailure, GatewayError, PolicyRejected, Rejected
@@ -72,9 +73,11 @@ class Pipeline:
             raise PolicyRejected(reply=refusal.with_text(f"<{address}>: The domain name {domain} does not exist."))
 
     async def accept(
-        self, principal: Principal, mail_from: str, rcpt_tos: list[str], raw: bytes | bytearray, smtputf8: bool
+        self, principal: Principal, mail_from: str, rcpt_tos: list[str], raw: bytes | bytearray, smtputf8: bool,
+        reservation: Reservation | None = None,
     ) -> Reply:
-        """The reply to the end of DATA. Never raises: unexpected errors become 451 4.3.0."""
+        """The reply to the end of DATA. Never raises: unexpected errors become 451 4.3.0. `reservation`:
+        the message's share of the large-message budget, released when its first attempt has ended."""
         bound = log.bind(login=principal.login, account=principal.account, size=len(raw), rcpts=len(rcpt_tos))
         try:
             submission, plan = await self.prepare(principal, mail_from, rcpt_tos, raw, smtputf8)
@@ -83,7 +86,9 @@ class Pipeline:
                 bound.warning("message_repaired", defects=list(submission.message.defects))
             account = self.settings.accounts[principal.account]
             key = idempotency.key_of(submission, account.idempotency_from_message_id)
-            reply = await self.owner.submit(submission, plan, bound, key)
+            reply = await self.owner.submit(submission, plan, bound, key,
+                                            on_done=reservation.release if reservation else None)
+            reservation = None  # the owner releases it
         except Rejected as exc:
             bound.info("message_rejected", reply=str(exc.reply), reason=exc.reason)
             reply = exc.reply
@@ -93,6 +98,9 @@ class Pipeline:
         except GatewayError as exc:
             bound.error("message_failed", reply=str(exc.reply), reason=exc.reason)
             reply = exc.reply
+        finally:
+            if reservation is not None:  # refused before the owner took it
+                reservation.release()
         MESSAGES_BY_CLASS[reply.code // 100].inc()
         return reply
 

@@ -93,7 +93,7 @@ class DeliveryOwner:
 
     async def submit(
         self, submission: Submission, plan: Sequence[Call], bound: structlog.typing.FilteringBoundLogger,
-        idempotency_key: str | None = None,
+        idempotency_key: str | None = None, on_done: Callable[[], None] | None = None,
     ) -> Reply:
         """The reply to a new message. The attempt is ours: if the session is cancelled (client gone),
         the attempt goes on and records its outcome."""
@@ -101,13 +101,15 @@ class DeliveryOwner:
         attempt = _Inline(new_id(), submission, transition.fresh(plan, now, self.policy), bound,
                           idempotency_key=idempotency_key)
         if idempotency_key is not None:
-            resent = await self._resent(attempt, now)
+            resent = await self._resent(attempt, now)  # (raising, the caller releases `on_done` itself)
             if resent is not None:
+                if on_done is not None:
+                    on_done()
                 return resent
         decided: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         if idempotency_key is not None:
             decided.add_done_callback(lambda f: self._spawn(self._finish_key(attempt, f.result())))
-        self._spawn(self._first_attempt(attempt, decided))
+        self._spawn(self._first_attempt(attempt, decided, on_done))
         try:
             return await asyncio.shield(decided)
         except asyncio.CancelledError:
@@ -139,7 +141,8 @@ class DeliveryOwner:
         except SpoolUnavailable as exc:
             attempt.log.error("idempotency_key_not_recorded", key=key[:12], error=exc.reason)
 
-    async def _first_attempt(self, attempt: _Inline, decided: asyncio.Future[Reply]) -> None:
+    async def _first_attempt(self, attempt: _Inline, decided: asyncio.Future[Reply],
+                             on_done: Callable[[], None] | None = None) -> None:
         try:
             await self._inline(attempt, decided)
         except GatewayError as exc:  # expected, and logged where it was raised (the queue cannot store)
@@ -152,6 +155,9 @@ class DeliveryOwner:
                               verdict="internal_error").inc()
             if not decided.done():
                 decided.set_result(replies.INTERNAL_ERROR)
+        finally:
+            if on_done is not None:
+                on_done()  # the message's memory may go now (it is delivered, refused or stored)
 
     async def _inline(self, attempt: _Inline, decided: asyncio.Future[Reply]) -> None:
         provider = self.providers[attempt.submission.principal.account]

@@ -157,6 +157,10 @@ class GatewayHandler:
         if principal is None:
             return str(replies.AUTH_REQUIRED)
         smtputf8 = "SMTPUTF8" in mail_options
+        busy = _declared_too_large(server, mail_options)
+        if busy is not None:
+            log.info("sender_deferred", peer=_peer(session), login=principal.login, reply=busy)
+            return busy
         try:
             address = await self.pipeline.check_sender(principal, address, smtputf8)
         except GatewayError as exc:
@@ -191,7 +195,8 @@ class GatewayHandler:
         raw = envelope.original_content
         assert isinstance(raw, (bytes, bytearray)) and envelope.mail_from is not None
         reply = await self.pipeline.accept(
-            principal, envelope.mail_from, list(envelope.rcpt_tos), raw, "SMTPUTF8" in envelope.mail_options
+            principal, envelope.mail_from, list(envelope.rcpt_tos), raw, "SMTPUTF8" in envelope.mail_options,
+            reservation=server.take_reservation(),
         )
         return str(reply)
 
@@ -212,3 +217,14 @@ def _peer(session: Session) -> str:
     peer = session.peer
     return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
 
+
+def _declared_too_large(server: Any, mail_options: list[str]) -> str | None:
+    """A SIZE= (RFC 1870) past the large-message budget free now: 452 4.3.1 at MAIL, before any DATA."""
+    budget = server.budget
+    for option in mail_options:
+        name, _, value = option.partition("=")
+        if name.upper() == "SIZE" and value.isascii() and value.isdigit():
+            size = int(value)
+            if budget is not None and size > budget.threshold and size > budget.free():
+                return str(replies.LARGE_BUSY)
+    return None

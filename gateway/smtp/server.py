@@ -12,6 +12,7 @@ from typing import cast
 import structlog
 
 from gateway import replies
+from gateway.budget import ByteBudget
 from gateway.credentials import Authenticator
 from gateway.observability import SESSIONS
 from gateway.pipeline import Pipeline
@@ -87,6 +88,8 @@ class Listeners:
     handshake_failures: HandshakeFailures = field(default_factory=HandshakeFailures)
 
     async def start(self) -> None:
+        limits = self.settings.limits
+        self.budget = ByteBudget(limits.max_large_bytes, limits.large_message_threshold)
         loop = asyncio.get_running_loop()
         limits = self.settings.limits
         profiles = {lsn.name: lsn.tls_profile for lsn in self.settings.listeners if lsn.tls != "none"}
@@ -125,6 +128,7 @@ class Listeners:
                     on_close=self.sessions.discard,
                     tls=tls,
                     implicit_tls=implicit,
+                    budget=self.budget,
                     hostname=self.settings.hostname,
                     ident="smtp-gateway ESMTP",
                     data_size_limit=limits.max_message_size,
