@@ -68,6 +68,16 @@ CLIENT_GONE = Counter(
     ["verdict"],
     registry=REGISTRY,
 )
+LARGE_BYTES = Gauge(
+    "smtp_gateway_large_message_bytes",
+    "Bytes of large messages (over limits.large_message_threshold) held now, of limits.max_large_bytes",
+    registry=REGISTRY,
+)
+LARGE_REFUSED = Counter(
+    "smtp_gateway_large_messages_refused_total",
+    "Large messages refused with 452 4.3.1 because limits.max_large_bytes were in use",
+    registry=REGISTRY,
+)
 RESENDS = Counter(
     "smtp_gateway_resends_total",
     "Messages not sent again because their idempotency key was seen within the window: answered (250 with the "

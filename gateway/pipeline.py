@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -10,10 +11,11 @@ from dataclasses import replace
 import structlog
 
 from gateway import idempotency, mime, policy, replies
+from gateway.budget import Reservation
 from gateway.delivery.owner import DeliveryOwner
 from gateway.dns import DnsResolver, DnsTemporaryError
 from gateway.errors import ContentRejected, Deferred, DnsTempFailure, GatewayError, PolicyRejected, Rejected
-from gateway.model import Call, Principal, Receipt, Submission
+from gateway.model import Call, Message, Principal, Receipt, Submission
 from gateway.observability import MESSAGES
 from gateway.providers.base import Provider
 from gateway.replies import Reply
@@ -26,6 +28,8 @@ MESSAGES_BY_CLASS = {cls: MESSAGES.labels(result=f"{cls}xx") for cls in (2, 4, 5
 PARSE_IN_THREAD_BYTES = 256 * 1024
 # Two parser threads: one per core. Parsing holds the GIL, so more threads add no speed, only more
 # parse trees in memory at once (a 1 MB message's compat32 tree is several MB) and malloc arenas.
+# Attachments this large travel as base64 text from the parser thread on (model.Attachment.b64).
+CARRY_MIN = 64 * 1024
 _PARSER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mime-parse")
 
 
@@ -73,12 +77,13 @@ class Pipeline:
 
     async def accept(
         self, principal: Principal, mail_from: str, rcpt_tos: list[str], raw: bytes | bytearray, smtputf8: bool,
-        receipt: Receipt | None = None,
+        receipt: Receipt | None = None, reservation: Reservation | None = None,
     ) -> Reply:
         """The reply to the end of DATA. Never raises: unexpected errors become 451 4.3.0.
 
         `receipt` learns what became of the message (queue id, upstream ids, or why not) for the one log
-        line the SMTP session writes per transaction."""
+        line the SMTP session writes per transaction. `reservation`: the message's share of the
+        large-message budget, released when its first attempt has ended."""
         receipt = receipt if receipt is not None else Receipt()
         bound = log.bind(login=principal.login, account=principal.account, size=len(raw), rcpts=len(rcpt_tos))
         try:
@@ -88,7 +93,9 @@ class Pipeline:
                 bound.warning("message_repaired", defects=list(submission.message.defects))
             account = self.settings.accounts[principal.account]
             key = idempotency.key_of(submission, account.idempotency_from_message_id)
-            reply = await self.owner.submit(submission, plan, bound, key, receipt)
+            reply = await self.owner.submit(submission, plan, bound, key, receipt,
+                                            on_done=reservation.release if reservation else None)
+            reservation = None  # the owner releases it
         except (Rejected, Deferred) as exc:
             receipt.reason = exc.reason
             reply = exc.reply
@@ -96,6 +103,9 @@ class Pipeline:
             bound.error("message_failed", reply=str(exc.reply), reason=exc.reason)
             receipt.reason = exc.reason
             reply = exc.reply
+        finally:
+            if reservation is not None:  # refused before the owner took it
+                reservation.release()
         MESSAGES_BY_CLASS[reply.code // 100].inc()
         return reply
 
@@ -104,7 +114,7 @@ class Pipeline:
     ) -> tuple[Submission, tuple[Call, ...]]:
         """Parse, let the provider decide what it must (campaign, ...), apply the From policy, plan the calls."""
         if len(raw) > PARSE_IN_THREAD_BYTES or mime.expensive(raw):
-            message = await asyncio.get_running_loop().run_in_executor(_PARSER, mime.parse, raw)
+            message = await asyncio.get_running_loop().run_in_executor(_PARSER, _parse_large, raw)
         else:
             message = mime.parse(raw)
         if isinstance(raw, bytearray):
@@ -121,3 +131,16 @@ class Pipeline:
         if not plan:
             raise ContentRejected(reply=replies.NO_VALID_RECIPIENTS)
         return submission, plan
+
+
+def _parse_large(raw: bytes | bytearray) -> Message:
+    """mime.parse on a parser thread, and large decoded attachments made base64 there, once: the API
+    wants base64, and encoding megabytes later would run on the event loop (payload) or twice (queue)."""
+    message = mime.parse(raw)
+    if not any(a.b64 is None and len(a.data) >= CARRY_MIN for a in message.attachments):
+        return message
+    attachments = tuple(
+        replace(a, data=b"", b64=base64.b64encode(a.data)) if a.b64 is None and len(a.data) >= CARRY_MIN else a
+        for a in message.attachments
+    )
+    return replace(message, attachments=attachments)

@@ -73,6 +73,7 @@ RECIPIENT_DOMAIN_UNKNOWN = Reply(550, "5.1.2", "Recipient address rejected: doma
 DNS_TEMPFAIL = Reply(451, "4.4.3", "DNS lookup failed temporarily; try again later")
 
 SPOOL_FULL = Reply(452, "4.3.1", "Insufficient system storage")
+LARGE_BUSY = Reply(452, "4.3.1", "Too many large messages in progress here; try again later")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
 INTERNAL_ERROR = Reply(451, "4.3.0", "Internal error; try again later")
 

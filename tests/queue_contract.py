@@ -36,6 +36,7 @@ def new(msg_id: str, now: float | None = None, *, calls: dict[str, CallRow] | No
     before = transition.fresh(PLAN, now, POLICY)
     decision = Decision(verdict, dict(calls or before.calls), 1, now, "boom",  # type: ignore[arg-type]
                         dead_reason="refused" if verdict == "dead" else None)
+    record, blobs = codec.encode(submission())
     return NewMessage(id=msg_id, account=account, mail_from="billing@acme.example", subject="s",
-                      submission=codec.encode(submission()), decision=decision, inflight_owner=owner,
+                      submission=record, blobs=blobs, decision=decision, inflight_owner=owner,
                       lease_until=now + 30, created=now, expires=now + 100, idempotency_key=key)

@@ -8,8 +8,10 @@ import asyncio
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import orjson
 import pytest
 
+from gateway import jsonbody
 from gateway.errors import AnswerLost, UpstreamUnavailable
 from gateway.upstream.client import HttpClient
 
@@ -141,3 +143,31 @@ async def test_large_bodies_stream_in_slices_with_their_length() -> None:
         finally:
             await client.aclose()
     assert seen == [3 * 1024 * 1024 + 7]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_json_body_with_blobs_streams_byte_identical(transport: str) -> None:
+    """Large base64 values are written from the bytes they are in, not copied into one JSON text."""
+    blob = b"QUJD" * (1 << 19)  # 2 MiB of base64 text
+    payload = {"subject": "scan", "attachments": [{"name": "a.pdf", "content": jsonbody.Blob(blob)}]}
+    body = jsonbody.encode(payload)
+    assert isinstance(body, jsonbody.Body)
+    seen: list[bytes] = []
+
+    async def capture(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert b"chunked" not in head.lower()
+        seen.append(await reader.readexactly(_length(head)))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+        await writer.drain()
+
+    async for port in _server(capture):
+        client = HttpClient(f"http://127.0.0.1:{port}", upstream="Test", account="t", timeout=5,
+                            transport=transport)  # type: ignore[arg-type]
+        try:
+            await client.request("send", "POST", "/send", headers={"Content-Type": "application/json"},
+                                 content=body)
+        finally:
+            await client.aclose()
+    assert seen == [body.join()]
+    assert orjson.loads(seen[0])["attachments"][0]["content"] == blob.decode()

@@ -95,20 +95,24 @@ class DeliveryOwner:
     async def submit(
         self, submission: Submission, plan: Sequence[Call], bound: structlog.typing.FilteringBoundLogger,
         idempotency_key: str | None = None, receipt: Receipt | None = None,
+        on_done: Callable[[], None] | None = None,
     ) -> Reply:
         """The reply to a new message. The attempt is ours: if the session is cancelled (client gone),
-        the attempt goes on and records its outcome. `receipt` learns the queue id or upstream ids."""
+        the attempt goes on and records its outcome. `receipt` learns the queue id or upstream ids; `on_done`
+        is called when the first attempt has ended."""
         now = self.clock()
         attempt = _Inline(new_id(), submission, transition.fresh(plan, now, self.policy), bound,
                           idempotency_key=idempotency_key, receipt=receipt if receipt is not None else Receipt())
         if idempotency_key is not None:
-            resent = await self._resent(attempt, now)
+            resent = await self._resent(attempt, now)  # (raising, the caller releases `on_done` itself)
             if resent is not None:
+                if on_done is not None:
+                    on_done()
                 return resent
         decided: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         if idempotency_key is not None:
             decided.add_done_callback(lambda f: self._spawn(self._finish_key(attempt, f.result())))
-        self._spawn(self._first_attempt(attempt, decided))
+        self._spawn(self._first_attempt(attempt, decided, on_done))
         try:
             return await asyncio.shield(decided)
         except asyncio.CancelledError:
@@ -142,7 +146,8 @@ class DeliveryOwner:
         except SpoolUnavailable as exc:
             attempt.log.error("idempotency_key_not_recorded", key=key[:12], error=exc.reason)
 
-    async def _first_attempt(self, attempt: _Inline, decided: asyncio.Future[Reply]) -> None:
+    async def _first_attempt(self, attempt: _Inline, decided: asyncio.Future[Reply],
+                             on_done: Callable[[], None] | None = None) -> None:
         try:
             await self._inline(attempt, decided)
         except GatewayError as exc:  # expected, and logged where it was raised (the queue cannot store)
@@ -157,6 +162,9 @@ class DeliveryOwner:
             if not decided.done():
                 attempt.receipt.reason = "internal error (logged as delivery_internal_error)"
                 decided.set_result(replies.INTERNAL_ERROR)
+        finally:
+            if on_done is not None:
+                on_done()  # the message's memory may go now (it is delivered, refused or stored)
 
     async def _inline(self, attempt: _Inline, decided: asyncio.Future[Reply]) -> None:
         provider = self.providers[attempt.submission.principal.account]
@@ -266,9 +274,10 @@ class DeliveryOwner:
 
     def _new(self, attempt: _Inline, decision: Decision, *, inflight: bool) -> NewMessage:
         s = attempt.submission
+        record, blobs = codec.encode(s)
         return NewMessage(
             id=attempt.msg_id, account=s.principal.account, mail_from=s.mail_from, subject=s.message.subject,
-            submission=codec.encode(s), decision=decision, inflight_owner=self.owner if inflight else None,
+            submission=record, blobs=blobs, decision=decision, inflight_owner=self.owner if inflight else None,
             lease_until=self.clock() + self.settings.lease_seconds, created=attempt.before.created,
             expires=attempt.before.expires, idempotency_key=attempt.idempotency_key,
         )
@@ -299,7 +308,7 @@ class DeliveryOwner:
     async def _attempt_claimed(self, item: Claimed, bound: structlog.typing.FilteringBoundLogger) -> None:
         now = self.clock()
         try:
-            submission = codec.decode(item.submission)
+            submission = codec.decode(item.submission, item.blobs)
         except codec.CodecError as exc:
             reason = f"corrupt queue record: {exc}"
             await self._settle(item.id, item.token, Decision("dead", dict(item.before.calls), item.before.attempts,

@@ -86,7 +86,7 @@ async def _act(store: QueueStore, settings: Settings, args: argparse.Namespace) 
         blob = await store.submission(msg_id)
         if blob is not None:
             try:
-                sub = codec.decode(blob)
+                sub = codec.decode(blob, None)  # names and types; large contents are not loaded
                 info["rcpt_tos"] = list(sub.rcpt_tos)
                 info["attachments"] = [a.filename for a in sub.message.attachments]
             except codec.CodecError as exc:

@@ -24,7 +24,7 @@ from gateway.delivery.transition import Before, CallRow, Decision
 from gateway.errors import SpoolUnavailable
 from gateway.queue import postgres_schema
 from gateway.queue.health import QueueHealth
-from gateway.queue.store import Claimed, KeyHit, NewMessage
+from gateway.queue.store import Claimed, KeyHit, NewMessage, chunks
 
 log = structlog.get_logger("gateway.queue.postgres")
 CHANNEL = "smtp_gateway_queue"
@@ -131,6 +131,8 @@ class PostgresQueue:
                     [(m.id, n, c.key, c.recipients, c.state, c.upstream_id, c.error, c.lost)
                      for n, c in enumerate(d.calls.values())],
                 )
+                for row in chunks(m.id, m.blobs):  # one chunk in memory at a time
+                    await cur.execute("INSERT INTO blobs (msg_id, n, seq, data) VALUES (%s,%s,%s,%s)", row)
             if state == "queued":
                 await self._notify(conn, m.account)
         return token
@@ -166,10 +168,19 @@ class PostgresQueue:
             )).fetchall():
                 calls[c["msg_id"]][c["key"]] = CallRow(c["key"], c["recipients"], c["state"], c["upstream_id"],
                                                        c["error"], c["lost"])
+            blobs: dict[str, list[bytearray]] = {r["id"]: [] for r in updated}
+            async with conn.cursor() as cur:
+                # Streamed row by row: a message's blob chunks are never all in memory beside the blob.
+                async for row in cur.stream("SELECT msg_id, n, data FROM blobs WHERE msg_id = ANY(%s)"
+                                            " ORDER BY msg_id, n, seq", (list(reaped),)):
+                    parts = blobs[row["msg_id"]]
+                    if row["n"] == len(parts):
+                        parts.append(bytearray())
+                    parts[row["n"]] += row["data"]
         return [
             Claimed(m["id"], account, m["token"], bytes(m["submission"]),
                     Before(calls[m["id"]], m["attempts"], m["created"], m["expires"], m["internal_errors"]),
-                    reaped=reaped[m["id"]])
+                    reaped=reaped[m["id"]], blobs=blobs[m["id"]])  # type: ignore[arg-type]  # bytearray reads as bytes
             for m in sorted(updated, key=lambda m: (reaped[m["id"]], m["seq"]))
         ]
 

@@ -56,7 +56,18 @@ CREATE TABLE rate_buckets (
 )
 """
 
-MIGRATIONS: list[str] = [V1]
+# Large attachments outside the record, in chunks (as SQLite's version 3).
+V2 = """
+CREATE TABLE blobs (
+    msg_id text NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
+    n      integer NOT NULL,
+    seq    integer NOT NULL,
+    data   bytea NOT NULL,
+    PRIMARY KEY (msg_id, n, seq)
+)
+"""
+
+MIGRATIONS: list[str] = [V1, V2]
 LATEST = len(MIGRATIONS)
 # Serialises migrations of several instances starting at once (pg_advisory_xact_lock key).
 MIGRATION_LOCK = 0x5347_5751  # "SGWQ"

@@ -75,7 +75,19 @@ CREATE TABLE idempotency (
 CREATE INDEX idempotency_expires ON idempotency (expires);
 """
 
-MIGRATIONS: list[str] = [V1, V2]
+# Large attachments outside the record, in chunks: storing or loading a big scan never needs one huge
+# value (a second full copy in memory, a multi-megabyte parameter).
+V3 = """
+CREATE TABLE blobs (
+    msg_id TEXT NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
+    n      INTEGER NOT NULL,
+    seq    INTEGER NOT NULL,
+    data   BLOB NOT NULL,
+    PRIMARY KEY (msg_id, n, seq)
+);
+"""
+
+MIGRATIONS: list[str] = [V1, V2, V3]
 LATEST = len(MIGRATIONS)
 
 

@@ -4,6 +4,7 @@
                     inflight  claimed: `owner` holds a lease until `lease_until`; `token` changed on the
                               claim, and a write under an older token changes nothing (fencing)
                     dead      dead letter; dead_reason says why
+    blobs           the base64 text of each large attachment, in chunks (the record refers to them by number)
     calls.state     pending   not sent yet, or sent and failed (safe or ambiguous: `lost` counts the
                               times its answer was lost after sending)
                     sending   the owner is sending it now: if the lease expires, it is ambiguous
@@ -16,7 +17,7 @@ gateway/delivery/transition.py; the store applies them atomically and only under
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -37,6 +38,7 @@ class NewMessage:
     created: float = 0.0
     expires: float = 0.0
     idempotency_key: str | None = None
+    blobs: Sequence[bytes] = ()  # the large attachments the submission refers to (codec.encode)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +51,7 @@ class Claimed:
     submission: bytes
     before: Before
     reaped: bool = False
+    blobs: Sequence[bytes] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,3 +169,14 @@ class QueueStore(Protocol):
     async def delete(self, msg_id: str) -> bool: ...
 
     async def requeue(self, msg_id: str, now: float, max_lifetime: float) -> bool: ...
+
+
+CHUNK = 1 << 20
+
+
+def chunks(msg_id: str, blobs: Sequence[bytes]) -> Iterator[tuple[str, int, int, memoryview]]:
+    """Rows of the blobs table: each blob cut in CHUNK-sized slices (views, not copies)."""
+    for n, blob in enumerate(blobs):
+        view = memoryview(blob)
+        for seq, start in enumerate(range(0, max(len(view), 1), CHUNK)):
+            yield msg_id, n, seq, view[start : start + CHUNK]

@@ -210,6 +210,12 @@ class GatewayHandler:
         principal = self.principal(session)
         if principal is None:
             return str(replies.AUTH_REQUIRED)
+        smtputf8 = "SMTPUTF8" in mail_options
+        busy = _declared_too_large(server, mail_options)
+        if busy is not None:
+            log.info("sender_deferred", peer=_peer(session), login=principal.login, reply=busy)
+            server.mark_logged()
+            return busy
         wait = self.defenses.rates.take(f"{principal.account}/{principal.login}")
         if wait:
             LIMIT_HITS.labels(limit="messages_per_minute").inc()
@@ -218,7 +224,6 @@ class GatewayHandler:
             server.mark_logged()
             return str(replies.LOGIN_RATE_LIMITED.with_text(
                 f"Message rate limit reached for {principal.login}; try again in {math.ceil(wait)} s"))
-        smtputf8 = "SMTPUTF8" in mail_options
         try:
             address = await self.pipeline.check_sender(principal, address, smtputf8)
         except GatewayError as exc:
@@ -262,6 +267,7 @@ class GatewayHandler:
         reply = await self.pipeline.accept(
             principal, envelope.mail_from, list(envelope.rcpt_tos), raw, "SMTPUTF8" in envelope.mail_options,
             receipt=txn.receipt if txn is not None else None,
+            reservation=server.take_reservation(),
         )
         return str(reply)
 
@@ -284,8 +290,19 @@ def _peer(session: Session) -> str:
     return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
 
 
+def _declared_too_large(server: Any, mail_options: list[str]) -> str | None:
+    """A SIZE= (RFC 1870) past the large-message budget free now: 452 4.3.1 at MAIL, before any DATA."""
+    budget = server.budget
+    for option in mail_options:
+        name, _, value = option.partition("=")
+        if name.upper() == "SIZE" and value.isascii() and value.isdigit():
+            size = int(value)
+            if budget is not None and size > budget.threshold and size > budget.free():
+                return str(replies.LARGE_BUSY)
+    return None
+
+
 def _client(session: Session) -> str:
     """The client as per-IP limits count it (the real client behind a PROXY header)."""
     peer = session.peer
     return client_key(str(peer[0]) if isinstance(peer, tuple) else str(peer))
-

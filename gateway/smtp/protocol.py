@@ -18,6 +18,7 @@ import structlog
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, syntax
 
 from gateway import replies
+from gateway.budget import ByteBudget, Reservation
 from gateway.model import Principal, Receipt
 from gateway.observability import LIMIT_HITS, REFUSALS, SESSIONS_TLS
 from gateway.replies import add_enhanced_code
@@ -87,6 +88,7 @@ class GatewaySMTP(SMTP):
         client_key: str = "",
         data_timeout: float = 600.0,
         max_commands_before_data: int = 100,
+        budget: ByteBudget | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(handler, tls_context=tls.context if tls and not implicit_tls else None, **kwargs)
@@ -100,6 +102,10 @@ class GatewaySMTP(SMTP):
         # True once the session is encrypted (implicit TLS, or after STARTTLS).
         self.tls_up = False
         self.in_data = False
+        self.budget = budget
+        # The large message being received holds this share of the budget until the pipeline takes it over.
+        self.reservation: Reservation | None = None
+        self._over_budget = False
         # Carried by every log line of the session (structlog contextvars, bound in its task).
         self.session_id = secrets.token_hex(6)
         self.listener = listener
@@ -133,6 +139,7 @@ class GatewaySMTP(SMTP):
 
     def connection_lost(self, error: Exception | None) -> None:
         self._on_close(self)
+        self._release()  # a client gone mid-DATA holds no budget
         super().connection_lost(error)
 
     @property
@@ -403,9 +410,12 @@ class GatewaySMTP(SMTP):
             deadline.cancel()
             self.in_data = False
         if content is None:
-            LIMIT_HITS.labels(limit="max_message_size").inc()
-            txn.receipt.reason = f"larger than max_message_size ({self.data_size_limit} bytes)"
-            status = str(replies.MESSAGE_TOO_BIG)
+            LIMIT_HITS.labels(limit="max_large_bytes" if self._over_budget else "max_message_size").inc()
+            txn.receipt.reason = ("too many large messages in this process now (limits.max_large_bytes)"
+                                  if self._over_budget else
+                                  f"larger than max_message_size ({self.data_size_limit} bytes)")
+            status = str(replies.LARGE_BUSY if self._over_budget else replies.MESSAGE_TOO_BIG)
+            self._release()
             self._set_post_data_state()  # type: ignore[no-untyped-call]
         else:
             txn.size = len(content)
@@ -421,10 +431,21 @@ class GatewaySMTP(SMTP):
                 status = await self.handle_exception(exc)
             finally:
                 # Whatever happened, the transaction is over: the next MAIL starts afresh (not "nested MAIL").
+                self._release()  # the pipeline took it over (or the hook failed before it could)
                 self._set_post_data_state()  # type: ignore[no-untyped-call]
         self._summarize(envelope, txn, status)
         self.mark_logged()
         await self.push(status)
+
+    def take_reservation(self) -> Reservation | None:
+        """The pipeline takes the message's share of the budget; it releases it when the attempt ends."""
+        reservation, self.reservation = self.reservation, None
+        return reservation
+
+    def _release(self) -> None:
+        if self.reservation is not None:
+            self.reservation.release()
+            self.reservation = None
 
     def _summarize(self, envelope: Any, txn: Transaction, status: str | None) -> None:
         """The transaction's one log line: message_accepted / _deferred / _rejected, or message_aborted
@@ -463,7 +484,11 @@ class GatewaySMTP(SMTP):
         # A CRLF stands before the data (the DATA line's own), so the terminator search and the
         # dot-unstuffing below treat the first line like every other line.
         buf = bytearray(b"\r\n")
-        too_big = False
+        too_big = self._over_budget = False
+        if self.budget is not None:
+            self.reservation = self.budget.reservation()
+        received = 0
+        stuffed = False  # a line starting with a dot was seen: unstuffing needs a pass (and a copy)
         while True:
             start = max(0, len(buf) - len(_END) + 1)
             chunk = await reader.read(_CHUNK)
@@ -471,10 +496,18 @@ class GatewaySMTP(SMTP):
                 raise ConnectionResetError("connection closed during DATA")
             self._reset_timeout()
             buf += chunk
+            received += len(chunk)
             end = buf.find(_END, start)
+            # Only the new bytes are searched (a scan's megabytes are never walked again on the event loop),
+            # and not the terminator's own "\n.".
+            stuffed = stuffed or buf.find(b"\n.", start, len(buf) if end == -1 else end + 1) != -1
             if end != -1:
                 break
-            if limit and len(buf) > limit + 2 + len(_END):
+            if self.reservation is not None and not self.reservation.grow(received):
+                # Too many large messages in this process now: read the rest, keep none of it, answer 452.
+                too_big = self._over_budget = True
+                self._release()
+            if too_big or (limit and len(buf) > limit + 2 + len(_END)):
                 too_big = True
                 del buf[: len(buf) - len(_END)]  # keep only what the terminator search needs
         leftover = bytes(buf[end + len(_END) :])
@@ -488,7 +521,8 @@ class GatewaySMTP(SMTP):
             return None
         # Undo dot-stuffing after bare LF too: clients that end lines with LF (smtplib with bytes,
         # scripts) stuff the dots of those lines. Only CRLF.CRLF ends the data, so this is unambiguous.
-        content = buf.replace(b"\n.", b"\n")
+        # Only then is a copy made: base64 never starts a line with a dot, so a scan is not held twice.
+        content = buf.replace(b"\n.", b"\n") if stuffed else buf
         del buf
         del content[:2]
         # A bytearray, not bytes: the pipeline empties it once the message is parsed, so a large

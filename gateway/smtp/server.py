@@ -12,6 +12,7 @@ from typing import Any, cast
 import structlog
 
 from gateway import replies
+from gateway.budget import ByteBudget
 from gateway.credentials import Authenticator
 from gateway.limits import Defenses, client_key
 from gateway.observability import CONNECTIONS_REFUSED, REFUSALS, SESSIONS, SESSIONS_ACTIVE
@@ -103,8 +104,11 @@ class Listeners:
     _released: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
+        limits = self.settings.limits
         if self.defenses is None:
-            self.defenses = Defenses(self.settings.limits)
+            self.defenses = Defenses(limits)
+        # Bytes of large messages held at once (gateway/budget.py), shared by every session.
+        self.budget = ByteBudget(limits.max_large_bytes, limits.large_message_threshold)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -205,6 +209,7 @@ class Listeners:
             implicit_tls=implicit,
             listener=name,
             client_key=key,
+            budget=self.budget,
             data_timeout=limits.data_timeout,
             max_commands_before_data=limits.max_commands_before_data,
             hostname=self.settings.hostname,
@@ -259,6 +264,8 @@ class Listeners:
         assert self.defenses is not None
         self.settings, self.pipeline, self.authenticator = settings, pipeline, authenticator
         self.defenses.configure(settings.limits)
+        limits = settings.limits
+        self.budget.limit, self.budget.threshold = limits.max_large_bytes, limits.large_message_threshold
         self._build_handlers()
         timeout = handshake_timeout(settings.limits)
         if contexts is not None:

@@ -45,8 +45,12 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             sock_connect=timeouts.get("connect"),
             sock_read=timeouts.get("read"),
         )
-        body = request.content
-        data = _slices(body) if len(body) > _SLICE else (body or None)
+        streamed = request.extensions.get("body")  # a jsonbody.Body: its pieces, sliced, without a copy
+        if streamed is not None:
+            data: AsyncIterator[bytes] | bytes | None = streamed.aiter()
+        else:
+            body = request.content
+            data = _slices(body) if len(body) > _SLICE else (body or None)
         headers = dict(request.headers)
         try:
             async with self._get_session().request(

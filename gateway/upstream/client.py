@@ -17,6 +17,7 @@ from typing import Literal
 import httpx
 from prometheus_client import Histogram
 
+from gateway import jsonbody
 from gateway.errors import AnswerLost, UpstreamUnavailable
 from gateway.observability import UPSTREAM_SECONDS
 from gateway.upstream.aiohttp_transport import AiohttpTransport
@@ -65,12 +66,20 @@ class HttpClient:
         self._metrics: dict[tuple[str, str], Histogram] = {}
 
     async def request(
-        self, endpoint: str, method: str, path: str, *, headers: dict[str, str], content: bytes | None = None
+        self, endpoint: str, method: str, path: str, *, headers: dict[str, str],
+        content: bytes | jsonbody.Body | None = None,
     ) -> HttpResponse:
-        """One call; `endpoint` is a short stable name for metrics ("send_one", "login", ...)."""
-        request = httpx.Request(
-            method, self.base_url + path, headers=headers, content=content, extensions={"timeout": self._timeout}
-        )
+        """One call; `endpoint` is a short stable name for metrics ("send_one", "login", ...). A `Body` (a JSON
+        body with large blobs) is streamed from its pieces, with its Content-Length."""
+        if isinstance(content, jsonbody.Body):
+            request = httpx.Request(
+                method, self.base_url + path, headers={**headers, "Content-Length": str(len(content))},
+                content=content.aiter(), extensions={"timeout": self._timeout, "body": content},
+            )
+        else:
+            request = httpx.Request(
+                method, self.base_url + path, headers=headers, content=content, extensions={"timeout": self._timeout}
+            )
         started = time.perf_counter()
         outcome = "answer_lost"
         try:

@@ -12,7 +12,7 @@ from typing import TypeVar
 import orjson
 import structlog
 
-from gateway import replies
+from gateway import jsonbody, replies
 from gateway.config_base import UserSettings
 from gateway.delivery.outcome import Outcome
 from gateway.errors import ContentRejected, RateLimited, UpstreamAuthFailed
@@ -162,7 +162,7 @@ class DengageProvider:
         self, submission: Submission, call: Call, before_send: BeforeSend = no_hook
     ) -> wire.SendResult:
         recipient = call.recipients[0]
-        content = orjson.dumps(wire.build_payload(submission, recipient))
+        content = jsonbody.encode(wire.build_payload(submission, recipient))
         extra: dict[str, str] = {}
         header = wire.WIRE["idempotency_header"]
         if header and submission.params.get("ref"):
@@ -184,7 +184,7 @@ class DengageProvider:
 
     async def _authorized(
         self, endpoint: str, method: str, path: str, parse: Callable[[HttpResponse], T],
-        content: bytes | None = None, extra: Mapping[str, str] | None = None,
+        content: bytes | jsonbody.Body | None = None, extra: Mapping[str, str] | None = None,
         sending: Callable[[], Awaitable[None]] | None = None,
     ) -> T:
         """One API call with the shared token: a 401 logs in again (once for every caller that saw the

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway import jsonbody
 from gateway.errors import (
     AnswerLost,
     RateLimited,
@@ -130,7 +131,7 @@ def build_payload(submission: Submission, recipient: str) -> dict[str, Any]:
         body[str(w["attachments"])] = [
             {
                 str(w["att_name"]): a.filename,
-                str(w["att_content"]): a.base64().decode("ascii"),
+                str(w["att_content"]): jsonbody.text(a.base64()),
                 str(w["att_type"]): a.content_type,
                 **({w["att_cid"]: a.content_id} if w["att_cid"] and a.content_id else {}),
             }

@@ -8,9 +8,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 
-import orjson
-
-from gateway import replies
+from gateway import jsonbody, replies
 from gateway.config_base import UserSettings
 from gateway.delivery.outcome import Outcome
 from gateway.errors import ContentRejected, Deferred, Rejected
@@ -167,7 +165,7 @@ class DmdsProvider:
     ) -> wire.SendResult:
         """One call: send_one_inline for one contact, send_many_inline for several; `batch` joins it to an eeid."""
         path = wire.WIRE["send_one"] if len(leg.contacts) == 1 else wire.WIRE["send_many"]
-        content = orjson.dumps(wire.build_payload(submission, leg, batch))
+        content = jsonbody.encode(wire.build_payload(submission, leg, batch))
         await self.limiter.acquire()
         await before_send((leg.key,))
         response = await self.http.request(

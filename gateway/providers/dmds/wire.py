@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from gateway import jsonbody
 from gateway.errors import AnswerLost, RateLimited, UpstreamAuthFailed, UpstreamRejected, UpstreamUnavailable
 from gateway.model import Address, Submission
 from gateway.providers.dmds.legs import Leg
@@ -91,7 +92,7 @@ def build_payload(submission: Submission, leg: Leg, batch_id: str | None) -> dic
             {
                 WIRE["att_name"]: a.filename,
                 WIRE["att_type"]: a.content_type,
-                WIRE["att_content"]: a.base64().decode("ascii"),
+                WIRE["att_content"]: jsonbody.text(a.base64()),
                 **({WIRE["att_cid"]: a.content_id} if a.content_id else {}),
                 **({WIRE["att_inline"]: True} if a.inline else {}),
             }

@@ -1,0 +1,126 @@
+"""A 40 MB scan through the gateway while another session sends small messages: does the scan stall them,
+and how much memory does the gateway take for it?
+
+    python bench/scan.py                 # ~1 minute; --size-mb 40 --repeat 3
+
+Reports, for the small-message session: p50/p99/max latency of the transactions that overlapped a scan,
+next to the same session's latency without a scan; and the gateway's peak RSS during the scans above its
+RSS before them (targets, issue #12: p99 <= 50 ms; peak <= 2x the scan's size above idle). Writes
+bench/results/scan.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import smtplib
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import genmsg
+from gateway_target import LOGIN, PASSWORD, Gateway, check_cli
+from procmon import PeakRss, tree_rss
+from servers import BENCH_DIR, HOST
+
+MIB = 1024 * 1024
+
+
+def scan_message(size: int) -> bytes:
+    """A scan-to-email message: a `size`-byte PDF-like attachment, base64 in 76-character CRLF lines."""
+    pdf = b"%PDF-1.4\n" + os.urandom(size - 9)
+    encoded = base64.encodebytes(pdf).replace(b"\n", b"\r\n")
+    head = (f"From: {genmsg.SENDER}\r\nTo: {genmsg.RECIPIENT}\r\nSubject: scan\r\nMIME-Version: 1.0\r\n"
+            'Content-Type: multipart/mixed; boundary="b1"\r\n\r\n--b1\r\nContent-Type: text/plain\r\n\r\n'
+            "Scanned document attached.\r\n--b1\r\nContent-Type: application/pdf; name=scan.pdf\r\n"
+            "Content-Transfer-Encoding: base64\r\nContent-Disposition: attachment; filename=scan.pdf\r\n\r\n")
+    return head.encode() + encoded + b"--b1--\r\n"
+
+
+class Prober(threading.Thread):
+    """One session sending the 5 KB bench message in a loop, timing each transaction."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.samples: list[tuple[float, float]] = []  # (start, seconds)
+        self.stop_event = threading.Event()
+        self.error = ""
+
+    def run(self) -> None:
+        raw = (genmsg.MESSAGES_DIR / f"{genmsg.SMALL_NAME}.eml").read_bytes()
+        try:
+            with smtplib.SMTP(HOST, self.port, timeout=60) as client:
+                client.login(LOGIN, PASSWORD)
+                while not self.stop_event.is_set():
+                    started = time.monotonic()
+                    client.sendmail(genmsg.SENDER, [genmsg.RECIPIENT], raw)
+                    self.samples.append((started, time.monotonic() - started))
+        except (OSError, smtplib.SMTPException) as exc:
+            self.error = str(exc)
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    ordered = sorted(values)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {"n": len(ordered), "p50_ms": round(pick(0.5) * 1000, 2), "p99_ms": round(pick(0.99) * 1000, 2),
+            "max_ms": round(ordered[-1] * 1000, 2), "mean_ms": round(statistics.fmean(ordered) * 1000, 2)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-mb", type=float, default=40.0, help="the scan's attachment size")
+    parser.add_argument("--repeat", type=int, default=3, help="scans, one after the other")
+    args = parser.parse_args(argv)
+    size = int(args.size_mb * MIB)
+    raw = scan_message(size)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-scan-"))
+    gateway = Gateway(workdir, 0, check_cli(), [])
+    gateway.start()
+    try:
+        prober = Prober(gateway.port)
+        prober.start()
+        time.sleep(3.0)  # the prober's baseline, and the gateway warm
+        baseline_end = time.monotonic()
+        idle_rss = tree_rss(gateway.rss_roots())
+        windows: list[tuple[float, float]] = []
+        with PeakRss(gateway.rss_roots, interval_s=0.05) as rss:
+            for _ in range(args.repeat):
+                started = time.monotonic()
+                with smtplib.SMTP(HOST, gateway.port, timeout=300) as client:
+                    client.login(LOGIN, PASSWORD)
+                    client.sendmail(genmsg.SENDER, [genmsg.RECIPIENT], raw)
+                windows.append((started, time.monotonic()))
+        prober.stop_event.set()
+        prober.join(60)
+        during = [s for t, s in prober.samples if any(a <= t + s and t <= b for a, b in windows)]
+        before = [s for t, s in prober.samples if t + s < baseline_end]
+        result = {
+            "scan_bytes": size, "scan_wire_bytes": len(raw), "scans": args.repeat,
+            "scan_seconds": [round(b - a, 2) for a, b in windows],
+            "small_messages_without_scan": percentiles(before),
+            "small_messages_during_scans": percentiles(during),
+            "idle_rss_mib": round(idle_rss / MIB, 1),
+            "peak_rss_mib": round(rss.peak / MIB, 1),
+            "peak_above_idle_mib": round((rss.peak - idle_rss) / MIB, 1),
+            "peak_above_idle_per_scan_size": round((rss.peak - idle_rss) / size, 2),
+            "prober_error": prober.error,
+        }
+    finally:
+        gateway.stop()
+    print(json.dumps(result, indent=2))
+    out = BENCH_DIR / "results" / "scan.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

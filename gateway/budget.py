@@ -1,0 +1,52 @@
+"""How many bytes of large messages one process holds at once (limits.max_large_bytes).
+
+A message counts once it grows past `threshold` (small mail never waits for anything), with its whole
+size, from its DATA until its first delivery attempt has ended (delivered, refused, or stored in the
+queue). A message that would go past the limit is read to its end and refused with 452 4.3.1, so many
+scans at once cannot exhaust memory; the client sends it again later, as SMTP clients do after a 4xx.
+"""
+
+from __future__ import annotations
+
+from gateway.observability import LARGE_BYTES, LARGE_REFUSED
+
+
+class ByteBudget:
+    def __init__(self, limit: int, threshold: int) -> None:
+        self.limit = limit
+        self.threshold = threshold
+        self.used = 0
+
+    def free(self) -> int:
+        return self.limit - self.used
+
+    def reservation(self) -> Reservation:
+        return Reservation(self)
+
+
+class Reservation:
+    """One message's share of the budget; released once (idempotent)."""
+
+    def __init__(self, budget: ByteBudget) -> None:
+        self._budget = budget
+        self.held = 0
+
+    def grow(self, size: int) -> bool:
+        """The message is `size` bytes now: reserve them if it is large. False: over the limit."""
+        budget = self._budget
+        if size <= budget.threshold or size <= self.held:
+            return True
+        more = size - self.held
+        if budget.used + more > budget.limit:
+            LARGE_REFUSED.inc()
+            return False
+        budget.used += more
+        self.held = size
+        LARGE_BYTES.set(budget.used)
+        return True
+
+    def release(self) -> None:
+        budget = self._budget
+        budget.used -= self.held
+        self.held = 0
+        LARGE_BYTES.set(budget.used)

@@ -1,0 +1,82 @@
+"""Pure: JSON request bodies whose large string values (attachments' base64) are not copied into the JSON.
+
+A payload may hold `Blob(b"...")` where a string goes. `encode` returns plain bytes when there is none,
+else a `Body`: the JSON text cut around each blob, so the request can be written as JSON, blob, JSON, ...
+straight from the bytes the message arrived with. A 40 MB scan is then never held twice (its base64 text
+once as it arrived, once more inside the JSON) and no multi-megabyte JSON is built on the event loop.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+# Smaller values are copied into the JSON: cheaper than a separate piece.
+BLOB_MIN = 64 * 1024
+# Bodies are written in slices of this size (a socket write never holds the loop for a multi-MB copy).
+SLICE = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Blob:
+    """A JSON string value given as bytes that need no escaping (base64 text)."""
+
+    data: bytes
+
+
+def text(value: bytes) -> str | Blob:
+    """A base64 value for a payload: a string when small, a Blob when large."""
+    return value.decode("ascii") if len(value) < BLOB_MIN else Blob(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Body:
+    """A JSON body in pieces: JSON text and blobs, in order."""
+
+    pieces: tuple[bytes, ...]
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.pieces)
+
+    def slices(self) -> Iterator[memoryview]:
+        for piece in self.pieces:
+            view = memoryview(piece)
+            for start in range(0, len(view), SLICE):
+                yield view[start : start + SLICE]
+
+    async def aiter(self) -> AsyncIterator[bytes]:
+        for chunk in self.slices():
+            yield bytes(chunk)
+
+    def join(self) -> bytes:
+        """The whole body in one piece (tests, and the rare transport that needs it)."""
+        return b"".join(self.pieces)
+
+
+def encode(payload: Any) -> bytes | Body:
+    blobs: list[Blob] = []
+    nonce = secrets.token_hex(8)  # no text of the payload can contain the markers
+
+    def placeholder(value: Any) -> str:
+        if isinstance(value, Blob):
+            blobs.append(value)
+            return f"\x00{nonce}:{len(blobs) - 1}\x00"  # written by orjson as "\\u0000<nonce>:N\\u0000"
+        raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+    encoded = orjson.dumps(payload, default=placeholder, option=orjson.OPT_PASSTHROUGH_DATACLASS)
+    if not blobs:
+        return encoded
+    pieces: list[bytes] = []
+    rest = encoded
+    for n, blob in enumerate(blobs):
+        marker = f'"\\u0000{nonce}:{n}\\u0000"'.encode()
+        before, found, rest = rest.partition(marker)
+        if not found:  # pragma: no cover - the marker is ours and orjson's escaping is stable
+            raise AssertionError("blob marker not found in the encoded payload")
+        pieces += [before + b'"', blob.data, b'"']
+    pieces.append(rest)
+    return Body(tuple(p for p in pieces if p))

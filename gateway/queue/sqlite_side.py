@@ -1,0 +1,150 @@
+"""The SQLite queue's side files: token buckets shared by local processes, and the disk reserve."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import structlog
+
+from gateway.errors import SpoolUnavailable
+from gateway.queue.health import QueueHealth
+
+log = structlog.get_logger("gateway.queue.sqlite")
+T = TypeVar("T")
+
+
+class RateFile:
+    """The token buckets of the local processes sharing a SQLite queue, in a side file of their own: they
+    need no durability (no fsync) and must not wait behind the queue's writes (own thread)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="queue-rate")
+        self._db: sqlite3.Connection | None = None
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=OFF")
+            db.execute("CREATE TABLE IF NOT EXISTS rate_buckets (account TEXT PRIMARY KEY, tat REAL NOT NULL,"
+                       " slow_until REAL NOT NULL DEFAULT 0)")
+            self._db = db
+        return self._db
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args))
+        except (sqlite3.Error, OSError) as exc:
+            raise SpoolUnavailable(f"rate limit file {self.path}: {type(exc).__name__}: {exc}") from exc
+
+    async def slot(self, account: str, interval: float, burst: int) -> float:
+        def run() -> float:
+            db = self._conn()
+            now = time.time()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                row = db.execute("SELECT tat, slow_until FROM rate_buckets WHERE account=?", (account,)).fetchone()
+                tat, slow_until = (row[0], row[1]) if row else (now, 0.0)
+                step = interval * (2 if slow_until > now else 1)
+                tat = max(tat, now)
+                db.execute("INSERT INTO rate_buckets (account, tat, slow_until) VALUES (?,?,?) ON CONFLICT (account)"
+                           " DO UPDATE SET tat=excluded.tat", (account, tat + step, slow_until))
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return max(0.0, tat - (burst - 1) * step - now)
+
+        return await self._run(run)
+
+    async def pause(self, account: str, seconds: float, slow_for: float) -> None:
+        def run() -> None:
+            now = time.time()
+            self._conn().execute(
+                "INSERT INTO rate_buckets (account, tat, slow_until) VALUES (?,?,?) ON CONFLICT (account) DO UPDATE"
+                " SET tat=MAX(tat, excluded.tat), slow_until=excluded.slow_until",
+                (account, now + seconds, now + slow_for),
+            )
+
+        await self._run(run)
+
+    async def close(self) -> None:
+        def shut() -> None:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, shut)
+        self._executor.shutdown(wait=True)
+
+
+def disk_full(exc: sqlite3.OperationalError) -> bool:
+    return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
+
+
+class Reserve:
+    """Disk space set aside beside the queue (a pre-allocated file), released only to let stored messages
+    drain when the file system fills up, and taken back once there is room again."""
+
+    RETRY_EVERY = 30.0
+
+    def __init__(self, path: Path, size: int, health: QueueHealth | None = None) -> None:
+        self.path = path
+        self.size = size
+        self._health = health  # told when the reserve is in use (/readyz)
+        self._released = False
+        self._next_try = 0.0
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    @released.setter
+    def released(self, value: bool) -> None:
+        self._released = value
+        if self._health is not None:
+            self._health.reserve_released = value
+
+    def release(self) -> bool:
+        """Free the reserve; False when there is none to free."""
+        if self.released or self.size <= 0:
+            return False
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            return False
+        self.released = True
+        self._next_try = time.monotonic() + self.RETRY_EVERY
+        log.error("queue_disk_full", path=str(self.path.parent), reserve_released=self.size,
+                  effect="stored messages keep draining; new messages get 452 4.3.1 until there is room")
+        return True
+
+    def restore_if_due(self, force: bool = False) -> None:
+        if self.size <= 0 or (not force and (not self.released or time.monotonic() < self._next_try)):
+            return
+        self._next_try = time.monotonic() + self.RETRY_EVERY
+        try:
+            if self.path.exists() and self.path.stat().st_size >= self.size:
+                self.released = False
+                return
+            with self.path.open("wb") as fh:
+                os.posix_fallocate(fh.fileno(), 0, self.size)
+        except OSError as exc:
+            self.path.unlink(missing_ok=True)  # not enough room yet: keep draining, try again later
+            if force and not self.released:
+                # At start: run without a reserve (a full disk then stalls retries until there is room).
+                log.warning("queue_disk_reserve_unavailable", path=str(self.path), size=self.size, error=str(exc))
+                self.size = 0
+            return
+        if self.released:
+            log.info("queue_disk_reserve_restored", path=str(self.path.parent), size=self.size)
+        self.released = False

@@ -1,0 +1,118 @@
+"""Large messages end to end: the byte budget for large messages in flight (452 4.3.1 past it, early at
+MAIL for a declared SIZE, released when a message's attempt ends or its client vanishes), and scans whose
+attachment reaches the upstream byte-identical, inline and from the queue."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import smtplib
+import socket
+import threading
+from collections.abc import Callable
+
+from tests.harness import PASSWORD, USER, Running
+from tests.smtputil import RawClient
+from tests.spool_helpers import wait_for
+
+MIB = 1024 * 1024
+# Room for one 3 MiB message at a time.
+SMALL_BUDGET = {"max_message_size": 4 * MIB, "max_large_bytes": 5 * MIB, "large_message_threshold": MIB}
+
+
+def scan(size: int, subject: str = "scan") -> tuple[bytes, bytes]:
+    """A scan-to-email message with a `size`-byte PDF-like attachment (base64, 76-character lines)."""
+    pdf = b"%PDF-1.4\n" + os.urandom(size - 9)
+    encoded = base64.encodebytes(pdf).replace(b"\n", b"\r\n")
+    head = (f"From: billing@acme.example\r\nTo: client@example.com\r\nSubject: {subject}\r\nMIME-Version: 1.0\r\n"
+            'Content-Type: multipart/mixed; boundary="b1"\r\n\r\n--b1\r\nContent-Type: text/plain\r\n\r\n'
+            "Scanned.\r\n--b1\r\nContent-Type: application/pdf; name=scan.pdf\r\nContent-Transfer-Encoding: base64\r\n"
+            "Content-Disposition: attachment; filename=scan.pdf\r\n\r\n").encode()
+    return head + encoded + b"--b1--\r\n", pdf
+
+
+def attachment_of(entry: dict[str, object]) -> bytes:
+    body = entry["body"]
+    assert isinstance(body, dict)
+    [att] = body["adjuntos"]
+    return base64.b64decode(att["contenido"])
+
+
+def submit(port: int, raw: bytes) -> tuple[int, str]:
+    with smtplib.SMTP("127.0.0.1", port, timeout=60) as client:
+        client.login(USER, PASSWORD)
+        client.mail("billing@acme.example")
+        client.rcpt("client@example.com")
+        code, text = client.data(raw)
+    return code, text.decode()
+
+
+def test_a_large_scan_reaches_the_upstream_byte_identical(gateway_factory: Callable[..., Running]) -> None:
+    gw = gateway_factory(limits={"max_message_size": 20 * MIB})
+    raw, pdf = scan(12 * MIB)
+    code, text = submit(gw.port(), raw)
+    assert code == 250, text
+    [sent] = gw.sent
+    assert hashlib.sha256(attachment_of(sent)).digest() == hashlib.sha256(pdf).digest()
+
+
+def test_a_large_scan_queued_during_an_outage_is_retried_byte_identical(
+    gateway_factory: Callable[..., Running],
+) -> None:
+    gw = gateway_factory(limits={"max_message_size": 20 * MIB},
+                         delivery={"retry_schedule": [0.3], "retry_jitter": 0.0, "poll_interval": 0.2})
+    gw.fault(status=503, count=2, kind="send")  # the inline call and the first retry fail
+    raw, pdf = scan(6 * MIB)
+    code, text = submit(gw.port(), raw)
+    assert code == 250 and len(text.rsplit(" ", 1)[1]) == 16, text  # queued
+    wait_for(lambda: len(gw.sent) == 1, 30, "retried from the queue")
+    assert attachment_of(gw.sent[0]) == pdf
+
+
+def test_large_messages_past_the_budget_get_452_and_others_go_through(
+    gateway_factory: Callable[..., Running],
+) -> None:
+    # The upstream holds the first call for a second.
+    gw = gateway_factory(limits=SMALL_BUDGET)
+    gw.fault(delay=1.0, count=1, kind="send")
+    raw, _ = scan(2 * MIB)  # ~2.7 MiB on the wire
+    results: list[tuple[int, str]] = []
+    first = threading.Thread(target=lambda: results.append(submit(gw.port(), raw)))
+    first.start()
+    wait_for(lambda: gw.app.listeners is not None and gw.app.listeners.budget.used > 0, 10, "first one in")
+    second = submit(gw.port(), raw)
+    first.join(30)
+    assert results[0][0] == 250
+    assert second == (452, "4.3.1 Too many large messages in progress here; try again later")
+    wait_for(lambda: gw.app.listeners is not None and gw.app.listeners.budget.used == 0, 10, "released")
+    assert submit(gw.port(), raw)[0] == 250  # room again once the first one's attempt ended
+    small = submit(gw.port(), b"From: billing@acme.example\r\nTo: client@example.com\r\nSubject: s\r\n\r\nhi\r\n")
+    assert small[0] == 250
+
+
+def test_a_declared_size_past_the_free_budget_is_refused_at_mail(gateway_factory: Callable[..., Running]) -> None:
+    gw = gateway_factory(limits=SMALL_BUDGET)
+    with RawClient(gw) as client:
+        client.cmd("EHLO client.test")
+        assert client.login(USER, PASSWORD).startswith("235")
+        assert gw.app.listeners is not None
+        gw.app.listeners.budget.used = 2 * MIB  # as if another large message held part of the budget
+        assert client.cmd(f"MAIL FROM:<billing@acme.example> SIZE={int(3.5 * MIB)}").startswith("452 4.3.1 ")
+        assert client.cmd(f"MAIL FROM:<billing@acme.example> SIZE={3 * MIB}").startswith("250")
+
+
+def test_a_client_vanishing_mid_data_releases_its_share(gateway_factory: Callable[..., Running]) -> None:
+    gw = gateway_factory(limits=SMALL_BUDGET)
+    raw, _ = scan(3 * MIB)
+    with RawClient(gw) as client:
+        client.cmd("EHLO client.test")
+        assert client.login(USER, PASSWORD).startswith("235")
+        client.cmd("MAIL FROM:<billing@acme.example>")
+        client.cmd("RCPT TO:<client@example.com>")
+        assert client.cmd("DATA").startswith("354")
+        client.write(raw[: 2 * MIB])
+        wait_for(lambda: gw.app.listeners is not None and gw.app.listeners.budget.used > MIB, 10, "held")
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    wait_for(lambda: gw.app.listeners is not None and gw.app.listeners.budget.used == 0, 10, "released")
+    assert gw.sent == []  # a message cut off mid-DATA is never sent
