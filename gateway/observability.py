@@ -116,7 +116,7 @@ REFUSALS = Counter(
 LIMIT_HITS = Counter(
     "smtp_gateway_limit_hits_total",
     "Clients cut short by a limit: command_timeout, data_timeout, max_commands_before_data, messages_per_minute, "
-    "max_auth_failures (per connection), max_recipients, max_message_size",
+    "max_auth_failures (per connection), max_recipients, max_message_size, max_large_bytes",
     ["limit"],
     registry=REGISTRY,
 )
