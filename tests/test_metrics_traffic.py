@@ -5,6 +5,7 @@ letters, upstream calls, rate-limit waits) and the queue's depth and oldest age 
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from tests.harness import PASSWORD, Running
 from tests.ops_util import scraped, start_data
 from tests.smtputil import RawClient, message
 from tests.spool_helpers import send, wait_for
-from tests.test_spool_e2e import fill, small_fs  # noqa: F401  (small_fs is a fixture)
+from tests.test_spool_e2e import small_fs  # noqa: F401  (a fixture)
 
 Factory = Callable[..., Running]
 FAST = {"retry_schedule": [0.3], "retry_jitter": 0.0, "poll_interval": 0.2, "inline_budget": 2.0}
@@ -27,6 +28,19 @@ FAST = {"retry_schedule": [0.3], "retry_jitter": 0.0, "poll_interval": 0.2, "inl
 @pytest.fixture(autouse=True)
 def fresh_queue_figures(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(app_module, "QUEUE_STATS_EVERY", 0.1)
+
+
+def fill_disk(directory: Path) -> Path:
+    """Fill the file system to its last block (unbuffered, so closing the file cannot fail too)."""
+    filler = directory / "filler"
+    with filler.open("wb", buffering=0) as fh:
+        with contextlib.suppress(OSError):
+            while True:
+                fh.write(b"\0" * 65536)
+        with contextlib.suppress(OSError):
+            while True:
+                fh.write(b"\0" * 512)
+    return filler
 
 
 def metrics(gw: Running) -> str:
@@ -139,7 +153,7 @@ def test_readyz_while_the_queue_cannot_store(gateway_factory: Factory, small_fs:
     assert ready(gw).status_code == 200
     gw.fault(status=503, count=None)
     assert send(gw.port(), "stored", body="y" * 20_000)[0] == 250
-    filler = fill(small_fs)
+    filler = fill_disk(small_fs)
     code, text = send(gw.port(), "no room", body="y" * 300_000)
     assert (code, text[:5]) == (452, "4.3.1")
     answer = ready(gw)
