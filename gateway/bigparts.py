@@ -14,9 +14,9 @@ from gateway.headers import transfer_encoding
 
 # Bodies of at least this many bytes of base64 (line breaks not counted) are lifted. mime.parse alone,
 # parsed whole -> lifted (bench/parsebench.py; fastest of 7 runs on 2 shared cores; tracemalloc peak):
-#   attach-1m.eml (1.4 MB: text, html, a 1 MiB PDF):  21 ms -> 1.7 ms,   peak 4.3 MB -> 2.0 MB
-#   5 MB scan (one PDF, 76-character lines, CRLF):    75 ms -> 4.6 ms,   peak 15 MB -> 5.9 MB
-#   40 MB scan:                                       610-680 ms -> 52 ms, peak 120 MB -> 40 MB
+#   attach-1m.eml (1.4 MB: text, html, a 1 MiB PDF):  21-22 ms -> 1.5-1.7 ms,  peak 4.3 MB -> 2.0 MB
+#   5 MB scan (one PDF, 76-character lines, CRLF):    74-75 ms -> 4.1-4.6 ms,  peak 15 MB -> 5.9 MB
+#   40 MB scan:                                       610-680 ms -> 52-56 ms,  peak 120 MB -> 40 MB
 # With a text and an html part beside one attachment, lifting breaks even at about 10 KiB of base64
 # (8 KiB: 308 -> 349 us; 16 KiB: 425 -> 351 us; 32 KiB: 675 -> 368 us): at 32 KiB it halves the time,
 # and smaller messages and parts never take the new path (a part below it is skipped unread).
@@ -33,9 +33,10 @@ _SLACK = 16  # blank lines allowed around a lifted body (bytes of CR and LF)
 # 256 KiB (small enough to stay in the CPU cache between the copy and translate()).
 _FIRST_CHUNK, _CHUNK = 16 * 1024, 256 * 1024
 
-_BASE64 = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
+_BASE64 = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 _CRLF = b"\r\n"
-# translate() tables: base64 characters stay (and CR, LF in the second), every other byte becomes NUL.
+# translate() tables: base64 characters stay (and CR, LF in the second), every other byte becomes NUL, the
+# padding "=" too: it may only end the body, and is checked there.
 _MARKED = bytes(c if c in _BASE64 else 0 for c in range(256))
 _MARKED_LINES = bytes(c if c in _BASE64 + _CRLF else 0 for c in range(256))
 # What follows "--boundary" on a delimiter line, as the stdlib's boundaryre: optional "--" (the close
@@ -249,14 +250,22 @@ class _Scan:
             text.write(memoryview(compact)[:bad])
             stop = at + chunk.translate(_MARKED_LINES).find(0)
             break
-        last = stop
-        while last > start and raw[last - 1] in _CRLF and stop - last < _SLACK:
-            last -= 1
+        if stop < end and raw[stop] == 61:  # "=": the padding, one or two, then only line breaks
+            last = stop + (2 if raw.startswith(b"==", stop) else 1)
+            text.write(b"=" * (last - stop))
+            stop = last
+            while stop < end and raw[stop] in _CRLF and stop - last < _SLACK:
+                stop += 1
+        else:
+            last = stop
+            while last > start and raw[last - 1] in _CRLF and stop - last < _SLACK:
+                last -= 1
         if stop < end and (last == stop or self.delimiter(stop, stack) is None):
             return self.next_delimiter(stop, stack)  # something else follows the base64 in this part
         if raw[last - 1] not in _CRLF:
             value = text.getvalue()
-            if len(value) >= self.threshold and _canonical(value):
+            # Whole 4-character groups: with at most two "=" at the end, the strict decoding is the lenient one.
+            if len(value) >= self.threshold and len(value) % 4 == 0:
                 self.runs.append((start, last, value))
         return stop
 
@@ -329,12 +338,3 @@ def _boundary(headers: EmailMessage) -> bytes | None:
         return boundary.encode("ascii", "surrogateescape")
     except UnicodeEncodeError:
         return None  # an RFC 2231 boundary beyond Latin-1: no line can match it
-
-
-def _canonical(text: bytes) -> bool:
-    """Base64 text (line breaks removed) whose strict decoding is the lenient one: whole 4-character groups,
-    padding only at the end."""
-    if len(text) % 4:
-        return False
-    padding = 2 if text.endswith(b"==") else 1 if text.endswith(b"=") else 0
-    return text.find(b"=", 0, len(text) - padding) < 0

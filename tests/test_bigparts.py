@@ -192,6 +192,10 @@ def test_a_lifted_inline_image_gets_the_same_derived_content_id() -> None:
 NOT_LIFTED = {
     "missing padding": message(multipart("mixed", "b", pdf(data(100_000))[:-2])),
     "too much padding": message(multipart("mixed", "b", pdf(data(100_000)) + b"=")),
+    "padding split by a line break": message(multipart("mixed", "b", part(
+        PDF + "Content-Transfer-Encoding: base64\r\n", encoded(data(1000))[:-1] + b"\r\n="))),
+    "padding, then more base64": message(multipart("mixed", "b", part(
+        PDF + "Content-Transfer-Encoding: base64\r\n", encoded(data(1000)) + encoded(data(999))))),
     "padding in the middle (two encodings)": message(multipart("mixed", "b", part(
         PDF + "Content-Transfer-Encoding: base64\r\n", encoded(data(1000)) + b"\r\n" + encoded(data(1001))))),
     "a space at the end of a line": message(multipart("mixed", "b", pdf(_BIG).replace(b"\r\n", b" \r\n", 100))),
