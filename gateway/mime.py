@@ -102,19 +102,22 @@ def parse(raw: bytes | bytearray, lift_above: int | None = bigparts.THRESHOLD) -
 
 def _tree(raw: bytes | bytearray, lift_above: int | None) -> tuple[EmailMessage, Mapping[int, bytes]]:
     """The parse tree, and the lifted bodies by id() of the leaves they belong to."""
-    lifted = bigparts.lift(raw, _POLICY, lift_above) if lift_above is not None else None
-    if lifted is not None:
-        try:
-            # The limits count the lines of the whole message, as without lifting.
-            tree = _parse_tree(lifted.skeleton, lifted.line_ends)
-        except ContentRejected:
-            pass  # decided on the message itself below, exactly as without lifting
-        else:
-            carried = bigparts.claim(tree, lifted)
-            if carried is not None:
-                return tree, carried
-        del lifted  # the lifted copies, before the message is parsed whole
+    if lift_above is not None and (lifted := bigparts.lift(raw, _POLICY, lift_above)) is not None:
+        found = _lifted_tree(lifted)
+        del lifted  # without a tree, the lifted copies go before the message is parsed whole
+        if found is not None:
+            return found
     return _parse_tree(raw), {}
+
+
+def _lifted_tree(lifted: bigparts.Lifted) -> tuple[EmailMessage, Mapping[int, bytes]] | None:
+    try:
+        # The limits count the lines of the whole message, as without lifting.
+        tree = _parse_tree(lifted.skeleton, lifted.line_ends)
+    except ContentRejected:
+        return None  # decided on the message itself, exactly as without lifting
+    carried = bigparts.claim(tree, lifted)
+    return None if carried is None else (tree, carried)
 
 
 def _parse_tree(raw: bytes | bytearray, line_ends: int | None = None) -> EmailMessage:

@@ -248,6 +248,16 @@ def test_a_delimiter_the_scan_reads_as_a_header_falls_back_to_parsing_whole() ->
     assert encoded(_BIG)[:76].decode() in (mime.parse(raw).text or "")  # shown as text, as it always was
 
 
+def test_the_scan_stops_at_its_budget_keeping_what_it_lifted() -> None:
+    """Past MAX_MISSES lines that look like a delimiter and are not, the scan stops: the attachment before
+    them is lifted, the one after them is parsed as it always was."""
+    decoys = text("--bX\r\n" * (bigparts.MAX_MISSES + 1))
+    raw = message(multipart("mixed", "b", pdf(_BIG), decoys, pdf(_IMAGE)))
+    assert equivalent(raw) == 1
+    lifted = bigparts.lift(raw, mime._POLICY, 0)
+    assert lifted is not None and [len(b) for b in lifted.bodies.values()] == [len(base64.b64encode(_BIG))]
+
+
 @pytest.mark.parametrize(("skeleton", "why"), [
     (b"Content-Type: message/rfc822\r\n\r\nContent-Type: application/pdf\r\nContent-Transfer-Encoding: base64"
      b"\r\n\r\nPLACEHOLDER\r\n", "inside an attached message"),
