@@ -109,9 +109,10 @@ def claim(tree: EmailMessage, lifted: Lifted) -> dict[int, bytes] | None:
     placeholder is read by the loop that collects such a leaf's payload, which compares each line only with
     the delimiters of the enclosing multiparts, all beginning with "--" (a message/delivery-status
     ancestor, whose blank lines end a block, is excluded by the path); no line of a lifted body can match
-    (it begins with a base64 character), so in the message the same loop collects the body's lines instead,
-    and the lines after it are read in the same state again. Counts the parser limits (parts, header lines,
-    depth) are those of the same tree; the line count is the message's (Lifted.line_ends).
+    (none begins with "-": base64 characters and line breaks only), so in the message the same loop collects
+    the body's lines instead, and the lines after it are read in the same state again. The counts the parser
+    limits (parts, header lines, depth) are those of the same tree; the line count is the message's
+    (Lifted.line_ends).
     """
     carried: dict[int, bytes] = {}
     parts = [tree]
