@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import binascii
 import hashlib
 import html
 import quopri
 import re
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from email.message import Message as EmailMessage
 from typing import Literal
 
 from gateway import charsets, replies, sanitize, transfer
 from gateway.errors import ContentRejected
-from gateway.headers import filename_param, header_text, undo_surrogates
+from gateway.headers import filename_param, header_text, transfer_encoding, undo_surrogates
 from gateway.model import Attachment
 
 
@@ -34,12 +36,13 @@ class _Piece:
     plain: bool = False  # a text/plain part (not text/enriched, text/calendar, ...)
 
 
-def extract(msg: EmailMessage, limit: int) -> Bodies:
+def extract(msg: EmailMessage, limit: int, carried: Mapping[int, bytes] | None = None) -> Bodies:
     """Bodies and attachments of `msg`. `limit`: most bytes of memory the decoded bodies and attachments
     may take (ContentRejected 552 5.3.4 past it, checked before an HTML body is built from text: escaping
     can make it five times longer, and one character beyond U+FFFF makes a Python string 4 bytes a
-    character)."""
-    walk = _Walk()
+    character). `carried`: base64 text (no line breaks) by id() of the leaf it stands for, a body lifted
+    out before parsing (gateway/bigparts.py); such a part's attachment carries it as it is."""
+    walk = _Walk(carried=carried or {})
     pieces = walk.part(msg)
     size = sum(a.size for a in walk.attachments) + sum(_memory(t) for t in walk.texts)
     htmls = [p for p in pieces if p.kind == "html"]
@@ -97,6 +100,7 @@ class _Walk:
     texts: list[str] = field(default_factory=list)
     defects: list[str] = field(default_factory=list)
     leaves: int = 0
+    carried: Mapping[int, bytes] = field(default_factory=dict)
 
     def part(self, part: EmailMessage, resource: bool = False) -> list[_Piece]:
         if part.is_multipart() and part.get_content_maintype() == "multipart":
@@ -173,8 +177,7 @@ class _Walk:
     def payload_bytes(self, part: EmailMessage, ctype: str) -> bytes:
         if part.is_multipart() or ctype.startswith("message/"):
             return transfer.message_bytes(part)
-        # Senders write "base64 ", "quoted-printable;", "Quoted Printable": the stdlib then decodes nothing.
-        cte = str(part.get("Content-Transfer-Encoding") or "").split(";", 1)[0].strip().lower()
+        cte = transfer_encoding(part)  # "Quoted Printable" too
         if cte in ("quoted-printable", "quoted printable"):
             return quopri.decodestring(_raw_payload(part))
         if cte == "base64":
@@ -191,12 +194,14 @@ class _Walk:
     def attachment(self, part: EmailMessage, ctype: str, disposition: str, filename: str | None) -> Attachment:
         raw_cid = part.get("Content-ID")
         content_id = sanitize.content_id(undo_surrogates(str(raw_cid))) if raw_cid is not None else None
+        carried = self.carried.get(id(part))
         return Attachment(
             filename=filename or _default_filename(part, ctype),
             content_type=ctype,
-            data=self.payload_bytes(part, ctype),
+            data=self.payload_bytes(part, ctype) if carried is None else b"",
             content_id=content_id,
             inline=disposition == "inline" or (content_id is not None and disposition != "attachment"),
+            b64=carried,
         )
 
 
@@ -285,9 +290,20 @@ def _image_cid(walk: _Walk, index: int) -> str:
     if attachment.content_id:
         return attachment.content_id
     # Referenced from the joined body, so it needs an id; derived from the content so a retry is identical.
-    cid = f"part{index + 1}.{hashlib.sha256(attachment.data).hexdigest()[:16]}@smtp-gateway"
-    walk.attachments[index] = Attachment(
-        filename=attachment.filename, content_type=attachment.content_type, data=attachment.data,
-        content_id=cid, inline=True,
-    )
+    cid = f"part{index + 1}.{_content_digest(attachment)[:16]}@smtp-gateway"
+    walk.attachments[index] = replace(attachment, content_id=cid, inline=True)
     return cid
+
+
+_DIGEST_CHUNK = 1 << 20  # a multiple of 4: each slice of base64 text decodes on its own
+
+
+def _content_digest(attachment: Attachment) -> str:
+    """SHA-256 of the decoded content, also of a carried part (decoded a slice at a time, never whole)."""
+    if attachment.b64 is None:
+        return hashlib.sha256(attachment.data).hexdigest()
+    digest = hashlib.sha256()
+    with memoryview(attachment.b64) as text:
+        for at in range(0, len(text), _DIGEST_CHUNK):
+            digest.update(binascii.a2b_base64(text[at : at + _DIGEST_CHUNK]))
+    return digest.hexdigest()

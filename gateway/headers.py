@@ -56,6 +56,12 @@ def undo_surrogates(text: str) -> str:
     return charsets.decode(text.encode("ascii", "surrogateescape"), None).text
 
 
+def transfer_encoding(part: Message) -> str:
+    """The part's Content-Transfer-Encoding, lower-cased, as senders write it: "base64 ", "quoted-printable;"
+    mean the names (the stdlib then decodes nothing)."""
+    return str(part.get("Content-Transfer-Encoding") or "").split(";", 1)[0].strip().lower()
+
+
 def filename_param(part: Message) -> str | None:
     """The part's file name: Content-Disposition filename, else Content-Type name; RFC 2231 or 2047 decoded."""
     for param, header in (("filename", "content-disposition"), ("name", "content-type")):

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from email.feedparser import BytesFeedParser, FeedParser
 from email.message import Message as EmailMessage
 from email.policy import Compat32
 from email.utils import getaddresses
 
-from gateway import bodies, replies, sanitize
+from gateway import bigparts, bodies, replies, sanitize
 from gateway.errors import ContentRejected
 from gateway.headers import header_text, undo_surrogates
 from gateway.model import Address, Message
@@ -87,19 +88,42 @@ class _BoundedParser(BytesFeedParser):
         FeedParser._parse_headers(self, lines)  # type: ignore[attr-defined]
 
 
-def parse(raw: bytes | bytearray) -> Message:
-    """Decode a submitted message. Raises ContentRejected when it cannot be turned into an API call."""
+def parse(raw: bytes | bytearray, lift_above: int | None = bigparts.THRESHOLD) -> Message:
+    """Decode a submitted message. Raises ContentRejected when it cannot be turned into an API call.
+
+    Attachments of at least `lift_above` bytes of clean base64 carry that text as it arrived
+    (Attachment.b64) and never pass through the parser (gateway/bigparts.py); None: none do."""
     try:
-        return _parse(raw)
+        return _parse(raw, lift_above)
     except RecursionError:
         # The stdlib's address parser recurses per word: a To: of thousands of encoded words exhausts it.
         raise _too_complex("recursion limit reached", "Message structure is too complex") from None
 
 
-def _parse_tree(raw: bytes | bytearray) -> EmailMessage:
+def _tree(raw: bytes | bytearray, lift_above: int | None) -> tuple[EmailMessage, Mapping[int, bytes]]:
+    """The parse tree, and the lifted bodies by id() of the leaves they belong to."""
+    if lift_above is not None and (lifted := bigparts.lift(raw, _POLICY, lift_above)) is not None:
+        found = _lifted_tree(lifted)
+        del lifted  # without a tree, the lifted copies go before the message is parsed whole
+        if found is not None:
+            return found
+    return _parse_tree(raw), {}
+
+
+def _lifted_tree(lifted: bigparts.Lifted) -> tuple[EmailMessage, Mapping[int, bytes]] | None:
+    try:
+        # The limits count the lines of the whole message, as without lifting.
+        tree = _parse_tree(lifted.skeleton, lifted.line_ends)
+    except ContentRejected:
+        return None  # decided on the message itself, exactly as without lifting
+    carried = bigparts.claim(tree, lifted)
+    return None if carried is None else (tree, carried)
+
+
+def _parse_tree(raw: bytes | bytearray, line_ends: int | None = None) -> EmailMessage:
     # The parser splits lines at CRLF, LF and a bare CR: counting both bytes overcounts CRLF lines twice,
     # which only makes the nesting limit stricter for them.
-    parser = _BoundedParser(raw.count(b"\n") + raw.count(b"\r"))
+    parser = _BoundedParser(raw.count(b"\n") + raw.count(b"\r") if line_ends is None else line_ends)
     view = memoryview(raw)
     try:
         if len(raw) <= _FEED_CHUNK:
@@ -121,8 +145,8 @@ def _parse_tree(raw: bytes | bytearray) -> EmailMessage:
         view.release()  # the caller empties a bytearray once parsed; a live view would forbid that
 
 
-def _parse(raw: bytes | bytearray) -> Message:
-    msg = _parse_tree(raw)
+def _parse(raw: bytes | bytearray, lift_above: int | None) -> Message:
+    msg, carried = _tree(raw, lift_above)
     if not msg.keys() and not raw.strip():
         raise ContentRejected("Empty message")
     defects: list[str] = []
@@ -134,7 +158,7 @@ def _parse(raw: bytes | bytearray) -> Message:
             defects.append(f"header_truncated: {sanitize.field(name)[:60]} ({len(text)} characters)")
             text = _cut(text)
         headers.setdefault(name.lower(), []).append(text)
-    decoded = bodies.extract(msg, max(DECODED_FACTOR * len(raw), DECODED_FLOOR))
+    decoded = bodies.extract(msg, max(DECODED_FACTOR * len(raw), DECODED_FLOOR), carried)
     options = {
         name[len(OPTION_PREFIX) :]: sanitize.field(header_text(values[0]))
         for name, values in headers.items()
