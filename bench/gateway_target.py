@@ -174,6 +174,7 @@ class Gateway(Server):
         super().__init__(workdir)
         self.queue = queue
         self.pg: object | None = None
+        self.extra_config = ""  # appended to the rendered configuration (bench/scan.py: a second account)
         self.provider = provider
         self.rate_limit = rate_limit
         self.workers = workers
@@ -252,7 +253,7 @@ class Gateway(Server):
         config = self.tmp / "gateway.toml"
         text = render_config(self.port, self.sandbox_url, self.tmp / "spool.sqlite3", self.dns_port,
                              self.provider, self.rate_limit, queue_url)
-        config.write_text(text)
+        config.write_text(text + self.extra_config)
         cmd = [*self.cmd, "serve", "--config", str(config), *self.serve_args]
         if self.workers > 1:
             cmd += ["--workers", str(self.workers)]

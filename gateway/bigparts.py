@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import io
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from email.message import Message as EmailMessage
 from email.parser import BytesParser
@@ -50,11 +49,21 @@ _PLACEHOLDER_BYTES = PLACEHOLDER.encode("ascii")
 
 
 @dataclass(frozen=True, slots=True)
+class Run:
+    """A lifted body in the raw message: base64 characters and line breaks from `start` to `end`, `length`
+    characters once the line breaks are gone."""
+
+    start: int
+    end: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
 class Lifted:
     """A message with its large base64 bodies replaced by one-line placeholders."""
 
     skeleton: bytes
-    bodies: Mapping[str, bytes]  # placeholder -> that body's base64 text without line breaks
+    bodies: Mapping[str, Run]  # placeholder -> where that body is
     line_ends: int  # CR and LF bytes of the whole message, lifted bodies included (the parser limits count them)
 
 
@@ -82,14 +91,14 @@ def lift(raw: bytes | bytearray, policy: Compat32, threshold: int = THRESHOLD) -
         if not scan.runs:
             return None
         pieces: list[memoryview | bytes] = []
-        bodies: dict[str, bytes] = {}
+        bodies: dict[str, Run] = {}
         at = line_ends = 0
-        for index, (start, end, text) in enumerate(scan.runs):
+        for index, run in enumerate(scan.runs):
             placeholder = f"{PLACEHOLDER}{index}\x00"
-            pieces += (view[at:start], placeholder.encode("ascii"))
-            bodies[placeholder] = text
-            line_ends += end - start - len(text)  # a run holds base64 characters and line breaks only
-            at = end
+            pieces += (view[at : run.start], placeholder.encode("ascii"))
+            bodies[placeholder] = run
+            line_ends += run.end - run.start - run.length  # a run holds base64 characters and line breaks only
+            at = run.end
         pieces.append(view[at:])
         skeleton = b"".join(pieces)  # the one copy of what stays (memoryview slices are not copies)
         del pieces
@@ -98,7 +107,7 @@ def lift(raw: bytes | bytearray, policy: Compat32, threshold: int = THRESHOLD) -
     return Lifted(skeleton, bodies, line_ends + skeleton.count(b"\n") + skeleton.count(b"\r"))
 
 
-def claim(tree: EmailMessage, lifted: Lifted) -> dict[int, bytes] | None:
+def claim(tree: EmailMessage, lifted: Lifted) -> dict[int, Run] | None:
     """The lifted bodies by id() of the part that carries each, in the skeleton's parse tree; None unless
     every placeholder is, with nothing but line breaks around it, the whole payload of a non-text,
     non-message, base64 leaf reached from the root through multiparts only (the parts bodies.py turns into
@@ -114,7 +123,7 @@ def claim(tree: EmailMessage, lifted: Lifted) -> dict[int, bytes] | None:
     limits (parts, header lines, depth) are those of the same tree; the line count is the message's
     (Lifted.line_ends).
     """
-    carried: dict[int, bytes] = {}
+    carried: dict[int, Run] = {}
     parts = [tree]
     while parts:
         part = parts.pop()
@@ -156,7 +165,7 @@ class _Scan:
         self.raw, self.view, self.end = raw, view, len(raw)
         self.parser = BytesParser(policy=policy)
         self.threshold = max(threshold, 1)
-        self.runs: list[tuple[int, int, bytes]] = []  # (start, end, base64 text) in message order
+        self.runs: list[Run] = []  # in message order
         self.headers_left = MAX_SCANNED_HEADERS
         self.misses_left = MAX_MISSES
         # separator -> (searched from, first delimiter line at or after it, -1 if none): searches only move on
@@ -242,7 +251,9 @@ class _Scan:
         if start >= end or raw[start] in _CRLF:
             return self.next_delimiter(body, stack)
         # One pass: each chunk loses its line breaks and shows the first byte that is not base64 as a NUL.
-        text = io.BytesIO()  # grows in place; getvalue() hands its buffer over without a copy
+        # Only its length is kept: the text is made once the parser has accepted the lifted structure
+        # (materialize), so a message parsed whole after all reads its own bytes.
+        length = 0
         stop = at = start
         size = _FIRST_CHUNK
         while at < end:
@@ -251,16 +262,16 @@ class _Scan:
             compact = chunk.translate(_MARKED, _CRLF)
             bad = compact.find(0)
             if bad < 0:
-                text.write(compact)
+                length += len(compact)
                 at += len(chunk)
                 stop = end
                 continue
-            text.write(memoryview(compact)[:bad])
+            length += bad
             stop = at + chunk.translate(_MARKED_LINES).find(0)
             break
         if stop < end and raw[stop] == 61:  # "=": the padding, one or two, then only line breaks
             last = stop + (2 if raw.startswith(b"==", stop) else 1)
-            text.write(b"=" * (last - stop))
+            length += last - stop
             stop = last
             while stop < end and raw[stop] in _CRLF and stop - last < _SLACK:
                 stop += 1
@@ -270,11 +281,9 @@ class _Scan:
                 last -= 1
         if stop < end and (last == stop or self.delimiter(stop, stack) is None):
             return self.next_delimiter(stop, stack)  # something else follows the base64 in this part
-        if raw[last - 1] not in _CRLF:
-            value = text.getvalue()
+        if raw[last - 1] not in _CRLF and length >= self.threshold and length % 4 == 0:
             # Whole 4-character groups: with at most two "=" at the end, the strict decoding is the lenient one.
-            if len(value) >= self.threshold and len(value) % 4 == 0:
-                self.runs.append((start, last, value))
+            self.runs.append(Run(start, last, length))
         return stop
 
     def next_delimiter(self, pos: int, stack: tuple[bytes, ...]) -> int:
@@ -346,3 +355,22 @@ def _boundary(headers: EmailMessage) -> bytes | None:
         return boundary.encode("ascii", "surrogateescape")
     except UnicodeEncodeError:
         return None  # an RFC 2231 boundary beyond Latin-1: no line can match it
+
+
+def materialize(raw: bytes | bytearray, runs: Iterable[Run]) -> dict[Run, bytes | memoryview]:
+    """Each lifted body's base64 text without line breaks. In a bytearray (the SMTP session's buffer) it is
+    made in place, each body shrinking within its own bytes, and handed out as a view: the message is then
+    held once, not once as it arrived and once more as the attachment's text (a 40 MB scan: ~55 MB, not
+    ~110). Call only once the lifted structure is accepted: the buffer is not the message any more."""
+    texts: dict[Run, bytes | memoryview] = {}
+    for run in runs:
+        if isinstance(raw, bytearray):
+            write = run.start
+            for read in range(run.start, run.end, _CHUNK):
+                compact = bytes(raw[read : min(read + _CHUNK, run.end)]).translate(None, _CRLF)
+                raw[write : write + len(compact)] = compact  # never past `read`: the text only shrinks
+                write += len(compact)
+            texts[run] = memoryview(raw)[run.start : write]
+        else:
+            texts[run] = raw[run.start : run.end].translate(None, _CRLF)
+    return texts

@@ -36,7 +36,7 @@ class _Piece:
     plain: bool = False  # a text/plain part (not text/enriched, text/calendar, ...)
 
 
-def extract(msg: EmailMessage, limit: int, carried: Mapping[int, bytes] | None = None) -> Bodies:
+def extract(msg: EmailMessage, limit: int, carried: Mapping[int, bytes | memoryview] | None = None) -> Bodies:
     """Bodies and attachments of `msg`. `limit`: most bytes of memory the decoded bodies and attachments
     may take (ContentRejected 552 5.3.4 past it, checked before an HTML body is built from text: escaping
     can make it five times longer, and one character beyond U+FFFF makes a Python string 4 bytes a
@@ -100,7 +100,7 @@ class _Walk:
     texts: list[str] = field(default_factory=list)
     defects: list[str] = field(default_factory=list)
     leaves: int = 0
-    carried: Mapping[int, bytes] = field(default_factory=dict)
+    carried: Mapping[int, bytes | memoryview] = field(default_factory=dict)
 
     def part(self, part: EmailMessage, resource: bool = False) -> list[_Piece]:
         if part.is_multipart() and part.get_content_maintype() == "multipart":

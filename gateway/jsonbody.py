@@ -25,19 +25,19 @@ SLICE = 256 * 1024
 class Blob:
     """A JSON string value given as bytes that need no escaping (base64 text)."""
 
-    data: bytes
+    data: bytes | memoryview
 
 
-def text(value: bytes) -> str | Blob:
+def text(value: bytes | memoryview) -> str | Blob:
     """A base64 value for a payload: a string when small, a Blob when large."""
-    return value.decode("ascii") if len(value) < BLOB_MIN else Blob(value)
+    return bytes(value).decode("ascii") if len(value) < BLOB_MIN else Blob(value)
 
 
 @dataclass(frozen=True, slots=True)
 class Body:
     """A JSON body in pieces: JSON text and blobs, in order."""
 
-    pieces: tuple[bytes, ...]
+    pieces: tuple[bytes | memoryview, ...]
 
     def __len__(self) -> int:
         return sum(len(p) for p in self.pieces)
@@ -54,7 +54,7 @@ class Body:
 
     def join(self) -> bytes:
         """The whole body in one piece (tests, and the rare transport that needs it)."""
-        return b"".join(self.pieces)
+        return b"".join(self.pieces)  # join takes views too
 
 
 def encode(payload: Any) -> bytes | Body:
@@ -70,7 +70,7 @@ def encode(payload: Any) -> bytes | Body:
     encoded = orjson.dumps(payload, default=placeholder, option=orjson.OPT_PASSTHROUGH_DATACLASS)
     if not blobs:
         return encoded
-    pieces: list[bytes] = []
+    pieces: list[bytes | memoryview] = []
     rest = encoded
     for n, blob in enumerate(blobs):
         marker = f'"\\u0000{nonce}:{n}\\u0000"'.encode()

@@ -100,17 +100,19 @@ def parse(raw: bytes | bytearray, lift_above: int | None = bigparts.THRESHOLD) -
         raise _too_complex("recursion limit reached", "Message structure is too complex") from None
 
 
-def _tree(raw: bytes | bytearray, lift_above: int | None) -> tuple[EmailMessage, Mapping[int, bytes]]:
+def _tree(raw: bytes | bytearray, lift_above: int | None) -> tuple[EmailMessage, Mapping[int, bytes | memoryview]]:
     """The parse tree, and the lifted bodies by id() of the leaves they belong to."""
     if lift_above is not None and (lifted := bigparts.lift(raw, _POLICY, lift_above)) is not None:
         found = _lifted_tree(lifted)
-        del lifted  # without a tree, the lifted copies go before the message is parsed whole
+        del lifted  # without a tree, the skeleton goes before the message is parsed whole
         if found is not None:
-            return found
+            tree, runs = found
+            texts = bigparts.materialize(raw, runs.values())
+            return tree, {part: texts[run] for part, run in runs.items()}
     return _parse_tree(raw), {}
 
 
-def _lifted_tree(lifted: bigparts.Lifted) -> tuple[EmailMessage, Mapping[int, bytes]] | None:
+def _lifted_tree(lifted: bigparts.Lifted) -> tuple[EmailMessage, Mapping[int, bigparts.Run]] | None:
     try:
         # The limits count the lines of the whole message, as without lifting.
         tree = _parse_tree(lifted.skeleton, lifted.line_ends)

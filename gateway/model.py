@@ -43,9 +43,10 @@ class Attachment:
     data: bytes = b""
     content_id: str | None = None
     inline: bool = False
-    b64: bytes | None = None
+    # bytes, or a view into the SMTP session's buffer where the part's text was compacted (bigparts).
+    b64: bytes | memoryview | None = None
 
-    def base64(self) -> bytes:
+    def base64(self) -> bytes | memoryview:
         """The content as base64 text (no line breaks)."""
         return self.b64 if self.b64 is not None else base64.b64encode(self.data)
 
@@ -58,7 +59,7 @@ class Attachment:
         """Decoded size in bytes (without decoding)."""
         if self.b64 is None:
             return len(self.data)
-        return len(self.b64) // 4 * 3 - self.b64[-2:].count(b"=")
+        return len(self.b64) // 4 * 3 - bytes(self.b64[-2:]).count(b"=")
 
 
 @dataclass(frozen=True, slots=True)

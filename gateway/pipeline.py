@@ -117,9 +117,10 @@ class Pipeline:
             message = await asyncio.get_running_loop().run_in_executor(_PARSER, _parse_large, raw)
         else:
             message = mime.parse(raw)
-        if isinstance(raw, bytearray):
-            # Everything the call needs is in `message` now; release the raw copy (the session's
-            # envelope and the callers' frames still point at this buffer, not at its contents).
+        if isinstance(raw, bytearray) and not any(isinstance(a.b64, memoryview) for a in message.attachments):
+            # Everything the call needs is in `message` now; release the raw copy (the session's envelope
+            # and the callers' frames still point at this buffer, not at its contents). A scan's base64 was
+            # compacted within the buffer and its attachment is a view of it: the buffer then stays, once.
             raw.clear()
         provider = self.providers[principal.account]
         submission = await provider.prepare(principal, message, mail_from, tuple(rcpt_tos))

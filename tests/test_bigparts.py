@@ -66,6 +66,14 @@ def equivalent(raw: bytes) -> int:
     return lifted
 
 
+def test_a_session_buffer_is_held_once_its_attachment_a_view_of_it() -> None:
+    raw = message(multipart("mixed", "b", text(), pdf(_BIG)))
+    buffer = bytearray(raw)
+    [attachment] = mime.parse(buffer, 0).attachments
+    assert isinstance(attachment.b64, memoryview) and attachment.b64.obj is buffer
+    assert attachment.decoded() == _BIG
+
+
 def data(size: int, seed: int = 1) -> bytes:
     return random.Random(seed).randbytes(size)
 
@@ -257,7 +265,7 @@ def test_the_scan_stops_at_its_budget_keeping_what_it_lifted() -> None:
     raw = message(multipart("mixed", "b", pdf(_BIG), decoys, pdf(_IMAGE)))
     assert equivalent(raw) == 1
     lifted = bigparts.lift(raw, mime._POLICY, 0)
-    assert lifted is not None and [len(b) for b in lifted.bodies.values()] == [len(base64.b64encode(_BIG))]
+    assert lifted is not None and [r.length for r in lifted.bodies.values()] == [len(base64.b64encode(_BIG))]
 
 
 @pytest.mark.parametrize(("skeleton", "why"), [
@@ -274,7 +282,7 @@ def test_the_scan_stops_at_its_budget_keeping_what_it_lifted() -> None:
 def test_claim_refuses_a_placeholder_anywhere_but_a_base64_attachment(skeleton: bytes, why: str) -> None:
     placeholder = bigparts.PLACEHOLDER + "0\x00"
     skeleton = skeleton.replace(b"PLACEHOLDER", placeholder.encode())
-    lifted = bigparts.Lifted(skeleton, {placeholder: b"AAAA"}, 0)
+    lifted = bigparts.Lifted(skeleton, {placeholder: bigparts.Run(0, 4, 4)}, 0)
     assert bigparts.claim(mime._parse_tree(skeleton), lifted) is None, why
     good = b"Content-Type: image/png\r\nContent-Transfer-Encoding: base64\r\n\r\n\r\n" + placeholder.encode() + b"\r\n"
     assert bigparts.claim(mime._parse_tree(good), bigparts.Lifted(good, {placeholder: b"AAAA"}, 0)) is not None

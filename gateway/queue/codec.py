@@ -36,10 +36,10 @@ def _addrs(v: list[Any]) -> tuple[Address, ...]:
     return tuple(Address(email=x[0], name=x[1]) for x in v)
 
 
-def encode(s: Submission) -> tuple[bytes, list[bytes]]:
+def encode(s: Submission) -> tuple[bytes, list[bytes | memoryview]]:
     """The record and the blobs it refers to (large attachments' base64 text, not copied)."""
     p, m = s.principal, s.message
-    blobs: list[bytes] = []
+    blobs: list[bytes | memoryview] = []
 
     def attachment(a: Attachment) -> dict[str, Any]:
         entry: dict[str, Any] = {"filename": a.filename, "content_type": a.content_type,
@@ -49,7 +49,7 @@ def encode(s: Submission) -> tuple[bytes, list[bytes]]:
             entry["blob"] = len(blobs)
             blobs.append(content)
         else:
-            entry["data"] = content.decode("ascii")
+            entry["data"] = bytes(content).decode("ascii")
             entry["carried"] = a.b64 is not None
         return entry
 

@@ -38,7 +38,7 @@ class NewMessage:
     created: float = 0.0
     expires: float = 0.0
     idempotency_key: str | None = None
-    blobs: Sequence[bytes] = ()  # the large attachments the submission refers to (codec.encode)
+    blobs: Sequence[bytes | memoryview] = ()  # the large attachments the submission refers to (codec.encode)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,7 +174,7 @@ class QueueStore(Protocol):
 CHUNK = 1 << 20
 
 
-def chunks(msg_id: str, blobs: Sequence[bytes]) -> Iterator[tuple[str, int, int, memoryview]]:
+def chunks(msg_id: str, blobs: Sequence[bytes | memoryview]) -> Iterator[tuple[str, int, int, memoryview]]:
     """Rows of the blobs table: each blob cut in CHUNK-sized slices (views, not copies)."""
     for n, blob in enumerate(blobs):
         view = memoryview(blob)

@@ -503,6 +503,9 @@ class GatewaySMTP(SMTP):
             stuffed = stuffed or buf.find(b"\n.", start, len(buf) if end == -1 else end + 1) != -1
             if end != -1:
                 break
+            # StreamReader.read() returns at once while data is buffered: a fast sender of a big message
+            # would keep the event loop in this loop until its last byte. Let other sessions in per chunk.
+            await asyncio.sleep(0)
             if self.reservation is not None and not self.reservation.grow(received):
                 # Too many large messages in this process now: read the rest, keep none of it, answer 452.
                 too_big = self._over_budget = True
