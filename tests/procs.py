@@ -69,6 +69,11 @@ def serve(config: Path, log: Path, port: int, *extra: str) -> subprocess.Popen[b
     return proc
 
 
+def complete_lines(log: Path) -> list[str]:
+    """The log's finished lines: the text after the last newline of a live process is still being written."""
+    return log.read_text(errors="replace").split("\n")[:-1]
+
+
 def events(log: Path, name: str) -> list[dict[str, Any]]:
     """The JSON log events called `name`; a last line cut short by a SIGKILL is not an event."""
     found = []

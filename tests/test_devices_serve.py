@@ -21,6 +21,7 @@ import pytest
 from gateway.tlsutil import write_self_signed
 from tests.devices_util import b64
 from tests.harness import PASSWORD, PASSWORD_HASH, USER
+from tests.procs import complete_lines
 from tests.smtputil import RECIPIENT, SENDER, insecure_context
 from tests.spool_helpers import wait_for
 from tests.test_tls_profiles import client_context
@@ -35,7 +36,7 @@ class Served:
 
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
         found = []
-        for line in self.log.read_text(errors="replace").splitlines():
+        for line in complete_lines(self.log):
             if line.startswith("{"):
                 event = json.loads(line)
                 if name is None or event["event"] == name:

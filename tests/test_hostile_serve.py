@@ -21,7 +21,7 @@ import pytest
 from tests.devices_util import raw_send
 from tests.harness import PASSWORD, PASSWORD_HASH, LoopThread, base_config, sandbox_for_tests
 from tests.ops_util import scraped, toml
-from tests.procs import CLI, free_port, listening
+from tests.procs import CLI, complete_lines, free_port, listening
 from tests.smtputil import RawClient, message
 from tests.spool_helpers import wait_for
 
@@ -38,7 +38,7 @@ class Served:
 
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
         found = []
-        for line in self.log.read_text(errors="replace").splitlines():
+        for line in complete_lines(self.log):
             event = json.loads(line)  # every line is JSON: the default when stderr is no terminal
             if name is None or event["event"] == name:
                 found.append(event)

@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from tests.harness import APIKEY, PASSWORD, USER
-from tests.procs import free_port, kill, listening, ok
+from tests.procs import complete_lines, free_port, kill, listening, ok
 from tests.spool_helpers import send, spool_rows, wait_for, write_serve_config
 
 CLI = [sys.executable, "-m", "gateway"]
@@ -74,7 +74,7 @@ class Stack:
 
     def events(self, name: str) -> list[dict[str, Any]]:
         found = []
-        for line in self.log.read_text().splitlines():
+        for line in complete_lines(self.log):
             if line.startswith("{") and f'"{name}"' in line:
                 event = json.loads(line)
                 if event.get("event") == name:
