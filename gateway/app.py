@@ -21,6 +21,7 @@ from gateway.delivery.owner import DeliveryOwner
 from gateway.dns import DnsResolver
 from gateway.domaincheck import check_domains
 from gateway.errors import SpoolUnavailable
+from gateway.memory import MmapThreshold, set_mmap_threshold
 from gateway.observability import CONFIG_RELOADS, QUEUE_STATS, OperatorEndpoint
 from gateway.pipeline import Pipeline
 from gateway.providers import registry
@@ -61,6 +62,9 @@ class App:
 
     async def start(self) -> None:
         settings = self.settings
+        tuned = set_mmap_threshold(settings.limits.malloc_mmap_threshold)
+        if tuned is not MmapThreshold.SET:
+            log.info("malloc_mmap_threshold", result=tuned.value, configured=settings.limits.malloc_mmap_threshold)
         # The queue is opened before listening; what another instance (or the last run) left is resumed.
         self.store = open_store(settings.delivery)
         try:

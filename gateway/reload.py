@@ -3,9 +3,10 @@
 Live: accounts (logins, passwords, API keys, sender domains, campaigns, rate limits), [limits], [tls] files
 and each listener's profile, trusted networks, login aliases and PROXY balancers, [dns], [log], hostname.
 Restart: a listener's socket (name, address, port, tls mode, reuse_port, proxy_protocol), listeners added
-or removed, [delivery] (the queue backend and its delivery settings), [http], the number of workers (a
-command-line option). A reload applies the live part and keeps the running values of the rest (a listener
-whose socket changed keeps its socket, its other keys apply), naming them in its log line.
+or removed, limits.malloc_mmap_threshold (the allocator cannot go back to glibc's dynamic default),
+[delivery] (the queue backend and its delivery settings), [http], the number of workers (a command-line
+option). A reload applies the live part and keeps the running values of the rest (a listener whose socket
+changed keeps its socket, its other keys apply), naming them in its log line.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from gateway.settings import ListenerSettings, Settings, check_consistent
 # A listener's keys that are its socket: changing one needs a new socket, so a restart.
 SOCKET_KEYS = ("address", "port", "tls", "reuse_port", "proxy_protocol")
 RESTART_SECTIONS = ("delivery", "http")
+RESTART_LIMITS = ("malloc_mmap_threshold",)
 
 
 @dataclass(frozen=True)
@@ -57,8 +59,12 @@ def plan_reload(old: Settings, new: Settings) -> ReloadPlan:
         if wanted != running:
             changed_listeners.append(f"listeners[{running.name}]")
     restart += [f"listeners[{name}] (added)" for name in new_by_name]
-    effective = new.model_copy(update={"listeners": listeners, "delivery": old.delivery, "http": old.http})
+    kept_limits = [key for key in RESTART_LIMITS if getattr(old.limits, key) != getattr(new.limits, key)]
+    restart += [f"limits.{key}" for key in kept_limits]
+    limits = new.limits.model_copy(update={key: getattr(old.limits, key) for key in kept_limits})
+    effective = new.model_copy(update={"listeners": listeners, "delivery": old.delivery, "http": old.http,
+                                       "limits": limits})
     check_consistent(effective)
     changed = [key for key in type(new).model_fields
-               if key not in (*RESTART_SECTIONS, "listeners") and getattr(old, key) != getattr(new, key)]
+               if key not in (*RESTART_SECTIONS, "listeners") and getattr(old, key) != getattr(effective, key)]
     return ReloadPlan(effective, changed + changed_listeners, restart)

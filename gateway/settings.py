@@ -139,6 +139,10 @@ class LimitsSettings(_Section):
     # first delivery attempt's end); a message past it gets 452 4.3.1. Memory for them is about twice this.
     max_large_bytes: int = Field(256 * 1024 * 1024, ge=1024)
     large_message_threshold: int = Field(1024 * 1024, ge=0)
+    # Blocks this big or bigger are returned to the kernel as soon as they are freed (glibc's mmap threshold,
+    # set at start; 0: glibc's default, which lets freed buffers of big messages stay in the process's RSS;
+    # the environment variable MALLOC_MMAP_THRESHOLD_, when set, wins). Needs a restart.
+    malloc_mmap_threshold: int = Field(1024 * 1024, ge=0, le=32 * 1024 * 1024)
     max_recipients: int = Field(50, ge=1)
     # Seconds a client may stay silent between commands (and within DATA between two reads): then 421 4.4.2.
     command_timeout: float = Field(300.0, gt=0)

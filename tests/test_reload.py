@@ -181,3 +181,14 @@ def test_plan_keeps_a_listeners_socket(tmp_path: Path, change: str) -> None:
     assert plan.restart_needed == [f"listeners[starttls].{change}"]
     kept = plan.settings.listeners[1]
     assert getattr(kept, change) == getattr(old.listeners[1], change)
+
+
+def test_plan_keeps_the_allocator_setting_and_applies_the_other_limits(tmp_path: Path) -> None:
+    base = base_config(tmp_path, 9)
+    old = load_settings(None, **base)
+    limits = {**base.get("limits", {}), "malloc_mmap_threshold": 0, "max_recipients": 7}
+    plan = plan_reload(old, load_settings(None, **{**base, "limits": limits}))
+    assert plan.restart_needed == ["limits.malloc_mmap_threshold"]
+    assert plan.changed == ["limits"]
+    assert plan.settings.limits.malloc_mmap_threshold == 1024 * 1024
+    assert plan.settings.limits.max_recipients == 7

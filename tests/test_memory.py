@@ -1,0 +1,63 @@
+"""limits.malloc_mmap_threshold: glibc takes it, so a freed multi-megabyte block is not kept in the heap.
+
+Each case runs in a fresh interpreter: the allocator's state is per process and glibc's dynamic threshold
+depends on what the process freed before."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from gateway.memory import MmapThreshold, set_mmap_threshold
+
+# After an 8 MiB block is freed, glibc's dynamic threshold rises to 8 MiB: a 4 MiB block then comes from the
+# heap (and stays in the process's RSS when freed, if anything above it is still used). With the threshold
+# set, the 4 MiB block is mmapped: mallinfo2().hblks counts it.
+PROBE = """
+import ctypes, json, sys
+from gateway.memory import set_mmap_threshold
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+result = set_mmap_threshold(int(sys.argv[1])).value
+first = bytearray(8 * 1024 * 1024)
+del first
+before = libc.mallinfo2().hblks
+second = bytearray(4 * 1024 * 1024)
+print(json.dumps({"result": result, "mmapped": libc.mallinfo2().hblks - before}))
+"""
+
+
+def probe(threshold: int, **env: str) -> dict[str, object]:
+    environ = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"} | env
+    out = subprocess.run([sys.executable, "-c", PROBE, str(threshold)], env=environ, check=True,
+                         capture_output=True, text=True).stdout
+    return dict(json.loads(out))
+
+
+def test_the_threshold_keeps_a_freed_big_block_out_of_the_heap() -> None:
+    assert probe(1024 * 1024) == {"result": "set", "mmapped": 1}
+
+
+def test_zero_leaves_glibcs_dynamic_threshold() -> None:
+    assert probe(0) == {"result": "glibc default", "mmapped": 0}
+
+
+def test_the_environment_variable_wins() -> None:
+    # glibc applied it at start (16 MiB: the 4 MiB block comes from the heap); the configured value is not set.
+    assert probe(1024 * 1024, MALLOC_MMAP_THRESHOLD_=str(16 * 1024 * 1024)) == {"result": "environment",
+                                                                               "mmapped": 0}
+
+
+def test_an_empty_environment_variable_is_not_a_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "")
+    assert set_mmap_threshold(0) is MmapThreshold.GLIBC_DEFAULT
