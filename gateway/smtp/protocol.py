@@ -7,13 +7,13 @@ import asyncio
 import collections
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, syntax
 
 from gateway import replies
 from gateway.replies import add_enhanced_code
-from gateway.smtp.handshake import ListenerTls
+from gateway.smtp.handshake import ListenerTls, TlsHandshake
 
 # Replies that never carry an enhanced code (RFC 2034 §3: not the greeting, not EHLO/HELO lines) and
 # intermediate replies whose text is protocol data (334 challenges, 354).
@@ -62,11 +62,44 @@ class GatewaySMTP(SMTP):
         # True once the session is encrypted (implicit TLS, or after STARTTLS).
         self.tls_up = False
         self.in_data = False
+        # The TLS handshake of the session (implicit TLS: before connection_made(); or STARTTLS's).
+        self.handshake: TlsHandshake | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         if transport.get_extra_info("ssl_object") is not None:
             self.tls_up = True
+        if self._draining.is_set():
+            # Accepted before the drain began, connected (or its TLS handshake done) after it closed the
+            # sessions it knew: no greeting, the same 421 and hang-up.
+            assert self._handler_coroutine is not None
+            self._handler_coroutine.cancel()
+            self.shut_down()
+
+    def shut_down(self) -> None:
+        """Drain: 421 and hang up gracefully (TLS: close_notify). A session in a TLS handshake (implicit or
+        STARTTLS) is cut off without a line; one not connected yet is closed by connection_made()."""
+        if self._in_handshake():
+            assert self.handshake is not None
+            self.handshake.abort()
+            return
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        cast(asyncio.WriteTransport, transport).write(str(replies.SHUTTING_DOWN).encode() + b"\r\n")
+        transport.close()
+
+    def abort(self) -> None:
+        """Hard close, for a client that did not complete the graceful one in time."""
+        if self._in_handshake():
+            assert self.handshake is not None
+            self.handshake.abort()
+        elif self.transport is not None:
+            cast(asyncio.WriteTransport, self.transport).abort()
+
+    def _in_handshake(self) -> bool:
+        # tls_up: connection_made() of a successful handshake runs before the handshake's result is set.
+        return self.handshake is not None and not self.handshake.result.done() and not self.tls_up
 
     def connection_lost(self, error: Exception | None) -> None:
         self._on_close(self)
@@ -175,7 +208,7 @@ class GatewaySMTP(SMTP):
             await self.push("454 4.7.0 TLS not available")
             return
         await self.push("220 Ready to start TLS")
-        handshake = self._tls.handshake(self, established=lambda: self.tls_up)
+        handshake = self.handshake = self._tls.handshake(self, established=lambda: self.tls_up)
         # The same hand-over aiosmtpd's STARTTLS does, with our handshake protocol in front of SSLProtocol.
         # aiosmtpd's connection_made() (called on success) starts a fresh session and drops any plaintext
         # the client pipelined behind STARTTLS (RFC 3207 §4.2, §6).

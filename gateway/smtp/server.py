@@ -30,6 +30,9 @@ COMMAND_LIMITS = {"NOOP": 100, "HELP": 20, "VRFY": 20, "EXPN": 5, "AUTH": 10, "S
 
 # asyncio's default; shorter when the session timeout is (an idle half-open handshake holds a session slot).
 HANDSHAKE_TIMEOUT = 60.0
+# Drain: how long a client gets to complete the close (a TLS client answers close_notify) before the
+# connection is aborted.
+CLOSE_GRACE = 1.0
 
 
 def certificate_chains(tls: TlsSettings) -> list[tuple[Path, Path]]:
@@ -82,12 +85,15 @@ class Listeners:
     sessions: set[GatewaySMTP] = field(default_factory=set)
     draining: asyncio.Event = field(default_factory=asyncio.Event)
     ports: dict[str, int] = field(default_factory=dict)
+    # Set while no session is open (drain waits for it).
+    _idle: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
 
     tls: dict[str, ListenerTls] = field(default_factory=dict)
     handshake_failures: HandshakeFailures = field(default_factory=HandshakeFailures)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        self._idle.set()
         limits = self.settings.limits
         profiles = {lsn.name: lsn.tls_profile for lsn in self.settings.listeners if lsn.tls != "none"}
         if profiles:
@@ -122,7 +128,7 @@ class Listeners:
                 proto = GatewaySMTP(
                     handler,
                     draining=self.draining,
-                    on_close=self.sessions.discard,
+                    on_close=self._release,
                     tls=tls,
                     implicit_tls=implicit,
                     hostname=self.settings.hostname,
@@ -138,11 +144,12 @@ class Listeners:
                     command_call_limit=COMMAND_LIMITS,
                     loop=loop,
                 )
-                self.sessions.add(proto)
+                self._open(proto)
                 SESSIONS.labels(listener=listener.name).inc()
                 if implicit and tls is not None:
                     # The session exists once the handshake succeeded; a failed one must not keep its slot.
-                    return tls.handshake(proto, lambda: proto.tls_up, lambda: self.sessions.discard(proto))
+                    proto.handshake = tls.handshake(proto, lambda: proto.tls_up, lambda: self._release(proto))
+                    return proto.handshake
                 return proto
 
             server = await loop.create_server(
@@ -178,7 +185,11 @@ class Listeners:
         return True
 
     async def drain(self, timeout: float) -> None:
-        """Stop taking mail: new sessions get 421, sessions in DATA may finish within `timeout`."""
+        """Stop taking mail: new sessions get 421, sessions in DATA may finish within `timeout`.
+
+        When it returns, every connection the listeners accepted is closed (or, for a client that does not
+        finish the TLS close within CLOSE_GRACE seconds, aborted) and every session slot is released.
+        """
         self.draining.set()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -186,16 +197,52 @@ class Listeners:
             if loop.time() >= deadline:
                 break
             await asyncio.sleep(0.05)
+        await self._stop_accepting()
         for session in list(self.sessions):
-            if session.transport is not None:
-                with contextlib.suppress(Exception):
-                    session._writer.write(str(replies.SHUTTING_DOWN).encode() + b"\r\n")
-                session.transport.close()
+            session.shut_down()
+        try:
+            await asyncio.wait_for(self._idle.wait(), CLOSE_GRACE)
+        except TimeoutError:
+            for session in list(self.sessions):
+                session.abort()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), CLOSE_GRACE)
+        if self.sessions:
+            log.warning("sessions_left_open", sessions=len(self.sessions))
+        for server in self.servers:
+            # Python 3.12+ waits here for the connections to be gone; 3.11 returns at once.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(server.wait_closed(), 1.0)
+
+    async def _stop_accepting(self) -> None:
+        """Close the listening sockets without dropping a connection accepted a moment before.
+
+        asyncio's selector loop accepts a connection in one loop iteration and builds its transport in a
+        task that runs in a later one. A Server.close() in between makes that transport's constructor fail
+        an assertion (Server._attach; CPython gh-109564, open; 3.11 also hides the error unless in debug
+        mode): the accepted socket is never closed, and the protocol the factory made for it never hears of
+        it. So the listening sockets stop being polled first; one iteration later every accepted connection
+        has its transport (the tasks were scheduled before this coroutine's wake-up; call_soon is FIFO) and
+        a protocol that refuses it (draining); only then are the servers closed. uvloop builds the transport in the
+        accept callback itself: it has no such window.
+        """
+        loop = asyncio.get_running_loop()
+        if isinstance(loop, asyncio.SelectorEventLoop):
+            for server in self.servers:
+                for sock in server.sockets:
+                    loop.remove_reader(sock.fileno())
+            await asyncio.sleep(0)
         for server in self.servers:
             server.close()
-        for server in self.servers:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), 1.0)
+
+    def _open(self, session: GatewaySMTP) -> None:
+        self.sessions.add(session)
+        self._idle.clear()
+
+    def _release(self, session: GatewaySMTP) -> None:
+        self.sessions.discard(session)
+        if not self.sessions:
+            self._idle.set()
 
 
 def _busy(session: GatewaySMTP) -> bool:
