@@ -223,8 +223,8 @@ class Listeners:
         mode): the accepted socket is never closed, and the protocol the factory made for it never hears of
         it. So the listening sockets stop being polled first; one iteration later every accepted connection
         has its transport (the tasks were scheduled before this coroutine's wake-up; call_soon is FIFO) and
-        a protocol that refuses it (draining); only then are the servers closed. uvloop builds the transport in the
-        accept callback itself: it has no such window.
+        a protocol that refuses it (draining); only then are the servers closed. uvloop builds the
+        transport in the accept callback itself: it has no such window.
         """
         loop = asyncio.get_running_loop()
         if isinstance(loop, asyncio.SelectorEventLoop):
