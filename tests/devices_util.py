@@ -7,6 +7,7 @@ import contextlib
 import os
 import shutil
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -78,3 +79,20 @@ def require_root(why: str) -> None:
     if os.environ.get("CI") == "true":
         pytest.fail(message)
     pytest.skip(message)
+
+
+def server_connections(port: int) -> int:
+    """This process's TCP sockets bound to local `port` that are not listening: the connections a listener
+    on that port accepted and has not closed yet (its clients' sockets have another local port)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for row in Path(table).read_text().splitlines()[1:]:
+            fields = row.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if int(local.rsplit(":", 1)[1], 16) == port and state != "0A":  # 0A: TCP_LISTEN
+                inodes.add(f"socket:[{inode}]")
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):  # an fd closed meanwhile (listdir's own, another thread's)
+            count += os.readlink(f"/proc/self/fd/{fd}") in inodes
+    return count

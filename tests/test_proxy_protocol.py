@@ -97,6 +97,18 @@ def test_a_client_without_a_header_is_refused(gw: Running) -> None:
     assert refused["reason"] == "proxy_invalid"
 
 
+def test_drain_closes_a_connection_still_waiting_for_its_header(gw: Running) -> None:
+    """A shutdown does not wait PROXY_HEADER_TIMEOUT for a balancer that connected and said nothing yet:
+    the connection is closed, without a line (the balancer would pass it on as the server's greeting)."""
+    listeners = gw.app.listeners
+    assert listeners is not None
+    with socket.create_connection(("127.0.0.1", gw.port("lb")), timeout=10) as sock:
+        wait_for(lambda: len(listeners.gates) == 1, 10, "the connection waiting for its header")
+        gw.loop.run(listeners.drain(2.0))
+        assert not listeners.gates
+        assert sock.recv(100) == b""
+
+
 def test_balancer_health_check_is_its_own_client(gw: Running) -> None:
     """v2 LOCAL (and v1 UNKNOWN): the balancer talks for itself, as itself."""
     with captured_with_context() as logs:

@@ -222,6 +222,10 @@ class Gate(asyncio.Protocol):
                         suppressed=suppressed)
         self._close()
 
+    def close(self) -> None:
+        """Hang up before the session began (drain): the balancer's header never came, or came too late."""
+        self._close()
+
     def _close(self) -> None:
         if self._transport is not None:
             self._transport.close()

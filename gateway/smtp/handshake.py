@@ -15,7 +15,7 @@ import time
 from asyncio import sslproto
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import structlog
 
@@ -105,7 +105,8 @@ class TlsHandshake(asyncio.BufferedProtocol):
 
     It copies the client's first bytes aside, then steps out of the way (the transport talks to the
     SSLProtocol directly) once the handshake succeeded. `result` resolves to True on success; on failure
-    the client is reported to `failures` and the connection is closed.
+    the client is reported to `failures` and the connection is closed. `abort()` (shutdown) closes it
+    whatever the handshake's state, without a report.
     """
 
     def __init__(
@@ -122,6 +123,8 @@ class TlsHandshake(asyncio.BufferedProtocol):
         self._head = bytearray()
         self._view: memoryview | None = None
         self._transport: asyncio.BaseTransport | None = None
+        self._peer: Any = None
+        self._aborted = False
         self.result: asyncio.Future[bool] = loop.create_future()
         waiter: asyncio.Future[None] = loop.create_future()
         waiter.add_done_callback(self._finished)
@@ -143,7 +146,12 @@ class TlsHandshake(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
+        # Read now: once the client has reset the connection, uvloop's transport cannot tell any more
+        # (its get_extra_info("peername") raises AttributeError on the closed socket).
+        self._peer = transport.get_extra_info("peername")
         self.tls.connection_made(transport)
+        if self._aborted:  # aborted between the accept and now
+            cast(asyncio.Transport, transport).abort()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         self._view = memoryview(self.tls.get_buffer(sizehint))
@@ -171,27 +179,39 @@ class TlsHandshake(asyncio.BufferedProtocol):
 
     # -- outcome ------------------------------------------------------------------------------------------
 
+    def abort(self) -> None:
+        """Cut the connection off now (or as soon as it is made): the listener is shutting down.
+
+        The handshake then ends as a failure (`result` False, `on_failure` called) that is not reported.
+        """
+        self._aborted = True
+        if self._transport is not None and not self.result.done():
+            cast(asyncio.Transport, self._transport).abort()
+
     def _finished(self, waiter: asyncio.Future[None]) -> None:
         error = None if waiter.cancelled() else waiter.exception()
         # SSLProtocol also resolves the waiter without error when the client hangs up mid-handshake:
         # only the application protocol having been connected means success.
         ok = error is None and not waiter.cancelled() and self._established()
         transport = self._transport
-        if ok and transport is not None:
-            transport.set_protocol(self.tls)
-        elif not ok:
-            peer = transport.get_extra_info("peername") if transport is not None else None
-            self._listener.failures.report(
-                self._listener.name, self._listener.profile, peer, bytes(self._head), error
-            )
-            if transport is not None:
-                transport.close()
-            if self._on_failure is not None:
-                self._on_failure()
-        self._head = bytearray()
-        self._view = None
-        if not self.result.done():
-            self.result.set_result(ok)
+        try:
+            if ok and transport is not None:
+                transport.set_protocol(self.tls)
+            elif not ok and not self._aborted:
+                self._listener.failures.report(
+                    self._listener.name, self._listener.profile, self._peer, bytes(self._head), error
+                )
+        finally:
+            # Whatever the report did: the connection is closed, its session slot freed, the waiter told.
+            if not ok:
+                if transport is not None:
+                    transport.close()
+                if self._on_failure is not None:
+                    self._on_failure()
+            self._head = bytearray()
+            self._view = None
+            if not self.result.done():
+                self.result.set_result(ok)
 
 
 @dataclass

@@ -12,7 +12,7 @@ import re
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, syntax
@@ -22,7 +22,7 @@ from gateway.budget import ByteBudget, Reservation
 from gateway.model import Principal, Receipt
 from gateway.observability import LIMIT_HITS, REFUSALS, SESSIONS_TLS
 from gateway.replies import add_enhanced_code
-from gateway.smtp.handshake import ListenerTls
+from gateway.smtp.handshake import ListenerTls, TlsHandshake
 
 log = structlog.get_logger("gateway.smtp")
 
@@ -102,6 +102,8 @@ class GatewaySMTP(SMTP):
         # True once the session is encrypted (implicit TLS, or after STARTTLS).
         self.tls_up = False
         self.in_data = False
+        # The TLS handshake of the session (implicit TLS: before connection_made(); or STARTTLS's).
+        self.handshake: TlsHandshake | None = None
         self.budget = budget
         # The large message being received holds this share of the budget until the pipeline takes it over.
         self.reservation: Reservation | None = None
@@ -129,6 +131,35 @@ class GatewaySMTP(SMTP):
         if ssl_object is not None and not self.tls_up:
             self.tls_up = True
             SESSIONS_TLS.labels(listener=self.listener, version=ssl_object.version() or "unknown").inc()
+        if self._draining.is_set():
+            # Accepted before the drain began, connected (or its TLS handshake done) after it closed the
+            # sessions it knew: no greeting, the same 421 and hang-up.
+            assert self._handler_coroutine is not None
+            self._handler_coroutine.cancel()
+            self.shut_down()
+
+    def shut_down(self) -> None:
+        """Drain: 421 and hang up gracefully (TLS: close_notify). A session in a TLS handshake (implicit or
+        STARTTLS) is cut off without a line; one not connected yet is closed by connection_made()."""
+        if self._in_handshake():
+            assert self.handshake is not None
+            self.handshake.abort()
+            return
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.say_and_close(str(replies.SHUTTING_DOWN), logged=True)
+
+    def abort(self) -> None:
+        """Hard close, for a client that did not complete the graceful one in time."""
+        if self._in_handshake():
+            assert self.handshake is not None
+            self.handshake.abort()
+        elif self.transport is not None:
+            cast(asyncio.WriteTransport, self.transport).abort()
+
+    def _in_handshake(self) -> bool:
+        # tls_up: connection_made() of a successful handshake runs before the handshake's result is set.
+        return self.handshake is not None and not self.handshake.result.done() and not self.tls_up
 
     def eof_received(self) -> bool | None:
         # aiosmtpd cancels the session task and keeps the socket half-open (True): if the task had not
@@ -230,7 +261,8 @@ class GatewaySMTP(SMTP):
 
     def _timeout_cb(self) -> None:
         """No command (or no DATA bytes) within command_timeout: say so (Postfix: 421 4.4.2) and close."""
-        if self.transport is None:
+        if self.transport is None or self._in_handshake():
+            # A STARTTLS handshake has its own timeout (at most this one) and ends without a plaintext line.
             return
         self._cut_off = "command_timeout"
         LIMIT_HITS.labels(limit="command_timeout").inc()
@@ -344,7 +376,7 @@ class GatewaySMTP(SMTP):
             await self.push("454 4.7.0 TLS not available")
             return
         await self.push("220 Ready to start TLS")
-        handshake = self._tls.handshake(self, established=lambda: self.tls_up)
+        handshake = self.handshake = self._tls.handshake(self, established=lambda: self.tls_up)
         # The same hand-over aiosmtpd's STARTTLS does, with our handshake protocol in front of SSLProtocol.
         # aiosmtpd's connection_made() (called on success) starts a fresh session and drops any plaintext
         # the client pipelined behind STARTTLS (RFC 3207 §4.2, §6).

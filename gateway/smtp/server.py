@@ -33,6 +33,9 @@ COMMAND_LIMITS = {"NOOP": 100, "HELP": 20, "VRFY": 20, "EXPN": 5, "AUTH": 10, "S
 
 # asyncio's default; shorter when the session timeout is (an idle half-open handshake holds a session slot).
 HANDSHAKE_TIMEOUT = 60.0
+# Drain: how long a client gets to complete the close (a TLS client answers close_notify) before the
+# connection is aborted.
+CLOSE_GRACE = 1.0
 
 
 def certificate_chains(tls: TlsSettings) -> list[tuple[Path, Path]]:
@@ -100,8 +103,10 @@ class Listeners:
     defenses: Defenses | None = None
     handlers: dict[str, GatewayHandler] = field(default_factory=dict)
     # Connections waiting for their PROXY header (not sessions yet, but they hold a slot).
-    pending: int = 0
+    gates: set[Gate] = field(default_factory=set)
     _released: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set while no session is open (drain waits for it).
+    _idle: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
 
     def __post_init__(self) -> None:
         limits = self.settings.limits
@@ -112,6 +117,7 @@ class Listeners:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        self._idle.set()
         limits = self.settings.limits
         profiles = {lsn.name: lsn.tls_profile for lsn in self.settings.listeners if lsn.tls != "none"}
         if profiles:
@@ -168,7 +174,7 @@ class Listeners:
         if self.draining.is_set():
             CONNECTIONS_REFUSED.labels(listener=name, reason="draining").inc()
             return _Refuse(None if implicit else str(replies.SHUTTING_DOWN))
-        if len(self.sessions) + self.pending >= self.settings.limits.max_sessions:
+        if len(self.sessions) + len(self.gates) >= self.settings.limits.max_sessions:
             CONNECTIONS_REFUSED.labels(listener=name, reason="max_sessions").inc()
             assert self.defenses is not None
             suppressed = self.defenses.sampler.allow(("max_sessions", name))
@@ -177,12 +183,10 @@ class Listeners:
                             limit=self.settings.limits.max_sessions, suppressed=suppressed)
             return _Refuse(None if implicit else str(replies.TOO_MANY_SESSIONS))
         assert self.defenses is not None
-        self.pending += 1
-        return Gate(name, lambda transport, peer: self._open(name, transport, peer), self._gate_done,
+        gate = Gate(name, lambda transport, peer: self._open(name, transport, peer), self.gates.discard,
                     self.defenses.sampler, listener.proxy_trusted if listener.proxy_protocol else None)
-
-    def _gate_done(self, gate: Gate) -> None:
-        self.pending -= 1
+        self.gates.add(gate)
+        return gate
 
     def _open(self, name: str, transport: asyncio.BaseTransport, peer: Any) -> asyncio.BaseProtocol | None:
         """The session for a client the gate knows (the real one behind a balancer), or None: refused."""
@@ -190,6 +194,10 @@ class Listeners:
         handler = self.handlers[name]
         listener, limits = handler.listener, self.settings.limits
         implicit = listener.tls == "implicit"
+        if self.draining.is_set():  # its PROXY header came after the drain began
+            CONNECTIONS_REFUSED.labels(listener=name, reason="draining").inc()
+            refuse(transport, None if implicit else str(replies.SHUTTING_DOWN))
+            return None
         ip = str(peer[0]) if isinstance(peer, tuple) else str(peer)
         key = client_key(ip)
         if not self.defenses.sessions.admit(key, limits.max_sessions_per_ip):
@@ -226,11 +234,13 @@ class Listeners:
             loop=asyncio.get_running_loop(),
         )
         self.sessions.add(proto)
+        self._idle.clear()
         SESSIONS.labels(listener=name).inc()
         SESSIONS_ACTIVE.labels(listener=name).inc()
         if implicit and tls is not None:
             # The session exists once the handshake succeeded; a failed one must not keep its slot.
-            return tls.handshake(proto, lambda: proto.tls_up, lambda: self._release(proto))
+            proto.handshake = tls.handshake(proto, lambda: proto.tls_up, lambda: self._release(proto))
+            return proto.handshake
         return proto
 
     def _release(self, session: GatewaySMTP) -> None:
@@ -241,6 +251,8 @@ class Listeners:
             self.defenses.sessions.release(session.client_key)
             SESSIONS_ACTIVE.labels(listener=session.listener).dec()
             self._released.set()
+            if not self.sessions:
+                self._idle.set()
 
     async def ended(self, sessions: set[GatewaySMTP]) -> None:
         """Wait until all of `sessions` have ended."""
@@ -295,7 +307,11 @@ class Listeners:
         return True
 
     async def drain(self, timeout: float) -> None:
-        """Stop taking mail: new sessions get 421, sessions in DATA may finish within `timeout`."""
+        """Stop taking mail: new sessions get 421, sessions in DATA may finish within `timeout`.
+
+        When it returns, every connection the listeners accepted is closed (or, for a client that does not
+        finish the TLS close within CLOSE_GRACE seconds, aborted) and every session slot is released.
+        """
         self.draining.set()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -303,14 +319,45 @@ class Listeners:
             if loop.time() >= deadline:
                 break
             await asyncio.sleep(0.05)
+        await self._stop_accepting()
+        for gate in list(self.gates):  # still waiting for a PROXY header: no session yet, nothing to say
+            gate.close()
         for session in list(self.sessions):
-            if session.transport is not None:
-                session.say_and_close(str(replies.SHUTTING_DOWN), logged=True)
+            session.shut_down()
+        try:
+            await asyncio.wait_for(self._idle.wait(), CLOSE_GRACE)
+        except TimeoutError:
+            for session in list(self.sessions):
+                session.abort()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), CLOSE_GRACE)
+        if self.sessions:
+            log.warning("sessions_left_open", sessions=len(self.sessions))
+        for server in self.servers:
+            # Python 3.12+ waits here for the connections to be gone; 3.11 returns at once.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(server.wait_closed(), 1.0)
+
+    async def _stop_accepting(self) -> None:
+        """Close the listening sockets without dropping a connection accepted a moment before.
+
+        asyncio's selector loop accepts a connection in one loop iteration and builds its transport in a
+        task that runs in a later one. A Server.close() in between makes that transport's constructor fail
+        an assertion (Server._attach; CPython gh-109564, open; 3.11 also hides the error unless in debug
+        mode): the accepted socket is never closed, and the protocol the factory made for it never hears of
+        it. So the listening sockets stop being polled first; one iteration later every accepted connection
+        has its transport (the tasks were scheduled before this coroutine's wake-up; call_soon is FIFO) and
+        a protocol that refuses it (draining); only then are the servers closed. uvloop builds the
+        transport in the accept callback itself: it has no such window.
+        """
+        loop = asyncio.get_running_loop()
+        if isinstance(loop, asyncio.SelectorEventLoop):
+            for server in self.servers:
+                for sock in server.sockets:
+                    loop.remove_reader(sock.fileno())
+            await asyncio.sleep(0)
         for server in self.servers:
             server.close()
-        for server in self.servers:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), 1.0)
 
 
 def handshake_timeout(limits: LimitsSettings) -> float:
