@@ -141,8 +141,8 @@ class LimitsSettings(_Section):
     large_message_threshold: int = Field(1024 * 1024, ge=0)
     # Blocks this big or bigger are returned to the kernel as soon as they are freed (glibc's mmap threshold,
     # set at start; 0: glibc's default, which lets freed buffers of big messages stay in the process's RSS;
-    # the environment variable MALLOC_MMAP_THRESHOLD_, when set, wins). Needs a restart.
-    malloc_mmap_threshold: int = Field(1024 * 1024, ge=0, le=32 * 1024 * 1024)
+    # MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_ in the environment wins). Needs a restart.
+    malloc_mmap_threshold: int = Field(4 * 1024 * 1024, ge=0, le=32 * 1024 * 1024)
     max_recipients: int = Field(50, ge=1)
     # Seconds a client may stay silent between commands (and within DATA between two reads): then 421 4.4.2.
     command_timeout: float = Field(300.0, gt=0)

@@ -13,10 +13,11 @@ import sys
 import pytest
 
 from gateway.memory import MmapThreshold, set_mmap_threshold
+from gateway.settings import LimitsSettings
 
 # After an 8 MiB block is freed, glibc's dynamic threshold rises to 8 MiB: a 4 MiB block then comes from the
 # heap (and stays in the process's RSS when freed, if anything above it is still used). With the threshold
-# set, the 4 MiB block is mmapped: mallinfo2().hblks counts it.
+# set (the default: 4 MiB), the 4 MiB block is mmapped: mallinfo2().hblks counts it.
 PROBE = """
 import ctypes, json, sys
 from gateway.memory import set_mmap_threshold
@@ -38,14 +39,14 @@ print(json.dumps({"result": result, "mmapped": libc.mallinfo2().hblks - before})
 
 
 def probe(threshold: int, **env: str) -> dict[str, object]:
-    environ = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"} | env
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")} | env
     out = subprocess.run([sys.executable, "-c", PROBE, str(threshold)], env=environ, check=True,
                          capture_output=True, text=True).stdout
     return dict(json.loads(out))
 
 
 def test_the_threshold_keeps_a_freed_big_block_out_of_the_heap() -> None:
-    assert probe(1024 * 1024) == {"result": "set", "mmapped": 1}
+    assert probe(LimitsSettings().malloc_mmap_threshold) == {"result": "set", "mmapped": 1}
 
 
 def test_zero_leaves_glibcs_dynamic_threshold() -> None:
@@ -56,8 +57,10 @@ def test_the_environment_variable_wins() -> None:
     # glibc applied it at start (16 MiB: the 4 MiB block comes from the heap); the configured value is not set.
     assert probe(1024 * 1024, MALLOC_MMAP_THRESHOLD_=str(16 * 1024 * 1024)) == {"result": "environment",
                                                                                "mmapped": 0}
+    assert probe(1024 * 1024, MALLOC_TRIM_THRESHOLD_=str(16 * 1024 * 1024))["result"] == "environment"
 
 
 def test_an_empty_environment_variable_is_not_a_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "")
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
     assert set_mmap_threshold(0) is MmapThreshold.GLIBC_DEFAULT
