@@ -7,8 +7,6 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-import charset_normalizer
-
 # Charset labels -> Python codecs, from the WHATWG Encoding Standard's label table
 # (https://encoding.spec.whatwg.org/#names-and-labels), which browsers and Thunderbird follow. Labels it
 # does not list fall through to Python's own codec names (iso-2022-kr, hz, utf-32, ...).
@@ -204,6 +202,9 @@ def _guess(data: bytes) -> Decoded | None:
     cyrillic = max(_cyrillic_readings(data), key=lambda r: r[2], default=None)
     if cyrillic is not None and cyrillic[2] >= _CYRILLIC_SCORE:
         return Decoded(cyrillic[1], cyrillic[0])
+    # Imported here: ~4 MB of tables in every process, for the few messages with undeclared 8-bit text.
+    import charset_normalizer
+
     best = charset_normalizer.from_bytes(data, cp_isolation=_CANDIDATES).best()
     if best is None:
         return None
