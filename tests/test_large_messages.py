@@ -48,9 +48,10 @@ def submit(port: int, raw: bytes) -> tuple[int, str]:
     return code, text.decode()
 
 
-def test_a_large_scan_reaches_the_upstream_byte_identical(gateway_factory: Callable[..., Running]) -> None:
-    gw = gateway_factory(limits={"max_message_size": 20 * MIB})
-    raw, pdf = scan(12 * MIB)
+def test_a_40_mb_scan_reaches_the_upstream_byte_identical(gateway_factory: Callable[..., Running]) -> None:
+    # 40 MB of PDF is ~54 MB on the wire: past the default max_message_size (40 MiB, as SES), so raised.
+    gw = gateway_factory(limits={"max_message_size": 64 * MIB})
+    raw, pdf = scan(40 * 1000 * 1000)
     code, text = submit(gw.port(), raw)
     assert code == 250, text
     [sent] = gw.sent
