@@ -313,7 +313,8 @@ def machine_info() -> dict[str, str]:
         "cores": str(os.cpu_count()),
         "kernel": platform.release(),
         "python": platform.python_version(),
-        "postfix": _command_output(["postconf", "-h", "mail_version"]) or "?",
+        # -d: the compiled-in value, so no /etc/postfix/main.cf is needed (the bench runs its own instance)
+        "postfix": _command_output(["postconf", "-d", "-h", "mail_version"]) or "?",
         "aiosmtpd": aiosmtpd_version,
         "gateway_rev": rev or "uncommitted",
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
