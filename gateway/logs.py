@@ -90,7 +90,8 @@ def configure(settings: LogSettings) -> None:
         ],
         # Nothing below debug is ever logged; the level itself is _STATE's, read per event.
         wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # One write per line (WriteLogger; print() writes the newline apart): workers share stderr.
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
     # Libraries: warnings only (aiosmtpd logs every command at INFO; httpx every request).

@@ -41,3 +41,41 @@ def test_library_records_render_in_the_same_format() -> None:
     assert (line["event"], line["logger"], line["message"], line["level"]) == (
         "library_log", "psycopg.pool", "error connecting: refused", "warning")
     assert line["timestamp"].endswith("Z")
+
+
+# Run in a process of its own: logging is configured once per process, on the real sys.stderr.
+ONE_WRITE_PER_LINE = """
+import io, json, logging, sys
+import structlog
+
+class Recording(io.TextIOBase):
+    calls = []
+    def write(self, text):
+        Recording.calls.append(text)
+        return len(text)
+    def isatty(self):
+        return False
+
+sys.stderr = Recording()
+from gateway import logs
+from gateway.settings import LogSettings
+logs.configure(LogSettings(format=sys.argv[1]))
+structlog.get_logger().info("gateway_event", detail="x" * 300)
+logging.getLogger("somelibrary").warning("library warning")
+print(json.dumps(Recording.calls), file=sys.__stdout__)
+"""
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_every_log_line_is_one_write(fmt: str) -> None:
+    """`serve --workers N` shares one stderr: a line written in two pieces (text, then its newline, as
+    print() does when stderr is unbuffered, e.g. PYTHONUNBUFFERED=1) interleaves with another worker's."""
+    import json
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", ONE_WRITE_PER_LINE, fmt], capture_output=True, check=True,
+                         env={"PYTHONUNBUFFERED": "1", "PATH": "/usr/bin:/bin"}, timeout=60).stdout
+    calls = json.loads(out)
+    assert len(calls) == 2, calls
+    for call in calls:
+        assert call.endswith("\n") and call.count("\n") == 1, calls
