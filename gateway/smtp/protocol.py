@@ -172,6 +172,13 @@ class GatewaySMTP(SMTP):
         self._on_close(self)
         self._release()  # a client gone mid-DATA holds no budget
         super().connection_lost(error)
+        # asyncio's StreamReaderProtocol keeps the error (a BrokenPipeError when the client left before our
+        # greeting) in its _closed future and marks it seen only in its own __del__; when the garbage
+        # collector frees both in one cycle the future may go first and the loop reports "Future exception
+        # was never retrieved". Nobody waits on that future here: mark it seen now.
+        closed = getattr(self, "_closed", None)
+        if isinstance(closed, asyncio.Future) and closed.done() and not closed.cancelled():
+            closed.exception()
 
     @property
     def peer(self) -> str:
