@@ -24,11 +24,19 @@ from gateway.delivery.transition import Before, CallRow, Decision
 from gateway.errors import SpoolUnavailable
 from gateway.queue import postgres_schema
 from gateway.queue.health import QueueHealth
-from gateway.queue.store import Claimed, KeyHit, NewMessage, chunks
+from gateway.queue.store import (
+    CALL_COLUMNS,
+    Claimed,
+    KeyHit,
+    NewMessage,
+    chunks,
+    message_insert,
+    message_row,
+)
 
 log = structlog.get_logger("gateway.queue.postgres")
 CHANNEL = "smtp_gateway_queue"
-_CALL_COLUMNS = "key, recipients, state, upstream_id, error, lost"
+_MESSAGE_INSERT = message_insert("%s")
 
 
 def redacted(url: str) -> str:
@@ -111,31 +119,20 @@ class PostgresQueue:
         return token
 
     async def _insert(self, m: NewMessage) -> int:
-        d = m.decision
-        inflight = m.inflight_owner is not None
-        state = "inflight" if inflight else ("dead" if d.verdict == "dead" else "queued")
-        token = 1 if inflight else 0
+        stored = message_row(m)
         async with self._tx() as conn:
-            await conn.execute(
-                "INSERT INTO messages (id, account, state, created, expires, next_attempt, attempts, mail_from,"
-                " subject, size, last_error, dead_reason, dead_at, owner, lease_until, token, internal_errors,"
-                " idem_key, submission) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
-                (m.id, m.account, state, m.created, m.expires, d.next_attempt, d.attempts, m.mail_from, m.subject,
-                 len(m.submission), d.last_error, d.dead_reason, m.created if state == "dead" else None,
-                 m.inflight_owner, m.lease_until if inflight else None, token, d.internal_errors,
-                 m.idempotency_key, m.submission),
-            )
+            await conn.execute(_MESSAGE_INSERT, stored.values)
             async with conn.cursor() as cur:
                 await cur.executemany(
-                    f"INSERT INTO calls (msg_id, ord, {_CALL_COLUMNS}) VALUES (%s,%s,%s,%s,%s,%s,%s,%s)",
+                    f"INSERT INTO calls (msg_id, ord, {CALL_COLUMNS}) VALUES (%s,%s,%s,%s,%s,%s,%s,%s)",
                     [(m.id, n, c.key, c.recipients, c.state, c.upstream_id, c.error, c.lost)
-                     for n, c in enumerate(d.calls.values())],
+                     for n, c in enumerate(m.decision.calls.values())],
                 )
                 for row in chunks(m.id, m.blobs):  # one chunk in memory at a time
                     await cur.execute("INSERT INTO blobs (msg_id, n, seq, data) VALUES (%s,%s,%s,%s)", row)
-            if state == "queued":
+            if stored.state == "queued":
                 await self._notify(conn, m.account)
-        return token
+        return stored.token
 
     @staticmethod
     async def _notify(conn: psycopg.AsyncConnection[DictRow], account: str) -> None:
@@ -163,7 +160,7 @@ class PostgresQueue:
             )).fetchall()
             calls: dict[str, dict[str, CallRow]] = {r["id"]: {} for r in updated}
             for c in await (await conn.execute(
-                f"SELECT msg_id, {_CALL_COLUMNS} FROM calls WHERE msg_id = ANY(%s) ORDER BY msg_id, ord",
+                f"SELECT msg_id, {CALL_COLUMNS} FROM calls WHERE msg_id = ANY(%s) ORDER BY msg_id, ord",
                 (list(reaped),),
             )).fetchall():
                 calls[c["msg_id"]][c["key"]] = CallRow(c["key"], c["recipients"], c["state"], c["upstream_id"],
@@ -375,7 +372,7 @@ class PostgresQueue:
             if row is None:
                 return None
             calls = await (await conn.execute(
-                f"SELECT {_CALL_COLUMNS} FROM calls WHERE msg_id=%s ORDER BY ord", (msg_id,))).fetchall()
+                f"SELECT {CALL_COLUMNS} FROM calls WHERE msg_id=%s ORDER BY ord", (msg_id,))).fetchall()
         out = {k: v for k, v in row.items() if k != "submission"}
         out["calls"] = [dict(c) for c in calls]
         return out

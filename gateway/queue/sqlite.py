@@ -25,11 +25,19 @@ from gateway.errors import SpoolUnavailable
 from gateway.queue import sqlite_schema
 from gateway.queue.health import QueueHealth
 from gateway.queue.sqlite_side import RateFile, Reserve, disk_full
-from gateway.queue.store import Claimed, KeyHit, NewMessage, chunks
+from gateway.queue.store import (
+    CALL_COLUMNS,
+    Claimed,
+    KeyHit,
+    NewMessage,
+    chunks,
+    message_insert,
+    message_row,
+)
 
 log = structlog.get_logger("gateway.queue.sqlite")
 T = TypeVar("T")
-_CALL_COLUMNS = "key, recipients, state, upstream_id, error, lost"
+_MESSAGE_INSERT = message_insert("?")
 
 
 class SqliteQueue:
@@ -146,26 +154,16 @@ class SqliteQueue:
     def _insert(self, m: NewMessage) -> int:
         if self._reserve.released:
             raise sqlite3.OperationalError("database or disk is full (its reserve is in use to drain the queue)")
-        d = m.decision
-        inflight = m.inflight_owner is not None
-        state = "inflight" if inflight else ("dead" if d.verdict == "dead" else "queued")
-        token = 1 if inflight else 0
+        stored = message_row(m)
         with self._tx() as db:
-            db.execute(
-                "INSERT INTO messages (id, account, state, created, expires, next_attempt, attempts, mail_from,"
-                " subject, size, last_error, dead_reason, dead_at, owner, lease_until, token, internal_errors,"
-                " idem_key, submission) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (m.id, m.account, state, m.created, m.expires, d.next_attempt, d.attempts, m.mail_from, m.subject,
-                 len(m.submission), d.last_error, d.dead_reason, m.created if state == "dead" else None,
-                 m.inflight_owner, m.lease_until if inflight else None, token, d.internal_errors,
-                 m.idempotency_key, m.submission),
-            )
+            db.execute(_MESSAGE_INSERT, stored.values)
             db.executemany(
-                f"INSERT INTO calls (msg_id, {_CALL_COLUMNS}) VALUES (?,?,?,?,?,?,?)",
-                [(m.id, c.key, c.recipients, c.state, c.upstream_id, c.error, c.lost) for c in d.calls.values()],
+                f"INSERT INTO calls (msg_id, {CALL_COLUMNS}) VALUES (?,?,?,?,?,?,?)",
+                [(m.id, c.key, c.recipients, c.state, c.upstream_id, c.error, c.lost)
+                 for c in m.decision.calls.values()],
             )
             db.executemany("INSERT INTO blobs (msg_id, n, seq, data) VALUES (?,?,?,?)", chunks(m.id, m.blobs))
-        return token
+        return stored.token
 
     async def claim(self, owner: str, account: str, now: float, limit: int, lease: float) -> list[Claimed]:
         return await self._run(self._claim, owner, account, now, limit, lease)
@@ -207,7 +205,7 @@ class SqliteQueue:
     def _before(db: sqlite3.Connection, msg_id: str, m: sqlite3.Row) -> Before:
         calls = {
             r["key"]: CallRow(r["key"], r["recipients"], r["state"], r["upstream_id"], r["error"], r["lost"])
-            for r in db.execute(f"SELECT {_CALL_COLUMNS} FROM calls WHERE msg_id=? ORDER BY rowid", (msg_id,))
+            for r in db.execute(f"SELECT {CALL_COLUMNS} FROM calls WHERE msg_id=? ORDER BY rowid", (msg_id,))
         }
         return Before(calls=calls, attempts=m["attempts"], created=m["created"], expires=m["expires"],
                       internal_errors=m["internal_errors"])
@@ -376,7 +374,7 @@ class SqliteQueue:
                 return None
             out = {k: row[k] for k in row.keys() if k != "submission"}  # noqa: SIM118 (sqlite3.Row)
             out["calls"] = [dict(r) for r in self.db.execute(
-                f"SELECT {_CALL_COLUMNS} FROM calls WHERE msg_id=? ORDER BY rowid", (msg_id,))]
+                f"SELECT {CALL_COLUMNS} FROM calls WHERE msg_id=? ORDER BY rowid", (msg_id,))]
             return out
 
         return await self._run(run)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from gateway.delivery.transition import Before, Decision
 from gateway.queue.health import QueueHealth
@@ -169,6 +169,39 @@ class QueueStore(Protocol):
     async def delete(self, msg_id: str) -> bool: ...
 
     async def requeue(self, msg_id: str, now: float, max_lifetime: float) -> bool: ...
+
+
+# A new message's row of the messages table, the same for both backends (only the placeholders differ).
+MESSAGE_COLUMNS = ("id, account, state, created, expires, next_attempt, attempts, mail_from, subject, size,"
+                   " last_error, dead_reason, dead_at, owner, lease_until, token, internal_errors, idem_key,"
+                   " submission")
+CALL_COLUMNS = "key, recipients, state, upstream_id, error, lost"
+
+
+_MESSAGE_VALUES = MESSAGE_COLUMNS.count(",") + 1
+
+
+def message_insert(placeholder: str) -> str:
+    """The INSERT of MessageRow.values, with the backend's placeholder (`?` or `%s`)."""
+    return f"INSERT INTO messages ({MESSAGE_COLUMNS}) VALUES ({','.join([placeholder] * _MESSAGE_VALUES)})"
+
+
+class MessageRow(NamedTuple):
+    state: str  # queued, inflight (stored leased to its owner) or dead
+    token: int  # the fencing token: 1 when stored in flight
+    values: tuple[Any, ...]  # in MESSAGE_COLUMNS order
+
+
+def message_row(m: NewMessage) -> MessageRow:
+    """A new message's row of the messages table."""
+    d = m.decision
+    inflight = m.inflight_owner is not None
+    state = "inflight" if inflight else ("dead" if d.verdict == "dead" else "queued")
+    token = 1 if inflight else 0
+    return MessageRow(state, token, (
+        m.id, m.account, state, m.created, m.expires, d.next_attempt, d.attempts, m.mail_from, m.subject,
+        len(m.submission), d.last_error, d.dead_reason, m.created if state == "dead" else None, m.inflight_owner,
+        m.lease_until if inflight else None, token, d.internal_errors, m.idempotency_key, m.submission))
 
 
 CHUNK = 1 << 20
