@@ -5,13 +5,15 @@ Register it from tests/conftest.py with ``pytest_plugins = ["tests.conftest_dns"
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import pytest_asyncio
 
 from gateway.dns import DnsResolver
 from tests.dnsserver import DnsServer, ZoneData
+from tests.harness import LoopThread
 
 SPF = '"v=spf1 ip4:192.0.2.1 -all"'
 MX = "10 mx.dom1.test."
@@ -81,3 +83,17 @@ async def dns_server(dns_zones: ZoneData) -> AsyncIterator[DnsServer]:
 @pytest.fixture
 def dns_resolver(dns_server: DnsServer) -> DnsResolver:
     return DnsResolver(["127.0.0.1"], port=dns_server.port, timeout=0.3)
+
+
+@contextlib.contextmanager
+def dns_on_thread(loop_thread: LoopThread, zones: ZoneData) -> Iterator[DnsServer]:
+    """The loopback DNS server on the harness' background loop, so a subprocess can query it."""
+
+    async def start() -> DnsServer:
+        return await DnsServer(zones).start()
+
+    server = loop_thread.run(start())
+    try:
+        yield server
+    finally:
+        loop_thread.run(server.close())

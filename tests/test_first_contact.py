@@ -24,7 +24,7 @@ import pytest
 
 from gateway.passwords import verify_password
 from gateway.tlsutil import write_self_signed
-from tests.conftest_dns import make_zones
+from tests.conftest_dns import dns_on_thread, make_zones
 from tests.dnsserver import DnsServer
 from tests.harness import APIKEY, PASSWORD_HASH, USER, LoopThread
 
@@ -133,16 +133,8 @@ def listening() -> Iterator[socket.socket]:
 
 @pytest.fixture
 def dns_thread(loop_thread: LoopThread) -> Iterator[DnsServer]:
-    """The loopback DNS server on the harness' background loop, so a subprocess can query it."""
-
-    async def start() -> DnsServer:
-        return await DnsServer(make_zones()).start()
-
-    server = loop_thread.run(start())
-    try:
+    with dns_on_thread(loop_thread, make_zones()) as server:
         yield server
-    finally:
-        loop_thread.run(server.close())
 
 
 # ---- the README's install command with the distribution's Python --------------------------------------

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest_dns import MX, SPF, make_zones
+from tests.conftest_dns import MX, SPF, dns_on_thread, make_zones
 from tests.dnsserver import DnsServer, ZoneData
 from tests.harness import APIKEY, PASSWORD_HASH, USER, LoopThread
 from tests.spool_helpers import wait_for
@@ -45,16 +45,8 @@ def _zones() -> ZoneData:
 
 @pytest.fixture
 def dns_thread(loop_thread: LoopThread) -> Iterator[DnsServer]:
-    """The loopback DNS server on the harness' background loop, so a subprocess can query it."""
-
-    async def start() -> DnsServer:
-        return await DnsServer(_zones()).start()
-
-    server = loop_thread.run(start())
-    try:
+    with dns_on_thread(loop_thread, _zones()) as server:
         yield server
-    finally:
-        loop_thread.run(server.close())
 
 
 def _free_port() -> int:
