@@ -75,8 +75,11 @@ def scenario(name: str, workdir: Path) -> dict[str, object]:
     cmd = gateway_command()
     sandbox_port = free_port()
     sandbox_url = f"http://{HOST}:{sandbox_port}"
-    sandbox = spawn([*cmd, "sandbox", "--listen", f"{HOST}:{sandbox_port}", "--apikey", APIKEY, "--quiet"],
-                    workdir / f"{name}-sandbox.log", env=gateway_env())
+    sandbox = spawn(
+        [*cmd, "sandbox", "--listen", f"{HOST}:{sandbox_port}", "--apikey", APIKEY, "--quiet"],
+        workdir / f"{name}-sandbox.log",
+        env=gateway_env(),
+    )
     procs: list[subprocess.Popen[bytes]] = []
     pg = None
     try:
@@ -86,8 +89,10 @@ def scenario(name: str, workdir: Path) -> dict[str, object]:
             pg, queue_url = start_postgres()
             lease = float(name.rsplit("-", 1)[1])
         ports = [free_port(), free_port()]
-        delivery = (f"inline_budget = 0.5\nlease_seconds = {lease}\nretry_schedule = [1.0]\n"
-                    "poll_interval = 0.2\nprobe_interval = 1.0\n")
+        delivery = (
+            f"inline_budget = 0.5\nlease_seconds = {lease}\nretry_schedule = [1.0]\n"
+            "poll_interval = 0.2\nprobe_interval = 1.0\n"
+        )
         for i, port in enumerate(ports if queue_url else ports[:1]):
             text = render_config(port, sandbox_url, workdir / "spool.sqlite3", 53, queue_url=queue_url)
             text = text.replace("check_sender_domain = true", "check_sender_domain = false")
@@ -99,8 +104,9 @@ def scenario(name: str, workdir: Path) -> dict[str, object]:
             config = workdir / f"{name}-{i}.toml"
             config.write_text(text)
             extra = [] if queue_url else ["--workers", "2"]
-            procs.append(spawn([*cmd, "serve", "--config", str(config), *extra], workdir / f"{name}-{i}.log",
-                               env=gateway_env()))
+            procs.append(
+                spawn([*cmd, "serve", "--config", str(config), *extra], workdir / f"{name}-{i}.log", env=gateway_env())
+            )
             wait_for_smtp(port, name, 60, procs[-1])
         http(f"{sandbox_url}/_sandbox/faults", "POST", {"mode": "timeout", "count": None, "probability": 1.0})
         accepted = send_all(ports[0], MESSAGES)  # stored in flight, leased to the instance that took them
@@ -112,8 +118,12 @@ def scenario(name: str, workdir: Path) -> dict[str, object]:
         while delivered(sandbox_url) < accepted and time.monotonic() < deadline:
             time.sleep(0.1)
         elapsed = time.monotonic() - killed
-        return {"scenario": name, "accepted": accepted, "delivered": delivered(sandbox_url),
-                "seconds_from_kill_to_all_delivered": round(elapsed, 1)}
+        return {
+            "scenario": name,
+            "accepted": accepted,
+            "delivered": delivered(sandbox_url),
+            "seconds_from_kill_to_all_delivered": round(elapsed, 1),
+        }
     finally:
         for proc in procs:
             terminate(proc)

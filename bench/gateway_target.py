@@ -117,8 +117,15 @@ def account_block(provider: str) -> str:
     return "\n".join(blocks[provider]).strip() + "\n"
 
 
-def render_config(port: int, api_base: str, spool_path: Path, dns_port: int, provider: str = "dmds",
-                  rate_limit: float = 0.0, queue_url: str = "") -> str:
+def render_config(
+    port: int,
+    api_base: str,
+    spool_path: Path,
+    dns_port: int,
+    provider: str = "dmds",
+    rate_limit: float = 0.0,
+    queue_url: str = "",
+) -> str:
     """Fill bench/gateway.toml.in with the provider's account from bench/accounts.toml.in."""
     values = {
         "api_base": api_base,
@@ -168,8 +175,15 @@ class Gateway(Server):
     label = "gateway"
 
     def __init__(
-        self, workdir: Path, latency_ms: int, cmd: list[str], serve_args: list[str], workers: int = 1,
-        provider: str = "dmds", rate_limit: float = 0.0, queue: str = "sqlite",
+        self,
+        workdir: Path,
+        latency_ms: int,
+        cmd: list[str],
+        serve_args: list[str],
+        workers: int = 1,
+        provider: str = "dmds",
+        rate_limit: float = 0.0,
+        queue: str = "sqlite",
     ) -> None:
         super().__init__(workdir)
         self.queue = queue
@@ -182,8 +196,11 @@ class Gateway(Server):
         self.cmd = cmd
         self.serve_args = serve_args
         self.info = f"serve {' '.join(serve_args)}" if serve_args else ""
-        self.label = f"gateway-{latency_ms}ms" + (f"-x{workers}" if workers > 1 else "") + (
-            "-pg" if queue == "postgresql" else "")
+        self.label = (
+            f"gateway-{latency_ms}ms"
+            + (f"-x{workers}" if workers > 1 else "")
+            + ("-pg" if queue == "postgresql" else "")
+        )
         if provider != "dmds":
             self.label += f"-{provider}" + ("-limited" if rate_limit else "")
         self.sandbox: subprocess.Popen[bytes] | None = None
@@ -217,9 +234,16 @@ class Gateway(Server):
         ]
         cmd += ["--apikey", APIKEY, "--quiet"]
         if self.provider == "dengage":
-            cmd += ["--dengage-userkey", APIKEY, "--dengage-password", DENGAGE_PASSWORD,
-                    "--dengage-from", f"Bench <{genmsg.SENDER}>",
-                    "--dengage-rate-limit", str(DENGAGE_UPSTREAM_LIMIT if self.rate_limit else 0)]
+            cmd += [
+                "--dengage-userkey",
+                APIKEY,
+                "--dengage-password",
+                DENGAGE_PASSWORD,
+                "--dengage-from",
+                f"Bench <{genmsg.SENDER}>",
+                "--dengage-rate-limit",
+                str(DENGAGE_UPSTREAM_LIMIT if self.rate_limit else 0),
+            ]
         log = self.workdir / f"{self.label}-sandbox.log"
         self.sandbox = spawn(cmd, log, env=gateway_env())
         try:
@@ -251,8 +275,15 @@ class Gateway(Server):
         # One configuration and one queue; with several workers, `serve --workers N` runs them on the same
         # port (SO_REUSEPORT: the kernel spreads connections) and the same queue.
         config = self.tmp / "gateway.toml"
-        text = render_config(self.port, self.sandbox_url, self.tmp / "spool.sqlite3", self.dns_port,
-                             self.provider, self.rate_limit, queue_url)
+        text = render_config(
+            self.port,
+            self.sandbox_url,
+            self.tmp / "spool.sqlite3",
+            self.dns_port,
+            self.provider,
+            self.rate_limit,
+            queue_url,
+        )
         config.write_text(text + self.extra_config)
         cmd = [*self.cmd, "serve", "--config", str(config), *self.serve_args]
         if self.workers > 1:
@@ -261,8 +292,12 @@ class Gateway(Server):
         try:
             wait_for_smtp(self.port, self.label, 60, self.proc)
             # Every worker must be listening before the first point, or worker 0 takes the early load.
-            wait_until(lambda: self.log.read_text(errors="replace").count('"ready"') >= self.workers,
-                       "all gateway workers", 60, self.proc)
+            wait_until(
+                lambda: self.log.read_text(errors="replace").count('"ready"') >= self.workers,
+                "all gateway workers",
+                60,
+                self.proc,
+            )
         except SetupError as exc:
             raise SetupError(f"{exc}: {log_tail(self.log, 8)}") from None
 

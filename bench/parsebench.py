@@ -42,9 +42,10 @@ def scan_message(size: int, seed: int = 40) -> bytes:
         b'Content-Type: multipart/mixed; boundary="----=_scan_boundary"\r\n\r\n'
         b"------=_scan_boundary\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n"
         b"Scanned document attached.\r\n"
-        b"------=_scan_boundary\r\nContent-Type: application/pdf; name=\"scan0001.pdf\"\r\n"
-        b"Content-Disposition: attachment; filename=\"scan0001.pdf\"\r\nContent-Transfer-Encoding: base64\r\n\r\n"
-        + body + b"\r\n------=_scan_boundary--\r\n"
+        b'------=_scan_boundary\r\nContent-Type: application/pdf; name="scan0001.pdf"\r\n'
+        b'Content-Disposition: attachment; filename="scan0001.pdf"\r\nContent-Transfer-Encoding: base64\r\n\r\n'
+        + body
+        + b"\r\n------=_scan_boundary--\r\n"
     )
 
 
@@ -58,9 +59,10 @@ def hostile_messages() -> dict[str, bytes]:
         "repeated delimiter lines": head + b"--b\r\n" * 1_000_000,
         "40 MB of base64, then junk": head + leaf + b"QUFB" * 10_000_000 + b"!\r\n--b--\r\n",
         "100 base64 parts ending in junk": head + (leaf + line * 500 + b"!\r\n") * 100 + b"--b--\r\n",
-        "100 levels deep": b"From: a@bench.example.com\r\n" + b"".join(
-            b"Content-Type: multipart/mixed; boundary=d%d\r\n\r\n--d%d\r\n" % (i, i) for i in range(100)
-        ) + leaf[5:] + line * 100_000,
+        "100 levels deep": b"From: a@bench.example.com\r\n"
+        + b"".join(b"Content-Type: multipart/mixed; boundary=d%d\r\n\r\n--d%d\r\n" % (i, i) for i in range(100))
+        + leaf[5:]
+        + line * 100_000,
         "2,500 parts of 38 KB": head + (leaf + line * 500) * 2_500 + b"--b--\r\n",
     }
 
@@ -99,8 +101,10 @@ def main() -> None:
     print(f"{'message':38} {'size':>9} {'way':>7} {'time':>10} {'peak memory':>12}")
     for name, raw in messages.items():
         for way, lift_above in (("whole", None), ("lifted", mime.bigparts.THRESHOLD)):
-            seconds = fastest(lambda raw=raw, lift_above=lift_above: mime.parse(raw, lift_above),
-                              max(1, args.runs if len(raw) < 10 * MB else args.runs // 2))
+            seconds = fastest(
+                lambda raw=raw, lift_above=lift_above: mime.parse(raw, lift_above),
+                max(1, args.runs if len(raw) < 10 * MB else args.runs // 2),
+            )
             memory = peak(lambda raw=raw, lift_above=lift_above: mime.parse(raw, lift_above))
             print(f"{name:38} {len(raw) / MB:7.1f}MB {way:>7} {seconds * 1000:8.1f}ms {memory / MB:10.1f}MB")
     if args.hostile:

@@ -42,8 +42,17 @@ from smtpsource import SourceRun
 MESSAGES = {"5KB": genmsg.SMALL_NAME, "1MB": genmsg.LARGE_NAME}
 MODES = ("persistent", "per-connection")
 # --quick leaves out gateway+50ms (between the two others) to stay near two minutes.
-QUICK_SETUPS = ["smtp-sink", "bare-aiosmtpd", "postfix", "gateway", "gateway+200ms", "gateway-x2", "gateway-x2-pg",
-                "gateway-dengage", "gateway-dengage-limited"]
+QUICK_SETUPS = [
+    "smtp-sink",
+    "bare-aiosmtpd",
+    "postfix",
+    "gateway",
+    "gateway+200ms",
+    "gateway-x2",
+    "gateway-x2-pg",
+    "gateway-dengage",
+    "gateway-dengage-limited",
+]
 # The dEngage setups: the account's limiter off (rate_limit = 0), and on at its default 25/s against a
 # sandbox enforcing dEngage's 30 requests/s per IP.
 DENGAGE_RATE = 25.0
@@ -88,7 +97,10 @@ def install_postfix() -> None:
 
 
 def build_specs(
-    wanted: list[str], gateway_cmd: list[str] | None, gateway_problem: str, serve_args: list[str],
+    wanted: list[str],
+    gateway_cmd: list[str] | None,
+    gateway_problem: str,
+    serve_args: list[str],
     providers: tuple[str, ...] = ("dmds",),
 ) -> list[SetupSpec]:
     """The setups to run, in order: the baselines, then the gateway's with each provider's upstream."""
@@ -107,8 +119,10 @@ def build_specs(
 
         specs.append(SetupSpec(name, "smtp-gateway serve process tree (not the sandbox)", factory))
 
-    for name, queue, what in (("gateway-x2", "sqlite", "one SQLite queue"),
-                              ("gateway-x2-pg", "postgresql", "one PostgreSQL queue (a private cluster)")):
+    for name, queue, what in (
+        ("gateway-x2", "sqlite", "one SQLite queue"),
+        ("gateway-x2-pg", "postgresql", "one PostgreSQL queue (a private cluster)"),
+    ):
 
         def two_workers(workdir: Path, queue: str = queue) -> Server:
             if gateway_cmd is None:
@@ -119,9 +133,10 @@ def build_specs(
     if "dmds" not in providers:
         specs = [s for s in specs if not s.name.startswith("gateway")]
     if "dengage" in providers:
-        for name, rate, what in (("gateway-dengage", 0.0, "limiter off"),
-                                 ("gateway-dengage-limited", DENGAGE_RATE, f"limiter {DENGAGE_RATE:g}/s, "
-                                  "sandbox enforcing 30/s")):
+        for name, rate, what in (
+            ("gateway-dengage", 0.0, "limiter off"),
+            ("gateway-dengage-limited", DENGAGE_RATE, f"limiter {DENGAGE_RATE:g}/s, sandbox enforcing 30/s"),
+        ):
 
             def dengage(workdir: Path, limit: float = rate) -> Server:
                 if gateway_cmd is None:
@@ -328,8 +343,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--setups",
         default="",
-        help="comma list: smtp-sink,bare-aiosmtpd,postfix,gateway,gateway+50ms,gateway+200ms,gateway-x2,"
-             "gateway-x2-pg",
+        help="comma list: smtp-sink,bare-aiosmtpd,postfix,gateway,gateway+50ms,gateway+200ms,gateway-x2,gateway-x2-pg",
     )
     parser.add_argument("--sessions", default="1,10,50", help="comma list of smtp-source session counts")
     parser.add_argument("--messages", default="5KB,1MB", help="comma list: 5KB,1MB")
@@ -338,9 +352,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results", help="where latest.json/md go")
     parser.add_argument("--update-readme", action="store_true", help="also put the tables into bench/README.md")
     parser.add_argument("--gateway-args", default="", help='extra `smtp-gateway serve` options, e.g. "--aiohttp"')
-    parser.add_argument("--providers", default="dmds",
-                        help="comma list of the gateway's upstreams: dmds (gateway, gateway+50ms, gateway+200ms, "
-                             "gateway-x2, gateway-x2-pg), dengage (gateway-dengage, gateway-dengage-limited)")
+    parser.add_argument(
+        "--providers",
+        default="dmds",
+        help="comma list of the gateway's upstreams: dmds (gateway, gateway+50ms, gateway+200ms, "
+        "gateway-x2, gateway-x2-pg), dengage (gateway-dengage, gateway-dengage-limited)",
+    )
     parser.add_argument("--keep-logs", action="store_true", help="keep the server logs directory")
     args = parser.parse_args(argv)
     args.profile = PROFILES["quick" if args.quick else "full"]
@@ -401,8 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     print(f"profile {args.profile.name}; logs in {workdir}", flush=True)
     try:
-        specs = build_specs(args.setups, *resolve_gateway(args.setups), shlex.split(args.gateway_args),
-                            args.providers)
+        specs = build_specs(args.setups, *resolve_gateway(args.setups), shlex.split(args.gateway_args), args.providers)
         for spec in specs:
             run.setups.append(run_setup(spec, args, workdir))
     except KeyboardInterrupt:

@@ -60,10 +60,12 @@ def scan_message(size: int) -> bytes:
     """A scan-to-email message: a `size`-byte PDF-like attachment, base64 in 76-character CRLF lines."""
     pdf = b"%PDF-1.4\n" + os.urandom(size - 9)
     encoded = base64.encodebytes(pdf).replace(b"\n", b"\r\n")
-    head = (f"From: {genmsg.SENDER}\r\nTo: {genmsg.RECIPIENT}\r\nSubject: scan\r\nMIME-Version: 1.0\r\n"
-            'Content-Type: multipart/mixed; boundary="b1"\r\n\r\n--b1\r\nContent-Type: text/plain\r\n\r\n'
-            "Scanned document attached.\r\n--b1\r\nContent-Type: application/pdf; name=scan.pdf\r\n"
-            "Content-Transfer-Encoding: base64\r\nContent-Disposition: attachment; filename=scan.pdf\r\n\r\n")
+    head = (
+        f"From: {genmsg.SENDER}\r\nTo: {genmsg.RECIPIENT}\r\nSubject: scan\r\nMIME-Version: 1.0\r\n"
+        'Content-Type: multipart/mixed; boundary="b1"\r\n\r\n--b1\r\nContent-Type: text/plain\r\n\r\n'
+        "Scanned document attached.\r\n--b1\r\nContent-Type: application/pdf; name=scan.pdf\r\n"
+        "Content-Transfer-Encoding: base64\r\nContent-Disposition: attachment; filename=scan.pdf\r\n\r\n"
+    )
     return head.encode() + encoded + b"--b1--\r\n"
 
 
@@ -95,8 +97,13 @@ def percentiles(values: list[float]) -> dict[str, float]:
         return {}
     ordered = sorted(values)
     pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
-    return {"n": len(ordered), "p50_ms": round(pick(0.5) * 1000, 2), "p99_ms": round(pick(0.99) * 1000, 2),
-            "max_ms": round(ordered[-1] * 1000, 2), "mean_ms": round(statistics.fmean(ordered) * 1000, 2)}
+    return {
+        "n": len(ordered),
+        "p50_ms": round(pick(0.5) * 1000, 2),
+        "p99_ms": round(pick(0.99) * 1000, 2),
+        "max_ms": round(ordered[-1] * 1000, 2),
+        "mean_ms": round(statistics.fmean(ordered) * 1000, 2),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,11 +118,15 @@ def main(argv: list[str] | None = None) -> int:
     scan_file.write_bytes(raw)
     cmd = check_cli()
     scan_port = free_port()
-    scan_sandbox = spawn([*cmd, "sandbox", "--listen", f"{HOST}:{scan_port}", "--apikey", APIKEY, "--quiet"],
-                         workdir / "scan-sandbox.log", env=gateway_env())
+    scan_sandbox = spawn(
+        [*cmd, "sandbox", "--listen", f"{HOST}:{scan_port}", "--apikey", APIKEY, "--quiet"],
+        workdir / "scan-sandbox.log",
+        env=gateway_env(),
+    )
     gateway = Gateway(workdir, 0, cmd, [])
-    gateway.extra_config = SCAN_ACCOUNT.format(api_base=f"http://{HOST}:{scan_port}", apikey=APIKEY,
-                                               domain=genmsg.SENDER_DOMAIN, hash=password_hash(PASSWORD))
+    gateway.extra_config = SCAN_ACCOUNT.format(
+        api_base=f"http://{HOST}:{scan_port}", apikey=APIKEY, domain=genmsg.SENDER_DOMAIN, hash=password_hash(PASSWORD)
+    )
     gateway.start()
     try:
         prober = Prober(gateway.port)
@@ -127,15 +138,30 @@ def main(argv: list[str] | None = None) -> int:
         with PeakRss(gateway.rss_roots, interval_s=0.05) as rss:
             for _ in range(args.repeat):
                 started = time.monotonic()
-                subprocess.run([sys.executable, "-c", SEND_SCAN, HOST, str(gateway.port), PASSWORD,
-                                genmsg.SENDER, genmsg.RECIPIENT, str(scan_file)], check=True, timeout=600)
+                subprocess.run(
+                    [
+                        sys.executable,
+                        "-c",
+                        SEND_SCAN,
+                        HOST,
+                        str(gateway.port),
+                        PASSWORD,
+                        genmsg.SENDER,
+                        genmsg.RECIPIENT,
+                        str(scan_file),
+                    ],
+                    check=True,
+                    timeout=600,
+                )
                 windows.append((started, time.monotonic()))
         prober.stop_event.set()
         prober.join(60)
         during = [s for t, s in prober.samples if any(a <= t + s and t <= b for a, b in windows)]
         before = [s for t, s in prober.samples if t + s < baseline_end]
         result = {
-            "scan_bytes": size, "scan_wire_bytes": len(raw), "scans": args.repeat,
+            "scan_bytes": size,
+            "scan_wire_bytes": len(raw),
+            "scans": args.repeat,
             "scan_seconds": [round(b - a, 2) for a, b in windows],
             "small_messages_without_scan": percentiles(before),
             "small_messages_during_scans": percentiles(during),

@@ -81,8 +81,13 @@ class App:
         self.health = AccountHealth(list(settings.accounts))
         self.owner = DeliveryOwner(self.providers, self.store, settings.delivery, self.health)
         dsettings = settings.delivery
-        self.worker = RetryWorker(self.owner, list(settings.accounts), dsettings.concurrency,
-                                  dsettings.poll_interval, dsettings.probe_interval)
+        self.worker = RetryWorker(
+            self.owner,
+            list(settings.accounts),
+            dsettings.concurrency,
+            dsettings.poll_interval,
+            dsettings.probe_interval,
+        )
         self.worker.start()
         # Another instance made something due: wake the worker now rather than at its next poll.
         self._spawn(self.store.listen(lambda account: self.owner.wakeup.set() if self.owner else None))
@@ -169,19 +174,26 @@ class App:
                 contexts = await asyncio.to_thread(listeners.prepare_tls, plan.settings)
             except CertificateError as exc:
                 CONFIG_RELOADS.labels(result="tls_failed").inc()
-                log.error("tls_reload_failed", reason=str(exc),
-                          action="kept the certificate and the configuration already loaded")
+                log.error(
+                    "tls_reload_failed",
+                    reason=str(exc),
+                    action="kept the certificate and the configuration already loaded",
+                )
                 return False
             self._apply(plan, listeners, contexts)
             CONFIG_RELOADS.labels(result="ok").inc()
             log.info("config_reloaded", changed=plan.changed, restart_needed=plan.restart_needed)
             if plan.restart_needed:
-                log.warning("config_reload_restart_needed", keys=plan.restart_needed,
-                            note="these changes take effect at the next restart; the running values are kept")
+                log.warning(
+                    "config_reload_restart_needed",
+                    keys=plan.restart_needed,
+                    note="these changes take effect at the next restart; the running values are kept",
+                )
             return True
 
-    def _apply(self, plan: ReloadPlan, listeners: Listeners,
-               contexts: tuple[dict[str, ssl.SSLContext], dict[str, str]] | None) -> None:
+    def _apply(
+        self, plan: ReloadPlan, listeners: Listeners, contexts: tuple[dict[str, ssl.SSLContext], dict[str, str]] | None
+    ) -> None:
         old, new = self.settings, plan.settings
         assert self.owner is not None and self.worker is not None and self.store is not None
         # An account whose settings did not change keeps its provider: its token, caches and HTTP pool.

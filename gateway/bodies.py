@@ -88,9 +88,7 @@ def text_to_html(text: str) -> str:
     escaped = html.escape(text.replace("\r\n", "\n"), quote=False)
     return (
         '<!DOCTYPE html><html><head><meta charset="utf-8"></head>'
-        '<body><div style="white-space:pre-wrap;font-family:monospace">'
-        + escaped
-        + "</div></body></html>"
+        '<body><div style="white-space:pre-wrap;font-family:monospace">' + escaped + "</div></body></html>"
     )
 
 
@@ -216,8 +214,16 @@ def _filename(part: EmailMessage) -> str | None:
     return sanitize.filename(name) if name is not None else None
 
 
-_EXTENSIONS = {"message/rfc822": ".eml", "application/pdf": ".pdf", "image/png": ".png", "image/jpeg": ".jpg",
-               "image/gif": ".gif", "text/html": ".html", "text/plain": ".txt", "text/calendar": ".ics"}
+_EXTENSIONS = {
+    "message/rfc822": ".eml",
+    "application/pdf": ".pdf",
+    "image/png": ".png",
+    "image/jpeg": ".jpg",
+    "image/gif": ".gif",
+    "text/html": ".html",
+    "text/plain": ".txt",
+    "text/calendar": ".ics",
+}
 
 
 def _default_filename(part: EmailMessage, ctype: str) -> str:
@@ -256,8 +262,9 @@ def _join(pieces: list[_Piece], walk: _Walk) -> str:
                 fragments.append(_inner_body(piece.content))
         elif piece.kind == "text":
             if piece.content:
-                fragments.append('<div style="white-space:pre-wrap">' + html.escape(piece.content, quote=False)
-                                 + "</div>")
+                fragments.append(
+                    '<div style="white-space:pre-wrap">' + html.escape(piece.content, quote=False) + "</div>"
+                )
         elif html_at[0] < index < html_at[-1]:
             cid = _image_cid(walk, piece.image)
             if f"cid:{cid}".lower() not in referenced:

@@ -46,8 +46,10 @@ def _refuse_on_problems(findings: list[preflight.Finding], args: argparse.Namesp
         print(f"smtp-gateway: {note}", file=sys.stderr)
     problems = [f.text for f in findings if f.problem]
     if problems and args.command == "serve" and _no_config_file(args):
-        problems.append(f"no config file was given (--config FILE or ${CONFIG_ENV}); to try the gateway "
-                        "without one: smtp-gateway quickstart")
+        problems.append(
+            f"no config file was given (--config FILE or ${CONFIG_ENV}); to try the gateway "
+            "without one: smtp-gateway quickstart"
+        )
     if problems:
         raise Refused(problems)
 
@@ -83,8 +85,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return as_worker(fresh, slot) if slot is not None else fresh
 
     try:
-        _run_loop(run(App(settings, source=source), drain_timeout=args.drain_timeout),
-                  preflight.serve_ports(settings))
+        _run_loop(run(App(settings, source=source), drain_timeout=args.drain_timeout), preflight.serve_ports(settings))
     except (sqlite3.DatabaseError, SpoolUnavailable) as exc:
         raise _spool_failure(settings, exc) from None
     return 0
@@ -128,14 +129,23 @@ def cmd_check_domains(args: argparse.Namespace) -> int:
     d = settings.dns
     resolver = DnsResolver(d.nameservers or None, d.port, d.timeout, d.max_ttl, d.negative_ttl)
     if args.domains:
-        pairs = {dom.lower(): rp or f"dmds-{dom.split('.')[0]}@nl.{dom}"
-                 for dom, _, rp in (item.partition("=") for item in args.domains)}
+        pairs = {
+            dom.lower(): rp or f"dmds-{dom.split('.')[0]}@nl.{dom}"
+            for dom, _, rp in (item.partition("=") for item in args.domains)
+        }
     else:
-        pairs = {dom: rp for account in settings.accounts.values() if isinstance(account, DmdsAccount)
-                 for dom, rp in account.sender_domains.items()}
+        pairs = {
+            dom: rp
+            for account in settings.accounts.values()
+            if isinstance(account, DmdsAccount)
+            for dom, rp in account.sender_domains.items()
+        }
     if not pairs:
-        print("smtp-gateway: no sender_domains configured: add [accounts.<name>.sender_domains] to the config file "
-              "(--config FILE), or name domains: smtp-gateway check-domains DOMAIN[=RETURN_PATH]", file=sys.stderr)
+        print(
+            "smtp-gateway: no sender_domains configured: add [accounts.<name>.sender_domains] to the config file "
+            "(--config FILE), or name domains: smtp-gateway check-domains DOMAIN[=RETURN_PATH]",
+            file=sys.stderr,
+        )
         return 1
     reports = asyncio.run(check_domains(resolver, pairs))
     print(to_json(reports) if args.json else format_table(reports))
@@ -167,8 +177,11 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
         except EOFError:  # Ctrl-D at the prompt
             password = ""
     if not password:
-        print("smtp-gateway: empty password: type one, or pipe it in (printf '%s\\n' PASSWORD | "
-              "smtp-gateway hash-password --stdin)", file=sys.stderr)
+        print(
+            "smtp-gateway: empty password: type one, or pipe it in (printf '%s\\n' PASSWORD | "
+            "smtp-gateway hash-password --stdin)",
+            file=sys.stderr,
+        )
         return EXIT_CONFIG
     print(hash_password(password))
     return 0
@@ -194,8 +207,11 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     )
     dmds_state = DmdsSandbox(apikey=args.apikey, campaigns=campaigns, sender_domains=set(args.sender_domain or []))
     dengage_state = DengageSandbox(
-        userkey=args.dengage_userkey, password=args.dengage_password, token_ttl=args.dengage_token_ttl,
-        rate_limit=args.dengage_rate_limit or None, refuse_all=args.dengage_refuse_all,
+        userkey=args.dengage_userkey,
+        password=args.dengage_password,
+        token_ttl=args.dengage_token_ttl,
+        rate_limit=args.dengage_rate_limit or None,
+        refuse_all=args.dengage_refuse_all,
         refused_ips=set(args.dengage_refuse_ip or []),
     )
     if args.dengage_from:
@@ -212,14 +228,20 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     from gateway import logs, quickstart
     from gateway.settings import LogSettings
 
-    wanted = [preflight.Port("quick start SMTP (--port)", "127.0.0.1", args.port),
-              preflight.Port("quick start STARTTLS (--tls-port)", "127.0.0.1", args.tls_port),
-              preflight.Port("quick start sandbox (--sandbox-port)", "127.0.0.1", args.sandbox_port)]
+    wanted = [
+        preflight.Port("quick start SMTP (--port)", "127.0.0.1", args.port),
+        preflight.Port("quick start STARTTLS (--tls-port)", "127.0.0.1", args.tls_port),
+        preflight.Port("quick start sandbox (--sandbox-port)", "127.0.0.1", args.sandbox_port),
+    ]
     findings = preflight.ports(wanted)
     if findings:
-        raise Refused([*(f.text for f in findings),
-                       "another quick start may be running; or pick free ports: "
-                       "smtp-gateway quickstart --port 2526 --tls-port 2588 --sandbox-port 8026"])
+        raise Refused(
+            [
+                *(f.text for f in findings),
+                "another quick start may be running; or pick free ports: "
+                "smtp-gateway quickstart --port 2526 --tls-port 2588 --sandbox-port 8026",
+            ]
+        )
     logs.configure(LogSettings())
     try:
         return quickstart.main(args.workdir, args.sandbox_port, args.port, args.tls_port)
@@ -266,36 +288,55 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = with_config(sub.add_parser("serve", help="run the gateway"))
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds sessions in DATA get on SIGTERM")
-    p.add_argument("--workers", type=int, default=1,
-                   help="processes sharing the listeners (SO_REUSEPORT) and the queue; one per core is typical")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes sharing the listeners (SO_REUSEPORT) and the queue; one per core is typical",
+    )
     p.add_argument("--worker-slot", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_serve)
 
-    p = with_config(sub.add_parser(
-        "check-config", help="validate the configuration, print it (secrets masked) and check what serve needs"))
-    p.add_argument("--config-only", action="store_true",
-                   help="validate the configuration alone, not this machine (files, ports, DNS): for a config "
-                        "meant for another machine")
+    p = with_config(
+        sub.add_parser(
+            "check-config", help="validate the configuration, print it (secrets masked) and check what serve needs"
+        )
+    )
+    p.add_argument(
+        "--config-only",
+        action="store_true",
+        help="validate the configuration alone, not this machine (files, ports, DNS): for a config "
+        "meant for another machine",
+    )
     p.set_defaults(func=cmd_check_config)
 
     p = with_config(sub.add_parser("check-domains", help="DNS report on every permitted sender domain"))
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("domains", nargs="*", metavar="DOMAIN[=RETURN_PATH]",
-                   help="check these instead of the configured sender domains")
+    p.add_argument(
+        "domains",
+        nargs="*",
+        metavar="DOMAIN[=RETURN_PATH]",
+        help="check these instead of the configured sender domains",
+    )
     p.set_defaults(func=cmd_check_domains)
 
     from gateway.queue import admin
 
     admin.add_parser(sub, with_config)
     queue = sub.choices["queue"]
-    queue.add_argument("--spool", metavar="FILE",
-                       help="the SQLite queue file (default: delivery.spool_path; the quick start's is "
-                            "var/quickstart/spool.sqlite3)")
+    queue.add_argument(
+        "--spool",
+        metavar="FILE",
+        help="the SQLite queue file (default: delivery.spool_path; the quick start's is var/quickstart/spool.sqlite3)",
+    )
     queue.set_defaults(func=cmd_queue)
 
     p = sub.add_parser("hash-password", help="hash a password for [[accounts.X.users]] password_hash")
-    p.add_argument("--stdin", action="store_true",
-                   help="read the password from standard input (the default when it is not a terminal)")
+    p.add_argument(
+        "--stdin",
+        action="store_true",
+        help="read the password from standard input (the default when it is not a terminal)",
+    )
     p.set_defaults(func=cmd_hash_password)
 
     p = sub.add_parser("sandbox", help="run the sandbox upstream (DMDS and dEngage paths)")
@@ -305,13 +346,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sender-domain", action="append", help="DMDS: permitted sender domain (repeatable; default any)")
     p.add_argument("--dengage-userkey", default="sandbox-userkey", help="dEngage: the API user's userkey")
     p.add_argument("--dengage-password", default="sandbox-password", help="dEngage: the API user's password")
-    p.add_argument("--dengage-from", action="append", metavar="'NAME <ADDR>'",
-                   help="dEngage: a From identity (repeatable; default 'Sandbox Team <team@example.com>')")
+    p.add_argument(
+        "--dengage-from",
+        action="append",
+        metavar="'NAME <ADDR>'",
+        help="dEngage: a From identity (repeatable; default 'Sandbox Team <team@example.com>')",
+    )
     p.add_argument("--dengage-token-ttl", type=float, default=3600.0, help="dEngage: seconds a token lives")
-    p.add_argument("--dengage-rate-limit", type=int, default=30,
-                   help="dEngage: requests per second per client IP, then 429 (0: no limit)")
-    p.add_argument("--dengage-refuse-ip", action="append", metavar="IP",
-                   help="dEngage: answer this client IP's requests 403 'not whitelisted' (repeatable)")
+    p.add_argument(
+        "--dengage-rate-limit",
+        type=int,
+        default=30,
+        help="dEngage: requests per second per client IP, then 429 (0: no limit)",
+    )
+    p.add_argument(
+        "--dengage-refuse-ip",
+        action="append",
+        metavar="IP",
+        help="dEngage: answer this client IP's requests 403 'not whitelisted' (repeatable)",
+    )
     p.add_argument("--dengage-refuse-all", action="store_true", help="dEngage: refuse every client IP (allowlist)")
     p.add_argument("--latency-ms", type=float, default=0.0, help="delay added to every API call")
     p.add_argument("--record", help="append every request as JSON lines to this file")

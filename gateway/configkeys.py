@@ -120,7 +120,7 @@ def unknown_env(
         upper = name.upper()
         if not upper.startswith(prefix) or (ignore is not None and ignore.fullmatch(upper)):
             continue
-        parts = upper[len(prefix):].lower().split(delimiter)
+        parts = upper[len(prefix) :].lower().split(delimiter)
         why = _walk_env(root, parts)
         if why is None:
             continue

@@ -34,9 +34,7 @@ class Delivery:
     def __init__(self, drivers: Mapping[str, Driver]) -> None:
         self._drivers = drivers
 
-    async def attempt(
-        self, submission: Submission, done: Mapping[int, str] | None = None
-    ) -> Outcome:
+    async def attempt(self, submission: Submission, done: Mapping[int, str] | None = None) -> Outcome:
         """Deliver every leg not in `done`. Legs after the first join the first leg's batch (reuse_eeid)."""
         driver = self._drivers[submission.principal.account]
         outcome = Outcome(delivered=dict(done or {}))

@@ -145,9 +145,7 @@ class DnsResolver:
 
     async def a_or_aaaa(self, domain: str) -> list[str]:
         """IPv4 then IPv6 addresses of the domain; [] if it has none."""
-        a, aaaa = await asyncio.gather(
-            self._lookup(domain, dns.rdatatype.A), self._lookup(domain, dns.rdatatype.AAAA)
-        )
+        a, aaaa = await asyncio.gather(self._lookup(domain, dns.rdatatype.A), self._lookup(domain, dns.rdatatype.AAAA))
         return [r.to_text() for r in (*a.records, *aaaa.records)]
 
     async def check(self, domain: str | None = None) -> str | None:
@@ -207,9 +205,7 @@ class DnsResolver:
             raise DnsTemporaryError(f"DNS timeout looking up {name} {_type(rdtype)}") from exc
         except dns.resolver.NoNameservers as exc:
             await self._confirm_resolver(name, rdtype, "SERVFAIL or refused")
-            raise DnsTemporaryError(
-                f"no DNS server answered for {name} {_type(rdtype)} (SERVFAIL or refused)"
-            ) from exc
+            raise DnsTemporaryError(f"no DNS server answered for {name} {_type(rdtype)} (SERVFAIL or refused)") from exc
         except dns.exception.DNSException as exc:
             await self._confirm_resolver(name, rdtype, type(exc).__name__)
             raise DnsTemporaryError(f"DNS lookup of {name} {_type(rdtype)} failed: {exc}") from exc
@@ -285,8 +281,13 @@ class DnsResolver:
         self._broken_since_log += 1
         now = self._clock()
         if self._last_broken_log is None or now - self._last_broken_log >= _LOG_INTERVAL:
-            log.error("dns_resolver_broken", nameservers=[str(ns) for ns in self._resolver.nameservers],
-                      port=self._resolver.port, reason=reason, failed_lookups=self._broken_since_log)
+            log.error(
+                "dns_resolver_broken",
+                nameservers=[str(ns) for ns in self._resolver.nameservers],
+                port=self._resolver.port,
+                reason=reason,
+                failed_lookups=self._broken_since_log,
+            )
             self._last_broken_log = now
             self._broken_since_log = 0
 
@@ -300,7 +301,8 @@ def _probe_zone(name: str) -> str:
 def _vouched(exc: dns.resolver.NXDOMAIN) -> bool:
     """Whether an NXDOMAIN came with the SOA of the zone that denies the name."""
     return any(
-        rrset.rdtype == dns.rdatatype.SOA for response in exc.responses().values()  # type: ignore[no-untyped-call]
+        rrset.rdtype == dns.rdatatype.SOA
+        for response in exc.responses().values()  # type: ignore[no-untyped-call]
         for rrset in response.authority
     )
 

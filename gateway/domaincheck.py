@@ -154,15 +154,11 @@ def _check_spf(label: str, domain: str, txt: list[str] | None, warnings: list[st
         warnings.append(f"{len(records)} SPF records for {label} {domain}: receivers treat it as permerror")
     record = records[0]
     if record.split()[-1].lower() in ("all", "+all"):
-        warnings.append(
-            f"SPF record of {label} {domain} ends in '{record.split()[-1]}': it authorizes any host"
-        )
+        warnings.append(f"SPF record of {label} {domain} ends in '{record.split()[-1]}': it authorizes any host")
     return record
 
 
-async def _return_path_mx(
-    resolver: DnsResolver, rp_domain: str, problems: list[str], warnings: list[str]
-) -> list[str]:
+async def _return_path_mx(resolver: DnsResolver, rp_domain: str, problems: list[str], warnings: list[str]) -> list[str]:
     what = f"MX of return-path domain {rp_domain}"
     mx = await _attempt(what, resolver.mx(rp_domain), problems)
     if mx is None:
@@ -171,13 +167,9 @@ async def _return_path_mx(
     if hosts == ["."]:
         problems.append(f"return-path domain {rp_domain} has a null MX (RFC 7505): it accepts no bounces")
     elif not hosts:
-        addresses = await _attempt(
-            f"A/AAAA of return-path domain {rp_domain}", resolver.a_or_aaaa(rp_domain), problems
-        )
+        addresses = await _attempt(f"A/AAAA of return-path domain {rp_domain}", resolver.a_or_aaaa(rp_domain), problems)
         if addresses == []:
-            problems.append(
-                f"return-path domain {rp_domain} has no MX, A or AAAA record: bounces cannot be delivered"
-            )
+            problems.append(f"return-path domain {rp_domain} has no MX, A or AAAA record: bounces cannot be delivered")
         elif addresses:
             warnings.append(f"return-path domain {rp_domain} has no MX; bounces rely on its A/AAAA record")
     return hosts
@@ -252,9 +244,7 @@ async def check_domain(resolver: DnsResolver, domain: str, return_path: str) -> 
         if policy is None:
             dmarc_n.warnings.append(f"DMARC record at {where} has no valid p= policy")
         elif policy == "none":
-            dmarc_n.warnings.append(
-                f"DMARC policy of {domain} is p=none: monitoring only, spoofed mail is not refused"
-            )
+            dmarc_n.warnings.append(f"DMARC policy of {domain} is p=none: monitoring only, spoofed mail is not refused")
         if tags.get("aspf", "r").lower() == "s" and rp_domain is not None and rp_domain != domain:
             dmarc_n.warnings.append(
                 f"DMARC at {where} has aspf=s: SPF of return-path domain {rp_domain} is not strictly aligned"
@@ -282,9 +272,7 @@ async def check_domain(resolver: DnsResolver, domain: str, return_path: str) -> 
     )
 
 
-async def check_domains(
-    resolver: DnsResolver, pairs: dict[str, str], *, concurrency: int = 10
-) -> list[DomainReport]:
+async def check_domains(resolver: DnsResolver, pairs: dict[str, str], *, concurrency: int = 10) -> list[DomainReport]:
     """Check every (domain, return-path) pair concurrently; reports come in the order of ``pairs``."""
     limit = asyncio.Semaphore(concurrency)
 

@@ -1,18 +1,18 @@
 """Typed errors raised by pure modules; each carries the SMTP reply the edge sends.
 
-    GatewayError
-     ├── Rejected        permanent: answered 5xx, never retried
-     │    ├── PolicyRejected      sender/recipient/header policy
-     │    ├── ContentRejected     unparseable or unacceptable message
-     │    └── UpstreamRejected    the API refused the content
-     └── Deferred        temporary: answered 4xx, or spooled and retried
-          ├── UpstreamUnavailable 5xx, 429, or the request never reached the upstream (safe to resend)
-          │    ├── AnswerLost      the request was sent but no complete answer came back (read
-          │    │                   timeout, reset after sending): the upstream MAY have the message
-          │    └── RateLimited     the upstream (429) or our own limiter said "not now"
-          ├── UpstreamAuthFailed  the API refused the gateway's key (operator error)
-          ├── DnsTempFailure      DNS lookups timed out
-          └── SpoolUnavailable    the queue cannot store the message
+GatewayError
+ ├── Rejected        permanent: answered 5xx, never retried
+ │    ├── PolicyRejected      sender/recipient/header policy
+ │    ├── ContentRejected     unparseable or unacceptable message
+ │    └── UpstreamRejected    the API refused the content
+ └── Deferred        temporary: answered 4xx, or spooled and retried
+      ├── UpstreamUnavailable 5xx, 429, or the request never reached the upstream (safe to resend)
+      │    ├── AnswerLost      the request was sent but no complete answer came back (read
+      │    │                   timeout, reset after sending): the upstream MAY have the message
+      │    └── RateLimited     the upstream (429) or our own limiter said "not now"
+      ├── UpstreamAuthFailed  the API refused the gateway's key (operator error)
+      ├── DnsTempFailure      DNS lookups timed out
+      └── SpoolUnavailable    the queue cannot store the message
 """
 
 from __future__ import annotations

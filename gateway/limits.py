@@ -154,7 +154,8 @@ class LoginRates:
 
     def configure(self, limits: LimitsSettings) -> None:
         if (limits.messages_per_minute, limits.message_burst) != (
-            self.limits.messages_per_minute, self.limits.message_burst
+            self.limits.messages_per_minute,
+            self.limits.message_burst,
         ):
             self._buckets.clear()
         self.limits = limits

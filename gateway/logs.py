@@ -17,9 +17,16 @@ import structlog
 from gateway.settings import LogSettings
 
 # structlog method names -> levels ("exception" logs at error level with the traceback).
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "warn": logging.WARNING,
-           "error": logging.ERROR, "exception": logging.ERROR, "critical": logging.CRITICAL,
-           "fatal": logging.CRITICAL}
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "warn": logging.WARNING,
+    "error": logging.ERROR,
+    "exception": logging.ERROR,
+    "critical": logging.CRITICAL,
+    "fatal": logging.CRITICAL,
+}
 
 
 class _State:
@@ -57,7 +64,8 @@ class _LibraryFormatter(logging.Formatter):
             "message": record.getMessage(),
             "level": record.levelname.lower(),
             "timestamp": datetime.datetime.fromtimestamp(record.created, datetime.UTC).strftime(
-                "%Y-%m-%dT%H:%M:%S.%fZ"),
+                "%Y-%m-%dT%H:%M:%S.%fZ"
+            ),
         }
         if record.exc_info:
             event["exception"] = self.formatException(record.exc_info)

@@ -169,10 +169,15 @@ def _parse(raw: bytes | bytearray, lift_above: int | None) -> Message:
     message_id = sanitize.field(undo_surrogates(headers.get("message-id", [""])[0]))
     # Custom X- headers (not the X-Gateway-* options), names as written, values cleaned like every field,
     # for providers that forward them (dEngage xHeaders).
-    x_headers = tuple(
-        (sanitize.field(name), sanitize.field(header_text(value))) for name, value in msg.items()
-        if name[:2].lower() == "x-" and not name.lower().startswith(OPTION_PREFIX)
-    ) if any(n.startswith("x-") and not n.startswith(OPTION_PREFIX) for n in headers) else ()
+    x_headers = (
+        tuple(
+            (sanitize.field(name), sanitize.field(header_text(value)))
+            for name, value in msg.items()
+            if name[:2].lower() == "x-" and not name.lower().startswith(OPTION_PREFIX)
+        )
+        if any(n.startswith("x-") and not n.startswith(OPTION_PREFIX) for n in headers)
+        else ()
+    )
     return Message(
         subject=sanitize.field(header_text(headers.get("subject", [""])[0])),
         from_=_first_address(headers, "from"),
@@ -198,6 +203,7 @@ def _cut(value: str) -> str:
     head = value[:MAX_HEADER_VALUE]
     space = max(head.rfind(" "), head.rfind("\t"))
     return head[:space] if space > MAX_HEADER_VALUE // 2 else head
+
 
 # One mailbox with nothing the full RFC 5322 parser is needed for (no quotes, comments, groups, lists,
 # routes): "Name <a@b.c>" or "a@b.c". email.utils.getaddresses costs ~60 us per header; this, ~1 us.

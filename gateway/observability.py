@@ -21,9 +21,7 @@ TLS_HANDSHAKE_FAILURES = Counter(
     ["listener", "offered"],
     registry=REGISTRY,
 )
-MESSAGES = Counter(
-    "smtp_gateway_messages_total", "Messages by final SMTP reply class", ["result"], registry=REGISTRY
-)
+MESSAGES = Counter("smtp_gateway_messages_total", "Messages by final SMTP reply class", ["result"], registry=REGISTRY)
 UPSTREAM_SECONDS = Histogram(
     "smtp_gateway_upstream_seconds",
     "Upstream API calls and their latency (the _count is the number of calls) by outcome: ok (2xx), "
@@ -138,7 +136,7 @@ AUTH_TRACKED = Gauge(
 DEAD_LETTERS = Counter(
     "smtp_gateway_dead_letters_total",
     "Messages that became dead letters, by cause: refused (by the upstream, for good), expired (max_lifetime), "
-    "held (ambiguous = \"hold\"), internal_error, corrupt (an unreadable queue record)",
+    'held (ambiguous = "hold"), internal_error, corrupt (an unreadable queue record)',
     ["cause"],
     registry=REGISTRY,
 )
@@ -173,13 +171,21 @@ class QueueStats(Collector):
         self._counts = None
 
     def collect(self) -> Iterator[Metric]:
-        depth = GaugeMetricFamily("smtp_gateway_queue_messages", "Messages in the queue by state (queued: waiting "
-                                  "for a retry; inflight: being delivered; dead: dead letters)", labels=["state"])
-        oldest = GaugeMetricFamily("smtp_gateway_queue_oldest_age_seconds",
-                                   "Age of the oldest message in the queue by state (0 when there is none)",
-                                   labels=["state"])
-        stale = GaugeMetricFamily("smtp_gateway_queue_stats_age_seconds",
-                                  "Seconds since the queue figures were read (they are refreshed every few seconds)")
+        depth = GaugeMetricFamily(
+            "smtp_gateway_queue_messages",
+            "Messages in the queue by state (queued: waiting "
+            "for a retry; inflight: being delivered; dead: dead letters)",
+            labels=["state"],
+        )
+        oldest = GaugeMetricFamily(
+            "smtp_gateway_queue_oldest_age_seconds",
+            "Age of the oldest message in the queue by state (0 when there is none)",
+            labels=["state"],
+        )
+        stale = GaugeMetricFamily(
+            "smtp_gateway_queue_stats_age_seconds",
+            "Seconds since the queue figures were read (they are refreshed every few seconds)",
+        )
         counts = self._counts
         if counts is not None:
             since = self._clock() - self._updated

@@ -33,7 +33,6 @@ CARRY_MIN = 64 * 1024
 _PARSER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mime-parse")
 
 
-
 class Pipeline:
     def __init__(
         self,
@@ -68,16 +67,24 @@ class Pipeline:
         try:
             exists = await self.resolver.domain_exists(domain)
         except DnsTemporaryError as exc:
-            raise DnsTempFailure(reply=replies.DNS_TEMPFAIL.with_text(
-                f"<{address}>: DNS lookup of {domain} failed temporarily ({exc}); try again later"
-            )) from None
+            raise DnsTempFailure(
+                reply=replies.DNS_TEMPFAIL.with_text(
+                    f"<{address}>: DNS lookup of {domain} failed temporarily ({exc}); try again later"
+                )
+            ) from None
         if not exists:
             # DMDS' own wording ("The domain name escuelaxyz.com does not exist.").
             raise PolicyRejected(reply=refusal.with_text(f"<{address}>: The domain name {domain} does not exist."))
 
     async def accept(
-        self, principal: Principal, mail_from: str, rcpt_tos: list[str], raw: bytes | bytearray, smtputf8: bool,
-        receipt: Receipt | None = None, reservation: Reservation | None = None,
+        self,
+        principal: Principal,
+        mail_from: str,
+        rcpt_tos: list[str],
+        raw: bytes | bytearray,
+        smtputf8: bool,
+        receipt: Receipt | None = None,
+        reservation: Reservation | None = None,
     ) -> Reply:
         """The reply to the end of DATA. Never raises: unexpected errors become 451 4.3.0.
 
@@ -93,8 +100,9 @@ class Pipeline:
                 bound.warning("message_repaired", defects=list(submission.message.defects))
             account = self.settings.accounts[principal.account]
             key = idempotency.key_of(submission, account.idempotency_from_message_id)
-            reply = await self.owner.submit(submission, plan, bound, key, receipt,
-                                            on_done=reservation.release if reservation else None)
+            reply = await self.owner.submit(
+                submission, plan, bound, key, receipt, on_done=reservation.release if reservation else None
+            )
             reservation = None  # the owner releases it
         except (Rejected, Deferred) as exc:
             receipt.reason = exc.reason

@@ -58,9 +58,11 @@ def normalize_address(address: str, smtputf8: bool, bad: Reply) -> str:
     except EmailNotValidError as exc:
         raise PolicyRejected(reply=bad.with_text(f"<{address}>: {exc}")) from None
     except _UpstreamCannotTake:
-        raise PolicyRejected(reply=replies.UTF8_LOCALPART.with_text(
-            f"<{address}>: Internationalized characters before the @-sign are not supported by the upstream API"
-        )) from None
+        raise PolicyRejected(
+            reply=replies.UTF8_LOCALPART.with_text(
+                f"<{address}>: Internationalized characters before the @-sign are not supported by the upstream API"
+            )
+        ) from None
 
 
 def domain_of(address: str) -> str:
@@ -116,9 +118,7 @@ def check_sender(senders: SenderPolicy, principal: Principal, address: str, smtp
     if not address.strip().strip("<>"):
         # The gateway relays no bounces: a null sender is refused like a sender the login does not own.
         raise PolicyRejected(
-            reply=replies.SENDER_NOT_OWNED.with_text(
-                "Null sender <> not accepted: this gateway does not relay bounces"
-            )
+            reply=replies.SENDER_NOT_OWNED.with_text("Null sender <> not accepted: this gateway does not relay bounces")
         )
     normalized = normalize_address(address, smtputf8, replies.BAD_SENDER)
     lowered = ascii_address(normalized)
@@ -134,10 +134,12 @@ def check_sender(senders: SenderPolicy, principal: Principal, address: str, smtp
         return normalized
     domain = domain_of(lowered)
     if senders.name_domains and domain not in senders.domains:
-        raise PolicyRejected(reply=replies.SENDER_NOT_OWNED.with_text(
-            f"<{address}>: Sender address rejected: domain {domain} is not a permitted sender domain"
-            f"{senders.permitted_hint()}"
-        ))
+        raise PolicyRejected(
+            reply=replies.SENDER_NOT_OWNED.with_text(
+                f"<{address}>: Sender address rejected: domain {domain} is not a permitted sender domain"
+                f"{senders.permitted_hint()}"
+            )
+        )
     raise PolicyRejected(
         reply=replies.SENDER_NOT_OWNED.with_text(
             f"<{address}>: Sender address rejected: not owned by {principal.login}"

@@ -66,19 +66,29 @@ def _tls(settings: Settings) -> list[Finding]:
     cert, key = settings.tls.cert_file, settings.tls.key_file
     if tls_listeners and (cert is None or key is None):
         unset = " and ".join(n for n, v in (("tls.cert_file", cert), ("tls.key_file", key)) if v is None)
-        return [Finding(
-            f"listener {', '.join(tls_listeners)} uses TLS but {unset} {'is' if ' and ' not in unset else 'are'} "
-            "not set: set both to PEM files (or tls = \"none\" on a loopback-only listener)"
-        )]
-    findings = [f for name, path in (("tls.cert_file", cert), ("tls.key_file", key))
-                if path is not None for f in _readable(name, path)]
+        return [
+            Finding(
+                f"listener {', '.join(tls_listeners)} uses TLS but {unset} {'is' if ' and ' not in unset else 'are'} "
+                'not set: set both to PEM files (or tls = "none" on a loopback-only listener)'
+            )
+        ]
+    findings = [
+        f
+        for name, path in (("tls.cert_file", cert), ("tls.key_file", key))
+        if path is not None
+        for f in _readable(name, path)
+    ]
     if findings or not tls_listeners or cert is None or key is None:
         return findings
     try:
         ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(str(cert), str(key))
     except ssl.SSLError as exc:
-        return [Finding(f"tls.cert_file {cert} and tls.key_file {key} do not load as a certificate and its key "
-                        f"({exc.reason or exc}): give PEM files that belong together")]
+        return [
+            Finding(
+                f"tls.cert_file {cert} and tls.key_file {key} do not load as a certificate and its key "
+                f"({exc.reason or exc}): give PEM files that belong together"
+            )
+        ]
     return _expiry(cert)
 
 
@@ -91,8 +101,12 @@ def _readable(name: str, path: Path) -> list[Finding]:
     except IsADirectoryError:
         return [Finding(f"{name} {path} is a directory: set {name} to a PEM file")]
     except PermissionError:
-        return [Finding(f"{name} {path} is not readable by uid {os.getuid()} (permission denied): "
-                        "make it readable by the user the gateway runs as")]
+        return [
+            Finding(
+                f"{name} {path} is not readable by uid {os.getuid()} (permission denied): "
+                "make it readable by the user the gateway runs as"
+            )
+        ]
     except OSError as exc:
         return [Finding(f"{name} {path} cannot be read ({exc.strerror}): fix the file or set {name}")]
     return []
@@ -124,8 +138,12 @@ def _spool(path: Path) -> list[Finding]:
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        return [Finding(f"{where} cannot be created: {parent} is not a writable directory for uid {os.getuid()}; "
-                        "create the directory for this user or set delivery.spool_path")]
+        return [
+            Finding(
+                f"{where} cannot be created: {parent} is not a writable directory for uid {os.getuid()}; "
+                "create the directory for this user or set delivery.spool_path"
+            )
+        ]
     return []
 
 
@@ -154,8 +172,12 @@ def ports(wanted: Iterable[Port], *, running_gateway_is_ok: bool = False) -> lis
             else:
                 findings.append(Finding(f"{port}: {who}: stop it or choose another port"))
         elif err.errno == errno.EACCES:
-            findings.append(Finding(f"{port}: permission denied: ports below 1024 need root or "
-                                    "CAP_NET_BIND_SERVICE (or choose a port above 1023)"))
+            findings.append(
+                Finding(
+                    f"{port}: permission denied: ports below 1024 need root or "
+                    "CAP_NET_BIND_SERVICE (or choose a port above 1023)"
+                )
+            )
         elif err.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
             findings.append(Finding(f"{port}: {port.address} is not an address of this machine: change the address"))
         else:
@@ -165,8 +187,9 @@ def ports(wanted: Iterable[Port], *, running_gateway_is_ok: bool = False) -> lis
 
 def _bind_error(port: Port) -> OSError | None:
     try:
-        infos = socket.getaddrinfo(port.address or None, port.port, socket.AF_UNSPEC, socket.SOCK_STREAM,
-                                   0, socket.AI_PASSIVE)
+        infos = socket.getaddrinfo(
+            port.address or None, port.port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+        )
     except socket.gaierror as exc:
         return OSError(errno.EADDRNOTAVAIL, f"{port.address} does not resolve ({exc.strerror})")
     for family, kind, proto, _, sockaddr in infos:
@@ -245,5 +268,9 @@ async def dns(settings: Settings) -> list[Finding]:
     if why is None:
         return []
     servers = ", ".join(d.nameservers) if d.nameservers else "/etc/resolv.conf"
-    return [Finding(f"dns: the resolver ({servers}, port {d.port}) is not working ({why}): every sender would "
-                    "get 451 4.4.3; fix the resolver or set dns.nameservers (or turn dns.check_sender_domain off)")]
+    return [
+        Finding(
+            f"dns: the resolver ({servers}, port {d.port}) is not working ({why}): every sender would "
+            "get 451 4.4.3; fix the resolver or set dns.nameservers (or turn dns.check_sender_domain off)"
+        )
+    ]

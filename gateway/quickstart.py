@@ -33,8 +33,7 @@ def quickstart_settings(workdir: Path, sandbox_port: int, smtp_port: int, tls_po
         "tls": {"cert_file": str(cert), "key_file": str(key)},
         "listeners": [
             # Loopback only, so AUTH without TLS is acceptable here (and handy with swaks).
-            {"name": "plain", "address": "127.0.0.1", "port": smtp_port, "tls": "none",
-             "allow_insecure_auth": True},
+            {"name": "plain", "address": "127.0.0.1", "port": smtp_port, "tls": "none", "allow_insecure_auth": True},
             {"name": "submission", "address": "127.0.0.1", "port": tls_port, "tls": "starttls"},
         ],
         "accounts": {
@@ -50,8 +49,13 @@ def quickstart_settings(workdir: Path, sandbox_port: int, smtp_port: int, tls_po
                 "api_base": f"http://127.0.0.1:{sandbox_port}/rest",
                 "userkey": DENGAGE_USERKEY,
                 "password": DENGAGE_API_PASSWORD,
-                "users": [{"username": DENGAGE_DEMO_USER, "password_hash": hash_password(DENGAGE_DEMO_PASSWORD),
-                           "tags": ["quickstart"]}],
+                "users": [
+                    {
+                        "username": DENGAGE_DEMO_USER,
+                        "password_hash": hash_password(DENGAGE_DEMO_PASSWORD),
+                        "tags": ["quickstart"],
+                    }
+                ],
             },
         },
         "delivery": {"spool_path": str(workdir / "spool.sqlite3")},

@@ -36,8 +36,9 @@ def plan_reload(old: Settings, new: Settings) -> ReloadPlan:
     restart: list[str] = []
     for section in RESTART_SECTIONS:
         before, after = getattr(old, section), getattr(new, section)
-        restart += [f"{section}.{key}" for key in type(after).model_fields
-                    if getattr(before, key) != getattr(after, key)]
+        restart += [
+            f"{section}.{key}" for key in type(after).model_fields if getattr(before, key) != getattr(after, key)
+        ]
     new_by_name = {lsn.name: lsn for lsn in new.listeners}
     listeners: list[ListenerSettings] = []
     changed_listeners = []
@@ -62,9 +63,13 @@ def plan_reload(old: Settings, new: Settings) -> ReloadPlan:
     kept_limits = [key for key in RESTART_LIMITS if getattr(old.limits, key) != getattr(new.limits, key)]
     restart += [f"limits.{key}" for key in kept_limits]
     limits = new.limits.model_copy(update={key: getattr(old.limits, key) for key in kept_limits})
-    effective = new.model_copy(update={"listeners": listeners, "delivery": old.delivery, "http": old.http,
-                                       "limits": limits})
+    effective = new.model_copy(
+        update={"listeners": listeners, "delivery": old.delivery, "http": old.http, "limits": limits}
+    )
     check_consistent(effective)
-    changed = [key for key in type(new).model_fields
-               if key not in (*RESTART_SECTIONS, "listeners") and getattr(old, key) != getattr(effective, key)]
+    changed = [
+        key
+        for key in type(new).model_fields
+        if key not in (*RESTART_SECTIONS, "listeners") and getattr(old, key) != getattr(effective, key)
+    ]
     return ReloadPlan(effective, changed + changed_listeners, restart)

@@ -59,9 +59,7 @@ TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
 INVALID_CONTENT = Reply(554, "5.6.0", "Message content rejected")
 NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
-CAMPAIGN_REQUIRED = Reply(
-    554, "5.6.0", "No campaign selected: start the Subject with [NN], the campaign's number"
-)
+CAMPAIGN_REQUIRED = Reply(554, "5.6.0", "No campaign selected: start the Subject with [NN], the campaign's number")
 UNKNOWN_CAMPAIGN = Reply(554, "5.6.0", "Unknown campaign")
 
 UPSTREAM_REFUSED = Reply(554, "5.6.0", "Upstream refused the message")

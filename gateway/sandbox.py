@@ -129,8 +129,9 @@ class Sandbox:
                 state.echo.write(line + "\n")
                 state.echo.flush()
 
-    def answer(self, entry: dict[str, Any], response: web.Response, *, error: str | None = None,
-               response_body: Any = None) -> web.Response:
+    def answer(
+        self, entry: dict[str, Any], response: web.Response, *, error: str | None = None, response_body: Any = None
+    ) -> web.Response:
         """Record the request with its answer, and return the answer."""
         entry["status"] = response.status
         if error is not None:
@@ -224,8 +225,12 @@ class Sandbox:
 
 async def run_forever(sandbox: Sandbox, host: str, port: int) -> None:
     bound = await sandbox.start(host, port)
-    print(f"sandbox: DMDS- and dEngage-compatible upstream on http://{host}:{bound} "
-          f"(dEngage api_base: http://{host}:{bound}/rest)", file=sys.stderr, flush=True)
+    print(
+        f"sandbox: DMDS- and dEngage-compatible upstream on http://{host}:{bound} "
+        f"(dEngage api_base: http://{host}:{bound}/rest)",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         await asyncio.Event().wait()
     finally:

@@ -91,8 +91,10 @@ class ListenerSettings(_Section):
     @model_validator(mode="after")
     def _trusted_pair(self) -> ListenerSettings:
         if self.proxy_protocol and not self.proxy_trusted:
-            raise ValueError("proxy_protocol needs proxy_trusted: the load balancers' addresses (a PROXY header "
-                             "from anyone else would let any client claim any address)")
+            raise ValueError(
+                "proxy_protocol needs proxy_trusted: the load balancers' addresses (a PROXY header "
+                "from anyone else would let any client claim any address)"
+            )
         if self.trusted_networks and not self.trusted_login:
             raise ValueError("trusted_networks needs trusted_login (the login those clients act as)")
         if not self.allow_wide_trusted_network:

@@ -36,8 +36,9 @@ class Supervisor:
         self.exit_code = 0
 
     def _spawn(self, slot: int, backoff: float = 1.0) -> None:
-        proc = subprocess.Popen([sys.executable, "-m", "gateway", *self.worker_args, "--worker-slot", str(slot)],
-                                stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", *self.worker_args, "--worker-slot", str(slot)], stdin=subprocess.DEVNULL
+        )
         self.workers[slot] = _Worker(slot, proc, time.monotonic(), backoff)
         log.info("worker_started", worker=slot, pid=proc.pid)
 

@@ -58,9 +58,7 @@ class CertificateError(Exception):
     """A certificate or key file cannot be loaded (missing, unreadable, not PEM, key does not match)."""
 
 
-def server_context(
-    profile: Profile, chains: list[tuple[Path, Path]]
-) -> ssl.SSLContext:
+def server_context(profile: Profile, chains: list[tuple[Path, Path]]) -> ssl.SSLContext:
     """A fresh server-side SSLContext for `profile` holding every (cert_file, key_file) pair of `chains`.
 
     Several pairs of different key types (RSA and ECDSA) coexist; OpenSSL picks what the client supports.
@@ -128,9 +126,7 @@ def write_self_signed(
         .sign(key, hashes.SHA256())
     )
     key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     key_path.chmod(0o600)
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))

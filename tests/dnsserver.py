@@ -73,9 +73,7 @@ class DnsServer:
     async def start(self) -> DnsServer:
         loop = asyncio.get_running_loop()
         for _ in range(20):  # UDP on a kernel-chosen port, then TCP on the same number
-            transport, _proto = await loop.create_datagram_endpoint(
-                lambda: _Udp(self), local_addr=("127.0.0.1", 0)
-            )
+            transport, _proto = await loop.create_datagram_endpoint(lambda: _Udp(self), local_addr=("127.0.0.1", 0))
             port = transport.get_extra_info("sockname")[1]
             try:
                 self._tcp = await asyncio.start_server(self._serve_tcp, "127.0.0.1", port)
@@ -147,9 +145,7 @@ class DnsServer:
             response.flags |= dns.flags.TC
             return response.to_wire()
 
-    def _resolve(
-        self, query: dns.message.Message, name: str, rdtype: dns.rdatatype.RdataType
-    ) -> dns.message.Message:
+    def _resolve(self, query: dns.message.Message, name: str, rdtype: dns.rdatatype.RdataType) -> dns.message.Message:
         response = dns.message.make_response(query)
         response.flags &= ~dns.flags.RA
         if _under(name, self.data.servfail):
@@ -166,9 +162,7 @@ class DnsServer:
         apex = _norm(apex_key)
         zone = {_norm(owner): records for owner, records in self.data.zones[apex_key].items()}
         response.flags |= dns.flags.AA
-        matching = [
-            (ttl, text) for t, ttl, text in zone.get(name, []) if dns.rdatatype.from_text(t) == rdtype
-        ]
+        matching = [(ttl, text) for t, ttl, text in zone.get(name, []) if dns.rdatatype.from_text(t) == rdtype]
         if matching:
             rrset = dns.rrset.from_text_list(
                 name + ".", min(ttl for ttl, _ in matching), "IN", rdtype, [text for _, text in matching]

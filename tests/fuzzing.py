@@ -21,11 +21,21 @@ from tests.smtputil import RECIPIENT, SENDER
 
 _SLOW_IS_FINE = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
 settings.register_profile(
-    "ci", max_examples=150, deadline=None, derandomize=True, database=None, suppress_health_check=_SLOW_IS_FINE,
+    "ci",
+    max_examples=150,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=_SLOW_IS_FINE,
     print_blob=True,
 )
 settings.register_profile(
-    "long", max_examples=3000, deadline=None, database=None, suppress_health_check=_SLOW_IS_FINE, print_blob=True,
+    "long",
+    max_examples=3000,
+    deadline=None,
+    database=None,
+    suppress_health_check=_SLOW_IS_FINE,
+    print_blob=True,
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
@@ -37,18 +47,65 @@ def b64(text: bytes) -> str:
 # -- strategies ----------------------------------------------------------------------------------------------
 
 ADDRESSES = [
-    SENDER, RECIPIENT, "", "<>", "@", "a@", "@b", "postmaster", "x@gmail.com", "j\u00f6rg@acme.example",
-    "billing@acme.example SIZE=100", "billing@acme.example BODY=8BITMIME SMTPUTF8", '"quoted local"@acme.example',
-    "billing@[127.0.0.1]", "billing@acme.example\x00", "a" * 300 + "@acme.example", "billing@" + "d." * 200 + "com",
+    SENDER,
+    RECIPIENT,
+    "",
+    "<>",
+    "@",
+    "a@",
+    "@b",
+    "postmaster",
+    "x@gmail.com",
+    "j\u00f6rg@acme.example",
+    "billing@acme.example SIZE=100",
+    "billing@acme.example BODY=8BITMIME SMTPUTF8",
+    '"quoted local"@acme.example',
+    "billing@[127.0.0.1]",
+    "billing@acme.example\x00",
+    "a" * 300 + "@acme.example",
+    "billing@" + "d." * 200 + "com",
 ]
-VERBS = ["EHLO", "HELO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY", "EXPN", "HELP", "AUTH",
-         "STARTTLS", "BDAT", "ETRN", "XCLIENT", "TURN", "ehlo", "Mail", "", " ", "."]
+VERBS = [
+    "EHLO",
+    "HELO",
+    "MAIL",
+    "RCPT",
+    "DATA",
+    "RSET",
+    "NOOP",
+    "QUIT",
+    "VRFY",
+    "EXPN",
+    "HELP",
+    "AUTH",
+    "STARTTLS",
+    "BDAT",
+    "ETRN",
+    "XCLIENT",
+    "TURN",
+    "ehlo",
+    "Mail",
+    "",
+    " ",
+    ".",
+]
 _USER, _PASSWORD = USER.encode(), PASSWORD.encode()
 AUTH_ARGS = [
-    "PLAIN", "LOGIN", "CRAM-MD5", "plain", "PLAIN =", "PLAIN *", "PLAIN !!!notbase64", "PLAIN AAAA",
-    "PLAIN " + b64(b"no-nul-separators"), "PLAIN " + b64(b"\0" + _USER + b"\0wrong"),
+    "PLAIN",
+    "LOGIN",
+    "CRAM-MD5",
+    "plain",
+    "PLAIN =",
+    "PLAIN *",
+    "PLAIN !!!notbase64",
+    "PLAIN AAAA",
+    "PLAIN " + b64(b"no-nul-separators"),
+    "PLAIN " + b64(b"\0" + _USER + b"\0wrong"),
     "PLAIN " + b64(b"\0" + _USER + b"\0" + _PASSWORD + b"\0extra"),
-    "LOGIN " + b64(_USER), "LOGIN " + b64(b"\xff\xfe"), "LOGIN ====", "PLAIN " + "A" * 5000,
+    "LOGIN " + b64(_USER),
+    "LOGIN " + b64(b"\xff\xfe"),
+    "LOGIN ====",
+    "PLAIN " + "A" * 5000,
 ]
 LOGIN = ("AUTH PLAIN " + b64(b"\0" + _USER + b"\0" + _PASSWORD)).encode()
 _JUNK_BYTES = st.binary(min_size=0, max_size=40)
@@ -58,15 +115,20 @@ _TEXT = st.text(min_size=0, max_size=40)
 @st.composite
 def command_line(draw: st.DrawFn) -> bytes:
     # Mostly commands the server knows: five unknown ones end a session (aiosmtpd's bogus-command limit).
-    verb = draw(st.sampled_from(VERBS) if draw(st.integers(0, 9)) else st.text(
-        alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZ-", min_size=1, max_size=12))
-    argument = draw(st.one_of(
-        st.just(""),
-        st.sampled_from(["FROM:<" + a + ">" for a in ADDRESSES] + ["TO:<" + a + ">" for a in ADDRESSES]),
-        st.sampled_from(AUTH_ARGS),
-        st.sampled_from(["client.test", "[127.0.0.1]", "", "x" * 1000, "FROM:", "TO:", "FROM: <>", "TO:<>"]),
-        _TEXT,
-    ))
+    verb = draw(
+        st.sampled_from(VERBS)
+        if draw(st.integers(0, 9))
+        else st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZ-", min_size=1, max_size=12)
+    )
+    argument = draw(
+        st.one_of(
+            st.just(""),
+            st.sampled_from(["FROM:<" + a + ">" for a in ADDRESSES] + ["TO:<" + a + ">" for a in ADDRESSES]),
+            st.sampled_from(AUTH_ARGS),
+            st.sampled_from(["client.test", "[127.0.0.1]", "", "x" * 1000, "FROM:", "TO:", "FROM: <>", "TO:<>"]),
+            _TEXT,
+        )
+    )
     line = (verb + (" " + argument if argument else "")).encode("utf-8", "surrogatepass")
     return draw(mutated(line))
 
@@ -111,18 +173,22 @@ TRANSACTION = f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{RECIPIENT}>\r\nDATA\r\n".encod
 def session_script(draw: st.DrawFn) -> list[bytes]:
     """A burst of commands: usually a greeting first, sometimes a valid login, transaction and message
     among mutated commands and raw bytes, so every state of the session gets its share of junk."""
-    greeting = draw(st.sampled_from([b"EHLO client.test\r\n", b"EHLO client.test\r\n", b"HELO client.test\r\n",
-                                     b""]))
-    items = draw(st.lists(
-        st.one_of(
-            command_line(), command_line(), command_line(),
-            st.just(LOGIN + b"\r\n"),
-            st.just(TRANSACTION),
-            st.just(message_block(SIMPLE_MESSAGE)),
-            st.binary(min_size=1, max_size=200),
-        ),
-        min_size=1, max_size=16,
-    ))
+    greeting = draw(st.sampled_from([b"EHLO client.test\r\n", b"EHLO client.test\r\n", b"HELO client.test\r\n", b""]))
+    items = draw(
+        st.lists(
+            st.one_of(
+                command_line(),
+                command_line(),
+                command_line(),
+                st.just(LOGIN + b"\r\n"),
+                st.just(TRANSACTION),
+                st.just(message_block(SIMPLE_MESSAGE)),
+                st.binary(min_size=1, max_size=200),
+            ),
+            min_size=1,
+            max_size=16,
+        )
+    )
     return [greeting, *items]
 
 
@@ -150,7 +216,6 @@ def sane_payload(body: dict[str, Any]) -> list[str]:
     if BODY_CONTROL.search(body.get("html", "")):
         problems.append("control character in html")
     return problems
-
 
 
 # -- invariants on what the server says ------------------------------------------------------------------------
@@ -194,25 +259,79 @@ def check_reply_lines(lines: list[bytes]) -> list[str]:
 
 # -- MIME trees for the DATA fuzz -----------------------------------------------------------------------------
 
-LEAF_TYPES = ["text/plain", "text/html", "text/enriched", "text/calendar", "image/png", "application/pdf",
-              "application/octet-stream", "message/delivery-status", "text/plain>", "bogus", "image/"]
-CHARSETS = [None, "utf-8", "us-ascii", "iso-8859-1", "windows-1252", "koi8-r", "gb2312", "shift_jis", "utf-16",
-            "iso-2022-jp", "x-unknown", "utf-7", "\"utf-8\"", "utf-8\x00", "unicode-1-1-utf-7"]
-ENCODINGS = [None, "7bit", "8bit", "binary", "base64", "quoted-printable", "base64 ", "Quoted-Printable;",
-             "x-uuencode", "base9000"]
-DISPOSITIONS = [None, "inline", "attachment", "attachment; filename=report.pdf", "inline; filename=/tmp/x.txt",
-                "attachment; filename*=utf-8''%E2%80%AEfdp.exe", "attachment; filename=\"..\"",
-                "attachment; filename*0*=utf-8''a%C3; filename*1*=%A9.txt", "attachment; filename*=a; filename*0=b"]
+LEAF_TYPES = [
+    "text/plain",
+    "text/html",
+    "text/enriched",
+    "text/calendar",
+    "image/png",
+    "application/pdf",
+    "application/octet-stream",
+    "message/delivery-status",
+    "text/plain>",
+    "bogus",
+    "image/",
+]
+CHARSETS = [
+    None,
+    "utf-8",
+    "us-ascii",
+    "iso-8859-1",
+    "windows-1252",
+    "koi8-r",
+    "gb2312",
+    "shift_jis",
+    "utf-16",
+    "iso-2022-jp",
+    "x-unknown",
+    "utf-7",
+    '"utf-8"',
+    "utf-8\x00",
+    "unicode-1-1-utf-7",
+]
+ENCODINGS = [
+    None,
+    "7bit",
+    "8bit",
+    "binary",
+    "base64",
+    "quoted-printable",
+    "base64 ",
+    "Quoted-Printable;",
+    "x-uuencode",
+    "base9000",
+]
+DISPOSITIONS = [
+    None,
+    "inline",
+    "attachment",
+    "attachment; filename=report.pdf",
+    "inline; filename=/tmp/x.txt",
+    "attachment; filename*=utf-8''%E2%80%AEfdp.exe",
+    'attachment; filename=".."',
+    "attachment; filename*0*=utf-8''a%C3; filename*1*=%A9.txt",
+    "attachment; filename*=a; filename*0=b",
+]
 CONTENT = st.one_of(
     st.text(max_size=120).map(lambda t: t.encode("utf-8", "surrogatepass")),
     st.binary(max_size=120),
-    st.sampled_from([b"\x00\x01\x02 nul", "caf\xe9 \x80 \x93q\x94 \x85".encode("latin-1"), b"<p>hi</p>",
-                     b"PGh0bWw+Cg==", b"=E2=82=AC=\r\n", b"begin 644 x\r\n#86)C\r\n`\r\nend", b".\r\n..\r\n"]),
+    st.sampled_from(
+        [
+            b"\x00\x01\x02 nul",
+            "caf\xe9 \x80 \x93q\x94 \x85".encode("latin-1"),
+            b"<p>hi</p>",
+            b"PGh0bWw+Cg==",
+            b"=E2=82=AC=\r\n",
+            b"begin 644 x\r\n#86)C\r\n`\r\nend",
+            b".\r\n..\r\n",
+        ]
+    ),
 )
 
 
-def _serialize_leaf(ctype: str, charset: str | None, cte: str | None, disposition: str | None,
-                    content: bytes, encode: bool) -> bytes:
+def _serialize_leaf(
+    ctype: str, charset: str | None, cte: str | None, disposition: str | None, content: bytes, encode: bool
+) -> bytes:
     head = f"Content-Type: {ctype}" + (f"; charset={charset}" if charset else "")
     lines = [head]
     if cte:
@@ -227,8 +346,12 @@ def _serialize_leaf(ctype: str, charset: str | None, cte: str | None, dispositio
 @st.composite
 def mime_leaf(draw: st.DrawFn) -> bytes:
     return _serialize_leaf(
-        draw(st.sampled_from(LEAF_TYPES)), draw(st.sampled_from(CHARSETS)), draw(st.sampled_from(ENCODINGS)),
-        draw(st.sampled_from(DISPOSITIONS)), draw(CONTENT), draw(st.booleans()),
+        draw(st.sampled_from(LEAF_TYPES)),
+        draw(st.sampled_from(CHARSETS)),
+        draw(st.sampled_from(ENCODINGS)),
+        draw(st.sampled_from(DISPOSITIONS)),
+        draw(CONTENT),
+        draw(st.booleans()),
     )
 
 
@@ -240,7 +363,7 @@ def _multipart(children: st.SearchStrategy[bytes]) -> st.SearchStrategy[bytes]:
         parts = draw(st.lists(children, max_size=4))
         closing = draw(st.sampled_from([f"--{boundary}--\r\n", "", f"--{boundary}\r\n"]))
         body = b"".join(f"--{boundary}\r\n".encode() + part + b"\r\n" for part in parts) + closing.encode()
-        start = draw(st.sampled_from(["", "; start=\"<x@y>\"", "; type=text/html"]))
+        start = draw(st.sampled_from(["", '; start="<x@y>"', "; type=text/html"]))
         return f'Content-Type: multipart/{subtype}; boundary="{boundary}"{start}\r\n\r\npreamble\r\n'.encode() + body
 
     return build()

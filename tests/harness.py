@@ -136,8 +136,11 @@ class Running:
 
     def calls(self, kind: str = "send", provider: str = "dengage", status: int | None = None) -> list[dict[str, Any]]:
         """The requests of one kind (send, login, froms, lookup) one provider's routes received."""
-        return [r for r in list(self.sandbox.state.requests)
-                if r["kind"] == kind and r.get("provider") == provider and (status is None or r["status"] == status)]
+        return [
+            r
+            for r in list(self.sandbox.state.requests)
+            if r["kind"] == kind and r.get("provider") == provider and (status is None or r["status"] == status)
+        ]
 
     def dengage_control(self, **spec: Any) -> dict[str, Any]:
         """Change the sandbox's dEngage behaviour (POST /_sandbox/dengage)."""
@@ -155,8 +158,7 @@ class Running:
 
 def dengage_sandbox(**settings: Any) -> DengageSandbox:
     """The sandbox's dEngage side for the tests' dEngage account."""
-    return DengageSandbox(userkey=DENGAGE_USERKEY, password=DENGAGE_API_PASSWORD, froms=list(DENGAGE_FROMS),
-                          **settings)
+    return DengageSandbox(userkey=DENGAGE_USERKEY, password=DENGAGE_API_PASSWORD, froms=list(DENGAGE_FROMS), **settings)
 
 
 def dengage_account(sandbox_port: int, **overrides: Any) -> dict[str, Any]:
@@ -172,8 +174,9 @@ def dengage_account(sandbox_port: int, **overrides: Any) -> dict[str, Any]:
     }
 
 
-def sandbox_for_tests(state: SandboxState | None = None, dmds: DmdsSandbox | None = None,
-                      dengage: DengageSandbox | None = None) -> Sandbox:
+def sandbox_for_tests(
+    state: SandboxState | None = None, dmds: DmdsSandbox | None = None, dengage: DengageSandbox | None = None
+) -> Sandbox:
     """The sandbox upstream with the tests' DMDS account (and a dEngage API user)."""
     dmds = dmds or DmdsSandbox(apikey=APIKEY, campaigns=dict(CAMPAIGNS))
     dengage = dengage or dengage_sandbox()

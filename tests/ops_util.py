@@ -76,8 +76,11 @@ def proxy_v2(src: str | None, sport: int = 0, dst: str = "192.0.2.1", dport: int
         body = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!HH", sport, dport)
         family = 0x11
     else:
-        body = (socket.inet_pton(socket.AF_INET6, src) + socket.inet_pton(socket.AF_INET6, dst)
-                + struct.pack("!HH", sport, dport))
+        body = (
+            socket.inet_pton(socket.AF_INET6, src)
+            + socket.inet_pton(socket.AF_INET6, dst)
+            + struct.pack("!HH", sport, dport)
+        )
         family = 0x21
     body += tlv
     return V2_SIGNATURE + struct.pack("!BBH", 0x21, family, len(body)) + body

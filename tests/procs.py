@@ -51,8 +51,22 @@ def ok(url: str) -> bool:
 
 
 def start_sandbox(port: int, record: Path) -> tuple[subprocess.Popen[bytes], str]:
-    proc = subprocess.Popen([*CLI, "sandbox", "--listen", f"127.0.0.1:{port}", "--record", str(record), "--quiet",
-                             "--apikey", APIKEY, "--campaign", "22=campaign-22-apikey"], stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            *CLI,
+            "sandbox",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--record",
+            str(record),
+            "--quiet",
+            "--apikey",
+            APIKEY,
+            "--campaign",
+            "22=campaign-22-apikey",
+        ],
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     wait_for(lambda: ok(f"{url}/_sandbox/health"), 15, "sandbox")
     return proc, url
@@ -62,8 +76,11 @@ def serve(config: Path, log: Path, port: int, *extra: str) -> subprocess.Popen[b
     """`smtp-gateway serve` writing JSON logs to its own file (a killed process's half-written last line
     must never run into another process's first one)."""
     with log.open("ab") as out:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen([*CLI, "serve", "--config", str(config), "--drain-timeout", "2", *extra],
-                                stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [*CLI, "serve", "--config", str(config), "--drain-timeout", "2", *extra],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     wait_for(lambda: listening(port) or proc.poll() is not None, 20, "gateway listening")
     assert proc.poll() is None, log.read_text()
     return proc
@@ -102,8 +119,14 @@ def ambiguous(*logs: Path) -> set[str]:
 RCPTS = ("a{n}@example.com", "c{n}@example.com", "b{n}@example.com")  # To a, c; Bcc b: two DMDS legs
 
 
-def load(port: int, numbers: range, replies: dict[int, str], stop: threading.Event, per_session: int = 25,
-         reconnect: bool = False) -> None:
+def load(
+    port: int,
+    numbers: range,
+    replies: dict[int, str],
+    stop: threading.Event,
+    per_session: int = 25,
+    reconnect: bool = False,
+) -> None:
     """Send messages `load N` over sessions of `per_session`; record each 250's id. Returns when the
     numbers are used up, `stop` is set, or the server goes away (unless `reconnect`: then it connects
     again, as a client behind a load balancer would; a message cut off by the failure is not retried)."""

@@ -16,27 +16,60 @@ PLAN = (Call("0", ("a@example.com", "c@example.com")), Call("1", ("b@example.com
 
 def submission() -> Submission:
     msg = Message(
-        subject="Ünïcode subject", from_=Address("billing@acme.example", "Billing"), sender=None,
-        reply_to=Address("help@acme.example"), to=(Address("a@example.com", "A"), Address("b@example.com")),
-        cc=(Address("c@example.com", "C"),), html="<p>hi</p>", text="hi",
+        subject="Ünïcode subject",
+        from_=Address("billing@acme.example", "Billing"),
+        sender=None,
+        reply_to=Address("help@acme.example"),
+        to=(Address("a@example.com", "A"), Address("b@example.com")),
+        cc=(Address("c@example.com", "C"),),
+        html="<p>hi</p>",
+        text="hi",
         attachments=(Attachment("x.bin", "application/octet-stream", bytes(range(256)), "cid1", True),),
-        options={"archive": "yes"}, message_id="<m@x>", x_headers=(("X-Ref", "42"),),
+        options={"archive": "yes"},
+        message_id="<m@x>",
+        x_headers=(("X-Ref", "42"),),
     )
     return Submission(
         principal=Principal("acme", "scanner", allowed_senders=("@acme.example",), extra={"campaign": 22}),
-        mail_from="billing@acme.example", rcpt_tos=("a@example.com", "b@example.com", "c@example.com"),
-        message=msg, params={"campaign": 22, "archive": True, "batch": None},
+        mail_from="billing@acme.example",
+        rcpt_tos=("a@example.com", "b@example.com", "c@example.com"),
+        message=msg,
+        params={"campaign": 22, "archive": True, "batch": None},
     )
 
 
-def new(msg_id: str, now: float | None = None, *, calls: dict[str, CallRow] | None = None,
-        verdict: str = "queued", owner: str | None = None, account: str = "acme",
-        key: str | None = None) -> NewMessage:
+def new(
+    msg_id: str,
+    now: float | None = None,
+    *,
+    calls: dict[str, CallRow] | None = None,
+    verdict: str = "queued",
+    owner: str | None = None,
+    account: str = "acme",
+    key: str | None = None,
+) -> NewMessage:
     now = time.time() if now is None else now
     before = transition.fresh(PLAN, now, POLICY)
-    decision = Decision(verdict, dict(calls or before.calls), 1, now, "boom",  # type: ignore[arg-type]
-                        dead_reason="refused" if verdict == "dead" else None)
+    decision = Decision(
+        verdict,
+        dict(calls or before.calls),
+        1,
+        now,
+        "boom",  # type: ignore[arg-type]
+        dead_reason="refused" if verdict == "dead" else None,
+    )
     record, blobs = codec.encode(submission())
-    return NewMessage(id=msg_id, account=account, mail_from="billing@acme.example", subject="s",
-                      submission=record, blobs=blobs, decision=decision, inflight_owner=owner,
-                      lease_until=now + 30, created=now, expires=now + 100, idempotency_key=key)
+    return NewMessage(
+        id=msg_id,
+        account=account,
+        mail_from="billing@acme.example",
+        subject="s",
+        submission=record,
+        blobs=blobs,
+        decision=decision,
+        inflight_owner=owner,
+        lease_until=now + 30,
+        created=now,
+        expires=now + 100,
+        idempotency_key=key,
+    )

@@ -85,8 +85,13 @@ class RawClient:
     """Speaks SMTP line by line so tests see every reply exactly as sent (smtplib hides some)."""
 
     def __init__(
-        self, running: Running, listener: str = "plain", timeout: float = 10.0, source: str | None = None,
-        proxy: bytes | None = None, tls: bool | None = None,
+        self,
+        running: Running,
+        listener: str = "plain",
+        timeout: float = 10.0,
+        source: str | None = None,
+        proxy: bytes | None = None,
+        tls: bool | None = None,
     ) -> None:
         # `source`: a loopback alias (127.0.0.2, ...) to connect from, for per-client-address behaviour.
         # `proxy`: a PROXY protocol header sent first, as a load balancer does (before TLS on implicit TLS).

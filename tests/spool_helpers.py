@@ -21,8 +21,12 @@ def message(subject: str, to: tuple[str, ...] = ("client@example.com",), body: s
 
 
 def send(
-    port: int, subject: str, to: tuple[str, ...] = ("client@example.com",), body: str = "hello",
-    bcc: tuple[str, ...] = (), extra: str = "",
+    port: int,
+    subject: str,
+    to: tuple[str, ...] = ("client@example.com",),
+    body: str = "hello",
+    bcc: tuple[str, ...] = (),
+    extra: str = "",
 ) -> tuple[int, str]:
     with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
         client.login(USER, PASSWORD)
@@ -85,7 +89,7 @@ username = "{USER}"
 password_hash = "{PASSWORD_HASH}"
 campaign = 22
 [delivery]
-spool_path = "{tmp / 'spool.sqlite3'}"
+spool_path = "{tmp / "spool.sqlite3"}"
 {lines}
 [dns]
 check_sender_domain = false

@@ -31,8 +31,15 @@ def attempt(gw: Running, source: str, user: str, password: str | Iterator[str]) 
 
 
 def test_brute_force_is_slowed_then_locked_out_and_others_log_in(gateway_factory: Factory) -> None:
-    gw = gateway_factory(limits={"auth_failures_per_ip": 3, "auth_delay_max": 0.2, "auth_lockout_failures": 6,
-                                 "auth_lockout_time": 600, "max_auth_failures": 3})
+    gw = gateway_factory(
+        limits={
+            "auth_failures_per_ip": 3,
+            "auth_delay_max": 0.2,
+            "auth_lockout_failures": 6,
+            "auth_lockout_time": 600,
+            "max_auth_failures": 3,
+        }
+    )
     lockouts = sample("smtp_gateway_auth_lockouts_total")
     with captured_logs() as logs:
         seen: list[str] = []
@@ -43,8 +50,8 @@ def test_brute_force_is_slowed_then_locked_out_and_others_log_in(gateway_factory
             seen += attempt(gw, "127.0.0.1", SMTP_API_LOGIN, guesses)
         # Three per connection (then 421), six in all: the sixth locks the address out.
         assert seen == ["535 5.7.8 Authentication credentials invalid"] * 2 + [
-            "421 4.7.0 Too many failed authentication attempts, closing connection"] + [
-            "535 5.7.8 Authentication credentials invalid"] * 2 + [LOCKED]
+            "421 4.7.0 Too many failed authentication attempts, closing connection"
+        ] + ["535 5.7.8 Authentication credentials invalid"] * 2 + [LOCKED]
         lookups = len(gw.lookups)
         assert lookups == 6  # each guess at an SMTP-API login cost one campania_apikey lookup ...
         # ... until the lockout: now not even the right password is checked, nor looked up.

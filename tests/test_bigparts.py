@@ -142,44 +142,94 @@ _APPLE_IMAGE = "Content-Type: image/png; name=photo.png\r\nContent-Disposition: 
 STRUCTURES = {
     "mixed": message(multipart("mixed", "b", text(), pdf(_BIG))),
     "mixed, LF only": message(multipart("mixed", "b", text(eol=b"\n"), pdf(_BIG, b"\n"), eol=b"\n"), b"\n"),
-    "related": message(multipart("related", "r", html('<img src="cid:logo@x">'), part(
-        "Content-Type: image/png\r\nContent-ID: <logo@x>\r\nContent-Transfer-Encoding: base64\r\n",
-        encoded(_IMAGE)))),
-    "alternative inside mixed": message(multipart("mixed", "m", multipart("alternative", "a", text(), html()),
-                                                  pdf(_BIG), pdf(_IMAGE))),
-    "Apple Mail html / image without Content-ID / html": message(multipart("mixed", "apple", html("<p>one</p>"),
-        part(_APPLE_IMAGE + "Content-Transfer-Encoding: base64\r\n", encoded(_IMAGE)), html("<p>two</p>"))),
-    "Apple Mail in related in alternative": message(multipart("alternative", "alt", text(), multipart(
-        "related", "rel", html("<p>one</p>"), part(_APPLE_IMAGE + "Content-Transfer-Encoding: base64\r\n",
-                                                    encoded(_IMAGE)), html("<p>two</p>")))),
-    "nested five levels": message(multipart("mixed", "l1", multipart("mixed", "l2", multipart("related", "l3",
-        multipart("alternative", "l4", multipart("mixed", "l5", text(), pdf(_BIG)), html()))))),
+    "related": message(
+        multipart(
+            "related",
+            "r",
+            html('<img src="cid:logo@x">'),
+            part(
+                "Content-Type: image/png\r\nContent-ID: <logo@x>\r\nContent-Transfer-Encoding: base64\r\n",
+                encoded(_IMAGE),
+            ),
+        )
+    ),
+    "alternative inside mixed": message(
+        multipart("mixed", "m", multipart("alternative", "a", text(), html()), pdf(_BIG), pdf(_IMAGE))
+    ),
+    "Apple Mail html / image without Content-ID / html": message(
+        multipart(
+            "mixed",
+            "apple",
+            html("<p>one</p>"),
+            part(_APPLE_IMAGE + "Content-Transfer-Encoding: base64\r\n", encoded(_IMAGE)),
+            html("<p>two</p>"),
+        )
+    ),
+    "Apple Mail in related in alternative": message(
+        multipart(
+            "alternative",
+            "alt",
+            text(),
+            multipart(
+                "related",
+                "rel",
+                html("<p>one</p>"),
+                part(_APPLE_IMAGE + "Content-Transfer-Encoding: base64\r\n", encoded(_IMAGE)),
+                html("<p>two</p>"),
+            ),
+        )
+    ),
+    "nested five levels": message(
+        multipart(
+            "mixed",
+            "l1",
+            multipart(
+                "mixed",
+                "l2",
+                multipart(
+                    "related", "l3", multipart("alternative", "l4", multipart("mixed", "l5", text(), pdf(_BIG)), html())
+                ),
+            ),
+        )
+    ),
     "no padding": message(multipart("mixed", "b", pdf(data(99_999)))),
     "one padding character": message(multipart("mixed", "b", pdf(data(100_001)))),
     "two padding characters": message(multipart("mixed", "b", pdf(data(100_000)))),
     "one long line": message(multipart("mixed", "b", pdf(_BIG, width=None))),
     "1000-character lines": message(multipart("mixed", "b", pdf(_BIG, width=1000))),
     "lines of 4": message(multipart("mixed", "b", pdf(data(3_000), width=4))),
-    "bare CR line ends in the body": message(multipart("mixed", "b", part(
-        PDF + "Content-Transfer-Encoding: base64\r\n", encoded(_BIG, eol=b"\r")))),
+    "bare CR line ends in the body": message(
+        multipart("mixed", "b", part(PDF + "Content-Transfer-Encoding: base64\r\n", encoded(_BIG, eol=b"\r")))
+    ),
     "a single-part message": message(part(PDF + "Content-Transfer-Encoding: base64\r\n", encoded(_BIG))),
     "a single-part message without a final line break": message(pdf(_BIG)),
-    "blank lines around the body": message(multipart("mixed", "b", part(
-        PDF + "Content-Transfer-Encoding: base64\r\n", b"\r\n\r\n" + encoded(_BIG) + b"\r\n\r\n\r\n"))),
-    "delimiters with trailing spaces, preamble and epilogue": HEAD + part(
+    "blank lines around the body": message(
+        multipart(
+            "mixed",
+            "b",
+            part(PDF + "Content-Transfer-Encoding: base64\r\n", b"\r\n\r\n" + encoded(_BIG) + b"\r\n\r\n\r\n"),
+        )
+    ),
+    "delimiters with trailing spaces, preamble and epilogue": HEAD
+    + part(
         'Content-Type: multipart/mixed; boundary="b"\r\n',
-        b"This is a MIME message.\r\n--b \t\r\n" + text() + b"\r\n--b\r\n" + pdf(_BIG) + b"\r\n--b-- \r\nepilogue\r\n"),
+        b"This is a MIME message.\r\n--b \t\r\n" + text() + b"\r\n--b\r\n" + pdf(_BIG) + b"\r\n--b-- \r\nepilogue\r\n",
+    ),
     "no close delimiter": message(multipart("mixed", "b", text(), pdf(_BIG), close=False)),
-    "an outer delimiter ends the inner multipart": message(multipart(
-        "mixed", "outer", multipart("mixed", "inner", text(), pdf(_BIG), close=False), pdf(_IMAGE))),
-    "boundaries that are prefixes of each other": message(multipart(
-        "mixed", "b", multipart("mixed", "bb", pdf(_BIG), text()), multipart("mixed", "b-", pdf(_IMAGE)))),
-    "repeated delimiter lines": HEAD + part('Content-Type: multipart/mixed; boundary="b"\r\n',
-                                            b"--b\r\n--b\r\n" + pdf(_BIG) + b"\r\n--b\r\n--b--\r\n"),
-    "sloppy transfer encoding names": message(multipart("mixed", "b", pdf(_BIG, cte="Base64 "),
-                                                        pdf(_IMAGE, cte="BASE64;"))),
-    "several big attachments": message(multipart("mixed", "b", text(),
-                                                  *(pdf(data(40_000, seed)) for seed in range(5)))),
+    "an outer delimiter ends the inner multipart": message(
+        multipart("mixed", "outer", multipart("mixed", "inner", text(), pdf(_BIG), close=False), pdf(_IMAGE))
+    ),
+    "boundaries that are prefixes of each other": message(
+        multipart("mixed", "b", multipart("mixed", "bb", pdf(_BIG), text()), multipart("mixed", "b-", pdf(_IMAGE)))
+    ),
+    "repeated delimiter lines": HEAD
+    + part('Content-Type: multipart/mixed; boundary="b"\r\n', b"--b\r\n--b\r\n" + pdf(_BIG) + b"\r\n--b\r\n--b--\r\n"),
+    "sloppy transfer encoding names": message(
+        multipart("mixed", "b", pdf(_BIG, cte="Base64 "), pdf(_IMAGE, cte="BASE64;"))
+    ),
+    "several big attachments": message(
+        multipart("mixed", "b", text(), *(pdf(data(40_000, seed)) for seed in range(5)))
+    ),
 }
 
 
@@ -190,8 +240,15 @@ def test_generated_big_attachments_parse_the_same_lifted(name: str) -> None:
 
 @pytest.mark.parametrize("size", [50_000, 3_000_000])  # one slice of the digest, several
 def test_a_lifted_inline_image_gets_the_same_derived_content_id(size: int) -> None:
-    raw = message(multipart("mixed", "apple", html("<p>one</p>"), part(
-        _APPLE_IMAGE + "Content-Transfer-Encoding: base64\r\n", encoded(data(size))), html("<p>two</p>")))
+    raw = message(
+        multipart(
+            "mixed",
+            "apple",
+            html("<p>one</p>"),
+            part(_APPLE_IMAGE + "Content-Transfer-Encoding: base64\r\n", encoded(data(size))),
+            html("<p>two</p>"),
+        )
+    )
     (image,) = mime.parse(raw, 0).attachments
     assert image.b64 is not None
     assert image.content_id is not None and image.content_id == mime.parse(raw, None).attachments[0].content_id
@@ -202,38 +259,77 @@ def test_a_lifted_inline_image_gets_the_same_derived_content_id(size: int) -> No
 NOT_LIFTED = {
     "missing padding": message(multipart("mixed", "b", pdf(data(100_000))[:-2])),
     "too much padding": message(multipart("mixed", "b", pdf(data(100_000)) + b"=")),
-    "padding split by a line break": message(multipart("mixed", "b", part(
-        PDF + "Content-Transfer-Encoding: base64\r\n", encoded(data(1000))[:-1] + b"\r\n="))),
-    "padding, then more base64": message(multipart("mixed", "b", part(
-        PDF + "Content-Transfer-Encoding: base64\r\n", encoded(data(1000)) + encoded(data(999))))),
-    "padding in the middle (two encodings)": message(multipart("mixed", "b", part(
-        PDF + "Content-Transfer-Encoding: base64\r\n", encoded(data(1000)) + b"\r\n" + encoded(data(1001))))),
+    "padding split by a line break": message(
+        multipart(
+            "mixed", "b", part(PDF + "Content-Transfer-Encoding: base64\r\n", encoded(data(1000))[:-1] + b"\r\n=")
+        )
+    ),
+    "padding, then more base64": message(
+        multipart(
+            "mixed", "b", part(PDF + "Content-Transfer-Encoding: base64\r\n", encoded(data(1000)) + encoded(data(999)))
+        )
+    ),
+    "padding in the middle (two encodings)": message(
+        multipart(
+            "mixed",
+            "b",
+            part(PDF + "Content-Transfer-Encoding: base64\r\n", encoded(data(1000)) + b"\r\n" + encoded(data(1001))),
+        )
+    ),
     "a space at the end of a line": message(multipart("mixed", "b", pdf(_BIG).replace(b"\r\n", b" \r\n", 100))),
     "a tab inside a line": message(multipart("mixed", "b", pdf(_BIG).replace(b"A", b"\tA", 1))),
     "characters outside the alphabet": message(multipart("mixed", "b", pdf(_BIG).replace(b"\r\n", b"!\r\n", 200))),
-    "a dash line inside the body": message(multipart("mixed", "b", part(
-        PDF + "Content-Transfer-Encoding: base64\r\n", encoded(_BIG[:50_001]) + b"\r\n--\r\n" + encoded(_BIG)))),
+    "a dash line inside the body": message(
+        multipart(
+            "mixed",
+            "b",
+            part(PDF + "Content-Transfer-Encoding: base64\r\n", encoded(_BIG[:50_001]) + b"\r\n--\r\n" + encoded(_BIG)),
+        )
+    ),
     "text after the base64": message(multipart("mixed", "b", pdf(_BIG) + b"\r\n\r\nSent from my scanner\r\n")),
-    "header lines spilled into the body": message(multipart("mixed", "b", part(
-        PDF + "Content-Transfer-Encoding: base64\r\n", b"X-Spilled: yes\r\n" + encoded(_BIG)))),
+    "header lines spilled into the body": message(
+        multipart(
+            "mixed", "b", part(PDF + "Content-Transfer-Encoding: base64\r\n", b"X-Spilled: yes\r\n" + encoded(_BIG))
+        )
+    ),
     "8-bit bytes": message(multipart("mixed", "b", pdf(_BIG).replace(b"A", b"\xc3", 1))),
     "an empty body": message(multipart("mixed", "b", part(PDF + "Content-Transfer-Encoding: base64\r\n", b""))),
-    "a base64 text part": message(multipart("mixed", "b", part(
-        "Content-Type: text/plain; charset=utf-8\r\nContent-Disposition: attachment; filename=a.txt\r\n"
-        "Content-Transfer-Encoding: base64\r\n", encoded(b"plain text " * 10_000)))),
+    "a base64 text part": message(
+        multipart(
+            "mixed",
+            "b",
+            part(
+                "Content-Type: text/plain; charset=utf-8\r\nContent-Disposition: attachment; filename=a.txt\r\n"
+                "Content-Transfer-Encoding: base64\r\n",
+                encoded(b"plain text " * 10_000),
+            ),
+        )
+    ),
     "quoted-printable": message(multipart("mixed", "b", pdf(_BIG, cte="quoted-printable"))),
     "no transfer encoding": message(multipart("mixed", "b", part(PDF, encoded(_BIG)))),
-    "inside an attached message": message(multipart("mixed", "b", text(), part(
-        "Content-Type: message/rfc822\r\n", message(multipart("mixed", "inner", pdf(_BIG)))))),
-    "a digest part without Content-Type": message(multipart("digest", "d", part(
-        "Content-Transfer-Encoding: base64\r\n", encoded(_BIG)))),
-    "the placeholder's own text in the message": message(multipart("mixed", "b", text(
-        bigparts.PLACEHOLDER + "0\x00"), pdf(_BIG))),
-    "a boundary the stdlib cannot read (RFC 2231 sections mixed)": message(part(
-        "Content-Type: multipart/mixed; boundary*=utf-8''x; boundary*0=y\r\n",
-        b"--x\r\n" + pdf(_BIG) + b"\r\n--x--\r\n")),
-    "a multipart without a boundary": message(part(
-        "Content-Type: multipart/mixed\r\nContent-Transfer-Encoding: base64\r\n", encoded(_BIG))),
+    "inside an attached message": message(
+        multipart(
+            "mixed",
+            "b",
+            text(),
+            part("Content-Type: message/rfc822\r\n", message(multipart("mixed", "inner", pdf(_BIG)))),
+        )
+    ),
+    "a digest part without Content-Type": message(
+        multipart("digest", "d", part("Content-Transfer-Encoding: base64\r\n", encoded(_BIG)))
+    ),
+    "the placeholder's own text in the message": message(
+        multipart("mixed", "b", text(bigparts.PLACEHOLDER + "0\x00"), pdf(_BIG))
+    ),
+    "a boundary the stdlib cannot read (RFC 2231 sections mixed)": message(
+        part(
+            "Content-Type: multipart/mixed; boundary*=utf-8''x; boundary*0=y\r\n",
+            b"--x\r\n" + pdf(_BIG) + b"\r\n--x--\r\n",
+        )
+    ),
+    "a multipart without a boundary": message(
+        part("Content-Type: multipart/mixed\r\nContent-Transfer-Encoding: base64\r\n", encoded(_BIG))
+    ),
 }
 
 
@@ -248,9 +344,16 @@ def test_a_delimiter_the_scan_reads_as_a_header_falls_back_to_parsing_whole() ->
     """A boundary may contain ":" (RFC 2046 bchars), and then its delimiter line looks like a header line:
     the scan reads the part's header block past it, the parser ends the part there. claim() sees the
     placeholder in a text part, and the message is parsed whole."""
-    raw = HEAD + part('Content-Type: multipart/mixed; boundary="a:b"\r\n', (
-        b"--a:b\r\n" + PDF.encode() + b"Content-Transfer-Encoding: base64\r\n--a:b\r\nX-Other: part\r\n\r\n"
-        + encoded(_BIG) + b"\r\n--a:b--\r\n"))
+    raw = HEAD + part(
+        'Content-Type: multipart/mixed; boundary="a:b"\r\n',
+        (
+            b"--a:b\r\n"
+            + PDF.encode()
+            + b"Content-Transfer-Encoding: base64\r\n--a:b\r\nX-Other: part\r\n\r\n"
+            + encoded(_BIG)
+            + b"\r\n--a:b--\r\n"
+        ),
+    )
     lifted = bigparts.lift(raw, mime._POLICY, 0)
     assert lifted is not None and len(lifted.bodies) == 1
     assert bigparts.claim(mime._parse_tree(lifted.skeleton, lifted.line_ends), lifted) is None
@@ -268,17 +371,27 @@ def test_the_scan_stops_at_its_budget_keeping_what_it_lifted() -> None:
     assert lifted is not None and [r.length for r in lifted.bodies.values()] == [len(base64.b64encode(_BIG))]
 
 
-@pytest.mark.parametrize(("skeleton", "why"), [
-    (b"Content-Type: message/rfc822\r\n\r\nContent-Type: application/pdf\r\nContent-Transfer-Encoding: base64"
-     b"\r\n\r\nPLACEHOLDER\r\n", "inside an attached message"),
-    (b"Content-Type: text/plain\r\nContent-Transfer-Encoding: base64\r\n\r\nPLACEHOLDER\r\n", "a text part"),
-    (b"Content-Type: image/png\r\nContent-Transfer-Encoding: base64\r\n\r\nAAAA\r\nPLACEHOLDER\r\n",
-     "more than the placeholder"),
-    (b"Content-Type: image/png\r\n\r\nPLACEHOLDER\r\n", "not declared base64"),
-    (b'Content-Type: multipart/mixed; boundary="b"\r\n\r\nPLACEHOLDER\r\n--b\r\n\r\nx\r\n--b--\r\n', "a preamble"),
-    (b"Content-Type: multipart/mixed\r\nContent-Transfer-Encoding: base64\r\n\r\nPLACEHOLDER\r\n",
-     "a multipart without a boundary"),
-])
+@pytest.mark.parametrize(
+    ("skeleton", "why"),
+    [
+        (
+            b"Content-Type: message/rfc822\r\n\r\nContent-Type: application/pdf\r\nContent-Transfer-Encoding: base64"
+            b"\r\n\r\nPLACEHOLDER\r\n",
+            "inside an attached message",
+        ),
+        (b"Content-Type: text/plain\r\nContent-Transfer-Encoding: base64\r\n\r\nPLACEHOLDER\r\n", "a text part"),
+        (
+            b"Content-Type: image/png\r\nContent-Transfer-Encoding: base64\r\n\r\nAAAA\r\nPLACEHOLDER\r\n",
+            "more than the placeholder",
+        ),
+        (b"Content-Type: image/png\r\n\r\nPLACEHOLDER\r\n", "not declared base64"),
+        (b'Content-Type: multipart/mixed; boundary="b"\r\n\r\nPLACEHOLDER\r\n--b\r\n\r\nx\r\n--b--\r\n', "a preamble"),
+        (
+            b"Content-Type: multipart/mixed\r\nContent-Transfer-Encoding: base64\r\n\r\nPLACEHOLDER\r\n",
+            "a multipart without a boundary",
+        ),
+    ],
+)
 def test_claim_refuses_a_placeholder_anywhere_but_a_base64_attachment(skeleton: bytes, why: str) -> None:
     placeholder = bigparts.PLACEHOLDER + "0\x00"
     skeleton = skeleton.replace(b"PLACEHOLDER", placeholder.encode())
@@ -348,8 +461,17 @@ def test_parsing_a_big_attachment_takes_about_its_size_in_memory() -> None:
 # -- random structures -------------------------------------------------------------------------------------
 
 _BOUNDARIES = ["b", "b1", "bb", "b-", "=_Part_1", "a:b", "b b", "x" * 70]
-_BODY_KINDS = ["clean"] * 10 + ["no padding", "space", "junk", "blank line", "trailing text",
-               "leading blank", "trailing blank", "two encodings", "bare CR"]
+_BODY_KINDS = ["clean"] * 10 + [
+    "no padding",
+    "space",
+    "junk",
+    "blank line",
+    "trailing text",
+    "leading blank",
+    "trailing blank",
+    "two encodings",
+    "bare CR",
+]
 
 
 def _base64_body(draw: st.DrawFn) -> bytes:
@@ -385,10 +507,29 @@ def random_part(draw: st.DrawFn, depth: int = 0) -> bytes:
     kinds = ["base64"] * 3 + ["text", "html", "message"] + (["multipart"] * 3 if depth < 4 else [])
     kind = draw(st.sampled_from(kinds) if depth else st.just("multipart"))
     if kind == "base64":
-        ctype = draw(st.sampled_from(["application/pdf", "image/png", "application/octet-stream", "image/gif",
-                                      "text/plain", "bogus", "message/rfc822"]))
-        extra = draw(st.sampled_from(["", "Content-Disposition: attachment; filename=f.bin\r\n",
-                                      "Content-Disposition: inline\r\n", "Content-ID: <c@x>\r\n"]))
+        ctype = draw(
+            st.sampled_from(
+                [
+                    "application/pdf",
+                    "image/png",
+                    "application/octet-stream",
+                    "image/gif",
+                    "text/plain",
+                    "bogus",
+                    "message/rfc822",
+                ]
+            )
+        )
+        extra = draw(
+            st.sampled_from(
+                [
+                    "",
+                    "Content-Disposition: attachment; filename=f.bin\r\n",
+                    "Content-Disposition: inline\r\n",
+                    "Content-ID: <c@x>\r\n",
+                ]
+            )
+        )
         cte = draw(st.sampled_from(["base64", "base64", "BASE64 ", "Base64;", "7bit"]))
         headers = f"Content-Type: {ctype}\r\n{extra}Content-Transfer-Encoding: {cte}\r\n"
         return part(headers if draw(st.integers(0, 9)) else headers[14 + len(ctype) + 2 :], _base64_body(draw))

@@ -148,8 +148,12 @@ def test_missing_config_file_exits_2(tmp_path: Path) -> None:
 def test_env_overrides_nested_keys(tmp_path: Path) -> None:
     config = write_config(tmp_path)
     result = run_cli(
-        "check-config", "-c", str(config),
-        GATEWAY_ACCOUNTS__ACME__APIKEY=ENV_APIKEY, GATEWAY_LOG__LEVEL="debug", GATEWAY_LIMITS__MAX_RECIPIENTS="7",
+        "check-config",
+        "-c",
+        str(config),
+        GATEWAY_ACCOUNTS__ACME__APIKEY=ENV_APIKEY,
+        GATEWAY_LOG__LEVEL="debug",
+        GATEWAY_LIMITS__MAX_RECIPIENTS="7",
     )
     assert result.returncode == 0, result.stderr
     dumped = json.loads(result.stdout)
@@ -237,7 +241,8 @@ def test_example_config_lists_every_key(model: type[BaseModel], section: str) ->
     """README: config/example.toml lists every key (set, or commented out when it has no useful default)."""
     text = EXAMPLE.read_text()
     missing = [
-        name for name in model.model_fields
+        name
+        for name in model.model_fields
         if not re.search(rf"^\s*#?\s*{re.escape(name)}\s*=", text, re.M)  # a key ...
         and not re.search(rf"^\[\[?([\w.]+\.)?{re.escape(name)}[].]", text, re.M)  # ... or a table
     ]

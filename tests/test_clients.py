@@ -34,13 +34,32 @@ SWAKS_TLS = {"plain": [], "starttls": ["--tls"], "implicit": ["--tls-on-connect"
 @pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
 def test_swaks(gateway: Running, listener: str, mechanism: str) -> None:
     subject = f"swaks {listener} {mechanism}"
-    result = run([
-        "swaks", "--server", "127.0.0.1", "--port", str(gateway.port(listener)),
-        "--from", SENDER, "--to", RECIPIENT, "--ehlo", "client.test",
-        "--auth", mechanism, "--auth-user", USER, "--auth-password", PASSWORD,
-        "--header", f"Subject: {subject}", "--body", "Sent by swaks",
-        *SWAKS_TLS[listener],
-    ])
+    result = run(
+        [
+            "swaks",
+            "--server",
+            "127.0.0.1",
+            "--port",
+            str(gateway.port(listener)),
+            "--from",
+            SENDER,
+            "--to",
+            RECIPIENT,
+            "--ehlo",
+            "client.test",
+            "--auth",
+            mechanism,
+            "--auth-user",
+            USER,
+            "--auth-password",
+            PASSWORD,
+            "--header",
+            f"Subject: {subject}",
+            "--body",
+            "Sent by swaks",
+            *SWAKS_TLS[listener],
+        ]
+    )
     assert_sent(gateway, subject, result)
     transcript = result.stdout.decode(errors="replace")
     assert "250 2.0.0 Ok: queued as " in transcript
@@ -51,11 +70,25 @@ def test_swaks(gateway: Running, listener: str, mechanism: str) -> None:
 
 
 def test_swaks_wrong_password(gateway: Running) -> None:
-    result = run([
-        "swaks", "--server", "127.0.0.1", "--port", str(gateway.port()),
-        "--from", SENDER, "--to", RECIPIENT, "--auth", "PLAIN",
-        "--auth-user", USER, "--auth-password", "wrong",
-    ])
+    result = run(
+        [
+            "swaks",
+            "--server",
+            "127.0.0.1",
+            "--port",
+            str(gateway.port()),
+            "--from",
+            SENDER,
+            "--to",
+            RECIPIENT,
+            "--auth",
+            "PLAIN",
+            "--auth-user",
+            USER,
+            "--auth-password",
+            "wrong",
+        ]
+    )
     assert result.returncode != 0
     assert "535 5.7.8 Authentication credentials invalid" in result.stdout.decode(errors="replace")
     assert gateway.sent == []
@@ -76,9 +109,17 @@ def test_msmtp(gateway: Running, listener: str, tmp_path: Path) -> None:
     config.chmod(0o600)
     result = run(
         [
-            "msmtp", f"--file={config}", "--host=127.0.0.1", f"--port={gateway.port(listener)}",
-            "--auth=plain", f"--user={USER}", f"--passwordeval=echo {PASSWORD}", f"--from={SENDER}",
-            "--domain=client.test", *MSMTP_TLS[listener], RECIPIENT,
+            "msmtp",
+            f"--file={config}",
+            "--host=127.0.0.1",
+            f"--port={gateway.port(listener)}",
+            "--auth=plain",
+            f"--user={USER}",
+            f"--passwordeval=echo {PASSWORD}",
+            f"--from={SENDER}",
+            "--domain=client.test",
+            *MSMTP_TLS[listener],
+            RECIPIENT,
         ],
         stdin=message(subject=subject, body="Sent by msmtp"),
     )
@@ -94,23 +135,49 @@ def test_curl(gateway: Running, listener: str, tmp_path: Path) -> None:
     eml = tmp_path / "mail.eml"
     eml.write_bytes(message(subject=subject, body="Sent by curl"))
     scheme, extra = CURL[listener]
-    result = run([
-        "curl", "--silent", "--show-error", "--max-time", str(TIMEOUT),
-        f"{scheme}://127.0.0.1:{gateway.port(listener)}/client.test",
-        "--mail-from", SENDER, "--mail-rcpt", RECIPIENT, "--upload-file", str(eml),
-        "--user", f"{USER}:{PASSWORD}", *extra,
-    ])
+    result = run(
+        [
+            "curl",
+            "--silent",
+            "--show-error",
+            "--max-time",
+            str(TIMEOUT),
+            f"{scheme}://127.0.0.1:{gateway.port(listener)}/client.test",
+            "--mail-from",
+            SENDER,
+            "--mail-rcpt",
+            RECIPIENT,
+            "--upload-file",
+            str(eml),
+            "--user",
+            f"{USER}:{PASSWORD}",
+            *extra,
+        ]
+    )
     assert_sent(gateway, subject, result)
 
 
 def test_curl_refused_message_fails_with_reason(gateway: Running, tmp_path: Path) -> None:
     eml = tmp_path / "mail.eml"
     eml.write_bytes(message(sender="someone@elsewhere.example"))
-    result = run([
-        "curl", "--silent", "--show-error", "--max-time", str(TIMEOUT),
-        f"smtp://127.0.0.1:{gateway.port()}", "--mail-from", "someone@elsewhere.example",
-        "--mail-rcpt", RECIPIENT, "--upload-file", str(eml), "--user", f"{USER}:{PASSWORD}",
-    ])
+    result = run(
+        [
+            "curl",
+            "--silent",
+            "--show-error",
+            "--max-time",
+            str(TIMEOUT),
+            f"smtp://127.0.0.1:{gateway.port()}",
+            "--mail-from",
+            "someone@elsewhere.example",
+            "--mail-rcpt",
+            RECIPIENT,
+            "--upload-file",
+            str(eml),
+            "--user",
+            f"{USER}:{PASSWORD}",
+        ]
+    )
     assert result.returncode != 0
     assert "553" in result.stderr.decode(errors="replace")
     assert gateway.sent == []

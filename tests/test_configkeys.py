@@ -57,17 +57,35 @@ def unknown(*names: str) -> list[str]:
 
 def test_paths_cover_nested_and_union_keys() -> None:
     assert set(configkeys.paths(ROOT)) == {
-        ("hostname",), ("log", "level"), ("accounts", "*", "provider"), ("accounts", "*", "dmdsid"),
-        ("accounts", "*", "apikey"), ("accounts", "*", "users"), ("accounts", "*", "account_id"),
-        ("accounts", "*", "token"), ("domains",), ("listeners",), ("maybe", "level"),
+        ("hostname",),
+        ("log", "level"),
+        ("accounts", "*", "provider"),
+        ("accounts", "*", "dmdsid"),
+        ("accounts", "*", "apikey"),
+        ("accounts", "*", "users"),
+        ("accounts", "*", "account_id"),
+        ("accounts", "*", "token"),
+        ("domains",),
+        ("listeners",),
+        ("maybe", "level"),
     }
 
 
 @pytest.mark.parametrize(
     "name",
-    ["APP_HOSTNAME", "APP_LOG__LEVEL", "APP_LOG", "APP_ACCOUNTS__ACME__TOKEN", "APP_ACCOUNTS__X__DMDSID",
-     "APP_ACCOUNTS__ACME", "APP_DOMAINS__ACME.COM", "APP_LISTENERS", "APP_MAYBE__LEVEL", "app_log__level",
-     "OTHER_THING"],
+    [
+        "APP_HOSTNAME",
+        "APP_LOG__LEVEL",
+        "APP_LOG",
+        "APP_ACCOUNTS__ACME__TOKEN",
+        "APP_ACCOUNTS__X__DMDSID",
+        "APP_ACCOUNTS__ACME",
+        "APP_DOMAINS__ACME.COM",
+        "APP_LISTENERS",
+        "APP_MAYBE__LEVEL",
+        "app_log__level",
+        "OTHER_THING",
+    ],
 )
 def test_valid_names_pass(name: str) -> None:
     assert unknown(name) == []
@@ -100,9 +118,7 @@ def test_far_off_name_gets_the_pattern() -> None:
 def test_error_locations_skip_the_union_member() -> None:
     with pytest.raises(ValidationError) as info:
         Root.model_validate({"accounts": {"acme": {"provider": "dengage", "account_id": "a", "tokn": "t"}}})
-    shown = sorted(
-        configkeys.display_key(ROOT, e["loc"])[0] for e in info.value.errors()
-    )
+    shown = sorted(configkeys.display_key(ROOT, e["loc"])[0] for e in info.value.errors())
     assert shown == ["accounts.acme.token", "accounts.acme.tokn"]
     _, parent = configkeys.display_key(ROOT, ("accounts", "acme", "dengage", "tokn"))
     assert configkeys.suggest_key(parent, "tokn") == "token"
@@ -110,8 +126,10 @@ def test_error_locations_skip_the_union_member() -> None:
 
 def test_every_gateway_key_is_accepted_from_the_environment() -> None:
     """No false alarm: each settable key of the real Settings, as a variable, is valid."""
-    names = [ENV_PREFIX + "__".join(p if p != "*" else "acme" for p in path).upper()
-             for path in configkeys.paths(config_keys())]
+    names = [
+        ENV_PREFIX + "__".join(p if p != "*" else "acme" for p in path).upper()
+        for path in configkeys.paths(config_keys())
+    ]
     assert "GATEWAY_ACCOUNTS__ACME__APIKEY" in names and "GATEWAY_DNS__NAMESERVERS" in names
     assert configkeys.unknown_env(dict.fromkeys(names, "v"), config_keys(), ENV_PREFIX, "__", FOREIGN_ENV) == []
 

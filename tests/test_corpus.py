@@ -166,9 +166,7 @@ def norm(text: str) -> str:
     return _WS.sub(" ", _CONTROLS.sub("", text)).strip()
 
 
-def check_request(
-    bodies: list[dict[str, Any]], rcpts: list[str], ref: EmailMessage | None
-) -> list[str]:
+def check_request(bodies: list[dict[str, Any]], rcpts: list[str], ref: EmailMessage | None) -> list[str]:
     """Differences between the upstream calls of one message and the message itself."""
     problems = []
     got: list[str] = []

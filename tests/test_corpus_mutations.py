@@ -65,8 +65,11 @@ def nested(raw: bytes, levels: int = 30) -> bytes:
 
 
 MUTATIONS: dict[str, Callable[[bytes], bytes]] = {
-    "truncated": truncated, "boundaries removed": boundaries_removed, "charsets swapped": charsets_swapped,
-    "headers duplicated": headers_duplicated, "nested": nested,
+    "truncated": truncated,
+    "boundaries removed": boundaries_removed,
+    "charsets swapped": charsets_swapped,
+    "headers duplicated": headers_duplicated,
+    "nested": nested,
 }
 
 
@@ -87,22 +90,35 @@ def expansion_cases(slow: bool = True) -> dict[str, bytes]:
     head = f"From: {SENDER}\r\nTo: {FALLBACK_RCPT}\r\nSubject: expansion\r\n".encode()
     inner = head + b"\r\n" + b"hello\r\n" * 10
     for _ in range(12):  # an attached message, base64-encoded, attached again, twelve times
-        inner = head + b"Content-Type: message/rfc822\r\nContent-Transfer-Encoding: base64\r\n\r\n" + (
-            base64.encodebytes(inner))
-    parts = b"".join(b"--b\r\nContent-Type: image/gif\r\nContent-Transfer-Encoding: base64\r\n\r\nR0lG\r\n"
-                     for _ in range(mime.MAX_PARTS - 2))
+        inner = (
+            head
+            + b"Content-Type: message/rfc822\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+            + (base64.encodebytes(inner))
+        )
+    parts = b"".join(
+        b"--b\r\nContent-Type: image/gif\r\nContent-Transfer-Encoding: base64\r\n\r\nR0lG\r\n"
+        for _ in range(mime.MAX_PARTS - 2)
+    )
     levels = b"".join(b"Content-Type: multipart/mixed; boundary=d%d\r\n\r\n--d%d\r\n" % (i, i) for i in range(126))
     return {
         "nested base64 attached messages": inner,
-        "markup bomb (& with an emoji)": head + b"Content-Type: text/plain; charset=utf-8\r\n\r\n"
-        + "😀".encode() + b"&" * 2_000_000,
-        "empty parts up to the limit": head + b"Content-Type: multipart/mixed; boundary=b\r\n\r\n"
-        + b"--b\r\n\r\n" * (mime.MAX_PARTS - 2) + b"--b--\r\n",
-        "one part past the limit": head + b"Content-Type: multipart/mixed; boundary=b\r\n\r\n"
-        + b"--b\r\n\r\n" * mime.MAX_PARTS + b"--b--\r\n",
+        "markup bomb (& with an emoji)": head
+        + b"Content-Type: text/plain; charset=utf-8\r\n\r\n"
+        + "😀".encode()
+        + b"&" * 2_000_000,
+        "empty parts up to the limit": head
+        + b"Content-Type: multipart/mixed; boundary=b\r\n\r\n"
+        + b"--b\r\n\r\n" * (mime.MAX_PARTS - 2)
+        + b"--b--\r\n",
+        "one part past the limit": head
+        + b"Content-Type: multipart/mixed; boundary=b\r\n\r\n"
+        + b"--b\r\n\r\n" * mime.MAX_PARTS
+        + b"--b--\r\n",
         "tiny images up to the limit": head + b"Content-Type: multipart/mixed; boundary=b\r\n\r\n" + parts + b"--b--",
         "header lines bomb": head + b"X-A: b\r\n" * mime.MAX_HEADER_LINES + b"\r\nbody\r\n",
-        "126 levels with many lines": head + levels + b"\r\n"
+        "126 levels with many lines": head
+        + levels
+        + b"\r\n"
         + b"x\r\n" * (mime.MAX_NESTING_WORK // (2 * 128) - 500 if slow else 1_000),  # two line-end bytes a line
         "126 levels with too many lines": head + levels + b"\r\n" + b"x\r\n" * (mime.MAX_NESTING_WORK // 250),
         "encoded words bomb": head.replace(b"Subject: expansion", b"Subject: " + b"=?utf-8?b?8J+YgA==?=" * 60_000)
@@ -165,21 +181,24 @@ def test_mutated_corpus_and_expansion_cases_through_the_gateway(
     messages = mutated_corpus()
     outcomes, failures = deliver_all(running, upstream, messages)
     lines = [f"{count:4d}  {outcome}" for outcome, count in sorted(outcomes.items(), key=lambda kv: -kv[1])]
-    terminal_summary.append((f"corpus mutations: {len(messages)} messages through the gateway",
-                             [*lines, f"{len(failures)} problems"]))
+    terminal_summary.append(
+        (f"corpus mutations: {len(messages)} messages through the gateway", [*lines, f"{len(failures)} problems"])
+    )
     assert outcomes["250"] > len(messages) // 2, lines
     assert not failures, "\n".join(lines + failures)
 
     outcomes, failures = deliver_all(running, upstream, list(expansion_cases().items()))
     assert not failures, failures
     # Which of them are refused is part of the contract (README, Security).
-    assert outcomes == Counter({
-        "250": 5,
-        "552 5.3.4 Message size exceeds fixed limit once decoded": 1,
-        "554 5.6.0 Message has too many MIME parts": 1,
-        "554 5.6.0 Message has too many header lines": 1,
-        "554 5.6.0 Message structure is nested too deeply": 1,
-    }), outcomes
+    assert outcomes == Counter(
+        {
+            "250": 5,
+            "552 5.3.4 Message size exceeds fixed limit once decoded": 1,
+            "554 5.6.0 Message has too many MIME parts": 1,
+            "554 5.6.0 Message has too many header lines": 1,
+            "554 5.6.0 Message structure is nested too deeply": 1,
+        }
+    ), outcomes
 
 
 def test_parse_memory_is_bounded() -> None:

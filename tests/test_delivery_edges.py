@@ -28,8 +28,9 @@ def send_and_vanish(gw: Running, subject: str) -> None:
         assert client.cmd("MAIL FROM:<billing@acme.example>").startswith("250")
         assert client.cmd("RCPT TO:<client@example.com>").startswith("250")
         assert client.cmd("DATA").startswith("354")
-        client.write(f"From: billing@acme.example\r\nTo: client@example.com\r\nSubject: {subject}\r\n\r\nhi\r\n.\r\n"
-                     .encode())
+        client.write(
+            f"From: billing@acme.example\r\nTo: client@example.com\r\nSubject: {subject}\r\n\r\nhi\r\n.\r\n".encode()
+        )
         client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
 
 
@@ -118,4 +119,3 @@ def test_a_backlog_drains_as_soon_as_the_upstream_is_back(gateway_factory: Calla
     gw.clear_faults()
     wait_for(lambda: len(gw.sent) == 5, what="drained by the probe and the wake-up")
     assert [r["body"]["asunto"] for r in gw.sent] == [f"backlog {i}" for i in range(5)]
-

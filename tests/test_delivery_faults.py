@@ -52,9 +52,16 @@ def test_a_corrupt_queue_record_is_dead_lettered_with_the_reason(gateway_factory
     gw = gateway_factory(delivery=FAST)
     now = time.time()
     plan = transition.fresh((), now, transition.RetryPolicy((1.0,), 0, 100))
-    corrupt = NewMessage(id="C0FFEE0000000001", account="acme", mail_from="a@acme.example", subject="x",
-                         submission=b'{"v": 2, "principal": {}}', decision=transition.Decision(
-                             "queued", dict(plan.calls), 1, now, None), created=now, expires=now + 100)
+    corrupt = NewMessage(
+        id="C0FFEE0000000001",
+        account="acme",
+        mail_from="a@acme.example",
+        subject="x",
+        submission=b'{"v": 2, "principal": {}}',
+        decision=transition.Decision("queued", dict(plan.calls), 1, now, None),
+        created=now,
+        expires=now + 100,
+    )
 
     async def insert() -> None:
         store = SqliteQueue(gw.settings.delivery.spool_path)
@@ -74,8 +81,9 @@ class Broken:
     def __init__(self) -> None:
         self.calls = 0
 
-    async def __call__(self, submission: Submission, done: Mapping[str, str],
-                       before_send: BeforeSend = no_hook) -> Outcome:
+    async def __call__(
+        self, submission: Submission, done: Mapping[str, str], before_send: BeforeSend = no_hook
+    ) -> Outcome:
         self.calls += 1
         raise KeyError("campana")
 

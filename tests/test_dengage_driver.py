@@ -71,19 +71,38 @@ class Upstream:
         return httpx.Response(404)
 
 
-def provider(upstream: Handler, clock: Clock | None = None, limiter: RateLimiter | None = None,
-             **settings: Any) -> DengageProvider:
-    account = DengageAccount(provider="dengage", api_base=BASE, userkey="the-userkey",  # type: ignore[arg-type]
-                             password="the-password", **settings)
+def provider(
+    upstream: Handler, clock: Clock | None = None, limiter: RateLimiter | None = None, **settings: Any
+) -> DengageProvider:
+    account = DengageAccount(
+        provider="dengage",
+        api_base=BASE,
+        userkey="the-userkey",  # type: ignore[arg-type]
+        password="the-password",
+        **settings,
+    )
     http = HttpClient(BASE, upstream="dEngage", account="crm", timeout=5.0, transport=httpx.MockTransport(upstream))
     return DengageProvider("crm", account, http, limiter, clock=clock or Clock())
 
 
 def submission(*rcpts: str, subject: str = "Invoice") -> Submission:
-    message = Message(subject=subject, from_=Address("billing@crm.example"), sender=None, reply_to=None,
-                      to=(Address(rcpts[0]),), cc=(), html="<p>hi</p>", text="hi")
-    return Submission(principal=Principal("crm", "erp"), mail_from="billing@crm.example", rcpt_tos=rcpts,
-                      message=message, params={"tags": [], "template": None, "ref": "ref-1"})
+    message = Message(
+        subject=subject,
+        from_=Address("billing@crm.example"),
+        sender=None,
+        reply_to=None,
+        to=(Address(rcpts[0]),),
+        cc=(),
+        html="<p>hi</p>",
+        text="hi",
+    )
+    return Submission(
+        principal=Principal("crm", "erp"),
+        mail_from="billing@crm.example",
+        rcpt_tos=rcpts,
+        message=message,
+        params={"tags": [], "template": None, "ref": "ref-1"},
+    )
 
 
 async def test_many_sends_share_one_login_and_use_the_bearer_token() -> None:
@@ -139,7 +158,10 @@ async def test_401_logs_in_again_once_and_retries_the_call_once() -> None:
     assert outcome.delivered == {"b@example.com": "t-1"}
     assert len(up.of("/rest/login")) == 2
     assert [r.headers["Authorization"] for r in up.of("/rest/transactional/email")] == [
-        "Bearer tok-1", "Bearer tok-1", "Bearer tok-2"]
+        "Bearer tok-1",
+        "Bearer tok-1",
+        "Bearer tok-2",
+    ]
 
 
 async def test_concurrent_401s_with_one_token_cause_one_relogin() -> None:
@@ -165,8 +187,10 @@ async def test_a_second_401_is_an_auth_failure_not_a_loop() -> None:
 
 async def test_code_not_zero_refuses_only_that_recipient() -> None:
     up = Upstream()
-    up.send_answers = [httpx.Response(200, json=OK_SEND),
-                       httpx.Response(200, json={"code": 11, "message": "content is null"})]
+    up.send_answers = [
+        httpx.Response(200, json=OK_SEND),
+        httpx.Response(200, json={"code": 11, "message": "content is null"}),
+    ]
     p = provider(up)
     outcome = await p.deliver(submission("a@example.com", "b@example.com"), {})
     assert outcome.delivered == {"a@example.com": "t-1"}
@@ -286,10 +310,15 @@ async def test_idempotency_header_is_sent_once_configured(monkeypatch: pytest.Mo
 async def test_prepare_merges_tags_and_checks_the_template() -> None:
     p = provider(Upstream(), tags=["crm"])
     message = submission("a@example.com").message
-    tagged = Message(**{**{f: getattr(message, f) for f in message.__dataclass_fields__},
-                        "options": {"tags": "erp, invoices,crm", "template": "2206f32b-8d1a-4058-929c-de600493862a"}})
-    sub = await p.prepare(Principal("crm", "erp", extra={"tags": ["erp"]}), tagged, "billing@crm.example",
-                          ("a@example.com",))
+    tagged = Message(
+        **{
+            **{f: getattr(message, f) for f in message.__dataclass_fields__},
+            "options": {"tags": "erp, invoices,crm", "template": "2206f32b-8d1a-4058-929c-de600493862a"},
+        }
+    )
+    sub = await p.prepare(
+        Principal("crm", "erp", extra={"tags": ["erp"]}), tagged, "billing@crm.example", ("a@example.com",)
+    )
     assert sub.params["tags"] == ["crm", "erp", "invoices"]
     assert sub.params["template"] == "2206f32b-8d1a-4058-929c-de600493862a"
     bad = Message(**{**{f: getattr(message, f) for f in message.__dataclass_fields__}, "options": {"template": "x"}})

@@ -35,20 +35,31 @@ from tests.harness import (
 )
 from tests.spool_helpers import spool_rows, wait_for
 
-FAST = {"retry_schedule": [0.3], "retry_jitter": 0.0, "poll_interval": 0.2, "inline_budget": 5.0,
-        "probe_interval": 0.5}
+FAST = {"retry_schedule": [0.3], "retry_jitter": 0.0, "poll_interval": 0.2, "inline_budget": 5.0, "probe_interval": 0.5}
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
-def message(subject: str, to: tuple[str, ...] = ("client@example.com",), cc: tuple[str, ...] = (),
-            sender: str = DENGAGE_SENDER, extra: str = "", body: str = "hello") -> bytes:
+def message(
+    subject: str,
+    to: tuple[str, ...] = ("client@example.com",),
+    cc: tuple[str, ...] = (),
+    sender: str = DENGAGE_SENDER,
+    extra: str = "",
+    body: str = "hello",
+) -> bytes:
     head = f"From: {sender}\r\nTo: {', '.join(to)}\r\n" + (f"Cc: {', '.join(cc)}\r\n" if cc else "")
     return (head + f"Subject: {subject}\r\n{extra}\r\n{body}\r\n").encode()
 
 
-def send(running: Running, raw: bytes, rcpts: tuple[str, ...] = ("client@example.com",),
-         mail_from: str = DENGAGE_SENDER, user: str = DENGAGE_USER, password: str = PASSWORD,
-         client: smtplib.SMTP | None = None) -> tuple[int, str]:
+def send(
+    running: Running,
+    raw: bytes,
+    rcpts: tuple[str, ...] = ("client@example.com",),
+    mail_from: str = DENGAGE_SENDER,
+    user: str = DENGAGE_USER,
+    password: str = PASSWORD,
+    client: smtplib.SMTP | None = None,
+) -> tuple[int, str]:
     """MAIL/RCPT/DATA as the dEngage login; the reply to the first refused command, else to DATA."""
     own = client is None
     if client is None:
@@ -180,8 +191,11 @@ def test_burst_of_200_under_a_real_30_per_second_limit_gets_no_429(gateway_facto
 def test_429_retry_after_is_honoured(gateway_factory: Callable[..., Running]) -> None:
     # 3 requests/s at the sandbox, a fast limiter at the gateway: 429s happen, and the queued calls
     # come back after Retry-After (1 s), not after the retry schedule (30 s).
-    gw = gateway_factory(sandbox=sandbox_for_tests(dengage=dengage_sandbox(rate_limit=3)),
-                         dengage={"rate_limit": 100.0}, delivery={**FAST, "retry_schedule": [30.0]})
+    gw = gateway_factory(
+        sandbox=sandbox_for_tests(dengage=dengage_sandbox(rate_limit=3)),
+        dengage={"rate_limit": 100.0},
+        delivery={**FAST, "retry_schedule": [30.0]},
+    )
     rcpts = tuple(f"r{i}@example.com" for i in range(6))
     code, text = send(gw, message("six", to=rcpts), rcpts)
     assert code == 250, text
@@ -221,8 +235,10 @@ def test_ip_allowlist_403_queues_logs_once_and_fails_readiness(gateway_factory: 
         ids = [queued_id(text) for _, text in replies]
         assert all(len(i) == 16 for i in ids)  # local queue ids: spooled, not sent
         ready = wait_for(lambda: (r := _readyz(gw)).status_code == 503 and r, 10, "readyz 503")
-        wait_for(lambda: all(r["attempts"] >= 2 for r in spool_rows(gw.settings.delivery.spool_path)),
-                 what="retries while refused")
+        wait_for(
+            lambda: all(r["attempts"] >= 2 for r in spool_rows(gw.settings.delivery.spool_path)),
+            what="retries while refused",
+        )
     refusals = [e for e in logs if e["event"] == "upstream_refused_credentials"]
     assert len(refusals) == 1 and refusals[0]["log_level"] == "error"
     assert "127.0.0.1" in refusals[0]["reason"] and "allowlist" in refusals[0]["reason"]
@@ -274,8 +290,9 @@ def test_one_recipient_failing_temporarily_is_retried_alone(gateway_factory: Cal
     wait_for(lambda: len(gw.calls("send", status=200)) == 3, what="b retried")
     calls = {to: [r["status"] for r in gw.calls("send") if r["to"] == to] for to in rcpts}
     assert calls == {"a@example.com": [200], "b@example.com": [503, 200], "c@example.com": [200]}
-    a_id = next(r["response"]["data"]["transactionalIds"][0] for r in gw.calls("send", status=200)
-                if r["to"] == "a@example.com")
+    a_id = next(
+        r["response"]["data"]["transactionalIds"][0] for r in gw.calls("send", status=200) if r["to"] == "a@example.com"
+    )
     assert queued_id(text) == a_id  # the first recipient's transactional id
     wait_for(lambda: spool_rows(gw.settings.delivery.spool_path) == [] or None, what="queue empty")
 
@@ -284,11 +301,16 @@ def test_from_outside_the_identities_is_refused_naming_them(gateway_factory: Cal
     gw = gateway_factory(dengage={})
     permitted = "(permitted: crm.example, mail.crm.example)"
     code, text = send(gw, message("x"), mail_from="info@other.example")
-    assert (code, text) == (553, f"5.7.1 <info@other.example>: Sender address rejected: domain other.example "
-                                 f"is not a permitted sender domain {permitted}")
+    assert (code, text) == (
+        553,
+        f"5.7.1 <info@other.example>: Sender address rejected: domain other.example "
+        f"is not a permitted sender domain {permitted}",
+    )
     code, text = send(gw, message("x", sender="Other <info@sub.crm.example>"))
-    assert (code, text) == (550, "5.7.1 From: header domain sub.crm.example is not a permitted sender domain "
-                                 f"for this account {permitted}")
+    assert (code, text) == (
+        550,
+        f"5.7.1 From: header domain sub.crm.example is not a permitted sender domain for this account {permitted}",
+    )
     # Only the local part and the display name may differ from the identities.
     code, text = send(gw, message("ok", sender="Accounts Team <accounts@crm.example>"), mail_from="x@mail.crm.example")
     assert code == 250, text
@@ -341,8 +363,10 @@ def test_bcc_and_cc_get_their_own_copy_and_stay_hidden(gateway_factory: Callable
 
 def test_option_headers_are_consumed_and_x_headers_forwarded(gateway_factory: Callable[..., Running]) -> None:
     gw = gateway_factory(dengage={"tags": ["crm"]})
-    extra = ("X-Gateway-Tags: invoices, erp\r\nX-Gateway-Template: 2206f32b-8d1a-4058-929c-de600493862a\r\n"
-             "X-Order-Id: 42\r\n")
+    extra = (
+        "X-Gateway-Tags: invoices, erp\r\nX-Gateway-Template: 2206f32b-8d1a-4058-929c-de600493862a\r\n"
+        "X-Order-Id: 42\r\n"
+    )
     code, text = send(gw, message("templated", extra=extra))
     assert code == 250, text
     [call] = gw.calls("send", status=200)

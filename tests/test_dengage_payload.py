@@ -42,22 +42,38 @@ def submission(
         x_headers=kwargs.pop("x_headers", ()),
     )
     params = {"tags": kwargs.pop("tags", []), "template": kwargs.pop("template", None), "ref": "r" * 32}
-    return Submission(principal=PRINCIPAL, mail_from="billing@crm.example",
-                      rcpt_tos=(ANN, "carl@example.com", "hidden@example.com"), message=message, params=params)
+    return Submission(
+        principal=PRINCIPAL,
+        mail_from="billing@crm.example",
+        rcpt_tos=(ANN, "carl@example.com", "hidden@example.com"),
+        message=message,
+        params=params,
+    )
 
 
 CASES: dict[str, tuple[Submission, str]] = {
     "one_recipient": (submission(reply_to=Address("support@crm.example", "Support")), ANN),
     "bcc_recipient": (submission(), "hidden@example.com"),
-    "attachments": (submission(attachments=(
-        Attachment("invoice.pdf", "application/pdf", b"%PDF-1.4\x00\xff"),
-        Attachment("logo.png", "image/png", b"\x89PNG", content_id="logo@crm", inline=True),
-    )), ANN),
-    "x_headers_and_tags": (submission(
-        x_headers=(("X-Order-Id", "42"), ("X-Campaign", "spring"), ("X-Campaign", "b2b")),
-        tags=["crm", "erp", "invoices"]), ANN),
-    "template_only": (submission(subject="", html=text_to_html(""), text=None,
-                                 template="2206f32b-8d1a-4058-929c-de600493862a"), ANN),
+    "attachments": (
+        submission(
+            attachments=(
+                Attachment("invoice.pdf", "application/pdf", b"%PDF-1.4\x00\xff"),
+                Attachment("logo.png", "image/png", b"\x89PNG", content_id="logo@crm", inline=True),
+            )
+        ),
+        ANN,
+    ),
+    "x_headers_and_tags": (
+        submission(
+            x_headers=(("X-Order-Id", "42"), ("X-Campaign", "spring"), ("X-Campaign", "b2b")),
+            tags=["crm", "erp", "invoices"],
+        ),
+        ANN,
+    ),
+    "template_only": (
+        submission(subject="", html=text_to_html(""), text=None, template="2206f32b-8d1a-4058-929c-de600493862a"),
+        ANN,
+    ),
     "template_with_body": (submission(template="2206f32b-8d1a-4058-929c-de600493862a"), ANN),
 }
 
@@ -89,8 +105,10 @@ def test_attachment_bytes_survive_base64() -> None:
 
 
 def test_x_headers_come_from_mime_without_the_gateway_options() -> None:
-    message = parse(b"From: a@crm.example\r\nTo: b@example.com\r\nSubject: s\r\nX-Order-Id: 42\r\n"
-                    b"X-Gateway-Tags: t1\r\nx-trace: =?utf-8?q?caf=C3=A9?=\r\nX-Mailer: ERP 9\r\n\r\nbody\r\n")
+    message = parse(
+        b"From: a@crm.example\r\nTo: b@example.com\r\nSubject: s\r\nX-Order-Id: 42\r\n"
+        b"X-Gateway-Tags: t1\r\nx-trace: =?utf-8?q?caf=C3=A9?=\r\nX-Mailer: ERP 9\r\n\r\nbody\r\n"
+    )
     assert message.x_headers == (("X-Order-Id", "42"), ("x-trace", "café"), ("X-Mailer", "ERP 9"))
     assert message.options == {"tags": "t1"}
 
@@ -130,11 +148,17 @@ def test_send_answers_give_the_recipient_id(body: dict[str, Any], upstream_id: s
         (answer(200, {"code": 4711, "message": "Something new"}), UpstreamRejected, "Something new"),
         (answer(200, {"code": "7"}), UpstreamRejected, "code 7"),
         (answer(200, {"code": 0, "data": {"HasError": True}, "message": "1 error"}), UpstreamRejected, "1 error"),
-        (answer(400, {"title": "One or more validation errors occurred.",
-                      "errors": {"send.to": ["not a string"]}}), UpstreamRejected, "send.to: not a string"),
+        (
+            answer(400, {"title": "One or more validation errors occurred.", "errors": {"send.to": ["not a string"]}}),
+            UpstreamRejected,
+            "send.to: not a string",
+        ),
         (answer(401, {"message": "Not auhenticated. Please re-login."}), wire.TokenRejected, "re-login"),
-        (answer(403, {"actionResult": "Your IP address 203.0.113.9 is not whitelisted"}), wire.IpNotAllowlisted,
-         "203.0.113.9"),
+        (
+            answer(403, {"actionResult": "Your IP address 203.0.113.9 is not whitelisted"}),
+            wire.IpNotAllowlisted,
+            "203.0.113.9",
+        ),
         (answer(403, {"message": "Permission denied"}), UpstreamAuthFailed, "Permission denied"),
         (answer(429, b"", {"retry-after": "3"}), RateLimited, "429"),
         (answer(502, b"bad gateway"), UpstreamUnavailable, "502"),
@@ -176,8 +200,13 @@ def test_login_answers() -> None:
 @pytest.mark.parametrize(
     "body",
     [
-        {"code": 0, "data": [{"id": 1, "name": "CRM", "fromAddress": "Billing@CRM.example"},
-                             {"id": 2, "name": "News", "fromAddress": "news@mail.crm.example"}]},
+        {
+            "code": 0,
+            "data": [
+                {"id": 1, "name": "CRM", "fromAddress": "Billing@CRM.example"},
+                {"id": 2, "name": "News", "fromAddress": "news@mail.crm.example"},
+            ],
+        },
         [{"EmailFrom": "CRM Billing <billing@crm.example>"}, {"EmailFrom": "news@mail.crm.example"}],
         {"data": {"items": [{"from": {"address": "billing@crm.example"}}, "news@mail.crm.example"]}},
     ],

@@ -84,8 +84,20 @@ SMTP_METHODS = {
     "smtp_DATA": ["arg"],
     "connection_lost": ["error"],
 }
-SMTP_INIT = ["hostname", "ident", "data_size_limit", "enable_SMTPUTF8", "decode_data", "tls_context",
-             "require_starttls", "auth_require_tls", "auth_required", "timeout", "command_call_limit", "loop"]
+SMTP_INIT = [
+    "hostname",
+    "ident",
+    "data_size_limit",
+    "enable_SMTPUTF8",
+    "decode_data",
+    "tls_context",
+    "require_starttls",
+    "auth_require_tls",
+    "auth_required",
+    "timeout",
+    "command_call_limit",
+    "loop",
+]
 # set on the instance by connection_made (server.py writes to _writer while draining; _reader is our DATA reader's)
 SMTP_INSTANCE = ["_reader", "_writer", "session", "envelope", "transport", "local_part_limit", "data_size_limit"]
 WHERE = "gateway/smtp uses it; aiosmtpd is bounded <1.5 in pyproject.toml for this reason: adapt the gateway first"

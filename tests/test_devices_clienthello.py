@@ -61,8 +61,13 @@ def test_sslv2_framed_hello() -> None:
 
 @pytest.mark.parametrize(
     ("data", "version"),
-    [(b"EHLO printer.lan\r\n", "plaintext"), (b"GET / HTTP/1.1\r\n", "plaintext"), (b"", "none"),
-     (b"\x00\x01\x02\x03", "unknown"), (b"\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00", "unknown")],
+    [
+        (b"EHLO printer.lan\r\n", "plaintext"),
+        (b"GET / HTTP/1.1\r\n", "plaintext"),
+        (b"", "none"),
+        (b"\x00\x01\x02\x03", "unknown"),
+        (b"\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00", "unknown"),
+    ],
 )
 def test_not_a_client_hello(data: bytes, version: str) -> None:
     assert parse_client_hello(data).version == version

@@ -15,8 +15,13 @@ from tests.smtputil import RECIPIENT, SENDER, RawClient
 DEVICE_FROM = "scanner@acme.example"
 USERS = [
     {"username": "printer", "password_hash": PASSWORD_HASH, "campaign": 22, "default_from": DEVICE_FROM},
-    {"username": "copier", "password_hash": PASSWORD_HASH, "campaign": 22, "default_from": DEVICE_FROM,
-     "force_from": True},
+    {
+        "username": "copier",
+        "password_hash": PASSWORD_HASH,
+        "campaign": 22,
+        "default_from": DEVICE_FROM,
+        "force_from": True,
+    },
 ]
 
 
@@ -34,8 +39,10 @@ def test_8bit_body_without_8bitmime(gateway: Running) -> None:
         b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=iso-8859-1\r\n"
         b"Content-Transfer-Encoding: 8bit\r\n\r\nDocumento escaneado: a\xf1o 2024, p\xe1gina 1\r\n"
     )
-    utf8 = latin1.replace(b"iso-8859-1", b"utf-8").replace(b"a\xf1o", "año".encode()).replace(
-        b"p\xe1gina", "página".encode()
+    utf8 = (
+        latin1.replace(b"iso-8859-1", b"utf-8")
+        .replace(b"a\xf1o", "año".encode())
+        .replace(b"p\xe1gina", "página".encode())
     )
     with authenticated(gateway) as client:
         assert raw_send(client, latin1).startswith("250 2.0.0 ")

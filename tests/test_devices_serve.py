@@ -76,7 +76,7 @@ username = "{USER}"
 password_hash = "{PASSWORD_HASH}"
 campaign = 22
 [delivery]
-spool_path = "{tmp_path / 'spool.sqlite3'}"
+spool_path = "{tmp_path / "spool.sqlite3"}"
 [dns]
 check_sender_domain = false
 [log]
@@ -84,8 +84,9 @@ format = "json"
 """)
     log = tmp_path / "serve.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(config)],
-                                stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--config", str(config)], stdout=out, stderr=subprocess.STDOUT
+        )
     served = Served(proc, log, cert, key)
     try:
         wait_for(lambda: served.events("ready") or proc.poll() is not None, 20, "gateway ready")
@@ -117,8 +118,7 @@ def refused(port: int, source: str, starttls: bool) -> bool:
 
 
 def peer_certificate(port: int) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock, \
-            insecure_context().wrap_socket(sock) as tls:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock, insecure_context().wrap_socket(sock) as tls:
         cert = tls.getpeercert(binary_form=True)
         assert cert is not None
         return cert
@@ -132,8 +132,10 @@ def test_handshake_failures_and_certificate_reload(served: Served, tmp_path: Pat
     wait_for(lambda: len(served.events("tls_handshake_failed")) == 2, 20, "two handshake-failure lines")
 
     old = peer_certificate(ports["implicit"])
-    with socket.create_connection(("127.0.0.1", ports["implicit"]), timeout=10) as raw, \
-            insecure_context().wrap_socket(raw) as session:
+    with (
+        socket.create_connection(("127.0.0.1", ports["implicit"]), timeout=10) as raw,
+        insecure_context().wrap_socket(raw) as session,
+    ):
         reader = session.makefile("rb")
 
         def command(line: str) -> bytes:
@@ -172,7 +174,8 @@ def test_handshake_failures_and_certificate_reload(served: Served, tmp_path: Pat
     assert "Traceback" not in text, text
     lines = served.events("tls_handshake_failed")
     assert [(e["listener"], e["offered"], e["level"]) for e in lines] == [
-        ("implicit", "TLSv1", "info"), ("starttls", "TLSv1", "info")
+        ("implicit", "TLSv1", "info"),
+        ("starttls", "TLSv1", "info"),
     ]
     errors = [e["event"] for e in served.events() if e["level"] in ("error", "critical")]
     assert errors == ["tls_reload_failed"]

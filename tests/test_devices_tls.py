@@ -100,9 +100,7 @@ def implicit_from(port: int, context: ssl.SSLContext, source: str) -> bool:
             return False
 
 
-def test_refused_handshakes_are_one_info_line_per_client(
-    gw: Running, no_error_logs: list[dict[str, Any]]
-) -> None:
+def test_refused_handshakes_are_one_info_line_per_client(gw: Running, no_error_logs: list[dict[str, Any]]) -> None:
     def failures(offered: str) -> float:
         labels = {"listener": "implicit", "offered": offered}
         return REGISTRY.get_sample_value("smtp_gateway_tls_handshake_failures_total", labels) or 0.0
@@ -120,7 +118,7 @@ def test_refused_handshakes_are_one_info_line_per_client(
     assert first["log_level"] == second["log_level"] == "info"
     assert (first["listener"], first["profile"], first["offered"]) == ("implicit", "intermediate", "TLSv1")
     assert first["reason"] == "UNSUPPORTED_PROTOCOL"
-    assert "tls_profile = \"legacy\"" in first["hint"]
+    assert 'tls_profile = "legacy"' in first["hint"]
     assert first["peer"].startswith("127.0.0.1:") and first["offered_ciphers"]
     assert (second["listener"], second["offered"], second["peer"].split(":")[0]) == ("starttls", "TLSv1", "127.0.0.2")
     # The next line for 127.0.0.1 (after the interval) says how many were left out.
@@ -153,8 +151,9 @@ def test_silent_and_plaintext_clients_on_the_implicit_port(gw: Running, no_error
     # A TCP health check: connects, says nothing, leaves. Counted only.
     socket.create_connection(("127.0.0.1", gw.port("implicit")), timeout=10).close()
     # A device configured for plain SMTP on the TLS port.
-    with socket.create_connection(("127.0.0.1", gw.port("implicit")), timeout=10,
-                                  source_address=("127.0.0.4", 0)) as sock:
+    with socket.create_connection(
+        ("127.0.0.1", gw.port("implicit")), timeout=10, source_address=("127.0.0.4", 0)
+    ) as sock:
         sock.sendall(b"EHLO printer.lan\r\n")
         assert sock.recv(100) == b""  # closed, without a plaintext reply it could not read anyway
     wait_for(lambda: events(no_error_logs, "tls_handshake_failed"), 10, "the plaintext client's line")
@@ -181,8 +180,7 @@ def test_starttls_inside_tls_is_refused_and_the_session_goes_on(
 
 
 def _peer_certificate(port: int) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock, \
-            insecure_context().wrap_socket(sock) as tls:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock, insecure_context().wrap_socket(sock) as tls:
         cert = tls.getpeercert(binary_form=True)
         assert cert is not None
         return cert
@@ -222,12 +220,14 @@ def test_certificates_reload_without_dropping_sessions(
 
 def test_session_timeout_bounds_the_handshake(loop_thread_any: LoopThread, tmp_path: Path) -> None:
     """A client that opens the implicit port and stalls mid-handshake is cut off, and its slot freed."""
-    running = start(loop_thread_any, tmp_path, limits={"session_timeout": 0.5},
-                    listeners=[listener("implicit", "implicit")])
+    running = start(
+        loop_thread_any, tmp_path, limits={"session_timeout": 0.5}, listeners=[listener("implicit", "implicit")]
+    )
     try:
-        with captured_logs() as logs, socket.create_connection(
-            ("127.0.0.1", running.port("implicit")), timeout=10
-        ) as sock:
+        with (
+            captured_logs() as logs,
+            socket.create_connection(("127.0.0.1", running.port("implicit")), timeout=10) as sock,
+        ):
             hello = _client_hello_bytes()
             sock.sendall(hello[: len(hello) // 2])  # half a ClientHello, then nothing
             assert sock.recv(100) == b""
@@ -244,7 +244,6 @@ def _client_hello_bytes() -> bytes:
     with pytest.raises(ssl.SSLWantReadError):
         tls.do_handshake()
     return outgoing.read()
-
 
 
 # -- every accepted connection is closed: each handshake outcome, a full listener, shutdown -------------
@@ -349,8 +348,12 @@ def test_every_handshake_outcome_closes_the_connection(
     loop_thread_any: LoopThread, tmp_path: Path, no_error_logs: list[dict[str, Any]], name: str, outcome: str
 ) -> None:
     limits = {"session_timeout": 0.5} if outcome == "handshake_timeout" else {}
-    running = start(loop_thread_any, tmp_path, limits=limits,
-                    listeners=[listener("implicit", "implicit"), listener("starttls", "starttls")])
+    running = start(
+        loop_thread_any,
+        tmp_path,
+        limits=limits,
+        listeners=[listener("implicit", "implicit"), listener("starttls", "starttls")],
+    )
     try:
         port = running.port(name)
         for _ in range(3):
@@ -365,12 +368,17 @@ def test_every_handshake_outcome_closes_the_connection(
         stop(running)
 
 
-def test_a_handshake_holding_the_last_slot(loop_thread_any: LoopThread, tmp_path: Path,
-                                           no_error_logs: list[dict[str, Any]]) -> None:
+def test_a_handshake_holding_the_last_slot(
+    loop_thread_any: LoopThread, tmp_path: Path, no_error_logs: list[dict[str, Any]]
+) -> None:
     """With max_sessions taken by a stalled handshake, others are refused (421 where a line makes sense) and
     closed; once that client resets, its slot is free again."""
-    running = start(loop_thread_any, tmp_path, limits={"max_sessions": 1},
-                    listeners=[listener("plain"), listener("implicit", "implicit")])
+    running = start(
+        loop_thread_any,
+        tmp_path,
+        limits={"max_sessions": 1},
+        listeners=[listener("plain"), listener("implicit", "implicit")],
+    )
     try:
         with socket.create_connection(("127.0.0.1", running.port("implicit")), timeout=10) as holder:
             holder.sendall(_client_hello_bytes()[:20])
@@ -393,6 +401,7 @@ def test_drain_closes_sessions_in_every_state(gw: Running, no_error_logs: list[d
     """Shutdown closes every session: idle ones with 421, ones in a TLS handshake (implicit or after
     STARTTLS) without a plaintext line or a handshake failure report, and returns only once all are gone."""
     with contextlib.ExitStack() as stack:
+
         def connect(name: str) -> socket.socket:
             return stack.enter_context(socket.create_connection(("127.0.0.1", gw.port(name)), timeout=10))
 
@@ -474,8 +483,7 @@ async def _session_lost_with(error: Exception) -> asyncio.Future[None]:
 
     loop = asyncio.get_running_loop()
     server_sock, client_sock = socket.socketpair()
-    protocol = GatewaySMTP(Handler(), draining=asyncio.Event(), on_close=lambda _p: None, hostname="gw.test",
-                           loop=loop)
+    protocol = GatewaySMTP(Handler(), draining=asyncio.Event(), on_close=lambda _p: None, hostname="gw.test", loop=loop)
     with client_sock:
         transport, _ = await loop.connect_accepted_socket(lambda: protocol, server_sock)
         protocol.connection_lost(error)

@@ -24,8 +24,9 @@ def lan(gateway_factory: Callable[..., Running]) -> Running:
         {"network": "127.0.0.2/31", "login": USER},  # 127.0.0.2 and 127.0.0.3 ...
         {"network": "127.0.0.3/32", "login": ERP},  # ... but the more specific network wins for .3
     ]
-    return gateway_factory(extra_users=[ERP_USER], listeners=[listener("lan", allow_insecure_auth=False,
-                                                                       trusted=trusted)])
+    return gateway_factory(
+        extra_users=[ERP_USER], listeners=[listener("lan", allow_insecure_auth=False, trusted=trusted)]
+    )
 
 
 def test_each_network_sends_as_its_login(lan: Running) -> None:
@@ -106,8 +107,9 @@ def _settings(*trusted: dict[str, str], **listener_keys: object) -> object:
     return load_settings(
         None,
         listeners=[{"name": "lan", "tls": "none", "trusted": list(trusted), **listener_keys}],
-        accounts={"acme": {"dmdsid": "acme", "apikey": "k", "users": [{"username": USER,
-                                                                        "password_hash": PASSWORD_HASH}]}},
+        accounts={
+            "acme": {"dmdsid": "acme", "apikey": "k", "users": [{"username": USER, "password_hash": PASSWORD_HASH}]}
+        },
     )
 
 
@@ -131,8 +133,11 @@ def test_lan_sized_networks_are_accepted(network: str) -> None:
 
 def test_wide_network_when_forced_starts_with_a_warning(gateway_factory: Callable[..., Running]) -> None:
     with captured_logs() as logs:
-        running = gateway_factory(listeners=[listener(
-            "lan", trusted=[{"network": "0.0.0.0/0", "login": USER}], allow_wide_trusted_network=True)])
+        running = gateway_factory(
+            listeners=[
+                listener("lan", trusted=[{"network": "0.0.0.0/0", "login": USER}], allow_wide_trusted_network=True)
+            ]
+        )
     [warning] = events(logs, "trusted_network_wide_allowed")
     assert warning["log_level"] == "warning" and warning["networks"] == ["0.0.0.0/0"]
     with RawClient(running, "lan", source="127.0.0.9") as client:

@@ -76,8 +76,11 @@ async def test_several_contacts_use_send_many_inline() -> None:
         (httpx.Response(503, text=""), UpstreamUnavailable, "503"),
         (httpx.Response(400, json={"status": "err", "on": "invalid email x"}), UpstreamRejected, "invalid email x"),
         (httpx.Response(422, json={"msg": "missing html"}), UpstreamRejected, "missing html"),
-        (httpx.Response(200, json={"status": "err", "on": "dominio remitente no permitido"}), UpstreamRejected,
-         "dominio remitente no permitido"),
+        (
+            httpx.Response(200, json={"status": "err", "on": "dominio remitente no permitido"}),
+            UpstreamRejected,
+            "dominio remitente no permitido",
+        ),
         (httpx.Response(200, text="<html>proxy error</html>"), UpstreamUnavailable, "not JSON"),
         (httpx.Response(200, json={"status": "ok", "sent": 1}), UpstreamUnavailable, "without an eeid"),
     ],

@@ -33,7 +33,10 @@ def submission(legs: tuple[Leg, ...] = (), archive: bool = False, **kwargs: obje
         attachments=kwargs.pop("attachments", ()),  # type: ignore[arg-type]
     )
     return Submission(
-        principal=PRINCIPAL, mail_from="billing@acme.example", rcpt_tos=(), message=message,
+        principal=PRINCIPAL,
+        mail_from="billing@acme.example",
+        rcpt_tos=(),
+        message=message,
         params={"campaign": 22, "archive": archive, "batch": None},
     )
 
@@ -50,8 +53,14 @@ CASES: dict[str, Case] = {
     "one_recipient": case((Leg(0, (ANN,)),), 0, None, reply_to=Address("support@acme.example")),
     "many": case((Leg(0, (ANN, Address("bob@example.com"), Address("cy@example.com", "Cy"))),), 0, None),
     "cc_bcc": case(
-        (Leg(0, (ANN,), (Address("carl@example.com", "Carl"), Address("dee@example.com")),
-             (Address("hidden@example.com"),)),),
+        (
+            Leg(
+                0,
+                (ANN,),
+                (Address("carl@example.com", "Carl"), Address("dee@example.com")),
+                (Address("hidden@example.com"),),
+            ),
+        ),
         0,
         None,
     ),

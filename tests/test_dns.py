@@ -176,9 +176,7 @@ async def test_concurrent_lookups_share_one_query(dns_server: DnsServer) -> None
 async def test_concurrent_failures_share_one_query(dns_server: DnsServer) -> None:
     resolver = resolver_for(dns_server)
     async with asyncio.timeout(FAST):
-        results = await asyncio.gather(
-            *(resolver.mx("broken.test") for _ in range(10)), return_exceptions=True
-        )
+        results = await asyncio.gather(*(resolver.mx("broken.test") for _ in range(10)), return_exceptions=True)
     assert all(isinstance(r, DnsTemporaryError) for r in results)
     assert dns_server.count("broken.test", "MX") == 1
 

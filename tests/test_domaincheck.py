@@ -121,14 +121,10 @@ async def test_dmarc_p_none_is_a_warning(dns_resolver: DnsResolver) -> None:
     report = await check_domain(dns_resolver, "pnone.test", "b@pnone.test")
     assert report.ok
     assert report.dmarc_policy == "none"
-    assert report.warnings == [
-        "DMARC policy of pnone.test is p=none: monitoring only, spoofed mail is not refused"
-    ]
+    assert report.warnings == ["DMARC policy of pnone.test is p=none: monitoring only, spoofed mail is not refused"]
 
 
-async def test_dmarc_falls_back_to_organizational_domain(
-    dns_resolver: DnsResolver, dns_server: DnsServer
-) -> None:
+async def test_dmarc_falls_back_to_organizational_domain(dns_resolver: DnsResolver, dns_server: DnsServer) -> None:
     report = await check_domain(dns_resolver, "news.dom1.test", "b@nl.dom1.test")
     assert report.dmarc == "v=DMARC1; p=reject"
     assert report.dmarc_policy == "reject"
@@ -145,8 +141,7 @@ async def test_subdomain_policy_sp_applies_when_found_at_organizational_domain(
     assert org.dmarc_policy == "reject"
     assert org.ok
     assert org.warnings == [
-        "DMARC at _dmarc.spdom.test has aspf=s: "
-        "SPF of return-path domain sub.spdom.test is not strictly aligned"
+        "DMARC at _dmarc.spdom.test has aspf=s: SPF of return-path domain sub.spdom.test is not strictly aligned"
     ]
 
 
@@ -200,9 +195,7 @@ async def test_dns_failures_become_problems(dns_resolver: DnsResolver, domain: s
     assert any(f"existence of sender domain {domain}" in p for p in report.problems)
 
 
-async def test_check_domains_keeps_order_and_shares_lookups(
-    dns_resolver: DnsResolver, dns_server: DnsServer
-) -> None:
+async def test_check_domains_keeps_order_and_shares_lookups(dns_resolver: DnsResolver, dns_server: DnsServer) -> None:
     pairs = {
         "slow.test": "b@nl.slow.test",
         "dom1.test": "dmds-dom1@nl.dom1.test",

@@ -42,8 +42,9 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def run(*args: str, cwd: Path, stdin: str | None = None, **env: str) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([*CLI, *args], cwd=cwd, input=stdin, capture_output=True, text=True, timeout=60,
-                            check=False, env=_env(**env))
+    result = subprocess.run(
+        [*CLI, *args], cwd=cwd, input=stdin, capture_output=True, text=True, timeout=60, check=False, env=_env(**env)
+    )
     assert "Traceback" not in result.stderr + result.stdout, result.stderr
     return result
 
@@ -72,7 +73,7 @@ username = "{USER}"
 password_hash = "{PASSWORD_HASH}"
 campaign = 22
 [delivery]
-spool_path = "{tmp / 'spool.sqlite3'}"
+spool_path = "{tmp / "spool.sqlite3"}"
 {extra}
 """)
     return path
@@ -169,16 +170,31 @@ def test_install_command_works_with_the_distribution_python(tmp_path: Path) -> N
     project = _project_copy(tmp_path)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PIP_CONSTRAINT")}
     env["PATH"] = _path_with(tmp_path, python3=str(DEBIAN_PYTHON))
-    result = subprocess.run(["./install.sh"], cwd=project, env=env, capture_output=True, text=True,
-                            timeout=600, check=False)
+    result = subprocess.run(
+        ["./install.sh"], cwd=project, env=env, capture_output=True, text=True, timeout=600, check=False
+    )
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
-    version = subprocess.run([str(project / ".venv/bin/python"), "-c", "import sys; print(sys.version)"],
-                             capture_output=True, text=True, check=True).stdout
-    assert version == subprocess.run([str(DEBIAN_PYTHON), "-c", "import sys; print(sys.version)"],
-                                     capture_output=True, text=True, check=True).stdout
-    gateway = subprocess.run([str(project / ".venv/bin/smtp-gateway"), "hash-password"], input="pw\n",
-                             capture_output=True, text=True, env=env, check=False)
+    version = subprocess.run(
+        [str(project / ".venv/bin/python"), "-c", "import sys; print(sys.version)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert (
+        version
+        == subprocess.run(
+            [str(DEBIAN_PYTHON), "-c", "import sys; print(sys.version)"], capture_output=True, text=True, check=True
+        ).stdout
+    )
+    gateway = subprocess.run(
+        [str(project / ".venv/bin/smtp-gateway"), "hash-password"],
+        input="pw\n",
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
     assert gateway.returncode == 0 and verify_password("pw", gateway.stdout.strip()), gateway.stderr
 
 
@@ -190,10 +206,18 @@ def test_install_without_venv_support_names_the_package(tmp_path: Path) -> None:
         python3=f'case "$*" in *ensurepip*) exit 1;; esac; exec {DEBIAN_PYTHON} "$@"',  # no ensurepip
         id="echo 1000",  # not root
     )
-    result = subprocess.run(["./install.sh"], cwd=project, env={**os.environ, "PATH": path}, capture_output=True,
-                            text=True, timeout=60, check=False)
-    minor = subprocess.run([str(DEBIAN_PYTHON), "-c", "import sys; print(sys.version_info[1])"],
-                           capture_output=True, text=True, check=True).stdout.strip()
+    result = subprocess.run(
+        ["./install.sh"],
+        cwd=project,
+        env={**os.environ, "PATH": path},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    minor = subprocess.run(
+        [str(DEBIAN_PYTHON), "-c", "import sys; print(sys.version_info[1])"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert result.returncode == 1
     assert f"sudo apt-get install python3.{minor}-venv" in result.stderr
     assert not (project / ".venv").exists()
@@ -229,8 +253,13 @@ def test_misspelled_variable_names_the_nearest_key(
 
 def test_foreign_gateway_variables_are_not_settings(tmp_path: Path) -> None:
     """Kubernetes' service links for a Service named "gateway", and CGI's GATEWAY_INTERFACE."""
-    foreign = {"GATEWAY_SERVICE_HOST": "10.0.0.1", "GATEWAY_SERVICE_PORT": "587", "GATEWAY_PORT": "tcp://10.0.0.1:587",
-               "GATEWAY_PORT_587_TCP_ADDR": "10.0.0.1", "GATEWAY_INTERFACE": "CGI/1.1"}
+    foreign = {
+        "GATEWAY_SERVICE_HOST": "10.0.0.1",
+        "GATEWAY_SERVICE_PORT": "587",
+        "GATEWAY_PORT": "tcp://10.0.0.1:587",
+        "GATEWAY_PORT_587_TCP_ADDR": "10.0.0.1",
+        "GATEWAY_INTERFACE": "CGI/1.1",
+    }
     result = run("check-config", "--config-only", "-c", str(config(tmp_path, 0, NO_DNS)), cwd=tmp_path, **foreign)
     assert result.returncode == 0, result.stderr
 
@@ -263,17 +292,27 @@ def test_serve_with_the_port_taken_names_it_and_its_process(tmp_path: Path, list
     port = listening.getsockname()[1]
     result = run("serve", "-c", str(config(tmp_path, port, NO_DNS)), cwd=tmp_path)
     assert result.returncode == 1
-    assert result.stderr.startswith(
-        f"smtp-gateway: listener plain 127.0.0.1:{port}: in use by pid {os.getpid()} ("
-    ), result.stderr
+    assert result.stderr.startswith(f"smtp-gateway: listener plain 127.0.0.1:{port}: in use by pid {os.getpid()} ("), (
+        result.stderr
+    )
     assert result.stderr.rstrip().endswith("stop it or choose another port")
     assert len(result.stderr.splitlines()) == 1
 
 
 def test_quickstart_with_the_port_taken_names_it(tmp_path: Path, listening: socket.socket) -> None:
     port = listening.getsockname()[1]
-    result = run("quickstart", "--workdir", str(tmp_path / "qs"), "--port", str(port), "--tls-port",
-                 str(free_port()), "--sandbox-port", str(free_port()), cwd=tmp_path)
+    result = run(
+        "quickstart",
+        "--workdir",
+        str(tmp_path / "qs"),
+        "--port",
+        str(port),
+        "--tls-port",
+        str(free_port()),
+        "--sandbox-port",
+        str(free_port()),
+        cwd=tmp_path,
+    )
     assert result.returncode == 1
     lines = result.stderr.splitlines()
     assert lines[0].startswith(f"smtp-gateway: quick start SMTP (--port) 127.0.0.1:{port}: in use by pid {os.getpid()}")
@@ -319,8 +358,15 @@ def test_queue_list_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
     read_end, write_end = os.pipe()
     os.close(read_end)  # like `| head` that has already gone: every write gets EPIPE
     try:
-        proc = subprocess.run([*CLI, "queue", "--spool", str(spool), "list", "--json"], cwd=tmp_path,
-                              stdout=write_end, stderr=subprocess.PIPE, env=_env(), timeout=60, check=False)
+        proc = subprocess.run(
+            [*CLI, "queue", "--spool", str(spool), "list", "--json"],
+            cwd=tmp_path,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            env=_env(),
+            timeout=60,
+            check=False,
+        )
     finally:
         os.close(write_end)
     assert proc.returncode == 141  # what a shell reports for coreutils killed by SIGPIPE
@@ -331,8 +377,9 @@ def test_queue_list_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
 
 
 def _tls_config(tmp: Path, cert: Path, key: Path) -> Path:
-    return config(tmp, free_port(), NO_DNS + f'[tls]\ncert_file = "{cert}"\nkey_file = "{key}"\n',
-                  listener='tls = "starttls"')
+    return config(
+        tmp, free_port(), NO_DNS + f'[tls]\ncert_file = "{cert}"\nkey_file = "{key}"\n', listener='tls = "starttls"'
+    )
 
 
 @pytest.mark.parametrize("command", ["check-config", "serve"])
@@ -354,13 +401,13 @@ def test_unloadable_key_is_named(tmp_path: Path, command: str) -> None:
     assert f"tls.key_file {tmp_path} is a directory: set tls.key_file to a PEM file" in result.stderr
     result = run(command, "-c", str(_tls_config(tmp_path, cert, other_key)), cwd=tmp_path)  # not its key
     assert result.returncode == 1
-    assert f"tls.cert_file {cert} and tls.key_file {other_key} do not load as a certificate and its key" \
-        in result.stderr
+    assert (
+        f"tls.cert_file {cert} and tls.key_file {other_key} do not load as a certificate and its key" in result.stderr
+    )
 
 
 def test_tls_listener_without_certificate_says_what_to_set(tmp_path: Path) -> None:
-    result = run("serve", "-c", str(config(tmp_path, free_port(), NO_DNS, listener='tls = "starttls"')),
-                 cwd=tmp_path)
+    result = run("serve", "-c", str(config(tmp_path, free_port(), NO_DNS, listener='tls = "starttls"')), cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr == (
         "smtp-gateway: listener plain uses TLS but tls.cert_file and tls.key_file are not set: set both to PEM "
@@ -394,8 +441,13 @@ def test_without_a_config_file_the_tools_work(tmp_path: Path, dns_thread: DnsSer
     assert (listed.returncode, listed.stdout) == (0, f"queue sqlite:///{spool}: empty\n"), listed.stderr
     hashed = run("hash-password", cwd=tmp_path, stdin="pw\n")
     assert hashed.returncode == 0 and verify_password("pw", hashed.stdout.strip())
-    domains = run("check-domains", "dom1.test=dmds-dom1@nl.dom1.test", cwd=tmp_path,
-                  GATEWAY_DNS__NAMESERVERS='["127.0.0.1"]', GATEWAY_DNS__PORT=str(dns_thread.port))
+    domains = run(
+        "check-domains",
+        "dom1.test=dmds-dom1@nl.dom1.test",
+        cwd=tmp_path,
+        GATEWAY_DNS__NAMESERVERS='["127.0.0.1"]',
+        GATEWAY_DNS__PORT=str(dns_thread.port),
+    )
     assert domains.returncode == 0, domains.stderr
     assert "1 domain(s): 1 ok" in domains.stdout
     nothing = run("check-domains", cwd=tmp_path)
@@ -407,8 +459,10 @@ def test_without_a_config_file_serve_says_what_is_missing(tmp_path: Path) -> Non
     assert result.returncode == 1
     lines = result.stderr.splitlines()
     assert "listener submission uses TLS but tls.cert_file and tls.key_file are not set" in lines[0]
-    assert lines[-1] == ("smtp-gateway: no config file was given (--config FILE or $GATEWAY_CONFIG); "
-                         "to try the gateway without one: smtp-gateway quickstart")
+    assert lines[-1] == (
+        "smtp-gateway: no config file was given (--config FILE or $GATEWAY_CONFIG); "
+        "to try the gateway without one: smtp-gateway quickstart"
+    )
 
 
 # ---- DNS resolver not answering ------------------------------------------------------------------------------
@@ -419,10 +473,18 @@ def test_broken_resolver_is_451_and_logged_once(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         dns_port = s.getsockname()[1]
     port = free_port()
-    extra = (f'[dns]\nnameservers = ["127.0.0.1"]\nport = {dns_port}\ntimeout = 0.3\ncheck_sender_domain = true\n'
-             '[log]\nformat = "json"\n')
-    proc = subprocess.Popen([*CLI, "serve", "-c", str(config(tmp_path, port, extra)), "--drain-timeout", "1"],
-                            cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    extra = (
+        f'[dns]\nnameservers = ["127.0.0.1"]\nport = {dns_port}\ntimeout = 0.3\ncheck_sender_domain = true\n'
+        '[log]\nformat = "json"\n'
+    )
+    proc = subprocess.Popen(
+        [*CLI, "serve", "-c", str(config(tmp_path, port, extra)), "--drain-timeout", "1"],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     out = Lines(proc.stderr)
     try:
         out.wait_for('"event": "ready"')
@@ -466,14 +528,19 @@ def test_quickstart_answers_the_readme_swaks_examples(tmp_path: Path) -> None:
     smtp, tls, sandbox = free_port(), free_port(), free_port()
     proc = subprocess.Popen(
         [*CLI, "quickstart", "--port", str(smtp), "--tls-port", str(tls), "--sandbox-port", str(sandbox)],
-        cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     err, out = Lines(proc.stderr), Lines(proc.stdout)
     try:
         err.wait_for(r"\bready\b")
         for command in commands:
-            argv = shlex.split(command.replace("127.0.0.1:2525", f"127.0.0.1:{smtp}")
-                               .replace("127.0.0.1:2587", f"127.0.0.1:{tls}"))
+            argv = shlex.split(
+                command.replace("127.0.0.1:2525", f"127.0.0.1:{smtp}").replace("127.0.0.1:2587", f"127.0.0.1:{tls}")
+            )
             sent = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
             assert sent.returncode == 0, sent.stdout + sent.stderr
             assert re.search(r"<[-~]  250 2\.0\.0 Ok: queued as [0-9a-f-]{36}\n", sent.stdout), sent.stdout
@@ -499,8 +566,14 @@ def test_quickstart_answers_the_readme_swaks_examples(tmp_path: Path) -> None:
 
 
 def test_ctrl_c_on_the_sandbox_exits_quietly(tmp_path: Path) -> None:
-    proc = subprocess.Popen([*CLI, "sandbox", "--listen", f"127.0.0.1:{free_port()}", "--quiet"], cwd=tmp_path,
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*CLI, "sandbox", "--listen", f"127.0.0.1:{free_port()}", "--quiet"],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     err = Lines(proc.stderr)
     try:
         err.wait_for("compatible upstream on http")

@@ -60,12 +60,20 @@ def fuzz_gateway(loop_thread: LoopThread, tmp_path_factory: pytest.TempPathFacto
     # Generous budgets: every 250 is an upstream call made before the reply, never a message spooled after
     # a slow answer on a busy machine, which the retry worker would deliver during a later example.
     account = {
-        "dmdsid": "acme", "apikey": APIKEY, "api_base": upstream.sandbox_url, "http_timeout": 60.0,
+        "dmdsid": "acme",
+        "apikey": APIKEY,
+        "api_base": upstream.sandbox_url,
+        "http_timeout": 60.0,
         "sender_domains": {"acme.example": "dmds-acme@nl.acme.example"},
         "users": [{"username": USER, "password_hash": PASSWORD_HASH, "campaign": 22}],
     }
-    running = start(loop_thread, Path(tmp_path_factory.mktemp("fuzz")), accounts={"acme": account},
-                    delivery={"inline_budget": 60.0}, limits={"max_message_size": 1024 * 1024})
+    running = start(
+        loop_thread,
+        Path(tmp_path_factory.mktemp("fuzz")),
+        accounts={"acme": account},
+        delivery={"inline_budget": 60.0},
+        limits={"max_message_size": 1024 * 1024},
+    )
     yield FuzzTarget(running, upstream)
     stop(running)
     stop(upstream)
@@ -148,21 +156,48 @@ def test_command_layer_leaves_the_server_serving(fuzz_gateway: FuzzTarget) -> No
 # -- DATA ------------------------------------------------------------------------------------------------------
 
 HEADER_LINES = [
-    f"From: {SENDER}", f"From: =?utf-8?q?Evil=00=0D=0AName?= <{SENDER}>", "To: client@example.com",
-    "Subject: =?utf-8?b?w6kgAA==?=", "Subject: caf\xe9 \x80 \x85", "Subject: " + "x" * 3000, "Subject:",
-    "Content-Type: text/plain; charset=us-ascii", "Content-Type: text/html; charset=iso-8859-1",
-    "Content-Type: multipart/mixed; boundary=zz", "Content-Type: multipart/alternative; boundary=\"zz\"",
-    "Content-Type: multipart/mixed", "Content-Transfer-Encoding: base64", "Content-Transfer-Encoding: quoted-printable",
-    "Content-Disposition: attachment; filename*=utf-8''..%2F..%2Fevil%0D%0A.txt", "MIME-Version: 1.0",
-    "X-Gateway-Campaign: 23", "X-Gateway-Archive: yes", "Reply-To: <>", "Cc: undisclosed-recipients:;",
-    "Message-ID: <\x00@x>", "Sender: nobody@elsewhere.example", "\tcontinuation without a header", "no colon here",
+    f"From: {SENDER}",
+    f"From: =?utf-8?q?Evil=00=0D=0AName?= <{SENDER}>",
+    "To: client@example.com",
+    "Subject: =?utf-8?b?w6kgAA==?=",
+    "Subject: caf\xe9 \x80 \x85",
+    "Subject: " + "x" * 3000,
+    "Subject:",
+    "Content-Type: text/plain; charset=us-ascii",
+    "Content-Type: text/html; charset=iso-8859-1",
+    "Content-Type: multipart/mixed; boundary=zz",
+    'Content-Type: multipart/alternative; boundary="zz"',
+    "Content-Type: multipart/mixed",
+    "Content-Transfer-Encoding: base64",
+    "Content-Transfer-Encoding: quoted-printable",
+    "Content-Disposition: attachment; filename*=utf-8''..%2F..%2Fevil%0D%0A.txt",
+    "MIME-Version: 1.0",
+    "X-Gateway-Campaign: 23",
+    "X-Gateway-Archive: yes",
+    "Reply-To: <>",
+    "Cc: undisclosed-recipients:;",
+    "Message-ID: <\x00@x>",
+    "Sender: nobody@elsewhere.example",
+    "\tcontinuation without a header",
+    "no colon here",
 ]
 PART_BITS = [
-    "--zz", "--zz--", "--zz\r\nContent-Type: text/html\r\n\r\n<p>html \x00 part</p>",
+    "--zz",
+    "--zz--",
+    "--zz\r\nContent-Type: text/html\r\n\r\n<p>html \x00 part</p>",
     "--zz\r\nContent-Type: image/png\r\nContent-Transfer-Encoding: base64\r\n\r\niVBORw0KGgo*==junk",
     "--zz\r\nContent-Type: message/rfc822\r\n\r\nSubject: inner\r\n\r\ninner body",
     "--zz\r\nContent-Type: text/plain; name=/tmp/x.txt\r\n\r\nnamed text",
-    ".", "..", ". leading dot", "=E2=82=AC", "4oKs", "\x00\x01\x02", "\xff\xfe", "\r", "\n.\n", "\r.\r",
+    ".",
+    "..",
+    ". leading dot",
+    "=E2=82=AC",
+    "4oKs",
+    "\x00\x01\x02",
+    "\xff\xfe",
+    "\r",
+    "\n.\n",
+    "\r.\r",
 ]
 
 
@@ -180,10 +215,15 @@ def message_bytes(draw: st.DrawFn) -> bytes:
 @given(raw=message_bytes() | MIME_TREE.map(lambda tree: f"From: {SENDER}\r\nTo: {RECIPIENT}\r\n".encode() + tree))
 def test_data(fuzz_gateway: FuzzTarget, raw: bytes) -> None:
     before = len(fuzz_gateway.requests)
-    lines = converse(fuzz_gateway, [
-        b"EHLO client.test\r\n", LOGIN + b"\r\n",
-        f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{RECIPIENT}>\r\nDATA\r\n".encode(), message_block(raw),
-    ])
+    lines = converse(
+        fuzz_gateway,
+        [
+            b"EHLO client.test\r\n",
+            LOGIN + b"\r\n",
+            f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{RECIPIENT}>\r\nDATA\r\n".encode(),
+            message_block(raw),
+        ],
+    )
     problems = check_reply_lines(lines)
     assert not problems, (problems, lines)
     final = lines[next(i for i, line in enumerate(lines) if line.startswith(b"354 ")) + 1]
@@ -231,9 +271,15 @@ def test_unknown_command_with_control_characters_gets_a_printable_reply(fuzz_gat
 def test_truncated_path_is_a_syntax_error_not_an_internal_error(fuzz_gateway: FuzzTarget, command: bytes) -> None:
     """The stdlib's address parser raised IndexError on a lone "<" and AttributeError on an unclosed domain
     literal: 451 4.3.0 Internal error before (anyone could trigger it, before AUTH)."""
-    lines = converse(fuzz_gateway, [b"EHLO client.test\r\n", LOGIN + b"\r\n",
-                                    f"MAIL FROM:<{SENDER}>\r\n".encode() if command.startswith(b"RCPT") else b"",
-                                    command + b"\r\n"])
+    lines = converse(
+        fuzz_gateway,
+        [
+            b"EHLO client.test\r\n",
+            LOGIN + b"\r\n",
+            f"MAIL FROM:<{SENDER}>\r\n".encode() if command.startswith(b"RCPT") else b"",
+            command + b"\r\n",
+        ],
+    )
     assert not check_reply_lines(lines), lines
     assert b"553 5.1.3 malformed address\r\n" in lines, lines
 
@@ -246,6 +292,7 @@ _PATHS = st.lists(st.lists(_PATH_PIECES, max_size=20).map("".join), min_size=1, 
 def test_mail_and_rcpt_paths(fuzz_gateway: FuzzTarget, paths: list[str]) -> None:
     """The address parsers behind MAIL and RCPT: whatever the path, a reply, never an internal error."""
     commands = [f"{'MAIL FROM:' if i % 2 == 0 else 'RCPT TO:'}{path}\r\n" for i, path in enumerate(paths)]
-    lines = converse(fuzz_gateway, [b"EHLO client.test\r\n", LOGIN + b"\r\n",
-                                    "".join(commands).encode("utf-8", "surrogatepass")])
+    lines = converse(
+        fuzz_gateway, [b"EHLO client.test\r\n", LOGIN + b"\r\n", "".join(commands).encode("utf-8", "surrogatepass")]
+    )
     assert not check_reply_lines(lines), lines

@@ -73,8 +73,11 @@ def serve(tmp_path: Path, sandbox_port: int) -> Iterator[Callable[..., Served]]:
         path.write_text(toml(config))
         log = tmp_path / f"serve{len(started)}.log"
         with log.open("wb") as out:
-            proc = subprocess.Popen([*CLI, "serve", "--config", str(path), "--drain-timeout", "2", *args],
-                                    stdout=out, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                [*CLI, "serve", "--config", str(path), "--drain-timeout", "2", *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         served = Served(proc, log, path, smtp, http)
         started.append(served)
         wait_for(lambda: (listening(smtp) and listening(http)) or proc.poll() is not None, 30, "serve listening")
@@ -94,8 +97,9 @@ def serve(tmp_path: Path, sandbox_port: int) -> Iterator[Callable[..., Served]]:
 
 def config_for(tmp: Path, sandbox_port: int, smtp: int, http: int, **overrides: Any) -> dict[str, Any]:
     config = base_config(tmp, sandbox_port, **overrides)
-    config["listeners"] = [{"name": "plain", "address": "127.0.0.1", "port": smtp, "tls": "none",
-                            "allow_insecure_auth": True}]
+    config["listeners"] = [
+        {"name": "plain", "address": "127.0.0.1", "port": smtp, "tls": "none", "allow_insecure_auth": True}
+    ]
     config["http"] = {"address": "127.0.0.1", "port": http}
     return config
 
@@ -115,16 +119,20 @@ def test_connect_and_close_flood_holds_no_slot(serve: Callable[..., Served]) -> 
     before = served.metrics()
 
     def handled(text: str) -> float:
-        return (scraped(text, "smtp_gateway_sessions_total", listener="plain")
-                + scraped(text, "smtp_gateway_connections_refused_total", listener="plain"))
+        return scraped(text, "smtp_gateway_sessions_total", listener="plain") + scraped(
+            text, "smtp_gateway_connections_refused_total", listener="plain"
+        )
 
     for _ in range(200):
         socket.create_connection(("127.0.0.1", served.smtp), timeout=10).close()
     # Every connection taken (as a session, or refused while 50 were open), then every slot free again:
     # nothing waits for the 300 s command timeout any more.
     wait_for(lambda: handled(served.metrics()) - handled(before) >= 200, 30, "the flood handled")
-    wait_for(lambda: scraped(served.metrics(), "smtp_gateway_sessions_active", listener="plain") == 0, 30,
-             "every session released")
+    wait_for(
+        lambda: scraped(served.metrics(), "smtp_gateway_sessions_active", listener="plain") == 0,
+        30,
+        "every session released",
+    )
     assert close_wait(served.smtp) == 0
     with RawClient(served) as client:  # type: ignore[arg-type]
         assert client.greeting[-1].startswith("220 ")
@@ -143,8 +151,7 @@ def test_sighup_good_bad_and_restart_only(serve: Callable[..., Served], tmp_path
         assert before.cmd("RCPT TO:<a@example.com>").startswith("250 ")
 
         good = copy.deepcopy(config)
-        good["accounts"]["acme"]["users"].append({"username": NEWBIE, "password_hash": PASSWORD_HASH,
-                                                  "campaign": 22})
+        good["accounts"]["acme"]["users"].append({"username": NEWBIE, "password_hash": PASSWORD_HASH, "campaign": 22})
         good["limits"] = {"max_recipients": 1}
         served.write(good)
         served.proc.send_signal(signal.SIGHUP)

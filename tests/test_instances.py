@@ -29,8 +29,15 @@ from tests.procs import (
 )
 from tests.spool_helpers import wait_for, write_serve_config
 
-FAST = {"inline_budget": 0.5, "retry_schedule": [0.2, 0.5], "retry_jitter": 0.2, "poll_interval": 0.5,
-        "concurrency": 8, "lease_seconds": 2.0, "probe_interval": 0.5}
+FAST = {
+    "inline_budget": 0.5,
+    "retry_schedule": [0.2, 0.5],
+    "retry_jitter": 0.2,
+    "poll_interval": 0.5,
+    "concurrency": 8,
+    "lease_seconds": 2.0,
+    "probe_interval": 0.5,
+}
 
 
 def test_three_instances_on_one_postgresql_queue_survive_a_sigkill(tmp_path: Path, pg_cluster: PgCluster) -> None:
@@ -44,20 +51,27 @@ def test_three_instances_on_one_postgresql_queue_survive_a_sigkill(tmp_path: Pat
     try:
         httpx.post(f"{sandbox_url}/_sandbox/faults", json={"status": 500, "probability": 0.33}).raise_for_status()
         httpx.post(f"{sandbox_url}/_sandbox/faults", json={"delay": 1.0, "probability": 0.1}).raise_for_status()
-        configs = [write_serve_config(tmp_path, port, sandbox_port, {**FAST, "queue_url": url}, f"gw{i}.toml")
-                   for i, port in enumerate(ports)]
+        configs = [
+            write_serve_config(tmp_path, port, sandbox_port, {**FAST, "queue_url": url}, f"gw{i}.toml")
+            for i, port in enumerate(ports)
+        ]
         gateways = [serve(config, log, port) for config, log, port in zip(configs, logs, ports, strict=True)]
 
         replies: dict[int, str] = {}
         stop = threading.Event()
-        threads = [threading.Thread(target=load, args=(ports[k % 3], range(k * 100, k * 100 + 100), replies, stop))
-                   for k in range(6)]
+        threads = [
+            threading.Thread(target=load, args=(ports[k % 3], range(k * 100, k * 100 + 100), replies, stop))
+            for k in range(6)
+        ]
         for t in threads:
             t.start()
         wait_for(lambda: len(replies) >= 150, 90, "150 accepted messages")
         kill(gateways[0])  # mid-load: its sessions drop, its leases are left to expire
-        wait_for(lambda: len(replies) >= 300 or not any(t.is_alive() for t in threads[1::3] + threads[2::3]),
-                 120, "the other instances keep taking mail")
+        wait_for(
+            lambda: len(replies) >= 300 or not any(t.is_alive() for t in threads[1::3] + threads[2::3]),
+            120,
+            "the other instances keep taking mail",
+        )
         stop.set()
         for t in threads:
             t.join(60)
@@ -88,12 +102,17 @@ def test_workers_share_one_sqlite_queue_and_a_killed_worker_is_replaced(tmp_path
         httpx.post(f"{sandbox_url}/_sandbox/faults", json={"status": 500, "probability": 0.3}).raise_for_status()
         config = write_serve_config(tmp_path, port, sandbox_port, FAST)
         supervisor = serve(config, log, port, "--workers", "2")
-        wait_for(lambda: len(events(log, "worker_started")) == 2 and len(events(log, "listener_started")) == 2,
-                 20, "two workers listening")
+        wait_for(
+            lambda: len(events(log, "worker_started")) == 2 and len(events(log, "listener_started")) == 2,
+            20,
+            "two workers listening",
+        )
         replies: dict[int, str] = {}
         stop = threading.Event()
-        threads = [threading.Thread(target=load, args=(port, range(k * 100, k * 100 + 100), replies, stop, 5, True))
-                   for k in range(4)]
+        threads = [
+            threading.Thread(target=load, args=(port, range(k * 100, k * 100 + 100), replies, stop, 5, True))
+            for k in range(4)
+        ]
         for t in threads:
             t.start()
         wait_for(lambda: len(replies) >= 60, 60, "60 accepted messages")
@@ -129,8 +148,9 @@ def test_a_sibling_takes_over_a_dead_processs_leases_without_waiting_for_them(tm
     procs = []
     try:
         delivery = {**FAST, "lease_seconds": 3600.0, "retry_schedule": [3600]}
-        configs = [write_serve_config(tmp_path, port, sandbox_port, delivery, f"gw{i}.toml")
-                   for i, port in enumerate(ports)]
+        configs = [
+            write_serve_config(tmp_path, port, sandbox_port, delivery, f"gw{i}.toml") for i, port in enumerate(ports)
+        ]
         for config in configs:  # A's calls must still hang when A dies, however slow this machine is
             config.write_text(config.read_text().replace("http_timeout = 5.0", "http_timeout = 300.0"))
         logs = [tmp_path / f"gw{i}.log" for i in range(2)]
@@ -141,8 +161,11 @@ def test_a_sibling_takes_over_a_dead_processs_leases_without_waiting_for_them(tm
         assert len(replies) == 5 and all(len(i) == 16 for i in replies.values())
         kill(procs[0])
         httpx.delete(f"{sandbox_url}/_sandbox/faults").raise_for_status()
-        wait_for(lambda: all(recorded(record)[(f"load {n}", rcpt.format(n=n))] for n in range(5) for rcpt in RCPTS),
-                 30, "the survivor delivering the dead process's messages to every recipient")
+        wait_for(
+            lambda: all(recorded(record)[(f"load {n}", rcpt.format(n=n))] for n in range(5) for rcpt in RCPTS),
+            30,
+            "the survivor delivering the dead process's messages to every recipient",
+        )
         assert events(logs[1], "queue_dead_owners_expired")
         check_delivery(replies, recorded(record), ambiguous(*logs))
     finally:

@@ -25,10 +25,12 @@ def scan(size: int, subject: str = "scan") -> tuple[bytes, bytes]:
     """A scan-to-email message with a `size`-byte PDF-like attachment (base64, 76-character lines)."""
     pdf = b"%PDF-1.4\n" + os.urandom(size - 9)
     encoded = base64.encodebytes(pdf).replace(b"\n", b"\r\n")
-    head = (f"From: billing@acme.example\r\nTo: client@example.com\r\nSubject: {subject}\r\nMIME-Version: 1.0\r\n"
-            'Content-Type: multipart/mixed; boundary="b1"\r\n\r\n--b1\r\nContent-Type: text/plain\r\n\r\n'
-            "Scanned.\r\n--b1\r\nContent-Type: application/pdf; name=scan.pdf\r\nContent-Transfer-Encoding: base64\r\n"
-            "Content-Disposition: attachment; filename=scan.pdf\r\n\r\n").encode()
+    head = (
+        f"From: billing@acme.example\r\nTo: client@example.com\r\nSubject: {subject}\r\nMIME-Version: 1.0\r\n"
+        'Content-Type: multipart/mixed; boundary="b1"\r\n\r\n--b1\r\nContent-Type: text/plain\r\n\r\n'
+        "Scanned.\r\n--b1\r\nContent-Type: application/pdf; name=scan.pdf\r\nContent-Transfer-Encoding: base64\r\n"
+        "Content-Disposition: attachment; filename=scan.pdf\r\n\r\n"
+    ).encode()
     return head + encoded + b"--b1--\r\n", pdf
 
 
@@ -61,8 +63,10 @@ def test_a_40_mb_scan_reaches_the_upstream_byte_identical(gateway_factory: Calla
 def test_a_large_scan_queued_during_an_outage_is_retried_byte_identical(
     gateway_factory: Callable[..., Running],
 ) -> None:
-    gw = gateway_factory(limits={"max_message_size": 20 * MIB},
-                         delivery={"retry_schedule": [0.3], "retry_jitter": 0.0, "poll_interval": 0.2})
+    gw = gateway_factory(
+        limits={"max_message_size": 20 * MIB},
+        delivery={"retry_schedule": [0.3], "retry_jitter": 0.0, "poll_interval": 0.2},
+    )
     gw.fault(status=503, count=2, kind="send")  # the inline call and the first retry fail
     raw, pdf = scan(6 * MIB)
     code, text = submit(gw.port(), raw)

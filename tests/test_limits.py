@@ -79,10 +79,13 @@ def test_connect_and_close_flood_releases_every_slot(gateway_factory: Factory) -
 
 def _handled() -> float:
     """Connections the plain listeners took as sessions or refused for max_sessions (process-wide)."""
-    return sum(REGISTRY.get_sample_value(name, {"listener": "plain", **labels}) or 0.0 for name, labels in (
-        ("smtp_gateway_sessions_total", {}),
-        ("smtp_gateway_connections_refused_total", {"reason": "max_sessions"}),
-    ))
+    return sum(
+        REGISTRY.get_sample_value(name, {"listener": "plain", **labels}) or 0.0
+        for name, labels in (
+            ("smtp_gateway_sessions_total", {}),
+            ("smtp_gateway_connections_refused_total", {"reason": "max_sessions"}),
+        )
+    )
 
 
 def test_idle_client_is_told_and_cut_off(gateway_factory: Factory) -> None:
@@ -121,8 +124,9 @@ def test_data_slowloris_is_cut_off_and_locks_nobody_out(gateway_factory: Factory
     stop = threading.Event()
     outcomes: list[list[str]] = [[] for _ in range(3)]
     with captured_logs() as logs:
-        threads = [threading.Thread(target=_slowloris, args=(gw, f"127.0.0.{n + 1}", stop, outcomes[n]))
-                   for n in range(3)]
+        threads = [
+            threading.Thread(target=_slowloris, args=(gw, f"127.0.0.{n + 1}", stop, outcomes[n])) for n in range(3)
+        ]
         for thread in threads:
             thread.start()
         try:
@@ -133,7 +137,8 @@ def test_data_slowloris_is_cut_off_and_locks_nobody_out(gateway_factory: Factory
         finally:
             stop.set()
         assert [o[:1] for o in outcomes] == [
-            ["421 4.4.2 gw.test Error: DATA not completed within 3 s, closing connection"]] * 3
+            ["421 4.4.2 gw.test Error: DATA not completed within 3 s, closing connection"]
+        ] * 3
         wait_for(lambda: not listeners(gw).sessions, 10, "slots released")
         with RawClient(gw, source="127.0.0.9") as client:
             client.cmd("EHLO fine.test")
@@ -175,8 +180,10 @@ def test_commands_before_data_are_limited(gateway_factory: Factory) -> None:
 
 
 def test_messages_per_minute_per_login(gateway_factory: Factory) -> None:
-    gw = gateway_factory(limits={"messages_per_minute": 2},
-                         extra_users=[{"username": OTHER, "password_hash": PASSWORD_HASH, "campaign": 22}])
+    gw = gateway_factory(
+        limits={"messages_per_minute": 2},
+        extra_users=[{"username": OTHER, "password_hash": PASSWORD_HASH, "campaign": 22}],
+    )
     with captured_logs() as logs, RawClient(gw) as client:
         client.cmd("EHLO busy.test")
         assert client.login().startswith("235 ")
@@ -207,10 +214,13 @@ def test_too_many_recipients_is_logged(gateway_factory: Factory) -> None:
 
 @pytest.fixture
 def every_refusal(gateway_factory: Factory) -> Iterator[tuple[Running, list[dict[str, Any]]]]:
-    gw = gateway_factory(listeners=[
-        {"name": "plain", "address": "127.0.0.1", "port": 0, "tls": "none", "allow_insecure_auth": True},
-        {"name": "starttls", "address": "127.0.0.1", "port": 0, "tls": "starttls"},
-    ], limits={"max_message_size": 2048})
+    gw = gateway_factory(
+        listeners=[
+            {"name": "plain", "address": "127.0.0.1", "port": 0, "tls": "none", "allow_insecure_auth": True},
+            {"name": "starttls", "address": "127.0.0.1", "port": 0, "tls": "starttls"},
+        ],
+        limits={"max_message_size": 2048},
+    )
     with captured_logs() as logs:
         yield gw, logs
 
@@ -235,8 +245,15 @@ def test_every_refusal_is_logged_once(every_refusal: tuple[Running, list[dict[st
         assert client.cmd("DATA").startswith("354 ")
         client.write(b"Subject: big\r\n\r\n" + b"x" * 4096 + b"\r\n.\r\n")
         seen.append(client.reply()[-1])  # 552
-    assert [codes(s) for s in seen] == ["538 5.7.11", "530 5.7.0", "503 5.5.1", "504 5.5.4", "500 5.5.2",
-                                        "503 5.5.1", "552 5.3.4"]
+    assert [codes(s) for s in seen] == [
+        "538 5.7.11",
+        "530 5.7.0",
+        "503 5.5.1",
+        "504 5.5.4",
+        "500 5.5.2",
+        "503 5.5.1",
+        "552 5.3.4",
+    ]
     logged = [e.get("reply") for e in logs if e.get("reply", "")[:1] in ("4", "5")]
     assert logged == seen
     [big] = events(logs, "message_rejected")
@@ -260,6 +277,7 @@ def test_one_summary_line_per_data(gateway_factory: Factory) -> None:
     assert accepted["size"] == len(message(subject="summarised")) and accepted["duration"] >= 0
     assert rejected["reply"] == refused and "evil.example" in rejected["reason"]
     # Every line of the session carries its id (bound in the session's task), and the same one.
-    session_lines = [e for e in logs if e["event"] in ("auth_ok", "message_sent", "message_accepted",
-                                                       "message_rejected")]
+    session_lines = [
+        e for e in logs if e["event"] in ("auth_ok", "message_sent", "message_accepted", "message_rejected")
+    ]
     assert len({e["session"] for e in session_lines}) == 1 and all(e["listener"] == "plain" for e in session_lines)

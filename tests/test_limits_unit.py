@@ -18,13 +18,16 @@ class Clock:
         return self.now
 
 
-@pytest.mark.parametrize(("ip", "key"), [
-    ("192.0.2.7", "192.0.2.7"),
-    ("::ffff:192.0.2.7", "192.0.2.7"),  # a dual-stack listener's view of an IPv4 client
-    ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"),
-    ("2001:db8:1:2:ffff::1", "2001:db8:1:2::/64"),
-    ("not-an-ip", "not-an-ip"),
-])
+@pytest.mark.parametrize(
+    ("ip", "key"),
+    [
+        ("192.0.2.7", "192.0.2.7"),
+        ("::ffff:192.0.2.7", "192.0.2.7"),  # a dual-stack listener's view of an IPv4 client
+        ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:ffff::1", "2001:db8:1:2::/64"),
+        ("not-an-ip", "not-an-ip"),
+    ],
+)
 def test_client_key(ip: str, key: str) -> None:
     assert client_key(ip) == key
 
@@ -45,8 +48,14 @@ def guard(clock: Clock, **limits: float) -> AuthGuard:
 
 def test_failures_slow_then_lock_out_then_expire() -> None:
     clock = Clock()
-    g = guard(clock, auth_failures_per_ip=3, auth_delay_max=8, auth_lockout_failures=9, auth_failure_window=300,
-              auth_lockout_time=900)
+    g = guard(
+        clock,
+        auth_failures_per_ip=3,
+        auth_delay_max=8,
+        auth_lockout_failures=9,
+        auth_failure_window=300,
+        auth_lockout_time=900,
+    )
     delays = []
     for _ in range(8):
         delays.append(g.before("ip").delay)

@@ -51,14 +51,18 @@ class Run:
 
     def __init__(self, tmp: Path, config: dict[str, Any], name: str) -> None:
         self.smtp = free_port()
-        config["listeners"] = [{"name": "plain", "address": "127.0.0.1", "port": self.smtp, "tls": "none",
-                                "allow_insecure_auth": True}]
+        config["listeners"] = [
+            {"name": "plain", "address": "127.0.0.1", "port": self.smtp, "tls": "none", "allow_insecure_auth": True}
+        ]
         self.config = tmp / f"{name}.toml"
         self.config.write_text(toml(config))
         self.log = tmp / f"{name}.log"
         with self.log.open("wb") as out:
-            self.proc = subprocess.Popen([*CLI, "serve", "--config", str(self.config), "--drain-timeout", "2"],
-                                         stdout=out, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                [*CLI, "serve", "--config", str(self.config), "--drain-timeout", "2"],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         wait_for(lambda: listening(self.smtp) or self.proc.poll() is not None, 30, f"{name} listening")
         assert self.proc.poll() is None, self.log.read_text()
 
@@ -101,19 +105,30 @@ def test_no_secret_in_any_log_line(tmp_path: Path, sandbox: Any, pg_cluster: PgC
     url = f"http://127.0.0.1:{box.port}"
     config = base_config(tmp_path, box.port, dengage=None)
     config["accounts"]["crm"] = dengage_account(box.port, api_user_logins=True)
-    config["delivery"] = {"queue_url": pg_cluster.new_database(), "queue_password": QUEUE_PASSWORD,
-                          "inline_budget": 5.0}
+    config["delivery"] = {
+        "queue_url": pg_cluster.new_database(),
+        "queue_password": QUEUE_PASSWORD,
+        "inline_budget": 5.0,
+    }
     config["limits"] = {"auth_failures_per_ip": 3, "auth_delay_max": 0.1, "auth_lockout_failures": 5}
     config["http"] = {"address": "127.0.0.1", "port": free_port()}
     run = Run(tmp_path, config, "main")
     datas = 0
     try:
         # Wrong passwords for every kind of login, and secrets typed into the username field.
-        for n, (user, password) in enumerate([
-            (USER, "wrong-1"), ("acme-22", "wrong-2"), ("acme", "wrong-3"), ("erp", "wrong-4"),
-            (DENGAGE_USERKEY, "wrong-5"), (PASSWORD, PASSWORD), (APIKEY, "x"), (CAMPAIGNS[22], "y"),
-            (DENGAGE_API_PASSWORD, DENGAGE_API_PASSWORD),
-        ]):
+        for n, (user, password) in enumerate(
+            [
+                (USER, "wrong-1"),
+                ("acme-22", "wrong-2"),
+                ("acme", "wrong-3"),
+                ("erp", "wrong-4"),
+                (DENGAGE_USERKEY, "wrong-5"),
+                (PASSWORD, PASSWORD),
+                (APIKEY, "x"),
+                (CAMPAIGNS[22], "y"),
+                (DENGAGE_API_PASSWORD, DENGAGE_API_PASSWORD),
+            ]
+        ):
             with run.client(f"127.0.1.{n + 1}") as client:  # one address each: none is locked out
                 assert client.login(user, password).startswith("535 "), user
         with run.client("127.0.2.1") as client:  # AUTH LOGIN, the password in the username prompt
@@ -164,22 +179,41 @@ def test_no_secret_in_any_log_line(tmp_path: Path, sandbox: Any, pg_cluster: PgC
 
     # The PostgreSQL queue unreachable: its error is logged, never its password.
     broken = base_config(tmp_path / "broken", box.port)
-    broken["delivery"] = {"queue_url": f"postgresql://gateway@/nowhere?host={tmp_path}/no-such-dir",
-                          "queue_password": QUEUE_PASSWORD}
+    broken["delivery"] = {
+        "queue_url": f"postgresql://gateway@/nowhere?host={tmp_path}/no-such-dir",
+        "queue_password": QUEUE_PASSWORD,
+    }
     second = Run(tmp_path, broken, "broken")
     wait_for(lambda: "queue_unavailable" in second.log.read_text(), 30, "queue_unavailable")
     lines += second.stop()
 
     text = "\n".join(json.dumps(line) for line in lines)
-    secrets = [PASSWORD, APIKEY, *CAMPAIGNS.values(), DENGAGE_USERKEY, DENGAGE_API_PASSWORD, QUEUE_PASSWORD,
-               PASSWORD_HASH, PASSWORD_HASH.split("$")[-1], *tokens]
+    secrets = [
+        PASSWORD,
+        APIKEY,
+        *CAMPAIGNS.values(),
+        DENGAGE_USERKEY,
+        DENGAGE_API_PASSWORD,
+        QUEUE_PASSWORD,
+        PASSWORD_HASH,
+        PASSWORD_HASH.split("$")[-1],
+        *tokens,
+    ]
     secrets += [b64(s) for s in secrets] + [b64(f"\0{USER}\0{PASSWORD}"), b64(f"\0acme-22\0{CAMPAIGNS[22]}")]
     assert [s for s in secrets if s in text] == []
     assert "guess-" not in text and "wrong-" not in text  # passwords that were tried are no one's business
 
     events = {line["event"] for line in lines}
-    assert {"auth_failed", "auth_ok", "auth_lockout", "dengage_login", "dengage_token_rejected",
-            "upstream_refused_credentials", "config_reloaded", "queue_unavailable"} <= events
+    assert {
+        "auth_failed",
+        "auth_ok",
+        "auth_lockout",
+        "dengage_login",
+        "dengage_token_rejected",
+        "upstream_refused_credentials",
+        "config_reloaded",
+        "queue_unavailable",
+    } <= events
     main = [line for line in lines if line.get("worker") is None]
     summaries = [line for line in main if line["event"] in SUMMARIES]
     assert len(summaries) == datas  # one per DATA

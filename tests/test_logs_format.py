@@ -30,8 +30,7 @@ def test_library_records_render_in_the_same_format() -> None:
     import json
     import logging
 
-    record = logging.LogRecord("psycopg.pool", logging.WARNING, __file__, 1, "error connecting: %s", ("refused",),
-                               None)
+    record = logging.LogRecord("psycopg.pool", logging.WARNING, __file__, 1, "error connecting: %s", ("refused",), None)
     saved = logs._STATE.json
     try:
         logs._STATE.json = True
@@ -39,7 +38,11 @@ def test_library_records_render_in_the_same_format() -> None:
     finally:
         logs._STATE.json = saved
     assert (line["event"], line["logger"], line["message"], line["level"]) == (
-        "library_log", "psycopg.pool", "error connecting: refused", "warning")
+        "library_log",
+        "psycopg.pool",
+        "error connecting: refused",
+        "warning",
+    )
     assert line["timestamp"].endswith("Z")
 
 
@@ -73,8 +76,13 @@ def test_every_log_line_is_one_write(fmt: str) -> None:
     import json
     import subprocess
 
-    out = subprocess.run([sys.executable, "-c", ONE_WRITE_PER_LINE, fmt], capture_output=True, check=True,
-                         env={"PYTHONUNBUFFERED": "1", "PATH": "/usr/bin:/bin"}, timeout=60).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", ONE_WRITE_PER_LINE, fmt],
+        capture_output=True,
+        check=True,
+        env={"PYTHONUNBUFFERED": "1", "PATH": "/usr/bin:/bin"},
+        timeout=60,
+    ).stdout
     calls = json.loads(out)
     assert len(calls) == 2, calls
     for call in calls:

@@ -40,8 +40,9 @@ print(json.dumps({"result": result, "mmapped": libc.mallinfo2().hblks - before})
 
 def probe(threshold: int, **env: str) -> dict[str, object]:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")} | env
-    out = subprocess.run([sys.executable, "-c", PROBE, str(threshold)], env=environ, check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, str(threshold)], env=environ, check=True, capture_output=True, text=True
+    ).stdout
     return dict(json.loads(out))
 
 
@@ -55,8 +56,7 @@ def test_zero_leaves_glibcs_dynamic_threshold() -> None:
 
 def test_the_environment_variable_wins() -> None:
     # glibc applied it at start (16 MiB: the 4 MiB block comes from the heap); the configured value is not set.
-    assert probe(1024 * 1024, MALLOC_MMAP_THRESHOLD_=str(16 * 1024 * 1024)) == {"result": "environment",
-                                                                               "mmapped": 0}
+    assert probe(1024 * 1024, MALLOC_MMAP_THRESHOLD_=str(16 * 1024 * 1024)) == {"result": "environment", "mmapped": 0}
     assert probe(1024 * 1024, MALLOC_TRIM_THRESHOLD_=str(16 * 1024 * 1024))["result"] == "environment"
 
 

@@ -55,10 +55,18 @@ def ready(gw: Running) -> httpx.Response:
 
 @pytest.fixture
 def gw(gateway_factory: Factory) -> Iterator[Running]:
-    yield gateway_factory(http={"port": 0}, delivery=FAST,
-                          limits={"max_sessions_per_ip": 2, "data_timeout": 1.0, "auth_failures_per_ip": 1,
-                                  "auth_delay_max": 0.05, "auth_lockout_failures": 2},
-                          accounts={"acme": {"rate_limit": 1000.0}})
+    yield gateway_factory(
+        http={"port": 0},
+        delivery=FAST,
+        limits={
+            "max_sessions_per_ip": 2,
+            "data_timeout": 1.0,
+            "auth_failures_per_ip": 1,
+            "auth_delay_max": 0.05,
+            "auth_lockout_failures": 2,
+        },
+        accounts={"acme": {"rate_limit": 1000.0}},
+    )
 
 
 def test_counters_move_with_real_traffic(gw: Running) -> None:
@@ -101,8 +109,11 @@ def test_counters_move_with_real_traffic(gw: Running) -> None:
     assert moved("smtp_gateway_refusals_total", code="421 4.7.0") == 2
 
     # Too many sessions from one address.
-    with RawClient(gw, source="127.0.0.8"), RawClient(gw, source="127.0.0.8"), \
-            socket.create_connection(("127.0.0.1", gw.port()), source_address=("127.0.0.8", 0)) as third:
+    with (
+        RawClient(gw, source="127.0.0.8"),
+        RawClient(gw, source="127.0.0.8"),
+        socket.create_connection(("127.0.0.1", gw.port()), source_address=("127.0.0.8", 0)) as third,
+    ):
         assert third.makefile("rb").readline().startswith(b"421 4.7.0 ")
     assert moved("smtp_gateway_connections_refused_total", listener="plain", reason="max_sessions_per_ip") == 1
     assert moved("smtp_gateway_refusals_total", code="421 4.7.0") == 3
@@ -132,8 +143,11 @@ def test_queue_figures_retries_and_dead_letters(gw: Running) -> None:
     assert scraped(metrics(gw), "smtp_gateway_queue_oldest_age_seconds") > 0
     assert moved("smtp_gateway_deliveries_total", path="inline", verdict="queued") == 1
     gw.clear_faults()
-    wait_for(lambda: moved("smtp_gateway_deliveries_total", path="queue", verdict="delivered") == 1, 10,
-             "delivered by a retry")
+    wait_for(
+        lambda: moved("smtp_gateway_deliveries_total", path="queue", verdict="delivered") == 1,
+        10,
+        "delivered by a retry",
+    )
     wait_for(lambda: scraped(metrics(gw), "smtp_gateway_queue_messages", state="queued") == 0, 10, "queue empty")
     assert scraped(metrics(gw), "smtp_gateway_queue_oldest_age_seconds", state="queued") == 0
 
@@ -148,8 +162,9 @@ def test_queue_figures_retries_and_dead_letters(gw: Running) -> None:
 
 
 def test_readyz_while_the_queue_cannot_store(gateway_factory: Factory, small_fs: Path) -> None:  # noqa: F811
-    gw = gateway_factory(http={"port": 0}, delivery={**FAST, "spool_path": str(small_fs / "spool.sqlite3"),
-                                                       "spool_reserve": 256 * 1024})
+    gw = gateway_factory(
+        http={"port": 0}, delivery={**FAST, "spool_path": str(small_fs / "spool.sqlite3"), "spool_reserve": 256 * 1024}
+    )
     assert ready(gw).status_code == 200
     gw.fault(status=503, count=None)
     assert send(gw.port(), "stored", body="y" * 20_000)[0] == 250

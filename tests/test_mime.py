@@ -64,16 +64,20 @@ def test_attachments_and_inline_cid_images(gateway: Running) -> None:
 
 def test_encoded_headers_and_charsets(gateway: Running) -> None:
     raw = (
-        b"From: =?ISO-8859-1?Q?Jos=E9_P=E9rez?= <billing@acme.example>\r\n"
-        b"To: =?UTF-8?B?w5Zyc2Vs?= <client@example.com>\r\n"
-        b"Reply-To: Support <support@acme.example>\r\n"
-        b"Subject: =?iso-8859-1?q?Caf=E9?= =?utf-8?b?4oKs?= au lait\r\n"
-        b"MIME-Version: 1.0\r\n"
-        b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n'
-        b"--b\r\nContent-Type: text/plain; charset=iso-8859-15\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
-    ) + "Prix: 5 € – merci\r\n".encode("iso-8859-15", errors="replace").replace(b"?", b"-") + (
-        b"--b\r\nContent-Type: text/plain\r\n"
-        b"Content-Disposition: attachment; filename*=utf-8''r%C3%A9sum%C3%A9.txt\r\n\r\nhello\r\n--b--\r\n"
+        (
+            b"From: =?ISO-8859-1?Q?Jos=E9_P=E9rez?= <billing@acme.example>\r\n"
+            b"To: =?UTF-8?B?w5Zyc2Vs?= <client@example.com>\r\n"
+            b"Reply-To: Support <support@acme.example>\r\n"
+            b"Subject: =?iso-8859-1?q?Caf=E9?= =?utf-8?b?4oKs?= au lait\r\n"
+            b"MIME-Version: 1.0\r\n"
+            b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n'
+            b"--b\r\nContent-Type: text/plain; charset=iso-8859-15\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+        )
+        + "Prix: 5 € – merci\r\n".encode("iso-8859-15", errors="replace").replace(b"?", b"-")
+        + (
+            b"--b\r\nContent-Type: text/plain\r\n"
+            b"Content-Disposition: attachment; filename*=utf-8''r%C3%A9sum%C3%A9.txt\r\n\r\nhello\r\n--b--\r\n"
+        )
     )
     body = submit(gateway, raw)
     assert body["asunto"] == "Café€ au lait"
@@ -105,11 +109,17 @@ def test_empty_html_part_still_gives_a_body() -> None:
 def test_gateway_headers_are_consumed(gateway_factory: Callable[..., Running]) -> None:
     running = gateway_factory()
     chooser = {"username": "chooser", "password_hash": PASSWORD_HASH, "campaign": 22, "may_choose_campaign": True}
-    other = gateway_factory(accounts={"acme": {
-        "dmdsid": "acme", "apikey": APIKEY, "api_base": running.sandbox_url,
-        "sender_domains": {"acme.example": "dmds-acme@nl.acme.example"},
-        "users": [{"username": USER, "password_hash": PASSWORD_HASH, "campaign": 22}, chooser],
-    }})
+    other = gateway_factory(
+        accounts={
+            "acme": {
+                "dmdsid": "acme",
+                "apikey": APIKEY,
+                "api_base": running.sandbox_url,
+                "sender_domains": {"acme.example": "dmds-acme@nl.acme.example"},
+                "users": [{"username": USER, "password_hash": PASSWORD_HASH, "campaign": 22}, chooser],
+            }
+        }
+    )
     extra = "X-Gateway-Archive: yes\r\nX-Gateway-Batch: 3abc993d-batch\r\nX-Gateway-Campaign: 23\r\n"
     raw = (f"From: {SENDER}\r\nTo: client@example.com\r\nSubject: opts\r\n{extra}\r\nbody\r\n").encode()
     with session(other, user="chooser") as client:
@@ -159,7 +169,7 @@ def test_a_campaign_header_that_is_not_a_number_is_refused_not_an_internal_error
     running = gateway_factory()
     chooser = {"username": "chooser", "password_hash": PASSWORD_HASH, "campaign": 22, "may_choose_campaign": True}
     other = gateway_factory(accounts={"acme": {"api_base": running.sandbox_url, "users": [chooser]}})
-    raw = (f"From: {SENDER}\r\nTo: client@example.com\r\nSubject: x\r\nX-Gateway-Campaign: {value}\r\n\r\nb\r\n")
+    raw = f"From: {SENDER}\r\nTo: client@example.com\r\nSubject: x\r\nX-Gateway-Campaign: {value}\r\n\r\nb\r\n"
     with session(other, user="chooser") as client:
         code, text = send(client, raw.encode())
     assert code == 554 and text.startswith("5.6.0 "), text

@@ -81,10 +81,22 @@ def test_detection_beats_either_method_alone_on_the_corpus() -> None:
 
 @pytest.mark.parametrize(
     ("label", "codec"),
-    [("ISO-8859-1", "cp1252"), ('"latin1"', "cp1252"), ("us-ascii", None), ("x-unknown", None), (None, None),
-     ("gb2312", "gb18030"), ("ks_c_5601-1987", "cp949"), ("Shift_JIS", "cp932"), ("x-mac-cyrillic", "mac-cyrillic"),
-     ("iso-8859-8-i", "iso8859-8"), ("utf8", "utf-8"), ("koi8-u", "koi8-u"), ("no-such-charset", None),
-     ("utf-8\x00", None)],
+    [
+        ("ISO-8859-1", "cp1252"),
+        ('"latin1"', "cp1252"),
+        ("us-ascii", None),
+        ("x-unknown", None),
+        (None, None),
+        ("gb2312", "gb18030"),
+        ("ks_c_5601-1987", "cp949"),
+        ("Shift_JIS", "cp932"),
+        ("x-mac-cyrillic", "mac-cyrillic"),
+        ("iso-8859-8-i", "iso8859-8"),
+        ("utf8", "utf-8"),
+        ("koi8-u", "koi8-u"),
+        ("no-such-charset", None),
+        ("utf-8\x00", None),
+    ],
 )
 def test_labels_resolve_as_browsers_do(label: str | None, codec: str | None) -> None:
     assert charsets.resolve(label) == codec

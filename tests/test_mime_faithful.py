@@ -216,7 +216,7 @@ APPLE_HTML_1 = (
     b'</head><body style="word-wrap: break-word;"><div>Before the picture</div></body></html>'
 )
 APPLE_HTML_2 = (
-    b"<html><head><style>.after{color:blue}</style></head><body style=\"word-wrap: break-word;\">"
+    b'<html><head><style>.after{color:blue}</style></head><body style="word-wrap: break-word;">'
     b"<div class=after>After the picture</div></body></html>"
 )
 
@@ -224,15 +224,19 @@ APPLE_HTML_2 = (
 @pytest.mark.parametrize("kind", ["mixed", "related"])
 def test_apple_mail_html_image_html_becomes_one_body(kind: str) -> None:
     png = base64.b64encode(b"\x89PNG\r\n\x1a\nfake").decode()
-    raw = HEAD + b'Content-Type: multipart/alternative; boundary="alt"\r\n\r\n--alt\r\n' + (
-        b"Content-Type: text/plain\r\n\r\nBefore the picture\r\n[image]\r\nAfter the picture\r\n--alt\r\n"
-    ) + mixed(
-        b"Content-Type: text/html; charset=utf-8\r\n\r\n" + APPLE_HTML_1,
-        b"Content-Type: image/png; name=photo.png\r\nContent-Disposition: inline; filename=photo.png\r\n"
-        b"Content-Transfer-Encoding: base64\r\nContent-Id: <A1B2@apple>\r\n\r\n" + png.encode(),
-        b"Content-Type: text/html; charset=utf-8\r\n\r\n" + APPLE_HTML_2,
-        kind=kind,
-    )[len(HEAD):] + b"\r\n--alt--\r\n"
+    raw = (
+        HEAD
+        + b'Content-Type: multipart/alternative; boundary="alt"\r\n\r\n--alt\r\n'
+        + (b"Content-Type: text/plain\r\n\r\nBefore the picture\r\n[image]\r\nAfter the picture\r\n--alt\r\n")
+        + mixed(
+            b"Content-Type: text/html; charset=utf-8\r\n\r\n" + APPLE_HTML_1,
+            b"Content-Type: image/png; name=photo.png\r\nContent-Disposition: inline; filename=photo.png\r\n"
+            b"Content-Transfer-Encoding: base64\r\nContent-Id: <A1B2@apple>\r\n\r\n" + png.encode(),
+            b"Content-Type: text/html; charset=utf-8\r\n\r\n" + APPLE_HTML_2,
+            kind=kind,
+        )[len(HEAD) :]
+        + b"\r\n--alt--\r\n"
+    )
     msg = mime.parse(raw)
     assert [(a.filename, a.content_id, a.inline) for a in msg.attachments] == [("photo.png", "A1B2@apple", True)]
     html = msg.html
@@ -257,8 +261,9 @@ def test_image_without_content_id_between_html_parts_gets_one() -> None:
 
 def test_single_html_body_is_unchanged() -> None:
     html = b"<html><head><title>t</title></head><body><p>Just this</p></body></html>"
-    raw = mixed(b"Content-Type: text/plain\r\n\r\nJust this", b"Content-Type: text/html\r\n\r\n" + html,
-                kind="alternative")
+    raw = mixed(
+        b"Content-Type: text/plain\r\n\r\nJust this", b"Content-Type: text/html\r\n\r\n" + html, kind="alternative"
+    )
     assert mime.parse(raw).html == html.decode()
 
 

@@ -18,18 +18,24 @@ def two_accounts(gateway_factory: Callable[..., Running]) -> tuple[Running, Runn
     """A gateway with acme (acme.example) and a second account, other (other.example), and the gateway whose
     sandbox upstream both accounts use (the config names the upstream's port before the start)."""
     upstream = gateway_factory()
-    running = gateway_factory(accounts={
-        "acme": {
-            "dmdsid": "acme", "apikey": APIKEY, "api_base": upstream.sandbox_url,
-            "sender_domains": {"acme.example": "dmds-acme@nl.acme.example"},
-            "users": [{"username": USER, "password_hash": PASSWORD_HASH, "campaign": 22}],
-        },
-        "other": {
-            "dmdsid": "other", "apikey": APIKEY, "api_base": upstream.sandbox_url,
-            "sender_domains": {"other.example": "dmds-other@nl.other.example"},
-            "users": [{"username": OTHER_USER, "password_hash": PASSWORD_HASH, "campaign": 22}],
-        },
-    })
+    running = gateway_factory(
+        accounts={
+            "acme": {
+                "dmdsid": "acme",
+                "apikey": APIKEY,
+                "api_base": upstream.sandbox_url,
+                "sender_domains": {"acme.example": "dmds-acme@nl.acme.example"},
+                "users": [{"username": USER, "password_hash": PASSWORD_HASH, "campaign": 22}],
+            },
+            "other": {
+                "dmdsid": "other",
+                "apikey": APIKEY,
+                "api_base": upstream.sandbox_url,
+                "sender_domains": {"other.example": "dmds-other@nl.other.example"},
+                "users": [{"username": OTHER_USER, "password_hash": PASSWORD_HASH, "campaign": 22}],
+            },
+        }
+    )
     return running, upstream
 
 

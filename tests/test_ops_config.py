@@ -25,8 +25,12 @@ def defined_samples() -> set[str]:
     """Every sample name the registry can produce (counters' _total, histograms' _bucket/_count/_sum)."""
     names: set[str] = set()
     for family in REGISTRY.collect():
-        suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_count", "_sum", "_created"),
-                    "gauge": ("",), "summary": ("_count", "_sum", "")}[family.type]
+        suffixes = {
+            "counter": ("_total", "_created"),
+            "histogram": ("_bucket", "_count", "_sum", "_created"),
+            "gauge": ("",),
+            "summary": ("_count", "_sum", ""),
+        }[family.type]
         names.update(family.name + suffix for suffix in suffixes)
     return names
 
@@ -55,11 +59,20 @@ def test_every_metric_named_exists(source: str) -> None:
 
 def test_dashboard_covers_the_operations_metrics() -> None:
     named = {name for expr in dashboard_expressions() for name in METRIC.findall(expr)}
-    for wanted in ("smtp_gateway_sessions_active", "smtp_gateway_sessions_tls_total", "smtp_gateway_auth_total",
-                   "smtp_gateway_refusals_total", "smtp_gateway_messages_total", "smtp_gateway_upstream_seconds_bucket",
-                   "smtp_gateway_queue_messages", "smtp_gateway_queue_oldest_age_seconds",
-                   "smtp_gateway_dead_letters_total", "smtp_gateway_auth_lockouts_total",
-                   "smtp_gateway_rate_limit_wait_seconds_bucket", "smtp_gateway_deliveries_total"):
+    for wanted in (
+        "smtp_gateway_sessions_active",
+        "smtp_gateway_sessions_tls_total",
+        "smtp_gateway_auth_total",
+        "smtp_gateway_refusals_total",
+        "smtp_gateway_messages_total",
+        "smtp_gateway_upstream_seconds_bucket",
+        "smtp_gateway_queue_messages",
+        "smtp_gateway_queue_oldest_age_seconds",
+        "smtp_gateway_dead_letters_total",
+        "smtp_gateway_auth_lockouts_total",
+        "smtp_gateway_rate_limit_wait_seconds_bucket",
+        "smtp_gateway_deliveries_total",
+    ):
         assert wanted in named, wanted
     dashboard = json.loads((CONFIG / "grafana-dashboard.json").read_text())
     ids = [p["id"] for p in dashboard["panels"]]
@@ -83,8 +96,13 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     analyze = require_tool("systemd-analyze", "systemd")
     unit = (CONFIG / "smtp-gateway.service").read_text()
     assert "ExecReload=/bin/kill -HUP $MAINPID" in unit and "StateDirectory=smtp-gateway" in unit
-    for hardening in ("NoNewPrivileges=yes", "ProtectSystem=strict", "AmbientCapabilities=CAP_NET_BIND_SERVICE",
-                      "CapabilityBoundingSet=CAP_NET_BIND_SERVICE", "PrivateTmp=yes"):
+    for hardening in (
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "AmbientCapabilities=CAP_NET_BIND_SERVICE",
+        "CapabilityBoundingSet=CAP_NET_BIND_SERVICE",
+        "PrivateTmp=yes",
+    ):
         assert hardening in unit
     # verify checks that ExecStart's program exists: point it at this Python's gateway.
     local = tmp_path / "smtp-gateway.service"

@@ -12,15 +12,17 @@ from gateway.model import Address, Message, Principal
 from gateway.providers.dmds.provider import sender_policy
 from gateway.settings import DmdsAccount
 
-ACCOUNT = sender_policy(DmdsAccount(
-    dmdsid="acme",
-    apikey="k",  # type: ignore[arg-type]
-    sender_domains={
-        "acme.example": "dmds-acme@nl.acme.example",
-        "Other.Example.": "bounce@rp.other.example",
-        "bücher.example": "dmds-buecher@nl.bücher.example",
-    },
-))
+ACCOUNT = sender_policy(
+    DmdsAccount(
+        dmdsid="acme",
+        apikey="k",  # type: ignore[arg-type]
+        sender_domains={
+            "acme.example": "dmds-acme@nl.acme.example",
+            "Other.Example.": "bounce@rp.other.example",
+            "bücher.example": "dmds-buecher@nl.bücher.example",
+        },
+    )
+)
 ANY = Principal(account="acme", login="scanner")
 
 

@@ -26,8 +26,14 @@ Factory = Callable[..., Running]
 
 
 def proxied(name: str, tls: str = "none", **keys: Any) -> dict[str, Any]:
-    entry: dict[str, Any] = {"name": name, "address": "127.0.0.1", "port": 0, "tls": tls, "proxy_protocol": True,
-                             "proxy_trusted": ["127.0.0.1/32"]}
+    entry: dict[str, Any] = {
+        "name": name,
+        "address": "127.0.0.1",
+        "port": 0,
+        "tls": tls,
+        "proxy_protocol": True,
+        "proxy_trusted": ["127.0.0.1/32"],
+    }
     if tls == "none":
         entry["allow_insecure_auth"] = True
     return {**entry, **keys}
@@ -46,9 +52,15 @@ def send_through(gw: Running, header: bytes, subject: str, listener: str = "lb")
         return raw_send(client, message(subject=subject))
 
 
-@pytest.mark.parametrize("header", [proxy_v1("203.0.113.7", 40001), proxy_v2("203.0.113.7", 40001),
-                                    proxy_v2("203.0.113.7", 40001, tlv=b"\x05\x00\x03abc")],
-                         ids=["v1", "v2", "v2-with-tlv"])
+@pytest.mark.parametrize(
+    "header",
+    [
+        proxy_v1("203.0.113.7", 40001),
+        proxy_v2("203.0.113.7", 40001),
+        proxy_v2("203.0.113.7", 40001, tlv=b"\x05\x00\x03abc"),
+    ],
+    ids=["v1", "v2", "v2-with-tlv"],
+)
 def test_header_from_a_trusted_balancer_names_the_client(gw: Running, header: bytes) -> None:
     with captured_with_context() as logs:
         assert send_through(gw, header, "proxied").startswith("250 2.0.0 ")
@@ -76,8 +88,9 @@ def test_untrusted_address_is_refused_without_a_word(gw: Running) -> None:
     before = sample("smtp_gateway_connections_refused_total", listener="lb", reason="proxy_untrusted")
     with captured_with_context() as logs:
         for header in (proxy_v1("203.0.113.7", 40005), proxy_v2("203.0.113.7", 40006)):
-            with socket.create_connection(("127.0.0.1", gw.port("lb")), timeout=10,
-                                          source_address=("127.0.0.2", 0)) as sock:
+            with socket.create_connection(
+                ("127.0.0.1", gw.port("lb")), timeout=10, source_address=("127.0.0.2", 0)
+            ) as sock:
                 # The peer may already have closed (RST) when the header goes out.
                 try:
                     sock.sendall(header)
@@ -123,16 +136,19 @@ def test_balancer_health_check_is_its_own_client(gw: Running) -> None:
 def test_limits_count_the_real_client(gateway_factory: Factory) -> None:
     """max_sessions_per_ip = 1: two clients behind the one balancer both get in; one client twice does not."""
     gw = gateway_factory(listeners=[proxied("lb")], limits={"max_sessions_per_ip": 1})
-    with RawClient(gw, "lb", proxy=proxy_v1("203.0.113.10", 1)) as first, \
-            RawClient(gw, "lb", proxy=proxy_v1("203.0.113.11", 1)) as second:
+    with (
+        RawClient(gw, "lb", proxy=proxy_v1("203.0.113.10", 1)) as first,
+        RawClient(gw, "lb", proxy=proxy_v1("203.0.113.11", 1)) as second,
+    ):
         assert first.greeting[-1].startswith("220 ") and second.greeting[-1].startswith("220 ")
         with RawClient(gw, "lb", proxy=proxy_v1("203.0.113.10", 2)) as again:
             assert again.greeting[-1] == "421 4.7.0 Too many connections from your address, try again later"
 
 
 def test_auth_lockout_is_per_real_client(gateway_factory: Factory) -> None:
-    gw = gateway_factory(listeners=[proxied("lb")], limits={"auth_failures_per_ip": 1, "auth_delay_max": 0,
-                                                              "auth_lockout_failures": 1})
+    gw = gateway_factory(
+        listeners=[proxied("lb")], limits={"auth_failures_per_ip": 1, "auth_delay_max": 0, "auth_lockout_failures": 1}
+    )
     with RawClient(gw, "lb", proxy=proxy_v1("203.0.113.20", 1)) as bad:
         bad.cmd("EHLO bad.test")
         assert bad.login("scanner", "wrong").startswith("421 4.7.0 Too many failed logins")
@@ -198,8 +214,10 @@ def haproxy(gw: Running, tmp_path: Path) -> Iterator[int]:
 
 
 def test_haproxy_send_proxy_v2(gw: Running, haproxy: int) -> None:
-    with captured_with_context() as logs, \
-            socket.create_connection(("127.0.0.1", haproxy), timeout=10, source_address=("127.0.0.5", 0)) as sock:
+    with (
+        captured_with_context() as logs,
+        socket.create_connection(("127.0.0.1", haproxy), timeout=10, source_address=("127.0.0.5", 0)) as sock,
+    ):
         client = sock.makefile("rwb")
 
         def command(line: str) -> str:

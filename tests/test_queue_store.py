@@ -80,7 +80,9 @@ async def test_claim_leases_once_and_delivered_calls_are_never_claimed_again(sto
     assert await store.claim("A", "acme", now + 19, 10, lease=30) == []
     [again] = await store.claim("A", "acme", now + 21, 10, lease=30)
     assert {k: (c.state, c.upstream_id) for k, c in again.before.calls.items()} == {
-        "0": ("done", "E1"), "1": ("pending", None)}
+        "0": ("done", "E1"),
+        "1": ("pending", None),
+    }
     assert again.token != claimed.token
     done = transition.decide(again.before, Outcome(delivered={"1": "E1"}), POLICY, now)
     assert await store.settle("M1", again.token, done, now)
@@ -151,15 +153,20 @@ async def test_refused_calls_and_expiry_become_dead_letters_and_requeue(store: Q
     await store.insert(new("M7", now))
     [claimed] = await store.claim("A", "acme", now, 1, lease=30)
     decision = transition.decide(
-        claimed.before, Outcome(delivered={"0": "E"}, rejected={"1": UpstreamRejected("invalid email")}), POLICY, now)
+        claimed.before, Outcome(delivered={"0": "E"}, rejected={"1": UpstreamRejected("invalid email")}), POLICY, now
+    )
     assert decision.verdict == "dead"
     assert await store.settle("M7", claimed.token, decision, now)
     dead = await store.show("M7")
     assert dead is not None and dead["state"] == "dead" and "invalid email" in dead["dead_reason"]
     await store.insert(new("M8", now))
     [claimed] = await store.claim("A", "acme", now, 1, lease=30)
-    expired = transition.decide(claimed.before, Outcome(deferred={"0": UpstreamUnavailable("DMDS answered 500")},
-                                                        skipped={"1"}), POLICY, now + 101)
+    expired = transition.decide(
+        claimed.before,
+        Outcome(deferred={"0": UpstreamUnavailable("DMDS answered 500")}, skipped={"1"}),
+        POLICY,
+        now + 101,
+    )
     assert await store.settle("M8", claimed.token, expired, now + 101)
     row = await store.show("M8")
     assert row is not None and row["dead_reason"].startswith("expired") and "500" in row["dead_reason"]
@@ -298,17 +305,22 @@ async def test_a_v1_spool_is_migrated_and_its_messages_resumed(tmp_path: Path) -
     db = sqlite3.connect(path)
     db.executescript(V1)
     now = time.time()
-    v1 = (b'{"v":1,"principal":{"account":"acme","login":"scanner","campaign":22,"campaign_from_subject":false,'
-          b'"may_choose_campaign":false,"allowed_senders":[],"default_from":null,"force_from":false},'
-          b'"mail_from":"b@acme.example","rcpt_tos":["a@example.com"],"message":{"subject":"old","from":null,'
-          b'"sender":null,"reply_to":null,"to":[],"cc":[],"html":"<p>x</p>","text":null,"attachments":[],'
-          b'"options":{},"message_id":null},"campaign":22,"legs":[],"archive":false,"batch_eeid":null}')
+    v1 = (
+        b'{"v":1,"principal":{"account":"acme","login":"scanner","campaign":22,"campaign_from_subject":false,'
+        b'"may_choose_campaign":false,"allowed_senders":[],"default_from":null,"force_from":false},'
+        b'"mail_from":"b@acme.example","rcpt_tos":["a@example.com"],"message":{"subject":"old","from":null,'
+        b'"sender":null,"reply_to":null,"to":[],"cc":[],"html":"<p>x</p>","text":null,"attachments":[],'
+        b'"options":{},"message_id":null},"campaign":22,"legs":[],"archive":false,"batch_eeid":null}'
+    )
     for msg_id, state in (("OLD1", "queued"), ("OLD2", "inflight")):
-        db.execute("INSERT INTO messages (id, account, state, created, expires, next_attempt, attempts, mail_from,"
-                   " subject, size, submission) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                   (msg_id, "acme", state, now, now + 100, now, 1, "b@acme.example", "old", len(v1), v1))
-        db.execute("INSERT INTO legs (msg_id, leg, recipients, state) VALUES (?,0,'a@example.com','pending')",
-                   (msg_id,))
+        db.execute(
+            "INSERT INTO messages (id, account, state, created, expires, next_attempt, attempts, mail_from,"
+            " subject, size, submission) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (msg_id, "acme", state, now, now + 100, now, 1, "b@acme.example", "old", len(v1), v1),
+        )
+        db.execute(
+            "INSERT INTO legs (msg_id, leg, recipients, state) VALUES (?,0,'a@example.com','pending')", (msg_id,)
+        )
     db.commit()
     db.close()
     store = SqliteQueue(path)

@@ -41,17 +41,34 @@ def output(result: subprocess.CompletedProcess[bytes]) -> str:
 
 @pytest.fixture
 def legacy(gateway_factory: Callable[..., Running]) -> Running:
-    return gateway_factory(listeners=[
-        listener("legacy", "starttls", tls_profile="legacy"),
-        listener("intermediate", "starttls"),
-    ])
+    return gateway_factory(
+        listeners=[
+            listener("legacy", "starttls", tls_profile="legacy"),
+            listener("intermediate", "starttls"),
+        ]
+    )
 
 
 def s_client(port: int, version: str, stdin: bytes, source: str = "127.0.0.1") -> subprocess.CompletedProcess[bytes]:
     openssl = require_tool("openssl", "openssl")
     return run(
-        [openssl, "s_client", "-connect", f"127.0.0.1:{port}", "-bind", f"{source}:0", "-starttls", "smtp",
-         "-name", "printer.lan", version, "-cipher", "DEFAULT:@SECLEVEL=0", "-ign_eof", "-nocommands"],
+        [
+            openssl,
+            "s_client",
+            "-connect",
+            f"127.0.0.1:{port}",
+            "-bind",
+            f"{source}:0",
+            "-starttls",
+            "smtp",
+            "-name",
+            "printer.lan",
+            version,
+            "-cipher",
+            "DEFAULT:@SECLEVEL=0",
+            "-ign_eof",
+            "-nocommands",
+        ],
         stdin=stdin,
     )
 
@@ -60,9 +77,13 @@ def s_client(port: int, version: str, stdin: bytes, source: str = "127.0.0.1") -
 def test_openssl_tls1_device_on_a_legacy_listener(legacy: Running, version: str) -> None:
     subject = f"s_client {version}"
     dialogue = (
-        f"EHLO printer.lan\r\nAUTH PLAIN {plain_blob(USER, PASSWORD)}\r\nMAIL FROM:<{SENDER}>\r\n"
-        f"RCPT TO:<{RECIPIENT}>\r\nDATA\r\n"
-    ).encode() + message(subject=subject) + b".\r\nQUIT\r\n"
+        (
+            f"EHLO printer.lan\r\nAUTH PLAIN {plain_blob(USER, PASSWORD)}\r\nMAIL FROM:<{SENDER}>\r\n"
+            f"RCPT TO:<{RECIPIENT}>\r\nDATA\r\n"
+        ).encode()
+        + message(subject=subject)
+        + b".\r\nQUIT\r\n"
+    )
     result = s_client(legacy.port("legacy"), version, dialogue)
     transcript = output(result)
     protocol = {"-tls1": "TLSv1", "-tls1_1": "TLSv1.1"}[version]
@@ -164,9 +185,7 @@ def private_postfix(relay_port: int) -> Iterator[Path]:
         directory.mkdir(mode=0o755)
     entry = pwd.getpwnam("postfix")
     os.chown(data, entry.pw_uid, entry.pw_gid)
-    (conf / "main.cf").write_text(
-        POSTFIX_MAIN_CF.format(conf=conf, queue=queue, data=data, port=relay_port, tmp=tmp)
-    )
+    (conf / "main.cf").write_text(POSTFIX_MAIN_CF.format(conf=conf, queue=queue, data=data, port=relay_port, tmp=tmp))
     (conf / "master.cf").write_text(POSTFIX_MASTER_CF)
     (conf / "sasl_passwd").write_text(f"[127.0.0.1]:{relay_port} {USER}:{PASSWORD}\n")
     (conf / "sasl_passwd").chmod(0o600)
@@ -195,8 +214,11 @@ def test_postfix_smarthost_relays_with_sasl_over_starttls(gateway: Running) -> N
     with captured_logs() as logs, private_postfix(gateway.port("starttls")) as conf:
         sendmail = require_tool("sendmail", "postfix")
         raw = message(subject="via Postfix", body="Relayed by a Postfix smarthost")
-        injected = run([sendmail, "-C", str(conf), "-f", SENDER, RECIPIENT], stdin=raw,
-                       env={**os.environ, "MAIL_CONFIG": str(conf)})
+        injected = run(
+            [sendmail, "-C", str(conf), "-f", SENDER, RECIPIENT],
+            stdin=raw,
+            env={**os.environ, "MAIL_CONFIG": str(conf)},
+        )
         assert injected.returncode == 0, output(injected)
         maillog = conf.parent / "maillog"
         wait_for(lambda: gateway.sent, TIMEOUT, f"the relayed message; Postfix log:\n{_tail(maillog)}")
@@ -242,9 +264,25 @@ def test_snail_sends_a_pdf_attachment(gateway: Running, tmp_path: Path) -> None:
     pdf = tmp_path / "scan-0042.pdf"
     pdf.write_bytes(pdf_bytes())
     result = run(
-        [snail, "-:/", "-Sv15-compat", "-Sttycharset=utf-8", "-Ssendwait", "-Stls-verify=ignore",
-         f"-Smta=smtp://{USER}:{PASSWORD}@127.0.0.1:{gateway.port('starttls')}", "-Ssmtp-use-starttls",
-         "-Ssmtp-auth=plain", "-r", SENDER, "-s", "Scan 0042", "-a", str(pdf), "-.", RECIPIENT],
+        [
+            snail,
+            "-:/",
+            "-Sv15-compat",
+            "-Sttycharset=utf-8",
+            "-Ssendwait",
+            "-Stls-verify=ignore",
+            f"-Smta=smtp://{USER}:{PASSWORD}@127.0.0.1:{gateway.port('starttls')}",
+            "-Ssmtp-use-starttls",
+            "-Ssmtp-auth=plain",
+            "-r",
+            SENDER,
+            "-s",
+            "Scan 0042",
+            "-a",
+            str(pdf),
+            "-.",
+            RECIPIENT,
+        ],
         stdin="Scanned document attached. Página 1.\n".encode(),
         env={**os.environ, "HOME": str(tmp_path)},  # s-nail writes dead.letter there if anything fails
     )
@@ -256,4 +294,3 @@ def test_snail_sends_a_pdf_attachment(gateway: Running, tmp_path: Path) -> None:
     [attachment] = body["adjuntos"]
     assert (attachment["nombre"], attachment["tipo"]) == ("scan-0042.pdf", "application/pdf")
     assert base64.b64decode(attachment["contenido"]) == pdf.read_bytes()
-

@@ -82,16 +82,20 @@ def test_an_account_added_by_a_reload_delivers_and_retries(gateway_factory: Fact
     gw = gateway_factory(delivery={"retry_schedule": [0.3], "retry_jitter": 0.0, "poll_interval": 0.2})
     config = config_of(gw)  # its [delivery] differs from the running one: kept (needs a restart)
     beta = copy.deepcopy(config["accounts"]["acme"])
-    beta.update(dmdsid="beta", sender_domains={"beta.example": "dmds-beta@nl.beta.example"},
-                users=[{"username": NEWBIE, "password_hash": PASSWORD_HASH, "campaign": 22}])
+    beta.update(
+        dmdsid="beta",
+        sender_domains={"beta.example": "dmds-beta@nl.beta.example"},
+        users=[{"username": NEWBIE, "password_hash": PASSWORD_HASH, "campaign": 22}],
+    )
     config["accounts"]["beta"] = beta
     assert reload_with(gw, config)
     gw.fault(status=503, count=1)  # its first message waits in the queue, then the retry worker sends it
     with RawClient(gw) as client:
         client.cmd("EHLO beta.test")
         assert client.login(NEWBIE, PASSWORD).startswith("235 ")
-        assert raw_send(client, message(subject="beta", sender="news@beta.example"),
-                        mail_from="news@beta.example").startswith("250 2.0.0 ")
+        assert raw_send(
+            client, message(subject="beta", sender="news@beta.example"), mail_from="news@beta.example"
+        ).startswith("250 2.0.0 ")
     wait_for(lambda: [r for r in gw.sent if r["body"]["asunto"] == "beta"], 10, "beta's message retried and sent")
 
 

@@ -29,14 +29,6 @@ DRAIN_TIMEOUT = 8.0
 EEID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 
 
-
-
-
-
-
-
-
-
 @dataclass
 class Stack:
     tmp: Path
@@ -50,7 +42,8 @@ class Stack:
         with self.log.open("ab") as out:
             self.gateway = subprocess.Popen(
                 [*CLI, "serve", "--config", str(self.config), "--drain-timeout", str(DRAIN_TIMEOUT)],
-                stdout=out, stderr=subprocess.STDOUT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
             )
         wait_for(lambda: listening(self.smtp_port) or self.gateway.poll() is not None, 15, "gateway listening")
         assert self.gateway.poll() is None, self.log.read_text()
@@ -83,8 +76,13 @@ class Stack:
 
 
 def _config(tmp: Path, smtp_port: int, sandbox_port: int) -> Path:
-    delivery = {"inline_budget": 3.0, "retry_schedule": [0.3], "retry_jitter": 0.1, "poll_interval": 0.2,
-                "shutdown_timeout": 3.0}
+    delivery = {
+        "inline_budget": 3.0,
+        "retry_schedule": [0.3],
+        "retry_jitter": 0.1,
+        "poll_interval": 0.2,
+        "shutdown_timeout": 3.0,
+    }
     return write_serve_config(tmp, smtp_port, sandbox_port, delivery)
 
 
@@ -92,12 +90,27 @@ def _config(tmp: Path, smtp_port: int, sandbox_port: int) -> Path:
 def stack(tmp_path: Path) -> Iterator[Stack]:
     smtp_port, sandbox_port = free_port(), free_port()
     sandbox = subprocess.Popen(
-        [*CLI, "sandbox", "--listen", f"127.0.0.1:{sandbox_port}", "--quiet", "--apikey", APIKEY,
-         "--campaign", "22=campaign-22-apikey"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            *CLI,
+            "sandbox",
+            "--listen",
+            f"127.0.0.1:{sandbox_port}",
+            "--quiet",
+            "--apikey",
+            APIKEY,
+            "--campaign",
+            "22=campaign-22-apikey",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
-    st = Stack(tmp_path, smtp_port, f"http://127.0.0.1:{sandbox_port}", _config(tmp_path, smtp_port, sandbox_port),
-               tmp_path / "gateway.log")
+    st = Stack(
+        tmp_path,
+        smtp_port,
+        f"http://127.0.0.1:{sandbox_port}",
+        _config(tmp_path, smtp_port, sandbox_port),
+        tmp_path / "gateway.log",
+    )
     try:
         wait_for(lambda: ok(f"{st.sandbox_url}/_sandbox/health"), 15, "sandbox")
         yield st
@@ -164,8 +177,9 @@ def test_sigterm_refuses_new_sessions_and_lets_data_finish(stack: Stack) -> None
         assert in_data.cmd("MAIL FROM:<billing@acme.example>").startswith("250 ")
         assert in_data.cmd("RCPT TO:<client@example.com>").startswith("250 ")
         assert in_data.cmd("DATA").startswith("354 ")
-        in_data.sock.sendall(b"From: billing@acme.example\r\nTo: client@example.com\r\n"
-                             b"Subject: draining\r\n\r\nfirst half\r\n")
+        in_data.sock.sendall(
+            b"From: billing@acme.example\r\nTo: client@example.com\r\nSubject: draining\r\n\r\nfirst half\r\n"
+        )
 
         sigterm_at = stack.terminate()
         greeting = _greeting_when_draining(stack.smtp_port, sigterm_at + 5)

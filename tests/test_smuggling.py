@@ -17,8 +17,19 @@ SMUGGLED = (
 ).encode()
 # The end-of-data look-alikes of the SMTP smuggling research (SEC Consult, 2023) and a few more.
 FALSE_ENDS = [
-    b"\n.\n", b"\r.\r", b"\r\n.\n", b"\n.\r\n", b"\r.\n", b"\n.\r", b"\r.\r\n", b"\r\n.\r", b"\r\n\x00.\r\n",
-    b"\r\n.\x00\r\n", b"\r\n .\r\n", b"\r\n.\r\r\n", b"\r\r\n.\r\r\n",
+    b"\n.\n",
+    b"\r.\r",
+    b"\r\n.\n",
+    b"\n.\r\n",
+    b"\r.\n",
+    b"\n.\r",
+    b"\r.\r\n",
+    b"\r\n.\r",
+    b"\r\n\x00.\r\n",
+    b"\r\n.\x00\r\n",
+    b"\r\n .\r\n",
+    b"\r\n.\r\r\n",
+    b"\r\r\n.\r\r\n",
 ]
 
 

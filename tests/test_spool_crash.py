@@ -36,16 +36,26 @@ def test_sigkill_mid_load_loses_nothing(tmp_path: Path) -> None:
     try:
         httpx.post(f"{sandbox_url}/_sandbox/faults", json={"status": 500, "probability": 0.3}).raise_for_status()
         httpx.post(f"{sandbox_url}/_sandbox/faults", json={"delay": 1.0, "probability": 0.1}).raise_for_status()
-        config = write_serve_config(tmp_path, smtp_port, sandbox_port, {
-            "inline_budget": 0.5, "retry_schedule": [0.2, 0.5], "retry_jitter": 0.2, "poll_interval": 0.2,
-            "concurrency": 8,
-        })
+        config = write_serve_config(
+            tmp_path,
+            smtp_port,
+            sandbox_port,
+            {
+                "inline_budget": 0.5,
+                "retry_schedule": [0.2, 0.5],
+                "retry_jitter": 0.2,
+                "poll_interval": 0.2,
+                "concurrency": 8,
+            },
+        )
         gateway = serve(config, first_log, smtp_port)
 
         replies: dict[int, str] = {}
         stop = threading.Event()
-        threads = [threading.Thread(target=load, args=(smtp_port, range(k * 100, k * 100 + 100), replies, stop))
-                   for k in range(4)]
+        threads = [
+            threading.Thread(target=load, args=(smtp_port, range(k * 100, k * 100 + 100), replies, stop))
+            for k in range(4)
+        ]
         for t in threads:
             t.start()
         wait_for(lambda: len(replies) >= 150, 60, "150 accepted messages")

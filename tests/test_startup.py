@@ -76,7 +76,7 @@ username = "{USER}"
 password_hash = "{PASSWORD_HASH}"
 campaign = 22
 [delivery]
-spool_path = "{tmp / 'spool.sqlite3'}"
+spool_path = "{tmp / "spool.sqlite3"}"
 [dns]
 nameservers = ["127.0.0.1"]
 port = {dns_port}
@@ -104,8 +104,11 @@ def _serve(tmp: Path, dns: DnsServer, check: bool) -> tuple[subprocess.Popen[byt
     port = _free_port()
     log = tmp / "gateway.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen([*CLI, "serve", "-c", str(_config(tmp, port, dns.port, check)), "--drain-timeout", "2"],
-                                stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [*CLI, "serve", "-c", str(_config(tmp, port, dns.port, check)), "--drain-timeout", "2"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     return proc, log
 
 
@@ -123,6 +126,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> int:
 def test_startup_logs_sender_domain_findings(tmp_path: Path, dns_thread: DnsServer) -> None:
     proc, log = _serve(tmp_path, dns_thread, check=True)
     try:
+
         def complete() -> dict[str, dict[str, Any]] | None:
             assert proc.poll() is None, log.read_text()
             found = _findings(log)
@@ -155,8 +159,9 @@ def test_startup_logs_sender_domain_findings(tmp_path: Path, dns_thread: DnsServ
 def test_no_startup_report_when_the_check_is_off(tmp_path: Path, dns_thread: DnsServer) -> None:
     proc, log = _serve(tmp_path, dns_thread, check=False)
     try:
-        wait_for(lambda: any(e.get("event") == "ready" for e in _events(log)) or proc.poll() is not None,
-                 15, "gateway ready")
+        wait_for(
+            lambda: any(e.get("event") == "ready" for e in _events(log)) or proc.poll() is not None, 15, "gateway ready"
+        )
     finally:
         assert _stop(proc) == 0
     assert [e for e in _events(log) if e.get("event") in FINDINGS] == []

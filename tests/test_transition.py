@@ -34,14 +34,19 @@ def test_first_call_refused_refuses_the_message_and_the_skipped_call_with_it() -
 
 
 def test_one_refused_while_another_is_deferred_is_not_a_refusal() -> None:
-    d = transition.decide(fresh(), Outcome(rejected={"0": UpstreamRejected("bad")},
-                                           deferred={"1": UpstreamUnavailable("503")}), POLICY, NOW)
+    d = transition.decide(
+        fresh(),
+        Outcome(rejected={"0": UpstreamRejected("bad")}, deferred={"1": UpstreamUnavailable("503")}),
+        POLICY,
+        NOW,
+    )
     assert d.verdict == "queued" and d.next_attempt == NOW + 10.0
 
 
 def test_some_delivered_the_rest_refused_is_a_dead_letter_naming_the_refused() -> None:
-    d = transition.decide(fresh(), Outcome(delivered={"0": "E0"}, rejected={"1": UpstreamRejected("no such")}),
-                          POLICY, NOW)
+    d = transition.decide(
+        fresh(), Outcome(delivered={"0": "E0"}, rejected={"1": UpstreamRejected("no such")}), POLICY, NOW
+    )
     assert d.verdict == "dead" and d.first_id == "E0"
     assert d.dead_reason == "refused by upstream: call 1 (b@x.example): no such"
 
@@ -68,8 +73,9 @@ def test_rate_limits_come_back_when_the_upstream_says() -> None:
 
 
 def test_a_lost_answer_is_counted_on_its_call() -> None:
-    d = transition.decide(fresh(), Outcome(delivered={"0": "E"}, deferred={"1": AnswerLost("read timeout")}),
-                          POLICY, NOW)
+    d = transition.decide(
+        fresh(), Outcome(delivered={"0": "E"}, deferred={"1": AnswerLost("read timeout")}), POLICY, NOW
+    )
     assert d.verdict == "queued" and d.calls["1"].lost == 1 and d.calls["0"].lost == 0
 
 
@@ -77,7 +83,9 @@ def test_resume_turns_sending_calls_into_ambiguous_pending_ones() -> None:
     before = fresh()
     sending = transition.Before(
         calls={"0": before.calls["0"].__class__("0", "a@x.example", "sending"), "1": before.calls["1"]},
-        attempts=1, created=NOW, expires=NOW + 100,
+        attempts=1,
+        created=NOW,
+        expires=NOW + 100,
     )
     resumed, lost = transition.resume(sending)
     assert lost == ["0"] and resumed.calls["0"].state == "pending" and resumed.calls["0"].lost == 1

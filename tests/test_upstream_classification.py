@@ -20,8 +20,9 @@ TRANSPORTS = ["aiohttp", "httpx"]
 
 
 def _length(head: bytes) -> int:
-    return next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                 if line.lower().startswith(b"content-length")), 0)
+    return next(
+        (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")), 0
+    )
 
 
 async def _read_request(reader: asyncio.StreamReader) -> None:
@@ -47,7 +48,7 @@ async def reset_after_reading(reader: asyncio.StreamReader, writer: asyncio.Stre
 
 async def half_an_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     await _read_request(reader)
-    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"status\":")
+    writer.write(b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"status":')
     await writer.drain()
     writer.close()
 
@@ -84,8 +85,7 @@ async def _server(behaviour: Behaviour) -> AsyncIterator[int]:
 
 
 async def _call(port: int, transport: str) -> None:
-    client = HttpClient(f"http://127.0.0.1:{port}", upstream="Test", account="t", timeout=0.5,
-                        transport=transport)  # type: ignore[arg-type]
+    client = HttpClient(f"http://127.0.0.1:{port}", upstream="Test", account="t", timeout=0.5, transport=transport)  # type: ignore[arg-type]
     try:
         await client.request("send", "POST", "/send", headers={"Content-Type": "application/json"}, content=b"{}")
     finally:
@@ -116,8 +116,7 @@ async def test_a_request_that_went_out_without_a_complete_answer_is_ambiguous(
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_an_answer_is_an_answer_whatever_its_status(transport: str) -> None:
     async for port in _server(answer):
-        client = HttpClient(f"http://127.0.0.1:{port}", upstream="Test", account="t", timeout=2,
-                            transport=transport)  # type: ignore[arg-type]
+        client = HttpClient(f"http://127.0.0.1:{port}", upstream="Test", account="t", timeout=2, transport=transport)  # type: ignore[arg-type]
         try:
             response = await client.request("send", "POST", "/send", headers={}, content=b"{}")
         finally:
@@ -162,11 +161,9 @@ async def test_a_json_body_with_blobs_streams_byte_identical(transport: str) -> 
         await writer.drain()
 
     async for port in _server(capture):
-        client = HttpClient(f"http://127.0.0.1:{port}", upstream="Test", account="t", timeout=5,
-                            transport=transport)  # type: ignore[arg-type]
+        client = HttpClient(f"http://127.0.0.1:{port}", upstream="Test", account="t", timeout=5, transport=transport)  # type: ignore[arg-type]
         try:
-            await client.request("send", "POST", "/send", headers={"Content-Type": "application/json"},
-                                 content=body)
+            await client.request("send", "POST", "/send", headers={"Content-Type": "application/json"}, content=body)
         finally:
             await client.aclose()
     assert seen == [body.join()]

@@ -139,8 +139,10 @@ def test_store_and_forward_queues_and_counts_what_may_have_been_sent(
 ) -> None:
     mode = request.node.callspec.params["upstream"]
     sent, _ = FAULTS[mode]
-    gw = gateway_factory(accounts={"acme": {"api_base": upstream, "http_timeout": 0.5}},
-                         delivery={"retry_schedule": [3600], "inline_budget": 5.0})
+    gw = gateway_factory(
+        accounts={"acme": {"api_base": upstream, "http_timeout": 0.5}},
+        delivery={"retry_schedule": [3600], "inline_budget": 5.0},
+    )
     before = ambiguous()
     code, text = send(gw.port(), f"fault {mode}")
     _no_internals(code, text)
@@ -158,8 +160,10 @@ def test_passthrough_answers_4xx_without_internals(
     gateway_factory: Callable[..., Running], upstream: str, request: pytest.FixtureRequest
 ) -> None:
     _, reply = FAULTS[request.node.callspec.params["upstream"]]
-    gw = gateway_factory(accounts={"acme": {"api_base": upstream, "http_timeout": 0.5}},
-                         delivery={"mode": "passthrough", "inline_budget": 5.0})
+    gw = gateway_factory(
+        accounts={"acme": {"api_base": upstream, "http_timeout": 0.5}},
+        delivery={"mode": "passthrough", "inline_budget": 5.0},
+    )
     code, text = send(gw.port(), "fault")
     _no_internals(code, text)
     assert f"{code} {text}".startswith(reply), text

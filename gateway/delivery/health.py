@@ -45,8 +45,11 @@ class AccountHealth:
         state = self._states.setdefault(account, _State())
         recovered = state.down_since is not None or state.refused_since is not None
         if recovered:
-            log.info("upstream_recovered", account=account,
-                     down_for=round(self._clock() - (state.down_since or state.refused_since or 0.0), 1))
+            log.info(
+                "upstream_recovered",
+                account=account,
+                down_for=round(self._clock() - (state.down_since or state.refused_since or 0.0), 1),
+            )
         state.down_since = state.refused_since = None
         return recovered
 
@@ -60,10 +63,13 @@ class AccountHealth:
             state.refused_reason = error.reason
             if now - state.last_logged >= LOG_EVERY:
                 state.last_logged = now
-                log.error("upstream_refused_credentials", account=account, reason=error.reason,
-                          hint="fix the account's credentials (or the upstream's IP allowlist); messages are queued")
-        elif (isinstance(error, UpstreamUnavailable) and not isinstance(error, RateLimited)
-              and state.down_since is None):
+                log.error(
+                    "upstream_refused_credentials",
+                    account=account,
+                    reason=error.reason,
+                    hint="fix the account's credentials (or the upstream's IP allowlist); messages are queued",
+                )
+        elif isinstance(error, UpstreamUnavailable) and not isinstance(error, RateLimited) and state.down_since is None:
             state.down_since = now
             log.warning("upstream_down", account=account, reason=error.reason)
 
@@ -82,5 +88,8 @@ class AccountHealth:
 
     def problems(self) -> list[str]:
         """Why this instance is not ready (for /readyz), or [] when every account is fine."""
-        return [f"{account}: upstream refuses the gateway's credentials ({s.refused_reason})"
-                for account, s in self._states.items() if s.refused_since is not None]
+        return [
+            f"{account}: upstream refuses the gateway's credentials ({s.refused_reason})"
+            for account, s in self._states.items()
+            if s.refused_since is not None
+        ]

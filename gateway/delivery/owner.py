@@ -73,16 +73,23 @@ class _Inline:
 
 class DeliveryOwner:
     def __init__(
-        self, providers: Mapping[str, Provider], store: QueueStore, settings: DeliverySettings,
-        health: AccountHealth, *, owner: str | None = None, clock: Callable[[], float] = time.time,
+        self,
+        providers: Mapping[str, Provider],
+        store: QueueStore,
+        settings: DeliverySettings,
+        health: AccountHealth,
+        *,
+        owner: str | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.providers = providers
         self.store = store
         self.settings = settings
         self.health = health
         self.owner = owner or owner_id(settings.instance_name)
-        self.policy = RetryPolicy(tuple(settings.retry_schedule), settings.retry_jitter, settings.max_lifetime,
-                                  settings.ambiguous)
+        self.policy = RetryPolicy(
+            tuple(settings.retry_schedule), settings.retry_jitter, settings.max_lifetime, settings.ambiguous
+        )
         self.clock = clock
         self.rng = random.Random()
         self.wakeup = asyncio.Event()  # something became due sooner than the retry worker expects
@@ -93,16 +100,26 @@ class DeliveryOwner:
     # -- inline ----------------------------------------------------------------------------------------
 
     async def submit(
-        self, submission: Submission, plan: Sequence[Call], bound: structlog.typing.FilteringBoundLogger,
-        idempotency_key: str | None = None, receipt: Receipt | None = None,
+        self,
+        submission: Submission,
+        plan: Sequence[Call],
+        bound: structlog.typing.FilteringBoundLogger,
+        idempotency_key: str | None = None,
+        receipt: Receipt | None = None,
         on_done: Callable[[], None] | None = None,
     ) -> Reply:
         """The reply to a new message. The attempt is ours: if the session is cancelled (client gone),
         the attempt goes on and records its outcome. `receipt` learns the queue id or upstream ids; `on_done`
         is called when the first attempt has ended."""
         now = self.clock()
-        attempt = _Inline(new_id(), submission, transition.fresh(plan, now, self.policy), bound,
-                          idempotency_key=idempotency_key, receipt=receipt if receipt is not None else Receipt())
+        attempt = _Inline(
+            new_id(),
+            submission,
+            transition.fresh(plan, now, self.policy),
+            bound,
+            idempotency_key=idempotency_key,
+            receipt=receipt if receipt is not None else Receipt(),
+        )
         if idempotency_key is not None:
             resent = await self._resent(attempt, now)  # (raising, the caller releases `on_done` itself)
             if resent is not None:
@@ -146,8 +163,9 @@ class DeliveryOwner:
         except SpoolUnavailable as exc:
             attempt.log.error("idempotency_key_not_recorded", key=key[:12], error=exc.reason)
 
-    async def _first_attempt(self, attempt: _Inline, decided: asyncio.Future[Reply],
-                             on_done: Callable[[], None] | None = None) -> None:
+    async def _first_attempt(
+        self, attempt: _Inline, decided: asyncio.Future[Reply], on_done: Callable[[], None] | None = None
+    ) -> None:
         try:
             await self._inline(attempt, decided)
         except GatewayError as exc:  # expected, and logged where it was raised (the queue cannot store)
@@ -157,8 +175,9 @@ class DeliveryOwner:
         except Exception as exc:  # a bug: once with its traceback, counted; the client may retry
             INTERNAL_ERRORS.labels(where="inline_delivery").inc()
             attempt.log.error("delivery_internal_error", queue_id=attempt.msg_id, exc_info=exc)
-            DELIVERIES.labels(account=attempt.submission.principal.account, path="inline",
-                              verdict="internal_error").inc()
+            DELIVERIES.labels(
+                account=attempt.submission.principal.account, path="inline", verdict="internal_error"
+            ).inc()
             if not decided.done():
                 attempt.receipt.reason = "internal error (logged as delivery_internal_error)"
                 decided.set_result(replies.INTERNAL_ERROR)
@@ -190,8 +209,12 @@ class DeliveryOwner:
             decision = self._decide(attempt.before, await call, attempt.submission, "inline", self._bound(attempt))
             if decision.first_id is not None:
                 AMBIGUOUS.labels(account=provider.account, cause="passthrough_late").inc()
-            attempt.log.warning("late_answer_after_451", verdict=decision.verdict, upstream_id=decision.first_id,
-                                error=decision.last_error)
+            attempt.log.warning(
+                "late_answer_after_451",
+                verdict=decision.verdict,
+                upstream_id=decision.first_id,
+                error=decision.last_error,
+            )
             return
         try:
             await self._store_inflight(attempt)
@@ -210,11 +233,18 @@ class DeliveryOwner:
         attempt.receipt.queue_id = attempt.msg_id
         decided.set_result(replies.queued(attempt.msg_id))
         self._gone(attempt, "queued")
-        attempt.log.info("message_spooled", queue_id=attempt.msg_id, inflight=True,
-                         reason="upstream did not answer within the inline budget")
-        stored = replace(attempt.before, calls={
-            k: replace(r, state="sending") if k in attempt.started else r for k, r in attempt.before.calls.items()
-        })
+        attempt.log.info(
+            "message_spooled",
+            queue_id=attempt.msg_id,
+            inflight=True,
+            reason="upstream did not answer within the inline budget",
+        )
+        stored = replace(
+            attempt.before,
+            calls={
+                k: replace(r, state="sending") if k in attempt.started else r for k, r in attempt.before.calls.items()
+            },
+        )
         try:
             outcome = await call
         except Exception as exc:
@@ -257,8 +287,12 @@ class DeliveryOwner:
         try:
             await self.store.insert(self._new(attempt, decision, inflight=False))
         except SpoolUnavailable as exc:
-            bound.error("spool_unavailable", queue_id=attempt.msg_id, error=exc.reason,
-                        delivered=sorted(k for k, c in decision.calls.items() if c.state == "done"))
+            bound.error(
+                "spool_unavailable",
+                queue_id=attempt.msg_id,
+                error=exc.reason,
+                delivered=sorted(k for k, c in decision.calls.items() if c.state == "done"),
+            )
             raise
         receipt.queue_id = attempt.msg_id
         receipt.upstream_ids = _ids(decision)
@@ -268,18 +302,27 @@ class DeliveryOwner:
             bound.error("message_dead_lettered", queue_id=attempt.msg_id, reason=decision.dead_reason)
         else:
             self.wakeup.set()
-            bound.info("message_spooled", queue_id=attempt.msg_id, upstream_ids=_ids(decision),
-                       reason=decision.last_error)
+            bound.info(
+                "message_spooled", queue_id=attempt.msg_id, upstream_ids=_ids(decision), reason=decision.last_error
+            )
         return replies.queued(decision.first_id or attempt.msg_id)
 
     def _new(self, attempt: _Inline, decision: Decision, *, inflight: bool) -> NewMessage:
         s = attempt.submission
         record, blobs = codec.encode(s)
         return NewMessage(
-            id=attempt.msg_id, account=s.principal.account, mail_from=s.mail_from, subject=s.message.subject,
-            submission=record, blobs=blobs, decision=decision, inflight_owner=self.owner if inflight else None,
-            lease_until=self.clock() + self.settings.lease_seconds, created=attempt.before.created,
-            expires=attempt.before.expires, idempotency_key=attempt.idempotency_key,
+            id=attempt.msg_id,
+            account=s.principal.account,
+            mail_from=s.mail_from,
+            subject=s.message.subject,
+            submission=record,
+            blobs=blobs,
+            decision=decision,
+            inflight_owner=self.owner if inflight else None,
+            lease_until=self.clock() + self.settings.lease_seconds,
+            created=attempt.before.created,
+            expires=attempt.before.expires,
+            idempotency_key=attempt.idempotency_key,
         )
 
     @staticmethod
@@ -311,22 +354,36 @@ class DeliveryOwner:
             submission = codec.decode(item.submission, item.blobs)
         except codec.CodecError as exc:
             reason = f"corrupt queue record: {exc}"
-            await self._settle(item.id, item.token, Decision("dead", dict(item.before.calls), item.before.attempts,
-                                                             now, reason, dead_reason=reason), bound)
+            await self._settle(
+                item.id,
+                item.token,
+                Decision("dead", dict(item.before.calls), item.before.attempts, now, reason, dead_reason=reason),
+                bound,
+            )
             return
         before, lost = transition.resume(item.before)
         if lost:
             AMBIGUOUS.labels(account=item.account, cause="lease_expired").inc(len(lost))
             done_ids = [r.upstream_id for r in before.calls.values() if r.state == "done" and r.upstream_id]
-            bound.warning("delivery_ambiguous", cause="lease_expired", calls=lost, upstream_ids=done_ids,
-                          policy=self.policy.ambiguous)
+            bound.warning(
+                "delivery_ambiguous",
+                cause="lease_expired",
+                calls=lost,
+                upstream_ids=done_ids,
+                policy=self.policy.ambiguous,
+            )
             if self.policy.ambiguous == "hold":
                 await self._settle(item.id, item.token, transition.hold(before, lost, now), bound)
                 return
         provider = self.providers.get(item.account)
         if provider is None:
-            outcome = Outcome(deferred={k: Deferred(f"account {item.account} is not in the configuration")
-                                        for k, r in before.calls.items() if r.state == "pending"})
+            outcome = Outcome(
+                deferred={
+                    k: Deferred(f"account {item.account} is not in the configuration")
+                    for k, r in before.calls.items()
+                    if r.state == "pending"
+                }
+            )
         else:
             plan_keys = {c.key for c in provider.plan(submission)}
             if plan_keys != set(before.calls):
@@ -341,8 +398,14 @@ class DeliveryOwner:
 
     # -- shared ----------------------------------------------------------------------------------------
 
-    def _decide(self, before: Before, outcome: Outcome, submission: Submission, path: str,
-                bound: structlog.typing.FilteringBoundLogger) -> Decision:
+    def _decide(
+        self,
+        before: Before,
+        outcome: Outcome,
+        submission: Submission,
+        path: str,
+        bound: structlog.typing.FilteringBoundLogger,
+    ) -> Decision:
         account = submission.principal.account
         if outcome.delivered and self.health.succeeded(account):
             self._spawn(self._wake(account))
@@ -353,15 +416,21 @@ class DeliveryOwner:
         decision = transition.decide(before, outcome, self.policy, self.clock(), self.rng)
         if lost:
             AMBIGUOUS.labels(account=account, cause="answer_lost").inc(len(lost))
-            bound.warning("delivery_ambiguous", cause="answer_lost", calls=sorted(lost), upstream_ids=_ids(decision),
-                          policy=self.policy.ambiguous)
+            bound.warning(
+                "delivery_ambiguous",
+                cause="answer_lost",
+                calls=sorted(lost),
+                upstream_ids=_ids(decision),
+                policy=self.policy.ambiguous,
+            )
         if lost and self.policy.ambiguous == "hold" and decision.verdict == "queued":
             decision = transition.hold(replace(before, calls=decision.calls), sorted(lost), self.clock())
         DELIVERIES.labels(account=account, path=path, verdict=decision.verdict).inc()
         return decision
 
-    async def _settle(self, msg_id: str, token: int, decision: Decision,
-                      bound: structlog.typing.FilteringBoundLogger) -> None:
+    async def _settle(
+        self, msg_id: str, token: int, decision: Decision, bound: structlog.typing.FilteringBoundLogger
+    ) -> None:
         for attempt in range(5):
             try:
                 settled = await self.store.settle(msg_id, token, decision, self.clock())
@@ -374,16 +443,23 @@ class DeliveryOwner:
         else:
             return
         if not settled:
-            bound.warning("settle_fenced", verdict=decision.verdict,
-                          reason="the lease expired and another owner claimed the message")
+            bound.warning(
+                "settle_fenced",
+                verdict=decision.verdict,
+                reason="the lease expired and another owner claimed the message",
+            )
             return
         verdict = decision.verdict
         if verdict == "delivered":
             bound.info("message_delivered", upstream_ids=_ids(decision))
         elif verdict == "queued":
             self.wakeup.set()
-            bound.info("message_retry_scheduled", attempts=decision.attempts, error=decision.last_error,
-                       next_in=round(decision.next_attempt - self.clock(), 1))
+            bound.info(
+                "message_retry_scheduled",
+                attempts=decision.attempts,
+                error=decision.last_error,
+                next_in=round(decision.next_attempt - self.clock(), 1),
+            )
         else:
             DEAD_LETTERS.labels(cause=dead_cause(decision)).inc()
             bound.error("message_dead_lettered", reason=decision.dead_reason)
@@ -475,4 +551,3 @@ def dead_cause(decision: Decision) -> str:
 
 def _ids(decision: Decision) -> list[str]:
     return [c.upstream_id for c in decision.calls.values() if c.state == "done" and c.upstream_id]
-

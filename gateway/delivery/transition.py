@@ -99,17 +99,30 @@ def resume(before: Before) -> tuple[Before, list[str]]:
     calls = dict(before.calls)
     for key in lost:
         row = calls[key]
-        calls[key] = replace(row, state="pending", lost=row.lost + 1,
-                             error="the previous attempt's answer was lost (instance stopped mid-call)")
+        calls[key] = replace(
+            row,
+            state="pending",
+            lost=row.lost + 1,
+            error="the previous attempt's answer was lost (instance stopped mid-call)",
+        )
     return replace(before, calls=calls), lost
 
 
 def hold(before: Before, keys: Sequence[str], now: float) -> Decision:
     """The `ambiguous = "hold"` policy: a message with calls that may have been delivered stops here."""
-    reason = (f"held: the upstream may already have call(s) {', '.join(keys)} (answer lost); "
-              "`smtp-gateway queue requeue` resends them")
-    return Decision("dead", dict(before.calls), before.attempts, now, reason, dead_reason=reason,
-                    internal_errors=before.internal_errors)
+    reason = (
+        f"held: the upstream may already have call(s) {', '.join(keys)} (answer lost); "
+        "`smtp-gateway queue requeue` resends them"
+    )
+    return Decision(
+        "dead",
+        dict(before.calls),
+        before.attempts,
+        now,
+        reason,
+        dead_reason=reason,
+        internal_errors=before.internal_errors,
+    )
 
 
 def decide(
@@ -149,20 +162,30 @@ def decide(
     if "pending" not in states:
         return decision("dead", dead_reason="refused by upstream: " + _refusals(calls))
     if now >= before.expires:
-        return decision("dead", dead_reason=(
-            f"expired after {attempts} attempts in {now - before.created:.0f}s; last error: {error}"))
+        return decision(
+            "dead",
+            dead_reason=(f"expired after {attempts} attempts in {now - before.created:.0f}s; last error: {error}"),
+        )
     return decision("queued", next_attempt=min(now + _wait(outcome, policy, attempts, rng), before.expires))
 
 
-def internal_error(before: Before, reason: str, policy: RetryPolicy, now: float,
-                   rng: random.Random | None = None) -> Decision:
+def internal_error(
+    before: Before, reason: str, policy: RetryPolicy, now: float, rng: random.Random | None = None
+) -> Decision:
     """An attempt that failed with a bug (logged with its traceback by the owner): retried on the normal
     schedule, and a dead letter once it has happened `max_internal_errors` times."""
     count = before.internal_errors + 1
     attempts = before.attempts + 1
     if count >= policy.max_internal_errors:
-        return Decision("dead", dict(before.calls), attempts, now, reason, internal_errors=count,
-                        dead_reason=f"internal error {count} times (see the log); last: {reason}")
+        return Decision(
+            "dead",
+            dict(before.calls),
+            attempts,
+            now,
+            reason,
+            internal_errors=count,
+            dead_reason=f"internal error {count} times (see the log); last: {reason}",
+        )
     next_attempt = min(now + policy.delay(attempts, rng), before.expires)
     return Decision("queued", dict(before.calls), attempts, next_attempt, reason, internal_errors=count)
 

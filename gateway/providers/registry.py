@@ -29,15 +29,25 @@ def build(name: str, account: AccountSettings, store: QueueStore | None = None) 
     if isinstance(account, DmdsAccount):
         from gateway.providers.dmds.provider import DmdsProvider
 
-        http = HttpClient(account.base_url, upstream="DMDS", account=name, timeout=account.http_timeout,
-                          max_connections=account.max_connections, transport=account.http_client)
+        http = HttpClient(
+            account.base_url,
+            upstream="DMDS",
+            account=name,
+            timeout=account.http_timeout,
+            max_connections=account.max_connections,
+            transport=account.http_client,
+        )
         return DmdsProvider(name, account, http, limiter)
     if isinstance(account, DengageAccount):
         from gateway.providers.dengage.provider import DengageProvider
 
-        http = HttpClient(account.base_url, upstream="dEngage", account=name, timeout=account.http_timeout,
-                          max_connections=account.max_connections, transport=account.http_client)
+        http = HttpClient(
+            account.base_url,
+            upstream="dEngage",
+            account=name,
+            timeout=account.http_timeout,
+            max_connections=account.max_connections,
+            transport=account.http_client,
+        )
         return DengageProvider(name, account, http, limiter)
     raise TypeError(f"no provider for {type(account).__name__}")  # pragma: no cover - the config union is closed
-
-

@@ -31,15 +31,20 @@ def _table(rows: list[dict[str, Any]], now: float, dead: bool) -> list[str]:
         else:
             due = r["next_attempt"] - now
             tail = f"next {'now' if due <= 0 else 'in ' + _age(due)}" + (
-                f"  last error: {r['last_error']}" if r["last_error"] else "")
-        lines.append(f"{r['id']}  {r['state']:<8} age {_age(now - r['created']):>6}  tries {r['attempts']:>2}"
-                     f"  calls open {calls}  from {r['mail_from']}  \"{r['subject']}\"  {tail}")
+                f"  last error: {r['last_error']}" if r["last_error"] else ""
+            )
+        lines.append(
+            f"{r['id']}  {r['state']:<8} age {_age(now - r['created']):>6}  tries {r['attempts']:>2}"
+            f'  calls open {calls}  from {r["mail_from"]}  "{r["subject"]}"  {tail}'
+        )
     return lines
 
 
 def main(settings: Settings, args: argparse.Namespace) -> int:
-    if args.action != "migrate" and not settings.delivery.queue_url.startswith("postgres") and not (
-        settings.delivery.spool_path.exists()
+    if (
+        args.action != "migrate"
+        and not settings.delivery.queue_url.startswith("postgres")
+        and not (settings.delivery.spool_path.exists())
     ):
         print(f"no queue at {settings.delivery.spool_path}")
         return 0 if args.action in ("list", "dead") else 1
@@ -60,8 +65,11 @@ async def _act(store: QueueStore, settings: Settings, args: argparse.Namespace) 
     action = args.action
     if action == "migrate":
         before, after = await store.migrate()
-        print(f"queue {store.url}: schema version {before} -> {after}" if before != after
-              else f"queue {store.url}: schema version {after}, up to date")
+        print(
+            f"queue {store.url}: schema version {before} -> {after}"
+            if before != after
+            else f"queue {store.url}: schema version {after}, up to date"
+        )
         return 0
     if action in ("list", "dead"):
         states = ["dead"] if action == "dead" else ["queued", "inflight"]
@@ -115,7 +123,10 @@ def add_parser(sub: Any, with_config: Any) -> None:
         q.add_argument("--json", action="store_true")
         q.add_argument("--limit", type=int, default=1000)
     qsub.add_parser("migrate", help="apply pending schema migrations (servers also do it at start)")
-    for name, text in (("show", "one message with its calls"), ("retry", "make a queued message due now"),
-                       ("delete", "delete a queued message or dead letter"),
-                       ("requeue", "put a dead letter back in the queue with a fresh lifetime")):
+    for name, text in (
+        ("show", "one message with its calls"),
+        ("retry", "make a queued message due now"),
+        ("delete", "delete a queued message or dead letter"),
+        ("requeue", "put a dead letter back in the queue with a fresh lifetime"),
+    ):
         qsub.add_parser(name, help=text).add_argument("id")

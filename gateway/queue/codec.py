@@ -42,8 +42,12 @@ def encode(s: Submission) -> tuple[bytes, list[bytes | memoryview]]:
     blobs: list[bytes | memoryview] = []
 
     def attachment(a: Attachment) -> dict[str, Any]:
-        entry: dict[str, Any] = {"filename": a.filename, "content_type": a.content_type,
-                                 "content_id": a.content_id, "inline": a.inline}
+        entry: dict[str, Any] = {
+            "filename": a.filename,
+            "content_type": a.content_type,
+            "content_id": a.content_id,
+            "inline": a.inline,
+        }
         content = a.base64()
         if len(content) >= BLOB_MIN:
             entry["blob"] = len(blobs)
@@ -56,16 +60,28 @@ def encode(s: Submission) -> tuple[bytes, list[bytes | memoryview]]:
     doc = {
         "v": VERSION,
         "principal": {
-            "account": p.account, "login": p.login, "allowed_senders": list(p.allowed_senders),
-            "default_from": p.default_from, "force_from": p.force_from, "extra": dict(p.extra),
+            "account": p.account,
+            "login": p.login,
+            "allowed_senders": list(p.allowed_senders),
+            "default_from": p.default_from,
+            "force_from": p.force_from,
+            "extra": dict(p.extra),
         },
         "mail_from": s.mail_from,
         "rcpt_tos": list(s.rcpt_tos),
         "message": {
-            "subject": m.subject, "from": _addr(m.from_), "sender": _addr(m.sender), "reply_to": _addr(m.reply_to),
-            "to": [_addr(a) for a in m.to], "cc": [_addr(a) for a in m.cc], "html": m.html, "text": m.text,
+            "subject": m.subject,
+            "from": _addr(m.from_),
+            "sender": _addr(m.sender),
+            "reply_to": _addr(m.reply_to),
+            "to": [_addr(a) for a in m.to],
+            "cc": [_addr(a) for a in m.cc],
+            "html": m.html,
+            "text": m.text,
             "attachments": [attachment(a) for a in m.attachments],
-            "options": m.options, "message_id": m.message_id, "x_headers": [list(h) for h in m.x_headers],
+            "options": m.options,
+            "message_id": m.message_id,
+            "x_headers": [list(h) for h in m.x_headers],
         },
         "params": dict(s.params),
     }
@@ -74,12 +90,17 @@ def encode(s: Submission) -> tuple[bytes, list[bytes | memoryview]]:
 
 def _message(m: dict[str, Any], blobs: Sequence[bytes] | None) -> Message:
     return Message(
-        subject=m["subject"], from_=_unaddr(m["from"]), sender=_unaddr(m["sender"]),
-        reply_to=_unaddr(m["reply_to"]), to=_addrs(m["to"]), cc=_addrs(m["cc"]), html=m["html"], text=m["text"],
-        attachments=tuple(
-            _attachment(a, blobs) for a in m["attachments"]
-        ),
-        options=dict(m["options"]), message_id=m["message_id"],
+        subject=m["subject"],
+        from_=_unaddr(m["from"]),
+        sender=_unaddr(m["sender"]),
+        reply_to=_unaddr(m["reply_to"]),
+        to=_addrs(m["to"]),
+        cc=_addrs(m["cc"]),
+        html=m["html"],
+        text=m["text"],
+        attachments=tuple(_attachment(a, blobs) for a in m["attachments"]),
+        options=dict(m["options"]),
+        message_id=m["message_id"],
         x_headers=tuple((h[0], h[1]) for h in m.get("x_headers", [])),
     )
 
@@ -89,17 +110,30 @@ def _attachment(a: dict[str, Any], blobs: Sequence[bytes] | None) -> Attachment:
         content, carried = (blobs[a["blob"]] if blobs is not None else b""), True
     else:
         content, carried = a["data"].encode("ascii"), a.get("carried", False)
-    return Attachment(filename=a["filename"], content_type=a["content_type"],
-                      data=b"" if carried else base64.b64decode(content), content_id=a["content_id"],
-                      inline=a["inline"], b64=content if carried else None)
+    return Attachment(
+        filename=a["filename"],
+        content_type=a["content_type"],
+        data=b"" if carried else base64.b64decode(content),
+        content_id=a["content_id"],
+        inline=a["inline"],
+        b64=content if carried else None,
+    )
 
 
 def _v2(doc: dict[str, Any], blobs: Sequence[bytes] | None) -> Submission:
     p = doc["principal"]
     return Submission(
-        principal=Principal(account=p["account"], login=p["login"], allowed_senders=tuple(p["allowed_senders"]),
-                            default_from=p["default_from"], force_from=p["force_from"], extra=dict(p["extra"])),
-        mail_from=doc["mail_from"], rcpt_tos=tuple(doc["rcpt_tos"]), message=_message(doc["message"], blobs),
+        principal=Principal(
+            account=p["account"],
+            login=p["login"],
+            allowed_senders=tuple(p["allowed_senders"]),
+            default_from=p["default_from"],
+            force_from=p["force_from"],
+            extra=dict(p["extra"]),
+        ),
+        mail_from=doc["mail_from"],
+        rcpt_tos=tuple(doc["rcpt_tos"]),
+        message=_message(doc["message"], blobs),
         params=dict(doc["params"]),
     )
 
@@ -107,12 +141,23 @@ def _v2(doc: dict[str, Any], blobs: Sequence[bytes] | None) -> Submission:
 def _v1(doc: dict[str, Any], blobs: Sequence[bytes] | None) -> Submission:
     """A DMDS submission as the spool wrote it before providers: campaign fields move to extra/params."""
     p = doc["principal"]
-    extra = {"campaign": p["campaign"], "campaign_from_subject": p["campaign_from_subject"],
-             "may_choose_campaign": p["may_choose_campaign"]}
+    extra = {
+        "campaign": p["campaign"],
+        "campaign_from_subject": p["campaign_from_subject"],
+        "may_choose_campaign": p["may_choose_campaign"],
+    }
     return Submission(
-        principal=Principal(account=p["account"], login=p["login"], allowed_senders=tuple(p["allowed_senders"]),
-                            default_from=p["default_from"], force_from=p["force_from"], extra=extra),
-        mail_from=doc["mail_from"], rcpt_tos=tuple(doc["rcpt_tos"]), message=_message(doc["message"], blobs),
+        principal=Principal(
+            account=p["account"],
+            login=p["login"],
+            allowed_senders=tuple(p["allowed_senders"]),
+            default_from=p["default_from"],
+            force_from=p["force_from"],
+            extra=extra,
+        ),
+        mail_from=doc["mail_from"],
+        rcpt_tos=tuple(doc["rcpt_tos"]),
+        message=_message(doc["message"], blobs),
         params={"campaign": doc["campaign"], "archive": doc["archive"], "batch": doc["batch_eeid"]},
     )
 

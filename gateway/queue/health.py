@@ -27,10 +27,14 @@ class QueueHealth:
 
     def problems(self) -> list[str]:
         now = self._clock()
-        found = [f"queue: {'cannot store new messages' if kind == 'insert' else 'cannot be read'} "
-                 f"({round(now - when)} s ago: {error})"
-                 for kind, (when, error) in sorted(self._failures.items()) if now - when < self._recent]
+        found = [
+            f"queue: {'cannot store new messages' if kind == 'insert' else 'cannot be read'} "
+            f"({round(now - when)} s ago: {error})"
+            for kind, (when, error) in sorted(self._failures.items())
+            if now - when < self._recent
+        ]
         if self.reserve_released:
-            found.append("queue: the disk is full (its reserve is in use to drain the queue); new messages get "
-                         "452 4.3.1")
+            found.append(
+                "queue: the disk is full (its reserve is in use to drain the queue); new messages get 452 4.3.1"
+            )
         return found

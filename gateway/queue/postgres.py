@@ -53,9 +53,15 @@ class PostgresQueue:
         self._kwargs: dict[str, Any] = {"autocommit": True, "row_factory": dict_row}
         if password:
             self._kwargs["password"] = password
-        self._pool = AsyncConnectionPool(url, connection_class=psycopg.AsyncConnection[DictRow],
-                                         kwargs=self._kwargs, min_size=1, max_size=max_connections,
-                                         open=False, name="smtp-gateway-queue")
+        self._pool = AsyncConnectionPool(
+            url,
+            connection_class=psycopg.AsyncConnection[DictRow],
+            kwargs=self._kwargs,
+            min_size=1,
+            max_size=max_connections,
+            open=False,
+            name="smtp-gateway-queue",
+        )
         self._opened = False
         self._found_version = 0
         self.health = QueueHealth()
@@ -125,8 +131,10 @@ class PostgresQueue:
             async with conn.cursor() as cur:
                 await cur.executemany(
                     f"INSERT INTO calls (msg_id, ord, {CALL_COLUMNS}) VALUES (%s,%s,%s,%s,%s,%s,%s,%s)",
-                    [(m.id, n, c.key, c.recipients, c.state, c.upstream_id, c.error, c.lost)
-                     for n, c in enumerate(m.decision.calls.values())],
+                    [
+                        (m.id, n, c.key, c.recipients, c.state, c.upstream_id, c.error, c.lost)
+                        for n, c in enumerate(m.decision.calls.values())
+                    ],
                 )
                 for row in chunks(m.id, m.blobs):  # one chunk in memory at a time
                     await cur.execute("INSERT INTO blobs (msg_id, n, seq, data) VALUES (%s,%s,%s,%s)", row)
@@ -140,44 +148,61 @@ class PostgresQueue:
 
     async def claim(self, owner: str, account: str, now: float, limit: int, lease: float) -> list[Claimed]:
         async with self._tx() as conn:
-            rows = await (await conn.execute(
-                "SELECT id, false AS reaped FROM messages WHERE account=%s AND state='queued' AND next_attempt<=%s"
-                " ORDER BY next_attempt, seq LIMIT %s FOR UPDATE SKIP LOCKED", (account, now, limit),
-            )).fetchall()
+            rows = await (
+                await conn.execute(
+                    "SELECT id, false AS reaped FROM messages WHERE account=%s AND state='queued' AND next_attempt<=%s"
+                    " ORDER BY next_attempt, seq LIMIT %s FOR UPDATE SKIP LOCKED",
+                    (account, now, limit),
+                )
+            ).fetchall()
             if len(rows) < limit:
-                rows += await (await conn.execute(
-                    "SELECT id, true AS reaped FROM messages WHERE account=%s AND state='inflight'"
-                    " AND (lease_until IS NULL OR lease_until<%s) ORDER BY seq LIMIT %s FOR UPDATE SKIP LOCKED",
-                    (account, now, limit - len(rows)),
-                )).fetchall()
+                rows += await (
+                    await conn.execute(
+                        "SELECT id, true AS reaped FROM messages WHERE account=%s AND state='inflight'"
+                        " AND (lease_until IS NULL OR lease_until<%s) ORDER BY seq LIMIT %s FOR UPDATE SKIP LOCKED",
+                        (account, now, limit - len(rows)),
+                    )
+                ).fetchall()
             if not rows:
                 return []
             reaped = {r["id"]: r["reaped"] for r in rows}
-            updated = await (await conn.execute(
-                "UPDATE messages SET state='inflight', owner=%s, lease_until=%s, token=token+1 WHERE id = ANY(%s)"
-                " RETURNING id, seq, token, submission, attempts, created, expires, internal_errors",
-                (owner, now + lease, list(reaped)),
-            )).fetchall()
+            updated = await (
+                await conn.execute(
+                    "UPDATE messages SET state='inflight', owner=%s, lease_until=%s, token=token+1 WHERE id = ANY(%s)"
+                    " RETURNING id, seq, token, submission, attempts, created, expires, internal_errors",
+                    (owner, now + lease, list(reaped)),
+                )
+            ).fetchall()
             calls: dict[str, dict[str, CallRow]] = {r["id"]: {} for r in updated}
-            for c in await (await conn.execute(
-                f"SELECT msg_id, {CALL_COLUMNS} FROM calls WHERE msg_id = ANY(%s) ORDER BY msg_id, ord",
-                (list(reaped),),
-            )).fetchall():
-                calls[c["msg_id"]][c["key"]] = CallRow(c["key"], c["recipients"], c["state"], c["upstream_id"],
-                                                       c["error"], c["lost"])
+            for c in await (
+                await conn.execute(
+                    f"SELECT msg_id, {CALL_COLUMNS} FROM calls WHERE msg_id = ANY(%s) ORDER BY msg_id, ord",
+                    (list(reaped),),
+                )
+            ).fetchall():
+                calls[c["msg_id"]][c["key"]] = CallRow(
+                    c["key"], c["recipients"], c["state"], c["upstream_id"], c["error"], c["lost"]
+                )
             blobs: dict[str, list[bytearray]] = {r["id"]: [] for r in updated}
             async with conn.cursor() as cur:
                 # Streamed row by row: a message's blob chunks are never all in memory beside the blob.
-                async for row in cur.stream("SELECT msg_id, n, data FROM blobs WHERE msg_id = ANY(%s)"
-                                            " ORDER BY msg_id, n, seq", (list(reaped),)):
+                async for row in cur.stream(
+                    "SELECT msg_id, n, data FROM blobs WHERE msg_id = ANY(%s) ORDER BY msg_id, n, seq", (list(reaped),)
+                ):
                     parts = blobs[row["msg_id"]]
                     if row["n"] == len(parts):
                         parts.append(bytearray())
                     parts[row["n"]] += row["data"]
         return [
-            Claimed(m["id"], account, m["token"], bytes(m["submission"]),
-                    Before(calls[m["id"]], m["attempts"], m["created"], m["expires"], m["internal_errors"]),
-                    reaped=reaped[m["id"]], blobs=blobs[m["id"]])  # type: ignore[arg-type]  # bytearray reads as bytes
+            Claimed(
+                m["id"],
+                account,
+                m["token"],
+                bytes(m["submission"]),
+                Before(calls[m["id"]], m["attempts"], m["created"], m["expires"], m["internal_errors"]),
+                reaped=reaped[m["id"]],
+                blobs=blobs[m["id"]],  # type: ignore[arg-type]  # bytearray reads as bytes
+            )
             for m in sorted(updated, key=lambda m: (reaped[m["id"]], m["seq"]))
         ]
 
@@ -185,14 +210,17 @@ class PostgresQueue:
         async with self._tx() as conn:
             if not await self._holds(conn, msg_id, token):
                 return False
-            await conn.execute("UPDATE calls SET state='sending' WHERE msg_id=%s AND key = ANY(%s) AND state='pending'",
-                               (msg_id, list(keys)))
+            await conn.execute(
+                "UPDATE calls SET state='sending' WHERE msg_id=%s AND key = ANY(%s) AND state='pending'",
+                (msg_id, list(keys)),
+            )
         return True
 
     @staticmethod
     async def _holds(conn: psycopg.AsyncConnection[DictRow], msg_id: str, token: int) -> bool:
-        row = await (await conn.execute("SELECT 1 FROM messages WHERE id=%s AND token=%s FOR UPDATE",
-                                        (msg_id, token))).fetchone()
+        row = await (
+            await conn.execute("SELECT 1 FROM messages WHERE id=%s AND token=%s FOR UPDATE", (msg_id, token))
+        ).fetchone()
         return row is not None
 
     async def settle(self, msg_id: str, token: int, d: Decision, now: float) -> bool:
@@ -203,12 +231,22 @@ class PostgresQueue:
                 await conn.execute("DELETE FROM messages WHERE id=%s", (msg_id,))
                 return True
             dead = d.verdict in ("dead", "refused")
-            row = await (await conn.execute(
-                "UPDATE messages SET state=%s, attempts=%s, next_attempt=%s, last_error=%s, dead_reason=%s,"
-                " dead_at=%s, internal_errors=%s, owner=NULL, lease_until=NULL WHERE id=%s RETURNING account",
-                ("dead" if dead else "queued", d.attempts, d.next_attempt, d.last_error,
-                 d.dead_reason if dead else None, now if dead else None, d.internal_errors, msg_id),
-            )).fetchone()
+            row = await (
+                await conn.execute(
+                    "UPDATE messages SET state=%s, attempts=%s, next_attempt=%s, last_error=%s, dead_reason=%s,"
+                    " dead_at=%s, internal_errors=%s, owner=NULL, lease_until=NULL WHERE id=%s RETURNING account",
+                    (
+                        "dead" if dead else "queued",
+                        d.attempts,
+                        d.next_attempt,
+                        d.last_error,
+                        d.dead_reason if dead else None,
+                        now if dead else None,
+                        d.internal_errors,
+                        msg_id,
+                    ),
+                )
+            ).fetchone()
             async with conn.cursor() as cur:
                 await cur.executemany(
                     "UPDATE calls SET state=%s, upstream_id=%s, error=%s, lost=%s WHERE msg_id=%s AND key=%s",
@@ -220,38 +258,47 @@ class PostgresQueue:
 
     async def release(self, msg_id: str, token: int, now: float) -> bool:
         async with self._tx() as conn:
-            row = await (await conn.execute(
-                "UPDATE messages SET state='queued', next_attempt=%s, owner=NULL, lease_until=NULL"
-                " WHERE id=%s AND token=%s AND state='inflight' RETURNING account", (now, msg_id, token),
-            )).fetchone()
+            row = await (
+                await conn.execute(
+                    "UPDATE messages SET state='queued', next_attempt=%s, owner=NULL, lease_until=NULL"
+                    " WHERE id=%s AND token=%s AND state='inflight' RETURNING account",
+                    (now, msg_id, token),
+                )
+            ).fetchone()
             if row is not None:
                 await self._notify(conn, row["account"])
         return row is not None
 
     async def renew(self, owner: str, lease_until: float) -> int:
         async with self._tx() as conn:
-            cur = await conn.execute("UPDATE messages SET lease_until=%s WHERE owner=%s AND state='inflight'",
-                                     (lease_until, owner))
+            cur = await conn.execute(
+                "UPDATE messages SET lease_until=%s WHERE owner=%s AND state='inflight'", (lease_until, owner)
+            )
             return cur.rowcount
 
     async def expire_owners(self, owners: Sequence[str], now: float) -> int:
         async with self._tx() as conn:
-            cur = await conn.execute("UPDATE messages SET lease_until=%s WHERE owner = ANY(%s) AND state='inflight'",
-                                     (now - 1, list(owners)))
+            cur = await conn.execute(
+                "UPDATE messages SET lease_until=%s WHERE owner = ANY(%s) AND state='inflight'", (now - 1, list(owners))
+            )
             return cur.rowcount
 
     async def owners(self) -> list[str]:
         async with self._tx() as conn:
-            rows = await (await conn.execute(
-                "SELECT DISTINCT owner FROM messages WHERE state='inflight' AND owner IS NOT NULL")).fetchall()
+            rows = await (
+                await conn.execute("SELECT DISTINCT owner FROM messages WHERE state='inflight' AND owner IS NOT NULL")
+            ).fetchall()
         return [r["owner"] for r in rows]
 
     async def next_due(self, accounts: Sequence[str]) -> float | None:
         async with self._tx() as conn:
-            row = await (await conn.execute(
-                "SELECT MIN(CASE state WHEN 'queued' THEN next_attempt ELSE COALESCE(lease_until, 0) END) AS t"
-                " FROM messages WHERE state IN ('queued', 'inflight') AND account = ANY(%s)", (list(accounts),),
-            )).fetchone()
+            row = await (
+                await conn.execute(
+                    "SELECT MIN(CASE state WHEN 'queued' THEN next_attempt ELSE COALESCE(lease_until, 0) END) AS t"
+                    " FROM messages WHERE state IN ('queued', 'inflight') AND account = ANY(%s)",
+                    (list(accounts),),
+                )
+            ).fetchone()
         return None if row is None or row["t"] is None else float(row["t"])
 
     async def wake(self, account: str, now: float, limit: int | None = None) -> int:
@@ -277,8 +324,7 @@ class PostgresQueue:
                     async for notice in conn.notifies():
                         wake(notice.payload)
             except (psycopg.Error, OSError) as exc:
-                log.warning("queue_listen_failed", queue=self.url, error=f"{type(exc).__name__}: {exc}",
-                            retry_in=delay)
+                log.warning("queue_listen_failed", queue=self.url, error=f"{type(exc).__name__}: {exc}", retry_in=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
 
@@ -288,14 +334,16 @@ class PostgresQueue:
         """Take the account's next call slot (GCRA, one row per account, the database's clock); returns
         the seconds to wait for it."""
         async with self._tx() as conn:
-            row = await (await conn.execute(
-                "WITH now AS (SELECT extract(epoch FROM clock_timestamp()) AS t)"
-                " INSERT INTO rate_buckets AS b (account, tat) SELECT %(a)s, now.t + %(i)s FROM now"
-                " ON CONFLICT (account) DO UPDATE SET tat = GREATEST(b.tat, (SELECT t FROM now))"
-                " + CASE WHEN b.slow_until > (SELECT t FROM now) THEN 2 * %(i)s ELSE %(i)s END"
-                " RETURNING tat - (SELECT t FROM now) AS ahead, slow_until > (SELECT t FROM now) AS slow",
-                {"a": account, "i": interval},
-            )).fetchone()
+            row = await (
+                await conn.execute(
+                    "WITH now AS (SELECT extract(epoch FROM clock_timestamp()) AS t)"
+                    " INSERT INTO rate_buckets AS b (account, tat) SELECT %(a)s, now.t + %(i)s FROM now"
+                    " ON CONFLICT (account) DO UPDATE SET tat = GREATEST(b.tat, (SELECT t FROM now))"
+                    " + CASE WHEN b.slow_until > (SELECT t FROM now) THEN 2 * %(i)s ELSE %(i)s END"
+                    " RETURNING tat - (SELECT t FROM now) AS ahead, slow_until > (SELECT t FROM now) AS slow",
+                    {"a": account, "i": interval},
+                )
+            ).fetchone()
         assert row is not None
         step = interval * (2 if row["slow"] else 1)
         return max(0.0, float(row["ahead"]) - step - (burst - 1) * step)
@@ -317,53 +365,69 @@ class PostgresQueue:
         self, account: str, key: str, msg_id: str, now: float, window: float, stale: float
     ) -> KeyHit | None:
         async with self._tx() as conn:
-            await conn.execute("DELETE FROM idempotency WHERE account=%s AND key=%s AND expires<%s",
-                               (account, key, now))
-            inserted = await (await conn.execute(
-                "INSERT INTO idempotency (account, key, msg_id, created, expires) VALUES (%s,%s,%s,%s,%s)"
-                " ON CONFLICT (account, key) DO NOTHING RETURNING msg_id", (account, key, msg_id, now, now + window),
-            )).fetchone()
+            await conn.execute(
+                "DELETE FROM idempotency WHERE account=%s AND key=%s AND expires<%s", (account, key, now)
+            )
+            inserted = await (
+                await conn.execute(
+                    "INSERT INTO idempotency (account, key, msg_id, created, expires) VALUES (%s,%s,%s,%s,%s)"
+                    " ON CONFLICT (account, key) DO NOTHING RETURNING msg_id",
+                    (account, key, msg_id, now, now + window),
+                )
+            ).fetchone()
             if inserted is not None:
                 return None
-            row = await (await conn.execute(
-                "SELECT msg_id, reply_id, created FROM idempotency WHERE account=%s AND key=%s FOR UPDATE",
-                (account, key))).fetchone()
+            row = await (
+                await conn.execute(
+                    "SELECT msg_id, reply_id, created FROM idempotency WHERE account=%s AND key=%s FOR UPDATE",
+                    (account, key),
+                )
+            ).fetchone()
             if row is None or row["reply_id"] is not None or row["created"] >= now - stale:
                 return None if row is None else KeyHit(row["msg_id"], row["reply_id"])
             stored = await (await conn.execute("SELECT 1 FROM messages WHERE id=%s", (row["msg_id"],))).fetchone()
             if stored is not None:
                 await conn.execute("UPDATE idempotency SET reply_id=msg_id WHERE account=%s AND key=%s", (account, key))
                 return KeyHit(row["msg_id"], row["msg_id"])
-            await conn.execute("UPDATE idempotency SET msg_id=%s, created=%s, expires=%s WHERE account=%s AND key=%s",
-                               (msg_id, now, now + window, account, key))
+            await conn.execute(
+                "UPDATE idempotency SET msg_id=%s, created=%s, expires=%s WHERE account=%s AND key=%s",
+                (msg_id, now, now + window, account, key),
+            )
         return None
 
     async def finish_key(self, account: str, key: str, msg_id: str, reply_id: str | None) -> None:
         async with self._tx() as conn:
             if reply_id is None:
-                await conn.execute("DELETE FROM idempotency WHERE account=%s AND key=%s AND msg_id=%s",
-                                   (account, key, msg_id))
+                await conn.execute(
+                    "DELETE FROM idempotency WHERE account=%s AND key=%s AND msg_id=%s", (account, key, msg_id)
+                )
             else:
-                await conn.execute("UPDATE idempotency SET reply_id=%s WHERE account=%s AND key=%s AND msg_id=%s",
-                                   (reply_id, account, key, msg_id))
+                await conn.execute(
+                    "UPDATE idempotency SET reply_id=%s WHERE account=%s AND key=%s AND msg_id=%s",
+                    (reply_id, account, key, msg_id),
+                )
 
     # -- operators ------------------------------------------------------------------------------------
 
     async def counts(self, now: float) -> dict[str, dict[str, Any]]:
         async with self._tx() as conn:
-            rows = await (await conn.execute(
-                "SELECT state, COUNT(*) AS n, MIN(created) AS oldest FROM messages GROUP BY state")).fetchall()
+            rows = await (
+                await conn.execute("SELECT state, COUNT(*) AS n, MIN(created) AS oldest FROM messages GROUP BY state")
+            ).fetchall()
         return {r["state"]: {"count": r["n"], "oldest_age": now - r["oldest"]} for r in rows}
 
     async def list(self, states: Sequence[str], limit: int = 1000) -> list[dict[str, Any]]:
         async with self._tx() as conn:
-            rows = await (await conn.execute(
-                "SELECT m.id, m.state, m.account, m.created, m.next_attempt, m.attempts, m.mail_from, m.subject,"
-                " m.size, m.last_error, m.dead_reason, m.dead_at, m.owner,"
-                " (SELECT COUNT(*) FROM calls c WHERE c.msg_id=m.id AND c.state!='done') AS open_calls,"
-                " (SELECT COUNT(*) FROM calls c WHERE c.msg_id=m.id) AS calls"
-                " FROM messages m WHERE m.state = ANY(%s) ORDER BY m.seq LIMIT %s", (list(states), limit),
-            )).fetchall()
+            rows = await (
+                await conn.execute(
+                    "SELECT m.id, m.state, m.account, m.created, m.next_attempt, m.attempts, m.mail_from, m.subject,"
+                    " m.size, m.last_error, m.dead_reason, m.dead_at, m.owner,"
+                    " (SELECT COUNT(*) FROM calls c WHERE c.msg_id=m.id AND c.state!='done') AS open_calls,"
+                    " (SELECT COUNT(*) FROM calls c WHERE c.msg_id=m.id) AS calls"
+                    " FROM messages m WHERE m.state = ANY(%s) ORDER BY m.seq LIMIT %s",
+                    (list(states), limit),
+                )
+            ).fetchall()
         return [dict(r) for r in rows]
 
     async def show(self, msg_id: str) -> dict[str, Any] | None:
@@ -371,8 +435,9 @@ class PostgresQueue:
             row = await (await conn.execute("SELECT * FROM messages WHERE id=%s", (msg_id,))).fetchone()
             if row is None:
                 return None
-            calls = await (await conn.execute(
-                f"SELECT {CALL_COLUMNS} FROM calls WHERE msg_id=%s ORDER BY ord", (msg_id,))).fetchall()
+            calls = await (
+                await conn.execute(f"SELECT {CALL_COLUMNS} FROM calls WHERE msg_id=%s ORDER BY ord", (msg_id,))
+            ).fetchall()
         out = {k: v for k, v in row.items() if k != "submission"}
         out["calls"] = [dict(c) for c in calls]
         return out
@@ -384,9 +449,12 @@ class PostgresQueue:
 
     async def retry_now(self, msg_id: str, now: float) -> bool:
         async with self._tx() as conn:
-            row = await (await conn.execute(
-                "UPDATE messages SET next_attempt=%s WHERE id=%s AND state='queued' RETURNING account", (now, msg_id),
-            )).fetchone()
+            row = await (
+                await conn.execute(
+                    "UPDATE messages SET next_attempt=%s WHERE id=%s AND state='queued' RETURNING account",
+                    (now, msg_id),
+                )
+            ).fetchone()
             if row is not None:
                 await self._notify(conn, row["account"])
         return row is not None
@@ -398,13 +466,16 @@ class PostgresQueue:
 
     async def requeue(self, msg_id: str, now: float, max_lifetime: float) -> bool:
         async with self._tx() as conn:
-            row = await (await conn.execute(
-                "UPDATE messages SET state='queued', next_attempt=%s, expires=%s, attempts=0, dead_reason=NULL,"
-                " dead_at=NULL, internal_errors=0 WHERE id=%s AND state='dead' RETURNING account",
-                (now, now + max_lifetime, msg_id),
-            )).fetchone()
+            row = await (
+                await conn.execute(
+                    "UPDATE messages SET state='queued', next_attempt=%s, expires=%s, attempts=0, dead_reason=NULL,"
+                    " dead_at=NULL, internal_errors=0 WHERE id=%s AND state='dead' RETURNING account",
+                    (now, now + max_lifetime, msg_id),
+                )
+            ).fetchone()
             if row is not None:
-                await conn.execute("UPDATE calls SET state='pending', error=NULL WHERE msg_id=%s AND state='rejected'",
-                                   (msg_id,))
+                await conn.execute(
+                    "UPDATE calls SET state='pending', error=NULL WHERE msg_id=%s AND state='rejected'", (msg_id,)
+                )
                 await self._notify(conn, row["account"])
         return row is not None

@@ -159,8 +159,10 @@ class SqliteQueue:
             db.execute(_MESSAGE_INSERT, stored.values)
             db.executemany(
                 f"INSERT INTO calls (msg_id, {CALL_COLUMNS}) VALUES (?,?,?,?,?,?,?)",
-                [(m.id, c.key, c.recipients, c.state, c.upstream_id, c.error, c.lost)
-                 for c in m.decision.calls.values()],
+                [
+                    (m.id, c.key, c.recipients, c.state, c.upstream_id, c.error, c.lost)
+                    for c in m.decision.calls.values()
+                ],
             )
             db.executemany("INSERT INTO blobs (msg_id, n, seq, data) VALUES (?,?,?,?)", chunks(m.id, m.blobs))
         return stored.token
@@ -172,7 +174,8 @@ class SqliteQueue:
         with self._tx() as db:
             rows = db.execute(
                 "SELECT id, state FROM messages WHERE account=? AND state='queued' AND next_attempt<=?"
-                " ORDER BY next_attempt, seq LIMIT ?", (account, now, limit),
+                " ORDER BY next_attempt, seq LIMIT ?",
+                (account, now, limit),
             ).fetchall()
             if len(rows) < limit:
                 rows += db.execute(
@@ -187,9 +190,17 @@ class SqliteQueue:
                     " RETURNING token, submission, attempts, created, expires, internal_errors",
                     (owner, now + lease, row["id"]),
                 ).fetchone()
-                out.append(Claimed(row["id"], account, m["token"], bytes(m["submission"]),
-                                   self._before(db, row["id"], m), reaped=row["state"] == "inflight",
-                                   blobs=self._blobs(db, row["id"])))
+                out.append(
+                    Claimed(
+                        row["id"],
+                        account,
+                        m["token"],
+                        bytes(m["submission"]),
+                        self._before(db, row["id"], m),
+                        reaped=row["state"] == "inflight",
+                        blobs=self._blobs(db, row["id"]),
+                    )
+                )
         return out
 
     @staticmethod
@@ -207,16 +218,23 @@ class SqliteQueue:
             r["key"]: CallRow(r["key"], r["recipients"], r["state"], r["upstream_id"], r["error"], r["lost"])
             for r in db.execute(f"SELECT {CALL_COLUMNS} FROM calls WHERE msg_id=? ORDER BY rowid", (msg_id,))
         }
-        return Before(calls=calls, attempts=m["attempts"], created=m["created"], expires=m["expires"],
-                      internal_errors=m["internal_errors"])
+        return Before(
+            calls=calls,
+            attempts=m["attempts"],
+            created=m["created"],
+            expires=m["expires"],
+            internal_errors=m["internal_errors"],
+        )
 
     async def mark_sending(self, msg_id: str, token: int, keys: Sequence[str]) -> bool:
         def run() -> bool:
             with self._tx() as db:
                 if db.execute("SELECT 1 FROM messages WHERE id=? AND token=?", (msg_id, token)).fetchone() is None:
                     return False
-                db.executemany("UPDATE calls SET state='sending' WHERE msg_id=? AND key=? AND state='pending'",
-                               [(msg_id, key) for key in keys])
+                db.executemany(
+                    "UPDATE calls SET state='sending' WHERE msg_id=? AND key=? AND state='pending'",
+                    [(msg_id, key) for key in keys],
+                )
             return True
 
         return await self._run(run)
@@ -235,8 +253,16 @@ class SqliteQueue:
             db.execute(
                 "UPDATE messages SET state=?, attempts=?, next_attempt=?, last_error=?, dead_reason=?, dead_at=?,"
                 " internal_errors=?, owner=NULL, lease_until=NULL WHERE id=?",
-                ("dead" if dead else "queued", d.attempts, d.next_attempt, d.last_error,
-                 d.dead_reason if dead else None, now if dead else None, d.internal_errors, msg_id),
+                (
+                    "dead" if dead else "queued",
+                    d.attempts,
+                    d.next_attempt,
+                    d.last_error,
+                    d.dead_reason if dead else None,
+                    now if dead else None,
+                    d.internal_errors,
+                    msg_id,
+                ),
             )
             db.executemany(
                 "UPDATE calls SET state=?, upstream_id=?, error=?, lost=? WHERE msg_id=? AND key=?",
@@ -247,8 +273,11 @@ class SqliteQueue:
     async def release(self, msg_id: str, token: int, now: float) -> bool:
         def run() -> bool:
             with self._tx() as db:
-                cur = db.execute("UPDATE messages SET state='queued', next_attempt=?, owner=NULL, lease_until=NULL"
-                                 " WHERE id=? AND token=? AND state='inflight'", (now, msg_id, token))
+                cur = db.execute(
+                    "UPDATE messages SET state='queued', next_attempt=?, owner=NULL, lease_until=NULL"
+                    " WHERE id=? AND token=? AND state='inflight'",
+                    (now, msg_id, token),
+                )
             return cur.rowcount == 1
 
         return await self._run(run)
@@ -256,23 +285,32 @@ class SqliteQueue:
     async def renew(self, owner: str, lease_until: float) -> int:
         def run() -> int:
             with self._tx() as db:
-                return db.execute("UPDATE messages SET lease_until=? WHERE owner=? AND state='inflight'",
-                                  (lease_until, owner)).rowcount
+                return db.execute(
+                    "UPDATE messages SET lease_until=? WHERE owner=? AND state='inflight'", (lease_until, owner)
+                ).rowcount
 
         return await self._run(run)
 
     async def expire_owners(self, owners: Sequence[str], now: float) -> int:
         def run() -> int:
             with self._tx() as db:
-                return sum(db.execute("UPDATE messages SET lease_until=? WHERE owner=? AND state='inflight'",
-                                      (now - 1, owner)).rowcount for owner in owners)
+                return sum(
+                    db.execute(
+                        "UPDATE messages SET lease_until=? WHERE owner=? AND state='inflight'", (now - 1, owner)
+                    ).rowcount
+                    for owner in owners
+                )
 
         return await self._run(run)
 
     async def owners(self) -> list[str]:
         def run() -> list[str]:
-            return [r[0] for r in self.db.execute(
-                "SELECT DISTINCT owner FROM messages WHERE state='inflight' AND owner IS NOT NULL")]
+            return [
+                r[0]
+                for r in self.db.execute(
+                    "SELECT DISTINCT owner FROM messages WHERE state='inflight' AND owner IS NOT NULL"
+                )
+            ]
 
         return await self._run(run)
 
@@ -281,7 +319,8 @@ class SqliteQueue:
             marks = ",".join("?" * len(accounts))
             row = self.db.execute(
                 f"SELECT MIN(CASE state WHEN 'queued' THEN next_attempt ELSE COALESCE(lease_until, 0) END)"
-                f" FROM messages WHERE state IN ('queued', 'inflight') AND account IN ({marks})", tuple(accounts),
+                f" FROM messages WHERE state IN ('queued', 'inflight') AND account IN ({marks})",
+                tuple(accounts),
             ).fetchone()
             return None if row is None or row[0] is None else float(row[0])
 
@@ -317,8 +356,9 @@ class SqliteQueue:
         def run() -> KeyHit | None:
             with self._tx() as db:
                 db.execute("DELETE FROM idempotency WHERE expires<?", (now,))
-                row = db.execute("SELECT msg_id, reply_id, created FROM idempotency WHERE account=? AND key=?",
-                                 (account, key)).fetchone()
+                row = db.execute(
+                    "SELECT msg_id, reply_id, created FROM idempotency WHERE account=? AND key=?", (account, key)
+                ).fetchone()
                 if row is not None and (row["reply_id"] is not None or row["created"] >= now - stale):
                     return KeyHit(row["msg_id"], row["reply_id"])
                 if row is not None:
@@ -326,8 +366,10 @@ class SqliteQueue:
                         db.execute("UPDATE idempotency SET reply_id=msg_id WHERE account=? AND key=?", (account, key))
                         return KeyHit(row["msg_id"], row["msg_id"])
                     db.execute("DELETE FROM idempotency WHERE account=? AND key=?", (account, key))
-                db.execute("INSERT INTO idempotency (account, key, msg_id, created, expires) VALUES (?,?,?,?,?)",
-                           (account, key, msg_id, now, now + window))
+                db.execute(
+                    "INSERT INTO idempotency (account, key, msg_id, created, expires) VALUES (?,?,?,?,?)",
+                    (account, key, msg_id, now, now + window),
+                )
             return None
 
         return await self._run(run)
@@ -338,8 +380,10 @@ class SqliteQueue:
                 if reply_id is None:
                     db.execute("DELETE FROM idempotency WHERE account=? AND key=? AND msg_id=?", (account, key, msg_id))
                 else:
-                    db.execute("UPDATE idempotency SET reply_id=? WHERE account=? AND key=? AND msg_id=?",
-                               (reply_id, account, key, msg_id))
+                    db.execute(
+                        "UPDATE idempotency SET reply_id=? WHERE account=? AND key=? AND msg_id=?",
+                        (reply_id, account, key, msg_id),
+                    )
 
         await self._run(run)
 
@@ -348,7 +392,8 @@ class SqliteQueue:
     async def counts(self, now: float) -> dict[str, dict[str, Any]]:
         def run() -> dict[str, dict[str, Any]]:
             rows = self.db.execute(
-                "SELECT state, COUNT(*) AS n, MIN(created) AS oldest FROM messages GROUP BY state").fetchall()
+                "SELECT state, COUNT(*) AS n, MIN(created) AS oldest FROM messages GROUP BY state"
+            ).fetchall()
             return {r["state"]: {"count": r["n"], "oldest_age": now - r["oldest"]} for r in rows}
 
         return await self._run(run)
@@ -361,7 +406,8 @@ class SqliteQueue:
                 " m.size, m.last_error, m.dead_reason, m.dead_at, m.owner,"
                 " (SELECT COUNT(*) FROM calls c WHERE c.msg_id=m.id AND c.state!='done') AS open_calls,"
                 " (SELECT COUNT(*) FROM calls c WHERE c.msg_id=m.id) AS calls"
-                f" FROM messages m WHERE m.state IN ({marks}) ORDER BY m.seq LIMIT ?", (*states, limit),
+                f" FROM messages m WHERE m.state IN ({marks}) ORDER BY m.seq LIMIT ?",
+                (*states, limit),
             ).fetchall()
             return [dict(r) for r in rows]
 
@@ -373,8 +419,10 @@ class SqliteQueue:
             if row is None:
                 return None
             out = {k: row[k] for k in row.keys() if k != "submission"}  # noqa: SIM118 (sqlite3.Row)
-            out["calls"] = [dict(r) for r in self.db.execute(
-                f"SELECT {CALL_COLUMNS} FROM calls WHERE msg_id=? ORDER BY rowid", (msg_id,))]
+            out["calls"] = [
+                dict(r)
+                for r in self.db.execute(f"SELECT {CALL_COLUMNS} FROM calls WHERE msg_id=? ORDER BY rowid", (msg_id,))
+            ]
             return out
 
         return await self._run(run)
@@ -389,8 +437,12 @@ class SqliteQueue:
     async def retry_now(self, msg_id: str, now: float) -> bool:
         def run() -> bool:
             with self._tx() as db:
-                return db.execute("UPDATE messages SET next_attempt=? WHERE id=? AND state='queued'",
-                                  (now, msg_id)).rowcount == 1
+                return (
+                    db.execute(
+                        "UPDATE messages SET next_attempt=? WHERE id=? AND state='queued'", (now, msg_id)
+                    ).rowcount
+                    == 1
+                )
 
         return await self._run(run)
 
@@ -406,11 +458,13 @@ class SqliteQueue:
             with self._tx() as db:
                 cur = db.execute(
                     "UPDATE messages SET state='queued', next_attempt=?, expires=?, attempts=0, dead_reason=NULL,"
-                    " dead_at=NULL, internal_errors=0 WHERE id=? AND state='dead'", (now, now + max_lifetime, msg_id),
+                    " dead_at=NULL, internal_errors=0 WHERE id=? AND state='dead'",
+                    (now, now + max_lifetime, msg_id),
                 )
                 if cur.rowcount:
-                    db.execute("UPDATE calls SET state='pending', error=NULL WHERE msg_id=? AND state='rejected'",
-                               (msg_id,))
+                    db.execute(
+                        "UPDATE calls SET state='pending', error=NULL WHERE msg_id=? AND state='rejected'", (msg_id,)
+                    )
             return cur.rowcount == 1
 
         return await self._run(run)

@@ -35,8 +35,10 @@ class RateFile:
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=OFF")
-            db.execute("CREATE TABLE IF NOT EXISTS rate_buckets (account TEXT PRIMARY KEY, tat REAL NOT NULL,"
-                       " slow_until REAL NOT NULL DEFAULT 0)")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS rate_buckets (account TEXT PRIMARY KEY, tat REAL NOT NULL,"
+                " slow_until REAL NOT NULL DEFAULT 0)"
+            )
             self._db = db
         return self._db
 
@@ -56,8 +58,11 @@ class RateFile:
                 tat, slow_until = (row[0], row[1]) if row else (now, 0.0)
                 step = interval * (2 if slow_until > now else 1)
                 tat = max(tat, now)
-                db.execute("INSERT INTO rate_buckets (account, tat, slow_until) VALUES (?,?,?) ON CONFLICT (account)"
-                           " DO UPDATE SET tat=excluded.tat", (account, tat + step, slow_until))
+                db.execute(
+                    "INSERT INTO rate_buckets (account, tat, slow_until) VALUES (?,?,?) ON CONFLICT (account)"
+                    " DO UPDATE SET tat=excluded.tat",
+                    (account, tat + step, slow_until),
+                )
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
@@ -124,8 +129,12 @@ class Reserve:
             return False
         self.released = True
         self._next_try = time.monotonic() + self.RETRY_EVERY
-        log.error("queue_disk_full", path=str(self.path.parent), reserve_released=self.size,
-                  effect="stored messages keep draining; new messages get 452 4.3.1 until there is room")
+        log.error(
+            "queue_disk_full",
+            path=str(self.path.parent),
+            reserve_released=self.size,
+            effect="stored messages keep draining; new messages get 452 4.3.1 until there is room",
+        )
         return True
 
     def restore_if_due(self, force: bool = False) -> None:

@@ -172,9 +172,11 @@ class QueueStore(Protocol):
 
 
 # A new message's row of the messages table, the same for both backends (only the placeholders differ).
-MESSAGE_COLUMNS = ("id, account, state, created, expires, next_attempt, attempts, mail_from, subject, size,"
-                   " last_error, dead_reason, dead_at, owner, lease_until, token, internal_errors, idem_key,"
-                   " submission")
+MESSAGE_COLUMNS = (
+    "id, account, state, created, expires, next_attempt, attempts, mail_from, subject, size,"
+    " last_error, dead_reason, dead_at, owner, lease_until, token, internal_errors, idem_key,"
+    " submission"
+)
 CALL_COLUMNS = "key, recipients, state, upstream_id, error, lost"
 
 
@@ -198,10 +200,31 @@ def message_row(m: NewMessage) -> MessageRow:
     inflight = m.inflight_owner is not None
     state = "inflight" if inflight else ("dead" if d.verdict == "dead" else "queued")
     token = 1 if inflight else 0
-    return MessageRow(state, token, (
-        m.id, m.account, state, m.created, m.expires, d.next_attempt, d.attempts, m.mail_from, m.subject,
-        len(m.submission), d.last_error, d.dead_reason, m.created if state == "dead" else None, m.inflight_owner,
-        m.lease_until if inflight else None, token, d.internal_errors, m.idempotency_key, m.submission))
+    return MessageRow(
+        state,
+        token,
+        (
+            m.id,
+            m.account,
+            state,
+            m.created,
+            m.expires,
+            d.next_attempt,
+            d.attempts,
+            m.mail_from,
+            m.subject,
+            len(m.submission),
+            d.last_error,
+            d.dead_reason,
+            m.created if state == "dead" else None,
+            m.inflight_owner,
+            m.lease_until if inflight else None,
+            token,
+            d.internal_errors,
+            m.idempotency_key,
+            m.submission,
+        ),
+    )
 
 
 CHUNK = 1 << 20

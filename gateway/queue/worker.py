@@ -27,8 +27,14 @@ DEAD_OWNER_CHECK = 5.0
 
 
 class RetryWorker:
-    def __init__(self, owner: DeliveryOwner, accounts: Sequence[str], concurrency: int, poll_interval: float,
-                 probe_interval: float) -> None:
+    def __init__(
+        self,
+        owner: DeliveryOwner,
+        accounts: Sequence[str],
+        concurrency: int,
+        poll_interval: float,
+        probe_interval: float,
+    ) -> None:
         self.owner = owner
         self.store = owner.store
         self.accounts = list(accounts)

@@ -7,8 +7,7 @@ import struct
 from dataclasses import dataclass
 from functools import cache
 
-VERSIONS = {0x0200: "SSLv2", 0x0300: "SSLv3", 0x0301: "TLSv1", 0x0302: "TLSv1.1", 0x0303: "TLSv1.2",
-            0x0304: "TLSv1.3"}
+VERSIONS = {0x0200: "SSLv2", 0x0300: "SSLv3", 0x0301: "TLSv1", 0x0302: "TLSv1.1", 0x0303: "TLSv1.2", 0x0304: "TLSv1.3"}
 _HANDSHAKE, _CLIENT_HELLO, _SUPPORTED_VERSIONS, _SERVER_NAME = 0x16, 0x01, 0x002B, 0x0000
 
 
@@ -87,8 +86,9 @@ def parse_client_hello(data: bytes) -> Offer:
         reader.take(reader.u8())  # session id
         suites = reader.take(reader.u16())
         ciphers = tuple(
-            _cipher_name(code) for (code,) in struct.iter_unpack("!H", suites) if not _grease(code)
-            and code not in _SIGNALS
+            _cipher_name(code)
+            for (code,) in struct.iter_unpack("!H", suites)
+            if not _grease(code) and code not in _SIGNALS
         )
         reader.take(reader.u8())  # compression methods
         end = reader.u16() + reader.pos

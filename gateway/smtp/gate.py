@@ -218,8 +218,14 @@ class Gate(asyncio.Protocol):
         CONNECTIONS_REFUSED.labels(listener=self._listener, reason=reason).inc()
         suppressed = self._sampler.allow((reason, address))
         if suppressed is not None:
-            log.warning("connection_refused", listener=self._listener, peer=address, reason=reason, detail=detail,
-                        suppressed=suppressed)
+            log.warning(
+                "connection_refused",
+                listener=self._listener,
+                peer=address,
+                reason=reason,
+                detail=detail,
+                suppressed=suppressed,
+            )
         self._close()
 
     def close(self) -> None:

@@ -64,8 +64,13 @@ class GatewayHandler:
                     # Remembered for the session: MAIL, RCPT and DATA all ask (AUTH may still replace it).
                     principal = self.authenticator.principal_for_user(login)
                     session.auth_data = principal
-                    log.info("trusted_client", peer=_peer(session), network=str(network), login=login,
-                             account=principal.account)
+                    log.info(
+                        "trusted_client",
+                        peer=_peer(session),
+                        network=str(network),
+                        login=login,
+                        account=principal.account,
+                    )
                     return principal
         return None
 
@@ -113,8 +118,13 @@ class GatewayHandler:
         AUTH.labels(result="locked_out").inc()
         suppressed = self.defenses.sampler.allow(("auth_locked_out", key))
         if suppressed is not None:
-            log.warning("auth_locked_out", peer=_peer(server.session), client=key,
-                        retry_in=math.ceil(verdict.locked_for), suppressed=suppressed)
+            log.warning(
+                "auth_locked_out",
+                peer=_peer(server.session),
+                client=key,
+                retry_in=math.ceil(verdict.locked_for),
+                suppressed=suppressed,
+            )
         server.mark_logged()
         await server.push(str(replies.AUTH_LOCKED_OUT))
         server.transport.close()
@@ -190,8 +200,14 @@ class GatewayHandler:
             if checked:
                 AUTH_LOCKOUTS.inc()
                 limits = self.defenses.limits
-                log.warning("auth_lockout", peer=_peer(session), client=key, failures=limits.auth_lockout_failures,
-                            window=limits.auth_failure_window, locked_for=limits.auth_lockout_time)
+                log.warning(
+                    "auth_lockout",
+                    peer=_peer(session),
+                    client=key,
+                    failures=limits.auth_lockout_failures,
+                    window=limits.auth_failure_window,
+                    locked_for=limits.auth_lockout_time,
+                )
             await server.push(str(replies.AUTH_LOCKED_OUT))
             server.transport.close()
             return AuthResult(success=False, handled=True)
@@ -219,11 +235,19 @@ class GatewayHandler:
         wait = self.defenses.rates.take(f"{principal.account}/{principal.login}")
         if wait:
             LIMIT_HITS.labels(limit="messages_per_minute").inc()
-            log.info("message_rate_limited", peer=_peer(session), login=principal.login, retry_in=math.ceil(wait),
-                     limit=self.defenses.limits.messages_per_minute)
+            log.info(
+                "message_rate_limited",
+                peer=_peer(session),
+                login=principal.login,
+                retry_in=math.ceil(wait),
+                limit=self.defenses.limits.messages_per_minute,
+            )
             server.mark_logged()
-            return str(replies.LOGIN_RATE_LIMITED.with_text(
-                f"Message rate limit reached for {principal.login}; try again in {math.ceil(wait)} s"))
+            return str(
+                replies.LOGIN_RATE_LIMITED.with_text(
+                    f"Message rate limit reached for {principal.login}; try again in {math.ceil(wait)} s"
+                )
+            )
         try:
             address = await self.pipeline.check_sender(principal, address, smtputf8)
         except GatewayError as exc:
@@ -242,8 +266,13 @@ class GatewayHandler:
             return str(replies.AUTH_REQUIRED)
         if len(envelope.rcpt_tos) >= self.limits.max_recipients:
             LIMIT_HITS.labels(limit="max_recipients").inc()
-            log.info("recipient_rejected", peer=_peer(session), login=principal.login,
-                     reply=str(replies.TOO_MANY_RECIPIENTS), limit=self.limits.max_recipients)
+            log.info(
+                "recipient_rejected",
+                peer=_peer(session),
+                login=principal.login,
+                reply=str(replies.TOO_MANY_RECIPIENTS),
+                limit=self.limits.max_recipients,
+            )
             server.mark_logged()
             return str(replies.TOO_MANY_RECIPIENTS)
         try:
@@ -265,7 +294,11 @@ class GatewayHandler:
         assert isinstance(raw, (bytes, bytearray)) and envelope.mail_from is not None
         txn = server.txn
         reply = await self.pipeline.accept(
-            principal, envelope.mail_from, list(envelope.rcpt_tos), raw, "SMTPUTF8" in envelope.mail_options,
+            principal,
+            envelope.mail_from,
+            list(envelope.rcpt_tos),
+            raw,
+            "SMTPUTF8" in envelope.mail_options,
             receipt=txn.receipt if txn is not None else None,
             reservation=server.take_reservation(),
         )

@@ -40,9 +40,7 @@ class HandshakeFailures:
     # client IP -> (when its last line was logged, failures since then that were not logged)
     _seen: dict[str, tuple[float, int]] = field(default_factory=dict)
 
-    def report(
-        self, listener: str, profile: Profile, peer: Any, head: bytes, error: BaseException | None
-    ) -> None:
+    def report(self, listener: str, profile: Profile, peer: Any, head: bytes, error: BaseException | None) -> None:
         offer = parse_client_hello(head)
         TLS_HANDSHAKE_FAILURES.labels(listener=listener, offered=offer.version).inc()
         ip, port = (str(peer[0]), peer[1]) if isinstance(peer, tuple) else (str(peer), None)
@@ -93,10 +91,12 @@ def _hint(reason: str, offer: Offer, profile: Profile) -> str | None:
     if reason == "UNSUPPORTED_PROTOCOL" and offer.version in ("SSLv2", "SSLv3"):
         return f"the client offers at most {offer.version}, which no profile accepts"
     if reason == "UNSUPPORTED_PROTOCOL" and profile != "legacy":
-        return f"the client offers at most {offer.version}; tls_profile = \"legacy\" accepts TLS 1.0 and 1.1"
+        return f'the client offers at most {offer.version}; tls_profile = "legacy" accepts TLS 1.0 and 1.1'
     if reason == "NO_SHARED_CIPHER":
-        return ("no cipher suite in common; devices limited to RSA key exchange need an RSA certificate "
-                "(tls.extra_cert_file) and tls_profile = \"legacy\"")
+        return (
+            "no cipher suite in common; devices limited to RSA key exchange need an RSA certificate "
+            '(tls.extra_cert_file) and tls_profile = "legacy"'
+        )
     return None
 
 

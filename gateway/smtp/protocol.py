@@ -244,8 +244,7 @@ class GatewaySMTP(SMTP):
             if verb != "QUIT" and self._commands >= self._max_commands and self.transport is not None:
                 # This command would be one too many: refused unexecuted, and the session ends.
                 LIMIT_HITS.labels(limit="max_commands_before_data").inc()
-                log.info("session_cut_off", limit="max_commands_before_data", commands=self._commands,
-                         command=verb)
+                log.info("session_cut_off", limit="max_commands_before_data", commands=self._commands, command=verb)
                 self.mark_logged()
                 await self.push("421 4.7.0 Too many commands without sending mail, closing connection")
                 self.transport.close()
@@ -274,10 +273,16 @@ class GatewaySMTP(SMTP):
         self._cut_off = "command_timeout"
         LIMIT_HITS.labels(limit="command_timeout").inc()
         # A timer: its context may predate the session task's, so the session's fields are given here.
-        log.info("session_timeout", limit="command_timeout", timeout=self._timeout_duration, in_data=self.in_data,
-                 session=self.session_id, peer=self.peer, listener=self.listener)
-        self.say_and_close(f"421 4.4.2 {self.hostname} Error: timeout exceeded, closing connection",
-                           logged=True)
+        log.info(
+            "session_timeout",
+            limit="command_timeout",
+            timeout=self._timeout_duration,
+            in_data=self.in_data,
+            session=self.session_id,
+            peer=self.peer,
+            listener=self.listener,
+        )
+        self.say_and_close(f"421 4.4.2 {self.hostname} Error: timeout exceeded, closing connection", logged=True)
 
     def _data_deadline(self) -> None:
         """DATA not finished within data_timeout, however slowly the bytes kept coming (slowloris)."""
@@ -285,8 +290,10 @@ class GatewaySMTP(SMTP):
             return
         self._cut_off = "data_timeout"
         LIMIT_HITS.labels(limit="data_timeout").inc()
-        self.say_and_close(f"421 4.4.2 {self.hostname} Error: DATA not completed within "
-                           f"{self._data_timeout:g} s, closing connection", logged=True)
+        self.say_and_close(
+            f"421 4.4.2 {self.hostname} Error: DATA not completed within {self._data_timeout:g} s, closing connection",
+            logged=True,
+        )
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         m = _SIMPLE_PATH.match(arg)
@@ -450,9 +457,11 @@ class GatewaySMTP(SMTP):
             self.in_data = False
         if content is None:
             LIMIT_HITS.labels(limit="max_large_bytes" if self._over_budget else "max_message_size").inc()
-            txn.receipt.reason = ("too many large messages in this process now (limits.max_large_bytes)"
-                                  if self._over_budget else
-                                  f"larger than max_message_size ({self.data_size_limit} bytes)")
+            txn.receipt.reason = (
+                "too many large messages in this process now (limits.max_large_bytes)"
+                if self._over_budget
+                else f"larger than max_message_size ({self.data_size_limit} bytes)"
+            )
             status = str(replies.LARGE_BUSY if self._over_budget else replies.MESSAGE_TOO_BIG)
             self._release()
             self._set_post_data_state()  # type: ignore[no-untyped-call]
@@ -507,8 +516,11 @@ class GatewaySMTP(SMTP):
             if len(receipt.upstream_ids) > 1:
                 fields["upstream_ids"] = receipt.upstream_ids
         if status is None:
-            reason = self._cut_off or ("client disconnected during delivery (the delivery goes on)"
-                                       if txn.size else "client disconnected during DATA")
+            reason = self._cut_off or (
+                "client disconnected during delivery (the delivery goes on)"
+                if txn.size
+                else "client disconnected during DATA"
+            )
             log.info("message_aborted", reason=reason, **fields)
             return
         code = int(status[:3])

@@ -27,8 +27,17 @@ from gateway.tlsutil import CertificateError, Profile, describe_certificate, ser
 log = structlog.get_logger("gateway.smtp")
 
 # aiosmtpd counts calls per session; MAIL/RCPT/DATA/RSET stay unlimited for persistent sessions.
-COMMAND_LIMITS = {"NOOP": 100, "HELP": 20, "VRFY": 20, "EXPN": 5, "AUTH": 10, "STARTTLS": 2,
-                  "EHLO": 20, "HELO": 20, "*": 10**9}
+COMMAND_LIMITS = {
+    "NOOP": 100,
+    "HELP": 20,
+    "VRFY": 20,
+    "EXPN": 5,
+    "AUTH": 10,
+    "STARTTLS": 2,
+    "EHLO": 20,
+    "HELO": 20,
+    "*": 10**9,
+}
 
 
 # asyncio's default; shorter when the session timeout is (an idle half-open handshake holds a session slot).
@@ -130,14 +139,20 @@ class Listeners:
             for name, profile in profiles.items():
                 self.tls[name] = ListenerTls(name, profile, contexts[name], self.handshake_failures, timeout)
                 if profile == "legacy":
-                    log.warning("tls_legacy_profile", listener=name, protocols="TLSv1 TLSv1.1 TLSv1.2 TLSv1.3",
-                                note="TLS 1.0/1.1 and CBC suites are enabled for old devices; keep this "
-                                     "listener for them only")
+                    log.warning(
+                        "tls_legacy_profile",
+                        listener=name,
+                        protocols="TLSv1 TLSv1.1 TLSv1.2 TLSv1.3",
+                        note="TLS 1.0/1.1 and CBC suites are enabled for old devices; keep this listener for them only",
+                    )
         self._build_handlers()
         for listener in self.settings.listeners:
             if listener.allow_wide_trusted_network and listener.trusted_map:
-                log.warning("trusted_network_wide_allowed", listener=listener.name,
-                            networks=[str(network) for network, _ in listener.trusted_map])
+                log.warning(
+                    "trusted_network_wide_allowed",
+                    listener=listener.name,
+                    networks=[str(network) for network, _ in listener.trusted_map],
+                )
 
             def factory(name: str = listener.name) -> asyncio.BaseProtocol:
                 return self._connected(name)
@@ -152,16 +167,22 @@ class Listeners:
             )
             self.servers.append(server)
             self.ports[listener.name] = server.sockets[0].getsockname()[1]
-            log.info("listener_started", listener=listener.name, address=listener.address,
-                     port=self.ports[listener.name], tls=listener.tls,
-                     tls_profile=listener.tls_profile if listener.name in self.tls else None,
-                     proxy_protocol=listener.proxy_protocol or None)
+            log.info(
+                "listener_started",
+                listener=listener.name,
+                address=listener.address,
+                port=self.ports[listener.name],
+                tls=listener.tls,
+                tls_profile=listener.tls_profile if listener.name in self.tls else None,
+                proxy_protocol=listener.proxy_protocol or None,
+            )
 
     def _build_handlers(self) -> None:
         assert self.defenses is not None
         self.handlers = {
-            listener.name: GatewayHandler(listener, self.settings.limits, self.pipeline, self.authenticator,
-                                          self.defenses)
+            listener.name: GatewayHandler(
+                listener, self.settings.limits, self.pipeline, self.authenticator, self.defenses
+            )
             for listener in self.settings.listeners
         }
 
@@ -179,12 +200,22 @@ class Listeners:
             assert self.defenses is not None
             suppressed = self.defenses.sampler.allow(("max_sessions", name))
             if suppressed is not None:
-                log.warning("connection_refused", listener=name, reason="max_sessions",
-                            limit=self.settings.limits.max_sessions, suppressed=suppressed)
+                log.warning(
+                    "connection_refused",
+                    listener=name,
+                    reason="max_sessions",
+                    limit=self.settings.limits.max_sessions,
+                    suppressed=suppressed,
+                )
             return _Refuse(None if implicit else str(replies.TOO_MANY_SESSIONS))
         assert self.defenses is not None
-        gate = Gate(name, lambda transport, peer: self._open(name, transport, peer), self.gates.discard,
-                    self.defenses.sampler, listener.proxy_trusted if listener.proxy_protocol else None)
+        gate = Gate(
+            name,
+            lambda transport, peer: self._open(name, transport, peer),
+            self.gates.discard,
+            self.defenses.sampler,
+            listener.proxy_trusted if listener.proxy_protocol else None,
+        )
         self.gates.add(gate)
         return gate
 
@@ -204,8 +235,15 @@ class Listeners:
             CONNECTIONS_REFUSED.labels(listener=name, reason="max_sessions_per_ip").inc()
             suppressed = self.defenses.sampler.allow(("max_sessions_per_ip", key))
             if suppressed is not None:
-                log.warning("connection_refused", listener=name, peer=ip, client=key, reason="max_sessions_per_ip",
-                            limit=limits.max_sessions_per_ip, suppressed=suppressed)
+                log.warning(
+                    "connection_refused",
+                    listener=name,
+                    peer=ip,
+                    client=key,
+                    reason="max_sessions_per_ip",
+                    limit=limits.max_sessions_per_ip,
+                    suppressed=suppressed,
+                )
             refuse(transport, None if implicit else str(replies.TOO_MANY_FROM_ADDRESS))
             return None
         tls = self.tls.get(name)
@@ -268,7 +306,10 @@ class Listeners:
         return load_contexts(settings.tls, profiles) if profiles else None
 
     def apply(
-        self, settings: Settings, pipeline: Pipeline, authenticator: Authenticator,
+        self,
+        settings: Settings,
+        pipeline: Pipeline,
+        authenticator: Authenticator,
         contexts: tuple[dict[str, ssl.SSLContext], dict[str, str]] | None,
     ) -> None:
         """New sessions use these from now on; open sessions keep the ones they started with. The

@@ -54,7 +54,11 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         headers = dict(request.headers)
         try:
             async with self._get_session().request(
-                request.method, str(request.url), headers=headers, data=data, timeout=timeout,
+                request.method,
+                str(request.url),
+                headers=headers,
+                data=data,
+                timeout=timeout,
                 allow_redirects=False,
             ) as response:
                 content = bytearray()

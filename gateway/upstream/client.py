@@ -66,15 +66,23 @@ class HttpClient:
         self._metrics: dict[tuple[str, str], Histogram] = {}
 
     async def request(
-        self, endpoint: str, method: str, path: str, *, headers: dict[str, str],
+        self,
+        endpoint: str,
+        method: str,
+        path: str,
+        *,
+        headers: dict[str, str],
         content: bytes | jsonbody.Body | None = None,
     ) -> HttpResponse:
         """One call; `endpoint` is a short stable name for metrics ("send_one", "login", ...). A `Body` (a JSON
         body with large blobs) is streamed from its pieces, with its Content-Length."""
         if isinstance(content, jsonbody.Body):
             request = httpx.Request(
-                method, self.base_url + path, headers={**headers, "Content-Length": str(len(content))},
-                content=content.aiter(), extensions={"timeout": self._timeout, "body": content},
+                method,
+                self.base_url + path,
+                headers={**headers, "Content-Length": str(len(content))},
+                content=content.aiter(),
+                extensions={"timeout": self._timeout, "body": content},
             )
         else:
             request = httpx.Request(

@@ -41,7 +41,12 @@ class Unlimited:
 
 class TokenBucket:
     def __init__(
-        self, rate: float, burst: int, *, account: str = "", recovery: float = 30.0,
+        self,
+        rate: float,
+        burst: int,
+        *,
+        account: str = "",
+        recovery: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.rate = rate
@@ -95,8 +100,9 @@ class SharedBucket:
     (a row per account), so N instances together stay under the upstream's limit. When the store
     cannot be reached, this process falls back to its own bucket rather than stop sending."""
 
-    def __init__(self, slot: SlotFn, pause: PauseFn, rate: float, burst: int, *, account: str,
-                 recovery: float = 30.0) -> None:
+    def __init__(
+        self, slot: SlotFn, pause: PauseFn, rate: float, burst: int, *, account: str, recovery: float = 30.0
+    ) -> None:
         self._slot, self._pause = slot, pause
         self._interval, self._burst = 1.0 / rate, burst
         self._account = account
@@ -111,8 +117,12 @@ class SharedBucket:
         except Deferred as exc:
             if not self._degraded:
                 self._degraded = True
-                log.error("rate_limit_store_unavailable", account=self._account, error=exc.reason,
-                          fallback="this process's own bucket")
+                log.error(
+                    "rate_limit_store_unavailable",
+                    account=self._account,
+                    error=exc.reason,
+                    fallback="this process's own bucket",
+                )
             await self._local.acquire(max_wait)
             return
         self._degraded = False

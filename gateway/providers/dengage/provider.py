@@ -32,7 +32,8 @@ T = TypeVar("T")
 TAGS_OPTION = "tags"  # X-Gateway-Tags: a, b
 TEMPLATE_OPTION = "template"  # X-Gateway-Template: <content uuid>
 NO_SUBJECT = replies.INVALID_CONTENT.with_text(
-    "Subject cannot be empty: dEngage needs a Subject (or an X-Gateway-Template whose content has one)")
+    "Subject cannot be empty: dEngage needs a Subject (or an X-Gateway-Template whose content has one)"
+)
 
 
 def merge_tags(*groups: object) -> list[str]:
@@ -51,7 +52,11 @@ class DengageProvider:
     kind = "dengage"
 
     def __init__(
-        self, account: str, settings: DengageAccount, http: HttpClient, limiter: RateLimiter | None = None,
+        self,
+        account: str,
+        settings: DengageAccount,
+        http: HttpClient,
+        limiter: RateLimiter | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.account = account
@@ -85,8 +90,13 @@ class DengageProvider:
         if not self.owns_login(username):
             return None
         await self.limiter.acquire()
-        response = await self.http.request("login", "POST", str(wire.WIRE["login"]), headers=JSON,
-                                           content=orjson.dumps(wire.login_body(username, password)))
+        response = await self.http.request(
+            "login",
+            "POST",
+            str(wire.WIRE["login"]),
+            headers=JSON,
+            content=orjson.dumps(wire.login_body(username, password)),
+        )
         try:
             wire.login_token(response)
         except wire.IpNotAllowlisted:
@@ -108,8 +118,12 @@ class DengageProvider:
         if self.settings.sender_domains:
             wanted = frozenset(ascii_domain(d) for d in self.settings.sender_domains)
             if wanted - domains:
-                log.warning("dengage_sender_domain_not_identity", account=self.account,
-                            domains=sorted(wanted - domains), identities=sorted(domains))
+                log.warning(
+                    "dengage_sender_domain_not_identity",
+                    account=self.account,
+                    domains=sorted(wanted - domains),
+                    identities=sorted(domains),
+                )
             domains &= wanted
         policy = SenderPolicy(domains=domains, name_domains=True)
         self._policy = (addresses, policy)
@@ -125,7 +139,8 @@ class DengageProvider:
                 uuid.UUID(template)
             except ValueError:
                 raise ContentRejected(
-                    f"X-Gateway-Template must be a dEngage content id (a UUID), got {template[:60]!r}") from None
+                    f"X-Gateway-Template must be a dEngage content id (a UUID), got {template[:60]!r}"
+                ) from None
         elif not message.subject.strip():
             raise ContentRejected(reply=NO_SUBJECT)
         params = {
@@ -134,8 +149,7 @@ class DengageProvider:
             # Chosen once and kept with the queued message: the seed of each call's idempotency key.
             "ref": uuid.uuid4().hex,
         }
-        return Submission(principal=principal, mail_from=mail_from, rcpt_tos=rcpt_tos, message=message,
-                          params=params)
+        return Submission(principal=principal, mail_from=mail_from, rcpt_tos=rcpt_tos, message=message, params=params)
 
     def plan(self, submission: Submission) -> tuple[Call, ...]:
         """One call per envelope recipient (send.to takes one address); the key is the address in lower
@@ -154,13 +168,16 @@ class DengageProvider:
     ) -> Outcome:
         """Every pending recipient's call at once (the rate limiter spaces them); no call waits for another."""
         outcome = Outcome()
-        await outcome.record_all({call.key: self.send_one(submission, call, before_send)
-                                  for call in self.plan(submission) if call.key not in done})
+        await outcome.record_all(
+            {
+                call.key: self.send_one(submission, call, before_send)
+                for call in self.plan(submission)
+                if call.key not in done
+            }
+        )
         return outcome
 
-    async def send_one(
-        self, submission: Submission, call: Call, before_send: BeforeSend = no_hook
-    ) -> wire.SendResult:
+    async def send_one(self, submission: Submission, call: Call, before_send: BeforeSend = no_hook) -> wire.SendResult:
         recipient = call.recipients[0]
         content = jsonbody.encode(wire.build_payload(submission, recipient))
         extra: dict[str, str] = {}
@@ -171,8 +188,9 @@ class DengageProvider:
         async def sending() -> None:
             await before_send((call.key,))
 
-        result = await self._authorized("send", "POST", str(wire.WIRE["send"]), wire.send_result, content,
-                                        extra, sending)
+        result = await self._authorized(
+            "send", "POST", str(wire.WIRE["send"]), wire.send_result, content, extra, sending
+        )
         if not result.upstream_id and not self._warned_no_id:
             # The id keys are unconfirmed (wire.ID_KEYS): say once what the answer held instead.
             self._warned_no_id = True
@@ -183,8 +201,13 @@ class DengageProvider:
         return await self._authorized("froms", "GET", str(wire.WIRE["froms"]), wire.from_identities)
 
     async def _authorized(
-        self, endpoint: str, method: str, path: str, parse: Callable[[HttpResponse], T],
-        content: bytes | jsonbody.Body | None = None, extra: Mapping[str, str] | None = None,
+        self,
+        endpoint: str,
+        method: str,
+        path: str,
+        parse: Callable[[HttpResponse], T],
+        content: bytes | jsonbody.Body | None = None,
+        extra: Mapping[str, str] | None = None,
         sending: Callable[[], Awaitable[None]] | None = None,
     ) -> T:
         """One API call with the shared token: a 401 logs in again (once for every caller that saw the

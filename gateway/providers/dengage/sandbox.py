@@ -53,9 +53,16 @@ class DengageSandbox:
     clock: Callable[[], float] = time.monotonic
 
     def settings(self) -> dict[str, Any]:
-        return {"token_ttl": self.token_ttl, "send_expires_in": self.send_expires_in, "froms": self.froms,
-                "rate_limit": self.rate_limit, "refuse_all": self.refuse_all,
-                "refused_ips": sorted(self.refused_ips), "fail_to": self.fail_to, "tokens": len(self.tokens)}
+        return {
+            "token_ttl": self.token_ttl,
+            "send_expires_in": self.send_expires_in,
+            "froms": self.froms,
+            "rate_limit": self.rate_limit,
+            "refuse_all": self.refuse_all,
+            "refused_ips": sorted(self.refused_ips),
+            "fail_to": self.fail_to,
+            "tokens": len(self.tokens),
+        }
 
     def update(self, spec: dict[str, Any]) -> None:
         if "token_ttl" in spec:
@@ -83,8 +90,9 @@ def _refused(message: str, status: int = 200, code: int = VALIDATION_CODE) -> we
 def _deserializer_error(path: str) -> web.Response:
     # What ASP.NET model binding answers for a wrong JSON type (C-TT saw one naming send.to).
     problem = f"The JSON value could not be converted to System.String. Path: $.{path}"
-    return json_response({"title": "One or more validation errors occurred.", "status": 400,
-                          "errors": {path: [problem]}}, 400)
+    return json_response(
+        {"title": "One or more validation errors occurred.", "status": 400, "errors": {path: [problem]}}, 400
+    )
 
 
 def _str_map(value: Any) -> bool:
@@ -94,8 +102,14 @@ def _str_map(value: Any) -> bool:
 def validate_send(body: Any) -> web.Response | None:
     """The vendor's checks of a transactional email body, with its messages (upstream-apis.md §2.3)."""
     if not isinstance(body, dict):
-        return json_response({"title": "One or more validation errors occurred.", "status": 400,
-                              "errors": {"$": ["A JSON object is required."]}}, 400)
+        return json_response(
+            {
+                "title": "One or more validation errors occurred.",
+                "status": 400,
+                "errors": {"$": ["A JSON object is required."]},
+            },
+            400,
+        )
     send = body.get("send")
     if not isinstance(send, dict) or not send:
         return _refused("Send can not be null")
@@ -137,10 +151,13 @@ def validate_send(body: Any) -> web.Response | None:
 def redact(body: dict[str, Any]) -> dict[str, Any]:
     """What is printed and written: attachment contents shortened (secrets are never recorded)."""
     if isinstance(body.get("attachments"), list):
-        body = {**body, "attachments": [
-            {**a, "content": f"<{len(str(a.get('content', '')))} base64 chars>"} if isinstance(a, dict) else a
-            for a in body["attachments"]
-        ]}
+        body = {
+            **body,
+            "attachments": [
+                {**a, "content": f"<{len(str(a.get('content', '')))} base64 chars>"} if isinstance(a, dict) else a
+                for a in body["attachments"]
+            ],
+        }
     return body
 
 
@@ -206,8 +223,9 @@ def install(sandbox: Sandbox, state: DengageSandbox) -> None:
             return early
         fields = {str(k).lower(): v for k, v in body.items()} if isinstance(body, dict) else {}
         if fields.get("userkey") != state.userkey or fields.get("password") != state.password:
-            return sandbox.answer(entry, _refused("Userkey or password is wrong", 401, code=401),
-                                  error="bad credentials")
+            return sandbox.answer(
+                entry, _refused("Userkey or password is wrong", 401, code=401), error="bad credentials"
+            )
         token = f"sbx-{uuid.uuid4().hex}"
         state.tokens[token] = state.clock() + state.token_ttl
         answer: dict[str, Any] = {"access_token": token, "token_type": "bearer"}
@@ -248,10 +266,16 @@ def install(sandbox: Sandbox, state: DengageSandbox) -> None:
         to = str(body["send"]["to"]).lower()
         if state.fail_to.get(to, 0) > 0:
             state.fail_to[to] -= 1
-            return sandbox.answer(entry, _refused("Service temporarily unavailable", 503, code=503),
-                                  error="temporary failure for this recipient")
-        answer = {"code": 0, "message": "Success",
-                  "data": {"transactionalIds": [str(uuid.uuid4())], "groupId": str(uuid.uuid4())}}
+            return sandbox.answer(
+                entry,
+                _refused("Service temporarily unavailable", 503, code=503),
+                error="temporary failure for this recipient",
+            )
+        answer = {
+            "code": 0,
+            "message": "Success",
+            "data": {"transactionalIds": [str(uuid.uuid4())], "groupId": str(uuid.uuid4())},
+        }
         return sandbox.answer(entry, json_response(answer))
 
     async def control(request: web.Request) -> web.Response:

@@ -41,8 +41,15 @@ def _shared(task: asyncio.Future[T]) -> asyncio.Future[T]:
 
 
 class TokenSource:
-    def __init__(self, account: str, http: HttpClient, limiter: RateLimiter, userkey: str, password: str,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        account: str,
+        http: HttpClient,
+        limiter: RateLimiter,
+        userkey: str,
+        password: str,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.account = account
         self._http = http
         self._limiter = limiter
@@ -75,8 +82,9 @@ class TokenSource:
             await self._limiter.acquire()
             sent = self._clock()
             self.logins += 1
-            response = await self._http.request("login", "POST", str(wire.WIRE["login"]), headers=JSON,
-                                                content=self._body)
+            response = await self._http.request(
+                "login", "POST", str(wire.WIRE["login"]), headers=JSON, content=self._body
+            )
             token = wire.login_token(response)
         except Deferred as exc:
             if isinstance(exc, RateLimited):
@@ -96,8 +104,13 @@ class TokenSource:
 class Identities:
     """The account's sender addresses from GET /rest/email/froms, cached and refreshed."""
 
-    def __init__(self, account: str, fetch: Callable[[], Awaitable[tuple[str, ...]]], ttl: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        account: str,
+        fetch: Callable[[], Awaitable[tuple[str, ...]]],
+        ttl: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.account = account
         self._fetch = fetch
         self._ttl = ttl
@@ -143,13 +156,18 @@ class Identities:
                     # Refused credentials or IP allowlist: an operator error, said at error level.
                     self._logged = now
                     report = log.error if isinstance(exc, UpstreamAuthFailed) else log.warning
-                    report("dengage_froms_unavailable", account=self.account, reason=exc.reason,
-                           hint="MAIL FROM is answered 451 until the identities can be fetched")
+                    report(
+                        "dengage_froms_unavailable",
+                        account=self.account,
+                        reason=exc.reason,
+                        hint="MAIL FROM is answered 451 until the identities can be fetched",
+                    )
                 raise
             # Keep the list we have; try again in a minute at most.
             self._fresh_until = self._clock() + min(self._ttl, 60.0)
-            log.warning("dengage_froms_refresh_failed", account=self.account, reason=exc.reason,
-                        kept=len(self._addresses))
+            log.warning(
+                "dengage_froms_refresh_failed", account=self.account, reason=exc.reason, kept=len(self._addresses)
+            )
             return self._addresses
         finally:
             self._update = None

@@ -64,8 +64,16 @@ WIRE: dict[str, str | None] = {
 # The answer: {"code": 0, "message": ..., "data": {...}} [C]; "transactionId" at the root [C] (C-NIS's
 # notes); "transactionalIds per recipient and a groupId for all" [V] with unknown JSON keys: looked for
 # under every name below, first match wins (see `send_result`).
-ID_KEYS = ("transactionalIds", "transactionalId", "transactionIds", "trackingIds", "trackingId",
-           "transactionId", "messageId", "id")  # [I] order of preference
+ID_KEYS = (
+    "transactionalIds",
+    "transactionalId",
+    "transactionIds",
+    "trackingIds",
+    "trackingId",
+    "transactionId",
+    "messageId",
+    "id",
+)  # [I] order of preference
 GROUP_KEYS = ("groupId", "groupID", "group_id")  # [V] concept, [I] key
 # Codes seen with HTTP 200 and what they mean [C]; every other non-zero code is a refusal too.
 CODES = {
@@ -227,7 +235,9 @@ def _allowlist_refusal(response: HttpResponse, data: Any) -> IpNotAllowlisted | 
     where = f"from {ip}" if ip else "from this gateway's address"
     return IpNotAllowlisted(
         f"dEngage refuses API calls {where}: the address is not on the account's API IP allowlist "
-        f"(Settings > Identity & Access Management > API IP Restriction): {text.strip()[:200]}", ip)
+        f"(Settings > Identity & Access Management > API IP Restriction): {text.strip()[:200]}",
+        ip,
+    )
 
 
 def check_status(response: HttpResponse, what: str) -> Any:
@@ -241,8 +251,9 @@ def check_status(response: HttpResponse, what: str) -> Any:
         refusal = _allowlist_refusal(response, data)
         if refusal is not None:
             raise refusal
-        raise UpstreamAuthFailed(f"dEngage answered 403 to {what}: the API user may not do this "
-                                 f"({upstream_reason(response, data)})")
+        raise UpstreamAuthFailed(
+            f"dEngage answered 403 to {what}: the API user may not do this ({upstream_reason(response, data)})"
+        )
     if status == 429:
         raise RateLimited(f"dEngage rate limit (429) on {what}", retry_after=response.retry_after(time.time()))
     if status >= 500:

@@ -36,7 +36,11 @@ class DmdsProvider:
     kind = "dmds"
 
     def __init__(
-        self, account: str, settings: DmdsAccount, http: HttpClient, limiter: RateLimiter | None = None,
+        self,
+        account: str,
+        settings: DmdsAccount,
+        http: HttpClient,
+        limiter: RateLimiter | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.account = account
@@ -45,8 +49,11 @@ class DmdsProvider:
         self.limiter = limiter or Unlimited()
         self._clock = clock
         # The raw key goes in Authorization with no scheme (upstream-apis.md §1.1, [V]).
-        self._headers = {"Authorization": settings.key, "Accept": "application/json",
-                         "Content-Type": "application/json"}
+        self._headers = {
+            "Authorization": settings.key,
+            "Accept": "application/json",
+            "Content-Type": "application/json",
+        }
         self._known: dict[int, tuple[bool, float]] = {}  # campaign numid -> (exists, expires)
         self._policy = sender_policy(settings)
 
@@ -54,8 +61,11 @@ class DmdsProvider:
 
     def user_extra(self, user: UserSettings) -> dict[str, object]:
         assert isinstance(user, DmdsUser)
-        return {"campaign": user.campaign, "campaign_from_subject": user.campaign_from_subject,
-                "may_choose_campaign": user.may_choose_campaign}
+        return {
+            "campaign": user.campaign,
+            "campaign_from_subject": user.campaign_from_subject,
+            "may_choose_campaign": user.may_choose_campaign,
+        }
 
     def owns_login(self, username: str) -> bool:
         m = _SMTP_API_LOGIN.match(username)
@@ -77,8 +87,11 @@ class DmdsProvider:
                 return None
             return Principal(account=self.account, login=username, extra={"campaign": numid})
         # <dmdsid> + the account APIKEY, campaign from "[NN]" (upstream-apis.md §1.8, [V]).
-        if (username == settings.dmdsid and settings.sandbox_logins
-                and hmac.compare_digest(settings.key.encode(), password.encode())):
+        if (
+            username == settings.dmdsid
+            and settings.sandbox_logins
+            and hmac.compare_digest(settings.key.encode(), password.encode())
+        ):
             return Principal(account=self.account, login=username, extra={"campaign_from_subject": True})
         return None
 
@@ -122,8 +135,7 @@ class DmdsProvider:
             "archive": campaigns.option_flag(message.options, "archive", self.settings.archive),
             "batch": (message.options.get("batch") or "").strip() or None,
         }
-        return Submission(principal=principal, mail_from=mail_from, rcpt_tos=rcpt_tos, message=message,
-                          params=params)
+        return Submission(principal=principal, mail_from=mail_from, rcpt_tos=rcpt_tos, message=message, params=params)
 
     def legs(self, submission: Submission) -> tuple[Leg, ...]:
         return plan_legs(submission.rcpt_tos, submission.message.to, submission.message.cc)
@@ -169,7 +181,10 @@ class DmdsProvider:
         await self.limiter.acquire()
         await before_send((leg.key,))
         response = await self.http.request(
-            "send_one" if len(leg.contacts) == 1 else "send_many", "POST", path, headers=self._headers,
+            "send_one" if len(leg.contacts) == 1 else "send_many",
+            "POST",
+            path,
+            headers=self._headers,
             content=content,
         )
         try:

@@ -83,10 +83,13 @@ def _count_sent(body: dict[str, Any], many: bool) -> int:
 def redact(body: dict[str, Any]) -> dict[str, Any]:
     """What is printed and written: attachment contents shortened."""
     if isinstance(body.get("adjuntos"), list):
-        body = {**body, "adjuntos": [
-            {**a, "contenido": f"<{len(str(a.get('contenido', '')))} base64 chars>"} if isinstance(a, dict) else a
-            for a in body["adjuntos"]
-        ]}
+        body = {
+            **body,
+            "adjuntos": [
+                {**a, "contenido": f"<{len(str(a.get('contenido', '')))} base64 chars>"} if isinstance(a, dict) else a
+                for a in body["adjuntos"]
+            ],
+        }
     return body
 
 
@@ -134,8 +137,11 @@ def install(sandbox: Sandbox, state: DmdsSandbox) -> None:
             error = f"campana {numid} inexistente o no es de tipo API"
             return sandbox.answer(entry, _err(error, 404), error=error)
         # The apikey is a secret: the record shows that it was answered, not what it was.
-        return sandbox.answer(entry, json_response({"status": "ok", "numid": numid, "apikey": key}),
-                              response_body={"status": "ok", "numid": numid, "apikey": "<redacted>"})
+        return sandbox.answer(
+            entry,
+            json_response({"status": "ok", "numid": numid, "apikey": key}),
+            response_body={"status": "ok", "numid": numid, "apikey": "<redacted>"},
+        )
 
     for path in SEND_PATHS:
         sandbox.app.router.add_post(path, send)
