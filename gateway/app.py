@@ -15,12 +15,12 @@ from typing import Any
 import structlog
 
 from gateway import logs
+from gateway.core.errors import SpoolUnavailable
 from gateway.credentials import Authenticator
 from gateway.delivery.health import AccountHealth
 from gateway.delivery.owner import DeliveryOwner
 from gateway.dns import DnsResolver
 from gateway.domaincheck import check_domains
-from gateway.errors import SpoolUnavailable
 from gateway.memory import MmapThreshold, set_mmap_threshold
 from gateway.observability import CONFIG_RELOADS, QUEUE_STATS, OperatorEndpoint
 from gateway.pipeline import Pipeline

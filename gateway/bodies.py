@@ -12,10 +12,11 @@ from dataclasses import dataclass, field, replace
 from email.message import Message as EmailMessage
 from typing import Literal
 
-from gateway import charsets, replies, sanitize, transfer
-from gateway.errors import ContentRejected
+from gateway import charsets, sanitize, transfer
+from gateway.core import replies
+from gateway.core.errors import ContentRejected
+from gateway.core.model import Attachment
 from gateway.headers import filename_param, header_text, transfer_encoding, undo_surrogates
-from gateway.model import Attachment
 
 
 @dataclass(frozen=True, slots=True)

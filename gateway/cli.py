@@ -17,7 +17,7 @@ from typing import Any
 import structlog
 
 from gateway import __version__, preflight
-from gateway.errors import SpoolUnavailable
+from gateway.core.errors import SpoolUnavailable
 from gateway.settings import CONFIG_ENV, ConfigError, DmdsAccount, Settings, load_settings, masked_dump
 
 # Exit statuses: 1 a problem on this machine (port taken, file unreadable, DNS), 2 the configuration or the

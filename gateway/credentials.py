@@ -11,8 +11,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from gateway.config_base import UserSettings
-from gateway.errors import Deferred
-from gateway.model import Principal
+from gateway.core.errors import Deferred
+from gateway.core.model import Principal
 from gateway.passwords import verify_password
 from gateway.providers.base import Provider
 from gateway.settings import AccountSettings

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 
-from gateway.model import Submission
+from gateway.core.model import Submission
 
 OPTION = "idempotency-key"
 

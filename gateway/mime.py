@@ -9,10 +9,11 @@ from email.message import Message as EmailMessage
 from email.policy import Compat32
 from email.utils import getaddresses
 
-from gateway import bigparts, bodies, replies, sanitize
-from gateway.errors import ContentRejected
+from gateway import bigparts, bodies, sanitize
+from gateway.core import replies
+from gateway.core.errors import ContentRejected
+from gateway.core.model import Address, Message
 from gateway.headers import header_text, undo_surrogates
-from gateway.model import Address, Message
 
 # compat32 is ~7x faster than policy.default on a 5 KB message (bench/README.md); its headers are
 # raw strings, so RFC 2047 / 8-bit decoding is done here, once, only for the headers the API needs.

@@ -10,15 +10,16 @@ from dataclasses import replace
 
 import structlog
 
-from gateway import idempotency, mime, policy, replies
+from gateway import idempotency, mime, policy
 from gateway.budget import Reservation
+from gateway.core import replies
+from gateway.core.errors import ContentRejected, Deferred, DnsTempFailure, GatewayError, PolicyRejected, Rejected
+from gateway.core.model import Call, Message, Principal, Receipt, Submission
+from gateway.core.replies import Reply
 from gateway.delivery.owner import DeliveryOwner
 from gateway.dns import DnsResolver, DnsTemporaryError
-from gateway.errors import ContentRejected, Deferred, DnsTempFailure, GatewayError, PolicyRejected, Rejected
-from gateway.model import Call, Message, Principal, Receipt, Submission
 from gateway.observability import MESSAGES
 from gateway.providers.base import Provider
-from gateway.replies import Reply
 from gateway.settings import Settings
 
 log = structlog.get_logger("gateway.pipeline")

@@ -9,10 +9,10 @@ from functools import lru_cache
 import idna
 from email_validator import EmailNotValidError, validate_email
 
-from gateway import replies
-from gateway.errors import PolicyRejected
-from gateway.model import Address, Message, Principal
-from gateway.replies import Reply
+from gateway.core import replies
+from gateway.core.errors import PolicyRejected
+from gateway.core.model import Address, Message, Principal
+from gateway.core.replies import Reply
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 
+from gateway.core.model import Address, Attachment, Call, Message, Principal, Submission
 from gateway.delivery import transition
 from gateway.delivery.transition import CallRow, Decision, RetryPolicy
-from gateway.model import Address, Attachment, Call, Message, Principal, Submission
 from gateway.queue import codec
 from gateway.queue.store import NewMessage
 

@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 import tests.fuzzing  # noqa: F401  (the hypothesis profiles)
 from gateway import bigparts, mime
-from gateway.errors import ContentRejected
-from gateway.model import Message
+from gateway.core.errors import ContentRejected
+from gateway.core.model import Message
 from tests.conftest import CORPUS
 from tests.harness import Running
 from tests.smtputil import send, session

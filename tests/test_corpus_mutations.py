@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from gateway import mime
-from gateway.errors import ContentRejected
+from gateway.core.errors import ContentRejected
 from tests.conftest import CORPUS
 from tests.fuzzing import sane_payload
 from tests.harness import PASSWORD, USER, Running

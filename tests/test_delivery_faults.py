@@ -13,9 +13,9 @@ from typing import Any
 import httpx
 import structlog
 
+from gateway.core.model import Submission
+from gateway.core.outcome import Outcome
 from gateway.delivery import transition
-from gateway.delivery.outcome import Outcome
-from gateway.model import Submission
 from gateway.observability import REGISTRY
 from gateway.providers.base import BeforeSend, no_hook
 from gateway.queue.sqlite import SqliteQueue

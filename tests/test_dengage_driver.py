@@ -12,8 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.errors import ContentRejected, Deferred, RateLimited, UpstreamAuthFailed, UpstreamUnavailable
-from gateway.model import Address, Message, Principal, Submission
+from gateway.core.errors import ContentRejected, Deferred, RateLimited, UpstreamAuthFailed, UpstreamUnavailable
+from gateway.core.model import Address, Message, Principal, Submission
 from gateway.providers.dengage import wire
 from gateway.providers.dengage.config import DengageAccount
 from gateway.providers.dengage.provider import DengageProvider

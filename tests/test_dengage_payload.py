@@ -15,9 +15,9 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway.errors import AnswerLost, RateLimited, UpstreamAuthFailed, UpstreamRejected, UpstreamUnavailable
+from gateway.core.errors import AnswerLost, RateLimited, UpstreamAuthFailed, UpstreamRejected, UpstreamUnavailable
+from gateway.core.model import Address, Attachment, Message, Principal, Submission
 from gateway.mime import parse, text_to_html
-from gateway.model import Address, Attachment, Message, Principal, Submission
 from gateway.providers.dengage import wire
 from gateway.upstream.response import HttpResponse
 

@@ -8,12 +8,12 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from gateway.errors import Deferred, UpstreamAuthFailed, UpstreamRejected, UpstreamUnavailable
-from gateway.model import Address
+from gateway.core.errors import Deferred, UpstreamAuthFailed, UpstreamRejected, UpstreamUnavailable
+from gateway.core.model import Address
+from gateway.core.replies import RATE_LIMITED
 from gateway.providers.dmds.config import DmdsAccount
 from gateway.providers.dmds.legs import Leg
 from gateway.providers.dmds.provider import DmdsProvider
-from gateway.replies import RATE_LIMITED
 from gateway.upstream.client import HttpClient
 from tests.test_dmds_payload import submission
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.model import Address, Attachment, Message, Principal, Submission
+from gateway.core.model import Address, Attachment, Message, Principal, Submission
 from gateway.providers.dmds.legs import Leg
 from gateway.providers.dmds.wire import build_payload
 

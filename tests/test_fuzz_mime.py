@@ -12,8 +12,8 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 from gateway import mime
-from gateway.errors import ContentRejected
-from gateway.model import Message
+from gateway.core.errors import ContentRejected
+from gateway.core.model import Message
 from tests.conftest import CORPUS
 from tests.fuzzing import MIME_TREE, mutated
 

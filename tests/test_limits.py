@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
+from gateway.core.replies import codes
 from gateway.observability import REGISTRY
-from gateway.replies import codes
 from gateway.smtp.server import Listeners
 from tests.devices_util import captured_logs, events, raw_send
 from tests.harness import PASSWORD, PASSWORD_HASH, USER, Running

@@ -8,8 +8,8 @@ import re
 import pytest
 
 from gateway import mime
-from gateway.errors import ContentRejected
-from gateway.model import Message
+from gateway.core.errors import ContentRejected
+from gateway.core.model import Message
 from tests.harness import Running
 from tests.smtputil import SENDER, send, session
 

@@ -7,8 +7,8 @@ from dataclasses import replace
 import pytest
 
 from gateway import policy
-from gateway.errors import PolicyRejected
-from gateway.model import Address, Message, Principal
+from gateway.core.errors import PolicyRejected
+from gateway.core.model import Address, Message, Principal
 from gateway.providers.dmds.provider import sender_policy
 from gateway.settings import DmdsAccount
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from gateway.core.errors import UpstreamRejected, UpstreamUnavailable
+from gateway.core.model import Attachment
+from gateway.core.outcome import Outcome
 from gateway.delivery import transition
-from gateway.delivery.outcome import Outcome
-from gateway.errors import UpstreamRejected, UpstreamUnavailable
-from gateway.model import Attachment
 from gateway.queue import codec
 from gateway.queue.postgres import PostgresQueue
 from gateway.queue.sqlite import SqliteQueue

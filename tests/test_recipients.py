@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.model import Address
+from gateway.core.model import Address
 from gateway.providers.dmds.legs import Leg, plan_legs
 from tests.harness import Running
 from tests.smtputil import message, send, session

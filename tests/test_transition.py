@@ -6,11 +6,11 @@ import random
 
 import pytest
 
+from gateway.core.errors import AnswerLost, RateLimited, UpstreamRejected, UpstreamUnavailable
+from gateway.core.model import Call
+from gateway.core.outcome import Outcome
 from gateway.delivery import transition
-from gateway.delivery.outcome import Outcome
 from gateway.delivery.transition import RetryPolicy
-from gateway.errors import AnswerLost, RateLimited, UpstreamRejected, UpstreamUnavailable
-from gateway.model import Call
 
 POLICY = RetryPolicy((10.0, 20.0), 0.0, 100.0)
 NOW = 1000.0

@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from gateway import jsonbody
-from gateway.errors import AnswerLost, UpstreamUnavailable
+from gateway.core.errors import AnswerLost, UpstreamUnavailable
 from gateway.upstream.client import HttpClient
 
 Behaviour = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from gateway.errors import Deferred, RateLimited, UpstreamAuthFailed, UpstreamUnavailable
+from gateway.core.errors import Deferred, RateLimited, UpstreamAuthFailed, UpstreamUnavailable
 from gateway.observability import UPSTREAM_AUTH_REFUSED
 
 log = structlog.get_logger("gateway.delivery")

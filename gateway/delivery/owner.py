@@ -27,18 +27,18 @@ from typing import Any
 
 import structlog
 
-from gateway import replies
+from gateway.core import replies
+from gateway.core.errors import Deferred, GatewayError, SpoolUnavailable
+from gateway.core.model import Call, Receipt, Submission
+from gateway.core.outcome import Outcome
+from gateway.core.replies import Reply
 from gateway.delivery import transition
 from gateway.delivery.health import AccountHealth
-from gateway.delivery.outcome import Outcome
 from gateway.delivery.transition import Before, Decision, RetryPolicy
-from gateway.errors import Deferred, GatewayError, SpoolUnavailable
-from gateway.model import Call, Receipt, Submission
 from gateway.observability import AMBIGUOUS, CLIENT_GONE, DEAD_LETTERS, DELIVERIES, INTERNAL_ERRORS, RESENDS
 from gateway.providers.base import Provider
 from gateway.queue import codec
 from gateway.queue.store import Claimed, NewMessage, QueueStore
-from gateway.replies import Reply
 from gateway.settings import DeliverySettings
 
 log = structlog.get_logger("gateway.delivery")

@@ -21,9 +21,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from gateway.delivery.outcome import Outcome
-from gateway.errors import RateLimited, Rejected
-from gateway.model import Call
+from gateway.core.errors import RateLimited, Rejected
+from gateway.core.model import Call
+from gateway.core.outcome import Outcome
 
 CallState = Literal["pending", "sending", "done", "rejected"]
 Verdict = Literal["delivered", "refused", "queued", "dead"]

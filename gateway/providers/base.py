@@ -12,8 +12,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Protocol
 
 from gateway.config_base import UserSettings
-from gateway.delivery.outcome import Outcome
-from gateway.model import Call, Message, Principal, Submission
+from gateway.core.model import Call, Message, Principal, Submission
+from gateway.core.outcome import Outcome
 from gateway.policy import SenderPolicy
 
 # Called by a provider right before it sends calls, with their keys: the delivery owner records that

@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from gateway.model import Address, Attachment, Message, Principal, Submission
+from gateway.core.model import Address, Attachment, Message, Principal, Submission
 
 VERSION = 2
 BLOB_MIN = 64 * 1024

@@ -20,8 +20,8 @@ import structlog
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from gateway.core.errors import SpoolUnavailable
 from gateway.delivery.transition import Before, CallRow, Decision
-from gateway.errors import SpoolUnavailable
 from gateway.queue import postgres_schema
 from gateway.queue.health import QueueHealth
 from gateway.queue.store import (

@@ -20,8 +20,8 @@ from typing import Any, TypeVar
 
 import structlog
 
+from gateway.core.errors import SpoolUnavailable
 from gateway.delivery.transition import Before, CallRow, Decision
-from gateway.errors import SpoolUnavailable
 from gateway.queue import sqlite_schema
 from gateway.queue.health import QueueHealth
 from gateway.queue.sqlite_side import RateFile, Reserve, disk_full

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from gateway.errors import SpoolUnavailable
+from gateway.core.errors import SpoolUnavailable
 from gateway.queue.health import QueueHealth
 
 log = structlog.get_logger("gateway.queue.sqlite")

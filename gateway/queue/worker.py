@@ -17,8 +17,8 @@ from collections.abc import Sequence
 
 import structlog
 
+from gateway.core.errors import SpoolUnavailable
 from gateway.delivery.owner import DeliveryOwner
-from gateway.errors import SpoolUnavailable
 from gateway.observability import INTERNAL_ERRORS
 
 log = structlog.get_logger("gateway.queue.worker")

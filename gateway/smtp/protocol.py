@@ -17,11 +17,11 @@ from typing import Any, cast
 import structlog
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, syntax
 
-from gateway import replies
 from gateway.budget import ByteBudget, Reservation
-from gateway.model import Principal, Receipt
+from gateway.core import replies
+from gateway.core.model import Principal, Receipt
+from gateway.core.replies import add_enhanced_code
 from gateway.observability import LIMIT_HITS, REFUSALS, SESSIONS_TLS
-from gateway.replies import add_enhanced_code
 from gateway.smtp.handshake import ListenerTls, TlsHandshake
 
 log = structlog.get_logger("gateway.smtp")

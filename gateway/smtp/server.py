@@ -11,8 +11,8 @@ from typing import Any, cast
 
 import structlog
 
-from gateway import replies
 from gateway.budget import ByteBudget
+from gateway.core import replies
 from gateway.credentials import Authenticator
 from gateway.limits import Defenses, client_key
 from gateway.observability import CONNECTIONS_REFUSED, REFUSALS, SESSIONS, SESSIONS_ACTIVE

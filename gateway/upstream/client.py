@@ -18,7 +18,7 @@ import httpx
 from prometheus_client import Histogram
 
 from gateway import jsonbody
-from gateway.errors import AnswerLost, UpstreamUnavailable
+from gateway.core.errors import AnswerLost, UpstreamUnavailable
 from gateway.observability import UPSTREAM_SECONDS
 from gateway.upstream.aiohttp_transport import AiohttpTransport
 from gateway.upstream.response import HttpResponse

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import structlog
 
-from gateway.errors import Deferred, RateLimited
+from gateway.core.errors import Deferred, RateLimited
 from gateway.observability import RATE_LIMIT_WAIT
 
 log = structlog.get_logger("gateway.upstream")

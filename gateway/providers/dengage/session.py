@@ -16,7 +16,7 @@ from typing import TypeVar
 import orjson
 import structlog
 
-from gateway.errors import Deferred, RateLimited, UpstreamAuthFailed
+from gateway.core.errors import Deferred, RateLimited, UpstreamAuthFailed
 from gateway.observability import INTERNAL_ERRORS
 from gateway.providers.dengage import wire
 from gateway.upstream.client import HttpClient

@@ -14,15 +14,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway import jsonbody
-from gateway.errors import (
+from gateway.core.errors import (
     AnswerLost,
     RateLimited,
     UpstreamAuthFailed,
     UpstreamRejected,
     UpstreamUnavailable,
 )
+from gateway.core.model import Submission
 from gateway.mime import text_to_html
-from gateway.model import Submission
 from gateway.upstream.response import HttpResponse
 
 # Every wire name in one table, tagged as in shared/upstream-apis.md part 2:

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import re
 
-from gateway import replies
-from gateway.errors import ContentRejected, PolicyRejected
-from gateway.model import Principal
+from gateway.core import replies
+from gateway.core.errors import ContentRejected, PolicyRejected
+from gateway.core.model import Principal
 
 _SUBJECT_PREFIX = re.compile(r"^\s*\[([0-9]{1,12})\]\s*")
 _NUMID = re.compile(r"[0-9]{1,12}")

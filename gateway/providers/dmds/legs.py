@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gateway.model import Address
+from gateway.core.model import Address
 
 
 @dataclass(frozen=True, slots=True)

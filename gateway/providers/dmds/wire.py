@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway import jsonbody
-from gateway.errors import AnswerLost, RateLimited, UpstreamAuthFailed, UpstreamRejected, UpstreamUnavailable
-from gateway.model import Address, Submission
+from gateway.core.errors import AnswerLost, RateLimited, UpstreamAuthFailed, UpstreamRejected, UpstreamUnavailable
+from gateway.core.model import Address, Submission
 from gateway.providers.dmds.legs import Leg
 from gateway.upstream.response import HttpResponse
 

@@ -17,8 +17,8 @@ GatewayError
 
 from __future__ import annotations
 
-from gateway import replies
-from gateway.replies import Reply
+from gateway.core import replies
+from gateway.core.replies import Reply
 
 
 class GatewayError(Exception):

@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from gateway.errors import AnswerLost, Deferred, Rejected
+from gateway.core.errors import AnswerLost, Deferred, Rejected
 
 
 class Sent(Protocol):
