@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 
 from gateway.core.model import Address, Attachment, Call, Message, Principal, Submission
+from gateway.core.records import CallRow, Decision, RetryPolicy
 from gateway.delivery import transition
-from gateway.delivery.transition import CallRow, Decision, RetryPolicy
 from gateway.queue import codec
 from gateway.queue.store import NewMessage
 

@@ -15,6 +15,7 @@ import structlog
 
 from gateway.core.model import Submission
 from gateway.core.outcome import Outcome
+from gateway.core.records import Decision, RetryPolicy
 from gateway.delivery import transition
 from gateway.observability import REGISTRY
 from gateway.providers.base import BeforeSend, no_hook
@@ -51,14 +52,14 @@ def test_a_refused_key_is_queued_logged_once_counted_and_not_ready(gateway_facto
 def test_a_corrupt_queue_record_is_dead_lettered_with_the_reason(gateway_factory: Callable[..., Running]) -> None:
     gw = gateway_factory(delivery=FAST)
     now = time.time()
-    plan = transition.fresh((), now, transition.RetryPolicy((1.0,), 0, 100))
+    plan = transition.fresh((), now, RetryPolicy((1.0,), 0, 100))
     corrupt = NewMessage(
         id="C0FFEE0000000001",
         account="acme",
         mail_from="a@acme.example",
         subject="x",
         submission=b'{"v": 2, "principal": {}}',
-        decision=transition.Decision("queued", dict(plan.calls), 1, now, None),
+        decision=Decision("queued", dict(plan.calls), 1, now, None),
         created=now,
         expires=now + 100,
     )

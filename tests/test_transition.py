@@ -6,18 +6,19 @@ import random
 
 import pytest
 
+from gateway.core import records
 from gateway.core.errors import AnswerLost, RateLimited, UpstreamRejected, UpstreamUnavailable
 from gateway.core.model import Call
 from gateway.core.outcome import Outcome
+from gateway.core.records import RetryPolicy
 from gateway.delivery import transition
-from gateway.delivery.transition import RetryPolicy
 
 POLICY = RetryPolicy((10.0, 20.0), 0.0, 100.0)
 NOW = 1000.0
 TWO = (Call("0", ("a@x.example",)), Call("1", ("b@x.example",)))
 
 
-def fresh() -> transition.Before:
+def fresh() -> records.DeliveryState:
     return transition.fresh(TWO, NOW, POLICY)
 
 
@@ -81,7 +82,7 @@ def test_a_lost_answer_is_counted_on_its_call() -> None:
 
 def test_resume_turns_sending_calls_into_ambiguous_pending_ones() -> None:
     before = fresh()
-    sending = transition.Before(
+    sending = records.DeliveryState(
         calls={"0": before.calls["0"].__class__("0", "a@x.example", "sending"), "1": before.calls["1"]},
         attempts=1,
         created=NOW,
@@ -97,9 +98,11 @@ def test_internal_errors_retry_then_dead_letter() -> None:
     before = fresh()
     first = transition.internal_error(before, "KeyError: x", POLICY, NOW)
     assert (first.verdict, first.internal_errors) == ("queued", 1)
-    again = transition.Before(first.calls, first.attempts, NOW, NOW + 100, first.internal_errors)
+    again = records.DeliveryState(first.calls, first.attempts, NOW, NOW + 100, first.internal_errors)
     second = transition.internal_error(again, "KeyError: x", POLICY, NOW)
-    third = transition.internal_error(transition.Before(second.calls, 2, NOW, NOW + 100, 2), "KeyError: x", POLICY, NOW)
+    third = transition.internal_error(
+        records.DeliveryState(second.calls, 2, NOW, NOW + 100, 2), "KeyError: x", POLICY, NOW
+    )
     assert second.verdict == "queued" and third.verdict == "dead"
     assert third.dead_reason is not None and "internal error 3 times" in third.dead_reason
 

@@ -31,10 +31,10 @@ from gateway.core import replies
 from gateway.core.errors import Deferred, GatewayError, SpoolUnavailable
 from gateway.core.model import Call, Receipt, Submission
 from gateway.core.outcome import Outcome
+from gateway.core.records import Decision, DeliveryState, RetryPolicy
 from gateway.core.replies import Reply
 from gateway.delivery import transition
 from gateway.delivery.health import AccountHealth
-from gateway.delivery.transition import Before, Decision, RetryPolicy
 from gateway.observability import AMBIGUOUS, CLIENT_GONE, DEAD_LETTERS, DELIVERIES, INTERNAL_ERRORS, RESENDS
 from gateway.providers.base import Provider
 from gateway.queue import codec
@@ -62,7 +62,7 @@ class _Inline:
 
     msg_id: str
     submission: Submission
-    before: Before
+    before: DeliveryState
     log: structlog.typing.FilteringBoundLogger
     started: set[str] = field(default_factory=set)  # call keys handed to the upstream
     token: int | None = None  # set once the message is stored in flight
@@ -400,7 +400,7 @@ class DeliveryOwner:
 
     def _decide(
         self,
-        before: Before,
+        before: DeliveryState,
         outcome: Outcome,
         submission: Submission,
         path: str,
@@ -464,7 +464,7 @@ class DeliveryOwner:
             DEAD_LETTERS.labels(cause=dead_cause(decision)).inc()
             bound.error("message_dead_lettered", reason=decision.dead_reason)
 
-    async def _internal_error(self, msg_id: str, token: int, before: Before, exc: Exception, where: str) -> None:
+    async def _internal_error(self, msg_id: str, token: int, before: DeliveryState, exc: Exception, where: str) -> None:
         INTERNAL_ERRORS.labels(where=where).inc()
         bound = log.bind(queue_id=msg_id)
         bound.error("delivery_internal_error", exc_info=exc)

@@ -18,79 +18,21 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
-from typing import Literal
+from dataclasses import replace
 
 from gateway.core.errors import RateLimited, Rejected
 from gateway.core.model import Call
 from gateway.core.outcome import Outcome
-
-CallState = Literal["pending", "sending", "done", "rejected"]
-Verdict = Literal["delivered", "refused", "queued", "dead"]
+from gateway.core.records import CallRow, Decision, DeliveryState, RetryPolicy, Verdict
 
 
-@dataclass(frozen=True, slots=True)
-class CallRow:
-    """One call's stored state. `lost`: how many times its answer was lost after sending."""
-
-    key: str
-    recipients: str
-    state: CallState = "pending"
-    upstream_id: str | None = None
-    error: str | None = None
-    lost: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    schedule: tuple[float, ...]
-    jitter: float
-    max_lifetime: float
-    ambiguous: Literal["resend", "hold"] = "resend"
-    max_internal_errors: int = 3
-
-    def delay(self, attempts: int, rng: random.Random | None = None) -> float:
-        """Seconds after the `attempts`-th failed attempt (1-based); the last interval repeats."""
-        base = self.schedule[min(max(attempts, 1), len(self.schedule)) - 1]
-        if self.jitter and rng is not None:
-            base *= 1 + rng.uniform(-self.jitter, self.jitter)
-        return max(base, 0.0)
-
-
-@dataclass(frozen=True, slots=True)
-class Before:
-    """A message as the attempt found it."""
-
-    calls: Mapping[str, CallRow]
-    attempts: int
-    created: float
-    expires: float
-    internal_errors: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    verdict: Verdict
-    calls: dict[str, CallRow]
-    attempts: int
-    next_attempt: float
-    last_error: str | None
-    dead_reason: str | None = None
-    refusal: Rejected | None = None  # verdict "refused": the upstream's refusal, for the client's 5xx
-    internal_errors: int = 0
-
-    @property
-    def first_id(self) -> str | None:
-        return next((c.upstream_id for c in self.calls.values() if c.state == "done"), None)
-
-
-def fresh(plan: Sequence[Call], now: float, policy: RetryPolicy) -> Before:
+def fresh(plan: Sequence[Call], now: float, policy: RetryPolicy) -> DeliveryState:
     """A message nobody has tried yet."""
     calls = {c.key: CallRow(c.key, ",".join(c.recipients)) for c in plan}
-    return Before(calls=calls, attempts=0, created=now, expires=now + policy.max_lifetime)
+    return DeliveryState(calls=calls, attempts=0, created=now, expires=now + policy.max_lifetime)
 
 
-def resume(before: Before) -> tuple[Before, list[str]]:
+def resume(before: DeliveryState) -> tuple[DeliveryState, list[str]]:
     """A claimed message whose calls may have been sent by an owner that died ('sending'): those calls
     are ambiguous. Returns the message with them pending again (counted in `lost`) and their keys."""
     lost = [key for key, row in before.calls.items() if row.state == "sending"]
@@ -108,7 +50,7 @@ def resume(before: Before) -> tuple[Before, list[str]]:
     return replace(before, calls=calls), lost
 
 
-def hold(before: Before, keys: Sequence[str], now: float) -> Decision:
+def hold(before: DeliveryState, keys: Sequence[str], now: float) -> Decision:
     """The `ambiguous = "hold"` policy: a message with calls that may have been delivered stops here."""
     reason = (
         f"held: the upstream may already have call(s) {', '.join(keys)} (answer lost); "
@@ -126,7 +68,7 @@ def hold(before: Before, keys: Sequence[str], now: float) -> Decision:
 
 
 def decide(
-    before: Before, outcome: Outcome, policy: RetryPolicy, now: float, rng: random.Random | None = None
+    before: DeliveryState, outcome: Outcome, policy: RetryPolicy, now: float, rng: random.Random | None = None
 ) -> Decision:
     calls = dict(before.calls)
     for key, upstream_id in outcome.delivered.items():
@@ -170,7 +112,7 @@ def decide(
 
 
 def internal_error(
-    before: Before, reason: str, policy: RetryPolicy, now: float, rng: random.Random | None = None
+    before: DeliveryState, reason: str, policy: RetryPolicy, now: float, rng: random.Random | None = None
 ) -> Decision:
     """An attempt that failed with a bug (logged with its traceback by the owner): retried on the normal
     schedule, and a dead letter once it has happened `max_internal_errors` times."""

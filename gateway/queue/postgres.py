@@ -21,7 +21,7 @@ from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from gateway.core.errors import SpoolUnavailable
-from gateway.delivery.transition import Before, CallRow, Decision
+from gateway.core.records import CallRow, Decision, DeliveryState
 from gateway.queue import postgres_schema
 from gateway.queue.health import QueueHealth
 from gateway.queue.store import (
@@ -199,7 +199,7 @@ class PostgresQueue:
                 account,
                 m["token"],
                 bytes(m["submission"]),
-                Before(calls[m["id"]], m["attempts"], m["created"], m["expires"], m["internal_errors"]),
+                DeliveryState(calls[m["id"]], m["attempts"], m["created"], m["expires"], m["internal_errors"]),
                 reaped=reaped[m["id"]],
                 blobs=blobs[m["id"]],  # type: ignore[arg-type]  # bytearray reads as bytes
             )

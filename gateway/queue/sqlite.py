@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import structlog
 
 from gateway.core.errors import SpoolUnavailable
-from gateway.delivery.transition import Before, CallRow, Decision
+from gateway.core.records import CallRow, Decision, DeliveryState
 from gateway.queue import sqlite_schema
 from gateway.queue.health import QueueHealth
 from gateway.queue.sqlite_side import RateFile, Reserve, disk_full
@@ -213,12 +213,12 @@ class SqliteQueue:
         return blobs  # type: ignore[return-value]  # bytearray serves where bytes are read
 
     @staticmethod
-    def _before(db: sqlite3.Connection, msg_id: str, m: sqlite3.Row) -> Before:
+    def _before(db: sqlite3.Connection, msg_id: str, m: sqlite3.Row) -> DeliveryState:
         calls = {
             r["key"]: CallRow(r["key"], r["recipients"], r["state"], r["upstream_id"], r["error"], r["lost"])
             for r in db.execute(f"SELECT {CALL_COLUMNS} FROM calls WHERE msg_id=? ORDER BY rowid", (msg_id,))
         }
-        return Before(
+        return DeliveryState(
             calls=calls,
             attempts=m["attempts"],
             created=m["created"],

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
-from gateway.delivery.transition import Before, Decision
+from gateway.core.records import Decision, DeliveryState
 from gateway.queue.health import QueueHealth
 
 
@@ -49,7 +49,7 @@ class Claimed:
     account: str
     token: int
     submission: bytes
-    before: Before
+    before: DeliveryState
     reaped: bool = False
     blobs: Sequence[bytes] = ()
 
