@@ -1,4 +1,4 @@
-"""mime.parse alone on large messages: time and peak memory with big bodies lifted (gateway/bigparts.py) and
+"""mime.parse alone on large messages: time and peak memory with big bodies lifted (gateway/mime/largeparts.py) and
 parsed whole, in one run. No server, no sockets.
 
     python bench/parsebench.py             # the 1 MiB bench message, a 5 MB and a 40 MB scan
@@ -24,7 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.genmsg import large_message
-from gateway import bigparts, mime
+from gateway import mime
+from gateway.mime import largeparts, parser
 
 MB = 1_000_000
 
@@ -89,10 +90,10 @@ def peak(call: Callable[[], object]) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=7, help="timing runs per message and way (default 7)")
-    parser.add_argument("--hostile", action="store_true", help="also time the scan on hostile shapes")
-    args = parser.parse_args()
+    cli = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_argument("--runs", type=int, default=7, help="timing runs per message and way (default 7)")
+    cli.add_argument("--hostile", action="store_true", help="also time the scan on hostile shapes")
+    args = cli.parse_args()
     messages = {
         "attach-1m (1 MiB PDF, text + html)": large_message(),
         "5 MB scan": scan_message(5 * MB),
@@ -100,7 +101,7 @@ def main() -> None:
     }
     print(f"{'message':38} {'size':>9} {'way':>7} {'time':>10} {'peak memory':>12}")
     for name, raw in messages.items():
-        for way, lift_above in (("whole", None), ("lifted", mime.bigparts.THRESHOLD)):
+        for way, lift_above in (("whole", None), ("lifted", largeparts.THRESHOLD)):
             seconds = fastest(
                 lambda raw=raw, lift_above=lift_above: mime.parse(raw, lift_above),
                 max(1, args.runs if len(raw) < 10 * MB else args.runs // 2),
@@ -110,9 +111,9 @@ def main() -> None:
     if args.hostile:
         print(f"\n{'hostile message':38} {'size':>9} {'scan':>10} {'parse whole':>12} {'lifted':>7}")
         for name, raw in hostile_messages().items():
-            scan = fastest(lambda raw=raw: bigparts.lift(raw, mime._POLICY), 3)
+            scan = fastest(lambda raw=raw: largeparts.lift(raw, parser._POLICY), 3)
             whole = fastest(lambda raw=raw: mime.parse(raw, None), 1)
-            lifted = bigparts.lift(raw, mime._POLICY)
+            lifted = largeparts.lift(raw, parser._POLICY)
             count = len(lifted.bodies) if lifted is not None else 0
             print(f"{name:38} {len(raw) / MB:7.1f}MB {scan * 1000:8.1f}ms {whole * 1000:10.1f}ms {count:7}")
 

@@ -1,4 +1,4 @@
-"""Large base64 bodies lifted out before parsing (gateway/bigparts.py): the same Message as parsing whole.
+"""Large base64 bodies lifted out before parsing (gateway/mime/largeparts.py): the same Message as parsing whole.
 
 Every comparison parses a message twice, with lifting off (`lift_above=None`, the parser walks every line)
 and forced on for every clean body (`lift_above=0`), and wants equal results: attachments by their decoded
@@ -18,9 +18,10 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 import tests.fuzzing  # noqa: F401  (the hypothesis profiles)
-from gateway import bigparts, mime
+from gateway import mime
 from gateway.core.errors import ContentRejected
 from gateway.core.model import Message
+from gateway.mime import largeparts, parser
 from tests.conftest import CORPUS
 from tests.harness import Running
 from tests.smtputil import send, session
@@ -56,7 +57,7 @@ def equivalent(raw: bytes) -> int:
     skipped unread); returns how many attachments were lifted with threshold 0."""
     whole, none_lifted = outcome(raw, None)
     assert none_lifted == 0
-    for threshold in (1000, bigparts.THRESHOLD):
+    for threshold in (1000, largeparts.THRESHOLD):
         assert outcome(raw, threshold)[0] == whole, threshold
     fast, lifted = outcome(raw, 0)
     if lifted:
@@ -319,7 +320,7 @@ NOT_LIFTED = {
         multipart("digest", "d", part("Content-Transfer-Encoding: base64\r\n", encoded(_BIG)))
     ),
     "the placeholder's own text in the message": message(
-        multipart("mixed", "b", text(bigparts.PLACEHOLDER + "0\x00"), pdf(_BIG))
+        multipart("mixed", "b", text(largeparts.PLACEHOLDER + "0\x00"), pdf(_BIG))
     ),
     "a boundary the stdlib cannot read (RFC 2231 sections mixed)": message(
         part(
@@ -336,7 +337,7 @@ NOT_LIFTED = {
 @pytest.mark.parametrize("name", NOT_LIFTED)
 def test_bodies_that_are_not_clean_base64_stay_on_the_parsers_path(name: str) -> None:
     raw = NOT_LIFTED[name]
-    assert bigparts.lift(raw, mime._POLICY, 0) is None
+    assert largeparts.lift(raw, parser._POLICY, 0) is None
     assert equivalent(raw) == 0
 
 
@@ -354,9 +355,9 @@ def test_a_delimiter_the_scan_reads_as_a_header_falls_back_to_parsing_whole() ->
             + b"\r\n--a:b--\r\n"
         ),
     )
-    lifted = bigparts.lift(raw, mime._POLICY, 0)
+    lifted = largeparts.lift(raw, parser._POLICY, 0)
     assert lifted is not None and len(lifted.bodies) == 1
-    assert bigparts.claim(mime._parse_tree(lifted.skeleton, lifted.line_ends), lifted) is None
+    assert largeparts.claim(parser._parse_tree(lifted.skeleton, lifted.line_ends), lifted) is None
     assert equivalent(raw) == 0
     assert encoded(_BIG)[:76].decode() in (mime.parse(raw).text or "")  # shown as text, as it always was
 
@@ -364,10 +365,10 @@ def test_a_delimiter_the_scan_reads_as_a_header_falls_back_to_parsing_whole() ->
 def test_the_scan_stops_at_its_budget_keeping_what_it_lifted() -> None:
     """Past MAX_MISSES lines that look like a delimiter and are not, the scan stops: the attachment before
     them is lifted, the one after them is parsed as it always was."""
-    decoys = text("--bX\r\n" * (bigparts.MAX_MISSES + 1))
+    decoys = text("--bX\r\n" * (largeparts.MAX_MISSES + 1))
     raw = message(multipart("mixed", "b", pdf(_BIG), decoys, pdf(_IMAGE)))
     assert equivalent(raw) == 1
-    lifted = bigparts.lift(raw, mime._POLICY, 0)
+    lifted = largeparts.lift(raw, parser._POLICY, 0)
     assert lifted is not None and [r.length for r in lifted.bodies.values()] == [len(base64.b64encode(_BIG))]
 
 
@@ -393,12 +394,12 @@ def test_the_scan_stops_at_its_budget_keeping_what_it_lifted() -> None:
     ],
 )
 def test_claim_refuses_a_placeholder_anywhere_but_a_base64_attachment(skeleton: bytes, why: str) -> None:
-    placeholder = bigparts.PLACEHOLDER + "0\x00"
+    placeholder = largeparts.PLACEHOLDER + "0\x00"
     skeleton = skeleton.replace(b"PLACEHOLDER", placeholder.encode())
-    lifted = bigparts.Lifted(skeleton, {placeholder: bigparts.Run(0, 4, 4)}, 0)
-    assert bigparts.claim(mime._parse_tree(skeleton), lifted) is None, why
+    lifted = largeparts.Lifted(skeleton, {placeholder: largeparts.Run(0, 4, 4)}, 0)
+    assert largeparts.claim(parser._parse_tree(skeleton), lifted) is None, why
     good = b"Content-Type: image/png\r\nContent-Transfer-Encoding: base64\r\n\r\n\r\n" + placeholder.encode() + b"\r\n"
-    assert bigparts.claim(mime._parse_tree(good), bigparts.Lifted(good, {placeholder: b"AAAA"}, 0)) is not None
+    assert largeparts.claim(parser._parse_tree(good), largeparts.Lifted(good, {placeholder: b"AAAA"}, 0)) is not None
 
 
 def test_limits_count_the_lifted_lines_and_refuse_alike() -> None:
@@ -409,10 +410,10 @@ def test_limits_count_the_lifted_lines_and_refuse_alike() -> None:
         chain = multipart("mixed", f"d{level}", chain)
     lines = pdf(data(400_000), width=4)  # 133,334 lines: 127 levels x 266,668 line-end bytes > MAX_NESTING_WORK
     raw = message(multipart("mixed", "top", lines, chain))
-    assert bigparts.lift(raw, mime._POLICY, 0) is not None
+    assert largeparts.lift(raw, parser._POLICY, 0) is not None
     assert refused(raw)
     assert equivalent(raw) == 0
-    many = message(multipart("mixed", "b", pdf(_BIG), *([text()] * mime.MAX_PARTS)))
+    many = message(multipart("mixed", "b", pdf(_BIG), *([text()] * parser.MAX_PARTS)))
     assert refused(many)
     assert equivalent(many) == 0
 

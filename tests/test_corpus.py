@@ -16,7 +16,7 @@ from typing import Any
 
 from email_validator import EmailNotValidError, validate_email
 
-from gateway.mime import MAX_HEADER_VALUE
+from gateway.mime.parser import MAX_HEADER_VALUE
 from tests.conftest import CORPUS
 from tests.harness import PASSWORD, USER, Running
 from tests.smtputil import SENDER, connect

@@ -21,6 +21,7 @@ import pytest
 
 from gateway import mime
 from gateway.core.errors import ContentRejected
+from gateway.mime import parser
 from tests.conftest import CORPUS
 from tests.fuzzing import sane_payload
 from tests.harness import PASSWORD, USER, Running
@@ -97,7 +98,7 @@ def expansion_cases(slow: bool = True) -> dict[str, bytes]:
         )
     parts = b"".join(
         b"--b\r\nContent-Type: image/gif\r\nContent-Transfer-Encoding: base64\r\n\r\nR0lG\r\n"
-        for _ in range(mime.MAX_PARTS - 2)
+        for _ in range(parser.MAX_PARTS - 2)
     )
     levels = b"".join(b"Content-Type: multipart/mixed; boundary=d%d\r\n\r\n--d%d\r\n" % (i, i) for i in range(126))
     return {
@@ -108,19 +109,19 @@ def expansion_cases(slow: bool = True) -> dict[str, bytes]:
         + b"&" * 2_000_000,
         "empty parts up to the limit": head
         + b"Content-Type: multipart/mixed; boundary=b\r\n\r\n"
-        + b"--b\r\n\r\n" * (mime.MAX_PARTS - 2)
+        + b"--b\r\n\r\n" * (parser.MAX_PARTS - 2)
         + b"--b--\r\n",
         "one part past the limit": head
         + b"Content-Type: multipart/mixed; boundary=b\r\n\r\n"
-        + b"--b\r\n\r\n" * mime.MAX_PARTS
+        + b"--b\r\n\r\n" * parser.MAX_PARTS
         + b"--b--\r\n",
         "tiny images up to the limit": head + b"Content-Type: multipart/mixed; boundary=b\r\n\r\n" + parts + b"--b--",
-        "header lines bomb": head + b"X-A: b\r\n" * mime.MAX_HEADER_LINES + b"\r\nbody\r\n",
+        "header lines bomb": head + b"X-A: b\r\n" * parser.MAX_HEADER_LINES + b"\r\nbody\r\n",
         "126 levels with many lines": head
         + levels
         + b"\r\n"
-        + b"x\r\n" * (mime.MAX_NESTING_WORK // (2 * 128) - 500 if slow else 1_000),  # two line-end bytes a line
-        "126 levels with too many lines": head + levels + b"\r\n" + b"x\r\n" * (mime.MAX_NESTING_WORK // 250),
+        + b"x\r\n" * (parser.MAX_NESTING_WORK // (2 * 128) - 500 if slow else 1_000),  # two line-end bytes a line
+        "126 levels with too many lines": head + levels + b"\r\n" + b"x\r\n" * (parser.MAX_NESTING_WORK // 250),
         "encoded words bomb": head.replace(b"Subject: expansion", b"Subject: " + b"=?utf-8?b?8J+YgA==?=" * 60_000)
         + b"\r\nbody\r\n",
     }

@@ -143,7 +143,7 @@ def test_fast_mailbox_path_agrees_with_getaddresses_on_the_corpus() -> None:
     from email import message_from_bytes
     from email.utils import getaddresses
 
-    from gateway.mime import _POLICY, _mailboxes
+    from gateway.mime.parser import _POLICY, _mailboxes
     from tests.conftest import CORPUS
 
     checked = 0

@@ -9,9 +9,9 @@ from email.header import decode_header
 import charset_normalizer
 import pytest
 
-from gateway import charsets
-from gateway.charsets import decode, detect
-from gateway.mime import _POLICY
+from gateway.mime import charsets
+from gateway.mime.charsets import decode, detect
+from gateway.mime.parser import _POLICY
 from tests.conftest import CORPUS
 from tests.test_corpus import corpus_files
 
@@ -64,7 +64,7 @@ def recovered(guess: Callable[[bytes], str], samples: list[tuple[bytes, str]]) -
 
 
 def test_detection_beats_either_method_alone_on_the_corpus() -> None:
-    """The measurement behind gateway/charsets.py: remove the label, see who recovers the text."""
+    """The measurement behind gateway/mime/charsets.py: remove the label, see who recovers the text."""
     samples = labelled_samples()
     assert len(samples) >= 200
 

@@ -10,6 +10,7 @@ import pytest
 from gateway import mime
 from gateway.core.errors import ContentRejected
 from gateway.core.model import Message
+from gateway.mime import parser
 from tests.harness import Running
 from tests.smtputil import SENDER, send, session
 
@@ -360,10 +361,10 @@ def rejected(raw: bytes) -> ContentRejected:
 
 
 def test_too_many_parts_refused() -> None:
-    raw = mixed(*[b"Content-Type: text/plain\r\n\r\nx"] * (mime.MAX_PARTS + 1))
+    raw = mixed(*[b"Content-Type: text/plain\r\n\r\nx"] * (parser.MAX_PARTS + 1))
     error = rejected(raw)
     assert str(error.reply) == "554 5.6.0 Message has too many MIME parts"
-    assert mime.parse(mixed(*[b"Content-Type: text/plain\r\n\r\nx"] * (mime.MAX_PARTS - 2))).text
+    assert mime.parse(mixed(*[b"Content-Type: text/plain\r\n\r\nx"] * (parser.MAX_PARTS - 2))).text
 
 
 def test_too_deep_refused() -> None:
@@ -375,19 +376,19 @@ def test_too_deep_refused() -> None:
 def test_deep_nesting_refused_earlier_for_long_messages() -> None:
     levels = b"".join(b"Content-Type: multipart/mixed; boundary=b%d\r\n\r\n--b%d\r\n" % (i, i) for i in range(40))
     assert mime.parse(HEAD + levels + b"\r\n" + b"line\r\n" * 1000).text
-    error = rejected(HEAD + levels + b"\r\n" + b"\n" * (mime.MAX_NESTING_WORK // 40))
+    error = rejected(HEAD + levels + b"\r\n" + b"\n" * (parser.MAX_NESTING_WORK // 40))
     assert str(error.reply) == "554 5.6.0 Message structure is nested too deeply"
 
 
 def test_too_many_header_lines_refused() -> None:
-    error = rejected(HEAD + b"X-A: b\r\n" * mime.MAX_HEADER_LINES + b"\r\nbody\r\n")
+    error = rejected(HEAD + b"X-A: b\r\n" * parser.MAX_HEADER_LINES + b"\r\nbody\r\n")
     assert str(error.reply) == "554 5.6.0 Message has too many header lines"
 
 
 def test_text_that_would_grow_past_the_decoded_limit_is_552() -> None:
     # Every "&" becomes "&amp;", and one emoji makes every character of a Python string take 4 bytes:
     # the HTML body alone would take twenty times the raw size.
-    text = "😀".encode() + b"&" * mime.DECODED_FLOOR
+    text = "😀".encode() + b"&" * parser.DECODED_FLOOR
     error = rejected(HEAD + b"Content-Type: text/plain; charset=utf-8\r\n\r\n" + text)
     assert str(error.reply) == "552 5.3.4 Message size exceeds fixed limit once decoded"
     # Ordinary text, even with an emoji and some markup characters, is far below it.

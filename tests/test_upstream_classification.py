@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import orjson
 import pytest
 
-from gateway import jsonbody
 from gateway.core.errors import AnswerLost, UpstreamUnavailable
+from gateway.mime import jsonbody
 from gateway.upstream.client import HttpClient
 
 Behaviour = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]

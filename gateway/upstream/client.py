@@ -17,8 +17,8 @@ from typing import Literal
 import httpx
 from prometheus_client import Histogram
 
-from gateway import jsonbody
 from gateway.core.errors import AnswerLost, UpstreamUnavailable
+from gateway.mime import jsonbody
 from gateway.observability import UPSTREAM_SECONDS
 from gateway.upstream.aiohttp_transport import AiohttpTransport
 from gateway.upstream.response import HttpResponse

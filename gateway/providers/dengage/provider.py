@@ -12,12 +12,12 @@ from typing import TypeVar
 import orjson
 import structlog
 
-from gateway import jsonbody
 from gateway.config_base import UserSettings
 from gateway.core import replies
 from gateway.core.errors import ContentRejected, RateLimited, UpstreamAuthFailed
 from gateway.core.model import Call, Message, Principal, Submission
 from gateway.core.outcome import Outcome
+from gateway.mime import jsonbody
 from gateway.policy import SenderPolicy, ascii_domain, domain_of
 from gateway.providers.base import BeforeSend, no_hook
 from gateway.providers.dengage import wire

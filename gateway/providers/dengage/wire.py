@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway import jsonbody
 from gateway.core.errors import (
     AnswerLost,
     RateLimited,
@@ -22,7 +21,7 @@ from gateway.core.errors import (
     UpstreamUnavailable,
 )
 from gateway.core.model import Submission
-from gateway.mime import text_to_html
+from gateway.mime import jsonbody, text_to_html
 from gateway.upstream.response import HttpResponse
 
 # Every wire name in one table, tagged as in shared/upstream-apis.md part 2:
@@ -107,7 +106,7 @@ def login_body(userkey: str, password: str) -> dict[str, str]:
 
 def has_body(submission: Submission) -> bool:
     """Whether the message carries its own body (an HTML part, or text), so that a template's body is
-    overridden only by real content and not by the empty document mime.py makes for an empty message."""
+    overridden only by real content and not by the empty document gateway/mime makes for an empty message."""
     msg = submission.message
     return bool((msg.text or "").strip()) or msg.html != text_to_html(msg.text or "")
 

@@ -8,12 +8,12 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 
-from gateway import jsonbody
 from gateway.config_base import UserSettings
 from gateway.core import replies
 from gateway.core.errors import ContentRejected, Deferred, Rejected
 from gateway.core.model import Call, Message, Principal, Submission
 from gateway.core.outcome import Outcome
+from gateway.mime import jsonbody
 from gateway.policy import SenderPolicy, ascii_address, ascii_domain
 from gateway.providers.base import BeforeSend, no_hook
 from gateway.providers.dmds import campaigns, wire

@@ -6,9 +6,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from gateway import jsonbody
 from gateway.core.errors import AnswerLost, RateLimited, UpstreamAuthFailed, UpstreamRejected, UpstreamUnavailable
 from gateway.core.model import Address, Submission
+from gateway.mime import jsonbody
 from gateway.providers.dmds.legs import Leg
 from gateway.upstream.response import HttpResponse
 

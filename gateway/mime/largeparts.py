@@ -9,7 +9,7 @@ from email.message import Message as EmailMessage
 from email.parser import BytesParser
 from email.policy import Compat32
 
-from gateway.headers import transfer_encoding
+from gateway.mime.headers import transfer_encoding
 
 # Bodies of at least this many bytes of base64 (line breaks not counted) are lifted. mime.parse alone,
 # parsed whole -> lifted (bench/parsebench.py; fastest of 7 runs on 2 shared cores; tracemalloc peak):

@@ -12,11 +12,11 @@ from dataclasses import dataclass, field, replace
 from email.message import Message as EmailMessage
 from typing import Literal
 
-from gateway import charsets, sanitize, transfer
 from gateway.core import replies
 from gateway.core.errors import ContentRejected
 from gateway.core.model import Attachment
-from gateway.headers import filename_param, header_text, transfer_encoding, undo_surrogates
+from gateway.mime import charsets, payload, sanitize
+from gateway.mime.headers import filename_param, header_text, transfer_encoding, undo_surrogates
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +42,7 @@ def extract(msg: EmailMessage, limit: int, carried: Mapping[int, bytes | memoryv
     may take (ContentRejected 552 5.3.4 past it, checked before an HTML body is built from text: escaping
     can make it five times longer, and one character beyond U+FFFF makes a Python string 4 bytes a
     character). `carried`: base64 text (no line breaks) by id() of the leaf it stands for, a body lifted
-    out before parsing (gateway/bigparts.py); such a part's attachment carries it as it is."""
+    out before parsing (gateway/mime/largeparts.py); such a part's attachment carries it as it is."""
     walk = _Walk(carried=carried or {})
     pieces = walk.part(msg)
     size = sum(a.size for a in walk.attachments) + sum(_memory(t) for t in walk.texts)
@@ -175,20 +175,20 @@ class _Walk:
 
     def payload_bytes(self, part: EmailMessage, ctype: str) -> bytes:
         if part.is_multipart() or ctype.startswith("message/"):
-            return transfer.message_bytes(part)
+            return payload.message_bytes(part)
         cte = transfer_encoding(part)  # "Quoted Printable" too
         if cte in ("quoted-printable", "quoted printable"):
             return quopri.decodestring(_raw_payload(part))
         if cte == "base64":
             encoded = _raw_payload(part)
-            decoded = transfer.base64_lenient(encoded, text=ctype.startswith("text/"))
+            decoded = payload.base64_lenient(encoded, text=ctype.startswith("text/"))
             if decoded is not None:
                 return decoded
             # Not base64 at all (text, or a raw file, under a base64 header): what arrived is closest.
             self.defects.append(f"undecodable_base64: part {self.leaves} ({ctype}) sent as it arrived")
             return encoded
-        payload = part.get_payload(decode=True)
-        return payload if isinstance(payload, bytes) else _raw_payload(part)
+        data = part.get_payload(decode=True)
+        return data if isinstance(data, bytes) else _raw_payload(part)
 
     def attachment(self, part: EmailMessage, ctype: str, disposition: str, filename: str | None) -> Attachment:
         raw_cid = part.get("Content-ID")

@@ -8,7 +8,7 @@ from email.errors import HeaderParseError
 from email.header import decode_header
 from email.message import Message
 
-from gateway import charsets
+from gateway.mime import charsets
 
 _SURROGATE = re.compile("[\udc80-\udcff]")
 # RFC 2231 percent-decoding happens in the stdlib as Latin-1 text; this undoes it to the raw bytes.
@@ -16,7 +16,7 @@ _LATIN1 = "latin-1"
 
 
 def header_text(value: object) -> str:
-    """Decode one header value: RFC 2047 encoded words and raw 8-bit bytes (see gateway/charsets.py)."""
+    """Decode one header value: RFC 2047 encoded words and raw 8-bit bytes (see gateway/mime/charsets.py)."""
     if value is None:
         return ""
     raw = undo_surrogates(str(value))

@@ -9,11 +9,11 @@ from email.message import Message as EmailMessage
 from email.policy import Compat32
 from email.utils import getaddresses
 
-from gateway import bigparts, bodies, sanitize
 from gateway.core import replies
 from gateway.core.errors import ContentRejected
 from gateway.core.model import Address, Message
-from gateway.headers import header_text, undo_surrogates
+from gateway.mime import bodies, largeparts, sanitize
+from gateway.mime.headers import header_text, undo_surrogates
 
 # compat32 is ~7x faster than policy.default on a 5 KB message (bench/README.md); its headers are
 # raw strings, so RFC 2047 / 8-bit decoding is done here, once, only for the headers the API needs.
@@ -89,11 +89,11 @@ class _BoundedParser(BytesFeedParser):
         FeedParser._parse_headers(self, lines)  # type: ignore[attr-defined]
 
 
-def parse(raw: bytes | bytearray, lift_above: int | None = bigparts.THRESHOLD) -> Message:
+def parse(raw: bytes | bytearray, lift_above: int | None = largeparts.THRESHOLD) -> Message:
     """Decode a submitted message. Raises ContentRejected when it cannot be turned into an API call.
 
     Attachments of at least `lift_above` bytes of clean base64 carry that text as it arrived
-    (Attachment.b64) and never pass through the parser (gateway/bigparts.py); None: none do."""
+    (Attachment.b64) and never pass through the parser (gateway/mime/largeparts.py); None: none do."""
     try:
         return _parse(raw, lift_above)
     except RecursionError:
@@ -103,23 +103,23 @@ def parse(raw: bytes | bytearray, lift_above: int | None = bigparts.THRESHOLD) -
 
 def _tree(raw: bytes | bytearray, lift_above: int | None) -> tuple[EmailMessage, Mapping[int, bytes | memoryview]]:
     """The parse tree, and the lifted bodies by id() of the leaves they belong to."""
-    if lift_above is not None and (lifted := bigparts.lift(raw, _POLICY, lift_above)) is not None:
+    if lift_above is not None and (lifted := largeparts.lift(raw, _POLICY, lift_above)) is not None:
         found = _lifted_tree(lifted)
         del lifted  # without a tree, the skeleton goes before the message is parsed whole
         if found is not None:
             tree, runs = found
-            texts = bigparts.materialize(raw, runs.values())
+            texts = largeparts.materialize(raw, runs.values())
             return tree, {part: texts[run] for part, run in runs.items()}
     return _parse_tree(raw), {}
 
 
-def _lifted_tree(lifted: bigparts.Lifted) -> tuple[EmailMessage, Mapping[int, bigparts.Run]] | None:
+def _lifted_tree(lifted: largeparts.Lifted) -> tuple[EmailMessage, Mapping[int, largeparts.Run]] | None:
     try:
         # The limits count the lines of the whole message, as without lifting.
         tree = _parse_tree(lifted.skeleton, lifted.line_ends)
     except ContentRejected:
         return None  # decided on the message itself, exactly as without lifting
-    carried = bigparts.claim(tree, lifted)
+    carried = largeparts.claim(tree, lifted)
     return None if carried is None else (tree, carried)
 
 
@@ -194,9 +194,6 @@ def _parse(raw: bytes | bytearray, lift_above: int | None) -> Message:
         x_headers=x_headers,
         defects=(*defects, *decoded.defects),
     )
-
-
-text_to_html = bodies.text_to_html
 
 
 def _cut(value: str) -> str:
