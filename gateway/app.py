@@ -19,11 +19,11 @@ from gateway.core.errors import SpoolUnavailable
 from gateway.credentials import Authenticator
 from gateway.delivery.health import AccountHealth
 from gateway.delivery.owner import DeliveryOwner
-from gateway.dns import DnsResolver
-from gateway.domaincheck import check_domains
 from gateway.memory import MmapThreshold, set_mmap_threshold
 from gateway.observability import CONFIG_RELOADS, QUEUE_STATS, OperatorEndpoint
 from gateway.pipeline import Pipeline
+from gateway.policy.dns import DnsResolver
+from gateway.policy.domaincheck import check_domains
 from gateway.providers import registry
 from gateway.providers.base import Provider
 from gateway.queue.backends import open_store

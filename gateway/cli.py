@@ -121,8 +121,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_check_domains(args: argparse.Namespace) -> int:
     from gateway import logs
-    from gateway.dns import DnsResolver
-    from gateway.domaincheck import check_domains, format_table, to_json
+    from gateway.policy.dns import DnsResolver
+    from gateway.policy.domaincheck import check_domains, format_table, to_json
 
     settings = _load(args)
     logs.configure(settings.log)  # to stderr: the report is stdout's

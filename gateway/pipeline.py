@@ -17,8 +17,8 @@ from gateway.core.errors import ContentRejected, Deferred, DnsTempFailure, Gatew
 from gateway.core.model import Call, Message, Principal, Receipt, Submission
 from gateway.core.replies import Reply
 from gateway.delivery.owner import DeliveryOwner
-from gateway.dns import DnsResolver, DnsTemporaryError
 from gateway.observability import MESSAGES
+from gateway.policy.dns import DnsResolver, DnsTemporaryError
 from gateway.providers.base import Provider
 from gateway.settings import Settings
 

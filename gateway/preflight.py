@@ -260,7 +260,7 @@ async def dns(settings: Settings) -> list[Finding]:
     d = settings.dns
     if not (d.check_sender_domain or d.check_recipient_domains):
         return []
-    from gateway.dns import DnsResolver
+    from gateway.policy.dns import DnsResolver
 
     resolver = DnsResolver(d.nameservers or None, d.port, d.timeout, d.max_ttl, d.negative_ttl)
     domain = next((dom for a in settings.accounts.values() for dom in a.sender_domains), None)

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import pytest_asyncio
 
-from gateway.dns import DnsResolver
+from gateway.policy.dns import DnsResolver
 from tests.dnsserver import DnsServer, ZoneData
 from tests.harness import LoopThread
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from gateway.dns import DnsResolver, DnsTemporaryError
+from gateway.policy.dns import DnsResolver, DnsTemporaryError
 from tests.dnsserver import DnsServer
 
 # generous bound: a resolver that ignored its 0.3 s timeout would take dnspython's default 5 s

@@ -12,7 +12,7 @@ import pytest
 import pytest_asyncio
 from structlog.testing import capture_logs
 
-from gateway.dns import DnsResolver, DnsResolverBroken, DnsTemporaryError
+from gateway.policy.dns import DnsResolver, DnsResolverBroken, DnsTemporaryError
 from tests.conftest_dns import MX, make_zones
 from tests.dnsserver import DnsServer, ZoneData
 from tests.test_dns import FakeClock

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from gateway.dns import DnsResolver
-from gateway.domaincheck import (
+from gateway.policy.dns import DnsResolver
+from gateway.policy.domaincheck import (
     DomainReport,
     aligned_relaxed,
     check_domain,

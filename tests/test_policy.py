@@ -1,4 +1,4 @@
-"""Table-driven unit tests of the pure sender policy (gateway/policy.py)."""
+"""Table-driven unit tests of the pure sender policy (gateway/policy/senders.py)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from dataclasses import replace
 
 import pytest
 
-from gateway import policy
 from gateway.core.errors import PolicyRejected
 from gateway.core.model import Address, Message, Principal
+from gateway.policy import senders
 from gateway.providers.dmds.provider import sender_policy
 from gateway.settings import DmdsAccount
 
@@ -51,7 +51,7 @@ def reply_of(exc: pytest.ExceptionInfo[PolicyRejected]) -> str:
     ],
 )
 def test_normalize_address_accepts(address: str, smtputf8: bool, normalized: str) -> None:
-    assert policy.check_recipient(address, smtputf8) == normalized
+    assert senders.check_recipient(address, smtputf8) == normalized
 
 
 @pytest.mark.parametrize(
@@ -90,7 +90,7 @@ def test_normalize_address_accepts(address: str, smtputf8: bool, normalized: str
 )
 def test_recipient_syntax_refusals(address: str, smtputf8: bool, reply: str) -> None:
     with pytest.raises(PolicyRejected) as exc:
-        policy.check_recipient(address, smtputf8)
+        senders.check_recipient(address, smtputf8)
     assert reply_of(exc) == reply
 
 
@@ -104,7 +104,7 @@ def test_recipient_syntax_refusals(address: str, smtputf8: bool, reply: str) -> 
     ],
 )
 def test_ascii_domain(domain: str, expected: str) -> None:
-    assert policy.ascii_domain(domain) == expected
+    assert senders.ascii_domain(domain) == expected
 
 
 def test_permitted_domains_and_return_paths_are_normalized() -> None:
@@ -139,7 +139,7 @@ def test_permitted_domains_and_return_paths_are_normalized() -> None:
     ],
 )
 def test_sender_permitted(principal: Principal, address: str) -> None:
-    assert policy.check_sender(ACCOUNT, principal, address, smtputf8=False).lower() == address.lower()
+    assert senders.check_sender(ACCOUNT, principal, address, smtputf8=False).lower() == address.lower()
 
 
 @pytest.mark.parametrize(
@@ -188,13 +188,13 @@ def test_sender_permitted(principal: Principal, address: str) -> None:
 )
 def test_sender_refused(principal: Principal, address: str, reply: str) -> None:
     with pytest.raises(PolicyRejected) as exc:
-        policy.check_sender(ACCOUNT, principal, address, smtputf8=False)
+        senders.check_sender(ACCOUNT, principal, address, smtputf8=False)
     assert reply_of(exc) == reply
 
 
 def test_sender_utf8_local_part_with_smtputf8_is_5_6_7() -> None:
     with pytest.raises(PolicyRejected) as exc:
-        policy.check_sender(ACCOUNT, ANY, "jö@acme.example", smtputf8=True)
+        senders.check_sender(ACCOUNT, ANY, "jö@acme.example", smtputf8=True)
     assert exc.value.reply.code == 553
     assert exc.value.reply.status == "5.6.7"
 
@@ -213,7 +213,7 @@ def test_sender_utf8_local_part_with_smtputf8_is_5_6_7() -> None:
     ],
 )
 def test_login_may_use(entries: tuple[str, ...], address: str, domain: str, may: bool) -> None:
-    assert policy.login_may_use(limited(*entries), address, domain) is may
+    assert senders.login_may_use(limited(*entries), address, domain) is may
 
 
 # ---- header From / Sender / Reply-To / To / Cc ----------------------------------------------------
@@ -263,19 +263,19 @@ MAIL_FROM = "dmds-acme@nl.acme.example"
 )
 def test_from_policy_accepts(principal: Principal, message: Message, expected_from: Address) -> None:
     mail_from = "billing@acme.example" if message.from_ is None else MAIL_FROM
-    out = policy.apply_from_policy(ACCOUNT, principal, message, mail_from, smtputf8=True)
+    out = senders.apply_from_policy(ACCOUNT, principal, message, mail_from, smtputf8=True)
     assert out.from_ == expected_from
     assert replace(out, from_=message.from_) == message
 
 
 def test_from_policy_returns_the_same_message_when_nothing_changes() -> None:
     message = msg(sender="ops@acme.example", reply_to="help@example.com", cc=("c@example.com",))
-    assert policy.apply_from_policy(ACCOUNT, ANY, message, MAIL_FROM, smtputf8=False) is message
+    assert senders.apply_from_policy(ACCOUNT, ANY, message, MAIL_FROM, smtputf8=False) is message
 
 
 def test_header_addresses_travel_normalized() -> None:
     message = msg(reply_to="help@bücher.example", to=("a@bücher.example",), cc=("c@Bücher.example",))
-    out = policy.apply_from_policy(ACCOUNT, ANY, message, MAIL_FROM, smtputf8=True)
+    out = senders.apply_from_policy(ACCOUNT, ANY, message, MAIL_FROM, smtputf8=True)
     assert out.reply_to == Address("help@xn--bcher-kva.example")
     assert out.to == (Address("a@xn--bcher-kva.example"),)
     assert out.cc == (Address("c@xn--bcher-kva.example"),)
@@ -359,14 +359,14 @@ def test_header_addresses_travel_normalized() -> None:
 )
 def test_from_policy_refusals(principal: Principal, message: Message, reply: str) -> None:
     with pytest.raises(PolicyRejected) as exc:
-        policy.apply_from_policy(ACCOUNT, principal, message, MAIL_FROM, smtputf8=True)
+        senders.apply_from_policy(ACCOUNT, principal, message, MAIL_FROM, smtputf8=True)
     assert reply_of(exc) == reply
 
 
 def test_missing_from_with_return_path_envelope_is_refused() -> None:
     # No From and MAIL FROM is the return-path: the From would be in nl.acme.example, not a sender domain.
     with pytest.raises(PolicyRejected) as exc:
-        policy.apply_from_policy(ACCOUNT, ANY, msg(from_=None), MAIL_FROM, smtputf8=False)
+        senders.apply_from_policy(ACCOUNT, ANY, msg(from_=None), MAIL_FROM, smtputf8=False)
     assert reply_of(exc) == (
         "550 5.7.1 From: header domain nl.acme.example is not a permitted sender domain for this account"
     )

@@ -41,7 +41,7 @@ from typing import TypeVar
 
 from publicsuffixlist import PublicSuffixList
 
-from gateway.dns import DnsResolver, DnsTemporaryError
+from gateway.policy.dns import DnsResolver, DnsTemporaryError
 
 __all__ = [
     "DomainReport",

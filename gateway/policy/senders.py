@@ -42,7 +42,7 @@ class _UpstreamCannotTake(Exception):
 
 @lru_cache(maxsize=8192)
 def _validate(address: str, smtputf8: bool) -> str:
-    # Syntax only: deliverability (DNS) is gateway.dns' job, asynchronously.
+    # Syntax only: deliverability (DNS) is gateway.policy.dns' job, asynchronously.
     result = validate_email(address, check_deliverability=False, allow_smtputf8=smtputf8)
     if result.ascii_email is None:
         # DMDS refuses these ("Internationalized characters before the @-sign are not supported.").
