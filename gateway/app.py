@@ -15,6 +15,8 @@ from typing import Any
 import structlog
 
 from gateway import logs
+from gateway.config import ConfigError, DnsSettings, Settings
+from gateway.config.reload import ReloadPlan, plan_reload
 from gateway.core.errors import SpoolUnavailable
 from gateway.credentials import Authenticator
 from gateway.delivery.health import AccountHealth
@@ -26,11 +28,10 @@ from gateway.policy.dns import DnsResolver
 from gateway.policy.domaincheck import check_domains
 from gateway.providers import registry
 from gateway.providers.base import Provider
+from gateway.providers.dmds.config import DmdsAccount
 from gateway.queue.backends import open_store
 from gateway.queue.store import QueueStore
 from gateway.queue.worker import RetryWorker
-from gateway.reload import ReloadPlan, plan_reload
-from gateway.settings import ConfigError, DmdsAccount, DnsSettings, Settings
 from gateway.smtp.protocol import GatewaySMTP
 from gateway.smtp.server import Listeners
 from gateway.tlsutil import CertificateError
@@ -156,7 +157,7 @@ class App:
         """Apply the configuration as it is now, if it is valid; else keep the running one and say why.
 
         New sessions get the new logins, accounts, limits and certificates; sessions in progress finish with
-        what they started with. What needs a restart is kept and named (gateway/reload.py)."""
+        what they started with. What needs a restart is kept and named (gateway/config/reload.py)."""
         listeners = self.listeners
         if listeners is None:
             return False

@@ -16,9 +16,10 @@ from typing import Any
 
 import structlog
 
-from gateway import __version__, preflight
+from gateway import __version__
+from gateway.config import CONFIG_ENV, ConfigError, Settings, load_settings, masked_dump, preflight
 from gateway.core.errors import SpoolUnavailable
-from gateway.settings import CONFIG_ENV, ConfigError, DmdsAccount, Settings, load_settings, masked_dump
+from gateway.providers.dmds.config import DmdsAccount
 
 # Exit statuses: 1 a problem on this machine (port taken, file unreadable, DNS), 2 the configuration or the
 # command line, 130 interrupted (Ctrl-C), 141 output pipe closed (as a shell reports coreutils killed by SIGPIPE).
@@ -226,7 +227,7 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from gateway import logs, quickstart
-    from gateway.settings import LogSettings
+    from gateway.config import LogSettings
 
     wanted = [
         preflight.Port("quick start SMTP (--port)", "127.0.0.1", args.port),

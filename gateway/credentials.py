@@ -10,12 +10,12 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from gateway.config_base import UserSettings
+from gateway.config import AccountSettings
+from gateway.config.base import UserSettings
 from gateway.core.errors import Deferred
 from gateway.core.model import Principal
 from gateway.passwords import verify_password
 from gateway.providers.base import Provider
-from gateway.settings import AccountSettings
 
 
 class AuthFailed(Exception):

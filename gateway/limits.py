@@ -15,7 +15,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from gateway.settings import LimitsSettings
+from gateway.config import LimitsSettings
 
 Clock = Callable[[], float]
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import structlog
 
-from gateway.settings import LogSettings
+from gateway.config import LogSettings
 
 # structlog method names -> levels ("exception" logs at error level with the traceback).
 _LEVELS = {

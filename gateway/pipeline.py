@@ -12,6 +12,7 @@ import structlog
 
 from gateway import idempotency, mime, policy
 from gateway.budget import Reservation
+from gateway.config import Settings
 from gateway.core import replies
 from gateway.core.errors import ContentRejected, Deferred, DnsTempFailure, GatewayError, PolicyRejected, Rejected
 from gateway.core.model import Call, Message, Principal, Receipt, Submission
@@ -20,7 +21,6 @@ from gateway.delivery.owner import DeliveryOwner
 from gateway.observability import MESSAGES
 from gateway.policy.dns import DnsResolver, DnsTemporaryError
 from gateway.providers.base import Provider
-from gateway.settings import Settings
 
 log = structlog.get_logger("gateway.pipeline")
 MESSAGES_BY_CLASS = {cls: MESSAGES.labels(result=f"{cls}xx") for cls in (2, 4, 5)}

@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from gateway.app import App, run
+from gateway.config import load_settings
 from gateway.passwords import hash_password
 from gateway.providers.dengage.sandbox import DengageSandbox
 from gateway.providers.dengage.sandbox import install as dengage
 from gateway.providers.dmds.sandbox import DmdsSandbox
 from gateway.providers.dmds.sandbox import install as dmds
 from gateway.sandbox import Sandbox, SandboxState
-from gateway.settings import load_settings
 from gateway.tlsutil import write_self_signed
 
 SANDBOX_APIKEY = "sandbox-account-apikey"

@@ -13,13 +13,13 @@ from typing import Any, TypeVar
 import httpx
 
 from gateway.app import App
+from gateway.config import Settings, load_settings
 from gateway.passwords import hash_password
 from gateway.providers.dengage.sandbox import DengageSandbox
 from gateway.providers.dengage.sandbox import install as install_dengage
 from gateway.providers.dmds.sandbox import DmdsSandbox
 from gateway.providers.dmds.sandbox import install as install_dmds
 from gateway.sandbox import Sandbox, SandboxState
-from gateway.settings import Settings, load_settings
 from gateway.tlsutil import write_self_signed
 
 T = TypeVar("T")

@@ -14,13 +14,8 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from gateway.passwords import verify_password
-from gateway.settings import (
+from gateway.config import (
     DeliverySettings,
-    DengageAccount,
-    DengageUser,
-    DmdsAccount,
-    DmdsUser,
     DnsSettings,
     HttpSettings,
     LimitsSettings,
@@ -30,6 +25,9 @@ from gateway.settings import (
     TlsSettings,
     load_settings,
 )
+from gateway.passwords import verify_password
+from gateway.providers.dengage.config import DengageAccount, DengageUser
+from gateway.providers.dmds.config import DmdsAccount, DmdsUser
 from tests.harness import PASSWORD, PASSWORD_HASH
 
 CLI = [sys.executable, "-m", "gateway"]

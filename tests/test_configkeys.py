@@ -9,8 +9,8 @@ from typing import Annotated, Literal
 import pytest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from gateway import configkeys
-from gateway.settings import ENV_PREFIX, FOREIGN_ENV, config_keys, format_validation_error
+from gateway.config import keys
+from gateway.config.settings import ENV_PREFIX, FOREIGN_ENV, config_keys, format_validation_error
 
 
 class _Strict(BaseModel):
@@ -48,15 +48,15 @@ class Root(_Strict):
     maybe: Log | None = None
 
 
-ROOT = configkeys.tree(Root)
+ROOT = keys.tree(Root)
 
 
 def unknown(*names: str) -> list[str]:
-    return configkeys.unknown_env(dict.fromkeys(names, "v"), ROOT, "APP_", "__")
+    return keys.unknown_env(dict.fromkeys(names, "v"), ROOT, "APP_", "__")
 
 
 def test_paths_cover_nested_and_union_keys() -> None:
-    assert set(configkeys.paths(ROOT)) == {
+    assert set(keys.paths(ROOT)) == {
         ("hostname",),
         ("log", "level"),
         ("accounts", "*", "provider"),
@@ -118,24 +118,23 @@ def test_far_off_name_gets_the_pattern() -> None:
 def test_error_locations_skip_the_union_member() -> None:
     with pytest.raises(ValidationError) as info:
         Root.model_validate({"accounts": {"acme": {"provider": "dengage", "account_id": "a", "tokn": "t"}}})
-    shown = sorted(configkeys.display_key(ROOT, e["loc"])[0] for e in info.value.errors())
+    shown = sorted(keys.display_key(ROOT, e["loc"])[0] for e in info.value.errors())
     assert shown == ["accounts.acme.token", "accounts.acme.tokn"]
-    _, parent = configkeys.display_key(ROOT, ("accounts", "acme", "dengage", "tokn"))
-    assert configkeys.suggest_key(parent, "tokn") == "token"
+    _, parent = keys.display_key(ROOT, ("accounts", "acme", "dengage", "tokn"))
+    assert keys.suggest_key(parent, "tokn") == "token"
 
 
 def test_every_gateway_key_is_accepted_from_the_environment() -> None:
     """No false alarm: each settable key of the real Settings, as a variable, is valid."""
     names = [
-        ENV_PREFIX + "__".join(p if p != "*" else "acme" for p in path).upper()
-        for path in configkeys.paths(config_keys())
+        ENV_PREFIX + "__".join(p if p != "*" else "acme" for p in path).upper() for path in keys.paths(config_keys())
     ]
     assert "GATEWAY_ACCOUNTS__ACME__APIKEY" in names and "GATEWAY_DNS__NAMESERVERS" in names
-    assert configkeys.unknown_env(dict.fromkeys(names, "v"), config_keys(), ENV_PREFIX, "__", FOREIGN_ENV) == []
+    assert keys.unknown_env(dict.fromkeys(names, "v"), config_keys(), ENV_PREFIX, "__", FOREIGN_ENV) == []
 
 
 def test_unknown_file_key_in_the_real_settings_is_named_with_a_hint() -> None:
-    from gateway.settings import Settings
+    from gateway.config import Settings
 
     with pytest.raises(ValidationError) as info:
         Settings.model_validate({"dns": {"nameserver": ["127.0.0.1"]}, "hostnme": "x"})

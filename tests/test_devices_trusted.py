@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from gateway.settings import ConfigError, load_settings
+from gateway.config import ConfigError, load_settings
 from tests.devices_util import captured_logs, events, listener, raw_send
 from tests.harness import PASSWORD, PASSWORD_HASH, USER, Running
 from tests.smtputil import RECIPIENT, SENDER, RawClient, message

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
+from gateway.config import LimitsSettings
 from gateway.limits import AuthGuard, LoginRates, LogSampler, SessionCounter, client_key
-from gateway.settings import LimitsSettings
 
 
 class Clock:

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from gateway import logs
-from gateway.settings import LogSettings
+from gateway.config import LogSettings
 
 
 class Terminal(io.StringIO):
@@ -61,7 +61,7 @@ class Recording(io.TextIOBase):
 
 sys.stderr = Recording()
 from gateway import logs
-from gateway.settings import LogSettings
+from gateway.config import LogSettings
 logs.configure(LogSettings(format=sys.argv[1]))
 structlog.get_logger().info("gateway_event", detail="x" * 300)
 logging.getLogger("somelibrary").warning("library warning")

@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
+from gateway.config import LimitsSettings
 from gateway.memory import MmapThreshold, set_mmap_threshold
-from gateway.settings import LimitsSettings
 
 # After an 8 MiB block is freed, glibc's dynamic threshold rises to 8 MiB: a 4 MiB block then comes from the
 # heap (and stays in the process's RSS when freed, if anything above it is still used). With the threshold

@@ -9,8 +9,8 @@ import pytest
 from gateway.core.errors import PolicyRejected
 from gateway.core.model import Address, Message, Principal
 from gateway.policy import senders
+from gateway.providers.dmds.config import DmdsAccount
 from gateway.providers.dmds.provider import sender_policy
-from gateway.settings import DmdsAccount
 
 ACCOUNT = sender_policy(
     DmdsAccount(

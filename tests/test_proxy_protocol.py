@@ -170,7 +170,7 @@ def test_trusted_networks_see_the_real_client(gateway_factory: Factory) -> None:
 
 
 def test_proxy_protocol_needs_its_balancers() -> None:
-    from gateway.settings import ListenerSettings
+    from gateway.config import ListenerSettings
 
     with pytest.raises(ValueError, match="proxy_trusted"):
         ListenerSettings(proxy_protocol=True)

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from gateway.reload import plan_reload
-from gateway.settings import ConfigError, Settings, load_settings
+from gateway.config import ConfigError, Settings, load_settings
+from gateway.config.reload import plan_reload
 from tests.devices_util import captured_logs, events, raw_send
 from tests.harness import PASSWORD, PASSWORD_HASH, USER, Running, base_config
 from tests.ops_util import sample

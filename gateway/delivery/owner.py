@@ -27,6 +27,7 @@ from typing import Any
 
 import structlog
 
+from gateway.config import DeliverySettings
 from gateway.core import replies
 from gateway.core.errors import Deferred, GatewayError, SpoolUnavailable
 from gateway.core.model import Call, Receipt, Submission
@@ -39,7 +40,6 @@ from gateway.observability import AMBIGUOUS, CLIENT_GONE, DEAD_LETTERS, DELIVERI
 from gateway.providers.base import Provider
 from gateway.queue import codec
 from gateway.queue.store import Claimed, NewMessage, QueueStore
-from gateway.settings import DeliverySettings
 
 log = structlog.get_logger("gateway.delivery")
 SLOW = Reply(451, "4.4.1", "Upstream did not answer within the inline budget; try again later")

@@ -3,7 +3,7 @@
 The core (pipeline, delivery owner, queue, retry worker) never knows what a call means to a provider:
 it asks `prepare` for the message's provider decisions, `plan` for the calls (opaque keys), and
 `deliver` to make the calls not yet done, in the provider's own order. A third provider is one new
-package beside dmds/ and dengage/, plus its settings model in the config union (gateway/settings.py).
+package beside dmds/ and dengage/, plus its settings model in the config union (gateway/config/settings.py).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Protocol
 
-from gateway.config_base import UserSettings
+from gateway.config.base import UserSettings
 from gateway.core.model import Call, Message, Principal, Submission
 from gateway.core.outcome import Outcome
 from gateway.policy import SenderPolicy

@@ -1,14 +1,16 @@
 """Turns an [accounts.X] table into its Provider: the one place that knows every provider package.
 
 A third provider: a new package here (config model, wire module, provider, sandbox routes), its model in
-the AccountSettings union (gateway/settings.py), and one line in `build` below.
+the AccountSettings union (gateway/config/settings.py), and one line in `build` below.
 """
 
 from __future__ import annotations
 
+from gateway.config import AccountSettings
 from gateway.providers.base import Provider
+from gateway.providers.dengage.config import DengageAccount
+from gateway.providers.dmds.config import DmdsAccount
 from gateway.queue.store import QueueStore
-from gateway.settings import AccountSettings, DengageAccount, DmdsAccount
 from gateway.upstream.client import HttpClient
 from gateway.upstream.ratelimit import RateLimiter, SharedBucket, TokenBucket, Unlimited
 

@@ -8,10 +8,10 @@ import json
 import time
 from typing import Any
 
+from gateway.config import Settings
 from gateway.queue import codec
 from gateway.queue.backends import open_store
 from gateway.queue.store import QueueStore
-from gateway.settings import Settings
 
 
 def _age(seconds: float) -> str:

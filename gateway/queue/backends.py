@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from gateway.config import DeliverySettings
 from gateway.queue.sqlite import SqliteQueue
 from gateway.queue.store import QueueStore
-from gateway.settings import DeliverySettings
 
 
 def open_store(settings: DeliverySettings, *, server: bool = True) -> QueueStore:

@@ -12,12 +12,12 @@ from typing import Any, cast
 import structlog
 
 from gateway.budget import ByteBudget
+from gateway.config import ConfigError, LimitsSettings, Settings, TlsSettings
 from gateway.core import replies
 from gateway.credentials import Authenticator
 from gateway.limits import Defenses, client_key
 from gateway.observability import CONNECTIONS_REFUSED, REFUSALS, SESSIONS, SESSIONS_ACTIVE
 from gateway.pipeline import Pipeline
-from gateway.settings import ConfigError, LimitsSettings, Settings, TlsSettings
 from gateway.smtp.gate import Gate
 from gateway.smtp.handler import GatewayHandler
 from gateway.smtp.handshake import HandshakeFailures, ListenerTls

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from gateway.config_base import AccountBase, UserSettings, secret_or_file
+from gateway.config.base import AccountBase, UserSettings, secret_or_file
 
 
 class DengageUser(UserSettings):

@@ -12,7 +12,7 @@ from typing import TypeVar
 import orjson
 import structlog
 
-from gateway.config_base import UserSettings
+from gateway.config.base import UserSettings
 from gateway.core import replies
 from gateway.core.errors import ContentRejected, RateLimited, UpstreamAuthFailed
 from gateway.core.model import Call, Message, Principal, Submission

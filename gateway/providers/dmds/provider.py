@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 
-from gateway.config_base import UserSettings
+from gateway.config.base import UserSettings
 from gateway.core import replies
 from gateway.core.errors import ContentRejected, Deferred, Rejected
 from gateway.core.model import Call, Message, Principal, Submission

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gateway.settings import ListenerSettings, Settings, check_consistent
+from gateway.config.settings import ListenerSettings, Settings, check_consistent
 
 # A listener's keys that are its socket: changing one needs a new socket, so a restart.
 SOCKET_KEYS = ("address", "port", "tls", "reuse_port", "proxy_protocol")

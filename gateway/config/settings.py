@@ -18,8 +18,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from gateway import configkeys
-from gateway.config_base import Section, UserSettings, secret_or_file
+from gateway.config import keys
+from gateway.config.base import Section, UserSettings, secret_or_file
 from gateway.providers.dengage.config import DengageAccount, DengageUser
 from gateway.providers.dmds.config import DmdsAccount, DmdsUser
 
@@ -301,7 +301,7 @@ class Settings(BaseSettings):
 
     # A TLS listener without tls.cert_file/key_file is not refused here: commands that serve no SMTP (queue,
     # check-domains) work without a certificate; `serve` and `check-config` say what is missing
-    # (gateway/preflight.py).
+    # (gateway/config/preflight.py).
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         check_consistent(self)
@@ -333,9 +333,9 @@ class ConfigError(Exception):
     """A configuration problem, naming the offending key."""
 
 
-def config_keys() -> configkeys.Node:
+def config_keys() -> keys.Node:
     """Every key the configuration has, derived from the models (nothing listed by hand)."""
-    return configkeys.tree(Settings)
+    return keys.tree(Settings)
 
 
 def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
@@ -350,7 +350,7 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
     if path is not None and not path.is_file():
         what = "is a directory" if path.is_dir() else "not found"
         raise ConfigError(f"config file {what}: {path} (give a TOML file with --config FILE or ${CONFIG_ENV})")
-    unknown = configkeys.unknown_env(os.environ, config_keys(), ENV_PREFIX, "__", FOREIGN_ENV)
+    unknown = keys.unknown_env(os.environ, config_keys(), ENV_PREFIX, "__", FOREIGN_ENV)
     if unknown:
         raise ConfigError("\n".join(unknown))
 
@@ -381,13 +381,13 @@ def _toml_error(path: Path | None, exc: tomllib.TOMLDecodeError) -> str:
 
 
 def format_validation_error(exc: ValidationError) -> str:
-    keys = config_keys()
+    root = config_keys()
     lines = []
     for err in exc.errors(include_input=False, include_url=False):
-        key, parent = configkeys.display_key(keys, err["loc"])
+        key, parent = keys.display_key(root, err["loc"])
         msg = err["msg"]
         if err["type"] == "extra_forbidden" and err["loc"]:
-            near = configkeys.suggest_key(parent, str(err["loc"][-1]))
+            near = keys.suggest_key(parent, str(err["loc"][-1]))
             msg = "unknown key" + (f"; did you mean {near}?" if near else "")
         lines.append(f"{key or '(top level)'}: {msg}")
     return "invalid configuration:\n  " + "\n  ".join(lines)

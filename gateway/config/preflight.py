@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from gateway.settings import Settings
+from gateway.config.settings import Settings
 
 # A certificate this close to its end is reported (as a note: serve still starts).
 _EXPIRY_WARNING = datetime.timedelta(days=14)

@@ -1,4 +1,4 @@
-"""Configuration building blocks shared by gateway/settings.py and every provider's account model."""
+"""Configuration building blocks shared by gateway/config/settings.py and every provider's account model."""
 
 from __future__ import annotations
 
