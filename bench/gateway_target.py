@@ -89,10 +89,10 @@ def check_cli() -> list[str]:
 
 
 def password_hash(password: str) -> str:
-    """A gateway password hash (gateway.passwords when importable, else the same scrypt format)."""
+    """A gateway password hash (gateway.auth.passwords when importable, else the same scrypt format)."""
     sys.path.insert(0, str(REPO_DIR))
     try:
-        from gateway.passwords import hash_password
+        from gateway.auth.passwords import hash_password
 
         return str(hash_password(password))
     except ImportError:

@@ -15,10 +15,10 @@ from typing import Any
 import structlog
 
 from gateway import logs
+from gateway.auth.credentials import Authenticator
 from gateway.config import ConfigError, DnsSettings, Settings
 from gateway.config.reload import ReloadPlan, plan_reload
 from gateway.core.errors import SpoolUnavailable
-from gateway.credentials import Authenticator
 from gateway.delivery.health import AccountHealth
 from gateway.delivery.owner import DeliveryOwner
 from gateway.memory import MmapThreshold, set_mmap_threshold

@@ -167,7 +167,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
 
 
 def cmd_hash_password(args: argparse.Namespace) -> int:
-    from gateway.passwords import hash_password
+    from gateway.auth.passwords import hash_password
 
     if args.stdin or not sys.stdin.isatty():
         # piped in (echo pw | smtp-gateway hash-password): the first line is the password

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from gateway.app import App, run
+from gateway.auth.passwords import hash_password
 from gateway.config import load_settings
-from gateway.passwords import hash_password
 from gateway.providers.dengage.sandbox import DengageSandbox
 from gateway.providers.dengage.sandbox import install as dengage
 from gateway.providers.dmds.sandbox import DmdsSandbox

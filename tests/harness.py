@@ -13,8 +13,8 @@ from typing import Any, TypeVar
 import httpx
 
 from gateway.app import App
+from gateway.auth.passwords import hash_password
 from gateway.config import Settings, load_settings
-from gateway.passwords import hash_password
 from gateway.providers.dengage.sandbox import DengageSandbox
 from gateway.providers.dengage.sandbox import install as install_dengage
 from gateway.providers.dmds.sandbox import DmdsSandbox

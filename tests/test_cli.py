@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
+from gateway.auth.passwords import verify_password
 from gateway.config import (
     DeliverySettings,
     DnsSettings,
@@ -25,7 +26,6 @@ from gateway.config import (
     TlsSettings,
     load_settings,
 )
-from gateway.passwords import verify_password
 from gateway.providers.dengage.config import DengageAccount, DengageUser
 from gateway.providers.dmds.config import DmdsAccount, DmdsUser
 from tests.harness import PASSWORD, PASSWORD_HASH

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from gateway.passwords import hash_password
+from gateway.auth.passwords import hash_password
 from tests.devices_util import b64, captured_logs, events, listener, plain_blob, raw_send
 from tests.harness import CAMPAIGNS, PASSWORD, USER, Running
 from tests.smtputil import RawClient, message, send, session

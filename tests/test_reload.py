@@ -108,7 +108,7 @@ def test_unchanged_accounts_keep_their_provider(gateway: Running) -> None:
 
 
 def test_a_changed_password_takes_effect_at_once(gateway: Running) -> None:
-    from gateway.passwords import hash_password
+    from gateway.auth.passwords import hash_password
 
     with RawClient(gateway) as client:
         client.cmd("EHLO cached.test")

@@ -15,11 +15,11 @@ from typing import Any
 import structlog
 from aiosmtpd.smtp import MISSING, AuthResult, Envelope, Session
 
+from gateway.auth.credentials import Authenticator, AuthFailed, AuthUnavailable
 from gateway.config import LimitsSettings, ListenerSettings
 from gateway.core import replies
 from gateway.core.errors import GatewayError
 from gateway.core.model import Principal
-from gateway.credentials import Authenticator, AuthFailed, AuthUnavailable
 from gateway.limits import Defenses, client_key
 from gateway.observability import AUTH, AUTH_DELAYED, AUTH_LOCKOUTS, AUTH_TRACKED, INTERNAL_ERRORS, LIMIT_HITS
 from gateway.pipeline import Pipeline

@@ -11,10 +11,10 @@ from typing import Any, cast
 
 import structlog
 
+from gateway.auth.credentials import Authenticator
 from gateway.budget import ByteBudget
 from gateway.config import ConfigError, LimitsSettings, Settings, TlsSettings
 from gateway.core import replies
-from gateway.credentials import Authenticator
 from gateway.limits import Defenses, client_key
 from gateway.observability import CONNECTIONS_REFUSED, REFUSALS, SESSIONS, SESSIONS_ACTIVE
 from gateway.pipeline import Pipeline

@@ -10,11 +10,11 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from gateway.auth.passwords import verify_password
 from gateway.config import AccountSettings
 from gateway.config.base import UserSettings
 from gateway.core.errors import Deferred
 from gateway.core.model import Principal
-from gateway.passwords import verify_password
 from gateway.providers.base import Provider
 
 

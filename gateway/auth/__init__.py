@@ -1,0 +1,2 @@
+"""Who may log in: configured users and provider logins (credentials.py), and their password hashes
+(passwords.py)."""
