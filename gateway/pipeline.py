@@ -11,13 +11,13 @@ from dataclasses import replace
 import structlog
 
 from gateway import idempotency, mime, policy
-from gateway.budget import Reservation
 from gateway.config import Settings
 from gateway.core import replies
 from gateway.core.errors import ContentRejected, Deferred, DnsTempFailure, GatewayError, PolicyRejected, Rejected
 from gateway.core.model import Call, Message, Principal, Receipt, Submission
 from gateway.core.replies import Reply
 from gateway.delivery.owner import DeliveryOwner
+from gateway.limits.budget import Reservation
 from gateway.observability import MESSAGES
 from gateway.policy.dns import DnsResolver, DnsTemporaryError
 from gateway.providers.base import Provider

@@ -1,4 +1,4 @@
-"""gateway/limits.py with a controlled clock: the per-IP key, the AUTH failure window (delays that grow and
+"""gateway/limits/clients.py with a controlled clock: the per-IP key, the AUTH failure window (delays that grow and
 stop growing, the lockout and its end), the memory bound under a flood from many addresses, the per-login
 token bucket and the log sampler."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.config import LimitsSettings
-from gateway.limits import AuthGuard, LoginRates, LogSampler, SessionCounter, client_key
+from gateway.limits.clients import AuthGuard, LoginRates, LogSampler, SessionCounter, client_key
 
 
 class Clock:

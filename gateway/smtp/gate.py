@@ -22,7 +22,7 @@ from typing import Any
 import structlog
 from aiosmtpd.proxy_protocol import get_proxy
 
-from gateway.limits import LogSampler
+from gateway.limits.clients import LogSampler
 from gateway.observability import CONNECTIONS_REFUSED
 
 log = structlog.get_logger("gateway.smtp")

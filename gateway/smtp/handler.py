@@ -20,7 +20,7 @@ from gateway.config import LimitsSettings, ListenerSettings
 from gateway.core import replies
 from gateway.core.errors import GatewayError
 from gateway.core.model import Principal
-from gateway.limits import Defenses, client_key
+from gateway.limits.clients import Defenses, client_key
 from gateway.observability import AUTH, AUTH_DELAYED, AUTH_LOCKOUTS, AUTH_TRACKED, INTERNAL_ERRORS, LIMIT_HITS
 from gateway.pipeline import Pipeline
 

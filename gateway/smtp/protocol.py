@@ -17,10 +17,10 @@ from typing import Any, cast
 import structlog
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, syntax
 
-from gateway.budget import ByteBudget, Reservation
 from gateway.core import replies
 from gateway.core.model import Principal, Receipt
 from gateway.core.replies import add_enhanced_code
+from gateway.limits.budget import ByteBudget, Reservation
 from gateway.observability import LIMIT_HITS, REFUSALS, SESSIONS_TLS
 from gateway.smtp.handshake import ListenerTls, TlsHandshake
 
@@ -111,7 +111,7 @@ class GatewaySMTP(SMTP):
         # Carried by every log line of the session (structlog contextvars, bound in its task).
         self.session_id = secrets.token_hex(6)
         self.listener = listener
-        self.client_key = client_key  # what per-IP limits count this client as (gateway.limits.client_key)
+        self.client_key = client_key  # what per-IP limits count this client as (gateway.limits.clients.client_key)
         self.txn: Transaction | None = None
         self._data_timeout = data_timeout
         self._max_commands = max_commands_before_data

@@ -12,10 +12,10 @@ from typing import Any, cast
 import structlog
 
 from gateway.auth.credentials import Authenticator
-from gateway.budget import ByteBudget
 from gateway.config import ConfigError, LimitsSettings, Settings, TlsSettings
 from gateway.core import replies
-from gateway.limits import Defenses, client_key
+from gateway.limits.budget import ByteBudget
+from gateway.limits.clients import Defenses, client_key
 from gateway.observability import CONNECTIONS_REFUSED, REFUSALS, SESSIONS, SESSIONS_ACTIVE
 from gateway.pipeline import Pipeline
 from gateway.smtp.gate import Gate
@@ -121,7 +121,7 @@ class Listeners:
         limits = self.settings.limits
         if self.defenses is None:
             self.defenses = Defenses(limits)
-        # Bytes of large messages held at once (gateway/budget.py), shared by every session.
+        # Bytes of large messages held at once (gateway/limits/budget.py), shared by every session.
         self.budget = ByteBudget(limits.max_large_bytes, limits.large_message_threshold)
 
     async def start(self) -> None:
