@@ -14,15 +14,17 @@ from typing import Any
 
 import structlog
 
-from gateway import logs
 from gateway.auth.credentials import Authenticator
 from gateway.config import ConfigError, DnsSettings, Settings
 from gateway.config.reload import ReloadPlan, plan_reload
 from gateway.core.errors import SpoolUnavailable
 from gateway.delivery.health import AccountHealth
 from gateway.delivery.owner import DeliveryOwner
-from gateway.memory import MmapThreshold, set_mmap_threshold
-from gateway.observability import CONFIG_RELOADS, QUEUE_STATS, OperatorEndpoint
+from gateway.ops import logs
+from gateway.ops.http import OperatorEndpoint
+from gateway.ops.memory import MmapThreshold, set_mmap_threshold
+from gateway.ops.metrics import CONFIG_RELOADS
+from gateway.ops.queuestats import QUEUE_STATS
 from gateway.pipeline import Pipeline
 from gateway.policy.dns import DnsResolver
 from gateway.policy.domaincheck import check_domains

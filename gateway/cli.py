@@ -61,15 +61,15 @@ def _spool_failure(settings: Settings, exc: Exception) -> Refused:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from gateway import logs
     from gateway.app import App, run
+    from gateway.ops import logs
 
     settings = _load(args)
     if args.worker_slot is None:  # a worker's supervisor has checked (and a sibling worker holds the ports)
         _refuse_on_problems(preflight.files(settings) + preflight.ports(preflight.serve_ports(settings)), args)
     logs.configure(settings.log)
     if args.workers > 1 and args.worker_slot is None:
-        from gateway.supervisor import Supervisor
+        from gateway.ops.supervisor import Supervisor
 
         worker_args = ["serve", "--drain-timeout", str(args.drain_timeout)]
         if args.config:
@@ -121,7 +121,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_check_domains(args: argparse.Namespace) -> int:
-    from gateway import logs
+    from gateway.ops import logs
     from gateway.policy.dns import DnsResolver
     from gateway.policy.domaincheck import check_domains, format_table, to_json
 
@@ -226,8 +226,9 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    from gateway import logs, quickstart
+    from gateway import quickstart
     from gateway.config import LogSettings
+    from gateway.ops import logs
 
     wanted = [
         preflight.Port("quick start SMTP (--port)", "127.0.0.1", args.port),

@@ -18,7 +18,7 @@ from gateway.core.model import Call, Message, Principal, Receipt, Submission
 from gateway.core.replies import Reply
 from gateway.delivery.owner import DeliveryOwner
 from gateway.limits.budget import Reservation
-from gateway.observability import MESSAGES
+from gateway.ops.metrics import MESSAGES
 from gateway.policy.dns import DnsResolver, DnsTemporaryError
 from gateway.providers.base import Provider
 

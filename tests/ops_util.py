@@ -12,7 +12,7 @@ from typing import Any
 
 import structlog
 
-from gateway.observability import REGISTRY
+from gateway.ops.metrics import REGISTRY
 from tests.smtputil import RECIPIENT, SENDER, RawClient
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"

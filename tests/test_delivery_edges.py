@@ -7,7 +7,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable
 
-from gateway.observability import REGISTRY
+from gateway.ops.metrics import REGISTRY
 from tests.harness import PASSWORD, USER, Running
 from tests.pgserver import PgCluster
 from tests.smtputil import RawClient

@@ -17,7 +17,7 @@ from gateway.core.model import Submission
 from gateway.core.outcome import Outcome
 from gateway.core.records import Decision, RetryPolicy
 from gateway.delivery import transition
-from gateway.observability import REGISTRY
+from gateway.ops.metrics import REGISTRY
 from gateway.providers.base import BeforeSend, no_hook
 from gateway.queue.sqlite import SqliteQueue
 from gateway.queue.store import NewMessage

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from gateway.observability import REGISTRY
+from gateway.ops.metrics import REGISTRY
 from gateway.smtp.server import Listeners
 from gateway.tlsutil import write_self_signed
 from tests.devices_util import captured_logs, events, listener, raw_send, server_connections

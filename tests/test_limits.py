@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from gateway.core.replies import codes
-from gateway.observability import REGISTRY
+from gateway.ops.metrics import REGISTRY
 from gateway.smtp.server import Listeners
 from tests.devices_util import captured_logs, events, raw_send
 from tests.harness import PASSWORD, PASSWORD_HASH, USER, Running

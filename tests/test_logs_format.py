@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from gateway import logs
 from gateway.config import LogSettings
+from gateway.ops import logs
 
 
 class Terminal(io.StringIO):
@@ -60,7 +60,7 @@ class Recording(io.TextIOBase):
         return False
 
 sys.stderr = Recording()
-from gateway import logs
+from gateway.ops import logs
 from gateway.config import LogSettings
 logs.configure(LogSettings(format=sys.argv[1]))
 structlog.get_logger().info("gateway_event", detail="x" * 300)

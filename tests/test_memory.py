@@ -13,14 +13,14 @@ import sys
 import pytest
 
 from gateway.config import LimitsSettings
-from gateway.memory import MmapThreshold, set_mmap_threshold
+from gateway.ops.memory import MmapThreshold, set_mmap_threshold
 
 # After an 8 MiB block is freed, glibc's dynamic threshold rises to 8 MiB: a 4 MiB block then comes from the
 # heap (and stays in the process's RSS when freed, if anything above it is still used). With the threshold
 # set (the default: 4 MiB), the 4 MiB block is mmapped: mallinfo2().hblks counts it.
 PROBE = """
 import ctypes, json, sys
-from gateway.memory import set_mmap_threshold
+from gateway.ops.memory import set_mmap_threshold
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in

@@ -1,6 +1,7 @@
 """The operator examples in config/: every metric the Grafana dashboard and the alert rules name exists in
-gateway/observability.py; the files parse; the systemd unit passes `systemd-analyze verify`; the HAProxy
-example passes `haproxy -c`; the compose example refers to files that exist."""
+gateway/ops/metrics.py or the queue collector (queuestats.py); the files parse; the systemd unit passes
+`systemd-analyze verify`; the HAProxy example passes `haproxy -c`; the compose example refers to files that
+exist."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gateway.observability import REGISTRY
+from gateway.ops import queuestats  # noqa: F401  (registers the queue's collector)
+from gateway.ops.metrics import REGISTRY
 from tests.devices_util import require_tool
 
 CONFIG = Path(__file__).resolve().parents[1] / "config"

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import structlog
 
 from gateway.core.errors import Deferred, RateLimited, UpstreamAuthFailed, UpstreamUnavailable
-from gateway.observability import UPSTREAM_AUTH_REFUSED
+from gateway.ops.metrics import UPSTREAM_AUTH_REFUSED
 
 log = structlog.get_logger("gateway.delivery")
 LOG_EVERY = 60.0

@@ -36,7 +36,7 @@ from gateway.core.records import Decision, DeliveryState, RetryPolicy
 from gateway.core.replies import Reply
 from gateway.delivery import transition
 from gateway.delivery.health import AccountHealth
-from gateway.observability import AMBIGUOUS, CLIENT_GONE, DEAD_LETTERS, DELIVERIES, INTERNAL_ERRORS, RESENDS
+from gateway.ops.metrics import AMBIGUOUS, CLIENT_GONE, DEAD_LETTERS, DELIVERIES, INTERNAL_ERRORS, RESENDS
 from gateway.providers.base import Provider
 from gateway.queue import codec
 from gateway.queue.store import Claimed, NewMessage, QueueStore

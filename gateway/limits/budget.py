@@ -8,7 +8,7 @@ scans at once cannot exhaust memory; the client sends it again later, as SMTP cl
 
 from __future__ import annotations
 
-from gateway.observability import LARGE_BYTES, LARGE_REFUSED
+from gateway.ops.metrics import LARGE_BYTES, LARGE_REFUSED
 
 
 class ByteBudget:

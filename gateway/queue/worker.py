@@ -19,7 +19,7 @@ import structlog
 
 from gateway.core.errors import SpoolUnavailable
 from gateway.delivery.owner import DeliveryOwner
-from gateway.observability import INTERNAL_ERRORS
+from gateway.ops.metrics import INTERNAL_ERRORS
 
 log = structlog.get_logger("gateway.queue.worker")
 # How often the leases of dead processes of this instance are looked for (besides lease expiry).

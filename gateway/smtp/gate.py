@@ -23,7 +23,7 @@ import structlog
 from aiosmtpd.proxy_protocol import get_proxy
 
 from gateway.limits.clients import LogSampler
-from gateway.observability import CONNECTIONS_REFUSED
+from gateway.ops.metrics import CONNECTIONS_REFUSED
 
 log = structlog.get_logger("gateway.smtp")
 

@@ -21,7 +21,7 @@ from gateway.core import replies
 from gateway.core.errors import GatewayError
 from gateway.core.model import Principal
 from gateway.limits.clients import Defenses, client_key
-from gateway.observability import AUTH, AUTH_DELAYED, AUTH_LOCKOUTS, AUTH_TRACKED, INTERNAL_ERRORS, LIMIT_HITS
+from gateway.ops.metrics import AUTH, AUTH_DELAYED, AUTH_LOCKOUTS, AUTH_TRACKED, INTERNAL_ERRORS, LIMIT_HITS
 from gateway.pipeline import Pipeline
 
 log = structlog.get_logger("gateway.smtp")

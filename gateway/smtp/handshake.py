@@ -19,7 +19,7 @@ from typing import Any, cast
 
 import structlog
 
-from gateway.observability import TLS_HANDSHAKE_FAILURES
+from gateway.ops.metrics import TLS_HANDSHAKE_FAILURES
 from gateway.smtp.clienthello import Offer, parse_client_hello
 from gateway.tlsutil import Profile
 

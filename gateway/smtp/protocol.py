@@ -21,7 +21,7 @@ from gateway.core import replies
 from gateway.core.model import Principal, Receipt
 from gateway.core.replies import add_enhanced_code
 from gateway.limits.budget import ByteBudget, Reservation
-from gateway.observability import LIMIT_HITS, REFUSALS, SESSIONS_TLS
+from gateway.ops.metrics import LIMIT_HITS, REFUSALS, SESSIONS_TLS
 from gateway.smtp.handshake import ListenerTls, TlsHandshake
 
 log = structlog.get_logger("gateway.smtp")

@@ -16,7 +16,7 @@ from gateway.config import ConfigError, LimitsSettings, Settings, TlsSettings
 from gateway.core import replies
 from gateway.limits.budget import ByteBudget
 from gateway.limits.clients import Defenses, client_key
-from gateway.observability import CONNECTIONS_REFUSED, REFUSALS, SESSIONS, SESSIONS_ACTIVE
+from gateway.ops.metrics import CONNECTIONS_REFUSED, REFUSALS, SESSIONS, SESSIONS_ACTIVE
 from gateway.pipeline import Pipeline
 from gateway.smtp.gate import Gate
 from gateway.smtp.handler import GatewayHandler

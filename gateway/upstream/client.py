@@ -19,7 +19,7 @@ from prometheus_client import Histogram
 
 from gateway.core.errors import AnswerLost, UpstreamUnavailable
 from gateway.mime import jsonbody
-from gateway.observability import UPSTREAM_SECONDS
+from gateway.ops.metrics import UPSTREAM_SECONDS
 from gateway.upstream.aiohttp_transport import AiohttpTransport
 from gateway.upstream.response import HttpResponse
 

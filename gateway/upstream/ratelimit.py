@@ -16,7 +16,7 @@ from typing import Protocol
 import structlog
 
 from gateway.core.errors import Deferred, RateLimited
-from gateway.observability import RATE_LIMIT_WAIT
+from gateway.ops.metrics import RATE_LIMIT_WAIT
 
 log = structlog.get_logger("gateway.upstream")
 

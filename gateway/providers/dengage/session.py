@@ -17,7 +17,7 @@ import orjson
 import structlog
 
 from gateway.core.errors import Deferred, RateLimited, UpstreamAuthFailed
-from gateway.observability import INTERNAL_ERRORS
+from gateway.ops.metrics import INTERNAL_ERRORS
 from gateway.providers.dengage import wire
 from gateway.upstream.client import HttpClient
 from gateway.upstream.ratelimit import RateLimiter

@@ -1,15 +1,8 @@
-"""Metrics (Prometheus) and the operator HTTP endpoint: /healthz, /readyz, /metrics. All metrics live here."""
+"""Every Prometheus metric of the gateway, in one registry (the queue figures are a collector: queuestats.py)."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any
-
-from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -147,101 +140,3 @@ CONFIG_RELOADS = Counter(
     ["result"],
     registry=REGISTRY,
 )
-
-QUEUE_STATES = ("queued", "inflight", "dead")
-
-
-class QueueStats(Collector):
-    """The queue's depth and oldest message by state, as last read.
-
-    The queue store is async: a task of the server reads QueueStore.counts every few seconds and stores it
-    here; a scrape only reads these numbers (never the database, never blocking the event loop).
-    """
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._counts: Mapping[str, Mapping[str, Any]] | None = None
-        self._updated = 0.0
-
-    def update(self, counts: Mapping[str, Mapping[str, Any]]) -> None:
-        self._counts = counts
-        self._updated = self._clock()
-
-    def clear(self) -> None:
-        self._counts = None
-
-    def collect(self) -> Iterator[Metric]:
-        depth = GaugeMetricFamily(
-            "smtp_gateway_queue_messages",
-            "Messages in the queue by state (queued: waiting "
-            "for a retry; inflight: being delivered; dead: dead letters)",
-            labels=["state"],
-        )
-        oldest = GaugeMetricFamily(
-            "smtp_gateway_queue_oldest_age_seconds",
-            "Age of the oldest message in the queue by state (0 when there is none)",
-            labels=["state"],
-        )
-        stale = GaugeMetricFamily(
-            "smtp_gateway_queue_stats_age_seconds",
-            "Seconds since the queue figures were read (they are refreshed every few seconds)",
-        )
-        counts = self._counts
-        if counts is not None:
-            since = self._clock() - self._updated
-            for state in QUEUE_STATES:
-                row = counts.get(state) or {}
-                depth.add_metric([state], float(row.get("count", 0)))
-                age = row.get("oldest_age")
-                oldest.add_metric([state], float(age) + since if row.get("count") and age is not None else 0.0)
-            stale.add_metric([], since)
-        yield depth
-        yield oldest
-        yield stale
-
-
-QUEUE_STATS = QueueStats()
-REGISTRY.register(QUEUE_STATS)
-
-
-class OperatorEndpoint:
-    """Health and metrics over HTTP for load balancers, container runtimes and Prometheus."""
-
-    def __init__(self, problems: Callable[[], list[str]] = list) -> None:
-        self.app = web.Application()
-        self.app.router.add_get("/healthz", self.healthz)
-        self.app.router.add_get("/readyz", self.readyz)
-        self.app.router.add_get("/metrics", self.metrics)
-        self.is_ready = False
-        self._problems = problems
-        self._runner: web.AppRunner | None = None
-        self.port = 0
-
-    async def healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
-    async def readyz(self, request: web.Request) -> web.Response:
-        """503 while starting or draining, and while an upstream refuses the gateway's own credentials
-        (messages are queued meanwhile: an operator must act)."""
-        problems = self._problems() if self.is_ready else ["starting or draining"]
-        if not problems:
-            return web.json_response({"ready": True})
-        return web.json_response({"ready": False, "problems": problems}, status=503)
-
-    async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    async def start(self, host: str, port: int) -> int:
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, reuse_address=True)
-        await site.start()
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        self.port = sockets[0].getsockname()[1] if sockets else port
-        return self.port
-
-    async def stop(self) -> None:
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()

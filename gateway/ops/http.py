@@ -1,0 +1,53 @@
+"""The operator HTTP endpoint: /healthz, /readyz and /metrics (aiohttp.web), wired by the composition root."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway.ops.metrics import REGISTRY
+
+
+class OperatorEndpoint:
+    """Health and metrics over HTTP for load balancers, container runtimes and Prometheus."""
+
+    def __init__(self, problems: Callable[[], list[str]] = list) -> None:
+        self.app = web.Application()
+        self.app.router.add_get("/healthz", self.healthz)
+        self.app.router.add_get("/readyz", self.readyz)
+        self.app.router.add_get("/metrics", self.metrics)
+        self.is_ready = False
+        self._problems = problems
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        """503 while starting or draining, and while an upstream refuses the gateway's own credentials
+        (messages are queued meanwhile: an operator must act)."""
+        problems = self._problems() if self.is_ready else ["starting or draining"]
+        if not problems:
+            return web.json_response({"ready": True})
+        return web.json_response({"ready": False, "problems": problems}, status=503)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def start(self, host: str, port: int) -> int:
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, reuse_address=True)
+        await site.start()
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        self.port = sockets[0].getsockname()[1] if sockets else port
+        return self.port
+
+    async def stop(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
