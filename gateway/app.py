@@ -36,7 +36,7 @@ from gateway.queue.store import QueueStore
 from gateway.queue.worker import RetryWorker
 from gateway.smtp.protocol import GatewaySMTP
 from gateway.smtp.server import Listeners
-from gateway.tlsutil import CertificateError
+from gateway.smtp.tls import CertificateError
 
 log = structlog.get_logger("gateway.app")
 

@@ -193,7 +193,7 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     from gateway.providers.dengage.sandbox import install as dengage
     from gateway.providers.dmds.sandbox import DmdsSandbox
     from gateway.providers.dmds.sandbox import install as dmds
-    from gateway.sandbox import Sandbox, SandboxState, run_forever
+    from gateway.providers.sandbox import Sandbox, SandboxState, run_forever
 
     campaigns = {}
     for item in args.campaign or []:

@@ -14,8 +14,8 @@ from gateway.providers.dengage.sandbox import DengageSandbox
 from gateway.providers.dengage.sandbox import install as dengage
 from gateway.providers.dmds.sandbox import DmdsSandbox
 from gateway.providers.dmds.sandbox import install as dmds
-from gateway.sandbox import Sandbox, SandboxState
-from gateway.tlsutil import write_self_signed
+from gateway.providers.sandbox import Sandbox, SandboxState
+from gateway.smtp.tls import write_self_signed
 
 SANDBOX_APIKEY = "sandbox-account-apikey"
 CAMPAIGNS = {22: "campaign-22-apikey", 23: "campaign-23-apikey"}

@@ -19,8 +19,8 @@ from gateway.providers.dengage.sandbox import DengageSandbox
 from gateway.providers.dengage.sandbox import install as install_dengage
 from gateway.providers.dmds.sandbox import DmdsSandbox
 from gateway.providers.dmds.sandbox import install as install_dmds
-from gateway.sandbox import Sandbox, SandboxState
-from gateway.tlsutil import write_self_signed
+from gateway.providers.sandbox import Sandbox, SandboxState
+from gateway.smtp.tls import write_self_signed
 
 T = TypeVar("T")
 

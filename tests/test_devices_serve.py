@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from gateway.tlsutil import write_self_signed
+from gateway.smtp.tls import write_self_signed
 from tests.devices_util import b64
 from tests.harness import PASSWORD, PASSWORD_HASH, USER
 from tests.procs import complete_lines

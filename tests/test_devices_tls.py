@@ -23,7 +23,7 @@ import uvloop
 
 from gateway.ops.metrics import REGISTRY
 from gateway.smtp.server import Listeners
-from gateway.tlsutil import write_self_signed
+from gateway.smtp.tls import write_self_signed
 from tests.devices_util import captured_logs, events, listener, raw_send, server_connections
 from tests.harness import LoopThread, Running, start, stop
 from tests.smtputil import RawClient, insecure_context, message

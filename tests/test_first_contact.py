@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from gateway.auth.passwords import verify_password
-from gateway.tlsutil import write_self_signed
+from gateway.smtp.tls import write_self_signed
 from tests.conftest_dns import dns_on_thread, make_zones
 from tests.dnsserver import DnsServer
 from tests.harness import APIKEY, PASSWORD_HASH, USER, LoopThread

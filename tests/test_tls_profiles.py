@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.tlsutil import write_self_signed
+from gateway.smtp.tls import write_self_signed
 from tests.devices_util import listener
 from tests.harness import Running
 

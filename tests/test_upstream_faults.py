@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from gateway.ops.metrics import REGISTRY
-from gateway.tlsutil import write_self_signed
+from gateway.smtp.tls import write_self_signed
 from tests.harness import LoopThread, Running
 from tests.spool_helpers import send, spool_rows
 

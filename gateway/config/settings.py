@@ -56,7 +56,7 @@ class ListenerSettings(_Section):
     # starttls: plain connect, STARTTLS offered (submission, 587); implicit: TLS from the first byte (465);
     # none: no TLS at all, only for explicitly trusted networks or loopback.
     tls: Literal["starttls", "implicit", "none"] = "starttls"
-    # Mozilla's server-side TLS profiles (gateway/tlsutil.py): modern = TLS 1.3 only; intermediate = TLS 1.2+
+    # Mozilla's server-side TLS profiles (gateway/smtp/tls.py): modern = TLS 1.3 only; intermediate = TLS 1.2+
     # with ECDHE + AEAD suites; legacy = also TLS 1.0/1.1 and CBC/3DES suites for old printers (opt-in).
     tls_profile: Literal["modern", "intermediate", "legacy"] = "intermediate"
     # AUTH on a connection that is not (yet) encrypted. Off by default: the password would travel in clear.

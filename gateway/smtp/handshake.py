@@ -21,7 +21,7 @@ import structlog
 
 from gateway.ops.metrics import TLS_HANDSHAKE_FAILURES
 from gateway.smtp.clienthello import Offer, parse_client_hello
-from gateway.tlsutil import Profile
+from gateway.smtp.tls import Profile
 
 log = structlog.get_logger("gateway.smtp")
 

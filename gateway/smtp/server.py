@@ -22,7 +22,7 @@ from gateway.smtp.gate import Gate
 from gateway.smtp.handler import GatewayHandler
 from gateway.smtp.handshake import HandshakeFailures, ListenerTls
 from gateway.smtp.protocol import GatewaySMTP
-from gateway.tlsutil import CertificateError, Profile, describe_certificate, server_context
+from gateway.smtp.tls import CertificateError, Profile, describe_certificate, server_context
 
 log = structlog.get_logger("gateway.smtp")
 

@@ -29,7 +29,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.sandbox import Sandbox, email_error, json_response
+from gateway.providers.sandbox import Sandbox, email_error, json_response
 
 PROVIDER = "dengage"
 NOT_AUTHENTICATED = "Not auhenticated. Please re-login."  # [V] the typo is the vendor's

@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.sandbox import Sandbox, email_error, json_response
+from gateway.providers.sandbox import Sandbox, email_error, json_response
 
 SEND_PATHS = ("/v1/envio/send_one_inline/", "/v1/envio/send_many_inline/")
 
