@@ -20,6 +20,7 @@ from gateway.config.reload import ReloadPlan, plan_reload
 from gateway.core.errors import SpoolUnavailable
 from gateway.delivery.health import AccountHealth
 from gateway.delivery.owner import DeliveryOwner
+from gateway.delivery.worker import RetryWorker
 from gateway.ops import logs
 from gateway.ops.http import OperatorEndpoint
 from gateway.ops.memory import MmapThreshold, set_mmap_threshold
@@ -33,7 +34,6 @@ from gateway.providers.base import Provider
 from gateway.providers.dmds.config import DmdsAccount
 from gateway.queue.backends import open_store
 from gateway.queue.store import QueueStore
-from gateway.queue.worker import RetryWorker
 from gateway.smtp.protocol import GatewaySMTP
 from gateway.smtp.server import Listeners
 from gateway.smtp.tls import CertificateError

@@ -10,12 +10,13 @@ from dataclasses import replace
 
 import structlog
 
-from gateway import idempotency, mime, policy
+from gateway import mime, policy
 from gateway.config import Settings
 from gateway.core import replies
 from gateway.core.errors import ContentRejected, Deferred, DnsTempFailure, GatewayError, PolicyRejected, Rejected
 from gateway.core.model import Call, Message, Principal, Receipt, Submission
 from gateway.core.replies import Reply
+from gateway.delivery import idempotency
 from gateway.delivery.owner import DeliveryOwner
 from gateway.limits.budget import Reservation
 from gateway.ops.metrics import MESSAGES

@@ -1,1 +1,1 @@
-"""The durable queue: QueueStore protocol (store.py), SQLite and PostgreSQL backends, the retry worker."""
+"""The durable queue: QueueStore protocol (store.py), SQLite and PostgreSQL backends, the record codec."""
