@@ -154,7 +154,7 @@ def cmd_check_domains(args: argparse.Namespace) -> int:
 
 
 def cmd_queue(args: argparse.Namespace) -> int:
-    from gateway.queue import admin
+    from gateway.cli import queue as admin
 
     settings = _load(args)
     if args.spool:
@@ -226,7 +226,7 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    from gateway import quickstart
+    from gateway.cli import quickstart
     from gateway.config import LogSettings
     from gateway.ops import logs
 
@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_check_domains)
 
-    from gateway.queue import admin
+    from gateway.cli import queue as admin
 
     admin.add_parser(sub, with_config)
     queue = sub.choices["queue"]
