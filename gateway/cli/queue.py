@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sqlite3
 import time
+from pathlib import Path
 from typing import Any
 
+from gateway.cli.common import load, spool_failure, with_config
 from gateway.config import Settings
+from gateway.core.errors import SpoolUnavailable
 from gateway.queue import codec
 from gateway.queue.backends import open_store
 from gateway.queue.store import QueueStore
@@ -40,7 +44,18 @@ def _table(rows: list[dict[str, Any]], now: float, dead: bool) -> list[str]:
     return lines
 
 
-def main(settings: Settings, args: argparse.Namespace) -> int:
+def cmd_queue(args: argparse.Namespace) -> int:
+    settings = load(args)
+    if args.spool:
+        delivery = settings.delivery.model_copy(update={"spool_path": Path(args.spool), "queue_url": ""})
+        settings = settings.model_copy(update={"delivery": delivery})
+    try:
+        return run(settings, args)
+    except (sqlite3.DatabaseError, SpoolUnavailable) as exc:
+        raise spool_failure(settings, exc) from None
+
+
+def run(settings: Settings, args: argparse.Namespace) -> int:
     if (
         args.action != "migrate"
         and not settings.delivery.queue_url.startswith("postgres")
@@ -115,7 +130,7 @@ async def _act(store: QueueStore, settings: Settings, args: argparse.Namespace) 
     return 0 if ok else 1
 
 
-def add_parser(sub: Any, with_config: Any) -> None:
+def add_parser(sub: Any) -> None:
     p = with_config(sub.add_parser("queue", help="inspect and manage the queue (works while servers run)"))
     qsub = p.add_subparsers(dest="action", required=True)
     for name, text in (("list", "queued messages, with counts by state and age"), ("dead", "dead letters")):
@@ -130,3 +145,9 @@ def add_parser(sub: Any, with_config: Any) -> None:
         ("requeue", "put a dead letter back in the queue with a fresh lifetime"),
     ):
         qsub.add_parser(name, help=text).add_argument("id")
+    p.add_argument(
+        "--spool",
+        metavar="FILE",
+        help="the SQLite queue file (default: delivery.spool_path; the quick start's is var/quickstart/spool.sqlite3)",
+    )
+    p.set_defaults(func=cmd_queue)

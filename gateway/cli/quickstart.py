@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import sys
 from pathlib import Path
 from typing import Any
 
-from gateway.app import App, run
 from gateway.auth.passwords import hash_password
-from gateway.config import load_settings
-from gateway.providers.dengage.sandbox import DengageSandbox
-from gateway.providers.dengage.sandbox import install as dengage
-from gateway.providers.dmds.sandbox import DmdsSandbox
-from gateway.providers.dmds.sandbox import install as dmds
-from gateway.providers.sandbox import Sandbox, SandboxState
-from gateway.smtp.tls import write_self_signed
+from gateway.cli.common import Refused, listen_failure
+from gateway.config import load_settings, preflight
 
 SANDBOX_APIKEY = "sandbox-account-apikey"
 CAMPAIGNS = {22: "campaign-22-apikey", 23: "campaign-23-apikey"}
@@ -27,6 +22,8 @@ DENGAGE_FROM = "Example Shop <shop@example.org>"
 
 
 def quickstart_settings(workdir: Path, sandbox_port: int, smtp_port: int, tls_port: int) -> dict[str, Any]:
+    from gateway.smtp.tls import write_self_signed
+
     cert, key = write_self_signed(workdir / "tls")
     return {
         "hostname": "localhost",
@@ -64,6 +61,14 @@ def quickstart_settings(workdir: Path, sandbox_port: int, smtp_port: int, tls_po
 
 
 async def quickstart(workdir: Path, sandbox_port: int, smtp_port: int, tls_port: int) -> None:
+    # Imported here, as every command's handler does: the other commands start without the server's modules.
+    from gateway.app import App, run
+    from gateway.providers.dengage.sandbox import DengageSandbox
+    from gateway.providers.dengage.sandbox import install as dengage
+    from gateway.providers.dmds.sandbox import DmdsSandbox
+    from gateway.providers.dmds.sandbox import install as dmds
+    from gateway.providers.sandbox import Sandbox, SandboxState
+
     workdir.mkdir(parents=True, exist_ok=True)
     record = workdir / "sandbox-requests.jsonl"
     state = SandboxState(record_path=record, echo=sys.stdout)
@@ -103,3 +108,37 @@ Read back what the gateway sent:  curl -s http://127.0.0.1:{sandbox_port}/_sandb
 def main(workdir: str, sandbox_port: int, smtp_port: int, tls_port: int) -> int:
     asyncio.run(quickstart(Path(workdir), sandbox_port, smtp_port, tls_port))
     return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from gateway.config import LogSettings
+    from gateway.ops import logs
+
+    wanted = [
+        preflight.Port("quick start SMTP (--port)", "127.0.0.1", args.port),
+        preflight.Port("quick start STARTTLS (--tls-port)", "127.0.0.1", args.tls_port),
+        preflight.Port("quick start sandbox (--sandbox-port)", "127.0.0.1", args.sandbox_port),
+    ]
+    findings = preflight.ports(wanted)
+    if findings:
+        raise Refused(
+            [
+                *(f.text for f in findings),
+                "another quick start may be running; or pick free ports: "
+                "smtp-gateway quickstart --port 2526 --tls-port 2588 --sandbox-port 8026",
+            ]
+        )
+    logs.configure(LogSettings())
+    try:
+        return main(args.workdir, args.sandbox_port, args.port, args.tls_port)
+    except OSError as exc:
+        raise listen_failure(exc, wanted) from None
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("quickstart", help="gateway + sandbox upstream in one process, for trying it out")
+    p.add_argument("--workdir", default="var/quickstart")
+    p.add_argument("--port", type=int, default=2525)
+    p.add_argument("--tls-port", type=int, default=2587)
+    p.add_argument("--sandbox-port", type=int, default=8025)
+    p.set_defaults(func=cmd_quickstart, config=None)

@@ -1,0 +1,78 @@
+"""What every command shares: exit statuses, refusals, loading the configuration, running the event loop."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import os
+import sys
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+from gateway.config import CONFIG_ENV, Settings, load_settings, preflight
+
+# Exit statuses: 1 a problem on this machine (port taken, file unreadable, DNS), 2 the configuration or the
+# command line, 130 interrupted (Ctrl-C), 141 output pipe closed (as a shell reports coreutils killed by SIGPIPE).
+EXIT_PROBLEM, EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 1, 2, 130, 141
+
+
+class Refused(Exception):
+    """The command cannot run; the lines say why and what to do (exit 1)."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--config", "-c", help="TOML file (default: $GATEWAY_CONFIG); GATEWAY_* env overrides")
+    return p
+
+
+def load(args: argparse.Namespace) -> Settings:
+    return load_settings(Path(args.config) if args.config else None)
+
+
+def no_config_file(args: argparse.Namespace) -> bool:
+    return not args.config and not os.environ.get(CONFIG_ENV)
+
+
+def refuse_on_problems(findings: list[preflight.Finding], args: argparse.Namespace) -> None:
+    for note in (f for f in findings if not f.problem):
+        print(f"smtp-gateway: {note}", file=sys.stderr)
+    problems = [f.text for f in findings if f.problem]
+    if problems and args.command == "serve" and no_config_file(args):
+        problems.append(
+            f"no config file was given (--config FILE or ${CONFIG_ENV}); to try the gateway "
+            "without one: smtp-gateway quickstart"
+        )
+    if problems:
+        raise Refused(problems)
+
+
+def spool_failure(settings: Settings, exc: Exception) -> Refused:
+    where = settings.delivery.queue_url or f"delivery.spool_path {settings.delivery.spool_path}"
+    return Refused([f"{where}: {exc} (is it an smtp-gateway queue, readable and writable?)"])
+
+
+def run_loop(coro: Coroutine[Any, Any, None], ports: list[preflight.Port]) -> None:
+    try:
+        import uvloop
+    except ImportError:
+        runner: Any = asyncio.run
+    else:
+        runner = uvloop.run
+    try:
+        runner(coro)
+    except OSError as exc:
+        # a port taken between the check and the bind, or another listen failure
+        raise listen_failure(exc, ports) from None
+
+
+def listen_failure(exc: OSError, ports: list[preflight.Port]) -> Exception:
+    if exc.errno not in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+        return exc  # not a listen failure: let it surface
+    findings = preflight.ports(ports)
+    return Refused([f.text for f in findings] or [f"cannot listen: {exc.strerror or exc}"])

@@ -1,0 +1,42 @@
+"""`smtp-gateway hash-password`: the scrypt hash a configured user's password_hash holds."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import sys
+from typing import Any
+
+from gateway.cli.common import EXIT_CONFIG
+
+
+def cmd_hash_password(args: argparse.Namespace) -> int:
+    from gateway.auth.passwords import hash_password
+
+    if args.stdin or not sys.stdin.isatty():
+        # piped in (echo pw | smtp-gateway hash-password): the first line is the password
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        try:
+            password = getpass.getpass("Password: ")
+        except EOFError:  # Ctrl-D at the prompt
+            password = ""
+    if not password:
+        print(
+            "smtp-gateway: empty password: type one, or pipe it in (printf '%s\\n' PASSWORD | "
+            "smtp-gateway hash-password --stdin)",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    print(hash_password(password))
+    return 0
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("hash-password", help="hash a password for [[accounts.X.users]] password_hash")
+    p.add_argument(
+        "--stdin",
+        action="store_true",
+        help="read the password from standard input (the default when it is not a terminal)",
+    )
+    p.set_defaults(func=cmd_hash_password)

@@ -1,0 +1,68 @@
+"""`smtp-gateway serve`: run the gateway (one process, or --workers N under a supervisor)."""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+from typing import Any
+
+import structlog
+
+from gateway.cli.common import load, refuse_on_problems, run_loop, spool_failure, with_config
+from gateway.config import Settings, preflight
+from gateway.core.errors import SpoolUnavailable
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from gateway.app import App, run
+    from gateway.ops import logs
+
+    settings = load(args)
+    if args.worker_slot is None:  # a worker's supervisor has checked (and a sibling worker holds the ports)
+        refuse_on_problems(preflight.files(settings) + preflight.ports(preflight.serve_ports(settings)), args)
+    logs.configure(settings.log)
+    if args.workers > 1 and args.worker_slot is None:
+        from gateway.ops.supervisor import Supervisor
+
+        worker_args = ["serve", "--drain-timeout", str(args.drain_timeout)]
+        if args.config:
+            worker_args += ["--config", args.config]
+        return Supervisor(worker_args, args.workers).run()
+    slot = args.worker_slot
+    if slot is not None:
+        settings = as_worker(settings, slot)
+        structlog.contextvars.bind_contextvars(worker=slot)
+
+    def source() -> Settings:
+        """SIGHUP: the configuration file and environment read again, as this process reads them."""
+        fresh = load(args)
+        return as_worker(fresh, slot) if slot is not None else fresh
+
+    try:
+        run_loop(run(App(settings, source=source), drain_timeout=args.drain_timeout), preflight.serve_ports(settings))
+    except (sqlite3.DatabaseError, SpoolUnavailable) as exc:
+        raise spool_failure(settings, exc) from None
+    return 0
+
+
+def as_worker(settings: Settings, slot: int) -> Settings:
+    """Worker `slot` of `serve --workers N`: every listener shared (SO_REUSEPORT), and its own operator
+    endpoint port (http.port + slot), so each worker's metrics and health can be scraped."""
+    listeners = [listener.model_copy(update={"reuse_port": True}) for listener in settings.listeners]
+    http = settings.http
+    if http.port:
+        http = http.model_copy(update={"port": http.port + slot})
+    return settings.model_copy(update={"listeners": listeners, "http": http})
+
+
+def add_parser(sub: Any) -> None:
+    p = with_config(sub.add_parser("serve", help="run the gateway"))
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds sessions in DATA get on SIGTERM")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes sharing the listeners (SO_REUSEPORT) and the queue; one per core is typical",
+    )
+    p.add_argument("--worker-slot", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_serve)
