@@ -14,11 +14,10 @@ import httpx
 import structlog
 
 from gateway.core.model import Submission
-from gateway.core.outcome import Outcome
+from gateway.core.outcome import BeforeSend, Outcome, no_hook
 from gateway.core.records import Decision, RetryPolicy
 from gateway.delivery import transition
 from gateway.ops.metrics import REGISTRY
-from gateway.providers.base import BeforeSend, no_hook
 from gateway.queue.sqlite import SqliteQueue
 from gateway.queue.store import NewMessage
 from tests.harness import Running

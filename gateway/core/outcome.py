@@ -1,13 +1,23 @@
-"""Pure: the per-call results of one delivery attempt, keyed by the provider's opaque call keys."""
+"""Pure: the per-call results of one delivery attempt, keyed by the provider's opaque call keys, and what the
+delivery owner needs of a provider to make an attempt (Deliverer; gateway.providers.base.Provider is one)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from gateway.core.errors import AnswerLost, Deferred, Rejected
+from gateway.core.model import Call, Submission
+
+# Called by a provider right before it sends calls, with their keys: the delivery owner records that
+# they may now reach the upstream (a lease that expires after this is an ambiguous call, not a safe one).
+BeforeSend = Callable[[Sequence[str]], Awaitable[None]]
+
+
+async def no_hook(keys: Sequence[str]) -> None:
+    return None
 
 
 class Sent(Protocol):
@@ -52,3 +62,21 @@ class Outcome:
         for exc in (*self.rejected.values(), *self.deferred.values()):
             return exc.reason
         return None
+
+
+class Deliverer(Protocol):
+    """What the delivery owner needs of one upstream account: its calls and a way to make them."""
+
+    account: str
+
+    def plan(self, submission: Submission) -> tuple[Call, ...]:
+        """The calls this submission needs. Pure and deterministic: the retry worker plans again from
+        the stored submission and skips the keys already delivered."""
+        ...
+
+    async def deliver(
+        self, submission: Submission, done: Mapping[str, str], before_send: BeforeSend = no_hook
+    ) -> Outcome:
+        """Make every planned call whose key is not in `done` (key -> upstream id), in this provider's
+        order, and report each one. Never raises for an upstream answer: it goes in the Outcome."""
+        ...

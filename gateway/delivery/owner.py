@@ -31,13 +31,12 @@ from gateway.config import DeliverySettings
 from gateway.core import replies
 from gateway.core.errors import Deferred, GatewayError, SpoolUnavailable
 from gateway.core.model import Call, Receipt, Submission
-from gateway.core.outcome import Outcome
+from gateway.core.outcome import Deliverer, Outcome
 from gateway.core.records import Decision, DeliveryState, RetryPolicy
 from gateway.core.replies import Reply
 from gateway.delivery import transition
 from gateway.delivery.health import AccountHealth
 from gateway.ops.metrics import AMBIGUOUS, CLIENT_GONE, DEAD_LETTERS, DELIVERIES, INTERNAL_ERRORS, RESENDS
-from gateway.providers.base import Provider
 from gateway.queue import codec
 from gateway.queue.store import Claimed, NewMessage, QueueStore
 
@@ -74,7 +73,7 @@ class _Inline:
 class DeliveryOwner:
     def __init__(
         self,
-        providers: Mapping[str, Provider],
+        providers: Mapping[str, Deliverer],
         store: QueueStore,
         settings: DeliverySettings,
         health: AccountHealth,

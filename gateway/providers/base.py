@@ -2,34 +2,25 @@
 
 The core (pipeline, delivery owner, queue, retry worker) never knows what a call means to a provider:
 it asks `prepare` for the message's provider decisions, `plan` for the calls (opaque keys), and
-`deliver` to make the calls not yet done, in the provider's own order. A third provider is one new
+`deliver` to make the calls not yet done, in the provider's own order (those two, with `account`, are
+gateway.core.outcome.Deliverer: all the delivery owner sees of a provider). A third provider is one new
 package beside dmds/ and dengage/, plus its settings model in the config union (gateway/config/settings.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Protocol
 
 from gateway.config.base import UserSettings
-from gateway.core.model import Call, Message, Principal, Submission
-from gateway.core.outcome import Outcome
+from gateway.core.model import Message, Principal, Submission
+from gateway.core.outcome import Deliverer
 from gateway.policy import SenderPolicy
 
-# Called by a provider right before it sends calls, with their keys: the delivery owner records that
-# they may now reach the upstream (a lease that expires after this is an ambiguous call, not a safe one).
-BeforeSend = Callable[[Sequence[str]], Awaitable[None]]
 
-
-async def no_hook(keys: Sequence[str]) -> None:
-    return None
-
-
-class Provider(Protocol):
-    """One upstream account. Raises only gateway.errors types (Rejected: 5xx, Deferred: 4xx)."""
+class Provider(Deliverer, Protocol):
+    """One upstream account. Raises only gateway.core.errors types (Rejected: 5xx, Deferred: 4xx)."""
 
     kind: str  # "dmds", "dengage": the `provider` key of [accounts.X]
-    account: str
 
     def user_extra(self, user: UserSettings) -> dict[str, object]:
         """What a configured user's login means to this provider (Principal.extra)."""
@@ -59,18 +50,6 @@ class Provider(Protocol):
     ) -> Submission:
         """The provider's per-message decisions (DMDS: campaign, archive, batch), checked now while the
         client waits. Raises Rejected for what the upstream would refuse or silently drop."""
-        ...
-
-    def plan(self, submission: Submission) -> tuple[Call, ...]:
-        """The calls this submission needs. Pure and deterministic: the retry worker plans again from
-        the stored submission and skips the keys already delivered."""
-        ...
-
-    async def deliver(
-        self, submission: Submission, done: Mapping[str, str], before_send: BeforeSend = no_hook
-    ) -> Outcome:
-        """Make every planned call whose key is not in `done` (key -> upstream id), in this provider's
-        order, and report each one. Never raises for an upstream answer: it goes in the Outcome."""
         ...
 
     async def aclose(self) -> None: ...

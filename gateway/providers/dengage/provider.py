@@ -16,10 +16,9 @@ from gateway.config.base import UserSettings
 from gateway.core import replies
 from gateway.core.errors import ContentRejected, RateLimited, UpstreamAuthFailed
 from gateway.core.model import Call, Message, Principal, Submission
-from gateway.core.outcome import Outcome
+from gateway.core.outcome import BeforeSend, Outcome, no_hook
 from gateway.mime import jsonbody
 from gateway.policy import SenderPolicy, ascii_domain, domain_of
-from gateway.providers.base import BeforeSend, no_hook
 from gateway.providers.dengage import wire
 from gateway.providers.dengage.config import DengageAccount, DengageUser
 from gateway.providers.dengage.session import JSON, Identities, TokenSource

@@ -12,10 +12,9 @@ from gateway.config.base import UserSettings
 from gateway.core import replies
 from gateway.core.errors import ContentRejected, Deferred, Rejected
 from gateway.core.model import Call, Message, Principal, Submission
-from gateway.core.outcome import Outcome
+from gateway.core.outcome import BeforeSend, Outcome, no_hook
 from gateway.mime import jsonbody
 from gateway.policy import SenderPolicy, ascii_address, ascii_domain
-from gateway.providers.base import BeforeSend, no_hook
 from gateway.providers.dmds import campaigns, wire
 from gateway.providers.dmds.config import DmdsAccount, DmdsUser
 from gateway.providers.dmds.legs import Leg, plan_legs
