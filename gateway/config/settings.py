@@ -195,7 +195,6 @@ def _account_kind(value: Any) -> str:
 
 
 # [accounts.X] is one of these, chosen by its `provider` key. A new provider adds its model here.
-PROVIDERS = ("dmds", "dengage")
 AccountSettings = Annotated[
     Annotated[DmdsAccount, Tag("dmds")] | Annotated[DengageAccount, Tag("dengage")],
     Discriminator(_account_kind),
