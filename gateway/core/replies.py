@@ -36,6 +36,14 @@ def queued(queue_id: str) -> Reply:
     return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
 
 
+def command_timeout(hostname: str) -> Reply:
+    return Reply(421, "4.4.2", f"{hostname} Error: timeout exceeded, closing connection")
+
+
+def data_timeout(hostname: str, seconds: float) -> Reply:
+    return Reply(421, "4.4.2", f"{hostname} Error: DATA not completed within {seconds:g} s, closing connection")
+
+
 SENDER_OK = Reply(250, "2.1.0", "Ok")
 RECIPIENT_OK = Reply(250, "2.1.5", "Ok")
 AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
@@ -50,20 +58,28 @@ TOO_MANY_SESSIONS = Reply(421, "4.7.0", "Too many connections, try again later")
 TOO_MANY_FROM_ADDRESS = Reply(421, "4.7.0", "Too many connections from your address, try again later")
 
 SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address rejected: not owned by user")
+NULL_SENDER = Reply(553, "5.7.1", "Null sender <> not accepted: this gateway does not relay bounces")
 BAD_SENDER = Reply(553, "5.1.3", "Bad sender address syntax")
 UTF8_LOCALPART = Reply(553, "5.6.7", "Non-ASCII local part not supported")
 BAD_RECIPIENT = Reply(553, "5.1.3", "Bad recipient address syntax")
 HEADER_FROM_REJECTED = Reply(550, "5.7.1", "From header address rejected")
+HEADER_SYNTAX = Reply(550, "5.1.3", "Bad address syntax in header")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
 INVALID_CONTENT = Reply(554, "5.6.0", "Message content rejected")
 NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
 CAMPAIGN_REQUIRED = Reply(554, "5.6.0", "No campaign selected: start the Subject with [NN], the campaign's number")
 UNKNOWN_CAMPAIGN = Reply(554, "5.6.0", "Unknown campaign")
+CAMPAIGN_NOT_PERMITTED = Reply(550, "5.7.1", "Login may not choose the campaign")
+NO_SUBJECT = Reply(
+    554, "5.6.0", "Subject cannot be empty: dEngage needs a Subject (or an X-Gateway-Template whose content has one)"
+)
 
 UPSTREAM_REFUSED = Reply(554, "5.6.0", "Upstream refused the message")
 UPSTREAM_AUTH = Reply(451, "4.7.0", "Upstream rejected the gateway's credentials; try again later")
 UPSTREAM_UNAVAILABLE = Reply(451, "4.4.1", "Upstream temporarily unavailable; try again later")
+UPSTREAM_SLOW = Reply(451, "4.4.1", "Upstream did not answer within the inline budget; try again later")
+RESEND_IN_PROGRESS = Reply(451, "4.3.0", "A message with this idempotency key is being delivered; try again later")
 RATE_LIMITED = Reply(452, "4.4.5", "Upstream rate limit reached; try again later")
 SENDER_DOMAIN_UNKNOWN = Reply(553, "5.1.8", "Sender address rejected: domain does not exist")
 RECIPIENT_DOMAIN_UNKNOWN = Reply(550, "5.1.2", "Recipient address rejected: domain does not exist")
@@ -73,6 +89,22 @@ SPOOL_FULL = Reply(452, "4.3.1", "Insufficient system storage")
 LARGE_BUSY = Reply(452, "4.3.1", "Too many large messages in progress here; try again later")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
 INTERNAL_ERROR = Reply(451, "4.3.0", "Internal error; try again later")
+
+# The session's own answers to commands (aiosmtpd's wording where it has one, with enhanced codes).
+TOO_MANY_COMMANDS = Reply(421, "4.7.0", "Too many commands without sending mail, closing connection")
+NEED_RCPT = Reply(503, "5.5.1", "Need RCPT command first")
+DATA_SYNTAX = Reply(501, "5.5.4", "Syntax: DATA")
+ENCRYPTION_REQUIRED = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+ALREADY_AUTHENTICATED = Reply(503, "5.5.1", "Already authenticated")
+AUTH_SYNTAX = Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
+AUTH_TOO_MANY_VALUES = Reply(501, "5.5.4", "Too many values")
+AUTH_UNKNOWN_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication type")
+AUTH_LINE_TOO_LONG = Reply(500, "5.5.6", "Authentication exchange line is too long")
+AUTH_BAD_BASE64 = Reply(501, "5.5.2", "Cannot decode base64")
+AUTH_PLAIN_UNSPLIT = Reply(501, "5.5.2", "Cannot split AUTH PLAIN value")
+TLS_ALREADY_ACTIVE = Reply(554, "5.5.1", "TLS already active")
+STARTTLS_SYNTAX = Reply(501, "5.5.4", "Syntax: STARTTLS")
+TLS_UNAVAILABLE = Reply(454, "4.7.0", "TLS not available")
 
 # Enhanced codes for aiosmtpd's own replies that carry none; chosen per RFC 3463/5248.
 DEFAULT_ENHANCED: dict[int, str] = {

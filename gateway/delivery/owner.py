@@ -41,8 +41,6 @@ from gateway.queue import codec
 from gateway.queue.store import Claimed, NewMessage, QueueStore
 
 log = structlog.get_logger("gateway.delivery")
-SLOW = Reply(451, "4.4.1", "Upstream did not answer within the inline budget; try again later")
-IN_PROGRESS = Reply(451, "4.3.0", "A message with this idempotency key is being delivered; try again later")
 
 
 def new_id() -> str:
@@ -148,7 +146,7 @@ class DeliveryOwner:
         attempt.log.info("message_resend_not_sent", key=key[:12], first_queue_id=hit.msg_id, reply_id=hit.reply_id)
         if hit.reply_id is None:
             attempt.receipt.reason = "a message with this idempotency key is being delivered"
-            return IN_PROGRESS
+            return replies.RESEND_IN_PROGRESS
         attempt.receipt.reason = f"resend of {hit.msg_id}: not sent again"
         return replies.queued(hit.reply_id)
 
@@ -203,7 +201,7 @@ class DeliveryOwner:
             # The client hears 451 now and will resend; if this call then succeeds, that resend is a
             # duplicate: counted as ambiguous (cause "passthrough_late").
             attempt.receipt.reason = "upstream did not answer within the inline budget"
-            decided.set_result(SLOW)
+            decided.set_result(replies.UPSTREAM_SLOW)
             self._gone(attempt, "deferred")
             decision = self._decide(attempt.before, await call, attempt.submission, "inline", self._bound(attempt))
             if decision.first_id is not None:

@@ -117,9 +117,7 @@ def check_sender(senders: SenderPolicy, principal: Principal, address: str, smtp
     """MAIL FROM policy. Returns the normalized address or raises PolicyRejected (553)."""
     if not address.strip().strip("<>"):
         # The gateway relays no bounces: a null sender is refused like a sender the login does not own.
-        raise PolicyRejected(
-            reply=replies.SENDER_NOT_OWNED.with_text("Null sender <> not accepted: this gateway does not relay bounces")
-        )
+        raise PolicyRejected(reply=replies.NULL_SENDER)
     normalized = normalize_address(address, smtputf8, replies.BAD_SENDER)
     lowered = ascii_address(normalized)
     rp_domain = senders.return_paths.get(lowered)
@@ -151,14 +149,10 @@ def check_recipient(address: str, smtputf8: bool) -> str:
     return normalize_address(address, smtputf8, replies.BAD_RECIPIENT)
 
 
-# Syntax errors in the address headers checked at the end of DATA.
-HEADER_SYNTAX = Reply(550, "5.1.3", "Bad address syntax in header")
-
-
 def _header_address(header: str, addr: Address, smtputf8: bool) -> Address:
     """One header address validated (550 5.1.3 naming the header) and normalized (IDN domain as xn--)."""
     try:
-        email = normalize_address(addr.email, smtputf8, HEADER_SYNTAX)
+        email = normalize_address(addr.email, smtputf8, replies.HEADER_SYNTAX)
     except PolicyRejected as exc:
         raise PolicyRejected(reply=exc.reply.with_text(f"{header}: header {exc.reply.text}")) from None
     return addr if email == addr.email else Address(email, addr.name)

@@ -105,7 +105,7 @@ class GatewayHandler:
         # RFC 4954 §4: "=" is an empty initial response.
         decoded = b"" if args[1] == "=" else _b64(args[1])
         if decoded is None:
-            await server.push("501 5.5.2 Cannot decode base64")
+            await server.push(str(replies.AUTH_BAD_BASE64))
         return decoded
 
     async def _locked_out(self, server: Any) -> bool:
@@ -138,7 +138,7 @@ class GatewayHandler:
             return AuthResult(success=False, handled=True)
         parts = blob.split(b"\x00")
         if len(parts) != 3:
-            await server.push("501 5.5.2 Cannot split AUTH PLAIN value")
+            await server.push(str(replies.AUTH_PLAIN_UNSPLIT))
             return AuthResult(success=False, handled=True)
         return await self._check(server, parts[1], parts[2])
 

@@ -246,7 +246,7 @@ class GatewaySMTP(SMTP):
                 LIMIT_HITS.labels(limit="max_commands_before_data").inc()
                 log.info("session_cut_off", limit="max_commands_before_data", commands=self._commands, command=verb)
                 self.mark_logged()
-                await self.push("421 4.7.0 Too many commands without sending mail, closing connection")
+                await self.push(str(replies.TOO_MANY_COMMANDS))
                 self.transport.close()
                 return
             self._verb = verb
@@ -282,7 +282,7 @@ class GatewaySMTP(SMTP):
             peer=self.peer,
             listener=self.listener,
         )
-        self.say_and_close(f"421 4.4.2 {self.hostname} Error: timeout exceeded, closing connection", logged=True)
+        self.say_and_close(str(replies.command_timeout(self.hostname)), logged=True)
 
     def _data_deadline(self) -> None:
         """DATA not finished within data_timeout, however slowly the bytes kept coming (slowloris)."""
@@ -291,7 +291,7 @@ class GatewaySMTP(SMTP):
         self._cut_off = "data_timeout"
         LIMIT_HITS.labels(limit="data_timeout").inc()
         self.say_and_close(
-            f"421 4.4.2 {self.hostname} Error: DATA not completed within {self._data_timeout:g} s, closing connection",
+            str(replies.data_timeout(self.hostname, self._data_timeout)),
             logged=True,
         )
 
@@ -335,22 +335,22 @@ class GatewaySMTP(SMTP):
         if await self.check_helo_needed("EHLO"):
             return
         if self._auth_require_tls and not self.tls_up:
-            await self.push("538 5.7.11 Encryption required for requested authentication mechanism")
+            await self.push(str(replies.ENCRYPTION_REQUIRED))
             return
         if self.session.authenticated:
-            await self.push("503 5.5.1 Already authenticated")
+            await self.push(str(replies.ALREADY_AUTHENTICATED))
             return
         args = (arg or "").split()
         if not args:
-            await self.push("501 5.5.4 Syntax: AUTH mechanism [initial-response]")
+            await self.push(str(replies.AUTH_SYNTAX))
             return
         if len(args) > 2:
-            await self.push("501 5.5.4 Too many values")
+            await self.push(str(replies.AUTH_TOO_MANY_VALUES))
             return
         args[0] = args[0].upper()
         mechanism = self._auth_methods.get(args[0])
         if mechanism is None:
-            await self.push("504 5.5.4 Unrecognized authentication type")
+            await self.push(str(replies.AUTH_UNKNOWN_MECHANISM))
             return
         result: AuthResult = await mechanism.method(self, args)
         status: str | None
@@ -371,7 +371,7 @@ class GatewaySMTP(SMTP):
         try:
             return await super().challenge_auth(challenge, encode_to_b64, log_client_response)
         except ValueError:
-            await self.push("500 5.5.6 Authentication exchange line is too long")
+            await self.push(str(replies.AUTH_LINE_TOO_LONG))
             return MISSING
 
     # -- STARTTLS --------------------------------------------------------------------------------------
@@ -381,13 +381,13 @@ class GatewaySMTP(SMTP):
         if self.tls_up or self._implicit_tls:
             # Postfix's answer; the session goes on, still encrypted (aiosmtpd would stack a second TLS
             # layer on the first and drop the connection).
-            await self.push("554 5.5.1 TLS already active")
+            await self.push(str(replies.TLS_ALREADY_ACTIVE))
             return
         if arg:
-            await self.push("501 5.5.4 Syntax: STARTTLS")
+            await self.push(str(replies.STARTTLS_SYNTAX))
             return
         if self._tls is None or self.transport is None:
-            await self.push("454 4.7.0 TLS not available")
+            await self.push(str(replies.TLS_UNAVAILABLE))
             return
         await self.push("220 Ready to start TLS")
         handshake = self.handshake = self._tls.handshake(self, established=lambda: self.tls_up)
@@ -417,7 +417,7 @@ class GatewaySMTP(SMTP):
             if await self.check_helo_needed():
                 return
             # DMDS applies the registered return-path itself; a null-sender bounce has nowhere to go.
-            await self.push("553 5.7.1 Null sender <> not accepted: this gateway does not relay bounces")
+            await self.push(str(replies.NULL_SENDER))
             return
         await super().smtp_MAIL(arg)
 
@@ -435,10 +435,10 @@ class GatewaySMTP(SMTP):
             return
         assert self.envelope is not None
         if not self.envelope.rcpt_tos:
-            await self.push("503 5.5.1 Need RCPT command first")
+            await self.push(str(replies.NEED_RCPT))
             return
         if arg:
-            await self.push("501 5.5.4 Syntax: DATA")
+            await self.push(str(replies.DATA_SYNTAX))
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         envelope = self.envelope

@@ -31,9 +31,6 @@ T = TypeVar("T")
 
 TAGS_OPTION = "tags"  # X-Gateway-Tags: a, b
 TEMPLATE_OPTION = "template"  # X-Gateway-Template: <content uuid>
-NO_SUBJECT = replies.INVALID_CONTENT.with_text(
-    "Subject cannot be empty: dEngage needs a Subject (or an X-Gateway-Template whose content has one)"
-)
 
 
 def merge_tags(*groups: object) -> list[str]:
@@ -142,7 +139,7 @@ class DengageProvider:
                     f"X-Gateway-Template must be a dEngage content id (a UUID), got {template[:60]!r}"
                 ) from None
         elif not message.subject.strip():
-            raise ContentRejected(reply=NO_SUBJECT)
+            raise ContentRejected(reply=replies.NO_SUBJECT)
         params = {
             "tags": merge_tags(self.settings.tags, principal.extra.get("tags") or [], options.get(TAGS_OPTION, "")),
             "template": template,

@@ -28,7 +28,7 @@ def resolve_campaign(principal: Principal, subject: str, options: dict[str, str]
     if override is not None:
         if not extra.get("may_choose_campaign"):
             raise PolicyRejected(
-                reply=replies.Reply(550, "5.7.1", f"Login {principal.login} may not choose the campaign")
+                reply=replies.CAMPAIGN_NOT_PERMITTED.with_text(f"Login {principal.login} may not choose the campaign")
             )
         if not _NUMID.fullmatch(override.strip()):  # str.isdigit() also takes "²" and Arabic-Indic digits
             raise ContentRejected(f"X-Gateway-Campaign must be a campaign number, got {override.strip()!r}")
