@@ -30,7 +30,7 @@ def test_all_delivered() -> None:
 def test_first_call_refused_refuses_the_message_and_the_skipped_call_with_it() -> None:
     refusal = UpstreamRejected("invalid email")
     d = transition.decide(fresh(), Outcome(rejected={"0": refusal}, skipped={"1"}), POLICY, NOW)
-    assert d.verdict == "refused" and d.refusal is refusal
+    assert d.verdict == "refused" and d.refusal is refusal and d.dead_cause == "refused"
     assert [c.state for c in d.calls.values()] == ["rejected", "rejected"]
 
 
@@ -49,7 +49,7 @@ def test_some_delivered_the_rest_refused_is_a_dead_letter_naming_the_refused() -
         fresh(), Outcome(delivered={"0": "E0"}, rejected={"1": UpstreamRejected("no such")}), POLICY, NOW
     )
     assert d.verdict == "dead" and d.first_id == "E0"
-    assert d.dead_reason == "refused by upstream: call 1 (b@x.example): no such"
+    assert d.dead_reason == "refused by upstream: call 1 (b@x.example): no such" and d.dead_cause == "refused"
 
 
 def test_deferred_and_skipped_calls_wait_on_the_schedule_then_expire() -> None:
@@ -59,6 +59,7 @@ def test_deferred_and_skipped_calls_wait_on_the_schedule_then_expire() -> None:
     assert [c.state for c in d.calls.values()] == ["pending", "pending"]
     late = transition.decide(fresh(), outcome, POLICY, NOW + 100)
     assert late.verdict == "dead" and late.dead_reason is not None and late.dead_reason.startswith("expired")
+    assert late.dead_cause == "expired"
 
 
 def test_the_next_attempt_never_passes_the_lifetime() -> None:
@@ -92,6 +93,7 @@ def test_resume_turns_sending_calls_into_ambiguous_pending_ones() -> None:
     assert lost == ["0"] and resumed.calls["0"].state == "pending" and resumed.calls["0"].lost == 1
     held = transition.hold(resumed, lost, NOW)
     assert held.verdict == "dead" and held.dead_reason is not None and "queue requeue" in held.dead_reason
+    assert held.dead_cause == "held"
 
 
 def test_internal_errors_retry_then_dead_letter() -> None:
@@ -105,6 +107,7 @@ def test_internal_errors_retry_then_dead_letter() -> None:
     )
     assert second.verdict == "queued" and third.verdict == "dead"
     assert third.dead_reason is not None and "internal error 3 times" in third.dead_reason
+    assert third.dead_cause == "internal_error" and second.dead_cause is None
 
 
 def test_retry_policy_schedule_and_jitter() -> None:

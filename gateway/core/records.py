@@ -12,6 +12,8 @@ from gateway.core.errors import Rejected
 
 CallState = Literal["pending", "sending", "done", "rejected"]
 Verdict = Literal["delivered", "refused", "queued", "dead"]
+# Why a message ended as a dead letter (or was refused): the dead-letter metric's cause label.
+DeadCause = Literal["refused", "expired", "held", "internal_error", "corrupt"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +65,7 @@ class Decision:
     dead_reason: str | None = None
     refusal: Rejected | None = None  # verdict "refused": the upstream's refusal, for the client's 5xx
     internal_errors: int = 0
+    dead_cause: DeadCause | None = None  # verdicts "dead" and "refused": why, as a bounded set
 
     @property
     def first_id(self) -> str | None:

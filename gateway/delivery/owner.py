@@ -354,7 +354,15 @@ class DeliveryOwner:
             await self._settle(
                 item.id,
                 item.token,
-                Decision("dead", dict(item.before.calls), item.before.attempts, now, reason, dead_reason=reason),
+                Decision(
+                    "dead",
+                    dict(item.before.calls),
+                    item.before.attempts,
+                    now,
+                    reason,
+                    dead_reason=reason,
+                    dead_cause="corrupt",
+                ),
                 bound,
             )
             return
@@ -536,14 +544,8 @@ class DeliveryOwner:
 
 
 def dead_cause(decision: Decision) -> str:
-    """The dead-letter metric's cause label, from the decision (a bounded set)."""
-    reason = decision.dead_reason or ""
-    if decision.verdict == "refused" or reason.startswith("refused"):
-        return "refused"
-    for cause in ("expired", "held", "corrupt"):
-        if reason.startswith(cause):
-            return cause
-    return "internal_error" if reason.startswith("internal error") else "other"
+    """The dead-letter metric's cause label, as the transition (or the owner, for a corrupt record) set it."""
+    return decision.dead_cause or "other"
 
 
 def _ids(decision: Decision) -> list[str]:

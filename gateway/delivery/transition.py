@@ -23,7 +23,7 @@ from dataclasses import replace
 from gateway.core.errors import RateLimited, Rejected
 from gateway.core.model import Call
 from gateway.core.outcome import Outcome
-from gateway.core.records import CallRow, Decision, DeliveryState, RetryPolicy, Verdict
+from gateway.core.records import CallRow, DeadCause, Decision, DeliveryState, RetryPolicy, Verdict
 
 
 def fresh(plan: Sequence[Call], now: float, policy: RetryPolicy) -> DeliveryState:
@@ -64,6 +64,7 @@ def hold(before: DeliveryState, keys: Sequence[str], now: float) -> Decision:
         reason,
         dead_reason=reason,
         internal_errors=before.internal_errors,
+        dead_cause="held",
     )
 
 
@@ -88,9 +89,15 @@ def decide(
     attempted_pending = any(calls[k].state == "pending" and k not in outcome.skipped for k in calls)
 
     def decision(
-        verdict: Verdict, next_attempt: float = now, dead_reason: str | None = None, refusal: Rejected | None = None
+        verdict: Verdict,
+        next_attempt: float = now,
+        dead_reason: str | None = None,
+        refusal: Rejected | None = None,
+        cause: DeadCause | None = None,
     ) -> Decision:
-        return Decision(verdict, calls, attempts, next_attempt, error, dead_reason, refusal, before.internal_errors)
+        return Decision(
+            verdict, calls, attempts, next_attempt, error, dead_reason, refusal, before.internal_errors, cause
+        )
 
     if done == len(calls):
         return decision("delivered")
@@ -100,13 +107,16 @@ def decide(
         first = next(iter(outcome.rejected.values()), None)
         for key in outcome.skipped:
             calls[key] = replace(calls[key], state="rejected", error=calls[key].error or error)
-        return decision("refused", refusal=first, dead_reason="refused by upstream: " + _refusals(calls))
+        return decision(
+            "refused", refusal=first, dead_reason="refused by upstream: " + _refusals(calls), cause="refused"
+        )
     if "pending" not in states:
-        return decision("dead", dead_reason="refused by upstream: " + _refusals(calls))
+        return decision("dead", dead_reason="refused by upstream: " + _refusals(calls), cause="refused")
     if now >= before.expires:
         return decision(
             "dead",
             dead_reason=(f"expired after {attempts} attempts in {now - before.created:.0f}s; last error: {error}"),
+            cause="expired",
         )
     return decision("queued", next_attempt=min(now + _wait(outcome, policy, attempts, rng), before.expires))
 
@@ -127,6 +137,7 @@ def internal_error(
             reason,
             internal_errors=count,
             dead_reason=f"internal error {count} times (see the log); last: {reason}",
+            dead_cause="internal_error",
         )
     next_attempt = min(now + policy.delay(attempts, rng), before.expires)
     return Decision("queued", dict(before.calls), attempts, next_attempt, reason, internal_errors=count)
