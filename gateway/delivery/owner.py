@@ -54,7 +54,7 @@ def owner_id(instance: str = "") -> str:
 
 
 @dataclass
-class _Inline:
+class InlineAttempt:
     """One new message's first attempt."""
 
     msg_id: str
@@ -109,7 +109,7 @@ class DeliveryOwner:
         the attempt goes on and records its outcome. `receipt` learns the queue id or upstream ids; `on_done`
         is called when the first attempt has ended."""
         now = self.clock()
-        attempt = _Inline(
+        attempt = InlineAttempt(
             new_id(),
             submission,
             transition.fresh(plan, now, self.policy),
@@ -133,7 +133,7 @@ class DeliveryOwner:
             attempt.client_gone = True
             raise
 
-    async def _resent(self, attempt: _Inline, now: float) -> Reply | None:
+    async def _resent(self, attempt: InlineAttempt, now: float) -> Reply | None:
         """A resend of a message already taken (same idempotency key within the window): its reply."""
         account, key = attempt.submission.principal.account, attempt.idempotency_key
         assert key is not None
@@ -150,7 +150,7 @@ class DeliveryOwner:
         attempt.receipt.reason = f"resend of {hit.msg_id}: not sent again"
         return replies.queued(hit.reply_id)
 
-    async def _finish_key(self, attempt: _Inline, reply: Reply) -> None:
+    async def _finish_key(self, attempt: InlineAttempt, reply: Reply) -> None:
         """Remember the id the 250 carried, or forget the key when the message was not taken."""
         key = attempt.idempotency_key
         assert key is not None
@@ -161,7 +161,7 @@ class DeliveryOwner:
             attempt.log.error("idempotency_key_not_recorded", key=key[:12], error=exc.reason)
 
     async def _first_attempt(
-        self, attempt: _Inline, decided: asyncio.Future[Reply], on_done: Callable[[], None] | None = None
+        self, attempt: InlineAttempt, decided: asyncio.Future[Reply], on_done: Callable[[], None] | None = None
     ) -> None:
         try:
             await self._inline(attempt, decided)
@@ -182,7 +182,7 @@ class DeliveryOwner:
             if on_done is not None:
                 on_done()  # the message's memory may go now (it is delivered, refused or stored)
 
-    async def _inline(self, attempt: _Inline, decided: asyncio.Future[Reply]) -> None:
+    async def _inline(self, attempt: InlineAttempt, decided: asyncio.Future[Reply]) -> None:
         provider = self.providers[attempt.submission.principal.account]
 
         async def before_send(keys: Sequence[str]) -> None:
@@ -252,7 +252,7 @@ class DeliveryOwner:
         finally:
             self.held.pop(attempt.msg_id, None)
 
-    async def _store_inflight(self, attempt: _Inline) -> None:
+    async def _store_inflight(self, attempt: InlineAttempt) -> None:
         now = self.clock()
         snapshot = set(attempt.started)
         calls = {k: replace(r, state="sending") if k in snapshot else r for k, r in attempt.before.calls.items()}
@@ -264,7 +264,7 @@ class DeliveryOwner:
         if late:
             await self._mark_sending(attempt.msg_id, attempt.token, sorted(late))
 
-    async def _conclude(self, attempt: _Inline, decision: Decision, outcome: Outcome) -> Reply:
+    async def _conclude(self, attempt: InlineAttempt, decision: Decision, outcome: Outcome) -> Reply:
         """The reply for a first attempt that finished within the budget; stores what must be kept."""
         bound, verdict = attempt.log, decision.verdict
         self._gone(attempt, verdict)
@@ -304,7 +304,7 @@ class DeliveryOwner:
             )
         return replies.queued(decision.first_id or attempt.msg_id)
 
-    def _new(self, attempt: _Inline, decision: Decision, *, inflight: bool) -> NewMessage:
+    def _new(self, attempt: InlineAttempt, decision: Decision, *, inflight: bool) -> NewMessage:
         s = attempt.submission
         record, blobs = codec.encode(s)
         return NewMessage(
@@ -323,10 +323,10 @@ class DeliveryOwner:
         )
 
     @staticmethod
-    def _bound(attempt: _Inline) -> structlog.typing.FilteringBoundLogger:
+    def _bound(attempt: InlineAttempt) -> structlog.typing.FilteringBoundLogger:
         return attempt.log.bind(queue_id=attempt.msg_id)
 
-    def _gone(self, attempt: _Inline, verdict: str) -> None:
+    def _gone(self, attempt: InlineAttempt, verdict: str) -> None:
         if attempt.client_gone:
             CLIENT_GONE.labels(verdict=verdict).inc()
             attempt.log.warning("client_gone_during_delivery", queue_id=attempt.msg_id, verdict=verdict)
