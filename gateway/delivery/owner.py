@@ -66,6 +66,12 @@ class InlineAttempt:
     client_gone: bool = False
     idempotency_key: str | None = None
     receipt: Receipt = field(default_factory=Receipt)  # what the session's transaction line reports
+    reply_id: str | None = None  # the id its 250 named: what a resend with its idempotency key is told
+
+    def queued(self, reply_id: str) -> Reply:
+        """The 250 naming `reply_id`, remembered for the idempotency key."""
+        self.reply_id = reply_id
+        return replies.queued(reply_id)
 
 
 class DeliveryOwner:
@@ -125,7 +131,7 @@ class DeliveryOwner:
                 return resent
         decided: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         if idempotency_key is not None:
-            decided.add_done_callback(lambda f: self._spawn(self._finish_key(attempt, f.result())))
+            decided.add_done_callback(lambda f: self._spawn(self._finish_key(attempt)))
         self._spawn(self._first_attempt(attempt, decided, on_done))
         try:
             return await asyncio.shield(decided)
@@ -150,13 +156,12 @@ class DeliveryOwner:
         attempt.receipt.reason = f"resend of {hit.msg_id}: not sent again"
         return replies.queued(hit.reply_id)
 
-    async def _finish_key(self, attempt: InlineAttempt, reply: Reply) -> None:
-        """Remember the id the 250 carried, or forget the key when the message was not taken."""
+    async def _finish_key(self, attempt: InlineAttempt) -> None:
+        """Remember the id the 250 carried, or forget the key when the message was not taken (no 250)."""
         key = attempt.idempotency_key
         assert key is not None
-        reply_id = reply.text.rpartition(" ")[2] if reply.code == 250 else None
         try:
-            await self.store.finish_key(attempt.submission.principal.account, key, attempt.msg_id, reply_id)
+            await self.store.finish_key(attempt.submission.principal.account, key, attempt.msg_id, attempt.reply_id)
         except SpoolUnavailable as exc:
             attempt.log.error("idempotency_key_not_recorded", key=key[:12], error=exc.reason)
 
@@ -221,14 +226,14 @@ class DeliveryOwner:
             decision = self._decide(attempt.before, await call, attempt.submission, "inline", self._bound(attempt))
             if decision.verdict == "delivered":
                 attempt.receipt.upstream_ids = _ids(decision)
-                reply = replies.queued(decision.first_id or attempt.msg_id)
+                reply = attempt.queued(decision.first_id or attempt.msg_id)
             else:
                 attempt.receipt.reason = f"queue unavailable: {exc.reason}"
                 reply = replies.SPOOL_FULL
             decided.set_result(reply)
             return
         attempt.receipt.queue_id = attempt.msg_id
-        decided.set_result(replies.queued(attempt.msg_id))
+        decided.set_result(attempt.queued(attempt.msg_id))
         self._gone(attempt, "queued")
         attempt.log.info(
             "message_spooled",
@@ -272,7 +277,7 @@ class DeliveryOwner:
         if verdict == "delivered":
             receipt.upstream_ids = _ids(decision)
             bound.info("message_sent", upstream_ids=receipt.upstream_ids, calls=len(decision.calls))
-            return replies.queued(decision.first_id or attempt.msg_id)
+            return attempt.queued(decision.first_id or attempt.msg_id)
         if verdict == "refused":
             assert decision.refusal is not None
             receipt.reason = decision.refusal.reason
@@ -302,7 +307,7 @@ class DeliveryOwner:
             bound.info(
                 "message_spooled", queue_id=attempt.msg_id, upstream_ids=_ids(decision), reason=decision.last_error
             )
-        return replies.queued(decision.first_id or attempt.msg_id)
+        return attempt.queued(decision.first_id or attempt.msg_id)
 
     def _new(self, attempt: InlineAttempt, decision: Decision, *, inflight: bool) -> NewMessage:
         s = attempt.submission
