@@ -74,6 +74,9 @@ SMTP_METHODS = {
     "_set_post_data_state": [],  # protocol.py: after our own DATA reader
     "_call_handler_hook": ["command"],  # protocol.py: our DATA reader calls handle_DATA through it
     "_reset_timeout": [],  # protocol.py: our DATA reader keeps the session alive
+    # Overridden in protocol.py: were they renamed, our versions would silently never run.
+    "_handle_client": [],  # binds the session's log context
+    "_timeout_cb": [],  # 421 4.4.2, the command_timeout limit metric and log line
     "challenge_auth": ["challenge"],  # handler.py: AUTH LOGIN prompts
     "check_helo_needed": [],  # protocol.py
     "check_auth_needed": ["caller_method"],  # protocol.py
