@@ -26,7 +26,7 @@ from gateway.providers.base import Provider
 log = structlog.get_logger("gateway.pipeline")
 MESSAGES_BY_CLASS = {cls: MESSAGES.labels(result=f"{cls}xx") for cls in (2, 4, 5)}
 
-# Parsing a large message takes milliseconds of CPU: do it off the event loop (design invariant 6).
+# Parsing a large message takes milliseconds of CPU: do it off the event loop.
 PARSE_IN_THREAD_BYTES = 256 * 1024
 # Two parser threads: one per core. Parsing holds the GIL, so more threads add no speed, only more
 # parse trees in memory at once (a 1 MB message's compat32 tree is several MB) and malloc arenas.

@@ -7,7 +7,7 @@ import hashlib
 import hmac
 import os
 
-# scrypt cost: n=2**14, r=8, p=1 (~30 ms on a 2-core CI machine). Verification runs in a thread and its
+# scrypt cost: n=2**14, r=8, p=1 (tens of milliseconds of CPU). Verification runs in a thread and its
 # result is cached, so the cost is paid once per credential per cache TTL, not per connection.
 _N, _R, _P = 2**14, 8, 1
 

@@ -2,9 +2,10 @@
 
 The delivery owner reports every attempt here. An account that fails with "unavailable" is down: the
 retry worker then probes it with one queued message every `probe_interval` instead of waiting out each
-message's backoff, and the first success wakes the whole backlog (issue #9: a 60 s outage used to take
-315 s to drain). Credential refusals (401/403, dEngage's IP allowlist) are operator errors: logged at
-error level once a minute per account, counted, and shown by /readyz until a call succeeds again.
+message's backoff, and the first success wakes the whole backlog: the queue drains when the outage
+ends, not at each message's next retry. Credential refusals (401/403, dEngage's IP allowlist) are
+operator errors: logged at error level once a minute per account, counted, and shown by /readyz until a
+call succeeds again.
 """
 
 from __future__ import annotations

@@ -11,20 +11,15 @@ from email.policy import Compat32
 
 from gateway.mime.headers import transfer_encoding
 
-# Bodies of at least this many bytes of base64 (line breaks not counted) are lifted. mime.parse alone,
-# parsed whole -> lifted (bench/parsebench.py; fastest of 7 runs on 2 shared cores; tracemalloc peak):
-#   attach-1m.eml (1.4 MB: text, html, a 1 MiB PDF):  21-22 ms -> 1.5-1.7 ms,  peak 4.3 MB -> 2.0 MB
-#   5 MB scan (one PDF, 76-character lines, CRLF):    74-75 ms -> 4.1-4.6 ms,  peak 15 MB -> 5.9 MB
-#   40 MB scan:                                       610-680 ms -> 52-56 ms,  peak 120 MB -> 40 MB
-# With a text and an html part beside one attachment, lifting breaks even at about 10 KiB of base64
-# (8 KiB: 308 -> 349 us; 16 KiB: 425 -> 351 us; 32 KiB: 675 -> 368 us): at 32 KiB it halves the time,
-# and smaller messages and parts never take the new path (a part below it is skipped unread).
+# Bodies of at least this many bytes of base64 (line breaks not counted) are lifted. Lifting costs more
+# than it saves below about 10 KiB, and at 32 KiB it halves the parse time (bench/README.md, parsebench.py);
+# smaller messages and parts never take the new path (a part below it is skipped unread).
 THRESHOLD = 32 * 1024
 # The scan is meant for ordinary mail, and its own work must stay a small fraction of the parser's,
 # whatever the message (a part below THRESHOLD is skipped unread, so each header block read stands for at
 # least 32 KiB the parser would walk). Past these it stops, and the rest is parsed as it always was:
 MAX_SCAN_DEPTH = 16  # multipart levels descended into
-MAX_SCANNED_HEADERS = 2_000  # part header blocks read (some 15 us each)
+MAX_SCANNED_HEADERS = 2_000  # part header blocks read
 MAX_MISSES = 10_000  # lines that looked like a delimiter and were not
 MAX_HEADER_BLOCK = 256 * 1024  # a part whose header block is longer is not looked into
 _HEADER_WINDOW = 4096  # most header blocks end within it
@@ -360,8 +355,8 @@ def _boundary(headers: EmailMessage) -> bytes | None:
 def materialize(raw: bytes | bytearray, runs: Iterable[Run]) -> dict[Run, bytes | memoryview]:
     """Each lifted body's base64 text without line breaks. In a bytearray (the SMTP session's buffer) it is
     made in place, each body shrinking within its own bytes, and handed out as a view: the message is then
-    held once, not once as it arrived and once more as the attachment's text (a 40 MB scan: ~55 MB, not
-    ~110). Call only once the lifted structure is accepted: the buffer is not the message any more."""
+    held once, not once as it arrived and once more as the attachment's text. Call only once the lifted
+    structure is accepted: the buffer is not the message any more."""
     texts: dict[Run, bytes | memoryview] = {}
     for run in runs:
         if isinstance(raw, bytearray):

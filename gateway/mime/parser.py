@@ -15,16 +15,16 @@ from gateway.core.model import Address, Message
 from gateway.mime import bodies, largeparts, sanitize
 from gateway.mime.headers import header_text, undo_surrogates
 
-# compat32 is ~7x faster than policy.default on a 5 KB message (bench/README.md); its headers are
+# compat32 is several times faster than policy.default (bench/README.md); its headers are
 # raw strings, so RFC 2047 / 8-bit decoding is done here, once, only for the headers the API needs.
 OPTION_PREFIX = "x-gateway-"
 
 # What one message may make the parser build (README, Security); past these it is refused with 554 5.6.0.
-# The parse tree costs some 300 bytes per part and per header line whatever their size (1 MB of empty
-# parts took 44 MB and 3.8 s), and every line is matched against the boundary of every enclosing
-# multipart (1 MB of empty lines 99 levels deep took 12 s).
+# The parse tree costs some 300 bytes per part and per header line whatever their size, and every line is
+# matched against the boundary of every enclosing multipart: unbounded, a megabyte of empty parts, or of
+# empty lines nested deep, takes seconds and tens of megabytes (bench/README.md).
 MAX_DEPTH = 128  # nested multipart/message levels; the corpus' deepest test message has 106
-MAX_NESTING_WORK = 32_000_000  # nesting depth x line ends (CR and LF): ~2 s of boundary matching at most
+MAX_NESTING_WORK = 32_000_000  # nesting depth x line ends (CR and LF): bounds the boundary matching
 MAX_PARTS = 5_000  # MIME parts, attached messages' parts included
 MAX_HEADER_LINES = 50_000  # header lines of all parts together
 # As Postfix's header_size_limit: a longer header value is cut there before it is decoded.
@@ -204,7 +204,7 @@ def _cut(value: str) -> str:
 
 
 # One mailbox with nothing the full RFC 5322 parser is needed for (no quotes, comments, groups, lists,
-# routes): "Name <a@b.c>" or "a@b.c". email.utils.getaddresses costs ~60 us per header; this, ~1 us.
+# routes): "Name <a@b.c>" or "a@b.c". email.utils.getaddresses costs far more per header than this match.
 _SIMPLE_MAILBOX = re.compile(
     r"\s*(?:(?P<name>[^<>\"(),;:\\\[\]@]*?)\s*<(?P<angle>[^<>\s\"(),;:\\\[\]@]+@[^<>\s\"(),;:\\\[\]@]+)>"
     r"|(?P<bare>[^<>\s\"(),;:\\\[\]@]+@[^<>\s\"(),;:\\\[\]@]+))\s*\Z"

@@ -16,7 +16,7 @@ _FIELD_TABLE = str.maketrans(
 # Bodies keep TAB, LF and CR; NUL and the other C0 controls (and DEL) are removed.
 _BODY_CONTROLS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]+")
 # The same set as bytes: a control character is the same byte in UTF-8 (no multi-byte sequence contains a
-# byte below 0x80), and bytes.translate finds it ten times faster than the regex (1.5 us for 2 KB).
+# byte below 0x80), and bytes.translate finds it much faster than the regex.
 _BODY_CONTROL_BYTES = bytes([*range(0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F])
 # A lone surrogate cannot be encoded as UTF-8 (the JSON body would fail): it becomes U+FFFD.
 _SURROGATES = re.compile("[\ud800-\udfff]")

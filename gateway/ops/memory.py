@@ -29,9 +29,8 @@ def set_mmap_threshold(threshold: int) -> MmapThreshold:
     after one big message, the buffers of the next ones come from the heap and stay in the process's RSS
     once freed (README, Memory). Setting it turns that rise off, and with it the trim threshold's, which
     would then stay at 128 KiB and hand the heap's top back to the kernel after nearly every message: it is
-    set to twice the threshold, as glibc's own rule keeps it. Measured (bench/README.md): 1 MiB cost a
-    fifth of the 1 MB-message throughput (every message's buffers freshly mapped, page by page); 4 MiB
-    cost nothing measurable and holds a 40 MB scan's peak to 1.6x its size above idle (2.45x unset).
+    set to twice the threshold, as glibc's own rule keeps it. Below the default (4 MiB) every 1 MB
+    message's buffers are mapped afresh, page by page (bench/README.md has the A/B).
     """
     if any(os.environ.get(name) for name in ENV_TUNABLES):
         return MmapThreshold.FROM_ENVIRONMENT

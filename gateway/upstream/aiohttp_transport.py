@@ -1,7 +1,7 @@
 """An httpx transport over aiohttp's client, mapping each failure to the httpx class that says when it
 happened: before the request was sent (ConnectError, ConnectTimeout) or after (ReadTimeout, ReadError,
-RemoteProtocolError). The httpx-aiohttp package maps a server disconnect to ConnectTimeout, which would
-make a possibly delivered call look safe to resend (issue #9)."""
+RemoteProtocolError). A server that disconnects after the request was sent must never read as a connect
+failure: a possibly delivered call would then look safe to resend."""
 
 from __future__ import annotations
 
