@@ -1,4 +1,4 @@
-"""Pure MIME decoding: raw message bytes -> gateway.model.Message, every header and body decoded to Unicode."""
+"""Pure MIME decoding: raw message bytes -> gateway.core.model.Message, every header and body decoded to Unicode."""
 
 from __future__ import annotations
 

@@ -63,7 +63,7 @@ class KeyHit:
 
 
 class QueueStore(Protocol):
-    """Async. Every method raises gateway.errors.SpoolUnavailable when the backend cannot be used."""
+    """Async. Every method raises gateway.core.errors.SpoolUnavailable when the backend cannot be used."""
 
     url: str  # where it is, for logs ("sqlite:///var/spool.sqlite3"); never with a password
     health: QueueHealth  # recent failures to store a message, the disk reserve: for /readyz
