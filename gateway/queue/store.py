@@ -129,13 +129,15 @@ class QueueStore(Protocol):
 
     # -- rate limits shared by every instance on this queue ---------------------------------------------
 
-    async def rate_slot(self, account: str, interval: float, burst: int) -> float:
-        """Take `account`'s next call slot of a token bucket (one call per `interval`, `burst` at once);
-        returns the seconds to wait for it."""
+    async def rate_slot(self, account: str, interval: float, burst: int, recovery: float = 30.0) -> float:
+        """Take `account`'s next call slot of a token bucket (gateway.core.tokenbucket: one call per
+        `interval`, `burst` at once, the interval stretched for `recovery` seconds after a 429); returns
+        the seconds to wait for it."""
         ...
 
     async def rate_pause(self, account: str, seconds: float, slow_for: float) -> None:
-        """No slot for `seconds` (the upstream's Retry-After), then half the rate for `slow_for` seconds."""
+        """No slot for `seconds` (the upstream's Retry-After), then a slower rate for `slow_for` seconds
+        (half at first, recovering linearly: give rate_slot the same `recovery`)."""
         ...
 
     # -- idempotency keys (resends are not sent twice) --------------------------------------------------
@@ -171,21 +173,14 @@ class QueueStore(Protocol):
     async def requeue(self, msg_id: str, now: float, max_lifetime: float) -> bool: ...
 
 
-# A new message's row of the messages table, the same for both backends (only the placeholders differ).
+# A new message's row of the messages table, the same for both backends (gateway/queue/sql.py).
 MESSAGE_COLUMNS = (
     "id, account, state, created, expires, next_attempt, attempts, mail_from, subject, size,"
     " last_error, dead_reason, dead_at, owner, lease_until, token, internal_errors, idem_key,"
     " submission"
 )
 CALL_COLUMNS = "key, recipients, state, upstream_id, error, lost"
-
-
-_MESSAGE_VALUES = MESSAGE_COLUMNS.count(",") + 1
-
-
-def message_insert(placeholder: str) -> str:
-    """The INSERT of MessageRow.values, with the backend's placeholder (`?` or `%s`)."""
-    return f"INSERT INTO messages ({MESSAGE_COLUMNS}) VALUES ({','.join([placeholder] * _MESSAGE_VALUES)})"
+MESSAGE_VALUES = MESSAGE_COLUMNS.count(",") + 1
 
 
 class MessageRow(NamedTuple):
