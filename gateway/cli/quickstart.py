@@ -77,9 +77,13 @@ async def quickstart(workdir: Path, sandbox_port: int, smtp_port: int, tls_port:
     sandbox = Sandbox(state, [lambda s: dmds(s, dmds_state), lambda s: dengage(s, dengage_state)])
     bound = await sandbox.start("127.0.0.1", sandbox_port)
     settings = load_settings(None, **quickstart_settings(workdir, bound, smtp_port, tls_port))
-    print(_banner(bound, smtp_port, tls_port, record), file=sys.stderr, flush=True)
+
+    def banner(app: App) -> None:  # the ports bound: any free one where 0 was asked for
+        ports = app.ports
+        print(_banner(bound, ports["plain"], ports["submission"], record), file=sys.stderr, flush=True)
+
     try:
-        await run(App(settings), drain_timeout=5.0)
+        await run(App(settings), drain_timeout=5.0, started=banner)
     finally:
         await sandbox.stop()
 
@@ -138,6 +142,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("quickstart", help="gateway + sandbox upstream in one process, for trying it out")
     p.add_argument("--workdir", default="var/quickstart")
+    # 0: any free port (the banner shows the ones bound)
     p.add_argument("--port", type=int, default=2525)
     p.add_argument("--tls-port", type=int, default=2587)
     p.add_argument("--sandbox-port", type=int, default=8025)

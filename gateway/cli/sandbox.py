@@ -57,7 +57,13 @@ def _listen_address(value: str) -> tuple[str, int]:
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("sandbox", help="run the sandbox upstream (DMDS and dEngage paths)")
-    p.add_argument("--listen", default="127.0.0.1:8025", type=_listen_address, metavar="HOST:PORT")
+    p.add_argument(
+        "--listen",
+        default="127.0.0.1:8025",
+        type=_listen_address,
+        metavar="HOST:PORT",
+        help="port 0: any free port (the line printed once listening names it)",
+    )
     p.add_argument("--apikey", default="sandbox-account-apikey", help="DMDS: the account APIKEY")
     p.add_argument("--campaign", action="append", metavar="NUMID=APIKEY", help="DMDS: an API campaign (repeatable)")
     p.add_argument("--sender-domain", action="append", help="DMDS: permitted sender domain (repeatable; default any)")
