@@ -22,11 +22,11 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from gateway.core import tokenbucket
 from gateway.core.errors import SpoolUnavailable
-from gateway.core.records import CallRow, Decision, DeliveryState
+from gateway.core.records import Decision
 from gateway.queue import postgres_schema
 from gateway.queue.health import QueueHealth
 from gateway.queue.sql import FOR_POSTGRES, POSTGRES
-from gateway.queue.store import Claimed, KeyHit, NewMessage, chunks, message_row
+from gateway.queue.store import Claimed, ClaimedRows, KeyHit, NewMessage, chunks, message_row
 
 log = structlog.get_logger("gateway.queue.postgres")
 CHANNEL = "smtp_gateway_queue"
@@ -151,31 +151,13 @@ class PostgresQueue:
             reaped = {r["id"]: r["state"] == "inflight" for r in rows}
             ids = POSTGRES.items(list(reaped))
             updated = await (await conn.execute(SQL.claim(len(reaped)), (owner, now + lease, *ids))).fetchall()
-            calls: dict[str, dict[str, CallRow]] = {r["id"]: {} for r in updated}
+            rows_read = ClaimedRows(account, reaped, updated)
             for c in await (await conn.execute(SQL.claimed_calls(len(reaped)), ids)).fetchall():
-                calls[c["msg_id"]][c["key"]] = CallRow(
-                    c["key"], c["recipients"], c["state"], c["upstream_id"], c["error"], c["lost"]
-                )
-            blobs: dict[str, list[bytearray]] = {r["id"]: [] for r in updated}
+                rows_read.call(c)
             async with conn.cursor() as cur:
-                # Streamed row by row: a message's blob chunks are never all in memory beside the blob.
-                async for row in cur.stream(SQL.claimed_blobs(len(reaped)), ids):
-                    parts = blobs[row["msg_id"]]
-                    if row["n"] == len(parts):
-                        parts.append(bytearray())
-                    parts[row["n"]] += row["data"]
-        return [
-            Claimed(
-                m["id"],
-                account,
-                m["token"],
-                bytes(m["submission"]),
-                DeliveryState(calls[m["id"]], m["attempts"], m["created"], m["expires"], m["internal_errors"]),
-                reaped=reaped[m["id"]],
-                blobs=blobs[m["id"]],  # type: ignore[arg-type]  # bytearray reads as bytes
-            )
-            for m in sorted(updated, key=lambda m: (reaped[m["id"]], m["seq"]))
-        ]
+                async for row in cur.stream(SQL.claimed_blobs(len(reaped)), ids):  # streamed row by row
+                    rows_read.blob_chunk(row)
+        return rows_read.claimed()
 
     async def mark_sending(self, msg_id: str, token: int, keys: Sequence[str]) -> bool:
         async with self._tx() as conn:

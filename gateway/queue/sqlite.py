@@ -21,12 +21,12 @@ from typing import Any, TypeVar
 import structlog
 
 from gateway.core.errors import SpoolUnavailable
-from gateway.core.records import CallRow, Decision, DeliveryState
+from gateway.core.records import Decision
 from gateway.queue import sqlite_schema
 from gateway.queue.health import QueueHealth
 from gateway.queue.sql import FOR_SQLITE, SQLITE
 from gateway.queue.sqlite_side import RateFile, Reserve, disk_full
-from gateway.queue.store import Claimed, KeyHit, NewMessage, chunks, message_row
+from gateway.queue.store import Claimed, ClaimedRows, KeyHit, NewMessage, chunks, message_row
 
 log = structlog.get_logger("gateway.queue.sqlite")
 T = TypeVar("T")
@@ -173,29 +173,12 @@ class SqliteQueue:
             reaped = {r["id"]: r["state"] == "inflight" for r in rows}
             ids = list(reaped)
             updated = db.execute(SQL.claim(len(ids)), (owner, now + lease, *ids)).fetchall()
-            calls: dict[str, dict[str, CallRow]] = {r["id"]: {} for r in updated}
+            rows_read = ClaimedRows(account, reaped, updated)
             for c in db.execute(SQL.claimed_calls(len(ids)), ids):
-                calls[c["msg_id"]][c["key"]] = CallRow(
-                    c["key"], c["recipients"], c["state"], c["upstream_id"], c["error"], c["lost"]
-                )
-            blobs: dict[str, list[bytearray]] = {r["id"]: [] for r in updated}
+                rows_read.call(c)
             for row in db.execute(SQL.claimed_blobs(len(ids)), ids):
-                parts = blobs[row["msg_id"]]
-                if row["n"] == len(parts):
-                    parts.append(bytearray())
-                parts[row["n"]] += row["data"]  # chunk by chunk: never the chunks and the whole at once
-        return [
-            Claimed(
-                m["id"],
-                account,
-                m["token"],
-                bytes(m["submission"]),
-                DeliveryState(calls[m["id"]], m["attempts"], m["created"], m["expires"], m["internal_errors"]),
-                reaped=reaped[m["id"]],
-                blobs=blobs[m["id"]],  # type: ignore[arg-type]  # bytearray serves where bytes are read
-            )
-            for m in sorted(updated, key=lambda m: (reaped[m["id"]], m["seq"]))
-        ]
+                rows_read.blob_chunk(row)
+        return rows_read.claimed()
 
     async def mark_sending(self, msg_id: str, token: int, keys: Sequence[str]) -> bool:
         def run() -> bool:

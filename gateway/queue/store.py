@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
-from gateway.core.records import Decision, DeliveryState
+from gateway.core.records import CallRow, Decision, DeliveryState
 from gateway.queue.health import QueueHealth
 
 
@@ -231,3 +231,42 @@ def chunks(msg_id: str, blobs: Sequence[bytes | memoryview]) -> Iterator[tuple[s
         view = memoryview(blob)
         for seq, start in enumerate(range(0, max(len(view), 1), CHUNK)):
             yield msg_id, n, seq, view[start : start + CHUNK]
+
+
+class ClaimedRows:
+    """A claim's rows read back into Claimed messages, the same for both backends: the claimed messages
+    (`updated`, with id, seq, token, submission, attempts, created, expires, internal_errors), then their
+    calls and their blob chunks in order, one row at a time (a blob's chunks are never all in memory
+    beside the blob)."""
+
+    def __init__(self, account: str, reaped: dict[str, bool], updated: Sequence[Any]) -> None:
+        self._account, self._reaped, self._updated = account, reaped, updated
+        self._calls: dict[str, dict[str, CallRow]] = {r["id"]: {} for r in updated}
+        self._blobs: dict[str, list[bytearray]] = {r["id"]: [] for r in updated}
+
+    def call(self, c: Any) -> None:
+        self._calls[c["msg_id"]][c["key"]] = CallRow(
+            c["key"], c["recipients"], c["state"], c["upstream_id"], c["error"], c["lost"]
+        )
+
+    def blob_chunk(self, row: Any) -> None:
+        parts = self._blobs[row["msg_id"]]
+        if row["n"] == len(parts):
+            parts.append(bytearray())
+        parts[row["n"]] += row["data"]
+
+    def claimed(self) -> list[Claimed]:
+        """Due messages first, then reaped ones, each in the order they were stored."""
+        reaped = self._reaped
+        return [
+            Claimed(
+                m["id"],
+                self._account,
+                m["token"],
+                bytes(m["submission"]),
+                DeliveryState(self._calls[m["id"]], m["attempts"], m["created"], m["expires"], m["internal_errors"]),
+                reaped=reaped[m["id"]],
+                blobs=self._blobs[m["id"]],  # type: ignore[arg-type]  # bytearray serves where bytes are read
+            )
+            for m in sorted(self._updated, key=lambda m: (reaped[m["id"]], m["seq"]))
+        ]
