@@ -15,7 +15,8 @@ from gateway.config import load_settings
 from gateway.core.cache import AsyncCache, ExpiringLru, Fresh, SingleFlight
 from gateway.providers import registry
 from gateway.providers.base import Provider
-from tests.harness import PASSWORD, USER, base_config
+from tests.configs import gateway_config
+from tests.harness import PASSWORD, USER
 
 
 class Clock:
@@ -206,7 +207,7 @@ async def test_single_flight_start_runs_without_a_waiter() -> None:
 
 @pytest.fixture
 def authenticator(tmp_path: Path) -> Iterator[Authenticator]:
-    settings = load_settings(None, **base_config(tmp_path, 9))  # no upstream call is made
+    settings = load_settings(None, **gateway_config(tmp_path))  # no upstream call is made
     built: dict[str, Provider] = {name: registry.build(name, account) for name, account in settings.accounts.items()}
     yield Authenticator(settings.accounts, built)
     loop = asyncio.new_event_loop()
