@@ -59,7 +59,7 @@ def gateway_config(
         "delivery": {"spool_path": str(tmp / "spool.sqlite3"), "inline_budget": 5.0},
         "dns": {"check_sender_domain": False},
     }
-    if any(entry.get("tls", "starttls") != "none" for entry in listeners) and "tls" not in overrides:
+    if any(entry.get("tls", "starttls") != "none" for entry in listeners) and overrides.get("tls", {}) is not None:
         cert, key = write_self_signed(tmp / "tls")
         config["tls"] = {"cert_file": str(cert), "key_file": str(key)}
     for key_, value in overrides.items():
