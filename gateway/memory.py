@@ -27,9 +27,9 @@ def set_mmap_threshold(threshold: int) -> MmapThreshold:
 
     glibc's default threshold starts at 128 KiB and rises to the largest block freed so far (up to 32 MiB):
     after one big message, the buffers of the next ones come from the heap and stay in the process's RSS
-    once freed (README, Memory). Setting it turns that rise off, and with it the trim threshold's, which
+    once freed (docs/messages.md, memory). Setting it turns that rise off, and with it the trim threshold's, which
     would then stay at 128 KiB and hand the heap's top back to the kernel after nearly every message: it is
-    set to twice the threshold, as glibc's own rule keeps it. Measured (bench/README.md): 1 MiB cost a
+    set to twice the threshold, as glibc's own rule keeps it. Measured (docs/development/benchmarks.md): 1 MiB cost a
     fifth of the 1 MB-message throughput (every message's buffers freshly mapped, page by page); 4 MiB
     cost nothing measurable and holds a 40 MB scan's peak to 1.6x its size above idle (2.45x unset).
     """

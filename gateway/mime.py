@@ -14,11 +14,11 @@ from gateway.errors import ContentRejected
 from gateway.headers import header_text, undo_surrogates
 from gateway.model import Address, Message
 
-# compat32 is ~7x faster than policy.default on a 5 KB message (bench/README.md); its headers are
+# compat32 is ~7x faster than policy.default on a 5 KB message (docs/development/benchmarks.md); its headers are
 # raw strings, so RFC 2047 / 8-bit decoding is done here, once, only for the headers the API needs.
 OPTION_PREFIX = "x-gateway-"
 
-# What one message may make the parser build (README, Security); past these it is refused with 554 5.6.0.
+# What one message may make the parser build (docs/security.md); past these it is refused with 554 5.6.0.
 # The parse tree costs some 300 bytes per part and per header line whatever their size (1 MB of empty
 # parts took 44 MB and 3.8 s), and every line is matched against the boundary of every enclosing
 # multipart (1 MB of empty lines 99 levels deep took 12 s).
