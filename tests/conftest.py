@@ -18,7 +18,7 @@ pytest_plugins = ["tests.conftest_dns"]
 CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
 
 # Tests that run the `smtp-gateway` console script get the one installed beside the Python running the tests
-# (the README's `.venv/bin/python -m pytest` does not put .venv/bin on PATH), never another install's.
+# (the documented `.venv/bin/python -m pytest` does not put .venv/bin on PATH), never another install's.
 os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 
 
