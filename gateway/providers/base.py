@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from gateway.config.base import UserSettings
-from gateway.core.model import Message, Principal, Submission
+from gateway.core.model import Message, Principal, ProviderData, Submission
 from gateway.core.outcome import Deliverer
 from gateway.policy import SenderPolicy
 
@@ -22,7 +22,7 @@ class Provider(Deliverer, Protocol):
 
     kind: str  # "dmds", "dengage": the `provider` key of [accounts.X]
 
-    def user_extra(self, user: UserSettings) -> dict[str, object]:
+    def user_extra(self, user: UserSettings) -> ProviderData:
         """What a configured user's login means to this provider (Principal.extra)."""
         ...
 
