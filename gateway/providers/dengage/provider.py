@@ -19,6 +19,7 @@ from gateway.core.model import Call, Message, Principal, ProviderData, Submissio
 from gateway.core.outcome import BeforeSend, Outcome, no_hook
 from gateway.mime import jsonbody
 from gateway.policy import SenderPolicy, ascii_domain, domain_of
+from gateway.providers.base import ProviderBase
 from gateway.providers.dengage import wire
 from gateway.providers.dengage.config import DengageAccount, DengageUser
 from gateway.providers.dengage.data import DengageLogin, DengageParams
@@ -46,7 +47,7 @@ def merge_tags(*groups: object) -> list[str]:
     return list(out)
 
 
-class DengageProvider:
+class DengageProvider(ProviderBase[DengageAccount]):
     kind = "dengage"
 
     def __init__(
@@ -57,10 +58,7 @@ class DengageProvider:
         limiter: RateLimiter | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.account = account
-        self.settings = settings
-        self.http = http
-        self.limiter = limiter or Unlimited()
+        super().__init__(account, settings, http, limiter or Unlimited())
         self.tokens = TokenSource(account, http, self.limiter, settings.api_userkey, settings.api_password, clock)
         self.identities = Identities(account, self._fetch_froms, settings.froms_ttl, clock)
         self._policy: tuple[tuple[str, ...], SenderPolicy] | None = None
@@ -226,6 +224,3 @@ class DengageProvider:
                 await self.limiter.penalize(exc.retry_after)
                 raise
         raise AssertionError("unreachable")  # pragma: no cover
-
-    async def aclose(self) -> None:
-        await self.http.aclose()

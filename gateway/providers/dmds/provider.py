@@ -15,6 +15,7 @@ from gateway.core.model import Call, Message, Principal, ProviderData, Submissio
 from gateway.core.outcome import BeforeSend, Outcome, no_hook
 from gateway.mime import jsonbody
 from gateway.policy import SenderPolicy, ascii_address, ascii_domain
+from gateway.providers.base import ProviderBase
 from gateway.providers.dmds import campaigns, wire
 from gateway.providers.dmds.config import DmdsAccount, DmdsUser
 from gateway.providers.dmds.data import DmdsLogin, DmdsParams
@@ -33,7 +34,7 @@ def sender_policy(settings: DmdsAccount) -> SenderPolicy:
     )
 
 
-class DmdsProvider:
+class DmdsProvider(ProviderBase[DmdsAccount]):
     kind = "dmds"
 
     def __init__(
@@ -44,10 +45,7 @@ class DmdsProvider:
         limiter: RateLimiter | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.account = account
-        self.settings = settings
-        self.http = http
-        self.limiter = limiter or Unlimited()
+        super().__init__(account, settings, http, limiter or Unlimited())
         self._clock = clock
         # The raw key goes in Authorization with no scheme (upstream-apis.md §1.1, [V]).
         self._headers = {
@@ -67,9 +65,6 @@ class DmdsProvider:
     def owns_login(self, username: str) -> bool:
         m = _SMTP_API_LOGIN.match(username)
         return (m.group("dmdsid") if m else username) == self.settings.dmdsid
-
-    def login_label(self, username: str) -> str:
-        return username
 
     async def verify_login(self, username: str, password: str) -> Principal | None:
         settings = self.settings
@@ -190,6 +185,3 @@ class DmdsProvider:
             if response.status == 429:
                 await self.limiter.penalize(getattr(exc, "retry_after", None))
             raise
-
-    async def aclose(self) -> None:
-        await self.http.aclose()
