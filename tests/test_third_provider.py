@@ -16,6 +16,8 @@ import pytest
 from aiohttp import web
 from pydantic import Field, SecretStr
 
+from gateway.cli import build_parser
+from gateway.cli import sandbox as sandbox_command
 from gateway.config import ConfigError, load_settings, masked_dump
 from gateway.config.base import AccountBase, UserSettings
 from gateway.core.errors import UpstreamAuthFailed, UpstreamRejected, UpstreamUnavailable
@@ -221,3 +223,16 @@ def test_an_unregistered_provider_is_refused_with_the_registered_ones(tmp_path: 
         load_settings(None, **base_config(tmp_path, 9, accounts={"tiny": account(9)}))
     assert "accounts.tiny: Input tag 'tinymail'" in str(refused.value)
     assert "expected tags: 'dmds', 'dengage'" in str(refused.value)
+
+
+def test_the_sandbox_command_serves_and_takes_the_options_of_every_registered_provider(
+    tinymail: ProviderSpec[TinyAccount],
+) -> None:
+    served = sandbox_command._served()
+    assert [spec.kind for spec, _ in served] == ["dmds", "dengage", "tinymail"]
+    assert sandbox_command.describe(served, "http://h:1") == (
+        "DMDS-, dEngage- and TinyMail-compatible upstream on http://h:1 (dEngage api_base: http://h:1/rest)"
+    )
+    args = build_parser().parse_args(["sandbox", "--apikey", "k", "--dengage-rate-limit", "0"])
+    assert (args.apikey, args.dengage_rate_limit) == ("k", 0)
+    assert "(DMDS, dEngage and TinyMail paths)" in " ".join(build_parser().format_help().split())
