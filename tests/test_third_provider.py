@@ -1,6 +1,7 @@
 """A provider is one package plus one registry entry: a third provider, written here and registered from this
 test alone (its config model, its provider, its sandbox routes), takes a message over SMTP to its sandbox,
-and after a failed call through the queue and the retry worker, with nothing else of the gateway changed."""
+and after a failed call through the queue and the retry worker, with nothing else of the gateway changed;
+its configuration is checked and masked, and `smtp-gateway sandbox` serves it, as the built-in providers'."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Self
 
+import httpx
 import orjson
 import pytest
 from aiohttp import web
@@ -21,13 +23,15 @@ from gateway.cli import sandbox as sandbox_command
 from gateway.config import ConfigError, load_settings, masked_dump
 from gateway.config.base import AccountBase, UserSettings
 from gateway.core.errors import UpstreamAuthFailed, UpstreamRejected, UpstreamUnavailable
-from gateway.core.model import Call, Message, Principal, Submission, TypedData
+from gateway.core.model import Call, Message, Principal, StoredData, Submission, TypedData
 from gateway.core.outcome import BeforeSend, Outcome, no_hook
 from gateway.policy import SenderPolicy, ascii_domain
 from gateway.providers import registry
 from gateway.providers.base import ProviderBase
 from gateway.providers.sandbox import Sandbox, json_response
 from gateway.providers.spec import ProviderSpec, SandboxEntry
+from gateway.upstream.client import HttpClient
+from gateway.upstream.ratelimit import Unlimited
 from gateway.upstream.response import HttpResponse
 from tests.harness import PASSWORD, PASSWORD_HASH, LoopThread, Running, base_config, sandbox_for_tests
 from tests.spool_helpers import spool_rows, wait_for
@@ -236,3 +240,27 @@ def test_the_sandbox_command_serves_and_takes_the_options_of_every_registered_pr
     args = build_parser().parse_args(["sandbox", "--apikey", "k", "--dengage-rate-limit", "0"])
     assert (args.apikey, args.dengage_rate_limit) == ("k", 0)
     assert "(DMDS, dEngage and TinyMail paths)" in " ".join(build_parser().format_help().split())
+
+
+class _Transport(httpx.AsyncBaseTransport):
+    """Answers nothing (the defaults make no call) and notes that it was closed."""
+
+    closed = False
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        raise AssertionError(f"no request expected, got {request.url}")
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+async def test_provider_base_defaults_are_those_of_a_provider_with_configured_users_only() -> None:
+    settings = TinyAccount.model_validate(account(9))
+    transport = _Transport()
+    http = HttpClient(settings.base_url, upstream="TinyMail", account="tiny", timeout=1.0, transport=transport)
+    provider = TinyProvider("tiny", settings, http, Unlimited())
+    assert not provider.owns_login("tiny-api-token") and provider.login_label("anyone") == "anyone"
+    assert await provider.verify_login(LOGIN, PASSWORD) is None  # configured users are checked by the core
+    assert provider.user_extra(settings.users[0]) == StoredData()
+    await provider.aclose()
+    assert transport.closed  # the account's HTTP client is closed with it
