@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import CONFIG_ENV, Settings, load_settings, preflight
+from gateway.providers import registry  # noqa: F401 - registers the providers' account models (load)
 
 # Exit statuses: 1 a problem on this machine (port taken, file unreadable, DNS), 2 the configuration or the
 # command line, 130 interrupted (Ctrl-C), 141 output pipe closed (as a shell reports coreutils killed by SIGPIPE).

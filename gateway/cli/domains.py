@@ -8,7 +8,6 @@ import sys
 from typing import Any
 
 from gateway.cli.common import load, with_config
-from gateway.providers.dmds.config import DmdsAccount
 
 
 def cmd_check_domains(args: argparse.Namespace) -> int:
@@ -26,12 +25,7 @@ def cmd_check_domains(args: argparse.Namespace) -> int:
             for dom, _, rp in (item.partition("=") for item in args.domains)
         }
     else:
-        pairs = {
-            dom: rp
-            for account in settings.accounts.values()
-            if isinstance(account, DmdsAccount)
-            for dom, rp in account.sender_domains.items()
-        }
+        pairs = {dom: rp for account in settings.accounts.values() for dom, rp in account.return_paths().items()}
     if not pairs:
         print(
             "smtp-gateway: no sender_domains configured: add [accounts.<name>.sender_domains] to the config file "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -55,7 +56,8 @@ class UserSettings(Section):
 
 
 class AccountBase(Section):
-    """What every upstream account has, whatever its provider."""
+    """What every upstream account has, whatever its provider. A provider's model adds its own keys: its
+    `provider: Literal["<kind>"]`, where its API is (`base_url`), its `users` (UserSettings or a subclass)."""
 
     credential_cache_ttl: float = Field(300.0, ge=0)
     negative_cache_ttl: float = Field(30.0, ge=0)
@@ -73,10 +75,29 @@ class AccountBase(Section):
     # Message-ID on a resend (most MTAs and mail libraries do); X-Gateway-Idempotency-Key always works.
     idempotency_from_message_id: bool = False
 
+    @property
+    def base_url(self) -> str:
+        """The account's API base URL, without a trailing slash."""
+        raise NotImplementedError(f"{type(self).__name__} does not say where its API is (base_url)")
+
+    @property
+    def configured_users(self) -> Sequence[UserSettings]:
+        """The SMTP logins listed under this account (its model's `users`; none if it has no such key)."""
+        users: Sequence[UserSettings] = getattr(self, "users", ())
+        return users
+
+    def sender_domain_names(self) -> Sequence[str]:
+        """The sender domains this account's configuration names (empty: none named)."""
+        return ()
+
+    def return_paths(self) -> Mapping[str, str]:
+        """Sender domain -> the return-path address registered for it, where the upstream has such
+        addresses (`smtp-gateway check-domains` checks them)."""
+        return {}
+
     @model_validator(mode="after")
     def _unique_users(self) -> AccountBase:
-        users = getattr(self, "users", [])
-        names = [u.username for u in users]
+        names = [u.username for u in self.configured_users]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"users listed twice: {', '.join(duplicates)}")

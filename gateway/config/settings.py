@@ -7,9 +7,9 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import Discriminator, Field, SecretStr, Tag, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -19,11 +19,8 @@ from pydantic_settings import (
 )
 
 from gateway.config import keys
-from gateway.config.base import Section, UserSettings, secret_or_file
-from gateway.providers.dengage.config import DengageAccount, DengageUser
-from gateway.providers.dmds.config import DmdsAccount, DmdsUser
-
-__all__ = ["AccountSettings", "DengageAccount", "DengageUser", "DmdsAccount", "DmdsUser", "UserSettings"]
+from gateway.config.accounts import MODELS
+from gateway.config.base import AccountBase, Section, secret_or_file
 
 ENV_PREFIX = "GATEWAY_"
 CONFIG_ENV = "GATEWAY_CONFIG"
@@ -187,20 +184,6 @@ class LimitsSettings(_Section):
         return self
 
 
-def _account_kind(value: Any) -> str:
-    # Accounts written before dEngage existed have no `provider` key: they are DMDS accounts.
-    if isinstance(value, dict):
-        return str(value.get("provider", "dmds"))
-    return str(getattr(value, "provider", "dmds"))
-
-
-# [accounts.X] is one of these, chosen by its `provider` key. A new provider adds its model here.
-AccountSettings = Annotated[
-    Annotated[DmdsAccount, Tag("dmds")] | Annotated[DengageAccount, Tag("dengage")],
-    Discriminator(_account_kind),
-]
-
-
 class DeliverySettings(_Section):
     # store-and-forward: a message the upstream cannot take now is queued and the client gets 250.
     # passthrough: never queue; the client gets 451 and must retry itself.
@@ -292,7 +275,9 @@ class Settings(BaseSettings):
     listeners: list[ListenerSettings] = [ListenerSettings()]
     tls: TlsSettings = TlsSettings()
     limits: LimitsSettings = LimitsSettings()
-    accounts: dict[str, AccountSettings] = {}
+    # Each [accounts.X] is its provider's model, chosen by its `provider` key: settings_model() gives the
+    # class that validates them (load_settings uses it).
+    accounts: dict[str, AccountBase] = {}
     delivery: DeliverySettings = DeliverySettings()
     dns: DnsSettings = DnsSettings()
     log: LogSettings = LogSettings()
@@ -321,7 +306,7 @@ class Settings(BaseSettings):
 
 def check_consistent(settings: Settings) -> None:
     """What no single section can check: every trusted network's login is a configured user. ValueError."""
-    logins = {u.username for a in settings.accounts.values() for u in a.users}
+    logins = {u.username for a in settings.accounts.values() for u in a.configured_users}
     for listener in settings.listeners:
         for _, login in listener.trusted_map:
             if login not in logins:
@@ -332,9 +317,21 @@ class ConfigError(Exception):
     """A configuration problem, naming the offending key."""
 
 
+def settings_model(path: Path | None = None) -> type[Settings]:
+    """Settings whose [accounts.X] tables are validated by the registered providers' models (config/accounts.py),
+    read from the TOML file at `path` (and the environment)."""
+    account = MODELS.account_type()
+
+    class LoadedSettings(Settings):
+        model_config = SettingsConfigDict(toml_file=path)
+        accounts: dict[str, account] = {}  # type: ignore[valid-type]
+
+    return LoadedSettings
+
+
 def config_keys() -> keys.Node:
     """Every key the configuration has, derived from the models (nothing listed by hand)."""
-    return keys.tree(Settings)
+    return keys.tree(settings_model())
 
 
 def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
@@ -353,11 +350,8 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
     if unknown:
         raise ConfigError("\n".join(unknown))
 
-    class _FileSettings(Settings):
-        model_config = SettingsConfigDict(toml_file=path)
-
     try:
-        return _FileSettings(**overrides)
+        return settings_model(path)(**overrides)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc)) from None
     except tomllib.TOMLDecodeError as exc:

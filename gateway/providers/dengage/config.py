@@ -43,6 +43,9 @@ class DengageAccount(AccountBase):
     def base_url(self) -> str:
         return self.api_base.rstrip("/")
 
+    def sender_domain_names(self) -> tuple[str, ...]:
+        return tuple(self.sender_domains)
+
     @property
     def api_userkey(self) -> str:
         assert self.userkey is not None  # _secret_sources guarantees it

@@ -38,6 +38,12 @@ class DmdsAccount(AccountBase):
     def base_url(self) -> str:
         return (self.api_base or f"https://api-dmds-{self.dmdsid}.planisys.net").rstrip("/")
 
+    def sender_domain_names(self) -> tuple[str, ...]:
+        return tuple(self.sender_domains)
+
+    def return_paths(self) -> dict[str, str]:
+        return dict(self.sender_domains)
+
     @property
     def key(self) -> str:
         assert self.apikey is not None  # _apikey_source guarantees it
