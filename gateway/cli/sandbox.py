@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.cli.common import refuse_on_problems, run_loop
+from gateway.cli.exits import Exit
 from gateway.config import ConfigError, preflight
 
 
@@ -45,7 +46,7 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     wanted = [preflight.Port("sandbox --listen", host, port)]
     refuse_on_problems(preflight.ports(wanted), args)
     run_loop(run_forever(sandbox, host, port), wanted)
-    return 0
+    return Exit.OK
 
 
 def _listen_address(value: str) -> tuple[str, int]:
@@ -57,7 +58,9 @@ def _listen_address(value: str) -> tuple[str, int]:
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("sandbox", help="run the sandbox upstream (DMDS and dEngage paths)")
-    p.add_argument("--listen", default="127.0.0.1:8025", type=_listen_address, metavar="HOST:PORT")
+    p.add_argument(
+        "--listen", default="127.0.0.1:8025", type=_listen_address, metavar="HOST:PORT", help="where to listen"
+    )
     p.add_argument("--apikey", default="sandbox-account-apikey", help="DMDS: the account APIKEY")
     p.add_argument("--campaign", action="append", metavar="NUMID=APIKEY", help="DMDS: an API campaign (repeatable)")
     p.add_argument("--sender-domain", action="append", help="DMDS: permitted sender domain (repeatable; default any)")
