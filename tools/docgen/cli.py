@@ -146,13 +146,8 @@ def render(notes: Notes) -> str:
         out.append(notes.intro + "\n")
     summary = [(f"[{code(c.name)}](#{c.ident})", _sentence(c.help)) for c in commands(parser) if len(c.path) == 1]
     out.append(table(["command", "what it does"], summary))
-    globals_ = [a for a in _arguments(parser)]
-    if globals_:
-        out.append(
-            f"`{PROG} --help` and `{PROG} COMMAND --help` print the same from the program; "
-            + ", ".join(f"{code(max(a.option_strings, key=len))}: {_help(a).rstrip('.').lower()}" for a in globals_)
-            + ".\n"
-        )
+    own = [f"{code(PROG + ' ' + max(a.option_strings, key=len))}: {_help(a)}" for a in _arguments(parser)]
+    out.append(" ".join([f"Every command takes `--help` (`{PROG} COMMAND --help`).", *own]) + "\n")
     for command in commands(parser):
         level = "#" * (len(command.path) + 1)
         out.append(f"{level} {PROG} {command.name} {{#{command.ident}}}\n")
