@@ -9,7 +9,6 @@ union of models, the gateway's subclasses of AccountBase (a provider registry ma
 from __future__ import annotations
 
 import ipaddress
-import math
 import types
 import typing
 from collections.abc import Iterator, Mapping, Sequence
@@ -19,7 +18,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, SecretStr
 from pydantic.fields import FieldInfo
-from pydantic_core import PydanticUndefined
 
 from gateway.config.base import AccountBase
 from gateway.config.reload import RESTART_SECTIONS, needs_restart
@@ -117,12 +115,13 @@ def checks(field: FieldInfo) -> list[str]:
     return found
 
 
+def _bytes(value: Any) -> bool:
+    """A byte count, by its look: an integer multiple of 1024 (shown in KiB, MiB or GiB too)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1024 and value % 1024 == 0
+
+
 def _number(value: Any) -> str:
-    if isinstance(value, float) and value.is_integer() and not math.isinf(value):
-        return str(value)
-    if isinstance(value, int) and abs(value) >= 1024 and value % 1024 == 0:
-        return f"{value} ({_binary(value)})"
-    return str(value)
+    return f"{value} ({_binary(value)})" if _bytes(value) else str(value)
 
 
 def _binary(value: int) -> str:
@@ -148,7 +147,7 @@ def _toml(value: Any) -> str:
 
 
 def default_text(field: FieldInfo) -> str:
-    if field.default is PydanticUndefined and field.default_factory is None:
+    if field.is_required():
         return "required"
     value = field.get_default(call_default_factory=True)
     if value is None:
@@ -158,9 +157,7 @@ def default_text(field: FieldInfo) -> str:
     if isinstance(value, list) and value and all(isinstance(v, BaseModel) for v in value):
         return f"{len(value)}, with the defaults below" if len(value) > 1 else "one, with the defaults below"
     text = code(_toml(value))
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 1024 and value % 1024 == 0:
-        text += f" ({_binary(value)})"
-    return text
+    return f"{text} ({_binary(value)})" if _bytes(value) else text
 
 
 # ---- sections -------------------------------------------------------------------------------------------

@@ -64,7 +64,8 @@ class Event:
 
     @property
     def levels(self) -> list[str]:
-        return sorted({s.level for s in self.sites}, key=LEVEL_ORDER.index)
+        rank = {level: i for i, level in enumerate(LEVEL_ORDER)}
+        return sorted({s.level for s in self.sites}, key=lambda level: (rank.get(level, len(rank)), level))
 
     @property
     def fields(self) -> list[str]:

@@ -6,11 +6,10 @@ from __future__ import annotations
 import ast
 import inspect
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from markdown.extensions.toc import slugify
 
 from gateway.core import replies
 from gateway.core.replies import Reply
@@ -75,6 +74,13 @@ def entries() -> list[Entry]:
                 args = [_Placeholder(p) for p in inspect.signature(function).parameters]
                 found.append(Entry(f"{node.name}()", function(*args), ast.get_docstring(node) or ""))
     return found
+
+
+def slugify(heading: str) -> str:
+    """A heading's anchor as the site's Markdown (its toc extension's default) makes it; the strict site build
+    fails on a link to an anchor that does not exist, so a difference cannot go unseen."""
+    text = unicodedata.normalize("NFKD", heading).encode("ascii", "ignore").decode("ascii")
+    return re.sub(r"[-\s]+", "-", re.sub(r"[^\w\s-]", "", text).strip().lower())
 
 
 _CODES = re.compile(r"[2-5]\d\d [245]\.\d+\.\d+ ")
@@ -147,7 +153,7 @@ def render(notes: Notes) -> str:
         chosen = sorted((e for e in table_entries if e.reply.code // 100 == klass), key=_order(table_entries))
         for entry in chosen:
             section = fix_section(entry.reply, spans)
-            fix = f"[{section}](../troubleshooting.md#{slugify(section, '-')})" if section else ""
+            fix = f"[{section}](../troubleshooting.md#{slugify(section)})" if section else ""
             when = " ".join(t for t in (sentence(entry.doc), notes.item(entry.name.rstrip("()"))) if t)
             rows.append(
                 (
