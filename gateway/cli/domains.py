@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from gateway.cli.common import load, with_config
+from gateway.cli.exits import Exit
 
 
 def cmd_check_domains(args: argparse.Namespace) -> int:
@@ -32,10 +33,10 @@ def cmd_check_domains(args: argparse.Namespace) -> int:
             "(--config FILE), or name domains: smtp-gateway check-domains DOMAIN[=RETURN_PATH]",
             file=sys.stderr,
         )
-        return 1
+        return Exit.PROBLEM
     reports = asyncio.run(check_domains(resolver, pairs))
     print(to_json(reports) if args.json else format_table(reports))
-    return 0 if all(r.ok for r in reports) else 1
+    return Exit.OK if all(r.ok for r in reports) else Exit.PROBLEM
 
 
 def add_parser(sub: Any) -> None:

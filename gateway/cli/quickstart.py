@@ -10,6 +10,7 @@ from typing import Any
 
 from gateway.auth.passwords import hash_password
 from gateway.cli.common import Refused, listen_failure
+from gateway.cli.exits import Exit
 from gateway.config import load_settings, preflight
 from gateway.providers import registry
 from gateway.providers.spec import ProviderSpec, QuickStartEntry, SandboxEntry
@@ -81,7 +82,7 @@ Send a message (the sandbox prints the API request it received):
 
 def main(workdir: str, sandbox_port: int, smtp_port: int, tls_port: int) -> int:
     asyncio.run(quickstart(Path(workdir), sandbox_port, smtp_port, tls_port))
-    return 0
+    return Exit.OK
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
@@ -111,8 +112,10 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("quickstart", help="gateway + sandbox upstream in one process, for trying it out")
-    p.add_argument("--workdir", default="var/quickstart")
-    p.add_argument("--port", type=int, default=2525)
-    p.add_argument("--tls-port", type=int, default=2587)
-    p.add_argument("--sandbox-port", type=int, default=8025)
+    p.add_argument(
+        "--workdir", default="var/quickstart", help="where the queue, the certificate and the request record go"
+    )
+    p.add_argument("--port", type=int, default=2525, help="SMTP port on 127.0.0.1 (AUTH without TLS allowed)")
+    p.add_argument("--tls-port", type=int, default=2587, help="SMTP port on 127.0.0.1 with STARTTLS")
+    p.add_argument("--sandbox-port", type=int, default=8025, help="the sandbox upstream's HTTP port on 127.0.0.1")
     p.set_defaults(func=cmd_quickstart, config=None)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.cli.common import refuse_on_problems, run_loop
+from gateway.cli.exits import Exit
 from gateway.config import preflight
 from gateway.providers import registry
 from gateway.providers.spec import ProviderSpec, SandboxEntry
@@ -28,7 +29,7 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     wanted = [preflight.Port("sandbox --listen", host, port)]
     refuse_on_problems(preflight.ports(wanted), args)
     run_loop(run_forever(sandbox, host, port, lambda url: describe(served, url)), wanted)
-    return 0
+    return Exit.OK
 
 
 def _served() -> list[tuple[ProviderSpec[Any], SandboxEntry]]:
@@ -57,7 +58,9 @@ def _listen_address(value: str) -> tuple[str, int]:
 def add_parser(sub: Any) -> None:
     served = _served()
     p = sub.add_parser("sandbox", help=f"run the sandbox upstream ({_and([spec.label for spec, _ in served])} paths)")
-    p.add_argument("--listen", default="127.0.0.1:8025", type=_listen_address, metavar="HOST:PORT")
+    p.add_argument(
+        "--listen", default="127.0.0.1:8025", type=_listen_address, metavar="HOST:PORT", help="where to listen"
+    )
     p.add_argument("--latency-ms", type=float, default=0.0, help="delay added to every API call")
     p.add_argument("--record", help="append every request as JSON lines to this file")
     p.add_argument("--quiet", action="store_true", help="do not print requests")
