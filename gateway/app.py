@@ -31,7 +31,6 @@ from gateway.policy.dns import DnsResolver
 from gateway.policy.domaincheck import check_domains
 from gateway.providers import registry
 from gateway.providers.base import Provider
-from gateway.providers.dmds.config import DmdsAccount
 from gateway.queue.backends import open_store
 from gateway.queue.store import QueueStore
 from gateway.smtp.protocol import GatewaySMTP
@@ -134,9 +133,7 @@ class App:
     async def _log_domain_findings(self) -> None:
         """The same findings as `smtp-gateway check-domains`, logged once at startup (and after a reload)."""
         for name, account in self.settings.accounts.items():
-            if not isinstance(account, DmdsAccount):
-                continue
-            for report in await check_domains(self.resolver, dict(account.sender_domains)):
+            for report in await check_domains(self.resolver, dict(account.return_paths())):
                 fields = {"account": name, "domain": report.domain, "return_path": report.return_path}
                 if report.problems:
                     log.error("sender_domain_problem", problems=report.problems, **fields)

@@ -14,6 +14,7 @@ import httpx
 
 from gateway.app import App
 from gateway.config import Settings, load_settings
+from gateway.providers import registry
 from gateway.providers.dengage.sandbox import DengageSandbox
 from gateway.providers.dengage.sandbox import install as install_dengage
 from gateway.providers.dmds.sandbox import DmdsSandbox
@@ -135,10 +136,13 @@ def dengage_account(sandbox_port: int, **overrides: Any) -> dict[str, Any]:
 def sandbox_for_tests(
     state: SandboxState | None = None, dmds: DmdsSandbox | None = None, dengage: DengageSandbox | None = None
 ) -> Sandbox:
-    """The sandbox upstream with the tests' DMDS account (and a dEngage API user)."""
+    """The sandbox upstream with every registered provider's routes: the tests' DMDS account and dEngage API
+    user, any other provider's defaults."""
     dmds = dmds or DmdsSandbox(apikey=APIKEY, campaigns=dict(CAMPAIGNS))
     dengage = dengage or dengage_sandbox()
-    return Sandbox(state or SandboxState(), [lambda s: install_dmds(s, dmds), lambda s: install_dengage(s, dengage)])
+    ours = {"dmds": lambda s: install_dmds(s, dmds), "dengage": lambda s: install_dengage(s, dengage)}
+    routes = [ours.get(spec.kind) or spec.sandbox.default_routes() for spec in registry.specs() if spec.sandbox]
+    return Sandbox(state or SandboxState(), routes)
 
 
 def start(

@@ -26,8 +26,7 @@ from gateway.config import (
     TlsSettings,
     load_settings,
 )
-from gateway.providers.dengage.config import DengageAccount, DengageUser
-from gateway.providers.dmds.config import DmdsAccount, DmdsUser
+from gateway.providers import registry
 from tests.configs import gateway_config, listener, write
 from tests.harness import PASSWORD, PASSWORD_HASH
 
@@ -205,10 +204,9 @@ def test_example_config_is_valid() -> None:
         (ListenerSettings, "listeners"),
         (TlsSettings, "tls"),
         (LimitsSettings, "limits"),
-        (DmdsAccount, "accounts.acme"),
-        (DmdsUser, "accounts.acme.users"),
-        (DengageAccount, "accounts.crm"),
-        (DengageUser, "accounts.crm.users"),
+        # Every provider's account and user models, as the registry lists them.
+        *((spec.account_model, f"accounts.<{spec.kind} account>") for spec in registry.specs()),
+        *((spec.user_model, f"accounts.<{spec.kind} account>.users") for spec in registry.specs()),
         (DeliverySettings, "delivery"),
         (DnsSettings, "dns"),
         (LogSettings, "log"),

@@ -54,9 +54,10 @@ def test_missing_secret_and_unknown_key_are_named(tmp_path: Path) -> None:
 
 
 def test_quickstart_config_has_a_dengage_account(tmp_path: Path) -> None:
-    from gateway.cli.quickstart import DENGAGE_DEMO_USER, quickstart_settings
+    from gateway.cli.quickstart import quickstart_settings
     from gateway.config import load_settings
     from gateway.providers.dengage.config import DengageAccount
+    from gateway.providers.dengage.spec import DEMO_USER as DENGAGE_DEMO_USER
 
     settings = load_settings(None, **quickstart_settings(tmp_path, 8025, 2525, 2587))
     crm = settings.accounts["crm"]

@@ -23,8 +23,7 @@ from gateway.auth.passwords import verify_password
 from gateway.config import keys as configkeys
 from gateway.config.keys import Node
 from gateway.config.settings import config_keys
-from gateway.providers.dengage.config import DengageAccount
-from gateway.providers.dmds.config import DmdsAccount
+from gateway.providers import registry
 from tests.dnsserver import DnsServer
 from tests.docs_blocks import ROOT, Block, all_blocks, commands, doc_blocks, pages
 from tests.harness import LoopThread
@@ -153,7 +152,8 @@ def _check_keys(node: Node, value: Any, where: str, problems: list[str]) -> None
 def test_toml_examples_use_real_keys() -> None:
     keys = config_keys()
     # An account's keys depend on its provider (the merged union would take one provider's users for both).
-    account = {"dmds": configkeys.tree(DmdsAccount), "dengage": configkeys.tree(DengageAccount)}
+    account = {spec.kind: configkeys.tree(spec.account_model) for spec in registry.specs()}
+    default = next(spec.kind for spec in registry.specs() if spec.default)
     problems: list[str] = []
     toml = [b for b in all_blocks() if b.lang == "toml"]
     assert len(toml) > 10
@@ -166,7 +166,7 @@ def test_toml_examples_use_real_keys() -> None:
         accounts = data.pop("accounts", {})
         _check_keys(keys, data, block.where(), problems)
         for name, table in accounts.items():
-            _check_keys(account[table.get("provider", "dmds")], table, f"{block.where()}.accounts.{name}", problems)
+            _check_keys(account[table.get("provider", default)], table, f"{block.where()}.accounts.{name}", problems)
     assert problems == [], "\n".join(problems)
 
 

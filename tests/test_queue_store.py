@@ -344,7 +344,7 @@ async def test_a_v1_spool_is_migrated_and_its_messages_resumed(tmp_path: Path) -
         assert claimed["OLD1"].before.calls["0"].state == "pending"
         assert claimed["OLD2"].before.calls["0"].state == "sending"  # it may have reached DMDS
         sub = codec.decode(claimed["OLD1"].submission)
-        assert sub.params == {"campaign": 22, "archive": False, "batch": None}
-        assert sub.principal.extra["campaign"] == 22
+        assert sub.params.to_json() == {"campaign": 22, "archive": False, "batch": None}
+        assert sub.principal.extra.to_json()["campaign"] == 22
     finally:
         await store.close()

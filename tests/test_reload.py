@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from gateway.config import ConfigError, Settings, load_settings
-from gateway.config.reload import plan_reload
+from gateway.config.reload import needs_restart, plan_reload
 from tests.configs import gateway_config
 from tests.devices_util import captured_logs, events, raw_send
 from tests.harness import PASSWORD, PASSWORD_HASH, USER, Running
@@ -197,3 +197,33 @@ def test_plan_keeps_the_allocator_setting_and_applies_the_other_limits(tmp_path:
     assert plan.changed == ["limits"]
     assert plan.settings.limits.malloc_mmap_threshold == old.limits.malloc_mmap_threshold != 0
     assert plan.settings.limits.max_recipients == 7
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("listeners", "port", 2),
+        ("listeners", "name", "renamed"),
+        ("listeners", "tls_profile", "legacy"),
+        ("listeners", "allow_insecure_auth", True),
+        ("limits", "malloc_mmap_threshold", 0),
+        ("limits", "max_recipients", 7),
+        ("delivery", "inline_budget", 1.0),
+        ("http", "address", "127.0.0.2"),
+        ("dns", "timeout", 1.0),
+        ("log", "level", "debug"),
+        ("", "hostname", "renamed.example"),
+    ],
+)
+def test_needs_restart_says_what_a_reload_keeps(tmp_path: Path, section: str, key: str, value: object) -> None:
+    """The configuration reference reads needs_restart(); it must agree with what a reload does."""
+    base = gateway_config(tmp_path)
+    changed = copy.deepcopy(base)
+    if section == "listeners":
+        changed["listeners"][0][key] = value
+    elif section:
+        changed[section] = {**changed.get(section, {}), key: value}
+    else:
+        changed[key] = value
+    plan = plan_reload(load_settings(None, **base), load_settings(None, **changed))
+    assert bool(plan.restart_needed) == needs_restart(section, key), plan.restart_needed

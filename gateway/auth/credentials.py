@@ -10,8 +10,7 @@ import time
 from collections.abc import Callable, Mapping
 
 from gateway.auth.passwords import verify_password
-from gateway.config import AccountSettings
-from gateway.config.base import UserSettings
+from gateway.config.base import AccountBase, UserSettings
 from gateway.core.cache import AsyncCache, Fresh
 from gateway.core.errors import Deferred
 from gateway.core.model import Principal
@@ -50,7 +49,7 @@ class Authenticator:
 
     def __init__(
         self,
-        accounts: Mapping[str, AccountSettings],
+        accounts: Mapping[str, AccountBase],
         providers: Mapping[str, Provider],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -61,7 +60,7 @@ class Authenticator:
             CACHE_ENTRIES, negative=lambda principal: principal is None, clock=clock
         )
         self._users: dict[str, tuple[str, UserSettings]] = {
-            user.username: (name, user) for name, account in accounts.items() for user in account.users
+            user.username: (name, user) for name, account in accounts.items() for user in account.configured_users
         }
 
     def knows(self, username: str) -> bool:
@@ -108,7 +107,7 @@ class Authenticator:
             ttl = account.credential_cache_ttl if principal else account.negative_cache_ttl
         return Fresh(principal, ttl)
 
-    def _account_of(self, username: str) -> AccountSettings | None:
+    def _account_of(self, username: str) -> AccountBase | None:
         if username in self._users:
             return self._accounts[self._users[username][0]]
         for name, provider in self._providers.items():

@@ -12,14 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import CONFIG_ENV, Settings, load_settings, preflight
-
-# Exit statuses: 1 a problem on this machine (port taken, file unreadable, DNS), 2 the configuration or the
-# command line, 130 interrupted (Ctrl-C), 141 output pipe closed (as a shell reports coreutils killed by SIGPIPE).
-EXIT_PROBLEM, EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 1, 2, 130, 141
+from gateway.providers import registry  # noqa: F401 - registers the providers' account models (load)
 
 
 class Refused(Exception):
-    """The command cannot run; the lines say why and what to do (exit 1)."""
+    """The command cannot run; the lines say why and what to do (Exit.PROBLEM)."""
 
     def __init__(self, lines: list[str]) -> None:
         super().__init__("\n".join(lines))
@@ -27,7 +24,9 @@ class Refused(Exception):
 
 
 def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--config", "-c", help="TOML file (default: $GATEWAY_CONFIG); GATEWAY_* env overrides")
+    p.add_argument(
+        "--config", "-c", metavar="FILE", help="TOML file (default: $GATEWAY_CONFIG); GATEWAY_* env overrides"
+    )
     return p
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import structlog
 
 from gateway.cli.common import load, refuse_on_problems, run_loop, spool_failure, with_config
+from gateway.cli.exits import Exit
 from gateway.config import Settings, preflight
 from gateway.core.errors import SpoolUnavailable
 
@@ -42,7 +43,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         run_loop(run(App(settings, source=source), drain_timeout=args.drain_timeout), preflight.serve_ports(settings))
     except (sqlite3.DatabaseError, SpoolUnavailable) as exc:
         raise spool_failure(settings, exc) from None
-    return 0
+    return Exit.OK
 
 
 def as_worker(settings: Settings, slot: int) -> Settings:
@@ -57,11 +58,14 @@ def as_worker(settings: Settings, slot: int) -> Settings:
 
 def add_parser(sub: Any) -> None:
     p = with_config(sub.add_parser("serve", help="run the gateway"))
-    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds sessions in DATA get on SIGTERM")
+    p.add_argument(
+        "--drain-timeout", type=float, default=30.0, metavar="SECONDS", help="seconds sessions in DATA get on SIGTERM"
+    )
     p.add_argument(
         "--workers",
         type=int,
         default=1,
+        metavar="N",
         help="processes sharing the listeners (SO_REUSEPORT) and the queue; one per core is typical",
     )
     p.add_argument("--worker-slot", type=int, default=None, help=argparse.SUPPRESS)
