@@ -261,15 +261,19 @@ class App:
         log.info("stopped")
 
 
-async def run(app: App, drain_timeout: float = 30.0) -> None:
-    """Start, wait for SIGTERM/SIGINT, then drain and stop. SIGHUP reloads."""
+async def run(app: App, drain_timeout: float = 30.0, started: Callable[[App], None] | None = None) -> None:
+    """Start, wait for SIGTERM/SIGINT, then drain and stop. SIGHUP reloads. `started` is called once the
+    listeners are bound (before the `ready` event)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await app.start()
     loop.add_signal_handler(signal.SIGHUP, app.request_reload)
-    log.info("ready", listeners=app.ports)
+    if started is not None:
+        started(app)
+    # The bound ports (a port configured as 0 is any free one): what a supervisor or a test connects to.
+    log.info("ready", listeners=app.ports, **({"http": app.operator.port} if app.operator else {}))
     try:
         await stop.wait()
     finally:

@@ -33,7 +33,8 @@ from gateway.providers.spec import ProviderSpec, SandboxEntry
 from gateway.upstream.client import HttpClient
 from gateway.upstream.ratelimit import Unlimited
 from gateway.upstream.response import HttpResponse
-from tests.harness import PASSWORD, PASSWORD_HASH, LoopThread, Running, base_config, sandbox_for_tests
+from tests.configs import gateway_config
+from tests.harness import PASSWORD, PASSWORD_HASH, LoopThread, Running, sandbox_for_tests
 from tests.spool_helpers import spool_rows, wait_for
 
 # ---- the provider: "TinyMail", a JSON API with one call per message --------------------------------------
@@ -216,15 +217,15 @@ def test_a_registered_provider_delivers_inline_and_through_the_queue(
 def test_a_registered_provider_account_is_checked_and_masked(
     tinymail: ProviderSpec[TinyAccount], tmp_path: Path
 ) -> None:
-    settings = load_settings(None, **base_config(tmp_path, 9, accounts={"tiny": account(9)}))
+    settings = load_settings(None, **gateway_config(tmp_path, accounts={"tiny": account(9)}))
     assert masked_dump(settings)["accounts"]["tiny"]["token"] == "**********"
     with pytest.raises(ConfigError, match=r"accounts\.tiny\.tokn: unknown key; did you mean token\?"):
-        load_settings(None, **base_config(tmp_path, 9, accounts={"tiny": account(9, tokn="x")}))
+        load_settings(None, **gateway_config(tmp_path, accounts={"tiny": account(9, tokn="x")}))
 
 
 def test_an_unregistered_provider_is_refused_with_the_registered_ones(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as refused:
-        load_settings(None, **base_config(tmp_path, 9, accounts={"tiny": account(9)}))
+        load_settings(None, **gateway_config(tmp_path, accounts={"tiny": account(9)}))
     assert "accounts.tiny: Input tag 'tinymail'" in str(refused.value)
     assert "expected tags: 'dmds', 'dengage'" in str(refused.value)
 

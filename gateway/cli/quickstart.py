@@ -58,9 +58,13 @@ async def quickstart(workdir: Path, sandbox_port: int, smtp_port: int, tls_port:
     sandbox = Sandbox(state, [entry.routes() for _, entry, _ in _entries()])
     bound = await sandbox.start("127.0.0.1", sandbox_port)
     settings = load_settings(None, **quickstart_settings(workdir, bound, smtp_port, tls_port))
-    print(_banner(bound, smtp_port, tls_port, record), file=sys.stderr, flush=True)
+
+    def banner(app: App) -> None:  # the ports bound: any free one where 0 was asked for
+        ports = app.ports
+        print(_banner(bound, ports["plain"], ports["submission"], record), file=sys.stderr, flush=True)
+
     try:
-        await run(App(settings), drain_timeout=5.0)
+        await run(App(settings), drain_timeout=5.0, started=banner)
     finally:
         await sandbox.stop()
 
@@ -115,6 +119,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--workdir", default="var/quickstart", help="where the queue, the certificate and the request record go"
     )
+    # 0: any free port (the banner shows the ones bound)
     p.add_argument("--port", type=int, default=2525, help="SMTP port on 127.0.0.1 (AUTH without TLS allowed)")
     p.add_argument("--tls-port", type=int, default=2587, help="SMTP port on 127.0.0.1 with STARTTLS")
     p.add_argument("--sandbox-port", type=int, default=8025, help="the sandbox upstream's HTTP port on 127.0.0.1")

@@ -59,7 +59,11 @@ def add_parser(sub: Any) -> None:
     served = _served()
     p = sub.add_parser("sandbox", help=f"run the sandbox upstream ({_and([spec.label for spec, _ in served])} paths)")
     p.add_argument(
-        "--listen", default="127.0.0.1:8025", type=_listen_address, metavar="HOST:PORT", help="where to listen"
+        "--listen",
+        default="127.0.0.1:8025",
+        type=_listen_address,
+        metavar="HOST:PORT",
+        help="where to listen (port 0: any free port, named in the line printed once listening)",
     )
     p.add_argument("--latency-ms", type=float, default=0.0, help="delay added to every API call")
     p.add_argument("--record", help="append every request as JSON lines to this file")

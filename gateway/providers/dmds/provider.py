@@ -10,6 +10,7 @@ from dataclasses import replace
 
 from gateway.config.base import UserSettings
 from gateway.core import replies
+from gateway.core.cache import AsyncCache, Fresh
 from gateway.core.errors import ContentRejected, Deferred, Rejected
 from gateway.core.model import Call, Message, Principal, ProviderData, Submission
 from gateway.core.outcome import BeforeSend, Outcome, no_hook
@@ -24,6 +25,9 @@ from gateway.upstream.client import HttpClient
 from gateway.upstream.ratelimit import RateLimiter, Unlimited
 
 _SMTP_API_LOGIN = re.compile(r"^(?P<dmdsid>[A-Za-z0-9_.]+)-(?P<numid>\d{1,12})$")
+# Campaign numids whose existence is remembered (each of known and unknown ones): a client choosing
+# campaigns by Subject can name any number.
+CAMPAIGNS_CACHED = 10_000
 
 
 def sender_policy(settings: DmdsAccount) -> SenderPolicy:
@@ -46,14 +50,15 @@ class DmdsProvider(ProviderBase[DmdsAccount]):
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(account, settings, http, limiter or Unlimited())
-        self._clock = clock
         # The raw key goes in Authorization with no scheme (upstream-apis.md §1.1, [V]).
         self._headers = {
             "Authorization": settings.key,
             "Accept": "application/json",
             "Content-Type": "application/json",
         }
-        self._known: dict[int, tuple[bool, float]] = {}  # campaign numid -> (exists, expires)
+        self._known: AsyncCache[int, bool] = AsyncCache(
+            CAMPAIGNS_CACHED, negative=lambda known: not known, clock=clock
+        )  # campaign numid -> whether DMDS has it
         self._policy = sender_policy(settings)
 
     # -- logins ------------------------------------------------------------------------------------
@@ -94,15 +99,12 @@ class DmdsProvider(ProviderBase[DmdsAccount]):
         return wire.campaign_apikey(response)
 
     async def campaign_known(self, numid: int) -> bool:
-        """Whether DMDS has this API campaign (cached like credentials)."""
-        cached = self._known.get(numid)
-        now = self._clock()
-        if cached is not None and cached[1] > now:
-            return cached[0]
+        """Whether DMDS has this API campaign (cached like credentials; concurrent checks share one lookup)."""
+        return await self._known.get(numid, lambda: self._look_up_campaign(numid))
+
+    async def _look_up_campaign(self, numid: int) -> Fresh[bool]:
         known = await self.campaign_apikey(numid) is not None
-        ttl = self.settings.credential_cache_ttl if known else self.settings.negative_cache_ttl
-        self._known[numid] = (known, self._clock() + ttl)
-        return known
+        return Fresh(known, self.settings.credential_cache_ttl if known else self.settings.negative_cache_ttl)
 
     # -- acceptance --------------------------------------------------------------------------------
 
