@@ -19,7 +19,7 @@ from gateway.core.replies import Reply
 from gateway.delivery import idempotency
 from gateway.delivery.owner import DeliveryOwner
 from gateway.limits.budget import Reservation
-from gateway.ops.metrics import MESSAGES
+from gateway.ops.metrics import INTERNAL_ERRORS, MESSAGES
 from gateway.policy.dns import DnsResolver, DnsTemporaryError
 from gateway.providers.base import Provider
 
@@ -113,6 +113,12 @@ class Pipeline:
             bound.error("message_failed", reply=str(exc.reply), reason=exc.reason)
             receipt.reason = exc.reason
             reply = exc.reply
+        except Exception as exc:
+            INTERNAL_ERRORS.labels(where="accept").inc()
+            # A bug (in MIME parsing, a provider's prepare, ...): once with its traceback; the client gets 451.
+            bound.error("message_internal_error", error_type=type(exc).__name__, exc_info=exc)
+            receipt.reason = "internal error (logged as message_internal_error)"
+            reply = replies.INTERNAL_ERROR
         finally:
             if reservation is not None:  # refused before the owner took it
                 reservation.release()

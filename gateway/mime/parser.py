@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from email.errors import MessageError
 from email.feedparser import BytesFeedParser, FeedParser
 from email.message import Message as EmailMessage
 from email.policy import Compat32
@@ -135,10 +136,11 @@ def _parse_tree(raw: bytes | bytearray, line_ends: int | None = None) -> EmailMe
             for start in range(0, len(view), _FEED_CHUNK):
                 parser.feed(bytes(view[start : start + _FEED_CHUNK]))
         return parser.close()
-    except ContentRejected:
-        raise
-    except Exception as exc:
-        # The stdlib parser is lenient by design: whatever it still raises is a message it cannot read.
+    except MessageError as exc:
+        # The stdlib parser is lenient by design (defects are recorded, not raised); what it may still raise
+        # on a message it cannot read is the email package's own MessageError family (HeaderParseError,
+        # BoundaryError, MultipartConversionError, CharsetError), and RecursionError (parse() above). Any
+        # other exception is a bug, here or in the stdlib: it propagates, and the pipeline answers 451.
         # The exception's name goes to the reason (logged), never into the reply.
         raise ContentRejected(
             f"parser failed: {type(exc).__name__}: {exc}",
