@@ -140,7 +140,13 @@ class GatewayHandler:
         if len(parts) != 3:
             await server.push(str(replies.AUTH_PLAIN_UNSPLIT))
             return AuthResult(success=False, handled=True)
-        return await self._check(server, parts[1], parts[2])
+        authzid, login, password = parts
+        if authzid and authzid != login:
+            # RFC 4616's authorization identity: to act as someone else. No login may (Postfix refuses it
+            # too unless allowed): refused unchecked, as a failed AUTH, so it never logs in as either.
+            unchecked = {**self._loggable(login.decode("utf-8", "replace")), "authzid": "differs from the login"}
+            return await self._refuse(server, server.session, unchecked)
+        return await self._check(server, login, password)
 
     async def auth_LOGIN(self, server: Any, args: list[str]) -> AuthResult:
         if await self._locked_out(server):
