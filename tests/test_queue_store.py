@@ -125,6 +125,7 @@ async def test_renew_keeps_a_lease_and_expire_owners_ends_it(store: QueueStore) 
     assert await store.claim("B", "acme", now + 30, 1, lease=5) == []
     assert await store.owners() == ["A"]
     assert await store.expire_owners(["A"], now + 30) == 1
+    assert await store.expire_owners(["A"], now + 31) == 0  # already over: not counted (nor logged) again
     [reaped] = await store.claim("B", "acme", now + 30, 1, lease=5)
     assert reaped.reaped
 

@@ -29,6 +29,7 @@ import structlog
 
 from gateway.config import DeliverySettings
 from gateway.core import replies
+from gateway.core.episode import Episode
 from gateway.core.errors import Deferred, GatewayError, SpoolUnavailable
 from gateway.core.model import Call, Receipt, Submission
 from gateway.core.outcome import Deliverer, Outcome
@@ -41,6 +42,8 @@ from gateway.queue import codec
 from gateway.queue.store import Claimed, NewMessage, QueueStore
 
 log = structlog.get_logger("gateway.delivery")
+# How often an attempt's result is offered to a queue that cannot take it, before it is left to the lease.
+SETTLE_TRIES = 5
 
 
 def new_id() -> str:
@@ -99,6 +102,7 @@ class DeliveryOwner:
         self.held: dict[str, int] = {}  # message id -> token of the leases this owner holds
         self._tasks: set[asyncio.Task[None]] = set()
         self._heartbeat: asyncio.Task[None] | None = None
+        self._renewals_failing = Episode()
 
     # -- inline ----------------------------------------------------------------------------------------
 
@@ -441,16 +445,17 @@ class DeliveryOwner:
     async def _settle(
         self, msg_id: str, token: int, decision: Decision, bound: structlog.typing.FilteringBoundLogger
     ) -> None:
-        for attempt in range(5):
+        for attempt in range(SETTLE_TRIES):
             try:
                 settled = await self.store.settle(msg_id, token, decision, self.clock())
                 break
             except SpoolUnavailable as exc:
-                # The result is only in memory: keep trying briefly. If it never lands, the lease expires
-                # and the calls this attempt sent count as ambiguous when the message is claimed again.
-                bound.error("queue_settle_failed", error=exc.reason, attempt=attempt)
+                error = exc.reason
                 await asyncio.sleep(0.2 * (attempt + 1))
         else:
+            # The result was only in memory: when the lease expires, the calls this attempt sent count as
+            # ambiguous when the message is claimed again.
+            bound.error("queue_settle_failed", error=error, tries=SETTLE_TRIES, verdict=decision.verdict)
             return
         if not settled:
             bound.warning(
@@ -520,7 +525,11 @@ class DeliveryOwner:
             try:
                 await self.store.renew(self.owner, self.clock() + self.settings.lease_seconds)
             except SpoolUnavailable as exc:
-                log.error("queue_lease_renew_failed", error=exc.reason)
+                if self._renewals_failing.occurred():  # once per outage, not once per heartbeat
+                    log.error("queue_lease_renew_failed", error=exc.reason)
+            else:
+                if (over := self._renewals_failing.ended()) is not None:
+                    log.info("queue_lease_renewed_again", failed_for=over.lasted, failures=over.seen)
 
     async def running(self) -> None:
         """Wait for the attempts running now (not those started later) to finish: after a reload, the

@@ -21,6 +21,7 @@ from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from gateway.core import tokenbucket
+from gateway.core.episode import Episode
 from gateway.core.errors import SpoolUnavailable
 from gateway.core.records import Decision
 from gateway.queue import postgres_schema
@@ -219,7 +220,7 @@ class PostgresQueue:
         async with self._tx() as conn:
             expired = 0
             for owner in owners:
-                expired += (await conn.execute(SQL.lease, (now - 1, owner))).rowcount
+                expired += (await conn.execute(SQL.expire, (now - 1, owner, now))).rowcount
             return expired
 
     async def owners(self) -> list[str]:
@@ -242,16 +243,20 @@ class PostgresQueue:
     async def listen(self, wake: Callable[[str], None]) -> None:
         """Call `wake(account)` whenever another instance made a message due; reconnects until cancelled."""
         delay = 1.0
+        failing = Episode()
         while True:
             try:
                 conn = await psycopg.AsyncConnection.connect(self._conninfo, **self._kwargs)
                 async with conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     delay = 1.0
+                    if (over := failing.ended()) is not None:
+                        log.info("queue_listen_restored", queue=self.url, failed_for=over.lasted, attempts=over.seen)
                     async for notice in conn.notifies():
                         wake(notice.payload)
             except (psycopg.Error, OSError) as exc:
-                log.warning("queue_listen_failed", queue=self.url, error=f"{type(exc).__name__}: {exc}", retry_in=delay)
+                if failing.occurred():  # once per outage; the workers poll meanwhile
+                    log.warning("queue_listen_failed", queue=self.url, error=f"{type(exc).__name__}: {exc}")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
 

@@ -108,6 +108,8 @@ class Statements:
             " WHERE id=? AND token=? AND state='inflight' RETURNING account"
         )
         self.lease = d("UPDATE messages SET lease_until=? WHERE owner=? AND state='inflight'")
+        # Ends an owner's leases that have not ended yet (so the count says what changed, once).
+        self.expire = d("UPDATE messages SET lease_until=? WHERE owner=? AND state='inflight' AND lease_until>=?")
         self.owners = d("SELECT DISTINCT owner FROM messages WHERE state='inflight' AND owner IS NOT NULL")
         self.wake = d(
             "UPDATE messages SET next_attempt=? WHERE id IN (SELECT id FROM messages WHERE account=?"

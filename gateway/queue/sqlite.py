@@ -237,7 +237,7 @@ class SqliteQueue:
     async def expire_owners(self, owners: Sequence[str], now: float) -> int:
         def run() -> int:
             with self._tx() as db:
-                return sum(db.execute(SQL.lease, (now - 1, owner)).rowcount for owner in owners)
+                return sum(db.execute(SQL.expire, (now - 1, owner, now)).rowcount for owner in owners)
 
         return await self._run(run)
 

@@ -106,7 +106,8 @@ class QueueStore(Protocol):
         ...
 
     async def expire_owners(self, owners: Sequence[str], now: float) -> int:
-        """End the leases of owners known to be dead (same host, process gone) so they are reaped now."""
+        """End the leases of owners known to be dead (same host, process gone) so they are reaped now. Returns
+        how many leases it ended (leases already over are not counted again)."""
         ...
 
     async def owners(self) -> list[str]:

@@ -16,6 +16,7 @@ from typing import Protocol
 import structlog
 
 from gateway.core import tokenbucket
+from gateway.core.episode import Episode
 from gateway.core.errors import Deferred, RateLimited
 from gateway.ops.metrics import RATE_LIMIT_WAIT
 
@@ -100,23 +101,17 @@ class SharedBucket:
         self._recovery = recovery
         self._local = TokenBucket(rate, burst, account=account, recovery=recovery)
         self._wait_metric = RATE_LIMIT_WAIT.labels(account=account)
-        self._degraded = False
+        self._degraded = Episode()  # the store cannot be reached: this process's own bucket serves
 
     async def acquire(self, max_wait: float | None = None) -> None:
         try:
             wait = await self._slot(self._account, self._interval, self._burst, self._recovery)
         except Deferred as exc:
-            if not self._degraded:
-                self._degraded = True
-                log.error(
-                    "rate_limit_store_unavailable",
-                    account=self._account,
-                    error=exc.reason,
-                    fallback="this process's own bucket",
-                )
+            self._unavailable(exc)
             await self._local.acquire(max_wait)
             return
-        self._degraded = False
+        if (over := self._degraded.ended()) is not None:
+            log.info("rate_limit_store_available", account=self._account, local_for=over.lasted, calls=over.seen)
         self._wait_metric.observe(wait)
         if wait > 0:
             await asyncio.sleep(wait)
@@ -126,4 +121,13 @@ class SharedBucket:
         try:
             await self._pause(self._account, retry_after if retry_after is not None else 1.0, self._recovery)
         except Deferred as exc:
-            log.error("rate_limit_store_unavailable", account=self._account, error=exc.reason)
+            self._unavailable(exc)
+
+    def _unavailable(self, exc: Deferred) -> None:
+        if self._degraded.occurred():  # once per outage of the store, not once per call
+            log.error(
+                "rate_limit_store_unavailable",
+                account=self._account,
+                error=exc.reason,
+                fallback="this process's own bucket",
+            )
