@@ -76,11 +76,11 @@ class App:
             # be opened (each use tries again).
             log.error("queue_unavailable", queue=self.store.url, error=exc.reason)
             self.store.health.record("read", exc.reason)
+        self.health = AccountHealth(list(settings.accounts))
         for name, account in settings.accounts.items():
-            self.providers[name] = registry.build(name, account, self.store)
+            self.providers[name] = registry.build(name, account, self.store, self.health)
         self.authenticator = Authenticator(settings.accounts, self.providers)
         self.resolver = resolver_for(settings.dns)
-        self.health = AccountHealth(list(settings.accounts))
         self.owner = DeliveryOwner(self.providers, self.store, settings.delivery, self.health)
         dsettings = settings.delivery
         self.worker = RetryWorker(
@@ -201,7 +201,7 @@ class App:
         for name, account in new.accounts.items():
             current = self.providers.get(name)
             if current is None or old.accounts.get(name) != account:
-                current = registry.build(name, account, self.store)
+                current = registry.build(name, account, self.store, self.health)
             providers[name] = current
         retired = [p for name, p in self.providers.items() if providers.get(name) is not p]
         sessions_before = set(listeners.sessions)

@@ -55,6 +55,12 @@ class AccountHealth:
         """The configured accounts changed (reload): new ones start healthy, removed ones are forgotten."""
         self._states = {account: self._states.get(account) or self._new() for account in accounts}
 
+    def credentials_accepted(self, account: str) -> None:
+        """A lookup the upstream answered with our credentials (dEngage's identities): a refusal is over. An
+        outage is not: only a delivery call ends it (a lookup's endpoint may be up while sending is down)."""
+        if (refused := self._state(account).refused.ended()) is not None:
+            log.info("upstream_recovered", account=account, refused_for=refused.lasted, refusals=refused.seen)
+
     def succeeded(self, account: str) -> bool:
         """A call was accepted. True when the account was down or refusing: its backlog should go now."""
         state = self._state(account)

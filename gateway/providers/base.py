@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from gateway.config.base import AccountBase, UserSettings
 from gateway.core.model import Message, Principal, ProviderData, StoredData, Submission
-from gateway.core.outcome import Deliverer
+from gateway.core.outcome import Deliverer, NoHealth, UpstreamHealth
 from gateway.policy import SenderPolicy
 
 if TYPE_CHECKING:
@@ -28,6 +28,8 @@ class Provider(Deliverer, Protocol):
     """One upstream account. Raises only gateway.core.errors types (Rejected: 5xx, Deferred: 4xx)."""
 
     kind: str  # "dmds", "dengage": the `provider` key of [accounts.X]
+    # Told what the upstream says outside delivery calls (lookups at MAIL FROM); set by the registry.
+    health: UpstreamHealth
 
     def user_extra(self, user: UserSettings) -> ProviderData:
         """What a configured user's login means to this provider (Principal.extra)."""
@@ -74,6 +76,7 @@ class ProviderBase(Generic[A]):
         self.settings = settings
         self.http = http
         self.limiter = limiter
+        self.health: UpstreamHealth = NoHealth()
 
     def user_extra(self, user: UserSettings) -> ProviderData:
         return StoredData()

@@ -192,7 +192,15 @@ class DengageProvider(ProviderBase[DengageAccount]):
         return result
 
     async def _fetch_froms(self) -> tuple[str, ...]:
-        return await self._authorized("froms", "GET", str(wire.WIRE["froms"]), wire.from_identities)
+        try:
+            found = await self._authorized("froms", "GET", str(wire.WIRE["froms"]), wire.from_identities)
+        except UpstreamAuthFailed as exc:
+            # The same refusal as at the send endpoint (the IP allowlist, a refused API user): counted, logged
+            # when it begins, and /readyz names it; MAIL FROM gets 451 while no list was ever fetched.
+            self.health.failed(self.account, exc)
+            raise
+        self.health.credentials_accepted(self.account)
+        return found
 
     async def _authorized(
         self,
