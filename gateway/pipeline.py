@@ -102,8 +102,15 @@ class Pipeline:
                 bound.warning("message_repaired", defects=list(submission.message.defects))
             account = self.settings.accounts[principal.account]
             key = idempotency.key_of(submission, account.idempotency_from_message_id)
+            digest = None if key is None else await _digest(submission)
             reply = await self.owner.submit(
-                submission, plan, bound, key, receipt, on_done=reservation.release if reservation else None
+                submission,
+                plan,
+                bound,
+                key,
+                receipt,
+                on_done=reservation.release if reservation else None,
+                digest=digest,
             )
             reservation = None  # the owner releases it
         except (Rejected, Deferred) as exc:
@@ -148,6 +155,13 @@ class Pipeline:
         if not plan:
             raise ContentRejected(reply=replies.NO_VALID_RECIPIENTS)
         return submission, plan
+
+
+async def _digest(submission: Submission) -> str:
+    """The message's digest for its idempotency key; a large one's on a parser thread (hashing megabytes)."""
+    if idempotency.digest_size(submission) <= idempotency.DIGEST_IN_THREAD_BYTES:
+        return idempotency.digest_of(submission)
+    return await asyncio.get_running_loop().run_in_executor(_PARSER, idempotency.digest_of, submission)
 
 
 def _parse_large(raw: bytes | bytearray) -> Message:

@@ -276,6 +276,13 @@ async def test_idempotency_keys(make_store: Factory) -> None:
     assert await a.claim_key("acme", "k4", "M10", now, 3600, 60) is None
     hit = await b.claim_key("acme", "k4", "M11", now + 61, 3600, 60)
     assert hit is not None and hit.reply_id == "M10"
+    # The digest of what the first message said comes back with the hit, also after a take-over.
+    assert await a.claim_key("acme", "k5", "M12", now, 3600, 60, "digest-1") is None
+    hit = await b.claim_key("acme", "k5", "M13", now, 3600, 60, "digest-2")
+    assert hit is not None and hit.digest == "digest-1"
+    assert await b.claim_key("acme", "k5", "M14", now + 61, 3600, 60, "digest-3") is None  # stale: taken over
+    hit = await a.claim_key("acme", "k5", "M15", now + 62, 3600, 60, "digest-4")
+    assert hit is not None and (hit.msg_id, hit.digest) == ("M14", "digest-3")
 
 
 async def test_migrate_is_idempotent(make_store: Factory) -> None:

@@ -68,6 +68,7 @@ class InlineAttempt:
     token: int | None = None  # set once the message is stored in flight
     client_gone: bool = False
     idempotency_key: str | None = None
+    digest: str | None = None  # what the message says, kept with its idempotency key
     receipt: Receipt = field(default_factory=Receipt)  # what the session's transaction line reports
     reply_id: str | None = None  # the id its 250 named: what a resend with its idempotency key is told
 
@@ -114,10 +115,12 @@ class DeliveryOwner:
         idempotency_key: str | None = None,
         receipt: Receipt | None = None,
         on_done: Callable[[], None] | None = None,
+        digest: str | None = None,
     ) -> Reply:
         """The reply to a new message. The attempt is ours: if the session is cancelled (client gone),
         the attempt goes on and records its outcome. `receipt` learns the queue id or upstream ids; `on_done`
-        is called when the first attempt has ended."""
+        is called when the first attempt has ended. `digest`: what the message says (idempotency.digest_of),
+        kept with its key: a key reused for different content is refused."""
         now = self.clock()
         attempt = InlineAttempt(
             new_id(),
@@ -125,6 +128,7 @@ class DeliveryOwner:
             transition.fresh(plan, now, self.policy),
             bound,
             idempotency_key=idempotency_key,
+            digest=digest,
             receipt=receipt if receipt is not None else Receipt(),
         )
         if idempotency_key is not None:
@@ -149,9 +153,18 @@ class DeliveryOwner:
         assert key is not None
         # Past the inline budget (+ time to store) the first attempt has answered, or its process is gone.
         stale = self.settings.inline_budget + 60.0
-        hit = await self.store.claim_key(account, key, attempt.msg_id, now, self.settings.idempotency_window, stale)
+        hit = await self.store.claim_key(
+            account, key, attempt.msg_id, now, self.settings.idempotency_window, stale, attempt.digest
+        )
         if hit is None:
             return None
+        if hit.digest is not None and attempt.digest is not None and hit.digest != attempt.digest:
+            # The key of an earlier message on different content: a client bug, or two messages given one
+            # key. Refused for good, as payment APIs refuse a key reused with other parameters.
+            RESENDS.labels(account=account, result="conflict").inc()
+            attempt.log.warning("message_resend_conflict", key=key[:12], first_queue_id=hit.msg_id)
+            attempt.receipt.reason = f"idempotency key of {hit.msg_id} reused for a different message"
+            return replies.IDEMPOTENCY_CONFLICT
         RESENDS.labels(account=account, result="in_progress" if hit.reply_id is None else "answered").inc()
         attempt.log.info("message_resend_not_sent", key=key[:12], first_queue_id=hit.msg_id, reply_id=hit.reply_id)
         if hit.reply_id is None:

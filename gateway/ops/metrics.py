@@ -79,7 +79,8 @@ LARGE_REFUSED = Counter(
 RESENDS = Counter(
     "smtp_gateway_resends_total",
     "Messages not sent again because their idempotency key was seen within the window: answered (250 with the "
-    "first message's id) or in_progress (451: the first copy is still being delivered)",
+    "first message's id), in_progress (451: the first copy is still being delivered) or conflict (554: the key "
+    "came with different content)",
     ["account", "result"],
     registry=REGISTRY,
 )

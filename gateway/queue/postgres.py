@@ -288,7 +288,7 @@ class PostgresQueue:
     # -- idempotency keys -----------------------------------------------------------------------------
 
     async def claim_key(
-        self, account: str, key: str, msg_id: str, now: float, window: float, stale: float
+        self, account: str, key: str, msg_id: str, now: float, window: float, stale: float, digest: str | None = None
     ) -> KeyHit | None:
         async with self._tx() as conn:
             # Only this key's expired row: a table-wide delete in every claim would have instances contend
@@ -297,20 +297,19 @@ class PostgresQueue:
                 "DELETE FROM idempotency WHERE account=%s AND key=%s AND expires<%s", (account, key, now)
             )
             # Insert first: two instances claiming one new key at once cannot both get it.
-            inserted = await (await conn.execute(SQL.key_insert, (account, key, msg_id, now, now + window))).fetchone()
+            inserted = await (
+                await conn.execute(SQL.key_insert, (account, key, msg_id, now, now + window, digest))
+            ).fetchone()
             if inserted is not None:
                 return None
             row = await (await conn.execute(SQL.key_row, (account, key))).fetchone()
             if row is None or row["reply_id"] is not None or row["created"] >= now - stale:
-                return None if row is None else KeyHit(row["msg_id"], row["reply_id"])
+                return None if row is None else KeyHit(row["msg_id"], row["reply_id"], row["digest"])
             if await (await conn.execute(SQL.stored, (row["msg_id"],))).fetchone() is not None:
                 await conn.execute(SQL.key_answered, (account, key))
-                return KeyHit(row["msg_id"], row["msg_id"])
+                return KeyHit(row["msg_id"], row["msg_id"], row["digest"])
             # A stale claim whose message was never stored: this one takes the key over, in place.
-            await conn.execute(
-                "UPDATE idempotency SET msg_id=%s, created=%s, expires=%s WHERE account=%s AND key=%s",
-                (msg_id, now, now + window, account, key),
-            )
+            await conn.execute(SQL.key_take_over, (msg_id, now, now + window, digest, account, key))
         return None
 
     async def finish_key(self, account: str, key: str, msg_id: str, reply_id: str | None) -> None:

@@ -67,7 +67,12 @@ CREATE TABLE blobs (
 )
 """
 
-MIGRATIONS: list[str] = [V1, V2]
+# The digest of what a message said, kept with its idempotency key (as SQLite's version 4).
+V3 = """
+ALTER TABLE idempotency ADD COLUMN digest text
+"""
+
+MIGRATIONS: list[str] = [V1, V2, V3]
 LATEST = len(MIGRATIONS)
 # Serialises migrations of several instances starting at once (pg_advisory_xact_lock key).
 MIGRATION_LOCK = 0x5347_5751  # "SGWQ"

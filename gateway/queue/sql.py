@@ -120,12 +120,17 @@ class Statements:
         self.rate_read = d(f"SELECT tat, slow_until, {d.now} AS now FROM rate_buckets WHERE account=?{d.for_update}")
         self.rate_write = d("UPDATE rate_buckets SET tat=?, slow_until=? WHERE account=?")
         # -- idempotency keys
-        self.key_row = d(f"SELECT msg_id, reply_id, created FROM idempotency WHERE account=? AND key=?{d.for_update}")
+        self.key_row = d(
+            f"SELECT msg_id, reply_id, created, digest FROM idempotency WHERE account=? AND key=?{d.for_update}"
+        )
         self.key_insert = d(
-            "INSERT INTO idempotency (account, key, msg_id, created, expires) VALUES (?,?,?,?,?)"
+            "INSERT INTO idempotency (account, key, msg_id, created, expires, digest) VALUES (?,?,?,?,?,?)"
             " ON CONFLICT (account, key) DO NOTHING RETURNING msg_id"
         )
         self.key_answered = d("UPDATE idempotency SET reply_id=msg_id WHERE account=? AND key=?")
+        self.key_take_over = d(
+            "UPDATE idempotency SET msg_id=?, created=?, expires=?, digest=? WHERE account=? AND key=?"
+        )
         self.key_drop = d("DELETE FROM idempotency WHERE account=? AND key=? AND msg_id=?")
         self.key_reply = d("UPDATE idempotency SET reply_id=? WHERE account=? AND key=? AND msg_id=?")
         self.stored = d("SELECT 1 FROM messages WHERE id=?")

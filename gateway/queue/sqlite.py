@@ -275,7 +275,7 @@ class SqliteQueue:
     # -- idempotency keys -----------------------------------------------------------------------------
 
     async def claim_key(
-        self, account: str, key: str, msg_id: str, now: float, window: float, stale: float
+        self, account: str, key: str, msg_id: str, now: float, window: float, stale: float, digest: str | None = None
     ) -> KeyHit | None:
         def run() -> KeyHit | None:
             with self._tx() as db:
@@ -283,13 +283,13 @@ class SqliteQueue:
                 db.execute("DELETE FROM idempotency WHERE expires<?", (now,))
                 row = db.execute(SQL.key_row, (account, key)).fetchone()
                 if row is not None and (row["reply_id"] is not None or row["created"] >= now - stale):
-                    return KeyHit(row["msg_id"], row["reply_id"])
+                    return KeyHit(row["msg_id"], row["reply_id"], row["digest"])
                 if row is not None:
                     if db.execute(SQL.stored, (row["msg_id"],)).fetchone() is not None:
                         db.execute(SQL.key_answered, (account, key))
-                        return KeyHit(row["msg_id"], row["msg_id"])
+                        return KeyHit(row["msg_id"], row["msg_id"], row["digest"])
                     db.execute(SQL.key_drop, (account, key, row["msg_id"]))
-                db.execute(SQL.key_insert, (account, key, msg_id, now, now + window)).fetchall()
+                db.execute(SQL.key_insert, (account, key, msg_id, now, now + window, digest)).fetchall()
             return None
 
         return await self._run(run)

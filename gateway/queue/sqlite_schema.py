@@ -89,7 +89,13 @@ CREATE TABLE blobs (
 );
 """
 
-MIGRATIONS: list[str] = [V1, V2, V3]
+# The digest of what a message said, kept with its idempotency key: a key reused for another message is
+# refused, not taken for a resend (NULL for keys stored before).
+V4 = """
+ALTER TABLE idempotency ADD COLUMN digest TEXT;
+"""
+
+MIGRATIONS: list[str] = [V1, V2, V3, V4]
 LATEST = len(MIGRATIONS)
 
 

@@ -60,6 +60,7 @@ class KeyHit:
 
     msg_id: str
     reply_id: str | None
+    digest: str | None = None  # what the first message said (None: stored before digests were kept)
 
 
 class QueueStore(Protocol):
@@ -144,9 +145,10 @@ class QueueStore(Protocol):
     # -- idempotency keys (resends are not sent twice) --------------------------------------------------
 
     async def claim_key(
-        self, account: str, key: str, msg_id: str, now: float, window: float, stale: float
+        self, account: str, key: str, msg_id: str, now: float, window: float, stale: float, digest: str | None = None
     ) -> KeyHit | None:
-        """Record `key` for a new message; if it is already known within `window`, the earlier one.
+        """Record `key` (with the message's `digest`) for a new message; if it is already known within
+        `window`, the earlier one.
 
         A key still unanswered after `stale` seconds belongs to an attempt whose process died: if its
         message is in the queue it was accepted (the hit carries that message's id); otherwise the new
