@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import functools
 import sqlite3
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -31,6 +32,12 @@ from gateway.queue.store import Claimed, ClaimedRows, KeyHit, NewMessage, chunks
 log = structlog.get_logger("gateway.queue.sqlite")
 T = TypeVar("T")
 SQL = FOR_SQLITE
+WAL_AT_LEAST = 64 * 1024  # bytes: the smallest WAL checkpointed early for a small reserve
+# While the disk reserve is in use, how often the queue's own operations look for room again (seconds).
+RECOVERY_EVERY = 1.0
+# A queue file up to this size is VACUUMed once to turn auto_vacuum on (it takes about a second per 100 MB,
+# and as much free disk as the file); a larger one keeps reusing its free pages until it is small again.
+VACUUM_AT_MOST = 64 * 1024 * 1024
 
 
 class SqliteQueue:
@@ -45,6 +52,7 @@ class SqliteQueue:
         self._rate = RateFile(path.with_name(path.name + "-ratelimit"))
         self.health = QueueHealth()
         self._reserve = Reserve(path.with_name(path.name + "-reserve"), reserve, self.health)
+        self._next_recovery = 0.0
 
     # -- plumbing ------------------------------------------------------------------------------------
 
@@ -70,24 +78,54 @@ class SqliteQueue:
             with contextlib.suppress(sqlite3.OperationalError):  # a busy reader: the retry may still fit
                 self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             result = fn(*args)
-        self._reserve.restore_if_due()
+        if self._reserve.released and time.monotonic() >= self._next_recovery:
+            # Every queue operation (the retry worker's polls too: a gateway that is not ready gets no new
+            # mail to try with) looks whether the drained queue left room again, at most once a second.
+            self._next_recovery = time.monotonic() + RECOVERY_EVERY
+            self._recover()
         return result
+
+    def _recover(self) -> bool:
+        """While the reserve is in use: give back to the file system what the queue freed (the pages of
+        deleted messages, the WAL), then take the reserve back if it fits now. True once it is back."""
+        with contextlib.suppress(sqlite3.OperationalError):  # busy (another process) or still no room
+            # As a script: a plain execute() steps it once, and each step frees one page.
+            self.db.executescript("PRAGMA incremental_vacuum;")
+        with contextlib.suppress(sqlite3.OperationalError):
+            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        if not self._reserve.restore():
+            return False
+        self.health.record("insert", None)  # room again: the last refusal to store is over
+        return True
 
     def _connect(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._reserve.restore_if_due(force=True)
+        self._reserve.restore(at_start=True)
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
         try:
             db.row_factory = sqlite3.Row
+            # Freed pages go back to the file system (PRAGMA incremental_vacuum), not only to later messages:
+            # a queue that filled its disk can give the space back once it has drained. A new file gets it at
+            # once; an older one when it is small enough to VACUUM (below).
+            db.execute("PRAGMA auto_vacuum=INCREMENTAL")
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.execute("PRAGMA foreign_keys=ON")
             # Debian's SQLite zeroes deleted content by default, which rewrites a delivered message's whole
             # blob into the WAL just to delete it; FAST zeroes only what costs no extra I/O.
             db.execute("PRAGMA secure_delete=FAST")
+            if self._reserve.size > 0:
+                # The WAL is checkpointed (and cut back) before it outgrows a quarter of the reserve: when the
+                # disk fills up, the released reserve always has room for the checkpoint that lets the WAL
+                # be reused (SQLite's default lets a WAL reach 4 MiB first).
+                wal = max(WAL_AT_LEAST, self._reserve.size // 4)
+                page = db.execute("PRAGMA page_size").fetchone()[0]
+                db.execute(f"PRAGMA wal_autocheckpoint={max(1, min(1000, wal // page))}")
+                db.execute(f"PRAGMA journal_size_limit={wal}")
             if self._max_page_count is not None:  # tests: simulate a full disk
                 db.execute(f"PRAGMA max_page_count={int(self._max_page_count)}")
             self._found_version, _ = sqlite_schema.migrate(db)
+            _incremental_vacuum_on(db, self.path)
         except BaseException:
             db.close()
             raise
@@ -145,7 +183,7 @@ class SqliteQueue:
         return token
 
     def _insert(self, m: NewMessage) -> int:
-        if self._reserve.released:
+        if self._reserve.released and not self._recover():  # measured again for every new message
             raise sqlite3.OperationalError("database or disk is full (its reserve is in use to drain the queue)")
         stored = message_row(m)
         with self._tx() as db:
@@ -361,3 +399,20 @@ class SqliteQueue:
             return found
 
         return await self._run(run)
+
+
+def _incremental_vacuum_on(db: sqlite3.Connection, path: Path) -> None:
+    """Turn a queue file written before auto_vacuum (0: none) into one that can give space back: VACUUM
+    when that is cheap (a small file), else say why it waits (it is tried again at every start)."""
+    if db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:
+        return
+    size = db.execute("PRAGMA page_count").fetchone()[0] * db.execute("PRAGMA page_size").fetchone()[0]
+    if size > VACUUM_AT_MOST:
+        log.warning("queue_auto_vacuum_pending", path=str(path), size=size, limit=VACUUM_AT_MOST)
+        return
+    try:
+        db.execute("VACUUM")
+    except sqlite3.OperationalError as exc:  # another process busy, or no room for the copy: next start
+        log.warning("queue_auto_vacuum_pending", path=str(path), size=size, error=str(exc))
+        return
+    log.info("queue_auto_vacuum_on", path=str(path), size=size)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import os
 import sqlite3
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -104,16 +104,14 @@ def disk_full(exc: sqlite3.OperationalError) -> bool:
 
 class Reserve:
     """Disk space set aside beside the queue (a pre-allocated file), released only to let stored messages
-    drain when the file system fills up, and taken back once there is room again."""
-
-    RETRY_EVERY = 30.0
+    drain when the file system fills up, and taken back as soon as the file system has room for it again
+    (measured each time the queue asks, never guessed)."""
 
     def __init__(self, path: Path, size: int, health: QueueHealth | None = None) -> None:
         self.path = path
         self.size = size
         self._health = health  # told when the reserve is in use (/readyz)
         self._released = False
-        self._next_try = 0.0
 
     @property
     def released(self) -> bool:
@@ -134,7 +132,6 @@ class Reserve:
         except FileNotFoundError:
             return False
         self.released = True
-        self._next_try = time.monotonic() + self.RETRY_EVERY
         log.error(
             "queue_disk_full",
             path=str(self.path.parent),
@@ -143,23 +140,34 @@ class Reserve:
         )
         return True
 
-    def restore_if_due(self, force: bool = False) -> None:
-        if self.size <= 0 or (not force and (not self.released or time.monotonic() < self._next_try)):
-            return
-        self._next_try = time.monotonic() + self.RETRY_EVERY
+    def room(self) -> int:
+        """Bytes the file system has free for the queue now."""
+        st = os.statvfs(self.path.parent)
+        return st.f_bavail * st.f_frsize
+
+    def restore(self, at_start: bool = False) -> bool:
+        """Take the reserve (back) if the file system has room for it now; True when it is in place. Taken
+        back only with as much again free beside it: the queue must be able to work without reaching for it
+        at once (the file system would be full again at the next write, and the reserve released again)."""
+        if self.size <= 0 or (not at_start and not self.released):
+            return True
         try:
             if self.path.exists() and self.path.stat().st_size >= self.size:
-                self.released = False
-                return
+                self.released = False  # another process of this queue took it back
+                return True
+            needed = self.size if at_start else 2 * self.size
+            if (free := self.room()) < needed:  # measured first: no half-allocated file to clean up
+                raise OSError(errno.ENOSPC, f"{free} bytes free, {needed} needed")
             with self.path.open("wb") as fh:
                 os.posix_fallocate(fh.fileno(), 0, self.size)
         except OSError as exc:
             self.path.unlink(missing_ok=True)  # not enough room yet: keep draining, try again later
-            if force and not self.released:
+            if at_start and not self.released:
                 # At start: run without a reserve (a full disk then stalls retries until there is room).
                 log.warning("queue_disk_reserve_unavailable", path=str(self.path), size=self.size, error=str(exc))
                 self.size = 0
-            return
+            return False
         if self.released:
             log.info("queue_disk_reserve_restored", path=str(self.path.parent), size=self.size)
         self.released = False
+        return True
