@@ -356,3 +356,5 @@ async def test_a_v1_spool_is_migrated_and_its_messages_resumed(tmp_path: Path) -
         assert sub.principal.extra.to_json()["campaign"] == 22
     finally:
         await store.close()
+    # Written without auto_vacuum, small: VACUUMed once so that it can give freed space back (a full disk).
+    assert sqlite3.connect(path).execute("PRAGMA auto_vacuum").fetchone()[0] == 2
