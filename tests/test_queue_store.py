@@ -4,6 +4,7 @@ operator actions, idempotency keys and schema migrations (SQLite here; PostgreSQ
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import sqlite3
 import time
@@ -357,4 +358,5 @@ async def test_a_v1_spool_is_migrated_and_its_messages_resumed(tmp_path: Path) -
     finally:
         await store.close()
     # Written without auto_vacuum, small: VACUUMed once so that it can give freed space back (a full disk).
-    assert sqlite3.connect(path).execute("PRAGMA auto_vacuum").fetchone()[0] == 2
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
