@@ -6,6 +6,8 @@ carry something private."""
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
 
 from gateway.core.model import Address, Submission
 
@@ -69,3 +71,46 @@ def digest_size(submission: Submission) -> int:
     """About how many bytes digest_of reads: whether it belongs on a worker thread."""
     m = submission.message
     return len(m.html) + len(m.text or "") + sum(len(a.b64 if a.b64 is not None else a.data) for a in m.attachments)
+
+
+@dataclass(slots=True)
+class LateKey:
+    """An idempotency key the queue could not record when its message was taken (the queue was down)."""
+
+    account: str
+    key: str
+    msg_id: str
+    created: float
+    expires: float
+    digest: str | None = None
+    reply_id: str | None = None  # None while the message is being delivered
+    claimed: bool = False  # the queue has the key's claim: only the answer is missing
+
+
+class KeyBacklog:
+    """The late keys of this process, in memory until the queue can record them (oldest dropped past
+    `limit`); meanwhile they answer the resends that reach this process."""
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self.limit = limit
+        self._keys: OrderedDict[tuple[str, str], LateKey] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def get(self, account: str, key: str) -> LateKey | None:
+        return self._keys.get((account, key))
+
+    def add(self, late: LateKey) -> LateKey | None:
+        """Keep `late`; returns the oldest key given up to make room, if one was."""
+        self._keys[(late.account, late.key)] = late
+        self._keys.move_to_end((late.account, late.key))
+        return self._keys.popitem(last=False)[1] if len(self._keys) > self.limit else None
+
+    def remove(self, late: LateKey) -> None:
+        if self._keys.get((late.account, late.key)) is late:
+            del self._keys[(late.account, late.key)]
+
+    def answered(self) -> list[LateKey]:
+        """The keys whose messages have their answer: ready to be recorded."""
+        return [late for late in self._keys.values() if late.reply_id is not None]

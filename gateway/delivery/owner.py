@@ -37,6 +37,7 @@ from gateway.core.records import Decision, DeliveryState, RetryPolicy
 from gateway.core.replies import Reply
 from gateway.delivery import transition
 from gateway.delivery.health import AccountHealth
+from gateway.delivery.keys import IdempotencyKeys
 from gateway.ops.metrics import AMBIGUOUS, CLIENT_GONE, DEAD_LETTERS, DELIVERIES, INTERNAL_ERRORS, RESENDS
 from gateway.queue import codec
 from gateway.queue.store import Claimed, NewMessage, QueueStore
@@ -104,6 +105,8 @@ class DeliveryOwner:
         self._tasks: set[asyncio.Task[None]] = set()
         self._heartbeat: asyncio.Task[None] | None = None
         self._renewals_failing = Episode()
+        # Past the inline budget (+ time to store) a first attempt has answered, or its process is gone.
+        self.keys = IdempotencyKeys(store, settings.idempotency_window, settings.inline_budget + 60.0, clock)
 
     # -- inline ----------------------------------------------------------------------------------------
 
@@ -151,11 +154,7 @@ class DeliveryOwner:
         """A resend of a message already taken (same idempotency key within the window): its reply."""
         account, key = attempt.submission.principal.account, attempt.idempotency_key
         assert key is not None
-        # Past the inline budget (+ time to store) the first attempt has answered, or its process is gone.
-        stale = self.settings.inline_budget + 60.0
-        hit = await self.store.claim_key(
-            account, key, attempt.msg_id, now, self.settings.idempotency_window, stale, attempt.digest
-        )
+        hit = await self.keys.claim(account, key, attempt.msg_id, now, attempt.digest)
         if hit is None:
             return None
         if hit.digest is not None and attempt.digest is not None and hit.digest != attempt.digest:
@@ -177,10 +176,7 @@ class DeliveryOwner:
         """Remember the id the 250 carried, or forget the key when the message was not taken (no 250)."""
         key = attempt.idempotency_key
         assert key is not None
-        try:
-            await self.store.finish_key(attempt.submission.principal.account, key, attempt.msg_id, attempt.reply_id)
-        except SpoolUnavailable as exc:
-            attempt.log.error("idempotency_key_not_recorded", key=key[:12], error=exc.reason)
+        await self.keys.finish(attempt.submission.principal.account, key, attempt.msg_id, attempt.reply_id)
 
     async def _first_attempt(
         self, attempt: InlineAttempt, decided: asyncio.Future[Reply], on_done: Callable[[], None] | None = None
@@ -568,6 +564,7 @@ class DeliveryOwner:
             # these messages next (another instance, or this one restarted) counts them as ambiguous.
             with contextlib.suppress(SpoolUnavailable):
                 await self.store.expire_owners([self.owner], self.clock())
+        await self.keys.stop()
 
 
 def dead_cause(decision: Decision) -> str:

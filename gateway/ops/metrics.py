@@ -84,6 +84,14 @@ RESENDS = Counter(
     ["account", "result"],
     registry=REGISTRY,
 )
+IDEMPOTENCY_LATE = Counter(
+    "smtp_gateway_idempotency_keys_late_total",
+    "Idempotency keys the queue could not record when their message was taken (its backend down): unchecked "
+    "(taken without looking for the key in the queue: a resend of another instance's message would not be "
+    "recognised), recorded (once the queue was back), dropped (the in-memory backlog was full)",
+    ["account", "result"],
+    registry=REGISTRY,
+)
 INTERNAL_ERRORS = Counter(
     "smtp_gateway_internal_errors_total",
     "Unexpected exceptions (bugs), each logged once with its traceback",

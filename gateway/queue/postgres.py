@@ -6,6 +6,10 @@ before the call returns (with a synchronous standby, `synchronous_commit` decide
 acknowledged: docs/operations/instances.md). Changes that make a message due NOTIFY the other
 instances (LISTEN/NOTIFY), so they need not poll. Time values are epoch seconds from the instances'
 clocks: keep them NTP-synchronised (leases are 60 s; a skew of a second or two does not matter).
+
+A database that cannot be reached is known down (a circuit): every caller gets SpoolUnavailable at once
+instead of waiting for a pooled connection, while one background probe asks the database every second;
+the first answer closes the circuit (and drops the pool's dead connections), so the queue is back at once.
 """
 
 from __future__ import annotations
@@ -32,6 +36,11 @@ from gateway.queue.store import Claimed, ClaimedRows, KeyHit, NewMessage, chunks
 log = structlog.get_logger("gateway.queue.postgres")
 CHANNEL = "smtp_gateway_queue"
 SQL = FOR_POSTGRES
+# Seconds without a pooled connection before the database itself is asked whether it is there (a busy pool
+# goes on waiting, up to POOL_WAIT in all; a database that does not answer opens the circuit).
+FAIL_FAST = 1.0
+POOL_WAIT = 10.0
+PROBE_EVERY = 1.0  # while the database is known down, how often the one probe asks it
 
 
 def redacted(url: str) -> str:
@@ -57,33 +66,103 @@ class PostgresQueue:
             open=False,
             name="smtp-gateway-queue",
         )
-        self._opened = False
+        self._pool_open = False
+        self._opened = False  # the pool is open and the schema migrated
         self._found_version = 0
         self.health = QueueHealth()
+        self._down: str | None = None  # why the database is known down (the circuit is open)
+        self._outage = Episode()  # callers refused while it is down
+        self._probe: asyncio.Task[None] | None = None
 
     @contextlib.asynccontextmanager
     async def _tx(self) -> AsyncIterator[psycopg.AsyncConnection[DictRow]]:
         """A pooled connection inside one transaction; backend failures become SpoolUnavailable."""
+        if not self._opened:
+            await self.open()
+        conn = await self._connection()
         try:
-            if not self._opened:
-                await self.open()
-            async with self._pool.connection(timeout=10.0) as conn, conn.transaction():
+            async with conn.transaction():
                 yield conn
-        except (psycopg.Error, PoolTimeout, OSError) as exc:
+        except (psycopg.Error, OSError) as exc:
+            if conn.broken:  # the connection went away under the transaction: so did the database
+                raise self._unreachable(exc) from exc
             raise SpoolUnavailable(f"queue {self.url}: {type(exc).__name__}: {exc}") from exc
+        finally:
+            await self._pool.putconn(conn)
+
+    async def _connection(self) -> psycopg.AsyncConnection[DictRow]:
+        """A pooled connection, or SpoolUnavailable at once while the database is known down; within about a
+        second when it has just gone (a pool that waited that long asks the database itself)."""
+        if self._down is not None:
+            self._outage.occurred()
+            raise SpoolUnavailable(f"queue {self.url}: database unreachable ({self._down}); probing it")
+        try:
+            try:
+                return await self._pool.getconn(timeout=FAIL_FAST)
+            except PoolTimeout:
+                if not await self._reachable():
+                    raise
+            return await self._pool.getconn(timeout=POOL_WAIT - FAIL_FAST)
+        except (psycopg.Error, PoolTimeout, OSError) as exc:
+            raise self._unreachable(exc) from exc
+
+    async def _reachable(self) -> bool:
+        """Whether the database answers a new connection now (past the pool, its waits and its backoff)."""
+        try:
+            async with asyncio.timeout(FAIL_FAST * 2):
+                conn = await psycopg.AsyncConnection.connect(self._conninfo, **self._kwargs)
+                async with conn:
+                    await conn.execute("SELECT 1")
+        except (psycopg.Error, OSError, TimeoutError):
+            return False
+        return True
+
+    def _unreachable(self, exc: BaseException) -> SpoolUnavailable:
+        """The database is gone: open the circuit (once) and start the one probe."""
+        reason = f"{type(exc).__name__}: {exc}"
+        if self._down is None:
+            self._down = reason
+            self._outage.occurred()
+            log.error("queue_database_unreachable", queue=self.url, error=reason, probe_every=PROBE_EVERY)
+            self._probe = asyncio.get_running_loop().create_task(self._wait_for_database(), name="queue-probe")
+        return SpoolUnavailable(f"queue {self.url}: {reason}")
+
+    async def _wait_for_database(self) -> None:
+        while True:  # a probe, not a wait for an event: nothing else tells when the database is back
+            if await self._reachable():
+                break
+            await asyncio.sleep(PROBE_EVERY)
+        if self._pool_open:
+            await self._pool.check()  # the connections the outage broke are replaced now, not at their next use
+        over = self._outage.ended()
+        self._down = None
+        self.health.record("insert", None)  # the failures to store were the outage
+        log.info(
+            "queue_database_back",
+            queue=self.url,
+            down_for=over.lasted if over else 0.0,
+            refused=over.seen - 1 if over else 0,
+        )
 
     async def open(self) -> None:
         if self._opened:
             return
+        if not self._pool_open:
+            await self._pool.open(wait=False)  # it connects in the background; _connection() waits for it
+            self._pool_open = True
+        conn = await self._connection()
         try:
-            await self._pool.open(wait=True, timeout=10.0)
-            self._opened = True
-            self._found_version = await self._migrate()
-        except (psycopg.Error, PoolTimeout, OSError) as exc:
+            self._found_version = await self._migrate(conn)
+        except (psycopg.Error, OSError) as exc:
+            if conn.broken:
+                raise self._unreachable(exc) from exc
             raise SpoolUnavailable(f"queue {self.url}: {type(exc).__name__}: {exc}") from exc
+        finally:
+            await self._pool.putconn(conn)
+        self._opened = True
 
-    async def _migrate(self) -> int:
-        async with self._pool.connection() as conn, conn.transaction():
+    async def _migrate(self, conn: psycopg.AsyncConnection[DictRow]) -> int:
+        async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (postgres_schema.MIGRATION_LOCK,))
             await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)")
             row = await (await conn.execute("SELECT version FROM schema_version")).fetchone()
@@ -104,8 +183,13 @@ class PostgresQueue:
         return self._found_version, postgres_schema.LATEST
 
     async def close(self) -> None:
-        if self._opened:
-            self._opened = False
+        if self._probe is not None:
+            self._probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe
+        self._opened = False
+        if self._pool_open:
+            self._pool_open = False
             await self._pool.close()
 
     # -- the server's side ---------------------------------------------------------------------------
@@ -318,6 +402,14 @@ class PostgresQueue:
                 await conn.execute(SQL.key_drop, (account, key, msg_id))
             else:
                 await conn.execute(SQL.key_reply, (reply_id, account, key, msg_id))
+
+    async def record_key(
+        self, account: str, key: str, msg_id: str, reply_id: str, created: float, expires: float, digest: str | None
+    ) -> bool:
+        async with self._tx() as conn:
+            values = (account, key, msg_id, reply_id, created, expires, digest)
+            row = await (await conn.execute(SQL.key_late, values)).fetchone()
+        return row is not None
 
     # -- operators ------------------------------------------------------------------------------------
 

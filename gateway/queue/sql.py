@@ -128,6 +128,10 @@ class Statements:
             " ON CONFLICT (account, key) DO NOTHING RETURNING msg_id"
         )
         self.key_answered = d("UPDATE idempotency SET reply_id=msg_id WHERE account=? AND key=?")
+        self.key_late = d(
+            "INSERT INTO idempotency (account, key, msg_id, reply_id, created, expires, digest) VALUES (?,?,?,?,?,?,?)"
+            " ON CONFLICT (account, key) DO NOTHING RETURNING msg_id"
+        )
         self.key_take_over = d(
             "UPDATE idempotency SET msg_id=?, created=?, expires=?, digest=? WHERE account=? AND key=?"
         )

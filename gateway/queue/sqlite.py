@@ -342,6 +342,16 @@ class SqliteQueue:
 
         await self._run(run)
 
+    async def record_key(
+        self, account: str, key: str, msg_id: str, reply_id: str, created: float, expires: float, digest: str | None
+    ) -> bool:
+        def run() -> bool:
+            with self._tx() as db:
+                row = db.execute(SQL.key_late, (account, key, msg_id, reply_id, created, expires, digest)).fetchone()
+            return row is not None
+
+        return await self._run(run)
+
     # -- operators ------------------------------------------------------------------------------------
 
     async def counts(self, now: float) -> dict[str, dict[str, Any]]:

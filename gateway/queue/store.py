@@ -159,6 +159,13 @@ class QueueStore(Protocol):
         """The message answered (reply_id: the id its 250 carried) or was refused (None: forget the key)."""
         ...
 
+    async def record_key(
+        self, account: str, key: str, msg_id: str, reply_id: str, created: float, expires: float, digest: str | None
+    ) -> bool:
+        """A key whose message answered while the queue could not record it (claim_key failed): record it
+        now, answered. False when the key was taken meanwhile (by another instance): that one stays."""
+        ...
+
     # -- operators (smtp-gateway queue ...) -------------------------------------------------------------
 
     async def counts(self, now: float) -> dict[str, dict[str, Any]]: ...
