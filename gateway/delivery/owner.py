@@ -30,7 +30,7 @@ import structlog
 from gateway.config import DeliverySettings
 from gateway.core import replies
 from gateway.core.episode import Episode
-from gateway.core.errors import Deferred, GatewayError, SpoolUnavailable
+from gateway.core.errors import Deferred, Fenced, GatewayError, SpoolUnavailable
 from gateway.core.model import Call, Receipt, Submission
 from gateway.core.outcome import Deliverer, Outcome
 from gateway.core.records import Decision, DeliveryState, RetryPolicy
@@ -38,7 +38,15 @@ from gateway.core.replies import Reply
 from gateway.delivery import transition
 from gateway.delivery.health import AccountHealth
 from gateway.delivery.keys import IdempotencyKeys
-from gateway.ops.metrics import AMBIGUOUS, CLIENT_GONE, DEAD_LETTERS, DELIVERIES, INTERNAL_ERRORS, RESENDS
+from gateway.ops.metrics import (
+    AMBIGUOUS,
+    CLIENT_GONE,
+    DEAD_LETTERS,
+    DELIVERIES,
+    FENCED,
+    INTERNAL_ERRORS,
+    RESENDS,
+)
 from gateway.queue import codec
 from gateway.queue.store import Claimed, NewMessage, QueueStore
 
@@ -204,9 +212,11 @@ class DeliveryOwner:
         provider = self.providers[attempt.submission.principal.account]
 
         async def before_send(keys: Sequence[str]) -> None:
-            attempt.started.update(keys)
+            # Not stored yet (no token): nobody else can have the message, nothing to check. Stored in flight
+            # (the budget ran out): leased to us, and checked like a claimed message's calls.
             if attempt.token is not None:
-                await self._mark_sending(attempt.msg_id, attempt.token, keys)
+                await self._fence(provider.account, attempt.msg_id, attempt.token, keys)
+            attempt.started.update(keys)
 
         call = asyncio.ensure_future(provider.deliver(attempt.submission, {}, before_send))
         done, _ = await asyncio.wait({call}, timeout=self.settings.inline_budget)
@@ -414,7 +424,7 @@ class DeliveryOwner:
             done = {k: r.upstream_id or "" for k, r in before.calls.items() if r.state == "done"}
 
             async def before_send(keys: Sequence[str]) -> None:
-                await self._mark_sending(item.id, item.token, keys)
+                await self._fence(item.account, item.id, item.token, keys)
 
             outcome = await provider.deliver(submission, done, before_send)
         await self._settle(item.id, item.token, self._decide(before, outcome, submission, "queue", bound), bound)
@@ -435,6 +445,10 @@ class DeliveryOwner:
         first_deferral = next(iter(outcome.deferred.values()), None)
         if first_deferral is not None:
             self.health.failed(account, first_deferral)
+        fenced = sorted(k for k, e in outcome.deferred.items() if isinstance(e, Fenced))
+        if fenced:
+            # Calls this attempt did not send because its lease was over (or could not be checked).
+            bound.warning("delivery_fenced", calls=fenced, reason=outcome.deferred[fenced[0]].reason)
         lost = outcome.ambiguous
         decision = transition.decide(before, outcome, self.policy, self.clock(), self.rng)
         if lost:
@@ -496,11 +510,27 @@ class DeliveryOwner:
         decision = transition.internal_error(before, reason, self.policy, self.clock(), self.rng)
         await self._settle(msg_id, token, decision, bound)
 
+    async def _fence(self, account: str, msg_id: str, token: int, keys: Sequence[str]) -> None:
+        """The fencing check, right before calls go to the upstream (after every wait for the rate limiter,
+        a token or a connection): the message must still carry our token and a lease that runs past a third
+        of `lease_seconds` (a process paused past its lease, by SIGSTOP, a GC or a frozen VM, may find a
+        sibling sending the message already). Marks the calls as being sent; raises Fenced: not sent."""
+        lease_past = self.clock() + self.settings.lease_seconds / 3
+        try:
+            held = await self.store.mark_sending(msg_id, token, keys, lease_past)
+        except SpoolUnavailable as exc:
+            FENCED.labels(account=account, reason="unchecked").inc(len(keys))
+            raise Fenced(f"the lease could not be checked ({exc.reason}): not sent", checked=False) from None
+        if not held:
+            FENCED.labels(account=account, reason="lease_lost").inc(len(keys))
+            raise Fenced("the lease is over (this process was paused past it): not sent")
+
     async def _mark_sending(self, msg_id: str, token: int, keys: Sequence[str]) -> None:
+        """Calls that went out while the message was being stored in flight: marked once it is."""
         try:
             await self.store.mark_sending(msg_id, token, keys)
         except SpoolUnavailable as exc:
-            # Sent anyway: if this process dies before settling, a resend will not be counted as ambiguous.
+            # If this process dies before settling, a resend of these will not be counted as ambiguous.
             log.error("queue_mark_sending_failed", queue_id=msg_id, error=exc.reason)
 
     async def _wake(self, account: str) -> None:

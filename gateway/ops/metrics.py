@@ -47,6 +47,16 @@ AMBIGUOUS = Counter(
 )
 
 
+FENCED = Counter(
+    "smtp_gateway_fenced_calls_total",
+    "Calls not sent because the fencing check right before them failed: lease_lost (this process was paused past "
+    "its lease, by SIGSTOP, a GC or a frozen VM: another owner may have the message) or unchecked (the queue could "
+    "not be asked); the message goes on with whoever holds it",
+    ["account", "reason"],
+    registry=REGISTRY,
+)
+
+
 UPSTREAM_AUTH_REFUSED = Counter(
     "smtp_gateway_upstream_auth_refused_total",
     "Upstream answers refusing the gateway's own credentials (401/403, IP allowlist): an operator error",

@@ -244,9 +244,13 @@ class PostgresQueue:
                     rows_read.blob_chunk(row)
         return rows_read.claimed()
 
-    async def mark_sending(self, msg_id: str, token: int, keys: Sequence[str]) -> bool:
+    async def mark_sending(self, msg_id: str, token: int, keys: Sequence[str], lease_past: float | None = None) -> bool:
         async with self._tx() as conn:
-            if not await self._holds(conn, msg_id, token):
+            if lease_past is None:
+                held = await self._holds(conn, msg_id, token)
+            else:
+                held = await (await conn.execute(SQL.holds_lease, (msg_id, token, lease_past))).fetchone() is not None
+            if not held:
                 return False
             async with conn.cursor() as cur:
                 await cur.executemany(SQL.mark_sending, [(msg_id, key) for key in keys])

@@ -96,6 +96,11 @@ class Statements:
         )
         # -- an owner's writes, under its token
         self.holds = d(f"SELECT 1 FROM messages WHERE id=? AND token=?{d.for_update}")
+        # The fencing check before a call is sent: our token, and a lease that still runs (by the messages'
+        # primary key: one indexed row).
+        self.holds_lease = d(
+            f"SELECT 1 FROM messages WHERE id=? AND token=? AND state='inflight' AND lease_until>?{d.for_update}"
+        )
         self.mark_sending = d("UPDATE calls SET state='sending' WHERE msg_id=? AND key=? AND state='pending'")
         self.delete_message = d("DELETE FROM messages WHERE id=?")
         self.settle = d(

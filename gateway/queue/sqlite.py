@@ -202,6 +202,13 @@ class SqliteQueue:
         return await self._run(self._claim, owner, account, now, limit, lease)
 
     def _claim(self, owner: str, account: str, now: float, limit: int, lease: float) -> list[Claimed]:
+        # Looked for first without the write lock, which every process of the queue waits for: an idle
+        # worker's polls never take it (and a process paused while holding it would stop them all).
+        db = self.db
+        if not (
+            db.execute(SQL.due, (account, now, 1)).fetchone() or db.execute(SQL.reapable, (account, now, 1)).fetchone()
+        ):
+            return []
         with self._tx() as db:
             rows = db.execute(SQL.due, (account, now, limit)).fetchall()
             if len(rows) < limit:
@@ -218,10 +225,15 @@ class SqliteQueue:
                 rows_read.blob_chunk(row)
         return rows_read.claimed()
 
-    async def mark_sending(self, msg_id: str, token: int, keys: Sequence[str]) -> bool:
+    async def mark_sending(self, msg_id: str, token: int, keys: Sequence[str], lease_past: float | None = None) -> bool:
         def run() -> bool:
             with self._tx() as db:
-                if db.execute(SQL.holds, (msg_id, token)).fetchone() is None:
+                held = (
+                    db.execute(SQL.holds, (msg_id, token))
+                    if lease_past is None
+                    else db.execute(SQL.holds_lease, (msg_id, token, lease_past))
+                )
+                if held.fetchone() is None:
                     return False
                 db.executemany(SQL.mark_sending, [(msg_id, key) for key in keys])
             return True

@@ -90,8 +90,10 @@ class QueueStore(Protocol):
         expired (reaped). Each claim changes the message's token. Never claims one message twice."""
         ...
 
-    async def mark_sending(self, msg_id: str, token: int, keys: Sequence[str]) -> bool:
-        """The owner is about to send these calls. False: the token is stale (another owner has it)."""
+    async def mark_sending(self, msg_id: str, token: int, keys: Sequence[str], lease_past: float | None = None) -> bool:
+        """The owner is about to send these calls. False (nothing marked): the token is stale (another owner
+        has it), or, given `lease_past`, the lease ends before then (its owner was paused past it: the
+        message may be claimed by another any moment). The fencing check before every call."""
         ...
 
     async def settle(self, msg_id: str, token: int, decision: Decision, now: float) -> bool:

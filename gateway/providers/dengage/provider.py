@@ -217,10 +217,11 @@ class DengageProvider(ProviderBase[DengageAccount]):
         for attempt in (1, 2):
             token = await self.tokens.get()
             await self.limiter.acquire()
-            if sending is not None:
-                await sending()
             headers = {**JSON, "Authorization": f"Bearer {token}", **(extra or {})}
-            response = await self.http.request(endpoint, method, path, headers=headers, content=content)
+            # `sending` (the fencing check) runs after the waits for the token, the limiter and a connection.
+            response = await self.http.request(
+                endpoint, method, path, headers=headers, content=content, before_send=sending
+            )
             try:
                 return parse(response)
             except wire.TokenRejected as exc:

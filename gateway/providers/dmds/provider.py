@@ -173,13 +173,17 @@ class DmdsProvider(ProviderBase[DmdsAccount]):
         path = wire.WIRE["send_one"] if len(leg.contacts) == 1 else wire.WIRE["send_many"]
         content = jsonbody.encode(wire.build_payload(submission, leg, batch))
         await self.limiter.acquire()
-        await before_send((leg.key,))
+
+        async def sending() -> None:  # once a connection is free too: right before the request goes
+            await before_send((leg.key,))
+
         response = await self.http.request(
             "send_one" if len(leg.contacts) == 1 else "send_many",
             "POST",
             path,
             headers=self._headers,
             content=content,
+            before_send=sending,
         )
         try:
             return wire.classify(response)
