@@ -21,6 +21,7 @@ from gateway.core.errors import SpoolUnavailable
 from gateway.delivery.health import AccountHealth
 from gateway.delivery.owner import DeliveryOwner
 from gateway.delivery.worker import RetryWorker
+from gateway.limits.clients import Defenses
 from gateway.ops import logs
 from gateway.ops.http import OperatorEndpoint
 from gateway.ops.memory import MmapThreshold, set_mmap_threshold
@@ -95,7 +96,9 @@ class App:
         self._spawn(self.store.listen(lambda account: self.owner.wakeup.set() if self.owner else None))
         self._spawn(self._queue_stats())
         self.pipeline = Pipeline(settings, self.providers, self.owner, resolver=self.resolver)
-        self.listeners = Listeners(settings, self.pipeline, self.authenticator)
+        # AUTH failures per client IP are counted for every process and instance on the queue.
+        defenses = Defenses(settings.limits, shared=self.store)
+        self.listeners = Listeners(settings, self.pipeline, self.authenticator, defenses=defenses)
         await self.listeners.start()
         if settings.http.port is not None:
             self.operator = OperatorEndpoint(problems=self.problems)

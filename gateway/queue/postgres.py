@@ -25,13 +25,27 @@ from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from gateway.core import tokenbucket
+from gateway.core.authcount import Record, Rules, Verdict
 from gateway.core.episode import Episode
 from gateway.core.errors import SpoolUnavailable
 from gateway.core.records import Decision
 from gateway.queue import postgres_schema
 from gateway.queue.health import QueueHealth
 from gateway.queue.sql import FOR_POSTGRES, POSTGRES
-from gateway.queue.store import Claimed, ClaimedRows, KeyHit, NewMessage, chunks, message_row
+from gateway.queue.store import (
+    AUTH_SWEEP_EVERY,
+    AuthChange,
+    Claimed,
+    ClaimedRows,
+    KeyHit,
+    NewMessage,
+    auth_begin_change,
+    auth_end_change,
+    auth_read,
+    auth_written,
+    chunks,
+    message_row,
+)
 
 log = structlog.get_logger("gateway.queue.postgres")
 CHANNEL = "smtp_gateway_queue"
@@ -73,6 +87,7 @@ class PostgresQueue:
         self._down: str | None = None  # why the database is known down (the circuit is open)
         self._outage = Episode()  # callers refused while it is down
         self._probe: asyncio.Task[None] | None = None
+        self._next_sweep = 0.0
 
     @contextlib.asynccontextmanager
     async def _tx(self) -> AsyncIterator[psycopg.AsyncConnection[DictRow]]:
@@ -372,6 +387,32 @@ class PostgresQueue:
         row = await (await conn.execute(SQL.rate_read, (account,))).fetchone()
         assert row is not None
         return float(row["tat"]), float(row["slow_until"]), float(row["now"])
+
+    # -- AUTH counts ----------------------------------------------------------------------------------
+
+    async def auth_begin(self, client: str, rules: Rules) -> tuple[Record, Verdict, float]:
+        record, verdict, now = await self._auth(client, rules.window, auth_begin_change(rules))
+        return record, verdict, now
+
+    async def auth_end(self, client: str, rules: Rules, failed: bool, in_flight: bool) -> tuple[Record, bool, float]:
+        record, locked, now = await self._auth(client, rules.window, auth_end_change(rules, failed, in_flight))
+        return record, bool(locked), now
+
+    async def _auth(self, client: str, window: float, change: AuthChange) -> tuple[Record, Any, float]:
+        """`change` applied to the client's row, locked until commit, with the database's clock (the one clock
+        of every instance)."""
+        async with self._tx() as conn:
+            await conn.execute(SQL.auth_row, (client,))
+            record, now = auth_read(await (await conn.execute(SQL.auth_read, (client,))).fetchone())
+            record, result = change(record, now)
+            if record.clean():
+                await conn.execute(SQL.auth_forget, (client,))
+            else:
+                await conn.execute(SQL.auth_write, auth_written(client, record))
+            if now >= self._next_sweep:
+                self._next_sweep = now + AUTH_SWEEP_EVERY
+                await conn.execute(SQL.auth_sweep, (now - window, now, now))
+        return record, result, now
 
     # -- idempotency keys -----------------------------------------------------------------------------
 

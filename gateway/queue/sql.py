@@ -124,6 +124,21 @@ class Statements:
         self.rate_row = d("INSERT INTO rate_buckets (account, tat) VALUES (?, 0) ON CONFLICT (account) DO NOTHING")
         self.rate_read = d(f"SELECT tat, slow_until, {d.now} AS now FROM rate_buckets WHERE account=?{d.for_update}")
         self.rate_write = d("UPDATE rate_buckets SET tat=?, slow_until=? WHERE account=?")
+        # -- AUTH counts per client shared by every process (gateway.core.authcount does the arithmetic)
+        self.auth_row = d("INSERT INTO auth_clients (client) VALUES (?) ON CONFLICT (client) DO NOTHING")
+        self.auth_read = d(
+            "SELECT failures, since, in_flight, in_flight_until, locked_until,"
+            f" {d.now} AS now FROM auth_clients WHERE client=?{d.for_update}"
+        )
+        self.auth_write = d(
+            "UPDATE auth_clients SET failures=?, since=?, in_flight=?, in_flight_until=?, locked_until=? WHERE client=?"
+        )
+        self.auth_forget = d("DELETE FROM auth_clients WHERE client=?")
+        # Clients with nothing left to remember (a window over, no attempt in flight, no lockout): the counts of
+        # addresses that stopped trying.
+        self.auth_sweep = d(
+            "DELETE FROM auth_clients WHERE (failures=0 OR since<=?) AND in_flight_until<=? AND locked_until<=?"
+        )
         # -- idempotency keys
         self.key_row = d(
             f"SELECT msg_id, reply_id, created, digest FROM idempotency WHERE account=? AND key=?{d.for_update}"

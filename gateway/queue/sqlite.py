@@ -21,13 +21,23 @@ from typing import Any, TypeVar
 
 import structlog
 
+from gateway.core.authcount import Record, Rules, Verdict
 from gateway.core.errors import SpoolUnavailable
 from gateway.core.records import Decision
 from gateway.queue import sqlite_schema
 from gateway.queue.health import QueueHealth
 from gateway.queue.sql import FOR_SQLITE, SQLITE
 from gateway.queue.sqlite_side import RateFile, Reserve, disk_full
-from gateway.queue.store import Claimed, ClaimedRows, KeyHit, NewMessage, chunks, message_row
+from gateway.queue.store import (
+    Claimed,
+    ClaimedRows,
+    KeyHit,
+    NewMessage,
+    auth_begin_change,
+    auth_end_change,
+    chunks,
+    message_row,
+)
 
 log = structlog.get_logger("gateway.queue.sqlite")
 T = TypeVar("T")
@@ -321,6 +331,16 @@ class SqliteQueue:
 
     async def rate_pause(self, account: str, seconds: float, slow_for: float) -> None:
         await self._rate.pause(account, seconds, slow_for)
+
+    # -- AUTH counts ----------------------------------------------------------------------------------
+
+    async def auth_begin(self, client: str, rules: Rules) -> tuple[Record, Verdict, float]:
+        record, verdict, now = await self._rate.auth(client, rules.window, auth_begin_change(rules))
+        return record, verdict, now
+
+    async def auth_end(self, client: str, rules: Rules, failed: bool, in_flight: bool) -> tuple[Record, bool, float]:
+        record, locked, now = await self._rate.auth(client, rules.window, auth_end_change(rules, failed, in_flight))
+        return record, bool(locked), now
 
     # -- idempotency keys -----------------------------------------------------------------------------
 

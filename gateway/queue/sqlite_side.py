@@ -16,9 +16,11 @@ from typing import Any, TypeVar
 import structlog
 
 from gateway.core import tokenbucket
+from gateway.core.authcount import Record
 from gateway.core.errors import SpoolUnavailable
 from gateway.queue.health import QueueHealth
 from gateway.queue.sql import FOR_SQLITE
+from gateway.queue.store import AUTH_SWEEP_EVERY, AuthChange, auth_read, auth_written
 
 log = structlog.get_logger("gateway.queue.sqlite")
 T = TypeVar("T")
@@ -26,22 +28,31 @@ SQL = FOR_SQLITE
 
 
 class RateFile:
-    """The token buckets of the local processes sharing a SQLite queue, in a side file of their own: they
-    need no durability (no fsync) and must not wait behind the queue's writes (own thread)."""
+    """The token buckets and the AUTH counts of the local processes sharing a SQLite queue, in a side file
+    of their own: they need no durability (no fsync) and must not wait behind the queue's writes (own
+    thread)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="queue-rate")
         self._db: sqlite3.Connection | None = None
+        self._next_sweep = 0.0
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
+            db.row_factory = sqlite3.Row
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=OFF")
             db.execute(
                 "CREATE TABLE IF NOT EXISTS rate_buckets (account TEXT PRIMARY KEY, tat REAL NOT NULL,"
                 " slow_until REAL NOT NULL DEFAULT 0)"
+            )
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS auth_clients (client TEXT PRIMARY KEY,"
+                " failures INTEGER NOT NULL DEFAULT 0, since REAL NOT NULL DEFAULT 0,"
+                " in_flight INTEGER NOT NULL DEFAULT 0, in_flight_until REAL NOT NULL DEFAULT 0,"
+                " locked_until REAL NOT NULL DEFAULT 0)"
             )
             self._db = db
         return self._db
@@ -69,6 +80,26 @@ class RateFile:
                 db.execute(SQL.rate_write, (tokenbucket.paused(tat, now, seconds), now + slow_for, account))
 
         await self._run(run)
+
+    async def auth(self, client: str, window: float, change: AuthChange) -> tuple[Record, Any, float]:
+        """Apply `change` to `client`'s AUTH record under the file's write lock; a record left with nothing
+        to remember is deleted (and, now and then, every such record)."""
+
+        def run() -> tuple[Record, Any, float]:
+            with self._tx() as db:
+                db.execute(SQL.auth_row, (client,))
+                record, now = auth_read(db.execute(SQL.auth_read, (client,)).fetchone())
+                record, result = change(record, now)
+                if record.clean():
+                    db.execute(SQL.auth_forget, (client,))
+                else:
+                    db.execute(SQL.auth_write, auth_written(client, record))
+                if now >= self._next_sweep:
+                    self._next_sweep = now + AUTH_SWEEP_EVERY
+                    db.execute(SQL.auth_sweep, (now - window, now, now))
+            return record, result, now
+
+        return await self._run(run)
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:

@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
+from gateway.core import authcount
+from gateway.core.authcount import Record, Rules, Verdict
 from gateway.core.records import CallRow, Decision, DeliveryState
 from gateway.queue.health import QueueHealth
 
@@ -144,6 +146,18 @@ class QueueStore(Protocol):
         (half at first, recovering linearly: give rate_slot the same `recovery`)."""
         ...
 
+    # -- AUTH counts shared by every process and instance on this queue ----------------------------------
+
+    async def auth_begin(self, client: str, rules: Rules) -> tuple[Record, Verdict, float]:
+        """An AUTH attempt of `client` starts (gateway.core.authcount.begin, under the record's lock): the
+        record after it, the verdict, and the store's clock."""
+        ...
+
+    async def auth_end(self, client: str, rules: Rules, failed: bool, in_flight: bool) -> tuple[Record, bool, float]:
+        """An AUTH attempt of `client` ended (authcount.end): the record after it, whether its failure started a
+        lockout, and the store's clock."""
+        ...
+
     # -- idempotency keys (resends are not sent twice) --------------------------------------------------
 
     async def claim_key(
@@ -232,6 +246,36 @@ def message_row(m: NewMessage) -> MessageRow:
             m.submission,
         ),
     )
+
+
+# How often a process sweeps the shared AUTH counts of clients that stopped trying (seconds).
+AUTH_SWEEP_EVERY = 60.0
+AuthChange = Callable[[Record, float], tuple[Record, Any]]
+
+
+def auth_read(row: Any) -> tuple[Record, float]:
+    """A row of auth_clients (read with the store's clock as `now`): the record, and that clock."""
+    record = Record(
+        int(row["failures"]),
+        float(row["since"]),
+        int(row["in_flight"]),
+        float(row["in_flight_until"]),
+        float(row["locked_until"]),
+    )
+    return record, float(row["now"])
+
+
+def auth_written(client: str, r: Record) -> tuple[Any, ...]:
+    """The parameters of auth_write for `r`."""
+    return (r.failures, r.since, r.in_flight, r.in_flight_until, r.locked_until, client)
+
+
+def auth_begin_change(rules: Rules) -> AuthChange:
+    return lambda r, now: authcount.begin(r, now, rules)
+
+
+def auth_end_change(rules: Rules, failed: bool, in_flight: bool) -> AuthChange:
+    return lambda r, now: authcount.end(r, now, rules, failed=failed, in_flight=in_flight)
 
 
 CHUNK = 1 << 20

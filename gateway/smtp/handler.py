@@ -20,7 +20,7 @@ from gateway.config import LimitsSettings, ListenerSettings
 from gateway.core import replies
 from gateway.core.errors import GatewayError
 from gateway.core.model import Principal
-from gateway.limits.clients import Defenses, client_key
+from gateway.limits.clients import AuthTicket, Defenses, client_key
 from gateway.ops.metrics import AUTH, AUTH_DELAYED, AUTH_LOCKOUTS, AUTH_TRACKED, INTERNAL_ERRORS, LIMIT_HITS
 from gateway.pipeline import Pipeline
 
@@ -141,12 +141,9 @@ class GatewayHandler:
             await server.push(str(replies.AUTH_PLAIN_UNSPLIT))
             return AuthResult(success=False, handled=True)
         authzid, login, password = parts
-        if authzid and authzid != login:
-            # RFC 4616's authorization identity: to act as someone else. No login may (Postfix refuses it
-            # too unless allowed): refused unchecked, as a failed AUTH, so it never logs in as either.
-            unchecked = {**self._loggable(login.decode("utf-8", "replace")), "authzid": "differs from the login"}
-            return await self._refuse(server, server.session, unchecked)
-        return await self._check(server, login, password)
+        # RFC 4616's authorization identity: to act as someone else. No login may (Postfix refuses it too
+        # unless allowed): refused unchecked, as a failed AUTH, so it never logs in as either.
+        return await self._check(server, login, password, other_identity=bool(authzid) and authzid != login)
 
     async def auth_LOGIN(self, server: Any, args: list[str]) -> AuthResult:
         if await self._locked_out(server):
@@ -159,48 +156,65 @@ class GatewayHandler:
             return AuthResult(success=False, handled=True)
         return await self._check(server, login, password)
 
-    async def _check(self, server: Any, login: bytes, password: bytes) -> AuthResult:
+    async def _check(self, server: Any, login: bytes, password: bytes, other_identity: bool = False) -> AuthResult:
         session: Session = server.session
         try:
             username, secret = login.decode("utf-8"), password.decode("utf-8")
         except UnicodeDecodeError:
-            return await self._refuse(server, session, {"login_unknown": "not UTF-8"})
+            username, secret = "", ""
         checked, mapped_by = self.login_for(username)
         mapped = {"mapped_by": mapped_by} if mapped_by else {}
-        fields = {**self._loggable(checked), **mapped}
-        verdict = self.defenses.auth.before(_client(session))
-        if verdict.locked_for:  # locked out while this exchange ran
-            return await self._refuse(server, session, fields, checked=False)
-        if verdict.delay:
-            # This IP failed often: every attempt waits first (growing, bounded), then is checked.
-            AUTH_DELAYED.inc()
-            log.info("auth_delayed", peer=_peer(session), delay=verdict.delay, client_failures=verdict.failures)
-            await asyncio.sleep(verdict.delay)
+        fields = {**self._loggable(checked), **mapped} if username else {"login_unknown": "not UTF-8"}
+        if other_identity:
+            fields["authzid"] = "differs from the login"
+        # Counted from here until its outcome: attempts in flight count toward the lockout with the failures.
+        ticket, verdict = await self.defenses.auth.begin(_client(session))
+        if ticket is None:  # locked out (or as many attempts in flight as a lockout allows)
+            return await self._refuse(server, session, fields, None)
+        refused = False  # a refusal ends the ticket as a failure; anything else ends it here
         try:
-            principal = await self.authenticator.authenticate(checked, secret)
-        except AuthFailed:
-            return await self._refuse(server, session, fields)
-        except AuthUnavailable as exc:
-            AUTH.labels(result="unavailable").inc()
-            log.warning("auth_unavailable", peer=_peer(session), reason=str(exc), **fields)
-            server.mark_logged()
-            return AuthResult(success=False, handled=False, message=str(replies.AUTH_TEMPFAIL))
+            if not username or other_identity:
+                refused = True
+                return await self._refuse(server, session, fields, ticket)
+            if verdict.delay:
+                # This IP failed often: every attempt waits first (growing, bounded), then is checked.
+                AUTH_DELAYED.inc()
+                log.info("auth_delayed", peer=_peer(session), delay=verdict.delay, client_failures=verdict.failures)
+                await asyncio.sleep(verdict.delay)
+            try:
+                principal = await self.authenticator.authenticate(checked, secret)
+            except AuthFailed:
+                refused = True
+                return await self._refuse(server, session, fields, ticket)
+            except AuthUnavailable as exc:
+                AUTH.labels(result="unavailable").inc()
+                log.warning("auth_unavailable", peer=_peer(session), reason=str(exc), **fields)
+                server.mark_logged()
+                return AuthResult(success=False, handled=False, message=str(replies.AUTH_TEMPFAIL))
+        finally:
+            if not refused:
+                await self.defenses.auth.end(ticket, failed=False)
         AUTH.labels(result="ok").inc()
         log.info("auth_ok", peer=_peer(session), login=principal.login, account=principal.account, **mapped)
         return AuthResult(success=True, auth_data=principal, message=str(replies.AUTH_OK))
 
-    async def _refuse(self, server: Any, session: Session, fields: dict[str, str], checked: bool = True) -> AuthResult:
+    async def _refuse(
+        self, server: Any, session: Session, fields: dict[str, str], ticket: AuthTicket | None
+    ) -> AuthResult:
+        """A failed AUTH (its `ticket` ends as a failure), or one refused unchecked (no ticket: locked out)."""
         key = _client(session)
-        if checked:
+        checked = ticket is not None
+        if ticket is not None:
             AUTH.labels(result="invalid").inc()
-            locked = self.defenses.auth.failed(key)
+            locked = await self.defenses.auth.end(ticket, failed=True)
             AUTH_TRACKED.set(len(self.defenses.auth))
         else:
             AUTH.labels(result="locked_out").inc()
             locked = True
         failures = getattr(session, "auth_failures", 0) + 1
         session.auth_failures = failures  # type: ignore[attr-defined]
-        log.info("auth_failed", peer=_peer(session), failures=failures, **fields)
+        unchecked = {} if checked else {"checked": False}  # refused before any check: no guess was made
+        log.info("auth_failed", peer=_peer(session), failures=failures, **fields, **unchecked)
         server.mark_logged()
         if locked:
             if checked:
