@@ -140,7 +140,17 @@ def test_a_bug_in_mime_parsing_is_451_logged_with_its_traceback_and_counted(
 
 
 def test_what_the_stdlib_parser_raises_for_a_bad_message_is_still_554(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The email package's own errors (its documented MessageError family) mean an unreadable message."""
+    """The email package's own errors (its documented MessageError family) mean an unreadable message; so does
+    the one crash of the stdlib a real message triggers (RFC 2231 boundary sections mixed: a TypeError in
+    email.utils.decode_params)."""
+    mixed = (
+        b"From: a@acme.example\r\nSubject: x\r\n"
+        b"Content-Type: multipart/mixed; boundary*=utf-8''x; boundary*0=y\r\n\r\n--x\r\n\r\nhi\r\n--x--\r\n"
+    )
+    with pytest.raises(ContentRejected) as unreadable:
+        parse(mixed)
+    assert str(unreadable.value.reply) == "554 5.6.0 Message could not be parsed"
+    assert "TypeError" in unreadable.value.reason
 
     def unreadable(self: FeedParser, lines: list[str]) -> None:
         raise HeaderParseError("header line cannot be parsed")
