@@ -21,6 +21,7 @@ from gateway.mime import parse, text_to_html
 from gateway.providers.dengage import wire
 from gateway.providers.dengage.data import DengageLogin, DengageParams
 from gateway.upstream.response import HttpResponse
+from gateway.upstream.shape import Reading
 
 FIXTURES = Path(__file__).parent / "fixtures" / "dengage"
 PRINCIPAL = Principal(account="crm", login="erp", extra=DengageLogin(("erp",)))
@@ -213,4 +214,48 @@ def test_login_answers() -> None:
     ],
 )
 def test_froms_are_found_in_any_shape(body: Any) -> None:
-    assert wire.from_identities(answer(200, body)) == ("billing@crm.example", "news@mail.crm.example")
+    found = wire.from_identities(answer(200, body))
+    assert [i.address for i in found] == ["billing@crm.example", "news@mail.crm.example"]
+
+
+def test_identities_keep_id_name_and_address_and_only_their_addresses() -> None:
+    body = [
+        {
+            "Id": "7d1c", "FromName": "CRM Billing", "FromEmail": "Billing@CRM.example",
+            "CreatedBy": "admin@corp.example", "ReplyTo": "replies@corp.example", "Color": "blue",
+        },
+        {"publicId": "9e2f", "displayName": "News", "emailAddress": "News <news@mail.crm.example>"},
+    ]  # fmt: skip
+    reading = Reading()
+    found = wire.from_identities(answer(200, body), reading)
+    assert found == (
+        wire.Identity("7d1c", "CRM Billing", "billing@crm.example"),
+        wire.Identity("9e2f", "News", "news@mail.crm.example"),
+    )
+    # Address-looking values of other keys are no identities; a key nobody expected is named.
+    assert reading.unexpected == ["identities[].Color"]
+    assert reading.matched["identities[].address"] == "identities[].FromEmail"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"code": 0, "data": [{"id": 1, "label": "CRM", "value": "billing@crm.example"}]},  # no address key known
+        {"code": 0, "data": {"total": 1}},  # no list
+    ],
+)
+def test_froms_answer_not_recognised_is_temporary(body: Any) -> None:
+    # Never "no identities" (every sender refused for good): MAIL FROM gets 451 and the log says why.
+    with pytest.raises(UpstreamUnavailable, match="check-upstream"):
+        wire.from_identities(answer(200, body))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"access_token": "tok", "expires_in": 600},
+        {"code": 0, "message": "Success", "data": {"accessToken": "tok", "expiresIn": 600}},
+    ],
+)
+def test_login_token_in_either_spelling(body: Any) -> None:
+    assert wire.login_token(answer(200, body)) == wire.Token("tok", 600.0)

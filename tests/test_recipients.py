@@ -37,7 +37,7 @@ def test_to_cc_bcc_each_get_one_copy(gateway: Running) -> None:
     assert body["contacto"] == {"email": "ann@example.com", "nombre": "Ann", "apellido": "Smith"}
     assert body["copia"] == [{"cc_email": "carl@example.com", "cc_nombre": "Carl"}]
     assert body["copia_oculta"] == [{"bcc_email": "hidden@example.com"}]
-    assert text == f"2.0.0 Ok: queued as {gateway.sent[0]['response']['eeid']}"
+    assert text == f"2.0.0 Ok: queued as {gateway.sent[0]['upstream_id']}"
 
 
 def test_header_only_addresses_get_nothing(gateway: Running) -> None:
@@ -61,7 +61,7 @@ def test_several_to_use_a_second_call_in_the_same_batch(gateway: Running) -> Non
     assert first["copia_oculta"] == [{"bcc_email": "e@example.com"}]
     assert "reuse_eeid" not in first
     assert [c["email"] for c in second["contactos"]] == ["b@example.com", "c@example.com"]
-    first_eeid = gateway.sent[0]["response"]["eeid"]
+    first_eeid = gateway.sent[0]["upstream_id"]
     assert (second["reuse_eeid"], second["eeid"]) == (True, first_eeid)
     # Bcc never rides on a call whose contacts could see it, and no address gets two copies.
     assert "copia" not in second

@@ -61,7 +61,7 @@ class DengageProvider(ProviderBase[DengageAccount]):
         super().__init__(account, settings, http, limiter or Unlimited())
         self.tokens = TokenSource(account, http, self.limiter, settings.api_userkey, settings.api_password, clock)
         self.identities = Identities(account, self._fetch_froms, settings.froms_ttl, clock)
-        self._policy: tuple[tuple[str, ...], SenderPolicy] | None = None
+        self._policy: tuple[tuple[wire.Identity, ...], SenderPolicy] | None = None
         # The API user's login as it appears in logs and replies: never the userkey itself.
         self._api_login = f"{account}:api-user"
         self._warned_no_id = False
@@ -106,11 +106,11 @@ class DengageProvider(ProviderBase[DengageAccount]):
     async def sender_policy(self) -> SenderPolicy:
         """The domains of the account's From identities (narrowed by sender_domains); a From outside them
         is refused with a reply that names them. Raises Deferred while they were never fetched."""
-        addresses = await self.identities.addresses()
+        identities = await self.identities.current()
         cached = self._policy
-        if cached is not None and cached[0] is addresses:
+        if cached is not None and cached[0] is identities:
             return cached[1]
-        domains = frozenset(ascii_domain(domain_of(a)) for a in addresses)
+        domains = frozenset(ascii_domain(domain_of(i.address)) for i in identities)
         if self.settings.sender_domains:
             wanted = frozenset(ascii_domain(d) for d in self.settings.sender_domains)
             if wanted - domains:
@@ -122,7 +122,7 @@ class DengageProvider(ProviderBase[DengageAccount]):
                 )
             domains &= wanted
         policy = SenderPolicy(domains=domains, name_domains=True)
-        self._policy = (addresses, policy)
+        self._policy = (identities, policy)
         return policy
 
     async def prepare(
@@ -191,7 +191,7 @@ class DengageProvider(ProviderBase[DengageAccount]):
             log.warning("dengage_answer_without_id", account=self.account, keys=list(result.keys))
         return result
 
-    async def _fetch_froms(self) -> tuple[str, ...]:
+    async def _fetch_froms(self) -> tuple[wire.Identity, ...]:
         return await self._authorized("froms", "GET", str(wire.WIRE["froms"]), wire.from_identities)
 
     async def _authorized(

@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from email.utils import parseaddr
 from typing import Any
 
 from gateway.core.errors import (
@@ -24,6 +25,7 @@ from gateway.core.model import Submission
 from gateway.mime import jsonbody, text_to_html
 from gateway.providers.dengage.data import DengageParams
 from gateway.upstream.response import HttpResponse
+from gateway.upstream.shape import Reading
 
 # Every wire name in one table, tagged as in shared/upstream-apis.md part 2:
 #   [V] vendor docs, [C] seen in real client code or notes, [I] our inference.
@@ -33,10 +35,8 @@ WIRE: dict[str, str | None] = {
     "login": "/login",  # [C] POST {userkey, password} -> {access_token, expires_in}; base ends in /rest
     "login_userkey": "userkey",  # [C] every client sends it lower-case; the docs write userKey
     "login_password": "password",  # [C]
-    "access_token": "access_token",  # [C]
-    "expires_in": "expires_in",  # [C] seconds; 3600 when absent [C]
     "send": "/transactional/email",  # [C] POST
-    "froms": "/email/froms",  # [C] GET; the answer's shape is [I] (parsed for anything address-like)
+    "froms": "/email/froms",  # [C] GET; the answer's shape is [I] (IDENTITY_KEYS)
     "to_object": "send",  # [C] "Send can not be null"
     "to": "to",  # [C] send.to: ONE address, a string (an array is a deserializer error)
     "content": "content",  # [C]
@@ -60,6 +60,12 @@ WIRE: dict[str, str | None] = {
     # PROJECT-LOG), nothing for email, and not whether it is a header or a field. Unconfirmed: nothing
     # is sent. Set this to the header name once confirmed; `idempotency_key` below derives the value.
     "idempotency_header": None,
+}
+# The login answer's keys, first match wins (letter case ignored): access_token and expires_in (seconds;
+# 3600 when absent) [C]; the camelCase spellings ASP.NET answers use elsewhere [I].
+TOKEN_KEYS: dict[str, tuple[str, ...]] = {
+    "access_token": ("access_token", "accessToken", "token"),
+    "expires_in": ("expires_in", "expiresIn"),
 }
 # The answer: {"code": 0, "message": ..., "data": {...}} [C]; "transactionId" at the root [C] (C-NIS's
 # notes); "transactionalIds per recipient and a groupId for all" [V] with unknown JSON keys: looked for
@@ -265,19 +271,22 @@ def check_status(response: HttpResponse, what: str) -> Any:
     return data
 
 
-def login_token(response: HttpResponse) -> Token:
+def login_token(response: HttpResponse, reading: Reading | None = None) -> Token:
     """POST /rest/login's answer: the token, or UpstreamAuthFailed when the credentials are refused."""
     try:
         data = check_status(response, "login")
     except (TokenRejected, UpstreamRejected) as exc:
         # 401 or another 4xx on login: the API user's key or password is wrong.
         raise UpstreamAuthFailed(f"dEngage refused the API user's credentials ({exc.reason})") from None
-    token = data.get(WIRE["access_token"]) if isinstance(data, dict) else None
+    reading = reading if reading is not None else Reading()
+    # At the root [C], or inside the {code, message, data} envelope the other endpoints use [I].
+    places = [p for p in (data, data.get("data") if isinstance(data, dict) else None) if isinstance(p, dict)]
+    token = next((t for p in places if (t := reading.first(p, "access_token", TOKEN_KEYS["access_token"]))), None)
     if not isinstance(token, str) or not token:
         if data is None:
             raise UpstreamUnavailable("dEngage answered the login with a body that is not JSON")
         raise UpstreamAuthFailed(f"dEngage login returned no token ({upstream_reason(response, data)})")
-    expires = data.get(WIRE["expires_in"])
+    expires = next((e for p in places if (e := reading.first(p, "expires_in", TOKEN_KEYS["expires_in"]))), None)
     seconds = float(expires) if isinstance(expires, (int, float)) and expires > 0 else DEFAULT_EXPIRES_IN
     return Token(token, seconds)
 
@@ -345,32 +354,106 @@ def send_result(response: HttpResponse) -> SendResult:
     )
 
 
-# Address-like strings in the froms answer, whatever its shape [I]: "a@b.c" or "Name <a@b.c>".
-_ADDRESS = re.compile(r"<?([^\s<>\"@,;]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)+)>?")
+# The froms answer's keys [I]: its shape is not documented, and C-TT only names what it lists (a name and an
+# address per identity). Each field from its candidates, first match wins, letter case ignored; an item may
+# also be a string ("Name <a@b.c>" or "a@b.c"), and an address value an object with the address inside.
+IDENTITY_KEYS: dict[str, tuple[str, ...]] = {
+    "list": ("data", "items", "result", "results", "froms", "emailFroms", "list"),
+    "id": ("id", "fromId", "emailFromId", "publicId", "uuid", "fromNameId"),
+    "name": ("name", "fromName", "displayName", "senderName", "title"),
+    "address": (
+        "fromAddress",
+        "address",
+        "email",
+        "emailAddress",
+        "fromEmail",
+        "emailFrom",
+        "from",
+        "senderEmail",
+        "senderAddress",
+    ),
+}
+# Keys an identity may have that the gateway does not read: not reported as unexpected. Their values are
+# never taken for identities (a `createdBy` address is a user, not a sender).
+IDENTITY_OTHER_KEYS = ("createdBy", "createdDate", "modifiedBy", "modifiedDate", "replyTo", "isDefault", "status")
 
 
-def _strings(value: Any, depth: int = 0) -> Iterator[str]:
-    if depth > 6:
-        return
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, list):
-        for item in value:
-            yield from _strings(item, depth + 1)
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _strings(item, depth + 1)
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """One of the account's From identities (GET /rest/email/froms): its id (None when the answer gives
+    none), its display name and its address (lower case)."""
+
+    id: str | None
+    name: str
+    address: str
 
 
-def from_identities(response: HttpResponse) -> tuple[str, ...]:
-    """GET /rest/email/froms' answer: the account's sender addresses (lower-case, in order, once each)."""
+def _mailbox(value: Any) -> tuple[str, str] | None:
+    """(name, address) of "Name <a@b.c>" or "a@b.c"."""
+    if not isinstance(value, str) or "@" not in value:
+        return None
+    name, address = parseaddr(value)
+    address = address.strip().lower().rstrip(".")
+    return (name.strip(), address) if "@" in address and " " not in address else None
+
+
+def _identity(item: Any, reading: Reading) -> Identity | None:
+    if isinstance(item, str):
+        found = _mailbox(item)
+        return Identity(None, *found) if found else None
+    if not isinstance(item, dict):
+        return None
+    fields = reading.fields(
+        item, {k: IDENTITY_KEYS[k] for k in ("id", "name", "address")}, "identities[].", IDENTITY_OTHER_KEYS
+    )
+    address = fields.get("address")
+    if isinstance(address, dict):  # {"from": {"name": ..., "address": ...}}
+        inner = reading.fields(address, {k: IDENTITY_KEYS[k] for k in ("name", "address")}, "identities[].address.")
+        address, fields = inner.get("address"), {**inner, **{k: v for k, v in fields.items() if k != "address"}}
+    mailbox = _mailbox(address)
+    if mailbox is None:
+        return None
+    raw_id = fields.get("id")
+    name = fields.get("name")
+    return Identity(
+        None if raw_id is None or raw_id == "" else str(raw_id),
+        name.strip() if isinstance(name, str) and name.strip() else mailbox[0],
+        mailbox[1],
+    )
+
+
+def _identity_list(data: Any, reading: Reading, depth: int = 0) -> list[Any] | None:
+    if isinstance(data, list):
+        return data
+    if not isinstance(data, dict) or depth > 2:
+        return None
+    inner = reading.first(data, "list", IDENTITY_KEYS["list"])
+    return _identity_list(inner, reading, depth + 1)
+
+
+def from_identities(response: HttpResponse, reading: Reading | None = None) -> tuple[Identity, ...]:
+    """GET /rest/email/froms' answer: the account's From identities (in order, each address once).
+    UpstreamUnavailable when the answer is not one the gateway can read (never: no identity, which would
+    refuse every sender for good)."""
     data = check_status(response, "the froms list")
     if data is None:
         raise UpstreamUnavailable("dEngage answered the froms list with a body that is not JSON")
     if isinstance(data, dict) and _failure_code(data) is not None:
         raise UpstreamUnavailable(f"dEngage refused the froms list: {upstream_reason(response, data)}")
-    found: dict[str, None] = {}
-    for text in _strings(data):
-        for match in _ADDRESS.finditer(text):
-            found.setdefault(match.group(1).lower().rstrip("."), None)
-    return tuple(found)
+    reading = reading if reading is not None else Reading()
+    items = _identity_list(data, reading)
+    if items is None:
+        raise UpstreamUnavailable(
+            "dEngage's froms answer holds no list the gateway recognises (smtp-gateway check-upstream shows it)"
+        )
+    found: dict[str, Identity] = {}
+    for item in items:
+        identity = _identity(item, reading)
+        if identity is not None:
+            found.setdefault(identity.address, identity)
+    if items and not found:
+        raise UpstreamUnavailable(
+            "dEngage's froms answer lists identities without an address the gateway recognises "
+            f"({reading.describe()}; smtp-gateway check-upstream shows it)"
+        )
+    return tuple(found.values())

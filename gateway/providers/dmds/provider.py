@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 
+import structlog
+
 from gateway.config.base import UserSettings
 from gateway.core import replies
 from gateway.core.cache import AsyncCache, Fresh
@@ -23,6 +25,9 @@ from gateway.providers.dmds.data import DmdsLogin, DmdsParams
 from gateway.providers.dmds.legs import Leg, plan_legs
 from gateway.upstream.client import HttpClient
 from gateway.upstream.ratelimit import RateLimiter, Unlimited
+from gateway.upstream.shape import Reading
+
+log = structlog.get_logger("gateway.dmds")
 
 _SMTP_API_LOGIN = re.compile(r"^(?P<dmdsid>[A-Za-z0-9_.]+)-(?P<numid>\d{1,12})$")
 # Campaign numids whose existence is remembered (each of known and unknown ones): a client choosing
@@ -60,6 +65,8 @@ class DmdsProvider(ProviderBase[DmdsAccount]):
             CAMPAIGNS_CACHED, negative=lambda known: not known, clock=clock
         )  # campaign numid -> whether DMDS has it
         self._policy = sender_policy(settings)
+        # Whether the campaign listing answers in a way the gateway recognises (else campania_apikey does).
+        self._listing_usable = True
 
     # -- logins ------------------------------------------------------------------------------------
 
@@ -92,18 +99,47 @@ class DmdsProvider(ProviderBase[DmdsAccount]):
             return Principal(account=self.account, login=username, extra=DmdsLogin(campaign_from_subject=True))
         return None
 
-    async def campaign_apikey(self, numid: int) -> str | None:
+    async def campaign_apikey(self, numid: int, reading: Reading | None = None) -> str | None:
+        """The campaign's apikey (campania_apikey), or None when DMDS has no such API campaign."""
+        reading = reading if reading is not None else Reading()
         response = await self.http.request(
             "campaign_apikey", "GET", wire.WIRE["campaign_apikey"].format(numid=numid), headers=self._headers
         )
-        return wire.campaign_apikey(response)
+        key = wire.campaign_apikey(response, reading)
+        log.debug(
+            "dmds_campaign_apikey", account=self.account, campaign=numid, found=key is not None, read=reading.describe()
+        )
+        return key
+
+    async def campaigns_listed(self, numid: int | None = None, reading: Reading | None = None) -> frozenset[int]:
+        """The API campaigns the campaign listing names (one, or all); wire.ListingUnusable when it cannot say."""
+        path, body = wire.listing_request(numid)
+        response = await self.http.request("campaigns", "GET", path, headers=self._headers, content=body)
+        return wire.campaign_listing(response, reading)
 
     async def campaign_known(self, numid: int) -> bool:
         """Whether DMDS has this API campaign (cached like credentials; concurrent checks share one lookup)."""
         return await self._known.get(numid, lambda: self._look_up_campaign(numid))
 
     async def _look_up_campaign(self, numid: int) -> Fresh[bool]:
-        known = await self.campaign_apikey(numid) is not None
+        """The campaign listing says whether the campaign exists; when it cannot (no such path, an answer
+        not recognised), campania_apikey answers instead, from then on (said once, at warning level)."""
+        via = "campania_apikey"
+        reading = Reading()
+        known: bool | None = None
+        if self._listing_usable:
+            try:
+                known = numid in await self.campaigns_listed(numid, reading)
+                via = "listing"
+            except wire.ListingUnusable as exc:
+                if self._listing_usable:  # said once, whichever concurrent lookup learnt it first
+                    self._listing_usable = False
+                    log.warning("dmds_campaign_listing_unusable", account=self.account, reason=str(exc), instead=via)
+        if known is None:
+            known = await self.campaign_apikey(numid, reading) is not None
+        log.debug(
+            "dmds_campaign_checked", account=self.account, campaign=numid, known=known, via=via, read=reading.describe()
+        )
         return Fresh(known, self.settings.credential_cache_ttl if known else self.settings.negative_cache_ttl)
 
     # -- acceptance --------------------------------------------------------------------------------
