@@ -10,7 +10,9 @@ import pytest
 
 from gateway.providers.sandbox import SHAPES, SandboxState
 from tests.harness import APIKEY, CAMPAIGNS, Running, sandbox_for_tests
+from tests.ops_util import captured_with_context, sample
 from tests.smtputil import message, send, session
+from tests.spool_helpers import wait_for
 from tests.test_dengage_e2e import message as dengage_message
 from tests.test_dengage_e2e import send as dengage_send
 
@@ -68,3 +70,39 @@ def test_sandbox_shape_switches_at_run_time(shaped: Running) -> None:
     [sent] = shaped.sent
     assert ("eeid" in sent["response"]) == (other == "seed")  # answered in the new shape
     assert httpx.post(f"{shaped.sandbox_url}/_sandbox/shape", json={"shape": "other"}).status_code == 400
+
+
+def test_dmds_sent_count_is_recorded_never_as_delivered(shaped: Running) -> None:
+    # DMDS takes the call but does not send to an address it holds invalid: `sent` is lower than the
+    # recipients (contacts + copies), as the seed warns.
+    httpx.post(f"{shaped.sandbox_url}/_sandbox/dmds", json={"unsent": ["dee@example.com"]}).raise_for_status()
+    short = sample("smtp_gateway_dmds_sent_short_total", account="acme")
+    with captured_with_context() as logs, session(shaped) as client:
+        full = send(client, message(subject="everyone"), ["client@example.com"])
+        partly = send(
+            client,
+            message(subject="one unsent", extra="Cc: dee@example.com\r\n"),
+            ["client@example.com", "dee@example.com"],
+        )
+    assert full[0] == partly[0] == 250
+    assert sample("smtp_gateway_dmds_sent_short_total", account="acme") == short + 1
+    [fewer] = [e for e in logs if e["event"] == "dmds_sent_fewer_than_recipients"]
+    assert (fewer["sent"], fewer["recipients"], fewer["eeid"]) == (1, 2, shaped.sent[1]["upstream_id"])
+    # The count travels with the message's log lines (the message ledger records it from Outcome.sent).
+    assert [e["upstream_sent"] for e in logs if e["event"] == "message_sent"] == [1, 1]
+    accepted = [e for e in logs if e["event"] == "message_accepted"]
+    assert [(e["rcpts"], e["upstream_sent"]) for e in accepted] == [(1, 1), (2, 1)]
+    assert not any("delivered" in e for e in accepted)
+
+
+def test_dmds_sent_count_of_a_queued_message_is_logged_when_it_is_delivered(
+    gateway_factory: Callable[..., Running],
+) -> None:
+    gw = gateway_factory(delivery={"retry_schedule": [0.2], "retry_jitter": 0.0, "poll_interval": 0.1})
+    gw.fault(status=503, count=1, kind="send")
+    with captured_with_context() as logs:
+        with session(gw) as client:
+            assert send(client, message(subject="queued first"))[0] == 250
+        wait_for(lambda: any(e["event"] == "message_delivered" for e in logs), what="the retry delivered")
+    [delivered] = [e for e in logs if e["event"] == "message_delivered"]
+    assert (delivered["upstream_ids"], delivered["upstream_sent"]) == ([gw.sent[0]["upstream_id"]], 1)

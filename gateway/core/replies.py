@@ -102,6 +102,8 @@ UNKNOWN_CAMPAIGN = Reply(554, "5.6.0", "Unknown campaign")
 """DMDS: the campaign does not exist, or is not among the account's `campaigns`."""
 CAMPAIGN_NOT_PERMITTED = Reply(550, "5.7.1", "Login may not choose the campaign")
 """DMDS: an `X-Gateway-Campaign` header from a login without `may_choose_campaign`."""
+BAD_BATCH = Reply(554, "5.6.0", "X-Gateway-Batch must be a DMDS batch id (the eeid of an earlier message: a UUID)")
+"""DMDS: an `X-Gateway-Batch` header whose value is not a UUID (an eeid a 250 reply named)."""
 NO_SUBJECT = Reply(
     554, "5.6.0", "Subject cannot be empty: dEngage needs a Subject (or an X-Gateway-Template whose content has one)"
 )

@@ -253,7 +253,7 @@ class DeliveryOwner:
             await self._internal_error(attempt.msg_id, attempt.token or 0, stored, exc, "inline_delivery")
         else:
             decision = self._decide(stored, outcome, attempt.submission, "inline", self._bound(attempt))
-            await self._settle(attempt.msg_id, attempt.token or 0, decision, attempt.log)
+            await self._settle(attempt.msg_id, attempt.token or 0, decision, attempt.log, outcome)
         finally:
             self.held.pop(attempt.msg_id, None)
 
@@ -274,9 +274,12 @@ class DeliveryOwner:
         bound, verdict = attempt.log, decision.verdict
         self._gone(attempt, verdict)
         receipt = attempt.receipt
+        receipt.upstream_sent = outcome.sent_total()
         if verdict == "delivered":
             receipt.upstream_ids = _ids(decision)
-            bound.info("message_sent", upstream_ids=receipt.upstream_ids, calls=len(decision.calls))
+            bound.info(
+                "message_sent", upstream_ids=receipt.upstream_ids, calls=len(decision.calls), **_sent_field(outcome)
+            )
             return attempt.queued(decision.first_id or attempt.msg_id)
         if verdict == "refused":
             assert decision.refusal is not None
@@ -404,7 +407,8 @@ class DeliveryOwner:
                 await self._mark_sending(item.id, item.token, keys)
 
             outcome = await provider.deliver(submission, done, before_send)
-        await self._settle(item.id, item.token, self._decide(before, outcome, submission, "queue", bound), bound)
+        decision = self._decide(before, outcome, submission, "queue", bound)
+        await self._settle(item.id, item.token, decision, bound, outcome)
 
     # -- shared ----------------------------------------------------------------------------------------
 
@@ -439,7 +443,12 @@ class DeliveryOwner:
         return decision
 
     async def _settle(
-        self, msg_id: str, token: int, decision: Decision, bound: structlog.typing.FilteringBoundLogger
+        self,
+        msg_id: str,
+        token: int,
+        decision: Decision,
+        bound: structlog.typing.FilteringBoundLogger,
+        outcome: Outcome | None = None,
     ) -> None:
         for attempt in range(5):
             try:
@@ -461,7 +470,7 @@ class DeliveryOwner:
             return
         verdict = decision.verdict
         if verdict == "delivered":
-            bound.info("message_delivered", upstream_ids=_ids(decision))
+            bound.info("message_delivered", upstream_ids=_ids(decision), **_sent_field(outcome))
         elif verdict == "queued":
             self.wakeup.set()
             bound.info(
@@ -555,3 +564,10 @@ def dead_cause(decision: Decision) -> str:
 
 def _ids(decision: Decision) -> list[str]:
     return [c.upstream_id for c in decision.calls.values() if c.state == "done" and c.upstream_id]
+
+
+def _sent_field(outcome: Outcome | None) -> dict[str, int]:
+    """`upstream_sent` for a log line: mails the upstream says this attempt's calls sent (DMDS `sent`), when
+    it says; a count of sends, never of deliveries."""
+    total = outcome.sent_total() if outcome is not None else None
+    return {} if total is None else {"upstream_sent": total}

@@ -17,6 +17,7 @@ from gateway.core.errors import ContentRejected, Deferred, Rejected
 from gateway.core.model import Call, Message, Principal, ProviderData, Submission
 from gateway.core.outcome import BeforeSend, Outcome, no_hook
 from gateway.mime import jsonbody
+from gateway.ops.metrics import DMDS_SENT_SHORT, FIELDS_NOT_SENT
 from gateway.policy import SenderPolicy, ascii_address, ascii_domain
 from gateway.providers.base import ProviderBase
 from gateway.providers.dmds import campaigns, wire
@@ -163,12 +164,14 @@ class DmdsProvider(ProviderBase[DmdsAccount]):
         params = DmdsParams(
             campaign=campaign,
             archive=campaigns.option_flag(message.options, "archive", self.settings.archive),
-            batch=(message.options.get("batch") or "").strip() or None,
+            batch=campaigns.batch_option(message.options),
+            one_contact_per_call=message.reply_to is not None,
         )
         return Submission(principal=principal, mail_from=mail_from, rcpt_tos=rcpt_tos, message=message, params=params)
 
     def legs(self, submission: Submission) -> tuple[Leg, ...]:
-        return plan_legs(submission.rcpt_tos, submission.message.to, submission.message.cc)
+        one_each = DmdsParams.read(submission.params).one_contact_per_call
+        return plan_legs(submission.rcpt_tos, submission.message.to, submission.message.cc, one_each)
 
     def plan(self, submission: Submission) -> tuple[Call, ...]:
         return tuple(Call(leg.key, leg.recipients) for leg in self.legs(submission))
@@ -189,7 +192,7 @@ class DmdsProvider(ProviderBase[DmdsAccount]):
         if batch is None:
             first, rest = pending[0], pending[1:]
             try:
-                batch = (await self.send_leg(submission, first, None, before_send)).upstream_id
+                result = await self.send_leg(submission, first, None, before_send)
             except Deferred as exc:
                 outcome.deferred[first.key] = exc
                 outcome.skipped.update(leg.key for leg in rest)
@@ -198,28 +201,47 @@ class DmdsProvider(ProviderBase[DmdsAccount]):
                 outcome.rejected[first.key] = exc
                 outcome.skipped.update(leg.key for leg in rest)
                 return outcome
-            outcome.delivered[first.key] = batch
+            outcome.delivered[first.key] = batch = result.upstream_id
+            if result.sent is not None:
+                outcome.sent[first.key] = result.sent
         await outcome.record_all({leg.key: self.send_leg(submission, leg, batch, before_send) for leg in rest})
         return outcome
 
     async def send_leg(
         self, submission: Submission, leg: Leg, batch: str | None, before_send: BeforeSend = no_hook
     ) -> wire.SendResult:
-        """One call: send_one_inline for one contact, send_many_inline for several; `batch` joins it to an eeid."""
-        path = wire.WIRE["send_one"] if len(leg.contacts) == 1 else wire.WIRE["send_many"]
+        """One call: send_one_inline for one contact, send_many_inline for several; `batch` joins it to an eeid.
+        DMDS' `sent` (mails the call sent, copies included) is returned with the eeid; fewer than the call's
+        recipients is logged and counted (DMDS sends nothing to an address it holds invalid [V])."""
+        one = len(leg.contacts) == 1
+        if not one and submission.message.reply_to is not None:
+            # Queued before such messages got one call per contact: reply-to is for send_one calls only [S].
+            FIELDS_NOT_SENT.labels(account=self.account, field="reply_to").inc()
         content = jsonbody.encode(wire.build_payload(submission, leg, batch))
         await self.limiter.acquire()
         await before_send((leg.key,))
         response = await self.http.request(
-            "send_one" if len(leg.contacts) == 1 else "send_many",
+            "send_one" if one else "send_many",
             "POST",
-            path,
+            wire.WIRE["send_one"] if one else wire.WIRE["send_many"],
             headers=self._headers,
             content=content,
         )
         try:
-            return wire.classify(response)
+            result = wire.classify(response)
         except Deferred as exc:
             if response.status == 429:
                 await self.limiter.penalize(getattr(exc, "retry_after", None))
             raise
+        recipients = len(leg.recipients)
+        if result.sent is not None and result.sent < recipients:
+            DMDS_SENT_SHORT.labels(account=self.account).inc()
+            log.warning(
+                "dmds_sent_fewer_than_recipients",
+                account=self.account,
+                call=leg.key,
+                eeid=result.upstream_id,
+                sent=result.sent,
+                recipients=recipients,
+            )
+        return result

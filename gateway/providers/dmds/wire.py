@@ -38,7 +38,7 @@ WIRE = {
     "subject": "asunto",  # [S]
     "sender": "remitente",  # [S] (seed's error examples use it)
     "sender_name": "remitente_nombre",  # [S]
-    "reply_to": "reply-to",  # [S] single address, no display name
+    "reply_to": "reply-to",  # [S] single address, no display name; send_one_inline / send_one_uri only
     "cc": "copia",  # [S] list of {cc_email, cc_nombre}
     "cc_email": "cc_email",  # [S]
     "cc_name": "cc_nombre",  # [S]
@@ -109,7 +109,8 @@ def build_payload(submission: Submission, leg: Leg, batch_id: str | None) -> dic
         body[WIRE["sender"]] = msg.from_.email
         if msg.from_.name:
             body[WIRE["sender_name"]] = msg.from_.name
-    if msg.reply_to is not None:
+    if msg.reply_to is not None and len(leg.contacts) == 1:
+        # Documented for the send_one calls only [S] (messages with a Reply-To get one call per contact).
         body[WIRE["reply_to"]] = msg.reply_to.email
     if leg.cc:
         body[WIRE["cc"]] = [
