@@ -360,10 +360,10 @@ def test_bcc_and_cc_get_their_own_copy_and_stay_hidden(gateway_factory: Callable
 
 
 def test_option_headers_are_consumed_and_x_headers_forwarded(gateway_factory: Callable[..., Running]) -> None:
-    gw = gateway_factory(dengage={"tags": ["crm"]})
+    gw = gateway_factory(dengage={"tags": ["crm"], "forward_x_headers": ["x-order-*"]})
     extra = (
         "X-Gateway-Tags: invoices, erp\r\nX-Gateway-Template: 2206f32b-8d1a-4058-929c-de600493862a\r\n"
-        "X-Order-Id: 42\r\n"
+        "X-Order-Id: 42\r\nX-Originating-IP: [192.0.2.7]\r\n"
     )
     code, text = send(gw, message("templated", extra=extra))
     assert code == 250, text

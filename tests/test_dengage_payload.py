@@ -259,3 +259,27 @@ def test_froms_answer_not_recognised_is_temporary(body: Any) -> None:
 )
 def test_login_token_in_either_spelling(body: Any) -> None:
     assert wire.login_token(answer(200, body)) == wire.Token("tok", 600.0)
+
+
+def test_from_fields_go_at_their_paths_beside_the_gateways_own() -> None:
+    sender = {"content.fromAddress": "desk@crm.example", "content.fromName": "Desk", "sender.identity.id": "7d1c"}
+    body = wire.build_payload(submission(), ANN, sender)
+    assert body["content"] == {
+        "subject": "Invoice 42",
+        "html": "<p>Hello</p>",
+        "fromAddress": "desk@crm.example",
+        "fromName": "Desk",
+    }
+    assert body["sender"] == {"identity": {"id": "7d1c"}}
+    assert body["send"] == {"to": ANN}
+
+
+def test_identity_for_an_address_or_its_domain() -> None:
+    ids = (
+        wire.Identity("1", "Billing", "billing@crm.example"),
+        wire.Identity("2", "News", "news@mail.crm.example"),
+        wire.Identity("3", "Desk", "desk@crm.example"),
+    )
+    assert wire.identity_for(ids, "Desk@CRM.example") == ids[2]
+    assert wire.identity_for(ids, "someone@crm.example") == ids[0]  # the domain's first
+    assert wire.identity_for(ids, "x@other.example") is None

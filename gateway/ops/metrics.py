@@ -66,7 +66,8 @@ FIELDS_NOT_SENT = Counter(
     "Parts of messages the upstream call did not carry, by field: reply_to (a DMDS send_many_inline call, queued "
     "before messages with a Reply-To got one call per contact), content_id (dEngage messages with inline images "
     "while no Content-ID field is known), x_headers (dEngage messages with X- headers not in the account's "
-    "forward_x_headers), header_addresses (messages whose invalid header-only To/Cc addresses a listener's "
+    "forward_x_headers), from_identity (dEngage calls whose From has no identity id for from_identity_field), "
+    "header_addresses (messages whose invalid header-only To/Cc addresses a listener's "
     "drop_invalid_header_addresses removed)",
     ["account", "field"],
     registry=REGISTRY,

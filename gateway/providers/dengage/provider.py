@@ -3,10 +3,13 @@ account's From identities as the permitted sender domains, tags and a template p
 
 from __future__ import annotations
 
+import fnmatch
 import hmac
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
+from datetime import UTC, datetime
 from typing import TypeVar
 
 import orjson
@@ -15,9 +18,10 @@ import structlog
 from gateway.config.base import UserSettings
 from gateway.core import replies
 from gateway.core.errors import ContentRejected, RateLimited, UpstreamAuthFailed
-from gateway.core.model import Call, Message, Principal, ProviderData, Submission
+from gateway.core.model import Address, Call, Message, Principal, ProviderData, Submission
 from gateway.core.outcome import BeforeSend, Outcome, no_hook
 from gateway.mime import jsonbody
+from gateway.ops.metrics import FIELDS_NOT_SENT
 from gateway.policy import SenderPolicy, ascii_domain, domain_of
 from gateway.providers.base import ProviderBase
 from gateway.providers.dengage import wire
@@ -65,6 +69,7 @@ class DengageProvider(ProviderBase[DengageAccount]):
         # The API user's login as it appears in logs and replies: never the userkey itself.
         self._api_login = f"{account}:api-user"
         self._warned_no_id = False
+        self._x_header_patterns = tuple(p.lower() for p in settings.forward_x_headers)
 
     # -- logins ------------------------------------------------------------------------------------
 
@@ -138,11 +143,62 @@ class DengageProvider(ProviderBase[DengageAccount]):
                     f"X-Gateway-Template must be a dEngage content id (a UUID), got {template[:60]!r}"
                 ) from None
         elif not message.subject.strip():
-            raise ContentRejected(reply=replies.NO_SUBJECT)
+            if self.settings.default_subject is None:
+                raise ContentRejected(reply=replies.NO_SUBJECT)
+            message = replace(message, subject=self._default_subject(principal, message, mail_from))
+        message = self._forwarded(message)
         tags = merge_tags(self.settings.tags, DengageLogin.read(principal.extra).tags, options.get(TAGS_OPTION, ""))
         # `ref` is chosen once and kept with the queued message: the seed of each call's idempotency key.
         params = DengageParams(tags=tuple(tags), template=template, ref=uuid.uuid4().hex)
         return Submission(principal=principal, mail_from=mail_from, rcpt_tos=rcpt_tos, message=message, params=params)
+
+    def _default_subject(self, principal: Principal, message: Message, mail_from: str) -> str:
+        """The account's default_subject for a message without one (its placeholders filled in)."""
+        template = self.settings.default_subject
+        assert template is not None
+        sender = message.from_ or Address(mail_from)
+        values = {
+            "login": principal.login,
+            "account": self.account,
+            "from": sender.email,
+            "from_name": sender.name or sender.email,
+            "date": datetime.now(UTC).date().isoformat(),
+        }
+        return replies.sanitize(template.format_map(values), limit=998)
+
+    def _forwarded(self, message: Message) -> Message:
+        """The message with only the X- headers the account forwards (forward_x_headers); what dEngage cannot
+        be given is counted (smtp_gateway_fields_not_sent_total)."""
+        if message.x_headers:
+            kept = tuple((name, value) for name, value in message.x_headers if self._forwards(name.lower()))
+            if len(kept) != len(message.x_headers):
+                FIELDS_NOT_SENT.labels(account=self.account, field="x_headers").inc()
+                message = replace(message, x_headers=kept)
+        if not wire.WIRE["att_cid"] and any(a.inline and a.content_id for a in message.attachments):
+            FIELDS_NOT_SENT.labels(account=self.account, field="content_id").inc()
+        return message
+
+    def _forwards(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self._x_header_patterns)
+
+    async def _sender(self, message: Message) -> dict[str, str]:
+        """The From's fields where the account's settings put them (none by default: no name is confirmed)."""
+        sender = message.from_
+        if sender is None:
+            return {}
+        settings, w = self.settings, wire.WIRE
+        fields: dict[str, str] = {}
+        if address_field := settings.from_address_field or w["from_address"]:
+            fields[address_field] = sender.email
+        if (name_field := settings.from_name_field or w["from_name"]) and sender.name:
+            fields[name_field] = sender.name
+        if identity_field := settings.from_identity_field or w["from_identity"]:
+            identity = wire.identity_for(await self.identities.current(), sender.email)
+            if identity is not None and identity.id is not None:
+                fields[identity_field] = identity.id
+            else:
+                FIELDS_NOT_SENT.labels(account=self.account, field="from_identity").inc()
+        return fields
 
     def plan(self, submission: Submission) -> tuple[Call, ...]:
         """One call per envelope recipient (send.to takes one address); the key is the address in lower
@@ -172,7 +228,7 @@ class DengageProvider(ProviderBase[DengageAccount]):
 
     async def send_one(self, submission: Submission, call: Call, before_send: BeforeSend = no_hook) -> wire.SendResult:
         recipient = call.recipients[0]
-        content = jsonbody.encode(wire.build_payload(submission, recipient))
+        content = jsonbody.encode(wire.build_payload(submission, recipient, await self._sender(submission.message)))
         extra: dict[str, str] = {}
         header = wire.WIRE["idempotency_header"]
         ref = DengageParams.read(submission.params).ref

@@ -9,7 +9,7 @@ import ipaddress
 import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from email.utils import parseaddr
 from typing import Any
@@ -48,13 +48,19 @@ WIRE: dict[str, str | None] = {
     "att_name": "name",  # [I]
     "att_content": "content",  # [I] base64
     "att_type": "type",  # [I] MIME type
-    "att_cid": None,  # unknown: inline images travel as plain attachments
+    # [I] (inline images' Content-ID, so that the body's cid: references resolve); the attachment item's
+    # keys are not documented; ASP.NET ignores a key it does not know. None: not sent (and counted).
+    "att_cid": "contentId",
     "x_headers": "xHeaders",  # [V] exists; shape [I]: an object header name -> value at the root
     "tags": "tags",  # [C] string list (report filter, [V])
     # Not sent by the gateway (no SMTP equivalent): "current" [C] personalisation object at the root,
     # "reporting" [C] {trackOpen, trackClick}, "send.toLanguage" [C], "multiLangContent" [V].
-    "from_address": None,  # unknown: C-TT found senderId, emailFromId, send.from, send.fromId ignored [C]
-    "from_name": None,  # unknown: the docs allow another sender name [V], the field is not known
+    # The From: unknown. C-TT found senderId, emailFromId, send.from, send.fromId ignored [C]; the docs allow
+    # another sender name and local part [V] without naming the field. Per account: from_address_field,
+    # from_name_field, from_identity_field (config.py); these are the defaults when those are unset.
+    "from_address": None,
+    "from_name": None,
+    "from_identity": None,
     # Idempotency: the vendor page announces support for this endpoint, the text is cut off [V]; the only
     # public hint is "traceId for idempotency" on transactional PUSH [C] (salil-dengage/dengage-demos
     # PROJECT-LOG), nothing for email, and not whether it is a header or a field. Unconfirmed: nothing
@@ -118,10 +124,23 @@ def has_body(submission: Submission) -> bool:
     return bool((msg.text or "").strip()) or msg.html != text_to_html(msg.text or "")
 
 
-def build_payload(submission: Submission, recipient: str) -> dict[str, Any]:
-    """The JSON body of the call for one envelope recipient. Pure: golden-tested in
-    tests/test_dengage_payload.py. Only this recipient is named: Cc and Bcc recipients get their own
-    call and never appear in another's; header To/Cc are never forwarded as recipients."""
+def put(body: dict[str, Any], path: str, value: str) -> None:
+    """Set a dotted path of a request body ("content.fromName"), making the objects on the way."""
+    *parents, leaf = path.split(".")
+    node = body
+    for name in parents:
+        child = node.get(name)
+        if not isinstance(child, dict):
+            child = node[name] = {}
+        node = child
+    node[leaf] = value
+
+
+def build_payload(submission: Submission, recipient: str, sender: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The JSON body of the call for one envelope recipient; `sender`: the From's fields where the account's
+    settings put them (dotted path -> value). Pure: golden-tested in tests/test_dengage_payload.py. Only
+    this recipient is named: Cc and Bcc recipients get their own call and never appear in another's; header
+    To/Cc are never forwarded as recipients."""
     msg = submission.message
     params = DengageParams.read(submission.params)
     w = WIRE
@@ -134,11 +153,8 @@ def build_payload(submission: Submission, recipient: str) -> dict[str, Any]:
     if not template or has_body(submission):
         content[str(w["html"])] = msg.html
     body: dict[str, Any] = {str(w["to_object"]): {str(w["to"]): recipient}, str(w["content"]): content}
-    if msg.from_ is not None:
-        if w["from_address"]:
-            body[w["from_address"]] = msg.from_.email
-        if w["from_name"] and msg.from_.name:
-            body[w["from_name"]] = msg.from_.name
+    for path, value in (sender or {}).items():
+        put(body, path, value)
     if msg.reply_to is not None:
         body[str(w["reply_to"])] = msg.reply_to.email
     if msg.attachments:
@@ -457,3 +473,12 @@ def from_identities(response: HttpResponse, reading: Reading | None = None) -> t
             f"({reading.describe()}; smtp-gateway check-upstream shows it)"
         )
     return tuple(found.values())
+
+
+def identity_for(identities: tuple[Identity, ...], address: str) -> Identity | None:
+    """The identity whose address is `address`, else the first of its domain (dEngage lets the local part
+    vary [V]), else None."""
+    address = address.lower()
+    domain = address.rpartition("@")[2]
+    same_domain = [i for i in identities if i.address.rpartition("@")[2] == domain]
+    return next((i for i in same_domain if i.address == address), same_domain[0] if same_domain else None)
