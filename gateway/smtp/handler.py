@@ -301,6 +301,7 @@ class GatewayHandler:
             "SMTPUTF8" in envelope.mail_options,
             receipt=txn.receipt if txn is not None else None,
             reservation=server.take_reservation(),
+            drop_invalid_header_addresses=self.listener.drop_invalid_header_addresses,
         )
         return str(reply)
 
