@@ -234,7 +234,7 @@ def test_identities_keep_id_name_and_address_and_only_their_addresses() -> None:
     )
     # Address-looking values of other keys are no identities; a key nobody expected is named.
     assert reading.unexpected == ["identities[].Color"]
-    assert reading.matched["identities[].address"] == "identities[].FromEmail"
+    assert reading.matched["identities[].address"] == "FromEmail"
 
 
 @pytest.mark.parametrize(

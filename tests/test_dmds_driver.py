@@ -220,3 +220,10 @@ async def test_listing_refusing_the_key_is_an_operator_error() -> None:
     d = driver(lambda r: httpx.Response(403, json={"status": "err", "on": "APIKEY invalida"}))
     with pytest.raises(UpstreamAuthFailed):
         await d.provider.campaign_known(22)
+
+
+async def test_campaign_answer_without_a_known_key_name_is_temporary_not_a_missing_campaign() -> None:
+    # A spelling the gateway does not know must not refuse the campaign's logins for good (535): 454, logged.
+    d = driver(lambda r: httpx.Response(200, json={"status": "ok", "numid": 22, "llave": "k22"}))
+    with pytest.raises(UpstreamUnavailable, match="without an apikey under any name the gateway knows"):
+        await d.provider.campaign_apikey(22)

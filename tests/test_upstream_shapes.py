@@ -3,16 +3,32 @@ document shows, "alt": the other spellings), for both providers: logins, campaig
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from subprocess import CompletedProcess
+from typing import Any
 
 import httpx
 import pytest
 
-from gateway.providers.sandbox import SHAPES, SandboxState
-from tests.harness import APIKEY, CAMPAIGNS, Running, sandbox_for_tests
+from gateway.providers.sandbox import SHAPES, Sandbox, SandboxState
+from tests import configs
+from tests.configs import NO_UPSTREAM, gateway_config, listener
+from tests.harness import (
+    APIKEY,
+    CAMPAIGNS,
+    DENGAGE_API_PASSWORD,
+    DENGAGE_USERKEY,
+    LoopThread,
+    Running,
+    dengage_account,
+    sandbox_for_tests,
+)
 from tests.ops_util import captured_with_context, sample
 from tests.smtputil import message, send, session
 from tests.spool_helpers import wait_for
+from tests.test_cli import run_cli
 from tests.test_dengage_e2e import message as dengage_message
 from tests.test_dengage_e2e import send as dengage_send
 
@@ -106,3 +122,106 @@ def test_dmds_sent_count_of_a_queued_message_is_logged_when_it_is_delivered(
         wait_for(lambda: any(e["event"] == "message_delivered" for e in logs), what="the retry delivered")
     [delivered] = [e for e in logs if e["event"] == "message_delivered"]
     assert (delivered["upstream_ids"], delivered["upstream_sent"]) == ([gw.sent[0]["upstream_id"]], 1)
+
+
+# -- smtp-gateway check-upstream ------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=SHAPES)
+def upstream(request: pytest.FixtureRequest, loop_thread: LoopThread) -> Iterator[Sandbox]:
+    """The sandbox alone (no gateway), answering in one shape: check-upstream runs as its own process."""
+    sandbox = sandbox_for_tests(SandboxState(shape=request.param))
+    loop_thread.run(sandbox.start("127.0.0.1", 0))
+    yield sandbox
+    loop_thread.run(sandbox.stop())
+
+
+def check_upstream(tmp_path: Path, sandbox: Sandbox, *args: str, **accounts: dict[str, Any]) -> CompletedProcess[str]:
+    """`smtp-gateway check-upstream` with the tests' DMDS account `acme` and dEngage account `crm` (these keys
+    changed) against `sandbox`."""
+    port = sandbox.port
+    config = gateway_config(
+        tmp_path,
+        port,
+        listeners=[listener()],
+        accounts={"acme": accounts.get("acme", {}), "crm": dengage_account(port, **accounts.get("crm", {}))},
+    )
+    return run_cli("check-upstream", "-c", str(configs.write(tmp_path / "gateway.toml", config)), *args)
+
+
+def test_check_upstream_finds_everything_configured(tmp_path: Path, upstream: Sandbox) -> None:
+    result = check_upstream(
+        tmp_path, upstream, "--json", acme={"campaigns": [22, 23]}, crm={"sender_domains": ["crm.example"]}
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    dmds, dengage = json.loads(result.stdout)
+    assert (dmds["account"], dmds["provider"], dmds["ok"]) == ("acme", "DMDS", True)
+    assert [c["call"] for c in dmds["calls"]] == [
+        "GET /v1/version/",
+        "GET /v1/campania/ (tipo=api)",
+        "GET /v1/campania_apikey/22",
+        "GET /v1/campania_apikey/23",
+    ]
+    assert all((c["reached"], c["authenticated"], c["recognised"]) == (True, True, True) for c in dmds["calls"])
+    assert (dmds["configured"], dmds["found"], dmds["fixes"]) == (["22", "23"], ["22", "23"], [])
+    # Which candidate name matched, for the campaign's apikey: the spelling of the shape.
+    apikey = "camp_apikey" if upstream.state.shape == "seed" else "apikey"
+    assert f"apikey={apikey}" in dmds["calls"][2]["read"]
+    assert (dengage["provider"], dengage["ok"], dengage["configured"]) == ("dEngage", True, ["crm.example"])
+    assert dengage["found"][0].startswith("CRM Billing <billing@crm.example> (id ")
+    assert [c["call"] for c in dengage["calls"]] == ["POST /login", "GET /email/froms"]
+    # No secret in the report: not the campaigns' apikeys, not the API user's key or password, not the token.
+    for secret in (*CAMPAIGNS.values(), DENGAGE_USERKEY, DENGAGE_API_PASSWORD, "sbx-", APIKEY):
+        assert secret not in result.stdout + result.stderr
+    # Read-only: nothing was sent.
+    assert [r for r in upstream.state.requests if r["kind"] == "send"] == []
+
+
+def test_check_upstream_names_each_mismatch_and_what_to_fix(tmp_path: Path, upstream: Sandbox) -> None:
+    result = check_upstream(
+        tmp_path,
+        upstream,
+        acme={"campaigns": [22, 24]},
+        crm={"sender_domains": ["crm.example", "other.example"]},
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    out = result.stdout
+    assert "account acme (DMDS, " in out and "): 2 problem(s)" in out
+    assert "- campaign 24 (campaigns) has no apikey in DMDS: it is not an API campaign there" in out
+    assert "- campaign 24 (campaigns) is not among the API campaigns the listing names" in out
+    assert "- other.example (sender_domains) is in no From identity's domain (crm.example, mail.crm.example)" in out
+    if upstream.state.shape == "alt":  # its campaigns carry a key the gateway does not read: named
+        assert "GET /v1/campania/ (tipo=api): keys not expected: campaigns[].created" in out
+    else:
+        assert "keys not expected" not in out
+
+
+def test_check_upstream_one_account_with_refused_credentials(tmp_path: Path, upstream: Sandbox) -> None:
+    result = check_upstream(tmp_path, upstream, "crm", crm={"password": "not-the-password-s3cr3t"})
+    assert result.returncode == 1
+    assert "account acme" not in result.stdout  # only the account asked for
+    assert "POST /login  HTTP 401  yes      NO" in result.stdout
+    assert "dEngage refused the API user's credentials" in result.stdout
+    assert "check the account's userkey and password" in result.stdout
+    assert "s3cr3t" not in result.stdout + result.stderr
+
+
+def test_check_upstream_when_the_listing_is_not_there(tmp_path: Path, upstream: Sandbox) -> None:
+    httpx.post(f"http://127.0.0.1:{upstream.port}/_sandbox/dmds", json={"listing": False}).raise_for_status()
+    result = check_upstream(tmp_path, upstream, "acme", "--json")
+    assert result.returncode == 1
+    [dmds] = json.loads(result.stdout)
+    listing = dmds["calls"][1]
+    assert (listing["status"], listing["recognised"], listing["ok"]) == (404, False, False)
+    assert "the gateway checks campaigns with campania_apikey instead" in dmds["fixes"][0]
+    assert dmds["calls"][2]["ok"]  # the user's campaign 22 has its apikey
+
+
+def test_check_upstream_when_the_api_is_unreachable(tmp_path: Path) -> None:
+    config = gateway_config(tmp_path, NO_UPSTREAM, listeners=[listener()])
+    result = run_cli("check-upstream", "-c", str(configs.write(tmp_path / "gateway.toml", config)))
+    assert result.returncode == 1
+    assert "GET /v1/version/  no answer  NO" in result.stdout
+    assert "DMDS cannot be reached at http://127.0.0.1:9" in result.stdout
+    unknown = run_cli("check-upstream", "nosuch", "-c", str(tmp_path / "gateway.toml"))
+    assert unknown.returncode == 2 and "no account 'nosuch' in the configuration (accounts: acme)" in unknown.stderr

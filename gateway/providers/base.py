@@ -16,6 +16,7 @@ from gateway.config.base import AccountBase, UserSettings
 from gateway.core.model import Message, Principal, ProviderData, StoredData, Submission
 from gateway.core.outcome import Deliverer
 from gateway.policy import SenderPolicy
+from gateway.providers.checks import AccountCheck
 
 if TYPE_CHECKING:
     from gateway.upstream.client import HttpClient
@@ -59,6 +60,11 @@ class Provider(Deliverer, Protocol):
         client waits. Raises Rejected for what the upstream would refuse or silently drop."""
         ...
 
+    async def check_upstream(self) -> AccountCheck:
+        """Harmless read-only calls against the real API and what they showed (`smtp-gateway check-upstream`):
+        never a send, never a change. Raises nothing for an upstream's answer: it goes in the report."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -91,6 +97,10 @@ class ProviderBase(Generic[A]):
         self, principal: Principal, message: Message, mail_from: str, rcpt_tos: tuple[str, ...]
     ) -> Submission:
         return Submission(principal=principal, mail_from=mail_from, rcpt_tos=rcpt_tos, message=message)
+
+    async def check_upstream(self) -> AccountCheck:
+        """No read-only calls known for this provider: an empty report."""
+        return AccountCheck(self.account, self.kind, self.http.base_url)
 
     async def aclose(self) -> None:
         await self.http.aclose()

@@ -16,7 +16,8 @@ Candidates = Sequence[str]
 
 @dataclass
 class Reading:
-    """How answers were read: field -> the key that held it (first seen), and keys nobody expected."""
+    """How answers were read: field (with where it is, "identities[].address") -> the key that held it (first
+    seen), and the keys nobody expected (with where they are)."""
 
     matched: dict[str, str] = field(default_factory=dict)
     unexpected: list[str] = field(default_factory=list)
@@ -35,7 +36,7 @@ class Reading:
                 key = keys.get(candidate.lower())
                 if key is not None:
                     out[name] = obj[key]
-                    self.matched.setdefault(where + name, where + key)
+                    self.matched.setdefault(where + name, key)
                     break
         for key in obj:
             noted = f"{where}{key}"
@@ -51,7 +52,7 @@ class Reading:
         for candidate in candidates:
             key = keys.get(candidate.lower())
             if key is not None:
-                self.matched.setdefault(where + name, where + key)
+                self.matched.setdefault(where + name, key)
                 return obj[key]
         return None
 

@@ -24,6 +24,7 @@ from gateway.mime import jsonbody
 from gateway.ops.metrics import FIELDS_NOT_SENT
 from gateway.policy import SenderPolicy, ascii_domain, domain_of
 from gateway.providers.base import ProviderBase
+from gateway.providers.checks import AccountCheck
 from gateway.providers.dengage import wire
 from gateway.providers.dengage.config import DengageAccount, DengageUser
 from gateway.providers.dengage.data import DengageLogin, DengageParams
@@ -105,6 +106,12 @@ class DengageProvider(ProviderBase[DengageAccount]):
         except UpstreamAuthFailed:
             return None
         return Principal(account=self.account, login=self._api_login, extra=DengageLogin())
+
+    async def check_upstream(self) -> AccountCheck:
+        """Harmless read-only calls against dEngage (smtp-gateway check-upstream)."""
+        from gateway.providers.dengage.check import check_account
+
+        return await check_account(self)
 
     # -- acceptance --------------------------------------------------------------------------------
 

@@ -20,12 +20,14 @@ from gateway.mime import jsonbody
 from gateway.ops.metrics import DMDS_SENT_SHORT, FIELDS_NOT_SENT
 from gateway.policy import SenderPolicy, ascii_address, ascii_domain
 from gateway.providers.base import ProviderBase
+from gateway.providers.checks import AccountCheck
 from gateway.providers.dmds import campaigns, wire
 from gateway.providers.dmds.config import DmdsAccount, DmdsUser
 from gateway.providers.dmds.data import DmdsLogin, DmdsParams
 from gateway.providers.dmds.legs import Leg, plan_legs
 from gateway.upstream.client import HttpClient
 from gateway.upstream.ratelimit import RateLimiter, Unlimited
+from gateway.upstream.response import HttpResponse
 from gateway.upstream.shape import Reading
 
 log = structlog.get_logger("gateway.dmds")
@@ -100,12 +102,14 @@ class DmdsProvider(ProviderBase[DmdsAccount]):
             return Principal(account=self.account, login=username, extra=DmdsLogin(campaign_from_subject=True))
         return None
 
+    async def get(self, endpoint: str, path: str, content: bytes | None = None) -> HttpResponse:
+        """A read-only call with the account APIKEY (`endpoint`: its name in the metrics)."""
+        return await self.http.request(endpoint, "GET", path, headers=self._headers, content=content)
+
     async def campaign_apikey(self, numid: int, reading: Reading | None = None) -> str | None:
         """The campaign's apikey (campania_apikey), or None when DMDS has no such API campaign."""
         reading = reading if reading is not None else Reading()
-        response = await self.http.request(
-            "campaign_apikey", "GET", wire.WIRE["campaign_apikey"].format(numid=numid), headers=self._headers
-        )
+        response = await self.get("campaign_apikey", wire.WIRE["campaign_apikey"].format(numid=numid))
         key = wire.campaign_apikey(response, reading)
         log.debug(
             "dmds_campaign_apikey", account=self.account, campaign=numid, found=key is not None, read=reading.describe()
@@ -114,9 +118,7 @@ class DmdsProvider(ProviderBase[DmdsAccount]):
 
     async def campaigns_listed(self, numid: int | None = None, reading: Reading | None = None) -> frozenset[int]:
         """The API campaigns the campaign listing names (one, or all); wire.ListingUnusable when it cannot say."""
-        path, body = wire.listing_request(numid)
-        response = await self.http.request("campaigns", "GET", path, headers=self._headers, content=body)
-        return wire.campaign_listing(response, reading)
+        return wire.campaign_listing(await self.get("campaigns", *wire.listing_request(numid)), reading)
 
     async def campaign_known(self, numid: int) -> bool:
         """Whether DMDS has this API campaign (cached like credentials; concurrent checks share one lookup)."""
@@ -142,6 +144,12 @@ class DmdsProvider(ProviderBase[DmdsAccount]):
             "dmds_campaign_checked", account=self.account, campaign=numid, known=known, via=via, read=reading.describe()
         )
         return Fresh(known, self.settings.credential_cache_ttl if known else self.settings.negative_cache_ttl)
+
+    async def check_upstream(self) -> AccountCheck:
+        """Harmless read-only calls against DMDS (smtp-gateway check-upstream)."""
+        from gateway.providers.dmds.check import check_account
+
+        return await check_account(self)
 
     # -- acceptance --------------------------------------------------------------------------------
 

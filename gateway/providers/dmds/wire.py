@@ -210,8 +210,14 @@ def campaign_apikey(response: HttpResponse, reading: Reading | None = None) -> s
     if not isinstance(data, dict):
         return None
     fields = reading.fields(data, {k: ANSWERS[k] for k in ("status", "apikey", "numid", "reason")}, known=["id"])
-    if str(fields.get("status") or "").lower() != "ok" or not fields.get("apikey"):
+    if str(fields.get("status") or "").lower() != "ok":
         return None
+    if not fields.get("apikey"):
+        # "ok" and no key under any known name: a spelling the gateway does not know, not a missing campaign
+        # (refusing every login of that campaign for good would be the wrong guess's cost).
+        raise UpstreamUnavailable(
+            f"campania_apikey answered ok without an apikey under any name the gateway knows ({reading.describe()})"
+        )
     return str(fields["apikey"])
 
 
