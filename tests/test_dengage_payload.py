@@ -165,6 +165,10 @@ def test_send_answers_give_the_recipient_id(body: dict[str, Any], upstream_id: s
         (answer(429, b"", {"retry-after": "3"}), RateLimited, "429"),
         (answer(502, b"bad gateway"), UpstreamUnavailable, "502"),
         (answer(200, b"<html>proxy</html>"), AnswerLost, "not a JSON object"),
+        # No dEngage answer: a path or an api_base guessed wrong refuses no message.
+        (answer(404, b"<html>Not Found</html>"), UpstreamUnavailable, "the path or api_base is wrong"),
+        (answer(405, b""), UpstreamUnavailable, "the path or api_base is wrong"),
+        (answer(404, {"code": 404, "message": "Content not found"}), UpstreamRejected, "Content not found"),
     ],
 )
 def test_send_failures_are_typed(response: HttpResponse, error: type[Exception], text: str) -> None:

@@ -78,6 +78,10 @@ async def test_several_contacts_use_send_many_inline() -> None:
         (httpx.Response(503, text=""), UpstreamUnavailable, "503"),
         (httpx.Response(400, json={"status": "err", "on": "invalid email x"}), UpstreamRejected, "invalid email x"),
         (httpx.Response(422, json={"msg": "missing html"}), UpstreamRejected, "missing html"),
+        # A 404 that is no DMDS answer: the path (or api_base) is wrong, not the message.
+        (httpx.Response(404, text="<h1>Not Found</h1>"), UpstreamUnavailable, "the path or api_base is wrong"),
+        (httpx.Response(405, text=""), UpstreamUnavailable, "the path or api_base is wrong"),
+        (httpx.Response(404, json={"status": "err", "on": "campana 99 inexistente"}), UpstreamRejected, "campana 99"),
         (
             httpx.Response(200, json={"status": "err", "on": "dominio remitente no permitido"}),
             UpstreamRejected,
@@ -226,4 +230,11 @@ async def test_campaign_answer_without_a_known_key_name_is_temporary_not_a_missi
     # A spelling the gateway does not know must not refuse the campaign's logins for good (535): 454, logged.
     d = driver(lambda r: httpx.Response(200, json={"status": "ok", "numid": 22, "llave": "k22"}))
     with pytest.raises(UpstreamUnavailable, match="without an apikey under any name the gateway knows"):
+        await d.provider.campaign_apikey(22)
+
+
+async def test_campaign_lookup_at_a_wrong_path_is_temporary() -> None:
+    # Every SMTP-API login would otherwise be refused (535) because of a path guessed wrong: 454 instead.
+    d = driver(lambda r: httpx.Response(404, text="<html>Not Found</html>"))
+    with pytest.raises(UpstreamUnavailable, match="the path or api_base is wrong"):
         await d.provider.campaign_apikey(22)

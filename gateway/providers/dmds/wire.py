@@ -176,6 +176,7 @@ def classify(response: HttpResponse) -> SendResult:
     if status >= 500:
         raise UpstreamUnavailable(f"DMDS answered {status}")
     if status >= 400:
+        not_found(response, "the send")
         raise UpstreamRejected(upstream_reason(response))
     data = _object(response)
     if data is None:
@@ -190,6 +191,16 @@ def classify(response: HttpResponse) -> SendResult:
     return SendResult(str(eeid), number(reading.first(data, "sent", ANSWERS["sent"])))
 
 
+def not_found(response: HttpResponse, what: str) -> None:
+    """A 404 or 405 whose body is not a JSON object is no DMDS answer: the path or the host is wrong (a
+    wrong guess in WIRE, or api_base), which no message or login should be refused for: temporary."""
+    if response.status in (404, 405) and not isinstance(_object(response), dict):
+        raise UpstreamUnavailable(
+            f"DMDS answered {response.status} to {what} with no DMDS answer: the path or api_base is wrong "
+            "(smtp-gateway check-upstream shows which)"
+        )
+
+
 def _readable(response: HttpResponse, what: str) -> Any:
     """The JSON of a read-only call's answer; typed errors for what is not the answer's business."""
     if response.status in (401, 403):
@@ -202,6 +213,7 @@ def _readable(response: HttpResponse, what: str) -> Any:
 def campaign_apikey(response: HttpResponse, reading: Reading | None = None) -> str | None:
     """The campania_apikey answer: the campaign's apikey, or None when DMDS has no such API campaign."""
     data = _readable(response, "campania_apikey")
+    not_found(response, "campania_apikey")
     if response.status in (404, 400):
         return None
     if data is None:
