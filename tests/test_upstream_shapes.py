@@ -4,6 +4,7 @@ document shows, "alt": the other spellings), for both providers: logins, campaig
 from __future__ import annotations
 
 import json
+import shlex
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from subprocess import CompletedProcess
@@ -15,6 +16,7 @@ import pytest
 from gateway.providers.sandbox import SHAPES, Sandbox, SandboxState
 from tests import configs
 from tests.configs import NO_UPSTREAM, gateway_config, listener
+from tests.docs_blocks import commands, doc_blocks
 from tests.harness import (
     APIKEY,
     CAMPAIGNS,
@@ -225,3 +227,29 @@ def test_check_upstream_when_the_api_is_unreachable(tmp_path: Path) -> None:
     assert "DMDS cannot be reached at http://127.0.0.1:9" in result.stdout
     unknown = run_cli("check-upstream", "nosuch", "-c", str(tmp_path / "gateway.toml"))
     assert unknown.returncode == 2 and "no account 'nosuch' in the configuration (accounts: acme)" in unknown.stderr
+
+
+def test_check_upstream_as_the_page_shows(tmp_path: Path, loop_thread: LoopThread) -> None:
+    """docs/operations/upstream.md's commands, with the page's configuration path replaced by the tests'."""
+    sandbox = sandbox_for_tests()
+    loop_thread.run(sandbox.start("127.0.0.1", 0))
+    try:
+        [block] = doc_blocks("test_check_upstream_as_the_page_shows")
+        lines = [command for command, _ in commands(block)]
+        assert len(lines) == 2, lines
+        config = gateway_config(
+            tmp_path,
+            sandbox.port,
+            listeners=[listener()],
+            accounts={"acme": {}, "crm": dengage_account(sandbox.port, sender_domains=["crm.example"])},
+        )
+        path = configs.write(tmp_path / "gateway.toml", config)
+        every, one = (
+            run_cli(*shlex.split(line.replace("/etc/smtp-gateway/gateway.toml", str(path)).split("#")[0])[1:])
+            for line in lines
+        )
+        assert every.returncode == 0, every.stdout + every.stderr
+        assert every.stdout.startswith("account acme (DMDS, ") and "\n\naccount crm (dEngage, " in every.stdout
+        assert one.returncode == 0 and [a["account"] for a in json.loads(one.stdout)] == ["crm"]
+    finally:
+        loop_thread.run(sandbox.stop())
