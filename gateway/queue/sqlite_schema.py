@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sqlite3
 
+from gateway.queue import shared_schema
+
 V1 = """
 CREATE TABLE messages (
     seq          INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -87,7 +89,10 @@ CREATE TABLE blobs (
 );
 """
 
-MIGRATIONS: list[str] = [V1, V2, V3]
+# The message ledger (gateway/ledger/).
+V4 = shared_schema.LEDGER
+
+MIGRATIONS: list[str] = [V1, V2, V3, V4]
 LATEST = len(MIGRATIONS)
 
 
