@@ -19,8 +19,13 @@ from gateway.config import ConfigError, DnsSettings, Settings
 from gateway.config.reload import ReloadPlan, plan_reload
 from gateway.core.errors import SpoolUnavailable
 from gateway.delivery.health import AccountHealth
-from gateway.delivery.owner import DeliveryOwner
+from gateway.delivery.owner import DeliveryOwner, owner_id
 from gateway.delivery.worker import RetryWorker
+from gateway.ledger import retention
+from gateway.ledger.backends import open_ledger
+from gateway.ledger.recorder import Recorder
+from gateway.ledger.store import LedgerStore
+from gateway.ledger.writer import LedgerWriter
 from gateway.ops import logs
 from gateway.ops.http import OperatorEndpoint
 from gateway.ops.memory import MmapThreshold, set_mmap_threshold
@@ -59,6 +64,8 @@ class App:
     owner: DeliveryOwner | None = None
     worker: RetryWorker | None = None
     operator: OperatorEndpoint | None = None
+    ledger: LedgerStore | None = None
+    ledger_writer: LedgerWriter | None = None
     _background: set[asyncio.Task[None]] = field(default_factory=set)
     _retired: list[Provider] = field(default_factory=list)
     _reloading: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -82,7 +89,18 @@ class App:
         self.authenticator = Authenticator(settings.accounts, self.providers)
         self.resolver = resolver_for(settings.dns)
         self.health = AccountHealth(list(settings.accounts))
-        self.owner = DeliveryOwner(self.providers, self.store, settings.delivery, self.health)
+        # The message ledger beside the queue: rows buffered here, written by the writer's task. On a full
+        # disk it leaves the queue's reserve alone.
+        store = self.store
+        self.ledger = open_ledger(settings.delivery, disk_full=lambda: store.health.reserve_released)
+        self.ledger_writer = LedgerWriter(self.ledger, settings.ledger)
+        self.ledger_writer.start()
+        owner = owner_id(settings.delivery.instance_name)
+        recorder = Recorder(self.ledger_writer.put, owner, enabled=settings.ledger.enabled)
+        self._spawn(retention.run(self.ledger, lambda: self.settings.ledger))
+        self.owner = DeliveryOwner(
+            self.providers, self.store, settings.delivery, self.health, owner=owner, ledger=recorder
+        )
         dsettings = settings.delivery
         self.worker = RetryWorker(
             self.owner,
@@ -214,6 +232,9 @@ class App:
             self.resolver = resolver_for(new.dns)
         self.health.track(list(new.accounts))
         self.owner.providers = providers
+        self.owner.ledger.enabled = new.ledger.enabled
+        if self.ledger_writer is not None:
+            self.ledger_writer.configure(new.ledger)
         self.worker.set_accounts(list(new.accounts))
         self.pipeline = Pipeline(new, providers, self.owner, resolver=self.resolver)
         listeners.apply(new, self.pipeline, self.authenticator, contexts)
@@ -255,6 +276,10 @@ class App:
             await self.worker.stop()
         if self.owner is not None:
             await self.owner.stop(self.settings.delivery.shutdown_timeout)
+        if self.ledger_writer is not None:
+            await self.ledger_writer.stop()  # what the attempts recorded up to here
+        if self.ledger is not None:
+            await self.ledger.close()
         if self.store is not None:
             await self.store.close()
         QUEUE_STATS.clear()

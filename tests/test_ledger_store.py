@@ -147,6 +147,10 @@ async def test_the_later_state_wins_whatever_order_instances_flush_in(make_store
     await claiming.write([rcpt("M1", "a@example.com", "delivered", T0 + 59)])
     record = await claiming.get("M1")
     assert record is not None and [(r.state, r.upstream_id) for r in record.recipients] == [("delivered", "EEID-9")]
+    # A late answer to an instance whose lease had expired: its `deferred` does not undo what is known.
+    await accepting.write([rcpt("M1", "a@example.com", "deferred", T0 + 70, reason="DMDS answered 503")])
+    record = await claiming.get("M1")
+    assert record is not None and [r.state for r in record.recipients] == ["delivered"]
 
 
 async def test_every_lookup_finds_its_messages(store: LedgerStore) -> None:

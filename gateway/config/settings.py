@@ -273,11 +273,81 @@ class LogSettings(_Section):
     format: Literal["auto", "json", "console"] = "auto"
 
 
+class LedgerSettings(_Section):
+    """The message ledger (README, After the 250): a record of every message answered 250."""
+
+    enabled: bool = True
+    # Seconds a record is kept after its message was accepted (7 days); older ones are pruned.
+    retention: float = Field(7 * 24 * 3600, gt=0)
+    # Records are written off the SMTP path, in one transaction this often (or sooner when many wait).
+    flush_interval: float = Field(0.25, gt=0, le=10)
+    # Rows waiting to be written at most; past it the oldest are dropped (counted, logged), never the reply.
+    buffer: int = Field(100_000, ge=1000)
+
+
+class ApiToken(_Section):
+    """A bearer token for the message API, stored as a hash made by `smtp-gateway hash-password`."""
+
+    name: str = Field(min_length=1)
+    token_hash: SecretStr
+
+    @field_validator("token_hash")
+    @classmethod
+    def _is_hash(cls, v: SecretStr) -> SecretStr:
+        if not v.get_secret_value().startswith("scrypt$"):
+            raise ValueError("must be a hash made by `smtp-gateway hash-password` (starts with 'scrypt$')")
+        return v
+
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def is_loopback(address: str) -> bool:
+    if address in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
 class HttpSettings(_Section):
-    """The operator endpoint: /healthz, /readyz and /metrics (Prometheus). No port: disabled."""
+    """The operator endpoint: /healthz, /readyz, /metrics (Prometheus) and, with API tokens, the message API
+    (/api/v1/messages). No port: disabled."""
 
     address: str = "127.0.0.1"
     port: int | None = Field(None, ge=0, le=65535)
+    # Who may use /api/v1 (Authorization: Bearer <token>). None listed: the API answers 404.
+    api_tokens: list[ApiToken] = []
+    # Serve the endpoint over HTTPS (both or neither). Needed for the API on an address other than loopback.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    # The API on a non-loopback address without TLS sends its tokens in clear: refused unless this is true.
+    allow_api_without_tls: bool = False
+
+    @model_validator(mode="after")
+    def _api_safe(self) -> HttpSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        names = [t.name for t in self.api_tokens]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"api_tokens: the name {', '.join(duplicates)} is used twice")
+        if (
+            self.api_tokens
+            and self.tls_cert_file is None
+            and not is_loopback(self.address)
+            and not self.allow_api_without_tls
+        ):
+            raise ValueError(
+                f"the message API on {self.address} (not loopback) would take its tokens in clear: set "
+                "tls_cert_file and tls_key_file, or allow_api_without_tls = true behind a TLS-terminating proxy"
+            )
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
 
 
 class Settings(BaseSettings):
@@ -297,6 +367,7 @@ class Settings(BaseSettings):
     dns: DnsSettings = DnsSettings()
     log: LogSettings = LogSettings()
     http: HttpSettings = HttpSettings()
+    ledger: LedgerSettings = LedgerSettings()
 
     # A TLS listener without tls.cert_file/key_file is not refused here: commands that serve no SMTP (queue,
     # check-domains) work without a certificate; `serve` and `check-config` say what is missing

@@ -13,8 +13,10 @@ for every message, queued or not). Each recipient has its own state:
                (ambiguous) or deleted by an operator; `reason` says which
 
 Rows of one message may be written by several instances in any order (the one that accepted it, the one
-that claimed it from the queue). A recipient's row therefore keeps the later state: a newer one by its
-time, or a further one by RANK (an upstream event stamped by the vendor's clock still advances `sent`).
+that claimed it from the queue, a late answer to an instance whose lease had expired). A recipient's row
+therefore only moves forward (RANK), or within one rank to a newer state; the one way back is from
+`dead`, by a newer row (an operator requeued the dead letter). An upstream event stamped by the vendor's
+clock still advances `sent`, and a stale `deferred` never undoes a `sent`.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ class MessageRow:
     account: str
     mail_from: str
     subject: str
-    size: int
+    size: int | None
     login: str | None = None
     listener: str | None = None
     peer: str | None = None
@@ -165,7 +167,7 @@ class Record:
     account: str
     mail_from: str
     subject: str
-    size: int
+    size: int | None
     login: str | None = None
     listener: str | None = None
     peer: str | None = None

@@ -71,10 +71,12 @@ def message_upsert(p: str) -> str:
 
 
 def recipient_upsert(p: str) -> str:
-    """A recipient's state: the incoming row wins when it is further along (RANK) or not older."""
+    """A recipient's state (model.py): the incoming row wins when it is further along (RANK), or as far
+    and not older, or not older than a `dead` it replaces (an operator's requeue)."""
+    new, old = _RANK.format(t="excluded"), _RANK.format(t="ledger_recipients")
     wins = (
-        f"({_RANK.format(t='excluded')} > {_RANK.format(t='ledger_recipients')}"
-        " OR excluded.state_at >= ledger_recipients.state_at)"
+        f"({new} > {old} OR (excluded.state_at >= ledger_recipients.state_at"
+        f" AND ({new} = {old} OR ledger_recipients.state = 'dead')))"
     )
     updates = ", ".join(
         f"{c} = CASE WHEN {wins} THEN excluded.{c} ELSE ledger_recipients.{c} END"
@@ -220,7 +222,7 @@ def record_of(row: Sequence[Any], recipients: Sequence[Recipient] = (), events: 
         mail_from=row[6],
         message_id=row[7],
         subject=row[8],
-        size=int(row[9]),
+        size=None if row[9] is None else int(row[9]),
         reply_id=row[10],
         reply=row[11],
         recipients=tuple(recipients),

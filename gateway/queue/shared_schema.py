@@ -18,7 +18,7 @@ CREATE TABLE ledger_messages (
     sender     text NOT NULL,
     message_id text,
     subject    text NOT NULL,
-    size       integer NOT NULL,
+    size       integer,
     reply_id   text,
     reply      text,
     request    text
