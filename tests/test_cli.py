@@ -19,6 +19,7 @@ from gateway.config import (
     DeliverySettings,
     DnsSettings,
     HttpSettings,
+    LedgerSettings,
     LimitsSettings,
     ListenerSettings,
     LogSettings,
@@ -26,6 +27,7 @@ from gateway.config import (
     TlsSettings,
     load_settings,
 )
+from gateway.config.settings import ApiToken
 from gateway.providers.dengage.config import DengageAccount, DengageUser
 from gateway.providers.dmds.config import DmdsAccount, DmdsUser
 from tests.harness import PASSWORD, PASSWORD_HASH
@@ -233,6 +235,8 @@ def test_example_config_is_valid() -> None:
         (DnsSettings, "dns"),
         (LogSettings, "log"),
         (HttpSettings, "http"),
+        (ApiToken, "http.api_tokens"),
+        (LedgerSettings, "ledger"),
     ],
 )
 def test_example_config_lists_every_key(model: type[BaseModel], section: str) -> None:

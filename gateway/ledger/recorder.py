@@ -11,6 +11,7 @@ writer's buffer in a server, a direct write in the CLI). Building rows takes mic
 
 from __future__ import annotations
 
+import itertools
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -27,6 +28,10 @@ Sink = Callable[[Sequence[Row]], None]
 
 def event_id() -> str:
     return secrets.token_hex(8)
+
+
+# Events written together are a microsecond apart, so the timeline (ordered by time) keeps their order.
+TICK = 1e-6
 
 
 def addresses(call: CallRow) -> list[str]:
@@ -98,6 +103,7 @@ class Recorder:
             ),
             EventRow(event_id(), msg_id, created, now, model.ACCEPTED, detail=reply, actor=self.actor),
         ]
+        now += TICK
         if outcome is None:
             rows += self._recipients(msg_id, created, calls, None, now)
             rows.append(
@@ -229,6 +235,7 @@ class Recorder:
         rows = self._recipients(msg_id, created, decision.calls, decision if settled else None, now)
         data = {"path": path, "attempt": decision.attempts}
         lost = outcome.ambiguous if outcome is not None else set()
+        ticks = itertools.count()
 
         def call_event(key: str, result: str, upstream_id: str | None = None, detail: str | None = None) -> None:
             call = decision.calls.get(key)
@@ -237,7 +244,7 @@ class Recorder:
                     event_id(),
                     msg_id,
                     created,
-                    now,
+                    now + next(ticks) * TICK,
                     model.ATTEMPT,
                     recipient=call.recipients if call else None,
                     call=key,
@@ -264,7 +271,7 @@ class Recorder:
                     event_id(),
                     msg_id,
                     created,
-                    now,
+                    now + next(ticks) * TICK,
                     model.QUEUED,
                     detail=f"next attempt at {model.iso(decision.next_attempt)}",
                     actor=self.actor,
@@ -277,7 +284,7 @@ class Recorder:
                     event_id(),
                     msg_id,
                     created,
-                    now,
+                    now + next(ticks) * TICK,
                     model.DEAD_LETTERED,
                     detail=decision.dead_reason,
                     actor=self.actor,
