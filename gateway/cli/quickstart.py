@@ -102,6 +102,8 @@ dEngage login (a configured user of the dEngage account "crm"; its From identity
         --auth-password {DENGAGE_DEMO_PASSWORD} --from shop@example.org --to someone@example.net \\
         --header 'Subject: Hello from dEngage'
 Read back what the gateway sent:  curl -s http://127.0.0.1:{sandbox_port}/_sandbox/requests
+What became of a message (its 250 id, Message-ID or an address):
+  smtp-gateway status --spool {record.parent / "spool.sqlite3"} <id>
 """
 
 
