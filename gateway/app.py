@@ -27,6 +27,8 @@ from gateway.ledger.recorder import Recorder
 from gateway.ledger.store import LedgerStore
 from gateway.ledger.writer import LedgerWriter
 from gateway.ops import logs
+from gateway.ops.api import MessageApi
+from gateway.ops.apiauth import TokenAuth
 from gateway.ops.http import OperatorEndpoint
 from gateway.ops.memory import MmapThreshold, set_mmap_threshold
 from gateway.ops.metrics import CONFIG_RELOADS
@@ -41,7 +43,7 @@ from gateway.queue.backends import open_store
 from gateway.queue.store import QueueStore
 from gateway.smtp.protocol import GatewaySMTP
 from gateway.smtp.server import Listeners
-from gateway.smtp.tls import CertificateError
+from gateway.smtp.tls import CertificateError, server_context
 
 log = structlog.get_logger("gateway.app")
 
@@ -66,6 +68,7 @@ class App:
     operator: OperatorEndpoint | None = None
     ledger: LedgerStore | None = None
     ledger_writer: LedgerWriter | None = None
+    api_auth: TokenAuth | None = None
     _background: set[asyncio.Task[None]] = field(default_factory=set)
     _retired: list[Provider] = field(default_factory=list)
     _reloading: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -116,11 +119,22 @@ class App:
         self.pipeline = Pipeline(settings, self.providers, self.owner, resolver=self.resolver)
         self.listeners = Listeners(settings, self.pipeline, self.authenticator)
         await self.listeners.start()
-        if settings.http.port is not None:
-            self.operator = OperatorEndpoint(problems=self.problems)
-            port = await self.operator.start(settings.http.address, settings.http.port)
+        http = settings.http
+        if http.port is not None:
+            self.api_auth = TokenAuth(http.api_tokens, settings.limits)
+            self.operator = OperatorEndpoint(problems=self.problems, api=MessageApi(self.ledger, self.api_auth))
+            tls = None
+            if http.tls_cert_file is not None and http.tls_key_file is not None:
+                tls = server_context("intermediate", [(http.tls_cert_file, http.tls_key_file)])
+            port = await self.operator.start(http.address, http.port, tls)
             self.operator.is_ready = True
-            log.info("operator_endpoint_started", address=settings.http.address, port=port)
+            log.info(
+                "operator_endpoint_started",
+                address=http.address,
+                port=port,
+                tls=tls is not None,
+                api="on" if http.api_tokens else "off (no http.api_tokens)",
+            )
         if settings.dns.check_sender_domain:
             self._spawn(self._log_domain_findings())
 
@@ -235,6 +249,8 @@ class App:
         self.owner.ledger.enabled = new.ledger.enabled
         if self.ledger_writer is not None:
             self.ledger_writer.configure(new.ledger)
+        if self.api_auth is not None:
+            self.api_auth.configure(new.http.api_tokens, new.limits)
         self.worker.set_accounts(list(new.accounts))
         self.pipeline = Pipeline(new, providers, self.owner, resolver=self.resolver)
         listeners.apply(new, self.pipeline, self.authenticator, contexts)
