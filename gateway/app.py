@@ -99,7 +99,12 @@ class App:
         self.ledger_writer = LedgerWriter(self.ledger, settings.ledger)
         self.ledger_writer.start()
         owner = owner_id(settings.delivery.instance_name)
-        recorder = Recorder(self.ledger_writer.put, owner, enabled=settings.ledger.enabled)
+        recorder = Recorder(
+            self.ledger_writer.put,
+            owner,
+            enabled=settings.ledger.enabled,
+            keep_requests=settings.ledger.keep_requests,
+        )
         self._spawn(retention.run(self.ledger, lambda: self.settings.ledger))
         self.owner = DeliveryOwner(
             self.providers, self.store, settings.delivery, self.health, owner=owner, ledger=recorder
@@ -247,6 +252,7 @@ class App:
         self.health.track(list(new.accounts))
         self.owner.providers = providers
         self.owner.ledger.enabled = new.ledger.enabled
+        self.owner.ledger.keep_requests = new.ledger.keep_requests
         if self.ledger_writer is not None:
             self.ledger_writer.configure(new.ledger)
         if self.api_auth is not None:

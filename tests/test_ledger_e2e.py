@@ -6,9 +6,13 @@ record; a full buffer drops the oldest rows without holding up a reply; retentio
 
 from __future__ import annotations
 
+import base64
+import json
+import smtplib
 import sqlite3
 import time
 from collections.abc import Callable
+from email.message import EmailMessage
 from typing import Any
 
 import pytest
@@ -19,7 +23,16 @@ from gateway.ledger.model import MessageRow, Query, Record
 from gateway.ledger.recorder import Recorder
 from gateway.ledger.writer import LedgerWriter
 from gateway.ops.metrics import REGISTRY
-from tests.harness import Running
+from tests.harness import (
+    APIKEY,
+    DENGAGE_API_PASSWORD,
+    DENGAGE_SENDER,
+    DENGAGE_USER,
+    DENGAGE_USERKEY,
+    PASSWORD,
+    USER,
+    Running,
+)
 from tests.spool_helpers import send, wait_for
 
 FAST = {"retry_schedule": [0.3], "retry_jitter": 0.0, "poll_interval": 0.2, "inline_budget": 2.0}
@@ -221,3 +234,33 @@ def test_retention_prunes_records_past_their_age(
     assert gw.loop.run(retention.prune(store, 3600, time.time())) == 0  # not yet
     assert gw.loop.run(retention.prune(store, 3600, time.time() + 3601)) == 1
     assert find(gw) == [] and gw.loop.run(store.get(found.id)) is None
+
+
+@pytest.mark.parametrize("provider", ["dmds", "dengage"])
+def test_the_kept_request_has_no_credential_and_no_attachment_content(
+    gateway_factory: Callable[..., Running], provider: str
+) -> None:
+    gw = gateway_factory(dengage={}) if provider == "dengage" else gateway_factory()  # (one account each)
+    login, sender = (USER, "billing@acme.example") if provider == "dmds" else (DENGAGE_USER, DENGAGE_SENDER)
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = sender, "client@example.net", "With a scan"
+    msg.set_content("see attached")
+    scan = bytes(range(256)) * 8
+    msg.add_attachment(scan, maintype="application", subtype="pdf", filename="scan.pdf")
+    with smtplib.SMTP("127.0.0.1", gw.port(), timeout=30) as client:
+        client.login(login, PASSWORD)
+        client.sendmail(sender, ["client@example.net"], msg.as_bytes())
+    [found] = find(gw, sender=sender)
+    full = record(gw, found.id)
+    [request] = full.request
+    kept = json.dumps(full.to_json())
+    assert "(2048 bytes, not kept)" in kept and base64.b64encode(scan).decode()[:40] not in kept
+    for secret in (APIKEY, DENGAGE_USERKEY, DENGAGE_API_PASSWORD, "Bearer", "Authorization"):
+        assert secret not in kept
+    if provider == "dmds":
+        assert (
+            request["path"] == "/v1/envio/send_one_inline/" and request["body"]["adjuntos"][0]["nombre"] == "scan.pdf"
+        )
+    else:
+        assert request["path"] == "/transactional/email" and request["body"]["send"] == {"to": "client@example.net"}
+        assert request["body"]["attachments"][0]["name"] == "scan.pdf"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.ledger.model import BadQuery, Cursor, EventRow, MessageRow, Query, RecipientRow
+from gateway.ledger.model import BadQuery, Cursor, EventRow, MessageRow, Query, RecipientRow, json
 from gateway.ledger.postgres import PostgresLedger
 from gateway.ledger.sqlite import SqliteLedger
 from gateway.ledger.store import LedgerStore, LedgerUnavailable
@@ -55,7 +55,9 @@ def message(msg_id: str, created: float = T0, **fields: object) -> MessageRow:
         "message_id": "<m-" + msg_id.lower() + "@acme.example>",
         "reply_id": "EEID-" + msg_id,
         "reply": f"250 2.0.0 Ok: queued as EEID-{msg_id}",
-        "request": [{"call": "0", "method": "POST", "path": "/v1/envio/send_one_inline/", "body": {"html": "<p>"}}],
+        "request": json(
+            [{"call": "0", "method": "POST", "path": "/v1/envio/send_one_inline/", "body": {"html": "<p>"}}]
+        ),
     }
     values.update(fields)
     return MessageRow(msg_id, created, **values)  # type: ignore[arg-type]
@@ -79,7 +81,7 @@ async def test_a_record_round_trips_with_its_recipients_timeline_and_request(sto
             rcpt("M1", "b@example.com", "deferred", T0 + 1, call="1", reason="DMDS answered 503"),
             event("e1", "M1", T0, "accepted", detail="250 2.0.0 Ok"),
             event("e2", "M1", T0 + 1, call="0", outcome="delivered", upstream_id="EEID-M1", actor="gw:1:aa"),
-            event("e3", "M1", T0 + 1, call="1", outcome="deferred", detail="DMDS answered 503", data={"n": 1}),
+            event("e3", "M1", T0 + 1, call="1", outcome="deferred", detail="DMDS answered 503", data=json({"n": 1})),
         ]
     )
     record = await store.get("m1")  # local ids are upper-case hex; any case finds them
@@ -111,6 +113,22 @@ async def test_events_are_stored_once_and_batches_can_be_written_again(store: Le
     record = await store.get("M1")
     assert record is not None and len(record.events) == 1 and record.events[0].detail is None
     assert len(record.recipients) == 1
+
+
+async def test_one_batch_may_carry_several_states_of_one_recipient(store: LedgerStore) -> None:
+    await store.write(
+        [
+            message("M1"),
+            rcpt("M1", "a@example.com", "accepted", T0, call="0"),
+            event("e1", "M1", T0, "accepted"),
+            rcpt("M1", "A@example.com", "sent", T0 + 1, upstream_id="EEID-1", call="0"),
+            event("e2", "M1", T0 + 1),
+            event("e1", "M1", T0 + 2, detail="the same event again"),
+        ]
+    )
+    record = await store.get("M1")
+    assert record is not None and [(r.state, r.upstream_id) for r in record.recipients] == [("sent", "EEID-1")]
+    assert [(e.id, e.detail) for e in record.events] == [("e1", None), ("e2", None)]
 
 
 async def test_the_later_state_wins_whatever_order_instances_flush_in(make_store: Factory) -> None:

@@ -280,9 +280,12 @@ class LedgerSettings(_Section):
     # Seconds a record is kept after its message was accepted (7 days); older ones are pruned.
     retention: float = Field(7 * 24 * 3600, gt=0)
     # Records are written off the SMTP path, in one transaction this often (or sooner when many wait).
-    flush_interval: float = Field(0.25, gt=0, le=10)
+    flush_interval: float = Field(0.5, gt=0, le=10)
     # Rows waiting to be written at most; past it the oldest are dropped (counted, logged), never the reply.
     buffer: int = Field(100_000, ge=1000)
+    # Keep each message's planned upstream requests (its body as JSON, attachments as their size): the
+    # largest part of a record, and of the ledger's cost per message (bench/README.md).
+    keep_requests: bool = True
 
 
 class ApiToken(_Section):

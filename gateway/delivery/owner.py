@@ -364,7 +364,7 @@ class DeliveryOwner:
             reply=str(reply),
             reply_id=attempt.reply_id or attempt.msg_id,
             calls=calls,
-            requests=provider.requests(attempt.submission) if provider is not None else None,
+            requests=provider.requests(attempt.submission) if provider and self.ledger.keep_requests else None,
             decision=decision,
             outcome=outcome,
         )

@@ -26,7 +26,7 @@ import binascii
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import orjson
 
@@ -60,10 +60,11 @@ Outcome = Literal["delivered", "deferred", "refused", "ambiguous"]
 
 
 # -- rows: what the writer stores --------------------------------------------------------------------------
+# Tuples of plain values (JSON already text): the writer's buffer holds thousands of them, and tuples of
+# atoms are left alone by Python's garbage collector, where objects would be walked by every collection.
 
 
-@dataclass(frozen=True, slots=True)
-class MessageRow:
+class MessageRow(NamedTuple):
     """A message's own row. Written by the instance that accepted it, and again (filling only what is
     missing) by any instance that claims it from the queue, so the record exists whoever flushes first."""
 
@@ -79,12 +80,11 @@ class MessageRow:
     message_id: str | None = None
     reply_id: str | None = None
     reply: str | None = None
-    # The upstream requests as planned, secrets removed, attachments as name/type/size (JSON-able).
-    request: Any = None
+    # JSON text: the upstream requests as planned, secrets removed, attachments as name/type/size.
+    request: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class RecipientRow:
+class RecipientRow(NamedTuple):
     msg_id: str
     created: float
     address: str
@@ -99,10 +99,9 @@ class RecipientRow:
         return address_key(self.address)
 
 
-@dataclass(frozen=True, slots=True)
-class EventRow:
+class EventRow(NamedTuple):
     """A timeline row. `id` is stable: writing the same event twice stores it once (an upstream event read
-    in two overlapping polls, a batch written again after a failed commit)."""
+    in two overlapping polls, a batch written again after a failed commit). `data`: JSON text (`json`)."""
 
     id: str
     msg_id: str
@@ -115,7 +114,12 @@ class EventRow:
     upstream_id: str | None = None
     detail: str | None = None
     actor: str | None = None  # who wrote it: the instance's lease owner name, or "operator@host"
-    data: Mapping[str, Any] | None = None
+    data: str | None = None
+
+
+def json(value: Any) -> str:
+    """JSON text for a row's `request` or `data`."""
+    return orjson.dumps(value, default=str).decode()
 
 
 Row = MessageRow | RecipientRow | EventRow

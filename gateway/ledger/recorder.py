@@ -12,6 +12,7 @@ writer's buffer in a server, a direct write in the CLI). Building rows takes mic
 from __future__ import annotations
 
 import itertools
+import os
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -26,8 +27,22 @@ from gateway.ledger.model import EventRow, MessageRow, RecipientRow, RecipientSt
 Sink = Callable[[Sequence[Row]], None]
 
 
+_NONCE = secrets.token_hex(4)  # this process's part of every id it makes (a forked child makes its own)
+_SEQUENCE = itertools.count()
+
+
+def _new_nonce() -> None:
+    global _NONCE
+    _NONCE = secrets.token_hex(4)
+
+
+os.register_at_fork(after_in_child=_new_nonce)
+
+
 def event_id() -> str:
-    return secrets.token_hex(8)
+    """Unique (time, this process, a counter) and in time order: new ids go at the end of the events' key
+    index, not anywhere in it. No system call: ids are made for every message."""
+    return f"{time.time_ns() // 1000:014x}{_NONCE}{next(_SEQUENCE) & 0xFFFFFF:06x}"
 
 
 # Events written together are a microsecond apart, so the timeline (ordered by time) keeps their order.
@@ -53,10 +68,19 @@ def recipient_state(call: CallRow, decision: Decision | None) -> tuple[Recipient
 
 
 class Recorder:
-    def __init__(self, sink: Sink, actor: str, *, enabled: bool = True, clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        sink: Sink,
+        actor: str,
+        *,
+        enabled: bool = True,
+        keep_requests: bool = True,
+        clock: Callable[[], float] = time.time,
+    ):
         self.sink = sink
         self.actor = actor
         self.enabled = enabled
+        self.keep_requests = keep_requests  # whether `accepted` wants the planned requests
         self.clock = clock
 
     @classmethod
@@ -99,7 +123,7 @@ class Recorder:
                 message_id=message.message_id,
                 reply_id=reply_id,
                 reply=reply,
-                request=requests,
+                request=None if requests is None else model.json(requests),
             ),
             EventRow(event_id(), msg_id, created, now, model.ACCEPTED, detail=reply, actor=self.actor),
         ]
@@ -233,7 +257,7 @@ class Recorder:
         settled: bool,
     ) -> list[Row]:
         rows = self._recipients(msg_id, created, decision.calls, decision if settled else None, now)
-        data = {"path": path, "attempt": decision.attempts}
+        data = model.json({"path": path, "attempt": decision.attempts})
         lost = outcome.ambiguous if outcome is not None else set()
         ticks = itertools.count()
 
@@ -275,7 +299,7 @@ class Recorder:
                     model.QUEUED,
                     detail=f"next attempt at {model.iso(decision.next_attempt)}",
                     actor=self.actor,
-                    data={"attempts": decision.attempts, "next_attempt": model.iso(decision.next_attempt)},
+                    data=model.json({"attempts": decision.attempts, "next_attempt": model.iso(decision.next_attempt)}),
                 )
             )
         elif decision.verdict in ("dead", "refused"):
@@ -288,7 +312,7 @@ class Recorder:
                     model.DEAD_LETTERED,
                     detail=decision.dead_reason,
                     actor=self.actor,
-                    data={"cause": decision.dead_cause or "refused"},
+                    data=model.json({"cause": decision.dead_cause or "refused"}),
                 )
             )
         return rows

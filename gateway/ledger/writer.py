@@ -34,8 +34,9 @@ from gateway.ops.metrics import (
 log = structlog.get_logger("gateway.ledger")
 
 # Rows per transaction at most; a buffer this full is written at once instead of at the next interval.
-MAX_BATCH = 2000
-EARLY = 500
+# Larger batches cost less per row (the indexes' pages are written once per commit, not once per row).
+MAX_BATCH = 5000
+EARLY = 2000
 # While the database fails, wait this long between tries (the buffer keeps filling, bounded).
 RETRY_MAX = 5.0
 _TABLE = {MessageRow: "message", EventRow: "event"}
