@@ -146,6 +146,19 @@ def test_the_endpoint_serves_https_with_its_own_certificate(
     assert subprocess.run(["curl", "-s", f"{base(gw)}/healthz"], capture_output=True, check=False).returncode != 0
 
 
+def test_the_documented_token_recipe_makes_a_hash_the_api_takes(
+    gateway_factory: Callable[..., Running], tmp_path: Any
+) -> None:
+    """docs/after-250.md, "Enabling it": a random token, its hash by `smtp-gateway hash-password`."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed (apt-get install openssl)")
+    recipe = 'token=$(openssl rand -hex 24)\nprintf \'%s\\n\' "$token" | smtp-gateway hash-password\necho "$token"'
+    out = subprocess.run(["sh", "-c", recipe], capture_output=True, text=True, timeout=60, check=True).stdout
+    token_hash, token = out.split()
+    gw = gateway_factory(http={"port": 0, "api_tokens": [{"name": "ops", "token_hash": token_hash}]})
+    assert curl(f"{base(gw)}/api/v1/messages", *bearer(token))[0] == 200
+
+
 def test_a_plain_http_api_on_a_public_address_is_refused() -> None:
     tokens = [{"name": "ci", "token_hash": TOKEN_HASH}]
     with pytest.raises(ValidationError, match="tls_cert_file"):

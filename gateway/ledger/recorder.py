@@ -87,6 +87,10 @@ class Recorder:
     def off(cls) -> Recorder:
         return cls(lambda rows: None, "", enabled=False)
 
+    def _event(self, msg_id: str, created: float, at: float, kind: str, **fields: Any) -> EventRow:
+        """A new timeline row of ours (a fresh id, this recorder as its actor)."""
+        return EventRow(event_id(), msg_id, created, at, kind, actor=self.actor, **fields)
+
     # -- the delivery owner -------------------------------------------------------------------------------
 
     def accepted(
@@ -125,20 +129,18 @@ class Recorder:
                 reply=reply,
                 request=None if requests is None else model.json(requests),
             ),
-            EventRow(event_id(), msg_id, created, now, model.ACCEPTED, detail=reply, actor=self.actor),
+            self._event(msg_id, created, now, model.ACCEPTED, detail=reply),
         ]
         now += TICK
         if outcome is None:
             rows += self._recipients(msg_id, created, calls, None, now)
             rows.append(
-                EventRow(
-                    event_id(),
+                self._event(
                     msg_id,
                     created,
                     now,
                     model.INFLIGHT,
                     detail="the upstream did not answer within the inline budget: stored, the call runs on",
-                    actor=self.actor,
                 )
             )
         else:
@@ -187,8 +189,7 @@ class Recorder:
         now = self.clock()
         self.sink(
             [
-                EventRow(
-                    event_id(),
+                self._event(
                     msg_id,
                     created,
                     now,
@@ -197,7 +198,6 @@ class Recorder:
                     call=key,
                     outcome="ambiguous",
                     detail="the owner that sent this call stopped before its answer was recorded (lease expired)",
-                    actor=self.actor,
                 )
                 for key in keys
             ]
@@ -209,7 +209,7 @@ class Recorder:
             return
         now = self.clock()
         detail = f"a resend with the same idempotency key was answered {reply_id} and not sent again"
-        self.sink([EventRow(event_id(), msg_id, now, now, model.RESEND, detail=detail, actor=self.actor)])
+        self.sink([self._event(msg_id, now, now, model.RESEND, detail=detail)])
 
     # -- operators ---------------------------------------------------------------------------------------
 
@@ -226,7 +226,7 @@ class Recorder:
         if not self.enabled:
             return
         now = self.clock()
-        rows: list[Row] = [EventRow(event_id(), msg_id, created, now, action, detail=detail, actor=self.actor)]
+        rows: list[Row] = [self._event(msg_id, created, now, action, detail=detail)]
         for address, (state, reason) in (changed or {}).items():
             rows.append(RecipientRow(msg_id, created, address, state, now, reason=reason))
         self.sink(rows)
@@ -264,8 +264,7 @@ class Recorder:
         def call_event(key: str, result: str, upstream_id: str | None = None, detail: str | None = None) -> None:
             call = decision.calls.get(key)
             rows.append(
-                EventRow(
-                    event_id(),
+                self._event(
                     msg_id,
                     created,
                     now + next(ticks) * TICK,
@@ -275,7 +274,6 @@ class Recorder:
                     outcome=result,
                     upstream_id=upstream_id,
                     detail=detail,
-                    actor=self.actor,
                     data=data,
                 )
             )
@@ -291,27 +289,23 @@ class Recorder:
             return rows
         if decision.verdict == "queued":
             rows.append(
-                EventRow(
-                    event_id(),
+                self._event(
                     msg_id,
                     created,
                     now + next(ticks) * TICK,
                     model.QUEUED,
                     detail=f"next attempt at {model.iso(decision.next_attempt)}",
-                    actor=self.actor,
                     data=model.json({"attempts": decision.attempts, "next_attempt": model.iso(decision.next_attempt)}),
                 )
             )
         elif decision.verdict in ("dead", "refused"):
             rows.append(
-                EventRow(
-                    event_id(),
+                self._event(
                     msg_id,
                     created,
                     now + next(ticks) * TICK,
                     model.DEAD_LETTERED,
                     detail=decision.dead_reason,
-                    actor=self.actor,
                     data=model.json({"cause": decision.dead_cause or "refused"}),
                 )
             )
