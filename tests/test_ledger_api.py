@@ -178,3 +178,23 @@ def test_tokens_reload_without_a_restart() -> None:
     assert plan.settings.http.api_tokens == new.http.api_tokens
     moved = load_settings(None, http={"port": 9090, "api_tokens": [{"name": "ci", "token_hash": TOKEN_HASH}]})
     assert plan_reload(old, moved).restart_needed == ["http.port"]
+    # [ledger] applies at once too (the writer and the recorder take the new values).
+    quieter = load_settings(None, http={"port": 8080}, ledger={"enabled": False, "retention": 3600})
+    plan = plan_reload(old, quieter)
+    assert plan.changed == ["ledger"] and plan.restart_needed == [] and not plan.settings.ledger.enabled
+
+
+def test_a_reload_turns_the_ledger_off_and_on(gateway_factory: Callable[..., Running]) -> None:
+    gw = gateway_factory(http=API)
+    off = gw.settings.model_copy(update={"ledger": gw.settings.ledger.model_copy(update={"enabled": False})})
+    gw.app.source = lambda: off
+    assert gw.loop.run(gw.app.reload())
+    send(gw.port(), "not recorded")
+    on = gw.settings.model_copy(update={"ledger": gw.settings.ledger.model_copy(update={"keep_requests": False})})
+    gw.app.source = lambda: on
+    assert gw.loop.run(gw.app.reload())
+    send(gw.port(), "recorded without its request")
+    flushed(gw)
+    found = curl("-G", f"{base(gw)}/api/v1/messages", *bearer())[2]["messages"]
+    assert [m["subject"] for m in found] == ["recorded without its request"]
+    assert curl(f"{base(gw)}/api/v1/messages/{found[0]['id']}", *bearer())[2]["request"] is None
