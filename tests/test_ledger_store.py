@@ -15,6 +15,7 @@ from gateway.ledger.postgres import PostgresLedger
 from gateway.ledger.sqlite import SqliteLedger
 from gateway.ledger.store import LedgerStore, LedgerUnavailable
 from gateway.queue.sqlite import SqliteQueue
+from tests.queue_contract import stores_on_backend
 
 Factory = Callable[[], LedgerStore]
 T0 = 1_700_000_000.0
@@ -23,17 +24,8 @@ T0 = 1_700_000_000.0
 @pytest.fixture(params=["sqlite", "postgresql"])
 async def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Factory]:
     """Several stores on one database are several instances on one queue."""
-    opened: list[LedgerStore] = []
-    url = request.getfixturevalue("pg_cluster").new_database() if request.param == "postgresql" else ""
-
-    def factory() -> LedgerStore:
-        store: LedgerStore = PostgresLedger(url) if url else SqliteLedger(tmp_path / "queue.sqlite3")
-        opened.append(store)
-        return store
-
-    yield factory
-    for store in opened:
-        await store.close()
+    async for factory in stores_on_backend(request, tmp_path, SqliteLedger, PostgresLedger):
+        yield factory
 
 
 @pytest.fixture
