@@ -21,11 +21,13 @@ from gateway.core.errors import SpoolUnavailable
 from gateway.delivery.health import AccountHealth
 from gateway.delivery.owner import DeliveryOwner
 from gateway.delivery.worker import RetryWorker
+from gateway.limits.quotas import QuotaTracker
 from gateway.ops import logs
 from gateway.ops.http import OperatorEndpoint
 from gateway.ops.memory import MmapThreshold, set_mmap_threshold
 from gateway.ops.metrics import CONFIG_RELOADS
 from gateway.ops.queuestats import QUEUE_STATS
+from gateway.ops.quotastats import QUOTA_STATS
 from gateway.pipeline import Pipeline
 from gateway.policy.dns import DnsResolver
 from gateway.policy.domaincheck import check_domains
@@ -95,7 +97,9 @@ class App:
         self._spawn(self.store.listen(lambda account: self.owner.wakeup.set() if self.owner else None))
         self._spawn(self._queue_stats())
         self.pipeline = Pipeline(settings, self.providers, self.owner, resolver=self.resolver)
-        self.listeners = Listeners(settings, self.pipeline, self.authenticator)
+        quotas = QuotaTracker(self.store)  # per-login quotas, counted with every instance on the queue
+        QUOTA_STATS.track(quotas)
+        self.listeners = Listeners(settings, self.pipeline, self.authenticator, quotas=quotas)
         await self.listeners.start()
         if settings.http.port is not None:
             self.operator = OperatorEndpoint(problems=self.problems)
@@ -255,6 +259,7 @@ class App:
         if self.store is not None:
             await self.store.close()
         QUEUE_STATS.clear()
+        QUOTA_STATS.track(None)
         for provider in [*self.providers.values(), *self._retired]:
             with contextlib.suppress(Exception):
                 await provider.aclose()

@@ -16,7 +16,7 @@ from gateway.core import replies
 from gateway.core.errors import ContentRejected, Deferred, DnsTempFailure, GatewayError, PolicyRejected, Rejected
 from gateway.core.model import Call, Message, Principal, Receipt, Submission
 from gateway.core.replies import Reply
-from gateway.delivery import idempotency
+from gateway.delivery import idempotency, testmode
 from gateway.delivery.owner import DeliveryOwner
 from gateway.limits.budget import Reservation
 from gateway.ops.metrics import MESSAGES
@@ -47,6 +47,8 @@ class Pipeline:
         self.settings = settings
         self.providers = providers
         self.owner = owner
+        # Where test-mode messages' requests are recorded besides the log (the message ledger).
+        self.test_recorder: testmode.TestRecorder | None = None
 
     # -- SMTP phases -------------------------------------------------------------------------------
 
@@ -87,12 +89,14 @@ class Pipeline:
         smtputf8: bool,
         receipt: Receipt | None = None,
         reservation: Reservation | None = None,
+        test_mode: bool = False,
     ) -> Reply:
         """The reply to the end of DATA. Never raises: unexpected errors become 451 4.3.0.
 
         `receipt` learns what became of the message (queue id, upstream ids, or why not) for the one log
         line the SMTP session writes per transaction. `reservation`: the message's share of the
-        large-message budget, released when its first attempt has ended."""
+        large-message budget, released when its first attempt has ended. `test_mode`: everything but the upstream
+        call (gateway/delivery/testmode.py)."""
         receipt = receipt if receipt is not None else Receipt()
         bound = log.bind(login=principal.login, account=principal.account, size=len(raw), rcpts=len(rcpt_tos))
         try:
@@ -100,6 +104,9 @@ class Pipeline:
             if submission.message.defects:
                 # Repaired or sent as it arrived (never upstream in these words): for the operator to see.
                 bound.warning("message_repaired", defects=list(submission.message.defects))
+            if test_mode:
+                requests = self.providers[principal.account].requests(submission)
+                return self._counted(testmode.accept(requests, submission, bound, receipt, self.test_recorder))
             account = self.settings.accounts[principal.account]
             key = idempotency.key_of(submission, account.idempotency_from_message_id)
             reply = await self.owner.submit(
@@ -114,8 +121,12 @@ class Pipeline:
             receipt.reason = exc.reason
             reply = exc.reply
         finally:
-            if reservation is not None:  # refused before the owner took it
+            if reservation is not None:  # refused before the owner took it (or a test message: never sent)
                 reservation.release()
+        return self._counted(reply)
+
+    @staticmethod
+    def _counted(reply: Reply) -> Reply:
         MESSAGES_BY_CLASS[reply.code // 100].inc()
         return reply
 

@@ -23,6 +23,7 @@ from gateway.core.model import Principal
 from gateway.limits.clients import Defenses, client_key
 from gateway.ops.metrics import AUTH, AUTH_DELAYED, AUTH_LOCKOUTS, AUTH_TRACKED, INTERNAL_ERRORS, LIMIT_HITS
 from gateway.pipeline import Pipeline
+from gateway.smtp.logins import PerLogin
 
 log = structlog.get_logger("gateway.smtp")
 
@@ -38,6 +39,7 @@ class GatewayHandler:
         pipeline: Pipeline,
         authenticator: Authenticator,
         defenses: Defenses | None = None,
+        per_login: PerLogin | None = None,
     ) -> None:
         self.listener = listener
         self.limits = limits
@@ -46,6 +48,8 @@ class GatewayHandler:
         # Per-client state shared by every session of the process (and kept across reloads).
         self.defenses = defenses or Defenses(limits)
         self._trusted = listener.trusted_map
+        # Per-login controls (networks, TLS, recipients, quotas, test mode); None: none configured.
+        self.per_login = per_login
 
     # -- who is sending ----------------------------------------------------------------------------
 
@@ -148,10 +152,24 @@ class GatewayHandler:
         login = await self._initial_response(server, args, server.AuthLoginUsernameChallenge)
         if login is None:
             return AuthResult(success=False, handled=True)
+        refusal = self._tls_refusal(server, login)  # before the password travels in clear
+        if refusal is not None:
+            return AuthResult(success=False, handled=False, message=refusal)
         password = await server.challenge_auth(server.AuthLoginPasswordChallenge)
         if password is MISSING:
             return AuthResult(success=False, handled=True)
         return await self._check(server, login, password)
+
+    def _tls_refusal(self, server: Any, login: bytes) -> str | None:
+        """The reply when the login may authenticate only inside TLS here (its password is never checked)."""
+        if self.per_login is None:
+            return None
+        try:
+            checked, _ = self.login_for(login.decode("utf-8"))
+        except UnicodeDecodeError:
+            return None
+        owner = self.authenticator.owner(checked)
+        return self.per_login.tls_refusal(server, owner, self.authenticator.label(checked))
 
     async def _check(self, server: Any, login: bytes, password: bytes) -> AuthResult:
         session: Session = server.session
@@ -159,6 +177,9 @@ class GatewayHandler:
             username, secret = login.decode("utf-8"), password.decode("utf-8")
         except UnicodeDecodeError:
             return await self._refuse(server, session, {"login_unknown": "not UTF-8"})
+        refusal = self._tls_refusal(server, login)
+        if refusal is not None:
+            return AuthResult(success=False, handled=False, message=refusal)
         checked, mapped_by = self.login_for(username)
         mapped = {"mapped_by": mapped_by} if mapped_by else {}
         fields = {**self._loggable(checked), **mapped}
@@ -172,16 +193,37 @@ class GatewayHandler:
             await asyncio.sleep(verdict.delay)
         try:
             principal = await self.authenticator.authenticate(checked, secret)
-        except AuthFailed:
-            return await self._refuse(server, session, fields)
+        except AuthFailed as exc:
+            if exc.reason and self.per_login is not None:
+                self.per_login.expired(*self._owner_labels(checked))
+            return await self._refuse(server, session, {**fields, **({"reason": exc.reason} if exc.reason else {})})
         except AuthUnavailable as exc:
             AUTH.labels(result="unavailable").inc()
             log.warning("auth_unavailable", peer=_peer(session), reason=str(exc), **fields)
             server.mark_logged()
             return AuthResult(success=False, handled=False, message=str(replies.AUTH_TEMPFAIL))
+        if self.per_login is not None:
+            if self.per_login.network_refusal(session, principal):
+                # The same reply as a wrong password: the network is not revealed. Logged with whether the
+                # password was right (a leaked one used from elsewhere is what an operator must hear of).
+                return await self._refuse(server, session, {**fields, "reason": "network", "password_valid": "yes"})
+            self.per_login.authenticated(principal)
         AUTH.labels(result="ok").inc()
-        log.info("auth_ok", peer=_peer(session), login=principal.login, account=principal.account, **mapped)
+        log.info(
+            "auth_ok",
+            peer=_peer(session),
+            login=principal.login,
+            account=principal.account,
+            credential=principal.credential or None,
+            **mapped,
+        )
         return AuthResult(success=True, auth_data=principal, message=str(replies.AUTH_OK))
+
+    def _owner_labels(self, login: str) -> tuple[str, str]:
+        owner = self.authenticator.owner(login)
+        if owner is None:
+            return "", login
+        return owner[0], owner[1].username if owner[1] is not None else "*"
 
     async def _refuse(self, server: Any, session: Session, fields: dict[str, str], checked: bool = True) -> AuthResult:
         key = _client(session)
@@ -248,6 +290,9 @@ class GatewayHandler:
                     f"Message rate limit reached for {principal.login}; try again in {math.ceil(wait)} s"
                 )
             )
+        refusal = await self.per_login.mail_refusal(server, principal, mail_options) if self.per_login else None
+        if refusal is not None:
+            return refusal
         try:
             address = await self.pipeline.check_sender(principal, address, smtputf8)
         except GatewayError as exc:
@@ -282,6 +327,9 @@ class GatewayHandler:
             log.info("recipient_rejected", peer=_peer(session), login=principal.login, reply=str(exc.reply))
             server.mark_logged()
             return str(exc.reply)
+        refusal = self.per_login.recipient_refusal(server, principal, address) if self.per_login else None
+        if refusal is not None:
+            return refusal
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return str(replies.RECIPIENT_OK)
@@ -293,6 +341,13 @@ class GatewayHandler:
         raw = envelope.original_content
         assert isinstance(raw, (bytes, bytearray)) and envelope.mail_from is not None
         txn = server.txn
+        taken = None
+        if self.per_login is not None:
+            refusal, taken = await self.per_login.take(server, principal, len(raw))
+            if refusal is not None:
+                if txn is not None:
+                    txn.receipt.reason = "the login's quota"
+                return refusal
         reply = await self.pipeline.accept(
             principal,
             envelope.mail_from,
@@ -301,7 +356,10 @@ class GatewayHandler:
             "SMTPUTF8" in envelope.mail_options,
             receipt=txn.receipt if txn is not None else None,
             reservation=server.take_reservation(),
+            test_mode=self.per_login.test_mode(principal) if self.per_login else False,
         )
+        if self.per_login is not None:
+            self.per_login.settle(principal, taken, str(reply))
         return str(reply)
 
     async def handle_exception(self, error: Exception) -> str:

@@ -11,16 +11,19 @@ from typing import Any, cast
 
 import structlog
 
+from gateway.auth.controls import LoginControls
 from gateway.auth.credentials import Authenticator
 from gateway.config import ConfigError, LimitsSettings, Settings, TlsSettings
 from gateway.core import replies
 from gateway.limits.budget import ByteBudget
 from gateway.limits.clients import Defenses, client_key
+from gateway.limits.quotas import QuotaTracker
 from gateway.ops.metrics import CONNECTIONS_REFUSED, REFUSALS, SESSIONS, SESSIONS_ACTIVE
 from gateway.pipeline import Pipeline
 from gateway.smtp.gate import Gate
 from gateway.smtp.handler import GatewayHandler
 from gateway.smtp.handshake import HandshakeFailures, ListenerTls
+from gateway.smtp.logins import PerLogin
 from gateway.smtp.protocol import GatewaySMTP
 from gateway.smtp.tls import CertificateError, Profile, describe_certificate, server_context
 
@@ -110,6 +113,8 @@ class Listeners:
     tls: dict[str, ListenerTls] = field(default_factory=dict)
     handshake_failures: HandshakeFailures = field(default_factory=HandshakeFailures)
     defenses: Defenses | None = None
+    # Per-login quota counts (shared through the queue store when the app gives one), kept across reloads.
+    quotas: QuotaTracker = field(default_factory=lambda: QuotaTracker(None))
     handlers: dict[str, GatewayHandler] = field(default_factory=dict)
     # Connections waiting for their PROXY header (not sessions yet, but they hold a slot).
     gates: set[Gate] = field(default_factory=set)
@@ -179,9 +184,12 @@ class Listeners:
 
     def _build_handlers(self) -> None:
         assert self.defenses is not None
+        controls = LoginControls(self.settings)
+        self.quotas.configured = controls.configured_quotas()
+        per_login = PerLogin(controls, self.quotas)
         self.handlers = {
             listener.name: GatewayHandler(
-                listener, self.settings.limits, self.pipeline, self.authenticator, self.defenses
+                listener, self.settings.limits, self.pipeline, self.authenticator, self.defenses, per_login
             )
             for listener in self.settings.listeners
         }
