@@ -168,6 +168,12 @@ def check(settings: Settings) -> None:
                     f"{user_where(name, user)}.require_tls_except: set, but the login does not require TLS "
                     "(require_tls): the exception has nothing to except"
                 )
+    for issuer in settings.oauth.issuers:
+        for value, login in issuer.logins.items():
+            if login not in by_login:
+                raise ValueError(
+                    f"oauth.issuers[{issuer.name}].logins: {value!r} maps to {login!r}, which is not a configured user"
+                )
     for listener in settings.listeners:
         for network, login in listener.trusted_map:
             trusted = by_login.get(login)

@@ -21,6 +21,7 @@ from pydantic_settings import (
 from gateway.config import keys, logins
 from gateway.config.accounts import MODELS
 from gateway.config.base import AccountBase, Section, secret_or_file
+from gateway.config.oauth import OAuthSettings
 
 ENV_PREFIX = "GATEWAY_"
 CONFIG_ENV = "GATEWAY_CONFIG"
@@ -433,6 +434,7 @@ class Settings(BaseSettings):
     dns: DnsSettings = Field(DnsSettings(), description="The resolver and the domain checks.")
     log: LogSettings = Field(LogSettings(), description="The log's level and format.")
     http: HttpSettings = Field(HttpSettings(), description="The operator endpoint.")
+    oauth: OAuthSettings = Field(OAuthSettings(), description="Token logins (AUTH XOAUTH2, OAUTHBEARER).")
     networks: dict[str, list[ipaddress.IPv4Network | ipaddress.IPv6Network]] = Field(
         {},
         description="Named networks the logins' `networks` and `require_tls_except` may name, e.g. `printers = "

@@ -10,12 +10,15 @@ import hmac
 import ipaddress
 import math
 import os
+from dataclasses import replace
 from typing import Any
 
 import structlog
 from aiosmtpd.smtp import MISSING, AuthResult, Envelope, Session
 
+from gateway.auth import sasl
 from gateway.auth.credentials import Authenticator, AuthFailed, AuthUnavailable
+from gateway.auth.oauth import OAuthVerifier, TokenRefused, TokenUnavailable
 from gateway.config import LimitsSettings, ListenerSettings
 from gateway.core import replies
 from gateway.core.errors import GatewayError
@@ -40,6 +43,7 @@ class GatewayHandler:
         authenticator: Authenticator,
         defenses: Defenses | None = None,
         per_login: PerLogin | None = None,
+        oauth: OAuthVerifier | None = None,
     ) -> None:
         self.listener = listener
         self.limits = limits
@@ -50,6 +54,7 @@ class GatewayHandler:
         self._trusted = listener.trusted_map
         # Per-login controls (networks, TLS, recipients, quotas, test mode); None: none configured.
         self.per_login = per_login
+        self.oauth = oauth  # token logins (AUTH XOAUTH2, OAUTHBEARER); None: not offered
 
     # -- who is sending ----------------------------------------------------------------------------
 
@@ -183,14 +188,9 @@ class GatewayHandler:
         checked, mapped_by = self.login_for(username)
         mapped = {"mapped_by": mapped_by} if mapped_by else {}
         fields = {**self._loggable(checked), **mapped}
-        verdict = self.defenses.auth.before(_client(session))
-        if verdict.locked_for:  # locked out while this exchange ran
-            return await self._refuse(server, session, fields, checked=False)
-        if verdict.delay:
-            # This IP failed often: every attempt waits first (growing, bounded), then is checked.
-            AUTH_DELAYED.inc()
-            log.info("auth_delayed", peer=_peer(session), delay=verdict.delay, client_failures=verdict.failures)
-            await asyncio.sleep(verdict.delay)
+        throttled = await self._throttle(server, fields)
+        if throttled is not None:
+            return throttled
         try:
             principal = await self.authenticator.authenticate(checked, secret)
         except AuthFailed as exc:
@@ -198,10 +198,33 @@ class GatewayHandler:
                 self.per_login.expired(*self._owner_labels(checked))
             return await self._refuse(server, session, {**fields, **({"reason": exc.reason} if exc.reason else {})})
         except AuthUnavailable as exc:
-            AUTH.labels(result="unavailable").inc()
-            log.warning("auth_unavailable", peer=_peer(session), reason=str(exc), **fields)
-            server.mark_logged()
-            return AuthResult(success=False, handled=False, message=str(replies.AUTH_TEMPFAIL))
+            return self._unavailable(server, str(exc), fields)
+        return await self._accepted(server, principal, fields, mapped)
+
+    async def _throttle(self, server: Any, fields: dict[str, str]) -> AuthResult | None:
+        """Before credentials are checked: a client locked out meanwhile is refused; one that failed often
+        waits first (growing, bounded), then is checked."""
+        session: Session = server.session
+        verdict = self.defenses.auth.before(_client(session))
+        if verdict.locked_for:  # locked out while this exchange ran
+            return await self._refuse(server, session, fields, checked=False)
+        if verdict.delay:
+            AUTH_DELAYED.inc()
+            log.info("auth_delayed", peer=_peer(session), delay=verdict.delay, client_failures=verdict.failures)
+            await asyncio.sleep(verdict.delay)
+        return None
+
+    def _unavailable(self, server: Any, reason: str, fields: dict[str, str]) -> AuthResult:
+        AUTH.labels(result="unavailable").inc()
+        log.warning("auth_unavailable", peer=_peer(server.session), reason=reason, **fields)
+        server.mark_logged()
+        return AuthResult(success=False, handled=False, message=str(replies.AUTH_TEMPFAIL))
+
+    async def _accepted(
+        self, server: Any, principal: Principal, fields: dict[str, str], mapped: dict[str, str]
+    ) -> AuthResult:
+        """Verified credentials: the login's own controls (its networks), then the session is the login's."""
+        session: Session = server.session
         if self.per_login is not None:
             if self.per_login.network_refusal(session, principal):
                 # The same reply as a wrong password: the network is not revealed. Logged with whether the
@@ -218,6 +241,42 @@ class GatewayHandler:
             **mapped,
         )
         return AuthResult(success=True, auth_data=principal, message=str(replies.AUTH_OK))
+
+    async def auth_XOAUTH2(self, server: Any, args: list[str]) -> AuthResult:
+        return await self._bearer(server, args, "XOAUTH2")
+
+    async def auth_OAUTHBEARER(self, server: Any, args: list[str]) -> AuthResult:
+        return await self._bearer(server, args, "OAUTHBEARER")
+
+    async def _bearer(self, server: Any, args: list[str], mechanism: sasl.Mechanism) -> AuthResult:
+        """A token login. Refused as RFC 7628 says: a 334 JSON error challenge, the client's dummy answer, 535."""
+        if self.oauth is None:  # not advertised then (auth_exclude_mechanism); nor accepted
+            return AuthResult(success=False, handled=False, message=str(replies.AUTH_UNKNOWN_MECHANISM))
+        if await self._locked_out(server):
+            return AuthResult(success=False, handled=True)
+        blob = await self._initial_response(server, args, "")
+        if blob is None:
+            return AuthResult(success=False, handled=True)
+        fields: dict[str, str] = {"mechanism": mechanism}
+        throttled = await self._throttle(server, fields)
+        if throttled is not None:
+            return throttled
+        try:
+            token = await self.oauth.login(mechanism, blob, self.login_for)
+        except TokenUnavailable as exc:
+            return self._unavailable(server, str(exc), fields)
+        except TokenRefused as exc:
+            challenge = sasl.error_challenge(mechanism, self.oauth.scope(), self.oauth.discovery)
+            answered = await server.challenge_auth(challenge) is not MISSING  # else aiosmtpd said 501
+            refused = await self._refuse(server, server.session, {**fields, "reason": str(exc)})
+            return refused if answered else AuthResult(success=False, handled=True)
+        refusal = self._tls_refusal(server, token.login.encode())
+        if refusal is not None:
+            return AuthResult(success=False, handled=False, message=refusal)
+        principal = self.authenticator.principal_for_user(token.login)
+        credential = f"oauth:{token.issuer.name}"
+        principal = replace(principal, credential=credential, credential_expires=token.expires)
+        return await self._accepted(server, principal, {**fields, "login": token.login}, {"mechanism": mechanism})
 
     def _owner_labels(self, login: str) -> tuple[str, str]:
         owner = self.authenticator.owner(login)
