@@ -14,6 +14,7 @@ from gateway.config import ConfigError, load_settings
 from gateway.config.logins import Quota, resolve
 from gateway.policy.recipients import RecipientRules
 from tests.configs import gateway_config, listener, write
+from tests.docs_blocks import doc_blocks
 from tests.harness import PASSWORD_HASH
 
 
@@ -181,3 +182,27 @@ def test_check_config_accepts_every_control_and_names_a_broken_one(tmp_path: Pat
     result = subprocess.run(run, capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode != 0
     assert "accounts.acme.users[printer].networks: unknown network 'printerz'" in result.stderr
+
+
+RECIPE_BASE = """
+[accounts.acme]
+dmdsid = "acme"
+apikey = "x"
+sender_domains = { "acme.com" = "dmds-acme@nl.acme.com" }
+
+[[accounts.acme.users]]
+username = "erp"
+password_hash = "scrypt$..."
+campaign = 22
+"""
+
+
+def test_the_per_login_recipes_are_valid(tmp_path: Path) -> None:
+    """Each recipe of docs/per-login.md, added to an account, is a configuration `serve` would take."""
+    blocks = doc_blocks("test_the_per_login_recipes_are_valid")
+    assert len(blocks) == 3
+    for n, block in enumerate(blocks):
+        path = tmp_path / f"recipe{n}.toml"
+        path.write_text(RECIPE_BASE + block.text)
+        settings = load_settings(path)
+        assert settings.accounts["acme"], block.where()
