@@ -98,7 +98,10 @@ def test_bytes_per_day_at_mail_size_and_at_the_end_of_data(gateway_factory: Fact
         byte_quota = f"452 4.7.1 Byte quota of {METERED} reached (3000 bytes per day); resets at {resets('day')}"
         assert client.cmd(f"MAIL FROM:<{SENDER}> SIZE=1500") == byte_quota
         # Without a SIZE= the message is refused once its size is known, at the end of DATA.
-        assert raw_send(client, sized(1500)) == byte_quota
+        with captured_logs() as logs:
+            assert raw_send(client, sized(1500)) == byte_quota
+        [summary] = events(logs, "message_deferred")
+        assert summary["reason"] == "quota: 3000 bytes per day" and not events(logs, "quota_reached")
         assert raw_send(client, sized(1000)).startswith("250 2.0.0 ")  # exactly the 3000
     assert len(gw.sent) == 2 and used("day", "bytes") == 3000
 

@@ -404,8 +404,6 @@ class GatewayHandler:
         if self.per_login is not None:
             refusal, taken = await self.per_login.take(server, principal, len(raw))
             if refusal is not None:
-                if txn is not None:
-                    txn.receipt.reason = "the login's quota"
                 return refusal
         reply = await self.pipeline.accept(
             principal,

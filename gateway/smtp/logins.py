@@ -116,7 +116,7 @@ class PerLogin:
         if not limits:
             return None, None
         verdict, taken = await self.quotas.take(principal.account, principal.login, limits, size)
-        return self._quota_reply(server, principal, verdict), taken
+        return self._quota_reply(server, principal, verdict, at_data=True), taken
 
     def test_mode(self, principal: Principal) -> bool:
         return self.controls.rules(principal).test_mode
@@ -138,7 +138,7 @@ class PerLogin:
             INTERNAL_ERRORS.labels(where="quota_return").inc()
             log.error("quota_return_failed", exc_info=exc)
 
-    def _quota_reply(self, server: Any, principal: Principal, verdict: Verdict) -> str | None:
+    def _quota_reply(self, server: Any, principal: Principal, verdict: Verdict, at_data: bool = False) -> str | None:
         window, unit = verdict.window, verdict.unit
         if window is None or unit is None:
             return None
@@ -155,6 +155,10 @@ class PerLogin:
                 f"{'Message' if unit == 'messages' else 'Byte'} quota of {principal.login} reached "
                 f"({limit} {unit} per {window.name}); resets at {resets}"
             )
+        if at_data:  # the transaction's summary line says it, with this reason
+            if server.txn is not None:
+                server.txn.receipt.reason = f"quota: {limit} {unit} per {window.name}"
+            return str(reply)
         log.info(
             "quota_reached",
             peer=_peer(server.session),
