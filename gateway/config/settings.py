@@ -18,9 +18,10 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from gateway.config import keys
+from gateway.config import keys, logins
 from gateway.config.accounts import MODELS
 from gateway.config.base import AccountBase, Section, secret_or_file
+from gateway.config.oauth import OAuthSettings
 
 ENV_PREFIX = "GATEWAY_"
 CONFIG_ENV = "GATEWAY_CONFIG"
@@ -527,6 +528,23 @@ class Settings(BaseSettings):
     ledger: LedgerSettings = Field(
         LedgerSettings(), description="The message ledger: records of every message answered 250."
     )
+    oauth: OAuthSettings = Field(OAuthSettings(), description="Token logins (AUTH XOAUTH2, OAUTHBEARER).")
+    networks: dict[str, list[ipaddress.IPv4Network | ipaddress.IPv6Network]] = Field(
+        {},
+        description="Named networks the logins' `networks` and `require_tls_except` may name, e.g. `printers = "
+        '["192.168.20.0/24"]`.',
+    )
+
+    @field_validator("networks")
+    @classmethod
+    def _network_names(
+        cls, v: dict[str, list[ipaddress.IPv4Network | ipaddress.IPv6Network]]
+    ) -> dict[str, list[ipaddress.IPv4Network | ipaddress.IPv6Network]]:
+        for name, nets in v.items():
+            if not logins.NAME.match(name):
+                raise ValueError(f"{name!r}: a network name is letters, digits, '_' and '-', starting with a letter")
+            logins.no_overlap([(str(n), n) for n in nets], f"networks.{name}")
+        return v
 
     # A TLS listener without tls.cert_file/key_file is not refused here: commands that serve no SMTP (queue,
     # check-domains) work without a certificate; `serve` and `check-config` say what is missing
@@ -550,12 +568,14 @@ class Settings(BaseSettings):
 
 
 def check_consistent(settings: Settings) -> None:
-    """What no single section can check: every trusted network's login is a configured user. ValueError."""
-    logins = {u.username for a in settings.accounts.values() for u in a.configured_users}
+    """What no single section can check: every trusted network's login is a configured user; every login's
+    controls resolve (gateway/config/logins.py). ValueError."""
+    users = {u.username for a in settings.accounts.values() for u in a.configured_users}
     for listener in settings.listeners:
         for _, login in listener.trusted_map:
-            if login not in logins:
+            if login not in users:
                 raise ValueError(f"listeners[{listener.name}]: trusted login {login!r} is not a user")
+    logins.check(settings)
 
 
 class ConfigError(Exception):
@@ -627,6 +647,10 @@ def format_validation_error(exc: ValidationError) -> str:
         if err["type"] == "extra_forbidden" and err["loc"]:
             near = keys.suggest_key(parent, str(err["loc"][-1]))
             msg = "unknown key" + (f"; did you mean {near}?" if near else "")
+        if not err["loc"] and err["type"] == "value_error":
+            # A check across sections (check_consistent): its text names the key itself.
+            lines.append(str(err.get("ctx", {}).get("error", msg)))
+            continue
         lines.append(f"{key or '(top level)'}: {msg}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
