@@ -7,6 +7,7 @@ import base64
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from typing import Any
 
 import structlog
 
@@ -14,9 +15,9 @@ from gateway import mime, policy
 from gateway.config import Settings
 from gateway.core import replies
 from gateway.core.errors import ContentRejected, Deferred, DnsTempFailure, GatewayError, PolicyRejected, Rejected
-from gateway.core.model import Call, Message, Principal, Receipt, Submission
+from gateway.core.model import Call, Message, Origin, Principal, Receipt, Submission
 from gateway.core.replies import Reply
-from gateway.delivery import idempotency
+from gateway.delivery import idempotency, testmode
 from gateway.delivery.owner import DeliveryOwner
 from gateway.limits.budget import Reservation
 from gateway.ops.metrics import FIELDS_NOT_SENT, MESSAGES
@@ -47,6 +48,7 @@ class Pipeline:
         self.settings = settings
         self.providers = providers
         self.owner = owner
+        # Where test-mode messages' requests are recorded besides the log (the message ledger).
 
     # -- SMTP phases -------------------------------------------------------------------------------
 
@@ -87,15 +89,20 @@ class Pipeline:
         smtputf8: bool,
         receipt: Receipt | None = None,
         reservation: Reservation | None = None,
+        origin: Origin | None = None,
+        test_mode: bool = False,
         drop_invalid_header_addresses: bool = False,
     ) -> Reply:
         """The reply to the end of DATA. Never raises: unexpected errors become 451 4.3.0.
 
         `receipt` learns what became of the message (queue id, upstream ids, or why not) for the one log
         line the SMTP session writes per transaction. `reservation`: the message's share of the
-        large-message budget, released when its first attempt has ended. `drop_invalid_header_addresses`:
-        the listener's choice for invalid To/Cc addresses that are not recipients (left out, not refused)."""
+        large-message budget, released when its first attempt has ended. `origin`: the listener and client,
+        for the message's ledger record. `test_mode`: everything but the upstream call
+        (gateway/delivery/testmode.py). `drop_invalid_header_addresses`: the listener's choice for invalid
+        To/Cc addresses that are not recipients (left out, not refused)."""
         receipt = receipt if receipt is not None else Receipt()
+        origin = replace(origin or Origin(), size=len(raw))
         bound = log.bind(login=principal.login, account=principal.account, size=len(raw), rcpts=len(rcpt_tos))
         try:
             submission, plan = await self.prepare(
@@ -104,10 +111,19 @@ class Pipeline:
             if submission.message.defects:
                 # Repaired or sent as it arrived (never upstream in these words): for the operator to see.
                 bound.warning("message_repaired", defects=list(submission.message.defects))
+            if test_mode:
+                requests = self.providers[principal.account].requests(submission)
+                return self._counted(testmode.accept(requests, submission, bound, receipt, self._test_recorder(origin)))
             account = self.settings.accounts[principal.account]
             key = idempotency.key_of(submission, account.idempotency_from_message_id)
             reply = await self.owner.submit(
-                submission, plan, bound, key, receipt, on_done=reservation.release if reservation else None
+                submission,
+                plan,
+                bound,
+                key,
+                receipt,
+                on_done=reservation.release if reservation else None,
+                origin=origin,
             )
             reservation = None  # the owner releases it
         except (Rejected, Deferred) as exc:
@@ -118,8 +134,23 @@ class Pipeline:
             receipt.reason = exc.reason
             reply = exc.reply
         finally:
-            if reservation is not None:  # refused before the owner took it
+            if reservation is not None:  # refused before the owner took it (or a test message: never sent)
                 reservation.release()
+        return self._counted(reply)
+
+    def _test_recorder(self, origin: Origin) -> testmode.TestRecorder:
+        """A test message's record in the ledger: the requests it would have sent, its TEST- reply."""
+
+        def record(test_id: str, submission: Submission, requests: list[dict[str, Any]]) -> None:
+            reply = str(replies.queued(test_id))
+            self.owner.ledger.test_message(
+                msg_id=test_id, submission=submission, origin=origin, reply=reply, requests=requests
+            )
+
+        return record
+
+    @staticmethod
+    def _counted(reply: Reply) -> Reply:
         MESSAGES_BY_CLASS[reply.code // 100].inc()
         return reply
 

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway.ledger.model import Query
 from gateway.providers.sandbox import SHAPES, Sandbox, SandboxState
 from tests import configs
 from tests.configs import NO_UPSTREAM, gateway_config, listener
@@ -111,6 +112,15 @@ def test_dmds_sent_count_is_recorded_never_as_delivered(shaped: Running) -> None
     accepted = [e for e in logs if e["event"] == "message_accepted"]
     assert [(e["rcpts"], e["upstream_sent"]) for e in accepted] == [(1, 1), (2, 1)]
     assert not any("delivered" in e for e in accepted)
+    # The message ledger keeps it on the call's attempt event.
+    assert shaped.app.ledger is not None and shaped.app.ledger_writer is not None
+    shaped.loop.run(shaped.app.ledger_writer.flush())
+    [found] = shaped.loop.run(shaped.app.ledger.find(Query(reply_id=partly[1].rsplit(" ", 1)[1]))).records
+    record = shaped.loop.run(shaped.app.ledger.get(found.id))
+    assert record is not None
+    [attempt] = [e for e in record.events if e.kind == "attempt"]
+    assert attempt.data is not None and attempt.data["sent"] == 1
+    assert attempt.detail == "the upstream says it sent 1 mail(s) for 2 recipient(s)"
 
 
 def test_dmds_sent_count_of_a_queued_message_is_logged_when_it_is_delivered(

@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import orjson
 import structlog
@@ -188,8 +188,9 @@ class DengageProvider(ProviderBase[DengageAccount]):
     def _forwards(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in self._x_header_patterns)
 
-    async def _sender(self, message: Message) -> dict[str, str]:
-        """The From's fields where the account's settings put them (none by default: no name is confirmed)."""
+    def _named_sender(self, message: Message) -> dict[str, str]:
+        """The From's address and name where the account's settings put them (none by default: no name is
+        confirmed)."""
         sender = message.from_
         if sender is None:
             return {}
@@ -199,7 +200,15 @@ class DengageProvider(ProviderBase[DengageAccount]):
             fields[address_field] = sender.email
         if (name_field := settings.from_name_field or w["from_name"]) and sender.name:
             fields[name_field] = sender.name
-        if identity_field := settings.from_identity_field or w["from_identity"]:
+        return fields
+
+    async def _sender(self, message: Message) -> dict[str, str]:
+        """The From's fields where the account's settings put them: address, name and identity id."""
+        sender = message.from_
+        if sender is None:
+            return {}
+        fields = self._named_sender(message)
+        if identity_field := self.settings.from_identity_field or wire.WIRE["from_identity"]:
             identity = wire.identity_for(await self.identities.current(), sender.email)
             if identity is not None and identity.id is not None:
                 fields[identity_field] = identity.id
@@ -216,6 +225,23 @@ class DengageProvider(ProviderBase[DengageAccount]):
             if key not in calls:
                 calls[key] = Call(key, (rcpt,))
         return tuple(calls.values())
+
+    def requests(self, submission: Submission) -> list[dict[str, Any]]:
+        """One call per recipient as planned (the bearer token goes in the Authorization header)."""
+        return [
+            {
+                "call": call.key,
+                "method": "POST",
+                "path": str(wire.WIRE["send"]),
+                "body": wire.build_payload(
+                    submission,
+                    call.recipients[0],
+                    self._named_sender(submission.message),  # the identity id is looked up when sending
+                    attachment=jsonbody.attachment_omitted,
+                ),
+            }
+            for call in self.plan(submission)
+        ]
 
     # -- delivery ----------------------------------------------------------------------------------
 

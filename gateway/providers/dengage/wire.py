@@ -136,11 +136,16 @@ def put(body: dict[str, Any], path: str, value: str) -> None:
     node[leaf] = value
 
 
-def build_payload(submission: Submission, recipient: str, sender: Mapping[str, str] | None = None) -> dict[str, Any]:
+def build_payload(
+    submission: Submission,
+    recipient: str,
+    sender: Mapping[str, str] | None = None,
+    attachment: jsonbody.AttachmentContent = jsonbody.attachment_base64,
+) -> dict[str, Any]:
     """The JSON body of the call for one envelope recipient; `sender`: the From's fields where the account's
-    settings put them (dotted path -> value). Pure: golden-tested in tests/test_dengage_payload.py. Only
-    this recipient is named: Cc and Bcc recipients get their own call and never appear in another's; header
-    To/Cc are never forwarded as recipients."""
+    settings put them (dotted path -> value); `attachment`: what an attachment carries. Pure: golden-tested
+    in tests/test_dengage_payload.py. Only this recipient is named: Cc and Bcc recipients get their own call
+    and never appear in another's; header To/Cc are never forwarded as recipients."""
     msg = submission.message
     params = DengageParams.read(submission.params)
     w = WIRE
@@ -161,7 +166,7 @@ def build_payload(submission: Submission, recipient: str, sender: Mapping[str, s
         body[str(w["attachments"])] = [
             {
                 str(w["att_name"]): a.filename,
-                str(w["att_content"]): jsonbody.text(a.base64()),
+                str(w["att_content"]): attachment(a),
                 str(w["att_type"]): a.content_type,
                 **({w["att_cid"]: a.content_id} if w["att_cid"] and a.content_id else {}),
             }

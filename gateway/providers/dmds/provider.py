@@ -7,6 +7,7 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
+from typing import Any
 
 import structlog
 
@@ -24,6 +25,7 @@ from gateway.providers.checks import AccountCheck
 from gateway.providers.dmds import campaigns, wire
 from gateway.providers.dmds.config import DmdsAccount, DmdsUser
 from gateway.providers.dmds.data import DmdsLogin, DmdsParams
+from gateway.providers.dmds.keys import CampaignKeys
 from gateway.providers.dmds.legs import Leg, plan_legs
 from gateway.upstream.client import HttpClient
 from gateway.upstream.ratelimit import RateLimiter, Unlimited
@@ -68,6 +70,8 @@ class DmdsProvider(ProviderBase[DmdsAccount]):
             CAMPAIGNS_CACHED, negative=lambda known: not known, clock=clock
         )  # campaign numid -> whether DMDS has it
         self._policy = sender_policy(settings)
+        # Each campaign's apikey as last answered, and the one before it during settings.apikey_grace.
+        self._keys = CampaignKeys(settings.apikey_grace, CAMPAIGNS_CACHED, clock)
         # Whether the campaign listing answers in a way the gateway recognises (else campania_apikey does).
         self._listing_usable = True
 
@@ -90,9 +94,16 @@ class DmdsProvider(ProviderBase[DmdsAccount]):
             if not settings.smtp_api_logins or (settings.campaigns and numid not in settings.campaigns):
                 return None
             key = await self.campaign_apikey(numid)
-            if key is None or not hmac.compare_digest(key.encode(), password.encode()):
+            matched = self._keys.match(numid, key, password) if key is not None else None
+            if matched is None:
                 return None
-            return Principal(account=self.account, login=username, extra=DmdsLogin(campaign=numid))
+            return Principal(
+                account=self.account,
+                login=username,
+                extra=DmdsLogin(campaign=numid),
+                credential=matched.which,
+                credential_expires=matched.expires,
+            )
         # <dmdsid> + the account APIKEY, campaign from "[NN]" (upstream-apis.md §1.8, [V]).
         if (
             username == settings.dmdsid
@@ -183,6 +194,24 @@ class DmdsProvider(ProviderBase[DmdsAccount]):
 
     def plan(self, submission: Submission) -> tuple[Call, ...]:
         return tuple(Call(leg.key, leg.recipients) for leg in self.legs(submission))
+
+    def requests(self, submission: Submission) -> list[dict[str, Any]]:
+        """The legs' calls as planned; legs after the first join the first's batch, whose eeid is not known
+        before it answers (the key goes in the Authorization header, never in a body)."""
+        batch = DmdsParams.read(submission.params).batch
+        out = []
+        for n, leg in enumerate(self.legs(submission)):
+            joins = batch or (None if n == 0 else "(the eeid of the first call)")
+            one = len(leg.contacts) == 1
+            out.append(
+                {
+                    "call": leg.key,
+                    "method": "POST",
+                    "path": wire.WIRE["send_one"] if one else wire.WIRE["send_many"],
+                    "body": wire.build_payload(submission, leg, joins, jsonbody.attachment_omitted),
+                }
+            )
+        return out
 
     # -- delivery ----------------------------------------------------------------------------------
 
