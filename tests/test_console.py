@@ -401,3 +401,35 @@ async def test_a_reload_ends_the_sessions_of_a_changed_password(gateway_factory:
         assert (await browser.signin(password="a-new-password"))[0] == 303
         _, _, page = await browser.get("/console/configuration")
         assert "last reload" in page and ": ok" in page
+
+
+def test_the_quick_start_prints_a_console_to_sign_in_to(tmp_path: Any) -> None:
+    import asyncio
+    import signal
+    import subprocess
+
+    from tests.test_first_contact import CLI, Lines, _env
+
+    args = ["quickstart", "--port", "0", "--tls-port", "0", "--sandbox-port", "0", "--http-port", "0"]
+    proc = subprocess.Popen(
+        [*CLI, *args], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    err = Lines(proc.stderr)
+
+    async def sign_in(url: str, name: str, password: str) -> None:
+        async with Client(url) as browser:
+            assert (await browser.signin(name, password))[0] == 303
+            status, _, page = await browser.get("/console/")
+            assert status == 200 and "sandbox" in page  # the quick start's DMDS account
+
+    try:
+        line = err.wait_for(r"The console in a browser")
+        found = re.search(r"(http://127\.0\.0\.1:\d+)/console/\s+sign in as (\S+) / (\S+)$", line.strip())
+        assert found is not None, line
+        asyncio.run(sign_in(*found.groups()))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        err.close()
+        assert proc.stdout is not None
+        proc.stdout.close()
