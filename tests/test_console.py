@@ -433,3 +433,20 @@ def test_the_quick_start_prints_a_console_to_sign_in_to(tmp_path: Any) -> None:
         err.close()
         assert proc.stdout is not None
         proc.stdout.close()
+
+
+def test_the_documented_configuration_loads(tmp_path: Any) -> None:
+    import tomllib
+
+    from gateway.config import load_settings
+    from tests.docs_blocks import doc_blocks
+
+    [block] = doc_blocks("test_the_documented_configuration_loads")
+    key = tmp_path / "console.key"
+    key.write_text(SESSION_SECRET + "\n")
+    text = block.text.replace("scrypt$16384$8$1$...", ADMIN_HASH).replace("/etc/smtp-gateway/console.key", str(key))
+    settings = load_settings(None, **tomllib.loads(text))
+    console = settings.console
+    assert console.enabled and [a.name for a in console.admins] == [ADMIN]
+    assert console.session_secret is not None and console.session_secret.get_secret_value() == SESSION_SECRET
+    assert settings.http.port == 8080 and (console.idle_timeout, console.session_lifetime) == (1800, 43200)
