@@ -450,3 +450,39 @@ def test_the_documented_configuration_loads(tmp_path: Any) -> None:
     assert console.enabled and [a.name for a in console.admins] == [ADMIN]
     assert console.session_secret is not None and console.session_secret.get_secret_value() == SESSION_SECRET
     assert settings.http.port == 8080 and (console.idle_timeout, console.session_lifetime) == (1800, 43200)
+
+
+def test_the_queue_cli_selects_and_acts_on_several_like_the_console(gateway_factory: Callable[..., Running]) -> None:
+    """`queue dead` with filters and `queue requeue ID...` run the code the console's Queue page runs."""
+    import json
+    import subprocess
+
+    from tests.test_first_contact import CLI, _env
+
+    gw = console_gateway(gateway_factory, delivery=FAST)
+    ours = [dead_letter(gw, f"to acme {n}", to=(f"r{n}@sub.acme-clients.example",)) for n in range(2)]
+    other = dead_letter(gw, "elsewhere", to=("x@elsewhere.example",))
+    spool = str(gw.settings.delivery.spool_path)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*CLI, "queue", "--spool", spool, *args], capture_output=True, text=True, timeout=60, env=_env()
+        )
+
+    listed = cli("dead", "--domain", "acme-clients.example", "--login", "scanner", "--reason", "INVALID", "--json")
+    rows = json.loads(listed.stdout)["messages"]
+    assert sorted(r["id"] for r in rows) == sorted(ours) and rows[0]["login"] == "scanner"
+    assert rows[0]["recipients"][0].endswith("@sub.acme-clients.example")
+    assert json.loads(cli("dead", "--account", "nope", "--json").stdout)["messages"] == []
+    assert json.loads(cli("dead", "--older-than", "1d", "--json").stdout)["messages"] == []
+    text = cli("dead", "--domain", "elsewhere.example").stdout
+    assert "matching dead letters, domain elsewhere.example: 1" in text and other in text
+    bad = cli("dead", "--older-than", "soon")
+    assert bad.returncode == 1 and "--older-than" in bad.stderr
+    acted = cli("requeue", *ours, "FFFFFFFFFFFFFFFF")
+    assert acted.returncode == 1
+    assert acted.stdout.splitlines() == [
+        f"{ours[0]}: requeued",
+        f"{ours[1]}: requeued",
+        "FFFFFFFFFFFFFFFF: not a dead letter",
+    ]
