@@ -46,6 +46,16 @@ NOT_ENABLED = (
     "The console is not enabled: set [console] enabled = true with at least one [[console.admins]] (name, and "
     "password_hash made by `smtp-gateway hash-password`), then reload (SIGHUP). See docs/console.md."
 )
+# The pages in the navigation, in order. A new page is a module giving its context, a template, its routes in
+# `Console.install` and its entry here (the return path's suppression list would go after Logins).
+NAV = (
+    ("/console/", "Overview"),
+    ("/console/messages", "Messages"),
+    ("/console/queue", "Queue"),
+    ("/console/logins", "Logins"),
+    ("/console/test-send", "Test send"),
+    ("/console/configuration", "Configuration"),
+)
 # No inline script or style anywhere: the pages load /console/static/ files only.
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
@@ -264,6 +274,7 @@ class Console:
             admin=session.admin if session else None,
             csrf=self.keys.csrf(session) if session else "",
             path=request.path,
+            nav=NAV,
             hostname=self.gw.settings.hostname,
             **context,
         )
