@@ -22,7 +22,6 @@ from typing import Any
 import jinja2
 import structlog
 from aiohttp import web
-from multidict import MultiDictProxy
 
 from gateway.config import Settings
 from gateway.config.console import ConsoleAdmin, ConsoleSettings
@@ -526,7 +525,7 @@ class Console:
         return self._page(request, "configuration.html", title="Configuration", **configpage.page(self.gw))
 
 
-def _field(form: MultiDictProxy[Any], name: str) -> str:
+def _field(form: Mapping[str, Any], name: str) -> str:
     value = form.get(name)
     return value if isinstance(value, str) else ""
 
