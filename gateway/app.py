@@ -19,9 +19,11 @@ import structlog
 from gateway.auth.credentials import Authenticator
 from gateway.auth.jwks import JwksKeys
 from gateway.auth.oauth import OAuthVerifier
+from gateway.auth.onetime import OneTimeLogins
 from gateway.config import ConfigError, DnsSettings, Settings
 from gateway.config.oauth import OAuthSettings
-from gateway.config.reload import ReloadPlan, plan_reload
+from gateway.config.reload import ConfigStatus, ReloadPlan, plan_reload
+from gateway.console.web import Console
 from gateway.core.errors import SpoolUnavailable
 from gateway.delivery.health import AccountHealth
 from gateway.delivery.owner import DeliveryOwner, owner_id
@@ -31,6 +33,8 @@ from gateway.ledger.backends import open_ledger
 from gateway.ledger.recorder import Recorder
 from gateway.ledger.store import LedgerStore
 from gateway.ledger.writer import LedgerWriter
+from gateway.limits.clients import AuthGuard
+from gateway.limits.lockouts import LocalLockouts, Lockouts
 from gateway.limits.quotas import QuotaTracker
 from gateway.ops import logs
 from gateway.ops.api import MessageApi
@@ -97,9 +101,29 @@ class App:
     ledger: LedgerStore | None = None
     ledger_writer: LedgerWriter | None = None
     api_auth: TokenAuth | None = None
+    console: Console | None = None
+    # When the configuration was loaded and what the last reload did (the console shows it).
+    config_status: ConfigStatus = field(default_factory=ConfigStatus)
+    # The console's test send logs in with these (gateway/auth/onetime.py).
+    onetime: OneTimeLogins = field(default_factory=OneTimeLogins)
+    lockouts: Lockouts = field(init=False)
     _background: set[asyncio.Task[None]] = field(default_factory=set)
     _retired: list[Provider] = field(default_factory=list)
     _reloading: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def __post_init__(self) -> None:
+        self.lockouts = LocalLockouts(self._guards)
+
+    def _guards(self) -> list[tuple[str, AuthGuard]]:
+        """The per-IP AUTH throttles of this process, by what they guard."""
+        found = []
+        if self.listeners is not None and self.listeners.defenses is not None:
+            found.append(("smtp", self.listeners.defenses.auth))
+        if self.api_auth is not None:
+            found.append(("api", self.api_auth.guard))
+        if self.console is not None:
+            found.append(("console", self.console.signin.guard))
+        return found
 
     async def start(self) -> None:
         settings = self.settings
@@ -119,7 +143,7 @@ class App:
             self.providers[name] = registry.build(name, account, self.store)
             for note in account.notes():
                 log.warning("account_note", account=name, note=note)
-        self.authenticator = Authenticator(settings.accounts, self.providers)
+        self.authenticator = Authenticator(settings.accounts, self.providers, onetime=self.onetime)
         self.resolver = resolver_for(settings.dns)
         self.health = AccountHealth(list(settings.accounts))
         # The message ledger beside the queue: rows buffered here, written by the writer's task. On a full
@@ -160,7 +184,10 @@ class App:
         http = settings.http
         if http.port is not None:
             self.api_auth = TokenAuth(http.api_tokens, settings.limits)
-            self.operator = OperatorEndpoint(problems=self.problems, api=MessageApi(self.ledger, self.api_auth))
+            self.console = Console(self)
+            self.operator = OperatorEndpoint(
+                problems=self.problems, api=MessageApi(self.ledger, self.api_auth), console=self.console
+            )
             tls = None
             if http.tls_cert_file is not None and http.tls_key_file is not None:
                 tls = server_context("intermediate", [(http.tls_cert_file, http.tls_key_file)])
@@ -172,6 +199,7 @@ class App:
                 port=port,
                 tls=tls is not None,
                 api="on" if http.api_tokens else "off (no http.api_tokens)",
+                console="on" if settings.console.enabled else "off (console.enabled)",
             )
         if settings.dns.check_sender_domain:
             self._spawn(self._log_domain_findings())
@@ -239,6 +267,7 @@ class App:
                 plan = plan_reload(self.settings, new)
             except (ConfigError, ValueError) as exc:
                 CONFIG_RELOADS.labels(result="invalid").inc()
+                self.config_status.record("invalid", str(exc))
                 log.error("config_reload_failed", reason=str(exc), action="kept the running configuration")
                 return False
             oauth = listeners.oauth
@@ -248,6 +277,7 @@ class App:
                 contexts = await asyncio.to_thread(listeners.prepare_tls, plan.settings)
             except CertificateError as exc:
                 CONFIG_RELOADS.labels(result="tls_failed").inc()
+                self.config_status.record("tls_failed", str(exc))
                 log.error(
                     "tls_reload_failed",
                     reason=str(exc),
@@ -256,6 +286,7 @@ class App:
                 return False
             self._apply(plan, listeners, contexts, oauth)
             CONFIG_RELOADS.labels(result="ok").inc()
+            self.config_status.record("ok", plan=plan)
             log.info("config_reloaded", changed=plan.changed, restart_needed=plan.restart_needed)
             if plan.restart_needed:
                 log.warning(
@@ -284,7 +315,7 @@ class App:
         retired = [p for name, p in self.providers.items() if providers.get(name) is not p]
         sessions_before = set(listeners.sessions)
         self.providers = providers
-        self.authenticator = Authenticator(new.accounts, providers)
+        self.authenticator = Authenticator(new.accounts, providers, onetime=self.onetime)
         if new.dns != old.dns:
             self.resolver = resolver_for(new.dns)
         self.health.track(list(new.accounts))
@@ -295,6 +326,8 @@ class App:
             self.ledger_writer.configure(new.ledger)
         if self.api_auth is not None:
             self.api_auth.configure(new.http.api_tokens, new.limits)
+        if self.console is not None:
+            self.console.configure(new)
         self.worker.set_accounts(list(new.accounts))
         self.pipeline = Pipeline(new, providers, self.owner, resolver=self.resolver)
         retired_oauth, listeners.oauth = listeners.oauth, oauth

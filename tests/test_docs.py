@@ -326,7 +326,7 @@ def test_sandbox_commands(tmp_path: Path) -> None:
 
 # ---- the quick start ---------------------------------------------------------------------------------------
 
-DOC_PORTS = {"smtp": 2525, "tls": 2587, "sandbox": 8025}
+DOC_PORTS = {"smtp": 2525, "tls": 2587, "sandbox": 8025, "http": 8026}
 
 
 def _transcript(line: str) -> str:
@@ -384,12 +384,13 @@ def test_quickstart_output(tmp_path: Path) -> None:
     def to_doc(text: str) -> str:
         for name, port in DOC_PORTS.items():
             text = re.sub(rf"(127\.0\.0\.1|localhost):{real[name]}\b", rf"\g<1>:{port}", text)
-        return text
+        return re.sub(r"(sign in as admin / )\S+$", r"\1<generated password>", text)  # new at every start
 
     swaks_cmds = list(dict.fromkeys(c for b in blocks["swaks"] for c, _ in commands(b)))
     assert len(swaks_cmds) == 4, swaks_cmds  # three DMDS login styles, one dEngage login
     proc = subprocess.Popen(
-        [str(BIN / "smtp-gateway"), "quickstart", "--port", "0", "--tls-port", "0", "--sandbox-port", "0"],
+        [str(BIN / "smtp-gateway"), "quickstart", "--port", "0", "--tls-port", "0", "--sandbox-port", "0",
+         "--http-port", "0"],
         cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     err, out = Lines(proc.stderr), Lines(proc.stdout)
@@ -399,7 +400,7 @@ def test_quickstart_output(tmp_path: Path) -> None:
         # The banner: what it printed before the ready event, its log lines aside.
         before = text[: text.index('"event": "ready"')].splitlines()
         banner = "\n".join(line for line in before if not line.startswith("{")).strip("\n").splitlines()
-        real.update(smtp=ready["listeners"]["plain"], tls=ready["listeners"]["submission"])
+        real.update(smtp=ready["listeners"]["plain"], tls=ready["listeners"]["submission"], http=ready["http"])
         assert f"127.0.0.1:{real['smtp']}" in banner[1] and f"127.0.0.1:{real['tls']}" in banner[2]  # as bound
         real["sandbox"] = int(re.findall(r"http://127\.0\.0\.1:(\d+)", banner[3])[0])
         for block in blocks["banner"]:

@@ -21,6 +21,8 @@ from pydantic_settings import (
 from gateway.config import keys, logins
 from gateway.config.accounts import MODELS
 from gateway.config.base import AccountBase, Section, secret_or_file
+from gateway.config.console import ConsoleSettings
+from gateway.config.console import check as check_console
 from gateway.config.oauth import OAuthSettings
 
 ENV_PREFIX = "GATEWAY_"
@@ -535,6 +537,9 @@ class Settings(BaseSettings):
         LedgerSettings(), description="The message ledger: records of every message answered 250."
     )
     oauth: OAuthSettings = Field(OAuthSettings(), description="Token logins (AUTH XOAUTH2, OAUTHBEARER).")
+    console: ConsoleSettings = Field(
+        ConsoleSettings(), description="The operator console in the browser, on the operator endpoint."
+    )
     networks: dict[str, list[ipaddress.IPv4Network | ipaddress.IPv6Network]] = Field(
         {},
         description="Named networks the logins' `networks` and `require_tls_except` may name, e.g. `printers = "
@@ -582,6 +587,7 @@ def check_consistent(settings: Settings) -> None:
             if login not in users:
                 raise ValueError(f"listeners[{listener.name}]: trusted login {login!r} is not a user")
     logins.check(settings)
+    check_console(settings.console, settings.http, is_loopback(settings.http.address))
 
 
 class ConfigError(Exception):

@@ -303,6 +303,7 @@ class Query:
     """Filters, all optional, combined with AND; newest first, `limit` at most MAX_LIMIT."""
 
     id: str | None = None  # the local id
+    ids: tuple[str, ...] = ()  # any of these local ids (at most MAX_LIMIT)
     reply_id: str | None = None  # the id a 250 named
     upstream_id: str | None = None  # any call's upstream id (a DMDS eeid may be shared by a batch)
     message_id: str | None = None
@@ -322,9 +323,42 @@ class Query:
             raise BadQuery(f"limit: between 1 and {MAX_LIMIT}")
         if self.state is not None and self.state not in STATES:
             raise BadQuery(f"state: one of {', '.join(STATES)}")
+        if len(self.ids) > MAX_LIMIT:
+            raise BadQuery(f"ids: at most {MAX_LIMIT}")
 
 
 @dataclass(frozen=True, slots=True)
 class Page:
     records: list[Record]
     next: Cursor | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Tally:
+    """What the ledger counted since a time: messages by (account, login) with the newest one's time, and
+    recipients by (account, login, state) as they are now."""
+
+    since: float
+    messages: Mapping[tuple[str, str | None], tuple[int, float]]
+    recipients: Mapping[tuple[str, str | None, str], int]
+
+    def by_account(self) -> dict[str, dict[str, int]]:
+        """Per account: `messages` accepted, and recipients by state."""
+        out: dict[str, dict[str, int]] = {}
+        for (account, _), (count, _) in self.messages.items():
+            row = out.setdefault(account, {})
+            row["messages"] = row.get("messages", 0) + count
+        for (account, _, state), count in self.recipients.items():
+            row = out.setdefault(account, {})
+            row[state] = row.get(state, 0) + count
+        return out
+
+    def by_login(self) -> dict[tuple[str, str | None], dict[str, float]]:
+        """Per (account, login): `messages`, `last` (the newest one's time) and recipients by state."""
+        out: dict[tuple[str, str | None], dict[str, float]] = {}
+        for key, (count, last) in self.messages.items():
+            out[key] = {"messages": count, "last": last}
+        for (account, login, state), count in self.recipients.items():
+            row = out.setdefault((account, login), {"messages": 0})
+            row[state] = row.get(state, 0) + count
+        return out

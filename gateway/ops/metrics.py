@@ -240,3 +240,33 @@ TEST_MESSAGES = Counter(
     ["account", "login"],
     registry=REGISTRY,
 )
+LOGIN_AUTH_FAILURES = Counter(
+    "smtp_gateway_login_auth_failures_total",
+    "Failed AUTHs naming a configured login (a wrong or expired password), by account and login; failures "
+    "naming no configured login are only in smtp_gateway_auth_total",
+    ["account", "login"],
+    registry=REGISTRY,
+)
+CONSOLE_LOGINS = Counter(
+    "smtp_gateway_console_logins_total",
+    "Console sign-ins by result: ok, invalid (wrong name or password), locked_out (the client IP failed too often)",
+    ["result"],
+    registry=REGISTRY,
+)
+CONSOLE_ACTIONS = Counter(
+    "smtp_gateway_console_actions_total",
+    "Console admin actions (each also an audit log line): retry, requeue, delete, lift_lockout, test_send, sign_out",
+    ["action"],
+    registry=REGISTRY,
+)
+CONSOLE_ACTION_MESSAGES = Counter(
+    "smtp_gateway_console_action_messages_total",
+    "Messages changed by console queue actions (retry, requeue, delete)",
+    ["action"],
+    registry=REGISTRY,
+)
+CONSOLE_CSRF_REFUSED = Counter(
+    "smtp_gateway_console_csrf_refused_total",
+    "Console form posts refused (403) for a missing or wrong CSRF token",
+    registry=REGISTRY,
+)

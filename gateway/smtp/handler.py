@@ -24,7 +24,15 @@ from gateway.core import replies
 from gateway.core.errors import GatewayError
 from gateway.core.model import Origin, Principal
 from gateway.limits.clients import Defenses, client_key
-from gateway.ops.metrics import AUTH, AUTH_DELAYED, AUTH_LOCKOUTS, AUTH_TRACKED, INTERNAL_ERRORS, LIMIT_HITS
+from gateway.ops.metrics import (
+    AUTH,
+    AUTH_DELAYED,
+    AUTH_LOCKOUTS,
+    AUTH_TRACKED,
+    INTERNAL_ERRORS,
+    LIMIT_HITS,
+    LOGIN_AUTH_FAILURES,
+)
 from gateway.pipeline import Pipeline
 from gateway.smtp.logins import PerLogin
 
@@ -196,6 +204,9 @@ class GatewayHandler:
         except AuthFailed as exc:
             if exc.reason and self.per_login is not None:
                 self.per_login.expired(*self._owner_labels(checked))
+            account, user = self._owner_labels(checked)
+            if account and user != "*":
+                LOGIN_AUTH_FAILURES.labels(account=account, login=user).inc()
             return await self._refuse(server, session, {**fields, **({"reason": exc.reason} if exc.reason else {})})
         except AuthUnavailable as exc:
             return self._unavailable(server, str(exc), fields)
