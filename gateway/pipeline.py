@@ -7,6 +7,7 @@ import base64
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from typing import Any
 
 import structlog
 
@@ -14,12 +15,12 @@ from gateway import mime, policy
 from gateway.config import Settings
 from gateway.core import replies
 from gateway.core.errors import ContentRejected, Deferred, DnsTempFailure, GatewayError, PolicyRejected, Rejected
-from gateway.core.model import Call, Message, Principal, Receipt, Submission
+from gateway.core.model import Call, Message, Origin, Principal, Receipt, Submission
 from gateway.core.replies import Reply
-from gateway.delivery import idempotency
+from gateway.delivery import idempotency, testmode
 from gateway.delivery.owner import DeliveryOwner
 from gateway.limits.budget import Reservation
-from gateway.ops.metrics import INTERNAL_ERRORS, MESSAGES
+from gateway.ops.metrics import FIELDS_NOT_SENT, INTERNAL_ERRORS, MESSAGES
 from gateway.policy.dns import DnsResolver, DnsTemporaryError
 from gateway.providers.base import Provider
 
@@ -47,6 +48,7 @@ class Pipeline:
         self.settings = settings
         self.providers = providers
         self.owner = owner
+        # Where test-mode messages' requests are recorded besides the log (the message ledger).
 
     # -- SMTP phases -------------------------------------------------------------------------------
 
@@ -87,19 +89,31 @@ class Pipeline:
         smtputf8: bool,
         receipt: Receipt | None = None,
         reservation: Reservation | None = None,
+        origin: Origin | None = None,
+        test_mode: bool = False,
+        drop_invalid_header_addresses: bool = False,
     ) -> Reply:
         """The reply to the end of DATA. Never raises: unexpected errors become 451 4.3.0.
 
         `receipt` learns what became of the message (queue id, upstream ids, or why not) for the one log
         line the SMTP session writes per transaction. `reservation`: the message's share of the
-        large-message budget, released when its first attempt has ended."""
+        large-message budget, released when its first attempt has ended. `origin`: the listener and client,
+        for the message's ledger record. `test_mode`: everything but the upstream call
+        (gateway/delivery/testmode.py). `drop_invalid_header_addresses`: the listener's choice for invalid
+        To/Cc addresses that are not recipients (left out, not refused)."""
         receipt = receipt if receipt is not None else Receipt()
+        origin = replace(origin or Origin(), size=len(raw))
         bound = log.bind(login=principal.login, account=principal.account, size=len(raw), rcpts=len(rcpt_tos))
         try:
-            submission, plan = await self.prepare(principal, mail_from, rcpt_tos, raw, smtputf8)
+            submission, plan = await self.prepare(
+                principal, mail_from, rcpt_tos, raw, smtputf8, drop_invalid_header_addresses
+            )
             if submission.message.defects:
                 # Repaired or sent as it arrived (never upstream in these words): for the operator to see.
                 bound.warning("message_repaired", defects=list(submission.message.defects))
+            if test_mode:
+                requests = self.providers[principal.account].requests(submission)
+                return self._counted(testmode.accept(requests, submission, bound, receipt, self._test_recorder(origin)))
             account = self.settings.accounts[principal.account]
             key = idempotency.key_of(submission, account.idempotency_from_message_id)
             digest = None if key is None else await _digest(submission)
@@ -110,6 +124,7 @@ class Pipeline:
                 key,
                 receipt,
                 on_done=reservation.release if reservation else None,
+                origin=origin,
                 digest=digest,
             )
             reservation = None  # the owner releases it
@@ -127,13 +142,34 @@ class Pipeline:
             receipt.reason = "internal error (logged as message_internal_error)"
             reply = replies.INTERNAL_ERROR
         finally:
-            if reservation is not None:  # refused before the owner took it
+            if reservation is not None:  # refused before the owner took it (or a test message: never sent)
                 reservation.release()
+        return self._counted(reply)
+
+    def _test_recorder(self, origin: Origin) -> testmode.TestRecorder:
+        """A test message's record in the ledger: the requests it would have sent, its TEST- reply."""
+
+        def record(test_id: str, submission: Submission, requests: list[dict[str, Any]]) -> None:
+            reply = str(replies.queued(test_id))
+            self.owner.ledger.test_message(
+                msg_id=test_id, submission=submission, origin=origin, reply=reply, requests=requests
+            )
+
+        return record
+
+    @staticmethod
+    def _counted(reply: Reply) -> Reply:
         MESSAGES_BY_CLASS[reply.code // 100].inc()
         return reply
 
     async def prepare(
-        self, principal: Principal, mail_from: str, rcpt_tos: list[str], raw: bytes | bytearray, smtputf8: bool
+        self,
+        principal: Principal,
+        mail_from: str,
+        rcpt_tos: list[str],
+        raw: bytes | bytearray,
+        smtputf8: bool,
+        drop_invalid_header_addresses: bool = False,
     ) -> tuple[Submission, tuple[Call, ...]]:
         """Parse, let the provider decide what it must (campaign, ...), apply the From policy, plan the calls."""
         if len(raw) > PARSE_IN_THREAD_BYTES or mime.expensive(raw):
@@ -148,8 +184,13 @@ class Pipeline:
         provider = self.providers[principal.account]
         submission = await provider.prepare(principal, message, mail_from, tuple(rcpt_tos))
         senders = await provider.sender_policy()
-        checked = policy.apply_from_policy(senders, principal, submission.message, mail_from, smtputf8)
-        if checked is not submission.message:
+        before = submission.message
+        checked = policy.apply_from_policy(
+            senders, principal, before, mail_from, smtputf8, drop_invalid_header_addresses
+        )
+        if checked is not before:
+            if len(checked.to) + len(checked.cc) < len(before.to) + len(before.cc):
+                FIELDS_NOT_SENT.labels(account=principal.account, field="header_addresses").inc()
             submission = replace(submission, message=checked)
         plan = provider.plan(submission)
         if not plan:

@@ -78,7 +78,7 @@ def test_dmds_display_fields_carry_no_bidi_controls(gateway: Running) -> None:
 
 @pytest.mark.parametrize("recipient", ["ana@example.com", "bob@example.com"])
 def test_dengage_display_fields_carry_no_bidi_controls(gateway_factory: Callable[..., Running], recipient: str) -> None:
-    gw = gateway_factory(dengage={})
+    gw = gateway_factory(dengage={"forward_x_headers": ["X-Order"]})
     deliver(gw, DENGAGE_USER, DENGAGE_SENDER)
     body = next(r["body"] for r in gw.calls("send", status=200) if r["to"] == recipient)
     assert body["content"]["subject"] == without("Invoice 42 attached")

@@ -63,6 +63,11 @@ class Principal:
     default_from: str | None = None
     force_from: bool = False
     extra: ProviderData = field(default_factory=StoredData)
+    # Which of the login's credentials it used, for metrics and logs (never the secret): a password's label,
+    # "current" or "previous" (a DMDS campaign's apikey), "oauth:<issuer>"; "" without AUTH (trusted network).
+    credential: str = ""
+    # When that credential stops working (epoch seconds; None: not known to): a cached login ends there too.
+    credential_expires: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +154,16 @@ class Call:
     recipients: tuple[str, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a message came from, for its ledger record: the listener's name, the client as the gateway saw
+    it (behind a PROXY header, the real client: "ip:port") and the message's size in bytes as received."""
+
+    listener: str = ""
+    peer: str = ""
+    size: int | None = None
+
+
 @dataclass(slots=True)
 class Receipt:
     """What became of one message, for its transaction's log line: filled in by the pipeline and the
@@ -156,4 +171,7 @@ class Receipt:
 
     queue_id: str | None = None  # stored in the queue under this local id
     upstream_ids: list[str] = field(default_factory=list)  # delivered: the upstream's ids, first call first
+    # Mails the upstream says it sent for this message (DMDS `sent`, copies included), where it says: a count
+    # of sends, which may be lower than the recipients, never a delivery.
+    upstream_sent: int | None = None
     reason: str | None = None  # refused or deferred: why (for the log; the client sees the reply)

@@ -112,6 +112,20 @@ class AccountHealth:
         state.last_probe = now
         return True
 
+    def status(self) -> list[tuple[str, str, float, str]]:
+        """Each account as its last answers left it: `ok`, `down` (an outage) or `refused` (our credentials),
+        for how many seconds, and the refusal's reason."""
+        now = self._clock()
+        found = []
+        for account, s in self._states.items():
+            if s.refused.since is not None:
+                found.append((account, "refused", now - s.refused.since, s.refused_reason))
+            elif s.down.since is not None:
+                found.append((account, "down", now - s.down.since, ""))
+            else:
+                found.append((account, "ok", 0.0, ""))
+        return found
+
     def problems(self) -> list[str]:
         """Why this instance is not ready (for /readyz), or [] when every account is fine."""
         return [

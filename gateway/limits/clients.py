@@ -81,12 +81,17 @@ class AuthLedger(Protocol):
         self, client: str, rules: authcount.Rules, failed: bool, in_flight: bool
     ) -> tuple[authcount.Record, bool, float]: ...
 
+    async def auth_lift(self, client: str, rules: authcount.Rules) -> bool:
+        """Forget the client's failures and lockout (an operator's decision); False: nothing was held."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class AuthTicket:
     """One AUTH attempt let through: where it is counted. `local`: this process's record (no shared ledger,
     or it could not be reached); `shared`: the shared record, in flight there; `unreserved`: counted nowhere
-    yet (a client with nothing against it, no other attempt of it running here): its failure is written."""
+    yet (a client with nothing against it, no other attempt of it running here): its failure is written;
+    `none`: a failure of an attempt that never began (refused before its check could start)."""
 
     key: str
     where: str
@@ -161,7 +166,9 @@ class AuthGuard:
         """The attempt ended (a failure or not); True when its failure starts a lockout."""
         key = ticket.key
         left = self._running.get(key, 1) - 1
-        if left > 0:
+        if ticket.where == "none":
+            pass
+        elif left > 0:
             self._running[key] = left
         else:
             self._running.pop(key, None)
@@ -181,6 +188,37 @@ class AuthGuard:
         record, locked = authcount.end(record, now, self.rules, failed=failed, in_flight=ticket.where == "local")
         self._keep(key, record)
         return locked
+
+    def failed(self, key: str) -> bool:
+        """A failure counted at once, with no attempt begun, in this process's records (for callers that
+        count only failures: the operator console's sign-in, the API's keys); True when it starts a lockout."""
+        record = self._records.get(key) or authcount.NEW
+        record, locked = authcount.end(record, self._clock(), self.rules, failed=True, in_flight=False)
+        self._keep(key, record)
+        return locked
+
+    def locked(self) -> list[tuple[str, float]]:
+        """The client keys locked out now (as this process knows), with the seconds each has left."""
+        now = self._clock()
+        return [(key, r.locked_until - now) for key, r in self._records.items() if r.locked_until > now]
+
+    def failing(self) -> list[tuple[str, int]]:
+        """The client keys with failures in the window (not locked out), with how many."""
+        now = self._clock()
+        found = [(key, authcount.current(r, now, self.rules)) for key, r in self._records.items()]
+        return [(key, r.failures) for key, r in found if r.failures and r.locked_until <= now]
+
+    async def lift(self, key: str) -> bool:
+        """Forget a client key's failures and lockout (an operator's decision), in the shared ledger too.
+        False: nothing was held."""
+        held = self._records.get(key) is not None
+        self._records.pop(key)
+        if self.shared is not None:
+            try:
+                held = await self.shared.auth_lift(key, self.rules) or held
+            except Deferred as exc:
+                self._lost(exc)
+        return held
 
     def _started(self, ticket: AuthTicket) -> AuthTicket:
         self._running[ticket.key] = self._running.get(ticket.key, 0) + 1

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -24,10 +25,11 @@ import structlog
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from gateway.core import tokenbucket
-from gateway.core.authcount import Record, Rules, Verdict
+from gateway.core import authcount, quota, tokenbucket
+from gateway.core.authcount import Record, Rules
 from gateway.core.episode import Episode
 from gateway.core.errors import SpoolUnavailable
+from gateway.core.quota import Counts, Verdict, Window
 from gateway.core.records import Decision
 from gateway.queue import postgres_schema
 from gateway.queue.health import QueueHealth
@@ -41,6 +43,7 @@ from gateway.queue.store import (
     NewMessage,
     auth_begin_change,
     auth_end_change,
+    auth_lift_change,
     auth_read,
     auth_written,
     chunks,
@@ -168,7 +171,7 @@ class PostgresQueue:
         conn = await self._connection()
         try:
             self._found_version = await self._migrate(conn)
-        except (psycopg.Error, OSError) as exc:
+        except (psycopg.Error, OSError, postgres_schema.SchemaTooNew) as exc:
             if conn.broken:
                 raise self._unreachable(exc) from exc
             raise SpoolUnavailable(f"queue {self.url}: {type(exc).__name__}: {exc}") from exc
@@ -178,20 +181,10 @@ class PostgresQueue:
 
     async def _migrate(self, conn: psycopg.AsyncConnection[DictRow]) -> int:
         async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (postgres_schema.MIGRATION_LOCK,))
-            await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)")
-            row = await (await conn.execute("SELECT version FROM schema_version")).fetchone()
-            found = int(row["version"]) if row else 0
-            if found > postgres_schema.LATEST:
-                raise psycopg.DataError(f"queue schema version {found} is newer than this gateway")
-            for number in range(found + 1, postgres_schema.LATEST + 1):
-                for statement in postgres_schema.MIGRATIONS[number - 1].split(";"):
-                    if statement.strip():
-                        await conn.execute(statement.encode())  # our own constant SQL
-                await conn.execute("DELETE FROM schema_version")
-                await conn.execute(SQL.set_version, (number,))
-                log.info("queue_migrated", queue=self.url, version=number)
-        return found
+            applied = await postgres_schema.migrate(conn)
+        for number in applied:
+            log.info("queue_migrated", queue=self.url, version=number)
+        return applied[0] - 1 if applied else postgres_schema.LATEST
 
     async def migrate(self) -> tuple[int, int]:
         await self.open()
@@ -380,6 +373,42 @@ class PostgresQueue:
             tat, _, now = await self._rate_row(conn, account)
             await conn.execute(SQL.rate_write, (tokenbucket.paused(tat, now, seconds), now + slow_for, account))
 
+    # -- shared quota counts ------------------------------------------------------------------------------
+
+    async def quota_take(self, login: str, windows: Sequence[Window], size: int) -> tuple[Verdict, dict[str, Counts]]:
+        async with self._tx() as conn:
+            counts = await self._quota_rows(conn, login, windows)
+            verdict = quota.decide(windows, counts, 1, size)
+            if verdict.ok:
+                for window in windows:
+                    await conn.execute(SQL.quota_add, (1, size, login, window.key))
+                    counts[window.key] = quota.added(counts[window.key], 1, size)
+        return verdict, counts
+
+    async def quota_return(self, login: str, windows: Sequence[Window], size: int) -> None:
+        async with self._tx() as conn:
+            for window in windows:
+                await conn.execute(SQL.quota_add, (-1, -size, login, window.key))
+
+    async def quota_counts(self, login: str, windows: Sequence[Window]) -> dict[str, Counts]:
+        async with self._tx() as conn:
+            return await self._quota_rows(conn, login, windows)
+
+    @staticmethod
+    async def _quota_rows(
+        conn: psycopg.AsyncConnection[DictRow], login: str, windows: Sequence[Window]
+    ) -> dict[str, Counts]:
+        """The windows' counts, their rows made on first use and locked until commit (the login's ended
+        windows dropped)."""
+        await conn.execute(SQL.quota_expired, (login, time.time()))
+        counts = {}
+        for window in windows:
+            await conn.execute(SQL.quota_row, (login, window.key, window.end))
+            row = await (await conn.execute(SQL.quota_read, (login, window.key))).fetchone()
+            assert row is not None
+            counts[window.key] = Counts(int(row["messages"]), int(row["bytes"]))
+        return counts
+
     @staticmethod
     async def _rate_row(conn: psycopg.AsyncConnection[DictRow], account: str) -> tuple[float, float, float]:
         """(tat, slow_until, now) of the account's bucket, made on first use and locked until commit."""
@@ -390,13 +419,16 @@ class PostgresQueue:
 
     # -- AUTH counts ----------------------------------------------------------------------------------
 
-    async def auth_begin(self, client: str, rules: Rules) -> tuple[Record, Verdict, float]:
+    async def auth_begin(self, client: str, rules: Rules) -> tuple[Record, authcount.Verdict, float]:
         record, verdict, now = await self._auth(client, rules.window, auth_begin_change(rules))
         return record, verdict, now
 
     async def auth_end(self, client: str, rules: Rules, failed: bool, in_flight: bool) -> tuple[Record, bool, float]:
         record, locked, now = await self._auth(client, rules.window, auth_end_change(rules, failed, in_flight))
         return record, bool(locked), now
+
+    async def auth_lift(self, client: str, rules: Rules) -> bool:
+        return bool((await self._auth(client, rules.window, auth_lift_change))[1])
 
     async def _auth(self, client: str, window: float, change: AuthChange) -> tuple[Record, Any, float]:
         """`change` applied to the client's row, locked until commit, with the database's clock (the one clock

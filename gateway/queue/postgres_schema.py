@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
+from gateway.queue import shared_schema
+
+if TYPE_CHECKING:
+    import psycopg
+
 V1 = """
 CREATE TABLE messages (
     seq             bigserial PRIMARY KEY,
@@ -67,13 +74,29 @@ CREATE TABLE blobs (
 )
 """
 
-# The digest of what a message said, kept with its idempotency key (as SQLite's version 4).
-V3 = """
+# The message ledger (gateway/ledger/), as SQLite's version 4.
+V3 = shared_schema.LEDGER
+
+# Per-login quota counts (gateway/core/quota.py), one row per login and window (SQLite keeps them in its
+# rate-limit side file).
+V4 = """
+CREATE TABLE quota_counts (
+    login    text NOT NULL,
+    win      text NOT NULL,
+    messages bigint NOT NULL,
+    bytes    bigint NOT NULL,
+    expires  double precision NOT NULL,
+    PRIMARY KEY (login, win)
+)
+"""
+
+# The digest of what a message said, kept with its idempotency key (as SQLite's version 5).
+V5 = """
 ALTER TABLE idempotency ADD COLUMN digest text
 """
 
 # AUTH failures and attempts in flight per client IP, shared by every instance (gateway/core/authcount.py).
-V4 = """
+V6 = """
 CREATE TABLE auth_clients (
     client          text PRIMARY KEY,
     failures        integer NOT NULL DEFAULT 0,
@@ -84,7 +107,31 @@ CREATE TABLE auth_clients (
 )
 """
 
-MIGRATIONS: list[str] = [V1, V2, V3, V4]
+MIGRATIONS: list[str] = [V1, V2, V3, V4, V5, V6]
 LATEST = len(MIGRATIONS)
 # Serialises migrations of several instances starting at once (pg_advisory_xact_lock key).
 MIGRATION_LOCK = 0x5347_5751  # "SGWQ"
+
+
+async def migrate(conn: psycopg.AsyncConnection[Any]) -> list[int]:
+    """Bring the database to LATEST inside the caller's transaction, under the migration lock (instances
+    starting at once wait for each other). Returns the versions applied, none when it was up to date."""
+    await conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+    await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)")
+    cur = await conn.execute("SELECT version FROM schema_version")
+    row = await cur.fetchone()
+    found = int(row[0] if isinstance(row, tuple) else row["version"]) if row else 0
+    if found > LATEST:
+        raise SchemaTooNew(f"queue schema version {found} is newer than this gateway ({LATEST})")
+    applied = list(range(found + 1, LATEST + 1))
+    for number in applied:
+        for statement in MIGRATIONS[number - 1].split(";"):
+            if statement.strip():
+                await conn.execute(statement.encode())  # our own constant SQL
+        await conn.execute("DELETE FROM schema_version")
+        await conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (number,))
+    return applied
+
+
+class SchemaTooNew(Exception):
+    """The database was migrated by a newer gateway."""

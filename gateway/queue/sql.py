@@ -139,6 +139,14 @@ class Statements:
         self.auth_sweep = d(
             "DELETE FROM auth_clients WHERE (failures=0 OR since<=?) AND in_flight_until<=? AND locked_until<=?"
         )
+        # -- per-login quota counts shared by every process (gateway.core.quota does the arithmetic)
+        self.quota_row = d(
+            "INSERT INTO quota_counts (login, win, messages, bytes, expires) VALUES (?, ?, 0, 0, ?)"
+            " ON CONFLICT (login, win) DO NOTHING"
+        )
+        self.quota_read = d(f"SELECT messages, bytes FROM quota_counts WHERE login=? AND win=?{d.for_update}")
+        self.quota_add = d("UPDATE quota_counts SET messages=messages+?, bytes=bytes+? WHERE login=? AND win=?")
+        self.quota_expired = d("DELETE FROM quota_counts WHERE login=? AND expires<?")
         # -- idempotency keys
         self.key_row = d(
             f"SELECT msg_id, reply_id, created, digest FROM idempotency WHERE account=? AND key=?{d.for_update}"

@@ -21,8 +21,10 @@ from typing import Any, TypeVar
 
 import structlog
 
-from gateway.core.authcount import Record, Rules, Verdict
+from gateway.core import authcount
+from gateway.core.authcount import Record, Rules
 from gateway.core.errors import SpoolUnavailable
+from gateway.core.quota import Counts, Verdict, Window
 from gateway.core.records import Decision
 from gateway.queue import sqlite_schema
 from gateway.queue.health import QueueHealth
@@ -35,6 +37,7 @@ from gateway.queue.store import (
     NewMessage,
     auth_begin_change,
     auth_end_change,
+    auth_lift_change,
     chunks,
     message_row,
 )
@@ -334,13 +337,27 @@ class SqliteQueue:
 
     # -- AUTH counts ----------------------------------------------------------------------------------
 
-    async def auth_begin(self, client: str, rules: Rules) -> tuple[Record, Verdict, float]:
+    async def auth_begin(self, client: str, rules: Rules) -> tuple[Record, authcount.Verdict, float]:
         record, verdict, now = await self._rate.auth(client, rules.window, auth_begin_change(rules))
         return record, verdict, now
 
     async def auth_end(self, client: str, rules: Rules, failed: bool, in_flight: bool) -> tuple[Record, bool, float]:
         record, locked, now = await self._rate.auth(client, rules.window, auth_end_change(rules, failed, in_flight))
         return record, bool(locked), now
+
+    async def auth_lift(self, client: str, rules: Rules) -> bool:
+        return bool((await self._rate.auth(client, rules.window, auth_lift_change))[1])
+
+    # -- shared quota counts (in the same side file as the rate buckets) ------------------------------------
+
+    async def quota_take(self, login: str, windows: Sequence[Window], size: int) -> tuple[Verdict, dict[str, Counts]]:
+        return await self._rate.quota_take(login, windows, size)
+
+    async def quota_return(self, login: str, windows: Sequence[Window], size: int) -> None:
+        await self._rate.quota_return(login, windows, size)
+
+    async def quota_counts(self, login: str, windows: Sequence[Window]) -> dict[str, Counts]:
+        return await self._rate.quota_counts(login, windows)
 
     # -- idempotency keys -----------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
+from gateway.queue import shared_schema
 from gateway.queue.sql import FOR_SQLITE as SQL
 
 V1 = """
@@ -89,13 +90,16 @@ CREATE TABLE blobs (
 );
 """
 
+# The message ledger (gateway/ledger/).
+V4 = shared_schema.LEDGER
+
 # The digest of what a message said, kept with its idempotency key: a key reused for another message is
 # refused, not taken for a resend (NULL for keys stored before).
-V4 = """
+V5 = """
 ALTER TABLE idempotency ADD COLUMN digest TEXT;
 """
 
-MIGRATIONS: list[str] = [V1, V2, V3, V4]
+MIGRATIONS: list[str] = [V1, V2, V3, V4, V5]
 LATEST = len(MIGRATIONS)
 
 

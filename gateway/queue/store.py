@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
 from gateway.core import authcount
-from gateway.core.authcount import Record, Rules, Verdict
+from gateway.core.authcount import Record, Rules
+from gateway.core.quota import Counts, Verdict, Window
 from gateway.core.records import CallRow, Decision, DeliveryState
 from gateway.queue.health import QueueHealth
 
@@ -148,7 +149,7 @@ class QueueStore(Protocol):
 
     # -- AUTH counts shared by every process and instance on this queue ----------------------------------
 
-    async def auth_begin(self, client: str, rules: Rules) -> tuple[Record, Verdict, float]:
+    async def auth_begin(self, client: str, rules: Rules) -> tuple[Record, authcount.Verdict, float]:
         """An AUTH attempt of `client` starts (gateway.core.authcount.begin, under the record's lock): the
         record after it, the verdict, and the store's clock."""
         ...
@@ -156,6 +157,25 @@ class QueueStore(Protocol):
     async def auth_end(self, client: str, rules: Rules, failed: bool, in_flight: bool) -> tuple[Record, bool, float]:
         """An AUTH attempt of `client` ended (authcount.end): the record after it, whether its failure started a
         lockout, and the store's clock."""
+        ...
+
+    async def auth_lift(self, client: str, rules: Rules) -> bool:
+        """Forget `client`'s failures and lockout (an operator's decision). False: nothing was held."""
+        ...
+
+    # -- per-login quotas shared by every instance on this queue -----------------------------------------
+
+    async def quota_take(self, login: str, windows: Sequence[Window], size: int) -> tuple[Verdict, dict[str, Counts]]:
+        """Count one message of `size` bytes against `login`'s `windows` if it fits them all (gateway.core.quota),
+        atomically; returns the verdict and the windows' counts (with the message, when it was counted)."""
+        ...
+
+    async def quota_return(self, login: str, windows: Sequence[Window], size: int) -> None:
+        """Take back a message quota_take counted (it was not accepted after all)."""
+        ...
+
+    async def quota_counts(self, login: str, windows: Sequence[Window]) -> dict[str, Counts]:
+        """The windows' counts now."""
         ...
 
     # -- idempotency keys (resends are not sent twice) --------------------------------------------------
@@ -276,6 +296,10 @@ def auth_begin_change(rules: Rules) -> AuthChange:
 
 def auth_end_change(rules: Rules, failed: bool, in_flight: bool) -> AuthChange:
     return lambda r, now: authcount.end(r, now, rules, failed=failed, in_flight=in_flight)
+
+
+def auth_lift_change(r: Record, now: float) -> tuple[Record, bool]:
+    return authcount.NEW, not r.clean()
 
 
 CHUNK = 1 << 20
