@@ -14,6 +14,7 @@ from email.message import EmailMessage
 from email.utils import getaddresses
 from typing import Any
 
+import pytest
 from email_validator import EmailNotValidError, validate_email
 
 from gateway.mime.parser import MAX_HEADER_VALUE
@@ -215,6 +216,7 @@ def check_request(bodies: list[dict[str, Any]], rcpts: list[str], ref: EmailMess
     return problems
 
 
+@pytest.mark.corpus
 def test_corpus(gateway_factory: Callable[..., Running], terminal_summary: list[tuple[str, list[str]]]) -> None:
     files = corpus_files()
     assert len(files) == 400

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from hypothesis import event, given
 from hypothesis import strategies as st
 
@@ -119,6 +120,7 @@ def mutated_corpus_message(draw: st.DrawFn) -> bytes:
     return bytes(raw)
 
 
+@pytest.mark.corpus
 @given(raw=mutated_corpus_message())
 def test_mutated_corpus_messages_are_clean_or_refused(raw: bytes) -> None:
     assert_clean_or_refused(raw)

@@ -138,6 +138,7 @@ def test_gateway_headers_are_consumed(gateway_factory: Callable[..., Running]) -
     assert len(running.sent) == 1
 
 
+@pytest.mark.corpus
 def test_fast_mailbox_path_agrees_with_getaddresses_on_the_corpus() -> None:
     """The one-mailbox fast path must give exactly what email.utils.getaddresses gives."""
     from email import message_from_bytes

@@ -1,0 +1,45 @@
+"""A fresh clone has no ../shared/corpus: the tests that read it are skipped with one line saying where it was
+looked for and how to provide it (failed under CI=true, where it must be there)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_corpus_tests(corpus: Path, ci: bool) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    env["SMTP_GATEWAY_CORPUS"] = str(corpus)
+    if ci:
+        env["CI"] = "true"
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "corpus", "tests"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_without_the_corpus_its_tests_skip_with_one_line(tmp_path: Path) -> None:
+    done = run_corpus_tests(tmp_path / "corpus", ci=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    skipped = [line for line in done.stdout.splitlines() if line.startswith("SKIPPED")]
+    assert len(skipped) == 1, done.stdout
+    assert f"not at {tmp_path / 'corpus'}" in skipped[0]
+    assert "../shared/corpus" in skipped[0] and "SMTP_GATEWAY_CORPUS" in skipped[0]
+    count = int(skipped[0].split("[", 1)[1].split("]", 1)[0])
+    assert count >= 9  # every test marked corpus, and nothing else ran
+    assert f"{count} skipped" in done.stdout and "passed" not in done.stdout and "failed" not in done.stdout
+
+
+def test_under_ci_a_missing_corpus_fails(tmp_path: Path) -> None:
+    done = run_corpus_tests(tmp_path / "corpus", ci=True)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "skipped" not in done.stdout
+    assert f"the shared MIME test corpus is not at {tmp_path / 'corpus'}" in done.stdout
