@@ -170,11 +170,17 @@ def test_install_command_works_with_the_distribution_python(tmp_path: Path) -> N
     project = _project_copy(tmp_path)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PIP_CONSTRAINT")}
     env["PATH"] = _path_with(tmp_path, python3=str(DEBIAN_PYTHON))
+    # A .venv left by another Python (the one running the tests, when it is not Debian's) is made anew.
+    other = Path(sys.base_prefix) / "bin" / "python3"
+    replaced = other.resolve() != DEBIAN_PYTHON.resolve()
+    if replaced:
+        subprocess.run([str(other), "-m", "venv", "--without-pip", str(project / ".venv")], check=True)
     result = subprocess.run(
         ["./install.sh"], cwd=project, env=env, capture_output=True, text=True, timeout=600, check=False
     )
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
+    assert ("made with another Python" in result.stderr) == replaced, result.stderr
     version = subprocess.run(
         [str(project / ".venv/bin/python"), "-c", "import sys; print(sys.version)"],
         capture_output=True,

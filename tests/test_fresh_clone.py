@@ -43,3 +43,25 @@ def test_under_ci_a_missing_corpus_fails(tmp_path: Path) -> None:
     assert done.returncode == 1, done.stdout + done.stderr
     assert "skipped" not in done.stdout
     assert f"the shared MIME test corpus is not at {tmp_path / 'corpus'}" in done.stdout
+
+
+def test_ci_runs_the_minimum_versions_on_the_distributions_python_and_the_readme_command_last() -> None:
+    text = (ROOT / ".ci" / "run").read_text()
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    assert lines[-1] == "./install.sh --test && .venv/bin/python -m pytest -q"
+    # Two runs of the suite (CI stays under 15 minutes): the minimum versions, then the README's command.
+    assert len([line for line in lines if "-m pytest" in line]) == 2
+    [min_install] = [line for line in lines if "VENV=.venv-min" in line]
+    assert min_install.startswith('PYTHON="$stock_python" ')
+    # The choice itself, run as CI runs it: Debian's own python3 here (3.11+), else python3.
+    start = text.index("stock_python=python3")
+    choice = text[start : text.index("\nfi\n", start) + 4]
+    chosen = subprocess.run(
+        ["bash", "-euc", choice + 'echo "$stock_python"'], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    stock = Path("/usr/bin/python3")
+    usable = (
+        stock.exists()
+        and subprocess.run([str(stock), "-c", "import sys; sys.exit(sys.version_info < (3, 11))"]).returncode == 0
+    )
+    assert chosen == ("/usr/bin/python3" if usable else "python3")
