@@ -26,6 +26,7 @@ from gateway.ops.http import OperatorEndpoint
 from gateway.ops.memory import MmapThreshold, set_mmap_threshold
 from gateway.ops.metrics import CONFIG_RELOADS
 from gateway.ops.queuestats import QUEUE_STATS
+from gateway.ops.signals import StopSignals
 from gateway.pipeline import Pipeline
 from gateway.policy.dns import DnsResolver
 from gateway.policy.domaincheck import check_domains
@@ -264,17 +265,17 @@ class App:
         log.info("stopped")
 
 
-async def run(app: App, drain_timeout: float = 30.0) -> None:
-    """Start, wait for SIGTERM/SIGINT, then drain and stop. SIGHUP reloads."""
+async def run(app: App, drain_timeout: float = 30.0) -> signal.Signals:
+    """Start, wait for SIGTERM/SIGINT, then drain and stop; returns the signal. SIGHUP reloads."""
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = StopSignals()
+    stop.install()  # before the start: a signal while starting stops it right after
     await app.start()
     loop.add_signal_handler(signal.SIGHUP, app.request_reload)
     log.info("ready", listeners=app.ports)
     try:
-        await stop.wait()
+        received = await stop.wait()
     finally:
-        log.info("shutting_down", drain_timeout=drain_timeout)
+        log.info("shutting_down", drain_timeout=drain_timeout, signal=stop.received.name if stop.received else None)
         await app.stop(drain_timeout)
+    return received

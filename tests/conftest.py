@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from tests import procs
 from tests.harness import LoopThread, Running, start, stop
 from tests.pgserver import PgCluster, PgUnavailable
 
@@ -34,6 +35,13 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         if os.environ.get("CI") == "true":
             pytest.fail(CORPUS_MISSING)
         pytest.skip(CORPUS_MISSING)
+
+
+@pytest.fixture(autouse=True)
+def _no_process_outlives_its_test() -> Iterator[None]:
+    """Torn down after the test's own fixtures: whatever tests.procs.spawn started and is still running."""
+    yield
+    procs.reap()
 
 
 @pytest.fixture(scope="session")

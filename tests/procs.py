@@ -37,7 +37,25 @@ def listening(port: int) -> bool:
         return False
 
 
-def kill(proc: subprocess.Popen[bytes] | None) -> None:
+# Every process a test starts through spawn(): conftest kills what is still running when the test ends,
+# whether it passed, failed or left half-way (a process that ignored its stop signal included).
+_SPAWNED: list[subprocess.Popen[Any]] = []
+
+
+def spawn(argv: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
+    """subprocess.Popen, with the guarantee that the process does not outlive the test."""
+    proc: subprocess.Popen[Any] = subprocess.Popen(argv, **kwargs)
+    _SPAWNED.append(proc)
+    return proc
+
+
+def reap() -> None:
+    """Kill (SIGKILL) every spawned process still running and forget them all."""
+    while _SPAWNED:
+        kill(_SPAWNED.pop())
+
+
+def kill(proc: subprocess.Popen[Any] | None) -> None:
     if proc is not None and proc.poll() is None:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
@@ -51,7 +69,7 @@ def ok(url: str) -> bool:
 
 
 def start_sandbox(port: int, record: Path) -> tuple[subprocess.Popen[bytes], str]:
-    proc = subprocess.Popen(
+    proc = spawn(
         [
             *CLI,
             "sandbox",
@@ -76,7 +94,7 @@ def serve(config: Path, log: Path, port: int, *extra: str) -> subprocess.Popen[b
     """`smtp-gateway serve` writing JSON logs to its own file (a killed process's half-written last line
     must never run into another process's first one)."""
     with log.open("ab") as out:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen(
+        proc = spawn(
             [*CLI, "serve", "--config", str(config), "--drain-timeout", "2", *extra],
             stdout=out,
             stderr=subprocess.STDOUT,

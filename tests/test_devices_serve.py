@@ -21,7 +21,7 @@ import pytest
 from gateway.smtp.tls import write_self_signed
 from tests.devices_util import b64
 from tests.harness import PASSWORD, PASSWORD_HASH, USER
-from tests.procs import complete_lines
+from tests.procs import complete_lines, spawn
 from tests.smtputil import RECIPIENT, SENDER, insecure_context
 from tests.spool_helpers import wait_for
 from tests.test_tls_profiles import client_context
@@ -84,7 +84,7 @@ format = "json"
 """)
     log = tmp_path / "serve.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen(
+        proc = spawn(
             [sys.executable, "-m", "gateway", "serve", "--config", str(config)], stdout=out, stderr=subprocess.STDOUT
         )
     served = Served(proc, log, cert, key)

@@ -65,3 +65,13 @@ def test_ci_runs_the_minimum_versions_on_the_distributions_python_and_the_readme
         and subprocess.run([str(stock), "-c", "import sys; sys.exit(sys.version_info < (3, 11))"]).returncode == 0
     )
     assert chosen == ("/usr/bin/python3" if usable else "python3")
+
+
+def test_a_spawned_process_never_outlives_its_test() -> None:
+    """What conftest does after every test, passed or failed: whatever it started and left running (here a
+    process that would wait a minute) is killed."""
+    from tests.procs import reap, spawn
+
+    proc = spawn(["sleep", "60"])
+    reap()
+    assert proc.returncode == -9

@@ -21,7 +21,7 @@ import pytest
 from tests.devices_util import raw_send
 from tests.harness import PASSWORD, PASSWORD_HASH, LoopThread, base_config, sandbox_for_tests
 from tests.ops_util import scraped, toml
-from tests.procs import CLI, complete_lines, free_port, listening
+from tests.procs import CLI, complete_lines, free_port, listening, spawn
 from tests.smtputil import RawClient, message
 from tests.spool_helpers import wait_for
 
@@ -73,7 +73,7 @@ def serve(tmp_path: Path, sandbox_port: int) -> Iterator[Callable[..., Served]]:
         path.write_text(toml(config))
         log = tmp_path / f"serve{len(started)}.log"
         with log.open("wb") as out:
-            proc = subprocess.Popen(
+            proc = spawn(
                 [*CLI, "serve", "--config", str(path), "--drain-timeout", "2", *args],
                 stdout=out,
                 stderr=subprocess.STDOUT,

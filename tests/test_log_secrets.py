@@ -34,7 +34,7 @@ from tests.harness import (
 )
 from tests.ops_util import toml
 from tests.pgserver import PgCluster
-from tests.procs import CLI, free_port, listening
+from tests.procs import CLI, free_port, listening, spawn
 from tests.smtputil import RECIPIENT, SENDER, RawClient
 from tests.spool_helpers import wait_for
 
@@ -58,7 +58,7 @@ class Run:
         self.config.write_text(toml(config))
         self.log = tmp / f"{name}.log"
         with self.log.open("wb") as out:
-            self.proc = subprocess.Popen(
+            self.proc = spawn(
                 [*CLI, "serve", "--config", str(self.config), "--drain-timeout", "2"],
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -18,7 +18,7 @@ import pytest
 from tests.devices_util import events, raw_send, require_tool
 from tests.harness import Running
 from tests.ops_util import captured_with_context, proxy_v1, proxy_v2, sample
-from tests.procs import free_port, listening
+from tests.procs import free_port, listening, spawn
 from tests.smtputil import RawClient, message
 from tests.spool_helpers import wait_for
 
@@ -200,7 +200,7 @@ def haproxy(gw: Running, tmp_path: Path) -> Iterator[int]:
     front = free_port()
     config = tmp_path / "haproxy.cfg"
     config.write_text(HAPROXY_CFG.format(front=front, back=gw.port("lb")))
-    proc = subprocess.Popen([binary, "-db", "-f", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = spawn([binary, "-db", "-f", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_for(lambda: listening(front) or proc.poll() is not None, 15, "haproxy listening")
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""

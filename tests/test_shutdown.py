@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from tests.harness import APIKEY, PASSWORD, USER
-from tests.procs import complete_lines, free_port, kill, listening, ok
+from tests.procs import complete_lines, free_port, kill, listening, ok, spawn
 from tests.spool_helpers import send, spool_rows, wait_for, write_serve_config
 
 CLI = [sys.executable, "-m", "gateway"]
@@ -40,7 +40,7 @@ class Stack:
 
     def serve(self) -> subprocess.Popen[bytes]:
         with self.log.open("ab") as out:
-            self.gateway = subprocess.Popen(
+            self.gateway = spawn(
                 [*CLI, "serve", "--config", str(self.config), "--drain-timeout", str(DRAIN_TIMEOUT)],
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -89,7 +89,7 @@ def _config(tmp: Path, smtp_port: int, sandbox_port: int) -> Path:
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[Stack]:
     smtp_port, sandbox_port = free_port(), free_port()
-    sandbox = subprocess.Popen(
+    sandbox = spawn(
         [
             *CLI,
             "sandbox",

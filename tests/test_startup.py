@@ -19,6 +19,7 @@ import pytest
 from tests.conftest_dns import MX, SPF, dns_on_thread, make_zones
 from tests.dnsserver import DnsServer, ZoneData
 from tests.harness import APIKEY, PASSWORD_HASH, USER, LoopThread
+from tests.procs import spawn
 from tests.spool_helpers import wait_for
 
 CLI = [sys.executable, "-m", "gateway"]
@@ -104,7 +105,7 @@ def _serve(tmp: Path, dns: DnsServer, check: bool) -> tuple[subprocess.Popen[byt
     port = _free_port()
     log = tmp / "gateway.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen(
+        proc = spawn(
             [*CLI, "serve", "-c", str(_config(tmp, port, dns.port, check)), "--drain-timeout", "2"],
             stdout=out,
             stderr=subprocess.STDOUT,

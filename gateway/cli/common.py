@@ -6,16 +6,19 @@ import argparse
 import asyncio
 import errno
 import os
+import signal
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from gateway.config import CONFIG_ENV, Settings, load_settings, preflight
 
 # Exit statuses: 1 a problem on this machine (port taken, file unreadable, DNS), 2 the configuration or the
 # command line, 130 interrupted (Ctrl-C), 141 output pipe closed (as a shell reports coreutils killed by SIGPIPE).
 EXIT_PROBLEM, EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 1, 2, 130, 141
+
+T = TypeVar("T")
 
 
 class Refused(Exception):
@@ -57,7 +60,7 @@ def spool_failure(settings: Settings, exc: Exception) -> Refused:
     return Refused([f"{where}: {exc} (is it an smtp-gateway queue, readable and writable?)"])
 
 
-def run_loop(coro: Coroutine[Any, Any, None], ports: list[preflight.Port]) -> None:
+def run_loop(coro: Coroutine[Any, Any, T], ports: list[preflight.Port]) -> T:
     try:
         import uvloop
     except ImportError:
@@ -65,10 +68,17 @@ def run_loop(coro: Coroutine[Any, Any, None], ports: list[preflight.Port]) -> No
     else:
         runner = uvloop.run
     try:
-        runner(coro)
+        result: T = runner(coro)
     except OSError as exc:
         # a port taken between the check and the bind, or another listen failure
         raise listen_failure(exc, ports) from None
+    return result
+
+
+def stopped_by(sig: signal.Signals) -> int:
+    """The exit status of a server stopped cleanly by `sig`: 0 for SIGTERM (a service manager's stop), 130
+    for SIGINT (Ctrl-C, as shells report an interrupted command)."""
+    return EXIT_INTERRUPTED if sig == signal.SIGINT else 0
 
 
 def listen_failure(exc: OSError, ports: list[preflight.Port]) -> Exception:

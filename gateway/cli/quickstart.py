@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 from gateway.auth.passwords import hash_password
-from gateway.cli.common import Refused, listen_failure
+from gateway.cli.common import Refused, listen_failure, stopped_by
 from gateway.config import load_settings, preflight
 
 SANDBOX_APIKEY = "sandbox-account-apikey"
@@ -60,7 +61,7 @@ def quickstart_settings(workdir: Path, sandbox_port: int, smtp_port: int, tls_po
     }
 
 
-async def quickstart(workdir: Path, sandbox_port: int, smtp_port: int, tls_port: int) -> None:
+async def quickstart(workdir: Path, sandbox_port: int, smtp_port: int, tls_port: int) -> signal.Signals:
     # Imported here, as every command's handler does: the other commands start without the server's modules.
     from gateway.app import App, run
     from gateway.providers.dengage.sandbox import DengageSandbox
@@ -79,7 +80,7 @@ async def quickstart(workdir: Path, sandbox_port: int, smtp_port: int, tls_port:
     settings = load_settings(None, **quickstart_settings(workdir, bound, smtp_port, tls_port))
     print(_banner(bound, smtp_port, tls_port, record), file=sys.stderr, flush=True)
     try:
-        await run(App(settings), drain_timeout=5.0)
+        return await run(App(settings), drain_timeout=5.0)
     finally:
         await sandbox.stop()
 
@@ -106,8 +107,7 @@ Read back what the gateway sent:  curl -s http://127.0.0.1:{sandbox_port}/_sandb
 
 
 def main(workdir: str, sandbox_port: int, smtp_port: int, tls_port: int) -> int:
-    asyncio.run(quickstart(Path(workdir), sandbox_port, smtp_port, tls_port))
-    return 0
+    return stopped_by(asyncio.run(quickstart(Path(workdir), sandbox_port, smtp_port, tls_port)))
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gateway.cli.common import refuse_on_problems, run_loop
+from gateway.cli.common import refuse_on_problems, run_loop, stopped_by
 from gateway.config import ConfigError, preflight
 
 
@@ -44,8 +44,7 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     host, port = args.listen
     wanted = [preflight.Port("sandbox --listen", host, port)]
     refuse_on_problems(preflight.ports(wanted), args)
-    run_loop(run_forever(sandbox, host, port), wanted)
-    return 0
+    return stopped_by(run_loop(run_forever(sandbox, host, port), wanted))
 
 
 def _listen_address(value: str) -> tuple[str, int]:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sqlite3
 from typing import Any
 
 import structlog
 
-from gateway.cli.common import load, refuse_on_problems, run_loop, spool_failure, with_config
+from gateway.cli.common import load, refuse_on_problems, run_loop, spool_failure, stopped_by, with_config
 from gateway.config import Settings, preflight
 from gateway.core.errors import SpoolUnavailable
 
@@ -27,7 +28,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         worker_args = ["serve", "--drain-timeout", str(args.drain_timeout)]
         if args.config:
             worker_args += ["--config", args.config]
-        return Supervisor(worker_args, args.workers).run()
+        supervisor = Supervisor(worker_args, args.workers)
+        status = supervisor.run()
+        return status or stopped_by(supervisor.received or signal.SIGTERM)
     slot = args.worker_slot
     if slot is not None:
         settings = as_worker(settings, slot)
@@ -39,10 +42,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return as_worker(fresh, slot) if slot is not None else fresh
 
     try:
-        run_loop(run(App(settings, source=source), drain_timeout=args.drain_timeout), preflight.serve_ports(settings))
+        sig = run_loop(
+            run(App(settings, source=source), drain_timeout=args.drain_timeout), preflight.serve_ports(settings)
+        )
     except (sqlite3.DatabaseError, SpoolUnavailable) as exc:
         raise spool_failure(settings, exc) from None
-    return 0
+    return stopped_by(sig)
 
 
 def as_worker(settings: Settings, slot: int) -> Settings:

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import random
+import signal
 import sys
 from collections import deque
 from collections.abc import Callable
@@ -34,6 +35,8 @@ from typing import Any, TextIO
 import orjson
 from aiohttp import web
 from email_validator import EmailNotValidError, validate_email
+
+from gateway.ops.signals import StopSignals
 
 Redactor = Callable[[dict[str, Any]], dict[str, Any]]
 ErrorBody = Callable[[str, int], web.Response]
@@ -223,7 +226,11 @@ class Sandbox:
                 await self._runner.cleanup()
 
 
-async def run_forever(sandbox: Sandbox, host: str, port: int) -> None:
+async def run_forever(sandbox: Sandbox, host: str, port: int) -> signal.Signals:
+    """Serve until SIGTERM or SIGINT (handled even when the process was started with SIGINT ignored, as a
+    script's `smtp-gateway sandbox &` is); returns the signal."""
+    stop = StopSignals()
+    stop.install()
     bound = await sandbox.start(host, port)
     print(
         f"sandbox: DMDS- and dEngage-compatible upstream on http://{host}:{bound} "
@@ -232,6 +239,6 @@ async def run_forever(sandbox: Sandbox, host: str, port: int) -> None:
         flush=True,
     )
     try:
-        await asyncio.Event().wait()
+        return await stop.wait()
     finally:
         await sandbox.stop()
