@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway.config import CONFIG_ENV, Settings, load_settings, preflight
+from gateway.core.errors import QueueUnreachable
 
 # Exit statuses: 1 a problem on this machine (port taken, file unreadable, DNS), 2 the configuration or the
 # command line, 130 interrupted (Ctrl-C), 141 output pipe closed (as a shell reports coreutils killed by SIGPIPE).
@@ -56,8 +57,32 @@ def refuse_on_problems(findings: list[preflight.Finding], args: argparse.Namespa
 
 
 def spool_failure(settings: Settings, exc: Exception) -> Refused:
+    if isinstance(exc, QueueUnreachable):
+        return Refused([unreachable(settings, exc)])
     where = settings.delivery.queue_url or f"delivery.spool_path {settings.delivery.spool_path}"
     return Refused([f"{where}: {exc} (is it an smtp-gateway queue, readable and writable?)"])
+
+
+def unreachable(settings: Settings, exc: QueueUnreachable) -> str:
+    return (
+        f"delivery.queue_url {settings.delivery.queue_url}: {exc.reason}: start PostgreSQL there, or correct "
+        "the host and port in delivery.queue_url"
+    )
+
+
+def queue_findings(settings: Settings) -> list[preflight.Finding]:
+    """Whether the PostgreSQL queue's server answers (the SQLite file is one of preflight.files)."""
+    delivery = settings.delivery
+    if not delivery.queue_url:
+        return []
+    from gateway.queue.postgres import probe  # psycopg is only needed for PostgreSQL
+
+    password = delivery.queue_password.get_secret_value() if delivery.queue_password else None
+    try:
+        asyncio.run(probe(delivery.queue_url, password))
+    except QueueUnreachable as exc:
+        return [preflight.Finding(unreachable(settings, exc))]
+    return []
 
 
 def run_loop(coro: Coroutine[Any, Any, T], ports: list[preflight.Port]) -> T:

@@ -9,7 +9,15 @@ from typing import Any
 
 import structlog
 
-from gateway.cli.common import load, refuse_on_problems, run_loop, spool_failure, stopped_by, with_config
+from gateway.cli.common import (
+    load,
+    queue_findings,
+    refuse_on_problems,
+    run_loop,
+    spool_failure,
+    stopped_by,
+    with_config,
+)
 from gateway.config import Settings, preflight
 from gateway.core.errors import SpoolUnavailable
 
@@ -20,7 +28,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = load(args)
     if args.worker_slot is None:  # a worker's supervisor has checked (and a sibling worker holds the ports)
-        refuse_on_problems(preflight.files(settings) + preflight.ports(preflight.serve_ports(settings)), args)
+        findings = preflight.files(settings) + preflight.ports(preflight.serve_ports(settings))
+        refuse_on_problems(findings + queue_findings(settings), args)
     logs.configure(settings.log)
     if args.workers > 1 and args.worker_slot is None:
         from gateway.ops.supervisor import Supervisor
@@ -60,12 +69,24 @@ def as_worker(settings: Settings, slot: int) -> Settings:
     return settings.model_copy(update={"listeners": listeners, "http": http})
 
 
+def _workers(value: str) -> int:
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a number of processes: give 1 or more (one per core is typical; 1 is the default)"
+        )
+    return count
+
+
 def add_parser(sub: Any) -> None:
     p = with_config(sub.add_parser("serve", help="run the gateway"))
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds sessions in DATA get on SIGTERM")
     p.add_argument(
         "--workers",
-        type=int,
+        type=_workers,
         default=1,
         help="processes sharing the listeners (SO_REUSEPORT) and the queue; one per core is typical",
     )

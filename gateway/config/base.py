@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import urllib.parse
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from gateway.core.scrypt import parse_hash
 
 
 class Section(BaseModel):
@@ -36,6 +39,23 @@ def secret_or_file(value: SecretStr | None, path: Path | None, what: str, *, req
     return value
 
 
+def http_base_url(value: str) -> str:
+    """An upstream's base URL, http:// or https:// with a host: anything else would make every message's
+    call fail (451 4.3.0) while check-config said OK."""
+    text = value.strip()
+    try:
+        parts = urllib.parse.urlsplit(text)
+        _ = parts.port  # raises ValueError for a port out of range
+    except ValueError as exc:
+        raise ValueError(f"{text!r} is not a URL ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        example = text.split("://", 1)[-1].lstrip("/") or "api.example.com"
+        raise ValueError(
+            f"{text!r} is not an http:// or https:// URL with a host: write it whole, e.g. https://{example}"
+        )
+    return text
+
+
 class UserSettings(Section):
     """A login listed in config. The password is stored as a hash made by `smtp-gateway hash-password`."""
 
@@ -49,8 +69,11 @@ class UserSettings(Section):
     @field_validator("password_hash")
     @classmethod
     def _is_hash(cls, v: SecretStr) -> SecretStr:
-        if not v.get_secret_value().startswith("scrypt$"):
-            raise ValueError("must be a hash made by `smtp-gateway hash-password` (starts with 'scrypt$')")
+        try:
+            parse_hash(v.get_secret_value())
+        except ValueError as exc:
+            # A hash no password can match would answer every login 535, with nothing in the log to say why.
+            raise ValueError(f"{exc}; run `smtp-gateway hash-password` and paste its whole line") from None
         return v
 
 

@@ -320,8 +320,20 @@ class Settings(BaseSettings):
 
 
 def check_consistent(settings: Settings) -> None:
-    """What no single section can check: every trusted network's login is a configured user. ValueError."""
-    logins = {u.username for a in settings.accounts.values() for u in a.users}
+    """What no single section can check: a login belongs to one account, and every trusted network's login
+    is a configured user. ValueError, its text starting with the keys it is about."""
+    where: dict[str, str] = {}
+    for name, account in settings.accounts.items():
+        for i, user in enumerate(account.users):
+            key = f"accounts.{name}.users[{i}].username"
+            first = where.setdefault(user.username, key)
+            if first != key:
+                # Authentication would find only one of them: the other user's every login would get 535.
+                raise ValueError(
+                    f"{first} and {key}: the login {user.username!r} is in two accounts; a login must be unique "
+                    "across accounts: rename one of them"
+                )
+    logins = set(where)
     for listener in settings.listeners:
         for _, login in listener.trusted_map:
             if login not in logins:
@@ -359,7 +371,7 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
     try:
         return _FileSettings(**overrides)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc)) from None
+        raise ConfigError(format_validation_error(exc, path)) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(_toml_error(path, exc)) from None
     except UnicodeDecodeError as exc:
@@ -379,17 +391,20 @@ def _toml_error(path: Path | None, exc: tomllib.TOMLDecodeError) -> str:
     return f"{path}:{m[2]}:{m[3]}: TOML syntax error: {m[1]}"
 
 
-def format_validation_error(exc: ValidationError) -> str:
+def format_validation_error(exc: ValidationError, path: Path | None = None) -> str:
     root = config_keys()
     lines = []
     for err in exc.errors(include_input=False, include_url=False):
         key, parent = keys.display_key(root, err["loc"])
         msg = err["msg"]
+        if err["type"] == "value_error":
+            msg = str(err.get("ctx", {}).get("error", msg))  # our own words, without pydantic's "Value error, "
         if err["type"] == "extra_forbidden" and err["loc"]:
             near = keys.suggest_key(parent, str(err["loc"][-1]))
             msg = "unknown key" + (f"; did you mean {near}?" if near else "")
-        lines.append(f"{key or '(top level)'}: {msg}")
-    return "invalid configuration:\n  " + "\n  ".join(lines)
+        lines.append(f"{key}: {msg}" if key else msg)  # a check of the whole names its keys itself
+    where = f" in {path}" if path is not None else ""
+    return f"invalid configuration{where}:\n  " + "\n  ".join(lines)
 
 
 def masked_dump(settings: Settings) -> dict[str, Any]:

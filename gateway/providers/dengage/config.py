@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from gateway.config.base import AccountBase, UserSettings, secret_or_file
+from gateway.config.base import AccountBase, UserSettings, http_base_url, secret_or_file
 
 
 class DengageUser(UserSettings):
@@ -52,6 +52,11 @@ class DengageAccount(AccountBase):
     def api_password(self) -> str:
         assert self.password is not None  # _secret_sources guarantees it
         return self.password.get_secret_value()
+
+    @field_validator("api_base")
+    @classmethod
+    def _api_base_is_a_url(cls, v: str) -> str:
+        return http_base_url(v)
 
     @field_validator("sender_domains")
     @classmethod
