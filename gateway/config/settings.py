@@ -73,7 +73,7 @@ class ListenerSettings(_Section):
     # A trusted network shorter than /8 (IPv4) or /16 (IPv6) is refused unless this is true.
     allow_wide_trusted_network: bool = False
     # SO_REUSEPORT: several gateway processes may listen on this port and the kernel spreads
-    # connections over them. Each process needs its own delivery.spool_path (see README, Performance).
+    # connections over them; they share one queue (delivery.spool_path or queue_url), as `serve --workers N` does.
     reuse_port: bool = False
     # Behind a load balancer: every connection starts with a PROXY protocol header (v1 or v2) naming the
     # real client, accepted only from `proxy_trusted` (the balancers' addresses); others are closed.
