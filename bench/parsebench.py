@@ -51,7 +51,7 @@ def scan_message(size: int, seed: int = 40) -> bytes:
 
 
 def hostile_messages() -> dict[str, bytes]:
-    """Shapes that make the scan for large bodies search much and lift little (README, Security)."""
+    """Shapes that make the scan for large bodies search much and lift little (docs/security.md)."""
     head = b"From: a@bench.example.com\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
     leaf = b"--b\r\nContent-Type: application/pdf\r\nContent-Transfer-Encoding: base64\r\n\r\n"
     line = b"QUFB" * 19 + b"\r\n"

@@ -151,7 +151,7 @@ def machine_line(run: RunResult) -> str:
 
 
 def tables(run: RunResult) -> list[str]:
-    """The Markdown body shared by latest.md and the README block."""
+    """The Markdown body shared by latest.md and the block in docs/performance.md."""
     lines = [
         f"Run {run.machine['date']}, profile `{run.profile}`, {run.duration_s:.0f} s.",
         "",
@@ -200,7 +200,7 @@ def write_results(run: RunResult, out_dir: Path) -> tuple[Path, Path]:
 
 
 def update_readme(run: RunResult, readme: Path) -> bool:
-    """Replace the block between the README markers with the latest tables."""
+    """Replace the block between the markers (in docs/performance.md) with the latest tables."""
     text = readme.read_text()
     start, end = text.find(README_START), text.find(README_END)
     if start < 0 or end < start:

@@ -350,7 +350,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--modes", default=",".join(MODES), help="comma list: persistent,per-connection")
     parser.add_argument("--no-latency", action="store_true", help="skip the one-session latency runs")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results", help="where latest.json/md go")
-    parser.add_argument("--update-readme", action="store_true", help="also put the tables into bench/README.md")
+    parser.add_argument("--update-readme", action="store_true", help="also put the tables into docs/performance.md")
     parser.add_argument("--gateway-args", default="", help='extra `smtp-gateway serve` options, e.g. "--aiohttp"')
     parser.add_argument(
         "--providers",
@@ -427,8 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     run.ratios = compute_ratios(run.setups)
     run.duration_s = time.monotonic() - started
     json_path, md_path = report.write_results(run, args.out)
-    if args.update_readme and not report.update_readme(run, BENCH_DIR / "README.md"):
-        print("README markers not found; README not updated", flush=True)
+    if args.update_readme and not report.update_readme(run, BENCH_DIR.parent / "docs" / "performance.md"):
+        print("markers not found; docs/performance.md not updated", flush=True)
     print()
     print(report.render_markdown(run))
     print(f"wrote {json_path} and {md_path}")

@@ -26,7 +26,7 @@ CORPUS_MISSING = (
 )
 
 # Tests that run the `smtp-gateway` console script get the one installed beside the Python running the tests
-# (the README's `.venv/bin/python -m pytest` does not put .venv/bin on PATH), never another install's.
+# (the documented `.venv/bin/python -m pytest` does not put .venv/bin on PATH), never another install's.
 os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 
 

@@ -236,7 +236,7 @@ def test_example_config_is_valid() -> None:
     ],
 )
 def test_example_config_lists_every_key(model: type[BaseModel], section: str) -> None:
-    """README: config/example.toml lists every key (set, or commented out when it has no useful default)."""
+    """config/example.toml lists every key (set, or commented out when it has no useful default)."""
     text = EXAMPLE.read_text()
     missing = [
         name

@@ -94,7 +94,7 @@ def from_domains(messages: dict[str, EmailMessage | None]) -> dict[str, str]:
 
 
 # Where the gateway deliberately differs from a plain decode, the reference applies the same documented
-# rule (README, "Faithful messages"); each such place is marked RULE.
+# rule (docs/messages.md, "Faithful messages"); each such place is marked RULE.
 
 # RULE charsets: Latin-1 and ASCII labels (or none) mean windows-1252, as in browsers (WHATWG), and 8-bit
 # text that is valid UTF-8 under a single-byte or ASCII label (or none) is UTF-8.

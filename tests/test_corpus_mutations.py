@@ -28,7 +28,7 @@ from tests.harness import PASSWORD, USER, Running
 from tests.smtputil import SENDER, connect
 from tests.test_corpus import FALLBACK_RCPT, corpus_files, from_domains, reference, running_account
 
-# Documented in the README (Security): peak memory of mime.parse for one message, measured by tracemalloc.
+# Documented in docs/security.md: peak memory of mime.parse for one message, measured by tracemalloc.
 MEMORY_FACTOR, MEMORY_CONSTANT = 32, 16 * 1024 * 1024
 _CHARSET = re.compile(rb'(?i)(charset\s*=\s*)"?([\w.:-]+)"?')
 _SWAPS = {b"utf-8": b"iso-8859-1", b"us-ascii": b"utf-8", b"iso-8859-1": b"koi8-r"}
@@ -191,7 +191,7 @@ def test_mutated_corpus_and_expansion_cases_through_the_gateway(
 
     outcomes, failures = deliver_all(running, upstream, list(expansion_cases().items()))
     assert not failures, failures
-    # Which of them are refused is part of the contract (README, Security).
+    # Which of them are refused is part of the contract (docs/security.md).
     assert outcomes == Counter(
         {
             "250": 5,

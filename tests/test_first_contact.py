@@ -1,6 +1,6 @@
 """Issue 14, first contact: every row of the newcomer's table as a subprocess, with its exit status and no
-traceback; the README's install command with the distribution's Python; the quick start with the README's
-three swaks examples."""
+traceback; the README's install command with the distribution's Python; the quick start with the swaks
+examples of the README and the tutorial."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from gateway.auth.passwords import verify_password
 from gateway.smtp.tls import write_self_signed
 from tests.conftest_dns import dns_on_thread, make_zones
 from tests.dnsserver import DnsServer
+from tests.docs_blocks import all_blocks, commands, doc_blocks
 from tests.harness import APIKEY, PASSWORD_HASH, USER, LoopThread
 from tests.procs import kill, spawn
 from tests.spool_helpers import wait_for
@@ -168,6 +169,12 @@ def _path_with(tmp: Path, **programs: str) -> str:
 
 def test_install_command_works_with_the_distribution_python(tmp_path: Path) -> None:
     """README: `./install.sh && .venv/bin/smtp-gateway quickstart`, where python3 is Debian's own (PEP 668)."""
+    [block] = [
+        b for b in doc_blocks("test_install_command_works_with_the_distribution_python") if b.page == "README.md"
+    ]
+    [(command, _)] = commands(block)
+    install, _, then = command.partition(" && ")
+    assert (install, then) == ("./install.sh", ".venv/bin/smtp-gateway quickstart")  # the quick start: test_docs.py
     assert DEBIAN_PYTHON.exists(), "needs the distribution's /usr/bin/python3 (Debian 12 / Ubuntu 24.04)"
     project = _project_copy(tmp_path)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PIP_CONSTRAINT")}
@@ -178,7 +185,7 @@ def test_install_command_works_with_the_distribution_python(tmp_path: Path) -> N
     if replaced:
         subprocess.run([str(other), "-m", "venv", "--without-pip", str(project / ".venv")], check=True)
     result = subprocess.run(
-        ["./install.sh"], cwd=project, env=env, capture_output=True, text=True, timeout=600, check=False
+        shlex.split(install), cwd=project, env=env, capture_output=True, text=True, timeout=600, check=False
     )
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
@@ -514,25 +521,19 @@ def test_broken_resolver_is_451_and_logged_once(tmp_path: Path) -> None:
     assert "Traceback" not in out.text()
 
 
-# ---- the quick start, with the README's three swaks examples --------------------------------------------------
+# ---- the quick start, with the documented swaks examples --------------------------------------------------
 
 
-def readme_swaks() -> list[str]:
-    """The swaks commands of the README's quick start, line continuations joined."""
-    text = (ROOT / "README.md").read_text()
-    quick = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```sh\n(.*?)```", quick, re.S)
-    commands = []
-    for block in blocks:
-        joined = block.replace("\\\n", " ")
-        commands += [line.strip() for line in joined.splitlines() if line.strip().startswith("swaks ")]
-    return commands
+def documented_swaks() -> list[str]:
+    """The distinct swaks commands of the README and the docs (the quick start's), line continuations joined."""
+    found = [c for b in all_blocks() if b.lang == "sh" for c, _ in commands(b) if c.startswith("swaks ")]
+    return list(dict.fromkeys(found))
 
 
-def test_quickstart_answers_the_readme_swaks_examples(tmp_path: Path) -> None:
+def test_quickstart_answers_the_documented_swaks_examples(tmp_path: Path) -> None:
     assert shutil.which("swaks"), "swaks is installed by .ci/run (apt-get install swaks)"
-    commands = readme_swaks()
-    assert len(commands) == 4, commands  # three DMDS login styles, one dEngage login
+    examples = documented_swaks()
+    assert len(examples) == 4, examples  # three DMDS login styles, one dEngage login
     smtp, tls, sandbox = free_port(), free_port(), free_port()
     proc = spawn(
         [*CLI, "quickstart", "--port", str(smtp), "--tls-port", str(tls), "--sandbox-port", str(sandbox)],
@@ -545,7 +546,7 @@ def test_quickstart_answers_the_readme_swaks_examples(tmp_path: Path) -> None:
     err, out = Lines(proc.stderr), Lines(proc.stdout)
     try:
         err.wait_for(r"\bready\b")
-        for command in commands:
+        for command in examples:
             argv = shlex.split(
                 command.replace("127.0.0.1:2525", f"127.0.0.1:{smtp}").replace("127.0.0.1:2587", f"127.0.0.1:{tls}")
             )

@@ -76,7 +76,7 @@ def test_detection_beats_either_method_alone_on_the_corpus() -> None:
     ours = recovered(lambda data: detect(data).text, samples)
     windows_1252 = recovered(lambda data: data.decode("cp1252", "replace"), samples)
     library = recovered(normalizer, samples)
-    assert ours >= 193, (ours, len(samples))  # 195 of 206 when measured (README, Faithful messages)
+    assert ours >= 193, (ours, len(samples))  # 195 of 206 when measured (docs/development/tests.md)
     assert ours > windows_1252 >= library
 
 

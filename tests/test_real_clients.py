@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.devices_util import captured_logs, events, listener, plain_blob, require_root, require_tool
+from tests.docs_blocks import doc_blocks
 from tests.harness import PASSWORD, USER, Running
 from tests.smtputil import RECIPIENT, SENDER, message
 from tests.spool_helpers import wait_for
@@ -134,12 +135,6 @@ mydestination =
 local_recipient_maps =
 alias_maps =
 alias_database =
-relayhost = [127.0.0.1]:{port}
-smtp_sasl_auth_enable = yes
-smtp_sasl_password_maps = texthash:{conf}/sasl_passwd
-smtp_sasl_security_options = noanonymous
-smtp_sasl_tls_security_options = noanonymous
-smtp_tls_security_level = encrypt
 smtp_tls_loglevel = 1
 smtputf8_enable = no
 biff = no
@@ -171,9 +166,21 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 """
 
 
+def smarthost_settings(relay_port: int) -> tuple[str, str]:
+    """The tutorial's main.cf lines and sasl_passwd line, pointed at the gateway on ``relay_port``: the
+    brackets name one host (no MX lookup), and Postfix's texthash map needs no postmap."""
+    main_cf, passwd = doc_blocks("test_postfix_smarthost_relays_with_sasl_over_starttls")
+    where = "[smtp.acme.example]:587"
+    assert where in main_cf.text and passwd.text.startswith(where + " "), (main_cf.where(), passwd.where())
+    relay = f"[127.0.0.1]:{relay_port}"
+    return main_cf.text.replace(where, relay).replace("hash:/", "texthash:/"), f"{relay} {USER}:{PASSWORD}\n"
+
+
 @contextlib.contextmanager
 def private_postfix(relay_port: int) -> Iterator[Path]:
-    """A Postfix instance with its own config and queue in a temp dir; yields its config dir."""
+    """A Postfix instance with its own config and queue in a temp dir, relaying to the gateway with the
+    smarthost settings the tutorial shows; yields its config dir."""
+    smarthost, login = smarthost_settings(relay_port)
     postfix = require_tool("postfix", "postfix")
     require_root("a private Postfix instance (postfix start) runs as root")
     if not glob.glob("/usr/lib/*/sasl2/libplain.so*"):
@@ -185,9 +192,10 @@ def private_postfix(relay_port: int) -> Iterator[Path]:
         directory.mkdir(mode=0o755)
     entry = pwd.getpwnam("postfix")
     os.chown(data, entry.pw_uid, entry.pw_gid)
-    (conf / "main.cf").write_text(POSTFIX_MAIN_CF.format(conf=conf, queue=queue, data=data, port=relay_port, tmp=tmp))
+    main_cf = POSTFIX_MAIN_CF.format(conf=conf, queue=queue, data=data, tmp=tmp)
+    (conf / "main.cf").write_text(main_cf + smarthost.replace("/etc/postfix/sasl_passwd", f"{conf}/sasl_passwd"))
     (conf / "master.cf").write_text(POSTFIX_MASTER_CF)
-    (conf / "sasl_passwd").write_text(f"[127.0.0.1]:{relay_port} {USER}:{PASSWORD}\n")
+    (conf / "sasl_passwd").write_text(login)
     (conf / "sasl_passwd").chmod(0o600)
     env = {**os.environ, "MAIL_CONFIG": str(conf)}
     started = run([postfix, "-c", str(conf), "start"], env=env)
@@ -211,6 +219,8 @@ def _tail(path: Path, lines: int = 20) -> str:
 
 
 def test_postfix_smarthost_relays_with_sasl_over_starttls(gateway: Running) -> None:
+    """The tutorial's smarthost settings (doc_blocks, through private_postfix), with a real Postfix."""
+    assert len(doc_blocks("test_postfix_smarthost_relays_with_sasl_over_starttls")) == 2
     with captured_logs() as logs, private_postfix(gateway.port("starttls")) as conf:
         sendmail = require_tool("sendmail", "postfix")
         raw = message(subject="via Postfix", body="Relayed by a Postfix smarthost")

@@ -1,5 +1,5 @@
 """What each TLS profile accepts, proved with real handshakes from Python's ssl (the fast counterpart of the
-testssl.sh runs in the README): protocol versions per profile, the TLS 1.2 suites `intermediate` offers
+testssl.sh runs in docs/devices.md): protocol versions per profile, the TLS 1.2 suites `intermediate` offers
 (AEAD only, no CBC), and the old suites `legacy` adds for printers."""
 
 from __future__ import annotations

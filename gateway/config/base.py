@@ -84,7 +84,8 @@ class AccountBase(Section):
     negative_cache_ttl: float = Field(30.0, ge=0)
     http_timeout: float = Field(30.0, gt=0)
     max_connections: int = Field(50, ge=1)
-    # HTTP transport under httpx: aiohttp's costs much less CPU per request than httpx's own (bench/README.md).
+    # HTTP transport under httpx: aiohttp's costs much less CPU per request than httpx's own
+    # (docs/development/benchmarks.md).
     http_client: Literal["aiohttp", "httpx"] = "aiohttp"
     # Requests per second to this account's API, shared by the inline path and the retry worker (and by
     # every instance on a PostgreSQL queue); None: no limit. `rate_burst`: how many may go at once.

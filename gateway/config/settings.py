@@ -38,7 +38,7 @@ _Section = Section
 
 
 # Networks wider than these prefixes reach far beyond any LAN (0.0.0.0/0, ::/0, 2000::/3, ...): a trusted
-# network that wide is refused unless the listener sets allow_wide_trusted_network (README, Devices).
+# network that wide is refused unless the listener sets allow_wide_trusted_network (docs/devices.md).
 WIDEST_TRUSTED_PREFIX = {4: 8, 6: 16}
 
 
@@ -73,7 +73,7 @@ class ListenerSettings(_Section):
     # A trusted network shorter than /8 (IPv4) or /16 (IPv6) is refused unless this is true.
     allow_wide_trusted_network: bool = False
     # SO_REUSEPORT: several gateway processes may listen on this port and the kernel spreads
-    # connections over them; they share one queue (delivery.spool_path or queue_url), as `serve --workers N` does.
+    # connections over them (`serve --workers N` sets it). They share one queue (docs/operations/instances.md).
     reuse_port: bool = False
     # Behind a load balancer: every connection starts with a PROXY protocol header (v1 or v2) naming the
     # real client, accepted only from `proxy_trusted` (the balancers' addresses); others are closed.
@@ -132,7 +132,7 @@ class TlsSettings(_Section):
 
 
 class LimitsSettings(_Section):
-    """What one client may take (README, Operations: limits). Per-IP limits count an IPv6 client by its /64."""
+    """What one client may take (docs/limits.md). Per-IP limits count an IPv6 client by its /64."""
 
     # As SES's 40 MB: a scan of about 30 MB fits (base64 adds a third). The upstreams' own limits are not
     # documented (upstream-apis.md): raise it for bigger scans only if the account's API takes them.

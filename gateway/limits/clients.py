@@ -3,7 +3,7 @@ locked out) and messages per login. Plain state with a clock: the SMTP edge asks
 
 Postfix keeps the same counts in its anvil server (smtpd_client_connection_count_limit,
 smtpd_client_auth_rate_limit); here they live in the process, so with `serve --workers N` each worker
-counts on its own (README, Operations).
+counts on its own (docs/limits.md).
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ from email.policy import Compat32
 from gateway.mime.headers import transfer_encoding
 
 # Bodies of at least this many bytes of base64 (line breaks not counted) are lifted. Lifting costs more
-# than it saves below about 10 KiB, and at 32 KiB it halves the parse time (bench/README.md, parsebench.py);
-# smaller messages and parts never take the new path (a part below it is skipped unread).
+# than it saves below about 10 KiB, and at 32 KiB it halves the parse time (docs/development/benchmarks.md,
+# bench/parsebench.py); smaller messages and parts never take the new path (a part below it is skipped unread).
 THRESHOLD = 32 * 1024
 # The scan is meant for ordinary mail, and its own work must stay a small fraction of the parser's,
 # whatever the message (a part below THRESHOLD is skipped unread, so each header block read stands for at

@@ -15,14 +15,14 @@ from gateway.mime import bodies, largeparts, sanitize
 from gateway.mime.addresses import AddressSyntaxError, parse_address_list
 from gateway.mime.headers import header_text, undo_surrogates
 
-# compat32 is several times faster than policy.default (bench/README.md); its headers are
+# compat32 is several times faster than policy.default (docs/development/benchmarks.md); its headers are
 # raw strings, so RFC 2047 / 8-bit decoding is done here, once, only for the headers the API needs.
 OPTION_PREFIX = "x-gateway-"
 
-# What one message may make the parser build (README, Security); past these it is refused with 554 5.6.0.
+# What one message may make the parser build (docs/security.md); past these it is refused with 554 5.6.0.
 # The parse tree costs some 300 bytes per part and per header line whatever their size, and every line is
 # matched against the boundary of every enclosing multipart: unbounded, a megabyte of empty parts, or of
-# empty lines nested deep, takes seconds and tens of megabytes (bench/README.md).
+# empty lines nested deep, takes seconds and tens of megabytes (docs/development/benchmarks.md).
 MAX_DEPTH = 128  # nested multipart/message levels; the corpus' deepest test message has 106
 MAX_NESTING_WORK = 32_000_000  # nesting depth x line ends (CR and LF): bounds the boundary matching
 MAX_PARTS = 5_000  # MIME parts, attached messages' parts included

@@ -27,10 +27,10 @@ def set_mmap_threshold(threshold: int) -> MmapThreshold:
 
     glibc's default threshold starts at 128 KiB and rises to the largest block freed so far (up to 32 MiB):
     after one big message, the buffers of the next ones come from the heap and stay in the process's RSS
-    once freed (README, Memory). Setting it turns that rise off, and with it the trim threshold's, which
+    once freed (docs/messages.md, memory). Setting it turns that rise off, and with it the trim threshold's, which
     would then stay at 128 KiB and hand the heap's top back to the kernel after nearly every message: it is
     set to twice the threshold, as glibc's own rule keeps it. Below the default (4 MiB) every 1 MB
-    message's buffers are mapped afresh, page by page (bench/README.md has the A/B).
+    message's buffers are mapped afresh, page by page (docs/development/benchmarks.md has the A/B).
     """
     if any(os.environ.get(name) for name in ENV_TUNABLES):
         return MmapThreshold.FROM_ENVIRONMENT

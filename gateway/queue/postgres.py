@@ -3,7 +3,7 @@
 psycopg 3, async, pooled. Claims lock rows with `FOR UPDATE SKIP LOCKED`, so instances never wait for
 each other and never claim one message twice; every write happens in one transaction and is committed
 before the call returns (with a synchronous standby, `synchronous_commit` decides when a commit is
-acknowledged: README, "Running several instances"). Changes that make a message due NOTIFY the other
+acknowledged: docs/operations/instances.md). Changes that make a message due NOTIFY the other
 instances (LISTEN/NOTIFY), so they need not poll. Time values are epoch seconds from the instances'
 clocks: keep them NTP-synchronised (leases are 60 s; a skew of a second or two does not matter).
 """

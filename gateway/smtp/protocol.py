@@ -580,5 +580,5 @@ class GatewaySMTP(SMTP):
         del buf
         del content[:2]
         # A bytearray, not bytes: the pipeline empties it once the message is parsed, so a large
-        # message's raw copy is not held while its upstream call runs (bench/README.md, memory).
+        # message's raw copy is not held while its upstream call runs (docs/messages.md, memory).
         return content

@@ -33,7 +33,7 @@ _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.
 
 def make_transport(max_connections: int, kind: TransportKind = "aiohttp") -> httpx.AsyncBaseTransport:
     if kind == "aiohttp":
-        # aiohttp's client costs a fraction of httpx's own transport's CPU per request (bench/README.md).
+        # aiohttp's client costs a fraction of httpx's own transport's CPU per request (docs/development/benchmarks.md).
         return AiohttpTransport(max_connections)
     limits = httpx.Limits(
         max_connections=max_connections, max_keepalive_connections=max_connections, keepalive_expiry=15.0
