@@ -16,11 +16,9 @@ address, as sendmail treats `From: root`.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
-# RFC 5322 specials that end an atom; '(' '"' '[' open a comment, quoted string, domain literal.
-_SPECIALS = frozenset('()<>[]:;@\\,."')
-_WSP = frozenset(" \t\r\n")
 _WORDS = ("atom", "quoted")
 
 
@@ -44,56 +42,48 @@ def parse_address_list(value: str) -> list[tuple[str, str]]:
     return _Parser(_tokens(value)).address_list()
 
 
+# One token at a time: white space, an atom (a run of anything but specials and white space), a special,
+# or a complete quoted string (backslash escapes inside). Comments nest, so they are read by _comment().
+_TOKEN = re.compile(r'([ \t\r\n]+)|([^()<>\[\]:;@\\,." \t\r\n]+)|([<>:;@,.])|"((?:[^"\\]|\\.)*)"', re.S)
+_ESCAPE = re.compile(r"\\(.)", re.S)
+
+
 def _tokens(value: str) -> list[_Token]:
     out: list[_Token] = []
     i, n, space = 0, len(value), False
     while i < n:
-        c = value[i]
-        if c in _WSP:
-            space = True
-            i += 1
+        m = _TOKEN.match(value, i)
+        if m is not None:
+            i = m.end()
+            if m.lastindex == 1:
+                space = True
+                continue
+            raw = m.group()
+            if m.lastindex == 2:
+                out.append(_Token("atom", raw, raw, space))
+            elif m.lastindex == 3:
+                out.append(_Token(raw, raw, raw, space))
+            else:
+                content = m.group(4)
+                out.append(_Token("quoted", _ESCAPE.sub(r"\1", content) if "\\" in content else content, raw, space))
+            space = False
             continue
-        start = i
+        c, start = value[i], i
         if c == '"':
-            text, i = _quoted(value, i + 1)
-            kind = "quoted"
-        elif c == "(":
+            raise AddressSyntaxError('a quoted name is not closed with "')
+        if c == "(":
             text, i = _comment(value, i + 1)
-            kind = "comment"
+            out.append(_Token("comment", text, value[start:i], space))
         elif c == "[":
             end = value.find("]", i + 1)
             if end < 0:
                 raise AddressSyntaxError("a domain literal is not closed with ]")
             i = end + 1
-            text, kind = value[start:i], "literal"
-        elif c in ")]\\":
+            out.append(_Token("literal", value[start:i], value[start:i], space))
+        else:  # ) ] \
             raise AddressSyntaxError(f"a stray {c} (put a name with special characters in quotes)")
-        elif c in _SPECIALS:
-            i += 1
-            text, kind = c, c
-        else:
-            while i < n and value[i] not in _SPECIALS and value[i] not in _WSP:
-                i += 1
-            text, kind = value[start:i], "atom"
-        out.append(_Token(kind, text, value[start:i], space))
         space = False
     return out
-
-
-def _quoted(value: str, i: int) -> tuple[str, int]:
-    """The content of a quoted string opened before `i`, unescaped, and the index after its closing quote."""
-    text: list[str] = []
-    while i < len(value):
-        c = value[i]
-        if c == "\\" and i + 1 < len(value):
-            text.append(value[i + 1])
-            i += 2
-        elif c == '"':
-            return "".join(text), i + 1
-        else:
-            text.append(c)
-            i += 1
-    raise AddressSyntaxError('a quoted name is not closed with "')
 
 
 def _comment(value: str, i: int) -> tuple[str, int]:
