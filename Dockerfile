@@ -10,7 +10,7 @@ FROM python:3.11-slim
 RUN useradd --system --uid 10001 --home /var/lib/smtp-gateway --create-home gateway
 COPY --from=build /install /usr/local
 COPY config/docker.toml /etc/smtp-gateway/gateway.toml
-COPY config/example.toml /etc/smtp-gateway/example.toml
+COPY gateway/examples/example.toml /etc/smtp-gateway/example.toml
 USER gateway
 WORKDIR /var/lib/smtp-gateway
 ENV GATEWAY_CONFIG=/etc/smtp-gateway/gateway.toml

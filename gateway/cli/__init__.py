@@ -1,4 +1,5 @@
-"""Command line: serve | quickstart | sandbox | check-config | check-domains | queue | hash-password."""
+"""Command line: serve | quickstart | sandbox | check-config | check-domains | queue | hash-password |
+example-config."""
 
 from __future__ import annotations
 
@@ -7,12 +8,12 @@ import os
 import sys
 
 from gateway import __version__
-from gateway.cli import config, domains, passwords, queue, quickstart, sandbox, serve
+from gateway.cli import config, domains, example, passwords, queue, quickstart, sandbox, serve
 from gateway.cli.common import EXIT_BROKEN_PIPE, EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_PROBLEM, Refused
 from gateway.config import ConfigError
 
 # One module per command: its add_parser(sub) adds the subcommand and sets its handler (`func`). In help order.
-COMMANDS = (serve, config, domains, queue, passwords, sandbox, quickstart)
+COMMANDS = (serve, config, domains, queue, passwords, sandbox, quickstart, example)
 
 
 def build_parser() -> argparse.ArgumentParser:
