@@ -32,7 +32,6 @@ from gateway.policy.dns import DnsResolver
 from gateway.policy.domaincheck import check_domains
 from gateway.providers import registry
 from gateway.providers.base import Provider
-from gateway.providers.dmds.config import DmdsAccount
 from gateway.queue.backends import open_store
 from gateway.queue.store import QueueStore
 from gateway.smtp.protocol import GatewaySMTP
@@ -135,9 +134,7 @@ class App:
     async def _log_domain_findings(self) -> None:
         """The same findings as `smtp-gateway check-domains`, logged once at startup (and after a reload)."""
         for name, account in self.settings.accounts.items():
-            if not isinstance(account, DmdsAccount):
-                continue
-            for report in await check_domains(self.resolver, dict(account.sender_domains)):
+            for report in await check_domains(self.resolver, dict(account.return_paths())):
                 fields = {"account": name, "domain": report.domain, "return_path": report.return_path}
                 if report.problems:
                     log.error("sender_domain_problem", problems=report.problems, **fields)
@@ -265,14 +262,18 @@ class App:
         log.info("stopped")
 
 
-async def run(app: App, drain_timeout: float = 30.0) -> signal.Signals:
-    """Start, wait for SIGTERM/SIGINT, then drain and stop; returns the signal. SIGHUP reloads."""
+async def run(app: App, drain_timeout: float = 30.0, started: Callable[[App], None] | None = None) -> signal.Signals:
+    """Start, wait for SIGTERM/SIGINT, then drain and stop; returns the signal. SIGHUP reloads. `started` is
+    called once the listeners are bound (before the `ready` event)."""
     loop = asyncio.get_running_loop()
     stop = StopSignals()
     stop.install()  # before the start: a signal while starting stops it right after
     await app.start()
     loop.add_signal_handler(signal.SIGHUP, app.request_reload)
-    log.info("ready", listeners=app.ports)
+    if started is not None:
+        started(app)
+    # The bound ports (a port configured as 0 is any free one): what a supervisor or a test connects to.
+    log.info("ready", listeners=app.ports, **({"http": app.operator.port} if app.operator else {}))
     try:
         received = await stop.wait()
     finally:

@@ -13,4 +13,4 @@ def main() -> int:
         return run()
     except KeyboardInterrupt:
         print(file=sys.stderr)  # end the line the ^C was echoed on
-        return 130  # as gateway.cli.common.EXIT_INTERRUPTED, which may not be imported yet
+        return 130  # Exit.INTERRUPTED (gateway.cli.exits), which may not be importable yet

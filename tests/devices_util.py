@@ -1,4 +1,4 @@
-"""Helpers shared by the device-compatibility tests: raw DATA, listener configs, log capture, tools."""
+"""Helpers shared by the device-compatibility tests: raw DATA, log capture, real client tools."""
 
 from __future__ import annotations
 
@@ -36,14 +36,6 @@ def raw_send(client: RawClient, content: bytes, mail_from: str = SENDER, rcpt: s
         content += b"\r\n"
     client.write(content + b".\r\n")
     return client.reply()[-1]
-
-
-def listener(name: str, tls: str = "none", **keys: Any) -> dict[str, Any]:
-    """A [[listeners]] entry on 127.0.0.1, any free port; plain ones allow AUTH without TLS (loopback)."""
-    entry: dict[str, Any] = {"name": name, "address": "127.0.0.1", "port": 0, "tls": tls}
-    if tls == "none":
-        entry["allow_insecure_auth"] = True
-    return {**entry, **keys}
 
 
 @contextlib.contextmanager

@@ -13,22 +13,20 @@ from typing import Any, TypeVar
 import httpx
 
 from gateway.app import App
-from gateway.auth.passwords import hash_password
 from gateway.config import Settings, load_settings
+from gateway.providers import registry
 from gateway.providers.dengage.sandbox import DengageSandbox
 from gateway.providers.dengage.sandbox import install as install_dengage
 from gateway.providers.dmds.sandbox import DmdsSandbox
 from gateway.providers.dmds.sandbox import install as install_dmds
 from gateway.providers.sandbox import Sandbox, SandboxState
-from gateway.smtp.tls import write_self_signed
+from tests.configs import APIKEY, PASSWORD, PASSWORD_HASH, USER, gateway_config
+
+__all__ = ["APIKEY", "PASSWORD", "PASSWORD_HASH", "USER"]  # the test account's, re-exported
 
 T = TypeVar("T")
 
-APIKEY = "test-account-apikey"
 CAMPAIGNS = {22: "campaign-22-apikey", 23: "campaign-23-apikey"}
-USER, PASSWORD = "scanner", "scanner-password"
-# Hashing costs ~50 ms: do it once per test run.
-PASSWORD_HASH = hash_password(PASSWORD)
 # The dEngage account `start(..., dengage={...})` adds: its API user, its configured login (same password
 # as USER) and its From identities in the sandbox.
 DENGAGE_ACCOUNT = "crm"
@@ -61,45 +59,6 @@ class LoopThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
         self.loop.close()
-
-
-def base_config(
-    tmp: Path, sandbox_port: int, extra_users: list[dict[str, Any]] | None = None, **overrides: Any
-) -> dict[str, Any]:
-    """A gateway config for tests: plain (insecure AUTH allowed), STARTTLS and implicit-TLS listeners.
-
-    `extra_users`: [[accounts.acme.users]] entries added after the default user."""
-    cert, key = write_self_signed(tmp / "tls")
-    config: dict[str, Any] = {
-        "hostname": "gw.test",
-        "tls": {"cert_file": str(cert), "key_file": str(key)},
-        "listeners": [
-            {"name": "plain", "address": "127.0.0.1", "port": 0, "tls": "none", "allow_insecure_auth": True},
-            {"name": "starttls", "address": "127.0.0.1", "port": 0, "tls": "starttls"},
-            {"name": "implicit", "address": "127.0.0.1", "port": 0, "tls": "implicit"},
-        ],
-        "accounts": {
-            "acme": {
-                "dmdsid": "acme",
-                "api_base": f"http://127.0.0.1:{sandbox_port}",
-                "apikey": APIKEY,
-                "sender_domains": {"acme.example": "dmds-acme@nl.acme.example"},
-                "http_timeout": 5.0,
-                "users": [{"username": USER, "password_hash": PASSWORD_HASH, "campaign": 22}, *(extra_users or [])],
-            }
-        },
-        "delivery": {"spool_path": str(tmp / "spool.sqlite3"), "inline_budget": 5.0},
-        "dns": {"check_sender_domain": False},
-    }
-    for key_, value in overrides.items():
-        if key_ == "accounts":
-            # Per account: the keys given replace the test account's, the others stay.
-            config[key_] = {name: {**config[key_].get(name, {}), **acct} for name, acct in value.items()}
-        elif isinstance(value, dict) and isinstance(config.get(key_), dict):
-            config[key_] = {**config[key_], **value}
-        else:
-            config[key_] = value
-    return config
 
 
 @dataclass
@@ -177,10 +136,13 @@ def dengage_account(sandbox_port: int, **overrides: Any) -> dict[str, Any]:
 def sandbox_for_tests(
     state: SandboxState | None = None, dmds: DmdsSandbox | None = None, dengage: DengageSandbox | None = None
 ) -> Sandbox:
-    """The sandbox upstream with the tests' DMDS account (and a dEngage API user)."""
+    """The sandbox upstream with every registered provider's routes: the tests' DMDS account and dEngage API
+    user, any other provider's defaults."""
     dmds = dmds or DmdsSandbox(apikey=APIKEY, campaigns=dict(CAMPAIGNS))
     dengage = dengage or dengage_sandbox()
-    return Sandbox(state or SandboxState(), [lambda s: install_dmds(s, dmds), lambda s: install_dengage(s, dengage)])
+    ours = {"dmds": lambda s: install_dmds(s, dmds), "dengage": lambda s: install_dengage(s, dengage)}
+    routes = [ours.get(spec.kind) or spec.sandbox.default_routes() for spec in registry.specs() if spec.sandbox]
+    return Sandbox(state or SandboxState(), routes)
 
 
 def start(
@@ -197,7 +159,7 @@ def start(
     port = sandbox.port or loop.run(sandbox.start("127.0.0.1", 0))
     if dengage is not None:
         overrides["accounts"] = {**overrides.get("accounts", {}), DENGAGE_ACCOUNT: dengage_account(port, **dengage)}
-    settings = load_settings(None, **base_config(tmp, port, extra_users, **overrides))
+    settings = load_settings(None, **gateway_config(tmp, port, extra_users=extra_users, **overrides))
     for name, account in settings.accounts.items():
         # Tests talk to loopback only: an account without api_base would default to the real DMDS host.
         assert account.base_url.startswith(("http://127.0.0.1", "https://127.0.0.1")), f"account {name}: loopback only"

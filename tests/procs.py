@@ -1,10 +1,12 @@
-"""Gateway and sandbox subprocesses for end-to-end tests: free ports, start and wait, kill, read logs."""
+"""Gateway and sandbox subprocesses for end-to-end tests: start on any free port and read the ports bound
+from the ready line, kill, read logs."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import signal
 import smtplib
 import socket
@@ -21,12 +23,8 @@ from tests.harness import APIKEY, PASSWORD, USER
 from tests.spool_helpers import message, wait_for
 
 CLI = [sys.executable, "-m", "gateway"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+# The line `smtp-gateway sandbox` prints once it listens.
+SANDBOX_READY = re.compile(r"compatible upstream on http://[^ ]*:(\d+) ")
 
 
 def listening(port: int) -> bool:
@@ -68,40 +66,73 @@ def ok(url: str) -> bool:
         return False
 
 
-def start_sandbox(port: int, record: Path) -> tuple[subprocess.Popen[bytes], str]:
-    proc = spawn(
-        [
-            *CLI,
-            "sandbox",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--record",
-            str(record),
-            "--quiet",
-            "--apikey",
-            APIKEY,
-            "--campaign",
-            "22=campaign-22-apikey",
-        ],
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    wait_for(lambda: ok(f"{url}/_sandbox/health"), 15, "sandbox")
-    return proc, url
+def sandbox_command(*extra: str) -> list[str]:
+    """`smtp-gateway sandbox` on any free port with the tests' DMDS account."""
+    return [
+        *CLI,
+        "sandbox",
+        "--listen",
+        "127.0.0.1:0",
+        "--quiet",
+        "--apikey",
+        APIKEY,
+        "--campaign",
+        "22=campaign-22-apikey",
+        *extra,
+    ]
 
 
-def serve(config: Path, log: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
+def start_sandbox(record: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """The sandbox in a subprocess recording to `record`, its output beside it; returns it and its URL,
+    read from the line it prints once listening."""
+    output = record.with_suffix(".sandbox.log")
+    seen = len(SANDBOX_READY.findall(output.read_text())) if output.exists() else 0
+    with output.open("ab") as out:
+        proc = spawn(sandbox_command("--record", str(record)), stdout=out, stderr=subprocess.STDOUT)
+
+    def bound() -> int | None:
+        found = SANDBOX_READY.findall(output.read_text(errors="replace"))
+        if len(found) > seen:
+            return int(found[seen])
+        assert proc.poll() is None, output.read_text()
+        return None
+
+    try:
+        return proc, f"http://127.0.0.1:{wait_for(bound, 15, 'sandbox listening')}"
+    except BaseException:
+        kill(proc)
+        raise
+
+
+def ready(log: Path, proc: subprocess.Popen[bytes], seen: int = 0, timeout: float = 20.0) -> dict[str, int]:
+    """The ports a `serve` process logged in its `ready` event (each listener by name, and "http" for the
+    operator endpoint), once it has logged one more than the `seen` already in `log`."""
+
+    def bound() -> dict[str, int] | None:
+        found = events(log, "ready")
+        if len(found) > seen:
+            return {**found[seen]["listeners"], **({"http": found[seen]["http"]} if "http" in found[seen] else {})}
+        assert proc.poll() is None, log.read_text()
+        return None
+
+    return wait_for(bound, timeout, "gateway ready")
+
+
+def serve(config: Path, log: Path, *extra: str) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
     """`smtp-gateway serve` writing JSON logs to its own file (a killed process's half-written last line
-    must never run into another process's first one)."""
+    must never run into another process's first one); returns it and the ports it bound."""
+    seen = len(events(log, "ready")) if log.exists() else 0
     with log.open("ab") as out:  # the child keeps its own copy of the descriptor
         proc = spawn(
             [*CLI, "serve", "--config", str(config), "--drain-timeout", "2", *extra],
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    wait_for(lambda: listening(port) or proc.poll() is not None, 20, "gateway listening")
-    assert proc.poll() is None, log.read_text()
-    return proc
+    try:
+        return proc, ready(log, proc, seen)
+    except BaseException:
+        kill(proc)
+        raise
 
 
 def complete_lines(log: Path) -> list[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from gateway.core.model import Address, Attachment, Call, Message, Principal, Submission
+from gateway.core.model import Address, Attachment, Call, Message, Principal, StoredData, Submission
 from gateway.core.records import CallRow, Decision, RetryPolicy
 from gateway.delivery import transition
 from gateway.queue import codec
@@ -30,11 +30,12 @@ def submission() -> Submission:
         x_headers=(("X-Ref", "42"),),
     )
     return Submission(
-        principal=Principal("acme", "scanner", allowed_senders=("@acme.example",), extra={"campaign": 22}),
+        # Provider data as the queue sees it: JSON it stores and gives back without reading it.
+        principal=Principal("acme", "scanner", allowed_senders=("@acme.example",), extra=StoredData({"campaign": 22})),
         mail_from="billing@acme.example",
         rcpt_tos=("a@example.com", "b@example.com", "c@example.com"),
         message=msg,
-        params={"campaign": 22, "archive": True, "batch": None},
+        params=StoredData({"campaign": 22, "archive": True, "batch": None}),
     )
 
 

@@ -26,8 +26,8 @@ from gateway.config import (
     TlsSettings,
     load_settings,
 )
-from gateway.providers.dengage.config import DengageAccount, DengageUser
-from gateway.providers.dmds.config import DmdsAccount, DmdsUser
+from gateway.providers import registry
+from tests.configs import gateway_config, listener, write
 from tests.harness import PASSWORD, PASSWORD_HASH
 
 CLI = [sys.executable, "-m", "gateway"]
@@ -51,35 +51,14 @@ def run_cli(*args: str, stdin: str | None = None, **env: str) -> subprocess.Comp
     )
 
 
-def write_config(tmp_path: Path, extra: str = "") -> Path:
-    second_hash = PASSWORD_HASH  # any valid scrypt hash; two users make "every user" meaningful
-    path = tmp_path / "gateway.toml"
-    path.write_text(f"""
-hostname = "gw.example"
-[[listeners]]
-name = "plain"
-address = "127.0.0.1"
-port = 2525
-tls = "none"
-allow_insecure_auth = true
-[accounts.acme]
-dmdsid = "acme"
-api_base = "http://127.0.0.1:9"
-apikey = "{FILE_APIKEY}"
-sender_domains = {{ "acme.example" = "dmds-acme@nl.acme.example" }}
-[[accounts.acme.users]]
-username = "scanner"
-password_hash = "{PASSWORD_HASH}"
-campaign = 22
-[[accounts.acme.users]]
-username = "{SECOND_HASH_USER}"
-password_hash = "{second_hash}"
-campaign = 23
-[dns]
-check_sender_domain = false
-{extra}
-""")
-    return path
+def write_config(tmp_path: Path, **overrides: Any) -> Path:
+    """The test account with the key FILE_APIKEY and two users (any valid scrypt hash: two users make
+    "every user" meaningful)."""
+    second = {"username": SECOND_HASH_USER, "password_hash": PASSWORD_HASH, "campaign": 23}
+    config = gateway_config(
+        tmp_path, listeners=[listener("plain")], extra_users=[second], accounts={"acme": {"apikey": FILE_APIKEY}}
+    )
+    return write(tmp_path / "gateway.toml", {**config, **overrides})
 
 
 def _secrets_absent(result: subprocess.CompletedProcess[str], *secrets: str) -> None:
@@ -105,12 +84,12 @@ def test_check_config_prints_json_with_every_secret_masked(tmp_path: Path) -> No
     # The rest is shown as configured (masking did not blank the whole account).
     assert account["dmdsid"] == "acme"
     assert account["sender_domains"] == {"acme.example": "dmds-acme@nl.acme.example"}
-    assert dumped["listeners"][0]["port"] == 2525
+    assert dumped["listeners"][0]["port"] == 0
     _secrets_absent(result, FILE_APIKEY, PASSWORD_HASH, PASSWORD)
 
 
 def test_unknown_key_is_refused_and_named(tmp_path: Path) -> None:
-    config = write_config(tmp_path, "[limits]\nmax_recipeints = 5\n")
+    config = write_config(tmp_path, limits={"max_recipeints": 5})
     result = run_cli("check-config", "-c", str(config))
     assert result.returncode == 2
     assert result.stdout == ""
@@ -225,10 +204,9 @@ def test_example_config_is_valid() -> None:
         (ListenerSettings, "listeners"),
         (TlsSettings, "tls"),
         (LimitsSettings, "limits"),
-        (DmdsAccount, "accounts.acme"),
-        (DmdsUser, "accounts.acme.users"),
-        (DengageAccount, "accounts.crm"),
-        (DengageUser, "accounts.crm.users"),
+        # Every provider's account and user models, as the registry lists them.
+        *((spec.account_model, f"accounts.<{spec.kind} account>") for spec in registry.specs()),
+        *((spec.user_model, f"accounts.<{spec.kind} account>.users") for spec in registry.specs()),
         (DeliverySettings, "delivery"),
         (DnsSettings, "dns"),
         (LogSettings, "log"),

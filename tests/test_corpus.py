@@ -248,13 +248,7 @@ def test_corpus(gateway_factory: Callable[..., Running], terminal_summary: list[
     # gateway only lends its sandbox (the config names the upstream's port before the start).
     upstream = gateway_factory()
     running = gateway_factory(
-        accounts={
-            "acme": {
-                **running_account(),
-                "api_base": upstream.sandbox_url,
-                "sender_domains": from_domains(refs),
-            }
-        },
+        accounts={"acme": {"api_base": upstream.sandbox_url, "sender_domains": from_domains(refs)}},
         limits={"max_recipients": 100},
     )
     outcomes: Counter[str] = Counter()
@@ -303,14 +297,3 @@ def test_corpus(gateway_factory: Callable[..., Running], terminal_summary: list[
     lines = [f"{count:4d}  {outcome}" for outcome, count in sorted(outcomes.items(), key=lambda kv: -kv[1])]
     terminal_summary.append(("corpus: 400 messages through the gateway", [*lines, f"{len(failures)} problems"]))
     assert not failures, "\n".join(lines + failures)
-
-
-def running_account() -> dict[str, Any]:
-    from tests.harness import APIKEY, PASSWORD_HASH
-
-    return {
-        "dmdsid": "acme",
-        "apikey": APIKEY,
-        "users": [{"username": USER, "password_hash": PASSWORD_HASH, "campaign": 22}],
-        "http_timeout": 5.0,
-    }

@@ -26,7 +26,7 @@ from tests.conftest import CORPUS
 from tests.fuzzing import sane_payload
 from tests.harness import PASSWORD, USER, Running
 from tests.smtputil import SENDER, connect
-from tests.test_corpus import FALLBACK_RCPT, corpus_files, from_domains, reference, running_account
+from tests.test_corpus import FALLBACK_RCPT, corpus_files, from_domains, reference
 
 # Documented in docs/security.md: peak memory of mime.parse for one message, measured by tracemalloc.
 MEMORY_FACTOR, MEMORY_CONSTANT = 32, 16 * 1024 * 1024
@@ -132,7 +132,7 @@ def corpus_gateway(gateway_factory: Callable[..., Running]) -> tuple[Running, Ru
     """A gateway whose account may send from every From: domain of the corpus, and its upstream's gateway."""
     upstream = gateway_factory()
     refs = {name: reference((CORPUS / name).read_bytes()) for name in corpus_files()}
-    account = {**running_account(), "api_base": upstream.sandbox_url, "sender_domains": from_domains(refs)}
+    account = {"api_base": upstream.sandbox_url, "sender_domains": from_domains(refs)}
     running = gateway_factory(accounts={"acme": account}, limits={"max_recipients": 100})
     return running, upstream
 

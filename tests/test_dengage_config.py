@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
+from tests import configs
+from tests.configs import gateway_config, listener
 from tests.harness import PASSWORD_HASH
 from tests.test_cli import MASK, _secrets_absent, run_cli
 
@@ -13,28 +16,22 @@ USERKEY = "dengage-userkey-s3cr3t-0003"
 API_PASSWORD = "dengage-password-s3cr3t-0004"
 
 
-def write(tmp_path: Path, account: str) -> Path:
+def write(tmp_path: Path, **account: Any) -> Path:
+    """A configuration whose one account is the dEngage account `crm` with these keys."""
     (tmp_path / "userkey").write_text(USERKEY + "\n")
-    path = tmp_path / "gateway.toml"
-    path.write_text(f"""
-[[listeners]]
-name = "plain"
-port = 2525
-tls = "none"
-[accounts.crm]
-provider = "dengage"
-api_base = "https://tr-api.dengage.com/rest"
-{account}
-[[accounts.crm.users]]
-username = "erp"
-password_hash = "{PASSWORD_HASH}"
-tags = ["erp"]
-""")
-    return path
+    crm = {
+        "provider": "dengage",
+        "api_base": "https://tr-api.dengage.com/rest",
+        **account,
+        "users": [{"username": "erp", "password_hash": PASSWORD_HASH, "tags": ["erp"]}],
+    }
+    return configs.write(
+        tmp_path / "gateway.toml", gateway_config(tmp_path, listeners=[listener()], accounts={"crm": crm})
+    )
 
 
 def test_check_config_masks_the_api_user(tmp_path: Path) -> None:
-    path = write(tmp_path, f'userkey_file = "{tmp_path / "userkey"}"\npassword = "{API_PASSWORD}"\nrate_limit = 0')
+    path = write(tmp_path, userkey_file=str(tmp_path / "userkey"), password=API_PASSWORD, rate_limit=0)
     result = run_cli("check-config", "--config-only", "-c", str(path))
     assert result.returncode == 0, result.stderr
     crm = json.loads(result.stdout)["accounts"]["crm"]
@@ -46,20 +43,21 @@ def test_check_config_masks_the_api_user(tmp_path: Path) -> None:
 
 
 def test_missing_secret_and_unknown_key_are_named(tmp_path: Path) -> None:
-    config = write(tmp_path, f'userkey = "{USERKEY}"\nfroms_tll = 60')
+    config = write(tmp_path, userkey=USERKEY, froms_tll=60)
     result = run_cli("check-config", "--config-only", "-c", str(config))
     assert result.returncode == 2
     assert "accounts.crm.froms_tll" in result.stderr
-    result = run_cli("check-config", "--config-only", "-c", str(write(tmp_path, f'userkey = "{USERKEY}"')))
+    result = run_cli("check-config", "--config-only", "-c", str(write(tmp_path, userkey=USERKEY)))
     assert result.returncode == 2
     assert "accounts.crm" in result.stderr and "password (or password_file) is required" in result.stderr
     _secrets_absent(result, USERKEY)
 
 
 def test_quickstart_config_has_a_dengage_account(tmp_path: Path) -> None:
-    from gateway.cli.quickstart import DENGAGE_DEMO_USER, quickstart_settings
+    from gateway.cli.quickstart import quickstart_settings
     from gateway.config import load_settings
     from gateway.providers.dengage.config import DengageAccount
+    from gateway.providers.dengage.spec import DEMO_USER as DENGAGE_DEMO_USER
 
     settings = load_settings(None, **quickstart_settings(tmp_path, 8025, 2525, 2587))
     crm = settings.accounts["crm"]

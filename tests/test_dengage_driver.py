@@ -16,6 +16,7 @@ from gateway.core.errors import ContentRejected, Deferred, RateLimited, Upstream
 from gateway.core.model import Address, Message, Principal, Submission
 from gateway.providers.dengage import wire
 from gateway.providers.dengage.config import DengageAccount
+from gateway.providers.dengage.data import DengageLogin, DengageParams
 from gateway.providers.dengage.provider import DengageProvider
 from gateway.upstream.client import HttpClient
 from gateway.upstream.ratelimit import RateLimiter, TokenBucket
@@ -101,7 +102,7 @@ def submission(*rcpts: str, subject: str = "Invoice") -> Submission:
         mail_from="billing@crm.example",
         rcpt_tos=rcpts,
         message=message,
-        params={"tags": [], "template": None, "ref": "ref-1"},
+        params=DengageParams(tags=(), template=None, ref="ref-1"),
     )
 
 
@@ -317,10 +318,11 @@ async def test_prepare_merges_tags_and_checks_the_template() -> None:
         }
     )
     sub = await p.prepare(
-        Principal("crm", "erp", extra={"tags": ["erp"]}), tagged, "billing@crm.example", ("a@example.com",)
+        Principal("crm", "erp", extra=DengageLogin(("erp",))), tagged, "billing@crm.example", ("a@example.com",)
     )
-    assert sub.params["tags"] == ["crm", "erp", "invoices"]
-    assert sub.params["template"] == "2206f32b-8d1a-4058-929c-de600493862a"
+    params = DengageParams.read(sub.params)
+    assert params.tags == ("crm", "erp", "invoices")
+    assert params.template == "2206f32b-8d1a-4058-929c-de600493862a"
     bad = Message(**{**{f: getattr(message, f) for f in message.__dataclass_fields__}, "options": {"template": "x"}})
     with pytest.raises(ContentRejected, match="UUID"):
         await p.prepare(Principal("crm", "erp"), bad, "billing@crm.example", ("a@example.com",))

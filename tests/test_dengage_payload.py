@@ -19,10 +19,11 @@ from gateway.core.errors import AnswerLost, RateLimited, UpstreamAuthFailed, Ups
 from gateway.core.model import Address, Attachment, Message, Principal, Submission
 from gateway.mime import parse, text_to_html
 from gateway.providers.dengage import wire
+from gateway.providers.dengage.data import DengageLogin, DengageParams
 from gateway.upstream.response import HttpResponse
 
 FIXTURES = Path(__file__).parent / "fixtures" / "dengage"
-PRINCIPAL = Principal(account="crm", login="erp", extra={"tags": ["erp"]})
+PRINCIPAL = Principal(account="crm", login="erp", extra=DengageLogin(("erp",)))
 ANN = "ann@example.com"
 
 
@@ -41,7 +42,7 @@ def submission(
         attachments=kwargs.pop("attachments", ()),
         x_headers=kwargs.pop("x_headers", ()),
     )
-    params = {"tags": kwargs.pop("tags", []), "template": kwargs.pop("template", None), "ref": "r" * 32}
+    params = DengageParams(tags=tuple(kwargs.pop("tags", [])), template=kwargs.pop("template", None), ref="r" * 32)
     return Submission(
         principal=PRINCIPAL,
         mail_from="billing@crm.example",

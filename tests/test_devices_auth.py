@@ -8,7 +8,8 @@ from collections.abc import Callable
 import pytest
 
 from gateway.auth.passwords import hash_password
-from tests.devices_util import b64, captured_logs, events, listener, plain_blob, raw_send
+from tests.configs import listener
+from tests.devices_util import b64, captured_logs, events, plain_blob, raw_send
 from tests.harness import CAMPAIGNS, PASSWORD, USER, Running
 from tests.smtputil import RawClient, message, send, session
 

@@ -19,8 +19,9 @@ from typing import Any
 import pytest
 
 from gateway.smtp.tls import write_self_signed
+from tests.configs import listener, serve_config, write
 from tests.devices_util import b64
-from tests.harness import PASSWORD, PASSWORD_HASH, USER
+from tests.harness import PASSWORD, USER
 from tests.procs import complete_lines, spawn
 from tests.smtputil import RECIPIENT, SENDER, insecure_context
 from tests.spool_helpers import wait_for
@@ -51,37 +52,9 @@ class Served:
 
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[Served]:
-    cert, key = write_self_signed(tmp_path / "tls")
-    config = tmp_path / "gateway.toml"
-    config.write_text(f"""
-hostname = "gw.example"
-[[listeners]]
-name = "implicit"
-port = 0
-tls = "implicit"
-[[listeners]]
-name = "starttls"
-port = 0
-tls = "starttls"
-[tls]
-cert_file = "{cert}"
-key_file = "{key}"
-[accounts.acme]
-dmdsid = "acme"
-api_base = "http://127.0.0.1:9"
-apikey = "unused"
-sender_domains = {{ "acme.example" = "dmds-acme@nl.acme.example" }}
-[[accounts.acme.users]]
-username = "{USER}"
-password_hash = "{PASSWORD_HASH}"
-campaign = 22
-[delivery]
-spool_path = "{tmp_path / "spool.sqlite3"}"
-[dns]
-check_sender_domain = false
-[log]
-format = "json"
-""")
+    settings = serve_config(tmp_path, listeners=[listener("implicit", "implicit"), listener("starttls", "starttls")])
+    cert, key = Path(settings["tls"]["cert_file"]), Path(settings["tls"]["key_file"])
+    config = write(tmp_path / "gateway.toml", settings)
     log = tmp_path / "serve.log"
     with log.open("wb") as out:
         proc = spawn(

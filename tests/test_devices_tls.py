@@ -24,7 +24,8 @@ import uvloop
 from gateway.ops.metrics import REGISTRY
 from gateway.smtp.server import Listeners
 from gateway.smtp.tls import write_self_signed
-from tests.devices_util import captured_logs, events, listener, raw_send, server_connections
+from tests.configs import listener
+from tests.devices_util import captured_logs, events, raw_send, server_connections
 from tests.harness import LoopThread, Running, start, stop
 from tests.smtputil import RawClient, insecure_context, message
 from tests.spool_helpers import wait_for

@@ -4,11 +4,13 @@ own login without AUTH, under that login's sender policy; other addresses must A
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from gateway.config import ConfigError, load_settings
-from tests.devices_util import captured_logs, events, listener, raw_send
+from tests.configs import gateway_config, listener
+from tests.devices_util import captured_logs, events, raw_send
 from tests.harness import PASSWORD, PASSWORD_HASH, USER, Running
 from tests.smtputil import RECIPIENT, SENDER, RawClient, message
 
@@ -103,32 +105,28 @@ def test_shorthand_trusted_networks_still_work(gateway_factory: Callable[..., Ru
 # -- configuration ---------------------------------------------------------------------------------------
 
 
-def _settings(*trusted: dict[str, str], **listener_keys: object) -> object:
+def _settings(tmp: Path, *trusted: dict[str, str], **listener_keys: object) -> object:
     return load_settings(
-        None,
-        listeners=[{"name": "lan", "tls": "none", "trusted": list(trusted), **listener_keys}],
-        accounts={
-            "acme": {"dmdsid": "acme", "apikey": "k", "users": [{"username": USER, "password_hash": PASSWORD_HASH}]}
-        },
+        None, **gateway_config(tmp, listeners=[listener("lan", trusted=list(trusted), **listener_keys)])
     )
 
 
 @pytest.mark.parametrize("network", ["0.0.0.0/0", "::/0", "0.0.0.0/1", "10.0.0.0/7", "2000::/3", "fc00::/15"])
-def test_world_wide_networks_are_refused(network: str) -> None:
+def test_world_wide_networks_are_refused(tmp_path: Path, network: str) -> None:
     with pytest.raises(ConfigError) as info:
-        _settings({"network": network, "login": USER})
+        _settings(tmp_path, {"network": network, "login": USER})
     assert f"trusted network {network} is wider than" in str(info.value)
     assert "allow_wide_trusted_network" in str(info.value)
 
 
-def test_shorthand_networks_are_checked_too() -> None:
+def test_shorthand_networks_are_checked_too(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="wider than /8"):
-        _settings(trusted_networks=["0.0.0.0/0"], trusted_login=USER)
+        _settings(tmp_path, trusted_networks=["0.0.0.0/0"], trusted_login=USER)
 
 
 @pytest.mark.parametrize("network", ["10.0.0.0/8", "192.168.10.0/24", "fd12:3456:789a::/48", "2001::/16"])
-def test_lan_sized_networks_are_accepted(network: str) -> None:
-    _settings({"network": network, "login": USER})
+def test_lan_sized_networks_are_accepted(tmp_path: Path, network: str) -> None:
+    _settings(tmp_path, {"network": network, "login": USER})
 
 
 def test_wide_network_when_forced_starts_with_a_warning(gateway_factory: Callable[..., Running]) -> None:
@@ -145,6 +143,6 @@ def test_wide_network_when_forced_starts_with_a_warning(gateway_factory: Callabl
         assert client.cmd(f"MAIL FROM:<{SENDER}>").startswith("250 ")
 
 
-def test_trusted_login_must_be_a_configured_user() -> None:
+def test_trusted_login_must_be_a_configured_user(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="trusted login 'nobody' is not a user"):
-        _settings({"network": "192.168.10.0/24", "login": "nobody"})
+        _settings(tmp_path, {"network": "192.168.10.0/24", "login": "nobody"})

@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 
 from gateway.core.model import Address, Attachment, Message, Principal, Submission
+from gateway.providers.dmds.data import DmdsLogin, DmdsParams
 from gateway.providers.dmds.legs import Leg
 from gateway.providers.dmds.wire import build_payload
 
 FIXTURES = Path(__file__).parent / "fixtures" / "dmds"
-PRINCIPAL = Principal(account="acme", login="scanner", extra={"campaign": 22})
+PRINCIPAL = Principal(account="acme", login="scanner", extra=DmdsLogin(campaign=22))
 
 
 def submission(legs: tuple[Leg, ...] = (), archive: bool = False, **kwargs: object) -> Submission:
@@ -37,7 +38,7 @@ def submission(legs: tuple[Leg, ...] = (), archive: bool = False, **kwargs: obje
         mail_from="billing@acme.example",
         rcpt_tos=(),
         message=message,
-        params={"campaign": 22, "archive": archive, "batch": None},
+        params=DmdsParams(campaign=22, archive=archive, batch=None),
     )
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import pytest_asyncio
@@ -20,11 +20,12 @@ from tests.test_dns import FakeClock
 FAST = 5.0  # failure bound: two lookups of 0.3 s each when nothing answers
 
 
-def _silent_port() -> int:
-    """A loopback UDP port where nothing answers (bound, then closed: the kernel refuses, nobody replies)."""
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A loopback UDP port where nothing answers: held by this test and never read."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        yield int(s.getsockname()[1])
 
 
 @pytest_asyncio.fixture
@@ -42,8 +43,8 @@ def _everything(rcode_set: str) -> ZoneData:
     return data
 
 
-async def test_nothing_answering_is_a_broken_resolver() -> None:
-    resolver = DnsResolver(["127.0.0.1"], port=_silent_port(), timeout=0.3)
+async def test_nothing_answering_is_a_broken_resolver(silent_port: int) -> None:
+    resolver = DnsResolver(["127.0.0.1"], port=silent_port, timeout=0.3)
     async with asyncio.timeout(FAST):
         with pytest.raises(DnsResolverBroken) as info:
             await resolver.domain_exists("example.com")

@@ -10,7 +10,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tomllib
@@ -24,8 +23,7 @@ from gateway.auth.passwords import verify_password
 from gateway.config import keys as configkeys
 from gateway.config.keys import Node
 from gateway.config.settings import config_keys
-from gateway.providers.dengage.config import DengageAccount
-from gateway.providers.dmds.config import DmdsAccount
+from gateway.providers import registry
 from tests.dnsserver import DnsServer
 from tests.docs_blocks import ROOT, Block, all_blocks, commands, doc_blocks, pages
 from tests.harness import LoopThread
@@ -155,7 +153,8 @@ def _check_keys(node: Node, value: Any, where: str, problems: list[str]) -> None
 def test_toml_examples_use_real_keys() -> None:
     keys = config_keys()
     # An account's keys depend on its provider (the merged union would take one provider's users for both).
-    account = {"dmds": configkeys.tree(DmdsAccount), "dengage": configkeys.tree(DengageAccount)}
+    account = {spec.kind: configkeys.tree(spec.account_model) for spec in registry.specs()}
+    default = next(spec.kind for spec in registry.specs() if spec.default)
     problems: list[str] = []
     toml = [b for b in all_blocks() if b.lang == "toml"]
     assert len(toml) > 10
@@ -168,7 +167,7 @@ def test_toml_examples_use_real_keys() -> None:
         accounts = data.pop("accounts", {})
         _check_keys(keys, data, block.where(), problems)
         for name, table in accounts.items():
-            _check_keys(account[table.get("provider", "dmds")], table, f"{block.where()}.accounts.{name}", problems)
+            _check_keys(account[table.get("provider", default)], table, f"{block.where()}.accounts.{name}", problems)
     assert problems == [], "\n".join(problems)
 
 
@@ -279,23 +278,17 @@ port = {dns_thread.port}
         assert_shown(shown, real, _plain, f"{block.where()}: $ {command}")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_sandbox_commands(tmp_path: Path) -> None:
-    """The sandbox as the page starts it (on a free port), the fault rehearsal against it, and Ctrl-C."""
+    """The sandbox as the page starts it (on any free port, read from the line it prints), the fault rehearsal
+    against it, and Ctrl-C."""
     blocks = doc_blocks("test_sandbox_commands")
     starts = [c for b in blocks for c, _ in commands(b) if c.startswith("smtp-gateway sandbox")]
     curls = [c for b in blocks for c, _ in commands(b) if c.startswith("curl ")]
     assert len(starts) == 2 and len(curls) == 1, blocks
     for start in starts:
-        port = _free_port()
-        argv = shlex.split(start.replace("127.0.0.1:8025", f"127.0.0.1:{port}"))
+        argv = shlex.split(start.replace("127.0.0.1:8025", "127.0.0.1:0"))
         if "--listen" not in argv:
-            argv += ["--listen", f"127.0.0.1:{port}"]
+            argv += ["--listen", "127.0.0.1:0"]
         proc = spawn(
             [str(BIN / "smtp-gateway"), *argv[1:]],
             cwd=tmp_path,
@@ -306,7 +299,8 @@ def test_sandbox_commands(tmp_path: Path) -> None:
         )
         err, out = Lines(proc.stderr), Lines(proc.stdout)
         try:
-            err.wait_for(rf"compatible upstream on http://127\.0\.0\.1:{port}\b")
+            listening = err.wait_for(r"compatible upstream on http://127\.0\.0\.1:\d+\b")
+            port = int(re.findall(r"127\.0\.0\.1:(\d+)", listening)[0])
             for curl in curls:
                 sent = subprocess.run(
                     shlex.split(curl.replace("localhost:8025", f"127.0.0.1:{port}")),
@@ -366,9 +360,9 @@ def _role(block: Block) -> str:
 
 
 def test_quickstart_output(tmp_path: Path) -> None:
-    """`smtp-gateway quickstart` run as the pages say, on free ports: its banner, the swaks transcript, the
-    sandbox's record of the call, the queue, a fault rehearsal, a backup of the queue while it runs, and the
-    exit status after Ctrl-C are what the README, the tutorial, Install and Shutdown show."""
+    """`smtp-gateway quickstart` run as the pages say, on any free ports (read back): its banner, the swaks
+    transcript, the sandbox's record of the call, the queue, a fault rehearsal, a backup of the queue while it
+    runs, and the exit status after Ctrl-C are what the README, the tutorial, Install and Shutdown show."""
     blocks: dict[str, list[Block]] = {}
     for block in doc_blocks("test_quickstart_output"):
         blocks.setdefault(_role(block), []).append(block)
@@ -376,7 +370,7 @@ def test_quickstart_output(tmp_path: Path) -> None:
     for block in blocks["install"]:
         assert [c for c, _ in commands(block)] == ["./install.sh && .venv/bin/smtp-gateway quickstart"], block.where()
 
-    real = {name: _free_port() for name in DOC_PORTS}
+    real: dict[str, int] = {}  # the ports bound, once it runs
 
     def to_real(text: str) -> str:
         for name, port in DOC_PORTS.items():
@@ -391,17 +385,19 @@ def test_quickstart_output(tmp_path: Path) -> None:
     swaks_cmds = list(dict.fromkeys(c for b in blocks["swaks"] for c, _ in commands(b)))
     assert len(swaks_cmds) == 4, swaks_cmds  # three DMDS login styles, one dEngage login
     proc = spawn(
-        [str(BIN / "smtp-gateway"), "quickstart", "--port", str(real["smtp"]), "--tls-port", str(real["tls"]),
-         "--sandbox-port", str(real["sandbox"])],
+        [str(BIN / "smtp-gateway"), "quickstart", "--port", "0", "--tls-port", "0", "--sandbox-port", "0"],
         cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     err, out = Lines(proc.stderr), Lines(proc.stdout)
     try:
         ready = json.loads(err.wait_for(r'"event": "ready"'))
-        assert ready["listeners"] == {"plain": real["smtp"], "submission": real["tls"]}  # the ports it printed
         text = err.text()
-        banner = text[: text.index('{"')].strip("\n").splitlines()
-        assert f"http://127.0.0.1:{real['sandbox']}" in banner[3]
+        # The banner: what it printed before the ready event, its log lines aside.
+        before = text[: text.index('"event": "ready"')].splitlines()
+        banner = "\n".join(line for line in before if not line.startswith("{")).strip("\n").splitlines()
+        real.update(smtp=ready["listeners"]["plain"], tls=ready["listeners"]["submission"])
+        assert f"127.0.0.1:{real['smtp']}" in banner[1] and f"127.0.0.1:{real['tls']}" in banner[2]  # as bound
+        real["sandbox"] = int(re.findall(r"http://127\.0\.0\.1:(\d+)", banner[3])[0])
         for block in blocks["banner"]:
             assert_shown(block.text.splitlines(), banner, lambda s: to_doc(s), block.where())
 

@@ -24,10 +24,11 @@ import pytest
 
 from gateway.auth.passwords import verify_password
 from gateway.smtp.tls import write_self_signed
+from tests.configs import gateway_config, listener, write
 from tests.conftest_dns import dns_on_thread, make_zones
 from tests.dnsserver import DnsServer
 from tests.docs_blocks import all_blocks, commands, doc_blocks
-from tests.harness import APIKEY, PASSWORD_HASH, USER, LoopThread
+from tests.harness import USER, LoopThread
 from tests.procs import kill, spawn
 from tests.spool_helpers import wait_for
 
@@ -52,37 +53,11 @@ def run(*args: str, cwd: Path, stdin: str | None = None, **env: str) -> subproce
     return result
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def config(tmp: Path, port: int, extra: str = "", listener: str = 'tls = "none"\nallow_insecure_auth = true') -> Path:
-    path = tmp / "gateway.toml"
-    path.write_text(f"""
-[[listeners]]
-name = "plain"
-address = "127.0.0.1"
-port = {port}
-{listener}
-[accounts.acme]
-dmdsid = "acme"
-api_base = "http://127.0.0.1:9"
-apikey = "{APIKEY}"
-sender_domains = {{ "acme.example" = "dmds-acme@nl.acme.example" }}
-[[accounts.acme.users]]
-username = "{USER}"
-password_hash = "{PASSWORD_HASH}"
-campaign = 22
-[delivery]
-spool_path = "{tmp / "spool.sqlite3"}"
-{extra}
-""")
-    return path
-
-
-NO_DNS = "[dns]\ncheck_sender_domain = false\n"
+def config(tmp: Path, port: int = 0, security: str = "none", **overrides: Any) -> Path:
+    """gateway.toml in `tmp`: one listener on `port` (0: any free one) with `security` ("none", "starttls"),
+    the test account, no upstream."""
+    plain = listener("plain", security, port=port)
+    return write(tmp / "gateway.toml", gateway_config(tmp, listeners=[plain], **overrides))
 
 
 class Lines:
@@ -256,7 +231,7 @@ def test_misspelled_variable_names_the_nearest_key(
     tmp_path: Path, variable: str, meant: str, command: list[str]
 ) -> None:
     secret = "meant-to-be-the-apikey-0003"
-    path = str(config(tmp_path, free_port(), NO_DNS))
+    path = str(config(tmp_path))
     result = run(command[0], "-c", path, *command[1:], cwd=tmp_path, **{variable: secret})
     assert result.returncode == 2
     assert result.stdout == ""
@@ -275,7 +250,7 @@ def test_foreign_gateway_variables_are_not_settings(tmp_path: Path) -> None:
         "GATEWAY_PORT_587_TCP_ADDR": "10.0.0.1",
         "GATEWAY_INTERFACE": "CGI/1.1",
     }
-    result = run("check-config", "--config-only", "-c", str(config(tmp_path, 0, NO_DNS)), cwd=tmp_path, **foreign)
+    result = run("check-config", "--config-only", "-c", str(config(tmp_path)), cwd=tmp_path, **foreign)
     assert result.returncode == 0, result.stderr
 
 
@@ -294,7 +269,7 @@ def test_toml_syntax_error_names_file_line_and_column(tmp_path: Path, command: s
 
 
 def test_unknown_file_key_suggests_the_nearest(tmp_path: Path) -> None:
-    path = config(tmp_path, 0, NO_DNS + "[limits]\nmax_recipeints = 5\n")
+    path = config(tmp_path, limits={"max_recipeints": 5})
     result = run("check-config", "-c", str(path), cwd=tmp_path)
     assert result.returncode == 2
     assert "limits.max_recipeints: unknown key; did you mean max_recipients?" in result.stderr
@@ -305,7 +280,7 @@ def test_unknown_file_key_suggests_the_nearest(tmp_path: Path) -> None:
 
 def test_serve_with_the_port_taken_names_it_and_its_process(tmp_path: Path, listening: socket.socket) -> None:
     port = listening.getsockname()[1]
-    result = run("serve", "-c", str(config(tmp_path, port, NO_DNS)), cwd=tmp_path)
+    result = run("serve", "-c", str(config(tmp_path, port)), cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.startswith(f"smtp-gateway: listener plain 127.0.0.1:{port}: in use by pid {os.getpid()} ("), (
         result.stderr
@@ -323,9 +298,9 @@ def test_quickstart_with_the_port_taken_names_it(tmp_path: Path, listening: sock
         "--port",
         str(port),
         "--tls-port",
-        str(free_port()),
+        "0",
         "--sandbox-port",
-        str(free_port()),
+        "0",
         cwd=tmp_path,
     )
     assert result.returncode == 1
@@ -337,7 +312,7 @@ def test_quickstart_with_the_port_taken_names_it(tmp_path: Path, listening: sock
 
 def test_check_config_names_the_port_holder(tmp_path: Path, listening: socket.socket) -> None:
     port = listening.getsockname()[1]
-    result = run("check-config", "-c", str(config(tmp_path, port, NO_DNS)), cwd=tmp_path)
+    result = run("check-config", "-c", str(config(tmp_path, port)), cwd=tmp_path)
     assert result.returncode == 1
     assert f"problem: listener plain 127.0.0.1:{port}: in use by pid {os.getpid()}" in result.stderr
     assert json.loads(result.stdout)["listeners"][0]["port"] == port  # the configuration is still shown
@@ -392,9 +367,7 @@ def test_queue_list_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
 
 
 def _tls_config(tmp: Path, cert: Path, key: Path) -> Path:
-    return config(
-        tmp, free_port(), NO_DNS + f'[tls]\ncert_file = "{cert}"\nkey_file = "{key}"\n', listener='tls = "starttls"'
-    )
+    return config(tmp, security="starttls", tls={"cert_file": str(cert), "key_file": str(key)})
 
 
 @pytest.mark.parametrize("command", ["check-config", "serve"])
@@ -422,7 +395,7 @@ def test_unloadable_key_is_named(tmp_path: Path, command: str) -> None:
 
 
 def test_tls_listener_without_certificate_says_what_to_set(tmp_path: Path) -> None:
-    result = run("serve", "-c", str(config(tmp_path, free_port(), NO_DNS, listener='tls = "starttls"')), cwd=tmp_path)
+    result = run("serve", "-c", str(config(tmp_path, security="starttls", tls=None)), cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr == (
         "smtp-gateway: listener plain uses TLS but tls.cert_file and tls.key_file are not set: set both to PEM "
@@ -484,16 +457,11 @@ def test_without_a_config_file_serve_says_what_is_missing(tmp_path: Path) -> Non
 
 
 def test_broken_resolver_is_451_and_logged_once(tmp_path: Path) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # nothing will answer on this port
-        s.bind(("127.0.0.1", 0))
-        dns_port = s.getsockname()[1]
-    port = free_port()
-    extra = (
-        f'[dns]\nnameservers = ["127.0.0.1"]\nport = {dns_port}\ntimeout = 0.3\ncheck_sender_domain = true\n'
-        '[log]\nformat = "json"\n'
-    )
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # held, never read: no query is answered
+    silent.bind(("127.0.0.1", 0))
+    dns = {"nameservers": ["127.0.0.1"], "port": silent.getsockname()[1], "timeout": 0.3, "check_sender_domain": True}
     proc = spawn(
-        [*CLI, "serve", "-c", str(config(tmp_path, port, extra)), "--drain-timeout", "1"],
+        [*CLI, "serve", "-c", str(config(tmp_path, dns=dns, log={"format": "json"})), "--drain-timeout", "1"],
         cwd=tmp_path,
         env=_env(),
         stdout=subprocess.DEVNULL,
@@ -502,7 +470,7 @@ def test_broken_resolver_is_451_and_logged_once(tmp_path: Path) -> None:
     )
     out = Lines(proc.stderr)
     try:
-        out.wait_for('"event": "ready"')
+        port = json.loads(out.wait_for('"event": "ready"'))["listeners"]["plain"]
         with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
             client.login(USER, "scanner-password")
             replies = [client.mail("billing@acme.example") for _ in range(3)]
@@ -511,6 +479,7 @@ def test_broken_resolver_is_451_and_logged_once(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         status = proc.wait(30)
         out.close()
+        silent.close()
     assert status == 0, out.text()
     for code, text in replies:
         assert code == 451 and text.decode().startswith("4.4.3 <billing@acme.example>: "), text
@@ -534,9 +503,8 @@ def test_quickstart_answers_the_documented_swaks_examples(tmp_path: Path) -> Non
     assert shutil.which("swaks"), "swaks is installed by .ci/run (apt-get install swaks)"
     examples = documented_swaks()
     assert len(examples) == 4, examples  # three DMDS login styles, one dEngage login
-    smtp, tls, sandbox = free_port(), free_port(), free_port()
     proc = spawn(
-        [*CLI, "quickstart", "--port", str(smtp), "--tls-port", str(tls), "--sandbox-port", str(sandbox)],
+        [*CLI, "quickstart", "--port", "0", "--tls-port", "0", "--sandbox-port", "0"],
         cwd=tmp_path,
         env=_env(),
         stdout=subprocess.PIPE,
@@ -546,6 +514,10 @@ def test_quickstart_answers_the_documented_swaks_examples(tmp_path: Path) -> Non
     err, out = Lines(proc.stderr), Lines(proc.stdout)
     try:
         err.wait_for(r"\bready\b")
+        # The ports bound, as the banner shows them.
+        smtp = _bound(err.wait_for(r"SMTP \(loopback"))
+        tls = _bound(err.wait_for(r"SMTP submission with STARTTLS"))
+        sandbox = _bound(err.wait_for(r"sandbox upstream"))
         for command in examples:
             argv = shlex.split(
                 command.replace("127.0.0.1:2525", f"127.0.0.1:{smtp}").replace("127.0.0.1:2587", f"127.0.0.1:{tls}")
@@ -571,6 +543,12 @@ def test_quickstart_answers_the_documented_swaks_examples(tmp_path: Path) -> Non
     assert "Traceback" not in err.text() + out.text()
 
 
+def _bound(line: str) -> int:
+    match = re.search(r"127\.0\.0\.1:(\d+)", line)
+    assert match is not None, line
+    return int(match.group(1))
+
+
 # ---- Ctrl-C ------------------------------------------------------------------------------------------------
 
 
@@ -579,12 +557,12 @@ def test_quickstart_answers_the_documented_swaks_examples(tmp_path: Path) -> Non
 def test_the_sandbox_stops_on_sigint_and_sigterm(tmp_path: Path, sigint: str, sig: signal.Signals, status: int) -> None:
     """Ctrl-C is 130, SIGTERM a clean 0; also when started from a script with SIGINT ignored (`cmd &` in a
     shell without job control), as a test harness or a CI job starts it."""
-    argv = [*CLI, "sandbox", "--listen", f"127.0.0.1:{free_port()}", "--quiet"]
+    argv = [*CLI, "sandbox", "--listen", "127.0.0.1:0", "--quiet"]
     if sigint == "ignored":
         argv = ["sh", "-c", 'trap "" INT; exec "$@"', "sh", *argv]
     proc = spawn(argv, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     err = Lines(proc.stderr)
-    err.wait_for("compatible upstream on http")
+    _bound(err.wait_for("compatible upstream on http"))  # the port bound, named
     proc.send_signal(sig)
     assert proc.wait(30) == status
     err.close()
@@ -596,8 +574,7 @@ def test_the_sandbox_stops_on_sigint_and_sigterm(tmp_path: Path, sigint: str, si
 def test_serve_exit_status_after_a_clean_stop(tmp_path: Path, sig: signal.Signals, status: int, workers: str) -> None:
     """SIGTERM (systemctl stop, docker stop) is a clean stop: 0. Ctrl-C is 130, as shells report it; the
     same for a supervisor of workers (which passes the stop on to them)."""
-    port = free_port()
-    path = config(tmp_path, port, NO_DNS + '[log]\nformat = "json"\n')
+    path = config(tmp_path, log={"format": "json"})
     proc = spawn(
         [*CLI, "serve", "-c", str(path), "--drain-timeout", "1", "--workers", workers],
         cwd=tmp_path,

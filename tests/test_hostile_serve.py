@@ -18,10 +18,11 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.configs import gateway_config, listener, toml
 from tests.devices_util import raw_send
-from tests.harness import PASSWORD, PASSWORD_HASH, LoopThread, base_config, sandbox_for_tests
-from tests.ops_util import scraped, toml
-from tests.procs import CLI, complete_lines, free_port, listening, spawn
+from tests.harness import PASSWORD, PASSWORD_HASH, LoopThread, sandbox_for_tests
+from tests.ops_util import scraped
+from tests.procs import CLI, complete_lines, listening, ready, spawn
 from tests.smtputil import RawClient, message
 from tests.spool_helpers import wait_for
 
@@ -66,9 +67,8 @@ def sandbox_port(loop_thread: LoopThread) -> Iterator[int]:
 def serve(tmp_path: Path, sandbox_port: int) -> Iterator[Callable[..., Served]]:
     started: list[Served] = []
 
-    def start(*args: str, **overrides: Any) -> Served:
-        smtp, http = free_port(), free_port()
-        config = config_for(tmp_path, sandbox_port, smtp, http, **overrides)
+    def start(*args: str, smtp: int = 0, **overrides: Any) -> Served:
+        config = config_for(tmp_path, sandbox_port, smtp, **overrides)
         path = tmp_path / "gateway.toml"
         path.write_text(toml(config))
         log = tmp_path / f"serve{len(started)}.log"
@@ -78,10 +78,10 @@ def serve(tmp_path: Path, sandbox_port: int) -> Iterator[Callable[..., Served]]:
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
-        served = Served(proc, log, path, smtp, http)
+        served = Served(proc, log, path, smtp, 0)
         started.append(served)
-        wait_for(lambda: (listening(smtp) and listening(http)) or proc.poll() is not None, 30, "serve listening")
-        assert proc.poll() is None, log.read_text()
+        ports = ready(log, proc, timeout=30)
+        served.smtp, served.http = ports["plain"], ports["http"]
         return served
 
     yield start
@@ -95,13 +95,11 @@ def serve(tmp_path: Path, sandbox_port: int) -> Iterator[Callable[..., Served]]:
                 served.proc.wait(5)
 
 
-def config_for(tmp: Path, sandbox_port: int, smtp: int, http: int, **overrides: Any) -> dict[str, Any]:
-    config = base_config(tmp, sandbox_port, **overrides)
-    config["listeners"] = [
-        {"name": "plain", "address": "127.0.0.1", "port": smtp, "tls": "none", "allow_insecure_auth": True}
-    ]
-    config["http"] = {"address": "127.0.0.1", "port": http}
-    return config
+def config_for(tmp: Path, sandbox_port: int, smtp: int = 0, **overrides: Any) -> dict[str, Any]:
+    """One plain listener (`smtp`: 0 for any free port; a fixed one is shared with SO_REUSEPORT) and the
+    operator endpoint on any free port."""
+    plain = listener("plain", port=smtp, **({"reuse_port": True} if smtp else {}))
+    return gateway_config(tmp, sandbox_port, listeners=[plain], http={"address": "127.0.0.1", "port": 0}, **overrides)
 
 
 def close_wait(port: int) -> int:
@@ -143,7 +141,7 @@ def test_connect_and_close_flood_holds_no_slot(serve: Callable[..., Served]) -> 
 
 def test_sighup_good_bad_and_restart_only(serve: Callable[..., Served], tmp_path: Path, sandbox_port: int) -> None:
     served = serve()
-    config = config_for(tmp_path, sandbox_port, served.smtp, served.http)
+    config = config_for(tmp_path, sandbox_port)  # as started
     with RawClient(served) as before:  # type: ignore[arg-type]
         before.cmd("EHLO before.reload")
         assert before.login().startswith("235 ")
@@ -176,7 +174,7 @@ def test_sighup_good_bad_and_restart_only(serve: Callable[..., Served], tmp_path
         assert client.login(NEWBIE, PASSWORD).startswith("235 ")  # the configuration that was running
 
     moved = copy.deepcopy(good)
-    moved["listeners"][0]["port"] = free_port()
+    moved["listeners"][0]["port"] = served.smtp + 1  # not bound: a new port needs a restart
     served.write(moved)
     served.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: served.events("config_reload_restart_needed"), 30, "config_reload_restart_needed")
@@ -194,9 +192,18 @@ def test_sighup_good_bad_and_restart_only(serve: Callable[..., Served], tmp_path
 
 
 def test_sighup_reaches_every_worker(serve: Callable[..., Served], tmp_path: Path, sandbox_port: int) -> None:
-    served = serve("--workers", "2")
+    # The workers share one port (SO_REUSEPORT): this test holds it, bound but not listening, so it stays
+    # theirs for the whole test (and gets none of their connections).
+    with socket.socket() as reserved:
+        reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        reserved.bind(("127.0.0.1", 0))
+        workers_reload(serve, tmp_path, sandbox_port, reserved.getsockname()[1])
+
+
+def workers_reload(serve: Callable[..., Served], tmp_path: Path, sandbox_port: int, port: int) -> None:
+    served = serve("--workers", "2", smtp=port)
     wait_for(lambda: len(served.events("ready")) == 2, 30, "both workers ready")
-    config = config_for(tmp_path, sandbox_port, served.smtp, served.http)
+    config = config_for(tmp_path, sandbox_port, port)
     config["accounts"]["acme"]["users"].append({"username": NEWBIE, "password_hash": PASSWORD_HASH, "campaign": 22})
     served.write(config)
     served.proc.send_signal(signal.SIGHUP)

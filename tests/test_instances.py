@@ -7,18 +7,20 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import subprocess
 import threading
 from pathlib import Path
 
 import httpx
 
+from tests.configs import listener, serve_config, write
 from tests.pgserver import PgCluster
 from tests.procs import (
     RCPTS,
     ambiguous,
     check_delivery,
     events,
-    free_port,
     kill,
     load,
     queue,
@@ -27,7 +29,7 @@ from tests.procs import (
     serve,
     start_sandbox,
 )
-from tests.spool_helpers import wait_for, write_serve_config
+from tests.spool_helpers import wait_for
 
 FAST = {
     "inline_budget": 0.5,
@@ -42,20 +44,20 @@ FAST = {
 
 def test_three_instances_on_one_postgresql_queue_survive_a_sigkill(tmp_path: Path, pg_cluster: PgCluster) -> None:
     url = pg_cluster.new_database()
-    ports = [free_port() for _ in range(3)]
-    sandbox_port = free_port()
     record = tmp_path / "requests.jsonl"
     logs = [tmp_path / f"gateway-{i}.log" for i in range(3)]
-    sandbox, sandbox_url = start_sandbox(sandbox_port, record)
-    gateways = []
+    sandbox, sandbox_url = start_sandbox(record)
+    gateways: list[subprocess.Popen[bytes]] = []
     try:
         httpx.post(f"{sandbox_url}/_sandbox/faults", json={"status": 500, "probability": 0.33}).raise_for_status()
         httpx.post(f"{sandbox_url}/_sandbox/faults", json={"delay": 1.0, "probability": 0.1}).raise_for_status()
-        configs = [
-            write_serve_config(tmp_path, port, sandbox_port, {**FAST, "queue_url": url}, f"gw{i}.toml")
-            for i, port in enumerate(ports)
-        ]
-        gateways = [serve(config, log, port) for config, log, port in zip(configs, logs, ports, strict=True)]
+        config = serve_config(tmp_path, sandbox_url, delivery={**FAST, "queue_url": url})
+        configs = [write(tmp_path / f"gw{i}.toml", config) for i in range(3)]
+        ports = []
+        for config, log in zip(configs, logs, strict=True):
+            proc, bound = serve(config, log)
+            gateways.append(proc)
+            ports.append(bound["plain"])
 
         replies: dict[int, str] = {}
         stop = threading.Event()
@@ -94,14 +96,22 @@ def test_three_instances_on_one_postgresql_queue_survive_a_sigkill(tmp_path: Pat
 
 
 def test_workers_share_one_sqlite_queue_and_a_killed_worker_is_replaced(tmp_path: Path) -> None:
-    port, sandbox_port = free_port(), free_port()
     record, log = tmp_path / "requests.jsonl", tmp_path / "gateway.log"
-    sandbox, sandbox_url = start_sandbox(sandbox_port, record)
+    sandbox, sandbox_url = start_sandbox(record)
     supervisor = None
+    # The workers share one port (SO_REUSEPORT): this test holds it, bound but not listening, so it stays
+    # the workers' for the whole test (and gets none of their connections).
+    reserved = socket.socket()
+    reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    reserved.bind(("127.0.0.1", 0))
+    port = reserved.getsockname()[1]
     try:
         httpx.post(f"{sandbox_url}/_sandbox/faults", json={"status": 500, "probability": 0.3}).raise_for_status()
-        config = write_serve_config(tmp_path, port, sandbox_port, FAST)
-        supervisor = serve(config, log, port, "--workers", "2")
+        shared = listener("plain", port=port, reuse_port=True)
+        config = write(
+            tmp_path / "gateway.toml", serve_config(tmp_path, sandbox_url, listeners=[shared], delivery=FAST)
+        )
+        supervisor, _ = serve(config, log, "--workers", "2")
         wait_for(
             lambda: len(events(log, "worker_started")) == 2 and len(events(log, "listener_started")) == 2,
             20,
@@ -133,6 +143,7 @@ def test_workers_share_one_sqlite_queue_and_a_killed_worker_is_replaced(tmp_path
     finally:
         kill(supervisor)
         kill(sandbox)
+        reserved.close()
 
 
 def kill_pid(pid: int) -> None:
@@ -142,19 +153,20 @@ def kill_pid(pid: int) -> None:
 def test_a_sibling_takes_over_a_dead_processs_leases_without_waiting_for_them(tmp_path: Path) -> None:
     """Two `serve` processes of one host on one SQLite queue, leases of an hour: when one dies with messages
     in flight, the other sees that process is gone and takes its messages over at once."""
-    ports, sandbox_port = [free_port(), free_port()], free_port()
     record = tmp_path / "requests.jsonl"
-    sandbox, sandbox_url = start_sandbox(sandbox_port, record)
-    procs = []
+    sandbox, sandbox_url = start_sandbox(record)
+    procs: list[subprocess.Popen[bytes]] = []
     try:
         delivery = {**FAST, "lease_seconds": 3600.0, "retry_schedule": [3600]}
-        configs = [
-            write_serve_config(tmp_path, port, sandbox_port, delivery, f"gw{i}.toml") for i, port in enumerate(ports)
-        ]
-        for config in configs:  # A's calls must still hang when A dies, however slow this machine is
-            config.write_text(config.read_text().replace("http_timeout = 5.0", "http_timeout = 300.0"))
+        # A's calls must still hang when A dies, however slow this machine is.
+        config = serve_config(tmp_path, sandbox_url, delivery=delivery, accounts={"acme": {"http_timeout": 300.0}})
+        configs = [write(tmp_path / f"gw{i}.toml", config) for i in range(2)]
         logs = [tmp_path / f"gw{i}.log" for i in range(2)]
-        procs = [serve(config, log, port) for config, log, port in zip(configs, logs, ports, strict=True)]
+        ports = []
+        for config, log in zip(configs, logs, strict=True):
+            proc, bound = serve(config, log)
+            procs.append(proc)
+            ports.append(bound["plain"])
         httpx.post(f"{sandbox_url}/_sandbox/faults", json={"mode": "timeout", "count": None}).raise_for_status()
         replies: dict[int, str] = {}
         load(ports[0], range(5), replies, threading.Event())  # stored in flight: the upstream never answers

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.configs import gateway_config, listener, toml
 from tests.harness import (
     APIKEY,
     CAMPAIGNS,
@@ -27,14 +28,12 @@ from tests.harness import (
     PASSWORD_HASH,
     USER,
     LoopThread,
-    base_config,
     dengage_account,
     dengage_sandbox,
     sandbox_for_tests,
 )
-from tests.ops_util import toml
 from tests.pgserver import PgCluster
-from tests.procs import CLI, free_port, listening, spawn
+from tests.procs import CLI, ready, spawn
 from tests.smtputil import RECIPIENT, SENDER, RawClient
 from tests.spool_helpers import wait_for
 
@@ -50,10 +49,7 @@ class Run:
     """A `serve` subprocess logging to a file; `client()` talks to its plain listener."""
 
     def __init__(self, tmp: Path, config: dict[str, Any], name: str) -> None:
-        self.smtp = free_port()
-        config["listeners"] = [
-            {"name": "plain", "address": "127.0.0.1", "port": self.smtp, "tls": "none", "allow_insecure_auth": True}
-        ]
+        config["listeners"] = [listener("plain")]
         self.config = tmp / f"{name}.toml"
         self.config.write_text(toml(config))
         self.log = tmp / f"{name}.log"
@@ -63,8 +59,7 @@ class Run:
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
-        wait_for(lambda: listening(self.smtp) or self.proc.poll() is not None, 30, f"{name} listening")
-        assert self.proc.poll() is None, self.log.read_text()
+        self.smtp = ready(self.log, self.proc, timeout=30)["plain"]
 
     def port(self, listener: str = "plain") -> int:
         return self.smtp
@@ -103,7 +98,7 @@ def sandbox(loop_thread: LoopThread) -> Iterator[Any]:
 def test_no_secret_in_any_log_line(tmp_path: Path, sandbox: Any, pg_cluster: PgCluster) -> None:
     box, dengage = sandbox
     url = f"http://127.0.0.1:{box.port}"
-    config = base_config(tmp_path, box.port, dengage=None)
+    config = gateway_config(tmp_path, box.port)
     config["accounts"]["crm"] = dengage_account(box.port, api_user_logins=True)
     config["delivery"] = {
         "queue_url": pg_cluster.new_database(),
@@ -111,7 +106,7 @@ def test_no_secret_in_any_log_line(tmp_path: Path, sandbox: Any, pg_cluster: PgC
         "inline_budget": 5.0,
     }
     config["limits"] = {"auth_failures_per_ip": 3, "auth_delay_max": 0.1, "auth_lockout_failures": 5}
-    config["http"] = {"address": "127.0.0.1", "port": free_port()}
+    config["http"] = {"address": "127.0.0.1", "port": 0}
     run = Run(tmp_path, config, "main")
     datas = 0
     try:
@@ -178,7 +173,7 @@ def test_no_secret_in_any_log_line(tmp_path: Path, sandbox: Any, pg_cluster: PgC
     assert len(tokens) >= 1  # the token in use at the end (the expired one was dropped by the sandbox)
 
     # The PostgreSQL queue unreachable: serve and the queue commands refuse, naming it, never its password.
-    broken = base_config(tmp_path / "broken", box.port)
+    broken = gateway_config(tmp_path / "broken", box.port)
     broken["delivery"] = {
         "queue_url": f"postgresql://gateway@/nowhere?host={tmp_path}/no-such-dir",
         "queue_password": QUEUE_PASSWORD,

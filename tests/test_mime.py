@@ -10,7 +10,7 @@ from email.message import EmailMessage
 import pytest
 
 from gateway import mime
-from tests.harness import APIKEY, PASSWORD, PASSWORD_HASH, USER, Running
+from tests.harness import PASSWORD, PASSWORD_HASH, USER, Running
 from tests.smtputil import SENDER, send, session
 
 PNG = base64.b64decode(
@@ -109,17 +109,7 @@ def test_empty_html_part_still_gives_a_body() -> None:
 def test_gateway_headers_are_consumed(gateway_factory: Callable[..., Running]) -> None:
     running = gateway_factory()
     chooser = {"username": "chooser", "password_hash": PASSWORD_HASH, "campaign": 22, "may_choose_campaign": True}
-    other = gateway_factory(
-        accounts={
-            "acme": {
-                "dmdsid": "acme",
-                "apikey": APIKEY,
-                "api_base": running.sandbox_url,
-                "sender_domains": {"acme.example": "dmds-acme@nl.acme.example"},
-                "users": [{"username": USER, "password_hash": PASSWORD_HASH, "campaign": 22}, chooser],
-            }
-        }
-    )
+    other = gateway_factory(extra_users=[chooser], accounts={"acme": {"api_base": running.sandbox_url}})
     extra = "X-Gateway-Archive: yes\r\nX-Gateway-Batch: 3abc993d-batch\r\nX-Gateway-Campaign: 23\r\n"
     raw = (f"From: {SENDER}\r\nTo: client@example.com\r\nSubject: opts\r\n{extra}\r\nbody\r\n").encode()
     with session(other, user="chooser") as client:

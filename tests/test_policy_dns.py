@@ -15,9 +15,10 @@ from typing import Any
 
 import pytest
 
+from tests.configs import gateway_config, listener, write
 from tests.conftest_dns import MX, SPF, make_zones
 from tests.dnsserver import DnsServer, ZoneData
-from tests.harness import APIKEY, PASSWORD_HASH, USER, LoopThread, Running
+from tests.harness import LoopThread, Running
 from tests.smtputil import session
 
 Factory = Callable[..., Running]
@@ -68,16 +69,7 @@ def dns_config(server: DnsServer, **extra: Any) -> dict[str, Any]:
 def start(factory: Factory, server: DnsServer, **dns: Any) -> Running:
     upstream = factory()  # lends its sandbox
     gw = factory(
-        accounts={
-            "acme": {
-                "dmdsid": "acme",
-                "api_base": upstream.sandbox_url,
-                "apikey": APIKEY,
-                "sender_domains": SENDER_DOMAINS,
-                "http_timeout": 5.0,
-                "users": [{"username": USER, "password_hash": PASSWORD_HASH, "campaign": 22}],
-            }
-        },
+        accounts={"acme": {"api_base": upstream.sandbox_url, "sender_domains": SENDER_DOMAINS}},  # the rest as usual
         dns=dns_config(server, **dns),
     )
     gw.extra["upstream"] = upstream
@@ -200,16 +192,9 @@ def test_unknown_sender_domain_through_sendmail(gateway_factory: Factory, dns_th
 
 
 def write_config(tmp_path: Path, server: DnsServer, domains: dict[str, str]) -> Path:
-    lines = [
-        '[[listeners]]\nname = "plain"\ntls = "none"\n',
-        f'[dns]\nnameservers = ["127.0.0.1"]\nport = {server.port}\ntimeout = 0.5\n',
-        f'[accounts.acme]\ndmdsid = "acme"\napikey = "{APIKEY}"\n',
-        "[accounts.acme.sender_domains]",
-        *(f'"{d}" = "{rp}"' for d, rp in domains.items()),
-    ]
-    path = tmp_path / "gateway.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    dns = {"nameservers": ["127.0.0.1"], "port": server.port, "timeout": 0.5, "check_sender_domain": True}
+    config = gateway_config(tmp_path, listeners=[listener()], accounts={"acme": {"sender_domains": domains}}, dns=dns)
+    return write(tmp_path / "gateway.toml", config)
 
 
 def check_domains(config: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import APIKEY, PASSWORD_HASH, USER, Running
+from tests.harness import PASSWORD_HASH, USER, Running
 from tests.smtputil import RECIPIENT, SENDER, message, session
 
 Factory = Callable[..., Running]
@@ -17,15 +17,12 @@ Factory = Callable[..., Running]
 def account(**user: Any) -> dict[str, Any]:
     """The test account `acme`, with settings for the login `scanner` (allowed_senders, default_from...)."""
     return {
-        "acme": {
-            "dmdsid": "acme",
-            "apikey": APIKEY,
+        "acme": {  # merged into the usual test account
             "sender_domains": {
                 "acme.example": "dmds-acme@nl.acme.example",
                 "other.example": "bounce@rp.other.example",
                 "bücher.example": "dmds-buecher@nl.bücher.example",
             },
-            "http_timeout": 5.0,
             "users": [{"username": USER, "password_hash": PASSWORD_HASH, "campaign": 22, **user}],
         }
     }

@@ -18,7 +18,7 @@ import pytest
 from tests.devices_util import events, raw_send, require_tool
 from tests.harness import Running
 from tests.ops_util import captured_with_context, proxy_v1, proxy_v2, sample
-from tests.procs import free_port, listening, spawn
+from tests.procs import spawn
 from tests.smtputil import RawClient, message
 from tests.spool_helpers import wait_for
 
@@ -187,24 +187,41 @@ defaults
     timeout client 30s
     timeout server 30s
 frontend smtp
-    bind 127.0.0.1:{front}
+    bind fd@{front}
     default_backend gateways
 backend gateways
     server gw1 127.0.0.1:{back} send-proxy-v2
 """
 
 
+def greets(port: int) -> bool:
+    """The gateway's greeting came through: HAProxy accepts on `port` and relays."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+            return sock.recv(4) == b"220 "
+    except OSError:
+        return False
+
+
 @pytest.fixture
 def haproxy(gw: Running, tmp_path: Path) -> Iterator[int]:
     binary = require_tool("haproxy", "haproxy")
-    front = free_port()
+    # HAProxy's frontend is a socket this test listens on and hands over (bind fd@N): its port is known
+    # before HAProxy starts, and no other program can take it meanwhile.
+    front = socket.socket()
+    front.bind(("127.0.0.1", 0))
+    front.listen()
+    port = front.getsockname()[1]
     config = tmp_path / "haproxy.cfg"
-    config.write_text(HAPROXY_CFG.format(front=front, back=gw.port("lb")))
-    proc = spawn([binary, "-db", "-f", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    config.write_text(HAPROXY_CFG.format(front=front.fileno(), back=gw.port("lb")))
+    proc = spawn(
+        [binary, "-db", "-f", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, pass_fds=[front.fileno()]
+    )
+    front.close()  # HAProxy's now
     try:
-        wait_for(lambda: listening(front) or proc.poll() is not None, 15, "haproxy listening")
+        wait_for(lambda: greets(port) or proc.poll() is not None, 15, "haproxy relaying to the gateway")
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-        yield front
+        yield port
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGTERM)

@@ -299,6 +299,19 @@ async def test_shared_rate_limit_spaces_calls_across_instances(make_store: Facto
     assert await b.rate_slot("acme", 0.1, 2) >= 4.5
 
 
+async def test_shared_rate_limit_slows_down_after_a_429_as_the_local_bucket_does(make_store: Factory) -> None:
+    """The row holds the state of gateway.core.tokenbucket: right after a 429 the interval is doubled for
+    every instance, as in TokenBucket."""
+    a, b = make_store(), make_store()
+    await a.open()
+    await b.open()
+    await a.rate_pause("acme", 0.0, 3600.0)  # a 429 without Retry-After wait; recovery over an hour
+    waits = [await (a if n % 2 else b).rate_slot("acme", 0.1, 1, 3600.0) for n in range(4)]
+    assert waits[0] == pytest.approx(0, abs=0.05)
+    for n in range(1, 4):
+        assert waits[n] == pytest.approx(n * 0.2, abs=0.05)
+
+
 async def test_a_v1_spool_is_migrated_and_its_messages_resumed(tmp_path: Path) -> None:
     """A spool written before the provider-neutral queue: legs become calls, its in-flight legs ambiguous."""
     path = tmp_path / "old.sqlite3"
@@ -331,7 +344,7 @@ async def test_a_v1_spool_is_migrated_and_its_messages_resumed(tmp_path: Path) -
         assert claimed["OLD1"].before.calls["0"].state == "pending"
         assert claimed["OLD2"].before.calls["0"].state == "sending"  # it may have reached DMDS
         sub = codec.decode(claimed["OLD1"].submission)
-        assert sub.params == {"campaign": 22, "archive": False, "batch": None}
-        assert sub.principal.extra["campaign"] == 22
+        assert sub.params.to_json() == {"campaign": 22, "archive": False, "batch": None}
+        assert sub.principal.extra.to_json()["campaign"] == 22
     finally:
         await store.close()

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.devices_util import captured_logs, events, listener, plain_blob, require_root, require_tool
+from tests.configs import listener
+from tests.devices_util import captured_logs, events, plain_blob, require_root, require_tool
 from tests.docs_blocks import doc_blocks
 from tests.harness import PASSWORD, USER, Running
 from tests.smtputil import RECIPIENT, SENDER, message

@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 
 from gateway.config import ConfigError, Settings, load_settings
-from gateway.config.reload import plan_reload
+from gateway.config.reload import needs_restart, plan_reload
+from tests.configs import gateway_config
 from tests.devices_util import captured_logs, events, raw_send
-from tests.harness import PASSWORD, PASSWORD_HASH, USER, Running, base_config
+from tests.harness import PASSWORD, PASSWORD_HASH, USER, Running
 from tests.ops_util import sample
 from tests.smtputil import SENDER, RawClient, message
 from tests.spool_helpers import wait_for
@@ -26,7 +27,7 @@ NEWBIE = "newbie"
 
 def config_of(gw: Running) -> dict[str, Any]:
     """The running gateway's configuration as the dict a file would hold (ports as bound: 0 stays 0)."""
-    return copy.deepcopy(base_config(gw.tmp, gw.sandbox.port))
+    return copy.deepcopy(gateway_config(gw.tmp, gw.sandbox.port))
 
 
 def reload_with(gw: Running, config: dict[str, Any] | Exception) -> bool:
@@ -174,7 +175,7 @@ def test_what_needs_a_restart_is_named_and_kept(gateway: Running) -> None:
 
 @pytest.mark.parametrize("change", ["address", "tls", "proxy_protocol"])
 def test_plan_keeps_a_listeners_socket(tmp_path: Path, change: str) -> None:
-    base = base_config(tmp_path, 9)
+    base = gateway_config(tmp_path)
     old = load_settings(None, **base)
     listener = dict(base["listeners"][1])
     listener[change] = {"address": "127.0.0.2", "tls": "none", "proxy_protocol": True}[change]
@@ -188,7 +189,7 @@ def test_plan_keeps_a_listeners_socket(tmp_path: Path, change: str) -> None:
 
 
 def test_plan_keeps_the_allocator_setting_and_applies_the_other_limits(tmp_path: Path) -> None:
-    base = base_config(tmp_path, 9)
+    base = gateway_config(tmp_path)
     old = load_settings(None, **base)
     limits = {**base.get("limits", {}), "malloc_mmap_threshold": 0, "max_recipients": 7}
     plan = plan_reload(old, load_settings(None, **{**base, "limits": limits}))
@@ -196,3 +197,33 @@ def test_plan_keeps_the_allocator_setting_and_applies_the_other_limits(tmp_path:
     assert plan.changed == ["limits"]
     assert plan.settings.limits.malloc_mmap_threshold == old.limits.malloc_mmap_threshold != 0
     assert plan.settings.limits.max_recipients == 7
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("listeners", "port", 2),
+        ("listeners", "name", "renamed"),
+        ("listeners", "tls_profile", "legacy"),
+        ("listeners", "allow_insecure_auth", True),
+        ("limits", "malloc_mmap_threshold", 0),
+        ("limits", "max_recipients", 7),
+        ("delivery", "inline_budget", 1.0),
+        ("http", "address", "127.0.0.2"),
+        ("dns", "timeout", 1.0),
+        ("log", "level", "debug"),
+        ("", "hostname", "renamed.example"),
+    ],
+)
+def test_needs_restart_says_what_a_reload_keeps(tmp_path: Path, section: str, key: str, value: object) -> None:
+    """The configuration reference reads needs_restart(); it must agree with what a reload does."""
+    base = gateway_config(tmp_path)
+    changed = copy.deepcopy(base)
+    if section == "listeners":
+        changed["listeners"][0][key] = value
+    elif section:
+        changed[section] = {**changed.get(section, {}), key: value}
+    else:
+        changed[key] = value
+    plan = plan_reload(load_settings(None, **base), load_settings(None, **changed))
+    assert bool(plan.restart_needed) == needs_restart(section, key), plan.restart_needed

@@ -20,9 +20,10 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.harness import APIKEY, PASSWORD, USER
-from tests.procs import complete_lines, free_port, kill, listening, ok, spawn
-from tests.spool_helpers import send, spool_rows, wait_for, write_serve_config
+from tests.configs import serve_config, write
+from tests.harness import PASSWORD, USER
+from tests.procs import complete_lines, kill, ready, spawn, start_sandbox
+from tests.spool_helpers import send, spool_rows, wait_for
 
 CLI = [sys.executable, "-m", "gateway"]
 DRAIN_TIMEOUT = 8.0
@@ -32,21 +33,21 @@ EEID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 @dataclass
 class Stack:
     tmp: Path
-    smtp_port: int
     sandbox_url: str
     config: Path
     log: Path
     gateway: subprocess.Popen[bytes] | None = None
+    smtp_port: int = 0  # the port the running gateway bound (a new one after each restart)
 
     def serve(self) -> subprocess.Popen[bytes]:
+        seen = len(self.events("ready")) if self.log.exists() else 0
         with self.log.open("ab") as out:
             self.gateway = spawn(
                 [*CLI, "serve", "--config", str(self.config), "--drain-timeout", str(DRAIN_TIMEOUT)],
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
-        wait_for(lambda: listening(self.smtp_port) or self.gateway.poll() is not None, 15, "gateway listening")
-        assert self.gateway.poll() is None, self.log.read_text()
+        self.smtp_port = ready(self.log, self.gateway, seen, 15)["plain"]
         return self.gateway
 
     def terminate(self) -> float:
@@ -75,7 +76,7 @@ class Stack:
         return found
 
 
-def _config(tmp: Path, smtp_port: int, sandbox_port: int) -> Path:
+def _config(tmp: Path, sandbox_url: str) -> Path:
     delivery = {
         "inline_budget": 3.0,
         "retry_schedule": [0.3],
@@ -83,36 +84,14 @@ def _config(tmp: Path, smtp_port: int, sandbox_port: int) -> Path:
         "poll_interval": 0.2,
         "shutdown_timeout": 3.0,
     }
-    return write_serve_config(tmp, smtp_port, sandbox_port, delivery)
+    return write(tmp / "gateway.toml", serve_config(tmp, sandbox_url, delivery=delivery))
 
 
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[Stack]:
-    smtp_port, sandbox_port = free_port(), free_port()
-    sandbox = spawn(
-        [
-            *CLI,
-            "sandbox",
-            "--listen",
-            f"127.0.0.1:{sandbox_port}",
-            "--quiet",
-            "--apikey",
-            APIKEY,
-            "--campaign",
-            "22=campaign-22-apikey",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    st = Stack(
-        tmp_path,
-        smtp_port,
-        f"http://127.0.0.1:{sandbox_port}",
-        _config(tmp_path, smtp_port, sandbox_port),
-        tmp_path / "gateway.log",
-    )
+    sandbox, sandbox_url = start_sandbox(tmp_path / "requests.jsonl")
+    st = Stack(tmp_path, sandbox_url, _config(tmp_path, sandbox_url), tmp_path / "gateway.log")
     try:
-        wait_for(lambda: ok(f"{st.sandbox_url}/_sandbox/health"), 15, "sandbox")
         yield st
     finally:
         kill(st.gateway)

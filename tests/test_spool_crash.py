@@ -13,10 +13,10 @@ from pathlib import Path
 
 import httpx
 
+from tests.configs import serve_config, write
 from tests.procs import (
     ambiguous,
     check_delivery,
-    free_port,
     kill,
     load,
     queue,
@@ -25,30 +25,26 @@ from tests.procs import (
     serve,
     start_sandbox,
 )
-from tests.spool_helpers import wait_for, write_serve_config
+from tests.spool_helpers import wait_for
 
 
 def test_sigkill_mid_load_loses_nothing(tmp_path: Path) -> None:
-    smtp_port, sandbox_port = free_port(), free_port()
     record, first_log, second_log = tmp_path / "requests.jsonl", tmp_path / "gateway-1.log", tmp_path / "gateway-2.log"
-    sandbox, sandbox_url = start_sandbox(sandbox_port, record)
+    sandbox, sandbox_url = start_sandbox(record)
     gateway = None
     try:
         httpx.post(f"{sandbox_url}/_sandbox/faults", json={"status": 500, "probability": 0.3}).raise_for_status()
         httpx.post(f"{sandbox_url}/_sandbox/faults", json={"delay": 1.0, "probability": 0.1}).raise_for_status()
-        config = write_serve_config(
-            tmp_path,
-            smtp_port,
-            sandbox_port,
-            {
-                "inline_budget": 0.5,
-                "retry_schedule": [0.2, 0.5],
-                "retry_jitter": 0.2,
-                "poll_interval": 0.2,
-                "concurrency": 8,
-            },
-        )
-        gateway = serve(config, first_log, smtp_port)
+        delivery = {
+            "inline_budget": 0.5,
+            "retry_schedule": [0.2, 0.5],
+            "retry_jitter": 0.2,
+            "poll_interval": 0.2,
+            "concurrency": 8,
+        }
+        config = write(tmp_path / "gateway.toml", serve_config(tmp_path, sandbox_url, delivery=delivery))
+        gateway, ports = serve(config, first_log)
+        smtp_port = ports["plain"]
 
         replies: dict[int, str] = {}
         stop = threading.Event()
@@ -65,7 +61,8 @@ def test_sigkill_mid_load_loses_nothing(tmp_path: Path) -> None:
             t.join(30)
         accepted_before_kill = len(replies)
 
-        gateway = serve(config, second_log, smtp_port)
+        gateway, ports = serve(config, second_log)  # on another free port: the clients are told it anew
+        smtp_port = ports["plain"]
         # A few more after the restart, then let the upstream recover so the backlog drains.
         load(smtp_port, range(1000, 1030), replies, threading.Event())
         httpx.delete(f"{sandbox_url}/_sandbox/faults").raise_for_status()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,9 +15,10 @@ from typing import Any
 
 import pytest
 
+from tests.configs import serve_config, write
 from tests.conftest_dns import MX, SPF, dns_on_thread, make_zones
 from tests.dnsserver import DnsServer, ZoneData
-from tests.harness import APIKEY, PASSWORD_HASH, USER, LoopThread
+from tests.harness import APIKEY, LoopThread
 from tests.procs import spawn
 from tests.spool_helpers import wait_for
 
@@ -50,43 +50,11 @@ def dns_thread(loop_thread: LoopThread) -> Iterator[DnsServer]:
         yield server
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _config(tmp: Path, smtp_port: int, dns_port: int, check: bool) -> Path:
-    domains = "\n".join(f'"{d}" = "{rp}"' for d, rp in SENDER_DOMAINS.items())
-    path = tmp / "gateway.toml"
-    path.write_text(f"""
-[[listeners]]
-name = "plain"
-address = "127.0.0.1"
-port = {smtp_port}
-tls = "none"
-allow_insecure_auth = true
-[accounts.acme]
-dmdsid = "acme"
-api_base = "http://127.0.0.1:9"
-apikey = "{APIKEY}"
-[accounts.acme.sender_domains]
-{domains}
-[[accounts.acme.users]]
-username = "{USER}"
-password_hash = "{PASSWORD_HASH}"
-campaign = 22
-[delivery]
-spool_path = "{tmp / "spool.sqlite3"}"
-[dns]
-nameservers = ["127.0.0.1"]
-port = {dns_port}
-timeout = 0.5
-check_sender_domain = {str(check).lower()}
-[log]
-format = "json"
-""")
-    return path
+def _config(tmp: Path, dns_port: int, check: bool) -> Path:
+    dns = {"nameservers": ["127.0.0.1"], "port": dns_port, "timeout": 0.5, "check_sender_domain": check}
+    return write(
+        tmp / "gateway.toml", serve_config(tmp, accounts={"acme": {"sender_domains": SENDER_DOMAINS}}, dns=dns)
+    )
 
 
 def _events(log: Path) -> list[dict[str, Any]]:
@@ -102,11 +70,10 @@ def _findings(log: Path) -> dict[str, dict[str, Any]]:
 
 
 def _serve(tmp: Path, dns: DnsServer, check: bool) -> tuple[subprocess.Popen[bytes], Path]:
-    port = _free_port()
     log = tmp / "gateway.log"
     with log.open("wb") as out:
         proc = spawn(
-            [*CLI, "serve", "-c", str(_config(tmp, port, dns.port, check)), "--drain-timeout", "2"],
+            [*CLI, "serve", "-c", str(_config(tmp, dns.port, check)), "--drain-timeout", "2"],
             stdout=out,
             stderr=subprocess.STDOUT,
         )

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from gateway.smtp.tls import write_self_signed
-from tests.devices_util import listener
+from tests.configs import listener
 from tests.harness import Running
 
 VERSIONS = {

@@ -94,11 +94,10 @@ async def _call(port: int, transport: str) -> None:
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_nothing_listening_is_not_sent(transport: str) -> None:
-    with socket.socket() as s:  # a port nobody listens on
+    with socket.socket() as s:  # a port held by this test, not listening: connections are refused
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with pytest.raises(UpstreamUnavailable) as info:
-        await _call(port, transport)
+        with pytest.raises(UpstreamUnavailable) as info:
+            await _call(s.getsockname()[1], transport)
     assert not isinstance(info.value, AnswerLost)
     assert "not sent" in info.value.reason
 

@@ -8,11 +8,10 @@ import hmac
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 from gateway.auth.passwords import verify_password
-from gateway.config import AccountSettings
-from gateway.config.base import UserSettings
+from gateway.config.base import AccountBase, UserSettings
+from gateway.core.cache import AsyncCache, Fresh
 from gateway.core.errors import Deferred
 from gateway.core.model import Principal
 from gateway.providers.base import Provider
@@ -34,10 +33,9 @@ class AuthUnavailable(Exception):
         self.label = label
 
 
-@dataclass(slots=True)
-class _Entry:
-    principal: Principal | None  # None: a cached refusal
-    expires: float
+# Verified pairs kept, and refusals kept, each at most: refusals have a segment of their own, so a
+# credential-stuffing flood of failed logins evicts older refusals, never the entry of a login that works.
+CACHE_ENTRIES = 50_000
 
 
 class Authenticator:
@@ -45,23 +43,24 @@ class Authenticator:
 
     A verified pair is cached under an HMAC of the pair with a per-process random key, so the cache
     holds no password and a repeat login costs one dict lookup instead of an scrypt hash or an HTTP
-    round trip. Concurrent checks of the same pair share one verification.
+    round trip. Refusals are cached too (for the account's negative_cache_ttl). Concurrent checks of the
+    same pair share one verification.
     """
 
     def __init__(
         self,
-        accounts: Mapping[str, AccountSettings],
+        accounts: Mapping[str, AccountBase],
         providers: Mapping[str, Provider],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._accounts = accounts
         self._providers = providers
-        self._clock = clock
         self._secret = os.urandom(32)
-        self._cache: dict[bytes, _Entry] = {}
-        self._inflight: dict[bytes, asyncio.Future[Principal | None]] = {}
+        self._cache: AsyncCache[bytes, Principal | None] = AsyncCache(
+            CACHE_ENTRIES, negative=lambda principal: principal is None, clock=clock
+        )
         self._users: dict[str, tuple[str, UserSettings]] = {
-            user.username: (name, user) for name, account in accounts.items() for user in account.users
+            user.username: (name, user) for name, account in accounts.items() for user in account.configured_users
         }
 
     def knows(self, username: str) -> bool:
@@ -86,28 +85,7 @@ class Authenticator:
 
     async def authenticate(self, username: str, password: str) -> Principal:
         key = hmac.new(self._secret, f"{username}\0{password}".encode(), hashlib.sha256).digest()
-        now = self._clock()
-        entry = self._cache.get(key)
-        if entry is not None and entry.expires > now:
-            if entry.principal is None:
-                raise AuthFailed(self.label(username))
-            return entry.principal
-        future = self._inflight.get(key)
-        if future is None:
-            future = asyncio.get_running_loop().create_future()
-            self._inflight[key] = future
-            try:
-                principal = await self._verify(username, password)
-            except BaseException as exc:
-                future.set_exception(exc)
-                future.exception()  # mark retrieved: waiters (if any) re-raise it themselves
-                raise
-            finally:
-                self._inflight.pop(key, None)
-            self._remember(key, username, principal)
-            future.set_result(principal)
-        else:
-            principal = await asyncio.shield(future)
+        principal = await self._cache.get(key, lambda: self._check(username, password))
         if principal is None:
             raise AuthFailed(self.label(username))
         return principal
@@ -121,17 +99,15 @@ class Authenticator:
                 return shown
         return username
 
-    def _remember(self, key: bytes, username: str, principal: Principal | None) -> None:
+    async def _check(self, username: str, password: str) -> Fresh[Principal | None]:
+        principal = await self._verify(username, password)
         account = self._accounts.get(principal.account) if principal else self._account_of(username)
         ttl = 30.0  # an unknown username: remember the refusal briefly
         if account is not None:
             ttl = account.credential_cache_ttl if principal else account.negative_cache_ttl
-        if ttl > 0:
-            if len(self._cache) > 100_000:  # bound memory under a credential-stuffing attack
-                self._cache.clear()
-            self._cache[key] = _Entry(principal, self._clock() + ttl)
+        return Fresh(principal, ttl)
 
-    def _account_of(self, username: str) -> AccountSettings | None:
+    def _account_of(self, username: str) -> AccountBase | None:
         if username in self._users:
             return self._accounts[self._users[username][0]]
         for name, provider in self._providers.items():

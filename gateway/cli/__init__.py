@@ -6,18 +6,28 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import NoReturn
 
 from gateway import __version__
 from gateway.cli import config, domains, example, passwords, queue, quickstart, sandbox, serve
-from gateway.cli.common import EXIT_BROKEN_PIPE, EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_PROBLEM, Refused
+from gateway.cli.common import Refused
+from gateway.cli.exits import Exit
 from gateway.config import ConfigError
 
 # One module per command: its add_parser(sub) adds the subcommand and sets its handler (`func`). In help order.
 COMMANDS = (serve, config, domains, queue, passwords, sandbox, quickstart, example)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, its usage errors ending with the exit table's status (subcommands' parsers too)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(Exit.USAGE, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="smtp-gateway", description=__doc__)
+    parser = _Parser(prog="smtp-gateway", description=__doc__)
     parser.add_argument("--version", action="version", version=f"smtp-gateway {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
@@ -34,17 +44,17 @@ def main(argv: list[str] | None = None) -> int:
         return status
     except ConfigError as exc:
         print(f"smtp-gateway: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return Exit.USAGE
     except Refused as exc:
         for line in exc.lines:
             print(f"smtp-gateway: {line}", file=sys.stderr)
-        return EXIT_PROBLEM
+        return Exit.PROBLEM
     except KeyboardInterrupt:
         print(file=sys.stderr)  # end the line the ^C was echoed on
-        return EXIT_INTERRUPTED
+        return Exit.INTERRUPTED
     except BrokenPipeError:
         # `smtp-gateway queue list --json | head`: the reader has gone, as with coreutils stop quietly.
         # Point stdout at /dev/null so the interpreter's final flush does not complain either.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
-        return EXIT_BROKEN_PIPE
+        return Exit.BROKEN_PIPE

@@ -12,18 +12,16 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
+from gateway.cli.exits import Exit
 from gateway.config import CONFIG_ENV, Settings, load_settings, preflight
 from gateway.core.errors import QueueUnreachable
-
-# Exit statuses: 1 a problem on this machine (port taken, file unreadable, DNS), 2 the configuration or the
-# command line, 130 interrupted (Ctrl-C), 141 output pipe closed (as a shell reports coreutils killed by SIGPIPE).
-EXIT_PROBLEM, EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 1, 2, 130, 141
+from gateway.providers import registry  # noqa: F401 - registers the providers' account models (load)
 
 T = TypeVar("T")
 
 
 class Refused(Exception):
-    """The command cannot run; the lines say why and what to do (exit 1)."""
+    """The command cannot run; the lines say why and what to do (Exit.PROBLEM)."""
 
     def __init__(self, lines: list[str]) -> None:
         super().__init__("\n".join(lines))
@@ -31,7 +29,9 @@ class Refused(Exception):
 
 
 def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--config", "-c", help="TOML file (default: $GATEWAY_CONFIG); GATEWAY_* env overrides")
+    p.add_argument(
+        "--config", "-c", metavar="FILE", help="TOML file (default: $GATEWAY_CONFIG); GATEWAY_* env overrides"
+    )
     return p
 
 
@@ -100,10 +100,10 @@ def run_loop(coro: Coroutine[Any, Any, T], ports: list[preflight.Port]) -> T:
     return result
 
 
-def stopped_by(sig: signal.Signals) -> int:
-    """The exit status of a server stopped cleanly by `sig`: 0 for SIGTERM (a service manager's stop), 130
-    for SIGINT (Ctrl-C, as shells report an interrupted command)."""
-    return EXIT_INTERRUPTED if sig == signal.SIGINT else 0
+def stopped_by(sig: signal.Signals) -> Exit:
+    """The exit status of a server stopped cleanly by `sig`: OK for SIGTERM (a service manager's stop),
+    INTERRUPTED for SIGINT (Ctrl-C, as shells report an interrupted command)."""
+    return Exit.INTERRUPTED if sig == signal.SIGINT else Exit.OK
 
 
 def listen_failure(exc: OSError, ports: list[preflight.Port]) -> Exception:

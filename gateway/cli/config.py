@@ -8,7 +8,8 @@ import json
 import sys
 from typing import Any
 
-from gateway.cli.common import EXIT_PROBLEM, load, queue_findings, with_config
+from gateway.cli.common import load, queue_findings, with_config
+from gateway.cli.exits import Exit
 from gateway.config import masked_dump, preflight
 
 
@@ -26,9 +27,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     problems = sum(f.problem for f in findings)
     if problems:
         print(f"smtp-gateway: {problems} problem(s): `serve` would fail or misbehave", file=sys.stderr)
-        return EXIT_PROBLEM
+        return Exit.PROBLEM
     print("configuration OK", file=sys.stderr)
-    return 0
+    return Exit.OK
 
 
 def add_parser(sub: Any) -> None:

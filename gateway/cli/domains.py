@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from gateway.cli.common import load, with_config
-from gateway.providers.dmds.config import DmdsAccount
+from gateway.cli.exits import Exit
 
 
 def cmd_check_domains(args: argparse.Namespace) -> int:
@@ -26,22 +26,17 @@ def cmd_check_domains(args: argparse.Namespace) -> int:
             for dom, _, rp in (item.partition("=") for item in args.domains)
         }
     else:
-        pairs = {
-            dom: rp
-            for account in settings.accounts.values()
-            if isinstance(account, DmdsAccount)
-            for dom, rp in account.sender_domains.items()
-        }
+        pairs = {dom: rp for account in settings.accounts.values() for dom, rp in account.return_paths().items()}
     if not pairs:
         print(
             "smtp-gateway: no sender_domains configured: add [accounts.<name>.sender_domains] to the config file "
             "(--config FILE), or name domains: smtp-gateway check-domains DOMAIN[=RETURN_PATH]",
             file=sys.stderr,
         )
-        return 1
+        return Exit.PROBLEM
     reports = asyncio.run(check_domains(resolver, pairs))
     print(to_json(reports) if args.json else format_table(reports))
-    return 0 if all(r.ok for r in reports) else 1
+    return Exit.OK if all(r.ok for r in reports) else Exit.PROBLEM
 
 
 def add_parser(sub: Any) -> None:

@@ -7,6 +7,8 @@ import sys
 from importlib import resources
 from typing import Any
 
+from gateway.cli.exits import Exit
+
 # Every key with its default and a comment; the source tree links it as config/example.toml.
 EXAMPLE = "examples/example.toml"
 
@@ -17,7 +19,7 @@ def example_text() -> str:
 
 def cmd_example_config(args: argparse.Namespace) -> int:
     sys.stdout.write(example_text())
-    return 0
+    return Exit.OK
 
 
 def add_parser(sub: Any) -> None:

@@ -7,7 +7,7 @@ import getpass
 import sys
 from typing import Any
 
-from gateway.cli.common import EXIT_CONFIG
+from gateway.cli.exits import Exit
 
 
 def cmd_hash_password(args: argparse.Namespace) -> int:
@@ -27,9 +27,9 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
             "smtp-gateway hash-password --stdin)",
             file=sys.stderr,
         )
-        return EXIT_CONFIG
+        return Exit.USAGE
     print(hash_password(password))
-    return 0
+    return Exit.OK
 
 
 def add_parser(sub: Any) -> None:

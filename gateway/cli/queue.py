@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.cli.common import load, spool_failure, with_config
+from gateway.cli.exits import Exit
 from gateway.config import Settings
 from gateway.core.errors import SpoolUnavailable
 from gateway.queue import codec
@@ -62,7 +63,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         and not (settings.delivery.spool_path.exists())
     ):
         print(f"no queue at {settings.delivery.spool_path}")
-        return 0 if args.action in ("list", "dead") else 1
+        return Exit.OK if args.action in ("list", "dead") else Exit.PROBLEM
     return asyncio.run(_main(settings, args))
 
 
@@ -85,27 +86,27 @@ async def _act(store: QueueStore, settings: Settings, args: argparse.Namespace) 
             if before != after
             else f"queue {store.url}: schema version {after}, up to date"
         )
-        return 0
+        return Exit.OK
     if action in ("list", "dead"):
         states = ["dead"] if action == "dead" else ["queued", "inflight"]
         rows = await store.list(states, limit=args.limit)
         counts = await store.counts(now)
         if args.json:
             print(json.dumps({"counts": counts, "messages": rows}, indent=2))
-            return 0
+            return Exit.OK
         summary = ", ".join(
             f"{state} {c['count']} (oldest {_age(c['oldest_age'])})" for state, c in sorted(counts.items())
         )
         print(f"queue {store.url}: {summary or 'empty'}")
         for line in _table(rows, now, dead=action == "dead"):
             print(line)
-        return 0
+        return Exit.OK
     msg_id = args.id.upper()
     if action == "show":
         info = await store.show(msg_id)
         if info is None:
             print(f"{msg_id}: not in the queue")
-            return 1
+            return Exit.PROBLEM
         blob = await store.submission(msg_id)
         if blob is not None:
             try:
@@ -115,7 +116,7 @@ async def _act(store: QueueStore, settings: Settings, args: argparse.Namespace) 
             except codec.CodecError as exc:
                 info["decode_error"] = str(exc)
         print(json.dumps(info, indent=2, default=str))
-        return 0
+        return Exit.OK
     if action == "retry":
         ok = await store.retry_now(msg_id, now)
         print(f"{msg_id}: {'due now' if ok else 'not queued (unknown, in flight or dead: see requeue)'}")
@@ -127,7 +128,7 @@ async def _act(store: QueueStore, settings: Settings, args: argparse.Namespace) 
         print(f"{msg_id}: {'requeued' if ok else 'not a dead letter'}")
     else:  # pragma: no cover - argparse restricts the choices
         raise AssertionError(action)
-    return 0 if ok else 1
+    return Exit.OK if ok else Exit.PROBLEM
 
 
 def add_parser(sub: Any) -> None:
@@ -135,8 +136,8 @@ def add_parser(sub: Any) -> None:
     qsub = p.add_subparsers(dest="action", required=True)
     for name, text in (("list", "queued messages, with counts by state and age"), ("dead", "dead letters")):
         q = qsub.add_parser(name, help=text)
-        q.add_argument("--json", action="store_true")
-        q.add_argument("--limit", type=int, default=1000)
+        q.add_argument("--json", action="store_true", help="the counts and the messages as JSON")
+        q.add_argument("--limit", type=int, default=1000, help="list at most this many messages")
     qsub.add_parser("migrate", help="apply pending schema migrations (servers also do it at start)")
     for name, text in (
         ("show", "one message with its calls"),
@@ -144,7 +145,7 @@ def add_parser(sub: Any) -> None:
         ("delete", "delete a queued message or dead letter"),
         ("requeue", "put a dead letter back in the queue with a fresh lifetime"),
     ):
-        qsub.add_parser(name, help=text).add_argument("id")
+        qsub.add_parser(name, help=text).add_argument("id", metavar="ID", help="the message's queue id")
     p.add_argument(
         "--spool",
         metavar="FILE",

@@ -83,11 +83,14 @@ def _workers(value: str) -> int:
 
 def add_parser(sub: Any) -> None:
     p = with_config(sub.add_parser("serve", help="run the gateway"))
-    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds sessions in DATA get on SIGTERM")
+    p.add_argument(
+        "--drain-timeout", type=float, default=30.0, metavar="SECONDS", help="seconds sessions in DATA get on SIGTERM"
+    )
     p.add_argument(
         "--workers",
         type=_workers,
         default=1,
+        metavar="N",
         help="processes sharing the listeners (SO_REUSEPORT) and the queue; one per core is typical",
     )
     p.add_argument("--worker-slot", type=int, default=None, help=argparse.SUPPRESS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import urllib.parse
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -59,12 +60,19 @@ def http_base_url(value: str) -> str:
 class UserSettings(Section):
     """A login listed in config. The password is stored as a hash made by `smtp-gateway hash-password`."""
 
-    username: str = Field(min_length=1)
-    password_hash: SecretStr
-    # Addresses (user@dom) or domains (@dom / dom) this login may send as; empty = any permitted domain.
-    allowed_senders: list[str] = []
-    default_from: str | None = None
-    force_from: bool = False
+    username: str = Field(min_length=1, description="The AUTH username; unique within its account.")
+    password_hash: SecretStr = Field(
+        description="The password's scrypt hash, made by `smtp-gateway hash-password` (starts with `scrypt$`)."
+    )
+    allowed_senders: list[str] = Field(
+        [],
+        description="Addresses (`user@dom`) or domains (`@dom` or `dom`) this login may send as; empty: any "
+        "address of the account's permitted sender domains.",
+    )
+    default_from: str | None = Field(None, description="The From address used when the message has none.")
+    force_from: bool = Field(
+        False, description="Replace the message's From with `default_from` (the display name is kept)."
+    )
 
     @field_validator("password_hash")
     @classmethod
@@ -78,28 +86,56 @@ class UserSettings(Section):
 
 
 class AccountBase(Section):
-    """What every upstream account has, whatever its provider."""
+    """What every upstream account has, whatever its provider. A provider's model adds its own keys: its
+    `provider: Literal["<kind>"]`, where its API is (`base_url`), its `users` (UserSettings or a subclass)."""
 
-    credential_cache_ttl: float = Field(300.0, ge=0)
-    negative_cache_ttl: float = Field(30.0, ge=0)
-    http_timeout: float = Field(30.0, gt=0)
-    max_connections: int = Field(50, ge=1)
-    # HTTP transport under httpx: aiohttp's costs much less CPU per request than httpx's own
-    # (docs/development/benchmarks.md).
-    http_client: Literal["aiohttp", "httpx"] = "aiohttp"
-    # Requests per second to this account's API, shared by the inline path and the retry worker (and by
-    # every instance on a PostgreSQL queue); None: no limit. `rate_burst`: how many may go at once.
-    rate_limit: float | None = Field(None, gt=0)
-    rate_burst: int = Field(10, ge=1)
-    # Opt-in: the Message-ID with the envelope (sender, recipients) is the message's idempotency key, so a
-    # client that resends after losing the 250 does not deliver twice. For clients that keep the
-    # Message-ID on a resend (most MTAs and mail libraries do); X-Gateway-Idempotency-Key always works.
-    idempotency_from_message_id: bool = False
+    credential_cache_ttl: float = Field(
+        300.0, ge=0, description="Seconds a verified login (or a known campaign) is remembered."
+    )
+    negative_cache_ttl: float = Field(30.0, ge=0, description="Seconds a refused login is remembered.")
+    http_timeout: float = Field(30.0, gt=0, description="Seconds one API call may take.")
+    max_connections: int = Field(50, ge=1, description="Pooled keep-alive HTTP connections to the account's API.")
+    # aiohttp's transport costs much less CPU per request than httpx's own (docs/development/benchmarks.md).
+    http_client: Literal["aiohttp", "httpx"] = Field(
+        "aiohttp", description="The HTTP transport under httpx: `aiohttp` (less CPU per call) or httpx's own."
+    )
+    rate_limit: float | None = Field(
+        None,
+        gt=0,
+        description="Requests per second to this account's API, shared by the inline path and the retry worker "
+        "(and by every instance on a PostgreSQL queue); unset: no limit.",
+    )
+    rate_burst: int = Field(10, ge=1, description="How many requests may go at once within `rate_limit`.")
+    idempotency_from_message_id: bool = Field(
+        False,
+        description="Opt-in: the Message-ID with the envelope (sender, recipients) is the message's idempotency "
+        "key, so a client that resends after losing the 250 does not deliver twice. For clients that keep the "
+        "Message-ID on a resend (most MTAs and mail libraries do); `X-Gateway-Idempotency-Key` always works.",
+    )
+
+    @property
+    def base_url(self) -> str:
+        """The account's API base URL, without a trailing slash."""
+        raise NotImplementedError(f"{type(self).__name__} does not say where its API is (base_url)")
+
+    @property
+    def configured_users(self) -> Sequence[UserSettings]:
+        """The SMTP logins listed under this account (its model's `users`; none if it has no such key)."""
+        users: Sequence[UserSettings] = getattr(self, "users", ())
+        return users
+
+    def sender_domain_names(self) -> Sequence[str]:
+        """The sender domains this account's configuration names (empty: none named)."""
+        return ()
+
+    def return_paths(self) -> Mapping[str, str]:
+        """Sender domain -> the return-path address registered for it, where the upstream has such
+        addresses (`smtp-gateway check-domains` checks them)."""
+        return {}
 
     @model_validator(mode="after")
     def _unique_users(self) -> AccountBase:
-        users = getattr(self, "users", [])
-        names = [u.username for u in users]
+        names = [u.username for u in self.configured_users]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"users listed twice: {', '.join(duplicates)}")

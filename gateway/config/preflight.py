@@ -294,7 +294,7 @@ async def dns(settings: Settings) -> list[Finding]:
     from gateway.policy.dns import DnsResolver
 
     resolver = DnsResolver(d.nameservers or None, d.port, d.timeout, d.max_ttl, d.negative_ttl)
-    domain = next((dom for a in settings.accounts.values() for dom in a.sender_domains), None)
+    domain = next((dom for a in settings.accounts.values() for dom in a.sender_domain_names()), None)
     why = await resolver.check(domain)
     if why is None:
         return []

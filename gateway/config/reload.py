@@ -21,6 +21,16 @@ RESTART_SECTIONS = ("delivery", "http")
 RESTART_LIMITS = ("malloc_mmap_threshold",)
 
 
+def needs_restart(section: str, key: str) -> bool:
+    """Whether a change of `section.key` (a top-level key: section "") waits for a restart: a reload keeps
+    the running value. A listener is known by its name: renaming one is removing it and adding another."""
+    if section in RESTART_SECTIONS:
+        return True
+    if section == "listeners":
+        return key == "name" or key in SOCKET_KEYS
+    return section == "limits" and key in RESTART_LIMITS
+
+
 @dataclass(frozen=True)
 class ReloadPlan:
     settings: Settings  # what the server runs with from now on

@@ -7,9 +7,9 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import Discriminator, Field, SecretStr, Tag, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -19,11 +19,8 @@ from pydantic_settings import (
 )
 
 from gateway.config import keys
-from gateway.config.base import Section, UserSettings, secret_or_file
-from gateway.providers.dengage.config import DengageAccount, DengageUser
-from gateway.providers.dmds.config import DmdsAccount, DmdsUser
-
-__all__ = ["AccountSettings", "DengageAccount", "DengageUser", "DmdsAccount", "DmdsUser", "UserSettings"]
+from gateway.config.accounts import MODELS
+from gateway.config.base import AccountBase, Section, secret_or_file
 
 ENV_PREFIX = "GATEWAY_"
 CONFIG_ENV = "GATEWAY_CONFIG"
@@ -45,40 +42,75 @@ WIDEST_TRUSTED_PREFIX = {4: 8, 6: 16}
 class TrustedNetwork(_Section):
     """Clients from `network` may send without AUTH, as the configured user `login` (Postfix mynetworks)."""
 
-    network: ipaddress.IPv4Network | ipaddress.IPv6Network
-    login: str
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network = Field(
+        description="The clients' network, e.g. `192.168.10.0/24`."
+    )
+    login: str = Field(description="The configured user these clients send as.")
 
 
 class ListenerSettings(_Section):
-    name: str = "submission"
-    address: str = "127.0.0.1"
-    port: int = Field(587, ge=0, le=65535)
-    # starttls: plain connect, STARTTLS offered (submission, 587); implicit: TLS from the first byte (465);
-    # none: no TLS at all, only for explicitly trusted networks or loopback.
-    tls: Literal["starttls", "implicit", "none"] = "starttls"
-    # Mozilla's server-side TLS profiles (gateway/smtp/tls.py): modern = TLS 1.3 only; intermediate = TLS 1.2+
-    # with ECDHE + AEAD suites; legacy = also TLS 1.0/1.1 and CBC/3DES suites for old printers (opt-in).
-    tls_profile: Literal["modern", "intermediate", "legacy"] = "intermediate"
-    # AUTH on a connection that is not (yet) encrypted. Off by default: the password would travel in clear.
-    allow_insecure_auth: bool = False
-    # AUTH usernames in email form, for devices that insist on an "@": a whole address mapped to a login
-    # (checked first, case-insensitively), and/or "login@anything" stripped to "login". Never guessed.
-    login_aliases: dict[str, str] = {}
-    strip_login_domain: bool = False
-    # Clients from these networks send without AUTH, each network as one configured user; the most specific
-    # network wins. `trusted_networks` + `trusted_login` is the shorthand for several networks, one login.
-    trusted: list[TrustedNetwork] = []
-    trusted_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
-    trusted_login: str | None = None
-    # A trusted network shorter than /8 (IPv4) or /16 (IPv6) is refused unless this is true.
-    allow_wide_trusted_network: bool = False
-    # SO_REUSEPORT: several gateway processes may listen on this port and the kernel spreads
-    # connections over them (`serve --workers N` sets it). They share one queue (docs/operations/instances.md).
-    reuse_port: bool = False
-    # Behind a load balancer: every connection starts with a PROXY protocol header (v1 or v2) naming the
-    # real client, accepted only from `proxy_trusted` (the balancers' addresses); others are closed.
-    proxy_protocol: bool = False
-    proxy_trusted: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    """One SMTP listener: an address and port, its TLS mode and who may send through it."""
+
+    name: str = Field(
+        "submission", description="The listener's name in logs and metrics; a reload knows listeners by it."
+    )
+    address: str = Field("127.0.0.1", description="The address to listen on (`0.0.0.0` or `::` for every address).")
+    port: int = Field(587, ge=0, le=65535, description="The TCP port; 0: any free port (tests).")
+    tls: Literal["starttls", "implicit", "none"] = Field(
+        "starttls",
+        description="`starttls`: a plain connect with STARTTLS offered (submission, 587); `implicit`: TLS from the "
+        "first byte (465); `none`: no TLS at all, only for trusted networks or loopback.",
+    )
+    # The profiles are Mozilla's server-side TLS profiles (gateway/smtp/tls.py).
+    tls_profile: Literal["modern", "intermediate", "legacy"] = Field(
+        "intermediate",
+        description="`modern`: TLS 1.3 only; `intermediate`: TLS 1.2 and newer with ECDHE and AEAD suites; "
+        "`legacy`: also TLS 1.0/1.1 and CBC/3DES suites, for old printers (opt-in).",
+    )
+    allow_insecure_auth: bool = Field(
+        False,
+        description="Allow AUTH on a connection that is not (yet) encrypted. Off by default: the password would "
+        "travel in clear; only for loopback or a trusted LAN.",
+    )
+    login_aliases: dict[str, str] = Field(
+        {},
+        description='AUTH usernames in e-mail form mapped to logins, e.g. `{ "scanner@acme.com" = "scanner" }`, '
+        "for devices that insist on an `@` (checked first, case-insensitively).",
+    )
+    strip_login_domain: bool = Field(
+        False, description="An AUTH username `login@anything` is checked as `login` (never guessed otherwise)."
+    )
+    trusted: list[TrustedNetwork] = Field(
+        [],
+        description="Networks whose clients send without AUTH, each as one configured user; the most specific "
+        "network wins.",
+    )
+    trusted_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(
+        [],
+        description="Shorthand for several networks with one login: clients from these networks send without AUTH "
+        "as `trusted_login`.",
+    )
+    trusted_login: str | None = Field(
+        None, description="The configured user clients of `trusted_networks` act as (required with them)."
+    )
+    allow_wide_trusted_network: bool = Field(
+        False,
+        description="Allow a trusted network shorter than /8 (IPv4) or /16 (IPv6): it would let most of the "
+        "Internet send without AUTH.",
+    )
+    reuse_port: bool = Field(
+        False,
+        description="SO_REUSEPORT: several gateway processes listen on this port and the kernel spreads connections "
+        "over them (`serve --workers N` sets it); they share one queue.",
+    )
+    proxy_protocol: bool = Field(
+        False,
+        description="Behind a load balancer: every connection starts with a PROXY protocol header (v1 or v2) "
+        "naming the real client; accepted only from `proxy_trusted`, other peers are closed.",
+    )
+    proxy_trusted: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(
+        [], description='The load balancers\' networks (required with `proxy_protocol`), e.g. `["10.0.0.0/8"]`.'
+    )
 
     @field_validator("login_aliases")
     @classmethod
@@ -117,12 +149,20 @@ class ListenerSettings(_Section):
 
 
 class TlsSettings(_Section):
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    # A second certificate with the other key type (RSA beside ECDSA, or the reverse); OpenSSL picks the one
-    # the client can use. Devices limited to TLS 1.0 and RSA key exchange need an RSA certificate.
-    extra_cert_file: Path | None = None
-    extra_key_file: Path | None = None
+    """The certificate every TLS listener presents. A reload loads the files again (certificate renewals)."""
+
+    cert_file: Path | None = Field(
+        None, description="The certificate chain (PEM), e.g. `fullchain.pem`; required when a listener uses TLS."
+    )
+    key_file: Path | None = Field(None, description="The certificate's private key (PEM).")
+    extra_cert_file: Path | None = Field(
+        None,
+        description="A second certificate with the other key type (RSA beside ECDSA, or the reverse); OpenSSL picks "
+        "the one the client can use. Devices limited to TLS 1.0 and RSA key exchange need an RSA certificate.",
+    )
+    extra_key_file: Path | None = Field(
+        None, description="The second certificate's private key (with `extra_cert_file`)."
+    )
 
     @model_validator(mode="after")
     def _extra_pair(self) -> TlsSettings:
@@ -132,45 +172,94 @@ class TlsSettings(_Section):
 
 
 class LimitsSettings(_Section):
-    """What one client may take (docs/limits.md). Per-IP limits count an IPv6 client by its /64."""
+    """What one client may take. Per-IP limits count an IPv6 client by its /64."""
 
     # As SES's 40 MB: a scan of about 30 MB fits (base64 adds a third). The upstreams' own limits are not
-    # documented (upstream-apis.md): raise it for bigger scans only if the account's API takes them.
-    max_message_size: int = Field(40 * 1024 * 1024, ge=1024)
-    # Bytes of messages larger than large_message_threshold one process holds at once (from DATA to their
-    # first delivery attempt's end); a message past it gets 452 4.3.1. Memory for them is about twice this.
-    max_large_bytes: int = Field(256 * 1024 * 1024, ge=1024)
-    large_message_threshold: int = Field(1024 * 1024, ge=0)
-    # Blocks this big or bigger are returned to the kernel as soon as they are freed (glibc's mmap threshold,
-    # set at start; 0: glibc's default, which lets freed buffers of big messages stay in the process's RSS;
-    # MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_ in the environment wins). Needs a restart.
-    malloc_mmap_threshold: int = Field(4 * 1024 * 1024, ge=0, le=32 * 1024 * 1024)
-    max_recipients: int = Field(50, ge=1)
-    # Seconds a client may stay silent between commands (and within DATA between two reads): then 421 4.4.2.
-    command_timeout: float = Field(300.0, gt=0)
-    # The older name of command_timeout, still read: when set, it is the command timeout.
-    session_timeout: float | None = Field(None, gt=0)
-    # Seconds the whole DATA phase may take, from 354 to the final dot, however the bytes trickle in.
-    data_timeout: float = Field(600.0, gt=0)
-    max_auth_failures: int = Field(3, ge=1)  # per connection; then 421 and disconnect
-    max_sessions: int = Field(1000, ge=1)
-    max_sessions_per_ip: int = Field(20, ge=1)
-    # Commands other than an accepted MAIL/RCPT before a message is sent (counted anew after each DATA).
-    max_commands_before_data: int = Field(100, ge=1)
-    # AUTH failures per client IP, across connections, within auth_failure_window seconds: from
-    # auth_failures_per_ip on, each attempt first waits (1 s, doubling up to auth_delay_max); at
-    # auth_lockout_failures the IP gets 421 4.7.0 at AUTH for auth_lockout_time seconds, without any check.
-    auth_failures_per_ip: int = Field(10, ge=1)
-    auth_failure_window: float = Field(300.0, gt=0)
-    auth_delay_max: float = Field(8.0, ge=0)
-    auth_lockout_failures: int = Field(20, ge=1)
-    auth_lockout_time: float = Field(900.0, gt=0)
-    # Client IPs whose AUTH failures are remembered at most (memory bound under a flood from many IPs).
-    max_tracked_ips: int = Field(100_000, ge=100)
-    # Messages per minute per login (token bucket; 0: no limit), at most message_burst at once
-    # (0: messages_per_minute). Past it MAIL FROM gets 451 4.7.1.
-    messages_per_minute: float = Field(0.0, ge=0)
-    message_burst: int = Field(0, ge=0)
+    # documented (upstream-apis.md).
+    max_message_size: int = Field(
+        40 * 1024 * 1024,
+        ge=1024,
+        description="Bytes a message may have (advertised in EHLO SIZE); bigger: 552 5.3.4. Raise it for bigger "
+        "scans only if the account's API takes them.",
+    )
+    max_large_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1024,
+        description="Bytes of messages larger than `large_message_threshold` one process holds at once (from DATA "
+        "to their first delivery attempt's end); a message past it gets 452 4.3.1. Memory for them is about twice "
+        "this.",
+    )
+    large_message_threshold: int = Field(
+        1024 * 1024, ge=0, description="Messages up to this many bytes never count against `max_large_bytes`."
+    )
+    malloc_mmap_threshold: int = Field(
+        4 * 1024 * 1024,
+        ge=0,
+        le=32 * 1024 * 1024,
+        description="Freed blocks this big or bigger go back to the kernel at once (glibc's mmap threshold, set at "
+        "start); 0: glibc's default, which lets freed buffers of big messages stay in the process's memory. "
+        "`MALLOC_MMAP_THRESHOLD_` or `MALLOC_TRIM_THRESHOLD_` in the environment wins.",
+    )
+    max_recipients: int = Field(50, ge=1, description="RCPT TO per message; more: 452 4.5.3.")
+    command_timeout: float = Field(
+        300.0,
+        gt=0,
+        description="Seconds a client may stay silent between commands (and within DATA between two reads); then "
+        "421 4.4.2 and the connection is closed.",
+    )
+    session_timeout: float | None = Field(
+        None, gt=0, description="The older name of `command_timeout`, still read: when set, it is the command timeout."
+    )
+    data_timeout: float = Field(
+        600.0,
+        gt=0,
+        description="Seconds the whole DATA phase may take, from 354 to the final dot, however the bytes trickle "
+        "in; then 421 4.4.2.",
+    )
+    max_auth_failures: int = Field(
+        3, ge=1, description="Failed AUTH attempts on one connection; then 421 4.7.0 and disconnect."
+    )
+    max_sessions: int = Field(1000, ge=1, description="Concurrent SMTP sessions; more: 421 4.7.0.")
+    max_sessions_per_ip: int = Field(20, ge=1, description="Concurrent sessions from one client IP; more: 421 4.7.0.")
+    max_commands_before_data: int = Field(
+        100,
+        ge=1,
+        description="Commands other than an accepted MAIL/RCPT before a message is sent (counted anew after each "
+        "DATA); then 421 4.7.0 and the connection is closed.",
+    )
+    auth_failures_per_ip: int = Field(
+        10,
+        ge=1,
+        description="AUTH failures of one client IP, across connections, within `auth_failure_window`, from which "
+        "each attempt first waits (1 s, doubling up to `auth_delay_max`).",
+    )
+    auth_failure_window: float = Field(300.0, gt=0, description="Seconds AUTH failures per client IP are counted in.")
+    auth_delay_max: float = Field(
+        8.0, ge=0, description="The longest wait before a throttled AUTH attempt, in seconds."
+    )
+    auth_lockout_failures: int = Field(
+        20,
+        ge=1,
+        description="AUTH failures of one client IP within the window at which it gets 421 4.7.0 at AUTH for "
+        "`auth_lockout_time`, without any check (at least `auth_failures_per_ip`).",
+    )
+    auth_lockout_time: float = Field(900.0, gt=0, description="Seconds a locked-out client IP stays locked out.")
+    max_tracked_ips: int = Field(
+        100_000,
+        ge=100,
+        description="Client IPs whose AUTH failures are remembered at most (bounds the memory under a flood from "
+        "many addresses).",
+    )
+    messages_per_minute: float = Field(
+        0.0,
+        ge=0,
+        description="Messages per minute per login (a token bucket); past it MAIL FROM gets 451 4.7.1. 0: no limit.",
+    )
+    message_burst: int = Field(
+        0,
+        ge=0,
+        description="Messages a login may send at once within `messages_per_minute` (0: `messages_per_minute`).",
+    )
 
     @model_validator(mode="after")
     def _older_names(self) -> LimitsSettings:
@@ -187,58 +276,83 @@ class LimitsSettings(_Section):
         return self
 
 
-def _account_kind(value: Any) -> str:
-    # Accounts written before dEngage existed have no `provider` key: they are DMDS accounts.
-    if isinstance(value, dict):
-        return str(value.get("provider", "dmds"))
-    return str(getattr(value, "provider", "dmds"))
-
-
-# [accounts.X] is one of these, chosen by its `provider` key. A new provider adds its model here.
-AccountSettings = Annotated[
-    Annotated[DmdsAccount, Tag("dmds")] | Annotated[DengageAccount, Tag("dengage")],
-    Discriminator(_account_kind),
-]
-
-
 class DeliverySettings(_Section):
-    # store-and-forward: a message the upstream cannot take now is queued and the client gets 250.
-    # passthrough: never queue; the client gets 451 and must retry itself.
-    mode: Literal["store-and-forward", "passthrough"] = "store-and-forward"
-    inline_budget: float = Field(10.0, gt=0)
-    # The queue: the SQLite file at spool_path (one machine, any number of local worker processes), or
-    # a PostgreSQL database (several machines) when queue_url is set: "postgresql://user@host:5432/db".
-    spool_path: Path = Path("var/spool.sqlite3")
-    # Bytes of disk kept free beside the SQLite queue; released only when the disk fills up, so messages
-    # already queued can still be retried and deleted (new ones get 452 4.3.1 until there is room).
-    spool_reserve: int = Field(16 * 1024 * 1024, ge=0)
-    queue_url: str = ""
-    queue_password: SecretStr | None = None
-    queue_password_file: Path | None = None
-    retry_schedule: list[float] = [60, 300, 900, 1800, 3600, 7200, 14400]
-    retry_jitter: float = Field(0.2, ge=0, le=1)
-    max_lifetime: float = Field(5 * 24 * 3600, gt=0)
-    concurrency: int = Field(4, ge=1)
-    # Longest the retry worker sleeps between looks at the queue: bounds how soon a
-    # `smtp-gateway queue retry|requeue` made by another process is acted on.
-    poll_interval: float = Field(1.0, gt=0)
-    # While an account's upstream is down, one queued message is tried this often; the first success
-    # makes the whole backlog due (instead of each message waiting out its own backoff).
-    probe_interval: float = Field(15.0, gt=0)
-    # This instance's name in the queue's leases (owner "<name>:<pid>:<nonce>"); empty: the host name. Give
-    # each machine (container, pod) its own; processes of one name can tell a dead sibling by its pid.
-    instance_name: str = ""
-    # A claimed message is leased to its instance for this long, renewed every third of it while its
-    # call runs; the lease of an instance that died expires after it and another instance takes over.
-    lease_seconds: float = Field(60.0, ge=1)
-    # A call sent whose answer was lost (read timeout, reset, its instance died mid-call) may have been
-    # delivered: "resend" it (at-least-once, counted) or "hold" the message as a dead letter for review.
-    ambiguous: Literal["resend", "hold"] = "resend"
-    # On SIGTERM: how long running upstream calls get to finish and record.
-    shutdown_timeout: float = Field(10.0, ge=0)
-    # A message resent with the same idempotency key within this window gets the first one's 250 and is
-    # not sent again (X-Gateway-Idempotency-Key header; or Message-ID + envelope, per account).
-    idempotency_window: float = Field(24 * 3600, gt=0)
+    """How messages reach the upstream: the queue, retries, leases and resends."""
+
+    mode: Literal["store-and-forward", "passthrough"] = Field(
+        "store-and-forward",
+        description="`store-and-forward`: a message the upstream cannot take now is queued and the client gets "
+        "250; `passthrough`: never queue, the client gets 451 and must retry itself.",
+    )
+    inline_budget: float = Field(
+        10.0, gt=0, description="Seconds the client waits for the API before the message is queued (and gets 250)."
+    )
+    spool_path: Path = Field(
+        Path("var/spool.sqlite3"),
+        description="The SQLite queue file (one machine, any number of local processes), unless `queue_url` is set.",
+    )
+    spool_reserve: int = Field(
+        16 * 1024 * 1024,
+        ge=0,
+        description="Bytes of disk kept free beside the SQLite queue and released only when the disk fills up, so "
+        "messages already queued can still be retried and deleted (new ones get 452 4.3.1 until there is room).",
+    )
+    queue_url: str = Field(
+        "",
+        description="A PostgreSQL queue shared by several machines, `postgresql://user@host:5432/db` (no password "
+        "in it); empty: the SQLite queue at `spool_path`.",
+    )
+    queue_password: SecretStr | None = Field(
+        None, description="The PostgreSQL queue's password (or `queue_password_file`, or libpq's `PGPASSWORD`)."
+    )
+    queue_password_file: Path | None = Field(None, description="A file holding the queue's password on its first line.")
+    retry_schedule: list[float] = Field(
+        [60, 300, 900, 1800, 3600, 7200, 14400],
+        description="Seconds between delivery attempts of a queued message; the last interval repeats.",
+    )
+    retry_jitter: float = Field(0.2, ge=0, le=1, description="Randomisation of each interval (0.2: +-20 %).")
+    max_lifetime: float = Field(
+        5 * 24 * 3600, gt=0, description="Seconds a message may stay in the queue before it is dead-lettered."
+    )
+    concurrency: int = Field(4, ge=1, description="Parallel retry deliveries per account.")
+    poll_interval: float = Field(
+        1.0,
+        gt=0,
+        description="Longest the retry worker sleeps between looks at the queue: bounds how soon a `smtp-gateway "
+        "queue retry` or `requeue` made by another process is acted on.",
+    )
+    probe_interval: float = Field(
+        15.0,
+        gt=0,
+        description="While an account's upstream is down, one queued message is tried this often (seconds); the "
+        "first success makes the whole backlog due.",
+    )
+    instance_name: str = Field(
+        "",
+        description="This instance's name in the queue's leases (owner `<name>:<pid>:<nonce>`); empty: the host "
+        "name. Give each machine (container, pod) its own.",
+    )
+    lease_seconds: float = Field(
+        60.0,
+        ge=1,
+        description="How long a claimed message is leased to its instance (renewed every third of it while its "
+        "call runs); an instance that died loses its leases after this.",
+    )
+    ambiguous: Literal["resend", "hold"] = Field(
+        "resend",
+        description="A call sent whose answer was lost (read timeout, reset, its instance died mid-call) may have "
+        "been delivered: `resend` it (at-least-once, counted) or `hold` the message as a dead letter for review.",
+    )
+    shutdown_timeout: float = Field(
+        10.0, ge=0, description="On SIGTERM: seconds running upstream calls get to finish and be recorded."
+    )
+    idempotency_window: float = Field(
+        24 * 3600,
+        gt=0,
+        description="Seconds an idempotency key is remembered: a message resent with the same key within it gets "
+        "the first one's 250 and is not sent again (`X-Gateway-Idempotency-Key`, or Message-ID and envelope per "
+        "account).",
+    )
 
     @field_validator("queue_url")
     @classmethod
@@ -258,26 +372,42 @@ class DeliverySettings(_Section):
 
 
 class DnsSettings(_Section):
-    nameservers: list[str] = []
-    port: int = 53
-    timeout: float = Field(3.0, gt=0)
-    max_ttl: int = 3600
-    negative_ttl: int = 300
-    check_sender_domain: bool = True
-    check_recipient_domains: bool = False
+    """The resolver and the checks made on sender and recipient domains."""
+
+    nameservers: list[str] = Field([], description="Name server addresses; empty: the system's (`/etc/resolv.conf`).")
+    port: int = Field(53, description="The name servers' port.")
+    timeout: float = Field(
+        3.0, gt=0, description="Seconds one lookup may take; a timeout is a temporary 451 4.4.3, never a rejection."
+    )
+    max_ttl: int = Field(3600, description="The longest a positive answer is cached, in seconds.")
+    negative_ttl: int = Field(300, description='How long "does not exist" is cached, in seconds.')
+    check_sender_domain: bool = Field(True, description="The MAIL FROM domain must exist (an MX, A or AAAA record).")
+    check_recipient_domains: bool = Field(
+        False, description="Recipient domains must exist (off: the upstream API validates them)."
+    )
 
 
 class LogSettings(_Section):
-    level: Literal["debug", "info", "warning", "error"] = "info"
-    # auto: console lines on a terminal, JSON lines otherwise (systemd, Docker, a file).
-    format: Literal["auto", "json", "console"] = "auto"
+    """The log's level and format (written to stderr)."""
+
+    level: Literal["debug", "info", "warning", "error"] = Field("info", description="The lowest level logged.")
+    format: Literal["auto", "json", "console"] = Field(
+        "auto",
+        description="`auto`: console lines on a terminal, JSON lines otherwise (systemd, Docker, a file); `json` or "
+        "`console` force one.",
+    )
 
 
 class HttpSettings(_Section):
     """The operator endpoint: /healthz, /readyz and /metrics (Prometheus). No port: disabled."""
 
-    address: str = "127.0.0.1"
-    port: int | None = Field(None, ge=0, le=65535)
+    address: str = Field("127.0.0.1", description="The address the operator endpoint listens on.")
+    port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Its port; unset: no operator endpoint. `serve --workers N`: worker i uses port + i.",
+    )
 
 
 class Settings(BaseSettings):
@@ -288,15 +418,21 @@ class Settings(BaseSettings):
         frozen=True,
     )
 
-    hostname: str = "smtp-gateway.localdomain"
-    listeners: list[ListenerSettings] = [ListenerSettings()]
-    tls: TlsSettings = TlsSettings()
-    limits: LimitsSettings = LimitsSettings()
-    accounts: dict[str, AccountSettings] = {}
-    delivery: DeliverySettings = DeliverySettings()
-    dns: DnsSettings = DnsSettings()
-    log: LogSettings = LogSettings()
-    http: HttpSettings = HttpSettings()
+    hostname: str = Field(
+        "smtp-gateway.localdomain", description="The name announced in the SMTP greeting and the EHLO reply."
+    )
+    listeners: list[ListenerSettings] = Field([ListenerSettings()], description="One table per address and port.")
+    tls: TlsSettings = Field(TlsSettings(), description="The certificate TLS listeners present.")
+    limits: LimitsSettings = Field(LimitsSettings(), description="What one client may take.")
+    # Each [accounts.X] is its provider's model, chosen by its `provider` key: settings_model() gives the
+    # class that validates them (load_settings uses it).
+    accounts: dict[str, AccountBase] = Field(
+        {}, description="One table per upstream account, chosen by its `provider` key."
+    )
+    delivery: DeliverySettings = Field(DeliverySettings(), description="The queue, retries and resends.")
+    dns: DnsSettings = Field(DnsSettings(), description="The resolver and the domain checks.")
+    log: LogSettings = Field(LogSettings(), description="The log's level and format.")
+    http: HttpSettings = Field(HttpSettings(), description="The operator endpoint.")
 
     # A TLS listener without tls.cert_file/key_file is not refused here: commands that serve no SMTP (queue,
     # check-domains) work without a certificate; `serve` and `check-config` say what is missing
@@ -324,7 +460,7 @@ def check_consistent(settings: Settings) -> None:
     is a configured user. ValueError, its text starting with the keys it is about."""
     where: dict[str, str] = {}
     for name, account in settings.accounts.items():
-        for i, user in enumerate(account.users):
+        for i, user in enumerate(account.configured_users):
             key = f"accounts.{name}.users[{i}].username"
             first = where.setdefault(user.username, key)
             if first != key:
@@ -344,9 +480,21 @@ class ConfigError(Exception):
     """A configuration problem, naming the offending key."""
 
 
+def settings_model(path: Path | None = None) -> type[Settings]:
+    """Settings whose [accounts.X] tables are validated by the registered providers' models (config/accounts.py),
+    read from the TOML file at `path` (and the environment)."""
+    account = MODELS.account_type()
+
+    class LoadedSettings(Settings):
+        model_config = SettingsConfigDict(toml_file=path)
+        accounts: dict[str, account] = {}  # type: ignore[valid-type]
+
+    return LoadedSettings
+
+
 def config_keys() -> keys.Node:
     """Every key the configuration has, derived from the models (nothing listed by hand)."""
-    return keys.tree(Settings)
+    return keys.tree(settings_model())
 
 
 def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
@@ -365,11 +513,8 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
     if unknown:
         raise ConfigError("\n".join(unknown))
 
-    class _FileSettings(Settings):
-        model_config = SettingsConfigDict(toml_file=path)
-
     try:
-        return _FileSettings(**overrides)
+        return settings_model(path)(**overrides)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, path)) from None
     except tomllib.TOMLDecodeError as exc:

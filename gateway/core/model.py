@@ -5,15 +5,56 @@ from __future__ import annotations
 import base64
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, Self
+
+
+class ProviderData(Protocol):
+    """What a login or a message means to its provider (Principal.extra, Submission.params): the core
+    carries it without reading it, the queue stores `to_json()`, and only the provider reads it."""
+
+    def to_json(self) -> Mapping[str, Any]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class StoredData:
+    """Provider data as the queue stored it (JSON), until its provider reads it as its own type
+    (TypedData.read); also the data of a provider that keeps none."""
+
+    json: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> Mapping[str, Any]:
+        return self.json
+
+
+class TypedData:
+    """Base of a provider's own data types (frozen dataclasses): `to_json` for the queue, `from_json` to
+    read back what the queue stored, written by this version or an older one (missing keys: defaults)."""
+
+    __slots__ = ()
+
+    def to_json(self) -> Mapping[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Self:
+        raise NotImplementedError
+
+    @classmethod
+    def read(cls, value: ProviderData) -> Self:
+        """`value` as this type: itself, or read from what the queue stored. Another provider's data is
+        a bug (a provider only ever gets its own account's logins and messages): TypeError."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, StoredData):
+            return cls.from_json(value.json)
+        raise TypeError(f"{type(value).__name__} given where {cls.__name__} was expected")
 
 
 @dataclass(frozen=True, slots=True)
 class Principal:
     """Who is sending: the authenticated login and what it may do.
 
-    `extra` holds what the login means to its provider (DMDS: the campaign), as JSON-able values: the
-    core stores and passes it on, only the provider reads it."""
+    `extra` is what the login means to its provider (DMDS: the campaign), in the provider's own type."""
 
     account: str
     login: str
@@ -21,7 +62,7 @@ class Principal:
     allowed_senders: tuple[str, ...] = ()
     default_from: str | None = None
     force_from: bool = False
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    extra: ProviderData = field(default_factory=StoredData)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,13 +131,13 @@ class Submission:
     """A message accepted in an SMTP session, ready for upstream calls (or the queue).
 
     `params` are the provider's per-message decisions made at acceptance (DMDS: campaign, archive,
-    batch), JSON-able: the queue stores them, the provider reads them."""
+    batch), in the provider's own type."""
 
     principal: Principal
     mail_from: str
     rcpt_tos: tuple[str, ...]
     message: Message
-    params: Mapping[str, Any] = field(default_factory=dict)
+    params: ProviderData = field(default_factory=StoredData)
 
 
 @dataclass(frozen=True, slots=True)

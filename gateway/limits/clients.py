@@ -11,13 +11,17 @@ from __future__ import annotations
 import ipaddress
 import math
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gateway.config import LimitsSettings
+from gateway.core import tokenbucket
+from gateway.core.cache import ExpiringLru
 
 Clock = Callable[[], float]
+# Logins whose message rate is tracked at once (a bucket is forgotten once full again).
+MAX_TRACKED_LOGINS = 100_000
 
 
 def client_key(ip: str) -> str:
@@ -79,16 +83,18 @@ class AuthGuard:
     From `auth_failures_per_ip` failures on, every attempt waits first (1 s, doubling, at most
     `auth_delay_max`); at `auth_lockout_failures` the key is locked out for `auth_lockout_time`: its
     attempts are refused before any password hash or upstream lookup is spent. At most `max_tracked_ips`
-    keys are remembered; past that the least recently failing are forgotten first.
+    keys are remembered; past that the least recently seen are forgotten first.
     """
 
     def __init__(self, limits: LimitsSettings, clock: Clock = time.monotonic) -> None:
         self._clock = clock
-        self._records: OrderedDict[str, _Record] = OrderedDict()
+        # A record lives while it holds a failure in the window or a lockout.
+        self._records: ExpiringLru[str, _Record] = ExpiringLru(limits.max_tracked_ips, clock)
         self.limits = limits
 
     def configure(self, limits: LimitsSettings) -> None:
         self.limits = limits
+        self._records.resize(limits.max_tracked_ips)
 
     def __len__(self) -> int:
         return len(self._records)
@@ -102,7 +108,7 @@ class AuthGuard:
             return AuthVerdict(locked_for=record.locked_until - now, failures=len(record.times))
         count = self._prune(record, now)
         if count == 0:  # nothing recent (or a lockout over): forget it
-            del self._records[key]
+            self._records.pop(key)
             return AuthVerdict()
         over = count - self.limits.auth_failures_per_ip
         if over < 0:
@@ -112,19 +118,16 @@ class AuthGuard:
     def failed(self, key: str) -> bool:
         """Count a failure; True when it starts a lockout."""
         now = self._clock()
-        record = self._records.get(key)
-        if record is None:
-            self._make_room(now)
-            record = self._records[key] = _Record()
-        else:
-            self._records.move_to_end(key)
+        record = self._records.get(key) or _Record()
         if record.locked_until > now:
             return False
         record.times.append(now)
         if self._prune(record, now) < self.limits.auth_lockout_failures:
+            self._records.put(key, record, self.limits.auth_failure_window)
             return False
         record.locked_until = now + self.limits.auth_lockout_time
         record.times.clear()
+        self._records.put(key, record, self.limits.auth_lockout_time)
         return True
 
     def _prune(self, record: _Record, now: float) -> int:
@@ -134,22 +137,14 @@ class AuthGuard:
             times.popleft()
         return len(times)
 
-    def _make_room(self, now: float) -> None:
-        if len(self._records) < self.limits.max_tracked_ips:
-            return
-        # Forget what has expired; under a flood from more addresses than that, the least recent ones.
-        for key in [k for k, r in self._records.items() if r.locked_until <= now and not self._prune(r, now)]:
-            del self._records[key]
-        while len(self._records) >= self.limits.max_tracked_ips:
-            self._records.popitem(last=False)
-
 
 class LoginRates:
-    """A token bucket per login: `messages_per_minute` refilled continuously, `message_burst` at most."""
+    """A token bucket per login (gateway.core.tokenbucket): `messages_per_minute`, `message_burst` at once."""
 
     def __init__(self, limits: LimitsSettings, clock: Clock = time.monotonic) -> None:
         self._clock = clock
-        self._buckets: dict[str, tuple[float, float]] = {}  # login -> (tokens, when counted)
+        # login -> the bucket's tat; a full bucket is the same as none, so it is kept only until full again
+        self._buckets: ExpiringLru[str, float] = ExpiringLru(MAX_TRACKED_LOGINS, clock)
         self.limits = limits
 
     def configure(self, limits: LimitsSettings) -> None:
@@ -165,39 +160,35 @@ class LoginRates:
         rate = self.limits.messages_per_minute / 60.0
         if rate <= 0:
             return 0.0
-        capacity = float(self.limits.message_burst or max(1, math.ceil(self.limits.messages_per_minute)))
+        burst = self.limits.message_burst or max(1, math.ceil(self.limits.messages_per_minute))
         now = self._clock()
-        tokens, then = self._buckets.get(login, (capacity, now))
-        tokens = min(capacity, tokens + (now - then) * rate)
-        if tokens < 1.0:
-            self._buckets[login] = (tokens, now)
-            return (1.0 - tokens) / rate
-        self._buckets[login] = (tokens - 1.0, now)
+        tat = self._buckets.get(login)
+        slot = tokenbucket.take(tokenbucket.NEW if tat is None else tat, now, 1.0 / rate, burst)
+        if slot.wait > 0:
+            return slot.wait
+        self._buckets.put(login, slot.tat, slot.tat - now)
         return 0.0
 
 
 class LogSampler:
     """One log line per key every `interval` seconds, so a flood cannot flood the log; what it held back
-    is counted and reported with the next line. Remembers at most `max_keys` keys."""
+    is counted and reported with the next line. Remembers at most `max_keys` keys (the least recently
+    seen are forgotten first)."""
 
     def __init__(self, interval: float = 60.0, max_keys: int = 10_000, clock: Clock = time.monotonic) -> None:
         self.interval = interval
-        self._max_keys = max_keys
         self._clock = clock
-        self._seen: dict[object, tuple[float, int]] = {}  # key -> (when last logged, held back since)
+        # key -> (when last logged, held back since); a key with nothing held back is done after `interval`
+        self._seen: ExpiringLru[object, tuple[float, int]] = ExpiringLru(max_keys, clock)
 
     def allow(self, key: object) -> int | None:
         """None: do not log now. Otherwise log, with this many lines held back since the last one."""
         now = self._clock()
         last = self._seen.get(key)
         if last is not None and now - last[0] < self.interval:
-            self._seen[key] = (last[0], last[1] + 1)
+            self._seen.put(key, (last[0], last[1] + 1), math.inf)  # kept until reported
             return None
-        if last is None and len(self._seen) >= self._max_keys:
-            self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self.interval}
-            if len(self._seen) >= self._max_keys:
-                self._seen.clear()
-        self._seen[key] = (now, 0)
+        self._seen.put(key, (now, 0), self.interval)
         return last[1] if last is not None else 0
 
 

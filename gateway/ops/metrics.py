@@ -7,14 +7,21 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 SESSIONS = Counter("smtp_gateway_sessions_total", "SMTP sessions opened", ["listener"], registry=REGISTRY)
-AUTH = Counter("smtp_gateway_auth_total", "AUTH attempts by result", ["result"], registry=REGISTRY)
+AUTH = Counter(
+    "smtp_gateway_auth_total",
+    "AUTH attempts by result: ok, invalid, unavailable (the upstream could not check), locked_out",
+    ["result"],
+    registry=REGISTRY,
+)
 TLS_HANDSHAKE_FAILURES = Counter(
     "smtp_gateway_tls_handshake_failures_total",
     "Failed TLS handshakes by listener and the highest protocol version the client offered",
     ["listener", "offered"],
     registry=REGISTRY,
 )
-MESSAGES = Counter("smtp_gateway_messages_total", "Messages by final SMTP reply class", ["result"], registry=REGISTRY)
+MESSAGES = Counter(
+    "smtp_gateway_messages_total", "Messages by final SMTP reply class: 2xx, 4xx, 5xx", ["result"], registry=REGISTRY
+)
 UPSTREAM_SECONDS = Histogram(
     "smtp_gateway_upstream_seconds",
     "Upstream API calls and their latency (the _count is the number of calls) by outcome: ok (2xx), "

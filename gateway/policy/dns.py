@@ -18,6 +18,8 @@ import dns.rdtypes.ANY.TXT
 import dns.resolver
 import structlog
 
+from gateway.core.cache import AsyncCache, Fresh
+
 __all__ = ["DnsResolver", "DnsResolverBroken", "DnsTemporaryError"]
 
 log = structlog.get_logger("gateway.dns")
@@ -26,6 +28,8 @@ log = structlog.get_logger("gateway.dns")
 _EDNS_PAYLOAD = 1232
 # How long the verdict of a resolver check stands (a failing resolver is not re-checked on every lookup).
 _VERDICT_TTL = 10.0
+# Verdicts kept, one per top-level domain (and the root) checked.
+_VERDICT_ENTRIES = 2_000
 # A broken resolver is logged at error level at most this often, however many lookups fail meanwhile.
 _LOG_INTERVAL = 60.0
 
@@ -99,13 +103,10 @@ class DnsResolver:
         self._resolver = resolver
         self._max_ttl = max_ttl
         self._negative_ttl = negative_ttl
-        self._max_entries = max_entries
         self._clock = clock
-        self._cache: dict[_Key, tuple[float, _Result]] = {}
-        self._inflight: dict[_Key, asyncio.Task[_Result]] = {}
-        # resolver checks: probe zone -> (expires, why it failed or None), shared while in flight
-        self._verdicts: dict[str, tuple[float, str | None]] = {}
-        self._probing: dict[str, asyncio.Task[str | None]] = {}
+        self._cache: AsyncCache[_Key, _Result] = AsyncCache(max_entries, clock=clock)
+        # resolver checks: probe zone -> why it failed (None: it works)
+        self._verdicts: AsyncCache[str, str | None] = AsyncCache(_VERDICT_ENTRIES, clock=clock)
         self._broken_since_log = 0  # broken-resolver lookups not yet logged
         self._last_broken_log: float | None = None
         self._broken = False
@@ -158,35 +159,17 @@ class DnsResolver:
     # ---- cache and in-flight sharing -----------------------------------------------------
 
     async def _lookup(self, domain: str, rdtype: dns.rdatatype.RdataType) -> _Result:
-        name = domain.strip().rstrip(".").lower()
-        key: _Key = (name, rdtype)
-        cached = self._cache.get(key)
-        if cached is not None:
-            if cached[0] > self._clock():
-                return cached[1]
-            del self._cache[key]
-        task = self._inflight.get(key)
-        if task is None:
-            task = asyncio.get_running_loop().create_task(self._query(key))
-            self._inflight[key] = task
-            task.add_done_callback(lambda t: self._finished(key, t))
-        # shield: a cancelled caller must not cancel the query the other callers wait for
-        return await asyncio.shield(task)
+        key: _Key = (domain.strip().rstrip(".").lower(), rdtype)
+        return await self._cache.get(key, lambda: self._query(key))
 
-    def _finished(self, key: _Key, task: asyncio.Task[_Result]) -> None:
-        if self._inflight.get(key) is task:
-            del self._inflight[key]
-        if not task.cancelled():
-            task.exception()  # mark retrieved: every caller may have been cancelled
-
-    async def _query(self, key: _Key) -> _Result:
+    async def _query(self, key: _Key) -> Fresh[_Result]:
         name, rdtype = key
         try:
             if not name:
                 raise dns.name.EmptyLabel
             qname = dns.name.from_text(name)
         except dns.exception.DNSException:
-            return _Result("nxdomain")  # not a valid domain name: it cannot exist (not cached)
+            return Fresh(_Result("nxdomain"), 0)  # not a valid domain name: it cannot exist (not cached)
         if self._unconfigured is not None:
             self._note_broken(self._unconfigured)
             raise DnsResolverBroken(name, _type(rdtype), self._unconfigured)
@@ -197,9 +180,9 @@ class DnsResolver:
                 # RFC 2308 §3: a real NXDOMAIN carries the SOA of the zone that vouches for it. Without one
                 # it may come from a resolver that denies every name: believe it only if DNS works.
                 await self._confirm_resolver(name, rdtype, "NXDOMAIN without SOA")
-            return self._store(key, _Result("nxdomain"), self._negative_ttl)
+            return Fresh(_Result("nxdomain"), self._negative_ttl)
         except dns.resolver.NoAnswer:
-            return self._store(key, _Result("nodata"), self._negative_ttl)
+            return Fresh(_Result("nodata"), self._negative_ttl)
         except dns.exception.Timeout as exc:
             await self._confirm_resolver(name, rdtype, "timeout")
             raise DnsTemporaryError(f"DNS timeout looking up {name} {_type(rdtype)}") from exc
@@ -211,22 +194,10 @@ class DnsResolver:
             raise DnsTemporaryError(f"DNS lookup of {name} {_type(rdtype)} failed: {exc}") from exc
         records = tuple(answer.rrset) if answer.rrset is not None else ()
         if not records:
-            return self._store(key, _Result("nodata"), self._negative_ttl)
+            return Fresh(_Result("nodata"), self._negative_ttl)
         # a CNAME chain is only as fresh as its shortest-lived link
         ttl = min(rrset.ttl for rrset in answer.response.answer)
-        return self._store(key, _Result("ok", records), min(ttl, self._max_ttl))
-
-    def _store(self, key: _Key, result: _Result, ttl: int) -> _Result:
-        if ttl <= 0:
-            return result
-        if len(self._cache) >= self._max_entries:
-            now = self._clock()
-            for k in [k for k, (expires, _) in self._cache.items() if expires <= now]:
-                del self._cache[k]
-            while len(self._cache) >= self._max_entries:
-                del self._cache[next(iter(self._cache))]  # oldest insertion first
-        self._cache[key] = (self._clock() + ttl, result)
-        return result
+        return Fresh(_Result("ok", records), min(ttl, self._max_ttl))
 
     # ---- is it the domain or the resolver? --------------------------------------------------
 
@@ -238,23 +209,12 @@ class DnsResolver:
             raise DnsResolverBroken(name, _type(rdtype), f"{failure}; {why}") from None
 
     async def _verdict(self, zone: str) -> str | None:
-        cached = self._verdicts.get(zone)
-        if cached is not None and cached[0] > self._clock():
-            return cached[1]
-        task = self._probing.get(zone)
-        if task is None:
-            task = asyncio.get_running_loop().create_task(self._probe(zone))
-            self._probing[zone] = task
-            task.add_done_callback(lambda t: self._probed(zone, t))
-        return await asyncio.shield(task)
+        return await self._verdicts.get(zone, lambda: self._probe(zone))
 
-    def _probed(self, zone: str, task: asyncio.Task[str | None]) -> None:
-        if self._probing.get(zone) is task:
-            del self._probing[zone]
-        if not task.cancelled() and task.exception() is None:
-            self._verdicts[zone] = (self._clock() + _VERDICT_TTL, task.result())
+    async def _probe(self, zone: str) -> Fresh[str | None]:
+        return Fresh(await self._ask_soa(zone), _VERDICT_TTL)
 
-    async def _probe(self, zone: str) -> str | None:
+    async def _ask_soa(self, zone: str) -> str | None:
         """Ask for the SOA of a top-level domain (or the root): None if the resolver answered it credibly."""
         what = f"check of {zone} SOA"
         try:

@@ -1,5 +1,3 @@
-"""Upstream providers, one package each (dmds/, dengage/); base.py is the contract, registry.py builds them."""
-
-# gateway.config.settings imports every provider's config model, and those import gateway.config.base:
-# loading gateway.config first keeps that cycle in order whichever module is imported first.
-import gateway.config  # noqa: F401
+"""Upstream providers, one package each (dmds/, dengage/) with its registry entry (its spec.py); base.py is
+the contract a provider meets, spec.py what an entry holds, registry.py lists the entries and builds the
+providers, sandbox.py is the sandbox server their routes join."""

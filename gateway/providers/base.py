@@ -1,20 +1,27 @@
-"""The Provider protocol: everything the core needs from one upstream account, and nothing more.
+"""The Provider protocol: everything the core needs from one upstream account, and nothing more; and
+ProviderBase, the defaults a provider class starts from.
 
 The core (pipeline, delivery owner, queue, retry worker) never knows what a call means to a provider:
 it asks `prepare` for the message's provider decisions, `plan` for the calls (opaque keys), and
 `deliver` to make the calls not yet done, in the provider's own order (those two, with `account`, are
-gateway.core.outcome.Deliverer: all the delivery owner sees of a provider). A third provider is one new
-package beside dmds/ and dengage/, plus its settings model in the config union (gateway/config/settings.py).
+gateway.core.outcome.Deliverer: all the delivery owner sees of a provider). A provider is one package
+beside dmds/ and dengage/ and its entry in gateway/providers/registry.py (see spec.py).
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
-from gateway.config.base import UserSettings
-from gateway.core.model import Message, Principal, Submission
+from gateway.config.base import AccountBase, UserSettings
+from gateway.core.model import Message, Principal, ProviderData, StoredData, Submission
 from gateway.core.outcome import Deliverer
 from gateway.policy import SenderPolicy
+
+if TYPE_CHECKING:
+    from gateway.upstream.client import HttpClient
+    from gateway.upstream.ratelimit import RateLimiter
+
+A = TypeVar("A", bound=AccountBase)
 
 
 class Provider(Deliverer, Protocol):
@@ -22,7 +29,7 @@ class Provider(Deliverer, Protocol):
 
     kind: str  # "dmds", "dengage": the `provider` key of [accounts.X]
 
-    def user_extra(self, user: UserSettings) -> dict[str, object]:
+    def user_extra(self, user: UserSettings) -> ProviderData:
         """What a configured user's login means to this provider (Principal.extra)."""
         ...
 
@@ -53,3 +60,37 @@ class Provider(Deliverer, Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+class ProviderBase(Generic[A]):
+    """A provider's account, settings, HTTP client and rate limiter, and the defaults of a provider with no
+    login style of its own (only configured users log in, their logins carry nothing for it) and no
+    per-message decisions. A provider class adds `kind`, `sender_policy`, `plan` and `deliver`."""
+
+    kind: str
+
+    def __init__(self, account: str, settings: A, http: HttpClient, limiter: RateLimiter) -> None:
+        self.account = account
+        self.settings = settings
+        self.http = http
+        self.limiter = limiter
+
+    def user_extra(self, user: UserSettings) -> ProviderData:
+        return StoredData()
+
+    async def verify_login(self, username: str, password: str) -> Principal | None:
+        return None
+
+    def owns_login(self, username: str) -> bool:
+        return False
+
+    def login_label(self, username: str) -> str:
+        return username
+
+    async def prepare(
+        self, principal: Principal, message: Message, mail_from: str, rcpt_tos: tuple[str, ...]
+    ) -> Submission:
+        return Submission(principal=principal, mail_from=mail_from, rcpt_tos=rcpt_tos, message=message)
+
+    async def aclose(self) -> None:
+        await self.http.aclose()

@@ -1,7 +1,7 @@
 """The sandbox upstream for quick starts, tests and outage rehearsals: real HTTP, every provider's paths.
 
-The providers' routes live in their packages (gateway/providers/*/sandbox.py); this module holds what
-they share: the request record and the faults.
+The providers' routes live in their packages (gateway/providers/*/sandbox.py, mounted as their registry
+entries say); this module holds what they share: the request record and the faults.
 
     POST /_sandbox/faults   {"status": 500, "count": 3}          next 3 requests answer 500
                             {"status": 429, "probability": 0.3}  30% of requests answer 429, until cleared
@@ -226,18 +226,14 @@ class Sandbox:
                 await self._runner.cleanup()
 
 
-async def run_forever(sandbox: Sandbox, host: str, port: int) -> signal.Signals:
+async def run_forever(sandbox: Sandbox, host: str, port: int, describe: Callable[[str], str]) -> signal.Signals:
     """Serve until SIGTERM or SIGINT (handled even when the process was started with SIGINT ignored, as a
-    script's `smtp-gateway sandbox &` is); returns the signal."""
+    script's `smtp-gateway sandbox &` is); once listening, say what is served at the URL (`describe(url)`).
+    Returns the signal."""
     stop = StopSignals()
     stop.install()
     bound = await sandbox.start(host, port)
-    print(
-        f"sandbox: DMDS- and dEngage-compatible upstream on http://{host}:{bound} "
-        f"(dEngage api_base: http://{host}:{bound}/rest)",
-        file=sys.stderr,
-        flush=True,
-    )
+    print(f"sandbox: {describe(f'http://{host}:{bound}')}", file=sys.stderr, flush=True)
     try:
         return await stop.wait()
     finally:

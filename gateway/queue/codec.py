@@ -1,7 +1,9 @@
 """Pure: a Submission <-> bytes for the queue (orjson; attachment bytes as base64). Versioned.
 
-Version 2 is provider-neutral (Principal.extra, Submission.params); version 1 records (DMDS-shaped, from
-spools written before providers) are still read, so an upgraded gateway delivers what an older one queued.
+Version 2 is provider-neutral: Principal.extra and Submission.params are stored as their providers' JSON
+(to_json) and come back as StoredData, which the provider reads as its own type. Version 1 records
+(DMDS-shaped, from spools written before providers) are still read, so an upgraded gateway delivers what
+an older one queued.
 Attachments of BLOB_MIN bytes or more are not in the record: they are blobs (their base64 text), stored
 apart in chunks by the queue, and come back carried as base64 (model.Attachment.b64).
 """
@@ -14,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from gateway.core.model import Address, Attachment, Message, Principal, Submission
+from gateway.core.model import Address, Attachment, Message, Principal, StoredData, Submission
 
 VERSION = 2
 BLOB_MIN = 64 * 1024
@@ -65,7 +67,7 @@ def encode(s: Submission) -> tuple[bytes, list[bytes | memoryview]]:
             "allowed_senders": list(p.allowed_senders),
             "default_from": p.default_from,
             "force_from": p.force_from,
-            "extra": dict(p.extra),
+            "extra": dict(p.extra.to_json()),
         },
         "mail_from": s.mail_from,
         "rcpt_tos": list(s.rcpt_tos),
@@ -83,7 +85,7 @@ def encode(s: Submission) -> tuple[bytes, list[bytes | memoryview]]:
             "message_id": m.message_id,
             "x_headers": [list(h) for h in m.x_headers],
         },
-        "params": dict(s.params),
+        "params": dict(s.params.to_json()),
     }
     return orjson.dumps(doc), blobs
 
@@ -129,17 +131,18 @@ def _v2(doc: dict[str, Any], blobs: Sequence[bytes] | None) -> Submission:
             allowed_senders=tuple(p["allowed_senders"]),
             default_from=p["default_from"],
             force_from=p["force_from"],
-            extra=dict(p["extra"]),
+            extra=StoredData(dict(p["extra"])),
         ),
         mail_from=doc["mail_from"],
         rcpt_tos=tuple(doc["rcpt_tos"]),
         message=_message(doc["message"], blobs),
-        params=dict(doc["params"]),
+        params=StoredData(dict(doc["params"])),
     )
 
 
 def _v1(doc: dict[str, Any], blobs: Sequence[bytes] | None) -> Submission:
-    """A DMDS submission as the spool wrote it before providers: campaign fields move to extra/params."""
+    """A DMDS submission as the spool wrote it before providers: campaign fields move to extra/params, in
+    the shape DMDS writes them (gateway/providers/dmds/data.py reads them)."""
     p = doc["principal"]
     extra = {
         "campaign": p["campaign"],
@@ -153,12 +156,12 @@ def _v1(doc: dict[str, Any], blobs: Sequence[bytes] | None) -> Submission:
             allowed_senders=tuple(p["allowed_senders"]),
             default_from=p["default_from"],
             force_from=p["force_from"],
-            extra=extra,
+            extra=StoredData(extra),
         ),
         mail_from=doc["mail_from"],
         rcpt_tos=tuple(doc["rcpt_tos"]),
         message=_message(doc["message"], blobs),
-        params={"campaign": doc["campaign"], "archive": doc["archive"], "batch": doc["batch_eeid"]},
+        params=StoredData({"campaign": doc["campaign"], "archive": doc["archive"], "batch": doc["batch_eeid"]}),
     )
 
 

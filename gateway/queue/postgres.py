@@ -21,23 +21,17 @@ import structlog
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from gateway.core import tokenbucket
 from gateway.core.errors import QueueUnreachable, SpoolUnavailable
-from gateway.core.records import CallRow, Decision, DeliveryState
+from gateway.core.records import Decision
 from gateway.queue import postgres_schema
 from gateway.queue.health import QueueHealth
-from gateway.queue.store import (
-    CALL_COLUMNS,
-    Claimed,
-    KeyHit,
-    NewMessage,
-    chunks,
-    message_insert,
-    message_row,
-)
+from gateway.queue.sql import FOR_POSTGRES, POSTGRES
+from gateway.queue.store import Claimed, ClaimedRows, KeyHit, NewMessage, chunks, message_row
 
 log = structlog.get_logger("gateway.queue.postgres")
 CHANNEL = "smtp_gateway_queue"
-_MESSAGE_INSERT = message_insert("%s")
+SQL = FOR_POSTGRES
 
 
 # Seconds a first connection may take before the queue is called unreachable (libpq's minimum is 2).
@@ -139,7 +133,7 @@ class PostgresQueue:
                     if statement.strip():
                         await conn.execute(statement.encode())  # our own constant SQL
                 await conn.execute("DELETE FROM schema_version")
-                await conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (number,))
+                await conn.execute(SQL.set_version, (number,))
                 log.info("queue_migrated", queue=self.url, version=number)
         return found
 
@@ -166,114 +160,67 @@ class PostgresQueue:
     async def _insert(self, m: NewMessage) -> int:
         stored = message_row(m)
         async with self._tx() as conn:
-            await conn.execute(_MESSAGE_INSERT, stored.values)
+            await conn.execute(SQL.insert_message, stored.values)
             async with conn.cursor() as cur:
                 await cur.executemany(
-                    f"INSERT INTO calls (msg_id, ord, {CALL_COLUMNS}) VALUES (%s,%s,%s,%s,%s,%s,%s,%s)",
+                    SQL.insert_call,
                     [
                         (m.id, n, c.key, c.recipients, c.state, c.upstream_id, c.error, c.lost)
                         for n, c in enumerate(m.decision.calls.values())
                     ],
                 )
                 for row in chunks(m.id, m.blobs):  # one chunk in memory at a time
-                    await cur.execute("INSERT INTO blobs (msg_id, n, seq, data) VALUES (%s,%s,%s,%s)", row)
+                    await cur.execute(SQL.insert_blob, row)
             if stored.state == "queued":
                 await self._notify(conn, m.account)
         return stored.token
 
     @staticmethod
     async def _notify(conn: psycopg.AsyncConnection[DictRow], account: str) -> None:
+        # PostgreSQL only: the other instances' LISTEN (SQLite's processes poll).
         await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, account))
 
     async def claim(self, owner: str, account: str, now: float, limit: int, lease: float) -> list[Claimed]:
         async with self._tx() as conn:
-            rows = await (
-                await conn.execute(
-                    "SELECT id, false AS reaped FROM messages WHERE account=%s AND state='queued' AND next_attempt<=%s"
-                    " ORDER BY next_attempt, seq LIMIT %s FOR UPDATE SKIP LOCKED",
-                    (account, now, limit),
-                )
-            ).fetchall()
+            rows = await (await conn.execute(SQL.due, (account, now, limit))).fetchall()
             if len(rows) < limit:
-                rows += await (
-                    await conn.execute(
-                        "SELECT id, true AS reaped FROM messages WHERE account=%s AND state='inflight'"
-                        " AND (lease_until IS NULL OR lease_until<%s) ORDER BY seq LIMIT %s FOR UPDATE SKIP LOCKED",
-                        (account, now, limit - len(rows)),
-                    )
-                ).fetchall()
+                rows += await (await conn.execute(SQL.reapable, (account, now, limit - len(rows)))).fetchall()
             if not rows:
                 return []
-            reaped = {r["id"]: r["reaped"] for r in rows}
-            updated = await (
-                await conn.execute(
-                    "UPDATE messages SET state='inflight', owner=%s, lease_until=%s, token=token+1 WHERE id = ANY(%s)"
-                    " RETURNING id, seq, token, submission, attempts, created, expires, internal_errors",
-                    (owner, now + lease, list(reaped)),
-                )
-            ).fetchall()
-            calls: dict[str, dict[str, CallRow]] = {r["id"]: {} for r in updated}
-            for c in await (
-                await conn.execute(
-                    f"SELECT msg_id, {CALL_COLUMNS} FROM calls WHERE msg_id = ANY(%s) ORDER BY msg_id, ord",
-                    (list(reaped),),
-                )
-            ).fetchall():
-                calls[c["msg_id"]][c["key"]] = CallRow(
-                    c["key"], c["recipients"], c["state"], c["upstream_id"], c["error"], c["lost"]
-                )
-            blobs: dict[str, list[bytearray]] = {r["id"]: [] for r in updated}
+            reaped = {r["id"]: r["state"] == "inflight" for r in rows}
+            ids = POSTGRES.items(list(reaped))
+            updated = await (await conn.execute(SQL.claim(len(reaped)), (owner, now + lease, *ids))).fetchall()
+            rows_read = ClaimedRows(account, reaped, updated)
+            for c in await (await conn.execute(SQL.claimed_calls(len(reaped)), ids)).fetchall():
+                rows_read.call(c)
             async with conn.cursor() as cur:
-                # Streamed row by row: a message's blob chunks are never all in memory beside the blob.
-                async for row in cur.stream(
-                    "SELECT msg_id, n, data FROM blobs WHERE msg_id = ANY(%s) ORDER BY msg_id, n, seq", (list(reaped),)
-                ):
-                    parts = blobs[row["msg_id"]]
-                    if row["n"] == len(parts):
-                        parts.append(bytearray())
-                    parts[row["n"]] += row["data"]
-        return [
-            Claimed(
-                m["id"],
-                account,
-                m["token"],
-                bytes(m["submission"]),
-                DeliveryState(calls[m["id"]], m["attempts"], m["created"], m["expires"], m["internal_errors"]),
-                reaped=reaped[m["id"]],
-                blobs=blobs[m["id"]],  # type: ignore[arg-type]  # bytearray reads as bytes
-            )
-            for m in sorted(updated, key=lambda m: (reaped[m["id"]], m["seq"]))
-        ]
+                async for row in cur.stream(SQL.claimed_blobs(len(reaped)), ids):  # streamed row by row
+                    rows_read.blob_chunk(row)
+        return rows_read.claimed()
 
     async def mark_sending(self, msg_id: str, token: int, keys: Sequence[str]) -> bool:
         async with self._tx() as conn:
             if not await self._holds(conn, msg_id, token):
                 return False
-            await conn.execute(
-                "UPDATE calls SET state='sending' WHERE msg_id=%s AND key = ANY(%s) AND state='pending'",
-                (msg_id, list(keys)),
-            )
+            async with conn.cursor() as cur:
+                await cur.executemany(SQL.mark_sending, [(msg_id, key) for key in keys])
         return True
 
     @staticmethod
     async def _holds(conn: psycopg.AsyncConnection[DictRow], msg_id: str, token: int) -> bool:
-        row = await (
-            await conn.execute("SELECT 1 FROM messages WHERE id=%s AND token=%s FOR UPDATE", (msg_id, token))
-        ).fetchone()
-        return row is not None
+        return await (await conn.execute(SQL.holds, (msg_id, token))).fetchone() is not None
 
     async def settle(self, msg_id: str, token: int, d: Decision, now: float) -> bool:
         async with self._tx() as conn:
             if not await self._holds(conn, msg_id, token):
                 return False
             if d.verdict == "delivered":
-                await conn.execute("DELETE FROM messages WHERE id=%s", (msg_id,))
+                await conn.execute(SQL.delete_message, (msg_id,))
                 return True
             dead = d.verdict in ("dead", "refused")
             row = await (
                 await conn.execute(
-                    "UPDATE messages SET state=%s, attempts=%s, next_attempt=%s, last_error=%s, dead_reason=%s,"
-                    " dead_at=%s, internal_errors=%s, owner=NULL, lease_until=NULL WHERE id=%s RETURNING account",
+                    SQL.settle,
                     (
                         "dead" if dead else "queued",
                         d.attempts,
@@ -288,7 +235,7 @@ class PostgresQueue:
             ).fetchone()
             async with conn.cursor() as cur:
                 await cur.executemany(
-                    "UPDATE calls SET state=%s, upstream_id=%s, error=%s, lost=%s WHERE msg_id=%s AND key=%s",
+                    SQL.settle_call,
                     [(c.state, c.upstream_id, c.error, c.lost, msg_id, c.key) for c in d.calls.values()],
                 )
             if not dead and row is not None:
@@ -297,56 +244,36 @@ class PostgresQueue:
 
     async def release(self, msg_id: str, token: int, now: float) -> bool:
         async with self._tx() as conn:
-            row = await (
-                await conn.execute(
-                    "UPDATE messages SET state='queued', next_attempt=%s, owner=NULL, lease_until=NULL"
-                    " WHERE id=%s AND token=%s AND state='inflight' RETURNING account",
-                    (now, msg_id, token),
-                )
-            ).fetchone()
+            row = await (await conn.execute(SQL.release, (now, msg_id, token))).fetchone()
             if row is not None:
                 await self._notify(conn, row["account"])
         return row is not None
 
     async def renew(self, owner: str, lease_until: float) -> int:
         async with self._tx() as conn:
-            cur = await conn.execute(
-                "UPDATE messages SET lease_until=%s WHERE owner=%s AND state='inflight'", (lease_until, owner)
-            )
+            cur = await conn.execute(SQL.lease, (lease_until, owner))
             return cur.rowcount
 
     async def expire_owners(self, owners: Sequence[str], now: float) -> int:
         async with self._tx() as conn:
-            cur = await conn.execute(
-                "UPDATE messages SET lease_until=%s WHERE owner = ANY(%s) AND state='inflight'", (now - 1, list(owners))
-            )
-            return cur.rowcount
+            expired = 0
+            for owner in owners:
+                expired += (await conn.execute(SQL.lease, (now - 1, owner))).rowcount
+            return expired
 
     async def owners(self) -> list[str]:
         async with self._tx() as conn:
-            rows = await (
-                await conn.execute("SELECT DISTINCT owner FROM messages WHERE state='inflight' AND owner IS NOT NULL")
-            ).fetchall()
+            rows = await (await conn.execute(SQL.owners)).fetchall()
         return [r["owner"] for r in rows]
 
     async def next_due(self, accounts: Sequence[str]) -> float | None:
         async with self._tx() as conn:
-            row = await (
-                await conn.execute(
-                    "SELECT MIN(CASE state WHEN 'queued' THEN next_attempt ELSE COALESCE(lease_until, 0) END) AS t"
-                    " FROM messages WHERE state IN ('queued', 'inflight') AND account = ANY(%s)",
-                    (list(accounts),),
-                )
-            ).fetchone()
+            row = await (await conn.execute(SQL.next_due(len(accounts)), POSTGRES.items(accounts))).fetchone()
         return None if row is None or row["t"] is None else float(row["t"])
 
     async def wake(self, account: str, now: float, limit: int | None = None) -> int:
         async with self._tx() as conn:
-            cur = await conn.execute(
-                "UPDATE messages SET next_attempt=%s WHERE id IN (SELECT id FROM messages WHERE account=%s"
-                " AND state='queued' AND next_attempt>%s ORDER BY seq LIMIT %s FOR UPDATE SKIP LOCKED)",
-                (now, account, now, limit),
-            )
+            cur = await conn.execute(SQL.wake, (now, account, now, POSTGRES.no_limit if limit is None else limit))
             if cur.rowcount:
                 await self._notify(conn, account)
             return cur.rowcount
@@ -369,34 +296,28 @@ class PostgresQueue:
 
     # -- shared rate limits ---------------------------------------------------------------------------
 
-    async def rate_slot(self, account: str, interval: float, burst: int) -> float:
-        """Take the account's next call slot (GCRA, one row per account, the database's clock); returns
-        the seconds to wait for it."""
+    async def rate_slot(self, account: str, interval: float, burst: int, recovery: float = 30.0) -> float:
+        """Take the account's next call slot (one row per account, the database's clock); returns the seconds
+        to wait for it."""
         async with self._tx() as conn:
-            row = await (
-                await conn.execute(
-                    "WITH now AS (SELECT extract(epoch FROM clock_timestamp()) AS t)"
-                    " INSERT INTO rate_buckets AS b (account, tat) SELECT %(a)s, now.t + %(i)s FROM now"
-                    " ON CONFLICT (account) DO UPDATE SET tat = GREATEST(b.tat, (SELECT t FROM now))"
-                    " + CASE WHEN b.slow_until > (SELECT t FROM now) THEN 2 * %(i)s ELSE %(i)s END"
-                    " RETURNING tat - (SELECT t FROM now) AS ahead, slow_until > (SELECT t FROM now) AS slow",
-                    {"a": account, "i": interval},
-                )
-            ).fetchone()
-        assert row is not None
-        step = interval * (2 if row["slow"] else 1)
-        return max(0.0, float(row["ahead"]) - step - (burst - 1) * step)
+            tat, slow_until, now = await self._rate_row(conn, account)
+            slot = tokenbucket.take(tat, now, tokenbucket.slowed(interval, now, slow_until, recovery), burst)
+            await conn.execute(SQL.rate_write, (slot.tat, slow_until, account))
+        return slot.wait
 
     async def rate_pause(self, account: str, seconds: float, slow_for: float) -> None:
-        """The upstream said 429: no slot for `seconds`, and half the rate for `slow_for` seconds."""
+        """The upstream said 429: no slot for `seconds`, and a slower rate for `slow_for` seconds."""
         async with self._tx() as conn:
-            await conn.execute(
-                "WITH now AS (SELECT extract(epoch FROM clock_timestamp()) AS t)"
-                " INSERT INTO rate_buckets AS b (account, tat, slow_until)"
-                " SELECT %(a)s, now.t + %(s)s, now.t + %(w)s FROM now ON CONFLICT (account) DO UPDATE"
-                " SET tat = GREATEST(b.tat, EXCLUDED.tat), slow_until = EXCLUDED.slow_until",
-                {"a": account, "s": seconds, "w": slow_for},
-            )
+            tat, _, now = await self._rate_row(conn, account)
+            await conn.execute(SQL.rate_write, (tokenbucket.paused(tat, now, seconds), now + slow_for, account))
+
+    @staticmethod
+    async def _rate_row(conn: psycopg.AsyncConnection[DictRow], account: str) -> tuple[float, float, float]:
+        """(tat, slow_until, now) of the account's bucket, made on first use and locked until commit."""
+        await conn.execute(SQL.rate_row, (account,))
+        row = await (await conn.execute(SQL.rate_read, (account,))).fetchone()
+        assert row is not None
+        return float(row["tat"]), float(row["slow_until"]), float(row["now"])
 
     # -- idempotency keys -----------------------------------------------------------------------------
 
@@ -404,30 +325,22 @@ class PostgresQueue:
         self, account: str, key: str, msg_id: str, now: float, window: float, stale: float
     ) -> KeyHit | None:
         async with self._tx() as conn:
+            # Only this key's expired row: a table-wide delete in every claim would have instances contend
+            # (SQLite, one writer at a time, deletes every expired key).
             await conn.execute(
                 "DELETE FROM idempotency WHERE account=%s AND key=%s AND expires<%s", (account, key, now)
             )
-            inserted = await (
-                await conn.execute(
-                    "INSERT INTO idempotency (account, key, msg_id, created, expires) VALUES (%s,%s,%s,%s,%s)"
-                    " ON CONFLICT (account, key) DO NOTHING RETURNING msg_id",
-                    (account, key, msg_id, now, now + window),
-                )
-            ).fetchone()
+            # Insert first: two instances claiming one new key at once cannot both get it.
+            inserted = await (await conn.execute(SQL.key_insert, (account, key, msg_id, now, now + window))).fetchone()
             if inserted is not None:
                 return None
-            row = await (
-                await conn.execute(
-                    "SELECT msg_id, reply_id, created FROM idempotency WHERE account=%s AND key=%s FOR UPDATE",
-                    (account, key),
-                )
-            ).fetchone()
+            row = await (await conn.execute(SQL.key_row, (account, key))).fetchone()
             if row is None or row["reply_id"] is not None or row["created"] >= now - stale:
                 return None if row is None else KeyHit(row["msg_id"], row["reply_id"])
-            stored = await (await conn.execute("SELECT 1 FROM messages WHERE id=%s", (row["msg_id"],))).fetchone()
-            if stored is not None:
-                await conn.execute("UPDATE idempotency SET reply_id=msg_id WHERE account=%s AND key=%s", (account, key))
+            if await (await conn.execute(SQL.stored, (row["msg_id"],))).fetchone() is not None:
+                await conn.execute(SQL.key_answered, (account, key))
                 return KeyHit(row["msg_id"], row["msg_id"])
+            # A stale claim whose message was never stored: this one takes the key over, in place.
             await conn.execute(
                 "UPDATE idempotency SET msg_id=%s, created=%s, expires=%s WHERE account=%s AND key=%s",
                 (msg_id, now, now + window, account, key),
@@ -437,84 +350,53 @@ class PostgresQueue:
     async def finish_key(self, account: str, key: str, msg_id: str, reply_id: str | None) -> None:
         async with self._tx() as conn:
             if reply_id is None:
-                await conn.execute(
-                    "DELETE FROM idempotency WHERE account=%s AND key=%s AND msg_id=%s", (account, key, msg_id)
-                )
+                await conn.execute(SQL.key_drop, (account, key, msg_id))
             else:
-                await conn.execute(
-                    "UPDATE idempotency SET reply_id=%s WHERE account=%s AND key=%s AND msg_id=%s",
-                    (reply_id, account, key, msg_id),
-                )
+                await conn.execute(SQL.key_reply, (reply_id, account, key, msg_id))
 
     # -- operators ------------------------------------------------------------------------------------
 
     async def counts(self, now: float) -> dict[str, dict[str, Any]]:
         async with self._tx() as conn:
-            rows = await (
-                await conn.execute("SELECT state, COUNT(*) AS n, MIN(created) AS oldest FROM messages GROUP BY state")
-            ).fetchall()
+            rows = await (await conn.execute(SQL.counts)).fetchall()
         return {r["state"]: {"count": r["n"], "oldest_age": now - r["oldest"]} for r in rows}
 
     async def list(self, states: Sequence[str], limit: int = 1000) -> list[dict[str, Any]]:
         async with self._tx() as conn:
-            rows = await (
-                await conn.execute(
-                    "SELECT m.id, m.state, m.account, m.created, m.next_attempt, m.attempts, m.mail_from, m.subject,"
-                    " m.size, m.last_error, m.dead_reason, m.dead_at, m.owner,"
-                    " (SELECT COUNT(*) FROM calls c WHERE c.msg_id=m.id AND c.state!='done') AS open_calls,"
-                    " (SELECT COUNT(*) FROM calls c WHERE c.msg_id=m.id) AS calls"
-                    " FROM messages m WHERE m.state = ANY(%s) ORDER BY m.seq LIMIT %s",
-                    (list(states), limit),
-                )
-            ).fetchall()
+            rows = await (await conn.execute(SQL.listing(len(states)), (*POSTGRES.items(states), limit))).fetchall()
         return [dict(r) for r in rows]
 
     async def show(self, msg_id: str) -> dict[str, Any] | None:
         async with self._tx() as conn:
-            row = await (await conn.execute("SELECT * FROM messages WHERE id=%s", (msg_id,))).fetchone()
+            row = await (await conn.execute(SQL.show, (msg_id,))).fetchone()
             if row is None:
                 return None
-            calls = await (
-                await conn.execute(f"SELECT {CALL_COLUMNS} FROM calls WHERE msg_id=%s ORDER BY ord", (msg_id,))
-            ).fetchall()
+            calls = await (await conn.execute(SQL.calls, (msg_id,))).fetchall()
         out = {k: v for k, v in row.items() if k != "submission"}
         out["calls"] = [dict(c) for c in calls]
         return out
 
     async def submission(self, msg_id: str) -> bytes | None:
         async with self._tx() as conn:
-            row = await (await conn.execute("SELECT submission FROM messages WHERE id=%s", (msg_id,))).fetchone()
+            row = await (await conn.execute(SQL.submission, (msg_id,))).fetchone()
         return None if row is None else bytes(row["submission"])
 
     async def retry_now(self, msg_id: str, now: float) -> bool:
         async with self._tx() as conn:
-            row = await (
-                await conn.execute(
-                    "UPDATE messages SET next_attempt=%s WHERE id=%s AND state='queued' RETURNING account",
-                    (now, msg_id),
-                )
-            ).fetchone()
+            row = await (await conn.execute(SQL.retry_now, (now, msg_id))).fetchone()
             if row is not None:
                 await self._notify(conn, row["account"])
         return row is not None
 
     async def delete(self, msg_id: str) -> bool:
         async with self._tx() as conn:
-            cur = await conn.execute("DELETE FROM messages WHERE id=%s AND state!='inflight'", (msg_id,))
+            cur = await conn.execute(SQL.delete, (msg_id,))
             return cur.rowcount == 1
 
     async def requeue(self, msg_id: str, now: float, max_lifetime: float) -> bool:
         async with self._tx() as conn:
-            row = await (
-                await conn.execute(
-                    "UPDATE messages SET state='queued', next_attempt=%s, expires=%s, attempts=0, dead_reason=NULL,"
-                    " dead_at=NULL, internal_errors=0 WHERE id=%s AND state='dead' RETURNING account",
-                    (now, now + max_lifetime, msg_id),
-                )
-            ).fetchone()
+            row = await (await conn.execute(SQL.requeue, (now, now + max_lifetime, msg_id))).fetchone()
             if row is not None:
-                await conn.execute(
-                    "UPDATE calls SET state='pending', error=NULL WHERE msg_id=%s AND state='rejected'", (msg_id,)
-                )
+                await conn.execute(SQL.requeue_calls, (msg_id,))
                 await self._notify(conn, row["account"])
         return row is not None

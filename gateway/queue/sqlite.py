@@ -21,23 +21,16 @@ from typing import Any, TypeVar
 import structlog
 
 from gateway.core.errors import SpoolUnavailable
-from gateway.core.records import CallRow, Decision, DeliveryState
+from gateway.core.records import Decision
 from gateway.queue import sqlite_schema
 from gateway.queue.health import QueueHealth
+from gateway.queue.sql import FOR_SQLITE, SQLITE
 from gateway.queue.sqlite_side import RateFile, Reserve, disk_full
-from gateway.queue.store import (
-    CALL_COLUMNS,
-    Claimed,
-    KeyHit,
-    NewMessage,
-    chunks,
-    message_insert,
-    message_row,
-)
+from gateway.queue.store import Claimed, ClaimedRows, KeyHit, NewMessage, chunks, message_row
 
 log = structlog.get_logger("gateway.queue.sqlite")
 T = TypeVar("T")
-_MESSAGE_INSERT = message_insert("?")
+SQL = FOR_SQLITE
 
 
 class SqliteQueue:
@@ -156,15 +149,15 @@ class SqliteQueue:
             raise sqlite3.OperationalError("database or disk is full (its reserve is in use to drain the queue)")
         stored = message_row(m)
         with self._tx() as db:
-            db.execute(_MESSAGE_INSERT, stored.values)
+            db.execute(SQL.insert_message, stored.values)
             db.executemany(
-                f"INSERT INTO calls (msg_id, {CALL_COLUMNS}) VALUES (?,?,?,?,?,?,?)",
+                SQL.insert_call,
                 [
                     (m.id, c.key, c.recipients, c.state, c.upstream_id, c.error, c.lost)
                     for c in m.decision.calls.values()
                 ],
             )
-            db.executemany("INSERT INTO blobs (msg_id, n, seq, data) VALUES (?,?,?,?)", chunks(m.id, m.blobs))
+            db.executemany(SQL.insert_blob, chunks(m.id, m.blobs))
         return stored.token
 
     async def claim(self, owner: str, account: str, now: float, limit: int, lease: float) -> list[Claimed]:
@@ -172,69 +165,27 @@ class SqliteQueue:
 
     def _claim(self, owner: str, account: str, now: float, limit: int, lease: float) -> list[Claimed]:
         with self._tx() as db:
-            rows = db.execute(
-                "SELECT id, state FROM messages WHERE account=? AND state='queued' AND next_attempt<=?"
-                " ORDER BY next_attempt, seq LIMIT ?",
-                (account, now, limit),
-            ).fetchall()
+            rows = db.execute(SQL.due, (account, now, limit)).fetchall()
             if len(rows) < limit:
-                rows += db.execute(
-                    "SELECT id, state FROM messages WHERE account=? AND state='inflight'"
-                    " AND (lease_until IS NULL OR lease_until<?) ORDER BY seq LIMIT ?",
-                    (account, now, limit - len(rows)),
-                ).fetchall()
-            out = []
-            for row in rows:
-                m = db.execute(
-                    "UPDATE messages SET state='inflight', owner=?, lease_until=?, token=token+1 WHERE id=?"
-                    " RETURNING token, submission, attempts, created, expires, internal_errors",
-                    (owner, now + lease, row["id"]),
-                ).fetchone()
-                out.append(
-                    Claimed(
-                        row["id"],
-                        account,
-                        m["token"],
-                        bytes(m["submission"]),
-                        self._before(db, row["id"], m),
-                        reaped=row["state"] == "inflight",
-                        blobs=self._blobs(db, row["id"]),
-                    )
-                )
-        return out
-
-    @staticmethod
-    def _blobs(db: sqlite3.Connection, msg_id: str) -> list[bytes]:
-        blobs: list[bytearray] = []
-        for n, data in db.execute("SELECT n, data FROM blobs WHERE msg_id=? ORDER BY n, seq", (msg_id,)):
-            if n == len(blobs):
-                blobs.append(bytearray())
-            blobs[n] += data  # chunk by chunk: never the chunks and the whole at once
-        return blobs  # type: ignore[return-value]  # bytearray serves where bytes are read
-
-    @staticmethod
-    def _before(db: sqlite3.Connection, msg_id: str, m: sqlite3.Row) -> DeliveryState:
-        calls = {
-            r["key"]: CallRow(r["key"], r["recipients"], r["state"], r["upstream_id"], r["error"], r["lost"])
-            for r in db.execute(f"SELECT {CALL_COLUMNS} FROM calls WHERE msg_id=? ORDER BY rowid", (msg_id,))
-        }
-        return DeliveryState(
-            calls=calls,
-            attempts=m["attempts"],
-            created=m["created"],
-            expires=m["expires"],
-            internal_errors=m["internal_errors"],
-        )
+                rows += db.execute(SQL.reapable, (account, now, limit - len(rows))).fetchall()
+            if not rows:
+                return []
+            reaped = {r["id"]: r["state"] == "inflight" for r in rows}
+            ids = list(reaped)
+            updated = db.execute(SQL.claim(len(ids)), (owner, now + lease, *ids)).fetchall()
+            rows_read = ClaimedRows(account, reaped, updated)
+            for c in db.execute(SQL.claimed_calls(len(ids)), ids):
+                rows_read.call(c)
+            for row in db.execute(SQL.claimed_blobs(len(ids)), ids):
+                rows_read.blob_chunk(row)
+        return rows_read.claimed()
 
     async def mark_sending(self, msg_id: str, token: int, keys: Sequence[str]) -> bool:
         def run() -> bool:
             with self._tx() as db:
-                if db.execute("SELECT 1 FROM messages WHERE id=? AND token=?", (msg_id, token)).fetchone() is None:
+                if db.execute(SQL.holds, (msg_id, token)).fetchone() is None:
                     return False
-                db.executemany(
-                    "UPDATE calls SET state='sending' WHERE msg_id=? AND key=? AND state='pending'",
-                    [(msg_id, key) for key in keys],
-                )
+                db.executemany(SQL.mark_sending, [(msg_id, key) for key in keys])
             return True
 
         return await self._run(run)
@@ -244,15 +195,14 @@ class SqliteQueue:
 
     def _settle(self, msg_id: str, token: int, d: Decision, now: float) -> bool:
         with self._tx() as db:
-            if db.execute("SELECT 1 FROM messages WHERE id=? AND token=?", (msg_id, token)).fetchone() is None:
+            if db.execute(SQL.holds, (msg_id, token)).fetchone() is None:
                 return False  # fenced: another owner claimed it since (our lease expired)
             if d.verdict == "delivered":
-                db.execute("DELETE FROM messages WHERE id=?", (msg_id,))
+                db.execute(SQL.delete_message, (msg_id,))
                 return True
             dead = d.verdict in ("dead", "refused")
             db.execute(
-                "UPDATE messages SET state=?, attempts=?, next_attempt=?, last_error=?, dead_reason=?, dead_at=?,"
-                " internal_errors=?, owner=NULL, lease_until=NULL WHERE id=?",
+                SQL.settle,
                 (
                     "dead" if dead else "queued",
                     d.attempts,
@@ -263,9 +213,9 @@ class SqliteQueue:
                     d.internal_errors,
                     msg_id,
                 ),
-            )
+            ).fetchall()
             db.executemany(
-                "UPDATE calls SET state=?, upstream_id=?, error=?, lost=? WHERE msg_id=? AND key=?",
+                SQL.settle_call,
                 [(c.state, c.upstream_id, c.error, c.lost, msg_id, c.key) for c in d.calls.values()],
             )
         return True
@@ -273,55 +223,33 @@ class SqliteQueue:
     async def release(self, msg_id: str, token: int, now: float) -> bool:
         def run() -> bool:
             with self._tx() as db:
-                cur = db.execute(
-                    "UPDATE messages SET state='queued', next_attempt=?, owner=NULL, lease_until=NULL"
-                    " WHERE id=? AND token=? AND state='inflight'",
-                    (now, msg_id, token),
-                )
-            return cur.rowcount == 1
+                return db.execute(SQL.release, (now, msg_id, token)).fetchone() is not None
 
         return await self._run(run)
 
     async def renew(self, owner: str, lease_until: float) -> int:
         def run() -> int:
             with self._tx() as db:
-                return db.execute(
-                    "UPDATE messages SET lease_until=? WHERE owner=? AND state='inflight'", (lease_until, owner)
-                ).rowcount
+                return db.execute(SQL.lease, (lease_until, owner)).rowcount
 
         return await self._run(run)
 
     async def expire_owners(self, owners: Sequence[str], now: float) -> int:
         def run() -> int:
             with self._tx() as db:
-                return sum(
-                    db.execute(
-                        "UPDATE messages SET lease_until=? WHERE owner=? AND state='inflight'", (now - 1, owner)
-                    ).rowcount
-                    for owner in owners
-                )
+                return sum(db.execute(SQL.lease, (now - 1, owner)).rowcount for owner in owners)
 
         return await self._run(run)
 
     async def owners(self) -> list[str]:
         def run() -> list[str]:
-            return [
-                r[0]
-                for r in self.db.execute(
-                    "SELECT DISTINCT owner FROM messages WHERE state='inflight' AND owner IS NOT NULL"
-                )
-            ]
+            return [r[0] for r in self.db.execute(SQL.owners)]
 
         return await self._run(run)
 
     async def next_due(self, accounts: Sequence[str]) -> float | None:
         def run() -> float | None:
-            marks = ",".join("?" * len(accounts))
-            row = self.db.execute(
-                f"SELECT MIN(CASE state WHEN 'queued' THEN next_attempt ELSE COALESCE(lease_until, 0) END)"
-                f" FROM messages WHERE state IN ('queued', 'inflight') AND account IN ({marks})",
-                tuple(accounts),
-            ).fetchone()
+            row = self.db.execute(SQL.next_due(len(accounts)), SQLITE.items(accounts)).fetchone()
             return None if row is None or row[0] is None else float(row[0])
 
         return await self._run(run)
@@ -329,11 +257,7 @@ class SqliteQueue:
     async def wake(self, account: str, now: float, limit: int | None = None) -> int:
         def run() -> int:
             with self._tx() as db:
-                return db.execute(
-                    "UPDATE messages SET next_attempt=? WHERE id IN (SELECT id FROM messages WHERE account=?"
-                    " AND state='queued' AND next_attempt>? ORDER BY seq LIMIT ?)",
-                    (now, account, now, -1 if limit is None else limit),
-                ).rowcount
+                return db.execute(SQL.wake, (now, account, now, SQLITE.no_limit if limit is None else limit)).rowcount
 
         return await self._run(run)
 
@@ -342,8 +266,8 @@ class SqliteQueue:
 
     # -- shared rate limits ---------------------------------------------------------------------------
 
-    async def rate_slot(self, account: str, interval: float, burst: int) -> float:
-        return await self._rate.slot(account, interval, burst)
+    async def rate_slot(self, account: str, interval: float, burst: int, recovery: float = 30.0) -> float:
+        return await self._rate.slot(account, interval, burst, recovery)
 
     async def rate_pause(self, account: str, seconds: float, slow_for: float) -> None:
         await self._rate.pause(account, seconds, slow_for)
@@ -355,21 +279,17 @@ class SqliteQueue:
     ) -> KeyHit | None:
         def run() -> KeyHit | None:
             with self._tx() as db:
+                # One writer at a time: every expired key can go now (PostgreSQL deletes only this one's).
                 db.execute("DELETE FROM idempotency WHERE expires<?", (now,))
-                row = db.execute(
-                    "SELECT msg_id, reply_id, created FROM idempotency WHERE account=? AND key=?", (account, key)
-                ).fetchone()
+                row = db.execute(SQL.key_row, (account, key)).fetchone()
                 if row is not None and (row["reply_id"] is not None or row["created"] >= now - stale):
                     return KeyHit(row["msg_id"], row["reply_id"])
                 if row is not None:
-                    if db.execute("SELECT 1 FROM messages WHERE id=?", (row["msg_id"],)).fetchone() is not None:
-                        db.execute("UPDATE idempotency SET reply_id=msg_id WHERE account=? AND key=?", (account, key))
+                    if db.execute(SQL.stored, (row["msg_id"],)).fetchone() is not None:
+                        db.execute(SQL.key_answered, (account, key))
                         return KeyHit(row["msg_id"], row["msg_id"])
-                    db.execute("DELETE FROM idempotency WHERE account=? AND key=?", (account, key))
-                db.execute(
-                    "INSERT INTO idempotency (account, key, msg_id, created, expires) VALUES (?,?,?,?,?)",
-                    (account, key, msg_id, now, now + window),
-                )
+                    db.execute(SQL.key_drop, (account, key, row["msg_id"]))
+                db.execute(SQL.key_insert, (account, key, msg_id, now, now + window)).fetchall()
             return None
 
         return await self._run(run)
@@ -378,12 +298,9 @@ class SqliteQueue:
         def run() -> None:
             with self._tx() as db:
                 if reply_id is None:
-                    db.execute("DELETE FROM idempotency WHERE account=? AND key=? AND msg_id=?", (account, key, msg_id))
+                    db.execute(SQL.key_drop, (account, key, msg_id))
                 else:
-                    db.execute(
-                        "UPDATE idempotency SET reply_id=? WHERE account=? AND key=? AND msg_id=?",
-                        (reply_id, account, key, msg_id),
-                    )
+                    db.execute(SQL.key_reply, (reply_id, account, key, msg_id))
 
         await self._run(run)
 
@@ -391,45 +308,32 @@ class SqliteQueue:
 
     async def counts(self, now: float) -> dict[str, dict[str, Any]]:
         def run() -> dict[str, dict[str, Any]]:
-            rows = self.db.execute(
-                "SELECT state, COUNT(*) AS n, MIN(created) AS oldest FROM messages GROUP BY state"
-            ).fetchall()
+            rows = self.db.execute(SQL.counts).fetchall()
             return {r["state"]: {"count": r["n"], "oldest_age": now - r["oldest"]} for r in rows}
 
         return await self._run(run)
 
     async def list(self, states: Sequence[str], limit: int = 1000) -> list[dict[str, Any]]:
         def run() -> list[dict[str, Any]]:
-            marks = ",".join("?" * len(states))
-            rows = self.db.execute(
-                "SELECT m.id, m.state, m.account, m.created, m.next_attempt, m.attempts, m.mail_from, m.subject,"
-                " m.size, m.last_error, m.dead_reason, m.dead_at, m.owner,"
-                " (SELECT COUNT(*) FROM calls c WHERE c.msg_id=m.id AND c.state!='done') AS open_calls,"
-                " (SELECT COUNT(*) FROM calls c WHERE c.msg_id=m.id) AS calls"
-                f" FROM messages m WHERE m.state IN ({marks}) ORDER BY m.seq LIMIT ?",
-                (*states, limit),
-            ).fetchall()
+            rows = self.db.execute(SQL.listing(len(states)), (*SQLITE.items(states), limit)).fetchall()
             return [dict(r) for r in rows]
 
         return await self._run(run)
 
     async def show(self, msg_id: str) -> dict[str, Any] | None:
         def run() -> dict[str, Any] | None:
-            row = self.db.execute("SELECT * FROM messages WHERE id=?", (msg_id,)).fetchone()
+            row = self.db.execute(SQL.show, (msg_id,)).fetchone()
             if row is None:
                 return None
             out = {k: row[k] for k in row.keys() if k != "submission"}  # noqa: SIM118 (sqlite3.Row)
-            out["calls"] = [
-                dict(r)
-                for r in self.db.execute(f"SELECT {CALL_COLUMNS} FROM calls WHERE msg_id=? ORDER BY rowid", (msg_id,))
-            ]
+            out["calls"] = [dict(r) for r in self.db.execute(SQL.calls, (msg_id,))]
             return out
 
         return await self._run(run)
 
     async def submission(self, msg_id: str) -> bytes | None:
         def run() -> bytes | None:
-            row = self.db.execute("SELECT submission FROM messages WHERE id=?", (msg_id,)).fetchone()
+            row = self.db.execute(SQL.submission, (msg_id,)).fetchone()
             return None if row is None else bytes(row[0])
 
         return await self._run(run)
@@ -437,34 +341,23 @@ class SqliteQueue:
     async def retry_now(self, msg_id: str, now: float) -> bool:
         def run() -> bool:
             with self._tx() as db:
-                return (
-                    db.execute(
-                        "UPDATE messages SET next_attempt=? WHERE id=? AND state='queued'", (now, msg_id)
-                    ).rowcount
-                    == 1
-                )
+                return db.execute(SQL.retry_now, (now, msg_id)).fetchone() is not None
 
         return await self._run(run)
 
     async def delete(self, msg_id: str) -> bool:
         def run() -> bool:
             with self._tx() as db:
-                return db.execute("DELETE FROM messages WHERE id=? AND state!='inflight'", (msg_id,)).rowcount == 1
+                return db.execute(SQL.delete, (msg_id,)).rowcount == 1
 
         return await self._run(run)
 
     async def requeue(self, msg_id: str, now: float, max_lifetime: float) -> bool:
         def run() -> bool:
             with self._tx() as db:
-                cur = db.execute(
-                    "UPDATE messages SET state='queued', next_attempt=?, expires=?, attempts=0, dead_reason=NULL,"
-                    " dead_at=NULL, internal_errors=0 WHERE id=? AND state='dead'",
-                    (now, now + max_lifetime, msg_id),
-                )
-                if cur.rowcount:
-                    db.execute(
-                        "UPDATE calls SET state='pending', error=NULL WHERE msg_id=? AND state='rejected'", (msg_id,)
-                    )
-            return cur.rowcount == 1
+                found = db.execute(SQL.requeue, (now, now + max_lifetime, msg_id)).fetchone() is not None
+                if found:
+                    db.execute(SQL.requeue_calls, (msg_id,))
+            return found
 
         return await self._run(run)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sqlite3
 
+from gateway.queue.sql import FOR_SQLITE as SQL
+
 V1 = """
 CREATE TABLE messages (
     seq          INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -116,7 +118,7 @@ def migrate(db: sqlite3.Connection) -> tuple[int, int]:
                     db.execute(statement)
             db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             db.execute("DELETE FROM schema_version")
-            db.execute("INSERT INTO schema_version (version) VALUES (?)", (number,))
+            db.execute(SQL.set_version, (number,))
         except BaseException:
             db.execute("ROLLBACK")
             raise

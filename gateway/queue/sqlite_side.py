@@ -7,18 +7,22 @@ import functools
 import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
 
+from gateway.core import tokenbucket
 from gateway.core.errors import SpoolUnavailable
 from gateway.queue.health import QueueHealth
+from gateway.queue.sql import FOR_SQLITE
 
 log = structlog.get_logger("gateway.queue.sqlite")
 T = TypeVar("T")
+SQL = FOR_SQLITE
 
 
 class RateFile:
@@ -48,39 +52,41 @@ class RateFile:
         except (sqlite3.Error, OSError) as exc:
             raise SpoolUnavailable(f"rate limit file {self.path}: {type(exc).__name__}: {exc}") from exc
 
-    async def slot(self, account: str, interval: float, burst: int) -> float:
+    async def slot(self, account: str, interval: float, burst: int, recovery: float) -> float:
         def run() -> float:
-            db = self._conn()
-            now = time.time()
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                row = db.execute("SELECT tat, slow_until FROM rate_buckets WHERE account=?", (account,)).fetchone()
-                tat, slow_until = (row[0], row[1]) if row else (now, 0.0)
-                step = interval * (2 if slow_until > now else 1)
-                tat = max(tat, now)
-                db.execute(
-                    "INSERT INTO rate_buckets (account, tat, slow_until) VALUES (?,?,?) ON CONFLICT (account)"
-                    " DO UPDATE SET tat=excluded.tat",
-                    (account, tat + step, slow_until),
-                )
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-            return max(0.0, tat - (burst - 1) * step - now)
+            with self._tx() as db:
+                tat, slow_until, now = self._row(db, account)
+                slot = tokenbucket.take(tat, now, tokenbucket.slowed(interval, now, slow_until, recovery), burst)
+                db.execute(SQL.rate_write, (slot.tat, slow_until, account))
+            return slot.wait
 
         return await self._run(run)
 
     async def pause(self, account: str, seconds: float, slow_for: float) -> None:
         def run() -> None:
-            now = time.time()
-            self._conn().execute(
-                "INSERT INTO rate_buckets (account, tat, slow_until) VALUES (?,?,?) ON CONFLICT (account) DO UPDATE"
-                " SET tat=MAX(tat, excluded.tat), slow_until=excluded.slow_until",
-                (account, now + seconds, now + slow_for),
-            )
+            with self._tx() as db:
+                tat, _, now = self._row(db, account)
+                db.execute(SQL.rate_write, (tokenbucket.paused(tat, now, seconds), now + slow_for, account))
 
         await self._run(run)
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    @staticmethod
+    def _row(db: sqlite3.Connection, account: str) -> tuple[float, float, float]:
+        """(tat, slow_until, now) of the account's bucket, made on first use."""
+        db.execute(SQL.rate_row, (account,))
+        tat, slow_until, now = db.execute(SQL.rate_read, (account,)).fetchone()
+        return float(tat), float(slow_until), float(now)
 
     async def close(self) -> None:
         def shut() -> None:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
-from gateway.core.records import Decision, DeliveryState
+from gateway.core.records import CallRow, Decision, DeliveryState
 from gateway.queue.health import QueueHealth
 
 
@@ -129,13 +129,15 @@ class QueueStore(Protocol):
 
     # -- rate limits shared by every instance on this queue ---------------------------------------------
 
-    async def rate_slot(self, account: str, interval: float, burst: int) -> float:
-        """Take `account`'s next call slot of a token bucket (one call per `interval`, `burst` at once);
-        returns the seconds to wait for it."""
+    async def rate_slot(self, account: str, interval: float, burst: int, recovery: float = 30.0) -> float:
+        """Take `account`'s next call slot of a token bucket (gateway.core.tokenbucket: one call per
+        `interval`, `burst` at once, the interval stretched for `recovery` seconds after a 429); returns
+        the seconds to wait for it."""
         ...
 
     async def rate_pause(self, account: str, seconds: float, slow_for: float) -> None:
-        """No slot for `seconds` (the upstream's Retry-After), then half the rate for `slow_for` seconds."""
+        """No slot for `seconds` (the upstream's Retry-After), then a slower rate for `slow_for` seconds
+        (half at first, recovering linearly: give rate_slot the same `recovery`)."""
         ...
 
     # -- idempotency keys (resends are not sent twice) --------------------------------------------------
@@ -171,21 +173,14 @@ class QueueStore(Protocol):
     async def requeue(self, msg_id: str, now: float, max_lifetime: float) -> bool: ...
 
 
-# A new message's row of the messages table, the same for both backends (only the placeholders differ).
+# A new message's row of the messages table, the same for both backends (gateway/queue/sql.py).
 MESSAGE_COLUMNS = (
     "id, account, state, created, expires, next_attempt, attempts, mail_from, subject, size,"
     " last_error, dead_reason, dead_at, owner, lease_until, token, internal_errors, idem_key,"
     " submission"
 )
 CALL_COLUMNS = "key, recipients, state, upstream_id, error, lost"
-
-
-_MESSAGE_VALUES = MESSAGE_COLUMNS.count(",") + 1
-
-
-def message_insert(placeholder: str) -> str:
-    """The INSERT of MessageRow.values, with the backend's placeholder (`?` or `%s`)."""
-    return f"INSERT INTO messages ({MESSAGE_COLUMNS}) VALUES ({','.join([placeholder] * _MESSAGE_VALUES)})"
+MESSAGE_VALUES = MESSAGE_COLUMNS.count(",") + 1
 
 
 class MessageRow(NamedTuple):
@@ -236,3 +231,42 @@ def chunks(msg_id: str, blobs: Sequence[bytes | memoryview]) -> Iterator[tuple[s
         view = memoryview(blob)
         for seq, start in enumerate(range(0, max(len(view), 1), CHUNK)):
             yield msg_id, n, seq, view[start : start + CHUNK]
+
+
+class ClaimedRows:
+    """A claim's rows read back into Claimed messages, the same for both backends: the claimed messages
+    (`updated`, with id, seq, token, submission, attempts, created, expires, internal_errors), then their
+    calls and their blob chunks in order, one row at a time (a blob's chunks are never all in memory
+    beside the blob)."""
+
+    def __init__(self, account: str, reaped: dict[str, bool], updated: Sequence[Any]) -> None:
+        self._account, self._reaped, self._updated = account, reaped, updated
+        self._calls: dict[str, dict[str, CallRow]] = {r["id"]: {} for r in updated}
+        self._blobs: dict[str, list[bytearray]] = {r["id"]: [] for r in updated}
+
+    def call(self, c: Any) -> None:
+        self._calls[c["msg_id"]][c["key"]] = CallRow(
+            c["key"], c["recipients"], c["state"], c["upstream_id"], c["error"], c["lost"]
+        )
+
+    def blob_chunk(self, row: Any) -> None:
+        parts = self._blobs[row["msg_id"]]
+        if row["n"] == len(parts):
+            parts.append(bytearray())
+        parts[row["n"]] += row["data"]
+
+    def claimed(self) -> list[Claimed]:
+        """Due messages first, then reaped ones, each in the order they were stored."""
+        reaped = self._reaped
+        return [
+            Claimed(
+                m["id"],
+                self._account,
+                m["token"],
+                bytes(m["submission"]),
+                DeliveryState(self._calls[m["id"]], m["attempts"], m["created"], m["expires"], m["internal_errors"]),
+                reaped=reaped[m["id"]],
+                blobs=self._blobs[m["id"]],  # type: ignore[arg-type]  # bytearray serves where bytes are read
+            )
+            for m in sorted(self._updated, key=lambda m: (reaped[m["id"]], m["seq"]))
+        ]

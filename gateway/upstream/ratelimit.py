@@ -1,9 +1,9 @@
 """Rate limits for upstream calls: a token bucket per account, shared by sessions and the retry worker.
 
-GCRA (the "virtual scheduling" form of a token bucket): each call reserves the next free slot, so
-concurrent callers are served in order without a lock, and a caller that would wait longer than it can
-afford gets RateLimited without taking a slot. A 429 pauses the bucket for the upstream's Retry-After and
-halves its rate; the rate recovers linearly over `recovery` seconds (additive increase).
+The bucket is gateway.core.tokenbucket's: each call reserves the next free slot, so concurrent callers
+are served in order without a lock, and a caller that would wait longer than it can afford gets
+RateLimited without taking a slot. A 429 pauses the bucket for the upstream's Retry-After and halves its
+rate; the rate recovers linearly over `recovery` seconds (additive increase).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Protocol
 
 import structlog
 
+from gateway.core import tokenbucket
 from gateway.core.errors import Deferred, RateLimited
 from gateway.ops.metrics import RATE_LIMIT_WAIT
 
@@ -40,6 +41,8 @@ class Unlimited:
 
 
 class TokenBucket:
+    """This process's bucket for one account."""
+
     def __init__(
         self,
         rate: float,
@@ -52,32 +55,20 @@ class TokenBucket:
         self.rate = rate
         self.burst = burst
         self._clock = clock
-        self._tat = clock()  # theoretical arrival time of the next call
-        self._slow_since: float | None = None
-        self._slow_factor = 1.0
+        self._tat = tokenbucket.NEW
+        self._slow_until = 0.0
         self._recovery = recovery
         self._wait_metric = RATE_LIMIT_WAIT.labels(account=account)
-
-    def _interval(self, now: float) -> float:
-        factor = self._slow_factor
-        if self._slow_since is not None:
-            # Back from the halved rate to the full rate, linearly over `recovery` seconds.
-            progress = min(1.0, (now - self._slow_since) / self._recovery)
-            factor = self._slow_factor + (1.0 - self._slow_factor) * progress
-            if progress >= 1.0:
-                self._slow_since, self._slow_factor = None, 1.0
-        return 1.0 / (self.rate * factor)
 
     def reserve(self, max_wait: float | None = None) -> float:
         """Take the next slot; returns the seconds to wait for it. Raises RateLimited past `max_wait`."""
         now = self._clock()
-        interval = self._interval(now)
-        tat = max(self._tat, now)
-        wait = max(0.0, tat - (self.burst - 1) * interval - now)
-        if max_wait is not None and wait > max_wait:
-            raise RateLimited(f"rate limit: next slot in {wait:.2f}s", retry_after=wait)
-        self._tat = tat + interval
-        return wait
+        interval = tokenbucket.slowed(1.0 / self.rate, now, self._slow_until, self._recovery)
+        slot = tokenbucket.take(self._tat, now, interval, self.burst)
+        if max_wait is not None and slot.wait > max_wait:
+            raise RateLimited(f"rate limit: next slot in {slot.wait:.2f}s", retry_after=slot.wait)
+        self._tat = slot.tat
+        return slot.wait
 
     async def acquire(self, max_wait: float | None = None) -> None:
         wait = self.reserve(max_wait)
@@ -87,11 +78,11 @@ class TokenBucket:
 
     async def penalize(self, retry_after: float | None) -> None:
         now = self._clock()
-        self._tat = max(self._tat, now + (retry_after if retry_after is not None else 1.0))
-        self._slow_since, self._slow_factor = now, 0.5
+        self._tat = tokenbucket.paused(self._tat, now, retry_after if retry_after is not None else 1.0)
+        self._slow_until = now + self._recovery
 
 
-SlotFn = Callable[[str, float, int], Awaitable[float]]
+SlotFn = Callable[[str, float, int, float], Awaitable[float]]
 PauseFn = Callable[[str, float, float], Awaitable[None]]
 
 
@@ -113,7 +104,7 @@ class SharedBucket:
 
     async def acquire(self, max_wait: float | None = None) -> None:
         try:
-            wait = await self._slot(self._account, self._interval, self._burst)
+            wait = await self._slot(self._account, self._interval, self._burst, self._recovery)
         except Deferred as exc:
             if not self._degraded:
                 self._degraded = True

@@ -11,37 +11,67 @@ from gateway.config.base import AccountBase, UserSettings, http_base_url, secret
 
 
 class DengageUser(UserSettings):
-    # Report tags added to every message of this login (dEngage `tags`, filterable in its reports).
-    tags: list[str] = []
+    """A configured login of a dEngage account."""
+
+    tags: list[str] = Field([], description="Report tags added to every message of this login (dEngage `tags`).")
 
 
 class DengageAccount(AccountBase):
-    provider: Literal["dengage"]
-    # Per data centre: https://api.dengage.com/rest, https://tr-api.dengage.com/rest, ... (upstream-apis.md §2.1)
-    api_base: str = "https://api.dengage.com/rest"
-    # The API user (Settings > Identity & Access Management > API Users): secrets, from env or file.
-    userkey: SecretStr | None = None
-    userkey_file: Path | None = None
-    password: SecretStr | None = None
-    password_file: Path | None = None
-    # Sender domains this gateway may use, narrowing the account's own From identities
-    # (GET /rest/email/froms); empty: every identity's domain.
-    sender_domains: list[str] = []
-    # Seconds the froms list is kept before it is fetched again (a failed refresh keeps the old list).
-    froms_ttl: float = Field(600.0, gt=0)
-    # Opt-in: the API user's own userkey + password as the SMTP login, verified by a real /rest/login.
-    api_user_logins: bool = False
-    users: list[DengageUser] = []
-    # Report tags added to every message of this account.
-    tags: list[str] = []
+    """A dEngage account: its API user, the sender domains it may use, logins and users."""
+
+    provider: Literal["dengage"] = Field(description="`dengage`.")
+    # The data centres' URLs: upstream-apis.md §2.1.
+    api_base: str = Field(
+        "https://api.dengage.com/rest",
+        description="The API's base URL, per data centre: `https://api.dengage.com/rest`, "
+        "`https://tr-api.dengage.com/rest`, ...",
+    )
+    userkey: SecretStr | None = Field(
+        None,
+        description="The API user's user key (Settings > Identity & Access Management > API Users; required: "
+        "here or in `userkey_file`).",
+    )
+    userkey_file: Path | None = Field(None, description="A file holding the user key on its first line.")
+    password: SecretStr | None = Field(
+        None, description="The API user's password (required: here or in `password_file`)."
+    )
+    password_file: Path | None = Field(None, description="A file holding the password on its first line.")
+    sender_domains: list[str] = Field(
+        [],
+        description="Sender domains this gateway may use, narrowing the account's own From identities "
+        "(`GET /rest/email/froms`); empty: every identity's domain.",
+    )
+    froms_ttl: float = Field(
+        600.0,
+        gt=0,
+        description="Seconds the From identities are kept before they are fetched again (a failed refresh keeps "
+        "the old list).",
+    )
+    api_user_logins: bool = Field(
+        False,
+        description="Opt-in: the API user's own user key and password as an SMTP login, verified by a real "
+        "`/rest/login`.",
+    )
+    users: list[DengageUser] = Field([], description="Logins configured here, each with its password hash.")
+    tags: list[str] = Field([], description="Report tags added to every message of this account.")
     # dEngage allows about 30 requests/s per IP (upstream-apis.md §2.1 [C]). A token bucket lets at most
-    # rate_burst + rate_limit - 1 calls through in any one second: 29 with these defaults. 0: no limit.
-    rate_limit: float | None = Field(25.0, ge=0)
-    rate_burst: int = Field(5, ge=1)
+    # rate_burst + rate_limit - 1 calls through in any one second: 29 with these defaults.
+    rate_limit: float | None = Field(
+        25.0,
+        ge=0,
+        description="Requests per second to the API, shared by every session, retry and instance (dEngage "
+        "allows about 30 per IP); 0: no limit.",
+    )
+    rate_burst: int = Field(
+        5, ge=1, description="How many requests may go at once: at most `rate_limit + rate_burst - 1` a second."
+    )
 
     @property
     def base_url(self) -> str:
         return self.api_base.rstrip("/")
+
+    def sender_domain_names(self) -> tuple[str, ...]:
+        return tuple(self.sender_domains)
 
     @property
     def api_userkey(self) -> str:

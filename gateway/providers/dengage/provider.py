@@ -15,12 +15,14 @@ import structlog
 from gateway.config.base import UserSettings
 from gateway.core import replies
 from gateway.core.errors import ContentRejected, RateLimited, UpstreamAuthFailed
-from gateway.core.model import Call, Message, Principal, Submission
+from gateway.core.model import Call, Message, Principal, ProviderData, Submission
 from gateway.core.outcome import BeforeSend, Outcome, no_hook
 from gateway.mime import jsonbody
 from gateway.policy import SenderPolicy, ascii_domain, domain_of
+from gateway.providers.base import ProviderBase
 from gateway.providers.dengage import wire
 from gateway.providers.dengage.config import DengageAccount, DengageUser
+from gateway.providers.dengage.data import DengageLogin, DengageParams
 from gateway.providers.dengage.session import JSON, Identities, TokenSource
 from gateway.upstream.client import HttpClient
 from gateway.upstream.ratelimit import RateLimiter, Unlimited
@@ -45,7 +47,7 @@ def merge_tags(*groups: object) -> list[str]:
     return list(out)
 
 
-class DengageProvider:
+class DengageProvider(ProviderBase[DengageAccount]):
     kind = "dengage"
 
     def __init__(
@@ -56,10 +58,7 @@ class DengageProvider:
         limiter: RateLimiter | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.account = account
-        self.settings = settings
-        self.http = http
-        self.limiter = limiter or Unlimited()
+        super().__init__(account, settings, http, limiter or Unlimited())
         self.tokens = TokenSource(account, http, self.limiter, settings.api_userkey, settings.api_password, clock)
         self.identities = Identities(account, self._fetch_froms, settings.froms_ttl, clock)
         self._policy: tuple[tuple[str, ...], SenderPolicy] | None = None
@@ -69,9 +68,9 @@ class DengageProvider:
 
     # -- logins ------------------------------------------------------------------------------------
 
-    def user_extra(self, user: UserSettings) -> dict[str, object]:
+    def user_extra(self, user: UserSettings) -> ProviderData:
         assert isinstance(user, DengageUser)
-        return {"tags": list(user.tags)}
+        return DengageLogin(tuple(user.tags))
 
     def _is_api_user(self, username: str) -> bool:
         return hmac.compare_digest(username.encode(), self.settings.api_userkey.encode())
@@ -100,7 +99,7 @@ class DengageProvider:
             raise  # dEngage checks the caller's IP before the credentials: they cannot be checked now
         except UpstreamAuthFailed:
             return None
-        return Principal(account=self.account, login=self._api_login, extra={"tags": []})
+        return Principal(account=self.account, login=self._api_login, extra=DengageLogin())
 
     # -- acceptance --------------------------------------------------------------------------------
 
@@ -140,12 +139,9 @@ class DengageProvider:
                 ) from None
         elif not message.subject.strip():
             raise ContentRejected(reply=replies.NO_SUBJECT)
-        params = {
-            "tags": merge_tags(self.settings.tags, principal.extra.get("tags") or [], options.get(TAGS_OPTION, "")),
-            "template": template,
-            # Chosen once and kept with the queued message: the seed of each call's idempotency key.
-            "ref": uuid.uuid4().hex,
-        }
+        tags = merge_tags(self.settings.tags, DengageLogin.read(principal.extra).tags, options.get(TAGS_OPTION, ""))
+        # `ref` is chosen once and kept with the queued message: the seed of each call's idempotency key.
+        params = DengageParams(tags=tuple(tags), template=template, ref=uuid.uuid4().hex)
         return Submission(principal=principal, mail_from=mail_from, rcpt_tos=rcpt_tos, message=message, params=params)
 
     def plan(self, submission: Submission) -> tuple[Call, ...]:
@@ -179,8 +175,9 @@ class DengageProvider:
         content = jsonbody.encode(wire.build_payload(submission, recipient))
         extra: dict[str, str] = {}
         header = wire.WIRE["idempotency_header"]
-        if header and submission.params.get("ref"):
-            extra[header] = wire.idempotency_key(str(submission.params["ref"]), recipient)
+        ref = DengageParams.read(submission.params).ref
+        if header and ref:
+            extra[header] = wire.idempotency_key(ref, recipient)
 
         async def sending() -> None:
             await before_send((call.key,))
@@ -227,6 +224,3 @@ class DengageProvider:
                 await self.limiter.penalize(exc.retry_after)
                 raise
         raise AssertionError("unreachable")  # pragma: no cover
-
-    async def aclose(self) -> None:
-        await self.http.aclose()

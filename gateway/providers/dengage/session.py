@@ -8,14 +8,13 @@ and refreshed in the background; a failed refresh keeps the last list.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
 
 import orjson
 import structlog
 
+from gateway.core.cache import SingleFlight
 from gateway.core.errors import Deferred, RateLimited, UpstreamAuthFailed
 from gateway.ops.metrics import INTERNAL_ERRORS
 from gateway.providers.dengage import wire
@@ -23,7 +22,6 @@ from gateway.upstream.client import HttpClient
 from gateway.upstream.ratelimit import RateLimiter
 
 log = structlog.get_logger("gateway.dengage")
-T = TypeVar("T")
 
 # After a failed login or froms fetch, callers get that failure for this long instead of a new request
 # each: a refused API user must not turn every message into a login attempt.
@@ -32,12 +30,6 @@ FAILURE_HOLD = 2.0
 RENEW_MARGIN = 60.0
 LOG_EVERY = 60.0  # an unreachable identities list is logged at most once a minute
 JSON = {"Accept": "application/json", "Content-Type": "application/json"}
-
-
-def _shared(task: asyncio.Future[T]) -> asyncio.Future[T]:
-    # The task's failure is read by its waiters; if every waiter was cancelled, nobody must be warned.
-    task.add_done_callback(lambda f: f.cancelled() or f.exception())
-    return task
 
 
 class TokenSource:
@@ -57,7 +49,7 @@ class TokenSource:
         self._clock = clock
         self._token: str | None = None
         self._renew_at = 0.0
-        self._login: asyncio.Future[str] | None = None
+        self._login: SingleFlight[None, str] = SingleFlight()
         self._failure: tuple[Deferred, float] | None = None
         self.logins = 0  # logins sent by this process (tests and metrics read it)
 
@@ -66,11 +58,9 @@ class TokenSource:
         now = self._clock()
         if self._token is not None and now < self._renew_at:
             return self._token
-        if self._login is None:
-            if self._failure is not None and now < self._failure[1]:
-                raise self._failure[0].with_traceback(None)
-            self._login = _shared(asyncio.ensure_future(self._log_in()))
-        return await asyncio.shield(self._login)
+        if not self._login.running(None) and self._failure is not None and now < self._failure[1]:
+            raise self._failure[0].with_traceback(None)
+        return await self._login.run(None, self._log_in)
 
     def invalidate(self, token: str) -> None:
         """dEngage answered 401 with this token: the next caller logs in again (once, for everyone)."""
@@ -92,8 +82,6 @@ class TokenSource:
             self._failure = (exc, self._clock() + FAILURE_HOLD)
             log.warning("dengage_login_failed", account=self.account, reason=exc.reason)
             raise
-        finally:
-            self._login = None
         self._failure = None
         self._token = token.value
         self._renew_at = sent + token.expires_in - min(RENEW_MARGIN, token.expires_in / 10)
@@ -117,7 +105,7 @@ class Identities:
         self._clock = clock
         self._addresses: tuple[str, ...] | None = None
         self._fresh_until = 0.0
-        self._update: asyncio.Future[tuple[str, ...]] | None = None
+        self._update: SingleFlight[None, tuple[str, ...]] = SingleFlight()
         self._failure: tuple[Deferred, float] | None = None
         self._logged = -LOG_EVERY
 
@@ -126,14 +114,12 @@ class Identities:
         with none known yet, the caller waits for the first fetch (and gets its failure: a Deferred)."""
         now = self._clock()
         if self._addresses is not None:
-            if now >= self._fresh_until and self._update is None:
-                self._update = _shared(asyncio.ensure_future(self._background_refresh()))
+            if now >= self._fresh_until:
+                self._update.start(None, self._background_refresh)
             return self._addresses
-        if self._update is None:
-            if self._failure is not None and now < self._failure[1]:
-                raise self._failure[0].with_traceback(None)
-            self._update = _shared(asyncio.ensure_future(self._refresh()))
-        return await asyncio.shield(self._update)
+        if not self._update.running(None) and self._failure is not None and now < self._failure[1]:
+            raise self._failure[0].with_traceback(None)
+        return await self._update.run(None, self._refresh)
 
     async def _background_refresh(self) -> tuple[str, ...]:
         """A refresh nobody waits for: a bug in it is logged here, once, or it would go unseen."""
@@ -169,8 +155,6 @@ class Identities:
                 "dengage_froms_refresh_failed", account=self.account, reason=exc.reason, kept=len(self._addresses)
             )
             return self._addresses
-        finally:
-            self._update = None
         if addresses != self._addresses:
             log.info("dengage_froms", account=self.account, identities=list(addresses))
         self._addresses = addresses

@@ -22,6 +22,7 @@ from gateway.core.errors import (
 )
 from gateway.core.model import Submission
 from gateway.mime import jsonbody, text_to_html
+from gateway.providers.dengage.data import DengageParams
 from gateway.upstream.response import HttpResponse
 
 # Every wire name in one table, tagged as in shared/upstream-apis.md part 2:
@@ -116,10 +117,10 @@ def build_payload(submission: Submission, recipient: str) -> dict[str, Any]:
     tests/test_dengage_payload.py. Only this recipient is named: Cc and Bcc recipients get their own
     call and never appear in another's; header To/Cc are never forwarded as recipients."""
     msg = submission.message
-    params = submission.params
+    params = DengageParams.read(submission.params)
     w = WIRE
     content: dict[str, Any] = {}
-    template = params.get("template")
+    template = params.template
     if template:
         content[str(w["template_id"])] = template
     if msg.subject:
@@ -150,9 +151,8 @@ def build_payload(submission: Submission, recipient: str) -> dict[str, Any]:
             # A repeated header keeps every value, comma-joined (as HTTP folds repeated fields).
             headers[name] = f"{headers[name]}, {value}" if name in headers else value
         body[str(w["x_headers"])] = headers
-    tags = params.get("tags")
-    if tags:
-        body[str(w["tags"])] = list(tags)
+    if params.tags:
+        body[str(w["tags"])] = list(params.tags)
     return body
 
 

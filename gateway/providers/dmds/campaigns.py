@@ -1,6 +1,6 @@
 """Pure: which DMDS campaign a message goes to, from the login, a "[NN]" Subject prefix or a header.
 
-A DMDS login's Principal.extra carries `campaign`, `campaign_from_subject` and `may_choose_campaign`."""
+A DMDS login's Principal.extra is a DmdsLogin (gateway/providers/dmds/data.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import re
 from gateway.core import replies
 from gateway.core.errors import ContentRejected, PolicyRejected
 from gateway.core.model import Principal
+from gateway.providers.dmds.data import DmdsLogin
 
 _SUBJECT_PREFIX = re.compile(r"^\s*\[([0-9]{1,12})\]\s*")
 _NUMID = re.compile(r"[0-9]{1,12}")
@@ -17,8 +18,8 @@ CAMPAIGN_OPTION = "campaign"
 
 def resolve_campaign(principal: Principal, subject: str, options: dict[str, str]) -> tuple[int, str]:
     """Return (campaign numid, subject to send). The "[NN]" prefix is removed, as DMDS does."""
-    extra = principal.extra
-    if extra.get("campaign_from_subject"):
+    login = DmdsLogin.read(principal.extra)
+    if login.campaign_from_subject:
         m = _SUBJECT_PREFIX.match(subject)
         if m is None:
             # DMDS silently discards such mail; we refuse it while the client can still see why.
@@ -26,17 +27,16 @@ def resolve_campaign(principal: Principal, subject: str, options: dict[str, str]
         return int(m.group(1)), subject[m.end() :]
     override = options.get(CAMPAIGN_OPTION)
     if override is not None:
-        if not extra.get("may_choose_campaign"):
+        if not login.may_choose_campaign:
             raise PolicyRejected(
                 reply=replies.CAMPAIGN_NOT_PERMITTED.with_text(f"Login {principal.login} may not choose the campaign")
             )
         if not _NUMID.fullmatch(override.strip()):  # str.isdigit() also takes "²" and Arabic-Indic digits
             raise ContentRejected(f"X-Gateway-Campaign must be a campaign number, got {override.strip()!r}")
         return int(override.strip()), subject
-    campaign = extra.get("campaign")
-    if campaign is None:
+    if login.campaign is None:
         raise ContentRejected(reply=replies.CAMPAIGN_REQUIRED)
-    return int(campaign), subject
+    return login.campaign, subject
 
 
 def option_flag(options: dict[str, str], name: str, default: bool) -> bool:

@@ -11,32 +11,65 @@ from gateway.config.base import AccountBase, UserSettings, http_base_url, secret
 
 
 class DmdsUser(UserSettings):
-    campaign: int | None = None
-    may_choose_campaign: bool = False
-    campaign_from_subject: bool = False
+    """A configured login of a DMDS account."""
+
+    campaign: int | None = Field(None, description="The campaign numid this login's mail is sent under.")
+    may_choose_campaign: bool = Field(
+        False, description="The login may send under another campaign with an `X-Gateway-Campaign` header."
+    )
+    campaign_from_subject: bool = Field(
+        False, description="Take the campaign from a `[NN]` Subject prefix (removed before sending) instead."
+    )
 
 
 class DmdsAccount(AccountBase):
-    provider: Literal["dmds"] = "dmds"
-    dmdsid: str = Field(pattern=r"^[A-Za-z0-9_.]+$")
-    # Default https://api-dmds-<dmdsid>.planisys.net (upstream-apis.md §1.1).
-    api_base: str | None = None
-    apikey: SecretStr | None = None
-    apikey_file: Path | None = None
-    # Permitted sender domain -> its registered return-path address (as listed on the DMDS web).
-    sender_domains: dict[str, str] = {}
-    # <dmdsid>-<campaign numid> + that campaign's apikey, verified against DMDS' campania_apikey.
-    smtp_api_logins: bool = True
-    # <dmdsid> + the account APIKEY, campaign from a "[NN]" Subject prefix (SMTP-DMDS sandbox style).
-    sandbox_logins: bool = True
-    # When not empty, only these campaign numids may be used.
-    campaigns: list[int] = []
-    users: list[DmdsUser] = []
-    archive: bool = False
+    """A Planisys DMDS account (REST v1): its API key, permitted sender domains, logins and users."""
+
+    provider: Literal["dmds"] = Field(
+        "dmds", description="`dmds` (the default: a table without `provider` is a DMDS account)."
+    )
+    dmdsid: str = Field(
+        pattern=r"^[A-Za-z0-9_.]+$", description="The dedicated DMDS name; the API's host and the logins use it."
+    )
+    # The default follows upstream-apis.md §1.1.
+    api_base: str | None = Field(
+        None, description="The API's base URL; unset: `https://api-dmds-<dmdsid>.planisys.net`."
+    )
+    apikey: SecretStr | None = Field(None, description="The account APIKEY (required: here or in `apikey_file`).")
+    apikey_file: Path | None = Field(
+        None, description="A file holding the APIKEY on its first line, instead of `apikey`."
+    )
+    sender_domains: dict[str, str] = Field(
+        {},
+        description="Permitted sender domain -> its registered return-path address, as listed on the DMDS web.",
+    )
+    smtp_api_logins: bool = Field(
+        True,
+        description="Accept DMDS SMTP-API logins: `<dmdsid>-<campaign numid>` with that campaign's apikey, "
+        "verified by DMDS.",
+    )
+    sandbox_logins: bool = Field(
+        True,
+        description="Accept the SMTP-DMDS sandbox login: `<dmdsid>` with the account APIKEY, the campaign from "
+        "a `[NN]` Subject prefix.",
+    )
+    campaigns: list[int] = Field([], description="When not empty, only these campaign numids may be used.")
+    users: list[DmdsUser] = Field([], description="Logins configured here, each with its password hash.")
+    archive: bool = Field(
+        False,
+        description="The default of DMDS `archive` (a witness copy; needs the DMDS archiving licence); "
+        "`X-Gateway-Archive` overrides it per message.",
+    )
 
     @property
     def base_url(self) -> str:
         return (self.api_base or f"https://api-dmds-{self.dmdsid}.planisys.net").rstrip("/")
+
+    def sender_domain_names(self) -> tuple[str, ...]:
+        return tuple(self.sender_domains)
+
+    def return_paths(self) -> dict[str, str]:
+        return dict(self.sender_domains)
 
     @property
     def key(self) -> str:

@@ -10,18 +10,24 @@ from dataclasses import replace
 
 from gateway.config.base import UserSettings
 from gateway.core import replies
+from gateway.core.cache import AsyncCache, Fresh
 from gateway.core.errors import ContentRejected, Deferred, Rejected
-from gateway.core.model import Call, Message, Principal, Submission
+from gateway.core.model import Call, Message, Principal, ProviderData, Submission
 from gateway.core.outcome import BeforeSend, Outcome, no_hook
 from gateway.mime import jsonbody
 from gateway.policy import SenderPolicy, ascii_address, ascii_domain
+from gateway.providers.base import ProviderBase
 from gateway.providers.dmds import campaigns, wire
 from gateway.providers.dmds.config import DmdsAccount, DmdsUser
+from gateway.providers.dmds.data import DmdsLogin, DmdsParams
 from gateway.providers.dmds.legs import Leg, plan_legs
 from gateway.upstream.client import HttpClient
 from gateway.upstream.ratelimit import RateLimiter, Unlimited
 
 _SMTP_API_LOGIN = re.compile(r"^(?P<dmdsid>[A-Za-z0-9_.]+)-(?P<numid>\d{1,12})$")
+# Campaign numids whose existence is remembered (each of known and unknown ones): a client choosing
+# campaigns by Subject can name any number.
+CAMPAIGNS_CACHED = 10_000
 
 
 def sender_policy(settings: DmdsAccount) -> SenderPolicy:
@@ -32,7 +38,7 @@ def sender_policy(settings: DmdsAccount) -> SenderPolicy:
     )
 
 
-class DmdsProvider:
+class DmdsProvider(ProviderBase[DmdsAccount]):
     kind = "dmds"
 
     def __init__(
@@ -43,36 +49,27 @@ class DmdsProvider:
         limiter: RateLimiter | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.account = account
-        self.settings = settings
-        self.http = http
-        self.limiter = limiter or Unlimited()
-        self._clock = clock
+        super().__init__(account, settings, http, limiter or Unlimited())
         # The raw key goes in Authorization with no scheme (upstream-apis.md §1.1, [V]).
         self._headers = {
             "Authorization": settings.key,
             "Accept": "application/json",
             "Content-Type": "application/json",
         }
-        self._known: dict[int, tuple[bool, float]] = {}  # campaign numid -> (exists, expires)
+        self._known: AsyncCache[int, bool] = AsyncCache(
+            CAMPAIGNS_CACHED, negative=lambda known: not known, clock=clock
+        )  # campaign numid -> whether DMDS has it
         self._policy = sender_policy(settings)
 
     # -- logins ------------------------------------------------------------------------------------
 
-    def user_extra(self, user: UserSettings) -> dict[str, object]:
+    def user_extra(self, user: UserSettings) -> ProviderData:
         assert isinstance(user, DmdsUser)
-        return {
-            "campaign": user.campaign,
-            "campaign_from_subject": user.campaign_from_subject,
-            "may_choose_campaign": user.may_choose_campaign,
-        }
+        return DmdsLogin(user.campaign, user.campaign_from_subject, user.may_choose_campaign)
 
     def owns_login(self, username: str) -> bool:
         m = _SMTP_API_LOGIN.match(username)
         return (m.group("dmdsid") if m else username) == self.settings.dmdsid
-
-    def login_label(self, username: str) -> str:
-        return username
 
     async def verify_login(self, username: str, password: str) -> Principal | None:
         settings = self.settings
@@ -85,14 +82,14 @@ class DmdsProvider:
             key = await self.campaign_apikey(numid)
             if key is None or not hmac.compare_digest(key.encode(), password.encode()):
                 return None
-            return Principal(account=self.account, login=username, extra={"campaign": numid})
+            return Principal(account=self.account, login=username, extra=DmdsLogin(campaign=numid))
         # <dmdsid> + the account APIKEY, campaign from "[NN]" (upstream-apis.md §1.8, [V]).
         if (
             username == settings.dmdsid
             and settings.sandbox_logins
             and hmac.compare_digest(settings.key.encode(), password.encode())
         ):
-            return Principal(account=self.account, login=username, extra={"campaign_from_subject": True})
+            return Principal(account=self.account, login=username, extra=DmdsLogin(campaign_from_subject=True))
         return None
 
     async def campaign_apikey(self, numid: int) -> str | None:
@@ -102,15 +99,12 @@ class DmdsProvider:
         return wire.campaign_apikey(response)
 
     async def campaign_known(self, numid: int) -> bool:
-        """Whether DMDS has this API campaign (cached like credentials)."""
-        cached = self._known.get(numid)
-        now = self._clock()
-        if cached is not None and cached[1] > now:
-            return cached[0]
+        """Whether DMDS has this API campaign (cached like credentials; concurrent checks share one lookup)."""
+        return await self._known.get(numid, lambda: self._look_up_campaign(numid))
+
+    async def _look_up_campaign(self, numid: int) -> Fresh[bool]:
         known = await self.campaign_apikey(numid) is not None
-        ttl = self.settings.credential_cache_ttl if known else self.settings.negative_cache_ttl
-        self._known[numid] = (known, self._clock() + ttl)
-        return known
+        return Fresh(known, self.settings.credential_cache_ttl if known else self.settings.negative_cache_ttl)
 
     # -- acceptance --------------------------------------------------------------------------------
 
@@ -124,17 +118,17 @@ class DmdsProvider:
         unknown = ContentRejected(reply=replies.UNKNOWN_CAMPAIGN.with_text(f"Unknown campaign {campaign}"))
         if self.settings.campaigns and campaign not in self.settings.campaigns:
             raise unknown
-        chosen = principal.extra.get("campaign_from_subject") or campaigns.CAMPAIGN_OPTION in message.options
+        chosen = DmdsLogin.read(principal.extra).campaign_from_subject or campaigns.CAMPAIGN_OPTION in message.options
         if chosen and not await self.campaign_known(campaign):
             # DMDS silently discards mail for an unknown campaign (upstream-apis.md §1.8): refuse it now.
             raise unknown
         if subject != message.subject:
             message = replace(message, subject=subject)
-        params = {
-            "campaign": campaign,
-            "archive": campaigns.option_flag(message.options, "archive", self.settings.archive),
-            "batch": (message.options.get("batch") or "").strip() or None,
-        }
+        params = DmdsParams(
+            campaign=campaign,
+            archive=campaigns.option_flag(message.options, "archive", self.settings.archive),
+            batch=(message.options.get("batch") or "").strip() or None,
+        )
         return Submission(principal=principal, mail_from=mail_from, rcpt_tos=rcpt_tos, message=message, params=params)
 
     def legs(self, submission: Submission) -> tuple[Leg, ...]:
@@ -154,7 +148,7 @@ class DmdsProvider:
         pending = [leg for leg in self.legs(submission) if leg.key not in done]
         if not pending:
             return outcome
-        batch = submission.params.get("batch") or done.get("0") or next(iter(done.values()), None)
+        batch = DmdsParams.read(submission.params).batch or done.get("0") or next(iter(done.values()), None)
         rest = pending
         if batch is None:
             first, rest = pending[0], pending[1:]
@@ -193,6 +187,3 @@ class DmdsProvider:
             if response.status == 429:
                 await self.limiter.penalize(getattr(exc, "retry_after", None))
             raise
-
-    async def aclose(self) -> None:
-        await self.http.aclose()

@@ -9,13 +9,13 @@ from typing import Any
 from gateway.core.errors import AnswerLost, RateLimited, UpstreamAuthFailed, UpstreamRejected, UpstreamUnavailable
 from gateway.core.model import Address, Submission
 from gateway.mime import jsonbody
+from gateway.providers.dmds.data import DmdsParams
 from gateway.providers.dmds.legs import Leg
 from gateway.upstream.response import HttpResponse
 
 # Every wire name in one table, tagged as in shared/upstream-apis.md:
 #   [V] vendor docs, [C] seen in real client code, [S] seed document only, [I] our inference.
 # A name found to be wrong is corrected here, in one line, and in tests/fixtures/dmds/*.json.
-# Submission.params of a DMDS message: {"campaign": int, "archive": bool, "batch": eeid or None}.
 WIRE = {
     "send_one": "/v1/envio/send_one_inline/",  # [C] path; [V] method name
     "send_many": "/v1/envio/send_many_inline/",  # [V] method name; path [I] by analogy
@@ -66,8 +66,8 @@ def _contact(addr: Address) -> dict[str, str]:
 def build_payload(submission: Submission, leg: Leg, batch_id: str | None) -> dict[str, Any]:
     """The JSON body for one leg. Pure: golden-tested in tests/test_dmds_payload.py."""
     msg = submission.message
-    params = submission.params
-    body: dict[str, Any] = {WIRE["campaign"]: params["campaign"], WIRE["email_flag"]: True}
+    params = DmdsParams.read(submission.params)
+    body: dict[str, Any] = {WIRE["campaign"]: params.campaign, WIRE["email_flag"]: True}
     if len(leg.contacts) == 1:
         body[WIRE["contact"]] = _contact(leg.contacts[0])
     else:
@@ -98,7 +98,7 @@ def build_payload(submission: Submission, leg: Leg, batch_id: str | None) -> dic
             }
             for a in msg.attachments
         ]
-    if params.get("archive"):
+    if params.archive:
         body[WIRE["archive"]] = True
     if batch_id:
         body[WIRE["reuse_eeid"]] = True

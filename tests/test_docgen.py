@@ -1,0 +1,257 @@
+"""The reference pages (docs/reference/) are what the code says: tools/docgen regenerates them and the committed
+pages must match; what the pages read from the code is complete (every key described, every reply, metric and
+option explained, every log event listable); the check fails, with a diff and the command, when a page is stale."""
+
+from __future__ import annotations
+
+import ast
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+from gateway.cli import build_parser
+from gateway.cli.exits import Exit
+from gateway.providers import registry
+from gateway.providers.dengage.config import DengageAccount
+from gateway.providers.dmds.config import DmdsAccount
+from tests.docs_blocks import ROOT, commands, doc_blocks
+from tests.test_third_provider import SPEC as TINYMAIL
+from tools.docgen import COMMAND, PAGES, cli, config, logevents, metrics, replies
+from tools.docgen.notes import NotesError, load
+
+
+def _docgen(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tools.docgen", *args],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_reference_pages_are_current() -> None:
+    """In a fresh process, as the page says to run it (a test run's own registrations cannot leak in)."""
+    [block] = doc_blocks("test_reference_pages_are_current")
+    assert [c for c, _ in commands(block)] == [COMMAND, f"{COMMAND} --check"]
+    result = _docgen(ROOT, "--check")
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+    assert {page.path.name for page in PAGES} == {
+        p.name for p in (ROOT / "docs" / "reference").glob("*.md") if p.name != "index.md"
+    }
+
+
+def test_a_stale_page_fails_the_check_with_its_diff_and_the_command(tmp_path: Path) -> None:
+    for part in ("gateway", "tools", "docs"):
+        shutil.copytree(ROOT / part, tmp_path / part, ignore=shutil.ignore_patterns("__pycache__"))
+    page = tmp_path / "docs" / "reference" / "metrics.md"
+    page.write_text(page.read_text().replace("smtp_gateway_sessions_active", "smtp_gateway_sessions_open"))
+    result = _docgen(tmp_path, "--check")
+    assert result.returncode == 1
+    assert '-| <a id="smtp_gateway_sessions_open">' in result.stdout
+    assert '+| <a id="smtp_gateway_sessions_active">' in result.stdout
+    assert "docs/reference/metrics.md is not what the code says" in result.stderr
+    assert f"run `{COMMAND}` and commit the pages" in result.stderr
+    # The command without --check writes it back, and then the check passes.
+    assert _docgen(tmp_path).returncode == 0
+    assert "smtp_gateway_sessions_active" in page.read_text()
+    assert _docgen(tmp_path, "--check").returncode == 0
+
+
+# ---- the code is complete enough to document -----------------------------------------------------------
+
+
+def _models(model: type[BaseModel], seen: set[type[BaseModel]]) -> None:
+    seen.add(model)
+    for field in model.model_fields.values():
+        inner = config._model_in(field.annotation)
+        if inner is not None and inner not in seen:
+            _models(inner, seen)
+
+
+def test_every_configuration_key_has_a_description() -> None:
+    seen: set[type[BaseModel]] = set()
+    for section in config.sections():
+        _models(section.model, seen)
+    missing = [
+        f"{model.__module__}.{model.__name__}.{name}"
+        for model in seen
+        for name, field in model.model_fields.items()
+        if not (field.description or "").strip()
+    ]
+    assert missing == [], "give these fields Field(description=...): " + ", ".join(sorted(missing))
+    assert {DmdsAccount, DengageAccount} <= seen
+
+
+def test_account_models_come_from_the_provider_registry() -> None:
+    """A provider registered (here by a test) is on the page with its keys; the built-in ones come first."""
+    registry.register(TINYMAIL)
+    try:
+        models = config.account_models()
+    finally:
+        registry.unregister(TINYMAIL.kind)
+    assert models[:2] == [DmdsAccount, DengageAccount]
+    assert TINYMAIL.account_model in models
+    assert TINYMAIL.account_model not in config.account_models()
+
+
+def test_every_reply_in_the_table_says_when_it_is_sent() -> None:
+    entries = replies.entries()
+    assert {"AUTH_INVALID", "queued()", "TLS_UNAVAILABLE"} <= {e.name for e in entries}
+    missing = [e.name for e in entries if not e.doc.strip()]
+    assert missing == [], "add a docstring under these entries of gateway/core/replies.py: " + ", ".join(missing)
+
+
+def test_a_reply_built_per_use_is_shown_with_its_placeholders() -> None:
+    shown = {e.name: e.reply for e in replies.entries()}
+    assert str(shown["queued()"]) == "250 2.0.0 Ok: queued as <queue_id>"
+    assert shown["data_timeout()"].text == "<hostname> Error: DATA not completed within <seconds> s, closing connection"
+
+
+def test_replies_link_to_the_troubleshooting_section_that_lists_them() -> None:
+    spans = replies._troubleshooting_spans()
+    shown = {e.name: e.reply for e in replies.entries()}
+    assert replies.fix_section(shown["AUTH_INVALID"], spans) == "TLS and AUTH"
+    assert replies.fix_section(shown["SENDER_NOT_OWNED"], spans) == "The envelope: MAIL and RCPT"
+    assert replies.fix_section(shown["MESSAGE_TOO_BIG"], spans) == "The message: end of DATA"
+    assert replies.fix_section(shown["NEED_RCPT"], spans) == "The envelope: MAIL and RCPT"  # a cell's second reply
+    assert replies.fix_section(shown["AUTH_OK"], spans) is None
+
+
+def test_every_metric_has_help_and_the_collectors_are_there() -> None:
+    found = {m.exposed: m for m in metrics.collect()}
+    assert {"smtp_gateway_sessions_total", "smtp_gateway_upstream_seconds", "smtp_gateway_queue_messages"} <= set(found)
+    assert found["smtp_gateway_upstream_seconds"].labels == ("account", "endpoint", "outcome")
+    assert found["smtp_gateway_upstream_seconds"].buckets[-1] == float("inf")
+    assert [name for name, m in found.items() if not m.help.strip()] == []
+
+
+def test_every_option_has_help() -> None:
+    missing = [
+        f"smtp-gateway {command.name} {action.option_strings or action.dest}"
+        for command in cli.commands()
+        for action in cli._arguments(command.parser)
+        if not action.help
+    ]
+    assert missing == [], "give these a help text (or help=argparse.SUPPRESS): " + ", ".join(missing)
+
+
+def test_commands_return_their_exit_status_from_the_table() -> None:
+    """No `return 1` in the command line: every status is a member of Exit, so the page lists them all."""
+    bare = []
+    for path in sorted((ROOT / "gateway" / "cli").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            values = [node.value] if isinstance(node, ast.Return) and node.value is not None else []
+            if values and isinstance(values[0], ast.IfExp):  # `return Exit.OK if ok else 1`
+                values = [values[0].body, values[0].orelse]
+            bare += [
+                f"{path.relative_to(ROOT)}:{node.lineno}"
+                for v in values
+                if isinstance(v, ast.Constant) and isinstance(v.value, int) and not isinstance(v.value, bool)
+            ]
+    assert bare == [], "return a member of gateway.cli.exits.Exit: " + ", ".join(bare)
+
+
+def test_a_usage_error_exits_with_the_tables_status(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["queue", "list", "--no-such-option"])
+    assert exc.value.code == Exit.USAGE == 2
+    assert "smtp-gateway: error: unrecognized arguments: --no-such-option" in capsys.readouterr().err
+
+
+# ---- log events ----------------------------------------------------------------------------------------
+
+
+def test_log_events_are_found_with_their_levels_fields_and_context() -> None:
+    events, context = logevents.scan()
+    by_name = {e.name: e for e in events}
+    assert by_name["message_deferred"].levels == ["warning"]
+    assert by_name["message_accepted"].levels == ["info"]
+    assert {"reply", "queue_id", "duration"} <= set(by_name["message_accepted"].fields)
+    # A **dict built in the same function, and keys a bound logger carries.
+    assert {"account", "domain", "return_path"} <= set(by_name["sender_domain_ok"].fields)
+    assert {"login", "account", "size", "rcpts", "defects"} <= set(by_name["message_repaired"].fields)
+    assert (
+        by_name["delivery_internal_error"].sites[0].traceback or by_name["delivery_internal_error"].sites[1].traceback
+    )
+    assert "library_log" in by_name  # a library's record written as our line
+    assert {c.name for c in context} == {"session", "peer", "listener", "worker"}
+
+
+def _package(tmp_path: Path, code: str) -> Path:
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "mod.py").write_text(textwrap.dedent(code))
+    return package
+
+
+def test_an_event_name_that_is_not_a_literal_cannot_be_listed(tmp_path: Path) -> None:
+    package = _package(
+        tmp_path,
+        """
+        import structlog
+        log = structlog.get_logger()
+
+        def f(code: int) -> None:
+            event = "a" if code else "b"
+            log.info(event, code=code)
+        """,
+    )
+    with pytest.raises(logevents.ScanError, match=r"pkg/mod.py:7: the event name is not a string literal"):
+        logevents.scan(package)
+
+
+def test_comments_above_a_call_describe_it_and_unknown_fields_are_marked(tmp_path: Path) -> None:
+    package = _package(
+        tmp_path,
+        """
+        import structlog
+        log = structlog.get_logger()
+
+        def f(bound, extra: dict) -> None:
+            # The thing happened.
+            log.warning("thing_happened", count=1, **extra)
+            bound.info("thing_done")
+            (log.warning if extra else log.info)("thing_checked")
+        """,
+    )
+    events, _ = logevents.scan(package)
+    happened, done, checked = sorted(
+        events, key=lambda e: ["thing_happened", "thing_done", "thing_checked"].index(e.name)
+    )
+    assert (happened.sites[0].comment, happened.fields, happened.sites[0].more) == (
+        "The thing happened.",
+        ["count"],
+        True,
+    )
+    assert done.sites[0].more  # a logger bound by the caller
+    assert checked.levels == ["info", "warning"]
+
+
+# ---- notes ---------------------------------------------------------------------------------------------
+
+
+def test_notes_merge_an_introduction_and_one_paragraph_per_item(tmp_path: Path) -> None:
+    (tmp_path / "page.md").write_text(
+        "<!-- what this file is -->\nIntro with a [link](../x.md).\n\n## auth_failed\nA note\non two lines.\n"
+    )
+    notes = load("page", tmp_path)
+    assert notes.intro == "Intro with a [link](../x.md)."
+    assert notes.item("auth_failed") == "A note on two lines."
+    notes.check_used()
+
+
+def test_a_note_on_nothing_or_of_two_paragraphs_fails(tmp_path: Path) -> None:
+    (tmp_path / "page.md").write_text("## gone_event\nStill here.\n")
+    notes = load("page", tmp_path)
+    with pytest.raises(NotesError, match="notes on items the code no longer has: gone_event"):
+        notes.check_used()
+    (tmp_path / "two.md").write_text("## x\nOne.\n\nTwo.\n")
+    with pytest.raises(NotesError, match="several paragraphs"):
+        load("two", tmp_path)
