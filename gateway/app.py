@@ -19,9 +19,16 @@ from gateway.config import ConfigError, DnsSettings, Settings
 from gateway.config.reload import ReloadPlan, plan_reload
 from gateway.core.errors import SpoolUnavailable
 from gateway.delivery.health import AccountHealth
-from gateway.delivery.owner import DeliveryOwner
+from gateway.delivery.owner import DeliveryOwner, owner_id
 from gateway.delivery.worker import RetryWorker
+from gateway.ledger import retention
+from gateway.ledger.backends import open_ledger
+from gateway.ledger.recorder import Recorder
+from gateway.ledger.store import LedgerStore
+from gateway.ledger.writer import LedgerWriter
 from gateway.ops import logs
+from gateway.ops.api import MessageApi
+from gateway.ops.apiauth import TokenAuth
 from gateway.ops.http import OperatorEndpoint
 from gateway.ops.memory import MmapThreshold, set_mmap_threshold
 from gateway.ops.metrics import CONFIG_RELOADS
@@ -36,7 +43,7 @@ from gateway.queue.backends import open_store
 from gateway.queue.store import QueueStore
 from gateway.smtp.protocol import GatewaySMTP
 from gateway.smtp.server import Listeners
-from gateway.smtp.tls import CertificateError
+from gateway.smtp.tls import CertificateError, server_context
 
 log = structlog.get_logger("gateway.app")
 
@@ -59,6 +66,9 @@ class App:
     owner: DeliveryOwner | None = None
     worker: RetryWorker | None = None
     operator: OperatorEndpoint | None = None
+    ledger: LedgerStore | None = None
+    ledger_writer: LedgerWriter | None = None
+    api_auth: TokenAuth | None = None
     _background: set[asyncio.Task[None]] = field(default_factory=set)
     _retired: list[Provider] = field(default_factory=list)
     _reloading: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -82,7 +92,23 @@ class App:
         self.authenticator = Authenticator(settings.accounts, self.providers)
         self.resolver = resolver_for(settings.dns)
         self.health = AccountHealth(list(settings.accounts))
-        self.owner = DeliveryOwner(self.providers, self.store, settings.delivery, self.health)
+        # The message ledger beside the queue: rows buffered here, written by the writer's task. On a full
+        # disk it leaves the queue's reserve alone.
+        store = self.store
+        self.ledger = open_ledger(settings.delivery, disk_full=lambda: store.health.reserve_released)
+        self.ledger_writer = LedgerWriter(self.ledger, settings.ledger)
+        self.ledger_writer.start()
+        owner = owner_id(settings.delivery.instance_name)
+        recorder = Recorder(
+            self.ledger_writer.put,
+            owner,
+            enabled=settings.ledger.enabled,
+            keep_requests=settings.ledger.keep_requests,
+        )
+        self._spawn(retention.run(self.ledger, lambda: self.settings.ledger))
+        self.owner = DeliveryOwner(
+            self.providers, self.store, settings.delivery, self.health, owner=owner, ledger=recorder
+        )
         dsettings = settings.delivery
         self.worker = RetryWorker(
             self.owner,
@@ -98,11 +124,22 @@ class App:
         self.pipeline = Pipeline(settings, self.providers, self.owner, resolver=self.resolver)
         self.listeners = Listeners(settings, self.pipeline, self.authenticator)
         await self.listeners.start()
-        if settings.http.port is not None:
-            self.operator = OperatorEndpoint(problems=self.problems)
-            port = await self.operator.start(settings.http.address, settings.http.port)
+        http = settings.http
+        if http.port is not None:
+            self.api_auth = TokenAuth(http.api_tokens, settings.limits)
+            self.operator = OperatorEndpoint(problems=self.problems, api=MessageApi(self.ledger, self.api_auth))
+            tls = None
+            if http.tls_cert_file is not None and http.tls_key_file is not None:
+                tls = server_context("intermediate", [(http.tls_cert_file, http.tls_key_file)])
+            port = await self.operator.start(http.address, http.port, tls)
             self.operator.is_ready = True
-            log.info("operator_endpoint_started", address=settings.http.address, port=port)
+            log.info(
+                "operator_endpoint_started",
+                address=http.address,
+                port=port,
+                tls=tls is not None,
+                api="on" if http.api_tokens else "off (no http.api_tokens)",
+            )
         if settings.dns.check_sender_domain:
             self._spawn(self._log_domain_findings())
 
@@ -212,6 +249,12 @@ class App:
             self.resolver = resolver_for(new.dns)
         self.health.track(list(new.accounts))
         self.owner.providers = providers
+        self.owner.ledger.enabled = new.ledger.enabled
+        self.owner.ledger.keep_requests = new.ledger.keep_requests
+        if self.ledger_writer is not None:
+            self.ledger_writer.configure(new.ledger)
+        if self.api_auth is not None:
+            self.api_auth.configure(new.http.api_tokens, new.limits)
         self.worker.set_accounts(list(new.accounts))
         self.pipeline = Pipeline(new, providers, self.owner, resolver=self.resolver)
         listeners.apply(new, self.pipeline, self.authenticator, contexts)
@@ -253,6 +296,10 @@ class App:
             await self.worker.stop()
         if self.owner is not None:
             await self.owner.stop(self.settings.delivery.shutdown_timeout)
+        if self.ledger_writer is not None:
+            await self.ledger_writer.stop()  # what the attempts recorded up to here
+        if self.ledger is not None:
+            await self.ledger.close()
         if self.store is not None:
             await self.store.close()
         QUEUE_STATS.clear()

@@ -14,7 +14,7 @@ from gateway import mime, policy
 from gateway.config import Settings
 from gateway.core import replies
 from gateway.core.errors import ContentRejected, Deferred, DnsTempFailure, GatewayError, PolicyRejected, Rejected
-from gateway.core.model import Call, Message, Principal, Receipt, Submission
+from gateway.core.model import Call, Message, Origin, Principal, Receipt, Submission
 from gateway.core.replies import Reply
 from gateway.delivery import idempotency
 from gateway.delivery.owner import DeliveryOwner
@@ -87,13 +87,16 @@ class Pipeline:
         smtputf8: bool,
         receipt: Receipt | None = None,
         reservation: Reservation | None = None,
+        origin: Origin | None = None,
     ) -> Reply:
         """The reply to the end of DATA. Never raises: unexpected errors become 451 4.3.0.
 
         `receipt` learns what became of the message (queue id, upstream ids, or why not) for the one log
         line the SMTP session writes per transaction. `reservation`: the message's share of the
-        large-message budget, released when its first attempt has ended."""
+        large-message budget, released when its first attempt has ended. `origin`: the listener and client,
+        for the message's ledger record."""
         receipt = receipt if receipt is not None else Receipt()
+        origin = replace(origin or Origin(), size=len(raw))
         bound = log.bind(login=principal.login, account=principal.account, size=len(raw), rcpts=len(rcpt_tos))
         try:
             submission, plan = await self.prepare(principal, mail_from, rcpt_tos, raw, smtputf8)
@@ -103,7 +106,13 @@ class Pipeline:
             account = self.settings.accounts[principal.account]
             key = idempotency.key_of(submission, account.idempotency_from_message_id)
             reply = await self.owner.submit(
-                submission, plan, bound, key, receipt, on_done=reservation.release if reservation else None
+                submission,
+                plan,
+                bound,
+                key,
+                receipt,
+                on_done=reservation.release if reservation else None,
+                origin=origin,
             )
             reservation = None  # the owner releases it
         except (Rejected, Deferred) as exc:

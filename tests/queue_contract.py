@@ -1,14 +1,46 @@
-"""Helpers for the queue contract suite: one message shape, and new messages in a given state."""
+"""Helpers for the contract suites of the queue's database (the queue, the ledger): stores on either
+backend, one message shape, and new messages in a given state."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+import pytest
 
 from gateway.core.model import Address, Attachment, Call, Message, Principal, StoredData, Submission
 from gateway.core.records import CallRow, Decision, RetryPolicy
 from gateway.delivery import transition
 from gateway.queue import codec
 from gateway.queue.store import NewMessage
+
+
+class _Closable(Protocol):
+    async def close(self) -> None: ...
+
+
+S = TypeVar("S", bound=_Closable)
+
+
+async def stores_on_backend(
+    request: pytest.FixtureRequest, tmp_path: Path, sqlite: Callable[[Path], S], postgres: Callable[[str], S]
+) -> AsyncIterator[Callable[[], S]]:
+    """For a fixture parametrized "sqlite" / "postgresql": a factory of stores on one shared database (several
+    stores are several instances on one queue), all closed at the end."""
+    opened: list[S] = []
+    url = request.getfixturevalue("pg_cluster").new_database() if request.param == "postgresql" else ""
+
+    def factory() -> S:
+        store = postgres(url) if url else sqlite(tmp_path / "queue.sqlite3")
+        opened.append(store)
+        return store
+
+    yield factory
+    for store in opened:
+        await store.close()
+
 
 POLICY = RetryPolicy((10.0, 20.0), 0.0, 100.0)
 PLAN = (Call("0", ("a@example.com", "c@example.com")), Call("1", ("b@example.com",)))

@@ -19,6 +19,7 @@ from gateway.config import (
     DeliverySettings,
     DnsSettings,
     HttpSettings,
+    LedgerSettings,
     LimitsSettings,
     ListenerSettings,
     LogSettings,
@@ -26,6 +27,7 @@ from gateway.config import (
     TlsSettings,
     load_settings,
 )
+from gateway.config.settings import ApiToken
 from gateway.providers import registry
 from tests.configs import gateway_config, listener, write
 from tests.harness import PASSWORD, PASSWORD_HASH
@@ -211,6 +213,8 @@ def test_example_config_is_valid() -> None:
         (DnsSettings, "dns"),
         (LogSettings, "log"),
         (HttpSettings, "http"),
+        (ApiToken, "http.api_tokens"),
+        (LedgerSettings, "ledger"),
     ],
 )
 def test_example_config_lists_every_key(model: type[BaseModel], section: str) -> None:

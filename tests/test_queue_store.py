@@ -22,7 +22,7 @@ from gateway.queue.postgres import PostgresQueue
 from gateway.queue.sqlite import SqliteQueue
 from gateway.queue.sqlite_schema import LATEST, V1
 from gateway.queue.store import QueueStore
-from tests.queue_contract import PLAN, POLICY, new, submission
+from tests.queue_contract import PLAN, POLICY, new, stores_on_backend, submission
 
 Factory = Callable[[], QueueStore]
 
@@ -30,17 +30,8 @@ Factory = Callable[[], QueueStore]
 @pytest.fixture(params=["sqlite", "postgresql"])
 async def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Factory]:
     """Opens stores on one shared backend: several stores are several instances on one queue."""
-    opened: list[QueueStore] = []
-    url = request.getfixturevalue("pg_cluster").new_database() if request.param == "postgresql" else ""
-
-    def factory() -> QueueStore:
-        store: QueueStore = PostgresQueue(url) if url else SqliteQueue(tmp_path / "queue.sqlite3")
-        opened.append(store)
-        return store
-
-    yield factory
-    for store in opened:
-        await store.close()
+    async for factory in stores_on_backend(request, tmp_path, SqliteQueue, PostgresQueue):
+        yield factory
 
 
 @pytest.fixture

@@ -39,6 +39,24 @@ def load(args: argparse.Namespace) -> Settings:
     return load_settings(Path(args.config) if args.config else None)
 
 
+def add_spool_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--spool",
+        metavar="FILE",
+        help="the SQLite queue file (default: delivery.spool_path, or delivery.queue_url's PostgreSQL; the quick "
+        "start's is var/quickstart/spool.sqlite3)",
+    )
+
+
+def load_for_queue(args: argparse.Namespace) -> Settings:
+    """The configuration, with `--spool FILE` (if given) as the queue: how `queue` and `status` find it."""
+    settings = load(args)
+    if args.spool:
+        delivery = settings.delivery.model_copy(update={"spool_path": Path(args.spool), "queue_url": ""})
+        settings = settings.model_copy(update={"delivery": delivery})
+    return settings
+
+
 def no_config_file(args: argparse.Namespace) -> bool:
     return not args.config and not os.environ.get(CONFIG_ENV)
 

@@ -6,14 +6,19 @@ import argparse
 import asyncio
 import json
 import sqlite3
+import sys
 import time
-from pathlib import Path
 from typing import Any
 
-from gateway.cli.common import load, spool_failure, with_config
+from gateway.cli.common import add_spool_option, load_for_queue, spool_failure, with_config
 from gateway.cli.exits import Exit
 from gateway.config import Settings
 from gateway.core.errors import SpoolUnavailable
+from gateway.delivery.admin import QueueAdmin, operator_name
+from gateway.ledger.backends import open_ledger
+from gateway.ledger.model import Row
+from gateway.ledger.recorder import Recorder
+from gateway.ledger.store import LedgerUnavailable
 from gateway.queue import codec
 from gateway.queue.backends import open_store
 from gateway.queue.store import QueueStore
@@ -46,10 +51,7 @@ def _table(rows: list[dict[str, Any]], now: float, dead: bool) -> list[str]:
 
 
 def cmd_queue(args: argparse.Namespace) -> int:
-    settings = load(args)
-    if args.spool:
-        delivery = settings.delivery.model_copy(update={"spool_path": Path(args.spool), "queue_url": ""})
-        settings = settings.model_copy(update={"delivery": delivery})
+    settings = load_for_queue(args)
     try:
         return run(settings, args)
     except (sqlite3.DatabaseError, SpoolUnavailable) as exc:
@@ -117,17 +119,28 @@ async def _act(store: QueueStore, settings: Settings, args: argparse.Namespace) 
                 info["decode_error"] = str(exc)
         print(json.dumps(info, indent=2, default=str))
         return Exit.OK
+    # Each action is recorded in the message's ledger record (who, what, when).
+    recorded: list[Row] = []
+    admin = QueueAdmin(store, Recorder(recorded.extend, operator_name(), enabled=settings.ledger.enabled))
     if action == "retry":
-        ok = await store.retry_now(msg_id, now)
+        ok = await admin.retry(msg_id, now)
         print(f"{msg_id}: {'due now' if ok else 'not queued (unknown, in flight or dead: see requeue)'}")
     elif action == "delete":
-        ok = await store.delete(msg_id)
+        ok = await admin.delete(msg_id)
         print(f"{msg_id}: {'deleted' if ok else 'not deleted (unknown, or its call is running)'}")
     elif action == "requeue":
-        ok = await store.requeue(msg_id, now, settings.delivery.max_lifetime)
+        ok = await admin.requeue(msg_id, now, settings.delivery.max_lifetime)
         print(f"{msg_id}: {'requeued' if ok else 'not a dead letter'}")
     else:  # pragma: no cover - argparse restricts the choices
         raise AssertionError(action)
+    if recorded:
+        ledger = open_ledger(settings.delivery)
+        try:
+            await ledger.write(recorded)
+        except LedgerUnavailable as exc:
+            print(f"{msg_id}: not recorded in the message ledger: {exc.reason}", file=sys.stderr)
+        finally:
+            await ledger.close()
     return Exit.OK if ok else Exit.PROBLEM
 
 
@@ -146,9 +159,5 @@ def add_parser(sub: Any) -> None:
         ("requeue", "put a dead letter back in the queue with a fresh lifetime"),
     ):
         qsub.add_parser(name, help=text).add_argument("id", metavar="ID", help="the message's queue id")
-    p.add_argument(
-        "--spool",
-        metavar="FILE",
-        help="the SQLite queue file (default: delivery.spool_path; the quick start's is var/quickstart/spool.sqlite3)",
-    )
+    add_spool_option(p)
     p.set_defaults(func=cmd_queue)

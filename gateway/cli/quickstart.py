@@ -81,6 +81,8 @@ smtp-gateway quick start
 
 Send a message (the sandbox prints the API request it received):
 {howtos}Read back what the gateway sent:  curl -s http://127.0.0.1:{sandbox_port}/_sandbox/requests
+What became of a message (its 250 id, Message-ID or an address):
+  smtp-gateway status --spool {record.parent / "spool.sqlite3"} <id>
 """
 
 

@@ -53,7 +53,7 @@ def serve_ports(settings: Settings) -> list[Port]:
 
 def files(settings: Settings) -> list[Finding]:
     """TLS certificate and key (set, readable, loadable together, not expired) and the spool's directory."""
-    return [*_tls(settings), *_spool(settings.delivery.spool_path)]
+    return [*_tls(settings), *_http_tls(settings), *_spool(settings.delivery.spool_path)]
 
 
 def accounts(settings: Settings) -> list[Finding]:
@@ -73,24 +73,36 @@ def _tls(settings: Settings) -> list[Finding]:
                 'not set: set both to PEM files (or tls = "none" on a loopback-only listener)'
             )
         ]
-    findings = [
-        f
-        for name, path in (("tls.cert_file", cert), ("tls.key_file", key))
-        if path is not None
-        for f in _readable(name, path)
-    ]
-    if findings or not tls_listeners or cert is None or key is None:
+    if not tls_listeners:
+        pairs = (("tls.cert_file", cert), ("tls.key_file", key))
+        return [f for name, path in pairs if path is not None for f in _readable(name, path)]
+    assert cert is not None and key is not None
+    return _cert_pair("tls.cert_file", cert, "tls.key_file", key)
+
+
+def _http_tls(settings: Settings) -> list[Finding]:
+    """The operator endpoint's certificate, when it serves HTTPS."""
+    http = settings.http
+    if http.port is None or http.tls_cert_file is None or http.tls_key_file is None:
+        return []
+    return _cert_pair("http.tls_cert_file", http.tls_cert_file, "http.tls_key_file", http.tls_key_file)
+
+
+def _cert_pair(cert_name: str, cert: Path, key_name: str, key: Path) -> list[Finding]:
+    """A certificate and its key: readable, loadable together, not expired."""
+    findings = [f for name, path in ((cert_name, cert), (key_name, key)) for f in _readable(name, path)]
+    if findings:
         return findings
     try:
         ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(str(cert), str(key))
     except ssl.SSLError as exc:
         return [
             Finding(
-                f"tls.cert_file {cert} and tls.key_file {key} do not load as a certificate and its key "
+                f"{cert_name} {cert} and {key_name} {key} do not load as a certificate and its key "
                 f"({exc.reason or exc}): give PEM files that belong together"
             )
         ]
-    return _expiry(cert)
+    return _expiry(cert, cert_name)
 
 
 def _readable(name: str, path: Path) -> list[Finding]:
@@ -113,7 +125,7 @@ def _readable(name: str, path: Path) -> list[Finding]:
     return []
 
 
-def _expiry(cert: Path) -> list[Finding]:
+def _expiry(cert: Path, name: str = "tls.cert_file") -> list[Finding]:
     try:
         leaf = x509.load_pem_x509_certificates(cert.read_bytes())[0]
     except (ValueError, IndexError, OSError):
@@ -121,9 +133,9 @@ def _expiry(cert: Path) -> list[Finding]:
     now = datetime.datetime.now(datetime.UTC)
     ends = leaf.not_valid_after_utc
     if ends <= now:
-        return [Finding(f"tls.cert_file {cert} expired on {ends:%Y-%m-%d}: renew the certificate")]
+        return [Finding(f"{name} {cert} expired on {ends:%Y-%m-%d}: renew the certificate")]
     if ends - now < _EXPIRY_WARNING:
-        return [Finding(f"tls.cert_file {cert} expires on {ends:%Y-%m-%d %H:%M} UTC: renew it soon", problem=False)]
+        return [Finding(f"{name} {cert} expires on {ends:%Y-%m-%d %H:%M} UTC: renew it soon", problem=False)]
     return []
 
 

@@ -1,12 +1,13 @@
 """What a configuration reload (SIGHUP) can change in a running server, and what needs a restart.
 
 Live: accounts (logins, passwords, API keys, sender domains, campaigns, rate limits), [limits], [tls] files
-and each listener's profile, trusted networks, login aliases and PROXY balancers, [dns], [log], hostname.
-Restart: a listener's socket (name, address, port, tls mode, reuse_port, proxy_protocol), listeners added
-or removed, limits.malloc_mmap_threshold (the allocator cannot go back to glibc's dynamic default),
-[delivery] (the queue backend and its delivery settings), [http], the number of workers (a command-line
-option). A reload applies the live part and keeps the running values of the rest (a listener whose socket
-changed keeps its socket, its other keys apply), naming them in its log line.
+and each listener's profile, trusted networks, login aliases and PROXY balancers, [dns], [log], [ledger],
+hostname, http.api_tokens. Restart: a listener's socket (name, address, port, tls mode, reuse_port,
+proxy_protocol), listeners added or removed, limits.malloc_mmap_threshold (the allocator cannot go back to
+glibc's dynamic default), [delivery] (the queue backend and its delivery settings), the rest of [http], the
+number of workers (a command-line option). A reload applies the live part and keeps the running values of
+the rest (a listener whose socket changed keeps its socket, its other keys apply), naming them in its log
+line.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from gateway.config.settings import ListenerSettings, Settings, check_consistent
 SOCKET_KEYS = ("address", "port", "tls", "reuse_port", "proxy_protocol")
 RESTART_SECTIONS = ("delivery", "http")
 RESTART_LIMITS = ("malloc_mmap_threshold",)
+# Keys of the restart sections that apply at once all the same.
+LIVE_KEYS = {"http": ("api_tokens",)}
 
 
 def needs_restart(section: str, key: str) -> bool:
@@ -47,7 +50,9 @@ def plan_reload(old: Settings, new: Settings) -> ReloadPlan:
     for section in RESTART_SECTIONS:
         before, after = getattr(old, section), getattr(new, section)
         restart += [
-            f"{section}.{key}" for key in type(after).model_fields if getattr(before, key) != getattr(after, key)
+            f"{section}.{key}"
+            for key in type(after).model_fields
+            if getattr(before, key) != getattr(after, key) and key not in LIVE_KEYS.get(section, ())
         ]
     new_by_name = {lsn.name: lsn for lsn in new.listeners}
     listeners: list[ListenerSettings] = []
@@ -73,8 +78,10 @@ def plan_reload(old: Settings, new: Settings) -> ReloadPlan:
     kept_limits = [key for key in RESTART_LIMITS if getattr(old.limits, key) != getattr(new.limits, key)]
     restart += [f"limits.{key}" for key in kept_limits]
     limits = new.limits.model_copy(update={key: getattr(old.limits, key) for key in kept_limits})
+    # The running endpoint with the new tokens, validated again (its address may not take them without TLS).
+    http = type(old.http)(**{**dict(old.http), "api_tokens": new.http.api_tokens})
     effective = new.model_copy(
-        update={"listeners": listeners, "delivery": old.delivery, "http": old.http, "limits": limits}
+        update={"listeners": listeners, "delivery": old.delivery, "http": http, "limits": limits}
     )
     check_consistent(effective)
     changed = [
@@ -82,4 +89,5 @@ def plan_reload(old: Settings, new: Settings) -> ReloadPlan:
         for key in type(new).model_fields
         if key not in (*RESTART_SECTIONS, "listeners") and getattr(old, key) != getattr(effective, key)
     ]
+    changed += [f"http.{key}" for key in LIVE_KEYS["http"] if getattr(old.http, key) != getattr(http, key)]
     return ReloadPlan(effective, changed + changed_listeners, restart)

@@ -398,8 +398,63 @@ class LogSettings(_Section):
     )
 
 
+class LedgerSettings(_Section):
+    """The message ledger (docs/after-250.md): a record of every message answered 250."""
+
+    enabled: bool = Field(True, description="Record every message answered 250 in the ledger.")
+    retention: float = Field(
+        7 * 24 * 3600,
+        gt=0,
+        description="Seconds a record is kept after its message was accepted; older ones are pruned.",
+    )
+    flush_interval: float = Field(
+        0.5,
+        gt=0,
+        le=10,
+        description="Records are written off the SMTP path, in one transaction this often (or sooner when many wait).",
+    )
+    buffer: int = Field(
+        100_000,
+        ge=1000,
+        description="Rows waiting to be written at most; past it the oldest are dropped (counted, logged), never "
+        "the reply.",
+    )
+    keep_requests: bool = Field(
+        True,
+        description="Keep each message's planned upstream requests (the body as JSON, attachments as their size): "
+        "the largest part of a record and of the ledger's cost per message.",
+    )
+
+
+class ApiToken(_Section):
+    """A bearer token for the message API, stored as a hash made by `smtp-gateway hash-password`."""
+
+    name: str = Field(min_length=1, description="The token's name, for the audit log (never the token).")
+    token_hash: SecretStr = Field(description="The token's hash, made by `smtp-gateway hash-password`.")
+
+    @field_validator("token_hash")
+    @classmethod
+    def _is_hash(cls, v: SecretStr) -> SecretStr:
+        if not v.get_secret_value().startswith("scrypt$"):
+            raise ValueError("must be a hash made by `smtp-gateway hash-password` (starts with 'scrypt$')")
+        return v
+
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def is_loopback(address: str) -> bool:
+    if address in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
 class HttpSettings(_Section):
-    """The operator endpoint: /healthz, /readyz and /metrics (Prometheus). No port: disabled."""
+    """The operator endpoint: /healthz, /readyz, /metrics (Prometheus) and, with API tokens, the message API
+    (/api/v1/messages). No port: disabled."""
 
     address: str = Field("127.0.0.1", description="The address the operator endpoint listens on.")
     port: int | None = Field(
@@ -408,6 +463,42 @@ class HttpSettings(_Section):
         le=65535,
         description="Its port; unset: no operator endpoint. `serve --workers N`: worker i uses port + i.",
     )
+    api_tokens: list[ApiToken] = Field(
+        [], description="Who may use /api/v1 (`Authorization: Bearer <token>`); none listed: the API answers 404."
+    )
+    tls_cert_file: Path | None = Field(
+        None, description="Serve the endpoint over HTTPS with this certificate (with `tls_key_file`)."
+    )
+    tls_key_file: Path | None = Field(None, description="The HTTPS certificate's private key.")
+    allow_api_without_tls: bool = Field(
+        False,
+        description="Allow the API on a non-loopback address without TLS (its tokens would travel in clear): "
+        "only behind a TLS-terminating proxy.",
+    )
+
+    @model_validator(mode="after")
+    def _api_safe(self) -> HttpSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        names = [t.name for t in self.api_tokens]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"api_tokens: the name {', '.join(duplicates)} is used twice")
+        if (
+            self.api_tokens
+            and self.tls_cert_file is None
+            and not is_loopback(self.address)
+            and not self.allow_api_without_tls
+        ):
+            raise ValueError(
+                f"the message API on {self.address} (not loopback) would take its tokens in clear: set "
+                "tls_cert_file and tls_key_file, or allow_api_without_tls = true behind a TLS-terminating proxy"
+            )
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
 
 
 class Settings(BaseSettings):
@@ -433,6 +524,9 @@ class Settings(BaseSettings):
     dns: DnsSettings = Field(DnsSettings(), description="The resolver and the domain checks.")
     log: LogSettings = Field(LogSettings(), description="The log's level and format.")
     http: HttpSettings = Field(HttpSettings(), description="The operator endpoint.")
+    ledger: LedgerSettings = Field(
+        LedgerSettings(), description="The message ledger: records of every message answered 250."
+    )
 
     # A TLS listener without tls.cert_file/key_file is not refused here: commands that serve no SMTP (queue,
     # check-domains) work without a certificate; `serve` and `check-config` say what is missing

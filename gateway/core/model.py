@@ -149,6 +149,16 @@ class Call:
     recipients: tuple[str, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a message came from, for its ledger record: the listener's name, the client as the gateway saw
+    it (behind a PROXY header, the real client: "ip:port") and the message's size in bytes as received."""
+
+    listener: str = ""
+    peer: str = ""
+    size: int | None = None
+
+
 @dataclass(slots=True)
 class Receipt:
     """What became of one message, for its transaction's log line: filled in by the pipeline and the

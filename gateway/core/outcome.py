@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from gateway.core.errors import AnswerLost, Deferred, Rejected
 from gateway.core.model import Call, Submission
@@ -72,6 +72,12 @@ class Deliverer(Protocol):
     def plan(self, submission: Submission) -> tuple[Call, ...]:
         """The calls this submission needs. Pure and deterministic: the retry worker plans again from
         the stored submission and skips the keys already delivered."""
+        ...
+
+    def requests(self, submission: Submission) -> list[dict[str, Any]]:
+        """The planned calls as they would be sent, for the message ledger: each {call, method, path, body}.
+        Secrets are never in them (credentials travel in headers); each attachment's content is replaced by
+        its size. Pure; the order and keys of plan()."""
         ...
 
     async def deliver(

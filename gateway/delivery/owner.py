@@ -30,12 +30,13 @@ import structlog
 from gateway.config import DeliverySettings
 from gateway.core import replies
 from gateway.core.errors import Deferred, GatewayError, SpoolUnavailable
-from gateway.core.model import Call, Receipt, Submission
+from gateway.core.model import Call, Origin, Receipt, Submission
 from gateway.core.outcome import Deliverer, Outcome
-from gateway.core.records import Decision, DeliveryState, RetryPolicy
+from gateway.core.records import CallRow, Decision, DeliveryState, RetryPolicy
 from gateway.core.replies import Reply
 from gateway.delivery import transition
 from gateway.delivery.health import AccountHealth
+from gateway.ledger.recorder import Recorder
 from gateway.ops.metrics import AMBIGUOUS, CLIENT_GONE, DEAD_LETTERS, DELIVERIES, INTERNAL_ERRORS, RESENDS
 from gateway.queue import codec
 from gateway.queue.store import Claimed, NewMessage, QueueStore
@@ -67,6 +68,7 @@ class InlineAttempt:
     idempotency_key: str | None = None
     receipt: Receipt = field(default_factory=Receipt)  # what the session's transaction line reports
     reply_id: str | None = None  # the id its 250 named: what a resend with its idempotency key is told
+    origin: Origin | None = None  # listener, client, size: for the ledger record
 
     def queued(self, reply_id: str) -> Reply:
         """The 250 naming `reply_id`, remembered for the idempotency key."""
@@ -84,6 +86,7 @@ class DeliveryOwner:
         *,
         owner: str | None = None,
         clock: Callable[[], float] = time.time,
+        ledger: Recorder | None = None,
     ) -> None:
         self.providers = providers
         self.store = store
@@ -94,6 +97,7 @@ class DeliveryOwner:
             tuple(settings.retry_schedule), settings.retry_jitter, settings.max_lifetime, settings.ambiguous
         )
         self.clock = clock
+        self.ledger = ledger or Recorder.off()  # the message ledger: every 250, every attempt after it
         self.rng = random.Random()
         self.wakeup = asyncio.Event()  # something became due sooner than the retry worker expects
         self.held: dict[str, int] = {}  # message id -> token of the leases this owner holds
@@ -110,6 +114,7 @@ class DeliveryOwner:
         idempotency_key: str | None = None,
         receipt: Receipt | None = None,
         on_done: Callable[[], None] | None = None,
+        origin: Origin | None = None,
     ) -> Reply:
         """The reply to a new message. The attempt is ours: if the session is cancelled (client gone),
         the attempt goes on and records its outcome. `receipt` learns the queue id or upstream ids; `on_done`
@@ -122,6 +127,7 @@ class DeliveryOwner:
             bound,
             idempotency_key=idempotency_key,
             receipt=receipt if receipt is not None else Receipt(),
+            origin=origin,
         )
         if idempotency_key is not None:
             resent = await self._resent(attempt, now)  # (raising, the caller releases `on_done` itself)
@@ -154,6 +160,7 @@ class DeliveryOwner:
             attempt.receipt.reason = "a message with this idempotency key is being delivered"
             return replies.RESEND_IN_PROGRESS
         attempt.receipt.reason = f"resend of {hit.msg_id}: not sent again"
+        self._record(self.ledger.resend, msg_id=hit.msg_id, reply_id=hit.reply_id)
         return replies.queued(hit.reply_id)
 
     async def _finish_key(self, attempt: InlineAttempt) -> None:
@@ -200,7 +207,10 @@ class DeliveryOwner:
         if call in done:
             outcome = call.result()
             decision = self._decide(attempt.before, outcome, attempt.submission, "inline", self._bound(attempt))
-            decided.set_result(await self._conclude(attempt, decision, outcome))
+            reply = await self._conclude(attempt, decision, outcome)
+            decided.set_result(reply)
+            if reply.code == 250:
+                self._accepted(attempt, reply, decision.calls, decision, outcome)
             return
         if self.settings.mode == "passthrough":
             # The client hears 451 now and will resend; if this call then succeeds, that resend is a
@@ -223,17 +233,20 @@ class DeliveryOwner:
         except SpoolUnavailable as exc:
             # Cannot store it: the running call's answer is all there is (bounded by the HTTP timeout).
             attempt.log.error("spool_unavailable", queue_id=attempt.msg_id, error=exc.reason)
-            decision = self._decide(attempt.before, await call, attempt.submission, "inline", self._bound(attempt))
+            outcome = await call
+            decision = self._decide(attempt.before, outcome, attempt.submission, "inline", self._bound(attempt))
             if decision.verdict == "delivered":
                 attempt.receipt.upstream_ids = _ids(decision)
                 reply = attempt.queued(decision.first_id or attempt.msg_id)
+                self._accepted(attempt, reply, decision.calls, decision, outcome)
             else:
                 attempt.receipt.reason = f"queue unavailable: {exc.reason}"
                 reply = replies.SPOOL_FULL
             decided.set_result(reply)
             return
         attempt.receipt.queue_id = attempt.msg_id
-        decided.set_result(attempt.queued(attempt.msg_id))
+        reply = attempt.queued(attempt.msg_id)
+        decided.set_result(reply)
         self._gone(attempt, "queued")
         attempt.log.info(
             "message_spooled",
@@ -247,13 +260,16 @@ class DeliveryOwner:
                 k: replace(r, state="sending") if k in attempt.started else r for k, r in attempt.before.calls.items()
             },
         )
+        self._accepted(attempt, reply, stored.calls)
         try:
             outcome = await call
         except Exception as exc:
             await self._internal_error(attempt.msg_id, attempt.token or 0, stored, exc, "inline_delivery")
         else:
             decision = self._decide(stored, outcome, attempt.submission, "inline", self._bound(attempt))
-            await self._settle(attempt.msg_id, attempt.token or 0, decision, attempt.log)
+            await self._settle(
+                attempt.msg_id, attempt.token or 0, decision, attempt.log, stored.created, outcome, path="inline"
+            )
         finally:
             self.held.pop(attempt.msg_id, None)
 
@@ -327,6 +343,40 @@ class DeliveryOwner:
             idempotency_key=attempt.idempotency_key,
         )
 
+    def _accepted(
+        self,
+        attempt: InlineAttempt,
+        reply: Reply,
+        calls: Mapping[str, CallRow],
+        decision: Decision | None = None,
+        outcome: Outcome | None = None,
+    ) -> None:
+        """The ledger record of a message answered 250 (with its first attempt, when that has ended)."""
+        if not self.ledger.enabled:
+            return
+        provider = self.providers.get(attempt.submission.principal.account)
+        self._record(
+            self.ledger.accepted,
+            msg_id=attempt.msg_id,
+            created=attempt.before.created,
+            submission=attempt.submission,
+            origin=attempt.origin,
+            reply=str(reply),
+            reply_id=attempt.reply_id or attempt.msg_id,
+            calls=calls,
+            requests=provider.requests(attempt.submission) if provider and self.ledger.keep_requests else None,
+            decision=decision,
+            outcome=outcome,
+        )
+
+    def _record(self, record: Callable[..., None], **fields: Any) -> None:
+        """Tell the ledger (rows into its buffer): a failure there is a bug to log, never the message's."""
+        try:
+            record(**fields)
+        except Exception as exc:
+            INTERNAL_ERRORS.labels(where="ledger_record").inc()
+            log.error("ledger_record_failed", queue_id=fields.get("msg_id"), exc_info=exc)
+
     @staticmethod
     def _bound(attempt: InlineAttempt) -> structlog.typing.FilteringBoundLogger:
         return attempt.log.bind(queue_id=attempt.msg_id)
@@ -369,6 +419,7 @@ class DeliveryOwner:
                     dead_cause="corrupt",
                 ),
                 bound,
+                item.before.created,
             )
             return
         before, lost = transition.resume(item.before)
@@ -382,8 +433,10 @@ class DeliveryOwner:
                 upstream_ids=done_ids,
                 policy=self.policy.ambiguous,
             )
+            self._record(self.ledger.ambiguous, msg_id=item.id, created=before.created, calls=before.calls, keys=lost)
             if self.policy.ambiguous == "hold":
-                await self._settle(item.id, item.token, transition.hold(before, lost, now), bound)
+                hold = transition.hold(before, lost, now)
+                await self._settle(item.id, item.token, hold, bound, before.created, submission=submission)
                 return
         provider = self.providers.get(item.account)
         if provider is None:
@@ -404,7 +457,8 @@ class DeliveryOwner:
                 await self._mark_sending(item.id, item.token, keys)
 
             outcome = await provider.deliver(submission, done, before_send)
-        await self._settle(item.id, item.token, self._decide(before, outcome, submission, "queue", bound), bound)
+        decision = self._decide(before, outcome, submission, "queue", bound)
+        await self._settle(item.id, item.token, decision, bound, before.created, outcome, submission=submission)
 
     # -- shared ----------------------------------------------------------------------------------------
 
@@ -439,8 +493,34 @@ class DeliveryOwner:
         return decision
 
     async def _settle(
-        self, msg_id: str, token: int, decision: Decision, bound: structlog.typing.FilteringBoundLogger
+        self,
+        msg_id: str,
+        token: int,
+        decision: Decision,
+        bound: structlog.typing.FilteringBoundLogger,
+        created: float,
+        outcome: Outcome | None = None,
+        *,
+        submission: Submission | None = None,
+        path: str = "queue",
     ) -> None:
+        """Store the attempt's decision under our token, then tell the ledger (what the calls answered, and,
+        when the decision was stored, what follows: queued again or dead)."""
+        settled = await self._store_decision(msg_id, token, decision, bound)
+        self._record(
+            self.ledger.attempt,
+            msg_id=msg_id,
+            created=created,
+            decision=decision,
+            outcome=outcome,
+            path=path,
+            settled=settled,
+            submission=submission,
+        )
+
+    async def _store_decision(
+        self, msg_id: str, token: int, decision: Decision, bound: structlog.typing.FilteringBoundLogger
+    ) -> bool:
         for attempt in range(5):
             try:
                 settled = await self.store.settle(msg_id, token, decision, self.clock())
@@ -451,14 +531,14 @@ class DeliveryOwner:
                 bound.error("queue_settle_failed", error=exc.reason, attempt=attempt)
                 await asyncio.sleep(0.2 * (attempt + 1))
         else:
-            return
+            return False
         if not settled:
             bound.warning(
                 "settle_fenced",
                 verdict=decision.verdict,
                 reason="the lease expired and another owner claimed the message",
             )
-            return
+            return False
         verdict = decision.verdict
         if verdict == "delivered":
             bound.info("message_delivered", upstream_ids=_ids(decision))
@@ -473,6 +553,7 @@ class DeliveryOwner:
         else:
             DEAD_LETTERS.labels(cause=dead_cause(decision)).inc()
             bound.error("message_dead_lettered", reason=decision.dead_reason)
+        return True
 
     async def _internal_error(self, msg_id: str, token: int, before: DeliveryState, exc: Exception, where: str) -> None:
         INTERNAL_ERRORS.labels(where=where).inc()
@@ -480,7 +561,8 @@ class DeliveryOwner:
         bound.error("delivery_internal_error", exc_info=exc)
         reason = f"{type(exc).__name__}: {exc}"
         decision = transition.internal_error(before, reason, self.policy, self.clock(), self.rng)
-        await self._settle(msg_id, token, decision, bound)
+        path = "inline" if where == "inline_delivery" else "queue"
+        await self._settle(msg_id, token, decision, bound, before.created, path=path)
 
     async def _mark_sending(self, msg_id: str, token: int, keys: Sequence[str]) -> None:
         try:

@@ -9,11 +9,13 @@ once as it arrived, once more inside the JSON) and no multi-megabyte JSON is bui
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
+
+from gateway.core.model import Attachment
 
 # Smaller values are copied into the JSON: cheaper than a separate piece.
 BLOB_MIN = 64 * 1024
@@ -31,6 +33,19 @@ class Blob:
 def text(value: bytes | memoryview) -> str | Blob:
     """A base64 value for a payload: a string when small, a Blob when large."""
     return bytes(value).decode("ascii") if len(value) < BLOB_MIN else Blob(value)
+
+
+# What a payload carries as an attachment's content: its base64 (to send), or a note of its size (the
+# request as the message ledger keeps it).
+AttachmentContent = Callable[[Attachment], "str | Blob"]
+
+
+def attachment_base64(attachment: Attachment) -> str | Blob:
+    return text(attachment.base64())
+
+
+def attachment_omitted(attachment: Attachment) -> str:
+    return f"({attachment.size} bytes, not kept)"
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,23 +1,28 @@
-"""The operator HTTP endpoint: /healthz, /readyz and /metrics (aiohttp.web), wired by the composition root."""
+"""The operator HTTP endpoint: /healthz, /readyz, /metrics and the message API (gateway/ops/api.py), over
+HTTP or HTTPS (aiohttp.web), wired by the composition root."""
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from gateway.ops.api import MessageApi
 from gateway.ops.metrics import REGISTRY
 
 
 class OperatorEndpoint:
     """Health and metrics over HTTP for load balancers, container runtimes and Prometheus."""
 
-    def __init__(self, problems: Callable[[], list[str]] = list) -> None:
+    def __init__(self, problems: Callable[[], list[str]] = list, api: MessageApi | None = None) -> None:
         self.app = web.Application()
         self.app.router.add_get("/healthz", self.healthz)
         self.app.router.add_get("/readyz", self.readyz)
         self.app.router.add_get("/metrics", self.metrics)
+        if api is not None:
+            api.install(self.app)
         self.is_ready = False
         self._problems = problems
         self._runner: web.AppRunner | None = None
@@ -37,10 +42,10 @@ class OperatorEndpoint:
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    async def start(self, host: str, port: int) -> int:
+    async def start(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> int:
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, reuse_address=True)
+        site = web.TCPSite(self._runner, host, port, reuse_address=True, ssl_context=tls)
         await site.start()
         server = site._server
         sockets = getattr(server, "sockets", None) or []

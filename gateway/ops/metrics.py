@@ -147,3 +147,49 @@ CONFIG_RELOADS = Counter(
     ["result"],
     registry=REGISTRY,
 )
+LEDGER_ROWS = Counter(
+    "smtp_gateway_ledger_rows_total",
+    "Message ledger rows written, by table: message, recipient, event",
+    ["table"],
+    registry=REGISTRY,
+)
+LEDGER_BATCHES = Counter(
+    "smtp_gateway_ledger_batches_total", "Message ledger batches written (one transaction each)", registry=REGISTRY
+)
+LEDGER_FLUSH_SECONDS = Histogram(
+    "smtp_gateway_ledger_flush_seconds",
+    "Time to write one message ledger batch",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+    registry=REGISTRY,
+)
+LEDGER_BUFFERED = Gauge(
+    "smtp_gateway_ledger_buffered_rows", "Message ledger rows waiting to be written now", registry=REGISTRY
+)
+LEDGER_DROPPED = Counter(
+    "smtp_gateway_ledger_dropped_rows_total",
+    "Message ledger rows dropped: the buffer (ledger.buffer) was full, or rows were left at shutdown when the "
+    "database could not take them; the messages themselves are unaffected",
+    registry=REGISTRY,
+)
+LEDGER_WRITE_ERRORS = Counter(
+    "smtp_gateway_ledger_write_errors_total",
+    "Message ledger batches that could not be written (database unreachable, disk full); kept and tried again",
+    registry=REGISTRY,
+)
+LEDGER_PRUNED = Counter(
+    "smtp_gateway_ledger_pruned_total",
+    "Messages whose ledger records were deleted after ledger.retention",
+    registry=REGISTRY,
+)
+API_REQUESTS = Counter(
+    "smtp_gateway_api_requests_total",
+    "Requests to the operator endpoint's /api/v1, by route and HTTP status",
+    ["route", "status"],
+    registry=REGISTRY,
+)
+API_AUTH = Counter(
+    "smtp_gateway_api_auth_total",
+    "Bearer token checks of /api/v1 by result: ok, invalid, missing, locked_out",
+    ["result"],
+    registry=REGISTRY,
+)

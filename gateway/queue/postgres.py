@@ -117,25 +117,15 @@ class PostgresQueue:
             await self._pool.open(wait=True, timeout=10.0)
             self._opened = True
             self._found_version = await self._migrate()
-        except (psycopg.Error, PoolTimeout, OSError) as exc:
+        except (psycopg.Error, PoolTimeout, OSError, postgres_schema.SchemaTooNew) as exc:
             raise SpoolUnavailable(f"queue {self.url}: {type(exc).__name__}: {exc}") from exc
 
     async def _migrate(self) -> int:
         async with self._pool.connection() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (postgres_schema.MIGRATION_LOCK,))
-            await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)")
-            row = await (await conn.execute("SELECT version FROM schema_version")).fetchone()
-            found = int(row["version"]) if row else 0
-            if found > postgres_schema.LATEST:
-                raise psycopg.DataError(f"queue schema version {found} is newer than this gateway")
-            for number in range(found + 1, postgres_schema.LATEST + 1):
-                for statement in postgres_schema.MIGRATIONS[number - 1].split(";"):
-                    if statement.strip():
-                        await conn.execute(statement.encode())  # our own constant SQL
-                await conn.execute("DELETE FROM schema_version")
-                await conn.execute(SQL.set_version, (number,))
-                log.info("queue_migrated", queue=self.url, version=number)
-        return found
+            applied = await postgres_schema.migrate(conn)
+        for number in applied:
+            log.info("queue_migrated", queue=self.url, version=number)
+        return applied[0] - 1 if applied else postgres_schema.LATEST
 
     async def migrate(self) -> tuple[int, int]:
         await self.open()

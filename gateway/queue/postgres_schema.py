@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
+from gateway.queue import shared_schema
+
+if TYPE_CHECKING:
+    import psycopg
+
 V1 = """
 CREATE TABLE messages (
     seq             bigserial PRIMARY KEY,
@@ -67,7 +74,34 @@ CREATE TABLE blobs (
 )
 """
 
-MIGRATIONS: list[str] = [V1, V2]
+# The message ledger (gateway/ledger/), as SQLite's version 4.
+V3 = shared_schema.LEDGER
+
+MIGRATIONS: list[str] = [V1, V2, V3]
 LATEST = len(MIGRATIONS)
 # Serialises migrations of several instances starting at once (pg_advisory_xact_lock key).
 MIGRATION_LOCK = 0x5347_5751  # "SGWQ"
+
+
+async def migrate(conn: psycopg.AsyncConnection[Any]) -> list[int]:
+    """Bring the database to LATEST inside the caller's transaction, under the migration lock (instances
+    starting at once wait for each other). Returns the versions applied, none when it was up to date."""
+    await conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+    await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)")
+    cur = await conn.execute("SELECT version FROM schema_version")
+    row = await cur.fetchone()
+    found = int(row[0] if isinstance(row, tuple) else row["version"]) if row else 0
+    if found > LATEST:
+        raise SchemaTooNew(f"queue schema version {found} is newer than this gateway ({LATEST})")
+    applied = list(range(found + 1, LATEST + 1))
+    for number in applied:
+        for statement in MIGRATIONS[number - 1].split(";"):
+            if statement.strip():
+                await conn.execute(statement.encode())  # our own constant SQL
+        await conn.execute("DELETE FROM schema_version")
+        await conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (number,))
+    return applied
+
+
+class SchemaTooNew(Exception):
+    """The database was migrated by a newer gateway."""

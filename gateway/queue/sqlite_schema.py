@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
+from gateway.queue import shared_schema
 from gateway.queue.sql import FOR_SQLITE as SQL
 
 V1 = """
@@ -89,7 +90,10 @@ CREATE TABLE blobs (
 );
 """
 
-MIGRATIONS: list[str] = [V1, V2, V3]
+# The message ledger (gateway/ledger/).
+V4 = shared_schema.LEDGER
+
+MIGRATIONS: list[str] = [V1, V2, V3, V4]
 LATEST = len(MIGRATIONS)
 
 

@@ -19,7 +19,7 @@ from gateway.auth.credentials import Authenticator, AuthFailed, AuthUnavailable
 from gateway.config import LimitsSettings, ListenerSettings
 from gateway.core import replies
 from gateway.core.errors import GatewayError
-from gateway.core.model import Principal
+from gateway.core.model import Origin, Principal
 from gateway.limits.clients import Defenses, client_key
 from gateway.ops.metrics import AUTH, AUTH_DELAYED, AUTH_LOCKOUTS, AUTH_TRACKED, INTERNAL_ERRORS, LIMIT_HITS
 from gateway.pipeline import Pipeline
@@ -301,6 +301,7 @@ class GatewayHandler:
             "SMTPUTF8" in envelope.mail_options,
             receipt=txn.receipt if txn is not None else None,
             reservation=server.take_reservation(),
+            origin=Origin(listener=server.listener, peer=_peer(session)),
         )
         return str(reply)
 

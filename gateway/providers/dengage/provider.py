@@ -7,7 +7,7 @@ import hmac
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import orjson
 import structlog
@@ -153,6 +153,18 @@ class DengageProvider(ProviderBase[DengageAccount]):
             if key not in calls:
                 calls[key] = Call(key, (rcpt,))
         return tuple(calls.values())
+
+    def requests(self, submission: Submission) -> list[dict[str, Any]]:
+        """One call per recipient as planned (the bearer token goes in the Authorization header)."""
+        return [
+            {
+                "call": call.key,
+                "method": "POST",
+                "path": str(wire.WIRE["send"]),
+                "body": wire.build_payload(submission, call.recipients[0], jsonbody.attachment_omitted),
+            }
+            for call in self.plan(submission)
+        ]
 
     # -- delivery ----------------------------------------------------------------------------------
 

@@ -112,10 +112,12 @@ def has_body(submission: Submission) -> bool:
     return bool((msg.text or "").strip()) or msg.html != text_to_html(msg.text or "")
 
 
-def build_payload(submission: Submission, recipient: str) -> dict[str, Any]:
-    """The JSON body of the call for one envelope recipient. Pure: golden-tested in
-    tests/test_dengage_payload.py. Only this recipient is named: Cc and Bcc recipients get their own
-    call and never appear in another's; header To/Cc are never forwarded as recipients."""
+def build_payload(
+    submission: Submission, recipient: str, attachment: jsonbody.AttachmentContent = jsonbody.attachment_base64
+) -> dict[str, Any]:
+    """The JSON body of the call for one envelope recipient (`attachment`: what an attachment carries). Pure:
+    golden-tested in tests/test_dengage_payload.py. Only this recipient is named: Cc and Bcc recipients get
+    their own call and never appear in another's; header To/Cc are never forwarded as recipients."""
     msg = submission.message
     params = DengageParams.read(submission.params)
     w = WIRE
@@ -139,7 +141,7 @@ def build_payload(submission: Submission, recipient: str) -> dict[str, Any]:
         body[str(w["attachments"])] = [
             {
                 str(w["att_name"]): a.filename,
-                str(w["att_content"]): jsonbody.text(a.base64()),
+                str(w["att_content"]): attachment(a),
                 str(w["att_type"]): a.content_type,
                 **({w["att_cid"]: a.content_id} if w["att_cid"] and a.content_id else {}),
             }

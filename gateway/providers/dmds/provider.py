@@ -7,6 +7,7 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
+from typing import Any
 
 from gateway.config.base import UserSettings
 from gateway.core import replies
@@ -136,6 +137,24 @@ class DmdsProvider(ProviderBase[DmdsAccount]):
 
     def plan(self, submission: Submission) -> tuple[Call, ...]:
         return tuple(Call(leg.key, leg.recipients) for leg in self.legs(submission))
+
+    def requests(self, submission: Submission) -> list[dict[str, Any]]:
+        """The legs' calls as planned; legs after the first join the first's batch, whose eeid is not known
+        before it answers (the key goes in the Authorization header, never in a body)."""
+        batch = DmdsParams.read(submission.params).batch
+        out = []
+        for n, leg in enumerate(self.legs(submission)):
+            joins = batch or (None if n == 0 else "(the eeid of the first call)")
+            one = len(leg.contacts) == 1
+            out.append(
+                {
+                    "call": leg.key,
+                    "method": "POST",
+                    "path": wire.WIRE["send_one"] if one else wire.WIRE["send_many"],
+                    "body": wire.build_payload(submission, leg, joins, jsonbody.attachment_omitted),
+                }
+            )
+        return out
 
     # -- delivery ----------------------------------------------------------------------------------
 

@@ -63,8 +63,14 @@ def _contact(addr: Address) -> dict[str, str]:
     return contact
 
 
-def build_payload(submission: Submission, leg: Leg, batch_id: str | None) -> dict[str, Any]:
-    """The JSON body for one leg. Pure: golden-tested in tests/test_dmds_payload.py."""
+def build_payload(
+    submission: Submission,
+    leg: Leg,
+    batch_id: str | None,
+    attachment: jsonbody.AttachmentContent = jsonbody.attachment_base64,
+) -> dict[str, Any]:
+    """The JSON body for one leg (`attachment`: what an attachment carries). Pure: golden-tested in
+    tests/test_dmds_payload.py."""
     msg = submission.message
     params = DmdsParams.read(submission.params)
     body: dict[str, Any] = {WIRE["campaign"]: params.campaign, WIRE["email_flag"]: True}
@@ -92,7 +98,7 @@ def build_payload(submission: Submission, leg: Leg, batch_id: str | None) -> dic
             {
                 WIRE["att_name"]: a.filename,
                 WIRE["att_type"]: a.content_type,
-                WIRE["att_content"]: jsonbody.text(a.base64()),
+                WIRE["att_content"]: attachment(a),
                 **({WIRE["att_cid"]: a.content_id} if a.content_id else {}),
                 **({WIRE["att_inline"]: True} if a.inline else {}),
             }

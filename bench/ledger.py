@@ -1,0 +1,124 @@
+"""The message ledger's cost: the same gateway run with `[ledger] enabled = false` and `true`, in pairs
+(off, on, off, on, ...) so that a drifting machine moves both alike; 5 KB messages by smtp-source.
+
+    python bench/ledger.py [--pairs 5] [--sessions 10] [--mode persistent] [--queue sqlite|postgresql]
+
+Prints each pair's throughput and the gateway process's CPU time per message (user + system, every thread:
+on a machine shared with other work, CPU per message moves less than throughput does), and the medians of
+the on/off ratios; writes bench/results/ledger.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+
+import genmsg
+from gateway_target import Gateway, check_cli
+from procmon import tree
+from run import PROFILES, machine_info, measure_point, warm_up
+from servers import BENCH_DIR, RUN_DIR_PREFIX, claim, stop_stale
+
+OFF = "\n[ledger]\nenabled = false\n"
+
+
+def cpu_seconds(pids: set[int]) -> float:
+    """User + system CPU time of these processes (all their threads) so far."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def one(workdir: Path, cmd: list[str], ledger: bool, args: argparse.Namespace) -> tuple[float, float]:
+    """msgs/s and CPU microseconds per message of one point with the ledger on or off (a fresh gateway,
+    warmed up; the gateway's processes only, not the sandbox)."""
+    profile = PROFILES["full"]
+    server = Gateway(workdir, 0, cmd, [], queue=args.queue)
+    server.extra_config = ("\n[ledger]\nkeep_requests = false\n" if args.without_requests else "") if ledger else OFF
+    with server:
+        warm_up(server, profile, ["5KB"])
+        pids = tree(server.rss_roots())
+        before = cpu_seconds(pids)
+        point = measure_point(server, "gateway", "5KB", args.mode, args.sessions, profile)
+        used = cpu_seconds(pids) - before  # after settle(): the ledger's writes of the point are in
+    if point.error:
+        raise SystemExit(f"point failed (ledger {'on' if ledger else 'off'}): {point.error}")
+    return point.msgs_per_s, 1e6 * used / max(point.sent, 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", type=int, default=5)
+    parser.add_argument("--sessions", type=int, default=10)
+    parser.add_argument("--mode", choices=("persistent", "per-connection"), default="persistent")
+    parser.add_argument("--queue", choices=("sqlite", "postgresql"), default="sqlite")
+    parser.add_argument("--without-requests", action="store_true", help="the ledger on with keep_requests = false")
+    parser.add_argument("--out", type=Path, default=None, help="default: results/ledger.json (-without-requests)")
+    args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = BENCH_DIR / "results" / ("ledger-without-requests.json" if args.without_requests else "ledger.json")
+    genmsg.write_messages()
+    cmd = check_cli()
+    stop_stale()
+    workdir = Path(tempfile.mkdtemp(prefix=RUN_DIR_PREFIX))
+    claim(workdir)
+    pairs = []
+    for n in range(args.pairs):
+        off, off_cpu = one(workdir, cmd, False, args)
+        on, on_cpu = one(workdir, cmd, True, args)
+        pairs.append(
+            {
+                "off": off,
+                "on": on,
+                "ratio": on / off,
+                "off_cpu_us": off_cpu,
+                "on_cpu_us": on_cpu,
+                "cpu_ratio": on_cpu / off_cpu,
+            }
+        )
+        print(
+            f"pair {n + 1}: ledger off {off:7.1f} msgs/s {off_cpu:6.0f} us CPU/msg;"
+            f" on {on:7.1f} msgs/s {on_cpu:6.0f} us CPU/msg; on/off {on / off:.3f} (CPU {on_cpu / off_cpu:.3f})",
+            flush=True,
+        )
+    ratios = sorted(p["ratio"] for p in pairs)
+    cpu = sorted(p["cpu_ratio"] for p in pairs)
+    result = {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine_info(),
+        "message": "5KB",
+        "mode": args.mode,
+        "sessions": args.sessions,
+        "queue": args.queue,
+        "keep_requests": not args.without_requests,
+        "pairs": pairs,
+        "median_ratio": statistics.median(ratios),
+        "min_ratio": ratios[0],
+        "max_ratio": ratios[-1],
+        "median_cpu_ratio": statistics.median(cpu),
+        "min_cpu_ratio": cpu[0],
+        "max_cpu_ratio": cpu[-1],
+        "loadavg_after": os.getloadavg(),
+    }
+    print(
+        f"throughput on/off: median {result['median_ratio']:.3f} (min {ratios[0]:.3f}, max {ratios[-1]:.3f});"
+        f" CPU per message on/off: median {result['median_cpu_ratio']:.3f} (min {cpu[0]:.3f}, max {cpu[-1]:.3f})"
+    )
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

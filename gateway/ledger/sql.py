@@ -1,0 +1,316 @@
+"""The ledger's SQL, written once for both backends: each statement takes the backend's placeholder
+(`?` for SQLite, `%s` for psycopg). Upserts use `INSERT ... ON CONFLICT ... DO UPDATE` with `excluded`,
+which SQLite (3.24+) and PostgreSQL read alike."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+
+from gateway.ledger.model import (
+    Cursor,
+    Event,
+    EventRow,
+    MessageRow,
+    Query,
+    Recipient,
+    RecipientRow,
+    Record,
+    address_key,
+    message_id_key,
+)
+
+MESSAGE_COLUMNS = (
+    "id",
+    "created",
+    "account",
+    "login",
+    "listener",
+    "peer",
+    "mail_from",
+    "sender",
+    "message_id",
+    "subject",
+    "size",
+    "reply_id",
+    "reply",
+    "request",
+)
+RECIPIENT_COLUMNS = ("msg_id", "rcpt", "address", "created", "state", "state_at", "upstream_id", "call_key", "reason")
+EVENT_COLUMNS = (
+    "id",
+    "msg_id",
+    "created",
+    "at",
+    "kind",
+    "rcpt",
+    "call_key",
+    "outcome",
+    "upstream_id",
+    "detail",
+    "actor",
+    "data",
+)
+_RANK = "CASE {t}.state WHEN 'accepted' THEN 0 WHEN 'deferred' THEN 1 WHEN 'sent' THEN 2 ELSE 3 END"
+
+
+def _marks(p: str, n: int) -> str:
+    return ",".join([p] * n)
+
+
+def _message_conflict() -> str:
+    """A message's row; a second writer only fills what the first left empty (the accepting instance knows
+    the listener, peer and reply; a claiming instance knows what the queue stored)."""
+    fill = ", ".join(f"{c} = COALESCE(ledger_messages.{c}, excluded.{c})" for c in MESSAGE_COLUMNS[1:])
+    return f" ON CONFLICT (id) DO UPDATE SET {fill}"
+
+
+def message_upsert(p: str) -> str:
+    return (
+        f"INSERT INTO ledger_messages ({', '.join(MESSAGE_COLUMNS)}) VALUES ({_marks(p, len(MESSAGE_COLUMNS))})"
+        + _message_conflict()
+    )
+
+
+def _recipient_conflict() -> str:
+    """A recipient's state (model.py): the incoming row wins when it is further along (RANK), or as far
+    and not older, or not older than a `dead` it replaces (an operator's requeue)."""
+    new, old = _RANK.format(t="excluded"), _RANK.format(t="ledger_recipients")
+    wins = (
+        f"({new} > {old} OR (excluded.state_at >= ledger_recipients.state_at"
+        f" AND ({new} = {old} OR ledger_recipients.state = 'dead')))"
+    )
+    updates = ", ".join(
+        f"{c} = CASE WHEN {wins} THEN excluded.{c} ELSE ledger_recipients.{c} END"
+        for c in ("state", "state_at", "reason")
+    )
+    keep = ", ".join(
+        f"{c} = CASE WHEN {wins} THEN COALESCE(excluded.{c}, ledger_recipients.{c})"
+        f" ELSE COALESCE(ledger_recipients.{c}, excluded.{c}) END"
+        for c in ("upstream_id", "call_key")
+    )
+    return f" ON CONFLICT (msg_id, rcpt) DO UPDATE SET {updates}, {keep}"
+
+
+def recipient_upsert(p: str) -> str:
+    return (
+        f"INSERT INTO ledger_recipients ({', '.join(RECIPIENT_COLUMNS)})"
+        f" VALUES ({_marks(p, len(RECIPIENT_COLUMNS))}){_recipient_conflict()}"
+    )
+
+
+# SQLite only: a whole batch of one table in one statement, its rows in one JSON array parameter. The
+# sqlite3 module takes the GIL back after each step of a statement, so executemany costs two GIL hand-overs
+# per row with the event loop (measured: more CPU on the loop than the writer's own); this costs one per
+# batch. (PostgreSQL's writes run on the loop, pipelined: no thread, no GIL to hand over.)
+
+
+def _from_json(columns: Sequence[str]) -> str:
+    picks = ", ".join(f"json_extract(value, '$[{n}]')" for n in range(len(columns)))
+    return f"SELECT {picks} FROM json_each(?) WHERE true"  # WHERE: lets SQLite parse the ON CONFLICT after it
+
+
+def message_upsert_json() -> str:
+    return f"INSERT INTO ledger_messages ({', '.join(MESSAGE_COLUMNS)}) {_from_json(MESSAGE_COLUMNS)}" + (
+        _message_conflict()
+    )
+
+
+def recipient_upsert_json() -> str:
+    return f"INSERT INTO ledger_recipients ({', '.join(RECIPIENT_COLUMNS)}) {_from_json(RECIPIENT_COLUMNS)}" + (
+        _recipient_conflict()
+    )
+
+
+def event_insert_json() -> str:
+    columns = ", ".join(EVENT_COLUMNS)
+    return f"INSERT INTO ledger_events ({columns}) {_from_json(EVENT_COLUMNS)} ON CONFLICT (id) DO NOTHING"
+
+
+def json_rows(rows: Sequence[tuple[Any, ...]]) -> str:
+    return orjson.dumps(rows).decode()
+
+
+def event_insert(p: str) -> str:
+    return (
+        f"INSERT INTO ledger_events ({', '.join(EVENT_COLUMNS)}) VALUES ({_marks(p, len(EVENT_COLUMNS))})"
+        " ON CONFLICT (id) DO NOTHING"
+    )
+
+
+def unpack_request(value: str | None) -> Any:
+    return None if value is None else orjson.loads(value)
+
+
+def message_values(m: MessageRow) -> tuple[Any, ...]:
+    return (
+        m.id,
+        m.created,
+        m.account,
+        m.login,
+        m.listener,
+        m.peer,
+        m.mail_from,
+        address_key(m.mail_from),
+        message_id_key(m.message_id) if m.message_id else None,
+        m.subject,
+        m.size,
+        m.reply_id,
+        m.reply,
+        m.request,  # JSON text, not deflated: that would cost the writer more CPU than all the rest of the rows
+    )
+
+
+def recipient_values(r: RecipientRow) -> tuple[Any, ...]:
+    return (r.msg_id, r.key, r.address, r.created, r.state, r.at, r.upstream_id, r.call, r.reason)
+
+
+def event_values(e: EventRow) -> tuple[Any, ...]:
+    return (
+        e.id,
+        e.msg_id,
+        e.created,
+        e.at,
+        e.kind,
+        e.recipient,
+        e.call,
+        e.outcome,
+        e.upstream_id,
+        e.detail,
+        e.actor,
+        e.data,
+    )
+
+
+# -- reading ------------------------------------------------------------------------------------------------
+
+_SUMMARY = "id, created, account, login, listener, peer, mail_from, message_id, subject, size, reply_id, reply"
+
+
+def select_message(p: str) -> str:
+    return f"SELECT {_SUMMARY}, request FROM ledger_messages WHERE id = {p}"
+
+
+def select_events(p: str) -> str:
+    return (
+        "SELECT id, at, kind, rcpt, call_key, outcome, upstream_id, detail, actor, data FROM ledger_events"
+        f" WHERE msg_id = {p} ORDER BY at, id"
+    )
+
+
+def select_recipients(p: str, count: int) -> str:
+    return (
+        "SELECT msg_id, address, state, state_at, upstream_id, call_key, reason FROM ledger_recipients"
+        f" WHERE msg_id IN ({_marks(p, count)}) ORDER BY msg_id, address"
+    )
+
+
+def search(q: Query, p: str) -> tuple[str, list[Any]]:
+    """The page's messages (one more than `limit`: whether there is a next page), newest first."""
+    where: list[str] = []
+    params: list[Any] = []
+
+    def add(clause: str, *values: Any) -> None:
+        where.append(clause.format(p=p))
+        params.extend(values)
+
+    if q.id is not None:
+        add("m.id = {p}", q.id.upper())
+    if q.reply_id is not None:
+        add("m.reply_id = {p}", q.reply_id)
+    if q.message_id is not None:
+        add("m.message_id = {p}", message_id_key(q.message_id))
+    if q.sender is not None:
+        add("m.sender = {p}", address_key(q.sender))
+    if q.login is not None:
+        add("m.login = {p}", q.login)
+    if q.account is not None:
+        add("m.account = {p}", q.account)
+    if q.since is not None:
+        add("m.created >= {p}", q.since)
+    if q.until is not None:
+        add("m.created < {p}", q.until)
+    if q.recipient is not None:
+        add("m.id IN (SELECT msg_id FROM ledger_recipients WHERE rcpt = {p})", address_key(q.recipient))
+    if q.upstream_id is not None:
+        add("m.id IN (SELECT msg_id FROM ledger_recipients WHERE upstream_id = {p})", q.upstream_id)
+    if q.state is not None:
+        add("m.id IN (SELECT msg_id FROM ledger_recipients WHERE state = {p})", q.state)
+    if q.cursor is not None:
+        add("(m.created < {p} OR (m.created = {p} AND m.id < {p}))", q.cursor.created, q.cursor.created, q.cursor.id)
+    sql = f"SELECT {', '.join('m.' + c for c in _SUMMARY.split(', '))} FROM ledger_messages m"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += f" ORDER BY m.created DESC, m.id DESC LIMIT {p}"
+    params.append(q.limit + 1)
+    return sql, params
+
+
+def record_of(row: Sequence[Any], recipients: Sequence[Recipient] = (), events: Sequence[Event] = ()) -> Record:
+    """A record from a row of _SUMMARY columns (and `request` after them, when selected)."""
+    request = unpack_request(row[12]) if len(row) > 12 else None
+    return Record(
+        id=row[0],
+        created=float(row[1]),
+        account=row[2],
+        login=row[3],
+        listener=row[4],
+        peer=row[5],
+        mail_from=row[6],
+        message_id=row[7],
+        subject=row[8],
+        size=None if row[9] is None else int(row[9]),
+        reply_id=row[10],
+        reply=row[11],
+        recipients=tuple(recipients),
+        events=tuple(events),
+        request=request,
+    )
+
+
+def recipient_of(row: Sequence[Any]) -> tuple[str, Recipient]:
+    """(msg_id, recipient) from a select_recipients row."""
+    return row[0], Recipient(row[1], row[2], float(row[3]), row[4], row[5], row[6])
+
+
+def event_of(row: Sequence[Any]) -> Event:
+    return Event(
+        id=row[0],
+        at=float(row[1]),
+        kind=row[2],
+        recipient=row[3],
+        call=row[4],
+        outcome=row[5],
+        upstream_id=row[6],
+        detail=row[7],
+        actor=row[8],
+        data=orjson.loads(row[9]) if row[9] else None,
+    )
+
+
+def page_of(
+    rows: Sequence[Sequence[Any]], recipients: dict[str, list[Recipient]], limit: int
+) -> tuple[list[Record], Cursor | None]:
+    """The page's records and the cursor after its last one (None: no more)."""
+    records = [record_of(r, recipients.get(r[0], ())) for r in rows[:limit]]
+    more = len(rows) > limit
+    return records, Cursor(records[-1].created, records[-1].id) if more and records else None
+
+
+# -- retention ----------------------------------------------------------------------------------------------
+
+
+def expired_ids(table: str, p: str) -> str:
+    """Up to {p} message ids with rows in `table` older than {p} (the message's acceptance time)."""
+    column = "id" if table == "ledger_messages" else "msg_id"
+    return f"SELECT DISTINCT {column} FROM {table} WHERE created < {p} LIMIT {p}"
+
+
+def delete_ids(table: str, p: str, count: int) -> str:
+    column = "id" if table == "ledger_messages" else "msg_id"
+    return f"DELETE FROM {table} WHERE {column} IN ({_marks(p, count)})"
+
+
+TABLES = ("ledger_messages", "ledger_recipients", "ledger_events")

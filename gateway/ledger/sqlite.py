@@ -1,0 +1,151 @@
+"""The ledger in the SQLite queue's file: its own connection on its own thread, so ledger writes never
+wait behind the queue's statements on one thread, nor the queue's behind theirs.
+
+`synchronous=NORMAL`: a ledger commit is not fsync'd. In WAL mode that loses nothing when the process
+dies, only the last commits on a power loss, and the queue's own commits stay fsync'd (synchronous is per
+connection). While the queue's disk reserve is in use (the disk is full) the ledger does not write: the
+space is kept for draining the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import sqlite3
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from gateway.ledger import sql
+from gateway.ledger.model import EventRow, MessageRow, Page, Query, Recipient, RecipientRow, Record, Row
+from gateway.ledger.store import LedgerUnavailable
+from gateway.queue import sqlite_schema
+
+T = TypeVar("T")
+P = "?"
+_MESSAGES, _RECIPIENTS, _EVENTS = sql.message_upsert_json(), sql.recipient_upsert_json(), sql.event_insert_json()
+
+
+class SqliteLedger:
+    def __init__(self, path: Path, disk_full: Callable[[], bool] | None = None) -> None:
+        self.path = path
+        self.url = f"sqlite:///{path}"
+        # True while the queue's disk reserve is in use (gateway/queue/sqlite_side.py): the disk is full.
+        self._disk_full = disk_full or (lambda: False)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-db")
+        self._db: sqlite3.Connection | None = None
+        self._closed = False
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._closed:
+            raise LedgerUnavailable(f"ledger {self.path}: closed")
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._executor, functools.partial(self._call, fn, *args)
+            )
+        except (sqlite3.Error, OSError) as exc:
+            raise LedgerUnavailable(f"ledger {self.path}: {type(exc).__name__}: {exc}") from exc
+
+    def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._db is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")
+                # The indexes' pages stay cached between batches (SQLite's default is 2 MiB).
+                db.execute("PRAGMA cache_size=-32768")
+                sqlite_schema.migrate(db)
+            except BaseException:
+                db.close()
+                raise
+            self._db = db
+        return fn(self._db, *args)
+
+    async def open(self) -> None:
+        await self._run(lambda db: None)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+
+        def shut() -> None:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, shut)
+        self._executor.shutdown(wait=True)
+
+    # -- writing --------------------------------------------------------------------------------------------
+
+    async def write(self, rows: Sequence[Row]) -> None:
+        await self._run(self._write, rows)
+
+    def _write(self, db: sqlite3.Connection, rows: Sequence[Row]) -> None:
+        if self._disk_full():
+            raise sqlite3.OperationalError("the disk is full (the queue's reserve is in use): ledger rows wait")
+        messages = [sql.message_values(r) for r in rows if isinstance(r, MessageRow)]
+        recipients = [sql.recipient_values(r) for r in rows if isinstance(r, RecipientRow)]
+        events = [sql.event_values(r) for r in rows if isinstance(r, EventRow)]
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            # By table, each in one statement (sql.py): each table's rows keep their order, which is all
+            # the upserts need.
+            for statement, values in ((_MESSAGES, messages), (_RECIPIENTS, recipients), (_EVENTS, events)):
+                if values:
+                    db.execute(statement, (sql.json_rows(values),))
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    # -- reading --------------------------------------------------------------------------------------------
+
+    async def get(self, msg_id: str) -> Record | None:
+        def run(db: sqlite3.Connection) -> Record | None:
+            row = db.execute(sql.select_message(P), (msg_id.upper(),)).fetchone()
+            if row is None:
+                return None
+            recipients = [sql.recipient_of(r)[1] for r in db.execute(sql.select_recipients(P, 1), (row[0],))]
+            events = [sql.event_of(e) for e in db.execute(sql.select_events(P), (row[0],))]
+            return sql.record_of(row, recipients, events)
+
+        return await self._run(run)
+
+    async def find(self, query: Query) -> Page:
+        def run(db: sqlite3.Connection) -> Page:
+            statement, params = sql.search(query, P)
+            rows = db.execute(statement, params).fetchall()
+            ids = [r[0] for r in rows[: query.limit]]
+            recipients: dict[str, list[Recipient]] = {}
+            if ids:
+                for r in db.execute(sql.select_recipients(P, len(ids)), ids):
+                    msg_id, recipient = sql.recipient_of(r)
+                    recipients.setdefault(msg_id, []).append(recipient)
+            records, after = sql.page_of(rows, recipients, query.limit)
+            return Page(records, after)
+
+        return await self._run(run)
+
+    # -- retention ------------------------------------------------------------------------------------------
+
+    async def prune(self, before: float, limit: int) -> int:
+        def run(db: sqlite3.Connection) -> int:
+            for table in sql.TABLES:
+                ids = [r[0] for r in db.execute(sql.expired_ids(table, P), (before, limit))]
+                if ids:
+                    db.execute("BEGIN IMMEDIATE")
+                    try:
+                        for target in sql.TABLES:
+                            db.execute(sql.delete_ids(target, P, len(ids)), ids)
+                    except BaseException:
+                        db.execute("ROLLBACK")
+                        raise
+                    db.execute("COMMIT")
+                    return len(ids)
+            return 0
+
+        return await self._run(run)

@@ -1,0 +1,64 @@
+"""Schema text both queue backends share word for word (SQLite reads these type names with the same meaning)."""
+
+from __future__ import annotations
+
+# The message ledger (gateway/ledger/): one row per message answered 250, its recipients and its timeline.
+# No foreign keys: rows of one message may come from several instances in any order (an instance that
+# claims a message may flush its rows before the accepting instance flushes the message's own row).
+# Every table carries the message's acceptance time (`created`): retention prunes each table by it.
+LEDGER = """
+CREATE TABLE ledger_messages (
+    id         text PRIMARY KEY,
+    created    double precision NOT NULL,
+    account    text NOT NULL,
+    login      text,
+    listener   text,
+    peer       text,
+    mail_from  text NOT NULL,
+    sender     text NOT NULL,
+    message_id text,
+    subject    text NOT NULL,
+    size       integer,
+    reply_id   text,
+    reply      text,
+    request    text
+);
+CREATE INDEX ledger_messages_created ON ledger_messages (created, id);
+CREATE INDEX ledger_messages_reply ON ledger_messages (reply_id);
+CREATE INDEX ledger_messages_message_id ON ledger_messages (message_id);
+CREATE INDEX ledger_messages_sender ON ledger_messages (sender, created);
+CREATE INDEX ledger_messages_login ON ledger_messages (login, created);
+CREATE INDEX ledger_messages_account ON ledger_messages (account, created);
+CREATE TABLE ledger_recipients (
+    msg_id      text NOT NULL,
+    rcpt        text NOT NULL,
+    address     text NOT NULL,
+    created     double precision NOT NULL,
+    state       text NOT NULL,
+    state_at    double precision NOT NULL,
+    upstream_id text,
+    call_key    text,
+    reason      text,
+    PRIMARY KEY (msg_id, rcpt)
+);
+CREATE INDEX ledger_recipients_rcpt ON ledger_recipients (rcpt, created);
+CREATE INDEX ledger_recipients_upstream ON ledger_recipients (upstream_id);
+CREATE INDEX ledger_recipients_state ON ledger_recipients (state, created);
+CREATE INDEX ledger_recipients_created ON ledger_recipients (created);
+CREATE TABLE ledger_events (
+    id          text PRIMARY KEY,
+    msg_id      text NOT NULL,
+    created     double precision NOT NULL,
+    at          double precision NOT NULL,
+    kind        text NOT NULL,
+    rcpt        text,
+    call_key    text,
+    outcome     text,
+    upstream_id text,
+    detail      text,
+    actor       text,
+    data        text
+);
+CREATE INDEX ledger_events_msg ON ledger_events (msg_id, at);
+CREATE INDEX ledger_events_created ON ledger_events (created)
+"""

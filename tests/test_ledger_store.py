@@ -1,0 +1,278 @@
+"""The LedgerStore contract, run against both backends (SQLite, and PostgreSQL on the tests' private cluster):
+upserts that keep the later state whatever order instances flush in, events stored once by id, every
+lookup of the search, paging, retention."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from gateway.ledger.model import BadQuery, Cursor, EventRow, MessageRow, Query, RecipientRow, json
+from gateway.ledger.postgres import PostgresLedger
+from gateway.ledger.sqlite import SqliteLedger
+from gateway.ledger.store import LedgerStore, LedgerUnavailable
+from gateway.queue.sqlite import SqliteQueue
+from tests.queue_contract import stores_on_backend
+
+Factory = Callable[[], LedgerStore]
+T0 = 1_700_000_000.0
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Factory]:
+    """Several stores on one database are several instances on one queue."""
+    async for factory in stores_on_backend(request, tmp_path, SqliteLedger, PostgresLedger):
+        yield factory
+
+
+@pytest.fixture
+async def store(make_store: Factory) -> LedgerStore:
+    s = make_store()
+    await s.open()
+    return s
+
+
+def message(msg_id: str, created: float = T0, **fields: object) -> MessageRow:
+    values: dict[str, object] = {
+        "account": "acme",
+        "mail_from": "Billing@Acme.example",
+        "subject": "Invoice",
+        "size": 5120,
+        "login": "scanner",
+        "listener": "submission",
+        "peer": "192.0.2.7:51234",
+        "message_id": "<m-" + msg_id.lower() + "@acme.example>",
+        "reply_id": "EEID-" + msg_id,
+        "reply": f"250 2.0.0 Ok: queued as EEID-{msg_id}",
+        "request": json(
+            [{"call": "0", "method": "POST", "path": "/v1/envio/send_one_inline/", "body": {"html": "<p>"}}]
+        ),
+    }
+    values.update(fields)
+    return MessageRow(msg_id, created, **values)  # type: ignore[arg-type]
+
+
+def rcpt(msg_id: str, address: str, state: str, at: float, created: float = T0, **fields: object) -> RecipientRow:
+    return RecipientRow(msg_id, created, address, state, at, **fields)  # type: ignore[arg-type]
+
+
+def event(
+    event_id: str, msg_id: str, at: float, kind: str = "attempt", created: float = T0, **fields: object
+) -> EventRow:
+    return EventRow(event_id, msg_id, created, at, kind, **fields)  # type: ignore[arg-type]
+
+
+async def test_a_record_round_trips_with_its_recipients_timeline_and_request(store: LedgerStore) -> None:
+    await store.write(
+        [
+            message("M1"),
+            rcpt("M1", "A@Example.com", "sent", T0 + 1, upstream_id="EEID-M1", call="0"),
+            rcpt("M1", "b@example.com", "deferred", T0 + 1, call="1", reason="DMDS answered 503"),
+            event("e1", "M1", T0, "accepted", detail="250 2.0.0 Ok"),
+            event("e2", "M1", T0 + 1, call="0", outcome="delivered", upstream_id="EEID-M1", actor="gw:1:aa"),
+            event("e3", "M1", T0 + 1, call="1", outcome="deferred", detail="DMDS answered 503", data=json({"n": 1})),
+        ]
+    )
+    record = await store.get("m1")  # local ids are upper-case hex; any case finds them
+    assert record is not None
+    assert (record.id, record.account, record.login, record.listener, record.peer) == (
+        "M1",
+        "acme",
+        "scanner",
+        "submission",
+        "192.0.2.7:51234",
+    )
+    assert record.mail_from == "Billing@Acme.example" and record.message_id == "m-m1@acme.example"
+    assert [(r.address, r.state, r.upstream_id) for r in record.recipients] == [
+        ("A@Example.com", "sent", "EEID-M1"),
+        ("b@example.com", "deferred", None),
+    ]
+    assert [e.kind for e in record.events] == ["accepted", "attempt", "attempt"]
+    assert record.events[2].data == {"n": 1} and record.events[1].actor == "gw:1:aa"
+    assert record.request[0]["path"] == "/v1/envio/send_one_inline/"
+    assert record.state == "deferred"
+    assert await store.get("NOPE") is None
+
+
+async def test_events_are_stored_once_and_batches_can_be_written_again(store: LedgerStore) -> None:
+    batch = [message("M1"), rcpt("M1", "a@example.com", "sent", T0 + 1), event("e1", "M1", T0)]
+    await store.write(batch)
+    await store.write(batch)  # a retried flush, an upstream event read twice
+    await store.write([event("e1", "M1", T0 + 5, detail="the same id")])
+    record = await store.get("M1")
+    assert record is not None and len(record.events) == 1 and record.events[0].detail is None
+    assert len(record.recipients) == 1
+
+
+async def test_one_batch_may_carry_several_states_of_one_recipient(store: LedgerStore) -> None:
+    await store.write(
+        [
+            message("M1"),
+            rcpt("M1", "a@example.com", "accepted", T0, call="0"),
+            event("e1", "M1", T0, "accepted"),
+            rcpt("M1", "A@example.com", "sent", T0 + 1, upstream_id="EEID-1", call="0"),
+            event("e2", "M1", T0 + 1),
+            event("e1", "M1", T0 + 2, detail="the same event again"),
+        ]
+    )
+    record = await store.get("M1")
+    assert record is not None and [(r.state, r.upstream_id) for r in record.recipients] == [("sent", "EEID-1")]
+    assert [(e.id, e.detail) for e in record.events] == [("e1", None), ("e2", None)]
+
+
+async def test_the_later_state_wins_whatever_order_instances_flush_in(make_store: Factory) -> None:
+    accepting, claiming = make_store(), make_store()
+    # The claiming instance flushes first: its row for the message fills only what is known from the queue.
+    await claiming.write(
+        [
+            message("M1", login=None, listener=None, peer=None, reply=None, reply_id=None),
+            rcpt("M1", "a@example.com", "sent", T0 + 30, upstream_id="EEID-9", call="0"),
+            event("b1", "M1", T0 + 30, outcome="delivered", upstream_id="EEID-9"),
+        ]
+    )
+    await accepting.write(
+        [
+            message("M1", reply_id="M1", reply="250 2.0.0 Ok: queued as M1"),
+            rcpt("M1", "a@example.com", "accepted", T0, call="0"),
+            event("a1", "M1", T0, "accepted"),
+        ]
+    )
+    record = await accepting.get("M1")
+    assert record is not None
+    assert [(r.state, r.upstream_id) for r in record.recipients] == [("sent", "EEID-9")]
+    assert (record.listener, record.reply_id, record.reply) == ("submission", "M1", "250 2.0.0 Ok: queued as M1")
+    assert [e.id for e in record.events] == ["a1", "b1"]
+    # An operator requeues a dead letter: newer, though less far along, it wins.
+    await claiming.write([rcpt("M1", "a@example.com", "dead", T0 + 40, reason="refused")])
+    await claiming.write([rcpt("M1", "a@example.com", "deferred", T0 + 50, reason="requeued by an operator")])
+    record = await claiming.get("M1")
+    assert record is not None and [(r.state, r.reason) for r in record.recipients] == [
+        ("deferred", "requeued by an operator")
+    ]
+    # A vendor event stamped earlier than our own `sent` (clock skew) still advances the state.
+    await claiming.write([rcpt("M1", "a@example.com", "sent", T0 + 60, upstream_id="EEID-9")])
+    await claiming.write([rcpt("M1", "a@example.com", "delivered", T0 + 59)])
+    record = await claiming.get("M1")
+    assert record is not None and [(r.state, r.upstream_id) for r in record.recipients] == [("delivered", "EEID-9")]
+    # A late answer to an instance whose lease had expired: its `deferred` does not undo what is known.
+    await accepting.write([rcpt("M1", "a@example.com", "deferred", T0 + 70, reason="DMDS answered 503")])
+    record = await claiming.get("M1")
+    assert record is not None and [r.state for r in record.recipients] == ["delivered"]
+
+
+async def test_every_lookup_finds_its_messages(store: LedgerStore) -> None:
+    await store.write(
+        [
+            message("M1", T0, login="scanner", account="acme"),
+            rcpt("M1", "a@example.com", "sent", T0, upstream_id="BATCH-1"),
+            message("M2", T0 + 10, login="erp", account="crm", mail_from="shop@crm.example"),
+            rcpt("M2", "B@example.com", "dead", T0 + 10, reason="refused"),
+            message("M3", T0 + 20, reply_id="BATCH-1"),
+            rcpt("M3", "c@example.com", "sent", T0 + 20, upstream_id="BATCH-1"),
+            rcpt("M3", "b@example.com", "deferred", T0 + 20),
+        ]
+    )
+
+    async def ids(**filters: object) -> list[str]:
+        page = await store.find(Query(**filters))  # type: ignore[arg-type]
+        return [r.id for r in page.records]
+
+    assert await ids() == ["M3", "M2", "M1"]  # newest first
+    assert await ids(id="m2") == ["M2"]
+    assert await ids(reply_id="BATCH-1") == ["M3"]
+    assert await ids(upstream_id="BATCH-1") == ["M3", "M1"]  # a DMDS batch: several messages share an eeid
+    assert await ids(message_id="m-m1@acme.example") == ["M1"]
+    assert await ids(message_id="<m-m1@acme.example>") == ["M1"]
+    assert await ids(sender="billing@acme.EXAMPLE") == ["M3", "M1"]
+    assert await ids(recipient="b@EXAMPLE.com") == ["M3", "M2"]
+    assert await ids(login="erp") == ["M2"]
+    assert await ids(account="acme") == ["M3", "M1"]
+    assert await ids(state="dead") == ["M2"]
+    assert await ids(state="deferred", recipient="b@example.com") == ["M3"]
+    assert await ids(since=T0 + 10) == ["M3", "M2"]
+    assert await ids(until=T0 + 10) == ["M1"]
+    assert await ids(sender="nobody@example.com") == []
+    page = await store.find(Query(recipient="b@example.com"))
+    assert [(r.address, r.state) for r in page.records[0].recipients] == [
+        ("b@example.com", "deferred"),
+        ("c@example.com", "sent"),
+    ]
+    assert page.records[0].events == () and page.records[0].request is None  # summaries only
+
+
+async def test_pages_follow_the_cursor_without_gaps_or_repeats(store: LedgerStore) -> None:
+    # Several messages in the same second: the cursor breaks ties by id.
+    rows = [message(f"M{n:02d}", T0 + n // 3) for n in range(10)]
+    await store.write(rows)
+    seen: list[str] = []
+    cursor: Cursor | None = None
+    while True:
+        page = await store.find(Query(limit=4, cursor=cursor))
+        seen += [r.id for r in page.records]
+        if page.next is None:
+            break
+        cursor = Cursor.decode(page.next.encode())
+    assert seen == sorted((r.id for r in rows), key=lambda i: (T0 + int(i[1:]) // 3, i), reverse=True)
+    with pytest.raises(BadQuery):
+        Cursor.decode("not-a-cursor")
+    with pytest.raises(BadQuery):
+        Query(limit=501)
+
+
+async def test_retention_prunes_old_messages_in_bounded_batches(store: LedgerStore) -> None:
+    await store.write(
+        [
+            *[message(f"OLD{n}", T0 + n) for n in range(5)],
+            *[event(f"old-e{n}", f"OLD{n}", T0 + n) for n in range(5)],
+            message("NEW", T0 + 100),
+            rcpt("NEW", "a@example.com", "sent", T0 + 100, created=T0 + 100),
+            # Rows of a message whose own row never arrived (its instance was killed before flushing it).
+            rcpt("ORPHAN", "a@example.com", "sent", T0 + 1, created=T0 + 1),
+            event("orphan-e", "ORPHAN", T0 + 1, created=T0 + 1),
+        ]
+    )
+    pruned = []
+    while n := await store.prune(T0 + 50, limit=2):
+        pruned.append(n)
+    assert pruned == [2, 2, 1, 1]  # five old messages in batches of two, then the orphan
+    assert [r.id for r in (await store.find(Query())).records] == ["NEW"]
+    assert await store.get("ORPHAN") is None
+    record = await store.get("NEW")
+    assert record is not None and len(record.recipients) == 1
+
+
+async def test_the_ledger_lives_in_the_queues_file_and_migrates_it(tmp_path: Path) -> None:
+    path = tmp_path / "spool.sqlite3"
+    queue = SqliteQueue(path)
+    await queue.open()
+    ledger = SqliteLedger(path)
+    await ledger.write([message("M1")])
+    await queue.close()
+    await ledger.close()
+    tables = {r[0] for r in sqlite3.connect(path).execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"messages", "calls", "ledger_messages", "ledger_recipients", "ledger_events"} <= tables
+
+
+async def test_a_full_disk_keeps_ledger_rows_out_of_the_queues_reserve(tmp_path: Path) -> None:
+    full = False
+    ledger = SqliteLedger(tmp_path / "spool.sqlite3", disk_full=lambda: full)
+    try:
+        await ledger.write([message("M1")])
+        full = True
+        with pytest.raises(LedgerUnavailable, match="disk is full"):
+            await ledger.write([message("M2")])
+    finally:
+        await ledger.close()
+
+
+async def test_an_unreachable_database_raises_ledger_unavailable(tmp_path: Path) -> None:
+    (tmp_path / "dir.sqlite3").mkdir()
+    ledger = SqliteLedger(tmp_path / "dir.sqlite3")
+    try:
+        with pytest.raises(LedgerUnavailable):
+            await ledger.find(Query())
+    finally:
+        await ledger.close()
