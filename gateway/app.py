@@ -5,17 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import signal
 import ssl
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import structlog
 
 from gateway.auth.credentials import Authenticator
+from gateway.auth.jwks import JwksKeys
+from gateway.auth.oauth import OAuthVerifier
 from gateway.config import ConfigError, DnsSettings, Settings
+from gateway.config.oauth import OAuthSettings
 from gateway.config.reload import ReloadPlan, plan_reload
 from gateway.core.errors import SpoolUnavailable
 from gateway.delivery.health import AccountHealth
@@ -26,6 +31,7 @@ from gateway.ledger.backends import open_ledger
 from gateway.ledger.recorder import Recorder
 from gateway.ledger.store import LedgerStore
 from gateway.ledger.writer import LedgerWriter
+from gateway.limits.quotas import QuotaTracker
 from gateway.ops import logs
 from gateway.ops.api import MessageApi
 from gateway.ops.apiauth import TokenAuth
@@ -33,6 +39,7 @@ from gateway.ops.http import OperatorEndpoint
 from gateway.ops.memory import MmapThreshold, set_mmap_threshold
 from gateway.ops.metrics import CONFIG_RELOADS
 from gateway.ops.queuestats import QUEUE_STATS
+from gateway.ops.quotastats import QUOTA_STATS
 from gateway.ops.signals import StopSignals
 from gateway.pipeline import Pipeline
 from gateway.policy.dns import DnsResolver
@@ -44,6 +51,7 @@ from gateway.queue.store import QueueStore
 from gateway.smtp.protocol import GatewaySMTP
 from gateway.smtp.server import Listeners
 from gateway.smtp.tls import CertificateError, server_context
+from gateway.upstream.client import HttpClient
 
 log = structlog.get_logger("gateway.app")
 
@@ -53,6 +61,27 @@ QUEUE_STATS_EVERY = 10.0
 
 def resolver_for(d: DnsSettings) -> DnsResolver:
     return DnsResolver(d.nameservers or None, d.port, d.timeout, d.max_ttl, d.negative_ttl)
+
+
+def oauth_verifier(settings: OAuthSettings) -> OAuthVerifier | None:
+    """Token logins of the configured issuers, each fetching its keys with an HTTP client of its own."""
+    if not settings.issuers:
+        return None
+    keys = {}
+    for issuer in settings.issuers:
+        url = urlsplit(issuer.jwks_url)
+        client = HttpClient(
+            f"{url.scheme}://{url.netloc}",
+            upstream=f"JWKS of {issuer.name}",
+            account=issuer.name,
+            timeout=issuer.http_timeout,
+            max_connections=2,
+            ca_file=issuer.ca_file,
+        )
+        path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+        fetch = functools.partial(client.request, "jwks", "GET", path, headers={"Accept": "application/json"})
+        keys[issuer.name] = JwksKeys(issuer, fetch, client.aclose)
+    return OAuthVerifier(settings.issuers, keys)
 
 
 @dataclass
@@ -122,7 +151,10 @@ class App:
         self._spawn(self.store.listen(lambda account: self.owner.wakeup.set() if self.owner else None))
         self._spawn(self._queue_stats())
         self.pipeline = Pipeline(settings, self.providers, self.owner, resolver=self.resolver)
-        self.listeners = Listeners(settings, self.pipeline, self.authenticator)
+        quotas = QuotaTracker(self.store)  # per-login quotas, counted with every instance on the queue
+        QUOTA_STATS.track(quotas)
+        oauth = await asyncio.to_thread(oauth_verifier, settings.oauth)  # reads any ca_file
+        self.listeners = Listeners(settings, self.pipeline, self.authenticator, quotas=quotas, oauth=oauth)
         await self.listeners.start()
         http = settings.http
         if http.port is not None:
@@ -208,7 +240,10 @@ class App:
                 CONFIG_RELOADS.labels(result="invalid").inc()
                 log.error("config_reload_failed", reason=str(exc), action="kept the running configuration")
                 return False
+            oauth = listeners.oauth
             try:
+                if plan.settings.oauth != self.settings.oauth:
+                    oauth = await asyncio.to_thread(oauth_verifier, plan.settings.oauth)
                 contexts = await asyncio.to_thread(listeners.prepare_tls, plan.settings)
             except CertificateError as exc:
                 CONFIG_RELOADS.labels(result="tls_failed").inc()
@@ -218,7 +253,7 @@ class App:
                     action="kept the certificate and the configuration already loaded",
                 )
                 return False
-            self._apply(plan, listeners, contexts)
+            self._apply(plan, listeners, contexts, oauth)
             CONFIG_RELOADS.labels(result="ok").inc()
             log.info("config_reloaded", changed=plan.changed, restart_needed=plan.restart_needed)
             if plan.restart_needed:
@@ -230,7 +265,11 @@ class App:
             return True
 
     def _apply(
-        self, plan: ReloadPlan, listeners: Listeners, contexts: tuple[dict[str, ssl.SSLContext], dict[str, str]] | None
+        self,
+        plan: ReloadPlan,
+        listeners: Listeners,
+        contexts: tuple[dict[str, ssl.SSLContext], dict[str, str]] | None,
+        oauth: OAuthVerifier | None,
     ) -> None:
         old, new = self.settings, plan.settings
         assert self.owner is not None and self.worker is not None and self.store is not None
@@ -257,20 +296,26 @@ class App:
             self.api_auth.configure(new.http.api_tokens, new.limits)
         self.worker.set_accounts(list(new.accounts))
         self.pipeline = Pipeline(new, providers, self.owner, resolver=self.resolver)
+        retired_oauth, listeners.oauth = listeners.oauth, oauth
         listeners.apply(new, self.pipeline, self.authenticator, contexts)
         logs.reconfigure(new.log)
         self.settings = new
-        if retired:
+        if retired or (retired_oauth is not None and retired_oauth is not oauth):
             self._retired += retired
-            self._spawn(self._retire(retired, sessions_before))
+            self._spawn(self._retire(retired, sessions_before, retired_oauth if retired_oauth is not oauth else None))
         if new.dns.check_sender_domain and new.accounts != old.accounts:
             self._spawn(self._log_domain_findings())
 
-    async def _retire(self, providers: list[Provider], sessions: set[GatewaySMTP]) -> None:
-        """Close replaced providers once nothing can use them: the sessions that were open at the reload
-        have ended and the delivery attempts running then have finished."""
+    async def _retire(
+        self, providers: list[Provider], sessions: set[GatewaySMTP], oauth: OAuthVerifier | None = None
+    ) -> None:
+        """Close replaced providers (and token verifier) once nothing can use them: the sessions that were open
+        at the reload have ended and the delivery attempts running then have finished."""
         assert self.listeners is not None and self.owner is not None
         await self.listeners.ended(sessions)
+        if oauth is not None:
+            with contextlib.suppress(Exception):
+                await oauth.aclose()
         await self.owner.running()
         for provider in providers:
             with contextlib.suppress(Exception):
@@ -303,9 +348,13 @@ class App:
         if self.store is not None:
             await self.store.close()
         QUEUE_STATS.clear()
+        QUOTA_STATS.track(None)
         for provider in [*self.providers.values(), *self._retired]:
             with contextlib.suppress(Exception):
                 await provider.aclose()
+        if self.listeners is not None and self.listeners.oauth is not None:
+            with contextlib.suppress(Exception):
+                await self.listeners.oauth.aclose()
         log.info("stopped")
 
 

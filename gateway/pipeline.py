@@ -7,6 +7,7 @@ import base64
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from typing import Any
 
 import structlog
 
@@ -16,7 +17,7 @@ from gateway.core import replies
 from gateway.core.errors import ContentRejected, Deferred, DnsTempFailure, GatewayError, PolicyRejected, Rejected
 from gateway.core.model import Call, Message, Origin, Principal, Receipt, Submission
 from gateway.core.replies import Reply
-from gateway.delivery import idempotency
+from gateway.delivery import idempotency, testmode
 from gateway.delivery.owner import DeliveryOwner
 from gateway.limits.budget import Reservation
 from gateway.ops.metrics import MESSAGES
@@ -47,6 +48,7 @@ class Pipeline:
         self.settings = settings
         self.providers = providers
         self.owner = owner
+        # Where test-mode messages' requests are recorded besides the log (the message ledger).
 
     # -- SMTP phases -------------------------------------------------------------------------------
 
@@ -88,13 +90,15 @@ class Pipeline:
         receipt: Receipt | None = None,
         reservation: Reservation | None = None,
         origin: Origin | None = None,
+        test_mode: bool = False,
     ) -> Reply:
         """The reply to the end of DATA. Never raises: unexpected errors become 451 4.3.0.
 
         `receipt` learns what became of the message (queue id, upstream ids, or why not) for the one log
         line the SMTP session writes per transaction. `reservation`: the message's share of the
         large-message budget, released when its first attempt has ended. `origin`: the listener and client,
-        for the message's ledger record."""
+        for the message's ledger record. `test_mode`: everything but the upstream call
+        (gateway/delivery/testmode.py)."""
         receipt = receipt if receipt is not None else Receipt()
         origin = replace(origin or Origin(), size=len(raw))
         bound = log.bind(login=principal.login, account=principal.account, size=len(raw), rcpts=len(rcpt_tos))
@@ -103,6 +107,9 @@ class Pipeline:
             if submission.message.defects:
                 # Repaired or sent as it arrived (never upstream in these words): for the operator to see.
                 bound.warning("message_repaired", defects=list(submission.message.defects))
+            if test_mode:
+                requests = self.providers[principal.account].requests(submission)
+                return self._counted(testmode.accept(requests, submission, bound, receipt, self._test_recorder(origin)))
             account = self.settings.accounts[principal.account]
             key = idempotency.key_of(submission, account.idempotency_from_message_id)
             reply = await self.owner.submit(
@@ -123,8 +130,23 @@ class Pipeline:
             receipt.reason = exc.reason
             reply = exc.reply
         finally:
-            if reservation is not None:  # refused before the owner took it
+            if reservation is not None:  # refused before the owner took it (or a test message: never sent)
                 reservation.release()
+        return self._counted(reply)
+
+    def _test_recorder(self, origin: Origin) -> testmode.TestRecorder:
+        """A test message's record in the ledger: the requests it would have sent, its TEST- reply."""
+
+        def record(test_id: str, submission: Submission, requests: list[dict[str, Any]]) -> None:
+            reply = str(replies.queued(test_id))
+            self.owner.ledger.test_message(
+                msg_id=test_id, submission=submission, origin=origin, reply=reply, requests=requests
+            )
+
+        return record
+
+    @staticmethod
+    def _counted(reply: Reply) -> Reply:
         MESSAGES_BY_CLASS[reply.code // 100].inc()
         return reply
 

@@ -18,9 +18,10 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from gateway.config import keys
+from gateway.config import keys, logins
 from gateway.config.accounts import MODELS
 from gateway.config.base import AccountBase, Section, secret_or_file
+from gateway.config.oauth import OAuthSettings
 
 ENV_PREFIX = "GATEWAY_"
 CONFIG_ENV = "GATEWAY_CONFIG"
@@ -527,6 +528,23 @@ class Settings(BaseSettings):
     ledger: LedgerSettings = Field(
         LedgerSettings(), description="The message ledger: records of every message answered 250."
     )
+    oauth: OAuthSettings = Field(OAuthSettings(), description="Token logins (AUTH XOAUTH2, OAUTHBEARER).")
+    networks: dict[str, list[ipaddress.IPv4Network | ipaddress.IPv6Network]] = Field(
+        {},
+        description="Named networks the logins' `networks` and `require_tls_except` may name, e.g. `printers = "
+        '["192.168.20.0/24"]`.',
+    )
+
+    @field_validator("networks")
+    @classmethod
+    def _network_names(
+        cls, v: dict[str, list[ipaddress.IPv4Network | ipaddress.IPv6Network]]
+    ) -> dict[str, list[ipaddress.IPv4Network | ipaddress.IPv6Network]]:
+        for name, nets in v.items():
+            if not logins.NAME.match(name):
+                raise ValueError(f"{name!r}: a network name is letters, digits, '_' and '-', starting with a letter")
+            logins.no_overlap([(str(n), n) for n in nets], f"networks.{name}")
+        return v
 
     # A TLS listener without tls.cert_file/key_file is not refused here: commands that serve no SMTP (queue,
     # check-domains) work without a certificate; `serve` and `check-config` say what is missing
@@ -550,8 +568,9 @@ class Settings(BaseSettings):
 
 
 def check_consistent(settings: Settings) -> None:
-    """What no single section can check: a login belongs to one account, and every trusted network's login
-    is a configured user. ValueError, its text starting with the keys it is about."""
+    """What no single section can check: a login belongs to one account, every trusted network's login is a
+    configured user, every login's controls resolve (gateway/config/logins.py). ValueError, its text starting
+    with the keys it is about."""
     where: dict[str, str] = {}
     for name, account in settings.accounts.items():
         for i, user in enumerate(account.configured_users):
@@ -563,11 +582,12 @@ def check_consistent(settings: Settings) -> None:
                     f"{first} and {key}: the login {user.username!r} is in two accounts; a login must be unique "
                     "across accounts: rename one of them"
                 )
-    logins = set(where)
+    users = set(where)
     for listener in settings.listeners:
         for _, login in listener.trusted_map:
-            if login not in logins:
+            if login not in users:
                 raise ValueError(f"listeners[{listener.name}]: trusted login {login!r} is not a user")
+    logins.check(settings)
 
 
 class ConfigError(Exception):

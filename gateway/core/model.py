@@ -63,6 +63,11 @@ class Principal:
     default_from: str | None = None
     force_from: bool = False
     extra: ProviderData = field(default_factory=StoredData)
+    # Which of the login's credentials it used, for metrics and logs (never the secret): a password's label,
+    # "current" or "previous" (a DMDS campaign's apikey), "oauth:<issuer>"; "" without AUTH (trusted network).
+    credential: str = ""
+    # When that credential stops working (epoch seconds; None: not known to): a cached login ends there too.
+    credential_expires: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

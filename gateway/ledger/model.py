@@ -11,6 +11,8 @@ for every message, queued or not). Each recipient has its own state:
     not_sent   the vendor reported it did not send it (DMDS Not-Sent)  } pollers)
     dead       it will not be sent: its call was refused for good, or the message expired, was held
                (ambiguous) or deleted by an operator; `reason` says which
+    test       a test-mode login's message: taken and checked, never sent (its record keeps the requests
+               that would have gone out)
 
 Rows of one message may be written by several instances in any order (the one that accepted it, the one
 that claimed it from the queue, a late answer to an instance whose lease had expired). A recipient's row
@@ -30,8 +32,17 @@ from typing import Any, Literal, NamedTuple
 
 import orjson
 
-RecipientState = Literal["accepted", "deferred", "sent", "delivered", "bounced", "not_sent", "dead"]
-STATES: tuple[RecipientState, ...] = ("accepted", "deferred", "sent", "delivered", "bounced", "not_sent", "dead")
+RecipientState = Literal["accepted", "deferred", "sent", "delivered", "bounced", "not_sent", "dead", "test"]
+STATES: tuple[RecipientState, ...] = (
+    "accepted",
+    "deferred",
+    "sent",
+    "delivered",
+    "bounced",
+    "not_sent",
+    "dead",
+    "test",
+)
 # How far a state is along its way; a row keeps a further state even when an older update arrives last.
 RANK: Mapping[str, int] = {
     "accepted": 0,
@@ -41,6 +52,7 @@ RANK: Mapping[str, int] = {
     "bounced": 3,
     "not_sent": 3,
     "dead": 3,
+    "test": 3,
 }
 
 # Timeline event kinds written by the gateway itself (other parts add theirs: upstream events read back,
@@ -55,6 +67,7 @@ RESEND = "resend"  # a resend with this message's idempotency key was answered w
 RETRIED = "retried"  # operator: `queue retry` (due now)
 REQUEUED = "requeued"  # operator: `queue requeue` (a dead letter back in the queue)
 DELETED = "deleted"  # operator: `queue delete`
+TEST_MODE = "test_mode"  # a test-mode login's message: answered with a TEST- id, not sent
 
 Outcome = Literal["delivered", "deferred", "refused", "ambiguous"]
 
@@ -236,8 +249,11 @@ class Record:
 
 def summary_state(states: Sequence[str]) -> str:
     """One word for a message: `deferred` (or `accepted`) while any recipient still waits; then `dead`,
-    `bounced` or `not_sent` if any recipient ended so; else `delivered` when all were, else `sent`."""
+    `bounced` or `not_sent` if any recipient ended so; else `delivered` when all were, else `sent`; `test`
+    for a test-mode login's message."""
     present = set(states)
+    if present == {"test"}:
+        return "test"
     for state in ("deferred", "accepted", "dead", "bounced", "not_sent"):
         if state in present:
             return state

@@ -148,6 +148,40 @@ class Recorder:
             rows += self._attempt(msg_id, created, decision, outcome, "inline", now, settled=True)
         self.sink(rows)
 
+    def test_message(
+        self, *, msg_id: str, submission: Submission, origin: Origin | None, reply: str, requests: Any
+    ) -> None:
+        """A test-mode login's message (gateway/delivery/testmode.py): its record with the requests that would
+        have been sent (kept whatever `keep_requests` says: they are what a test login is for), never sent."""
+        if not self.enabled:
+            return
+        now = self.clock()
+        message = submission.message
+        rows: list[Row] = [
+            MessageRow(
+                id=msg_id,
+                created=now,
+                account=submission.principal.account,
+                mail_from=submission.mail_from,
+                subject=message.subject,
+                size=origin.size if origin else None,
+                login=submission.principal.login,
+                listener=origin.listener if origin else None,
+                peer=origin.peer if origin else None,
+                message_id=message.message_id,
+                reply_id=msg_id,
+                reply=reply,
+                request=model.json(requests),
+            ),
+            self._event(msg_id, now, now, model.ACCEPTED, detail=reply),
+            self._event(msg_id, now, now + TICK, model.TEST_MODE, detail="test mode: nothing was sent upstream"),
+        ]
+        rows += [
+            RecipientRow(msg_id, now, address, "test", now + TICK, None, None, "test mode: not sent")
+            for address in submission.rcpt_tos
+        ]
+        self.sink(rows)
+
     def attempt(
         self,
         *,

@@ -193,3 +193,31 @@ API_AUTH = Counter(
     ["result"],
     registry=REGISTRY,
 )
+LOGIN_REFUSALS = Counter(
+    "smtp_gateway_login_refusals_total",
+    "Clients refused by a login's own controls, by account, login (* : the logins the account's provider checks, "
+    "summed) and reason: network (AUTH from outside its networks), tls_required, recipient (not an allowed "
+    "recipient), quota_messages, quota_bytes, expired_password",
+    ["account", "login", "reason"],
+    registry=REGISTRY,
+)
+LOGIN_CREDENTIALS = Counter(
+    "smtp_gateway_login_credential_used_total",
+    "Successful AUTHs by account, login (* : the provider's logins, summed) and the credential used: a password's "
+    "label (or its position, 1, 2, ...), current or previous (a DMDS campaign apikey), oauth:<issuer>",
+    ["account", "login", "credential"],
+    registry=REGISTRY,
+)
+LOGIN_CREDENTIAL_LAST_USED = Gauge(
+    "smtp_gateway_login_credential_last_used_timestamp_seconds",
+    "When each credential last logged in (this process, since it started): an old password no device uses any "
+    "more is safe to remove",
+    ["account", "login", "credential"],
+    registry=REGISTRY,
+)
+TEST_MESSAGES = Counter(
+    "smtp_gateway_test_messages_total",
+    "Messages of test-mode logins: taken through AUTH, policy and parsing, answered 250 with a TEST- id, never sent",
+    ["account", "login"],
+    registry=REGISTRY,
+)

@@ -10,7 +10,7 @@ beside dmds/ and dengage/ and its entry in gateway/providers/registry.py (see sp
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 
 from gateway.config.base import AccountBase, UserSettings
 from gateway.core.model import Message, Principal, ProviderData, StoredData, Submission
@@ -59,6 +59,11 @@ class Provider(Deliverer, Protocol):
         client waits. Raises Rejected for what the upstream would refuse or silently drop."""
         ...
 
+    def requests(self, submission: Submission) -> list[dict[str, Any]]:
+        """The calls `plan` gives, as requests without secrets or attachment contents (method, path, body):
+        what a test-mode login's message would have sent, for the log and the message ledger."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -91,6 +96,10 @@ class ProviderBase(Generic[A]):
         self, principal: Principal, message: Message, mail_from: str, rcpt_tos: tuple[str, ...]
     ) -> Submission:
         return Submission(principal=principal, mail_from=mail_from, rcpt_tos=rcpt_tos, message=message)
+
+    def requests(self, submission: Submission) -> list[dict[str, Any]]:
+        """The planned calls' keys and recipients (a provider that knows its wire gives their bodies)."""
+        return [{"call": c.key, "recipients": list(c.recipients)} for c in cast(Deliverer, self).plan(submission)]
 
     async def aclose(self) -> None:
         await self.http.aclose()

@@ -21,6 +21,7 @@ from gateway.providers.base import ProviderBase
 from gateway.providers.dmds import campaigns, wire
 from gateway.providers.dmds.config import DmdsAccount, DmdsUser
 from gateway.providers.dmds.data import DmdsLogin, DmdsParams
+from gateway.providers.dmds.keys import CampaignKeys
 from gateway.providers.dmds.legs import Leg, plan_legs
 from gateway.upstream.client import HttpClient
 from gateway.upstream.ratelimit import RateLimiter, Unlimited
@@ -61,6 +62,8 @@ class DmdsProvider(ProviderBase[DmdsAccount]):
             CAMPAIGNS_CACHED, negative=lambda known: not known, clock=clock
         )  # campaign numid -> whether DMDS has it
         self._policy = sender_policy(settings)
+        # Each campaign's apikey as last answered, and the one before it during settings.apikey_grace.
+        self._keys = CampaignKeys(settings.apikey_grace, CAMPAIGNS_CACHED, clock)
 
     # -- logins ------------------------------------------------------------------------------------
 
@@ -81,9 +84,16 @@ class DmdsProvider(ProviderBase[DmdsAccount]):
             if not settings.smtp_api_logins or (settings.campaigns and numid not in settings.campaigns):
                 return None
             key = await self.campaign_apikey(numid)
-            if key is None or not hmac.compare_digest(key.encode(), password.encode()):
+            matched = self._keys.match(numid, key, password) if key is not None else None
+            if matched is None:
                 return None
-            return Principal(account=self.account, login=username, extra=DmdsLogin(campaign=numid))
+            return Principal(
+                account=self.account,
+                login=username,
+                extra=DmdsLogin(campaign=numid),
+                credential=matched.which,
+                credential_expires=matched.expires,
+            )
         # <dmdsid> + the account APIKEY, campaign from "[NN]" (upstream-apis.md §1.8, [V]).
         if (
             username == settings.dmdsid
