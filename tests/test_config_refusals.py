@@ -137,3 +137,15 @@ def test_an_unreachable_postgresql_queue(tmp_path: Path) -> None:
         done = cli(tmp_path, "queue", "--config", str(path), "list")
     assert done.returncode == 1
     assert done.stderr == f"smtp-gateway: {message}\n"
+
+
+def test_an_api_token_hash_cut_short(tmp_path: Path) -> None:
+    """The message API's token hashes are read by the same rule as the logins' password hashes."""
+    tokens = [{"name": "ci", "token_hash": PASSWORD_HASH[:-4]}]
+    refused(
+        tmp_path,
+        config(tmp_path, http={"port": 0, "api_tokens": tokens}),
+        2,
+        "http.api_tokens[0].token_hash: has a digest of 30 bytes instead of 32: it was cut short or edited; run "
+        "`smtp-gateway hash-password` and paste its whole line",
+    )

@@ -58,7 +58,8 @@ def http_base_url(value: str) -> str:
     return text
 
 
-def _scrypt_hash(v: SecretStr) -> SecretStr:
+def scrypt_hash(v: SecretStr) -> SecretStr:
+    """A whole hash as `smtp-gateway hash-password` prints it (ValueError otherwise, never quoting it)."""
     try:
         parse_hash(v.get_secret_value())
     except ValueError as exc:
@@ -85,7 +86,7 @@ class PasswordEntry(Section):
     @field_validator("hash")
     @classmethod
     def _is_hash(cls, v: SecretStr) -> SecretStr:
-        return _scrypt_hash(v)
+        return scrypt_hash(v)
 
     @property
     def expires_at(self) -> float | None:
@@ -171,7 +172,7 @@ class UserSettings(LoginRules):
     @field_validator("password_hash")
     @classmethod
     def _is_hash(cls, v: SecretStr | None) -> SecretStr | None:
-        return None if v is None else _scrypt_hash(v)
+        return None if v is None else scrypt_hash(v)
 
     @model_validator(mode="after")
     def _one_password_source(self) -> UserSettings:

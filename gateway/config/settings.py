@@ -20,7 +20,7 @@ from pydantic_settings import (
 
 from gateway.config import keys, logins
 from gateway.config.accounts import MODELS
-from gateway.config.base import AccountBase, Section, secret_or_file
+from gateway.config.base import AccountBase, Section, scrypt_hash, secret_or_file
 from gateway.config.oauth import OAuthSettings
 
 ENV_PREFIX = "GATEWAY_"
@@ -436,9 +436,7 @@ class ApiToken(_Section):
     @field_validator("token_hash")
     @classmethod
     def _is_hash(cls, v: SecretStr) -> SecretStr:
-        if not v.get_secret_value().startswith("scrypt$"):
-            raise ValueError("must be a hash made by `smtp-gateway hash-password` (starts with 'scrypt$')")
-        return v
+        return scrypt_hash(v)
 
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
