@@ -118,6 +118,8 @@ class App:
             self.store.health.record("read", exc.reason)
         for name, account in settings.accounts.items():
             self.providers[name] = registry.build(name, account, self.store)
+            for note in account.notes():
+                log.warning("account_note", account=name, note=note)
         self.authenticator = Authenticator(settings.accounts, self.providers)
         self.resolver = resolver_for(settings.dns)
         self.health = AccountHealth(list(settings.accounts))

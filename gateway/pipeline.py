@@ -20,7 +20,7 @@ from gateway.core.replies import Reply
 from gateway.delivery import idempotency, testmode
 from gateway.delivery.owner import DeliveryOwner
 from gateway.limits.budget import Reservation
-from gateway.ops.metrics import MESSAGES
+from gateway.ops.metrics import FIELDS_NOT_SENT, MESSAGES
 from gateway.policy.dns import DnsResolver, DnsTemporaryError
 from gateway.providers.base import Provider
 
@@ -91,6 +91,7 @@ class Pipeline:
         reservation: Reservation | None = None,
         origin: Origin | None = None,
         test_mode: bool = False,
+        drop_invalid_header_addresses: bool = False,
     ) -> Reply:
         """The reply to the end of DATA. Never raises: unexpected errors become 451 4.3.0.
 
@@ -98,12 +99,15 @@ class Pipeline:
         line the SMTP session writes per transaction. `reservation`: the message's share of the
         large-message budget, released when its first attempt has ended. `origin`: the listener and client,
         for the message's ledger record. `test_mode`: everything but the upstream call
-        (gateway/delivery/testmode.py)."""
+        (gateway/delivery/testmode.py). `drop_invalid_header_addresses`: the listener's choice for invalid
+        To/Cc addresses that are not recipients (left out, not refused)."""
         receipt = receipt if receipt is not None else Receipt()
         origin = replace(origin or Origin(), size=len(raw))
         bound = log.bind(login=principal.login, account=principal.account, size=len(raw), rcpts=len(rcpt_tos))
         try:
-            submission, plan = await self.prepare(principal, mail_from, rcpt_tos, raw, smtputf8)
+            submission, plan = await self.prepare(
+                principal, mail_from, rcpt_tos, raw, smtputf8, drop_invalid_header_addresses
+            )
             if submission.message.defects:
                 # Repaired or sent as it arrived (never upstream in these words): for the operator to see.
                 bound.warning("message_repaired", defects=list(submission.message.defects))
@@ -151,7 +155,13 @@ class Pipeline:
         return reply
 
     async def prepare(
-        self, principal: Principal, mail_from: str, rcpt_tos: list[str], raw: bytes | bytearray, smtputf8: bool
+        self,
+        principal: Principal,
+        mail_from: str,
+        rcpt_tos: list[str],
+        raw: bytes | bytearray,
+        smtputf8: bool,
+        drop_invalid_header_addresses: bool = False,
     ) -> tuple[Submission, tuple[Call, ...]]:
         """Parse, let the provider decide what it must (campaign, ...), apply the From policy, plan the calls."""
         if len(raw) > PARSE_IN_THREAD_BYTES or mime.expensive(raw):
@@ -166,8 +176,13 @@ class Pipeline:
         provider = self.providers[principal.account]
         submission = await provider.prepare(principal, message, mail_from, tuple(rcpt_tos))
         senders = await provider.sender_policy()
-        checked = policy.apply_from_policy(senders, principal, submission.message, mail_from, smtputf8)
-        if checked is not submission.message:
+        before = submission.message
+        checked = policy.apply_from_policy(
+            senders, principal, before, mail_from, smtputf8, drop_invalid_header_addresses
+        )
+        if checked is not before:
+            if len(checked.to) + len(checked.cc) < len(before.to) + len(before.cc):
+                FIELDS_NOT_SENT.labels(account=principal.account, field="header_addresses").inc()
             submission = replace(submission, message=checked)
         plan = provider.plan(submission)
         if not plan:

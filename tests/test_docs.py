@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tomllib
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from gateway.config import keys as configkeys
 from gateway.config.keys import Node
 from gateway.config.settings import config_keys
 from gateway.providers import registry
+from gateway.providers.sandbox import default_shape
 from tests.dnsserver import DnsServer
 from tests.docs_blocks import ROOT, Block, all_blocks, commands, doc_blocks, pages
 from tests.harness import LoopThread
@@ -280,11 +282,11 @@ port = {dns_thread.port}
 
 def test_sandbox_commands(tmp_path: Path) -> None:
     """The sandbox as the page starts it (on any free port, read from the line it prints), the fault rehearsal
-    against it, and Ctrl-C."""
+    against it, the answer shape it was started with, and Ctrl-C."""
     blocks = doc_blocks("test_sandbox_commands")
     starts = [c for b in blocks for c, _ in commands(b) if c.startswith("smtp-gateway sandbox")]
     curls = [c for b in blocks for c, _ in commands(b) if c.startswith("curl ")]
-    assert len(starts) == 2 and len(curls) == 1, blocks
+    assert len(starts) == 3 and len(curls) == 1, blocks
     for start in starts:
         argv = shlex.split(start.replace("127.0.0.1:8025", "127.0.0.1:0"))
         if "--listen" not in argv:
@@ -311,6 +313,9 @@ def test_sandbox_commands(tmp_path: Path) -> None:
                 )
                 assert sent.returncode == 0, sent.stderr
                 json.loads(sent.stdout)
+            shape = argv[argv.index("--shape") + 1] if "--shape" in argv else default_shape()
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/_sandbox/shape", timeout=10) as answer:
+                assert json.load(answer) == {"shape": shape}
         finally:
             proc.send_signal(signal.SIGINT)
             status = proc.wait(30)

@@ -236,6 +236,11 @@ class AccountBase(LoginRules):
         """The sender domains this account's configuration names (empty: none named)."""
         return ()
 
+    def notes(self) -> list[str]:
+        """What an operator should know about this account's settings though nothing is wrong with them
+        (`check-config` prints them as notes, `serve` logs them once at startup as `account_note`)."""
+        return []
+
     def return_paths(self) -> Mapping[str, str]:
         """Sender domain -> the return-path address registered for it, where the upstream has such
         addresses (`smtp-gateway check-domains` checks them)."""

@@ -104,6 +104,12 @@ class ListenerSettings(_Section):
         description="SO_REUSEPORT: several gateway processes listen on this port and the kernel spreads connections "
         "over them (`serve --workers N` sets it); they share one queue.",
     )
+    drop_invalid_header_addresses: bool = Field(
+        False,
+        description="An invalid To or Cc address that is not an envelope recipient (a scanner's "
+        "`scan@printer.local`) is left out of the message's headers instead of refusing the message with 550 "
+        "5.1.3; who receives is unchanged (the envelope decides). For devices behind this listener.",
+    )
     proxy_protocol: bool = Field(
         False,
         description="Behind a load balancer: every connection starts with a PROXY protocol header (v1 or v2) "

@@ -171,4 +171,7 @@ class Receipt:
 
     queue_id: str | None = None  # stored in the queue under this local id
     upstream_ids: list[str] = field(default_factory=list)  # delivered: the upstream's ids, first call first
+    # Mails the upstream says it sent for this message (DMDS `sent`, copies included), where it says: a count
+    # of sends, which may be lower than the recipients, never a delivery.
+    upstream_sent: int | None = None
     reason: str | None = None  # refused or deferred: why (for the log; the client sees the reply)

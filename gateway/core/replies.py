@@ -103,6 +103,9 @@ HEADER_FROM_REJECTED = Reply(550, "5.7.1", "From header address rejected")
 """End of DATA: the From or Sender header is outside the account's sender domains or the login's senders."""
 HEADER_SYNTAX = Reply(550, "5.1.3", "Bad address syntax in header")
 """End of DATA: a malformed address in From, Sender, Reply-To, To or Cc (the text names the header)."""
+HEADER_ONLY_SYNTAX = Reply(550, "5.1.3", "Bad address syntax in a To or Cc header address that is not a recipient")
+"""End of DATA: a malformed To or Cc address that is no envelope recipient, on a listener without
+`drop_invalid_header_addresses` (the text names the header and says the address is not a recipient)."""
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 """RCPT TO past `limits.max_recipients`."""
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
@@ -117,6 +120,8 @@ UNKNOWN_CAMPAIGN = Reply(554, "5.6.0", "Unknown campaign")
 """DMDS: the campaign does not exist, or is not among the account's `campaigns`."""
 CAMPAIGN_NOT_PERMITTED = Reply(550, "5.7.1", "Login may not choose the campaign")
 """DMDS: an `X-Gateway-Campaign` header from a login without `may_choose_campaign`."""
+BAD_BATCH = Reply(554, "5.6.0", "X-Gateway-Batch must be a DMDS batch id (the eeid of an earlier message: a UUID)")
+"""DMDS: an `X-Gateway-Batch` header whose value is not a UUID (an eeid a 250 reply named)."""
 NO_SUBJECT = Reply(
     554, "5.6.0", "Subject cannot be empty: dEngage needs a Subject (or an X-Gateway-Template whose content has one)"
 )

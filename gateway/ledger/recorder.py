@@ -295,7 +295,9 @@ class Recorder:
         lost = outcome.ambiguous if outcome is not None else set()
         ticks = itertools.count()
 
-        def call_event(key: str, result: str, upstream_id: str | None = None, detail: str | None = None) -> None:
+        def call_event(
+            key: str, result: str, upstream_id: str | None = None, detail: str | None = None, sent: int | None = None
+        ) -> None:
             call = decision.calls.get(key)
             rows.append(
                 self._event(
@@ -308,13 +310,21 @@ class Recorder:
                     outcome=result,
                     upstream_id=upstream_id,
                     detail=detail,
-                    data=data,
+                    # The upstream's own count of mails the call sent (DMDS `sent`), where it gives one.
+                    data=data
+                    if sent is None
+                    else model.json({"path": path, "attempt": decision.attempts, "sent": sent}),
                 )
             )
 
         if outcome is not None:
             for key, upstream_id in outcome.delivered.items():
-                call_event(key, "delivered", upstream_id=upstream_id or None)
+                sent, call = outcome.sent.get(key), decision.calls.get(key)
+                wanted = len(addresses(call)) if call is not None else None
+                detail = None
+                if sent is not None and wanted is not None and sent < wanted:
+                    detail = f"the upstream says it sent {sent} mail(s) for {wanted} recipient(s)"
+                call_event(key, "delivered", upstream_id=upstream_id or None, detail=detail, sent=sent)
             for key, deferral in outcome.deferred.items():
                 call_event(key, "ambiguous" if key in lost else "deferred", detail=deferral.reason)
             for key, refusal in outcome.rejected.items():

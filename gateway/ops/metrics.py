@@ -53,6 +53,25 @@ UPSTREAM_AUTH_REFUSED = Counter(
     ["account"],
     registry=REGISTRY,
 )
+DMDS_SENT_SHORT = Counter(
+    "smtp_gateway_dmds_sent_short_total",
+    "DMDS calls answered ok whose `sent` (mails the call sent, copies included) was lower than the call's "
+    "recipients: DMDS did not send to some of them (an address it holds invalid); a count of sends, not of "
+    "deliveries",
+    ["account"],
+    registry=REGISTRY,
+)
+FIELDS_NOT_SENT = Counter(
+    "smtp_gateway_fields_not_sent_total",
+    "Parts of messages the upstream call did not carry, by field: reply_to (a DMDS send_many_inline call, queued "
+    "before messages with a Reply-To got one call per contact), content_id (dEngage messages with inline images "
+    "while no Content-ID field is known), x_headers (dEngage messages with X- headers not in the account's "
+    "forward_x_headers), from_identity (dEngage calls whose From has no identity id for from_identity_field), "
+    "header_addresses (messages whose invalid header-only To/Cc addresses a listener's "
+    "drop_invalid_header_addresses removed)",
+    ["account", "field"],
+    registry=REGISTRY,
+)
 DELIVERIES = Counter(
     "smtp_gateway_deliveries_total",
     "Delivery attempts by path (inline: during the SMTP session; queue: the retry worker) and verdict "

@@ -16,6 +16,7 @@ from gateway.config.base import AccountBase, UserSettings
 from gateway.core.model import Message, Principal, ProviderData, StoredData, Submission
 from gateway.core.outcome import Deliverer
 from gateway.policy import SenderPolicy
+from gateway.providers.checks import AccountCheck
 
 if TYPE_CHECKING:
     from gateway.upstream.client import HttpClient
@@ -64,6 +65,11 @@ class Provider(Deliverer, Protocol):
         what a test-mode login's message would have sent, for the log and the message ledger."""
         ...
 
+    async def check_upstream(self) -> AccountCheck:
+        """Harmless read-only calls against the real API and what they showed (`smtp-gateway check-upstream`):
+        never a send, never a change. Raises nothing for an upstream's answer: it goes in the report."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -100,6 +106,10 @@ class ProviderBase(Generic[A]):
     def requests(self, submission: Submission) -> list[dict[str, Any]]:
         """The planned calls' keys and recipients (a provider that knows its wire gives their bodies)."""
         return [{"call": c.key, "recipients": list(c.recipients)} for c in cast(Deliverer, self).plan(submission)]
+
+    async def check_upstream(self) -> AccountCheck:
+        """No read-only calls known for this provider: an empty report."""
+        return AccountCheck(self.account, self.kind, self.http.base_url)
 
     async def aclose(self) -> None:
         await self.http.aclose()

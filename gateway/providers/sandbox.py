@@ -15,6 +15,14 @@ entries say); this module holds what they share: the request record and the faul
     DELETE /_sandbox/faults                                       clear all faults
     GET  /_sandbox/requests                                       every request recorded, faulted ones too
     DELETE /_sandbox/requests                                     forget them
+    POST /_sandbox/shape    {"shape": "alt"}                      answer in the other documented shapes
+    GET  /_sandbox/shape                                          the shape answered now
+
+Answer shapes: the vendors document several of their answers only in part (screenshots, one example), and
+the gateway reads each field from a table of candidate names. "seed" answers with the names the seed
+document shows (DMDS `camp_apikey`, dEngage `{code, data: [...]}`), "alt" with the other spellings the
+documents and public clients use (DMDS `apikey`, a bare list, dEngage camelCase keys), so that the tests
+run the gateway against both (`smtp-gateway sandbox --shape`, or SMTP_GATEWAY_SANDBOX_SHAPE).
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
 import signal
 import sys
@@ -30,16 +39,29 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 import orjson
 from aiohttp import web
 from email_validator import EmailNotValidError, validate_email
 
+from gateway.config import ConfigError
 from gateway.ops.signals import StopSignals
 
 Redactor = Callable[[dict[str, Any]], dict[str, Any]]
 ErrorBody = Callable[[str, int], web.Response]
+Shape = Literal["seed", "alt"]
+SHAPES: tuple[Shape, ...] = ("seed", "alt")
+# The shape `smtp-gateway sandbox` and the tests' sandbox answer with when none is given.
+SHAPE_ENV = "SMTP_GATEWAY_SANDBOX_SHAPE"
+
+
+def default_shape() -> Shape:
+    """The shape named by SMTP_GATEWAY_SANDBOX_SHAPE, else "seed"."""
+    value = os.environ.get(SHAPE_ENV, "seed").strip().lower() or "seed"
+    if value not in SHAPES:
+        raise ConfigError(f"{SHAPE_ENV}={value!r}: expected one of {', '.join(SHAPES)}")
+    return value
 
 
 @lru_cache(maxsize=4096)
@@ -79,6 +101,7 @@ class SandboxState:
     # campania_apikey lookups (numid per request), also recorded in `requests` with kind "lookup".
     lookups: deque[int | str] = field(default_factory=lambda: deque(maxlen=100_000))
     rng: random.Random = field(default_factory=lambda: random.Random(1234))
+    shape: Shape = field(default_factory=default_shape)  # which documented spelling answers use
 
     def next_fault(self, kind: str, provider: str | None = None) -> Fault | None:
         for fault in list(self.faults):
@@ -109,6 +132,8 @@ class Sandbox:
         self.app.router.add_post("/_sandbox/faults", self.add_fault)
         self.app.router.add_delete("/_sandbox/faults", self.clear_faults)
         self.app.router.add_get("/_sandbox/health", self.health)
+        self.app.router.add_post("/_sandbox/shape", self.set_shape)
+        self.app.router.add_get("/_sandbox/shape", self.get_shape)
         for install in providers:
             install(self)
         self._runner: web.AppRunner | None = None
@@ -201,6 +226,16 @@ class Sandbox:
     async def clear_faults(self, request: web.Request) -> web.Response:
         self.state.faults.clear()
         return json_response({"status": "ok"})
+
+    async def set_shape(self, request: web.Request) -> web.Response:
+        shape = (await request.json()).get("shape")
+        if shape not in SHAPES:
+            return json_response({"status": "err", "on": f"shape must be one of {', '.join(SHAPES)}"}, 400)
+        self.state.shape = shape
+        return json_response({"shape": shape})
+
+    async def get_shape(self, request: web.Request) -> web.Response:
+        return json_response({"shape": self.state.shape})
 
     async def health(self, request: web.Request) -> web.Response:
         requests = self.state.requests

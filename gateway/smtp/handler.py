@@ -415,6 +415,7 @@ class GatewayHandler:
             reservation=server.take_reservation(),
             origin=Origin(listener=server.listener, peer=_peer(session)),
             test_mode=self.per_login.test_mode(principal) if self.per_login else False,
+            drop_invalid_header_addresses=self.listener.drop_invalid_header_addresses,
         )
         if self.per_login is not None:
             self.per_login.settle(principal, taken, str(reply))
