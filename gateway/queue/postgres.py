@@ -17,12 +17,13 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import psycopg
+import psycopg.conninfo
 import structlog
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from gateway.core import quota, tokenbucket
-from gateway.core.errors import SpoolUnavailable
+from gateway.core.errors import QueueUnreachable, SpoolUnavailable
 from gateway.core.quota import Counts, Verdict, Window
 from gateway.core.records import Decision
 from gateway.queue import postgres_schema
@@ -33,6 +34,42 @@ from gateway.queue.store import Claimed, ClaimedRows, KeyHit, NewMessage, chunks
 log = structlog.get_logger("gateway.queue.postgres")
 CHANNEL = "smtp_gateway_queue"
 SQL = FOR_POSTGRES
+
+
+# Seconds a first connection may take before the queue is called unreachable (libpq's minimum is 2).
+CONNECT_TIMEOUT = 2
+
+
+async def probe(url: str, password: str | None = None) -> None:
+    """One connection, at once: raises QueueUnreachable("cannot connect to HOST:PORT: reason") when the
+    server cannot be reached, instead of the pool's retries for seconds on end."""
+    kwargs: dict[str, Any] = {"connect_timeout": CONNECT_TIMEOUT}
+    if password:
+        kwargs["password"] = password
+    try:
+        conn = await psycopg.AsyncConnection.connect(url, **kwargs)
+    except (psycopg.OperationalError, OSError) as exc:
+        raise QueueUnreachable(f"cannot connect to {server_of(url)}: {_why(exc)}") from exc
+    await conn.close()
+
+
+def server_of(url: str) -> str:
+    """HOST:PORT the URL points at ("the local socket" when it names no host)."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return redacted(url)
+    host = str(info.get("host") or "") or "the local socket"
+    port = str(info.get("port") or "5432")
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("/") else f"{host}:{port}"
+
+
+def _why(exc: BaseException) -> str:
+    """libpq's reason without its preamble: 'connection failed: connection to server at "h", port 1 failed:
+    Connection refused' -> 'Connection refused'."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    reason = first.rpartition(" failed: ")[2] if " failed: " in first else first
+    return reason.removeprefix("FATAL:").strip()
 
 
 def redacted(url: str) -> str:
@@ -76,6 +113,8 @@ class PostgresQueue:
     async def open(self) -> None:
         if self._opened:
             return
+        password = self._kwargs.get("password")
+        await probe(self._conninfo, password)  # unreachable: said within seconds, not after the pool's retries
         try:
             await self._pool.open(wait=True, timeout=10.0)
             self._opened = True
