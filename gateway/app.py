@@ -44,6 +44,7 @@ from gateway.ops.memory import MmapThreshold, set_mmap_threshold
 from gateway.ops.metrics import CONFIG_RELOADS
 from gateway.ops.queuestats import QUEUE_STATS
 from gateway.ops.quotastats import QUOTA_STATS
+from gateway.ops.signals import StopSignals
 from gateway.pipeline import Pipeline
 from gateway.policy.dns import DnsResolver
 from gateway.policy.domaincheck import check_domains
@@ -396,13 +397,12 @@ class App:
         log.info("stopped")
 
 
-async def run(app: App, drain_timeout: float = 30.0, started: Callable[[App], None] | None = None) -> None:
-    """Start, wait for SIGTERM/SIGINT, then drain and stop. SIGHUP reloads. `started` is called once the
-    listeners are bound (before the `ready` event)."""
+async def run(app: App, drain_timeout: float = 30.0, started: Callable[[App], None] | None = None) -> signal.Signals:
+    """Start, wait for SIGTERM/SIGINT, then drain and stop; returns the signal. SIGHUP reloads. `started` is
+    called once the listeners are bound (before the `ready` event)."""
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = StopSignals()
+    stop.install()  # before the start: a signal while starting stops it right after
     await app.start()
     loop.add_signal_handler(signal.SIGHUP, app.request_reload)
     if started is not None:
@@ -410,7 +410,8 @@ async def run(app: App, drain_timeout: float = 30.0, started: Callable[[App], No
     # The bound ports (a port configured as 0 is any free one): what a supervisor or a test connects to.
     log.info("ready", listeners=app.ports, **({"http": app.operator.port} if app.operator else {}))
     try:
-        await stop.wait()
+        received = await stop.wait()
     finally:
-        log.info("shutting_down", drain_timeout=drain_timeout)
+        log.info("shutting_down", drain_timeout=drain_timeout, signal=stop.received.name if stop.received else None)
         await app.stop(drain_timeout)
+    return received

@@ -114,7 +114,7 @@ def test_invalid_secret_value_is_named_but_not_echoed(tmp_path: Path) -> None:
     path.write_text(config)
     result = run_cli("check-config", "-c", str(path))
     assert result.returncode == 2
-    assert "accounts.acme.users.0.password_hash" in result.stderr
+    assert "accounts.acme.users[0].password_hash" in result.stderr
     assert PASSWORD not in result.stderr + result.stdout
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import secrets
+import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 from gateway.auth.passwords import hash_password
-from gateway.cli.common import Refused, listen_failure
-from gateway.cli.exits import Exit
+from gateway.cli.common import Refused, listen_failure, stopped_by
 from gateway.config import load_settings, preflight
 from gateway.providers import registry
 from gateway.providers.spec import ProviderSpec, QuickStartEntry, SandboxEntry
@@ -65,7 +65,9 @@ def quickstart_settings(
     }
 
 
-async def quickstart(workdir: Path, sandbox_port: int, smtp_port: int, tls_port: int, http_port: int = 8026) -> None:
+async def quickstart(
+    workdir: Path, sandbox_port: int, smtp_port: int, tls_port: int, http_port: int = 8026
+) -> signal.Signals:
     # Imported here, as every command's handler does: the other commands start without the server's modules.
     from gateway.app import App, run
     from gateway.providers.sandbox import Sandbox, SandboxState
@@ -90,7 +92,7 @@ async def quickstart(workdir: Path, sandbox_port: int, smtp_port: int, tls_port:
         print(text, file=sys.stderr, flush=True)
 
     try:
-        await run(App(settings), drain_timeout=5.0, started=banner)
+        return await run(App(settings), drain_timeout=5.0, started=banner)
     finally:
         await sandbox.stop()
 
@@ -113,8 +115,7 @@ What became of a message (its 250 id, Message-ID or an address):
 
 
 def main(workdir: str, sandbox_port: int, smtp_port: int, tls_port: int, http_port: int = 8026) -> int:
-    asyncio.run(quickstart(Path(workdir), sandbox_port, smtp_port, tls_port, http_port))
-    return Exit.OK
+    return stopped_by(asyncio.run(quickstart(Path(workdir), sandbox_port, smtp_port, tls_port, http_port)))
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:

@@ -7,8 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gateway.cli.common import refuse_on_problems, run_loop
-from gateway.cli.exits import Exit
+from gateway.cli.common import refuse_on_problems, run_loop, stopped_by
 from gateway.config import preflight
 from gateway.providers import registry
 from gateway.providers.spec import ProviderSpec, SandboxEntry
@@ -29,8 +28,7 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     host, port = args.listen
     wanted = [preflight.Port("sandbox --listen", host, port)]
     refuse_on_problems(preflight.ports(wanted), args)
-    run_loop(run_forever(sandbox, host, port, lambda url: describe(served, url)), wanted)
-    return Exit.OK
+    return stopped_by(run_loop(run_forever(sandbox, host, port, lambda url: describe(served, url)), wanted))
 
 
 def _served() -> list[tuple[ProviderSpec[Any], SandboxEntry]]:

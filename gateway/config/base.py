@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import datetime
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from gateway.core.scrypt import parse_hash
 
 
 class Section(BaseModel):
@@ -38,9 +41,30 @@ def secret_or_file(value: SecretStr | None, path: Path | None, what: str, *, req
     return value
 
 
-def _scrypt_hash(v: SecretStr) -> SecretStr:
-    if not v.get_secret_value().startswith("scrypt$"):
-        raise ValueError("must be a hash made by `smtp-gateway hash-password` (starts with 'scrypt$')")
+def http_base_url(value: str) -> str:
+    """An upstream's base URL, http:// or https:// with a host: anything else would make every message's
+    call fail (451 4.3.0) while check-config said OK."""
+    text = value.strip()
+    try:
+        parts = urllib.parse.urlsplit(text)
+        _ = parts.port  # raises ValueError for a port out of range
+    except ValueError as exc:
+        raise ValueError(f"{text!r} is not a URL ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        example = text.split("://", 1)[-1].lstrip("/") or "api.example.com"
+        raise ValueError(
+            f"{text!r} is not an http:// or https:// URL with a host: write it whole, e.g. https://{example}"
+        )
+    return text
+
+
+def scrypt_hash(v: SecretStr) -> SecretStr:
+    """A whole hash as `smtp-gateway hash-password` prints it (ValueError otherwise, never quoting it)."""
+    try:
+        parse_hash(v.get_secret_value())
+    except ValueError as exc:
+        # A hash no password can match would answer every login 535, with nothing in the log to say why.
+        raise ValueError(f"{exc}; run `smtp-gateway hash-password` and paste its whole line") from None
     return v
 
 
@@ -62,7 +86,7 @@ class PasswordEntry(Section):
     @field_validator("hash")
     @classmethod
     def _is_hash(cls, v: SecretStr) -> SecretStr:
-        return _scrypt_hash(v)
+        return scrypt_hash(v)
 
     @property
     def expires_at(self) -> float | None:
@@ -148,7 +172,7 @@ class UserSettings(LoginRules):
     @field_validator("password_hash")
     @classmethod
     def _is_hash(cls, v: SecretStr | None) -> SecretStr | None:
-        return None if v is None else _scrypt_hash(v)
+        return None if v is None else scrypt_hash(v)
 
     @model_validator(mode="after")
     def _one_password_source(self) -> UserSettings:

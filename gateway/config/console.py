@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from gateway.config.base import Section, _scrypt_hash, secret_or_file
+from gateway.config.base import Section, scrypt_hash, secret_or_file
 
 if TYPE_CHECKING:
     from gateway.config.settings import HttpSettings
@@ -29,7 +29,7 @@ class ConsoleAdmin(Section):
     @field_validator("password_hash")
     @classmethod
     def _is_hash(cls, v: SecretStr) -> SecretStr:
-        return _scrypt_hash(v)
+        return scrypt_hash(v)
 
 
 class ConsoleSettings(Section):

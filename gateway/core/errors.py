@@ -13,6 +13,7 @@ GatewayError
       ├── UpstreamAuthFailed  the API refused the gateway's key (operator error)
       ├── DnsTempFailure      DNS lookups timed out
       ├── SpoolUnavailable    the queue cannot store the message
+      │    └── QueueUnreachable  its database server cannot be reached at all
       └── Fenced              a call not sent: this process's lease on its message is over (or cannot
                               be checked), another owner may be sending it
 """
@@ -86,6 +87,10 @@ class DnsTempFailure(Deferred):
 
 class SpoolUnavailable(Deferred):
     default_reply = replies.SPOOL_FULL
+
+
+class QueueUnreachable(SpoolUnavailable):
+    """The queue's database server cannot be reached (refused, unknown host, timeout): not a wrong database."""
 
 
 class Fenced(Deferred):

@@ -33,6 +33,7 @@ import contextlib
 import json
 import os
 import random
+import signal
 import sys
 import time
 from collections import deque
@@ -47,6 +48,7 @@ from aiohttp import web
 from email_validator import EmailNotValidError, validate_email
 
 from gateway.config import ConfigError
+from gateway.ops.signals import StopSignals
 
 Redactor = Callable[[dict[str, Any]], dict[str, Any]]
 ErrorBody = Callable[[str, int], web.Response]
@@ -263,11 +265,15 @@ class Sandbox:
                 await self._runner.cleanup()
 
 
-async def run_forever(sandbox: Sandbox, host: str, port: int, describe: Callable[[str], str]) -> None:
-    """Serve until cancelled; once listening, say what is served at the URL (`describe(url)`)."""
+async def run_forever(sandbox: Sandbox, host: str, port: int, describe: Callable[[str], str]) -> signal.Signals:
+    """Serve until SIGTERM or SIGINT (handled even when the process was started with SIGINT ignored, as a
+    script's `smtp-gateway sandbox &` is); once listening, say what is served at the URL (`describe(url)`).
+    Returns the signal."""
+    stop = StopSignals()
+    stop.install()
     bound = await sandbox.start(host, port)
     print(f"sandbox: {describe(f'http://{host}:{bound}')}", file=sys.stderr, flush=True)
     try:
-        await asyncio.Event().wait()
+        return await stop.wait()
     finally:
         await sandbox.stop()

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import psycopg
+import psycopg.conninfo
 import structlog
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
@@ -28,7 +29,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from gateway.core import authcount, quota, tokenbucket
 from gateway.core.authcount import Record, Rules
 from gateway.core.episode import Episode
-from gateway.core.errors import SpoolUnavailable
+from gateway.core.errors import QueueUnreachable, SpoolUnavailable
 from gateway.core.quota import Counts, Verdict, Window
 from gateway.core.records import Decision
 from gateway.queue import postgres_schema
@@ -58,6 +59,42 @@ SQL = FOR_POSTGRES
 FAIL_FAST = 1.0
 POOL_WAIT = 10.0
 PROBE_EVERY = 1.0  # while the database is known down, how often the one probe asks it
+
+
+# Seconds a first connection may take before the queue is called unreachable (libpq's minimum is 2).
+CONNECT_TIMEOUT = 2
+
+
+async def probe(url: str, password: str | None = None) -> None:
+    """One connection, at once: raises QueueUnreachable("cannot connect to HOST:PORT: reason") when the
+    server cannot be reached, instead of the pool's retries for seconds on end."""
+    kwargs: dict[str, Any] = {"connect_timeout": CONNECT_TIMEOUT}
+    if password:
+        kwargs["password"] = password
+    try:
+        conn = await psycopg.AsyncConnection.connect(url, **kwargs)
+    except (psycopg.OperationalError, OSError) as exc:
+        raise QueueUnreachable(f"cannot connect to {server_of(url)}: {_why(exc)}") from exc
+    await conn.close()
+
+
+def server_of(url: str) -> str:
+    """HOST:PORT the URL points at ("the local socket" when it names no host)."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return redacted(url)
+    host = str(info.get("host") or "") or "the local socket"
+    port = str(info.get("port") or "5432")
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("/") else f"{host}:{port}"
+
+
+def _why(exc: BaseException) -> str:
+    """libpq's reason without its preamble: 'connection failed: connection to server at "h", port 1 failed:
+    Connection refused' -> 'Connection refused'."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    reason = first.rpartition(" failed: ")[2] if " failed: " in first else first
+    return reason.removeprefix("FATAL:").strip()
 
 
 def redacted(url: str) -> str:
@@ -112,8 +149,7 @@ class PostgresQueue:
         """A pooled connection, or SpoolUnavailable at once while the database is known down; within about a
         second when it has just gone (a pool that waited that long asks the database itself)."""
         if self._down is not None:
-            self._outage.occurred()
-            raise SpoolUnavailable(f"queue {self.url}: database unreachable ({self._down}); probing it")
+            raise self._unreachable(None)
         try:
             try:
                 return await self._pool.getconn(timeout=FAIL_FAST)
@@ -135,15 +171,21 @@ class PostgresQueue:
             return False
         return True
 
-    def _unreachable(self, exc: BaseException) -> SpoolUnavailable:
-        """The database is gone: open the circuit (once) and start the one probe."""
-        reason = f"{type(exc).__name__}: {exc}"
+    def _unreachable(self, exc: BaseException | None) -> QueueUnreachable:
+        """The database is gone (`exc`: what said so; None: known already): the circuit open, the error."""
+        if exc is not None:
+            self._trip(f"{type(exc).__name__}: {exc}")
+        else:
+            self._outage.occurred()
+        return QueueUnreachable(f"queue {self.url}: database unreachable ({self._down}); probing it")
+
+    def _trip(self, reason: str) -> None:
+        """Open the circuit (once per outage) and start the one probe."""
         if self._down is None:
             self._down = reason
             self._outage.occurred()
             log.error("queue_database_unreachable", queue=self.url, error=reason, probe_every=PROBE_EVERY)
             self._probe = asyncio.get_running_loop().create_task(self._wait_for_database(), name="queue-probe")
-        return SpoolUnavailable(f"queue {self.url}: {reason}")
 
     async def _wait_for_database(self) -> None:
         while True:  # a probe, not a wait for an event: nothing else tells when the database is back
@@ -166,6 +208,14 @@ class PostgresQueue:
         if self._opened:
             return
         if not self._pool_open:
+            if self._down is not None:
+                raise self._unreachable(None)
+            try:
+                # Unreachable: said at once, with the server's address, not after the pool's retries.
+                await probe(self._conninfo, self._kwargs.get("password"))
+            except QueueUnreachable as exc:
+                self._trip(exc.reason)
+                raise
             await self._pool.open(wait=False)  # it connects in the background; _connection() waits for it
             self._pool_open = True
         conn = await self._connection()

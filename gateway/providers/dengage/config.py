@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from gateway.config.base import AccountBase, UserSettings, secret_or_file
+from gateway.config.base import AccountBase, UserSettings, http_base_url, secret_or_file
 
 # A request field as a dotted path ("content.fromAddress").
 FIELD_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
@@ -122,6 +122,11 @@ class DengageAccount(AccountBase):
     def api_password(self) -> str:
         assert self.password is not None  # _secret_sources guarantees it
         return self.password.get_secret_value()
+
+    @field_validator("api_base")
+    @classmethod
+    def _api_base_is_a_url(cls, v: str) -> str:
+        return http_base_url(v)
 
     @field_validator("sender_domains")
     @classmethod

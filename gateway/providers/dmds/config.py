@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from gateway.config.base import AccountBase, UserSettings, secret_or_file
+from gateway.config.base import AccountBase, UserSettings, http_base_url, secret_or_file
 
 
 class DmdsUser(UserSettings):
@@ -82,6 +82,11 @@ class DmdsAccount(AccountBase):
     def key(self) -> str:
         assert self.apikey is not None  # _apikey_source guarantees it
         return self.apikey.get_secret_value()
+
+    @field_validator("api_base")
+    @classmethod
+    def _api_base_is_a_url(cls, v: str | None) -> str | None:
+        return None if v is None else http_base_url(v)
 
     @field_validator("sender_domains")
     @classmethod
