@@ -33,7 +33,7 @@ from gateway.ledger.backends import open_ledger
 from gateway.ledger.recorder import Recorder
 from gateway.ledger.store import LedgerStore
 from gateway.ledger.writer import LedgerWriter
-from gateway.limits.clients import AuthGuard
+from gateway.limits.clients import AuthGuard, Defenses
 from gateway.limits.lockouts import LocalLockouts, Lockouts
 from gateway.limits.quotas import QuotaTracker
 from gateway.ops import logs
@@ -140,13 +140,13 @@ class App:
             # be opened (each use tries again).
             log.error("queue_unavailable", queue=self.store.url, error=exc.reason)
             self.store.health.record("read", exc.reason)
+        self.health = AccountHealth(list(settings.accounts))
         for name, account in settings.accounts.items():
-            self.providers[name] = registry.build(name, account, self.store)
+            self.providers[name] = registry.build(name, account, self.store, self.health)
             for note in account.notes():
                 log.warning("account_note", account=name, note=note)
         self.authenticator = Authenticator(settings.accounts, self.providers, onetime=self.onetime)
         self.resolver = resolver_for(settings.dns)
-        self.health = AccountHealth(list(settings.accounts))
         # The message ledger beside the queue: rows buffered here, written by the writer's task. On a full
         # disk it leaves the queue's reserve alone.
         store = self.store
@@ -180,7 +180,11 @@ class App:
         quotas = QuotaTracker(self.store)  # per-login quotas, counted with every instance on the queue
         QUOTA_STATS.track(quotas)
         oauth = await asyncio.to_thread(oauth_verifier, settings.oauth)  # reads any ca_file
-        self.listeners = Listeners(settings, self.pipeline, self.authenticator, quotas=quotas, oauth=oauth)
+        # AUTH failures per client IP are counted for every process and instance on the queue.
+        defenses = Defenses(settings.limits, shared=self.store)
+        self.listeners = Listeners(
+            settings, self.pipeline, self.authenticator, quotas=quotas, oauth=oauth, defenses=defenses
+        )
         await self.listeners.start()
         http = settings.http
         if http.port is not None:
@@ -311,7 +315,7 @@ class App:
         for name, account in new.accounts.items():
             current = self.providers.get(name)
             if current is None or old.accounts.get(name) != account:
-                current = registry.build(name, account, self.store)
+                current = registry.build(name, account, self.store, self.health)
             providers[name] = current
         retired = [p for name, p in self.providers.items() if providers.get(name) is not p]
         sessions_before = set(listeners.sessions)

@@ -20,7 +20,7 @@ from gateway.core.replies import Reply
 from gateway.delivery import idempotency, testmode
 from gateway.delivery.owner import DeliveryOwner
 from gateway.limits.budget import Reservation
-from gateway.ops.metrics import FIELDS_NOT_SENT, MESSAGES
+from gateway.ops.metrics import FIELDS_NOT_SENT, INTERNAL_ERRORS, MESSAGES
 from gateway.policy.dns import DnsResolver, DnsTemporaryError
 from gateway.providers.base import Provider
 
@@ -116,6 +116,7 @@ class Pipeline:
                 return self._counted(testmode.accept(requests, submission, bound, receipt, self._test_recorder(origin)))
             account = self.settings.accounts[principal.account]
             key = idempotency.key_of(submission, account.idempotency_from_message_id)
+            digest = None if key is None else await _digest(submission)
             reply = await self.owner.submit(
                 submission,
                 plan,
@@ -124,6 +125,7 @@ class Pipeline:
                 receipt,
                 on_done=reservation.release if reservation else None,
                 origin=origin,
+                digest=digest,
             )
             reservation = None  # the owner releases it
         except (Rejected, Deferred) as exc:
@@ -133,6 +135,12 @@ class Pipeline:
             bound.error("message_failed", reply=str(exc.reply), reason=exc.reason)
             receipt.reason = exc.reason
             reply = exc.reply
+        except Exception as exc:
+            INTERNAL_ERRORS.labels(where="accept").inc()
+            # A bug (in MIME parsing, a provider's prepare, ...): once with its traceback; the client gets 451.
+            bound.error("message_internal_error", error_type=type(exc).__name__, exc_info=exc)
+            receipt.reason = "internal error (logged as message_internal_error)"
+            reply = replies.INTERNAL_ERROR
         finally:
             if reservation is not None:  # refused before the owner took it (or a test message: never sent)
                 reservation.release()
@@ -188,6 +196,13 @@ class Pipeline:
         if not plan:
             raise ContentRejected(reply=replies.NO_VALID_RECIPIENTS)
         return submission, plan
+
+
+async def _digest(submission: Submission) -> str:
+    """The message's digest for its idempotency key; a large one's on a parser thread (hashing megabytes)."""
+    if idempotency.digest_size(submission) <= idempotency.DIGEST_IN_THREAD_BYTES:
+        return idempotency.digest_of(submission)
+    return await asyncio.get_running_loop().run_in_executor(_PARSER, idempotency.digest_of, submission)
 
 
 def _parse_large(raw: bytes | bytearray) -> Message:

@@ -36,6 +36,7 @@ from tests.test_policy_dns import zones
 BIN = Path(sys.executable).parent  # the environment running the tests: its smtp-gateway and mkdocs
 UUID = re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b")
 HASH = re.compile(r"scrypt\$\S+")
+ARRIVED = re.compile(r'"at": \d+(?:\.\d+)?')  # when the sandbox received a request (epoch seconds)
 
 
 # ---- the marks -----------------------------------------------------------------------------------------
@@ -225,7 +226,7 @@ def assert_shown(shown: list[str], real: list[str], normalise: Callable[[str], s
 
 
 def _plain(line: str) -> str:
-    return HASH.sub("scrypt$<hash>", UUID.sub("<uuid>", line))
+    return ARRIVED.sub('"at": <time>', HASH.sub("scrypt$<hash>", UUID.sub("<uuid>", line)))
 
 
 def _privileged_ports_dropped(lines: list[str]) -> list[str]:

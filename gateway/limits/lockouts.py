@@ -49,4 +49,4 @@ class LocalLockouts:
         return sorted(found, key=lambda lo: (-lo.until, lo.scope, lo.client))
 
     async def lift(self, scope: str, client: str) -> bool:
-        return any([guard.lift(client) for name, guard in self._guards() if name == scope])
+        return any([await guard.lift(client) for name, guard in self._guards() if name == scope])

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+import traceback
 from collections.abc import Mapping
+from email.errors import MessageError
 from email.feedparser import BytesFeedParser, FeedParser
 from email.message import Message as EmailMessage
 
@@ -126,17 +128,28 @@ def _parse_tree(raw: bytes | bytearray, line_ends: int | None = None) -> EmailMe
             for start in range(0, len(view), _FEED_CHUNK):
                 parser.feed(bytes(view[start : start + _FEED_CHUNK]))
         return parser.close()
-    except ContentRejected:
-        raise
-    except Exception as exc:
-        # The stdlib parser is lenient by design: whatever it still raises is a message it cannot read.
+    except (MessageError, TypeError) as exc:
+        # The stdlib parser is lenient by design (defects are recorded, not raised). What it still raises on
+        # a message it cannot read, and only that, means "unreadable": the email package's own MessageError
+        # family (HeaderParseError, BoundaryError, MultipartConversionError, CharsetError); the TypeError of
+        # email.utils.decode_params on RFC 2231 sections mixed with an unnumbered one (`boundary*=...;
+        # boundary*0=...`, a CPython bug); and RecursionError (parse() above). Any other exception is a
+        # bug, here or in the stdlib: it propagates, and the pipeline answers 451, logged and counted.
         # The exception's name goes to the reason (logged), never into the reply.
+        if isinstance(exc, TypeError) and not _raised_in(exc, "email/utils.py", "decode_params"):
+            raise
         raise ContentRejected(
             f"parser failed: {type(exc).__name__}: {exc}",
             reply=replies.INVALID_CONTENT.with_text("Message could not be parsed"),
         ) from exc
     finally:
         view.release()  # the caller empties a bytearray once parsed; a live view would forbid that
+
+
+def _raised_in(exc: BaseException, path: str, function: str) -> bool:
+    """Whether `exc` was raised by `function` of the stdlib module at `path` (its innermost frame)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return bool(frames) and frames[-1].filename.replace("\\", "/").endswith(path) and frames[-1].name == function
 
 
 def _parse(raw: bytes | bytearray, lift_above: int | None) -> Message:

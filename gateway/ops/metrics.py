@@ -47,6 +47,16 @@ AMBIGUOUS = Counter(
 )
 
 
+FENCED = Counter(
+    "smtp_gateway_fenced_calls_total",
+    "Calls not sent because the fencing check right before them failed: lease_lost (this process was paused past "
+    "its lease, by SIGSTOP, a GC or a frozen VM: another owner may have the message) or unchecked (the queue could "
+    "not be asked); the message goes on with whoever holds it",
+    ["account", "reason"],
+    registry=REGISTRY,
+)
+
+
 UPSTREAM_AUTH_REFUSED = Counter(
     "smtp_gateway_upstream_auth_refused_total",
     "Upstream answers refusing the gateway's own credentials (401/403, IP allowlist): an operator error",
@@ -98,7 +108,16 @@ LARGE_REFUSED = Counter(
 RESENDS = Counter(
     "smtp_gateway_resends_total",
     "Messages not sent again because their idempotency key was seen within the window: answered (250 with the "
-    "first message's id) or in_progress (451: the first copy is still being delivered)",
+    "first message's id), in_progress (451: the first copy is still being delivered) or conflict (554: the key "
+    "came with different content)",
+    ["account", "result"],
+    registry=REGISTRY,
+)
+IDEMPOTENCY_LATE = Counter(
+    "smtp_gateway_idempotency_keys_late_total",
+    "Idempotency keys the queue could not record when their message was taken (its backend down): unchecked "
+    "(taken without looking for the key in the queue: a resend of another instance's message would not be "
+    "recognised), recorded (once the queue was back), dropped (the in-memory backlog was full)",
     ["account", "result"],
     registry=REGISTRY,
 )

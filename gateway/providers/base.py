@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 
 from gateway.config.base import AccountBase, UserSettings
 from gateway.core.model import Message, Principal, ProviderData, StoredData, Submission
-from gateway.core.outcome import Deliverer
+from gateway.core.outcome import Deliverer, NoHealth, UpstreamHealth
 from gateway.policy import SenderPolicy
 from gateway.providers.checks import AccountCheck
 
@@ -29,6 +29,8 @@ class Provider(Deliverer, Protocol):
     """One upstream account. Raises only gateway.core.errors types (Rejected: 5xx, Deferred: 4xx)."""
 
     kind: str  # "dmds", "dengage": the `provider` key of [accounts.X]
+    # Told what the upstream says outside delivery calls (lookups at MAIL FROM); set by the registry.
+    health: UpstreamHealth
 
     def user_extra(self, user: UserSettings) -> ProviderData:
         """What a configured user's login means to this provider (Principal.extra)."""
@@ -85,6 +87,7 @@ class ProviderBase(Generic[A]):
         self.settings = settings
         self.http = http
         self.limiter = limiter
+        self.health: UpstreamHealth = NoHealth()
 
     def user_extra(self, user: UserSettings) -> ProviderData:
         return StoredData()

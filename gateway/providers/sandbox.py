@@ -14,6 +14,7 @@ entries say); this module holds what they share: the request record and the faul
                             ... and/or "provider": "dengage"     only for that provider's requests
     DELETE /_sandbox/faults                                       clear all faults
     GET  /_sandbox/requests                                       every request recorded, faulted ones too
+                                                                  (`at`: when it arrived, epoch seconds)
     DELETE /_sandbox/requests                                     forget them
     POST /_sandbox/shape    {"shape": "alt"}                      answer in the other documented shapes
     GET  /_sandbox/shape                                          the shape answered now
@@ -34,6 +35,7 @@ import os
 import random
 import signal
 import sys
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -172,7 +174,9 @@ class Sandbox:
         return response
 
     async def apply_fault(self, request: web.Request, entry: dict[str, Any], error: ErrorBody) -> web.Response | None:
-        """Latency, then the next fault for this kind of request, if any (recorded like any request)."""
+        """Latency, then the next fault for this kind of request, if any (recorded like any request). The
+        entry notes when the request arrived (`at`, epoch seconds): rate limits are checked against it."""
+        entry["at"] = round(time.time(), 4)
         state = self.state
         fault = state.next_fault(entry["kind"], entry.get("provider"))
         if state.latency:

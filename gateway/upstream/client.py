@@ -7,12 +7,18 @@ Every failure is classified by when it happened, because that decides whether re
     an answer                                                                  -> HttpResponse (any status)
 
 Write errors count as "nothing sent": an upstream cannot act on a request it did not receive whole.
+
+A request waits for one of the account's `max_connections` first (here, not inside the transport), so
+that its `before_send` (the delivery owner's fencing check) runs after every wait and right before the
+request is written.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Literal
 
@@ -73,6 +79,8 @@ class HttpClient:
         )
         # Metric children by (endpoint, outcome), bound once: labels() costs a lock and a dict walk per call.
         self._metrics: dict[tuple[str, str], Histogram] = {}
+        # One per connection of the pool: a request holding one never waits inside the transport.
+        self._connections = asyncio.Semaphore(max_connections)
 
     async def request(
         self,
@@ -82,9 +90,33 @@ class HttpClient:
         *,
         headers: dict[str, str],
         content: bytes | jsonbody.Body | None = None,
+        before_send: Callable[[], Awaitable[None]] | None = None,
     ) -> HttpResponse:
         """One call; `endpoint` is a short stable name for metrics ("send_one", "login", ...). A `Body` (a JSON
-        body with large blobs) is streamed from its pieces, with its Content-Length."""
+        body with large blobs) is streamed from its pieces, with its Content-Length. `before_send` runs once
+        a connection is free, right before the request goes; what it raises, the request does not send."""
+        if not self._connections.locked():
+            await self._connections.acquire()  # free: no timer needed
+        else:
+            started = time.perf_counter()
+            try:
+                async with asyncio.timeout(self._timeout["pool"]):
+                    await self._connections.acquire()
+            except TimeoutError:
+                self._observe(endpoint, "not_sent", time.perf_counter() - started)
+                raise UpstreamUnavailable(
+                    f"{self.upstream}: no free connection within {self._timeout['pool']:g}s, request not sent"
+                ) from None
+        try:
+            if before_send is not None:
+                await before_send()
+            return await self._send(endpoint, method, path, headers, content)
+        finally:
+            self._connections.release()
+
+    async def _send(
+        self, endpoint: str, method: str, path: str, headers: dict[str, str], content: bytes | jsonbody.Body | None
+    ) -> HttpResponse:
         if isinstance(content, jsonbody.Body):
             request = httpx.Request(
                 method,

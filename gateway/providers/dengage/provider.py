@@ -281,7 +281,15 @@ class DengageProvider(ProviderBase[DengageAccount]):
         return result
 
     async def _fetch_froms(self) -> tuple[wire.Identity, ...]:
-        return await self._authorized("froms", "GET", str(wire.WIRE["froms"]), wire.from_identities)
+        try:
+            found = await self._authorized("froms", "GET", str(wire.WIRE["froms"]), wire.from_identities)
+        except UpstreamAuthFailed as exc:
+            # The same refusal as at the send endpoint (the IP allowlist, a refused API user): counted, logged
+            # when it begins, and /readyz names it; MAIL FROM gets 451 while no list was ever fetched.
+            self.health.failed(self.account, exc)
+            raise
+        self.health.credentials_accepted(self.account)
+        return found
 
     async def _authorized(
         self,
@@ -298,10 +306,11 @@ class DengageProvider(ProviderBase[DengageAccount]):
         for attempt in (1, 2):
             token = await self.tokens.get()
             await self.limiter.acquire()
-            if sending is not None:
-                await sending()
             headers = {**JSON, "Authorization": f"Bearer {token}", **(extra or {})}
-            response = await self.http.request(endpoint, method, path, headers=headers, content=content)
+            # `sending` (the fencing check) runs after the waits for the token, the limiter and a connection.
+            response = await self.http.request(
+                endpoint, method, path, headers=headers, content=content, before_send=sending
+            )
             try:
                 return parse(response)
             except wire.TokenRejected as exc:

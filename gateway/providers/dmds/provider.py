@@ -256,13 +256,17 @@ class DmdsProvider(ProviderBase[DmdsAccount]):
             FIELDS_NOT_SENT.labels(account=self.account, field="reply_to").inc()
         content = jsonbody.encode(wire.build_payload(submission, leg, batch))
         await self.limiter.acquire()
-        await before_send((leg.key,))
+
+        async def sending() -> None:  # once a connection is free too: right before the request goes
+            await before_send((leg.key,))
+
         response = await self.http.request(
             "send_one" if one else "send_many",
             "POST",
             wire.WIRE["send_one"] if one else wire.WIRE["send_many"],
             headers=self._headers,
             content=content,
+            before_send=sending,
         )
         try:
             result = wire.classify(response)
