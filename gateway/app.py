@@ -40,6 +40,7 @@ from gateway.providers import registry
 from gateway.providers.base import Provider
 from gateway.queue.backends import open_store
 from gateway.queue.store import QueueStore
+from gateway.returnpath.service import ReturnPath
 from gateway.smtp.protocol import GatewaySMTP
 from gateway.smtp.server import Listeners
 from gateway.smtp.tls import CertificateError, server_context
@@ -68,6 +69,7 @@ class App:
     ledger: LedgerStore | None = None
     ledger_writer: LedgerWriter | None = None
     api_auth: TokenAuth | None = None
+    returnpath: ReturnPath | None = None
     _background: set[asyncio.Task[None]] = field(default_factory=set)
     _retired: list[Provider] = field(default_factory=list)
     _reloading: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -108,6 +110,9 @@ class App:
         self.owner = DeliveryOwner(
             self.providers, self.store, settings.delivery, self.health, owner=owner, ledger=recorder
         )
+        # After the 250: events read back, suppressions, notices, webhooks (docs/after-250.md).
+        self.returnpath = ReturnPath(settings, self.ledger, self.owner, recorder, owner)
+        self.returnpath.start(self.providers)
         dsettings = settings.delivery
         self.worker = RetryWorker(
             self.owner,
@@ -120,7 +125,9 @@ class App:
         # Another instance made something due: wake the worker now rather than at its next poll.
         self._spawn(self.store.listen(lambda account: self.owner.wakeup.set() if self.owner else None))
         self._spawn(self._queue_stats())
-        self.pipeline = Pipeline(settings, self.providers, self.owner, resolver=self.resolver)
+        self.pipeline = Pipeline(
+            settings, self.providers, self.owner, resolver=self.resolver, suppressions=self.returnpath.suppressions
+        )
         self.listeners = Listeners(settings, self.pipeline, self.authenticator)
         await self.listeners.start()
         http = settings.http
@@ -255,7 +262,11 @@ class App:
         if self.api_auth is not None:
             self.api_auth.configure(new.http.api_tokens, new.limits)
         self.worker.set_accounts(list(new.accounts))
-        self.pipeline = Pipeline(new, providers, self.owner, resolver=self.resolver)
+        suppressions = None
+        if self.returnpath is not None:
+            self.returnpath.configure(new, providers)
+            suppressions = self.returnpath.suppressions
+        self.pipeline = Pipeline(new, providers, self.owner, resolver=self.resolver, suppressions=suppressions)
         listeners.apply(new, self.pipeline, self.authenticator, contexts)
         logs.reconfigure(new.log)
         self.settings = new
@@ -293,6 +304,8 @@ class App:
                 await self.operator.stop()
         if self.worker is not None:
             await self.worker.stop()
+        if self.returnpath is not None:
+            await self.returnpath.stop()  # before the owner: a notice being handed to it finishes or is retaken
         if self.owner is not None:
             await self.owner.stop(self.settings.delivery.shutdown_timeout)
         if self.ledger_writer is not None:

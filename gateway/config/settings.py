@@ -21,6 +21,7 @@ from pydantic_settings import (
 from gateway.config import keys
 from gateway.config.accounts import MODELS
 from gateway.config.base import AccountBase, Section, secret_or_file
+from gateway.config.returnpath import ReturnPathSettings, WebhookSettings
 
 ENV_PREFIX = "GATEWAY_"
 CONFIG_ENV = "GATEWAY_CONFIG"
@@ -527,6 +528,12 @@ class Settings(BaseSettings):
     ledger: LedgerSettings = Field(
         LedgerSettings(), description="The message ledger: records of every message answered 250."
     )
+    webhooks: list[WebhookSettings] = Field(
+        [], description="Applications told of each event read back (signed JSON POSTs, retried from the queue)."
+    )
+    return_path: ReturnPathSettings = Field(
+        ReturnPathSettings(), description="How the event pollers, notices and webhooks are paced."
+    )
 
     # A TLS listener without tls.cert_file/key_file is not refused here: commands that serve no SMTP (queue,
     # check-domains) work without a certificate; `serve` and `check-config` say what is missing
@@ -556,6 +563,13 @@ def check_consistent(settings: Settings) -> None:
         for _, login in listener.trusted_map:
             if login not in logins:
                 raise ValueError(f"listeners[{listener.name}]: trusted login {login!r} is not a user")
+    names = [w.name for w in settings.webhooks]
+    for webhook in settings.webhooks:
+        if names.count(webhook.name) > 1:
+            raise ValueError(f"webhooks: the name {webhook.name!r} is used twice")
+        unknown = sorted(set(webhook.accounts) - set(settings.accounts))
+        if unknown:
+            raise ValueError(f"webhooks[{webhook.name}].accounts: no account {', '.join(unknown)}")
 
 
 class ConfigError(Exception):

@@ -21,7 +21,9 @@ async def no_hook(keys: Sequence[str]) -> None:
 
 
 class Sent(Protocol):
-    """A provider's answer to one call."""
+    """A provider's answer to one call. It may also say how many mails the upstream says the call sent
+    (an int `sent`, DMDS; copies included, and possibly fewer than the call's recipients): that is recorded
+    in Outcome.sent, never read as a delivery."""
 
     @property
     def upstream_id(self) -> str: ...
@@ -36,6 +38,9 @@ class Outcome:
     whose answer was lost is deferred with an AnswerLost: the upstream may have it (see `ambiguous`)."""
 
     delivered: dict[str, str] = field(default_factory=dict)  # call key -> upstream id
+    # call key -> mails the upstream says the call sent, for the calls whose answer says (DMDS `sent`): what
+    # the logs, the transaction's receipt and the message ledger record of it.
+    sent: dict[str, int] = field(default_factory=dict)
     deferred: dict[str, Deferred] = field(default_factory=dict)
     rejected: dict[str, Rejected] = field(default_factory=dict)
     skipped: set[str] = field(default_factory=set)
@@ -57,6 +62,13 @@ class Outcome:
                 raise result
             else:
                 self.delivered[key] = result.upstream_id
+                count = getattr(result, "sent", None)
+                if isinstance(count, int) and not isinstance(count, bool):
+                    self.sent[key] = count
+
+    def sent_total(self) -> int | None:
+        """Mails the upstream says this attempt's calls sent (None when no answer said)."""
+        return sum(self.sent.values()) if self.sent else None
 
     def first_reason(self) -> str | None:
         for exc in (*self.rejected.values(), *self.deferred.values()):

@@ -264,11 +264,20 @@ class DeliveryOwner:
         try:
             outcome = await call
         except Exception as exc:
-            await self._internal_error(attempt.msg_id, attempt.token or 0, stored, exc, "inline_delivery")
+            await self._internal_error(
+                attempt.msg_id, attempt.token or 0, stored, exc, "inline_delivery", attempt.submission.principal.account
+            )
         else:
             decision = self._decide(stored, outcome, attempt.submission, "inline", self._bound(attempt))
             await self._settle(
-                attempt.msg_id, attempt.token or 0, decision, attempt.log, stored.created, outcome, path="inline"
+                attempt.msg_id,
+                attempt.token or 0,
+                decision,
+                attempt.log,
+                stored.created,
+                outcome,
+                path="inline",
+                account=attempt.submission.principal.account,
             )
         finally:
             self.held.pop(attempt.msg_id, None)
@@ -396,7 +405,7 @@ class DeliveryOwner:
         try:
             await self._attempt_claimed(item, bound)
         except Exception as exc:
-            await self._internal_error(item.id, item.token, item.before, exc, "queue_delivery")
+            await self._internal_error(item.id, item.token, item.before, exc, "queue_delivery", item.account)
         finally:
             self.held.pop(item.id, None)
 
@@ -420,6 +429,7 @@ class DeliveryOwner:
                 ),
                 bound,
                 item.before.created,
+                account=item.account,
             )
             return
         before, lost = transition.resume(item.before)
@@ -503,6 +513,7 @@ class DeliveryOwner:
         *,
         submission: Submission | None = None,
         path: str = "queue",
+        account: str = "",
     ) -> None:
         """Store the attempt's decision under our token, then tell the ledger (what the calls answered, and,
         when the decision was stored, what follows: queued again or dead)."""
@@ -516,6 +527,7 @@ class DeliveryOwner:
             path=path,
             settled=settled,
             submission=submission,
+            account=account,
         )
 
     async def _store_decision(
@@ -555,14 +567,16 @@ class DeliveryOwner:
             bound.error("message_dead_lettered", reason=decision.dead_reason)
         return True
 
-    async def _internal_error(self, msg_id: str, token: int, before: DeliveryState, exc: Exception, where: str) -> None:
+    async def _internal_error(
+        self, msg_id: str, token: int, before: DeliveryState, exc: Exception, where: str, account: str
+    ) -> None:
         INTERNAL_ERRORS.labels(where=where).inc()
         bound = log.bind(queue_id=msg_id)
         bound.error("delivery_internal_error", exc_info=exc)
         reason = f"{type(exc).__name__}: {exc}"
         decision = transition.internal_error(before, reason, self.policy, self.clock(), self.rng)
         path = "inline" if where == "inline_delivery" else "queue"
-        await self._settle(msg_id, token, decision, bound, before.created, path=path)
+        await self._settle(msg_id, token, decision, bound, before.created, path=path, account=account)
 
     async def _mark_sending(self, msg_id: str, token: int, keys: Sequence[str]) -> None:
         try:

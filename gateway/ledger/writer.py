@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import structlog
 
 from gateway.config import LedgerSettings
-from gateway.ledger.model import EventRow, MessageRow, Row
+from gateway.ledger.model import EventRow, MessageRow, NoticeRow, OutboxRow, Row, SuppressionRow
 from gateway.ledger.store import LedgerStore, LedgerUnavailable
 from gateway.ops.metrics import (
     INTERNAL_ERRORS,
@@ -39,7 +39,13 @@ MAX_BATCH = 5000
 EARLY = 2000
 # While the database fails, wait this long between tries (the buffer keeps filling, bounded).
 RETRY_MAX = 5.0
-_TABLE = {MessageRow: "message", EventRow: "event"}
+_TABLE = {
+    MessageRow: "message",
+    EventRow: "event",
+    OutboxRow: "outbox",
+    SuppressionRow: "suppression",
+    NoticeRow: "notice",
+}
 
 
 class LedgerWriter:
@@ -124,7 +130,7 @@ class LedgerWriter:
             return True
         LEDGER_FLUSH_SECONDS.observe(time.perf_counter() - started)
         LEDGER_BATCHES.inc()
-        counts = {"message": 0, "recipient": 0, "event": 0}
+        counts = dict.fromkeys(("message", "recipient", "event", "outbox", "suppression", "notice"), 0)
         for row in batch:
             counts[_TABLE.get(type(row), "recipient")] += 1
         for table, n in counts.items():

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from gateway.config.base import AccountBase, UserSettings
+from gateway.core.events import Contacts, EventSource
 from gateway.core.model import Message, Principal, ProviderData, StoredData, Submission
 from gateway.core.outcome import Deliverer
 from gateway.policy import SenderPolicy
@@ -59,6 +60,19 @@ class Provider(Deliverer, Protocol):
         client waits. Raises Rejected for what the upstream would refuse or silently drop."""
         ...
 
+    def event_source(self) -> EventSource | None:
+        """The account's event API, when its events are read back ([accounts.X.events] enabled)."""
+        ...
+
+    def contacts(self) -> Contacts | None:
+        """The vendor's own invalid contacts and whitelist, when it has them and events are read back."""
+        ...
+
+    def notice_params(self, original: ProviderData) -> ProviderData:
+        """A delivery status notice's Submission.params, from those of the message it is about (DMDS: the
+        same campaign, not its batch)."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -91,6 +105,15 @@ class ProviderBase(Generic[A]):
         self, principal: Principal, message: Message, mail_from: str, rcpt_tos: tuple[str, ...]
     ) -> Submission:
         return Submission(principal=principal, mail_from=mail_from, rcpt_tos=rcpt_tos, message=message)
+
+    def event_source(self) -> EventSource | None:
+        return None
+
+    def contacts(self) -> Contacts | None:
+        return None
+
+    def notice_params(self, original: ProviderData) -> ProviderData:
+        return original
 
     async def aclose(self) -> None:
         await self.http.aclose()

@@ -15,6 +15,9 @@ entries say); this module holds what they share: the request record and the faul
     DELETE /_sandbox/faults                                       clear all faults
     GET  /_sandbox/requests                                       every request recorded, faulted ones too
     DELETE /_sandbox/requests                                     forget them
+    POST /_sandbox/fate     {"address": A, "fate": "bounce-hard"}   what becomes of A (gateway/providers/fates.py)
+                            {"delay": 5}                          events appear 5 s after their send
+    GET  /_sandbox/fate                                           the fates set, the delay, DMDS' invalid list
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from typing import Any, TextIO
 import orjson
 from aiohttp import web
 from email_validator import EmailNotValidError, validate_email
+
+from gateway.providers.fates import FateError, Fates
 
 Redactor = Callable[[dict[str, Any]], dict[str, Any]]
 ErrorBody = Callable[[str, int], web.Response]
@@ -76,6 +81,7 @@ class SandboxState:
     # campania_apikey lookups (numid per request), also recorded in `requests` with kind "lookup".
     lookups: deque[int | str] = field(default_factory=lambda: deque(maxlen=100_000))
     rng: random.Random = field(default_factory=lambda: random.Random(1234))
+    fates: Fates = field(default_factory=Fates)  # what becomes of each recipient, and the events reported
 
     def next_fault(self, kind: str, provider: str | None = None) -> Fault | None:
         for fault in list(self.faults):
@@ -106,6 +112,8 @@ class Sandbox:
         self.app.router.add_post("/_sandbox/faults", self.add_fault)
         self.app.router.add_delete("/_sandbox/faults", self.clear_faults)
         self.app.router.add_get("/_sandbox/health", self.health)
+        self.app.router.add_post("/_sandbox/fate", self.set_fate)
+        self.app.router.add_get("/_sandbox/fate", self.get_fate)
         for install in providers:
             install(self)
         self._runner: web.AppRunner | None = None
@@ -198,6 +206,19 @@ class Sandbox:
     async def clear_faults(self, request: web.Request) -> web.Response:
         self.state.faults.clear()
         return json_response({"status": "ok"})
+
+    async def set_fate(self, request: web.Request) -> web.Response:
+        try:
+            spec = await request.json()
+            if not isinstance(spec, dict):
+                raise FateError("a JSON object")
+            self.state.fates.choose(spec)
+        except (ValueError, FateError) as exc:
+            return json_response({"status": "err", "on": str(exc)}, 400)
+        return json_response(self.state.fates.settings())
+
+    async def get_fate(self, request: web.Request) -> web.Response:
+        return json_response(self.state.fates.settings())
 
     async def health(self, request: web.Request) -> web.Response:
         requests = self.state.requests

@@ -77,7 +77,10 @@ CREATE TABLE blobs (
 # The message ledger (gateway/ledger/), as SQLite's version 4.
 V3 = shared_schema.LEDGER
 
-MIGRATIONS: list[str] = [V1, V2, V3]
+# The return path, as SQLite's version 5.
+V4 = shared_schema.RETURN_PATH
+
+MIGRATIONS: list[str] = [V1, V2, V3, V4]
 LATEST = len(MIGRATIONS)
 # Serialises migrations of several instances starting at once (pg_advisory_xact_lock key).
 MIGRATION_LOCK = 0x5347_5751  # "SGWQ"

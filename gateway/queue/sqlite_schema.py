@@ -93,7 +93,10 @@ CREATE TABLE blobs (
 # The message ledger (gateway/ledger/).
 V4 = shared_schema.LEDGER
 
-MIGRATIONS: list[str] = [V1, V2, V3, V4]
+# The return path: event cursors, suppressions, the webhook outbox, notices.
+V5 = shared_schema.RETURN_PATH
+
+MIGRATIONS: list[str] = [V1, V2, V3, V4, V5]
 LATEST = len(MIGRATIONS)
 
 

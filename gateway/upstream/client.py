@@ -58,7 +58,7 @@ class HttpClient:
         self.base_url = base_url.rstrip("/")
         self.upstream = upstream  # "DMDS", "dEngage": for log reasons
         self.account = account
-        self._timeout = {"connect": min(timeout, 10.0), "read": timeout, "write": timeout, "pool": timeout}
+        self._timeout = self.timeouts(timeout)
         self._transport = (
             transport if isinstance(transport, httpx.AsyncBaseTransport) else make_transport(max_connections, transport)
         )
@@ -73,20 +73,23 @@ class HttpClient:
         *,
         headers: dict[str, str],
         content: bytes | jsonbody.Body | None = None,
+        timeout: float | None = None,
     ) -> HttpResponse:
         """One call; `endpoint` is a short stable name for metrics ("send_one", "login", ...). A `Body` (a JSON
-        body with large blobs) is streamed from its pieces, with its Content-Length."""
+        body with large blobs) is streamed from its pieces, with its Content-Length. `timeout`: this call's
+        (the client's otherwise)."""
+        limits = self._timeout if timeout is None else self.timeouts(timeout)
         if isinstance(content, jsonbody.Body):
             request = httpx.Request(
                 method,
                 self.base_url + path,
                 headers={**headers, "Content-Length": str(len(content))},
                 content=content.aiter(),
-                extensions={"timeout": self._timeout, "body": content},
+                extensions={"timeout": limits, "body": content},
             )
         else:
             request = httpx.Request(
-                method, self.base_url + path, headers=headers, content=content, extensions={"timeout": self._timeout}
+                method, self.base_url + path, headers=headers, content=content, extensions={"timeout": limits}
             )
         started = time.perf_counter()
         outcome = "answer_lost"
@@ -114,6 +117,10 @@ class HttpClient:
         return HttpResponse(
             status=response.status_code, body=body, headers={k.lower(): v for k, v in response.headers.items()}
         )
+
+    @staticmethod
+    def timeouts(seconds: float) -> dict[str, float]:
+        return {"connect": min(seconds, 10.0), "read": seconds, "write": seconds, "pool": seconds}
 
     def _observe(self, endpoint: str, outcome: str, seconds: float) -> None:
         child = self._metrics.get((endpoint, outcome))

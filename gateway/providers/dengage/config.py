@@ -8,6 +8,19 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from gateway.config.base import AccountBase, UserSettings, secret_or_file
+from gateway.config.returnpath import EventSettings
+
+
+class DengageEventSettings(EventSettings):
+    """[accounts.X.events] of a dEngage account: GetTransactionalEmailReport by time window, filtered by a tag
+    the gateway adds to each message it sends while events are read."""
+
+    page_size: int = Field(100, ge=100, le=1000, description="Report rows asked for per page (dEngage: 100 to 1000).")
+    tag: str = Field(
+        "smtp-gateway",
+        description="Added to every message's `tags` while events are enabled, and the report is filtered by it "
+        "(other systems' mail on the account stays out); empty: no tag, the whole account's report.",
+    )
 
 
 class DengageUser(UserSettings):
@@ -54,6 +67,7 @@ class DengageAccount(AccountBase):
     )
     users: list[DengageUser] = Field([], description="Logins configured here, each with its password hash.")
     tags: list[str] = Field([], description="Report tags added to every message of this account.")
+    events: DengageEventSettings = Field(DengageEventSettings(), description="Reading dEngage's report back.")
     # dEngage allows about 30 requests/s per IP (upstream-apis.md §2.1 [C]). A token bucket lets at most
     # rate_burst + rate_limit - 1 calls through in any one second: 29 with these defaults.
     rate_limit: float | None = Field(

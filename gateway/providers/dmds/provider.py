@@ -13,6 +13,7 @@ from gateway.config.base import UserSettings
 from gateway.core import replies
 from gateway.core.cache import AsyncCache, Fresh
 from gateway.core.errors import ContentRejected, Deferred, Rejected
+from gateway.core.events import Contacts, EventSource
 from gateway.core.model import Call, Message, Principal, ProviderData, Submission
 from gateway.core.outcome import BeforeSend, Outcome, no_hook
 from gateway.mime import jsonbody
@@ -21,6 +22,7 @@ from gateway.providers.base import ProviderBase
 from gateway.providers.dmds import campaigns, wire
 from gateway.providers.dmds.config import DmdsAccount, DmdsUser
 from gateway.providers.dmds.data import DmdsLogin, DmdsParams
+from gateway.providers.dmds.events import DmdsEvents
 from gateway.providers.dmds.legs import Leg, plan_legs
 from gateway.upstream.client import HttpClient
 from gateway.upstream.ratelimit import RateLimiter, Unlimited
@@ -61,6 +63,7 @@ class DmdsProvider(ProviderBase[DmdsAccount]):
             CAMPAIGNS_CACHED, negative=lambda known: not known, clock=clock
         )  # campaign numid -> whether DMDS has it
         self._policy = sender_policy(settings)
+        self._events: DmdsEvents | None = None
 
     # -- logins ------------------------------------------------------------------------------------
 
@@ -132,6 +135,25 @@ class DmdsProvider(ProviderBase[DmdsAccount]):
         )
         return Submission(principal=principal, mail_from=mail_from, rcpt_tos=rcpt_tos, message=message, params=params)
 
+    def notice_params(self, original: ProviderData) -> ProviderData:
+        """A notice goes under the message's campaign, in a batch of its own, not archived."""
+        return DmdsParams(campaign=DmdsParams.read(original).campaign)
+
+    # -- the return path ---------------------------------------------------------------------------
+
+    def event_source(self) -> EventSource | None:
+        return self._event_api()
+
+    def contacts(self) -> Contacts | None:
+        return self._event_api()
+
+    def _event_api(self) -> DmdsEvents | None:
+        if not self.settings.events.enabled:
+            return None
+        if self._events is None:
+            self._events = DmdsEvents(self.account, self.settings, self.http, self.limiter, self._headers)
+        return self._events
+
     def legs(self, submission: Submission) -> tuple[Leg, ...]:
         return plan_legs(submission.rcpt_tos, submission.message.to, submission.message.cc)
 
@@ -172,7 +194,7 @@ class DmdsProvider(ProviderBase[DmdsAccount]):
         if batch is None:
             first, rest = pending[0], pending[1:]
             try:
-                batch = (await self.send_leg(submission, first, None, before_send)).upstream_id
+                result = await self.send_leg(submission, first, None, before_send)
             except Deferred as exc:
                 outcome.deferred[first.key] = exc
                 outcome.skipped.update(leg.key for leg in rest)
@@ -181,7 +203,9 @@ class DmdsProvider(ProviderBase[DmdsAccount]):
                 outcome.rejected[first.key] = exc
                 outcome.skipped.update(leg.key for leg in rest)
                 return outcome
-            outcome.delivered[first.key] = batch
+            outcome.delivered[first.key] = batch = result.upstream_id
+            if result.sent is not None:
+                outcome.sent[first.key] = result.sent
         await outcome.record_all({leg.key: self.send_leg(submission, leg, batch, before_send) for leg in rest})
         return outcome
 

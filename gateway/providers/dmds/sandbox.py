@@ -1,4 +1,5 @@
-"""The DMDS half of `smtp-gateway sandbox`: send_one_inline / send_many_inline and campania_apikey.
+"""The DMDS half of `smtp-gateway sandbox`: send_one_inline / send_many_inline and campania_apikey (its events
+and contacts: sandbox_events.py).
 
 It checks the Authorization key (403), the required fields and every address (with DMDS-style
 messages), answers with a fresh eeid (or the given one with reuse_eeid), and fails on demand (faults).
@@ -13,6 +14,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from gateway.providers.dmds.sandbox_events import install_events, record_send
 from gateway.providers.sandbox import Sandbox, email_error, json_response
 
 SEND_PATHS = ("/v1/envio/send_one_inline/", "/v1/envio/send_many_inline/")
@@ -117,7 +119,8 @@ def install(sandbox: Sandbox, state: DmdsSandbox) -> None:
         if error := validate_send(body, state, many):
             return sandbox.answer(entry, _err(error), error=error)
         eeid = body["eeid"] if body.get("reuse_eeid") else str(uuid.uuid4())
-        return sandbox.answer(entry, json_response({"status": "ok", "sent": _count_sent(body, many), "eeid": eeid}))
+        sent = _count_sent(body, many) - record_send(sandbox, body, many, eeid)
+        return sandbox.answer(entry, json_response({"status": "ok", "sent": sent, "eeid": eeid}))
 
     async def campaign_apikey(request: web.Request) -> web.StreamResponse:
         numid_text = request.match_info["numid"]
@@ -146,4 +149,5 @@ def install(sandbox: Sandbox, state: DmdsSandbox) -> None:
     for path in SEND_PATHS:
         sandbox.app.router.add_post(path, send)
     sandbox.app.router.add_get("/v1/campania_apikey/{numid}", campaign_apikey)
+    install_events(sandbox, authorized, _err)
     sandbox.redactors.append(redact)

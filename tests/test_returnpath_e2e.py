@@ -1,0 +1,142 @@
+"""The return path end to end, on both queue backends: the real gateway, smtplib, the sandbox upstream reporting
+each recipient's fate through its event API, a local webhook receiver.
+
+A message to a bouncing address is answered 250, its hard bounce read back makes it `bounced`, its sender
+gets a delivery status notice through the same account (the sandbox receives it), a webhook receiver that
+fails its first answers gets each event once in the end, correctly signed, and the next RCPT to that
+address is refused 550 5.1.1."""
+
+from __future__ import annotations
+
+import smtplib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from gateway.ledger.model import Query, Record
+from tests.harness import PASSWORD, USER, LoopThread, Running
+from tests.spool_helpers import message, wait_for
+from tests.webhook_receiver import Receiver
+
+SECRET = "whsec-test-secret"
+FAST = {"retry_schedule": [0.3], "retry_jitter": 0.0, "poll_interval": 0.2, "inline_budget": 2.0}
+# Events are read as soon as they exist (the sandbox reports them at once): no lag, polls on demand.
+EVENTS = {"enabled": True, "interval": 3600, "lag": 0, "overlap": 30, "page_size": 10}
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def delivery(request: pytest.FixtureRequest) -> dict[str, Any]:
+    if request.param == "postgresql":
+        return {**FAST, "queue_url": request.getfixturevalue("pg_cluster").new_database()}
+    return dict(FAST)
+
+
+@pytest.fixture
+def receiver(loop_thread: LoopThread) -> Iterator[Receiver]:
+    hook = Receiver(fail_first=2)
+    loop_thread.run(hook.start())
+    yield hook
+    loop_thread.run(hook.stop())
+
+
+def returning(
+    factory: Callable[..., Running], delivery: dict[str, Any], receiver: Receiver | None = None, **overrides: Any
+) -> Running:
+    """A gateway reading acme's events back, telling `receiver` of every event."""
+    hooks = [{"name": "app", "url": receiver.url, "secret": SECRET, "backoff": 0.05, "timeout": 5}] if receiver else []
+    return factory(
+        delivery=delivery,
+        accounts={"acme": {"events": EVENTS}},
+        webhooks=hooks,
+        return_path={"poll_interval": 0.1},
+        **overrides,
+    )
+
+
+def send(gw: Running, to: str, subject: str = "Invoice", sender: str = "billing@acme.example") -> tuple[int, str]:
+    with smtplib.SMTP("127.0.0.1", gw.port(), timeout=30) as client:
+        client.login(USER, PASSWORD)
+        client.mail(sender)
+        code, text = client.rcpt(to)
+        if code != 250:
+            return code, text.decode()
+        code, text = client.data(message(subject, (to,), extra=f"Message-ID: <{subject.replace(' ', '-')}@acme>\r\n"))
+    return code, text.decode()
+
+
+def poll(gw: Running) -> None:
+    """Everything recorded so far is written, then every poller reads its events now."""
+    assert gw.app.ledger_writer is not None and gw.app.returnpath is not None
+    gw.loop.run(gw.app.ledger_writer.flush())
+    gw.loop.loop.call_soon_threadsafe(gw.app.returnpath.poll_now)
+
+
+def record(gw: Running, **query: Any) -> Record:
+    assert gw.app.ledger_writer is not None and gw.app.ledger is not None
+    gw.loop.run(gw.app.ledger_writer.flush())
+    [found] = gw.loop.run(gw.app.ledger.find(Query(**query))).records
+    full = gw.loop.run(gw.app.ledger.get(found.id))
+    assert full is not None
+    return full
+
+
+def test_a_hard_bounce_is_read_back_told_to_the_sender_and_a_webhook_and_suppressed(
+    gateway_factory: Callable[..., Running], delivery: dict[str, Any], receiver: Receiver
+) -> None:
+    gw = returning(gateway_factory, delivery, receiver)
+    code, text = send(gw, "bounce-hard+x@example.com", "Invoice 7")
+    assert code == 250
+    eeid = text.rsplit(" ", 1)[1]
+
+    def bounced() -> Record | None:
+        poll(gw)
+        found = record(gw, reply_id=eeid)
+        return found if found.state == "bounced" else None
+
+    found = wait_for(bounced, what="the hard bounce read back")
+    [rcpt] = found.recipients
+    assert rcpt.state == "bounced" and rcpt.reason is not None and "User unknown" in rcpt.reason
+    kinds = [e.kind for e in found.events]
+    assert kinds[:2] == ["accepted", "attempt"] and {"sent", "bounced"} <= set(kinds)
+    [bounce] = [e for e in found.events if e.kind == "bounced"]
+    assert bounce.upstream_id == eeid and bounce.data is not None and bounce.data["upstream"] == "rebote-hard"
+
+    # The sender is told: a notice through the same account (campaign 22), from the return path's domain.
+    notice = wait_for(lambda: [r for r in gw.sent if r["body"].get("asunto", "").startswith("Undelivered")], what="DSN")
+    [dsn] = notice
+    body = dsn["body"]
+    assert body["contacto"]["email"] == "billing@acme.example" and body["campana_id"] == 22
+    assert body["remitente"] == "MAILER-DAEMON@nl.acme.example"
+    assert "bounce-hard+x@example.com" in body["html"] and "5.1.1" in body["html"]
+    assert [(a["nombre"], a["tipo"]) for a in body["adjuntos"]] == [("delivery-status.txt", "message/delivery-status")]
+    told = wait_for(lambda: [e for e in record(gw, reply_id=eeid).events if e.kind == "dsn_sent"], what="dsn_sent")
+    notice_id = told[0].data["notice"] if told[0].data else None
+    assert notice_id == dsn["response"]["eeid"]
+    dsn_record = record(gw, reply_id=notice_id)
+    assert dsn_record.dsn_of == found.id and dsn_record.mail_from == "" and dsn_record.listener == "notice"
+
+    # The webhook: 503, 503, then each event once (the sent and the bounce), signed.
+    def delivered() -> list[Any] | None:
+        ok = receiver.accepted()
+        return ok if {r.json["type"] for r in ok} >= {"sent", "bounced"} else None
+
+    ok = wait_for(delivered, what="webhook deliveries")
+    assert [r.status for r in receiver.received[:2]] == [503, 503]
+    ids = [r.json["id"] for r in ok]
+    assert len(ids) == len(set(ids))
+    hard = next(r for r in ok if r.json["type"] == "bounced")
+    assert hard.json["message"]["id"] == found.id and hard.json["recipient"] == "bounce-hard+x@example.com"
+    assert hard.json["state"] == "bounced" and hard.json["upstream"] == {"id": eeid, "event": "rebote-hard"}
+    assert hard.headers["x-gateway-event-id"] == hard.json["id"] and hard.headers["x-gateway-signature"].startswith(
+        "t="
+    )
+    timeline = wait_for(
+        lambda: [e for e in record(gw, reply_id=eeid).events if e.kind == "webhook_delivered"] or None,
+        what="webhook_delivered",
+    )
+    assert timeline
+
+    # The address is suppressed: the next RCPT is refused with the reason and the date.
+    code, text = send(gw, "bounce-hard+x@example.com", "Again")
+    assert code == 550 and text.startswith("5.1.1 <bounce-hard+x@example.com>: recipient suppressed: hard bounce (")
