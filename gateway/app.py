@@ -133,7 +133,8 @@ class App:
         http = settings.http
         if http.port is not None:
             self.api_auth = TokenAuth(http.api_tokens, settings.limits)
-            self.operator = OperatorEndpoint(problems=self.problems, api=MessageApi(self.ledger, self.api_auth))
+            api = MessageApi(self.ledger, self.api_auth, self.returnpath.returns, self.returnpath.suppressions)
+            self.operator = OperatorEndpoint(problems=self.problems, api=api)
             tls = None
             if http.tls_cert_file is not None and http.tls_key_file is not None:
                 tls = server_context("intermediate", [(http.tls_cert_file, http.tls_key_file)])

@@ -140,3 +140,118 @@ def test_a_hard_bounce_is_read_back_told_to_the_sender_and_a_webhook_and_suppres
     # The address is suppressed: the next RCPT is refused with the reason and the date.
     code, text = send(gw, "bounce-hard+x@example.com", "Again")
     assert code == 550 and text.startswith("5.1.1 <bounce-hard+x@example.com>: recipient suppressed: hard bounce (")
+
+
+def notices(gw: Running) -> list[dict[str, Any]]:
+    """The notices the sandbox received (sends whose subject says so)."""
+    return [
+        r
+        for r in gw.sent
+        if str(r["body"].get("asunto", r["body"].get("content", {}).get("subject"))).startswith("Undelivered")
+    ]
+
+
+def decided(gw: Running, reply_id: str) -> list[Any]:
+    return [e for e in record(gw, reply_id=reply_id).events if e.kind in ("dsn_sent", "dsn_skipped")]
+
+
+def test_not_sent_and_dead_letters_tell_the_sender(
+    gateway_factory: Callable[..., Running], delivery: dict[str, Any]
+) -> None:
+    gw = returning(gateway_factory, delivery)
+    code, text = send(gw, "not-sent@example.com", "Statement")
+    assert code == 250
+    eeid = text.rsplit(" ", 1)[1]
+    # DMDS said at once that it sent 0 of 1: recorded on the record, resolved when the events come.
+    first = record(gw, reply_id=eeid)
+    [short] = [e for e in first.events if e.kind == "upstream_sent_short"]
+    assert short.data == {"sent": 0, "recipients": 1} and "reported 0 of 1 sent" in (short.detail or "")
+
+    def not_sent() -> Record | None:
+        poll(gw)
+        found = record(gw, reply_id=eeid)
+        return found if found.state == "not_sent" else None
+
+    wait_for(not_sent, what="Not-Sent read back")
+    wait_for(lambda: decided(gw, eeid), what="the not-sent notice")
+    [dsn] = notices(gw)
+    assert "5.7.1" in dsn["body"]["html"] and "not-sent@example.com" in dsn["body"]["html"]
+
+    # A message refused after its 250 (a dead letter): its sender is told too, with the upstream's words.
+    gw.fault(status=503, count=1, kind="send")
+    gw.fault(mode="err", reason="invalid email", count=1, kind="send")
+    code, text = send(gw, "client@example.com", "Refused later")
+    assert code == 250
+    local = text.rsplit(" ", 1)[1]
+    wait_for(lambda: decided(gw, local), what="the dead letter's notice")
+    later = [n for n in notices(gw) if "client@example.com" in n["body"]["html"]]
+    assert len(later) == 1 and "invalid email" in later[0]["body"]["html"] and "5.0.0" in later[0]["body"]["html"]
+
+
+def test_no_notice_about_a_notice_nor_for_a_null_sender(
+    gateway_factory: Callable[..., Running], delivery: dict[str, Any]
+) -> None:
+    gw = returning(gateway_factory, delivery)
+    # The sender's own address bounces: the notice to it bounces in turn, and that makes no second notice.
+    code, text = send(gw, "bounce-hard+r@example.com", "Loop", sender="bounce-hard+s@acme.example")
+    assert code == 250
+    eeid = text.rsplit(" ", 1)[1]
+
+    def notice_bounced() -> Record | None:
+        poll(gw)
+        sent = [e for e in decided(gw, eeid) if e.kind == "dsn_sent"]
+        if not sent or not sent[0].data:
+            return None
+        found = record(gw, reply_id=sent[0].data["notice"])
+        return found if found.state == "bounced" and decided(gw, found.reply_id or "") else None
+
+    loop = wait_for(notice_bounced, what="the notice's own bounce decided")
+    [skipped] = decided(gw, loop.reply_id or "")
+    assert skipped.kind == "dsn_skipped" and skipped.data is not None and skipped.data["result"] == "notice"
+    assert len(notices(gw)) == 1
+
+    # A record with a null sender (the gateway refuses MAIL FROM:<> itself; such a record comes from
+    # elsewhere): its failure is decided, and nobody is told.
+    from gateway.ledger.model import MessageRow, NoticeRow, RecipientRow
+
+    assert gw.app.ledger is not None
+    now = __import__("time").time()
+    gw.loop.run(
+        gw.app.ledger.write(
+            [
+                MessageRow("0123456789ABCDEF", now, "acme", "", "Bounce", 10, reply_id="NULL-SENDER"),
+                RecipientRow("0123456789ABCDEF", now, "x@example.com", "bounced", now, "E-NULL"),
+                NoticeRow("0123456789ABCDEF", now, "x@example.com", now),
+            ]
+        )
+    )
+    [null] = wait_for(lambda: decided(gw, "NULL-SENDER"), what="the null sender's decision")
+    assert null.data is not None and null.data["result"] == "null_sender" and len(notices(gw)) == 1
+
+
+def test_one_notice_and_one_delivery_per_event_with_two_instances(
+    gateway_factory: Callable[..., Running], pg_cluster: Any, receiver: Receiver
+) -> None:
+    delivery = {**FAST, "queue_url": pg_cluster.new_database()}
+    a = returning(gateway_factory, delivery, receiver)
+    b = returning(gateway_factory, delivery, receiver, sandbox=a.sandbox)
+    codes = [send(gw, f"bounce-hard+{n}@example.com", f"Twice {n}")[0] for n, gw in enumerate((a, b, a, b))]
+    assert codes == [250] * 4
+
+    def about_ours() -> set[str]:
+        """The events about the four messages (the notices' own `sent` events come too)."""
+        return {r.json["id"] for r in receiver.accepted() if r.json["message"]["subject"].startswith("Twice")}
+
+    def all_told() -> bool:
+        for gw in (a, b):
+            poll(gw)  # both instances poll, over and over: each window is read by one of them at a time
+        return len(notices(a)) >= 4 and len({r.json["id"] for r in receiver.accepted()}) >= 8
+
+    wait_for(all_told, what="four notices and eight events delivered")
+    for gw in (a, b):
+        poll(gw)
+    assert len(notices(a)) == 4
+    for n in range(4):  # one notice per bounced recipient, each about that recipient alone
+        assert len([x for x in notices(a) if f"bounce-hard+{n}@" in x["body"]["html"]]) == 1
+    ids = [r.json["id"] for r in receiver.accepted()]
+    assert len(ids) == len(set(ids)) and len(about_ours()) == 8  # each once; sent + bounced for each of the four

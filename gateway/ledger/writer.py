@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import structlog
 
 from gateway.config import LedgerSettings
+from gateway.core.waits import woken
 from gateway.ledger.model import EventRow, MessageRow, NoticeRow, OutboxRow, Row, SuppressionRow
 from gateway.ledger.store import LedgerStore, LedgerUnavailable
 from gateway.ops.metrics import (
@@ -91,9 +92,7 @@ class LedgerWriter:
     async def _run(self) -> None:
         delay = self.settings.flush_interval
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
-            self._wake.clear()
+            await woken(self._wake, delay)
             delay = self.settings.flush_interval
             while self._rows:
                 if not await self._flush():

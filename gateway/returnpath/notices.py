@@ -18,7 +18,6 @@ an operator deleted, for a message held as ambiguous (it may have been delivered
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import secrets
 import time
@@ -31,6 +30,7 @@ from gateway import mime
 from gateway.config import Settings
 from gateway.core.errors import ContentRejected
 from gateway.core.model import Origin, Principal, Receipt, StoredData, Submission
+from gateway.core.waits import woken
 from gateway.delivery.owner import DeliveryOwner
 from gateway.ledger import dsn, model
 from gateway.ledger.model import EventRow, Record, address_key
@@ -112,9 +112,7 @@ class NoticeSender:
             except Exception as exc:  # a bug: once with its traceback; the loop goes on
                 INTERNAL_ERRORS.labels(where="notices").inc()
                 log.error("notices_internal_error", exc_info=exc)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wakeup.wait(), self.settings().return_path.poll_interval)
-            self.wakeup.clear()
+            await woken(self.wakeup, self.settings().return_path.poll_interval)
 
     async def round(self) -> int:
         """Decide what is pending now, one message at a time; returns how many decisions were leased."""

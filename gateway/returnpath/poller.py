@@ -23,6 +23,7 @@ import structlog
 from gateway.config import EventSettings
 from gateway.core.errors import GatewayError
 from gateway.core.events import SUPPRESSES, Contacts, EventSource, VendorEvent
+from gateway.core.waits import woken
 from gateway.ledger import announce, readback
 from gateway.ledger.model import SuppressionRow, address_key
 from gateway.ledger.returns import Match, ReturnStore, Suppressed
@@ -82,9 +83,7 @@ class EventPoller:
     async def run(self) -> None:
         while True:
             await self.poll()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wakeup.wait(), self.settings().interval)
-            self.wakeup.clear()
+            await woken(self.wakeup, self.settings().interval)
 
     async def poll(self) -> str:
         """One poll: every window up to now minus the lag. Returns its result (the metric's label); never raises."""
@@ -177,7 +176,7 @@ class EventPoller:
         ctx.suppressions.add(Suppressed.of(row) for row in applied.rows if isinstance(row, SuppressionRow))
         if applied.matched:
             ctx.written()
-            log.info(
+            log.debug(
                 "events_read",
                 account=self.account,
                 page=page,

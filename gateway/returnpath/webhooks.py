@@ -12,7 +12,6 @@ smtp_gateway_webhook_possible_duplicates_total.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -23,6 +22,7 @@ from gateway import __version__
 from gateway.config import WebhookSettings
 from gateway.core.errors import AnswerLost, UpstreamUnavailable
 from gateway.core.events import event_id
+from gateway.core.waits import woken
 from gateway.ledger import model
 from gateway.ledger.model import EventRow
 from gateway.ledger.returns import Delivery, ReturnStore
@@ -89,9 +89,7 @@ class WebhookSender:
             except Exception as exc:  # a bug: once with its traceback; the loop goes on
                 INTERNAL_ERRORS.labels(where="webhooks").inc()
                 log.error("webhook_internal_error", exc_info=exc)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wakeup.wait(), self.poll_interval())
-            self.wakeup.clear()
+            await woken(self.wakeup, self.poll_interval())
 
     async def round(self) -> int:
         """Lease what is due and deliver it; returns how many were leased."""
