@@ -47,9 +47,8 @@ async def _main(settings: Settings, args: argparse.Namespace) -> int:
             return Exit.OK
         removed = await returns.unsuppress(args.address, args.account)
         where = f" from account {args.account}" if args.account else ""
-        print(
-            f"{args.address}: {'removed' if removed else 'not suppressed'}{where} ({removed} entr{'y' if removed == 1 else 'ies'})"
-        )
+        entries = "1 entry" if removed == 1 else f"{removed} entries"
+        print(f"{args.address}: {'removed' if removed else 'not suppressed'}{where} ({entries})")
         return Exit.OK if removed else Exit.PROBLEM
     finally:
         await ledger.close()
