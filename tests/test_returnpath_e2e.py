@@ -41,13 +41,17 @@ def receiver(loop_thread: LoopThread) -> Iterator[Receiver]:
 
 
 def returning(
-    factory: Callable[..., Running], delivery: dict[str, Any], receiver: Receiver | None = None, **overrides: Any
+    factory: Callable[..., Running],
+    delivery: dict[str, Any],
+    receiver: Receiver | None = None,
+    events: dict[str, Any] | None = None,
+    **overrides: Any,
 ) -> Running:
-    """A gateway reading acme's events back, telling `receiver` of every event."""
+    """A gateway reading acme's events back (EVENTS, `events` changed), telling `receiver` of every event."""
     hooks = [{"name": "app", "url": receiver.url, "secret": SECRET, "backoff": 0.05, "timeout": 5}] if receiver else []
     return factory(
         delivery=delivery,
-        accounts={"acme": {"events": EVENTS}},
+        accounts={"acme": {"events": {**EVENTS, **(events or {})}}},
         webhooks=hooks,
         return_path={"poll_interval": 0.1},
         **overrides,
@@ -245,7 +249,7 @@ def test_one_notice_and_one_delivery_per_event_with_two_instances(
     def all_told() -> bool:
         for gw in (a, b):
             poll(gw)  # both instances poll, over and over: each window is read by one of them at a time
-        return len(notices(a)) >= 4 and len({r.json["id"] for r in receiver.accepted()}) >= 8
+        return len(notices(a)) >= 4 and len(about_ours()) >= 8
 
     wait_for(all_told, what="four notices and eight events delivered")
     for gw in (a, b):
@@ -255,3 +259,89 @@ def test_one_notice_and_one_delivery_per_event_with_two_instances(
         assert len([x for x in notices(a) if f"bounce-hard+{n}@" in x["body"]["html"]]) == 1
     ids = [r.json["id"] for r in receiver.accepted()]
     assert len(ids) == len(set(ids)) and len(about_ours()) == 8  # each once; sent + bounced for each of the four
+
+
+def test_dengage_events_are_read_from_its_report_by_the_gateways_tag(
+    gateway_factory: Callable[..., Running], delivery: dict[str, Any]
+) -> None:
+    from tests.harness import DENGAGE_SENDER, DENGAGE_USER
+
+    gw = returning(gateway_factory, delivery, dengage={"events": {**EVENTS, "page_size": 100}})
+
+    def send_dengage(to: str, subject: str) -> tuple[int, str]:
+        with smtplib.SMTP("127.0.0.1", gw.port(), timeout=30) as client:
+            client.login(DENGAGE_USER, PASSWORD)
+            client.mail(DENGAGE_SENDER)
+            code, text = client.rcpt(to)
+            if code != 250:
+                return code, text.decode()
+            head = f"From: {DENGAGE_SENDER}\r\nTo: {to}\r\nSubject: {subject}\r\n\r\nhello\r\n"
+            code, text = client.data(head.encode())
+        return code, text.decode()
+
+    code, bounce_id = send_dengage("bounce-hard@example.com", "Your order")
+    assert code == 250
+    code, delivered_id = send_dengage("someone@example.com", "Your receipt")
+    assert code == 250
+    [first] = gw.calls("send")[:1]
+    assert first["body"]["tags"] == ["erp", "smtp-gateway"]  # the login's tag, then the report's
+
+    def settled() -> bool:
+        poll(gw)
+        states = {record(gw, reply_id=i.rsplit(" ", 1)[1]).state for i in (bounce_id, delivered_id)}
+        return states == {"bounced", "delivered"}
+
+    wait_for(settled, what="dEngage's report read back")
+    [report, *_] = gw.calls("report")
+    assert report["query"]["tag"] == "smtp-gateway" and report["query"]["limit"] == "100"
+    assert len(report["query"]["beginTime"]) == len("2026-01-01 00:00:00")
+
+    def told() -> list[dict[str, Any]]:
+        return [s for s in gw.calls("send") if s["body"]["content"].get("subject", "").startswith("Undelivered")]
+
+    [dsn] = wait_for(told, what="the notice through dEngage")
+    assert dsn["body"]["send"]["to"] == DENGAGE_SENDER
+    assert "bounce-hard@example.com" in dsn["body"]["content"]["html"]
+    assert [a["name"] for a in dsn["body"]["attachments"]] == ["delivery-status.txt"]
+    assert dsn["body"]["tags"] == ["erp", "smtp-gateway"]  # the message's tags; its own report entries are ours
+    code, text = send_dengage("bounce-hard@example.com", "Again")
+    assert code == 550 and "recipient suppressed: hard bounce" in text
+
+
+def test_dmds_invalid_contacts_are_suppressed_minus_the_whitelist(
+    gateway_factory: Callable[..., Running], delivery: dict[str, Any]
+) -> None:
+    import httpx
+
+    gw = returning(gateway_factory, delivery, events={"invalid_interval": 0.2})
+    base = gw.sandbox_url
+    # DMDS holds two contacts invalid (earlier hard bounces of another system), one of them whitelisted.
+    fates = gw.sandbox.state.fates
+    httpx.post(
+        f"{base}/v1/whitelist/vip@example.com", headers={"Authorization": "test-account-apikey"}
+    ).raise_for_status()
+    fates.invalid.update({"old-bounce@example.com": 1.0, "vip@example.com": 1.0})
+
+    def listed() -> str | None:
+        code, text = send(gw, "old-bounce@example.com", "Hello")
+        return text if code == 550 else None
+
+    text = wait_for(listed, what="the invalid contact suppressed")
+    assert "recipient suppressed: invalid contact at the upstream" in text
+    assert send(gw, "vip@example.com", "Hello")[0] == 250  # whitelisted: never suppressed
+    # A hard bounce of a whitelisted contact is recorded, and not suppressed either.
+    httpx.post(f"{base}/v1/whitelist/bounce-hard+vip@example.com", headers={"Authorization": "test-account-apikey"})
+    code, text = send(gw, "bounce-hard+vip@example.com", "Whitelisted")
+    eeid = text.rsplit(" ", 1)[1]
+
+    def bounced() -> Record | None:
+        poll(gw)
+        found = record(gw, reply_id=eeid)
+        return found if found.state == "bounced" else None
+
+    wait_for(bounced, what="the whitelisted bounce read back")
+    assert send(gw, "bounce-hard+vip@example.com", "Again")[0] == 250
+    # DMDS revalidates the old contact: it leaves the list at the next read, and mail to it is taken again.
+    fates.invalid.pop("old-bounce@example.com")
+    wait_for(lambda: send(gw, "old-bounce@example.com", "Back")[0] == 250, what="the contact revalidated")
+    print("CONTACT READS", len(gw.calls("contacts", "dmds")))

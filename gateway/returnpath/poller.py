@@ -114,12 +114,13 @@ class EventPoller:
         if lease is None:
             return "busy"
         name, token = lease.name, lease.token
+        target = now - settings.lag  # this poll reads up to here (window after window when behind)
         try:
             since, until, page = lease.window_since, lease.window_until, lease.page
             while True:
                 if since is None or until is None:
                     since = position - settings.overlap
-                    until = min(ctx.clock() - settings.lag, since + self.source.max_window)
+                    until = min(target, since + self.source.max_window)
                     page = 0
                     if until <= position:
                         return "ok"  # nothing new to read yet
