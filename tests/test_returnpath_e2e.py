@@ -332,6 +332,7 @@ def test_dmds_invalid_contacts_are_suppressed_minus_the_whitelist(
     # A hard bounce of a whitelisted contact is recorded, and not suppressed either.
     httpx.post(f"{base}/v1/whitelist/bounce-hard+vip@example.com", headers={"Authorization": "test-account-apikey"})
     code, text = send(gw, "bounce-hard+vip@example.com", "Whitelisted")
+    assert code == 250
     eeid = text.rsplit(" ", 1)[1]
 
     def bounced() -> Record | None:
@@ -344,4 +345,3 @@ def test_dmds_invalid_contacts_are_suppressed_minus_the_whitelist(
     # DMDS revalidates the old contact: it leaves the list at the next read, and mail to it is taken again.
     fates.invalid.pop("old-bounce@example.com")
     wait_for(lambda: send(gw, "old-bounce@example.com", "Back")[0] == 250, what="the contact revalidated")
-    print("CONTACT READS", len(gw.calls("contacts", "dmds")))

@@ -47,8 +47,8 @@ async def _main(settings: Settings, args: argparse.Namespace) -> int:
             return Exit.OK
         removed = await returns.unsuppress(args.address, args.account)
         where = f" from account {args.account}" if args.account else ""
-        entries = "1 entry" if removed == 1 else f"{removed} entries"
-        print(f"{args.address}: {'removed' if removed else 'not suppressed'}{where} ({entries})")
+        count = "1 entry" if removed == 1 else f"{removed} entries"
+        print(f"{args.address}: {'removed' if removed else 'not suppressed'}{where} ({count})")
         return Exit.OK if removed else Exit.PROBLEM
     finally:
         await ledger.close()
