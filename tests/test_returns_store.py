@@ -174,3 +174,20 @@ async def test_notices_per_sender_are_counted_per_window(instances: Callable[[],
     assert not await a.count_notice("s@example.com", 3600, 2, now + 2)
     assert await a.count_notice("t@example.com", 3600, 2, now + 2)
     assert await b.count_notice("s@example.com", 3600, 2, now + 3600)  # the next window
+
+
+async def test_the_leases_of_an_owner_that_is_gone_end_at_once(instances: Callable[[], Pair]) -> None:
+    (ledger, a), (_, b) = instances(), instances()
+    await ledger.open()
+    await ledger.write([OutboxRow("app", "ev1", "M1", T0, T0, "sent", "{}"), NoticeRow("M1", T0, "a@example.com", T0)])
+    assert await a.lease_cursor("acme", "acme", "host:1:dead", T0, 600, T0) != (None, T0)
+    assert len(await a.claim_deliveries("host:1:dead", T0, 10, 600)) == 1
+    assert len(await a.claim_notices("host:1:dead", T0, 600, 10)) == 1
+    assert await b.owners() == ["host:1:dead"]
+    assert (await b.lease_cursor("acme", "acme", "host:2:live", T0 + 1, 600, T0))[0] is None
+    assert await b.expire_owners(["host:1:dead"], T0 + 2) == 3
+    assert (await b.lease_cursor("acme", "acme", "host:2:live", T0 + 3, 600, T0))[0] is not None
+    [again] = await b.claim_deliveries("host:2:live", T0 + 3, 10, 600)
+    assert again.reclaimed
+    assert len(await b.claim_notices("host:2:live", T0 + 3, 600, 10)) == 1
+    assert await b.owners() == ["host:2:live"]

@@ -216,3 +216,15 @@ class PostgresReturns:
             await conn.execute(SQL.count_prune, (start,))
             await conn.execute(SQL.count_row, (sender, start))
             return await (await conn.execute(SQL.count_take, (sender, start, limit))).fetchone() is not None
+
+    async def owners(self) -> list[str]:
+        async with self.ledger.connection() as conn:
+            return [r[0] for r in await (await conn.execute(SQL.owners)).fetchall()]
+
+    async def expire_owners(self, owners: Sequence[str], now: float) -> int:
+        expired = 0
+        async with self.ledger.connection() as conn:
+            for owner in owners:
+                for statement in SQL.expire:
+                    expired += (await conn.execute(statement, (now - 1, owner))).rowcount
+        return expired

@@ -233,3 +233,13 @@ class ReturnStore(Protocol):
     async def count_notice(self, sender: str, window: float, limit: int, now: float) -> bool:
         """Count one notice to `sender` in the current window if fewer than `limit` were; False: the limit."""
         ...
+
+    # -- leases of owners that are gone -------------------------------------------------------------------
+
+    async def owners(self) -> list[str]:
+        """Owners holding leases (cursors, webhook deliveries being POSTed, notice decisions)."""
+        ...
+
+    async def expire_owners(self, owners: Sequence[str], now: float) -> int:
+        """End the leases of owners known to be dead, so that others take over now; returns how many."""
+        ...

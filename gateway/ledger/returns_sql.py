@@ -100,6 +100,17 @@ class ReturnStatements:
         self.count_row = d("INSERT INTO notice_counts (sender, win, n) VALUES (?, ?, 0) ON CONFLICT DO NOTHING")
         self.count_take = d("UPDATE notice_counts SET n=n+1 WHERE sender=? AND win=? AND n<? RETURNING n")
         self.count_prune = d("DELETE FROM notice_counts WHERE win<?")
+        # -- leases of owners known to be gone (a process of this instance that was killed)
+        self.owners = d(
+            "SELECT owner FROM event_cursors WHERE owner IS NOT NULL"
+            " UNION SELECT owner FROM webhook_outbox WHERE state='sending' AND owner IS NOT NULL"
+            " UNION SELECT owner FROM ledger_notices WHERE state='claimed' AND owner IS NOT NULL"
+        )
+        self.expire = (
+            d("UPDATE event_cursors SET lease_until=? WHERE owner=?"),
+            d("UPDATE webhook_outbox SET lease_until=? WHERE owner=? AND state='sending'"),
+            d("UPDATE ledger_notices SET lease_until=? WHERE owner=? AND state='claimed'"),
+        )
 
     def upstream_ids(self, n: int) -> str:
         d = self.dialect

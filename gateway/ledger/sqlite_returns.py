@@ -280,3 +280,18 @@ class SqliteReturns:
                 return db.execute(SQL.count_take, (sender, start, limit)).fetchone() is not None
 
         return await self._run(run)
+
+    # -- leases of owners that are gone -------------------------------------------------------------------
+
+    async def owners(self) -> list[str]:
+        def run(db: sqlite3.Connection) -> list[str]:
+            return [r[0] for r in db.execute(SQL.owners)]
+
+        return await self._run(run)
+
+    async def expire_owners(self, owners: Sequence[str], now: float) -> int:
+        def run(db: sqlite3.Connection) -> int:
+            with _tx(db):
+                return sum(db.execute(sql, (now - 1, owner)).rowcount for owner in owners for sql in SQL.expire)
+
+        return await self._run(run)

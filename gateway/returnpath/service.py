@@ -8,13 +8,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import time
 from collections.abc import Coroutine, Mapping
 from typing import Any
 
 import structlog
 
 from gateway.config import EventSettings, Settings, WebhookSettings
-from gateway.delivery.owner import DeliveryOwner
+from gateway.delivery.owner import DeliveryOwner, dead_local_owners
 from gateway.ledger.announce import Subscriptions
 from gateway.ledger.backends import open_returns
 from gateway.ledger.recorder import Recorder
@@ -30,6 +31,7 @@ from gateway.upstream.client import HttpClient
 log = structlog.get_logger("gateway.returnpath")
 
 PENDING_EVERY = 10.0  # how often the webhook pending gauge is read from the shared outbox
+DEAD_OWNER_CHECK = 5.0  # how often leases of this instance's processes that are gone are looked for
 
 
 class ReturnPath:
@@ -83,6 +85,7 @@ class ReturnPath:
         self._spawn(self.webhooks.run())
         self._spawn(self.notices.run())
         self._spawn(self._pending())
+        self._spawn(self._reap())
         self._accounts(providers)
 
     def _accounts(self, providers: Mapping[str, Provider]) -> None:
@@ -151,6 +154,18 @@ class ReturnPath:
             with contextlib.suppress(LedgerUnavailable):
                 await self.webhooks.count_pending()
             await asyncio.sleep(PENDING_EVERY)
+
+    async def _reap(self) -> None:
+        """Leases of this instance's processes that are gone (killed) end now, not after their time: a restarted
+        gateway resumes their polls, notices and webhook deliveries at once (as the retry worker does for the
+        queue's messages)."""
+        while True:
+            with contextlib.suppress(LedgerUnavailable):
+                dead = dead_local_owners(self.ctx.owner, await self.returns.owners())
+                if dead:
+                    count = await self.returns.expire_owners(dead, time.time())
+                    log.warning("return_path_dead_owners_expired", owners=dead, leases=count)
+            await asyncio.sleep(DEAD_OWNER_CHECK)
 
     async def stop(self) -> None:
         tasks = [*self._tasks, *(t for ts in self._account_tasks.values() for t in ts)]
