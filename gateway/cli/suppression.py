@@ -55,25 +55,26 @@ async def _main(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: Any) -> None:
-    p = with_config(
-        sub.add_parser(
-            "suppression",
-            help="the addresses refused at RCPT TO after hard bounces, not sent, complaints or the vendor's "
-            "invalid contacts: list them, remove one (works while servers run)",
-            description=__doc__,
-        )
+    p = sub.add_parser(
+        "suppression",
+        help="the addresses refused at RCPT TO after hard bounces, not sent, complaints or the vendor's "
+        "invalid contacts: list them, remove one (works while servers run)",
+        description=__doc__,
     )
     actions = p.add_subparsers(dest="action", required=True)
-    listing = actions.add_parser("list", help="the suppressed addresses, newest first per account")
+    listing = with_config(actions.add_parser("list", help="the suppressed addresses, newest first per account"))
     listing.add_argument("--account", help="only this account's")
     listing.add_argument("--address", help="only this address")
     listing.add_argument("--json", action="store_true", help="JSON for scripts (as the API gives it)")
-    remove = actions.add_parser(
-        "remove",
-        help="take an address off the list (a DMDS invalid contact comes back at the next read of the list "
-        "unless DMDS revalidates it)",
+    remove = with_config(
+        actions.add_parser(
+            "remove",
+            help="take an address off the list (a DMDS invalid contact comes back at the next read of the list "
+            "unless DMDS revalidates it)",
+        )
     )
     remove.add_argument("address", help="the address")
     remove.add_argument("--account", help="only from this account's list (default: every account's)")
-    add_spool_option(p)
+    for action in (listing, remove):
+        add_spool_option(action)
     p.set_defaults(func=cmd_suppression)

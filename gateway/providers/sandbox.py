@@ -18,6 +18,9 @@ entries say); this module holds what they share: the request record and the faul
     POST /_sandbox/fate     {"address": A, "fate": "bounce-hard"}   what becomes of A (gateway/providers/fates.py)
                             {"delay": 5}                          events appear 5 s after their send
     GET  /_sandbox/fate                                           the fates set, the delay, DMDS' invalid list
+    POST /_sandbox/webhook                                        a webhook receiver: each delivery recorded
+                                                                  (kind "webhook") with whether its signature
+                                                                  verifies under the sandbox's webhook secret
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import orjson
 from aiohttp import web
 from email_validator import EmailNotValidError, validate_email
 
+from gateway.core import signature
 from gateway.providers.fates import FateError, Fates
 
 Redactor = Callable[[dict[str, Any]], dict[str, Any]]
@@ -82,6 +86,7 @@ class SandboxState:
     lookups: deque[int | str] = field(default_factory=lambda: deque(maxlen=100_000))
     rng: random.Random = field(default_factory=lambda: random.Random(1234))
     fates: Fates = field(default_factory=Fates)  # what becomes of each recipient, and the events reported
+    webhook_secret: str = ""  # the secret POST /_sandbox/webhook checks signatures with
 
     def next_fault(self, kind: str, provider: str | None = None) -> Fault | None:
         for fault in list(self.faults):
@@ -114,6 +119,7 @@ class Sandbox:
         self.app.router.add_get("/_sandbox/health", self.health)
         self.app.router.add_post("/_sandbox/fate", self.set_fate)
         self.app.router.add_get("/_sandbox/fate", self.get_fate)
+        self.app.router.add_post("/_sandbox/webhook", self.webhook)
         for install in providers:
             install(self)
         self._runner: web.AppRunner | None = None
@@ -219,6 +225,17 @@ class Sandbox:
 
     async def get_fate(self, request: web.Request) -> web.Response:
         return json_response(self.state.fates.settings())
+
+    async def webhook(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        value = request.headers.get(signature.HEADER, "")
+        try:
+            event = orjson.loads(body)
+        except ValueError:
+            event = None
+        verified = bool(self.state.webhook_secret) and signature.valid(self.state.webhook_secret.encode(), value, body)
+        entry = {"kind": "webhook", "path": request.path, "event": event, "signature": value, "verified": verified}
+        return self.answer(entry, json_response({"received": True}))
 
     async def health(self, request: web.Request) -> web.Response:
         requests = self.state.requests

@@ -20,6 +20,7 @@ import structlog
 
 from gateway import __version__
 from gateway.config import WebhookSettings
+from gateway.core import signature
 from gateway.core.errors import AnswerLost, UpstreamUnavailable
 from gateway.core.events import event_id
 from gateway.core.waits import woken
@@ -34,7 +35,6 @@ from gateway.ops.metrics import (
     WEBHOOK_PENDING,
     WEBHOOK_SENT,
 )
-from gateway.returnpath import signature
 from gateway.upstream.client import HttpClient
 
 log = structlog.get_logger("gateway.webhooks")
@@ -138,7 +138,7 @@ class WebhookSender:
     async def _delivered(self, d: Delivery, status: int) -> None:
         now = self.clock()
         attempts = d.attempts + 1
-        row = self._timeline(d, model.WEBHOOK_DELIVERED, now, f"{d.webhook} answered {status}", attempts)
+        row = self._timeline(d, model.WEBHOOK_DELIVERED, now, f"{d.type} event to {d.webhook}: {status}", attempts)
         if await self.returns.settle_delivery(
             d, "delivered", attempts=attempts, next_attempt=now, error=None, now=now, rows=[row]
         ):
@@ -174,8 +174,7 @@ class WebhookSender:
         ):
             log.error("webhook_failed", webhook=d.webhook, event_id=d.event_id, error=error, attempts=attempts)
 
-    @staticmethod
-    def _timeline(d: Delivery, kind: str, now: float, detail: str, attempts: int) -> EventRow:
+    def _timeline(self, d: Delivery, kind: str, now: float, detail: str, attempts: int) -> EventRow:
         return EventRow(
             event_id("", kind, d.webhook, d.event_id),
             d.msg_id,
@@ -183,6 +182,7 @@ class WebhookSender:
             now,
             kind,
             detail=detail,
+            actor=self.owner,
             data=model.json({"webhook": d.webhook, "event": d.event_id, "type": d.type, "attempts": attempts}),
         )
 
