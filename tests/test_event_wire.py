@@ -105,7 +105,8 @@ def test_dengage_report_rows_in_either_envelope_and_spelling() -> None:
         {"transactionId": "T1", "email": "a@example.com", "eventType": "Delivered", "eventDate": "2026-01-02 10:00:00"},
         {"TrackingId": "T2", "ToEmail": "b@example.com", "Status": "Bounced", "EventTime": "2026-01-02T10:00:05Z",
          "BounceReason": "mailbox unknown"},
-        {"transactionId": "T3", "email": "c@example.com", "eventType": "Soft Bounce", "eventDate": "2026-01-02 10:01:00"},
+        {"transactionId": "T3", "email": "c@example.com", "eventType": "Soft Bounce",
+         "eventDate": "2026-01-02 10:01:00"},
         {"transactionId": "T4", "email": "d@example.com", "eventType": "Forwarded", "eventDate": "2026-01-02 10:01:00"},
         {"transactionId": "T5", "eventType": "Clicked", "eventDate": "2026-01-02 10:01:00"},
     ]  # fmt: skip
