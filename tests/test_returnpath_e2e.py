@@ -8,6 +8,7 @@ address is refused 550 5.1.1."""
 
 from __future__ import annotations
 
+import json
 import smtplib
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 
 from gateway.ledger.model import Query, Record
+from tests.docs_blocks import doc_blocks
 from tests.harness import PASSWORD, USER, LoopThread, Running
 from tests.spool_helpers import message, wait_for
 from tests.webhook_receiver import Receiver
@@ -140,6 +142,17 @@ def test_a_hard_bounce_is_read_back_told_to_the_sender_and_a_webhook_and_suppres
         what="webhook_delivered",
     )
     assert timeline
+    # The receiver's check, as docs/after-250.md shows it, run on what the receiver got.
+    [snippet] = doc_blocks("test_a_hard_bounce_is_read_back_told_to_the_sender_and_a_webhook_and_suppressed")
+    scope: dict[str, Any] = {}
+    exec(snippet.text, scope)
+    verify = scope["verify"]
+    for got in ok:
+        assert verify(SECRET.encode(), got.headers["x-gateway-signature"], got.body)
+    assert not verify(b"another secret", hard.headers["x-gateway-signature"], hard.body)
+    assert not verify(SECRET.encode(), hard.headers["x-gateway-signature"], hard.body.replace(b"bounced", b"delivered"))
+    stale = hard.headers["x-gateway-signature"].replace("t=", "t=1")  # a timestamp far from now
+    assert not verify(SECRET.encode(), stale, hard.body)
 
     # The address is suppressed: the next RCPT is refused with the reason and the date.
     code, text = send(gw, "bounce-hard+x@example.com", "Again")
@@ -345,3 +358,29 @@ def test_dmds_invalid_contacts_are_suppressed_minus_the_whitelist(
     # DMDS revalidates the old contact: it leaves the list at the next read, and mail to it is taken again.
     fates.invalid.pop("old-bounce@example.com")
     wait_for(lambda: send(gw, "old-bounce@example.com", "Back")[0] == 250, what="the contact revalidated")
+
+
+def test_the_sandbox_takes_fates_from_its_endpoint(gateway_factory: Callable[..., Running]) -> None:
+    """docs/sandbox.md's request: an ordinary address told to bounce hard, through the real endpoint."""
+    import shlex
+    import subprocess
+
+    gw = returning(gateway_factory, dict(FAST))
+    [block] = doc_blocks("test_the_sandbox_takes_fates_from_its_endpoint")
+    command = block.text.strip().replace("localhost:8025", f"127.0.0.1:{gw.sandbox.port}")
+    answer = subprocess.run(shlex.split(command), capture_output=True, text=True, timeout=30, check=True)
+    assert json.loads(answer.stdout)["fates"] == {"boss@example.com": "bounce-hard"}
+    code, text = send(gw, "boss@example.com", "For the boss")
+    eeid = text.rsplit(" ", 1)[1]
+
+    def bounced() -> Record | None:
+        poll(gw)
+        found = record(gw, reply_id=eeid)
+        return found if found.state == "bounced" else None
+
+    wait_for(bounced, what="the chosen fate read back")
+    refused = subprocess.run(
+        ["curl", "-s", "-X", "POST", f"{gw.sandbox_url}/_sandbox/fate", "-d", '{"address": "x", "fate": "deliver"}'],
+        capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    assert json.loads(refused.stdout) == {"status": "err", "on": "address: an email address"}

@@ -203,9 +203,4 @@ class ReturnPathSettings(Section):
         description="Seconds between reloads of the suppression lists RCPT TO is checked against (in memory; "
         "entries this instance adds apply at once).",
     )
-    notice_lookback: float = Field(
-        24 * 3600.0,
-        gt=0,
-        description="At start, recipients that failed up to this many seconds ago are still given their notice.",
-    )
     webhook_concurrency: int = Field(8, ge=1, le=256, description="Webhook deliveries under way at once.")
