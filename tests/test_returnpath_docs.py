@@ -59,8 +59,9 @@ def test_the_quick_start_tells_the_whole_story(tmp_path: Path) -> None:
         assert sent.returncode == 0 and "<-  250 2.0.0 Ok: queued as" in sent.stdout, sent.stdout
 
         def told() -> bool:
+            spool = "var/quickstart/spool.sqlite3"
             status = subprocess.run(
-                [str(BIN / "smtp-gateway"), "status", "--spool", "var/quickstart/spool.sqlite3", "invoice-7@example.com"],
+                [str(BIN / "smtp-gateway"), "status", "--spool", spool, "invoice-7@example.com"],
                 cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=60,
             )  # fmt: skip
             text = status.stdout
