@@ -371,6 +371,7 @@ def test_the_sandbox_takes_fates_from_its_endpoint(gateway_factory: Callable[...
     answer = subprocess.run(shlex.split(command), capture_output=True, text=True, timeout=30, check=True)
     assert json.loads(answer.stdout)["fates"] == {"boss@example.com": "bounce-hard"}
     code, text = send(gw, "boss@example.com", "For the boss")
+    assert code == 250
     eeid = text.rsplit(" ", 1)[1]
 
     def bounced() -> Record | None:
