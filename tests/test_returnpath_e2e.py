@@ -385,3 +385,32 @@ def test_the_sandbox_takes_fates_from_its_endpoint(gateway_factory: Callable[...
         capture_output=True, text=True, timeout=30, check=True,
     )  # fmt: skip
     assert json.loads(refused.stdout) == {"status": "err", "on": "address: an email address"}
+
+
+def test_a_reload_turns_polling_and_webhooks_on_and_off(
+    gateway_factory: Callable[..., Running], receiver: Receiver
+) -> None:
+    from gateway.config import load_settings
+    from tests.configs import gateway_config
+
+    gw = gateway_factory(delivery=dict(FAST), return_path={"poll_interval": 0.1})
+    assert gw.app.returnpath is not None and gw.app.returnpath.pollers == {}
+
+    def reload(**overrides: Any) -> None:
+        new = load_settings(None, **gateway_config(gw.tmp, gw.sandbox.port, delivery=dict(FAST), **overrides))
+        gw.app.source = lambda: new
+        assert gw.loop.run(gw.app.reload())
+
+    hook = {"name": "app", "url": receiver.url, "secret": SECRET, "backoff": 0.05}
+    reload(accounts={"acme": {"events": EVENTS}}, webhooks=[hook], return_path={"poll_interval": 0.1})
+    assert list(gw.app.returnpath.pollers) == ["acme"]
+    code, text = send(gw, "bounce-hard@example.com", "After the reload")
+    eeid = text.rsplit(" ", 1)[1]
+
+    def announced() -> list[Any]:
+        poll(gw)
+        return [r for r in receiver.accepted() if r.json["type"] == "bounced"]
+
+    assert code == 250 and wait_for(announced, what="the new webhook told")[0].json["upstream"]["id"] == eeid
+    reload(return_path={"poll_interval": 0.1})
+    assert gw.app.returnpath.pollers == {} and not gw.app.returnpath.subscriptions
