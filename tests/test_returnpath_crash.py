@@ -7,24 +7,29 @@ killed instance stopped."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import smtplib
-import sqlite3
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
 
+from gateway.config import DeliverySettings
+from gateway.ledger.backends import open_ledger, open_returns
+from gateway.ledger.model import Query
+from gateway.ledger.store import LedgerStore, LedgerUnavailable
 from tests import configs
 from tests.harness import PASSWORD, USER, LoopThread
 from tests.procs import events, kill, serve, start_sandbox
 from tests.spool_helpers import message, wait_for
 from tests.webhook_receiver import Receiver
 
+T = TypeVar("T")
 MESSAGES = 60
 EVENTS = {"enabled": True, "interval": 0.3, "lag": 1.0, "overlap": 600, "page_size": 10, "lease": 60}
 
@@ -37,32 +42,46 @@ def receiver(loop_thread: LoopThread) -> Iterator[Receiver]:
     loop_thread.run(hook.stop())
 
 
-def cursor(spool: Path) -> dict[str, Any] | None:
-    """The account's event cursor as the database has it (read while the gateway runs)."""
-    if not spool.exists():
-        return None
-    db = sqlite3.connect(f"file:{spool}?mode=ro", uri=True, timeout=5)
-    try:
-        db.row_factory = sqlite3.Row
-        row = db.execute("SELECT * FROM event_cursors WHERE name='acme'").fetchone()
-        return dict(row) if row else None
-    except sqlite3.OperationalError:
-        return None  # not migrated yet
-    finally:
-        db.close()
+def read(delivery: DeliverySettings, what: Callable[[LedgerStore], Awaitable[T]]) -> T:
+    """Something read from the queue's database (either backend) while the gateway runs."""
+
+    async def run() -> T:
+        ledger = open_ledger(delivery)
+        try:
+            return await what(ledger)
+        finally:
+            await ledger.close()
+
+    return asyncio.run(run())
 
 
-def stored_events(spool: Path) -> Counter[tuple[str, str]]:
-    db = sqlite3.connect(spool, timeout=5)
+async def _cursor(ledger: LedgerStore) -> dict[str, Any] | None:
     try:
-        rows = db.execute("SELECT id, kind FROM ledger_events WHERE kind='sent'").fetchall()
-        return Counter((r[0], r[1]) for r in rows)
-    finally:
-        db.close()
+        return next((c for c in await open_returns(ledger).cursors() if c["name"] == "acme"), None)
+    except LedgerUnavailable:
+        return None  # not there yet
+
+
+async def _sent_events(ledger: LedgerStore) -> Counter[str]:
+    """How many `sent` events each message's timeline holds."""
+    page = await ledger.find(Query(limit=500))
+    counts: Counter[str] = Counter()
+    for found in page.records:
+        full = await ledger.get(found.id)
+        assert full is not None
+        counts[full.subject] = sum(1 for e in full.events if e.kind == "sent")
+    return counts
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def delivery(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, Any]:
+    if request.param == "postgresql":
+        return {"queue_url": request.getfixturevalue("pg_cluster").new_database()}
+    return {"spool_path": str(tmp_path / "spool.sqlite3")}
 
 
 def test_a_killed_poller_loses_no_event_and_its_successor_resumes_its_window(
-    tmp_path: Path, receiver: Receiver
+    tmp_path: Path, receiver: Receiver, delivery: dict[str, Any]
 ) -> None:
     record = tmp_path / "sandbox.jsonl"
     sandbox, url = start_sandbox(record)
@@ -76,9 +95,10 @@ def test_a_killed_poller_loses_no_event_and_its_successor_resumes_its_window(
                 accounts={"acme": {"events": EVENTS}},
                 webhooks=[{"name": "app", "url": receiver.url, "secret": "s", "backoff": 0.1, "timeout": 5}],
                 return_path={"poll_interval": 0.2},
+                delivery=delivery,
             ),
         )
-        spool = tmp_path / "spool.sqlite3"
+        queue = DeliverySettings(**delivery)
         log = tmp_path / "gateway.log"
         gateway, ports = serve(config, log)
         with smtplib.SMTP("127.0.0.1", ports["plain"], timeout=30) as client:
@@ -89,13 +109,13 @@ def test_a_killed_poller_loses_no_event_and_its_successor_resumes_its_window(
         httpx.post(f"{url}/_sandbox/faults", json={"delay": 0.4, "probability": 1.0, "kind": "events"})
 
         def mid_window() -> dict[str, Any] | None:
-            found = cursor(spool)
+            found = read(queue, _cursor)
             return found if found and found["window_until"] is not None and found["page"] >= 3 else None
 
         stopped_at = wait_for(mid_window, 30, "a window read half way")
         gateway.send_signal(signal.SIGKILL)
         gateway.wait(10)
-        left = cursor(spool)
+        left = read(queue, _cursor)
         assert left is not None and left["page"] >= stopped_at["page"] and left["window_until"] is not None
         requests_before = sum(1 for _ in record.read_text().splitlines())
 
@@ -118,7 +138,7 @@ def test_a_killed_poller_loses_no_event_and_its_successor_resumes_its_window(
             return seen if len(seen) == MESSAGES else None
 
         wait_for(all_delivered, 60, "every message's sent event delivered")
-        stored = stored_events(spool)
+        stored = read(queue, _sent_events)
         assert len(stored) == MESSAGES and set(stored.values()) == {1}  # each event stored once
         ids = Counter(r.json["id"] for r in receiver.accepted())
         twice = {i for i, n in ids.items() if n > 1}
