@@ -107,3 +107,23 @@ def test_the_sandbox_fates_by_local_part_and_by_request() -> None:
     [late] = fates.window("dengage", 0, 2000, "smtp-gateway")
     assert (late.name, late.tags) == ("NotSent", ("smtp-gateway",))
     assert fates.window("dengage", 0, 2000, "other-tag") == []
+
+
+def test_the_sandbox_command_delays_events_and_checks_webhook_signatures(tmp_path: Path) -> None:
+    import hashlib
+    import hmac
+
+    import httpx
+
+    from tests.procs import kill, start_sandbox
+
+    proc, url = start_sandbox(tmp_path / "record.jsonl", "--event-delay", "2.5", "--webhook-secret", "s3")
+    try:
+        assert httpx.get(f"{url}/_sandbox/fate").json()["delay"] == 2.5
+        body = b'{"id": "u1", "type": "bounced"}'
+        mac = hmac.new(b"s3", b"1700000000." + body, hashlib.sha256).hexdigest()
+        for signature, verified in ((f"t=1700000000,v1={mac}", True), (f"t=1700000001,v1={mac}", False)):
+            httpx.post(f"{url}/_sandbox/webhook", content=body, headers={"X-Gateway-Signature": signature})
+            assert httpx.get(f"{url}/_sandbox/requests").json()[-1]["verified"] is verified
+    finally:
+        kill(proc)

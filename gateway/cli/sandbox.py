@@ -15,6 +15,7 @@ from gateway.providers.spec import ProviderSpec, SandboxEntry
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
+    from gateway.providers.fates import Fates
     from gateway.providers.sandbox import Sandbox, SandboxState, run_forever
 
     served = _served()
@@ -23,6 +24,8 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         latency=args.latency_ms / 1000.0,
         record_path=Path(args.record) if args.record else None,
         echo=None if args.quiet else sys.stdout,
+        fates=Fates(delay=args.event_delay),
+        webhook_secret=args.webhook_secret,
     )
     sandbox = Sandbox(state, routes)
     host, port = args.listen
@@ -68,6 +71,19 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--latency-ms", type=float, default=0.0, help="delay added to every API call")
     p.add_argument("--record", help="append every request as JSON lines to this file")
     p.add_argument("--quiet", action="store_true", help="do not print requests")
+    p.add_argument(
+        "--event-delay",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="events appear in the event APIs this long after their send (a demonstration; default at once)",
+    )
+    p.add_argument(
+        "--webhook-secret",
+        default="",
+        metavar="SECRET",
+        help="the secret POST /_sandbox/webhook checks each delivery's signature with",
+    )
     for spec, entry in served:
         entry.options(p.add_argument_group(f"{spec.label} routes ({entry.prefix or '/'})"))
     p.set_defaults(func=cmd_sandbox, config=None)
