@@ -249,7 +249,7 @@ NOTICES = Counter(
     "smtp_gateway_notices_total",
     "Delivery status notices by result: sent (handed to delivery like any message), failed (refused), and why "
     "none was sent: null_sender, notice (about a notice), notify_off, no_data, suppressed, rate_limited, deleted "
-    "(by an operator), held (ambiguous: it may have been delivered)",
+    "(by an operator), held (ambiguous: it may have been delivered), no_account (no longer configured)",
     ["account", "result"],
     registry=REGISTRY,
 )
@@ -262,7 +262,7 @@ WEBHOOK_SENT = Counter(
 WEBHOOK_FAILED = Counter(
     "smtp_gateway_webhook_failures_total",
     "Webhook delivery attempts that failed, by reason class: timeout, connect, http_4xx, http_5xx, expired (no "
-    "more retries: max_age passed, the delivery failed for good)",
+    "more retries: max_age passed, the delivery failed for good), removed (the webhook is no longer configured)",
     ["webhook", "reason"],
     registry=REGISTRY,
 )
