@@ -5,18 +5,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import signal
 import ssl
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import structlog
 
 from gateway.auth.credentials import Authenticator
+from gateway.auth.jwks import JwksKeys
+from gateway.auth.oauth import OAuthVerifier
+from gateway.auth.onetime import OneTimeLogins
 from gateway.config import ConfigError, DnsSettings, Settings
-from gateway.config.reload import ReloadPlan, plan_reload
+from gateway.config.oauth import OAuthSettings
+from gateway.config.reload import ConfigStatus, ReloadPlan, plan_reload
+from gateway.console.web import Console
 from gateway.core.errors import SpoolUnavailable
 from gateway.delivery.health import AccountHealth
 from gateway.delivery.owner import DeliveryOwner, owner_id
@@ -26,6 +33,9 @@ from gateway.ledger.backends import open_ledger
 from gateway.ledger.recorder import Recorder
 from gateway.ledger.store import LedgerStore
 from gateway.ledger.writer import LedgerWriter
+from gateway.limits.clients import AuthGuard
+from gateway.limits.lockouts import LocalLockouts, Lockouts
+from gateway.limits.quotas import QuotaTracker
 from gateway.ops import logs
 from gateway.ops.api import MessageApi
 from gateway.ops.apiauth import TokenAuth
@@ -33,6 +43,7 @@ from gateway.ops.http import OperatorEndpoint
 from gateway.ops.memory import MmapThreshold, set_mmap_threshold
 from gateway.ops.metrics import CONFIG_RELOADS
 from gateway.ops.queuestats import QUEUE_STATS
+from gateway.ops.quotastats import QUOTA_STATS
 from gateway.pipeline import Pipeline
 from gateway.policy.dns import DnsResolver
 from gateway.policy.domaincheck import check_domains
@@ -44,6 +55,7 @@ from gateway.returnpath.service import ReturnPath
 from gateway.smtp.protocol import GatewaySMTP
 from gateway.smtp.server import Listeners
 from gateway.smtp.tls import CertificateError, server_context
+from gateway.upstream.client import HttpClient
 
 log = structlog.get_logger("gateway.app")
 
@@ -53,6 +65,27 @@ QUEUE_STATS_EVERY = 10.0
 
 def resolver_for(d: DnsSettings) -> DnsResolver:
     return DnsResolver(d.nameservers or None, d.port, d.timeout, d.max_ttl, d.negative_ttl)
+
+
+def oauth_verifier(settings: OAuthSettings) -> OAuthVerifier | None:
+    """Token logins of the configured issuers, each fetching its keys with an HTTP client of its own."""
+    if not settings.issuers:
+        return None
+    keys = {}
+    for issuer in settings.issuers:
+        url = urlsplit(issuer.jwks_url)
+        client = HttpClient(
+            f"{url.scheme}://{url.netloc}",
+            upstream=f"JWKS of {issuer.name}",
+            account=issuer.name,
+            timeout=issuer.http_timeout,
+            max_connections=2,
+            ca_file=issuer.ca_file,
+        )
+        path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+        fetch = functools.partial(client.request, "jwks", "GET", path, headers={"Accept": "application/json"})
+        keys[issuer.name] = JwksKeys(issuer, fetch, client.aclose)
+    return OAuthVerifier(settings.issuers, keys)
 
 
 @dataclass
@@ -70,9 +103,29 @@ class App:
     ledger_writer: LedgerWriter | None = None
     api_auth: TokenAuth | None = None
     returnpath: ReturnPath | None = None
+    console: Console | None = None
+    # When the configuration was loaded and what the last reload did (the console shows it).
+    config_status: ConfigStatus = field(default_factory=ConfigStatus)
+    # The console's test send logs in with these (gateway/auth/onetime.py).
+    onetime: OneTimeLogins = field(default_factory=OneTimeLogins)
+    lockouts: Lockouts = field(init=False)
     _background: set[asyncio.Task[None]] = field(default_factory=set)
     _retired: list[Provider] = field(default_factory=list)
     _reloading: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def __post_init__(self) -> None:
+        self.lockouts = LocalLockouts(self._guards)
+
+    def _guards(self) -> list[tuple[str, AuthGuard]]:
+        """The per-IP AUTH throttles of this process, by what they guard."""
+        found = []
+        if self.listeners is not None and self.listeners.defenses is not None:
+            found.append(("smtp", self.listeners.defenses.auth))
+        if self.api_auth is not None:
+            found.append(("api", self.api_auth.guard))
+        if self.console is not None:
+            found.append(("console", self.console.signin.guard))
+        return found
 
     async def start(self) -> None:
         settings = self.settings
@@ -90,7 +143,9 @@ class App:
             self.store.health.record("read", exc.reason)
         for name, account in settings.accounts.items():
             self.providers[name] = registry.build(name, account, self.store)
-        self.authenticator = Authenticator(settings.accounts, self.providers)
+            for note in account.notes():
+                log.warning("account_note", account=name, note=note)
+        self.authenticator = Authenticator(settings.accounts, self.providers, onetime=self.onetime)
         self.resolver = resolver_for(settings.dns)
         self.health = AccountHealth(list(settings.accounts))
         # The message ledger beside the queue: rows buffered here, written by the writer's task. On a full
@@ -128,13 +183,17 @@ class App:
         self.pipeline = Pipeline(
             settings, self.providers, self.owner, resolver=self.resolver, suppressions=self.returnpath.suppressions
         )
-        self.listeners = Listeners(settings, self.pipeline, self.authenticator)
+        quotas = QuotaTracker(self.store)  # per-login quotas, counted with every instance on the queue
+        QUOTA_STATS.track(quotas)
+        oauth = await asyncio.to_thread(oauth_verifier, settings.oauth)  # reads any ca_file
+        self.listeners = Listeners(settings, self.pipeline, self.authenticator, quotas=quotas, oauth=oauth)
         await self.listeners.start()
         http = settings.http
         if http.port is not None:
             self.api_auth = TokenAuth(http.api_tokens, settings.limits)
+            self.console = Console(self)
             api = MessageApi(self.ledger, self.api_auth, self.returnpath.returns, self.returnpath.suppressions)
-            self.operator = OperatorEndpoint(problems=self.problems, api=api)
+            self.operator = OperatorEndpoint(problems=self.problems, api=api, console=self.console)
             tls = None
             if http.tls_cert_file is not None and http.tls_key_file is not None:
                 tls = server_context("intermediate", [(http.tls_cert_file, http.tls_key_file)])
@@ -146,6 +205,7 @@ class App:
                 port=port,
                 tls=tls is not None,
                 api="on" if http.api_tokens else "off (no http.api_tokens)",
+                console="on" if settings.console.enabled else "off (console.enabled)",
             )
         if settings.dns.check_sender_domain:
             self._spawn(self._log_domain_findings())
@@ -213,20 +273,26 @@ class App:
                 plan = plan_reload(self.settings, new)
             except (ConfigError, ValueError) as exc:
                 CONFIG_RELOADS.labels(result="invalid").inc()
+                self.config_status.record("invalid", str(exc))
                 log.error("config_reload_failed", reason=str(exc), action="kept the running configuration")
                 return False
+            oauth = listeners.oauth
             try:
+                if plan.settings.oauth != self.settings.oauth:
+                    oauth = await asyncio.to_thread(oauth_verifier, plan.settings.oauth)
                 contexts = await asyncio.to_thread(listeners.prepare_tls, plan.settings)
             except CertificateError as exc:
                 CONFIG_RELOADS.labels(result="tls_failed").inc()
+                self.config_status.record("tls_failed", str(exc))
                 log.error(
                     "tls_reload_failed",
                     reason=str(exc),
                     action="kept the certificate and the configuration already loaded",
                 )
                 return False
-            self._apply(plan, listeners, contexts)
+            self._apply(plan, listeners, contexts, oauth)
             CONFIG_RELOADS.labels(result="ok").inc()
+            self.config_status.record("ok", plan=plan)
             log.info("config_reloaded", changed=plan.changed, restart_needed=plan.restart_needed)
             if plan.restart_needed:
                 log.warning(
@@ -237,7 +303,11 @@ class App:
             return True
 
     def _apply(
-        self, plan: ReloadPlan, listeners: Listeners, contexts: tuple[dict[str, ssl.SSLContext], dict[str, str]] | None
+        self,
+        plan: ReloadPlan,
+        listeners: Listeners,
+        contexts: tuple[dict[str, ssl.SSLContext], dict[str, str]] | None,
+        oauth: OAuthVerifier | None,
     ) -> None:
         old, new = self.settings, plan.settings
         assert self.owner is not None and self.worker is not None and self.store is not None
@@ -251,7 +321,7 @@ class App:
         retired = [p for name, p in self.providers.items() if providers.get(name) is not p]
         sessions_before = set(listeners.sessions)
         self.providers = providers
-        self.authenticator = Authenticator(new.accounts, providers)
+        self.authenticator = Authenticator(new.accounts, providers, onetime=self.onetime)
         if new.dns != old.dns:
             self.resolver = resolver_for(new.dns)
         self.health.track(list(new.accounts))
@@ -262,26 +332,34 @@ class App:
             self.ledger_writer.configure(new.ledger)
         if self.api_auth is not None:
             self.api_auth.configure(new.http.api_tokens, new.limits)
+        if self.console is not None:
+            self.console.configure(new)
         self.worker.set_accounts(list(new.accounts))
         suppressions = None
         if self.returnpath is not None:
             self.returnpath.configure(new, providers)
             suppressions = self.returnpath.suppressions
         self.pipeline = Pipeline(new, providers, self.owner, resolver=self.resolver, suppressions=suppressions)
+        retired_oauth, listeners.oauth = listeners.oauth, oauth
         listeners.apply(new, self.pipeline, self.authenticator, contexts)
         logs.reconfigure(new.log)
         self.settings = new
-        if retired:
+        if retired or (retired_oauth is not None and retired_oauth is not oauth):
             self._retired += retired
-            self._spawn(self._retire(retired, sessions_before))
+            self._spawn(self._retire(retired, sessions_before, retired_oauth if retired_oauth is not oauth else None))
         if new.dns.check_sender_domain and new.accounts != old.accounts:
             self._spawn(self._log_domain_findings())
 
-    async def _retire(self, providers: list[Provider], sessions: set[GatewaySMTP]) -> None:
-        """Close replaced providers once nothing can use them: the sessions that were open at the reload
-        have ended and the delivery attempts running then have finished."""
+    async def _retire(
+        self, providers: list[Provider], sessions: set[GatewaySMTP], oauth: OAuthVerifier | None = None
+    ) -> None:
+        """Close replaced providers (and token verifier) once nothing can use them: the sessions that were open
+        at the reload have ended and the delivery attempts running then have finished."""
         assert self.listeners is not None and self.owner is not None
         await self.listeners.ended(sessions)
+        if oauth is not None:
+            with contextlib.suppress(Exception):
+                await oauth.aclose()
         await self.owner.running()
         for provider in providers:
             with contextlib.suppress(Exception):
@@ -316,9 +394,13 @@ class App:
         if self.store is not None:
             await self.store.close()
         QUEUE_STATS.clear()
+        QUOTA_STATS.track(None)
         for provider in [*self.providers.values(), *self._retired]:
             with contextlib.suppress(Exception):
                 await provider.aclose()
+        if self.listeners is not None and self.listeners.oauth is not None:
+            with contextlib.suppress(Exception):
+                await self.listeners.oauth.aclose()
         log.info("stopped")
 
 

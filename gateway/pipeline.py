@@ -7,6 +7,7 @@ import base64
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from typing import Any
 
 import structlog
 
@@ -16,14 +17,14 @@ from gateway.core import replies
 from gateway.core.errors import ContentRejected, Deferred, DnsTempFailure, GatewayError, PolicyRejected, Rejected
 from gateway.core.model import Call, Message, Origin, Principal, Receipt, Submission
 from gateway.core.replies import Reply
-from gateway.delivery import idempotency
+from gateway.delivery import idempotency, testmode
 from gateway.delivery.owner import DeliveryOwner
 from gateway.ledger import notice
 from gateway.ledger.model import iso
 from gateway.ledger.suppression import SuppressionSet
 from gateway.limits.budget import Reservation
 from gateway.mime.headers import header_block
-from gateway.ops.metrics import MESSAGES, SUPPRESSED_RECIPIENTS
+from gateway.ops.metrics import FIELDS_NOT_SENT, MESSAGES, SUPPRESSED_RECIPIENTS
 from gateway.policy.dns import DnsResolver, DnsTemporaryError
 from gateway.providers.base import Provider
 
@@ -59,6 +60,7 @@ class Pipeline:
             for name, account in settings.accounts.items()
             for user in account.configured_users
         }
+        # Where test-mode messages' requests are recorded besides the log (the message ledger).
 
     # -- SMTP phases -------------------------------------------------------------------------------
 
@@ -109,13 +111,17 @@ class Pipeline:
         receipt: Receipt | None = None,
         reservation: Reservation | None = None,
         origin: Origin | None = None,
+        test_mode: bool = False,
+        drop_invalid_header_addresses: bool = False,
     ) -> Reply:
         """The reply to the end of DATA. Never raises: unexpected errors become 451 4.3.0.
 
         `receipt` learns what became of the message (queue id, upstream ids, or why not) for the one log
         line the SMTP session writes per transaction. `reservation`: the message's share of the
         large-message budget, released when its first attempt has ended. `origin`: the listener and client,
-        for the message's ledger record."""
+        for the message's ledger record. `test_mode`: everything but the upstream call
+        (gateway/delivery/testmode.py). `drop_invalid_header_addresses`: the listener's choice for invalid
+        To/Cc addresses that are not recipients (left out, not refused)."""
         receipt = receipt if receipt is not None else Receipt()
         account = self.settings.accounts[principal.account]
         setting = self._notify.get((principal.account, principal.login), account.dsn.notify)
@@ -125,10 +131,15 @@ class Pipeline:
         origin = replace(origin or Origin(), size=len(raw), notify=notify, headers=headers)
         bound = log.bind(login=principal.login, account=principal.account, size=len(raw), rcpts=len(rcpt_tos))
         try:
-            submission, plan = await self.prepare(principal, mail_from, rcpt_tos, raw, smtputf8)
+            submission, plan = await self.prepare(
+                principal, mail_from, rcpt_tos, raw, smtputf8, drop_invalid_header_addresses
+            )
             if submission.message.defects:
                 # Repaired or sent as it arrived (never upstream in these words): for the operator to see.
                 bound.warning("message_repaired", defects=list(submission.message.defects))
+            if test_mode:
+                requests = self.providers[principal.account].requests(submission)
+                return self._counted(testmode.accept(requests, submission, bound, receipt, self._test_recorder(origin)))
             key = idempotency.key_of(submission, account.idempotency_from_message_id)
             reply = await self.owner.submit(
                 submission,
@@ -148,13 +159,34 @@ class Pipeline:
             receipt.reason = exc.reason
             reply = exc.reply
         finally:
-            if reservation is not None:  # refused before the owner took it
+            if reservation is not None:  # refused before the owner took it (or a test message: never sent)
                 reservation.release()
+        return self._counted(reply)
+
+    def _test_recorder(self, origin: Origin) -> testmode.TestRecorder:
+        """A test message's record in the ledger: the requests it would have sent, its TEST- reply."""
+
+        def record(test_id: str, submission: Submission, requests: list[dict[str, Any]]) -> None:
+            reply = str(replies.queued(test_id))
+            self.owner.ledger.test_message(
+                msg_id=test_id, submission=submission, origin=origin, reply=reply, requests=requests
+            )
+
+        return record
+
+    @staticmethod
+    def _counted(reply: Reply) -> Reply:
         MESSAGES_BY_CLASS[reply.code // 100].inc()
         return reply
 
     async def prepare(
-        self, principal: Principal, mail_from: str, rcpt_tos: list[str], raw: bytes | bytearray, smtputf8: bool
+        self,
+        principal: Principal,
+        mail_from: str,
+        rcpt_tos: list[str],
+        raw: bytes | bytearray,
+        smtputf8: bool,
+        drop_invalid_header_addresses: bool = False,
     ) -> tuple[Submission, tuple[Call, ...]]:
         """Parse, let the provider decide what it must (campaign, ...), apply the From policy, plan the calls."""
         if len(raw) > PARSE_IN_THREAD_BYTES or mime.expensive(raw):
@@ -169,8 +201,13 @@ class Pipeline:
         provider = self.providers[principal.account]
         submission = await provider.prepare(principal, message, mail_from, tuple(rcpt_tos))
         senders = await provider.sender_policy()
-        checked = policy.apply_from_policy(senders, principal, submission.message, mail_from, smtputf8)
-        if checked is not submission.message:
+        before = submission.message
+        checked = policy.apply_from_policy(
+            senders, principal, before, mail_from, smtputf8, drop_invalid_header_addresses
+        )
+        if checked is not before:
+            if len(checked.to) + len(checked.cc) < len(before.to) + len(before.cc):
+                FIELDS_NOT_SENT.labels(account=principal.account, field="header_addresses").inc()
             submission = replace(submission, message=checked)
         plan = provider.plan(submission)
         if not plan:

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests import configs
 from tests.configs import gateway_config, listener
 from tests.harness import PASSWORD_HASH
@@ -63,3 +65,34 @@ def test_quickstart_config_has_a_dengage_account(tmp_path: Path) -> None:
     crm = settings.accounts["crm"]
     assert isinstance(crm, DengageAccount) and crm.base_url == "http://127.0.0.1:8025/rest"
     assert [u.username for u in crm.users] == [DENGAGE_DEMO_USER]
+
+
+def test_check_config_notes_that_the_from_is_not_sent_until_a_field_is_set(tmp_path: Path) -> None:
+    result = run_cli("check-config", "--config-only", "-c", str(write(tmp_path, userkey=USERKEY, password="p")))
+    assert result.returncode == 0, result.stderr
+    assert "note: accounts.crm: dEngage mail goes out under the account's default sender" in result.stderr
+    fields = {"from_address_field": "content.fromAddress", "from_name_field": "content.fromName"}
+    result = run_cli(
+        "check-config", "--config-only", "-c", str(write(tmp_path, userkey=USERKEY, password="p", **fields))
+    )
+    assert result.returncode == 0 and "default sender" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("keys", "error"),
+    [
+        ({"from_address_field": "content from"}, "is not a request field"),
+        ({"from_name_field": "content.subject"}, "a field the gateway fills itself"),
+        ({"from_identity_field": "send.to.id"}, "a field the gateway fills itself"),
+        ({"default_subject": "Scan from {user}"}, "unknown placeholder {user}: use {login}, {account}"),
+        ({"default_subject": "Scan from {login.__class__}"}, "unknown placeholder {login.__class__}"),
+        ({"default_subject": "Scan {"}, "Single '{' encountered"),
+        ({"default_subject": "  "}, "must not be empty"),
+        ({"forward_x_headers": ["Received"]}, "is not an X- header name or pattern"),
+        ({"forward_x_headers": ["X-Gateway-*"]}, "X-Gateway-* options are never forwarded"),
+    ],
+)
+def test_message_settings_are_checked(tmp_path: Path, keys: dict[str, Any], error: str) -> None:
+    result = run_cli("check-config", "--config-only", "-c", str(write(tmp_path, userkey=USERKEY, password="p", **keys)))
+    assert result.returncode == 2
+    assert f"accounts.crm.{next(iter(keys))}" in result.stderr and error in result.stderr

@@ -103,7 +103,7 @@ def test_many_messages_share_one_login(gateway_factory: Callable[..., Running]) 
     assert [code for code, _ in replies] == [250] * 12
     sent = gw.calls("send", status=200)
     assert len(sent) == 12 and len(gw.calls("login")) == 1 and len(gw.calls("froms")) == 1
-    ids = [r["response"]["data"]["transactionalIds"][0] for r in sent]
+    ids = [r["upstream_id"] for r in sent]
     assert [queued_id(text) for _, text in replies] == ids  # the reply carries the transactional id
     assert all(UUID.match(i) for i in ids)
     assert all(r["body"]["tags"] == ["erp"] for r in sent)  # the login's tags
@@ -290,9 +290,7 @@ def test_one_recipient_failing_temporarily_is_retried_alone(gateway_factory: Cal
     wait_for(lambda: len(gw.calls("send", status=200)) == 3, what="b retried")
     calls = {to: [r["status"] for r in gw.calls("send") if r["to"] == to] for to in rcpts}
     assert calls == {"a@example.com": [200], "b@example.com": [503, 200], "c@example.com": [200]}
-    a_id = next(
-        r["response"]["data"]["transactionalIds"][0] for r in gw.calls("send", status=200) if r["to"] == "a@example.com"
-    )
+    a_id = next(r["upstream_id"] for r in gw.calls("send", status=200) if r["to"] == "a@example.com")
     assert queued_id(text) == a_id  # the first recipient's transactional id
     wait_for(lambda: spool_rows(gw.settings.delivery.spool_path) == [] or None, what="queue empty")
 
@@ -358,14 +356,14 @@ def test_bcc_and_cc_get_their_own_copy_and_stay_hidden(gateway_factory: Callable
         assert seen == {call["to"]}, call["body"]  # nobody sees another recipient, nobody sees the Bcc
         assert set(call["body"]["send"]) == {"to"}
     [sent] = [e for e in logs if e["event"] == "message_sent"]
-    assert sorted(sent["upstream_ids"]) == sorted(r["response"]["data"]["transactionalIds"][0] for r in calls)
+    assert sorted(sent["upstream_ids"]) == sorted(r["upstream_id"] for r in calls)
 
 
 def test_option_headers_are_consumed_and_x_headers_forwarded(gateway_factory: Callable[..., Running]) -> None:
-    gw = gateway_factory(dengage={"tags": ["crm"]})
+    gw = gateway_factory(dengage={"tags": ["crm"], "forward_x_headers": ["x-order-*"]})
     extra = (
         "X-Gateway-Tags: invoices, erp\r\nX-Gateway-Template: 2206f32b-8d1a-4058-929c-de600493862a\r\n"
-        "X-Order-Id: 42\r\n"
+        "X-Order-Id: 42\r\nX-Originating-IP: [192.0.2.7]\r\n"
     )
     code, text = send(gw, message("templated", extra=extra))
     assert code == 250, text
@@ -421,7 +419,7 @@ def test_sandbox_records_hold_no_secret(gateway_factory: Callable[..., Running])
     assert DENGAGE_API_PASSWORD not in recorded and DENGAGE_USERKEY not in recorded
     assert "sbx-" not in recorded  # no token
     any_login: Any = gw.calls("login")[0]
-    assert any_login["response"]["access_token"] == "<redacted>"
+    assert "<redacted>" in json.dumps(any_login["response"])  # the token's place, in either answer shape
 
 
 def test_queue_shows_each_recipient_with_its_id(gateway_factory: Callable[..., Running]) -> None:
@@ -442,6 +440,6 @@ def test_queue_shows_each_recipient_with_its_id(gateway_factory: Callable[..., R
     info = asyncio.run(show())
     assert info is not None
     calls = {c["key"]: (c["state"], c["upstream_id"]) for c in info["calls"]}
-    a_id = gw.calls("send", status=200)[0]["response"]["data"]["transactionalIds"][0]
+    a_id = gw.calls("send", status=200)[0]["upstream_id"]
     assert calls == {"a@example.com": ("done", a_id), "b@example.com": ("pending", None)}
     assert queued_id(text) == a_id

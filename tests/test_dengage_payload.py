@@ -21,6 +21,7 @@ from gateway.mime import parse, text_to_html
 from gateway.providers.dengage import wire
 from gateway.providers.dengage.data import DengageLogin, DengageParams
 from gateway.upstream.response import HttpResponse
+from gateway.upstream.shape import Reading
 
 FIXTURES = Path(__file__).parent / "fixtures" / "dengage"
 PRINCIPAL = Principal(account="crm", login="erp", extra=DengageLogin(("erp",)))
@@ -164,6 +165,10 @@ def test_send_answers_give_the_recipient_id(body: dict[str, Any], upstream_id: s
         (answer(429, b"", {"retry-after": "3"}), RateLimited, "429"),
         (answer(502, b"bad gateway"), UpstreamUnavailable, "502"),
         (answer(200, b"<html>proxy</html>"), AnswerLost, "not a JSON object"),
+        # No dEngage answer: a path or an api_base guessed wrong refuses no message.
+        (answer(404, b"<html>Not Found</html>"), UpstreamUnavailable, "the path or api_base is wrong"),
+        (answer(405, b""), UpstreamUnavailable, "the path or api_base is wrong"),
+        (answer(404, {"code": 404, "message": "Content not found"}), UpstreamRejected, "Content not found"),
     ],
 )
 def test_send_failures_are_typed(response: HttpResponse, error: type[Exception], text: str) -> None:
@@ -213,4 +218,72 @@ def test_login_answers() -> None:
     ],
 )
 def test_froms_are_found_in_any_shape(body: Any) -> None:
-    assert wire.from_identities(answer(200, body)) == ("billing@crm.example", "news@mail.crm.example")
+    found = wire.from_identities(answer(200, body))
+    assert [i.address for i in found] == ["billing@crm.example", "news@mail.crm.example"]
+
+
+def test_identities_keep_id_name_and_address_and_only_their_addresses() -> None:
+    body = [
+        {
+            "Id": "7d1c", "FromName": "CRM Billing", "FromEmail": "Billing@CRM.example",
+            "CreatedBy": "admin@corp.example", "ReplyTo": "replies@corp.example", "Color": "blue",
+        },
+        {"publicId": "9e2f", "displayName": "News", "emailAddress": "News <news@mail.crm.example>"},
+    ]  # fmt: skip
+    reading = Reading()
+    found = wire.from_identities(answer(200, body), reading)
+    assert found == (
+        wire.Identity("7d1c", "CRM Billing", "billing@crm.example"),
+        wire.Identity("9e2f", "News", "news@mail.crm.example"),
+    )
+    # Address-looking values of other keys are no identities; a key nobody expected is named.
+    assert reading.unexpected == ["identities[].Color"]
+    assert reading.matched["identities[].address"] == "FromEmail"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"code": 0, "data": [{"id": 1, "label": "CRM", "value": "billing@crm.example"}]},  # no address key known
+        {"code": 0, "data": {"total": 1}},  # no list
+    ],
+)
+def test_froms_answer_not_recognised_is_temporary(body: Any) -> None:
+    # Never "no identities" (every sender refused for good): MAIL FROM gets 451 and the log says why.
+    with pytest.raises(UpstreamUnavailable, match="check-upstream"):
+        wire.from_identities(answer(200, body))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"access_token": "tok", "expires_in": 600},
+        {"code": 0, "message": "Success", "data": {"accessToken": "tok", "expiresIn": 600}},
+    ],
+)
+def test_login_token_in_either_spelling(body: Any) -> None:
+    assert wire.login_token(answer(200, body)) == wire.Token("tok", 600.0)
+
+
+def test_from_fields_go_at_their_paths_beside_the_gateways_own() -> None:
+    sender = {"content.fromAddress": "desk@crm.example", "content.fromName": "Desk", "sender.identity.id": "7d1c"}
+    body = wire.build_payload(submission(), ANN, sender)
+    assert body["content"] == {
+        "subject": "Invoice 42",
+        "html": "<p>Hello</p>",
+        "fromAddress": "desk@crm.example",
+        "fromName": "Desk",
+    }
+    assert body["sender"] == {"identity": {"id": "7d1c"}}
+    assert body["send"] == {"to": ANN}
+
+
+def test_identity_for_an_address_or_its_domain() -> None:
+    ids = (
+        wire.Identity("1", "Billing", "billing@crm.example"),
+        wire.Identity("2", "News", "news@mail.crm.example"),
+        wire.Identity("3", "Desk", "desk@crm.example"),
+    )
+    assert wire.identity_for(ids, "Desk@CRM.example") == ids[2]
+    assert wire.identity_for(ids, "someone@crm.example") == ids[0]  # the domain's first
+    assert wire.identity_for(ids, "x@other.example") is None

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import httpx
 import pytest
+from structlog.testing import capture_logs
 
 from gateway.core.errors import Deferred, UpstreamAuthFailed, UpstreamRejected, UpstreamUnavailable
 from gateway.core.model import Address
@@ -15,6 +16,7 @@ from gateway.providers.dmds.config import DmdsAccount
 from gateway.providers.dmds.legs import Leg
 from gateway.providers.dmds.provider import DmdsProvider
 from gateway.upstream.client import HttpClient
+from gateway.upstream.shape import Reading
 from tests.test_dmds_payload import submission
 
 ONE = (Leg(0, (Address("ann@example.com"),)),)
@@ -76,6 +78,10 @@ async def test_several_contacts_use_send_many_inline() -> None:
         (httpx.Response(503, text=""), UpstreamUnavailable, "503"),
         (httpx.Response(400, json={"status": "err", "on": "invalid email x"}), UpstreamRejected, "invalid email x"),
         (httpx.Response(422, json={"msg": "missing html"}), UpstreamRejected, "missing html"),
+        # A 404 that is no DMDS answer: the path (or api_base) is wrong, not the message.
+        (httpx.Response(404, text="<h1>Not Found</h1>"), UpstreamUnavailable, "the path or api_base is wrong"),
+        (httpx.Response(405, text=""), UpstreamUnavailable, "the path or api_base is wrong"),
+        (httpx.Response(404, json={"status": "err", "on": "campana 99 inexistente"}), UpstreamRejected, "campana 99"),
         (
             httpx.Response(200, json={"status": "err", "on": "dominio remitente no permitido"}),
             UpstreamRejected,
@@ -124,3 +130,111 @@ async def test_campaign_apikey_lookup() -> None:
     assert await d.campaign_apikey(99) is None
     with pytest.raises(UpstreamUnavailable):
         await d.campaign_apikey(500)
+
+
+@pytest.mark.parametrize("name", ["camp_apikey", "apikey", "API_KEY", "campania_apikey", "key"])
+async def test_campaign_apikey_in_every_documented_spelling(name: str) -> None:
+    d = driver(lambda r: httpx.Response(200, json={"status": "ok", "numid": 22, name: "k22"}))
+    reading = Reading()
+    assert await d.provider.campaign_apikey(22, reading) == "k22"
+    assert reading.matched["apikey"] == name and reading.unexpected == []
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"status": "ok", "sent": 3, "eeid": "e-3"},
+        {"status": "OK", "sent": "3", "envio_efectivo_id": "e-3"},
+        {"Status": "ok", "Sent": 3.0, "EEID": "e-3"},
+    ],
+)
+async def test_send_answer_in_every_spelling(answer: dict[str, object]) -> None:
+    result = await driver(lambda r: httpx.Response(200, json=answer)).send(submission(ONE), ONE[0], None)
+    assert (result.upstream_id, result.sent) == ("e-3", 3)  # type: ignore[attr-defined]
+
+
+def listing_and_lookup(listing: Handler, seen: list[httpx.Request]) -> Handler:
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/campania/":
+            return listing(request)
+        numid = int(request.url.path.rsplit("/", 1)[1])
+        if numid == 22:
+            return httpx.Response(200, json={"status": "ok", "numid": 22, "camp_apikey": "k22"})
+        return httpx.Response(404, json={"status": "err", "on": "campana inexistente"})
+
+    return answer
+
+
+@pytest.mark.parametrize(
+    "listing",
+    [
+        {"status": "ok", "campanias": [{"id": "u-1", "numid": 22, "nombre": "Welcome", "tipo": "api"}]},
+        [{"camp_numid": "22", "name": "Welcome", "type": "api"}],
+        {"status": "ok", "data": [{"numid": 22}]},
+    ],
+)
+async def test_campaign_existence_from_the_listing(listing: object) -> None:
+    seen: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        numid = json.loads(request.content).get("numid")
+        return httpx.Response(200, json=listing if numid == 22 else {"status": "ok", "campanias": []})
+
+    d = driver(listing_and_lookup(answer, seen), seen)
+    with capture_logs() as logs:
+        assert await d.provider.campaign_known(22) is True
+        assert await d.provider.campaign_known(23) is False
+    # The documented call: GET /v1/campania/ with tipo and numid (a JSON body, as the seed's curl; and a query).
+    listing_calls = [r for r in seen if r.url.path == "/v1/campania/"]
+    assert [(r.method, json.loads(r.content), dict(r.url.params)) for r in listing_calls] == [
+        ("GET", {"tipo": "api", "numid": 22}, {"tipo": "api", "numid": "22"}),
+        ("GET", {"tipo": "api", "numid": 23}, {"tipo": "api", "numid": "23"}),
+    ]
+    assert not [r for r in seen if "campania_apikey" in r.url.path]  # "has an apikey" is not asked
+    checked = [e for e in logs if e["event"] == "dmds_campaign_checked"]
+    assert [(e["campaign"], e["known"], e["via"], e["log_level"]) for e in checked] == [
+        (22, True, "listing", "debug"),
+        (23, False, "listing", "debug"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "listing",
+    [
+        httpx.Response(404, text="<h1>Not Found</h1>"),
+        httpx.Response(405, text=""),
+        httpx.Response(200, json={"status": "ok", "total": 1}),  # no list
+        httpx.Response(200, json=[{"campaign": "Welcome"}]),  # no numid
+        httpx.Response(200, text="<html>"),
+    ],
+)
+async def test_listing_unusable_falls_back_to_campania_apikey(listing: httpx.Response) -> None:
+    seen: list[httpx.Request] = []
+    d = driver(listing_and_lookup(lambda r: listing, seen), seen)
+    with capture_logs() as logs:
+        assert await d.provider.campaign_known(22) is True
+        assert await d.provider.campaign_known(24) is False
+    # The listing is asked once; then campania_apikey answers, and the log says so once.
+    assert [r.url.path for r in seen] == ["/v1/campania/", "/v1/campania_apikey/22", "/v1/campania_apikey/24"]
+    assert [e["instead"] for e in logs if e["event"] == "dmds_campaign_listing_unusable"] == ["campania_apikey"]
+    assert [e["via"] for e in logs if e["event"] == "dmds_campaign_checked"] == ["campania_apikey"] * 2
+
+
+async def test_listing_refusing_the_key_is_an_operator_error() -> None:
+    d = driver(lambda r: httpx.Response(403, json={"status": "err", "on": "APIKEY invalida"}))
+    with pytest.raises(UpstreamAuthFailed):
+        await d.provider.campaign_known(22)
+
+
+async def test_campaign_answer_without_a_known_key_name_is_temporary_not_a_missing_campaign() -> None:
+    # A spelling the gateway does not know must not refuse the campaign's logins for good (535): 454, logged.
+    d = driver(lambda r: httpx.Response(200, json={"status": "ok", "numid": 22, "llave": "k22"}))
+    with pytest.raises(UpstreamUnavailable, match="without an apikey under any name the gateway knows"):
+        await d.provider.campaign_apikey(22)
+
+
+async def test_campaign_lookup_at_a_wrong_path_is_temporary() -> None:
+    # Every SMTP-API login would otherwise be refused (535) because of a path guessed wrong: 454 instead.
+    d = driver(lambda r: httpx.Response(404, text="<html>Not Found</html>"))
+    with pytest.raises(UpstreamUnavailable, match="the path or api_base is wrong"):
+        await d.provider.campaign_apikey(22)

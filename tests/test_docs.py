@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tomllib
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from gateway.config import keys as configkeys
 from gateway.config.keys import Node
 from gateway.config.settings import config_keys
 from gateway.providers import registry
+from gateway.providers.sandbox import default_shape
 from tests.dnsserver import DnsServer
 from tests.docs_blocks import ROOT, Block, all_blocks, commands, doc_blocks, pages
 from tests.harness import LoopThread
@@ -279,11 +281,11 @@ port = {dns_thread.port}
 
 def test_sandbox_commands(tmp_path: Path) -> None:
     """The sandbox as the page starts it (on any free port, read from the line it prints), the fault rehearsal
-    against it, and Ctrl-C."""
+    against it, the answer shape it was started with, and Ctrl-C."""
     blocks = doc_blocks("test_sandbox_commands")
     starts = [c for b in blocks for c, _ in commands(b) if c.startswith("smtp-gateway sandbox")]
     curls = [c for b in blocks for c, _ in commands(b) if c.startswith("curl ")]
-    assert len(starts) == 2 and len(curls) == 1, blocks
+    assert len(starts) == 3 and len(curls) == 1, blocks
     for start in starts:
         argv = shlex.split(start.replace("127.0.0.1:8025", "127.0.0.1:0"))
         if "--listen" not in argv:
@@ -310,6 +312,9 @@ def test_sandbox_commands(tmp_path: Path) -> None:
                 )
                 assert sent.returncode == 0, sent.stderr
                 json.loads(sent.stdout)
+            shape = argv[argv.index("--shape") + 1] if "--shape" in argv else default_shape()
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/_sandbox/shape", timeout=10) as answer:
+                assert json.load(answer) == {"shape": shape}
         finally:
             proc.send_signal(signal.SIGINT)
             status = proc.wait(30)
@@ -321,7 +326,7 @@ def test_sandbox_commands(tmp_path: Path) -> None:
 
 # ---- the quick start ---------------------------------------------------------------------------------------
 
-DOC_PORTS = {"smtp": 2525, "tls": 2587, "sandbox": 8025}
+DOC_PORTS = {"smtp": 2525, "tls": 2587, "sandbox": 8025, "http": 8026}
 
 
 def _transcript(line: str) -> str:
@@ -379,12 +384,13 @@ def test_quickstart_output(tmp_path: Path) -> None:
     def to_doc(text: str) -> str:
         for name, port in DOC_PORTS.items():
             text = re.sub(rf"(127\.0\.0\.1|localhost):{real[name]}\b", rf"\g<1>:{port}", text)
-        return text
+        return re.sub(r"(sign in as admin / )\S+$", r"\1<generated password>", text)  # new at every start
 
     swaks_cmds = list(dict.fromkeys(c for b in blocks["swaks"] for c, _ in commands(b)))
     assert len(swaks_cmds) == 4, swaks_cmds  # three DMDS login styles, one dEngage login
     proc = subprocess.Popen(
-        [str(BIN / "smtp-gateway"), "quickstart", "--port", "0", "--tls-port", "0", "--sandbox-port", "0"],
+        [str(BIN / "smtp-gateway"), "quickstart", "--port", "0", "--tls-port", "0", "--sandbox-port", "0",
+         "--http-port", "0"],
         cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     err, out = Lines(proc.stderr), Lines(proc.stdout)
@@ -394,7 +400,7 @@ def test_quickstart_output(tmp_path: Path) -> None:
         # The banner: what it printed before the ready event, its log lines aside.
         before = text[: text.index('"event": "ready"')].splitlines()
         banner = "\n".join(line for line in before if not line.startswith("{")).strip("\n").splitlines()
-        real.update(smtp=ready["listeners"]["plain"], tls=ready["listeners"]["submission"])
+        real.update(smtp=ready["listeners"]["plain"], tls=ready["listeners"]["submission"], http=ready["http"])
         assert f"127.0.0.1:{real['smtp']}" in banner[1] and f"127.0.0.1:{real['tls']}" in banner[2]  # as bound
         real["sandbox"] = int(re.findall(r"http://127\.0\.0\.1:(\d+)", banner[3])[0])
         for block in blocks["banner"]:

@@ -293,6 +293,8 @@ def test_quickstart_with_the_port_taken_names_it(tmp_path: Path, listening: sock
         "0",
         "--sandbox-port",
         "0",
+        "--http-port",
+        "0",
         cwd=tmp_path,
     )
     assert result.returncode == 1
@@ -496,7 +498,7 @@ def test_quickstart_answers_the_documented_swaks_examples(tmp_path: Path) -> Non
     examples = documented_swaks()
     assert len(examples) == 4, examples  # three DMDS login styles, one dEngage login
     proc = subprocess.Popen(
-        [*CLI, "quickstart", "--port", "0", "--tls-port", "0", "--sandbox-port", "0"],
+        [*CLI, "quickstart", "--port", "0", "--tls-port", "0", "--sandbox-port", "0", "--http-port", "0"],
         cwd=tmp_path,
         env=_env(),
         stdout=subprocess.PIPE,

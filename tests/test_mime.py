@@ -110,7 +110,8 @@ def test_gateway_headers_are_consumed(gateway_factory: Callable[..., Running]) -
     running = gateway_factory()
     chooser = {"username": "chooser", "password_hash": PASSWORD_HASH, "campaign": 22, "may_choose_campaign": True}
     other = gateway_factory(extra_users=[chooser], accounts={"acme": {"api_base": running.sandbox_url}})
-    extra = "X-Gateway-Archive: yes\r\nX-Gateway-Batch: 3abc993d-batch\r\nX-Gateway-Campaign: 23\r\n"
+    batch = "3ABC993D-8E88-45E8-A6C9-E879378ABBA5"
+    extra = f"X-Gateway-Archive: yes\r\nX-Gateway-Batch: {batch}\r\nX-Gateway-Campaign: 23\r\n"
     raw = (f"From: {SENDER}\r\nTo: client@example.com\r\nSubject: opts\r\n{extra}\r\nbody\r\n").encode()
     with session(other, user="chooser") as client:
         code, text = send(client, raw)
@@ -118,7 +119,7 @@ def test_gateway_headers_are_consumed(gateway_factory: Callable[..., Running]) -
     body = running.sent[-1]["body"]
     assert body["campana_id"] == 23
     assert body["archive"] is True
-    assert (body["reuse_eeid"], body["eeid"]) == (True, "3abc993d-batch")
+    assert (body["reuse_eeid"], body["eeid"]) == (True, batch.lower())
     assert "X-Gateway" not in str(body)
     # A login that may not choose the campaign is refused, not silently sent elsewhere.
     with session(other) as client:
@@ -126,6 +127,18 @@ def test_gateway_headers_are_consumed(gateway_factory: Callable[..., Running]) -
     assert code == 550
     assert text.startswith("5.7.1 ")
     assert len(running.sent) == 1
+
+
+@pytest.mark.parametrize("batch", ["3abc993d-batch", "3abc993d-8i88-45e8-a6c9-e879378abba5", "12345"])
+def test_batch_that_is_no_eeid_is_refused_at_data(gateway: Running, batch: str) -> None:
+    raw = (f"From: {SENDER}\r\nTo: client@example.com\r\nSubject: b\r\nX-Gateway-Batch: {batch}\r\n\r\nx\r\n").encode()
+    with session(gateway) as client:
+        code, text = send(client, raw)
+    assert (code, text) == (
+        554,
+        "5.6.0 X-Gateway-Batch must be a DMDS batch id (the eeid of an earlier message: a UUID)",
+    )
+    assert gateway.sent == []
 
 
 def test_fast_mailbox_path_agrees_with_getaddresses_on_the_corpus() -> None:

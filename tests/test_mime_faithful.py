@@ -290,7 +290,6 @@ def test_footer_text_after_html_alternative_is_shown() -> None:
         (b"PGh0bWw+Cg", b"<html>\n"),  # missing padding
         (b"QUJD\r\nREVG\r\nRw", b"ABCDEFG"),
         (b"QUJD\r\nRA==\r\nRUY=", b"ABCDEF"),  # two encodings one after the other
-        (b"PGh0bWw+Cg==\r\n\r\n--lost-boundary-->\r\nSome epilogue text", b"<html>\n"),
         (b"QUJDRA=", b"ABCD"),
         (b"QUJDR", b"ABC"),  # a dangling sixth bit group carries no byte
     ],
@@ -304,6 +303,20 @@ def test_invalid_base64_decoded_as_clients_do(encoded: bytes, data: bytes) -> No
     msg = mime.parse(raw)
     assert msg.attachments[0].data == data
     assert msg.defects == ()
+
+
+def test_epilogue_that_lost_its_boundary_ends_the_data() -> None:
+    raw = mixed(
+        b"Content-Type: text/plain\r\n\r\nbody",
+        b"Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n"
+        b"Content-Disposition: attachment; filename=a.bin\r\n\r\n"
+        b"PGh0bWw+Cg==\r\n\r\n--lost-boundary-->\r\nSome epilogue text",
+    )
+    msg = mime.parse(raw)
+    assert msg.attachments[0].data == b"<html>\n"
+    assert msg.defects == (
+        "base64_trailing_text: part 2 (application/octet-stream): 34 characters after the base64 data ignored",
+    )
 
 
 def test_part_that_is_not_base64_at_all_is_a_defect_and_sent_as_it_arrived() -> None:
@@ -401,3 +414,61 @@ def test_huge_header_is_cut_at_a_space() -> None:
     msg = mime.parse(b"From: billing@acme.example\r\nSubject: " + words + b"\r\n\r\nbody\r\n")
     assert re.fullmatch("(café)+", msg.subject)  # adjacent encoded words join; none is left half
     assert msg.defects[0].startswith("header_truncated: Subject")
+
+
+def test_attached_message_is_passed_on_byte_for_byte() -> None:
+    # What re-serialising changed: spaces after a delimiter, a header without a space after its colon,
+    # a missing close delimiter, the blank lines of an epilogue.
+    inner = (
+        b"From:x@y.example\r\nSubject:   spaced\r\nContent-Type: multipart/mixed; boundary=in\r\n\r\n"
+        b"--in   \r\nContent-Type: text/plain\r\n\r\nfirst\r\n--in\t\r\n\r\nsecond\r\n"
+    )
+    raw = mixed(b"Content-Type: text/plain\r\n\r\nsee attached", b"Content-Type: message/rfc822\r\n\r\n" + inner)
+    msg = mime.parse(raw)
+    (att,) = msg.attachments
+    assert att.data == inner
+    assert att.filename == "spaced.eml"
+    assert msg.defects == ()
+
+
+def test_attached_message_with_cr_cr_lf_keeps_its_headers() -> None:
+    # A message file written twice through a text-mode conversion: every line ends in CR CR LF.
+    lines = [b"From: x@y.example", b"To: z@y.example", b"Subject: scanned invoice", b"", b"body", b""]
+    raw = mixed(
+        b"Content-Type: text/plain\r\n\r\nsee attached",
+        b"Content-Type: message/rfc822\r\n\r\n" + b"\r\r\n".join(lines),
+    )
+    msg = mime.parse(raw)
+    (att,) = msg.attachments
+    # The header block is read and passed on with one line end per line: To and Subject stay headers.
+    assert att.data == b"From: x@y.example\r\nTo: z@y.example\r\nSubject: scanned invoice\r\n\r\nbody\r\r\n"
+    assert att.filename == "scanned invoice.eml"
+    assert msg.defects == ("cr_cr_lf: part 2 (message/rfc822): its header lines end in CR CR LF, read as one line end",)
+
+
+@pytest.mark.parametrize(
+    "footer",
+    [
+        b"\r\nThis message was scanned by ExampleScan\r\n",  # words: spaces between them
+        b"\r\nThanks\r\n",  # a word that is no whole base64 quantum
+        b"Regards\r\n",  # the same, with no line break after the padding
+    ],
+)
+def test_text_after_a_base64_body_padding_is_ignored(footer: bytes) -> None:
+    body = base64.b64encode("Grüße aus dem Büro!".encode()) + b"\r\n"
+    assert body.endswith(b"==\r\n")
+    raw = mixed(b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: base64\r\n\r\n" + body + footer)
+    msg = mime.parse(raw)
+    assert msg.text == "Grüße aus dem Büro!"
+    ignored = len(footer.replace(b"\r\n", b"").replace(b" ", b""))
+    assert msg.defects == (
+        f"base64_trailing_text: part 1 (text/plain): {ignored} characters after the base64 data ignored",
+    )
+
+
+def test_encodings_concatenated_line_by_line_are_all_decoded() -> None:
+    # Some mailers encode each line on its own: a padding on every line, and no text after them.
+    lines = [base64.b64encode(word.encode()) for word in ("Hello, ", "world", "!")]
+    raw = mixed(b"Content-Type: text/plain\r\nContent-Transfer-Encoding: base64\r\n\r\n" + b"\r\n".join(lines))
+    msg = mime.parse(raw)
+    assert (msg.text, msg.defects) == ("Hello, world!", ())

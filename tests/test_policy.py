@@ -341,13 +341,14 @@ def test_header_addresses_travel_normalized() -> None:
         (
             ANY,
             msg(to=("ok@example.com", "a..b@example.com")),
-            "550 5.1.3 To: header <a..b@example.com>: An email address cannot have two periods in a row.",
+            "550 5.1.3 To: header address <a..b@example.com>: An email address cannot have two periods in a row. "
+            "(the address is not a recipient of this message)",
         ),
         (
             ANY,
             msg(cc=("c@acme.test",)),
-            "550 5.1.3 Cc: header <c@acme.test>: The part after the @-sign is a special-use or reserved name "
-            "that cannot be used with email.",
+            "550 5.1.3 Cc: header address <c@acme.test>: The part after the @-sign is a special-use or reserved "
+            "name that cannot be used with email. (the address is not a recipient of this message)",
         ),
         (
             ANY,
@@ -370,3 +371,21 @@ def test_missing_from_with_return_path_envelope_is_refused() -> None:
     assert reply_of(exc) == (
         "550 5.7.1 From: header domain nl.acme.example is not a permitted sender domain for this account"
     )
+
+
+def test_invalid_header_only_addresses_dropped_when_the_listener_says() -> None:
+    message = msg(to=("scan@printer.local", "ok@example.com"), cc=("a..b@example.com",))
+    checked = senders.apply_from_policy(
+        ACCOUNT, ANY, message, MAIL_FROM, smtputf8=True, drop_invalid_header_addresses=True
+    )
+    assert [a.email for a in checked.to] == ["ok@example.com"] and checked.cc == ()
+    assert checked.defects == (
+        "header_address_dropped: To <scan@printer.local>: The part after the @-sign is a special-use or reserved "
+        "name that cannot be used with email.",
+        "header_address_dropped: Cc <a..b@example.com>: An email address cannot have two periods in a row.",
+    )
+    # From, Sender and Reply-To are never dropped: they say who sent the message and where replies go.
+    with pytest.raises(PolicyRejected):
+        senders.apply_from_policy(
+            ACCOUNT, ANY, msg(reply_to="help@localhost"), MAIL_FROM, smtputf8=True, drop_invalid_header_addresses=True
+        )

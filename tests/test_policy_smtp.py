@@ -8,8 +8,10 @@ from typing import Any
 
 import pytest
 
+from tests.configs import listener
 from tests.harness import PASSWORD_HASH, USER, Running
-from tests.smtputil import RECIPIENT, SENDER, message, session
+from tests.ops_util import captured_with_context, sample
+from tests.smtputil import RECIPIENT, SENDER, message, send, session
 
 Factory = Callable[..., Running]
 
@@ -149,7 +151,8 @@ def test_allowed_senders_limit_header_from(gateway_factory: Factory) -> None:
         ),
         (
             message(extra="Cc: a..b@example.com\r\n"),
-            "550 5.1.3 Cc: header <a..b@example.com>: An email address cannot have two periods in a row.",
+            "550 5.1.3 Cc: header address <a..b@example.com>: An email address cannot have two periods in a row. "
+            "(the address is not a recipient of this message)",
         ),
     ],
 )
@@ -272,3 +275,25 @@ def test_non_ascii_header_from_local_part_refused(client: smtplib.SMTP, gw: Runn
         "supported by the upstream API"
     )
     assert sent(gw) == []
+
+
+def test_header_only_invalid_address_refused_or_dropped_per_listener(gateway_factory: Callable[..., Running]) -> None:
+    # A scanner's own .local name in To beside the real recipient: the envelope decides who receives.
+    raw = message(to="Scanner <scan@printer.local>, client@example.com")
+    gw = gateway_factory(listeners=[listener("plain"), listener("scanners", drop_invalid_header_addresses=True)])
+    with session(gw, "plain") as client:
+        code, text = send(client, raw)
+    assert (code, text) == (
+        550,
+        "5.1.3 To: header address <scan@printer.local>: The part after the @-sign is a special-use or reserved name "
+        "that cannot be used with email. (the address is not a recipient of this message)",
+    )
+    dropped = sample("smtp_gateway_fields_not_sent_total", account="acme", field="header_addresses")
+    with captured_with_context() as logs, session(gw, "scanners") as client:
+        code, text = send(client, raw)
+    assert code == 250, text
+    [call] = gw.sent
+    assert call["body"]["contacto"] == {"email": "client@example.com"}
+    [repaired] = [e for e in logs if e["event"] == "message_repaired"]
+    assert repaired["defects"][0].startswith("header_address_dropped: To <scan@printer.local>: ")
+    assert sample("smtp_gateway_fields_not_sent_total", account="acme", field="header_addresses") == dropped + 1

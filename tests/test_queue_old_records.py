@@ -19,6 +19,7 @@ from gateway.queue import codec
 from gateway.queue.sqlite import SqliteQueue
 from gateway.queue.store import NewMessage
 from tests.harness import Running
+from tests.ops_util import sample as metric
 from tests.spool_helpers import spool_rows, wait_for
 
 # Records exactly as the previous version's codec wrote them (version 2, data as plain JSON objects).
@@ -39,6 +40,17 @@ DMDS_API_LOGIN = (
     b'"options":{},"message_id":"<old-api-login@old>","x_headers":[]},'
     b'"params":{"campaign":23,"archive":false,"batch":"eeid-old-batch"}}'
 )
+# A message with a Reply-To to two contacts: one send_many_inline call, as planned before such messages got
+# one send_one call per contact; DMDS documents reply-to for send_one calls only, so it is not sent (counted).
+DMDS_REPLY_TO = (
+    b'{"v":2,"principal":{"account":"acme","login":"scanner","allowed_senders":[],"default_from":null,'
+    b'"force_from":false,"extra":{"campaign":22}},"mail_from":"billing@acme.example",'
+    b'"rcpt_tos":["ann@example.com","dee@example.com"],"message":{"subject":"old reply-to",'
+    b'"from":["billing@acme.example","Billing"],"sender":null,"reply_to":["support@acme.example",""],'
+    b'"to":[["ann@example.com",""],["dee@example.com",""]],"cc":[],"html":"<p>old</p>","text":"old",'
+    b'"attachments":[],"options":{},"message_id":"<old-reply-to@old>","x_headers":[]},'
+    b'"params":{"campaign":22,"archive":false,"batch":null}}'
+)
 DENGAGE = (
     b'{"v":2,"principal":{"account":"crm","login":"erp","allowed_senders":[],"default_from":null,"force_from":false,'
     b'"extra":{"tags":["erp"]}},"mail_from":"billing@crm.example","rcpt_tos":["cy@example.com"],"message":{'
@@ -51,6 +63,7 @@ DENGAGE = (
 OLD = {
     "OLDDMDSUSER00001": ("acme", DMDS_USER, CallRow("0", "ann@example.com")),
     "OLDDMDSAPI000001": ("acme", DMDS_API_LOGIN, CallRow("0", "bob@example.com")),
+    "OLDDMDSREPLYTO01": ("acme", DMDS_REPLY_TO, CallRow("0", "ann@example.com,dee@example.com")),
     "OLDDENGAGE000001": ("crm", DENGAGE, CallRow("cy@example.com", "cy@example.com")),
 }
 MSG = Message("s", None, None, None, (), (), "<p>x</p>", "x")
@@ -75,6 +88,7 @@ async def _write_spool(path: Path) -> None:
 def test_records_of_the_previous_version_are_delivered(gateway_factory: Callable[..., Running], tmp_path: Path) -> None:
     spool = tmp_path / "old-spool.sqlite3"
     asyncio.run(_write_spool(spool))
+    dropped = metric("smtp_gateway_fields_not_sent_total", account="acme", field="reply_to")
     gw = gateway_factory(accounts={"acme": {}}, dengage={}, delivery={**FAST, "spool_path": str(spool)})
     wait_for(lambda: spool_rows(spool) == [] or None, what="the old records delivered")
     dmds = {r["body"]["asunto"]: r["body"] for r in gw.sent if r["provider"] == "dmds"}
@@ -82,6 +96,10 @@ def test_records_of_the_previous_version_are_delivered(gateway_factory: Callable
     assert "eeid" not in dmds["old user"]
     api = dmds["old api login"]
     assert (api["campana_id"], api.get("archive"), api["reuse_eeid"], api["eeid"]) == (23, None, True, "eeid-old-batch")
+    reply_to = dmds["old reply-to"]
+    assert [c["email"] for c in reply_to["contactos"]] == ["ann@example.com", "dee@example.com"]
+    assert "reply-to" not in reply_to
+    assert metric("smtp_gateway_fields_not_sent_total", account="acme", field="reply_to") == dropped + 1
     [dengage] = gw.calls("send", "dengage", status=200)
     assert dengage["to"] == "cy@example.com" and dengage["body"]["tags"] == ["crm", "erp"]
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.core import quota
 from gateway.core.errors import UpstreamRejected, UpstreamUnavailable
 from gateway.core.model import Attachment
 from gateway.core.outcome import Outcome
@@ -301,6 +302,30 @@ async def test_shared_rate_limit_slows_down_after_a_429_as_the_local_bucket_does
     assert waits[0] == pytest.approx(0, abs=0.05)
     for n in range(1, 4):
         assert waits[n] == pytest.approx(n * 0.2, abs=0.05)
+
+
+async def test_quota_counts_are_shared_and_never_go_past_a_limit(make_store: Factory) -> None:
+    """Two instances counting one login's messages: each take checks every window and counts only what fits,
+    in one transaction; a message taken back frees its share; another login's counts are its own."""
+    a, b = make_store(), make_store()
+    await a.open()
+    await b.open()
+    now = time.time()
+    windows = quota.windows(now, (3, 0), (0, 1000))
+    taken = [await (a if n % 2 else b).quota_take("acme/printer", windows, 300) for n in range(4)]
+    assert [verdict.ok for verdict, _ in taken] == [True, True, True, False]
+    assert taken[3][0].window == windows[0] and taken[3][0].unit == "messages"
+    assert taken[2][1] == {windows[0].key: quota.Counts(3, 900), windows[1].key: quota.Counts(3, 900)}
+    assert taken[3][1] == taken[2][1]  # refused: nothing counted
+    await b.quota_return("acme/printer", windows, 300)
+    verdict, counts = await a.quota_take("acme/printer", windows, 500)
+    assert not verdict.ok and verdict.unit == "bytes" and verdict.window == windows[1]  # 600 + 500 > 1000
+    assert counts[windows[1].key] == quota.Counts(2, 600)
+    assert (await b.quota_take("acme/printer", windows, 400))[0].ok  # exactly 1000 bytes, 3 messages
+    assert (await b.quota_counts("acme/other", windows))[windows[0].key] == quota.Counts()
+    # The next hour is a new window: its own counts.
+    later = quota.windows(now + 3600, (3, 0), (0, 0))
+    assert (await b.quota_take("acme/printer", later, 1))[0].ok
 
 
 async def test_a_v1_spool_is_migrated_and_its_messages_resumed(tmp_path: Path) -> None:

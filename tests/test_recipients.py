@@ -37,7 +37,7 @@ def test_to_cc_bcc_each_get_one_copy(gateway: Running) -> None:
     assert body["contacto"] == {"email": "ann@example.com", "nombre": "Ann", "apellido": "Smith"}
     assert body["copia"] == [{"cc_email": "carl@example.com", "cc_nombre": "Carl"}]
     assert body["copia_oculta"] == [{"bcc_email": "hidden@example.com"}]
-    assert text == f"2.0.0 Ok: queued as {gateway.sent[0]['response']['eeid']}"
+    assert text == f"2.0.0 Ok: queued as {gateway.sent[0]['upstream_id']}"
 
 
 def test_header_only_addresses_get_nothing(gateway: Running) -> None:
@@ -61,7 +61,7 @@ def test_several_to_use_a_second_call_in_the_same_batch(gateway: Running) -> Non
     assert first["copia_oculta"] == [{"bcc_email": "e@example.com"}]
     assert "reuse_eeid" not in first
     assert [c["email"] for c in second["contactos"]] == ["b@example.com", "c@example.com"]
-    first_eeid = gateway.sent[0]["response"]["eeid"]
+    first_eeid = gateway.sent[0]["upstream_id"]
     assert (second["reuse_eeid"], second["eeid"]) == (True, first_eeid)
     # Bcc never rides on a call whose contacts could see it, and no address gets two copies.
     assert "copia" not in second
@@ -114,3 +114,43 @@ def test_plan_legs_table() -> None:
     assert plan_legs([], to, cc) == ()
     # A Bcc address that also appears in To/Cc by name is still only that one copy.
     assert plan_legs(["c@x.example"], (), cc) == (Leg(0, (Address("c@x.example", "C"),)),)
+
+
+def test_plan_legs_one_contact_per_call() -> None:
+    to = (Address("a@x.example", "A"), Address("b@x.example"), Address("d@x.example"))
+    cc = (Address("c@x.example", "C"),)
+    legs = plan_legs(["a@x.example", "b@x.example", "c@x.example", "d@x.example"], to, cc, one_contact_per_call=True)
+    assert legs == (
+        Leg(0, (Address("a@x.example", "A"),), (Address("c@x.example", "C"),)),
+        Leg(1, (Address("b@x.example"),)),
+        Leg(2, (Address("d@x.example"),)),
+    )
+    assert plan_legs(["c@x.example", "z@x.example"], (), cc, one_contact_per_call=True) == (
+        Leg(0, (Address("c@x.example", "C"),)),
+        Leg(1, (Address("z@x.example"),)),
+    )
+
+
+def test_reply_to_goes_only_on_send_one_calls(gateway: Running) -> None:
+    # DMDS documents reply-to for send_one_inline/send_one_uri: a message with a Reply-To gives every contact
+    # a send_one call of its own, all in the first call's batch.
+    code, text, bodies = deliver(
+        gateway,
+        "Reply-To: support@acme.example\r\nTo: a@example.com, b@example.com, c@example.com\r\n",
+        ["a@example.com", "b@example.com", "c@example.com"],
+    )
+    assert code == 250, text
+    assert {r["path"] for r in gateway.sent} == {"/v1/envio/send_one_inline/"}
+    assert sorted(b["contacto"]["email"] for b in bodies) == ["a@example.com", "b@example.com", "c@example.com"]
+    assert all(b["reply-to"] == "support@acme.example" for b in bodies)
+    first = gateway.sent[0]
+    assert "reuse_eeid" not in first["body"]
+    assert [(b["reuse_eeid"], b["eeid"]) for b in bodies[1:]] == [(True, first["upstream_id"])] * 2
+    assert text.endswith(first["upstream_id"])
+
+
+def test_without_reply_to_several_contacts_stay_one_call(gateway: Running) -> None:
+    code, text, bodies = deliver(gateway, "To: a@example.com, b@example.com\r\n", ["a@example.com", "b@example.com"])
+    assert code == 250, text
+    assert [r["path"] for r in gateway.sent] == ["/v1/envio/send_many_inline/"]
+    assert "reply-to" not in bodies[0]

@@ -181,8 +181,9 @@ def test_not_sent_and_dead_letters_tell_the_sender(
     eeid = text.rsplit(" ", 1)[1]
     # DMDS said at once that it sent 0 of 1: recorded on the record, resolved when the events come.
     first = record(gw, reply_id=eeid)
-    [short] = [e for e in first.events if e.kind == "upstream_sent_short"]
-    assert short.data == {"sent": 0, "recipients": 1} and "reported 0 of 1 sent" in (short.detail or "")
+    [attempt] = [e for e in first.events if e.kind == "attempt"]
+    assert attempt.data is not None and attempt.data["sent"] == 0
+    assert attempt.detail == "the upstream says it sent 0 mail(s) for 1 recipient(s)"
 
     def not_sent() -> Record | None:
         poll(gw)

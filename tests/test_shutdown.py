@@ -170,7 +170,7 @@ def test_sigterm_refuses_new_sessions_and_lets_data_finish(stack: Stack) -> None
         final = in_data.reply()
         assert re.fullmatch(rf"250 2\.0\.0 Ok: queued as {EEID}", final), final
         eeid = final.rsplit(" ", 1)[1]
-        assert [(e["body"]["asunto"], e["response"]["eeid"]) for e in stack.sent()] == [("draining", eeid)]
+        assert [(e["body"]["asunto"], e["upstream_id"]) for e in stack.sent()] == [("draining", eeid)]
         assert "first half" in stack.sent()[0]["body"]["html"] and "second half" in stack.sent()[0]["body"]["html"]
         # ...and is then told the server is going away (or simply closed).
         after = in_data.reply()

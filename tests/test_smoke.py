@@ -35,5 +35,5 @@ def test_reply_carries_upstream_eeid(gateway: Running) -> None:
         client.rcpt("client@example.com")
         code, text = client.data(b"From: billing@acme.example\r\nTo: client@example.com\r\nSubject: x\r\n\r\nhi\r\n")
     assert code == 250
-    eeid = gateway.sent[0]["response"]["eeid"]
+    eeid = gateway.sent[0]["upstream_id"]
     assert text.decode() == f"2.0.0 Ok: queued as {eeid}"

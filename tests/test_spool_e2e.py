@@ -72,8 +72,8 @@ def test_retry_sends_only_the_failed_leg_in_the_same_batch(gateway_factory: Call
     assert first["body"]["contacto"]["email"] == "a@example.com"
     assert first["body"]["copia_oculta"] == [{"bcc_email": "c@example.com"}]
     assert second["body"]["contacto"]["email"] == "b@example.com"
-    assert second["body"]["reuse_eeid"] is True and second["body"]["eeid"] == first["response"]["eeid"]
-    assert text.endswith(first["response"]["eeid"])  # the client got the batch id from the first leg
+    assert second["body"]["reuse_eeid"] is True and second["body"]["eeid"] == first["upstream_id"]
+    assert text.endswith(first["upstream_id"])  # the client got the batch id from the first leg
     wait_for(lambda: spool_rows(gw.settings.delivery.spool_path) == [] or None, what="spool empty")
 
 

@@ -8,8 +8,10 @@ import hmac
 import os
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 
-from gateway.auth.passwords import verify_password
+from gateway.auth.onetime import OneTimeLogins
+from gateway.auth.passwords import verify_any
 from gateway.config.base import AccountBase, UserSettings
 from gateway.core.cache import AsyncCache, Fresh
 from gateway.core.errors import Deferred
@@ -18,11 +20,20 @@ from gateway.providers.base import Provider
 
 
 class AuthFailed(Exception):
-    """The credentials are wrong (535). `label`: the username as it may be logged."""
+    """The credentials are wrong (535). `label`: the username as it may be logged; `reason`: why, when it is
+    more than a wrong password (a password past its expiry: "expired password 2026")."""
 
-    def __init__(self, label: str) -> None:
+    def __init__(self, label: str, reason: str = "") -> None:
         super().__init__(label)
         self.label = label
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A cached refusal, with its reason (see AuthFailed)."""
+
+    reason: str = ""
 
 
 class AuthUnavailable(Exception):
@@ -33,6 +44,8 @@ class AuthUnavailable(Exception):
         self.label = label
 
 
+# The credential label of a login by a one-time password of the console's test send.
+CONSOLE_CREDENTIAL = "console-test"
 # Verified pairs kept, and refusals kept, each at most: refusals have a segment of their own, so a
 # credential-stuffing flood of failed logins evicts older refusals, never the entry of a login that works.
 CACHE_ENTRIES = 50_000
@@ -52,12 +65,16 @@ class Authenticator:
         accounts: Mapping[str, AccountBase],
         providers: Mapping[str, Provider],
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        onetime: OneTimeLogins | None = None,
     ) -> None:
         self._accounts = accounts
+        self._onetime = onetime
+        self._wall = wall
         self._providers = providers
         self._secret = os.urandom(32)
-        self._cache: AsyncCache[bytes, Principal | None] = AsyncCache(
-            CACHE_ENTRIES, negative=lambda principal: principal is None, clock=clock
+        self._cache: AsyncCache[bytes, Principal | Refused] = AsyncCache(
+            CACHE_ENTRIES, negative=lambda found: isinstance(found, Refused), clock=clock
         )
         self._users: dict[str, tuple[str, UserSettings]] = {
             user.username: (name, user) for name, account in accounts.items() for user in account.configured_users
@@ -67,6 +84,16 @@ class Authenticator:
         """Whether `username` is a configured user or has one of the providers' login shapes (so it is a
         login, safe to log, and not a password typed into the wrong field)."""
         return username in self._users or any(p.owns_login(username) for p in self._providers.values())
+
+    def owner(self, username: str) -> tuple[str, UserSettings | None] | None:
+        """The account a username belongs to, and its configured user (None: a login its provider checks);
+        None when it is no login at all."""
+        if username in self._users:
+            return self._users[username]
+        for name, provider in self._providers.items():
+            if provider.owns_login(username):
+                return name, None
+        return None
 
     def principal_for_user(self, username: str) -> Principal:
         """The Principal of a configured user, for trusted-network clients that do not AUTH."""
@@ -84,11 +111,14 @@ class Authenticator:
         )
 
     async def authenticate(self, username: str, password: str) -> Principal:
+        # The console's test send (auth/onetime.py): checked before the cache, which must never hold it.
+        if self._onetime is not None and username in self._users and self._onetime.redeem(username, password):
+            return replace(self.principal_for_user(username), credential=CONSOLE_CREDENTIAL)
         key = hmac.new(self._secret, f"{username}\0{password}".encode(), hashlib.sha256).digest()
-        principal = await self._cache.get(key, lambda: self._check(username, password))
-        if principal is None:
-            raise AuthFailed(self.label(username))
-        return principal
+        found = await self._cache.get(key, lambda: self._check(username, password))
+        if isinstance(found, Refused):
+            raise AuthFailed(self.label(username), found.reason)
+        return found
 
     def label(self, username: str) -> str:
         """The username as logs may show it: a provider's secret used as a username (the dEngage API
@@ -99,13 +129,16 @@ class Authenticator:
                 return shown
         return username
 
-    async def _check(self, username: str, password: str) -> Fresh[Principal | None]:
-        principal = await self._verify(username, password)
+    async def _check(self, username: str, password: str) -> Fresh[Principal | Refused]:
+        found = await self._verify(username, password)
+        principal = found if isinstance(found, Principal) else None
         account = self._accounts.get(principal.account) if principal else self._account_of(username)
         ttl = 30.0  # an unknown username: remember the refusal briefly
         if account is not None:
             ttl = account.credential_cache_ttl if principal else account.negative_cache_ttl
-        return Fresh(principal, ttl)
+        if principal is not None and principal.credential_expires is not None:
+            ttl = min(ttl, principal.credential_expires - self._wall())  # not kept past its credential's end
+        return Fresh(found, ttl)
 
     def _account_of(self, username: str) -> AccountBase | None:
         if username in self._users:
@@ -115,11 +148,9 @@ class Authenticator:
                 return self._accounts[name]
         return None
 
-    async def _verify(self, username: str, password: str) -> Principal | None:
+    async def _verify(self, username: str, password: str) -> Principal | Refused:
         if username in self._users:
-            account_name, user = self._users[username]
-            ok = await asyncio.to_thread(verify_password, password, user.password_hash.get_secret_value())
-            return self._user_principal(account_name, user) if ok else None
+            return await self._verify_user(*self._users[username], password)
         for provider in self._providers.values():
             if not provider.owns_login(username):
                 continue
@@ -129,4 +160,22 @@ class Authenticator:
                 raise AuthUnavailable(exc.reason, provider.login_label(username)) from exc
             if principal is not None:
                 return principal
-        return None
+        return Refused()
+
+    async def _verify_user(self, account: str, user: UserSettings, password: str) -> Principal | Refused:
+        """A configured user's password against its entries in force; then, only to say why it is refused,
+        against those past their expiry (a device still using a password that has been retired)."""
+        now = self._wall()
+        entries = [(entry, label, entry.expires_at) for entry, label in user.credentials()]
+        live = [(label, at) for _, label, at in entries if at is None or at > now]
+        expired = [label for _, label, at in entries if at is not None and at <= now]
+        hashes = [entry.hash.get_secret_value() for entry, _, at in entries if at is None or at > now]
+        hashes += [entry.hash.get_secret_value() for entry, _, at in entries if at is not None and at <= now]
+        # One thread hop for every entry tried (scrypt holds no GIL for long: the loop keeps serving).
+        matched = await asyncio.to_thread(verify_any, password, hashes)
+        if matched is None:
+            return Refused()
+        if matched >= len(live):
+            return Refused(f"expired password {expired[matched - len(live)]}")
+        label, expires = live[matched]
+        return replace(self._user_principal(account, user), credential=label, credential_expires=expires)

@@ -38,5 +38,13 @@ def verify_password(password: str, stored: str) -> bool:
     return hmac.compare_digest(actual, expected)
 
 
+def verify_any(password: str, stored: list[str]) -> int | None:
+    """The index of the first hash in `stored` that `password` matches, or None."""
+    for index, one in enumerate(stored):
+        if verify_password(password, one):
+            return index
+    return None
+
+
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")

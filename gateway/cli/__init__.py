@@ -1,5 +1,5 @@
-"""Command line: serve | quickstart | sandbox | check-config | check-domains | queue | status | suppression |
-hash-password."""
+"""Command line: serve | quickstart | sandbox | check-config | check-domains | check-upstream | queue | status |
+suppression | hash-password."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import sys
 from typing import NoReturn
 
 from gateway import __version__
-from gateway.cli import config, domains, passwords, queue, quickstart, sandbox, serve, status, suppression
+from gateway.cli import config, domains, passwords, queue, quickstart, sandbox, serve, status, suppression, upstream
 from gateway.cli.common import Refused
 from gateway.cli.exits import Exit
 from gateway.config import ConfigError
 
 # One module per command: its add_parser(sub) adds the subcommand and sets its handler (`func`). In help order.
-COMMANDS = (serve, config, domains, queue, status, suppression, passwords, sandbox, quickstart)
+COMMANDS = (serve, config, domains, upstream, queue, status, suppression, passwords, sandbox, quickstart)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -19,13 +19,16 @@ class Exit(IntEnum):
     OK = (
         0,
         "Done. For `serve` and `quickstart`: stopped by SIGTERM or SIGINT once started. For `check-config`: no "
-        "problem found. For `check-domains`: no domain with a problem. For `queue list` and `queue dead`: also "
-        "when there is no queue yet.",
+        "problem found. For `check-domains`: no domain with a problem. For `check-upstream`: every account's API "
+        "reached, the credentials taken, every answer understood, every configured campaign or sender found. "
+        "For `queue list` and `queue dead`: also when there is no queue yet.",
     )
     PROBLEM = (
         1,
         "A problem on this machine (a port taken, a file unreadable, the resolver), a queue that cannot be opened, "
-        "or a command that found problems: `check-config` (its last line counts them), `check-domains`, `queue "
+        "or a command that found problems: `check-config` (its last line counts them), `check-domains`, "
+        "`check-upstream` (an account not reached, its credentials refused, an answer not understood, a "
+        "campaign or sender it does not have: each named with what to fix), `queue "
         "show`/`retry`/`delete`/`requeue` (no such message, or not in a state that allows it). `serve --workers "
         "N`: the highest status of a worker that did not stop cleanly (a worker killed by signal S counts as S). "
         "Also an unexpected error, printed with its traceback.",
@@ -37,8 +40,8 @@ class Exit(IntEnum):
     )
     INTERRUPTED = (
         130,
-        "Ctrl-C (SIGINT) in a command that does not handle it (`check-config`, `check-domains`, `queue`, "
-        "`hash-password`, `sandbox`), or before `serve` or `quickstart` has installed its handler.",
+        "Ctrl-C (SIGINT) in a command that does not handle it (`check-config`, `check-domains`, `check-upstream`, "
+        "`queue`, `hash-password`, `sandbox`), or before `serve` or `quickstart` has installed its handler.",
     )
     BROKEN_PIPE = (
         141,

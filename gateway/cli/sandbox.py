@@ -16,7 +16,7 @@ from gateway.providers.spec import ProviderSpec, SandboxEntry
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
     from gateway.providers.fates import Fates
-    from gateway.providers.sandbox import Sandbox, SandboxState, run_forever
+    from gateway.providers.sandbox import Sandbox, SandboxState, default_shape, run_forever
 
     served = _served()
     routes = [entry.routes(args) for _, entry in served]  # a malformed option value: ConfigError
@@ -24,6 +24,7 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         latency=args.latency_ms / 1000.0,
         record_path=Path(args.record) if args.record else None,
         echo=None if args.quiet else sys.stdout,
+        shape=args.shape or default_shape(),
         fates=Fates(delay=args.event_delay),
         webhook_secret=args.webhook_secret,
     )
@@ -71,6 +72,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--latency-ms", type=float, default=0.0, help="delay added to every API call")
     p.add_argument("--record", help="append every request as JSON lines to this file")
     p.add_argument("--quiet", action="store_true", help="do not print requests")
+    p.add_argument(
+        "--shape",
+        choices=("seed", "alt"),
+        help="the answers' spelling: seed (the seed document's key names, the default) or alt (the other "
+        "documented spellings); default: $SMTP_GATEWAY_SANDBOX_SHAPE, else seed",
+    )
     p.add_argument(
         "--event-delay",
         type=float,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
@@ -13,12 +14,102 @@ from gateway.config.section import Section, read_secret_file, secret_or_file
 __all__ = ["AccountBase", "Section", "UserSettings", "read_secret_file", "secret_or_file"]
 
 
-class UserSettings(Section):
+def _scrypt_hash(v: SecretStr) -> SecretStr:
+    if not v.get_secret_value().startswith("scrypt$"):
+        raise ValueError("must be a hash made by `smtp-gateway hash-password` (starts with 'scrypt$')")
+    return v
+
+
+class PasswordEntry(Section):
+    """One of a login's valid passwords: several at once let a password be changed device by device."""
+
+    hash: SecretStr = Field(description="The password's scrypt hash, made by `smtp-gateway hash-password`.")
+    expires: datetime.datetime | datetime.date | None = Field(
+        None,
+        description="When it stops working: a date (`2027-01-31`: from 00:00 UTC that day on) or a date and time "
+        "(UTC unless it names an offset); unset: never.",
+    )
+    label: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,39}$",
+        description="Its name in metrics and logs (never the hash), e.g. `2026-q4`; unset: its position, `1`, `2`, ...",
+    )
+
+    @field_validator("hash")
+    @classmethod
+    def _is_hash(cls, v: SecretStr) -> SecretStr:
+        return _scrypt_hash(v)
+
+    @property
+    def expires_at(self) -> float | None:
+        """When it stops working, in epoch seconds (None: never)."""
+        value = self.expires
+        if value is None:
+            return None
+        if not isinstance(value, datetime.datetime):
+            value = datetime.datetime.combine(value, datetime.time(), datetime.UTC)
+        elif value.tzinfo is None:
+            value = value.replace(tzinfo=datetime.UTC)
+        return value.timestamp()
+
+
+class QuotaSettings(Section):
+    """Messages and bytes a login may send per hour and per day (clock hours and days, UTC), counted across
+    every process and instance on the queue. Unset on a user: the account's; 0: no limit."""
+
+    messages_per_hour: int | None = Field(None, ge=0, description="Messages per clock hour; past it: 452 4.7.1.")
+    messages_per_day: int | None = Field(None, ge=0, description="Messages per day (UTC); past it: 452 4.7.1.")
+    bytes_per_hour: int | None = Field(
+        None, ge=0, description="Message bytes per clock hour; past it: 452 4.7.1 (a SIZE= at MAIL, or the message)."
+    )
+    bytes_per_day: int | None = Field(None, ge=0, description="Message bytes per day (UTC); past it: 452 4.7.1.")
+
+
+class LoginRules(Section):
+    """Per-login controls, on a user (unset: the account's) and on an account (the default of its logins, the
+    logins its provider checks included). gateway/config/logins.py resolves and checks them."""
+
+    networks: list[str] | None = Field(
+        None,
+        description="Where the login may be used from: networks (`192.168.20.0/24`), addresses, or names of "
+        "`[networks]` entries; AUTH from elsewhere gets the wrong-password reply. Unset or empty: anywhere.",
+    )
+    require_tls: bool | None = Field(
+        None, description="AUTH only inside TLS (538 5.7.11 otherwise, the password unchecked)."
+    )
+    require_tls_except: list[str] | None = Field(
+        None,
+        description="Networks (or `[networks]` names) where `require_tls` does not apply, e.g. the LAN of a "
+        "printer that cannot do TLS.",
+    )
+    allowed_recipients: list[str] | None = Field(
+        None,
+        description="The only recipients allowed: addresses (`a@dom`), domains (`dom` or `@dom`) or subdomains "
+        "(`*.dom`); others get 550 5.7.1 at RCPT. Unset or empty: any.",
+    )
+    quota: QuotaSettings | None = Field(None, description="Messages and bytes per hour and per day.")
+    test_mode: bool | None = Field(
+        None,
+        description="Go through everything (AUTH, policy, parsing, the request built) but send nothing: the reply "
+        "is `250 2.0.0 Ok: queued as TEST-<id>`.",
+    )
+
+
+class UserSettings(LoginRules):
     """A login listed in config. The password is stored as a hash made by `smtp-gateway hash-password`."""
 
     username: str = Field(min_length=1, description="The AUTH username; unique within its account.")
-    password_hash: SecretStr = Field(
-        description="The password's scrypt hash, made by `smtp-gateway hash-password` (starts with `scrypt$`)."
+    password_hash: SecretStr | None = Field(
+        None,
+        description="The password's scrypt hash, made by `smtp-gateway hash-password` (starts with `scrypt$`); or "
+        "`passwords`.",
+    )
+    passwords: list[PasswordEntry] = Field(
+        [],
+        max_length=4,
+        description="Several valid passwords at once, each with an optional expiry and label (key rotation), "
+        'e.g. `[{ hash = "scrypt$...", expires = 2027-01-31, label = "old" }, { hash = "scrypt$..." }]`; instead '
+        "of `password_hash`.",
     )
     allowed_senders: list[str] = Field(
         [],
@@ -42,13 +133,29 @@ class UserSettings(Section):
 
     @field_validator("password_hash")
     @classmethod
-    def _is_hash(cls, v: SecretStr) -> SecretStr:
-        if not v.get_secret_value().startswith("scrypt$"):
-            raise ValueError("must be a hash made by `smtp-gateway hash-password` (starts with 'scrypt$')")
-        return v
+    def _is_hash(cls, v: SecretStr | None) -> SecretStr | None:
+        return None if v is None else _scrypt_hash(v)
+
+    @model_validator(mode="after")
+    def _one_password_source(self) -> UserSettings:
+        if self.password_hash is not None and self.passwords:
+            raise ValueError("set password_hash or passwords, not both (move the hash into passwords to rotate it)")
+        if self.password_hash is None and not self.passwords:
+            raise ValueError("password_hash (or passwords) is required")
+        labels = [label for _, label in self.credentials()]
+        twice = sorted({label for label in labels if labels.count(label) > 1})
+        if twice:
+            raise ValueError(f"passwords: label {', '.join(twice)} given twice")
+        return self
+
+    def credentials(self) -> list[tuple[PasswordEntry, str]]:
+        """Every password entry with its label (`password_hash` is entry `1`, never expiring)."""
+        if self.password_hash is not None:
+            return [(PasswordEntry(hash=self.password_hash), "1")]
+        return [(entry, entry.label or str(n)) for n, entry in enumerate(self.passwords, 1)]
 
 
-class AccountBase(Section):
+class AccountBase(LoginRules):
     """What every upstream account has, whatever its provider. A provider's model adds its own keys: its
     `provider: Literal["<kind>"]`, where its API is (`base_url`), its `users` (UserSettings or a subclass)."""
 
@@ -98,6 +205,11 @@ class AccountBase(Section):
     def sender_domain_names(self) -> Sequence[str]:
         """The sender domains this account's configuration names (empty: none named)."""
         return ()
+
+    def notes(self) -> list[str]:
+        """What an operator should know about this account's settings though nothing is wrong with them
+        (`check-config` prints them as notes, `serve` logs them once at startup as `account_note`)."""
+        return []
 
     def return_paths(self) -> Mapping[str, str]:
         """Sender domain -> the return-path address registered for it, where the upstream has such

@@ -56,9 +56,13 @@ def files(settings: Settings) -> list[Finding]:
 
 
 def accounts(settings: Settings) -> list[Finding]:
-    if settings.accounts:
-        return []
-    return [Finding("no [accounts.<name>] configured: every login will be refused", problem=False)]
+    if not settings.accounts:
+        return [Finding("no [accounts.<name>] configured: every login will be refused", problem=False)]
+    return [
+        Finding(f"accounts.{name}: {note}", problem=False)
+        for name, a in settings.accounts.items()
+        for note in a.notes()
+    ]
 
 
 def _tls(settings: Settings) -> list[Finding]:

@@ -18,9 +18,12 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from gateway.config import keys
+from gateway.config import keys, logins
 from gateway.config.accounts import MODELS
 from gateway.config.base import AccountBase, Section, secret_or_file
+from gateway.config.console import ConsoleSettings
+from gateway.config.console import check as check_console
+from gateway.config.oauth import OAuthSettings
 from gateway.config.returnpath import ReturnPathSettings, WebhookSettings
 
 ENV_PREFIX = "GATEWAY_"
@@ -103,6 +106,12 @@ class ListenerSettings(_Section):
         False,
         description="SO_REUSEPORT: several gateway processes listen on this port and the kernel spreads connections "
         "over them (`serve --workers N` sets it); they share one queue.",
+    )
+    drop_invalid_header_addresses: bool = Field(
+        False,
+        description="An invalid To or Cc address that is not an envelope recipient (a scanner's "
+        "`scan@printer.local`) is left out of the message's headers instead of refusing the message with 550 "
+        "5.1.3; who receives is unchanged (the envelope decides). For devices behind this listener.",
     )
     proxy_protocol: bool = Field(
         False,
@@ -528,12 +537,32 @@ class Settings(BaseSettings):
     ledger: LedgerSettings = Field(
         LedgerSettings(), description="The message ledger: records of every message answered 250."
     )
+    oauth: OAuthSettings = Field(OAuthSettings(), description="Token logins (AUTH XOAUTH2, OAUTHBEARER).")
+    console: ConsoleSettings = Field(
+        ConsoleSettings(), description="The operator console in the browser, on the operator endpoint."
+    )
+    networks: dict[str, list[ipaddress.IPv4Network | ipaddress.IPv6Network]] = Field(
+        {},
+        description="Named networks the logins' `networks` and `require_tls_except` may name, e.g. `printers = "
+        '["192.168.20.0/24"]`.',
+    )
     webhooks: list[WebhookSettings] = Field(
         [], description="Applications told of each event read back (signed JSON POSTs, retried from the queue)."
     )
     return_path: ReturnPathSettings = Field(
         ReturnPathSettings(), description="How the event pollers, notices and webhooks are paced."
     )
+
+    @field_validator("networks")
+    @classmethod
+    def _network_names(
+        cls, v: dict[str, list[ipaddress.IPv4Network | ipaddress.IPv6Network]]
+    ) -> dict[str, list[ipaddress.IPv4Network | ipaddress.IPv6Network]]:
+        for name, nets in v.items():
+            if not logins.NAME.match(name):
+                raise ValueError(f"{name!r}: a network name is letters, digits, '_' and '-', starting with a letter")
+            logins.no_overlap([(str(n), n) for n in nets], f"networks.{name}")
+        return v
 
     # A TLS listener without tls.cert_file/key_file is not refused here: commands that serve no SMTP (queue,
     # check-domains) work without a certificate; `serve` and `check-config` say what is missing
@@ -557,12 +586,15 @@ class Settings(BaseSettings):
 
 
 def check_consistent(settings: Settings) -> None:
-    """What no single section can check: every trusted network's login is a configured user. ValueError."""
-    logins = {u.username for a in settings.accounts.values() for u in a.configured_users}
+    """What no single section can check: every trusted network's login is a configured user; every login's
+    controls resolve (gateway/config/logins.py). ValueError."""
+    users = {u.username for a in settings.accounts.values() for u in a.configured_users}
     for listener in settings.listeners:
         for _, login in listener.trusted_map:
-            if login not in logins:
+            if login not in users:
                 raise ValueError(f"listeners[{listener.name}]: trusted login {login!r} is not a user")
+    logins.check(settings)
+    check_console(settings.console, settings.http, is_loopback(settings.http.address))
     names = [w.name for w in settings.webhooks]
     for webhook in settings.webhooks:
         if names.count(webhook.name) > 1:
@@ -641,6 +673,10 @@ def format_validation_error(exc: ValidationError) -> str:
         if err["type"] == "extra_forbidden" and err["loc"]:
             near = keys.suggest_key(parent, str(err["loc"][-1]))
             msg = "unknown key" + (f"; did you mean {near}?" if near else "")
+        if not err["loc"] and err["type"] == "value_error":
+            # A check across sections (check_consistent): its text names the key itself.
+            lines.append(str(err.get("ctx", {}).get("error", msg)))
+            continue
         lines.append(f"{key or '(top level)'}: {msg}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
 

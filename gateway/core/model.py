@@ -63,6 +63,11 @@ class Principal:
     default_from: str | None = None
     force_from: bool = False
     extra: ProviderData = field(default_factory=StoredData)
+    # Which of the login's credentials it used, for metrics and logs (never the secret): a password's label,
+    # "current" or "previous" (a DMDS campaign's apikey), "oauth:<issuer>"; "" without AUTH (trusted network).
+    credential: str = ""
+    # When that credential stops working (epoch seconds; None: not known to): a cached login ends there too.
+    credential_expires: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,4 +177,7 @@ class Receipt:
 
     queue_id: str | None = None  # stored in the queue under this local id
     upstream_ids: list[str] = field(default_factory=list)  # delivered: the upstream's ids, first call first
+    # Mails the upstream says it sent for this message (DMDS `sent`, copies included), where it says: a count
+    # of sends, which may be lower than the recipients, never a delivery.
+    upstream_sent: int | None = None
     reason: str | None = None  # refused or deferred: why (for the log; the client sees the reply)

@@ -36,7 +36,8 @@ def sanitize(text: str, limit: int = 400) -> str:
 
 
 def queued(queue_id: str) -> Reply:
-    """End of DATA: the message was delivered (the upstream's id) or queued (the local queue id)."""
+    """End of DATA: the message was delivered (the upstream's id) or queued (the local queue id); a test-mode
+    login's message, sent nowhere: `TEST-<id>`."""
     return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
 
 
@@ -75,6 +76,18 @@ AUTH_LOCKED_OUT = Reply(421, "4.7.0", "Too many failed logins from your address;
 """AUTH from a client IP locked out after `limits.auth_lockout_failures` failures; no password is checked."""
 LOGIN_RATE_LIMITED = Reply(451, "4.7.1", "Message rate limit reached; try again later")
 """MAIL FROM past the login's `limits.messages_per_minute` (the text names the login and the wait)."""
+LOGIN_TLS_REQUIRED = Reply(538, "5.7.11", "Encryption required for this login: use STARTTLS or the TLS port")
+"""AUTH outside TLS as a login with `require_tls` (not from its `require_tls_except` networks); its password is
+not checked (AUTH LOGIN: not even asked for)."""
+QUOTA_MESSAGES = Reply(452, "4.7.1", "Message quota reached; try again later")
+"""MAIL FROM (or the end of DATA) past the login's `quota.messages_per_hour`/`_per_day` (the text names the
+login, the window and when it resets)."""
+QUOTA_BYTES = Reply(452, "4.7.1", "Byte quota reached; try again later")
+"""MAIL FROM with a SIZE=, or the end of DATA, past the login's `quota.bytes_per_hour`/`_per_day` (the text names
+the login, the window and when it resets)."""
+QUOTA_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds this login's byte quota")
+"""A message (or a MAIL FROM's SIZE=) larger than the login's whole hourly or daily byte quota: it can never
+be sent as it is."""
 TOO_MANY_SESSIONS = Reply(421, "4.7.0", "Too many connections, try again later")
 """A connection past `limits.max_sessions`; it is closed."""
 TOO_MANY_FROM_ADDRESS = Reply(421, "4.7.0", "Too many connections from your address, try again later")
@@ -90,10 +103,15 @@ UTF8_LOCALPART = Reply(553, "5.6.7", "Non-ASCII local part not supported")
 """A non-ASCII local part with SMTPUTF8, which the upstream API cannot take."""
 BAD_RECIPIENT = Reply(553, "5.1.3", "Bad recipient address syntax")
 """A malformed RCPT TO address (the text gives the address and what is wrong with it)."""
+RECIPIENT_NOT_ALLOWED = Reply(550, "5.7.1", "Recipient address rejected: not an allowed recipient for this login")
+"""RCPT TO outside the login's `allowed_recipients` (the text gives the address)."""
 HEADER_FROM_REJECTED = Reply(550, "5.7.1", "From header address rejected")
 """End of DATA: the From or Sender header is outside the account's sender domains or the login's senders."""
 HEADER_SYNTAX = Reply(550, "5.1.3", "Bad address syntax in header")
 """End of DATA: a malformed address in From, Sender, Reply-To, To or Cc (the text names the header)."""
+HEADER_ONLY_SYNTAX = Reply(550, "5.1.3", "Bad address syntax in a To or Cc header address that is not a recipient")
+"""End of DATA: a malformed To or Cc address that is no envelope recipient, on a listener without
+`drop_invalid_header_addresses` (the text names the header and says the address is not a recipient)."""
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 """RCPT TO past `limits.max_recipients`."""
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
@@ -108,6 +126,8 @@ UNKNOWN_CAMPAIGN = Reply(554, "5.6.0", "Unknown campaign")
 """DMDS: the campaign does not exist, or is not among the account's `campaigns`."""
 CAMPAIGN_NOT_PERMITTED = Reply(550, "5.7.1", "Login may not choose the campaign")
 """DMDS: an `X-Gateway-Campaign` header from a login without `may_choose_campaign`."""
+BAD_BATCH = Reply(554, "5.6.0", "X-Gateway-Batch must be a DMDS batch id (the eeid of an earlier message: a UUID)")
+"""DMDS: an `X-Gateway-Batch` header whose value is not a UUID (an eeid a 250 reply named)."""
 NO_SUBJECT = Reply(
     554, "5.6.0", "Subject cannot be empty: dEngage needs a Subject (or an X-Gateway-Template whose content has one)"
 )

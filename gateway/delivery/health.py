@@ -87,6 +87,20 @@ class AccountHealth:
         state.last_probe = now
         return True
 
+    def status(self) -> list[tuple[str, str, float, str]]:
+        """Each account as its last answers left it: `ok`, `down` (an outage) or `refused` (our credentials),
+        for how many seconds, and the refusal's reason."""
+        now = self._clock()
+        found = []
+        for account, s in self._states.items():
+            if s.refused_since is not None:
+                found.append((account, "refused", now - s.refused_since, s.refused_reason))
+            elif s.down_since is not None:
+                found.append((account, "down", now - s.down_since, ""))
+            else:
+                found.append((account, "ok", 0.0, ""))
+        return found
+
     def problems(self) -> list[str]:
         """Why this instance is not ready (for /readyz), or [] when every account is fine."""
         return [

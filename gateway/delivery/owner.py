@@ -331,9 +331,12 @@ class DeliveryOwner:
         bound, verdict = attempt.log, decision.verdict
         self._gone(attempt, verdict)
         receipt = attempt.receipt
+        receipt.upstream_sent = outcome.sent_total()
         if verdict == "delivered":
             receipt.upstream_ids = _ids(decision)
-            bound.info("message_sent", upstream_ids=receipt.upstream_ids, calls=len(decision.calls))
+            bound.info(
+                "message_sent", upstream_ids=receipt.upstream_ids, calls=len(decision.calls), **_sent_field(outcome)
+            )
             return attempt.queued(decision.first_id or attempt.msg_id)
         if verdict == "refused":
             assert decision.refusal is not None
@@ -549,7 +552,7 @@ class DeliveryOwner:
     ) -> None:
         """Store the attempt's decision under our token, then tell the ledger (what the calls answered, and,
         when the decision was stored, what follows: queued again or dead)."""
-        settled = await self._store_decision(msg_id, token, decision, bound)
+        settled = await self._store_decision(msg_id, token, decision, bound, outcome)
         self._record(
             self.ledger.attempt,
             msg_id=msg_id,
@@ -563,7 +566,12 @@ class DeliveryOwner:
         )
 
     async def _store_decision(
-        self, msg_id: str, token: int, decision: Decision, bound: structlog.typing.FilteringBoundLogger
+        self,
+        msg_id: str,
+        token: int,
+        decision: Decision,
+        bound: structlog.typing.FilteringBoundLogger,
+        outcome: Outcome | None = None,
     ) -> bool:
         for attempt in range(5):
             try:
@@ -585,7 +593,7 @@ class DeliveryOwner:
             return False
         verdict = decision.verdict
         if verdict == "delivered":
-            bound.info("message_delivered", upstream_ids=_ids(decision))
+            bound.info("message_delivered", upstream_ids=_ids(decision), **_sent_field(outcome))
         elif verdict == "queued":
             self.wakeup.set()
             bound.info(
@@ -683,3 +691,10 @@ def dead_cause(decision: Decision) -> str:
 
 def _ids(decision: Decision) -> list[str]:
     return [c.upstream_id for c in decision.calls.values() if c.state == "done" and c.upstream_id]
+
+
+def _sent_field(outcome: Outcome | None) -> dict[str, int]:
+    """`upstream_sent` for a log line: mails the upstream says this attempt's calls sent (DMDS `sent`), when
+    it says; a count of sends, never of deliveries."""
+    total = outcome.sent_total() if outcome is not None else None
+    return {} if total is None else {"upstream_sent": total}

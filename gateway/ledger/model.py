@@ -11,6 +11,8 @@ for every message, queued or not). Each recipient has its own state:
     not_sent   the vendor reported it did not send it (DMDS Not-Sent)  } pollers)
     dead       it will not be sent: its call was refused for good, or the message expired, was held
                (ambiguous) or deleted by an operator; `reason` says which
+    test       a test-mode login's message: taken and checked, never sent (its record keeps the requests
+               that would have gone out)
 
 Rows of one message may be written by several instances in any order (the one that accepted it, the one
 that claimed it from the queue, a late answer to an instance whose lease had expired). A recipient's row
@@ -30,8 +32,17 @@ from typing import Any, Literal, NamedTuple
 
 import orjson
 
-RecipientState = Literal["accepted", "deferred", "sent", "delivered", "bounced", "not_sent", "dead"]
-STATES: tuple[RecipientState, ...] = ("accepted", "deferred", "sent", "delivered", "bounced", "not_sent", "dead")
+RecipientState = Literal["accepted", "deferred", "sent", "delivered", "bounced", "not_sent", "dead", "test"]
+STATES: tuple[RecipientState, ...] = (
+    "accepted",
+    "deferred",
+    "sent",
+    "delivered",
+    "bounced",
+    "not_sent",
+    "dead",
+    "test",
+)
 # How far a state is along its way; a row keeps a further state even when an older update arrives last.
 RANK: Mapping[str, int] = {
     "accepted": 0,
@@ -41,6 +52,7 @@ RANK: Mapping[str, int] = {
     "bounced": 3,
     "not_sent": 3,
     "dead": 3,
+    "test": 3,
 }
 
 # Timeline event kinds written by the gateway itself (other parts add theirs: upstream events read back,
@@ -57,11 +69,11 @@ REQUEUED = "requeued"  # operator: `queue requeue` (a dead letter back in the qu
 DELETED = "deleted"  # operator: `queue delete`
 DSN_SENT = "dsn_sent"  # a delivery status notice about recipients of this message was sent (data: its id)
 DSN_SKIPPED = "dsn_skipped"  # no notice for these recipients (detail: why)
-UPSTREAM_SENT_SHORT = "upstream_sent_short"  # the upstream said a call sent fewer mails than its recipients
 WEBHOOK_DELIVERED = "webhook_delivered"  # a webhook took an event (data: webhook, event, attempts)
 WEBHOOK_FAILED = "webhook_failed"  # a webhook never took an event within its max_age (data: last error)
 # Why an operator's `queue delete` made recipients dead (no notice is sent for those).
 DELETED_BY_OPERATOR = "deleted by an operator"
+TEST_MODE = "test_mode"  # a test-mode login's message: answered with a TEST- id, not sent
 
 Outcome = Literal["delivered", "deferred", "refused", "ambiguous"]
 
@@ -287,8 +299,11 @@ class Record:
 
 def summary_state(states: Sequence[str]) -> str:
     """One word for a message: `deferred` (or `accepted`) while any recipient still waits; then `dead`,
-    `bounced` or `not_sent` if any recipient ended so; else `delivered` when all were, else `sent`."""
+    `bounced` or `not_sent` if any recipient ended so; else `delivered` when all were, else `sent`; `test`
+    for a test-mode login's message."""
     present = set(states)
+    if present == {"test"}:
+        return "test"
     for state in ("deferred", "accepted", "dead", "bounced", "not_sent"):
         if state in present:
             return state
@@ -338,6 +353,7 @@ class Query:
     """Filters, all optional, combined with AND; newest first, `limit` at most MAX_LIMIT."""
 
     id: str | None = None  # the local id
+    ids: tuple[str, ...] = ()  # any of these local ids (at most MAX_LIMIT)
     reply_id: str | None = None  # the id a 250 named
     upstream_id: str | None = None  # any call's upstream id (a DMDS eeid may be shared by a batch)
     message_id: str | None = None
@@ -357,9 +373,42 @@ class Query:
             raise BadQuery(f"limit: between 1 and {MAX_LIMIT}")
         if self.state is not None and self.state not in STATES:
             raise BadQuery(f"state: one of {', '.join(STATES)}")
+        if len(self.ids) > MAX_LIMIT:
+            raise BadQuery(f"ids: at most {MAX_LIMIT}")
 
 
 @dataclass(frozen=True, slots=True)
 class Page:
     records: list[Record]
     next: Cursor | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Tally:
+    """What the ledger counted since a time: messages by (account, login) with the newest one's time, and
+    recipients by (account, login, state) as they are now."""
+
+    since: float
+    messages: Mapping[tuple[str, str | None], tuple[int, float]]
+    recipients: Mapping[tuple[str, str | None, str], int]
+
+    def by_account(self) -> dict[str, dict[str, int]]:
+        """Per account: `messages` accepted, and recipients by state."""
+        out: dict[str, dict[str, int]] = {}
+        for (account, _), (count, _) in self.messages.items():
+            row = out.setdefault(account, {})
+            row["messages"] = row.get("messages", 0) + count
+        for (account, _, state), count in self.recipients.items():
+            row = out.setdefault(account, {})
+            row[state] = row.get(state, 0) + count
+        return out
+
+    def by_login(self) -> dict[tuple[str, str | None], dict[str, float]]:
+        """Per (account, login): `messages`, `last` (the newest one's time) and recipients by state."""
+        out: dict[tuple[str, str | None], dict[str, float]] = {}
+        for key, (count, last) in self.messages.items():
+            out[key] = {"messages": count, "last": last}
+        for (account, login, state), count in self.recipients.items():
+            row = out.setdefault((account, login), {"messages": 0})
+            row[state] = row.get(state, 0) + count
+        return out

@@ -17,7 +17,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from gateway.ledger import sql
-from gateway.ledger.model import Page, Query, Recipient, Record, Row
+from gateway.ledger.model import Page, Query, Recipient, Record, Row, Tally
 from gateway.ledger.store import LedgerUnavailable
 from gateway.queue import postgres_schema
 from gateway.queue.postgres import redacted
@@ -108,6 +108,12 @@ class PostgresLedger:
                     recipients.setdefault(msg_id, []).append(recipient)
         records, after = sql.page_of(rows, recipients, query.limit)
         return Page(records, after)
+
+    async def tally(self, since: float) -> Tally:
+        async with self._conn() as conn:
+            messages = await (await conn.execute(sql.tally_messages(P).encode(), (since,))).fetchall()
+            recipients = await (await conn.execute(sql.tally_recipients(P).encode(), (since,))).fetchall()
+        return sql.tally_of(since, messages, recipients)
 
     async def prune(self, before: float, limit: int) -> int:
         async with self._conn(write=True) as conn:

@@ -163,6 +163,40 @@ class Recorder:
             rows += self._attempt(msg_id, created, decision, outcome, "inline", now, settled=True, about=about)
         self.sink(rows)
 
+    def test_message(
+        self, *, msg_id: str, submission: Submission, origin: Origin | None, reply: str, requests: Any
+    ) -> None:
+        """A test-mode login's message (gateway/delivery/testmode.py): its record with the requests that would
+        have been sent (kept whatever `keep_requests` says: they are what a test login is for), never sent."""
+        if not self.enabled:
+            return
+        now = self.clock()
+        message = submission.message
+        rows: list[Row] = [
+            MessageRow(
+                id=msg_id,
+                created=now,
+                account=submission.principal.account,
+                mail_from=submission.mail_from,
+                subject=message.subject,
+                size=origin.size if origin else None,
+                login=submission.principal.login,
+                listener=origin.listener if origin else None,
+                peer=origin.peer if origin else None,
+                message_id=message.message_id,
+                reply_id=msg_id,
+                reply=reply,
+                request=model.json(requests),
+            ),
+            self._event(msg_id, now, now, model.ACCEPTED, detail=reply),
+            self._event(msg_id, now, now + TICK, model.TEST_MODE, detail="test mode: nothing was sent upstream"),
+        ]
+        rows += [
+            RecipientRow(msg_id, now, address, "test", now + TICK, None, None, "test mode: not sent")
+            for address in submission.rcpt_tos
+        ]
+        self.sink(rows)
+
     def attempt(
         self,
         *,
@@ -302,7 +336,9 @@ class Recorder:
         lost = outcome.ambiguous if outcome is not None else set()
         ticks = itertools.count()
 
-        def call_event(key: str, result: str, upstream_id: str | None = None, detail: str | None = None) -> None:
+        def call_event(
+            key: str, result: str, upstream_id: str | None = None, detail: str | None = None, sent: int | None = None
+        ) -> None:
             call = decision.calls.get(key)
             rows.append(
                 self._event(
@@ -315,30 +351,17 @@ class Recorder:
                     outcome=result,
                     upstream_id=upstream_id,
                     detail=detail,
-                    data=data,
+                    # The upstream's own count of mails the call sent (DMDS `sent`), where it gives one.
+                    data=data
+                    if sent is None
+                    else model.json({"path": path, "attempt": decision.attempts, "sent": sent}),
                 )
             )
 
         if outcome is not None:
             for key, upstream_id in outcome.delivered.items():
-                call_event(key, "delivered", upstream_id=upstream_id or None)
-                if key in short:
-                    call = decision.calls.get(key)
-                    rows.append(
-                        self._event(
-                            msg_id,
-                            created,
-                            now + next(ticks) * TICK,
-                            model.UPSTREAM_SENT_SHORT,
-                            recipient=call.recipients if call else None,
-                            call=key,
-                            upstream_id=upstream_id or None,
-                            detail=short[key],
-                            data=model.json(
-                                {"sent": outcome.sent[key], "recipients": len(addresses(call)) if call else None}
-                            ),
-                        )
-                    )
+                sent = outcome.sent.get(key)
+                call_event(key, "delivered", upstream_id=upstream_id or None, detail=short.get(key), sent=sent)
             for key, deferral in outcome.deferred.items():
                 call_event(key, "ambiguous" if key in lost else "deferred", detail=deferral.reason)
             for key, refusal in outcome.rejected.items():
@@ -388,12 +411,13 @@ class Recorder:
 
 
 def _short(calls: Mapping[str, CallRow], outcome: Outcome | None) -> dict[str, str]:
-    """Calls the upstream said sent fewer mails than their recipients (DMDS `sent`): call key -> the words."""
+    """Calls the upstream said sent fewer mails than their recipients (DMDS `sent`): call key -> the words, on
+    the call's attempt event and as each of its recipients' reason until the events say which were sent."""
     counts: Mapping[str, int] = outcome.sent if outcome is not None else {}
     out = {}
     for key, sent in counts.items():
         call = calls.get(key)
         wanted = len(addresses(call)) if call is not None else 0
         if call is not None and sent < wanted:
-            out[key] = f"the upstream reported {sent} of {wanted} sent: which ones, its events will tell"
+            out[key] = f"the upstream says it sent {sent} mail(s) for {wanted} recipient(s)"
     return out

@@ -21,6 +21,7 @@ from gateway.ledger.model import (
     RecipientRow,
     Record,
     SuppressionRow,
+    Tally,
     address_key,
     message_id_key,
 )
@@ -329,6 +330,8 @@ def search(q: Query, p: str) -> tuple[str, list[Any]]:
 
     if q.id is not None:
         add("m.id = {p}", q.id.upper())
+    if q.ids:
+        add(f"m.id IN ({_marks('{p}', len(q.ids))})", *(i.upper() for i in q.ids))
     if q.reply_id is not None:
         add("m.reply_id = {p}", q.reply_id)
     if q.message_id is not None:
@@ -409,6 +412,30 @@ def page_of(
     records = [record_of(r, recipients.get(r[0], ())) for r in rows[:limit]]
     more = len(rows) > limit
     return records, Cursor(records[-1].created, records[-1].id) if more and records else None
+
+
+def tally_messages(p: str) -> str:
+    """Messages accepted since {p} by account and login, with the newest one's time."""
+    return (
+        "SELECT account, login, COUNT(*), MAX(created) FROM ledger_messages"
+        f" WHERE created >= {p} GROUP BY account, login"
+    )
+
+
+def tally_recipients(p: str) -> str:
+    """Recipients of the messages accepted since {p} by account, login and state."""
+    return (
+        "SELECT m.account, m.login, r.state, COUNT(*) FROM ledger_recipients r"
+        f" JOIN ledger_messages m ON m.id = r.msg_id WHERE r.created >= {p} GROUP BY m.account, m.login, r.state"
+    )
+
+
+def tally_of(since: float, messages: Sequence[Sequence[Any]], recipients: Sequence[Sequence[Any]]) -> Tally:
+    return Tally(
+        since,
+        {(r[0], r[1]): (int(r[2]), float(r[3])) for r in messages},
+        {(r[0], r[1], r[2]): int(r[3]) for r in recipients},
+    )
 
 
 # -- retention ----------------------------------------------------------------------------------------------

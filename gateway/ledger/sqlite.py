@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway.ledger import sql
-from gateway.ledger.model import Page, Query, Recipient, Record, Row
+from gateway.ledger.model import Page, Query, Recipient, Record, Row, Tally
 from gateway.ledger.store import LedgerUnavailable
 from gateway.queue import sqlite_schema
 
@@ -131,6 +131,14 @@ class SqliteLedger:
                     recipients.setdefault(msg_id, []).append(recipient)
             records, after = sql.page_of(rows, recipients, query.limit)
             return Page(records, after)
+
+        return await self._run(run)
+
+    async def tally(self, since: float) -> Tally:
+        def run(db: sqlite3.Connection) -> Tally:
+            messages = db.execute(sql.tally_messages(P), (since,)).fetchall()
+            recipients = db.execute(sql.tally_recipients(P), (since,)).fetchall()
+            return sql.tally_of(since, messages, recipients)
 
         return await self._run(run)
 

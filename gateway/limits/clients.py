@@ -130,6 +130,23 @@ class AuthGuard:
         self._records.put(key, record, self.limits.auth_lockout_time)
         return True
 
+    def locked(self) -> list[tuple[str, float]]:
+        """The client keys locked out now, with the seconds each has left."""
+        now = self._clock()
+        return [(key, r.locked_until - now) for key, r in self._records.items() if r.locked_until > now]
+
+    def failing(self) -> list[tuple[str, int]]:
+        """The client keys with failures in the window (not locked out), with how many."""
+        now = self._clock()
+        found = [(key, self._prune(r, now)) for key, r in self._records.items() if r.locked_until <= now]
+        return [(key, n) for key, n in found if n]
+
+    def lift(self, key: str) -> bool:
+        """Forget a client key's failures and lockout (an operator's decision). False: nothing was held."""
+        held = self._records.get(key) is not None
+        self._records.pop(key)
+        return held
+
     def _prune(self, record: _Record, now: float) -> int:
         horizon = now - self.limits.auth_failure_window
         times = record.times

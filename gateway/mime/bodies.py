@@ -10,13 +10,14 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from email.message import Message as EmailMessage
+from email.parser import BytesHeaderParser
 from typing import Literal
 
 from gateway.core import replies
 from gateway.core.errors import ContentRejected
 from gateway.core.model import Attachment
 from gateway.mime import charsets, payload, sanitize
-from gateway.mime.headers import filename_param, header_text, transfer_encoding, undo_surrogates
+from gateway.mime.headers import RAW_HEADERS, filename_param, header_text, transfer_encoding, undo_surrogates
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,8 +175,14 @@ class _Walk:
         return sanitize.body(decoded.text.replace("\r\n", "\n"))
 
     def payload_bytes(self, part: EmailMessage, ctype: str) -> bytes:
-        if part.is_multipart() or ctype.startswith("message/"):
-            return payload.message_bytes(part)
+        if ctype.startswith("message/"):
+            attached = payload.message_bytes(part)
+            if attached.cr_cr_lf:
+                self.defects.append(
+                    f"cr_cr_lf: part {self.leaves} ({ctype}): its header lines end in CR CR LF, read as one line end"
+                )
+            self._ignored(attached.ignored, ctype)
+            return attached.data
         cte = transfer_encoding(part)  # "Quoted Printable" too
         if cte in ("quoted-printable", "quoted printable"):
             return quopri.decodestring(_raw_payload(part))
@@ -183,12 +190,20 @@ class _Walk:
             encoded = _raw_payload(part)
             decoded = payload.base64_lenient(encoded, text=ctype.startswith("text/"))
             if decoded is not None:
-                return decoded
+                self._ignored(decoded.ignored, ctype)
+                return decoded.data
             # Not base64 at all (text, or a raw file, under a base64 header): what arrived is closest.
             self.defects.append(f"undecodable_base64: part {self.leaves} ({ctype}) sent as it arrived")
             return encoded
         data = part.get_payload(decode=True)
         return data if isinstance(data, bytes) else _raw_payload(part)
+
+    def _ignored(self, characters: int, ctype: str) -> None:
+        if characters:
+            self.defects.append(
+                f"base64_trailing_text: part {self.leaves} ({ctype}): {characters} characters after the "
+                "base64 data ignored"
+            )
 
     def attachment(self, part: EmailMessage, ctype: str, disposition: str, filename: str | None) -> Attachment:
         raw_cid = part.get("Content-ID")
@@ -230,8 +245,9 @@ _EXTENSIONS = {
 def _default_filename(part: EmailMessage, ctype: str) -> str:
     ext = _EXTENSIONS.get(ctype, ".bin")
     if ctype == "message/rfc822":
-        inner = part.get_payload(0) if part.is_multipart() else None
-        subject = header_text(inner.get("Subject", "")) if isinstance(inner, EmailMessage) else ""
+        head, _ = payload.header_block(payload.message_bytes(part).data)
+        inner = BytesHeaderParser(policy=RAW_HEADERS).parsebytes(head)
+        subject = header_text(inner.get("Subject", ""))
         base = re.sub(r"[^\w .-]+", "", sanitize.field(subject)).strip()[:60] or "message"
         return base + ext
     return "attachment" + ext

@@ -6,17 +6,14 @@ import re
 from collections.abc import Mapping
 from email.feedparser import BytesFeedParser, FeedParser
 from email.message import Message as EmailMessage
-from email.policy import Compat32
 from email.utils import getaddresses
 
 from gateway.core import replies
 from gateway.core.errors import ContentRejected
 from gateway.core.model import Address, Message
 from gateway.mime import bodies, largeparts, sanitize
-from gateway.mime.headers import header_text, undo_surrogates
+from gateway.mime.headers import RAW_HEADERS, header_text, undo_surrogates
 
-# compat32 is several times faster than policy.default (docs/development/benchmarks.md); its headers are
-# raw strings, so RFC 2047 / 8-bit decoding is done here, once, only for the headers the API needs.
 OPTION_PREFIX = "x-gateway-"
 
 # What one message may make the parser build (docs/security.md); past these it is refused with 554 5.6.0.
@@ -45,17 +42,7 @@ def expensive(raw: bytes | bytearray) -> bool:
     return raw.count(b"\n") + raw.count(b"\r") > EXPENSIVE_LINE_ENDS
 
 
-class _RawHeaders(Compat32):
-    """compat32, but header values stay raw strings (8-bit bytes as surrogates) for header_text()."""
-
-    def header_fetch_parse(self, name: str, value: str) -> str:
-        # Unfold (RFC 5322 §2.2.3): a folded boundary= parameter must still match its delimiter lines.
-        return _FOLD.sub("", value) if "\n" in value else value
-
-
-_FOLD = re.compile(r"\r?\n(?=[ \t])")
-_POLICY = _RawHeaders()
-_WS = re.compile(r"\s+")
+_POLICY = RAW_HEADERS
 
 
 def _too_complex(reason: str, text: str) -> ContentRejected:
@@ -87,6 +74,10 @@ class _BoundedParser(BytesFeedParser):
         if self._header_lines > MAX_HEADER_LINES:
             raise _too_complex(f"more than {MAX_HEADER_LINES} header lines", "Message has too many header lines")
         FeedParser._parse_headers(self, lines)  # type: ignore[attr-defined]
+        # An attached message (message/*) is passed on as it arrived, so it is not parsed: the feed parser
+        # reads the rest of a part whose headers it has just read as raw text when `_headersonly` is set,
+        # and sets it anew for every part (here) before it looks at it.
+        self._headersonly = self._cur.get_content_maintype() == "message"  # type: ignore[attr-defined]
 
 
 def parse(raw: bytes | bytearray, lift_above: int | None = largeparts.THRESHOLD) -> Message:

@@ -53,6 +53,25 @@ UPSTREAM_AUTH_REFUSED = Counter(
     ["account"],
     registry=REGISTRY,
 )
+DMDS_SENT_SHORT = Counter(
+    "smtp_gateway_dmds_sent_short_total",
+    "DMDS calls answered ok whose `sent` (mails the call sent, copies included) was lower than the call's "
+    "recipients: DMDS did not send to some of them (an address it holds invalid); a count of sends, not of "
+    "deliveries",
+    ["account"],
+    registry=REGISTRY,
+)
+FIELDS_NOT_SENT = Counter(
+    "smtp_gateway_fields_not_sent_total",
+    "Parts of messages the upstream call did not carry, by field: reply_to (a DMDS send_many_inline call, queued "
+    "before messages with a Reply-To got one call per contact), content_id (dEngage messages with inline images "
+    "while no Content-ID field is known), x_headers (dEngage messages with X- headers not in the account's "
+    "forward_x_headers), from_identity (dEngage calls whose From has no identity id for from_identity_field), "
+    "header_addresses (messages whose invalid header-only To/Cc addresses a listener's "
+    "drop_invalid_header_addresses removed)",
+    ["account", "field"],
+    registry=REGISTRY,
+)
 DELIVERIES = Counter(
     "smtp_gateway_deliveries_total",
     "Delivery attempts by path (inline: during the SMTP session; queue: the retry worker) and verdict "
@@ -192,6 +211,64 @@ API_AUTH = Counter(
     "smtp_gateway_api_auth_total",
     "Bearer token checks of /api/v1 by result: ok, invalid, missing, locked_out",
     ["result"],
+    registry=REGISTRY,
+)
+LOGIN_REFUSALS = Counter(
+    "smtp_gateway_login_refusals_total",
+    "Clients refused by a login's own controls, by account, login (* : the logins the account's provider checks, "
+    "summed) and reason: network (AUTH from outside its networks), tls_required, recipient (not an allowed "
+    "recipient), quota_messages, quota_bytes, expired_password",
+    ["account", "login", "reason"],
+    registry=REGISTRY,
+)
+LOGIN_CREDENTIALS = Counter(
+    "smtp_gateway_login_credential_used_total",
+    "Successful AUTHs by account, login (* : the provider's logins, summed) and the credential used: a password's "
+    "label (or its position, 1, 2, ...), current or previous (a DMDS campaign apikey), oauth:<issuer>",
+    ["account", "login", "credential"],
+    registry=REGISTRY,
+)
+LOGIN_CREDENTIAL_LAST_USED = Gauge(
+    "smtp_gateway_login_credential_last_used_timestamp_seconds",
+    "When each credential last logged in (this process, since it started): an old password no device uses any "
+    "more is safe to remove",
+    ["account", "login", "credential"],
+    registry=REGISTRY,
+)
+TEST_MESSAGES = Counter(
+    "smtp_gateway_test_messages_total",
+    "Messages of test-mode logins: taken through AUTH, policy and parsing, answered 250 with a TEST- id, never sent",
+    ["account", "login"],
+    registry=REGISTRY,
+)
+LOGIN_AUTH_FAILURES = Counter(
+    "smtp_gateway_login_auth_failures_total",
+    "Failed AUTHs naming a configured login (a wrong or expired password), by account and login; failures "
+    "naming no configured login are only in smtp_gateway_auth_total",
+    ["account", "login"],
+    registry=REGISTRY,
+)
+CONSOLE_LOGINS = Counter(
+    "smtp_gateway_console_logins_total",
+    "Console sign-ins by result: ok, invalid (wrong name or password), locked_out (the client IP failed too often)",
+    ["result"],
+    registry=REGISTRY,
+)
+CONSOLE_ACTIONS = Counter(
+    "smtp_gateway_console_actions_total",
+    "Console admin actions (each also an audit log line): retry, requeue, delete, lift_lockout, test_send, sign_out",
+    ["action"],
+    registry=REGISTRY,
+)
+CONSOLE_ACTION_MESSAGES = Counter(
+    "smtp_gateway_console_action_messages_total",
+    "Messages changed by console queue actions (retry, requeue, delete)",
+    ["action"],
+    registry=REGISTRY,
+)
+CONSOLE_CSRF_REFUSED = Counter(
+    "smtp_gateway_console_csrf_refused_total",
+    "Console form posts refused (403) for a missing or wrong CSRF token",
     registry=REGISTRY,
 )
 EVENT_POLLS = Counter(

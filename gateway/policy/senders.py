@@ -158,15 +158,44 @@ def _header_address(header: str, addr: Address, smtputf8: bool) -> Address:
     return addr if email == addr.email else Address(email, addr.name)
 
 
+def _display(
+    header: str, addresses: tuple[Address, ...], smtputf8: bool, drop_invalid: bool, dropped: list[str]
+) -> tuple[Address, ...]:
+    """A To or Cc header's addresses, validated and normalized. The envelope decides who receives, so an
+    address here is never a recipient of its own: an invalid one is refused with a reply that says it is
+    not a recipient, or, with `drop_invalid`, left out of the header (noted in `dropped`)."""
+    kept: list[Address] = []
+    for addr in addresses:
+        try:
+            kept.append(_header_address(header, addr, smtputf8))
+        except PolicyRejected as exc:
+            problem = exc.reply.text.removeprefix(f"{header}: header ")
+            if not drop_invalid:
+                raise PolicyRejected(
+                    reply=replies.HEADER_ONLY_SYNTAX.with_text(
+                        f"{header}: header address {problem} (the address is not a recipient of this message)"
+                    )
+                ) from None
+            dropped.append(f"header_address_dropped: {header} {problem}")
+    return tuple(kept)
+
+
 def apply_from_policy(
-    senders: SenderPolicy, principal: Principal, message: Message, mail_from: str, smtputf8: bool
+    senders: SenderPolicy,
+    principal: Principal,
+    message: Message,
+    mail_from: str,
+    smtputf8: bool,
+    drop_invalid_header_addresses: bool = False,
 ) -> Message:
     """Header policy at the end of DATA, with per-login default/forced From.
 
     From and Sender must be in a permitted domain the login may use (550 5.7.1); every address of From,
     Sender, Reply-To, To and Cc must be valid (550 5.1.3, 553 5.6.7 for a local part the upstream
-    cannot take) and travels normalized. Missing From: the login's default_from, else the envelope
-    sender (as sendmail does).
+    cannot take) and travels normalized. An invalid To or Cc address (never a recipient: the envelope
+    decides) is refused with HEADER_ONLY_SYNTAX, or with `drop_invalid_header_addresses` left out of the
+    header and recorded as a defect. Missing From: the login's default_from, else the envelope sender (as
+    sendmail does).
     """
     from_ = message.from_
     if principal.force_from and principal.default_from:
@@ -194,8 +223,10 @@ def apply_from_policy(
                 )
             )
     reply_to = _header_address("Reply-To", message.reply_to, smtputf8) if message.reply_to is not None else None
-    to = tuple(_header_address("To", a, smtputf8) for a in message.to)
-    cc = tuple(_header_address("Cc", a, smtputf8) for a in message.cc)
+    dropped: list[str] = []
+    to = _display("To", message.to, smtputf8, drop_invalid_header_addresses, dropped)
+    cc = _display("Cc", message.cc, smtputf8, drop_invalid_header_addresses, dropped)
     if (from_, sender, reply_to, to, cc) == (message.from_, message.sender, message.reply_to, message.to, message.cc):
         return message
-    return replace(message, from_=from_, sender=sender, reply_to=reply_to, to=to, cc=cc)
+    defects = (*message.defects, *dropped)
+    return replace(message, from_=from_, sender=sender, reply_to=reply_to, to=to, cc=cc, defects=defects)

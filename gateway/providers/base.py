@@ -10,13 +10,14 @@ beside dmds/ and dengage/ and its entry in gateway/providers/registry.py (see sp
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 
 from gateway.config.base import AccountBase, UserSettings
 from gateway.core.events import Contacts, EventSource
 from gateway.core.model import Message, Principal, ProviderData, StoredData, Submission
 from gateway.core.outcome import Deliverer
 from gateway.policy import SenderPolicy
+from gateway.providers.checks import AccountCheck
 
 if TYPE_CHECKING:
     from gateway.upstream.client import HttpClient
@@ -71,6 +72,15 @@ class Provider(Deliverer, Protocol):
     def notice_params(self, original: ProviderData) -> ProviderData:
         """A delivery status notice's Submission.params, from those of the message it is about (DMDS: the
         same campaign, not its batch)."""
+
+    def requests(self, submission: Submission) -> list[dict[str, Any]]:
+        """The calls `plan` gives, as requests without secrets or attachment contents (method, path, body):
+        what a test-mode login's message would have sent, for the log and the message ledger."""
+        ...
+
+    async def check_upstream(self) -> AccountCheck:
+        """Harmless read-only calls against the real API and what they showed (`smtp-gateway check-upstream`):
+        never a send, never a change. Raises nothing for an upstream's answer: it goes in the report."""
         ...
 
     async def aclose(self) -> None: ...
@@ -114,6 +124,14 @@ class ProviderBase(Generic[A]):
 
     def notice_params(self, original: ProviderData) -> ProviderData:
         return original
+
+    def requests(self, submission: Submission) -> list[dict[str, Any]]:
+        """The planned calls' keys and recipients (a provider that knows its wire gives their bodies)."""
+        return [{"call": c.key, "recipients": list(c.recipients)} for c in cast(Deliverer, self).plan(submission)]
+
+    async def check_upstream(self) -> AccountCheck:
+        """No read-only calls known for this provider: an empty report."""
+        return AccountCheck(self.account, self.kind, self.http.base_url)
 
     async def aclose(self) -> None:
         await self.http.aclose()

@@ -15,12 +15,20 @@ entries say); this module holds what they share: the request record and the faul
     DELETE /_sandbox/faults                                       clear all faults
     GET  /_sandbox/requests                                       every request recorded, faulted ones too
     DELETE /_sandbox/requests                                     forget them
+    POST /_sandbox/shape    {"shape": "alt"}                      answer in the other documented shapes
+    GET  /_sandbox/shape                                          the shape answered now
     POST /_sandbox/fate     {"address": A, "fate": "bounce-hard"}   what becomes of A (gateway/providers/fates.py)
                             {"delay": 5}                          events appear 5 s after their send
     GET  /_sandbox/fate                                           the fates set, the delay, DMDS' invalid list
     POST /_sandbox/webhook                                        a webhook receiver: each delivery recorded
                                                                   (kind "webhook") with whether its signature
                                                                   verifies under the sandbox's webhook secret
+
+Answer shapes: the vendors document several of their answers only in part (screenshots, one example), and
+the gateway reads each field from a table of candidate names. "seed" answers with the names the seed
+document shows (DMDS `camp_apikey`, dEngage `{code, data: [...]}`), "alt" with the other spellings the
+documents and public clients use (DMDS `apikey`, a bare list, dEngage camelCase keys), so that the tests
+run the gateway against both (`smtp-gateway sandbox --shape`, or SMTP_GATEWAY_SANDBOX_SHAPE).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
 import sys
 from collections import deque
@@ -35,17 +44,30 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 import orjson
 from aiohttp import web
 from email_validator import EmailNotValidError, validate_email
 
+from gateway.config import ConfigError
 from gateway.core import signature
 from gateway.providers.fates import FateError, Fates
 
 Redactor = Callable[[dict[str, Any]], dict[str, Any]]
 ErrorBody = Callable[[str, int], web.Response]
+Shape = Literal["seed", "alt"]
+SHAPES: tuple[Shape, ...] = ("seed", "alt")
+# The shape `smtp-gateway sandbox` and the tests' sandbox answer with when none is given.
+SHAPE_ENV = "SMTP_GATEWAY_SANDBOX_SHAPE"
+
+
+def default_shape() -> Shape:
+    """The shape named by SMTP_GATEWAY_SANDBOX_SHAPE, else "seed"."""
+    value = os.environ.get(SHAPE_ENV, "seed").strip().lower() or "seed"
+    if value not in SHAPES:
+        raise ConfigError(f"{SHAPE_ENV}={value!r}: expected one of {', '.join(SHAPES)}")
+    return value
 
 
 @lru_cache(maxsize=4096)
@@ -85,6 +107,7 @@ class SandboxState:
     # campania_apikey lookups (numid per request), also recorded in `requests` with kind "lookup".
     lookups: deque[int | str] = field(default_factory=lambda: deque(maxlen=100_000))
     rng: random.Random = field(default_factory=lambda: random.Random(1234))
+    shape: Shape = field(default_factory=default_shape)  # which documented spelling answers use
     fates: Fates = field(default_factory=Fates)  # what becomes of each recipient, and the events reported
     webhook_secret: str = ""  # the secret POST /_sandbox/webhook checks signatures with
 
@@ -117,6 +140,8 @@ class Sandbox:
         self.app.router.add_post("/_sandbox/faults", self.add_fault)
         self.app.router.add_delete("/_sandbox/faults", self.clear_faults)
         self.app.router.add_get("/_sandbox/health", self.health)
+        self.app.router.add_post("/_sandbox/shape", self.set_shape)
+        self.app.router.add_get("/_sandbox/shape", self.get_shape)
         self.app.router.add_post("/_sandbox/fate", self.set_fate)
         self.app.router.add_get("/_sandbox/fate", self.get_fate)
         self.app.router.add_post("/_sandbox/webhook", self.webhook)
@@ -212,6 +237,16 @@ class Sandbox:
     async def clear_faults(self, request: web.Request) -> web.Response:
         self.state.faults.clear()
         return json_response({"status": "ok"})
+
+    async def set_shape(self, request: web.Request) -> web.Response:
+        shape = (await request.json()).get("shape")
+        if shape not in SHAPES:
+            return json_response({"status": "err", "on": f"shape must be one of {', '.join(SHAPES)}"}, 400)
+        self.state.shape = shape
+        return json_response({"shape": shape})
+
+    async def get_shape(self, request: web.Request) -> web.Response:
+        return json_response({"shape": self.state.shape})
 
     async def set_fate(self, request: web.Request) -> web.Response:
         try:

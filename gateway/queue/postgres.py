@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -20,8 +21,9 @@ import structlog
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from gateway.core import tokenbucket
+from gateway.core import quota, tokenbucket
 from gateway.core.errors import SpoolUnavailable
+from gateway.core.quota import Counts, Verdict, Window
 from gateway.core.records import Decision
 from gateway.queue import postgres_schema
 from gateway.queue.health import QueueHealth
@@ -261,6 +263,42 @@ class PostgresQueue:
         async with self._tx() as conn:
             tat, _, now = await self._rate_row(conn, account)
             await conn.execute(SQL.rate_write, (tokenbucket.paused(tat, now, seconds), now + slow_for, account))
+
+    # -- shared quota counts ------------------------------------------------------------------------------
+
+    async def quota_take(self, login: str, windows: Sequence[Window], size: int) -> tuple[Verdict, dict[str, Counts]]:
+        async with self._tx() as conn:
+            counts = await self._quota_rows(conn, login, windows)
+            verdict = quota.decide(windows, counts, 1, size)
+            if verdict.ok:
+                for window in windows:
+                    await conn.execute(SQL.quota_add, (1, size, login, window.key))
+                    counts[window.key] = quota.added(counts[window.key], 1, size)
+        return verdict, counts
+
+    async def quota_return(self, login: str, windows: Sequence[Window], size: int) -> None:
+        async with self._tx() as conn:
+            for window in windows:
+                await conn.execute(SQL.quota_add, (-1, -size, login, window.key))
+
+    async def quota_counts(self, login: str, windows: Sequence[Window]) -> dict[str, Counts]:
+        async with self._tx() as conn:
+            return await self._quota_rows(conn, login, windows)
+
+    @staticmethod
+    async def _quota_rows(
+        conn: psycopg.AsyncConnection[DictRow], login: str, windows: Sequence[Window]
+    ) -> dict[str, Counts]:
+        """The windows' counts, their rows made on first use and locked until commit (the login's ended
+        windows dropped)."""
+        await conn.execute(SQL.quota_expired, (login, time.time()))
+        counts = {}
+        for window in windows:
+            await conn.execute(SQL.quota_row, (login, window.key, window.end))
+            row = await (await conn.execute(SQL.quota_read, (login, window.key))).fetchone()
+            assert row is not None
+            counts[window.key] = Counts(int(row["messages"]), int(row["bytes"]))
+        return counts
 
     @staticmethod
     async def _rate_row(conn: psycopg.AsyncConnection[DictRow], account: str) -> tuple[float, float, float]:

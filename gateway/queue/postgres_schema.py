@@ -77,10 +77,23 @@ CREATE TABLE blobs (
 # The message ledger (gateway/ledger/), as SQLite's version 4.
 V3 = shared_schema.LEDGER
 
-# The return path, as SQLite's version 5.
-V4 = shared_schema.RETURN_PATH
+# Per-login quota counts (gateway/core/quota.py), one row per login and window (SQLite keeps them in its
+# rate-limit side file).
+V4 = """
+CREATE TABLE quota_counts (
+    login    text NOT NULL,
+    win      text NOT NULL,
+    messages bigint NOT NULL,
+    bytes    bigint NOT NULL,
+    expires  double precision NOT NULL,
+    PRIMARY KEY (login, win)
+)
+"""
 
-MIGRATIONS: list[str] = [V1, V2, V3, V4]
+# The return path (gateway/returnpath/), as SQLite's version 5.
+V5 = shared_schema.RETURN_PATH
+
+MIGRATIONS: list[str] = [V1, V2, V3, V4, V5]
 LATEST = len(MIGRATIONS)
 # Serialises migrations of several instances starting at once (pg_advisory_xact_lock key).
 MIGRATION_LOCK = 0x5347_5751  # "SGWQ"

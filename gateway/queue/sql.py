@@ -117,6 +117,14 @@ class Statements:
         self.rate_row = d("INSERT INTO rate_buckets (account, tat) VALUES (?, 0) ON CONFLICT (account) DO NOTHING")
         self.rate_read = d(f"SELECT tat, slow_until, {d.now} AS now FROM rate_buckets WHERE account=?{d.for_update}")
         self.rate_write = d("UPDATE rate_buckets SET tat=?, slow_until=? WHERE account=?")
+        # -- per-login quota counts shared by every process (gateway.core.quota does the arithmetic)
+        self.quota_row = d(
+            "INSERT INTO quota_counts (login, win, messages, bytes, expires) VALUES (?, ?, 0, 0, ?)"
+            " ON CONFLICT (login, win) DO NOTHING"
+        )
+        self.quota_read = d(f"SELECT messages, bytes FROM quota_counts WHERE login=? AND win=?{d.for_update}")
+        self.quota_add = d("UPDATE quota_counts SET messages=messages+?, bytes=bytes+? WHERE login=? AND win=?")
+        self.quota_expired = d("DELETE FROM quota_counts WHERE login=? AND expires<?")
         # -- idempotency keys
         self.key_row = d(f"SELECT msg_id, reply_id, created FROM idempotency WHERE account=? AND key=?{d.for_update}")
         self.key_insert = d(

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import structlog
 
 from gateway.core.errors import SpoolUnavailable
+from gateway.core.quota import Counts, Verdict, Window
 from gateway.core.records import Decision
 from gateway.queue import sqlite_schema
 from gateway.queue.health import QueueHealth
@@ -271,6 +272,17 @@ class SqliteQueue:
 
     async def rate_pause(self, account: str, seconds: float, slow_for: float) -> None:
         await self._rate.pause(account, seconds, slow_for)
+
+    # -- shared quota counts (in the same side file as the rate buckets) ------------------------------------
+
+    async def quota_take(self, login: str, windows: Sequence[Window], size: int) -> tuple[Verdict, dict[str, Counts]]:
+        return await self._rate.quota_take(login, windows, size)
+
+    async def quota_return(self, login: str, windows: Sequence[Window], size: int) -> None:
+        await self._rate.quota_return(login, windows, size)
+
+    async def quota_counts(self, login: str, windows: Sequence[Window]) -> dict[str, Counts]:
+        return await self._rate.quota_counts(login, windows)
 
     # -- idempotency keys -----------------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""The SQLite queue's side files: token buckets shared by local processes, and the disk reserve."""
+"""The SQLite queue's side files: token buckets and quota counts shared by local processes, and the disk
+reserve."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import functools
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from gateway.core import tokenbucket
+from gateway.core import quota, tokenbucket
 from gateway.core.errors import SpoolUnavailable
 from gateway.queue.health import QueueHealth
 from gateway.queue.sql import FOR_SQLITE
@@ -26,8 +27,9 @@ SQL = FOR_SQLITE
 
 
 class RateFile:
-    """The token buckets of the local processes sharing a SQLite queue, in a side file of their own: they
-    need no durability (no fsync) and must not wait behind the queue's writes (own thread)."""
+    """The token buckets and per-login quota counts of the local processes sharing a SQLite queue, in a side
+    file of their own: they need no durability (no fsync) and must not wait behind the queue's writes (own
+    thread)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -42,6 +44,10 @@ class RateFile:
             db.execute(
                 "CREATE TABLE IF NOT EXISTS rate_buckets (account TEXT PRIMARY KEY, tat REAL NOT NULL,"
                 " slow_until REAL NOT NULL DEFAULT 0)"
+            )
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS quota_counts (login TEXT NOT NULL, win TEXT NOT NULL, messages INTEGER"
+                " NOT NULL, bytes INTEGER NOT NULL, expires REAL NOT NULL, PRIMARY KEY (login, win))"
             )
             self._db = db
         return self._db
@@ -69,6 +75,47 @@ class RateFile:
                 db.execute(SQL.rate_write, (tokenbucket.paused(tat, now, seconds), now + slow_for, account))
 
         await self._run(run)
+
+    async def quota_take(
+        self, login: str, windows: Sequence[quota.Window], size: int
+    ) -> tuple[quota.Verdict, dict[str, quota.Counts]]:
+        def run() -> tuple[quota.Verdict, dict[str, quota.Counts]]:
+            with self._tx() as db:
+                counts = self._quota_rows(db, login, windows)
+                verdict = quota.decide(windows, counts, 1, size)
+                if verdict.ok:
+                    for window in windows:
+                        db.execute(SQL.quota_add, (1, size, login, window.key))
+                        counts[window.key] = quota.added(counts[window.key], 1, size)
+            return verdict, counts
+
+        return await self._run(run)
+
+    async def quota_return(self, login: str, windows: Sequence[quota.Window], size: int) -> None:
+        def run() -> None:
+            with self._tx() as db:
+                for window in windows:
+                    db.execute(SQL.quota_add, (-1, -size, login, window.key))
+
+        await self._run(run)
+
+    async def quota_counts(self, login: str, windows: Sequence[quota.Window]) -> dict[str, quota.Counts]:
+        def run() -> dict[str, quota.Counts]:
+            with self._tx() as db:
+                return self._quota_rows(db, login, windows)
+
+        return await self._run(run)
+
+    @staticmethod
+    def _quota_rows(db: sqlite3.Connection, login: str, windows: Sequence[quota.Window]) -> dict[str, quota.Counts]:
+        """The windows' counts, their rows made on first use (and the login's ended windows dropped)."""
+        db.execute(SQL.quota_expired, (login, time.time()))
+        counts = {}
+        for window in windows:
+            db.execute(SQL.quota_row, (login, window.key, window.end))
+            messages, size = db.execute(SQL.quota_read, (login, window.key)).fetchone()
+            counts[window.key] = quota.Counts(int(messages), int(size))
+        return counts
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
+from gateway.core.quota import Counts, Verdict, Window
 from gateway.core.records import CallRow, Decision, DeliveryState
 from gateway.queue.health import QueueHealth
 
@@ -138,6 +139,21 @@ class QueueStore(Protocol):
     async def rate_pause(self, account: str, seconds: float, slow_for: float) -> None:
         """No slot for `seconds` (the upstream's Retry-After), then a slower rate for `slow_for` seconds
         (half at first, recovering linearly: give rate_slot the same `recovery`)."""
+        ...
+
+    # -- per-login quotas shared by every instance on this queue -----------------------------------------
+
+    async def quota_take(self, login: str, windows: Sequence[Window], size: int) -> tuple[Verdict, dict[str, Counts]]:
+        """Count one message of `size` bytes against `login`'s `windows` if it fits them all (gateway.core.quota),
+        atomically; returns the verdict and the windows' counts (with the message, when it was counted)."""
+        ...
+
+    async def quota_return(self, login: str, windows: Sequence[Window], size: int) -> None:
+        """Take back a message quota_take counted (it was not accepted after all)."""
+        ...
+
+    async def quota_counts(self, login: str, windows: Sequence[Window]) -> dict[str, Counts]:
+        """The windows' counts now."""
         ...
 
     # -- idempotency keys (resends are not sent twice) --------------------------------------------------

@@ -10,19 +10,31 @@ import hmac
 import ipaddress
 import math
 import os
+from dataclasses import replace
 from typing import Any
 
 import structlog
 from aiosmtpd.smtp import MISSING, AuthResult, Envelope, Session
 
+from gateway.auth import sasl
 from gateway.auth.credentials import Authenticator, AuthFailed, AuthUnavailable
+from gateway.auth.oauth import OAuthVerifier, TokenRefused, TokenUnavailable
 from gateway.config import LimitsSettings, ListenerSettings
 from gateway.core import replies
 from gateway.core.errors import GatewayError
 from gateway.core.model import Origin, Principal
 from gateway.limits.clients import Defenses, client_key
-from gateway.ops.metrics import AUTH, AUTH_DELAYED, AUTH_LOCKOUTS, AUTH_TRACKED, INTERNAL_ERRORS, LIMIT_HITS
+from gateway.ops.metrics import (
+    AUTH,
+    AUTH_DELAYED,
+    AUTH_LOCKOUTS,
+    AUTH_TRACKED,
+    INTERNAL_ERRORS,
+    LIMIT_HITS,
+    LOGIN_AUTH_FAILURES,
+)
 from gateway.pipeline import Pipeline
+from gateway.smtp.logins import PerLogin
 
 log = structlog.get_logger("gateway.smtp")
 
@@ -38,6 +50,8 @@ class GatewayHandler:
         pipeline: Pipeline,
         authenticator: Authenticator,
         defenses: Defenses | None = None,
+        per_login: PerLogin | None = None,
+        oauth: OAuthVerifier | None = None,
     ) -> None:
         self.listener = listener
         self.limits = limits
@@ -46,6 +60,9 @@ class GatewayHandler:
         # Per-client state shared by every session of the process (and kept across reloads).
         self.defenses = defenses or Defenses(limits)
         self._trusted = listener.trusted_map
+        # Per-login controls (networks, TLS, recipients, quotas, test mode); None: none configured.
+        self.per_login = per_login
+        self.oauth = oauth  # token logins (AUTH XOAUTH2, OAUTHBEARER); None: not offered
 
     # -- who is sending ----------------------------------------------------------------------------
 
@@ -148,10 +165,24 @@ class GatewayHandler:
         login = await self._initial_response(server, args, server.AuthLoginUsernameChallenge)
         if login is None:
             return AuthResult(success=False, handled=True)
+        refusal = self._tls_refusal(server, login)  # before the password travels in clear
+        if refusal is not None:
+            return AuthResult(success=False, handled=False, message=refusal)
         password = await server.challenge_auth(server.AuthLoginPasswordChallenge)
         if password is MISSING:
             return AuthResult(success=False, handled=True)
         return await self._check(server, login, password)
+
+    def _tls_refusal(self, server: Any, login: bytes) -> str | None:
+        """The reply when the login may authenticate only inside TLS here (its password is never checked)."""
+        if self.per_login is None:
+            return None
+        try:
+            checked, _ = self.login_for(login.decode("utf-8"))
+        except UnicodeDecodeError:
+            return None
+        owner = self.authenticator.owner(checked)
+        return self.per_login.tls_refusal(server, owner, self.authenticator.label(checked))
 
     async def _check(self, server: Any, login: bytes, password: bytes) -> AuthResult:
         session: Session = server.session
@@ -159,29 +190,110 @@ class GatewayHandler:
             username, secret = login.decode("utf-8"), password.decode("utf-8")
         except UnicodeDecodeError:
             return await self._refuse(server, session, {"login_unknown": "not UTF-8"})
+        refusal = self._tls_refusal(server, login)
+        if refusal is not None:
+            return AuthResult(success=False, handled=False, message=refusal)
         checked, mapped_by = self.login_for(username)
         mapped = {"mapped_by": mapped_by} if mapped_by else {}
         fields = {**self._loggable(checked), **mapped}
+        throttled = await self._throttle(server, fields)
+        if throttled is not None:
+            return throttled
+        try:
+            principal = await self.authenticator.authenticate(checked, secret)
+        except AuthFailed as exc:
+            if exc.reason and self.per_login is not None:
+                self.per_login.expired(*self._owner_labels(checked))
+            account, user = self._owner_labels(checked)
+            if account and user != "*":
+                LOGIN_AUTH_FAILURES.labels(account=account, login=user).inc()
+            return await self._refuse(server, session, {**fields, **({"reason": exc.reason} if exc.reason else {})})
+        except AuthUnavailable as exc:
+            return self._unavailable(server, str(exc), fields)
+        return await self._accepted(server, principal, fields, mapped)
+
+    async def _throttle(self, server: Any, fields: dict[str, str]) -> AuthResult | None:
+        """Before credentials are checked: a client locked out meanwhile is refused; one that failed often
+        waits first (growing, bounded), then is checked."""
+        session: Session = server.session
         verdict = self.defenses.auth.before(_client(session))
         if verdict.locked_for:  # locked out while this exchange ran
             return await self._refuse(server, session, fields, checked=False)
         if verdict.delay:
-            # This IP failed often: every attempt waits first (growing, bounded), then is checked.
             AUTH_DELAYED.inc()
             log.info("auth_delayed", peer=_peer(session), delay=verdict.delay, client_failures=verdict.failures)
             await asyncio.sleep(verdict.delay)
-        try:
-            principal = await self.authenticator.authenticate(checked, secret)
-        except AuthFailed:
-            return await self._refuse(server, session, fields)
-        except AuthUnavailable as exc:
-            AUTH.labels(result="unavailable").inc()
-            log.warning("auth_unavailable", peer=_peer(session), reason=str(exc), **fields)
-            server.mark_logged()
-            return AuthResult(success=False, handled=False, message=str(replies.AUTH_TEMPFAIL))
+        return None
+
+    def _unavailable(self, server: Any, reason: str, fields: dict[str, str]) -> AuthResult:
+        AUTH.labels(result="unavailable").inc()
+        log.warning("auth_unavailable", peer=_peer(server.session), reason=reason, **fields)
+        server.mark_logged()
+        return AuthResult(success=False, handled=False, message=str(replies.AUTH_TEMPFAIL))
+
+    async def _accepted(
+        self, server: Any, principal: Principal, fields: dict[str, str], mapped: dict[str, str]
+    ) -> AuthResult:
+        """Verified credentials: the login's own controls (its networks), then the session is the login's."""
+        session: Session = server.session
+        if self.per_login is not None:
+            if self.per_login.network_refusal(session, principal):
+                # The same reply as a wrong password: the network is not revealed. Logged with whether the
+                # password was right (a leaked one used from elsewhere is what an operator must hear of).
+                return await self._refuse(server, session, {**fields, "reason": "network", "password_valid": "yes"})
+            self.per_login.authenticated(principal)
         AUTH.labels(result="ok").inc()
-        log.info("auth_ok", peer=_peer(session), login=principal.login, account=principal.account, **mapped)
+        log.info(
+            "auth_ok",
+            peer=_peer(session),
+            login=principal.login,
+            account=principal.account,
+            credential=principal.credential or None,
+            **mapped,
+        )
         return AuthResult(success=True, auth_data=principal, message=str(replies.AUTH_OK))
+
+    async def auth_XOAUTH2(self, server: Any, args: list[str]) -> AuthResult:
+        return await self._bearer(server, args, "XOAUTH2")
+
+    async def auth_OAUTHBEARER(self, server: Any, args: list[str]) -> AuthResult:
+        return await self._bearer(server, args, "OAUTHBEARER")
+
+    async def _bearer(self, server: Any, args: list[str], mechanism: sasl.Mechanism) -> AuthResult:
+        """A token login. Refused as RFC 7628 says: a 334 JSON error challenge, the client's dummy answer, 535."""
+        if self.oauth is None:  # not advertised then (auth_exclude_mechanism); nor accepted
+            return AuthResult(success=False, handled=False, message=str(replies.AUTH_UNKNOWN_MECHANISM))
+        if await self._locked_out(server):
+            return AuthResult(success=False, handled=True)
+        blob = await self._initial_response(server, args, "")
+        if blob is None:
+            return AuthResult(success=False, handled=True)
+        fields: dict[str, str] = {"mechanism": mechanism}
+        throttled = await self._throttle(server, fields)
+        if throttled is not None:
+            return throttled
+        try:
+            token = await self.oauth.login(mechanism, blob, self.login_for)
+        except TokenUnavailable as exc:
+            return self._unavailable(server, str(exc), fields)
+        except TokenRefused as exc:
+            challenge = sasl.error_challenge(mechanism, self.oauth.scope(), self.oauth.discovery)
+            answered = await server.challenge_auth(challenge) is not MISSING  # else aiosmtpd said 501
+            refused = await self._refuse(server, server.session, {**fields, "reason": str(exc)})
+            return refused if answered else AuthResult(success=False, handled=True)
+        refusal = self._tls_refusal(server, token.login.encode())
+        if refusal is not None:
+            return AuthResult(success=False, handled=False, message=refusal)
+        principal = self.authenticator.principal_for_user(token.login)
+        credential = f"oauth:{token.issuer.name}"
+        principal = replace(principal, credential=credential, credential_expires=token.expires)
+        return await self._accepted(server, principal, {**fields, "login": token.login}, {"mechanism": mechanism})
+
+    def _owner_labels(self, login: str) -> tuple[str, str]:
+        owner = self.authenticator.owner(login)
+        if owner is None:
+            return "", login
+        return owner[0], owner[1].username if owner[1] is not None else "*"
 
     async def _refuse(self, server: Any, session: Session, fields: dict[str, str], checked: bool = True) -> AuthResult:
         key = _client(session)
@@ -248,6 +360,9 @@ class GatewayHandler:
                     f"Message rate limit reached for {principal.login}; try again in {math.ceil(wait)} s"
                 )
             )
+        refusal = await self.per_login.mail_refusal(server, principal, mail_options) if self.per_login else None
+        if refusal is not None:
+            return refusal
         try:
             address = await self.pipeline.check_sender(principal, address, smtputf8)
         except GatewayError as exc:
@@ -282,6 +397,9 @@ class GatewayHandler:
             log.info("recipient_rejected", peer=_peer(session), login=principal.login, reply=str(exc.reply))
             server.mark_logged()
             return str(exc.reply)
+        refusal = self.per_login.recipient_refusal(server, principal, address) if self.per_login else None
+        if refusal is not None:
+            return refusal
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return str(replies.RECIPIENT_OK)
@@ -293,6 +411,11 @@ class GatewayHandler:
         raw = envelope.original_content
         assert isinstance(raw, (bytes, bytearray)) and envelope.mail_from is not None
         txn = server.txn
+        taken = None
+        if self.per_login is not None:
+            refusal, taken = await self.per_login.take(server, principal, len(raw))
+            if refusal is not None:
+                return refusal
         reply = await self.pipeline.accept(
             principal,
             envelope.mail_from,
@@ -302,7 +425,11 @@ class GatewayHandler:
             receipt=txn.receipt if txn is not None else None,
             reservation=server.take_reservation(),
             origin=Origin(listener=server.listener, peer=_peer(session)),
+            test_mode=self.per_login.test_mode(principal) if self.per_login else False,
+            drop_invalid_header_addresses=self.listener.drop_invalid_header_addresses,
         )
+        if self.per_login is not None:
+            self.per_login.settle(principal, taken, str(reply))
         return str(reply)
 
     async def handle_exception(self, error: Exception) -> str:

@@ -511,6 +511,8 @@ class GatewaySMTP(SMTP):
             fields["upstream_id"] = receipt.upstream_ids[0]
             if len(receipt.upstream_ids) > 1:
                 fields["upstream_ids"] = receipt.upstream_ids
+        if receipt.upstream_sent is not None:
+            fields["upstream_sent"] = receipt.upstream_sent
         if status is None:
             reason = self._cut_off or (
                 "client disconnected during delivery (the delivery goes on)"

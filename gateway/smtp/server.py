@@ -11,16 +11,20 @@ from typing import Any, cast
 
 import structlog
 
+from gateway.auth.controls import LoginControls
 from gateway.auth.credentials import Authenticator
+from gateway.auth.oauth import OAuthVerifier
 from gateway.config import ConfigError, LimitsSettings, Settings, TlsSettings
 from gateway.core import replies
 from gateway.limits.budget import ByteBudget
 from gateway.limits.clients import Defenses, client_key
+from gateway.limits.quotas import QuotaTracker
 from gateway.ops.metrics import CONNECTIONS_REFUSED, REFUSALS, SESSIONS, SESSIONS_ACTIVE
 from gateway.pipeline import Pipeline
 from gateway.smtp.gate import Gate
 from gateway.smtp.handler import GatewayHandler
 from gateway.smtp.handshake import HandshakeFailures, ListenerTls
+from gateway.smtp.logins import PerLogin
 from gateway.smtp.protocol import GatewaySMTP
 from gateway.smtp.tls import CertificateError, Profile, describe_certificate, server_context
 
@@ -110,6 +114,10 @@ class Listeners:
     tls: dict[str, ListenerTls] = field(default_factory=dict)
     handshake_failures: HandshakeFailures = field(default_factory=HandshakeFailures)
     defenses: Defenses | None = None
+    # Per-login quota counts (shared through the queue store when the app gives one), kept across reloads.
+    quotas: QuotaTracker = field(default_factory=lambda: QuotaTracker(None))
+    # Token logins (AUTH XOAUTH2, OAUTHBEARER) when [oauth] names issuers; set before apply() on a reload.
+    oauth: OAuthVerifier | None = None
     handlers: dict[str, GatewayHandler] = field(default_factory=dict)
     # Connections waiting for their PROXY header (not sessions yet, but they hold a slot).
     gates: set[Gate] = field(default_factory=set)
@@ -179,9 +187,12 @@ class Listeners:
 
     def _build_handlers(self) -> None:
         assert self.defenses is not None
+        controls = LoginControls(self.settings)
+        self.quotas.configured = controls.configured_quotas()
+        per_login = PerLogin(controls, self.quotas)
         self.handlers = {
             listener.name: GatewayHandler(
-                listener, self.settings.limits, self.pipeline, self.authenticator, self.defenses
+                listener, self.settings.limits, self.pipeline, self.authenticator, self.defenses, per_login, self.oauth
             )
             for listener in self.settings.listeners
         }
@@ -267,6 +278,7 @@ class Listeners:
             # Implicit TLS is encrypted from the first byte: aiosmtpd cannot tell (aiosmtpd #281).
             auth_require_tls=not (implicit or listener.allow_insecure_auth),
             auth_required=False,  # enforced in handle_MAIL, which also knows trusted networks
+            auth_exclude_mechanism=() if handler.oauth else ("XOAUTH2", "OAUTHBEARER"),
             timeout=limits.command_timeout,
             command_call_limit=COMMAND_LIMITS,
             loop=asyncio.get_running_loop(),

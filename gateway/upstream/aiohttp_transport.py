@@ -5,6 +5,7 @@ failure: a possibly delivered call would then look safe to resend."""
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -23,15 +24,22 @@ async def _slices(body: bytes) -> AsyncIterator[bytes]:
 class AiohttpTransport(httpx.AsyncBaseTransport):
     """One pooled keep-alive aiohttp session; created on first use, inside the running event loop."""
 
-    def __init__(self, max_connections: int, keepalive_expiry: float = 15.0, max_response: int = 1 << 20) -> None:
+    def __init__(
+        self,
+        max_connections: int,
+        keepalive_expiry: float = 15.0,
+        max_response: int = 1 << 20,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self._limit = max_connections
+        self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
         self._max_response = max_response
         self._keepalive = keepalive_expiry
         self._session: aiohttp.ClientSession | None = None
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None:
-            connector = aiohttp.TCPConnector(limit=self._limit, keepalive_timeout=self._keepalive)
+            connector = aiohttp.TCPConnector(limit=self._limit, keepalive_timeout=self._keepalive, ssl=self._ssl)
             self._session = aiohttp.ClientSession(
                 connector=connector, auto_decompress=True, trust_env=False, skip_auto_headers=("User-Agent",)
             )

@@ -11,7 +11,9 @@ Write errors count as "nothing sent": an upstream cannot act on a request it did
 
 from __future__ import annotations
 
+import ssl
 import time
+from pathlib import Path
 from typing import Literal
 
 import httpx
@@ -31,14 +33,16 @@ MAX_RESPONSE = 1 << 20
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.WriteError, httpx.WriteTimeout)
 
 
-def make_transport(max_connections: int, kind: TransportKind = "aiohttp") -> httpx.AsyncBaseTransport:
+def make_transport(
+    max_connections: int, kind: TransportKind = "aiohttp", ssl_context: ssl.SSLContext | None = None
+) -> httpx.AsyncBaseTransport:
     if kind == "aiohttp":
         # aiohttp's client costs a fraction of httpx's own transport's CPU per request (docs/development/benchmarks.md).
-        return AiohttpTransport(max_connections)
+        return AiohttpTransport(max_connections, ssl_context=ssl_context)
     limits = httpx.Limits(
         max_connections=max_connections, max_keepalive_connections=max_connections, keepalive_expiry=15.0
     )
-    return httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
+    return httpx.AsyncHTTPTransport(limits=limits, trust_env=False, verify=ssl_context or True)
 
 
 class HttpClient:
@@ -54,13 +58,18 @@ class HttpClient:
         timeout: float,
         max_connections: int = 50,
         transport: TransportKind | httpx.AsyncBaseTransport = "aiohttp",
+        ca_file: Path | None = None,
     ) -> None:
+        """`ca_file`: CA certificates (PEM) to trust instead of the system's (a private CA)."""
         self.base_url = base_url.rstrip("/")
         self.upstream = upstream  # "DMDS", "dEngage": for log reasons
         self.account = account
         self._timeout = self.timeouts(timeout)
+        context = ssl.create_default_context(cafile=str(ca_file)) if ca_file is not None else None
         self._transport = (
-            transport if isinstance(transport, httpx.AsyncBaseTransport) else make_transport(max_connections, transport)
+            transport
+            if isinstance(transport, httpx.AsyncBaseTransport)
+            else make_transport(max_connections, transport, context)
         )
         # Metric children by (endpoint, outcome), bound once: labels() costs a lock and a dict walk per call.
         self._metrics: dict[tuple[str, str], Histogram] = {}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import string
 from pathlib import Path
 from typing import Literal
 
@@ -21,6 +23,16 @@ class DengageEventSettings(EventSettings):
         description="Added to every message's `tags` while events are enabled, and the report is filtered by it "
         "(other systems' mail on the account stays out); empty: no tag, the whole account's report.",
     )
+
+
+# A request field as a dotted path ("content.fromAddress").
+FIELD_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
+# Fields the gateway fills itself (gateway/providers/dengage/wire.py): a From field may be none of them, nor
+# go inside one (the objects `send` and `content` hold other fields too).
+LEAF_FIELDS = ("send.to", "content.subject", "content.html", "content.templateId", "replyTo", "tags")
+GATEWAY_FIELDS = frozenset({"send", "content", "attachments", "xHeaders", *LEAF_FIELDS})
+SUBJECT_PLACEHOLDERS = ("login", "account", "from", "from_name", "date")
+X_HEADER_PATTERN = re.compile(r"[Xx]-[A-Za-z0-9*?][A-Za-z0-9*?-]*")
 
 
 class DengageUser(UserSettings):
@@ -68,6 +80,35 @@ class DengageAccount(AccountBase):
     users: list[DengageUser] = Field([], description="Logins configured here, each with its password hash.")
     tags: list[str] = Field([], description="Report tags added to every message of this account.")
     events: DengageEventSettings = Field(DengageEventSettings(), description="Reading dEngage's report back.")
+    # Where the From goes: no field name is confirmed (upstream-apis.md §2.3), so none is sent by default.
+    from_address_field: str | None = Field(
+        None,
+        description="The request field, a dotted path such as `content.fromAddress`, that carries the message's "
+        "From address; unset (the default): not sent, and the mail goes out under the account's default sender. "
+        "Set it once dEngage has confirmed the name (`smtp-gateway check-upstream` cannot tell).",
+    )
+    from_name_field: str | None = Field(
+        None, description="The request field (a dotted path) that carries the From's display name; unset: not sent."
+    )
+    from_identity_field: str | None = Field(
+        None,
+        description="The request field (a dotted path such as `content.fromId`) that carries the id of the From "
+        "identity (`GET /rest/email/froms`) with the message's From address, else the first identity of its "
+        "domain; unset: not sent.",
+    )
+    default_subject: str | None = Field(
+        None,
+        description='The Subject of a message without one, which dEngage refuses: a template, e.g. "(no subject)" '
+        'or "Scan from {login}", with {login}, {account}, {from} (the From address), {from_name} (its display '
+        "name, else the address) and {date} (the day it was accepted, YYYY-MM-DD, UTC); `{{`/`}}` for braces. "
+        "Unset: such messages are refused with 554 5.6.0.",
+    )
+    forward_x_headers: list[str] = Field(
+        [],
+        description="The custom X- headers forwarded to dEngage (`xHeaders`), matched without regard to case, `*` "
+        'standing for any characters: `["X-Mailer", "X-Custom-*"]`. Empty (the default): none (they carry '
+        "client addresses and spam scores).",
+    )
     # dEngage allows about 30 requests/s per IP (upstream-apis.md §2.1 [C]). A token bucket lets at most
     # rate_burst + rate_limit - 1 calls through in any one second: 29 with these defaults.
     rate_limit: float | None = Field(
@@ -101,6 +142,60 @@ class DengageAccount(AccountBase):
     @classmethod
     def _lower_domains(cls, v: list[str]) -> list[str]:
         return [d.lower().strip().strip(".").lstrip("@") for d in v]
+
+    @field_validator("from_address_field", "from_name_field", "from_identity_field")
+    @classmethod
+    def _field_path(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        v = v.strip()
+        if not FIELD_PATH.fullmatch(v):
+            raise ValueError(f"{v!r} is not a request field: names separated by dots, e.g. content.fromAddress")
+        if v in GATEWAY_FIELDS or any(v.startswith(f"{taken}.") for taken in (*LEAF_FIELDS, "attachments", "xHeaders")):
+            raise ValueError(f"{v!r} is a field the gateway fills itself")
+        return v
+
+    @field_validator("default_subject")
+    @classmethod
+    def _subject_template(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        try:
+            names = [name for _, name, _, _ in string.Formatter().parse(v) if name is not None]
+        except ValueError as exc:
+            raise ValueError(f"{v!r}: {exc} (write {{{{ and }}}} for braces)") from None
+        unknown = sorted(set(names) - set(SUBJECT_PLACEHOLDERS))
+        if unknown:
+            raise ValueError(
+                f"unknown placeholder {{{unknown[0]}}}: use {', '.join('{' + p + '}' for p in SUBJECT_PLACEHOLDERS)}"
+            )
+        if not v.strip():
+            raise ValueError("must not be empty (dEngage refuses an empty Subject)")
+        return v
+
+    @field_validator("forward_x_headers")
+    @classmethod
+    def _x_header_patterns(cls, v: list[str]) -> list[str]:
+        for pattern in v:
+            if not X_HEADER_PATTERN.fullmatch(pattern) or pattern.lower().startswith("x-gateway-"):
+                raise ValueError(
+                    f"{pattern!r} is not an X- header name or pattern (X-Mailer, X-Custom-*); X-Gateway-* "
+                    "options are never forwarded"
+                )
+        return v
+
+    @property
+    def sends_from(self) -> bool:
+        """Whether the requests carry the message's From (an address or an identity field is set)."""
+        return bool(self.from_address_field or self.from_identity_field)
+
+    def notes(self) -> list[str]:
+        if self.sends_from:
+            return []
+        return [
+            "dEngage mail goes out under the account's default sender: no request field carries the message's "
+            "From (dEngage has not confirmed one); set from_address_field or from_identity_field once it has"
+        ]
 
     @field_validator("rate_limit")
     @classmethod

@@ -3,10 +3,13 @@ account's From identities as the permitted sender domains, tags and a template p
 
 from __future__ import annotations
 
+import fnmatch
 import hmac
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import orjson
@@ -16,11 +19,13 @@ from gateway.config.base import UserSettings
 from gateway.core import replies
 from gateway.core.errors import ContentRejected, RateLimited, UpstreamAuthFailed
 from gateway.core.events import EventSource
-from gateway.core.model import Call, Message, Principal, ProviderData, Submission
+from gateway.core.model import Address, Call, Message, Principal, ProviderData, Submission
 from gateway.core.outcome import BeforeSend, Outcome, no_hook
 from gateway.mime import jsonbody
+from gateway.ops.metrics import FIELDS_NOT_SENT
 from gateway.policy import SenderPolicy, ascii_domain, domain_of
 from gateway.providers.base import ProviderBase
+from gateway.providers.checks import AccountCheck
 from gateway.providers.dengage import wire
 from gateway.providers.dengage.config import DengageAccount, DengageUser
 from gateway.providers.dengage.data import DengageLogin, DengageParams
@@ -63,11 +68,12 @@ class DengageProvider(ProviderBase[DengageAccount]):
         super().__init__(account, settings, http, limiter or Unlimited())
         self.tokens = TokenSource(account, http, self.limiter, settings.api_userkey, settings.api_password, clock)
         self.identities = Identities(account, self._fetch_froms, settings.froms_ttl, clock)
-        self._policy: tuple[tuple[str, ...], SenderPolicy] | None = None
+        self._policy: tuple[tuple[wire.Identity, ...], SenderPolicy] | None = None
         # The API user's login as it appears in logs and replies: never the userkey itself.
         self._api_login = f"{account}:api-user"
         self._warned_no_id = False
         self._events: DengageEvents | None = None
+        self._x_header_patterns = tuple(p.lower() for p in settings.forward_x_headers)
 
     # -- logins ------------------------------------------------------------------------------------
 
@@ -104,16 +110,22 @@ class DengageProvider(ProviderBase[DengageAccount]):
             return None
         return Principal(account=self.account, login=self._api_login, extra=DengageLogin())
 
+    async def check_upstream(self) -> AccountCheck:
+        """Harmless read-only calls against dEngage (smtp-gateway check-upstream)."""
+        from gateway.providers.dengage.check import check_account
+
+        return await check_account(self)
+
     # -- acceptance --------------------------------------------------------------------------------
 
     async def sender_policy(self) -> SenderPolicy:
         """The domains of the account's From identities (narrowed by sender_domains); a From outside them
         is refused with a reply that names them. Raises Deferred while they were never fetched."""
-        addresses = await self.identities.addresses()
+        identities = await self.identities.current()
         cached = self._policy
-        if cached is not None and cached[0] is addresses:
+        if cached is not None and cached[0] is identities:
             return cached[1]
-        domains = frozenset(ascii_domain(domain_of(a)) for a in addresses)
+        domains = frozenset(ascii_domain(domain_of(i.address)) for i in identities)
         if self.settings.sender_domains:
             wanted = frozenset(ascii_domain(d) for d in self.settings.sender_domains)
             if wanted - domains:
@@ -125,7 +137,7 @@ class DengageProvider(ProviderBase[DengageAccount]):
                 )
             domains &= wanted
         policy = SenderPolicy(domains=domains, name_domains=True)
-        self._policy = (addresses, policy)
+        self._policy = (identities, policy)
         return policy
 
     async def prepare(
@@ -141,7 +153,10 @@ class DengageProvider(ProviderBase[DengageAccount]):
                     f"X-Gateway-Template must be a dEngage content id (a UUID), got {template[:60]!r}"
                 ) from None
         elif not message.subject.strip():
-            raise ContentRejected(reply=replies.NO_SUBJECT)
+            if self.settings.default_subject is None:
+                raise ContentRejected(reply=replies.NO_SUBJECT)
+            message = replace(message, subject=self._default_subject(principal, message, mail_from))
+        message = self._forwarded(message)
         tags = merge_tags(
             self.settings.tags, DengageLogin.read(principal.extra).tags, options.get(TAGS_OPTION, ""), self._event_tag()
         )
@@ -165,6 +180,63 @@ class DengageProvider(ProviderBase[DengageAccount]):
             self._events = DengageEvents(self.account, self.settings, self._authorized)
         return self._events
 
+    def _default_subject(self, principal: Principal, message: Message, mail_from: str) -> str:
+        """The account's default_subject for a message without one (its placeholders filled in)."""
+        template = self.settings.default_subject
+        assert template is not None
+        sender = message.from_ or Address(mail_from)
+        values = {
+            "login": principal.login,
+            "account": self.account,
+            "from": sender.email,
+            "from_name": sender.name or sender.email,
+            "date": datetime.now(UTC).date().isoformat(),
+        }
+        return replies.sanitize(template.format_map(values), limit=998)
+
+    def _forwarded(self, message: Message) -> Message:
+        """The message with only the X- headers the account forwards (forward_x_headers); what dEngage cannot
+        be given is counted (smtp_gateway_fields_not_sent_total)."""
+        if message.x_headers:
+            kept = tuple((name, value) for name, value in message.x_headers if self._forwards(name.lower()))
+            if len(kept) != len(message.x_headers):
+                FIELDS_NOT_SENT.labels(account=self.account, field="x_headers").inc()
+                message = replace(message, x_headers=kept)
+        if not wire.WIRE["att_cid"] and any(a.inline and a.content_id for a in message.attachments):
+            FIELDS_NOT_SENT.labels(account=self.account, field="content_id").inc()
+        return message
+
+    def _forwards(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self._x_header_patterns)
+
+    def _named_sender(self, message: Message) -> dict[str, str]:
+        """The From's address and name where the account's settings put them (none by default: no name is
+        confirmed)."""
+        sender = message.from_
+        if sender is None:
+            return {}
+        settings, w = self.settings, wire.WIRE
+        fields: dict[str, str] = {}
+        if address_field := settings.from_address_field or w["from_address"]:
+            fields[address_field] = sender.email
+        if (name_field := settings.from_name_field or w["from_name"]) and sender.name:
+            fields[name_field] = sender.name
+        return fields
+
+    async def _sender(self, message: Message) -> dict[str, str]:
+        """The From's fields where the account's settings put them: address, name and identity id."""
+        sender = message.from_
+        if sender is None:
+            return {}
+        fields = self._named_sender(message)
+        if identity_field := self.settings.from_identity_field or wire.WIRE["from_identity"]:
+            identity = wire.identity_for(await self.identities.current(), sender.email)
+            if identity is not None and identity.id is not None:
+                fields[identity_field] = identity.id
+            else:
+                FIELDS_NOT_SENT.labels(account=self.account, field="from_identity").inc()
+        return fields
+
     def plan(self, submission: Submission) -> tuple[Call, ...]:
         """One call per envelope recipient (send.to takes one address); the key is the address in lower
         case, so RCPT TO repeating an address in another case is still one copy."""
@@ -182,7 +254,12 @@ class DengageProvider(ProviderBase[DengageAccount]):
                 "call": call.key,
                 "method": "POST",
                 "path": str(wire.WIRE["send"]),
-                "body": wire.build_payload(submission, call.recipients[0], jsonbody.attachment_omitted),
+                "body": wire.build_payload(
+                    submission,
+                    call.recipients[0],
+                    self._named_sender(submission.message),  # the identity id is looked up when sending
+                    attachment=jsonbody.attachment_omitted,
+                ),
             }
             for call in self.plan(submission)
         ]
@@ -205,7 +282,7 @@ class DengageProvider(ProviderBase[DengageAccount]):
 
     async def send_one(self, submission: Submission, call: Call, before_send: BeforeSend = no_hook) -> wire.SendResult:
         recipient = call.recipients[0]
-        content = jsonbody.encode(wire.build_payload(submission, recipient))
+        content = jsonbody.encode(wire.build_payload(submission, recipient, await self._sender(submission.message)))
         extra: dict[str, str] = {}
         header = wire.WIRE["idempotency_header"]
         ref = DengageParams.read(submission.params).ref
@@ -224,7 +301,7 @@ class DengageProvider(ProviderBase[DengageAccount]):
             log.warning("dengage_answer_without_id", account=self.account, keys=list(result.keys))
         return result
 
-    async def _fetch_froms(self) -> tuple[str, ...]:
+    async def _fetch_froms(self) -> tuple[wire.Identity, ...]:
         return await self._authorized("froms", "GET", str(wire.WIRE["froms"]), wire.from_identities)
 
     async def _authorized(

@@ -8,6 +8,16 @@ unknown one); refusals come as HTTP 200 with a non-zero `code` and the vendor's 
 answers a transactional id for its recipient and a group id. Every request is recorded (kinds login,
 froms, send); the password, tokens and attachment contents never appear in what is printed.
 
+Answers use the spelling of the sandbox's shape (gateway/providers/sandbox.py):
+
+    answer   seed                                                alt
+    login    {"access_token","token_type","expires_in"}          {"code":0,"data":{"accessToken","expiresIn"}}
+    froms    {"code":0,"data":[{"id","name","fromAddress",...}]} [{"Id","FromName","FromEmail","CreatedBy",...}]
+    send     {"code":0,"data":{"transactionalIds":[T],"groupId"}} {"code":0,"data":{"trackingIds":[{"email",
+                                                                  "trackingId":T}],"groupID"}}
+
+Every identity also names the user who created it (`createdBy`, an address that is no sender).
+
     POST /_sandbox/dengage   {"token_ttl": 5, "expire_tokens": true, "rate_limit": 30, "refuse_all": true,
                               "refused_ips": ["127.0.0.1"], "fail_to": {"b@example.com": 1},
                               "froms": ["Team <team@example.com>"], "send_expires_in": false}
@@ -37,6 +47,7 @@ PROVIDER = "dengage"
 NOT_AUTHENTICATED = "Not auhenticated. Please re-login."  # [V] the typo is the vendor's
 VALIDATION_CODE = 2  # the sandbox's non-zero code for a refused send (the vendor's numbers are unknown)
 REDACTED = "<redacted>"
+CREATED_BY = "admin@sandbox-users.example"  # who created the identities: an address that is no sender
 
 
 @dataclass
@@ -230,10 +241,16 @@ def install(sandbox: Sandbox, state: DengageSandbox) -> None:
             )
         token = f"sbx-{uuid.uuid4().hex}"
         state.tokens[token] = state.clock() + state.token_ttl
-        answer: dict[str, Any] = {"access_token": token, "token_type": "bearer"}
+        ttl = state.token_ttl
+        expires = int(ttl) if ttl == int(ttl) else ttl
+        if sandbox.state.shape == "alt":
+            inner: dict[str, Any] = {"accessToken": token, **({"expiresIn": expires} if state.send_expires_in else {})}
+            answer: dict[str, Any] = {"code": 0, "message": "Success", "data": inner}
+            shown = {**answer, "data": {**inner, "accessToken": REDACTED}}
+            return sandbox.answer(entry, json_response(answer), response_body=shown)
+        answer = {"access_token": token, "token_type": "bearer"}
         if state.send_expires_in:
-            ttl = state.token_ttl
-            answer["expires_in"] = int(ttl) if ttl == int(ttl) else ttl
+            answer["expires_in"] = expires
         return sandbox.answer(entry, json_response(answer), response_body={**answer, "access_token": REDACTED})
 
     async def froms(request: web.Request) -> web.StreamResponse:
@@ -244,10 +261,23 @@ def install(sandbox: Sandbox, state: DengageSandbox) -> None:
             return early
         if not authenticated(request):
             return sandbox.answer(entry, _refused(NOT_AUTHENTICATED, 401, code=401), error=NOT_AUTHENTICATED)
-        items = []
+        items: list[dict[str, Any]] = []
         for number, text in enumerate(state.froms, 1):
             name, address = parseaddr(text)
-            items.append({"id": number, "name": name, "fromAddress": address})
+            if sandbox.state.shape == "alt":
+                items.append(
+                    {
+                        "Id": str(uuid.uuid5(uuid.NAMESPACE_URL, address)),
+                        "FromName": name,
+                        "FromEmail": address,
+                        "CreatedBy": CREATED_BY,
+                        "CreatedDate": "2024-08-21T10:00:00",
+                    }
+                )
+            else:
+                items.append({"id": number, "name": name, "fromAddress": address, "createdBy": CREATED_BY})
+        if sandbox.state.shape == "alt":
+            return sandbox.answer(entry, json_response(items))
         return sandbox.answer(entry, json_response({"code": 0, "message": "Success", "data": items}))
 
     async def send(request: web.Request) -> web.StreamResponse:
@@ -273,14 +303,16 @@ def install(sandbox: Sandbox, state: DengageSandbox) -> None:
                 _refused("Service temporarily unavailable", 503, code=503),
                 error="temporary failure for this recipient",
             )
-        transactional_id = str(uuid.uuid4())
-        record_send(sandbox, body, transactional_id)
-        answer = {
-            "code": 0,
-            "message": "Success",
-            "data": {"transactionalIds": [transactional_id], "groupId": str(uuid.uuid4())},
-        }
-        return sandbox.answer(entry, json_response(answer))
+        entry["upstream_id"] = transactional = str(uuid.uuid4())  # whatever the shape calls it
+        record_send(sandbox, body, transactional)
+        if sandbox.state.shape == "alt":
+            data: dict[str, Any] = {
+                "trackingIds": [{"email": body["send"]["to"], "trackingId": transactional}],
+                "groupID": str(uuid.uuid4()),
+            }
+        else:
+            data = {"transactionalIds": [transactional], "groupId": str(uuid.uuid4())}
+        return sandbox.answer(entry, json_response({"code": 0, "message": "Success", "data": data}))
 
     async def control(request: web.Request) -> web.Response:
         if request.method == "POST":

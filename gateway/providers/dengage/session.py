@@ -90,12 +90,12 @@ class TokenSource:
 
 
 class Identities:
-    """The account's sender addresses from GET /rest/email/froms, cached and refreshed."""
+    """The account's From identities from GET /rest/email/froms, cached and refreshed."""
 
     def __init__(
         self,
         account: str,
-        fetch: Callable[[], Awaitable[tuple[str, ...]]],
+        fetch: Callable[[], Awaitable[tuple[wire.Identity, ...]]],
         ttl: float,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -103,25 +103,25 @@ class Identities:
         self._fetch = fetch
         self._ttl = ttl
         self._clock = clock
-        self._addresses: tuple[str, ...] | None = None
+        self._identities: tuple[wire.Identity, ...] | None = None
         self._fresh_until = 0.0
-        self._update: SingleFlight[None, tuple[str, ...]] = SingleFlight()
+        self._update: SingleFlight[None, tuple[wire.Identity, ...]] = SingleFlight()
         self._failure: tuple[Deferred, float] | None = None
         self._logged = -LOG_EVERY
 
-    async def addresses(self) -> tuple[str, ...]:
+    async def current(self) -> tuple[wire.Identity, ...]:
         """The identities now. Stale ones are returned at once while a refresh runs in the background;
         with none known yet, the caller waits for the first fetch (and gets its failure: a Deferred)."""
         now = self._clock()
-        if self._addresses is not None:
+        if self._identities is not None:
             if now >= self._fresh_until:
                 self._update.start(None, self._background_refresh)
-            return self._addresses
+            return self._identities
         if not self._update.running(None) and self._failure is not None and now < self._failure[1]:
             raise self._failure[0].with_traceback(None)
         return await self._update.run(None, self._refresh)
 
-    async def _background_refresh(self) -> tuple[str, ...]:
+    async def _background_refresh(self) -> tuple[wire.Identity, ...]:
         """A refresh nobody waits for: a bug in it is logged here, once, or it would go unseen."""
         try:
             return await self._refresh()
@@ -130,11 +130,11 @@ class Identities:
             log.error("dengage_froms_refresh_internal_error", account=self.account, exc_info=exc)
             raise
 
-    async def _refresh(self) -> tuple[str, ...]:
+    async def _refresh(self) -> tuple[wire.Identity, ...]:
         try:
-            addresses = await self._fetch()
+            identities = await self._fetch()
         except Deferred as exc:
-            if self._addresses is None:
+            if self._identities is None:
                 # Never fetched: MAIL FROM cannot be checked, so it is a temporary failure (4xx), not a refusal.
                 now = self._clock()
                 self._failure = (exc, now + FAILURE_HOLD)
@@ -152,12 +152,12 @@ class Identities:
             # Keep the list we have; try again in a minute at most.
             self._fresh_until = self._clock() + min(self._ttl, 60.0)
             log.warning(
-                "dengage_froms_refresh_failed", account=self.account, reason=exc.reason, kept=len(self._addresses)
+                "dengage_froms_refresh_failed", account=self.account, reason=exc.reason, kept=len(self._identities)
             )
-            return self._addresses
-        if addresses != self._addresses:
-            log.info("dengage_froms", account=self.account, identities=list(addresses))
-        self._addresses = addresses
+            return self._identities
+        if identities != self._identities:
+            log.info("dengage_froms", account=self.account, identities=[i.address for i in identities])
+        self._identities = identities
         self._fresh_until = self._clock() + self._ttl
         self._failure = None
-        return addresses
+        return identities

@@ -9,8 +9,9 @@ import ipaddress
 import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from email.utils import parseaddr
 from typing import Any
 
 from gateway.core.errors import (
@@ -24,6 +25,7 @@ from gateway.core.model import Submission
 from gateway.mime import jsonbody, text_to_html
 from gateway.providers.dengage.data import DengageParams
 from gateway.upstream.response import HttpResponse
+from gateway.upstream.shape import Reading
 
 # Every wire name in one table, tagged as in shared/upstream-apis.md part 2:
 #   [V] vendor docs, [C] seen in real client code or notes, [I] our inference.
@@ -33,10 +35,8 @@ WIRE: dict[str, str | None] = {
     "login": "/login",  # [C] POST {userkey, password} -> {access_token, expires_in}; base ends in /rest
     "login_userkey": "userkey",  # [C] every client sends it lower-case; the docs write userKey
     "login_password": "password",  # [C]
-    "access_token": "access_token",  # [C]
-    "expires_in": "expires_in",  # [C] seconds; 3600 when absent [C]
     "send": "/transactional/email",  # [C] POST
-    "froms": "/email/froms",  # [C] GET; the answer's shape is [I] (parsed for anything address-like)
+    "froms": "/email/froms",  # [C] GET; the answer's shape is [I] (IDENTITY_KEYS)
     "to_object": "send",  # [C] "Send can not be null"
     "to": "to",  # [C] send.to: ONE address, a string (an array is a deserializer error)
     "content": "content",  # [C]
@@ -48,18 +48,30 @@ WIRE: dict[str, str | None] = {
     "att_name": "name",  # [I]
     "att_content": "content",  # [I] base64
     "att_type": "type",  # [I] MIME type
-    "att_cid": None,  # unknown: inline images travel as plain attachments
+    # [I] (inline images' Content-ID, so that the body's cid: references resolve); the attachment item's
+    # keys are not documented; ASP.NET ignores a key it does not know. None: not sent (and counted).
+    "att_cid": "contentId",
     "x_headers": "xHeaders",  # [V] exists; shape [I]: an object header name -> value at the root
     "tags": "tags",  # [C] string list (report filter, [V])
     # Not sent by the gateway (no SMTP equivalent): "current" [C] personalisation object at the root,
     # "reporting" [C] {trackOpen, trackClick}, "send.toLanguage" [C], "multiLangContent" [V].
-    "from_address": None,  # unknown: C-TT found senderId, emailFromId, send.from, send.fromId ignored [C]
-    "from_name": None,  # unknown: the docs allow another sender name [V], the field is not known
+    # The From: unknown. C-TT found senderId, emailFromId, send.from, send.fromId ignored [C]; the docs allow
+    # another sender name and local part [V] without naming the field. Per account: from_address_field,
+    # from_name_field, from_identity_field (config.py); these are the defaults when those are unset.
+    "from_address": None,
+    "from_name": None,
+    "from_identity": None,
     # Idempotency: the vendor page announces support for this endpoint, the text is cut off [V]; the only
     # public hint is "traceId for idempotency" on transactional PUSH [C] (salil-dengage/dengage-demos
     # PROJECT-LOG), nothing for email, and not whether it is a header or a field. Unconfirmed: nothing
     # is sent. Set this to the header name once confirmed; `idempotency_key` below derives the value.
     "idempotency_header": None,
+}
+# The login answer's keys, first match wins (letter case ignored): access_token and expires_in (seconds;
+# 3600 when absent) [C]; the camelCase spellings ASP.NET answers use elsewhere [I].
+TOKEN_KEYS: dict[str, tuple[str, ...]] = {
+    "access_token": ("access_token", "accessToken", "token"),
+    "expires_in": ("expires_in", "expiresIn"),
 }
 # The answer: {"code": 0, "message": ..., "data": {...}} [C]; "transactionId" at the root [C] (C-NIS's
 # notes); "transactionalIds per recipient and a groupId for all" [V] with unknown JSON keys: looked for
@@ -112,12 +124,28 @@ def has_body(submission: Submission) -> bool:
     return bool((msg.text or "").strip()) or msg.html != text_to_html(msg.text or "")
 
 
+def put(body: dict[str, Any], path: str, value: str) -> None:
+    """Set a dotted path of a request body ("content.fromName"), making the objects on the way."""
+    *parents, leaf = path.split(".")
+    node = body
+    for name in parents:
+        child = node.get(name)
+        if not isinstance(child, dict):
+            child = node[name] = {}
+        node = child
+    node[leaf] = value
+
+
 def build_payload(
-    submission: Submission, recipient: str, attachment: jsonbody.AttachmentContent = jsonbody.attachment_base64
+    submission: Submission,
+    recipient: str,
+    sender: Mapping[str, str] | None = None,
+    attachment: jsonbody.AttachmentContent = jsonbody.attachment_base64,
 ) -> dict[str, Any]:
-    """The JSON body of the call for one envelope recipient (`attachment`: what an attachment carries). Pure:
-    golden-tested in tests/test_dengage_payload.py. Only this recipient is named: Cc and Bcc recipients get
-    their own call and never appear in another's; header To/Cc are never forwarded as recipients."""
+    """The JSON body of the call for one envelope recipient; `sender`: the From's fields where the account's
+    settings put them (dotted path -> value); `attachment`: what an attachment carries. Pure: golden-tested
+    in tests/test_dengage_payload.py. Only this recipient is named: Cc and Bcc recipients get their own call
+    and never appear in another's; header To/Cc are never forwarded as recipients."""
     msg = submission.message
     params = DengageParams.read(submission.params)
     w = WIRE
@@ -130,11 +158,8 @@ def build_payload(
     if not template or has_body(submission):
         content[str(w["html"])] = msg.html
     body: dict[str, Any] = {str(w["to_object"]): {str(w["to"]): recipient}, str(w["content"]): content}
-    if msg.from_ is not None:
-        if w["from_address"]:
-            body[w["from_address"]] = msg.from_.email
-        if w["from_name"] and msg.from_.name:
-            body[w["from_name"]] = msg.from_.name
+    for path, value in (sender or {}).items():
+        put(body, path, value)
     if msg.reply_to is not None:
         body[str(w["reply_to"])] = msg.reply_to.email
     if msg.attachments:
@@ -262,24 +287,33 @@ def check_status(response: HttpResponse, what: str) -> Any:
     if 300 <= status < 400:
         # Not processed where it was sent: a wrong api_base (http for https, a moved data centre).
         raise UpstreamUnavailable(f"dEngage answered {status} (a redirect) to {what}: check api_base")
+    if status in (404, 405) and not isinstance(data, dict):
+        # No dEngage answer: the path or api_base is wrong, which no message should be refused for.
+        raise UpstreamUnavailable(
+            f"dEngage answered {status} to {what} with no dEngage answer: the path or api_base is wrong "
+            "(smtp-gateway check-upstream shows which)"
+        )
     if status >= 400:
         raise UpstreamRejected(upstream_reason(response, data))
     return data
 
 
-def login_token(response: HttpResponse) -> Token:
+def login_token(response: HttpResponse, reading: Reading | None = None) -> Token:
     """POST /rest/login's answer: the token, or UpstreamAuthFailed when the credentials are refused."""
     try:
         data = check_status(response, "login")
     except (TokenRejected, UpstreamRejected) as exc:
         # 401 or another 4xx on login: the API user's key or password is wrong.
         raise UpstreamAuthFailed(f"dEngage refused the API user's credentials ({exc.reason})") from None
-    token = data.get(WIRE["access_token"]) if isinstance(data, dict) else None
+    reading = reading if reading is not None else Reading()
+    # At the root [C], or inside the {code, message, data} envelope the other endpoints use [I].
+    places = [p for p in (data, data.get("data") if isinstance(data, dict) else None) if isinstance(p, dict)]
+    token = next((t for p in places if (t := reading.first(p, "access_token", TOKEN_KEYS["access_token"]))), None)
     if not isinstance(token, str) or not token:
         if data is None:
             raise UpstreamUnavailable("dEngage answered the login with a body that is not JSON")
         raise UpstreamAuthFailed(f"dEngage login returned no token ({upstream_reason(response, data)})")
-    expires = data.get(WIRE["expires_in"])
+    expires = next((e for p in places if (e := reading.first(p, "expires_in", TOKEN_KEYS["expires_in"]))), None)
     seconds = float(expires) if isinstance(expires, (int, float)) and expires > 0 else DEFAULT_EXPIRES_IN
     return Token(token, seconds)
 
@@ -347,32 +381,115 @@ def send_result(response: HttpResponse) -> SendResult:
     )
 
 
-# Address-like strings in the froms answer, whatever its shape [I]: "a@b.c" or "Name <a@b.c>".
-_ADDRESS = re.compile(r"<?([^\s<>\"@,;]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)+)>?")
+# The froms answer's keys [I]: its shape is not documented, and C-TT only names what it lists (a name and an
+# address per identity). Each field from its candidates, first match wins, letter case ignored; an item may
+# also be a string ("Name <a@b.c>" or "a@b.c"), and an address value an object with the address inside.
+IDENTITY_KEYS: dict[str, tuple[str, ...]] = {
+    "list": ("data", "items", "result", "results", "froms", "emailFroms", "list"),
+    "id": ("id", "fromId", "emailFromId", "publicId", "uuid", "fromNameId"),
+    "name": ("name", "fromName", "displayName", "senderName", "title"),
+    "address": (
+        "fromAddress",
+        "address",
+        "email",
+        "emailAddress",
+        "fromEmail",
+        "emailFrom",
+        "from",
+        "senderEmail",
+        "senderAddress",
+    ),
+}
+# Keys an identity may have that the gateway does not read: not reported as unexpected. Their values are
+# never taken for identities (a `createdBy` address is a user, not a sender).
+IDENTITY_OTHER_KEYS = ("createdBy", "createdDate", "modifiedBy", "modifiedDate", "replyTo", "isDefault", "status")
 
 
-def _strings(value: Any, depth: int = 0) -> Iterator[str]:
-    if depth > 6:
-        return
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, list):
-        for item in value:
-            yield from _strings(item, depth + 1)
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _strings(item, depth + 1)
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """One of the account's From identities (GET /rest/email/froms): its id (None when the answer gives
+    none), its display name and its address (lower case)."""
+
+    id: str | None
+    name: str
+    address: str
 
 
-def from_identities(response: HttpResponse) -> tuple[str, ...]:
-    """GET /rest/email/froms' answer: the account's sender addresses (lower-case, in order, once each)."""
+def _mailbox(value: Any) -> tuple[str, str] | None:
+    """(name, address) of "Name <a@b.c>" or "a@b.c"."""
+    if not isinstance(value, str) or "@" not in value:
+        return None
+    name, address = parseaddr(value)
+    address = address.strip().lower().rstrip(".")
+    return (name.strip(), address) if "@" in address and " " not in address else None
+
+
+def _identity(item: Any, reading: Reading) -> Identity | None:
+    if isinstance(item, str):
+        found = _mailbox(item)
+        return Identity(None, *found) if found else None
+    if not isinstance(item, dict):
+        return None
+    fields = reading.fields(
+        item, {k: IDENTITY_KEYS[k] for k in ("id", "name", "address")}, "identities[].", IDENTITY_OTHER_KEYS
+    )
+    address = fields.get("address")
+    if isinstance(address, dict):  # {"from": {"name": ..., "address": ...}}
+        inner = reading.fields(address, {k: IDENTITY_KEYS[k] for k in ("name", "address")}, "identities[].address.")
+        address, fields = inner.get("address"), {**inner, **{k: v for k, v in fields.items() if k != "address"}}
+    mailbox = _mailbox(address)
+    if mailbox is None:
+        return None
+    raw_id = fields.get("id")
+    name = fields.get("name")
+    return Identity(
+        None if raw_id is None or raw_id == "" else str(raw_id),
+        name.strip() if isinstance(name, str) and name.strip() else mailbox[0],
+        mailbox[1],
+    )
+
+
+def _identity_list(data: Any, reading: Reading, depth: int = 0) -> list[Any] | None:
+    if isinstance(data, list):
+        return data
+    if not isinstance(data, dict) or depth > 2:
+        return None
+    inner = reading.first(data, "list", IDENTITY_KEYS["list"])
+    return _identity_list(inner, reading, depth + 1)
+
+
+def from_identities(response: HttpResponse, reading: Reading | None = None) -> tuple[Identity, ...]:
+    """GET /rest/email/froms' answer: the account's From identities (in order, each address once).
+    UpstreamUnavailable when the answer is not one the gateway can read (never: no identity, which would
+    refuse every sender for good)."""
     data = check_status(response, "the froms list")
     if data is None:
         raise UpstreamUnavailable("dEngage answered the froms list with a body that is not JSON")
     if isinstance(data, dict) and _failure_code(data) is not None:
         raise UpstreamUnavailable(f"dEngage refused the froms list: {upstream_reason(response, data)}")
-    found: dict[str, None] = {}
-    for text in _strings(data):
-        for match in _ADDRESS.finditer(text):
-            found.setdefault(match.group(1).lower().rstrip("."), None)
-    return tuple(found)
+    reading = reading if reading is not None else Reading()
+    items = _identity_list(data, reading)
+    if items is None:
+        raise UpstreamUnavailable(
+            "dEngage's froms answer holds no list the gateway recognises (smtp-gateway check-upstream shows it)"
+        )
+    found: dict[str, Identity] = {}
+    for item in items:
+        identity = _identity(item, reading)
+        if identity is not None:
+            found.setdefault(identity.address, identity)
+    if items and not found:
+        raise UpstreamUnavailable(
+            "dEngage's froms answer lists identities without an address the gateway recognises "
+            f"({reading.describe()}; smtp-gateway check-upstream shows it)"
+        )
+    return tuple(found.values())
+
+
+def identity_for(identities: tuple[Identity, ...], address: str) -> Identity | None:
+    """The identity whose address is `address`, else the first of its domain (dEngage lets the local part
+    vary [V]), else None."""
+    address = address.lower()
+    domain = address.rpartition("@")[2]
+    same_domain = [i for i in identities if i.address.rpartition("@")[2] == domain]
+    return next((i for i in same_domain if i.address == address), same_domain[0] if same_domain else None)

@@ -13,7 +13,10 @@ from gateway.providers.dmds.data import DmdsLogin
 
 _SUBJECT_PREFIX = re.compile(r"^\s*\[([0-9]{1,12})\]\s*")
 _NUMID = re.compile(r"[0-9]{1,12}")
+# An eeid as DMDS answers it: a UUID [V] (the vendor's one example, "3abc993d-8i88-...", has a typo in it).
+_EEID = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}")
 CAMPAIGN_OPTION = "campaign"
+BATCH_OPTION = "batch"
 
 
 def resolve_campaign(principal: Principal, subject: str, options: dict[str, str]) -> tuple[int, str]:
@@ -44,3 +47,14 @@ def option_flag(options: dict[str, str], name: str, default: bool) -> bool:
     if value is None:
         return default
     return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def batch_option(options: dict[str, str]) -> str | None:
+    """The batch (eeid) an `X-Gateway-Batch` header names; refused (554 5.6.0) when it is not a UUID: DMDS
+    would refuse the call or, worse, take an eeid of some other batch."""
+    value = (options.get(BATCH_OPTION) or "").strip()
+    if not value:
+        return None
+    if not _EEID.fullmatch(value):
+        raise ContentRejected(f"X-Gateway-Batch {value[:60]!r} is not a UUID", reply=replies.BAD_BATCH)
+    return value.lower()

@@ -66,6 +66,13 @@ class DmdsAccount(AccountBase):
         "a `[NN]` Subject prefix.",
     )
     campaigns: list[int] = Field([], description="When not empty, only these campaign numids may be used.")
+    apikey_grace: float = Field(
+        0.0,
+        ge=0,
+        description="Seconds a campaign's previous apikey still logs in (SMTP-API logins) after DMDS first answers "
+        "a new one, while devices move to it; 0: from then on only the new key (a verified login is still "
+        "remembered for `credential_cache_ttl`).",
+    )
     users: list[DmdsUser] = Field([], description="Logins configured here, each with its password hash.")
     archive: bool = Field(
         False,

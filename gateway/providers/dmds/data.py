@@ -39,16 +39,29 @@ class DmdsLogin(TypedData):
 
 @dataclass(frozen=True, slots=True)
 class DmdsParams(TypedData):
-    """A message's decisions made at acceptance: its campaign, whether DMDS archives it, and the batch
-    (eeid) it joins when the client named one (X-Gateway-Batch)."""
+    """A message's decisions made at acceptance: its campaign, whether DMDS archives it, the batch (eeid)
+    it joins when the client named one (X-Gateway-Batch), and whether each contact gets a call of its own
+    (a message with a Reply-To: gateway/providers/dmds/legs.py)."""
 
     campaign: int
     archive: bool = False
     batch: str | None = None
+    one_contact_per_call: bool = False
 
     def to_json(self) -> Mapping[str, Any]:
-        return {"campaign": self.campaign, "archive": self.archive, "batch": self.batch}
+        return {
+            "campaign": self.campaign,
+            "archive": self.archive,
+            "batch": self.batch,
+            "one_contact_per_call": self.one_contact_per_call,
+        }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Self:
-        return cls(campaign=int(data["campaign"]), archive=bool(data.get("archive")), batch=data.get("batch") or None)
+        # Messages queued before one_contact_per_call existed keep the calls they were planned with.
+        return cls(
+            campaign=int(data["campaign"]),
+            archive=bool(data.get("archive")),
+            batch=data.get("batch") or None,
+            one_contact_per_call=bool(data.get("one_contact_per_call")),
+        )

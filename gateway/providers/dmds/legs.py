@@ -12,6 +12,10 @@ DMDS gives every contact of a send_many_inline call its own message, and documen
 copia_oculta for the single-contact call only, so Cc and Bcc ride on the first contact's call and
 the other To contacts go in a second call joined to the same batch (reuse_eeid). With no To
 recipient, the Cc (else Bcc) recipients become the contacts, one private copy each.
+
+`one_contact_per_call` (a message with a Reply-To, which DMDS documents for the send_one calls only):
+every contact gets a call of its own, so that each carries the reply-to; the calls after the first join
+its batch as above.
 """
 
 from __future__ import annotations
@@ -40,7 +44,10 @@ class Leg:
 
 
 def plan_legs(
-    rcpt_tos: tuple[str, ...] | list[str], to: tuple[Address, ...], cc: tuple[Address, ...]
+    rcpt_tos: tuple[str, ...] | list[str],
+    to: tuple[Address, ...],
+    cc: tuple[Address, ...],
+    one_contact_per_call: bool = False,
 ) -> tuple[Leg, ...]:
     names = {a.email.lower(): a.name for a in (*cc, *to)}  # To names win over Cc names
     in_to = {a.email.lower() for a in to}
@@ -63,8 +70,14 @@ def plan_legs(
             blind.append(Address(email=rcpt))
     if not contacts:
         everyone = (*copies, *blind)
+        if one_contact_per_call:
+            return tuple(Leg(n, (a,)) for n, a in enumerate(everyone))
         return (Leg(0, everyone),) if everyone else ()
     if not copies and not blind:
+        if one_contact_per_call:
+            return tuple(Leg(n, (a,)) for n, a in enumerate(contacts))
         return (Leg(0, tuple(contacts)),)
     first = Leg(0, (contacts[0],), tuple(copies), tuple(blind))
+    if one_contact_per_call:
+        return (first, *(Leg(n, (a,)) for n, a in enumerate(contacts[1:], 1)))
     return (first, Leg(1, tuple(contacts[1:]))) if len(contacts) > 1 else (first,)

@@ -9,6 +9,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
+import structlog
+
 from gateway.config.base import UserSettings
 from gateway.core import replies
 from gateway.core.cache import AsyncCache, Fresh
@@ -17,15 +19,22 @@ from gateway.core.events import Contacts, EventSource
 from gateway.core.model import Call, Message, Principal, ProviderData, Submission
 from gateway.core.outcome import BeforeSend, Outcome, no_hook
 from gateway.mime import jsonbody
+from gateway.ops.metrics import DMDS_SENT_SHORT, FIELDS_NOT_SENT
 from gateway.policy import SenderPolicy, ascii_address, ascii_domain
 from gateway.providers.base import ProviderBase
+from gateway.providers.checks import AccountCheck
 from gateway.providers.dmds import campaigns, wire
 from gateway.providers.dmds.config import DmdsAccount, DmdsUser
 from gateway.providers.dmds.data import DmdsLogin, DmdsParams
 from gateway.providers.dmds.events import DmdsEvents
+from gateway.providers.dmds.keys import CampaignKeys
 from gateway.providers.dmds.legs import Leg, plan_legs
 from gateway.upstream.client import HttpClient
 from gateway.upstream.ratelimit import RateLimiter, Unlimited
+from gateway.upstream.response import HttpResponse
+from gateway.upstream.shape import Reading
+
+log = structlog.get_logger("gateway.dmds")
 
 _SMTP_API_LOGIN = re.compile(r"^(?P<dmdsid>[A-Za-z0-9_.]+)-(?P<numid>\d{1,12})$")
 # Campaign numids whose existence is remembered (each of known and unknown ones): a client choosing
@@ -64,6 +73,10 @@ class DmdsProvider(ProviderBase[DmdsAccount]):
         )  # campaign numid -> whether DMDS has it
         self._policy = sender_policy(settings)
         self._events: DmdsEvents | None = None
+        # Each campaign's apikey as last answered, and the one before it during settings.apikey_grace.
+        self._keys = CampaignKeys(settings.apikey_grace, CAMPAIGNS_CACHED, clock)
+        # Whether the campaign listing answers in a way the gateway recognises (else campania_apikey does).
+        self._listing_usable = True
 
     # -- logins ------------------------------------------------------------------------------------
 
@@ -84,9 +97,16 @@ class DmdsProvider(ProviderBase[DmdsAccount]):
             if not settings.smtp_api_logins or (settings.campaigns and numid not in settings.campaigns):
                 return None
             key = await self.campaign_apikey(numid)
-            if key is None or not hmac.compare_digest(key.encode(), password.encode()):
+            matched = self._keys.match(numid, key, password) if key is not None else None
+            if matched is None:
                 return None
-            return Principal(account=self.account, login=username, extra=DmdsLogin(campaign=numid))
+            return Principal(
+                account=self.account,
+                login=username,
+                extra=DmdsLogin(campaign=numid),
+                credential=matched.which,
+                credential_expires=matched.expires,
+            )
         # <dmdsid> + the account APIKEY, campaign from "[NN]" (upstream-apis.md §1.8, [V]).
         if (
             username == settings.dmdsid
@@ -96,19 +116,54 @@ class DmdsProvider(ProviderBase[DmdsAccount]):
             return Principal(account=self.account, login=username, extra=DmdsLogin(campaign_from_subject=True))
         return None
 
-    async def campaign_apikey(self, numid: int) -> str | None:
-        response = await self.http.request(
-            "campaign_apikey", "GET", wire.WIRE["campaign_apikey"].format(numid=numid), headers=self._headers
+    async def get(self, endpoint: str, path: str, content: bytes | None = None) -> HttpResponse:
+        """A read-only call with the account APIKEY (`endpoint`: its name in the metrics)."""
+        return await self.http.request(endpoint, "GET", path, headers=self._headers, content=content)
+
+    async def campaign_apikey(self, numid: int, reading: Reading | None = None) -> str | None:
+        """The campaign's apikey (campania_apikey), or None when DMDS has no such API campaign."""
+        reading = reading if reading is not None else Reading()
+        response = await self.get("campaign_apikey", wire.WIRE["campaign_apikey"].format(numid=numid))
+        key = wire.campaign_apikey(response, reading)
+        log.debug(
+            "dmds_campaign_apikey", account=self.account, campaign=numid, found=key is not None, read=reading.describe()
         )
-        return wire.campaign_apikey(response)
+        return key
+
+    async def campaigns_listed(self, numid: int | None = None, reading: Reading | None = None) -> frozenset[int]:
+        """The API campaigns the campaign listing names (one, or all); wire.ListingUnusable when it cannot say."""
+        return wire.campaign_listing(await self.get("campaigns", *wire.listing_request(numid)), reading)
 
     async def campaign_known(self, numid: int) -> bool:
         """Whether DMDS has this API campaign (cached like credentials; concurrent checks share one lookup)."""
         return await self._known.get(numid, lambda: self._look_up_campaign(numid))
 
     async def _look_up_campaign(self, numid: int) -> Fresh[bool]:
-        known = await self.campaign_apikey(numid) is not None
+        """The campaign listing says whether the campaign exists; when it cannot (no such path, an answer
+        not recognised), campania_apikey answers instead, from then on (said once, at warning level)."""
+        via = "campania_apikey"
+        reading = Reading()
+        known: bool | None = None
+        if self._listing_usable:
+            try:
+                known = numid in await self.campaigns_listed(numid, reading)
+                via = "listing"
+            except wire.ListingUnusable as exc:
+                if self._listing_usable:  # said once, whichever concurrent lookup learnt it first
+                    self._listing_usable = False
+                    log.warning("dmds_campaign_listing_unusable", account=self.account, reason=str(exc), instead=via)
+        if known is None:
+            known = await self.campaign_apikey(numid, reading) is not None
+        log.debug(
+            "dmds_campaign_checked", account=self.account, campaign=numid, known=known, via=via, read=reading.describe()
+        )
         return Fresh(known, self.settings.credential_cache_ttl if known else self.settings.negative_cache_ttl)
+
+    async def check_upstream(self) -> AccountCheck:
+        """Harmless read-only calls against DMDS (smtp-gateway check-upstream)."""
+        from gateway.providers.dmds.check import check_account
+
+        return await check_account(self)
 
     # -- acceptance --------------------------------------------------------------------------------
 
@@ -131,7 +186,8 @@ class DmdsProvider(ProviderBase[DmdsAccount]):
         params = DmdsParams(
             campaign=campaign,
             archive=campaigns.option_flag(message.options, "archive", self.settings.archive),
-            batch=(message.options.get("batch") or "").strip() or None,
+            batch=campaigns.batch_option(message.options),
+            one_contact_per_call=message.reply_to is not None,
         )
         return Submission(principal=principal, mail_from=mail_from, rcpt_tos=rcpt_tos, message=message, params=params)
 
@@ -155,7 +211,8 @@ class DmdsProvider(ProviderBase[DmdsAccount]):
         return self._events
 
     def legs(self, submission: Submission) -> tuple[Leg, ...]:
-        return plan_legs(submission.rcpt_tos, submission.message.to, submission.message.cc)
+        one_each = DmdsParams.read(submission.params).one_contact_per_call
+        return plan_legs(submission.rcpt_tos, submission.message.to, submission.message.cc, one_each)
 
     def plan(self, submission: Submission) -> tuple[Call, ...]:
         return tuple(Call(leg.key, leg.recipients) for leg in self.legs(submission))
@@ -212,21 +269,38 @@ class DmdsProvider(ProviderBase[DmdsAccount]):
     async def send_leg(
         self, submission: Submission, leg: Leg, batch: str | None, before_send: BeforeSend = no_hook
     ) -> wire.SendResult:
-        """One call: send_one_inline for one contact, send_many_inline for several; `batch` joins it to an eeid."""
-        path = wire.WIRE["send_one"] if len(leg.contacts) == 1 else wire.WIRE["send_many"]
+        """One call: send_one_inline for one contact, send_many_inline for several; `batch` joins it to an eeid.
+        DMDS' `sent` (mails the call sent, copies included) is returned with the eeid; fewer than the call's
+        recipients is logged and counted (DMDS sends nothing to an address it holds invalid [V])."""
+        one = len(leg.contacts) == 1
+        if not one and submission.message.reply_to is not None:
+            # Queued before such messages got one call per contact: reply-to is for send_one calls only [S].
+            FIELDS_NOT_SENT.labels(account=self.account, field="reply_to").inc()
         content = jsonbody.encode(wire.build_payload(submission, leg, batch))
         await self.limiter.acquire()
         await before_send((leg.key,))
         response = await self.http.request(
-            "send_one" if len(leg.contacts) == 1 else "send_many",
+            "send_one" if one else "send_many",
             "POST",
-            path,
+            wire.WIRE["send_one"] if one else wire.WIRE["send_many"],
             headers=self._headers,
             content=content,
         )
         try:
-            return wire.classify(response)
+            result = wire.classify(response)
         except Deferred as exc:
             if response.status == 429:
                 await self.limiter.penalize(getattr(exc, "retry_after", None))
             raise
+        recipients = len(leg.recipients)
+        if result.sent is not None and result.sent < recipients:
+            DMDS_SENT_SHORT.labels(account=self.account).inc()
+            log.warning(
+                "dmds_sent_fewer_than_recipients",
+                account=self.account,
+                call=leg.key,
+                eeid=result.upstream_id,
+                sent=result.sent,
+                recipients=recipients,
+            )
+        return result

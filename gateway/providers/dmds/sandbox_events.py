@@ -46,12 +46,17 @@ def _time(text: object) -> int | None:
         return None
 
 
-def record_send(sandbox: Sandbox, body: dict[str, Any], many: bool, eeid: str) -> int:
-    """Record a send's events; returns how many of its addresses DMDS does not send (counted out of `sent`)."""
+def send_addresses(body: dict[str, Any], many: bool) -> list[str]:
+    """Every address a send names: its contacts and copies (DMDS counts copies in `sent` [V])."""
     addresses = [c["email"] for c in (body["contactos"] if many else [body["contacto"]])]
     addresses += [c["cc_email"] for c in body.get("copia") or []]
     addresses += [c["bcc_email"] for c in body.get("copia_oculta") or []]
-    return len(sandbox.state.fates.sent("dmds", eeid, addresses))
+    return [str(a) for a in addresses]
+
+
+def record_send(sandbox: Sandbox, body: dict[str, Any], many: bool, eeid: str) -> set[str]:
+    """Record a send's events; returns the addresses (lower case) DMDS does not send (counted out of `sent`)."""
+    return sandbox.state.fates.sent("dmds", eeid, send_addresses(body, many))
 
 
 def install_events(

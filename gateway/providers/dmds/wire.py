@@ -6,12 +6,15 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from gateway.core.errors import AnswerLost, RateLimited, UpstreamAuthFailed, UpstreamRejected, UpstreamUnavailable
 from gateway.core.model import Address, Submission
 from gateway.mime import jsonbody
 from gateway.providers.dmds.data import DmdsParams
 from gateway.providers.dmds.legs import Leg
 from gateway.upstream.response import HttpResponse
+from gateway.upstream.shape import Reading, number
 
 # Every wire name in one table, tagged as in shared/upstream-apis.md:
 #   [V] vendor docs, [C] seen in real client code, [S] seed document only, [I] our inference.
@@ -19,7 +22,12 @@ from gateway.upstream.response import HttpResponse
 WIRE = {
     "send_one": "/v1/envio/send_one_inline/",  # [C] path; [V] method name
     "send_many": "/v1/envio/send_many_inline/",  # [V] method name; path [I] by analogy
-    "campaign_apikey": "/v1/campania_apikey/{numid}",  # [S] method name; path [I]
+    "campaign_apikey": "/v1/campania_apikey/{numid}",  # [S] method name (GET with a numid); path [I]
+    "campaigns": "/v1/campania/",  # [S] GET: the campaign listing (the seed's curl); its answer is a screenshot
+    "campaigns_type": "tipo",  # [S] filter "api" | "normal" | "bulk": a JSON body of the GET [S], also a query [I]
+    "campaigns_numid": "numid",  # [S] filter: one campaign
+    "campaign_type_api": "api",  # [S]
+    "version": "/v1/version/",  # [S] method name (since v1.2); path [I]
     "campaign": "campana_id",  # [C]
     "email_flag": "email",  # [C] always true
     "contact": "contacto",  # [C] single recipient object {email, nombre, apellido}
@@ -30,7 +38,7 @@ WIRE = {
     "subject": "asunto",  # [S]
     "sender": "remitente",  # [S] (seed's error examples use it)
     "sender_name": "remitente_nombre",  # [S]
-    "reply_to": "reply-to",  # [S] single address, no display name
+    "reply_to": "reply-to",  # [S] single address, no display name; send_one_inline / send_one_uri only
     "cc": "copia",  # [S] list of {cc_email, cc_nombre}
     "cc_email": "cc_email",  # [S]
     "cc_name": "cc_nombre",  # [S]
@@ -46,6 +54,29 @@ WIRE = {
     "att_cid": "cid",  # [I] Content-ID for inline (cid:) images
     "att_inline": "inline",  # [I]
 }
+
+# The answers' key names: each field with its candidates, first match wins (letter case ignored). The vendor
+# shows most answers only in screenshots, so every spelling its documents use is accepted.
+ANSWERS: dict[str, tuple[str, ...]] = {
+    "status": ("status",),  # [V] "ok"; [S] "err" on a refusal
+    "eeid": ("eeid", "envio_efectivo_id"),  # [V] eeid; the long name is the concept's [V], as a key [I]
+    "sent": ("sent",),  # [V] mails the call sent, copies included; may be fewer than the recipients [V]
+    "reason": ("on", "msg", "message", "error", "detail"),  # [S] on; [S] msg (whitelist), [V] Planimail; [I] rest
+    # [S] camp_apikey: the only campaign answer the seed shows (creating one); [S] apikey: the argument that
+    # sets one (POST campania_apikey); [I] the rest.
+    "apikey": ("camp_apikey", "apikey", "api_key", "campania_apikey", "key"),
+    "campaigns": ("campanias", "campañas", "campaigns", "data", "result", "results", "items"),  # [I]
+    "numid": ("numid", "camp_numid", "campana_id", "campaign_numid", "campaign_id"),  # [S] numid; [I] the rest
+    "type": ("tipo", "type"),  # [S] tipo ("api", "normal", "bulk")
+    "version": ("version", "api_version", "msg"),  # [I]: "returns the API version number" [S]
+}
+# Keys a campaign of the listing may have that the gateway does not read (not reported as unexpected).
+CAMPAIGN_KEYS = ("id", "nombre", "name", "asunto", "remitente", "remitente_nombre", "replyto", "uri", "asunto_uri")
+
+
+class ListingUnusable(Exception):
+    """The campaign listing cannot say which campaigns exist (its path is not there, or its answer is not
+    one the gateway recognises): campania_apikey answers instead."""
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -84,7 +115,8 @@ def build_payload(
         body[WIRE["sender"]] = msg.from_.email
         if msg.from_.name:
             body[WIRE["sender_name"]] = msg.from_.name
-    if msg.reply_to is not None:
+    if msg.reply_to is not None and len(leg.contacts) == 1:
+        # Documented for the send_one calls only [S] (messages with a Reply-To get one call per contact).
         body[WIRE["reply_to"]] = msg.reply_to.email
     if leg.cc:
         body[WIRE["cc"]] = [
@@ -112,17 +144,24 @@ def build_payload(
     return body
 
 
-def upstream_reason(response: HttpResponse) -> str:
-    """DMDS errors look like {"status":"err","on":"<reason>"} [S]; Planimail uses "msg" [V]."""
+def _object(response: HttpResponse) -> Any:
     try:
-        data = response.json()
+        return response.json()
     except ValueError:
+        return None
+
+
+def upstream_reason(response: HttpResponse) -> str:
+    """DMDS' own words: {"status":"err","on":"<reason>"} [S], or another of ANSWERS["reason"]."""
+    data = _object(response)
+    if data is None:
         return response.text() or f"HTTP {response.status}"
-    if isinstance(data, dict):
-        for key in ("on", "msg", "message", "error", "detail"):
-            if data.get(key):
-                return str(data[key])
-    return response.text()
+    reason = Reading().first(data, "reason", ANSWERS["reason"])
+    return str(reason) if reason else response.text()
+
+
+def _ok(data: Any, reading: Reading) -> bool:
+    return isinstance(data, dict) and str(reading.first(data, "status", ANSWERS["status"]) or "").lower() == "ok"
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,33 +182,106 @@ def classify(response: HttpResponse) -> SendResult:
     if status >= 500:
         raise UpstreamUnavailable(f"DMDS answered {status}")
     if status >= 400:
+        not_found(response, "the send")
         raise UpstreamRejected(upstream_reason(response))
-    try:
-        data = response.json()
-    except ValueError:
+    data = _object(response)
+    if data is None:
         # A 2xx whose body is not JSON (a proxy's page, a cut answer): DMDS may well have taken the message.
-        raise AnswerLost(f"DMDS answered {status} with a body that is not JSON") from None
-    if not isinstance(data, dict) or data.get("status") != "ok":
+        raise AnswerLost(f"DMDS answered {status} with a body that is not JSON")
+    reading = Reading()
+    if not _ok(data, reading):
         raise UpstreamRejected(upstream_reason(response))
-    eeid = data.get("eeid")
+    eeid = reading.first(data, "eeid", ANSWERS["eeid"])
     if not eeid:
         raise AnswerLost("DMDS answered ok without an eeid")
-    sent = data.get("sent")
-    return SendResult(str(eeid), sent if isinstance(sent, int) else None)
+    return SendResult(str(eeid), number(reading.first(data, "sent", ANSWERS["sent"])))
 
 
-def campaign_apikey(response: HttpResponse) -> str | None:
-    """The campania_apikey answer: the campaign's apikey, or None when DMDS has no such API campaign."""
+def not_found(response: HttpResponse, what: str) -> None:
+    """A 404 or 405 whose body is not a JSON object is no DMDS answer: the path or the host is wrong (a
+    wrong guess in WIRE, or api_base), which no message or login should be refused for: temporary."""
+    if response.status in (404, 405) and not isinstance(_object(response), dict):
+        raise UpstreamUnavailable(
+            f"DMDS answered {response.status} to {what} with no DMDS answer: the path or api_base is wrong "
+            "(smtp-gateway check-upstream shows which)"
+        )
+
+
+def _readable(response: HttpResponse, what: str) -> Any:
+    """The JSON of a read-only call's answer; typed errors for what is not the answer's business."""
     if response.status in (401, 403):
-        raise UpstreamAuthFailed(f"DMDS answered {response.status} to campania_apikey")
+        raise UpstreamAuthFailed(f"DMDS answered {response.status} to {what}: the account APIKEY was refused")
+    if response.status == 429 or response.status >= 500:
+        raise UpstreamUnavailable(f"DMDS answered {response.status} to {what}")
+    return _object(response)
+
+
+def campaign_apikey(response: HttpResponse, reading: Reading | None = None) -> str | None:
+    """The campania_apikey answer: the campaign's apikey, or None when DMDS has no such API campaign."""
+    data = _readable(response, "campania_apikey")
+    not_found(response, "campania_apikey")
     if response.status in (404, 400):
         return None
-    if response.status == 429 or response.status >= 500:
-        raise UpstreamUnavailable(f"DMDS answered {response.status} to campania_apikey")
-    try:
-        data = response.json()
-    except ValueError:
-        raise UpstreamUnavailable("campania_apikey answer is not JSON") from None
-    if not isinstance(data, dict) or data.get("status") != "ok" or not data.get("apikey"):
+    if data is None:
+        raise UpstreamUnavailable("campania_apikey answer is not JSON")
+    reading = reading if reading is not None else Reading()
+    if not isinstance(data, dict):
         return None
-    return str(data["apikey"])
+    fields = reading.fields(data, {k: ANSWERS[k] for k in ("status", "apikey", "numid", "reason")}, known=["id"])
+    if str(fields.get("status") or "").lower() != "ok":
+        return None
+    if not fields.get("apikey"):
+        # "ok" and no key under any known name: a spelling the gateway does not know, not a missing campaign
+        # (refusing every login of that campaign for good would be the wrong guess's cost).
+        raise UpstreamUnavailable(
+            f"campania_apikey answered ok without an apikey under any name the gateway knows ({reading.describe()})"
+        )
+    return str(fields["apikey"])
+
+
+def listing_request(numid: int | None) -> tuple[str, bytes]:
+    """The listing call's path (with its filters as a query) and its JSON body (the filters again)."""
+    filters: dict[str, Any] = {WIRE["campaigns_type"]: WIRE["campaign_type_api"]}
+    if numid is not None:
+        filters[WIRE["campaigns_numid"]] = numid
+    query = "&".join(f"{k}={v}" for k, v in filters.items())
+    return f"{WIRE['campaigns']}?{query}", orjson.dumps(filters)
+
+
+def campaign_listing(response: HttpResponse, reading: Reading | None = None) -> frozenset[int]:
+    """The numids of the API campaigns the listing names; ListingUnusable when it names none in a way the
+    gateway recognises (no such path, not JSON, no list, no numids)."""
+    data = _readable(response, "the campaign listing")
+    if response.status >= 300:
+        raise ListingUnusable(f"DMDS answered {response.status} to the campaign listing")
+    reading = reading if reading is not None else Reading()
+    items = data
+    if isinstance(data, dict):
+        fields = reading.fields(data, {k: ANSWERS[k] for k in ("status", "campaigns", "reason")})
+        if "status" in fields and str(fields["status"]).lower() != "ok":
+            raise ListingUnusable(f"DMDS refused the campaign listing: {fields.get('reason') or fields['status']}")
+        items = fields.get("campaigns")
+    if not isinstance(items, list):
+        raise ListingUnusable("the campaign listing's answer holds no list of campaigns")
+    numids: set[int] = set()
+    for item in items:
+        if not isinstance(item, dict):
+            raise ListingUnusable("the campaign listing's items are not objects")
+        fields = reading.fields(item, {k: ANSWERS[k] for k in ("numid", "type")}, "campaigns[].", CAMPAIGN_KEYS)
+        numid = number(fields.get("numid"))
+        if numid is None:
+            raise ListingUnusable("a campaign of the listing has no numid the gateway recognises")
+        if str(fields.get("type", WIRE["campaign_type_api"])).lower() == WIRE["campaign_type_api"]:
+            numids.add(numid)
+    return frozenset(numids)
+
+
+def version(response: HttpResponse, reading: Reading | None = None) -> str | None:
+    """The version call's answer: the API version, or None when the answer names none."""
+    data = _readable(response, "the version call")
+    if response.status >= 300 or not isinstance(data, dict):
+        return None
+    reading = reading if reading is not None else Reading()
+    found = reading.fields(data, {k: ANSWERS[k] for k in ("status", "version")})
+    value = found.get("version")
+    return str(value) if isinstance(value, (str, int, float)) and value != "" else None

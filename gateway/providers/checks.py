@@ -1,0 +1,103 @@
+"""What `smtp-gateway check-upstream` learns of one account: each harmless read-only call made against the
+real API (reached, authenticated, the answer's shape recognised and how), what the configuration names that
+the API does not have, and what to fix. Providers fill it (Provider.check_upstream); the CLI prints it."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from gateway.core.errors import Deferred, UpstreamAuthFailed
+from gateway.upstream.response import HttpResponse
+from gateway.upstream.shape import Reading
+
+T = TypeVar("T")
+
+
+@dataclass
+class CallCheck:
+    """One read-only call. `authenticated` and `recognised` are None when no answer could say."""
+
+    call: str  # "GET /v1/version/"
+    reached: bool = False
+    authenticated: bool | None = None
+    recognised: bool | None = None
+    status: int | None = None
+    read: str = ""  # which candidate name matched, per field
+    unexpected: list[str] = field(default_factory=list)  # keys of the answer no table names
+    problem: str | None = None  # what went wrong, in a sentence
+
+    def answered(self, response: HttpResponse) -> None:
+        self.reached, self.status = True, response.status
+        self.authenticated = response.status not in (401, 403)
+
+    def noted(self, reading: Reading) -> None:
+        self.read = ", ".join(f"{name}={key}" for name, key in reading.matched.items())
+        self.unexpected = list(reading.unexpected)
+
+    def failed(self, exc: Deferred) -> None:
+        """A typed failure of the call: not reached (no answer), or an answer refusing the credentials."""
+        if isinstance(exc, UpstreamAuthFailed):
+            self.reached, self.authenticated = True, False
+        self.problem = exc.reason
+
+    @property
+    def ok(self) -> bool:
+        return self.reached and self.authenticated is not False and self.recognised is not False and not self.problem
+
+
+@dataclass
+class AccountCheck:
+    """One account's report: its calls, the campaigns or identities found against those configured, and
+    what to fix (empty: nothing the checks could see)."""
+
+    account: str
+    provider: str  # the provider's label ("DMDS")
+    base_url: str
+    calls: list[CallCheck] = field(default_factory=list)
+    things: str = ""  # what is compared: "campaigns", "identities"
+    found: list[str] = field(default_factory=list)
+    configured: list[str] = field(default_factory=list)
+    fixes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.fixes and all(call.ok for call in self.calls)
+
+
+async def probe(
+    call: CallCheck, send: Callable[[], Awaitable[HttpResponse]], parse: Callable[[HttpResponse, Reading], T]
+) -> tuple[bool, T | None]:
+    """Make one call and read its answer into `call`: (whether it was answered and read, what was read).
+    A typed failure (not sent, refused credentials, a temporary error) is noted in `call`, not raised."""
+    try:
+        response = await send()
+    except Deferred as exc:
+        call.failed(exc)
+        return False, None
+    call.answered(response)
+    reading = Reading()
+    try:
+        return True, parse(response, reading)
+    except Deferred as exc:
+        call.failed(exc)
+        return False, None
+    finally:
+        call.noted(reading)
+
+
+def not_reached(report: AccountCheck, label: str, fix_credentials: str) -> bool:
+    """Whether the first call showed that nothing else can be checked (the API unreachable, or refusing the
+    account's credentials); the fix is added to `report` then."""
+    first = report.calls[0]
+    if not first.reached:
+        report.fixes.append(
+            f"{label} cannot be reached at {report.base_url} ({first.problem}): check api_base and this "
+            "machine's network (proxy, firewall, DNS)"
+        )
+        return True
+    if first.authenticated is False:
+        report.fixes.append(f"{first.problem}: {fix_credentials}")
+        return True
+    return False

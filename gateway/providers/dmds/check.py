@@ -1,0 +1,105 @@
+"""`smtp-gateway check-upstream` for a DMDS account: the version call, the campaign listing and the apikey of
+each configured campaign, each read as the gateway reads it (read-only: nothing is sent or changed)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from gateway.providers.checks import AccountCheck, CallCheck, not_reached, probe
+from gateway.providers.dmds import wire
+from gateway.upstream.response import HttpResponse
+from gateway.upstream.shape import Reading
+
+if TYPE_CHECKING:
+    from gateway.providers.dmds.provider import DmdsProvider
+
+WIRE_FILE = "gateway/providers/dmds/wire.py"
+
+
+def configured_campaigns(provider: DmdsProvider) -> dict[int, str]:
+    """Every campaign numid the configuration names, with where."""
+    settings = provider.settings
+    found = {numid: "campaigns" for numid in settings.campaigns}
+    for user in settings.users:
+        if user.campaign is not None:
+            found.setdefault(user.campaign, f"users[{user.username}].campaign")
+    return dict(sorted(found.items()))
+
+
+def _listing(response: HttpResponse, reading: Reading) -> frozenset[int] | str:
+    """The listing's numids, or why it cannot be read (a wire.ListingUnusable's words)."""
+    try:
+        return wire.campaign_listing(response, reading)
+    except wire.ListingUnusable as exc:
+        return str(exc)
+
+
+async def check_account(provider: DmdsProvider) -> AccountCheck:
+    w = wire.WIRE
+    report = AccountCheck(provider.account, "DMDS", provider.http.base_url, things="campaigns")
+    configured = configured_campaigns(provider)
+    report.configured = [str(n) for n in configured]
+
+    version = CallCheck(f"GET {w['version']}")
+    report.calls.append(version)
+    answered, found_version = await probe(version, lambda: provider.get("version", w["version"]), wire.version)
+    if not_reached(report, "DMDS", "check the account's apikey (or apikey_file)"):
+        return report
+    if answered:
+        version.recognised = found_version is not None
+        if found_version is None:
+            version.problem = f"HTTP {version.status} without a version the gateway recognises"
+            report.fixes.append(
+                f"the version call ({version.call}, its path inferred) answered HTTP {version.status} without a "
+                f"version: correct WIRE['version'] or ANSWERS['version'] in {WIRE_FILE} (only this check uses it)"
+            )
+
+    path, body = wire.listing_request(None)
+    listing = CallCheck(f"GET {w['campaigns']} ({w['campaigns_type']}={w['campaign_type_api']})")
+    report.calls.append(listing)
+    answered, listed = await probe(listing, lambda: provider.get("campaigns", path, body), _listing)
+    listed_numids: frozenset[int] | None = None
+    if answered:
+        listing.recognised = not isinstance(listed, str)
+        if isinstance(listed, str):
+            listing.problem = listed
+            report.fixes.append(
+                f"the campaign listing ({listing.call}) cannot be read: {listed}; the gateway checks campaigns "
+                f"with campania_apikey instead; correct WIRE['campaigns'] or ANSWERS['campaigns'], ANSWERS['numid'] "
+                f"in {WIRE_FILE}"
+            )
+        elif listed is not None:
+            listed_numids = listed
+            report.found = [str(n) for n in sorted(listed)]
+
+    for numid, where in configured.items():
+        lookup = CallCheck(f"GET {w['campaign_apikey'].format(numid=numid)}")
+        report.calls.append(lookup)
+        answered, key = await probe(lookup, _lookup(provider, numid), wire.campaign_apikey)
+        if answered:
+            lookup.recognised = True
+            if key is None:
+                report.fixes.append(
+                    f"campaign {numid} ({where}) has no apikey in DMDS: it is not an API campaign there; create "
+                    "it as an API campaign, or remove it from the configuration"
+                )
+        elif lookup.status is not None and lookup.status < 300:
+            lookup.recognised = False
+            report.fixes.append(
+                f"campania_apikey answered for campaign {numid} without an apikey under any name the gateway "
+                f"knows (keys not expected: {', '.join(lookup.unexpected) or 'none'}): add the name to "
+                f"ANSWERS['apikey'] in {WIRE_FILE}"
+            )
+        else:
+            report.fixes.append(f"campaign {numid}: {lookup.problem}")
+        if listed_numids is not None and numid not in listed_numids:
+            report.fixes.append(
+                f"campaign {numid} ({where}) is not among the API campaigns the listing names: check its type "
+                "in DMDS (only API campaigns can be sent to)"
+            )
+    return report
+
+
+def _lookup(provider: DmdsProvider, numid: int) -> Callable[[], Awaitable[HttpResponse]]:
+    return lambda: provider.get("campaign_apikey", wire.WIRE["campaign_apikey"].format(numid=numid))

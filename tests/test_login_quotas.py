@@ -1,0 +1,166 @@
+"""Per-login quotas through real SMTP sessions: messages and bytes per hour and per day, answered at MAIL (and at
+the end of DATA) with the time the window resets; counted across instances on one queue (SQLite file or
+PostgreSQL) with no message past a quota; a message that is not accepted after all is not counted; /metrics."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.config.logins import Quota
+from gateway.core import quota
+from gateway.core.errors import SpoolUnavailable
+from gateway.core.quota import Counts, Window
+from gateway.limits.quotas import QuotaTracker
+from tests.configs import listener
+from tests.devices_util import captured_logs, events, raw_send
+from tests.harness import PASSWORD, PASSWORD_HASH, Running
+from tests.ops_util import sample
+from tests.smtputil import RECIPIENT, SENDER, RawClient, message
+from tests.spool_helpers import wait_for
+
+Factory = Callable[..., Running]
+METERED = "metered"
+
+
+def metered(**limits: int) -> dict[str, Any]:
+    return {"username": METERED, "password_hash": PASSWORD_HASH, "campaign": 22, "quota": limits}
+
+
+def resets(window: str) -> str:
+    now = int(time.time())
+    length = 3600 if window == "hour" else 86400
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(now - now % length + length))
+
+
+def session(gw: Running, listener_: str = "plain") -> RawClient:
+    client = RawClient(gw, listener_)
+    client.cmd("EHLO client.test")
+    assert client.login(METERED, PASSWORD).startswith("235 ")
+    return client
+
+
+def sized(size: int, subject: str = "sized") -> bytes:
+    """A message of exactly `size` bytes as the gateway counts them."""
+    base = message(subject=subject, body="")
+    return message(subject=subject, body="x" * (size - len(base)))
+
+
+def used(window: str, unit: str) -> float:
+    return sample("smtp_gateway_login_quota_used", account="acme", login=METERED, window=window, unit=unit)
+
+
+def test_messages_per_hour_then_452_at_mail_with_the_reset_time(gateway_factory: Factory) -> None:
+    gw = gateway_factory(extra_users=[metered(messages_per_hour=2, messages_per_day=100)])
+    before = sample("smtp_gateway_login_refusals_total", account="acme", login=METERED, reason="quota_messages")
+    with captured_logs() as logs, session(gw) as client:
+        for n in range(2):
+            assert raw_send(client, message(subject=f"m{n}")).startswith("250 2.0.0 ")
+        assert client.cmd(f"MAIL FROM:<{SENDER}>") == (
+            f"452 4.7.1 Message quota of {METERED} reached (2 messages per hour); resets at {resets('hour')}"
+        )
+    assert len(gw.sent) == 2
+    [line] = events(logs, "quota_reached")
+    assert (line["window"], line["unit"], line["limit"]) == ("hour", "messages", 2)
+    assert sample("smtp_gateway_login_refusals_total", account="acme", login=METERED, reason="quota_messages") == (
+        before + 1
+    )
+    assert used("hour", "messages") == 2 and used("day", "messages") == 2
+    labels = {"account": "acme", "login": METERED, "window": "hour", "unit": "messages"}
+    assert sample("smtp_gateway_login_quota_limit", **labels) == 2
+    hour = int(time.time()) // 3600 * 3600 + 3600
+    assert sample(
+        "smtp_gateway_login_quota_resets_timestamp_seconds", account="acme", login=METERED, window="hour"
+    ) == (hour)
+    # Another login is not affected.
+    with RawClient(gw) as other:
+        other.cmd("EHLO client.test")
+        assert other.login().startswith("235 ")
+        assert raw_send(other, message(subject="other")).startswith("250 2.0.0 ")
+
+
+def test_bytes_per_day_at_mail_size_and_at_the_end_of_data(gateway_factory: Factory) -> None:
+    gw = gateway_factory(extra_users=[metered(bytes_per_day=3000)])
+    with session(gw) as client:
+        # Larger than the whole quota: it can never be sent as it is (permanent).
+        assert client.cmd(f"MAIL FROM:<{SENDER}> SIZE=5000") == (
+            f"552 5.3.4 Message larger than the byte quota of {METERED} (3000 bytes per day)"
+        )
+        assert client.cmd(f"MAIL FROM:<{SENDER}> SIZE=2000").startswith("250 ")
+        assert client.cmd(f"RCPT TO:<{RECIPIENT}>").startswith("250 ")
+        assert client.cmd("DATA").startswith("354 ")
+        client.write(sized(2000) + b".\r\n")
+        assert client.reply()[-1].startswith("250 2.0.0 ")
+        byte_quota = f"452 4.7.1 Byte quota of {METERED} reached (3000 bytes per day); resets at {resets('day')}"
+        assert client.cmd(f"MAIL FROM:<{SENDER}> SIZE=1500") == byte_quota
+        # Without a SIZE= the message is refused once its size is known, at the end of DATA.
+        with captured_logs() as logs:
+            assert raw_send(client, sized(1500)) == byte_quota
+        [summary] = events(logs, "message_deferred")
+        assert summary["reason"] == "quota: 3000 bytes per day" and not events(logs, "quota_reached")
+        assert raw_send(client, sized(1000)).startswith("250 2.0.0 ")  # exactly the 3000
+    assert len(gw.sent) == 2 and used("day", "bytes") == 3000
+
+
+def test_a_message_not_accepted_after_all_is_not_counted(gateway_factory: Factory) -> None:
+    gw = gateway_factory(extra_users=[metered(messages_per_hour=1)])
+    with session(gw) as client:
+        # Refused at the end of DATA (this login may not choose a campaign): counted, then taken back.
+        refused = raw_send(client, message(subject="no", extra="X-Gateway-Campaign: 23\r\n"))
+        assert refused.startswith("550 5.7.1 "), refused
+        wait_for(lambda: used("hour", "messages") == 0, 10, "the refused message taken back")
+        assert raw_send(client, message(subject="yes")).startswith("250 2.0.0 ")
+        assert client.cmd(f"MAIL FROM:<{SENDER}>").startswith("452 4.7.1 ")
+    assert [r["body"]["asunto"] for r in gw.sent] == ["yes"]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_instances_on_one_queue_share_the_count(
+    gateway_factory: Factory, tmp_path: Path, request: pytest.FixtureRequest, backend: str
+) -> None:
+    """Two gateways on one queue: together they take exactly the quota. The second instance's view at MAIL is
+    behind (it has not seen the first's messages), so the one past the quota is refused at the end of DATA."""
+    delivery: dict[str, Any] = {"spool_path": str(tmp_path / "shared.sqlite3")}
+    if backend == "postgresql":
+        delivery["queue_url"] = request.getfixturevalue("pg_cluster").new_database()
+    users = [metered(messages_per_hour=3)]
+    first = gateway_factory(extra_users=users, delivery=delivery, listeners=[listener()])
+    second = gateway_factory(extra_users=users, delivery=delivery, listeners=[listener()], sandbox=first.sandbox)
+    with session(second) as client:
+        assert raw_send(client, message(subject="b0")).startswith("250 2.0.0 ")  # its view: 1 of 3
+    with session(first) as client:
+        for n in range(2):
+            assert raw_send(client, message(subject=f"a{n}")).startswith("250 2.0.0 ")
+        assert client.cmd(f"MAIL FROM:<{SENDER}>").startswith("452 4.7.1 ")
+    with session(second) as client:
+        assert raw_send(client, message(subject="b1")).startswith("452 4.7.1 Message quota of metered reached")
+        assert client.cmd(f"MAIL FROM:<{SENDER}>").startswith("452 4.7.1 ")  # its view has caught up
+    assert sorted(r["body"]["asunto"] for r in first.sent) == ["a0", "a1", "b0"]
+
+
+class Unreachable:
+    async def quota_take(
+        self, login: str, windows: tuple[Window, ...], size: int
+    ) -> tuple[quota.Verdict, dict[str, Counts]]:
+        raise SpoolUnavailable("queue down")
+
+    async def quota_return(self, login: str, windows: tuple[Window, ...], size: int) -> None:
+        raise SpoolUnavailable("queue down")
+
+    async def quota_counts(self, login: str, windows: tuple[Window, ...]) -> dict[str, Counts]:
+        raise SpoolUnavailable("queue down")
+
+
+async def test_without_its_store_a_process_counts_on_its_own() -> None:
+    tracker = QuotaTracker(Unreachable())
+    limits = Quota(messages_per_hour=2)
+    with captured_logs() as logs:
+        assert (await tracker.check("acme", METERED, limits, 0)).ok
+        verdicts = [(await tracker.take("acme", METERED, limits, 10))[0] for _ in range(3)]
+    assert [v.ok for v in verdicts] == [True, True, False]
+    assert not (await tracker.check("acme", METERED, limits, 0)).ok
+    assert len(events(logs, "quota_store_unavailable")) == 1  # said once, not per message
