@@ -39,14 +39,20 @@ def test_the_quick_start_tells_the_whole_story(tmp_path: Path) -> None:
     blocks = doc_blocks("test_the_quick_start_tells_the_whole_story")
     [send, *shown] = blocks
     proc = subprocess.Popen(
-        [str(BIN / "smtp-gateway"), "quickstart", "--port", "0", "--tls-port", "0", "--sandbox-port", "0"],
+        [str(BIN / "smtp-gateway"), "quickstart", "--port", "0", "--tls-port", "0", "--sandbox-port", "0",
+         "--http-port", "0"],
         cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     err, out = Lines(proc.stderr), Lines(proc.stdout)
     try:
         ready = json.loads(err.wait_for(r'"event": "ready"'))
         sandbox = int(re.findall(r"sandbox upstream .*http://127\.0\.0\.1:(\d+)", err.text())[0])
-        real = {"smtp": ready["listeners"]["plain"], "sandbox": sandbox, "tls": ready["listeners"]["submission"]}
+        real = {
+            "smtp": ready["listeners"]["plain"],
+            "sandbox": sandbox,
+            "tls": ready["listeners"]["submission"],
+            "http": ready.get("http", 0),
+        }
 
         def to_real(text: str) -> str:
             for name, port in DOC_PORTS.items():

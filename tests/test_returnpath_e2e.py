@@ -53,7 +53,8 @@ def returning(
     hooks = [{"name": "app", "url": receiver.url, "secret": SECRET, "backoff": 0.05, "timeout": 5}] if receiver else []
     return factory(
         delivery=delivery,
-        accounts={"acme": {"events": {**EVENTS, **(events or {})}}},
+        # Notices on (the tests' configuration has them off: tests/configs.py).
+        accounts={"acme": {"events": {**EVENTS, **(events or {})}, "dsn": {"notify": "sender"}}},
         webhooks=hooks,
         return_path={"poll_interval": 0.1},
         **overrides,
@@ -280,7 +281,9 @@ def test_dengage_events_are_read_from_its_report_by_the_gateways_tag(
 ) -> None:
     from tests.harness import DENGAGE_SENDER, DENGAGE_USER
 
-    gw = returning(gateway_factory, delivery, dengage={"events": {**EVENTS, "page_size": 100}})
+    gw = returning(
+        gateway_factory, delivery, dengage={"events": {**EVENTS, "page_size": 100}, "dsn": {"notify": "sender"}}
+    )
 
     def send_dengage(to: str, subject: str) -> tuple[int, str]:
         with smtplib.SMTP("127.0.0.1", gw.port(), timeout=30) as client:
