@@ -52,6 +52,7 @@ from gateway.providers import registry
 from gateway.providers.base import Provider
 from gateway.queue.backends import open_store
 from gateway.queue.store import QueueStore
+from gateway.returnpath.service import ReturnPath
 from gateway.smtp.protocol import GatewaySMTP
 from gateway.smtp.server import Listeners
 from gateway.smtp.tls import CertificateError, server_context
@@ -102,6 +103,7 @@ class App:
     ledger: LedgerStore | None = None
     ledger_writer: LedgerWriter | None = None
     api_auth: TokenAuth | None = None
+    returnpath: ReturnPath | None = None
     console: Console | None = None
     # When the configuration was loaded and what the last reload did (the console shows it).
     config_status: ConfigStatus = field(default_factory=ConfigStatus)
@@ -164,6 +166,9 @@ class App:
         self.owner = DeliveryOwner(
             self.providers, self.store, settings.delivery, self.health, owner=owner, ledger=recorder
         )
+        # After the 250: events read back, suppressions, notices, webhooks (docs/after-250.md).
+        self.returnpath = ReturnPath(settings, self.ledger, self.owner, recorder, owner)
+        self.returnpath.start(self.providers)
         dsettings = settings.delivery
         self.worker = RetryWorker(
             self.owner,
@@ -176,7 +181,9 @@ class App:
         # Another instance made something due: wake the worker now rather than at its next poll.
         self._spawn(self.store.listen(lambda account: self.owner.wakeup.set() if self.owner else None))
         self._spawn(self._queue_stats())
-        self.pipeline = Pipeline(settings, self.providers, self.owner, resolver=self.resolver)
+        self.pipeline = Pipeline(
+            settings, self.providers, self.owner, resolver=self.resolver, suppressions=self.returnpath.suppressions
+        )
         quotas = QuotaTracker(self.store)  # per-login quotas, counted with every instance on the queue
         QUOTA_STATS.track(quotas)
         oauth = await asyncio.to_thread(oauth_verifier, settings.oauth)  # reads any ca_file
@@ -190,9 +197,8 @@ class App:
         if http.port is not None:
             self.api_auth = TokenAuth(http.api_tokens, settings.limits)
             self.console = Console(self)
-            self.operator = OperatorEndpoint(
-                problems=self.problems, api=MessageApi(self.ledger, self.api_auth), console=self.console
-            )
+            api = MessageApi(self.ledger, self.api_auth, self.returnpath.returns, self.returnpath.suppressions)
+            self.operator = OperatorEndpoint(problems=self.problems, api=api, console=self.console)
             tls = None
             if http.tls_cert_file is not None and http.tls_key_file is not None:
                 tls = server_context("intermediate", [(http.tls_cert_file, http.tls_key_file)])
@@ -334,7 +340,11 @@ class App:
         if self.console is not None:
             self.console.configure(new)
         self.worker.set_accounts(list(new.accounts))
-        self.pipeline = Pipeline(new, providers, self.owner, resolver=self.resolver)
+        suppressions = None
+        if self.returnpath is not None:
+            self.returnpath.configure(new, providers)
+            suppressions = self.returnpath.suppressions
+        self.pipeline = Pipeline(new, providers, self.owner, resolver=self.resolver, suppressions=suppressions)
         retired_oauth, listeners.oauth = listeners.oauth, oauth
         listeners.apply(new, self.pipeline, self.authenticator, contexts)
         logs.reconfigure(new.log)
@@ -378,6 +388,8 @@ class App:
                 await self.operator.stop()
         if self.worker is not None:
             await self.worker.stop()
+        if self.returnpath is not None:
+            await self.returnpath.stop()  # before the owner: a notice being handed to it finishes or is retaken
         if self.owner is not None:
             await self.owner.stop(self.settings.delivery.shutdown_timeout)
         if self.ledger_writer is not None:

@@ -82,13 +82,13 @@ def sandbox_command(*extra: str) -> list[str]:
     ]
 
 
-def start_sandbox(record: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """The sandbox in a subprocess recording to `record`, its output beside it; returns it and its URL,
-    read from the line it prints once listening."""
+def start_sandbox(record: Path, *extra: str) -> tuple[subprocess.Popen[bytes], str]:
+    """The sandbox in a subprocess recording to `record` (with `extra` options), its output beside it; returns
+    it and its URL, read from the line it prints once listening."""
     output = record.with_suffix(".sandbox.log")
     seen = len(SANDBOX_READY.findall(output.read_text())) if output.exists() else 0
     with output.open("ab") as out:
-        proc = spawn(sandbox_command("--record", str(record)), stdout=out, stderr=subprocess.STDOUT)
+        proc = spawn(sandbox_command("--record", str(record), *extra), stdout=out, stderr=subprocess.STDOUT)
 
     def bound() -> int | None:
         found = SANDBOX_READY.findall(output.read_text(errors="replace"))

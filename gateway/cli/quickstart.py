@@ -28,6 +28,10 @@ def _entries() -> list[tuple[ProviderSpec[Any], QuickStartEntry, SandboxEntry]]:
 
 # The console's admin in the quick start; its password is made anew at each start and printed in the banner.
 CONSOLE_ADMIN = "admin"
+# The quick start's webhook: the sandbox receives it and checks its signature with this secret.
+WEBHOOK_SECRET = "quickstart-webhook-secret"
+# Events read back every two seconds, as soon as the sandbox reports them (a real account: the defaults).
+EVENTS = {"enabled": True, "interval": 2.0, "lag": 0.0, "overlap": 300.0}
 
 
 def quickstart_settings(
@@ -38,6 +42,10 @@ def quickstart_settings(
 
     cert, key = write_self_signed(workdir / "tls")
     sandbox = f"http://127.0.0.1:{sandbox_port}"
+    accounts = {
+        entry.account: {**entry.settings(sandbox + routes.api_base, hash_password), "events": EVENTS}
+        for _, entry, routes in _entries()
+    }
     extra: dict[str, Any] = {}
     if http_port is not None:
         extra["http"] = {"address": "127.0.0.1", "port": http_port}
@@ -56,12 +64,12 @@ def quickstart_settings(
             {"name": "plain", "address": "127.0.0.1", "port": smtp_port, "tls": "none", "allow_insecure_auth": True},
             {"name": "submission", "address": "127.0.0.1", "port": tls_port, "tls": "starttls"},
         ],
-        # One account per provider, each with its sandbox's API and a configured user.
-        "accounts": {
-            entry.account: entry.settings(sandbox + routes.api_base, hash_password) for _, entry, routes in _entries()
-        },
+        # One account per provider, each with its sandbox's API and a configured user, its events read back.
+        "accounts": accounts,
         "delivery": {"spool_path": str(workdir / "spool.sqlite3")},
         "dns": {"check_sender_domain": False},
+        "webhooks": [{"name": "sandbox", "url": f"{sandbox}/_sandbox/webhook", "secret": WEBHOOK_SECRET}],
+        "return_path": {"poll_interval": 0.5},
     }
 
 
@@ -74,7 +82,7 @@ async def quickstart(
 
     workdir.mkdir(parents=True, exist_ok=True)
     record = workdir / "sandbox-requests.jsonl"
-    state = SandboxState(record_path=record, echo=sys.stdout)
+    state = SandboxState(record_path=record, echo=sys.stdout, webhook_secret=WEBHOOK_SECRET)
     sandbox = Sandbox(state, [entry.routes() for _, entry, _ in _entries()])
     bound = await sandbox.start("127.0.0.1", sandbox_port)
     password = secrets.token_urlsafe(12)
@@ -111,6 +119,10 @@ Send a message (the sandbox prints the API request it received):
 {howtos}Read back what the gateway sent:  curl -s http://127.0.0.1:{sandbox_port}/_sandbox/requests
 What became of a message (its 250 id, Message-ID or an address):
   smtp-gateway status --spool {record.parent / "spool.sqlite3"} <id>
+After the 250: the sandbox bounces bounce-hard@..., bounce-soft@... and not-sent@... (any domain, +tags too)
+and reports it within two seconds: the message turns bounced, its sender gets a delivery status notice (a
+request above), the sandbox's webhook receiver gets each event (kind "webhook"), and the address is refused
+at RCPT TO from then on:  smtp-gateway suppression list --spool {record.parent / "spool.sqlite3"}
 """
 
 

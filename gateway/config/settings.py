@@ -24,6 +24,7 @@ from gateway.config.base import AccountBase, Section, scrypt_hash, secret_or_fil
 from gateway.config.console import ConsoleSettings
 from gateway.config.console import check as check_console
 from gateway.config.oauth import OAuthSettings
+from gateway.config.returnpath import ReturnPathSettings, WebhookSettings
 
 ENV_PREFIX = "GATEWAY_"
 CONFIG_ENV = "GATEWAY_CONFIG"
@@ -543,6 +544,12 @@ class Settings(BaseSettings):
         description="Named networks the logins' `networks` and `require_tls_except` may name, e.g. `printers = "
         '["192.168.20.0/24"]`.',
     )
+    webhooks: list[WebhookSettings] = Field(
+        [], description="Applications told of each event read back (signed JSON POSTs, retried from the queue)."
+    )
+    return_path: ReturnPathSettings = Field(
+        ReturnPathSettings(), description="How the event pollers, notices and webhooks are paced."
+    )
 
     @field_validator("networks")
     @classmethod
@@ -598,6 +605,13 @@ def check_consistent(settings: Settings) -> None:
                 raise ValueError(f"listeners[{listener.name}]: trusted login {login!r} is not a user")
     logins.check(settings)
     check_console(settings.console, settings.http, is_loopback(settings.http.address))
+    names = [w.name for w in settings.webhooks]
+    for webhook in settings.webhooks:
+        if names.count(webhook.name) > 1:
+            raise ValueError(f"webhooks: the name {webhook.name!r} is used twice")
+        unknown = sorted(set(webhook.accounts) - set(settings.accounts))
+        if unknown:
+            raise ValueError(f"webhooks[{webhook.name}].accounts: no account {', '.join(unknown)}")
 
 
 class ConfigError(Exception):

@@ -51,6 +51,12 @@ def data_timeout(hostname: str, seconds: float) -> Reply:
     return Reply(421, "4.4.2", f"{hostname} Error: DATA not completed within {seconds:g} s, closing connection")
 
 
+def recipient_suppressed(address: str, reason: str, since: str) -> Reply:
+    """RCPT TO of an address on the account's suppression list (`suppress_recipients`): it bounced hard, was
+    reported not sent, complained, or the vendor holds it invalid; the text says which and since when."""
+    return Reply(550, "5.1.1", sanitize(f"<{address}>: recipient suppressed: {reason} ({since})"))
+
+
 SENDER_OK = Reply(250, "2.1.0", "Ok")
 """MAIL FROM accepted."""
 RECIPIENT_OK = Reply(250, "2.1.5", "Ok")

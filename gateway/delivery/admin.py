@@ -239,7 +239,7 @@ class QueueAdmin:
         info = await self.store.show(msg_id)
         if info is None or not await self.store.delete(msg_id):
             return False
-        reason = "deleted by an operator"
+        reason = model.DELETED_BY_OPERATOR
         gone: dict[str, tuple[RecipientState, str | None]] = {}
         for call in _calls(info):
             if call.state != "done":

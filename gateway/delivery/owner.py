@@ -21,7 +21,7 @@ import random
 import secrets
 import socket
 import time
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -64,6 +64,38 @@ def new_id() -> str:
 def owner_id(instance: str = "") -> str:
     """This process as a lease owner: instance (host) name, pid and a nonce (a restarted process is a new owner)."""
     return f"{instance or socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+def dead_local_owners(me: str, owners: Iterable[str]) -> list[str]:
+    """The lease owners among `owners` that are processes of this instance (host) that are gone (killed,
+    crashed): their leases may end now rather than after their time. Another instance's owners are left to
+    their leases: their processes cannot be seen from here."""
+    host = _split_owner(me)[0]
+    dead = []
+    for other in owners:
+        other_host, other_pid, _ = _split_owner(other)
+        if other == me or other_host != host or other_pid is None:
+            continue
+        # Our own pid with another nonce is an earlier incarnation (containers: always pid 1).
+        if other_pid == os.getpid() or not _alive(other_pid):
+            dead.append(other)
+    return dead
+
+
+def _split_owner(owner: str) -> tuple[str, int | None, str]:
+    rest, _, nonce = owner.rpartition(":")
+    host, _, pid = rest.rpartition(":")
+    return host, int(pid) if pid.isdigit() else None, nonce
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @dataclass
@@ -287,11 +319,20 @@ class DeliveryOwner:
         try:
             outcome = await call
         except Exception as exc:
-            await self._internal_error(attempt.msg_id, attempt.token or 0, stored, exc, "inline_delivery")
+            await self._internal_error(
+                attempt.msg_id, attempt.token or 0, stored, exc, "inline_delivery", attempt.submission.principal.account
+            )
         else:
             decision = self._decide(stored, outcome, attempt.submission, "inline", self._bound(attempt))
             await self._settle(
-                attempt.msg_id, attempt.token or 0, decision, attempt.log, stored.created, outcome, path="inline"
+                attempt.msg_id,
+                attempt.token or 0,
+                decision,
+                attempt.log,
+                stored.created,
+                outcome,
+                path="inline",
+                account=attempt.submission.principal.account,
             )
         finally:
             self.held.pop(attempt.msg_id, None)
@@ -422,7 +463,7 @@ class DeliveryOwner:
         try:
             await self._attempt_claimed(item, bound)
         except Exception as exc:
-            await self._internal_error(item.id, item.token, item.before, exc, "queue_delivery")
+            await self._internal_error(item.id, item.token, item.before, exc, "queue_delivery", item.account)
         finally:
             self.held.pop(item.id, None)
 
@@ -446,6 +487,7 @@ class DeliveryOwner:
                 ),
                 bound,
                 item.before.created,
+                account=item.account,
             )
             return
         before, lost = transition.resume(item.before)
@@ -533,6 +575,7 @@ class DeliveryOwner:
         *,
         submission: Submission | None = None,
         path: str = "queue",
+        account: str = "",
     ) -> None:
         """Store the attempt's decision under our token, then tell the ledger (what the calls answered, and,
         when the decision was stored, what follows: queued again or dead)."""
@@ -546,6 +589,7 @@ class DeliveryOwner:
             path=path,
             settled=settled,
             submission=submission,
+            account=account,
         )
 
     async def _store_decision(
@@ -591,14 +635,16 @@ class DeliveryOwner:
             bound.error("message_dead_lettered", reason=decision.dead_reason)
         return True
 
-    async def _internal_error(self, msg_id: str, token: int, before: DeliveryState, exc: Exception, where: str) -> None:
+    async def _internal_error(
+        self, msg_id: str, token: int, before: DeliveryState, exc: Exception, where: str, account: str
+    ) -> None:
         INTERNAL_ERRORS.labels(where=where).inc()
         bound = log.bind(queue_id=msg_id)
         bound.error("delivery_internal_error", exc_info=exc)
         reason = f"{type(exc).__name__}: {exc}"
         decision = transition.internal_error(before, reason, self.policy, self.clock(), self.rng)
         path = "inline" if where == "inline_delivery" else "queue"
-        await self._settle(msg_id, token, decision, bound, before.created, path=path)
+        await self._settle(msg_id, token, decision, bound, before.created, path=path, account=account)
 
     async def _fence(self, account: str, msg_id: str, token: int, keys: Sequence[str]) -> None:
         """The fencing check, right before calls go to the upstream (after every wait for the rate limiter,

@@ -67,6 +67,12 @@ RESEND = "resend"  # a resend with this message's idempotency key was answered w
 RETRIED = "retried"  # operator: `queue retry` (due now)
 REQUEUED = "requeued"  # operator: `queue requeue` (a dead letter back in the queue)
 DELETED = "deleted"  # operator: `queue delete`
+DSN_SENT = "dsn_sent"  # a delivery status notice about recipients of this message was sent (data: its id)
+DSN_SKIPPED = "dsn_skipped"  # no notice for these recipients (detail: why)
+WEBHOOK_DELIVERED = "webhook_delivered"  # a webhook took an event (data: webhook, event, attempts)
+WEBHOOK_FAILED = "webhook_failed"  # a webhook never took an event within its max_age (data: last error)
+# Why an operator's `queue delete` made recipients dead (no notice is sent for those).
+DELETED_BY_OPERATOR = "deleted by an operator"
 TEST_MODE = "test_mode"  # a test-mode login's message: answered with a TEST- id, not sent
 
 Outcome = Literal["delivered", "deferred", "refused", "ambiguous"]
@@ -95,6 +101,10 @@ class MessageRow(NamedTuple):
     reply: str | None = None
     # JSON text: the upstream requests as planned, secrets removed, attachments as name/type/size.
     request: str | None = None
+    dsn_of: str | None = None  # a delivery status notice: the local id of the message it is about
+    # JSON text (notice.py): what a notice about this message needs later (its original headers, the
+    # provider's data, whom to tell); None when nobody would be told (null sender, notify off, a notice).
+    notice: str | None = None
 
 
 class RecipientRow(NamedTuple):
@@ -135,7 +145,45 @@ def json(value: Any) -> str:
     return orjson.dumps(value, default=str).decode()
 
 
-Row = MessageRow | RecipientRow | EventRow
+class OutboxRow(NamedTuple):
+    """A webhook delivery to make: written with the event it announces, once per (webhook, event id)."""
+
+    webhook: str
+    event_id: str
+    msg_id: str
+    created: float  # the message's acceptance time (retention)
+    enqueued: float
+    type: str
+    body: str  # the JSON POSTed, fixed when the event is recorded (each retry sends the same bytes)
+
+
+class SuppressionRow(NamedTuple):
+    """An address the account will not take mail for (the first reason recorded is kept)."""
+
+    account: str
+    address: str  # address_key
+    reason: str  # in the operator's words, told to clients at RCPT TO
+    source: str  # what added it: an event type read back, `invalid_list`, `operator`
+    created: float
+    msg_id: str | None = None
+    detail: str | None = None
+
+
+class NoticeRow(NamedTuple):
+    """A recipient that failed for good (bounced, not sent, its message dead): its notice is to be decided,
+    once (a second row for the same message and recipient changes nothing)."""
+
+    msg_id: str
+    created: float  # the message's acceptance time (retention)
+    address: str
+    at: float
+
+    @property
+    def key(self) -> str:
+        return address_key(self.address)
+
+
+Row = MessageRow | RecipientRow | EventRow | OutboxRow | SuppressionRow | NoticeRow
 
 
 def address_key(address: str) -> str:
@@ -194,6 +242,7 @@ class Record:
     recipients: tuple[Recipient, ...] = ()
     events: tuple[Event, ...] = ()
     request: Any = None
+    dsn_of: str | None = None
 
     @property
     def state(self) -> str:
@@ -215,6 +264,7 @@ class Record:
             "message_id": self.message_id,
             "subject": self.subject,
             "size": self.size,
+            "dsn_of": self.dsn_of,
             "recipients": [
                 {
                     "address": r.address,

@@ -14,10 +14,13 @@ from gateway.ledger.model import (
     Event,
     EventRow,
     MessageRow,
+    NoticeRow,
+    OutboxRow,
     Query,
     Recipient,
     RecipientRow,
     Record,
+    SuppressionRow,
     Tally,
     address_key,
     message_id_key,
@@ -38,6 +41,8 @@ MESSAGE_COLUMNS = (
     "reply_id",
     "reply",
     "request",
+    "dsn_of",
+    "notice",
 )
 RECIPIENT_COLUMNS = ("msg_id", "rcpt", "address", "created", "state", "state_at", "upstream_id", "call_key", "reason")
 EVENT_COLUMNS = (
@@ -130,6 +135,74 @@ def event_insert_json() -> str:
     return f"INSERT INTO ledger_events ({columns}) {_from_json(EVENT_COLUMNS)} ON CONFLICT (id) DO NOTHING"
 
 
+OUTBOX_COLUMNS = ("webhook", "event_id", "msg_id", "created", "enqueued", "type", "body", "state", "next_attempt")
+SUPPRESSION_COLUMNS = ("account", "address", "reason", "source", "created", "msg_id", "detail")
+NOTICE_COLUMNS = ("msg_id", "rcpt", "created", "state", "at")
+
+
+def outbox_insert_json() -> str:
+    return (
+        f"INSERT INTO webhook_outbox ({', '.join(OUTBOX_COLUMNS)}) {_from_json(OUTBOX_COLUMNS)}"
+        " ON CONFLICT (webhook, event_id) DO NOTHING"
+    )
+
+
+def suppression_insert_json() -> str:
+    return (
+        f"INSERT INTO suppressions ({', '.join(SUPPRESSION_COLUMNS)}) {_from_json(SUPPRESSION_COLUMNS)}"
+        " ON CONFLICT (account, address) DO NOTHING"
+    )
+
+
+def notice_insert_json() -> str:
+    return (
+        f"INSERT INTO ledger_notices ({', '.join(NOTICE_COLUMNS)}) {_from_json(NOTICE_COLUMNS)}"
+        " ON CONFLICT (msg_id, rcpt) DO NOTHING"
+    )
+
+
+def notice_insert(p: str) -> str:
+    return (
+        f"INSERT INTO ledger_notices ({', '.join(NOTICE_COLUMNS)}) VALUES ({_marks(p, len(NOTICE_COLUMNS))})"
+        " ON CONFLICT (msg_id, rcpt) DO NOTHING"
+    )
+
+
+def notice_values(n: NoticeRow) -> tuple[Any, ...]:
+    return (n.msg_id, n.key, n.created, "pending", n.at)
+
+
+def outbox_insert(p: str) -> str:
+    return (
+        f"INSERT INTO webhook_outbox ({', '.join(OUTBOX_COLUMNS)}) VALUES ({_marks(p, len(OUTBOX_COLUMNS))})"
+        " ON CONFLICT (webhook, event_id) DO NOTHING"
+    )
+
+
+def suppression_insert(p: str) -> str:
+    return (
+        f"INSERT INTO suppressions ({', '.join(SUPPRESSION_COLUMNS)})"
+        f" VALUES ({_marks(p, len(SUPPRESSION_COLUMNS))}) ON CONFLICT (account, address) DO NOTHING"
+    )
+
+
+def outbox_values(o: OutboxRow) -> tuple[Any, ...]:
+    return (o.webhook, o.event_id, o.msg_id, o.created, o.enqueued, o.type, o.body, "pending", o.enqueued)
+
+
+def suppression_values(r: SuppressionRow) -> tuple[Any, ...]:
+    return (r.account, address_key(r.address), r.reason, r.source, r.created, r.msg_id, r.detail)
+
+
+def by_table(rows: Sequence[Any]) -> list[tuple[str, list[tuple[Any, ...]]]]:
+    """The rows' values grouped by table, in the order the tables are written: (table, values)."""
+    groups: dict[str, list[tuple[Any, ...]]] = {t: [] for t in WRITTEN}
+    for row in rows:
+        table, values = _VALUES[type(row)]
+        groups[table].append(values(row))
+    return [(t, v) for t, v in groups.items() if v]
+
+
 def json_rows(rows: Sequence[tuple[Any, ...]]) -> str:
     return orjson.dumps(rows).decode()
 
@@ -161,6 +234,8 @@ def message_values(m: MessageRow) -> tuple[Any, ...]:
         m.reply_id,
         m.reply,
         m.request,  # JSON text, not deflated: that would cost the writer more CPU than all the rest of the rows
+        m.dsn_of,
+        m.notice,
     )
 
 
@@ -185,9 +260,45 @@ def event_values(e: EventRow) -> tuple[Any, ...]:
     )
 
 
+# Each row type's table and values, and the order tables are written in within one transaction.
+WRITTEN = ("message", "recipient", "event", "outbox", "suppression", "notice")
+_VALUES: dict[type, tuple[str, Any]] = {
+    MessageRow: ("message", message_values),
+    RecipientRow: ("recipient", recipient_values),
+    EventRow: ("event", event_values),
+    OutboxRow: ("outbox", outbox_values),
+    SuppressionRow: ("suppression", suppression_values),
+    NoticeRow: ("notice", notice_values),
+}
+
+
+def statements(p: str) -> dict[str, str]:
+    """Each table's insert (one row per execution) with the backend's placeholder."""
+    return {
+        "message": message_upsert(p),
+        "recipient": recipient_upsert(p),
+        "event": event_insert(p),
+        "outbox": outbox_insert(p),
+        "suppression": suppression_insert(p),
+        "notice": notice_insert(p),
+    }
+
+
+def statements_json() -> dict[str, str]:
+    """SQLite: each table's insert of a whole batch in one statement (its rows in one JSON parameter)."""
+    return {
+        "message": message_upsert_json(),
+        "recipient": recipient_upsert_json(),
+        "event": event_insert_json(),
+        "outbox": outbox_insert_json(),
+        "suppression": suppression_insert_json(),
+        "notice": notice_insert_json(),
+    }
+
+
 # -- reading ------------------------------------------------------------------------------------------------
 
-_SUMMARY = "id, created, account, login, listener, peer, mail_from, message_id, subject, size, reply_id, reply"
+_SUMMARY = "id, created, account, login, listener, peer, mail_from, message_id, subject, size, reply_id, reply, dsn_of"
 
 
 def select_message(p: str) -> str:
@@ -253,7 +364,7 @@ def search(q: Query, p: str) -> tuple[str, list[Any]]:
 
 def record_of(row: Sequence[Any], recipients: Sequence[Recipient] = (), events: Sequence[Event] = ()) -> Record:
     """A record from a row of _SUMMARY columns (and `request` after them, when selected)."""
-    request = unpack_request(row[12]) if len(row) > 12 else None
+    request = unpack_request(row[13]) if len(row) > 13 else None
     return Record(
         id=row[0],
         created=float(row[1]),
@@ -267,6 +378,7 @@ def record_of(row: Sequence[Any], recipients: Sequence[Recipient] = (), events: 
         size=None if row[9] is None else int(row[9]),
         reply_id=row[10],
         reply=row[11],
+        dsn_of=row[12],
         recipients=tuple(recipients),
         events=tuple(events),
         request=request,
@@ -340,4 +452,4 @@ def delete_ids(table: str, p: str, count: int) -> str:
     return f"DELETE FROM {table} WHERE {column} IN ({_marks(p, count)})"
 
 
-TABLES = ("ledger_messages", "ledger_recipients", "ledger_events")
+TABLES = ("ledger_messages", "ledger_recipients", "ledger_events", "webhook_outbox", "ledger_notices")

@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway.ledger import sql
-from gateway.ledger.model import EventRow, MessageRow, Page, Query, Recipient, RecipientRow, Record, Row, Tally
+from gateway.ledger.model import Page, Query, Recipient, Record, Row, Tally
 from gateway.ledger.store import LedgerUnavailable
 from gateway.queue import sqlite_schema
 
 T = TypeVar("T")
 P = "?"
-_MESSAGES, _RECIPIENTS, _EVENTS = sql.message_upsert_json(), sql.recipient_upsert_json(), sql.event_insert_json()
+_BATCH = sql.statements_json()
 
 
 class SqliteLedger:
@@ -36,6 +36,10 @@ class SqliteLedger:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-db")
         self._db: sqlite3.Connection | None = None
         self._closed = False
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(connection, *args)` on the ledger's thread (the return path's statements use it too)."""
+        return await self._run(fn, *args)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         if self._closed:
@@ -87,20 +91,20 @@ class SqliteLedger:
     def _write(self, db: sqlite3.Connection, rows: Sequence[Row]) -> None:
         if self._disk_full():
             raise sqlite3.OperationalError("the disk is full (the queue's reserve is in use): ledger rows wait")
-        messages = [sql.message_values(r) for r in rows if isinstance(r, MessageRow)]
-        recipients = [sql.recipient_values(r) for r in rows if isinstance(r, RecipientRow)]
-        events = [sql.event_values(r) for r in rows if isinstance(r, EventRow)]
         db.execute("BEGIN IMMEDIATE")
         try:
-            # By table, each in one statement (sql.py): each table's rows keep their order, which is all
-            # the upserts need.
-            for statement, values in ((_MESSAGES, messages), (_RECIPIENTS, recipients), (_EVENTS, events)):
-                if values:
-                    db.execute(statement, (sql.json_rows(values),))
+            self.write_in(db, rows)
         except BaseException:
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
+
+    @staticmethod
+    def write_in(db: sqlite3.Connection, rows: Sequence[Row]) -> None:
+        """The rows, inside the caller's transaction: by table, each in one statement (sql.py); each table's
+        rows keep their order, which is all the upserts need."""
+        for table, values in sql.by_table(rows):
+            db.execute(_BATCH[table], (sql.json_rows(values),))
 
     # -- reading --------------------------------------------------------------------------------------------
 

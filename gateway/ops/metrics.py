@@ -187,7 +187,8 @@ CONFIG_RELOADS = Counter(
 )
 LEDGER_ROWS = Counter(
     "smtp_gateway_ledger_rows_total",
-    "Message ledger rows written, by table: message, recipient, event",
+    "Message ledger rows written, by table: message, recipient, event, outbox (webhook deliveries), suppression, "
+    "notice (failed recipients whose notice is to be decided)",
     ["table"],
     registry=REGISTRY,
 )
@@ -287,5 +288,90 @@ CONSOLE_ACTION_MESSAGES = Counter(
 CONSOLE_CSRF_REFUSED = Counter(
     "smtp_gateway_console_csrf_refused_total",
     "Console form posts refused (403) for a missing or wrong CSRF token",
+    registry=REGISTRY,
+)
+EVENT_POLLS = Counter(
+    "smtp_gateway_event_polls_total",
+    "Event API windows polled, by account and result: ok (read to its end), failed (the API could not answer: "
+    "tried again at the next interval), busy (another instance holds the account's poll), fenced (its lease was "
+    "taken over mid-window: nothing more written)",
+    ["account", "result"],
+    registry=REGISTRY,
+)
+EVENTS_READ = Counter(
+    "smtp_gateway_events_total",
+    "Upstream events read back, by account and type (sent, delivered, bounced, soft_bounced, not_sent, opened, "
+    "clicked, ...; unknown: a vendor name no wire table maps, logged once per name)",
+    ["account", "type"],
+    registry=REGISTRY,
+)
+EVENTS_UNMATCHED = Counter(
+    "smtp_gateway_events_unmatched_total",
+    "Upstream events about no message this gateway sent (another system's mail on the account): not stored",
+    ["account"],
+    registry=REGISTRY,
+)
+EVENTS_UNREADABLE = Counter(
+    "smtp_gateway_events_unreadable_total",
+    "Upstream event rows that could not be read (not an object, no address, no time)",
+    ["account"],
+    registry=REGISTRY,
+)
+EVENTS_CURSOR_AGE = Gauge(
+    "smtp_gateway_events_cursor_age_seconds",
+    "How far behind now an account's event poll has read (the lag, the overlap and any backlog)",
+    ["account"],
+    registry=REGISTRY,
+)
+SUPPRESSIONS = Gauge(
+    "smtp_gateway_suppressions",
+    "Addresses on each account's suppression list (this instance's copy)",
+    ["account"],
+    registry=REGISTRY,
+)
+SUPPRESSED_RECIPIENTS = Counter(
+    "smtp_gateway_suppressed_recipients_total",
+    "RCPT TO refused 550 5.1.1 because the address is on the account's suppression list",
+    ["account"],
+    registry=REGISTRY,
+)
+SUPPRESSION_SYNCS = Counter(
+    "smtp_gateway_suppression_syncs_total",
+    "Reads of the vendor's own invalid contacts (DMDS) into the suppression list, by result: ok, failed",
+    ["account", "result"],
+    registry=REGISTRY,
+)
+NOTICES = Counter(
+    "smtp_gateway_notices_total",
+    "Delivery status notices by result: sent (handed to delivery like any message), failed (refused), and why "
+    "none was sent: null_sender, notice (about a notice), notify_off, no_data, suppressed, rate_limited, deleted "
+    "(by an operator), held (ambiguous: it may have been delivered), no_account (no longer configured)",
+    ["account", "result"],
+    registry=REGISTRY,
+)
+WEBHOOK_SENT = Counter(
+    "smtp_gateway_webhook_deliveries_total",
+    "Webhook deliveries the receiver took (a 2xx answer)",
+    ["webhook"],
+    registry=REGISTRY,
+)
+WEBHOOK_FAILED = Counter(
+    "smtp_gateway_webhook_failures_total",
+    "Webhook delivery attempts that failed, by reason class: timeout, connect, http_4xx, http_5xx, expired (no "
+    "more retries: max_age passed, the delivery failed for good), removed (the webhook is no longer configured)",
+    ["webhook", "reason"],
+    registry=REGISTRY,
+)
+WEBHOOK_PENDING = Gauge(
+    "smtp_gateway_webhook_pending",
+    "Webhook deliveries not yet made (pending or being POSTed), in the shared outbox",
+    ["webhook"],
+    registry=REGISTRY,
+)
+WEBHOOK_DUPLICATES = Counter(
+    "smtp_gateway_webhook_possible_duplicates_total",
+    "Webhook deliveries POSTed again although the receiver may have taken them (the at-least-once window): "
+    "answer_lost (the request was sent, no answer came), lease_expired (an instance stopped mid-POST)",
+    ["webhook", "cause"],
     registry=REGISTRY,
 )

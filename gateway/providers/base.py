@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 
 from gateway.config.base import AccountBase, UserSettings
+from gateway.core.events import Contacts, EventSource
 from gateway.core.model import Message, Principal, ProviderData, StoredData, Submission
 from gateway.core.outcome import Deliverer, NoHealth, UpstreamHealth
 from gateway.policy import SenderPolicy
@@ -62,6 +63,18 @@ class Provider(Deliverer, Protocol):
         client waits. Raises Rejected for what the upstream would refuse or silently drop."""
         ...
 
+    def event_source(self) -> EventSource | None:
+        """The account's event API, when its events are read back ([accounts.X.events] enabled)."""
+        ...
+
+    def contacts(self) -> Contacts | None:
+        """The vendor's own invalid contacts and whitelist, when it has them and events are read back."""
+        ...
+
+    def notice_params(self, original: ProviderData) -> ProviderData:
+        """A delivery status notice's Submission.params, from those of the message it is about (DMDS: the
+        same campaign, not its batch)."""
+
     def requests(self, submission: Submission) -> list[dict[str, Any]]:
         """The calls `plan` gives, as requests without secrets or attachment contents (method, path, body):
         what a test-mode login's message would have sent, for the log and the message ledger."""
@@ -105,6 +118,15 @@ class ProviderBase(Generic[A]):
         self, principal: Principal, message: Message, mail_from: str, rcpt_tos: tuple[str, ...]
     ) -> Submission:
         return Submission(principal=principal, mail_from=mail_from, rcpt_tos=rcpt_tos, message=message)
+
+    def event_source(self) -> EventSource | None:
+        return None
+
+    def contacts(self) -> Contacts | None:
+        return None
+
+    def notice_params(self, original: ProviderData) -> ProviderData:
+        return original
 
     def requests(self, submission: Submission) -> list[dict[str, Any]]:
         """The planned calls' keys and recipients (a provider that knows its wire gives their bodies)."""

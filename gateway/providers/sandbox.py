@@ -18,6 +18,12 @@ entries say); this module holds what they share: the request record and the faul
     DELETE /_sandbox/requests                                     forget them
     POST /_sandbox/shape    {"shape": "alt"}                      answer in the other documented shapes
     GET  /_sandbox/shape                                          the shape answered now
+    POST /_sandbox/fate     {"address": A, "fate": "bounce-hard"}   what becomes of A (gateway/providers/fates.py)
+                            {"delay": 5}                          events appear 5 s after their send
+    GET  /_sandbox/fate                                           the fates set, the delay, DMDS' invalid list
+    POST /_sandbox/webhook                                        a webhook receiver: each delivery recorded
+                                                                  (kind "webhook") with whether its signature
+                                                                  verifies under the sandbox's webhook secret
 
 Answer shapes: the vendors document several of their answers only in part (screenshots, one example), and
 the gateway reads each field from a table of candidate names. "seed" answers with the names the seed
@@ -48,7 +54,9 @@ from aiohttp import web
 from email_validator import EmailNotValidError, validate_email
 
 from gateway.config import ConfigError
+from gateway.core import signature
 from gateway.ops.signals import StopSignals
+from gateway.providers.fates import FateError, Fates
 
 Redactor = Callable[[dict[str, Any]], dict[str, Any]]
 ErrorBody = Callable[[str, int], web.Response]
@@ -104,6 +112,8 @@ class SandboxState:
     lookups: deque[int | str] = field(default_factory=lambda: deque(maxlen=100_000))
     rng: random.Random = field(default_factory=lambda: random.Random(1234))
     shape: Shape = field(default_factory=default_shape)  # which documented spelling answers use
+    fates: Fates = field(default_factory=Fates)  # what becomes of each recipient, and the events reported
+    webhook_secret: str = ""  # the secret POST /_sandbox/webhook checks signatures with
 
     def next_fault(self, kind: str, provider: str | None = None) -> Fault | None:
         for fault in list(self.faults):
@@ -136,6 +146,9 @@ class Sandbox:
         self.app.router.add_get("/_sandbox/health", self.health)
         self.app.router.add_post("/_sandbox/shape", self.set_shape)
         self.app.router.add_get("/_sandbox/shape", self.get_shape)
+        self.app.router.add_post("/_sandbox/fate", self.set_fate)
+        self.app.router.add_get("/_sandbox/fate", self.get_fate)
+        self.app.router.add_post("/_sandbox/webhook", self.webhook)
         for install in providers:
             install(self)
         self._runner: web.AppRunner | None = None
@@ -240,6 +253,30 @@ class Sandbox:
 
     async def get_shape(self, request: web.Request) -> web.Response:
         return json_response({"shape": self.state.shape})
+
+    async def set_fate(self, request: web.Request) -> web.Response:
+        try:
+            spec = await request.json()
+            if not isinstance(spec, dict):
+                raise FateError("a JSON object")
+            self.state.fates.choose(spec)
+        except (ValueError, FateError) as exc:
+            return json_response({"status": "err", "on": str(exc)}, 400)
+        return json_response(self.state.fates.settings())
+
+    async def get_fate(self, request: web.Request) -> web.Response:
+        return json_response(self.state.fates.settings())
+
+    async def webhook(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        value = request.headers.get(signature.HEADER, "")
+        try:
+            event = orjson.loads(body)
+        except ValueError:
+            event = None
+        verified = bool(self.state.webhook_secret) and signature.valid(self.state.webhook_secret.encode(), value, body)
+        entry = {"kind": "webhook", "path": request.path, "event": event, "signature": value, "verified": verified}
+        return self.answer(entry, json_response({"received": True}))
 
     async def health(self, request: web.Request) -> web.Response:
         requests = self.state.requests

@@ -107,7 +107,10 @@ CREATE TABLE auth_clients (
 )
 """
 
-MIGRATIONS: list[str] = [V1, V2, V3, V4, V5, V6]
+# The return path (gateway/returnpath/), as SQLite's version 6.
+V7 = shared_schema.RETURN_PATH
+
+MIGRATIONS: list[str] = [V1, V2, V3, V4, V5, V6, V7]
 LATEST = len(MIGRATIONS)
 # Serialises migrations of several instances starting at once (pg_advisory_xact_lock key).
 MIGRATION_LOCK = 0x5347_5751  # "SGWQ"

@@ -99,7 +99,10 @@ V5 = """
 ALTER TABLE idempotency ADD COLUMN digest TEXT;
 """
 
-MIGRATIONS: list[str] = [V1, V2, V3, V4, V5]
+# The return path: event cursors, suppressions, the webhook outbox, notices.
+V6 = shared_schema.RETURN_PATH
+
+MIGRATIONS: list[str] = [V1, V2, V3, V4, V5, V6]
 LATEST = len(MIGRATIONS)
 
 

@@ -70,7 +70,7 @@ class HttpClient:
         self.base_url = base_url.rstrip("/")
         self.upstream = upstream  # "DMDS", "dEngage": for log reasons
         self.account = account
-        self._timeout = {"connect": min(timeout, 10.0), "read": timeout, "write": timeout, "pool": timeout}
+        self._timeout = self.timeouts(timeout)
         context = ssl.create_default_context(cafile=str(ca_file)) if ca_file is not None else None
         self._transport = (
             transport
@@ -91,31 +91,40 @@ class HttpClient:
         headers: dict[str, str],
         content: bytes | jsonbody.Body | None = None,
         before_send: Callable[[], Awaitable[None]] | None = None,
+        timeout: float | None = None,
     ) -> HttpResponse:
         """One call; `endpoint` is a short stable name for metrics ("send_one", "login", ...). A `Body` (a JSON
         body with large blobs) is streamed from its pieces, with its Content-Length. `before_send` runs once
-        a connection is free, right before the request goes; what it raises, the request does not send."""
+        a connection is free, right before the request goes; what it raises, the request does not send.
+        `timeout`: this call's (the client's otherwise)."""
+        limits = self._timeout if timeout is None else self.timeouts(timeout)
         if not self._connections.locked():
             await self._connections.acquire()  # free: no timer needed
         else:
             started = time.perf_counter()
             try:
-                async with asyncio.timeout(self._timeout["pool"]):
+                async with asyncio.timeout(limits["pool"]):
                     await self._connections.acquire()
             except TimeoutError:
                 self._observe(endpoint, "not_sent", time.perf_counter() - started)
                 raise UpstreamUnavailable(
-                    f"{self.upstream}: no free connection within {self._timeout['pool']:g}s, request not sent"
+                    f"{self.upstream}: no free connection within {limits['pool']:g}s, request not sent"
                 ) from None
         try:
             if before_send is not None:
                 await before_send()
-            return await self._send(endpoint, method, path, headers, content)
+            return await self._send(endpoint, method, path, headers, content, limits)
         finally:
             self._connections.release()
 
     async def _send(
-        self, endpoint: str, method: str, path: str, headers: dict[str, str], content: bytes | jsonbody.Body | None
+        self,
+        endpoint: str,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        content: bytes | jsonbody.Body | None,
+        limits: dict[str, float],
     ) -> HttpResponse:
         if isinstance(content, jsonbody.Body):
             request = httpx.Request(
@@ -123,11 +132,11 @@ class HttpClient:
                 self.base_url + path,
                 headers={**headers, "Content-Length": str(len(content))},
                 content=content.aiter(),
-                extensions={"timeout": self._timeout, "body": content},
+                extensions={"timeout": limits, "body": content},
             )
         else:
             request = httpx.Request(
-                method, self.base_url + path, headers=headers, content=content, extensions={"timeout": self._timeout}
+                method, self.base_url + path, headers=headers, content=content, extensions={"timeout": limits}
             )
         started = time.perf_counter()
         outcome = "answer_lost"
@@ -155,6 +164,10 @@ class HttpClient:
         return HttpResponse(
             status=response.status_code, body=body, headers={k.lower(): v for k, v in response.headers.items()}
         )
+
+    @staticmethod
+    def timeouts(seconds: float) -> dict[str, float]:
+        return {"connect": min(seconds, 10.0), "read": seconds, "write": seconds, "pool": seconds}
 
     def _observe(self, endpoint: str, outcome: str, seconds: float) -> None:
         child = self._metrics.get((endpoint, outcome))
