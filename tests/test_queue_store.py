@@ -9,7 +9,7 @@ import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -286,16 +286,44 @@ async def test_migrate_is_idempotent(make_store: Factory) -> None:
     assert await second.migrate() == (latest, latest)
 
 
+@dataclass(frozen=True)
+class _Slot:
+    """A rate slot taken, placed on this process's clock: the store answers a wait from the moment it read
+    the database's clock, somewhere between `asked` and `answered`. Comparing waits alone would count the
+    time the calls themselves took (tens of ms on a loaded machine) as a change of the slots."""
+
+    asked: float
+    answered: float
+    wait: float
+
+    @property
+    def at(self) -> float:
+        return (self.asked + self.answered) / 2 + self.wait
+
+    @property
+    def spread(self) -> float:
+        return self.answered - self.asked
+
+    def since(self, first: _Slot) -> float:
+        return self.at - first.at
+
+
+async def _slot(store: QueueStore, interval: float, burst: int, recovery: float = 30.0) -> _Slot:
+    asked = time.monotonic()
+    wait = await store.rate_slot("acme", interval, burst, recovery)
+    return _Slot(asked, time.monotonic(), wait)
+
+
 async def test_shared_rate_limit_spaces_calls_across_instances(make_store: Factory) -> None:
     """Two instances taking slots of one 10/s bucket (burst 2) are spaced as one: the n-th slot waits
     about (n - burst + 1) / rate, whichever instance takes it."""
     a, b = make_store(), make_store()
     await a.open()
     await b.open()
-    waits = [await (a if n % 2 else b).rate_slot("acme", 0.1, 2) for n in range(6)]
-    assert waits[0] == pytest.approx(0, abs=0.05) and waits[1] == pytest.approx(0, abs=0.05)
+    slots = [await _slot(a if n % 2 else b, 0.1, 2) for n in range(6)]
+    assert slots[0].wait == pytest.approx(0, abs=0.05) and slots[1].wait == pytest.approx(0, abs=0.05)
     for n in range(2, 6):
-        assert waits[n] == pytest.approx((n - 1) * 0.1, abs=0.05)
+        assert slots[n].since(slots[0]) == pytest.approx((n - 1) * 0.1, abs=0.05 + slots[n].spread)
     await a.rate_pause("acme", 5.0, 30.0)  # a 429 with Retry-After: 5
     assert await b.rate_slot("acme", 0.1, 2) >= 4.5
 
@@ -307,10 +335,10 @@ async def test_shared_rate_limit_slows_down_after_a_429_as_the_local_bucket_does
     await a.open()
     await b.open()
     await a.rate_pause("acme", 0.0, 3600.0)  # a 429 without Retry-After wait; recovery over an hour
-    waits = [await (a if n % 2 else b).rate_slot("acme", 0.1, 1, 3600.0) for n in range(4)]
-    assert waits[0] == pytest.approx(0, abs=0.05)
+    slots = [await _slot(a if n % 2 else b, 0.1, 1, 3600.0) for n in range(4)]
+    assert slots[0].wait == pytest.approx(0, abs=0.05)
     for n in range(1, 4):
-        assert waits[n] == pytest.approx(n * 0.2, abs=0.05)
+        assert slots[n].since(slots[0]) == pytest.approx(n * 0.2, abs=0.05 + slots[n].spread)
 
 
 async def test_quota_counts_are_shared_and_never_go_past_a_limit(make_store: Factory) -> None:
