@@ -31,7 +31,9 @@ from gateway.delivery.worker import RetryWorker
 from gateway.ledger import retention
 from gateway.ledger.backends import open_ledger
 from gateway.ledger.recorder import Recorder
+from gateway.ledger.returns import ReturnStore
 from gateway.ledger.store import LedgerStore
+from gateway.ledger.suppression import SuppressionSet
 from gateway.ledger.writer import LedgerWriter
 from gateway.limits.clients import AuthGuard, Defenses
 from gateway.limits.lockouts import LocalLockouts, Lockouts
@@ -374,6 +376,14 @@ class App:
     @property
     def ports(self) -> dict[str, int]:
         return self.listeners.ports if self.listeners else {}
+
+    @property
+    def returns(self) -> ReturnStore | None:
+        return self.returnpath.returns if self.returnpath is not None else None
+
+    @property
+    def suppressions(self) -> SuppressionSet | None:
+        return self.returnpath.suppressions if self.returnpath is not None else None
 
     async def stop(self, drain_timeout: float = 30.0) -> None:
         for task in self._background:

@@ -38,6 +38,7 @@ PAGES = (
     "/console/queue",
     "/console/queue?state=dead",
     "/console/logins",
+    "/console/suppressions",
     "/console/test-send",
     "/console/configuration",
 )

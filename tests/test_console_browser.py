@@ -148,6 +148,7 @@ def test_an_operator_uses_the_console(page: Any, gateway_factory: Callable[..., 
     for path, name in (
         ("/console/queue", "queue"),
         ("/console/logins", "logins"),
+        ("/console/suppressions", "suppressions"),
         ("/console/configuration", "configuration"),
     ):
         page.goto(f"{url}{path}")
@@ -172,7 +173,7 @@ def test_an_operator_uses_the_console(page: Any, gateway_factory: Callable[..., 
         f"{n}.png"
         for n in (
             "signin", "overview", "messages", "message", "dead-letters", "confirm", "test-send", "queue",
-            "logins", "configuration", "csrf-refused",
+            "logins", "suppressions", "configuration", "csrf-refused",
         )
     )  # fmt: skip
     wait_for(lambda: gw.sent, what="the test message delivered")

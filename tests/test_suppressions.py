@@ -12,7 +12,10 @@ import time
 from collections.abc import Callable
 
 from gateway.ledger.model import SuppressionRow
+from tests.console_util import Client, console_gateway
+from tests.console_util import base as console_base
 from tests.harness import Running
+from tests.ops_util import captured_with_context
 from tests.spool_helpers import wait_for
 from tests.test_ledger_api import API, base, bearer, curl
 from tests.test_returnpath_e2e import send
@@ -81,3 +84,34 @@ def test_an_account_that_opts_out_takes_mail_for_suppressed_addresses(
     gw.loop.run(gw.app.returnpath.suppressions.refresh(gw.app.returnpath.returns))  # type: ignore[union-attr]
     code, text = send(gw, "gone@example.com")
     assert code == 250, text
+
+
+async def test_the_console_lists_filters_and_removes_and_rcpt_follows(gateway_factory: Callable[..., Running]) -> None:
+    """The console's Suppressions page: every account's entries, a filter by a part of an address, a removal
+    audited and applied to RCPT TO at once by this instance; refused without the form's CSRF token."""
+    gw = console_gateway(gateway_factory, return_path={"suppression_refresh": 3600})
+    suppressed(gw, "gone@example.com", "kept@example.org")
+    gw.loop.run(gw.app.returnpath.suppressions.refresh(gw.app.returnpath.returns))  # type: ignore[union-attr]
+    assert send(gw, "gone@example.com")[0] == 550
+    async with Client(console_base(gw)) as admin:
+        assert (await admin.get("/console/suppressions"))[0] == 303  # signed in only
+        await admin.signin()
+        status, _, page = await admin.get("/console/suppressions")
+        assert status == 200 and "gone@example.com" in page and "kept@example.org" in page
+        assert "hard bounce" in page and "/console/messages/0123456789ABCDEF" in page
+        _, _, page = await admin.get("/console/suppressions?address=@example.org&account=acme")
+        assert "kept@example.org" in page and "gone@example.com" not in page
+        fields = {"account": "acme", "address": "gone@example.com"}
+        status, _, page = await admin.post("/console/suppressions/remove", fields)  # no token
+        assert status == 403 and "security token" in page
+        assert send(gw, "gone@example.com")[0] == 550
+        with captured_with_context() as logs:
+            status, response, _ = await admin.form("/console/suppressions", "/console/suppressions/remove", fields)
+        assert status == 303 and "removed=gone%40example.com" in response.headers["Location"]
+        [audit] = [e for e in logs if e["event"] == "console_action"]
+        assert (audit["action"], audit["count"], audit["address"]) == ("unsuppress", 1, "gone@example.com")
+        status, _, page = await admin.get(response.headers["Location"])
+        assert "gone@example.com: removed (1 entry)" in page and "kept@example.org" in page
+        assert "<td>gone@example.com</td>" not in page
+    assert send(gw, "gone@example.com")[0] == 250  # this instance's copy at once
+    assert send(gw, "kept@example.org")[0] == 550

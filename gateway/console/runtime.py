@@ -8,7 +8,9 @@ from gateway.auth.onetime import OneTimeLogins
 from gateway.config import Settings
 from gateway.config.reload import ConfigStatus
 from gateway.delivery.health import AccountHealth
+from gateway.ledger.returns import ReturnStore
 from gateway.ledger.store import LedgerStore
+from gateway.ledger.suppression import SuppressionSet
 from gateway.ledger.writer import LedgerWriter
 from gateway.limits.lockouts import Lockouts
 from gateway.queue.store import QueueStore
@@ -31,6 +33,16 @@ class Gateway(Protocol):
 
     @property
     def ledger_writer(self) -> LedgerWriter | None: ...
+
+    @property
+    def returns(self) -> ReturnStore | None:
+        """The return path's store (suppression lists, ...) in the queue's database."""
+        ...
+
+    @property
+    def suppressions(self) -> SuppressionSet | None:
+        """This process's copy of the suppression lists, which RCPT TO consults."""
+        ...
 
     @property
     def health(self) -> AccountHealth: ...

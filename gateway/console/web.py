@@ -25,7 +25,7 @@ from aiohttp import web
 
 from gateway.config import Settings
 from gateway.config.console import ConsoleAdmin, ConsoleSettings
-from gateway.console import configpage, logins, messages, overview, queuepage, testsend
+from gateway.console import configpage, logins, messages, overview, queuepage, suppressionpage, testsend
 from gateway.console.runtime import Gateway
 from gateway.console.sessions import Session, SessionKeys, ended, new_session
 from gateway.console.signin import AdminSignIn
@@ -46,12 +46,13 @@ NOT_ENABLED = (
     "password_hash made by `smtp-gateway hash-password`), then reload (SIGHUP). See docs/console.md."
 )
 # The pages in the navigation, in order. A new page is a module giving its context, a template, its routes in
-# `Console.install` and its entry here (the return path's suppression list would go after Logins).
+# `Console.install` and its entry here.
 NAV = (
     ("/console/", "Overview"),
     ("/console/messages", "Messages"),
     ("/console/queue", "Queue"),
     ("/console/logins", "Logins"),
+    ("/console/suppressions", "Suppressions"),
     ("/console/test-send", "Test send"),
     ("/console/configuration", "Configuration"),
 )
@@ -188,6 +189,8 @@ class Console:
         add("POST", "/console/queue/act", self._queue_act)
         add("GET", "/console/logins", self._logins)
         add("POST", "/console/logins/lift", self._lift)
+        add("GET", "/console/suppressions", self._suppressions)
+        add("POST", "/console/suppressions/remove", self._unsuppress)
         add("GET", "/console/test-send", self._test_form)
         add("POST", "/console/test-send", self._test_send)
         add("GET", "/console/configuration", self._configuration)
@@ -438,6 +441,23 @@ class Console:
         lifted = await self.gw.lockouts.lift(scope, client)
         self._audit(request, "lift_lockout", count=int(lifted), scope=scope, lifted_client=client)
         return self._redirect("/console/logins")
+
+    async def _suppressions(self, request: web.Request) -> web.StreamResponse:
+        context = await suppressionpage.page(self.gw, request.query)
+        return self._page(request, "suppressions.html", title="Suppressions", **context)
+
+    async def _unsuppress(self, request: web.Request) -> web.StreamResponse:
+        form = await request.post()
+        address, account = _field(form, "address").strip(), _field(form, "account").strip()
+        if "@" not in address:
+            return self._page(request, "error.html", status=400, title="Suppressions", message="No address given.")
+        try:
+            removed = await suppressionpage.remove(self.gw, address, account or None)
+        except LedgerUnavailable as exc:
+            return self._unavailable(request, exc)
+        self._audit(request, "unsuppress", count=removed, address=address, account=account or None)
+        back = {"account": account, "removed": address, "n": str(removed)}
+        return self._redirect("/console/suppressions?" + urllib.parse.urlencode(back))
 
     def _unavailable(self, request: web.Request, exc: SpoolUnavailable | LedgerUnavailable) -> web.Response:
         return self._page(

@@ -275,7 +275,8 @@ CONSOLE_LOGINS = Counter(
 )
 CONSOLE_ACTIONS = Counter(
     "smtp_gateway_console_actions_total",
-    "Console admin actions (each also an audit log line): retry, requeue, delete, lift_lockout, test_send, sign_out",
+    "Console admin actions (each also an audit log line): retry, requeue, delete, lift_lockout, unsuppress, "
+    "test_send, sign_out",
     ["action"],
     registry=REGISTRY,
 )
