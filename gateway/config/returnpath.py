@@ -8,23 +8,11 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from gateway.config.section import Section, secret_or_file
+from gateway.core.events import EVENT_TYPES
 
 # What a webhook can be told about: the vendors' event types read back (gateway/core/events.py) and `dead`,
 # a recipient whose message became a dead letter.
-WEBHOOK_EVENTS = (
-    "sent",
-    "delivered",
-    "bounced",
-    "soft_bounced",
-    "not_sent",
-    "opened",
-    "clicked",
-    "unsubscribed",
-    "complained",
-    "invalidated",
-    "revalidated",
-    "dead",
-)
+WEBHOOK_EVENTS = (*EVENT_TYPES, "dead")
 
 
 def check_notify(value: str | None) -> str | None:

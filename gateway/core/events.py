@@ -15,10 +15,10 @@ Each provider maps its vendor's event names to these types in its own wire table
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol, get_args
 
 EventType = Literal[
     "sent",
@@ -33,19 +33,7 @@ EventType = Literal[
     "invalidated",
     "revalidated",
 ]
-EVENT_TYPES: tuple[EventType, ...] = (
-    "sent",
-    "delivered",
-    "bounced",
-    "soft_bounced",
-    "not_sent",
-    "opened",
-    "clicked",
-    "unsubscribed",
-    "complained",
-    "invalidated",
-    "revalidated",
-)
+EVENT_TYPES: tuple[EventType, ...] = get_args(EventType)
 # The recipient state an event type moves a recipient to (the ledger keeps the furthest state: a `sent`
 # read back after `bounced` changes nothing); the other types leave the state as it is.
 STATE_OF: Mapping[str, str] = {"sent": "sent", "delivered": "delivered", "bounced": "bounced", "not_sent": "not_sent"}
@@ -115,6 +103,39 @@ def event_id(account: str, *parts: object) -> str:
     (upstream id, address, type, timestamp as written). The same event read twice gets the same id."""
     text = "\x1f".join([account, *("" if p is None else str(p) for p in parts)])
     return "u" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:31]
+
+
+def add_event(
+    page: EventPage,
+    account: str,
+    fields: Mapping[str, Any],
+    types: Mapping[str, EventType],
+    tz: tzinfo,
+    upstream_field: str,
+    type_key: Callable[[str], str] = str.lower,
+) -> None:
+    """One event row, its fields read from the provider's wire table (`type`, `address`, `time`, `id`,
+    `detail` and `upstream_field`), added to `page`: unreadable without a type, an address and a time; a name
+    `types` does not map (after `type_key`) counted as unknown; its id the vendor's own when it gives one."""
+    raw_type = str(fields.get("type") or "").strip()
+    address = str(fields.get("address") or "").strip()
+    at = vendor_time(fields.get("time"), tz)
+    if not raw_type or "@" not in address or at is None:
+        page.unreadable += 1
+        return
+    kind = types.get(type_key(raw_type))
+    if kind is None:
+        page.unknown[raw_type] = page.unknown.get(raw_type, 0) + 1
+        return
+    upstream = str(fields[upstream_field]) if fields.get(upstream_field) else None
+    vendor_id = fields.get("id")
+    ident = (
+        event_id(account, "id", vendor_id)
+        if vendor_id
+        else event_id(account, upstream, address.lower(), raw_type.lower(), fields.get("time"))
+    )
+    detail = str(fields["detail"])[:500] if fields.get("detail") else None
+    page.events.append(VendorEvent(ident, kind, raw_type, address, at, upstream, detail))
 
 
 def zone(name: str) -> tzinfo:

@@ -11,7 +11,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from gateway.core.errors import UpstreamUnavailable
-from gateway.core.events import EventPage, EventType, VendorEvent, event_id, vendor_stamp, vendor_time
+from gateway.core.events import EventPage, EventType, add_event, vendor_stamp
 from gateway.upstream.response import HttpResponse
 from gateway.upstream.shape import Reading, number
 
@@ -99,25 +99,7 @@ def read_report(
             page.unreadable += 1
             continue
         fields = reading.fields(row, table, "rows[].", REPORT_KEYS)
-        raw_type = str(fields.get("type") or "").strip()
-        address = str(fields.get("address") or "").strip()
-        at = vendor_time(fields.get("time"), tz)
-        if not raw_type or "@" not in address or at is None:
-            page.unreadable += 1
-            continue
-        kind = EVENT_TYPES.get(raw_type.lower().replace(" ", ""))
-        if kind is None:
-            page.unknown[raw_type] = page.unknown.get(raw_type, 0) + 1
-            continue
-        upstream = str(fields["upstream_id"]) if fields.get("upstream_id") else None
-        vendor_id = fields.get("id")
-        ident = (
-            event_id(account, "id", vendor_id)
-            if vendor_id
-            else event_id(account, upstream, address.lower(), raw_type.lower(), fields.get("time"))
-        )
-        detail = str(fields["detail"])[:500] if fields.get("detail") else None
-        page.events.append(VendorEvent(ident, kind, raw_type, address, at, upstream, detail))
+        add_event(page, account, fields, EVENT_TYPES, tz, "upstream_id", _report_type)
     return page
 
 
@@ -129,3 +111,8 @@ def report_data(response: HttpResponse, check: Any) -> Any:
         if code not in (None, 0, "0"):
             raise UpstreamUnavailable(f"dEngage answered the report with code {code}: {response.text(200)}")
     return data
+
+
+def _report_type(name: str) -> str:
+    """dEngage's event names as the table keys them: lower case, without spaces ("Hard Bounce")."""
+    return name.lower().replace(" ", "")

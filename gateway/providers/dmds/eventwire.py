@@ -10,7 +10,7 @@ from datetime import tzinfo
 from typing import Any
 
 from gateway.core.errors import RateLimited, UpstreamAuthFailed, UpstreamUnavailable
-from gateway.core.events import EventPage, EventType, VendorEvent, event_id, vendor_stamp, vendor_time
+from gateway.core.events import EventPage, EventType, add_event, vendor_stamp
 from gateway.upstream.response import HttpResponse
 from gateway.upstream.shape import Reading, number
 
@@ -126,25 +126,7 @@ def read_events(
             page.unreadable += 1
             continue
         fields = reading.fields(row, table, "eventos[].", EVENT_KEYS)
-        raw_type = str(fields.get("type") or "").strip()
-        address = str(fields.get("address") or "").strip()
-        at = vendor_time(fields.get("time"), tz)
-        if not raw_type or "@" not in address or at is None:
-            page.unreadable += 1
-            continue
-        kind = EVENT_TYPES.get(raw_type.lower())
-        if kind is None:
-            page.unknown[raw_type] = page.unknown.get(raw_type, 0) + 1
-            continue
-        eeid = str(fields["eeid"]) if fields.get("eeid") else None
-        vendor_id = fields.get("id")
-        ident = (
-            event_id(account, "id", vendor_id)
-            if vendor_id
-            else event_id(account, eeid, address.lower(), raw_type.lower(), fields.get("time"))
-        )
-        detail = str(fields["detail"])[:500] if fields.get("detail") else None
-        page.events.append(VendorEvent(ident, kind, raw_type, address, at, eeid, detail))
+        add_event(page, account, fields, EVENT_TYPES, tz, "eeid", str.lower)
     return page
 
 
