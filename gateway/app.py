@@ -25,6 +25,7 @@ from gateway.config.oauth import OAuthSettings
 from gateway.config.reload import ConfigStatus, ReloadPlan, plan_reload
 from gateway.console.web import Console
 from gateway.core.errors import SpoolUnavailable
+from gateway.core.waits import idle
 from gateway.delivery.health import AccountHealth
 from gateway.delivery.owner import DeliveryOwner, owner_id
 from gateway.delivery.worker import RetryWorker
@@ -240,7 +241,7 @@ class App:
                 self.store.health.record("read", exc.reason)
             else:
                 self.store.health.record("read", None)
-            await asyncio.sleep(QUEUE_STATS_EVERY)
+            await idle(QUEUE_STATS_EVERY)
 
     async def _log_domain_findings(self) -> None:
         """The same findings as `smtp-gateway check-domains`, logged once at startup (and after a reload)."""

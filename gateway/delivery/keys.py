@@ -16,6 +16,7 @@ from collections.abc import Callable
 import structlog
 
 from gateway.core.errors import SpoolUnavailable
+from gateway.core.waits import idle
 from gateway.delivery.idempotency import KeyBacklog, LateKey
 from gateway.ops.metrics import IDEMPOTENCY_LATE
 from gateway.queue.store import KeyHit, QueueStore
@@ -82,7 +83,7 @@ class IdempotencyKeys:
         while len(self.late):
             await self._record_answered()
             if len(self.late):
-                await asyncio.sleep(RECORD_EVERY)
+                await idle(RECORD_EVERY)
         # The late keys' whole story, once: how many were recorded, how many the bounded backlog gave up.
         log.info("idempotency_keys_recorded", recorded=self._recorded, dropped=self._dropped)
         self._recorded = self._dropped = 0

@@ -35,6 +35,7 @@ from gateway.core.model import Call, Origin, Receipt, Submission
 from gateway.core.outcome import Deliverer, Outcome
 from gateway.core.records import CallRow, Decision, DeliveryState, RetryPolicy
 from gateway.core.replies import Reply
+from gateway.core.waits import idle
 from gateway.delivery import transition
 from gateway.delivery.health import AccountHealth
 from gateway.delivery.keys import IdempotencyKeys
@@ -696,7 +697,7 @@ class DeliveryOwner:
         """Renew this owner's leases while it holds any: a lease only expires when its owner is gone."""
         interval = self.settings.lease_seconds / 3
         while self.held:
-            await asyncio.sleep(interval)
+            await idle(interval)
             try:
                 await self.store.renew(self.owner, self.clock() + self.settings.lease_seconds)
             except SpoolUnavailable as exc:

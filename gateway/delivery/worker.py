@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import structlog
 
 from gateway.core.errors import SpoolUnavailable
+from gateway.core.waits import idle
 from gateway.delivery.owner import DeliveryOwner, dead_local_owners
 from gateway.ops.metrics import INTERNAL_ERRORS
 
@@ -81,11 +82,11 @@ class RetryWorker:
                 if not self._failing:  # once per outage, not once per poll
                     self._failing = True
                     log.error("queue_unavailable", error=exc.reason)
-                await asyncio.sleep(self.poll_interval)
+                await idle(self.poll_interval)
             except Exception as exc:
                 INTERNAL_ERRORS.labels(where="retry_worker").inc()
                 log.error("retry_worker_internal_error", exc_info=exc)
-                await asyncio.sleep(self.poll_interval)
+                await idle(self.poll_interval)
 
     async def _tick(self) -> None:
         wakeup = self.owner.wakeup

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import structlog
 
 from gateway.config import LedgerSettings
+from gateway.core.waits import idle
 from gateway.ledger.model import iso
 from gateway.ledger.store import LedgerStore, LedgerUnavailable
 from gateway.ops.metrics import LEDGER_PRUNED
@@ -55,4 +56,4 @@ async def run(
             failing = True
         else:
             failing = False
-        await asyncio.sleep(every)
+        await idle(every)

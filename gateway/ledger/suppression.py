@@ -4,12 +4,12 @@ check is a dict lookup and never waits for the database. Entries this instance a
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable, Iterable
 
 import structlog
 
+from gateway.core.waits import idle
 from gateway.ledger.model import address_key
 from gateway.ledger.returns import ReturnStore, Suppressed
 from gateway.ledger.store import LedgerUnavailable
@@ -72,4 +72,4 @@ class SuppressionSet:
                 if failing:
                     log.info("suppressions_refresh_recovered", entries=sum(self.counts().values()))
                 failing = False
-            await asyncio.sleep(every())
+            await idle(every())

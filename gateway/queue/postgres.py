@@ -32,6 +32,7 @@ from gateway.core.episode import Episode
 from gateway.core.errors import QueueUnreachable, SpoolUnavailable
 from gateway.core.quota import Counts, Verdict, Window
 from gateway.core.records import Decision
+from gateway.core.waits import idle
 from gateway.queue import postgres_schema
 from gateway.queue.health import QueueHealth
 from gateway.queue.sql import FOR_POSTGRES, POSTGRES
@@ -191,7 +192,7 @@ class PostgresQueue:
         while True:  # a probe, not a wait for an event: nothing else tells when the database is back
             if await self._reachable():
                 break
-            await asyncio.sleep(PROBE_EVERY)
+            await idle(PROBE_EVERY)
         if self._pool_open:
             await self._pool.check()  # the connections the outage broke are replaced now, not at their next use
         over = self._outage.ended()
@@ -403,7 +404,7 @@ class PostgresQueue:
             except (psycopg.Error, OSError) as exc:
                 if failing.occurred():  # once per outage; the workers poll meanwhile
                     log.warning("queue_listen_failed", queue=self.url, error=f"{type(exc).__name__}: {exc}")
-                await asyncio.sleep(delay)
+                await idle(delay)
                 delay = min(delay * 2, 30.0)
 
     # -- shared rate limits ---------------------------------------------------------------------------

@@ -6,7 +6,6 @@ list are checked against the whitelist first (cached), so a whitelisted contact 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from collections.abc import Callable
@@ -15,6 +14,7 @@ import structlog
 
 from gateway.core.errors import GatewayError
 from gateway.core.events import Contacts
+from gateway.core.waits import idle
 from gateway.ledger.model import SuppressionRow, address_key
 from gateway.ledger.returns import ReturnStore, Suppressed
 from gateway.ledger.store import LedgerUnavailable
@@ -52,7 +52,7 @@ class InvalidContacts:
     async def run(self) -> None:
         while True:
             await self.sync()
-            await asyncio.sleep(min(self.every(), 60.0))  # due or not is the cursor's: look often, read rarely
+            await idle(min(self.every(), 60.0))  # due or not is the cursor's: look often, read rarely
 
     async def sync(self) -> str:
         """Read the list if it is due (no instance read it within `every`); returns the metric's result."""

@@ -15,6 +15,7 @@ from typing import Any
 import structlog
 
 from gateway.config import EventSettings, Settings, WebhookSettings
+from gateway.core.waits import idle
 from gateway.delivery.owner import DeliveryOwner, dead_local_owners
 from gateway.ledger.announce import Subscriptions
 from gateway.ledger.backends import open_returns
@@ -153,7 +154,7 @@ class ReturnPath:
         while True:
             with contextlib.suppress(LedgerUnavailable):
                 await self.webhooks.count_pending()
-            await asyncio.sleep(PENDING_EVERY)
+            await idle(PENDING_EVERY)
 
     async def _reap(self) -> None:
         """Leases of this instance's processes that are gone (killed) end now, not after their time: a restarted
@@ -165,7 +166,7 @@ class ReturnPath:
                 if dead:
                     count = await self.returns.expire_owners(dead, time.time())
                     log.warning("return_path_dead_owners_expired", owners=dead, leases=count)
-            await asyncio.sleep(DEAD_OWNER_CHECK)
+            await idle(DEAD_OWNER_CHECK)
 
     async def stop(self) -> None:
         tasks = [*self._tasks, *(t for ts in self._account_tasks.values() for t in ts)]
