@@ -10,8 +10,9 @@ import collections
 import contextlib
 import re
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import FunctionType
 from typing import Any, cast
 
 import structlog
@@ -22,6 +23,7 @@ from gateway.core.model import Principal, Receipt
 from gateway.core.replies import add_enhanced_code
 from gateway.limits.budget import ByteBudget, Reservation
 from gateway.ops.metrics import LIMIT_HITS, REFUSALS, SESSIONS_TLS
+from gateway.smtp.fastinit import MethodTables, init_session
 from gateway.smtp.handshake import ListenerTls, TlsHandshake
 
 log = structlog.get_logger("gateway.smtp")
@@ -87,7 +89,10 @@ class GatewaySMTP(SMTP):
         budget: ByteBudget | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(handler, tls_context=tls.context if tls and not implicit_tls else None, **kwargs)
+        cls = type(self)
+        tables = _TABLES.get(cls) or _TABLES.setdefault(cls, MethodTables(cls, wrap=_counted))
+        # SMTP.__init__, its method tables computed once per class and handler (gateway/smtp/fastinit.py).
+        init_session(self, tables, handler, tls_context=tls.context if tls and not implicit_tls else None, **kwargs)
         # Per session: aiosmtpd's own dict is a class attribute that every EHLO adds to.
         self.command_size_limits = collections.defaultdict(lambda: 512, AUTH=AUTH_LINE_LIMIT)
         self._in_ehlo = False
@@ -116,8 +121,6 @@ class GatewaySMTP(SMTP):
         self._logged = False  # the refusal about to be sent has its own log line already
         self._cut_off: str | None = None  # the limit that ended the session (command_timeout, data_timeout)
         self._last_code = 0  # of the last final reply sent
-        for verb, method in list(self._smtp_methods.items()):
-            self._smtp_methods[verb] = self._counted(verb, method)
 
     # -- connection ------------------------------------------------------------------------------------
 
@@ -234,32 +237,6 @@ class GatewaySMTP(SMTP):
         self.transport.close()
 
     # -- limits --------------------------------------------------------------------------------------------
-
-    def _counted(self, verb: str, method: Callable[[str | None], Awaitable[None]]) -> Callable[..., Any]:
-        async def run(arg: str | None) -> None:
-            if verb != "QUIT" and self._commands >= self._max_commands and self.transport is not None:
-                # This command would be one too many: refused unexecuted, and the session ends.
-                LIMIT_HITS.labels(limit="max_commands_before_data").inc()
-                log.info("session_cut_off", limit="max_commands_before_data", commands=self._commands, command=verb)
-                self.mark_logged()
-                await self.push(str(replies.TOO_MANY_COMMANDS))
-                self.transport.close()
-                return
-            self._verb = verb
-            try:
-                await method(arg)
-            finally:
-                self._verb = None
-            if verb == "DATA" and self.txn is not None:
-                self.txn = None
-                self._commands = 0  # a message went through (or was answered): count afresh
-            elif verb != "QUIT" and (verb not in _TRANSACTION or self._last_code >= 400):
-                self._commands += 1
-
-        for attr in _SYNTAX_ATTRS:
-            if hasattr(method, attr):
-                setattr(run, attr, getattr(method, attr))
-        return run
 
     def _timeout_cb(self) -> None:
         """No command (or no DATA bytes) within command_timeout: say so (Postfix: 421 4.4.2) and close."""
@@ -585,3 +562,35 @@ class GatewaySMTP(SMTP):
         # A bytearray, not bytes: the pipeline empties it once the message is parsed, so a large
         # message's raw copy is not held while its upstream call runs (docs/messages.md, memory).
         return content
+
+
+def _counted(verb: str, method: FunctionType) -> FunctionType:
+    """A command method that counts towards limits.max_commands_before_data (applied once per class)."""
+
+    async def run(self: GatewaySMTP, arg: str | None) -> None:
+        if verb != "QUIT" and self._commands >= self._max_commands and self.transport is not None:
+            # This command would be one too many: refused unexecuted, and the session ends.
+            LIMIT_HITS.labels(limit="max_commands_before_data").inc()
+            log.info("session_cut_off", limit="max_commands_before_data", commands=self._commands, command=verb)
+            self.mark_logged()
+            await self.push(str(replies.TOO_MANY_COMMANDS))
+            self.transport.close()
+            return
+        self._verb = verb
+        try:
+            await method(self, arg)
+        finally:
+            self._verb = None
+        if verb == "DATA" and self.txn is not None:
+            self.txn = None
+            self._commands = 0  # a message went through (or was answered): count afresh
+        elif verb != "QUIT" and (verb not in _TRANSACTION or self._last_code >= 400):
+            self._commands += 1
+
+    for attr in _SYNTAX_ATTRS:
+        if hasattr(method, attr):
+            setattr(run, attr, getattr(method, attr))
+    return cast(FunctionType, run)
+
+
+_TABLES: dict[type, MethodTables] = {}
