@@ -60,6 +60,11 @@ def _marks(p: str, n: int) -> str:
     return ",".join([p] * n)
 
 
+def _rows(p: str, n: int, rows: int) -> str:
+    """`rows` rows of `n` placeholders: "(?,?),(?,?)"."""
+    return ",".join([f"({_marks(p, n)})"] * rows)
+
+
 def _message_conflict() -> str:
     """A message's row; a second writer only fills what the first left empty (the accepting instance knows
     the listener, peer and reply; a claiming instance knows what the queue stored)."""
@@ -67,9 +72,17 @@ def _message_conflict() -> str:
     return f" ON CONFLICT (id) DO UPDATE SET {fill}"
 
 
-def message_upsert(p: str) -> str:
+# Every statement takes `rows` rows at once. SQLite's writer sends a batch in statements of up to ROWS rows:
+# the sqlite3 module hands the GIL back and forth with the event loop around every step of a statement, so
+# executemany costs two hand-overs per row; and a batch as one JSON array parameter (json_each) costs more
+# CPU than binding the values, most of all for a message's request (SQLite 3.40's json_extract parses the
+# whole row's text once per column). (PostgreSQL's writes run on the loop, pipelined, one row a statement.)
+ROWS = 64
+
+
+def message_upsert(p: str, rows: int = 1) -> str:
     return (
-        f"INSERT INTO ledger_messages ({', '.join(MESSAGE_COLUMNS)}) VALUES ({_marks(p, len(MESSAGE_COLUMNS))})"
+        f"INSERT INTO ledger_messages ({', '.join(MESSAGE_COLUMNS)}) VALUES {_rows(p, len(MESSAGE_COLUMNS), rows)}"
         + _message_conflict()
     )
 
@@ -94,48 +107,16 @@ def _recipient_conflict() -> str:
     return f" ON CONFLICT (msg_id, rcpt) DO UPDATE SET {updates}, {keep}"
 
 
-def recipient_upsert(p: str) -> str:
+def recipient_upsert(p: str, rows: int = 1) -> str:
     return (
         f"INSERT INTO ledger_recipients ({', '.join(RECIPIENT_COLUMNS)})"
-        f" VALUES ({_marks(p, len(RECIPIENT_COLUMNS))}){_recipient_conflict()}"
+        f" VALUES {_rows(p, len(RECIPIENT_COLUMNS), rows)}{_recipient_conflict()}"
     )
 
 
-# SQLite only: a whole batch of one table in one statement, its rows in one JSON array parameter. The
-# sqlite3 module takes the GIL back after each step of a statement, so executemany costs two GIL hand-overs
-# per row with the event loop (measured: more CPU on the loop than the writer's own); this costs one per
-# batch. (PostgreSQL's writes run on the loop, pipelined: no thread, no GIL to hand over.)
-
-
-def _from_json(columns: Sequence[str]) -> str:
-    picks = ", ".join(f"json_extract(value, '$[{n}]')" for n in range(len(columns)))
-    return f"SELECT {picks} FROM json_each(?) WHERE true"  # WHERE: lets SQLite parse the ON CONFLICT after it
-
-
-def message_upsert_json() -> str:
-    return f"INSERT INTO ledger_messages ({', '.join(MESSAGE_COLUMNS)}) {_from_json(MESSAGE_COLUMNS)}" + (
-        _message_conflict()
-    )
-
-
-def recipient_upsert_json() -> str:
-    return f"INSERT INTO ledger_recipients ({', '.join(RECIPIENT_COLUMNS)}) {_from_json(RECIPIENT_COLUMNS)}" + (
-        _recipient_conflict()
-    )
-
-
-def event_insert_json() -> str:
-    columns = ", ".join(EVENT_COLUMNS)
-    return f"INSERT INTO ledger_events ({columns}) {_from_json(EVENT_COLUMNS)} ON CONFLICT (id) DO NOTHING"
-
-
-def json_rows(rows: Sequence[tuple[Any, ...]]) -> str:
-    return orjson.dumps(rows).decode()
-
-
-def event_insert(p: str) -> str:
+def event_insert(p: str, rows: int = 1) -> str:
     return (
-        f"INSERT INTO ledger_events ({', '.join(EVENT_COLUMNS)}) VALUES ({_marks(p, len(EVENT_COLUMNS))})"
+        f"INSERT INTO ledger_events ({', '.join(EVENT_COLUMNS)}) VALUES {_rows(p, len(EVENT_COLUMNS), rows)}"
         " ON CONFLICT (id) DO NOTHING"
     )
 

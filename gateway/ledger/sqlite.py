@@ -24,7 +24,11 @@ from gateway.queue import sqlite_schema
 
 T = TypeVar("T")
 P = "?"
-_MESSAGES, _RECIPIENTS, _EVENTS = sql.message_upsert_json(), sql.recipient_upsert_json(), sql.event_insert_json()
+
+
+@functools.lru_cache(maxsize=3 * sql.ROWS)
+def _statement(build: Callable[[str, int], str], rows: int) -> str:
+    return build(P, rows)
 
 
 class SqliteLedger:
@@ -50,7 +54,13 @@ class SqliteLedger:
     def _call(self, fn: Callable[..., T], *args: Any) -> T:
         if self._db is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
+            db = sqlite3.connect(
+                self.path,
+                isolation_level=None,
+                check_same_thread=False,
+                timeout=10.0,
+                cached_statements=4 * sql.ROWS,  # a statement per size of a batch's last part, per table
+            )
             try:
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=NORMAL")
@@ -92,11 +102,16 @@ class SqliteLedger:
         events = [sql.event_values(r) for r in rows if isinstance(r, EventRow)]
         db.execute("BEGIN IMMEDIATE")
         try:
-            # By table, each in one statement (sql.py): each table's rows keep their order, which is all
-            # the upserts need.
-            for statement, values in ((_MESSAGES, messages), (_RECIPIENTS, recipients), (_EVENTS, events)):
-                if values:
-                    db.execute(statement, (sql.json_rows(values),))
+            # By table, in statements of up to sql.ROWS rows (sql.py): each table's rows keep their order,
+            # which is all the upserts need.
+            for build, values in (
+                (sql.message_upsert, messages),
+                (sql.recipient_upsert, recipients),
+                (sql.event_insert, events),
+            ):
+                for start in range(0, len(values), sql.ROWS):
+                    part = values[start : start + sql.ROWS]
+                    db.execute(_statement(build, len(part)), [v for row in part for v in row])
         except BaseException:
             db.execute("ROLLBACK")
             raise
