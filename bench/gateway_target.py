@@ -35,6 +35,7 @@ from servers import (
 REPO_DIR = BENCH_DIR.parent
 TEMPLATE = BENCH_DIR / "gateway.toml.in"
 ACCOUNTS = BENCH_DIR / "accounts.toml.in"
+TLS_LISTENERS = BENCH_DIR / "tls.toml.in"
 PROVIDERS = ("dmds", "dengage")
 DENGAGE_PASSWORD = "bench-api-password"
 # With the limiter on, the dEngage sandbox enforces dEngage's published 30 requests/s per IP and the
@@ -184,8 +185,12 @@ class Gateway(Server):
         provider: str = "dmds",
         rate_limit: float = 0.0,
         queue: str = "sqlite",
+        tls: tuple[Path, Path] | None = None,
     ) -> None:
         super().__init__(workdir)
+        # (certificate, key): the TLS listeners of bench/tls.toml.in, their ports by name in tls_ports.
+        self.tls = tls
+        self.tls_ports: dict[str, int] = {}
         self.queue = queue
         self.pg: object | None = None
         self.extra_config = ""  # appended to the rendered configuration (bench/scan.py: a second account)
@@ -284,7 +289,7 @@ class Gateway(Server):
             self.rate_limit,
             queue_url,
         )
-        config.write_text(text + self.extra_config)
+        config.write_text(text + self._tls_listeners() + self.extra_config)
         cmd = [*self.cmd, "serve", "--config", str(config), *self.serve_args]
         if self.workers > 1:
             cmd += ["--workers", str(self.workers)]
@@ -300,6 +305,16 @@ class Gateway(Server):
             )
         except SetupError as exc:
             raise SetupError(f"{exc}: {log_tail(self.log, 8)}") from None
+
+    def _tls_listeners(self) -> str:
+        if self.tls is None:
+            return ""
+        names = ("starttls", "implicit", "starttls-trusted", "implicit-trusted")
+        self.tls_ports = {name: free_port() for name in names}
+        ports = {name.replace("-", "_"): port for name, port in self.tls_ports.items()}
+        return "\n" + Template(TLS_LISTENERS.read_text()).substitute(
+            cert_file=str(self.tls[0]), key_file=str(self.tls[1]), **ports
+        )
 
     def _health(self) -> dict[str, object]:
         try:
