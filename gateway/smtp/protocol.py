@@ -368,7 +368,8 @@ class GatewaySMTP(SMTP):
         # aiosmtpd's connection_made() (called on success) starts a fresh session and drops any plaintext
         # the client pipelined behind STARTTLS (RFC 3207 §4.2, §6).
         self._original_transport = self.transport
-        self._tls_protocol = handshake.tls
+        # aiosmtpd reads `_tls_protocol._extra` when the handshake is done (handshake.py gives it).
+        self._tls_protocol = handshake  # type: ignore[assignment]
         self.transport = handshake.app_transport
         self._original_transport.set_protocol(handshake)
         handshake.connection_made(self._original_transport)
