@@ -42,6 +42,7 @@ def _ssl_protocol(loop: asyncio.AbstractEventLoop) -> Callable[..., Any]:
             return native
     return sslproto.SSLProtocol
 
+
 log = structlog.get_logger("gateway.smtp")
 
 # A ClientHello fits in a few hundred bytes (post-quantum key shares: ~1.8 KB); keep a bit more.

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from gateway.smtp import tickets
+
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -80,6 +82,7 @@ def server_context(profile: Profile, chains: list[tuple[Path, Path]]) -> ssl.SSL
             context.load_cert_chain(str(cert_file), str(key_file))
         except (OSError, ssl.SSLError) as exc:
             raise CertificateError(f"{cert_file} / {key_file}: {exc}") from None
+    tickets.apply(context, profile)  # workers of `serve --workers N` read each other's session tickets
     return context
 
 
