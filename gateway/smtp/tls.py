@@ -77,6 +77,9 @@ def server_context(profile: Profile, chains: list[tuple[Path, Path]]) -> ssl.SSL
         context.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
     # No renegotiation (a CPU sink for clients that ask for it over and over) and no TLS compression (CRIME).
     context.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION
+    # TLS 1.3: one session ticket after a handshake, not OpenSSL's two: a client resumes with one, and each
+    # ticket costs its encryption and a record on every new connection.
+    context.num_tickets = 1
     for cert_file, key_file in chains:
         try:
             context.load_cert_chain(str(cert_file), str(key_file))
