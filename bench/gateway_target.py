@@ -161,9 +161,10 @@ def start_postgres() -> tuple[object, str]:
     return cluster, cluster.new_database()
 
 
-def http_json(url: str, method: str = "GET", timeout: float = 2.0) -> object:
+def http_json(url: str, method: str = "GET", timeout: float = 2.0, body: object = None) -> object:
     """Small JSON HTTP helper for the sandbox's control endpoints."""
-    request = urllib.request.Request(url, method=method)
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read() or b"null")
 
@@ -194,6 +195,8 @@ class Gateway(Server):
         self.queue = queue
         self.pg: object | None = None
         self.extra_config = ""  # appended to the rendered configuration (bench/scan.py: a second account)
+        self.env: dict[str, str] = {}  # GATEWAY_* settings (bench/backlog.py: [delivery] keys)
+        self.queue_url = ""  # the PostgreSQL queue's, once started
         self.provider = provider
         self.rate_limit = rate_limit
         self.workers = workers
@@ -289,11 +292,14 @@ class Gateway(Server):
             self.rate_limit,
             queue_url,
         )
-        config.write_text(text + self._tls_listeners() + self.extra_config)
+        self.queue_url = queue_url
+        # extra_config may name the sandbox, which has only just been given its port.
+        extra = self.extra_config.replace("${sandbox_url}", self.sandbox_url)
+        config.write_text(text + self._tls_listeners() + extra)
         cmd = [*self.cmd, "serve", "--config", str(config), *self.serve_args]
         if self.workers > 1:
             cmd += ["--workers", str(self.workers)]
-        self.proc = spawn(cmd, self.log, env=gateway_env())
+        self.proc = spawn(cmd, self.log, env={**gateway_env(), **self.env})
         try:
             wait_for_smtp(self.port, self.label, 60, self.proc)
             # Every worker must be listening before the first point, or worker 0 takes the early load.

@@ -19,7 +19,7 @@ import structlog
 
 from gateway.core.errors import SpoolUnavailable
 from gateway.delivery.owner import DeliveryOwner
-from gateway.ops.metrics import INTERNAL_ERRORS
+from gateway.ops.metrics import INTERNAL_ERRORS, QUEUE_CLAIM_SECONDS
 
 log = structlog.get_logger("gateway.queue.worker")
 # How often the leases of dead processes of this instance are looked for (besides lease expiry).
@@ -98,7 +98,9 @@ class RetryWorker:
                 continue
             if owner.health.needs_probe(account, self.probe_interval):
                 await self.store.wake(account, now, limit=1)
+            started = time.perf_counter()
             claimed = await self.store.claim(owner.owner, account, now, free, owner.settings.lease_seconds)
+            QUEUE_CLAIM_SECONDS.observe(time.perf_counter() - started)
             for item in claimed:
                 task = owner.start_claimed(item)
                 self._running[account].add(task)
