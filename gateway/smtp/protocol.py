@@ -8,8 +8,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import random
 import re
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FunctionType
@@ -110,7 +110,8 @@ class GatewaySMTP(SMTP):
         self.reservation: Reservation | None = None
         self._over_budget = False
         # Carried by every log line of the session (structlog contextvars, bound in its task).
-        self.session_id = secrets.token_hex(6)
+        # Only unique, not secret: no system call per connection (random reseeds itself in a forked child).
+        self.session_id = f"{random.getrandbits(48):012x}"
         self.listener = listener
         self.client_key = client_key  # what per-IP limits count this client as (gateway.limits.clients.client_key)
         self.txn: Transaction | None = None
