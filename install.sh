@@ -44,8 +44,11 @@ if ! "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1; then
   fi
 fi
 
-# A venv left by another Python (or half-made) is made anew.
-if [ -x "$VENV/bin/python" ] && ! "$VENV/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+# A venv made by another Python than $PYTHON (or too old, or half-made) is made anew: PYTHON=python3.12
+# after a first install with python3 must not keep the old one.
+base='import sys; print(sys.base_prefix, sys.version)'
+if [ -x "$VENV/bin/python" ] && [ "$("$VENV/bin/python" -c "$base" 2>/dev/null)" != "$("$PYTHON" -c "$base")" ]; then
+  say "$VENV was made with another Python: making it anew with $PYTHON"
   rm -rf "$VENV"
 fi
 if [ ! -x "$VENV/bin/python" ]; then

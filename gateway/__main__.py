@@ -1,5 +1,5 @@
 """`python -m gateway` is `smtp-gateway`."""
 
-from gateway.cli import main
+from gateway.entry import main
 
 raise SystemExit(main())

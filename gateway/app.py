@@ -19,9 +19,11 @@ import structlog
 from gateway.auth.credentials import Authenticator
 from gateway.auth.jwks import JwksKeys
 from gateway.auth.oauth import OAuthVerifier
+from gateway.auth.onetime import OneTimeLogins
 from gateway.config import ConfigError, DnsSettings, Settings
 from gateway.config.oauth import OAuthSettings
-from gateway.config.reload import ReloadPlan, plan_reload
+from gateway.config.reload import ConfigStatus, ReloadPlan, plan_reload
+from gateway.console.web import Console
 from gateway.core.errors import SpoolUnavailable
 from gateway.delivery.health import AccountHealth
 from gateway.delivery.owner import DeliveryOwner, owner_id
@@ -31,6 +33,8 @@ from gateway.ledger.backends import open_ledger
 from gateway.ledger.recorder import Recorder
 from gateway.ledger.store import LedgerStore
 from gateway.ledger.writer import LedgerWriter
+from gateway.limits.clients import AuthGuard, Defenses
+from gateway.limits.lockouts import LocalLockouts, Lockouts
 from gateway.limits.quotas import QuotaTracker
 from gateway.ops import logs
 from gateway.ops.api import MessageApi
@@ -40,6 +44,7 @@ from gateway.ops.memory import MmapThreshold, set_mmap_threshold
 from gateway.ops.metrics import CONFIG_RELOADS
 from gateway.ops.queuestats import QUEUE_STATS
 from gateway.ops.quotastats import QUOTA_STATS
+from gateway.ops.signals import StopSignals
 from gateway.pipeline import Pipeline
 from gateway.policy.dns import DnsResolver
 from gateway.policy.domaincheck import check_domains
@@ -47,6 +52,7 @@ from gateway.providers import registry
 from gateway.providers.base import Provider
 from gateway.queue.backends import open_store
 from gateway.queue.store import QueueStore
+from gateway.returnpath.service import ReturnPath
 from gateway.smtp.protocol import GatewaySMTP
 from gateway.smtp.server import Listeners
 from gateway.smtp.tls import CertificateError, server_context
@@ -97,9 +103,30 @@ class App:
     ledger: LedgerStore | None = None
     ledger_writer: LedgerWriter | None = None
     api_auth: TokenAuth | None = None
+    returnpath: ReturnPath | None = None
+    console: Console | None = None
+    # When the configuration was loaded and what the last reload did (the console shows it).
+    config_status: ConfigStatus = field(default_factory=ConfigStatus)
+    # The console's test send logs in with these (gateway/auth/onetime.py).
+    onetime: OneTimeLogins = field(default_factory=OneTimeLogins)
+    lockouts: Lockouts = field(init=False)
     _background: set[asyncio.Task[None]] = field(default_factory=set)
     _retired: list[Provider] = field(default_factory=list)
     _reloading: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def __post_init__(self) -> None:
+        self.lockouts = LocalLockouts(self._guards)
+
+    def _guards(self) -> list[tuple[str, AuthGuard]]:
+        """The per-IP AUTH throttles of this process, by what they guard."""
+        found = []
+        if self.listeners is not None and self.listeners.defenses is not None:
+            found.append(("smtp", self.listeners.defenses.auth))
+        if self.api_auth is not None:
+            found.append(("api", self.api_auth.guard))
+        if self.console is not None:
+            found.append(("console", self.console.signin.guard))
+        return found
 
     async def start(self) -> None:
         settings = self.settings
@@ -115,13 +142,13 @@ class App:
             # be opened (each use tries again).
             log.error("queue_unavailable", queue=self.store.url, error=exc.reason)
             self.store.health.record("read", exc.reason)
+        self.health = AccountHealth(list(settings.accounts))
         for name, account in settings.accounts.items():
-            self.providers[name] = registry.build(name, account, self.store)
+            self.providers[name] = registry.build(name, account, self.store, self.health)
             for note in account.notes():
                 log.warning("account_note", account=name, note=note)
-        self.authenticator = Authenticator(settings.accounts, self.providers)
+        self.authenticator = Authenticator(settings.accounts, self.providers, onetime=self.onetime)
         self.resolver = resolver_for(settings.dns)
-        self.health = AccountHealth(list(settings.accounts))
         # The message ledger beside the queue: rows buffered here, written by the writer's task. On a full
         # disk it leaves the queue's reserve alone.
         store = self.store
@@ -139,6 +166,9 @@ class App:
         self.owner = DeliveryOwner(
             self.providers, self.store, settings.delivery, self.health, owner=owner, ledger=recorder
         )
+        # After the 250: events read back, suppressions, notices, webhooks (docs/after-250.md).
+        self.returnpath = ReturnPath(settings, self.ledger, self.owner, recorder, owner)
+        self.returnpath.start(self.providers)
         dsettings = settings.delivery
         self.worker = RetryWorker(
             self.owner,
@@ -151,16 +181,24 @@ class App:
         # Another instance made something due: wake the worker now rather than at its next poll.
         self._spawn(self.store.listen(lambda account: self.owner.wakeup.set() if self.owner else None))
         self._spawn(self._queue_stats())
-        self.pipeline = Pipeline(settings, self.providers, self.owner, resolver=self.resolver)
+        self.pipeline = Pipeline(
+            settings, self.providers, self.owner, resolver=self.resolver, suppressions=self.returnpath.suppressions
+        )
         quotas = QuotaTracker(self.store)  # per-login quotas, counted with every instance on the queue
         QUOTA_STATS.track(quotas)
         oauth = await asyncio.to_thread(oauth_verifier, settings.oauth)  # reads any ca_file
-        self.listeners = Listeners(settings, self.pipeline, self.authenticator, quotas=quotas, oauth=oauth)
+        # AUTH failures per client IP are counted for every process and instance on the queue.
+        defenses = Defenses(settings.limits, shared=self.store)
+        self.listeners = Listeners(
+            settings, self.pipeline, self.authenticator, quotas=quotas, oauth=oauth, defenses=defenses
+        )
         await self.listeners.start()
         http = settings.http
         if http.port is not None:
             self.api_auth = TokenAuth(http.api_tokens, settings.limits)
-            self.operator = OperatorEndpoint(problems=self.problems, api=MessageApi(self.ledger, self.api_auth))
+            self.console = Console(self)
+            api = MessageApi(self.ledger, self.api_auth, self.returnpath.returns, self.returnpath.suppressions)
+            self.operator = OperatorEndpoint(problems=self.problems, api=api, console=self.console)
             tls = None
             if http.tls_cert_file is not None and http.tls_key_file is not None:
                 tls = server_context("intermediate", [(http.tls_cert_file, http.tls_key_file)])
@@ -172,6 +210,7 @@ class App:
                 port=port,
                 tls=tls is not None,
                 api="on" if http.api_tokens else "off (no http.api_tokens)",
+                console="on" if settings.console.enabled else "off (console.enabled)",
             )
         if settings.dns.check_sender_domain:
             self._spawn(self._log_domain_findings())
@@ -239,6 +278,7 @@ class App:
                 plan = plan_reload(self.settings, new)
             except (ConfigError, ValueError) as exc:
                 CONFIG_RELOADS.labels(result="invalid").inc()
+                self.config_status.record("invalid", str(exc))
                 log.error("config_reload_failed", reason=str(exc), action="kept the running configuration")
                 return False
             oauth = listeners.oauth
@@ -248,6 +288,7 @@ class App:
                 contexts = await asyncio.to_thread(listeners.prepare_tls, plan.settings)
             except CertificateError as exc:
                 CONFIG_RELOADS.labels(result="tls_failed").inc()
+                self.config_status.record("tls_failed", str(exc))
                 log.error(
                     "tls_reload_failed",
                     reason=str(exc),
@@ -256,6 +297,7 @@ class App:
                 return False
             self._apply(plan, listeners, contexts, oauth)
             CONFIG_RELOADS.labels(result="ok").inc()
+            self.config_status.record("ok", plan=plan)
             log.info("config_reloaded", changed=plan.changed, restart_needed=plan.restart_needed)
             if plan.restart_needed:
                 log.warning(
@@ -279,12 +321,12 @@ class App:
         for name, account in new.accounts.items():
             current = self.providers.get(name)
             if current is None or old.accounts.get(name) != account:
-                current = registry.build(name, account, self.store)
+                current = registry.build(name, account, self.store, self.health)
             providers[name] = current
         retired = [p for name, p in self.providers.items() if providers.get(name) is not p]
         sessions_before = set(listeners.sessions)
         self.providers = providers
-        self.authenticator = Authenticator(new.accounts, providers)
+        self.authenticator = Authenticator(new.accounts, providers, onetime=self.onetime)
         if new.dns != old.dns:
             self.resolver = resolver_for(new.dns)
         self.health.track(list(new.accounts))
@@ -295,8 +337,14 @@ class App:
             self.ledger_writer.configure(new.ledger)
         if self.api_auth is not None:
             self.api_auth.configure(new.http.api_tokens, new.limits)
+        if self.console is not None:
+            self.console.configure(new)
         self.worker.set_accounts(list(new.accounts))
-        self.pipeline = Pipeline(new, providers, self.owner, resolver=self.resolver)
+        suppressions = None
+        if self.returnpath is not None:
+            self.returnpath.configure(new, providers)
+            suppressions = self.returnpath.suppressions
+        self.pipeline = Pipeline(new, providers, self.owner, resolver=self.resolver, suppressions=suppressions)
         retired_oauth, listeners.oauth = listeners.oauth, oauth
         listeners.apply(new, self.pipeline, self.authenticator, contexts)
         logs.reconfigure(new.log)
@@ -340,6 +388,8 @@ class App:
                 await self.operator.stop()
         if self.worker is not None:
             await self.worker.stop()
+        if self.returnpath is not None:
+            await self.returnpath.stop()  # before the owner: a notice being handed to it finishes or is retaken
         if self.owner is not None:
             await self.owner.stop(self.settings.delivery.shutdown_timeout)
         if self.ledger_writer is not None:
@@ -359,13 +409,12 @@ class App:
         log.info("stopped")
 
 
-async def run(app: App, drain_timeout: float = 30.0, started: Callable[[App], None] | None = None) -> None:
-    """Start, wait for SIGTERM/SIGINT, then drain and stop. SIGHUP reloads. `started` is called once the
-    listeners are bound (before the `ready` event)."""
+async def run(app: App, drain_timeout: float = 30.0, started: Callable[[App], None] | None = None) -> signal.Signals:
+    """Start, wait for SIGTERM/SIGINT, then drain and stop; returns the signal. SIGHUP reloads. `started` is
+    called once the listeners are bound (before the `ready` event)."""
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = StopSignals()
+    stop.install()  # before the start: a signal while starting stops it right after
     await app.start()
     loop.add_signal_handler(signal.SIGHUP, app.request_reload)
     if started is not None:
@@ -373,7 +422,8 @@ async def run(app: App, drain_timeout: float = 30.0, started: Callable[[App], No
     # The bound ports (a port configured as 0 is any free one): what a supervisor or a test connects to.
     log.info("ready", listeners=app.ports, **({"http": app.operator.port} if app.operator else {}))
     try:
-        await stop.wait()
+        received = await stop.wait()
     finally:
-        log.info("shutting_down", drain_timeout=drain_timeout)
+        log.info("shutting_down", drain_timeout=drain_timeout, signal=stop.received.name if stop.received else None)
         await app.stop(drain_timeout)
+    return received

@@ -19,8 +19,12 @@ from gateway.core.model import Call, Message, Origin, Principal, Receipt, Submis
 from gateway.core.replies import Reply
 from gateway.delivery import idempotency, testmode
 from gateway.delivery.owner import DeliveryOwner
+from gateway.ledger import notice
+from gateway.ledger.model import iso
+from gateway.ledger.suppression import SuppressionSet
 from gateway.limits.budget import Reservation
-from gateway.ops.metrics import FIELDS_NOT_SENT, MESSAGES
+from gateway.mime.headers import header_block
+from gateway.ops.metrics import FIELDS_NOT_SENT, INTERNAL_ERRORS, MESSAGES, SUPPRESSED_RECIPIENTS
 from gateway.policy.dns import DnsResolver, DnsTemporaryError
 from gateway.providers.base import Provider
 
@@ -43,11 +47,19 @@ class Pipeline:
         providers: Mapping[str, Provider],
         owner: DeliveryOwner,
         resolver: DnsResolver | None = None,
+        suppressions: SuppressionSet | None = None,
     ) -> None:
         self.resolver = resolver
         self.settings = settings
         self.providers = providers
         self.owner = owner
+        self.suppressions = suppressions
+        # Whom each configured login's notices go to (`notify`, else its account's); other logins: the account's.
+        self._notify = {
+            (name, user.username): user.notify or account.dsn.notify
+            for name, account in settings.accounts.items()
+            for user in account.configured_users
+        }
         # Where test-mode messages' requests are recorded besides the log (the message ledger).
 
     # -- SMTP phases -------------------------------------------------------------------------------
@@ -61,6 +73,15 @@ class Pipeline:
 
     async def check_recipient(self, principal: Principal, address: str, smtputf8: bool) -> str:
         normalized = policy.check_recipient(address, smtputf8)
+        if self.suppressions is not None and self.settings.accounts[principal.account].suppress_recipients:
+            # The in-memory copy: no database round trip on RCPT.
+            hit = self.suppressions.check(principal.account, normalized)
+            if hit is not None:
+                SUPPRESSED_RECIPIENTS.labels(account=principal.account).inc()
+                raise PolicyRejected(
+                    f"suppressed ({hit.source})",
+                    reply=replies.recipient_suppressed(normalized, hit.reason, iso(hit.created)[:10]),
+                )
         if self.resolver is not None and self.settings.dns.check_recipient_domains:
             await self._domain_must_exist(normalized, replies.RECIPIENT_DOMAIN_UNKNOWN)
         return normalized
@@ -102,7 +123,12 @@ class Pipeline:
         (gateway/delivery/testmode.py). `drop_invalid_header_addresses`: the listener's choice for invalid
         To/Cc addresses that are not recipients (left out, not refused)."""
         receipt = receipt if receipt is not None else Receipt()
-        origin = replace(origin or Origin(), size=len(raw))
+        account = self.settings.accounts[principal.account]
+        setting = self._notify.get((principal.account, principal.login), account.dsn.notify)
+        notify = notice.target(setting, mail_from)
+        # A notice quotes the header block as received; kept only when a notice could be sent.
+        headers = header_block(raw) if notify is not None else None
+        origin = replace(origin or Origin(), size=len(raw), notify=notify, headers=headers)
         bound = log.bind(login=principal.login, account=principal.account, size=len(raw), rcpts=len(rcpt_tos))
         try:
             submission, plan = await self.prepare(
@@ -114,8 +140,8 @@ class Pipeline:
             if test_mode:
                 requests = self.providers[principal.account].requests(submission)
                 return self._counted(testmode.accept(requests, submission, bound, receipt, self._test_recorder(origin)))
-            account = self.settings.accounts[principal.account]
             key = idempotency.key_of(submission, account.idempotency_from_message_id)
+            digest = None if key is None else await _digest(submission)
             reply = await self.owner.submit(
                 submission,
                 plan,
@@ -124,6 +150,7 @@ class Pipeline:
                 receipt,
                 on_done=reservation.release if reservation else None,
                 origin=origin,
+                digest=digest,
             )
             reservation = None  # the owner releases it
         except (Rejected, Deferred) as exc:
@@ -133,6 +160,12 @@ class Pipeline:
             bound.error("message_failed", reply=str(exc.reply), reason=exc.reason)
             receipt.reason = exc.reason
             reply = exc.reply
+        except Exception as exc:
+            INTERNAL_ERRORS.labels(where="accept").inc()
+            # A bug (in MIME parsing, a provider's prepare, ...): once with its traceback; the client gets 451.
+            bound.error("message_internal_error", error_type=type(exc).__name__, exc_info=exc)
+            receipt.reason = "internal error (logged as message_internal_error)"
+            reply = replies.INTERNAL_ERROR
         finally:
             if reservation is not None:  # refused before the owner took it (or a test message: never sent)
                 reservation.release()
@@ -188,6 +221,13 @@ class Pipeline:
         if not plan:
             raise ContentRejected(reply=replies.NO_VALID_RECIPIENTS)
         return submission, plan
+
+
+async def _digest(submission: Submission) -> str:
+    """The message's digest for its idempotency key; a large one's on a parser thread (hashing megabytes)."""
+    if idempotency.digest_size(submission) <= idempotency.DIGEST_IN_THREAD_BYTES:
+        return idempotency.digest_of(submission)
+    return await asyncio.get_running_loop().run_in_executor(_PARSER, idempotency.digest_of, submission)
 
 
 def _parse_large(raw: bytes | bytearray) -> Message:

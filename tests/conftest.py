@@ -10,16 +10,38 @@ from typing import Any
 
 import pytest
 
+from tests import procs
 from tests.harness import LoopThread, Running, start, stop
 from tests.pgserver import PgCluster, PgUnavailable
 
 pytest_plugins = ["tests.conftest_dns"]
 
-CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
+# The shared MIME corpus (400 messages from public parsers' test suites, not part of this repository): CI
+# has it beside the clone. Tests that read it carry @pytest.mark.corpus; without it they are skipped, or
+# fail under CI=true, with one line saying where it was looked for.
+CORPUS = Path(os.environ.get("SMTP_GATEWAY_CORPUS") or Path(__file__).resolve().parents[2] / "shared" / "corpus")
+CORPUS_MISSING = (
+    f"the shared MIME test corpus is not at {CORPUS} (MANIFEST.tsv missing): put it beside this repository "
+    "as ../shared/corpus, as CI does, or point SMTP_GATEWAY_CORPUS at it"
+)
 
 # Tests that run the `smtp-gateway` console script get the one installed beside the Python running the tests
 # (the documented `.venv/bin/python -m pytest` does not put .venv/bin on PATH), never another install's.
 os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("corpus") is not None and not (CORPUS / "MANIFEST.tsv").is_file():
+        if os.environ.get("CI") == "true":
+            pytest.fail(CORPUS_MISSING)
+        pytest.skip(CORPUS_MISSING)
+
+
+@pytest.fixture(autouse=True)
+def _no_process_outlives_its_test() -> Iterator[None]:
+    """Torn down after the test's own fixtures: whatever tests.procs.spawn started and is still running."""
+    yield
+    procs.reap()
 
 
 @pytest.fixture(scope="session")

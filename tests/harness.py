@@ -129,6 +129,7 @@ def dengage_account(sandbox_port: int, **overrides: Any) -> dict[str, Any]:
         "password": DENGAGE_API_PASSWORD,
         "http_timeout": 5.0,
         "users": [{"username": DENGAGE_USER, "password_hash": PASSWORD_HASH, "tags": ["erp"]}],
+        "dsn": {"notify": "off"},  # as the DMDS test account (tests/configs.py)
         **overrides,
     }
 

@@ -52,10 +52,19 @@ class PgCluster:
             pw = pwd.getpwnam(self.user)
             os.chown(self.dir, pw.pw_uid, pw.pw_gid)
         self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "gateway", "--no-sync", "-E", "UTF8")
+        self.resume()
+
+    def resume(self) -> None:
+        """Start the server (again, after `halt`: its databases as they were)."""
         # Test speed: no fsync (these tests are about the queue's logic, not about power loss), small pool.
         options = f"-k {self.dir} -c listen_addresses='' -c fsync=off -c full_page_writes=off -c max_connections=200"
         self._run("pg_ctl", "-D", str(self.data), "-o", options, "-w", "-t", "60", "-l", str(self.dir / "log"), "start")
         self.pid = int((self.data / "postmaster.pid").read_text().split()[0])
+
+    def halt(self) -> None:
+        """Stop the server as an outage does (fast: open connections are cut), keeping its data."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "-t", "60", "stop")
+        self.pid = None
 
     def new_database(self) -> str:
         """A fresh database; returns its URL (Unix socket in the cluster's directory)."""

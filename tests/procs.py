@@ -35,7 +35,25 @@ def listening(port: int) -> bool:
         return False
 
 
-def kill(proc: subprocess.Popen[bytes] | None) -> None:
+# Every process a test starts through spawn(): conftest kills what is still running when the test ends,
+# whether it passed, failed or left half-way (a process that ignored its stop signal included).
+_SPAWNED: list[subprocess.Popen[Any]] = []
+
+
+def spawn(argv: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
+    """subprocess.Popen, with the guarantee that the process does not outlive the test."""
+    proc: subprocess.Popen[Any] = subprocess.Popen(argv, **kwargs)
+    _SPAWNED.append(proc)
+    return proc
+
+
+def reap() -> None:
+    """Kill (SIGKILL) every spawned process still running and forget them all."""
+    while _SPAWNED:
+        kill(_SPAWNED.pop())
+
+
+def kill(proc: subprocess.Popen[Any] | None) -> None:
     if proc is not None and proc.poll() is None:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
@@ -64,13 +82,13 @@ def sandbox_command(*extra: str) -> list[str]:
     ]
 
 
-def start_sandbox(record: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """The sandbox in a subprocess recording to `record`, its output beside it; returns it and its URL,
-    read from the line it prints once listening."""
+def start_sandbox(record: Path, *extra: str) -> tuple[subprocess.Popen[bytes], str]:
+    """The sandbox in a subprocess recording to `record` (with `extra` options), its output beside it; returns
+    it and its URL, read from the line it prints once listening."""
     output = record.with_suffix(".sandbox.log")
     seen = len(SANDBOX_READY.findall(output.read_text())) if output.exists() else 0
     with output.open("ab") as out:
-        proc = subprocess.Popen(sandbox_command("--record", str(record)), stdout=out, stderr=subprocess.STDOUT)
+        proc = spawn(sandbox_command("--record", str(record), *extra), stdout=out, stderr=subprocess.STDOUT)
 
     def bound() -> int | None:
         found = SANDBOX_READY.findall(output.read_text(errors="replace"))
@@ -105,7 +123,7 @@ def serve(config: Path, log: Path, *extra: str) -> tuple[subprocess.Popen[bytes]
     must never run into another process's first one); returns it and the ports it bound."""
     seen = len(events(log, "ready")) if log.exists() else 0
     with log.open("ab") as out:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen(
+        proc = spawn(
             [*CLI, "serve", "--config", str(config), "--drain-timeout", "2", *extra],
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -7,8 +7,9 @@ import smtplib
 from collections.abc import Callable
 
 import pytest
+import structlog
 
-from tests.harness import APIKEY, CAMPAIGNS, PASSWORD, USER, Running
+from tests.harness import APIKEY, CAMPAIGNS, PASSWORD, PASSWORD_HASH, USER, Running
 from tests.smtputil import RECIPIENT, SENDER, RawClient, message, send, session
 
 
@@ -72,6 +73,34 @@ def test_wrong_password_is_535(gateway: Running) -> None:
         client.cmd("EHLO client.test")
         assert client.login(USER, "wrong") == "535 5.7.8 Authentication credentials invalid"
         assert client.login(USER, PASSWORD).startswith("235 ")
+
+
+def test_auth_plain_authorization_identity_must_be_the_login(gateway_factory: Callable[..., Running]) -> None:
+    """RFC 4616's authzid asks to act as another identity (the maddy CVE-2023-27582 class): refused, as
+    Postfix does, so `victim\\0login\\0password` logs in as neither; the login itself as authzid is fine."""
+    gw = gateway_factory(extra_users=[{"username": "victim", "password_hash": PASSWORD_HASH, "campaign": 23}])
+    with structlog.testing.capture_logs() as logs, RawClient(gw) as client:
+        client.cmd("EHLO client.test")
+        assert client.cmd(f"AUTH PLAIN {b64(f'victim{chr(0)}{USER}{chr(0)}{PASSWORD}')}") == (
+            "535 5.7.8 Authentication credentials invalid"
+        )
+        assert client.cmd(f"MAIL FROM:<{SENDER}>").startswith("530 5.7.0 ")  # not logged in as anyone
+        assert client.cmd(f"AUTH PLAIN {b64(f'{USER}{chr(0)}{USER}{chr(0)}{PASSWORD}')}").startswith("235 2.7.0 ")
+        code, text = send_raw(client)
+    assert code == "250", text
+    assert [e["event"] for e in logs if e["event"].startswith("auth_")] == ["auth_failed", "auth_ok"]
+    refused = next(e for e in logs if e["event"] == "auth_failed")
+    assert (refused["login"], refused["authzid"]) == (USER, "differs from the login")
+    assert next(e for e in logs if e["event"] == "auth_ok")["login"] == USER
+    assert [r["body"]["campana_id"] for r in gw.sent] == [22]  # the login's campaign, not the victim's
+
+
+def send_raw(client: RawClient) -> tuple[str, str]:
+    for line in (f"MAIL FROM:<{SENDER}>", f"RCPT TO:<{RECIPIENT}>", "DATA"):
+        assert client.cmd(line)[0] in "23", line
+    client.write(message() + b".\r\n")
+    reply = client.reply()[-1]
+    return reply[:3], reply
 
 
 def test_smtplib_sees_535(gateway: Running) -> None:

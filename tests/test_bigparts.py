@@ -115,11 +115,13 @@ def message(tree: bytes, eol: bytes = b"\r\n") -> bytes:
 # -- the corpus and the benchmark's message --------------------------------------------------------------
 
 
+@pytest.mark.corpus
 def test_every_corpus_message_parses_the_same_with_bodies_lifted() -> None:
     lifted = sum(equivalent((CORPUS / name).read_bytes()) for name in corpus_files())
     assert lifted >= 140  # every clean base64 attachment of the corpus (147 when written)
 
 
+@pytest.mark.corpus
 def test_mutated_corpus_messages_and_expansion_cases_parse_the_same_lifted() -> None:
     """Truncated, boundaries removed, charsets swapped, headers duplicated, nested 30 levels (one kind per
     file; every kind with HYPOTHESIS_PROFILE=long), and the messages built to make a decoder expand."""
@@ -560,6 +562,7 @@ def test_random_structures_with_random_base64_bodies_parse_the_same_lifted(tree:
     event(f"lifted: {min(lifted, 3)}")
 
 
+@pytest.mark.corpus
 @given(raw=mutated_corpus_message())
 def test_mutated_corpus_messages_parse_the_same_lifted(raw: bytes) -> None:
     event(f"lifted: {min(equivalent(raw), 3)}")

@@ -18,13 +18,17 @@ from gateway.auth.passwords import verify_password
 from gateway.config import (
     DeliverySettings,
     DnsSettings,
+    DsnSettings,
+    EventSettings,
     HttpSettings,
     LedgerSettings,
     LimitsSettings,
     ListenerSettings,
     LogSettings,
+    ReturnPathSettings,
     Settings,
     TlsSettings,
+    WebhookSettings,
     load_settings,
 )
 from gateway.config.settings import ApiToken
@@ -114,7 +118,7 @@ def test_invalid_secret_value_is_named_but_not_echoed(tmp_path: Path) -> None:
     path.write_text(config)
     result = run_cli("check-config", "-c", str(path))
     assert result.returncode == 2
-    assert "accounts.acme.users.0.password_hash" in result.stderr
+    assert "accounts.acme.users[0].password_hash" in result.stderr
     assert PASSWORD not in result.stderr + result.stdout
 
 
@@ -215,6 +219,10 @@ def test_example_config_is_valid() -> None:
         (HttpSettings, "http"),
         (ApiToken, "http.api_tokens"),
         (LedgerSettings, "ledger"),
+        (EventSettings, "accounts.<account>.events"),
+        (DsnSettings, "accounts.<account>.dsn"),
+        (WebhookSettings, "webhooks"),
+        (ReturnPathSettings, "return_path"),
     ],
 )
 def test_example_config_lists_every_key(model: type[BaseModel], section: str) -> None:

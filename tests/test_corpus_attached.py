@@ -3,6 +3,8 @@ re-serialised, and the only ones whose bytes differ are those their sender trans
 
 from __future__ import annotations
 
+import pytest
+
 from tests.conftest import CORPUS
 from tools.corpus_attached import survey
 
@@ -18,9 +20,12 @@ DECODED = {
 }
 
 
+@pytest.mark.corpus
 def test_no_attached_message_of_the_corpus_is_re_serialised() -> None:
     found, refused = survey(CORPUS)
-    assert refused == 1  # "Message structure is too complex" (tests/test_corpus.py counts it too)
+    # Three whose From: or To: is not an address list (gateway/mime/addresses.py), mimekit/stack-overflow.txt
+    # among them, whose structure is also too complex; tests/test_corpus.py counts them too.
+    assert refused == 3
     assert [f for f in found if f.verdict == "re-serialised"] == []
     assert {(f.file, f.index) for f in found if f.verdict == "decoded"} == DECODED
     assert sum(f.verdict == "as_arrived" for f in found) == len(found) - len(DECODED) == 120

@@ -175,6 +175,7 @@ def deliver_all(
     return outcomes, failures
 
 
+@pytest.mark.corpus
 def test_mutated_corpus_and_expansion_cases_through_the_gateway(
     corpus_gateway: tuple[Running, Running], terminal_summary: list[tuple[str, list[str]]]
 ) -> None:
@@ -202,6 +203,7 @@ def test_mutated_corpus_and_expansion_cases_through_the_gateway(
     ), outcomes
 
 
+@pytest.mark.corpus
 def test_parse_memory_is_bounded() -> None:
     """Peak memory of mime.parse (tracemalloc) for every corpus message and every expansion case."""
     samples = [(name, (CORPUS / name).read_bytes()) for name in corpus_files()]

@@ -7,6 +7,8 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable
 
+import structlog
+
 from gateway.ops.metrics import REGISTRY
 from tests.harness import PASSWORD, USER, Running
 from tests.pgserver import PgCluster
@@ -85,6 +87,27 @@ def test_a_resend_with_the_same_key_is_not_sent_again(gateway_factory: Callable[
     assert again[1] == first[1] and other[1] != first[1]
     assert len(gw.sent) == 2
     assert all("X-Gateway" not in str(r["body"]) for r in gw.sent)  # the option header is consumed
+
+
+def test_a_key_reused_for_a_different_message_is_refused_for_good(gateway_factory: Callable[..., Running]) -> None:
+    """The second message is not silently dropped as a resend: a permanent refusal naming the conflict,
+    logged and counted. A true resend (the same message, even with a new Date and Message-ID) still gets 250."""
+    gw = gateway_factory(delivery=FAST)
+    key = "X-Gateway-Idempotency-Key: order-77\r\n"
+    before = metric("smtp_gateway_resends_total", account="acme", result="conflict")
+    first = send(gw.port(), "order 77", body="one", extra=key + "Message-ID: <a@acme.example>\r\n")
+    with structlog.testing.capture_logs() as logs:
+        other_body = send(gw.port(), "order 77", body="two", extra=key)
+        other_rcpt = send(gw.port(), "order 77", to=("someone@example.com",), body="one", extra=key)
+        other_subject = send(gw.port(), "order 78", body="one", extra=key)
+    resend = send(gw.port(), "order 77", body="one", extra=key + "Message-ID: <b@acme.example>\r\n")
+    conflict = (554, "5.6.0 Idempotency key already used for a different message")
+    assert first[0] == 250 and [other_body, other_rcpt, other_subject] == [conflict] * 3
+    assert resend == first
+    assert [r["body"]["asunto"] for r in gw.sent] == ["order 77"]
+    assert metric("smtp_gateway_resends_total", account="acme", result="conflict") == before + 3
+    conflicts = [e for e in logs if e["event"] == "message_resend_conflict"]
+    assert len(conflicts) == 3 and all(e["first_queue_id"] == conflicts[0]["first_queue_id"] for e in conflicts)
 
 
 def test_message_id_keys_are_opt_in_and_include_the_envelope(gateway_factory: Callable[..., Running]) -> None:

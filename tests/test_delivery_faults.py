@@ -1,22 +1,28 @@
 """Faults inside delivery, end to end in-process: the upstream refusing the gateway's own key (queued,
 logged at error level once a minute, counted, /readyz 503), a corrupt queue record (dead-lettered with the
-reason), and a bug in delivery (451 4.3.0 inline; from the queue: retried, then dead-lettered, each time
-logged once with its traceback and counted; never retried silently for days)."""
+reason), a bug in delivery (451 4.3.0 inline; from the queue: retried, then dead-lettered, each time
+logged once with its traceback and counted; never retried silently for days), and a bug in MIME parsing
+(451 4.3.0, logged with its traceback and counted, not a silent 554)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import Callable, Mapping
+from email.errors import HeaderParseError
+from email.feedparser import FeedParser
 from typing import Any
 
 import httpx
+import pytest
 import structlog
 
+from gateway.core.errors import ContentRejected
 from gateway.core.model import Submission
 from gateway.core.outcome import BeforeSend, Outcome, no_hook
 from gateway.core.records import Decision, RetryPolicy
 from gateway.delivery import transition
+from gateway.mime import parse
 from gateway.ops.metrics import REGISTRY
 from gateway.queue.sqlite import SqliteQueue
 from gateway.queue.store import NewMessage
@@ -105,3 +111,52 @@ def test_a_bug_in_delivery_is_logged_counted_and_dead_lettered(gateway_factory: 
     assert metric("smtp_gateway_internal_errors_total", where="queue_delivery") == before + 3
     # Inline, the client hears 451 4.3.0 and nothing of the bug.
     assert send(gw.port(), "inline bug") == (451, "4.3.0 Internal error; try again later")
+
+
+def test_a_bug_in_mime_parsing_is_451_logged_with_its_traceback_and_counted(
+    gateway: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No real message makes the stdlib parser raise anything but its own errors (the corpus and the fuzz
+    tests find none), so the bug is injected into the stdlib's header parsing, for this test's messages only."""
+    parse_headers = FeedParser._parse_headers  # type: ignore[attr-defined]
+
+    def buggy(self: FeedParser, lines: list[str]) -> None:
+        if any(line.startswith("X-Trigger-Bug:") for line in lines):
+            raise IndexError("list index out of range")
+        parse_headers(self, lines)
+
+    monkeypatch.setattr(FeedParser, "_parse_headers", buggy)
+    before = metric("smtp_gateway_internal_errors_total", where="accept")
+    with structlog.testing.capture_logs() as logs:
+        assert send(gw_port := gateway.port(), "meets a bug", extra="X-Trigger-Bug: 1\r\n") == (
+            451,
+            "4.3.0 Internal error; try again later",
+        )
+        assert send(gw_port, "no bug")[0] == 250  # the next message is parsed as ever
+    [error] = [e for e in logs if e["event"] == "message_internal_error"]
+    assert isinstance(error["exc_info"], IndexError) and error["log_level"] == "error"
+    assert metric("smtp_gateway_internal_errors_total", where="accept") == before + 1
+    assert len(gateway.sent) == 1
+
+
+def test_what_the_stdlib_parser_raises_for_a_bad_message_is_still_554(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The email package's own errors (its documented MessageError family) mean an unreadable message; so does
+    the one crash of the stdlib a real message triggers (RFC 2231 boundary sections mixed: a TypeError in
+    email.utils.decode_params)."""
+    mixed = (
+        b"From: a@acme.example\r\nSubject: x\r\n"
+        b"Content-Type: multipart/mixed; boundary*=utf-8''x; boundary*0=y\r\n\r\n--x\r\n\r\nhi\r\n--x--\r\n"
+    )
+    with pytest.raises(ContentRejected) as unreadable:
+        parse(mixed)
+    assert str(unreadable.value.reply) == "554 5.6.0 Message could not be parsed"
+    assert "TypeError" in unreadable.value.reason
+
+    def unreadable(self: FeedParser, lines: list[str]) -> None:
+        raise HeaderParseError("header line cannot be parsed")
+
+    monkeypatch.setattr(FeedParser, "_parse_headers", unreadable)
+    with pytest.raises(ContentRejected) as refused:
+        parse(b"Subject: x\r\n\r\nbody\r\n")
+    assert str(refused.value.reply) == "554 5.6.0 Message could not be parsed"
+    assert "HeaderParseError" in refused.value.reason

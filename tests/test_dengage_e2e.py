@@ -250,6 +250,31 @@ def test_ip_allowlist_403_queues_logs_once_and_fails_readiness(gateway_factory: 
     assert _readyz(gw).status_code == 200
 
 
+def test_ip_allowlist_403_at_the_identities_lookup_is_a_refusal_too(gateway_factory: Callable[..., Running]) -> None:
+    """Refused by the allowlist from the start: the identities were never fetched, so MAIL FROM gets 451 as
+    before, and the refusal is what it is at the send endpoint: counted, logged once, /readyz 503."""
+    sandbox = sandbox_for_tests(dengage=dengage_sandbox(refuse_all=True))
+    gw = gateway_factory(dengage={}, delivery=FAST, http={"port": 0}, sandbox=sandbox)
+    before = _refused_metric(gw)
+    with capture_logs() as logs:
+        replies = set()
+        # A failed lookup is held for 2 s; MAIL FROMs after that ask dEngage again: three refusals.
+        while len(gw.calls("login")) < 3:
+            replies.add(send(gw, message("refused")))
+        ready = _readyz(gw)
+    assert replies == {(451, "4.7.0 Upstream rejected the gateway's credentials; try again later")}
+    assert ready.status_code == 503
+    [problem] = ready.json()["problems"]
+    assert problem.startswith("crm: upstream refuses the gateway's credentials") and "127.0.0.1" in problem
+    assert _refused_metric(gw) >= before + 3
+    refusals = [e for e in logs if e["event"] == "upstream_refused_credentials"]
+    assert len(refusals) == 1 and refusals[0]["log_level"] == "error" and "127.0.0.1" in refusals[0]["reason"]
+    gw.dengage_control(refuse_all=False)
+    wait_for(lambda: send(gw, message("allowed again"))[0] == 250, 10, "the identities fetched")
+    assert _readyz(gw).status_code == 200
+    assert subjects(gw) == ["allowed again"]
+
+
 def test_ip_allowlist_403_is_451_in_passthrough(gateway_factory: Callable[..., Running]) -> None:
     gw = gateway_factory(dengage={}, delivery={"mode": "passthrough"})
     assert send(gw, message("warm"))[0] == 250

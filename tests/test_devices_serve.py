@@ -22,7 +22,7 @@ from gateway.smtp.tls import write_self_signed
 from tests.configs import listener, serve_config, write
 from tests.devices_util import b64
 from tests.harness import PASSWORD, USER
-from tests.procs import complete_lines
+from tests.procs import complete_lines, spawn
 from tests.smtputil import RECIPIENT, SENDER, insecure_context
 from tests.spool_helpers import wait_for
 from tests.test_tls_profiles import client_context
@@ -57,7 +57,7 @@ def served(tmp_path: Path) -> Iterator[Served]:
     config = write(tmp_path / "gateway.toml", settings)
     log = tmp_path / "serve.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen(
+        proc = spawn(
             [sys.executable, "-m", "gateway", "serve", "--config", str(config)], stdout=out, stderr=subprocess.STDOUT
         )
     served = Served(proc, log, cert, key)
@@ -154,3 +154,33 @@ def test_handshake_failures_and_certificate_reload(served: Served, tmp_path: Pat
     assert errors == ["tls_reload_failed"]
     [failed] = served.events("tls_reload_failed")
     assert str(served.cert) in failed["reason"]
+
+
+@pytest.mark.parametrize("listener", ["implicit", "starttls"])
+def test_stop_with_a_tls_client_that_quit_but_never_answers_close_notify(served: Served, listener: str) -> None:
+    """A sloppy device: QUIT, 221, then it neither answers the server's close_notify nor closes its socket.
+    The drain aborts its connection after the grace period and the stop sequence runs to its end."""
+    port = served.ports[listener]
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    if listener == "starttls":
+        plain = raw.makefile("rb")
+        plain.readline()
+        raw.sendall(b"EHLO printer.lan\r\nSTARTTLS\r\n")
+        while not plain.readline().startswith(b"220 "):
+            pass
+        plain.close()
+    with insecure_context().wrap_socket(raw) as session, session.makefile("rb") as reader:
+        if listener == "implicit":
+            assert reader.readline().startswith(b"220 ")
+        session.sendall(b"EHLO printer.lan\r\n")
+        while reader.readline()[3:4] == b"-":
+            pass
+        session.sendall(b"QUIT\r\n")
+        assert reader.readline().startswith(b"221 ")
+        # The socket stays open and unread (the server's close_notify waits in it) while the gateway stops.
+        served.proc.send_signal(signal.SIGTERM)
+        status = served.proc.wait(30)
+    text = served.log.read_text()
+    assert "Traceback" not in text, text
+    assert status == 0, text
+    assert served.events("stopped"), text

@@ -29,6 +29,8 @@ from tests.conftest_dns import dns_on_thread, make_zones
 from tests.dnsserver import DnsServer
 from tests.docs_blocks import all_blocks, commands, doc_blocks
 from tests.harness import USER, LoopThread
+from tests.procs import kill, spawn
+from tests.spool_helpers import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "gateway"]
@@ -152,11 +154,17 @@ def test_install_command_works_with_the_distribution_python(tmp_path: Path) -> N
     project = _project_copy(tmp_path)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PIP_CONSTRAINT")}
     env["PATH"] = _path_with(tmp_path, python3=str(DEBIAN_PYTHON))
+    # A .venv left by another Python (the one running the tests, when it is not Debian's) is made anew.
+    other = Path(sys.base_prefix) / "bin" / "python3"
+    replaced = other.resolve() != DEBIAN_PYTHON.resolve()
+    if replaced:
+        subprocess.run([str(other), "-m", "venv", "--without-pip", str(project / ".venv")], check=True)
     result = subprocess.run(
         shlex.split(install), cwd=project, env=env, capture_output=True, text=True, timeout=600, check=False
     )
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
+    assert ("made with another Python" in result.stderr) == replaced, result.stderr
     version = subprocess.run(
         [str(project / ".venv/bin/python"), "-c", "import sys; print(sys.version)"],
         capture_output=True,
@@ -292,6 +300,8 @@ def test_quickstart_with_the_port_taken_names_it(tmp_path: Path, listening: sock
         "--tls-port",
         "0",
         "--sandbox-port",
+        "0",
+        "--http-port",
         "0",
         cwd=tmp_path,
     )
@@ -452,7 +462,7 @@ def test_broken_resolver_is_451_and_logged_once(tmp_path: Path) -> None:
     silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # held, never read: no query is answered
     silent.bind(("127.0.0.1", 0))
     dns = {"nameservers": ["127.0.0.1"], "port": silent.getsockname()[1], "timeout": 0.3, "check_sender_domain": True}
-    proc = subprocess.Popen(
+    proc = spawn(
         [*CLI, "serve", "-c", str(config(tmp_path, dns=dns, log={"format": "json"})), "--drain-timeout", "1"],
         cwd=tmp_path,
         env=_env(),
@@ -495,8 +505,8 @@ def test_quickstart_answers_the_documented_swaks_examples(tmp_path: Path) -> Non
     assert shutil.which("swaks"), "swaks is installed by .ci/run (apt-get install swaks)"
     examples = documented_swaks()
     assert len(examples) == 4, examples  # three DMDS login styles, one dEngage login
-    proc = subprocess.Popen(
-        [*CLI, "quickstart", "--port", "0", "--tls-port", "0", "--sandbox-port", "0"],
+    proc = spawn(
+        [*CLI, "quickstart", "--port", "0", "--tls-port", "0", "--sandbox-port", "0", "--http-port", "0"],
         cwd=tmp_path,
         env=_env(),
         stdout=subprocess.PIPE,
@@ -520,7 +530,7 @@ def test_quickstart_answers_the_documented_swaks_examples(tmp_path: Path) -> Non
         with urllib.request.urlopen(f"http://127.0.0.1:{sandbox}/_sandbox/requests", timeout=30) as response:
             recorded = json.load(response)
     finally:
-        proc.send_signal(signal.SIGINT)  # Ctrl-C: a graceful stop, no traceback
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: a graceful stop (130, as shells report it), no traceback
         status = proc.wait(30)
         err.close()
         out.close()
@@ -531,7 +541,7 @@ def test_quickstart_answers_the_documented_swaks_examples(tmp_path: Path) -> Non
     assert [(r["status"], r["body"]["send"]["to"]) for r in dengage] == [(200, "someone@example.net")]
     record = tmp_path / "var" / "quickstart" / "sandbox-requests.jsonl"
     assert len([json.loads(line) for line in record.read_text().splitlines()]) >= 3
-    assert status == 0, err.text()
+    assert status == 130, err.text()
     assert "Traceback" not in err.text() + out.text()
 
 
@@ -544,23 +554,67 @@ def _bound(line: str) -> int:
 # ---- Ctrl-C ------------------------------------------------------------------------------------------------
 
 
-def test_ctrl_c_on_the_sandbox_exits_quietly(tmp_path: Path) -> None:
-    proc = subprocess.Popen(
-        [*CLI, "sandbox", "--listen", "127.0.0.1:0", "--quiet"],
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 0)])
+@pytest.mark.parametrize("sigint", ["inherited", "ignored"])
+def test_the_sandbox_stops_on_sigint_and_sigterm(tmp_path: Path, sigint: str, sig: signal.Signals, status: int) -> None:
+    """Ctrl-C is 130, SIGTERM a clean 0; also when started from a script with SIGINT ignored (`cmd &` in a
+    shell without job control), as a test harness or a CI job starts it."""
+    argv = [*CLI, "sandbox", "--listen", "127.0.0.1:0", "--quiet"]
+    if sigint == "ignored":
+        argv = ["sh", "-c", 'trap "" INT; exec "$@"', "sh", *argv]
+    proc = spawn(argv, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err = Lines(proc.stderr)
+    _bound(err.wait_for("compatible upstream on http"))  # the port bound, named
+    proc.send_signal(sig)
+    assert proc.wait(30) == status
+    err.close()
+    assert "Traceback" not in err.text()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
+def test_serve_exit_status_after_a_clean_stop(tmp_path: Path, sig: signal.Signals, status: int, workers: str) -> None:
+    """SIGTERM (systemctl stop, docker stop) is a clean stop: 0. Ctrl-C is 130, as shells report it; the
+    same for a supervisor of workers (which passes the stop on to them)."""
+    path = config(tmp_path, log={"format": "json"})
+    proc = spawn(
+        [*CLI, "serve", "-c", str(path), "--drain-timeout", "1", "--workers", workers],
         cwd=tmp_path,
         env=_env(),
-        stdout=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
     err = Lines(proc.stderr)
-    try:
-        _bound(err.wait_for("compatible upstream on http"))  # the port bound, named
-    finally:
-        proc.send_signal(signal.SIGINT)
-        status = proc.wait(30)
-        err.close()
-        assert proc.stdout is not None
-        proc.stdout.close()
-    assert status == 130
+    wait_for(lambda: err.text().count('"event": "ready"') == int(workers), 30, "every worker ready")
+    proc.send_signal(sig)
+    assert proc.wait(30) == status, err.text()
+    err.close()
+    assert err.text().count('"event": "stopped"') == int(workers), err.text()
+    if workers == "1":  # (a supervisor passes SIGTERM on to its workers for either)
+        assert f'"signal": "{sig.name}"' in err.wait_for('"event": "shutting_down"')
     assert "Traceback" not in err.text()
+
+
+@pytest.mark.parametrize("entry", ["console script", "python -m gateway"])
+def test_ctrl_c_while_the_modules_load_exits_130_quietly(tmp_path: Path, entry: str) -> None:
+    """A Ctrl-C in the first tens of milliseconds, while the command's modules are imported: the import of
+    pydantic is held here (a stand-in module on PYTHONPATH) until the signal has come."""
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    loading = tmp_path / "loading"
+    (shadow / "pydantic.py").write_text(
+        f"import pathlib, time\npathlib.Path({str(loading)!r}).touch()\ntime.sleep(60)\n"
+    )
+    env = _env()
+    env["PYTHONPATH"] = os.pathsep.join([str(shadow), env["PYTHONPATH"]])
+    argv = [str(Path(sys.executable).parent / "smtp-gateway")] if entry == "console script" else CLI
+    proc = spawn([*argv, "check-config"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: loading.exists() or proc.poll() is not None, 30, "the import of pydantic")
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        kill(proc)
+    assert (proc.returncode, out, err) == (130, b"", b"\n")

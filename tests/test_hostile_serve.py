@@ -22,7 +22,7 @@ from tests.configs import gateway_config, listener, toml
 from tests.devices_util import raw_send
 from tests.harness import PASSWORD, PASSWORD_HASH, LoopThread, sandbox_for_tests
 from tests.ops_util import scraped
-from tests.procs import CLI, complete_lines, listening, ready
+from tests.procs import CLI, complete_lines, listening, ready, spawn
 from tests.smtputil import RawClient, message
 from tests.spool_helpers import wait_for
 
@@ -73,7 +73,7 @@ def serve(tmp_path: Path, sandbox_port: int) -> Iterator[Callable[..., Served]]:
         path.write_text(toml(config))
         log = tmp_path / f"serve{len(started)}.log"
         with log.open("wb") as out:
-            proc = subprocess.Popen(
+            proc = spawn(
                 [*CLI, "serve", "--config", str(path), "--drain-timeout", "2", *args],
                 stdout=out,
                 stderr=subprocess.STDOUT,

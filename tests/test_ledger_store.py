@@ -276,3 +276,39 @@ async def test_an_unreachable_database_raises_ledger_unavailable(tmp_path: Path)
             await ledger.find(Query())
     finally:
         await ledger.close()
+
+
+async def test_tally_counts_messages_by_login_and_recipients_by_state_since_a_time(store: LedgerStore) -> None:
+    """What the console's Overview and Logins pages read: messages since a time per account and login (with the
+    newest one's time), their recipients by state now; older messages are not counted."""
+    await store.write(
+        [
+            message("A000000000000001", T0 + 10),
+            rcpt("A000000000000001", "a@x.example", "sent", T0 + 11, T0 + 10),
+            rcpt("A000000000000001", "b@x.example", "dead", T0 + 12, T0 + 10),
+            message("A000000000000002", T0 + 20, login="erp", account="crm"),
+            rcpt("A000000000000002", "c@x.example", "deferred", T0 + 21, T0 + 20),
+            message("A000000000000003", T0 - 100),  # before the window
+            rcpt("A000000000000003", "d@x.example", "sent", T0 - 99, T0 - 100),
+            message("A000000000000004", T0 + 30),
+            rcpt("A000000000000004", "e@x.example", "sent", T0 + 31, T0 + 30),
+        ]
+    )
+    tally = await store.tally(T0)
+    assert tally.messages == {("acme", "scanner"): (2, T0 + 30), ("crm", "erp"): (1, T0 + 20)}
+    assert tally.recipients == {
+        ("acme", "scanner", "sent"): 2,
+        ("acme", "scanner", "dead"): 1,
+        ("crm", "erp", "deferred"): 1,
+    }
+    assert tally.by_account() == {"acme": {"messages": 2, "sent": 2, "dead": 1}, "crm": {"messages": 1, "deferred": 1}}
+    assert tally.by_login()[("crm", "erp")] == {"messages": 1, "last": T0 + 20, "deferred": 1}
+    assert (await store.tally(T0 + 1000)).messages == {}
+
+
+async def test_find_by_several_ids(store: LedgerStore) -> None:
+    await store.write([message(f"B00000000000000{n}", T0 + n) for n in range(5)])
+    page = await store.find(Query(ids=("B000000000000001", "b000000000000003", "FFFFFFFFFFFFFFFF"), limit=10))
+    assert [r.id for r in page.records] == ["B000000000000003", "B000000000000001"]
+    with pytest.raises(BadQuery, match="ids"):
+        Query(ids=tuple(f"{n:016X}" for n in range(501)))

@@ -46,7 +46,13 @@ def guard(clock: Clock, **limits: float) -> AuthGuard:
     return AuthGuard(LimitsSettings(**limits), clock)  # type: ignore[arg-type]
 
 
-def test_failures_slow_then_lock_out_then_expire() -> None:
+async def fail(g: AuthGuard, key: str) -> bool:
+    """One AUTH attempt that fails: True when it starts a lockout (False too when refused unchecked)."""
+    ticket, _ = await g.begin(key)
+    return ticket is not None and await g.end(ticket, failed=True)
+
+
+async def test_failures_slow_then_lock_out_then_expire() -> None:
     clock = Clock()
     g = guard(
         clock,
@@ -59,36 +65,55 @@ def test_failures_slow_then_lock_out_then_expire() -> None:
     delays = []
     for _ in range(8):
         delays.append(g.before("ip").delay)
-        assert not g.failed("ip")
+        assert not await fail(g, "ip")
         clock.now += 1
     # Free until the 3rd failure; then 1 s, doubling, at most auth_delay_max.
     assert delays == [0, 0, 0, 1, 2, 4, 8, 8]
-    assert g.failed("ip")  # the 9th: locked out
+    assert await fail(g, "ip")  # the 9th: locked out
     verdict = g.before("ip")
     assert verdict.locked_for == 900 and verdict.delay == 0
-    assert not g.failed("ip")  # failures while locked do not extend it
+    assert not await fail(g, "ip")  # attempts while locked are refused unchecked: it is not extended
     clock.now += 900
     assert g.before("ip").locked_for == 0 and g.before("ip").delay == 0
     assert len(g) == 0  # forgotten once nothing is recent
 
 
-def test_failures_leave_the_window() -> None:
+async def test_failures_leave_the_window() -> None:
     clock = Clock()
     g = guard(clock, auth_failures_per_ip=2, auth_failure_window=60, auth_lockout_failures=3)
-    g.failed("ip")
+    await fail(g, "ip")
     clock.now += 50
-    g.failed("ip")
+    await fail(g, "ip")
     assert g.before("ip").delay == 1
-    clock.now += 11  # the first failure is older than the window now
+    clock.now += 11  # the window that began with the first failure is over
     assert g.before("ip").delay == 0
-    assert not g.failed("ip")  # two in the window, not three: no lockout
+    assert not await fail(g, "ip")  # one failure in the new window, not three: no lockout
 
 
-def test_memory_stays_bounded_under_a_flood_from_many_addresses() -> None:
+async def test_attempts_in_flight_count_toward_the_lockout() -> None:
+    """Parallel guesses: while their checks run, they count with the failures, so no more may start than the
+    lockout allows; one that ends well frees its place."""
+    clock = Clock()
+    g = guard(clock, auth_failures_per_ip=2, auth_lockout_failures=4)
+    assert not await fail(g, "ip")
+    tickets = [(await g.begin("ip"))[0] for _ in range(3)]
+    assert all(t is not None for t in tickets)
+    refused, verdict = await g.begin("ip")  # one failure and three in flight: the lockout's four
+    assert refused is None and verdict.locked_for > 0
+    first, second, third = tickets
+    assert first is not None and second is not None and third is not None
+    assert not await g.end(first, failed=False)  # a login that worked
+    again, _ = await g.begin("ip")
+    assert again is not None
+    assert not await g.end(second, failed=True) and not await g.end(third, failed=True)
+    assert await g.end(again, failed=True)  # the fourth failure: locked out, no fifth guess ever ran
+
+
+async def test_memory_stays_bounded_under_a_flood_from_many_addresses() -> None:
     clock = Clock()
     g = guard(clock, max_tracked_ips=100)
     for n in range(10_000):
-        g.failed(f"198.51.{n // 256}.{n % 256}")
+        await fail(g, f"198.51.{n // 256}.{n % 256}")
     assert len(g) <= 100
     # The most recent ones are the ones remembered.
     assert g.before("198.51.39.15").failures == 1

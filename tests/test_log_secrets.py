@@ -33,7 +33,7 @@ from tests.harness import (
     sandbox_for_tests,
 )
 from tests.pgserver import PgCluster
-from tests.procs import CLI, ready
+from tests.procs import CLI, ready, spawn
 from tests.smtputil import RECIPIENT, SENDER, RawClient
 from tests.spool_helpers import wait_for
 
@@ -54,7 +54,7 @@ class Run:
         self.config.write_text(toml(config))
         self.log = tmp / f"{name}.log"
         with self.log.open("wb") as out:
-            self.proc = subprocess.Popen(
+            self.proc = spawn(
                 [*CLI, "serve", "--config", str(self.config), "--drain-timeout", "2"],
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -172,15 +172,20 @@ def test_no_secret_in_any_log_line(tmp_path: Path, sandbox: Any, pg_cluster: PgC
     tokens = list(dengage.tokens)
     assert len(tokens) >= 1  # the token in use at the end (the expired one was dropped by the sandbox)
 
-    # The PostgreSQL queue unreachable: its error is logged, never its password.
+    # The PostgreSQL queue unreachable: serve and the queue commands refuse, naming it, never its password.
     broken = gateway_config(tmp_path / "broken", box.port)
     broken["delivery"] = {
         "queue_url": f"postgresql://gateway@/nowhere?host={tmp_path}/no-such-dir",
         "queue_password": QUEUE_PASSWORD,
     }
-    second = Run(tmp_path, broken, "broken")
-    wait_for(lambda: "queue_unavailable" in second.log.read_text(), 30, "queue_unavailable")
-    lines += second.stop()
+    broken_path = tmp_path / "broken.toml"
+    broken_path.write_text(toml(broken))
+    for command in (["serve"], ["queue", "list"]):
+        refused = subprocess.run(
+            [*CLI, command[0], "--config", str(broken_path), *command[1:]], capture_output=True, text=True, timeout=60
+        )
+        assert refused.returncode == 1 and "cannot connect to" in refused.stderr, refused.stderr
+        lines.append({"event": "refused", "command": command, "output": refused.stdout + refused.stderr})
 
     text = "\n".join(json.dumps(line) for line in lines)
     secrets = [
@@ -207,7 +212,7 @@ def test_no_secret_in_any_log_line(tmp_path: Path, sandbox: Any, pg_cluster: PgC
         "dengage_token_rejected",
         "upstream_refused_credentials",
         "config_reloaded",
-        "queue_unavailable",
+        "refused",
     } <= events
     main = [line for line in lines if line.get("worker") is None]
     summaries = [line for line in main if line["event"] in SUMMARIES]

@@ -63,6 +63,7 @@ def recovered(guess: Callable[[bytes], str], samples: list[tuple[bytes, str]]) -
     return sum(guess(data) == text for data, text in samples)
 
 
+@pytest.mark.corpus
 def test_detection_beats_either_method_alone_on_the_corpus() -> None:
     """The measurement behind gateway/mime/charsets.py: remove the label, see who recovers the text."""
     samples = labelled_samples()

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from gateway.auth import sasl
-from tests.configs import listener
+from tests.configs import PASSWORD_HASH, listener
 from tests.devices_util import captured_logs, events, raw_send, require_tool
 from tests.harness import LoopThread, Running
 from tests.oauth_issuer import AUDIENCE, Issuer, issuer_config, rsa_key
@@ -182,8 +182,13 @@ def test_an_oauth_login_keeps_its_per_login_controls(gateway_factory: Factory, i
     gw = gateway_factory(
         oauth={"issuers": [issuer_config(issuer, claim="email")]},  # the claim's value is the login itself
         extra_users=[
-            {"username": "app@acme.example", "passwords": [{"hash": "scrypt$x"}], "campaign": 22},
-            {"username": "vlan-app", "passwords": [{"hash": "scrypt$x"}], "campaign": 22, "networks": ["10.0.0.0/8"]},
+            {"username": "app@acme.example", "passwords": [{"hash": PASSWORD_HASH}], "campaign": 22},
+            {
+                "username": "vlan-app",
+                "passwords": [{"hash": PASSWORD_HASH}],
+                "campaign": 22,
+                "networks": ["10.0.0.0/8"],
+            },
         ],
     )
     assert token_login(gw, "XOAUTH2", xoauth2("", issuer.token(email="app@acme.example")))[-1].startswith("235 ")

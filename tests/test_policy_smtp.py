@@ -161,6 +161,56 @@ def test_header_refused_at_end_of_data(client: smtplib.SMTP, gw: Running, raw: b
     assert sent(gw) == []
 
 
+# One reading of a malformed From on every Python (gateway/mime/addresses.py): an unquoted display name may
+# hold an @, the address is the one in <...>; anything else that is not an address list is refused.
+@pytest.mark.parametrize(
+    ("from_", "reply"),
+    [
+        (
+            "billing@acme.example <ceo@evil.example>",
+            "550 5.7.1 From: header domain evil.example is not a permitted sender domain for this account",
+        ),
+        (
+            "Billing <billing@acme.example> Sales <sales@acme.example>",
+            "550 5.1.3 From: header is not a valid address list: text after the address <billing@acme.example> "
+            "(put the name before it, or separate addresses with commas)",
+        ),
+        (
+            '"Billing <billing@acme.example>',
+            '550 5.1.3 From: header is not a valid address list: a quoted name is not closed with "',
+        ),
+        (
+            "Billing billing@acme.example",
+            "550 5.1.3 From: header is not a valid address list: a name before the address without <...> "
+            "around it (write Name <address>)",
+        ),
+    ],
+)
+def test_malformed_from_is_read_one_way(client: smtplib.SMTP, gw: Running, from_: str, reply: str) -> None:
+    assert deliver(client, message(sender=from_)) == reply
+    assert sent(gw) == []
+
+
+def test_an_address_as_unquoted_display_name_is_a_name(client: smtplib.SMTP, gw: Running) -> None:
+    reply = deliver(client, message(sender="ceo@evil.example <billing@acme.example>"))
+    assert reply.startswith("250 2.0.0 Ok: queued as ")
+    (body,) = sent(gw)
+    assert (body["remitente"], body["remitente_nombre"]) == ("billing@acme.example", "ceo@evil.example")
+
+
+def test_malformed_to_header_is_refused(client: smtplib.SMTP, gw: Running) -> None:
+    assert deliver(client, message(to=f"<{RECIPIENT}")) == (
+        "550 5.1.3 To: header is not a valid address list: an address in <...> is not closed with >"
+    )
+    assert sent(gw) == []
+
+
+def test_from_without_a_domain_counts_as_missing(client: smtplib.SMTP, gw: Running) -> None:
+    """cron's `From: root (Cron Daemon)`: no address, so the envelope sender is the From (as sendmail)."""
+    assert deliver(client, message(sender="root (Cron Daemon)"), mail_from="billing@acme.example").startswith("250 ")
+    assert [b["remitente"] for b in sent(gw)] == ["billing@acme.example"]
+
+
 def test_sender_header_in_permitted_domain_is_accepted(client: smtplib.SMTP, gw: Running) -> None:
     reply = deliver(client, message(extra="Sender: ops@other.example\r\nReply-To: help@example.com\r\n"))
     assert reply.startswith("250 2.0.0 Ok: queued as ")

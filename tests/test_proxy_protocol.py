@@ -18,6 +18,7 @@ import pytest
 from tests.devices_util import events, raw_send, require_tool
 from tests.harness import Running
 from tests.ops_util import captured_with_context, proxy_v1, proxy_v2, sample
+from tests.procs import spawn
 from tests.smtputil import RawClient, message
 from tests.spool_helpers import wait_for
 
@@ -213,7 +214,7 @@ def haproxy(gw: Running, tmp_path: Path) -> Iterator[int]:
     port = front.getsockname()[1]
     config = tmp_path / "haproxy.cfg"
     config.write_text(HAPROXY_CFG.format(front=front.fileno(), back=gw.port("lb")))
-    proc = subprocess.Popen(
+    proc = spawn(
         [binary, "-db", "-f", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, pass_fds=[front.fileno()]
     )
     front.close()  # HAProxy's now

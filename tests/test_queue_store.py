@@ -4,6 +4,7 @@ operator actions, idempotency keys and schema migrations (SQLite here; PostgreSQ
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import sqlite3
 import time
@@ -117,6 +118,7 @@ async def test_renew_keeps_a_lease_and_expire_owners_ends_it(store: QueueStore) 
     assert await store.claim("B", "acme", now + 30, 1, lease=5) == []
     assert await store.owners() == ["A"]
     assert await store.expire_owners(["A"], now + 30) == 1
+    assert await store.expire_owners(["A"], now + 31) == 0  # already over: not counted (nor logged) again
     [reaped] = await store.claim("B", "acme", now + 30, 1, lease=5)
     assert reaped.reaped
 
@@ -267,6 +269,13 @@ async def test_idempotency_keys(make_store: Factory) -> None:
     assert await a.claim_key("acme", "k4", "M10", now, 3600, 60) is None
     hit = await b.claim_key("acme", "k4", "M11", now + 61, 3600, 60)
     assert hit is not None and hit.reply_id == "M10"
+    # The digest of what the first message said comes back with the hit, also after a take-over.
+    assert await a.claim_key("acme", "k5", "M12", now, 3600, 60, "digest-1") is None
+    hit = await b.claim_key("acme", "k5", "M13", now, 3600, 60, "digest-2")
+    assert hit is not None and hit.digest == "digest-1"
+    assert await b.claim_key("acme", "k5", "M14", now + 61, 3600, 60, "digest-3") is None  # stale: taken over
+    hit = await a.claim_key("acme", "k5", "M15", now + 62, 3600, 60, "digest-4")
+    assert hit is not None and (hit.msg_id, hit.digest) == ("M14", "digest-3")
 
 
 async def test_migrate_is_idempotent(make_store: Factory) -> None:
@@ -364,3 +373,6 @@ async def test_a_v1_spool_is_migrated_and_its_messages_resumed(tmp_path: Path) -
         assert sub.principal.extra.to_json()["campaign"] == 22
     finally:
         await store.close()
+    # Written without auto_vacuum, small: VACUUMed once so that it can give freed space back (a full disk).
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2

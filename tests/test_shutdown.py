@@ -22,7 +22,7 @@ import pytest
 
 from tests.configs import serve_config, write
 from tests.harness import PASSWORD, USER
-from tests.procs import complete_lines, kill, ready, start_sandbox
+from tests.procs import complete_lines, kill, ready, spawn, start_sandbox
 from tests.spool_helpers import send, spool_rows, wait_for
 
 CLI = [sys.executable, "-m", "gateway"]
@@ -42,7 +42,7 @@ class Stack:
     def serve(self) -> subprocess.Popen[bytes]:
         seen = len(self.events("ready")) if self.log.exists() else 0
         with self.log.open("ab") as out:
-            self.gateway = subprocess.Popen(
+            self.gateway = spawn(
                 [*CLI, "serve", "--config", str(self.config), "--drain-timeout", str(DRAIN_TIMEOUT)],
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -1,13 +1,17 @@
-"""SMTP smuggling and broken DATA: only <CRLF>.<CRLF> ends a message; nothing incomplete goes upstream."""
+"""SMTP smuggling and broken DATA: only <CRLF>.<CRLF> ends a message; nothing incomplete goes upstream;
+nothing pipelined behind STARTTLS is read inside TLS."""
 
 from __future__ import annotations
 
+import base64
+import socket
 import time
+from typing import BinaryIO
 
 import pytest
 
-from tests.harness import Running
-from tests.smtputil import RECIPIENT, SENDER, RawClient, message
+from tests.harness import PASSWORD, USER, Running
+from tests.smtputil import RECIPIENT, SENDER, RawClient, insecure_context, message
 
 VICTIM = "victim@example.com"
 # After a false end of data, a smuggling client goes on with a second transaction of its own.
@@ -92,3 +96,48 @@ def test_client_vanishing_mid_data_sends_nothing(gateway: Running, partial: byte
         client.write(message(subject="complete") + b".\r\n")
         assert client.reply()[-1].startswith("250 2.0.0 ")
     assert [r["body"]["asunto"] for r in gateway.requests] == ["complete"]
+
+
+def test_commands_pipelined_behind_starttls_are_never_answered_inside_tls(gateway: Running) -> None:
+    """STARTTLS plaintext injection (CVE-2011-0411 in Postfix, CVE-2024-34083 in aiosmtpd): whatever the
+    client wrote behind STARTTLS in the same packet, before the handshake, is discarded, not read as the
+    first commands of the encrypted session."""
+    injected = (
+        f"STARTTLS\r\nEHLO injected.test\r\nAUTH PLAIN {b64login()}\r\n".encode()
+        + f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{VICTIM}>\r\nDATA\r\n".encode()
+        + SMUGGLED.split(b"DATA\r\n", 1)[1]
+        + b".\r\n"
+    )
+    sock = socket.create_connection(("127.0.0.1", gateway.port("starttls")), timeout=10)
+    opened: list[socket.socket | BinaryIO] = [sock]
+    try:
+        plain = sock.makefile("rb", buffering=0)
+        opened.append(plain)
+        assert plain.readline().startswith(b"220 ")
+        sock.sendall(b"EHLO client.test\r\n")
+        while not (line := plain.readline()).startswith(b"250 "):
+            assert line.startswith(b"250-")
+        sock.sendall(injected)  # one write: one packet on loopback
+        assert plain.readline() == b"220 Ready to start TLS\r\n"
+        tls = insecure_context().wrap_socket(sock)
+        encrypted = tls.makefile("rb")
+        opened += [tls, encrypted]
+        tls.sendall(b"NOOP\r\n")
+        # The first line inside TLS answers our NOOP: nothing answers the injected EHLO, AUTH or MAIL.
+        assert encrypted.readline() == b"250 2.0.0 Ok\r\n"
+        tls.sendall(f"MAIL FROM:<{SENDER}>\r\n".encode())
+        assert encrypted.readline() == b"503 5.5.1 send HELO first\r\n"  # the injected EHLO was not read
+        tls.sendall(f"EHLO client.test\r\nMAIL FROM:<{SENDER}>\r\n".encode())
+        while not encrypted.readline().startswith(b"250 "):
+            pass
+        assert encrypted.readline().startswith(b"530 5.7.0 ")  # nor the injected AUTH
+        tls.sendall(b"QUIT\r\n")
+        assert encrypted.readline().startswith(b"221 ")
+    finally:
+        for each in reversed(opened):
+            each.close()
+    assert gateway.requests == []
+
+
+def b64login() -> str:
+    return base64.b64encode(f"\0{USER}\0{PASSWORD}".encode()).decode()

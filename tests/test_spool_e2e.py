@@ -7,6 +7,7 @@ import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.harness import Running
@@ -160,3 +161,30 @@ def test_a_full_disk_does_not_stall_retries_of_stored_messages(
     wait_for(lambda: spool_rows(gw.settings.delivery.spool_path) == [] or None, what="and deleted")
     code, text = send(gw.port(), "new while full", body="y" * 300_000)
     assert (code, text[:5]) in ((250, "2.0.0"), (452, "4.3.1"))  # delivered inline, or no room to store it
+
+
+def test_a_queue_that_filled_its_own_disk_recovers_alone_once_drained(
+    gateway_factory: Callable[..., Running], small_fs: Path
+) -> None:
+    """A real 2 MiB tmpfs filled by nothing but the queue: while the upstream is down, messages are queued
+    until the queue has no room (452, /readyz 503). Once the backlog is delivered, the space the queue freed
+    goes back to the file system (incremental vacuum, WAL truncated), the reserve is taken back, and new
+    messages are queued again (and /readyz is 200) with nobody touching the disk."""
+    spool = small_fs / "spool.sqlite3"
+    gw = gateway_factory(delivery={**FAST, "spool_path": str(spool), "spool_reserve": 512 * 1024}, http={"port": 0})
+    assert gw.app.operator is not None
+    readyz = f"http://127.0.0.1:{gw.app.operator.port}/readyz"
+    gw.fault(status=503, count=None)
+    queued = 0
+    while (reply := send(gw.port(), f"backlog {queued}", body="y" * 20_000))[0] == 250:
+        queued += 1
+        assert queued < 200, "the queue never filled the disk"
+    assert reply[1].startswith("4.3.1 ") and queued >= 10
+    wait_for(lambda: httpx.get(readyz, timeout=5).status_code == 503 or None, what="/readyz 503 while full")
+    gw.clear_faults()
+    wait_for(lambda: len(gw.sent) == queued, 30, "the backlog delivered")
+    wait_for(lambda: spool_rows(spool) == [] or None, what="and deleted")
+    gw.fault(status=503, count=1)  # the next message needs the queue again
+    wait_for(lambda: send(gw.port(), "needs the queue", body="y" * 20_000)[0] == 250, 10, "queued again")
+    wait_for(lambda: httpx.get(readyz, timeout=5).status_code == 200 or None, 10, "/readyz 200 again")
+    wait_for(lambda: len(gw.sent) == queued + 1, what="and delivered")

@@ -19,6 +19,7 @@ from tests.configs import serve_config, write
 from tests.conftest_dns import MX, SPF, dns_on_thread, make_zones
 from tests.dnsserver import DnsServer, ZoneData
 from tests.harness import APIKEY, LoopThread
+from tests.procs import spawn
 from tests.spool_helpers import wait_for
 
 CLI = [sys.executable, "-m", "gateway"]
@@ -71,7 +72,7 @@ def _findings(log: Path) -> dict[str, dict[str, Any]]:
 def _serve(tmp: Path, dns: DnsServer, check: bool) -> tuple[subprocess.Popen[bytes], Path]:
     log = tmp / "gateway.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen(
+        proc = spawn(
             [*CLI, "serve", "-c", str(_config(tmp, dns.port, check)), "--drain-timeout", "2"],
             stdout=out,
             stderr=subprocess.STDOUT,

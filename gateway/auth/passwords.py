@@ -7,6 +7,8 @@ import hashlib
 import hmac
 import os
 
+from gateway.core.scrypt import DKLEN, MAXMEM, parse_hash
+
 # scrypt cost: n=2**14, r=8, p=1 (tens of milliseconds of CPU). Verification runs in a thread and its
 # result is cached, so the cost is paid once per credential per cache TTL, not per connection.
 _N, _R, _P = 2**14, 8, 1
@@ -14,28 +16,25 @@ _N, _R, _P = 2**14, 8, 1
 
 def hash_password(password: str, *, n: int = _N, r: int = _R, p: int = _P) -> str:
     salt = os.urandom(16)
-    digest = hashlib.scrypt(password.encode("utf-8"), salt=salt, n=n, r=r, p=p, dklen=32)
+    digest = hashlib.scrypt(password.encode("utf-8"), salt=salt, n=n, r=r, p=p, dklen=DKLEN)
     return "$".join(("scrypt", str(n), str(r), str(p), _b64(salt), _b64(digest)))
 
 
 def verify_password(password: str, stored: str) -> bool:
     try:
-        scheme, n, r, p, salt, digest = stored.split("$")
-        if scheme != "scrypt":
-            return False
-        expected = base64.b64decode(digest)
+        parsed = parse_hash(stored)
         actual = hashlib.scrypt(
             password.encode("utf-8"),
-            salt=base64.b64decode(salt),
-            n=int(n),
-            r=int(r),
-            p=int(p),
-            dklen=len(expected),
-            maxmem=256 * 1024 * 1024,
+            salt=parsed.salt,
+            n=parsed.n,
+            r=parsed.r,
+            p=parsed.p,
+            dklen=len(parsed.digest),
+            maxmem=MAXMEM,
         )
     except (ValueError, TypeError):
         return False
-    return hmac.compare_digest(actual, expected)
+    return hmac.compare_digest(actual, parsed.digest)
 
 
 def verify_any(password: str, stored: list[str]) -> int | None:

@@ -1,5 +1,5 @@
 """Command line: serve | quickstart | sandbox | check-config | check-domains | check-upstream | queue | status |
-hash-password."""
+suppression | hash-password | example-config."""
 
 from __future__ import annotations
 
@@ -9,13 +9,25 @@ import sys
 from typing import NoReturn
 
 from gateway import __version__
-from gateway.cli import config, domains, passwords, queue, quickstart, sandbox, serve, status, upstream
+from gateway.cli import (
+    config,
+    domains,
+    example,
+    passwords,
+    queue,
+    quickstart,
+    sandbox,
+    serve,
+    status,
+    suppression,
+    upstream,
+)
 from gateway.cli.common import Refused
 from gateway.cli.exits import Exit
 from gateway.config import ConfigError
 
 # One module per command: its add_parser(sub) adds the subcommand and sets its handler (`func`). In help order.
-COMMANDS = (serve, config, domains, upstream, queue, status, passwords, sandbox, quickstart)
+COMMANDS = (serve, config, domains, upstream, queue, status, suppression, passwords, sandbox, quickstart, example)
 
 
 class _Parser(argparse.ArgumentParser):

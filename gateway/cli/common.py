@@ -6,13 +6,18 @@ import argparse
 import asyncio
 import errno
 import os
+import signal
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from gateway.cli.exits import Exit
 from gateway.config import CONFIG_ENV, Settings, load_settings, preflight
+from gateway.core.errors import QueueUnreachable
 from gateway.providers import registry  # noqa: F401 - registers the providers' account models (load)
+
+T = TypeVar("T")
 
 
 class Refused(Exception):
@@ -70,11 +75,35 @@ def refuse_on_problems(findings: list[preflight.Finding], args: argparse.Namespa
 
 
 def spool_failure(settings: Settings, exc: Exception) -> Refused:
+    if isinstance(exc, QueueUnreachable):
+        return Refused([unreachable(settings, exc)])
     where = settings.delivery.queue_url or f"delivery.spool_path {settings.delivery.spool_path}"
     return Refused([f"{where}: {exc} (is it an smtp-gateway queue, readable and writable?)"])
 
 
-def run_loop(coro: Coroutine[Any, Any, None], ports: list[preflight.Port]) -> None:
+def unreachable(settings: Settings, exc: QueueUnreachable) -> str:
+    return (
+        f"delivery.queue_url {settings.delivery.queue_url}: {exc.reason}: start PostgreSQL there, or correct "
+        "the host and port in delivery.queue_url"
+    )
+
+
+def queue_findings(settings: Settings) -> list[preflight.Finding]:
+    """Whether the PostgreSQL queue's server answers (the SQLite file is one of preflight.files)."""
+    delivery = settings.delivery
+    if not delivery.queue_url:
+        return []
+    from gateway.queue.postgres import probe  # psycopg is only needed for PostgreSQL
+
+    password = delivery.queue_password.get_secret_value() if delivery.queue_password else None
+    try:
+        asyncio.run(probe(delivery.queue_url, password))
+    except QueueUnreachable as exc:
+        return [preflight.Finding(unreachable(settings, exc))]
+    return []
+
+
+def run_loop(coro: Coroutine[Any, Any, T], ports: list[preflight.Port]) -> T:
     try:
         import uvloop
     except ImportError:
@@ -82,10 +111,17 @@ def run_loop(coro: Coroutine[Any, Any, None], ports: list[preflight.Port]) -> No
     else:
         runner = uvloop.run
     try:
-        runner(coro)
+        result: T = runner(coro)
     except OSError as exc:
         # a port taken between the check and the bind, or another listen failure
         raise listen_failure(exc, ports) from None
+    return result
+
+
+def stopped_by(sig: signal.Signals) -> Exit:
+    """The exit status of a server stopped cleanly by `sig`: OK for SIGTERM (a service manager's stop),
+    INTERRUPTED for SIGINT (Ctrl-C, as shells report an interrupted command)."""
+    return Exit.INTERRUPTED if sig == signal.SIGINT else Exit.OK
 
 
 def listen_failure(exc: OSError, ports: list[preflight.Port]) -> Exception:

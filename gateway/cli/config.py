@@ -8,7 +8,7 @@ import json
 import sys
 from typing import Any
 
-from gateway.cli.common import load, with_config
+from gateway.cli.common import load, queue_findings, with_config
 from gateway.cli.exits import Exit
 from gateway.config import masked_dump, preflight
 
@@ -19,6 +19,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     findings = preflight.accounts(settings)
     if not args.config_only:
         findings += preflight.files(settings)
+        findings += queue_findings(settings)
         findings += preflight.ports(preflight.serve_ports(settings), running_gateway_is_ok=True)
         findings += asyncio.run(preflight.dns(settings))
     for finding in findings:

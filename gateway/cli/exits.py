@@ -18,7 +18,7 @@ class Exit(IntEnum):
 
     OK = (
         0,
-        "Done. For `serve` and `quickstart`: stopped by SIGTERM or SIGINT once started. For `check-config`: no "
+        "Done. For `serve`, `quickstart` and `sandbox`: stopped by SIGTERM once started. For `check-config`: no "
         "problem found. For `check-domains`: no domain with a problem. For `check-upstream`: every account's API "
         "reached, the credentials taken, every answer understood, every configured campaign or sender found. "
         "For `queue list` and `queue dead`: also when there is no queue yet.",
@@ -40,8 +40,9 @@ class Exit(IntEnum):
     )
     INTERRUPTED = (
         130,
-        "Ctrl-C (SIGINT) in a command that does not handle it (`check-config`, `check-domains`, `check-upstream`, "
-        "`queue`, `hash-password`, `sandbox`), or before `serve` or `quickstart` has installed its handler.",
+        "Ctrl-C (SIGINT): `serve`, `quickstart` and `sandbox` stop cleanly first (`serve --workers N`: the "
+        "supervisor, when every worker stopped cleanly); any command at any other moment, even while its modules "
+        "load, stops at once, without a traceback.",
     )
     BROKEN_PIPE = (
         141,

@@ -10,11 +10,11 @@ import sys
 import time
 from typing import Any
 
-from gateway.cli.common import add_spool_option, load_for_queue, spool_failure, with_config
+from gateway.cli.common import Refused, add_spool_option, load_for_queue, spool_failure, with_config
 from gateway.cli.exits import Exit
 from gateway.config import Settings
 from gateway.core.errors import SpoolUnavailable
-from gateway.delivery.admin import QueueAdmin, operator_name
+from gateway.delivery.admin import BadSelection, QueueAdmin, Selection, operator_name, parse_age
 from gateway.ledger.backends import open_ledger
 from gateway.ledger.model import Row
 from gateway.ledger.recorder import Recorder
@@ -90,8 +90,18 @@ async def _act(store: QueueStore, settings: Settings, args: argparse.Namespace) 
         )
         return Exit.OK
     if action in ("list", "dead"):
-        states = ["dead"] if action == "dead" else ["queued", "inflight"]
-        rows = await store.list(states, limit=args.limit)
+        selection = _selection(args, dead=action == "dead")
+        if _filtered(selection):
+            ledger = open_ledger(settings.delivery)
+            try:
+                listing = await QueueAdmin(store, Recorder(lambda rows: None, "", enabled=False), ledger).select(
+                    selection, now, args.limit
+                )
+            finally:
+                await ledger.close()
+            rows = [dict(item.row, login=item.login, recipients=list(item.recipients)) for item in listing.items]
+        else:
+            rows = await store.list(list(selection.states), limit=args.limit)
         counts = await store.counts(now)
         if args.json:
             print(json.dumps({"counts": counts, "messages": rows}, indent=2))
@@ -100,11 +110,13 @@ async def _act(store: QueueStore, settings: Settings, args: argparse.Namespace) 
             f"{state} {c['count']} (oldest {_age(c['oldest_age'])})" for state, c in sorted(counts.items())
         )
         print(f"queue {store.url}: {summary or 'empty'}")
+        if _filtered(selection):
+            print(f"matching {selection.describe()}: {len(rows)}")
         for line in _table(rows, now, dead=action == "dead"):
             print(line)
         return Exit.OK
-    msg_id = args.id.upper()
     if action == "show":
+        msg_id = args.id.upper()
         info = await store.show(msg_id)
         if info is None:
             print(f"{msg_id}: not in the queue")
@@ -122,26 +134,39 @@ async def _act(store: QueueStore, settings: Settings, args: argparse.Namespace) 
     # Each action is recorded in the message's ledger record (who, what, when).
     recorded: list[Row] = []
     admin = QueueAdmin(store, Recorder(recorded.extend, operator_name(), enabled=settings.ledger.enabled))
-    if action == "retry":
-        ok = await admin.retry(msg_id, now)
-        print(f"{msg_id}: {'due now' if ok else 'not queued (unknown, in flight or dead: see requeue)'}")
-    elif action == "delete":
-        ok = await admin.delete(msg_id)
-        print(f"{msg_id}: {'deleted' if ok else 'not deleted (unknown, or its call is running)'}")
-    elif action == "requeue":
-        ok = await admin.requeue(msg_id, now, settings.delivery.max_lifetime)
-        print(f"{msg_id}: {'requeued' if ok else 'not a dead letter'}")
-    else:  # pragma: no cover - argparse restricts the choices
-        raise AssertionError(action)
+    results = await admin.act(action, args.ids, now, settings.delivery.max_lifetime)
+    for msg_id in args.ids:
+        msg_id = msg_id.upper()
+        print(f"{msg_id}: {OUTCOMES[action][msg_id in results.done]}")
     if recorded:
         ledger = open_ledger(settings.delivery)
         try:
             await ledger.write(recorded)
         except LedgerUnavailable as exc:
-            print(f"{msg_id}: not recorded in the message ledger: {exc.reason}", file=sys.stderr)
+            print(f"not recorded in the message ledger: {exc.reason}", file=sys.stderr)
         finally:
             await ledger.close()
-    return Exit.OK if ok else Exit.PROBLEM
+    return Exit.PROBLEM if results.skipped else Exit.OK
+
+
+# What each action says of one message: (not done, done).
+OUTCOMES = {
+    "retry": ("not queued (unknown, in flight or dead: see requeue)", "due now"),
+    "delete": ("not deleted (unknown, or its call is running)", "deleted"),
+    "requeue": ("not a dead letter", "requeued"),
+}
+
+
+def _selection(args: argparse.Namespace, dead: bool) -> Selection:
+    try:
+        older = parse_age(args.older_than) if args.older_than else None
+    except BadSelection as exc:
+        raise Refused([f"--older-than: {exc}"]) from None
+    return Selection(dead, args.account, args.login, args.domain, args.reason, older)
+
+
+def _filtered(selection: Selection) -> bool:
+    return selection != Selection(selection.dead)
 
 
 def add_parser(sub: Any) -> None:
@@ -151,13 +176,20 @@ def add_parser(sub: Any) -> None:
         q = qsub.add_parser(name, help=text)
         q.add_argument("--json", action="store_true", help="the counts and the messages as JSON")
         q.add_argument("--limit", type=int, default=1000, help="list at most this many messages")
+        q.add_argument("--account", help="only messages of this account")
+        q.add_argument("--login", help="only messages sent by this login (as the message ledger recorded it)")
+        q.add_argument("--domain", help="only messages with a recipient in this domain (or a subdomain of it)")
+        q.add_argument("--reason", help="only messages whose last error (dead letters: reason) contains these words")
+        q.add_argument("--older-than", metavar="AGE", help="only messages accepted longer ago than AGE (30m, 2h, 1d)")
     qsub.add_parser("migrate", help="apply pending schema migrations (servers also do it at start)")
+    qsub.add_parser("show", help="one message with its calls").add_argument(
+        "id", metavar="ID", help="the message's queue id"
+    )
     for name, text in (
-        ("show", "one message with its calls"),
-        ("retry", "make a queued message due now"),
-        ("delete", "delete a queued message or dead letter"),
-        ("requeue", "put a dead letter back in the queue with a fresh lifetime"),
+        ("retry", "make queued messages due now"),
+        ("delete", "delete queued messages or dead letters"),
+        ("requeue", "put dead letters back in the queue with a fresh lifetime"),
     ):
-        qsub.add_parser(name, help=text).add_argument("id", metavar="ID", help="the message's queue id")
+        qsub.add_parser(name, help=text).add_argument("ids", metavar="ID", nargs="+", help="the messages' queue ids")
     add_spool_option(p)
     p.set_defaults(func=cmd_queue)

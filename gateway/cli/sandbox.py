@@ -7,14 +7,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gateway.cli.common import refuse_on_problems, run_loop
-from gateway.cli.exits import Exit
+from gateway.cli.common import refuse_on_problems, run_loop, stopped_by
 from gateway.config import preflight
 from gateway.providers import registry
 from gateway.providers.spec import ProviderSpec, SandboxEntry
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
+    from gateway.providers.fates import Fates
     from gateway.providers.sandbox import Sandbox, SandboxState, default_shape, run_forever
 
     served = _served()
@@ -24,13 +24,14 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         record_path=Path(args.record) if args.record else None,
         echo=None if args.quiet else sys.stdout,
         shape=args.shape or default_shape(),
+        fates=Fates(delay=args.event_delay),
+        webhook_secret=args.webhook_secret,
     )
     sandbox = Sandbox(state, routes)
     host, port = args.listen
     wanted = [preflight.Port("sandbox --listen", host, port)]
     refuse_on_problems(preflight.ports(wanted), args)
-    run_loop(run_forever(sandbox, host, port, lambda url: describe(served, url)), wanted)
-    return Exit.OK
+    return stopped_by(run_loop(run_forever(sandbox, host, port, lambda url: describe(served, url)), wanted))
 
 
 def _served() -> list[tuple[ProviderSpec[Any], SandboxEntry]]:
@@ -74,6 +75,19 @@ def add_parser(sub: Any) -> None:
         choices=("seed", "alt"),
         help="the answers' spelling: seed (the seed document's key names, the default) or alt (the other "
         "documented spellings); default: $SMTP_GATEWAY_SANDBOX_SHAPE, else seed",
+    )
+    p.add_argument(
+        "--event-delay",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="events appear in the event APIs this long after their send (a demonstration; default at once)",
+    )
+    p.add_argument(
+        "--webhook-secret",
+        default="",
+        metavar="SECRET",
+        help="the secret POST /_sandbox/webhook checks each delivery's signature with",
     )
     for spec, entry in served:
         entry.options(p.add_argument_group(f"{spec.label} routes ({entry.prefix or '/'})"))

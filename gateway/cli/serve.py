@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sqlite3
 from typing import Any
 
 import structlog
 
-from gateway.cli.common import load, refuse_on_problems, run_loop, spool_failure, with_config
-from gateway.cli.exits import Exit
+from gateway.cli.common import (
+    load,
+    queue_findings,
+    refuse_on_problems,
+    run_loop,
+    spool_failure,
+    stopped_by,
+    with_config,
+)
 from gateway.config import Settings, preflight
 from gateway.core.errors import SpoolUnavailable
 
@@ -20,7 +28,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = load(args)
     if args.worker_slot is None:  # a worker's supervisor has checked (and a sibling worker holds the ports)
-        refuse_on_problems(preflight.files(settings) + preflight.ports(preflight.serve_ports(settings)), args)
+        findings = preflight.files(settings) + preflight.ports(preflight.serve_ports(settings))
+        refuse_on_problems(findings + queue_findings(settings), args)
     logs.configure(settings.log)
     if args.workers > 1 and args.worker_slot is None:
         from gateway.ops.supervisor import Supervisor
@@ -28,7 +37,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         worker_args = ["serve", "--drain-timeout", str(args.drain_timeout)]
         if args.config:
             worker_args += ["--config", args.config]
-        return Supervisor(worker_args, args.workers).run()
+        supervisor = Supervisor(worker_args, args.workers)
+        status = supervisor.run()
+        return status or stopped_by(supervisor.received or signal.SIGTERM)
     slot = args.worker_slot
     if args.ticket_keys_fd is not None:
         from gateway.smtp import tickets
@@ -44,10 +55,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return as_worker(fresh, slot) if slot is not None else fresh
 
     try:
-        run_loop(run(App(settings, source=source), drain_timeout=args.drain_timeout), preflight.serve_ports(settings))
+        sig = run_loop(
+            run(App(settings, source=source), drain_timeout=args.drain_timeout), preflight.serve_ports(settings)
+        )
     except (sqlite3.DatabaseError, SpoolUnavailable) as exc:
         raise spool_failure(settings, exc) from None
-    return Exit.OK
+    return stopped_by(sig)
 
 
 def as_worker(settings: Settings, slot: int) -> Settings:
@@ -60,6 +73,18 @@ def as_worker(settings: Settings, slot: int) -> Settings:
     return settings.model_copy(update={"listeners": listeners, "http": http})
 
 
+def _workers(value: str) -> int:
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a number of processes: give 1 or more (one per core is typical; 1 is the default)"
+        )
+    return count
+
+
 def add_parser(sub: Any) -> None:
     p = with_config(sub.add_parser("serve", help="run the gateway"))
     p.add_argument(
@@ -67,7 +92,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--workers",
-        type=int,
+        type=_workers,
         default=1,
         metavar="N",
         help="processes sharing the listeners (SO_REUSEPORT) and the queue; one per core is typical",

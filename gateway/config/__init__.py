@@ -4,6 +4,7 @@ model shares (base.py), the account models by provider (accounts.py), the key ta
 
 from __future__ import annotations
 
+from gateway.config.returnpath import DsnSettings, EventSettings, ReturnPathSettings, WebhookSettings
 from gateway.config.settings import (
     CONFIG_ENV,
     ConfigError,
@@ -25,13 +26,17 @@ __all__ = [
     "ConfigError",
     "DeliverySettings",
     "DnsSettings",
+    "DsnSettings",
+    "EventSettings",
     "HttpSettings",
     "LedgerSettings",
     "LimitsSettings",
     "ListenerSettings",
     "LogSettings",
+    "ReturnPathSettings",
     "Settings",
     "TlsSettings",
+    "WebhookSettings",
     "load_settings",
     "masked_dump",
 ]

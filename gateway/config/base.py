@@ -3,44 +3,43 @@
 from __future__ import annotations
 
 import datetime
+import urllib.parse
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
+
+from gateway.config.returnpath import DsnSettings, EventSettings, check_notify
+from gateway.config.section import Section, read_secret_file, secret_or_file
+from gateway.core.scrypt import parse_hash
+
+__all__ = ["AccountBase", "Section", "UserSettings", "read_secret_file", "secret_or_file"]
 
 
-class Section(BaseModel):
-    """A config table: unknown keys are errors that name the key; values are immutable once loaded."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def read_secret_file(path: Path, what: str) -> SecretStr:
-    """A secret kept in its own file (Docker/Kubernetes secrets, systemd credentials): first line only."""
+def http_base_url(value: str) -> str:
+    """An upstream's base URL, http:// or https:// with a host: anything else would make every message's
+    call fail (451 4.3.0) while check-config said OK."""
+    text = value.strip()
     try:
-        value = path.read_text(encoding="utf-8").splitlines()[0].strip() if path.stat().st_size else ""
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{what}: cannot read {path}: {exc.__class__.__name__}") from None
-    if not value:
-        raise ValueError(f"{what}: {path} is empty")
-    return SecretStr(value)
+        parts = urllib.parse.urlsplit(text)
+        _ = parts.port  # raises ValueError for a port out of range
+    except ValueError as exc:
+        raise ValueError(f"{text!r} is not a URL ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        example = text.split("://", 1)[-1].lstrip("/") or "api.example.com"
+        raise ValueError(
+            f"{text!r} is not an http:// or https:// URL with a host: write it whole, e.g. https://{example}"
+        )
+    return text
 
 
-def secret_or_file(value: SecretStr | None, path: Path | None, what: str, *, required: bool = True) -> SecretStr | None:
-    """`x` or `x_file`, never both; with neither, an error when the secret is required."""
-    if value is not None and path is not None:
-        raise ValueError(f"set {what} or {what}_file, not both")
-    if path is not None:
-        return read_secret_file(path, f"{what}_file")
-    if value is None and required:
-        raise ValueError(f"{what} (or {what}_file) is required")
-    return value
-
-
-def _scrypt_hash(v: SecretStr) -> SecretStr:
-    if not v.get_secret_value().startswith("scrypt$"):
-        raise ValueError("must be a hash made by `smtp-gateway hash-password` (starts with 'scrypt$')")
+def scrypt_hash(v: SecretStr) -> SecretStr:
+    """A whole hash as `smtp-gateway hash-password` prints it (ValueError otherwise, never quoting it)."""
+    try:
+        parse_hash(v.get_secret_value())
+    except ValueError as exc:
+        # A hash no password can match would answer every login 535, with nothing in the log to say why.
+        raise ValueError(f"{exc}; run `smtp-gateway hash-password` and paste its whole line") from None
     return v
 
 
@@ -62,7 +61,7 @@ class PasswordEntry(Section):
     @field_validator("hash")
     @classmethod
     def _is_hash(cls, v: SecretStr) -> SecretStr:
-        return _scrypt_hash(v)
+        return scrypt_hash(v)
 
     @property
     def expires_at(self) -> float | None:
@@ -144,11 +143,21 @@ class UserSettings(LoginRules):
     force_from: bool = Field(
         False, description="Replace the message's From with `default_from` (the display name is kept)."
     )
+    notify: str | None = Field(
+        None,
+        description="Who is told of this login's messages that bounce, are not sent or become dead letters: "
+        "`sender`, an address, or `off`; unset: the account's `dsn.notify`.",
+    )
+
+    @field_validator("notify")
+    @classmethod
+    def _notify(cls, v: str | None) -> str | None:
+        return check_notify(v)
 
     @field_validator("password_hash")
     @classmethod
     def _is_hash(cls, v: SecretStr | None) -> SecretStr | None:
-        return None if v is None else _scrypt_hash(v)
+        return None if v is None else scrypt_hash(v)
 
     @model_validator(mode="after")
     def _one_password_source(self) -> UserSettings:
@@ -195,6 +204,14 @@ class AccountBase(LoginRules):
         description="Opt-in: the Message-ID with the envelope (sender, recipients) is the message's idempotency "
         "key, so a client that resends after losing the 250 does not deliver twice. For clients that keep the "
         "Message-ID on a resend (most MTAs and mail libraries do); `X-Gateway-Idempotency-Key` always works.",
+    )
+
+    events: EventSettings = Field(EventSettings(), description="Reading the vendor's events back.")
+    dsn: DsnSettings = Field(DsnSettings(), description="Delivery status notifications to the senders.")
+    suppress_recipients: bool = Field(
+        True,
+        description="Refuse at RCPT TO (550 5.1.1) the addresses on this account's suppression list (hard bounces, "
+        "not sent, complaints, the vendor's invalid contacts) instead of taking mail the vendor would drop.",
     )
 
     @property

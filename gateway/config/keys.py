@@ -166,7 +166,10 @@ def display_key(root: Node, loc: Sequence[int | str]) -> tuple[str, Node | None]
     for i, part in enumerate(loc):
         if node is not None and node.kind == "model" and str(part) in node.tags and str(part) not in node.fields:
             continue
-        shown.append(str(part))
+        if isinstance(part, int) and shown:
+            shown[-1] += f"[{part}]"  # accounts.acme.users[0].password_hash
+        else:
+            shown.append(str(part))
         if i == len(loc) - 1:
             parent = node
         if node is None:

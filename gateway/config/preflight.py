@@ -7,6 +7,7 @@ import datetime
 import errno
 import os
 import socket
+import sqlite3
 import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -149,7 +150,7 @@ def _spool(path: Path) -> list[Finding]:
             return [Finding(f"{where} is not a file: set delivery.spool_path to a file name")]
         if not os.access(path, os.R_OK | os.W_OK):
             return [Finding(f"{where} is not readable and writable by uid {os.getuid()}: fix its owner or mode")]
-        return []
+        return _spool_contents(path, where)
     parent = path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -161,6 +162,36 @@ def _spool(path: Path) -> list[Finding]:
             )
         ]
     return []
+
+
+def _spool_contents(path: Path, where: str) -> list[Finding]:
+    """An existing spool file must be an SQLite database that is empty or the gateway's own: any other file
+    would turn every message that has to be queued into a 452."""
+    fix = "set delivery.spool_path to a file of its own (the gateway creates it)"
+    try:
+        with path.open("rb") as f:
+            head = f.read(len(_SQLITE_MAGIC))
+    except OSError as exc:
+        return [Finding(f"{where} cannot be read ({exc.strerror}): fix the file or set delivery.spool_path")]
+    if not head:
+        return []  # an empty file: SQLite makes a database of it
+    if head != _SQLITE_MAGIC:
+        return [Finding(f"{where} is not an SQLite database but some other file: {fix}")]
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5.0)
+        try:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        return [Finding(f"{where} cannot be read as an SQLite database ({exc}): {fix}")]
+    if tables and "schema_version" not in tables:
+        shown = ", ".join(sorted(tables)[:5])
+        return [Finding(f"{where} is another program's SQLite database (tables {shown}): {fix}")]
+    return []
+
+
+_SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
 # ---- ports ---------------------------------------------------------------------------------------

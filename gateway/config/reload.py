@@ -12,7 +12,8 @@ line.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 from gateway.config.settings import ListenerSettings, Settings, check_consistent
 
@@ -91,3 +92,21 @@ def plan_reload(old: Settings, new: Settings) -> ReloadPlan:
     ]
     changed += [f"http.{key}" for key in LIVE_KEYS["http"] if getattr(old.http, key) != getattr(http, key)]
     return ReloadPlan(effective, changed + changed_listeners, restart)
+
+
+@dataclass
+class ConfigStatus:
+    """When the running configuration was loaded, and what the last reload did (for operators)."""
+
+    loaded_at: float = field(default_factory=time.time)
+    reloaded_at: float | None = None
+    result: str = ""  # ok, invalid, tls_failed
+    detail: str = ""  # why a reload was refused
+    changed: list[str] = field(default_factory=list)
+    restart_needed: list[str] = field(default_factory=list)
+
+    def record(self, result: str, detail: str = "", plan: ReloadPlan | None = None) -> None:
+        self.reloaded_at = time.time()
+        self.result, self.detail = result, detail
+        self.changed = list(plan.changed) if plan else []
+        self.restart_needed = list(plan.restart_needed) if plan else []

@@ -20,8 +20,11 @@ from pydantic_settings import (
 
 from gateway.config import keys, logins
 from gateway.config.accounts import MODELS
-from gateway.config.base import AccountBase, Section, secret_or_file
+from gateway.config.base import AccountBase, Section, scrypt_hash, secret_or_file
+from gateway.config.console import ConsoleSettings
+from gateway.config.console import check as check_console
 from gateway.config.oauth import OAuthSettings
+from gateway.config.returnpath import ReturnPathSettings, WebhookSettings
 
 ENV_PREFIX = "GATEWAY_"
 CONFIG_ENV = "GATEWAY_CONFIG"
@@ -442,9 +445,7 @@ class ApiToken(_Section):
     @field_validator("token_hash")
     @classmethod
     def _is_hash(cls, v: SecretStr) -> SecretStr:
-        if not v.get_secret_value().startswith("scrypt$"):
-            raise ValueError("must be a hash made by `smtp-gateway hash-password` (starts with 'scrypt$')")
-        return v
+        return scrypt_hash(v)
 
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
@@ -535,10 +536,19 @@ class Settings(BaseSettings):
         LedgerSettings(), description="The message ledger: records of every message answered 250."
     )
     oauth: OAuthSettings = Field(OAuthSettings(), description="Token logins (AUTH XOAUTH2, OAUTHBEARER).")
+    console: ConsoleSettings = Field(
+        ConsoleSettings(), description="The operator console in the browser, on the operator endpoint."
+    )
     networks: dict[str, list[ipaddress.IPv4Network | ipaddress.IPv6Network]] = Field(
         {},
         description="Named networks the logins' `networks` and `require_tls_except` may name, e.g. `printers = "
         '["192.168.20.0/24"]`.',
+    )
+    webhooks: list[WebhookSettings] = Field(
+        [], description="Applications told of each event read back (signed JSON POSTs, retried from the queue)."
+    )
+    return_path: ReturnPathSettings = Field(
+        ReturnPathSettings(), description="How the event pollers, notices and webhooks are paced."
     )
 
     @field_validator("networks")
@@ -574,14 +584,34 @@ class Settings(BaseSettings):
 
 
 def check_consistent(settings: Settings) -> None:
-    """What no single section can check: every trusted network's login is a configured user; every login's
-    controls resolve (gateway/config/logins.py). ValueError."""
-    users = {u.username for a in settings.accounts.values() for u in a.configured_users}
+    """What no single section can check: a login belongs to one account, every trusted network's login is a
+    configured user, every login's controls resolve (gateway/config/logins.py). ValueError, its text starting
+    with the keys it is about."""
+    where: dict[str, str] = {}
+    for name, account in settings.accounts.items():
+        for i, user in enumerate(account.configured_users):
+            key = f"accounts.{name}.users[{i}].username"
+            first = where.setdefault(user.username, key)
+            if first != key:
+                # Authentication would find only one of them: the other user's every login would get 535.
+                raise ValueError(
+                    f"{first} and {key}: the login {user.username!r} is in two accounts; a login must be unique "
+                    "across accounts: rename one of them"
+                )
+    users = set(where)
     for listener in settings.listeners:
         for _, login in listener.trusted_map:
             if login not in users:
                 raise ValueError(f"listeners[{listener.name}]: trusted login {login!r} is not a user")
     logins.check(settings)
+    check_console(settings.console, settings.http, is_loopback(settings.http.address))
+    names = [w.name for w in settings.webhooks]
+    for webhook in settings.webhooks:
+        if names.count(webhook.name) > 1:
+            raise ValueError(f"webhooks: the name {webhook.name!r} is used twice")
+        unknown = sorted(set(webhook.accounts) - set(settings.accounts))
+        if unknown:
+            raise ValueError(f"webhooks[{webhook.name}].accounts: no account {', '.join(unknown)}")
 
 
 class ConfigError(Exception):
@@ -624,7 +654,7 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
     try:
         return settings_model(path)(**overrides)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc)) from None
+        raise ConfigError(format_validation_error(exc, path)) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(_toml_error(path, exc)) from None
     except UnicodeDecodeError as exc:
@@ -644,21 +674,20 @@ def _toml_error(path: Path | None, exc: tomllib.TOMLDecodeError) -> str:
     return f"{path}:{m[2]}:{m[3]}: TOML syntax error: {m[1]}"
 
 
-def format_validation_error(exc: ValidationError) -> str:
+def format_validation_error(exc: ValidationError, path: Path | None = None) -> str:
     root = config_keys()
     lines = []
     for err in exc.errors(include_input=False, include_url=False):
         key, parent = keys.display_key(root, err["loc"])
         msg = err["msg"]
+        if err["type"] == "value_error":
+            msg = str(err.get("ctx", {}).get("error", msg))  # our own words, without pydantic's "Value error, "
         if err["type"] == "extra_forbidden" and err["loc"]:
             near = keys.suggest_key(parent, str(err["loc"][-1]))
             msg = "unknown key" + (f"; did you mean {near}?" if near else "")
-        if not err["loc"] and err["type"] == "value_error":
-            # A check across sections (check_consistent): its text names the key itself.
-            lines.append(str(err.get("ctx", {}).get("error", msg)))
-            continue
-        lines.append(f"{key or '(top level)'}: {msg}")
-    return "invalid configuration:\n  " + "\n  ".join(lines)
+        lines.append(f"{key}: {msg}" if key else msg)  # a check of the whole names its keys itself
+    where = f" in {path}" if path is not None else ""
+    return f"invalid configuration{where}:\n  " + "\n  ".join(lines)
 
 
 def masked_dump(settings: Settings) -> dict[str, Any]:

@@ -62,6 +62,16 @@ class ExpiringLru(Generic[K, V]):
     def pop(self, key: K) -> None:
         self._entries.pop(key, None)
 
+    def items(self) -> list[tuple[K, V]]:
+        """The live entries. Reading each counts as a use of it (cachetools has no peek): an operator's
+        listing reorders the eviction order, which only matters when the cache is full."""
+        found = []
+        for key in list(self._entries):
+            entry = self._entries.get(key)
+            if entry is not None:
+                found.append((key, entry.value))
+        return found
+
     def clear(self) -> None:
         self._entries.clear()
 

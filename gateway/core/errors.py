@@ -12,7 +12,10 @@ GatewayError
       │    └── RateLimited     the upstream (429) or our own limiter said "not now"
       ├── UpstreamAuthFailed  the API refused the gateway's key (operator error)
       ├── DnsTempFailure      DNS lookups timed out
-      └── SpoolUnavailable    the queue cannot store the message
+      ├── SpoolUnavailable    the queue cannot store the message
+      │    └── QueueUnreachable  its database server cannot be reached at all
+      └── Fenced              a call not sent: this process's lease on its message is over (or cannot
+                              be checked), another owner may be sending it
 """
 
 from __future__ import annotations
@@ -84,3 +87,17 @@ class DnsTempFailure(Deferred):
 
 class SpoolUnavailable(Deferred):
     default_reply = replies.SPOOL_FULL
+
+
+class QueueUnreachable(SpoolUnavailable):
+    """The queue's database server cannot be reached (refused, unknown host, timeout): not a wrong database."""
+
+
+class Fenced(Deferred):
+    """The fencing check before a call failed: the message's lease is not this process's any more (it was
+    paused past it, and another owner may have claimed it), or the queue could not say (`checked` False).
+    The call was not sent: safe to send later, by whoever holds the message then."""
+
+    def __init__(self, reason: str, *, checked: bool = True) -> None:
+        super().__init__(reason)
+        self.checked = checked

@@ -157,11 +157,17 @@ class Call:
 @dataclass(frozen=True, slots=True)
 class Origin:
     """Where a message came from, for its ledger record: the listener's name, the client as the gateway saw
-    it (behind a PROXY header, the real client: "ip:port") and the message's size in bytes as received."""
+    it (behind a PROXY header, the real client: "ip:port"), the message's size in bytes as received, and what
+    a delivery status notice about it would need."""
 
     listener: str = ""
     peer: str = ""
     size: int | None = None
+    # Whom a delivery status notice about this message would go to (None: nobody), and then its header block
+    # as received (a notice quotes it); `dsn_of`: this message is itself a notice, about that local id.
+    notify: str | None = None
+    headers: str | None = None
+    dsn_of: str | None = None
 
 
 @dataclass(slots=True)

@@ -76,6 +76,29 @@ class Outcome:
         return None
 
 
+class UpstreamHealth(Protocol):
+    """Where a provider reports what its upstream said outside a delivery attempt (a lookup before the
+    message is taken): gateway.delivery.health.AccountHealth, which the delivery owner also tells."""
+
+    def failed(self, account: str, error: Deferred) -> None:
+        """The upstream failed or refused the gateway (a refusal is counted, logged and shown by /readyz)."""
+        ...
+
+    def credentials_accepted(self, account: str) -> None:
+        """The upstream accepted the gateway's credentials: a refusal, if any, is over."""
+        ...
+
+
+class NoHealth:
+    """Reports going nowhere: a provider built outside a running gateway (the CLI, tests)."""
+
+    def failed(self, account: str, error: Deferred) -> None:
+        return None
+
+    def credentials_accepted(self, account: str) -> None:
+        return None
+
+
 class Deliverer(Protocol):
     """What the delivery owner needs of one upstream account: its calls and a way to make them."""
 

@@ -51,6 +51,12 @@ def data_timeout(hostname: str, seconds: float) -> Reply:
     return Reply(421, "4.4.2", f"{hostname} Error: DATA not completed within {seconds:g} s, closing connection")
 
 
+def recipient_suppressed(address: str, reason: str, since: str) -> Reply:
+    """RCPT TO of an address on the account's suppression list (`suppress_recipients`): it bounced hard, was
+    reported not sent, complained, or the vendor holds it invalid; the text says which and since when."""
+    return Reply(550, "5.1.1", sanitize(f"<{address}>: recipient suppressed: {reason} ({since})"))
+
+
 SENDER_OK = Reply(250, "2.1.0", "Ok")
 """MAIL FROM accepted."""
 RECIPIENT_OK = Reply(250, "2.1.5", "Ok")
@@ -137,6 +143,8 @@ UPSTREAM_SLOW = Reply(451, "4.4.1", "Upstream did not answer within the inline b
 """Passthrough mode: `delivery.inline_budget` ran out; the call may still succeed."""
 RESEND_IN_PROGRESS = Reply(451, "4.3.0", "A message with this idempotency key is being delivered; try again later")
 """A resend while the first copy with the same idempotency key is still being delivered."""
+IDEMPOTENCY_CONFLICT = Reply(554, "5.6.0", "Idempotency key already used for a different message")
+"""A message whose idempotency key an earlier message with different content used within the window."""
 RATE_LIMITED = Reply(452, "4.4.5", "Upstream rate limit reached; try again later")
 """Passthrough mode: the upstream answered 429."""
 SENDER_DOMAIN_UNKNOWN = Reply(553, "5.1.8", "Sender address rejected: domain does not exist")

@@ -22,7 +22,7 @@ import random
 import secrets
 import socket
 import time
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -30,19 +30,31 @@ import structlog
 
 from gateway.config import DeliverySettings
 from gateway.core import replies
-from gateway.core.errors import Deferred, GatewayError, SpoolUnavailable
+from gateway.core.episode import Episode
+from gateway.core.errors import Deferred, Fenced, GatewayError, SpoolUnavailable
 from gateway.core.model import Call, Origin, Receipt, Submission
 from gateway.core.outcome import Deliverer, Outcome
 from gateway.core.records import CallRow, Decision, DeliveryState, RetryPolicy
 from gateway.core.replies import Reply
 from gateway.delivery import transition
 from gateway.delivery.health import AccountHealth
+from gateway.delivery.keys import IdempotencyKeys
 from gateway.ledger.recorder import Recorder
-from gateway.ops.metrics import AMBIGUOUS, CLIENT_GONE, DEAD_LETTERS, DELIVERIES, INTERNAL_ERRORS, RESENDS
+from gateway.ops.metrics import (
+    AMBIGUOUS,
+    CLIENT_GONE,
+    DEAD_LETTERS,
+    DELIVERIES,
+    FENCED,
+    INTERNAL_ERRORS,
+    RESENDS,
+)
 from gateway.queue import codec
 from gateway.queue.store import Claimed, NewMessage, QueueStore
 
 log = structlog.get_logger("gateway.delivery")
+# How often an attempt's result is offered to a queue that cannot take it, before it is left to the lease.
+SETTLE_TRIES = 5
 
 
 def new_id() -> str:
@@ -61,6 +73,38 @@ def _delivered(account: str, path: str, verdict: str) -> Any:
     return DELIVERIES.labels(account=account, path=path, verdict=verdict)
 
 
+def dead_local_owners(me: str, owners: Iterable[str]) -> list[str]:
+    """The lease owners among `owners` that are processes of this instance (host) that are gone (killed,
+    crashed): their leases may end now rather than after their time. Another instance's owners are left to
+    their leases: their processes cannot be seen from here."""
+    host = _split_owner(me)[0]
+    dead = []
+    for other in owners:
+        other_host, other_pid, _ = _split_owner(other)
+        if other == me or other_host != host or other_pid is None:
+            continue
+        # Our own pid with another nonce is an earlier incarnation (containers: always pid 1).
+        if other_pid == os.getpid() or not _alive(other_pid):
+            dead.append(other)
+    return dead
+
+
+def _split_owner(owner: str) -> tuple[str, int | None, str]:
+    rest, _, nonce = owner.rpartition(":")
+    host, _, pid = rest.rpartition(":")
+    return host, int(pid) if pid.isdigit() else None, nonce
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @dataclass
 class InlineAttempt:
     """One new message's first attempt."""
@@ -73,6 +117,7 @@ class InlineAttempt:
     token: int | None = None  # set once the message is stored in flight
     client_gone: bool = False
     idempotency_key: str | None = None
+    digest: str | None = None  # what the message says, kept with its idempotency key
     receipt: Receipt = field(default_factory=Receipt)  # what the session's transaction line reports
     reply_id: str | None = None  # the id its 250 named: what a resend with its idempotency key is told
     origin: Origin | None = None  # listener, client, size: for the ledger record
@@ -110,6 +155,9 @@ class DeliveryOwner:
         self.held: dict[str, int] = {}  # message id -> token of the leases this owner holds
         self._tasks: set[asyncio.Task[None]] = set()
         self._heartbeat: asyncio.Task[None] | None = None
+        self._renewals_failing = Episode()
+        # Past the inline budget (+ time to store) a first attempt has answered, or its process is gone.
+        self.keys = IdempotencyKeys(store, settings.idempotency_window, settings.inline_budget + 60.0, clock)
 
     # -- inline ----------------------------------------------------------------------------------------
 
@@ -122,10 +170,12 @@ class DeliveryOwner:
         receipt: Receipt | None = None,
         on_done: Callable[[], None] | None = None,
         origin: Origin | None = None,
+        digest: str | None = None,
     ) -> Reply:
         """The reply to a new message. The attempt is ours: if the session is cancelled (client gone),
         the attempt goes on and records its outcome. `receipt` learns the queue id or upstream ids; `on_done`
-        is called when the first attempt has ended."""
+        is called when the first attempt has ended. `digest`: what the message says (idempotency.digest_of),
+        kept with its key: a key reused for different content is refused."""
         now = self.clock()
         attempt = InlineAttempt(
             new_id(),
@@ -133,6 +183,7 @@ class DeliveryOwner:
             transition.fresh(plan, now, self.policy),
             bound,
             idempotency_key=idempotency_key,
+            digest=digest,
             receipt=receipt if receipt is not None else Receipt(),
             origin=origin,
         )
@@ -156,11 +207,16 @@ class DeliveryOwner:
         """A resend of a message already taken (same idempotency key within the window): its reply."""
         account, key = attempt.submission.principal.account, attempt.idempotency_key
         assert key is not None
-        # Past the inline budget (+ time to store) the first attempt has answered, or its process is gone.
-        stale = self.settings.inline_budget + 60.0
-        hit = await self.store.claim_key(account, key, attempt.msg_id, now, self.settings.idempotency_window, stale)
+        hit = await self.keys.claim(account, key, attempt.msg_id, now, attempt.digest)
         if hit is None:
             return None
+        if hit.digest is not None and attempt.digest is not None and hit.digest != attempt.digest:
+            # The key of an earlier message on different content: a client bug, or two messages given one
+            # key. Refused for good, as payment APIs refuse a key reused with other parameters.
+            RESENDS.labels(account=account, result="conflict").inc()
+            attempt.log.warning("message_resend_conflict", key=key[:12], first_queue_id=hit.msg_id)
+            attempt.receipt.reason = f"idempotency key of {hit.msg_id} reused for a different message"
+            return replies.IDEMPOTENCY_CONFLICT
         RESENDS.labels(account=account, result="in_progress" if hit.reply_id is None else "answered").inc()
         attempt.log.info("message_resend_not_sent", key=key[:12], first_queue_id=hit.msg_id, reply_id=hit.reply_id)
         if hit.reply_id is None:
@@ -174,10 +230,7 @@ class DeliveryOwner:
         """Remember the id the 250 carried, or forget the key when the message was not taken (no 250)."""
         key = attempt.idempotency_key
         assert key is not None
-        try:
-            await self.store.finish_key(attempt.submission.principal.account, key, attempt.msg_id, attempt.reply_id)
-        except SpoolUnavailable as exc:
-            attempt.log.error("idempotency_key_not_recorded", key=key[:12], error=exc.reason)
+        await self.keys.finish(attempt.submission.principal.account, key, attempt.msg_id, attempt.reply_id)
 
     async def _first_attempt(
         self, attempt: InlineAttempt, decided: asyncio.Future[Reply], on_done: Callable[[], None] | None = None
@@ -205,9 +258,11 @@ class DeliveryOwner:
         provider = self.providers[attempt.submission.principal.account]
 
         async def before_send(keys: Sequence[str]) -> None:
-            attempt.started.update(keys)
+            # Not stored yet (no token): nobody else can have the message, nothing to check. Stored in flight
+            # (the budget ran out): leased to us, and checked like a claimed message's calls.
             if attempt.token is not None:
-                await self._mark_sending(attempt.msg_id, attempt.token, keys)
+                await self._fence(provider.account, attempt.msg_id, attempt.token, keys)
+            attempt.started.update(keys)
 
         call = asyncio.ensure_future(provider.deliver(attempt.submission, {}, before_send))
         done, _ = await asyncio.wait({call}, timeout=self.settings.inline_budget)
@@ -271,11 +326,20 @@ class DeliveryOwner:
         try:
             outcome = await call
         except Exception as exc:
-            await self._internal_error(attempt.msg_id, attempt.token or 0, stored, exc, "inline_delivery")
+            await self._internal_error(
+                attempt.msg_id, attempt.token or 0, stored, exc, "inline_delivery", attempt.submission.principal.account
+            )
         else:
             decision = self._decide(stored, outcome, attempt.submission, "inline", self._bound(attempt))
             await self._settle(
-                attempt.msg_id, attempt.token or 0, decision, attempt.log, stored.created, outcome, path="inline"
+                attempt.msg_id,
+                attempt.token or 0,
+                decision,
+                attempt.log,
+                stored.created,
+                outcome,
+                path="inline",
+                account=attempt.submission.principal.account,
             )
         finally:
             self.held.pop(attempt.msg_id, None)
@@ -408,7 +472,7 @@ class DeliveryOwner:
         try:
             await self._attempt_claimed(item, bound)
         except Exception as exc:
-            await self._internal_error(item.id, item.token, item.before, exc, "queue_delivery")
+            await self._internal_error(item.id, item.token, item.before, exc, "queue_delivery", item.account)
         finally:
             self.held.pop(item.id, None)
 
@@ -432,6 +496,7 @@ class DeliveryOwner:
                 ),
                 bound,
                 item.before.created,
+                account=item.account,
             )
             return
         before, lost = transition.resume(item.before)
@@ -466,7 +531,7 @@ class DeliveryOwner:
             done = {k: r.upstream_id or "" for k, r in before.calls.items() if r.state == "done"}
 
             async def before_send(keys: Sequence[str]) -> None:
-                await self._mark_sending(item.id, item.token, keys)
+                await self._fence(item.account, item.id, item.token, keys)
 
             outcome = await provider.deliver(submission, done, before_send)
         decision = self._decide(before, outcome, submission, "queue", bound)
@@ -488,6 +553,10 @@ class DeliveryOwner:
         first_deferral = next(iter(outcome.deferred.values()), None)
         if first_deferral is not None:
             self.health.failed(account, first_deferral)
+        fenced = sorted(k for k, e in outcome.deferred.items() if isinstance(e, Fenced))
+        if fenced:
+            # Calls this attempt did not send because its lease was over (or could not be checked).
+            bound.warning("delivery_fenced", calls=fenced, reason=outcome.deferred[fenced[0]].reason)
         lost = outcome.ambiguous
         decision = transition.decide(before, outcome, self.policy, self.clock(), self.rng)
         if lost:
@@ -515,6 +584,7 @@ class DeliveryOwner:
         *,
         submission: Submission | None = None,
         path: str = "queue",
+        account: str = "",
     ) -> None:
         """Store the attempt's decision under our token, then tell the ledger (what the calls answered, and,
         when the decision was stored, what follows: queued again or dead)."""
@@ -528,6 +598,7 @@ class DeliveryOwner:
             path=path,
             settled=settled,
             submission=submission,
+            account=account,
         )
 
     async def _store_decision(
@@ -538,16 +609,17 @@ class DeliveryOwner:
         bound: structlog.typing.FilteringBoundLogger,
         outcome: Outcome | None = None,
     ) -> bool:
-        for attempt in range(5):
+        for attempt in range(SETTLE_TRIES):
             try:
                 settled = await self.store.settle(msg_id, token, decision, self.clock())
                 break
             except SpoolUnavailable as exc:
-                # The result is only in memory: keep trying briefly. If it never lands, the lease expires
-                # and the calls this attempt sent count as ambiguous when the message is claimed again.
-                bound.error("queue_settle_failed", error=exc.reason, attempt=attempt)
+                error = exc.reason
                 await asyncio.sleep(0.2 * (attempt + 1))
         else:
+            # The result was only in memory: when the lease expires, the calls this attempt sent count as
+            # ambiguous when the message is claimed again.
+            bound.error("queue_settle_failed", error=error, tries=SETTLE_TRIES, verdict=decision.verdict)
             return False
         if not settled:
             bound.warning(
@@ -572,20 +644,38 @@ class DeliveryOwner:
             bound.error("message_dead_lettered", reason=decision.dead_reason)
         return True
 
-    async def _internal_error(self, msg_id: str, token: int, before: DeliveryState, exc: Exception, where: str) -> None:
+    async def _internal_error(
+        self, msg_id: str, token: int, before: DeliveryState, exc: Exception, where: str, account: str
+    ) -> None:
         INTERNAL_ERRORS.labels(where=where).inc()
         bound = log.bind(queue_id=msg_id)
         bound.error("delivery_internal_error", exc_info=exc)
         reason = f"{type(exc).__name__}: {exc}"
         decision = transition.internal_error(before, reason, self.policy, self.clock(), self.rng)
         path = "inline" if where == "inline_delivery" else "queue"
-        await self._settle(msg_id, token, decision, bound, before.created, path=path)
+        await self._settle(msg_id, token, decision, bound, before.created, path=path, account=account)
+
+    async def _fence(self, account: str, msg_id: str, token: int, keys: Sequence[str]) -> None:
+        """The fencing check, right before calls go to the upstream (after every wait for the rate limiter,
+        a token or a connection): the message must still carry our token and a lease that runs past a third
+        of `lease_seconds` (a process paused past its lease, by SIGSTOP, a GC or a frozen VM, may find a
+        sibling sending the message already). Marks the calls as being sent; raises Fenced: not sent."""
+        lease_past = self.clock() + self.settings.lease_seconds / 3
+        try:
+            held = await self.store.mark_sending(msg_id, token, keys, lease_past)
+        except SpoolUnavailable as exc:
+            FENCED.labels(account=account, reason="unchecked").inc(len(keys))
+            raise Fenced(f"the lease could not be checked ({exc.reason}): not sent", checked=False) from None
+        if not held:
+            FENCED.labels(account=account, reason="lease_lost").inc(len(keys))
+            raise Fenced("the lease is over (this process was paused past it): not sent")
 
     async def _mark_sending(self, msg_id: str, token: int, keys: Sequence[str]) -> None:
+        """Calls that went out while the message was being stored in flight: marked once it is."""
         try:
             await self.store.mark_sending(msg_id, token, keys)
         except SpoolUnavailable as exc:
-            # Sent anyway: if this process dies before settling, a resend will not be counted as ambiguous.
+            # If this process dies before settling, a resend of these will not be counted as ambiguous.
             log.error("queue_mark_sending_failed", queue_id=msg_id, error=exc.reason)
 
     async def _wake(self, account: str) -> None:
@@ -619,7 +709,11 @@ class DeliveryOwner:
             try:
                 await self.store.renew(self.owner, self.clock() + self.settings.lease_seconds)
             except SpoolUnavailable as exc:
-                log.error("queue_lease_renew_failed", error=exc.reason)
+                if self._renewals_failing.occurred():  # once per outage, not once per heartbeat
+                    log.error("queue_lease_renew_failed", error=exc.reason)
+            else:
+                if (over := self._renewals_failing.ended()) is not None:
+                    log.info("queue_lease_renewed_again", failed_for=over.lasted, failures=over.seen)
 
     async def running(self) -> None:
         """Wait for the attempts running now (not those started later) to finish: after a reload, the
@@ -645,6 +739,7 @@ class DeliveryOwner:
             # these messages next (another instance, or this one restarted) counts them as ambiguous.
             with contextlib.suppress(SpoolUnavailable):
                 await self.store.expire_owners([self.owner], self.clock())
+        await self.keys.stop()
 
 
 def dead_cause(decision: Decision) -> str:

@@ -11,14 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import os
 import time
 from collections.abc import Sequence
 
 import structlog
 
 from gateway.core.errors import SpoolUnavailable
-from gateway.delivery.owner import DeliveryOwner
+from gateway.delivery.owner import DeliveryOwner, dead_local_owners
 from gateway.ops.metrics import INTERNAL_ERRORS, QUEUE_CLAIM_SECONDS
 
 log = structlog.get_logger("gateway.queue.worker")
@@ -132,31 +131,8 @@ class RetryWorker:
         """Leases of processes of this instance (host) that are gone (killed, crashed) end now, not after
         lease_seconds: a restarted gateway or a surviving sibling process resumes their messages at once.
         Another instance's owners are left to their leases: their processes cannot be seen from here."""
-        host = _split_owner(self.owner.owner)[0]
-        dead = []
-        for other in await self.store.owners():
-            other_host, other_pid, _ = _split_owner(other)
-            if other == self.owner.owner or other_host != host or other_pid is None:
-                continue
-            # Our own pid with another nonce is an earlier incarnation (containers: always pid 1).
-            if other_pid == os.getpid() or not _alive(other_pid):
-                dead.append(other)
+        dead = dead_local_owners(self.owner.owner, await self.store.owners())
         if dead:
             count = await self.store.expire_owners(dead, time.time())
-            log.warning("queue_dead_owners_expired", owners=dead, messages=count)
-
-
-def _split_owner(owner: str) -> tuple[str, int | None, str]:
-    rest, _, nonce = owner.rpartition(":")
-    host, _, pid = rest.rpartition(":")
-    return host, int(pid) if pid.isdigit() else None, nonce
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+            if count:  # their messages wait for a claim; the next look finds their leases already over
+                log.warning("queue_dead_owners_expired", owners=dead, messages=count)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from gateway.config import DeliverySettings
+from gateway.ledger.returns import ReturnStore
 from gateway.ledger.sqlite import SqliteLedger
 from gateway.ledger.store import LedgerStore
 
@@ -18,3 +19,16 @@ def open_ledger(settings: DeliverySettings, disk_full: Callable[[], bool] | None
         password = settings.queue_password.get_secret_value() if settings.queue_password else None
         return PostgresLedger(settings.queue_url, password)
     return SqliteLedger(settings.spool_path, disk_full)
+
+
+def open_returns(ledger: LedgerStore) -> ReturnStore:
+    """The return path's tables on the ledger's own connection (its backend decides which)."""
+    if isinstance(ledger, SqliteLedger):
+        from gateway.ledger.sqlite_returns import SqliteReturns
+
+        return SqliteReturns(ledger)
+    from gateway.ledger.postgres import PostgresLedger
+    from gateway.ledger.postgres_returns import PostgresReturns
+
+    assert isinstance(ledger, PostgresLedger)
+    return PostgresReturns(ledger)

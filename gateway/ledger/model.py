@@ -67,6 +67,12 @@ RESEND = "resend"  # a resend with this message's idempotency key was answered w
 RETRIED = "retried"  # operator: `queue retry` (due now)
 REQUEUED = "requeued"  # operator: `queue requeue` (a dead letter back in the queue)
 DELETED = "deleted"  # operator: `queue delete`
+DSN_SENT = "dsn_sent"  # a delivery status notice about recipients of this message was sent (data: its id)
+DSN_SKIPPED = "dsn_skipped"  # no notice for these recipients (detail: why)
+WEBHOOK_DELIVERED = "webhook_delivered"  # a webhook took an event (data: webhook, event, attempts)
+WEBHOOK_FAILED = "webhook_failed"  # a webhook never took an event within its max_age (data: last error)
+# Why an operator's `queue delete` made recipients dead (no notice is sent for those).
+DELETED_BY_OPERATOR = "deleted by an operator"
 TEST_MODE = "test_mode"  # a test-mode login's message: answered with a TEST- id, not sent
 
 Outcome = Literal["delivered", "deferred", "refused", "ambiguous"]
@@ -95,6 +101,10 @@ class MessageRow(NamedTuple):
     reply: str | None = None
     # JSON text: the upstream requests as planned, secrets removed, attachments as name/type/size.
     request: str | None = None
+    dsn_of: str | None = None  # a delivery status notice: the local id of the message it is about
+    # JSON text (notice.py): what a notice about this message needs later (its original headers, the
+    # provider's data, whom to tell); None when nobody would be told (null sender, notify off, a notice).
+    notice: str | None = None
 
 
 class RecipientRow(NamedTuple):
@@ -135,7 +145,45 @@ def json(value: Any) -> str:
     return orjson.dumps(value, default=str).decode()
 
 
-Row = MessageRow | RecipientRow | EventRow
+class OutboxRow(NamedTuple):
+    """A webhook delivery to make: written with the event it announces, once per (webhook, event id)."""
+
+    webhook: str
+    event_id: str
+    msg_id: str
+    created: float  # the message's acceptance time (retention)
+    enqueued: float
+    type: str
+    body: str  # the JSON POSTed, fixed when the event is recorded (each retry sends the same bytes)
+
+
+class SuppressionRow(NamedTuple):
+    """An address the account will not take mail for (the first reason recorded is kept)."""
+
+    account: str
+    address: str  # address_key
+    reason: str  # in the operator's words, told to clients at RCPT TO
+    source: str  # what added it: an event type read back, `invalid_list`, `operator`
+    created: float
+    msg_id: str | None = None
+    detail: str | None = None
+
+
+class NoticeRow(NamedTuple):
+    """A recipient that failed for good (bounced, not sent, its message dead): its notice is to be decided,
+    once (a second row for the same message and recipient changes nothing)."""
+
+    msg_id: str
+    created: float  # the message's acceptance time (retention)
+    address: str
+    at: float
+
+    @property
+    def key(self) -> str:
+        return address_key(self.address)
+
+
+Row = MessageRow | RecipientRow | EventRow | OutboxRow | SuppressionRow | NoticeRow
 
 
 def address_key(address: str) -> str:
@@ -194,6 +242,7 @@ class Record:
     recipients: tuple[Recipient, ...] = ()
     events: tuple[Event, ...] = ()
     request: Any = None
+    dsn_of: str | None = None
 
     @property
     def state(self) -> str:
@@ -215,6 +264,7 @@ class Record:
             "message_id": self.message_id,
             "subject": self.subject,
             "size": self.size,
+            "dsn_of": self.dsn_of,
             "recipients": [
                 {
                     "address": r.address,
@@ -303,6 +353,7 @@ class Query:
     """Filters, all optional, combined with AND; newest first, `limit` at most MAX_LIMIT."""
 
     id: str | None = None  # the local id
+    ids: tuple[str, ...] = ()  # any of these local ids (at most MAX_LIMIT)
     reply_id: str | None = None  # the id a 250 named
     upstream_id: str | None = None  # any call's upstream id (a DMDS eeid may be shared by a batch)
     message_id: str | None = None
@@ -322,9 +373,42 @@ class Query:
             raise BadQuery(f"limit: between 1 and {MAX_LIMIT}")
         if self.state is not None and self.state not in STATES:
             raise BadQuery(f"state: one of {', '.join(STATES)}")
+        if len(self.ids) > MAX_LIMIT:
+            raise BadQuery(f"ids: at most {MAX_LIMIT}")
 
 
 @dataclass(frozen=True, slots=True)
 class Page:
     records: list[Record]
     next: Cursor | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Tally:
+    """What the ledger counted since a time: messages by (account, login) with the newest one's time, and
+    recipients by (account, login, state) as they are now."""
+
+    since: float
+    messages: Mapping[tuple[str, str | None], tuple[int, float]]
+    recipients: Mapping[tuple[str, str | None, str], int]
+
+    def by_account(self) -> dict[str, dict[str, int]]:
+        """Per account: `messages` accepted, and recipients by state."""
+        out: dict[str, dict[str, int]] = {}
+        for (account, _), (count, _) in self.messages.items():
+            row = out.setdefault(account, {})
+            row["messages"] = row.get("messages", 0) + count
+        for (account, _, state), count in self.recipients.items():
+            row = out.setdefault(account, {})
+            row[state] = row.get(state, 0) + count
+        return out
+
+    def by_login(self) -> dict[tuple[str, str | None], dict[str, float]]:
+        """Per (account, login): `messages`, `last` (the newest one's time) and recipients by state."""
+        out: dict[tuple[str, str | None], dict[str, float]] = {}
+        for key, (count, last) in self.messages.items():
+            out[key] = {"messages": count, "last": last}
+        for (account, login, state), count in self.recipients.items():
+            row = out.setdefault((account, login), {"messages": 0})
+            row[state] = row.get(state, 0) + count
+        return out

@@ -8,20 +8,22 @@ the queue's own commits keep the server's setting.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from gateway.ledger import sql
-from gateway.ledger.model import EventRow, MessageRow, Page, Query, Recipient, RecipientRow, Record, Row
+from gateway.ledger.model import Page, Query, Recipient, Record, Row, Tally
 from gateway.ledger.store import LedgerUnavailable
 from gateway.queue import postgres_schema
 from gateway.queue.postgres import redacted
 
 P = "%s"
-_MESSAGE, _RECIPIENT, _EVENT = sql.message_upsert(P), sql.recipient_upsert(P), sql.event_insert(P)
+_STATEMENTS = sql.statements(P)
 
 
 class PostgresLedger:
@@ -34,6 +36,12 @@ class PostgresLedger:
             url, kwargs=kwargs, min_size=1, max_size=max_connections, open=False, name="smtp-gateway-ledger"
         )
         self._opened = False
+        self._opening: asyncio.Lock | None = None  # the first uses may come at once (writer, return path)
+
+    def connection(self, write: bool = False) -> contextlib.AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]:
+        """A pooled connection in one transaction (`write`: not waiting for the WAL flush); the return path's
+        statements use it too. Failures become LedgerUnavailable."""
+        return self._conn(write)
 
     @contextlib.asynccontextmanager
     async def _conn(self, write: bool = False) -> AsyncIterator[psycopg.AsyncConnection[tuple[object, ...]]]:
@@ -49,25 +57,32 @@ class PostgresLedger:
     async def open(self) -> None:
         if self._opened:
             return
-        await self._pool.open(wait=True, timeout=10.0)  # safe to call again after a failure
-        async with self._pool.connection() as conn, conn.transaction():
-            await postgres_schema.migrate(conn)
-        self._opened = True
+        if self._opening is None:
+            self._opening = asyncio.Lock()
+        async with self._opening:
+            if self._opened:
+                return
+            await self._pool.open(wait=True, timeout=10.0)  # safe to call again after a failure
+            async with self._pool.connection() as conn, conn.transaction():
+                await postgres_schema.migrate(conn)
+            self._opened = True
 
     async def close(self) -> None:
         self._opened = False
         await self._pool.close()
 
     async def write(self, rows: Sequence[Row]) -> None:
-        messages = [sql.message_values(r) for r in rows if isinstance(r, MessageRow)]
-        recipients = [sql.recipient_values(r) for r in rows if isinstance(r, RecipientRow)]
-        events = [sql.event_values(r) for r in rows if isinstance(r, EventRow)]
-        async with self._conn(write=True) as conn, conn.cursor() as cur:
-            # By table rather than in arrival order: each table's rows keep their order, which is all the
-            # upserts need (no row of one table depends on another's), and executemany pipelines them.
-            for statement, values in ((_MESSAGE, messages), (_RECIPIENT, recipients), (_EVENT, events)):
-                if values:
-                    await cur.executemany(statement, values)
+        async with self._conn(write=True) as conn:
+            await self.write_in(conn, rows)
+
+    @staticmethod
+    async def write_in(conn: psycopg.AsyncConnection[Any], rows: Sequence[Row]) -> None:
+        """The rows, inside the caller's transaction. By table rather than in arrival order: each table's rows
+        keep their order, which is all the upserts need (no row of one table depends on another's), and
+        executemany pipelines them."""
+        async with conn.cursor() as cur:
+            for table, values in sql.by_table(rows):
+                await cur.executemany(_STATEMENTS[table], values)
 
     async def get(self, msg_id: str) -> Record | None:
         async with self._conn() as conn:
@@ -93,6 +108,12 @@ class PostgresLedger:
                     recipients.setdefault(msg_id, []).append(recipient)
         records, after = sql.page_of(rows, recipients, query.limit)
         return Page(records, after)
+
+    async def tally(self, since: float) -> Tally:
+        async with self._conn() as conn:
+            messages = await (await conn.execute(sql.tally_messages(P).encode(), (since,))).fetchall()
+            recipients = await (await conn.execute(sql.tally_recipients(P).encode(), (since,))).fetchall()
+        return sql.tally_of(since, messages, recipients)
 
     async def prune(self, before: float, limit: int) -> int:
         async with self._conn(write=True) as conn:

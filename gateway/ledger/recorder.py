@@ -21,8 +21,8 @@ from typing import Any
 from gateway.core.model import Origin, Submission
 from gateway.core.outcome import Outcome
 from gateway.core.records import CallRow, Decision
-from gateway.ledger import model
-from gateway.ledger.model import EventRow, MessageRow, RecipientRow, RecipientState, Row
+from gateway.ledger import announce, model, notice
+from gateway.ledger.model import EventRow, MessageRow, NoticeRow, RecipientRow, RecipientState, Row
 
 Sink = Callable[[Sequence[Row]], None]
 
@@ -76,12 +76,15 @@ class Recorder:
         enabled: bool = True,
         keep_requests: bool = True,
         clock: Callable[[], float] = time.time,
+        subscriptions: announce.Subscriptions | None = None,
     ):
         self.sink = sink
         self.actor = actor
         self.enabled = enabled
         self.keep_requests = keep_requests  # whether `accepted` wants the planned requests
         self.clock = clock
+        # The webhooks told of dead letters (their deliveries are written with the dead letter's rows).
+        self.subscriptions = subscriptions or announce.Subscriptions()
 
     @classmethod
     def off(cls) -> Recorder:
@@ -128,6 +131,8 @@ class Recorder:
                 reply_id=reply_id,
                 reply=reply,
                 request=None if requests is None else model.json(requests),
+                dsn_of=origin.dsn_of if origin else None,
+                notice=notice.of(submission, origin),
             ),
             self._event(msg_id, created, now, model.ACCEPTED, detail=reply),
         ]
@@ -145,7 +150,17 @@ class Recorder:
             )
         else:
             assert decision is not None
-            rows += self._attempt(msg_id, created, decision, outcome, "inline", now, settled=True)
+            about = announce.About(
+                msg_id,
+                created,
+                submission.principal.account,
+                reply_id,
+                message.message_id,
+                submission.mail_from,
+                message.subject,
+                submission.principal.login,
+            )
+            rows += self._attempt(msg_id, created, decision, outcome, "inline", now, settled=True, about=about)
         self.sink(rows)
 
     def test_message(
@@ -193,6 +208,7 @@ class Recorder:
         settled: bool,
         submission: Submission | None = None,
         size: int | None = None,
+        account: str = "",
     ) -> None:
         """An attempt that settled a stored message (`settled` False: fenced, another owner has it now: its
         verdict is not ours to record, the calls' answers are). `submission`: a claimed message's, so
@@ -201,6 +217,19 @@ class Recorder:
             return
         now = self.clock()
         rows: list[Row] = []
+        about = announce.About(msg_id, created, account)
+        if submission is not None:
+            message = submission.message
+            about = announce.About(
+                msg_id,
+                created,
+                submission.principal.account,
+                None,
+                message.message_id,
+                submission.mail_from,
+                message.subject,
+                submission.principal.login,
+            )
         if submission is not None:
             rows.append(
                 MessageRow(
@@ -214,7 +243,7 @@ class Recorder:
                     message_id=submission.message.message_id,
                 )
             )
-        rows += self._attempt(msg_id, created, decision, outcome, path, now, settled=settled)
+        rows += self._attempt(msg_id, created, decision, outcome, path, now, settled=settled, about=about)
         self.sink(rows)
 
     def ambiguous(self, *, msg_id: str, created: float, calls: Mapping[str, CallRow], keys: Iterable[str]) -> None:
@@ -268,11 +297,21 @@ class Recorder:
     # -- rows --------------------------------------------------------------------------------------------
 
     def _recipients(
-        self, msg_id: str, created: float, calls: Mapping[str, CallRow], decision: Decision | None, now: float
+        self,
+        msg_id: str,
+        created: float,
+        calls: Mapping[str, CallRow],
+        decision: Decision | None,
+        now: float,
+        short: Mapping[str, str] | None = None,
     ) -> list[Row]:
+        """Each recipient's row; `short`: call key -> why its recipients' sends are in doubt (the upstream said
+        it sent fewer mails than the call named), until events say which were sent."""
         rows: list[Row] = []
         for call in calls.values():
             state, reason = recipient_state(call, decision)
+            if short and state == "sent" and call.key in short:
+                reason = short[call.key]
             rows += [
                 RecipientRow(msg_id, created, address, state, now, call.upstream_id, call.key, reason)
                 for address in addresses(call)
@@ -289,8 +328,10 @@ class Recorder:
         now: float,
         *,
         settled: bool,
+        about: announce.About,
     ) -> list[Row]:
-        rows = self._recipients(msg_id, created, decision.calls, decision if settled else None, now)
+        short = _short(decision.calls, outcome)
+        rows = self._recipients(msg_id, created, decision.calls, decision if settled else None, now, short)
         data = model.json({"path": path, "attempt": decision.attempts})
         lost = outcome.ambiguous if outcome is not None else set()
         ticks = itertools.count()
@@ -319,12 +360,8 @@ class Recorder:
 
         if outcome is not None:
             for key, upstream_id in outcome.delivered.items():
-                sent, call = outcome.sent.get(key), decision.calls.get(key)
-                wanted = len(addresses(call)) if call is not None else None
-                detail = None
-                if sent is not None and wanted is not None and sent < wanted:
-                    detail = f"the upstream says it sent {sent} mail(s) for {wanted} recipient(s)"
-                call_event(key, "delivered", upstream_id=upstream_id or None, detail=detail, sent=sent)
+                sent = outcome.sent.get(key)
+                call_event(key, "delivered", upstream_id=upstream_id or None, detail=short.get(key), sent=sent)
             for key, deferral in outcome.deferred.items():
                 call_event(key, "ambiguous" if key in lost else "deferred", detail=deferral.reason)
             for key, refusal in outcome.rejected.items():
@@ -343,14 +380,44 @@ class Recorder:
                 )
             )
         elif decision.verdict in ("dead", "refused"):
-            rows.append(
-                self._event(
-                    msg_id,
-                    created,
-                    now + next(ticks) * TICK,
-                    model.DEAD_LETTERED,
-                    detail=decision.dead_reason,
-                    data=model.json({"cause": decision.dead_cause or "refused"}),
-                )
+            dead = self._event(
+                msg_id,
+                created,
+                now + next(ticks) * TICK,
+                model.DEAD_LETTERED,
+                detail=decision.dead_reason,
+                data=model.json({"cause": decision.dead_cause or "refused"}),
             )
+            rows.append(dead)
+            rows += self._dead_recipients(dead, decision, about, now)
         return rows
+
+    def _dead_recipients(self, dead: EventRow, decision: Decision, about: announce.About, now: float) -> list[Row]:
+        """A dead letter's recipients not sent: each one's notice to decide, and the webhooks told of it."""
+        rows: list[Row] = []
+        n = 0
+        for call in decision.calls.values():
+            if call.state == "done":
+                continue
+            reason = call.error if call.state == "rejected" else decision.dead_reason
+            for address in addresses(call):
+                rows.append(NoticeRow(dead.msg_id, dead.created, address, dead.at))
+                if self.subscriptions and about.account:
+                    event_id = f"{dead.id}.{n}"
+                    text = announce.body(event_id, "dead", dead.at, about, address, "dead", detail=reason)
+                    rows += announce.outbox(self.subscriptions, "dead", event_id, about, now, text)
+                n += 1
+        return rows
+
+
+def _short(calls: Mapping[str, CallRow], outcome: Outcome | None) -> dict[str, str]:
+    """Calls the upstream said sent fewer mails than their recipients (DMDS `sent`): call key -> the words, on
+    the call's attempt event and as each of its recipients' reason until the events say which were sent."""
+    counts: Mapping[str, int] = outcome.sent if outcome is not None else {}
+    out = {}
+    for key, sent in counts.items():
+        call = calls.get(key)
+        wanted = len(addresses(call)) if call is not None else 0
+        if call is not None and sent < wanted:
+            out[key] = f"the upstream says it sent {sent} mail(s) for {wanted} recipient(s)"
+    return out

@@ -33,6 +33,8 @@ def _event(e: Event) -> str:
         line += f": {e.detail}"
     if e.data and "path" in e.data:
         line += f"  [{e.data['path']}, attempt {e.data.get('attempt')}]"
+    elif e.data and "upstream" in e.data:
+        line += f"  [upstream: {e.data['upstream']}]"
     if e.actor:
         line += f"  by {e.actor}"
     return line

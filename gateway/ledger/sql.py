@@ -4,7 +4,7 @@ which SQLite (3.24+) and PostgreSQL read alike."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
@@ -14,10 +14,14 @@ from gateway.ledger.model import (
     Event,
     EventRow,
     MessageRow,
+    NoticeRow,
+    OutboxRow,
     Query,
     Recipient,
     RecipientRow,
     Record,
+    SuppressionRow,
+    Tally,
     address_key,
     message_id_key,
 )
@@ -37,6 +41,8 @@ MESSAGE_COLUMNS = (
     "reply_id",
     "reply",
     "request",
+    "dsn_of",
+    "notice",
 )
 RECIPIENT_COLUMNS = ("msg_id", "rcpt", "address", "created", "state", "state_at", "upstream_id", "call_key", "reason")
 EVENT_COLUMNS = (
@@ -114,6 +120,53 @@ def recipient_upsert(p: str, rows: int = 1) -> str:
     )
 
 
+OUTBOX_COLUMNS = ("webhook", "event_id", "msg_id", "created", "enqueued", "type", "body", "state", "next_attempt")
+SUPPRESSION_COLUMNS = ("account", "address", "reason", "source", "created", "msg_id", "detail")
+NOTICE_COLUMNS = ("msg_id", "rcpt", "created", "state", "at")
+
+
+def outbox_insert(p: str, rows: int = 1) -> str:
+    return (
+        f"INSERT INTO webhook_outbox ({', '.join(OUTBOX_COLUMNS)}) VALUES {_rows(p, len(OUTBOX_COLUMNS), rows)}"
+        " ON CONFLICT (webhook, event_id) DO NOTHING"
+    )
+
+
+def suppression_insert(p: str, rows: int = 1) -> str:
+    return (
+        f"INSERT INTO suppressions ({', '.join(SUPPRESSION_COLUMNS)})"
+        f" VALUES {_rows(p, len(SUPPRESSION_COLUMNS), rows)} ON CONFLICT (account, address) DO NOTHING"
+    )
+
+
+def notice_insert(p: str, rows: int = 1) -> str:
+    return (
+        f"INSERT INTO ledger_notices ({', '.join(NOTICE_COLUMNS)}) VALUES {_rows(p, len(NOTICE_COLUMNS), rows)}"
+        " ON CONFLICT (msg_id, rcpt) DO NOTHING"
+    )
+
+
+def notice_values(n: NoticeRow) -> tuple[Any, ...]:
+    return (n.msg_id, n.key, n.created, "pending", n.at)
+
+
+def outbox_values(o: OutboxRow) -> tuple[Any, ...]:
+    return (o.webhook, o.event_id, o.msg_id, o.created, o.enqueued, o.type, o.body, "pending", o.enqueued)
+
+
+def suppression_values(r: SuppressionRow) -> tuple[Any, ...]:
+    return (r.account, address_key(r.address), r.reason, r.source, r.created, r.msg_id, r.detail)
+
+
+def by_table(rows: Sequence[Any]) -> list[tuple[str, list[tuple[Any, ...]]]]:
+    """The rows' values grouped by table, in the order the tables are written: (table, values)."""
+    groups: dict[str, list[tuple[Any, ...]]] = {t: [] for t in WRITTEN}
+    for row in rows:
+        table, values = _VALUES[type(row)]
+        groups[table].append(values(row))
+    return [(t, v) for t, v in groups.items() if v]
+
+
 def event_insert(p: str, rows: int = 1) -> str:
     return (
         f"INSERT INTO ledger_events ({', '.join(EVENT_COLUMNS)}) VALUES {_rows(p, len(EVENT_COLUMNS), rows)}"
@@ -141,6 +194,8 @@ def message_values(m: MessageRow) -> tuple[Any, ...]:
         m.reply_id,
         m.reply,
         m.request,  # JSON text, not deflated: that would cost the writer more CPU than all the rest of the rows
+        m.dsn_of,
+        m.notice,
     )
 
 
@@ -165,9 +220,39 @@ def event_values(e: EventRow) -> tuple[Any, ...]:
     )
 
 
+# Each row type's table and values, and the order tables are written in within one transaction.
+WRITTEN = ("message", "recipient", "event", "outbox", "suppression", "notice")
+_VALUES: dict[type, tuple[str, Any]] = {
+    MessageRow: ("message", message_values),
+    RecipientRow: ("recipient", recipient_values),
+    EventRow: ("event", event_values),
+    OutboxRow: ("outbox", outbox_values),
+    SuppressionRow: ("suppression", suppression_values),
+    NoticeRow: ("notice", notice_values),
+}
+INSERTS: dict[str, Callable[[str, int], str]] = {
+    "message": message_upsert,
+    "recipient": recipient_upsert,
+    "event": event_insert,
+    "outbox": outbox_insert,
+    "suppression": suppression_insert,
+    "notice": notice_insert,
+}
+
+
+def statements(p: str) -> dict[str, str]:
+    """Each table's insert (one row per execution) with the backend's placeholder."""
+    return {table: build(p, 1) for table, build in INSERTS.items()}
+
+
+def insert(table: str, p: str, rows: int) -> str:
+    """`table`'s insert of `rows` rows at once (SQLite's batches, in parts of up to ROWS rows)."""
+    return INSERTS[table](p, rows)
+
+
 # -- reading ------------------------------------------------------------------------------------------------
 
-_SUMMARY = "id, created, account, login, listener, peer, mail_from, message_id, subject, size, reply_id, reply"
+_SUMMARY = "id, created, account, login, listener, peer, mail_from, message_id, subject, size, reply_id, reply, dsn_of"
 
 
 def select_message(p: str) -> str:
@@ -199,6 +284,8 @@ def search(q: Query, p: str) -> tuple[str, list[Any]]:
 
     if q.id is not None:
         add("m.id = {p}", q.id.upper())
+    if q.ids:
+        add(f"m.id IN ({_marks('{p}', len(q.ids))})", *(i.upper() for i in q.ids))
     if q.reply_id is not None:
         add("m.reply_id = {p}", q.reply_id)
     if q.message_id is not None:
@@ -231,7 +318,7 @@ def search(q: Query, p: str) -> tuple[str, list[Any]]:
 
 def record_of(row: Sequence[Any], recipients: Sequence[Recipient] = (), events: Sequence[Event] = ()) -> Record:
     """A record from a row of _SUMMARY columns (and `request` after them, when selected)."""
-    request = unpack_request(row[12]) if len(row) > 12 else None
+    request = unpack_request(row[13]) if len(row) > 13 else None
     return Record(
         id=row[0],
         created=float(row[1]),
@@ -245,6 +332,7 @@ def record_of(row: Sequence[Any], recipients: Sequence[Recipient] = (), events: 
         size=None if row[9] is None else int(row[9]),
         reply_id=row[10],
         reply=row[11],
+        dsn_of=row[12],
         recipients=tuple(recipients),
         events=tuple(events),
         request=request,
@@ -280,6 +368,30 @@ def page_of(
     return records, Cursor(records[-1].created, records[-1].id) if more and records else None
 
 
+def tally_messages(p: str) -> str:
+    """Messages accepted since {p} by account and login, with the newest one's time."""
+    return (
+        "SELECT account, login, COUNT(*), MAX(created) FROM ledger_messages"
+        f" WHERE created >= {p} GROUP BY account, login"
+    )
+
+
+def tally_recipients(p: str) -> str:
+    """Recipients of the messages accepted since {p} by account, login and state."""
+    return (
+        "SELECT m.account, m.login, r.state, COUNT(*) FROM ledger_recipients r"
+        f" JOIN ledger_messages m ON m.id = r.msg_id WHERE r.created >= {p} GROUP BY m.account, m.login, r.state"
+    )
+
+
+def tally_of(since: float, messages: Sequence[Sequence[Any]], recipients: Sequence[Sequence[Any]]) -> Tally:
+    return Tally(
+        since,
+        {(r[0], r[1]): (int(r[2]), float(r[3])) for r in messages},
+        {(r[0], r[1], r[2]): int(r[3]) for r in recipients},
+    )
+
+
 # -- retention ----------------------------------------------------------------------------------------------
 
 
@@ -294,4 +406,4 @@ def delete_ids(table: str, p: str, count: int) -> str:
     return f"DELETE FROM {table} WHERE {column} IN ({_marks(p, count)})"
 
 
-TABLES = ("ledger_messages", "ledger_recipients", "ledger_events")
+TABLES = ("ledger_messages", "ledger_recipients", "ledger_events", "webhook_outbox", "ledger_notices")

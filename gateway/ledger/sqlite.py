@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway.ledger import sql
-from gateway.ledger.model import EventRow, MessageRow, Page, Query, Recipient, RecipientRow, Record, Row
+from gateway.ledger.model import Page, Query, Recipient, Record, Row, Tally
 from gateway.ledger.store import LedgerUnavailable
 from gateway.queue import sqlite_schema
 
@@ -26,9 +26,9 @@ T = TypeVar("T")
 P = "?"
 
 
-@functools.lru_cache(maxsize=3 * sql.ROWS)
-def _statement(build: Callable[[str, int], str], rows: int) -> str:
-    return build(P, rows)
+@functools.lru_cache(maxsize=len(sql.INSERTS) * sql.ROWS)
+def _statement(table: str, rows: int) -> str:
+    return sql.insert(table, P, rows)
 
 
 class SqliteLedger:
@@ -40,6 +40,10 @@ class SqliteLedger:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-db")
         self._db: sqlite3.Connection | None = None
         self._closed = False
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(connection, *args)` on the ledger's thread (the return path's statements use it too)."""
+        return await self._run(fn, *args)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         if self._closed:
@@ -59,7 +63,7 @@ class SqliteLedger:
                 isolation_level=None,
                 check_same_thread=False,
                 timeout=10.0,
-                cached_statements=4 * sql.ROWS,  # a statement per size of a batch's last part, per table
+                cached_statements=len(sql.INSERTS) * sql.ROWS + 16,  # each table, each size of a part; reads
             )
             try:
                 db.execute("PRAGMA journal_mode=WAL")
@@ -97,25 +101,22 @@ class SqliteLedger:
     def _write(self, db: sqlite3.Connection, rows: Sequence[Row]) -> None:
         if self._disk_full():
             raise sqlite3.OperationalError("the disk is full (the queue's reserve is in use): ledger rows wait")
-        messages = [sql.message_values(r) for r in rows if isinstance(r, MessageRow)]
-        recipients = [sql.recipient_values(r) for r in rows if isinstance(r, RecipientRow)]
-        events = [sql.event_values(r) for r in rows if isinstance(r, EventRow)]
         db.execute("BEGIN IMMEDIATE")
         try:
-            # By table, in statements of up to sql.ROWS rows (sql.py): each table's rows keep their order,
-            # which is all the upserts need.
-            for build, values in (
-                (sql.message_upsert, messages),
-                (sql.recipient_upsert, recipients),
-                (sql.event_insert, events),
-            ):
-                for start in range(0, len(values), sql.ROWS):
-                    part = values[start : start + sql.ROWS]
-                    db.execute(_statement(build, len(part)), [v for row in part for v in row])
+            self.write_in(db, rows)
         except BaseException:
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
+
+    @staticmethod
+    def write_in(db: sqlite3.Connection, rows: Sequence[Row]) -> None:
+        """The rows, inside the caller's transaction: by table, in statements of up to sql.ROWS rows (sql.py);
+        each table's rows keep their order, which is all the upserts need."""
+        for table, values in sql.by_table(rows):
+            for start in range(0, len(values), sql.ROWS):
+                part = values[start : start + sql.ROWS]
+                db.execute(_statement(table, len(part)), [v for row in part for v in row])
 
     # -- reading --------------------------------------------------------------------------------------------
 
@@ -142,6 +143,14 @@ class SqliteLedger:
                     recipients.setdefault(msg_id, []).append(recipient)
             records, after = sql.page_of(rows, recipients, query.limit)
             return Page(records, after)
+
+        return await self._run(run)
+
+    async def tally(self, since: float) -> Tally:
+        def run(db: sqlite3.Connection) -> Tally:
+            messages = db.execute(sql.tally_messages(P), (since,)).fetchall()
+            recipients = db.execute(sql.tally_recipients(P), (since,)).fetchall()
+            return sql.tally_of(since, messages, recipients)
 
         return await self._run(run)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from gateway.ledger.model import Page, Query, Record, Row
+from gateway.ledger.model import Page, Query, Record, Row, Tally
 
 
 class LedgerUnavailable(Exception):
@@ -48,6 +48,10 @@ class LedgerStore(Protocol):
 
     async def find(self, query: Query) -> Page:
         """Records matching every filter, newest first, without their timelines and requests."""
+        ...
+
+    async def tally(self, since: float) -> Tally:
+        """Messages accepted since `since` by account and login, and their recipients by state."""
         ...
 
     async def prune(self, before: float, limit: int) -> int:

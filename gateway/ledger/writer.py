@@ -19,7 +19,8 @@ from collections.abc import Sequence
 import structlog
 
 from gateway.config import LedgerSettings
-from gateway.ledger.model import EventRow, MessageRow, Row
+from gateway.core.waits import woken
+from gateway.ledger.model import EventRow, MessageRow, NoticeRow, OutboxRow, Row, SuppressionRow
 from gateway.ledger.store import LedgerStore, LedgerUnavailable
 from gateway.ops.metrics import (
     INTERNAL_ERRORS,
@@ -39,7 +40,13 @@ MAX_BATCH = 5000
 EARLY = 2000
 # While the database fails, wait this long between tries (the buffer keeps filling, bounded).
 RETRY_MAX = 5.0
-_TABLE = {MessageRow: "message", EventRow: "event"}
+_TABLE = {
+    MessageRow: "message",
+    EventRow: "event",
+    OutboxRow: "outbox",
+    SuppressionRow: "suppression",
+    NoticeRow: "notice",
+}
 
 
 class LedgerWriter:
@@ -85,9 +92,7 @@ class LedgerWriter:
     async def _run(self) -> None:
         delay = self.settings.flush_interval
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
-            self._wake.clear()
+            await woken(self._wake, delay)
             delay = self.settings.flush_interval
             while self._rows:
                 if not await self._flush():
@@ -124,7 +129,7 @@ class LedgerWriter:
             return True
         LEDGER_FLUSH_SECONDS.observe(time.perf_counter() - started)
         LEDGER_BATCHES.inc()
-        counts = {"message": 0, "recipient": 0, "event": 0}
+        counts = dict.fromkeys(("message", "recipient", "event", "outbox", "suppression", "notice"), 0)
         for row in batch:
             counts[_TABLE.get(type(row), "recipient")] += 1
         for table, n in counts.items():

@@ -1,9 +1,10 @@
 """Per-client limits that hold across connections: sessions per IP, AUTH failures per IP (slowed, then
-locked out) and messages per login. Plain state with a clock: the SMTP edge asks before and reports after.
+locked out) and messages per login. State with a clock: the SMTP edge asks before and reports after.
 
 Postfix keeps the same counts in its anvil server (smtpd_client_connection_count_limit,
-smtpd_client_auth_rate_limit); here they live in the process, so with `serve --workers N` each worker
-counts on its own (docs/limits.md).
+smtpd_client_auth_rate_limit). Sessions and message rates live in the process (with `serve --workers N`
+each worker counts its own, docs/limits.md); AUTH failures are shared through the queue store by every
+process and instance on the queue.
 """
 
 from __future__ import annotations
@@ -11,15 +12,22 @@ from __future__ import annotations
 import ipaddress
 import math
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Protocol
+
+import structlog
 
 from gateway.config import LimitsSettings
-from gateway.core import tokenbucket
+from gateway.core import authcount, tokenbucket
+from gateway.core.authcount import Verdict
 from gateway.core.cache import ExpiringLru
+from gateway.core.episode import Episode
+from gateway.core.errors import Deferred
 
+log = structlog.get_logger("gateway.limits")
 Clock = Callable[[], float]
+AuthVerdict = Verdict  # what an AUTH attempt is told before its check (gateway.core.authcount)
 # Logins whose message rate is tracked at once (a bucket is forgotten once full again).
 MAX_TRACKED_LOGINS = 100_000
 
@@ -62,80 +70,185 @@ class SessionCounter:
         return self._open.get(key, 0)
 
 
+class AuthLedger(Protocol):
+    """Where the AUTH records of the processes and instances on one queue are kept (the queue store): each
+    method applies gateway.core.authcount under the record's lock and returns the record after it, with the
+    store's clock (the one clock of every process sharing it). Raises Deferred when it cannot be reached."""
+
+    async def auth_begin(self, client: str, rules: authcount.Rules) -> tuple[authcount.Record, Verdict, float]: ...
+
+    async def auth_end(
+        self, client: str, rules: authcount.Rules, failed: bool, in_flight: bool
+    ) -> tuple[authcount.Record, bool, float]: ...
+
+    async def auth_lift(self, client: str, rules: authcount.Rules) -> bool:
+        """Forget the client's failures and lockout (an operator's decision); False: nothing was held."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
-class AuthVerdict:
-    """Before an AUTH check: `locked_for` > 0 refuses it unchecked; else wait `delay` seconds first."""
+class AuthTicket:
+    """One AUTH attempt let through: where it is counted. `local`: this process's record (no shared ledger,
+    or it could not be reached); `shared`: the shared record, in flight there; `unreserved`: counted nowhere
+    yet (a client with nothing against it, no other attempt of it running here): its failure is written;
+    `none`: a failure of an attempt that never began (refused before its check could start)."""
 
-    locked_for: float = 0.0
-    delay: float = 0.0
-    failures: int = 0
-
-
-@dataclass(slots=True)
-class _Record:
-    times: deque[float] = field(default_factory=deque)
-    locked_until: float = 0.0
+    key: str
+    where: str
 
 
 class AuthGuard:
-    """AUTH failures per client key in a sliding window.
+    """AUTH failures per client key, and the attempts in flight, counted together toward a lockout.
 
     From `auth_failures_per_ip` failures on, every attempt waits first (1 s, doubling, at most
-    `auth_delay_max`); at `auth_lockout_failures` the key is locked out for `auth_lockout_time`: its
-    attempts are refused before any password hash or upstream lookup is spent. At most `max_tracked_ips`
-    keys are remembered; past that the least recently seen are forgotten first.
+    `auth_delay_max`); at `auth_lockout_failures` (failures and attempts in flight together) the key is
+    locked out for `auth_lockout_time`: its attempts are refused before any password hash or upstream lookup
+    is spent. With a shared ledger (the queue store) the records are those of every process and instance on
+    the queue: a client with nothing against it is not looked up (one attempt at a time per process goes
+    unreserved, its failure written at once); any other attempt is reserved in the shared record first, and
+    a lockout, once seen, is answered from this process's memory. So a client gets at most one guess per
+    other process past the limit. At most `max_tracked_ips` keys are remembered here.
     """
 
-    def __init__(self, limits: LimitsSettings, clock: Clock = time.monotonic) -> None:
+    def __init__(self, limits: LimitsSettings, clock: Clock = time.monotonic, shared: AuthLedger | None = None) -> None:
         self._clock = clock
-        # A record lives while it holds a failure in the window or a lockout.
-        self._records: ExpiringLru[str, _Record] = ExpiringLru(limits.max_tracked_ips, clock)
-        self.limits = limits
+        self.shared = shared
+        # This process's own records, or (shared) the last shared record seen, in this process's clock.
+        self._records: ExpiringLru[str, authcount.Record] = ExpiringLru(limits.max_tracked_ips, clock)
+        self._running: dict[str, int] = {}  # attempts in flight in this process, by key
+        self._unreachable = Episode(clock)
+        self.configure(limits)
 
     def configure(self, limits: LimitsSettings) -> None:
         self.limits = limits
+        self.rules = authcount.Rules(
+            limits.auth_failure_window,
+            limits.auth_failures_per_ip,
+            limits.auth_delay_max,
+            limits.auth_lockout_failures,
+            limits.auth_lockout_time,
+        )
         self._records.resize(limits.max_tracked_ips)
 
     def __len__(self) -> int:
         return len(self._records)
 
-    def before(self, key: str) -> AuthVerdict:
-        record = self._records.get(key)
-        if record is None:
-            return AuthVerdict()
+    def before(self, key: str) -> Verdict:
+        """What this process knows now, without asking anyone: a lockout refuses the attempt at once."""
+        record = self._records.get(key) or authcount.NEW
+        if self.shared is None:
+            return authcount.verdict(record, self._clock(), self.rules)
         now = self._clock()
-        if record.locked_until > now:
-            return AuthVerdict(locked_for=record.locked_until - now, failures=len(record.times))
-        count = self._prune(record, now)
-        if count == 0:  # nothing recent (or a lockout over): forget it
-            self._records.pop(key)
-            return AuthVerdict()
-        over = count - self.limits.auth_failures_per_ip
-        if over < 0:
-            return AuthVerdict(failures=count)
-        return AuthVerdict(delay=min(self.limits.auth_delay_max, math.ldexp(1.0, min(over, 30))), failures=count)
+        return Verdict(locked_for=record.locked_until - now) if record.locked_until > now else Verdict()
+
+    async def begin(self, key: str) -> tuple[AuthTicket | None, Verdict]:
+        """An attempt starts: its ticket (give it to `end`), or None when it is refused (`locked_for`)."""
+        now = self._clock()
+        record = authcount.current(self._records.get(key) or authcount.NEW, now, self.rules)
+        if self.shared is not None and record.locked_until <= now:
+            if record.clean() and not self._running.get(key):
+                return self._started(AuthTicket(key, "unreserved")), Verdict()
+            try:
+                shared, verdict, then = await self.shared.auth_begin(key, self.rules)
+            except Deferred as exc:
+                self._lost(exc)
+            else:
+                self._reached()
+                self._remember(key, shared, then)
+                return (None if verdict.locked_for else self._started(AuthTicket(key, "shared"))), verdict
+        record, verdict = authcount.begin(record, now, self.rules)
+        if verdict.locked_for:
+            return None, verdict
+        self._keep(key, record)
+        return self._started(AuthTicket(key, "local")), verdict
+
+    async def end(self, ticket: AuthTicket, failed: bool) -> bool:
+        """The attempt ended (a failure or not); True when its failure starts a lockout."""
+        key = ticket.key
+        left = self._running.get(key, 1) - 1
+        if ticket.where == "none":
+            pass
+        elif left > 0:
+            self._running[key] = left
+        else:
+            self._running.pop(key, None)
+        if ticket.where == "unreserved" and not failed:
+            return False
+        if ticket.where != "local" and self.shared is not None:
+            try:
+                shared, locked, then = await self.shared.auth_end(key, self.rules, failed, ticket.where == "shared")
+            except Deferred as exc:
+                self._lost(exc)
+            else:
+                self._reached()
+                self._remember(key, shared, then)
+                return locked
+        now = self._clock()
+        record = self._records.get(key) or authcount.NEW
+        record, locked = authcount.end(record, now, self.rules, failed=failed, in_flight=ticket.where == "local")
+        self._keep(key, record)
+        return locked
 
     def failed(self, key: str) -> bool:
-        """Count a failure; True when it starts a lockout."""
-        now = self._clock()
-        record = self._records.get(key) or _Record()
-        if record.locked_until > now:
-            return False
-        record.times.append(now)
-        if self._prune(record, now) < self.limits.auth_lockout_failures:
-            self._records.put(key, record, self.limits.auth_failure_window)
-            return False
-        record.locked_until = now + self.limits.auth_lockout_time
-        record.times.clear()
-        self._records.put(key, record, self.limits.auth_lockout_time)
-        return True
+        """A failure counted at once, with no attempt begun, in this process's records (for callers that
+        count only failures: the operator console's sign-in, the API's keys); True when it starts a lockout."""
+        record = self._records.get(key) or authcount.NEW
+        record, locked = authcount.end(record, self._clock(), self.rules, failed=True, in_flight=False)
+        self._keep(key, record)
+        return locked
 
-    def _prune(self, record: _Record, now: float) -> int:
-        horizon = now - self.limits.auth_failure_window
-        times = record.times
-        while times and times[0] <= horizon:
-            times.popleft()
-        return len(times)
+    def locked(self) -> list[tuple[str, float]]:
+        """The client keys locked out now (as this process knows), with the seconds each has left."""
+        now = self._clock()
+        return [(key, r.locked_until - now) for key, r in self._records.items() if r.locked_until > now]
+
+    def failing(self) -> list[tuple[str, int]]:
+        """The client keys with failures in the window (not locked out), with how many."""
+        now = self._clock()
+        found = [(key, authcount.current(r, now, self.rules)) for key, r in self._records.items()]
+        return [(key, r.failures) for key, r in found if r.failures and r.locked_until <= now]
+
+    async def lift(self, key: str) -> bool:
+        """Forget a client key's failures and lockout (an operator's decision), in the shared ledger too.
+        False: nothing was held."""
+        held = self._records.get(key) is not None
+        self._records.pop(key)
+        if self.shared is not None:
+            try:
+                held = await self.shared.auth_lift(key, self.rules) or held
+            except Deferred as exc:
+                self._lost(exc)
+        return held
+
+    def _started(self, ticket: AuthTicket) -> AuthTicket:
+        self._running[ticket.key] = self._running.get(ticket.key, 0) + 1
+        return ticket
+
+    def _keep(self, key: str, record: authcount.Record) -> None:
+        ttl = authcount.expires(record, self.rules) - self._clock()
+        self._records.put(key, record, ttl)  # a record with nothing left to remember is dropped (ttl <= 0)
+
+    def _remember(self, key: str, record: authcount.Record, then: float) -> None:
+        """A shared record read at the store's time `then`, kept in this process's clock."""
+        shift = self._clock() - then
+        self._keep(
+            key,
+            authcount.Record(
+                record.failures,
+                record.since + shift if record.failures else 0.0,
+                record.in_flight,
+                record.in_flight_until + shift if record.in_flight else 0.0,
+                record.locked_until + shift if record.locked_until else 0.0,
+            ),
+        )
+
+    def _lost(self, exc: Deferred) -> None:
+        if self._unreachable.occurred():  # once per outage of the store
+            log.error("auth_failures_store_unavailable", error=exc.reason, fallback="this process's own counts")
+
+    def _reached(self) -> None:
+        if (over := self._unreachable.ended()) is not None:
+            log.info("auth_failures_store_available", local_for=over.lasted, attempts=over.seen)
 
 
 class LoginRates:
@@ -195,10 +308,10 @@ class LogSampler:
 class Defenses:
     """The per-client state a listener keeps across sessions (and across configuration reloads)."""
 
-    def __init__(self, limits: LimitsSettings, clock: Clock = time.monotonic) -> None:
+    def __init__(self, limits: LimitsSettings, clock: Clock = time.monotonic, shared: AuthLedger | None = None) -> None:
         self.limits = limits
         self.sessions = SessionCounter()
-        self.auth = AuthGuard(limits, clock)
+        self.auth = AuthGuard(limits, clock, shared)
         self.rates = LoginRates(limits, clock)
         self.sampler = LogSampler(clock=clock)
 

@@ -97,3 +97,25 @@ def filename_param(part: Message) -> str | None:
             return charsets.decode(data, charset or None).text
         return header_text(value)
     return None
+
+
+# A notice quotes at most this much of a message's header block (RFC 3464 text/rfc822-headers).
+HEADER_BLOCK_MAX = 64 * 1024
+
+
+def header_block(raw: bytes | bytearray | memoryview, limit: int = HEADER_BLOCK_MAX) -> str:
+    """The message's header block as received (up to the empty line), with CRLF line ends, cut after the last
+    whole line within `limit` bytes; 8-bit bytes that are not UTF-8 are replaced."""
+    data = bytes(raw[: limit + 4])
+    if data.startswith((b"\r\n", b"\n")):
+        return ""  # no header at all
+    end = len(data)
+    for sep in (b"\r\n\r\n", b"\n\n"):
+        found = data.find(sep)
+        if found != -1:
+            end = min(end, found)
+    block = data[:end]
+    if len(block) > limit:
+        block = block[: block.rfind(b"\n", 0, limit) + 1]
+    lines = block.replace(b"\r\n", b"\n").rstrip(b"\n").split(b"\n")
+    return "".join(line.decode("utf-8", "replace") + "\r\n" for line in lines if block.strip())

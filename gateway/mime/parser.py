@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import re
+import traceback
 from collections.abc import Mapping
+from email.errors import MessageError
 from email.feedparser import BytesFeedParser, FeedParser
 from email.message import Message as EmailMessage
-from email.utils import getaddresses
 
 from gateway.core import replies
 from gateway.core.errors import ContentRejected
 from gateway.core.model import Address, Message
 from gateway.mime import bodies, largeparts, sanitize
+from gateway.mime.addresses import AddressSyntaxError, parse_address_list
 from gateway.mime.headers import RAW_HEADERS, header_text, undo_surrogates
 
 OPTION_PREFIX = "x-gateway-"
@@ -126,17 +128,28 @@ def _parse_tree(raw: bytes | bytearray, line_ends: int | None = None) -> EmailMe
             for start in range(0, len(view), _FEED_CHUNK):
                 parser.feed(bytes(view[start : start + _FEED_CHUNK]))
         return parser.close()
-    except ContentRejected:
-        raise
-    except Exception as exc:
-        # The stdlib parser is lenient by design: whatever it still raises is a message it cannot read.
+    except (MessageError, TypeError) as exc:
+        # The stdlib parser is lenient by design (defects are recorded, not raised). What it still raises on
+        # a message it cannot read, and only that, means "unreadable": the email package's own MessageError
+        # family (HeaderParseError, BoundaryError, MultipartConversionError, CharsetError); the TypeError of
+        # email.utils.decode_params on RFC 2231 sections mixed with an unnumbered one (`boundary*=...;
+        # boundary*0=...`, a CPython bug); and RecursionError (parse() above). Any other exception is a
+        # bug, here or in the stdlib: it propagates, and the pipeline answers 451, logged and counted.
         # The exception's name goes to the reason (logged), never into the reply.
+        if isinstance(exc, TypeError) and not _raised_in(exc, "email/utils.py", "decode_params"):
+            raise
         raise ContentRejected(
             f"parser failed: {type(exc).__name__}: {exc}",
             reply=replies.INVALID_CONTENT.with_text("Message could not be parsed"),
         ) from exc
     finally:
         view.release()  # the caller empties a bytearray once parsed; a live view would forbid that
+
+
+def _raised_in(exc: BaseException, path: str, function: str) -> bool:
+    """Whether `exc` was raised by `function` of the stdlib module at `path` (its innermost frame)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return bool(frames) and frames[-1].filename.replace("\\", "/").endswith(path) and frames[-1].name == function
 
 
 def _parse(raw: bytes | bytearray, lift_above: int | None) -> Message:
@@ -194,28 +207,43 @@ def _cut(value: str) -> str:
     return head[:space] if space > MAX_HEADER_VALUE // 2 else head
 
 
-# One mailbox with nothing the full RFC 5322 parser is needed for (no quotes, comments, groups, lists,
-# routes): "Name <a@b.c>" or "a@b.c". email.utils.getaddresses costs far more per header than this match.
+# One mailbox with nothing the full address parser is needed for (no quotes, comments, groups, lists,
+# routes): "Name <a@b.c>" or "a@b.c". The full parser (gateway/mime/addresses.py) costs far more per header.
 _SIMPLE_MAILBOX = re.compile(
     r"\s*(?:(?P<name>[^<>\"(),;:\\\[\]@]*?)\s*<(?P<angle>[^<>\s\"(),;:\\\[\]@]+@[^<>\s\"(),;:\\\[\]@]+)>"
     r"|(?P<bare>[^<>\s\"(),;:\\\[\]@]+@[^<>\s\"(),;:\\\[\]@]+))\s*\Z"
 )
+_WS = re.compile(r"\s+")
+# How a header is named in a reply (the dict of headers is keyed lower-case).
+_HEADER_NAMES = {"from": "From", "sender": "Sender", "reply-to": "Reply-To", "to": "To", "cc": "Cc"}
 
 
 def _mailboxes(values: list[str]) -> list[tuple[str, str]]:
+    """Raises AddressSyntaxError."""
     if len(values) == 1 and (m := _SIMPLE_MAILBOX.match(values[0])) is not None:
         if m.group("bare"):
             return [("", m.group("bare"))]
-        return [(m.group("name").strip(), m.group("angle"))]
-    return getaddresses(values)
+        return [(_WS.sub(" ", m.group("name").strip()), m.group("angle"))]
+    return parse_address_list(", ".join(values))
 
 
 def _addresses(headers: dict[str, list[str]], name: str) -> tuple[Address, ...]:
+    """The header's addresses; an element without an @ (From: root) is no address. A header that is not an
+    address list is refused (550 5.1.3), whatever the login's force_from: the sender policy must see
+    the address the message is sent as, not a guess."""
     values = headers.get(name)
     if not values:
         return ()
+    try:
+        mailboxes = _mailboxes(values)
+    except AddressSyntaxError as exc:
+        header = _HEADER_NAMES[name]
+        raise ContentRejected(
+            f"{header} header: {exc}",
+            reply=replies.HEADER_SYNTAX.with_text(f"{header}: header is not a valid address list: {exc}"),
+        ) from None
     result: list[Address] = []
-    for display, addr in _mailboxes(values):
+    for display, addr in mailboxes:
         addr = undo_surrogates(addr).strip()
         if not addr or "@" not in addr:
             continue

@@ -7,11 +7,16 @@ import re
 # Header-derived fields (Subject, display names, file names, option values, ids) are one line of text:
 # no C0 or C1 control, no DEL. Line-like controls (TAB, LF, CR, VT, FF, the C1 NEL, U+2028/2029) become
 # a space, which is how a folded header reads; the others are dropped, as mail clients show nothing for them.
+# Unicode's Bidi_Control characters are dropped too: embeddings, overrides and isolates (U+202A-U+202E,
+# U+2066-U+2069) and the marks (U+200E, U+200F, U+061C) reorder what a reader sees ("invoice\u202efdp.exe"
+# displays as "invoiceexe.pdf"; a Subject or a sender name can be made to read as another).
 _SPACE_LIKE = "\t\n\v\f\r\x1c\x1d\x1e\x1f\x85\u2028\u2029"
-_FIELD_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_BIDI_CONTROLS = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+_FIELD_CONTROLS = re.compile(f"[\x00-\x1f\x7f-\x9f\u2028\u2029{_BIDI_CONTROLS}]")
 _FIELD_TABLE = str.maketrans(
     {chr(c): (" " if chr(c) in _SPACE_LIKE else None) for c in [*range(0x20), *range(0x7F, 0xA0)]}
     | {"\u2028": " ", "\u2029": " "}
+    | dict.fromkeys(_BIDI_CONTROLS)
 )
 # Bodies keep TAB, LF and CR; NUL and the other C0 controls (and DEL) are removed.
 _BODY_CONTROLS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]+")
@@ -21,9 +26,6 @@ _BODY_CONTROL_BYTES = bytes([*range(0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F]
 # A lone surrogate cannot be encoded as UTF-8 (the JSON body would fail): it becomes U+FFFD.
 _SURROGATES = re.compile("[\ud800-\udfff]")
 _WS = re.compile(r"\s+")
-# Bidirectional overrides and isolates reorder what a reader sees: "invoice\u202efdp.exe" displays as
-# "invoiceexe.pdf". They have no business in a file name.
-_BIDI = re.compile("[\u202a-\u202e\u2066-\u2069]")
 # RFC 6838 §4.2 restricted-name characters, for "type/subtype".
 _MEDIA_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,126}/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}")
 _DRIVE = re.compile(r"[A-Za-z]:")
@@ -59,7 +61,7 @@ def filename(name: str) -> str | None:
     Client paths are reduced to their last component (`/tmp/whoa` -> `whoa`, `C:\\TEMP\\a.png` -> `a.png`).
     None when nothing usable is left (empty, `.` or `..`): the caller names the part itself.
     """
-    name = _BIDI.sub("", field(name, collapse=False))
+    name = field(name, collapse=False)
     name = re.split(r"[/\\]", name)[-1].strip()
     if _DRIVE.match(name):
         name = name[2:].strip()

@@ -6,6 +6,8 @@
     GET /api/v1/messages?...     search: id, reply_id, upstream_id, message_id, sender, recipient, login,
                                  account, state, since, until; limit (<= 500, 50), cursor (the last page's
                                  `next`); newest first, records without their timelines
+    GET /api/v1/suppressions?account=&address=   the suppression lists
+    DELETE /api/v1/suppressions/{address}?account=   take an address off them (every account's by default)
 
 Every route needs `Authorization: Bearer <token>` (gateway/ops/apiauth.py): 401 with WWW-Authenticate when
 it is missing or wrong, 429 while the client IP is locked out. With no tokens configured every /api/ path
@@ -22,7 +24,9 @@ from aiohttp import web
 
 from gateway.ledger.model import MAX_LIMIT, BadQuery, Query
 from gateway.ledger.query import parse_query
+from gateway.ledger.returns import ReturnStore
 from gateway.ledger.store import LedgerStore, LedgerUnavailable
+from gateway.ledger.suppression import SuppressionSet
 from gateway.ops.apiauth import TokenAuth
 from gateway.ops.metrics import API_REQUESTS
 
@@ -41,13 +45,24 @@ def error(status: int, code: str, message: str, **extra: Any) -> web.Response:
 
 
 class MessageApi:
-    def __init__(self, ledger: LedgerStore, auth: TokenAuth) -> None:
+    def __init__(
+        self,
+        ledger: LedgerStore,
+        auth: TokenAuth,
+        returns: ReturnStore | None = None,
+        suppressions: SuppressionSet | None = None,
+    ) -> None:
         self.ledger = ledger
         self.auth = auth
+        self.returns = returns
+        self.suppressions = suppressions  # this instance's copy: a removal applies to it at once
 
     def install(self, app: web.Application) -> None:
         app.router.add_get("/api/v1/messages", self._guarded("messages", self.search))
         app.router.add_get("/api/v1/messages/{id}", self._guarded("message", self.one))
+        if self.returns is not None:
+            app.router.add_get("/api/v1/suppressions", self._guarded("suppressions", self.suppressed))
+            app.router.add_delete("/api/v1/suppressions/{address}", self._guarded("suppression", self.unsuppress))
         app.router.add_route("*", "/api/{tail:.*}", self._guarded("other", self.unknown))
 
     def _guarded(self, route: str, handler: Handler) -> Callable[[web.Request], Awaitable[web.Response]]:
@@ -123,6 +138,31 @@ class MessageApi:
                 "filters": dict(query.filters),
             }
         )
+
+    async def suppressed(self, request: web.Request, who: str) -> web.Response:
+        assert self.returns is not None
+        unknown = sorted(set(request.query) - {"account", "address"})
+        if unknown:
+            raise BadQuery(f"unknown parameter {', '.join(unknown)} (filters: account, address)")
+        entries = await self.returns.suppressions(request.query.get("account") or None)
+        address = (request.query.get("address") or "").strip().lower()
+        if address:
+            entries = [e for e in entries if e.address == address]
+        return web.json_response({"suppressions": [e.to_json() for e in entries]})
+
+    async def unsuppress(self, request: web.Request, who: str) -> web.Response:
+        assert self.returns is not None
+        unknown = sorted(set(request.query) - {"account"})
+        if unknown:
+            raise BadQuery(f"unknown parameter {', '.join(unknown)} (filters: account)")
+        address, account = request.match_info["address"], request.query.get("account") or None
+        removed = await self.returns.unsuppress(address, account)
+        if self.suppressions is not None:
+            self.suppressions.remove(address, account)
+        log.info("api_suppression_removed", token=who, address=address, account=account, removed=removed)
+        if not removed:
+            return error(404, "not_found", f"{address} is not suppressed" + (f" in {account}" if account else ""))
+        return web.json_response({"address": address.strip().lower(), "account": account, "removed": removed})
 
     async def unknown(self, request: web.Request, who: str) -> web.Response:
         return error(404, "not_found", f"no such API route: {request.method} {request.path}")

@@ -1,5 +1,5 @@
-"""The operator HTTP endpoint: /healthz, /readyz, /metrics and the message API (gateway/ops/api.py), over
-HTTP or HTTPS (aiohttp.web), wired by the composition root."""
+"""The operator HTTP endpoint: /healthz, /readyz, /metrics, the message API (gateway/ops/api.py) and the
+console (gateway/console/), over HTTP or HTTPS (aiohttp.web), wired by the composition root."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from collections.abc import Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from gateway.console.web import Console
 from gateway.ops.api import MessageApi
 from gateway.ops.metrics import REGISTRY
 
@@ -16,8 +17,12 @@ from gateway.ops.metrics import REGISTRY
 class OperatorEndpoint:
     """Health and metrics over HTTP for load balancers, container runtimes and Prometheus."""
 
-    def __init__(self, problems: Callable[[], list[str]] = list, api: MessageApi | None = None) -> None:
+    def __init__(
+        self, problems: Callable[[], list[str]] = list, api: MessageApi | None = None, console: Console | None = None
+    ) -> None:
         self.app = web.Application()
+        if console is not None:
+            console.install(self.app)
         self.app.router.add_get("/healthz", self.healthz)
         self.app.router.add_get("/readyz", self.readyz)
         self.app.router.add_get("/metrics", self.metrics)

@@ -120,6 +120,9 @@ def configure(settings: LogSettings) -> None:
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
     for name in ("httpx", "httpcore", "aiohttp.access"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # psycopg's pool warns at every failed reconnection while the database is down: the queue logs the outage
+    # itself, once when it begins and once when it ends (queue_database_unreachable, queue_database_back).
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     # aiosmtpd warns about its own deprecated Session.login_data on every AUTH, and logs client lines
     # (AUTH responses included) at INFO and unknown commands at WARNING: never let those through.
     logging.getLogger("mail.log").setLevel(logging.ERROR)

@@ -47,6 +47,16 @@ AMBIGUOUS = Counter(
 )
 
 
+FENCED = Counter(
+    "smtp_gateway_fenced_calls_total",
+    "Calls not sent because the fencing check right before them failed: lease_lost (this process was paused past "
+    "its lease, by SIGSTOP, a GC or a frozen VM: another owner may have the message) or unchecked (the queue could "
+    "not be asked); the message goes on with whoever holds it",
+    ["account", "reason"],
+    registry=REGISTRY,
+)
+
+
 UPSTREAM_AUTH_REFUSED = Counter(
     "smtp_gateway_upstream_auth_refused_total",
     "Upstream answers refusing the gateway's own credentials (401/403, IP allowlist): an operator error",
@@ -98,7 +108,16 @@ LARGE_REFUSED = Counter(
 RESENDS = Counter(
     "smtp_gateway_resends_total",
     "Messages not sent again because their idempotency key was seen within the window: answered (250 with the "
-    "first message's id) or in_progress (451: the first copy is still being delivered)",
+    "first message's id), in_progress (451: the first copy is still being delivered) or conflict (554: the key "
+    "came with different content)",
+    ["account", "result"],
+    registry=REGISTRY,
+)
+IDEMPOTENCY_LATE = Counter(
+    "smtp_gateway_idempotency_keys_late_total",
+    "Idempotency keys the queue could not record when their message was taken (its backend down): unchecked "
+    "(taken without looking for the key in the queue: a resend of another instance's message would not be "
+    "recognised), recorded (once the queue was back), dropped (the in-memory backlog was full)",
     ["account", "result"],
     registry=REGISTRY,
 )
@@ -168,7 +187,8 @@ CONFIG_RELOADS = Counter(
 )
 LEDGER_ROWS = Counter(
     "smtp_gateway_ledger_rows_total",
-    "Message ledger rows written, by table: message, recipient, event",
+    "Message ledger rows written, by table: message, recipient, event, outbox (webhook deliveries), suppression, "
+    "notice (failed recipients whose notice is to be decided)",
     ["table"],
     registry=REGISTRY,
 )
@@ -244,5 +264,120 @@ TEST_MESSAGES = Counter(
     "smtp_gateway_test_messages_total",
     "Messages of test-mode logins: taken through AUTH, policy and parsing, answered 250 with a TEST- id, never sent",
     ["account", "login"],
+    registry=REGISTRY,
+)
+LOGIN_AUTH_FAILURES = Counter(
+    "smtp_gateway_login_auth_failures_total",
+    "Failed AUTHs naming a configured login (a wrong or expired password), by account and login; failures "
+    "naming no configured login are only in smtp_gateway_auth_total",
+    ["account", "login"],
+    registry=REGISTRY,
+)
+CONSOLE_LOGINS = Counter(
+    "smtp_gateway_console_logins_total",
+    "Console sign-ins by result: ok, invalid (wrong name or password), locked_out (the client IP failed too often)",
+    ["result"],
+    registry=REGISTRY,
+)
+CONSOLE_ACTIONS = Counter(
+    "smtp_gateway_console_actions_total",
+    "Console admin actions (each also an audit log line): retry, requeue, delete, lift_lockout, test_send, sign_out",
+    ["action"],
+    registry=REGISTRY,
+)
+CONSOLE_ACTION_MESSAGES = Counter(
+    "smtp_gateway_console_action_messages_total",
+    "Messages changed by console queue actions (retry, requeue, delete)",
+    ["action"],
+    registry=REGISTRY,
+)
+CONSOLE_CSRF_REFUSED = Counter(
+    "smtp_gateway_console_csrf_refused_total",
+    "Console form posts refused (403) for a missing or wrong CSRF token",
+    registry=REGISTRY,
+)
+EVENT_POLLS = Counter(
+    "smtp_gateway_event_polls_total",
+    "Event API windows polled, by account and result: ok (read to its end), failed (the API could not answer: "
+    "tried again at the next interval), busy (another instance holds the account's poll), fenced (its lease was "
+    "taken over mid-window: nothing more written)",
+    ["account", "result"],
+    registry=REGISTRY,
+)
+EVENTS_READ = Counter(
+    "smtp_gateway_events_total",
+    "Upstream events read back, by account and type (sent, delivered, bounced, soft_bounced, not_sent, opened, "
+    "clicked, ...; unknown: a vendor name no wire table maps, logged once per name)",
+    ["account", "type"],
+    registry=REGISTRY,
+)
+EVENTS_UNMATCHED = Counter(
+    "smtp_gateway_events_unmatched_total",
+    "Upstream events about no message this gateway sent (another system's mail on the account): not stored",
+    ["account"],
+    registry=REGISTRY,
+)
+EVENTS_UNREADABLE = Counter(
+    "smtp_gateway_events_unreadable_total",
+    "Upstream event rows that could not be read (not an object, no address, no time)",
+    ["account"],
+    registry=REGISTRY,
+)
+EVENTS_CURSOR_AGE = Gauge(
+    "smtp_gateway_events_cursor_age_seconds",
+    "How far behind now an account's event poll has read (the lag, the overlap and any backlog)",
+    ["account"],
+    registry=REGISTRY,
+)
+SUPPRESSIONS = Gauge(
+    "smtp_gateway_suppressions",
+    "Addresses on each account's suppression list (this instance's copy)",
+    ["account"],
+    registry=REGISTRY,
+)
+SUPPRESSED_RECIPIENTS = Counter(
+    "smtp_gateway_suppressed_recipients_total",
+    "RCPT TO refused 550 5.1.1 because the address is on the account's suppression list",
+    ["account"],
+    registry=REGISTRY,
+)
+SUPPRESSION_SYNCS = Counter(
+    "smtp_gateway_suppression_syncs_total",
+    "Reads of the vendor's own invalid contacts (DMDS) into the suppression list, by result: ok, failed",
+    ["account", "result"],
+    registry=REGISTRY,
+)
+NOTICES = Counter(
+    "smtp_gateway_notices_total",
+    "Delivery status notices by result: sent (handed to delivery like any message), failed (refused), and why "
+    "none was sent: null_sender, notice (about a notice), notify_off, no_data, suppressed, rate_limited, deleted "
+    "(by an operator), held (ambiguous: it may have been delivered), no_account (no longer configured)",
+    ["account", "result"],
+    registry=REGISTRY,
+)
+WEBHOOK_SENT = Counter(
+    "smtp_gateway_webhook_deliveries_total",
+    "Webhook deliveries the receiver took (a 2xx answer)",
+    ["webhook"],
+    registry=REGISTRY,
+)
+WEBHOOK_FAILED = Counter(
+    "smtp_gateway_webhook_failures_total",
+    "Webhook delivery attempts that failed, by reason class: timeout, connect, http_4xx, http_5xx, expired (no "
+    "more retries: max_age passed, the delivery failed for good), removed (the webhook is no longer configured)",
+    ["webhook", "reason"],
+    registry=REGISTRY,
+)
+WEBHOOK_PENDING = Gauge(
+    "smtp_gateway_webhook_pending",
+    "Webhook deliveries not yet made (pending or being POSTed), in the shared outbox",
+    ["webhook"],
+    registry=REGISTRY,
+)
+WEBHOOK_DUPLICATES = Counter(
+    "smtp_gateway_webhook_possible_duplicates_total",
+    "Webhook deliveries POSTed again although the receiver may have taken them (the at-least-once window): "
+    "answer_lost (the request was sent, no answer came), lease_expired (an instance stopped mid-POST)",
+    ["webhook", "cause"],
     registry=REGISTRY,
 )

@@ -39,6 +39,7 @@ class Supervisor:
         self.workers: dict[int, _Worker] = {}
         self.stopping = False
         self.exit_code = 0
+        self.received: signal.Signals | None = None  # the stop signal (SIGTERM or SIGINT) that came first
 
     def _spawn(self, slot: int, backoff: float = 1.0) -> None:
         secret = tickets.write_secret(self.ticket_secret)
@@ -57,6 +58,8 @@ class Supervisor:
     def _forward(self, signum: int, frame: FrameType | None) -> None:
         if signum in (signal.SIGTERM, signal.SIGINT):
             self.stopping = True
+            if self.received is None:
+                self.received = signal.Signals(signum)
         for worker in self.workers.values():
             if worker.proc.poll() is None:
                 worker.proc.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)
@@ -75,8 +78,9 @@ class Supervisor:
                     continue
                 del self.workers[slot]
                 if self.stopping:
-                    # A worker still starting up when our SIGTERM came dies of it: that is a clean stop too.
-                    if code != -signal.SIGTERM:
+                    # A worker still starting up when our SIGTERM came dies of it: that is a clean stop too, as
+                    # is 130, a worker's own Ctrl-C (the terminal sends SIGINT to the whole process group).
+                    if code not in (-signal.SIGTERM, 130):
                         self.exit_code = max(self.exit_code, abs(code))
                     log.info("worker_stopped", worker=slot, pid=worker.proc.pid, exit_code=code)
                     continue

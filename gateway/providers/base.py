@@ -13,8 +13,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 
 from gateway.config.base import AccountBase, UserSettings
+from gateway.core.events import Contacts, EventSource
 from gateway.core.model import Message, Principal, ProviderData, StoredData, Submission
-from gateway.core.outcome import Deliverer
+from gateway.core.outcome import Deliverer, NoHealth, UpstreamHealth
 from gateway.policy import SenderPolicy
 from gateway.providers.checks import AccountCheck
 
@@ -29,6 +30,8 @@ class Provider(Deliverer, Protocol):
     """One upstream account. Raises only gateway.core.errors types (Rejected: 5xx, Deferred: 4xx)."""
 
     kind: str  # "dmds", "dengage": the `provider` key of [accounts.X]
+    # Told what the upstream says outside delivery calls (lookups at MAIL FROM); set by the registry.
+    health: UpstreamHealth
 
     def user_extra(self, user: UserSettings) -> ProviderData:
         """What a configured user's login means to this provider (Principal.extra)."""
@@ -60,6 +63,18 @@ class Provider(Deliverer, Protocol):
         client waits. Raises Rejected for what the upstream would refuse or silently drop."""
         ...
 
+    def event_source(self) -> EventSource | None:
+        """The account's event API, when its events are read back ([accounts.X.events] enabled)."""
+        ...
+
+    def contacts(self) -> Contacts | None:
+        """The vendor's own invalid contacts and whitelist, when it has them and events are read back."""
+        ...
+
+    def notice_params(self, original: ProviderData) -> ProviderData:
+        """A delivery status notice's Submission.params, from those of the message it is about (DMDS: the
+        same campaign, not its batch)."""
+
     def requests(self, submission: Submission) -> list[dict[str, Any]]:
         """The calls `plan` gives, as requests without secrets or attachment contents (method, path, body):
         what a test-mode login's message would have sent, for the log and the message ledger."""
@@ -85,6 +100,7 @@ class ProviderBase(Generic[A]):
         self.settings = settings
         self.http = http
         self.limiter = limiter
+        self.health: UpstreamHealth = NoHealth()
 
     def user_extra(self, user: UserSettings) -> ProviderData:
         return StoredData()
@@ -102,6 +118,15 @@ class ProviderBase(Generic[A]):
         self, principal: Principal, message: Message, mail_from: str, rcpt_tos: tuple[str, ...]
     ) -> Submission:
         return Submission(principal=principal, mail_from=mail_from, rcpt_tos=rcpt_tos, message=message)
+
+    def event_source(self) -> EventSource | None:
+        return None
+
+    def contacts(self) -> Contacts | None:
+        return None
+
+    def notice_params(self, original: ProviderData) -> ProviderData:
+        return original
 
     def requests(self, submission: Submission) -> list[dict[str, Any]]:
         """The planned calls' keys and recipients (a provider that knows its wire gives their bodies)."""

@@ -14,6 +14,7 @@ from gateway.providers.dmds.spec import SPEC as DMDS
 from gateway.providers.spec import ProviderSpec
 
 if TYPE_CHECKING:
+    from gateway.core.outcome import UpstreamHealth
     from gateway.providers.base import Provider
     from gateway.queue.store import QueueStore
     from gateway.upstream.ratelimit import RateLimiter
@@ -65,8 +66,11 @@ def limiter_for(name: str, account: AccountBase, store: QueueStore | None = None
     return SharedBucket(store.rate_slot, store.rate_pause, account.rate_limit, account.rate_burst, account=name)
 
 
-def build(name: str, account: AccountBase, store: QueueStore | None = None) -> Provider:
-    """The account's provider with its own pooled HTTP client and (unless given a shared one) rate limiter."""
+def build(
+    name: str, account: AccountBase, store: QueueStore | None = None, health: UpstreamHealth | None = None
+) -> Provider:
+    """The account's provider with its own pooled HTTP client and (unless given a shared one) rate limiter;
+    `health` hears what its upstream says outside delivery calls."""
     from gateway.upstream.client import HttpClient
 
     spec = spec_for(account)
@@ -78,7 +82,10 @@ def build(name: str, account: AccountBase, store: QueueStore | None = None) -> P
         max_connections=account.max_connections,
         transport=account.http_client,
     )
-    return spec.create(name, account, http, limiter_for(name, account, store))
+    provider = spec.create(name, account, http, limiter_for(name, account, store))
+    if health is not None:
+        provider.health = health
+    return provider
 
 
 for _spec in PROVIDERS:

@@ -14,9 +14,16 @@ entries say); this module holds what they share: the request record and the faul
                             ... and/or "provider": "dengage"     only for that provider's requests
     DELETE /_sandbox/faults                                       clear all faults
     GET  /_sandbox/requests                                       every request recorded, faulted ones too
+                                                                  (`at`: when it arrived, epoch seconds)
     DELETE /_sandbox/requests                                     forget them
     POST /_sandbox/shape    {"shape": "alt"}                      answer in the other documented shapes
     GET  /_sandbox/shape                                          the shape answered now
+    POST /_sandbox/fate     {"address": A, "fate": "bounce-hard"}   what becomes of A (gateway/providers/fates.py)
+                            {"delay": 5}                          events appear 5 s after their send
+    GET  /_sandbox/fate                                           the fates set, the delay, DMDS' invalid list
+    POST /_sandbox/webhook                                        a webhook receiver: each delivery recorded
+                                                                  (kind "webhook") with whether its signature
+                                                                  verifies under the sandbox's webhook secret
 
 Answer shapes: the vendors document several of their answers only in part (screenshots, one example), and
 the gateway reads each field from a table of candidate names. "seed" answers with the names the seed
@@ -32,7 +39,9 @@ import contextlib
 import json
 import os
 import random
+import signal
 import sys
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,6 +54,9 @@ from aiohttp import web
 from email_validator import EmailNotValidError, validate_email
 
 from gateway.config import ConfigError
+from gateway.core import signature
+from gateway.ops.signals import StopSignals
+from gateway.providers.fates import FateError, Fates
 
 Redactor = Callable[[dict[str, Any]], dict[str, Any]]
 ErrorBody = Callable[[str, int], web.Response]
@@ -100,6 +112,8 @@ class SandboxState:
     lookups: deque[int | str] = field(default_factory=lambda: deque(maxlen=100_000))
     rng: random.Random = field(default_factory=lambda: random.Random(1234))
     shape: Shape = field(default_factory=default_shape)  # which documented spelling answers use
+    fates: Fates = field(default_factory=Fates)  # what becomes of each recipient, and the events reported
+    webhook_secret: str = ""  # the secret POST /_sandbox/webhook checks signatures with
 
     def next_fault(self, kind: str, provider: str | None = None) -> Fault | None:
         for fault in list(self.faults):
@@ -132,6 +146,9 @@ class Sandbox:
         self.app.router.add_get("/_sandbox/health", self.health)
         self.app.router.add_post("/_sandbox/shape", self.set_shape)
         self.app.router.add_get("/_sandbox/shape", self.get_shape)
+        self.app.router.add_post("/_sandbox/fate", self.set_fate)
+        self.app.router.add_get("/_sandbox/fate", self.get_fate)
+        self.app.router.add_post("/_sandbox/webhook", self.webhook)
         for install in providers:
             install(self)
         self._runner: web.AppRunner | None = None
@@ -170,7 +187,9 @@ class Sandbox:
         return response
 
     async def apply_fault(self, request: web.Request, entry: dict[str, Any], error: ErrorBody) -> web.Response | None:
-        """Latency, then the next fault for this kind of request, if any (recorded like any request)."""
+        """Latency, then the next fault for this kind of request, if any (recorded like any request). The
+        entry notes when the request arrived (`at`, epoch seconds): rate limits are checked against it."""
+        entry["at"] = round(time.time(), 4)
         state = self.state
         fault = state.next_fault(entry["kind"], entry.get("provider"))
         if state.latency:
@@ -235,6 +254,30 @@ class Sandbox:
     async def get_shape(self, request: web.Request) -> web.Response:
         return json_response({"shape": self.state.shape})
 
+    async def set_fate(self, request: web.Request) -> web.Response:
+        try:
+            spec = await request.json()
+            if not isinstance(spec, dict):
+                raise FateError("a JSON object")
+            self.state.fates.choose(spec)
+        except (ValueError, FateError) as exc:
+            return json_response({"status": "err", "on": str(exc)}, 400)
+        return json_response(self.state.fates.settings())
+
+    async def get_fate(self, request: web.Request) -> web.Response:
+        return json_response(self.state.fates.settings())
+
+    async def webhook(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        value = request.headers.get(signature.HEADER, "")
+        try:
+            event = orjson.loads(body)
+        except ValueError:
+            event = None
+        verified = bool(self.state.webhook_secret) and signature.valid(self.state.webhook_secret.encode(), value, body)
+        entry = {"kind": "webhook", "path": request.path, "event": event, "signature": value, "verified": verified}
+        return self.answer(entry, json_response({"received": True}))
+
     async def health(self, request: web.Request) -> web.Response:
         requests = self.state.requests
         sends = sum(1 for r in requests if r["kind"] == "send")
@@ -259,11 +302,15 @@ class Sandbox:
                 await self._runner.cleanup()
 
 
-async def run_forever(sandbox: Sandbox, host: str, port: int, describe: Callable[[str], str]) -> None:
-    """Serve until cancelled; once listening, say what is served at the URL (`describe(url)`)."""
+async def run_forever(sandbox: Sandbox, host: str, port: int, describe: Callable[[str], str]) -> signal.Signals:
+    """Serve until SIGTERM or SIGINT (handled even when the process was started with SIGINT ignored, as a
+    script's `smtp-gateway sandbox &` is); once listening, say what is served at the URL (`describe(url)`).
+    Returns the signal."""
+    stop = StopSignals()
+    stop.install()
     bound = await sandbox.start(host, port)
     print(f"sandbox: {describe(f'http://{host}:{bound}')}", file=sys.stderr, flush=True)
     try:
-        await asyncio.Event().wait()
+        return await stop.wait()
     finally:
         await sandbox.stop()

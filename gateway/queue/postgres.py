@@ -6,6 +6,10 @@ before the call returns (with a synchronous standby, `synchronous_commit` decide
 acknowledged: docs/operations/instances.md). Changes that make a message due NOTIFY the other
 instances (LISTEN/NOTIFY), so they need not poll. Time values are epoch seconds from the instances'
 clocks: keep them NTP-synchronised (leases are 60 s; a skew of a second or two does not matter).
+
+A database that cannot be reached is known down (a circuit): every caller gets SpoolUnavailable at once
+instead of waiting for a pooled connection, while one background probe asks the database every second;
+the first answer closes the circuit (and drops the pool's dead connections), so the queue is back at once.
 """
 
 from __future__ import annotations
@@ -17,22 +21,80 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import psycopg
+import psycopg.conninfo
 import structlog
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from gateway.core import quota, tokenbucket
-from gateway.core.errors import SpoolUnavailable
+from gateway.core import authcount, quota, tokenbucket
+from gateway.core.authcount import Record, Rules
+from gateway.core.episode import Episode
+from gateway.core.errors import QueueUnreachable, SpoolUnavailable
 from gateway.core.quota import Counts, Verdict, Window
 from gateway.core.records import Decision
 from gateway.queue import postgres_schema
 from gateway.queue.health import QueueHealth
 from gateway.queue.sql import FOR_POSTGRES, POSTGRES
-from gateway.queue.store import Claimed, ClaimedRows, KeyHit, NewMessage, chunks, message_row
+from gateway.queue.store import (
+    AUTH_SWEEP_EVERY,
+    AuthChange,
+    Claimed,
+    ClaimedRows,
+    KeyHit,
+    NewMessage,
+    auth_begin_change,
+    auth_end_change,
+    auth_lift_change,
+    auth_read,
+    auth_written,
+    chunks,
+    message_row,
+)
 
 log = structlog.get_logger("gateway.queue.postgres")
 CHANNEL = "smtp_gateway_queue"
 SQL = FOR_POSTGRES
+# Seconds without a pooled connection before the database itself is asked whether it is there (a busy pool
+# goes on waiting, up to POOL_WAIT in all; a database that does not answer opens the circuit).
+FAIL_FAST = 1.0
+POOL_WAIT = 10.0
+PROBE_EVERY = 1.0  # while the database is known down, how often the one probe asks it
+
+
+# Seconds a first connection may take before the queue is called unreachable (libpq's minimum is 2).
+CONNECT_TIMEOUT = 2
+
+
+async def probe(url: str, password: str | None = None) -> None:
+    """One connection, at once: raises QueueUnreachable("cannot connect to HOST:PORT: reason") when the
+    server cannot be reached, instead of the pool's retries for seconds on end."""
+    kwargs: dict[str, Any] = {"connect_timeout": CONNECT_TIMEOUT}
+    if password:
+        kwargs["password"] = password
+    try:
+        conn = await psycopg.AsyncConnection.connect(url, **kwargs)
+    except (psycopg.OperationalError, OSError) as exc:
+        raise QueueUnreachable(f"cannot connect to {server_of(url)}: {_why(exc)}") from exc
+    await conn.close()
+
+
+def server_of(url: str) -> str:
+    """HOST:PORT the URL points at ("the local socket" when it names no host)."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return redacted(url)
+    host = str(info.get("host") or "") or "the local socket"
+    port = str(info.get("port") or "5432")
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("/") else f"{host}:{port}"
+
+
+def _why(exc: BaseException) -> str:
+    """libpq's reason without its preamble: 'connection failed: connection to server at "h", port 1 failed:
+    Connection refused' -> 'Connection refused'."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    reason = first.rpartition(" failed: ")[2] if " failed: " in first else first
+    return reason.removeprefix("FATAL:").strip()
 
 
 def redacted(url: str) -> str:
@@ -58,33 +120,117 @@ class PostgresQueue:
             open=False,
             name="smtp-gateway-queue",
         )
-        self._opened = False
+        self._pool_open = False
+        self._opened = False  # the pool is open and the schema migrated
         self._found_version = 0
         self.health = QueueHealth()
+        self._down: str | None = None  # why the database is known down (the circuit is open)
+        self._outage = Episode()  # callers refused while it is down
+        self._probe: asyncio.Task[None] | None = None
+        self._next_sweep = 0.0
 
     @contextlib.asynccontextmanager
     async def _tx(self) -> AsyncIterator[psycopg.AsyncConnection[DictRow]]:
         """A pooled connection inside one transaction; backend failures become SpoolUnavailable."""
+        if not self._opened:
+            await self.open()
+        conn = await self._connection()
         try:
-            if not self._opened:
-                await self.open()
-            async with self._pool.connection(timeout=10.0) as conn, conn.transaction():
+            async with conn.transaction():
                 yield conn
-        except (psycopg.Error, PoolTimeout, OSError) as exc:
+        except (psycopg.Error, OSError) as exc:
+            if conn.broken:  # the connection went away under the transaction: so did the database
+                raise self._unreachable(exc) from exc
             raise SpoolUnavailable(f"queue {self.url}: {type(exc).__name__}: {exc}") from exc
+        finally:
+            await self._pool.putconn(conn)
+
+    async def _connection(self) -> psycopg.AsyncConnection[DictRow]:
+        """A pooled connection, or SpoolUnavailable at once while the database is known down; within about a
+        second when it has just gone (a pool that waited that long asks the database itself)."""
+        if self._down is not None:
+            raise self._unreachable(None)
+        try:
+            try:
+                return await self._pool.getconn(timeout=FAIL_FAST)
+            except PoolTimeout:
+                if not await self._reachable():
+                    raise
+            return await self._pool.getconn(timeout=POOL_WAIT - FAIL_FAST)
+        except (psycopg.Error, PoolTimeout, OSError) as exc:
+            raise self._unreachable(exc) from exc
+
+    async def _reachable(self) -> bool:
+        """Whether the database answers a new connection now (past the pool, its waits and its backoff)."""
+        try:
+            async with asyncio.timeout(FAIL_FAST * 2):
+                conn = await psycopg.AsyncConnection.connect(self._conninfo, **self._kwargs)
+                async with conn:
+                    await conn.execute("SELECT 1")
+        except (psycopg.Error, OSError, TimeoutError):
+            return False
+        return True
+
+    def _unreachable(self, exc: BaseException | None) -> QueueUnreachable:
+        """The database is gone (`exc`: what said so; None: known already): the circuit open, the error."""
+        if exc is not None:
+            self._trip(f"{type(exc).__name__}: {exc}")
+        else:
+            self._outage.occurred()
+        return QueueUnreachable(f"queue {self.url}: database unreachable ({self._down}); probing it")
+
+    def _trip(self, reason: str) -> None:
+        """Open the circuit (once per outage) and start the one probe."""
+        if self._down is None:
+            self._down = reason
+            self._outage.occurred()
+            log.error("queue_database_unreachable", queue=self.url, error=reason, probe_every=PROBE_EVERY)
+            self._probe = asyncio.get_running_loop().create_task(self._wait_for_database(), name="queue-probe")
+
+    async def _wait_for_database(self) -> None:
+        while True:  # a probe, not a wait for an event: nothing else tells when the database is back
+            if await self._reachable():
+                break
+            await asyncio.sleep(PROBE_EVERY)
+        if self._pool_open:
+            await self._pool.check()  # the connections the outage broke are replaced now, not at their next use
+        over = self._outage.ended()
+        self._down = None
+        self.health.record("insert", None)  # the failures to store were the outage
+        log.info(
+            "queue_database_back",
+            queue=self.url,
+            down_for=over.lasted if over else 0.0,
+            refused=over.seen - 1 if over else 0,
+        )
 
     async def open(self) -> None:
         if self._opened:
             return
+        if not self._pool_open:
+            if self._down is not None:
+                raise self._unreachable(None)
+            try:
+                # Unreachable: said at once, with the server's address, not after the pool's retries.
+                await probe(self._conninfo, self._kwargs.get("password"))
+            except QueueUnreachable as exc:
+                self._trip(exc.reason)
+                raise
+            await self._pool.open(wait=False)  # it connects in the background; _connection() waits for it
+            self._pool_open = True
+        conn = await self._connection()
         try:
-            await self._pool.open(wait=True, timeout=10.0)
-            self._opened = True
-            self._found_version = await self._migrate()
-        except (psycopg.Error, PoolTimeout, OSError, postgres_schema.SchemaTooNew) as exc:
+            self._found_version = await self._migrate(conn)
+        except (psycopg.Error, OSError, postgres_schema.SchemaTooNew) as exc:
+            if conn.broken:
+                raise self._unreachable(exc) from exc
             raise SpoolUnavailable(f"queue {self.url}: {type(exc).__name__}: {exc}") from exc
+        finally:
+            await self._pool.putconn(conn)
+        self._opened = True
 
-    async def _migrate(self) -> int:
-        async with self._pool.connection() as conn, conn.transaction():
+    async def _migrate(self, conn: psycopg.AsyncConnection[DictRow]) -> int:
+        async with conn.transaction():
             applied = await postgres_schema.migrate(conn)
         for number in applied:
             log.info("queue_migrated", queue=self.url, version=number)
@@ -95,8 +241,13 @@ class PostgresQueue:
         return self._found_version, postgres_schema.LATEST
 
     async def close(self) -> None:
-        if self._opened:
-            self._opened = False
+        if self._probe is not None:
+            self._probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe
+        self._opened = False
+        if self._pool_open:
+            self._pool_open = False
             await self._pool.close()
 
     # -- the server's side ---------------------------------------------------------------------------
@@ -151,9 +302,13 @@ class PostgresQueue:
                     rows_read.blob_chunk(row)
         return rows_read.claimed()
 
-    async def mark_sending(self, msg_id: str, token: int, keys: Sequence[str]) -> bool:
+    async def mark_sending(self, msg_id: str, token: int, keys: Sequence[str], lease_past: float | None = None) -> bool:
         async with self._tx() as conn:
-            if not await self._holds(conn, msg_id, token):
+            if lease_past is None:
+                held = await self._holds(conn, msg_id, token)
+            else:
+                held = await (await conn.execute(SQL.holds_lease, (msg_id, token, lease_past))).fetchone() is not None
+            if not held:
                 return False
             async with conn.cursor() as cur:
                 await cur.executemany(SQL.mark_sending, [(msg_id, key) for key in keys])
@@ -211,7 +366,7 @@ class PostgresQueue:
         async with self._tx() as conn:
             expired = 0
             for owner in owners:
-                expired += (await conn.execute(SQL.lease, (now - 1, owner))).rowcount
+                expired += (await conn.execute(SQL.expire, (now - 1, owner, now))).rowcount
             return expired
 
     async def owners(self) -> list[str]:
@@ -234,16 +389,20 @@ class PostgresQueue:
     async def listen(self, wake: Callable[[str], None]) -> None:
         """Call `wake(account)` whenever another instance made a message due; reconnects until cancelled."""
         delay = 1.0
+        failing = Episode()
         while True:
             try:
                 conn = await psycopg.AsyncConnection.connect(self._conninfo, **self._kwargs)
                 async with conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     delay = 1.0
+                    if (over := failing.ended()) is not None:
+                        log.info("queue_listen_restored", queue=self.url, failed_for=over.lasted, attempts=over.seen)
                     async for notice in conn.notifies():
                         wake(notice.payload)
             except (psycopg.Error, OSError) as exc:
-                log.warning("queue_listen_failed", queue=self.url, error=f"{type(exc).__name__}: {exc}", retry_in=delay)
+                if failing.occurred():  # once per outage; the workers poll meanwhile
+                    log.warning("queue_listen_failed", queue=self.url, error=f"{type(exc).__name__}: {exc}")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
 
@@ -308,10 +467,39 @@ class PostgresQueue:
         assert row is not None
         return float(row["tat"]), float(row["slow_until"]), float(row["now"])
 
+    # -- AUTH counts ----------------------------------------------------------------------------------
+
+    async def auth_begin(self, client: str, rules: Rules) -> tuple[Record, authcount.Verdict, float]:
+        record, verdict, now = await self._auth(client, rules.window, auth_begin_change(rules))
+        return record, verdict, now
+
+    async def auth_end(self, client: str, rules: Rules, failed: bool, in_flight: bool) -> tuple[Record, bool, float]:
+        record, locked, now = await self._auth(client, rules.window, auth_end_change(rules, failed, in_flight))
+        return record, bool(locked), now
+
+    async def auth_lift(self, client: str, rules: Rules) -> bool:
+        return bool((await self._auth(client, rules.window, auth_lift_change))[1])
+
+    async def _auth(self, client: str, window: float, change: AuthChange) -> tuple[Record, Any, float]:
+        """`change` applied to the client's row, locked until commit, with the database's clock (the one clock
+        of every instance)."""
+        async with self._tx() as conn:
+            await conn.execute(SQL.auth_row, (client,))
+            record, now = auth_read(await (await conn.execute(SQL.auth_read, (client,))).fetchone())
+            record, result = change(record, now)
+            if record.clean():
+                await conn.execute(SQL.auth_forget, (client,))
+            else:
+                await conn.execute(SQL.auth_write, auth_written(client, record))
+            if now >= self._next_sweep:
+                self._next_sweep = now + AUTH_SWEEP_EVERY
+                await conn.execute(SQL.auth_sweep, (now - window, now, now))
+        return record, result, now
+
     # -- idempotency keys -----------------------------------------------------------------------------
 
     async def claim_key(
-        self, account: str, key: str, msg_id: str, now: float, window: float, stale: float
+        self, account: str, key: str, msg_id: str, now: float, window: float, stale: float, digest: str | None = None
     ) -> KeyHit | None:
         async with self._tx() as conn:
             # Only this key's expired row: a table-wide delete in every claim would have instances contend
@@ -320,20 +508,19 @@ class PostgresQueue:
                 "DELETE FROM idempotency WHERE account=%s AND key=%s AND expires<%s", (account, key, now)
             )
             # Insert first: two instances claiming one new key at once cannot both get it.
-            inserted = await (await conn.execute(SQL.key_insert, (account, key, msg_id, now, now + window))).fetchone()
+            inserted = await (
+                await conn.execute(SQL.key_insert, (account, key, msg_id, now, now + window, digest))
+            ).fetchone()
             if inserted is not None:
                 return None
             row = await (await conn.execute(SQL.key_row, (account, key))).fetchone()
             if row is None or row["reply_id"] is not None or row["created"] >= now - stale:
-                return None if row is None else KeyHit(row["msg_id"], row["reply_id"])
+                return None if row is None else KeyHit(row["msg_id"], row["reply_id"], row["digest"])
             if await (await conn.execute(SQL.stored, (row["msg_id"],))).fetchone() is not None:
                 await conn.execute(SQL.key_answered, (account, key))
-                return KeyHit(row["msg_id"], row["msg_id"])
+                return KeyHit(row["msg_id"], row["msg_id"], row["digest"])
             # A stale claim whose message was never stored: this one takes the key over, in place.
-            await conn.execute(
-                "UPDATE idempotency SET msg_id=%s, created=%s, expires=%s WHERE account=%s AND key=%s",
-                (msg_id, now, now + window, account, key),
-            )
+            await conn.execute(SQL.key_take_over, (msg_id, now, now + window, digest, account, key))
         return None
 
     async def finish_key(self, account: str, key: str, msg_id: str, reply_id: str | None) -> None:
@@ -342,6 +529,14 @@ class PostgresQueue:
                 await conn.execute(SQL.key_drop, (account, key, msg_id))
             else:
                 await conn.execute(SQL.key_reply, (reply_id, account, key, msg_id))
+
+    async def record_key(
+        self, account: str, key: str, msg_id: str, reply_id: str, created: float, expires: float, digest: str | None
+    ) -> bool:
+        async with self._tx() as conn:
+            values = (account, key, msg_id, reply_id, created, expires, digest)
+            row = await (await conn.execute(SQL.key_late, values)).fetchone()
+        return row is not None
 
     # -- operators ------------------------------------------------------------------------------------
 

@@ -90,7 +90,27 @@ CREATE TABLE quota_counts (
 )
 """
 
-MIGRATIONS: list[str] = [V1, V2, V3, V4]
+# The digest of what a message said, kept with its idempotency key (as SQLite's version 5).
+V5 = """
+ALTER TABLE idempotency ADD COLUMN digest text
+"""
+
+# AUTH failures and attempts in flight per client IP, shared by every instance (gateway/core/authcount.py).
+V6 = """
+CREATE TABLE auth_clients (
+    client          text PRIMARY KEY,
+    failures        integer NOT NULL DEFAULT 0,
+    since           double precision NOT NULL DEFAULT 0,
+    in_flight       integer NOT NULL DEFAULT 0,
+    in_flight_until double precision NOT NULL DEFAULT 0,
+    locked_until    double precision NOT NULL DEFAULT 0
+)
+"""
+
+# The return path (gateway/returnpath/), as SQLite's version 6.
+V7 = shared_schema.RETURN_PATH
+
+MIGRATIONS: list[str] = [V1, V2, V3, V4, V5, V6, V7]
 LATEST = len(MIGRATIONS)
 # Serialises migrations of several instances starting at once (pg_advisory_xact_lock key).
 MIGRATION_LOCK = 0x5347_5751  # "SGWQ"

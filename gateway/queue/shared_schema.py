@@ -62,3 +62,76 @@ CREATE TABLE ledger_events (
 CREATE INDEX ledger_events_msg ON ledger_events (msg_id, at);
 CREATE INDEX ledger_events_created ON ledger_events (created)
 """
+
+# The return path (gateway/returnpath/, docs/after-250.md): a message's notice data and the notice it is
+# (dsn_of); each account's event poll cursor, leased to one instance at a time with a fencing token; the
+# suppression lists; the webhook outbox, its rows written in the same transaction as the events they
+# announce; one notice decision per message and recipient; notices counted per sender and window.
+RETURN_PATH = """
+ALTER TABLE ledger_messages ADD COLUMN dsn_of text;
+ALTER TABLE ledger_messages ADD COLUMN notice text;
+CREATE INDEX ledger_recipients_settled ON ledger_recipients (state, state_at);
+CREATE TABLE event_cursors (
+    name         text PRIMARY KEY,
+    account      text NOT NULL,
+    position     double precision NOT NULL,
+    window_since double precision,
+    window_until double precision,
+    page         integer NOT NULL DEFAULT 0,
+    owner        text,
+    lease_until  double precision,
+    token        bigint NOT NULL DEFAULT 0,
+    polled       double precision
+);
+CREATE TABLE suppressions (
+    account text NOT NULL,
+    address text NOT NULL,
+    reason  text NOT NULL,
+    source  text NOT NULL,
+    created double precision NOT NULL,
+    msg_id  text,
+    detail  text,
+    PRIMARY KEY (account, address)
+);
+CREATE TABLE webhook_outbox (
+    webhook      text NOT NULL,
+    event_id     text NOT NULL,
+    msg_id       text NOT NULL,
+    created      double precision NOT NULL,
+    enqueued     double precision NOT NULL,
+    type         text NOT NULL,
+    body         text NOT NULL,
+    state        text NOT NULL,
+    attempts     integer NOT NULL DEFAULT 0,
+    next_attempt double precision NOT NULL,
+    owner        text,
+    lease_until  double precision,
+    token        bigint NOT NULL DEFAULT 0,
+    last_error   text,
+    done_at      double precision,
+    PRIMARY KEY (webhook, event_id)
+);
+CREATE INDEX webhook_outbox_due ON webhook_outbox (state, next_attempt);
+CREATE INDEX webhook_outbox_created ON webhook_outbox (created);
+CREATE TABLE ledger_notices (
+    msg_id      text NOT NULL,
+    rcpt        text NOT NULL,
+    created     double precision NOT NULL,
+    state       text NOT NULL,
+    at          double precision NOT NULL,
+    owner       text,
+    lease_until double precision,
+    token       bigint NOT NULL DEFAULT 0,
+    notice_id   text,
+    reason      text,
+    PRIMARY KEY (msg_id, rcpt)
+);
+CREATE INDEX ledger_notices_claimed ON ledger_notices (state, lease_until);
+CREATE INDEX ledger_notices_created ON ledger_notices (created);
+CREATE TABLE notice_counts (
+    sender text NOT NULL,
+    win    double precision NOT NULL,
+    n      integer NOT NULL,
+    PRIMARY KEY (sender, win)
+)
+"""

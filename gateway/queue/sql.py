@@ -96,6 +96,11 @@ class Statements:
         )
         # -- an owner's writes, under its token
         self.holds = d(f"SELECT 1 FROM messages WHERE id=? AND token=?{d.for_update}")
+        # The fencing check before a call is sent: our token, and a lease that still runs (by the messages'
+        # primary key: one indexed row).
+        self.holds_lease = d(
+            f"SELECT 1 FROM messages WHERE id=? AND token=? AND state='inflight' AND lease_until>?{d.for_update}"
+        )
         self.mark_sending = d("UPDATE calls SET state='sending' WHERE msg_id=? AND key=? AND state='pending'")
         self.delete_message = d("DELETE FROM messages WHERE id=?")
         self.settle = d(
@@ -108,6 +113,8 @@ class Statements:
             " WHERE id=? AND token=? AND state='inflight' RETURNING account"
         )
         self.lease = d("UPDATE messages SET lease_until=? WHERE owner=? AND state='inflight'")
+        # Ends an owner's leases that have not ended yet (so the count says what changed, once).
+        self.expire = d("UPDATE messages SET lease_until=? WHERE owner=? AND state='inflight' AND lease_until>=?")
         self.owners = d("SELECT DISTINCT owner FROM messages WHERE state='inflight' AND owner IS NOT NULL")
         self.wake = d(
             "UPDATE messages SET next_attempt=? WHERE id IN (SELECT id FROM messages WHERE account=?"
@@ -117,6 +124,21 @@ class Statements:
         self.rate_row = d("INSERT INTO rate_buckets (account, tat) VALUES (?, 0) ON CONFLICT (account) DO NOTHING")
         self.rate_read = d(f"SELECT tat, slow_until, {d.now} AS now FROM rate_buckets WHERE account=?{d.for_update}")
         self.rate_write = d("UPDATE rate_buckets SET tat=?, slow_until=? WHERE account=?")
+        # -- AUTH counts per client shared by every process (gateway.core.authcount does the arithmetic)
+        self.auth_row = d("INSERT INTO auth_clients (client) VALUES (?) ON CONFLICT (client) DO NOTHING")
+        self.auth_read = d(
+            "SELECT failures, since, in_flight, in_flight_until, locked_until,"
+            f" {d.now} AS now FROM auth_clients WHERE client=?{d.for_update}"
+        )
+        self.auth_write = d(
+            "UPDATE auth_clients SET failures=?, since=?, in_flight=?, in_flight_until=?, locked_until=? WHERE client=?"
+        )
+        self.auth_forget = d("DELETE FROM auth_clients WHERE client=?")
+        # Clients with nothing left to remember (a window over, no attempt in flight, no lockout): the counts of
+        # addresses that stopped trying.
+        self.auth_sweep = d(
+            "DELETE FROM auth_clients WHERE (failures=0 OR since<=?) AND in_flight_until<=? AND locked_until<=?"
+        )
         # -- per-login quota counts shared by every process (gateway.core.quota does the arithmetic)
         self.quota_row = d(
             "INSERT INTO quota_counts (login, win, messages, bytes, expires) VALUES (?, ?, 0, 0, ?)"
@@ -126,12 +148,21 @@ class Statements:
         self.quota_add = d("UPDATE quota_counts SET messages=messages+?, bytes=bytes+? WHERE login=? AND win=?")
         self.quota_expired = d("DELETE FROM quota_counts WHERE login=? AND expires<?")
         # -- idempotency keys
-        self.key_row = d(f"SELECT msg_id, reply_id, created FROM idempotency WHERE account=? AND key=?{d.for_update}")
+        self.key_row = d(
+            f"SELECT msg_id, reply_id, created, digest FROM idempotency WHERE account=? AND key=?{d.for_update}"
+        )
         self.key_insert = d(
-            "INSERT INTO idempotency (account, key, msg_id, created, expires) VALUES (?,?,?,?,?)"
+            "INSERT INTO idempotency (account, key, msg_id, created, expires, digest) VALUES (?,?,?,?,?,?)"
             " ON CONFLICT (account, key) DO NOTHING RETURNING msg_id"
         )
         self.key_answered = d("UPDATE idempotency SET reply_id=msg_id WHERE account=? AND key=?")
+        self.key_late = d(
+            "INSERT INTO idempotency (account, key, msg_id, reply_id, created, expires, digest) VALUES (?,?,?,?,?,?,?)"
+            " ON CONFLICT (account, key) DO NOTHING RETURNING msg_id"
+        )
+        self.key_take_over = d(
+            "UPDATE idempotency SET msg_id=?, created=?, expires=?, digest=? WHERE account=? AND key=?"
+        )
         self.key_drop = d("DELETE FROM idempotency WHERE account=? AND key=? AND msg_id=?")
         self.key_reply = d("UPDATE idempotency SET reply_id=? WHERE account=? AND key=? AND msg_id=?")
         self.stored = d("SELECT 1 FROM messages WHERE id=?")

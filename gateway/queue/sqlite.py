@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import functools
 import sqlite3
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -20,6 +21,8 @@ from typing import Any, TypeVar
 
 import structlog
 
+from gateway.core import authcount
+from gateway.core.authcount import Record, Rules
 from gateway.core.errors import SpoolUnavailable
 from gateway.core.quota import Counts, Verdict, Window
 from gateway.core.records import Decision
@@ -27,11 +30,27 @@ from gateway.queue import sqlite_schema
 from gateway.queue.health import QueueHealth
 from gateway.queue.sql import FOR_SQLITE, SQLITE
 from gateway.queue.sqlite_side import RateFile, Reserve, disk_full
-from gateway.queue.store import Claimed, ClaimedRows, KeyHit, NewMessage, chunks, message_row
+from gateway.queue.store import (
+    Claimed,
+    ClaimedRows,
+    KeyHit,
+    NewMessage,
+    auth_begin_change,
+    auth_end_change,
+    auth_lift_change,
+    chunks,
+    message_row,
+)
 
 log = structlog.get_logger("gateway.queue.sqlite")
 T = TypeVar("T")
 SQL = FOR_SQLITE
+WAL_AT_LEAST = 64 * 1024  # bytes: the smallest WAL checkpointed early for a small reserve
+# While the disk reserve is in use, how often the queue's own operations look for room again (seconds).
+RECOVERY_EVERY = 1.0
+# A queue file up to this size is VACUUMed once to turn auto_vacuum on (it takes about a second per 100 MB,
+# and as much free disk as the file); a larger one keeps reusing its free pages until it is small again.
+VACUUM_AT_MOST = 64 * 1024 * 1024
 
 
 class SqliteQueue:
@@ -46,6 +65,7 @@ class SqliteQueue:
         self._rate = RateFile(path.with_name(path.name + "-ratelimit"))
         self.health = QueueHealth()
         self._reserve = Reserve(path.with_name(path.name + "-reserve"), reserve, self.health)
+        self._next_recovery = 0.0
 
     # -- plumbing ------------------------------------------------------------------------------------
 
@@ -71,24 +91,54 @@ class SqliteQueue:
             with contextlib.suppress(sqlite3.OperationalError):  # a busy reader: the retry may still fit
                 self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             result = fn(*args)
-        self._reserve.restore_if_due()
+        if self._reserve.released and time.monotonic() >= self._next_recovery:
+            # Every queue operation (the retry worker's polls too: a gateway that is not ready gets no new
+            # mail to try with) looks whether the drained queue left room again, at most once a second.
+            self._next_recovery = time.monotonic() + RECOVERY_EVERY
+            self._recover()
         return result
+
+    def _recover(self) -> bool:
+        """While the reserve is in use: give back to the file system what the queue freed (the pages of
+        deleted messages, the WAL), then take the reserve back if it fits now. True once it is back."""
+        with contextlib.suppress(sqlite3.OperationalError):  # busy (another process) or still no room
+            # As a script: a plain execute() steps it once, and each step frees one page.
+            self.db.executescript("PRAGMA incremental_vacuum;")
+        with contextlib.suppress(sqlite3.OperationalError):
+            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        if not self._reserve.restore():
+            return False
+        self.health.record("insert", None)  # room again: the last refusal to store is over
+        return True
 
     def _connect(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._reserve.restore_if_due(force=True)
+        self._reserve.restore(at_start=True)
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
         try:
             db.row_factory = sqlite3.Row
+            # Freed pages go back to the file system (PRAGMA incremental_vacuum), not only to later messages:
+            # a queue that filled its disk can give the space back once it has drained. A new file gets it at
+            # once; an older one when it is small enough to VACUUM (below).
+            db.execute("PRAGMA auto_vacuum=INCREMENTAL")
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.execute("PRAGMA foreign_keys=ON")
             # Debian's SQLite zeroes deleted content by default, which rewrites a delivered message's whole
             # blob into the WAL just to delete it; FAST zeroes only what costs no extra I/O.
             db.execute("PRAGMA secure_delete=FAST")
+            if self._reserve.size > 0:
+                # The WAL is checkpointed (and cut back) before it outgrows a quarter of the reserve: when the
+                # disk fills up, the released reserve always has room for the checkpoint that lets the WAL
+                # be reused (SQLite's default lets a WAL reach 4 MiB first).
+                wal = max(WAL_AT_LEAST, self._reserve.size // 4)
+                page = db.execute("PRAGMA page_size").fetchone()[0]
+                db.execute(f"PRAGMA wal_autocheckpoint={max(1, min(1000, wal // page))}")
+                db.execute(f"PRAGMA journal_size_limit={wal}")
             if self._max_page_count is not None:  # tests: simulate a full disk
                 db.execute(f"PRAGMA max_page_count={int(self._max_page_count)}")
             self._found_version, _ = sqlite_schema.migrate(db)
+            _incremental_vacuum_on(db, self.path)
         except BaseException:
             db.close()
             raise
@@ -146,7 +196,7 @@ class SqliteQueue:
         return token
 
     def _insert(self, m: NewMessage) -> int:
-        if self._reserve.released:
+        if self._reserve.released and not self._recover():  # measured again for every new message
             raise sqlite3.OperationalError("database or disk is full (its reserve is in use to drain the queue)")
         stored = message_row(m)
         with self._tx() as db:
@@ -165,6 +215,13 @@ class SqliteQueue:
         return await self._run(self._claim, owner, account, now, limit, lease)
 
     def _claim(self, owner: str, account: str, now: float, limit: int, lease: float) -> list[Claimed]:
+        # Looked for first without the write lock, which every process of the queue waits for: an idle
+        # worker's polls never take it (and a process paused while holding it would stop them all).
+        db = self.db
+        if not (
+            db.execute(SQL.due, (account, now, 1)).fetchone() or db.execute(SQL.reapable, (account, now, 1)).fetchone()
+        ):
+            return []
         with self._tx() as db:
             rows = db.execute(SQL.due, (account, now, limit)).fetchall()
             if len(rows) < limit:
@@ -181,10 +238,15 @@ class SqliteQueue:
                 rows_read.blob_chunk(row)
         return rows_read.claimed()
 
-    async def mark_sending(self, msg_id: str, token: int, keys: Sequence[str]) -> bool:
+    async def mark_sending(self, msg_id: str, token: int, keys: Sequence[str], lease_past: float | None = None) -> bool:
         def run() -> bool:
             with self._tx() as db:
-                if db.execute(SQL.holds, (msg_id, token)).fetchone() is None:
+                held = (
+                    db.execute(SQL.holds, (msg_id, token))
+                    if lease_past is None
+                    else db.execute(SQL.holds_lease, (msg_id, token, lease_past))
+                )
+                if held.fetchone() is None:
                     return False
                 db.executemany(SQL.mark_sending, [(msg_id, key) for key in keys])
             return True
@@ -238,7 +300,7 @@ class SqliteQueue:
     async def expire_owners(self, owners: Sequence[str], now: float) -> int:
         def run() -> int:
             with self._tx() as db:
-                return sum(db.execute(SQL.lease, (now - 1, owner)).rowcount for owner in owners)
+                return sum(db.execute(SQL.expire, (now - 1, owner, now)).rowcount for owner in owners)
 
         return await self._run(run)
 
@@ -273,6 +335,19 @@ class SqliteQueue:
     async def rate_pause(self, account: str, seconds: float, slow_for: float) -> None:
         await self._rate.pause(account, seconds, slow_for)
 
+    # -- AUTH counts ----------------------------------------------------------------------------------
+
+    async def auth_begin(self, client: str, rules: Rules) -> tuple[Record, authcount.Verdict, float]:
+        record, verdict, now = await self._rate.auth(client, rules.window, auth_begin_change(rules))
+        return record, verdict, now
+
+    async def auth_end(self, client: str, rules: Rules, failed: bool, in_flight: bool) -> tuple[Record, bool, float]:
+        record, locked, now = await self._rate.auth(client, rules.window, auth_end_change(rules, failed, in_flight))
+        return record, bool(locked), now
+
+    async def auth_lift(self, client: str, rules: Rules) -> bool:
+        return bool((await self._rate.auth(client, rules.window, auth_lift_change))[1])
+
     # -- shared quota counts (in the same side file as the rate buckets) ------------------------------------
 
     async def quota_take(self, login: str, windows: Sequence[Window], size: int) -> tuple[Verdict, dict[str, Counts]]:
@@ -287,7 +362,7 @@ class SqliteQueue:
     # -- idempotency keys -----------------------------------------------------------------------------
 
     async def claim_key(
-        self, account: str, key: str, msg_id: str, now: float, window: float, stale: float
+        self, account: str, key: str, msg_id: str, now: float, window: float, stale: float, digest: str | None = None
     ) -> KeyHit | None:
         def run() -> KeyHit | None:
             with self._tx() as db:
@@ -295,13 +370,13 @@ class SqliteQueue:
                 db.execute("DELETE FROM idempotency WHERE expires<?", (now,))
                 row = db.execute(SQL.key_row, (account, key)).fetchone()
                 if row is not None and (row["reply_id"] is not None or row["created"] >= now - stale):
-                    return KeyHit(row["msg_id"], row["reply_id"])
+                    return KeyHit(row["msg_id"], row["reply_id"], row["digest"])
                 if row is not None:
                     if db.execute(SQL.stored, (row["msg_id"],)).fetchone() is not None:
                         db.execute(SQL.key_answered, (account, key))
-                        return KeyHit(row["msg_id"], row["msg_id"])
+                        return KeyHit(row["msg_id"], row["msg_id"], row["digest"])
                     db.execute(SQL.key_drop, (account, key, row["msg_id"]))
-                db.execute(SQL.key_insert, (account, key, msg_id, now, now + window)).fetchall()
+                db.execute(SQL.key_insert, (account, key, msg_id, now, now + window, digest)).fetchall()
             return None
 
         return await self._run(run)
@@ -315,6 +390,16 @@ class SqliteQueue:
                     db.execute(SQL.key_reply, (reply_id, account, key, msg_id))
 
         await self._run(run)
+
+    async def record_key(
+        self, account: str, key: str, msg_id: str, reply_id: str, created: float, expires: float, digest: str | None
+    ) -> bool:
+        def run() -> bool:
+            with self._tx() as db:
+                row = db.execute(SQL.key_late, (account, key, msg_id, reply_id, created, expires, digest)).fetchone()
+            return row is not None
+
+        return await self._run(run)
 
     # -- operators ------------------------------------------------------------------------------------
 
@@ -373,3 +458,20 @@ class SqliteQueue:
             return found
 
         return await self._run(run)
+
+
+def _incremental_vacuum_on(db: sqlite3.Connection, path: Path) -> None:
+    """Turn a queue file written before auto_vacuum (0: none) into one that can give space back: VACUUM
+    when that is cheap (a small file), else say why it waits (it is tried again at every start)."""
+    if db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:
+        return
+    size = db.execute("PRAGMA page_count").fetchone()[0] * db.execute("PRAGMA page_size").fetchone()[0]
+    if size > VACUUM_AT_MOST:
+        log.warning("queue_auto_vacuum_pending", path=str(path), size=size, limit=VACUUM_AT_MOST)
+        return
+    try:
+        db.execute("VACUUM")
+    except sqlite3.OperationalError as exc:  # another process busy, or no room for the copy: next start
+        log.warning("queue_auto_vacuum_pending", path=str(path), size=size, error=str(exc))
+        return
+    log.info("queue_auto_vacuum_on", path=str(path), size=size)

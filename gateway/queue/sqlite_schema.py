@@ -93,7 +93,16 @@ CREATE TABLE blobs (
 # The message ledger (gateway/ledger/).
 V4 = shared_schema.LEDGER
 
-MIGRATIONS: list[str] = [V1, V2, V3, V4]
+# The digest of what a message said, kept with its idempotency key: a key reused for another message is
+# refused, not taken for a resend (NULL for keys stored before).
+V5 = """
+ALTER TABLE idempotency ADD COLUMN digest TEXT;
+"""
+
+# The return path: event cursors, suppressions, the webhook outbox, notices.
+V6 = shared_schema.RETURN_PATH
+
+MIGRATIONS: list[str] = [V1, V2, V3, V4, V5, V6]
 LATEST = len(MIGRATIONS)
 
 

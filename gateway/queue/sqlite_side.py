@@ -4,6 +4,7 @@ reserve."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import os
 import sqlite3
@@ -17,9 +18,11 @@ from typing import Any, TypeVar
 import structlog
 
 from gateway.core import quota, tokenbucket
+from gateway.core.authcount import Record
 from gateway.core.errors import SpoolUnavailable
 from gateway.queue.health import QueueHealth
 from gateway.queue.sql import FOR_SQLITE
+from gateway.queue.store import AUTH_SWEEP_EVERY, AuthChange, auth_read, auth_written
 
 log = structlog.get_logger("gateway.queue.sqlite")
 T = TypeVar("T")
@@ -27,23 +30,31 @@ SQL = FOR_SQLITE
 
 
 class RateFile:
-    """The token buckets and per-login quota counts of the local processes sharing a SQLite queue, in a side
-    file of their own: they need no durability (no fsync) and must not wait behind the queue's writes (own
+    """The token buckets, per-login quota counts and AUTH counts of the local processes sharing a SQLite queue,
+    in a side file of their own: they need no durability (no fsync) and must not wait behind the queue's writes (own
     thread)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="queue-rate")
         self._db: sqlite3.Connection | None = None
+        self._next_sweep = 0.0
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
+            db.row_factory = sqlite3.Row
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=OFF")
             db.execute(
                 "CREATE TABLE IF NOT EXISTS rate_buckets (account TEXT PRIMARY KEY, tat REAL NOT NULL,"
                 " slow_until REAL NOT NULL DEFAULT 0)"
+            )
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS auth_clients (client TEXT PRIMARY KEY,"
+                " failures INTEGER NOT NULL DEFAULT 0, since REAL NOT NULL DEFAULT 0,"
+                " in_flight INTEGER NOT NULL DEFAULT 0, in_flight_until REAL NOT NULL DEFAULT 0,"
+                " locked_until REAL NOT NULL DEFAULT 0)"
             )
             db.execute(
                 "CREATE TABLE IF NOT EXISTS quota_counts (login TEXT NOT NULL, win TEXT NOT NULL, messages INTEGER"
@@ -75,6 +86,26 @@ class RateFile:
                 db.execute(SQL.rate_write, (tokenbucket.paused(tat, now, seconds), now + slow_for, account))
 
         await self._run(run)
+
+    async def auth(self, client: str, window: float, change: AuthChange) -> tuple[Record, Any, float]:
+        """Apply `change` to `client`'s AUTH record under the file's write lock; a record left with nothing
+        to remember is deleted (and, now and then, every such record)."""
+
+        def run() -> tuple[Record, Any, float]:
+            with self._tx() as db:
+                db.execute(SQL.auth_row, (client,))
+                record, now = auth_read(db.execute(SQL.auth_read, (client,)).fetchone())
+                record, result = change(record, now)
+                if record.clean():
+                    db.execute(SQL.auth_forget, (client,))
+                else:
+                    db.execute(SQL.auth_write, auth_written(client, record))
+                if now >= self._next_sweep:
+                    self._next_sweep = now + AUTH_SWEEP_EVERY
+                    db.execute(SQL.auth_sweep, (now - window, now, now))
+            return record, result, now
+
+        return await self._run(run)
 
     async def quota_take(
         self, login: str, windows: Sequence[quota.Window], size: int
@@ -151,16 +182,14 @@ def disk_full(exc: sqlite3.OperationalError) -> bool:
 
 class Reserve:
     """Disk space set aside beside the queue (a pre-allocated file), released only to let stored messages
-    drain when the file system fills up, and taken back once there is room again."""
-
-    RETRY_EVERY = 30.0
+    drain when the file system fills up, and taken back as soon as the file system has room for it again
+    (measured each time the queue asks, never guessed)."""
 
     def __init__(self, path: Path, size: int, health: QueueHealth | None = None) -> None:
         self.path = path
         self.size = size
         self._health = health  # told when the reserve is in use (/readyz)
         self._released = False
-        self._next_try = 0.0
 
     @property
     def released(self) -> bool:
@@ -181,7 +210,6 @@ class Reserve:
         except FileNotFoundError:
             return False
         self.released = True
-        self._next_try = time.monotonic() + self.RETRY_EVERY
         log.error(
             "queue_disk_full",
             path=str(self.path.parent),
@@ -190,23 +218,34 @@ class Reserve:
         )
         return True
 
-    def restore_if_due(self, force: bool = False) -> None:
-        if self.size <= 0 or (not force and (not self.released or time.monotonic() < self._next_try)):
-            return
-        self._next_try = time.monotonic() + self.RETRY_EVERY
+    def room(self) -> int:
+        """Bytes the file system has free for the queue now."""
+        st = os.statvfs(self.path.parent)
+        return st.f_bavail * st.f_frsize
+
+    def restore(self, at_start: bool = False) -> bool:
+        """Take the reserve (back) if the file system has room for it now; True when it is in place. Taken
+        back only with as much again free beside it: the queue must be able to work without reaching for it
+        at once (the file system would be full again at the next write, and the reserve released again)."""
+        if self.size <= 0 or (not at_start and not self.released):
+            return True
         try:
             if self.path.exists() and self.path.stat().st_size >= self.size:
-                self.released = False
-                return
+                self.released = False  # another process of this queue took it back
+                return True
+            needed = self.size if at_start else 2 * self.size
+            if (free := self.room()) < needed:  # measured first: no half-allocated file to clean up
+                raise OSError(errno.ENOSPC, f"{free} bytes free, {needed} needed")
             with self.path.open("wb") as fh:
                 os.posix_fallocate(fh.fileno(), 0, self.size)
         except OSError as exc:
             self.path.unlink(missing_ok=True)  # not enough room yet: keep draining, try again later
-            if force and not self.released:
+            if at_start and not self.released:
                 # At start: run without a reserve (a full disk then stalls retries until there is room).
                 log.warning("queue_disk_reserve_unavailable", path=str(self.path), size=self.size, error=str(exc))
                 self.size = 0
-            return
+            return False
         if self.released:
             log.info("queue_disk_reserve_restored", path=str(self.path.parent), size=self.size)
         self.released = False
+        return True

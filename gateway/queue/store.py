@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
+from gateway.core import authcount
+from gateway.core.authcount import Record, Rules
 from gateway.core.quota import Counts, Verdict, Window
 from gateway.core.records import CallRow, Decision, DeliveryState
 from gateway.queue.health import QueueHealth
@@ -61,6 +63,7 @@ class KeyHit:
 
     msg_id: str
     reply_id: str | None
+    digest: str | None = None  # what the first message said (None: stored before digests were kept)
 
 
 class QueueStore(Protocol):
@@ -90,8 +93,10 @@ class QueueStore(Protocol):
         expired (reaped). Each claim changes the message's token. Never claims one message twice."""
         ...
 
-    async def mark_sending(self, msg_id: str, token: int, keys: Sequence[str]) -> bool:
-        """The owner is about to send these calls. False: the token is stale (another owner has it)."""
+    async def mark_sending(self, msg_id: str, token: int, keys: Sequence[str], lease_past: float | None = None) -> bool:
+        """The owner is about to send these calls. False (nothing marked): the token is stale (another owner
+        has it), or, given `lease_past`, the lease ends before then (its owner was paused past it: the
+        message may be claimed by another any moment). The fencing check before every call."""
         ...
 
     async def settle(self, msg_id: str, token: int, decision: Decision, now: float) -> bool:
@@ -107,7 +112,8 @@ class QueueStore(Protocol):
         ...
 
     async def expire_owners(self, owners: Sequence[str], now: float) -> int:
-        """End the leases of owners known to be dead (same host, process gone) so they are reaped now."""
+        """End the leases of owners known to be dead (same host, process gone) so they are reaped now. Returns
+        how many leases it ended (leases already over are not counted again)."""
         ...
 
     async def owners(self) -> list[str]:
@@ -141,6 +147,22 @@ class QueueStore(Protocol):
         (half at first, recovering linearly: give rate_slot the same `recovery`)."""
         ...
 
+    # -- AUTH counts shared by every process and instance on this queue ----------------------------------
+
+    async def auth_begin(self, client: str, rules: Rules) -> tuple[Record, authcount.Verdict, float]:
+        """An AUTH attempt of `client` starts (gateway.core.authcount.begin, under the record's lock): the
+        record after it, the verdict, and the store's clock."""
+        ...
+
+    async def auth_end(self, client: str, rules: Rules, failed: bool, in_flight: bool) -> tuple[Record, bool, float]:
+        """An AUTH attempt of `client` ended (authcount.end): the record after it, whether its failure started a
+        lockout, and the store's clock."""
+        ...
+
+    async def auth_lift(self, client: str, rules: Rules) -> bool:
+        """Forget `client`'s failures and lockout (an operator's decision). False: nothing was held."""
+        ...
+
     # -- per-login quotas shared by every instance on this queue -----------------------------------------
 
     async def quota_take(self, login: str, windows: Sequence[Window], size: int) -> tuple[Verdict, dict[str, Counts]]:
@@ -159,9 +181,10 @@ class QueueStore(Protocol):
     # -- idempotency keys (resends are not sent twice) --------------------------------------------------
 
     async def claim_key(
-        self, account: str, key: str, msg_id: str, now: float, window: float, stale: float
+        self, account: str, key: str, msg_id: str, now: float, window: float, stale: float, digest: str | None = None
     ) -> KeyHit | None:
-        """Record `key` for a new message; if it is already known within `window`, the earlier one.
+        """Record `key` (with the message's `digest`) for a new message; if it is already known within
+        `window`, the earlier one.
 
         A key still unanswered after `stale` seconds belongs to an attempt whose process died: if its
         message is in the queue it was accepted (the hit carries that message's id); otherwise the new
@@ -170,6 +193,13 @@ class QueueStore(Protocol):
 
     async def finish_key(self, account: str, key: str, msg_id: str, reply_id: str | None) -> None:
         """The message answered (reply_id: the id its 250 carried) or was refused (None: forget the key)."""
+        ...
+
+    async def record_key(
+        self, account: str, key: str, msg_id: str, reply_id: str, created: float, expires: float, digest: str | None
+    ) -> bool:
+        """A key whose message answered while the queue could not record it (claim_key failed): record it
+        now, answered. False when the key was taken meanwhile (by another instance): that one stays."""
         ...
 
     # -- operators (smtp-gateway queue ...) -------------------------------------------------------------
@@ -236,6 +266,40 @@ def message_row(m: NewMessage) -> MessageRow:
             m.submission,
         ),
     )
+
+
+# How often a process sweeps the shared AUTH counts of clients that stopped trying (seconds).
+AUTH_SWEEP_EVERY = 60.0
+AuthChange = Callable[[Record, float], tuple[Record, Any]]
+
+
+def auth_read(row: Any) -> tuple[Record, float]:
+    """A row of auth_clients (read with the store's clock as `now`): the record, and that clock."""
+    record = Record(
+        int(row["failures"]),
+        float(row["since"]),
+        int(row["in_flight"]),
+        float(row["in_flight_until"]),
+        float(row["locked_until"]),
+    )
+    return record, float(row["now"])
+
+
+def auth_written(client: str, r: Record) -> tuple[Any, ...]:
+    """The parameters of auth_write for `r`."""
+    return (r.failures, r.since, r.in_flight, r.in_flight_until, r.locked_until, client)
+
+
+def auth_begin_change(rules: Rules) -> AuthChange:
+    return lambda r, now: authcount.begin(r, now, rules)
+
+
+def auth_end_change(rules: Rules, failed: bool, in_flight: bool) -> AuthChange:
+    return lambda r, now: authcount.end(r, now, rules, failed=failed, in_flight=in_flight)
+
+
+def auth_lift_change(r: Record, now: float) -> tuple[Record, bool]:
+    return authcount.NEW, not r.clean()
 
 
 CHUNK = 1 << 20

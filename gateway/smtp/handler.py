@@ -23,8 +23,16 @@ from gateway.config import LimitsSettings, ListenerSettings
 from gateway.core import replies
 from gateway.core.errors import GatewayError
 from gateway.core.model import Origin, Principal
-from gateway.limits.clients import Defenses, client_key
-from gateway.ops.metrics import AUTH, AUTH_DELAYED, AUTH_LOCKOUTS, AUTH_TRACKED, INTERNAL_ERRORS, LIMIT_HITS
+from gateway.limits.clients import AuthTicket, Defenses, client_key
+from gateway.ops.metrics import (
+    AUTH,
+    AUTH_DELAYED,
+    AUTH_LOCKOUTS,
+    AUTH_TRACKED,
+    INTERNAL_ERRORS,
+    LIMIT_HITS,
+    LOGIN_AUTH_FAILURES,
+)
 from gateway.pipeline import Pipeline
 from gateway.smtp.logins import PerLogin
 
@@ -151,7 +159,10 @@ class GatewayHandler:
         if len(parts) != 3:
             await server.push(str(replies.AUTH_PLAIN_UNSPLIT))
             return AuthResult(success=False, handled=True)
-        return await self._check(server, parts[1], parts[2])
+        authzid, login, password = parts
+        # RFC 4616's authorization identity: to act as someone else. No login may (Postfix refuses it too
+        # unless allowed): refused unchecked, as a failed AUTH, so it never logs in as either.
+        return await self._check(server, login, password, other_identity=bool(authzid) and authzid != login)
 
     async def auth_LOGIN(self, server: Any, args: list[str]) -> AuthResult:
         if await self._locked_out(server):
@@ -178,7 +189,13 @@ class GatewayHandler:
         owner = self.authenticator.owner(checked)
         return self.per_login.tls_refusal(server, owner, self.authenticator.label(checked))
 
-    async def _check(self, server: Any, login: bytes, password: bytes) -> AuthResult:
+    async def _check(self, server: Any, login: bytes, password: bytes, other_identity: bool = False) -> AuthResult:
+        try:
+            return await self._checked(server, login, password, other_identity)
+        finally:
+            await self._end_attempt(server)
+
+    async def _checked(self, server: Any, login: bytes, password: bytes, other_identity: bool) -> AuthResult:
         session: Session = server.session
         try:
             username, secret = login.decode("utf-8"), password.decode("utf-8")
@@ -193,23 +210,30 @@ class GatewayHandler:
         throttled = await self._throttle(server, fields)
         if throttled is not None:
             return throttled
+        if other_identity:
+            return await self._refuse(server, session, {**fields, "authzid": "differs from the login"})
         try:
             principal = await self.authenticator.authenticate(checked, secret)
         except AuthFailed as exc:
             if exc.reason and self.per_login is not None:
                 self.per_login.expired(*self._owner_labels(checked))
+            account, user = self._owner_labels(checked)
+            if account and user != "*":
+                LOGIN_AUTH_FAILURES.labels(account=account, login=user).inc()
             return await self._refuse(server, session, {**fields, **({"reason": exc.reason} if exc.reason else {})})
         except AuthUnavailable as exc:
             return self._unavailable(server, str(exc), fields)
         return await self._accepted(server, principal, fields, mapped)
 
     async def _throttle(self, server: Any, fields: dict[str, str]) -> AuthResult | None:
-        """Before credentials are checked: a client locked out meanwhile is refused; one that failed often
-        waits first (growing, bounded), then is checked."""
+        """Before credentials are checked: the attempt is counted in flight from here until its outcome
+        (attempts in flight count toward the lockout with the failures); a client locked out meanwhile is
+        refused; one that failed often waits first (growing, bounded), then is checked."""
         session: Session = server.session
-        verdict = self.defenses.auth.before(_client(session))
-        if verdict.locked_for:  # locked out while this exchange ran
+        ticket, verdict = await self.defenses.auth.begin(_client(session))
+        if ticket is None:  # locked out (or as many attempts in flight as a lockout allows)
             return await self._refuse(server, session, fields, checked=False)
+        server.auth_ticket = ticket  # ended by _refuse (a failure) or by _end_attempt (any other outcome)
         if verdict.delay:
             AUTH_DELAYED.inc()
             log.info("auth_delayed", peer=_peer(session), delay=verdict.delay, client_failures=verdict.failures)
@@ -260,6 +284,15 @@ class GatewayHandler:
         if blob is None:
             return AuthResult(success=False, handled=True)
         fields: dict[str, str] = {"mechanism": mechanism}
+        try:
+            return await self._bearer_checked(server, blob, mechanism, fields)
+        finally:
+            await self._end_attempt(server)
+
+    async def _bearer_checked(
+        self, server: Any, blob: bytes, mechanism: sasl.Mechanism, fields: dict[str, str]
+    ) -> AuthResult:
+        assert self.oauth is not None
         throttled = await self._throttle(server, fields)
         if throttled is not None:
             return throttled
@@ -286,18 +319,27 @@ class GatewayHandler:
             return "", login
         return owner[0], owner[1].username if owner[1] is not None else "*"
 
+    async def _end_attempt(self, server: Any) -> None:
+        """The attempt `_throttle` began ended otherwise than refused (accepted, upstream unavailable, ...)."""
+        ticket = getattr(server, "auth_ticket", None)
+        if ticket is not None:
+            server.auth_ticket = None
+            await self.defenses.auth.end(ticket, failed=False)
+
     async def _refuse(self, server: Any, session: Session, fields: dict[str, str], checked: bool = True) -> AuthResult:
         key = _client(session)
         if checked:
             AUTH.labels(result="invalid").inc()
-            locked = self.defenses.auth.failed(key)
+            ticket, server.auth_ticket = getattr(server, "auth_ticket", None), None
+            locked = await self.defenses.auth.end(ticket or AuthTicket(key, "none"), failed=True)
             AUTH_TRACKED.set(len(self.defenses.auth))
         else:
             AUTH.labels(result="locked_out").inc()
             locked = True
         failures = getattr(session, "auth_failures", 0) + 1
         session.auth_failures = failures  # type: ignore[attr-defined]
-        log.info("auth_failed", peer=_peer(session), failures=failures, **fields)
+        unchecked = {} if checked else {"checked": False}  # refused before any check: no guess was made
+        log.info("auth_failed", peer=_peer(session), failures=failures, **fields, **unchecked)
         server.mark_logged()
         if locked:
             if checked:

@@ -208,13 +208,19 @@ class TlsHandshake(asyncio.BufferedProtocol):
     # -- outcome ------------------------------------------------------------------------------------------
 
     def abort(self) -> None:
-        """Cut the connection off now (or as soon as it is made): the listener is shutting down.
+        """Cut the TCP connection off now (or as soon as it is made): the listener is shutting down.
 
-        The handshake then ends as a failure (`result` False, `on_failure` called) that is not reported.
+        During the handshake, it then ends as a failure (`result` False, `on_failure` called) that is not
+        reported. After a successful one this is how the TLS session is aborted: SSLProtocol hears of it
+        (connection_lost) and tells the session. The TLS transport's own abort() cannot be used for that:
+        aiosmtpd closes it twice after QUIT (the command, then its cancelled task), the second close() drops
+        its SSLProtocol, and early 3.11 releases (Debian 12's 3.11.2; 3.11.7 has the guard) then raise
+        AttributeError from abort(). The TCP transport underneath has no such state.
         """
         self._aborted = True
-        if self._transport is not None and not self.result.done():
-            cast(asyncio.Transport, self._transport).abort()
+        if self._transport is None or (self.result.done() and not self.result.result()):
+            return  # not connected yet (connection_made aborts), or failed and closed already
+        cast(asyncio.Transport, self._transport).abort()
 
     def _finished(self, waiter: asyncio.Future[None]) -> None:
         error = None if waiter.cancelled() else waiter.exception()

@@ -150,9 +150,9 @@ class GatewaySMTP(SMTP):
         self.say_and_close(str(replies.SHUTTING_DOWN), logged=True)
 
     def abort(self) -> None:
-        """Hard close, for a client that did not complete the graceful one in time."""
-        if self._in_handshake():
-            assert self.handshake is not None
+        """Hard close, for a client that did not complete the graceful one in time (a TLS session: the TCP
+        connection under it, see TlsHandshake.abort)."""
+        if self.handshake is not None:
             self.handshake.abort()
         elif self.transport is not None:
             cast(asyncio.WriteTransport, self.transport).abort()

@@ -7,12 +7,18 @@ Every failure is classified by when it happened, because that decides whether re
     an answer                                                                  -> HttpResponse (any status)
 
 Write errors count as "nothing sent": an upstream cannot act on a request it did not receive whole.
+
+A request waits for one of the account's `max_connections` first (here, not inside the transport), so
+that its `before_send` (the delivery owner's fencing check) runs after every wait and right before the
+request is written.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Literal
 
@@ -64,7 +70,7 @@ class HttpClient:
         self.base_url = base_url.rstrip("/")
         self.upstream = upstream  # "DMDS", "dEngage": for log reasons
         self.account = account
-        self._timeout = {"connect": min(timeout, 10.0), "read": timeout, "write": timeout, "pool": timeout}
+        self._timeout = self.timeouts(timeout)
         context = ssl.create_default_context(cafile=str(ca_file)) if ca_file is not None else None
         self._transport = (
             transport
@@ -73,6 +79,8 @@ class HttpClient:
         )
         # Metric children by (endpoint, outcome), bound once: labels() costs a lock and a dict walk per call.
         self._metrics: dict[tuple[str, str], Histogram] = {}
+        # One per connection of the pool: a request holding one never waits inside the transport.
+        self._connections = asyncio.Semaphore(max_connections)
 
     async def request(
         self,
@@ -82,20 +90,53 @@ class HttpClient:
         *,
         headers: dict[str, str],
         content: bytes | jsonbody.Body | None = None,
+        before_send: Callable[[], Awaitable[None]] | None = None,
+        timeout: float | None = None,
     ) -> HttpResponse:
         """One call; `endpoint` is a short stable name for metrics ("send_one", "login", ...). A `Body` (a JSON
-        body with large blobs) is streamed from its pieces, with its Content-Length."""
+        body with large blobs) is streamed from its pieces, with its Content-Length. `before_send` runs once
+        a connection is free, right before the request goes; what it raises, the request does not send.
+        `timeout`: this call's (the client's otherwise)."""
+        limits = self._timeout if timeout is None else self.timeouts(timeout)
+        if not self._connections.locked():
+            await self._connections.acquire()  # free: no timer needed
+        else:
+            started = time.perf_counter()
+            try:
+                async with asyncio.timeout(limits["pool"]):
+                    await self._connections.acquire()
+            except TimeoutError:
+                self._observe(endpoint, "not_sent", time.perf_counter() - started)
+                raise UpstreamUnavailable(
+                    f"{self.upstream}: no free connection within {limits['pool']:g}s, request not sent"
+                ) from None
+        try:
+            if before_send is not None:
+                await before_send()
+            return await self._send(endpoint, method, path, headers, content, limits)
+        finally:
+            self._connections.release()
+
+    async def _send(
+        self,
+        endpoint: str,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        content: bytes | jsonbody.Body | None,
+        limits: dict[str, float],
+    ) -> HttpResponse:
         if isinstance(content, jsonbody.Body):
             request = httpx.Request(
                 method,
                 self.base_url + path,
                 headers={**headers, "Content-Length": str(len(content))},
                 content=content.aiter(),
-                extensions={"timeout": self._timeout, "body": content},
+                extensions={"timeout": limits, "body": content},
             )
         else:
             request = httpx.Request(
-                method, self.base_url + path, headers=headers, content=content, extensions={"timeout": self._timeout}
+                method, self.base_url + path, headers=headers, content=content, extensions={"timeout": limits}
             )
         started = time.perf_counter()
         outcome = "answer_lost"
@@ -123,6 +164,10 @@ class HttpClient:
         return HttpResponse(
             status=response.status_code, body=body, headers={k.lower(): v for k, v in response.headers.items()}
         )
+
+    @staticmethod
+    def timeouts(seconds: float) -> dict[str, float]:
+        return {"connect": min(seconds, 10.0), "read": seconds, "write": seconds, "pool": seconds}
 
     def _observe(self, endpoint: str, outcome: str, seconds: float) -> None:
         child = self._metrics.get((endpoint, outcome))

@@ -4,6 +4,10 @@ The bucket is gateway.core.tokenbucket's: each call reserves the next free slot,
 are served in order without a lock, and a caller that would wait longer than it can afford gets
 RateLimited without taking a slot. A 429 pauses the bucket for the upstream's Retry-After and halves its
 rate; the rate recovers linearly over `recovery` seconds (additive increase).
+
+A slot is a moment: a caller that reaches it late (its process paused by SIGSTOP, a GC or a frozen VM, or
+an event loop far behind) gives it up and takes a fresh one, or every caller woken at once would go at once
+(a paused process's reserved slots all spent in the same instant, far over the rate).
 """
 
 from __future__ import annotations
@@ -16,10 +20,27 @@ from typing import Protocol
 import structlog
 
 from gateway.core import tokenbucket
+from gateway.core.episode import Episode
 from gateway.core.errors import Deferred, RateLimited
 from gateway.ops.metrics import RATE_LIMIT_WAIT
 
 log = structlog.get_logger("gateway.upstream")
+# A slot reached later than one interval (at least 50 ms of event-loop jitter, at most this) is given up.
+LATE_AT_MOST = 0.25
+
+
+def lateness_allowed(interval: float) -> float:
+    """How late a slot may be spent: calls woken together then go at most one interval's worth over the rate."""
+    return min(max(interval, 0.05), LATE_AT_MOST)
+
+
+async def reached(wait: float, allowed: float, clock: Callable[[], float] = time.monotonic) -> bool:
+    """Wait `wait` seconds for a slot; False when it was reached more than `allowed` late (given up)."""
+    if wait <= 0:
+        return True
+    due = clock() + wait
+    await asyncio.sleep(wait)
+    return clock() - due <= allowed
 
 
 class RateLimiter(Protocol):
@@ -71,10 +92,11 @@ class TokenBucket:
         return slot.wait
 
     async def acquire(self, max_wait: float | None = None) -> None:
-        wait = self.reserve(max_wait)
-        self._wait_metric.observe(wait)
-        if wait > 0:
-            await asyncio.sleep(wait)
+        while True:
+            wait = self.reserve(max_wait)
+            self._wait_metric.observe(wait)
+            if await reached(wait, lateness_allowed(1.0 / self.rate), self._clock):
+                return
 
     async def penalize(self, retry_after: float | None) -> None:
         now = self._clock()
@@ -100,30 +122,34 @@ class SharedBucket:
         self._recovery = recovery
         self._local = TokenBucket(rate, burst, account=account, recovery=recovery)
         self._wait_metric = RATE_LIMIT_WAIT.labels(account=account)
-        self._degraded = False
+        self._degraded = Episode()  # the store cannot be reached: this process's own bucket serves
 
     async def acquire(self, max_wait: float | None = None) -> None:
-        try:
-            wait = await self._slot(self._account, self._interval, self._burst, self._recovery)
-        except Deferred as exc:
-            if not self._degraded:
-                self._degraded = True
-                log.error(
-                    "rate_limit_store_unavailable",
-                    account=self._account,
-                    error=exc.reason,
-                    fallback="this process's own bucket",
-                )
-            await self._local.acquire(max_wait)
-            return
-        self._degraded = False
-        self._wait_metric.observe(wait)
-        if wait > 0:
-            await asyncio.sleep(wait)
+        while True:
+            try:
+                wait = await self._slot(self._account, self._interval, self._burst, self._recovery)
+            except Deferred as exc:
+                self._unavailable(exc)
+                await self._local.acquire(max_wait)
+                return
+            if (over := self._degraded.ended()) is not None:
+                log.info("rate_limit_store_available", account=self._account, local_for=over.lasted, calls=over.seen)
+            self._wait_metric.observe(wait)
+            if await reached(wait, lateness_allowed(self._interval)):
+                return
 
     async def penalize(self, retry_after: float | None) -> None:
         await self._local.penalize(retry_after)
         try:
             await self._pause(self._account, retry_after if retry_after is not None else 1.0, self._recovery)
         except Deferred as exc:
-            log.error("rate_limit_store_unavailable", account=self._account, error=exc.reason)
+            self._unavailable(exc)
+
+    def _unavailable(self, exc: Deferred) -> None:
+        if self._degraded.occurred():  # once per outage of the store, not once per call
+            log.error(
+                "rate_limit_store_unavailable",
+                account=self._account,
+                error=exc.reason,
+                fallback="this process's own bucket",
+            )

@@ -9,7 +9,21 @@ from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from gateway.config.base import AccountBase, UserSettings, secret_or_file
+from gateway.config.base import AccountBase, UserSettings, http_base_url, secret_or_file
+from gateway.config.returnpath import EventSettings
+
+
+class DengageEventSettings(EventSettings):
+    """[accounts.X.events] of a dEngage account: GetTransactionalEmailReport by time window, filtered by a tag
+    the gateway adds to each message it sends while events are read."""
+
+    page_size: int = Field(100, ge=100, le=1000, description="Report rows asked for per page (dEngage: 100 to 1000).")
+    tag: str = Field(
+        "smtp-gateway",
+        description="Added to every message's `tags` while events are enabled, and the report is filtered by it "
+        "(other systems' mail on the account stays out); empty: no tag, the whole account's report.",
+    )
+
 
 # A request field as a dotted path ("content.fromAddress").
 FIELD_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
@@ -65,6 +79,7 @@ class DengageAccount(AccountBase):
     )
     users: list[DengageUser] = Field([], description="Logins configured here, each with its password hash.")
     tags: list[str] = Field([], description="Report tags added to every message of this account.")
+    events: DengageEventSettings = Field(DengageEventSettings(), description="Reading dEngage's report back.")
     # Where the From goes: no field name is confirmed (upstream-apis.md §2.3), so none is sent by default.
     from_address_field: str | None = Field(
         None,
@@ -122,6 +137,11 @@ class DengageAccount(AccountBase):
     def api_password(self) -> str:
         assert self.password is not None  # _secret_sources guarantees it
         return self.password.get_secret_value()
+
+    @field_validator("api_base")
+    @classmethod
+    def _api_base_is_a_url(cls, v: str) -> str:
+        return http_base_url(v)
 
     @field_validator("sender_domains")
     @classmethod

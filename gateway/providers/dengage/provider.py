@@ -18,6 +18,7 @@ import structlog
 from gateway.config.base import UserSettings
 from gateway.core import replies
 from gateway.core.errors import ContentRejected, RateLimited, UpstreamAuthFailed
+from gateway.core.events import EventSource
 from gateway.core.model import Address, Call, Message, Principal, ProviderData, Submission
 from gateway.core.outcome import BeforeSend, Outcome, no_hook
 from gateway.mime import jsonbody
@@ -28,6 +29,7 @@ from gateway.providers.checks import AccountCheck
 from gateway.providers.dengage import wire
 from gateway.providers.dengage.config import DengageAccount, DengageUser
 from gateway.providers.dengage.data import DengageLogin, DengageParams
+from gateway.providers.dengage.events import DengageEvents
 from gateway.providers.dengage.session import JSON, Identities, TokenSource
 from gateway.upstream.client import HttpClient
 from gateway.upstream.ratelimit import RateLimiter, Unlimited
@@ -70,6 +72,7 @@ class DengageProvider(ProviderBase[DengageAccount]):
         # The API user's login as it appears in logs and replies: never the userkey itself.
         self._api_login = f"{account}:api-user"
         self._warned_no_id = False
+        self._events: DengageEvents | None = None
         self._x_header_patterns = tuple(p.lower() for p in settings.forward_x_headers)
 
     # -- logins ------------------------------------------------------------------------------------
@@ -154,10 +157,28 @@ class DengageProvider(ProviderBase[DengageAccount]):
                 raise ContentRejected(reply=replies.NO_SUBJECT)
             message = replace(message, subject=self._default_subject(principal, message, mail_from))
         message = self._forwarded(message)
-        tags = merge_tags(self.settings.tags, DengageLogin.read(principal.extra).tags, options.get(TAGS_OPTION, ""))
+        tags = merge_tags(
+            self.settings.tags, DengageLogin.read(principal.extra).tags, options.get(TAGS_OPTION, ""), self._event_tag()
+        )
         # `ref` is chosen once and kept with the queued message: the seed of each call's idempotency key.
         params = DengageParams(tags=tuple(tags), template=template, ref=uuid.uuid4().hex)
         return Submission(principal=principal, mail_from=mail_from, rcpt_tos=rcpt_tos, message=message, params=params)
+
+    def _event_tag(self) -> list[str]:
+        """The tag the report is read by, on every message while events are read back."""
+        events = self.settings.events
+        return [events.tag] if events.enabled and events.tag else []
+
+    def notice_params(self, original: ProviderData) -> ProviderData:
+        """A notice keeps the message's tags, not its template, and gets its own idempotency seed."""
+        return DengageParams(tags=DengageParams.read(original).tags, ref=uuid.uuid4().hex)
+
+    def event_source(self) -> EventSource | None:
+        if not self.settings.events.enabled:
+            return None
+        if self._events is None:
+            self._events = DengageEvents(self.account, self.settings, self._authorized)
+        return self._events
 
     def _default_subject(self, principal: Principal, message: Message, mail_from: str) -> str:
         """The account's default_subject for a message without one (its placeholders filled in)."""
@@ -281,7 +302,15 @@ class DengageProvider(ProviderBase[DengageAccount]):
         return result
 
     async def _fetch_froms(self) -> tuple[wire.Identity, ...]:
-        return await self._authorized("froms", "GET", str(wire.WIRE["froms"]), wire.from_identities)
+        try:
+            found = await self._authorized("froms", "GET", str(wire.WIRE["froms"]), wire.from_identities)
+        except UpstreamAuthFailed as exc:
+            # The same refusal as at the send endpoint (the IP allowlist, a refused API user): counted, logged
+            # when it begins, and /readyz names it; MAIL FROM gets 451 while no list was ever fetched.
+            self.health.failed(self.account, exc)
+            raise
+        self.health.credentials_accepted(self.account)
+        return found
 
     async def _authorized(
         self,
@@ -298,10 +327,11 @@ class DengageProvider(ProviderBase[DengageAccount]):
         for attempt in (1, 2):
             token = await self.tokens.get()
             await self.limiter.acquire()
-            if sending is not None:
-                await sending()
             headers = {**JSON, "Authorization": f"Bearer {token}", **(extra or {})}
-            response = await self.http.request(endpoint, method, path, headers=headers, content=content)
+            # `sending` (the fencing check) runs after the waits for the token, the limiter and a connection.
+            response = await self.http.request(
+                endpoint, method, path, headers=headers, content=content, before_send=sending
+            )
             try:
                 return parse(response)
             except wire.TokenRejected as exc:

@@ -1,4 +1,5 @@
-"""The dEngage half of `smtp-gateway sandbox`: login, froms and transactional email under /rest.
+"""The dEngage half of `smtp-gateway sandbox`: login, froms and transactional email under /rest (the report:
+sandbox_events.py).
 
 It behaves as upstream-apis.md part 2 describes dEngage: the IP allowlist is checked first (403 with the
 reason in `actionResult`), then a real per-second limit per client IP (429 with Retry-After, sliding
@@ -39,6 +40,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from gateway.providers.dengage.sandbox_events import install_events, record_send
 from gateway.providers.sandbox import Sandbox, email_error, json_response
 
 PROVIDER = "dengage"
@@ -302,6 +304,7 @@ def install(sandbox: Sandbox, state: DengageSandbox) -> None:
                 error="temporary failure for this recipient",
             )
         entry["upstream_id"] = transactional = str(uuid.uuid4())  # whatever the shape calls it
+        record_send(sandbox, body, transactional)
         if sandbox.state.shape == "alt":
             data: dict[str, Any] = {
                 "trackingIds": [{"email": body["send"]["to"], "trackingId": transactional}],
@@ -321,4 +324,5 @@ def install(sandbox: Sandbox, state: DengageSandbox) -> None:
     sandbox.app.router.add_post("/rest/transactional/email", send)
     sandbox.app.router.add_post("/_sandbox/dengage", control)
     sandbox.app.router.add_get("/_sandbox/dengage", control)
+    install_events(sandbox, entry_for, gate, authenticated, _refused, fault_body, NOT_AUTHENTICATED)
     sandbox.redactors.append(redact)

@@ -15,6 +15,7 @@ import orjson
 import structlog
 
 from gateway.core.cache import SingleFlight
+from gateway.core.episode import Episode
 from gateway.core.errors import Deferred, RateLimited, UpstreamAuthFailed
 from gateway.ops.metrics import INTERNAL_ERRORS
 from gateway.providers.dengage import wire
@@ -28,7 +29,6 @@ log = structlog.get_logger("gateway.dengage")
 FAILURE_HOLD = 2.0
 # Renew this long before the token expires (clients use 60 s [C]), or a tenth of its lifetime if shorter.
 RENEW_MARGIN = 60.0
-LOG_EVERY = 60.0  # an unreachable identities list is logged at most once a minute
 JSON = {"Accept": "application/json", "Content-Type": "application/json"}
 
 
@@ -51,6 +51,7 @@ class TokenSource:
         self._renew_at = 0.0
         self._login: SingleFlight[None, str] = SingleFlight()
         self._failure: tuple[Deferred, float] | None = None
+        self._failing = Episode(clock)
         self.logins = 0  # logins sent by this process (tests and metrics read it)
 
     async def get(self) -> str:
@@ -80,12 +81,15 @@ class TokenSource:
             if isinstance(exc, RateLimited):
                 await self._limiter.penalize(exc.retry_after)
             self._failure = (exc, self._clock() + FAILURE_HOLD)
-            log.warning("dengage_login_failed", account=self.account, reason=exc.reason)
+            if self._failing.occurred():  # once until a login succeeds, not once per try
+                log.warning("dengage_login_failed", account=self.account, reason=exc.reason)
             raise
         self._failure = None
         self._token = token.value
         self._renew_at = sent + token.expires_in - min(RENEW_MARGIN, token.expires_in / 10)
-        log.info("dengage_login", account=self.account, expires_in=token.expires_in)
+        over = self._failing.ended()
+        failed = {"failed_logins": over.seen, "failed_for": over.lasted} if over is not None else {}
+        log.info("dengage_login", account=self.account, expires_in=token.expires_in, **failed)
         return token.value
 
 
@@ -107,7 +111,7 @@ class Identities:
         self._fresh_until = 0.0
         self._update: SingleFlight[None, tuple[wire.Identity, ...]] = SingleFlight()
         self._failure: tuple[Deferred, float] | None = None
-        self._logged = -LOG_EVERY
+        self._failing = Episode(clock)  # fetches failing: logged when it begins and when it ends
 
     async def current(self) -> tuple[wire.Identity, ...]:
         """The identities now. Stale ones are returned at once while a refresh runs in the background;
@@ -134,13 +138,12 @@ class Identities:
         try:
             identities = await self._fetch()
         except Deferred as exc:
+            first = self._failing.occurred()
             if self._identities is None:
                 # Never fetched: MAIL FROM cannot be checked, so it is a temporary failure (4xx), not a refusal.
-                now = self._clock()
-                self._failure = (exc, now + FAILURE_HOLD)
-                if now - self._logged >= LOG_EVERY:
+                self._failure = (exc, self._clock() + FAILURE_HOLD)
+                if first:
                     # Refused credentials or IP allowlist: an operator error, said at error level.
-                    self._logged = now
                     report = log.error if isinstance(exc, UpstreamAuthFailed) else log.warning
                     report(
                         "dengage_froms_unavailable",
@@ -151,10 +154,13 @@ class Identities:
                 raise
             # Keep the list we have; try again in a minute at most.
             self._fresh_until = self._clock() + min(self._ttl, 60.0)
-            log.warning(
-                "dengage_froms_refresh_failed", account=self.account, reason=exc.reason, kept=len(self._identities)
-            )
+            if first:
+                log.warning(
+                    "dengage_froms_refresh_failed", account=self.account, reason=exc.reason, kept=len(self._identities)
+                )
             return self._identities
+        if (over := self._failing.ended()) is not None:
+            log.info("dengage_froms_available", account=self.account, failed_for=over.lasted, failures=over.seen)
         if identities != self._identities:
             log.info("dengage_froms", account=self.account, identities=[i.address for i in identities])
         self._identities = identities

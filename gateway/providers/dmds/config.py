@@ -7,7 +7,19 @@ from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from gateway.config.base import AccountBase, UserSettings, secret_or_file
+from gateway.config.base import AccountBase, UserSettings, http_base_url, secret_or_file
+from gateway.config.returnpath import EventSettings
+
+
+class DmdsEventSettings(EventSettings):
+    """[accounts.X.events] of a DMDS account: `ver_eventos` by time window, and the invalid contacts."""
+
+    invalid_interval: float = Field(
+        3600.0,
+        ge=0,
+        description="Seconds between reads of DMDS' invalid contacts (`GET /v1/contactos/invalidos/`), whose "
+        "addresses (minus the whitelisted) join the suppression list; 0: never read.",
+    )
 
 
 class DmdsUser(UserSettings):
@@ -67,6 +79,7 @@ class DmdsAccount(AccountBase):
         description="The default of DMDS `archive` (a witness copy; needs the DMDS archiving licence); "
         "`X-Gateway-Archive` overrides it per message.",
     )
+    events: DmdsEventSettings = Field(DmdsEventSettings(), description="Reading DMDS' events back.")
 
     @property
     def base_url(self) -> str:
@@ -82,6 +95,11 @@ class DmdsAccount(AccountBase):
     def key(self) -> str:
         assert self.apikey is not None  # _apikey_source guarantees it
         return self.apikey.get_secret_value()
+
+    @field_validator("api_base")
+    @classmethod
+    def _api_base_is_a_url(cls, v: str | None) -> str | None:
+        return None if v is None else http_base_url(v)
 
     @field_validator("sender_domains")
     @classmethod

@@ -15,6 +15,7 @@ from gateway.config.base import UserSettings
 from gateway.core import replies
 from gateway.core.cache import AsyncCache, Fresh
 from gateway.core.errors import ContentRejected, Deferred, Rejected
+from gateway.core.events import Contacts, EventSource
 from gateway.core.model import Call, Message, Principal, ProviderData, Submission
 from gateway.core.outcome import BeforeSend, Outcome, no_hook
 from gateway.mime import jsonbody
@@ -25,6 +26,7 @@ from gateway.providers.checks import AccountCheck
 from gateway.providers.dmds import campaigns, wire
 from gateway.providers.dmds.config import DmdsAccount, DmdsUser
 from gateway.providers.dmds.data import DmdsLogin, DmdsParams
+from gateway.providers.dmds.events import DmdsEvents
 from gateway.providers.dmds.keys import CampaignKeys
 from gateway.providers.dmds.legs import Leg, plan_legs
 from gateway.upstream.client import HttpClient
@@ -70,6 +72,7 @@ class DmdsProvider(ProviderBase[DmdsAccount]):
             CAMPAIGNS_CACHED, negative=lambda known: not known, clock=clock
         )  # campaign numid -> whether DMDS has it
         self._policy = sender_policy(settings)
+        self._events: DmdsEvents | None = None
         # Each campaign's apikey as last answered, and the one before it during settings.apikey_grace.
         self._keys = CampaignKeys(settings.apikey_grace, CAMPAIGNS_CACHED, clock)
         # Whether the campaign listing answers in a way the gateway recognises (else campania_apikey does).
@@ -188,6 +191,25 @@ class DmdsProvider(ProviderBase[DmdsAccount]):
         )
         return Submission(principal=principal, mail_from=mail_from, rcpt_tos=rcpt_tos, message=message, params=params)
 
+    def notice_params(self, original: ProviderData) -> ProviderData:
+        """A notice goes under the message's campaign, in a batch of its own, not archived."""
+        return DmdsParams(campaign=DmdsParams.read(original).campaign)
+
+    # -- the return path ---------------------------------------------------------------------------
+
+    def event_source(self) -> EventSource | None:
+        return self._event_api()
+
+    def contacts(self) -> Contacts | None:
+        return self._event_api()
+
+    def _event_api(self) -> DmdsEvents | None:
+        if not self.settings.events.enabled:
+            return None
+        if self._events is None:
+            self._events = DmdsEvents(self.account, self.settings, self.http, self.limiter, self._headers)
+        return self._events
+
     def legs(self, submission: Submission) -> tuple[Leg, ...]:
         one_each = DmdsParams.read(submission.params).one_contact_per_call
         return plan_legs(submission.rcpt_tos, submission.message.to, submission.message.cc, one_each)
@@ -256,13 +278,17 @@ class DmdsProvider(ProviderBase[DmdsAccount]):
             FIELDS_NOT_SENT.labels(account=self.account, field="reply_to").inc()
         content = jsonbody.encode(wire.build_payload(submission, leg, batch))
         await self.limiter.acquire()
-        await before_send((leg.key,))
+
+        async def sending() -> None:  # once a connection is free too: right before the request goes
+            await before_send((leg.key,))
+
         response = await self.http.request(
             "send_one" if one else "send_many",
             "POST",
             wire.WIRE["send_one"] if one else wire.WIRE["send_many"],
             headers=self._headers,
             content=content,
+            before_send=sending,
         )
         try:
             result = wire.classify(response)

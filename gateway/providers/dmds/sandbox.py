@@ -1,5 +1,5 @@
 """The DMDS half of `smtp-gateway sandbox`: send_one_inline / send_many_inline, campania_apikey, the campaign
-listing and the version call.
+listing and the version call (its events and contacts: sandbox_events.py).
 
 It checks the Authorization key (403), the required fields and every address (with DMDS-style
 messages), answers with a fresh eeid (or the given one with reuse_eeid), and fails on demand (faults).
@@ -26,6 +26,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from gateway.providers.dmds.sandbox_events import install_events, record_send, send_addresses
 from gateway.providers.sandbox import Sandbox, Shape, email_error, json_response
 
 SEND_PATHS = ("/v1/envio/send_one_inline/", "/v1/envio/send_many_inline/")
@@ -106,10 +107,7 @@ def validate_send(body: Any, state: DmdsSandbox, many: bool) -> str | None:
 
 def _count_sent(body: dict[str, Any], many: bool, unsent: set[str]) -> int:
     """Mails the call sends: every contact and copy (DMDS counts copies [V]) but the ones it does not send."""
-    addresses = [c["email"] for c in (body["contactos"] if many else [body["contacto"]])]
-    addresses += [c["cc_email"] for c in body.get("copia") or []]
-    addresses += [c["bcc_email"] for c in body.get("copia_oculta") or []]
-    return sum(1 for a in addresses if str(a).lower() not in unsent)
+    return sum(1 for a in send_addresses(body, many) if a.lower() not in unsent)
 
 
 def redact(body: dict[str, Any]) -> dict[str, Any]:
@@ -164,7 +162,8 @@ def install(sandbox: Sandbox, state: DmdsSandbox) -> None:
         if error := validate_send(body, state, many):
             return sandbox.answer(entry, err(error), error=error)
         eeid = body["eeid"] if body.get("reuse_eeid") else str(uuid.uuid4())
-        sent = _count_sent(body, many, state.unsent)
+        # Counted out: the recipients set as unsent, and those whose fate is not to be sent (fates.py).
+        sent = _count_sent(body, many, state.unsent | record_send(sandbox, body, many, eeid))
         entry["upstream_id"] = eeid  # whatever the shape calls it
         if sandbox.state.shape == "alt":
             return sandbox.answer(entry, json_response({"status": "ok", "sent": str(sent), "envio_efectivo_id": eeid}))
@@ -247,4 +246,5 @@ def install(sandbox: Sandbox, state: DmdsSandbox) -> None:
     sandbox.app.router.add_get("/v1/version/", version)
     sandbox.app.router.add_post("/_sandbox/dmds", control)
     sandbox.app.router.add_get("/_sandbox/dmds", control)
+    install_events(sandbox, authorized, err)
     sandbox.redactors.append(redact)

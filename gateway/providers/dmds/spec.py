@@ -68,7 +68,10 @@ def _quickstart_settings(api_base: str, hash_password: Hasher) -> dict[str, Any]
 def _quickstart_routes() -> Routes:
     from gateway.providers.dmds.sandbox import DmdsSandbox
 
-    return _installed(DmdsSandbox(apikey=SANDBOX_APIKEY, campaigns=dict(CAMPAIGNS), sender_domains={"example.com"}))
+    # The return path's domain is permitted too: delivery status notices come from MAILER-DAEMON@ it.
+    return _installed(
+        DmdsSandbox(apikey=SANDBOX_APIKEY, campaigns=dict(CAMPAIGNS), sender_domains={"example.com", "nl.example.com"})
+    )
 
 
 def _howto(smtp_port: int) -> str:

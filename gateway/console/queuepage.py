@@ -1,0 +1,107 @@
+"""The Queue and dead letters page: a selection (gateway/delivery/admin.py, the same as `queue list`/`dead`
+with filters), and retry now, requeue and delete of one message or many, after a confirmation naming the
+count, by the same code as `smtp-gateway queue retry|requeue|delete`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from gateway.console.runtime import Gateway
+from gateway.core.errors import SpoolUnavailable
+from gateway.delivery.admin import (
+    ACTIONS,
+    ELIGIBLE,
+    SCAN_LIMIT,
+    Action,
+    BadSelection,
+    Listing,
+    QueueAdmin,
+    Results,
+    Selection,
+    parse_age,
+)
+from gateway.ledger.recorder import Recorder
+
+FILTERS = ("state", "account", "login", "domain", "reason", "older_than")
+PAGE = 200
+MAX_PAGE = 1000
+# What one form may carry: the ids of a selection acted upon at once.
+MAX_IDS = SCAN_LIMIT
+VERBS = {"retry": "Retry now", "requeue": "Requeue", "delete": "Delete"}
+
+
+def selection(params: Mapping[str, str]) -> Selection:
+    """A Selection from the page's fields; BadSelection names a bad one."""
+    state = params.get("state", "queue")
+    if state not in ("queue", "dead"):
+        raise BadSelection("state: queue or dead")
+    older = params.get("older_than", "").strip()
+
+    def text(name: str) -> str | None:
+        return params.get(name, "").strip() or None
+
+    return Selection(
+        state == "dead",
+        text("account"),
+        text("login"),
+        text("domain"),
+        text("reason"),
+        parse_age(older) if older else None,
+    )
+
+
+def admin(gw: Gateway, actor: str) -> QueueAdmin:
+    assert gw.store is not None
+    writer = gw.ledger_writer
+    recorder = Recorder(
+        writer.put if writer is not None else (lambda rows: None), actor, enabled=gw.settings.ledger.enabled
+    )
+    return QueueAdmin(gw.store, recorder, gw.ledger)
+
+
+async def listing(gw: Gateway, params: Mapping[str, str]) -> dict[str, Any]:
+    given = {k: params[k].strip() for k in FILTERS if params.get(k, "").strip()}
+    given.setdefault("state", "queue")
+    out: dict[str, Any] = {"given": given, "items": [], "counts": {}, "error": None, "listing": None, "verbs": VERBS}
+    try:
+        limit = min(max(int(params.get("limit") or PAGE), 1), MAX_PAGE)
+    except ValueError:
+        limit = PAGE
+    out["limit"] = limit
+    if gw.store is None:
+        return {**out, "error": "the queue is not open"}
+    now = time.time()
+    try:
+        chosen = selection(params)
+        found: Listing = await admin(gw, "").select(chosen, now, limit)
+        out.update(items=found.items, listing=found, counts=await gw.store.counts(now), now=now)
+        out["actions"] = [a for a in ACTIONS if set(ELIGIBLE[a]) & set(chosen.states)]
+        out["described"] = chosen.describe()
+    except BadSelection as exc:
+        out["error"] = str(exc)
+    except SpoolUnavailable as exc:
+        out["error"] = f"the queue cannot be read now: {exc.reason}"
+    return out
+
+
+async def chosen_ids(gw: Gateway, form: Mapping[str, str], ids: Sequence[str]) -> tuple[list[str], str]:
+    """The ids a form acts on: those ticked, or (scope=all) every message its filters select; and what they are."""
+    if form.get("scope") == "all":
+        chosen = selection(form)
+        found = await admin(gw, "").select(chosen, time.time(), MAX_IDS)
+        return [item.id for item in found.items], f"every one of the {chosen.describe()}"
+    picked = list(dict.fromkeys(i.strip().upper() for i in ids if i.strip()))[:MAX_IDS]
+    return picked, "the messages ticked"
+
+
+def action(name: str) -> Action:
+    for known in ACTIONS:
+        if name == known:
+            return known
+    raise BadSelection(f"action: one of {', '.join(ACTIONS)}")
+
+
+async def act(gw: Gateway, who: str, name: Action, ids: Sequence[str]) -> Results:
+    return await admin(gw, who).act(name, ids, time.time(), gw.settings.delivery.max_lifetime)

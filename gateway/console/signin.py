@@ -1,0 +1,50 @@
+"""Console sign-in: an admin's name and password checked against the configured hashes (scrypt, in a thread),
+failures throttled per client IP as SMTP AUTH's are (gateway/limits: a delay, then a lockout)."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from dataclasses import dataclass
+from typing import Literal
+
+from gateway.auth.passwords import hash_password, verify_password
+from gateway.config import LimitsSettings
+from gateway.config.console import ConsoleAdmin
+from gateway.limits.clients import AuthGuard, client_key
+
+Result = Literal["ok", "invalid", "locked_out"]
+# Checked when the name is unknown, so a wrong name takes as long as a wrong password.
+_DUMMY = hash_password("not a password of anyone")
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    result: Result
+    admin: ConsoleAdmin | None = None
+    retry_after: float = 0.0
+
+
+class AdminSignIn:
+    def __init__(self, limits: LimitsSettings) -> None:
+        self.guard = AuthGuard(limits)
+
+    def configure(self, limits: LimitsSettings) -> None:
+        self.guard.configure(limits)
+
+    async def check(self, admins: list[ConsoleAdmin], name: str, password: str, client_ip: str) -> Verdict:
+        key = client_key(client_ip)
+        before = self.guard.before(key)
+        if before.locked_for > 0:
+            return Verdict("locked_out", retry_after=before.locked_for)
+        if before.delay:
+            await asyncio.sleep(before.delay)
+        wanted = name.strip().lower()
+        admin = next((a for a in admins if hmac.compare_digest(a.name.lower().encode(), wanted.encode())), None)
+        stored = admin.password_hash.get_secret_value() if admin is not None else _DUMMY
+        matched = await asyncio.to_thread(verify_password, password, stored)
+        if admin is None or not matched:
+            if self.guard.failed(key):
+                return Verdict("locked_out", retry_after=self.guard.before(key).locked_for)
+            return Verdict("invalid")
+        return Verdict("ok", admin)

@@ -1,0 +1,153 @@
+"""Pure: a delivery status notification (RFC 3464) as MIME bytes, built with the standard library's email
+package: `multipart/report; report-type=delivery-status` with a part for people, the `message/delivery-status`
+part (Reporting-MTA, Arrival-Date, then per recipient Final-Recipient, Action, Status, Diagnostic-Code,
+Last-Attempt-Date) and the original message's header block as `text/rfc822-headers`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email import policy
+from email.charset import QP, Charset
+from email.message import Message
+from email.mime.base import MIMEBase
+from email.mime.multipart import MIMEMultipart
+from email.mime.nonmultipart import MIMENonMultipart
+from email.utils import format_datetime, formataddr
+
+SUBJECT = "Undelivered Mail Returned to Sender"
+FROM_NAME = "Mail Delivery System"
+
+# What each way of failing is called in the notice, and its RFC 3463 status.
+STATUS = {
+    "bounced": ("5.1.1", "the receiving server refused it (a hard bounce)"),
+    "not_sent": ("5.7.1", "the upstream did not send it: it holds the address invalid"),
+    "refused": ("5.0.0", "the upstream refused it"),
+    "expired": ("4.4.7", "it could not be delivered in time and was given up"),
+    "internal_error": ("5.3.0", "the gateway could not process it"),
+    "corrupt": ("5.3.0", "the gateway could not read it back from its queue"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """One recipient the notice reports: how it failed (a STATUS key), the words of the upstream or the
+    gateway, and when."""
+
+    address: str
+    how: str
+    diagnostic: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Original:
+    """The message the notice is about."""
+
+    local_id: str
+    arrival: float
+    headers: str  # its header block as received (CRLF line ends)
+    subject: str = ""
+    message_id: str | None = None  # without angle brackets
+
+
+def _date(at: float) -> str:
+    return format_datetime(datetime.fromtimestamp(at, UTC))
+
+
+def _fields(**values: str) -> Message:
+    """One header block of the delivery-status part (RFC 3464 2.2, 2.3)."""
+    block = Message()
+    for name, value in values.items():
+        block[name.replace("_", "-")] = value
+    return block
+
+
+def _text(failures: Sequence[Failure], original: Original, reporting_mta: str) -> str:
+    lines = [
+        "This is the mail gateway at " + reporting_mta + ".",
+        "",
+        "Your message could not be delivered to "
+        + ("one of its recipients." if len(failures) == 1 else "some of its recipients."),
+        "",
+        f"  Subject:     {original.subject or '(none)'}",
+    ]
+    if original.message_id:
+        lines.append(f"  Message-ID:  <{original.message_id}>")
+    lines += [f"  Accepted:    {_date(original.arrival)}", f"  Gateway id:  {original.local_id}", ""]
+    for f in failures:
+        status, words = STATUS.get(f.how, STATUS["refused"])
+        lines += [f"<{f.address}>: {words}.", f"    {f.diagnostic}", f"    (status {status}, {_date(f.at)})", ""]
+    lines += [
+        "Your message's headers follow below. This notice was written",
+        "automatically: replies to it are not read.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def build(
+    *,
+    original: Original,
+    failures: Sequence[Failure],
+    reporting_mta: str,
+    sender: str,
+    to: str,
+    now: float,
+    message_id: str,
+    boundary: str | None = None,
+) -> bytes:
+    """The notice's bytes (CRLF line ends). `sender`: its From (MAILER-DAEMON@...); `to`: whom it tells;
+    `boundary`: fixed for golden tests (None: a random one)."""
+    report = MIMEMultipart("report", boundary=boundary, report_type="delivery-status")
+    report["From"] = formataddr((FROM_NAME, sender))
+    report["To"] = to
+    report["Subject"] = SUBJECT
+    report["Date"] = _date(now)
+    report["Message-ID"] = f"<{message_id}>"
+    if original.message_id:
+        report["In-Reply-To"] = f"<{original.message_id}>"
+        report["References"] = f"<{original.message_id}>"
+    report["Auto-Submitted"] = "auto-replied"  # RFC 3834: never answered automatically
+
+    human = _text_part(_text(failures, original, reporting_mta), "plain")
+    human["Content-Description"] = "Notification"
+    report.attach(human)
+
+    status = MIMEBase("message", "delivery-status")
+    blocks = [_fields(Reporting_MTA=f"dns; {reporting_mta}", Arrival_Date=_date(original.arrival))]
+    for f in failures:
+        code, words = STATUS.get(f.how, STATUS["refused"])
+        blocks.append(
+            _fields(
+                Final_Recipient=f"rfc822; {f.address}",
+                Action="failed",
+                Status=code,
+                Diagnostic_Code=f"X-Gateway; {' '.join(f.diagnostic.split()) or words}",
+                Last_Attempt_Date=_date(f.at),
+            )
+        )
+    status.set_payload(blocks)  # type: ignore[arg-type]  # message/delivery-status: a list of header blocks
+    status["Content-Description"] = "Delivery report"
+    # Named, so that an API taking attachments (not MIME) carries it as a file with a sensible name.
+    status.add_header("Content-Disposition", "attachment", filename="delivery-status.txt")
+    report.attach(status)
+
+    headers = _text_part(original.headers, "rfc822-headers")
+    headers["Content-Description"] = "Undelivered Message Headers"
+    report.attach(headers)
+    for part in (human, status, headers):
+        del part["MIME-Version"]  # the message's own says it
+    return report.as_bytes(policy=policy.SMTP)
+
+
+def _text_part(text: str, subtype: str) -> MIMENonMultipart:
+    """A text part: US-ASCII as it is, else UTF-8 quoted-printable (readable as text, unlike base64)."""
+    part = MIMENonMultipart("text", subtype)
+    if text.isascii():
+        part.set_payload(text, "us-ascii")
+    else:
+        charset = Charset("utf-8")
+        charset.body_encoding = QP
+        part.set_payload(text, charset)
+    return part

@@ -1,0 +1,79 @@
+"""Pure: whom a delivery status notice about a message goes to, and what it needs later, kept with the
+message's ledger record when (and only when) somebody would be told.
+
+A notice goes to the envelope sender, or to the login's (else the account's) `notify` address, or to nobody
+(`notify = "off"`); never for a null sender, never about a notice. It is sent through the message's own
+account, as its own login, under the message's provider data (DMDS: its campaign), so `extra` and
+`params` are kept; and it quotes the message's header block (RFC 3464 text/rfc822-headers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from gateway.core.model import Origin, Submission
+
+
+def target(notify: str, mail_from: str) -> str | None:
+    """The address `notify` (`sender`, `off` or an address) names for a message from `mail_from`."""
+    if not mail_from:
+        return None  # a null sender: never notified (a bounce of a bounce)
+    if notify == "off":
+        return None
+    return mail_from if notify == "sender" else notify
+
+
+@dataclass(frozen=True, slots=True)
+class NoticeData:
+    to: str
+    headers: str = ""
+    login: str = ""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    params: Mapping[str, Any] = field(default_factory=dict)
+    from_address: str | None = None  # the message's From, after the sender policy
+
+    def to_json(self) -> str:
+        return orjson.dumps(
+            {
+                "to": self.to,
+                "headers": self.headers,
+                "login": self.login,
+                "extra": dict(self.extra),
+                "params": dict(self.params),
+                "from": self.from_address,
+            }
+        ).decode()
+
+    @staticmethod
+    def read(text: str) -> NoticeData:
+        """From the ledger's `notice` column; ValueError when it is not one this gateway wrote."""
+        data = orjson.loads(text)
+        if not isinstance(data, dict) or not isinstance(data.get("to"), str):
+            raise ValueError("not notice data")
+        return NoticeData(
+            to=data["to"],
+            headers=str(data.get("headers") or ""),
+            login=str(data.get("login") or ""),
+            extra=dict(data.get("extra") or {}),
+            params=dict(data.get("params") or {}),
+            from_address=data.get("from"),
+        )
+
+
+def of(submission: Submission, origin: Origin | None) -> str | None:
+    """The notice data of an accepted message (JSON text), or None when nobody would be told."""
+    if origin is None or origin.notify is None or origin.dsn_of is not None:
+        return None
+    message = submission.message
+    return NoticeData(
+        to=origin.notify,
+        headers=origin.headers or "",
+        login=submission.principal.login,
+        extra=submission.principal.extra.to_json(),
+        params=submission.params.to_json(),
+        from_address=message.from_.email if message.from_ is not None else None,
+    ).to_json()

@@ -1,0 +1,230 @@
+"""The ReturnStore on the PostgreSQL ledger: its pool, one transaction per change, committed with the server's
+own durability (the ledger's batches alone skip the WAL flush). Rows another instance is claiming are passed
+over (`FOR UPDATE SKIP LOCKED`), as the queue's claims do."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from gateway.ledger.model import Record, Row, SuppressionRow, address_key
+from gateway.ledger.postgres import PostgresLedger
+from gateway.ledger.returns import Claim, Delivery, Lease, Match, Suppressed
+from gateway.ledger.returns_sql import FOR_POSTGRES
+from gateway.queue.sql import POSTGRES
+
+SQL = FOR_POSTGRES
+
+
+class PostgresReturns:
+    def __init__(self, ledger: PostgresLedger) -> None:
+        self.ledger = ledger
+
+    # -- event cursors ------------------------------------------------------------------------------------
+
+    async def lease_cursor(
+        self, name: str, account: str, owner: str, now: float, lease: float, start: float
+    ) -> tuple[Lease | None, float]:
+        async with self.ledger.connection() as conn:
+            await conn.execute(SQL.cursor_row, (name, account, start))
+            row = await (await conn.execute(SQL.cursor_read, (name,))).fetchone()
+            assert row is not None
+            position, since, until, page, holder, lease_until, _ = row
+            if holder is not None and holder != owner and (lease_until or 0) >= now:
+                return None, float(position)
+            leased = await (await conn.execute(SQL.cursor_lease, (owner, now + lease, name))).fetchone()
+            assert leased is not None
+        return Lease(name, int(leased[0]), float(position), since, until, int(page)), float(position)
+
+    async def apply(
+        self,
+        name: str,
+        token: int,
+        rows: Sequence[Row],
+        *,
+        since: float,
+        until: float,
+        page: int,
+        now: float,
+        lease: float,
+    ) -> bool:
+        async with self.ledger.connection() as conn:
+            if await (await conn.execute(SQL.cursor_holds, (name, token))).fetchone() is None:
+                return False
+            await PostgresLedger.write_in(conn, rows)
+            await conn.execute(SQL.cursor_progress, (since, until, page, now + lease, now, name))
+        return True
+
+    async def complete(self, name: str, token: int, position: float, now: float, lease: float) -> bool:
+        async with self.ledger.connection() as conn:
+            cur = await conn.execute(SQL.cursor_complete, (position, now + lease, now, name, token))
+            return cur.rowcount == 1
+
+    async def release(self, name: str, token: int) -> None:
+        async with self.ledger.connection() as conn:
+            await conn.execute(SQL.cursor_release, (name, token))
+
+    async def cursors(self) -> list[dict[str, Any]]:
+        async with self.ledger.connection() as conn:
+            cur = await conn.execute(SQL.cursors)
+            names = [c.name for c in cur.description or ()]
+            return [dict(zip(names, row, strict=True)) for row in await cur.fetchall()]
+
+    # -- matching -----------------------------------------------------------------------------------------
+
+    async def match_ids(self, upstream_ids: Sequence[str]) -> list[Match]:
+        ids = sorted(set(upstream_ids))
+        if not ids:
+            return []
+        async with self.ledger.connection() as conn:
+            rows = await (await conn.execute(SQL.upstream_ids(len(ids)), POSTGRES.items(ids))).fetchall()
+        return [Match(*r) for r in rows]
+
+    async def match_addresses(self, addresses: Sequence[str], since: float) -> list[Match]:
+        keys = sorted({address_key(a) for a in addresses})
+        if not keys:
+            return []
+        async with self.ledger.connection() as conn:
+            rows = await (await conn.execute(SQL.addresses(len(keys)), (*POSTGRES.items(keys), since))).fetchall()
+        return [Match(*r) for r in rows]
+
+    # -- suppressions -------------------------------------------------------------------------------------
+
+    async def suppressions(self, account: str | None = None) -> list[Suppressed]:
+        async with self.ledger.connection() as conn:
+            if account is None:
+                rows = await (await conn.execute(SQL.suppressions)).fetchall()
+            else:
+                rows = await (await conn.execute(SQL.suppressions_of, (account,))).fetchall()
+        return [Suppressed(*r) for r in rows]
+
+    async def suppress(self, rows: Sequence[SuppressionRow]) -> None:
+        if rows:
+            async with self.ledger.connection() as conn:
+                await PostgresLedger.write_in(conn, rows)
+
+    async def unsuppress(self, address: str, account: str | None = None) -> int:
+        async with self.ledger.connection() as conn:
+            if account is None:
+                cur = await conn.execute(SQL.suppression_drop_any, (address_key(address),))
+            else:
+                cur = await conn.execute(SQL.suppression_drop, (account, address_key(address)))
+            return cur.rowcount
+
+    async def sync_source(
+        self, account: str, source: str, rows: Sequence[SuppressionRow]
+    ) -> tuple[list[str], list[str]]:
+        wanted = {address_key(r.address): r for r in rows}
+        async with self.ledger.connection() as conn:
+            held = {r[0] for r in await (await conn.execute(SQL.suppression_source, (account, source))).fetchall()}
+            gone = sorted(held - set(wanted))
+            for address in gone:
+                await conn.execute(SQL.suppression_drop_source, (account, address, source))
+            present = {r[0] for r in await (await conn.execute(SQL.suppression_addresses, (account,))).fetchall()}
+            new = [r for a, r in wanted.items() if a not in present]
+            await PostgresLedger.write_in(conn, new)
+        return sorted(address_key(r.address) for r in new), gone
+
+    # -- the webhook outbox -------------------------------------------------------------------------------
+
+    async def claim_deliveries(self, owner: str, now: float, limit: int, lease: float) -> list[Delivery]:
+        async with self.ledger.connection() as conn:
+            rows = await (await conn.execute(SQL.outbox_due, (now, limit))).fetchall()
+            if len(rows) < limit:
+                rows += await (await conn.execute(SQL.outbox_reapable, (now, limit - len(rows)))).fetchall()
+            out = []
+            for webhook, event_id, state in rows:
+                leased = await (
+                    await conn.execute(SQL.outbox_lease, (owner, now + lease, webhook, event_id))
+                ).fetchone()
+                assert leased is not None
+                out.append(Delivery.of(leased, reclaimed=state == "sending"))
+        return out
+
+    async def settle_delivery(
+        self,
+        delivery: Delivery,
+        state: str,
+        *,
+        attempts: int,
+        next_attempt: float,
+        error: str | None,
+        now: float,
+        rows: Sequence[Row] = (),
+    ) -> bool:
+        done = now if state in ("delivered", "failed") else None
+        values = (state, attempts, next_attempt, error, done, delivery.webhook, delivery.event_id, delivery.token)
+        async with self.ledger.connection() as conn:
+            if (await conn.execute(SQL.outbox_settle, values)).rowcount != 1:
+                return False
+            await PostgresLedger.write_in(conn, rows)
+        return True
+
+    async def pending_deliveries(self) -> dict[str, int]:
+        async with self.ledger.connection() as conn:
+            rows = await (await conn.execute(SQL.outbox_pending)).fetchall()
+        return {webhook: int(n) for webhook, n in rows}
+
+    # -- notices ------------------------------------------------------------------------------------------
+
+    async def claim_notices(self, owner: str, now: float, lease: float, limit: int) -> list[Claim]:
+        claims = []
+        async with self.ledger.connection() as conn:
+            rows = await (await conn.execute(SQL.notice_pending, (limit,))).fetchall()
+            if len(rows) < limit:
+                rows += await (await conn.execute(SQL.notice_expired, (now, limit - len(rows)))).fetchall()
+            for msg_id, rcpt in rows:
+                row = await (await conn.execute(SQL.notice_claim, (owner, now + lease, msg_id, rcpt))).fetchone()
+                assert row is not None
+                claims.append(Claim(msg_id, rcpt, int(row[0])))
+        return claims
+
+    async def finish_notices(
+        self,
+        claims: Sequence[Claim],
+        state: str,
+        now: float,
+        notice_id: str | None,
+        reason: str | None,
+        rows: Sequence[Row],
+    ) -> int:
+        async with self.ledger.connection() as conn:
+            done = 0
+            for c in claims:
+                cur = await conn.execute(SQL.notice_finish, (state, notice_id, reason, now, c.msg_id, c.rcpt, c.token))
+                done += cur.rowcount
+            if done:
+                await PostgresLedger.write_in(conn, rows)
+        return done
+
+    async def postpone_notices(self, claims: Sequence[Claim], until: float, reason: str) -> None:
+        async with self.ledger.connection() as conn:
+            for c in claims:
+                await conn.execute(SQL.notice_postpone, (until, reason, c.msg_id, c.rcpt, c.token))
+
+    async def notice_data(self, msg_id: str) -> tuple[Record, str | None] | None:
+        record = await self.ledger.get(msg_id)
+        if record is None:
+            return None
+        async with self.ledger.connection() as conn:
+            row = await (await conn.execute(SQL.notice_of, (record.id,))).fetchone()
+        return record, None if row is None else row[0]
+
+    async def count_notice(self, sender: str, window: float, limit: int, now: float) -> bool:
+        start = now - now % window
+        async with self.ledger.connection() as conn:
+            await conn.execute(SQL.count_prune, (start,))
+            await conn.execute(SQL.count_row, (sender, start))
+            return await (await conn.execute(SQL.count_take, (sender, start, limit))).fetchone() is not None
+
+    async def owners(self) -> list[str]:
+        async with self.ledger.connection() as conn:
+            return [r[0] for r in await (await conn.execute(SQL.owners)).fetchall()]
+
+    async def expire_owners(self, owners: Sequence[str], now: float) -> int:
+        expired = 0
+        async with self.ledger.connection() as conn:
+            for owner in owners:
+                for statement in SQL.expire:
+                    expired += (await conn.execute(statement, (now - 1, owner))).rowcount
+        return expired

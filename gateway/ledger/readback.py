@@ -1,0 +1,140 @@
+"""Pure: upstream events read back, matched to the recipients the gateway sent and turned into ledger rows: a
+timeline event, the recipient's new state, its notice to decide, the suppression and the webhook deliveries it
+causes. Written in one transaction with the poll's progress, so a window read again changes nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from gateway.core.events import STATE_OF, SUPPRESSES, VendorEvent
+from gateway.ledger import announce, model
+from gateway.ledger.model import RANK, EventRow, NoticeRow, RecipientRow, Row, SuppressionRow, address_key
+from gateway.ledger.recorder import TICK
+from gateway.ledger.returns import Match
+
+# A vendor's time may be a little behind the gateway's (whole seconds, another clock): a match may have been
+# accepted this long after the event's time.
+SKEW = 120.0
+# Event types that mean the recipient will not get the message: its sender is told (a notice).
+NOTICE_TYPES = ("bounced", "not_sent")
+
+
+def pick(event: VendorEvent, candidates: Iterable[Match], account: str) -> Match | None:
+    """The recipient an event is about: this account's, with the event's address (and upstream id when it
+    names one); of several (a batch id shared by messages), the latest accepted before the event."""
+    key = address_key(event.address)
+    found = [
+        m
+        for m in candidates
+        if m.rcpt == key
+        and (event.upstream_id is None or m.upstream_id == event.upstream_id)
+        and (m.account is None or m.account == account)
+    ]
+    before = [m for m in found if m.created <= event.at + SKEW]
+    pool = before or found
+    return max(pool, key=lambda m: (m.created, m.msg_id)) if pool else None
+
+
+@dataclass
+class Applied:
+    """What a batch of events made: the rows, and what the poller counts and logs."""
+
+    rows: list[Row] = field(default_factory=list)
+    matched: int = 0
+    unmatched: list[VendorEvent] = field(default_factory=list)
+
+
+def apply(
+    events: Sequence[VendorEvent],
+    candidates: Sequence[Match],
+    *,
+    account: str,
+    actor: str,
+    now: float,
+    subscriptions: announce.Subscriptions,
+    suppress: bool,
+    whitelisted: frozenset[str] = frozenset(),
+) -> Applied:
+    """The rows of `events` (their matches among `candidates`). `suppress`: the account keeps a suppression
+    list; `whitelisted` addresses never join it."""
+    out = Applied()
+    for n, event in enumerate(events):
+        match = pick(event, candidates, account)
+        if match is None:
+            out.unmatched.append(event)
+            continue
+        out.matched += 1
+        out.rows += _rows(event, match, account, actor, now, subscriptions, n)
+        reason = SUPPRESSES.get(event.type)
+        if reason is not None and suppress and match.rcpt not in whitelisted:
+            out.rows.append(
+                SuppressionRow(account, match.rcpt, reason, event.type, event.at, match.msg_id, event.detail)
+            )
+    return out
+
+
+def _rows(
+    event: VendorEvent,
+    match: Match,
+    account: str,
+    actor: str,
+    now: float,
+    subscriptions: announce.Subscriptions,
+    n: int,
+) -> list[Row]:
+    upstream_id = event.upstream_id or match.upstream_id
+    # On the timeline an upstream event follows what the gateway recorded of the recipient (vendors write
+    # whole seconds, on another clock); the vendor's own time is kept beside it.
+    at = max(event.at, match.state_at) + n * TICK
+    rows: list[Row] = [
+        EventRow(
+            event.id,
+            match.msg_id,
+            match.created,
+            at,
+            event.type,
+            recipient=match.address,
+            upstream_id=upstream_id,
+            detail=event.detail,
+            actor=actor,
+            data=model.json({"upstream": event.raw_type, "upstream_at": model.iso(event.at)}),
+        )
+    ]
+    state = STATE_OF.get(event.type)
+    after = match.state
+    if state is not None and RANK[state] >= RANK[match.state]:
+        if state == "sent":
+            # Confirms the send (and clears "upstream reported N of M sent"); a whole-second vendor time may
+            # be older than the state it confirms.
+            at, reason = max(event.at, match.state_at + TICK), None
+        else:
+            at, reason = event.at, event.detail or f"the upstream reported {event.raw_type}"
+        rows.append(RecipientRow(match.msg_id, match.created, match.address, state, at, upstream_id, reason=reason))  # type: ignore[arg-type]
+        after = state
+    if event.type in NOTICE_TYPES:
+        rows.append(NoticeRow(match.msg_id, match.created, match.address, event.at))
+    if subscriptions:
+        about = announce.About(
+            match.msg_id,
+            match.created,
+            account,
+            match.reply_id,
+            match.message_id,
+            match.mail_from,
+            match.subject,
+            match.login,
+        )
+        text = announce.body(
+            event.id,
+            event.type,
+            event.at,
+            about,
+            match.address,
+            after,
+            upstream_id=upstream_id,
+            upstream_event=event.raw_type,
+            detail=event.detail,
+        )
+        rows += announce.outbox(subscriptions, event.type, event.id, about, now, text)
+    return rows

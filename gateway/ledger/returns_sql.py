@@ -1,0 +1,132 @@
+"""The return path's SQL, written once for both backends (the queue's Dialect names each difference): event
+cursors, matching events to recipients, suppressions, the webhook outbox and notice decisions."""
+
+from __future__ import annotations
+
+from gateway.queue.sql import POSTGRES, SQLITE, Dialect
+
+_MATCHED = (
+    "r.msg_id, r.created, r.address, r.rcpt, r.state, r.state_at, r.upstream_id, m.account, m.mail_from,"
+    " m.message_id, m.subject, m.login, m.reply_id"
+)
+_DELIVERY = "webhook, event_id, msg_id, created, enqueued, type, body, attempts, token"
+_SUPPRESSED = "account, address, reason, source, created, msg_id, detail"
+
+
+class ReturnStatements:
+    def __init__(self, d: Dialect) -> None:
+        self.dialect = d
+        # -- event cursors: one row per account (and per DMDS invalid-contacts list), leased like a queue row
+        self.cursor_row = d(
+            "INSERT INTO event_cursors (name, account, position, page, token) VALUES (?, ?, ?, 0, 0)"
+            " ON CONFLICT (name) DO NOTHING"
+        )
+        self.cursor_read = d(
+            "SELECT position, window_since, window_until, page, owner, lease_until, token FROM event_cursors"
+            f" WHERE name=?{d.for_update}"
+        )
+        self.cursor_lease = d(
+            "UPDATE event_cursors SET owner=?, lease_until=?, token=token+1 WHERE name=? RETURNING token"
+        )
+        self.cursor_holds = d(f"SELECT 1 FROM event_cursors WHERE name=? AND token=?{d.for_update}")
+        self.cursor_progress = d(
+            "UPDATE event_cursors SET window_since=?, window_until=?, page=?, lease_until=?, polled=? WHERE name=?"
+        )
+        self.cursor_complete = d(
+            "UPDATE event_cursors SET position=?, window_since=NULL, window_until=NULL, page=0, lease_until=?,"
+            " polled=? WHERE name=? AND token=?"
+        )
+        self.cursor_release = d("UPDATE event_cursors SET owner=NULL, lease_until=NULL WHERE name=? AND token=?")
+        self.cursors = d(
+            "SELECT name, account, position, window_since, window_until, page, owner, lease_until, polled"
+            " FROM event_cursors ORDER BY name"
+        )
+        # -- matching upstream events to the recipients the gateway sent
+        # -- suppressions
+        self.suppressions = d(f"SELECT {_SUPPRESSED} FROM suppressions ORDER BY account, created DESC, address")
+        self.suppressions_of = d(
+            f"SELECT {_SUPPRESSED} FROM suppressions WHERE account=? ORDER BY created DESC, address"
+        )
+        self.suppression_drop = d("DELETE FROM suppressions WHERE account=? AND address=?")
+        self.suppression_drop_any = d("DELETE FROM suppressions WHERE address=?")
+        self.suppression_addresses = d("SELECT address FROM suppressions WHERE account=?")
+        self.suppression_source = d("SELECT address FROM suppressions WHERE account=? AND source=?")
+        self.suppression_drop_source = d("DELETE FROM suppressions WHERE account=? AND address=? AND source=?")
+        # -- the webhook outbox
+        self.outbox_due = d(
+            "SELECT webhook, event_id, state FROM webhook_outbox WHERE state='pending' AND next_attempt<=?"
+            f" ORDER BY next_attempt LIMIT ?{d.skip_locked}"
+        )
+        self.outbox_reapable = d(
+            "SELECT webhook, event_id, state FROM webhook_outbox WHERE state='sending' AND lease_until<?"
+            f" LIMIT ?{d.skip_locked}"
+        )
+        self.outbox_lease = d(
+            "UPDATE webhook_outbox SET state='sending', owner=?, lease_until=?, token=token+1"
+            f" WHERE webhook=? AND event_id=? RETURNING {_DELIVERY}"
+        )
+        self.outbox_settle = d(
+            "UPDATE webhook_outbox SET state=?, attempts=?, next_attempt=?, last_error=?, done_at=?, owner=NULL,"
+            " lease_until=NULL WHERE webhook=? AND event_id=? AND token=?"
+        )
+        self.outbox_pending = d(
+            "SELECT webhook, COUNT(*) AS n FROM webhook_outbox WHERE state IN ('pending', 'sending') GROUP BY webhook"
+        )
+        self.outbox_next = d("SELECT MIN(next_attempt) AS t FROM webhook_outbox WHERE state='pending'")
+        # -- notices: one decision per message and recipient
+        self.notice_pending = d(
+            f"SELECT msg_id, rcpt FROM ledger_notices WHERE state='pending' ORDER BY at LIMIT ?{d.skip_locked}"
+        )
+        self.notice_expired = d(
+            "SELECT msg_id, rcpt FROM ledger_notices WHERE state='claimed' AND lease_until<?"
+            f" ORDER BY lease_until LIMIT ?{d.skip_locked}"
+        )
+        self.notice_claim = d(
+            "UPDATE ledger_notices SET state='claimed', owner=?, lease_until=?, token=token+1 WHERE msg_id=?"
+            " AND rcpt=? RETURNING token"
+        )
+        self.notice_finish = d(
+            "UPDATE ledger_notices SET state=?, notice_id=?, reason=?, at=?, owner=NULL, lease_until=NULL"
+            " WHERE msg_id=? AND rcpt=? AND token=? AND state='claimed'"
+        )
+        self.notice_postpone = d(
+            "UPDATE ledger_notices SET lease_until=?, reason=? WHERE msg_id=? AND rcpt=? AND token=?"
+            " AND state='claimed'"
+        )
+        self.notice_of = d("SELECT notice FROM ledger_messages WHERE id=?")
+        self.notices = d(
+            "SELECT msg_id, rcpt, state, at, notice_id, reason FROM ledger_notices WHERE msg_id=? ORDER BY rcpt"
+        )
+        self.count_row = d("INSERT INTO notice_counts (sender, win, n) VALUES (?, ?, 0) ON CONFLICT DO NOTHING")
+        self.count_take = d("UPDATE notice_counts SET n=n+1 WHERE sender=? AND win=? AND n<? RETURNING n")
+        self.count_prune = d("DELETE FROM notice_counts WHERE win<?")
+        # -- leases of owners known to be gone (a process of this instance that was killed)
+        self.owners = d(
+            "SELECT owner FROM event_cursors WHERE owner IS NOT NULL"
+            " UNION SELECT owner FROM webhook_outbox WHERE state='sending' AND owner IS NOT NULL"
+            " UNION SELECT owner FROM ledger_notices WHERE state='claimed' AND owner IS NOT NULL"
+        )
+        self.expire = (
+            d("UPDATE event_cursors SET lease_until=? WHERE owner=?"),
+            d("UPDATE webhook_outbox SET lease_until=? WHERE owner=? AND state='sending'"),
+            d("UPDATE ledger_notices SET lease_until=? WHERE owner=? AND state='claimed'"),
+        )
+
+    def upstream_ids(self, n: int) -> str:
+        d = self.dialect
+        return d(
+            f"SELECT {_MATCHED} FROM ledger_recipients r LEFT JOIN ledger_messages m ON m.id = r.msg_id"
+            f" WHERE r.upstream_id{d.among(n)}"
+        )
+
+    def addresses(self, n: int) -> str:
+        """Recipients sent to these addresses since a time (events that name no upstream id)."""
+        d = self.dialect
+        return d(
+            f"SELECT {_MATCHED} FROM ledger_recipients r LEFT JOIN ledger_messages m ON m.id = r.msg_id"
+            f" WHERE r.rcpt{d.among(n)} AND r.upstream_id IS NOT NULL AND r.created>=?"
+        )
+
+
+FOR_SQLITE = ReturnStatements(SQLITE)
+FOR_POSTGRES = ReturnStatements(POSTGRES)

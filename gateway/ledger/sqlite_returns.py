@@ -1,0 +1,297 @@
+"""The ReturnStore on the SQLite ledger: its connection and thread, one `BEGIN IMMEDIATE` per change."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from gateway.ledger.model import Record, Row, SuppressionRow, address_key
+from gateway.ledger.returns import Claim, Delivery, Lease, Match, Suppressed
+from gateway.ledger.returns_sql import FOR_SQLITE
+from gateway.ledger.sqlite import SqliteLedger
+from gateway.queue.sql import SQLITE
+
+SQL = FOR_SQLITE
+T = TypeVar("T")
+
+
+@contextmanager
+def _tx(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def _match(r: Sequence[Any]) -> Match:
+    return Match(*r)
+
+
+class SqliteReturns:
+    def __init__(self, ledger: SqliteLedger) -> None:
+        self.ledger = ledger
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await self.ledger.run(fn, *args)
+
+    # -- event cursors ------------------------------------------------------------------------------------
+
+    async def lease_cursor(
+        self, name: str, account: str, owner: str, now: float, lease: float, start: float
+    ) -> tuple[Lease | None, float]:
+        def run(db: sqlite3.Connection) -> tuple[Lease | None, float]:
+            with _tx(db):
+                db.execute(SQL.cursor_row, (name, account, start))
+                position, since, until, page, holder, lease_until, _ = db.execute(SQL.cursor_read, (name,)).fetchone()
+                if holder is not None and holder != owner and (lease_until or 0) >= now:
+                    return None, float(position)
+                (token,) = db.execute(SQL.cursor_lease, (owner, now + lease, name)).fetchone()
+            return Lease(name, int(token), float(position), since, until, int(page)), float(position)
+
+        return await self._run(run)
+
+    async def apply(
+        self,
+        name: str,
+        token: int,
+        rows: Sequence[Row],
+        *,
+        since: float,
+        until: float,
+        page: int,
+        now: float,
+        lease: float,
+    ) -> bool:
+        def run(db: sqlite3.Connection) -> bool:
+            with _tx(db):
+                if db.execute(SQL.cursor_holds, (name, token)).fetchone() is None:
+                    return False
+                SqliteLedger.write_in(db, rows)
+                db.execute(SQL.cursor_progress, (since, until, page, now + lease, now, name))
+            return True
+
+        return await self._run(run)
+
+    async def complete(self, name: str, token: int, position: float, now: float, lease: float) -> bool:
+        def run(db: sqlite3.Connection) -> bool:
+            with _tx(db):
+                return db.execute(SQL.cursor_complete, (position, now + lease, now, name, token)).rowcount == 1
+
+        return await self._run(run)
+
+    async def release(self, name: str, token: int) -> None:
+        def run(db: sqlite3.Connection) -> None:
+            with _tx(db):
+                db.execute(SQL.cursor_release, (name, token))
+
+        await self._run(run)
+
+    async def cursors(self) -> list[dict[str, Any]]:
+        def run(db: sqlite3.Connection) -> list[dict[str, Any]]:
+            cur = db.execute(SQL.cursors)
+            names = [c[0] for c in cur.description]
+            return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+        return await self._run(run)
+
+    # -- matching -----------------------------------------------------------------------------------------
+
+    async def match_ids(self, upstream_ids: Sequence[str]) -> list[Match]:
+        ids = sorted(set(upstream_ids))
+        if not ids:
+            return []
+
+        def run(db: sqlite3.Connection) -> list[Match]:
+            found: list[Match] = []
+            for start in range(0, len(ids), 500):  # SQLite's limit on parameters per statement
+                part = ids[start : start + 500]
+                found += [_match(r) for r in db.execute(SQL.upstream_ids(len(part)), SQLITE.items(part))]
+            return found
+
+        return await self._run(run)
+
+    async def match_addresses(self, addresses: Sequence[str], since: float) -> list[Match]:
+        keys = sorted({address_key(a) for a in addresses})
+        if not keys:
+            return []
+
+        def run(db: sqlite3.Connection) -> list[Match]:
+            found: list[Match] = []
+            for start in range(0, len(keys), 500):
+                part = keys[start : start + 500]
+                found += [_match(r) for r in db.execute(SQL.addresses(len(part)), (*SQLITE.items(part), since))]
+            return found
+
+        return await self._run(run)
+
+    # -- suppressions -------------------------------------------------------------------------------------
+
+    async def suppressions(self, account: str | None = None) -> list[Suppressed]:
+        def run(db: sqlite3.Connection) -> list[Suppressed]:
+            rows = db.execute(SQL.suppressions) if account is None else db.execute(SQL.suppressions_of, (account,))
+            return [Suppressed(*r) for r in rows]
+
+        return await self._run(run)
+
+    async def suppress(self, rows: Sequence[SuppressionRow]) -> None:
+        if rows:
+            await self.ledger.write(rows)
+
+    async def unsuppress(self, address: str, account: str | None = None) -> int:
+        def run(db: sqlite3.Connection) -> int:
+            with _tx(db):
+                if account is None:
+                    return db.execute(SQL.suppression_drop_any, (address_key(address),)).rowcount
+                return db.execute(SQL.suppression_drop, (account, address_key(address))).rowcount
+
+        return await self._run(run)
+
+    async def sync_source(
+        self, account: str, source: str, rows: Sequence[SuppressionRow]
+    ) -> tuple[list[str], list[str]]:
+        def run(db: sqlite3.Connection) -> tuple[list[str], list[str]]:
+            wanted = {address_key(r.address): r for r in rows}
+            with _tx(db):
+                held = {r[0] for r in db.execute(SQL.suppression_source, (account, source))}
+                gone = sorted(held - set(wanted))
+                for address in gone:
+                    db.execute(SQL.suppression_drop_source, (account, address, source))
+                present = {r[0] for r in db.execute(SQL.suppression_addresses, (account,))}
+                new = [r for a, r in wanted.items() if a not in present]
+                SqliteLedger.write_in(db, new)
+            return sorted(address_key(r.address) for r in new), gone
+
+        return await self._run(run)
+
+    # -- the webhook outbox -------------------------------------------------------------------------------
+
+    async def claim_deliveries(self, owner: str, now: float, limit: int, lease: float) -> list[Delivery]:
+        def run(db: sqlite3.Connection) -> list[Delivery]:
+            with _tx(db):
+                rows = db.execute(SQL.outbox_due, (now, limit)).fetchall()
+                if len(rows) < limit:
+                    rows += db.execute(SQL.outbox_reapable, (now, limit - len(rows))).fetchall()
+                out = []
+                for webhook, event_id, state in rows:
+                    leased = db.execute(SQL.outbox_lease, (owner, now + lease, webhook, event_id)).fetchone()
+                    out.append(Delivery.of(leased, reclaimed=state == "sending"))
+            return out
+
+        return await self._run(run)
+
+    async def settle_delivery(
+        self,
+        delivery: Delivery,
+        state: str,
+        *,
+        attempts: int,
+        next_attempt: float,
+        error: str | None,
+        now: float,
+        rows: Sequence[Row] = (),
+    ) -> bool:
+        done = now if state in ("delivered", "failed") else None
+        values = (state, attempts, next_attempt, error, done, delivery.webhook, delivery.event_id, delivery.token)
+
+        def run(db: sqlite3.Connection) -> bool:
+            with _tx(db):
+                if db.execute(SQL.outbox_settle, values).rowcount != 1:
+                    return False
+                SqliteLedger.write_in(db, rows)
+            return True
+
+        return await self._run(run)
+
+    async def pending_deliveries(self) -> dict[str, int]:
+        def run(db: sqlite3.Connection) -> dict[str, int]:
+            return {webhook: int(n) for webhook, n in db.execute(SQL.outbox_pending)}
+
+        return await self._run(run)
+
+    # -- notices ------------------------------------------------------------------------------------------
+
+    async def claim_notices(self, owner: str, now: float, lease: float, limit: int) -> list[Claim]:
+        def run(db: sqlite3.Connection) -> list[Claim]:
+            claims = []
+            with _tx(db):
+                rows = db.execute(SQL.notice_pending, (limit,)).fetchall()
+                if len(rows) < limit:
+                    rows += db.execute(SQL.notice_expired, (now, limit - len(rows))).fetchall()
+                for msg_id, rcpt in rows:
+                    (token,) = db.execute(SQL.notice_claim, (owner, now + lease, msg_id, rcpt)).fetchone()
+                    claims.append(Claim(msg_id, rcpt, int(token)))
+            return claims
+
+        return await self._run(run)
+
+    async def finish_notices(
+        self,
+        claims: Sequence[Claim],
+        state: str,
+        now: float,
+        notice_id: str | None,
+        reason: str | None,
+        rows: Sequence[Row],
+    ) -> int:
+        def run(db: sqlite3.Connection) -> int:
+            with _tx(db):
+                done = sum(
+                    db.execute(SQL.notice_finish, (state, notice_id, reason, now, c.msg_id, c.rcpt, c.token)).rowcount
+                    for c in claims
+                )
+                if done:
+                    SqliteLedger.write_in(db, rows)
+            return done
+
+        return await self._run(run)
+
+    async def postpone_notices(self, claims: Sequence[Claim], until: float, reason: str) -> None:
+        def run(db: sqlite3.Connection) -> None:
+            with _tx(db):
+                for c in claims:
+                    db.execute(SQL.notice_postpone, (until, reason, c.msg_id, c.rcpt, c.token))
+
+        await self._run(run)
+
+    async def notice_data(self, msg_id: str) -> tuple[Record, str | None] | None:
+        record = await self.ledger.get(msg_id)
+        if record is None:
+            return None
+
+        def run(db: sqlite3.Connection) -> str | None:
+            row = db.execute(SQL.notice_of, (record.id,)).fetchone()
+            return None if row is None else row[0]
+
+        return record, await self._run(run)
+
+    async def count_notice(self, sender: str, window: float, limit: int, now: float) -> bool:
+        start = now - now % window
+
+        def run(db: sqlite3.Connection) -> bool:
+            with _tx(db):
+                db.execute(SQL.count_prune, (start,))
+                db.execute(SQL.count_row, (sender, start))
+                return db.execute(SQL.count_take, (sender, start, limit)).fetchone() is not None
+
+        return await self._run(run)
+
+    # -- leases of owners that are gone -------------------------------------------------------------------
+
+    async def owners(self) -> list[str]:
+        def run(db: sqlite3.Connection) -> list[str]:
+            return [r[0] for r in db.execute(SQL.owners)]
+
+        return await self._run(run)
+
+    async def expire_owners(self, owners: Sequence[str], now: float) -> int:
+        def run(db: sqlite3.Connection) -> int:
+            with _tx(db):
+                return sum(db.execute(sql, (now - 1, owner)).rowcount for owner in owners for sql in SQL.expire)
+
+        return await self._run(run)

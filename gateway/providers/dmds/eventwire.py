@@ -1,0 +1,183 @@
+"""Pure: DMDS' event and contact APIs on the wire: `ver_eventos` by time window, the invalid contacts, the
+whitelist. Every name in one table, tagged as in shared/upstream-apis.md ([V] vendor docs, [C] client code,
+[S] the seed document only, [I] our inference); answers are read from tables of candidate names, first match
+wins, so a correction is one line here (docs/after-250.md says what is unconfirmed)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import tzinfo
+from typing import Any
+
+from gateway.core.errors import RateLimited, UpstreamAuthFailed, UpstreamUnavailable
+from gateway.core.events import EventPage, EventType, VendorEvent, event_id, vendor_stamp, vendor_time
+from gateway.upstream.response import HttpResponse
+from gateway.upstream.shape import Reading, number
+
+EVENT_WIRE = {
+    # [V] "ver_eventos ... pages through the events between two date-times; it takes four parameters"; the
+    # page and its length are `pagina` and `cantidad`, numeric, "within the JSON" [V]: a JSON body, sent with
+    # GET as the seed's other listings are [I]. The path, the two date-times' names and their format are in
+    # a screenshot: [I].
+    "events": "/v1/ver_eventos/",  # [V] method name; path [I]
+    "events_method": "GET",  # [I]
+    "since": "desde",  # [I]
+    "until": "hasta",  # [I]
+    "page": "pagina",  # [V] numeric, from 1 [I]
+    "size": "cantidad",  # [V] numeric, at least 10 [V]
+    "datetime": "%Y-%m-%d %H:%M:%S",  # [I] the contact events show 2020-10-15T08:25:11 [S]
+    "batch": "/v1/eeid/{eeid}",  # [S] path; [V] "the eeid ... can be queried later with a GET": one batch's events
+    "invalid": "/v1/contactos/invalidos/",  # [V] GET: the contacts invalidated by bounces or complaints
+    "whitelist": "/v1/whitelist/{email}",  # [S] method `whitelist` (GET checks, POST adds, DELETE removes); path [I]
+}
+FIRST_PAGE = 1  # [I] `pagina` counts from 1
+
+# The answers' key names (first match wins, letter case ignored).
+EVENT_ANSWERS: dict[str, tuple[str, ...]] = {
+    "status": ("status",),  # [V] "ok" on every answer shown
+    "events": ("eventos", "events", "resultados", "results", "data", "items"),  # [I]; [S] contact answers use eventos
+    "type": ("evento", "event", "tipo", "type"),  # [S] contact events: {"evento", "timestamp", "campania"}
+    "address": ("email", "contacto", "destinatario", "mail", "to"),  # [I]
+    "time": ("timestamp", "fecha_hora", "fecha", "date", "time"),  # [S] timestamp
+    "eeid": ("eeid", "envio_efectivo_id", "envio_id", "batch"),  # [I]: the send answer's eeid [V]
+    "id": ("id", "evento_id", "event_id", "uuid"),  # [I]
+    "detail": ("detalle", "motivo", "razon", "descripcion", "diagnostico", "detail", "reason"),  # [I]
+    "total": ("total", "cantidad_total", "cantidad_eventos", "count"),  # [I]
+    "contacts": ("contactos", "invalidos", "contacts", "emails", "data", "items"),  # [I]
+    "message": ("msg", "message"),  # [S] whitelist: {"status":"ok","msg":"x@y whitelisted"}
+}
+# Keys an event may have that the gateway does not read (not reported as unexpected).
+EVENT_KEYS = ("campania", "campana", "campana_id", "campaign", "nombre", "apellido", "ip", "url", "user_agent")
+# DMDS' event names -> the gateway's types (lower case; other names are counted and logged once).
+EVENT_TYPES: Mapping[str, EventType] = {
+    "envio": "sent",  # [S] contact events
+    "envío": "sent",  # [I]
+    "rebote-hard": "bounced",  # [V]
+    "rebote_hard": "bounced",  # [S]
+    "rebote-soft": "soft_bounced",  # [V]
+    "rebote_soft": "soft_bounced",  # [S]
+    "not-sent": "not_sent",  # [S] Not-Sent: an email to an invalid contact
+    "not_sent": "not_sent",  # [I]
+    "notsent": "not_sent",  # [I]
+    "unknown": "not_sent",  # [S] v1.1 "displayed ... as unknown in the API, and as Not-Sent in the web interface"
+    "click": "clicked",  # [V]
+    "view": "opened",  # [V]
+    "desuscripcion": "unsubscribed",  # [S]
+    "desuscripción": "unsubscribed",  # [I]
+    "invalidacion": "invalidated",  # [S] Invalidation events exist; the name [I]
+    "invalidación": "invalidated",  # [I]
+    "revalidacion": "revalidated",  # [S] Revalidation events exist; the name [I]
+    "revalidación": "revalidated",  # [I]
+    "spam": "complained",  # [I] spam feedback loops invalidate contacts [S]
+    "queja": "complained",  # [I]
+}
+
+
+def events_body(since: float, until: float, page: int, size: int, tz: tzinfo) -> dict[str, Any]:
+    """The JSON body of one `ver_eventos` page (`page` from 0; DMDS counts from FIRST_PAGE)."""
+    fmt = EVENT_WIRE["datetime"]
+    return {
+        EVENT_WIRE["since"]: vendor_stamp(since, tz, fmt),
+        EVENT_WIRE["until"]: vendor_stamp(until, tz, fmt),
+        EVENT_WIRE["page"]: page + FIRST_PAGE,
+        EVENT_WIRE["size"]: size,
+    }
+
+
+def _check(response: HttpResponse, what: str) -> Any:
+    """The JSON body of an answer, or the typed error a poll waits out (nothing here refuses a message)."""
+    status = response.status
+    if status in (401, 403):
+        raise UpstreamAuthFailed(f"DMDS answered {status} to {what}: the gateway's APIKEY was refused")
+    if status == 429:
+        raise RateLimited(f"DMDS rate limit (429) on {what}", retry_after=response.retry_after(0.0))
+    if status >= 400:
+        # 404/405/400: the path or the parameters are not DMDS' (they are unconfirmed: EVENT_WIRE).
+        raise UpstreamUnavailable(f"DMDS answered {status} to {what}: {response.text(200)}")
+    try:
+        data = response.json()
+    except ValueError:
+        raise UpstreamUnavailable(f"DMDS answered {what} with a body that is not JSON") from None
+    if isinstance(data, dict):
+        state = Reading().first(data, "status", EVENT_ANSWERS["status"])
+        if state is not None and str(state).lower() not in ("ok", "success"):
+            raise UpstreamUnavailable(f"DMDS answered {what} with status {state!r}: {response.text(200)}")
+    return data
+
+
+def read_events(
+    response: HttpResponse, account: str, tz: tzinfo, size: int, number: int = 0, reading: Reading | None = None
+) -> EventPage:
+    """Page `number` (from 0) of `ver_eventos`: its events in the gateway's words. Rows without an address or a
+    time are unreadable; names no table maps are counted by name. Another page follows when this one is full,
+    or when the answer's total says so."""
+    reading = reading if reading is not None else Reading()
+    data = _check(response, "ver_eventos")
+    rows = data if isinstance(data, list) else reading.first(data, "events", EVENT_ANSWERS["events"])
+    if rows is None:
+        rows = []
+    if not isinstance(rows, list):
+        raise UpstreamUnavailable("DMDS answered ver_eventos without a list of events")
+    count = number_of(data)
+    page = EventPage(more=len(rows) >= size if count is None else (number + 1) * size < count)
+    table = {k: v for k, v in EVENT_ANSWERS.items() if k in ("type", "address", "time", "eeid", "id", "detail")}
+    for row in rows:
+        if not isinstance(row, dict):
+            page.unreadable += 1
+            continue
+        fields = reading.fields(row, table, "eventos[].", EVENT_KEYS)
+        raw_type = str(fields.get("type") or "").strip()
+        address = str(fields.get("address") or "").strip()
+        at = vendor_time(fields.get("time"), tz)
+        if not raw_type or "@" not in address or at is None:
+            page.unreadable += 1
+            continue
+        kind = EVENT_TYPES.get(raw_type.lower())
+        if kind is None:
+            page.unknown[raw_type] = page.unknown.get(raw_type, 0) + 1
+            continue
+        eeid = str(fields["eeid"]) if fields.get("eeid") else None
+        vendor_id = fields.get("id")
+        ident = (
+            event_id(account, "id", vendor_id)
+            if vendor_id
+            else event_id(account, eeid, address.lower(), raw_type.lower(), fields.get("time"))
+        )
+        detail = str(fields["detail"])[:500] if fields.get("detail") else None
+        page.events.append(VendorEvent(ident, kind, raw_type, address, at, eeid, detail))
+    return page
+
+
+def read_contacts(response: HttpResponse, reading: Reading | None = None) -> list[str]:
+    """The invalid contacts' addresses: a list of addresses, or of contacts with an email (any shape above)."""
+    reading = reading if reading is not None else Reading()
+    data = _check(response, "contactos/invalidos")
+    items = data if isinstance(data, list) else reading.first(data, "contacts", EVENT_ANSWERS["contacts"])
+    if not isinstance(items, list):
+        raise UpstreamUnavailable("DMDS answered contactos/invalidos without a list")
+    out = []
+    for item in items:
+        value = item if isinstance(item, str) else reading.first(item, "address", EVENT_ANSWERS["address"])
+        if isinstance(value, str) and "@" in value:
+            out.append(value.strip())
+    return out
+
+
+def read_whitelisted(response: HttpResponse, address: str) -> bool:
+    """The whitelist check: `{"status":"ok","msg":"<address> whitelisted"}` or `"... not whitelisted"` [S]; a
+    404 is "not on it" [I]."""
+    if response.status == 404:
+        return False
+    data = _check(response, "whitelist")
+    text = Reading().first(data, "message", EVENT_ANSWERS["message"]) if isinstance(data, dict) else None
+    if isinstance(data, dict) and isinstance(data.get("whitelisted"), bool):
+        return bool(data["whitelisted"])  # [I] a boolean answer
+    if not isinstance(text, str):
+        raise UpstreamUnavailable(f"DMDS answered the whitelist check of {address} in a shape not recognised")
+    words = text.lower()
+    return "whitelisted" in words and "not whitelisted" not in words
+
+
+def number_of(data: Any) -> int | None:
+    """The window's count of events, when the answer says it."""
+    return number(Reading().first(data, "total", EVENT_ANSWERS["total"])) if isinstance(data, dict) else None

@@ -1,0 +1,263 @@
+"""Delivery status notices (RFC 3464) to the senders of messages whose recipients bounced hard, were reported
+not sent, or became dead letters.
+
+Each failed recipient has one decision row (ledger_notices), written with what made it fail: a poll's
+events, a dead letter's rows. An instance leases the pending decisions, decides each message's at once and
+records the decision with its timeline rows; an instance that stops mid-decision leaves its lease to
+expire, and another takes the decision over. A notice is built (gateway/ledger/dsn.py), parsed by the
+gateway's own MIME parser and handed to the delivery owner as a new message of the same account and login
+(queued, retried and recorded like any other; its ledger record names the message it is about), under an
+idempotency key of its message and recipients, so a decision taken over after the notice was handed on is
+answered with the first one's id instead of sending it twice.
+
+No notice: for a null sender or about a notice (no loops: a notice's own failures never make one), when
+nobody is to be told (`notify = "off"`), to a suppressed address, past the per-sender limit, for recipients
+an operator deleted, for a message held as ambiguous (it may have been delivered).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import secrets
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import structlog
+
+from gateway import mime
+from gateway.config import Settings
+from gateway.core.errors import ContentRejected
+from gateway.core.model import Origin, Principal, Receipt, StoredData, Submission
+from gateway.core.waits import woken
+from gateway.delivery.owner import DeliveryOwner
+from gateway.ledger import dsn, model
+from gateway.ledger.model import EventRow, Record, address_key
+from gateway.ledger.notice import NoticeData
+from gateway.ledger.returns import Claim, ReturnStore
+from gateway.ledger.store import LedgerUnavailable
+from gateway.ledger.suppression import SuppressionSet
+from gateway.ops.metrics import INTERNAL_ERRORS, NOTICES
+from gateway.providers.base import Provider
+
+log = structlog.get_logger("gateway.notices")
+
+LEASE = 120.0
+BATCH = 50
+RETRY_LATER = 60.0  # a notice the queue could not take now (4xx): looked at again after this
+LISTENER = "notice"  # the ledger record's listener: made by the gateway itself
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """`result`: the metric's label; `state`: the decision row's (sent, skipped, failed); `words`: why."""
+
+    result: str
+    state: str
+    words: str
+
+
+SKIP = {
+    "null_sender": "the message had a null sender",
+    "notice": "the message is itself a notice (notices never make notices)",
+    "notify_off": "nobody is to be told (notify = off)",
+    "no_data": "the message's record has no notice data",
+    "suppressed": "the address to tell is suppressed",
+    "rate_limited": "the sender got its limit of notices in this window",
+    "deleted": "an operator deleted it",
+    "held": "it was held as ambiguous (it may have been delivered)",
+    "no_account": "its account is no longer configured",
+}
+
+
+def _skip(result: str) -> Decision:
+    return Decision(result, "skipped", SKIP[result])
+
+
+class NoticeSender:
+    def __init__(
+        self,
+        returns: ReturnStore,
+        owner: DeliveryOwner,
+        providers: Callable[[], Mapping[str, Provider]],
+        settings: Callable[[], Settings],
+        suppressions: SuppressionSet,
+        *,
+        actor: str,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.returns = returns
+        self.owner = owner
+        self.providers = providers
+        self.settings = settings
+        self.suppressions = suppressions
+        self.actor = actor
+        self.clock = clock
+        self.wakeup = asyncio.Event()
+        self._failing: str | None = None
+
+    async def run(self) -> None:
+        while True:
+            try:
+                while await self.round() >= BATCH:
+                    pass
+                if self._failing is not None:
+                    log.info("notices_recovered")
+                    self._failing = None
+            except LedgerUnavailable as exc:
+                if self._failing is None:
+                    log.error("notices_unavailable", error=exc.reason, effect="notices wait")
+                self._failing = exc.reason
+            except Exception as exc:  # a bug: once with its traceback; the loop goes on
+                INTERNAL_ERRORS.labels(where="notices").inc()
+                log.error("notices_internal_error", exc_info=exc)
+            await woken(self.wakeup, self.settings().return_path.poll_interval)
+
+    async def round(self) -> int:
+        """Decide what is pending now, one message at a time; returns how many decisions were leased."""
+        claims = await self.returns.claim_notices(self.actor, self.clock(), LEASE, BATCH)
+        by_message: dict[str, list[Claim]] = {}
+        for claim in claims:
+            by_message.setdefault(claim.msg_id, []).append(claim)
+        for msg_id, group in by_message.items():
+            await self.decide(msg_id, group)
+        return len(claims)
+
+    async def decide(self, msg_id: str, claims: Sequence[Claim]) -> None:
+        found = await self.returns.notice_data(msg_id)
+        record, text = found if found is not None else (None, None)
+        account = record.account if record is not None else ""
+        rcpts = {c.rcpt for c in claims}
+        recipients = [r for r in record.recipients if address_key(r.address) in rcpts] if record else []
+        decision, notice_id, data = self._rules(record, text, recipients)
+        if decision is None and record is not None and data is not None:
+            decision, notice_id = await self._send(record, data, recipients)
+        if decision is None:  # the queue cannot take it now: later
+            await self.returns.postpone_notices(claims, self.clock() + RETRY_LATER, "the delivery owner was busy")
+            return
+        now = self.clock()
+        kind = model.DSN_SENT if decision.state == "sent" else model.DSN_SKIPPED
+        rows = [
+            EventRow(
+                f"{msg_id}.notice.{address_key(r.address)}",
+                msg_id,
+                record.created if record else now,
+                now,
+                kind,
+                recipient=r.address,
+                detail=decision.words,
+                actor=self.actor,
+                data=model.json({"notice": notice_id, "to": data.to if data else None, "result": decision.result}),
+            )
+            for r in recipients
+        ]
+        await self.returns.finish_notices(claims, decision.state, now, notice_id, decision.words, rows)
+        NOTICES.labels(account=account or "unknown", result=decision.result).inc()
+        log.info(
+            "notice_decided",
+            queue_id=msg_id,
+            result=decision.result,
+            recipients=[r.address for r in recipients],
+            to=data.to if data and decision.state == "sent" else None,
+            notice=notice_id,
+        )
+
+    def _rules(
+        self, record: Record | None, text: str | None, recipients: Sequence[model.Recipient]
+    ) -> tuple[Decision | None, str | None, NoticeData | None]:
+        """A decision not to send (with its reason), or None and the notice's data: send it."""
+        if record is None or not recipients:
+            return _skip("no_data"), None, None
+        if record.dsn_of is not None:
+            return _skip("notice"), None, None
+        if not record.mail_from:
+            return _skip("null_sender"), None, None
+        if text is None:
+            return _skip("notify_off"), None, None
+        try:
+            data = NoticeData.read(text)
+        except ValueError:
+            return _skip("no_data"), None, None
+        if all(r.reason == model.DELETED_BY_OPERATOR for r in recipients):
+            return _skip("deleted"), None, data
+        causes = [e.data.get("cause") for e in record.events if e.kind == model.DEAD_LETTERED and e.data]
+        if causes and causes[-1] == "held" and all(r.state == "dead" for r in recipients):
+            return _skip("held"), None, data
+        settings = self.settings()
+        if record.account not in settings.accounts or record.account not in self.providers():
+            return _skip("no_account"), None, data
+        if self.suppressions.check(record.account, data.to) is not None:
+            return _skip("suppressed"), None, data
+        return None, None, data
+
+    async def _send(
+        self, record: Record, data: NoticeData, recipients: Sequence[model.Recipient]
+    ) -> tuple[Decision | None, str | None]:
+        settings = self.settings()
+        account = settings.accounts[record.account]
+        provider = self.providers()[record.account]
+        now = self.clock()
+        if not await self.returns.count_notice(address_key(data.to), account.dsn.window, account.dsn.per_sender, now):
+            return _skip("rate_limited"), None
+        failures = [_failure(record, r) for r in recipients if r.reason != model.DELETED_BY_OPERATOR]
+        domain = account.dsn.from_domain or _domain(account.return_paths(), data.from_address or record.mail_from)
+        local = secrets.token_hex(8).upper()
+        raw = dsn.build(
+            original=dsn.Original(record.id, record.created, data.headers, record.subject, record.message_id),
+            failures=failures,
+            reporting_mta=settings.hostname,
+            sender=f"MAILER-DAEMON@{domain}",
+            to=data.to,
+            now=now,
+            message_id=f"dsn.{local}.{record.id}@{settings.hostname}",
+        )
+        try:
+            message = mime.parse(raw)
+        except ContentRejected as exc:  # our own bytes: a bug if it ever happens
+            return Decision("failed", "failed", f"the notice could not be parsed: {exc.reason}"), None
+        principal = Principal(
+            account=record.account, login=data.login or record.login or "", extra=StoredData(data.extra)
+        )
+        submission = Submission(
+            principal=principal,
+            mail_from="",
+            rcpt_tos=(data.to,),
+            message=message,
+            params=provider.notice_params(StoredData(data.params)),
+        )
+        plan = provider.plan(submission)
+        key = (
+            "notice:"
+            + hashlib.sha256(
+                f"{record.id}\0{','.join(sorted(address_key(r.address) for r in recipients))}".encode()
+            ).hexdigest()[:32]
+        )
+        receipt = Receipt()
+        origin = Origin(listener=LISTENER, peer="", size=len(raw), dsn_of=record.id)
+        reply = await self.owner.submit(
+            submission, plan, log.bind(notice_of=record.id, account=record.account), key, receipt, origin=origin
+        )
+        if reply.code == 250:
+            notice_id = reply.text.rsplit(" ", 1)[-1]
+            return Decision("sent", "sent", f"a notice ({notice_id}) went to {data.to}"), notice_id
+        if reply.code >= 500:
+            return Decision("failed", "failed", f"the notice was refused: {reply}"), None
+        log.warning("notice_deferred", queue_id=record.id, reply=str(reply), reason=receipt.reason)
+        return None, None
+
+
+def _failure(record: Record, r: model.Recipient) -> dsn.Failure:
+    how: str = r.state
+    if r.state == "dead":
+        causes = [e.data.get("cause") for e in record.events if e.kind == model.DEAD_LETTERED and e.data]
+        how = str(causes[-1]) if causes else "refused"
+    detail = r.reason or ("the upstream reported it" if r.state != "dead" else "it could not be delivered")
+    return dsn.Failure(r.address, how, detail, r.at)
+
+
+def _domain(return_paths: Mapping[str, str], sender: str) -> str:
+    """The domain of the return path the account registered for the sender's domain, else that domain."""
+    domain = sender.rpartition("@")[2].lower()
+    registered = return_paths.get(domain)
+    return registered.rpartition("@")[2].lower() if registered and "@" in registered else domain

@@ -1,0 +1,193 @@
+"""Webhook deliveries from the shared outbox: each one leased to one instance while it is POSTed (signed JSON,
+through the one HTTP client for webhooks), then delivered, retried with exponential backoff and jitter, or
+failed for good after the webhook's max_age. Rows another instance left leased when it stopped are taken
+over once their lease expires.
+
+At least once: a delivery is POSTed again only when its first POST may not have been received, and that
+is when a receiver may see it twice (dedupe on the event id): its answer was lost after the request was
+sent (a timeout, a reset), or its instance stopped mid-POST. Both are counted in
+smtp_gateway_webhook_possible_duplicates_total.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable, Mapping
+
+import structlog
+
+from gateway import __version__
+from gateway.config import WebhookSettings
+from gateway.core import signature
+from gateway.core.errors import AnswerLost, UpstreamUnavailable
+from gateway.core.events import event_id
+from gateway.core.waits import woken
+from gateway.ledger import model
+from gateway.ledger.model import EventRow
+from gateway.ledger.returns import Delivery, ReturnStore
+from gateway.ledger.store import LedgerUnavailable
+from gateway.ops.metrics import (
+    INTERNAL_ERRORS,
+    WEBHOOK_DUPLICATES,
+    WEBHOOK_FAILED,
+    WEBHOOK_PENDING,
+    WEBHOOK_SENT,
+)
+from gateway.upstream.client import HttpClient
+
+log = structlog.get_logger("gateway.webhooks")
+
+BACKOFF_MAX = 3600.0
+# A delivery's lease: its timeout and this margin (renewed by nobody: one POST fits in it).
+LEASE_MARGIN = 30.0
+
+
+def backoff(base: float, attempts: int, rng: random.Random) -> float:
+    """Seconds before the next try after `attempts` failed ones: base, doubling, at most an hour, +-50 %."""
+    return min(base * 2.0 ** max(attempts - 1, 0), BACKOFF_MAX) * rng.uniform(0.5, 1.5)
+
+
+class WebhookSender:
+    def __init__(
+        self,
+        returns: ReturnStore,
+        http: HttpClient,
+        owner: str,
+        webhooks: Callable[[], Mapping[str, WebhookSettings]],
+        *,
+        concurrency: int = 8,
+        poll_interval: Callable[[], float] = lambda: 1.0,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.returns = returns
+        self.http = http
+        self.owner = owner
+        self.webhooks = webhooks
+        self.concurrency = concurrency
+        self.poll_interval = poll_interval
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.wakeup = asyncio.Event()  # this instance recorded deliveries: look now
+        self._failing: str | None = None
+
+    async def run(self) -> None:
+        """Deliver until cancelled: what is due now, then again on a wake-up or every poll_interval."""
+        while True:
+            try:
+                while await self.round() >= self.concurrency:
+                    pass  # a full batch: more may be due
+                if self._failing is not None:
+                    log.info("webhook_outbox_recovered")
+                    self._failing = None
+            except LedgerUnavailable as exc:
+                if self._failing is None:
+                    log.error("webhook_outbox_unavailable", error=exc.reason, effect="deliveries wait")
+                self._failing = exc.reason
+            except Exception as exc:  # a bug: once with its traceback; the loop goes on
+                INTERNAL_ERRORS.labels(where="webhooks").inc()
+                log.error("webhook_internal_error", exc_info=exc)
+            await woken(self.wakeup, self.poll_interval())
+
+    async def round(self) -> int:
+        """Lease what is due and deliver it; returns how many were leased."""
+        hooks = self.webhooks()
+        if not hooks:
+            return 0
+        lease = max(w.timeout for w in hooks.values()) + LEASE_MARGIN
+        deliveries = await self.returns.claim_deliveries(self.owner, self.clock(), self.concurrency, lease)
+        await asyncio.gather(*(self.deliver(d, hooks.get(d.webhook)) for d in deliveries))
+        return len(deliveries)
+
+    async def deliver(self, d: Delivery, hook: WebhookSettings | None) -> None:
+        if hook is None:
+            await self._fail(d, "removed", "the webhook is no longer configured", final=True)
+            return
+        if d.reclaimed:
+            WEBHOOK_DUPLICATES.labels(webhook=d.webhook, cause="lease_expired").inc()
+            log.warning("webhook_redelivery", webhook=d.webhook, event_id=d.event_id, cause="lease_expired")
+        body = d.body.encode()
+        stamp = int(self.clock())
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": f"smtp-gateway/{__version__}",
+            "X-Gateway-Event": d.type,
+            "X-Gateway-Event-Id": d.event_id,
+            signature.HEADER: signature.header(hook.key, stamp, body),
+        }
+        try:
+            response = await self.http.request(
+                "webhook", "POST", hook.url, headers=headers, content=body, timeout=hook.timeout
+            )
+        except AnswerLost as exc:
+            # Sent; no answer: it may have been received, and the next POST may be a duplicate.
+            WEBHOOK_DUPLICATES.labels(webhook=d.webhook, cause="answer_lost").inc()
+            await self._fail(d, "timeout", exc.reason, hook=hook)
+            return
+        except UpstreamUnavailable as exc:
+            await self._fail(d, "connect", exc.reason, hook=hook)
+            return
+        if 200 <= response.status < 300:
+            await self._delivered(d, response.status)
+        else:
+            text = f"HTTP {response.status}: {response.text(200)}".strip()
+            await self._fail(d, f"http_{response.status // 100}xx", text, hook=hook)
+
+    async def _delivered(self, d: Delivery, status: int) -> None:
+        now = self.clock()
+        attempts = d.attempts + 1
+        row = self._timeline(d, model.WEBHOOK_DELIVERED, now, f"{d.type} event to {d.webhook}: {status}", attempts)
+        if await self.returns.settle_delivery(
+            d, "delivered", attempts=attempts, next_attempt=now, error=None, now=now, rows=[row]
+        ):
+            WEBHOOK_SENT.labels(webhook=d.webhook).inc()
+            log.info("webhook_delivered", webhook=d.webhook, event_id=d.event_id, type=d.type, attempts=attempts)
+
+    async def _fail(
+        self, d: Delivery, reason: str, error: str, *, hook: WebhookSettings | None = None, final: bool = False
+    ) -> None:
+        now = self.clock()
+        attempts = d.attempts + 1
+        WEBHOOK_FAILED.labels(webhook=d.webhook, reason=reason).inc()
+        if hook is not None and not final and now - d.enqueued < hook.max_age:
+            wait = backoff(hook.backoff, attempts, self.rng)
+            settled = await self.returns.settle_delivery(
+                d, "pending", attempts=attempts, next_attempt=now + wait, error=error, now=now
+            )
+            if settled:
+                log.warning(
+                    "webhook_delivery_failed",
+                    webhook=d.webhook,
+                    event_id=d.event_id,
+                    reason=reason,
+                    error=error,
+                    attempts=attempts,
+                    next_in=round(wait, 1),
+                )
+            return
+        WEBHOOK_FAILED.labels(webhook=d.webhook, reason="expired").inc()
+        row = self._timeline(d, model.WEBHOOK_FAILED, now, f"{d.webhook}: {error}", attempts)
+        if await self.returns.settle_delivery(
+            d, "failed", attempts=attempts, next_attempt=now, error=error, now=now, rows=[row]
+        ):
+            log.error("webhook_failed", webhook=d.webhook, event_id=d.event_id, error=error, attempts=attempts)
+
+    def _timeline(self, d: Delivery, kind: str, now: float, detail: str, attempts: int) -> EventRow:
+        return EventRow(
+            event_id("", kind, d.webhook, d.event_id),
+            d.msg_id,
+            d.created,
+            now,
+            kind,
+            detail=detail,
+            actor=self.owner,
+            data=model.json({"webhook": d.webhook, "event": d.event_id, "type": d.type, "attempts": attempts}),
+        )
+
+    async def count_pending(self) -> None:
+        """The pending gauge, from the shared outbox (every instance's deliveries)."""
+        pending = await self.returns.pending_deliveries()
+        for name in {*self.webhooks(), *pending}:
+            WEBHOOK_PENDING.labels(webhook=name).set(pending.get(name, 0))

@@ -1,0 +1,126 @@
+"""Brute force against several processes at once: the AUTH failures of one client IP (and its attempts in
+flight) are counted for every process and instance on the queue, so parallel guesses spread over
+`serve --workers 2`, or over two instances on one PostgreSQL queue, stop at the configured lockout plus at
+most one guess per process (docs/limits.md)."""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import smtplib
+import socket
+import subprocess
+import threading
+from pathlib import Path
+from typing import Any
+
+from tests.configs import listener, serve_config, write
+from tests.harness import USER
+from tests.pgserver import PgCluster
+from tests.procs import events, kill, serve
+from tests.smtputil import ENHANCED
+from tests.spool_helpers import wait_for
+
+LOCKOUT = 10
+LIMITS = {
+    "auth_failures_per_ip": LOCKOUT,  # no waits before it: the guesses go as fast as they can
+    "auth_lockout_failures": LOCKOUT,
+    "auth_lockout_time": 600,
+    "max_auth_failures": 3,
+    "max_sessions_per_ip": 100,
+}
+ATTACKERS = 16
+LOCKED = "Too many failed logins from your address"
+
+
+def attack(ports: list[int]) -> list[str]:
+    """ATTACKERS threads guessing the configured user's password over fresh connections to `ports` in turn,
+    each until it is told the address is locked out; every reply to AUTH."""
+    replies: list[str] = []
+    guesses = (f"guess-{n}" for n in itertools.count())
+    lock = threading.Lock()
+
+    def guesser(first: int) -> None:
+        for n in itertools.count(first):
+            try:
+                with smtplib.SMTP("127.0.0.1", ports[n % len(ports)], timeout=30) as client:
+                    client.ehlo("guesser.test")
+                    for _ in range(3):
+                        with lock:
+                            password = next(guesses)
+                        try:
+                            code, text = client.docmd("AUTH", "PLAIN " + plain(USER, password))
+                        except smtplib.SMTPServerDisconnected:
+                            break
+                        with lock:
+                            replies.append(f"{code} {text.decode()}")
+                        if LOCKED in text.decode():
+                            return
+                        if code != 535:
+                            break
+            except (OSError, smtplib.SMTPException):
+                continue
+            assert n < first + 200, "never locked out"
+
+    threads = [threading.Thread(target=guesser, args=(k,)) for k in range(ATTACKERS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return replies
+
+
+def plain(user: str, password: str) -> str:
+    return base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+
+
+def guesses(*logs: Path) -> int:
+    """Passwords actually checked: failed AUTHs that were not refused unchecked (locked out)."""
+    return sum(1 for log in logs for e in events(log, "auth_failed") if e.get("checked", True))
+
+
+def test_serve_workers_share_the_lockout(tmp_path: Path) -> None:
+    reserved = socket.socket()  # the workers' shared port (SO_REUSEPORT), held so it stays theirs
+    reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    reserved.bind(("127.0.0.1", 0))
+    port = reserved.getsockname()[1]
+    log = tmp_path / "gateway.log"
+    supervisor = None
+    try:
+        config = serve_config(tmp_path, listeners=[listener("plain", port=port, reuse_port=True)], limits=LIMITS)
+        supervisor, _ = serve(write(tmp_path / "gateway.toml", config), log, "--workers", "2")
+        wait_for(lambda: len(events(log, "listener_started")) == 2 or None, 20, "two workers listening")
+        replies = attack([port])
+        checked = guesses(log)
+        assert LOCKOUT <= checked <= LOCKOUT + 2, checked  # two workers: one guess each past it at most
+        assert all(r.startswith(("535 5.7.8", "421 4.7.0")) and ENHANCED.match(r) for r in replies)
+        assert len(events(log, "auth_lockout")) == 1
+    finally:
+        kill(supervisor)
+        reserved.close()
+
+
+def test_two_instances_on_one_postgresql_queue_share_the_lockout(tmp_path: Path, pg_cluster: PgCluster) -> None:
+    url = pg_cluster.new_database()
+    procs: list[subprocess.Popen[bytes]] = []
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    try:
+        ports: list[int] = []
+        config: dict[str, Any] = serve_config(tmp_path, delivery={"queue_url": url}, limits=LIMITS)
+        for name, log in zip("ab", logs, strict=True):
+            proc, bound = serve(write(tmp_path / f"{name}.toml", config), log)
+            procs.append(proc)
+            ports.append(bound["plain"])
+        attack(ports)
+        checked = guesses(*logs)
+        assert LOCKOUT <= checked <= LOCKOUT + 2, checked  # two instances: one guess each past it at most
+        assert sum(len(events(log, "auth_lockout")) for log in logs) == 1
+        # Both refuse the address now, unchecked.
+        for port in ports:
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+                client.ehlo("guesser.test")
+                code, text = client.docmd("AUTH", "PLAIN " + plain(USER, "one more"))
+                assert (code, LOCKED in text.decode()) == (421, True)
+    finally:
+        for proc in procs:
+            kill(proc)

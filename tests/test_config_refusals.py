@@ -1,0 +1,151 @@
+"""Configurations that were accepted but could not work: `check-config` and `serve` refuse each, through the
+real CLI, naming the key, where it is and the fix, in the operator's words (no Traceback, no pydantic)."""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.configs import APIKEY, PASSWORD_HASH, USER, gateway_config, listener, write
+from tests.procs import CLI
+from tests.test_first_contact import _env
+
+# Long enough for a refusal, short of anything that would start serving (or retry a pool for 10 s).
+TIMEOUT = 8
+
+
+def config(tmp: Path, **overrides: Any) -> Path:
+    return write(tmp / "gateway.toml", gateway_config(tmp, listeners=[listener("plain")], **overrides))
+
+
+def cli(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        [*CLI, *args], cwd=tmp, env=_env(), capture_output=True, text=True, timeout=TIMEOUT, check=False
+    )
+    assert "Traceback" not in done.stdout + done.stderr, done.stderr
+    assert "Value error" not in done.stderr and "pydantic" not in done.stderr, done.stderr
+    return done
+
+
+def refused(tmp: Path, path: Path, status: int, message: str) -> None:
+    """check-config and serve both refuse `path` with `status` and a line holding `message`."""
+    for command in ("check-config", "serve"):
+        done = cli(tmp, command, "--config", str(path))
+        assert done.returncode == status, (command, done.stderr)
+        assert message in done.stderr, (command, done.stderr)
+
+
+def test_one_login_in_two_accounts(tmp_path: Path) -> None:
+    users = [{"username": "erp", "password_hash": PASSWORD_HASH}, {"username": USER, "password_hash": PASSWORD_HASH}]
+    path = config(tmp_path, accounts={"acme": {}, "other": {"dmdsid": "other", "apikey": APIKEY, "users": users}})
+    refused(
+        tmp_path,
+        path,
+        2,
+        f"invalid configuration in {path}:\n  accounts.acme.users[0].username and "
+        f"accounts.other.users[1].username: the login '{USER}' is in two accounts; a login must be unique "
+        "across accounts: rename one of them",
+    )
+
+
+@pytest.mark.parametrize(
+    ("cut", "why"),
+    [
+        (lambda h: h[:-4], "has a digest of 30 bytes instead of 32: it was cut short or edited"),
+        (lambda h: h.rpartition("$")[0], "has 5 of the 6 '$'-separated parts of a hash: it was cut short or edited"),
+        (lambda h: h[:-1], "has a salt or digest that is not base64: it was cut short or edited"),
+    ],
+)
+def test_a_password_hash_cut_short(tmp_path: Path, cut: Any, why: str) -> None:
+    truncated = cut(PASSWORD_HASH)
+    users = [{"username": USER, "password_hash": truncated, "campaign": 22}]
+    path = config(tmp_path, accounts={"acme": {"users": users}})
+    refused(
+        tmp_path,
+        path,
+        2,
+        f"accounts.acme.users[0].password_hash: {why}; run `smtp-gateway hash-password` and paste its whole line",
+    )
+    assert truncated not in cli(tmp_path, "check-config", "--config", str(path)).stderr
+
+
+@pytest.mark.parametrize("provider", ["dmds", "dengage"])
+def test_api_base_without_its_scheme(tmp_path: Path, provider: str) -> None:
+    secrets = {"dmdsid": "shop", "apikey": APIKEY} if provider == "dmds" else {"userkey": "k", "password": "p"}
+    shop = {"provider": provider, "api_base": "api.shop.example/rest", **secrets}
+    refused(
+        tmp_path,
+        config(tmp_path, accounts={"acme": {}, "shop": shop}),
+        2,
+        "accounts.shop.api_base: 'api.shop.example/rest' is not an http:// or https:// URL with a host: write it "
+        "whole, e.g. https://api.shop.example/rest",
+    )
+
+
+def test_a_spool_path_that_is_not_a_database(tmp_path: Path) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a queue\n")
+    refused(
+        tmp_path,
+        config(tmp_path, delivery={"spool_path": str(notes)}),
+        1,
+        f"delivery.spool_path {notes} is not an SQLite database but some other file: set delivery.spool_path to "
+        "a file of its own (the gateway creates it)",
+    )
+
+
+def test_a_spool_path_that_is_another_programs_database(tmp_path: Path) -> None:
+    other = tmp_path / "app.db"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE invoices (id INTEGER)")
+    db.close()
+    refused(
+        tmp_path,
+        config(tmp_path, delivery={"spool_path": str(other)}),
+        1,
+        f"delivery.spool_path {other} is another program's SQLite database (tables invoices): set "
+        "delivery.spool_path to a file of its own",
+    )
+
+
+@pytest.mark.parametrize("workers", ["0", "-2", "two"])
+def test_serve_with_no_workers(tmp_path: Path, workers: str) -> None:
+    done = cli(tmp_path, "serve", "--config", str(config(tmp_path)), "--workers", workers)
+    assert done.returncode == 2
+    assert (
+        f"smtp-gateway serve: error: argument --workers: '{workers}' is not a number of processes: give 1 or more"
+        in done.stderr
+    )
+
+
+def test_an_unreachable_postgresql_queue(tmp_path: Path) -> None:
+    with socket.socket() as bound:  # bound, never listening: a connection to it is refused at once
+        bound.bind(("127.0.0.1", 0))
+        port = bound.getsockname()[1]
+        path = config(tmp_path, delivery={"queue_url": f"postgresql://gateway@127.0.0.1:{port}/gateway"})
+        message = (
+            f"delivery.queue_url postgresql://gateway@127.0.0.1:{port}/gateway: cannot connect to 127.0.0.1:{port}: "
+            "Connection refused: start PostgreSQL there, or correct the host and port in delivery.queue_url"
+        )
+        refused(tmp_path, path, 1, message)
+        # The queue commands too, at once: no pool retrying for ten seconds, no "is it an smtp-gateway queue?".
+        done = cli(tmp_path, "queue", "--config", str(path), "list")
+    assert done.returncode == 1
+    assert done.stderr == f"smtp-gateway: {message}\n"
+
+
+def test_an_api_token_hash_cut_short(tmp_path: Path) -> None:
+    """The message API's token hashes are read by the same rule as the logins' password hashes."""
+    tokens = [{"name": "ci", "token_hash": PASSWORD_HASH[:-4]}]
+    refused(
+        tmp_path,
+        config(tmp_path, http={"port": 0, "api_tokens": tokens}),
+        2,
+        "http.api_tokens[0].token_hash: has a digest of 30 bytes instead of 32: it was cut short or edited; run "
+        "`smtp-gateway hash-password` and paste its whole line",
+    )

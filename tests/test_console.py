@@ -1,0 +1,488 @@
+"""The console over HTTP against the real gateway (aiohttp's client, as a browser would fill the forms): off unless
+configured; sign-in, sessions and their cookie; CSRF on every POST; sign-in throttling and lifting a lockout;
+the audit line of every action; bulk queue actions by the `queue` CLI's rules; the test send over a real
+SMTP session; security headers; no page shows a secret."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from gateway.console.sessions import Session, SessionKeys
+from gateway.ledger.model import Record
+from gateway.smtp.tls import write_self_signed
+from tests.console_util import (
+    ADMIN,
+    ADMIN_HASH,
+    ADMIN_PASSWORD,
+    SESSION_SECRET,
+    Client,
+    base,
+    console_gateway,
+    console_settings,
+    csrf,
+)
+from tests.harness import APIKEY, PASSWORD, PASSWORD_HASH, Running
+from tests.ops_util import captured_with_context, sample
+from tests.spool_helpers import send, wait_for
+
+# Retries within the test's time: a dead letter is made by a 503 and then a refusal at the first retry.
+FAST = {"retry_schedule": [0.3], "retry_jitter": 0.0, "poll_interval": 0.2, "inline_budget": 2.0}
+PAGES = (
+    "/console/",
+    "/console/messages",
+    "/console/queue",
+    "/console/queue?state=dead",
+    "/console/logins",
+    "/console/test-send",
+    "/console/configuration",
+)
+
+
+def flushed(gw: Running) -> None:
+    assert gw.app.ledger_writer is not None
+    gw.loop.run(gw.app.ledger_writer.flush())
+
+
+def record(gw: Running, ident: str) -> Record:
+    assert gw.app.ledger is not None
+    found = gw.loop.run(gw.app.ledger.get(ident))
+    assert found is not None
+    return found
+
+
+def dead_letter(gw: Running, subject: str, to: tuple[str, ...] = ("client@example.com",)) -> str:
+    """A message answered 250, then refused for good by the upstream at its retry: its local id."""
+    gw.fault(status=503, count=1)
+    gw.fault(mode="err", reason="invalid email", count=1)
+    code, text = send(gw.port(), subject, to=to)
+    assert code == 250
+    local = text.rsplit(" ", 1)[1]
+
+    def dead() -> bool:
+        flushed(gw)
+        assert gw.app.ledger is not None
+        found = gw.loop.run(gw.app.ledger.get(local))
+        return found is not None and found.state == "dead"
+
+    wait_for(dead, what="the dead letter")
+    return local
+
+
+async def test_the_console_is_off_unless_configured(gateway_factory: Callable[..., Running]) -> None:
+    gw = gateway_factory(http={"port": 0})
+    async with Client(base(gw)) as browser:
+        status, _, text = await browser.get("/console/")
+        assert status == 404 and "[console] enabled = true" in text and "hash-password" in text
+        assert (await browser.get("/console/signin"))[0] == 404
+        assert (await browser.get("/healthz"))[0] == 200
+
+
+async def test_sign_in_gives_a_hardened_session_cookie(gateway_factory: Callable[..., Running]) -> None:
+    gw = console_gateway(gateway_factory)
+    async with Client(base(gw)) as browser:
+        status, response, _ = await browser.get("/console/messages?sender=a%40b")
+        assert status == 303 and response.headers["Location"] == "/console/signin?next=/console/messages?sender=a%40b"
+        status, response, page = await browser.get("/console/signin")
+        assert status == 200 and 'name="password" type="password"' in page
+        assert response.headers["Cache-Control"] == "no-store"
+        with captured_with_context() as logs:
+            status, _, page = await browser.signin(password="wrong")
+        assert status == 401 and "Wrong name or password" in page
+        assert [e["admin"] for e in logs if e["event"] == "console_signin_failed"] == [ADMIN]
+        before = sample("smtp_gateway_console_logins_total", result="ok")
+        status, response, _ = await browser.signin()
+        assert status == 303 and response.headers["Location"] == "/console/"
+        assert sample("smtp_gateway_console_logins_total", result="ok") == before + 1
+        cookie = response.headers["Set-Cookie"]
+        assert cookie.startswith("smtp-gateway-console=")
+        assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/" in cookie
+        assert "Secure" not in cookie  # plain HTTP on loopback
+        for path in PAGES:
+            status, response, page = await browser.get(path)
+            assert status == 200, path
+            headers = response.headers
+            assert headers["Cache-Control"] == "no-store"
+            assert headers["X-Frame-Options"] == "DENY" and headers["Referrer-Policy"] == "no-referrer"
+            csp = headers["Content-Security-Policy"]
+            assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp and "unsafe-inline" not in csp
+            # No inline script, style or event handler (the policy would block them).
+            assert re.search(r"<script(?![^>]*\bsrc=)", page) is None and "<style" not in page
+            assert re.search(r"\son[a-z]+=", page) is None and "style=" not in page
+            assert re.search(r'(src|href|action)="(https?:)?//', page) is None  # nothing from elsewhere
+        status, response, css = await browser.get("/console/static/console.css")
+        assert status == 200 and response.content_type == "text/css" and "font-family" not in css.split("body", 1)[0]
+        assert (await browser.get("/console/static/../../app.py"))[0] == 404
+
+
+async def test_a_typed_password_in_the_name_field_is_not_logged(gateway_factory: Callable[..., Running]) -> None:
+    gw = console_gateway(gateway_factory)
+    async with Client(base(gw)) as browser:
+        with captured_with_context() as logs:
+            status, _, _ = await browser.signin(name=ADMIN_PASSWORD, password="x")
+        assert status == 401
+        [failed] = [e for e in logs if e["event"] == "console_signin_failed"]
+        assert failed["admin_known"] is False and ADMIN_PASSWORD not in repr(logs)
+
+
+async def test_every_form_needs_its_csrf_token(gateway_factory: Callable[..., Running]) -> None:
+    gw = console_gateway(gateway_factory, delivery=FAST)
+    local = dead_letter(gw, "kept dead")
+    async with Client(base(gw)) as browser:
+        await browser.signin()
+        async with Client(base(gw)) as other:  # a valid token, of another session
+            await other.signin()
+            theirs = csrf((await other.get("/console/queue?state=dead"))[2])
+        before = sample("smtp_gateway_console_csrf_refused_total")
+        with captured_with_context() as logs:
+            for token in (None, "forged", theirs):
+                fields = [("action", "requeue"), ("id", local)] + ([("csrf", token)] if token else [])
+                status, _, page = await browser.post("/console/queue/act", fields)
+                assert status == 403 and "security token" in page
+            status, _, _ = await browser.post("/console/signout", {})
+            assert status == 403
+        refused = [e for e in logs if e["event"] == "console_csrf_refused"]
+        assert len(refused) == 4 and refused[0]["admin"] == ADMIN and refused[0]["path"] == "/console/queue/act"
+        assert sample("smtp_gateway_console_csrf_refused_total") == before + 4
+        assert record(gw, local).state == "dead"  # nothing was done
+        # The sign-in form has its own token, bound to a cookie of its own.
+        async with Client(base(gw)) as other:
+            status, _, _ = await other.post("/console/signin", {"name": ADMIN, "password": ADMIN_PASSWORD})
+            assert status == 403
+            assert (await other.get("/console/"))[0] == 303
+
+
+async def test_sign_in_failures_lock_the_address_out_until_an_admin_lifts_it(
+    gateway_factory: Callable[..., Running],
+) -> None:
+    limits = {"auth_failures_per_ip": 2, "auth_lockout_failures": 3, "auth_delay_max": 0.0}
+    gw = console_gateway(gateway_factory, limits=limits)
+    async with Client(base(gw), address="127.0.0.2") as attacker, Client(base(gw)) as admin:
+        for _ in range(2):
+            assert (await attacker.signin(password="guess"))[0] == 401
+        assert (await attacker.signin(password="guess"))[0] == 429  # the third failure locks the address out
+        status, response, page = await attacker.signin()  # the right password, refused unchecked
+        assert status == 429 and int(response.headers["Retry-After"]) > 800 and "Too many" in page
+        assert (await admin.signin())[0] == 303  # another address is not affected
+        status, _, page = await admin.get("/console/logins")
+        assert "127.0.0.2" in page and "locked out" in page
+        with captured_with_context() as logs:
+            status, _, _ = await admin.form(
+                "/console/logins", "/console/logins/lift", {"scope": "console", "client": "127.0.0.2"}
+            )
+        assert status == 303
+        [audit] = [e for e in logs if e["event"] == "console_action"]
+        assert audit["action"] == "lift_lockout" and audit["count"] == 1 and audit["lifted_client"] == "127.0.0.2"
+        assert "127.0.0.2" not in (await admin.get("/console/logins"))[2]
+        assert (await attacker.signin())[0] == 303
+
+
+async def test_smtp_lockouts_are_listed_with_the_logins_failures(gateway_factory: Callable[..., Running]) -> None:
+    import base64
+    import smtplib
+
+    gw = console_gateway(gateway_factory, limits={"auth_failures_per_ip": 1, "auth_lockout_failures": 2})
+    before = sample("smtp_gateway_login_auth_failures_total", account="acme", login="scanner")
+    wrong = base64.b64encode(b"\0scanner\0not-the-password").decode()
+    with smtplib.SMTP("127.0.0.1", gw.port(), timeout=10) as client:
+        client.ehlo()
+        assert client.docmd("AUTH", f"PLAIN {wrong}")[0] == 535
+        assert client.docmd("AUTH", f"PLAIN {wrong}")[0] == 421  # locked out
+    assert sample("smtp_gateway_login_auth_failures_total", account="acme", login="scanner") == before + 2
+    async with Client(base(gw)) as admin:
+        await admin.signin()
+        _, _, page = await admin.get("/console/logins")
+        row = next(r for r in page.split("<tr>") if ">scanner<" in r)
+        assert f'class="num bad">{int(before) + 2}<' in row, row  # its AUTH failures
+        assert "smtp</td><td>127.0.0.1</td>" in page and "locked out" in page
+        await admin.form("/console/logins", "/console/logins/lift", {"scope": "smtp", "client": "127.0.0.1"})
+    with smtplib.SMTP("127.0.0.1", gw.port(), timeout=10) as client:
+        assert client.login("scanner", PASSWORD)[0] == 235
+
+
+async def test_sessions_end_at_sign_out_idle_time_lifetime_and_a_new_password(
+    gateway_factory: Callable[..., Running],
+) -> None:
+    gw = console_gateway(gateway_factory, console={"idle_timeout": 600, "session_lifetime": 3600})
+    keys = SessionKeys(SESSION_SECRET.encode())
+    fingerprint = keys.fingerprint(ADMIN_HASH)
+    now = time.time()
+
+    async def opens(session: Session) -> int:
+        async with Client(base(gw)) as browser:
+            browser.http.cookie_jar.update_cookies({"smtp-gateway-console": keys.seal(session)})
+            return (await browser.get("/console/"))[0]
+
+    assert await opens(Session(ADMIN, now - 10, now - 10, "s1", fingerprint)) == 200
+    assert await opens(Session(ADMIN, now - 700, now - 601, "s2", fingerprint)) == 303  # idle
+    assert await opens(Session(ADMIN, now - 3601, now - 1, "s3", fingerprint)) == 303  # lifetime
+    assert await opens(Session(ADMIN, now, now, "s4", "another-password-hash")) == 303
+    assert await opens(Session("mallory", now, now, "s5", fingerprint)) == 303  # no such admin
+    forged = SessionKeys(b"not-the-key-of-this-gateway-0123456789")
+    async with Client(base(gw)) as browser:
+        browser.http.cookie_jar.update_cookies(
+            {"smtp-gateway-console": forged.seal(Session(ADMIN, now, now, "s6", fingerprint))}
+        )
+        assert (await browser.get("/console/"))[0] == 303
+    async with Client(base(gw)) as browser:
+        await browser.signin()
+        cookie = next(c.value for c in browser.http.cookie_jar if c.key == "smtp-gateway-console")
+        with captured_with_context() as logs:
+            status, response, _ = await browser.form("/console/", "/console/signout", {})
+        assert status == 303 and response.headers["Location"] == "/console/signin"
+        assert [e["action"] for e in logs if e["event"] == "console_action"] == ["sign_out"]
+    async with Client(base(gw)) as replay:  # the cookie of a signed-out session
+        replay.http.cookie_jar.update_cookies({"smtp-gateway-console": cookie})
+        assert (await replay.get("/console/"))[0] == 303
+
+
+async def test_requeue_of_many_dead_letters_is_confirmed_audited_and_recorded(
+    gateway_factory: Callable[..., Running],
+) -> None:
+    gw = console_gateway(gateway_factory, delivery=FAST)
+    ours = [dead_letter(gw, f"to acme {n}", to=(f"r{n}@acme-clients.example",)) for n in range(2)]
+    other = dead_letter(gw, "elsewhere", to=("x@elsewhere.example",))
+    async with Client(base(gw)) as admin:
+        await admin.signin()
+        page = "/console/queue?state=dead&domain=acme-clients.example"
+        _, _, listed = await admin.get(page)
+        assert all(i in listed for i in ours) and other not in listed
+        fields = {"action": "requeue", "scope": "all", "state": "dead", "domain": "acme-clients.example"}
+        status, _, confirm = await admin.form(page, "/console/queue/confirm", fields)
+        assert status == 200 and "Requeue 2 messages?" in confirm and other not in confirm
+        ids = re.findall(r'name="id" value="([0-9A-F]{16})"', confirm)
+        assert sorted(ids) == sorted(ours)
+        before = sample("smtp_gateway_console_actions_total", action="requeue")
+        with captured_with_context() as logs:
+            status, _, done = await admin.post(
+                "/console/queue/act", [("csrf", csrf(confirm)), ("action", "requeue"), *(("id", i) for i in ids)]
+            )
+        assert status == 200 and "Requeue: 2 done" in done
+        [audit] = [e for e in logs if e["event"] == "console_action"]
+        assert audit["admin"] == ADMIN and audit["action"] == "requeue" and audit["count"] == 2
+        assert audit["client"] == "127.0.0.1" and sorted(audit["ids"]) == sorted(ours)
+        assert sample("smtp_gateway_console_actions_total", action="requeue") == before + 1
+        assert sample("smtp_gateway_console_action_messages_total", action="requeue") >= 2
+        # The same rule as `queue requeue`: a message no longer dead is skipped, not requeued twice.
+        status, _, again = await admin.post(
+            "/console/queue/act", [("csrf", csrf(confirm)), ("action", "requeue"), ("id", ours[0]), ("id", other)]
+        )
+        assert "1 done, 1 skipped" in again
+    flushed(gw)
+    events = record(gw, ours[0]).events
+    requeued = [e for e in events if e.kind == "requeued"]
+    assert requeued and requeued[0].actor == f"{ADMIN} (console)"
+
+
+async def test_test_send_goes_through_a_real_smtp_session_and_opens_the_message(
+    gateway_factory: Callable[..., Running],
+) -> None:
+    gw = console_gateway(gateway_factory)
+    async with Client(base(gw)) as admin:
+        await admin.signin()
+        _, _, form = await admin.get("/console/test-send")
+        assert 'value="acme/scanner"' in form
+        fields = {
+            "login": "acme/scanner",
+            "listener": "starttls",
+            "sender": "billing@acme.example",
+            "recipient": "someone@example.net",
+            "subject": "console test",
+            "body": "hello",
+        }
+        with captured_with_context() as logs:
+            status, _, page = await admin.form("/console/test-send", "/console/test-send", fields)
+        assert status == 200 and "Accepted" in page and "STARTTLS" in page and "235 " in page
+        link = re.search(r'href="/console/messages/([^"]+)"', page)
+        assert link is not None
+        [audit] = [e for e in logs if e["event"] == "console_action"]
+        assert audit["action"] == "test_send" and audit["login"] == "scanner" and audit["reply"].startswith("250 ")
+        ok = [e for e in logs if e["event"] == "auth_ok"]
+        assert ok and ok[0]["credential"] == "console-test"
+        status, _, message = await admin.get(f"/console/messages/{link[1]}")
+        assert status == 200 and "console test" in message and "someone@example.net" in message
+        assert gw.sent and gw.sent[-1]["body"]["asunto"] == "console test"  # DMDS' word for the subject
+        # The one-time password works once: replayed over SMTP it is refused.
+        fields["login"] = "acme/nobody"
+        status, _, page = await admin.form("/console/test-send", "/console/test-send", fields)
+        assert status == 400 and "configured logins" in page
+
+
+async def test_no_page_shows_a_secret(gateway_factory: Callable[..., Running], tmp_path: Any) -> None:
+    from gateway.auth.passwords import hash_password
+
+    api_hash = hash_password("api-token-of-the-test")
+    gw = console_gateway(
+        gateway_factory,
+        http={"api_tokens": [{"name": "ci", "token_hash": api_hash}]},
+        console={"admins": [{"name": ADMIN, "password_hash": ADMIN_HASH}]},
+        delivery=FAST,
+    )
+    local = dead_letter(gw, "secret check")
+    code, _ = send(gw.port(), "delivered one")
+    assert code == 250
+    flushed(gw)
+    secrets = [
+        APIKEY,
+        PASSWORD,
+        PASSWORD_HASH,
+        ADMIN_PASSWORD,
+        ADMIN_HASH,
+        SESSION_SECRET,
+        api_hash,
+        "campaign-22-apikey",
+    ]
+    secrets += [s.split("$")[-1] for s in (PASSWORD_HASH, ADMIN_HASH, api_hash)]  # not even the digest alone
+    async with Client(base(gw)) as admin:
+        await admin.signin()
+        pages = [*PAGES, f"/console/messages/{local}", "/console/messages?state=sent", "/console/signin"]
+        for path in pages:
+            status, _, page = await admin.get(path)
+            assert status in (200, 303), path
+            for secret in secrets:
+                assert secret not in page, (path, secret[:6])
+        _, _, config = await admin.get("/console/configuration")
+        assert "**********" in config and "session_secret" in config
+
+
+async def test_over_tls_the_cookie_is_secure_and_host_only(
+    gateway_factory: Callable[..., Running], tmp_path: Any
+) -> None:
+    cert, key = write_self_signed(tmp_path / "http-tls")
+    gw = console_gateway(gateway_factory, http={"tls_cert_file": str(cert), "tls_key_file": str(key)})
+    async with Client(base(gw, "https")) as browser:
+        _, response, _ = await browser.get("/console/signin")
+        assert response.headers["Set-Cookie"].startswith("__Host-smtp-gateway-signin=")
+        status, response, _ = await browser.signin()
+        assert status == 303
+        cookie = response.headers["Set-Cookie"]
+        assert cookie.startswith("__Host-smtp-gateway-console=") and "Secure" in cookie and "Path=/" in cookie
+        assert (await browser.get("/console/"))[0] == 200
+
+
+def test_the_console_off_loopback_needs_tls() -> None:
+    from gateway.config import ConfigError, load_settings
+
+    with pytest.raises(ConfigError, match="in clear"):
+        load_settings(None, http={"address": "0.0.0.0", "port": 8080}, console=console_settings())
+    with pytest.raises(ConfigError, match=r"http\.port"):
+        load_settings(None, console=console_settings())
+    with pytest.raises(ConfigError, match="at least one"):
+        load_settings(None, http={"port": 8080}, console={"enabled": True})
+    settings = load_settings(
+        None, http={"address": "0.0.0.0", "port": 8080}, console=console_settings(allow_without_tls=True)
+    )
+    assert settings.console.enabled
+
+
+async def test_a_reload_ends_the_sessions_of_a_changed_password(gateway_factory: Callable[..., Running]) -> None:
+    from gateway.auth.passwords import hash_password
+    from gateway.config import load_settings
+    from tests.configs import gateway_config
+
+    gw = console_gateway(gateway_factory)
+    async with Client(base(gw)) as browser:
+        await browser.signin()
+        assert (await browser.get("/console/configuration"))[0] == 200
+        new_hash = hash_password("a-new-password")
+        config = gateway_config(
+            gw.tmp,
+            gw.sandbox.port,
+            http={"port": gw.app.operator.port if gw.app.operator else 0},
+            console=console_settings(admins=[{"name": ADMIN, "password_hash": new_hash}]),
+        )
+        gw.app.source = lambda: load_settings(None, **config)
+        assert gw.loop.run(gw.app.reload())
+        assert (await browser.get("/console/configuration"))[0] == 303
+        assert (await browser.signin(password="a-new-password"))[0] == 303
+        _, _, page = await browser.get("/console/configuration")
+        assert "last reload" in page and ": ok" in page
+
+
+def test_the_quick_start_prints_a_console_to_sign_in_to(tmp_path: Any) -> None:
+    import asyncio
+    import signal
+    import subprocess
+
+    from tests.test_first_contact import CLI, Lines, _env
+
+    args = ["quickstart", "--port", "0", "--tls-port", "0", "--sandbox-port", "0", "--http-port", "0"]
+    proc = subprocess.Popen(
+        [*CLI, *args], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    err = Lines(proc.stderr)
+
+    async def sign_in(url: str, name: str, password: str) -> None:
+        async with Client(url) as browser:
+            assert (await browser.signin(name, password))[0] == 303
+            status, _, page = await browser.get("/console/")
+            assert status == 200 and "sandbox" in page  # the quick start's DMDS account
+
+    try:
+        line = err.wait_for(r"The console in a browser")
+        found = re.search(r"(http://127\.0\.0\.1:\d+)/console/\s+sign in as (\S+) / (\S+)$", line.strip())
+        assert found is not None, line
+        asyncio.run(sign_in(*found.groups()))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        err.close()
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+
+def test_the_documented_configuration_loads(tmp_path: Any) -> None:
+    import tomllib
+
+    from gateway.config import load_settings
+    from tests.docs_blocks import doc_blocks
+
+    [block] = doc_blocks("test_the_documented_configuration_loads")
+    key = tmp_path / "console.key"
+    key.write_text(SESSION_SECRET + "\n")
+    text = block.text.replace("scrypt$16384$8$1$...", ADMIN_HASH).replace("/etc/smtp-gateway/console.key", str(key))
+    settings = load_settings(None, **tomllib.loads(text))
+    console = settings.console
+    assert console.enabled and [a.name for a in console.admins] == [ADMIN]
+    assert console.session_secret is not None and console.session_secret.get_secret_value() == SESSION_SECRET
+    assert settings.http.port == 8080 and (console.idle_timeout, console.session_lifetime) == (1800, 43200)
+
+
+def test_the_queue_cli_selects_and_acts_on_several_like_the_console(gateway_factory: Callable[..., Running]) -> None:
+    """`queue dead` with filters and `queue requeue ID...` run the code the console's Queue page runs."""
+    import json
+    import subprocess
+
+    from tests.test_first_contact import CLI, _env
+
+    gw = console_gateway(gateway_factory, delivery=FAST)
+    ours = [dead_letter(gw, f"to acme {n}", to=(f"r{n}@sub.acme-clients.example",)) for n in range(2)]
+    other = dead_letter(gw, "elsewhere", to=("x@elsewhere.example",))
+    spool = str(gw.settings.delivery.spool_path)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*CLI, "queue", "--spool", spool, *args], capture_output=True, text=True, timeout=60, env=_env()
+        )
+
+    listed = cli("dead", "--domain", "acme-clients.example", "--login", "scanner", "--reason", "INVALID", "--json")
+    rows = json.loads(listed.stdout)["messages"]
+    assert sorted(r["id"] for r in rows) == sorted(ours) and rows[0]["login"] == "scanner"
+    assert rows[0]["recipients"][0].endswith("@sub.acme-clients.example")
+    assert json.loads(cli("dead", "--account", "nope", "--json").stdout)["messages"] == []
+    assert json.loads(cli("dead", "--older-than", "1d", "--json").stdout)["messages"] == []
+    text = cli("dead", "--domain", "elsewhere.example").stdout
+    assert "matching dead letters, domain elsewhere.example: 1" in text and other in text
+    bad = cli("dead", "--older-than", "soon")
+    assert bad.returncode == 1 and "--older-than" in bad.stderr
+    acted = cli("requeue", *ours, "FFFFFFFFFFFFFFFF")
+    assert acted.returncode == 1
+    assert acted.stdout.splitlines() == [
+        f"{ours[0]}: requeued",
+        f"{ours[1]}: requeued",
+        "FFFFFFFFFFFFFFFF: not a dead letter",
+    ]

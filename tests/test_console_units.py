@@ -1,0 +1,107 @@
+"""The console's pure parts and the pieces it added below it: session cookies and CSRF tokens, one-time
+passwords of the test send, lockouts listed and lifted, queue selections."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gateway.auth.onetime import OneTimeLogins
+from gateway.config import LimitsSettings
+from gateway.console.sessions import Session, SessionKeys, ended, new_session
+from gateway.delivery.admin import BadSelection, QueueItem, Selection, parse_age
+from gateway.limits.clients import AuthGuard
+from gateway.limits.lockouts import LocalLockouts
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_sealed_session_opens_only_with_its_key_and_unchanged() -> None:
+    keys = SessionKeys(b"k" * 32)
+    session = new_session("alice", keys.fingerprint("scrypt$hash"), 5000.0)
+    cookie = keys.seal(session)
+    assert keys.open(cookie) == session
+    assert SessionKeys(b"j" * 32).open(cookie) is None
+    payload, mac = cookie.split(".")
+    assert keys.open(payload[:-2] + "AA." + mac) is None
+    for junk in (None, "", "no-dot", "a.b.c", "%%%." + mac):
+        assert keys.open(junk) is None
+    assert "scrypt" not in cookie and "hash" not in cookie
+
+
+def test_csrf_tokens_are_bound_to_their_session_and_purpose() -> None:
+    keys = SessionKeys(b"k" * 32)
+    one, two = (new_session("alice", "fp", 0.0) for _ in range(2))
+    assert keys.csrf_valid(one, keys.csrf(one))
+    assert not keys.csrf_valid(one, keys.csrf(two)) and not keys.csrf_valid(one, None)
+    assert not keys.csrf_valid(one, "")
+    assert keys.signin_valid("nonce", keys.signin_token("nonce"))
+    assert not keys.signin_valid("other", keys.signin_token("nonce")) and not keys.signin_valid(None, "x")
+    assert keys.signin_token(one.sid) != keys.csrf(one)  # a token of one kind is never valid as the other
+
+
+def test_sessions_end_when_idle_or_old() -> None:
+    s = Session("alice", 0.0, 100.0, "sid", "fp")
+    assert ended(s, 150.0, idle=60, lifetime=1000) is None
+    assert ended(s, 160.0, idle=60, lifetime=1000) == "idle"
+    assert ended(s.touched(990.0), 1000.0, idle=60, lifetime=1000) == "lifetime"
+    assert ended(Session("alice", 5000.0, 5000.0, "sid", "fp"), 100.0, idle=60, lifetime=1000) == "lifetime"
+
+
+def test_a_one_time_password_works_once_for_its_login_within_its_time() -> None:
+    clock = Clock()
+    onetime = OneTimeLogins(clock)
+    first = onetime.issue("scanner")
+    assert first.startswith("onetime$") and len(first) > 40
+    assert not onetime.redeem("scanner", "onetime$guess")
+    assert onetime.redeem("scanner", first)
+    assert not onetime.redeem("scanner", first)  # used up
+    other = onetime.issue("scanner")
+    assert not onetime.redeem("printer", other) and not onetime.redeem("scanner", other)  # wrong login uses it up
+    late = onetime.issue("scanner", ttl=60)
+    clock.now += 61
+    assert not onetime.redeem("scanner", late)
+    for _ in range(500):
+        onetime.issue("scanner")
+    assert len(onetime._pending) <= 100  # bounded
+
+
+def test_lockouts_of_every_guard_are_listed_and_lifted_per_scope() -> None:
+    limits = LimitsSettings(auth_failures_per_ip=1, auth_lockout_failures=2, auth_lockout_time=600)
+    clock = Clock()
+    smtp, console = AuthGuard(limits, clock), AuthGuard(limits, clock)
+    for _ in range(2):
+        smtp.failed("192.0.2.7")
+    console.failed("192.0.2.8")
+    lockouts = LocalLockouts(lambda: [("smtp", smtp), ("console", console)], wall=lambda: 50_000.0)
+    found = asyncio.run(lockouts.in_force())
+    assert [(lo.scope, lo.client, lo.until, lo.failures) for lo in found] == [
+        ("smtp", "192.0.2.7", 50_600.0, 0),
+        ("console", "192.0.2.8", 0.0, 1),
+    ]
+    assert not asyncio.run(lockouts.lift("console", "192.0.2.7"))  # not held in that scope
+    assert asyncio.run(lockouts.lift("smtp", "192.0.2.7"))
+    assert smtp.before("192.0.2.7").locked_for == 0
+    assert [lo.client for lo in asyncio.run(lockouts.in_force())] == ["192.0.2.8"]
+
+
+def test_selections_match_every_filter_given() -> None:
+    row = {"id": "A" * 16, "state": "dead", "account": "acme", "created": 1000.0, "dead_reason": "Invalid email"}
+    item = QueueItem(row, "scanner", ("x@mail.acme-clients.example",))
+    assert Selection(dead=True).matches(item, 1000.0)
+    assert Selection(True, "acme", "scanner", "acme-clients.example", "invalid", 60).matches(item, 1100.0)
+    assert not Selection(True, older_than=60).matches(item, 1030.0)
+    assert not Selection(True, domain="clients.example.org").matches(item, 1000.0)
+    assert not Selection(True, domain="ents.example").matches(item, 1000.0)  # a domain, not a suffix of one
+    assert not Selection(True, login="printer").matches(item, 1000.0)
+    assert not Selection(True, reason="quota").matches(item, 1000.0)
+    assert [parse_age(t) for t in ("90", "90s", "30m", "2h", "1.5d")] == [90, 90, 1800, 7200, 129600]
+    with pytest.raises(BadSelection):
+        parse_age("soon")

@@ -1,0 +1,100 @@
+"""The delivery status notice (RFC 3464) as bytes: a golden copy, its parts as a mail client's parser (the
+standard library's, policy.default) reads them, and what the gateway's own parser makes of it, which is what
+an upstream API taking HTML and attachments receives."""
+
+from __future__ import annotations
+
+import email
+from email import policy
+from email.message import EmailMessage
+from pathlib import Path
+
+from gateway import mime
+from gateway.ledger import dsn
+
+GOLDEN = Path(__file__).parent / "fixtures" / "dsn" / "hard-bounce.eml"
+HEADERS = (
+    "From: Billing <billing@acme.example>\r\n"
+    "To: bounce-hard+x@example.com\r\n"
+    "Subject: =?utf-8?q?Factura_n=C2=BA_7?=\r\n"
+    "Message-ID: <inv-7@acme.example>\r\n"
+    "X-Ref: 42\r\n"
+)
+
+
+def notice(**changes: object) -> bytes:
+    values: dict[str, object] = {
+        "original": dsn.Original("C8BF29D9738D628F", 1_700_000_000.0, HEADERS, "Factura nº 7", "inv-7@acme.example"),
+        "failures": [
+            dsn.Failure(
+                "bounce-hard+x@example.com",
+                "bounced",
+                "550 5.1.1 <bounce-hard+x@example.com>: Recipient address rejected: User unknown",
+                1_700_000_060.0,
+            )
+        ],
+        "reporting_mta": "gw.acme.example",
+        "sender": "MAILER-DAEMON@nl.acme.example",
+        "to": "billing@acme.example",
+        "now": 1_700_000_100.0,
+        "message_id": "dsn.0123456789ABCDEF.C8BF29D9738D628F@gw.acme.example",
+        "boundary": "----=_smtp-gateway-notice",
+    }
+    values.update(changes)
+    return dsn.build(**values)  # type: ignore[arg-type]
+
+
+def test_the_notice_is_the_golden_copy() -> None:
+    # A deliberate change of the notice: write the new golden copy with GOLDEN.write_bytes(notice()) and review it.
+    assert notice() == GOLDEN.read_bytes()
+
+
+def test_a_mail_client_reads_a_multipart_report_with_the_three_parts() -> None:
+    msg = email.message_from_bytes(notice(), policy=policy.default)
+    assert isinstance(msg, EmailMessage)
+    assert msg.get_content_type() == "multipart/report" and msg.get_param("report-type") == "delivery-status"
+    assert msg["Auto-Submitted"] == "auto-replied" and msg["In-Reply-To"] == "<inv-7@acme.example>"
+    assert msg["From"] == "Mail Delivery System <MAILER-DAEMON@nl.acme.example>"
+    human, status, headers = msg.iter_parts()
+    assert human.get_content_type() == "text/plain" and "Factura nº 7" in human.get_content()
+    assert status.get_content_type() == "message/delivery-status"
+    per_message, per_recipient = status.get_payload()  # type: ignore[misc]
+    assert per_message["Reporting-MTA"] == "dns; gw.acme.example" and per_message["Arrival-Date"]
+    assert per_recipient["Final-Recipient"] == "rfc822; bounce-hard+x@example.com"
+    assert (per_recipient["Action"], per_recipient["Status"]) == ("failed", "5.1.1")
+    assert per_recipient["Diagnostic-Code"].startswith("X-Gateway; 550 5.1.1 <bounce-hard+x@example.com>")
+    assert headers.get_content_type() == "text/rfc822-headers"
+    assert headers.get_content().replace("\r\n", "\n") == HEADERS.replace("\r\n", "\n")
+
+
+def test_each_way_of_failing_has_its_status_and_words() -> None:
+    failures = [
+        dsn.Failure("a@example.com", "not_sent", "the upstream reported Not-Sent", 1.0),
+        dsn.Failure("b@example.com", "expired", "expired after 7 attempts in 432000s", 2.0),
+        dsn.Failure("c@example.com", "refused", "refused by upstream: invalid email", 3.0),
+    ]
+    msg = email.message_from_bytes(notice(failures=failures), policy=policy.default)
+    _, status, _ = msg.iter_parts()  # type: ignore[attr-defined]
+    blocks = status.get_payload()[1:]
+    assert [(b["Final-Recipient"], b["Status"]) for b in blocks] == [
+        ("rfc822; a@example.com", "5.7.1"),
+        ("rfc822; b@example.com", "4.4.7"),
+        ("rfc822; c@example.com", "5.0.0"),
+    ]
+    text = msg.iter_parts().__next__().get_content()  # type: ignore[attr-defined]
+    assert "could not be delivered to some of its recipients" in text
+    assert "it could not be delivered in time and was given up" in text
+
+
+def test_the_upstream_gets_the_notice_as_html_and_one_attachment() -> None:
+    parsed = mime.parse(notice())
+    assert parsed.subject == dsn.SUBJECT and parsed.from_ is not None
+    assert parsed.from_.email == "MAILER-DAEMON@nl.acme.example"
+    assert [(a.filename, a.content_type) for a in parsed.attachments] == [
+        ("delivery-status.txt", "message/delivery-status")
+    ]
+    assert b"Final-Recipient: rfc822; bounce-hard+x@example.com" in parsed.attachments[0].decoded()
+    # The text for people and the quoted headers make the HTML body (8-bit header text as UTF-8).
+    assert "User unknown" in parsed.html and "X-Ref: 42" in parsed.html
+    non_ascii = mime.parse(notice(original=dsn.Original("X", 0.0, "Subject: Größe\r\n", "Größe")))
+    assert "Subject: Größe" in non_ascii.html

@@ -1,0 +1,96 @@
+"""PostgreSQL down and back, with the real private cluster stopped and started under a running gateway: while
+it is known down, messages that need the queue get 452 from the circuit without waiting for a connection,
+inline delivery goes on, idempotency keys are kept in memory and recorded once the database is back, and the
+queue takes messages again as soon as it answers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import structlog
+
+from gateway.delivery.idempotency import KeyBacklog, LateKey
+from gateway.ops.metrics import REGISTRY
+from tests.harness import Running
+from tests.pgserver import PgCluster, PgUnavailable
+from tests.spool_helpers import send, wait_for
+
+FAST = {"retry_schedule": [0.3], "retry_jitter": 0.0, "poll_interval": 0.2, "inline_budget": 2.0}
+KEY = "X-Gateway-Idempotency-Key: invoice-2024-7\r\n"
+
+
+@pytest.fixture
+def own_cluster() -> Iterator[PgCluster]:
+    """A cluster of this test's own: it is stopped and started, which the session's shared one must not be."""
+    try:
+        cluster = PgCluster()
+    except PgUnavailable as exc:
+        pytest.skip(str(exc))
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    return [e for e in logs if e["event"] == name]
+
+
+def test_postgresql_down_fails_fast_records_keys_late_and_is_back_at_once(
+    gateway_factory: Callable[..., Running], own_cluster: PgCluster
+) -> None:
+    url = own_cluster.new_database()
+    gw = gateway_factory(delivery={**FAST, "queue_url": url})
+    assert send(gw.port(), "before")[0] == 250
+    unchecked = metric("smtp_gateway_idempotency_keys_late_total", account="acme", result="unchecked")
+    recorded = metric("smtp_gateway_idempotency_keys_late_total", account="acme", result="recorded")
+    with structlog.testing.capture_logs() as logs:
+        own_cluster.halt()
+        gw.fault(status=503, count=None)  # every message now needs the queue
+        refused = [send(gw.port(), f"needs the queue {i}") for i in range(4)]
+        assert [code for code, _ in refused] == [452] * 4
+        # One outage, found once; every message after the first was refused by the circuit, at once.
+        assert len(events(logs, "queue_database_unreachable")) == 1
+        deferred = [e["reason"] for e in events(logs, "message_deferred")]
+        assert len(deferred) == 4 and all("database unreachable (" in r and "probing it" in r for r in deferred[1:])
+        assert not any("PoolTimeout" in r for r in deferred)  # no caller waited out the pool
+
+        # Inline delivery needs no queue: a keyed message goes, its key kept in this process's memory ...
+        gw.clear_faults()
+        first = send(gw.port(), "keyed during the outage", extra=KEY)
+        again = send(gw.port(), "keyed during the outage", extra=KEY)
+        assert first[0] == 250 and again == first  # ... which answers a resend reaching this process
+        assert [r["body"]["asunto"] for r in gw.sent].count("keyed during the outage") == 1
+        assert metric("smtp_gateway_idempotency_keys_late_total", account="acme", result="unchecked") == unchecked + 1
+
+        own_cluster.resume()
+        wait_for(lambda: events(logs, "queue_database_back") or None, 10, "the probe finding the database back")
+        wait_for(lambda: events(logs, "idempotency_keys_recorded") or None, 10, "the late key recorded")
+        # The first message that needs the queue after that is stored: no stale pool connection, no backoff.
+        gw.fault(status=503, count=1)
+        stored = send(gw.port(), "queued again")
+        assert stored[0] == 250 and len(stored[1].rsplit(" ", 1)[1]) == 16, stored
+    [back] = events(logs, "queue_database_back")
+    assert back["refused"] >= 3 and back["down_for"] > 0
+    [late] = events(logs, "idempotency_keys_recorded")
+    assert (late["recorded"], late["dropped"]) == (1, 0)
+    assert metric("smtp_gateway_idempotency_keys_late_total", account="acme", result="recorded") == recorded + 1
+    # Recorded in the queue: a resend to another instance is recognised too, and not sent again.
+    other = gateway_factory(sandbox=gw.sandbox, delivery={**FAST, "queue_url": url})
+    assert send(other.port(), "keyed during the outage", extra=KEY) == first
+    assert [r["body"]["asunto"] for r in gw.sent].count("keyed during the outage") == 1
+
+
+def test_the_late_key_backlog_is_bounded_oldest_first() -> None:
+    backlog = KeyBacklog(limit=2)
+    keys = [LateKey("acme", f"k{n}", f"M{n}", 0.0, 100.0) for n in range(3)]
+    assert backlog.add(keys[0]) is None and backlog.add(keys[1]) is None
+    assert backlog.add(keys[2]) is keys[0]  # given up (and counted as dropped by its owner)
+    assert len(backlog) == 2 and backlog.get("acme", "k0") is None and backlog.answered() == []
+    keys[1].reply_id = "eeid-1"
+    assert backlog.answered() == [keys[1]]

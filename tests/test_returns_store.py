@@ -1,0 +1,193 @@
+"""The ReturnStore contract on both backends (SQLite, PostgreSQL), two stores on one database standing for two
+instances: an event cursor leased to one instance at a time and fenced, its window resumed where it stopped;
+events matched to the recipients sent; suppressions; the webhook outbox written once per event, leased,
+retried and reclaimed; one notice decision per message and recipient; notices counted per sender."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from gateway.ledger.backends import open_returns
+from gateway.ledger.model import EventRow, MessageRow, NoticeRow, OutboxRow, RecipientRow, SuppressionRow
+from gateway.ledger.postgres import PostgresLedger
+from gateway.ledger.returns import ReturnStore
+from gateway.ledger.sqlite import SqliteLedger
+from gateway.ledger.store import LedgerStore
+from tests.queue_contract import stores_on_backend
+
+T0 = 1_700_000_000.0
+Pair = tuple[LedgerStore, ReturnStore]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def instances(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Callable[[], Pair]]:
+    async for factory in stores_on_backend(request, tmp_path, SqliteLedger, PostgresLedger):
+        yield lambda make=factory: _pair(make())  # type: ignore[misc]
+
+
+def _pair(ledger: LedgerStore) -> Pair:
+    return ledger, open_returns(ledger)
+
+
+async def sent(ledger: LedgerStore, msg_id: str, *rcpts: tuple[str, str, str], created: float = T0) -> None:
+    """A message with recipients (address, state, upstream id)."""
+    rows: list[MessageRow | RecipientRow] = [
+        MessageRow(msg_id, created, "acme", "Billing@acme.example", "Invoice", 100, login="scanner")
+    ]
+    rows += [RecipientRow(msg_id, created, a, s, created + 1, upstream_id=u) for a, s, u in rcpts]  # type: ignore[arg-type]
+    await ledger.write(rows)
+
+
+async def test_an_event_cursor_is_leased_to_one_instance_fenced_and_resumed(instances: Callable[[], Pair]) -> None:
+    (_, a), (_, b) = instances(), instances()
+    lease, position = await a.lease_cursor("acme", "acme", "gw-a", T0, 60, T0 - 900)
+    assert lease is not None and position == T0 - 900 and lease.window_until is None
+    busy, seen = await b.lease_cursor("acme", "acme", "gw-b", T0 + 1, 60, T0)
+    assert busy is None and seen == T0 - 900  # the first start is kept
+    row = EventRow("ev1", "M1", T0, T0 + 2, "sent")
+    assert await a.apply("acme", lease.token, [row], since=T0 - 900, until=T0, page=3, now=T0 + 2, lease=60)
+    # a's lease runs out (it died); b takes over where a stopped: the window and the next page
+    taken, _ = await b.lease_cursor("acme", "acme", "gw-b", T0 + 100, 60, T0)
+    assert taken is not None and (taken.window_since, taken.window_until, taken.page) == (T0 - 900, T0, 3)
+    assert taken.token > lease.token
+    # a, back, is fenced: nothing it writes lands, its window does not complete
+    late = EventRow("ev-late", "M1", T0, T0 + 3, "sent")
+    assert not await a.apply("acme", lease.token, [late], since=T0 - 900, until=T0, page=4, now=T0 + 101, lease=60)
+    assert not await a.complete("acme", lease.token, T0, T0 + 101, 60)
+    assert await b.complete("acme", taken.token, T0, T0 + 101, 60)
+    await b.release("acme", taken.token)
+    again, position = await a.lease_cursor("acme", "acme", "gw-a", T0 + 102, 60, T0)
+    assert again is not None and position == T0 and again.window_until is None and again.page == 0
+    [cursor] = await a.cursors()
+    assert cursor["owner"] == "gw-a" and cursor["position"] == T0
+
+
+async def test_events_match_the_recipients_sent_by_upstream_id_or_by_address(instances: Callable[[], Pair]) -> None:
+    ledger, returns = instances()
+    await ledger.open()
+    await sent(ledger, "M1", ("A@Example.com", "sent", "EEID-1"), ("b@example.com", "sent", "EEID-1"))
+    await sent(ledger, "M2", ("a@example.com", "sent", "TX-2"), created=T0 + 10)
+    matches = await returns.match_ids(["EEID-1", "TX-2", "nobody"])
+    assert sorted((m.msg_id, m.rcpt, m.upstream_id, m.account) for m in matches) == [
+        ("M1", "a@example.com", "EEID-1", "acme"),
+        ("M1", "b@example.com", "EEID-1", "acme"),
+        ("M2", "a@example.com", "TX-2", "acme"),
+    ]
+    [first] = [m for m in matches if m.rcpt == "a@example.com" and m.msg_id == "M1"]
+    assert first.address == "A@Example.com" and first.mail_from == "Billing@acme.example" and first.login == "scanner"
+    assert first.state == "sent" and first.state_at == T0 + 1
+    found = await returns.match_addresses(["A@EXAMPLE.com", "x@example.com"], T0)
+    assert sorted(m.msg_id for m in found) == ["M1", "M2"]
+    assert [m.msg_id for m in await returns.match_addresses(["a@example.com"], T0 + 5)] == ["M2"]
+
+
+async def test_suppressions_are_listed_removed_and_synced_with_a_vendor_list(instances: Callable[[], Pair]) -> None:
+    ledger, returns = instances()
+    await ledger.open()
+    bounce = SuppressionRow("acme", "Gone@Example.com", "hard bounce", "bounced", T0, "M1", "550 no such user")
+    await returns.suppress([bounce, SuppressionRow("crm", "gone@example.com", "hard bounce", "bounced", T0 + 1)])
+    await returns.suppress([SuppressionRow("acme", "gone@example.com", "complaint", "complained", T0 + 2)])
+    [kept] = await returns.suppressions("acme")
+    assert (kept.address, kept.reason, kept.source, kept.msg_id) == ("gone@example.com", "hard bounce", "bounced", "M1")
+    assert len(await returns.suppressions()) == 2
+    invalid = [
+        SuppressionRow("acme", a, "invalid at DMDS", "invalid_list", T0) for a in ("x@e.com", "GONE@example.com")
+    ]
+    added, removed = await returns.sync_source("acme", "invalid_list", invalid)
+    assert (added, removed) == (["x@e.com"], [])  # gone@ was listed already (by its bounce)
+    added, removed = await returns.sync_source("acme", "invalid_list", invalid[1:])
+    assert (added, removed) == ([], ["x@e.com"])
+    assert await returns.unsuppress("gone@example.com", "acme") == 1
+    assert await returns.unsuppress("GONE@example.com") == 1  # crm's
+    assert await returns.suppressions() == []
+
+
+async def test_the_outbox_delivers_each_event_once_leased_retried_and_reclaimed(instances: Callable[[], Pair]) -> None:
+    (ledger, a), (_, b) = instances(), instances()
+    await ledger.open()
+    row = OutboxRow("app", "ev1", "M1", T0, T0, "bounced", '{"id": "ev1"}')
+    await ledger.write([row, row, OutboxRow("ops", "ev1", "M1", T0, T0, "bounced", "{}")])
+    await ledger.write([row])  # the event read again by an overlapping poll: not a second delivery
+    assert await a.pending_deliveries() == {"app": 1, "ops": 1}
+    first = await a.claim_deliveries("gw-a", T0 + 1, 10, 30)
+    assert sorted(d.webhook for d in first) == ["app", "ops"] and not any(d.reclaimed for d in first)
+    assert await b.claim_deliveries("gw-b", T0 + 2, 10, 30) == []  # leased
+    app = next(d for d in first if d.webhook == "app")
+    assert app.body == '{"id": "ev1"}' and app.type == "bounced" and app.attempts == 0
+    assert await a.settle_delivery(app, "pending", attempts=1, next_attempt=T0 + 10, error="HTTP 500", now=T0 + 2)
+    assert await b.claim_deliveries("gw-b", T0 + 5, 10, 30) == []  # not due yet
+    [again] = await b.claim_deliveries("gw-b", T0 + 11, 10, 30)
+    assert again.webhook == "app" and again.attempts == 1 and not again.reclaimed
+    # ops's owner died mid-POST: its lease expires and the delivery is reclaimed (it may have been received)
+    [reclaimed] = await b.claim_deliveries("gw-b", T0 + 40, 10, 30)
+    assert reclaimed.webhook == "ops" and reclaimed.reclaimed
+    ops = next(d for d in first if d.webhook == "ops")
+    assert not await a.settle_delivery(ops, "delivered", attempts=1, next_attempt=0, error=None, now=T0 + 41)
+    done = EventRow("wd1", "M1", T0, T0 + 41, "webhook_delivered")
+    assert await b.settle_delivery(
+        reclaimed, "delivered", attempts=1, next_attempt=0, error=None, now=T0 + 41, rows=[done]
+    )
+    assert await b.settle_delivery(again, "failed", attempts=2, next_attempt=0, error="expired", now=T0 + 41)
+    assert await a.pending_deliveries() == {}
+    record = await ledger.get("M1")
+    assert record is None  # the timeline row of a message whose own row is not here: get() needs the message
+    assert await b.claim_deliveries("gw-b", T0 + 10_000, 10, 30) == []
+
+
+async def test_one_notice_decision_per_message_and_recipient(instances: Callable[[], Pair]) -> None:
+    (ledger, a), (_, b) = instances(), instances()
+    await ledger.open()
+    await sent(ledger, "M1", ("a@example.com", "bounced", "E1"), ("b@example.com", "sent", "E1"))
+    await sent(ledger, "M2", ("c@example.com", "dead", None))
+    bounced = NoticeRow("M1", T0, "A@example.com", T0 + 2)
+    await ledger.write([bounced, NoticeRow("M2", T0, "c@example.com", T0 + 3)])
+    await ledger.write([bounced])  # the bounce read again: still one decision
+    claims = await a.claim_notices("gw-a", T0 + 5, 30, 10)
+    assert [(c.msg_id, c.rcpt) for c in claims] == [("M1", "a@example.com"), ("M2", "c@example.com")]
+    assert await b.claim_notices("gw-b", T0 + 5, 30, 10) == []  # a has them
+    m1 = [c for c in claims if c.msg_id == "M1"]
+    dsn = EventRow("d1", "M1", T0, T0 + 6, "dsn_sent", recipient="a@example.com")
+    assert await a.finish_notices(m1, "sent", T0 + 6, "DSN0000000000001", None, [dsn]) == 1
+    await ledger.write([bounced])  # decided: a row written again does not make it pending
+    # a died before deciding M2's: its lease expires and b takes it over
+    assert await b.claim_notices("gw-b", T0 + 20, 30, 10) == []
+    [taken] = await b.claim_notices("gw-b", T0 + 40, 30, 10)
+    assert (taken.msg_id, taken.rcpt) == ("M2", "c@example.com") and taken.token > claims[-1].token
+    assert await a.finish_notices([c for c in claims if c.msg_id == "M2"], "sent", T0 + 41, "X", None, []) == 0
+    await b.postpone_notices([taken], T0 + 100, "the queue could not take it")
+    assert await a.claim_notices("gw-a", T0 + 50, 30, 10) == []
+    assert await b.finish_notices([taken], "skipped", T0 + 101, None, "notify off", []) == 1
+    assert await a.claim_notices("gw-a", T0 + 1000, 30, 10) == []
+    data = await a.notice_data("M1")
+    assert data is not None and data[1] is None and [e.kind for e in data[0].events] == ["dsn_sent"]
+
+
+async def test_notices_per_sender_are_counted_per_window(instances: Callable[[], Pair]) -> None:
+    (ledger, a), (_, b) = instances(), instances()
+    await ledger.open()
+    now = 3600 * 1000 + 10.0
+    assert await a.count_notice("s@example.com", 3600, 2, now)
+    assert await b.count_notice("s@example.com", 3600, 2, now + 1)
+    assert not await a.count_notice("s@example.com", 3600, 2, now + 2)
+    assert await a.count_notice("t@example.com", 3600, 2, now + 2)
+    assert await b.count_notice("s@example.com", 3600, 2, now + 3600)  # the next window
+
+
+async def test_the_leases_of_an_owner_that_is_gone_end_at_once(instances: Callable[[], Pair]) -> None:
+    (ledger, a), (_, b) = instances(), instances()
+    await ledger.open()
+    await ledger.write([OutboxRow("app", "ev1", "M1", T0, T0, "sent", "{}"), NoticeRow("M1", T0, "a@example.com", T0)])
+    assert await a.lease_cursor("acme", "acme", "host:1:dead", T0, 600, T0) != (None, T0)
+    assert len(await a.claim_deliveries("host:1:dead", T0, 10, 600)) == 1
+    assert len(await a.claim_notices("host:1:dead", T0, 600, 10)) == 1
+    assert await b.owners() == ["host:1:dead"]
+    assert (await b.lease_cursor("acme", "acme", "host:2:live", T0 + 1, 600, T0))[0] is None
+    assert await b.expire_owners(["host:1:dead"], T0 + 2) == 3
+    assert (await b.lease_cursor("acme", "acme", "host:2:live", T0 + 3, 600, T0))[0] is not None
+    [again] = await b.claim_deliveries("host:2:live", T0 + 3, 10, 600)
+    assert again.reclaimed
+    assert len(await b.claim_notices("host:2:live", T0 + 3, 600, 10)) == 1
+    assert await b.owners() == ["host:2:live"]
