@@ -12,7 +12,7 @@ import pytest
 from gateway.config import ConfigError, load_settings, masked_dump
 from gateway.providers import registry  # noqa: F401 - the account models
 from gateway.providers.fates import FateError, Fates, fate_by_local_part
-from tests.configs import gateway_config
+from tests.configs import PASSWORD_HASH, gateway_config
 
 HOOK = {"name": "app", "url": "https://hooks.example.com/smtp", "secret": "s3cret-value"}
 
@@ -25,14 +25,14 @@ def test_notify_is_sender_off_or_an_address_per_account_and_login(tmp_path: Path
     settings = load(
         tmp_path,
         accounts={"acme": {"dsn": {"notify": "Off"}}},
-        extra_users=[{"username": "erp", "password_hash": "scrypt$x", "notify": "ops@acme.example"}],
+        extra_users=[{"username": "erp", "password_hash": PASSWORD_HASH, "notify": "ops@acme.example"}],
     )
     acme = settings.accounts["acme"]
     assert acme.dsn.notify == "off" and [u.notify for u in acme.users] == [None, "ops@acme.example"]
     with pytest.raises(ConfigError, match=r"accounts\.acme\.dsn\.notify"):
         load(tmp_path, accounts={"acme": {"dsn": {"notify": "the boss"}}})
     with pytest.raises(ConfigError, match=r"users.*notify"):
-        load(tmp_path, extra_users=[{"username": "x", "password_hash": "scrypt$x", "notify": "nobody"}])
+        load(tmp_path, extra_users=[{"username": "x", "password_hash": PASSWORD_HASH, "notify": "nobody"}])
 
 
 @pytest.mark.parametrize(
