@@ -10,6 +10,7 @@ import collections
 import contextlib
 import random
 import re
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FunctionType
@@ -447,12 +448,19 @@ class GatewaySMTP(SMTP):
             envelope.original_content = content  # type: ignore[assignment]
             try:
                 status = await self._call_handler_hook("DATA")
-            except asyncio.CancelledError:
+            except asyncio.CancelledError as exc:
                 self._summarize(envelope, txn, None)  # the client left; its delivery goes on and logs
+                # The handler's and the pipeline's frames below this one are done: what they held (the message,
+                # parsed) goes now, not when the cyclic GC finds this exception's traceback (see _read_data).
+                traceback.clear_frames(exc.__traceback__)
                 raise
             except Exception as exc:  # logged with its traceback and counted by the handler
                 status = await self.handle_exception(exc)
             finally:
+                # The pipeline holds the message as long as its delivery needs it; this session does not, also
+                # while its reply is written (a client gone by then leaves this frame to the cyclic GC).
+                envelope.content = envelope.original_content = None
+                del content
                 # Whatever happened, the transaction is over: the next MAIL starts afresh (not "nested MAIL").
                 self._release()  # the pipeline took it over (or the hook failed before it could)
                 self._set_post_data_state()  # type: ignore[no-untyped-call]
@@ -522,30 +530,37 @@ class GatewaySMTP(SMTP):
             self.reservation = self.budget.reservation()
         received = 0
         stuffed = False  # a line starting with a dot was seen: unstuffing needs a pass (and a copy)
-        while True:
-            start = max(0, len(buf) - len(_END) + 1)
-            chunk = await reader.read(_CHUNK)
-            if not chunk:
-                raise ConnectionResetError("connection closed during DATA")
-            self._reset_timeout()
-            buf += chunk
-            received += len(chunk)
-            end = buf.find(_END, start)
-            # Only the new bytes are searched (a scan's megabytes are never walked again on the event loop),
-            # and not the terminator's own "\n.".
-            stuffed = stuffed or buf.find(b"\n.", start, len(buf) if end == -1 else end + 1) != -1
-            if end != -1:
-                break
-            # StreamReader.read() returns at once while data is buffered: a fast sender of a big message
-            # would keep the event loop in this loop until its last byte. Let other sessions in per chunk.
-            await asyncio.sleep(0)
-            if self.reservation is not None and not self.reservation.grow(received):
-                # Too many large messages in this process now: read the rest, keep none of it, answer 452.
-                too_big = self._over_budget = True
-                self._release()
-            if too_big or (limit and len(buf) > limit + 2 + len(_END)):
-                too_big = True
-                del buf[: len(buf) - len(_END)]  # keep only what the terminator search needs
+        try:
+            while True:
+                start = max(0, len(buf) - len(_END) + 1)
+                chunk = await reader.read(_CHUNK)
+                if not chunk:
+                    raise ConnectionResetError("connection closed during DATA")
+                self._reset_timeout()
+                buf += chunk
+                received += len(chunk)
+                end = buf.find(_END, start)
+                # Only the new bytes are searched (a scan's megabytes are never walked again on the event loop),
+                # and not the terminator's own "\n.".
+                stuffed = stuffed or buf.find(b"\n.", start, len(buf) if end == -1 else end + 1) != -1
+                if end != -1:
+                    break
+                # StreamReader.read() returns at once while data is buffered: a fast sender of a big message
+                # would keep the event loop in this loop until its last byte. Let other sessions in per chunk.
+                await asyncio.sleep(0)
+                if self.reservation is not None and not self.reservation.grow(received):
+                    # Too many large messages in this process now: read the rest, keep none of it, answer 452.
+                    too_big = self._over_budget = True
+                    self._release()
+                if too_big or (limit and len(buf) > limit + 2 + len(_END)):
+                    too_big = True
+                    del buf[: len(buf) - len(_END)]  # keep only what the terminator search needs
+        except BaseException:
+            # A session cut off in its DATA (the client gone, a timeout) ends in an exception whose traceback
+            # keeps the session's frames, and the data in them, until the cyclic GC finds them, which in a busy
+            # process is rarely: clients that left mid-message made its RSS grow by their messages' size.
+            del buf[:]
+            raise
         leftover = bytes(buf[end + len(_END) :])
         if leftover:
             # Pipelined commands after the final dot belong to the command loop.
