@@ -35,6 +35,7 @@ from servers import (
 REPO_DIR = BENCH_DIR.parent
 TEMPLATE = BENCH_DIR / "gateway.toml.in"
 ACCOUNTS = BENCH_DIR / "accounts.toml.in"
+TLS_LISTENERS = BENCH_DIR / "tls.toml.in"
 PROVIDERS = ("dmds", "dengage")
 DENGAGE_PASSWORD = "bench-api-password"
 # With the limiter on, the dEngage sandbox enforces dEngage's published 30 requests/s per IP and the
@@ -160,9 +161,10 @@ def start_postgres() -> tuple[object, str]:
     return cluster, cluster.new_database()
 
 
-def http_json(url: str, method: str = "GET", timeout: float = 2.0) -> object:
+def http_json(url: str, method: str = "GET", timeout: float = 2.0, body: object = None) -> object:
     """Small JSON HTTP helper for the sandbox's control endpoints."""
-    request = urllib.request.Request(url, method=method)
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read() or b"null")
 
@@ -184,11 +186,17 @@ class Gateway(Server):
         provider: str = "dmds",
         rate_limit: float = 0.0,
         queue: str = "sqlite",
+        tls: tuple[Path, Path] | None = None,
     ) -> None:
         super().__init__(workdir)
+        # (certificate, key): the TLS listeners of bench/tls.toml.in, their ports by name in tls_ports.
+        self.tls = tls
+        self.tls_ports: dict[str, int] = {}
         self.queue = queue
         self.pg: object | None = None
         self.extra_config = ""  # appended to the rendered configuration (bench/scan.py: a second account)
+        self.env: dict[str, str] = {}  # GATEWAY_* settings (bench/backlog.py: [delivery] keys)
+        self.queue_url = ""  # the PostgreSQL queue's, once started
         self.provider = provider
         self.rate_limit = rate_limit
         self.workers = workers
@@ -284,11 +292,14 @@ class Gateway(Server):
             self.rate_limit,
             queue_url,
         )
-        config.write_text(text + self.extra_config)
+        self.queue_url = queue_url
+        # extra_config may name the sandbox, which has only just been given its port.
+        extra = self.extra_config.replace("${sandbox_url}", self.sandbox_url)
+        config.write_text(text + self._tls_listeners() + extra)
         cmd = [*self.cmd, "serve", "--config", str(config), *self.serve_args]
         if self.workers > 1:
             cmd += ["--workers", str(self.workers)]
-        self.proc = spawn(cmd, self.log, env=gateway_env())
+        self.proc = spawn(cmd, self.log, env={**gateway_env(), **self.env})
         try:
             wait_for_smtp(self.port, self.label, 60, self.proc)
             # Every worker must be listening before the first point, or worker 0 takes the early load.
@@ -300,6 +311,16 @@ class Gateway(Server):
             )
         except SetupError as exc:
             raise SetupError(f"{exc}: {log_tail(self.log, 8)}") from None
+
+    def _tls_listeners(self) -> str:
+        if self.tls is None:
+            return ""
+        names = ("starttls", "implicit", "starttls-trusted", "implicit-trusted")
+        self.tls_ports = {name: free_port() for name in names}
+        ports = {name.replace("-", "_"): port for name, port in self.tls_ports.items()}
+        return "\n" + Template(TLS_LISTENERS.read_text()).substitute(
+            cert_file=str(self.tls[0]), key_file=str(self.tls[1]), **ports
+        )
 
     def _health(self) -> dict[str, object]:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import random
 from email.message import EmailMessage
 from email.policy import SMTP as SMTP_POLICY
@@ -16,6 +17,8 @@ RECIPIENT = "rcpt@example.com"
 
 SMALL_NAME = "multipart-5k"
 LARGE_NAME = "attach-1m"
+SCAN_NAME = "scan-300k"
+SCAN_SIZE = 300 * 1024
 
 # fmt: off
 _WORDS = (
@@ -97,16 +100,33 @@ def large_message() -> bytes:
     return msg.as_bytes()
 
 
+def scan_message(size: int, seed: int = 3) -> bytes:
+    """A scan-to-email message: a `size`-byte PDF-like attachment, base64 in 76-character CRLF lines."""
+    pdf = b"%PDF-1.4\n" + random.Random(seed).randbytes(size - 9)
+    encoded = base64.encodebytes(pdf).replace(b"\n", b"\r\n")
+    head = (
+        f"From: {SENDER}\r\nTo: {RECIPIENT}\r\nSubject: scan\r\nMIME-Version: 1.0\r\n"
+        'Content-Type: multipart/mixed; boundary="b1"\r\n\r\n--b1\r\nContent-Type: text/plain\r\n\r\n'
+        "Scanned document attached.\r\n--b1\r\nContent-Type: application/pdf; name=scan.pdf\r\n"
+        "Content-Transfer-Encoding: base64\r\nContent-Disposition: attachment; filename=scan.pdf\r\n\r\n"
+    )
+    return head.encode() + encoded + b"--b1--\r\n"
+
+
 def to_lf(data: bytes) -> bytes:
     """Convert CRLF line ends to LF (smtp-source -F appends CRLF to each line itself)."""
     return data.replace(b"\r\n", b"\n")
 
 
 def write_messages(directory: Path = MESSAGES_DIR) -> dict[str, Path]:
-    """Write both messages (LF line ends) and return {name: path}."""
+    """Write the messages (LF line ends) and return {name: path}."""
     directory.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for name, data in ((SMALL_NAME, small_message()), (LARGE_NAME, large_message())):
+    for name, data in (
+        (SMALL_NAME, small_message()),
+        (LARGE_NAME, large_message()),
+        (SCAN_NAME, scan_message(SCAN_SIZE)),
+    ):
         path = directory / f"{name}.eml"
         body = to_lf(data)
         if not path.exists() or path.read_bytes() != body:

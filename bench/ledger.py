@@ -21,23 +21,11 @@ from pathlib import Path
 
 import genmsg
 from gateway_target import Gateway, check_cli
-from procmon import tree
+from procmon import cpu_seconds, tree
 from run import PROFILES, machine_info, measure_point, warm_up
 from servers import BENCH_DIR, RUN_DIR_PREFIX, claim, stop_stale
 
 OFF = "\n[ledger]\nenabled = false\n"
-
-
-def cpu_seconds(pids: set[int]) -> float:
-    """User + system CPU time of these processes (all their threads) so far."""
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
-    return total / os.sysconf("SC_CLK_TCK")
 
 
 def one(workdir: Path, cmd: list[str], ledger: bool, args: argparse.Namespace) -> tuple[float, float]:

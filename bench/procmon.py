@@ -70,6 +70,21 @@ def tree(roots: Iterable[int]) -> set[int]:
     return seen
 
 
+def cpu_seconds(pids: Iterable[int], children: bool = False) -> float:
+    """User + system CPU time of these processes (all their threads) so far; `children`: with the time of
+    their children that exited and were waited for (Postfix's master reaps its smtpd processes)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = (PROC / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+        if children:
+            total += int(fields[13]) + int(fields[14])  # cutime, cstime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def rss_bytes(pid: int) -> int:
     """Resident set size of one process (0 if it is gone)."""
     try:

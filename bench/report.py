@@ -199,12 +199,16 @@ def write_results(run: RunResult, out_dir: Path) -> tuple[Path, Path]:
     return json_path, md_path
 
 
-def update_readme(run: RunResult, readme: Path) -> bool:
-    """Replace the block between the markers (in docs/performance.md) with the latest tables."""
-    text = readme.read_text()
-    start, end = text.find(README_START), text.find(README_END)
+def update_block(page: Path, start_marker: str, end_marker: str, body: str) -> bool:
+    """Replace what stands between the two markers in `page` (docs/performance.md) with `body`."""
+    text = page.read_text()
+    start, end = text.find(start_marker), text.find(end_marker)
     if start < 0 or end < start:
         return False
-    block = "\n".join([README_START, "", *tables(run), "", README_END])
-    readme.write_text(text[:start] + block + text[end + len(README_END) :])
+    page.write_text(text[:start] + "\n".join([start_marker, "", body, "", end_marker]) + text[end + len(end_marker) :])
     return True
+
+
+def update_readme(run: RunResult, readme: Path) -> bool:
+    """Replace the block between the markers (in docs/performance.md) with the latest tables."""
+    return update_block(readme, README_START, README_END, "\n".join(tables(run)))

@@ -18,9 +18,7 @@ the machine's 2 cores with the gateway.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
-import os
 import smtplib
 import statistics
 import subprocess
@@ -54,19 +52,6 @@ with smtplib.SMTP(host, int(port), timeout=300) as client:
     client.login("scanner", password)
     client.sendmail(sender, [recipient], raw)
 """
-
-
-def scan_message(size: int) -> bytes:
-    """A scan-to-email message: a `size`-byte PDF-like attachment, base64 in 76-character CRLF lines."""
-    pdf = b"%PDF-1.4\n" + os.urandom(size - 9)
-    encoded = base64.encodebytes(pdf).replace(b"\n", b"\r\n")
-    head = (
-        f"From: {genmsg.SENDER}\r\nTo: {genmsg.RECIPIENT}\r\nSubject: scan\r\nMIME-Version: 1.0\r\n"
-        'Content-Type: multipart/mixed; boundary="b1"\r\n\r\n--b1\r\nContent-Type: text/plain\r\n\r\n'
-        "Scanned document attached.\r\n--b1\r\nContent-Type: application/pdf; name=scan.pdf\r\n"
-        "Content-Transfer-Encoding: base64\r\nContent-Disposition: attachment; filename=scan.pdf\r\n\r\n"
-    )
-    return head.encode() + encoded + b"--b1--\r\n"
 
 
 class Prober(threading.Thread):
@@ -112,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="scans, one after the other")
     args = parser.parse_args(argv)
     size = int(args.size_mb * MIB)
-    raw = scan_message(size)
+    raw = genmsg.scan_message(size)
     workdir = Path(tempfile.mkdtemp(prefix="bench-scan-"))
     scan_file = workdir / "scan.eml"
     scan_file.write_bytes(raw)

@@ -289,7 +289,7 @@ smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
 smtpd_banner = $myhostname ESMTP
 smtp_tls_security_level = none
 smtpd_tls_security_level = none
-smtputf8_enable = no
+smtputf8_enable = no{tls}
 biff = no
 append_dot_mydomain = no
 maillog_file = {maillog}
@@ -319,6 +319,20 @@ discard   unix  -       -       n       -       -       discard
 anvil     unix  -       -       n       -       1       anvil
 scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
+tlsmgr    unix  -       -       n       1000?   1       tlsmgr
+{implicit}"""
+
+# With certificates (bench/tls.py): STARTTLS offered on the port, TLS from the first byte on a second one,
+# TLS sessions resumable (tickets; session ids through the cache database, shared by the smtpd processes).
+POSTFIX_TLS_CF = """
+smtpd_tls_security_level = may
+smtpd_tls_cert_file = {cert}
+smtpd_tls_key_file = {key}
+smtpd_tls_session_cache_database = btree:{data}/smtpd_scache
+smtpd_tls_loglevel = 0
+"""
+POSTFIX_IMPLICIT_CF = """{listen} inet  n       -       n       -       -       smtpd
+  -o smtpd_tls_wrappermode=yes
 """
 
 QUEUES = ("maildrop", "incoming", "active", "deferred", "hold")
@@ -334,6 +348,8 @@ class PrivatePostfix(Server):
         self.tmp: Path | None = None
         self.sink = SmtpSink(workdir)
         self.sink.label = "postfix-relay-sink"
+        self.tls: tuple[Path, Path] | None = None  # (certificate, key): STARTTLS and an implicit-TLS port
+        self.tls_port = 0
 
     @property
     def conf(self) -> Path:
@@ -368,9 +384,14 @@ class PrivatePostfix(Server):
             sink_port=self.sink.port,
             maillog=self.tmp / "maillog",
             tmp=self.tmp,
+            tls=""
+            if self.tls is None
+            else POSTFIX_TLS_CF.format(cert=self.tls[0], key=self.tls[1], data=self.tmp / "data"),
         )
         (self.conf / "main.cf").write_text(main_cf)
-        (self.conf / "master.cf").write_text(POSTFIX_MASTER_CF.format(listen=f"{HOST}:{self.port}"))
+        implicit = "" if self.tls is None else POSTFIX_IMPLICIT_CF.format(listen=f"{HOST}:{self.tls_port}")
+        master_cf = POSTFIX_MASTER_CF.format(listen=f"{HOST}:{self.port}", implicit=implicit)
+        (self.conf / "master.cf").write_text(master_cf)
 
     def start(self) -> None:
         if os.geteuid() != 0:
@@ -382,6 +403,7 @@ class PrivatePostfix(Server):
         self.tmp.chmod(0o755)
         claim(self.tmp)
         self.port = free_port()
+        self.tls_port = free_port() if self.tls is not None else 0
         self._write_config()
         result = self._postfix("start")
         if result.returncode != 0:

@@ -11,7 +11,7 @@ import ssl
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import structlog
@@ -23,7 +23,6 @@ from gateway.auth.onetime import OneTimeLogins
 from gateway.config import ConfigError, DnsSettings, Settings
 from gateway.config.oauth import OAuthSettings
 from gateway.config.reload import ConfigStatus, ReloadPlan, plan_reload
-from gateway.console.web import Console
 from gateway.core.errors import SpoolUnavailable
 from gateway.core.waits import idle
 from gateway.delivery.health import AccountHealth
@@ -60,6 +59,9 @@ from gateway.smtp.protocol import GatewaySMTP
 from gateway.smtp.server import Listeners
 from gateway.smtp.tls import CertificateError, server_context
 from gateway.upstream.client import HttpClient
+
+if TYPE_CHECKING:
+    from gateway.console.web import Console
 
 log = structlog.get_logger("gateway.app")
 
@@ -199,6 +201,10 @@ class App:
         http = settings.http
         if http.port is not None:
             self.api_auth = TokenAuth(http.api_tokens, settings.limits)
+            # Here, not at the top: the console's templates (jinja2) cost ~4 MiB a process without an
+            # operator endpoint never uses.
+            from gateway.console.web import Console
+
             self.console = Console(self)
             api = MessageApi(self.ledger, self.api_auth, self.returnpath.returns, self.returnpath.suppressions)
             self.operator = OperatorEndpoint(problems=self.problems, api=api, console=self.console)

@@ -30,7 +30,7 @@ from tests.dnsserver import DnsServer
 from tests.docs_blocks import ROOT, Block, all_blocks, commands, doc_blocks, pages
 from tests.harness import LoopThread
 from tests.procs import spawn
-from tests.test_first_contact import Lines
+from tests.test_first_contact import Lines, event_pattern
 from tests.test_policy_dns import zones
 
 BIN = Path(sys.executable).parent  # the environment running the tests: its smtp-gateway and mkdocs
@@ -397,10 +397,11 @@ def test_quickstart_output(tmp_path: Path) -> None:
     )  # fmt: skip
     err, out = Lines(proc.stderr), Lines(proc.stdout)
     try:
-        ready = json.loads(err.wait_for(r'"event": "ready"'))
+        ready_line = err.wait_for(event_pattern("ready"))
+        ready = json.loads(ready_line)
         text = err.text()
         # The banner: what it printed before the ready event, its log lines aside.
-        before = text[: text.index('"event": "ready"')].splitlines()
+        before = text[: text.index(ready_line)].splitlines()
         banner = "\n".join(line for line in before if not line.startswith("{")).strip("\n").splitlines()
         real.update(smtp=ready["listeners"]["plain"], tls=ready["listeners"]["submission"], http=ready["http"])
         assert f"127.0.0.1:{real['smtp']}" in banner[1] and f"127.0.0.1:{real['tls']}" in banner[2]  # as bound

@@ -95,9 +95,24 @@ class Lines:
         assert line is not None, f"no line matching {pattern!r} in:\n{''.join(self.lines)}"
         return line
 
+    def event(self, name: str, timeout: float = 30.0) -> dict[str, Any]:
+        """The first JSON log line of the event `name`, parsed (however its JSON is spaced)."""
+        parsed = json.loads(self.wait_for(event_pattern(name), timeout))
+        assert isinstance(parsed, dict)
+        return parsed
+
+    def count(self, name: str) -> int:
+        """How many JSON log lines of the event `name` there are."""
+        return len(re.findall(event_pattern(name), self.text()))
+
     def text(self) -> str:
         with self._cond:
             return "".join(self.lines)
+
+
+def event_pattern(name: str) -> str:
+    """A JSON log line's event, as a regular expression: the log's JSON has no space after its colons."""
+    return rf'"event": ?"{re.escape(name)}"'
 
 
 @pytest.fixture
@@ -472,7 +487,7 @@ def test_broken_resolver_is_451_and_logged_once(tmp_path: Path) -> None:
     )
     out = Lines(proc.stderr)
     try:
-        port = json.loads(out.wait_for('"event": "ready"'))["listeners"]["plain"]
+        port = out.event("ready")["listeners"]["plain"]
         with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
             client.login(USER, "scanner-password")
             replies = [client.mail("billing@acme.example") for _ in range(3)]
@@ -586,13 +601,13 @@ def test_serve_exit_status_after_a_clean_stop(tmp_path: Path, sig: signal.Signal
         text=True,
     )
     err = Lines(proc.stderr)
-    wait_for(lambda: err.text().count('"event": "ready"') == int(workers), 30, "every worker ready")
+    wait_for(lambda: err.count("ready") == int(workers), 30, "every worker ready")
     proc.send_signal(sig)
     assert proc.wait(30) == status, err.text()
     err.close()
-    assert err.text().count('"event": "stopped"') == int(workers), err.text()
+    assert err.count("stopped") == int(workers), err.text()
     if workers == "1":  # (a supervisor passes SIGTERM on to its workers for either)
-        assert f'"signal": "{sig.name}"' in err.wait_for('"event": "shutting_down"')
+        assert err.event("shutting_down")["signal"] == sig.name
     assert "Traceback" not in err.text()
 
 

@@ -6,7 +6,6 @@ between runs (ids, times, ports, the instance's name) aside."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import signal
 import subprocess
@@ -45,7 +44,7 @@ def test_the_quick_start_tells_the_whole_story(tmp_path: Path) -> None:
     )  # fmt: skip
     err, out = Lines(proc.stderr), Lines(proc.stdout)
     try:
-        ready = json.loads(err.wait_for(r'"event": "ready"'))
+        ready = err.event("ready")
         sandbox = int(re.findall(r"sandbox upstream .*http://127\.0\.0\.1:(\d+)", err.text())[0])
         real = {
             "smtp": ready["listeners"]["plain"],

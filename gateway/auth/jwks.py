@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jwt
 import structlog
 
 from gateway.config.oauth import OAuthIssuer
 from gateway.core.cache import SingleFlight
 from gateway.core.errors import Deferred
 from gateway.upstream.response import HttpResponse
+
+if TYPE_CHECKING:
+    import jwt
 
 log = structlog.get_logger("gateway.auth")
 Fetch = Callable[[], Awaitable[HttpResponse]]
@@ -30,6 +32,8 @@ class KeysUnavailable(Exception):
 
 def parse_jwks(response: HttpResponse) -> dict[str, jwt.PyJWK]:
     """The signing keys of a JWKS answer by kid ("" for a key without one). ValueError when it is none."""
+    import jwt  # PyJWT and cryptography (~12 MiB): only processes that take token logins load them
+
     if response.status != 200:
         raise ValueError(f"HTTP {response.status}")
     data: Any = response.json()

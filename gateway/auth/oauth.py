@@ -7,8 +7,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import jwt
-
 from gateway.auth import sasl
 from gateway.auth.jwks import JwksKeys, KeysUnavailable, UnknownKey
 from gateway.config.oauth import OAuthIssuer
@@ -63,6 +61,8 @@ class OAuthVerifier:
 
     async def verify(self, token: str) -> TokenLogin:
         """Raises TokenRefused or TokenUnavailable."""
+        import jwt  # PyJWT and cryptography (~12 MiB): only processes that take token logins load them
+
         try:
             header = jwt.get_unverified_header(token)
             unverified: dict[str, Any] = jwt.decode(token, options={"verify_signature": False})

@@ -41,6 +41,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         status = supervisor.run()
         return status or stopped_by(supervisor.received or signal.SIGTERM)
     slot = args.worker_slot
+    if args.ticket_keys_fd is not None:
+        from gateway.smtp import tickets
+
+        tickets.share(tickets.read_secret(args.ticket_keys_fd))
     if slot is not None:
         settings = as_worker(settings, slot)
         structlog.contextvars.bind_contextvars(worker=slot)
@@ -94,4 +98,6 @@ def add_parser(sub: Any) -> None:
         help="processes sharing the listeners (SO_REUSEPORT) and the queue; one per core is typical",
     )
     p.add_argument("--worker-slot", type=int, default=None, help=argparse.SUPPRESS)
+    # The supervisor's pipe with the workers' shared TLS session-ticket secret (gateway/smtp/tickets.py).
+    p.add_argument("--ticket-keys-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_serve)

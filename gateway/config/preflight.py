@@ -13,8 +13,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-
 from gateway.config.settings import Settings
 
 # A certificate this close to its end is reported (as a note: serve still starts).
@@ -130,6 +128,8 @@ def _readable(name: str, path: Path) -> list[Finding]:
 
 
 def _expiry(cert: Path, name: str = "tls.cert_file") -> list[Finding]:
+    from cryptography import x509  # ~10 MiB: loaded where a certificate is checked, not in every process
+
     try:
         leaf = x509.load_pem_x509_certificates(cert.read_bytes())[0]
     except (ValueError, IndexError, OSError):

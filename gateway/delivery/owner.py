@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import random
 import secrets
@@ -65,6 +66,12 @@ def new_id() -> str:
 def owner_id(instance: str = "") -> str:
     """This process as a lease owner: instance (host) name, pid and a nonce (a restarted process is a new owner)."""
     return f"{instance or socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+@functools.lru_cache(maxsize=1024)
+def _delivered(account: str, path: str, verdict: str) -> Any:
+    """The deliveries counter's child, bound once per label set (labels() takes a lock and walks a dict)."""
+    return DELIVERIES.labels(account=account, path=path, verdict=verdict)
 
 
 def dead_local_owners(me: str, owners: Iterable[str]) -> list[str]:
@@ -358,9 +365,11 @@ class DeliveryOwner:
         receipt.upstream_sent = outcome.sent_total()
         if verdict == "delivered":
             receipt.upstream_ids = _ids(decision)
-            bound.info(
-                "message_sent", upstream_ids=receipt.upstream_ids, calls=len(decision.calls), **_sent_field(outcome)
-            )
+            fields = {"upstream_ids": receipt.upstream_ids, "calls": len(decision.calls), **_sent_field(outcome)}
+            if attempt.client_gone:  # no summary line will carry the ids
+                bound.info("message_sent", **fields)
+            else:  # the session's summary line (message_accepted) carries the same at info
+                bound.debug("message_sent", **fields)
             return attempt.queued(decision.first_id or attempt.msg_id)
         if verdict == "refused":
             assert decision.refusal is not None
@@ -562,7 +571,7 @@ class DeliveryOwner:
             )
         if lost and self.policy.ambiguous == "hold" and decision.verdict == "queued":
             decision = transition.hold(replace(before, calls=decision.calls), sorted(lost), self.clock())
-        DELIVERIES.labels(account=account, path=path, verdict=decision.verdict).inc()
+        _delivered(account, path, decision.verdict).inc()
         return decision
 
     async def _settle(

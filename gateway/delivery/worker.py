@@ -19,7 +19,7 @@ import structlog
 from gateway.core.errors import SpoolUnavailable
 from gateway.core.waits import idle
 from gateway.delivery.owner import DeliveryOwner, dead_local_owners
-from gateway.ops.metrics import INTERNAL_ERRORS
+from gateway.ops.metrics import INTERNAL_ERRORS, QUEUE_CLAIM_SECONDS
 
 log = structlog.get_logger("gateway.queue.worker")
 # How often the leases of dead processes of this instance are looked for (besides lease expiry).
@@ -42,6 +42,8 @@ class RetryWorker:
         self.poll_interval = poll_interval
         self.probe_interval = probe_interval
         self._running: dict[str, set[asyncio.Task[None]]] = {a: set() for a in self.accounts}
+        # Accounts whose last claim took as many messages as it asked for: a backlog.
+        self._backlog: set[str] = set()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._failing = False
@@ -94,17 +96,24 @@ class RetryWorker:
         owner, now, with_room = self.owner, time.time(), []
         for account in self.accounts:
             free = self.concurrency - len(self._running[account])
-            if free <= 0:
+            if free <= 0 or (account in self._backlog and free < max(1, self.concurrency // 2)):
+                # With a backlog, claim again once half the slots are free, not for every slot: each claim is
+                # a transaction (on SQLite an fsync), and one per message capped the drain of a backlog.
                 continue
             if owner.health.needs_probe(account, self.probe_interval):
                 await self.store.wake(account, now, limit=1)
+            started = time.perf_counter()
             claimed = await self.store.claim(owner.owner, account, now, free, owner.settings.lease_seconds)
+            QUEUE_CLAIM_SECONDS.observe(time.perf_counter() - started)
             for item in claimed:
                 task = owner.start_claimed(item)
                 self._running[account].add(task)
                 task.add_done_callback(functools.partial(self._finished, account))
             if len(claimed) < free:
+                self._backlog.discard(account)
                 with_room.append(account)
+            else:
+                self._backlog.add(account)
         timeout = self.poll_interval
         if with_room:
             due = await self.store.next_due(with_room)

@@ -4,7 +4,7 @@ which SQLite (3.24+) and PostgreSQL read alike."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
@@ -66,6 +66,11 @@ def _marks(p: str, n: int) -> str:
     return ",".join([p] * n)
 
 
+def _rows(p: str, n: int, rows: int) -> str:
+    """`rows` rows of `n` placeholders: "(?,?),(?,?)"."""
+    return ",".join([f"({_marks(p, n)})"] * rows)
+
+
 def _message_conflict() -> str:
     """A message's row; a second writer only fills what the first left empty (the accepting instance knows
     the listener, peer and reply; a claiming instance knows what the queue stored)."""
@@ -73,9 +78,17 @@ def _message_conflict() -> str:
     return f" ON CONFLICT (id) DO UPDATE SET {fill}"
 
 
-def message_upsert(p: str) -> str:
+# Every statement takes `rows` rows at once. SQLite's writer sends a batch in statements of up to ROWS rows:
+# the sqlite3 module hands the GIL back and forth with the event loop around every step of a statement, so
+# executemany costs two hand-overs per row; and a batch as one JSON array parameter (json_each) costs more
+# CPU than binding the values, most of all for a message's request (SQLite 3.40's json_extract parses the
+# whole row's text once per column). (PostgreSQL's writes run on the loop, pipelined, one row a statement.)
+ROWS = 64
+
+
+def message_upsert(p: str, rows: int = 1) -> str:
     return (
-        f"INSERT INTO ledger_messages ({', '.join(MESSAGE_COLUMNS)}) VALUES ({_marks(p, len(MESSAGE_COLUMNS))})"
+        f"INSERT INTO ledger_messages ({', '.join(MESSAGE_COLUMNS)}) VALUES {_rows(p, len(MESSAGE_COLUMNS), rows)}"
         + _message_conflict()
     )
 
@@ -100,39 +113,11 @@ def _recipient_conflict() -> str:
     return f" ON CONFLICT (msg_id, rcpt) DO UPDATE SET {updates}, {keep}"
 
 
-def recipient_upsert(p: str) -> str:
+def recipient_upsert(p: str, rows: int = 1) -> str:
     return (
         f"INSERT INTO ledger_recipients ({', '.join(RECIPIENT_COLUMNS)})"
-        f" VALUES ({_marks(p, len(RECIPIENT_COLUMNS))}){_recipient_conflict()}"
+        f" VALUES {_rows(p, len(RECIPIENT_COLUMNS), rows)}{_recipient_conflict()}"
     )
-
-
-# SQLite only: a whole batch of one table in one statement, its rows in one JSON array parameter. The
-# sqlite3 module takes the GIL back after each step of a statement, so executemany costs two GIL hand-overs
-# per row with the event loop (measured: more CPU on the loop than the writer's own); this costs one per
-# batch. (PostgreSQL's writes run on the loop, pipelined: no thread, no GIL to hand over.)
-
-
-def _from_json(columns: Sequence[str]) -> str:
-    picks = ", ".join(f"json_extract(value, '$[{n}]')" for n in range(len(columns)))
-    return f"SELECT {picks} FROM json_each(?) WHERE true"  # WHERE: lets SQLite parse the ON CONFLICT after it
-
-
-def message_upsert_json() -> str:
-    return f"INSERT INTO ledger_messages ({', '.join(MESSAGE_COLUMNS)}) {_from_json(MESSAGE_COLUMNS)}" + (
-        _message_conflict()
-    )
-
-
-def recipient_upsert_json() -> str:
-    return f"INSERT INTO ledger_recipients ({', '.join(RECIPIENT_COLUMNS)}) {_from_json(RECIPIENT_COLUMNS)}" + (
-        _recipient_conflict()
-    )
-
-
-def event_insert_json() -> str:
-    columns = ", ".join(EVENT_COLUMNS)
-    return f"INSERT INTO ledger_events ({columns}) {_from_json(EVENT_COLUMNS)} ON CONFLICT (id) DO NOTHING"
 
 
 OUTBOX_COLUMNS = ("webhook", "event_id", "msg_id", "created", "enqueued", "type", "body", "state", "next_attempt")
@@ -140,50 +125,29 @@ SUPPRESSION_COLUMNS = ("account", "address", "reason", "source", "created", "msg
 NOTICE_COLUMNS = ("msg_id", "rcpt", "created", "state", "at")
 
 
-def outbox_insert_json() -> str:
+def outbox_insert(p: str, rows: int = 1) -> str:
     return (
-        f"INSERT INTO webhook_outbox ({', '.join(OUTBOX_COLUMNS)}) {_from_json(OUTBOX_COLUMNS)}"
+        f"INSERT INTO webhook_outbox ({', '.join(OUTBOX_COLUMNS)}) VALUES {_rows(p, len(OUTBOX_COLUMNS), rows)}"
         " ON CONFLICT (webhook, event_id) DO NOTHING"
     )
 
 
-def suppression_insert_json() -> str:
+def suppression_insert(p: str, rows: int = 1) -> str:
     return (
-        f"INSERT INTO suppressions ({', '.join(SUPPRESSION_COLUMNS)}) {_from_json(SUPPRESSION_COLUMNS)}"
-        " ON CONFLICT (account, address) DO NOTHING"
+        f"INSERT INTO suppressions ({', '.join(SUPPRESSION_COLUMNS)})"
+        f" VALUES {_rows(p, len(SUPPRESSION_COLUMNS), rows)} ON CONFLICT (account, address) DO NOTHING"
     )
 
 
-def notice_insert_json() -> str:
+def notice_insert(p: str, rows: int = 1) -> str:
     return (
-        f"INSERT INTO ledger_notices ({', '.join(NOTICE_COLUMNS)}) {_from_json(NOTICE_COLUMNS)}"
-        " ON CONFLICT (msg_id, rcpt) DO NOTHING"
-    )
-
-
-def notice_insert(p: str) -> str:
-    return (
-        f"INSERT INTO ledger_notices ({', '.join(NOTICE_COLUMNS)}) VALUES ({_marks(p, len(NOTICE_COLUMNS))})"
+        f"INSERT INTO ledger_notices ({', '.join(NOTICE_COLUMNS)}) VALUES {_rows(p, len(NOTICE_COLUMNS), rows)}"
         " ON CONFLICT (msg_id, rcpt) DO NOTHING"
     )
 
 
 def notice_values(n: NoticeRow) -> tuple[Any, ...]:
     return (n.msg_id, n.key, n.created, "pending", n.at)
-
-
-def outbox_insert(p: str) -> str:
-    return (
-        f"INSERT INTO webhook_outbox ({', '.join(OUTBOX_COLUMNS)}) VALUES ({_marks(p, len(OUTBOX_COLUMNS))})"
-        " ON CONFLICT (webhook, event_id) DO NOTHING"
-    )
-
-
-def suppression_insert(p: str) -> str:
-    return (
-        f"INSERT INTO suppressions ({', '.join(SUPPRESSION_COLUMNS)})"
-        f" VALUES ({_marks(p, len(SUPPRESSION_COLUMNS))}) ON CONFLICT (account, address) DO NOTHING"
-    )
 
 
 def outbox_values(o: OutboxRow) -> tuple[Any, ...]:
@@ -203,13 +167,9 @@ def by_table(rows: Sequence[Any]) -> list[tuple[str, list[tuple[Any, ...]]]]:
     return [(t, v) for t, v in groups.items() if v]
 
 
-def json_rows(rows: Sequence[tuple[Any, ...]]) -> str:
-    return orjson.dumps(rows).decode()
-
-
-def event_insert(p: str) -> str:
+def event_insert(p: str, rows: int = 1) -> str:
     return (
-        f"INSERT INTO ledger_events ({', '.join(EVENT_COLUMNS)}) VALUES ({_marks(p, len(EVENT_COLUMNS))})"
+        f"INSERT INTO ledger_events ({', '.join(EVENT_COLUMNS)}) VALUES {_rows(p, len(EVENT_COLUMNS), rows)}"
         " ON CONFLICT (id) DO NOTHING"
     )
 
@@ -270,30 +230,24 @@ _VALUES: dict[type, tuple[str, Any]] = {
     SuppressionRow: ("suppression", suppression_values),
     NoticeRow: ("notice", notice_values),
 }
+INSERTS: dict[str, Callable[[str, int], str]] = {
+    "message": message_upsert,
+    "recipient": recipient_upsert,
+    "event": event_insert,
+    "outbox": outbox_insert,
+    "suppression": suppression_insert,
+    "notice": notice_insert,
+}
 
 
 def statements(p: str) -> dict[str, str]:
     """Each table's insert (one row per execution) with the backend's placeholder."""
-    return {
-        "message": message_upsert(p),
-        "recipient": recipient_upsert(p),
-        "event": event_insert(p),
-        "outbox": outbox_insert(p),
-        "suppression": suppression_insert(p),
-        "notice": notice_insert(p),
-    }
+    return {table: build(p, 1) for table, build in INSERTS.items()}
 
 
-def statements_json() -> dict[str, str]:
-    """SQLite: each table's insert of a whole batch in one statement (its rows in one JSON parameter)."""
-    return {
-        "message": message_upsert_json(),
-        "recipient": recipient_upsert_json(),
-        "event": event_insert_json(),
-        "outbox": outbox_insert_json(),
-        "suppression": suppression_insert_json(),
-        "notice": notice_insert_json(),
-    }
+def insert(table: str, p: str, rows: int) -> str:
+    """`table`'s insert of `rows` rows at once (SQLite's batches, in parts of up to ROWS rows)."""
+    return INSERTS[table](p, rows)
 
 
 # -- reading ------------------------------------------------------------------------------------------------

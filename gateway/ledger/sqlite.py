@@ -24,7 +24,11 @@ from gateway.queue import sqlite_schema
 
 T = TypeVar("T")
 P = "?"
-_BATCH = sql.statements_json()
+
+
+@functools.lru_cache(maxsize=len(sql.INSERTS) * sql.ROWS)
+def _statement(table: str, rows: int) -> str:
+    return sql.insert(table, P, rows)
 
 
 class SqliteLedger:
@@ -54,7 +58,13 @@ class SqliteLedger:
     def _call(self, fn: Callable[..., T], *args: Any) -> T:
         if self._db is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
+            db = sqlite3.connect(
+                self.path,
+                isolation_level=None,
+                check_same_thread=False,
+                timeout=10.0,
+                cached_statements=len(sql.INSERTS) * sql.ROWS + 16,  # each table, each size of a part; reads
+            )
             try:
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=NORMAL")
@@ -101,10 +111,12 @@ class SqliteLedger:
 
     @staticmethod
     def write_in(db: sqlite3.Connection, rows: Sequence[Row]) -> None:
-        """The rows, inside the caller's transaction: by table, each in one statement (sql.py); each table's
-        rows keep their order, which is all the upserts need."""
+        """The rows, inside the caller's transaction: by table, in statements of up to sql.ROWS rows (sql.py);
+        each table's rows keep their order, which is all the upserts need."""
         for table, values in sql.by_table(rows):
-            db.execute(_BATCH[table], (sql.json_rows(values),))
+            for start in range(0, len(values), sql.ROWS):
+                part = values[start : start + sql.ROWS]
+                db.execute(_statement(table, len(part)), [v for row in part for v in row])
 
     # -- reading --------------------------------------------------------------------------------------------
 

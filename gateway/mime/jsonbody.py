@@ -74,10 +74,12 @@ class Body:
 
 def encode(payload: Any) -> bytes | Body:
     blobs: list[Blob] = []
-    nonce = secrets.token_hex(8)  # no text of the payload can contain the markers
+    nonce = ""  # made with the first blob (no text of the payload can contain the markers): most payloads have none
 
     def placeholder(value: Any) -> str:
+        nonlocal nonce
         if isinstance(value, Blob):
+            nonce = nonce or secrets.token_hex(8)
             blobs.append(value)
             return f"\x00{nonce}:{len(blobs) - 1}\x00"  # written by orjson as "\\u0000<nonce>:N\\u0000"
         raise TypeError(f"{type(value).__name__} is not JSON serializable")

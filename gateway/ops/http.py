@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from gateway.console.web import Console
 from gateway.ops.api import MessageApi
 from gateway.ops.metrics import REGISTRY
+
+if TYPE_CHECKING:
+    from gateway.console.web import Console
 
 
 class OperatorEndpoint:

@@ -12,6 +12,7 @@ import sys
 from collections.abc import MutableMapping
 from typing import Any
 
+import orjson
 import structlog
 
 from gateway.config import LogSettings
@@ -29,13 +30,24 @@ _LEVELS = {
 }
 
 
+def _fallback(value: Any) -> Any:
+    """What orjson cannot encode, as structlog's own JSON renderer does it: __structlog__(), else repr()."""
+    method = getattr(value, "__structlog__", None)
+    return method() if method is not None else repr(value)
+
+
+def _dumps(value: Any, **_: Any) -> str:
+    return orjson.dumps(value, default=_fallback, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
 class _State:
     """The live level and renderer."""
 
     def __init__(self) -> None:
         self.level = logging.INFO
         self.json = False
-        self._json = structlog.processors.JSONRenderer()
+        # orjson: a tenth of the stdlib encoder's time per line (a few lines per message).
+        self._json = structlog.processors.JSONRenderer(serializer=_dumps)
         self._console = structlog.dev.ConsoleRenderer(colors=False)
 
     def filter(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:

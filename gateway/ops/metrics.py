@@ -201,6 +201,12 @@ LEDGER_FLUSH_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
     registry=REGISTRY,
 )
+QUEUE_CLAIM_SECONDS = Histogram(
+    "smtp_gateway_queue_claim_seconds",
+    "Time the retry worker's claim of due messages took (one account's, leases taken), however deep the queue",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+    registry=REGISTRY,
+)
 LEDGER_BUFFERED = Gauge(
     "smtp_gateway_ledger_buffered_rows", "Message ledger rows waiting to be written now", registry=REGISTRY
 )

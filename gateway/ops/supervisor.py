@@ -5,6 +5,7 @@ old process of this host is gone. SIGTERM/SIGINT/SIGHUP are passed on to every w
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 from types import FrameType
 
 import structlog
+
+from gateway.smtp import tickets
 
 log = structlog.get_logger("gateway.supervisor")
 QUICK_DEATH = 10.0  # a worker that dies sooner than this after its start is crash-looping
@@ -30,6 +33,8 @@ class _Worker:
 class Supervisor:
     def __init__(self, worker_args: Sequence[str], workers: int) -> None:
         self.worker_args = list(worker_args)
+        # One TLS session-ticket secret for every worker (gateway/smtp/tickets.py), kept for restarted ones.
+        self.ticket_secret = tickets.new_secret()
         self.count = workers
         self.workers: dict[int, _Worker] = {}
         self.stopping = False
@@ -37,9 +42,16 @@ class Supervisor:
         self.received: signal.Signals | None = None  # the stop signal (SIGTERM or SIGINT) that came first
 
     def _spawn(self, slot: int, backoff: float = 1.0) -> None:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", *self.worker_args, "--worker-slot", str(slot)], stdin=subprocess.DEVNULL
-        )
+        secret = tickets.write_secret(self.ticket_secret)
+        try:
+            args = [*self.worker_args, "--worker-slot", str(slot), "--ticket-keys-fd", str(secret)]
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway", *args],
+                stdin=subprocess.DEVNULL,
+                pass_fds=(secret,),
+            )
+        finally:
+            os.close(secret)
         self.workers[slot] = _Worker(slot, proc, time.monotonic(), backoff)
         log.info("worker_started", worker=slot, pid=proc.pid)
 

@@ -38,6 +38,7 @@ from gateway.smtp.logins import PerLogin
 
 log = structlog.get_logger("gateway.smtp")
 
+_AUTH_OK = AUTH.labels(result="ok")
 # Keys the fingerprints of unknown usernames: stable within a process, useless to anyone reading old logs.
 _FINGERPRINT_KEY = os.urandom(16)
 
@@ -81,7 +82,8 @@ class GatewayHandler:
                     # Remembered for the session: MAIL, RCPT and DATA all ask (AUTH may still replace it).
                     principal = self.authenticator.principal_for_user(login)
                     session.auth_data = principal
-                    log.info(
+                    # Debug: every summary line of the session names the login and account at info.
+                    log.debug(
                         "trusted_client",
                         peer=_peer(session),
                         network=str(network),
@@ -255,7 +257,7 @@ class GatewayHandler:
                 # password was right (a leaked one used from elsewhere is what an operator must hear of).
                 return await self._refuse(server, session, {**fields, "reason": "network", "password_valid": "yes"})
             self.per_login.authenticated(principal)
-        AUTH.labels(result="ok").inc()
+        _AUTH_OK.inc()
         log.info(
             "auth_ok",
             peer=_peer(session),

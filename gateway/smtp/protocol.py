@@ -8,10 +8,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import random
 import re
-import secrets
-from collections.abc import Awaitable, Callable
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import FunctionType
 from typing import Any, cast
 
 import structlog
@@ -22,6 +24,7 @@ from gateway.core.model import Principal, Receipt
 from gateway.core.replies import add_enhanced_code
 from gateway.limits.budget import ByteBudget, Reservation
 from gateway.ops.metrics import LIMIT_HITS, REFUSALS, SESSIONS_TLS
+from gateway.smtp.fastinit import MethodTables, init_session
 from gateway.smtp.handshake import ListenerTls, TlsHandshake
 
 log = structlog.get_logger("gateway.smtp")
@@ -87,7 +90,10 @@ class GatewaySMTP(SMTP):
         budget: ByteBudget | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(handler, tls_context=tls.context if tls and not implicit_tls else None, **kwargs)
+        cls = type(self)
+        tables = _TABLES.get(cls) or _TABLES.setdefault(cls, MethodTables(cls, wrap=_counted))
+        # SMTP.__init__, its method tables computed once per class and handler (gateway/smtp/fastinit.py).
+        init_session(self, tables, handler, tls_context=tls.context if tls and not implicit_tls else None, **kwargs)
         # Per session: aiosmtpd's own dict is a class attribute that every EHLO adds to.
         self.command_size_limits = collections.defaultdict(lambda: 512, AUTH=AUTH_LINE_LIMIT)
         self._in_ehlo = False
@@ -105,7 +111,8 @@ class GatewaySMTP(SMTP):
         self.reservation: Reservation | None = None
         self._over_budget = False
         # Carried by every log line of the session (structlog contextvars, bound in its task).
-        self.session_id = secrets.token_hex(6)
+        # Only unique, not secret: no system call per connection (random reseeds itself in a forked child).
+        self.session_id = f"{random.getrandbits(48):012x}"
         self.listener = listener
         self.client_key = client_key  # what per-IP limits count this client as (gateway.limits.clients.client_key)
         self.txn: Transaction | None = None
@@ -116,8 +123,6 @@ class GatewaySMTP(SMTP):
         self._logged = False  # the refusal about to be sent has its own log line already
         self._cut_off: str | None = None  # the limit that ended the session (command_timeout, data_timeout)
         self._last_code = 0  # of the last final reply sent
-        for verb, method in list(self._smtp_methods.items()):
-            self._smtp_methods[verb] = self._counted(verb, method)
 
     # -- connection ------------------------------------------------------------------------------------
 
@@ -234,32 +239,6 @@ class GatewaySMTP(SMTP):
         self.transport.close()
 
     # -- limits --------------------------------------------------------------------------------------------
-
-    def _counted(self, verb: str, method: Callable[[str | None], Awaitable[None]]) -> Callable[..., Any]:
-        async def run(arg: str | None) -> None:
-            if verb != "QUIT" and self._commands >= self._max_commands and self.transport is not None:
-                # This command would be one too many: refused unexecuted, and the session ends.
-                LIMIT_HITS.labels(limit="max_commands_before_data").inc()
-                log.info("session_cut_off", limit="max_commands_before_data", commands=self._commands, command=verb)
-                self.mark_logged()
-                await self.push(str(replies.TOO_MANY_COMMANDS))
-                self.transport.close()
-                return
-            self._verb = verb
-            try:
-                await method(arg)
-            finally:
-                self._verb = None
-            if verb == "DATA" and self.txn is not None:
-                self.txn = None
-                self._commands = 0  # a message went through (or was answered): count afresh
-            elif verb != "QUIT" and (verb not in _TRANSACTION or self._last_code >= 400):
-                self._commands += 1
-
-        for attr in _SYNTAX_ATTRS:
-            if hasattr(method, attr):
-                setattr(run, attr, getattr(method, attr))
-        return run
 
     def _timeout_cb(self) -> None:
         """No command (or no DATA bytes) within command_timeout: say so (Postfix: 421 4.4.2) and close."""
@@ -391,7 +370,8 @@ class GatewaySMTP(SMTP):
         # aiosmtpd's connection_made() (called on success) starts a fresh session and drops any plaintext
         # the client pipelined behind STARTTLS (RFC 3207 §4.2, §6).
         self._original_transport = self.transport
-        self._tls_protocol = handshake.tls
+        # aiosmtpd reads `_tls_protocol._extra` when the handshake is done (handshake.py gives it).
+        self._tls_protocol = handshake  # type: ignore[assignment]
         self.transport = handshake.app_transport
         self._original_transport.set_protocol(handshake)
         handshake.connection_made(self._original_transport)
@@ -468,12 +448,19 @@ class GatewaySMTP(SMTP):
             envelope.original_content = content  # type: ignore[assignment]
             try:
                 status = await self._call_handler_hook("DATA")
-            except asyncio.CancelledError:
+            except asyncio.CancelledError as exc:
                 self._summarize(envelope, txn, None)  # the client left; its delivery goes on and logs
+                # The handler's and the pipeline's frames below this one are done: what they held (the message,
+                # parsed) goes now, not when the cyclic GC finds this exception's traceback (see _read_data).
+                traceback.clear_frames(exc.__traceback__)
                 raise
             except Exception as exc:  # logged with its traceback and counted by the handler
                 status = await self.handle_exception(exc)
             finally:
+                # The pipeline holds the message as long as its delivery needs it; this session does not, also
+                # while its reply is written (a client gone by then leaves this frame to the cyclic GC).
+                envelope.content = envelope.original_content = None
+                del content
                 # Whatever happened, the transaction is over: the next MAIL starts afresh (not "nested MAIL").
                 self._release()  # the pipeline took it over (or the hook failed before it could)
                 self._set_post_data_state()  # type: ignore[no-untyped-call]
@@ -543,30 +530,37 @@ class GatewaySMTP(SMTP):
             self.reservation = self.budget.reservation()
         received = 0
         stuffed = False  # a line starting with a dot was seen: unstuffing needs a pass (and a copy)
-        while True:
-            start = max(0, len(buf) - len(_END) + 1)
-            chunk = await reader.read(_CHUNK)
-            if not chunk:
-                raise ConnectionResetError("connection closed during DATA")
-            self._reset_timeout()
-            buf += chunk
-            received += len(chunk)
-            end = buf.find(_END, start)
-            # Only the new bytes are searched (a scan's megabytes are never walked again on the event loop),
-            # and not the terminator's own "\n.".
-            stuffed = stuffed or buf.find(b"\n.", start, len(buf) if end == -1 else end + 1) != -1
-            if end != -1:
-                break
-            # StreamReader.read() returns at once while data is buffered: a fast sender of a big message
-            # would keep the event loop in this loop until its last byte. Let other sessions in per chunk.
-            await asyncio.sleep(0)
-            if self.reservation is not None and not self.reservation.grow(received):
-                # Too many large messages in this process now: read the rest, keep none of it, answer 452.
-                too_big = self._over_budget = True
-                self._release()
-            if too_big or (limit and len(buf) > limit + 2 + len(_END)):
-                too_big = True
-                del buf[: len(buf) - len(_END)]  # keep only what the terminator search needs
+        try:
+            while True:
+                start = max(0, len(buf) - len(_END) + 1)
+                chunk = await reader.read(_CHUNK)
+                if not chunk:
+                    raise ConnectionResetError("connection closed during DATA")
+                self._reset_timeout()
+                buf += chunk
+                received += len(chunk)
+                end = buf.find(_END, start)
+                # Only the new bytes are searched (a scan's megabytes are never walked again on the event loop),
+                # and not the terminator's own "\n.".
+                stuffed = stuffed or buf.find(b"\n.", start, len(buf) if end == -1 else end + 1) != -1
+                if end != -1:
+                    break
+                # StreamReader.read() returns at once while data is buffered: a fast sender of a big message
+                # would keep the event loop in this loop until its last byte. Let other sessions in per chunk.
+                await asyncio.sleep(0)
+                if self.reservation is not None and not self.reservation.grow(received):
+                    # Too many large messages in this process now: read the rest, keep none of it, answer 452.
+                    too_big = self._over_budget = True
+                    self._release()
+                if too_big or (limit and len(buf) > limit + 2 + len(_END)):
+                    too_big = True
+                    del buf[: len(buf) - len(_END)]  # keep only what the terminator search needs
+        except BaseException:
+            # A session cut off in its DATA (the client gone, a timeout) ends in an exception whose traceback
+            # keeps the session's frames, and the data in them, until the cyclic GC finds them, which in a busy
+            # process is rarely: clients that left mid-message made its RSS grow by their messages' size.
+            del buf[:]
+            raise
         leftover = bytes(buf[end + len(_END) :])
         if leftover:
             # Pipelined commands after the final dot belong to the command loop.
@@ -585,3 +579,35 @@ class GatewaySMTP(SMTP):
         # A bytearray, not bytes: the pipeline empties it once the message is parsed, so a large
         # message's raw copy is not held while its upstream call runs (docs/messages.md, memory).
         return content
+
+
+def _counted(verb: str, method: FunctionType) -> FunctionType:
+    """A command method that counts towards limits.max_commands_before_data (applied once per class)."""
+
+    async def run(self: GatewaySMTP, arg: str | None) -> None:
+        if verb != "QUIT" and self._commands >= self._max_commands and self.transport is not None:
+            # This command would be one too many: refused unexecuted, and the session ends.
+            LIMIT_HITS.labels(limit="max_commands_before_data").inc()
+            log.info("session_cut_off", limit="max_commands_before_data", commands=self._commands, command=verb)
+            self.mark_logged()
+            await self.push(str(replies.TOO_MANY_COMMANDS))
+            self.transport.close()
+            return
+        self._verb = verb
+        try:
+            await method(self, arg)
+        finally:
+            self._verb = None
+        if verb == "DATA" and self.txn is not None:
+            self.txn = None
+            self._commands = 0  # a message went through (or was answered): count afresh
+        elif verb != "QUIT" and (verb not in _TRANSACTION or self._last_code >= 400):
+            self._commands += 1
+
+    for attr in _SYNTAX_ATTRS:
+        if hasattr(method, attr):
+            setattr(run, attr, getattr(method, attr))
+    return cast(FunctionType, run)
+
+
+_TABLES: dict[type, MethodTables] = {}

@@ -122,6 +122,7 @@ class Listeners:
     # Connections waiting for their PROXY header (not sessions yet, but they hold a slot).
     gates: set[Gate] = field(default_factory=set)
     _released: asyncio.Event = field(default_factory=asyncio.Event)
+    _session_metrics: dict[str, tuple[Any, Any]] = field(default_factory=dict, init=False, repr=False)
     # Set while no session is open (drain waits for it).
     _idle: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
 
@@ -285,13 +286,24 @@ class Listeners:
         )
         self.sessions.add(proto)
         self._idle.clear()
-        SESSIONS.labels(listener=name).inc()
-        SESSIONS_ACTIVE.labels(listener=name).inc()
+        opened, active = self._metrics(name)
+        opened.inc()
+        active.inc()
         if implicit and tls is not None:
             # The session exists once the handshake succeeded; a failed one must not keep its slot.
             proto.handshake = tls.handshake(proto, lambda: proto.tls_up, lambda: self._release(proto))
             return proto.handshake
         return proto
+
+    def _metrics(self, listener: str) -> tuple[Any, Any]:
+        """The listener's session counters, bound once (labels() takes a lock and walks a dict)."""
+        found = self._session_metrics.get(listener)
+        if found is None:
+            found = self._session_metrics[listener] = (
+                SESSIONS.labels(listener=listener),
+                SESSIONS_ACTIVE.labels(listener=listener),
+            )
+        return found
 
     def _release(self, session: GatewaySMTP) -> None:
         """A session ended (closed, or its TLS handshake failed): its slots are free at once."""
@@ -299,7 +311,7 @@ class Listeners:
             self.sessions.remove(session)
             assert self.defenses is not None
             self.defenses.sessions.release(session.client_key)
-            SESSIONS_ACTIVE.labels(listener=session.listener).dec()
+            self._metrics(session.listener)[1].dec()
             self._released.set()
             if not self.sessions:
                 self._idle.set()

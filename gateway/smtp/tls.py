@@ -8,12 +8,12 @@ import ssl
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
+from gateway.smtp import tickets
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 Profile = Literal["modern", "intermediate", "legacy"]
 
@@ -77,16 +77,24 @@ def server_context(profile: Profile, chains: list[tuple[Path, Path]]) -> ssl.SSL
         context.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
     # No renegotiation (a CPU sink for clients that ask for it over and over) and no TLS compression (CRIME).
     context.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION
+    # TLS 1.3: one session ticket after a handshake, not OpenSSL's two: a client resumes with one, and each
+    # ticket costs its encryption and a record on every new connection.
+    context.num_tickets = 1
     for cert_file, key_file in chains:
         try:
             context.load_cert_chain(str(cert_file), str(key_file))
         except (OSError, ssl.SSLError) as exc:
             raise CertificateError(f"{cert_file} / {key_file}: {exc}") from None
+    tickets.apply(context, profile)  # workers of `serve --workers N` read each other's session tickets
     return context
 
 
 def describe_certificate(cert_file: Path) -> dict[str, str]:
     """Subject, expiry and SHA-256 fingerprint of the first certificate in a PEM file, for the logs."""
+    # cryptography (~10 MiB) is loaded by processes with a TLS listener, not by every process.
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
     cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
     return {
         "subject": cert.subject.rfc4514_string(),
@@ -99,6 +107,11 @@ def write_self_signed(
     directory: Path, hostname: str = "localhost", key_type: Literal["ec", "rsa"] = "ec"
 ) -> tuple[Path, Path]:
     """Create (or reuse) cert.pem/key.pem in `directory` for `hostname`, localhost and 127.0.0.1."""
+    from cryptography import x509  # (see describe_certificate)
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.x509.oid import NameOID
+
     directory.mkdir(parents=True, exist_ok=True)
     cert_path, key_path = directory / "cert.pem", directory / "key.pem"
     if cert_path.exists() and key_path.exists():

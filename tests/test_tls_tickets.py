@@ -1,0 +1,102 @@
+"""Shared TLS session-ticket keys (gateway/smtp/tickets.py): a session issued by one server context resumes on
+another with the same keys (as the workers of `serve --workers N` have), and not on one with its own keys.
+This is also the canary of the ctypes call it relies on (OpenSSL's SSL_CTX_ctrl on CPython's SSLContext)."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.smtp import tickets
+from gateway.smtp.tls import server_context, write_self_signed
+
+VERSIONS = [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3]
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[Path, Path]]:
+    return [write_self_signed(tmp_path_factory.mktemp("cert"))]
+
+
+@pytest.fixture
+def shared() -> Iterator[bytes]:
+    secret = tickets.new_secret()
+    tickets.share(secret)
+    yield secret
+    tickets.share(None)
+
+
+def _serve(context: ssl.SSLContext, listener: socket.socket, errors: list[BaseException]) -> None:
+    try:
+        conn, _ = listener.accept()
+        with context.wrap_socket(conn, server_side=True) as tls:
+            tls.recv(10)
+            tls.sendall(b"ok")
+    except (OSError, ssl.SSLError) as exc:
+        errors.append(exc)
+
+
+def connect(
+    server: ssl.SSLContext, client: ssl.SSLContext, session: ssl.SSLSession | None = None
+) -> tuple[ssl.SSLSession | None, bool]:
+    """One TLS connection to a server with `server`'s context: the client's session, and whether it resumed."""
+    errors: list[BaseException] = []
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        thread = threading.Thread(target=_serve, args=(server, listener, errors))
+        thread.start()
+        tls = client.wrap_socket(socket.create_connection(listener.getsockname(), timeout=10), session=session)
+        with tls:
+            tls.sendall(b"hi")
+            assert tls.recv(10) == b"ok"  # a TLS 1.3 ticket is taken in with the reads
+            result = tls.session, tls.session_reused
+        thread.join(10)
+    assert not errors
+    return result
+
+
+def client_context(version: ssl.TLSVersion) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.minimum_version = context.maximum_version = version
+    return context
+
+
+@pytest.mark.parametrize("version", VERSIONS, ids=["TLSv1.2", "TLSv1.3"])
+def test_another_context_with_the_same_keys_resumes_the_session(
+    version: ssl.TLSVersion, chain: list[tuple[Path, Path]], shared: bytes
+) -> None:
+    client = client_context(version)
+    session, reused = connect(server_context("intermediate", chain), client)
+    assert session is not None and not reused
+    # Another worker: its own context, the same shared secret.
+    assert connect(server_context("intermediate", chain), client, session)[1]
+
+
+@pytest.mark.parametrize("version", VERSIONS, ids=["TLSv1.2", "TLSv1.3"])
+def test_contexts_with_their_own_keys_do_not_resume(version: ssl.TLSVersion, chain: list[tuple[Path, Path]]) -> None:
+    client = client_context(version)
+    session, _ = connect(server_context("intermediate", chain), client)
+    # OpenSSL's random keys per context: what each worker had without the shared secret.
+    assert not connect(server_context("intermediate", chain), client, session)[1]
+
+
+def test_keys_are_derived_per_profile_and_set(chain: list[tuple[Path, Path]], shared: bytes) -> None:
+    modern, intermediate = server_context("modern", chain), server_context("intermediate", chain)
+    assert tickets.get_keys(intermediate) == tickets.derive(shared, "intermediate")
+    assert tickets.get_keys(modern) == tickets.derive(shared, "modern") != tickets.get_keys(intermediate)
+
+
+def test_the_secret_travels_through_a_pipe() -> None:
+    secret = tickets.new_secret()
+    assert tickets.read_secret(tickets.write_secret(secret)) == secret
+    short = tickets.write_secret(secret[:5])
+    with pytest.raises(ValueError, match="5 bytes"):
+        tickets.read_secret(short)
