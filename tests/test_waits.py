@@ -24,12 +24,6 @@ async def test_woken_returns_on_its_event_and_clears_it() -> None:
     assert waiting in done and waiting.exception() is None and not event.is_set()
 
 
-async def test_woken_returns_after_its_time() -> None:
-    event = asyncio.Event()
-    await woken(event, 0.01)
-    assert not event.is_set()
-
-
 @pytest.mark.parametrize("wait", [lambda: woken(asyncio.Event(), 3600), lambda: idle(3600)], ids=["woken", "idle"])
 async def test_a_swallowed_cancellation_ends_the_next_wait(wait: Callable[[], Awaitable[None]]) -> None:
     swallowed = asyncio.Event()

@@ -117,21 +117,14 @@ class Recorder:
         now = self.clock()
         message = submission.message
         rows: list[Row] = [
-            MessageRow(
-                id=msg_id,
-                created=created,
-                account=submission.principal.account,
-                mail_from=submission.mail_from,
-                subject=message.subject,
-                size=origin.size if origin else None,
-                login=submission.principal.login,
-                listener=origin.listener if origin else None,
-                peer=origin.peer if origin else None,
-                message_id=message.message_id,
-                reply_id=reply_id,
-                reply=reply,
+            _message_row(
+                msg_id,
+                created,
+                submission,
+                origin,
+                reply,
+                reply_id,
                 request=None if requests is None else model.json(requests),
-                dsn_of=origin.dsn_of if origin else None,
                 notice=notice.of(submission, origin),
             ),
             self._event(msg_id, created, now, model.ACCEPTED, detail=reply),
@@ -171,23 +164,8 @@ class Recorder:
         if not self.enabled:
             return
         now = self.clock()
-        message = submission.message
         rows: list[Row] = [
-            MessageRow(
-                id=msg_id,
-                created=now,
-                account=submission.principal.account,
-                mail_from=submission.mail_from,
-                subject=message.subject,
-                size=origin.size if origin else None,
-                login=submission.principal.login,
-                listener=origin.listener if origin else None,
-                peer=origin.peer if origin else None,
-                message_id=message.message_id,
-                reply_id=msg_id,
-                reply=reply,
-                request=model.json(requests),
-            ),
+            _message_row(msg_id, now, submission, origin, reply, msg_id, request=model.json(requests), notice=None),
             self._event(msg_id, now, now, model.ACCEPTED, detail=reply),
             self._event(msg_id, now, now + TICK, model.TEST_MODE, detail="test mode: nothing was sent upstream"),
         ]
@@ -421,3 +399,34 @@ def _short(calls: Mapping[str, CallRow], outcome: Outcome | None) -> dict[str, s
         if call is not None and sent < wanted:
             out[key] = f"the upstream says it sent {sent} mail(s) for {wanted} recipient(s)"
     return out
+
+
+def _message_row(
+    msg_id: str,
+    created: float,
+    submission: Submission,
+    origin: Origin | None,
+    reply: str,
+    reply_id: str,
+    *,
+    request: str | None,
+    notice: str | None,
+) -> MessageRow:
+    """A message's own row from what the SMTP session took and where it came from."""
+    return MessageRow(
+        id=msg_id,
+        created=created,
+        account=submission.principal.account,
+        mail_from=submission.mail_from,
+        subject=submission.message.subject,
+        size=origin.size if origin else None,
+        login=submission.principal.login,
+        listener=origin.listener if origin else None,
+        peer=origin.peer if origin else None,
+        message_id=submission.message.message_id,
+        reply_id=reply_id,
+        reply=reply,
+        request=request,
+        dsn_of=origin.dsn_of if origin else None,
+        notice=notice,
+    )
