@@ -143,6 +143,14 @@ def _project_copy(dst: Path) -> Path:
     return dst
 
 
+def _install_env(path: str) -> dict[str, str]:
+    """The environment install.sh runs in, as a user's shell would give it: this PATH (the python3 a test
+    chose first), and none of install.sh's own variables (PYTHON, VENV) or pip's and Python's that the test
+    run itself may carry (CI's PIP_CONSTRAINT, a `PYTHON=/usr/bin/python3 ./install.sh --test` run)."""
+    dropped = ("PYTHON", "VENV", "PYTHONPATH", "VIRTUAL_ENV", "PIP_CONSTRAINT")
+    return {**{k: v for k, v in os.environ.items() if k not in dropped}, "PATH": path}
+
+
 def _path_with(tmp: Path, **programs: str) -> str:
     """A PATH whose first directory holds ``programs`` (name -> shell script body, or a file to link)."""
     bindir = tmp / "bin"
@@ -167,8 +175,7 @@ def test_install_command_works_with_the_distribution_python(tmp_path: Path) -> N
     assert (install, then) == ("./install.sh", ".venv/bin/smtp-gateway quickstart")  # the quick start: test_docs.py
     assert DEBIAN_PYTHON.exists(), "needs the distribution's /usr/bin/python3 (Debian 12 / Ubuntu 24.04)"
     project = _project_copy(tmp_path)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PIP_CONSTRAINT")}
-    env["PATH"] = _path_with(tmp_path, python3=str(DEBIAN_PYTHON))
+    env = _install_env(_path_with(tmp_path, python3=str(DEBIAN_PYTHON)))
     # A .venv left by another Python (the one running the tests, when it is not Debian's) is made anew.
     other = Path(sys.base_prefix) / "bin" / "python3"
     replaced = other.resolve() != DEBIAN_PYTHON.resolve()
@@ -214,7 +221,7 @@ def test_install_without_venv_support_names_the_package(tmp_path: Path) -> None:
     result = subprocess.run(
         ["./install.sh"],
         cwd=project,
-        env={**os.environ, "PATH": path},
+        env=_install_env(path),
         capture_output=True,
         text=True,
         timeout=60,
