@@ -39,9 +39,7 @@ from gateway.limits.clients import AuthGuard, Defenses
 from gateway.limits.lockouts import LocalLockouts, Lockouts
 from gateway.limits.quotas import QuotaTracker
 from gateway.ops import logs
-from gateway.ops.api import MessageApi
 from gateway.ops.apiauth import TokenAuth
-from gateway.ops.http import OperatorEndpoint
 from gateway.ops.memory import MmapThreshold, set_mmap_threshold
 from gateway.ops.metrics import CONFIG_RELOADS
 from gateway.ops.queuestats import QUEUE_STATS
@@ -62,6 +60,7 @@ from gateway.upstream.client import HttpClient
 
 if TYPE_CHECKING:
     from gateway.console.web import Console
+    from gateway.ops.http import OperatorEndpoint
 
 log = structlog.get_logger("gateway.app")
 
@@ -201,9 +200,11 @@ class App:
         http = settings.http
         if http.port is not None:
             self.api_auth = TokenAuth(http.api_tokens, settings.limits)
-            # Here, not at the top: the console's templates (jinja2) cost ~4 MiB a process without an
-            # operator endpoint never uses.
+            # Here, not at the top: the console's templates (jinja2) and aiohttp's web server cost memory a
+            # process without an operator endpoint never uses.
             from gateway.console.web import Console
+            from gateway.ops.api import MessageApi
+            from gateway.ops.http import OperatorEndpoint
 
             self.console = Console(self)
             api = MessageApi(self.ledger, self.api_auth, self.returnpath.returns, self.returnpath.suppressions)
