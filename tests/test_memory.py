@@ -9,11 +9,15 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from gateway.config import LimitsSettings
 from gateway.ops.memory import MmapThreshold, set_mmap_threshold
+from tests.configs import serve_config, write
+from tests.procs import kill, serve
 
 # After an 8 MiB block is freed, glibc's dynamic threshold rises to 8 MiB: a 4 MiB block then comes from the
 # heap (and stays in the process's RSS when freed, if anything above it is still used). With the threshold
@@ -64,3 +68,25 @@ def test_an_empty_environment_variable_is_not_a_setting(monkeypatch: pytest.Monk
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "")
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
     assert set_mmap_threshold(0) is MmapThreshold.GLIBC_DEFAULT
+
+
+def _imported_at_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **overrides: Any) -> set[str]:
+    """The modules a real `serve` process imported up to its `ready` event (Python's -X importtime lines)."""
+    monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")
+    log = tmp_path / "gateway.log"
+    proc, _ = serve(write(tmp_path / "gateway.toml", serve_config(tmp_path, **overrides)), log)
+    kill(proc)
+    lines = log.read_text(errors="replace").splitlines()
+    return {line.rsplit("|", 1)[1].strip() for line in lines if line.startswith("import time:") and "|" in line}
+
+
+def test_a_process_without_the_operator_endpoint_never_imports_its_web_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiohttp's web server and the console's templates cost memory a process that serves only SMTP never
+    uses; they come with `http.port`."""
+    without = _imported_at_start(tmp_path / "smtp-only", monkeypatch)
+    assert "gateway.smtp.server" in without  # the import lines were read
+    assert not {"aiohttp.web", "gateway.ops.http", "gateway.ops.api", "jinja2"} & without
+    with_endpoint = _imported_at_start(tmp_path / "with-http", monkeypatch, http={"port": 0})
+    assert {"aiohttp.web", "gateway.ops.http", "gateway.ops.api"} <= with_endpoint
