@@ -1,4 +1,5 @@
-"""limits.malloc_mmap_threshold: glibc takes it, so a freed multi-megabyte block is not kept in the heap.
+"""A process's memory: limits.malloc_mmap_threshold (glibc takes it, so a freed multi-megabyte block is not
+kept in the heap), and what a serving process does not import.
 
 Each case runs in a fresh interpreter: the allocator's state is per process and glibc's dynamic threshold
 depends on what the process freed before."""
