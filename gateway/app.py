@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import signal
 import ssl
 import time
@@ -436,6 +437,9 @@ async def run(app: App, drain_timeout: float = 30.0, started: Callable[[App], No
     loop.add_signal_handler(signal.SIGHUP, app.request_reload)
     if started is not None:
         started(app)
+    # Everything alive now (modules, configuration, pools) lives as long as the process: out of the cyclic
+    # collector's generations, so its full collections walk only what sessions and messages allocate.
+    gc.freeze()
     # The bound ports (a port configured as 0 is any free one): what a supervisor or a test connects to.
     log.info("ready", listeners=app.ports, **({"http": app.operator.port} if app.operator else {}))
     try:
