@@ -10,6 +10,11 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import httpx
+import yarl
+
+# Parsed URLs and timeouts kept for reuse: an upstream is called at a handful of URLs with one or two
+# timeouts, and aiohttp would otherwise parse the URL again for every call. Bounded, in case a URL carries ids.
+_MEMO_MAX = 256
 
 # Request bodies are streamed in slices of this size: no multi-megabyte single write, and no copy.
 _SLICE = 256 * 1024
@@ -36,6 +41,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         self._max_response = max_response
         self._keepalive = keepalive_expiry
         self._session: aiohttp.ClientSession | None = None
+        self._urls: dict[str, yarl.URL] = {}
+        self._timeouts: dict[tuple[float | None, ...], aiohttp.ClientTimeout] = {}
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -45,14 +52,30 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             )
         return self._session
 
+    def _timeout(self, timeouts: dict[str, float]) -> aiohttp.ClientTimeout:
+        key = (timeouts.get("pool"), timeouts.get("connect"), timeouts.get("read"))
+        timeout = self._timeouts.get(key)
+        if timeout is None:
+            timeout = aiohttp.ClientTimeout(
+                total=None,
+                connect=key[0],  # waiting for a pooled connection, then connecting
+                sock_connect=key[1],
+                sock_read=key[2],
+            )
+            if len(self._timeouts) < _MEMO_MAX:
+                self._timeouts[key] = timeout
+        return timeout
+
+    def _url(self, text: str) -> yarl.URL:
+        url = self._urls.get(text)
+        if url is None:
+            url = yarl.URL(text)
+            if len(self._urls) < _MEMO_MAX:
+                self._urls[text] = url
+        return url
+
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        timeouts = request.extensions.get("timeout", {})
-        timeout = aiohttp.ClientTimeout(
-            total=None,
-            connect=timeouts.get("pool"),  # waiting for a pooled connection, then connecting
-            sock_connect=timeouts.get("connect"),
-            sock_read=timeouts.get("read"),
-        )
+        timeout = self._timeout(request.extensions.get("timeout", {}))
         streamed = request.extensions.get("body")  # a jsonbody.Body: its pieces, sliced, without a copy
         if streamed is not None:
             data: AsyncIterator[bytes] | bytes | None = streamed.aiter()
@@ -63,7 +86,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         try:
             async with self._get_session().request(
                 request.method,
-                str(request.url),
+                self._url(str(request.url)),
                 headers=headers,
                 data=data,
                 timeout=timeout,

@@ -36,6 +36,7 @@ _OUTCOMES = {2: "ok", 4: "client_error", 5: "server_error"}
 # No API answer the gateway reads is anywhere near this: a bigger one is a misbehaving upstream (or a proxy's
 # error page gone wrong) and is not read into memory.
 MAX_RESPONSE = 1 << 20
+_URLS_MAX = 256
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.WriteError, httpx.WriteTimeout)
 
 
@@ -81,6 +82,9 @@ class HttpClient:
         self._metrics: dict[tuple[str, str], Histogram] = {}
         # One per connection of the pool: a request holding one never waits inside the transport.
         self._connections = asyncio.Semaphore(max_connections)
+        # Each path's URL parsed once (httpx parses a string URL for every request); bounded, in case a path
+        # carries ids.
+        self._urls: dict[str, httpx.URL] = {}
 
     async def request(
         self,
@@ -129,14 +133,14 @@ class HttpClient:
         if isinstance(content, jsonbody.Body):
             request = httpx.Request(
                 method,
-                self.base_url + path,
+                self._url(path),
                 headers={**headers, "Content-Length": str(len(content))},
                 content=content.aiter(),
                 extensions={"timeout": limits, "body": content},
             )
         else:
             request = httpx.Request(
-                method, self.base_url + path, headers=headers, content=content, extensions={"timeout": limits}
+                method, self._url(path), headers=headers, content=content, extensions={"timeout": limits}
             )
         started = time.perf_counter()
         outcome = "answer_lost"
@@ -164,6 +168,14 @@ class HttpClient:
         return HttpResponse(
             status=response.status_code, body=body, headers={k.lower(): v for k, v in response.headers.items()}
         )
+
+    def _url(self, path: str) -> httpx.URL:
+        url = self._urls.get(path)
+        if url is None:
+            url = httpx.URL(self.base_url + path)
+            if len(self._urls) < _URLS_MAX:
+                self._urls[path] = url
+        return url
 
     @staticmethod
     def timeouts(seconds: float) -> dict[str, float]:
