@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import random
 import re
 import traceback
@@ -204,9 +205,7 @@ class GatewaySMTP(SMTP):
                 await super().push("250-ENHANCEDSTATUSCODES")
             # EHLO/HELO's 250 lines carry no enhanced code; their errors (501 ...) do.
             elif not (self._in_ehlo and status.startswith("250")) and not status.startswith(_LEAVE_ALONE):
-                if _UNKNOWN_COMMAND.match(status):
-                    status = "500 5.5.2 Command not recognized"
-                status = _ERROR_PREFIX.sub(lambda m: m.group(1), add_enhanced_code(status), count=1)
+                status = _with_code(status)
             self._observe(status)
         await super().push(status)  # type: ignore[type-var]
 
@@ -579,6 +578,15 @@ class GatewaySMTP(SMTP):
         # A bytearray, not bytes: the pipeline empties it once the message is parsed, so a large
         # message's raw copy is not held while its upstream call runs (docs/messages.md, memory).
         return content
+
+
+@functools.lru_cache(maxsize=512)
+def _with_code(status: str) -> str:
+    """A reply line as sent: an enhanced status code added, aiosmtpd's "Error: " prefix dropped. Remembered,
+    since most sessions send the same few lines."""
+    if _UNKNOWN_COMMAND.match(status):
+        status = "500 5.5.2 Command not recognized"
+    return _ERROR_PREFIX.sub(lambda m: m.group(1), add_enhanced_code(status), count=1)
 
 
 def _counted(verb: str, method: FunctionType) -> FunctionType:
