@@ -123,6 +123,27 @@ async def test_an_answer_is_an_answer_whatever_its_status(transport: str) -> Non
         assert response.status == 503 and response.json() == {}
 
 
+async def two_headers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await _read_request(reader)
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Request-ID: one\r\nWarning: a\r\nwarning: b\r\n\r\n{}")
+    await writer.drain()
+    writer.close()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_an_answers_headers_read_alike_over_both_transports(transport: str) -> None:
+    """Names lower-cased, a header sent twice as one value joined by ", " (aiohttp's path has no httpx
+    Response to do it)."""
+    async for port in _server(two_headers):
+        client = HttpClient(f"http://127.0.0.1:{port}", upstream="Test", account="t", timeout=2, transport=transport)  # type: ignore[arg-type]
+        try:
+            response = await client.request("send", "POST", "/send", headers={}, content=b"{}")
+        finally:
+            await client.aclose()
+        assert response.headers["x-request-id"] == "one"
+        assert response.headers["warning"] == "a, b"
+
+
 async def test_large_bodies_stream_in_slices_with_their_length() -> None:
     seen: list[int] = []
 

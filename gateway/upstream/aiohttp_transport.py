@@ -20,7 +20,7 @@ _MEMO_MAX = 256
 _SLICE = 256 * 1024
 
 
-async def _slices(body: bytes) -> AsyncIterator[bytes]:
+async def _slices(body: bytes | bytearray) -> AsyncIterator[bytes]:
     view = memoryview(body)
     for start in range(0, len(view), _SLICE):
         yield bytes(view[start : start + _SLICE])
@@ -75,21 +75,44 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         return url
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        timeout = self._timeout(request.extensions.get("timeout", {}))
         streamed = request.extensions.get("body")  # a jsonbody.Body: its pieces, sliced, without a copy
-        if streamed is not None:
-            data: AsyncIterator[bytes] | bytes | None = streamed.aiter()
+        status, headers, content = await self.exchange(
+            request.method,
+            str(request.url),
+            dict(request.headers),
+            streamed.aiter() if streamed is not None else request.content,
+            request.extensions.get("timeout", {}),
+            request,
+        )
+        return httpx.Response(status, headers=headers, content=content, request=request)
+
+    async def exchange(
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        body: bytes | AsyncIterator[bytes] | None,
+        timeouts: dict[str, float],
+        request: httpx.Request | None = None,
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
+        """One call without httpx's request and response objects (HttpClient's own path): the status, the
+        headers as sent (latin-1) and the body. Failures raise the same httpx errors as handle_async_request;
+        `request`: the one they name, if any."""
+        if isinstance(body, bytes | bytearray) and len(body) > _SLICE:
+            # Sliced, with its length: aiohttp would send an iterator's pieces chunked.
+            data: AsyncIterator[bytes] | bytes | bytearray | None = _slices(body)
+            headers = {**headers, "Content-Length": str(len(body))}
+        elif isinstance(body, bytes | bytearray):
+            data = body or None
         else:
-            body = request.content
-            data = _slices(body) if len(body) > _SLICE else (body or None)
-        headers = dict(request.headers)
+            data = body
         try:
             async with self._get_session().request(
-                request.method,
-                self._url(str(request.url)),
+                method,
+                self._url(url),
                 headers=headers,
                 data=data,
-                timeout=timeout,
+                timeout=self._timeout(timeouts),
                 allow_redirects=False,
             ) as response:
                 content = bytearray()
@@ -98,11 +121,10 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                     if len(content) > self._max_response:
                         # No API answer is this big: stop reading (a misbehaving upstream must not fill memory).
                         raise httpx.ReadError(f"answer larger than {self._max_response} bytes", request=request)
-                return httpx.Response(
+                return (
                     response.status,
-                    headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.raw_headers],
-                    content=bytes(content),
-                    request=request,
+                    [(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.raw_headers],
+                    bytes(content),
                 )
         except aiohttp.ConnectionTimeoutError as exc:  # connect / pool timeout: nothing was sent
             raise httpx.ConnectTimeout(str(exc) or "connect timeout", request=request) from exc
