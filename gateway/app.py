@@ -306,6 +306,11 @@ class App:
                 )
                 return False
             self._apply(plan, listeners, contexts, oauth)
+            # The replaced configuration was frozen with the rest at the start (run()): back within the
+            # collector's reach, its cycles collected, and what lives on frozen again.
+            gc.unfreeze()
+            gc.collect()
+            gc.freeze()
             CONFIG_RELOADS.labels(result="ok").inc()
             self.config_status.record("ok", plan=plan)
             log.info("config_reloaded", changed=plan.changed, restart_needed=plan.restart_needed)
