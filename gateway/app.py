@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import signal
 import ssl
 import time
@@ -306,6 +307,11 @@ class App:
                 )
                 return False
             self._apply(plan, listeners, contexts, oauth)
+            # The replaced configuration was frozen with the rest at the start (run()): back within the
+            # collector's reach, its cycles collected, and what lives on frozen again.
+            gc.unfreeze()
+            gc.collect()
+            gc.freeze()
             CONFIG_RELOADS.labels(result="ok").inc()
             self.config_status.record("ok", plan=plan)
             log.info("config_reloaded", changed=plan.changed, restart_needed=plan.restart_needed)
@@ -437,6 +443,9 @@ async def run(app: App, drain_timeout: float = 30.0, started: Callable[[App], No
     loop.add_signal_handler(signal.SIGHUP, app.request_reload)
     if started is not None:
         started(app)
+    # Everything alive now (modules, configuration, pools) lives as long as the process: out of the cyclic
+    # collector's generations, so its full collections walk only what sessions and messages allocate.
+    gc.freeze()
     # The bound ports (a port configured as 0 is any free one): what a supervisor or a test connects to.
     log.info("ready", listeners=app.ports, **({"http": app.operator.port} if app.operator else {}))
     try:

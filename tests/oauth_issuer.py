@@ -61,9 +61,18 @@ class Issuer:
         if publish:
             self.published.append(kid)
 
-    def token(self, kid: str = "k1", lifetime: float = 600, **claims: Any) -> str:
+    def token(self, kid: str = "k1", lifetime: float = 600, not_before: float = 0, **claims: Any) -> str:
+        """`lifetime` and `not_before`: seconds from now, read when the token is made (not when a test's
+        parameters are collected, minutes earlier in a long run)."""
         now = int(time.time())
-        body = {"iss": ISSUER, "aud": AUDIENCE, "iat": now, "nbf": now, "exp": now + int(lifetime), **claims}
+        body = {
+            "iss": ISSUER,
+            "aud": AUDIENCE,
+            "iat": now,
+            "nbf": now + int(not_before),
+            "exp": now + int(lifetime),
+            **claims,
+        }
         key = self.keys[kid]
         algorithm = "RS256" if isinstance(key, rsa.RSAPrivateKey) else "ES256"
         return jwt.encode(body, key, algorithm=algorithm, headers={"kid": kid})

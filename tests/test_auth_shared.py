@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import itertools
+import signal
 import smtplib
 import socket
 import subprocess
@@ -95,6 +96,10 @@ def test_serve_workers_share_the_lockout(tmp_path: Path) -> None:
         assert LOCKOUT <= checked <= LOCKOUT + 2, checked  # two workers: one guess each past it at most
         assert all(r.startswith(("535 5.7.8", "421 4.7.0")) and ENHANCED.match(r) for r in replies)
         assert len(events(log, "auth_lockout")) == 1
+        # Stopped as a service manager does: SIGKILL would leave the workers running, holding the port.
+        supervisor.send_signal(signal.SIGTERM)
+        assert supervisor.wait(30) == 0
+        supervisor = None
     finally:
         kill(supervisor)
         reserved.close()

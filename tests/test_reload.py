@@ -6,6 +6,8 @@ is named and kept. tests/test_hostile_serve.py sends the real SIGHUP to `serve`.
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -121,6 +123,30 @@ def test_a_changed_password_takes_effect_at_once(gateway: Running) -> None:
         client.cmd("EHLO changed.test")
         assert client.login().startswith("535 ")
         assert client.login(USER, "a-new-password").startswith("235 ")
+
+
+class _Node:
+    """An object in a reference cycle: only the cyclic collector frees it."""
+
+    def __init__(self) -> None:
+        self.itself = self
+
+
+def test_a_reload_lets_the_collector_free_what_was_frozen_at_the_start(gateway: Running) -> None:
+    """`serve` freezes what is alive once its listeners are up (gc.freeze); a reload replaces part of it, so
+    the collector must reach it again: a cycle that was frozen and is garbage now is freed by the reload."""
+    node = _Node()
+    freed = weakref.ref(node)
+    gc.freeze()  # what serve does once the listeners are up
+    try:
+        del node
+        gc.collect()
+        assert freed() is not None  # frozen: out of the collector's reach
+        assert reload_with(gateway, config_of(gateway))
+        assert freed() is None
+        assert gc.get_freeze_count() > 0  # what lives on is frozen again
+    finally:
+        gc.unfreeze()
 
 
 def test_invalid_configuration_is_refused_and_the_running_one_stays(gateway: Running) -> None:

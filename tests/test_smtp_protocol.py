@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import ssl
 from collections.abc import Callable
 
 import pytest
 
 from tests.harness import Running
-from tests.smtputil import ENHANCED, RECIPIENT, SENDER, RawClient, message
+from tests.smtputil import ENHANCED, RECIPIENT, SENDER, RawClient, insecure_context, message
 
 
 def ehlo_keywords(client: RawClient) -> list[str]:
@@ -29,6 +32,47 @@ def test_ehlo_advertises_extensions(gateway: Running, listener: str) -> None:
     for keyword in ("SIZE", "8BITMIME", "SMTPUTF8", "PIPELINING", "ENHANCEDSTATUSCODES", "AUTH"):
         assert keyword in keywords, keywords
     assert "STARTTLS" not in keywords
+
+
+def test_ehlo_reply_is_one_tls_record(gateway: Running) -> None:
+    """EHLO's lines go out in one write: over TLS one record, not one record (and one packet) per line."""
+    context = insecure_context()
+    context.maximum_version = ssl.TLSVersion.TLSv1_2  # no TLS 1.3 session tickets among the records
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing)
+    with socket.create_connection(("127.0.0.1", gateway.port("implicit")), timeout=10) as sock:
+
+        def exchange(until: bytes) -> bytes:
+            """Send what TLS has to send, then read raw records until the plaintext holds `until`."""
+            raw, text = b"", b""
+            while True:
+                if outgoing.pending:
+                    sock.sendall(outgoing.read())
+                with contextlib.suppress(ssl.SSLWantReadError):
+                    text += tls.read(65536)
+                    if until in text:
+                        return raw
+                    continue
+                chunk = sock.recv(65536)
+                assert chunk, "connection closed"
+                raw += chunk
+                incoming.write(chunk)
+
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                sock.sendall(outgoing.read())
+                incoming.write(sock.recv(65536))
+        exchange(b"\r\n")  # the greeting
+        tls.write(b"EHLO client.test\r\n")
+        raw = exchange(b"250 HELP\r\n")
+    records = []
+    while raw:
+        records.append(raw[0])
+        raw = raw[5 + int.from_bytes(raw[3:5], "big") :]
+    assert records == [23], records  # one application-data record
 
 
 def test_starttls_listener_offers_auth_only_after_tls(gateway: Running) -> None:

@@ -14,6 +14,7 @@ import pytest
 from gateway.core.errors import AnswerLost, UpstreamUnavailable
 from gateway.mime import jsonbody
 from gateway.upstream.client import HttpClient
+from gateway.upstream.response import HttpResponse
 
 Behaviour = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 TRANSPORTS = ["aiohttp", "httpx"]
@@ -92,6 +93,14 @@ async def _call(port: int, transport: str) -> None:
         await client.aclose()
 
 
+async def _answer(port: int, transport: str) -> HttpResponse:
+    client = HttpClient(f"http://127.0.0.1:{port}", upstream="Test", account="t", timeout=2, transport=transport)  # type: ignore[arg-type]
+    try:
+        return await client.request("send", "POST", "/send", headers={}, content=b"{}")
+    finally:
+        await client.aclose()
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_nothing_listening_is_not_sent(transport: str) -> None:
     with socket.socket() as s:  # a port held by this test, not listening: connections are refused
@@ -115,12 +124,25 @@ async def test_a_request_that_went_out_without_a_complete_answer_is_ambiguous(
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_an_answer_is_an_answer_whatever_its_status(transport: str) -> None:
     async for port in _server(answer):
-        client = HttpClient(f"http://127.0.0.1:{port}", upstream="Test", account="t", timeout=2, transport=transport)  # type: ignore[arg-type]
-        try:
-            response = await client.request("send", "POST", "/send", headers={}, content=b"{}")
-        finally:
-            await client.aclose()
+        response = await _answer(port, transport)
         assert response.status == 503 and response.json() == {}
+
+
+async def two_headers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await _read_request(reader)
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Request-ID: one\r\nWarning: a\r\nwarning: b\r\n\r\n{}")
+    await writer.drain()
+    writer.close()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_an_answers_headers_read_alike_over_both_transports(transport: str) -> None:
+    """Names lower-cased, a header sent twice as one value joined by ", " (aiohttp's path has no httpx
+    Response to do it)."""
+    async for port in _server(two_headers):
+        response = await _answer(port, transport)
+        assert response.headers["x-request-id"] == "one"
+        assert response.headers["warning"] == "a, b"
 
 
 async def test_large_bodies_stream_in_slices_with_their_length() -> None:

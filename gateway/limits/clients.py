@@ -9,6 +9,7 @@ process and instance on the queue.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 import time
@@ -32,16 +33,27 @@ AuthVerdict = Verdict  # what an AUTH attempt is told before its check (gateway.
 MAX_TRACKED_LOGINS = 100_000
 
 
+@functools.lru_cache(maxsize=4096)  # the same clients connect again and again: parsed once each
+def client_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A client's address (None: not an IP address); an IPv4 client seen by a dual-stack listener as
+    ::ffff:a.b.c.d is that IPv4 address."""
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+@functools.lru_cache(maxsize=4096)
 def client_key(ip: str) -> str:
     """What a per-IP limit counts: the IPv4 address, or the IPv6 /64 (one subscriber's LAN: anyone holding
     one has 2^64 addresses to rotate through)."""
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
+    address = client_ip(ip)
+    if address is None:
         return ip
     if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:  # a dual-stack listener's view of an IPv4 client
-            return str(address.ipv4_mapped)
         return str(ipaddress.IPv6Network((address, 64), strict=False))
     return str(address)
 

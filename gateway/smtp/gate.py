@@ -22,7 +22,7 @@ from typing import Any
 import structlog
 from aiosmtpd.proxy_protocol import get_proxy
 
-from gateway.limits.clients import LogSampler
+from gateway.limits.clients import LogSampler, client_ip
 from gateway.ops.metrics import CONNECTIONS_REFUSED
 
 log = structlog.get_logger("gateway.smtp")
@@ -38,13 +38,8 @@ Opener = Callable[[asyncio.BaseTransport, Any], "asyncio.BaseProtocol | None"]
 
 
 def in_networks(ip: str, networks: Sequence[Network]) -> bool:
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return any(address in network for network in networks)
+    address = client_ip(ip)
+    return address is not None and any(address in network for network in networks)
 
 
 class ProxiedTransport(asyncio.Transport):

@@ -7,7 +7,6 @@ import base64
 import binascii
 import hashlib
 import hmac
-import ipaddress
 import math
 import os
 from dataclasses import replace
@@ -23,7 +22,7 @@ from gateway.config import LimitsSettings, ListenerSettings
 from gateway.core import replies
 from gateway.core.errors import GatewayError
 from gateway.core.model import Origin, Principal
-from gateway.limits.clients import AuthTicket, Defenses, client_key
+from gateway.limits.clients import AuthTicket, Defenses, client_ip, client_key
 from gateway.ops.metrics import (
     AUTH,
     AUTH_DELAYED,
@@ -71,12 +70,9 @@ class GatewayHandler:
         if isinstance(session.auth_data, Principal):
             return session.auth_data
         if self._trusted and isinstance(session.peer, tuple):
-            try:
-                ip = ipaddress.ip_address(session.peer[0])
-            except ValueError:
+            ip = client_ip(session.peer[0])
+            if ip is None:
                 return None
-            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-                ip = ip.ipv4_mapped  # a dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d
             for network, login in self._trusted:  # most specific network first
                 if ip in network:
                     # Remembered for the session: MAIL, RCPT and DATA all ask (AUTH may still replace it).

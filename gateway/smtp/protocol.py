@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import random
 import re
 import traceback
@@ -97,6 +98,8 @@ class GatewaySMTP(SMTP):
         # Per session: aiosmtpd's own dict is a class attribute that every EHLO adds to.
         self.command_size_limits = collections.defaultdict(lambda: 512, AUTH=AUTH_LINE_LIMIT)
         self._in_ehlo = False
+        # EHLO's lines up to its last: sent together with it, one write (one TLS record) instead of one each.
+        self._ehlo_lines: list[str] = []
         self._draining = draining
         self._on_close = on_close
         self._tls = tls
@@ -197,17 +200,21 @@ class GatewaySMTP(SMTP):
     async def push(self, status: str | bytes) -> None:
         if isinstance(status, str):
             status = _UNPRINTABLE.sub("?", status)
+            if self._in_ehlo and status.startswith("250-"):
+                self._ehlo_lines.append(status)
+                return
             if self._in_ehlo and status == "250 HELP":
                 # aiosmtpd does not advertise these, though it handles pipelined commands and every
                 # reply here carries an enhanced code (RFC 2920, RFC 2034).
-                await super().push("250-PIPELINING")
-                await super().push("250-ENHANCEDSTATUSCODES")
+                self._ehlo_lines += ("250-PIPELINING", "250-ENHANCEDSTATUSCODES")
             # EHLO/HELO's 250 lines carry no enhanced code; their errors (501 ...) do.
             elif not (self._in_ehlo and status.startswith("250")) and not status.startswith(_LEAVE_ALONE):
-                if _UNKNOWN_COMMAND.match(status):
-                    status = "500 5.5.2 Command not recognized"
-                status = _ERROR_PREFIX.sub(lambda m: m.group(1), add_enhanced_code(status), count=1)
+                status = _with_code(status)
             self._observe(status)
+            if self._ehlo_lines:
+                self._ehlo_lines.append(status)
+                status = "\r\n".join(self._ehlo_lines)
+                self._ehlo_lines.clear()
         await super().push(status)  # type: ignore[type-var]
 
     def mark_logged(self) -> None:
@@ -290,6 +297,7 @@ class GatewaySMTP(SMTP):
             await super().smtp_EHLO(hostname)
         finally:
             self._in_ehlo = False
+            self._ehlo_lines.clear()  # an EHLO that failed half-way sends no half reply
 
     @syntax("HELO hostname")
     async def smtp_HELO(self, hostname: str) -> None:
@@ -579,6 +587,15 @@ class GatewaySMTP(SMTP):
         # A bytearray, not bytes: the pipeline empties it once the message is parsed, so a large
         # message's raw copy is not held while its upstream call runs (docs/messages.md, memory).
         return content
+
+
+@functools.lru_cache(maxsize=512)
+def _with_code(status: str) -> str:
+    """A reply line as sent: an enhanced status code added, aiosmtpd's "Error: " prefix dropped. Remembered,
+    since most sessions send the same few lines."""
+    if _UNKNOWN_COMMAND.match(status):
+        status = "500 5.5.2 Command not recognized"
+    return _ERROR_PREFIX.sub(lambda m: m.group(1), add_enhanced_code(status), count=1)
 
 
 def _counted(verb: str, method: FunctionType) -> FunctionType:

@@ -10,12 +10,17 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import httpx
+import yarl
+
+# Parsed URLs and timeouts kept for reuse: an upstream is called at a handful of URLs with one or two
+# timeouts, and aiohttp would otherwise parse the URL again for every call. Bounded, in case a URL carries ids.
+_MEMO_MAX = 256
 
 # Request bodies are streamed in slices of this size: no multi-megabyte single write, and no copy.
 _SLICE = 256 * 1024
 
 
-async def _slices(body: bytes) -> AsyncIterator[bytes]:
+async def _slices(body: bytes | bytearray) -> AsyncIterator[bytes]:
     view = memoryview(body)
     for start in range(0, len(view), _SLICE):
         yield bytes(view[start : start + _SLICE])
@@ -36,6 +41,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         self._max_response = max_response
         self._keepalive = keepalive_expiry
         self._session: aiohttp.ClientSession | None = None
+        self._urls: dict[str, yarl.URL] = {}
+        self._timeouts: dict[tuple[float | None, ...], aiohttp.ClientTimeout] = {}
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -45,28 +52,67 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             )
         return self._session
 
+    def _timeout(self, timeouts: dict[str, float]) -> aiohttp.ClientTimeout:
+        key = (timeouts.get("pool"), timeouts.get("connect"), timeouts.get("read"))
+        timeout = self._timeouts.get(key)
+        if timeout is None:
+            timeout = aiohttp.ClientTimeout(
+                total=None,
+                connect=key[0],  # waiting for a pooled connection, then connecting
+                sock_connect=key[1],
+                sock_read=key[2],
+            )
+            if len(self._timeouts) < _MEMO_MAX:
+                self._timeouts[key] = timeout
+        return timeout
+
+    def _url(self, text: str) -> yarl.URL:
+        url = self._urls.get(text)
+        if url is None:
+            url = yarl.URL(text)
+            if len(self._urls) < _MEMO_MAX:
+                self._urls[text] = url
+        return url
+
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        timeouts = request.extensions.get("timeout", {})
-        timeout = aiohttp.ClientTimeout(
-            total=None,
-            connect=timeouts.get("pool"),  # waiting for a pooled connection, then connecting
-            sock_connect=timeouts.get("connect"),
-            sock_read=timeouts.get("read"),
-        )
         streamed = request.extensions.get("body")  # a jsonbody.Body: its pieces, sliced, without a copy
-        if streamed is not None:
-            data: AsyncIterator[bytes] | bytes | None = streamed.aiter()
+        status, headers, content = await self.exchange(
+            request.method,
+            str(request.url),
+            dict(request.headers),
+            streamed.aiter() if streamed is not None else request.content,
+            request.extensions.get("timeout", {}),
+            request,
+        )
+        return httpx.Response(status, headers=headers, content=content, request=request)
+
+    async def exchange(
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        body: bytes | AsyncIterator[bytes] | None,
+        timeouts: dict[str, float],
+        request: httpx.Request | None = None,
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
+        """One call without httpx's request and response objects (HttpClient's own path): the status, the
+        headers as sent (latin-1) and the body. Failures raise the same httpx errors as handle_async_request;
+        `request`: the one they name, if any."""
+        if isinstance(body, bytes | bytearray) and len(body) > _SLICE:
+            # Sliced, with its length: aiohttp would send an iterator's pieces chunked.
+            data: AsyncIterator[bytes] | bytes | bytearray | None = _slices(body)
+            headers = {**headers, "Content-Length": str(len(body))}
+        elif isinstance(body, bytes | bytearray):
+            data = body or None
         else:
-            body = request.content
-            data = _slices(body) if len(body) > _SLICE else (body or None)
-        headers = dict(request.headers)
+            data = body
         try:
             async with self._get_session().request(
-                request.method,
-                str(request.url),
+                method,
+                self._url(url),
                 headers=headers,
                 data=data,
-                timeout=timeout,
+                timeout=self._timeout(timeouts),
                 allow_redirects=False,
             ) as response:
                 content = bytearray()
@@ -75,11 +121,10 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                     if len(content) > self._max_response:
                         # No API answer is this big: stop reading (a misbehaving upstream must not fill memory).
                         raise httpx.ReadError(f"answer larger than {self._max_response} bytes", request=request)
-                return httpx.Response(
+                return (
                     response.status,
-                    headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.raw_headers],
-                    content=bytes(content),
-                    request=request,
+                    [(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.raw_headers],
+                    bytes(content),
                 )
         except aiohttp.ConnectionTimeoutError as exc:  # connect / pool timeout: nothing was sent
             raise httpx.ConnectTimeout(str(exc) or "connect timeout", request=request) from exc

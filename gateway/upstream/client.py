@@ -36,6 +36,7 @@ _OUTCOMES = {2: "ok", 4: "client_error", 5: "server_error"}
 # No API answer the gateway reads is anywhere near this: a bigger one is a misbehaving upstream (or a proxy's
 # error page gone wrong) and is not read into memory.
 MAX_RESPONSE = 1 << 20
+_URLS_MAX = 256
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.WriteError, httpx.WriteTimeout)
 
 
@@ -81,6 +82,9 @@ class HttpClient:
         self._metrics: dict[tuple[str, str], Histogram] = {}
         # One per connection of the pool: a request holding one never waits inside the transport.
         self._connections = asyncio.Semaphore(max_connections)
+        # Each path's URL parsed once (httpx parses a string URL for every request); bounded, in case a path
+        # carries ids.
+        self._urls: dict[str, httpx.URL] = {}
 
     async def request(
         self,
@@ -127,25 +131,11 @@ class HttpClient:
         limits: dict[str, float],
     ) -> HttpResponse:
         if isinstance(content, jsonbody.Body):
-            request = httpx.Request(
-                method,
-                self.base_url + path,
-                headers={**headers, "Content-Length": str(len(content))},
-                content=content.aiter(),
-                extensions={"timeout": limits, "body": content},
-            )
-        else:
-            request = httpx.Request(
-                method, self.base_url + path, headers=headers, content=content, extensions={"timeout": limits}
-            )
+            headers = {**headers, "Content-Length": str(len(content))}
         started = time.perf_counter()
         outcome = "answer_lost"
         try:
-            response = await self._transport.handle_async_request(request)
-            try:
-                body = await _read_capped(response, MAX_RESPONSE)
-            finally:
-                await response.aclose()
+            status, answer_headers, body = await self._exchange(method, path, headers, content, limits)
         except _NOT_SENT as exc:
             outcome = "not_sent"
             raise UpstreamUnavailable(
@@ -158,12 +148,60 @@ class HttpClient:
                 f"{self.upstream} connection lost after the request was sent ({type(exc).__name__}: {exc})"
             ) from exc
         else:
-            outcome = _OUTCOMES.get(response.status_code // 100, "server_error")
+            outcome = _OUTCOMES.get(status // 100, "server_error")
         finally:
             self._observe(endpoint, outcome, time.perf_counter() - started)
-        return HttpResponse(
-            status=response.status_code, body=body, headers={k.lower(): v for k, v in response.headers.items()}
-        )
+        return HttpResponse(status=status, body=body, headers=answer_headers)
+
+    async def _exchange(
+        self,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        content: bytes | jsonbody.Body | None,
+        limits: dict[str, float],
+    ) -> tuple[int, dict[str, str], bytes]:
+        """The status, the answer's headers (names lower-cased, a header sent twice: its values joined by
+        ", ") and body. Over aiohttp without httpx's request and response objects, which only cost CPU there."""
+        if isinstance(self._transport, AiohttpTransport):
+            status, raw_headers, body = await self._transport.exchange(
+                method,
+                self.base_url + path,
+                headers,
+                content.aiter() if isinstance(content, jsonbody.Body) else content,
+                limits,
+            )
+            joined: dict[str, str] = {}
+            for name, value in raw_headers:
+                key = name.lower()
+                joined[key] = f"{joined[key]}, {value}" if key in joined else value
+            return status, joined, body
+        if isinstance(content, jsonbody.Body):
+            request = httpx.Request(
+                method,
+                self._url(path),
+                headers=headers,
+                content=content.aiter(),
+                extensions={"timeout": limits, "body": content},
+            )
+        else:
+            request = httpx.Request(
+                method, self._url(path), headers=headers, content=content, extensions={"timeout": limits}
+            )
+        response = await self._transport.handle_async_request(request)
+        try:
+            body = await _read_capped(response, MAX_RESPONSE)
+        finally:
+            await response.aclose()
+        return response.status_code, {k.lower(): v for k, v in response.headers.items()}, body
+
+    def _url(self, path: str) -> httpx.URL:
+        url = self._urls.get(path)
+        if url is None:
+            url = httpx.URL(self.base_url + path)
+            if len(self._urls) < _URLS_MAX:
+                self._urls[path] = url
+        return url
 
     @staticmethod
     def timeouts(seconds: float) -> dict[str, float]:

@@ -1,0 +1,89 @@
+"""Two versions of the gateway side by side: both started at once, their points taken in turn (A B, B A, ...)
+so that a drifting machine moves both alike; 5 KB messages by smtp-source, one per connection by default.
+
+    python bench/pairs.py BASE_TREE [--tree DIR] [--pairs 5] [--sessions 10] [--workers 1] [--mode per-connection]
+
+BASE_TREE (A) and --tree (B, default: this checkout) are source trees with a gateway/ package, e.g. an export of
+main (`git archive main | tar -x -C /tmp/main`); both run with this checkout's Python and packages. Prints each
+point's throughput and the gateway's CPU time per message (its process tree, every thread: on a shared
+machine it moves less than throughput does), and the medians of the B/A ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import genmsg
+from gateway_target import Gateway, check_cli
+from procmon import cpu_seconds, tree
+from run import PROFILES, measure_point, warm_up
+from servers import BENCH_DIR, RUN_DIR_PREFIX, claim, stop_stale
+
+
+def point(server: Gateway, args: argparse.Namespace) -> tuple[float, float]:
+    """msgs/s and CPU milliseconds per message of one point."""
+    pids = tree(server.rss_roots())
+    before = cpu_seconds(pids)
+    measured = measure_point(server, "gateway", "5KB", args.mode, args.sessions, PROFILES["full"])
+    used = cpu_seconds(pids) - before  # after settle(): every accepted message reached the sandbox
+    if measured.error:
+        raise SystemExit(f"point failed: {measured.error}")
+    return measured.msgs_per_s, 1e3 * used / max(measured.sent, 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("base", type=Path, help="A: the source tree to compare against")
+    parser.add_argument("--tree", type=Path, default=BENCH_DIR.parent, help="B: default, this checkout")
+    parser.add_argument("--pairs", type=int, default=5)
+    parser.add_argument("--sessions", type=int, default=10)
+    parser.add_argument("--workers", type=int, default=1, help="serve --workers")
+    parser.add_argument("--mode", choices=("persistent", "per-connection"), default="per-connection")
+    args = parser.parse_args(argv)
+    trees = [args.base.resolve(), args.tree.resolve()]
+    for source in trees:
+        if not (source / "gateway" / "__init__.py").exists():
+            parser.error(f"{source}: no gateway/ package")
+    genmsg.write_messages()
+    cmd = check_cli()
+    stop_stale()
+    # The workers run `python -m gateway`, which imports from the working directory first: not from here.
+    os.chdir(tempfile.gettempdir())
+    rates: list[list[float]] = [[], []]
+    cpu: list[list[float]] = [[], []]
+    with tempfile.TemporaryDirectory(prefix=RUN_DIR_PREFIX) as tmp, contextlib.ExitStack() as stack:
+        claim(Path(tmp))
+        servers = []
+        for index, source in enumerate(trees):
+            workdir = Path(tmp) / str(index)
+            workdir.mkdir()
+            server = Gateway(workdir, 0, cmd, [], workers=args.workers)
+            server.env["PYTHONPATH"] = str(source)  # before the console script's own install
+            stack.enter_context(server)
+            warm_up(server, PROFILES["full"], ["5KB"])
+            servers.append(server)
+        for n in range(args.pairs):
+            for index in (0, 1) if n % 2 == 0 else (1, 0):
+                rate, per_message = point(servers[index], args)
+                rates[index].append(rate)
+                cpu[index].append(per_message)
+                print(
+                    f"pair {n} {'AB'[index]} {rate:8.1f} msgs/s  cpu/msg {per_message:.3f} ms  "
+                    f"load {os.getloadavg()[0]:.2f}",
+                    flush=True,
+                )
+    throughput = [b / a for a, b in zip(rates[0], rates[1], strict=True)]
+    per_msg = [b / a for a, b in zip(cpu[0], cpu[1], strict=True)]
+    print(f"B/A throughput {statistics.median(throughput):.3f} (" + ", ".join(f"{r:.2f}" for r in throughput) + ")")
+    print(f"B/A CPU per message {statistics.median(per_msg):.3f} (" + ", ".join(f"{r:.2f}" for r in per_msg) + ")")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
