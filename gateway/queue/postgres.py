@@ -377,7 +377,7 @@ class PostgresQueue:
 
     async def next_due(self, accounts: Sequence[str]) -> float | None:
         async with self._tx() as conn:
-            row = await (await conn.execute(SQL.next_due(len(accounts)), POSTGRES.items(accounts))).fetchone()
+            row = await (await conn.execute(SQL.next_due(len(accounts)), 2 * POSTGRES.items(accounts))).fetchone()
         return None if row is None or row["t"] is None else float(row["t"])
 
     async def wake(self, account: str, now: float, limit: int | None = None) -> int:

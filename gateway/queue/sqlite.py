@@ -312,7 +312,7 @@ class SqliteQueue:
 
     async def next_due(self, accounts: Sequence[str]) -> float | None:
         def run() -> float | None:
-            row = self.db.execute(SQL.next_due(len(accounts)), SQLITE.items(accounts)).fetchone()
+            row = self.db.execute(SQL.next_due(len(accounts)), 2 * SQLITE.items(accounts)).fetchone()
             return None if row is None or row[0] is None else float(row[0])
 
         return await self._run(run)
