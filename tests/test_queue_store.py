@@ -312,7 +312,7 @@ class _Slot:
 
 async def _slot(store: QueueStore, interval: float, burst: int, recovery: float = 30.0) -> _Slot:
     asked = time.monotonic()
-    wait = await store.rate_slot("acme", interval, burst, recovery)
+    [wait] = await store.rate_slots("acme", 1, interval, burst, recovery)
     return _Slot(asked, time.monotonic(), wait)
 
 
@@ -327,7 +327,7 @@ async def test_shared_rate_limit_spaces_calls_across_instances(make_store: Facto
     for n in range(2, 6):
         assert slots[n].since(slots[0]) == pytest.approx((n - 1) * 0.1, abs=0.05 + slots[n].spread)
     await a.rate_pause("acme", 5.0, 30.0)  # a 429 with Retry-After: 5
-    assert await b.rate_slot("acme", 0.1, 2) >= 4.5
+    assert (await b.rate_slots("acme", 1, 0.1, 2))[0] >= 4.5
 
 
 async def test_shared_rate_limit_slows_down_after_a_429_as_the_local_bucket_does(make_store: Factory) -> None:
@@ -341,6 +341,26 @@ async def test_shared_rate_limit_slows_down_after_a_429_as_the_local_bucket_does
     assert slots[0].wait == pytest.approx(0, abs=0.05)
     for n in range(1, 4):
         assert slots[n].since(slots[0]) == pytest.approx(n * 0.2, abs=0.05 + slots[n].spread)
+
+
+async def test_slots_taken_together_are_spaced_as_one_by_one_and_a_pause_still_holds(make_store: Factory) -> None:
+    """One process's waiting callers take their slots in one transaction: spaced by the interval as if taken
+    one by one, the next caller (another instance's too) after them; a 429's pause and slower rate hold for
+    slots taken together as for one."""
+    a, b = make_store(), make_store()
+    await a.open()
+    await b.open()
+    asked = time.monotonic()
+    waits = await a.rate_slots("acme", 4, 0.1, 2)
+    spread = time.monotonic() - asked
+    assert waits[:2] == [0.0, 0.0]  # the burst
+    assert waits[2:] == pytest.approx([0.1, 0.2], abs=1e-6)  # one database clock reading: exact spacing
+    [after] = await b.rate_slots("acme", 1, 0.1, 2)
+    assert after == pytest.approx(0.3, abs=0.05 + spread + (time.monotonic() - asked))
+    await b.rate_pause("acme", 5.0, 3600.0)  # a 429 with Retry-After: 5; recovery over an hour
+    paused = await a.rate_slots("acme", 3, 0.1, 1, 3600.0)
+    assert paused[0] >= 4.5
+    assert [later - paused[0] for later in paused[1:]] == pytest.approx([0.2, 0.4], abs=1e-6)  # the halved rate
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])

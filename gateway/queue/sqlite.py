@@ -329,8 +329,10 @@ class SqliteQueue:
 
     # -- shared rate limits ---------------------------------------------------------------------------
 
-    async def rate_slot(self, account: str, interval: float, burst: int, recovery: float = 30.0) -> float:
-        return await self._rate.slot(account, interval, burst, recovery)
+    async def rate_slots(
+        self, account: str, count: int, interval: float, burst: int, recovery: float = 30.0
+    ) -> list[float]:
+        return await self._rate.slots(account, count, interval, burst, recovery)
 
     async def rate_pause(self, account: str, seconds: float, slow_for: float) -> None:
         await self._rate.pause(account, seconds, slow_for)
