@@ -197,7 +197,8 @@ class Statements:
     def next_due(self, n: int) -> str:
         """When the first of `n` accounts' messages is due (its parameters: the accounts, twice). One part per
         state, so each reads its partial index (messages_due, messages_lease) and not every row of the table:
-        the worker asks after every attempt for each account with room, however deep the others' backlogs."""
+        the worker asks after every attempt for each account with room, however deep the others' backlogs
+        (docs/development/benchmarks.md has the figures)."""
         d = self.dialect
         return d(
             "SELECT MIN(t) AS t FROM ("

@@ -115,7 +115,8 @@ class SharedBucket:
 
     This process's callers share their trips to the store: those that ask while one is under way are served
     together by the next, which takes as many slots as they are in one transaction. A deep backlog then costs
-    one transaction per batch of calls, not one per call queued behind the others on the account's row."""
+    one transaction per batch of calls, not one per call queued behind the others on the account's row
+    (docs/development/benchmarks.md has the figures)."""
 
     def __init__(
         self, slots: SlotsFn, pause: PauseFn, rate: float, burst: int, *, account: str, recovery: float = 30.0
