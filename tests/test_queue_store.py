@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from gateway.core import quota
@@ -21,6 +22,7 @@ from gateway.core.outcome import Outcome
 from gateway.delivery import transition
 from gateway.queue import codec
 from gateway.queue.postgres import PostgresQueue
+from gateway.queue.sql import FOR_POSTGRES, FOR_SQLITE, POSTGRES
 from gateway.queue.sqlite import SqliteQueue
 from gateway.queue.sqlite_schema import LATEST, V1
 from gateway.queue.store import QueueStore
@@ -310,7 +312,7 @@ class _Slot:
 
 async def _slot(store: QueueStore, interval: float, burst: int, recovery: float = 30.0) -> _Slot:
     asked = time.monotonic()
-    wait = await store.rate_slot("acme", interval, burst, recovery)
+    [wait] = await store.rate_slots("acme", 1, interval, burst, recovery)
     return _Slot(asked, time.monotonic(), wait)
 
 
@@ -325,7 +327,7 @@ async def test_shared_rate_limit_spaces_calls_across_instances(make_store: Facto
     for n in range(2, 6):
         assert slots[n].since(slots[0]) == pytest.approx((n - 1) * 0.1, abs=0.05 + slots[n].spread)
     await a.rate_pause("acme", 5.0, 30.0)  # a 429 with Retry-After: 5
-    assert await b.rate_slot("acme", 0.1, 2) >= 4.5
+    assert (await b.rate_slots("acme", 1, 0.1, 2))[0] >= 4.5
 
 
 async def test_shared_rate_limit_slows_down_after_a_429_as_the_local_bucket_does(make_store: Factory) -> None:
@@ -339,6 +341,54 @@ async def test_shared_rate_limit_slows_down_after_a_429_as_the_local_bucket_does
     assert slots[0].wait == pytest.approx(0, abs=0.05)
     for n in range(1, 4):
         assert slots[n].since(slots[0]) == pytest.approx(n * 0.2, abs=0.05 + slots[n].spread)
+
+
+async def test_slots_taken_together_are_spaced_as_one_by_one_and_a_pause_still_holds(make_store: Factory) -> None:
+    """One process's waiting callers take their slots in one transaction: spaced by the interval as if taken
+    one by one, the next caller (another instance's too) after them; a 429's pause and slower rate hold for
+    slots taken together as for one."""
+    a, b = make_store(), make_store()
+    await a.open()
+    await b.open()
+    asked = time.monotonic()
+    waits = await a.rate_slots("acme", 4, 0.1, 2)
+    spread = time.monotonic() - asked
+    assert waits[:2] == [0.0, 0.0]  # the burst
+    assert waits[2:] == pytest.approx([0.1, 0.2], abs=1e-6)  # one database clock reading: exact spacing
+    [after] = await b.rate_slots("acme", 1, 0.1, 2)
+    assert after == pytest.approx(0.3, abs=0.05 + spread + (time.monotonic() - asked))
+    await b.rate_pause("acme", 5.0, 3600.0)  # a 429 with Retry-After: 5; recovery over an hour
+    paused = await a.rate_slots("acme", 3, 0.1, 1, 3600.0)
+    assert paused[0] >= 4.5
+    assert [later - paused[0] for later in paused[1:]] == pytest.approx([0.2, 0.4], abs=1e-6)  # the halved rate
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+async def test_next_due_reads_the_due_indexes_not_the_whole_queue(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """The retry worker asks when the next message is due after every attempt, for each account with room:
+    the answer comes from the partial indexes of queued and in-flight messages, never from a scan of every
+    row (the other accounts' backlogs and the dead ones too)."""
+    query = "EXPLAIN " + ("QUERY PLAN " if backend == "sqlite" else "")
+    if backend == "sqlite":
+        path = tmp_path / "queue.sqlite3"
+        store = SqliteQueue(path)
+        await store.open()
+        await store.close()
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            plan = [row[3] for row in db.execute(query + FOR_SQLITE.next_due(2), ("a", "b") * 2)]
+        assert not any(step.startswith("SCAN messages") for step in plan), plan
+        return
+    url = request.getfixturevalue("pg_cluster").new_database()
+    store = PostgresQueue(url)
+    await store.open()
+    await store.close()
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        await conn.execute("SET enable_seqscan = off")  # so a plan that can only scan the table shows one
+        cursor = await conn.execute(query + FOR_POSTGRES.next_due(2), 2 * POSTGRES.items(["a", "b"]))
+        plan = [row[0] for row in await cursor.fetchall()]
+    assert not any("Seq Scan" in step for step in plan), plan
 
 
 async def test_quota_counts_are_shared_and_never_go_past_a_limit(make_store: Factory) -> None:

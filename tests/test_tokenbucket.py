@@ -13,7 +13,7 @@ import pytest
 
 from gateway.config import LimitsSettings
 from gateway.core import tokenbucket
-from gateway.core.errors import RateLimited
+from gateway.core.errors import RateLimited, SpoolUnavailable
 from gateway.limits.clients import LoginRates
 from gateway.upstream.ratelimit import SharedBucket, TokenBucket
 
@@ -61,6 +61,14 @@ def test_after_a_429_the_interval_doubles_and_recovers_linearly() -> None:
     assert tokenbucket.slowed(1.0, 1000.0, 0.0, 30.0) == 1.0  # never slowed
 
 
+def test_slots_taken_at_once_are_those_taken_one_by_one() -> None:
+    many = tokenbucket.take_many(1001.0, 1000.0, 0.5, 3, 4)
+    assert many.waits == (0.0, 0.5, 1.0, 1.5)
+    assert many.tat == 1003.0  # the next caller after the four
+    assert list(many.waits) == waits(1001.0, 1000.0, 0.5, 3, 4)
+    assert tokenbucket.take_many(tokenbucket.NEW, 1000.0, 0.5, 3, 0) == tokenbucket.Slots((), tokenbucket.NEW)
+
+
 def test_upstream_bucket_and_login_rates_answer_alike() -> None:
     """60 a minute with a burst of 3: both let three through, then ask for a second's wait."""
     clock = Clock()
@@ -106,13 +114,50 @@ async def test_slots_reserved_before_a_pause_are_not_spent_after_it(shared: bool
     assert sum(gap < 0.08 for gap in gaps) <= 1, gaps
 
 
-def _slots(bucket: TokenBucket) -> Callable[[str, float, int, float], Awaitable[float]]:
+async def test_callers_waiting_together_share_one_trip_to_the_store() -> None:
+    """Callers that ask while the store is busy with another's slot are served together by the next trip,
+    which takes all their slots at once: one trip per batch, not per caller, and each caller a slot of its
+    own; when that trip finds the store unreachable, every caller of the batch falls back to the local bucket."""
+    own = TokenBucket(1000.0, 1, clock=Clock())  # the store's bucket, its clock stopped
+    trips: list[int] = []
+    handed: list[float] = []
+    first_trip, store_answers = asyncio.Event(), asyncio.Event()
+    fail = False
+
+    async def slots(account: str, count: int, interval: float, burst: int, recovery: float) -> list[float]:
+        trips.append(count)
+        if len(trips) == 1:
+            first_trip.set()
+            await store_answers.wait()
+        if fail:
+            raise SpoolUnavailable("queue: down")
+        waits = [own.reserve() for _ in range(count)]
+        handed.extend(waits)
+        return waits
+
+    limiter = SharedBucket(slots, _no_pause, 1000.0, 1, account="acme")
+    first = asyncio.ensure_future(limiter.acquire())
+    await first_trip.wait()
+    rest = [asyncio.ensure_future(limiter.acquire()) for _ in range(7)]
+    await asyncio.sleep(0)  # one turn of the loop: each of the seven asks (and waits) for its slot
+    store_answers.set()
+    await asyncio.gather(first, *rest)
+    assert trips == [1, 7]
+    assert handed == pytest.approx([n / 1000 for n in range(8)])  # eight slots, one per caller, in order
+
+    fail = True
+    trips.clear()
+    await asyncio.gather(*(limiter.acquire() for _ in range(3)))  # none left waiting for an answer
+    assert sum(trips) == 3
+
+
+def _slots(bucket: TokenBucket) -> Callable[[str, int, float, int, float], Awaitable[list[float]]]:
     """The shared store's answer, from an in-process bucket (the queue's rows are tested in test_queue_store)."""
 
-    async def slot(account: str, interval: float, burst: int, recovery: float) -> float:
-        return bucket.reserve()
+    async def slots(account: str, count: int, interval: float, burst: int, recovery: float) -> list[float]:
+        return [bucket.reserve() for _ in range(count)]
 
-    return slot
+    return slots
 
 
 async def _no_pause(account: str, seconds: float, slow_for: float) -> None:

@@ -26,6 +26,22 @@ def take(tat: float, now: float, interval: float, burst: int) -> Slot:
     return Slot(wait=max(0.0, due - (burst - 1) * interval - now), tat=due + interval)
 
 
+@dataclass(frozen=True, slots=True)
+class Slots:
+    waits: tuple[float, ...]  # each slot's seconds from now, in the order taken
+    tat: float  # the bucket's `tat` once they are all taken
+
+
+def take_many(tat: float, now: float, interval: float, burst: int, count: int) -> Slots:
+    """The next `count` slots at once: the same as `count` calls of `take` at the same moment."""
+    waits = []
+    for _ in range(count):
+        slot = take(tat, now, interval, burst)
+        waits.append(slot.wait)
+        tat = slot.tat
+    return Slots(tuple(waits), tat)
+
+
 def paused(tat: float, now: float, seconds: float) -> float:
     """The `tat` that gives no slot for `seconds` from now (an upstream's Retry-After)."""
     return max(tat, now + seconds)

@@ -63,7 +63,7 @@ def limiter_for(name: str, account: AccountBase, store: QueueStore | None = None
         return Unlimited()
     if store is None:
         return TokenBucket(account.rate_limit, account.rate_burst, account=name)
-    return SharedBucket(store.rate_slot, store.rate_pause, account.rate_limit, account.rate_burst, account=name)
+    return SharedBucket(store.rate_slots, store.rate_pause, account.rate_limit, account.rate_burst, account=name)
 
 
 def build(

@@ -377,7 +377,7 @@ class PostgresQueue:
 
     async def next_due(self, accounts: Sequence[str]) -> float | None:
         async with self._tx() as conn:
-            row = await (await conn.execute(SQL.next_due(len(accounts)), POSTGRES.items(accounts))).fetchone()
+            row = await (await conn.execute(SQL.next_due(len(accounts)), 2 * POSTGRES.items(accounts))).fetchone()
         return None if row is None or row["t"] is None else float(row["t"])
 
     async def wake(self, account: str, now: float, limit: int | None = None) -> int:
@@ -409,14 +409,17 @@ class PostgresQueue:
 
     # -- shared rate limits ---------------------------------------------------------------------------
 
-    async def rate_slot(self, account: str, interval: float, burst: int, recovery: float = 30.0) -> float:
-        """Take the account's next call slot (one row per account, the database's clock); returns the seconds
-        to wait for it."""
+    async def rate_slots(
+        self, account: str, count: int, interval: float, burst: int, recovery: float = 30.0
+    ) -> list[float]:
+        """Take the account's next `count` call slots (one row per account, the database's clock); returns the
+        seconds to wait for each."""
         async with self._tx() as conn:
             tat, slow_until, now = await self._rate_row(conn, account)
-            slot = tokenbucket.take(tat, now, tokenbucket.slowed(interval, now, slow_until, recovery), burst)
-            await conn.execute(SQL.rate_write, (slot.tat, slow_until, account))
-        return slot.wait
+            slowed = tokenbucket.slowed(interval, now, slow_until, recovery)
+            slots = tokenbucket.take_many(tat, now, slowed, burst, count)
+            await conn.execute(SQL.rate_write, (slots.tat, slow_until, account))
+        return list(slots.waits)
 
     async def rate_pause(self, account: str, seconds: float, slow_for: float) -> None:
         """The upstream said 429: no slot for `seconds`, and a slower rate for `slow_for` seconds."""

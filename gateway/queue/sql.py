@@ -195,10 +195,17 @@ class Statements:
         return d(f"SELECT msg_id, n, data FROM blobs WHERE msg_id{d.among(n)} ORDER BY msg_id, n, seq")
 
     def next_due(self, n: int) -> str:
+        """When the first of `n` accounts' messages is due (its parameters: the accounts, twice). One part per
+        state, so each reads its partial index (messages_due, messages_lease) and not every row of the table:
+        the worker asks after every attempt for each account with room, however deep the others' backlogs
+        (docs/development/benchmarks.md has the figures)."""
         d = self.dialect
         return d(
-            "SELECT MIN(CASE state WHEN 'queued' THEN next_attempt ELSE COALESCE(lease_until, 0) END) AS t"
-            f" FROM messages WHERE state IN ('queued', 'inflight') AND account{d.among(n)}"
+            "SELECT MIN(t) AS t FROM ("
+            f"SELECT MIN(next_attempt) AS t FROM messages WHERE state='queued' AND account{d.among(n)}"
+            " UNION ALL"
+            f" SELECT MIN(COALESCE(lease_until, 0)) FROM messages WHERE state='inflight' AND account{d.among(n)}"
+            ") AS due"
         )
 
     def listing(self, n: int) -> str:

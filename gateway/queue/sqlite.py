@@ -312,7 +312,7 @@ class SqliteQueue:
 
     async def next_due(self, accounts: Sequence[str]) -> float | None:
         def run() -> float | None:
-            row = self.db.execute(SQL.next_due(len(accounts)), SQLITE.items(accounts)).fetchone()
+            row = self.db.execute(SQL.next_due(len(accounts)), 2 * SQLITE.items(accounts)).fetchone()
             return None if row is None or row[0] is None else float(row[0])
 
         return await self._run(run)
@@ -329,8 +329,10 @@ class SqliteQueue:
 
     # -- shared rate limits ---------------------------------------------------------------------------
 
-    async def rate_slot(self, account: str, interval: float, burst: int, recovery: float = 30.0) -> float:
-        return await self._rate.slot(account, interval, burst, recovery)
+    async def rate_slots(
+        self, account: str, count: int, interval: float, burst: int, recovery: float = 30.0
+    ) -> list[float]:
+        return await self._rate.slots(account, count, interval, burst, recovery)
 
     async def rate_pause(self, account: str, seconds: float, slow_for: float) -> None:
         await self._rate.pause(account, seconds, slow_for)

@@ -69,13 +69,14 @@ class RateFile:
         except (sqlite3.Error, OSError) as exc:
             raise SpoolUnavailable(f"rate limit file {self.path}: {type(exc).__name__}: {exc}") from exc
 
-    async def slot(self, account: str, interval: float, burst: int, recovery: float) -> float:
-        def run() -> float:
+    async def slots(self, account: str, count: int, interval: float, burst: int, recovery: float) -> list[float]:
+        def run() -> list[float]:
             with self._tx() as db:
                 tat, slow_until, now = self._row(db, account)
-                slot = tokenbucket.take(tat, now, tokenbucket.slowed(interval, now, slow_until, recovery), burst)
-                db.execute(SQL.rate_write, (slot.tat, slow_until, account))
-            return slot.wait
+                slowed = tokenbucket.slowed(interval, now, slow_until, recovery)
+                slots = tokenbucket.take_many(tat, now, slowed, burst, count)
+                db.execute(SQL.rate_write, (slots.tat, slow_until, account))
+            return list(slots.waits)
 
         return await self._run(run)
 

@@ -136,15 +136,17 @@ class QueueStore(Protocol):
 
     # -- rate limits shared by every instance on this queue ---------------------------------------------
 
-    async def rate_slot(self, account: str, interval: float, burst: int, recovery: float = 30.0) -> float:
-        """Take `account`'s next call slot of a token bucket (gateway.core.tokenbucket: one call per
-        `interval`, `burst` at once, the interval stretched for `recovery` seconds after a 429); returns
-        the seconds to wait for it."""
+    async def rate_slots(
+        self, account: str, count: int, interval: float, burst: int, recovery: float = 30.0
+    ) -> list[float]:
+        """Take `account`'s next `count` call slots of a token bucket at once (gateway.core.tokenbucket: one
+        call per `interval`, `burst` at once, the interval stretched for `recovery` seconds after a 429);
+        returns the seconds to wait for each, in order."""
         ...
 
     async def rate_pause(self, account: str, seconds: float, slow_for: float) -> None:
         """No slot for `seconds` (the upstream's Retry-After), then a slower rate for `slow_for` seconds
-        (half at first, recovering linearly: give rate_slot the same `recovery`)."""
+        (half at first, recovering linearly: give rate_slots the same `recovery`)."""
         ...
 
     # -- AUTH counts shared by every process and instance on this queue ----------------------------------

@@ -104,30 +104,37 @@ class TokenBucket:
         self._slow_until = now + self._recovery
 
 
-SlotFn = Callable[[str, float, int, float], Awaitable[float]]
+SlotsFn = Callable[[str, int, float, int, float], Awaitable[list[float]]]
 PauseFn = Callable[[str, float, float], Awaitable[None]]
 
 
 class SharedBucket:
     """One bucket for every process and instance on the same queue: the queue store keeps its state
     (a row per account), so N instances together stay under the upstream's limit. When the store
-    cannot be reached, this process falls back to its own bucket rather than stop sending."""
+    cannot be reached, this process falls back to its own bucket rather than stop sending.
+
+    This process's callers share their trips to the store: those that ask while one is under way are served
+    together by the next, which takes as many slots as they are in one transaction. A deep backlog then costs
+    one transaction per batch of calls, not one per call queued behind the others on the account's row
+    (docs/development/benchmarks.md has the figures)."""
 
     def __init__(
-        self, slot: SlotFn, pause: PauseFn, rate: float, burst: int, *, account: str, recovery: float = 30.0
+        self, slots: SlotsFn, pause: PauseFn, rate: float, burst: int, *, account: str, recovery: float = 30.0
     ) -> None:
-        self._slot, self._pause = slot, pause
+        self._slots, self._pause = slots, pause
         self._interval, self._burst = 1.0 / rate, burst
         self._account = account
         self._recovery = recovery
         self._local = TokenBucket(rate, burst, account=account, recovery=recovery)
         self._wait_metric = RATE_LIMIT_WAIT.labels(account=account)
         self._degraded = Episode()  # the store cannot be reached: this process's own bucket serves
+        self._waiting: list[asyncio.Future[float]] = []  # callers for the next trip to the store
+        self._taker: asyncio.Task[None] | None = None  # the trips under way while callers wait
 
     async def acquire(self, max_wait: float | None = None) -> None:
         while True:
             try:
-                wait = await self._slot(self._account, self._interval, self._burst, self._recovery)
+                wait = await self._slot()
             except Deferred as exc:
                 self._unavailable(exc)
                 await self._local.acquire(max_wait)
@@ -137,6 +144,36 @@ class SharedBucket:
             self._wait_metric.observe(wait)
             if await reached(wait, lateness_allowed(self._interval)):
                 return
+
+    async def _slot(self) -> float:
+        """This caller's slot from the store: the seconds to wait for it."""
+        waiter: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self._waiting.append(waiter)
+        if self._taker is None or self._taker.done():
+            self._taker = asyncio.create_task(self._take_for_waiting(), name=f"rate-slots-{self._account}")
+        return await waiter
+
+    async def _take_for_waiting(self) -> None:
+        """Trips to the store until no caller waits, each for the callers that came during the one before."""
+        while self._waiting:
+            batch = [waiter for waiter in self._waiting if not waiter.done()]  # a cancelled caller takes no slot
+            self._waiting = []
+            if not batch:
+                continue
+            try:
+                waits = await self._slots(self._account, len(batch), self._interval, self._burst, self._recovery)
+            except Exception as exc:  # each caller meets it as its own call's (Deferred: its local bucket)
+                for waiter in batch:
+                    if not waiter.done():
+                        waiter.set_exception(exc)
+                continue
+            except BaseException:  # cancelled (the loop shuts down): so are the callers
+                for waiter in batch + self._waiting:
+                    waiter.cancel()
+                raise
+            for waiter, wait in zip(batch, waits, strict=True):
+                if not waiter.done():
+                    waiter.set_result(wait)
 
     async def penalize(self, retry_after: float | None) -> None:
         await self._local.penalize(retry_after)
