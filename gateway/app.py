@@ -118,9 +118,24 @@ class App:
     _background: set[asyncio.Task[None]] = field(default_factory=set)
     _retired: list[Provider] = field(default_factory=list)
     _reloading: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # run() froze what was alive at the start (gc.freeze): only then does a reload touch the collector. An App
+    # started inside another program (the tests) leaves that program's collector alone.
+    _frozen: bool = False
 
     def __post_init__(self) -> None:
         self.lockouts = LocalLockouts(self._guards)
+
+    def freeze(self) -> None:
+        """Everything alive now (modules, configuration, pools) lives as long as the process: out of the cyclic
+        collector's generations, so its full collections walk only what sessions and messages allocate. For
+        the program that owns the process (run()); a reload then refreezes what lives on."""
+        gc.freeze()
+        self._frozen = True
+
+    def thaw(self) -> None:
+        """Undo freeze(): every object back within the collector's reach, and reloads leave it alone."""
+        gc.unfreeze()
+        self._frozen = False
 
     def _guards(self) -> list[tuple[str, AuthGuard]]:
         """The per-IP AUTH throttles of this process, by what they guard."""
@@ -307,11 +322,12 @@ class App:
                 )
                 return False
             self._apply(plan, listeners, contexts, oauth)
-            # The replaced configuration was frozen with the rest at the start (run()): back within the
-            # collector's reach, its cycles collected, and what lives on frozen again.
-            gc.unfreeze()
-            gc.collect()
-            gc.freeze()
+            if self._frozen:
+                # The replaced configuration was frozen with the rest at the start: back within the
+                # collector's reach, its cycles collected, and what lives on frozen again.
+                gc.unfreeze()
+                gc.collect()
+                gc.freeze()
             CONFIG_RELOADS.labels(result="ok").inc()
             self.config_status.record("ok", plan=plan)
             log.info("config_reloaded", changed=plan.changed, restart_needed=plan.restart_needed)
@@ -443,9 +459,7 @@ async def run(app: App, drain_timeout: float = 30.0, started: Callable[[App], No
     loop.add_signal_handler(signal.SIGHUP, app.request_reload)
     if started is not None:
         started(app)
-    # Everything alive now (modules, configuration, pools) lives as long as the process: out of the cyclic
-    # collector's generations, so its full collections walk only what sessions and messages allocate.
-    gc.freeze()
+    app.freeze()
     # The bound ports (a port configured as 0 is any free one): what a supervisor or a test connects to.
     log.info("ready", listeners=app.ports, **({"http": app.operator.port} if app.operator else {}))
     try:
