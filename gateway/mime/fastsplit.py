@@ -7,6 +7,8 @@ from email.errors import MessageError
 from email.message import Message as EmailMessage
 from email.policy import Compat32
 
+from gateway.mime import headers
+
 # The stdlib's feed parser (gateway/mime/parser.py) reads a message a line at a time and matches every line
 # against the boundary of every enclosing multipart; for ordinary mail that is most of the time parse()
 # takes. This builds the same tree (the same email.message.Message objects, headers, payloads, preambles
@@ -78,11 +80,11 @@ class _Split:
         """Sets the header fields from `start` on; returns where the body starts (after the empty line)."""
         text = self.text
         at = start
-        headers = msg._headers  # type: ignore[attr-defined]
+        fields = msg._headers  # type: ignore[attr-defined]
         while (field := _FIELD.match(text, at, end)) is not None:
             # As Compat32.header_source_parse: the value's lines as they are, but the first one's leading
             # blanks and the last one's line end (set_raw appends, as the parser's own call does).
-            headers.append((field.group(1), field.group(2).lstrip(" \t").rstrip("\r\n")))
+            fields.append((field.group(1), field.group(2).lstrip(" \t").rstrip("\r\n")))
             at = field.end()
         # Anything but an empty line here (a continuation line first, a Unix From line, a line without a
         # name or a colon, the end of the part) the parser reads otherwise.
@@ -101,7 +103,7 @@ class _Split:
         if msg.get_content_type() == "multipart/digest":
             raise _Decline  # its parts' default type is message/rfc822
         try:
-            boundary = msg.get_boundary()
+            boundary = headers.boundary(msg)
         except (MessageError, TypeError):
             raise _Decline from None  # the parser raises, or records what it makes of it
         if boundary is None:
