@@ -68,8 +68,10 @@ class _Split:
         if parent is not None:
             parent.attach(msg)
         body = self.headers(msg, start, end)
-        maintype = msg.get_content_maintype()
-        if maintype == "multipart":
+        ctype = msg.get_content_type()
+        if ctype.startswith("multipart/"):  # as get_content_maintype()
+            if ctype == "multipart/digest":
+                raise _Decline  # its parts' default type is message/rfc822
             self.multipart(msg, body, end, depth)
         else:
             # message/* too: the parser reads an attached message's text as its payload, unparsed.
@@ -100,8 +102,6 @@ class _Split:
         return body
 
     def multipart(self, msg: EmailMessage, body: int, end: int, depth: int) -> None:
-        if msg.get_content_type() == "multipart/digest":
-            raise _Decline  # its parts' default type is message/rfc822
         try:
             boundary = headers.boundary(msg)
         except (MessageError, TypeError):
@@ -124,13 +124,14 @@ class _Split:
             if found is not None and found[0] == start:
                 raise _Decline  # the parser skips delimiter lines that follow each other
             child = self.part(start, end if found is None else found[0], depth + 1, msg)
-            if child.get_content_maintype() == "multipart":
+            payload = child._payload  # type: ignore[attr-defined]
+            if isinstance(payload, list):  # a multipart: this module declines one without parts
                 if child.epilogue == "":
                     child.epilogue = None
                 elif child.epilogue is not None:
                     child.epilogue = _without_eol(child.epilogue)
             else:
-                child.set_payload(_without_eol(child._payload))  # type: ignore[attr-defined]
+                child.set_payload(_without_eol(payload))
             if found is None:
                 return  # no close delimiter: the epilogue stays None, as the parser leaves it
             if found[2]:
