@@ -248,3 +248,11 @@ def test_header_parameters_read_as_the_stdlib_reads_them(values: list[str], para
         assert ours == _stdlib_or_error(part.get_param, param, None, header)
     assert _stdlib_or_error(headers.content_charset, part) == _stdlib_or_error(part.get_content_charset)
     assert _stdlib_or_error(headers.boundary, part) == _stdlib_or_error(part.get_boundary)
+
+
+def test_the_fast_paths_caps_keep_within_the_parsers_limits() -> None:
+    """A message the fast path takes is one the bounded parser would not refuse for its size or shape."""
+    assert fastsplit.MAX_SIZE * fastsplit.MAX_DEPTH <= parser.MAX_NESTING_WORK  # line ends <= bytes
+    assert fastsplit.MAX_DEPTH <= parser.MAX_DEPTH
+    assert fastsplit.MAX_PARTS <= parser.MAX_PARTS
+    assert fastsplit.MAX_HEADER_LINES <= parser.MAX_HEADER_LINES

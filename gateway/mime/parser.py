@@ -121,13 +121,19 @@ def _lifted_tree(lifted: largeparts.Lifted, fast: bool) -> tuple[EmailMessage, M
 
 
 def _parse_tree(raw: bytes | bytearray, line_ends: int | None = None, fast: bool = True) -> EmailMessage:
+    # The same tree, found faster where the message is plainly well-formed and far enough from the limits
+    # that the bounded parser would not refuse it: fastsplit takes at most MAX_SIZE bytes (so as many line
+    # ends) MAX_DEPTH levels deep, within MAX_NESTING_WORK (tests/test_mime_fastsplit.py); `line_ends`, those
+    # of a whole message of which `raw` is the skeleton, may be more.
+    if (
+        fast
+        and (line_ends is None or line_ends * fastsplit.MAX_DEPTH <= MAX_NESTING_WORK)
+        and (tree := fastsplit.tree(raw, _POLICY)) is not None
+    ):
+        return tree
     # The parser splits lines at CRLF, LF and a bare CR: counting both bytes overcounts CRLF lines twice,
     # which only makes the nesting limit stricter for them.
     lines = raw.count(b"\n") + raw.count(b"\r") if line_ends is None else line_ends
-    # The same tree, found faster where the message is plainly well-formed, and far enough from the limits
-    # that the bounded parser would not refuse it.
-    if fast and lines * fastsplit.MAX_DEPTH <= MAX_NESTING_WORK and (tree := fastsplit.tree(raw, _POLICY)) is not None:
-        return tree
     parser = _BoundedParser(lines)
     view = memoryview(raw)
     try:
