@@ -90,6 +90,20 @@ def test_limits_hold_on_the_fast_path() -> None:
         assert isinstance(result, tuple) and result[0] == "rejected"
 
 
+def test_many_false_delimiters_leave_the_message_to_the_parser() -> None:
+    """A boundary written many times where it starts no delimiter line costs the fast path a step each; past
+    MAX_MISSES it declines, and the parser's result is the one given."""
+    misses = b"x--b " * (fastsplit.MAX_MISSES + 1)
+    raw = (
+        b"From: a@example.com\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n\r\n"
+        + misses
+        + b"\r\n--b--\r\n"
+    )
+    assert fastsplit.tree(raw, RAW_HEADERS) is None
+    assert check(raw[: -len(misses) - 9] + b"x--b\r\n--b--\r\n")  # a few are fine
+    check(raw)
+
+
 # -- generated messages ------------------------------------------------------------------------------------
 
 _words = st.sampled_from(

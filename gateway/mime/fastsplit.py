@@ -24,6 +24,10 @@ MAX_SIZE = 1024 * 1024  # bytes; with MAX_DEPTH levels, nesting work stays under
 MAX_DEPTH = 8  # multipart levels, the message itself being the first
 MAX_PARTS = 256
 MAX_HEADER_LINES = 4_096
+# Boundaries found where they do not start a delimiter line (within a line, or followed by more than a
+# close, blanks and a line end): each costs a step in Python, where the parser's line by line matching
+# costs nothing more. Past this many the parser reads the message.
+MAX_MISSES = 1_000
 
 # A header field: a line the feed parser's headerRE takes for a header line (a name, a colon) and the
 # continuation lines after it (those beginning with a space or a tab), each with its line end.
@@ -58,6 +62,7 @@ class _Split:
         self.policy = policy
         self.parts = 0
         self.header_lines = 0
+        self.misses = 0
 
     def part(self, start: int, end: int, depth: int, parent: EmailMessage | None) -> EmailMessage:
         """The part whose text is text[start:end] (its line end before the next delimiter included)."""
@@ -110,7 +115,7 @@ class _Split:
             raise _Decline
         marker = "--" + boundary
         text = self.text
-        found = _delimiter(text, marker, body, end)
+        found = self.delimiter(marker, body, end)
         if found is None or found[2]:
             raise _Decline  # no first delimiter: the parser keeps the text as the payload
         if found[0] > body:
@@ -120,7 +125,7 @@ class _Split:
             start = found[1]
             if start >= end:
                 raise _Decline  # a delimiter that ends the message
-            found = _delimiter(text, marker, start, end)
+            found = self.delimiter(marker, start, end)
             if found is not None and found[0] == start:
                 raise _Decline  # the parser skips delimiter lines that follow each other
             child = self.part(start, end if found is None else found[0], depth + 1, msg)
@@ -138,23 +143,26 @@ class _Split:
                 msg.epilogue = text[found[1] : end]
                 return
 
+    def delimiter(self, marker: str, start: int, end: int) -> tuple[int, int, bool] | None:
+        """The first delimiter line in text[start:end] (`start` is a line start): where it starts, where it
+        ends (its line end included), whether it is the close delimiter. (A regex anchored at line starts
+        is tried at every character: str.find is many times faster.)"""
+        text = self.text
+        at = start
+        while (found := text.find(marker, at, end)) != -1:
+            if found == start or text[found - 1] == "\n":
+                tail = _TAIL.match(text, found + len(marker), end)
+                if tail is not None:
+                    return found, tail.end(), tail.group("end") is not None
+            self.misses += 1
+            if self.misses > MAX_MISSES:
+                raise _Decline
+            at = found + 1
+        return None
+
 
 def _without_eol(text: str) -> str:
     """`text` without its last line end (the parser's NLCRE_eol; no bare CR gets here)."""
     if text.endswith("\n"):
         return text[:-2] if text.endswith("\r\n") else text[:-1]
     return text
-
-
-def _delimiter(text: str, marker: str, start: int, end: int) -> tuple[int, int, bool] | None:
-    """The first delimiter line in text[start:end] (`start` is a line start): where it starts, where it
-    ends (its line end included), whether it is the close delimiter. (A regex anchored at line starts is
-    tried at every character: str.find is many times faster.)"""
-    at = start
-    while (found := text.find(marker, at, end)) != -1:
-        if found == start or text[found - 1] == "\n":
-            tail = _TAIL.match(text, found + len(marker), end)
-            if tail is not None:
-                return found, tail.end(), tail.group("end") is not None
-        at = found + 1
-    return None
