@@ -174,8 +174,8 @@ def _parse(raw: bytes | bytearray, lift_above: int | None, fast: bool) -> Messag
     defects: list[str] = []
     # One pass over the headers (compat32's get() scans them all, lower-casing each, on every call).
     headers: dict[str, list[str]] = {}
-    for name, value in msg.items():
-        text = str(value)
+    fields = [(name, str(value)) for name, value in msg.items()]
+    for name, text in fields:
         if len(text) > MAX_HEADER_VALUE:
             defects.append(f"header_truncated: {sanitize.field(name)[:60]} ({len(text)} characters)")
             text = _cut(text)
@@ -192,7 +192,7 @@ def _parse(raw: bytes | bytearray, lift_above: int | None, fast: bool) -> Messag
     x_headers = (
         tuple(
             (sanitize.field(name), sanitize.field(header_text(value)))
-            for name, value in msg.items()
+            for name, value in fields
             if name[:2].lower() == "x-" and not name.lower().startswith(OPTION_PREFIX)
         )
         if any(n.startswith("x-") and not n.startswith(OPTION_PREFIX) for n in headers)
