@@ -17,7 +17,15 @@ from gateway.core import replies
 from gateway.core.errors import ContentRejected
 from gateway.core.model import Attachment
 from gateway.mime import charsets, payload, sanitize
-from gateway.mime.headers import RAW_HEADERS, filename_param, header_text, transfer_encoding, undo_surrogates
+from gateway.mime.headers import (
+    RAW_HEADERS,
+    content_charset,
+    filename_param,
+    get_param,
+    header_text,
+    transfer_encoding,
+    undo_surrogates,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +137,7 @@ class _Walk:
     def related(self, part: EmailMessage, children: list[EmailMessage]) -> list[_Piece]:
         """The root is displayed; the other parts are resources it refers to (by Content-ID or -Location),
         except parts nothing can refer to: Apple Mail's html / image / html pieces, displayed in order."""
-        start = sanitize.content_id(undo_surrogates(str(part.get_param("start") or "")))
+        start = sanitize.content_id(undo_surrogates(str(get_param(part, "start") or "")))
         ids = [sanitize.content_id(undo_surrogates(str(c.get("Content-ID") or ""))) for c in children]
         root = ids.index(start) if start is not None and start in ids else 0
         pieces: list[_Piece] = []
@@ -165,7 +173,7 @@ class _Walk:
 
     def text_payload(self, part: EmailMessage, ctype: str) -> str:
         data = self.payload_bytes(part, ctype)
-        label = part.get_content_charset()
+        label = content_charset(part)
         decoded = charsets.decode(data, label)
         if decoded.replaced:
             self.defects.append(

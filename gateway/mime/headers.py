@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import binascii
 import re
+from email import utils
 from email.errors import HeaderParseError
 from email.header import decode_header
 from email.message import Message
@@ -77,11 +78,59 @@ def transfer_encoding(part: Message) -> str:
     return str(part.get("Content-Transfer-Encoding") or "").split(";", 1)[0].strip().lower()
 
 
+# Header values whose parameters need none of the stdlib's harder cases: no backslash (quoted pairs), no
+# RFC 2231 star, no angle bracket (unquoted like quotes), no line end.
+# What Message.get_param returns: text, an RFC 2231 (charset, language, text), or None.
+_Param = str | tuple[str | None, str | None, str] | None
+_HARD_PARAMS = re.compile(r"[\\*<\r\n]")
+
+
+def get_param(part: Message, param: str, header: str = "content-type") -> _Param:
+    """part.get_param(param, None, header), several times faster for the common header (`charset="utf-8"`,
+    `boundary=...`, `filename="a.pdf"`): its parameters split at every ";" and unquoted once, as the stdlib
+    does when no ";" is quoted and nothing is escaped. Other values take the stdlib's own path."""
+    value = part.get(header)
+    if value is None:
+        return None
+    value = str(value)
+    if _HARD_PARAMS.search(value) is not None:
+        return part.get_param(param, None, header)
+    segments = value.split(";")
+    if '"' in value and any(segment.count('"') % 2 for segment in segments):
+        return part.get_param(param, None, header)  # a quoted ";" perhaps
+    wanted = param.lower()
+    for segment in segments:
+        # As email.message._parseparam and Message._get_params_preserve: name and value stripped, the name
+        # lower-cased; a segment without "=" is a name with an empty value.
+        name, equals, text = segment.partition("=")
+        if name.strip().lower() == wanted:
+            return utils.unquote(text.strip()) if equals else ""
+    return None
+
+
+def content_charset(part: Message) -> str | None:
+    """part.get_content_charset() through get_param() above."""
+    charset = get_param(part, "charset")
+    if charset is None or isinstance(charset, tuple):
+        return part.get_content_charset()
+    return charset.lower() if charset.isascii() else None
+
+
+def boundary(part: Message) -> str | None:
+    """part.get_boundary() through get_param() above."""
+    value = get_param(part, "boundary")
+    if value is None:
+        return None
+    if isinstance(value, tuple):
+        return part.get_boundary()
+    return utils.collapse_rfc2231_value(value).rstrip()
+
+
 def filename_param(part: Message) -> str | None:
     """The part's file name: Content-Disposition filename, else Content-Type name; RFC 2231 or 2047 decoded."""
     for param, header in (("filename", "content-disposition"), ("name", "content-type")):
         try:
-            value = part.get_param(param, None, header)
+            value = get_param(part, param, header)
         except TypeError:
             # The stdlib sorts RFC 2231 sections by number and fails when `name*` and `name*0` are mixed.
             continue

@@ -12,7 +12,7 @@ from email.message import Message as EmailMessage
 from gateway.core import replies
 from gateway.core.errors import ContentRejected
 from gateway.core.model import Address, Message
-from gateway.mime import bodies, largeparts, sanitize
+from gateway.mime import bodies, fastsplit, largeparts, sanitize
 from gateway.mime.addresses import AddressSyntaxError, parse_address_list
 from gateway.mime.headers import RAW_HEADERS, header_text, undo_surrogates
 
@@ -82,44 +82,59 @@ class _BoundedParser(BytesFeedParser):
         self._headersonly = self._cur.get_content_maintype() == "message"  # type: ignore[attr-defined]
 
 
-def parse(raw: bytes | bytearray, lift_above: int | None = largeparts.THRESHOLD) -> Message:
+def parse(raw: bytes | bytearray, lift_above: int | None = largeparts.THRESHOLD, fast: bool = True) -> Message:
     """Decode a submitted message. Raises ContentRejected when it cannot be turned into an API call.
 
     Attachments of at least `lift_above` bytes of clean base64 carry that text as it arrived
-    (Attachment.b64) and never pass through the parser (gateway/mime/largeparts.py); None: none do."""
+    (Attachment.b64) and never pass through the parser (gateway/mime/largeparts.py); None: none do.
+    `fast`: the tree of a plainly well-formed message is cut by gateway/mime/fastsplit.py; False: always by
+    the feed parser, the reference the fast path is tested against (the result is the same)."""
     try:
-        return _parse(raw, lift_above)
+        return _parse(raw, lift_above, fast)
     except RecursionError:
         # The stdlib's address parser recurses per word: a To: of thousands of encoded words exhausts it.
         raise _too_complex("recursion limit reached", "Message structure is too complex") from None
 
 
-def _tree(raw: bytes | bytearray, lift_above: int | None) -> tuple[EmailMessage, Mapping[int, bytes | memoryview]]:
+def _tree(
+    raw: bytes | bytearray, lift_above: int | None, fast: bool
+) -> tuple[EmailMessage, Mapping[int, bytes | memoryview]]:
     """The parse tree, and the lifted bodies by id() of the leaves they belong to."""
     if lift_above is not None and (lifted := largeparts.lift(raw, _POLICY, lift_above)) is not None:
-        found = _lifted_tree(lifted)
+        found = _lifted_tree(lifted, fast)
         del lifted  # without a tree, the skeleton goes before the message is parsed whole
         if found is not None:
             tree, runs = found
             texts = largeparts.materialize(raw, runs.values())
             return tree, {part: texts[run] for part, run in runs.items()}
-    return _parse_tree(raw), {}
+    return _parse_tree(raw, fast=fast), {}
 
 
-def _lifted_tree(lifted: largeparts.Lifted) -> tuple[EmailMessage, Mapping[int, largeparts.Run]] | None:
+def _lifted_tree(lifted: largeparts.Lifted, fast: bool) -> tuple[EmailMessage, Mapping[int, largeparts.Run]] | None:
     try:
         # The limits count the lines of the whole message, as without lifting.
-        tree = _parse_tree(lifted.skeleton, lifted.line_ends)
+        tree = _parse_tree(lifted.skeleton, lifted.line_ends, fast)
     except ContentRejected:
         return None  # decided on the message itself, exactly as without lifting
     carried = largeparts.claim(tree, lifted)
     return None if carried is None else (tree, carried)
 
 
-def _parse_tree(raw: bytes | bytearray, line_ends: int | None = None) -> EmailMessage:
+def _parse_tree(raw: bytes | bytearray, line_ends: int | None = None, fast: bool = True) -> EmailMessage:
+    # The same tree, found faster where the message is plainly well-formed and far enough from the limits
+    # that the bounded parser would not refuse it: fastsplit takes at most MAX_SIZE bytes (so as many line
+    # ends) MAX_DEPTH levels deep, within MAX_NESTING_WORK (tests/test_mime_fastsplit.py); `line_ends`, those
+    # of a whole message of which `raw` is the skeleton, may be more.
+    if (
+        fast
+        and (line_ends is None or line_ends * fastsplit.MAX_DEPTH <= MAX_NESTING_WORK)
+        and (tree := fastsplit.tree(raw, _POLICY)) is not None
+    ):
+        return tree
     # The parser splits lines at CRLF, LF and a bare CR: counting both bytes overcounts CRLF lines twice,
     # which only makes the nesting limit stricter for them.
-    parser = _BoundedParser(raw.count(b"\n") + raw.count(b"\r") if line_ends is None else line_ends)
+    lines = raw.count(b"\n") + raw.count(b"\r") if line_ends is None else line_ends
+    parser = _BoundedParser(lines)
     view = memoryview(raw)
     try:
         if len(raw) <= _FEED_CHUNK:
@@ -152,15 +167,15 @@ def _raised_in(exc: BaseException, path: str, function: str) -> bool:
     return bool(frames) and frames[-1].filename.replace("\\", "/").endswith(path) and frames[-1].name == function
 
 
-def _parse(raw: bytes | bytearray, lift_above: int | None) -> Message:
-    msg, carried = _tree(raw, lift_above)
+def _parse(raw: bytes | bytearray, lift_above: int | None, fast: bool) -> Message:
+    msg, carried = _tree(raw, lift_above, fast)
     if not msg.keys() and not raw.strip():
         raise ContentRejected("Empty message")
     defects: list[str] = []
     # One pass over the headers (compat32's get() scans them all, lower-casing each, on every call).
     headers: dict[str, list[str]] = {}
-    for name, value in msg.items():
-        text = str(value)
+    fields = [(name, str(value)) for name, value in msg.items()]
+    for name, text in fields:
         if len(text) > MAX_HEADER_VALUE:
             defects.append(f"header_truncated: {sanitize.field(name)[:60]} ({len(text)} characters)")
             text = _cut(text)
@@ -177,7 +192,7 @@ def _parse(raw: bytes | bytearray, lift_above: int | None) -> Message:
     x_headers = (
         tuple(
             (sanitize.field(name), sanitize.field(header_text(value)))
-            for name, value in msg.items()
+            for name, value in fields
             if name[:2].lower() == "x-" and not name.lower().startswith(OPTION_PREFIX)
         )
         if any(n.startswith("x-") and not n.startswith(OPTION_PREFIX) for n in headers)
