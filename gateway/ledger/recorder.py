@@ -371,14 +371,15 @@ class Recorder:
         if not settled:
             return rows
         if decision.verdict == "queued":
+            when = model.iso(decision.next_attempt)
             rows.append(
                 self._event(
                     msg_id,
                     created,
                     now + next(ticks) * TICK,
                     model.QUEUED,
-                    detail=f"next attempt at {model.iso(decision.next_attempt)}",
-                    data=model.json({"attempts": decision.attempts, "next_attempt": model.iso(decision.next_attempt)}),
+                    detail=f"next attempt at {when}",
+                    data=model.json({"attempts": decision.attempts, "next_attempt": when}),
                 )
             )
         elif decision.verdict in ("dead", "refused"):
