@@ -430,6 +430,9 @@ def _short(calls: Mapping[str, CallRow], outcome: Outcome | None) -> dict[str, s
     return out
 
 
+_NO_ORIGIN = (None, None, None, None)
+
+
 def _message_row(
     msg_id: str,
     created: float,
@@ -444,38 +447,21 @@ def _message_row(
     """A message's own row from what the SMTP session took and where it came from (built positionally, in
     MessageRow's order: one is made for every message)."""
     principal, message = submission.principal, submission.message
-    if origin is None:
-        return MessageRow(
-            msg_id,
-            created,
-            principal.account,
-            submission.mail_from,
-            message.subject,
-            None,
-            principal.login,
-            None,
-            None,
-            message.message_id,
-            reply_id,
-            reply,
-            request,
-            None,
-            notice,
-        )
+    size, listener, peer, dsn_of = (origin.size, origin.listener, origin.peer, origin.dsn_of) if origin else _NO_ORIGIN
     return MessageRow(
         msg_id,
         created,
         principal.account,
         submission.mail_from,
         message.subject,
-        origin.size,
+        size,
         principal.login,
-        origin.listener,
-        origin.peer,
+        listener,
+        peer,
         message.message_id,
         reply_id,
         reply,
         request,
-        origin.dsn_of,
+        dsn_of,
         notice,
     )
