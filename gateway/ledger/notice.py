@@ -37,16 +37,7 @@ class NoticeData:
     from_address: str | None = None  # the message's From, after the sender policy
 
     def to_json(self) -> str:
-        return orjson.dumps(
-            {
-                "to": self.to,
-                "headers": self.headers,
-                "login": self.login,
-                "extra": dict(self.extra),
-                "params": dict(self.params),
-                "from": self.from_address,
-            }
-        ).decode()
+        return _json(self.to, self.headers, self.login, self.extra, self.params, self.from_address)
 
     @staticmethod
     def read(text: str) -> NoticeData:
@@ -69,11 +60,27 @@ def of(submission: Submission, origin: Origin | None) -> str | None:
     if origin is None or origin.notify is None or origin.dsn_of is not None:
         return None
     message = submission.message
-    return NoticeData(
-        to=origin.notify,
-        headers=origin.headers or "",
-        login=submission.principal.login,
-        extra=submission.principal.extra.to_json(),
-        params=submission.params.to_json(),
-        from_address=message.from_.email if message.from_ is not None else None,
-    ).to_json()
+    return _json(
+        origin.notify,
+        origin.headers or "",
+        submission.principal.login,
+        submission.principal.extra.to_json(),
+        submission.params.to_json(),
+        message.from_.email if message.from_ is not None else None,
+    )
+
+
+def _json(
+    to: str, headers: str, login: str, extra: Mapping[str, Any], params: Mapping[str, Any], from_address: str | None
+) -> str:
+    """NoticeData's JSON text (made for every message that has a notice target: without the dataclass)."""
+    return orjson.dumps(
+        {
+            "to": to,
+            "headers": headers,
+            "login": login,
+            "extra": dict(extra),
+            "params": dict(params),
+            "from": from_address,
+        }
+    ).decode()

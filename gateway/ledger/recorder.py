@@ -90,9 +90,25 @@ class Recorder:
     def off(cls) -> Recorder:
         return cls(lambda rows: None, "", enabled=False)
 
-    def _event(self, msg_id: str, created: float, at: float, kind: str, **fields: Any) -> EventRow:
-        """A new timeline row of ours (a fresh id, this recorder as its actor)."""
-        return EventRow(event_id(), msg_id, created, at, kind, actor=self.actor, **fields)
+    def _event(
+        self,
+        msg_id: str,
+        created: float,
+        at: float,
+        kind: str,
+        *,
+        recipient: str | None = None,
+        call: str | None = None,
+        outcome: str | None = None,
+        upstream_id: str | None = None,
+        detail: str | None = None,
+        data: str | None = None,
+    ) -> EventRow:
+        """A new timeline row of ours (a fresh id, this recorder as its actor). Built positionally: a row is
+        made for every event of every message, and a named tuple takes keywords the slow way."""
+        return EventRow(
+            event_id(), msg_id, created, at, kind, recipient, call, outcome, upstream_id, detail, self.actor, data
+        )
 
     # -- the delivery owner -------------------------------------------------------------------------------
 
@@ -143,16 +159,19 @@ class Recorder:
             )
         else:
             assert decision is not None
-            about = announce.About(
-                msg_id,
-                created,
-                submission.principal.account,
-                reply_id,
-                message.message_id,
-                submission.mail_from,
-                message.subject,
-                submission.principal.login,
-            )
+
+            def about() -> announce.About:
+                return announce.About(
+                    msg_id,
+                    created,
+                    submission.principal.account,
+                    reply_id,
+                    message.message_id,
+                    submission.mail_from,
+                    message.subject,
+                    submission.principal.login,
+                )
+
             rows += self._attempt(msg_id, created, decision, outcome, "inline", now, settled=True, about=about)
         self.sink(rows)
 
@@ -221,7 +240,7 @@ class Recorder:
                     message_id=submission.message.message_id,
                 )
             )
-        rows += self._attempt(msg_id, created, decision, outcome, path, now, settled=settled, about=about)
+        rows += self._attempt(msg_id, created, decision, outcome, path, now, settled=settled, about=lambda: about)
         self.sink(rows)
 
     def ambiguous(self, *, msg_id: str, created: float, calls: Mapping[str, CallRow], keys: Iterable[str]) -> None:
@@ -306,18 +325,26 @@ class Recorder:
         now: float,
         *,
         settled: bool,
-        about: announce.About,
+        about: Callable[[], announce.About],
     ) -> list[Row]:
+        """`about`: the message, for the webhooks told of a dead letter (made only for one)."""
         short = _short(decision.calls, outcome)
         rows = self._recipients(msg_id, created, decision.calls, decision if settled else None, now, short)
-        data = model.json({"path": path, "attempt": decision.attempts})
         lost = outcome.ambiguous if outcome is not None else set()
         ticks = itertools.count()
+        plain: list[str] = []  # the data of a call without a count, made once when the first one needs it
 
         def call_event(
             key: str, result: str, upstream_id: str | None = None, detail: str | None = None, sent: int | None = None
         ) -> None:
             call = decision.calls.get(key)
+            # The upstream's own count of mails the call sent (DMDS `sent`), where it gives one.
+            if sent is not None:
+                data = model.json({"path": path, "attempt": decision.attempts, "sent": sent})
+            else:
+                if not plain:
+                    plain.append(model.json({"path": path, "attempt": decision.attempts}))
+                data = plain[0]
             rows.append(
                 self._event(
                     msg_id,
@@ -329,10 +356,7 @@ class Recorder:
                     outcome=result,
                     upstream_id=upstream_id,
                     detail=detail,
-                    # The upstream's own count of mails the call sent (DMDS `sent`), where it gives one.
-                    data=data
-                    if sent is None
-                    else model.json({"path": path, "attempt": decision.attempts, "sent": sent}),
+                    data=data,
                 )
             )
 
@@ -347,14 +371,15 @@ class Recorder:
         if not settled:
             return rows
         if decision.verdict == "queued":
+            when = model.iso(decision.next_attempt)
             rows.append(
                 self._event(
                     msg_id,
                     created,
                     now + next(ticks) * TICK,
                     model.QUEUED,
-                    detail=f"next attempt at {model.iso(decision.next_attempt)}",
-                    data=model.json({"attempts": decision.attempts, "next_attempt": model.iso(decision.next_attempt)}),
+                    detail=f"next attempt at {when}",
+                    data=model.json({"attempts": decision.attempts, "next_attempt": when}),
                 )
             )
         elif decision.verdict in ("dead", "refused"):
@@ -367,7 +392,7 @@ class Recorder:
                 data=model.json({"cause": decision.dead_cause or "refused"}),
             )
             rows.append(dead)
-            rows += self._dead_recipients(dead, decision, about, now)
+            rows += self._dead_recipients(dead, decision, about(), now)
         return rows
 
     def _dead_recipients(self, dead: EventRow, decision: Decision, about: announce.About, now: float) -> list[Row]:
@@ -395,10 +420,17 @@ def _short(calls: Mapping[str, CallRow], outcome: Outcome | None) -> dict[str, s
     out = {}
     for key, sent in counts.items():
         call = calls.get(key)
-        wanted = len(addresses(call)) if call is not None else 0
-        if call is not None and sent < wanted:
+        # A call names at most one recipient more than its commas: a count above them is not short (most are
+        # not), known without splitting the recipients.
+        if call is None or sent > call.recipients.count(","):
+            continue
+        wanted = len(addresses(call))
+        if sent < wanted:
             out[key] = f"the upstream says it sent {sent} mail(s) for {wanted} recipient(s)"
     return out
+
+
+_NO_ORIGIN = (None, None, None, None)
 
 
 def _message_row(
@@ -412,21 +444,24 @@ def _message_row(
     request: str | None,
     notice: str | None,
 ) -> MessageRow:
-    """A message's own row from what the SMTP session took and where it came from."""
+    """A message's own row from what the SMTP session took and where it came from (built positionally, in
+    MessageRow's order: one is made for every message)."""
+    principal, message = submission.principal, submission.message
+    size, listener, peer, dsn_of = (origin.size, origin.listener, origin.peer, origin.dsn_of) if origin else _NO_ORIGIN
     return MessageRow(
-        id=msg_id,
-        created=created,
-        account=submission.principal.account,
-        mail_from=submission.mail_from,
-        subject=submission.message.subject,
-        size=origin.size if origin else None,
-        login=submission.principal.login,
-        listener=origin.listener if origin else None,
-        peer=origin.peer if origin else None,
-        message_id=submission.message.message_id,
-        reply_id=reply_id,
-        reply=reply,
-        request=request,
-        dsn_of=origin.dsn_of if origin else None,
-        notice=notice,
+        msg_id,
+        created,
+        principal.account,
+        submission.mail_from,
+        message.subject,
+        size,
+        principal.login,
+        listener,
+        peer,
+        message.message_id,
+        reply_id,
+        reply,
+        request,
+        dsn_of,
+        notice,
     )

@@ -159,12 +159,21 @@ def suppression_values(r: SuppressionRow) -> tuple[Any, ...]:
 
 
 def by_table(rows: Sequence[Any]) -> list[tuple[str, list[tuple[Any, ...]]]]:
-    """The rows' values grouped by table, in the order the tables are written: (table, values)."""
-    groups: dict[str, list[tuple[Any, ...]]] = {t: [] for t in WRITTEN}
+    """The rows' values grouped by table, in the order the tables are written: (table, values). The rows are
+    sorted by type first and each group's values made by one map(): this runs on the writer's thread holding
+    the GIL against the event loop, for every row."""
+    groups: dict[type, list[Any]] = {}
     for row in rows:
-        table, values = _VALUES[type(row)]
-        groups[table].append(values(row))
-    return [(t, v) for t, v in groups.items() if v]
+        group = groups.get(type(row))
+        if group is None:
+            groups[type(row)] = group = []
+        group.append(row)
+    out = []
+    for kind in _ORDER:
+        if kind in groups:
+            table, values = _VALUES[kind]
+            out.append((table, list(map(values, groups[kind]))))
+    return out
 
 
 def event_insert(p: str, rows: int = 1) -> str:
@@ -230,6 +239,7 @@ _VALUES: dict[type, tuple[str, Any]] = {
     SuppressionRow: ("suppression", suppression_values),
     NoticeRow: ("notice", notice_values),
 }
+_ORDER = sorted(_VALUES, key=lambda kind: WRITTEN.index(_VALUES[kind][0]))
 INSERTS: dict[str, Callable[[str, int], str]] = {
     "message": message_upsert,
     "recipient": recipient_upsert,

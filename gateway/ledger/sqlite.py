@@ -14,6 +14,7 @@ import functools
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from itertools import chain
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -118,7 +119,7 @@ class SqliteLedger:
         for table, values in sql.by_table(rows):
             for start in range(0, len(values), sql.ROWS):
                 part = values[start : start + sql.ROWS]
-                db.execute(_statement(table, len(part)), [v for row in part for v in row])
+                db.execute(_statement(table, len(part)), list(chain.from_iterable(part)))
 
     # -- reading --------------------------------------------------------------------------------------------
 

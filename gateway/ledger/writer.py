@@ -13,14 +13,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Sequence
 
 import structlog
 
 from gateway.config import LedgerSettings
 from gateway.core.waits import woken
-from gateway.ledger.model import EventRow, MessageRow, NoticeRow, OutboxRow, Row, SuppressionRow
+from gateway.ledger.model import EventRow, MessageRow, NoticeRow, OutboxRow, RecipientRow, Row, SuppressionRow
 from gateway.ledger.store import LedgerStore, LedgerUnavailable
 from gateway.ops.metrics import (
     INTERNAL_ERRORS,
@@ -40,8 +40,9 @@ MAX_BATCH = 5000
 EARLY = 2000
 # While the database fails, wait this long between tries (the buffer keeps filling, bounded).
 RETRY_MAX = 5.0
-_TABLE = {
+_TABLE: dict[type, str] = {
     MessageRow: "message",
+    RecipientRow: "recipient",
     EventRow: "event",
     OutboxRow: "outbox",
     SuppressionRow: "suppression",
@@ -110,7 +111,11 @@ class LedgerWriter:
         buffer = self._rows
         if not buffer:
             return True
-        batch = [buffer.popleft() for _ in range(min(len(buffer), MAX_BATCH))]
+        if len(buffer) <= MAX_BATCH:
+            batch = list(buffer)
+            buffer.clear()
+        else:
+            batch = [buffer.popleft() for _ in range(MAX_BATCH)]
         LEDGER_BUFFERED.set(len(buffer))
         started = time.perf_counter()
         try:
@@ -129,12 +134,8 @@ class LedgerWriter:
             return True
         LEDGER_FLUSH_SECONDS.observe(time.perf_counter() - started)
         LEDGER_BATCHES.inc()
-        counts = dict.fromkeys(("message", "recipient", "event", "outbox", "suppression", "notice"), 0)
-        for row in batch:
-            counts[_TABLE.get(type(row), "recipient")] += 1
-        for table, n in counts.items():
-            if n:
-                LEDGER_ROWS.labels(table=table).inc(n)
+        for kind, n in Counter(map(type, batch)).items():  # on the loop: counted without a Python loop per row
+            LEDGER_ROWS.labels(table=_TABLE.get(kind, "recipient")).inc(n)
         if self._failing is not None:
             log.info("ledger_write_recovered", buffered=len(buffer))
             self._failing = None
