@@ -12,6 +12,7 @@ from email.message import Message as EmailMessage
 from gateway.core import replies
 from gateway.core.errors import ContentRejected
 from gateway.core.model import Address, Message
+from gateway.core.spill import SpillMap
 from gateway.mime import bodies, largeparts, sanitize
 from gateway.mime.addresses import AddressSyntaxError, parse_address_list
 from gateway.mime.headers import RAW_HEADERS, header_text, undo_surrogates
@@ -39,7 +40,7 @@ _FEED_CHUNK = 64 * 1024
 EXPENSIVE_LINE_ENDS = 4_000
 
 
-def expensive(raw: bytes | bytearray) -> bool:
+def expensive(raw: bytes | bytearray | SpillMap) -> bool:
     """Whether parsing `raw` may keep the CPU busy long enough to belong on a worker thread."""
     return raw.count(b"\n") + raw.count(b"\r") > EXPENSIVE_LINE_ENDS
 
@@ -82,7 +83,7 @@ class _BoundedParser(BytesFeedParser):
         self._headersonly = self._cur.get_content_maintype() == "message"  # type: ignore[attr-defined]
 
 
-def parse(raw: bytes | bytearray, lift_above: int | None = largeparts.THRESHOLD) -> Message:
+def parse(raw: bytes | bytearray | SpillMap, lift_above: int | None = largeparts.THRESHOLD) -> Message:
     """Decode a submitted message. Raises ContentRejected when it cannot be turned into an API call.
 
     Attachments of at least `lift_above` bytes of clean base64 carry that text as it arrived
@@ -94,7 +95,9 @@ def parse(raw: bytes | bytearray, lift_above: int | None = largeparts.THRESHOLD)
         raise _too_complex("recursion limit reached", "Message structure is too complex") from None
 
 
-def _tree(raw: bytes | bytearray, lift_above: int | None) -> tuple[EmailMessage, Mapping[int, bytes | memoryview]]:
+def _tree(
+    raw: bytes | bytearray | SpillMap, lift_above: int | None
+) -> tuple[EmailMessage, Mapping[int, bytes | memoryview]]:
     """The parse tree, and the lifted bodies by id() of the leaves they belong to."""
     if lift_above is not None and (lifted := largeparts.lift(raw, _POLICY, lift_above)) is not None:
         found = _lifted_tree(lifted)
@@ -116,14 +119,14 @@ def _lifted_tree(lifted: largeparts.Lifted) -> tuple[EmailMessage, Mapping[int, 
     return None if carried is None else (tree, carried)
 
 
-def _parse_tree(raw: bytes | bytearray, line_ends: int | None = None) -> EmailMessage:
+def _parse_tree(raw: bytes | bytearray | SpillMap, line_ends: int | None = None) -> EmailMessage:
     # The parser splits lines at CRLF, LF and a bare CR: counting both bytes overcounts CRLF lines twice,
     # which only makes the nesting limit stricter for them.
     parser = _BoundedParser(raw.count(b"\n") + raw.count(b"\r") if line_ends is None else line_ends)
     view = memoryview(raw)
     try:
-        if len(raw) <= _FEED_CHUNK:
-            parser.feed(raw)  # a bytearray decodes like bytes
+        if len(raw) <= _FEED_CHUNK and not isinstance(raw, SpillMap):
+            parser.feed(raw)  # a bytearray decodes like bytes (a mapping does not: it is fed in copies)
         else:
             for start in range(0, len(view), _FEED_CHUNK):
                 parser.feed(bytes(view[start : start + _FEED_CHUNK]))
@@ -152,7 +155,7 @@ def _raised_in(exc: BaseException, path: str, function: str) -> bool:
     return bool(frames) and frames[-1].filename.replace("\\", "/").endswith(path) and frames[-1].name == function
 
 
-def _parse(raw: bytes | bytearray, lift_above: int | None) -> Message:
+def _parse(raw: bytes | bytearray | SpillMap, lift_above: int | None) -> Message:
     msg, carried = _tree(raw, lift_above)
     if not msg.keys() and not raw.strip():
         raise ContentRejected("Empty message")

@@ -1,0 +1,100 @@
+"""A large message's DATA kept in an unlinked temporary file and read through a shared mapping, not the heap."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import mmap
+import os
+import tempfile
+
+# Counting and copying out of the mapping go in pieces this big (no copy of the whole message on the heap).
+_PIECE = 256 * 1024
+# A file system without O_TMPFILE (or an old kernel) answers with one of these: the file is made and unlinked.
+_NO_TMPFILE = (errno.EOPNOTSUPP, errno.EINVAL, errno.EISDIR)
+
+
+class SpillMap(mmap.mmap):
+    """A message as it arrived, in a shared read-write mapping of an unlinked file, with the few bytes methods
+    the MIME code uses besides those mmap has (find, rfind, indexing, slicing, the buffer protocol).
+
+    Its pages are file pages: once the message is parsed, release_pages() takes them out of the process's
+    memory without losing a byte (a later read brings them back from the page cache). Lifted attachments'
+    base64 are compacted within the mapping, as within the session's buffer otherwise, and handed out as
+    memoryviews of it (gateway/mime/largeparts.py)."""
+
+    def count(self, sub: bytes) -> int:
+        """How many times `sub` occurs (as bytes.count, in pieces)."""
+        total = 0
+        with memoryview(self) as view:
+            for start in range(0, len(view), _PIECE):
+                total += bytes(view[start : start + _PIECE + len(sub) - 1]).count(sub)
+        return total
+
+    def startswith(self, prefix: bytes, start: int = 0) -> bool:
+        return self[start : start + len(prefix)] == prefix
+
+    def strip(self) -> bytes:
+        """The message without leading and trailing whitespace (asked only of a message with no header)."""
+        return self[:].strip()
+
+    def release_pages(self) -> None:
+        """Take the mapping's pages out of this process's memory (their content stays in the file)."""
+        if not self.closed:
+            self.madvise(mmap.MADV_DONTNEED)
+
+    def discard(self) -> None:
+        """The message is no longer needed: unmap it now, which closes the file and frees its space. While a
+        memoryview of it is still alive (an attachment held elsewhere a little longer) the mapping stays
+        until the last one goes, its pages released meanwhile."""
+        if self.closed:
+            return
+        self.release_pages()
+        # While views are still exported (BufferError) the mapping goes with the last of them (reference counting).
+        with contextlib.suppress(BufferError):
+            self.close()
+
+
+class SpillFile:
+    """An unlinked temporary file that DATA is appended to, then mapped as a SpillMap. It has no name from its
+    start (O_TMPFILE) where the file system allows, else from right after it was made: nothing is ever left
+    behind in the directory, whatever happens to the process."""
+
+    def __init__(self, directory: str | None = None) -> None:
+        self.directory = directory or tempfile.gettempdir()
+        self.size = 0
+        self._fd: int | None = _open_unlinked(self.directory)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        assert self._fd is not None
+        with memoryview(data) as view:
+            while view.nbytes:
+                written = os.write(self._fd, view)
+                self.size += written
+                view = view[written:]
+
+    def mapped(self) -> SpillMap:
+        """The file's content as a SpillMap; the file is then held by the mapping alone."""
+        assert self._fd is not None and self.size > 0
+        try:
+            return SpillMap(self._fd, self.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _open_unlinked(directory: str) -> int:
+    flag = getattr(os, "O_TMPFILE", 0)
+    if flag:
+        try:
+            return os.open(directory, flag | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            if exc.errno not in _NO_TMPFILE:
+                raise  # the directory is missing or not writable: as for any file made there
+    fd, path = tempfile.mkstemp(prefix="smtp-gateway-data-", dir=directory)
+    os.unlink(path)
+    return fd
