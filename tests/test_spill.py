@@ -5,14 +5,20 @@ queue), and no file is left behind, open or named, however the message ends."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import smtplib
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import gateway.core.spill as spill_module
+from gateway.core.spill import SpillFile
 from gateway.ledger.model import Query
 from gateway.ops.metrics import REGISTRY
 from tests.harness import PASSWORD, USER, Running
@@ -204,3 +210,40 @@ def test_check_config_names_a_spill_directory_it_cannot_write(tmp_path: Path) ->
     assert f"problem: limits.spill_dir {missing} is not a writable directory" in result.stderr
     config = write_config(tmp_path, limits={"spill_dir": str(missing), "spill_above": 0})
     assert run_cli("check-config", "-c", str(config)).returncode == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    data=st.binary(max_size=80),
+    sub=st.binary(max_size=4),
+    start=st.one_of(st.none(), st.integers(-90, 90)),
+    end=st.one_of(st.none(), st.integers(-90, 90)),
+)
+def test_a_spilled_message_answers_the_bytes_methods_the_mime_code_uses_as_bytes_does(
+    data: bytes, sub: bytes, start: int | None, end: int | None
+) -> None:
+    if not data:
+        return  # a spill file is never empty
+    spill = SpillFile()
+    spill.write(data)
+    mapped = spill.mapped()
+    try:
+        with _small_pieces():
+            assert mapped.find(sub, start, end) == data.find(sub, start, end)
+            if sub:
+                assert mapped.count(sub) == data.count(sub)
+            assert mapped.startswith(sub, start or 0) == data.startswith(sub, start or 0)
+            assert mapped.strip() == data.strip()
+    finally:
+        mapped.discard()
+    assert mapped.closed
+
+
+@contextlib.contextmanager
+def _small_pieces() -> Iterator[None]:
+    """Pieces of 7 bytes: every search crosses the pieces' edges."""
+    saved, spill_module._PIECE = spill_module._PIECE, 7
+    try:
+        yield
+    finally:
+        spill_module._PIECE = saved

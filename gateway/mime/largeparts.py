@@ -364,7 +364,11 @@ def materialize(raw: bytes | bytearray | SpillMap, runs: Iterable[Run]) -> dict[
             write = run.start
             for read in range(run.start, run.end, _CHUNK):
                 compact = bytes(raw[read : min(read + _CHUNK, run.end)]).translate(None, _CRLF)
-                raw[write : write + len(compact)] = compact  # never past `read`: the text only shrinks
+                # Never past `read`: the text only shrinks.
+                if isinstance(raw, SpillMap):
+                    raw.put(write, compact)
+                else:
+                    raw[write : write + len(compact)] = compact
                 write += len(compact)
             texts[run] = memoryview(raw)[run.start : write]
         else:

@@ -594,10 +594,11 @@ class GatewaySMTP(SMTP):
                     # page cache takes about 0.1 ms): it then waits for its API call outside the heap. The last
                     # bytes stay: they may begin the terminator ("\r\n." of "\r\n.\r\n"), which is not data.
                     spill = spill or self._spill_open()
-                    if spill is not None and self._spill_write(spill, _unstuffed(buf, kept, cut)):
+                    if spill is not None and self._spill_write(spill, buf, kept, cut, stuffed):
                         spilled += cut - kept
                         del buf[: cut - 1]  # the last byte written stays before the rest, for the unstuffing
                         kept = 1
+                        stuffed = buf.find(b"\n.") != -1  # from here on: what is still in the buffer
                     else:  # refused (452) once its end has come; the rest is read and dropped meanwhile
                         too_big = True
                         self._release()
@@ -612,7 +613,7 @@ class GatewaySMTP(SMTP):
             if limit and spilled + len(buf) - kept > limit:
                 return None
             if spill is not None:
-                if not self._spill_write(spill, _unstuffed(buf, kept, len(buf))):
+                if not self._spill_write(spill, buf, kept, len(buf), stuffed):
                     return None
                 del buf[:]
                 SPILLED.inc()
@@ -643,9 +644,14 @@ class GatewaySMTP(SMTP):
             self._spill_failed(exc)
             return None
 
-    def _spill_write(self, spill: SpillFile, piece: memoryview) -> bool:
+    def _spill_write(self, spill: SpillFile, buf: bytearray, kept: int, end: int, stuffed: bool) -> bool:
+        """buf[kept:end] into the file, dot-unstuffed if `stuffed` (a line in it starts with a dot)."""
         try:
-            spill.write(piece)
+            if stuffed:
+                spill.write(_unstuffed(buf, kept, end))
+            else:
+                with memoryview(buf) as view:  # released before the buffer is cut
+                    spill.write(view[kept:end])
         except OSError as exc:  # the disk is full, the directory gone: the message cannot be kept
             spill.close()
             self._spill_failed(exc)
