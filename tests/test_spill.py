@@ -21,7 +21,7 @@ import gateway.core.spill as spill_module
 from gateway.core.spill import SpillFile
 from gateway.ledger.model import Query
 from gateway.ops.metrics import REGISTRY
-from tests.harness import PASSWORD, USER, Running
+from tests.harness import DENGAGE_SENDER, DENGAGE_USER, PASSWORD, PASSWORD_HASH, USER, Running
 from tests.smtputil import RawClient
 from tests.spool_helpers import wait_for
 from tests.test_cli import run_cli, write_config
@@ -107,6 +107,24 @@ def test_a_spilled_message_reaches_the_upstream_and_the_ledger_as_the_same_messa
     assert sent["body"] == expected["body"] and attachment_of_named(sent, "scan.pdf") == pdf
     assert kept_request(gw, spilled_reply) == kept_request(in_memory, reply)
     nothing_left(tmp_path / "spill")
+
+
+def test_a_spilled_message_reaches_a_dengage_account_as_the_same_message_in_memory(
+    gateway_factory: Callable[..., Running], tmp_path: Path
+) -> None:
+    raw = message(os.urandom(500 * 1024)).replace(b"billing@acme.example", DENGAGE_SENDER.encode())
+    bodies = []
+    before = spilled()
+    for above in (0, 4096):
+        gw = spilling(gateway_factory, tmp_path / str(above), above, dengage={})
+        with smtplib.SMTP("127.0.0.1", gw.port(), timeout=60) as client:
+            client.login(DENGAGE_USER, PASSWORD)
+            client.sendmail(DENGAGE_SENDER, ["client@example.com"], raw)
+        [sent] = gw.calls("send", provider="dengage", status=200)
+        bodies.append(sent["body"])
+        nothing_left(tmp_path / str(above) / "spill")
+    assert bodies[0] == bodies[1] and "scan.pdf" in str(bodies[0])
+    assert spilled() == before + 1
 
 
 def attachment_of_named(entry: dict[str, Any], name: str) -> bytes:
@@ -247,3 +265,30 @@ def _small_pieces() -> Iterator[None]:
         yield
     finally:
         spill_module._PIECE = saved
+
+
+def test_a_spilled_message_resent_with_its_idempotency_key_is_delivered_once(
+    gateway_factory: Callable[..., Running], tmp_path: Path
+) -> None:
+    gw = spilling(gateway_factory, tmp_path, 4096)
+    raw = b"X-Gateway-Idempotency-Key: scan-0001\r\n" + message(os.urandom(300 * 1024))
+    first, again = submit(gw.port(), raw), submit(gw.port(), raw)
+    assert first == again  # the resend is answered with the first delivery's id
+    assert len(gw.sent) == 1
+    nothing_left(tmp_path / "spill")
+
+
+def test_a_spilled_message_of_a_test_login_sends_nothing_and_leaves_nothing(
+    gateway_factory: Callable[..., Running], tmp_path: Path
+) -> None:
+    trial = {"username": "trial", "password_hash": PASSWORD_HASH, "campaign": 22, "test_mode": True}
+    gw = spilling(gateway_factory, tmp_path, 4096, extra_users=[trial])
+    before = spilled()
+    with smtplib.SMTP("127.0.0.1", gw.port(), timeout=60) as client:
+        client.login("trial", PASSWORD)
+        client.mail("billing@acme.example")
+        client.rcpt("client@example.com")
+        code, reply = client.data(message(os.urandom(300 * 1024)))
+    assert code == 250 and reply.startswith(b"2.0.0 Ok: queued as TEST-"), reply
+    assert spilled() == before + 1 and gw.requests == []
+    nothing_left(tmp_path / "spill")
