@@ -12,6 +12,8 @@ from typing import Any
 
 # Counting and copying out of the mapping go in pieces this big (no copy of the whole message on the heap).
 _PIECE = 256 * 1024
+# Messages at least this large have their pages released while they are parsed (read_through()).
+RELEASE_WHILE_PARSING = 8 * 1024 * 1024
 # A file system without O_TMPFILE (or an old kernel) answers with one of these: the file is made and unlinked.
 _NO_TMPFILE = (errno.EOPNOTSUPP, errno.EINVAL, errno.EISDIR)
 
@@ -74,10 +76,22 @@ class SpillMap(mmap.mmap):
         """The message without leading and trailing whitespace (asked only of a message with no header)."""
         return self[:].strip()
 
-    def release_pages(self) -> None:
-        """Take the mapping's pages out of this process's memory (their content stays in the file)."""
-        if not self.closed:
-            self.madvise(mmap.MADV_DONTNEED)
+    def release_pages(self, start: int = 0, end: int | None = None) -> None:
+        """Take the mapping's pages (those wholly within start..end) out of this process's memory; their content
+        stays in the file."""
+        if self.closed:
+            return
+        first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+        last = len(self) if end is None or end >= len(self) else end // mmap.PAGESIZE * mmap.PAGESIZE
+        if last > first:
+            self.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+    def read_through(self, start: int, end: int) -> None:
+        """The parser is done with start..end: a large message's pages there go now, so a scan's are not all in
+        memory at once while it is parsed. A smaller one's go once it is parsed (release_pages()): fewer system
+        calls, and each costs more than the memory it would save for a while."""
+        if not self.closed and len(self) >= RELEASE_WHILE_PARSING:
+            self.release_pages(start, end)
 
     def discard(self) -> None:
         """The message is no longer needed: unmap it now, which closes the file and frees its space. While a

@@ -254,6 +254,8 @@ class _Scan:
         size = _FIRST_CHUNK
         while at < end:
             chunk = bytes(self.view[at : at + size])
+            if isinstance(raw, SpillMap):
+                raw.read_through(at, at + len(chunk))
             size = min(2 * size, _CHUNK)
             compact = chunk.translate(_MARKED, _CRLF)
             bad = compact.find(0)
@@ -367,6 +369,7 @@ def materialize(raw: bytes | bytearray | SpillMap, runs: Iterable[Run]) -> dict[
                 # Never past `read`: the text only shrinks.
                 if isinstance(raw, SpillMap):
                     raw.put(write, compact)
+                    raw.read_through(read, read + _CHUNK)
                 else:
                     raw[write : write + len(compact)] = compact
                 write += len(compact)
