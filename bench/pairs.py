@@ -2,6 +2,7 @@
 so that a drifting machine moves both alike; 5 KB messages by smtp-source, one per connection by default.
 
     python bench/pairs.py BASE_TREE [--tree DIR] [--pairs 5] [--sessions 10] [--workers 1] [--mode per-connection]
+                                    [--message 5KB]
 
 BASE_TREE (A) and --tree (B, default: this checkout) are source trees with a gateway/ package, e.g. an export of
 main (`git archive main | tar -x -C /tmp/main`); both run with this checkout's Python and packages. Prints each
@@ -22,7 +23,7 @@ from pathlib import Path
 import genmsg
 from gateway_target import Gateway, check_cli
 from procmon import cpu_seconds, tree
-from run import PROFILES, measure_point, warm_up
+from run import MESSAGES, PROFILES, measure_point, warm_up
 from servers import BENCH_DIR, RUN_DIR_PREFIX, claim, stop_stale
 
 
@@ -30,7 +31,7 @@ def point(server: Gateway, args: argparse.Namespace) -> tuple[float, float]:
     """msgs/s and CPU milliseconds per message of one point."""
     pids = tree(server.rss_roots())
     before = cpu_seconds(pids)
-    measured = measure_point(server, "gateway", "5KB", args.mode, args.sessions, PROFILES["full"])
+    measured = measure_point(server, "gateway", args.message, args.mode, args.sessions, PROFILES["full"])
     used = cpu_seconds(pids) - before  # after settle(): every accepted message reached the sandbox
     if measured.error:
         raise SystemExit(f"point failed: {measured.error}")
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, default=10)
     parser.add_argument("--workers", type=int, default=1, help="serve --workers")
     parser.add_argument("--mode", choices=("persistent", "per-connection"), default="per-connection")
+    parser.add_argument("--message", choices=tuple(MESSAGES), default="5KB", help="the bench's message (run.py)")
     args = parser.parse_args(argv)
     trees = [args.base.resolve(), args.tree.resolve()]
     for source in trees:
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             server = Gateway(workdir, 0, cmd, [], workers=args.workers)
             server.env["PYTHONPATH"] = str(source)  # before the console script's own install
             stack.enter_context(server)
-            warm_up(server, PROFILES["full"], ["5KB"])
+            warm_up(server, PROFILES["full"], [args.message])
             servers.append(server)
         for n in range(args.pairs):
             for index in (0, 1) if n % 2 == 0 else (1, 0):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
@@ -17,6 +17,7 @@ from gateway.core import replies
 from gateway.core.errors import ContentRejected, Deferred, DnsTempFailure, GatewayError, PolicyRejected, Rejected
 from gateway.core.model import Call, Message, Origin, Principal, Receipt, Submission
 from gateway.core.replies import Reply
+from gateway.core.spill import SpillMap
 from gateway.delivery import idempotency, testmode
 from gateway.delivery.owner import DeliveryOwner
 from gateway.ledger import notice
@@ -106,7 +107,7 @@ class Pipeline:
         principal: Principal,
         mail_from: str,
         rcpt_tos: list[str],
-        raw: bytes | bytearray,
+        raw: bytes | bytearray | SpillMap,
         smtputf8: bool,
         receipt: Receipt | None = None,
         reservation: Reservation | None = None,
@@ -116,8 +117,9 @@ class Pipeline:
     ) -> Reply:
         """The reply to the end of DATA. Never raises: unexpected errors become 451 4.3.0.
 
-        `receipt` learns what became of the message (queue id, upstream ids, or why not) for the one log
-        line the SMTP session writes per transaction. `reservation`: the message's share of the
+        `raw`: a SpillMap when DATA went to a file (gateway/core/spill.py), discarded when the first attempt
+        has ended. `receipt` learns what became of the message (queue id, upstream ids, or why not) for the one
+        log line the SMTP session writes per transaction. `reservation`: the message's share of the
         large-message budget, released when its first attempt has ended. `origin`: the listener and client,
         for the message's ledger record. `test_mode`: everything but the upstream call
         (gateway/delivery/testmode.py). `drop_invalid_header_addresses`: the listener's choice for invalid
@@ -130,6 +132,7 @@ class Pipeline:
         headers = header_block(raw) if notify is not None else None
         origin = replace(origin or Origin(), size=len(raw), notify=notify, headers=headers)
         bound = log.bind(login=principal.login, account=principal.account, size=len(raw), rcpts=len(rcpt_tos))
+        spill = raw if isinstance(raw, SpillMap) else None
         try:
             submission, plan = await self.prepare(
                 principal, mail_from, rcpt_tos, raw, smtputf8, drop_invalid_header_addresses
@@ -142,17 +145,20 @@ class Pipeline:
                 return self._counted(testmode.accept(requests, submission, bound, receipt, self._test_recorder(origin)))
             key = idempotency.key_of(submission, account.idempotency_from_message_id)
             digest = None if key is None else await _digest(submission)
+            if spill is not None:
+                # Parsed and hashed: what the call needs of the file is read again only while it is sent.
+                spill.release_pages()
             reply = await self.owner.submit(
                 submission,
                 plan,
                 bound,
                 key,
                 receipt,
-                on_done=reservation.release if reservation else None,
+                on_done=_ended(reservation, spill),
                 origin=origin,
                 digest=digest,
             )
-            reservation = None  # the owner releases it
+            reservation = spill = None  # the owner releases them
         except (Rejected, Deferred) as exc:
             receipt.reason = exc.reason
             reply = exc.reply
@@ -169,6 +175,8 @@ class Pipeline:
         finally:
             if reservation is not None:  # refused before the owner took it (or a test message: never sent)
                 reservation.release()
+            if spill is not None:
+                spill.discard()
         return self._counted(reply)
 
     def _test_recorder(self, origin: Origin) -> testmode.TestRecorder:
@@ -192,7 +200,7 @@ class Pipeline:
         principal: Principal,
         mail_from: str,
         rcpt_tos: list[str],
-        raw: bytes | bytearray,
+        raw: bytes | bytearray | SpillMap,
         smtputf8: bool,
         drop_invalid_header_addresses: bool = False,
     ) -> tuple[Submission, tuple[Call, ...]]:
@@ -206,6 +214,8 @@ class Pipeline:
             # and the callers' frames still point at this buffer, not at its contents). A scan's base64 was
             # compacted within the buffer and its attachment is a view of it: the buffer then stays, once.
             raw.clear()
+        elif isinstance(raw, SpillMap) and not any(isinstance(a.b64, memoryview) for a in message.attachments):
+            raw.discard()  # likewise: nothing of the file is needed any more
         provider = self.providers[principal.account]
         submission = await provider.prepare(principal, message, mail_from, tuple(rcpt_tos))
         senders = await provider.sender_policy()
@@ -223,6 +233,19 @@ class Pipeline:
         return submission, plan
 
 
+def _ended(reservation: Reservation | None, spill: SpillMap | None) -> Callable[[], None] | None:
+    """What the delivery owner calls when the message's first attempt has ended: its memory may go."""
+    if spill is None:
+        return reservation.release if reservation is not None else None
+
+    def ended() -> None:
+        if reservation is not None:
+            reservation.release()
+        spill.discard()
+
+    return ended
+
+
 async def _digest(submission: Submission) -> str:
     """The message's digest for its idempotency key; a large one's on a parser thread (hashing megabytes)."""
     if idempotency.digest_size(submission) <= idempotency.DIGEST_IN_THREAD_BYTES:
@@ -230,7 +253,7 @@ async def _digest(submission: Submission) -> str:
     return await asyncio.get_running_loop().run_in_executor(_PARSER, idempotency.digest_of, submission)
 
 
-def _parse_large(raw: bytes | bytearray) -> Message:
+def _parse_large(raw: bytes | bytearray | SpillMap) -> Message:
     """mime.parse on a parser thread, and large decoded attachments made base64 there, once: the API
     wants base64, and encoding megabytes later would run on the event loop (payload) or twice (queue)."""
     message = mime.parse(raw)

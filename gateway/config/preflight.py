@@ -9,6 +9,7 @@ import os
 import socket
 import sqlite3
 import ssl
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,8 +51,9 @@ def serve_ports(settings: Settings) -> list[Port]:
 
 
 def files(settings: Settings) -> list[Finding]:
-    """TLS certificate and key (set, readable, loadable together, not expired) and the spool's directory."""
-    return [*_tls(settings), *_http_tls(settings), *_spool(settings.delivery.spool_path)]
+    """TLS certificate and key (set, readable, loadable together, not expired), the spool's directory and where
+    large messages' DATA goes (limits.spill_dir)."""
+    return [*_tls(settings), *_http_tls(settings), *_spool(settings.delivery.spool_path), *_spill(settings)]
 
 
 def accounts(settings: Settings) -> list[Finding]:
@@ -162,6 +164,22 @@ def _spool(path: Path) -> list[Finding]:
             )
         ]
     return []
+
+
+def _spill(settings: Settings) -> list[Finding]:
+    limits = settings.limits
+    if not limits.spill_above:
+        return []
+    directory = Path(limits.spill_dir or tempfile.gettempdir())
+    if directory.is_dir() and os.access(directory, os.W_OK | os.X_OK):
+        return []
+    where = f"limits.spill_dir {directory}" if limits.spill_dir else f"the temporary directory {directory} (TMPDIR)"
+    return [
+        Finding(
+            f"{where} is not a writable directory for uid {os.getuid()}: messages past limits.spill_above would be "
+            "refused; create it, set limits.spill_dir to one, or limits.spill_above = 0"
+        )
+    ]
 
 
 def _spool_contents(path: Path, where: str) -> list[Finding]:

@@ -202,6 +202,17 @@ class LimitsSettings(_Section):
     large_message_threshold: int = Field(
         1024 * 1024, ge=0, description="Messages up to this many bytes never count against `max_large_bytes`."
     )
+    spill_above: int = Field(
+        256 * 1024,
+        ge=0,
+        description="A message's DATA past this many bytes goes to an unlinked temporary file in `spill_dir` as it "
+        "arrives and waits for its API call there, not in the process's memory; 0: never.",
+    )
+    spill_dir: str | None = Field(
+        None,
+        description="Directory of those files (they have no name there, and go when the message's first delivery "
+        "attempt ends); default: the system's temporary directory (`TMPDIR`, else /tmp).",
+    )
     malloc_mmap_threshold: int = Field(
         4 * 1024 * 1024,
         ge=0,

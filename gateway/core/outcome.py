@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from gateway.core.errors import AnswerLost, Deferred, Rejected
 from gateway.core.model import Call, Submission
@@ -14,6 +14,7 @@ from gateway.core.model import Call, Submission
 # Called by a provider right before it sends calls, with their keys: the delivery owner records that
 # they may now reach the upstream (a lease that expires after this is an ambiguous call, not a safe one).
 BeforeSend = Callable[[Sequence[str]], Awaitable[None]]
+_E = TypeVar("_E", bound=BaseException)
 
 
 async def no_hook(keys: Sequence[str]) -> None:
@@ -45,6 +46,12 @@ class Outcome:
     rejected: dict[str, Rejected] = field(default_factory=dict)
     skipped: set[str] = field(default_factory=set)
 
+    def defer(self, key: str, exc: Deferred) -> None:
+        self.deferred[key] = _kept(exc)
+
+    def reject(self, key: str, exc: Rejected) -> None:
+        self.rejected[key] = _kept(exc)
+
     @property
     def ambiguous(self) -> set[str]:
         return {key for key, exc in self.deferred.items() if isinstance(exc, AnswerLost)}
@@ -55,9 +62,9 @@ class Outcome:
         results = await asyncio.gather(*calls.values(), return_exceptions=True)
         for key, result in zip(calls, results, strict=True):
             if isinstance(result, Deferred):
-                self.deferred[key] = result
+                self.defer(key, result)
             elif isinstance(result, Rejected):
-                self.rejected[key] = result
+                self.reject(key, result)
             elif isinstance(result, BaseException):
                 raise result
             else:
@@ -74,6 +81,12 @@ class Outcome:
         for exc in (*self.rejected.values(), *self.deferred.values()):
             return exc.reason
         return None
+
+
+def _kept(exc: _E) -> _E:
+    """An answer kept without its traceback: its frames (the call's, holding the message and its request body)
+    and the exception would otherwise keep each other, and the message, until the cyclic GC runs."""
+    return exc.with_traceback(None)
 
 
 class UpstreamHealth(Protocol):

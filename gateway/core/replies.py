@@ -155,7 +155,8 @@ DNS_TEMPFAIL = Reply(451, "4.4.3", "DNS lookup failed temporarily; try again lat
 """A sender or recipient domain's DNS lookup timed out or failed (SERVFAIL, a broken resolver)."""
 
 SPOOL_FULL = Reply(452, "4.3.1", "Insufficient system storage")
-"""The message had to be queued and the queue cannot store it (disk full, read-only, database down)."""
+"""The message had to be queued and the queue cannot store it (disk full, read-only, database down), or a large
+message's DATA could not be written to `limits.spill_dir`."""
 LARGE_BUSY = Reply(452, "4.3.1", "Too many large messages in progress here; try again later")
 """MAIL with a SIZE, or a message, past what `limits.max_large_bytes` has free."""
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")

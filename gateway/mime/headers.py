@@ -10,6 +10,7 @@ from email.header import decode_header
 from email.message import Message
 from email.policy import Compat32
 
+from gateway.core.spill import SpillMap
 from gateway.mime import charsets
 
 _SURROGATE = re.compile("[\udc80-\udcff]")
@@ -152,7 +153,7 @@ def filename_param(part: Message) -> str | None:
 HEADER_BLOCK_MAX = 64 * 1024
 
 
-def header_block(raw: bytes | bytearray | memoryview, limit: int = HEADER_BLOCK_MAX) -> str:
+def header_block(raw: bytes | bytearray | memoryview | SpillMap, limit: int = HEADER_BLOCK_MAX) -> str:
     """The message's header block as received (up to the empty line), with CRLF line ends, cut after the last
     whole line within `limit` bytes; 8-bit bytes that are not UTF-8 are replaced."""
     data = bytes(raw[: limit + 4])

@@ -8,8 +8,9 @@ once as it arrived, once more inside the JSON) and no multi-megabyte JSON is bui
 
 from __future__ import annotations
 
+import mmap
 import secrets
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,15 +58,16 @@ class Body:
     def __len__(self) -> int:
         return sum(len(p) for p in self.pieces)
 
-    def slices(self) -> Iterator[memoryview]:
+    async def aiter(self) -> AsyncIterator[bytes]:
         for piece in self.pieces:
             view = memoryview(piece)
+            # A blob in a spilled message's mapping (gateway/core/spill.py): its pages, read for a slice, are
+            # released once the slice is copied out, so the message does not come back into memory as it is sent.
+            mapped = view.obj if isinstance(view.obj, mmap.mmap) else None
             for start in range(0, len(view), SLICE):
-                yield view[start : start + SLICE]
-
-    async def aiter(self) -> AsyncIterator[bytes]:
-        for chunk in self.slices():
-            yield bytes(chunk)
+                yield bytes(view[start : start + SLICE])
+                if mapped is not None and not mapped.closed:
+                    mapped.madvise(mmap.MADV_DONTNEED)
 
     def join(self) -> bytes:
         """The whole body in one piece (tests, and the rare transport that needs it)."""

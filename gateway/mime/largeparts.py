@@ -9,6 +9,7 @@ from email.message import Message as EmailMessage
 from email.parser import BytesParser
 from email.policy import Compat32
 
+from gateway.core.spill import SpillMap
 from gateway.mime.headers import transfer_encoding
 
 # Bodies of at least this many bytes of base64 (line breaks not counted) are lifted. Lifting costs more
@@ -62,7 +63,7 @@ class Lifted:
     line_ends: int  # CR and LF bytes of the whole message, lifted bodies included (the parser limits count them)
 
 
-def lift(raw: bytes | bytearray, policy: Compat32, threshold: int = THRESHOLD) -> Lifted | None:
+def lift(raw: bytes | bytearray | SpillMap, policy: Compat32, threshold: int = THRESHOLD) -> Lifted | None:
     """The message with every lifted body replaced; None when there is nothing to lift.
 
     A body is lifted when it is the body of a part that is neither text, multipart nor message (an attached
@@ -156,7 +157,7 @@ class _Scan:
     Positions are offsets into the raw message; a part ends where a delimiter line of any enclosing multipart
     begins (RFC 2046 §5.1.2: outer boundaries are recognised at every level, as the stdlib does)."""
 
-    def __init__(self, raw: bytes | bytearray, view: memoryview, policy: Compat32, threshold: int) -> None:
+    def __init__(self, raw: bytes | bytearray | SpillMap, view: memoryview, policy: Compat32, threshold: int) -> None:
         self.raw, self.view, self.end = raw, view, len(raw)
         self.parser = BytesParser(policy=policy)
         self.threshold = max(threshold, 1)
@@ -253,6 +254,8 @@ class _Scan:
         size = _FIRST_CHUNK
         while at < end:
             chunk = bytes(self.view[at : at + size])
+            if isinstance(raw, SpillMap):
+                raw.read_through(at, at + len(chunk))
             size = min(2 * size, _CHUNK)
             compact = chunk.translate(_MARKED, _CRLF)
             bad = compact.find(0)
@@ -352,18 +355,23 @@ def _boundary(headers: EmailMessage) -> bytes | None:
         return None  # an RFC 2231 boundary beyond Latin-1: no line can match it
 
 
-def materialize(raw: bytes | bytearray, runs: Iterable[Run]) -> dict[Run, bytes | memoryview]:
-    """Each lifted body's base64 text without line breaks. In a bytearray (the SMTP session's buffer) it is
-    made in place, each body shrinking within its own bytes, and handed out as a view: the message is then
-    held once, not once as it arrived and once more as the attachment's text. Call only once the lifted
-    structure is accepted: the buffer is not the message any more."""
+def materialize(raw: bytes | bytearray | SpillMap, runs: Iterable[Run]) -> dict[Run, bytes | memoryview]:
+    """Each lifted body's base64 text without line breaks. In a bytearray (the SMTP session's buffer) or a
+    SpillMap (that buffer in a file) it is made in place, each body shrinking within its own bytes, and handed
+    out as a view: the message is then held once, not once as it arrived and once more as the attachment's
+    text. Call only once the lifted structure is accepted: the buffer is not the message any more."""
     texts: dict[Run, bytes | memoryview] = {}
     for run in runs:
-        if isinstance(raw, bytearray):
+        if isinstance(raw, bytearray | SpillMap):
             write = run.start
             for read in range(run.start, run.end, _CHUNK):
                 compact = bytes(raw[read : min(read + _CHUNK, run.end)]).translate(None, _CRLF)
-                raw[write : write + len(compact)] = compact  # never past `read`: the text only shrinks
+                # Never past `read`: the text only shrinks.
+                if isinstance(raw, SpillMap):
+                    raw.put(write, compact)
+                    raw.read_through(read, read + _CHUNK)
+                else:
+                    raw[write : write + len(compact)] = compact
                 write += len(compact)
             texts[run] = memoryview(raw)[run.start : write]
         else:

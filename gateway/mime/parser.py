@@ -12,6 +12,7 @@ from email.message import Message as EmailMessage
 from gateway.core import replies
 from gateway.core.errors import ContentRejected
 from gateway.core.model import Address, Message
+from gateway.core.spill import SpillMap
 from gateway.mime import bodies, fastsplit, largeparts, sanitize
 from gateway.mime.addresses import AddressSyntaxError, parse_address_list
 from gateway.mime.headers import RAW_HEADERS, header_text, undo_surrogates
@@ -39,7 +40,7 @@ _FEED_CHUNK = 64 * 1024
 EXPENSIVE_LINE_ENDS = 4_000
 
 
-def expensive(raw: bytes | bytearray) -> bool:
+def expensive(raw: bytes | bytearray | SpillMap) -> bool:
     """Whether parsing `raw` may keep the CPU busy long enough to belong on a worker thread."""
     return raw.count(b"\n") + raw.count(b"\r") > EXPENSIVE_LINE_ENDS
 
@@ -82,7 +83,9 @@ class _BoundedParser(BytesFeedParser):
         self._headersonly = self._cur.get_content_maintype() == "message"  # type: ignore[attr-defined]
 
 
-def parse(raw: bytes | bytearray, lift_above: int | None = largeparts.THRESHOLD, fast: bool = True) -> Message:
+def parse(
+    raw: bytes | bytearray | SpillMap, lift_above: int | None = largeparts.THRESHOLD, fast: bool = True
+) -> Message:
     """Decode a submitted message. Raises ContentRejected when it cannot be turned into an API call.
 
     Attachments of at least `lift_above` bytes of clean base64 carry that text as it arrived
@@ -97,7 +100,7 @@ def parse(raw: bytes | bytearray, lift_above: int | None = largeparts.THRESHOLD,
 
 
 def _tree(
-    raw: bytes | bytearray, lift_above: int | None, fast: bool
+    raw: bytes | bytearray | SpillMap, lift_above: int | None, fast: bool
 ) -> tuple[EmailMessage, Mapping[int, bytes | memoryview]]:
     """The parse tree, and the lifted bodies by id() of the leaves they belong to."""
     if lift_above is not None and (lifted := largeparts.lift(raw, _POLICY, lift_above)) is not None:
@@ -120,13 +123,15 @@ def _lifted_tree(lifted: largeparts.Lifted, fast: bool) -> tuple[EmailMessage, M
     return None if carried is None else (tree, carried)
 
 
-def _parse_tree(raw: bytes | bytearray, line_ends: int | None = None, fast: bool = True) -> EmailMessage:
+def _parse_tree(raw: bytes | bytearray | SpillMap, line_ends: int | None = None, fast: bool = True) -> EmailMessage:
     # The same tree, found faster where the message is plainly well-formed and far enough from the limits
     # that the bounded parser would not refuse it: fastsplit takes at most MAX_SIZE bytes (so as many line
     # ends) MAX_DEPTH levels deep, within MAX_NESTING_WORK (tests/test_mime_fastsplit.py); `line_ends`, those
-    # of a whole message of which `raw` is the skeleton, may be more.
+    # of a whole message of which `raw` is the skeleton, may be more. A spilled message (a mapping of its
+    # file) is past the size the fast path takes.
     if (
         fast
+        and not isinstance(raw, SpillMap)
         and (line_ends is None or line_ends * fastsplit.MAX_DEPTH <= MAX_NESTING_WORK)
         and (tree := fastsplit.tree(raw, _POLICY)) is not None
     ):
@@ -137,8 +142,8 @@ def _parse_tree(raw: bytes | bytearray, line_ends: int | None = None, fast: bool
     parser = _BoundedParser(lines)
     view = memoryview(raw)
     try:
-        if len(raw) <= _FEED_CHUNK:
-            parser.feed(raw)  # a bytearray decodes like bytes
+        if len(raw) <= _FEED_CHUNK and not isinstance(raw, SpillMap):
+            parser.feed(raw)  # a bytearray decodes like bytes (a mapping does not: it is fed in copies)
         else:
             for start in range(0, len(view), _FEED_CHUNK):
                 parser.feed(bytes(view[start : start + _FEED_CHUNK]))
@@ -167,7 +172,7 @@ def _raised_in(exc: BaseException, path: str, function: str) -> bool:
     return bool(frames) and frames[-1].filename.replace("\\", "/").endswith(path) and frames[-1].name == function
 
 
-def _parse(raw: bytes | bytearray, lift_above: int | None, fast: bool) -> Message:
+def _parse(raw: bytes | bytearray | SpillMap, lift_above: int | None, fast: bool) -> Message:
     msg, carried = _tree(raw, lift_above, fast)
     if not msg.keys() and not raw.strip():
         raise ContentRejected("Empty message")

@@ -105,6 +105,16 @@ LARGE_REFUSED = Counter(
     "Large messages refused with 452 4.3.1 because limits.max_large_bytes were in use",
     registry=REGISTRY,
 )
+SPILLED = Counter(
+    "smtp_gateway_messages_spilled_total",
+    "Messages whose DATA went to a temporary file as it arrived (past limits.spill_above)",
+    registry=REGISTRY,
+)
+SPILL_FAILURES = Counter(
+    "smtp_gateway_spill_failures_total",
+    "Messages refused with 452 4.3.1 because their DATA could not be written to limits.spill_dir (full, missing)",
+    registry=REGISTRY,
+)
 RESENDS = Counter(
     "smtp_gateway_resends_total",
     "Messages not sent again because their idempotency key was seen within the window: answered (250 with the "

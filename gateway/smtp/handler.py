@@ -22,6 +22,7 @@ from gateway.config import LimitsSettings, ListenerSettings
 from gateway.core import replies
 from gateway.core.errors import GatewayError
 from gateway.core.model import Origin, Principal
+from gateway.core.spill import SpillMap
 from gateway.limits.clients import AuthTicket, Defenses, client_ip, client_key
 from gateway.ops.metrics import (
     AUTH,
@@ -438,7 +439,7 @@ class GatewayHandler:
         if principal is None:
             return str(replies.AUTH_REQUIRED)
         raw = envelope.original_content
-        assert isinstance(raw, (bytes, bytearray)) and envelope.mail_from is not None
+        assert isinstance(raw, (bytes, bytearray, SpillMap)) and envelope.mail_from is not None
         txn = server.txn
         taken = None
         if self.per_login is not None:

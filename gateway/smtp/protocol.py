@@ -11,6 +11,7 @@ import contextlib
 import functools
 import random
 import re
+import tempfile
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,8 +24,9 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult, syntax
 from gateway.core import replies
 from gateway.core.model import Principal, Receipt
 from gateway.core.replies import add_enhanced_code
+from gateway.core.spill import SpillFile, SpillMap
 from gateway.limits.budget import ByteBudget, Reservation
-from gateway.ops.metrics import LIMIT_HITS, REFUSALS, SESSIONS_TLS
+from gateway.ops.metrics import LIMIT_HITS, REFUSALS, SESSIONS_TLS, SPILL_FAILURES, SPILLED
 from gateway.smtp.fastinit import MethodTables, init_session
 from gateway.smtp.handshake import ListenerTls, TlsHandshake
 
@@ -38,6 +40,10 @@ _CHUNK = 64 * 1024
 # goes to aiosmtpd's full RFC 5322 parser, which is slow (it defines a class on every call).
 _SIMPLE_PATH = re.compile(r"\s*<([^<>\s\"\\()@,;:\[\]]+@[^<>\s\"\\()@,;:]+)>(.*)\Z", re.DOTALL)
 _END = b"\r\n.\r\n"
+# Once spilling, DATA goes to the file in writes of at least this size. The buffer's last bytes wait for
+# the next read: a terminator may begin in them (a terminator is searched for from its first byte on).
+_SPILL_WRITE = 256 * 1024
+_SPILL_TAIL = len(_END) - 1
 # RFC 4954 §4: an AUTH command line (with its initial response) and each line answering a 334 challenge may
 # be 12288 octets long; aiosmtpd's default of 512 (and 1001 for any line it reads) refuses a long password.
 AUTH_LINE_LIMIT = 12288
@@ -89,6 +95,8 @@ class GatewaySMTP(SMTP):
         data_timeout: float = 600.0,
         max_commands_before_data: int = 100,
         budget: ByteBudget | None = None,
+        spill_above: int = 0,
+        spill_dir: str | None = None,
         **kwargs: Any,
     ) -> None:
         cls = type(self)
@@ -113,6 +121,10 @@ class GatewaySMTP(SMTP):
         # The large message being received holds this share of the budget until the pipeline takes it over.
         self.reservation: Reservation | None = None
         self._over_budget = False
+        # DATA past this many bytes goes to an unlinked file in spill_dir (0: never; gateway/core/spill.py).
+        self._spill_above = spill_above
+        self._spill_dir = spill_dir
+        self._spill_error: str | None = None  # why the last message's DATA could not go to its file
         # Carried by every log line of the session (structlog contextvars, bound in its task).
         # Only unique, not secret: no system call per connection (random reseeds itself in a forked child).
         self.session_id = f"{random.getrandbits(48):012x}"
@@ -439,7 +451,12 @@ class GatewaySMTP(SMTP):
         finally:
             deadline.cancel()
             self.in_data = False
-        if content is None:
+        if content is None and self._spill_error is not None:
+            txn.receipt.reason = f"DATA could not be written to limits.spill_dir: {self._spill_error}"
+            status = str(replies.SPOOL_FULL)
+            self._release()
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+        elif content is None:
             LIMIT_HITS.labels(limit="max_large_bytes" if self._over_budget else "max_message_size").inc()
             txn.receipt.reason = (
                 "too many large messages in this process now (limits.max_large_bytes)"
@@ -527,13 +544,17 @@ class GatewaySMTP(SMTP):
         else:
             log.info("message_rejected", reply=status, **fields)
 
-    async def _read_data(self) -> bytearray | None:
+    async def _read_data(self) -> bytearray | SpillMap | None:
         reader = self._reader
         limit = self.data_size_limit or 0
         # A CRLF stands before the data (the DATA line's own), so the terminator search and the
         # dot-unstuffing below treat the first line like every other line.
         buf = bytearray(b"\r\n")
+        kept = 2  # bytes at buf's start that are not data to keep (that CRLF, or the tail of what was spilled)
+        spill: SpillFile | None = None
+        spilled = 0  # bytes of data (as sent, dot-stuffed) written to the spill file
         too_big = self._over_budget = False
+        self._spill_error = None
         if self.budget is not None:
             self.reservation = self.budget.reservation()
         received = 0
@@ -560,24 +581,52 @@ class GatewaySMTP(SMTP):
                     # Too many large messages in this process now: read the rest, keep none of it, answer 452.
                     too_big = self._over_budget = True
                     self._release()
-                if too_big or (limit and len(buf) > limit + 2 + len(_END)):
+                if too_big or (limit and spilled + len(buf) - kept > limit + len(_END)):
                     too_big = True
+                    if spill is not None:
+                        spill.close()
+                        spill = None
                     del buf[: len(buf) - len(_END)]  # keep only what the terminator search needs
+                elif self._spill_above and (cut := len(buf) - _SPILL_TAIL) - kept >= (
+                    _SPILL_WRITE if spill else max(self._spill_above, _SPILL_TAIL)
+                ):
+                    # A large message goes to a file while it arrives, in large writes (a write of 256 KiB to the
+                    # page cache takes about 0.1 ms): it then waits for its API call outside the heap. The last
+                    # bytes stay: they may begin the terminator ("\r\n." of "\r\n.\r\n"), which is not data.
+                    spill = spill or self._spill_open()
+                    if spill is not None and self._spill_write(spill, buf, kept, cut, stuffed):
+                        spilled += cut - kept
+                        del buf[: cut - 1]  # the last byte written stays before the rest, for the unstuffing
+                        kept = 1
+                        stuffed = buf.find(b"\n.") != -1  # from here on: what is still in the buffer
+                    else:  # refused (452) once its end has come; the rest is read and dropped meanwhile
+                        too_big = True
+                        self._release()
+                        del buf[: len(buf) - len(_END)]
+            leftover = bytes(buf[end + len(_END) :])
+            if leftover:
+                # Pipelined commands after the final dot belong to the command loop.
+                reader._buffer[0:0] = leftover  # type: ignore[attr-defined]
+            if too_big:
+                return None
+            del buf[end + 2 :]
+            if limit and spilled + len(buf) - kept > limit:
+                return None
+            if spill is not None:
+                if not self._spill_write(spill, buf, kept, len(buf), stuffed):
+                    return None
+                del buf[:]
+                SPILLED.inc()
+                return spill.mapped()
         except BaseException:
             # A session cut off in its DATA (the client gone, a timeout) ends in an exception whose traceback
             # keeps the session's frames, and the data in them, until the cyclic GC finds them, which in a busy
             # process is rarely: clients that left mid-message made its RSS grow by their messages' size.
             del buf[:]
             raise
-        leftover = bytes(buf[end + len(_END) :])
-        if leftover:
-            # Pipelined commands after the final dot belong to the command loop.
-            reader._buffer[0:0] = leftover  # type: ignore[attr-defined]
-        if too_big:
-            return None
-        del buf[end + 2 :]
-        if limit and len(buf) - 2 > limit:
-            return None
+        finally:
+            if spill is not None:
+                spill.close()  # a no-op once mapped; else (cut off, too big) the file goes now
         # Undo dot-stuffing after bare LF too: clients that end lines with LF (smtplib with bytes,
         # scripts) stuff the dots of those lines. Only CRLF.CRLF ends the data, so this is unambiguous.
         # Only then is a copy made: base64 never starts a line with a dot, so a scan is not held twice.
@@ -587,6 +636,41 @@ class GatewaySMTP(SMTP):
         # A bytearray, not bytes: the pipeline empties it once the message is parsed, so a large
         # message's raw copy is not held while its upstream call runs (docs/messages.md, memory).
         return content
+
+    def _spill_open(self) -> SpillFile | None:
+        try:
+            return SpillFile(self._spill_dir)
+        except OSError as exc:
+            self._spill_failed(exc)
+            return None
+
+    def _spill_write(self, spill: SpillFile, buf: bytearray, kept: int, end: int, stuffed: bool) -> bool:
+        """buf[kept:end] into the file, dot-unstuffed if `stuffed` (a line in it starts with a dot)."""
+        try:
+            if stuffed:
+                spill.write(_unstuffed(buf, kept, end))
+            else:
+                with memoryview(buf) as view:  # released before the buffer is cut
+                    spill.write(view[kept:end])
+        except OSError as exc:  # the disk is full, the directory gone: the message cannot be kept
+            spill.close()
+            self._spill_failed(exc)
+            return False
+        return True
+
+    def _spill_failed(self, exc: OSError) -> None:
+        self._spill_error = exc.strerror or type(exc).__name__
+        SPILL_FAILURES.inc()
+        log.error("data_spill_failed", directory=self._spill_dir or tempfile.gettempdir(), error=str(exc))
+
+
+def _unstuffed(buf: bytearray, kept: int, end: int) -> memoryview:
+    """buf[kept:end] with the dot-stuffing undone: the byte before `kept` comes along, so a "\n." whose
+    "\n" was written out with the previous piece is seen (only the bytes from `kept` on are returned)."""
+    piece = buf[kept - 1 : end]
+    if piece.find(b"\n.") != -1:
+        piece = piece.replace(b"\n.", b"\n")
+    return memoryview(piece)[1:]
 
 
 @functools.lru_cache(maxsize=512)

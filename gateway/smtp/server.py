@@ -268,6 +268,8 @@ class Listeners:
             listener=name,
             client_key=key,
             budget=self.budget,
+            spill_above=limits.spill_above,
+            spill_dir=limits.spill_dir,
             data_timeout=limits.data_timeout,
             max_commands_before_data=limits.max_commands_before_data,
             hostname=self.settings.hostname,

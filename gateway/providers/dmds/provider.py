@@ -253,11 +253,11 @@ class DmdsProvider(ProviderBase[DmdsAccount]):
             try:
                 result = await self.send_leg(submission, first, None, before_send)
             except Deferred as exc:
-                outcome.deferred[first.key] = exc
+                outcome.defer(first.key, exc)
                 outcome.skipped.update(leg.key for leg in rest)
                 return outcome
             except Rejected as exc:
-                outcome.rejected[first.key] = exc
+                outcome.reject(first.key, exc)
                 outcome.skipped.update(leg.key for leg in rest)
                 return outcome
             outcome.delivered[first.key] = batch = result.upstream_id
