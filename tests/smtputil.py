@@ -8,6 +8,7 @@ import re
 import smtplib
 import socket
 import ssl
+import struct
 from collections.abc import Iterator
 
 from tests.harness import PASSWORD, USER, Running
@@ -81,6 +82,11 @@ def send(client: smtplib.SMTP, raw: bytes, rcpts: list[str] | None = None, mail_
     return code, text.decode()
 
 
+def reset_on_close(sock: socket.socket) -> None:
+    """SO_LINGER on with 0 s: closing the socket sends a TCP reset instead of a FIN."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
 class RawClient:
     """Speaks SMTP line by line so tests see every reply exactly as sent (smtplib hides some)."""
 
@@ -135,6 +141,18 @@ class RawClient:
     def login(self, user: str = USER, password: str = PASSWORD) -> str:
         blob = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
         return self.cmd(f"AUTH PLAIN {blob}")
+
+    def open_data(self) -> None:
+        """EHLO, AUTH as the test login, one sender and one recipient, DATA: ready for the message's bytes."""
+        self.cmd("EHLO client.test")
+        assert self.login().startswith("235")
+        assert self.cmd(f"MAIL FROM:<{SENDER}>").startswith("250")
+        assert self.cmd(f"RCPT TO:<{RECIPIENT}>").startswith("250")
+        assert self.cmd("DATA").startswith("354")
+
+    def reset_on_close(self) -> None:
+        """Leave as a crashed client does: the close that ends the `with` block sends a TCP reset."""
+        reset_on_close(self.sock)
 
     def closed(self) -> bool:
         """True when the server has closed the connection (EOF)."""

@@ -4,13 +4,12 @@ instances on one PostgreSQL queue), and a backlog that drains as soon as the ups
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable
 
 import structlog
 
 from gateway.ops.metrics import REGISTRY
-from tests.harness import PASSWORD, USER, Running
+from tests.harness import Running
 from tests.pgserver import PgCluster
 from tests.smtputil import RawClient
 from tests.spool_helpers import send, spool_rows, wait_for
@@ -25,15 +24,11 @@ def metric(name: str, **labels: str) -> float:
 def send_and_vanish(gw: Running, subject: str) -> None:
     """A whole transaction, then the client hangs up right after the final dot, before any reply."""
     with RawClient(gw) as client:
-        client.cmd("EHLO client.test")
-        assert client.login(USER, PASSWORD).startswith("235")
-        assert client.cmd("MAIL FROM:<billing@acme.example>").startswith("250")
-        assert client.cmd("RCPT TO:<client@example.com>").startswith("250")
-        assert client.cmd("DATA").startswith("354")
+        client.open_data()
         client.write(
             f"From: billing@acme.example\r\nTo: client@example.com\r\nSubject: {subject}\r\n\r\nhi\r\n.\r\n".encode()
         )
-        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        client.reset_on_close()
 
 
 def test_client_gone_during_a_delivered_call_is_recorded(gateway_factory: Callable[..., Running]) -> None:

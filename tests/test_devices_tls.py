@@ -12,7 +12,6 @@ import logging
 import shutil
 import socket
 import ssl
-import struct
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,7 +26,7 @@ from gateway.smtp.tls import write_self_signed
 from tests.configs import listener
 from tests.devices_util import captured_logs, events, raw_send, server_connections
 from tests.harness import LoopThread, Running, start, stop
-from tests.smtputil import RawClient, insecure_context, message
+from tests.smtputil import RawClient, insecure_context, message, reset_on_close
 from tests.spool_helpers import wait_for
 from tests.test_tls_profiles import client_context
 
@@ -252,7 +251,7 @@ def _client_hello_bytes() -> bytes:
 
 def _reset(sock: socket.socket) -> None:
     """Close with a TCP RST (SO_LINGER 0), as a client that crashes or is killed does."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    reset_on_close(sock)
     sock.close()
 
 
@@ -313,7 +312,7 @@ def _success_then_close(sock: socket.socket) -> None:
 
 def _success_then_reset(sock: socket.socket) -> None:
     tls = insecure_context().wrap_socket(sock)
-    tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    reset_on_close(tls)
     tls.close()
 
 

@@ -9,7 +9,6 @@ import gc
 import hashlib
 import os
 import smtplib
-import socket
 import threading
 import tracemalloc
 from collections.abc import Callable
@@ -19,8 +18,6 @@ import httpx
 from tests.harness import PASSWORD, USER, Running
 from tests.smtputil import RawClient
 from tests.spool_helpers import wait_for
-
-RESET = b"\x01\x00\x00\x00\x00\x00\x00\x00"  # SO_LINGER on, 0 s: close() sends a reset
 
 MIB = 1024 * 1024
 # Room for one 3 MiB message at a time.
@@ -117,14 +114,10 @@ def test_a_client_vanishing_mid_data_releases_its_share(gateway_factory: Callabl
     gw = gateway_factory(limits=SMALL_BUDGET)
     raw, _ = scan(3 * MIB)
     with RawClient(gw) as client:
-        client.cmd("EHLO client.test")
-        assert client.login(USER, PASSWORD).startswith("235")
-        client.cmd("MAIL FROM:<billing@acme.example>")
-        client.cmd("RCPT TO:<client@example.com>")
-        assert client.cmd("DATA").startswith("354")
+        client.open_data()
         client.write(raw[: 2 * MIB])
         wait_for(lambda: gw.app.listeners is not None and gw.app.listeners.budget.used > MIB, 10, "held")
-        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET)
+        client.reset_on_close()
     wait_for(lambda: gw.app.listeners is not None and gw.app.listeners.budget.used == 0, 10, "released")
     assert gw.sent == []  # a message cut off mid-DATA is never sent
 
@@ -151,18 +144,14 @@ def test_a_client_gone_mid_message_leaves_no_copy_of_it_behind(gateway_factory: 
         before = traced()
         for cut_off_in_data in (True, False):
             with RawClient(gw) as client:
-                client.cmd("EHLO client.test")
-                assert client.login(USER, PASSWORD).startswith("235")
-                assert client.cmd("MAIL FROM:<billing@acme.example>").startswith("250")
-                assert client.cmd("RCPT TO:<client@example.com>").startswith("250")
-                assert client.cmd("DATA").startswith("354")
+                client.open_data()
                 if cut_off_in_data:
                     client.write(raw[: 2 * MIB])
                     wait_for(lambda: listeners.budget.used > MIB, 10, "the data held")
                 else:
                     client.write(raw + b".\r\n")
                     wait_for(lambda: not gw.sandbox.state.faults, 10, "the upstream called (its delay taken)")
-                client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET)
+                client.reset_on_close()
             wait_for(lambda: listeners.budget.used == 0 and not listeners.sessions, 10, "the session over")
         wait_for(lambda: gw.sent, 10, "the second message delivered all the same")
         httpx.delete(f"{gw.sandbox_url}/_sandbox/requests").raise_for_status()  # the sandbox keeps bodies

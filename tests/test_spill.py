@@ -8,7 +8,6 @@ import base64
 import contextlib
 import os
 import smtplib
-import socket
 from collections.abc import Callable, Iterator
 from email.message import EmailMessage
 from pathlib import Path
@@ -25,7 +24,7 @@ from tests.harness import DENGAGE_SENDER, DENGAGE_USER, PASSWORD, PASSWORD_HASH,
 from tests.smtputil import RawClient
 from tests.spool_helpers import wait_for
 from tests.test_cli import run_cli, write_config
-from tests.test_large_messages import RESET, attachment_of, scan
+from tests.test_large_messages import attachment_of, scan
 
 MIB = 1024 * 1024
 FAST = {"retry_schedule": [0.3], "retry_jitter": 0.0, "poll_interval": 0.2}
@@ -210,14 +209,10 @@ def test_a_client_gone_mid_data_leaves_no_file(gateway_factory: Callable[..., Ru
     raw, _ = scan(3 * MIB)
     directory = tmp_path / "spill"
     with RawClient(gw) as client:
-        client.cmd("EHLO client.test")
-        assert client.login(USER, PASSWORD).startswith("235")
-        client.cmd("MAIL FROM:<billing@acme.example>")
-        client.cmd("RCPT TO:<client@example.com>")
-        assert client.cmd("DATA").startswith("354")
+        client.open_data()
         client.write(raw[: 2 * MIB])
         wait_for(lambda: open_in(directory), 10, "spilling")
-        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET)
+        client.reset_on_close()
     nothing_left(directory)
     assert gw.sent == []
 

@@ -15,6 +15,7 @@ from gateway.core.errors import AnswerLost, UpstreamUnavailable
 from gateway.mime import jsonbody
 from gateway.upstream.client import HttpClient
 from gateway.upstream.response import HttpResponse
+from tests.smtputil import reset_on_close
 
 Behaviour = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 TRANSPORTS = ["aiohttp", "httpx"]
@@ -42,8 +43,7 @@ async def close_after_reading(reader: asyncio.StreamReader, writer: asyncio.Stre
 
 async def reset_after_reading(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     await _read_request(reader)
-    sock = writer.get_extra_info("socket")
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    reset_on_close(writer.get_extra_info("socket"))
     writer.close()
 
 

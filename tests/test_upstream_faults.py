@@ -16,6 +16,7 @@ import pytest
 from gateway.ops.metrics import REGISTRY
 from gateway.smtp.tls import write_self_signed
 from tests.harness import LoopThread, Running
+from tests.smtputil import reset_on_close
 from tests.spool_helpers import send, spool_rows
 
 EXCEPTION_NAME = re.compile(r"\b[A-Z][A-Za-z]*(Error|Exception|Timeout|Warning)\b|Traceback|errno", re.I)
@@ -86,8 +87,7 @@ def _answer(mode: str) -> bytes:
 
 
 def _reset(writer: asyncio.StreamWriter) -> None:
-    sock = writer.get_extra_info("socket")
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    reset_on_close(writer.get_extra_info("socket"))
 
 
 # mode -> (sent for sure (counted ambiguous when queued), the passthrough reply's code and enhanced code)
