@@ -91,3 +91,20 @@ def test_a_process_without_the_operator_endpoint_never_imports_its_web_server(
     assert not {"aiohttp.web", "gateway.ops.http", "gateway.ops.api", "jinja2"} & without
     with_endpoint = _imported_at_start(tmp_path / "with-http", monkeypatch, http={"port": 0})
     assert {"aiohttp.web", "gateway.ops.http", "gateway.ops.api"} <= with_endpoint
+
+
+def test_a_serving_process_never_imports_what_only_other_commands_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each command imports what only it uses when it runs: `serve` never loads the queue's operator actions,
+    the ledger's lookups, the password prompt or the hints for a mistyped key."""
+    imported = _imported_at_start(tmp_path, monkeypatch)
+    assert "gateway.smtp.server" in imported  # the import lines were read
+    only_elsewhere = {
+        "gateway.delivery.admin",  # queue
+        "gateway.ledger.query",  # status
+        "gateway.ledger.render",
+        "getpass",  # hash-password
+        "difflib",  # a mistyped key's "did you mean"
+    }
+    assert not only_elsewhere & imported
