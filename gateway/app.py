@@ -18,8 +18,6 @@ from urllib.parse import urlsplit
 import structlog
 
 from gateway.auth.credentials import Authenticator
-from gateway.auth.jwks import JwksKeys
-from gateway.auth.oauth import OAuthVerifier
 from gateway.auth.onetime import OneTimeLogins
 from gateway.config import ConfigError, DnsSettings, Settings
 from gateway.config.oauth import OAuthSettings
@@ -40,7 +38,6 @@ from gateway.limits.clients import AuthGuard, Defenses
 from gateway.limits.lockouts import LocalLockouts, Lockouts
 from gateway.limits.quotas import QuotaTracker
 from gateway.ops import logs
-from gateway.ops.apiauth import TokenAuth
 from gateway.ops.memory import MmapThreshold, set_mmap_threshold
 from gateway.ops.metrics import CONFIG_RELOADS
 from gateway.ops.queuestats import QUEUE_STATS
@@ -60,7 +57,9 @@ from gateway.smtp.tls import CertificateError, server_context
 from gateway.upstream.client import HttpClient
 
 if TYPE_CHECKING:
+    from gateway.auth.oauth import OAuthVerifier
     from gateway.console.web import Console
+    from gateway.ops.apiauth import TokenAuth
     from gateway.ops.http import OperatorEndpoint
 
 log = structlog.get_logger("gateway.app")
@@ -77,6 +76,10 @@ def oauth_verifier(settings: OAuthSettings) -> OAuthVerifier | None:
     """Token logins of the configured issuers, each fetching its keys with an HTTP client of its own."""
     if not settings.issuers:
         return None
+    # Here, not at the top: a process without token logins never loads them.
+    from gateway.auth.jwks import JwksKeys
+    from gateway.auth.oauth import OAuthVerifier
+
     keys = {}
     for issuer in settings.issuers:
         url = urlsplit(issuer.jwks_url)
@@ -215,13 +218,14 @@ class App:
         await self.listeners.start()
         http = settings.http
         if http.port is not None:
-            self.api_auth = TokenAuth(http.api_tokens, settings.limits)
-            # Here, not at the top: the console's templates (jinja2) and aiohttp's web server cost memory a
-            # process without an operator endpoint never uses.
+            # Here, not at the top: the console's templates (jinja2), aiohttp's web server and the API's token
+            # checks cost memory a process without an operator endpoint never uses.
             from gateway.console.web import Console
             from gateway.ops.api import MessageApi
+            from gateway.ops.apiauth import TokenAuth
             from gateway.ops.http import OperatorEndpoint
 
+            self.api_auth = TokenAuth(http.api_tokens, settings.limits)
             self.console = Console(self)
             api = MessageApi(self.ledger, self.api_auth, self.returnpath.returns, self.returnpath.suppressions)
             self.operator = OperatorEndpoint(problems=self.problems, api=api, console=self.console)

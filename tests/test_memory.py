@@ -91,3 +91,28 @@ def test_a_process_without_the_operator_endpoint_never_imports_its_web_server(
     assert not {"aiohttp.web", "gateway.ops.http", "gateway.ops.api", "jinja2"} & without
     with_endpoint = _imported_at_start(tmp_path / "with-http", monkeypatch, http={"port": 0})
     assert {"aiohttp.web", "gateway.ops.http", "gateway.ops.api"} <= with_endpoint
+
+
+def test_a_serving_process_imports_neither_other_commands_nor_features_it_has_not_configured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each command imports what only it uses when it runs, and `serve` what a feature needs when the
+    configuration enables it (at start-up, never at its first use): without them, `serve` loads neither the
+    queue's operator actions, the ledger's lookups, the password prompt, the hints for a mistyped key, nor
+    token logins, the API's token checks or check-upstream's reports."""
+    imported = _imported_at_start(tmp_path, monkeypatch)
+    assert "gateway.smtp.server" in imported  # the import lines were read
+    other_commands = {
+        "gateway.delivery.admin",  # queue
+        "gateway.ledger.query",  # status
+        "gateway.ledger.render",
+        "gateway.providers.checks",  # check-upstream
+        "getpass",  # hash-password
+        "difflib",  # a mistyped key's "did you mean"
+    }
+    not_configured = {
+        "gateway.auth.oauth",  # [[oauth.issuers]]
+        "gateway.auth.jwks",
+        "gateway.ops.apiauth",  # http.port
+    }
+    assert not (other_commands | not_configured) & imported

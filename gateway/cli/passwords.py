@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import getpass
 import sys
 from typing import Any
 
@@ -11,6 +10,8 @@ from gateway.cli.exits import Exit
 
 
 def cmd_hash_password(args: argparse.Namespace) -> int:
+    import getpass  # termios and the rest: only for this command
+
     from gateway.auth.passwords import hash_password
 
     if args.stdin or not sys.stdin.isatty():

@@ -8,13 +8,12 @@ import json
 import sqlite3
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.cli.common import Refused, add_spool_option, load_for_queue, spool_failure, with_config
 from gateway.cli.exits import Exit
 from gateway.config import Settings
 from gateway.core.errors import SpoolUnavailable
-from gateway.delivery.admin import BadSelection, QueueAdmin, Selection, operator_name, parse_age
 from gateway.ledger.backends import open_ledger
 from gateway.ledger.model import Row
 from gateway.ledger.recorder import Recorder
@@ -22,6 +21,9 @@ from gateway.ledger.store import LedgerUnavailable
 from gateway.queue import codec
 from gateway.queue.backends import open_store
 from gateway.queue.store import QueueStore
+
+if TYPE_CHECKING:
+    from gateway.delivery.admin import Selection
 
 
 def _age(seconds: float) -> str:
@@ -79,6 +81,8 @@ async def _main(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _act(store: QueueStore, settings: Settings, args: argparse.Namespace) -> int:
+    from gateway.delivery.admin import QueueAdmin, operator_name  # only for this command
+
     now = time.time()
     action = args.action
     if action == "migrate":
@@ -158,6 +162,8 @@ OUTCOMES = {
 
 
 def _selection(args: argparse.Namespace, dead: bool) -> Selection:
+    from gateway.delivery.admin import BadSelection, Selection, parse_age
+
     try:
         older = parse_age(args.older_than) if args.older_than else None
     except BadSelection as exc:
@@ -166,6 +172,8 @@ def _selection(args: argparse.Namespace, dead: bool) -> Selection:
 
 
 def _filtered(selection: Selection) -> bool:
+    from gateway.delivery.admin import Selection
+
     return selection != Selection(selection.dead)
 
 

@@ -14,10 +14,8 @@ from typing import Any
 from gateway.cli.common import add_spool_option, load_for_queue, spool_failure, with_config
 from gateway.cli.exits import Exit
 from gateway.config import Settings
-from gateway.ledger import render
 from gateway.ledger.backends import open_ledger
 from gateway.ledger.model import MAX_LIMIT
-from gateway.ledger.query import lookup
 from gateway.ledger.store import LedgerUnavailable
 
 
@@ -33,6 +31,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 async def _main(settings: Settings, args: argparse.Namespace) -> int:
+    from gateway.ledger import render  # the lookups and their rendering: only for this command
+    from gateway.ledger.query import lookup
+
     store = open_ledger(settings.delivery)
     try:
         found = await lookup(store, args.query, args.limit)

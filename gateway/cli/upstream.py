@@ -9,12 +9,14 @@ import asyncio
 import dataclasses
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.cli.common import load, with_config
 from gateway.cli.exits import Exit
 from gateway.config import ConfigError, Settings
-from gateway.providers.checks import AccountCheck, CallCheck
+
+if TYPE_CHECKING:
+    from gateway.providers.checks import AccountCheck, CallCheck
 
 
 def cmd_check_upstream(args: argparse.Namespace) -> int:

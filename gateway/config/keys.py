@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import re
 import types
 import typing
@@ -100,6 +99,8 @@ def paths(node: Node, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]
 
 def nearest(wanted: Sequence[str], candidates: Iterator[tuple[str, ...]], render: Any) -> str | None:
     """The candidate key closest to ``wanted`` (ANY_NAME filled in from ``wanted``), rendered, or None."""
+    import difflib  # only for a key that is wrong: a serving process never needs it
+
     rendered = {}
     for path in candidates:
         filled = tuple(wanted[i] if p == ANY_NAME and i < len(wanted) else p for i, p in enumerate(path))
@@ -187,5 +188,7 @@ def suggest_key(parent: Node | None, wrong: str) -> str | None:
     """The field of ``parent`` nearest to the unknown key ``wrong``."""
     if parent is None or parent.kind != "model":
         return None
+    import difflib
+
     match = difflib.get_close_matches(wrong, list(parent.fields), n=1, cutoff=0.6)
     return match[0] if match else None

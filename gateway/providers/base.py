@@ -17,9 +17,9 @@ from gateway.core.events import Contacts, EventSource
 from gateway.core.model import Message, Principal, ProviderData, StoredData, Submission
 from gateway.core.outcome import Deliverer, NoHealth, UpstreamHealth
 from gateway.policy import SenderPolicy
-from gateway.providers.checks import AccountCheck
 
 if TYPE_CHECKING:
+    from gateway.providers.checks import AccountCheck
     from gateway.upstream.client import HttpClient
     from gateway.upstream.ratelimit import RateLimiter
 
@@ -134,6 +134,8 @@ class ProviderBase(Generic[A]):
 
     async def check_upstream(self) -> AccountCheck:
         """No read-only calls known for this provider: an empty report."""
+        from gateway.providers.checks import AccountCheck  # check-upstream's: a serving process never needs it
+
         return AccountCheck(self.account, self.kind, self.http.base_url)
 
     async def aclose(self) -> None:

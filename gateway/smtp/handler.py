@@ -10,14 +10,13 @@ import hmac
 import math
 import os
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiosmtpd.smtp import MISSING, AuthResult, Envelope, Session
 
 from gateway.auth import sasl
 from gateway.auth.credentials import Authenticator, AuthFailed, AuthUnavailable
-from gateway.auth.oauth import OAuthVerifier, TokenRefused, TokenUnavailable
 from gateway.config import LimitsSettings, ListenerSettings
 from gateway.core import replies
 from gateway.core.errors import GatewayError
@@ -35,6 +34,9 @@ from gateway.ops.metrics import (
 )
 from gateway.pipeline import Pipeline
 from gateway.smtp.logins import PerLogin
+
+if TYPE_CHECKING:
+    from gateway.auth.oauth import OAuthVerifier
 
 log = structlog.get_logger("gateway.smtp")
 
@@ -290,6 +292,9 @@ class GatewayHandler:
         self, server: Any, blob: bytes, mechanism: sasl.Mechanism, fields: dict[str, str]
     ) -> AuthResult:
         assert self.oauth is not None
+        # Loaded with the verifier at start-up (gateway.app.oauth_verifier): only a look-up in sys.modules here.
+        from gateway.auth.oauth import TokenRefused, TokenUnavailable
+
         throttled = await self._throttle(server, fields)
         if throttled is not None:
             return throttled

@@ -7,13 +7,12 @@ import contextlib
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import structlog
 
 from gateway.auth.controls import LoginControls
 from gateway.auth.credentials import Authenticator
-from gateway.auth.oauth import OAuthVerifier
 from gateway.config import ConfigError, LimitsSettings, Settings, TlsSettings
 from gateway.core import replies
 from gateway.limits.budget import ByteBudget
@@ -27,6 +26,9 @@ from gateway.smtp.handshake import HandshakeFailures, ListenerTls
 from gateway.smtp.logins import PerLogin
 from gateway.smtp.protocol import GatewaySMTP
 from gateway.smtp.tls import CertificateError, Profile, describe_certificate, server_context
+
+if TYPE_CHECKING:
+    from gateway.auth.oauth import OAuthVerifier
 
 log = structlog.get_logger("gateway.smtp")
 

@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 import structlog
@@ -25,7 +25,6 @@ from gateway.mime import jsonbody
 from gateway.ops.metrics import FIELDS_NOT_SENT
 from gateway.policy import SenderPolicy, ascii_domain, domain_of
 from gateway.providers.base import ProviderBase
-from gateway.providers.checks import AccountCheck
 from gateway.providers.dengage import wire
 from gateway.providers.dengage.config import DengageAccount, DengageUser
 from gateway.providers.dengage.data import DengageLogin, DengageParams
@@ -34,6 +33,9 @@ from gateway.providers.dengage.session import JSON, Identities, TokenSource
 from gateway.upstream.client import HttpClient
 from gateway.upstream.ratelimit import RateLimiter, Unlimited
 from gateway.upstream.response import HttpResponse
+
+if TYPE_CHECKING:
+    from gateway.providers.checks import AccountCheck
 
 log = structlog.get_logger("gateway.dengage")
 T = TypeVar("T")

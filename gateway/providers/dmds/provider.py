@@ -7,7 +7,7 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -22,7 +22,6 @@ from gateway.mime import jsonbody
 from gateway.ops.metrics import DMDS_SENT_SHORT, FIELDS_NOT_SENT
 from gateway.policy import SenderPolicy, ascii_address, ascii_domain
 from gateway.providers.base import ProviderBase
-from gateway.providers.checks import AccountCheck
 from gateway.providers.dmds import campaigns, wire
 from gateway.providers.dmds.config import DmdsAccount, DmdsUser
 from gateway.providers.dmds.data import DmdsLogin, DmdsParams
@@ -33,6 +32,9 @@ from gateway.upstream.client import HttpClient
 from gateway.upstream.ratelimit import RateLimiter, Unlimited
 from gateway.upstream.response import HttpResponse
 from gateway.upstream.shape import Reading
+
+if TYPE_CHECKING:
+    from gateway.providers.checks import AccountCheck
 
 log = structlog.get_logger("gateway.dmds")
 
