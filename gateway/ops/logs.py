@@ -84,6 +84,13 @@ class _LibraryFormatter(logging.Formatter):
         return _STATE.render(None, record.levelname.lower(), event)
 
 
+def enabled(method: str) -> bool:
+    """Whether a line logged with `method` ("debug", "info", ...) is written now: a caller may skip
+    computing the fields of one that is not. Before configure() structlog's processors are whoever set them
+    up (a test capturing every event): then every level may be."""
+    return not _configured or _LEVELS[method] >= _STATE.level
+
+
 def json_lines(settings: LogSettings) -> bool:
     """JSON unless forced to console, or "auto" on a terminal (a person reading)."""
     if settings.format == "auto":

@@ -24,6 +24,7 @@ from gateway.core.errors import GatewayError
 from gateway.core.model import Origin, Principal
 from gateway.core.spill import SpillMap
 from gateway.limits.clients import AuthTicket, Defenses, client_ip, client_key
+from gateway.ops import logs
 from gateway.ops.metrics import (
     AUTH,
     AUTH_DELAYED,
@@ -79,14 +80,16 @@ class GatewayHandler:
                     # Remembered for the session: MAIL, RCPT and DATA all ask (AUTH may still replace it).
                     principal = self.authenticator.principal_for_user(login)
                     session.auth_data = principal
-                    # Debug: every summary line of the session names the login and account at info.
-                    log.debug(
-                        "trusted_client",
-                        peer=_peer(session),
-                        network=str(network),
-                        login=login,
-                        account=principal.account,
-                    )
+                    # Debug: every summary line of the session names the login and account at info. (Its
+                    # fields are built only when it is written: every trusted session comes here.)
+                    if logs.enabled("debug"):
+                        log.debug(
+                            "trusted_client",
+                            peer=_peer(session),
+                            network=str(network),
+                            login=login,
+                            account=principal.account,
+                        )
                     return principal
         return None
 
