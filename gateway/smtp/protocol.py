@@ -9,6 +9,7 @@ import asyncio
 import collections
 import contextlib
 import functools
+import logging
 import random
 import re
 import tempfile
@@ -16,8 +17,9 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FunctionType
-from typing import Any, cast
+from typing import Any, AnyStr, cast
 
+import aiosmtpd.smtp
 import structlog
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, syntax
 
@@ -710,5 +712,23 @@ def _counted(verb: str, method: FunctionType) -> FunctionType:
             setattr(run, attr, getattr(method, attr))
     return cast(FunctionType, run)
 
+
+_sanitized_log = aiosmtpd.smtp.sanitized_log
+_LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO}
+
+
+def _sanitized_log_if_enabled(func: Callable[..., None], msg: AnyStr, *args: Any, **kwargs: Any) -> None:
+    """aiosmtpd's sanitized_log, which it calls twice for every command line (at debug and at info, its
+    logger is at ERROR here: gateway/ops/logs.py): the line's AUTH data masked (a regular expression) only
+    when its level is logged."""
+    logger = getattr(func, "__self__", None)
+    level = _LOG_LEVELS.get(getattr(func, "__name__", ""))
+    if isinstance(logger, logging.Logger) and level is not None and not logger.isEnabledFor(level):
+        return
+    _sanitized_log(func, msg, *args, **kwargs)
+
+
+# aiosmtpd's command loop looks the function up in its module on each call.
+aiosmtpd.smtp.sanitized_log = _sanitized_log_if_enabled
 
 _TABLES: dict[type, MethodTables] = {}
