@@ -208,11 +208,13 @@ def header_block(raw: bytes | bytearray | memoryview | SpillMap, limit: int = HE
         return ""  # no header at all
     end = len(data)
     for sep in (b"\r\n\r\n", b"\n\n"):
-        found = data.find(sep)
+        found = data.find(sep, 0, end)  # the first of either (neither can begin inside the other's match)
         if found != -1:
-            end = min(end, found)
+            end = found
     block = data[:end]
     if len(block) > limit:
         block = block[: block.rfind(b"\n", 0, limit) + 1]
-    lines = block.replace(b"\r\n", b"\n").rstrip(b"\n").split(b"\n")
-    return "".join(line.decode("utf-8", "replace") + "\r\n" for line in lines if block.strip())
+    if not block.strip():
+        return ""
+    # Decoded whole: a line end is never part of a UTF-8 sequence, so each line decodes as it would alone.
+    return block.replace(b"\r\n", b"\n").rstrip(b"\n").decode("utf-8", "replace").replace("\n", "\r\n") + "\r\n"
