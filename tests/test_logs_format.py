@@ -113,3 +113,19 @@ def test_enabled_follows_the_live_level() -> None:
         [sys.executable, "-c", LEVELS_NOW], capture_output=True, check=True, env={"PATH": "/usr/bin:/bin"}, timeout=60
     ).stdout
     assert json.loads(out) == [True, False, True, True, True, False, True]
+
+
+@pytest.mark.parametrize(
+    "ns",
+    [1_796_580_700_000_000_000, 1_796_580_700_000_001_999, 1_796_580_700_164_512_345, 1_796_580_701_999_999_999, 0],
+)
+def test_timestamps_read_as_isoformat_writes_them(ns: int) -> None:
+    """The lines' timestamp (formatted once a second) is datetime's isoformat in UTC with a Z: the
+    microseconds of the instant, none at a whole second."""
+    import datetime
+
+    stamp = logs._Timestamp()
+    stamp.now(ns - 1_000_000_000)  # the second before is remembered, not reused
+    expected = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC) + datetime.timedelta(microseconds=ns // 1000)
+    assert stamp.now(ns) == expected.isoformat().replace("+00:00", "Z")
+    assert stamp.now(ns) == stamp.now(ns)
