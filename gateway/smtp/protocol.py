@@ -218,7 +218,8 @@ class GatewaySMTP(SMTP):
 
     async def push(self, status: str | bytes) -> None:
         if isinstance(status, str):
-            status = _UNPRINTABLE.sub("?", status)
+            if not status.isprintable():  # what _UNPRINTABLE matches is not (Cc, Cs): most lines skip the regex
+                status = _UNPRINTABLE.sub("?", status)
             if self._in_ehlo and status.startswith("250-"):
                 self._ehlo_lines.append(status)
                 return
