@@ -80,9 +80,8 @@ class GatewayHandler:
                     # Remembered for the session: MAIL, RCPT and DATA all ask (AUTH may still replace it).
                     principal = self.authenticator.principal_for_user(login)
                     session.auth_data = principal
-                    # Debug: every summary line of the session names the login and account at info. (Its
-                    # fields are built only when it is written: every trusted session comes here.)
-                    if logs.enabled("debug"):
+                    if logs.enabled("debug"):  # its fields built only then: every trusted session comes here
+                        # Debug: every summary line of the session names the login and account at info.
                         log.debug(
                             "trusted_client",
                             peer=_peer(session),
