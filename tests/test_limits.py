@@ -7,6 +7,7 @@ from __future__ import annotations
 import select
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from typing import Any
@@ -98,6 +99,22 @@ def test_idle_client_is_told_and_cut_off(gateway_factory: Factory) -> None:
     [line] = events(logs, "session_timeout")
     assert line["limit"] == "command_timeout"
     assert line["session"] and line["peer"].startswith("127.0.0.1:")  # a timer's line carries the session too
+
+
+def test_each_command_gives_an_idle_client_its_whole_timeout_again(gateway_factory: Factory) -> None:
+    """command_timeout counts from the last command: a client that keeps talking stays, however long in all;
+    once silent, it is cut off no sooner than the timeout after its last command."""
+    gw = gateway_factory(limits={"command_timeout": 1.0})
+    with RawClient(gw) as client:  # the greeting read
+        started = time.monotonic()
+        for _ in range(4):  # 2.4 s in all: past the timeout, never silent for as long
+            time.sleep(0.6)
+            assert client.cmd("NOOP").startswith("250 ")
+        last = time.monotonic()
+        assert last - started > 2.0
+        assert client.reply()[-1] == "421 4.4.2 gw.test Error: timeout exceeded, closing connection"
+        assert time.monotonic() - last >= 0.99
+        assert client.closed()
 
 
 def _slowloris(gw: Running, source: str, stop: threading.Event, outcome: list[str]) -> None:

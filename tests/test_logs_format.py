@@ -87,3 +87,45 @@ def test_every_log_line_is_one_write(fmt: str) -> None:
     assert len(calls) == 2, calls
     for call in calls:
         assert call.endswith("\n") and call.count("\n") == 1, calls
+
+
+LEVELS_NOW = """
+import json, sys
+from gateway.ops import logs
+from gateway.config import LogSettings
+seen = [logs.enabled("debug")]  # not configured yet: whoever set up structlog's processors decides
+logs.configure(LogSettings(level="info"))
+seen += [logs.enabled("debug"), logs.enabled("info"), logs.enabled("error")]
+logs.reconfigure(LogSettings(level="debug"))
+seen += [logs.enabled("debug")]
+logs.reconfigure(LogSettings(level="error"))
+seen += [logs.enabled("warning"), logs.enabled("error")]
+print(json.dumps(seen))
+"""
+
+
+def test_enabled_follows_the_live_level() -> None:
+    """logs.enabled() lets a caller skip building a line's fields; it follows the level a reload sets."""
+    import json
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, "-c", LEVELS_NOW], capture_output=True, check=True, env={"PATH": "/usr/bin:/bin"}, timeout=60
+    ).stdout
+    assert json.loads(out) == [True, False, True, True, True, False, True]
+
+
+@pytest.mark.parametrize(
+    "ns",
+    [1_796_580_700_000_000_000, 1_796_580_700_000_001_999, 1_796_580_700_164_512_345, 1_796_580_701_999_999_999, 0],
+)
+def test_timestamps_read_as_isoformat_writes_them(ns: int) -> None:
+    """The lines' timestamp (formatted once a second) is datetime's isoformat in UTC with a Z: the
+    microseconds of the instant, none at a whole second."""
+    import datetime
+
+    stamp = logs._Timestamp()
+    stamp.now(ns - 1_000_000_000)  # the second before is remembered, not reused
+    expected = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC) + datetime.timedelta(microseconds=ns // 1000)
+    assert stamp.now(ns) == expected.isoformat().replace("+00:00", "Z")
+    assert stamp.now(ns) == stamp.now(ns)

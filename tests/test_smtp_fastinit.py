@@ -111,3 +111,32 @@ async def test_gateway_session_has_every_command_of_smtp_init_counted() -> None:
     assert session._handle_hooks == reference._handle_hooks
     # Everything SMTP.__init__ sets is there (the gateway's own attributes come on top).
     assert set(vars(reference)) <= set(vars(session))
+
+
+def test_command_lines_are_masked_and_logged_only_at_a_logged_level(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiosmtpd logs every command line through its module's sanitized_log (gateway/smtp/protocol.py wraps
+    it): at a level its logger writes, the line is masked and logged as before; below it, not even masked."""
+    import logging
+
+    import aiosmtpd.smtp
+
+    masked: list[bytes] = []
+    original = aiosmtpd.smtp.sanitize
+
+    def counting(text: bytes) -> bytes:
+        masked.append(text)
+        return original(text)
+
+    monkeypatch.setattr(aiosmtpd.smtp, "sanitize", counting)
+    log = logging.getLogger("mail.log")
+    line = b"AUTH PLAIN AGJlbmNoAHNlY3JldA==\r\n"
+    with caplog.at_level(logging.ERROR, logger="mail.log"):
+        aiosmtpd.smtp.sanitized_log(log.info, "%r >> %r", ("127.0.0.1", 1), line)
+    assert (masked, caplog.records) == ([], [])
+    with caplog.at_level(logging.INFO, logger="mail.log"):
+        aiosmtpd.smtp.sanitized_log(log.debug, "readline: %r", line)
+        aiosmtpd.smtp.sanitized_log(log.info, "%r >> %r", ("127.0.0.1", 1), line)
+    assert masked == [line]
+    assert [r.getMessage() for r in caplog.records] == ["('127.0.0.1', 1) >> b'AUTH PLAIN ********\\r\\n'"]

@@ -8,6 +8,8 @@ import ssl
 from collections.abc import Callable
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.harness import Running
 from tests.smtputil import ENHANCED, RECIPIENT, SENDER, RawClient, insecure_context, message
@@ -278,3 +280,15 @@ def test_dot_stuffed_bare_lf_lines_are_unstuffed(gateway: Running) -> None:
         client.write(raw.replace(b"\n.", b"\n..") + b"\r\n.\r\n")
         assert client.reply()[-1].startswith("250 2.0.0 ")
     assert "first\n.second\n..third" in gateway.sent[0]["body"]["html"]
+
+
+@given(st.text())
+def test_a_printable_reply_has_nothing_to_replace(line: str) -> None:
+    """push() runs its regex for control characters and lone surrogates only on lines that are not
+    printable: every character it replaces makes a line so."""
+    from gateway.smtp.protocol import _UNPRINTABLE
+
+    if line.isprintable():
+        assert _UNPRINTABLE.sub("?", line) == line
+    for char in ("\x00", "\x1f", "\x7f", "\ud800", "\udfff"):
+        assert not (line + char).isprintable()

@@ -79,6 +79,9 @@ class Authenticator:
         self._users: dict[str, tuple[str, UserSettings]] = {
             user.username: (name, user) for name, account in accounts.items() for user in account.configured_users
         }
+        # A configured user's Principal depends on this configuration alone (a reload makes a new
+        # Authenticator): built once, not for every trusted-network session.
+        self._user_principals: dict[str, Principal] = {}
 
     def knows(self, username: str) -> bool:
         """Whether `username` is a configured user or has one of the providers' login shapes (so it is a
@@ -97,8 +100,11 @@ class Authenticator:
 
     def principal_for_user(self, username: str) -> Principal:
         """The Principal of a configured user, for trusted-network clients that do not AUTH."""
-        account, user = self._users[username]
-        return self._user_principal(account, user)
+        principal = self._user_principals.get(username)
+        if principal is None:
+            account, user = self._users[username]
+            principal = self._user_principals[username] = self._user_principal(account, user)
+        return principal
 
     def _user_principal(self, account: str, user: UserSettings) -> Principal:
         return Principal(

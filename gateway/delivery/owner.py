@@ -41,6 +41,7 @@ from gateway.delivery import transition
 from gateway.delivery.health import AccountHealth
 from gateway.delivery.keys import IdempotencyKeys
 from gateway.ledger.recorder import Recorder
+from gateway.ops import logs
 from gateway.ops.metrics import (
     AMBIGUOUS,
     CLIENT_GONE,
@@ -365,11 +366,10 @@ class DeliveryOwner:
         receipt.upstream_sent = outcome.sent_total()
         if verdict == "delivered":
             receipt.upstream_ids = _ids(decision)
-            fields = {"upstream_ids": receipt.upstream_ids, "calls": len(decision.calls), **_sent_field(outcome)}
             if attempt.client_gone:  # no summary line will carry the ids
-                bound.info("message_sent", **fields)
-            else:  # the session's summary line (message_accepted) carries the same at info
-                bound.debug("message_sent", **fields)
+                bound.info("message_sent", **self._sent(receipt, decision, outcome))
+            elif logs.enabled("debug"):  # the session's summary line (message_accepted) carries the same at info
+                bound.debug("message_sent", **self._sent(receipt, decision, outcome))
             return attempt.queued(decision.first_id or attempt.msg_id)
         if verdict == "refused":
             assert decision.refusal is not None
@@ -401,6 +401,11 @@ class DeliveryOwner:
                 "message_spooled", queue_id=attempt.msg_id, upstream_ids=_ids(decision), reason=decision.last_error
             )
         return attempt.queued(decision.first_id or attempt.msg_id)
+
+    @staticmethod
+    def _sent(receipt: Receipt, decision: Decision, outcome: Outcome) -> dict[str, Any]:
+        """message_sent's fields."""
+        return {"upstream_ids": receipt.upstream_ids, "calls": len(decision.calls), **_sent_field(outcome)}
 
     def _new(self, attempt: InlineAttempt, decision: Decision, *, inflight: bool) -> NewMessage:
         s = attempt.submission

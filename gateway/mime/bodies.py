@@ -20,6 +20,8 @@ from gateway.mime import charsets, payload, sanitize
 from gateway.mime.headers import (
     RAW_HEADERS,
     content_charset,
+    content_fields,
+    content_type,
     filename_param,
     get_param,
     header_text,
@@ -111,17 +113,20 @@ class _Walk:
     carried: Mapping[int, bytes | memoryview] = field(default_factory=dict)
 
     def part(self, part: EmailMessage, resource: bool = False) -> list[_Piece]:
-        if part.is_multipart() and part.get_content_maintype() == "multipart":
+        # Each part's Content-* fields read once (compat32's get() scans every field on every call).
+        fields = content_fields(part)
+        ctype = content_type(part, fields)
+        if part.is_multipart() and ctype.startswith("multipart/"):  # as get_content_maintype()
             children = [p for p in part.get_payload() if isinstance(p, EmailMessage)]
             if resource:
                 return [piece for child in children for piece in self.part(child, resource=True)]
-            subtype = part.get_content_subtype()
+            subtype = ctype[len("multipart/") :]
             if subtype == "alternative":
                 return self.alternative(children)
             if subtype == "related":
                 return self.related(part, children)
             return [piece for child in children for piece in self.part(child)]
-        return self.leaf(part, resource)
+        return self.leaf(part, resource, fields, ctype)
 
     def alternative(self, children: list[EmailMessage]) -> list[_Piece]:
         """One branch is displayed, the last one a client can show (RFC 2046 §5.1.4: the richest is last):
@@ -147,33 +152,34 @@ class _Walk:
             pieces += self.part(child, resource=index != root and referable and not is_image)
         return pieces
 
-    def leaf(self, part: EmailMessage, resource: bool) -> list[_Piece]:
+    def leaf(self, part: EmailMessage, resource: bool, fields: dict[str, str], content_type: str) -> list[_Piece]:
+        """`fields`: content_fields(part); `content_type`: part.get_content_type()."""
         self.leaves += 1
-        ctype = sanitize.media_type(part.get_content_type())
-        disposition = str(part.get("Content-Disposition") or "").split(";", 1)[0].strip().lower()
-        filename = _filename(part)
+        ctype = sanitize.media_type(content_type)
+        disposition = str(fields.get("content-disposition") or "").split(";", 1)[0].strip().lower()
+        filename = _filename(part, fields)
         if not resource and disposition != "attachment":
             if ctype == "text/html" and (filename is None or disposition == "inline"):
-                return [_Piece("html", self.text_payload(part, ctype))]
+                return [_Piece("html", self.text_payload(part, ctype, fields))]
             # A text/plain part shown inline is body text even when it carries a file name (as clients show
             # it); other text/* parts (enriched, calendar) only when unnamed, as before.
             if (ctype == "text/plain" and disposition in ("", "inline")) or (
                 ctype.startswith("text/") and filename is None
             ):
-                text = self.text_payload(part, ctype)
+                text = self.text_payload(part, ctype, fields)
                 self.texts.append(text)
                 return [_Piece("text", text, plain=ctype == "text/plain")]
         if ctype.startswith("multipart/"):
             return []  # an empty multipart: nothing to carry
-        attachment = self.attachment(part, ctype, disposition, filename)
+        attachment = self.attachment(part, ctype, disposition, filename, fields)
         self.attachments.append(attachment)
         if attachment.inline and ctype.startswith("image/"):
             return [_Piece("image", image=len(self.attachments) - 1)]
         return []
 
-    def text_payload(self, part: EmailMessage, ctype: str) -> str:
-        data = self.payload_bytes(part, ctype)
-        label = content_charset(part)
+    def text_payload(self, part: EmailMessage, ctype: str, fields: dict[str, str]) -> str:
+        data = self.payload_bytes(part, ctype, fields)
+        label = content_charset(part, fields)
         decoded = charsets.decode(data, label)
         if decoded.replaced:
             self.defects.append(
@@ -182,7 +188,7 @@ class _Walk:
             )
         return sanitize.body(decoded.text.replace("\r\n", "\n"))
 
-    def payload_bytes(self, part: EmailMessage, ctype: str) -> bytes:
+    def payload_bytes(self, part: EmailMessage, ctype: str, fields: dict[str, str]) -> bytes:
         if ctype.startswith("message/"):
             attached = payload.message_bytes(part)
             if attached.cr_cr_lf:
@@ -191,7 +197,7 @@ class _Walk:
                 )
             self._ignored(attached.ignored, ctype)
             return attached.data
-        cte = transfer_encoding(part)  # "Quoted Printable" too
+        cte = transfer_encoding(part, fields)  # "Quoted Printable" too
         if cte in ("quoted-printable", "quoted printable"):
             return quopri.decodestring(_raw_payload(part))
         if cte == "base64":
@@ -213,14 +219,16 @@ class _Walk:
                 "base64 data ignored"
             )
 
-    def attachment(self, part: EmailMessage, ctype: str, disposition: str, filename: str | None) -> Attachment:
-        raw_cid = part.get("Content-ID")
+    def attachment(
+        self, part: EmailMessage, ctype: str, disposition: str, filename: str | None, fields: dict[str, str]
+    ) -> Attachment:
+        raw_cid = fields.get("content-id")
         content_id = sanitize.content_id(undo_surrogates(str(raw_cid))) if raw_cid is not None else None
         carried = self.carried.get(id(part))
         return Attachment(
             filename=filename or _default_filename(part, ctype),
             content_type=ctype,
-            data=self.payload_bytes(part, ctype) if carried is None else b"",
+            data=self.payload_bytes(part, ctype, fields) if carried is None else b"",
             content_id=content_id,
             inline=disposition == "inline" or (content_id is not None and disposition != "attachment"),
             b64=carried,
@@ -233,8 +241,8 @@ def _raw_payload(part: EmailMessage) -> bytes:
     return raw.encode("ascii", "surrogateescape") if isinstance(raw, str) else b""
 
 
-def _filename(part: EmailMessage) -> str | None:
-    name = filename_param(part)
+def _filename(part: EmailMessage, fields: dict[str, str]) -> str | None:
+    name = filename_param(part, fields)
     return sanitize.filename(name) if name is not None else None
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import binascii
+import functools
 import re
+from collections.abc import Mapping
 from email import utils
 from email.errors import HeaderParseError
 from email.header import decode_header
@@ -73,10 +75,36 @@ def undo_surrogates(text: str) -> str:
     return charsets.decode(text.encode("ascii", "surrogateescape"), None).text
 
 
-def transfer_encoding(part: Message) -> str:
+def content_fields(part: Message) -> dict[str, str]:
+    """The part's Content-* header fields by lower-cased name, the first of each, each as part.get() returns
+    it: what the functions below read, found in one pass over the fields instead of one each."""
+    fields: dict[str, str] = {}
+    fetch = part.policy.header_fetch_parse
+    for name, value in part._headers:  # type: ignore[attr-defined]
+        key = name.lower()
+        if key.startswith("content-") and key not in fields:
+            fields[key] = fetch(name, value)
+    return fields
+
+
+def _get(part: Message, header: str, fields: Mapping[str, str] | None) -> str | None:
+    """part.get(header), from `fields` (content_fields(part)) when given; `header` lower-cased."""
+    return part.get(header) if fields is None else fields.get(header)
+
+
+def content_type(part: Message, fields: Mapping[str, str]) -> str:
+    """part.get_content_type(), its Content-Type read from `fields` (content_fields(part))."""
+    value = fields.get("content-type")
+    if value is None:
+        return part.get_default_type()
+    ctype = str(value).partition(";")[0].strip().lower()
+    return ctype if ctype.count("/") == 1 else "text/plain"
+
+
+def transfer_encoding(part: Message, fields: Mapping[str, str] | None = None) -> str:
     """The part's Content-Transfer-Encoding, lower-cased, as senders write it: "base64 ", "quoted-printable;"
-    mean the names (the stdlib then decodes nothing)."""
-    return str(part.get("Content-Transfer-Encoding") or "").split(";", 1)[0].strip().lower()
+    mean the names (the stdlib then decodes nothing). `fields`: content_fields(part), if at hand."""
+    return str(_get(part, "content-transfer-encoding", fields) or "").split(";", 1)[0].strip().lower()
 
 
 # Header values whose parameters need none of the stdlib's harder cases: no backslash (quoted pairs), no
@@ -86,32 +114,51 @@ _Param = str | tuple[str | None, str | None, str] | None
 _HARD_PARAMS = re.compile(r"[\\*<\r\n]")
 
 
-def get_param(part: Message, param: str, header: str = "content-type") -> _Param:
+def get_param(
+    part: Message, param: str, header: str = "content-type", fields: Mapping[str, str] | None = None
+) -> _Param:
     """part.get_param(param, None, header), several times faster for the common header (`charset="utf-8"`,
     `boundary=...`, `filename="a.pdf"`): its parameters split at every ";" and unquoted once, as the stdlib
-    does when no ";" is quoted and nothing is escaped. Other values take the stdlib's own path."""
-    value = part.get(header)
+    does when no ";" is quoted and nothing is escaped. Other values take the stdlib's own path. `fields`:
+    content_fields(part), if at hand (`header` is then lower-case)."""
+    value = _get(part, header, fields)
     if value is None:
         return None
     value = str(value)
-    if _HARD_PARAMS.search(value) is not None:
+    params = _simple_params(value) if len(value) <= _REMEMBERED_VALUE else _read_params(value)
+    if params is None:
         return part.get_param(param, None, header)
+    return params.get(param.lower())
+
+
+# Header values this long or shorter have their parameters remembered: most messages carry the same few
+# (`text/plain; charset="utf-8"`, `attachment; filename="scan.pdf"`), each read several times a message.
+_REMEMBERED_VALUE = 256
+
+
+def _read_params(value: str) -> dict[str, str] | None:
+    """The value's parameters by lower-cased name (the first of a name; the media type itself is a name with
+    an empty value, as the stdlib has it), or None when the value needs the stdlib's parser."""
+    if _HARD_PARAMS.search(value) is not None:
+        return None
     segments = value.split(";")
     if '"' in value and any(segment.count('"') % 2 for segment in segments):
-        return part.get_param(param, None, header)  # a quoted ";" perhaps
-    wanted = param.lower()
+        return None  # a quoted ";" perhaps
+    params: dict[str, str] = {}
     for segment in segments:
         # As email.message._parseparam and Message._get_params_preserve: name and value stripped, the name
         # lower-cased; a segment without "=" is a name with an empty value.
         name, equals, text = segment.partition("=")
-        if name.strip().lower() == wanted:
-            return utils.unquote(text.strip()) if equals else ""
-    return None
+        params.setdefault(name.strip().lower(), utils.unquote(text.strip()) if equals else "")
+    return params
 
 
-def content_charset(part: Message) -> str | None:
+_simple_params = functools.lru_cache(maxsize=512)(_read_params)
+
+
+def content_charset(part: Message, fields: Mapping[str, str] | None = None) -> str | None:
     """part.get_content_charset() through get_param() above."""
-    charset = get_param(part, "charset")
+    charset = get_param(part, "charset", fields=fields)
     if charset is None or isinstance(charset, tuple):
         return part.get_content_charset()
     return charset.lower() if charset.isascii() else None
@@ -127,11 +174,11 @@ def boundary(part: Message) -> str | None:
     return utils.collapse_rfc2231_value(value).rstrip()
 
 
-def filename_param(part: Message) -> str | None:
+def filename_param(part: Message, fields: Mapping[str, str] | None = None) -> str | None:
     """The part's file name: Content-Disposition filename, else Content-Type name; RFC 2231 or 2047 decoded."""
     for param, header in (("filename", "content-disposition"), ("name", "content-type")):
         try:
-            value = get_param(part, param, header)
+            value = get_param(part, param, header, fields)
         except TypeError:
             # The stdlib sorts RFC 2231 sections by number and fails when `name*` and `name*0` are mixed.
             continue
@@ -161,11 +208,13 @@ def header_block(raw: bytes | bytearray | memoryview | SpillMap, limit: int = HE
         return ""  # no header at all
     end = len(data)
     for sep in (b"\r\n\r\n", b"\n\n"):
-        found = data.find(sep)
+        found = data.find(sep, 0, end)  # the first of either (neither can begin inside the other's match)
         if found != -1:
-            end = min(end, found)
+            end = found
     block = data[:end]
     if len(block) > limit:
         block = block[: block.rfind(b"\n", 0, limit) + 1]
-    lines = block.replace(b"\r\n", b"\n").rstrip(b"\n").split(b"\n")
-    return "".join(line.decode("utf-8", "replace") + "\r\n" for line in lines if block.strip())
+    if not block.strip():
+        return ""
+    # Decoded whole: a line end is never part of a UTF-8 sequence, so each line decodes as it would alone.
+    return block.replace(b"\r\n", b"\n").rstrip(b"\n").decode("utf-8", "replace").replace("\n", "\r\n") + "\r\n"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import logging
 import sys
+import time
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -62,6 +63,30 @@ class _State:
 
 
 _STATE = _State()
+
+
+class _Timestamp:
+    """structlog's TimeStamper(fmt="iso", utc=True), the same text ("2026-12-06T18:11:40.164512Z", no
+    fraction at a whole second, as isoformat() writes it), its date and time of day formatted once a second
+    rather than for every line."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        event["timestamp"] = self.now()
+        return event
+
+    def now(self, ns: int | None = None) -> str:
+        second, rest = divmod(time.time_ns() if ns is None else ns, 1_000_000_000)
+        if second != self._second:
+            self._prefix = datetime.datetime.fromtimestamp(second, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+            self._second = second
+        micro = rest // 1000
+        return f"{self._prefix}.{micro:06d}Z" if micro else self._prefix + "Z"
+
+
 _configured = False
 
 
@@ -84,6 +109,13 @@ class _LibraryFormatter(logging.Formatter):
         return _STATE.render(None, record.levelname.lower(), event)
 
 
+def enabled(method: str) -> bool:
+    """Whether a line logged with `method` ("debug", "info", ...) is written now: a caller may skip
+    computing the fields of one that is not. Before configure() structlog's processors are whoever set them
+    up (a test capturing every event): then every level may be."""
+    return not _configured or _LEVELS[method] >= _STATE.level
+
+
 def json_lines(settings: LogSettings) -> bool:
     """JSON unless forced to console, or "auto" on a terminal (a person reading)."""
     if settings.format == "auto":
@@ -104,7 +136,7 @@ def configure(settings: LogSettings) -> None:
             _STATE.filter,
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _Timestamp(),
             structlog.processors.format_exc_info,
             _STATE.render,
         ],

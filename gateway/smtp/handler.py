@@ -23,6 +23,7 @@ from gateway.core.errors import GatewayError
 from gateway.core.model import Origin, Principal
 from gateway.core.spill import SpillMap
 from gateway.limits.clients import AuthTicket, Defenses, client_ip, client_key
+from gateway.ops import logs
 from gateway.ops.metrics import (
     AUTH,
     AUTH_DELAYED,
@@ -81,14 +82,15 @@ class GatewayHandler:
                     # Remembered for the session: MAIL, RCPT and DATA all ask (AUTH may still replace it).
                     principal = self.authenticator.principal_for_user(login)
                     session.auth_data = principal
-                    # Debug: every summary line of the session names the login and account at info.
-                    log.debug(
-                        "trusted_client",
-                        peer=_peer(session),
-                        network=str(network),
-                        login=login,
-                        account=principal.account,
-                    )
+                    if logs.enabled("debug"):  # its fields built only then: every trusted session comes here
+                        # Debug: every summary line of the session names the login and account at info.
+                        log.debug(
+                            "trusted_client",
+                            peer=_peer(session),
+                            network=str(network),
+                            login=login,
+                            account=principal.account,
+                        )
                     return principal
         return None
 

@@ -9,6 +9,7 @@ import asyncio
 import collections
 import contextlib
 import functools
+import logging
 import random
 import re
 import tempfile
@@ -16,8 +17,9 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FunctionType
-from typing import Any, cast
+from typing import Any, AnyStr, cast
 
+import aiosmtpd.smtp
 import structlog
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, syntax
 
@@ -40,6 +42,8 @@ _CHUNK = 64 * 1024
 # goes to aiosmtpd's full RFC 5322 parser, which is slow (it defines a class on every call).
 _SIMPLE_PATH = re.compile(r"\s*<([^<>\s\"\\()@,;:\[\]]+@[^<>\s\"\\()@,;:]+)>(.*)\Z", re.DOTALL)
 _END = b"\r\n.\r\n"
+# A timer may run this much before its time (uvloop's timers count whole milliseconds).
+_TIMER_SLACK = 0.001
 # Once spilling, DATA goes to the file in writes of at least this size. The buffer's last bytes wait for
 # the next read: a terminator may begin in them (a terminator is searched for from its first byte on).
 _SPILL_WRITE = 256 * 1024
@@ -138,6 +142,9 @@ class GatewaySMTP(SMTP):
         self._logged = False  # the refusal about to be sent has its own log line already
         self._cut_off: str | None = None  # the limit that ended the session (command_timeout, data_timeout)
         self._last_code = 0  # of the last final reply sent
+        # The idle timer (see _reset_timeout): when it is due, and whether a timer for it is armed.
+        self._idle_deadline = 0.0
+        self._idle_armed = False
 
     # -- connection ------------------------------------------------------------------------------------
 
@@ -211,7 +218,8 @@ class GatewaySMTP(SMTP):
 
     async def push(self, status: str | bytes) -> None:
         if isinstance(status, str):
-            status = _UNPRINTABLE.sub("?", status)
+            if not status.isprintable():  # what _UNPRINTABLE matches is not (Cc, Cs): most lines skip the regex
+                status = _UNPRINTABLE.sub("?", status)
             if self._in_ehlo and status.startswith("250-"):
                 self._ehlo_lines.append(status)
                 return
@@ -258,6 +266,27 @@ class GatewaySMTP(SMTP):
         self.transport.close()
 
     # -- limits --------------------------------------------------------------------------------------------
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """aiosmtpd's idle timer (command_timeout), reset by every command and every read of DATA: one timer
+        whose deadline moves on, instead of a timer cancelled and a new one armed each time. A timer that
+        fires before the deadline it now has waits again, until then."""
+        deadline = self._idle_deadline = self.loop.time() + (duration or self._timeout_duration)
+        handle = self._timeout_handle
+        if handle is not None and self._idle_armed and not handle.cancelled() and handle.when() <= deadline:
+            return
+        if handle is not None:
+            handle.cancel()
+        self._timeout_handle = self.loop.call_at(deadline, self._idle_expired)
+        self._idle_armed = True
+
+    def _idle_expired(self) -> None:
+        self._idle_armed = False
+        if self._idle_deadline - self.loop.time() > _TIMER_SLACK:
+            self._timeout_handle = self.loop.call_at(self._idle_deadline, self._idle_expired)
+            self._idle_armed = True
+            return
+        self._timeout_cb()
 
     def _timeout_cb(self) -> None:
         """No command (or no DATA bytes) within command_timeout: say so (Postfix: 421 4.4.2) and close."""
@@ -710,5 +739,23 @@ def _counted(verb: str, method: FunctionType) -> FunctionType:
             setattr(run, attr, getattr(method, attr))
     return cast(FunctionType, run)
 
+
+_sanitized_log = aiosmtpd.smtp.sanitized_log
+_LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO}
+
+
+def _sanitized_log_if_enabled(func: Callable[..., None], msg: AnyStr, *args: Any, **kwargs: Any) -> None:
+    """aiosmtpd's sanitized_log, which it calls twice for every command line (at debug and at info, its
+    logger is at ERROR here: gateway/ops/logs.py): the line's AUTH data masked (a regular expression) only
+    when its level is logged."""
+    logger = getattr(func, "__self__", None)
+    level = _LOG_LEVELS.get(getattr(func, "__name__", ""))
+    if isinstance(logger, logging.Logger) and level is not None and not logger.isEnabledFor(level):
+        return
+    _sanitized_log(func, msg, *args, **kwargs)
+
+
+# aiosmtpd's command loop looks the function up in its module on each call.
+aiosmtpd.smtp.sanitized_log = _sanitized_log_if_enabled
 
 _TABLES: dict[type, MethodTables] = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hmac
 import re
 import time
@@ -50,6 +51,12 @@ def sender_policy(settings: DmdsAccount) -> SenderPolicy:
         domains=frozenset(ascii_domain(d) for d in settings.sender_domains),
         return_paths={ascii_address(rp): ascii_domain(d) for d, rp in settings.sender_domains.items()},
     )
+
+
+# A message's legs are asked for by its plan, its delivery and its ledger record: the plan of a message with
+# few addresses is remembered by them (Leg and Address are frozen), within a bounded map.
+_REMEMBERED_ADDRESSES = 16
+_remembered_legs = functools.lru_cache(maxsize=1024)(plan_legs)
 
 
 class DmdsProvider(ProviderBase[DmdsAccount]):
@@ -214,7 +221,10 @@ class DmdsProvider(ProviderBase[DmdsAccount]):
 
     def legs(self, submission: Submission) -> tuple[Leg, ...]:
         one_each = DmdsParams.read(submission.params).one_contact_per_call
-        return plan_legs(submission.rcpt_tos, submission.message.to, submission.message.cc, one_each)
+        rcpt_tos, to, cc = tuple(submission.rcpt_tos), submission.message.to, submission.message.cc
+        if len(rcpt_tos) + len(to) + len(cc) <= _REMEMBERED_ADDRESSES:
+            return _remembered_legs(rcpt_tos, to, cc, one_each)
+        return plan_legs(rcpt_tos, to, cc, one_each)
 
     def plan(self, submission: Submission) -> tuple[Call, ...]:
         return tuple(Call(leg.key, leg.recipients) for leg in self.legs(submission))
