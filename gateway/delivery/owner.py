@@ -59,9 +59,21 @@ log = structlog.get_logger("gateway.delivery")
 SETTLE_TRIES = 5
 
 
+# Queue ids drawn from the OS's random source 256 at a time (one getrandom call, not one per message): as
+# unguessable, each id eight bytes used once. A forked worker starts with none (it must not repeat its parent's).
+_POOLED_IDS = 256
+_id_pool: list[str] = []
+os.register_at_fork(after_in_child=_id_pool.clear)
+
+
 def new_id() -> str:
     """A local queue id: 16 upper-case hex digits (distinct from the upstreams' UUIDs)."""
-    return secrets.token_hex(8).upper()
+    try:
+        return _id_pool.pop()  # atomic: threads never share an id
+    except IndexError:
+        digits = os.urandom(8 * _POOLED_IDS).hex().upper()
+        _id_pool.extend(digits[i : i + 16] for i in range(0, len(digits), 16))
+        return _id_pool.pop()
 
 
 def owner_id(instance: str = "") -> str:
