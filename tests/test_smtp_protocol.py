@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import ssl
@@ -218,6 +219,54 @@ def test_pipelined_commands_get_replies_in_order(gateway: Running) -> None:
     assert final[1].startswith("250 2.0.0 ")
     assert final[2].startswith("221 2.0.0 ")
     assert gateway.sent[0]["body"]["asunto"] == "pipelined"
+
+
+@pytest.fixture
+def sends(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """Every write the server's sessions make (asyncio's StreamWriter, under aiosmtpd), in order."""
+    written: list[bytes] = []
+    write = asyncio.StreamWriter.write
+
+    def spy(self: asyncio.StreamWriter, data: bytes | bytearray | memoryview) -> None:
+        written.append(bytes(data))
+        write(self, data)
+
+    monkeypatch.setattr(asyncio.StreamWriter, "write", spy)
+    return written
+
+
+def test_pipelined_replies_go_out_together_complete_and_in_order(gateway: Running, sends: list[bytes]) -> None:
+    with RawClient(gateway) as client:
+        client.cmd("EHLO client.test")
+        client.login()
+        client.write(
+            f"RSET\r\nMAIL FROM:<{SENDER}>\r\nRCPT TO:<{RECIPIENT}>\r\nRCPT TO:<not an address>\r\n"
+            f"RCPT TO:<other@example.com>\r\nDATA\r\n".encode()
+        )
+        replies = [client.reply()[-1] for _ in range(6)]
+        client.write(message(subject="grouped") + b".\r\nQUIT\r\n")
+        final = [client.reply()[-1] for _ in range(2)]
+    assert [r[:3] for r in replies] == ["250", "250", "250", "553", "250", "354"], replies
+    assert [r[:3] for r in final] == ["250", "221"], final
+    # RSET's, MAIL's and the first RCPT's 250 in one send with the refusal; the last RCPT's with DATA's 354.
+    grouped = [w for w in sends if w.startswith(b"250 2.0.0 Ok\r\n250 2.1.0")]
+    assert len(grouped) == 1 and grouped[0].count(b"\r\n") == 4 and b"553 " in grouped[0], sends
+    assert any(w.startswith(b"250 2.1.5 Ok\r\n354 ") for w in sends), sends
+    assert gateway.sent[0]["body"]["asunto"] == "grouped"
+
+
+def test_a_client_that_waits_gets_each_reply_at_once(gateway: Running, sends: list[bytes]) -> None:
+    with RawClient(gateway) as client:
+        client.cmd("EHLO client.test")
+        client.login()
+        # Nothing follows these commands until their replies came: each must be sent as it is made.
+        assert client.cmd("RSET").startswith("250 ")
+        assert client.cmd(f"MAIL FROM:<{SENDER}>").startswith("250 ")
+        assert client.cmd(f"RCPT TO:<{RECIPIENT}>").startswith("250 ")
+        assert client.cmd("DATA").startswith("354 ")
+        client.write(message() + b".\r\n")
+        assert client.reply()[-1].startswith("250 2.0.0 Ok: queued as ")
+    assert [w for w in sends if w.startswith(b"250 2.1.")] == [b"250 2.1.0 Ok\r\n", b"250 2.1.5 Ok\r\n"]
 
 
 def test_dot_stuffing_and_bare_lf_lines(gateway: Running) -> None:

@@ -63,6 +63,8 @@ _ERROR_PREFIX = re.compile(r"^(\d{3}[ -](?:[245]\.\d{1,3}\.\d{1,3} )?)Error: ")
 # Commands that move a transaction forward when accepted; every other command (and a refused MAIL/RCPT)
 # counts towards limits.max_commands_before_data.
 _TRANSACTION = frozenset({"MAIL", "RCPT", "DATA", "QUIT"})
+# The commands RFC 2920 lets a client follow without waiting for their replies (not EHLO, DATA, QUIT, ...).
+_GROUPABLE = frozenset({"MAIL", "RCPT", "RSET"})
 # The attributes aiosmtpd's HELP reads from a command method (set by @syntax).
 _SYNTAX_ATTRS = ("__smtp_syntax__", "__smtp_syntax_extended__", "__smtp_syntax_when__")
 
@@ -112,6 +114,8 @@ class GatewaySMTP(SMTP):
         self._in_ehlo = False
         # EHLO's lines up to its last: sent together with it, one write (one TLS record) instead of one each.
         self._ehlo_lines: list[str] = []
+        # Replies to pipelined commands not sent yet: they go out with the next reply (push()).
+        self._held: list[bytes] = []
         self._draining = draining
         self._on_close = on_close
         self._tls = tls
@@ -235,7 +239,21 @@ class GatewaySMTP(SMTP):
                 self._ehlo_lines.append(status)
                 status = "\r\n".join(self._ehlo_lines)
                 self._ehlo_lines.clear()
-        await super().push(status)  # type: ignore[type-var]
+        data = status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii") if isinstance(status, str) else status
+        if self._verb in _GROUPABLE and data.startswith(b"250 ") and self._command_pending():
+            # Pipelined (RFC 2920): the next command is already here, and its reply (every command has one)
+            # goes out with this one, in one send, as Postfix does. Only a 250: a refusal may end the session.
+            self._held.append(data)
+            return
+        if self._held:
+            data = b"\r\n".join((*self._held, data))
+            self._held.clear()
+        self._writer.write(data + b"\r\n")
+        await self._writer.drain()
+
+    def _command_pending(self) -> bool:
+        """A whole command line is already in the reader's buffer (the client pipelines)."""
+        return b"\n" in getattr(self._reader, "_buffer", b"")
 
     def mark_logged(self) -> None:
         """The refusal about to be sent has been logged with its own event (auth_failed, ...)."""
@@ -262,7 +280,8 @@ class GatewaySMTP(SMTP):
         self._observe(line)
         # A transport on its way out raises whatever its layer does (asyncio's SSL transport: AttributeError).
         with contextlib.suppress(Exception):
-            self._writer.write(line.encode() + b"\r\n")
+            self._writer.write(b"".join(h + b"\r\n" for h in self._held) + line.encode() + b"\r\n")
+        self._held.clear()
         self.transport.close()
 
     # -- limits --------------------------------------------------------------------------------------------
