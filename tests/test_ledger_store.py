@@ -256,18 +256,6 @@ async def test_the_ledger_lives_in_the_queues_file_and_migrates_it(tmp_path: Pat
     assert {"messages", "calls", "ledger_messages", "ledger_recipients", "ledger_events"} <= tables
 
 
-async def test_a_batchs_statement_journals_stay_in_memory(tmp_path: Path) -> None:
-    """A batch of many rows in one transaction: its statements' undo pages are not written to a temporary
-    file (temp_store=MEMORY on the ledger's connection), and every row is stored."""
-    ledger = SqliteLedger(tmp_path / "spool.sqlite3")
-    try:
-        await ledger.write([message(f"M{i}") for i in range(300)])
-        assert await ledger.run(lambda db: db.execute("PRAGMA temp_store").fetchone()[0]) == 2  # MEMORY
-        assert len((await ledger.find(Query(limit=500))).records) == 300
-    finally:
-        await ledger.close()
-
-
 async def test_a_full_disk_keeps_ledger_rows_out_of_the_queues_reserve(tmp_path: Path) -> None:
     full = False
     ledger = SqliteLedger(tmp_path / "spool.sqlite3", disk_full=lambda: full)

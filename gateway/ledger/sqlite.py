@@ -73,10 +73,6 @@ class SqliteLedger:
                 # larger cache is held by every process for good, while a large ledger's indexes on random keys
                 # miss in any cache this size and cost only a read from the OS's page cache.
                 db.execute("PRAGMA cache_size=-8192")
-                # A batch's multi-row upserts each keep a statement journal (the pages they change, to undo the
-                # one statement), which past 64 KiB SQLite writes to a temporary file, a pwrite per page. In
-                # memory it is as safe: it only ever undoes a statement inside the open transaction.
-                db.execute("PRAGMA temp_store=MEMORY")
                 sqlite_schema.migrate(db)
             except BaseException:
                 db.close()
