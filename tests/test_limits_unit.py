@@ -4,9 +4,13 @@ token bucket and the log sampler."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from gateway.config import LimitsSettings
+from gateway.core import authcount
+from gateway.core.authcount import Verdict
 from gateway.limits.clients import AuthGuard, LoginRates, LogSampler, SessionCounter, client_key
 
 
@@ -153,3 +157,57 @@ def test_log_sampler() -> None:
     for n in range(100):
         sampler.allow(n)
     assert len(sampler._seen) <= 10
+
+
+class SharedRecords:
+    """One record per client as the queue store keeps it for every process (gateway.core.authcount under its
+    lock), in memory; `auth_end` waits at `gate` once it is closed, as a write to the store can take a while."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.records: dict[str, authcount.Record] = {}
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.writing = asyncio.Event()
+
+    async def auth_begin(self, client: str, rules: authcount.Rules) -> tuple[authcount.Record, Verdict, float]:
+        record, verdict = authcount.begin(self.records.get(client, authcount.NEW), self.clock(), rules)
+        self.records[client] = record
+        return record, verdict, self.clock()
+
+    async def auth_end(
+        self, client: str, rules: authcount.Rules, failed: bool, in_flight: bool
+    ) -> tuple[authcount.Record, bool, float]:
+        self.writing.set()
+        await self.gate.wait()
+        now = self.clock()
+        record, locked = authcount.end(
+            self.records.get(client, authcount.NEW), now, rules, failed=failed, in_flight=in_flight
+        )
+        self.records[client] = record
+        return record, locked, now
+
+    async def auth_lift(self, client: str, rules: authcount.Rules) -> bool:
+        return self.records.pop(client, None) is not None
+
+
+async def test_no_second_unreserved_attempt_while_the_first_ones_failure_is_written() -> None:
+    """With a shared record, one attempt at a time per process goes unreserved (counted nowhere until it
+    ends). While its failure is being written, a new attempt of the same client must be reserved in the shared
+    record: else a process could make a guess past the lockout for every such write (tests/test_auth_shared.py
+    saw three past it with two workers)."""
+    clock = Clock()
+    shared = SharedRecords(clock)
+    g = AuthGuard(LimitsSettings(auth_lockout_failures=10), clock, shared=shared)  # type: ignore[call-arg]
+    first, _ = await g.begin("192.0.2.7")
+    assert first is not None and first.where == "unreserved"
+    shared.gate.clear()
+    ending = asyncio.ensure_future(g.end(first, failed=True))
+    await shared.writing.wait()  # the failure is on its way to the shared record
+    second, _ = await g.begin("192.0.2.7")
+    assert second is not None and second.where == "shared"
+    assert shared.records["192.0.2.7"].in_flight == 1  # counted toward the lockout while it runs
+    shared.gate.set()
+    assert await ending is False
+    assert await g.end(second, failed=True) is False
+    assert shared.records["192.0.2.7"].failures == 2

@@ -176,14 +176,20 @@ class AuthGuard:
 
     async def end(self, ticket: AuthTicket, failed: bool) -> bool:
         """The attempt ended (a failure or not); True when its failure starts a lockout."""
+        try:
+            return await self._end(ticket, failed)
+        finally:
+            # Only once the record here has this attempt: while its failure is being written to the shared
+            # record, another attempt must not start unreserved as if this process knew of nothing.
+            if ticket.where != "none":
+                left = self._running.get(ticket.key, 1) - 1
+                if left > 0:
+                    self._running[ticket.key] = left
+                else:
+                    self._running.pop(ticket.key, None)
+
+    async def _end(self, ticket: AuthTicket, failed: bool) -> bool:
         key = ticket.key
-        left = self._running.get(key, 1) - 1
-        if ticket.where == "none":
-            pass
-        elif left > 0:
-            self._running[key] = left
-        else:
-            self._running.pop(key, None)
         if ticket.where == "unreserved" and not failed:
             return False
         if ticket.where != "local" and self.shared is not None:
