@@ -22,6 +22,7 @@ from gateway.ledger import sql
 from gateway.ledger.model import Page, Query, Recipient, Record, Row, Tally
 from gateway.ledger.store import LedgerUnavailable
 from gateway.queue import sqlite_schema
+from gateway.queue.sqlite_wal import use_wal
 
 T = TypeVar("T")
 P = "?"
@@ -67,7 +68,7 @@ class SqliteLedger:
                 cached_statements=len(sql.INSERTS) * sql.ROWS + 16,  # each table, each size of a part; reads
             )
             try:
-                db.execute("PRAGMA journal_mode=WAL")
+                use_wal(db)
                 db.execute("PRAGMA synchronous=NORMAL")
                 # The indexes' hot pages stay cached between batches (SQLite's default is 2 MiB). Not more: a
                 # larger cache is held by every process for good, while a large ledger's indexes on random keys

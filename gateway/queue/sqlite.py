@@ -30,6 +30,7 @@ from gateway.queue import sqlite_schema
 from gateway.queue.health import QueueHealth
 from gateway.queue.sql import FOR_SQLITE, SQLITE
 from gateway.queue.sqlite_side import RateFile, Reserve, disk_full
+from gateway.queue.sqlite_wal import use_wal
 from gateway.queue.store import (
     Claimed,
     ClaimedRows,
@@ -121,7 +122,7 @@ class SqliteQueue:
             # a queue that filled its disk can give the space back once it has drained. A new file gets it at
             # once; an older one when it is small enough to VACUUM (below).
             db.execute("PRAGMA auto_vacuum=INCREMENTAL")
-            db.execute("PRAGMA journal_mode=WAL")
+            use_wal(db)
             db.execute("PRAGMA synchronous=FULL")
             db.execute("PRAGMA foreign_keys=ON")
             # Debian's SQLite zeroes deleted content by default, which rewrites a delivered message's whole

@@ -22,6 +22,7 @@ from gateway.core.authcount import Record
 from gateway.core.errors import SpoolUnavailable
 from gateway.queue.health import QueueHealth
 from gateway.queue.sql import FOR_SQLITE
+from gateway.queue.sqlite_wal import use_wal
 from gateway.queue.store import AUTH_SWEEP_EVERY, AuthChange, auth_read, auth_written
 
 log = structlog.get_logger("gateway.queue.sqlite")
@@ -43,23 +44,31 @@ class RateFile:
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
-            db.row_factory = sqlite3.Row
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=OFF")
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS rate_buckets (account TEXT PRIMARY KEY, tat REAL NOT NULL,"
-                " slow_until REAL NOT NULL DEFAULT 0)"
-            )
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS auth_clients (client TEXT PRIMARY KEY,"
-                " failures INTEGER NOT NULL DEFAULT 0, since REAL NOT NULL DEFAULT 0,"
-                " in_flight INTEGER NOT NULL DEFAULT 0, in_flight_until REAL NOT NULL DEFAULT 0,"
-                " locked_until REAL NOT NULL DEFAULT 0)"
-            )
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS quota_counts (login TEXT NOT NULL, win TEXT NOT NULL, messages INTEGER"
-                " NOT NULL, bytes INTEGER NOT NULL, expires REAL NOT NULL, PRIMARY KEY (login, win))"
-            )
+            try:
+                db.row_factory = sqlite3.Row
+                use_wal(db)  # every worker's first use may come at once, on a new file
+                db.execute("PRAGMA synchronous=OFF")
+                # One write transaction taken up front (it waits for the lock; a statement that starts
+                # reading and then writes would fail at once if another process wrote in between).
+                db.execute("BEGIN IMMEDIATE")
+                db.execute(
+                    "CREATE TABLE IF NOT EXISTS rate_buckets (account TEXT PRIMARY KEY, tat REAL NOT NULL,"
+                    " slow_until REAL NOT NULL DEFAULT 0)"
+                )
+                db.execute(
+                    "CREATE TABLE IF NOT EXISTS auth_clients (client TEXT PRIMARY KEY,"
+                    " failures INTEGER NOT NULL DEFAULT 0, since REAL NOT NULL DEFAULT 0,"
+                    " in_flight INTEGER NOT NULL DEFAULT 0, in_flight_until REAL NOT NULL DEFAULT 0,"
+                    " locked_until REAL NOT NULL DEFAULT 0)"
+                )
+                db.execute(
+                    "CREATE TABLE IF NOT EXISTS quota_counts (login TEXT NOT NULL, win TEXT NOT NULL, messages"
+                    " INTEGER NOT NULL, bytes INTEGER NOT NULL, expires REAL NOT NULL, PRIMARY KEY (login, win))"
+                )
+                db.execute("COMMIT")
+            except BaseException:
+                db.close()  # the next use tries again, on a new connection
+                raise
             self._db = db
         return self._db
 
