@@ -158,6 +158,20 @@ def test_a_hard_bounce_is_read_back_told_to_the_sender_and_a_webhook_and_suppres
     # The address is suppressed: the next RCPT is refused with the reason and the date.
     code, text = send(gw, "bounce-hard+x@example.com", "Again")
     assert code == 550 and text.startswith("5.1.1 <bounce-hard+x@example.com>: recipient suppressed: hard bounce (")
+    # The operator takes it off the list; the next poll reads the bounce again (its window's overlap), and the
+    # address stays off: an event read again suppresses nothing.
+    service = gw.app.returnpath
+    assert service is not None
+
+    async def remove() -> int:
+        removed = await service.returns.unsuppress("bounce-hard+x@example.com", "acme")
+        service.suppressions.remove("bounce-hard+x@example.com", "acme")
+        return removed
+
+    assert gw.loop.run(remove()) == 1
+    poller = service.pollers["acme"]
+    wait_for(lambda: gw.loop.run(poller.poll()) == "ok", what="a whole poll (not busy with the running one)")
+    assert send(gw, "bounce-hard+x@example.com", "After the removal")[0] == 250
 
 
 def notices(gw: Running) -> list[dict[str, Any]]:

@@ -48,14 +48,14 @@ async def test_an_event_cursor_is_leased_to_one_instance_fenced_and_resumed(inst
     busy, seen = await b.lease_cursor("acme", "acme", "gw-b", T0 + 1, 60, T0)
     assert busy is None and seen == T0 - 900  # the first start is kept
     row = EventRow("ev1", "M1", T0, T0 + 2, "sent")
-    assert await a.apply("acme", lease.token, [row], since=T0 - 900, until=T0, page=3, now=T0 + 2, lease=60)
+    assert await a.apply("acme", lease.token, [row], since=T0 - 900, until=T0, page=3, now=T0 + 2, lease=60) == [row]
     # a's lease runs out (it died); b takes over where a stopped: the window and the next page
     taken, _ = await b.lease_cursor("acme", "acme", "gw-b", T0 + 100, 60, T0)
     assert taken is not None and (taken.window_since, taken.window_until, taken.page) == (T0 - 900, T0, 3)
     assert taken.token > lease.token
     # a, back, is fenced: nothing it writes lands, its window does not complete
     late = EventRow("ev-late", "M1", T0, T0 + 3, "sent")
-    assert not await a.apply("acme", lease.token, [late], since=T0 - 900, until=T0, page=4, now=T0 + 101, lease=60)
+    assert await a.apply("acme", lease.token, [late], since=T0 - 900, until=T0, page=4, now=T0 + 101, lease=60) is None
     assert not await a.complete("acme", lease.token, T0, T0 + 101, 60)
     assert await b.complete("acme", taken.token, T0, T0 + 101, 60)
     await b.release("acme", taken.token)
@@ -103,6 +103,32 @@ async def test_suppressions_are_listed_removed_and_synced_with_a_vendor_list(ins
     assert await returns.unsuppress("gone@example.com", "acme") == 1
     assert await returns.unsuppress("GONE@example.com") == 1  # crm's
     assert await returns.suppressions() == []
+
+
+async def test_an_event_read_again_does_not_suppress_again(instances: Callable[[], Pair]) -> None:
+    """The next window's overlap reads an event again: its suppression, removed since (by the operator, or by
+    the vendor's invalid-contacts list), stays removed; an event read for the first time still suppresses."""
+    ledger, returns = instances()
+    await ledger.open()
+
+    def page(event_id: str, address: str) -> list[EventRow | SuppressionRow]:
+        return [
+            EventRow(event_id, "M1", T0, T0 + 5, "not_sent", recipient=address),
+            SuppressionRow("acme", address, "not sent", "not_sent", T0 + 5, "M1", None, event_id),
+        ]
+
+    lease, _ = await returns.lease_cursor("acme", "acme", "gw-a", T0, 60, T0 - 900)
+    assert lease is not None
+    first = page("ev-1", "old@example.com")
+    assert (
+        await returns.apply("acme", lease.token, first, since=T0, until=T0 + 10, page=1, now=T0 + 10, lease=60) == first
+    )
+    assert [s.address for s in await returns.suppressions("acme")] == ["old@example.com"]
+    assert await returns.unsuppress("old@example.com", "acme") == 1
+    again = page("ev-1", "old@example.com") + page("ev-2", "new@example.com")
+    written = await returns.apply("acme", lease.token, again, since=T0, until=T0 + 20, page=2, now=T0 + 20, lease=60)
+    assert written == again[:1] + again[2:]  # ev-1's timeline row is an upsert; its suppression is left out
+    assert [s.address for s in await returns.suppressions("acme")] == ["new@example.com"]
 
 
 async def test_the_outbox_delivers_each_event_once_leased_retried_and_reclaimed(instances: Callable[[], Pair]) -> None:

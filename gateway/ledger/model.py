@@ -167,6 +167,9 @@ class SuppressionRow(NamedTuple):
     created: float
     msg_id: str | None = None
     detail: str | None = None
+    # The event read back that added it (not stored): an event read again (the next window's overlap) adds
+    # nothing, so an entry an operator or the invalid-contacts list removed stays removed.
+    event_id: str | None = None
 
 
 class NoticeRow(NamedTuple):

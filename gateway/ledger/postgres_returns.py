@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from gateway.ledger import readback
 from gateway.ledger.model import Record, Row, SuppressionRow, address_key
 from gateway.ledger.postgres import PostgresLedger
 from gateway.ledger.returns import Claim, Delivery, Lease, Match, Suppressed
@@ -47,13 +48,19 @@ class PostgresReturns:
         page: int,
         now: float,
         lease: float,
-    ) -> bool:
+    ) -> list[Row] | None:
         async with self.ledger.connection() as conn:
             if await (await conn.execute(SQL.cursor_holds, (name, token))).fetchone() is None:
-                return False
-            await PostgresLedger.write_in(conn, rows)
+                return None
+            ids = readback.event_ids(rows)
+            known: list[str] = []
+            if ids:
+                cur = await conn.execute(SQL.events_known(len(ids)), POSTGRES.items(ids))
+                known = [r[0] for r in await cur.fetchall()]
+            written = readback.unread(rows, known)
+            await PostgresLedger.write_in(conn, written)
             await conn.execute(SQL.cursor_progress, (since, until, page, now + lease, now, name))
-        return True
+        return written
 
     async def complete(self, name: str, token: int, position: float, now: float, lease: float) -> bool:
         async with self.ledger.connection() as conn:

@@ -69,9 +69,24 @@ def apply(
         reason = SUPPRESSES.get(event.type)
         if reason is not None and suppress and match.rcpt not in whitelisted:
             out.rows.append(
-                SuppressionRow(account, match.rcpt, reason, event.type, event.at, match.msg_id, event.detail)
+                SuppressionRow(account, match.rcpt, reason, event.type, event.at, match.msg_id, event.detail, event.id)
             )
     return out
+
+
+def unread(rows: Sequence[Row], known: Iterable[str]) -> list[Row]:
+    """`rows` without the suppressions of events the ledger holds already (`known`: their ids). An event read
+    again suppresses nothing: the operator, or the vendor's invalid-contacts list, may have removed its entry
+    since it was first read. Its other rows stay (each is an idempotent upsert)."""
+    seen = set(known)
+    if not seen:
+        return list(rows)
+    return [r for r in rows if not (isinstance(r, SuppressionRow) and r.event_id in seen)]
+
+
+def event_ids(rows: Iterable[Row]) -> list[str]:
+    """The ids of the timeline events among `rows` (to ask the ledger which it holds)."""
+    return [r.id for r in rows if isinstance(r, EventRow)]
 
 
 def _rows(

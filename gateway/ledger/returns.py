@@ -136,9 +136,10 @@ class ReturnStore(Protocol):
         page: int,
         now: float,
         lease: float,
-    ) -> bool:
+    ) -> list[Row] | None:
         """Write `rows` and the window's progress (the next page to read) in one transaction, if the lease
-        is still ours (False: fenced, nothing written); the lease is renewed."""
+        is still ours (None: fenced, nothing written); the lease is renewed. Returns the rows written: all of
+        them but the suppressions of events read before (readback.unread)."""
         ...
 
     async def complete(self, name: str, token: int, position: float, now: float, lease: float) -> bool:

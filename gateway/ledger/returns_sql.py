@@ -119,6 +119,10 @@ class ReturnStatements:
             f" WHERE r.upstream_id{d.among(n)}"
         )
 
+    def events_known(self, n: int) -> str:
+        """Which of these event ids the ledger holds already (an event read again)."""
+        return self.dialect(f"SELECT id FROM ledger_events WHERE id{self.dialect.among(n)}")
+
     def addresses(self, n: int) -> str:
         """Recipients sent to these addresses since a time (events that name no upstream id)."""
         d = self.dialect

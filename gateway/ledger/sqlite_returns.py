@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
+from gateway.ledger import readback
 from gateway.ledger.model import Record, Row, SuppressionRow, address_key
 from gateway.ledger.returns import Claim, Delivery, Lease, Match, Suppressed
 from gateway.ledger.returns_sql import FOR_SQLITE
@@ -67,14 +68,20 @@ class SqliteReturns:
         page: int,
         now: float,
         lease: float,
-    ) -> bool:
-        def run(db: sqlite3.Connection) -> bool:
+    ) -> list[Row] | None:
+        def run(db: sqlite3.Connection) -> list[Row] | None:
             with _tx(db):
                 if db.execute(SQL.cursor_holds, (name, token)).fetchone() is None:
-                    return False
-                SqliteLedger.write_in(db, rows)
+                    return None
+                ids = readback.event_ids(rows)
+                known: list[str] = []
+                for start in range(0, len(ids), 500):  # SQLite's limit on parameters per statement
+                    part = ids[start : start + 500]
+                    known += [r[0] for r in db.execute(SQL.events_known(len(part)), SQLITE.items(part))]
+                written = readback.unread(rows, known)
+                SqliteLedger.write_in(db, written)
                 db.execute(SQL.cursor_progress, (since, until, page, now + lease, now, name))
-            return True
+            return written
 
         return await self._run(run)
 

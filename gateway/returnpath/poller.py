@@ -167,14 +167,15 @@ class EventPoller:
             suppress=suppress,
             whitelisted=whitelisted,
         )
-        if not await ctx.returns.apply(
+        written = await ctx.returns.apply(
             name, token, applied.rows, since=since, until=until, page=page + 1, now=now, lease=settings.lease
-        ):
+        )
+        if written is None:
             return None
         for event in read.events:
             EVENTS_READ.labels(account=self.account, type=event.type).inc()
         self._count_unmatched(applied.unmatched)
-        ctx.suppressions.add(Suppressed.of(row) for row in applied.rows if isinstance(row, SuppressionRow))
+        ctx.suppressions.add(Suppressed.of(row) for row in written if isinstance(row, SuppressionRow))
         if applied.matched:
             ctx.written()
             log.debug(
