@@ -431,7 +431,9 @@ def test_quickstart_output(tmp_path: Path) -> None:
             fetched = subprocess.run(
                 shlex.split(to_real(command)), capture_output=True, text=True, timeout=30, check=True
             )
-            kinds = [(r["provider"], r["kind"]) for r in json.loads(fetched.stdout)]
+            # The sandbox's webhook receiver records its deliveries here too (no provider): the quick start's
+            # events are read every two seconds, so on a slow machine the first already came.
+            kinds = [(r.get("provider"), r["kind"]) for r in json.loads(fetched.stdout)]
             assert kinds.count(("dmds", "send")) == 3 and ("dengage", "send") in kinds, kinds
 
         for block in blocks["queue_list"]:
