@@ -1,6 +1,7 @@
 """The suppression lists as RCPT TO checks them: an in-memory copy of the queue database's lists, reloaded
 every `return_path.suppression_refresh` seconds off the SMTP path (a reload swaps the whole copy at once), so a
-check is a dict lookup and never waits for the database. Entries this instance adds or removes apply at once."""
+check is a dict lookup and never waits for the database. Entries this instance adds or removes apply at once,
+and a reload under way does not undo them."""
 
 from __future__ import annotations
 
@@ -16,12 +17,17 @@ from gateway.ledger.store import LedgerUnavailable
 from gateway.ops.metrics import SUPPRESSIONS
 
 log = structlog.get_logger("gateway.ledger")
+# A change made while a reload reads: entries added, or (address key, account or None) removed.
+Change = tuple[list[Suppressed], str | None, str | None]
 
 
 class SuppressionSet:
     def __init__(self) -> None:
         self._lists: dict[str, dict[str, Suppressed]] = {}  # account -> address key -> entry
         self.loaded_at: float | None = None
+        # While a reload reads the database, what this instance adds or removes is also noted here and
+        # applied again to what was read: the read may have begun before it was written.
+        self._during: list[list[Change]] = []  # one log per reload under way
 
     def check(self, account: str, address: str) -> Suppressed | None:
         entries = self._lists.get(account)
@@ -35,16 +41,26 @@ class SuppressionSet:
         self._count()
 
     def add(self, entries: Iterable[Suppressed]) -> None:
-        for e in entries:
-            self._lists.setdefault(e.account, {}).setdefault(address_key(e.address), e)
+        added = list(entries)
+        self._add(added)
+        for log_ in self._during:
+            log_.append((added, None, None))
         self._count()
 
     def remove(self, address: str, account: str | None = None) -> None:
-        key = address_key(address)
+        self._remove(address_key(address), account)
+        for log_ in self._during:
+            log_.append(([], address_key(address), account))
+        self._count()
+
+    def _add(self, entries: Iterable[Suppressed]) -> None:
+        for e in entries:
+            self._lists.setdefault(e.account, {}).setdefault(address_key(e.address), e)
+
+    def _remove(self, key: str, account: str | None) -> None:
         for name, entries in self._lists.items():
             if account is None or name == account:
                 entries.pop(key, None)
-        self._count()
 
     def counts(self) -> dict[str, int]:
         return {account: len(entries) for account, entries in self._lists.items()}
@@ -54,8 +70,21 @@ class SuppressionSet:
             SUPPRESSIONS.labels(account=account).set(len(entries))
 
     async def refresh(self, store: ReturnStore) -> None:
-        """Reload the whole copy (LedgerUnavailable: the old copy stays)."""
-        self.replace(await store.suppressions())
+        """Reload the whole copy (LedgerUnavailable: the old copy stays). What this instance added or removed
+        while the database was read applies on top of what was read."""
+        during: list[Change] = []
+        self._during.append(during)
+        try:
+            loaded = await store.suppressions()
+        finally:
+            self._during = [d for d in self._during if d is not during]
+        self.replace(loaded)
+        for added, key, account in during:
+            if key is None:
+                self._add(added)
+            else:
+                self._remove(key, account)
+        self._count()
         self.loaded_at = time.time()
 
     async def run(self, store: ReturnStore, every: Callable[[], float]) -> None:
