@@ -100,6 +100,9 @@ def test_the_sandbox_fates_by_local_part_and_by_request() -> None:
     assert sorted(fates.invalid) == ["bounce-hard@example.com", "bounce-hard@x.com"]
     assert fates.sent("dmds", "E2", ["bounce-hard@example.com", "ok@example.com"]) == {"bounce-hard@example.com"}
     assert [e.name for e in fates.of_batch("E2")] == ["Not-Sent", "envio"]
+    # Not-Sent is DMDS' answer for an invalid contact: a `not-sent` address is on the list (dEngage has none).
+    assert fates.sent("dmds", "E3", ["not-sent+a@example.com"]) == {"not-sent+a@example.com"}
+    assert "not-sent+a@example.com" in fates.invalid
     fates.choose({"delay": 5})
     fates.sent("dengage", "T1", ["not-sent@example.com"], ["smtp-gateway"])
     assert fates.window("dengage", 0, 2000, "smtp-gateway") == []  # not visible for 5 s

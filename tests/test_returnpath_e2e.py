@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import json
 import smtplib
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
-from gateway.ledger.model import Query, Record
+from gateway.core.events import SUPPRESSES
+from gateway.ledger.model import Query, Record, SuppressionRow
+from gateway.ledger.returns import Suppressed
 from tests.docs_blocks import doc_blocks
 from tests.harness import PASSWORD, USER, LoopThread, Running
 from tests.spool_helpers import message, wait_for
@@ -376,6 +379,33 @@ def test_dmds_invalid_contacts_are_suppressed_minus_the_whitelist(
     # DMDS revalidates the old contact: it leaves the list at the next read, and mail to it is taken again.
     fates.invalid.pop("old-bounce@example.com")
     wait_for(lambda: send(gw, "old-bounce@example.com", "Back")[0] == 250, what="the contact revalidated")
+
+
+def test_dmds_revalidation_lifts_what_its_not_sent_made(
+    gateway_factory: Callable[..., Running], delivery: dict[str, Any]
+) -> None:
+    """A contact sent to before the next read of DMDS' list is suppressed by its `Not-Sent` (source not_sent):
+    once DMDS revalidates it, the next read of the list lifts that entry too; a contact still listed keeps it."""
+    gw = returning(gateway_factory, delivery, events={"invalid_interval": 0.2})
+    service = gw.app.returnpath
+    assert service is not None
+    gw.sandbox.state.fates.invalid["still-invalid@example.com"] = 1.0
+    made = time.time()
+    rows = [
+        SuppressionRow("acme", a, SUPPRESSES["not_sent"], "not_sent", made)
+        for a in ("revalidated@example.com", "still-invalid@example.com")
+    ]
+
+    async def suppressed() -> None:  # as the poller writes a Not-Sent's entry
+        await service.returns.suppress(rows)
+        service.suppressions.add(Suppressed.of(r) for r in rows)
+
+    gw.loop.run(suppressed())
+    wait_for(lambda: send(gw, "revalidated@example.com", "Back")[0] == 250, what="the entry lifted")
+    code, text = send(gw, "still-invalid@example.com", "Still")
+    assert code == 550 and "the upstream did not send to it (invalid contact)" in text
+    entries = gw.loop.run(service.returns.suppressions("acme"))
+    assert [(e.address, e.source) for e in entries] == [("still-invalid@example.com", "not_sent")]
 
 
 def test_the_sandbox_takes_fates_from_its_endpoint(gateway_factory: Callable[..., Running]) -> None:

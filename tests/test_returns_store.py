@@ -103,6 +103,24 @@ async def test_suppressions_are_listed_removed_and_synced_with_a_vendor_list(ins
     assert await returns.unsuppress("gone@example.com", "acme") == 1
     assert await returns.unsuppress("GONE@example.com") == 1  # crm's
     assert await returns.suppressions() == []
+    # Entries a lifted source made (DMDS' Not-Sent) before the list was read go with the list's state; a later
+    # one (the list may be older than it) and other sources' stay.
+    await returns.suppress(
+        [
+            SuppressionRow("acme", "revalidated@e.com", "not sent", "not_sent", T0),
+            SuppressionRow("acme", "still@e.com", "not sent", "not_sent", T0),
+            SuppressionRow("acme", "late@e.com", "not sent", "not_sent", T0 + 20),
+            SuppressionRow("acme", "bounced@e.com", "hard bounce", "bounced", T0),
+        ]
+    )
+    listed = [SuppressionRow("acme", "still@e.com", "invalid at DMDS", "invalid_list", T0 + 3)]
+    added, removed = await returns.sync_source("acme", "invalid_list", listed, ("not_sent",), read_at=T0 + 10)
+    assert (added, removed) == ([], ["revalidated@e.com"])
+    assert sorted((e.address, e.source) for e in await returns.suppressions("acme")) == [
+        ("bounced@e.com", "bounced"),
+        ("late@e.com", "not_sent"),
+        ("still@e.com", "not_sent"),  # listed: its first entry is kept
+    ]
 
 
 async def test_an_event_read_again_does_not_suppress_again(instances: Callable[[], Pair]) -> None:

@@ -119,18 +119,29 @@ class PostgresReturns:
             return cur.rowcount
 
     async def sync_source(
-        self, account: str, source: str, rows: Sequence[SuppressionRow]
+        self,
+        account: str,
+        source: str,
+        rows: Sequence[SuppressionRow],
+        lifted: Sequence[str] = (),
+        read_at: float = 0.0,
     ) -> tuple[list[str], list[str]]:
         wanted = {address_key(r.address): r for r in rows}
+        gone: set[str] = set()
         async with self.ledger.connection() as conn:
-            held = {r[0] for r in await (await conn.execute(SQL.suppression_source, (account, source))).fetchall()}
-            gone = sorted(held - set(wanted))
-            for address in gone:
-                await conn.execute(SQL.suppression_drop_source, (account, address, source))
+            held_by = [(source, await (await conn.execute(SQL.suppression_source, (account, source))).fetchall())]
+            for kind in lifted:
+                cur = await conn.execute(SQL.suppression_source_before, (account, kind, read_at))
+                held_by.append((kind, await cur.fetchall()))
+            for kind, found in held_by:
+                held = {r[0] for r in found}
+                for address in held - set(wanted):
+                    await conn.execute(SQL.suppression_drop_source, (account, address, kind))
+                    gone.add(address)
             present = {r[0] for r in await (await conn.execute(SQL.suppression_addresses, (account,))).fetchall()}
             new = [r for a, r in wanted.items() if a not in present]
             await PostgresLedger.write_in(conn, new)
-        return sorted(address_key(r.address) for r in new), gone
+        return sorted(address_key(r.address) for r in new), sorted(gone)
 
     # -- the webhook outbox -------------------------------------------------------------------------------
 

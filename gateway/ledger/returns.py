@@ -173,10 +173,17 @@ class ReturnStore(Protocol):
         ...
 
     async def sync_source(
-        self, account: str, source: str, rows: Sequence[SuppressionRow]
+        self,
+        account: str,
+        source: str,
+        rows: Sequence[SuppressionRow],
+        lifted: Sequence[str] = (),
+        read_at: float = 0.0,
     ) -> tuple[list[str], list[str]]:
         """Make `source`'s entries of `account` exactly `rows` (a list read whole from the vendor): returns the
-        addresses added and removed. Entries of other sources are left alone."""
+        addresses added and removed. Entries of the `lifted` sources made before `read_at` (when the list was
+        read) whose address `rows` does not hold are removed too (what the list's state caused: DMDS'
+        `Not-Sent`); a later one may be newer than the list. Other sources' entries are left alone."""
         ...
 
     # -- the webhook outbox -------------------------------------------------------------------------------

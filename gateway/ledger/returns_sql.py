@@ -51,6 +51,9 @@ class ReturnStatements:
         self.suppression_drop_any = d("DELETE FROM suppressions WHERE address=?")
         self.suppression_addresses = d("SELECT address FROM suppressions WHERE account=?")
         self.suppression_source = d("SELECT address FROM suppressions WHERE account=? AND source=?")
+        self.suppression_source_before = d(
+            "SELECT address FROM suppressions WHERE account=? AND source=? AND created<?"
+        )
         self.suppression_drop_source = d("DELETE FROM suppressions WHERE account=? AND address=? AND source=?")
         # -- the webhook outbox
         self.outbox_due = d(

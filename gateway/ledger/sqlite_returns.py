@@ -160,19 +160,31 @@ class SqliteReturns:
         return await self._run(run)
 
     async def sync_source(
-        self, account: str, source: str, rows: Sequence[SuppressionRow]
+        self,
+        account: str,
+        source: str,
+        rows: Sequence[SuppressionRow],
+        lifted: Sequence[str] = (),
+        read_at: float = 0.0,
     ) -> tuple[list[str], list[str]]:
         def run(db: sqlite3.Connection) -> tuple[list[str], list[str]]:
             wanted = {address_key(r.address): r for r in rows}
+            gone: set[str] = set()
             with _tx(db):
-                held = {r[0] for r in db.execute(SQL.suppression_source, (account, source))}
-                gone = sorted(held - set(wanted))
-                for address in gone:
-                    db.execute(SQL.suppression_drop_source, (account, address, source))
+                held_by = [(source, db.execute(SQL.suppression_source, (account, source)).fetchall())]
+                for kind in lifted:
+                    held_by.append(
+                        (kind, db.execute(SQL.suppression_source_before, (account, kind, read_at)).fetchall())
+                    )
+                for kind, found in held_by:
+                    held = {r[0] for r in found}
+                    for address in held - set(wanted):
+                        db.execute(SQL.suppression_drop_source, (account, address, kind))
+                        gone.add(address)
                 present = {r[0] for r in db.execute(SQL.suppression_addresses, (account,))}
                 new = [r for a, r in wanted.items() if a not in present]
                 SqliteLedger.write_in(db, new)
-            return sorted(address_key(r.address) for r in new), gone
+            return sorted(address_key(r.address) for r in new), sorted(gone)
 
         return await self._run(run)
 

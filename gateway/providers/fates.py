@@ -4,7 +4,8 @@ read these): what becomes of each address a send names, by its local part or as 
     bounce-hard[+anything]@...  a hard bounce (DMDS `rebote-hard`, dEngage `Bounced`); DMDS then lists the
                                 address among its invalid contacts (unless whitelisted)
     bounce-soft[+anything]@...  a soft bounce (DMDS `rebote-soft`, dEngage `SoftBounce`)
-    not-sent[+anything]@...     not sent (DMDS `Not-Sent`, and `sent` counts it out; dEngage `NotSent`)
+    not-sent[+anything]@...     not sent (DMDS `Not-Sent`, and `sent` counts it out; dEngage `NotSent`); DMDS
+                                lists it among its invalid contacts, as it sends nothing to those
     anything else               delivered (DMDS `envio`, dEngage `Delivered`)
 
 `POST /_sandbox/fate {"address": ..., "fate": ...}` gives one address a fate whatever its local part
@@ -136,7 +137,8 @@ class Fates:
                         detail.format(address=address) if detail else None,
                     )
                 )
-            if provider == "dmds" and fate == "bounce-hard" and address.lower() not in self.whitelist:
+            if provider == "dmds" and fate in ("bounce-hard", "not-sent") and address.lower() not in self.whitelist:
+                # Not-Sent is DMDS' answer for a contact it holds invalid: a `not-sent` address is on its list.
                 self.invalid.setdefault(address.lower(), now)
         return unsent
 
