@@ -392,8 +392,12 @@ def test_dmds_revalidation_lifts_what_its_not_sent_made(
     gw.sandbox.state.fates.invalid["still-invalid@example.com"] = 1.0
     made = time.time()
     rows = [
-        SuppressionRow("acme", a, SUPPRESSES["not_sent"], "not_sent", made)
-        for a in ("revalidated@example.com", "still-invalid@example.com")
+        SuppressionRow("acme", a, SUPPRESSES[source], source, made)
+        for a, source in (
+            ("revalidated@example.com", "not_sent"),
+            ("still-invalid@example.com", "not_sent"),
+            ("invalidated@example.com", "invalidated"),  # DMDS' invalidation event, read back
+        )
     ]
 
     async def suppressed() -> None:  # as the poller writes a Not-Sent's entry
@@ -402,6 +406,7 @@ def test_dmds_revalidation_lifts_what_its_not_sent_made(
 
     gw.loop.run(suppressed())
     wait_for(lambda: send(gw, "revalidated@example.com", "Back")[0] == 250, what="the entry lifted")
+    assert send(gw, "invalidated@example.com", "Back too")[0] == 250
     code, text = send(gw, "still-invalid@example.com", "Still")
     assert code == 550 and "the upstream did not send to it (invalid contact)" in text
     entries = gw.loop.run(service.returns.suppressions("acme"))

@@ -1,9 +1,9 @@
 """The vendor's own invalid contacts (DMDS: invalidated after hard bounces or complaints; mail to them is not
 sent, `Not-Sent`) kept in the account's suppression list, minus its whitelist: read every
 `invalid_interval` by one instance at a time (a lease on the cursor `<account>/invalid`, as the event polls
-have), its entries replaced as a whole (a contact DMDS revalidated leaves the list, with the entry its
-`Not-Sent` made). Addresses new to the
-list are checked against the whitelist first (cached), so a whitelisted contact is never suppressed."""
+have), its entries replaced as a whole (a contact DMDS revalidated leaves the list, with the entries its
+`Not-Sent` or invalidation events made). Addresses new to the list are checked against the whitelist first
+(cached), so a whitelisted contact is never suppressed."""
 
 from __future__ import annotations
 
@@ -26,10 +26,11 @@ log = structlog.get_logger("gateway.events")
 
 SOURCE = "invalid_list"
 REASON = "invalid contact at the upstream"
-# DMDS sends no mail to an invalid contact, and says `Not-Sent` for each: the entry that made ends when the
-# contact leaves the list (revalidated), as the list's own entry does. A contact the gateway sent to before
-# its next read of the list is suppressed by its `Not-Sent` first, so the entry is that event's.
-LIFTED = ("not_sent",)
+# Entries of events that say the contact is on the list: DMDS' `Not-Sent` (it sends nothing to an invalid
+# contact) and its invalidation event. They end when the contact leaves the list (revalidated), as the list's
+# own entry does. A contact the gateway sent to before its next read of the list is suppressed by its
+# `Not-Sent` first, so the entry is that event's.
+LIFTED = ("not_sent", "invalidated")
 LEASE = 300.0
 
 
