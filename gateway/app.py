@@ -184,6 +184,7 @@ class App:
             owner,
             enabled=settings.ledger.enabled,
             keep_requests=settings.ledger.keep_requests,
+            keep_bodies=settings.ledger.keep_bodies,
         )
         self._spawn(retention.run(self.ledger, lambda: self.settings.ledger))
         self.owner = DeliveryOwner(
@@ -369,6 +370,7 @@ class App:
         self.owner.providers = providers
         self.owner.ledger.enabled = new.ledger.enabled
         self.owner.ledger.keep_requests = new.ledger.keep_requests
+        self.owner.ledger.keep_bodies = new.ledger.keep_bodies
         if self.ledger_writer is not None:
             self.ledger_writer.configure(new.ledger)
         if self.api_auth is not None:

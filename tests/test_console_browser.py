@@ -112,7 +112,8 @@ def test_an_operator_uses_the_console(page: Any, gateway_factory: Callable[..., 
     assert page.locator("h1").inner_text().startswith(f"Message {reply_id}")
     timeline = page.locator("table.timeline").inner_text()
     assert "accepted (250)" in timeline and "upstream call" in timeline and "delivered" in timeline
-    assert "ops@example.net" in page.locator("pre.request").inner_text()
+    request = page.locator("pre.request").inner_text()
+    assert "ops@example.net" in request and re.search(r'"html": "\(\d+ bytes, not kept\)"', request), request
     message_png = shot(page, tmp_path, "message")
     if os.environ.get("CONSOLE_SCREENSHOTS"):
         page.set_viewport_size({"width": 1100, "height": 700})

@@ -236,6 +236,47 @@ def test_retention_prunes_records_past_their_age(
     assert find(gw) == [] and gw.loop.run(store.get(found.id)) is None
 
 
+def _html(provider: str, body: dict[str, Any]) -> Any:
+    """The message's text in a request body as each provider's wire has it."""
+    return body["html"] if provider == "dmds" else body["content"]["html"]
+
+
+@pytest.mark.parametrize("provider", ["dmds", "dengage"])
+def test_the_kept_request_has_the_texts_size_unless_keep_bodies(
+    gateway_factory: Callable[..., Running], provider: str
+) -> None:
+    """By default the record keeps the request's shape and the HTML's size, not the message's words; with
+    `keep_bodies` (applied by a reload) the HTML as sent."""
+    gw = gateway_factory(dengage={}) if provider == "dengage" else gateway_factory()
+    login, sender = (USER, "billing@acme.example") if provider == "dmds" else (DENGAGE_USER, DENGAGE_SENDER)
+    words = "Quarterly figures: confidential-7f3a"
+
+    def sent(tag: str) -> tuple[Record, tuple[Any, Any]]:
+        msg = EmailMessage()
+        msg["From"], msg["To"], msg["Subject"] = sender, "client@example.net", "figures"
+        msg["Message-ID"] = f"<{tag}@test.example>"
+        msg.set_content(f"<p>{words} \u00e9t\u00e9</p>", subtype="html")
+        with smtplib.SMTP("127.0.0.1", gw.port(), timeout=30) as client:
+            client.login(login, PASSWORD)
+            client.sendmail(sender, ["client@example.net"], msg.as_bytes())
+        [found] = find(gw, message_id=f"{tag}@test.example")
+        kept = record(gw, found.id)
+        [request] = kept.request
+        upstream = gw.requests[-1]["body"]  # delivered inline: its call was made before the 250
+        return kept, (_html(provider, request["body"]), _html(provider, upstream))
+
+    assert not gw.settings.ledger.keep_bodies  # the default
+    whole, (kept, html) = sent("without")
+    assert words in html  # the upstream got the text; the ledger its size in UTF-8 bytes (two are 2-byte)
+    assert kept == f"({len(html.encode())} bytes, not kept)" and len(html.encode()) == len(html) + 2
+    assert words not in json.dumps(whole.to_json())
+    on = gw.settings.model_copy(update={"ledger": gw.settings.ledger.model_copy(update={"keep_bodies": True})})
+    gw.app.source = lambda: on
+    assert gw.loop.run(gw.app.reload())
+    _, (kept, html) = sent("with")
+    assert kept == html and words in kept
+
+
 @pytest.mark.parametrize("provider", ["dmds", "dengage"])
 def test_the_kept_request_has_no_credential_and_no_attachment_content(
     gateway_factory: Callable[..., Running], provider: str

@@ -206,6 +206,8 @@ def test_a_test_login_goes_through_everything_but_sends_nothing(gateway_factory:
     assert request["body"]["campana_id"] == 22
     [attached] = request["body"]["adjuntos"]
     assert attached["contenido"] == "(24 bytes, not kept)"  # contents are not kept: only what was built
+    # The message's text is, whatever `ledger.keep_bodies` says (false here): it is what a test login is for.
+    assert not gw.settings.ledger.keep_bodies and "see attached" in request["body"]["html"]
     assert "Authorization" not in str(line) and "test-account-apikey" not in str(line)
     [accepted] = events(logs, "message_accepted")
     assert accepted["queue_id"] == test_id

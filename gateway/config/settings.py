@@ -447,6 +447,12 @@ class LedgerSettings(_Section):
         description="Keep each message's planned upstream requests (the body as JSON, attachments as their size): "
         "the largest part of a record and of the ledger's cost per message.",
     )
+    keep_bodies: bool = Field(
+        False,
+        description="Keep the message's text (its HTML as sent) in the kept requests; false: its size only, as for "
+        "attachments. The body is most of a request: kept, it is message content at rest for `retention` and "
+        "costs the ledger more CPU and disk per message. A test-mode login's requests always keep it.",
+    )
 
 
 class ApiToken(_Section):

@@ -122,10 +122,10 @@ class Deliverer(Protocol):
         the stored submission and skips the keys already delivered."""
         ...
 
-    def requests(self, submission: Submission) -> list[dict[str, Any]]:
+    def requests(self, submission: Submission, *, bodies: bool = True) -> list[dict[str, Any]]:
         """The planned calls as they would be sent, for the message ledger: each {call, method, path, body}.
         Secrets are never in them (credentials travel in headers); each attachment's content is replaced by
-        its size. Pure; the order and keys of plan()."""
+        its size, and so is the message's text when `bodies` is false. Pure; the order and keys of plan()."""
         ...
 
     async def deliver(

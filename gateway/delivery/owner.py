@@ -458,7 +458,11 @@ class DeliveryOwner:
             reply=str(reply),
             reply_id=attempt.reply_id or attempt.msg_id,
             calls=calls,
-            requests=provider.requests(attempt.submission) if provider and self.ledger.keep_requests else None,
+            requests=(
+                provider.requests(attempt.submission, bodies=self.ledger.keep_bodies)
+                if provider and self.ledger.keep_requests
+                else None
+            ),
             decision=decision,
             outcome=outcome,
         )

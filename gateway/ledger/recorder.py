@@ -75,6 +75,7 @@ class Recorder:
         *,
         enabled: bool = True,
         keep_requests: bool = True,
+        keep_bodies: bool = False,
         clock: Callable[[], float] = time.time,
         subscriptions: announce.Subscriptions | None = None,
     ):
@@ -82,6 +83,7 @@ class Recorder:
         self.actor = actor
         self.enabled = enabled
         self.keep_requests = keep_requests  # whether `accepted` wants the planned requests
+        self.keep_bodies = keep_bodies  # and in them the message's text, or only its size
         self.clock = clock
         # The webhooks told of dead letters (their deliveries are written with the dead letter's rows).
         self.subscriptions = subscriptions or announce.Subscriptions()

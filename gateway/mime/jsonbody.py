@@ -49,6 +49,11 @@ def attachment_omitted(attachment: Attachment) -> str:
     return f"({attachment.size} bytes, not kept)"
 
 
+def body_omitted(html: str) -> str:
+    """The message's text as the message ledger keeps it without bodies (`ledger.keep_bodies = false`)."""
+    return f"({len(html.encode('utf-8', 'surrogatepass'))} bytes, not kept)"
+
+
 @dataclass(frozen=True, slots=True)
 class Body:
     """A JSON body in pieces: JSON text and blobs, in order."""

@@ -75,9 +75,10 @@ class Provider(Deliverer, Protocol):
         """A delivery status notice's Submission.params, from those of the message it is about (DMDS: the
         same campaign, not its batch)."""
 
-    def requests(self, submission: Submission) -> list[dict[str, Any]]:
+    def requests(self, submission: Submission, *, bodies: bool = True) -> list[dict[str, Any]]:
         """The calls `plan` gives, as requests without secrets or attachment contents (method, path, body):
-        what a test-mode login's message would have sent, for the log and the message ledger."""
+        what a test-mode login's message would have sent, for the log and the message ledger (`bodies`
+        false: the message's text as its size too)."""
         ...
 
     async def check_upstream(self) -> AccountCheck:
@@ -128,7 +129,7 @@ class ProviderBase(Generic[A]):
     def notice_params(self, original: ProviderData) -> ProviderData:
         return original
 
-    def requests(self, submission: Submission) -> list[dict[str, Any]]:
+    def requests(self, submission: Submission, *, bodies: bool = True) -> list[dict[str, Any]]:
         """The planned calls' keys and recipients (a provider that knows its wire gives their bodies)."""
         return [{"call": c.key, "recipients": list(c.recipients)} for c in cast(Deliverer, self).plan(submission)]
 

@@ -249,7 +249,7 @@ class DengageProvider(ProviderBase[DengageAccount]):
                 calls[key] = Call(key, (rcpt,))
         return tuple(calls.values())
 
-    def requests(self, submission: Submission) -> list[dict[str, Any]]:
+    def requests(self, submission: Submission, *, bodies: bool = True) -> list[dict[str, Any]]:
         """One call per recipient as planned (the bearer token goes in the Authorization header)."""
         return [
             {
@@ -261,6 +261,7 @@ class DengageProvider(ProviderBase[DengageAccount]):
                     call.recipients[0],
                     self._named_sender(submission.message),  # the identity id is looked up when sending
                     attachment=jsonbody.attachment_omitted,
+                    bodies=bodies,
                 ),
             }
             for call in self.plan(submission)

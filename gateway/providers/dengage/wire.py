@@ -141,9 +141,12 @@ def build_payload(
     recipient: str,
     sender: Mapping[str, str] | None = None,
     attachment: jsonbody.AttachmentContent = jsonbody.attachment_base64,
+    *,
+    bodies: bool = True,
 ) -> dict[str, Any]:
     """The JSON body of the call for one envelope recipient; `sender`: the From's fields where the account's
-    settings put them (dotted path -> value); `attachment`: what an attachment carries. Pure: golden-tested
+    settings put them (dotted path -> value); `attachment`: what an attachment carries; `bodies` false: the
+    HTML's size instead of the HTML (the message ledger's copy). Pure: golden-tested
     in tests/test_dengage_payload.py. Only this recipient is named: Cc and Bcc recipients get their own call
     and never appear in another's; header To/Cc are never forwarded as recipients."""
     msg = submission.message
@@ -156,7 +159,7 @@ def build_payload(
     if msg.subject:
         content[str(w["subject"])] = msg.subject
     if not template or has_body(submission):
-        content[str(w["html"])] = msg.html
+        content[str(w["html"])] = msg.html if bodies else jsonbody.body_omitted(msg.html)
     body: dict[str, Any] = {str(w["to_object"]): {str(w["to"]): recipient}, str(w["content"]): content}
     for path, value in (sender or {}).items():
         put(body, path, value)

@@ -229,7 +229,7 @@ class DmdsProvider(ProviderBase[DmdsAccount]):
     def plan(self, submission: Submission) -> tuple[Call, ...]:
         return tuple(Call(leg.key, leg.recipients) for leg in self.legs(submission))
 
-    def requests(self, submission: Submission) -> list[dict[str, Any]]:
+    def requests(self, submission: Submission, *, bodies: bool = True) -> list[dict[str, Any]]:
         """The legs' calls as planned; legs after the first join the first's batch, whose eeid is not known
         before it answers (the key goes in the Authorization header, never in a body)."""
         batch = DmdsParams.read(submission.params).batch
@@ -242,7 +242,7 @@ class DmdsProvider(ProviderBase[DmdsAccount]):
                     "call": leg.key,
                     "method": "POST",
                     "path": wire.WIRE["send_one"] if one else wire.WIRE["send_many"],
-                    "body": wire.build_payload(submission, leg, joins, jsonbody.attachment_omitted),
+                    "body": wire.build_payload(submission, leg, joins, jsonbody.attachment_omitted, bodies=bodies),
                 }
             )
         return out

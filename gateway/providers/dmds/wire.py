@@ -99,9 +99,11 @@ def build_payload(
     leg: Leg,
     batch_id: str | None,
     attachment: jsonbody.AttachmentContent = jsonbody.attachment_base64,
+    *,
+    bodies: bool = True,
 ) -> dict[str, Any]:
-    """The JSON body for one leg (`attachment`: what an attachment carries). Pure: golden-tested in
-    tests/test_dmds_payload.py."""
+    """The JSON body for one leg (`attachment`: what an attachment carries; `bodies` false: the HTML's size
+    instead of the HTML, for the message ledger). Pure: golden-tested in tests/test_dmds_payload.py."""
     msg = submission.message
     params = DmdsParams.read(submission.params)
     body: dict[str, Any] = {WIRE["campaign"]: params.campaign, WIRE["email_flag"]: True}
@@ -124,7 +126,7 @@ def build_payload(
         ]
     if leg.bcc:
         body[WIRE["bcc"]] = [{WIRE["bcc_email"]: a.email} for a in leg.bcc]
-    body[WIRE["html"]] = msg.html
+    body[WIRE["html"]] = msg.html if bodies else jsonbody.body_omitted(msg.html)
     if msg.attachments:
         body[WIRE["attachments"]] = [
             {
