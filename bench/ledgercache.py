@@ -6,6 +6,10 @@ in batches of 500, first into a fresh ledger, then into one grown to `--grow` me
 alternated. No server: only the writer thread's work, which is where the cache size matters.
 
     python bench/ledgercache.py --grow 200000 --sizes 8,32
+    python bench/ledgercache.py --grow 20000 --sizes 8 --requests bodies,sizes --rounds 5
+
+`--requests`: the kept request with the message's text (`bodies`, `ledger.keep_bodies = true`) or with its
+size in its place (`sizes`, the default since keep_bodies), alternated like the cache sizes.
 """
 
 from __future__ import annotations
@@ -21,11 +25,14 @@ from pathlib import Path
 from gateway.ledger.model import EventRow, MessageRow, RecipientRow, Row, json
 from gateway.ledger.sqlite import SqliteLedger
 
-REQUEST = json({"html": "x" * 2500, "to": ["rcpt@rcpt.example"], "attachments": []})
+REQUESTS = {
+    "bodies": json({"html": "x" * 2500, "to": ["rcpt@rcpt.example"], "attachments": []}),
+    "sizes": json({"html": "(2500 bytes, not kept)", "to": ["rcpt@rcpt.example"], "attachments": []}),
+}
 BATCH = 500
 
 
-def rows(n: int, start: float) -> list[Row]:
+def rows(n: int, start: float, request: str = REQUESTS["bodies"]) -> list[Row]:
     out: list[Row] = []
     for i in range(n):
         msg, at = secrets.token_hex(10), start + i / 1000
@@ -43,7 +50,7 @@ def rows(n: int, start: float) -> list[Row]:
                 message_id=f"<{secrets.token_hex(12)}@bench.example>",
                 reply_id=secrets.token_hex(8),
                 reply="250 2.0.0 queued",
-                request=REQUEST,
+                request=request,
             ),
             RecipientRow(msg, at, f"r{secrets.token_hex(4)}@rcpt.example", "accepted", at, secrets.token_hex(12), "c1"),
             EventRow(secrets.token_hex(10), msg, at, at, "accepted", detail="250"),
@@ -63,12 +70,12 @@ def write(db: sqlite3.Connection, batch: list[Row]) -> None:
     db.execute("COMMIT")
 
 
-def measure(db: sqlite3.Connection, cache_mib: int, messages: int) -> float:
-    """CPU microseconds per message written with this cache size."""
+def measure(db: sqlite3.Connection, cache_mib: int, messages: int, request: str = REQUESTS["bodies"]) -> float:
+    """CPU microseconds per message written with this cache size and kept request."""
     db.execute(f"PRAGMA cache_size=-{cache_mib * 1024}")
     spent = 0.0
     for _ in range(max(1, messages // BATCH)):
-        batch = rows(BATCH, time.time())
+        batch = rows(BATCH, time.time(), request)
         before = cpu()
         write(db, batch)
         spent += cpu() - before
@@ -81,8 +88,12 @@ def main() -> int:
     parser.add_argument("--measure", type=int, default=10_000, help="messages written per measurement")
     parser.add_argument("--sizes", default="8,32", help="cache sizes in MiB, comma-separated")
     parser.add_argument("--rounds", type=int, default=2, help="measurements per size and ledger")
+    parser.add_argument("--requests", default="bodies", help="comma list of kept requests: bodies,sizes")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
+    kinds = args.requests.split(",")
+    if not set(kinds) <= set(REQUESTS):
+        parser.error(f"--requests: of {', '.join(REQUESTS)}")
     with tempfile.TemporaryDirectory(prefix="bench-ledgercache-") as tmp:
         ledger = SqliteLedger(Path(tmp) / "ledger.sqlite3")
         db = ledger._call(lambda db: db)  # the ledger's own connection, opened and migrated as the gateway does
@@ -91,8 +102,9 @@ def main() -> int:
                 write(db, rows(2000, time.time()))
             for _ in range(args.rounds):
                 for size in sizes:
-                    per = measure(db, size, args.measure)
-                    print(f"{label} ledger, cache {size} MiB: {per:.0f} us CPU per message", flush=True)
+                    for kind in kinds:
+                        per = measure(db, size, args.measure, REQUESTS[kind])
+                        print(f"{label} ledger, cache {size} MiB, request with {kind}: {per:.1f} us CPU per message")
         db.close()
     return 0
 
