@@ -48,9 +48,10 @@ class SuppressionSet:
         self._count()
 
     def remove(self, address: str, account: str | None = None) -> None:
-        self._remove(address_key(address), account)
+        key = address_key(address)
+        self._remove(key, account)
         for log_ in self._during:
-            log_.append(([], address_key(address), account))
+            log_.append(([], key, account))
         self._count()
 
     def _add(self, entries: Iterable[Suppressed]) -> None:
