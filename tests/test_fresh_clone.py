@@ -48,7 +48,7 @@ def test_under_ci_a_missing_corpus_fails(tmp_path: Path) -> None:
 def test_ci_runs_the_minimum_versions_on_the_distributions_python_and_the_readme_command_last() -> None:
     text = (ROOT / ".ci" / "run").read_text()
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    assert lines[-1] == "./install.sh --test && .venv/bin/python -m pytest -q"
+    assert lines[-1] == "./install.sh --test && .venv/bin/python -m pytest -q -n auto"
     # Two runs of the suite (CI stays under 15 minutes): the minimum versions, then the README's command.
     assert len([line for line in lines if "-m pytest" in line]) == 2
     [min_install] = [line for line in lines if "VENV=.venv-min" in line]
