@@ -18,8 +18,10 @@ from gateway.providers.dengage import wire
 from gateway.providers.dengage.config import DengageAccount
 from gateway.providers.dengage.data import DengageLogin, DengageParams
 from gateway.providers.dengage.provider import DengageProvider
+from gateway.providers.dengage.session import Identities
 from gateway.upstream.client import HttpClient
 from gateway.upstream.ratelimit import RateLimiter, TokenBucket
+from tests.devices_util import captured_logs, events
 
 BASE = "https://api.dengage.example/rest"
 Handler = Callable[[httpx.Request], Awaitable[httpx.Response]]
@@ -338,3 +340,22 @@ async def test_a_redirect_is_temporary_and_names_api_base() -> None:
     outcome = await provider(moved).deliver(submission("a@example.com"), {})
     [error] = outcome.deferred.values()
     assert isinstance(error, UpstreamUnavailable) and "check api_base" in error.reason
+
+
+@pytest.mark.parametrize(
+    ("failure", "level"),
+    [(UpstreamAuthFailed("401 from /rest/email/froms"), "error"), (UpstreamUnavailable("connect timeout"), "warning")],
+)
+async def test_identities_never_fetched_are_reported_once_at_the_failures_level(failure: Deferred, level: str) -> None:
+    """Refused credentials are the operator's to fix (error); an upstream that is down is not (warning)."""
+
+    async def fetch() -> tuple[wire.Identity, ...]:
+        raise failure
+
+    identities = Identities("acme", fetch, ttl=600.0)
+    with captured_logs() as logs:
+        for _ in range(2):
+            with pytest.raises(Deferred):
+                await identities.current()
+    [line] = events(logs, "dengage_froms_unavailable")
+    assert (line["log_level"], line["account"], line["reason"]) == (level, "acme", failure.reason)

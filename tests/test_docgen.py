@@ -5,6 +5,7 @@ option explained, every log event listable); the check fails, with a diff and th
 from __future__ import annotations
 
 import ast
+import datetime
 import shutil
 import subprocess
 import sys
@@ -142,6 +143,25 @@ def test_every_option_has_help() -> None:
     assert missing == [], "give these a help text (or help=argparse.SUPPRESS): " + ", ".join(missing)
 
 
+def test_a_type_the_reference_cannot_name_stops_it() -> None:
+    """Rather than a page that shows a Python repr such as `<class 'complex'>`."""
+    assert config.type_text(datetime.date | None) == "date"
+    with pytest.raises(TypeError, match="no words for the type"):
+        config.type_text(complex)
+
+
+def test_the_synopsis_writes_each_argument_as_the_commands_own_usage_does() -> None:
+    """A positional that takes one, one or none, or several values reads as argparse writes it in --help."""
+    shapes = set()
+    for command in cli.commands():
+        usage = " ".join(command.parser.format_usage().split())
+        for action in cli._arguments(command.parser):
+            if not action.option_strings:
+                assert cli._usage(action) in usage, (command.name, cli._usage(action), usage)
+                shapes.add(str(action.nargs))
+    assert {"None", "?", "+"} <= shapes  # the shapes the commands have today: each one checked
+
+
 def test_commands_return_their_exit_status_from_the_table() -> None:
     """No `return 1` in the command line: every status is a member of Exit, so the page lists them all."""
     bare = []
@@ -204,6 +224,22 @@ def test_an_event_name_that_is_not_a_literal_cannot_be_listed(tmp_path: Path) ->
         """,
     )
     with pytest.raises(logevents.ScanError, match=r"pkg/mod.py:7: the event name is not a string literal"):
+        logevents.scan(package)
+
+
+def test_a_log_method_given_a_name_cannot_hide_its_events(tmp_path: Path) -> None:
+    package = _package(
+        tmp_path,
+        """
+        import structlog
+        log = structlog.get_logger()
+
+        def f(bad: bool) -> None:
+            report = log.error if bad else log.warning
+            report("hidden_event", bad=bad)
+        """,
+    )
+    with pytest.raises(logevents.ScanError, match=r"pkg/mod.py:6: a log method given a name hides its events"):
         logevents.scan(package)
 
 

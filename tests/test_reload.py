@@ -245,6 +245,7 @@ def test_plan_keeps_the_allocator_setting_and_applies_the_other_limits(tmp_path:
         ("limits", "max_recipients", 7),
         ("delivery", "inline_budget", 1.0),
         ("http", "address", "127.0.0.2"),
+        ("http", "api_tokens", [{"name": "ci", "token_hash": PASSWORD_HASH}]),
         ("dns", "timeout", 1.0),
         ("log", "level", "debug"),
         ("", "hostname", "renamed.example"),

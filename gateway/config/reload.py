@@ -29,7 +29,7 @@ def needs_restart(section: str, key: str) -> bool:
     """Whether a change of `section.key` (a top-level key: section "") waits for a restart: a reload keeps
     the running value. A listener is known by its name: renaming one is removing it and adding another."""
     if section in RESTART_SECTIONS:
-        return True
+        return key not in LIVE_KEYS.get(section, ())
     if section == "listeners":
         return key == "name" or key in SOCKET_KEYS
     return section == "limits" and key in RESTART_LIMITS

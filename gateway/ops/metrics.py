@@ -40,8 +40,10 @@ RATE_LIMIT_WAIT = Histogram(
 )
 AMBIGUOUS = Counter(
     "smtp_gateway_ambiguous_calls_total",
-    "Calls whose answer was lost after they were sent and that were then resent or held (the at-least-once "
-    "window): lost answer (read timeout, reset), lease expired mid-call (instance died), shutdown mid-call",
+    "Calls that may have reached the upstream without their answer being recorded (the at-least-once window), "
+    "by cause: answer_lost (read timeout, reset: resent or held), lease_expired (the instance died, stopped or "
+    "paused mid-call: resent or held by the next owner), passthrough_late (the client was told 451, then the call "
+    "succeeded: its resend is a duplicate)",
     ["account", "cause"],
     registry=REGISTRY,
 )

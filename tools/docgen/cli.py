@@ -78,7 +78,9 @@ def _usage(action: argparse.Action) -> str:
     """One argument as a synopsis shows it."""
     if not action.option_strings:
         text = _metavar(action)
-        return f"[{text} ...]" if action.nargs in ("*", "?") else text
+        # As argparse's own usage line writes them.
+        shapes = {"?": f"[{text}]", "*": f"[{text} ...]", "+": f"{text} [{text} ...]"}
+        return shapes.get(str(action.nargs), text)
     option = max(action.option_strings, key=len)
     metavar = _metavar(action)
     text = f"{option} {metavar}" if metavar else option

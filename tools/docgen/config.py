@@ -7,6 +7,7 @@ The account models are the provider registry's (gateway/providers/registry.py): 
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import types
 import typing
@@ -82,11 +83,18 @@ def _one_type(annotation: Any) -> str:
             return "path"
         if issubclass(annotation, _NETWORKS):
             return "IP network"
-        simple = {bool: "boolean", int: "integer", float: "number", str: "string"}
+        simple = {
+            bool: "boolean",
+            int: "integer",
+            float: "number",
+            str: "string",
+            datetime.datetime: "date and time",
+            datetime.date: "date",
+        }
         for kind, text in simple.items():
             if annotation is kind:
                 return text
-    return str(annotation)
+    raise TypeError(f"the reference has no words for the type {annotation!r}: add them to _one_type")
 
 
 def _plural(text: str) -> str:
@@ -174,6 +182,7 @@ class Section:
     env: str | None  # the environment variable prefix of its keys; None inside a list (the list is JSON)
     env_list: str | None = None  # the list variable that holds this section, as JSON
     intro: str = ""
+    live: bool = False  # under a key a reload applies although its top-level section waits for a restart
 
 
 def account_models() -> list[type[AccountBase]]:
@@ -235,7 +244,8 @@ def _subsection(parent: Section, key: str, field: FieldInfo, model: type[BaseMod
     heading = f"[[{inner}.{key}]]" if is_list else f"[{inner}.{key}]"
     label = parent.label
     env_list = _env_name(parent.env, key) if parent.env is not None else parent.env_list
-    return Section(model, heading, label, f"{parent.ident}-{key}", parent.top, None, env_list)
+    live = parent.live or (parent.top in RESTART_SECTIONS and not needs_restart(parent.top, key))
+    return Section(model, heading, label, f"{parent.ident}-{key}", parent.top, None, env_list, live=live)
 
 
 def _title(section: Section) -> str:
@@ -286,7 +296,15 @@ def _row(section: Section, key: str, field: FieldInfo, sub: Section | None, note
 def _render_section(section: Section, level: int, notes: Notes, out: list[str]) -> None:
     out.append(f"{'#' * level} {_title(section)} {{#{section.ident}}}\n")
     intro = [section.intro or sentence(_doc(section.model)), notes.item(section.ident)]
-    if section.top in RESTART_SECTIONS:
+    live = [k for k in section.model.model_fields if section.ident == section.top and not needs_restart(section.top, k)]
+    if section.live:
+        intro.append("A reload (SIGHUP) applies these keys.")
+    elif section.top in RESTART_SECTIONS and live:
+        intro.append(
+            f"A reload applies {', '.join(code(k) for k in live)} and keeps the running values of this section's "
+            "other keys: restart to change them."
+        )
+    elif section.top in RESTART_SECTIONS:
         intro.append("A reload keeps the running values of this section: restart to change them.")
     elif section.top:
         intro.append(

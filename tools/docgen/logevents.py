@@ -131,6 +131,13 @@ class _Module(ast.NodeVisitor):
 
     # -- log calls --
 
+    def visit_Assign(self, node: ast.Assign) -> None:
+        values = [node.value.body, node.value.orelse] if isinstance(node.value, ast.IfExp) else [node.value]
+        if any(isinstance(v, ast.Attribute) and v.attr in LEVELS and _is_logger(v.value) for v in values):
+            # Its calls would be calls of a plain name, which the scan cannot tell from any other function.
+            raise ScanError(f"{self.where(node)}: a log method given a name hides its events (call it directly)")
+        self.generic_visit(node)
+
     def visit_Call(self, node: ast.Call) -> None:
         func = node.func
         if isinstance(func, ast.Attribute) and func.attr in LEVELS and _is_logger(func.value) and node.args:

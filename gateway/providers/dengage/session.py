@@ -144,13 +144,15 @@ class Identities:
                 self._failure = (exc, self._clock() + FAILURE_HOLD)
                 if first:
                     # Refused credentials or IP allowlist: an operator error, said at error level.
-                    report = log.error if isinstance(exc, UpstreamAuthFailed) else log.warning
-                    report(
-                        "dengage_froms_unavailable",
-                        account=self.account,
-                        reason=exc.reason,
-                        hint="MAIL FROM is answered 451 until the identities can be fetched",
-                    )
+                    fields = {
+                        "account": self.account,
+                        "reason": exc.reason,
+                        "hint": "MAIL FROM is answered 451 until the identities can be fetched",
+                    }
+                    if isinstance(exc, UpstreamAuthFailed):
+                        log.error("dengage_froms_unavailable", **fields)
+                    else:
+                        log.warning("dengage_froms_unavailable", **fields)
                 raise
             # Keep the list we have; try again in a minute at most.
             self._fresh_until = self._clock() + min(self._ttl, 60.0)
