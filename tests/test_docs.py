@@ -138,6 +138,38 @@ def test_pages_link_only_to_this_repository() -> None:
     assert problems == [], "\n".join(problems)
 
 
+_DELIMITER_ROW = re.compile(r"^\|(\s*:?-+:?\s*\|)+\s*$")
+
+
+def table_problems(text: str) -> list[str]:
+    """Rows that Markdown would not render as a table: a `|` line without a header and delimiter row above it
+    (a row left after a paragraph shows as text with its pipes)."""
+    problems = []
+    in_code = False
+    run: list[tuple[int, str]] = []
+    for number, line in enumerate([*text.splitlines(), ""], start=1):
+        if line.lstrip().startswith(("```", "~~~")):
+            in_code = not in_code
+        if not in_code and line.startswith("|"):
+            run.append((number, line))
+            continue
+        if run and (len(run) < 2 or not _DELIMITER_ROW.match(run[1][1])):
+            problems.append(f"line {run[0][0]}: a table row outside a table: {run[0][1][:60]}")
+        run = []
+    return problems
+
+
+def test_every_table_row_is_in_a_table() -> None:
+    problems = [f"{page.relative_to(ROOT)} {p}" for page in pages() for p in table_problems(page.read_text())]
+    assert problems == [], "\n".join(problems)
+
+
+def test_the_table_check_sees_a_row_left_after_a_paragraph() -> None:
+    table = "| a | b |\n|---|---|\n| 1 | 2 |\n"
+    assert table_problems(table + "\nSome words.\n| 3 | 4 |\n") == ["line 6: a table row outside a table: | 3 | 4 |"]
+    assert table_problems(table + "\n```\n| not a table |\n```\n") == []
+
+
 def _check_keys(node: Node, value: Any, where: str, problems: list[str]) -> None:
     if node.kind == "model" and isinstance(value, dict):
         for key, child in value.items():
