@@ -164,6 +164,34 @@ def test_every_table_row_is_in_a_table() -> None:
     assert problems == [], "\n".join(problems)
 
 
+def test_every_import_contract_has_its_row() -> None:
+    """Import boundaries lists each contract of pyproject.toml by its name (up to any parenthesis), and no other."""
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    names = {c["name"].split(" (")[0] for c in contracts}
+    page = (ROOT / "docs" / "development" / "import-boundaries.md").read_text()
+    rows = {line.split("|")[1].strip() for line in page.splitlines() if line.startswith("| ")} - {"contract"}
+    assert rows == names
+
+
+def _table_after(page: Path, heading: str) -> list[str]:
+    """The first cells of the table under `heading`."""
+    lines = page.read_text().split(heading, 1)[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append(line.split(" | ")[0].lstrip("| "))
+    return rows
+
+
+def test_every_threat_has_its_tests_named() -> None:
+    """Security's threats and the development page's table of their tests: the same rows, in the same order."""
+    threats = _table_after(ROOT / "docs" / "security.md", "## Threats and defences")
+    tested = _table_after(ROOT / "docs" / "development" / "tests.md", "## Security threats and their tests")
+    assert [" ".join(t.split()[:2]) for t in tested] == [" ".join(t.split()[:2]) for t in threats]
+
+
 def test_the_table_check_sees_a_row_left_after_a_paragraph() -> None:
     table = "| a | b |\n|---|---|\n| 1 | 2 |\n"
     assert table_problems(table + "\nSome words.\n| 3 | 4 |\n") == ["line 6: a table row outside a table: | 3 | 4 |"]
