@@ -3,7 +3,7 @@
 Profiles (HYPOTHESIS_PROFILE): "ci" (default) is small, derandomized and keeps no example database, so CI is
 bounded and repeatable; "long" is for a local hunt, e.g.
 
-    HYPOTHESIS_PROFILE=long python3 -m pytest -q tests/test_fuzz_smtp.py tests/test_corpus_mutations.py
+    HYPOTHESIS_PROFILE=long .venv/bin/python -m pytest -q tests/test_fuzz_smtp.py tests/test_corpus_mutations.py
 """
 
 from __future__ import annotations

@@ -180,7 +180,7 @@ AUTH_SYNTAX = Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
 AUTH_TOO_MANY_VALUES = Reply(501, "5.5.4", "Too many values")
 """AUTH with more than a mechanism and an initial response."""
 AUTH_UNKNOWN_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication type")
-"""AUTH with a mechanism other than PLAIN and LOGIN."""
+"""AUTH with a mechanism other than PLAIN and LOGIN (and XOAUTH2, OAUTHBEARER when `[oauth]` names an issuer)."""
 AUTH_LINE_TOO_LONG = Reply(500, "5.5.6", "Authentication exchange line is too long")
 """An AUTH line longer than the limit (12288 octets)."""
 AUTH_BAD_BASE64 = Reply(501, "5.5.2", "Cannot decode base64")
