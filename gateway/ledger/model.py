@@ -55,6 +55,16 @@ RANK: Mapping[str, int] = {
     "test": 3,
 }
 
+
+def replaces(state: str, at: float, old_state: str, old_at: float) -> bool:
+    """Whether a recipient row `state` stamped `at` replaces the one the ledger holds (`old_state`, `old_at`):
+    further along (RANK), or as far and not older, or not older than a `dead` it replaces (an operator's
+    requeue). The ledger's upsert applies the same rule in SQL (sql._recipient_conflict); a test holds the two
+    to one table of cases, so what readback tells (a webhook's state, a notice) is what the ledger keeps."""
+    new, old = RANK[state], RANK[old_state]
+    return new > old or (at >= old_at and (new == old or old_state == "dead"))
+
+
 # Timeline event kinds written by the gateway itself (other parts add theirs: upstream events read back,
 # dsn_sent, webhook_delivered, ...; a kind is any short snake_case name).
 ACCEPTED = "accepted"  # the 250 (detail: the reply)

@@ -59,13 +59,19 @@ def apply(
     """The rows of `events` (their matches among `candidates`). `suppress`: the account keeps a suppression
     list; `whitelisted` addresses never join it."""
     out = Applied()
+    # Each recipient's state as the ledger will hold it after the events so far: two events about one
+    # recipient in a page are decided one after the other, as the upserts apply them in order.
+    states: dict[tuple[str, str], tuple[str, float]] = {}
     for n, event in enumerate(events):
         match = pick(event, candidates, account)
         if match is None:
             out.unmatched.append(event)
             continue
         out.matched += 1
-        out.rows += _rows(event, match, account, actor, now, subscriptions, n)
+        key = (match.msg_id, match.rcpt)
+        current = states.get(key, (match.state, match.state_at))
+        rows, states[key] = _rows(event, match, current, account, actor, now, subscriptions, n)
+        out.rows += rows
         reason = SUPPRESSES.get(event.type)
         if reason is not None and suppress and match.rcpt not in whitelisted:
             out.rows.append(
@@ -92,12 +98,15 @@ def event_ids(rows: Iterable[Row]) -> list[str]:
 def _rows(
     event: VendorEvent,
     match: Match,
+    current: tuple[str, float],
     account: str,
     actor: str,
     now: float,
     subscriptions: announce.Subscriptions,
     n: int,
-) -> list[Row]:
+) -> tuple[list[Row], tuple[str, float]]:
+    """The rows of one matched event, and the recipient's (state, state_at) after it. `current`: its state
+    before this event (the ledger's, or the one an earlier event of the page left)."""
     upstream_id = event.upstream_id or match.upstream_id
     # On the timeline an upstream event follows what the gateway recorded of the recipient (vendors write
     # whole seconds, on another clock); the vendor's own time is kept beside it.
@@ -117,17 +126,23 @@ def _rows(
         )
     ]
     state = STATE_OF.get(event.type)
-    after = match.state
-    if state is not None and RANK[state] >= RANK[match.state]:
+    after, after_at = current
+    won = False
+    if state is not None and RANK[state] >= RANK[after]:
         if state == "sent":
             # Confirms the send (and clears "upstream reported N of M sent"); a whole-second vendor time may
             # be older than the state it confirms.
-            at, reason = max(event.at, match.state_at + TICK), None
+            at, reason = max(event.at, after_at + TICK), None
         else:
             at, reason = event.at, event.detail or f"the upstream reported {event.raw_type}"
-        rows.append(RecipientRow(match.msg_id, match.created, match.address, state, at, upstream_id, reason=reason))  # type: ignore[arg-type]
-        after = state
-    if event.type in NOTICE_TYPES:
+        # Only a row the ledger's upsert keeps is written and told: an older event of the same rank (a
+        # Delivered read after a later Bounced) loses, and the recipient stays as it is.
+        won = model.replaces(state, at, after, after_at)
+        if won:
+            rows.append(RecipientRow(match.msg_id, match.created, match.address, state, at, upstream_id, reason=reason))  # type: ignore[arg-type]
+            after, after_at = state, at
+    if event.type in NOTICE_TYPES and won:
+        # A bounce that loses (the recipient is shown delivered, or bounced by a newer event) tells no one.
         rows.append(NoticeRow(match.msg_id, match.created, match.address, event.at))
     if subscriptions:
         about = announce.About(
@@ -152,4 +167,4 @@ def _rows(
             detail=event.detail,
         )
         rows += announce.outbox(subscriptions, event.type, event.id, about, now, text)
-    return rows
+    return rows, (after, after_at)

@@ -1,0 +1,183 @@
+"""The return path's own rules, on a real SQLite ledger, without a gateway: readback's decisions against the
+ledger's upsert, a page with an unreadable time, a webhook that cannot be requested, retention of what is still
+pending, the notice count, the providers' unrecognised event pages."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sqlite3
+from datetime import UTC
+from pathlib import Path
+
+import orjson
+import pytest
+
+from gateway.config import EventSettings
+from gateway.config.returnpath import WebhookSettings
+from gateway.core.events import EventPage, VendorEvent
+from gateway.ledger.announce import Subscriptions
+from gateway.ledger.backends import open_returns
+from gateway.ledger.model import RANK, MessageRow, RecipientRow, replaces
+from gateway.ledger.sqlite import SqliteLedger
+from gateway.ledger.suppression import SuppressionSet
+from gateway.providers.dmds import eventwire
+from gateway.returnpath.poller import Context, EventPoller
+from gateway.upstream.response import HttpResponse
+
+T0 = 1_796_544_000.0
+
+
+class Clock:
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class ListSource:
+    """An EventSource over a list of events the test fills (one page per window)."""
+
+    max_window = 86400.0
+
+    def __init__(self) -> None:
+        self.events: list[VendorEvent] = []
+
+    async def page(self, since: float, until: float, number: int) -> EventPage:
+        return EventPage([e for e in self.events if since <= e.at < until], more=False)
+
+
+class DmdsRowsSource:
+    """An EventSource answering each page with DMDS ver_eventos JSON rows, read by the real eventwire reader."""
+
+    max_window = 86400.0
+
+    def __init__(self, rows: list[dict[str, object]]) -> None:
+        self.rows = rows
+
+    async def page(self, since: float, until: float, number: int) -> EventPage:
+        body = orjson.dumps({"status": "ok", "eventos": self.rows})
+        return eventwire.read_events(HttpResponse(200, body, {}), "acme", UTC, 100, number)
+
+
+async def _ledger(tmp_path: Path) -> SqliteLedger:
+    ledger = SqliteLedger(tmp_path / "queue.sqlite3")
+    await ledger.open()
+    return ledger
+
+
+async def _sent(ledger: SqliteLedger, msg_id: str, address: str, upstream_id: str, created: float) -> None:
+    await ledger.write(
+        [
+            MessageRow(msg_id, created, "acme", "billing@acme.example", "Invoice", 100, login="scanner"),
+            RecipientRow(msg_id, created, address, "sent", created + 1, upstream_id=upstream_id),
+        ]
+    )
+
+
+def _poller(ledger: SqliteLedger, source: object, clock: Clock, hooks: Subscriptions) -> EventPoller:
+    ctx = Context(open_returns(ledger), "gw-a", lambda: hooks, SuppressionSet(), clock=clock)
+    settings = EventSettings(enabled=True)
+    return EventPoller("acme", source, None, lambda: settings, lambda: True, ctx)  # type: ignore[arg-type]
+
+
+def _select(tmp_path: Path, sql: str) -> list[tuple[object, ...]]:
+    db = sqlite3.connect(tmp_path / "queue.sqlite3")
+    try:
+        return db.execute(sql).fetchall()
+    finally:
+        db.close()
+
+
+# -- readback decides as the ledger's upsert does -----------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_readbacks_rule_is_the_ledgers_upsert_over_every_pair_of_states(tmp_path: Path) -> None:
+    """model.replaces (what readback tells) and sql._recipient_conflict (what the ledger keeps) over one table:
+    every pair of states, the incoming row older, as old and newer."""
+    ledger = await _ledger(tmp_path)
+    try:
+        cases = list(itertools.product(RANK, RANK, (-1.0, 0.0, 1.0)))
+        for n, (old, new, delta) in enumerate(cases):
+            msg = f"M{n}"
+            await ledger.write(
+                [
+                    MessageRow(msg, T0, "acme", "billing@acme.example", "Invoice", 100),
+                    RecipientRow(msg, T0, "a@example.net", old, T0 + 10, reason="old"),  # type: ignore[arg-type]
+                ]
+            )
+            new_row = RecipientRow(msg, T0, "a@example.net", new, T0 + 10 + delta, reason="new")  # type: ignore[arg-type]
+            await ledger.write([new_row])
+        kept = dict(_select(tmp_path, "SELECT msg_id, reason FROM ledger_recipients"))
+        wrong = [
+            (old, new, delta, kept[f"M{n}"])
+            for n, (old, new, delta) in enumerate(cases)
+            if (kept[f"M{n}"] == "new") != replaces(new, T0 + 10 + delta, old, T0 + 10)
+        ]
+        assert len(cases) == len(RANK) ** 2 * 3
+        assert wrong == []
+    finally:
+        await ledger.close()
+
+
+@pytest.mark.asyncio
+async def test_webhook_state_is_the_recipients_state_after_an_out_of_order_event(tmp_path: Path) -> None:
+    """docs/after-250.md#webhooks: `state` is the recipient's state after the event. A dEngage Delivered stamped
+    before a Bounced already applied (read later) leaves the recipient bounced, and its webhook says so."""
+    ledger = await _ledger(tmp_path)
+    try:
+        await _sent(ledger, "M1", "a@example.net", "TX1", T0 - 600)
+        hook = WebhookSettings(name="crm", url="http://127.0.0.1:9/h", secret="s")
+        clock, source = Clock(T0), ListSource()
+        poller = _poller(ledger, source, clock, Subscriptions([hook]))
+        assert await poller.poll() == "ok"  # the cursor starts now
+        source.events = [VendorEvent("ev-bounce", "bounced", "Bounced", "a@example.net", T0 + 30, "TX1", "550 5.1.1")]
+        clock.t = T0 + 200
+        assert await poller.poll() == "ok"
+        source.events.append(VendorEvent("ev-deliv", "delivered", "Delivered", "a@example.net", T0 + 10, "TX1"))
+        clock.t = T0 + 400
+        assert await poller.poll() == "ok"
+        record = await ledger.get("M1")
+        assert record is not None
+        [rcpt] = record.recipients
+        assert rcpt.state == "bounced"
+        bodies = {r[0]: json.loads(str(r[1])) for r in _select(tmp_path, "SELECT event_id, body FROM webhook_outbox")}
+        assert bodies["ev-bounce"]["state"] == "bounced"
+        assert bodies["ev-deliv"]["state"] == "bounced"
+    finally:
+        await ledger.close()
+
+
+@pytest.mark.asyncio
+async def test_events_of_one_recipient_in_one_page_are_decided_in_turn_and_a_losing_bounce_tells_no_one(
+    tmp_path: Path,
+) -> None:
+    """In one page: a Delivered then an older Bounced (it loses: no notice, its webhook says delivered); for
+    another recipient a Bounced then a newer Delivered (each webhook says the state after its own event)."""
+    ledger = await _ledger(tmp_path)
+    try:
+        await _sent(ledger, "M1", "a@example.net", "TX1", T0 - 600)
+        await _sent(ledger, "M2", "b@example.net", "TX2", T0 - 600)
+        hook = WebhookSettings(name="crm", url="http://127.0.0.1:9/h", secret="s")
+        clock, source = Clock(T0), ListSource()
+        poller = _poller(ledger, source, clock, Subscriptions([hook]))
+        assert await poller.poll() == "ok"
+        source.events = [
+            VendorEvent("a-deliv", "delivered", "Delivered", "a@example.net", T0 + 20, "TX1"),
+            VendorEvent("a-bounce", "bounced", "Bounced", "a@example.net", T0 + 10, "TX1", "550 5.1.1"),
+            VendorEvent("b-bounce", "bounced", "Bounced", "b@example.net", T0 + 10, "TX2", "550 5.1.1"),
+            VendorEvent("b-deliv", "delivered", "Delivered", "b@example.net", T0 + 20, "TX2"),
+        ]
+        clock.t = T0 + 200
+        assert await poller.poll() == "ok"
+        states = dict(_select(tmp_path, "SELECT msg_id, state FROM ledger_recipients"))
+        assert states == {"M1": "delivered", "M2": "delivered"}
+        bodies = {r[0]: json.loads(str(r[1])) for r in _select(tmp_path, "SELECT event_id, body FROM webhook_outbox")}
+        told = {k: v["state"] for k, v in bodies.items()}
+        assert told == {"a-deliv": "delivered", "a-bounce": "delivered", "b-bounce": "bounced", "b-deliv": "delivered"}
+        # M2's bounce won when it was read (its notice decides against the ledger's state later); M1's lost.
+        assert [r[0] for r in _select(tmp_path, "SELECT msg_id FROM ledger_notices")] == ["M2"]
+    finally:
+        await ledger.close()
