@@ -181,3 +181,48 @@ async def test_events_of_one_recipient_in_one_page_are_decided_in_turn_and_a_los
         assert [r[0] for r in _select(tmp_path, "SELECT msg_id FROM ledger_notices")] == ["M2"]
     finally:
         await ledger.close()
+
+
+# -- an unreadable time is one unreadable row --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value",
+    [1_796_544_030_000_000, "1796544030000000", "0001-01-01T00:00:00+03:00", "9999-12-31T23:59:59-05:00", 10**400],
+    ids=["epoch-us", "epoch-us-text", "year-1-east", "year-9999-west", "huge-int"],
+)
+def test_a_time_no_date_can_hold_is_no_time(value: object) -> None:
+    from gateway.core.events import vendor_time
+
+    assert vendor_time(value, UTC) is None
+
+
+@pytest.mark.asyncio
+async def test_one_event_with_an_out_of_range_time_does_not_stall_the_accounts_events(tmp_path: Path) -> None:
+    """One matched DMDS row stamped in epoch microseconds (read as ms: 1.8e12 s, beyond any date) is one
+    unreadable row: the hard bounce in the same page is recorded and the cursor moves on."""
+    from gateway.ops.metrics import EVENTS_UNREADABLE
+
+    ledger = await _ledger(tmp_path)
+    try:
+        await _sent(ledger, "M1", "a@example.net", "E1", T0 - 600)
+        await _sent(ledger, "M2", "b@example.net", "E2", T0 - 600)
+        rows: list[dict[str, object]] = [
+            {"evento": "rebote-hard", "email": "a@example.net", "timestamp": "2026-12-06 08:00:30", "eeid": "E1"},
+            {"evento": "view", "email": "b@example.net", "timestamp": 1_796_544_030_000_000, "eeid": "E2"},
+        ]
+        before = EVENTS_UNREADABLE.labels(account="acme")._value.get()
+        clock = Clock(T0)
+        poller = _poller(ledger, DmdsRowsSource(rows), clock, Subscriptions())
+        await poller.poll()
+        results = []
+        for step in (1, 2, 3):
+            clock.t = T0 + 200 * step
+            results.append(await poller.poll())
+        record = await ledger.get("M1")
+        assert record is not None
+        assert results == ["ok", "ok", "ok"]
+        assert record.recipients[0].state == "bounced"
+        assert EVENTS_UNREADABLE.labels(account="acme")._value.get() > before
+    finally:
+        await ledger.close()

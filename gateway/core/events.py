@@ -154,20 +154,40 @@ def vendor_stamp(at: float, tz: tzinfo, fmt: str) -> str:
 
 def vendor_time(value: object, tz: tzinfo) -> float | None:
     """An event's time as vendors write it: ISO 8601 with `T` or a space, fractions and a zone or not (none: the
-    vendor's zone), or epoch seconds (milliseconds when that large). None when it is none of these."""
+    vendor's zone), or epoch seconds (milliseconds when that large). None when it is none of these, or a time
+    no date can hold (epoch microseconds, year 0001 east of UTC): that one row is unreadable, the rest of its
+    page is read (a time that raised later, at the ledger, would fail the whole page at every poll)."""
+    at = _vendor_time(value, tz)
+    if at is None:
+        return None
+    try:
+        datetime.fromtimestamp(at, UTC)
+    except (ValueError, OverflowError, OSError):
+        return None
+    return at
+
+
+def _vendor_time(value: object, tz: tzinfo) -> float | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, int | float):
-        return float(value) / 1000 if value > 1e11 else float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int too large for a float
+            return None
+        return seconds / 1000 if seconds > 1e11 else seconds
     if not isinstance(value, str) or not value.strip():
         return None
     text = value.strip()
     if text.replace(".", "", 1).isdigit():
-        return vendor_time(float(text), tz)
+        return _vendor_time(float(text), tz)
     try:
         at = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
         return None
     if at.tzinfo is None:
         at = at.replace(tzinfo=tz)
-    return at.timestamp()
+    try:
+        return at.timestamp()
+    except (ValueError, OverflowError):
+        return None

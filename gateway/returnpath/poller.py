@@ -58,6 +58,7 @@ class Context:
     written: Callable[[], None] = lambda: None  # webhooks and notices may be due
     clock: Callable[[], float] = time.time
     unknown_logged: set[tuple[str, str]] = field(default_factory=set)
+    unreadable_logged: set[str] = field(default_factory=set)  # accounts
 
 
 class EventPoller:
@@ -148,6 +149,14 @@ class EventPoller:
         read = await self.source.page(since, until, page)
         if read.unreadable:
             EVENTS_UNREADABLE.labels(account=self.account).inc(read.unreadable)
+            if self.account not in ctx.unreadable_logged:
+                ctx.unreadable_logged.add(self.account)
+                log.warning(
+                    "events_unreadable",
+                    account=self.account,
+                    count=read.unreadable,
+                    note="rows without a type, an address or a usable time: counted, not recorded",
+                )
         for raw, count in read.unknown.items():
             EVENTS_READ.labels(account=self.account, type="unknown").inc(count)
             if (self.account, raw) not in ctx.unknown_logged:
