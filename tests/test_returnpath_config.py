@@ -39,6 +39,10 @@ def test_notify_is_sender_off_or_an_address_per_account_and_login(tmp_path: Path
     ("change", "words"),
     [
         ({"url": "http://hooks.example.com/x"}, "in clear"),
+        ({"url": "http://127.attacker.example/hook"}, "in clear"),
+        ({"url": "http://127.0.0.1.nip.io/hook"}, "in clear"),
+        ({"url": "https://hooks.example.com:99999/x"}, "port"),
+        ({"url": "https://hooks.example.com:0/x"}, "port"),
         ({"url": "https://user:pw@hooks.example.com/x"}, "credentials"),
         ({"url": "ftp://hooks.example.com/x"}, "http"),
         ({"events": ["bounced", "exploded"]}, "unknown event type exploded"),

@@ -226,3 +226,46 @@ async def test_one_event_with_an_out_of_range_time_does_not_stall_the_accounts_e
         assert EVENTS_UNREADABLE.labels(account="acme")._value.get() > before
     finally:
         await ledger.close()
+
+
+# -- a webhook delivery that raises is one failed attempt --------------------------------------------------
+
+
+def test_http_webhook_urls_go_only_to_loopback() -> None:
+    for url in ("http://127.0.0.1:8080/h", "http://127.1.2.3/h", "http://localhost/h", "http://[::1]/h"):
+        WebhookSettings(name="crm", url=url, secret="s")
+
+
+@pytest.mark.asyncio
+async def test_a_webhook_whose_url_cannot_be_requested_fails_for_good_after_max_age(tmp_path: Path) -> None:
+    """A URL the HTTP client refuses at each POST (a port out of range: config refuses it now, built here as if
+    it had not) raises outside the errors a delivery expects: each round is one failed attempt of that
+    delivery (counted, the traceback logged once), never a lease left to expire, and max_age ends it."""
+    from pydantic import SecretStr
+
+    from gateway.ledger.model import OutboxRow
+    from gateway.ops.metrics import WEBHOOK_DUPLICATES, WEBHOOK_FAILED
+    from gateway.returnpath.webhooks import WebhookSender
+    from gateway.upstream.client import HttpClient
+
+    ledger = await _ledger(tmp_path)
+    http = HttpClient("", upstream="webhook", account="webhooks", timeout=30.0)
+    try:
+        await _sent(ledger, "M1", "a@example.net", "TX1", T0 - 600)
+        await ledger.write([OutboxRow("crm", "ev1", "M1", T0 - 600, T0, "bounced", '{"id": "ev1"}')])
+        good = WebhookSettings(name="crm", url="https://hooks.example/h", secret="s", max_age=150, timeout=1, backoff=1)
+        hook = good.model_copy(update={"url": "https://hooks.example:99999/h", "secret": SecretStr("s")})
+        duplicates = WEBHOOK_DUPLICATES.labels(webhook="crm", cause="lease_expired")._value.get()
+        internal = WEBHOOK_FAILED.labels(webhook="crm", reason="internal")._value.get()
+        clock = Clock(T0)
+        sender = WebhookSender(open_returns(ledger), http, "gw-a", lambda: {"crm": hook}, clock=clock)
+        for step in range(4):
+            clock.t = T0 + step * 100.0
+            await sender.round()  # raises nothing
+        [(state, attempts)] = _select(tmp_path, "SELECT state, attempts FROM webhook_outbox")
+        assert (state, attempts) == ("failed", 3)  # at T0, T0+100, and T0+200 (past max_age)
+        assert WEBHOOK_FAILED.labels(webhook="crm", reason="internal")._value.get() == internal + 3
+        assert WEBHOOK_DUPLICATES.labels(webhook="crm", cause="lease_expired")._value.get() == duplicates
+    finally:
+        await http.aclose()
+        await ledger.close()

@@ -3,6 +3,7 @@ the webhooks, and the [return_path] section that paces the workers."""
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -115,6 +116,16 @@ class DsnSettings(Section):
         return domain
 
 
+def _loopback(host: str) -> bool:
+    """`localhost` or a loopback address (127.0.0.0/8, ::1): not a name that merely begins with "127."."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class WebhookSettings(Section):
     """A [[webhooks]] table: events POSTed as signed JSON to an application."""
 
@@ -152,8 +163,14 @@ class WebhookSettings(Section):
             raise ValueError("an http(s):// URL")
         if parts.username or parts.password:
             raise ValueError("holds credentials: the secret signs each delivery instead")
-        loopback = parts.hostname in ("localhost", "::1") or parts.hostname.startswith("127.")
-        if parts.scheme == "http" and not loopback:
+        try:
+            port = parts.port  # raises for a port out of range or not a number
+        except ValueError:
+            port = 0
+        if port == 0:
+            # Else accepted here and refused by the HTTP client at every POST (a ValueError per delivery).
+            raise ValueError("its port is not a number from 1 to 65535")
+        if parts.scheme == "http" and not _loopback(parts.hostname):
             raise ValueError("events travel in clear over http://: use https:// (http:// only to loopback)")
         return v
 

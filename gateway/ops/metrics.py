@@ -376,8 +376,9 @@ WEBHOOK_SENT = Counter(
 )
 WEBHOOK_FAILED = Counter(
     "smtp_gateway_webhook_failures_total",
-    "Webhook delivery attempts that failed, by reason class: timeout, connect, http_4xx, http_5xx, expired (no "
-    "more retries: max_age passed, the delivery failed for good), removed (the webhook is no longer configured)",
+    "Webhook delivery attempts that failed, by reason class: timeout, connect, http_4xx, http_5xx, internal (an "
+    "unforeseen error of the gateway's, logged as webhook_internal_error), expired (no more retries: max_age "
+    "passed, the delivery failed for good), removed (the webhook is no longer configured)",
     ["webhook", "reason"],
     registry=REGISTRY,
 )

@@ -72,6 +72,7 @@ class WebhookSender:
         self.rng = rng or random.Random()
         self.wakeup = asyncio.Event()  # this instance recorded deliveries: look now
         self._failing: str | None = None
+        self._internal_logged: set[tuple[str, str]] = set()  # (webhook, error type): traceback logged once
 
     async def run(self) -> None:
         """Deliver until cancelled: what is due now, then again on a wake-up or every poll_interval."""
@@ -98,8 +99,24 @@ class WebhookSender:
             return 0
         lease = max(w.timeout for w in hooks.values()) + LEASE_MARGIN
         deliveries = await self.returns.claim_deliveries(self.owner, self.clock(), self.concurrency, lease)
-        await asyncio.gather(*(self.deliver(d, hooks.get(d.webhook)) for d in deliveries))
+        await asyncio.gather(*(self._deliver_one(d, hooks.get(d.webhook)) for d in deliveries))
         return len(deliveries)
+
+    async def _deliver_one(self, d: Delivery, hook: WebhookSettings | None) -> None:
+        """`deliver`, with an unforeseen error (a bug, a URL the client cannot request) one failed attempt of
+        this delivery: it backs off and ends at max_age like any other. Left to the round it would leave the
+        delivery leased, taken over later as a false "lease_expired" duplicate, and never reach max_age."""
+        try:
+            await self.deliver(d, hook)
+        except LedgerUnavailable:
+            raise  # the round's: every delivery waits for the ledger
+        except Exception as exc:
+            INTERNAL_ERRORS.labels(where="webhooks").inc()
+            kind = (d.webhook, type(exc).__name__)
+            if kind not in self._internal_logged:
+                self._internal_logged.add(kind)
+                log.error("webhook_internal_error", webhook=d.webhook, event_id=d.event_id, exc_info=exc)
+            await self._fail(d, "internal", f"{type(exc).__name__}: {exc}"[:300], hook=hook)
 
     async def deliver(self, d: Delivery, hook: WebhookSettings | None) -> None:
         if hook is None:
