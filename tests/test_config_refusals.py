@@ -151,3 +151,18 @@ def test_an_api_token_hash_cut_short(tmp_path: Path) -> None:
         "http.api_tokens[0].token_hash: has a digest of 30 bytes instead of 32: it was cut short or edited; run "
         "`smtp-gateway hash-password` and paste its whole line",
     )
+
+
+def test_a_ledger_retention_shorter_than_a_message_may_live(tmp_path: Path) -> None:
+    """A record pruned while its message may still become a dead letter (or its webhooks be retried) would
+    take the dead letter's notice and deliveries with it: refused, naming the floor."""
+    hook = {"name": "crm", "url": "https://hooks.example/h", "secret": "s", "max_age": 7200}
+    path = config(tmp_path, ledger={"retention": 86400}, webhooks=[hook])
+    refused(
+        tmp_path,
+        path,
+        2,
+        "ledger.retention: 86400 seconds is shorter than delivery.max_lifetime plus the largest webhooks max_age "
+        "(439200 seconds): a record could be pruned while its message may still become a dead letter or its "
+        "webhooks be delivered; raise ledger.retention to at least 439200",
+    )

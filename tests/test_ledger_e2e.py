@@ -225,7 +225,7 @@ async def _put(writer: LedgerWriter, rows: list[MessageRow]) -> None:
 def test_retention_prunes_records_past_their_age(
     gateway_factory: Callable[..., Running], delivery: dict[str, Any]
 ) -> None:
-    gw = gateway_factory(delivery=delivery, ledger={"retention": 3600})
+    gw = gateway_factory(delivery={**delivery, "max_lifetime": 1800}, ledger={"retention": 3600})
     code, text = send(gw.port(), "kept for an hour")
     assert code == 250
     [found] = find(gw, reply_id=reply_id(text))

@@ -269,3 +269,35 @@ async def test_a_webhook_whose_url_cannot_be_requested_fails_for_good_after_max_
     finally:
         await http.aclose()
         await ledger.close()
+
+
+# -- retention keeps what is still pending -------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_retention_keeps_a_message_whose_webhook_delivery_or_notice_is_pending(tmp_path: Path) -> None:
+    """A delivery still pending (its receiver down, well inside max_age) and a notice still to decide keep
+    their message past its retention; once settled, the next prune takes it."""
+    from gateway.ledger import retention
+    from gateway.ledger.model import NoticeRow, OutboxRow
+
+    ledger = await _ledger(tmp_path)
+    try:
+        day = 86400.0
+        old = T0 - 7 * day + 60
+        for msg in ("M1", "M2", "M3"):
+            await _sent(ledger, msg, "a@example.net", f"TX-{msg}", old)
+        await ledger.write([OutboxRow("crm", "ev1", "M1", old, T0 - 60, "bounced", '{"id": "ev1"}')])
+        await ledger.write([NoticeRow("M2", old, "a@example.net", T0 - 60)])
+        assert await retention.prune(ledger, 7 * day, T0 + 120) == 1  # M3 only
+        assert _select(tmp_path, "SELECT msg_id, state FROM webhook_outbox") == [("M1", "pending")]
+        assert _select(tmp_path, "SELECT msg_id, state FROM ledger_notices") == [("M2", "pending")]
+        assert sorted(r[0] for r in _select(tmp_path, "SELECT id FROM ledger_messages")) == ["M1", "M2"]
+        db = sqlite3.connect(tmp_path / "queue.sqlite3")
+        db.execute("UPDATE webhook_outbox SET state = 'failed'")
+        db.execute("UPDATE ledger_notices SET state = 'sent'")
+        db.commit()
+        db.close()
+        assert await retention.prune(ledger, 7 * day, T0 + 180) == 2
+    finally:
+        await ledger.close()

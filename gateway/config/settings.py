@@ -428,7 +428,9 @@ class LedgerSettings(_Section):
     retention: float = Field(
         7 * 24 * 3600,
         gt=0,
-        description="Seconds a record is kept after its message was accepted; older ones are pruned.",
+        description="Seconds a record is kept after its message was accepted; older ones are pruned, but for "
+        "those with a webhook delivery or a notice still pending. At least `delivery.max_lifetime` plus the "
+        "largest `[[webhooks]] max_age`.",
     )
     flush_interval: float = Field(
         0.5,
@@ -631,6 +633,25 @@ def check_consistent(settings: Settings) -> None:
         unknown = sorted(set(webhook.accounts) - set(settings.accounts))
         if unknown:
             raise ValueError(f"webhooks[{webhook.name}].accounts: no account {', '.join(unknown)}")
+    check_retention(settings)
+
+
+def check_retention(settings: Settings) -> None:
+    """A record must outlive what may still be written about its message: a dead letter's `dead` row and
+    notice come up to `delivery.max_lifetime` after acceptance, and its webhook deliveries are retried for
+    their `max_age` after that. A shorter retention would prune the record (and a notice or a delivery
+    written with its acceptance time) at the next prune."""
+    if not settings.ledger.enabled:
+        return
+    age = max((w.max_age for w in settings.webhooks), default=0.0)
+    floor = settings.delivery.max_lifetime + age
+    if settings.ledger.retention < floor:
+        what = "delivery.max_lifetime" + (" plus the largest webhooks max_age" if age else "")
+        raise ValueError(
+            f"ledger.retention: {settings.ledger.retention:g} seconds is shorter than {what} "
+            f"({floor:g} seconds): a record could be pruned while its message may still become a dead letter "
+            f"or its webhooks be delivered; raise ledger.retention to at least {floor:g}"
+        )
 
 
 class ConfigError(Exception):

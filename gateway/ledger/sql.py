@@ -406,10 +406,20 @@ def tally_of(since: float, messages: Sequence[Sequence[Any]], recipients: Sequen
 # -- retention ----------------------------------------------------------------------------------------------
 
 
+# A message with a webhook delivery or a notice decision still to make is kept past its retention: pruned
+# now, the delivery would never be made nor counted as failed. Each ends by its own max_age (counted there),
+# and the message is pruned at the next prune after that.
+PENDING = (
+    "SELECT msg_id FROM webhook_outbox WHERE state IN ('pending', 'sending')"
+    " UNION SELECT msg_id FROM ledger_notices WHERE state IN ('pending', 'claimed')"
+)
+
+
 def expired_ids(table: str, p: str) -> str:
-    """Up to {p} message ids with rows in `table` older than {p} (the message's acceptance time)."""
+    """Up to {p} message ids with rows in `table` older than {p} (the message's acceptance time), but for those
+    with work still pending (PENDING)."""
     column = "id" if table == "ledger_messages" else "msg_id"
-    return f"SELECT DISTINCT {column} FROM {table} WHERE created < {p} LIMIT {p}"
+    return f"SELECT DISTINCT {column} FROM {table} WHERE created < {p} AND {column} NOT IN ({PENDING}) LIMIT {p}"
 
 
 def delete_ids(table: str, p: str, count: int) -> str:
