@@ -301,3 +301,75 @@ async def test_retention_keeps_a_message_whose_webhook_delivery_or_notice_is_pen
         assert await retention.prune(ledger, 7 * day, T0 + 180) == 2
     finally:
         await ledger.close()
+
+
+# -- a notice the queue could not take does not use up the sender's count -----------------------------------
+
+
+class BusyOwner:
+    """A delivery owner answering every notice 451 (the queue busy), until told to take them."""
+
+    def __init__(self) -> None:
+        self.taking = False
+        self.submitted = 0
+
+    async def submit(self, *args: object, **kwargs: object) -> object:
+        from gateway.core.replies import Reply
+
+        self.submitted += 1
+        if self.taking:
+            return Reply(250, "2.0.0", f"queued as N{self.submitted}")
+        return Reply(451, "4.3.1", "the queue is busy, try again later")
+
+
+@pytest.mark.asyncio
+async def test_a_notice_put_off_by_a_busy_queue_keeps_the_senders_count(tmp_path: Path) -> None:
+    """per_sender is 1: a notice answered 4xx several times (each retried a minute later) is still sent once
+    the queue takes it, instead of ending skipped/rate_limited after the first retry."""
+    from gateway.config import load_settings
+    from gateway.ledger.model import NoticeRow
+    from gateway.ledger.notice import NoticeData
+    from gateway.providers import registry
+    from gateway.returnpath.notices import RETRY_LATER, NoticeSender
+    from tests.configs import gateway_config
+
+    settings = load_settings(
+        None,
+        **gateway_config(tmp_path, listeners=[], accounts={"acme": {"dsn": {"notify": "sender", "per_sender": 1}}}),
+    )
+    provider = registry.build("acme", settings.accounts["acme"])
+    ledger = await _ledger(tmp_path)
+    try:
+        notice = NoticeData(to="billing@acme.example", login="scanner", params={"campaign": 22}).to_json()
+        created = T0 - 600
+        await ledger.write(
+            [
+                MessageRow(
+                    "M1", created, "acme", "billing@acme.example", "Invoice", 100, login="scanner", notice=notice
+                ),
+                RecipientRow("M1", created, "a@example.net", "bounced", T0 - 60, reason="550 5.1.1 unknown"),
+                NoticeRow("M1", created, "a@example.net", T0 - 60),
+            ]
+        )
+        owner, clock = BusyOwner(), Clock(T0)
+        sender = NoticeSender(
+            open_returns(ledger),
+            owner,  # type: ignore[arg-type]
+            lambda: {"acme": provider},
+            lambda: settings,
+            SuppressionSet(),
+            actor="gw-a",
+            clock=clock,
+        )
+        for step in range(3):
+            clock.t = T0 + step * (RETRY_LATER + 1)
+            assert await sender.round() == 1
+        assert owner.submitted == 3
+        [(state,)] = _select(tmp_path, "SELECT state FROM ledger_notices")
+        assert state not in ("skipped", "sent", "failed")  # put off, still to decide
+        owner.taking = True
+        clock.t = T0 + 3 * (RETRY_LATER + 1)
+        assert await sender.round() == 1
+        assert _select(tmp_path, "SELECT state, notice_id FROM ledger_notices") == [("sent", "N4")]
+    finally:
+        await ledger.close()

@@ -217,6 +217,12 @@ async def test_notices_per_sender_are_counted_per_window(instances: Callable[[],
     assert await b.count_notice("s@example.com", 3600, 2, now + 1)
     assert not await a.count_notice("s@example.com", 3600, 2, now + 2)
     assert await a.count_notice("t@example.com", 3600, 2, now + 2)
+    await a.uncount_notice("s@example.com", 3600, now + 5)  # a notice not handed over (4xx): given back
+    assert await b.count_notice("s@example.com", 3600, 2, now + 6)
+    assert not await a.count_notice("s@example.com", 3600, 2, now + 7)
+    await a.uncount_notice("u@example.com", 3600, now)  # nothing taken: nothing to give back
+    assert await a.count_notice("u@example.com", 3600, 1, now + 8)
+    assert not await a.count_notice("u@example.com", 3600, 1, now + 9)
     assert await b.count_notice("s@example.com", 3600, 2, now + 3600)  # the next window
 
 

@@ -235,6 +235,11 @@ class PostgresReturns:
             await conn.execute(SQL.count_row, (sender, start))
             return await (await conn.execute(SQL.count_take, (sender, start, limit))).fetchone() is not None
 
+    async def uncount_notice(self, sender: str, window: float, now: float) -> None:
+        start = now - now % window
+        async with self.ledger.connection() as conn:
+            await conn.execute(SQL.count_back, (sender, start))
+
     async def owners(self) -> list[str]:
         async with self.ledger.connection() as conn:
             return [r[0] for r in await (await conn.execute(SQL.owners)).fetchall()]

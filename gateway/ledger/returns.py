@@ -242,6 +242,10 @@ class ReturnStore(Protocol):
         """Count one notice to `sender` in the current window if fewer than `limit` were; False: the limit."""
         ...
 
+    async def uncount_notice(self, sender: str, window: float, now: float) -> None:
+        """Give back the count `count_notice` took at `now` (the notice was not handed over: a 4xx)."""
+        ...
+
     # -- leases of owners that are gone -------------------------------------------------------------------
 
     async def owners(self) -> list[str]:

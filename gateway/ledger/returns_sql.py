@@ -103,6 +103,7 @@ class ReturnStatements:
         self.count_row = d("INSERT INTO notice_counts (sender, win, n) VALUES (?, ?, 0) ON CONFLICT DO NOTHING")
         self.count_take = d("UPDATE notice_counts SET n=n+1 WHERE sender=? AND win=? AND n<? RETURNING n")
         self.count_prune = d("DELETE FROM notice_counts WHERE win<?")
+        self.count_back = d("UPDATE notice_counts SET n=n-1 WHERE sender=? AND win=? AND n>0")
         # -- leases of owners known to be gone (a process of this instance that was killed)
         self.owners = d(
             "SELECT owner FROM event_cursors WHERE owner IS NOT NULL"

@@ -300,6 +300,15 @@ class SqliteReturns:
 
         return await self._run(run)
 
+    async def uncount_notice(self, sender: str, window: float, now: float) -> None:
+        start = now - now % window
+
+        def run(db: sqlite3.Connection) -> None:
+            with _tx(db):
+                db.execute(SQL.count_back, (sender, start))
+
+        await self._run(run)
+
     # -- leases of owners that are gone -------------------------------------------------------------------
 
     async def owners(self) -> list[str]:

@@ -243,6 +243,9 @@ class NoticeSender:
             return Decision("sent", "sent", f"a notice ({notice_id}) went to {data.to}"), notice_id
         if reply.code >= 500:
             return Decision("failed", "failed", f"the notice was refused: {reply}"), None
+        # Not handed over (the queue was busy): the count taken for it goes back, or each retry a minute
+        # later would take another until the per-sender limit skipped a notice never sent.
+        await self.returns.uncount_notice(address_key(data.to), account.dsn.window, now)
         log.warning("notice_deferred", queue_id=record.id, reply=str(reply), reason=receipt.reason)
         return None, None
 
