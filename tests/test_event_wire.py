@@ -75,11 +75,30 @@ def test_an_event_read_twice_has_the_same_id_and_the_vendors_id_wins() -> None:
         (404, {"detail": "Not Found"}, UpstreamUnavailable),
         (200, {"status": "err", "on": "pagina y cantidad deben ser numericos"}, UpstreamUnavailable),
         (200, {"status": "ok", "eventos": "none"}, UpstreamUnavailable),
+        # a list under a name no table knows: not an empty page (the cursor would move past its events)
+        (200, {"status": "ok", "registros": [{"evento": "rebote-hard"}]}, UpstreamUnavailable),
+        (200, {"status": "ok"}, UpstreamUnavailable),
     ],
 )
 def test_dmds_answers_a_poll_waits_out(status: int, body: object, error: type[GatewayError]) -> None:
     with pytest.raises(error):
         dmds.read_events(answer(body, status), "acme", UTC, 10)
+
+
+def test_an_unrecognised_event_page_says_the_keys_it_had_and_an_empty_list_is_an_empty_page() -> None:
+    with pytest.raises(UpstreamUnavailable, match="keys: registros, status"):
+        dmds.read_events(answer({"status": "ok", "registros": []}), "acme", UTC, 10)
+    with pytest.raises(UpstreamUnavailable, match="keys: filas, total"):
+        dengage.read_report({"code": 0, "data": {"filas": [], "total": 0}}, "crm", UTC, 100)
+    with pytest.raises(UpstreamUnavailable, match="keys: code, message"):
+        dengage.read_report({"code": 0, "message": "Success"}, "crm", UTC, 100)
+    for page in (
+        dmds.read_events(answer({"status": "ok", "eventos": []}), "acme", UTC, 10),
+        dmds.read_events(answer([]), "acme", UTC, 10),
+        dengage.read_report({"code": 0, "data": {"items": [], "totalCount": 0}}, "crm", UTC, 100),
+        dengage.read_report({"code": 0, "data": []}, "crm", UTC, 100),
+    ):
+        assert page.events == [] and not page.more
 
 
 def test_the_dmds_request_names_the_window_and_page_as_the_table_says() -> None:

@@ -373,3 +373,46 @@ async def test_a_notice_put_off_by_a_busy_queue_keeps_the_senders_count(tmp_path
         assert _select(tmp_path, "SELECT state, notice_id FROM ledger_notices") == [("sent", "N4")]
     finally:
         await ledger.close()
+
+
+# -- an unrecognised event page keeps the cursor -------------------------------------------------------------
+
+
+class DmdsBodySource:
+    """An EventSource answering each page with the JSON object the test sets, read by the real DMDS reader."""
+
+    max_window = 86400.0
+
+    def __init__(self, body: dict[str, object]) -> None:
+        self.body = body
+
+    async def page(self, since: float, until: float, number: int) -> EventPage:
+        return eventwire.read_events(HttpResponse(200, orjson.dumps(self.body), {}), "acme", UTC, 100, number)
+
+
+@pytest.mark.asyncio
+async def test_an_unrecognised_event_page_fails_its_window_and_the_cursor_waits(tmp_path: Path) -> None:
+    """A 200 object with the events under a name no table knows fails the poll (counted, logged once per
+    episode with the keys seen); the window is read again, and once the answer is readable its bounce counts."""
+    from gateway.ops.metrics import EVENT_POLLS
+
+    ledger = await _ledger(tmp_path)
+    try:
+        await _sent(ledger, "M1", "a@example.net", "E1", T0 - 600)
+        row = {"evento": "rebote-hard", "email": "a@example.net", "timestamp": "2026-12-06 08:00:30", "eeid": "E1"}
+        source = DmdsBodySource({"status": "ok", "eventos": []})
+        clock = Clock(T0)
+        poller = _poller(ledger, source, clock, Subscriptions())
+        assert await poller.poll() == "ok"
+        source.body = {"status": "ok", "registros": [row]}
+        failed = EVENT_POLLS.labels(account="acme", result="failed")._value.get()
+        clock.t = T0 + 200
+        assert await poller.poll() == "failed"
+        assert EVENT_POLLS.labels(account="acme", result="failed")._value.get() == failed + 1
+        source.body = {"status": "ok", "eventos": [row]}
+        clock.t = T0 + 400
+        assert await poller.poll() == "ok"
+        record = await ledger.get("M1")
+        assert record is not None and record.recipients[0].state == "bounced"
+    finally:
+        await ledger.close()

@@ -74,3 +74,10 @@ def number(value: Any) -> int | None:
     if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
         return int(value.strip())
     return None
+
+
+def keys(obj: Mapping[Any, Any], most: int = 12) -> str:
+    """ "keys: a, b, c" of an answer's object, for an error that says what came instead (names cut short)."""
+    names = sorted(str(k)[:40] for k in obj)
+    shown = ", ".join(names[:most]) + (f", and {len(names) - most} more" if len(names) > most else "")
+    return f"keys: {shown}" if names else "an empty object"

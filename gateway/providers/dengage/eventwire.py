@@ -13,7 +13,7 @@ from urllib.parse import urlencode
 from gateway.core.errors import UpstreamUnavailable
 from gateway.core.events import EventPage, EventType, add_event, vendor_stamp
 from gateway.upstream.response import HttpResponse
-from gateway.upstream.shape import Reading, number
+from gateway.upstream.shape import Reading, keys, number
 
 REPORT_WIRE = {
     "report": "/transactional/email/report",  # [I] GET with query parameters [V]; the path was not recovered
@@ -87,6 +87,12 @@ def read_report(
     inner = reading.first(data, "data", ("data",)) if isinstance(data, dict) else data
     place = inner if inner is not None else data
     rows = place if isinstance(place, list) else reading.first(place, "rows", REPORT_ANSWERS["rows"])
+    if rows is None and isinstance(place, dict):
+        # Read as an empty page, the cursor would move past whatever rows the answer held under a name no
+        # table knows: the window is read again at the next poll instead (an empty list is an empty page).
+        raise UpstreamUnavailable(
+            f"dEngage answered the report with no list of rows under a known name ({keys(place)})"
+        )
     if rows is None:
         rows = []
     if not isinstance(rows, list):

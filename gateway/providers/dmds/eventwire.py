@@ -12,7 +12,7 @@ from typing import Any
 from gateway.core.errors import RateLimited, UpstreamAuthFailed, UpstreamUnavailable
 from gateway.core.events import EventPage, EventType, add_event, vendor_stamp
 from gateway.upstream.response import HttpResponse
-from gateway.upstream.shape import Reading, number
+from gateway.upstream.shape import Reading, keys, number
 
 EVENT_WIRE = {
     # [V] "ver_eventos ... pages through the events between two date-times; it takes four parameters"; the
@@ -114,6 +114,10 @@ def read_events(
     reading = reading if reading is not None else Reading()
     data = _check(response, "ver_eventos")
     rows = data if isinstance(data, list) else reading.first(data, "events", EVENT_ANSWERS["events"])
+    if rows is None and isinstance(data, dict):
+        # Read as an empty page, the cursor would move past whatever events the answer held under a name no
+        # table knows: the window is read again at the next poll instead (an empty list is an empty page).
+        raise UpstreamUnavailable(f"DMDS answered ver_eventos with no list of events under a known name ({keys(data)})")
     if rows is None:
         rows = []
     if not isinstance(rows, list):
