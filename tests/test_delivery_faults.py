@@ -7,6 +7,7 @@ logged once with its traceback and counted; never retried silently for days), an
 from __future__ import annotations
 
 import asyncio
+import smtplib
 import time
 from collections.abc import Callable, Mapping
 from email.errors import HeaderParseError
@@ -27,7 +28,7 @@ from gateway.mime import parse
 from gateway.ops.metrics import REGISTRY
 from gateway.queue.sqlite import SqliteQueue
 from gateway.queue.store import NewMessage
-from tests.harness import Running
+from tests.harness import DENGAGE_ACCOUNT, DENGAGE_SENDER, DENGAGE_USER, PASSWORD, Running
 from tests.spool_helpers import send, spool_rows, wait_for
 
 FAST = {"retry_schedule": [0.2], "retry_jitter": 0.0, "poll_interval": 0.2, "inline_budget": 5.0}
@@ -112,6 +113,67 @@ def test_a_bug_in_delivery_is_logged_counted_and_dead_lettered(gateway_factory: 
     assert metric("smtp_gateway_internal_errors_total", where="queue_delivery") == before + 3
     # Inline, the client hears 451 4.3.0 and nothing of the bug.
     assert send(gw.port(), "inline bug") == (451, "4.3.0 Internal error; try again later")
+
+
+# A bug in one call of a multi-call message (dEngage: one call per recipient): b's call meets it after a's went.
+TWO = ("a@example.com", "b@example.com")
+
+
+def _send_two(gw: Running, subject: str) -> int:
+    raw = f"From: {DENGAGE_SENDER}\r\nTo: {', '.join(TWO)}\r\nSubject: {subject}\r\n\r\nhello\r\n".encode()
+    with smtplib.SMTP("127.0.0.1", gw.port(), timeout=30) as client:
+        client.login(DENGAGE_USER, PASSWORD)
+        client.mail(DENGAGE_SENDER)
+        for rcpt in TWO:
+            client.rcpt(rcpt)
+        code, _ = client.data(raw)
+    return code
+
+
+def _break_b(gw: Running) -> None:
+    provider: Any = gw.app.providers[DENGAGE_ACCOUNT]
+    real = provider.send_one
+
+    async def send_one(submission: Any, call: Any, before_send: Any = no_hook) -> Any:
+        if call.key == "b@example.com":
+            raise KeyError("a bug in b's call")
+        return await real(submission, call, before_send)
+
+    provider.send_one = send_one
+
+
+def _copies(gw: Running, rcpt: str) -> int:
+    return len([r for r in gw.calls("send", status=200) if r["to"] == rcpt])
+
+
+def test_inline_a_bug_in_one_call_queues_the_rest_not_451(gateway_factory: Callable[..., Running]) -> None:
+    """a was delivered: a 451 would make the client resend a's copy. The rest is queued (250), a stays done."""
+    gw = gateway_factory(delivery=FAST, dengage={})
+    _break_b(gw)
+    before = metric("smtp_gateway_internal_errors_total", where="inline_delivery")
+    with structlog.testing.capture_logs() as logs:
+        assert _send_two(gw, "inline partial bug") == 250
+    assert _copies(gw, "a@example.com") == 1
+    # (the retry worker may have tried b again since: its lines come after the inline one)
+    error = next(e for e in logs if e["event"] == "delivery_internal_error")
+    assert error["call"] == "b@example.com" and isinstance(error["exc_info"], KeyError)
+    assert metric("smtp_gateway_internal_errors_total", where="inline_delivery") == before + 1
+
+
+def test_from_the_queue_a_bug_in_one_call_keeps_the_delivered_call(gateway_factory: Callable[..., Running]) -> None:
+    """b's bug is retried and dead-lettered after 3 times; a, delivered on the first of them, is not resent."""
+    gw = gateway_factory(delivery=FAST, dengage={})
+    gw.fault(status=503, count=2, kind="send")  # both first calls fail: queued with a and b pending
+    assert _send_two(gw, "queued partial bug") == 250
+    before = metric("smtp_gateway_internal_errors_total", where="queue_delivery")
+    with structlog.testing.capture_logs() as logs:
+        _break_b(gw)
+        [dead] = wait_for(lambda: spool_rows(gw.settings.delivery.spool_path, "dead"), what="dead letter", timeout=30)
+    assert dead["dead_reason"].startswith("internal error 3 times") and "KeyError" in dead["dead_reason"]
+    assert _copies(gw, "a@example.com") == 1
+    errors = [e for e in logs if e["event"] == "delivery_internal_error"]
+    assert len(errors) == 3 and all(e["call"] == "b@example.com" for e in errors)
+    assert metric("smtp_gateway_internal_errors_total", where="queue_delivery") == before + 3
 
 
 def test_a_bug_in_mime_parsing_is_451_logged_with_its_traceback_and_counted(

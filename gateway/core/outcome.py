@@ -45,6 +45,10 @@ class Outcome:
     deferred: dict[str, Deferred] = field(default_factory=dict)
     rejected: dict[str, Rejected] = field(default_factory=dict)
     skipped: set[str] = field(default_factory=set)
+    # call key -> the unexpected exception (a bug) the call ended with. Its result is not known (the bug may
+    # have struck after the request went): the delivery owner logs and counts each one as an internal error,
+    # and the call stays pending while its siblings keep what they answered.
+    failed: dict[str, Exception] = field(default_factory=dict)
 
     def defer(self, key: str, exc: Deferred) -> None:
         self.deferred[key] = _kept(exc)
@@ -58,20 +62,27 @@ class Outcome:
 
     async def record_all(self, calls: Mapping[str, Awaitable[Sent]]) -> None:
         """Run `calls` (key -> the call) concurrently and record each one's result. Deferred and Rejected
-        are the answers a call can have; anything else is a bug and is raised (after all calls ended)."""
+        are the answers a call can have; any other exception is a bug in that call alone: it goes in `failed`
+        and never costs the other calls their results (a delivered sibling forgotten would be sent again).
+        A BaseException that is not an Exception (cancellation) is raised, after every result is recorded."""
         results = await asyncio.gather(*calls.values(), return_exceptions=True)
+        stop: BaseException | None = None
         for key, result in zip(calls, results, strict=True):
             if isinstance(result, Deferred):
                 self.defer(key, result)
             elif isinstance(result, Rejected):
                 self.reject(key, result)
+            elif isinstance(result, Exception):
+                self.failed[key] = result  # its traceback is kept for the owner's log line
             elif isinstance(result, BaseException):
-                raise result
+                stop = stop or result
             else:
                 self.delivered[key] = result.upstream_id
                 count = getattr(result, "sent", None)
                 if isinstance(count, int) and not isinstance(count, bool):
                     self.sent[key] = count
+        if stop is not None:
+            raise stop
 
     def sent_total(self) -> int | None:
         """Mails the upstream says this attempt's calls sent (None when no answer said)."""
@@ -80,7 +91,14 @@ class Outcome:
     def first_reason(self) -> str | None:
         for exc in (*self.rejected.values(), *self.deferred.values()):
             return exc.reason
+        for bug in self.failed.values():
+            return bug_reason(bug)
         return None
+
+
+def bug_reason(exc: BaseException) -> str:
+    """What a call that met a bug records as its error (the traceback is in the log line)."""
+    return f"internal error (logged as delivery_internal_error): {type(exc).__name__}: {exc}"
 
 
 def _kept(exc: _E) -> _E:

@@ -282,6 +282,11 @@ class DeliveryOwner:
         done, _ = await asyncio.wait({call}, timeout=self.settings.inline_budget)
         if call in done:
             outcome = call.result()
+            if outcome.failed and not outcome.delivered:
+                # A bug and nothing delivered: no copy is out, so the client's retry after a 451 duplicates
+                # nothing (_first_attempt logs and counts it). Once a call was delivered, the message is
+                # queued with the rest pending instead (_decide), as for any partial delivery.
+                raise next(iter(outcome.failed.values()))
             decision = self._decide(attempt.before, outcome, attempt.submission, "inline", self._bound(attempt))
             reply = await self._conclude(attempt, decision, outcome)
             decided.set_result(reply)
@@ -570,6 +575,11 @@ class DeliveryOwner:
         bound: structlog.typing.FilteringBoundLogger,
     ) -> Decision:
         account = submission.principal.account
+        for key, bug in list(outcome.failed.items()):
+            # A bug in one call: that call alone is the internal error (the others keep their answers).
+            INTERNAL_ERRORS.labels(where=f"{path}_delivery").inc()
+            bound.error("delivery_internal_error", call=key, exc_info=bug)
+            outcome.failed[key] = bug.with_traceback(None)  # logged: its frames (and the message) may go
         if outcome.delivered and self.health.succeeded(account):
             self._spawn(self._wake(account))
         first_deferral = next(iter(outcome.deferred.values()), None)

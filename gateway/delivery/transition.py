@@ -4,6 +4,8 @@
     nothing done, something refused, nothing pending  -> refused    (inline: that 5xx; queued: dead letter)
     some done, the rest refused                       -> dead       (the client had its 250; operators see
                                                                      which recipients were refused)
+    a call met a bug (Outcome.failed)                 -> that call pending, the others as answered; a dead
+                                                         letter once bugs struck `max_internal_errors` times
     something still pending (deferred, or skipped)    -> queued     (next attempt per the schedule, or
                                                                      the upstream's Retry-After) or dead
                                                                      when the lifetime is over
@@ -22,7 +24,7 @@ from dataclasses import replace
 
 from gateway.core.errors import RateLimited, Rejected
 from gateway.core.model import Call
-from gateway.core.outcome import Outcome
+from gateway.core.outcome import Outcome, bug_reason
 from gateway.core.records import CallRow, DeadCause, Decision, DeliveryState, RetryPolicy, Verdict
 
 
@@ -82,6 +84,10 @@ def decide(
         calls[key] = replace(row, state="pending", error=deferral.reason, lost=row.lost + (key in lost_now))
     for key in outcome.skipped:
         calls[key] = replace(calls[key], state="pending")
+    for key, bug in outcome.failed.items():
+        calls[key] = replace(calls[key], state="pending", error=bug_reason(bug))
+    # Only the calls that met a bug are the internal error: the others keep their answers (done stays done).
+    internal_errors = before.internal_errors + (1 if outcome.failed else 0)
     attempts = before.attempts + 1
     error = outcome.first_reason()
     states = [row.state for row in calls.values()]
@@ -95,9 +101,7 @@ def decide(
         refusal: Rejected | None = None,
         cause: DeadCause | None = None,
     ) -> Decision:
-        return Decision(
-            verdict, calls, attempts, next_attempt, error, dead_reason, refusal, before.internal_errors, cause
-        )
+        return Decision(verdict, calls, attempts, next_attempt, error, dead_reason, refusal, internal_errors, cause)
 
     if done == len(calls):
         return decision("delivered")
@@ -112,6 +116,10 @@ def decide(
         )
     if "pending" not in states:
         return decision("dead", dead_reason="refused by upstream: " + _refusals(calls), cause="refused")
+    if outcome.failed and internal_errors >= policy.max_internal_errors:
+        last = bug_reason(next(iter(outcome.failed.values())))
+        reason = f"internal error {internal_errors} times (see the log); last: {last}"
+        return decision("dead", dead_reason=reason, cause="internal_error")
     if now >= before.expires:
         return decision(
             "dead",

@@ -15,7 +15,7 @@ import structlog
 from gateway.config.base import UserSettings
 from gateway.core import replies
 from gateway.core.cache import AsyncCache, Fresh
-from gateway.core.errors import ContentRejected, Deferred, Rejected
+from gateway.core.errors import ContentRejected, Deferred
 from gateway.core.events import Contacts, EventSource
 from gateway.core.model import Call, Message, Principal, ProviderData, Submission
 from gateway.core.outcome import BeforeSend, Outcome, no_hook
@@ -262,19 +262,12 @@ class DmdsProvider(ProviderBase[DmdsAccount]):
         rest = pending
         if batch is None:
             first, rest = pending[0], pending[1:]
-            try:
-                result = await self.send_leg(submission, first, None, before_send)
-            except Deferred as exc:
-                outcome.defer(first.key, exc)
+            # Recorded as any call is (a bug in it goes in outcome.failed, never raised past the outcome).
+            await outcome.record_all({first.key: self.send_leg(submission, first, None, before_send)})
+            if first.key not in outcome.delivered:
                 outcome.skipped.update(leg.key for leg in rest)
                 return outcome
-            except Rejected as exc:
-                outcome.reject(first.key, exc)
-                outcome.skipped.update(leg.key for leg in rest)
-                return outcome
-            outcome.delivered[first.key] = batch = result.upstream_id
-            if result.sent is not None:
-                outcome.sent[first.key] = result.sent
+            batch = outcome.delivered[first.key]
         await outcome.record_all({leg.key: self.send_leg(submission, leg, batch, before_send) for leg in rest})
         return outcome
 
