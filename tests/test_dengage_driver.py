@@ -201,6 +201,22 @@ async def test_code_not_zero_refuses_only_that_recipient() -> None:
     assert str(outcome.rejected["b@example.com"].reply) == "554 5.6.0 content is null"
 
 
+async def test_deliver_never_raises_for_an_upstream_answer() -> None:
+    """Answers with the fields' JSON types other than assumed: read (errorCount "0", a numeric id), or, when
+    they cannot be, that call is ambiguous (AnswerLost); never an exception out of deliver."""
+    up = Upstream()
+    up.send_answers = [
+        httpx.Response(200, json={"code": 0, "data": {"transactionalIds": ["t-1"], "errorCount": "0"}}),
+        httpx.Response(200, json={"code": "0", "data": {"transactionId": 123456}}),
+        httpx.Response(200, json={"code": 0, "data": {"transactionalIds": ["t-3"], "errorCount": ["?"]}}),
+    ]
+    p = provider(up)
+    outcome = await p.deliver(submission("a@example.com", "b@example.com", "c@example.com"), {})
+    assert outcome.delivered == {"a@example.com": "t-1", "b@example.com": "123456"}
+    assert outcome.ambiguous == {"c@example.com"} and not outcome.failed
+    assert len(up.of("/rest/transactional/email")) == 3
+
+
 async def test_done_recipients_are_not_sent_again() -> None:
     up = Upstream()
     p = provider(up)

@@ -136,6 +136,12 @@ def answer(status: int, body: Any = None, headers: dict[str, str] | None = None)
         ({"code": 0, "transactionId": "t-4", "data": {}}, "t-4", None),
         ({"code": 0, "data": {"trackingId": "t-5"}}, "t-5", None),
         ({"message": "Success", "data": {"groupId": "g-6"}}, "", "g-6"),  # no code, no recipient id
+        # The fields' JSON types are [C]/[I]: numbers as strings or floats, ids as numbers, all read.
+        ({"code": "0", "data": {"transactionalIds": ["t-7"], "errorCount": "0", "HasError": "false"}}, "t-7", None),
+        ({"code": 0.0, "data": {"transactionalIds": ["t-8"], "errorCount": 0.0, "HasError": 0}}, "t-8", None),
+        ({"code": 0, "data": {"transactionId": 123456}}, "123456", None),
+        ({"code": 0, "data": {"transactionalIds": [987, "t-9"], "groupId": 55}}, "987", "55"),
+        ({"code": 0, "data": {"transactionalIds": {ANN: 4242}}}, "4242", None),
     ],
 )
 def test_send_answers_give_the_recipient_id(body: dict[str, Any], upstream_id: str, group: str | None) -> None:
@@ -150,6 +156,13 @@ def test_send_answers_give_the_recipient_id(body: dict[str, Any], upstream_id: s
         (answer(200, {"code": 4711, "message": "Something new"}), UpstreamRejected, "Something new"),
         (answer(200, {"code": "7"}), UpstreamRejected, "code 7"),
         (answer(200, {"code": 0, "data": {"HasError": True}, "message": "1 error"}), UpstreamRejected, "1 error"),
+        (answer(200, {"code": 0, "data": {"HasError": "True"}, "message": "2 errors"}), UpstreamRejected, "2 errors"),
+        (answer(200, {"code": "0", "data": {"errorCount": "1"}, "message": "3 errors"}), UpstreamRejected, "3 errors"),
+        # Sent, and the status fields cannot be read: ambiguous (AnswerLost), never a crash.
+        (answer(200, {"code": 0, "data": {"errorCount": "some"}}), AnswerLost, "unreadable status field"),
+        (answer(200, {"code": [0], "data": {}}), AnswerLost, "unreadable status field"),
+        (answer(200, {"code": "ok"}), AnswerLost, "unreadable status field"),
+        (answer(200, {"code": 0, "data": {"HasError": {"any": 1}}}), AnswerLost, "unreadable status field"),
         (
             answer(400, {"title": "One or more validation errors occurred.", "errors": {"send.to": ["not a string"]}}),
             UpstreamRejected,
@@ -194,6 +207,8 @@ def test_rate_limit_carries_retry_after() -> None:
 def test_login_answers() -> None:
     assert wire.login_token(answer(200, {"access_token": "tok", "expires_in": 120})) == wire.Token("tok", 120.0)
     assert wire.login_token(answer(200, {"access_token": "tok"})).expires_in == 3600.0  # absent: an hour
+    assert wire.login_token(answer(200, {"access_token": "tok", "expires_in": "120"})).expires_in == 120.0
+    assert wire.login_token(answer(200, {"access_token": "tok", "expires_in": "soon"})).expires_in == 3600.0
     with pytest.raises(UpstreamAuthFailed, match="credentials"):
         wire.login_token(answer(401, {"message": "bad"}))
     with pytest.raises(wire.IpNotAllowlisted):

@@ -9,7 +9,7 @@ import httpx
 import pytest
 from structlog.testing import capture_logs
 
-from gateway.core.errors import Deferred, UpstreamAuthFailed, UpstreamRejected, UpstreamUnavailable
+from gateway.core.errors import AnswerLost, Deferred, UpstreamAuthFailed, UpstreamRejected, UpstreamUnavailable
 from gateway.core.model import Address
 from gateway.core.replies import RATE_LIMITED
 from gateway.providers.dmds.config import DmdsAccount
@@ -89,6 +89,10 @@ async def test_several_contacts_use_send_many_inline() -> None:
         ),
         (httpx.Response(200, text="<html>proxy error</html>"), UpstreamUnavailable, "not JSON"),
         (httpx.Response(200, json={"status": "ok", "sent": 1}), UpstreamUnavailable, "without an eeid"),
+        # Sent, with a batch id the gateway cannot read: ambiguous, never taken for an id ("{...}", "True").
+        (httpx.Response(200, json={"status": "ok", "eeid": {"id": 1}}), AnswerLost, "without an eeid it can read"),
+        (httpx.Response(200, json={"status": "ok", "eeid": True}), AnswerLost, "without an eeid it can read"),
+        (httpx.Response(200, json={"status": ["ok"], "eeid": "e-1"}), UpstreamRejected, ""),
     ],
 )
 async def test_answers_map_to_typed_errors(response: httpx.Response, error: type[Exception], text: str) -> None:
@@ -151,6 +155,13 @@ async def test_campaign_apikey_in_every_documented_spelling(name: str) -> None:
 async def test_send_answer_in_every_spelling(answer: dict[str, object]) -> None:
     result = await driver(lambda r: httpx.Response(200, json=answer)).send(submission(ONE), ONE[0], None)
     assert (result.upstream_id, result.sent) == ("e-3", 3)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("eeid", "kept"), [(123, "123"), (123.0, "123"), ("123", "123")])
+async def test_a_numeric_eeid_is_kept_as_its_digits(eeid: object, kept: str) -> None:
+    answer = {"status": "ok", "sent": "x", "eeid": eeid}  # an unreadable `sent` is no count, not a crash
+    result = await driver(lambda r: httpx.Response(200, json=answer)).send(submission(ONE), ONE[0], None)
+    assert (result.upstream_id, result.sent) == (kept, None)  # type: ignore[attr-defined]
 
 
 def listing_and_lookup(listing: Handler, seen: list[httpx.Request]) -> Handler:

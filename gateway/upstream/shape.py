@@ -64,15 +64,17 @@ class Reading:
 
 
 def number(value: Any) -> int | None:
-    """An integer as answers write it: 4, 4.0 or "4"; None for anything else (a bool is no number)."""
+    """An integer as answers write it: 4, 4.0, "4" or "-4"; None for anything else (a bool is no number)."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
         return value
     if isinstance(value, float) and value.is_integer():
         return int(value)
-    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
-        return int(value.strip())
+    if isinstance(value, str):
+        digits = value.strip().removeprefix("-")
+        if digits.isascii() and digits.isdigit():
+            return int(value.strip())
     return None
 
 

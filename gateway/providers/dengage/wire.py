@@ -25,7 +25,7 @@ from gateway.core.model import Submission
 from gateway.mime import jsonbody, text_to_html
 from gateway.providers.dengage.data import DengageParams
 from gateway.upstream.response import HttpResponse
-from gateway.upstream.shape import Reading
+from gateway.upstream.shape import Reading, number
 
 # Every wire name in one table, tagged as in shared/upstream-apis.md part 2:
 #   [V] vendor docs, [C] seen in real client code or notes, [I] our inference.
@@ -317,30 +317,58 @@ def login_token(response: HttpResponse, reading: Reading | None = None) -> Token
             raise UpstreamUnavailable("dEngage answered the login with a body that is not JSON")
         raise UpstreamAuthFailed(f"dEngage login returned no token ({upstream_reason(response, data)})")
     expires = next((e for p in places if (e := reading.first(p, "expires_in", TOKEN_KEYS["expires_in"]))), None)
-    seconds = float(expires) if isinstance(expires, (int, float)) and expires > 0 else DEFAULT_EXPIRES_IN
+    lasts = expires if isinstance(expires, float) else number(expires)  # 120, 120.5 or "120"
+    seconds = float(lasts) if lasts is not None and lasts > 0 else DEFAULT_EXPIRES_IN
     return Token(token, seconds)
 
 
+class Unreadable(ValueError):
+    """A field of an answer whose JSON type or value the gateway cannot read (a number that is no number)."""
+
+
+def _count(value: Any) -> int | None:
+    """A numeric field read whatever its JSON type (3, 3.0, "3": the types of the answers' fields are [C]/[I],
+    never documented); None when absent (null). Raises Unreadable for anything else."""
+    if value is None:
+        return None
+    found = number(value)
+    if found is None:
+        raise Unreadable(f"{str(value)[:40]!r} is not a number")
+    return found
+
+
+def _flag(value: Any) -> bool:
+    """A yes/no field read whatever its JSON type: true, 1, "true", "1" (absent: no). Raises Unreadable."""
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", ""):
+        return value.strip().lower() == "true"
+    return bool(_count(value))
+
+
 def _failure_code(data: dict[str, Any]) -> int | None:
-    """A non-zero `code`, or a `data.HasError`/`errorCount` flag [C] (HTTP 200 with the failure inside)."""
-    code = data.get("code")
-    if isinstance(code, bool) or (code is not None and not isinstance(code, int)):
-        try:
-            code = int(str(code))
-        except ValueError:
-            return -1
-    if isinstance(code, int) and code != 0:
+    """A non-zero `code`, or a `data.HasError`/`errorCount` flag [C] (HTTP 200 with the failure inside).
+    Each read whatever its JSON type (0, "0", 0.0); raises Unreadable when one is there but unreadable."""
+    code = _count(data.get("code"))
+    if code is not None and code != 0:
         return code
     inner = data.get("data")
-    if isinstance(inner, dict) and (inner.get("HasError") is True or (inner.get("errorCount") or 0) > 0):
-        return -1
+    if isinstance(inner, dict):
+        errors = _count(inner.get("errorCount"))
+        if _flag(inner.get("HasError")) or (errors is not None and errors > 0):
+            return -1
     return None
 
 
 def _ids(value: Any) -> Iterator[str]:
-    """Id strings in a value: a string, a list of strings or of objects, or an object of them."""
+    """Id strings in a value: a string or a number (a numeric id is kept as its digits), a list of them or of
+    objects, or an object of them."""
     if isinstance(value, str) and value:
         yield value
+    elif isinstance(value, int) and not isinstance(value, bool):
+        yield str(value)
+    elif isinstance(value, float) and value.is_integer():
+        yield str(int(value))
     elif isinstance(value, list):
         for item in value:
             yield from _ids(item)
@@ -350,8 +378,8 @@ def _ids(value: Any) -> Iterator[str]:
                 yield from _ids(value[key])
                 return
         for item in value.values():  # {"<recipient>": "<id>"}
-            if isinstance(item, str) and item:
-                yield item
+            if not isinstance(item, (list, dict)):
+                yield from _ids(item)
 
 
 def _first(places: list[dict[str, Any]], keys: tuple[str, ...]) -> str | None:
@@ -373,7 +401,11 @@ def send_result(response: HttpResponse) -> SendResult:
     if not isinstance(data, dict):
         # It answered, but nothing says whether it sent: the ambiguous case, like a lost answer.
         raise AnswerLost(f"dEngage answered {response.status} with a body that is not a JSON object")
-    code = _failure_code(data)
+    try:
+        code = _failure_code(data)
+    except Unreadable as exc:
+        # Sent, and the answer says neither success nor failure in a way that can be read: ambiguous.
+        raise AnswerLost(f"dEngage answered {response.status} with an unreadable status field ({exc})") from None
     if code is not None and CODES.get(code, "refused") == "refused":
         raise UpstreamRejected(upstream_reason(response, data))
     places = [p for p in (data.get("data"), data) if isinstance(p, dict)]

@@ -193,10 +193,19 @@ def classify(response: HttpResponse) -> SendResult:
     reading = Reading()
     if not _ok(data, reading):
         raise UpstreamRejected(upstream_reason(response))
-    eeid = reading.first(data, "eeid", ANSWERS["eeid"])
+    eeid = _id(reading.first(data, "eeid", ANSWERS["eeid"]))
     if not eeid:
-        raise AnswerLost("DMDS answered ok without an eeid")
-    return SendResult(str(eeid), number(reading.first(data, "sent", ANSWERS["sent"])))
+        # Sent, and no batch id the gateway can read (none, or an object, a list, a bool): ambiguous.
+        raise AnswerLost("DMDS answered ok without an eeid it can read")
+    return SendResult(eeid, number(reading.first(data, "sent", ANSWERS["sent"])))
+
+
+def _id(value: Any) -> str | None:
+    """An id as answers write it, a string or a number ("7f3c...", 123, 123.0): its text; None otherwise."""
+    if isinstance(value, str):
+        return value.strip() or None
+    found = number(value)
+    return None if found is None else str(found)
 
 
 def not_found(response: HttpResponse, what: str) -> None:
