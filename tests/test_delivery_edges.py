@@ -4,11 +4,14 @@ instances on one PostgreSQL queue), and a backlog that drains as soon as the ups
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
+from typing import Any
 
 import structlog
 
 from gateway.ops.metrics import REGISTRY
+from gateway.queue.postgres import PostgresQueue
 from tests.harness import Running
 from tests.pgserver import PgCluster
 from tests.smtputil import RawClient
@@ -137,3 +140,33 @@ def test_a_backlog_drains_as_soon_as_the_upstream_is_back(gateway_factory: Calla
     gw.clear_faults()
     wait_for(lambda: len(gw.sent) == 5, what="drained by the probe and the wake-up")
     assert [r["body"]["asunto"] for r in gw.sent] == [f"backlog {i}" for i in range(5)]
+
+
+def test_an_upstream_reason_with_a_nul_is_dead_lettered_on_postgresql(
+    gateway_factory: Callable[..., Running], pg_cluster: PgCluster
+) -> None:
+    """PostgreSQL text cannot hold U+0000: a refusal whose words held one could never be settled (DataError,
+    taken for the queue being down), so the message was resent every lease. Stored with U+FFFD, it is settled."""
+    url = pg_cluster.new_database()
+    gw = gateway_factory(delivery={**FAST, "queue_url": url, "lease_seconds": 3})
+    gw.fault(status=503, count=1, kind="send")
+    assert send(gw.port(), "nul")[0] == 250  # queued
+    gw.fault(status=400, count=None, kind="send", reason="invalid\u0000email")
+
+    def dead() -> list[dict[str, Any]]:
+        return [r for r in _pg_rows(url) if r["state"] == "dead"]
+
+    [row] = wait_for(dead, what="the dead letter")
+    assert "invalid\ufffdemail" in row["dead_reason"]
+    assert len(gw.calls("send", provider="dmds")) == 2  # the 503, then the refusal: never resent
+
+
+def _pg_rows(url: str) -> list[dict[str, Any]]:
+    async def read() -> list[dict[str, Any]]:
+        store = PostgresQueue(url)
+        try:
+            return await store.list(("queued", "inflight", "dead"))
+        finally:
+            await store.close()
+
+    return asyncio.run(read())

@@ -25,7 +25,8 @@ from gateway.queue.postgres import PostgresQueue
 from gateway.queue.sql import FOR_POSTGRES, FOR_SQLITE, POSTGRES
 from gateway.queue.sqlite import SqliteQueue
 from gateway.queue.sqlite_schema import LATEST, V1
-from gateway.queue.store import QueueStore
+from gateway.queue.store import QueueDataRefused, QueueStore
+from tests.pgserver import PgCluster
 from tests.queue_contract import PLAN, POLICY, new, stores_on_backend, submission
 
 Factory = Callable[[], QueueStore]
@@ -82,6 +83,31 @@ async def test_claim_leases_once_and_delivered_calls_are_never_claimed_again(sto
     done = transition.decide(again.before, Outcome(delivered={"1": "E1"}), POLICY, now)
     assert await store.settle("M1", again.token, done, now)
     assert await store.show("M1") is None
+
+
+async def test_text_with_a_nul_is_stored_with_u_fffd_on_every_backend(store: QueueStore) -> None:
+    """PostgreSQL refuses U+0000 in text (DataError): an upstream's reason or id, or a client's Subject, with
+    one would fail every settle of the message, which then looped (resent every lease). Both backends store
+    it as U+FFFD."""
+    now = time.time()
+    m = new("N0", now)
+    calls = {k: replace(c, error="was\x00here") for k, c in m.decision.calls.items()}
+    m = replace(m, subject="a\x00b", mail_from="x\x00@acme.example", decision=replace(m.decision, calls=calls))
+    await store.insert(m)
+    row = await store.show("N0")
+    assert row is not None and (row["subject"], row["mail_from"]) == ("a\ufffdb", "x\ufffd@acme.example")
+    [claimed] = await store.claim("A", "acme", now, 1, lease=30)
+    assert {c.error for c in claimed.before.calls.values()} == {"was\ufffdhere"}
+    outcome = Outcome(delivered={"0": "id\x00"}, rejected={"1": UpstreamRejected("invalid\x00email")})
+    decision = transition.decide(claimed.before, outcome, POLICY, now)
+    assert decision.verdict == "dead"
+    assert await store.settle("N0", claimed.token, decision, now)
+    row = await store.show("N0")
+    assert row is not None and row["state"] == "dead" and "invalid\ufffdemail" in row["dead_reason"]
+    assert {c["key"]: (c["upstream_id"], c["error"]) for c in row["calls"]} == {
+        "0": ("id\ufffd", None),
+        "1": (None, "invalid\ufffdemail"),
+    }
 
 
 async def test_a_stale_token_changes_nothing(store: QueueStore) -> None:
@@ -454,3 +480,16 @@ async def test_a_v1_spool_is_migrated_and_its_messages_resumed(tmp_path: Path) -
     # Written without auto_vacuum, small: VACUUMed once so that it can give freed space back (a full disk).
     with contextlib.closing(sqlite3.connect(path)) as db:
         assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
+
+
+async def test_a_value_postgresql_refuses_is_no_outage(pg_cluster: PgCluster) -> None:
+    """DataError is what was written, not the database: SpoolUnavailable (retried, the circuit opened) would
+    repeat the same refused write every lease. It is QueueDataRefused, a bug the callers log and count."""
+    store = PostgresQueue(pg_cluster.new_database())
+    await store.open()
+    try:
+        with pytest.raises(QueueDataRefused, match="DataError"):
+            await store.claim_key("acme", "k\x00", "M", time.time(), 60.0, 60.0)  # keys are hex digests
+        assert await store.claim_key("acme", "k", "M", time.time(), 60.0, 60.0) is None  # still serving
+    finally:
+        await store.close()

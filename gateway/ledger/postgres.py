@@ -16,6 +16,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from gateway.core.storable import storable_values
 from gateway.ledger import sql
 from gateway.ledger.model import Page, Query, Recipient, Record, Row, Tally
 from gateway.ledger.store import LedgerUnavailable
@@ -82,7 +83,9 @@ class PostgresLedger:
         executemany pipelines them."""
         async with conn.cursor() as cur:
             for table, values in sql.by_table(rows):
-                await cur.executemany(_STATEMENTS[table], values)
+                # The rows carry upstream words (reasons, event descriptions) and client text (Subject):
+                # PostgreSQL refuses a NUL in text, and the batch with it (gateway.core.storable).
+                await cur.executemany(_STATEMENTS[table], [storable_values(v) for v in values])
 
     async def get(self, msg_id: str) -> Record | None:
         async with self._conn() as conn:

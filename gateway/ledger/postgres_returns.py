@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from gateway.core.storable import storable
 from gateway.ledger import readback
 from gateway.ledger.model import Record, Row, SuppressionRow, address_key
 from gateway.ledger.postgres import PostgresLedger
@@ -171,7 +172,16 @@ class PostgresReturns:
         rows: Sequence[Row] = (),
     ) -> bool:
         done = now if state in ("delivered", "failed") else None
-        values = (state, attempts, next_attempt, error, done, delivery.webhook, delivery.event_id, delivery.token)
+        values = (
+            state,
+            attempts,
+            next_attempt,
+            storable(error),
+            done,
+            delivery.webhook,
+            delivery.event_id,
+            delivery.token,
+        )
         async with self.ledger.connection() as conn:
             if (await conn.execute(SQL.outbox_settle, values)).rowcount != 1:
                 return False
@@ -209,7 +219,9 @@ class PostgresReturns:
         async with self.ledger.connection() as conn:
             done = 0
             for c in claims:
-                cur = await conn.execute(SQL.notice_finish, (state, notice_id, reason, now, c.msg_id, c.rcpt, c.token))
+                cur = await conn.execute(
+                    SQL.notice_finish, (state, storable(notice_id), storable(reason), now, c.msg_id, c.rcpt, c.token)
+                )
                 done += cur.rowcount
             if done:
                 await PostgresLedger.write_in(conn, rows)
@@ -218,7 +230,7 @@ class PostgresReturns:
     async def postpone_notices(self, claims: Sequence[Claim], until: float, reason: str) -> None:
         async with self.ledger.connection() as conn:
             for c in claims:
-                await conn.execute(SQL.notice_postpone, (until, reason, c.msg_id, c.rcpt, c.token))
+                await conn.execute(SQL.notice_postpone, (until, storable(reason), c.msg_id, c.rcpt, c.token))
 
     async def notice_data(self, msg_id: str) -> tuple[Record, str | None] | None:
         record = await self.ledger.get(msg_id)

@@ -32,6 +32,7 @@ from gateway.core.episode import Episode
 from gateway.core.errors import QueueUnreachable, SpoolUnavailable
 from gateway.core.quota import Counts, Verdict, Window
 from gateway.core.records import Decision
+from gateway.core.storable import storable_decision
 from gateway.core.waits import idle
 from gateway.queue import postgres_schema
 from gateway.queue.health import QueueHealth
@@ -43,6 +44,7 @@ from gateway.queue.store import (
     ClaimedRows,
     KeyHit,
     NewMessage,
+    QueueDataRefused,
     auth_begin_change,
     auth_end_change,
     auth_lift_change,
@@ -50,6 +52,7 @@ from gateway.queue.store import (
     auth_written,
     chunks,
     message_row,
+    storable_message,
 )
 
 log = structlog.get_logger("gateway.queue.postgres")
@@ -139,6 +142,9 @@ class PostgresQueue:
         try:
             async with conn.transaction():
                 yield conn
+        except psycopg.DataError as exc:
+            # The values written, not the database (storable() keeps NULs out of text): retrying cannot help.
+            raise QueueDataRefused(f"queue {self.url}: {type(exc).__name__}: {exc}") from exc
         except (psycopg.Error, OSError) as exc:
             if conn.broken:  # the connection went away under the transaction: so did the database
                 raise self._unreachable(exc) from exc
@@ -263,6 +269,7 @@ class PostgresQueue:
         return token
 
     async def _insert(self, m: NewMessage) -> int:
+        m = storable_message(m)
         stored = message_row(m)
         async with self._tx() as conn:
             await conn.execute(SQL.insert_message, stored.values)
@@ -320,6 +327,7 @@ class PostgresQueue:
         return await (await conn.execute(SQL.holds, (msg_id, token))).fetchone() is not None
 
     async def settle(self, msg_id: str, token: int, d: Decision, now: float) -> bool:
+        d = storable_decision(d)
         async with self._tx() as conn:
             if not await self._holds(conn, msg_id, token):
                 return False

@@ -26,6 +26,7 @@ from gateway.core.authcount import Record, Rules
 from gateway.core.errors import SpoolUnavailable
 from gateway.core.quota import Counts, Verdict, Window
 from gateway.core.records import Decision
+from gateway.core.storable import storable_decision
 from gateway.queue import sqlite_schema
 from gateway.queue.health import QueueHealth
 from gateway.queue.sql import FOR_SQLITE, SQLITE
@@ -41,6 +42,7 @@ from gateway.queue.store import (
     auth_lift_change,
     chunks,
     message_row,
+    storable_message,
 )
 
 log = structlog.get_logger("gateway.queue.sqlite")
@@ -199,6 +201,7 @@ class SqliteQueue:
     def _insert(self, m: NewMessage) -> int:
         if self._reserve.released and not self._recover():  # measured again for every new message
             raise sqlite3.OperationalError("database or disk is full (its reserve is in use to drain the queue)")
+        m = storable_message(m)  # as PostgreSQL stores it (no NUL): the backends read alike
         stored = message_row(m)
         with self._tx() as db:
             db.execute(SQL.insert_message, stored.values)
@@ -258,6 +261,7 @@ class SqliteQueue:
         return await self._run(self._settle, msg_id, token, decision, now)
 
     def _settle(self, msg_id: str, token: int, d: Decision, now: float) -> bool:
+        d = storable_decision(d)
         with self._tx() as db:
             if db.execute(SQL.holds, (msg_id, token)).fetchone() is None:
                 return False  # fenced: another owner claimed it since (our lease expired)

@@ -18,14 +18,20 @@ gateway/delivery/transition.py; the store applies them atomically and only under
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple, Protocol
 
 from gateway.core import authcount
 from gateway.core.authcount import Record, Rules
 from gateway.core.quota import Counts, Verdict, Window
 from gateway.core.records import CallRow, Decision, DeliveryState
+from gateway.core.storable import storable, storable_decision
 from gateway.queue.health import QueueHealth
+
+
+class QueueDataRefused(Exception):
+    """The queue's database refused what was written (a value it cannot hold): a bug, not an outage. Never a
+    SpoolUnavailable, which callers retry: the same write would be refused again, every lease, for ever."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,6 +241,15 @@ class MessageRow(NamedTuple):
     state: str  # queued, inflight (stored leased to its owner) or dead
     token: int  # the fencing token: 1 when stored in flight
     values: tuple[Any, ...]  # in MESSAGE_COLUMNS order
+
+
+def storable_message(m: NewMessage) -> NewMessage:
+    """The message as every backend stores it: its envelope, Subject and decision's texts with no NUL (which
+    PostgreSQL refuses; gateway.core.storable). Each backend's insert starts here, each settle with
+    storable_decision."""
+    return replace(
+        m, mail_from=storable(m.mail_from), subject=storable(m.subject), decision=storable_decision(m.decision)
+    )
 
 
 def message_row(m: NewMessage) -> MessageRow:
