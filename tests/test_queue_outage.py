@@ -5,15 +5,17 @@ queue takes messages again as soon as it answers."""
 
 from __future__ import annotations
 
+import smtplib
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import structlog
 
+from gateway.core.errors import SpoolUnavailable
 from gateway.delivery.idempotency import KeyBacklog, LateKey
 from gateway.ops.metrics import REGISTRY
-from tests.harness import Running
+from tests.harness import DENGAGE_ACCOUNT, DENGAGE_SENDER, DENGAGE_USER, PASSWORD, Running
 from tests.pgserver import PgCluster, PgUnavailable
 from tests.spool_helpers import send, wait_for
 
@@ -94,3 +96,32 @@ def test_the_late_key_backlog_is_bounded_oldest_first() -> None:
     assert len(backlog) == 2 and backlog.get("acme", "k0") is None and backlog.answered() == []
     keys[1].reply_id = "eeid-1"
     assert backlog.answered() == [keys[1]]
+
+
+def test_a_partly_delivered_message_the_queue_cannot_take_is_452_and_counted(
+    gateway_factory: Callable[..., Running],
+) -> None:
+    """One recipient's call delivered inline, the other's failed, and the queue refuses the rest: no reply is
+    right (452 makes the client resend the whole message, a second copy for the delivered recipient), so the
+    window is counted in smtp_gateway_ambiguous_calls_total{cause="partial_unqueued"} and logged with its id."""
+    gw = gateway_factory(delivery=FAST, dengage={})
+    store: Any = gw.app.store
+
+    async def insert(message: Any) -> int:
+        raise SpoolUnavailable("database or disk is full")
+
+    store.insert = insert
+    gw.fault(status=503, count=1, kind="send")  # one of the two recipients' calls fails (temporary)
+    before = metric("smtp_gateway_ambiguous_calls_total", account=DENGAGE_ACCOUNT, cause="partial_unqueued")
+    raw = f"From: {DENGAGE_SENDER}\r\nTo: a@example.com, b@example.com\r\nSubject: partial\r\n\r\nhello\r\n"
+    with structlog.testing.capture_logs() as logs, smtplib.SMTP("127.0.0.1", gw.port(), timeout=30) as client:
+        client.login(DENGAGE_USER, PASSWORD)
+        client.mail(DENGAGE_SENDER)
+        client.rcpt("a@example.com")
+        client.rcpt("b@example.com")
+        code, _ = client.data(raw.encode())
+    delivered = gw.calls("send", status=200)
+    assert code == 452 and len(delivered) == 1
+    assert metric("smtp_gateway_ambiguous_calls_total", account=DENGAGE_ACCOUNT, cause="partial_unqueued") == before + 1
+    [line] = [e for e in events(logs, "delivery_ambiguous") if e["cause"] == "partial_unqueued"]
+    assert line["calls"] == [delivered[0]["to"]] and len(line["upstream_ids"]) == 1

@@ -322,6 +322,7 @@ class DeliveryOwner:
                 self._accepted(attempt, reply, decision.calls, decision, outcome)
             else:
                 attempt.receipt.reason = f"queue unavailable: {exc.reason}"
+                self._unqueued(attempt, decision)
                 reply = replies.SPOOL_FULL
             decided.set_result(reply)
             return
@@ -405,6 +406,7 @@ class DeliveryOwner:
                 error=exc.reason,
                 delivered=sorted(k for k, c in decision.calls.items() if c.state == "done"),
             )
+            self._unqueued(attempt, decision)
             raise
         receipt.queue_id = attempt.msg_id
         receipt.upstream_ids = _ids(decision)
@@ -418,6 +420,24 @@ class DeliveryOwner:
                 "message_spooled", queue_id=attempt.msg_id, upstream_ids=_ids(decision), reason=decision.last_error
             )
         return attempt.queued(decision.first_id or attempt.msg_id)
+
+    def _unqueued(self, attempt: InlineAttempt, decision: Decision) -> None:
+        """A message partly delivered whose rest the queue cannot take: its reply is a 4xx (nothing else keeps
+        the rest), and the client's resend of the whole message duplicates the calls already delivered. No
+        better reply exists; the window is counted (cause "partial_unqueued") and logged with their ids."""
+        done = sorted(k for k, c in decision.calls.items() if c.state == "done")
+        if not done:
+            return
+        account = attempt.submission.principal.account
+        AMBIGUOUS.labels(account=account, cause="partial_unqueued").inc(len(done))
+        attempt.log.warning(
+            "delivery_ambiguous",
+            queue_id=attempt.msg_id,
+            cause="partial_unqueued",
+            calls=done,
+            upstream_ids=_ids(decision),
+            policy=self.policy.ambiguous,
+        )
 
     @staticmethod
     def _sent(receipt: Receipt, decision: Decision, outcome: Outcome) -> dict[str, Any]:

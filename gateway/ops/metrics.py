@@ -43,7 +43,8 @@ AMBIGUOUS = Counter(
     "Calls that may have reached the upstream without their answer being recorded (the at-least-once window), "
     "by cause: answer_lost (read timeout, reset: resent or held), lease_expired (the instance died, stopped or "
     "paused mid-call: resent or held by the next owner), passthrough_late (the client was told 451, then the call "
-    "succeeded: its resend is a duplicate)",
+    "succeeded: its resend is a duplicate), partial_unqueued (calls delivered inline while the rest of the message "
+    "could not be queued: the client was told 452 and its resend duplicates them)",
     ["account", "cause"],
     registry=REGISTRY,
 )
