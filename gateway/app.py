@@ -22,7 +22,7 @@ from gateway.auth.onetime import OneTimeLogins
 from gateway.config import ConfigError, DnsSettings, Settings
 from gateway.config.oauth import OAuthSettings
 from gateway.config.reload import ConfigStatus, ReloadPlan, plan_reload
-from gateway.core.errors import SpoolUnavailable
+from gateway.core.errors import QueueTooNew, SpoolUnavailable
 from gateway.core.waits import idle
 from gateway.delivery.health import AccountHealth
 from gateway.delivery.owner import DeliveryOwner, owner_id
@@ -160,6 +160,8 @@ class App:
         self.store = open_store(settings.delivery)
         try:
             await self.store.open()
+        except QueueTooNew:
+            raise  # written by a newer version: refused (serve exits 1 naming it), never served on
         except SpoolUnavailable as exc:
             # Not fatal: the healthy path needs no queue; messages that need it get 452 4.3.1 until it can
             # be opened (each use tries again).

@@ -3,6 +3,7 @@ real CLI, naming the key, where it is and the fix, in the operator's words (no T
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import sqlite3
 import subprocess
@@ -112,6 +113,21 @@ def test_a_spool_path_that_is_another_programs_database(tmp_path: Path) -> None:
         1,
         f"delivery.spool_path {other} is another program's SQLite database (tables invoices): set "
         "delivery.spool_path to a file of its own",
+    )
+
+
+def test_serve_refuses_a_queue_a_newer_version_wrote(tmp_path: Path) -> None:
+    """docs/install.md: a queue of a newer schema is refused. It was only logged (queue_unavailable) and the
+    gateway served, answering 452 to every message that needed the queue."""
+    spool = tmp_path / "newer.sqlite3"
+    with contextlib.closing(sqlite3.connect(spool)) as db:
+        db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        db.execute("INSERT INTO schema_version VALUES (99)")
+        db.commit()
+    done = cli(tmp_path, "serve", "--config", str(config(tmp_path, delivery={"spool_path": str(spool)})))
+    assert done.returncode == 1, done.stderr
+    assert f"delivery.spool_path {spool}: queue {spool}: queue schema version 99 is newer than this gateway" in (
+        done.stderr
     )
 
 

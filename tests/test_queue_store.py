@@ -16,7 +16,7 @@ import psycopg
 import pytest
 
 from gateway.core import quota
-from gateway.core.errors import UpstreamRejected, UpstreamUnavailable
+from gateway.core.errors import QueueTooNew, UpstreamRejected, UpstreamUnavailable
 from gateway.core.model import Attachment
 from gateway.core.outcome import Outcome
 from gateway.delivery import transition
@@ -491,5 +491,31 @@ async def test_a_value_postgresql_refuses_is_no_outage(pg_cluster: PgCluster) ->
         with pytest.raises(QueueDataRefused, match="DataError"):
             await store.claim_key("acme", "k\x00", "M", time.time(), 60.0, 60.0)  # keys are hex digests
         assert await store.claim_key("acme", "k", "M", time.time(), 60.0, 60.0) is None  # still serving
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+async def test_a_queue_a_newer_version_wrote_is_refused_as_too_new(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """QueueTooNew, not a passing outage: `serve` refuses to start on it (tests/test_config_refusals.py)."""
+    store: QueueStore
+    if backend == "sqlite":
+        path = tmp_path / "queue.sqlite3"
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+            db.execute("INSERT INTO schema_version VALUES (99)")
+            db.commit()
+        store = SqliteQueue(path)
+    else:
+        url = request.getfixturevalue("pg_cluster").new_database()
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("CREATE TABLE schema_version (version integer NOT NULL)")
+            conn.execute("INSERT INTO schema_version VALUES (99)")
+        store = PostgresQueue(url)
+    try:
+        with pytest.raises(QueueTooNew, match="queue schema version 99 is newer than this gateway"):
+            await store.open()
     finally:
         await store.close()

@@ -93,6 +93,11 @@ class QueueUnreachable(SpoolUnavailable):
     """The queue's database server cannot be reached (refused, unknown host, timeout): not a wrong database."""
 
 
+class QueueTooNew(SpoolUnavailable):
+    """The queue was written by a newer version of the gateway (its schema version is above this one's): not
+    an outage that passes, so `serve` refuses to start on it rather than answer 452 to every queued message."""
+
+
 class Fenced(Deferred):
     """The fencing check before a call failed: the message's lease is not this process's any more (it was
     paused past it, and another owner may have claimed it), or the queue could not say (`checked` False).

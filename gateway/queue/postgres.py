@@ -29,7 +29,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from gateway.core import authcount, quota, tokenbucket
 from gateway.core.authcount import Record, Rules
 from gateway.core.episode import Episode
-from gateway.core.errors import QueueUnreachable, SpoolUnavailable
+from gateway.core.errors import QueueTooNew, QueueUnreachable, SpoolUnavailable
 from gateway.core.quota import Counts, Verdict, Window
 from gateway.core.records import Decision
 from gateway.core.storable import storable_decision
@@ -228,7 +228,9 @@ class PostgresQueue:
         conn = await self._connection()
         try:
             self._found_version = await self._migrate(conn)
-        except (psycopg.Error, OSError, postgres_schema.SchemaTooNew) as exc:
+        except postgres_schema.SchemaTooNew as exc:
+            raise QueueTooNew(f"queue {self.url}: {exc}") from exc
+        except (psycopg.Error, OSError) as exc:
             if conn.broken:
                 raise self._unreachable(exc) from exc
             raise SpoolUnavailable(f"queue {self.url}: {type(exc).__name__}: {exc}") from exc

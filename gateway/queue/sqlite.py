@@ -23,7 +23,7 @@ import structlog
 
 from gateway.core import authcount
 from gateway.core.authcount import Record, Rules
-from gateway.core.errors import SpoolUnavailable
+from gateway.core.errors import QueueTooNew, SpoolUnavailable
 from gateway.core.quota import Counts, Verdict, Window
 from gateway.core.records import Decision
 from gateway.core.storable import storable_decision
@@ -76,6 +76,8 @@ class SqliteQueue:
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self._executor, functools.partial(self._call, fn, *args))
+        except sqlite_schema.SchemaTooNew as exc:
+            raise QueueTooNew(f"queue {self.path}: {exc}") from exc
         except (sqlite3.Error, OSError) as exc:
             raise SpoolUnavailable(f"queue {self.path}: {type(exc).__name__}: {exc}") from exc
 

@@ -119,7 +119,7 @@ def migrate(db: sqlite3.Connection) -> tuple[int, int]:
     """Bring the file to LATEST, each step in its own transaction. Returns (before, after)."""
     start = version(db)
     if start > LATEST:
-        raise sqlite3.DatabaseError(f"queue schema version {start} is newer than this gateway ({LATEST})")
+        raise SchemaTooNew(f"queue schema version {start} is newer than this gateway ({LATEST})")
     for number in range(start + 1, LATEST + 1):
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -137,3 +137,7 @@ def migrate(db: sqlite3.Connection) -> tuple[int, int]:
             raise
         db.execute("COMMIT")
     return start, LATEST
+
+
+class SchemaTooNew(sqlite3.DatabaseError):
+    """The file was migrated by a newer gateway (a DatabaseError still, for the commands that say so)."""
