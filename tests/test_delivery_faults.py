@@ -151,6 +151,7 @@ def test_inline_a_bug_in_one_call_queues_the_rest_not_451(gateway_factory: Calla
     gw = gateway_factory(delivery=FAST, dengage={})
     _break_b(gw)
     before = metric("smtp_gateway_internal_errors_total", where="inline_delivery")
+    ambiguous = metric("smtp_gateway_ambiguous_calls_total", account=DENGAGE_ACCOUNT, cause="internal_error")
     with structlog.testing.capture_logs() as logs:
         assert _send_two(gw, "inline partial bug") == 250
     assert _copies(gw, "a@example.com") == 1
@@ -158,6 +159,8 @@ def test_inline_a_bug_in_one_call_queues_the_rest_not_451(gateway_factory: Calla
     error = next(e for e in logs if e["event"] == "delivery_internal_error")
     assert error["call"] == "b@example.com" and isinstance(error["exc_info"], KeyError)
     assert metric("smtp_gateway_internal_errors_total", where="inline_delivery") == before + 1
+    # b's bug may have struck after its request went: the call is tried again, so it is counted as ambiguous.
+    assert metric("smtp_gateway_ambiguous_calls_total", account=DENGAGE_ACCOUNT, cause="internal_error") > ambiguous
 
 
 def test_from_the_queue_a_bug_in_one_call_keeps_the_delivered_call(gateway_factory: Callable[..., Running]) -> None:
@@ -166,6 +169,7 @@ def test_from_the_queue_a_bug_in_one_call_keeps_the_delivered_call(gateway_facto
     gw.fault(status=503, count=2, kind="send")  # both first calls fail: queued with a and b pending
     assert _send_two(gw, "queued partial bug") == 250
     before = metric("smtp_gateway_internal_errors_total", where="queue_delivery")
+    ambiguous = metric("smtp_gateway_ambiguous_calls_total", account=DENGAGE_ACCOUNT, cause="internal_error")
     with structlog.testing.capture_logs() as logs:
         _break_b(gw)
         [dead] = wait_for(lambda: spool_rows(gw.settings.delivery.spool_path, "dead"), what="dead letter", timeout=30)
@@ -174,6 +178,9 @@ def test_from_the_queue_a_bug_in_one_call_keeps_the_delivered_call(gateway_facto
     errors = [e for e in logs if e["event"] == "delivery_internal_error"]
     assert len(errors) == 3 and all(e["call"] == "b@example.com" for e in errors)
     assert metric("smtp_gateway_internal_errors_total", where="queue_delivery") == before + 3
+    assert (
+        metric("smtp_gateway_ambiguous_calls_total", account=DENGAGE_ACCOUNT, cause="internal_error") == ambiguous + 3
+    )
 
 
 def test_a_bug_in_mime_parsing_is_451_logged_with_its_traceback_and_counted(

@@ -283,9 +283,12 @@ class DeliveryOwner:
         if call in done:
             outcome = call.result()
             if outcome.failed and not outcome.delivered:
-                # A bug and nothing delivered: no copy is out, so the client's retry after a 451 duplicates
-                # nothing (_first_attempt logs and counts it). Once a call was delivered, the message is
-                # queued with the rest pending instead (_decide), as for any partial delivery.
+                # A bug and nothing delivered: the client's retry after a 451 sends the message again (a
+                # call the bug struck after its request went may be out: counted). Once a call was
+                # delivered, the message is queued with the rest pending instead (_decide), as for any
+                # partial delivery.
+                account = attempt.submission.principal.account
+                AMBIGUOUS.labels(account=account, cause="internal_error").inc(len(outcome.failed))
                 raise next(iter(outcome.failed.values()))
             decision = self._decide(attempt.before, outcome, attempt.submission, "inline", self._bound(attempt))
             reply = await self._conclude(attempt, decision, outcome)
@@ -595,11 +598,7 @@ class DeliveryOwner:
         bound: structlog.typing.FilteringBoundLogger,
     ) -> Decision:
         account = submission.principal.account
-        for key, bug in list(outcome.failed.items()):
-            # A bug in one call: that call alone is the internal error (the others keep their answers).
-            INTERNAL_ERRORS.labels(where=f"{path}_delivery").inc()
-            bound.error("delivery_internal_error", call=key, exc_info=bug)
-            outcome.failed[key] = bug.with_traceback(None)  # logged: its frames (and the message) may go
+        self._bugs(outcome, account, path, bound)
         if outcome.delivered and self.health.succeeded(account):
             self._spawn(self._wake(account))
         first_deferral = next(iter(outcome.deferred.values()), None)
@@ -624,6 +623,18 @@ class DeliveryOwner:
             decision = transition.hold(replace(before, calls=decision.calls), sorted(lost), self.clock())
         _delivered(account, path, decision.verdict).inc()
         return decision
+
+    @staticmethod
+    def _bugs(outcome: Outcome, account: str, path: str, bound: structlog.typing.FilteringBoundLogger) -> None:
+        """Calls that met a bug: each one alone is an internal error (logged once with its traceback, counted;
+        the others keep their answers), and ambiguous: the bug may have struck after its request went, and
+        the call is tried again."""
+        for key, bug in list(outcome.failed.items()):
+            INTERNAL_ERRORS.labels(where=f"{path}_delivery").inc()
+            bound.error("delivery_internal_error", call=key, exc_info=bug)
+            outcome.failed[key] = bug.with_traceback(None)  # logged: its frames (and the message) may go
+        if outcome.failed:
+            AMBIGUOUS.labels(account=account, cause="internal_error").inc(len(outcome.failed))
 
     async def _settle(
         self,

@@ -44,7 +44,9 @@ AMBIGUOUS = Counter(
     "by cause: answer_lost (read timeout, reset: resent or held), lease_expired (the instance died, stopped or "
     "paused mid-call: resent or held by the next owner), passthrough_late (the client was told 451, then the call "
     "succeeded: its resend is a duplicate), partial_unqueued (calls delivered inline while the rest of the message "
-    "could not be queued: the client was told 452 and its resend duplicates them)",
+    "could not be queued: the client was told 452 and its resend duplicates them), internal_error (a call that met "
+    "a bug in the gateway, which may have struck after its request went: tried again, or resent by the client after "
+    "its 451)",
     ["account", "cause"],
     registry=REGISTRY,
 )
