@@ -8,13 +8,16 @@ import asyncio
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import httpx
 import orjson
 import pytest
 
 from gateway.core.errors import AnswerLost, UpstreamUnavailable
 from gateway.mime import jsonbody
+from gateway.upstream.aiohttp_transport import AiohttpTransport
 from gateway.upstream.client import HttpClient
 from gateway.upstream.response import HttpResponse
+from gateway.upstream.upload import Upload
 from tests.smtputil import reset_on_close
 
 Behaviour = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -189,3 +192,84 @@ async def test_a_json_body_with_blobs_streams_byte_identical(transport: str) -> 
             await client.aclose()
     assert seen == [body.join()]
     assert orjson.loads(seen[0])["attachments"][0]["content"] == blob.decode()
+
+
+async def stop_reading(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Takes the request's head and a little of its body, then reads nothing more and never answers."""
+    await reader.readuntil(b"\r\n\r\n")
+    await reader.readexactly(1024)
+    await asyncio.Event().wait()  # until the test ends (the server cancels it)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_an_upstream_that_stops_reading_the_body_does_not_hold_the_call(transport: str) -> None:
+    """No transport has a timeout on writing a body whole; the call's own deadline ends it, and as the body's
+    last piece never went out, the upstream cannot have the request: not sent."""
+    body = b"x" * (64 << 20)  # far more than the loopback socket buffers hold
+    async for port in _server(stop_reading):
+        client = HttpClient(f"http://127.0.0.1:{port}", upstream="Test", account="t", timeout=0.5, transport=transport)  # type: ignore[arg-type]
+        try:
+            with pytest.raises(UpstreamUnavailable, match="request not sent"):
+                # Without the deadline the call would wait for ever: the guard only keeps a failure from hanging.
+                await asyncio.wait_for(client.request("send", "POST", "/send", headers={}, content=body), 30)
+        finally:
+            await client.aclose()
+
+
+async def test_a_body_handed_over_whole_then_stalled_is_ambiguous() -> None:
+    """The body's one piece went to the connection whole (it sits in the socket buffers when the upstream stops
+    reading): the upstream may yet read and act on it, so the deadline is an answer lost, not "not sent"."""
+    body = b"x" * (64 << 20)
+
+    async def one_piece() -> AsyncIterator[bytes]:
+        yield body
+
+    async for port in _server(stop_reading):
+        transport = AiohttpTransport(1)
+        timeouts = HttpClient.timeouts(0.5)
+        try:
+            with pytest.raises(httpx.ReadTimeout):
+                await asyncio.wait_for(
+                    transport.exchange(
+                        "POST",
+                        f"http://127.0.0.1:{port}/send",
+                        {"Content-Length": str(len(body))},
+                        one_piece(),
+                        timeouts,
+                    ),
+                    30,
+                )
+        finally:
+            await transport.aclose()
+
+
+async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Reads the request, then answers a byte at a time, each before the read timeout runs out."""
+    await _read_request(reader)
+    for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 1000:
+        writer.write(bytes([byte]))
+        await writer.drain()
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_an_answer_that_trickles_is_bounded(transport: str) -> None:
+    """Read timeouts restart with every byte; the call's deadline does not: an answer lost."""
+    async for port in _server(trickle):
+        with pytest.raises(AnswerLost, match="answer"):
+            await asyncio.wait_for(_call(port, transport), 30)
+
+
+async def test_a_body_is_complete_only_as_its_last_piece_goes() -> None:
+    upload = Upload({"connect": 1.0, "read": 1.0, "write": 1.0, "pool": 1.0}, body=True)
+    seen: list[bool] = []
+
+    async def three() -> AsyncIterator[bytes]:
+        for piece in (b"a", b"b", b"c"):
+            yield piece
+
+    async with upload.bound:
+        async for _ in upload.pieces(three()):
+            seen.append(upload.complete)
+    assert seen == [False, False, True]
+    assert Upload({}, body=False).complete  # without a body, the request goes whole with its head

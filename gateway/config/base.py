@@ -186,7 +186,14 @@ class AccountBase(LoginRules):
         300.0, ge=0, description="Seconds a verified login (or a known campaign) is remembered."
     )
     negative_cache_ttl: float = Field(30.0, ge=0, description="Seconds a refused login is remembered.")
-    http_timeout: float = Field(30.0, gt=0, description="Seconds one API call may take.")
+    http_timeout: float = Field(
+        30.0,
+        gt=0,
+        description=(
+            "Seconds each phase of one API call may take: connecting, writing the body, the whole answer "
+            "(docs/operations/upstream.md)."
+        ),
+    )
     max_connections: int = Field(50, ge=1, description="Pooled keep-alive HTTP connections to the account's API.")
     # aiohttp's transport costs much less CPU per request than httpx's own (docs/development/benchmarks.md).
     http_client: Literal["aiohttp", "httpx"] = Field(

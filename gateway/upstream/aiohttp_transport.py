@@ -1,7 +1,8 @@
 """An httpx transport over aiohttp's client, mapping each failure to the httpx class that says when it
-happened: before the request was sent (ConnectError, ConnectTimeout) or after (ReadTimeout, ReadError,
-RemoteProtocolError). A server that disconnects after the request was sent must never read as a connect
-failure: a possibly delivered call would then look safe to resend."""
+happened: before the request was whole (ConnectError, ConnectTimeout, WriteError, WriteTimeout) or after
+(ReadTimeout, ReadError, RemoteProtocolError). A server that disconnects after the request was sent must
+never read as a connect failure: a possibly delivered call would then look safe to resend. Each call is
+bounded as a whole and knows whether its body went out whole (gateway.upstream.upload)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import aiohttp
 import httpx
 import yarl
 
+from gateway.upstream.upload import Upload
+
 # Parsed URLs and timeouts kept for reuse: an upstream is called at a handful of URLs with one or two
 # timeouts, and aiohttp would otherwise parse the URL again for every call. Bounded, in case a URL carries ids.
 _MEMO_MAX = 256
@@ -20,7 +23,7 @@ _MEMO_MAX = 256
 _SLICE = 256 * 1024
 
 
-async def _slices(body: bytes | bytearray) -> AsyncIterator[bytes]:
+async def slices(body: bytes | bytearray) -> AsyncIterator[bytes]:
     view = memoryview(body)
     for start in range(0, len(view), _SLICE):
         yield bytes(view[start : start + _SLICE])
@@ -98,20 +101,37 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         """One call without httpx's request and response objects (HttpClient's own path): the status, the
         headers as sent (latin-1) and the body. Failures raise the same httpx errors as handle_async_request;
         `request`: the one they name, if any."""
-        if isinstance(body, bytes | bytearray) and len(body) > _SLICE:
-            # Sliced, with its length: aiohttp would send an iterator's pieces chunked.
-            data: AsyncIterator[bytes] | bytes | bytearray | None = _slices(body)
-            headers = {**headers, "Content-Length": str(len(body))}
-        elif isinstance(body, bytes | bytearray):
-            data = body or None
-        else:
-            data = body
+        if isinstance(body, bytes | bytearray):
+            # Sliced, with its length (aiohttp would send an iterator's pieces chunked): every body goes through
+            # the Upload, which tells when the last byte was handed over.
+            if not any(name.lower() == "content-length" for name in headers):
+                headers = {**headers, "Content-Length": str(len(body))}
+            body = slices(body) if body else None
+        upload = Upload(timeouts, body=body is not None)
+        try:
+            async with upload.bound:
+                return await self._call(method, url, headers, body, upload, timeouts, request)
+        except TimeoutError:  # the call's deadline (aiohttp's own timeouts are mapped inside)
+            if upload.complete:
+                raise httpx.ReadTimeout("no complete answer before the call's deadline", request=request) from None
+            raise httpx.WriteTimeout("request body not written before the call's deadline", request=request) from None
+
+    async def _call(
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        body: AsyncIterator[bytes] | None,
+        upload: Upload,
+        timeouts: dict[str, float],
+        request: httpx.Request | None,
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
         try:
             async with self._get_session().request(
                 method,
                 self._url(url),
                 headers=headers,
-                data=data,
+                data=upload.pieces(body) if body is not None else None,
                 timeout=self._timeout(timeouts),
                 allow_redirects=False,
             ) as response:
@@ -128,15 +148,24 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 )
         except aiohttp.ConnectionTimeoutError as exc:  # connect / pool timeout: nothing was sent
             raise httpx.ConnectTimeout(str(exc) or "connect timeout", request=request) from exc
-        except aiohttp.ClientConnectorError as exc:  # refused, unreachable, DNS, TLS handshake
+        except (aiohttp.ClientConnectorError, aiohttp.ServerFingerprintMismatch) as exc:
+            # refused, unreachable, DNS, TLS handshake, a certificate not the pinned one: before any request
             raise httpx.ConnectError(str(exc), request=request) from exc
-        except aiohttp.SocketTimeoutError as exc:  # sent; no answer within the read timeout
-            raise httpx.ReadTimeout(str(exc) or "read timeout", request=request) from exc
-        except aiohttp.ServerDisconnectedError as exc:  # sent; the server closed without answering
-            raise httpx.RemoteProtocolError(str(exc) or "server disconnected", request=request) from exc
-        except aiohttp.ClientResponseError as exc:  # sent; the answer was not valid HTTP
+        except aiohttp.ClientResponseError as exc:  # an answer, not valid HTTP: the request had gone
             raise httpx.RemoteProtocolError(str(exc), request=request) from exc
-        except (aiohttp.ClientPayloadError, aiohttp.ClientOSError) as exc:  # reset while sending or reading
+        except aiohttp.ClientPayloadError as exc:  # the answer's body cut short
+            raise httpx.ReadError(str(exc) or type(exc).__name__, request=request) from exc
+        except aiohttp.ServerTimeoutError as exc:  # the read timeout; it starts once the body is written
+            if not upload.complete:
+                raise httpx.WriteTimeout(str(exc) or "write timeout", request=request) from exc
+            raise httpx.ReadTimeout(str(exc) or "read timeout", request=request) from exc
+        except aiohttp.ClientConnectionError as exc:
+            # Closed, reset or failed while writing or reading (ServerDisconnectedError, ClientOSError,
+            # ClientConnectionResetError, ...): whether the request had gone decides, not the error's class.
+            if not upload.complete:
+                raise httpx.WriteError(str(exc) or type(exc).__name__, request=request) from exc
+            if isinstance(exc, aiohttp.ServerDisconnectedError):
+                raise httpx.RemoteProtocolError(str(exc) or "server disconnected", request=request) from exc
             raise httpx.ReadError(str(exc) or type(exc).__name__, request=request) from exc
 
     async def aclose(self) -> None:

@@ -6,7 +6,9 @@ Every failure is classified by when it happened, because that decides whether re
     sent, no complete answer (read timeout, reset or close after sending)      -> AnswerLost
     an answer                                                                  -> HttpResponse (any status)
 
-Write errors count as "nothing sent": an upstream cannot act on a request it did not receive whole.
+Write errors and timeouts count as "nothing sent" while the body's last piece has not been handed over: an
+upstream cannot act on a request it did not receive whole; after that, they are "answer lost". Each call is
+bounded as a whole (gateway.upstream.upload): an upstream that stops reading cannot hold it for ever.
 
 A request waits for one of the account's `max_connections` first (here, not inside the transport), so
 that its `before_send` (the delivery owner's fencing check) runs after every wait and right before the
@@ -18,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Literal
 
@@ -28,8 +30,9 @@ from prometheus_client import Histogram
 from gateway.core.errors import AnswerLost, UpstreamUnavailable
 from gateway.mime import jsonbody
 from gateway.ops.metrics import UPSTREAM_SECONDS
-from gateway.upstream.aiohttp_transport import AiohttpTransport
+from gateway.upstream.aiohttp_transport import AiohttpTransport, slices
 from gateway.upstream.response import HttpResponse
+from gateway.upstream.upload import Upload
 
 TransportKind = Literal["httpx", "aiohttp"]
 _OUTCOMES = {2: "ok", 4: "client_error", 5: "server_error"}
@@ -176,23 +179,39 @@ class HttpClient:
                 key = name.lower()
                 joined[key] = f"{joined[key]}, {value}" if key in joined else value
             return status, joined, body
+        # The body through an Upload, as the aiohttp transport does: the call is bounded as a whole (httpx's
+        # timeouts are per read and per write), and a write that fails once the last piece was handed over
+        # failed on a request that may be whole at the upstream.
         if isinstance(content, jsonbody.Body):
-            request = httpx.Request(
-                method,
-                self._url(path),
-                headers=headers,
-                content=content.aiter(),
-                extensions={"timeout": limits, "body": content},
-            )
+            pieces: AsyncIterator[bytes] | None = content.aiter()
+        elif content:
+            pieces = slices(content)
+            headers = {**headers, "Content-Length": str(len(content))}
         else:
-            request = httpx.Request(
-                method, self._url(path), headers=headers, content=content, extensions={"timeout": limits}
-            )
-        response = await self._transport.handle_async_request(request)
+            pieces = None
+        upload = Upload(limits, body=pieces is not None)
+        request = httpx.Request(
+            method,
+            self._url(path),
+            headers=headers,
+            content=upload.pieces(pieces) if pieces is not None else None,
+            extensions={"timeout": limits},
+        )
         try:
-            body = await _read_capped(response, MAX_RESPONSE)
-        finally:
-            await response.aclose()
+            async with upload.bound:
+                response = await self._transport.handle_async_request(request)
+                try:
+                    body = await _read_capped(response, MAX_RESPONSE)
+                finally:
+                    await response.aclose()
+        except TimeoutError:  # the call's deadline (httpx's own timeouts raise httpx's errors)
+            if upload.complete:
+                raise httpx.ReadTimeout("no complete answer before the call's deadline", request=request) from None
+            raise httpx.WriteTimeout("request body not written before the call's deadline", request=request) from None
+        except (httpx.WriteError, httpx.WriteTimeout) as exc:
+            if upload.complete:  # the last piece was being written: the upstream may have it whole
+                raise httpx.ReadError(f"{type(exc).__name__} after the whole request was handed over: {exc}") from exc
+            raise
         return response.status_code, {k.lower(): v for k, v in response.headers.items()}, body
 
     def _url(self, path: str) -> httpx.URL:
