@@ -273,3 +273,31 @@ async def test_a_body_is_complete_only_as_its_last_piece_goes() -> None:
             seen.append(upload.complete)
     assert seen == [False, False, True]
     assert Upload({}, body=False).complete  # without a body, the request goes whole with its head
+
+
+async def reset_in_the_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.readuntil(b"\r\n\r\n")
+    await reader.readexactly(1024)
+    reset_on_close(writer.get_extra_info("socket"))
+    writer.close()
+
+
+async def close_in_the_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.readuntil(b"\r\n\r\n")
+    await reader.readexactly(1024)
+    writer.close()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("behaviour", [reset_in_the_body, close_in_the_body])
+async def test_a_connection_lost_before_the_body_went_whole_is_not_sent(transport: str, behaviour: Behaviour) -> None:
+    """aiohttp reports these as ClientOSError, ClientConnectionResetError or ServerDisconnectedError alike
+    whether they came while writing or reading: the body's progress decides."""
+    body = b"x" * (64 << 20)
+    async for port in _server(behaviour):
+        client = HttpClient(f"http://127.0.0.1:{port}", upstream="Test", account="t", timeout=5, transport=transport)  # type: ignore[arg-type]
+        try:
+            with pytest.raises(UpstreamUnavailable, match="request not sent"):
+                await asyncio.wait_for(client.request("send", "POST", "/send", headers={}, content=body), 30)
+        finally:
+            await client.aclose()

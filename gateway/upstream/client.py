@@ -212,6 +212,10 @@ class HttpClient:
             if upload.complete:  # the last piece was being written: the upstream may have it whole
                 raise httpx.ReadError(f"{type(exc).__name__} after the whole request was handed over: {exc}") from exc
             raise
+        except (httpx.ReadError, httpx.RemoteProtocolError) as exc:
+            if not upload.complete:  # httpcore reads for an early answer when a write fails: the body never went whole
+                raise httpx.WriteError(f"connection lost before the whole request went ({exc!r})") from exc
+            raise
         return response.status_code, {k.lower(): v for k, v in response.headers.items()}, body
 
     def _url(self, path: str) -> httpx.URL:
