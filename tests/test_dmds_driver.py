@@ -102,6 +102,25 @@ async def test_answers_map_to_typed_errors(response: httpx.Response, error: type
     assert text in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "response",
+    [
+        httpx.Response(301, text="<html>Moved</html>", headers={"Location": "https://api.example/v1/"}),
+        httpx.Response(302, json={"status": "err", "on": "moved"}),
+        httpx.Response(308, text=""),
+    ],
+)
+async def test_a_redirect_is_a_wrong_api_base_not_a_lost_answer_nor_a_refusal(response: httpx.Response) -> None:
+    """Redirects are not followed: the request was not processed there. Temporary (not a refusal, whatever
+    the body), and not ambiguous (an AnswerLost would be counted as a possible duplicate when resent)."""
+    d = driver(lambda r: response)
+    with pytest.raises(UpstreamUnavailable, match="check api_base") as info:
+        await d.send(submission(ONE), ONE[0], None)
+    assert not isinstance(info.value, AnswerLost)
+    with pytest.raises(UpstreamUnavailable, match="check api_base"):
+        await d.provider.campaign_apikey(22)
+
+
 async def test_rate_limit_is_452_4_4_5() -> None:
     d = driver(lambda r: httpx.Response(429))
     with pytest.raises(UpstreamUnavailable) as info:

@@ -91,8 +91,9 @@ def _check(response: HttpResponse, what: str) -> Any:
         raise UpstreamAuthFailed(f"DMDS answered {status} to {what}: the gateway's APIKEY was refused")
     if status == 429:
         raise RateLimited(f"DMDS rate limit (429) on {what}", retry_after=response.retry_after(0.0))
-    if status >= 400:
-        # 404/405/400: the path or the parameters are not DMDS' (they are unconfirmed: EVENT_WIRE).
+    if status >= 300:
+        # A redirect (not followed: check api_base); 404/405/400: the path or the parameters are not DMDS'
+        # (they are unconfirmed: EVENT_WIRE).
         raise UpstreamUnavailable(f"DMDS answered {status} to {what}: {response.text(200)}")
     try:
         data = response.json()

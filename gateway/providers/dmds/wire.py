@@ -183,6 +183,7 @@ def classify(response: HttpResponse) -> SendResult:
         raise RateLimited("DMDS rate limit (429)", retry_after=response.retry_after(time.time()))
     if status >= 500:
         raise UpstreamUnavailable(f"DMDS answered {status}")
+    redirect(response, "the send")
     if status >= 400:
         not_found(response, "the send")
         raise UpstreamRejected(upstream_reason(response))
@@ -208,6 +209,13 @@ def _id(value: Any) -> str | None:
     return None if found is None else str(found)
 
 
+def redirect(response: HttpResponse, what: str) -> None:
+    """A 3xx is no DMDS answer (redirects are not followed): the request was not processed where it was sent,
+    a wrong api_base (http for https, a moved host). Temporary, and not ambiguous: nothing was sent there."""
+    if 300 <= response.status < 400:
+        raise UpstreamUnavailable(f"DMDS answered {response.status} (a redirect) to {what}: check api_base")
+
+
 def not_found(response: HttpResponse, what: str) -> None:
     """A 404 or 405 whose body is not a JSON object is no DMDS answer: the path or the host is wrong (a
     wrong guess in WIRE, or api_base), which no message or login should be refused for: temporary."""
@@ -224,6 +232,7 @@ def _readable(response: HttpResponse, what: str) -> Any:
         raise UpstreamAuthFailed(f"DMDS answered {response.status} to {what}: the account APIKEY was refused")
     if response.status == 429 or response.status >= 500:
         raise UpstreamUnavailable(f"DMDS answered {response.status} to {what}")
+    redirect(response, what)
     return _object(response)
 
 
