@@ -10,12 +10,14 @@ import time
 from collections.abc import Awaitable, Callable
 
 import pytest
+from structlog.testing import capture_logs
 
 from gateway.config import LimitsSettings
 from gateway.core import tokenbucket
 from gateway.core.errors import RateLimited, SpoolUnavailable
 from gateway.limits.clients import LoginRates
 from gateway.upstream.ratelimit import SharedBucket, TokenBucket
+from gateway.upstream.response import MAX_RETRY_AFTER, HttpResponse
 
 
 class Clock:
@@ -90,6 +92,27 @@ async def test_upstream_bucket_after_a_429() -> None:
     assert bucket.reserve() == pytest.approx(5.0 + 0.2)  # the next slot: half the rate right after the 429
     clock.now += 40  # recovered: the full rate again
     assert [bucket.reserve() for _ in range(2)] == [0, pytest.approx(0.1)]
+
+
+async def test_a_429_pauses_an_account_for_at_most_the_longest_retry_after_honoured() -> None:
+    """One `Retry-After: 86400` must not stop an account (inline calls included) for a day."""
+    clock = Clock()
+    bucket = TokenBucket(10.0, 1, account="acme", recovery=30.0, clock=clock)
+    asked = HttpResponse(429, b"", {"retry-after": "86400"}).retry_after(clock.now)
+    dated = HttpResponse(429, b"", {"retry-after": "Fri, 31 Dec 9999 23:59:59 GMT"}).retry_after(clock.now)
+    assert asked == dated == MAX_RETRY_AFTER
+    with capture_logs() as logs:
+        await bucket.penalize(retry_after=asked)
+        await TokenBucket(10.0, 1, account="other").penalize(retry_after=5.0)
+    assert bucket.reserve() == pytest.approx(MAX_RETRY_AFTER)
+    assert [(e["event"], e["account"]) for e in logs] == [("upstream_retry_after_capped", "acme")]
+    pauses: list[float] = []
+
+    async def pause(account: str, seconds: float, recovery: float) -> None:
+        pauses.append(seconds)
+
+    await SharedBucket(_slots(TokenBucket(10.0, 1)), pause, 10.0, 1, account="acme").penalize(86400.0)
+    assert pauses == [MAX_RETRY_AFTER]  # the queue's row too, for every instance
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["own", "shared"])

@@ -23,6 +23,7 @@ from gateway.core import tokenbucket
 from gateway.core.episode import Episode
 from gateway.core.errors import Deferred, RateLimited
 from gateway.ops.metrics import RATE_LIMIT_WAIT
+from gateway.upstream.response import MAX_RETRY_AFTER
 
 log = structlog.get_logger("gateway.upstream")
 # A slot reached later than one interval (at least 50 ms of event-loop jitter, at most this) is given up.
@@ -41,6 +42,17 @@ async def reached(wait: float, allowed: float, clock: Callable[[], float] = time
     due = clock() + wait
     await asyncio.sleep(wait)
     return clock() - due <= allowed
+
+
+def capped(retry_after: float | None, account: str) -> float:
+    """The pause a 429 asks for (a second when it names none), at most MAX_RETRY_AFTER: logged when that long."""
+    if retry_after is None:
+        return 1.0
+    if retry_after >= MAX_RETRY_AFTER:
+        # A 429 asked for a pause at least as long as the longest honoured (HttpResponse.retry_after caps it):
+        # the account pauses for that long and then tries again.
+        log.warning("upstream_retry_after_capped", account=account, pause=MAX_RETRY_AFTER)
+    return min(retry_after, MAX_RETRY_AFTER)
 
 
 class RateLimiter(Protocol):
@@ -79,6 +91,7 @@ class TokenBucket:
         self._tat = tokenbucket.NEW
         self._slow_until = 0.0
         self._recovery = recovery
+        self._account = account
         self._wait_metric = RATE_LIMIT_WAIT.labels(account=account)
 
     def reserve(self, max_wait: float | None = None) -> float:
@@ -100,7 +113,7 @@ class TokenBucket:
 
     async def penalize(self, retry_after: float | None) -> None:
         now = self._clock()
-        self._tat = tokenbucket.paused(self._tat, now, retry_after if retry_after is not None else 1.0)
+        self._tat = tokenbucket.paused(self._tat, now, capped(retry_after, self._account))
         self._slow_until = now + self._recovery
 
 
@@ -178,7 +191,10 @@ class SharedBucket:
     async def penalize(self, retry_after: float | None) -> None:
         await self._local.penalize(retry_after)
         try:
-            await self._pause(self._account, retry_after if retry_after is not None else 1.0, self._recovery)
+            # The local bucket's penalize logged a capped pause already.
+            await self._pause(
+                self._account, min(retry_after, MAX_RETRY_AFTER) if retry_after is not None else 1.0, self._recovery
+            )
         except Deferred as exc:
             self._unavailable(exc)
 

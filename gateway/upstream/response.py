@@ -8,6 +8,12 @@ from typing import Any
 
 import orjson
 
+# The longest an upstream's Retry-After is honoured for (seconds). A 429 pauses the whole account, the
+# inline calls of every session included, for as long as it asks: one `Retry-After: 86400` (a proxy's
+# misconfiguration, a vendor's daily quota page) would otherwise stop the account for a day. Past this, the
+# account tries again and a second 429 pauses it again.
+MAX_RETRY_AFTER = 300.0
+
 
 @dataclass(frozen=True, slots=True)
 class HttpResponse:
@@ -23,13 +29,14 @@ class HttpResponse:
         return self.body[:limit].decode("utf-8", "replace")
 
     def retry_after(self, now: float) -> float | None:
-        """Seconds from `now` the upstream asks us to wait (Retry-After: seconds or an HTTP date)."""
+        """Seconds from `now` the upstream asks us to wait (Retry-After: seconds or an HTTP date), at most
+        MAX_RETRY_AFTER (the rate limiter logs when it meets a pause that long)."""
         value = self.headers.get("retry-after", "").strip()
         if not value:
             return None
         if value.isdigit():
-            return float(value)
+            return min(float(value), MAX_RETRY_AFTER)
         try:
-            return max(0.0, parsedate_to_datetime(value).timestamp() - now)
-        except (TypeError, ValueError):
+            return min(max(0.0, parsedate_to_datetime(value).timestamp() - now), MAX_RETRY_AFTER)
+        except (TypeError, ValueError, OverflowError):
             return None
