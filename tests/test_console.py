@@ -5,6 +5,7 @@ SMTP session; security headers; no page shows a secret."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import Callable
@@ -311,6 +312,59 @@ async def test_test_send_goes_through_a_real_smtp_session_and_opens_the_message(
         fields["login"] = "acme/nobody"
         status, _, page = await admin.form("/console/test-send", "/console/test-send", fields)
         assert status == 400 and "configured logins" in page
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [
+        ("sender", "billing@acme.example\r\nRCPT TO:<x@evil.example>", "The sender must be one address"),
+        ("recipient", "someone@example.net\nBcc: x@evil.example", "The recipient must be one address"),
+        ("recipient", "someone", "The recipient must be one address"),
+        ("sender", "Billing <billing@acme.example>", "The sender must be one address"),
+        ("subject", "one\r\nBcc: x@evil.example", "The subject must be one line"),
+    ],
+)
+async def test_test_send_fields_that_make_no_message_are_a_form_error(
+    gateway_factory: Callable[..., Running], field: str, value: str, words: str
+) -> None:
+    """A line break in a field made smtplib or the email package raise ValueError: a 500. Now a form error,
+    and no SMTP session is opened."""
+    gw = console_gateway(gateway_factory)
+    fields = {
+        "login": "acme/scanner",
+        "listener": "starttls",
+        "sender": "billing@acme.example",
+        "recipient": "someone@example.net",
+        "subject": "console test",
+        "body": "hello",
+        field: value,
+    }
+    async with Client(base(gw)) as admin:
+        await admin.signin()
+        with captured_with_context() as logs:
+            status, _, page = await admin.form("/console/test-send", "/console/test-send", fields)
+    assert status == 400 and words in page
+    assert not [e for e in logs if e["event"] == "console_action"] and not gw.sent
+
+
+async def test_a_cookie_that_is_not_ascii_is_signed_out_not_a_500(gateway_factory: Callable[..., Running]) -> None:
+    """Sent raw: a client library would not send these bytes in a cookie."""
+    gw = console_gateway(gateway_factory)
+    assert gw.app.operator is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.app.operator.port)
+    try:
+        writer.write(
+            b"GET /console/ HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Cookie: smtp-gateway-console=a.\xc3\xa9\r\nConnection: close\r\n\r\n"
+        )
+        await writer.drain()
+        answer = await reader.read()
+    finally:
+        writer.close()
+    head = answer.split(b"\r\n\r\n", 1)[0].decode()
+    # Signed out: sent to the sign-in page, as without a cookie.
+    assert head.startswith("HTTP/1.1 302 ") or head.startswith("HTTP/1.1 303 "), head
+    assert "/console/signin" in head, head
 
 
 async def test_no_page_shows_a_secret(gateway_factory: Callable[..., Running], tmp_path: Any) -> None:

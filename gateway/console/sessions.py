@@ -65,10 +65,12 @@ class SessionKeys:
 
     def open(self, cookie: str | None) -> Session | None:
         """The session a cookie holds, or None when it is missing, malformed or not signed by this key."""
-        if not cookie or cookie.count(".") != 1:
+        # A sealed cookie is ASCII (base64 and a dot); anything else is no session of ours. compare_digest
+        # raises TypeError on a str that is not ASCII: it compares bytes here, which it never refuses.
+        if not cookie or not cookie.isascii() or cookie.count(".") != 1:
             return None
         payload, mac = cookie.split(".")
-        if not hmac.compare_digest(mac, self._mac(_SESSION, payload)):
+        if not hmac.compare_digest(mac.encode(), self._mac(_SESSION, payload).encode()):
             return None
         try:
             admin, issued, seen, sid, fingerprint = orjson.loads(_unb64(payload))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 import smtplib
 import ssl
 from collections.abc import Callable
@@ -62,6 +63,21 @@ def host_of(address: str) -> str:
     if address == "::":
         return "::1"
     return address
+
+
+# One bare address (name@domain): no spaces, line breaks or other control characters, nothing SMTP or a
+# header would read as syntax (smtplib and the email package raise ValueError on a line break: a 500).
+_ADDRESS = re.compile(r"[^\s\x00-\x1f\x7f<>()\[\],;:\\\"@]+@[^\s\x00-\x1f\x7f<>()\[\],;:\\\"@]+")
+
+
+def form_error(sender: str, recipient: str, subject: str) -> str | None:
+    """Why the test send's fields cannot make a message and an SMTP session, or None."""
+    for name, value in (("sender", sender), ("recipient", recipient)):
+        if not _ADDRESS.fullmatch(value):
+            return f"The {name} must be one address (name@domain), without spaces or line breaks."
+    if any(char in subject for char in "\r\n\x00"):
+        return "The subject must be one line."
+    return None
 
 
 def compose(sender: str, recipient: str, subject: str, body: str, admin: str, hostname: str) -> bytes:

@@ -505,8 +505,8 @@ class Console:
             error = "Pick one of the configured logins."
         elif listener is None:
             error = "Pick one of the listeners."
-        elif "@" not in chosen["recipient"] or "@" not in chosen["sender"]:
-            error = "The sender and the recipient must be addresses."
+        elif refusal := testsend.form_error(chosen["sender"], chosen["recipient"], chosen["subject"]):
+            error = refusal
         if error or listener is None:
             return self._page(
                 request, "testsend.html", status=400, title="Test send", outcome=None, error=error, **context
