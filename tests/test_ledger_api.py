@@ -70,6 +70,7 @@ def test_the_token_is_required_and_checked(gateway_factory: Callable[..., Runnin
     url = f"{base(gw)}/api/v1/messages"
     status, headers, body = curl(url)
     assert status == 401 and headers["www-authenticate"] == 'Bearer realm="smtp-gateway"'
+    assert headers["cache-control"] == "no-store"  # errors too
     assert body["error"] == "unauthorized"
     status, headers, body = curl(url, *bearer("not-the-token"))
     assert status == 401 and 'error="invalid_token"' in headers["www-authenticate"]
@@ -85,8 +86,9 @@ def test_records_by_id_and_search_with_paging(gateway_factory: Callable[..., Run
     flushed(gw)
     url = f"{base(gw)}/api/v1/messages"
 
-    status, _, record = curl(f"{url}/{replies[0]}", *bearer())
+    status, headers, record = curl(f"{url}/{replies[0]}", *bearer())
     assert status == 200
+    assert headers["cache-control"] == "no-store"  # a record carries addresses and the subject
     assert record["reply_id"] == replies[0] and record["subject"] == "Report 0" and record["state"] == "sent"
     assert [e["kind"] for e in record["events"]] == ["accepted", "attempt"]
     assert record["request"][0]["body"]["contacto"] == {"email": "ops@example.net"}

@@ -12,6 +12,7 @@
 Every route needs `Authorization: Bearer <token>` (gateway/ops/apiauth.py): 401 with WWW-Authenticate when
 it is missing or wrong, 429 while the client IP is locked out. With no tokens configured every /api/ path
 answers 404 with a JSON error saying how to enable it. Errors are JSON: {"error": code, "message": text}.
+Every answer says `Cache-Control: no-store`.
 """
 
 from __future__ import annotations
@@ -68,6 +69,9 @@ class MessageApi:
     def _guarded(self, route: str, handler: Handler) -> Callable[[web.Request], Awaitable[web.Response]]:
         async def guarded(request: web.Request) -> web.Response:
             response = await self._answer(request, handler)
+            # Every answer, errors included: records carry addresses and subjects, which no cache between
+            # the script and the gateway (nor the script's HTTP library) is to keep.
+            response.headers["Cache-Control"] = "no-store"
             API_REQUESTS.labels(route=route, status=str(response.status)).inc()
             return response
 
