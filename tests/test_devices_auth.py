@@ -141,7 +141,23 @@ def test_overlong_auth_lines_are_refused_and_the_session_goes_on(gateway: Runnin
         assert client.cmd("AUTH LOGIN") == USERNAME_PROMPT
         # Longer than RFC 4954's 12288 octets.
         assert client.cmd("A" * 13000) == "500 5.5.6 Authentication exchange line is too long"
-        assert client.cmd("AUTH PLAIN " + "A" * 13000).startswith("500 5.5.2 ")
+        assert client.cmd("AUTH PLAIN " + "A" * 13000) == "500 5.5.6 Authentication exchange line is too long"
+        assert client.login().startswith("235 2.7.0 ")
+
+
+@pytest.mark.parametrize("greeting", ["EHLO client.test", "HELO client.test"])
+@pytest.mark.parametrize("length", [12289, 13000, 20000])
+def test_overlong_auth_command_line_is_5_5_6(gateway: Running, greeting: str, length: int) -> None:
+    # RFC 4954 §4: the AUTH command with its initial response past 12288 octets. 12289 passes the reader
+    # (its limit holds the CRLF) and is refused by the command's limit; longer lines overrun the reader.
+    with RawClient(gateway) as client:
+        client.cmd(greeting)
+        line = "auth PLAIN " + "A" * (length - len("auth PLAIN "))
+        assert client.cmd(line) == "500 5.5.6 Authentication exchange line is too long"
+        # Any other over-long line keeps the generic reply; the session goes on.
+        assert client.cmd("NOOP " + "A" * length) == "500 5.5.2 Command line too long"
+        # 12288 octets: within the limit, read and decoded (and refused: not base64).
+        assert client.cmd("AUTH PLAIN " + "A" * 12277) == "501 5.5.2 Cannot decode base64"
         assert client.login().startswith("235 2.7.0 ")
 
 

@@ -135,13 +135,15 @@ def init_session(
     authenticator: Any = None,
     proxy_protocol_timeout: float | None = None,
     loop: asyncio.AbstractEventLoop | None = None,
+    reader: type[asyncio.StreamReader] = asyncio.StreamReader,
 ) -> None:
-    """What `SMTP.__init__(proto, handler, **options)` does, with the tables from `tables`."""
+    """What `SMTP.__init__(proto, handler, **options)` does, with the tables from `tables` (and the session's
+    StreamReader of class `reader`)."""
     proto.__ident__ = ident or AIOSMTPD_IDENT
     proto.loop = loop if loop else asyncio.get_event_loop()
     asyncio.StreamReaderProtocol.__init__(
         proto,
-        asyncio.StreamReader(loop=proto.loop, limit=proto.line_length_limit),
+        reader(loop=proto.loop, limit=proto.line_length_limit),
         client_connected_cb=proto._cb_client_connected,
         loop=proto.loop,
     )

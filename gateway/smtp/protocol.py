@@ -69,6 +69,44 @@ _GROUPABLE = frozenset({"MAIL", "RCPT", "RSET"})
 _SYNTAX_ATTRS = ("__smtp_syntax__", "__smtp_syntax_extended__", "__smtp_syntax_when__")
 
 
+# aiosmtpd's reply to any command line over its limit (or over the reader's): no enhanced code, no command.
+_LINE_TOO_LONG = "500 Command line too long"
+
+
+class CommandReader(asyncio.StreamReader):
+    """The session's reader, remembering how the last command line began: aiosmtpd answers every over-long
+    line with one generic 500 (it reads past the line without looking at it), and RFC 4954 §4 wants 500 5.5.6
+    for an over-long AUTH line (with its initial response). Only the first 5 bytes are kept."""
+
+    head = b""
+    _overrun = False  # reading past the rest of a line longer than the reader's limit
+
+    async def readuntil(self, separator: bytes = b"\n") -> bytes:
+        try:
+            line = await super().readuntil(separator)
+        except asyncio.LimitOverrunError:
+            if not self._overrun:  # the line's first piece: the command is at the buffer's start
+                self.head = bytes(self._buffer[:5]).upper()  # type: ignore[attr-defined]
+                self._overrun = True
+            raise
+        if self._overrun:
+            self._overrun = False  # the over-long line's last piece: its head is kept
+        else:
+            self.head = line[:5].upper()
+        return line
+
+    async def readline(self) -> bytes:
+        # asyncio's readline drops an over-long line's start itself (ValueError): the next line is new.
+        try:
+            return await super().readline()
+        finally:
+            self._overrun = False
+
+    @property
+    def long_line_was_auth(self) -> bool:
+        return self.head == b"AUTH "  # aiosmtpd splits the command from its argument at a space
+
+
 @dataclass(slots=True)
 class Transaction:
     """One DATA, from 354 to the final reply: what its summary log line says."""
@@ -108,7 +146,14 @@ class GatewaySMTP(SMTP):
         cls = type(self)
         tables = _TABLES.get(cls) or _TABLES.setdefault(cls, MethodTables(cls, wrap=_counted))
         # SMTP.__init__, its method tables computed once per class and handler (gateway/smtp/fastinit.py).
-        init_session(self, tables, handler, tls_context=tls.context if tls and not implicit_tls else None, **kwargs)
+        init_session(
+            self,
+            tables,
+            handler,
+            tls_context=tls.context if tls and not implicit_tls else None,
+            reader=CommandReader,
+            **kwargs,
+        )
         # Per session: aiosmtpd's own dict is a class attribute that every EHLO adds to.
         self.command_size_limits = collections.defaultdict(lambda: 512, AUTH=AUTH_LINE_LIMIT)
         self._in_ehlo = False
@@ -222,6 +267,8 @@ class GatewaySMTP(SMTP):
 
     async def push(self, status: str | bytes) -> None:
         if isinstance(status, str):
+            if status == _LINE_TOO_LONG and cast(CommandReader, self._reader).long_line_was_auth:
+                status = str(replies.AUTH_LINE_TOO_LONG)  # RFC 4954 §4; other commands: 500 5.5.2
             if not status.isprintable():  # what _UNPRINTABLE matches is not (Cc, Cs): most lines skip the regex
                 status = _UNPRINTABLE.sub("?", status)
             if self._in_ehlo and status.startswith("250-"):
