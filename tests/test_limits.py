@@ -199,6 +199,57 @@ def test_commands_before_data_are_limited(gateway_factory: Factory) -> None:
     assert cut["limit"] == "max_commands_before_data"
 
 
+def test_noop_before_each_message_on_a_long_connection(gateway: Running) -> None:
+    # A connection pool (JavaMail's isConnected()) checks its connection with NOOP before each message: the
+    # NOOP limit (100) holds per message, not per connection (Postfix's smtpd_junk_command_limit).
+    with RawClient(gateway) as client:
+        client.cmd("EHLO pool.test")
+        assert client.login().startswith("235 ")
+        for n in range(105):
+            assert client.cmd("NOOP").startswith("250 "), f"message {n}"
+            assert raw_send(client, message(subject=f"pooled {n}")).startswith("250 2.0.0 "), f"message {n}"
+    assert len(gateway.sent) == 105
+
+
+def test_command_counts_restart_after_a_message_but_not_auth(gateway_factory: Factory) -> None:
+    gw = gateway_factory(limits={"max_commands_before_data": 1000})
+    with captured_logs() as logs:
+        with RawClient(gw) as client:
+            client.cmd("EHLO chatty.test")
+            for _ in range(9):  # AUTH's limit is 10 per connection
+                assert client.cmd("AUTH UNKNOWN").startswith("504 ")
+            assert client.login().startswith("235 ")  # the tenth
+            for n in range(2):
+                for _ in range(20):
+                    assert client.cmd("HELP").startswith("250 ")
+                for _ in range(4):
+                    assert client.cmd("BOGUS") == "500 5.5.2 Command not recognized"
+                assert raw_send(client, message(subject=f"message {n}")).startswith("250 2.0.0 ")
+            # A refused message restarts nothing.
+            for _ in range(20):
+                client.cmd("HELP")
+            assert client.cmd("MAIL FROM:<someone@elsewhere.example>").startswith("553 ")
+            assert client.cmd("HELP") == "421 4.7.0 HELP sent too many times"
+            assert client.closed()
+        with RawClient(gw) as client:
+            client.cmd("EHLO chatty.test")
+            for _ in range(4):
+                client.cmd("BOGUS")
+            assert client.cmd("BOGUS") == "502 5.5.1 Too many unrecognized commands, goodbye."
+            assert client.closed()
+        with RawClient(gw) as client:
+            client.cmd("EHLO chatty.test")
+            for _ in range(9):
+                client.cmd("AUTH UNKNOWN")
+            assert client.login().startswith("235 ")
+            assert raw_send(client, message(subject="after ten AUTH")).startswith("250 2.0.0 ")
+            # AUTH is a security limit: counted for the whole connection.
+            assert client.cmd("AUTH PLAIN") == "421 4.7.0 AUTH sent too many times"
+            assert client.closed()
+    limits = [cut["limit"] for cut in events(logs, "session_cut_off")]
+    assert limits == ["command_call_limit", "unknown_commands", "command_call_limit"]
+
+
 def test_messages_per_minute_per_login(gateway_factory: Factory) -> None:
     gw = gateway_factory(
         limits={"messages_per_minute": 2},

@@ -51,6 +51,12 @@ def data_timeout(hostname: str, seconds: float) -> Reply:
     return Reply(421, "4.4.2", f"{hostname} Error: DATA not completed within {seconds:g} s, closing connection")
 
 
+def too_many_calls(command: str) -> Reply:
+    """A command sent more often than its limit allows (NOOP 100, HELP, VRFY, EHLO, HELO 20, EXPN 5: per
+    message; AUTH 10, STARTTLS 2: per connection; docs/limits.md); the connection is closed."""
+    return Reply(421, "4.7.0", f"{command} sent too many times")
+
+
 def recipient_suppressed(address: str, reason: str, since: str) -> Reply:
     """RCPT TO of an address on the account's suppression list (`suppress_recipients`): it bounced hard, was
     reported not sent, complained, or the vendor holds it invalid; the text says which and since when."""
@@ -167,6 +173,9 @@ INTERNAL_ERROR = Reply(451, "4.3.0", "Internal error; try again later")
 # The session's own answers to commands (aiosmtpd's wording where it has one, with enhanced codes).
 TOO_MANY_COMMANDS = Reply(421, "4.7.0", "Too many commands without sending mail, closing connection")
 """`limits.max_commands_before_data` commands without a message; the connection is closed."""
+TOO_MANY_UNKNOWN = Reply(502, "5.5.1", "Too many unrecognized commands, goodbye.")
+"""The fifth unrecognised command since the session began or its last accepted message; the connection is
+closed."""
 NEED_RCPT = Reply(503, "5.5.1", "Need RCPT command first")
 """DATA before an accepted RCPT TO."""
 DATA_SYNTAX = Reply(501, "5.5.4", "Syntax: DATA")

@@ -167,7 +167,8 @@ REFUSALS = Counter(
 LIMIT_HITS = Counter(
     "smtp_gateway_limit_hits_total",
     "Clients cut short by a limit: command_timeout, data_timeout, max_commands_before_data, messages_per_minute, "
-    "max_auth_failures (per connection), max_recipients, max_message_size, max_large_bytes",
+    "max_auth_failures (per connection), max_recipients, max_message_size, max_large_bytes, command_call_limit, "
+    "unknown_commands",
     ["limit"],
     registry=REGISTRY,
 )

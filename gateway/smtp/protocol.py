@@ -65,6 +65,25 @@ _ERROR_PREFIX = re.compile(r"^(\d{3}[ -](?:[245]\.\d{1,3}\.\d{1,3} )?)Error: ")
 _TRANSACTION = frozenset({"MAIL", "RCPT", "DATA", "QUIT"})
 # The commands RFC 2920 lets a client follow without waiting for their replies (not EHLO, DATA, QUIT, ...).
 _GROUPABLE = frozenset({"MAIL", "RCPT", "RSET"})
+# How often one session may send these commands (aiosmtpd's command_call_limit, done here so the counts can
+# restart): MAIL, RCPT, DATA, RSET and QUIT are unlimited for persistent sessions. The counts restart after
+# each accepted message, as Postfix's smtpd_junk_command_limit does: a connection pool that checks its
+# connection with NOOP before every message is not cut off at its 101st (docs/limits.md).
+COMMAND_LIMITS: dict[str, int] = {
+    "NOOP": 100,
+    "HELP": 20,
+    "VRFY": 20,
+    "EXPN": 5,
+    "AUTH": 10,
+    "STARTTLS": 2,
+    "EHLO": 20,
+    "HELO": 20,
+}
+# Security limits: counted for the whole connection, a message does not restart them.
+PER_CONNECTION = frozenset({"AUTH", "STARTTLS"})
+# Unrecognised commands: the one that reaches this count ends the session (aiosmtpd's BOGUS_LIMIT, which it
+# counts per connection in a local variable; here it restarts after each accepted message too).
+UNKNOWN_LIMIT = 5
 # The attributes aiosmtpd's HELP reads from a command method (set by @syntax).
 _SYNTAX_ATTRS = ("__smtp_syntax__", "__smtp_syntax_extended__", "__smtp_syntax_when__")
 
@@ -81,7 +100,7 @@ class CommandReader(asyncio.StreamReader):
     head = b""
     _overrun = False  # reading past the rest of a line longer than the reader's limit
 
-    async def readuntil(self, separator: bytes = b"\n") -> bytes:
+    async def readuntil(self, separator: Any = b"\n") -> bytes:  # typeshed's type is private
         try:
             line = await super().readuntil(separator)
         except asyncio.LimitOverrunError:
@@ -105,6 +124,22 @@ class CommandReader(asyncio.StreamReader):
     @property
     def long_line_was_auth(self) -> bool:
         return self.head == b"AUTH "  # aiosmtpd splits the command from its argument at a space
+
+
+class _Commands(dict[str, Any]):
+    """A session's command table: aiosmtpd looks each command up with get(); a command it does not have gets
+    the session's own handler (aiosmtpd counts unknown commands itself, per connection, unresettable). HELP
+    also looks up with get(): the handler has no syntax, so HELP still answers 501 for an unknown name."""
+
+    __slots__ = ("unknown",)
+
+    def __init__(self, table: dict[str, Any], unknown: Callable[[str, str | None], Any]) -> None:
+        super().__init__(table)
+        self.unknown = unknown
+
+    def get(self, verb: str, default: Any = None) -> Any:
+        found = dict.get(self, verb, default)
+        return functools.partial(self.unknown, verb) if found is None else found
 
 
 @dataclass(slots=True)
@@ -141,6 +176,7 @@ class GatewaySMTP(SMTP):
         budget: ByteBudget | None = None,
         spill_above: int = 0,
         spill_dir: str | None = None,
+        call_limits: dict[str, int] | None = None,
         **kwargs: Any,
     ) -> None:
         cls = type(self)
@@ -154,6 +190,10 @@ class GatewaySMTP(SMTP):
             reader=CommandReader,
             **kwargs,
         )
+        self._smtp_methods = _Commands(self._smtp_methods, self._unknown_command)
+        self._call_limits = call_limits if call_limits is not None else COMMAND_LIMITS
+        self._calls: dict[str, int] = {}  # of the commands in _call_limits, since the last accepted message
+        self._unknown = 0  # unrecognised commands since the last accepted message
         # Per session: aiosmtpd's own dict is a class attribute that every EHLO adds to.
         self.command_size_limits = collections.defaultdict(lambda: 512, AUTH=AUTH_LINE_LIMIT)
         self._in_ehlo = False
@@ -332,6 +372,40 @@ class GatewaySMTP(SMTP):
         self.transport.close()
 
     # -- limits --------------------------------------------------------------------------------------------
+
+    async def _over_call_limit(self, verb: str) -> bool:
+        """Count one more `verb`; past its limit: refused unexecuted with aiosmtpd's reply, and the session ends."""
+        limit = self._call_limits.get(verb)
+        if limit is None:
+            return False
+        used = self._calls.get(verb, 0)
+        if used < limit or self.transport is None:
+            self._calls[verb] = used + 1
+            return False
+        LIMIT_HITS.labels(limit="command_call_limit").inc()
+        log.info("session_cut_off", limit="command_call_limit", commands=used, command=verb)
+        self.mark_logged()
+        await self.push(str(replies.too_many_calls(verb)))
+        self.transport.close()
+        return True
+
+    async def _unknown_command(self, verb: str, arg: str | None) -> None:
+        """A command line with a verb the session does not know (looked up through _Commands)."""
+        self._unknown += 1
+        if self._unknown >= UNKNOWN_LIMIT and self.transport is not None:
+            LIMIT_HITS.labels(limit="unknown_commands").inc()
+            log.info("session_cut_off", limit="unknown_commands", commands=self._unknown, command=verb)
+            self.mark_logged()
+            await self.push(str(replies.TOO_MANY_UNKNOWN))
+            self.transport.close()
+            return
+        await self.push(f'500 Error: command "{verb}" not recognized')  # never echoed (see _with_code)
+
+    def _message_accepted(self) -> None:
+        """Restart the per-message counts (not the security limits in PER_CONNECTION)."""
+        self._unknown = 0
+        if self._calls:
+            self._calls = {verb: n for verb, n in self._calls.items() if verb in PER_CONNECTION}
 
     def _reset_timeout(self, duration: float | None = None) -> None:
         """aiosmtpd's idle timer (command_timeout), reset by every command and every read of DATA: one timer
@@ -781,6 +855,8 @@ def _counted(verb: str, method: FunctionType) -> FunctionType:
     """A command method that counts towards limits.max_commands_before_data (applied once per class)."""
 
     async def run(self: GatewaySMTP, arg: str | None) -> None:
+        if await self._over_call_limit(verb):
+            return
         if verb != "QUIT" and self._commands >= self._max_commands and self.transport is not None:
             # This command would be one too many: refused unexecuted, and the session ends.
             LIMIT_HITS.labels(limit="max_commands_before_data").inc()
@@ -797,6 +873,8 @@ def _counted(verb: str, method: FunctionType) -> FunctionType:
         if verb == "DATA" and self.txn is not None:
             self.txn = None
             self._commands = 0  # a message went through (or was answered): count afresh
+            if self._last_code < 400:
+                self._message_accepted()
         elif verb != "QUIT" and (verb not in _TRANSACTION or self._last_code >= 400):
             self._commands += 1
 

@@ -32,20 +32,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("gateway.smtp")
 
-# aiosmtpd counts calls per session; MAIL/RCPT/DATA/RSET stay unlimited for persistent sessions.
-COMMAND_LIMITS = {
-    "NOOP": 100,
-    "HELP": 20,
-    "VRFY": 20,
-    "EXPN": 5,
-    "AUTH": 10,
-    "STARTTLS": 2,
-    "EHLO": 20,
-    "HELO": 20,
-    "*": 10**9,
-}
-
-
 # asyncio's default; shorter when the session timeout is (an idle half-open handshake holds a session slot).
 HANDSHAKE_TIMEOUT = 60.0
 # Drain: how long a client gets to complete the close (a TLS client answers close_notify) before the
@@ -285,7 +271,6 @@ class Listeners:
             auth_required=False,  # enforced in handle_MAIL, which also knows trusted networks
             auth_exclude_mechanism=() if handler.oauth else ("XOAUTH2", "OAUTHBEARER"),
             timeout=limits.command_timeout,
-            command_call_limit=COMMAND_LIMITS,
             loop=asyncio.get_running_loop(),
         )
         self.sessions.add(proto)
