@@ -93,10 +93,12 @@ class Pipeline:
         try:
             exists = await self.resolver.domain_exists(domain)
         except DnsTemporaryError as exc:
+            # The reply quotes the gateway's words only; dnspython's (exc.detail) go to the log with the reason.
             raise DnsTempFailure(
+                f"{exc} ({exc.detail})" if exc.detail else str(exc),
                 reply=replies.DNS_TEMPFAIL.with_text(
                     f"<{address}>: DNS lookup of {domain} failed temporarily ({exc}); try again later"
-                )
+                ),
             ) from None
         if not exists:
             # DMDS' own wording ("The domain name escuelaxyz.com does not exist.").

@@ -7,6 +7,7 @@ Zones are plain data::
         servfail={"broken.test"},    # answered SERVFAIL (the name and everything under it)
         blackhole={"slow.test"},     # never answered (the name and everything under it)
         bogus_nxdomain={"com"},      # NXDOMAIN without SOA, as a resolver that denies every name
+        yxdomain={"odd.test"},       # YXDOMAIN: dnspython raises an error no other branch catches
     )
 
 A name under a served zone that has no records (and no records below it) gets NXDOMAIN; a name that
@@ -45,6 +46,7 @@ class ZoneData:
     servfail: set[str] = field(default_factory=set)
     blackhole: set[str] = field(default_factory=set)
     bogus_nxdomain: set[str] = field(default_factory=set)
+    yxdomain: set[str] = field(default_factory=set)
     negative_ttl: int = 60  # SOA minimum, served with NXDOMAIN / NoAnswer
 
 
@@ -150,6 +152,9 @@ class DnsServer:
         response.flags &= ~dns.flags.RA
         if _under(name, self.data.servfail):
             response.set_rcode(dns.rcode.SERVFAIL)
+            return response
+        if _under(name, self.data.yxdomain):
+            response.set_rcode(dns.rcode.YXDOMAIN)
             return response
         if _under(name, self.data.bogus_nxdomain):
             response.set_rcode(dns.rcode.NXDOMAIN)  # and no SOA: nothing vouches for it

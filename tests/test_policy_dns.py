@@ -17,6 +17,7 @@ import pytest
 
 from tests.configs import gateway_config, listener, write
 from tests.conftest_dns import MX, SPF, make_zones
+from tests.devices_util import captured_logs, events
 from tests.dnsserver import DnsServer, ZoneData
 from tests.harness import LoopThread, Running
 from tests.smtputil import session
@@ -108,6 +109,27 @@ def test_sender_domain_must_exist(gateway_factory: Factory, dns_thread: DnsServe
     with session(gw) as client:
         assert line(client.mail(mail_from)) == reply
     assert dns_thread.count(mail_from.rpartition("@")[2], "MX") >= 1
+
+
+def test_library_error_text_stays_out_of_the_reply(gateway_factory: Factory, dns_thread: DnsServer) -> None:
+    # A DNS error with no branch of its own (YXDOMAIN): the reply is in the gateway's words, dnspython's own
+    # text ("The DNS query name is too long after DNAME substitution.") goes to the log only.
+    dns_thread.data.yxdomain.add("odd.example")
+    upstream = gateway_factory()
+    domains = {**SENDER_DOMAINS, "odd.example": "dmds-odd@nl.acme.example"}
+    gw = gateway_factory(
+        accounts={"acme": {"api_base": upstream.sandbox_url, "sender_domains": domains}},
+        dns=dns_config(dns_thread),
+    )
+    with captured_logs() as logs, session(gw) as client:
+        reply = line(client.mail("x@odd.example"))
+    assert reply == (
+        "451 4.4.3 <x@odd.example>: DNS lookup of odd.example failed temporarily "
+        "(DNS lookup of odd.example MX failed); try again later"
+    )
+    [refused] = events(logs, "sender_rejected")
+    assert refused["reply"] == reply
+    assert "YXDOMAIN" in refused["reason"] and "DNAME substitution" in refused["reason"]
 
 
 def test_policy_refusal_comes_before_any_lookup(gateway_factory: Factory, dns_thread: DnsServer) -> None:

@@ -35,7 +35,15 @@ _LOG_INTERVAL = 60.0
 
 
 class DnsTemporaryError(Exception):
-    """A lookup could not be answered now (timeout, SERVFAIL, no server replied): answer 451 4.4.3."""
+    """A lookup could not be answered now (timeout, SERVFAIL, no server replied): answer 451 4.4.3.
+
+    Its message is in the gateway's own words (a reply may quote it); `detail` is what dnspython said, for the
+    log only: a library's exception text is no reply (it may change with any release, and names internals).
+    """
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail
 
 
 class DnsResolverBroken(DnsTemporaryError):
@@ -46,8 +54,8 @@ class DnsResolverBroken(DnsTemporaryError):
     answers NXDOMAIN for every name (a filtering or captive network), no nameserver in /etc/resolv.conf.
     """
 
-    def __init__(self, name: str, lookup: str, reason: str) -> None:
-        super().__init__(f"DNS resolver not answering (looking up {name} {lookup}: {reason})")
+    def __init__(self, name: str, lookup: str, reason: str, detail: str = "") -> None:
+        super().__init__(f"DNS resolver not answering (looking up {name} {lookup}: {reason})", detail)
         self.name = name
         self.reason = reason
 
@@ -172,7 +180,8 @@ class DnsResolver:
             return Fresh(_Result("nxdomain"), 0)  # not a valid domain name: it cannot exist (not cached)
         if self._unconfigured is not None:
             self._note_broken(self._unconfigured)
-            raise DnsResolverBroken(name, _type(rdtype), self._unconfigured)
+            # _unconfigured quotes dnspython (for the startup report and the log): not for a reply.
+            raise DnsResolverBroken(name, _type(rdtype), "no nameserver configured", self._unconfigured)
         try:
             answer = await self._resolver.resolve(qname, rdtype, search=False)
         except dns.resolver.NXDOMAIN as exc:
@@ -190,8 +199,9 @@ class DnsResolver:
             await self._confirm_resolver(name, rdtype, "SERVFAIL or refused")
             raise DnsTemporaryError(f"no DNS server answered for {name} {_type(rdtype)} (SERVFAIL or refused)") from exc
         except dns.exception.DNSException as exc:
-            await self._confirm_resolver(name, rdtype, type(exc).__name__)
-            raise DnsTemporaryError(f"DNS lookup of {name} {_type(rdtype)} failed: {exc}") from exc
+            detail = f"{type(exc).__name__}: {exc}"
+            await self._confirm_resolver(name, rdtype, "lookup error", detail)
+            raise DnsTemporaryError(f"DNS lookup of {name} {_type(rdtype)} failed", detail) from exc
         records = tuple(answer.rrset) if answer.rrset is not None else ()
         if not records:
             return Fresh(_Result("nodata"), self._negative_ttl)
@@ -201,12 +211,15 @@ class DnsResolver:
 
     # ---- is it the domain or the resolver? --------------------------------------------------
 
-    async def _confirm_resolver(self, name: str, rdtype: dns.rdatatype.RdataType, failure: str) -> None:
-        """After a failed lookup of ``name``: raise DnsResolverBroken if the resolver itself is not working."""
+    async def _confirm_resolver(
+        self, name: str, rdtype: dns.rdatatype.RdataType, failure: str, detail: str = ""
+    ) -> None:
+        """After a failed lookup of ``name``: raise DnsResolverBroken if the resolver itself is not working.
+        `failure` is in the gateway's words; `detail` (dnspython's) goes to the log only."""
         why = await self._verdict(_probe_zone(name))
         if why is not None:
-            self._note_broken(f"{name} {_type(rdtype)}: {failure}; {why}")
-            raise DnsResolverBroken(name, _type(rdtype), f"{failure}; {why}") from None
+            self._note_broken(f"{name} {_type(rdtype)}: {failure}; {why}" + (f" ({detail})" if detail else ""))
+            raise DnsResolverBroken(name, _type(rdtype), f"{failure}; {why}", detail) from None
 
     async def _verdict(self, zone: str) -> str | None:
         return await self._verdicts.get(zone, lambda: self._probe(zone))
@@ -228,8 +241,8 @@ class DnsResolver:
             return f"{what}: timeout"
         except dns.resolver.NoNameservers:
             return f"{what}: SERVFAIL or refused"
-        except dns.exception.DNSException as exc:
-            return f"{what}: {type(exc).__name__}"
+        except dns.exception.DNSException:
+            return f"{what}: lookup error"  # the verdict may reach a reply: not dnspython's words
         if self._broken:  # only a passed check ends it: one name resolving proves little
             self._broken = False
             log.info("dns_resolver_recovered", check=f"{zone} SOA")

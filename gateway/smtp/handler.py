@@ -403,7 +403,7 @@ class GatewayHandler:
         try:
             address = await self.pipeline.check_sender(principal, address, smtputf8)
         except GatewayError as exc:
-            log.info("sender_rejected", peer=_peer(session), login=principal.login, reply=str(exc.reply))
+            log.info("sender_rejected", peer=_peer(session), login=principal.login, reply=str(exc.reply), **_why(exc))
             server.mark_logged()
             return str(exc.reply)
         envelope.mail_from = address
@@ -431,7 +431,9 @@ class GatewayHandler:
             # The normalized form travels on (an IDN domain as its xn-- form).
             address = await self.pipeline.check_recipient(principal, address, "SMTPUTF8" in envelope.mail_options)
         except GatewayError as exc:
-            log.info("recipient_rejected", peer=_peer(session), login=principal.login, reply=str(exc.reply))
+            log.info(
+                "recipient_rejected", peer=_peer(session), login=principal.login, reply=str(exc.reply), **_why(exc)
+            )
             server.mark_logged()
             return str(exc.reply)
         refusal = self.per_login.recipient_refusal(server, principal, address) if self.per_login else None
@@ -474,6 +476,12 @@ class GatewayHandler:
         INTERNAL_ERRORS.labels(where="smtp_session").inc()
         log.error("smtp_unexpected_error", error_type=type(error).__name__, exc_info=error)
         return str(replies.INTERNAL_ERROR)
+
+
+def _why(exc: GatewayError) -> dict[str, str]:
+    """The refusal's reason for its log line, when the reply does not already say it (a DNS failure's
+    library detail is in the reason only)."""
+    return {} if exc.reason in str(exc.reply) else {"reason": exc.reason}
 
 
 def _b64(value: str) -> bytes | None:
