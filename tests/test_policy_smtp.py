@@ -11,7 +11,7 @@ import pytest
 from tests.configs import listener
 from tests.harness import PASSWORD_HASH, USER, Running
 from tests.ops_util import captured_with_context, sample
-from tests.smtputil import RECIPIENT, SENDER, message, send, session
+from tests.smtputil import RECIPIENT, SENDER, RawClient, message, send, session
 
 Factory = Callable[..., Running]
 
@@ -314,6 +314,20 @@ def test_smtputf8_non_ascii_local_part_refused_early(client: smtplib.SMTP, comma
     assert line(reply) == (
         f"553 5.6.7 <{address}>: Internationalized characters before the @-sign are not supported by the upstream API"
     )
+
+
+@pytest.mark.parametrize("command", ["MAIL FROM", "RCPT TO"])
+def test_8bit_bytes_in_an_address_are_named_as_bytes(gw: Running, command: str) -> None:
+    # Latin-1 "ö" (0xF6), not UTF-8: the reply names the byte, not the code point U+DCF6 that aiosmtpd's
+    # surrogateescape decoding made of it (the reply shows the byte itself as "?": it is no text).
+    with RawClient(gw) as raw:
+        raw.cmd("EHLO client.test")
+        assert raw.login().startswith("235 ")
+        if command == "RCPT TO":
+            assert raw.cmd(f"MAIL FROM:<{SENDER}>") == "250 2.1.0 Ok"
+        raw.write(command.encode() + b":<j\xf6rg\xe9@example.com>\r\n")
+        reply = raw.reply()[-1]
+    assert reply == "553 5.1.3 <j?rg?@example.com>: The address contains 8-bit bytes that are not UTF-8: 0xF6, 0xE9"
 
 
 def test_non_ascii_header_from_local_part_refused(client: smtplib.SMTP, gw: Running) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -40,6 +41,10 @@ class _UpstreamCannotTake(Exception):
     pass
 
 
+# U+DC80..U+DCFF: the bytes 0x80..0xFF of a line that is not UTF-8, as surrogateescape decodes them.
+_UNDECODED = re.compile("[\udc80-\udcff]")
+
+
 @lru_cache(maxsize=8192)
 def _validate(address: str, smtputf8: bool) -> str:
     # Syntax only: deliverability (DNS) is gateway.policy.dns' job, asynchronously.
@@ -53,6 +58,14 @@ def _validate(address: str, smtputf8: bool) -> str:
 
 def normalize_address(address: str, smtputf8: bool, bad: Reply) -> str:
     """Validate one address; the refusal carries email-validator's explanation."""
+    undecoded = _UNDECODED.findall(address)
+    if undecoded:
+        # Bytes that are not UTF-8 reach here as lone surrogates (aiosmtpd decodes with surrogateescape):
+        # email-validator would name them as code points ("U+DCF6"), which the client never sent.
+        shown = ", ".join(dict.fromkeys(f"0x{ord(c) - 0xDC00:02X}" for c in undecoded[:8]))
+        raise PolicyRejected(
+            reply=bad.with_text(f"<{address}>: The address contains 8-bit bytes that are not UTF-8: {shown}")
+        )
     try:
         return _validate(address, smtputf8)
     except EmailNotValidError as exc:
