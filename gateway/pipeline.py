@@ -116,6 +116,7 @@ class Pipeline:
         origin: Origin | None = None,
         test_mode: bool = False,
         drop_invalid_header_addresses: bool = False,
+        on_gone: Callable[[Reply | None], None] | None = None,
     ) -> Reply:
         """The reply to the end of DATA. Never raises: unexpected errors become 451 4.3.0.
 
@@ -125,7 +126,9 @@ class Pipeline:
         large-message budget, released when its first attempt has ended. `origin`: the listener and client,
         for the message's ledger record. `test_mode`: everything but the upstream call
         (gateway/delivery/testmode.py). `drop_invalid_header_addresses`: the listener's choice for invalid
-        To/Cc addresses that are not recipients (left out, not refused)."""
+        To/Cc addresses that are not recipients (left out, not refused). `on_gone`: when the client leaves before
+        the reply (the task is cancelled), called once: with the reply the message's first attempt decided, or
+        None when nothing was sent (gone before the message was handed to the delivery owner)."""
         receipt = receipt if receipt is not None else Receipt()
         account = self.settings.accounts[principal.account]
         setting = self._notify.get((principal.account, principal.login), account.dsn.notify)
@@ -135,6 +138,7 @@ class Pipeline:
         origin = replace(origin or Origin(), size=len(raw), notify=notify, headers=headers)
         bound = log.bind(login=principal.login, account=principal.account, size=len(raw), rcpts=len(rcpt_tos))
         spill = raw if isinstance(raw, SpillMap) else None
+        handed = False  # to the owner, which then answers on_gone itself
         try:
             submission, plan = await self.prepare(
                 principal, mail_from, rcpt_tos, raw, smtputf8, drop_invalid_header_addresses
@@ -150,6 +154,7 @@ class Pipeline:
             if spill is not None:
                 # Parsed and hashed: what the call needs of the file is read again only while it is sent.
                 spill.release_pages()
+            handed = True
             reply = await self.owner.submit(
                 submission,
                 plan,
@@ -159,8 +164,13 @@ class Pipeline:
                 on_done=_ended(reservation, spill),
                 origin=origin,
                 digest=digest,
+                on_gone=on_gone,
             )
             reservation = spill = None  # the owner releases them
+        except asyncio.CancelledError:
+            if on_gone is not None and not handed:
+                on_gone(None)  # the client left before its message was handed over: nothing is sent
+            raise
         except (Rejected, Deferred) as exc:
             receipt.reason = exc.reason
             reply = exc.reply

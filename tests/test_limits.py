@@ -271,6 +271,22 @@ def test_messages_per_minute_per_login(gateway_factory: Factory) -> None:
     assert limited["login"] == USER
 
 
+def test_a_refused_mail_costs_no_message_of_the_rate(gateway_factory: Factory) -> None:
+    # messages_per_minute counts accepted MAILs (docs/per-login.md): refusals for the sender or the quota do not
+    # use up the rate.
+    gw = gateway_factory(limits={"messages_per_minute": 2})
+    with RawClient(gw) as client:
+        client.cmd("EHLO busy.test")
+        assert client.login().startswith("235 ")
+        for n in range(2):
+            for _ in range(3):
+                assert client.cmd("MAIL FROM:<someone@elsewhere.example>").startswith("553 ")
+            assert raw_send(client, message(subject=f"busy {n}")).startswith("250 2.0.0 ")
+        assert client.cmd("MAIL FROM:<someone@elsewhere.example>").startswith("451 4.7.1 Message rate limit")
+        assert client.cmd(f"MAIL FROM:<{SENDER}>").startswith("451 4.7.1 Message rate limit")
+    assert len(gw.sent) == 2
+
+
 def test_too_many_recipients_is_logged(gateway_factory: Factory) -> None:
     gw = gateway_factory(limits={"max_recipients": 1})
     with captured_logs() as logs, RawClient(gw) as client:

@@ -4,6 +4,7 @@ PostgreSQL) with no message past a quota; a message that is not accepted after a
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +16,8 @@ from gateway.config.logins import Quota
 from gateway.core import quota
 from gateway.core.errors import SpoolUnavailable
 from gateway.core.quota import Counts, Window
-from gateway.limits.quotas import QuotaTracker
+from gateway.limits.quotas import LocalCounts, QuotaTracker
+from gateway.ops.metrics import REGISTRY
 from tests.configs import listener
 from tests.devices_util import captured_logs, events, raw_send
 from tests.harness import PASSWORD, PASSWORD_HASH, Running
@@ -118,6 +120,36 @@ def test_a_message_not_accepted_after_all_is_not_counted(gateway_factory: Factor
     assert [r["body"]["asunto"] for r in gw.sent] == ["yes"]
 
 
+@pytest.mark.parametrize(("fault", "counted"), [({}, 1), ({"status": 400, "reason": "contenido invalido"}, 0)])
+def test_a_client_gone_during_delivery_is_counted_by_the_outcome(
+    gateway_factory: Factory, fault: dict[str, Any], counted: int
+) -> None:
+    # The client hangs up after its final dot; the delivery goes on. Delivered: the message counts (leaving
+    # early is no way around a quota). Refused by the upstream: taken back, as for a client that waited.
+    gw = gateway_factory(extra_users=[metered(messages_per_hour=1)])
+    gw.fault(delay=2.0, count=1, **fault)
+    verdict = "delivered" if counted else "refused"
+    before = _gone(verdict)
+    with session(gw) as client:
+        assert client.cmd(f"MAIL FROM:<{SENDER}>").startswith("250 ")
+        assert client.cmd(f"RCPT TO:<{RECIPIENT}>").startswith("250 ")
+        assert client.cmd("DATA").startswith("354 ")
+        client.write(message(subject="gone") + b".\r\n")
+        # Gone once the call is on its way (the sandbox has taken the fault): the message was counted and
+        # handed over; the call's answer comes 2 s later.
+        wait_for(lambda: not gw.sandbox.state.faults, 10, "the upstream call")
+        client.reset_on_close()
+    # The outcome is recorded (client_gone_during_delivery) once the call has ended; the quota is settled then.
+    wait_for(lambda: _gone(verdict) > before and used("hour", "messages") == counted, 10, "settled")
+    with session(gw) as client:
+        reply = client.cmd(f"MAIL FROM:<{SENDER}>")
+        assert reply.startswith("452 4.7.1 " if counted else "250 "), reply
+
+
+def _gone(verdict: str) -> float:
+    return REGISTRY.get_sample_value("smtp_gateway_client_gone_total", {"verdict": verdict}) or 0.0
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_instances_on_one_queue_share_the_count(
     gateway_factory: Factory, tmp_path: Path, request: pytest.FixtureRequest, backend: str
@@ -164,3 +196,44 @@ async def test_without_its_store_a_process_counts_on_its_own() -> None:
     assert [v.ok for v in verdicts] == [True, True, False]
     assert not (await tracker.check("acme", METERED, limits, 0)).ok
     assert len(events(logs, "quota_store_unavailable")) == 1  # said once, not per message
+
+
+class Gated(LocalCounts):
+    """This process's own counts, whose take waits for `go`: a shared store's transaction in progress."""
+
+    def __init__(self) -> None:
+        super().__init__(time.time)
+        self.go = asyncio.Event()
+        self.started = asyncio.Event()
+        self.returned = asyncio.Event()
+
+    async def quota_take(
+        self, login: str, windows: tuple[Window, ...], size: int
+    ) -> tuple[quota.Verdict, dict[str, Counts]]:
+        self.started.set()
+        await self.go.wait()
+        return await super().quota_take(login, windows, size)
+
+    async def quota_return(self, login: str, windows: tuple[Window, ...], size: int) -> None:
+        await super().quota_return(login, windows, size)
+        self.returned.set()
+
+
+async def test_a_take_cancelled_while_the_store_counts_is_given_back() -> None:
+    # The client leaves at the end of DATA while its message is being counted: the count completes (a
+    # transaction is not cut in half) and is taken back, the message having been sent nowhere.
+    store = Gated()
+    tracker = QuotaTracker(store)
+    limits = Quota(messages_per_hour=1)
+    taking = asyncio.create_task(tracker.take("acme", METERED, limits, 10))
+    await store.started.wait()
+    taking.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await taking
+    store.go.set()
+    async with asyncio.timeout(10):  # a guard: without the return this would wait for ever
+        await store.returned.wait()
+    counts = await store.quota_counts(f"acme/{METERED}", tracker.windows(limits))
+    assert all(c.messages == 0 and c.bytes == 0 for c in counts.values()), counts
+    verdict, taken = await tracker.take("acme", METERED, limits, 10)
+    assert verdict.ok and taken is not None  # the one message of the hour is still free

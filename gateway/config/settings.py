@@ -276,7 +276,8 @@ class LimitsSettings(_Section):
     messages_per_minute: float = Field(
         0.0,
         ge=0,
-        description="Messages per minute per login (a token bucket); past it MAIL FROM gets 451 4.7.1. 0: no limit.",
+        description="Messages per minute per login (a token bucket of accepted MAIL FROMs: a refused one costs "
+        "nothing); past it MAIL FROM gets 451 4.7.1. 0: no limit.",
     )
     message_burst: int = Field(
         0,

@@ -185,11 +185,14 @@ class DeliveryOwner:
         on_done: Callable[[], None] | None = None,
         origin: Origin | None = None,
         digest: str | None = None,
+        on_gone: Callable[[Reply | None], None] | None = None,
     ) -> Reply:
         """The reply to a new message. The attempt is ours: if the session is cancelled (client gone),
         the attempt goes on and records its outcome. `receipt` learns the queue id or upstream ids; `on_done`
         is called when the first attempt has ended. `digest`: what the message says (idempotency.digest_of),
-        kept with its key: a key reused for different content is refused."""
+        kept with its key: a key reused for different content is refused. `on_gone`: if the session is
+        cancelled, called once with the reply its first attempt decided (when it has one), or None when
+        nothing was sent (what a per-login quota must know of a message whose client left)."""
         now = self.clock()
         attempt = InlineAttempt(
             new_id(),
@@ -202,7 +205,12 @@ class DeliveryOwner:
             origin=origin,
         )
         if idempotency_key is not None:
-            resent = await self._resent(attempt, now)  # (raising, the caller releases `on_done` itself)
+            try:
+                resent = await self._resent(attempt, now)  # (raising, the caller releases `on_done` itself)
+            except asyncio.CancelledError:
+                if on_gone is not None:
+                    on_gone(None)  # gone before the message was taken: nothing is sent
+                raise
             if resent is not None:
                 if on_done is not None:
                     on_done()
@@ -215,6 +223,8 @@ class DeliveryOwner:
             return await asyncio.shield(decided)
         except asyncio.CancelledError:
             attempt.client_gone = True
+            if on_gone is not None:
+                decided.add_done_callback(functools.partial(_decided_for, on_gone))
             raise
 
     async def _resent(self, attempt: InlineAttempt, now: float) -> Reply | None:
@@ -819,3 +829,8 @@ def _sent_field(outcome: Outcome | None) -> dict[str, int]:
     it says; a count of sends, never of deliveries."""
     total = outcome.sent_total() if outcome is not None else None
     return {} if total is None else {"upstream_sent": total}
+
+
+def _decided_for(on_gone: Callable[[Reply | None], None], decided: asyncio.Future[Reply]) -> None:
+    """on_gone with the first attempt's reply (None if it ended without one: a bug, logged where it failed)."""
+    on_gone(None if decided.cancelled() or decided.exception() is not None else decided.result())

@@ -288,6 +288,13 @@ class LoginRates:
 
     def take(self, login: str) -> float:
         """Take one message's token: 0.0, or the seconds until one is free (nothing taken)."""
+        return self._take(login, keep=True)
+
+    def wait(self, login: str) -> float:
+        """What take() would answer, without taking: 0.0 while a token is free."""
+        return self._take(login, keep=False)
+
+    def _take(self, login: str, keep: bool) -> float:
         rate = self.limits.messages_per_minute / 60.0
         if rate <= 0:
             return 0.0
@@ -297,7 +304,8 @@ class LoginRates:
         slot = tokenbucket.take(tokenbucket.NEW if tat is None else tat, now, 1.0 / rate, burst)
         if slot.wait > 0:
             return slot.wait
-        self._buckets.put(login, slot.tat, slot.tat - now)
+        if keep:
+            self._buckets.put(login, slot.tat, slot.tat - now)
         return 0.0
 
 

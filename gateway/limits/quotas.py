@@ -11,6 +11,7 @@ only grow within a window. When the store cannot be reached the process counts o
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -101,6 +102,7 @@ class QuotaTracker:
         self._degraded = False
         # The configured logins' quotas, by (account, login), that /metrics shows even before any traffic.
         self.configured: dict[tuple[str, str], Quota] = {}
+        self._late: set[asyncio.Task[None]] = set()  # counts of callers gone, being given back
 
     def windows(self, limits: Quota) -> tuple[Window, ...]:
         return quota.windows(
@@ -126,9 +128,24 @@ class QuotaTracker:
         if not windows:
             return quota.OK, None
         key = _key(account, login)
-        verdict, counts = await self._take(key, windows, size)
+        counting = asyncio.ensure_future(self._take(key, windows, size))
+        try:
+            verdict, counts = await asyncio.shield(counting)
+        except asyncio.CancelledError:
+            # The caller left (its client gone) while the store counted: a shared store's transaction is not
+            # cut in half, and may have counted the message; once done, a count is given back (nothing is sent).
+            taken = Taken(key, windows, size)
+            counting.add_done_callback(lambda done: self._give_back_late(done, taken))
+            raise
         self._remember(key, windows, counts)
         return verdict, Taken(key, windows, size) if verdict.ok else None
+
+    def _give_back_late(self, counting: asyncio.Future[tuple[Verdict, dict[str, Counts]]], taken: Taken) -> None:
+        if counting.cancelled() or counting.exception() is not None or not counting.result()[0].ok:
+            return
+        task = asyncio.get_running_loop().create_task(self.give_back(taken))
+        self._late.add(task)
+        task.add_done_callback(self._late.discard)
 
     async def give_back(self, taken: Taken) -> None:
         """Uncount a message that was not accepted after all."""

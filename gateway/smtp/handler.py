@@ -21,6 +21,7 @@ from gateway.config import LimitsSettings, ListenerSettings
 from gateway.core import replies
 from gateway.core.errors import GatewayError
 from gateway.core.model import Origin, Principal
+from gateway.core.replies import Reply
 from gateway.core.spill import SpillMap
 from gateway.limits.clients import AuthTicket, Defenses, client_ip, client_key
 from gateway.ops import logs
@@ -381,22 +382,13 @@ class GatewayHandler:
             log.info("sender_deferred", peer=_peer(session), login=principal.login, reply=busy)
             server.mark_logged()
             return busy
-        wait = self.defenses.rates.take(f"{principal.account}/{principal.login}")
+        # messages_per_minute counts the MAILs accepted (as SES counts messages it accepts): a MAIL refused for
+        # its quota, its sender or a DNS failure costs nothing. A client out of tokens is refused before any
+        # lookup; the token is taken once every check has passed (docs/per-login.md).
+        rate_key = f"{principal.account}/{principal.login}"
+        wait = self.defenses.rates.wait(rate_key)
         if wait:
-            LIMIT_HITS.labels(limit="messages_per_minute").inc()
-            log.info(
-                "message_rate_limited",
-                peer=_peer(session),
-                login=principal.login,
-                retry_in=math.ceil(wait),
-                limit=self.defenses.limits.messages_per_minute,
-            )
-            server.mark_logged()
-            return str(
-                replies.LOGIN_RATE_LIMITED.with_text(
-                    f"Message rate limit reached for {principal.login}; try again in {math.ceil(wait)} s"
-                )
-            )
+            return self._rate_limited(server, session, principal, wait)
         refusal = await self.per_login.mail_refusal(server, principal, mail_options) if self.per_login else None
         if refusal is not None:
             return refusal
@@ -406,9 +398,28 @@ class GatewayHandler:
             log.info("sender_rejected", peer=_peer(session), login=principal.login, reply=str(exc.reply), **_why(exc))
             server.mark_logged()
             return str(exc.reply)
+        wait = self.defenses.rates.take(rate_key)  # another session of the login may have taken it meanwhile
+        if wait:
+            return self._rate_limited(server, session, principal, wait)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return str(replies.SENDER_OK)
+
+    def _rate_limited(self, server: Any, session: Session, principal: Principal, wait: float) -> str:
+        LIMIT_HITS.labels(limit="messages_per_minute").inc()
+        log.info(
+            "message_rate_limited",
+            peer=_peer(session),
+            login=principal.login,
+            retry_in=math.ceil(wait),
+            limit=self.defenses.limits.messages_per_minute,
+        )
+        server.mark_logged()
+        return str(
+            replies.LOGIN_RATE_LIMITED.with_text(
+                f"Message rate limit reached for {principal.login}; try again in {math.ceil(wait)} s"
+            )
+        )
 
     async def handle_RCPT(
         self, server: Any, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
@@ -451,10 +462,18 @@ class GatewayHandler:
         assert isinstance(raw, (bytes, bytearray, SpillMap)) and envelope.mail_from is not None
         txn = server.txn
         taken = None
-        if self.per_login is not None:
-            refusal, taken = await self.per_login.take(server, principal, len(raw))
+        per_login = self.per_login
+        if per_login is not None:
+            refusal, taken = await per_login.take(server, principal, len(raw))
             if refusal is not None:
                 return refusal
+
+        def gone(decided: Reply | None) -> None:
+            # The client left during delivery (this task cancelled): the delivery goes on, and the quota is
+            # settled by its outcome; given back only when nothing was accepted (refused, or never sent).
+            assert per_login is not None
+            per_login.settle(principal, taken, "" if decided is None else str(decided))
+
         reply = await self.pipeline.accept(
             principal,
             envelope.mail_from,
@@ -466,9 +485,10 @@ class GatewayHandler:
             origin=Origin(listener=server.listener, peer=_peer(session)),
             test_mode=self.per_login.test_mode(principal) if self.per_login else False,
             drop_invalid_header_addresses=self.listener.drop_invalid_header_addresses,
+            on_gone=gone if per_login is not None else None,
         )
-        if self.per_login is not None:
-            self.per_login.settle(principal, taken, str(reply))
+        if per_login is not None:
+            per_login.settle(principal, taken, str(reply))
         return str(reply)
 
     async def handle_exception(self, error: Exception) -> str:
