@@ -260,6 +260,19 @@ async def test_an_answer_that_trickles_is_bounded(transport: str) -> None:
             await asyncio.wait_for(_call(port, transport), 30)
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_an_answer_to_a_request_without_a_body_that_trickles_is_bounded(transport: str) -> None:
+    """A GET (the event polls, the token checks) has no body to move the deadline: the one it starts with
+    (connect + write + read) must hold."""
+    async for port in _server(trickle):
+        client = HttpClient(f"http://127.0.0.1:{port}", upstream="Test", account="t", timeout=0.5, transport=transport)  # type: ignore[arg-type]
+        try:
+            with pytest.raises(AnswerLost, match="answer"):
+                await asyncio.wait_for(client.request("events", "GET", "/events", headers={}), 30)
+        finally:
+            await client.aclose()
+
+
 async def test_a_body_is_complete_only_as_its_last_piece_goes() -> None:
     upload = Upload({"connect": 1.0, "read": 1.0, "write": 1.0, "pool": 1.0}, body=True)
     seen: list[bool] = []

@@ -36,7 +36,7 @@ class Upload:
         phases = (connect, self._write, self._read)
         # Until the body's first piece is pulled (connecting, or a request without a body): every phase's time.
         total = None if None in phases else sum(p for p in phases if p is not None)
-        self.bound = asyncio.timeout(None if total is None else asyncio.get_running_loop().time() + total)
+        self.bound = asyncio.timeout_at(None if total is None else asyncio.get_running_loop().time() + total)
         # Without a body, only connecting precedes the request's going out whole, and connecting has its own
         # timeout, shorter than this deadline: a call that meets it went out.
         self.complete = not body
