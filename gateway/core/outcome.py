@@ -65,24 +65,37 @@ class Outcome:
         are the answers a call can have; any other exception is a bug in that call alone: it goes in `failed`
         and never costs the other calls their results (a delivered sibling forgotten would be sent again).
         A BaseException that is not an Exception (cancellation) is raised, after every result is recorded."""
+        if len(calls) == 1:
+            # Most messages make one call: awaited in place, as gather would wrap it in a task of its own (a
+            # task and a turn of the event loop for every message).
+            [(key, call)] = calls.items()
+            try:
+                self._record(key, await call)
+            except Exception as exc:  # (Deferred, Rejected, or a bug; a cancellation is raised as it is)
+                self._record(key, exc)
+            return
         results = await asyncio.gather(*calls.values(), return_exceptions=True)
         stop: BaseException | None = None
         for key, result in zip(calls, results, strict=True):
-            if isinstance(result, Deferred):
-                self.defer(key, result)
-            elif isinstance(result, Rejected):
-                self.reject(key, result)
-            elif isinstance(result, Exception):
-                self.failed[key] = result  # its traceback is kept for the owner's log line
-            elif isinstance(result, BaseException):
-                stop = stop or result
+            if isinstance(result, Exception) or not isinstance(result, BaseException):
+                self._record(key, result)
             else:
-                self.delivered[key] = result.upstream_id
-                count = getattr(result, "sent", None)
-                if isinstance(count, int) and not isinstance(count, bool):
-                    self.sent[key] = count
+                stop = stop or result
         if stop is not None:
             raise stop
+
+    def _record(self, key: str, result: Sent | Exception) -> None:
+        if isinstance(result, Deferred):
+            self.defer(key, result)
+        elif isinstance(result, Rejected):
+            self.reject(key, result)
+        elif isinstance(result, Exception):
+            self.failed[key] = result  # its traceback is kept for the owner's log line
+        else:
+            self.delivered[key] = result.upstream_id
+            count = getattr(result, "sent", None)
+            if isinstance(count, int) and not isinstance(count, bool):
+                self.sent[key] = count
 
     def sent_total(self) -> int | None:
         """Mails the upstream says this attempt's calls sent (None when no answer said)."""

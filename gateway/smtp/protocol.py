@@ -373,21 +373,27 @@ class GatewaySMTP(SMTP):
 
     # -- limits --------------------------------------------------------------------------------------------
 
-    async def _over_call_limit(self, verb: str) -> bool:
-        """Count one more `verb`; past its limit: refused unexecuted with aiosmtpd's reply, and the session ends."""
+    def _within_call_limit(self, verb: str) -> bool:
+        """Count one more `verb`: False past its limit (the caller cuts the session off). Not a coroutine:
+        every command passes here."""
         limit = self._call_limits.get(verb)
         if limit is None:
-            return False
+            return True
         used = self._calls.get(verb, 0)
         if used < limit or self.transport is None:
             self._calls[verb] = used + 1
-            return False
+            return True
+        return False
+
+    async def _cut_off_calls(self, verb: str) -> None:
+        """`verb` past its limit: refused unexecuted with aiosmtpd's reply, and the session ends."""
+        used = self._calls.get(verb, 0)
         LIMIT_HITS.labels(limit="command_call_limit").inc()
         log.info("session_cut_off", limit="command_call_limit", commands=used, command=verb)
         self.mark_logged()
         await self.push(str(replies.too_many_calls(verb)))
-        self.transport.close()
-        return True
+        if self.transport is not None:
+            self.transport.close()
 
     async def _unknown_command(self, verb: str, arg: str | None) -> None:
         """A command line with a verb the session does not know (looked up through _Commands)."""
@@ -855,7 +861,8 @@ def _counted(verb: str, method: FunctionType) -> FunctionType:
     """A command method that counts towards limits.max_commands_before_data (applied once per class)."""
 
     async def run(self: GatewaySMTP, arg: str | None) -> None:
-        if await self._over_call_limit(verb):
+        if not self._within_call_limit(verb):
+            await self._cut_off_calls(verb)
             return
         if verb != "QUIT" and self._commands >= self._max_commands and self.transport is not None:
             # This command would be one too many: refused unexecuted, and the session ends.

@@ -21,6 +21,15 @@ import asyncio
 from collections.abc import AsyncIterator
 
 
+def deadline(timeouts: dict[str, float]) -> float | None:
+    """Seconds a whole call may take: connecting (or waiting for a connection), writing and reading (None: a
+    phase without a bound)."""
+    write, read = timeouts.get("write"), timeouts.get("read")
+    if write is None or read is None:
+        return None
+    return max(timeouts.get("pool", 0.0), timeouts.get("connect", 0.0)) + write + read
+
+
 class Upload:
     """The body as the transport pulls it, piece by piece, and the call's deadline (`bound`, entered
     around the call). `complete` turns true right before the last piece is handed over: nothing can suspend
@@ -32,10 +41,8 @@ class Upload:
         """`body`: the request has one (to be sent through `pieces`); without, it is complete as it goes."""
         self._write = timeouts.get("write")
         self._read = timeouts.get("read")
-        connect = max(timeouts.get("pool", 0.0), timeouts.get("connect", 0.0))
-        phases = (connect, self._write, self._read)
         # Until the body's first piece is pulled (connecting, or a request without a body): every phase's time.
-        total = None if None in phases else sum(p for p in phases if p is not None)
+        total = deadline(timeouts)
         self.bound = asyncio.timeout_at(None if total is None else asyncio.get_running_loop().time() + total)
         # Without a body, only connecting precedes the request's going out whole, and connecting has its own
         # timeout, shorter than this deadline: a call that meets it went out.
