@@ -45,6 +45,17 @@ PAGES = (
 )
 
 
+# The console's Test send form, as an operator fills it in.
+TEST_SEND = {
+    "login": "acme/scanner",
+    "listener": "starttls",
+    "sender": "billing@acme.example",
+    "recipient": "someone@example.net",
+    "subject": "console test",
+    "body": "hello",
+}
+
+
 def flushed(gw: Running) -> None:
     assert gw.app.ledger_writer is not None
     gw.loop.run(gw.app.ledger_writer.flush())
@@ -288,14 +299,7 @@ async def test_test_send_goes_through_a_real_smtp_session_and_opens_the_message(
         await admin.signin()
         _, _, form = await admin.get("/console/test-send")
         assert 'value="acme/scanner"' in form
-        fields = {
-            "login": "acme/scanner",
-            "listener": "starttls",
-            "sender": "billing@acme.example",
-            "recipient": "someone@example.net",
-            "subject": "console test",
-            "body": "hello",
-        }
+        fields = dict(TEST_SEND)
         with captured_with_context() as logs:
             status, _, page = await admin.form("/console/test-send", "/console/test-send", fields)
         assert status == 200 and "Accepted" in page and "STARTTLS" in page and "235 " in page
@@ -330,15 +334,7 @@ async def test_test_send_fields_that_make_no_message_are_a_form_error(
     """A line break in a field made smtplib or the email package raise ValueError: a 500. Now a form error,
     and no SMTP session is opened."""
     gw = console_gateway(gateway_factory)
-    fields = {
-        "login": "acme/scanner",
-        "listener": "starttls",
-        "sender": "billing@acme.example",
-        "recipient": "someone@example.net",
-        "subject": "console test",
-        "body": "hello",
-        field: value,
-    }
+    fields = {**TEST_SEND, field: value}
     async with Client(base(gw)) as admin:
         await admin.signin()
         with captured_with_context() as logs:

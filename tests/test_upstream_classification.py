@@ -201,19 +201,27 @@ async def stop_reading(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
     await asyncio.Event().wait()  # until the test ends (the server cancels it)
 
 
+async def _big_body_not_sent(behaviour: Behaviour, transport: str, timeout: float) -> None:
+    """A 64 MiB POST (far more than the loopback socket buffers hold) to an upstream behaving so fails as
+    not sent: its last piece never went out."""
+    body = b"x" * (64 << 20)
+    async for port in _server(behaviour):
+        client = HttpClient(
+            f"http://127.0.0.1:{port}", upstream="Test", account="t", timeout=timeout, transport=transport
+        )  # type: ignore[arg-type]
+        try:
+            with pytest.raises(UpstreamUnavailable, match="request not sent"):
+                await asyncio.wait_for(client.request("send", "POST", "/send", headers={}, content=body), 30)
+        finally:
+            await client.aclose()
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_an_upstream_that_stops_reading_the_body_does_not_hold_the_call(transport: str) -> None:
     """No transport has a timeout on writing a body whole; the call's own deadline ends it, and as the body's
     last piece never went out, the upstream cannot have the request: not sent."""
-    body = b"x" * (64 << 20)  # far more than the loopback socket buffers hold
-    async for port in _server(stop_reading):
-        client = HttpClient(f"http://127.0.0.1:{port}", upstream="Test", account="t", timeout=0.5, transport=transport)  # type: ignore[arg-type]
-        try:
-            with pytest.raises(UpstreamUnavailable, match="request not sent"):
-                # Without the deadline the call would wait for ever: the guard only keeps a failure from hanging.
-                await asyncio.wait_for(client.request("send", "POST", "/send", headers={}, content=body), 30)
-        finally:
-            await client.aclose()
+    # Without the deadline the call would wait for ever: the test's guard only keeps a failure from hanging.
+    await _big_body_not_sent(stop_reading, transport, timeout=0.5)
 
 
 async def test_a_body_handed_over_whole_then_stalled_is_ambiguous() -> None:
@@ -306,11 +314,4 @@ async def close_in_the_body(reader: asyncio.StreamReader, writer: asyncio.Stream
 async def test_a_connection_lost_before_the_body_went_whole_is_not_sent(transport: str, behaviour: Behaviour) -> None:
     """aiohttp reports these as ClientOSError, ClientConnectionResetError or ServerDisconnectedError alike
     whether they came while writing or reading: the body's progress decides."""
-    body = b"x" * (64 << 20)
-    async for port in _server(behaviour):
-        client = HttpClient(f"http://127.0.0.1:{port}", upstream="Test", account="t", timeout=5, transport=transport)  # type: ignore[arg-type]
-        try:
-            with pytest.raises(UpstreamUnavailable, match="request not sent"):
-                await asyncio.wait_for(client.request("send", "POST", "/send", headers={}, content=body), 30)
-        finally:
-            await client.aclose()
+    await _big_body_not_sent(behaviour, transport, timeout=5)

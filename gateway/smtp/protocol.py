@@ -25,7 +25,7 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult, syntax
 
 from gateway.core import replies
 from gateway.core.model import Principal, Receipt
-from gateway.core.replies import add_enhanced_code
+from gateway.core.replies import Reply, add_enhanced_code
 from gateway.core.spill import SpillFile, SpillMap
 from gateway.limits.budget import ByteBudget, Reservation
 from gateway.ops.metrics import LIMIT_HITS, REFUSALS, SESSIONS_TLS, SPILL_FAILURES, SPILLED
@@ -385,13 +385,12 @@ class GatewaySMTP(SMTP):
             return True
         return False
 
-    async def _cut_off_calls(self, verb: str) -> None:
-        """`verb` past its limit: refused unexecuted with aiosmtpd's reply, and the session ends."""
-        used = self._calls.get(verb, 0)
-        LIMIT_HITS.labels(limit="command_call_limit").inc()
-        log.info("session_cut_off", limit="command_call_limit", commands=used, command=verb)
+    async def _end_for_limit(self, limit: str, commands: int, verb: str, reply: Reply) -> None:
+        """A command past one of the session's limits: refused unexecuted, counted, logged, and the session ends."""
+        LIMIT_HITS.labels(limit=limit).inc()
+        log.info("session_cut_off", limit=limit, commands=commands, command=verb)
         self.mark_logged()
-        await self.push(str(replies.too_many_calls(verb)))
+        await self.push(str(reply))
         if self.transport is not None:
             self.transport.close()
 
@@ -399,11 +398,7 @@ class GatewaySMTP(SMTP):
         """A command line with a verb the session does not know (looked up through _Commands)."""
         self._unknown += 1
         if self._unknown >= UNKNOWN_LIMIT and self.transport is not None:
-            LIMIT_HITS.labels(limit="unknown_commands").inc()
-            log.info("session_cut_off", limit="unknown_commands", commands=self._unknown, command=verb)
-            self.mark_logged()
-            await self.push(str(replies.TOO_MANY_UNKNOWN))
-            self.transport.close()
+            await self._end_for_limit("unknown_commands", self._unknown, verb, replies.TOO_MANY_UNKNOWN)
             return
         await self.push(f'500 Error: command "{verb}" not recognized')  # never echoed (see _with_code)
 
@@ -862,15 +857,14 @@ def _counted(verb: str, method: FunctionType) -> FunctionType:
 
     async def run(self: GatewaySMTP, arg: str | None) -> None:
         if not self._within_call_limit(verb):
-            await self._cut_off_calls(verb)
+            # aiosmtpd's own reply to a command sent too many times
+            await self._end_for_limit(
+                "command_call_limit", self._calls.get(verb, 0), verb, replies.too_many_calls(verb)
+            )
             return
         if verb != "QUIT" and self._commands >= self._max_commands and self.transport is not None:
             # This command would be one too many: refused unexecuted, and the session ends.
-            LIMIT_HITS.labels(limit="max_commands_before_data").inc()
-            log.info("session_cut_off", limit="max_commands_before_data", commands=self._commands, command=verb)
-            self.mark_logged()
-            await self.push(str(replies.TOO_MANY_COMMANDS))
-            self.transport.close()
+            await self._end_for_limit("max_commands_before_data", self._commands, verb, replies.TOO_MANY_COMMANDS)
             return
         self._verb = verb
         try:
