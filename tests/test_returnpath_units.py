@@ -15,6 +15,7 @@ import pytest
 
 from gateway.config import EventSettings
 from gateway.config.returnpath import WebhookSettings
+from gateway.core.errors import AnswerTooLarge
 from gateway.core.events import EventPage, VendorEvent
 from gateway.ledger.announce import Subscriptions
 from gateway.ledger.backends import open_returns
@@ -414,5 +415,34 @@ async def test_an_unrecognised_event_page_fails_its_window_and_the_cursor_waits(
         assert await poller.poll() == "ok"
         record = await ledger.get("M1")
         assert record is not None and record.recipients[0].state == "bounced"
+    finally:
+        await ledger.close()
+
+
+class TooLargeSource:
+    """An EventSource whose upstream answers every page with more than the client reads."""
+
+    max_window = 86400.0
+
+    async def page(self, since: float, until: float, number: int) -> EventPage:
+        raise AnswerTooLarge("DMDS answered with more than 1048576 bytes, not read")
+
+
+@pytest.mark.asyncio
+async def test_an_event_page_too_large_to_read_fails_its_poll_naming_page_size(tmp_path: Path) -> None:
+    """The same window is asked for again at each poll, so the reason logged says what would help."""
+    from structlog.testing import capture_logs
+
+    ledger = await _ledger(tmp_path)
+    try:
+        clock = Clock(T0)
+        poller = _poller(ledger, TooLargeSource(), clock, Subscriptions())
+        assert await poller.poll() == "ok"  # the first poll sets the cursor; the next one reads a window
+        clock.t = T0 + 200
+        with capture_logs() as logs:
+            assert await poller.poll() == "failed"
+        failed = [e for e in logs if e["event"] == "events_poll_failed"]
+        assert len(failed) == 1
+        assert failed[0]["error"].endswith("lower accounts.acme.events.page_size (now 100)")
     finally:
         await ledger.close()

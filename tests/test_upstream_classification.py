@@ -12,10 +12,10 @@ import httpx
 import orjson
 import pytest
 
-from gateway.core.errors import AnswerLost, UpstreamUnavailable
+from gateway.core.errors import AnswerLost, AnswerTooLarge, UpstreamUnavailable
 from gateway.mime import jsonbody
 from gateway.upstream.aiohttp_transport import AiohttpTransport
-from gateway.upstream.client import HttpClient
+from gateway.upstream.client import MAX_RESPONSE, HttpClient
 from gateway.upstream.response import HttpResponse
 from gateway.upstream.upload import Upload
 from tests.smtputil import reset_on_close
@@ -129,6 +129,23 @@ async def test_an_answer_is_an_answer_whatever_its_status(transport: str) -> Non
     async for port in _server(answer):
         response = await _answer(port, transport)
         assert response.status == 503 and response.json() == {}
+
+
+async def too_large(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await _read_request(reader)
+    size = MAX_RESPONSE + 1
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"x" * size)
+    await writer.drain()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_an_answer_over_the_size_read_is_lost_and_says_so(transport: str) -> None:
+    """Not read into memory: an ambiguous answer (the request went), typed so that an event poll can say
+    what helps (a smaller page)."""
+    async for port in _server(too_large):
+        with pytest.raises(AnswerTooLarge) as info:
+            await _answer(port, transport)
+    assert f"more than {MAX_RESPONSE} bytes" in info.value.reason
 
 
 async def two_headers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

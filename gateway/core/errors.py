@@ -69,6 +69,11 @@ class AnswerLost(UpstreamUnavailable):
     """The request went out and its answer was lost: resending it may deliver a second copy."""
 
 
+class AnswerTooLarge(AnswerLost):
+    """The answer was bigger than the gateway reads (gateway.upstream.client.MAX_RESPONSE): not read, so as lost
+    as any other; a reader that asked for it (an event page) can ask for less."""
+
+
 class RateLimited(UpstreamUnavailable):
     default_reply = replies.RATE_LIMITED
 

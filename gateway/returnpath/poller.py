@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from gateway.config import EventSettings
-from gateway.core.errors import GatewayError
+from gateway.core.errors import AnswerTooLarge, GatewayError
 from gateway.core.events import SUPPRESSES, Contacts, EventSource, VendorEvent
 from gateway.core.waits import woken
 from gateway.ledger import announce, readback
@@ -92,6 +92,8 @@ class EventPoller:
             result = await self._poll()
         except (GatewayError, LedgerUnavailable) as exc:
             reason = exc.reason
+            if isinstance(exc, AnswerTooLarge):  # the same page is asked for again at each poll: say what helps
+                reason += f"; lower accounts.{self.account}.events.page_size (now {self.settings().page_size})"
             if self._failing is None:
                 log.warning("events_poll_failed", account=self.account, error=reason, retry_in=self.settings().interval)
             self._failing = reason

@@ -29,6 +29,10 @@ async def slices(body: bytes | bytearray) -> AsyncIterator[bytes]:
         yield bytes(view[start : start + _SLICE])
 
 
+class OverLimit(httpx.ReadError):
+    """An answer over the size read (`max_response`): it was not read, so it is lost like a broken read."""
+
+
 class AiohttpTransport(httpx.AsyncBaseTransport):
     """One pooled keep-alive aiohttp session; created on first use, inside the running event loop."""
 
@@ -154,7 +158,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                     content += chunk
                     if len(content) > self._max_response:
                         # No API answer is this big: stop reading (a misbehaving upstream must not fill memory).
-                        raise httpx.ReadError(f"answer larger than {self._max_response} bytes", request=request)
+                        raise OverLimit(f"answer larger than {self._max_response} bytes", request=request)
                 return (
                     response.status,
                     [(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.raw_headers],

@@ -27,10 +27,10 @@ from typing import Literal
 import httpx
 from prometheus_client import Histogram
 
-from gateway.core.errors import AnswerLost, UpstreamUnavailable
+from gateway.core.errors import AnswerLost, AnswerTooLarge, UpstreamUnavailable
 from gateway.mime import jsonbody
 from gateway.ops.metrics import UPSTREAM_SECONDS
-from gateway.upstream.aiohttp_transport import AiohttpTransport, slices
+from gateway.upstream.aiohttp_transport import AiohttpTransport, OverLimit, slices
 from gateway.upstream.response import HttpResponse
 from gateway.upstream.upload import Upload
 
@@ -144,6 +144,8 @@ class HttpClient:
             raise UpstreamUnavailable(
                 f"{self.upstream} unreachable, request not sent ({type(exc).__name__}: {exc})"
             ) from exc
+        except OverLimit as exc:
+            raise AnswerTooLarge(f"{self.upstream} answered with more than {MAX_RESPONSE} bytes, not read") from exc
         except httpx.ReadTimeout as exc:
             raise AnswerLost(f"{self.upstream} sent no answer in time after the request was sent ({exc})") from exc
         except (httpx.ReadError, httpx.RemoteProtocolError) as exc:
@@ -247,5 +249,5 @@ async def _read_capped(response: httpx.Response, limit: int) -> bytes:
     async for chunk in response.aiter_bytes():
         body += chunk
         if len(body) > limit:
-            raise httpx.ReadError(f"answer larger than {limit} bytes")
+            raise OverLimit(f"answer larger than {limit} bytes")
     return bytes(body)
