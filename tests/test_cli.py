@@ -94,6 +94,30 @@ def test_check_config_prints_json_with_every_secret_masked(tmp_path: Path) -> No
     _secrets_absent(result, FILE_APIKEY, PASSWORD_HASH, PASSWORD)
 
 
+def test_check_config_masks_a_webhooks_path_and_query(tmp_path: Path) -> None:
+    """Chat and automation services put the hook's token in its URL: only scheme and host are printed."""
+    token = "T0KEN-9f3a1c77e2b84d0b"
+    hooks = [
+        {"name": "chat", "url": f"https://hooks.example.net/services/{token}?sig={token}", "secret": "s" * 32},
+        {"name": "app", "url": "https://app.example.net:8443", "secret": "s" * 32},
+    ]
+    result = run_cli("check-config", "--config-only", "-c", str(write_config(tmp_path, webhooks=hooks)))
+    assert result.returncode == 0, result.stderr
+    urls = [hook["url"] for hook in json.loads(result.stdout)["webhooks"]]
+    assert urls == ["https://hooks.example.net/**********", "https://app.example.net:8443"]
+    _secrets_absent(result, token, "s" * 32)
+
+
+@pytest.mark.parametrize(
+    "url", ["postgresql://gw:pw@db.example/gw", "postgresql://gw@db.example/gw?sslmode=require&password=pw"]
+)
+def test_a_queue_url_holding_a_password_is_refused_without_echoing_it(tmp_path: Path, url: str) -> None:
+    result = run_cli("check-config", "--config-only", "-c", str(write_config(tmp_path, delivery={"queue_url": url})))
+    assert result.returncode == 2
+    assert "delivery.queue_url: holds a password" in result.stderr
+    assert "pw@" not in result.stderr and "password=pw" not in result.stderr
+
+
 def test_unknown_key_is_refused_and_named(tmp_path: Path) -> None:
     config = write_config(tmp_path, limits={"max_recipeints": 5})
     result = run_cli("check-config", "-c", str(config))

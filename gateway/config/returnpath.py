@@ -6,7 +6,7 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, field_serializer, field_validator, model_validator
 
 from gateway.config.section import Section, secret_or_file
 from gateway.core.events import EVENT_TYPES
@@ -173,6 +173,17 @@ class WebhookSettings(Section):
         if parts.scheme == "http" and not _loopback(parts.hostname):
             raise ValueError("events travel in clear over http://: use https:// (http:// only to loopback)")
         return v
+
+    @field_serializer("url", when_used="json")
+    def _shown_url(self, v: str) -> str:
+        """The URL as check-config and the console print it: chat and automation services put the hook's
+        token in its path or query, so those are masked as secrets are; the host says which hook it is."""
+        from urllib.parse import urlsplit, urlunsplit
+
+        parts = urlsplit(v)
+        if parts.path in ("", "/") and not parts.query and not parts.fragment:
+            return v
+        return urlunsplit((parts.scheme, parts.netloc, "/**********", "", ""))
 
     @field_validator("events")
     @classmethod

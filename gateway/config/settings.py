@@ -384,7 +384,9 @@ class DeliverySettings(_Section):
         if v and not v.startswith(("postgresql://", "postgres://")):
             raise ValueError("must be a postgresql:// URL (leave it empty for the SQLite queue at spool_path)")
         netloc = v.split("://", 1)[-1].split("/", 1)[0]
-        if ":" in netloc.rpartition("@")[0]:
+        # libpq also takes the password as a query parameter (postgresql://u@h/db?password=...).
+        query = v.partition("?")[2].lower()
+        if ":" in netloc.rpartition("@")[0] or any(p.strip().startswith("password=") for p in query.split("&")):
             raise ValueError("holds a password: put it in queue_password (or queue_password_file, or PGPASSWORD)")
         return v
 
