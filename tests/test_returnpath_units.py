@@ -23,6 +23,7 @@ from gateway.ledger.model import RANK, MessageRow, RecipientRow, replaces
 from gateway.ledger.sqlite import SqliteLedger
 from gateway.ledger.suppression import SuppressionSet
 from gateway.providers.dmds import eventwire
+from gateway.returnpath.notices import NoticeSender
 from gateway.returnpath.poller import Context, EventPoller
 from gateway.upstream.response import HttpResponse
 
@@ -323,15 +324,15 @@ class BusyOwner:
         return Reply(451, "4.3.1", "the queue is busy, try again later")
 
 
-@pytest.mark.asyncio
-async def test_a_notice_put_off_by_a_busy_queue_keeps_the_senders_count(tmp_path: Path) -> None:
-    """per_sender is 1: a notice answered 4xx several times (each retried a minute later) is still sent once
-    the queue takes it, instead of ending skipped/rate_limited after the first retry."""
+async def _notice_sender(
+    tmp_path: Path, owner: object, clock: Clock, messages: list[str]
+) -> tuple[NoticeSender, SqliteLedger]:
+    """A NoticeSender over a SQLite ledger holding, for each of `messages`, one bounced recipient whose
+    sender is to be told (per_sender 1); returns it and the ledger (to close)."""
     from gateway.config import load_settings
     from gateway.ledger.model import NoticeRow
     from gateway.ledger.notice import NoticeData
     from gateway.providers import registry
-    from gateway.returnpath.notices import RETRY_LATER, NoticeSender
     from tests.configs import gateway_config
 
     settings = load_settings(
@@ -340,28 +341,39 @@ async def test_a_notice_put_off_by_a_busy_queue_keeps_the_senders_count(tmp_path
     )
     provider = registry.build("acme", settings.accounts["acme"])
     ledger = await _ledger(tmp_path)
-    try:
-        notice = NoticeData(to="billing@acme.example", login="scanner", params={"campaign": 22}).to_json()
-        created = T0 - 600
+    created = T0 - 600
+    for n, msg_id in enumerate(messages):
+        notice = NoticeData(to=f"billing{n}@acme.example", login="scanner", params={"campaign": 22}).to_json()
         await ledger.write(
             [
                 MessageRow(
-                    "M1", created, "acme", "billing@acme.example", "Invoice", 100, login="scanner", notice=notice
+                    msg_id, created, "acme", "billing@acme.example", "Invoice", 100, login="scanner", notice=notice
                 ),
-                RecipientRow("M1", created, "a@example.net", "bounced", T0 - 60, reason="550 5.1.1 unknown"),
-                NoticeRow("M1", created, "a@example.net", T0 - 60),
+                RecipientRow(msg_id, created, "a@example.net", "bounced", T0 - 60, reason="550 5.1.1 unknown"),
+                NoticeRow(msg_id, created, "a@example.net", T0 - 60),
             ]
         )
-        owner, clock = BusyOwner(), Clock(T0)
-        sender = NoticeSender(
-            open_returns(ledger),
-            owner,  # type: ignore[arg-type]
-            lambda: {"acme": provider},
-            lambda: settings,
-            SuppressionSet(),
-            actor="gw-a",
-            clock=clock,
-        )
+    sender = NoticeSender(
+        open_returns(ledger),
+        owner,  # type: ignore[arg-type]
+        lambda: {"acme": provider},
+        lambda: settings,
+        SuppressionSet(),
+        actor="gw-a",
+        clock=clock,
+    )
+    return sender, ledger
+
+
+@pytest.mark.asyncio
+async def test_a_notice_put_off_by_a_busy_queue_keeps_the_senders_count(tmp_path: Path) -> None:
+    """per_sender is 1: a notice answered 4xx several times (each retried a minute later) is still sent once
+    the queue takes it, instead of ending skipped/rate_limited after the first retry."""
+    from gateway.returnpath.notices import RETRY_LATER
+
+    owner, clock = BusyOwner(), Clock(T0)
+    sender, ledger = await _notice_sender(tmp_path, owner, clock, ["M1"])
+    try:
         for step in range(3):
             clock.t = T0 + step * (RETRY_LATER + 1)
             assert await sender.round() == 1
@@ -372,6 +384,44 @@ async def test_a_notice_put_off_by_a_busy_queue_keeps_the_senders_count(tmp_path
         clock.t = T0 + 3 * (RETRY_LATER + 1)
         assert await sender.round() == 1
         assert _select(tmp_path, "SELECT state, notice_id FROM ledger_notices") == [("sent", "N4")]
+    finally:
+        await ledger.close()
+
+
+class BuggyOwner:
+    """A delivery owner that raises (a bug) for the first notice it is given and takes the others."""
+
+    def __init__(self) -> None:
+        self.submitted = 0
+
+    async def submit(self, *args: object, **kwargs: object) -> object:
+        from gateway.core.replies import Reply
+
+        self.submitted += 1
+        if self.submitted == 1:
+            raise RuntimeError("a bug in the delivery owner")
+        return Reply(250, "2.0.0", f"queued as N{self.submitted}")
+
+
+@pytest.mark.asyncio
+async def test_a_bug_with_one_notice_fails_it_and_the_others_claimed_with_it_go(tmp_path: Path) -> None:
+    """Before, the exception ended the round: every notice claimed with it waited for its lease, and the
+    notice came back first in the next batch at every lease, for ever."""
+    from structlog.testing import capture_logs
+
+    from gateway.ops.metrics import INTERNAL_ERRORS
+
+    owner = BuggyOwner()
+    sender, ledger = await _notice_sender(tmp_path, owner, Clock(T0), ["M1", "M2", "M3"])
+    bugs = INTERNAL_ERRORS.labels(where="notices")._value.get()
+    try:
+        with capture_logs() as logs:
+            assert await sender.round() == 3
+        states = _select(tmp_path, "SELECT state FROM ledger_notices")
+        assert sorted(state for (state,) in states) == ["failed", "sent", "sent"]
+        assert owner.submitted == 3
+        assert INTERNAL_ERRORS.labels(where="notices")._value.get() == bugs + 1
+        assert [e["event"] for e in logs if e["log_level"] == "error"] == ["notice_internal_error"]
     finally:
         await ledger.close()
 

@@ -124,6 +124,20 @@ class NoticeSender:
             await self.decide(msg_id, group)
         return len(claims)
 
+    async def _send_or_fail(
+        self, record: Record, data: NoticeData, recipients: Sequence[model.Recipient]
+    ) -> tuple[Decision | None, str | None]:
+        """_send, where a bug fails this notice for good (logged once with its traceback, counted): retried, it
+        would come back at every lease, first in each batch, and hold up the notices claimed with it."""
+        try:
+            return await self._send(record, data, recipients)
+        except LedgerUnavailable:
+            raise
+        except Exception as exc:
+            INTERNAL_ERRORS.labels(where="notices").inc()
+            log.error("notice_internal_error", queue_id=record.id, exc_info=exc)
+            return Decision("failed", "failed", "the notice could not be made (an internal error, logged)"), None
+
     async def decide(self, msg_id: str, claims: Sequence[Claim]) -> None:
         found = await self.returns.notice_data(msg_id)
         record, text = found if found is not None else (None, None)
@@ -132,7 +146,7 @@ class NoticeSender:
         recipients = [r for r in record.recipients if address_key(r.address) in rcpts] if record else []
         decision, notice_id, data = self._rules(record, text, recipients)
         if decision is None and record is not None and data is not None:
-            decision, notice_id = await self._send(record, data, recipients)
+            decision, notice_id = await self._send_or_fail(record, data, recipients)
         if decision is None:  # the queue cannot take it now: later
             await self.returns.postpone_notices(claims, self.clock() + RETRY_LATER, "the delivery owner was busy")
             return
