@@ -25,7 +25,8 @@ from gateway.config.reload import ConfigStatus, ReloadPlan, plan_reload
 from gateway.core.errors import QueueTooNew, SpoolUnavailable
 from gateway.core.waits import idle
 from gateway.delivery.health import AccountHealth
-from gateway.delivery.owner import DeliveryOwner, owner_id
+from gateway.delivery.leaseowners import owner_id
+from gateway.delivery.owner import DeliveryOwner
 from gateway.delivery.worker import RetryWorker
 from gateway.ledger import retention
 from gateway.ledger.backends import open_ledger

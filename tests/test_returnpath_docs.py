@@ -21,7 +21,7 @@ NORMAL = [
     (re.compile(r"\b[0-9A-F]{16}\b"), "<id>"),
     (re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"), "<time>"),
     (re.compile(r"\(\d{4}-\d\d-\d\d\)"), "(<date>)"),
-    (re.compile(r"by \S+:\d+:[0-9a-f]{8}"), "by <instance>"),
+    (re.compile(r"by \S+:\d+:[0-9a-f]{8}-[0-9a-f]{8}"), "by <instance>"),
     (re.compile(r"127\.0\.0\.1:\d+ on listener"), "127.0.0.1:<port> on listener"),
     (re.compile(r", \d+ B$"), ", <size> B"),
     (re.compile(r"\s+$"), ""),

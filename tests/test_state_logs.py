@@ -13,6 +13,7 @@ import structlog
 from gateway.config import DeliverySettings
 from gateway.core.errors import UpstreamAuthFailed, UpstreamUnavailable
 from gateway.delivery.health import AccountHealth
+from gateway.delivery.leaseowners import place
 from gateway.delivery.owner import DeliveryOwner
 from gateway.delivery.worker import RetryWorker
 from gateway.queue.sqlite import SqliteQueue
@@ -77,9 +78,9 @@ async def test_dead_processes_leases_are_logged_once_not_at_every_look(tmp_path:
     not this worker's), the next looks find nothing new to say."""
     store = SqliteQueue(tmp_path / "queue.sqlite3")
     settings = DeliverySettings(spool_path=tmp_path / "queue.sqlite3", instance_name="host1")
-    owner = DeliveryOwner({}, store, settings, AccountHealth([]), owner=f"host1:{os.getpid()}:aaaa")
+    owner = DeliveryOwner({}, store, settings, AccountHealth([]), owner=f"host1:{os.getpid()}:{place()}-aaaa")
     worker = RetryWorker(owner, [], 4, 1.0, 15.0)
-    dead = "host1:999999999:bbbb"  # no such process
+    dead = f"host1:999999999:{place()}-bbbb"  # no such process, here
     try:
         await store.insert(new("M1", time.time(), owner=dead))
         with structlog.testing.capture_logs() as logs:

@@ -353,8 +353,8 @@ class DeliverySettings(_Section):
     )
     instance_name: str = Field(
         "",
-        description="This instance's name in the queue's leases (owner `<name>:<pid>:<nonce>`); empty: the host "
-        "name. Give each machine (container, pod) its own.",
+        description="This instance's name in the queue's leases (owner `<name>:<pid>:<place>-<nonce>`); empty: "
+        "the host name. A name per machine (container, pod) makes logs easier to read; a shared one is safe.",
     )
     lease_seconds: float = Field(
         60.0,

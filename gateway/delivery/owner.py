@@ -19,10 +19,8 @@ import contextlib
 import functools
 import os
 import random
-import secrets
-import socket
 import time
-from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -40,6 +38,7 @@ from gateway.core.waits import idle
 from gateway.delivery import transition
 from gateway.delivery.health import AccountHealth
 from gateway.delivery.keys import IdempotencyKeys
+from gateway.delivery.leaseowners import owner_id
 from gateway.ledger.recorder import Recorder
 from gateway.ops import logs
 from gateway.ops.metrics import (
@@ -76,47 +75,10 @@ def new_id() -> str:
         return _id_pool.pop()
 
 
-def owner_id(instance: str = "") -> str:
-    """This process as a lease owner: instance (host) name, pid and a nonce (a restarted process is a new owner)."""
-    return f"{instance or socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-
-
 @functools.lru_cache(maxsize=1024)
 def _delivered(account: str, path: str, verdict: str) -> Any:
     """The deliveries counter's child, bound once per label set (labels() takes a lock and walks a dict)."""
     return DELIVERIES.labels(account=account, path=path, verdict=verdict)
-
-
-def dead_local_owners(me: str, owners: Iterable[str]) -> list[str]:
-    """The lease owners among `owners` that are processes of this instance (host) that are gone (killed,
-    crashed): their leases may end now rather than after their time. Another instance's owners are left to
-    their leases: their processes cannot be seen from here."""
-    host = _split_owner(me)[0]
-    dead = []
-    for other in owners:
-        other_host, other_pid, _ = _split_owner(other)
-        if other == me or other_host != host or other_pid is None:
-            continue
-        # Our own pid with another nonce is an earlier incarnation (containers: always pid 1).
-        if other_pid == os.getpid() or not _alive(other_pid):
-            dead.append(other)
-    return dead
-
-
-def _split_owner(owner: str) -> tuple[str, int | None, str]:
-    rest, _, nonce = owner.rpartition(":")
-    host, _, pid = rest.rpartition(":")
-    return host, int(pid) if pid.isdigit() else None, nonce
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass

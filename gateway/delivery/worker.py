@@ -18,7 +18,8 @@ import structlog
 
 from gateway.core.errors import SpoolUnavailable
 from gateway.core.waits import idle
-from gateway.delivery.owner import DeliveryOwner, dead_local_owners
+from gateway.delivery.leaseowners import dead_local_owners
+from gateway.delivery.owner import DeliveryOwner
 from gateway.ops.metrics import INTERNAL_ERRORS, QUEUE_CLAIM_SECONDS
 
 log = structlog.get_logger("gateway.queue.worker")

@@ -16,7 +16,8 @@ import structlog
 
 from gateway.config import EventSettings, Settings, WebhookSettings
 from gateway.core.waits import idle
-from gateway.delivery.owner import DeliveryOwner, dead_local_owners
+from gateway.delivery.leaseowners import dead_local_owners
+from gateway.delivery.owner import DeliveryOwner
 from gateway.ledger.announce import Subscriptions
 from gateway.ledger.backends import open_returns
 from gateway.ledger.recorder import Recorder
