@@ -129,17 +129,19 @@ class Pipeline:
         To/Cc addresses that are not recipients (left out, not refused). `on_gone`: when the client leaves before
         the reply (the task is cancelled), called once: with the reply the message's first attempt decided, or
         None when nothing was sent (gone before the message was handed to the delivery owner)."""
-        receipt = receipt if receipt is not None else Receipt()
-        account = self.settings.accounts[principal.account]
-        setting = self._notify.get((principal.account, principal.login), account.dsn.notify)
-        notify = notice.target(setting, mail_from)
-        # A notice quotes the header block as received; kept only when a notice could be sent.
-        headers = header_block(raw) if notify is not None else None
-        origin = replace(origin or Origin(), size=len(raw), notify=notify, headers=headers)
-        bound = log.bind(login=principal.login, account=principal.account, size=len(raw), rcpts=len(rcpt_tos))
+        # A spilled message is this call's from here (the SMTP hook no longer discards it): whatever happens
+        # below, the finally clause discards it unless the delivery owner took it over.
         spill = raw if isinstance(raw, SpillMap) else None
+        receipt = receipt if receipt is not None else Receipt()
+        bound = log.bind(login=principal.login, account=principal.account, size=len(raw), rcpts=len(rcpt_tos))
         handed = False  # to the owner, which then answers on_gone itself
         try:
+            account = self.settings.accounts[principal.account]
+            setting = self._notify.get((principal.account, principal.login), account.dsn.notify)
+            notify = notice.target(setting, mail_from)
+            # A notice quotes the header block as received; kept only when a notice could be sent.
+            headers = header_block(raw) if notify is not None else None
+            origin = replace(origin or Origin(), size=len(raw), notify=notify, headers=headers)
             submission, plan = await self.prepare(
                 principal, mail_from, rcpt_tos, raw, smtputf8, drop_invalid_header_addresses
             )

@@ -4,15 +4,18 @@ queue), and no file is left behind, open or named, however the message ends."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import os
 import smtplib
+import threading
 from collections.abc import Callable, Iterator
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -309,3 +312,54 @@ def test_a_spilled_message_of_a_test_login_sends_nothing_and_leaves_nothing(
     assert code == 250 and reply.startswith(b"2.0.0 Ok: queued as TEST-"), reply
     assert spilled() == before + 1 and gw.requests == []
     nothing_left(tmp_path / "spill")
+
+
+def _quota_take_fails(*_: Any) -> Any:
+    raise RuntimeError("quota store bug")
+
+
+@pytest.mark.parametrize("way", ["quota refusal", "quota store fails", "client gone while counted"])
+def test_a_spilled_message_that_never_reaches_accept_leaves_no_file_open(
+    gateway_factory: Callable[..., Running], tmp_path: Path, way: str
+) -> None:
+    # The end of DATA can end before the pipeline has the message: the login's byte quota refuses it (552,
+    # without SIZE= only known then), its quota store fails (451), or the client leaves while it is counted.
+    # The session only drops its reference; the file (and its space) must go all the same.
+    metered = {
+        "username": "metered",
+        "password_hash": PASSWORD_HASH,
+        "campaign": 22,
+        "quota": {"bytes_per_day": 100_000},
+    }
+    gw = spilling(gateway_factory, tmp_path, 64 * 1024, extra_users=[metered])
+    directory = tmp_path / "spill"
+    counting = threading.Event()
+    per_login = gw.app.listeners.handlers["plain"].per_login
+    assert per_login is not None
+    if way == "quota store fails":
+        per_login.quotas.take = _quota_take_fails  # type: ignore[method-assign]
+    elif way == "client gone while counted":
+
+        async def stuck(*_: Any) -> Any:
+            counting.set()
+            await asyncio.get_running_loop().create_future()  # a shared store's transaction that never ends
+
+        per_login.quotas.take = stuck  # type: ignore[method-assign]
+    raw, _ = scan(MIB)  # over the byte quota, and spilled
+    with RawClient(gw) as client:
+        client.cmd("EHLO client.test")
+        assert client.login("metered", PASSWORD).startswith("235 ")
+        assert client.cmd("MAIL FROM:<billing@acme.example>").startswith("250 ")  # no SIZE=
+        assert client.cmd("RCPT TO:<client@example.com>").startswith("250 ")
+        assert client.cmd("DATA").startswith("354 ")
+        client.write(raw + b".\r\n")
+        if way == "client gone while counted":
+            assert counting.wait(10), "the quota store was never asked"
+            assert open_in(directory), "the message was not spilled"
+            client.reset_on_close()
+        else:
+            expected = "552 5.3.4 " if way == "quota refusal" else "451 4.3.0 "
+            reply = client.reply()[-1]
+            assert reply.startswith(expected), reply
+    nothing_left(directory)
+    assert gw.sent == []

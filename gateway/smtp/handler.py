@@ -455,38 +455,50 @@ class GatewayHandler:
         return str(replies.RECIPIENT_OK)
 
     async def handle_DATA(self, server: Any, session: Session, envelope: Envelope) -> str:
-        principal = self.principal(session)
-        if principal is None:
-            return str(replies.AUTH_REQUIRED)
         raw = envelope.original_content
         assert isinstance(raw, (bytes, bytearray, SpillMap)) and envelope.mail_from is not None
-        txn = server.txn
-        taken = None
-        per_login = self.per_login
-        if per_login is not None:
-            refusal, taken = await per_login.take(server, principal, len(raw))
-            if refusal is not None:
-                return refusal
+        # A spilled message's file is discarded by accept() once accept has it (at once, or when its first
+        # attempt ends). Until then it is this hook's: every other way out (a quota refusal, a quota store that
+        # fails, the client gone while the quota is counted) discards it here. The session only drops its
+        # reference, and the unlinked file would keep its disk space and a descriptor until the process exits.
+        unhanded = raw if isinstance(raw, SpillMap) else None
+        try:
+            principal = self.principal(session)
+            if principal is None:
+                return str(replies.AUTH_REQUIRED)
+            txn = server.txn
+            taken = None
+            per_login = self.per_login
+            if per_login is not None:
+                refusal, taken = await per_login.take(server, principal, len(raw))
+                if refusal is not None:
+                    return refusal
 
-        def gone(decided: Reply | None) -> None:
-            # The client left during delivery (this task cancelled): the delivery goes on, and the quota is
-            # settled by its outcome; given back only when nothing was accepted (refused, or never sent).
-            assert per_login is not None
-            per_login.settle(principal, taken, "" if decided is None else str(decided))
+            def gone(decided: Reply | None) -> None:
+                # The client left during delivery (this task cancelled): the delivery goes on, and the quota is
+                # settled by its outcome; given back only when nothing was accepted (refused, or never sent).
+                assert per_login is not None
+                per_login.settle(principal, taken, "" if decided is None else str(decided))
 
-        reply = await self.pipeline.accept(
-            principal,
-            envelope.mail_from,
-            list(envelope.rcpt_tos),
-            raw,
-            "SMTPUTF8" in envelope.mail_options,
-            receipt=txn.receipt if txn is not None else None,
-            reservation=server.take_reservation(),
-            origin=Origin(listener=server.listener, peer=_peer(session)),
-            test_mode=self.per_login.test_mode(principal) if self.per_login else False,
-            drop_invalid_header_addresses=self.listener.drop_invalid_header_addresses,
-            on_gone=gone if per_login is not None else None,
-        )
+            origin = Origin(listener=server.listener, peer=_peer(session))
+            test_mode = per_login.test_mode(principal) if per_login is not None else False
+            unhanded = None  # accept() owns it from its first line: nothing may fail between here and there
+            reply = await self.pipeline.accept(
+                principal,
+                envelope.mail_from,
+                list(envelope.rcpt_tos),
+                raw,
+                "SMTPUTF8" in envelope.mail_options,
+                receipt=txn.receipt if txn is not None else None,
+                reservation=server.take_reservation(),
+                origin=origin,
+                test_mode=test_mode,
+                drop_invalid_header_addresses=self.listener.drop_invalid_header_addresses,
+                on_gone=gone if per_login is not None else None,
+            )
+        finally:
+            if unhanded is not None:
+                unhanded.discard()
         if per_login is not None:
             per_login.settle(principal, taken, str(reply))
         return str(reply)
