@@ -16,7 +16,7 @@ from typing import Literal
 from gateway.core import replies
 from gateway.core.errors import ContentRejected
 from gateway.core.model import Attachment
-from gateway.mime import charsets, payload, sanitize
+from gateway.mime import charsets, flowed, payload, sanitize
 from gateway.mime.headers import (
     RAW_HEADERS,
     content_charset,
@@ -186,7 +186,10 @@ class _Walk:
                 f"charset_errors: part {self.leaves} ({ctype}, charset {label or 'none'}, read as {decoded.codec}):"
                 f" {decoded.replaced} characters replaced"
             )
-        return sanitize.body(decoded.text.replace("\r\n", "\n"))
+        text = decoded.text.replace("\r\n", "\n")
+        if ctype == "text/plain" and _param_is(part, fields, "format", "flowed"):
+            text = flowed.unflow(text, delsp=_param_is(part, fields, "delsp", "yes"))
+        return sanitize.body(text)
 
     def payload_bytes(self, part: EmailMessage, ctype: str, fields: dict[str, str]) -> bytes:
         if ctype.startswith("message/"):
@@ -233,6 +236,12 @@ class _Walk:
             inline=disposition == "inline" or (content_id is not None and disposition != "attachment"),
             b64=carried,
         )
+
+
+def _param_is(part: EmailMessage, fields: dict[str, str], param: str, value: str) -> bool:
+    """The Content-Type parameter `param` is `value` (as RFC 2045 compares them: ignoring case)."""
+    found = get_param(part, param, fields=fields)
+    return isinstance(found, str) and found.strip().lower() == value
 
 
 def _raw_payload(part: EmailMessage) -> bytes:
