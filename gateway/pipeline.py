@@ -244,6 +244,9 @@ class Pipeline:
         plan = provider.plan(submission)
         if not plan:
             raise ContentRejected(reply=replies.NO_VALID_RECIPIENTS)
+        for field in mime.not_sent_fields(message.defects):
+            # A From or Reply-To with several addresses: the upstream's field takes one (a logged defect too).
+            FIELDS_NOT_SENT.labels(account=principal.account, field=field).inc()
         return submission, plan
 
 

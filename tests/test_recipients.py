@@ -6,7 +6,9 @@ from typing import Any
 
 from gateway.core.model import Address
 from gateway.providers.dmds.legs import Leg, plan_legs
+from tests.devices_util import captured_logs, events
 from tests.harness import Running
+from tests.ops_util import sample
 from tests.smtputil import message, send, session
 
 
@@ -154,3 +156,39 @@ def test_without_reply_to_several_contacts_stay_one_call(gateway: Running) -> No
     assert code == 250, text
     assert [r["path"] for r in gateway.sent] == ["/v1/envio/send_many_inline/"]
     assert "reply-to" not in bodies[0]
+
+
+def test_extra_reply_to_and_from_addresses_are_not_sent_and_that_is_recorded(gateway: Running) -> None:
+    # Both APIs take one reply-to and one sender address: the first is sent; the others are not lost in
+    # silence but logged (message_repaired) and counted (fields_not_sent).
+    def not_sent(field: str) -> float:
+        return sample("smtp_gateway_fields_not_sent_total", account="acme", field=field)
+
+    before = {field: not_sent(field) for field in ("reply_to_addresses", "from_addresses")}
+    raw = (
+        b"From: Billing <billing@acme.example>, Other <someone@other.example>\r\n"
+        b"Reply-To: tickets@acme.example, Ana <ana@acme.example>\r\nTo: a@example.com\r\nSubject: two\r\n\r\nbody\r\n"
+    )
+    with captured_logs() as logs, session(gateway) as client:
+        code, text = send(client, raw, ["a@example.com"])
+    assert code == 250, text
+    [body] = [r["body"] for r in gateway.sent]
+    assert (body["reply-to"], body["remitente"]) == ("tickets@acme.example", "billing@acme.example")
+    [repaired] = events(logs, "message_repaired")
+    assert repaired["defects"] == [
+        "several_addresses: From has 2 addresses, only the first is sent",
+        "several_addresses: Reply-To has 2 addresses, only the first is sent",
+    ]
+    assert {field: not_sent(field) - before[field] for field in before} == {
+        "reply_to_addresses": 1,
+        "from_addresses": 1,
+    }
+
+
+def test_one_reply_to_address_records_nothing(gateway: Running) -> None:
+    before = sample("smtp_gateway_fields_not_sent_total", account="acme", field="reply_to_addresses")
+    with captured_logs() as logs:
+        code, text, _ = deliver(gateway, "Reply-To: tickets@acme.example\r\nTo: a@example.com\r\n", ["a@example.com"])
+    assert code == 250, text
+    assert not events(logs, "message_repaired")
+    assert sample("smtp_gateway_fields_not_sent_total", account="acme", field="reply_to_addresses") == before

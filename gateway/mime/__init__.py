@@ -4,6 +4,6 @@ parts, charsets, headers, sanitising and lenient payload decoding; jsonbody.py w
 from __future__ import annotations
 
 from gateway.mime.bodies import text_to_html
-from gateway.mime.parser import expensive, parse
+from gateway.mime.parser import expensive, not_sent_fields, parse
 
-__all__ = ["expensive", "parse", "text_to_html"]
+__all__ = ["expensive", "not_sent_fields", "parse", "text_to_html"]

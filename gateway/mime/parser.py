@@ -205,9 +205,9 @@ def _parse(raw: bytes | bytearray | SpillMap, lift_above: int | None, fast: bool
     )
     return Message(
         subject=sanitize.field(header_text(headers.get("subject", [""])[0])),
-        from_=_first_address(headers, "from"),
+        from_=_first_address(headers, "from", defects),
         sender=_first_address(headers, "sender"),
-        reply_to=_first_address(headers, "reply-to"),
+        reply_to=_first_address(headers, "reply-to", defects),
         to=_addresses(headers, "to"),
         cc=_addresses(headers, "cc"),
         html=decoded.html,
@@ -271,6 +271,24 @@ def _addresses(headers: dict[str, list[str]], name: str) -> tuple[Address, ...]:
     return tuple(result)
 
 
-def _first_address(headers: dict[str, list[str]], name: str) -> Address | None:
+def _first_address(headers: dict[str, list[str]], name: str, defects: list[str] | None = None) -> Address | None:
+    """The header's first address. `defects`: for a header whose upstream field takes one address (From,
+    Reply-To: DMDS remitente/reply-to, dEngage from/replyTo), where it is said that the others are not sent."""
     found = _addresses(headers, name)
+    if len(found) > 1 and defects is not None:
+        defects.append(f"{SEVERAL_ADDRESSES}: {_HEADER_NAMES[name]} has {len(found)} addresses, only the first is sent")
     return found[0] if found else None
+
+
+# The defect of a From or Reply-To with more than one address, and the field it is counted as in
+# smtp_gateway_fields_not_sent_total (not_sent_fields()).
+SEVERAL_ADDRESSES = "several_addresses"
+_NOT_SENT_FIELDS = {"From": "from_addresses", "Reply-To": "reply_to_addresses"}
+
+
+def not_sent_fields(defects: tuple[str, ...]) -> list[str]:
+    """The fields_not_sent labels of a parsed message's defects: the headers whose other addresses are not sent."""
+    prefix = SEVERAL_ADDRESSES + ": "
+    return [
+        _NOT_SENT_FIELDS[defect[len(prefix) :].partition(" ")[0]] for defect in defects if defect.startswith(prefix)
+    ]

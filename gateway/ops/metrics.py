@@ -83,7 +83,8 @@ FIELDS_NOT_SENT = Counter(
     "while no Content-ID field is known), x_headers (dEngage messages with X- headers not in the account's "
     "forward_x_headers), from_identity (dEngage calls whose From has no identity id for from_identity_field), "
     "header_addresses (messages whose invalid header-only To/Cc addresses a listener's "
-    "drop_invalid_header_addresses removed)",
+    "drop_invalid_header_addresses removed), from_addresses and reply_to_addresses (messages whose From or "
+    "Reply-To header has several addresses: the upstream field takes one, the first is sent)",
     ["account", "field"],
     registry=REGISTRY,
 )
