@@ -14,7 +14,15 @@ import structlog
 from gateway import mime, policy
 from gateway.config import Settings
 from gateway.core import replies
-from gateway.core.errors import ContentRejected, Deferred, DnsTempFailure, GatewayError, PolicyRejected, Rejected
+from gateway.core.errors import (
+    ContentRejected,
+    Deferred,
+    DnsTempFailure,
+    GatewayError,
+    PolicyRejected,
+    Rejected,
+    SpillFailed,
+)
 from gateway.core.model import Call, Message, Origin, Principal, Receipt, Submission
 from gateway.core.replies import Reply
 from gateway.core.spill import SpillMap
@@ -25,7 +33,7 @@ from gateway.ledger.model import iso
 from gateway.ledger.suppression import SuppressionSet
 from gateway.limits.budget import Reservation
 from gateway.mime.headers import header_block
-from gateway.ops.metrics import FIELDS_NOT_SENT, INTERNAL_ERRORS, MESSAGES, SUPPRESSED_RECIPIENTS
+from gateway.ops.metrics import FIELDS_NOT_SENT, INTERNAL_ERRORS, MESSAGES, SPILL_FAILURES, SUPPRESSED_RECIPIENTS
 from gateway.policy.dns import DnsResolver, DnsTemporaryError
 from gateway.providers.base import Provider
 
@@ -173,6 +181,12 @@ class Pipeline:
             if on_gone is not None and not handed:
                 on_gone(None)  # the client left before its message was handed over: nothing is sent
             raise
+        except SpillFailed as exc:
+            # As a spill file that cannot take DATA (gateway/smtp/protocol.py): the same reply, counter and event.
+            SPILL_FAILURES.inc()
+            bound.error("data_spill_failed", directory=exc.directory, error=exc.error)
+            receipt.reason = exc.reason
+            reply = exc.reply
         except (Rejected, Deferred) as exc:
             receipt.reason = exc.reason
             reply = exc.reply

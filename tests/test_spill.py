@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import errno
 import os
 import smtplib
 import threading
@@ -23,6 +24,7 @@ import gateway.core.spill as spill_module
 from gateway.core.spill import SpillFile
 from gateway.ledger.model import Query
 from gateway.ops.metrics import REGISTRY
+from tests.devices_util import captured_logs, events
 from tests.harness import DENGAGE_SENDER, DENGAGE_USER, PASSWORD, PASSWORD_HASH, USER, Running
 from tests.smtputil import RawClient
 from tests.spool_helpers import wait_for
@@ -363,3 +365,33 @@ def test_a_spilled_message_that_never_reaches_accept_leaves_no_file_open(
             assert reply.startswith(expected), reply
     nothing_left(directory)
     assert gw.sent == []
+
+
+def test_a_spill_file_that_cannot_take_a_compacted_attachment_answers_452_as_a_full_disk_during_data(
+    gateway_factory: Callable[..., Running], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The lifted attachment's base64 is compacted in place in the file (SpillMap.put, os.pwrite). On a
+    # copy-on-write file system (btrfs, ZFS) or a thin volume that write allocates blocks: it can fail with
+    # ENOSPC as any write, and is answered as a spill directory that cannot take DATA, not as a bug (451).
+    gw = spilling(gateway_factory, tmp_path, 64 * 1024)
+    raw, _ = scan(MIB)  # spilled, its attachment lifted and compacted in the file
+
+    def full(fd: int, data: Any, offset: int) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(spill_module.os, "pwrite", full)  # SpillMap.put is its only caller
+    failures = REGISTRY.get_sample_value("smtp_gateway_spill_failures_total") or 0.0
+    bugs = REGISTRY.get_sample_value("smtp_gateway_internal_errors_total", {"where": "accept"}) or 0.0
+    with captured_logs() as logs, smtplib.SMTP("127.0.0.1", gw.port(), timeout=60) as client:
+        client.login(USER, PASSWORD)
+        client.mail("billing@acme.example")
+        client.rcpt("client@example.com")
+        assert client.data(raw) == (452, b"4.3.1 Insufficient system storage")
+    assert REGISTRY.get_sample_value("smtp_gateway_spill_failures_total") == failures + 1
+    assert (REGISTRY.get_sample_value("smtp_gateway_internal_errors_total", {"where": "accept"}) or 0.0) == bugs
+    [failed] = events(logs, "data_spill_failed")
+    assert failed["directory"] == str(tmp_path / "spill") and "No space left on device" in failed["error"]
+    [deferred] = events(logs, "message_deferred")
+    assert deferred["reason"].endswith("limits.spill_dir: No space left on device"), deferred
+    assert gw.sent == []
+    nothing_left(tmp_path / "spill")

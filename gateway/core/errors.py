@@ -13,7 +13,8 @@ GatewayError
       ├── UpstreamAuthFailed  the API refused the gateway's key (operator error)
       ├── DnsTempFailure      DNS lookups timed out
       ├── SpoolUnavailable    the queue cannot store the message
-      │    └── QueueUnreachable  its database server cannot be reached at all
+      │    ├── QueueUnreachable  its database server cannot be reached at all
+      │    └── SpillFailed       a large message's temporary file cannot be written (disk full, I/O error)
       └── Fenced              a call not sent: this process's lease on its message is over (or cannot
                               be checked), another owner may be sending it
 """
@@ -96,6 +97,16 @@ class SpoolUnavailable(Deferred):
 
 class QueueUnreachable(SpoolUnavailable):
     """The queue's database server cannot be reached (refused, unknown host, timeout): not a wrong database."""
+
+
+class SpillFailed(SpoolUnavailable):
+    """A write to a message's spill file failed (ENOSPC, EDQUOT, EIO: gateway/core/spill.py): 452 4.3.1, as
+    when DATA cannot be written to it. `directory`: the file's (limits.spill_dir); `error`: the system's words."""
+
+    def __init__(self, reason: str, *, directory: str, error: str) -> None:
+        super().__init__(reason)
+        self.directory = directory
+        self.error = error
 
 
 class QueueTooNew(SpoolUnavailable):

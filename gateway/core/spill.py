@@ -10,6 +10,8 @@ import tempfile
 import threading
 from typing import Any
 
+from gateway.core.errors import SpillFailed
+
 # Counting and copying out of the mapping go in pieces this big (no copy of the whole message on the heap).
 _PIECE = 256 * 1024
 # Messages at least this large have their pages released while they are parsed (read_through()).
@@ -28,6 +30,7 @@ class SpillMap(mmap.mmap):
     memoryviews of the mapping (gateway/mime/largeparts.py)."""
 
     fd: int | None = None  # the file, for put() (the mapping holds a descriptor of its own)
+    directory = ""  # where the file is (limits.spill_dir), for a failed put()'s error
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # put() runs on a parser thread, discard() on the event loop (a client gone mid-parse): the descriptor
@@ -36,14 +39,25 @@ class SpillMap(mmap.mmap):
 
     def put(self, offset: int, data: bytes) -> None:
         """Write `data` into the file at `offset` (the mapping shows it at once). Not through the mapping: a
-        file system such as ext4 does work for every page first written through a mapping."""
+        file system such as ext4 does work for every page first written through a mapping.
+
+        Raises SpillFailed when the write fails: in place, but a copy-on-write file system (btrfs, ZFS) or a
+        thin-provisioned volume allocates new blocks for it, so a full disk (ENOSPC, EDQUOT) or EIO is possible."""
         with self._fd_lock, memoryview(data) as view:
             if self.fd is None:
                 raise ValueError("spilled message already discarded")
-            while view.nbytes:
-                written = os.pwrite(self.fd, view, offset)
-                offset += written
-                view = view[written:]
+            try:
+                while view.nbytes:
+                    written = os.pwrite(self.fd, view, offset)
+                    offset += written
+                    view = view[written:]
+            except OSError as exc:
+                error = exc.strerror or type(exc).__name__
+                raise SpillFailed(
+                    f"a large attachment could not be compacted in its file in limits.spill_dir: {error}",
+                    directory=self.directory,
+                    error=str(exc),
+                ) from exc
 
     def find(self, sub: bytes, start: int | None = None, end: int | None = None) -> int:  # type: ignore[override]
         """As bytes.find, in copied pieces: mmap's own find compares at every position, many times slower than
@@ -136,6 +150,7 @@ class SpillFile:
             self.close()
             raise
         mapped.fd, self._fd = self._fd, None
+        mapped.directory = self.directory
         return mapped
 
     def close(self) -> None:

@@ -118,7 +118,8 @@ SPILLED = Counter(
 )
 SPILL_FAILURES = Counter(
     "smtp_gateway_spill_failures_total",
-    "Messages refused with 452 4.3.1 because their DATA could not be written to limits.spill_dir (full, missing)",
+    "Messages refused with 452 4.3.1 because their DATA could not be written to limits.spill_dir (full, missing), "
+    "or a large attachment not compacted within their file there (full, I/O error)",
     registry=REGISTRY,
 )
 RESENDS = Counter(
