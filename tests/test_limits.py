@@ -299,6 +299,22 @@ def test_too_many_recipients_is_logged(gateway_factory: Factory) -> None:
     assert line["reply"] == "452 4.5.3 Too many recipients"
 
 
+def test_starttls_is_counted_for_the_whole_connection(gateway_factory: Factory) -> None:
+    """STARTTLS 2 per connection (docs/limits.md): the handshake, then a STARTTLS inside TLS (refused, the
+    session goes on encrypted), and the third ends the connection; a message sent between restarts nothing."""
+    gw = gateway_factory(listeners=[{"name": "starttls", "address": "127.0.0.1", "port": 0, "tls": "starttls"}])
+    with RawClient(gw, "starttls") as client:
+        client.cmd("EHLO printer.test")
+        client.starttls()
+        client.cmd("EHLO printer.test")
+        assert client.login().startswith("235 ")
+        assert client.cmd("STARTTLS") == "554 5.5.1 TLS already active"
+        assert raw_send(client, message(subject="between")).startswith("250 2.0.0 ")
+        assert client.cmd("STARTTLS") == "421 4.7.0 STARTTLS sent too many times"
+        assert client.closed()
+    assert len(gw.sent) == 1
+
+
 @pytest.fixture
 def every_refusal(gateway_factory: Factory) -> Iterator[tuple[Running, list[dict[str, Any]]]]:
     gw = gateway_factory(
