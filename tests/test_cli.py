@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -109,13 +110,41 @@ def test_check_config_masks_a_webhooks_path_and_query(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "url", ["postgresql://gw:pw@db.example/gw", "postgresql://gw@db.example/gw?sslmode=require&password=pw"]
+    ("url", "refusal"),
+    [
+        ("postgresql://gw:pw@db.example/gw", "holds a password"),
+        ("postgresql://gw@db.example/gw?sslmode=require&password=pw", "holds a password"),
+        ("postgresql://gw@db.example/gw?sslmode=require&%70assword=pw", "holds a password"),
+        ("postgresql://gw@db.example/gw?sslkey=/k.pem&sslpassword=pw", "holds the client key's passphrase"),
+    ],
 )
-def test_a_queue_url_holding_a_password_is_refused_without_echoing_it(tmp_path: Path, url: str) -> None:
+def test_a_queue_url_holding_a_password_is_refused_without_echoing_it(tmp_path: Path, url: str, refusal: str) -> None:
     result = run_cli("check-config", "--config-only", "-c", str(write_config(tmp_path, delivery={"queue_url": url})))
     assert result.returncode == 2
-    assert "delivery.queue_url: holds a password" in result.stderr
+    assert f"delivery.queue_url: {refusal}" in result.stderr
     assert "pw@" not in result.stderr and "password=pw" not in result.stderr
+
+
+def test_check_config_masks_the_query_of_an_api_base_and_a_jwks_url(tmp_path: Path) -> None:
+    """Keys and tokens are put in a URL's query: an account's api_base and an issuer's jwks_url are printed
+    with it masked, their host and path kept (they say which service it is)."""
+    token = "QSECRET-4e1d0c9a"
+    issuer = {
+        "name": "corp",
+        "issuer": "https://idp.example",
+        "jwks_url": f"https://idp.example/keys?code={token}",
+        "audience": ["gw"],
+    }
+    path = write_config(tmp_path, oauth={"issuers": [issuer]})
+    config = tomllib.loads(path.read_text())
+    config["accounts"]["acme"]["api_base"] = f"https://api.example.com/v1?token={token}"
+    write(path, config)
+    result = run_cli("check-config", "--config-only", "-c", str(path))
+    assert result.returncode == 0, result.stderr
+    dumped = json.loads(result.stdout)
+    assert dumped["accounts"]["acme"]["api_base"] == f"https://api.example.com/v1?{MASK}"
+    assert dumped["oauth"]["issuers"][0]["jwks_url"] == f"https://idp.example/keys?{MASK}"
+    _secrets_absent(result, token)
 
 
 def test_unknown_key_is_refused_and_named(tmp_path: Path) -> None:

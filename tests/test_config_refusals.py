@@ -81,13 +81,44 @@ def test_a_password_hash_cut_short(tmp_path: Path, cut: Any, why: str) -> None:
 def test_api_base_without_its_scheme(tmp_path: Path, provider: str) -> None:
     secrets = {"dmdsid": "shop", "apikey": APIKEY} if provider == "dmds" else {"userkey": "k", "password": "p"}
     shop = {"provider": provider, "api_base": "api.shop.example/rest", **secrets}
+    path = config(tmp_path, accounts={"acme": {}, "shop": shop})
     refused(
         tmp_path,
-        config(tmp_path, accounts={"acme": {}, "shop": shop}),
+        path,
         2,
-        "accounts.shop.api_base: 'api.shop.example/rest' is not an http:// or https:// URL with a host: write it "
-        "whole, e.g. https://api.shop.example/rest",
+        "accounts.shop.api_base: must be an http:// or https:// URL with a host, written whole, e.g. "
+        "https://api.example.com",
     )
+    # Never quoted: a URL may hold a key (a malformed one with user:password@ would print it twice).
+    assert "api.shop.example" not in cli(tmp_path, "check-config", "--config", str(path)).stderr
+
+
+@pytest.mark.parametrize(
+    ("where", "url"),
+    [
+        ("accounts.acme.api_base", "https://user:URLSECRET@api.example.com/rest"),
+        ("accounts.acme.api_base", "user:URLSECRET@api.example.com"),
+        ("accounts.acme.api_base", "https://api.example.com:99999/URLSECRET"),
+        ("oauth.issuers[0].jwks_url", "https://user:URLSECRET@idp.example/keys"),
+        ("oauth.issuers[0].jwks_url", "idp.example/URLSECRET"),
+    ],
+)
+def test_a_url_holding_credentials_or_malformed_is_refused_without_echoing_it(
+    tmp_path: Path, where: str, url: str
+) -> None:
+    """An account's api_base and an issuer's jwks_url are printed by check-config and logged: credentials in
+    their user part are refused (as a webhook's are), and no refusal quotes the value."""
+    if where.startswith("oauth"):
+        issuer = {"name": "corp", "issuer": "https://idp.example", "jwks_url": url, "audience": ["gw"]}
+        path = config(tmp_path, oauth={"issuers": [issuer]})
+    else:
+        path = config(tmp_path, accounts={"acme": {"api_base": url}})
+    done = cli(tmp_path, "check-config", "--config", str(path))
+    assert done.returncode == 2, done.stderr
+    assert f"{where}: " in done.stderr, done.stderr
+    if "@" in url and "://" in url:
+        assert "holds credentials (user:password@)" in done.stderr, done.stderr
+    assert "URLSECRET" not in done.stdout + done.stderr
 
 
 def test_a_spool_path_that_is_not_a_database(tmp_path: Path) -> None:

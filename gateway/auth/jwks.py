@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from gateway.config.oauth import OAuthIssuer
+from gateway.config.urls import shown_url
 from gateway.core.cache import SingleFlight
 from gateway.core.errors import Deferred
 from gateway.upstream.response import HttpResponse
@@ -111,7 +112,7 @@ class JwksKeys:
             log.warning(
                 "jwks_fetch_failed",
                 issuer=self.issuer.name,
-                url=self.issuer.jwks_url,
+                url=shown_url(self.issuer.jwks_url),
                 reason=reason,
                 kept=len(self._keys),
             )

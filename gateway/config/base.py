@@ -11,6 +11,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 
 from gateway.config.returnpath import DsnSettings, EventSettings, check_notify
 from gateway.config.section import Section, read_secret_file, secret_or_file
+from gateway.config.urls import refuse_credentials
 from gateway.core.scrypt import parse_hash
 
 __all__ = ["AccountBase", "Section", "UserSettings", "read_secret_file", "secret_or_file"]
@@ -18,18 +19,16 @@ __all__ = ["AccountBase", "Section", "UserSettings", "read_secret_file", "secret
 
 def http_base_url(value: str) -> str:
     """An upstream's base URL, http:// or https:// with a host: anything else would make every message's
-    call fail (451 4.3.0) while check-config said OK."""
+    call fail (451 4.3.0) while check-config said OK. The errors never quote the value: it may hold a key."""
     text = value.strip()
     try:
         parts = urllib.parse.urlsplit(text)
         _ = parts.port  # raises ValueError for a port out of range
-    except ValueError as exc:
-        raise ValueError(f"{text!r} is not a URL ({exc})") from None
+    except ValueError:
+        raise ValueError("must be an http:// or https:// URL: its host or port cannot be read") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        example = text.split("://", 1)[-1].lstrip("/") or "api.example.com"
-        raise ValueError(
-            f"{text!r} is not an http:// or https:// URL with a host: write it whole, e.g. https://{example}"
-        )
+        raise ValueError("must be an http:// or https:// URL with a host, written whole, e.g. https://api.example.com")
+    refuse_credentials(parts, "the account's keys authenticate its calls: remove them from the URL")
     return text
 
 

@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator, model_validator
 
 from gateway.config.base import Section
+from gateway.config.urls import ShownUrl, refuse_credentials
 
 Algorithm = Literal["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"]
 
@@ -36,7 +37,7 @@ class OAuthIssuer(Section):
         min_length=1,
         description="The tokens' `iss` claim, exactly, e.g. `https://login.microsoftonline.com/<tenant>/v2.0`.",
     )
-    jwks_url: str = Field(
+    jwks_url: ShownUrl = Field(
         description="Where its signing keys are (JWKS), over HTTPS, e.g. "
         "`https://login.microsoftonline.com/<tenant>/discovery/v2.0/keys` (plain HTTP only on loopback)."
     )
@@ -79,11 +80,15 @@ class OAuthIssuer(Section):
     @field_validator("jwks_url")
     @classmethod
     def _https(cls, v: str) -> str:
-        parts = urlsplit(v)
+        try:
+            parts = urlsplit(v)
+        except ValueError:  # an invalid IPv6 host; never quoted (a URL may hold a token)
+            parts = urlsplit("")
         host = parts.hostname or ""
-        if host and (parts.scheme == "https" or (parts.scheme == "http" and _loopback(host))):
-            return v
-        raise ValueError("must be an https:// URL (plain http:// only for a loopback address)")
+        if not (host and (parts.scheme == "https" or (parts.scheme == "http" and _loopback(host)))):
+            raise ValueError("must be an https:// URL (plain http:// only for a loopback address)")
+        refuse_credentials(parts, "an issuer's signing keys are public: remove them from the URL")
+        return v
 
 
 class OAuthSettings(Section):

@@ -6,6 +6,7 @@ import ipaddress
 import os
 import re
 import tomllib
+import urllib.parse
 from pathlib import Path
 from typing import Any, Literal
 
@@ -384,10 +385,17 @@ class DeliverySettings(_Section):
         if v and not v.startswith(("postgresql://", "postgres://")):
             raise ValueError("must be a postgresql:// URL (leave it empty for the SQLite queue at spool_path)")
         netloc = v.split("://", 1)[-1].split("/", 1)[0]
-        # libpq also takes the password as a query parameter (postgresql://u@h/db?password=...).
-        query = v.partition("?")[2].lower()
-        if ":" in netloc.rpartition("@")[0] or any(p.strip().startswith("password=") for p in query.split("&")):
+        # libpq also takes the password as a query parameter (postgresql://u@h/db?password=...), and the client
+        # key's passphrase as ?sslpassword=: the URL is printed and logged, so neither may be in it.
+        query = urllib.parse.unquote(v.partition("?")[2]).lower()
+        names = {p.partition("=")[0].strip() for p in query.split("&")}
+        if ":" in netloc.rpartition("@")[0] or "password" in names:
             raise ValueError("holds a password: put it in queue_password (or queue_password_file, or PGPASSWORD)")
+        if "sslpassword" in names:
+            raise ValueError(
+                "holds the client key's passphrase (sslpassword=): give libpq an unencrypted sslkey readable only "
+                "by the gateway, or set it in a service file (PGSERVICEFILE)"
+            )
         return v
 
     @model_validator(mode="after")

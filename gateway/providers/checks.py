@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from gateway.config.urls import shown_url
 from gateway.core.errors import Deferred, UpstreamAuthFailed
 from gateway.upstream.response import HttpResponse
 from gateway.upstream.shape import Reading
@@ -60,6 +61,10 @@ class AccountCheck:
     found: list[str] = field(default_factory=list)
     configured: list[str] = field(default_factory=list)
     fixes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        # Printed (and dumped as JSON) by check-upstream: a key an api_base carries in its query is masked.
+        self.base_url = shown_url(self.base_url)
 
     @property
     def ok(self) -> bool:

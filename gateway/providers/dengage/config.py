@@ -11,6 +11,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 
 from gateway.config.base import AccountBase, UserSettings, http_base_url, secret_or_file
 from gateway.config.returnpath import EventSettings
+from gateway.config.urls import ShownUrl
 
 
 class DengageEventSettings(EventSettings):
@@ -46,7 +47,7 @@ class DengageAccount(AccountBase):
 
     provider: Literal["dengage"] = Field(description="`dengage`.")
     # The data centres' URLs: upstream-apis.md §2.1.
-    api_base: str = Field(
+    api_base: ShownUrl = Field(
         "https://api.dengage.com/rest",
         description="The API's base URL, per data centre: `https://api.dengage.com/rest`, "
         "`https://tr-api.dengage.com/rest`, ...",

@@ -9,6 +9,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 
 from gateway.config.base import AccountBase, UserSettings, http_base_url, secret_or_file
 from gateway.config.returnpath import EventSettings
+from gateway.config.urls import ShownUrl
 
 
 class DmdsEventSettings(EventSettings):
@@ -44,7 +45,7 @@ class DmdsAccount(AccountBase):
         pattern=r"^[A-Za-z0-9_.]+$", description="The dedicated DMDS name; the API's host and the logins use it."
     )
     # The default follows upstream-apis.md §1.1.
-    api_base: str | None = Field(
+    api_base: ShownUrl | None = Field(
         None, description="The API's base URL; unset: `https://api-dmds-<dmdsid>.planisys.net`."
     )
     apikey: SecretStr | None = Field(None, description="The account APIKEY (required: here or in `apikey_file`).")
