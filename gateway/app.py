@@ -19,7 +19,7 @@ import structlog
 
 from gateway.auth.credentials import Authenticator
 from gateway.auth.onetime import OneTimeLogins
-from gateway.config import ConfigError, DnsSettings, Settings
+from gateway.config import ConfigError, ConfigFileError, DnsSettings, Settings, preflight
 from gateway.config.oauth import OAuthSettings
 from gateway.config.reload import ConfigStatus, ReloadPlan, plan_reload
 from gateway.core.errors import QueueTooNew, SpoolUnavailable
@@ -74,9 +74,15 @@ def resolver_for(d: DnsSettings) -> DnsResolver:
 
 
 def oauth_verifier(settings: OAuthSettings) -> OAuthVerifier | None:
-    """Token logins of the configured issuers, each fetching its keys with an HTTP client of its own."""
+    """Token logins of the configured issuers, each fetching its keys with an HTTP client of its own.
+
+    Raises ConfigFileError (naming the key) for a `ca_file` that cannot be loaded, before any client is made:
+    at start a one-line refusal, at a reload a refused reload (the running configuration kept)."""
     if not settings.issuers:
         return None
+    problems = preflight.oauth_ca_files(settings)
+    if problems:
+        raise ConfigFileError("\n".join(f.text for f in problems))
     # Here, not at the top: a process without token logins never loads them.
     from gateway.auth.jwks import JwksKeys
     from gateway.auth.oauth import OAuthVerifier
@@ -235,7 +241,10 @@ class App:
             self.operator = OperatorEndpoint(problems=self.problems, api=api, console=self.console)
             tls = None
             if http.tls_cert_file is not None and http.tls_key_file is not None:
-                tls = server_context("intermediate", [(http.tls_cert_file, http.tls_key_file)])
+                try:
+                    tls = server_context("intermediate", [(http.tls_cert_file, http.tls_key_file)])
+                except CertificateError as exc:  # checked by the preflight: changed since
+                    raise ConfigFileError(f"http.tls_cert_file / http.tls_key_file cannot be loaded: {exc}") from None
             port = await self.operator.start(http.address, http.port, tls)
             self.operator.is_ready = True
             log.info(

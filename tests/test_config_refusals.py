@@ -121,6 +121,58 @@ def test_a_url_holding_credentials_or_malformed_is_refused_without_echoing_it(
     assert "URLSECRET" not in done.stdout + done.stderr
 
 
+def test_a_missing_oauth_ca_file(tmp_path: Path) -> None:
+    """check-config said OK and serve ended in a FileNotFoundError traceback: both now name the key."""
+    missing = tmp_path / "missing-ca.pem"
+    issuer = {
+        "name": "corp",
+        "issuer": "https://idp.example",
+        "jwks_url": "https://127.0.0.1:1/keys",
+        "audience": ["gw"],
+        "ca_file": str(missing),
+    }
+    refused(
+        tmp_path,
+        config(tmp_path, oauth={"issuers": [issuer]}),
+        1,
+        f"oauth.issuers[corp].ca_file {missing} does not exist: create it or set oauth.issuers[corp].ca_file to "
+        "the right file",
+    )
+
+
+def test_an_oauth_ca_file_that_is_no_certificate(tmp_path: Path) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a certificate\n")
+    issuer = {
+        "name": "corp",
+        "issuer": "https://idp.example",
+        "jwks_url": "https://127.0.0.1:1/keys",
+        "audience": ["gw"],
+        "ca_file": str(notes),
+    }
+    refused(
+        tmp_path,
+        config(tmp_path, oauth={"issuers": [issuer]}),
+        1,
+        f"oauth.issuers[corp].ca_file {notes} does not load as CA certificates",
+    )
+
+
+def test_a_missing_extra_certificate(tmp_path: Path) -> None:
+    """serve loads tls.extra_cert_file with the main pair: check-config said OK, and serve refused naming
+    tls.cert_file / tls.key_file with exit status 2."""
+    base = gateway_config(tmp_path, listeners=[listener("starttls", "starttls")])
+    missing = tmp_path / "no-rsa.pem"
+    tls = {**base["tls"], "extra_cert_file": str(missing), "extra_key_file": str(tmp_path / "no-rsa.key")}
+    path = write(tmp_path / "gateway.toml", {**base, "tls": tls})
+    refused(
+        tmp_path,
+        path,
+        1,
+        f"tls.extra_cert_file {missing} does not exist: create it or set tls.extra_cert_file to the right file",
+    )
+
+
 def test_a_spool_path_that_is_not_a_database(tmp_path: Path) -> None:
     notes = tmp_path / "notes.txt"
     notes.write_text("not a queue\n")

@@ -24,7 +24,7 @@ from gateway.cli import (
 )
 from gateway.cli.common import Refused
 from gateway.cli.exits import Exit
-from gateway.config import ConfigError
+from gateway.config import ConfigError, ConfigFileError
 
 # One module per command: its add_parser(sub) adds the subcommand and sets its handler (`func`). In help order.
 COMMANDS = (serve, config, domains, upstream, queue, status, suppression, passwords, sandbox, quickstart, example)
@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         status = int(args.func(args))
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
         return status
+    except ConfigFileError as exc:  # the configuration is right, a file it names is not (exit-statuses.md)
+        print(f"smtp-gateway: {exc}", file=sys.stderr)
+        return Exit.PROBLEM
     except ConfigError as exc:
         print(f"smtp-gateway: {exc}", file=sys.stderr)
         return Exit.USAGE

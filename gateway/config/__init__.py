@@ -8,6 +8,7 @@ from gateway.config.returnpath import DsnSettings, EventSettings, ReturnPathSett
 from gateway.config.settings import (
     CONFIG_ENV,
     ConfigError,
+    ConfigFileError,
     DeliverySettings,
     DnsSettings,
     HttpSettings,
@@ -24,6 +25,7 @@ from gateway.config.settings import (
 __all__ = [
     "CONFIG_ENV",
     "ConfigError",
+    "ConfigFileError",
     "DeliverySettings",
     "DnsSettings",
     "DsnSettings",

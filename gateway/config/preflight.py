@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.config.oauth import OAuthSettings
 from gateway.config.settings import Settings
 
 # A certificate this close to its end is reported (as a note: serve still starts).
@@ -53,7 +54,13 @@ def serve_ports(settings: Settings) -> list[Port]:
 def files(settings: Settings) -> list[Finding]:
     """TLS certificate and key (set, readable, loadable together, not expired), the spool's directory and where
     large messages' DATA goes (limits.spill_dir)."""
-    return [*_tls(settings), *_http_tls(settings), *_spool(settings.delivery.spool_path), *_spill(settings)]
+    return [
+        *_tls(settings),
+        *_http_tls(settings),
+        *oauth_ca_files(settings.oauth),
+        *_spool(settings.delivery.spool_path),
+        *_spill(settings),
+    ]
 
 
 def accounts(settings: Settings) -> list[Finding]:
@@ -77,11 +84,50 @@ def _tls(settings: Settings) -> list[Finding]:
                 'not set: set both to PEM files (or tls = "none" on a loopback-only listener)'
             )
         ]
+    extra_cert, extra_key = settings.tls.extra_cert_file, settings.tls.extra_key_file
     if not tls_listeners:
-        pairs = (("tls.cert_file", cert), ("tls.key_file", key))
+        pairs = (
+            ("tls.cert_file", cert),
+            ("tls.key_file", key),
+            ("tls.extra_cert_file", extra_cert),
+            ("tls.extra_key_file", extra_key),
+        )
         return [f for name, path in pairs if path is not None for f in _readable(name, path)]
     assert cert is not None and key is not None
-    return _cert_pair("tls.cert_file", cert, "tls.key_file", key)
+    findings = _cert_pair("tls.cert_file", cert, "tls.key_file", key)
+    if extra_cert is not None and extra_key is not None:
+        # serve loads the second pair into the same contexts: it refuses to start without it.
+        findings += _cert_pair("tls.extra_cert_file", extra_cert, "tls.extra_key_file", extra_key)
+    return findings
+
+
+def oauth_ca_files(oauth: OAuthSettings) -> list[Finding]:
+    """Each token issuer's `ca_file`: readable and loadable as CA certificates, as serve loads it (at start and
+    at a reload that changes [oauth]) to fetch the issuer's keys."""
+    return [
+        finding
+        for issuer in oauth.issuers
+        if issuer.ca_file is not None
+        for finding in _ca_file(f"oauth.issuers[{issuer.name}].ca_file", issuer.ca_file)
+    ]
+
+
+def _ca_file(name: str, path: Path) -> list[Finding]:
+    findings = _readable(name, path)
+    if findings:
+        return findings
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except ssl.SSLError as exc:
+        return [
+            Finding(
+                f"{name} {path} does not load as CA certificates ({exc.reason or exc}): give the CA's certificates "
+                "as a PEM file"
+            )
+        ]
+    except OSError as exc:  # gone or changed since it was read just now
+        return [Finding(f"{name} {path} cannot be read ({exc.strerror or exc}): fix the file or set {name}")]
+    return []
 
 
 def _http_tls(settings: Settings) -> list[Finding]:

@@ -669,6 +669,11 @@ class ConfigError(Exception):
     """A configuration problem, naming the offending key."""
 
 
+class ConfigFileError(ConfigError):
+    """A file the configuration names (a certificate, a CA file) that cannot be read or loaded on this machine:
+    a problem of the machine (exit status 1), not of the configuration's text (2). Its text names the key."""
+
+
 def settings_model(path: Path | None = None) -> type[Settings]:
     """Settings whose [accounts.X] tables are validated by the registered providers' models (config/accounts.py),
     read from the TOML file at `path` (and the environment)."""

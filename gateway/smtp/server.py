@@ -13,7 +13,7 @@ import structlog
 
 from gateway.auth.controls import LoginControls
 from gateway.auth.credentials import Authenticator
-from gateway.config import ConfigError, LimitsSettings, Settings, TlsSettings
+from gateway.config import ConfigFileError, LimitsSettings, Settings, TlsSettings
 from gateway.core import replies
 from gateway.limits.budget import ByteBudget
 from gateway.limits.clients import Defenses, client_key
@@ -53,7 +53,8 @@ def load_contexts(tls: TlsSettings, profiles: dict[str, Profile]) -> tuple[dict[
     Raises CertificateError: nothing is half-replaced by a file that does not load.
     """
     chains = certificate_chains(tls)
-    contexts = {name: server_context(profile, chains) for name, profile in profiles.items()}
+    keys = ["tls.cert_file / tls.key_file:", "tls.extra_cert_file / tls.extra_key_file:"]
+    contexts = {name: server_context(profile, chains, keys) for name, profile in profiles.items()}
     try:
         described = describe_certificate(chains[0][0])
     except ValueError as exc:
@@ -129,8 +130,8 @@ class Listeners:
         if profiles:
             try:
                 contexts, described = load_contexts(self.settings.tls, profiles)
-            except CertificateError as exc:
-                raise ConfigError(f"tls.cert_file / tls.key_file cannot be loaded: {exc}") from None
+            except CertificateError as exc:  # checked by the preflight: changed since
+                raise ConfigFileError(f"a TLS certificate cannot be loaded: {exc}") from None
             log.info("tls_certificate_loaded", **described)
             timeout = handshake_timeout(limits)
             for name, profile in profiles.items():

@@ -6,6 +6,7 @@ import datetime
 import ipaddress
 import ssl
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -58,10 +59,11 @@ class CertificateError(Exception):
     """A certificate or key file cannot be loaded (missing, unreadable, not PEM, key does not match)."""
 
 
-def server_context(profile: Profile, chains: list[tuple[Path, Path]]) -> ssl.SSLContext:
+def server_context(profile: Profile, chains: list[tuple[Path, Path]], keys: Sequence[str] = ()) -> ssl.SSLContext:
     """A fresh server-side SSLContext for `profile` holding every (cert_file, key_file) pair of `chains`.
 
     Several pairs of different key types (RSA and ECDSA) coexist; OpenSSL picks what the client supports.
+    `keys`: each pair's settings keys, named in the CertificateError of a pair that does not load.
     """
     spec = PROFILES[profile]
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -80,11 +82,12 @@ def server_context(profile: Profile, chains: list[tuple[Path, Path]]) -> ssl.SSL
     # TLS 1.3: one session ticket after a handshake, not OpenSSL's two: a client resumes with one, and each
     # ticket costs its encryption and a record on every new connection.
     context.num_tickets = 1
-    for cert_file, key_file in chains:
+    for i, (cert_file, key_file) in enumerate(chains):
         try:
             context.load_cert_chain(str(cert_file), str(key_file))
         except (OSError, ssl.SSLError) as exc:
-            raise CertificateError(f"{cert_file} / {key_file}: {exc}") from None
+            key = f"{keys[i]} " if i < len(keys) else ""
+            raise CertificateError(f"{key}{cert_file} / {key_file}: {exc}") from None
     tickets.apply(context, profile)  # workers of `serve --workers N` read each other's session tickets
     return context
 
