@@ -316,20 +316,24 @@ class App:
         async with self._reloading:
             if self.source is None:
                 return await listeners.reload_tls()
+            oauth = listeners.oauth
             try:
                 new = await asyncio.to_thread(self.source)  # reads the file and any *_file secrets
                 plan = plan_reload(self.settings, new)
+                # Every other file the new configuration names is read here too, before anything is applied:
+                # each raises ConfigError (a ConfigFileError for a file) like the configuration's own text.
+                if plan.settings.oauth != self.settings.oauth:
+                    oauth = await asyncio.to_thread(oauth_verifier, plan.settings.oauth)  # reads any ca_file
             except (ConfigError, ValueError) as exc:
                 CONFIG_RELOADS.labels(result="invalid").inc()
                 self.config_status.record("invalid", str(exc))
                 log.error("config_reload_failed", reason=str(exc), action="kept the running configuration")
                 return False
-            oauth = listeners.oauth
             try:
-                if plan.settings.oauth != self.settings.oauth:
-                    oauth = await asyncio.to_thread(oauth_verifier, plan.settings.oauth)
                 contexts = await asyncio.to_thread(listeners.prepare_tls, plan.settings)
             except CertificateError as exc:
+                if oauth is not None and oauth is not listeners.oauth:
+                    await oauth.aclose()  # built for this reload, never used
                 CONFIG_RELOADS.labels(result="tls_failed").inc()
                 self.config_status.record("tls_failed", str(exc))
                 log.error(

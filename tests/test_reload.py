@@ -191,6 +191,30 @@ def test_a_certificate_that_does_not_load_refuses_the_whole_reload(gateway: Runn
         assert client.login(NEWBIE, PASSWORD).startswith("535 ")  # nothing of that file was applied
 
 
+def test_a_reload_whose_oauth_ca_file_does_not_load_is_refused_like_any_invalid_one(
+    gateway: Running, tmp_path: Path
+) -> None:
+    """A file the new configuration names that cannot be read is an invalid reload: logged, counted, the
+    status recorded and the running configuration kept (it used to escape reload() as a FileNotFoundError)."""
+    missing = tmp_path / "missing-ca.pem"
+    config = config_of(gateway)
+    issuer = {"name": "corp", "issuer": "https://idp.example", "jwks_url": "https://127.0.0.1:1/keys"}
+    config["oauth"] = {"issuers": [{**issuer, "audience": ["gw"], "ca_file": str(missing)}]}
+    config["accounts"]["acme"]["users"].append({"username": NEWBIE, "password_hash": PASSWORD_HASH})
+    before = sample("smtp_gateway_config_reloads_total", result="invalid")
+    with captured_logs() as logs:
+        assert reload_with(gateway, config) is False
+    [failed] = events(logs, "config_reload_failed")
+    assert f"oauth.issuers[corp].ca_file {missing} does not exist" in failed["reason"]
+    assert failed["action"] == "kept the running configuration"
+    assert sample("smtp_gateway_config_reloads_total", result="invalid") == before + 1
+    assert gateway.app.config_status.result == "invalid" and "ca_file" in gateway.app.config_status.detail
+    assert gateway.app.settings.oauth.issuers == []
+    with RawClient(gateway) as client:
+        client.cmd("EHLO old.test")
+        assert client.login(NEWBIE, PASSWORD).startswith("535 ")  # nothing of that file was applied
+
+
 def test_what_needs_a_restart_is_named_and_kept(gateway: Running) -> None:
     config = config_of(gateway)
     config["listeners"][0]["port"] = 2  # was 0 (any free port)
