@@ -175,6 +175,8 @@ class Pipeline:
                 origin=origin,
                 digest=digest,
                 on_gone=on_gone,
+                # This session's provider, kept if a reload replaces or removes the account meanwhile.
+                provider=self.providers[principal.account],
             )
             reservation = spill = None  # the owner releases them
         except asyncio.CancelledError:

@@ -215,6 +215,27 @@ def test_a_reload_whose_oauth_ca_file_does_not_load_is_refused_like_any_invalid_
         assert client.login(NEWBIE, PASSWORD).startswith("535 ")  # nothing of that file was applied
 
 
+def test_a_session_open_across_a_reload_that_removes_its_account_sends_with_the_provider_it_started_with(
+    gateway: Running,
+) -> None:
+    """Open sessions finish with what they started with: the message a session sends after its account was
+    removed goes through the account's (retired) provider, not into a KeyError answered 451 as a bug."""
+    config = config_of(gateway)
+    config["accounts"]["beta"] = config["accounts"].pop("acme")
+    config["accounts"]["beta"]["users"][0]["username"] = NEWBIE
+    internal = sample("smtp_gateway_internal_errors_total", where="inline_delivery")
+    with captured_logs() as logs, RawClient(gateway) as before:
+        before.cmd("EHLO before.test")
+        assert before.login().startswith("235 ")
+        assert reload_with(gateway, config)
+        assert "acme" not in gateway.app.providers
+        reply = raw_send(before, message(subject="across the reload"))
+    assert reply.startswith("250 2.0.0 "), reply
+    assert events(logs, "delivery_internal_error") == []
+    assert sample("smtp_gateway_internal_errors_total", where="inline_delivery") == internal
+    assert [r["body"]["asunto"] for r in gateway.sent] == ["across the reload"]
+
+
 def test_what_needs_a_restart_is_named_and_kept(gateway: Running) -> None:
     config = config_of(gateway)
     config["listeners"][0]["port"] = 2  # was 0 (any free port)

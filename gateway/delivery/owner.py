@@ -97,6 +97,9 @@ class InlineAttempt:
     receipt: Receipt = field(default_factory=Receipt)  # what the session's transaction line reports
     reply_id: str | None = None  # the id its 250 named: what a resend with its idempotency key is told
     origin: Origin | None = None  # listener, client, size: for the ledger record
+    # The provider the session started with: a reload that replaces or removes the account does not change
+    # the message it was sending (docs/operations/reload.md); None: the owner's current one.
+    provider: Deliverer | None = None
 
     def queued(self, reply_id: str) -> Reply:
         """The 250 naming `reply_id`, remembered for the idempotency key."""
@@ -148,13 +151,15 @@ class DeliveryOwner:
         origin: Origin | None = None,
         digest: str | None = None,
         on_gone: Callable[[Reply | None], None] | None = None,
+        provider: Deliverer | None = None,
     ) -> Reply:
         """The reply to a new message. The attempt is ours: if the session is cancelled (client gone),
         the attempt goes on and records its outcome. `receipt` learns the queue id or upstream ids; `on_done`
         is called when the first attempt has ended. `digest`: what the message says (idempotency.digest_of),
         kept with its key: a key reused for different content is refused. `on_gone`: if the session is
         cancelled, called once with the reply its first attempt decided (when it has one), or None when
-        nothing was sent (what a per-login quota must know of a message whose client left)."""
+        nothing was sent (what a per-login quota must know of a message whose client left). `provider`: the
+        one the session started with (a reload may have replaced or removed its account since)."""
         now = self.clock()
         attempt = InlineAttempt(
             new_id(),
@@ -165,6 +170,7 @@ class DeliveryOwner:
             digest=digest,
             receipt=receipt if receipt is not None else Receipt(),
             origin=origin,
+            provider=provider,
         )
         if idempotency_key is not None:
             try:
@@ -241,7 +247,9 @@ class DeliveryOwner:
                 on_done()  # the message's memory may go now (it is delivered, refused or stored)
 
     async def _inline(self, attempt: InlineAttempt, decided: asyncio.Future[Reply]) -> None:
-        provider = self.providers[attempt.submission.principal.account]
+        provider = attempt.provider or self.providers.get(attempt.submission.principal.account)
+        if provider is None:  # a notice of an account a reload removed (a session passes its own provider)
+            raise Deferred(f"account {attempt.submission.principal.account} is not in the configuration")
 
         async def before_send(keys: Sequence[str]) -> None:
             # Not stored yet (no token): nobody else can have the message, nothing to check. Stored in flight
@@ -448,7 +456,7 @@ class DeliveryOwner:
         """The ledger record of a message answered 250 (with its first attempt, when that has ended)."""
         if not self.ledger.enabled:
             return
-        provider = self.providers.get(attempt.submission.principal.account)
+        provider = attempt.provider or self.providers.get(attempt.submission.principal.account)
         self._record(
             self.ledger.accepted,
             msg_id=attempt.msg_id,
