@@ -211,6 +211,7 @@ class App:
             dsettings.probe_interval,
         )
         self.worker.start()
+        self._spawn(self._unconfigured_queued())
         # Another instance made something due: wake the worker now rather than at its next poll.
         self._spawn(self.store.listen(lambda account: self.owner.wakeup.set() if self.owner else None))
         self._spawn(self._queue_stats())
@@ -282,6 +283,33 @@ class App:
             else:
                 self.store.health.record("read", None)
             await idle(QUEUE_STATS_EVERY)
+
+    async def _unconfigured_queued(self) -> None:
+        """Messages queued for accounts no longer configured (removed by a reload, or before a restart): said
+        once per account, and handed to the retry worker with the configured accounts, so they are dead letters
+        at max_lifetime like any other (or delivered, if their account comes back before)."""
+        assert self.store is not None and self.worker is not None
+        try:
+            waiting = await self.store.waiting()
+        except SpoolUnavailable as exc:
+            # The queue could not say which accounts have messages: those of accounts no longer configured are
+            # looked for again at the next reload or start (the worker reports the queue's outage itself).
+            log.warning("queue_unconfigured_check_failed", reason=exc.reason)
+            return
+        configured = self.settings.accounts
+        unconfigured = {account: n for account, n in sorted(waiting.items()) if account not in configured}
+        for account, count in unconfigured.items():
+            # Messages of an account not in the configuration: each attempt is deferred ("account X is no
+            # longer configured") and they become dead letters at delivery.max_lifetime, unless the account is
+            # configured again before.
+            log.warning(
+                "queue_account_not_configured",
+                account=account,
+                messages=count,
+                max_lifetime=self.settings.delivery.max_lifetime,
+                action="dead-lettered at max_lifetime unless the account is configured again",
+            )
+        self.worker.set_accounts(list(configured), list(unconfigured))
 
     async def _log_domain_findings(self) -> None:
         """The same findings as `smtp-gateway check-domains`, logged once at startup (and after a reload)."""
@@ -394,6 +422,7 @@ class App:
         if self.console is not None:
             self.console.configure(new)
         self.worker.set_accounts(list(new.accounts))
+        self._spawn(self._unconfigured_queued())
         suppressions = None
         if self.returnpath is not None:
             self.returnpath.configure(new, providers)

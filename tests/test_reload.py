@@ -102,6 +102,62 @@ def test_an_account_added_by_a_reload_delivers_and_retries(gateway_factory: Fact
     wait_for(lambda: [r for r in gw.sent if r["body"]["asunto"] == "beta"], 10, "beta's message retried and sent")
 
 
+QUICK_RETRIES = {"retry_schedule": [0.2], "retry_jitter": 0.0, "poll_interval": 0.1}
+
+
+def _queue_one(gw: Running, subject: str) -> None:
+    """A message of `acme` the upstream answers 503: answered 250 and queued."""
+    gw.fault(status=503, count=1000)
+    with RawClient(gw) as client:
+        client.cmd("EHLO q.test")
+        assert client.login().startswith("235 ")
+        assert raw_send(client, message(subject=subject)).startswith("250 2.0.0 ")
+
+
+def _without_acme(gw: Running) -> dict[str, Any]:
+    config = config_of(gw)
+    config["accounts"]["beta"] = config["accounts"].pop("acme")
+    config["accounts"]["beta"]["users"][0]["username"] = NEWBIE
+    return config
+
+
+def test_messages_queued_for_an_account_a_reload_removed_are_named_and_expire(gateway_factory: Factory) -> None:
+    """They were never claimed again: queued for ever, nothing said. Now the reload names them, and they
+    become dead letters at max_lifetime with the reason."""
+    gw = gateway_factory(delivery={**QUICK_RETRIES, "max_lifetime": 1.0}, ledger={"retention": 10.0})
+    _queue_one(gw, "queued")
+    with captured_logs() as logs:
+        assert reload_with(gw, _without_acme(gw))
+        [warned] = wait_for(lambda: events(logs, "queue_account_not_configured"), 10, "the warning")
+    assert warned["account"] == "acme" and warned["messages"] == 1
+    assert gw.app.store is not None
+    store = gw.app.store
+
+    def dead() -> list[dict[str, Any]]:
+        return gw.loop.run(store.list(["dead"]))
+
+    [letter] = wait_for(dead, 10, "the removed account's message dead-lettered at max_lifetime")
+    assert "account acme is no longer configured" in letter["dead_reason"], letter["dead_reason"]
+    assert gw.sent == []
+
+
+def test_messages_queued_for_a_removed_account_are_sent_if_it_comes_back(gateway_factory: Factory) -> None:
+    gw = gateway_factory(delivery=QUICK_RETRIES)
+    _queue_one(gw, "comes back")
+    assert reload_with(gw, _without_acme(gw))
+    assert gw.app.store is not None
+    store = gw.app.store
+
+    def tried_unconfigured() -> bool:
+        rows = gw.loop.run(store.list(["queued"]))
+        return any("no longer configured" in str(row.get("last_error")) for row in rows)
+
+    wait_for(tried_unconfigured, 10, "an attempt deferred: the account is no longer configured")
+    gw.clear_faults()
+    assert reload_with(gw, config_of(gw))
+    wait_for(lambda: [r for r in gw.sent if r["body"]["asunto"] == "comes back"], 10, "sent once acme is back")
+
+
 def test_unchanged_accounts_keep_their_provider(gateway: Running) -> None:
     provider = gateway.app.providers["acme"]
     config = config_of(gateway)

@@ -81,6 +81,10 @@ def _delivered(account: str, path: str, verdict: str) -> Any:
     return DELIVERIES.labels(account=account, path=path, verdict=verdict)
 
 
+# A message's account that is not configured: its deferral reason, and the dead letter's last error.
+NOT_CONFIGURED = "is no longer configured (removed by a reload, or before a restart)"
+
+
 @dataclass
 class InlineAttempt:
     """One new message's first attempt."""
@@ -249,7 +253,7 @@ class DeliveryOwner:
     async def _inline(self, attempt: InlineAttempt, decided: asyncio.Future[Reply]) -> None:
         provider = attempt.provider or self.providers.get(attempt.submission.principal.account)
         if provider is None:  # a notice of an account a reload removed (a session passes its own provider)
-            raise Deferred(f"account {attempt.submission.principal.account} is not in the configuration")
+            raise Deferred(f"account {attempt.submission.principal.account} {NOT_CONFIGURED}")
 
         async def before_send(keys: Sequence[str]) -> None:
             # Not stored yet (no token): nobody else can have the message, nothing to check. Stored in flight
@@ -549,7 +553,9 @@ class DeliveryOwner:
         if provider is None:
             outcome = Outcome(
                 deferred={
-                    k: Deferred(f"account {item.account} is not in the configuration")
+                    # Retried on the schedule (the account may come back) and dead at max_lifetime, this as its
+                    # last error: the worker claims the messages of accounts no longer configured too.
+                    k: Deferred(f"account {item.account} {NOT_CONFIGURED}")
                     for k, r in before.calls.items()
                     if r.state == "pending"
                 }

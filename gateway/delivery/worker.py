@@ -49,10 +49,12 @@ class RetryWorker:
         self._task: asyncio.Task[None] | None = None
         self._failing = False
 
-    def set_accounts(self, accounts: Sequence[str]) -> None:
-        """The configured accounts changed (reload): claim for these from now on. Attempts running for an
-        account that was removed finish; its queued messages wait until it is configured again."""
-        self.accounts = list(accounts)
+    def set_accounts(self, accounts: Sequence[str], unconfigured: Sequence[str] = ()) -> None:
+        """Claim for these accounts from now on: the configured ones (changed by a reload), and `unconfigured`,
+        accounts no longer configured that still have queued messages. Those are claimed on their schedule as
+        any other: each attempt is deferred (DeliveryOwner: no provider), so they become dead letters at
+        max_lifetime, or are delivered if their account is configured again before."""
+        self.accounts = list(dict.fromkeys([*accounts, *unconfigured]))
         for account in self.accounts:
             self._running.setdefault(account, set())
         self.owner.wakeup.set()

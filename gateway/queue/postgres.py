@@ -559,6 +559,11 @@ class PostgresQueue:
             rows = await (await conn.execute(SQL.counts)).fetchall()
         return {r["state"]: {"count": r["n"], "oldest_age": now - r["oldest"]} for r in rows}
 
+    async def waiting(self) -> dict[str, int]:
+        async with self._tx() as conn:
+            rows = await (await conn.execute(SQL.waiting)).fetchall()
+        return {r["account"]: r["n"] for r in rows}
+
     async def list(self, states: Sequence[str], limit: int = 1000) -> list[dict[str, Any]]:
         async with self._tx() as conn:
             rows = await (await conn.execute(SQL.listing(len(states)), (*POSTGRES.items(states), limit))).fetchall()

@@ -168,6 +168,7 @@ class Statements:
         self.stored = d("SELECT 1 FROM messages WHERE id=?")
         # -- operators
         self.counts = d("SELECT state, COUNT(*) AS n, MIN(created) AS oldest FROM messages GROUP BY state")
+        self.waiting = d("SELECT account, COUNT(*) AS n FROM messages WHERE state!='dead' GROUP BY account")
         self.show = d("SELECT * FROM messages WHERE id=?")
         self.calls = d(f"SELECT {CALL_COLUMNS} FROM calls WHERE msg_id=? ORDER BY {d.call_order}")
         self.submission = d("SELECT submission FROM messages WHERE id=?")

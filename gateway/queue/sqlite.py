@@ -419,6 +419,12 @@ class SqliteQueue:
 
         return await self._run(run)
 
+    async def waiting(self) -> dict[str, int]:
+        def run() -> dict[str, int]:
+            return {r["account"]: r["n"] for r in self.db.execute(SQL.waiting).fetchall()}
+
+        return await self._run(run)
+
     async def list(self, states: Sequence[str], limit: int = 1000) -> list[dict[str, Any]]:
         def run() -> list[dict[str, Any]]:
             rows = self.db.execute(SQL.listing(len(states)), (*SQLITE.items(states), limit)).fetchall()
