@@ -240,6 +240,25 @@ def test_an_unreachable_postgresql_queue(tmp_path: Path) -> None:
     assert done.stderr == f"smtp-gateway: {message}\n"
 
 
+@pytest.mark.parametrize(
+    "command", [["suppression", "list"], ["suppression", "remove", "a@example.com"], ["status", "x"]]
+)
+def test_the_ledger_commands_on_an_unreachable_postgresql_queue(tmp_path: Path, command: list[str]) -> None:
+    """They waited 10 s for their pool, printed psycopg's warnings and a PoolTimeout traceback (or a line
+    asking whether it was an smtp-gateway queue): now queue list's line, at once."""
+    with socket.socket() as bound:
+        bound.bind(("127.0.0.1", 0))
+        port = bound.getsockname()[1]
+        path = config(tmp_path, delivery={"queue_url": f"postgresql://gateway@127.0.0.1:{port}/gateway"})
+        done = cli(tmp_path, *command, "--config", str(path))
+    assert done.returncode == 1
+    assert done.stderr == (
+        f"smtp-gateway: delivery.queue_url postgresql://gateway@127.0.0.1:{port}/gateway: cannot connect to "
+        f"127.0.0.1:{port}: Connection refused: start PostgreSQL there, or correct the host and port in "
+        "delivery.queue_url\n"
+    )
+
+
 def test_an_api_token_hash_cut_short(tmp_path: Path) -> None:
     """The message API's token hashes are read by the same rule as the logins' password hashes."""
     tokens = [{"name": "ci", "token_hash": PASSWORD_HASH[:-4]}]

@@ -103,6 +103,14 @@ def queue_findings(settings: Settings) -> list[preflight.Finding]:
     return []
 
 
+def refuse_unreachable_queue(settings: Settings) -> None:
+    """A PostgreSQL queue whose server cannot be reached: refused at once with the line `queue list` gives (one
+    connection attempt), not after a pool's retries for seconds with psycopg's warnings and a traceback."""
+    problems = queue_findings(settings)
+    if problems:
+        raise Refused([f.text for f in problems])
+
+
 def run_loop(coro: Coroutine[Any, Any, T], ports: list[preflight.Port]) -> T:
     try:
         import uvloop

@@ -10,7 +10,13 @@ import json
 import sqlite3
 from typing import Any
 
-from gateway.cli.common import add_spool_option, load_for_queue, spool_failure, with_config
+from gateway.cli.common import (
+    add_spool_option,
+    load_for_queue,
+    refuse_unreachable_queue,
+    spool_failure,
+    with_config,
+)
 from gateway.cli.exits import Exit
 from gateway.config import Settings
 from gateway.ledger.backends import open_ledger, open_returns
@@ -23,6 +29,7 @@ def cmd_suppression(args: argparse.Namespace) -> int:
     if not settings.delivery.queue_url and not settings.delivery.spool_path.exists():
         print(f"no queue (and so no suppression list) at {settings.delivery.spool_path}")
         return Exit.OK if args.action == "list" else Exit.PROBLEM
+    refuse_unreachable_queue(settings)
     try:
         return asyncio.run(_main(settings, args))
     except (sqlite3.DatabaseError, LedgerUnavailable) as exc:
