@@ -173,6 +173,19 @@ def test_a_missing_extra_certificate(tmp_path: Path) -> None:
     )
 
 
+def test_an_unreadable_secret_file_is_a_problem_of_this_machine(tmp_path: Path) -> None:
+    """exit-statuses.md: a file unreadable is status 1 (this machine), an invalid value 2; it was 2."""
+    missing = tmp_path / "secrets" / "apikey"
+    path = config(tmp_path, accounts={"acme": {"apikey": None, "apikey_file": str(missing)}})
+    refused(tmp_path, path, 1, f"accounts.acme: apikey_file: cannot read {missing}: No such file or directory")
+    # With an invalid value beside it, the configuration is at fault: 2, and both are named.
+    path = config(
+        tmp_path, accounts={"acme": {"apikey": None, "apikey_file": str(missing)}}, limits={"max_recipients": 0}
+    )
+    done = cli(tmp_path, "check-config", "--config", str(path))
+    assert done.returncode == 2 and "apikey_file: cannot read" in done.stderr and "max_recipients" in done.stderr
+
+
 def test_a_spool_path_that_is_not_a_database(tmp_path: Path) -> None:
     notes = tmp_path / "notes.txt"
     notes.write_text("not a queue\n")

@@ -25,7 +25,8 @@ class Exit(IntEnum):
     )
     PROBLEM = (
         1,
-        "A problem on this machine (a port taken, a file unreadable, the resolver), a queue that cannot be opened, "
+        "A problem on this machine (a port taken, a file the configuration names that cannot be read or loaded: "
+        "a certificate, a CA file, a `*_file` secret; the resolver), a queue that cannot be opened, "
         "or a command that found problems: `check-config` (its last line counts them), `check-domains`, "
         "`check-upstream` (an account not reached, its credentials refused, an answer not understood, a "
         "campaign or sender it does not have: each named with what to fix), `queue "

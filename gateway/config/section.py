@@ -13,12 +13,19 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class UnreadableFile(ValueError):
+    """A file the configuration names cannot be read: a problem of this machine (its permissions, a secret not
+    mounted), which load_settings reports with exit status 1, not as an invalid value (2)."""
+
+
 def read_secret_file(path: Path, what: str) -> SecretStr:
     """A secret kept in its own file (Docker/Kubernetes secrets, systemd credentials): first line only."""
     try:
         value = path.read_text(encoding="utf-8").splitlines()[0].strip() if path.stat().st_size else ""
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{what}: cannot read {path}: {exc.__class__.__name__}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{what}: {path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise UnreadableFile(f"{what}: cannot read {path}: {exc.strerror or exc.__class__.__name__}") from None
     if not value:
         raise ValueError(f"{what}: {path} is empty")
     return SecretStr(value)

@@ -26,6 +26,7 @@ from gateway.config.console import ConsoleSettings
 from gateway.config.console import check as check_console
 from gateway.config.oauth import OAuthSettings
 from gateway.config.returnpath import ReturnPathSettings, WebhookSettings
+from gateway.config.section import UnreadableFile
 
 ENV_PREFIX = "GATEWAY_"
 CONFIG_ENV = "GATEWAY_CONFIG"
@@ -670,7 +671,7 @@ class ConfigError(Exception):
 
 
 class ConfigFileError(ConfigError):
-    """A file the configuration names (a certificate, a CA file) that cannot be read or loaded on this machine:
+    """A file the configuration names (a certificate, a CA file, a `*_file` secret) that cannot be read or loaded:
     a problem of the machine (exit status 1), not of the configuration's text (2). Its text names the key."""
 
 
@@ -710,7 +711,10 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
     try:
         return settings_model(path)(**overrides)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, path)) from None
+        errors = exc.errors(include_input=False, include_url=False)
+        # Only files that cannot be read (a secret not mounted, its permissions): this machine (exit 1).
+        unreadable = all(isinstance(e.get("ctx", {}).get("error"), UnreadableFile) for e in errors)
+        raise (ConfigFileError if unreadable else ConfigError)(format_validation_error(exc, path)) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(_toml_error(path, exc)) from None
     except UnicodeDecodeError as exc:
