@@ -164,6 +164,19 @@ def test_invalid_env_value_is_refused_and_named(tmp_path: Path) -> None:
     _secrets_absent(result, FILE_APIKEY, PASSWORD_HASH)
 
 
+def test_a_list_set_in_the_environment_without_json_names_the_variable(tmp_path: Path) -> None:
+    """pydantic-settings names only the section ('field "accounts"'): the variable is named, its value not
+    repeated (it may be a secret)."""
+    value = "campaign-s3cr3t-0003"
+    result = run_cli("check-config", "-c", str(write_config(tmp_path)), GATEWAY_ACCOUNTS__ACME__CAMPAIGNS=value)
+    assert result.returncode == 2
+    assert result.stderr.startswith(
+        "smtp-gateway: GATEWAY_ACCOUNTS__ACME__CAMPAIGNS is not JSON: a list or table set in the environment "
+        "must be JSON"
+    ), result.stderr
+    _secrets_absent(result, value)
+
+
 def test_invalid_secret_value_is_named_but_not_echoed(tmp_path: Path) -> None:
     """A clear password pasted where the hash belongs: refused, and the error does not repeat it."""
     config = write_config(tmp_path).read_text().replace(PASSWORD_HASH, PASSWORD, 1)

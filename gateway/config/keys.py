@@ -135,6 +135,35 @@ def unknown_env(
     return problems
 
 
+def env_not_json(
+    environ: Mapping[str, str], root: Node, prefix: str, delimiter: str, ignore: re.Pattern[str] | None = None
+) -> list[str]:
+    """The ``prefix``-variables that set a list or table with a value that is not JSON (pydantic-settings'
+    error names only the top-level field, not the variable); their values are never read out."""
+    import json  # only after a refusal
+
+    found = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith(prefix) or (ignore is not None and ignore.fullmatch(upper)):
+            continue
+        node: Node | None = root
+        for part in upper[len(prefix) :].lower().split(delimiter):
+            if node is not None and node.kind == "model":
+                node = node.fields.get(part)
+            elif node is not None and node.kind == "mapping":
+                node = node.item
+            else:
+                node = None
+        if node is None or node.kind == "leaf":
+            continue
+        try:
+            json.loads(environ[name])
+        except ValueError:
+            found.append(name)
+    return found
+
+
 def _walk_env(node: Node, parts: list[str]) -> str | None:
     """None if ``parts`` name a settable key, else why not."""
     done: list[str] = []

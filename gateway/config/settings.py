@@ -722,8 +722,18 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
     except SettingsError as exc:
-        # pydantic-settings' words, e.g. 'error parsing value for field "listeners" from source "EnvSettingsSource"'
-        raise ConfigError(f"{exc}: a list or table set in the environment must be JSON") from None
+        # pydantic-settings' words name the section only ('error parsing value for field "accounts" from source
+        # "EnvSettingsSource"'): the variables at fault are named (never their values, which may be secrets).
+        names = keys.env_not_json(os.environ, config_keys(), ENV_PREFIX, "__", FOREIGN_ENV)
+        if not names:
+            raise ConfigError(f"{exc}: a list or table set in the environment must be JSON") from None
+        raise ConfigError(
+            "\n".join(
+                f"{name} is not JSON: a list or table set in the environment must be JSON, e.g. "
+                f"""{name}='["a", "b"]' or '{{"key": "value"}}'"""
+                for name in names
+            )
+        ) from None
 
 
 def _toml_error(path: Path | None, exc: tomllib.TOMLDecodeError) -> str:
