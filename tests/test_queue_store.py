@@ -225,6 +225,9 @@ async def test_counts_list_and_show(store: QueueStore) -> None:
     shown = await store.show("Q1")
     assert shown is not None and [c["key"] for c in shown["calls"]] == ["0", "1"]
     assert codec.decode(await store.submission("Q1") or b"") == submission()  # small attachments: in the record
+    await store.insert(new("O1", now - 30, account="other"))
+    await store.insert(new("O2", now - 30, account="other", owner="gw:1:x"))  # in flight: waiting all the same
+    assert await store.waiting() == {"acme": 1, "other": 2}  # per account, dead letters left out
 
 
 async def test_wake_makes_an_accounts_backlog_due(store: QueueStore) -> None:
