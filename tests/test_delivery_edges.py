@@ -10,6 +10,7 @@ from typing import Any
 
 import structlog
 
+from gateway.core.errors import SpoolUnavailable
 from gateway.ops.metrics import REGISTRY
 from gateway.queue.postgres import PostgresQueue
 from tests.harness import Running
@@ -106,6 +107,31 @@ def test_a_key_reused_for_a_different_message_is_refused_for_good(gateway_factor
     assert metric("smtp_gateway_resends_total", account="acme", result="conflict") == before + 3
     conflicts = [e for e in logs if e["event"] == "message_resend_conflict"]
     assert len(conflicts) == 3 and all(e["first_queue_id"] == conflicts[0]["first_queue_id"] for e in conflicts)
+
+
+def test_a_key_answered_while_the_store_fails_still_refuses_a_different_message(
+    gateway_factory: Callable[..., Running],
+) -> None:
+    """The store took the first message's claim, then failed before its answer (kept in memory until the
+    store is back). While it is still down, another message with that key gets 554, not a 250 for mail
+    never sent; the same message again is still a resend."""
+    gw = gateway_factory(delivery=FAST)
+    store: Any = gw.app.store
+
+    async def down(*args: Any, **kwargs: Any) -> Any:
+        raise SpoolUnavailable("database or disk is full")
+
+    key = "X-Gateway-Idempotency-Key: invoice-2024-7\r\n"
+    store.finish_key = down
+    first = send(gw.port(), "invoice 7", body="one", extra=key)
+    assert first[0] == 250
+    wait_for(lambda: len(gw.app.owner.keys.late) or None, 10, "the answer kept in memory")
+    store.claim_key = store.record_key = down  # still down when the next messages come
+    other = send(gw.port(), "invoice 8", body="another message, the same key by mistake", extra=key)
+    resend = send(gw.port(), "invoice 7", body="one", extra=key)
+    assert other == (554, "5.6.0 Idempotency key already used for a different message")
+    assert resend == first
+    assert [r["body"]["asunto"] for r in gw.sent] == ["invoice 7"]
 
 
 def test_message_id_keys_are_opt_in_and_include_the_envelope(gateway_factory: Callable[..., Running]) -> None:

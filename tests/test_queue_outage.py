@@ -90,7 +90,7 @@ def test_postgresql_down_fails_fast_records_keys_late_and_is_back_at_once(
 
 def test_the_late_key_backlog_is_bounded_oldest_first() -> None:
     backlog = KeyBacklog(limit=2)
-    keys = [LateKey("acme", f"k{n}", f"M{n}", 0.0, 100.0) for n in range(3)]
+    keys = [LateKey("acme", f"k{n}", f"M{n}", 0.0, 100.0, None) for n in range(3)]
     assert backlog.add(keys[0]) is None and backlog.add(keys[1]) is None
     assert backlog.add(keys[2]) is keys[0]  # given up (and counted as dropped by its owner)
     assert len(backlog) == 2 and backlog.get("acme", "k0") is None and backlog.answered() == []

@@ -82,7 +82,7 @@ class LateKey:
     msg_id: str
     created: float
     expires: float
-    digest: str | None = None
+    digest: str | None  # what the message said (None only for a message that has none: a bounce notice)
     reply_id: str | None = None  # None while the message is being delivered
     claimed: bool = False  # the queue has the key's claim: only the answer is missing
 

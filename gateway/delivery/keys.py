@@ -49,8 +49,9 @@ class IdempotencyKeys:
         self._keep(LateKey(account, key, msg_id, now, now + self.window, digest))
         return None
 
-    async def finish(self, account: str, key: str, msg_id: str, reply_id: str | None) -> None:
-        """The message answered (`reply_id`: the id its 250 named) or was not taken (None: forget the key)."""
+    async def finish(self, account: str, key: str, msg_id: str, reply_id: str | None, digest: str | None) -> None:
+        """The message answered (`reply_id`: the id its 250 named) or was not taken (None: forget the key).
+        `digest`: what the message said, as given to `claim`."""
         late = self.late.get(account, key)
         if late is not None and late.msg_id == msg_id:  # claimed while the store was down
             if reply_id is None:
@@ -63,8 +64,10 @@ class IdempotencyKeys:
             await self.store.finish_key(account, key, msg_id, reply_id)
         except SpoolUnavailable:
             if reply_id is not None:  # (not taken: the store's claim goes stale and is taken over)
+                # With its digest: while the store is down, this entry alone tells a resend from another
+                # message given the same key (which must get 554, not a 250 for mail never sent).
                 now = self.clock()
-                self._keep(LateKey(account, key, msg_id, now, now + self.window, None, reply_id, claimed=True))
+                self._keep(LateKey(account, key, msg_id, now, now + self.window, digest, reply_id, claimed=True))
 
     def _keep(self, late: LateKey) -> None:
         dropped = self.late.add(late)

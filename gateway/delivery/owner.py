@@ -226,7 +226,8 @@ class DeliveryOwner:
         """Remember the id the 250 carried, or forget the key when the message was not taken (no 250)."""
         key = attempt.idempotency_key
         assert key is not None
-        await self.keys.finish(attempt.submission.principal.account, key, attempt.msg_id, attempt.reply_id)
+        account = attempt.submission.principal.account
+        await self.keys.finish(account, key, attempt.msg_id, attempt.reply_id, attempt.digest)
 
     async def _first_attempt(
         self, attempt: InlineAttempt, decided: asyncio.Future[Reply], on_done: Callable[[], None] | None = None
