@@ -147,6 +147,26 @@ def test_forged_tokens_and_mismatched_users_are_refused(gw: Running, issuer: Iss
     assert token_login(gw, "OAUTHBEARER", base64.b64encode(b"garbage").decode())[-1].startswith("535 ")
 
 
+def test_a_valid_token_whose_claim_is_no_configured_login_gets_the_challenge_then_535(
+    gateway_factory: Factory, issuer: Issuer
+) -> None:
+    # With no `logins` map the claim's value must be a configured login: any other user of the tenant holds
+    # a valid token for the audience. Refused like any other token (never 451), and counted as a failure.
+    gw = gateway_factory(
+        oauth={"issuers": [issuer_config(issuer, claim="email")]},
+        extra_users=[{"username": "app@acme.example", "passwords": [{"hash": PASSWORD_HASH}], "campaign": 22}],
+    )
+    with captured_logs() as logs:
+        first, final = token_login(gw, "XOAUTH2", xoauth2("", issuer.token(email="someone-else@acme.example")))
+        ok = token_login(gw, "XOAUTH2", xoauth2("", issuer.token(email="app@acme.example")))
+    assert challenge(first)["status"] == "401"
+    assert final == "535 5.7.8 Authentication credentials invalid"
+    assert ok[-1].startswith("235 ")
+    [failed] = events(logs, "auth_failed")
+    assert "'someone-else@acme.example' is no configured login" in failed["reason"]
+    assert not [e for e in logs if e.get("log_level") == "error"]
+
+
 def test_a_rotated_key_is_fetched_once_at_most_every_min_refresh(gateway_factory: Factory, issuer: Issuer) -> None:
     gw = gateway_factory(
         oauth={"issuers": [issuer_config(issuer, claim="sub", logins={"svc": "scanner"}, jwks_min_refresh=3600)]}

@@ -98,12 +98,15 @@ class Authenticator:
                 return name, None
         return None
 
-    def principal_for_user(self, username: str) -> Principal:
-        """The Principal of a configured user, for trusted-network clients that do not AUTH."""
+    def principal_for_user(self, username: str) -> Principal | None:
+        """The Principal of a configured user (for trusted-network clients that do not AUTH, and token
+        logins); None when `username` is no configured user (a token's claim may name anyone)."""
         principal = self._user_principals.get(username)
         if principal is None:
-            account, user = self._users[username]
-            principal = self._user_principals[username] = self._user_principal(account, user)
+            found = self._users.get(username)
+            if found is None:
+                return None
+            principal = self._user_principals[username] = self._user_principal(*found)
         return principal
 
     def _user_principal(self, account: str, user: UserSettings) -> Principal:
@@ -118,8 +121,10 @@ class Authenticator:
 
     async def authenticate(self, username: str, password: str) -> Principal:
         # The console's test send (auth/onetime.py): checked before the cache, which must never hold it.
-        if self._onetime is not None and username in self._users and self._onetime.redeem(username, password):
-            return replace(self.principal_for_user(username), credential=CONSOLE_CREDENTIAL)
+        if self._onetime is not None:
+            user = self.principal_for_user(username)  # (a one-time password is issued to configured users)
+            if user is not None and self._onetime.redeem(username, password):
+                return replace(user, credential=CONSOLE_CREDENTIAL)
         key = hmac.new(self._secret, f"{username}\0{password}".encode(), hashlib.sha256).digest()
         found = await self._cache.get(key, lambda: self._check(username, password))
         if isinstance(found, Refused):

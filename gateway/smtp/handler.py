@@ -82,6 +82,8 @@ class GatewayHandler:
                 if ip in network:
                     # Remembered for the session: MAIL, RCPT and DATA all ask (AUTH may still replace it).
                     principal = self.authenticator.principal_for_user(login)
+                    if principal is None:  # (config validation names only configured users here)
+                        return None
                     session.auth_data = principal
                     if logs.enabled("debug"):  # its fields built only then: every trusted session comes here
                         # Debug: every summary line of the session names the login and account at info.
@@ -303,6 +305,11 @@ class GatewayHandler:
             return throttled
         try:
             token = await self.oauth.login(mechanism, blob, self.login_for)
+            principal = self.authenticator.principal_for_user(token.login)
+            if principal is None:
+                # With no `logins` map the claim's value is the login: any other user of the issuer's
+                # tenant holds a valid token naming no login here. A refusal like any other.
+                raise TokenRefused(f"{token.issuer.claim} {token.claim[:80]!r} is no configured login")
         except TokenUnavailable as exc:
             return self._unavailable(server, str(exc), fields)
         except TokenRefused as exc:
@@ -313,7 +320,6 @@ class GatewayHandler:
         refusal = self._tls_refusal(server, token.login.encode())
         if refusal is not None:
             return AuthResult(success=False, handled=False, message=refusal)
-        principal = self.authenticator.principal_for_user(token.login)
         credential = f"oauth:{token.issuer.name}"
         principal = replace(principal, credential=credential, credential_expires=token.expires)
         return await self._accepted(server, principal, {**fields, "login": token.login}, {"mechanism": mechanism})
