@@ -26,13 +26,18 @@ def rsa_key() -> rsa.RSAPrivateKey:
     return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
+def ec_algorithm(key: PrivateKey) -> str:
+    """The ECDSA algorithm of an EC key's curve (RFC 7518 §3.4)."""
+    return {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}[key.curve.name]  # type: ignore[union-attr]
+
+
 def public_jwk(key: PrivateKey, kid: str) -> dict[str, Any]:
     if isinstance(key, rsa.RSAPrivateKey):
         jwk = json.loads(RSAAlgorithm.to_jwk(key.public_key()))
         jwk["alg"] = "RS256"
     else:
         jwk = json.loads(ECAlgorithm.to_jwk(key.public_key()))
-        jwk["alg"] = "ES256"
+        jwk["alg"] = ec_algorithm(key)
     return {**jwk, "kid": kid, "use": "sig"}
 
 
@@ -74,7 +79,7 @@ class Issuer:
             **claims,
         }
         key = self.keys[kid]
-        algorithm = "RS256" if isinstance(key, rsa.RSAPrivateKey) else "ES256"
+        algorithm = "RS256" if isinstance(key, rsa.RSAPrivateKey) else ec_algorithm(key)
         return jwt.encode(body, key, algorithm=algorithm, headers={"kid": kid})
 
     async def _jwks(self, request: web.Request) -> web.Response:

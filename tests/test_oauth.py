@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.auth import sasl
 from tests.configs import PASSWORD_HASH, listener
@@ -164,6 +165,43 @@ def test_a_valid_token_whose_claim_is_no_configured_login_gets_the_challenge_the
     assert ok[-1].startswith("235 ")
     [failed] = events(logs, "auth_failed")
     assert "'someone-else@acme.example' is no configured login" in failed["reason"]
+    assert not [e for e in logs if e.get("log_level") == "error"]
+
+
+def forged_header(issuer: Issuer, alg: str, kid: str) -> str:
+    """A token whose header claims `alg` under the published `kid` (signed by an unpublished RSA key)."""
+    if "forger" not in issuer.keys:
+        issuer.add_key("forger", rsa_key(), publish=False)
+    parts = issuer.token(kid="forger", appid=APP_ID).split(".")
+    header = json.dumps({"alg": alg, "kid": kid, "typ": "JWT"}).encode()
+    parts[0] = base64.urlsafe_b64encode(header).rstrip(b"=").decode()
+    return ".".join(parts)
+
+
+@pytest.mark.parametrize(
+    ("alg", "kid"),
+    [("RS256", "ec256"), ("PS256", "ec256"), ("ES256", "k1"), ("ES384", "ec256"), ("ES256", "ec384")],
+)
+def test_a_token_whose_alg_does_not_fit_its_keys_type_gets_the_challenge_then_535(
+    gateway_factory: Factory, issuer: Issuer, alg: str, kid: str
+) -> None:
+    # Anyone can read the JWKS (an issuer publishing RSA and EC keys, as Keycloak does) and put one type's
+    # kid on a token claiming another accepted algorithm: refused before PyJWT, which would raise TypeError
+    # or InvalidKeyError on such a pair; counted as a failed AUTH (throttle, lockout), never 451.
+    issuer.add_key("ec256", ec.generate_private_key(ec.SECP256R1()))
+    issuer.add_key("ec384", ec.generate_private_key(ec.SECP384R1()))
+    algorithms = ["RS256", "PS256", "ES256", "ES384"]
+    gw = gateway_factory(
+        oauth={"issuers": [issuer_config(issuer, claim="appid", logins={APP_ID: "scanner"}, algorithms=algorithms)]}
+    )
+    with captured_logs() as logs:
+        first, final = token_login(gw, "XOAUTH2", xoauth2("", forged_header(issuer, alg, kid)))
+        ok = token_login(gw, "XOAUTH2", xoauth2("", issuer.token(kid="ec384", appid=APP_ID)))  # ES384: fits
+    assert challenge(first)["status"] == "401"
+    assert final == "535 5.7.8 Authentication credentials invalid"
+    assert ok[-1].startswith("235 ")
+    [failed] = events(logs, "auth_failed")
+    assert f"algorithm {alg} does not fit key {kid!r}" in failed["reason"]
     assert not [e for e in logs if e.get("log_level") == "error"]
 
 

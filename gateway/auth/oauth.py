@@ -79,6 +79,10 @@ class OAuthVerifier:
             raise TokenRefused(str(exc)) from None
         except KeysUnavailable as exc:
             raise TokenUnavailable(str(exc)) from None
+        if not key_fits(header["alg"], key.key):
+            # Anyone can read the JWKS and put another type's kid on a token: PyJWT would raise TypeError
+            # or InvalidKeyError (no InvalidTokenError) on such a pair, so it is refused before.
+            raise TokenRefused(f"algorithm {header['alg']} does not fit key {key.key_id!r} ({key.key_type})")
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
@@ -102,3 +106,22 @@ class OAuthVerifier:
     async def aclose(self) -> None:
         for keys in self._keys.values():
             await keys.aclose()
+
+
+# The curve each ECDSA algorithm signs on (RFC 7518 §3.4).
+_CURVES = {"ES256": "secp256r1", "ES384": "secp384r1", "ES512": "secp521r1"}
+
+
+def key_fits(alg: str, key: object) -> bool:
+    """Whether a JWKS key (PyJWK.key, a cryptography key) is of the type (and curve) algorithm `alg` signs
+    with: RSA for RS*/PS*, the algorithm's curve for ES*, Ed25519/Ed448 for EdDSA."""
+    from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+
+    if alg.startswith(("RS", "PS")):
+        return isinstance(key, rsa.RSAPublicKey | rsa.RSAPrivateKey)
+    if alg == "EdDSA":
+        kinds = (ed25519.Ed25519PublicKey, ed25519.Ed25519PrivateKey, ed448.Ed448PublicKey, ed448.Ed448PrivateKey)
+        return isinstance(key, kinds)
+    if isinstance(key, ec.EllipticCurvePublicKey | ec.EllipticCurvePrivateKey):
+        return key.curve.name == _CURVES.get(alg)
+    return False
