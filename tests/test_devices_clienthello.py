@@ -1,4 +1,5 @@
-"""The ClientHello reader behind the handshake-failure log, on real hellos from OpenSSL and on odd input."""
+"""The ClientHello reader behind the handshake-failure log, on real hellos from OpenSSL and on odd input; on
+any input it returns an Offer and never raises (its caller counts and logs the failed handshake)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ import ssl
 import struct
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from gateway.smtp.clienthello import parse_client_hello
+import tests.fuzzing  # noqa: F401  (the hypothesis profiles)
+from gateway.smtp.clienthello import Offer, parse_client_hello
 from tests.test_tls_profiles import client_context
 
 
@@ -71,3 +75,59 @@ def test_sslv2_framed_hello() -> None:
 )
 def test_not_a_client_hello(data: bytes, version: str) -> None:
     assert parse_client_hello(data).version == version
+
+
+def odd_length_hello(field: str) -> bytes:
+    """A TLS 1.2 ClientHello record whose cipher-suite list (or supported_versions list) has an odd length."""
+    suites = b"\x00\x03\xc0\x2f\x00" if field == "suites" else b"\x00\x02\xc0\x2f"
+    ext = b"\x00\x2b\x00\x02\x01\x03" if field == "versions" else b""
+    return record(b"\x03\x03" + b"\x00" * 32 + b"\x00" + suites + b"\x01\x00" + struct.pack("!H", len(ext)) + ext)
+
+
+def record(body: bytes) -> bytes:
+    """`body` as a ClientHello handshake message in one TLS record."""
+    handshake = b"\x01" + len(body).to_bytes(3, "big") + body
+    return b"\x16\x03\x01" + struct.pack("!H", len(handshake)) + handshake
+
+
+def test_odd_length_lists_yield_what_was_read_before_them() -> None:
+    suites = parse_client_hello(odd_length_hello("suites"))
+    assert (suites.version, suites.ciphers) == ("TLSv1.2", ())
+    versions = parse_client_hello(odd_length_hello("versions"))
+    assert (versions.version, versions.versions) == ("TLSv1.2", ("TLSv1.2",))
+    assert versions.ciphers == ("ECDHE-RSA-AES128-GCM-SHA256",)
+
+
+_BYTES = st.binary(max_size=40)
+
+
+def _vector(length_bytes: int, content: st.SearchStrategy[bytes] = _BYTES) -> st.SearchStrategy[bytes]:
+    """A length-prefixed vector whose length may lie (too long, odd, zero)."""
+    return st.tuples(content, st.integers(-2, 2)).map(
+        lambda c: max(0, len(c[0]) + c[1]).to_bytes(length_bytes, "big")[-length_bytes:] + c[0]
+    )
+
+
+_EXTENSION = st.tuples(st.sampled_from([0x0000, 0x002B, 0x000A, 0x1A1A]), _vector(1)).map(
+    lambda e: struct.pack("!HH", e[0], len(e[1])) + e[1]
+)
+# Hellos shaped like real ones, with every length free to lie: random bytes alone seldom get past the header.
+_HELLO_BODY = st.tuples(
+    st.sampled_from([b"\x03\x01", b"\x03\x03", b"\x7f\x7f"]),
+    st.binary(min_size=32, max_size=32),
+    _vector(1, st.binary(max_size=32)),
+    _vector(2),
+    _vector(1, st.binary(max_size=2)),
+    _vector(2, st.lists(_EXTENSION, max_size=4).map(b"".join)),
+).map(b"".join)
+
+
+@given(
+    st.one_of(
+        st.binary(max_size=300),
+        _HELLO_BODY.map(record),
+        st.tuples(_HELLO_BODY.map(record), st.integers(0, 400)).map(lambda h: h[0][: h[1]]),
+    )
+)
+def test_any_input_yields_an_offer(data: bytes) -> None:
+    assert isinstance(parse_client_hello(data), Offer)

@@ -28,6 +28,7 @@ from tests.devices_util import captured_logs, events, raw_send, server_connectio
 from tests.harness import LoopThread, Running, start, stop
 from tests.smtputil import RawClient, insecure_context, message, reset_on_close
 from tests.spool_helpers import wait_for
+from tests.test_devices_clienthello import odd_length_hello
 from tests.test_tls_profiles import client_context
 
 
@@ -160,6 +161,23 @@ def test_silent_and_plaintext_clients_on_the_implicit_port(gw: Running, no_error
     wait_for(lambda: not listeners(gw).sessions, 10, "sessions released")
     [line] = events(no_error_logs, "tls_handshake_failed")
     assert line["offered"] == "plaintext" and "STARTTLS or plain listener" in line["hint"]
+
+
+def test_a_malformed_hello_is_counted_and_logged(gw: Running, no_error_logs: list[dict[str, Any]]) -> None:
+    # A cipher-suite list of odd length (OpenSSL refuses it): the reader once raised struct.error from the
+    # report, so the failure was neither counted nor logged and the loop printed a traceback.
+    labels = {"listener": "implicit", "offered": "TLSv1.2"}
+    before = REGISTRY.get_sample_value("smtp_gateway_tls_handshake_failures_total", labels) or 0.0
+    with socket.create_connection(
+        ("127.0.0.1", gw.port("implicit")), timeout=10, source_address=("127.0.0.5", 0)
+    ) as sock:
+        sock.sendall(odd_length_hello("suites"))
+        while sock.recv(4096):  # the server's alert, then its close
+            pass
+    wait_for(lambda: events(no_error_logs, "tls_handshake_failed"), 10, "the failure line")
+    assert REGISTRY.get_sample_value("smtp_gateway_tls_handshake_failures_total", labels) == before + 1
+    [line] = events(no_error_logs, "tls_handshake_failed")
+    assert line["offered"] == "TLSv1.2" and line["offered_ciphers"] == []
 
 
 def test_starttls_inside_tls_is_refused_and_the_session_goes_on(

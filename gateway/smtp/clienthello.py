@@ -23,8 +23,9 @@ class Offer:
     server_name: str | None = None
 
 
-class _Truncated(Exception):
-    pass
+class MalformedHello(ValueError):
+    """The hello is cut short or breaks its own framing (a list of 2-byte values of odd length): what was
+    read before it is kept (parse_client_hello never raises it)."""
 
 
 class _Reader:
@@ -33,7 +34,7 @@ class _Reader:
 
     def take(self, n: int) -> bytes:
         if self.pos + n > len(self.data):
-            raise _Truncated
+            raise MalformedHello(f"{n} bytes wanted at {self.pos}, {len(self.data) - self.pos} left")
         chunk = self.data[self.pos : self.pos + n]
         self.pos += n
         return chunk
@@ -45,6 +46,13 @@ class _Reader:
         value: int = struct.unpack("!H", self.take(2))[0]
         return value
 
+    def u16s(self, n: int) -> list[int]:
+        """The `n` bytes of a list of 2-byte values (cipher suites, versions)."""
+        chunk = self.take(n)
+        if n % 2:
+            raise MalformedHello(f"a list of 2-byte values of {n} bytes")
+        return [code for (code,) in struct.iter_unpack("!H", chunk)]
+
     def u24(self) -> int:
         high, low = struct.unpack("!BH", self.take(3))
         return int(high << 16 | low)
@@ -53,7 +61,8 @@ class _Reader:
 def parse_client_hello(data: bytes) -> Offer:
     """Read the versions and suites a ClientHello offers from the first bytes of a connection.
 
-    Tolerant: a truncated hello yields what could be read; bytes that are no TLS yield "plaintext"/"unknown".
+    Tolerant: a truncated or malformed hello yields what could be read; bytes that are no TLS yield
+    "plaintext"/"unknown". Never raises: its caller is the handshake-failure report, which must count and log.
     """
     if not data:
         return Offer("none")
@@ -76,7 +85,7 @@ def parse_client_hello(data: bytes) -> Offer:
             return Offer("unknown")
         reader.u24()
         legacy = VERSIONS.get(reader.u16(), "unknown")
-    except _Truncated:
+    except MalformedHello:
         return Offer("unknown")
     versions: tuple[str, ...] = (legacy,)
     ciphers: tuple[str, ...] = ()
@@ -84,24 +93,20 @@ def parse_client_hello(data: bytes) -> Offer:
     try:
         reader.take(32)  # random
         reader.take(reader.u8())  # session id
-        suites = reader.take(reader.u16())
-        ciphers = tuple(
-            _cipher_name(code)
-            for (code,) in struct.iter_unpack("!H", suites)
-            if not _grease(code) and code not in _SIGNALS
-        )
+        suites = reader.u16s(reader.u16())
+        ciphers = tuple(_cipher_name(code) for code in suites if not _grease(code) and code not in _SIGNALS)
         reader.take(reader.u8())  # compression methods
         end = reader.u16() + reader.pos
         while reader.pos < end:
             kind, body = reader.u16(), _Reader(reader.take(reader.u16()))
             if kind == _SUPPORTED_VERSIONS:
-                codes = struct.iter_unpack("!H", body.take(body.u8()))
-                versions = tuple(VERSIONS.get(c, hex(c)) for (c,) in codes if not _grease(c))
+                codes = body.u16s(body.u8())
+                versions = tuple(VERSIONS.get(c, hex(c)) for c in codes if not _grease(c))
             elif kind == _SERVER_NAME:
                 body.u16()
                 if body.u8() == 0:
                     server_name = body.take(body.u16()).decode("ascii", "replace")
-    except _Truncated:
+    except MalformedHello:
         pass
     known = [v for v in versions if v in _ORDER]
     best = max(known, key=_ORDER.index) if known else legacy
