@@ -137,6 +137,23 @@ def test_a_login_that_requires_tls_is_refused_in_plaintext_unchecked(secure: Run
     assert len(events(logs, "auth_tls_required")) == 3 and not events(logs, "auth_failed")
 
 
+def test_tls_required_refusals_count_towards_the_clients_auth_failures(gateway_factory: Factory) -> None:
+    # The 538 after the username tells that the login exists and requires TLS: probing for such logins costs
+    # what guessing passwords does (throttled, counted, locked out), as for a network refusal.
+    gw = gateway_factory(
+        extra_users=[user(SECURE, require_tls=True)],
+        limits={"auth_failures_per_ip": 2, "auth_lockout_failures": 2, "auth_delay_max": 0, "auth_lockout_time": 60},
+    )
+    with captured_logs() as logs, RawClient(gw, source="127.0.0.8") as client:
+        client.cmd("EHLO client.test")
+        assert client.cmd("AUTH LOGIN").startswith("334 ")
+        assert client.cmd(b64(SECURE)).startswith("538 5.7.11 ")
+        assert client.login(SECURE, PASSWORD) == "421 4.7.0 Too many failed logins from your address; try again later"
+    assert len(events(logs, "auth_tls_required")) == 2 and len(events(logs, "auth_lockout")) == 1
+    # Locked out like any guesser: the right password of an unrestricted login is not checked from there.
+    assert login_from(gw, "127.0.0.8", "scanner").startswith("421 4.7.0 ")
+
+
 def test_inside_tls_or_from_an_excepted_network_it_logs_in(secure: Running) -> None:
     for listener_ in ("starttls", "implicit"):
         with RawClient(secure, listener_, source="127.0.0.2") as client:

@@ -176,7 +176,10 @@ class GatewayHandler:
             return AuthResult(success=False, handled=True)
         refusal = self._tls_refusal(server, login)  # before the password travels in clear
         if refusal is not None:
-            return AuthResult(success=False, handled=False, message=refusal)
+            try:
+                return await self._tls_refused(server, refusal, login)
+            finally:
+                await self._end_attempt(server)
         password = await server.challenge_auth(server.AuthLoginPasswordChallenge)
         if password is MISSING:
             return AuthResult(success=False, handled=True)
@@ -193,6 +196,21 @@ class GatewayHandler:
         owner = self.authenticator.owner(checked)
         return self.per_login.tls_refusal(server, owner, self.authenticator.label(checked))
 
+    async def _tls_refused(self, server: Any, refusal: str, login: bytes) -> AuthResult:
+        """The 538 of a login that may authenticate only inside TLS here: an AUTH attempt all the same,
+        throttled like any (a locked-out client is refused, one that failed often waits) and counted as a
+        failure, or probing which logins exist and require TLS would cost nothing."""
+        checked, _ = self.login_for(login.decode("utf-8"))  # (decoded already by _tls_refusal)
+        throttled = await self._throttle(server, self._loggable(checked))
+        if throttled is not None:
+            return throttled
+        ticket, server.auth_ticket = server.auth_ticket, None
+        locked = await self.defenses.auth.end(ticket, failed=True)
+        AUTH_TRACKED.set(len(self.defenses.auth))
+        if locked:
+            return await self._lock_out(server, server.session)
+        return AuthResult(success=False, handled=False, message=refusal)
+
     async def _check(self, server: Any, login: bytes, password: bytes, other_identity: bool = False) -> AuthResult:
         try:
             return await self._checked(server, login, password, other_identity)
@@ -207,7 +225,7 @@ class GatewayHandler:
             return await self._refuse(server, session, {"login_unknown": "not UTF-8"})
         refusal = self._tls_refusal(server, login)
         if refusal is not None:
-            return AuthResult(success=False, handled=False, message=refusal)
+            return await self._tls_refused(server, refusal, login)
         checked, mapped_by = self.login_for(username)
         mapped = {"mapped_by": mapped_by} if mapped_by else {}
         fields = {**self._loggable(checked), **mapped}
@@ -352,18 +370,9 @@ class GatewayHandler:
         unchecked = {} if checked else {"checked": False}  # refused before any check: no guess was made
         log.info("auth_failed", peer=_peer(session), failures=failures, **fields, **unchecked)
         server.mark_logged()
+        if locked and checked:
+            return await self._lock_out(server, session)
         if locked:
-            if checked:
-                AUTH_LOCKOUTS.inc()
-                limits = self.defenses.limits
-                log.warning(
-                    "auth_lockout",
-                    peer=_peer(session),
-                    client=key,
-                    failures=limits.auth_lockout_failures,
-                    window=limits.auth_failure_window,
-                    locked_for=limits.auth_lockout_time,
-                )
             await server.push(str(replies.AUTH_LOCKED_OUT))
             server.transport.close()
             return AuthResult(success=False, handled=True)
@@ -373,6 +382,23 @@ class GatewayHandler:
             server.transport.close()
             return AuthResult(success=False, handled=True)
         return AuthResult(success=False, handled=False, message=str(replies.AUTH_INVALID))
+
+    async def _lock_out(self, server: Any, session: Session) -> AuthResult:
+        """This failure locked the client out: logged once, 421, closed."""
+        AUTH_LOCKOUTS.inc()
+        limits = self.defenses.limits
+        log.warning(
+            "auth_lockout",
+            peer=_peer(session),
+            client=_client(session),
+            failures=limits.auth_lockout_failures,
+            window=limits.auth_failure_window,
+            locked_for=limits.auth_lockout_time,
+        )
+        server.mark_logged()
+        await server.push(str(replies.AUTH_LOCKED_OUT))
+        server.transport.close()
+        return AuthResult(success=False, handled=True)
 
     # -- envelope ----------------------------------------------------------------------------------
 
