@@ -4,6 +4,7 @@ previous one honoured for `apikey_grace`."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,34 @@ async def test_a_cached_login_ends_when_its_password_expires(tmp_path: Path) -> 
     finally:
         for provider in built.values():
             await provider.aclose()
+
+
+async def test_a_login_that_does_not_exist_costs_what_a_wrong_password_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No timing tells which logins exist: a name that is no login is refused after the same scrypt work (one
+    hash, the configured hashes' cost) as a configured login with one password and a wrong guess."""
+    settings = load_settings(
+        None, **gateway_config(tmp_path, listeners=[listener()], extra_users=[rotating({"hash": OLD_HASH})])
+    )
+    built: dict[str, Provider] = {name: registry.build(name, account) for name, account in settings.accounts.items()}
+    auth = Authenticator(settings.accounts, built)
+    work: list[tuple[int, int, int]] = []
+    scrypt = hashlib.scrypt
+
+    def counted(password: bytes, *, salt: bytes, n: int, r: int, p: int, **rest: Any) -> bytes:
+        work.append((n, r, p))
+        return scrypt(password, salt=salt, n=n, r=r, p=p, **rest)
+
+    monkeypatch.setattr(hashlib, "scrypt", counted)
+    try:
+        for name in (ROTATING, "no-such-login"):
+            with pytest.raises(AuthFailed):
+                await auth.authenticate(name, "a guess")
+    finally:
+        for provider in built.values():
+            await provider.aclose()
+    assert len(work) == 2 and work[0] == work[1] == (2**14, 8, 1)
 
 
 # -- DMDS campaign apikeys changed upstream ---------------------------------------------------------------

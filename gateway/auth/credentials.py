@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 from gateway.auth.onetime import OneTimeLogins
-from gateway.auth.passwords import verify_any
+from gateway.auth.passwords import decoy_hash, verify_any, verify_password
 from gateway.config.base import AccountBase, UserSettings
 from gateway.core.cache import AsyncCache, Fresh
 from gateway.core.errors import Deferred
@@ -79,6 +79,10 @@ class Authenticator:
         self._users: dict[str, tuple[str, UserSettings]] = {
             user.username: (name, user) for name, account in accounts.items() for user in account.configured_users
         }
+        # Verified for a username that is no login: as slow as a wrong password (see decoy_hash).
+        self._decoy = decoy_hash(
+            [entry.hash.get_secret_value() for _, user in self._users.values() for entry, _ in user.credentials()]
+        )
         # A configured user's Principal depends on this configuration alone (a reload makes a new
         # Authenticator): built once, not for every trusted-network session.
         self._user_principals: dict[str, Principal] = {}
@@ -162,16 +166,25 @@ class Authenticator:
     async def _verify(self, username: str, password: str) -> Principal | Refused:
         if username in self._users:
             return await self._verify_user(*self._users[username], password)
+        owned = False
         for provider in self._providers.values():
             if not provider.owns_login(username):
                 continue
+            owned = True
             try:
                 principal = await provider.verify_login(username, password)
             except Deferred as exc:
                 raise AuthUnavailable(exc.reason, provider.login_label(username)) from exc
             if principal is not None:
                 return principal
+        if not owned:
+            await self._decoy_check(password)
         return Refused()
+
+    async def _decoy_check(self, password: str) -> None:
+        """For a name that is no login: the work of a wrong password (one hash of the configured cost, off the
+        loop as theirs), so that the refusal's timing does not tell which logins exist."""
+        await asyncio.to_thread(verify_password, password, self._decoy)
 
     async def _verify_user(self, account: str, user: UserSettings, password: str) -> Principal | Refused:
         """A configured user's password against its entries in force; then, only to say why it is refused,
