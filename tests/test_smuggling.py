@@ -118,7 +118,7 @@ def test_commands_pipelined_behind_starttls_are_never_answered_inside_tls(gatewa
         while not (line := plain.readline()).startswith(b"250 "):
             assert line.startswith(b"250-")
         sock.sendall(injected)  # one write: one packet on loopback
-        assert plain.readline() == b"220 Ready to start TLS\r\n"
+        assert plain.readline() == b"220 2.0.0 Ready to start TLS\r\n"
         tls = insecure_context().wrap_socket(sock)
         encrypted = tls.makefile("rb")
         opened += [tls, encrypted]

@@ -196,6 +196,9 @@ AUTH_BAD_BASE64 = Reply(501, "5.5.2", "Cannot decode base64")
 """An AUTH response that is not valid base64."""
 AUTH_PLAIN_UNSPLIT = Reply(501, "5.5.2", "Cannot split AUTH PLAIN value")
 """An AUTH PLAIN value without its NUL separators."""
+STARTTLS_READY = Reply(220, "2.0.0", "Ready to start TLS")
+"""STARTTLS accepted: the handshake follows (with its enhanced code, as Postfix answers; RFC 2034 exempts only
+the greeting and EHLO/HELO)."""
 TLS_ALREADY_ACTIVE = Reply(554, "5.5.1", "TLS already active")
 """STARTTLS inside TLS, or on an implicit-TLS listener; the session goes on."""
 STARTTLS_SYNTAX = Reply(501, "5.5.4", "Syntax: STARTTLS")

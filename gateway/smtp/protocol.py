@@ -554,7 +554,7 @@ class GatewaySMTP(SMTP):
         if self._tls is None or self.transport is None:
             await self.push(str(replies.TLS_UNAVAILABLE))
             return
-        await self.push("220 Ready to start TLS")
+        await self.push(str(replies.STARTTLS_READY))
         handshake = self.handshake = self._tls.handshake(self, established=lambda: self.tls_up)
         # The same hand-over aiosmtpd's STARTTLS does, with our handshake protocol in front of SSLProtocol.
         # aiosmtpd's connection_made() (called on success) starts a fresh session and drops any plaintext
