@@ -4,8 +4,10 @@ testssl.sh runs in docs/devices.md): protocol versions per profile, the TLS 1.2 
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
+import stat
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +16,7 @@ import pytest
 
 from gateway.smtp.tls import write_self_signed
 from tests.configs import listener
+from tests.devices_util import captured_logs, events
 from tests.harness import Running
 
 VERSIONS = {
@@ -132,3 +135,25 @@ def test_each_listener_has_its_own_context(profiles: Running) -> None:
     assert contexts["modern"].minimum_version == ssl.TLSVersion.TLSv1_3
     assert contexts["intermediate"].minimum_version == ssl.TLSVersion.TLSv1_2
     assert contexts["legacy"].minimum_version == ssl.TLSVersion.TLSv1
+
+
+def test_the_quick_start_key_is_private_from_its_creation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Created 0600, not written with the umask's mode and chmodded afterwards: with no chmod at all (the
+    # process killed in between), the key is still the owner's only.
+    monkeypatch.setattr(Path, "chmod", lambda self, mode: None)
+    old = os.umask(0)
+    try:
+        _, key = write_self_signed(tmp_path)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+
+
+def test_a_reused_key_others_can_read_is_warned_of(tmp_path: Path) -> None:
+    _, key = write_self_signed(tmp_path)
+    with captured_logs() as logs:
+        write_self_signed(tmp_path)  # private: reused silently
+        key.chmod(0o644)
+        assert write_self_signed(tmp_path)[1] == key  # reused all the same, and said so
+    [warned] = events(logs, "tls_key_readable")
+    assert (warned["log_level"], warned["path"], warned["mode"]) == ("warning", str(key), "0644")

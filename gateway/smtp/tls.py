@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
 import ssl
+import stat
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+import structlog
+
 from gateway.smtp import tickets
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+log = structlog.get_logger("gateway.smtp")
 Profile = Literal["modern", "intermediate", "legacy"]
 
 
@@ -118,6 +123,11 @@ def write_self_signed(
     directory.mkdir(parents=True, exist_ok=True)
     cert_path, key_path = directory / "cert.pem", directory / "key.pem"
     if cert_path.exists() and key_path.exists():
+        mode = stat.S_IMODE(key_path.stat().st_mode)
+        if mode & 0o077:
+            # A reused private key others on the machine can read (made by hand, or copied): reused all the
+            # same, as the operator's file; `chmod 600` it.
+            log.warning("tls_key_readable", path=str(key_path), mode=f"{mode:04o}")
         return cert_path, key_path
     key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey = (
         ec.generate_private_key(ec.SECP256R1())
@@ -141,9 +151,18 @@ def write_self_signed(
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    _write_private(
+        key_path,
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
     )
-    key_path.chmod(0o600)
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return cert_path, key_path
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write `path` readable by its owner only from its first byte: created 0600 (whatever the umask), and an
+    existing file made 0600 before it is written (not written with the umask's mode and chmodded after)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(fd, 0o600)
+        f.write(data)
