@@ -9,6 +9,7 @@ import copy
 import json
 import signal
 import socket
+import ssl
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -67,8 +68,8 @@ def sandbox_port(loop_thread: LoopThread) -> Iterator[int]:
 def serve(tmp_path: Path, sandbox_port: int) -> Iterator[Callable[..., Served]]:
     started: list[Served] = []
 
-    def start(*args: str, smtp: int = 0, **overrides: Any) -> Served:
-        config = config_for(tmp_path, sandbox_port, smtp, **overrides)
+    def start(*args: str, smtp: int = 0, tls: int | None = None, **overrides: Any) -> Served:
+        config = config_for(tmp_path, sandbox_port, smtp, tls, **overrides)
         path = tmp_path / "gateway.toml"
         path.write_text(toml(config))
         log = tmp_path / f"serve{len(started)}.log"
@@ -95,11 +96,14 @@ def serve(tmp_path: Path, sandbox_port: int) -> Iterator[Callable[..., Served]]:
                 served.proc.wait(5)
 
 
-def config_for(tmp: Path, sandbox_port: int, smtp: int = 0, **overrides: Any) -> dict[str, Any]:
-    """One plain listener (`smtp`: 0 for any free port; a fixed one is shared with SO_REUSEPORT) and the
-    operator endpoint on any free port."""
-    plain = listener("plain", port=smtp, **({"reuse_port": True} if smtp else {}))
-    return gateway_config(tmp, sandbox_port, listeners=[plain], http={"address": "127.0.0.1", "port": 0}, **overrides)
+def config_for(tmp: Path, sandbox_port: int, smtp: int = 0, tls: int | None = None, **overrides: Any) -> dict[str, Any]:
+    """One plain listener (`smtp`: 0 for any free port; a fixed one is shared with SO_REUSEPORT), with `tls`
+    an implicit-TLS one on that port (shared too), and the operator endpoint on any free port."""
+    listeners = [listener("plain", port=smtp, **({"reuse_port": True} if smtp else {}))]
+    if tls is not None:
+        listeners.append(listener("implicit", "implicit", port=tls, reuse_port=True))
+    http = {"address": "127.0.0.1", "port": 0}
+    return gateway_config(tmp, sandbox_port, listeners=listeners, http=http, **overrides)
 
 
 def close_wait(port: int) -> int:
@@ -213,3 +217,41 @@ def workers_reload(serve: Callable[..., Served], tmp_path: Path, sandbox_port: i
         with RawClient(served) as client:  # type: ignore[arg-type]
             client.cmd("EHLO worker.test")
             assert client.login(NEWBIE, PASSWORD).startswith("235 ")
+
+
+def test_sighup_rotates_the_ticket_keys_the_workers_share(serve: Callable[..., Served]) -> None:
+    """Any worker resumes any worker's TLS sessions (one ticket secret from the supervisor); a SIGHUP gives
+    them all a fresh one, so tickets issued before it no longer resume and the new ones resume anywhere."""
+    with socket.socket() as plain, socket.socket() as tls:
+        for reserved in (plain, tls):  # bound, not listening: the ports stay the workers' (see above)
+            reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            reserved.bind(("127.0.0.1", 0))
+        port = tls.getsockname()[1]
+        served = serve("--workers", "2", smtp=plain.getsockname()[1], tls=port)
+        wait_for(lambda: len(served.events("ready")) == 2, 30, "both workers ready")
+        client = tls_client(ssl.TLSVersion.TLSv1_2)
+        before, _ = greeted(port, client)
+        # Whichever worker the kernel picks each time resumes it.
+        assert all(greeted(port, client, before)[1] for _ in range(6))
+        served.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: len(served.events("tls_reloaded")) == 2, 30, "both workers reloaded")
+        assert not any(greeted(port, client, before)[1] for _ in range(6))  # keys rotated everywhere
+        after, _ = greeted(port, client)
+        assert all(greeted(port, client, after)[1] for _ in range(6))
+
+
+def tls_client(version: ssl.TLSVersion) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.minimum_version = context.maximum_version = version
+    return context
+
+
+def greeted(port: int, client: ssl.SSLContext, session: ssl.SSLSession | None = None) -> tuple[ssl.SSLSession, bool]:
+    """One implicit-TLS connection up to the greeting: its TLS session, and whether `session` resumed."""
+    with client.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10), session=session) as sock:
+        assert sock.recv(100).startswith(b"220 ")
+        result = sock.session, sock.session_reused
+    assert result[0] is not None
+    return result[0], result[1]

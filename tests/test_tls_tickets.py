@@ -4,6 +4,9 @@ This is also the canary of the ctypes call it relies on (OpenSSL's SSL_CTX_ctrl 
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import socket
 import ssl
 import threading
@@ -12,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.ops.supervisor import Supervisor
 from gateway.smtp import tickets
 from gateway.smtp.tls import server_context, write_self_signed
 
@@ -96,7 +100,46 @@ def test_keys_are_derived_per_profile_and_set(chain: list[tuple[Path, Path]], sh
 
 def test_the_secret_travels_through_a_pipe() -> None:
     secret = tickets.new_secret()
-    assert tickets.read_secret(tickets.write_secret(secret)) == secret
-    short = tickets.write_secret(secret[:5])
+    read, write = tickets.secret_pipe(secret)
+    try:
+        assert tickets.read_secret(read) == secret  # read while the supervisor's end stays open
+    finally:
+        os.close(read)
+        os.close(write)
+    read, write = tickets.secret_pipe(secret[:5])
+    os.close(write)
     with pytest.raises(ValueError, match="5 bytes"):
-        tickets.read_secret(short)
+        tickets.read_secret(read)
+    os.close(read)
+
+
+@pytest.mark.parametrize("version", VERSIONS, ids=["TLSv1.2", "TLSv1.3"])
+def test_a_sighup_rotates_every_workers_keys(version: ssl.TLSVersion, chain: list[tuple[Path, Path]]) -> None:
+    """The supervisor's SIGHUP writes a fresh secret into each worker's pipe before passing the signal on:
+    the contexts the reload builds take it, so the keys (which could decrypt every recorded session that got
+    a ticket under them) do not live as long as the supervisor. Workers still resume each other's sessions."""
+    supervisor = Supervisor([], 2)
+    worker = {}
+    for slot in (0, 1):  # what _spawn hands each worker
+        worker[slot], supervisor.ticket_pipes[slot] = tickets.secret_pipe(supervisor.ticket_secret)
+    try:
+        tickets.follow(worker[0])  # (one process stands for both workers: they share what the pipes say)
+        client = client_context(version)
+        first = server_context("intermediate", chain)
+        session, _ = connect(first, client)
+        assert tickets.get_keys(first) == tickets.derive(supervisor.ticket_secret, "intermediate")
+        old_secret = supervisor.ticket_secret
+
+        supervisor._forward(signal.SIGHUP, None)  # no worker process to pass it on to here
+        assert supervisor.ticket_secret != old_secret
+        assert os.read(worker[1], 128) == old_secret + supervisor.ticket_secret  # the other worker's pipe too
+        reloaded = server_context("intermediate", chain)
+        assert tickets.get_keys(reloaded) == tickets.derive(supervisor.ticket_secret, "intermediate")
+        assert not connect(reloaded, client, session)[1]  # a ticket under the old keys: a full handshake
+        renewed, _ = connect(reloaded, client)
+        assert connect(server_context("intermediate", chain), client, renewed)[1]  # and across workers
+    finally:
+        tickets.share(None)
+        for fd in (*worker.values(), *supervisor.ticket_pipes.values()):
+            with contextlib.suppress(OSError):
+                os.close(fd)

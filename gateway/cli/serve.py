@@ -44,7 +44,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.ticket_keys_fd is not None:
         from gateway.smtp import tickets
 
-        tickets.share(tickets.read_secret(args.ticket_keys_fd))
+        tickets.follow(args.ticket_keys_fd)
     if slot is not None:
         settings = as_worker(settings, slot)
         structlog.contextvars.bind_contextvars(worker=slot)

@@ -33,8 +33,10 @@ class _Worker:
 class Supervisor:
     def __init__(self, worker_args: Sequence[str], workers: int) -> None:
         self.worker_args = list(worker_args)
-        # One TLS session-ticket secret for every worker (gateway/smtp/tickets.py), kept for restarted ones.
+        # One TLS session-ticket secret for every worker (gateway/smtp/tickets.py), kept for restarted ones
+        # and replaced at each SIGHUP (a rotation), through each worker's pipe (slot -> its write end).
         self.ticket_secret = tickets.new_secret()
+        self.ticket_pipes: dict[int, int] = {}
         self.count = workers
         self.workers: dict[int, _Worker] = {}
         self.stopping = False
@@ -42,7 +44,8 @@ class Supervisor:
         self.received: signal.Signals | None = None  # the stop signal (SIGTERM or SIGINT) that came first
 
     def _spawn(self, slot: int, backoff: float = 1.0) -> None:
-        secret = tickets.write_secret(self.ticket_secret)
+        self._close_pipe(slot)
+        secret, pipe = tickets.secret_pipe(self.ticket_secret)
         try:
             args = [*self.worker_args, "--worker-slot", str(slot), "--ticket-keys-fd", str(secret)]
             proc = subprocess.Popen(
@@ -50,16 +53,33 @@ class Supervisor:
                 stdin=subprocess.DEVNULL,
                 pass_fds=(secret,),
             )
+        except BaseException:
+            os.close(pipe)
+            raise
         finally:
             os.close(secret)
+        self.ticket_pipes[slot] = pipe
         self.workers[slot] = _Worker(slot, proc, time.monotonic(), backoff)
         log.info("worker_started", worker=slot, pid=proc.pid)
+
+    def _close_pipe(self, slot: int) -> None:
+        pipe = self.ticket_pipes.pop(slot, None)
+        if pipe is not None:
+            os.close(pipe)
+
+    def _rotate_tickets(self) -> None:
+        """A fresh ticket secret, into every worker's pipe before the SIGHUP whose reload takes it."""
+        self.ticket_secret = tickets.new_secret()
+        for pipe in self.ticket_pipes.values():
+            tickets.send(pipe, self.ticket_secret)  # (a worker gone or stuck is restarted with the new one)
 
     def _forward(self, signum: int, frame: FrameType | None) -> None:
         if signum in (signal.SIGTERM, signal.SIGINT):
             self.stopping = True
             if self.received is None:
                 self.received = signal.Signals(signum)
+        elif signum == signal.SIGHUP:
+            self._rotate_tickets()
         for worker in self.workers.values():
             if worker.proc.poll() is None:
                 worker.proc.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)
@@ -77,6 +97,7 @@ class Supervisor:
                 if code is None:
                     continue
                 del self.workers[slot]
+                self._close_pipe(slot)
                 if self.stopping:
                     # A worker still starting up when our SIGTERM came dies of it: that is a clean stop too, as
                     # is 130, a worker's own Ctrl-C (the terminal sends SIGINT to the whole process group).
@@ -94,4 +115,6 @@ class Supervisor:
                         del restarts[slot]
                         self._spawn(slot, backoff)
             time.sleep(0.1)
+        for slot in list(self.ticket_pipes):
+            self._close_pipe(slot)
         return self.exit_code

@@ -11,14 +11,23 @@ Python's ssl module has no call for ticket keys: this sets them with OpenSSL's S
 after its object header. tests/test_tls_tickets.py checks that a session issued under one context resumes
 under another with the same keys, and not without, so a Python or OpenSSL that lays this out otherwise is
 caught there; where the call is not available the contexts keep OpenSSL's own keys (resumption per worker).
+
+Rotation: a ticket (TLS 1.2's above all) carries its session's master secret encrypted under these keys, so
+whoever reads them from a worker's memory can decrypt every recorded session that got a ticket under them.
+The supervisor keeps each worker's pipe open and, on every SIGHUP it passes on, writes a fresh secret into
+each pipe first; the contexts the worker's reload builds take it (and so do workers started later). Tickets
+issued before a rotation no longer resume (a full handshake instead), as after a single process's reload,
+whose new contexts have new random keys.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
 import ssl
+import threading
 
 # OpenSSL's ssl.h: SSL_CTRL_SET_TLSEXT_TICKET_KEYS and the keys' size (16 name + 32 HMAC + 32 AES).
 _SET_TICKET_KEYS = 59
@@ -27,6 +36,8 @@ KEYS_SIZE = 80
 SECRET_SIZE = 32
 
 _secret: bytes | None = None
+_updates: int | None = None  # the supervisor's pipe: a fresh secret comes through it before each SIGHUP
+_lock = threading.Lock()  # contexts are built on worker threads (a reload's to_thread)
 
 
 class TicketKeysUnavailable(Exception):
@@ -80,39 +91,79 @@ def new_secret() -> bytes:
     return os.urandom(SECRET_SIZE)
 
 
-def share(secret: bytes | None) -> None:
-    """This process's contexts use keys derived from `secret` from now on (None: OpenSSL's own)."""
-    global _secret
-    _secret = secret
+def share(secret: bytes | None, updates: int | None = None) -> None:
+    """This process's contexts use keys derived from `secret` from now on (None: OpenSSL's own), and the
+    fresh secrets that come through the pipe `updates` (see `follow`)."""
+    global _secret, _updates
+    with _lock:
+        _secret, _updates = secret, updates
 
 
 def apply(context: ssl.SSLContext, label: str) -> bool:
-    """Set the shared keys on a new server context when this process has a secret; False when it has none
-    or the keys cannot be set (the context then keeps OpenSSL's own: resumption on this process only)."""
-    if _secret is None:
+    """Set the shared keys on a new server context when this process has a secret (the newest the supervisor
+    sent); False when it has none or the keys cannot be set (the context then keeps OpenSSL's own:
+    resumption on this process only)."""
+    secret = _newest()
+    if secret is None:
         return False
     try:
-        set_keys(context, derive(_secret, label))
+        set_keys(context, derive(secret, label))
     except TicketKeysUnavailable:
         return False
     return True
 
 
+def _newest() -> bytes | None:
+    """This process's secret, after taking the last of those the supervisor has sent since (a rotation)."""
+    global _secret, _updates
+    with _lock:
+        while _updates is not None:
+            try:
+                # Each secret is one write of fewer than PIPE_BUF bytes, so it arrives whole: a read of a
+                # multiple of its size holds whole secrets only.
+                chunk = os.read(_updates, SECRET_SIZE * 32)
+            except BlockingIOError:
+                break  # nothing new
+            if len(chunk) < SECRET_SIZE:  # the supervisor is gone: no more rotations
+                os.close(_updates)
+                _updates = None
+                break
+            _secret = chunk[-SECRET_SIZE:]
+        return _secret
+
+
+def follow(fd: int) -> None:
+    """Use the secret the supervisor wrote into the pipe `fd`, and the fresh ones it writes there later."""
+    secret = read_secret(fd)
+    os.set_blocking(fd, False)
+    share(secret, fd)
+
+
 def read_secret(fd: int) -> bytes:
-    """The secret the supervisor wrote into the pipe `fd` (closed after)."""
-    with os.fdopen(fd, "rb") as pipe:
-        secret = pipe.read(SECRET_SIZE + 1)
+    """The first secret the supervisor wrote into the pipe `fd` (left open: more may follow)."""
+    secret = b""
+    while len(secret) < SECRET_SIZE:
+        chunk = os.read(fd, SECRET_SIZE - len(secret))
+        if not chunk:
+            break
+        secret += chunk
     if len(secret) != SECRET_SIZE:
         raise ValueError(f"the ticket secret from the supervisor has {len(secret)} bytes, not {SECRET_SIZE}")
     return secret
 
 
-def write_secret(secret: bytes) -> int:
-    """A pipe holding `secret` for a new worker: the read end (inheritable), the write end closed."""
+def secret_pipe(secret: bytes) -> tuple[int, int]:
+    """A pipe holding `secret` for a new worker: its read end (inheritable, for the worker) and its write end
+    (the supervisor's, non-blocking, for the rotations: `send`)."""
     read, write = os.pipe()
-    try:
-        os.write(write, secret)
-    finally:
-        os.close(write)
+    os.write(write, secret)
     os.set_inheritable(read, True)
-    return read
+    os.set_blocking(write, False)
+    return read, write
+
+
+def send(write: int, secret: bytes) -> bool:
+    """A fresh secret into a worker's pipe; False when the worker is gone or not reading (its pipe full)."""
+    with contextlib.suppress(BlockingIOError, BrokenPipeError):
+        return os.write(write, secret) == len(secret)
+    return False
