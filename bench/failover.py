@@ -30,6 +30,7 @@ from pathlib import Path
 
 import genmsg
 from gateway_target import APIKEY, LOGIN, PASSWORD, gateway_command, gateway_env, render_config, start_postgres
+from run import machine_info
 from servers import BENCH_DIR, HOST, free_port, spawn, terminate, wait_for_smtp, wait_until
 
 MESSAGES = 20
@@ -150,9 +151,10 @@ def _a_worker(log: Path) -> int:
 
 def main() -> int:
     results = []
+    machine = machine_info()  # which machine, date and commit: the docs quoting the figures name them
     for name in ("workers-sqlite", "pg-lease-10", "pg-lease-60"):
         with tempfile.TemporaryDirectory(prefix="bench-failover-") as tmp:
-            result = scenario(name, Path(tmp))
+            result = {**scenario(name, Path(tmp)), "machine": machine}
         print(json.dumps(result), flush=True)
         results.append(result)
     out = BENCH_DIR / "results" / "failover.json"
