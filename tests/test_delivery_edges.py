@@ -5,7 +5,10 @@ instances on one PostgreSQL queue), and a backlog that drains as soon as the ups
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -132,6 +135,49 @@ def test_a_key_answered_while_the_store_fails_still_refuses_a_different_message(
     assert other == (554, "5.6.0 Idempotency key already used for a different message")
     assert resend == first
     assert [r["body"]["asunto"] for r in gw.sent] == ["invoice 7"]
+
+
+def key_row(path: Path, account: str = "acme") -> sqlite3.Row | None:
+    """The account's one idempotency key row in the SQLite queue (the tests use one key at a time)."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.row_factory = sqlite3.Row
+        return db.execute("SELECT * FROM idempotency WHERE account=?", (account,)).fetchone()
+
+
+def set_key_row(path: Path, sql: str, *params: object) -> None:
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute(sql, params)
+
+
+def test_a_key_whose_answer_was_never_recorded_is_taken_over_once_stale_and_counted(
+    gateway_factory: Callable[..., Running],
+) -> None:
+    """The window of a process killed after an inline delivery and before its key's answer was written: the
+    queue is left with the claim and no answer (set here as that kill leaves it). The client's resend gets
+    451 while the claim may still be in progress, then takes the key over and is sent again: counted and
+    logged as an ambiguous call of cause key_taken_over, once."""
+    gw = gateway_factory(delivery=FAST)
+    spool = gw.settings.delivery.spool_path
+    header = "X-Gateway-Idempotency-Key: order-99\r\n"
+    first = send(gw.port(), "killed", extra=header)
+    assert first[0] == 250
+    row = wait_for(lambda: (r := key_row(spool)) is not None and r["reply_id"] is not None and r, what="answer")
+    first_id = row["msg_id"]
+    set_key_row(spool, "UPDATE idempotency SET reply_id=NULL")  # the answer the SIGKILL kept from the queue
+    before = metric("smtp_gateway_ambiguous_calls_total", account="acme", cause="key_taken_over")
+
+    assert send(gw.port(), "killed", extra=header)[0] == 451  # within inline_budget + 60 s: still in progress
+    stale = gw.settings.delivery.inline_budget + 61
+    set_key_row(spool, "UPDATE idempotency SET created=created-?", stale)
+    with structlog.testing.capture_logs() as logs:
+        taken = send(gw.port(), "killed", extra=header)
+    again = send(gw.port(), "killed", extra=header)
+
+    assert taken[0] == 250 and taken[1] != first[1] and again == taken  # the key is the resend's now
+    assert [r["body"]["asunto"] for r in gw.sent] == ["killed", "killed"]  # the duplicate this window allows
+    assert metric("smtp_gateway_ambiguous_calls_total", account="acme", cause="key_taken_over") == before + 1
+    [event] = [e for e in logs if e["event"] == "delivery_ambiguous"]
+    assert event["cause"] == "key_taken_over" and event["first_queue_id"] == first_id
 
 
 def test_message_id_keys_are_opt_in_and_include_the_envelope(gateway_factory: Callable[..., Running]) -> None:

@@ -25,7 +25,7 @@ from gateway.queue.postgres import PostgresQueue
 from gateway.queue.sql import FOR_POSTGRES, FOR_SQLITE, POSTGRES
 from gateway.queue.sqlite import SqliteQueue
 from gateway.queue.sqlite_schema import LATEST, V1
-from gateway.queue.store import QueueDataRefused, QueueStore
+from gateway.queue.store import KeyHit, KeyTakenOver, QueueDataRefused, QueueStore
 from tests.pgserver import PgCluster
 from tests.queue_contract import PLAN, POLICY, new, stores_on_backend, submission
 
@@ -294,7 +294,10 @@ async def test_idempotency_keys(make_store: Factory) -> None:
     assert await a.claim_key("acme", "k3", "M8", now, 3600, 60) is None
     hit = await b.claim_key("acme", "k3", "M9", now + 30, 3600, 60)
     assert hit is not None and hit.reply_id is None  # within `stale`: still in progress
-    assert await b.claim_key("acme", "k3", "M9", now + 61, 3600, 60) is None
+    # (taken over: the caller counts it, a duplicate if the dead attempt's calls went out)
+    assert await b.claim_key("acme", "k3", "M9", now + 61, 3600, 60) == KeyTakenOver("M8")
+    hit = await a.claim_key("acme", "k3", "M9b", now + 62, 3600, 60)
+    assert hit is not None and not isinstance(hit, KeyTakenOver) and hit.msg_id == "M9"  # the key is M9's now
     # ... unless its message was queued: then it was accepted, and a resend gets that message's id.
     await a.insert(new("M10", now))
     assert await a.claim_key("acme", "k4", "M10", now, 3600, 60) is None
@@ -304,9 +307,9 @@ async def test_idempotency_keys(make_store: Factory) -> None:
     assert await a.claim_key("acme", "k5", "M12", now, 3600, 60, "digest-1") is None
     hit = await b.claim_key("acme", "k5", "M13", now, 3600, 60, "digest-2")
     assert hit is not None and hit.digest == "digest-1"
-    assert await b.claim_key("acme", "k5", "M14", now + 61, 3600, 60, "digest-3") is None  # stale: taken over
+    assert await b.claim_key("acme", "k5", "M14", now + 61, 3600, 60, "digest-3") == KeyTakenOver("M12")
     hit = await a.claim_key("acme", "k5", "M15", now + 62, 3600, 60, "digest-4")
-    assert hit is not None and (hit.msg_id, hit.digest) == ("M14", "digest-3")
+    assert isinstance(hit, KeyHit) and (hit.msg_id, hit.digest) == ("M14", "digest-3")
 
 
 async def test_migrate_is_idempotent(make_store: Factory) -> None:

@@ -2,9 +2,12 @@
 reached (the database down, the disk failing), in a bounded in-memory backlog that answers the resends
 reaching this process and is recorded in the store as soon as it is back.
 
-The window this leaves: a message taken while its key could not be checked in the store may be a resend
+The windows this leaves: a message taken while its key could not be checked in the store may be a resend
 of one another instance took (counted: `smtp_gateway_idempotency_keys_late_total{result="unchecked"}`),
-and a resend of it that reaches another instance before its key is recorded is not recognised.
+and a resend of it that reaches another instance before its key is recorded is not recognised; a key whose
+answer was never recorded (its process died after the calls and before `finish`) is taken over by a resend
+once stale, which is sent again (counted by the caller: `smtp_gateway_ambiguous_calls_total{cause=
+"key_taken_over"}`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from gateway.core.errors import SpoolUnavailable
 from gateway.core.waits import idle
 from gateway.delivery.idempotency import KeyBacklog, LateKey
 from gateway.ops.metrics import IDEMPOTENCY_LATE
-from gateway.queue.store import KeyHit, QueueStore
+from gateway.queue.store import KeyHit, KeyTakenOver, QueueStore
 
 log = structlog.get_logger("gateway.delivery")
 RECORD_EVERY = 1.0  # seconds between tries to record the backlog while the store cannot take it
@@ -35,8 +38,11 @@ class IdempotencyKeys:
         self._recording: asyncio.Task[None] | None = None
         self._recorded = self._dropped = 0  # since the backlog last emptied
 
-    async def claim(self, account: str, key: str, msg_id: str, now: float, digest: str | None) -> KeyHit | None:
-        """The earlier message with this key, or None: the key is this message's now."""
+    async def claim(
+        self, account: str, key: str, msg_id: str, now: float, digest: str | None
+    ) -> KeyHit | KeyTakenOver | None:
+        """The earlier message with this key, or None: the key is this message's now (KeyTakenOver: it is,
+        taken over from an earlier message that never answered and was never queued)."""
         try:
             return await self.store.claim_key(account, key, msg_id, now, self.window, self.stale, digest)
         except SpoolUnavailable:

@@ -51,7 +51,7 @@ from gateway.ops.metrics import (
     RESENDS,
 )
 from gateway.queue import codec
-from gateway.queue.store import Claimed, NewMessage, QueueStore
+from gateway.queue.store import Claimed, KeyTakenOver, NewMessage, QueueStore
 
 log = structlog.get_logger("gateway.delivery")
 # How often an attempt's result is offered to a queue that cannot take it, before it is left to the lease.
@@ -204,6 +204,20 @@ class DeliveryOwner:
         account, key = attempt.submission.principal.account, attempt.idempotency_key
         assert key is not None
         hit = await self.keys.claim(account, key, attempt.msg_id, now, attempt.digest)
+        if isinstance(hit, KeyTakenOver):
+            # The earlier message claimed the key and never answered within inline_budget + 60 s, and was
+            # never queued: its process died, most likely between an inline delivery and recording its
+            # answer. This one is sent: a duplicate if the earlier one's calls went out (the at-least-once
+            # window of a key whose answer was lost, counted with the others).
+            AMBIGUOUS.labels(account=account, cause="key_taken_over").inc()
+            attempt.log.warning(
+                "delivery_ambiguous",
+                queue_id=attempt.msg_id,
+                cause="key_taken_over",
+                key=key[:12],
+                first_queue_id=hit.msg_id,
+            )
+            return None
         if hit is None:
             return None
         if hit.digest is not None and attempt.digest is not None and hit.digest != attempt.digest:

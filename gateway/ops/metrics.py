@@ -46,7 +46,9 @@ AMBIGUOUS = Counter(
     "succeeded: its resend is a duplicate), partial_unqueued (calls delivered inline while the rest of the message "
     "could not be queued: the client was told 452 and its resend duplicates them), internal_error (a call that met "
     "a bug in the gateway, which may have struck after its request went: tried again, or resent by the client after "
-    "its 451)",
+    "its 451), key_taken_over (a resend took over an idempotency key whose message never answered and was never "
+    "queued: its process died, most likely after its inline calls went out; the resend is sent again; one per "
+    "message)",
     ["account", "cause"],
     registry=REGISTRY,
 )

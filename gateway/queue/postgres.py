@@ -43,6 +43,7 @@ from gateway.queue.store import (
     Claimed,
     ClaimedRows,
     KeyHit,
+    KeyTakenOver,
     NewMessage,
     QueueDataRefused,
     auth_begin_change,
@@ -514,7 +515,7 @@ class PostgresQueue:
 
     async def claim_key(
         self, account: str, key: str, msg_id: str, now: float, window: float, stale: float, digest: str | None = None
-    ) -> KeyHit | None:
+    ) -> KeyHit | KeyTakenOver | None:
         async with self._tx() as conn:
             # Only this key's expired row: a table-wide delete in every claim would have instances contend
             # (SQLite, one writer at a time, deletes every expired key).
@@ -535,7 +536,7 @@ class PostgresQueue:
                 return KeyHit(row["msg_id"], row["msg_id"], row["digest"])
             # A stale claim whose message was never stored: this one takes the key over, in place.
             await conn.execute(SQL.key_take_over, (msg_id, now, now + window, digest, account, key))
-        return None
+        return KeyTakenOver(row["msg_id"])
 
     async def finish_key(self, account: str, key: str, msg_id: str, reply_id: str | None) -> None:
         async with self._tx() as conn:

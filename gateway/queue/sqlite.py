@@ -36,6 +36,7 @@ from gateway.queue.store import (
     Claimed,
     ClaimedRows,
     KeyHit,
+    KeyTakenOver,
     NewMessage,
     auth_begin_change,
     auth_end_change,
@@ -372,8 +373,9 @@ class SqliteQueue:
 
     async def claim_key(
         self, account: str, key: str, msg_id: str, now: float, window: float, stale: float, digest: str | None = None
-    ) -> KeyHit | None:
-        def run() -> KeyHit | None:
+    ) -> KeyHit | KeyTakenOver | None:
+        def run() -> KeyHit | KeyTakenOver | None:
+            taken: KeyTakenOver | None = None
             with self._tx() as db:
                 # One writer at a time: every expired key can go now (PostgreSQL deletes only this one's).
                 db.execute("DELETE FROM idempotency WHERE expires<?", (now,))
@@ -384,9 +386,11 @@ class SqliteQueue:
                     if db.execute(SQL.stored, (row["msg_id"],)).fetchone() is not None:
                         db.execute(SQL.key_answered, (account, key))
                         return KeyHit(row["msg_id"], row["msg_id"], row["digest"])
+                    # A stale claim whose message was never stored: this one takes the key over.
                     db.execute(SQL.key_drop, (account, key, row["msg_id"]))
+                    taken = KeyTakenOver(row["msg_id"])
                 db.execute(SQL.key_insert, (account, key, msg_id, now, now + window, digest)).fetchall()
-            return None
+            return taken
 
         return await self._run(run)
 

@@ -72,6 +72,15 @@ class KeyHit:
     digest: str | None = None  # what the first message said (None: stored before digests were kept)
 
 
+@dataclass(frozen=True, slots=True)
+class KeyTakenOver:
+    """The key was this message's to take: an earlier message claimed it, never answered within `stale`
+    and was never queued (its process died, most likely after its calls went out and before its answer was
+    recorded). The new message has the key now and is sent: a duplicate if the first one's calls were out."""
+
+    msg_id: str  # the earlier message, whose claim went stale
+
+
 class QueueStore(Protocol):
     """Async. Every method raises gateway.core.errors.SpoolUnavailable when the backend cannot be used."""
 
@@ -190,13 +199,13 @@ class QueueStore(Protocol):
 
     async def claim_key(
         self, account: str, key: str, msg_id: str, now: float, window: float, stale: float, digest: str | None = None
-    ) -> KeyHit | None:
-        """Record `key` (with the message's `digest`) for a new message; if it is already known within
-        `window`, the earlier one.
+    ) -> KeyHit | KeyTakenOver | None:
+        """Record `key` (with the message's `digest`) for a new message (None); if it is already known
+        within `window`, the earlier one.
 
         A key still unanswered after `stale` seconds belongs to an attempt whose process died: if its
         message is in the queue it was accepted (the hit carries that message's id); otherwise the new
-        message takes the key over."""
+        message takes the key over (KeyTakenOver names the earlier message)."""
         ...
 
     async def finish_key(self, account: str, key: str, msg_id: str, reply_id: str | None) -> None:
