@@ -237,7 +237,7 @@ def test_a_call_on_the_wire_when_its_instance_pauses_is_the_counted_window(
             "retry_schedule": [0.5],
             "poll_interval": 0.2,
         }
-        config = serve_config(tmp_path, sandbox_url, delivery=delivery)
+        config = serve_config(tmp_path, sandbox_url, delivery=delivery, http={"port": 0})  # (/metrics)
         logs = [tmp_path / "a.log", tmp_path / "b.log"]
         ports = []
         for name, log in zip("ab", logs, strict=True):
@@ -256,6 +256,10 @@ def test_a_call_on_the_wire_when_its_instance_pauses_is_the_counted_window(
         wait_for(lambda: events(logs[0], "settle_fenced") or None, 30, "A's answer, too late to record")
         [ambiguous] = events(logs[1], "delivery_ambiguous")
         assert (ambiguous["queue_id"], ambiguous["cause"], ambiguous["calls"]) == (queue_id, "lease_expired", ["0"])
+        # ... and counted where it was logged, once: the window's metric, not only its log line.
+        lease_expired = {"account": "acme", "cause": "lease_expired"}
+        assert metric(ports[1]["http"], "smtp_gateway_ambiguous_calls_total", **lease_expired) == 1
+        assert metric(ports[0]["http"], "smtp_gateway_ambiguous_calls_total", **lease_expired) == 0
         assert not events(logs[0], "delivery_fenced")  # its check had passed: the call was out already
     finally:
         if paused is not None:

@@ -5,9 +5,16 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+import structlog
 
+from gateway.ops.metrics import REGISTRY
 from tests.harness import Running
 from tests.smtputil import ENHANCED, message, send, session
+from tests.spool_helpers import wait_for
+
+
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 def submit(running: Running) -> tuple[int, str]:
@@ -61,10 +68,20 @@ def test_temporary_failures_are_4xx_in_passthrough(
 
 
 def test_slow_upstream_is_4xx_in_passthrough(gateway_factory: Callable[..., Running]) -> None:
+    """... and when the call then succeeds, the client's resend after its 451 will be a duplicate: the
+    `passthrough_late` window, counted and logged (`late_answer_after_451`) with the call's upstream id."""
     running = gateway_factory(delivery={"mode": "passthrough", "inline_budget": 0.3})
     running.fault(delay=1.0)
-    code, text = submit(running)
-    assert 400 <= code < 500, text
+    late = {"account": "acme", "cause": "passthrough_late"}
+    before = metric("smtp_gateway_ambiguous_calls_total", **late)
+    with structlog.testing.capture_logs() as logs:
+        code, text = submit(running)
+        assert 400 <= code < 500, text
+        wait_for(lambda: metric("smtp_gateway_ambiguous_calls_total", **late) > before, what="the late answer")
+    assert metric("smtp_gateway_ambiguous_calls_total", **late) == before + 1
+    [sent] = running.sent
+    [event] = [e for e in logs if e["event"] == "late_answer_after_451"]
+    assert (event["verdict"], event["upstream_id"]) == ("delivered", sent["upstream_id"])
 
 
 def test_recovery_after_fault(gateway: Running) -> None:
