@@ -206,7 +206,7 @@ def load(
 def recorded(record: Path) -> Counter[tuple[str, str]]:
     """Copies the sandbox accepted, by (subject, recipient)."""
     copies: Counter[tuple[str, str]] = Counter()
-    for line in record.read_text().splitlines():
+    for line in complete_lines(record):
         with contextlib.suppress(ValueError):
             entry = json.loads(line)
             if entry["kind"] != "send" or entry["status"] != 200:

@@ -26,7 +26,7 @@ import pytest
 from tests.configs import serve_config, write
 from tests.harness import PASSWORD, USER
 from tests.pgserver import PgCluster
-from tests.procs import events, kill, serve, start_sandbox
+from tests.procs import complete_lines, events, kill, serve, start_sandbox
 from tests.spool_helpers import message, wait_for
 
 RATE = 2.0  # calls a second, one at a time: a paused instance's calls wait for their slots
@@ -34,9 +34,9 @@ MESSAGES = 8
 
 
 def accepted(record: Path) -> list[dict[str, Any]]:
-    """The sends the sandbox accepted, in the order they arrived."""
+    """The sends the sandbox accepted, in the order they arrived (a line it is writing now: at the next read)."""
     found: list[dict[str, Any]] = []
-    for line in record.read_text().splitlines() if record.exists() else ():
+    for line in complete_lines(record) if record.exists() else ():
         entry = json.loads(line)
         if entry["kind"] == "send" and entry["status"] == 200:
             found.append(entry)

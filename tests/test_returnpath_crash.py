@@ -25,7 +25,7 @@ from gateway.ledger.model import Query
 from gateway.ledger.store import LedgerStore, LedgerUnavailable
 from tests import configs
 from tests.harness import PASSWORD, USER, LoopThread
-from tests.procs import events, kill, serve, start_sandbox
+from tests.procs import complete_lines, events, kill, serve, start_sandbox
 from tests.spool_helpers import message, wait_for
 from tests.webhook_receiver import Receiver
 
@@ -117,14 +117,14 @@ def test_a_killed_poller_loses_no_event_and_its_successor_resumes_its_window(
         gateway.wait(10)
         left = read(queue, _cursor)
         assert left is not None and left["page"] >= stopped_at["page"] and left["window_until"] is not None
-        requests_before = sum(1 for _ in record.read_text().splitlines())
+        requests_before = len(complete_lines(record))
 
         gateway, _ = serve(config, log)
         # The successor goes on with the window the killed instance left, from its next page.
         resumed = wait_for(
             lambda: [
                 json.loads(line)["body"]
-                for line in record.read_text().splitlines()[requests_before:]
+                for line in complete_lines(record)[requests_before:]
                 if json.loads(line)["kind"] == "events"
             ],
             30,
