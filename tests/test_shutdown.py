@@ -39,11 +39,11 @@ class Stack:
     gateway: subprocess.Popen[bytes] | None = None
     smtp_port: int = 0  # the port the running gateway bound (a new one after each restart)
 
-    def serve(self) -> subprocess.Popen[bytes]:
+    def serve(self, drain_timeout: float = DRAIN_TIMEOUT) -> subprocess.Popen[bytes]:
         seen = len(self.events("ready")) if self.log.exists() else 0
         with self.log.open("ab") as out:
             self.gateway = spawn(
-                [*CLI, "serve", "--config", str(self.config), "--drain-timeout", str(DRAIN_TIMEOUT)],
+                [*CLI, "serve", "--config", str(self.config), "--drain-timeout", str(drain_timeout)],
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
@@ -228,6 +228,32 @@ def test_mail_after_sigterm_in_open_session_is_refused(stack: Stack) -> None:
     finally:
         in_data.close()
         other.close()
+
+
+def test_a_message_past_its_final_dot_gets_its_reply_not_421_when_the_drain_timeout_ends(stack: Stack) -> None:
+    """The drain timeout ends while the message's inline call is running (the upstream answers within
+    delivery.inline_budget, 3 s here, but after the drain timeout): the client is told the upstream's 250, not
+    421 "try again" about a message that goes out (its resend would be a second copy)."""
+    stack.serve(drain_timeout=0.2)
+    stack.fault(delay=2.0, kind="send")  # within the inline budget, well past the drain timeout
+    client = Raw(stack.smtp_port, timeout=20)
+    try:
+        client.login()
+        assert client.cmd("MAIL FROM:<billing@acme.example>").startswith("250 ")
+        assert client.cmd("RCPT TO:<client@example.com>").startswith("250 ")
+        assert client.cmd("DATA").startswith("354 ")
+        client.sock.sendall(b"To: client@example.com\r\nSubject: past dot\r\n\r\nbody\r\n.\r\n")
+        stack.terminate()
+        reply = client.reply()
+        assert re.fullmatch(rf"250 2\.0\.0 Ok: queued as {EEID}", reply), reply
+        eeid = reply.rsplit(" ", 1)[1]
+        assert [(e["body"]["asunto"], e["upstream_id"]) for e in stack.sent()] == [("past dot", eeid)]
+        after = client.reply()  # then the session is closed like any other
+        assert after == "" or after.startswith("421 4.3.2 "), after
+    finally:
+        client.close()
+    assert stack.gateway is not None and stack.gateway.wait(30) == 0
+    assert not stack.events("message_aborted")
 
 
 def test_spooled_messages_survive_sigterm_and_go_out_after_restart(stack: Stack) -> None:

@@ -208,6 +208,9 @@ class GatewaySMTP(SMTP):
         # True once the session is encrypted (implicit TLS, or after STARTTLS).
         self.tls_up = False
         self.in_data = False
+        # Past the final "." until the reply about the message is written: the drain waits for it (a 421 here
+        # would tell the client to resend a message that may go out).
+        self.replying = False
         # The TLS handshake of the session (implicit TLS: before connection_made(); or STARTTLS's).
         self.handshake: TlsHandshake | None = None
         self.budget = budget
@@ -641,9 +644,11 @@ class GatewaySMTP(SMTP):
             # aiosmtpd types these as bytes; a bytearray is bytes-like for every reader (see _read_data).
             envelope.content = content  # type: ignore[assignment]
             envelope.original_content = content  # type: ignore[assignment]
+            self.replying = True  # cleared once the reply is written (below)
             try:
                 status = await self._call_handler_hook("DATA")
             except asyncio.CancelledError as exc:
+                self.replying = False
                 self._summarize(envelope, txn, None)  # the client left; its delivery goes on and logs
                 # The handler's and the pipeline's frames below this one are done: what they held (the message,
                 # parsed) goes now, not when the cyclic GC finds this exception's traceback (see _read_data).
@@ -661,7 +666,10 @@ class GatewaySMTP(SMTP):
                 self._set_post_data_state()  # type: ignore[no-untyped-call]
         self._summarize(envelope, txn, status)
         self.mark_logged()
-        await self.push(status)
+        try:
+            await self.push(status)
+        finally:
+            self.replying = False
 
     def take_reservation(self) -> Reservation | None:
         """The pipeline takes the message's share of the budget; it releases it when the attempt ends."""

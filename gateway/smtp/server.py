@@ -37,6 +37,9 @@ HANDSHAKE_TIMEOUT = 60.0
 # Drain: how long a client gets to complete the close (a TLS client answers close_notify) before the
 # connection is aborted.
 CLOSE_GRACE = 1.0
+# Drain: how long storing a message whose inline budget ran out may take (SQLite's busy timeout and
+# PostgreSQL's pool wait are both 10 s), added to delivery.inline_budget for a session past its final ".".
+STORE_GRACE = 10.0
 
 
 def certificate_chains(tls: TlsSettings) -> list[tuple[Path, Path]]:
@@ -361,8 +364,14 @@ class Listeners:
         log.info("tls_reloaded", listeners=sorted(contexts), **described)
         return True
 
+    @property
+    def reply_grace(self) -> float:
+        """The longest a session past its final "." waits for its reply: the inline budget, then the store."""
+        return self.settings.delivery.inline_budget + STORE_GRACE
+
     async def drain(self, timeout: float) -> None:
-        """Stop taking mail: new sessions get 421, sessions in DATA may finish within `timeout`.
+        """Stop taking mail: new sessions get 421, sessions in DATA may finish within `timeout`, and a session
+        past its final "." gets the reply about its message (up to `reply_grace` seconds more) before its 421.
 
         When it returns, every connection the listeners accepted is closed (or, for a client that does not
         finish the TLS close within CLOSE_GRACE seconds, aborted) and every session slot is released.
@@ -370,15 +379,32 @@ class Listeners:
         self.draining.set()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while any(s.in_data or _busy(s) for s in self.sessions if s.transport is not None):
+        while any(s.in_data or s.replying for s in self.sessions if s.transport is not None):
             if loop.time() >= deadline:
                 break
             await asyncio.sleep(0.05)
         await self._stop_accepting()
         for gate in list(self.gates):  # still waiting for a PROXY header: no session yet, nothing to say
             gate.close()
+        # A session past its final "." is owed the reply about its message: a 421 instead would tell the
+        # client to resend a message whose delivery goes on (a second copy). That reply comes within the
+        # inline budget plus the time to store the message; everyone else is told 421 now.
+        grace_until = loop.time() + self.reply_grace
+        told: set[GatewaySMTP] = set()
+        while True:
+            owed = False
+            for session in list(self.sessions):
+                if session.replying and session.transport is not None:
+                    owed = True
+                elif session not in told:
+                    told.add(session)
+                    session.shut_down()
+            if not owed or loop.time() >= grace_until:
+                break
+            await asyncio.sleep(0.05)
         for session in list(self.sessions):
-            session.shut_down()
+            if session not in told:
+                session.shut_down()
         try:
             await asyncio.wait_for(self._idle.wait(), CLOSE_GRACE)
         except TimeoutError:
@@ -417,8 +443,3 @@ class Listeners:
 
 def handshake_timeout(limits: LimitsSettings) -> float:
     return min(HANDSHAKE_TIMEOUT, limits.command_timeout)
-
-
-def _busy(session: GatewaySMTP) -> bool:
-    envelope = session.envelope
-    return bool(envelope is not None and envelope.content is not None)
