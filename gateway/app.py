@@ -43,7 +43,7 @@ from gateway.ops.memory import MmapThreshold, set_mmap_threshold
 from gateway.ops.metrics import CONFIG_RELOADS
 from gateway.ops.queuestats import QUEUE_STATS
 from gateway.ops.quotastats import QUOTA_STATS
-from gateway.ops.signals import StopSignals
+from gateway.ops.signals import Hangups, StopSignals
 from gateway.pipeline import Pipeline
 from gateway.policy.dns import DnsResolver
 from gateway.policy.domaincheck import check_domains
@@ -500,14 +500,25 @@ class App:
         log.info("stopped")
 
 
-async def run(app: App, drain_timeout: float = 30.0, started: Callable[[App], None] | None = None) -> signal.Signals:
-    """Start, wait for SIGTERM/SIGINT, then drain and stop; returns the signal. SIGHUP reloads. `started` is
-    called once the listeners are bound (before the `ready` event)."""
-    loop = asyncio.get_running_loop()
+async def run(
+    app: App,
+    drain_timeout: float = 30.0,
+    started: Callable[[App], None] | None = None,
+    hangups: Hangups | None = None,
+) -> signal.Signals:
+    """Start, wait for SIGTERM/SIGINT, then drain and stop; returns the signal. SIGHUP reloads (one received
+    while starting, here or in `hangups` before, once started). `started` is called once the listeners are
+    bound (before the `ready` event)."""
     stop = StopSignals()
     stop.install()  # before the start: a signal while starting stops it right after
+    hangups = hangups or Hangups()
+    hangups.install()  # before the start too: SIGHUP's default action would end the process
     await app.start()
-    loop.add_signal_handler(signal.SIGHUP, app.request_reload)
+    if hangups.started(app.request_reload):
+        # A SIGHUP came while starting (systemctl reload during the queue's open): the configuration is read
+        # again now, as it may have changed after the start read it.
+        log.info("reload_after_start", reason="SIGHUP received while starting")
+        app.request_reload()
     if started is not None:
         started(app)
     app.freeze()

@@ -3,10 +3,16 @@ while the command's modules are still being imported, exits 130 quietly (no Keyb
 
 from __future__ import annotations
 
+import signal
 import sys
 
 
 def main() -> int:
+    if "--worker-slot" in sys.argv:
+        # A worker of `serve --workers N`: the supervisor passes SIGHUP on at any moment, also while this process
+        # is still importing. Its configuration is read after that anyway: until `serve` catches SIGHUP
+        # (gateway/ops/signals.py), ignore it rather than die of it.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         from gateway.cli import main as run  # imports most of the gateway: tens of milliseconds
 

@@ -25,7 +25,12 @@ from gateway.core.errors import SpoolUnavailable
 def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.app import App, run
     from gateway.ops import logs
+    from gateway.ops.signals import Hangups
 
+    # A SIGHUP (systemctl reload) from here on is noted, not fatal: a worker applies it once started; a
+    # supervisor has nothing to apply (its workers read the configuration as they start).
+    hangups = Hangups()
+    hangups.catch_early()
     settings = load(args)
     if args.worker_slot is None:  # a worker's supervisor has checked (and a sibling worker holds the ports)
         findings = preflight.files(settings) + preflight.ports(preflight.serve_ports(settings))
@@ -56,7 +61,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         sig = run_loop(
-            run(App(settings, source=source), drain_timeout=args.drain_timeout), preflight.serve_ports(settings)
+            run(App(settings, source=source), drain_timeout=args.drain_timeout, hangups=hangups),
+            preflight.serve_ports(settings),
         )
     except (sqlite3.DatabaseError, SpoolUnavailable) as exc:
         raise spool_failure(settings, exc) from None

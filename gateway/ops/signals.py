@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import Callable
+from types import FrameType
 
 
 class StopSignals:
@@ -28,3 +30,37 @@ class StopSignals:
         await self._event.wait()
         assert self.received is not None
         return self.received
+
+
+class Hangups:
+    """SIGHUP (a reload request) caught from the first moment of `serve`, not only once it has started: its
+    default action ends the process, and systemd counts death by SIGHUP as a clean exit (Restart=on-failure
+    does not restart it). One that comes while starting is noted and applied once started (the configuration
+    may have changed after it was read); after that, each runs the reload at once."""
+
+    def __init__(self) -> None:
+        self.pending = False
+        self._reload: Callable[[], None] | None = None
+
+    def catch_early(self) -> None:
+        """Before the event loop runs (loading the configuration, the preflight): note it."""
+        signal.signal(signal.SIGHUP, self._note)
+
+    def install(self) -> None:
+        """On the running loop, before the start."""
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._receive)
+
+    def started(self, reload: Callable[[], None]) -> bool:
+        """From now on a SIGHUP runs `reload`; True if one came while starting (the caller runs it once)."""
+        self._reload = reload
+        pending, self.pending = self.pending, False
+        return pending
+
+    def _note(self, signum: int, frame: FrameType | None) -> None:
+        self.pending = True
+
+    def _receive(self) -> None:
+        if self._reload is None:
+            self.pending = True
+        else:
+            self._reload()
