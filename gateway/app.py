@@ -513,7 +513,14 @@ async def run(
     stop.install()  # before the start: a signal while starting stops it right after
     hangups = hangups or Hangups()
     hangups.install()  # before the start too: SIGHUP's default action would end the process
-    await app.start()
+    try:
+        await app.start()
+    except BaseException:
+        # A start that fails part-way (a port taken, a certificate) stops what it had started: open listeners
+        # (a shared SO_REUSEPORT port would hand this process connections), the retry worker's claims.
+        with contextlib.suppress(Exception):  # the start's own error is the one to report
+            await app.stop(0.0)
+        raise
     if hangups.started(app.request_reload):
         # A SIGHUP came while starting (systemctl reload during the queue's open): the configuration is read
         # again now, as it may have changed after the start read it.

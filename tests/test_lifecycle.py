@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -88,3 +89,53 @@ def test_sighup_while_starting_is_applied_once_started_not_fatal(tmp_path: Path)
     assert events(log, "reload_after_start")
     gw.send_signal(signal.SIGTERM)
     assert gw.wait(30) == 0
+
+
+def _held_port_with_free_one_below() -> tuple[socket.socket, int]:
+    """A listening socket on port Q (held by 'another program') with Q-1 free."""
+    while True:
+        held = socket.socket()
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        q = held.getsockname()[1]
+        probe = socket.socket()
+        try:
+            probe.bind(("127.0.0.1", q - 1))
+        except OSError:
+            held.close()
+            continue
+        finally:
+            probe.close()
+        return held, q
+
+
+def test_serve_workers_checks_every_workers_operator_port_before_it_starts(tmp_path: Path) -> None:
+    held, q = _held_port_with_free_one_below()
+    try:
+        # Worker 0 serves the operator endpoint on q-1, worker 1 on q: held by another program.
+        config = write(tmp_path / "gateway.toml", serve_config(tmp_path, http={"address": "127.0.0.1", "port": q - 1}))
+        out = subprocess.run(
+            [*CLI, "serve", "--config", str(config), "--workers", "2"], capture_output=True, text=True, timeout=60
+        )
+    finally:
+        held.close()
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert f"http (operator endpoint) of worker 1 127.0.0.1:{q}: in use by" in out.stdout + out.stderr
+    assert "worker_started" not in out.stdout + out.stderr
+
+
+def test_a_worker_that_cannot_start_ends_the_supervisor_with_status_1(tmp_path: Path) -> None:
+    """Not restarted for ever behind a supervisor that looks up: after a few failed starts in a row, every
+    worker is stopped and the supervisor exits 1."""
+    missing = str(tmp_path / "missing.toml")
+    code = (
+        "from gateway.ops.supervisor import Supervisor\n"
+        f"raise SystemExit(Supervisor(['serve', '--config', {missing!r}], 2).run())"
+    )
+    log = tmp_path / "supervisor.log"
+    with log.open("ab") as out:
+        sup = spawn([sys.executable, "-c", code], stdout=out, stderr=subprocess.STDOUT)
+    assert sup.wait(120) == 1, log.read_text()
+    text = log.read_text()
+    assert "worker_cannot_start" in text, text
+    assert text.count("worker_cannot_start") == 1, text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 import sqlite3
 from typing import Any
@@ -33,7 +34,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     hangups.catch_early()
     settings = load(args)
     if args.worker_slot is None:  # a worker's supervisor has checked (and a sibling worker holds the ports)
-        findings = preflight.files(settings) + preflight.ports(preflight.serve_ports(settings))
+        findings = preflight.files(settings) + preflight.ports(all_ports(settings, args.workers))
         refuse_on_problems(findings + queue_findings(settings), args)
     logs.configure(settings.log)
     if args.workers > 1 and args.worker_slot is None:
@@ -67,6 +68,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (sqlite3.DatabaseError, SpoolUnavailable) as exc:
         raise spool_failure(settings, exc) from None
     return stopped_by(sig)
+
+
+def all_ports(settings: Settings, workers: int) -> list[preflight.Port]:
+    """The ports `serve --workers N` binds: the listeners (shared by every worker) and each worker's operator
+    endpoint (http.port + k), each checked before any worker starts (a worker that cannot bind its own would
+    fail at every start)."""
+    if workers == 1:
+        return preflight.serve_ports(settings)
+    found: dict[tuple[str, int], preflight.Port] = {}
+    for slot in range(workers):
+        for port in preflight.serve_ports(as_worker(settings, slot)):
+            if port.what.startswith("http"):
+                port = dataclasses.replace(port, what=f"{port.what} of worker {slot}")
+            found.setdefault((port.address, port.port), port)
+    return list(found.values())
 
 
 def as_worker(settings: Settings, slot: int) -> Settings:

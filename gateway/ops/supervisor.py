@@ -20,6 +20,10 @@ from gateway.smtp import tickets
 
 log = structlog.get_logger("gateway.supervisor")
 QUICK_DEATH = 10.0  # a worker that dies sooner than this after its start is crash-looping
+# A worker that died this many times in a row within QUICK_DEATH of its start cannot start (a port, a file,
+# the queue): the supervisor stops every worker and exits 1 with the reason, as Postfix's master does not
+# hide a daemon that cannot start, rather than restart it for ever behind a service that looks up.
+FAILED_STARTS = 3
 
 
 @dataclass
@@ -28,6 +32,7 @@ class _Worker:
     proc: subprocess.Popen[bytes]
     started: float
     backoff: float = 1.0
+    failed_starts: int = 0  # quick deaths in a row before this start
 
 
 class Supervisor:
@@ -41,9 +46,10 @@ class Supervisor:
         self.workers: dict[int, _Worker] = {}
         self.stopping = False
         self.exit_code = 0
+        self.gave_up = False  # a worker could not start: exit 1, whatever the others' statuses
         self.received: signal.Signals | None = None  # the stop signal (SIGTERM or SIGINT) that came first
 
-    def _spawn(self, slot: int, backoff: float = 1.0) -> None:
+    def _spawn(self, slot: int, backoff: float = 1.0, failed_starts: int = 0) -> None:
         self._close_pipe(slot)
         secret, pipe = tickets.secret_pipe(self.ticket_secret)
         try:
@@ -59,7 +65,7 @@ class Supervisor:
         finally:
             os.close(secret)
         self.ticket_pipes[slot] = pipe
-        self.workers[slot] = _Worker(slot, proc, time.monotonic(), backoff)
+        self.workers[slot] = _Worker(slot, proc, time.monotonic(), backoff, failed_starts)
         log.info("worker_started", worker=slot, pid=proc.pid)
 
     def _close_pipe(self, slot: int) -> None:
@@ -84,12 +90,19 @@ class Supervisor:
             if worker.proc.poll() is None:
                 worker.proc.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)
 
+    def _stop_all(self) -> None:
+        """Stop as on SIGTERM (each worker drains), without a signal of our own."""
+        self.stopping = True
+        for worker in self.workers.values():
+            if worker.proc.poll() is None:
+                worker.proc.send_signal(signal.SIGTERM)
+
     def run(self) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self._forward)
         for slot in range(self.count):
             self._spawn(slot)
-        restarts: dict[int, tuple[float, float]] = {}  # slot -> (when to start it again, its backoff)
+        restarts: dict[int, tuple[float, float, int]] = {}  # slot -> (when to start it again, backoff, failed starts)
         while self.workers or (restarts and not self.stopping):
             now = time.monotonic()
             for slot, worker in list(self.workers.items()):
@@ -106,15 +119,30 @@ class Supervisor:
                     log.info("worker_stopped", worker=slot, pid=worker.proc.pid, exit_code=code)
                     continue
                 quick = now - worker.started < QUICK_DEATH
+                failed = worker.failed_starts + 1 if quick else 0
+                if failed >= FAILED_STARTS:
+                    # It cannot start: its own output says why (a port in use, a file); restarting it for ever
+                    # would hide that behind a supervisor that looks up. Every worker is stopped; exit status 1.
+                    log.error(
+                        "worker_cannot_start",
+                        worker=slot,
+                        pid=worker.proc.pid,
+                        exit_code=code,
+                        failed_starts=failed,
+                        action="stopping every worker; the reason is in the worker's own lines above",
+                    )
+                    self.gave_up = True
+                    self._stop_all()
+                    continue
                 backoff = min(worker.backoff * 2, 30.0) if quick else 1.0
                 log.error("worker_died", worker=slot, pid=worker.proc.pid, exit_code=code, restart_in=backoff)
-                restarts[slot] = (now + backoff, backoff)
+                restarts[slot] = (now + backoff, backoff, failed)
             if not self.stopping:
-                for slot, (when, backoff) in list(restarts.items()):
+                for slot, (when, backoff, failed) in list(restarts.items()):
                     if now >= when:
                         del restarts[slot]
-                        self._spawn(slot, backoff)
+                        self._spawn(slot, backoff, failed)
             time.sleep(0.1)
         for slot in list(self.ticket_pipes):
             self._close_pipe(slot)
-        return self.exit_code
+        return 1 if self.gave_up else self.exit_code
