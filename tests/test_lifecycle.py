@@ -139,3 +139,29 @@ def test_a_worker_that_cannot_start_ends_the_supervisor_with_status_1(tmp_path: 
     text = log.read_text()
     assert "worker_cannot_start" in text, text
     assert text.count("worker_cannot_start") == 1, text
+
+
+def test_sigterm_while_the_supervisor_starts_its_workers_stops_them_all(tmp_path: Path) -> None:
+    """systemctl stop right after systemctl start: a worker started after the SIGTERM is stopped too, and the
+    supervisor does not wait for it for ever."""
+    config = write(tmp_path / "gateway.toml", serve_config(tmp_path))
+    log = tmp_path / "gateway.log"
+    with log.open("ab") as out:
+        sup = spawn([*CLI, "serve", "--config", str(config), "--workers", "8"], stdout=out, stderr=subprocess.STDOUT)
+    children = Path(f"/proc/{sup.pid}/task/{sup.pid}/children")
+    # The SIGTERM comes once the first worker exists, while the others are being started.
+    # (Watched without a pause: the workers are started within milliseconds of each other.)
+    while sup.poll() is None and not children.read_text().split():
+        pass
+    sup.send_signal(signal.SIGTERM)
+    try:
+        code = sup.wait(60)
+    except subprocess.TimeoutExpired:
+        started = {e["worker"] for e in events(log, "worker_started")}
+        stopped = {e["worker"] for e in events(log, "worker_stopped")}
+        raise AssertionError(
+            f"supervisor still waiting; workers started {sorted(started)}, stopped {sorted(stopped)}"
+        ) from None
+    assert code == 0, log.read_text()
+    started = {e["worker"] for e in events(log, "worker_started")}
+    assert started == {e["worker"] for e in events(log, "worker_stopped")}

@@ -67,6 +67,10 @@ class Supervisor:
         self.ticket_pipes[slot] = pipe
         self.workers[slot] = _Worker(slot, proc, time.monotonic(), backoff, failed_starts)
         log.info("worker_started", worker=slot, pid=proc.pid)
+        if self.stopping:
+            # A SIGTERM that came while Popen ran was passed on to the workers known then, not to this one: it
+            # would never stop, and we would wait for it for ever. (A second SIGTERM changes nothing in a drain.)
+            proc.send_signal(signal.SIGTERM)
 
     def _close_pipe(self, slot: int) -> None:
         pipe = self.ticket_pipes.pop(slot, None)
@@ -101,6 +105,8 @@ class Supervisor:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self._forward)
         for slot in range(self.count):
+            if self.stopping:  # stopped while starting the workers: start no more
+                break
             self._spawn(slot)
         restarts: dict[int, tuple[float, float, int]] = {}  # slot -> (when to start it again, backoff, failed starts)
         while self.workers or (restarts and not self.stopping):
