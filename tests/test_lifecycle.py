@@ -165,3 +165,27 @@ def test_sigterm_while_the_supervisor_starts_its_workers_stops_them_all(tmp_path
     assert code == 0, log.read_text()
     started = {e["worker"] for e in events(log, "worker_started")}
     assert started == {e["worker"] for e in events(log, "worker_stopped")}
+
+
+def test_workers_do_not_outlive_a_killed_supervisor(tmp_path: Path) -> None:
+    """kill -9 of the supervisor (outside systemd and Docker, which kill the whole group): its workers drain
+    and exit rather than serve on unsupervised, holding the ports."""
+    config = write(tmp_path / "gateway.toml", serve_config(tmp_path))
+    log = tmp_path / "gateway.log"
+    with log.open("ab") as out:
+        sup = spawn([*CLI, "serve", "--config", str(config), "--workers", "2"], stdout=out, stderr=subprocess.STDOUT)
+    wait_for(lambda: len(events(log, "ready")) >= 2, 30, "both workers ready")
+    pids = [e["pid"] for e in events(log, "worker_started")]
+    os.kill(sup.pid, signal.SIGKILL)
+    sup.wait(10)
+
+    def gone() -> bool:
+        alive = []
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 0)
+                alive.append(pid)
+        return not alive
+
+    wait_for(gone, 30, "workers of a SIGKILLed supervisor gone")
+    assert len(events(log, "stopped")) == 2  # each drained and stopped cleanly

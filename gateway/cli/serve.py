@@ -47,6 +47,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         status = supervisor.run()
         return status or stopped_by(supervisor.received or signal.SIGTERM)
     slot = args.worker_slot
+    if args.supervisor_pid is not None:
+        from gateway.ops.supervisor import stop_with_supervisor
+
+        stop_with_supervisor(args.supervisor_pid)
     if args.ticket_keys_fd is not None:
         from gateway.smtp import tickets
 
@@ -120,6 +124,8 @@ def add_parser(sub: Any) -> None:
         help="processes sharing the listeners (SO_REUSEPORT) and the queue; one per core is typical",
     )
     p.add_argument("--worker-slot", type=int, default=None, help=argparse.SUPPRESS)
+    # The supervisor's pid: a worker stops (drains) when it dies (gateway/ops/supervisor.py).
+    p.add_argument("--supervisor-pid", type=int, default=None, help=argparse.SUPPRESS)
     # The supervisor's pipe with the workers' shared TLS session-ticket secret (gateway/smtp/tickets.py).
     p.add_argument("--ticket-keys-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_serve)

@@ -53,7 +53,15 @@ class Supervisor:
         self._close_pipe(slot)
         secret, pipe = tickets.secret_pipe(self.ticket_secret)
         try:
-            args = [*self.worker_args, "--worker-slot", str(slot), "--ticket-keys-fd", str(secret)]
+            args = [
+                *self.worker_args,
+                "--worker-slot",
+                str(slot),
+                "--ticket-keys-fd",
+                str(secret),
+                "--supervisor-pid",
+                str(os.getpid()),
+            ]
             proc = subprocess.Popen(
                 [sys.executable, "-m", "gateway", *args],
                 stdin=subprocess.DEVNULL,
@@ -152,3 +160,22 @@ class Supervisor:
         for slot in list(self.ticket_pipes):
             self._close_pipe(slot)
         return 1 if self.gave_up else self.exit_code
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def stop_with_supervisor(supervisor: int) -> None:
+    """In a worker: SIGTERM (a drain, as on `systemctl stop`) when the supervisor dies, even by SIGKILL, rather
+    than serve on unsupervised, holding the ports a new `serve --workers` needs. Linux only (prctl); elsewhere
+    nothing changes. The supervisor starts workers from its one thread, as PR_SET_PDEATHSIG requires."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        log.warning("parent_death_signal_unset", error=os.strerror(ctypes.get_errno()))
+        return
+    if os.getppid() != supervisor:  # it died before the prctl: nobody would send the signal
+        os.kill(os.getpid(), signal.SIGTERM)
