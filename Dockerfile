@@ -20,7 +20,7 @@ VOLUME ["/var/lib/smtp-gateway"]
 HEALTHCHECK --interval=30s --timeout=3s --start-period=10s --retries=3 \
   CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2).status == 200 else 1)"
 # SIGTERM drains (serve --drain-timeout, 30 s, then running upstream calls get delivery.shutdown_timeout):
-# give `docker stop` more than its default 10 s (docker stop --time 60; compose: stop_grace_period).
+# give `docker stop` more than its default 10 s (docker stop --time 90; compose: stop_grace_period).
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["smtp-gateway"]
 CMD ["serve"]

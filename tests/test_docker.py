@@ -14,6 +14,7 @@ import yaml
 
 from gateway.cli import build_parser
 from gateway.config import DeliverySettings, load_settings
+from gateway.smtp.server import STORE_GRACE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -126,6 +127,6 @@ def test_compose_gives_the_drain_its_time() -> None:
     assert grace is not None
     drain = build_parser().parse_args(["serve"]).drain_timeout
     assert gateway["stop_signal"] == "SIGTERM"
-    delivery = DeliverySettings()  # a message past its final "." gets its reply first (the inline budget)
-    assert int(grace[1]) > drain + delivery.inline_budget + delivery.shutdown_timeout
+    delivery = DeliverySettings()  # a message past its final "." gets its reply first (budget, then storing it)
+    assert int(grace[1]) > drain + delivery.inline_budget + STORE_GRACE + delivery.shutdown_timeout
     assert "./gateway.toml:/etc/smtp-gateway/gateway.toml:ro" in gateway["volumes"]
