@@ -8,10 +8,11 @@ from typing import Any
 import pytest
 
 from gateway.policy.dns import DnsResolver, DnsTemporaryError
+from tests.conftest_dns import DNS_TIMEOUT
 from tests.dnsserver import DnsServer
 
 # generous bound: a resolver that ignored its 0.3 s timeout would take dnspython's default 5 s
-FAST = 3.0
+FAST = 5 * DNS_TIMEOUT  # a temporary error: a lookup or two, each bounded by the timeout
 
 
 class FakeClock:
@@ -23,7 +24,7 @@ class FakeClock:
 
 
 def resolver_for(server: DnsServer, **kwargs: Any) -> DnsResolver:
-    return DnsResolver(["127.0.0.1"], port=server.port, timeout=0.3, **kwargs)
+    return DnsResolver(["127.0.0.1"], port=server.port, timeout=DNS_TIMEOUT, **kwargs)
 
 
 # ---- answers ------------------------------------------------------------------------------------

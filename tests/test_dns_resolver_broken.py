@@ -13,11 +13,11 @@ import pytest_asyncio
 from structlog.testing import capture_logs
 
 from gateway.policy.dns import DnsResolver, DnsResolverBroken, DnsTemporaryError
-from tests.conftest_dns import MX, make_zones
+from tests.conftest_dns import DNS_TIMEOUT, MX, make_zones
 from tests.dnsserver import DnsServer, ZoneData
 from tests.test_dns import FakeClock
 
-FAST = 5.0  # failure bound: two lookups of 0.3 s each when nothing answers
+FAST = 5 * DNS_TIMEOUT  # failure bound: two lookups of DNS_TIMEOUT each when nothing answers
 
 
 @pytest.fixture
@@ -44,7 +44,7 @@ def _everything(rcode_set: str) -> ZoneData:
 
 
 async def test_nothing_answering_is_a_broken_resolver(silent_port: int) -> None:
-    resolver = DnsResolver(["127.0.0.1"], port=silent_port, timeout=0.3)
+    resolver = DnsResolver(["127.0.0.1"], port=silent_port, timeout=DNS_TIMEOUT)
     async with asyncio.timeout(FAST):
         with pytest.raises(DnsResolverBroken) as info:
             await resolver.domain_exists("example.com")
@@ -64,7 +64,7 @@ async def test_nothing_answering_is_a_broken_resolver(silent_port: int) -> None:
     ids=["refused", "servfail", "nxdomain-for-everything"],
 )
 async def test_a_resolver_failing_every_name_is_broken(server: DnsServer, reason: str) -> None:
-    resolver = DnsResolver(["127.0.0.1"], port=server.port, timeout=0.3)
+    resolver = DnsResolver(["127.0.0.1"], port=server.port, timeout=DNS_TIMEOUT)
     async with asyncio.timeout(FAST):
         with pytest.raises(DnsResolverBroken) as info:
             await resolver.domain_exists("acme.example")
@@ -77,7 +77,7 @@ async def test_a_resolver_failing_every_name_is_broken(server: DnsServer, reason
 @pytest.mark.parametrize("server", [make_zones()], indirect=True)
 async def test_one_domain_failing_is_not_the_resolver(server: DnsServer) -> None:
     """SERVFAIL or silence for one domain, while its top-level domain answers: a per-domain failure."""
-    resolver = DnsResolver(["127.0.0.1"], port=server.port, timeout=0.3)
+    resolver = DnsResolver(["127.0.0.1"], port=server.port, timeout=DNS_TIMEOUT)
     async with asyncio.timeout(FAST):
         for domain in ("broken.test", "slow.test"):
             with pytest.raises(DnsTemporaryError) as info:
@@ -89,7 +89,7 @@ async def test_one_domain_failing_is_not_the_resolver(server: DnsServer) -> None
 
 @pytest.mark.parametrize("server", [make_zones()], indirect=True)
 async def test_a_vouched_nxdomain_needs_no_check(server: DnsServer) -> None:
-    resolver = DnsResolver(["127.0.0.1"], port=server.port, timeout=0.3)
+    resolver = DnsResolver(["127.0.0.1"], port=server.port, timeout=DNS_TIMEOUT)
     assert await resolver.domain_exists("nosuch.test") is False
     assert server.queries == [("nosuch.test", "MX")]
 
@@ -97,7 +97,7 @@ async def test_a_vouched_nxdomain_needs_no_check(server: DnsServer) -> None:
 @pytest.mark.parametrize("server", [make_zones()], indirect=True)
 async def test_an_unvouched_nxdomain_is_believed_when_dns_works(server: DnsServer) -> None:
     server.data.bogus_nxdomain.add("gone.test")  # NXDOMAIN without SOA for this name only
-    resolver = DnsResolver(["127.0.0.1"], port=server.port, timeout=0.3)
+    resolver = DnsResolver(["127.0.0.1"], port=server.port, timeout=DNS_TIMEOUT)
     assert await resolver.domain_exists("gone.test") is False
     assert server.queries == [("gone.test", "MX"), ("test", "SOA")]
 
@@ -105,7 +105,7 @@ async def test_an_unvouched_nxdomain_is_believed_when_dns_works(server: DnsServe
 @pytest.mark.parametrize("server", [_everything("bogus_nxdomain")], indirect=True)
 async def test_denials_of_a_broken_resolver_are_not_cached(server: DnsServer) -> None:
     clock = FakeClock()
-    resolver = DnsResolver(["127.0.0.1"], port=server.port, timeout=0.3, clock=clock)
+    resolver = DnsResolver(["127.0.0.1"], port=server.port, timeout=DNS_TIMEOUT, clock=clock)
     with pytest.raises(DnsResolverBroken):
         await resolver.domain_exists("acme.example")
     # the resolver is repaired: once the verdict has expired the domain is found at once
@@ -118,7 +118,7 @@ async def test_denials_of_a_broken_resolver_are_not_cached(server: DnsServer) ->
 @pytest.mark.parametrize("server", [ZoneData(zones={})], indirect=True)
 async def test_broken_resolver_is_logged_once_a_minute(server: DnsServer) -> None:
     clock = FakeClock()
-    resolver = DnsResolver(["127.0.0.1"], port=server.port, timeout=0.3, clock=clock)
+    resolver = DnsResolver(["127.0.0.1"], port=server.port, timeout=DNS_TIMEOUT, clock=clock)
     with capture_logs() as logs:
         for i in range(5):
             with pytest.raises(DnsResolverBroken):
@@ -136,7 +136,7 @@ async def test_broken_resolver_is_logged_once_a_minute(server: DnsServer) -> Non
 @pytest.mark.parametrize("server", [ZoneData(zones={})], indirect=True)
 async def test_recovery_is_logged_when_the_check_passes_again(server: DnsServer) -> None:
     clock = FakeClock()
-    resolver = DnsResolver(["127.0.0.1"], port=server.port, timeout=0.3, clock=clock)
+    resolver = DnsResolver(["127.0.0.1"], port=server.port, timeout=DNS_TIMEOUT, clock=clock)
     with capture_logs() as logs:
         with pytest.raises(DnsResolverBroken):
             await resolver.domain_exists("acme.example")

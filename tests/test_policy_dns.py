@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.configs import gateway_config, listener, write
-from tests.conftest_dns import MX, SPF, make_zones
+from tests.conftest_dns import DNS_TIMEOUT, MX, SPF, make_zones
 from tests.devices_util import captured_logs, events
 from tests.dnsserver import DnsServer, ZoneData
 from tests.harness import LoopThread, Running
@@ -64,7 +64,13 @@ def dns_thread(loop_thread: LoopThread) -> Iterator[DnsServer]:
 
 
 def dns_config(server: DnsServer, **extra: Any) -> dict[str, Any]:
-    return {"nameservers": ["127.0.0.1"], "port": server.port, "check_sender_domain": True, "timeout": 0.5, **extra}
+    return {
+        "nameservers": ["127.0.0.1"],
+        "port": server.port,
+        "check_sender_domain": True,
+        "timeout": DNS_TIMEOUT,
+        **extra,
+    }
 
 
 def start(factory: Factory, server: DnsServer, **dns: Any) -> Running:
@@ -214,7 +220,7 @@ def test_unknown_sender_domain_through_sendmail(gateway_factory: Factory, dns_th
 
 
 def write_config(tmp_path: Path, server: DnsServer, domains: dict[str, str]) -> Path:
-    dns = {"nameservers": ["127.0.0.1"], "port": server.port, "timeout": 0.5, "check_sender_domain": True}
+    dns = {"nameservers": ["127.0.0.1"], "port": server.port, "timeout": DNS_TIMEOUT, "check_sender_domain": True}
     config = gateway_config(tmp_path, listeners=[listener()], accounts={"acme": {"sender_domains": domains}}, dns=dns)
     return write(tmp_path / "gateway.toml", config)
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.configs import serve_config, write
-from tests.conftest_dns import MX, SPF, dns_on_thread, make_zones
+from tests.conftest_dns import DNS_TIMEOUT, MX, SPF, dns_on_thread, make_zones
 from tests.dnsserver import DnsServer, ZoneData
 from tests.harness import APIKEY, LoopThread
 from tests.procs import spawn
@@ -51,7 +51,7 @@ def dns_thread(loop_thread: LoopThread) -> Iterator[DnsServer]:
 
 
 def _config(tmp: Path, dns_port: int, check: bool) -> Path:
-    dns = {"nameservers": ["127.0.0.1"], "port": dns_port, "timeout": 0.5, "check_sender_domain": check}
+    dns = {"nameservers": ["127.0.0.1"], "port": dns_port, "timeout": DNS_TIMEOUT, "check_sender_domain": check}
     return write(
         tmp / "gateway.toml", serve_config(tmp, accounts={"acme": {"sender_domains": SENDER_DOMAINS}}, dns=dns)
     )
