@@ -143,3 +143,39 @@ def test_a_sighup_rotates_every_workers_keys(version: ssl.TLSVersion, chain: lis
         for fd in (*worker.values(), *supervisor.ticket_pipes.values()):
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+class _Started:
+    """What Popen returns, for a worker that is never run."""
+
+    pid = 424242
+
+    def poll(self) -> int | None:
+        return None
+
+    def send_signal(self, signum: int) -> None:
+        pass
+
+
+def test_a_sighup_while_a_worker_is_being_started_reaches_its_pipe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rotation writes into the pipes the supervisor knows; a worker's is known once Popen has returned.
+    A SIGHUP inside Popen (a worker restarted as `systemctl reload` runs) must still reach the new worker,
+    which would otherwise keep the retired keys and resume none of its siblings' tickets."""
+    supervisor = Supervisor([], 2)
+    child: dict[str, int] = {}
+
+    def popen(args: list[str], **kwargs: object) -> _Started:
+        supervisor._forward(signal.SIGHUP, None)
+        child["fd"] = os.dup(int(args[args.index("--ticket-keys-fd") + 1]))  # the worker's copy of the read end
+        return _Started()
+
+    monkeypatch.setattr("gateway.ops.supervisor.subprocess.Popen", popen)
+    try:
+        supervisor._spawn(0)
+        os.set_blocking(child["fd"], False)
+        read = os.read(child["fd"], 4096)  # what the worker takes: the first secret, then the newest
+        assert read[-tickets.SECRET_SIZE :] == supervisor.ticket_secret
+    finally:
+        for fd in (*child.values(), *supervisor.ticket_pipes.values()):
+            with contextlib.suppress(OSError):
+                os.close(fd)

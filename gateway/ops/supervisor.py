@@ -51,7 +51,8 @@ class Supervisor:
 
     def _spawn(self, slot: int, backoff: float = 1.0, failed_starts: int = 0) -> None:
         self._close_pipe(slot)
-        secret, pipe = tickets.secret_pipe(self.ticket_secret)
+        given = self.ticket_secret
+        secret, pipe = tickets.secret_pipe(given)
         try:
             args = [
                 *self.worker_args,
@@ -73,6 +74,8 @@ class Supervisor:
         finally:
             os.close(secret)
         self.ticket_pipes[slot] = pipe
+        if self.ticket_secret is not given:  # a SIGHUP's rotation came while Popen ran, before this pipe was known
+            tickets.send(pipe, self.ticket_secret)
         self.workers[slot] = _Worker(slot, proc, time.monotonic(), backoff, failed_starts)
         log.info("worker_started", worker=slot, pid=proc.pid)
         if self.stopping:
