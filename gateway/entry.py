@@ -8,10 +8,11 @@ import sys
 
 
 def main() -> int:
-    if "--worker-slot" in sys.argv:
-        # A worker of `serve --workers N`: the supervisor passes SIGHUP on at any moment, also while this process
-        # is still importing. Its configuration is read after that anyway: until `serve` catches SIGHUP
-        # (gateway/ops/signals.py), ignore it rather than die of it.
+    if "serve" in sys.argv[1:]:
+        # `serve` (a worker of `serve --workers N` too: the supervisor passes SIGHUP on at any moment) may get a
+        # reload's SIGHUP while it is still importing, and would die of it (systemd counts that a clean exit,
+        # so nothing restarts it). The configuration is read after the imports anyway: until `serve` catches
+        # SIGHUP (gateway/ops/signals.py), ignore it.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         from gateway.cli import main as run  # imports most of the gateway: tens of milliseconds
