@@ -63,6 +63,10 @@ class Stack:
     def fault(self, **spec: Any) -> None:
         httpx.post(f"{self.sandbox_url}/_sandbox/faults", json=spec, timeout=5).raise_for_status()
 
+    def faults(self) -> list[dict[str, Any]]:
+        faults: list[dict[str, Any]] = httpx.get(f"{self.sandbox_url}/_sandbox/faults", timeout=5).json()["faults"]
+        return faults
+
     def clear_faults(self) -> None:
         httpx.delete(f"{self.sandbox_url}/_sandbox/faults", timeout=5).raise_for_status()
 
@@ -235,7 +239,7 @@ def test_a_message_past_its_final_dot_gets_its_reply_not_421_when_the_drain_time
     delivery.inline_budget, 3 s here, but after the drain timeout): the client is told the upstream's 250, not
     421 "try again" about a message that goes out (its resend would be a second copy)."""
     stack.serve(drain_timeout=0.2)
-    stack.fault(delay=2.0, kind="send")  # within the inline budget, well past the drain timeout
+    stack.fault(delay=1.0, kind="send")  # within the inline budget (3 s), well past the drain timeout
     client = Raw(stack.smtp_port, timeout=20)
     try:
         client.login()
@@ -243,6 +247,8 @@ def test_a_message_past_its_final_dot_gets_its_reply_not_421_when_the_drain_time
         assert client.cmd("RCPT TO:<client@example.com>").startswith("250 ")
         assert client.cmd("DATA").startswith("354 ")
         client.sock.sendall(b"To: client@example.com\r\nSubject: past dot\r\n\r\nbody\r\n.\r\n")
+        # The send has reached the upstream (its fault taken, its delay running): the session is past its dot.
+        wait_for(lambda: not stack.faults() or None, 10, "the inline call at the upstream")
         stack.terminate()
         reply = client.reply()
         assert re.fullmatch(rf"250 2\.0\.0 Ok: queued as {EEID}", reply), reply

@@ -12,6 +12,8 @@ entries say); this module holds what they share: the request record and the faul
                             any of them with "kind": "send"      only for that kind of request
                                                                  (send, lookup, login, froms)
                             ... and/or "provider": "dengage"     only for that provider's requests
+    GET  /_sandbox/faults                                         the faults still to come (a count-1 fault
+                                                                  gone: its request has arrived)
     DELETE /_sandbox/faults                                       clear all faults
     GET  /_sandbox/requests                                       every request recorded, faulted ones too
                                                                   (`at`: when it arrived, epoch seconds)
@@ -44,7 +46,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal, TextIO
@@ -142,6 +144,7 @@ class Sandbox:
         self.app.router.add_get("/_sandbox/requests", self.list_requests)
         self.app.router.add_delete("/_sandbox/requests", self.clear_requests)
         self.app.router.add_post("/_sandbox/faults", self.add_fault)
+        self.app.router.add_get("/_sandbox/faults", self.list_faults)
         self.app.router.add_delete("/_sandbox/faults", self.clear_faults)
         self.app.router.add_get("/_sandbox/health", self.health)
         self.app.router.add_post("/_sandbox/shape", self.set_shape)
@@ -239,6 +242,9 @@ class Sandbox:
         )
         self.state.faults.append(fault)
         return json_response({"status": "ok", "faults": len(self.state.faults)})
+
+    async def list_faults(self, request: web.Request) -> web.Response:
+        return json_response({"faults": [asdict(fault) for fault in self.state.faults]})
 
     async def clear_faults(self, request: web.Request) -> web.Response:
         self.state.faults.clear()
