@@ -505,10 +505,12 @@ async def run(
     drain_timeout: float = 30.0,
     started: Callable[[App], None] | None = None,
     hangups: Hangups | None = None,
+    unready_delay: float = 0.0,
 ) -> signal.Signals:
     """Start, wait for SIGTERM/SIGINT, then drain and stop; returns the signal. SIGHUP reloads (one received
     while starting, here or in `hangups` before, once started). `started` is called once the listeners are
-    bound (before the `ready` event)."""
+    bound (before the `ready` event). `unready_delay`: seconds /readyz answers 503 before the drain, while
+    new sessions are still served (a second stop signal ends it)."""
     stop = StopSignals()
     stop.install()  # before the start: a signal while starting stops it right after
     hangups = hangups or Hangups()
@@ -533,6 +535,14 @@ async def run(
     log.info("ready", listeners=app.ports, **({"http": app.operator.port} if app.operator else {}))
     try:
         received = await stop.wait()
+        if unready_delay > 0 and app.operator is not None:
+            # A load balancer learns from /readyz that this instance is leaving only at its next health checks
+            # (HAProxy `inter 5s fall 2`: up to 10 s): meanwhile it still sends sessions, served as before
+            # rather than refused with 421.
+            app.operator.is_ready = False
+            log.info("unready", seconds=unready_delay, then="drain")
+            if await stop.again(unready_delay):
+                log.info("unready_cut_short", reason="a second stop signal")
     finally:
         log.info("shutting_down", drain_timeout=drain_timeout, signal=stop.received.name if stop.received else None)
         await app.stop(drain_timeout)

@@ -22,7 +22,7 @@ import pytest
 
 from tests.configs import serve_config, write
 from tests.harness import PASSWORD, USER
-from tests.procs import complete_lines, kill, ready, spawn, start_sandbox
+from tests.procs import complete_lines, events, kill, ready, serve, spawn, start_sandbox
 from tests.spool_helpers import send, spool_rows, wait_for
 
 CLI = [sys.executable, "-m", "gateway"]
@@ -284,3 +284,28 @@ def test_spooled_messages_survive_sigterm_and_go_out_after_restart(stack: Stack)
     assert sorted(e["body"]["asunto"] for e in stack.sent()) == ["spooled 0", "spooled 1", "spooled 2"]
     stack.terminate()
     assert stack.gateway.wait(DRAIN_TIMEOUT + 5) == 0
+
+
+def test_an_unready_delay_serves_new_sessions_while_readyz_says_503(tmp_path: Path) -> None:
+    """`serve --unready-delay`: on SIGTERM /readyz turns 503 at once, and until the delay ends (or a second
+    SIGTERM) a client the load balancer still sends is served as before, not refused with 421; then the drain
+    and the stop as usual."""
+    sandbox, sandbox_url = start_sandbox(tmp_path / "requests.jsonl")
+    config = write(tmp_path / "gateway.toml", serve_config(tmp_path, sandbox_url, http={"port": 0}))
+    log = tmp_path / "gateway.log"
+    gw = None
+    try:
+        gw, ports = serve(config, log, "--unready-delay", "300")
+        readyz = f"http://127.0.0.1:{ports['http']}/readyz"
+        assert httpx.get(readyz, timeout=5).status_code == 200
+        gw.send_signal(signal.SIGTERM)
+        wait_for(lambda: httpx.get(readyz, timeout=5).status_code == 503 or None, 10, "/readyz 503")
+        assert send(ports["plain"], "sent while leaving")[0] == 250  # a new session, served
+        assert gw.poll() is None
+        gw.send_signal(signal.SIGTERM)  # the second: no need to wait the 300 s
+        assert gw.wait(30) == 0
+        assert [e["reason"] for e in events(log, "unready_cut_short")] == ["a second stop signal"]
+    finally:
+        kill(sandbox)
+        if gw is not None:
+            kill(gw)

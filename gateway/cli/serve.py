@@ -40,7 +40,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.workers > 1 and args.worker_slot is None:
         from gateway.ops.supervisor import Supervisor
 
-        worker_args = ["serve", "--drain-timeout", str(args.drain_timeout)]
+        worker_args = ["serve", "--drain-timeout", str(args.drain_timeout), "--unready-delay", str(args.unready_delay)]
         if args.config:
             worker_args += ["--config", args.config]
         supervisor = Supervisor(worker_args, args.workers)
@@ -66,7 +66,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         sig = run_loop(
-            run(App(settings, source=source), drain_timeout=args.drain_timeout, hangups=hangups),
+            run(
+                App(settings, source=source),
+                drain_timeout=args.drain_timeout,
+                hangups=hangups,
+                unready_delay=args.unready_delay,
+            ),
             preflight.serve_ports(settings),
         )
     except (sqlite3.DatabaseError, SpoolUnavailable) as exc:
@@ -115,6 +120,14 @@ def add_parser(sub: Any) -> None:
     p = with_config(sub.add_parser("serve", help="run the gateway"))
     p.add_argument(
         "--drain-timeout", type=float, default=30.0, metavar="SECONDS", help="seconds sessions in DATA get on SIGTERM"
+    )
+    p.add_argument(
+        "--unready-delay",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="on SIGTERM, seconds /readyz answers 503 while new sessions are still served, before the drain "
+        "(a load balancer's health checks notice in that time; a second SIGTERM ends it)",
     )
     p.add_argument(
         "--workers",

@@ -15,6 +15,7 @@ class StopSignals:
     def __init__(self) -> None:
         self.received: signal.Signals | None = None
         self._event = asyncio.Event()
+        self._again = asyncio.Event()  # a second stop signal: cut the wait before the drain short
 
     def install(self) -> None:
         loop = asyncio.get_running_loop()
@@ -24,12 +25,23 @@ class StopSignals:
     def _receive(self, sig: signal.Signals) -> None:
         if self.received is None:
             self.received = sig
+        elif self._event.is_set():
+            self._again.set()
         self._event.set()
 
     async def wait(self) -> signal.Signals:
         await self._event.wait()
         assert self.received is not None
         return self.received
+
+    async def again(self, seconds: float) -> bool:
+        """Wait up to `seconds` for a second stop signal; True if it came."""
+        try:
+            async with asyncio.timeout(seconds):
+                await self._again.wait()
+        except TimeoutError:
+            return False
+        return True
 
 
 class Hangups:
