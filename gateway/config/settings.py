@@ -707,6 +707,17 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
     unknown = keys.unknown_env(os.environ, config_keys(), ENV_PREFIX, "__", FOREIGN_ENV)
     if unknown:
         raise ConfigError("\n".join(unknown))
+    # Checked here, not left to pydantic-settings: its error names only the section ('field "accounts"'), and
+    # older releases pass the text on to a validation error that names no variable at all.
+    not_json = keys.env_not_json(os.environ, config_keys(), ENV_PREFIX, "__", FOREIGN_ENV)
+    if not_json:
+        raise ConfigError(
+            "\n".join(
+                f"{name} is not JSON: a list or table set in the environment must be JSON, e.g. "
+                f"""{name}='["a", "b"]' or '{{"key": "value"}}'"""
+                for name in not_json
+            )
+        )
 
     try:
         return settings_model(path)(**overrides)
@@ -722,18 +733,8 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
     except SettingsError as exc:
-        # pydantic-settings' words name the section only ('error parsing value for field "accounts" from source
-        # "EnvSettingsSource"'): the variables at fault are named (never their values, which may be secrets).
-        names = keys.env_not_json(os.environ, config_keys(), ENV_PREFIX, "__", FOREIGN_ENV)
-        if not names:
-            raise ConfigError(f"{exc}: a list or table set in the environment must be JSON") from None
-        raise ConfigError(
-            "\n".join(
-                f"{name} is not JSON: a list or table set in the environment must be JSON, e.g. "
-                f"""{name}='["a", "b"]' or '{{"key": "value"}}'"""
-                for name in names
-            )
-        ) from None
+        # pydantic-settings' words, e.g. 'error parsing value for field "listeners" from source "EnvSettingsSource"'
+        raise ConfigError(f"{exc}: a list or table set in the environment must be JSON") from None
 
 
 def _toml_error(path: Path | None, exc: tomllib.TOMLDecodeError) -> str:
