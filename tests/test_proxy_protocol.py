@@ -5,18 +5,21 @@ front (send-proxy-v2), when it is installed."""
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import socket
+import struct
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import uvloop
 
 from tests.devices_util import events, raw_send, require_tool
-from tests.harness import Running
+from tests.harness import LoopThread, Running, start, stop
 from tests.ops_util import captured_with_context, proxy_v1, proxy_v2, sample
 from tests.procs import spawn
 from tests.smtputil import RawClient, message
@@ -192,6 +195,71 @@ frontend smtp
 backend gateways
     server gw1 127.0.0.1:{back} send-proxy-v2
 """
+
+
+# -- a header, then gone: the slot comes back (docs/limits.md: "in any state, frees its slots at once") ------
+
+MAX_PER_IP = 3
+MAX_SESSIONS = 10
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def any_loop(request: pytest.FixtureRequest) -> Iterator[LoopThread]:
+    """The stdlib loop and uvloop (what `serve` runs); anything reported through the loop's exception
+    handler (uvloop's "handler is closed" RuntimeError of a task nobody awaited) fails the test."""
+    lt = LoopThread(uvloop.new_event_loop() if request.param == "uvloop" else None)
+    unexpected: list[dict[str, Any]] = []
+    lt.loop.call_soon_threadsafe(lt.loop.set_exception_handler, lambda loop, context: unexpected.append(context))
+    yield lt
+    lt.close()
+    gc.collect()  # "Task exception was never retrieved" is reported when the task is freed
+    assert unexpected == []
+
+
+def header_then_gone(port: int, header: bytes, how: str) -> None:
+    sock = socket.create_connection(("127.0.0.1", port))
+    if how == "reset":
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.sendall(header)
+    sock.close()
+
+
+@pytest.mark.parametrize("how", ["close", "reset"])
+@pytest.mark.parametrize(
+    "header",
+    [proxy_v1("203.0.113.9", 40000), proxy_v2(None)],  # a client's header; a health check's LOCAL
+    ids=["v1-client", "v2-local-health-check"],
+)
+@pytest.mark.parametrize("name", ["lb", "lb-tls"])
+def test_a_header_then_gone_frees_its_slot(
+    any_loop: LoopThread, tmp_path: Path, name: str, header: bytes, how: str
+) -> None:
+    """A balancer's health check with send-proxy, or a client that left right after the balancer forwarded
+    its header: the gate ends before the session could begin, and no slot may stay taken (before the fix,
+    all of them leaked until every new client got 421)."""
+    running = start(
+        any_loop,
+        tmp_path,
+        listeners=[proxied("lb"), proxied("lb-tls", "implicit")],
+        limits={"max_sessions_per_ip": MAX_PER_IP, "max_sessions": MAX_SESSIONS},
+    )
+    try:
+        listeners = running.app.listeners
+        assert listeners is not None
+        for _ in range(2 * MAX_SESSIONS):
+            header_then_gone(running.port(name), header, how)
+        # A sentinel accepted after all of them: once it is answered, the gateway has taken them all in.
+        with RawClient(running, "lb", proxy=proxy_v1("198.51.100.2", 41001)):
+            pass
+        wait_for(lambda: not listeners.sessions and not listeners.gates, 10, "every slot released")
+        assert listeners.defenses is not None
+        key = "127.0.0.1" if header.startswith(b"\r\n") else "203.0.113.9"  # LOCAL: the balancer's own
+        assert listeners.defenses.sessions.open(key) == 0  # the per-IP count is back too
+        # Past what max_sessions_per_ip and max_sessions would have allowed: the same client is greeted.
+        with RawClient(running, "lb", proxy=header) as client:
+            assert client.greeting[-1].startswith("220 "), client.greeting
+    finally:
+        stop(running)
 
 
 def greets(port: int) -> bool:

@@ -142,6 +142,7 @@ class Gate(asyncio.Protocol):
         self._reader: asyncio.StreamReader | None = None
         self._task: asyncio.Task[None] | None = None
         self._ended = False
+        self._lost = False  # connection_lost has come: the transport is closed and tells nobody else
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]  # uvloop's are not asyncio.Transport subclasses
@@ -166,6 +167,7 @@ class Gate(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
         if self._task is not None and not self._task.done():
             self._task.cancel()
         self._end()
@@ -196,10 +198,20 @@ class Gate(asyncio.Protocol):
         # else: v2 LOCAL or v1 UNKNOWN, the balancer's own connection (a health check): it is the client.
         leftover = bytes(self._reader._buffer)  # type: ignore[attr-defined]  # read past the header
         self._reader = None
+        # On Python 3.11, wait_for swallows connection_lost's cancel when the header had already been read:
+        # a balancer's health check (or its client) that sent the header and left gets here too. _hand_over
+        # sees its transport is closing and hands nothing over.
         self._hand_over(ProxiedTransport(self._transport, peer, balancer_peer), peer, leftover)
 
     def _hand_over(self, transport: asyncio.BaseTransport, peer: Any, leftover: bytes) -> None:
         assert self._transport is not None
+        if self._lost or self._transport.is_closing():
+            # The client has gone (or is going): a session attached now would never hear connection_lost,
+            # which has been or will be delivered to this gate, so its slots would be held for ever (and
+            # on uvloop its first write would raise on the closed handle). Nothing to admit.
+            self._close()
+            self._end()
+            return
         protocol = self._opener(transport, peer)
         self._end()  # from here the session (or nobody, if refused) holds the connection
         if protocol is None:
