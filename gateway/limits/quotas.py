@@ -4,9 +4,12 @@ instance on the queue.
 A message is counted at the end of its DATA, before the gateway answers it: one transaction in the queue store
 checks every window and adds the message only if it fits them all, so the instances together never go past a
 quota (no overshoot). A message counted and then not accepted (refused, deferred) is taken back. MAIL is
-answered from this process's last view of the counts (no store call once a login has one): a view a little
-behind lets a MAIL through that the end of DATA then refuses; it never refuses one that would fit, since counts
-only grow within a window. When the store cannot be reached the process counts on its own (and says so once).
+answered from this process's last view of the counts (no store call once a login has one, while it fits): a
+view a little behind lets a MAIL through that the end of DATA then refuses. Counts also shrink within a window
+(a message given back, here or by another process or instance), so a view that refuses is re-read from the
+store once before the refusal is answered: a MAIL that fits the shared counts is never refused for an old view,
+and only a refused MAIL pays the store read. When the store cannot be reached the process counts on its own (and
+says so once).
 """
 
 from __future__ import annotations
@@ -117,10 +120,18 @@ class QuotaTracker:
         if not windows:
             return quota.OK
         key = _key(account, login)
+        size = max(size, 1)
         view = self._views.get(key)
         if view is None or view.windows != windows:
             view = self._remember(key, windows, await self._counts(key, windows))
-        return quota.decide(windows, view.counts, 1, max(size, 1))
+            return quota.decide(windows, view.counts, 1, size)
+        verdict = quota.decide(windows, view.counts, 1, size)
+        if verdict.ok:
+            return verdict
+        # The view says no, but another process or instance may have given a message back since it was read
+        # (counts then shrink): ask the store once before refusing.
+        view = self._remember(key, windows, await self._counts(key, windows))
+        return quota.decide(windows, view.counts, 1, size)
 
     async def take(self, account: str, login: str, limits: Quota, size: int) -> tuple[Verdict, Taken | None]:
         """At the end of DATA: count the message if it fits every window (shared, atomic)."""
