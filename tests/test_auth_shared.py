@@ -12,14 +12,17 @@ import smtplib
 import socket
 import subprocess
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.configs import listener, serve_config, write
-from tests.harness import USER
+from tests.harness import PASSWORD, USER, Running
 from tests.pgserver import PgCluster
 from tests.procs import events, kill, serve
-from tests.smtputil import ENHANCED
+from tests.smtputil import ENHANCED, RawClient
 from tests.spool_helpers import wait_for
 
 LOCKOUT = 10
@@ -129,3 +132,61 @@ def test_two_instances_on_one_postgresql_queue_share_the_lockout(tmp_path: Path,
     finally:
         for proc in procs:
             kill(proc)
+
+
+# -- in-process gateways on one queue: the shared record decides at every AUTH --------------------------------
+
+LOCKED_REPLY = "421 4.7.0 " + LOCKED
+PAIR_LIMITS = {"auth_failures_per_ip": 3, "auth_lockout_failures": 3, "auth_lockout_time": 600, "max_auth_failures": 5}
+
+
+def _pair(gateway_factory: Callable[..., Running], tmp_path: Path, queue: str) -> tuple[Running, Running]:
+    delivery: dict[str, Any] = {"spool_path": str(tmp_path / "shared.sqlite3")}
+    if queue:
+        delivery["queue_url"] = queue
+    first = gateway_factory(delivery=delivery, listeners=[listener()], limits=PAIR_LIMITS)
+    second = gateway_factory(delivery=delivery, listeners=[listener()], limits=PAIR_LIMITS, sandbox=first.sandbox)
+    return first, second
+
+
+def _login(gw: Running, source: str, password: str) -> str:
+    with RawClient(gw, source=source) as client:
+        client.cmd("EHLO client.test")
+        return client.login(USER, password)
+
+
+def _lock_out(gw: Running, source: str) -> None:
+    with RawClient(gw, source=source) as client:
+        client.cmd("EHLO guesser.test")
+        replies = [client.login(USER, f"wrong-{n}") for n in range(3)]
+    assert replies[-1].startswith(LOCKED_REPLY), replies
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def queue(request: pytest.FixtureRequest) -> str:
+    return "" if request.param == "sqlite" else request.getfixturevalue("pg_cluster").new_database()
+
+
+def test_a_locked_out_address_is_refused_by_every_process_the_right_password_included(
+    gateway_factory: Callable[..., Running], tmp_path: Path, queue: str
+) -> None:
+    """docs/limits.md: no password hash is spent on a locked-out address, the right password included, on any
+    process (before the fix another process that had seen nothing of it checked the password and said 235)."""
+    first, second = _pair(gateway_factory, tmp_path, queue)
+    _lock_out(first, "127.0.0.3")
+    logins = [_login(second, "127.0.0.3", PASSWORD) for _ in range(3)]
+    assert all(r.startswith(LOCKED_REPLY) for r in logins), logins
+
+
+def test_a_lockout_lifted_on_one_console_is_lifted_in_every_process(
+    gateway_factory: Callable[..., Running], tmp_path: Path, queue: str
+) -> None:
+    """The lift deletes the shared record; every process reads it at its next AUTH (before the fix the second
+    process kept refusing from its memory until auth_lockout_time ran out)."""
+    first, second = _pair(gateway_factory, tmp_path, queue)
+    _lock_out(first, "127.0.0.2")
+    assert _login(second, "127.0.0.2", PASSWORD).startswith(LOCKED_REPLY)  # the second process knows it now
+    assert first.loop.run(first.app.lockouts.lift("smtp", "127.0.0.2"))
+    assert _login(first, "127.0.0.2", PASSWORD).startswith("235 ")
+    reply = _login(second, "127.0.0.2", PASSWORD)
+    assert reply.startswith("235 "), f"still locked out on the other process after the lift: {reply}"

@@ -190,6 +190,10 @@ class SharedRecords:
     async def auth_lift(self, client: str, rules: authcount.Rules) -> bool:
         return self.records.pop(client, None) is not None
 
+    async def auth_peek(self, client: str) -> tuple[authcount.Record, float] | None:
+        record = self.records.get(client)
+        return None if record is None else (record, self.clock())
+
 
 async def test_no_second_unreserved_attempt_while_the_first_ones_failure_is_written() -> None:
     """With a shared record, one attempt at a time per process goes unreserved (counted nowhere until it
@@ -211,3 +215,23 @@ async def test_no_second_unreserved_attempt_while_the_first_ones_failure_is_writ
     assert await ending is False
     assert await g.end(second, failed=True) is False
     assert shared.records["192.0.2.7"].failures == 2
+
+
+async def test_check_reads_the_shared_record_a_lockout_made_or_lifted_by_another_process() -> None:
+    """`check` (at every AUTH) brings this process's memory up to date from the shared record: a lockout made by
+    another process refuses here though nothing was seen here, and a lift on another process ends it here."""
+    clock = Clock()
+    shared = SharedRecords(clock)
+    limits = LimitsSettings(auth_failures_per_ip=2, auth_lockout_failures=2)  # type: ignore[call-arg]
+    here, other = AuthGuard(limits, clock, shared=shared), AuthGuard(limits, clock, shared=shared)
+    for _ in range(2):
+        ticket, _ = await other.begin("192.0.2.8")
+        assert ticket is not None
+        await other.end(ticket, failed=True)
+    assert not here.before("192.0.2.8").locked_for  # nothing in this process's memory
+    assert (await here.check("192.0.2.8")).locked_for > 0
+    assert here.before("192.0.2.8").locked_for > 0  # remembered now
+    assert await other.lift("192.0.2.8")
+    assert not (await here.check("192.0.2.8")).locked_for
+    ticket, verdict = await here.begin("192.0.2.8")
+    assert ticket is not None and not verdict.locked_for

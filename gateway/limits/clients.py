@@ -97,6 +97,10 @@ class AuthLedger(Protocol):
         """Forget the client's failures and lockout (an operator's decision); False: nothing was held."""
         ...
 
+    async def auth_peek(self, client: str) -> tuple[authcount.Record, float] | None:
+        """The client's record as it is, and the store's clock (one read, no lock); None: nothing held."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class AuthTicket:
@@ -116,10 +120,12 @@ class AuthGuard:
     `auth_delay_max`); at `auth_lockout_failures` (failures and attempts in flight together) the key is
     locked out for `auth_lockout_time`: its attempts are refused before any password hash or upstream lookup
     is spent. With a shared ledger (the queue store) the records are those of every process and instance on
-    the queue: a client with nothing against it is not looked up (one attempt at a time per process goes
-    unreserved, its failure written at once); any other attempt is reserved in the shared record first, and
-    a lockout, once seen, is answered from this process's memory. So a client gets at most one guess per
-    other process past the limit. At most `max_tracked_ips` keys are remembered here.
+    the queue: `check`, at the start of every AUTH, reads the client's shared record (one primary-key read,
+    nothing written), so a lockout made by any process refuses here too and one lifted anywhere (the record
+    deleted) is lifted here. Then a client with nothing against it is not reserved (one attempt at a time per
+    process goes unreserved, its failure written at once); any other attempt is reserved in the shared record
+    first. So a client gets at most one guess per other process past the limit (attempts that read the record
+    before the lockout was written). At most `max_tracked_ips` keys are remembered here.
     """
 
     def __init__(self, limits: LimitsSettings, clock: Clock = time.monotonic, shared: AuthLedger | None = None) -> None:
@@ -152,6 +158,24 @@ class AuthGuard:
             return authcount.verdict(record, self._clock(), self.rules)
         now = self._clock()
         return Verdict(locked_for=record.locked_until - now) if record.locked_until > now else Verdict()
+
+    async def check(self, key: str) -> Verdict:
+        """Before an AUTH attempt: `before`, with this process's memory first brought up to date from the shared
+        record (the store's word is the one of every process: a lockout lifted on any console has deleted it).
+        While the store cannot be reached, this process's memory answers alone."""
+        if self.shared is None:
+            return self.before(key)
+        try:
+            found = await self.shared.auth_peek(key)
+        except Deferred as exc:
+            self._lost(exc)
+            return self.before(key)
+        self._reached()
+        if found is None:
+            self._records.pop(key)  # nothing held any more (lifted, or its time is up)
+        else:
+            self._remember(key, *found)
+        return self.before(key)
 
     async def begin(self, key: str) -> tuple[AuthTicket | None, Verdict]:
         """An attempt starts: its ticket (give it to `end`), or None when it is refused (`locked_for`)."""

@@ -495,6 +495,11 @@ class PostgresQueue:
     async def auth_lift(self, client: str, rules: Rules) -> bool:
         return bool((await self._auth(client, rules.window, auth_lift_change))[1])
 
+    async def auth_peek(self, client: str) -> tuple[Record, float] | None:
+        async with self._tx() as conn:
+            row = await (await conn.execute(SQL.auth_peek, (client,))).fetchone()
+        return None if row is None else auth_read(row)
+
     async def _auth(self, client: str, window: float, change: AuthChange) -> tuple[Record, Any, float]:
         """`change` applied to the client's row, locked until commit, with the database's clock (the one clock
         of every instance)."""

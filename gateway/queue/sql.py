@@ -134,6 +134,11 @@ class Statements:
             "UPDATE auth_clients SET failures=?, since=?, in_flight=?, in_flight_until=?, locked_until=? WHERE client=?"
         )
         self.auth_forget = d("DELETE FROM auth_clients WHERE client=?")
+        # The record as it is, no row made nor locked: one primary-key read before each AUTH.
+        self.auth_peek = d(
+            "SELECT failures, since, in_flight, in_flight_until, locked_until,"
+            f" {d.now} AS now FROM auth_clients WHERE client=?"
+        )
         # Clients with nothing left to remember (a window over, no attempt in flight, no lockout): the counts of
         # addresses that stopped trying.
         self.auth_sweep = d(

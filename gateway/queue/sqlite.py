@@ -358,6 +358,9 @@ class SqliteQueue:
     async def auth_lift(self, client: str, rules: Rules) -> bool:
         return bool((await self._rate.auth(client, rules.window, auth_lift_change))[1])
 
+    async def auth_peek(self, client: str) -> tuple[Record, float] | None:
+        return await self._rate.auth_peek(client)
+
     # -- shared quota counts (in the same side file as the rate buckets) ------------------------------------
 
     async def quota_take(self, login: str, windows: Sequence[Window], size: int) -> tuple[Verdict, dict[str, Counts]]:

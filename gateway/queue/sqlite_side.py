@@ -117,6 +117,15 @@ class RateFile:
 
         return await self._run(run)
 
+    async def auth_peek(self, client: str) -> tuple[Record, float] | None:
+        """`client`'s AUTH record and the file's clock, or None: nothing held (read only, no lock taken)."""
+
+        def run() -> tuple[Record, float] | None:
+            row = self._conn().execute(SQL.auth_peek, (client,)).fetchone()
+            return None if row is None else auth_read(row)
+
+        return await self._run(run)
+
     async def quota_take(
         self, login: str, windows: Sequence[quota.Window], size: int
     ) -> tuple[quota.Verdict, dict[str, quota.Counts]]:

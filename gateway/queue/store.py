@@ -177,7 +177,13 @@ class QueueStore(Protocol):
         ...
 
     async def auth_lift(self, client: str, rules: Rules) -> bool:
-        """Forget `client`'s failures and lockout (an operator's decision). False: nothing was held."""
+        """Forget `client`'s failures and lockout (an operator's decision): its record is deleted, so every
+        process sees the lift at its next auth_peek. False: nothing was held."""
+        ...
+
+    async def auth_peek(self, client: str) -> tuple[Record, float] | None:
+        """`client`'s record as it is (one read, nothing locked or written) and the store's clock; None: the
+        store holds nothing against it."""
         ...
 
     # -- per-login quotas shared by every instance on this queue -----------------------------------------

@@ -133,9 +133,9 @@ class GatewayHandler:
 
     async def _locked_out(self, server: Any) -> bool:
         """A client IP locked out after too many failures gets 421 at AUTH, before any challenge, password
-        hash or upstream lookup."""
+        hash or upstream lookup (a lockout of any process or instance on the queue: the shared record is read)."""
         key = _client(server.session)
-        verdict = self.defenses.auth.before(key)
+        verdict = await self.defenses.auth.check(key)
         if not verdict.locked_for:
             return False
         AUTH.labels(result="locked_out").inc()
