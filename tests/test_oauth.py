@@ -254,6 +254,25 @@ def test_an_oauth_login_keeps_its_per_login_controls(gateway_factory: Factory, i
     ]
 
 
+def test_a_token_login_refused_for_require_tls_counts_as_an_auth_failure(
+    gateway_factory: Factory, issuer: Issuer
+) -> None:
+    """As for PLAIN and LOGIN (per-login.md, TLS per login): the 538 is throttled and counted towards the
+    client address's AUTH failures, up to the lockout (before the fix a token login's 538 counted nothing)."""
+    gw = gateway_factory(
+        oauth={"issuers": [issuer_config(issuer, claim="email")]},
+        extra_users=[
+            {"username": "tls-app", "passwords": [{"hash": PASSWORD_HASH}], "campaign": 22, "require_tls": True}
+        ],
+        limits={"auth_failures_per_ip": 2, "auth_lockout_failures": 2, "auth_delay_max": 0, "auth_lockout_time": 60},
+    )
+    token = issuer.token(email="tls-app")
+    assert token_login(gw, "XOAUTH2", xoauth2("", token))[-1].startswith("538 5.7.11 ")
+    assert token_login(gw, "OAUTHBEARER", oauthbearer("", token)) == [
+        "421 4.7.0 Too many failed logins from your address; try again later"
+    ]
+
+
 def test_mechanisms_are_offered_only_with_issuers(gateway_factory: Factory, gw: Running) -> None:
     def auth_line(running: Running) -> str:
         with RawClient(running) as client:

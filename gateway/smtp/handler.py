@@ -204,6 +204,10 @@ class GatewayHandler:
         throttled = await self._throttle(server, self._loggable(checked))
         if throttled is not None:
             return throttled
+        return await self._tls_refused_failure(server, refusal)
+
+    async def _tls_refused_failure(self, server: Any, refusal: str) -> AuthResult:
+        """The 538 of an attempt `_throttle` began, counted as a failure (PLAIN, LOGIN and token logins alike)."""
         ticket, server.auth_ticket = server.auth_ticket, None
         locked = await self.defenses.auth.end(ticket, failed=True)
         AUTH_TRACKED.set(len(self.defenses.auth))
@@ -337,7 +341,7 @@ class GatewayHandler:
             return refused if answered else AuthResult(success=False, handled=True)
         refusal = self._tls_refusal(server, token.login.encode())
         if refusal is not None:
-            return AuthResult(success=False, handled=False, message=refusal)
+            return await self._tls_refused_failure(server, refusal)
         credential = f"oauth:{token.issuer.name}"
         principal = replace(principal, credential=credential, credential_expires=token.expires)
         return await self._accepted(server, principal, {**fields, "login": token.login}, {"mechanism": mechanism})
