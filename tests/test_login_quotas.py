@@ -5,6 +5,7 @@ PostgreSQL) with no message past a quota; a message that is not accepted after a
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
 from collections.abc import Callable
@@ -277,3 +278,57 @@ async def test_a_take_cancelled_while_the_store_counts_is_given_back() -> None:
     assert all(c.messages == 0 and c.bytes == 0 for c in counts.values()), counts
     verdict, taken = await tracker.take("acme", METERED, limits, 10)
     assert verdict.ok and taken is not None  # the one message of the hour is still free
+
+
+class BrokenReturn:
+    """Counts at once when `counting` is set; its give-back fails (a bug)."""
+
+    def __init__(self) -> None:
+        self.counting = asyncio.Event()
+        self.asked = asyncio.Event()
+        self.local = LocalCounts()
+
+    async def quota_take(
+        self, login: str, windows: tuple[Window, ...], size: int
+    ) -> tuple[quota.Verdict, dict[str, Counts]]:
+        self.asked.set()
+        await self.counting.wait()
+        return await self.local.quota_take(login, windows, size)
+
+    async def quota_return(self, login: str, windows: tuple[Window, ...], size: int) -> None:
+        raise RuntimeError("a bug in the store")
+
+    async def quota_counts(self, login: str, windows: tuple[Window, ...]) -> dict[str, Counts]:
+        return await self.local.quota_counts(login, windows)
+
+
+async def test_a_late_give_back_that_fails_is_logged_and_counted() -> None:
+    """The caller left while the store counted: the give-back runs in a task nobody awaits; what it raises is
+    logged and counted as quota_return_failed (as after a reply), not left as "Task exception was never
+    retrieved"."""
+    store = BrokenReturn()
+    tracker = QuotaTracker(store)
+    loop = asyncio.get_running_loop()
+    unexpected: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: unexpected.append(context))
+    errors = REGISTRY.get_sample_value("smtp_gateway_internal_errors_total", {"where": "quota_return"}) or 0.0
+    try:
+        with captured_logs() as logs:
+            taking = asyncio.ensure_future(tracker.take("acme", METERED, Quota(messages_per_hour=2), 10))
+            await store.asked.wait()
+            taking.cancel()  # the client gone while the store counts
+            with pytest.raises(asyncio.CancelledError):
+                await taking
+            store.counting.set()
+            for _ in range(100):  # a few loop turns: the counting ends, then the give-back is scheduled
+                if tracker._late:
+                    break
+                await asyncio.sleep(0)
+            assert tracker._late, "no give-back scheduled"
+            await asyncio.wait(set(tracker._late))
+        assert len(events(logs, "quota_return_failed")) == 1
+        assert REGISTRY.get_sample_value("smtp_gateway_internal_errors_total", {"where": "quota_return"}) == errors + 1
+        gc.collect()
+        assert unexpected == []
+    finally:
+        loop.set_exception_handler(None)

@@ -136,7 +136,7 @@ class PerLogin:
             await self.quotas.give_back(taken)
         except Exception as exc:  # a bug: logged once, counted; the count stays one too high until the window ends
             INTERNAL_ERRORS.labels(where="quota_return").inc()
-            log.error("quota_return_failed", exc_info=exc)
+            log.error("quota_return_failed", login=taken.key, exc_info=exc)
 
     def _quota_reply(self, server: Any, principal: Principal, verdict: Verdict, at_data: bool = False) -> str | None:
         window, unit = verdict.window, verdict.unit
