@@ -113,6 +113,11 @@ class AuthTicket:
     where: str
 
 
+# Seconds a shared record read empty is taken as still empty by `AuthGuard.check`: a lockout another process
+# writes meanwhile refuses here after at most this long (its failures, written here, are refused at once).
+NOTHING_HELD_FOR = 1.0
+
+
 class AuthGuard:
     """AUTH failures per client key, and the attempts in flight, counted together toward a lockout.
 
@@ -134,6 +139,9 @@ class AuthGuard:
         # This process's own records, or (shared) the last shared record seen, in this process's clock.
         self._records: ExpiringLru[str, authcount.Record] = ExpiringLru(limits.max_tracked_ips, clock)
         self._running: dict[str, int] = {}  # attempts in flight in this process, by key
+        # Keys whose shared record was read and held nothing, for NOTHING_HELD_FOR seconds: a printer opening
+        # a connection per message does not cost a store read per AUTH (a key with a record is read each time).
+        self._clear: ExpiringLru[str, bool] = ExpiringLru(limits.max_tracked_ips, clock)
         self._unreachable = Episode(clock)
         self.configure(limits)
 
@@ -147,6 +155,7 @@ class AuthGuard:
             limits.auth_lockout_time,
         )
         self._records.resize(limits.max_tracked_ips)
+        self._clear.resize(limits.max_tracked_ips)
 
     def __len__(self) -> int:
         return len(self._records)
@@ -163,7 +172,7 @@ class AuthGuard:
         """Before an AUTH attempt: `before`, with this process's memory first brought up to date from the shared
         record (the store's word is the one of every process: a lockout lifted on any console has deleted it).
         While the store cannot be reached, this process's memory answers alone."""
-        if self.shared is None:
+        if self.shared is None or (self._clear.get(key) and self._records.get(key) is None):
             return self.before(key)
         try:
             found = await self.shared.auth_peek(key)
@@ -173,7 +182,9 @@ class AuthGuard:
         self._reached()
         if found is None:
             self._records.pop(key)  # nothing held any more (lifted, or its time is up)
+            self._clear.put(key, True, NOTHING_HELD_FOR)
         else:
+            self._clear.pop(key)
             self._remember(key, *found)
         return self.before(key)
 
