@@ -11,7 +11,7 @@ import pytest
 from gateway.config import LimitsSettings
 from gateway.core import authcount
 from gateway.core.authcount import Verdict
-from gateway.limits.clients import AuthGuard, LoginRates, LogSampler, SessionCounter, client_key
+from gateway.limits.clients import NOTHING_HELD_FOR, AuthGuard, LoginRates, LogSampler, SessionCounter, client_key
 
 
 class Clock:
@@ -235,3 +235,33 @@ async def test_check_reads_the_shared_record_a_lockout_made_or_lifted_by_another
     assert not (await here.check("192.0.2.8")).locked_for
     ticket, verdict = await here.begin("192.0.2.8")
     assert ticket is not None and not verdict.locked_for
+
+
+async def test_check_takes_an_empty_shared_record_as_empty_for_a_second() -> None:
+    """A client with nothing against it (a printer opening a connection per message) costs one store read a
+    second, not one per AUTH; a lockout another process makes meanwhile refuses here once that second is up.
+    A key with a record is read at every check (a lift elsewhere is seen at once)."""
+    clock = Clock()
+    shared = SharedRecords(clock)
+    reads: list[str] = []
+    peek = shared.auth_peek
+
+    async def counted(client: str) -> tuple[authcount.Record, float] | None:
+        reads.append(client)
+        return await peek(client)
+
+    shared.auth_peek = counted  # type: ignore[method-assign]
+    limits = LimitsSettings(auth_failures_per_ip=2, auth_lockout_failures=2)  # type: ignore[call-arg]
+    here, other = AuthGuard(limits, clock, shared=shared), AuthGuard(limits, clock, shared=shared)
+    for _ in range(5):
+        assert not (await here.check("192.0.2.9")).locked_for
+    assert len(reads) == 1
+    for _ in range(2):
+        ticket, _ = await other.begin("192.0.2.9")
+        assert ticket is not None
+        await other.end(ticket, failed=True)
+    assert not (await here.check("192.0.2.9")).locked_for  # within the second: not read again
+    clock.now += NOTHING_HELD_FOR
+    assert (await here.check("192.0.2.9")).locked_for > 0
+    assert (await here.check("192.0.2.9")).locked_for > 0
+    assert len(reads) == 3  # the record held: read at each check
