@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import aiohttp
 import pytest
 
 from gateway.console.sessions import Session, SessionKeys
@@ -192,6 +193,38 @@ async def test_sign_in_failures_lock_the_address_out_until_an_admin_lifts_it(
         assert audit["action"] == "lift_lockout" and audit["count"] == 1 and audit["lifted_client"] == "127.0.0.2"
         assert "127.0.0.2" not in (await admin.get("/console/logins"))[2]
         assert (await attacker.signin())[0] == 303
+
+
+async def test_sign_in_guesses_sent_together_are_limited_like_ones_sent_in_turn(
+    gateway_factory: Callable[..., Running],
+) -> None:
+    """Attempts being checked count toward the lockout with the failures (as SMTP AUTH's do): a batch of
+    guesses sent at once (one sign-in form's token is enough for all) gets no more passwords checked than
+    the same guesses sent one after another, and the right password after them is refused."""
+    limits = {"auth_failures_per_ip": 1, "auth_lockout_failures": 3, "auth_delay_max": 1.0}
+    gw = console_gateway(gateway_factory, limits=limits)
+    async with Client(base(gw), address="127.0.0.3") as attacker:
+        assert (await attacker.signin(password="guess-0"))[0] == 401  # from now on each attempt first waits 1 s
+        _, response, form = await attacker.get("/console/signin")
+        token, nonce = csrf(form), response.cookies["smtp-gateway-signin"].value
+
+        async def guess(script: aiohttp.ClientSession, password: str) -> int:
+            fields = {"name": ADMIN, "password": password, "csrf": token, "next": "/console/"}
+            headers = {"Cookie": f"smtp-gateway-signin={nonce}"}
+            async with script.post("/console/signin", data=fields, headers=headers, allow_redirects=False) as r:
+                return r.status
+
+        # The same form cookie for every guess (each answer sets a new one, which a script need not keep).
+        jar = aiohttp.DummyCookieJar()
+        connector = aiohttp.TCPConnector(local_addr=("127.0.0.3", 0), limit=0)
+        async with aiohttp.ClientSession(base(gw), cookie_jar=jar, connector=connector) as script:
+            with captured_with_context() as logs:
+                results = await asyncio.gather(*(guess(script, f"guess-{n}") for n in range(1, 25)))
+            checked = [e for e in logs if e["event"] == "console_signin_failed"]
+            # Two more failures reach the lockout of 3; every other guess was refused unchecked.
+            assert len(checked) <= 2 and results.count(401) <= 2, sorted(results)
+            assert results.count(429) >= 22, sorted(results)
+            assert (await guess(script, ADMIN_PASSWORD)) == 429
 
 
 async def test_smtp_lockouts_are_listed_with_the_logins_failures(gateway_factory: Callable[..., Running]) -> None:

@@ -5,6 +5,7 @@ rule that refuses a plain-HTTP API on a non-loopback address."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import subprocess
@@ -139,6 +140,25 @@ def test_failed_tokens_lock_the_client_ip_out(gateway_factory: Callable[..., Run
     assert [curl(url, *bearer("wrong"))[0] for _ in range(2)] == [401, 401]
     status, headers, body = curl(url, *bearer())  # even the right token, while locked out
     assert status == 429 and int(headers["retry-after"]) > 0 and body["error"] == "too_many_failures"
+
+
+async def test_tokens_sent_together_are_limited_like_ones_sent_in_turn(
+    gateway_factory: Callable[..., Running],
+) -> None:
+    """Attempts being checked count toward the lockout with the failures: a batch of wrong tokens sent at
+    once gets no more of them checked than the lockout allows, and the right token after them is refused."""
+    limits = {"auth_failures_per_ip": 1, "auth_lockout_failures": 3, "auth_delay_max": 1.0}
+    gw = gateway_factory(http=API, limits=limits)
+    url = f"{base(gw)}/api/v1/messages"
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=None)) as http:
+
+        async def attempt(token: str) -> int:
+            return (await http.get(url, headers={"Authorization": f"Bearer {token}"})).status_code
+
+        assert await attempt("wrong-0") == 401  # from now on each attempt first waits 1 s
+        results = await asyncio.gather(*(attempt(f"wrong-{n}") for n in range(1, 25)))
+        assert results.count(401) <= 2 and results.count(429) >= 22, sorted(results)
+        assert await attempt(TOKEN) == 429
 
 
 def test_the_endpoint_serves_https_with_its_own_certificate(

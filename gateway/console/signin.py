@@ -34,17 +34,25 @@ class AdminSignIn:
 
     async def check(self, admins: list[ConsoleAdmin], name: str, password: str, client_ip: str) -> Verdict:
         key = client_key(client_ip)
-        before = self.guard.before(key)
-        if before.locked_for > 0:
-            return Verdict("locked_out", retry_after=before.locked_for)
-        if before.delay:
-            await asyncio.sleep(before.delay)
-        wanted = name.strip().lower()
-        admin = next((a for a in admins if hmac.compare_digest(a.name.lower().encode(), wanted.encode())), None)
-        stored = admin.password_hash.get_secret_value() if admin is not None else _DUMMY
-        matched = await asyncio.to_thread(verify_password, password, stored)
-        if admin is None or not matched:
-            if self.guard.failed(key):
+        # The attempt counts toward the lockout from here until its outcome (as SMTP AUTH's do): guesses sent
+        # together cannot all pass a check of the failures recorded so far and then all be tried.
+        ticket, verdict = await self.guard.begin(key)
+        if ticket is None:
+            return Verdict("locked_out", retry_after=verdict.locked_for)
+        failed = False
+        try:
+            if verdict.delay:
+                await asyncio.sleep(verdict.delay)
+            wanted = name.strip().lower()
+            admin = next((a for a in admins if hmac.compare_digest(a.name.lower().encode(), wanted.encode())), None)
+            stored = admin.password_hash.get_secret_value() if admin is not None else _DUMMY
+            matched = await asyncio.to_thread(verify_password, password, stored)
+            failed = admin is None or not matched
+        finally:
+            # Also when cancelled (the client went away, no answer given): the attempt is no longer in flight.
+            locked = await self.guard.end(ticket, failed)
+        if failed:
+            if locked:
                 return Verdict("locked_out", retry_after=self.guard.before(key).locked_for)
             return Verdict("invalid")
         return Verdict("ok", admin)

@@ -242,14 +242,6 @@ class AuthGuard:
         self._keep(key, record)
         return locked
 
-    def failed(self, key: str) -> bool:
-        """A failure counted at once, with no attempt begun, in this process's records (for callers that
-        count only failures: the operator console's sign-in, the API's keys); True when it starts a lockout."""
-        record = self._records.get(key) or authcount.NEW
-        record, locked = authcount.end(record, self._clock(), self.rules, failed=True, in_flight=False)
-        self._keep(key, record)
-        return locked
-
     def locked(self) -> list[tuple[str, float]]:
         """The client keys locked out now (as this process knows), with the seconds each has left."""
         now = self._clock()

@@ -57,19 +57,30 @@ class TokenAuth:
     async def check(self, authorization: str | None, client_ip: str) -> Verdict:
         """`Authorization: Bearer <token>` from `client_ip` (the per-IP throttle's key)."""
         key = client_key(client_ip)
-        before = self.guard.before(key)
-        if before.locked_for > 0:
-            API_AUTH.labels(result="locked_out").inc()
-            return Verdict("locked_out", retry_after=before.locked_for)
-        scheme, _, token = (authorization or "").partition(" ")
         if not authorization:
-            API_AUTH.labels(result="missing").inc()
-            return Verdict("missing")
-        if before.delay:
-            await asyncio.sleep(before.delay)
-        name = await self._verify(token.strip()) if scheme.lower() == "bearer" else None
+            # No token, no guess: not an attempt, though a locked-out client is still told so.
+            locked_for = self.guard.before(key).locked_for
+            result: Result = "locked_out" if locked_for > 0 else "missing"
+            API_AUTH.labels(result=result).inc()
+            return Verdict(result, retry_after=max(locked_for, 0.0))
+        # The attempt counts toward the lockout from here until its outcome (as SMTP AUTH's do): tokens sent
+        # together cannot all pass a check of the failures recorded so far and then all be tried.
+        ticket, verdict = await self.guard.begin(key)
+        if ticket is None:
+            API_AUTH.labels(result="locked_out").inc()
+            return Verdict("locked_out", retry_after=verdict.locked_for)
+        scheme, _, token = authorization.partition(" ")
+        name: str | None = None
+        failed = False
+        try:
+            if verdict.delay:
+                await asyncio.sleep(verdict.delay)
+            name = await self._verify(token.strip()) if scheme.lower() == "bearer" else None
+            failed = name is None
+        finally:
+            # Also when cancelled (the client went away, no answer given): the attempt is no longer in flight.
+            await self.guard.end(ticket, failed)
         if name is None:
-            self.guard.failed(key)
             API_AUTH.labels(result="invalid").inc()
             return Verdict("invalid")
         API_AUTH.labels(result="ok").inc()
