@@ -87,9 +87,15 @@ def test_lockouts_of_every_guard_are_listed_and_lifted_per_scope() -> None:
     limits = LimitsSettings(auth_failures_per_ip=1, auth_lockout_failures=2, auth_lockout_time=600)
     clock = Clock()
     smtp, console = AuthGuard(limits, clock), AuthGuard(limits, clock)
+
+    async def fail(guard: AuthGuard, key: str) -> None:
+        ticket, _ = await guard.begin(key)
+        assert ticket is not None
+        await guard.end(ticket, failed=True)
+
     for _ in range(2):
-        smtp.failed("192.0.2.7")
-    console.failed("192.0.2.8")
+        asyncio.run(fail(smtp, "192.0.2.7"))
+    asyncio.run(fail(console, "192.0.2.8"))
     lockouts = LocalLockouts(lambda: [("smtp", smtp), ("console", console)], wall=lambda: 50_000.0)
     found = asyncio.run(lockouts.in_force())
     assert [(lo.scope, lo.client, lo.until, lo.failures) for lo in found] == [
