@@ -359,6 +359,10 @@ async def test_test_send_goes_through_a_real_smtp_session_and_opens_the_message(
         ("recipient", "someone", "The recipient must be one address"),
         ("sender", "Billing <billing@acme.example>", "The sender must be one address"),
         ("subject", "one\r\nBcc: x@evil.example", "The subject must be one line"),
+        # smtplib raised UnicodeEncodeError at MAIL or RCPT: a 500 with none of the console's headers.
+        ("recipient", "jürgen@example.net", "The recipient must be an ASCII address"),
+        ("recipient", "user@exämple.net", "The recipient must be an ASCII address"),
+        ("sender", "bïlling@acme.example", "The sender must be an ASCII address"),
     ],
 )
 async def test_test_send_fields_that_make_no_message_are_a_form_error(
@@ -371,9 +375,34 @@ async def test_test_send_fields_that_make_no_message_are_a_form_error(
     async with Client(base(gw)) as admin:
         await admin.signin()
         with captured_with_context() as logs:
-            status, _, page = await admin.form("/console/test-send", "/console/test-send", fields)
-    assert status == 400 and words in page
+            status, response, page = await admin.form("/console/test-send", "/console/test-send", fields)
+    assert status == 400 and words in page and "Content-Security-Policy" in response.headers
     assert not [e for e in logs if e["event"] == "console_action"] and not gw.sent
+
+
+async def test_an_unexpected_error_in_a_page_is_the_consoles_error_page_logged_once(
+    gateway_factory: Callable[..., Running], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in a handler was aiohttp's plain-text 500 without the console's headers, its traceback only in
+    aiohttp's own log and counted nowhere."""
+    from gateway.console import configpage
+
+    def broken(gw: Any) -> dict[str, Any]:
+        raise RuntimeError("a bug in the configuration page")
+
+    gw = console_gateway(gateway_factory)
+    async with Client(base(gw)) as admin:
+        await admin.signin()
+        monkeypatch.setattr(configpage, "page", broken)
+        before = sample("smtp_gateway_console_errors_total")
+        with captured_with_context() as logs:
+            status, response, page = await admin.get("/console/configuration")
+    assert status == 500 and "console_error" in page and "RuntimeError" not in page
+    assert "Content-Security-Policy" in response.headers and response.headers["Cache-Control"] == "no-store"
+    assert "Sign out" in page  # the console's own page, the admin still signed in
+    [error] = [e for e in logs if e["log_level"] == "error"]
+    assert error["event"] == "console_error" and error["path"] == "/console/configuration" and error["exc_info"]
+    assert sample("smtp_gateway_console_errors_total") == before + 1
 
 
 async def test_a_cookie_that_is_not_ascii_is_signed_out_not_a_500(gateway_factory: Callable[..., Running]) -> None:

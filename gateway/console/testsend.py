@@ -75,6 +75,12 @@ def form_error(sender: str, recipient: str, subject: str) -> str | None:
     for name, value in (("sender", sender), ("recipient", recipient)):
         if not _ADDRESS.fullmatch(value):
             return f"The {name} must be one address (name@domain), without spaces or line breaks."
+        if not value.isascii():
+            # The session is plain ESMTP (smtplib cannot send these in MAIL or RCPT without SMTPUTF8).
+            return (
+                f"The {name} must be an ASCII address: write an internationalised domain in its xn-- form; "
+                "a local part with other characters cannot be tested here."
+            )
     if any(char in subject for char in "\r\n\x00"):
         return "The subject must be one line."
     return None

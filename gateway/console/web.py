@@ -33,7 +33,13 @@ from gateway.core.errors import SpoolUnavailable
 from gateway.delivery.admin import BadSelection
 from gateway.ledger.model import iso
 from gateway.ledger.store import LedgerUnavailable
-from gateway.ops.metrics import CONSOLE_ACTION_MESSAGES, CONSOLE_ACTIONS, CONSOLE_CSRF_REFUSED, CONSOLE_LOGINS
+from gateway.ops.metrics import (
+    CONSOLE_ACTION_MESSAGES,
+    CONSOLE_ACTIONS,
+    CONSOLE_CSRF_REFUSED,
+    CONSOLE_ERRORS,
+    CONSOLE_LOGINS,
+)
 
 log = structlog.get_logger("gateway.console")
 
@@ -205,6 +211,8 @@ class Console:
             exc.headers.update(SECURITY_HEADERS)
             exc.headers["Cache-Control"] = "no-store"
             raise
+        except Exception:  # a bug in a page: the console's own answer, not aiohttp's bare 500
+            response = self._failed(request)
         response.headers.update(SECURITY_HEADERS)
         if not request.path.startswith("/console/static/"):
             response.headers["Cache-Control"] = "no-store"
@@ -266,6 +274,28 @@ class Console:
             title="Refused",
             message="This form was refused: its security token is missing or out of date. Go back, reload the "
             "page and try again.",
+        )
+
+    def _failed(self, request: web.Request) -> web.Response:
+        """An unexpected error in a handler (called in its `except`): logged once with its traceback and
+        counted here, so aiohttp logs nothing more; the admin gets the error page, with no traceback."""
+        CONSOLE_ERRORS.inc()
+        session = _SESSION.get()
+        log.error(
+            "console_error",
+            admin=session.admin if session else None,
+            client=request.remote,
+            method=request.method,
+            path=request.path,
+            exc_info=True,
+        )
+        return self._page(
+            request,
+            "error.html",
+            status=500,
+            title="Error",
+            message="This request failed on an unexpected error, described in the gateway's log (console_error). "
+            "Look at the pages it concerns before trying again: it may have been done in part.",
         )
 
     # -- rendering -----------------------------------------------------------------------------------------

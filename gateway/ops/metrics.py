@@ -317,6 +317,12 @@ CONSOLE_CSRF_REFUSED = Counter(
     "Console form posts refused (403) for a missing or wrong CSRF token",
     registry=REGISTRY,
 )
+CONSOLE_ERRORS = Counter(
+    "smtp_gateway_console_errors_total",
+    "Console requests that failed on an unexpected error (answered 500 with the console's error page; each "
+    "also a console_error log line with its traceback)",
+    registry=REGISTRY,
+)
 EVENT_POLLS = Counter(
     "smtp_gateway_event_polls_total",
     "Event API windows polled, by account and result: ok (read to its end), failed (the API could not answer: "
