@@ -6,6 +6,7 @@ SMTP session; security headers; no page shows a secret."""
 from __future__ import annotations
 
 import asyncio
+import html
 import re
 import time
 from collections.abc import Callable
@@ -286,6 +287,14 @@ async def test_sessions_end_at_sign_out_idle_time_lifetime_and_a_new_password(
         assert (await replay.get("/console/"))[0] == 303
 
 
+def hidden_fields(page: str) -> list[tuple[str, str]]:
+    """What the page's (confirmation) form posts when its button is pressed: its hidden fields."""
+    return [
+        (name, html.unescape(value))
+        for name, value in re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)">', page)
+    ]
+
+
 async def test_requeue_of_many_dead_letters_is_confirmed_audited_and_recorded(
     gateway_factory: Callable[..., Running],
 ) -> None:
@@ -300,13 +309,11 @@ async def test_requeue_of_many_dead_letters_is_confirmed_audited_and_recorded(
         fields = {"action": "requeue", "scope": "all", "state": "dead", "domain": "acme-clients.example"}
         status, _, confirm = await admin.form(page, "/console/queue/confirm", fields)
         assert status == 200 and "Requeue 2 messages?" in confirm and other not in confirm
-        ids = re.findall(r'name="id" value="([0-9A-F]{16})"', confirm)
-        assert sorted(ids) == sorted(ours)
+        listed_ids = re.findall(r'<li><a href="/console/messages/([0-9A-F]{16})">', confirm)
+        assert sorted(listed_ids) == sorted(ours)
         before = sample("smtp_gateway_console_actions_total", action="requeue")
         with captured_with_context() as logs:
-            status, _, done = await admin.post(
-                "/console/queue/act", [("csrf", csrf(confirm)), ("action", "requeue"), *(("id", i) for i in ids)]
-            )
+            status, _, done = await admin.post("/console/queue/act", hidden_fields(confirm))
         assert status == 200 and "Requeue: 2 done" in done
         [audit] = [e for e in logs if e["event"] == "console_action"]
         assert audit["admin"] == ADMIN and audit["action"] == "requeue" and audit["count"] == 2
@@ -322,6 +329,51 @@ async def test_requeue_of_many_dead_letters_is_confirmed_audited_and_recorded(
     events = record(gw, ours[0]).events
     requeued = [e for e in events if e.kind == "requeued"]
     assert requeued and requeued[0].actor == f"{ADMIN} (console)"
+
+
+async def test_every_one_matching_posts_its_filters_and_asks_again_when_they_select_others(
+    gateway_factory: Callable[..., Running],
+) -> None:
+    """The confirmation of "every one matching" carried one field per message: past about 1000 messages
+    aiohttp answered its form 413 and nothing was done. It carries the filters and names the selection; the
+    action resolves the filters again and goes on only if they select the messages confirmed."""
+    gw = console_gateway(gateway_factory)
+    gw.fault(status=503, count=100)
+    for n in range(2):
+        assert send(gw.port(), f"waiting {n}")[0] == 250
+    async with Client(base(gw)) as admin:
+        await admin.signin()
+        fields = {"action": "delete", "scope": "all", "state": "queue"}
+        status, _, confirm = await admin.form("/console/queue", "/console/queue/confirm", fields)
+        assert status == 200 and "Delete 2 messages?" in confirm
+        form = hidden_fields(confirm)
+        assert "id" not in dict(form) and dict(form)["scope"] == "all"
+        assert send(gw.port(), "arrived meanwhile")[0] == 250
+        with captured_with_context() as logs:
+            status, _, again = await admin.post("/console/queue/act", form)
+        assert status == 200 and "nothing was done" in again and "Delete 3 messages?" in again
+        assert not [e for e in logs if e["event"] == "console_action"]
+        status, _, done = await admin.post("/console/queue/act", hidden_fields(again))
+        assert status == 200 and "Delete: 3 done" in done
+
+
+async def test_tick_all_shown_fits_in_one_form_and_more_ticked_is_refused(
+    gateway_factory: Callable[..., Running],
+) -> None:
+    """A listing shows at most 500, so "tick all shown" posts fewer fields than aiohttp takes in one form (a
+    listing of 1000 made a form it answered 413); a crafted form ticking more is refused, not cut short."""
+    gw = console_gateway(gateway_factory)
+    ids = [f"{n:016X}" for n in range(500)]
+    async with Client(base(gw)) as admin:
+        await admin.signin()
+        fields = [("action", "delete"), ("scope", "ticked"), ("state", "queue"), *(("id", i) for i in ids)]
+        status, _, confirm = await admin.form("/console/queue", "/console/queue/confirm", fields)
+        assert status == 200 and "Delete 500 messages?" in confirm
+        status, _, done = await admin.post("/console/queue/act", hidden_fields(confirm))
+        assert status == 200 and "500 skipped" in done
+        fields.append(("id", "FFFFFFFFFFFFFFFF"))
+        status, _, refused = await admin.form("/console/queue", "/console/queue/confirm", fields)
+        assert status == 400 and "at most 500 ticked" in refused
 
 
 async def test_test_send_goes_through_a_real_smtp_session_and_opens_the_message(

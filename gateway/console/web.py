@@ -415,8 +415,19 @@ class Console:
         return self._page(request, "queue.html", title="Queue", **context)
 
     async def _queue_confirm(self, request: web.Request) -> web.StreamResponse:
+        return await self._queue_form(request, confirmed=False)
+
+    async def _queue_act(self, request: web.Request) -> web.StreamResponse:
+        return await self._queue_form(request, confirmed=True)
+
+    async def _queue_form(self, request: web.Request, *, confirmed: bool) -> web.StreamResponse:
+        """The confirmation (the count, and what it is), then the action. "Every one matching" posts its
+        filters, not thousands of ids, and is resolved again at the action: if the messages it selects are
+        no longer those confirmed, the admin is asked again with the new count, and nothing is done."""
         form = await request.post()
         fields = {k: v for k, v in form.items() if isinstance(v, str)}
+        if self.gw.store is None:
+            return self._page(request, "error.html", status=503, title="Queue", message="the queue is not open")
         try:
             action = queuepage.action(_field(form, "action"))
             ids, what = await queuepage.chosen_ids(self.gw, fields, [str(v) for v in form.getall("id", [])])
@@ -425,26 +436,22 @@ class Console:
         except (SpoolUnavailable, LedgerUnavailable) as exc:
             return self._unavailable(request, exc)
         back = {k: fields[k] for k in queuepage.FILTERS if fields.get(k)}
-        return self._page(
-            request,
-            "confirm.html",
-            title="Confirm",
-            action=action,
-            verb=queuepage.VERBS[action],
-            ids=ids,
-            what=what,
-            back=back,
-        )
-
-    async def _queue_act(self, request: web.Request) -> web.StreamResponse:
-        form = await request.post()
-        ids = [str(v) for v in form.getall("id", [])][: queuepage.MAX_IDS]
-        try:
-            action = queuepage.action(_field(form, "action"))
-        except BadSelection as exc:
-            return self._page(request, "error.html", status=400, title="Queue", message=str(exc))
-        if self.gw.store is None:
-            return self._page(request, "error.html", status=503, title="Queue", message="the queue is not open")
+        every = fields.get("scope") == "all"
+        selected = queuepage.digest(ids)
+        if not confirmed or (every and fields.get("selected") != selected):
+            return self._page(
+                request,
+                "confirm.html",
+                title="Confirm",
+                action=action,
+                verb=queuepage.VERBS[action],
+                ids=ids,
+                what=what,
+                back=back,
+                every=every,
+                selected=selected,
+                changed=confirmed,
+            )
         session = _signed_in()
         try:
             results = await queuepage.act(self.gw, f"{session.admin} (console)", action, ids)
@@ -459,7 +466,6 @@ class Console:
             ids=results.done[:20],
         )
         CONSOLE_ACTION_MESSAGES.labels(action=action).inc(len(results.done))
-        back = {k: str(form[k]) for k in queuepage.FILTERS if form.get(k)}
         return self._page(request, "acted.html", title="Done", results=results, verb=queuepage.VERBS[action], back=back)
 
     async def _logins(self, request: web.Request) -> web.StreamResponse:
