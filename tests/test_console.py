@@ -376,6 +376,33 @@ async def test_tick_all_shown_fits_in_one_form_and_more_ticked_is_refused(
         assert status == 400 and "at most 500 ticked" in refused
 
 
+async def test_the_find_box_keeps_the_other_filters_and_pages(gateway_factory: Callable[..., Running]) -> None:
+    """The Find box ignored every other filter (still shown filled in) and listed the newest 50 with no next
+    page and no word that more matched. What it names is now one more filter of a search that pages."""
+    gw = console_gateway(gateway_factory)
+    for n in range(51):
+        assert send(gw.port(), f"find {n}", to=("findme@example.net",))[0] == 250
+    assert send(gw.port(), "another", to=("other@example.net",))[0] == 250
+    flushed(gw)
+    row = re.compile(r'<td><a href="/console/messages/([0-9A-F]{16})">')
+    async with Client(base(gw)) as admin:
+        await admin.signin()
+        _, _, page = await admin.get("/console/messages?q=findme%40example.net&since=2099-01-01T00:00")
+        assert not row.findall(page), "listed, though none was accepted since 2099"
+        _, _, page = await admin.get("/console/messages?q=findme%40example.net&state=bounced")
+        assert not row.findall(page), "listed, though none bounced"
+        _, _, page = await admin.get("/console/messages?q=findme%40example.net")
+        first = row.findall(page)
+        assert len(first) == 50 and "found by recipient" in page
+        nxt = re.search(r'<a rel="next" href="([^"]+)"', page)
+        assert nxt is not None, "51 matched, 50 shown, no next page"
+        _, _, page = await admin.get(html.unescape(nxt[1]))
+        second = row.findall(page)
+        assert len(second) == 1 and second[0] not in first
+        status, _, page = await admin.get("/console/messages?q=findme%40example.net&recipient=other%40example.net")
+        assert status == 200 and "clear one of them" in page and not row.findall(page)
+
+
 async def test_test_send_goes_through_a_real_smtp_session_and_opens_the_message(
     gateway_factory: Callable[..., Running],
 ) -> None:

@@ -44,13 +44,19 @@ async def search(gw: Gateway, params: Mapping[str, str]) -> dict[str, Any]:
         out["error"] = "the message ledger is not open"
         return out
     try:
-        text = given.pop("q", "")
+        filters = dict(given)
+        text = filters.pop("q", "")
         if text:
-            found = await lookup(gw.ledger, text, limit=PAGE)
-            if found is not None:
-                out["records"], out["by"] = found.records, found.by.replace("_", " ")
-            return {**out, "given": {**given, "q": text}}
-        query = parse_query(given, default_limit=PAGE)
+            # What the box names (an id, a Message-ID, an address, ...) becomes one more filter: the others
+            # still apply, and the results page like any search.
+            found = await lookup(gw.ledger, text, limit=1)
+            if found is None:
+                return out
+            out["by"] = found.by.replace("_", " ")
+            if filters.get(found.by, text) != text:
+                raise BadQuery(f"Find names a {out['by']}, and its own field asks for another: clear one of them")
+            filters[found.by] = text
+        query = parse_query(filters, default_limit=PAGE)
         page = await gw.ledger.find(query)
         out["records"] = page.records
         if page.next is not None:
