@@ -9,6 +9,7 @@ import asyncio
 import html
 import re
 import time
+import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
@@ -101,7 +102,9 @@ async def test_sign_in_gives_a_hardened_session_cookie(gateway_factory: Callable
     gw = console_gateway(gateway_factory)
     async with Client(base(gw)) as browser:
         status, response, _ = await browser.get("/console/messages?sender=a%40b")
-        assert status == 303 and response.headers["Location"] == "/console/signin?next=/console/messages?sender=a%40b"
+        assert (
+            status == 303 and response.headers["Location"] == "/console/signin?next=/console/messages%3Fsender%3Da%40b"
+        )
         status, response, page = await browser.get("/console/signin")
         assert status == 200 and 'name="password" type="password"' in page
         assert response.headers["Cache-Control"] == "no-store"
@@ -401,6 +404,41 @@ async def test_the_find_box_keeps_the_other_filters_and_pages(gateway_factory: C
         assert len(second) == 1 and second[0] not in first
         status, _, page = await admin.get("/console/messages?q=findme%40example.net&recipient=other%40example.net")
         assert status == 200 and "clear one of them" in page and not row.findall(page)
+
+
+async def test_a_bookmarked_search_keeps_its_filters_through_the_sign_in(
+    gateway_factory: Callable[..., Running],
+) -> None:
+    """`next=` carried the page asked for with its `&` unescaped: it kept the first filter only, and the admin
+    landed on another search than the one bookmarked."""
+    gw = console_gateway(gateway_factory)
+    wanted = "/console/messages?sender=a%40b.example&state=bounced&reason=r%26d"
+    async with Client(base(gw)) as browser:
+        status, response, _ = await browser.get(wanted)
+        assert status == 303
+        status, _, form = await browser.get(response.headers["Location"])
+        nxt = re.search(r'name="next" value="([^"]*)"', form)
+        assert status == 200 and nxt is not None
+        fields = {"name": ADMIN, "password": ADMIN_PASSWORD, "csrf": csrf(form), "next": html.unescape(nxt[1])}
+        status, response, _ = await browser.post("/console/signin", fields)
+    landed = urllib.parse.urlsplit(response.headers["Location"])
+    assert status == 303 and landed.path == "/console/messages"
+    assert urllib.parse.parse_qs(landed.query) == {"sender": ["a@b.example"], "state": ["bounced"], "reason": ["r&d"]}
+
+
+async def test_a_queue_listing_cut_at_its_limit_says_more_match(gateway_factory: Callable[..., Running]) -> None:
+    """The listing showed the oldest `limit` and said "N shown." whatever more matched."""
+    gw = console_gateway(gateway_factory)
+    gw.fault(status=503, count=100)
+    for n in range(3):
+        assert send(gw.port(), f"waiting {n}")[0] == 250
+    async with Client(base(gw)) as admin:
+        await admin.signin()
+        _, _, page = await admin.get("/console/queue?limit=2")
+        assert len(re.findall(r'name="id" value="[0-9A-F]{16}"', page)) == 2
+        assert "2 shown, the oldest: more match" in page and 'href="/console/queue?state=queue&amp;limit=500"' in page
+        _, _, page = await admin.get("/console/queue?limit=500")
+        assert len(re.findall(r'name="id" value="[0-9A-F]{16}"', page)) == 3 and "more match" not in page
 
 
 async def test_test_send_goes_through_a_real_smtp_session_and_opens_the_message(

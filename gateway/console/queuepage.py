@@ -67,7 +67,16 @@ def admin(gw: Gateway, actor: str) -> QueueAdmin:
 async def listing(gw: Gateway, params: Mapping[str, str]) -> dict[str, Any]:
     given = {k: params[k].strip() for k in FILTERS if params.get(k, "").strip()}
     given.setdefault("state", "queue")
-    out: dict[str, Any] = {"given": given, "items": [], "counts": {}, "error": None, "listing": None, "verbs": VERBS}
+    out: dict[str, Any] = {
+        "given": given,
+        "items": [],
+        "counts": {},
+        "error": None,
+        "listing": None,
+        "verbs": VERBS,
+        "more": False,
+        "show_more": None,
+    }
     try:
         limit = min(max(int(params.get("limit") or PAGE), 1), MAX_PAGE)
     except ValueError:
@@ -78,8 +87,12 @@ async def listing(gw: Gateway, params: Mapping[str, str]) -> dict[str, Any]:
     now = time.time()
     try:
         chosen = selection(params)
-        found: Listing = await admin(gw, "").select(chosen, now, limit)
-        out.update(items=found.items, listing=found, counts=await gw.store.counts(now), now=now)
+        # One more than shown: the page says when more match than it shows.
+        found: Listing = await admin(gw, "").select(chosen, now, limit + 1)
+        out.update(items=found.items[:limit], listing=found, counts=await gw.store.counts(now), now=now)
+        out["more"] = len(found.items) > limit
+        if out["more"] and limit < MAX_PAGE:
+            out["show_more"] = {**given, "limit": str(MAX_PAGE)}
         out["actions"] = [a for a in ACTIONS if set(ELIGIBLE[a]) & set(chosen.states)]
         out["described"] = chosen.describe()
     except BadSelection as exc:

@@ -228,7 +228,9 @@ class Console:
         session = self._session(request, now)
         if session is None:
             if request.method == "GET":
-                target = urllib.parse.quote(request.path_qs, safe="/?=&")
+                # One query value: an unescaped `&` would end `next` at the first filter. The raw target, as
+                # the client escaped it: path_qs is decoded, so an escaped `&` in a filter's value would split.
+                target = urllib.parse.quote(request.raw_path, safe="/")
                 return self._redirect(f"/console/signin?next={target}")
             return self._redirect("/console/signin")
         _SESSION.set(session)
