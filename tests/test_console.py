@@ -334,6 +334,13 @@ async def test_requeue_of_many_dead_letters_is_confirmed_audited_and_recorded(
     assert requeued and requeued[0].actor == f"{ADMIN} (console)"
 
 
+def queue_some(gw: Running, count: int) -> None:
+    """`count` messages answered 250 and left queued (the upstream answers 503)."""
+    gw.fault(status=503, count=100)
+    for n in range(count):
+        assert send(gw.port(), f"waiting {n}")[0] == 250
+
+
 async def test_every_one_matching_posts_its_filters_and_asks_again_when_they_select_others(
     gateway_factory: Callable[..., Running],
 ) -> None:
@@ -341,9 +348,7 @@ async def test_every_one_matching_posts_its_filters_and_asks_again_when_they_sel
     aiohttp answered its form 413 and nothing was done. It carries the filters and names the selection; the
     action resolves the filters again and goes on only if they select the messages confirmed."""
     gw = console_gateway(gateway_factory)
-    gw.fault(status=503, count=100)
-    for n in range(2):
-        assert send(gw.port(), f"waiting {n}")[0] == 250
+    queue_some(gw, 2)
     async with Client(base(gw)) as admin:
         await admin.signin()
         fields = {"action": "delete", "scope": "all", "state": "queue"}
@@ -429,9 +434,7 @@ async def test_a_bookmarked_search_keeps_its_filters_through_the_sign_in(
 async def test_a_queue_listing_cut_at_its_limit_says_more_match(gateway_factory: Callable[..., Running]) -> None:
     """The listing showed the oldest `limit` and said "N shown." whatever more matched."""
     gw = console_gateway(gateway_factory)
-    gw.fault(status=503, count=100)
-    for n in range(3):
-        assert send(gw.port(), f"waiting {n}")[0] == 250
+    queue_some(gw, 3)
     async with Client(base(gw)) as admin:
         await admin.signin()
         _, _, page = await admin.get("/console/queue?limit=2")

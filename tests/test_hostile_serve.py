@@ -26,6 +26,7 @@ from tests.ops_util import scraped
 from tests.procs import CLI, complete_lines, listening, ready, spawn
 from tests.smtputil import RawClient, message
 from tests.spool_helpers import wait_for
+from tests.test_tls_tickets import client_context
 
 NEWBIE = "newbie"
 
@@ -229,7 +230,7 @@ def test_sighup_rotates_the_ticket_keys_the_workers_share(serve: Callable[..., S
         port = tls.getsockname()[1]
         served = serve("--workers", "2", smtp=plain.getsockname()[1], tls=port)
         wait_for(lambda: len(served.events("ready")) == 2, 30, "both workers ready")
-        client = tls_client(ssl.TLSVersion.TLSv1_2)
+        client = client_context(ssl.TLSVersion.TLSv1_2)
         before, _ = greeted(port, client)
         # Whichever worker the kernel picks each time resumes it.
         assert all(greeted(port, client, before)[1] for _ in range(6))
@@ -238,14 +239,6 @@ def test_sighup_rotates_the_ticket_keys_the_workers_share(serve: Callable[..., S
         assert not any(greeted(port, client, before)[1] for _ in range(6))  # keys rotated everywhere
         after, _ = greeted(port, client)
         assert all(greeted(port, client, after)[1] for _ in range(6))
-
-
-def tls_client(version: ssl.TLSVersion) -> ssl.SSLContext:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    context.minimum_version = context.maximum_version = version
-    return context
 
 
 def greeted(port: int, client: ssl.SSLContext, session: ssl.SSLSession | None = None) -> tuple[ssl.SSLSession, bool]:
