@@ -15,7 +15,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from gateway.core import quota
+from gateway.core import authcount, quota
 from gateway.core.errors import QueueTooNew, UpstreamRejected, UpstreamUnavailable
 from gateway.core.model import Attachment
 from gateway.core.outcome import Outcome
@@ -447,6 +447,38 @@ async def test_quota_counts_are_shared_and_never_go_past_a_limit(make_store: Fac
     # The next hour is a new window: its own counts.
     later = quota.windows(now + 3600, (3, 0), (0, 0))
     assert (await b.quota_take("acme/printer", later, 1))[0].ok
+
+
+async def test_auth_records_are_shared_peeked_and_lifted(make_store: Factory) -> None:
+    """Two instances counting one client's AUTH attempts: the attempts in flight and the failures of both count
+    toward one lockout; auth_peek reads the record as it is, writing nothing; a lift deletes it for both."""
+    a, b = make_store(), make_store()
+    await a.open()
+    await b.open()
+    rules = authcount.Rules(window=600.0, slow_from=100, delay_max=1.0, lockout_at=3, lockout_time=900.0)
+    assert await a.auth_peek("192.0.2.7") is None  # nothing held: nothing to read
+    record, verdict, now = await a.auth_begin("192.0.2.7", rules)
+    assert record.in_flight == 1 and not verdict.locked_for
+    peeked = await b.auth_peek("192.0.2.7")
+    assert peeked is not None and peeked[0] == record and abs(peeked[1] - now) < 60
+    again = await b.auth_peek("192.0.2.7")
+    assert again is not None and again[0] == record  # a peek wrote nothing
+    await b.auth_begin("192.0.2.7", rules)
+    await a.auth_end("192.0.2.7", rules, failed=True, in_flight=True)
+    record, locked, _ = await b.auth_end("192.0.2.7", rules, failed=True, in_flight=True)
+    assert (record.failures, record.in_flight, locked) == (2, 0, False)
+    # The third failure, on either instance, locks the client out for both.
+    await a.auth_begin("192.0.2.7", rules)
+    record, locked, now = await a.auth_end("192.0.2.7", rules, failed=True, in_flight=True)
+    assert locked and record.locked_until > now
+    _, verdict, _ = await b.auth_begin("192.0.2.7", rules)
+    assert verdict.locked_for > 800
+    assert await b.auth_peek("192.0.2.8") is None  # another address: its own record
+    assert await b.auth_lift("192.0.2.7", rules)
+    assert await a.auth_peek("192.0.2.7") is None
+    assert not await a.auth_lift("192.0.2.7", rules)  # nothing held any more
+    _, verdict, _ = await a.auth_begin("192.0.2.7", rules)
+    assert not verdict.locked_for
 
 
 async def test_a_v1_spool_is_migrated_and_its_messages_resumed(tmp_path: Path) -> None:
