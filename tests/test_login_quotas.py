@@ -332,3 +332,60 @@ async def test_a_late_give_back_that_fails_is_logged_and_counted() -> None:
         assert unexpected == []
     finally:
         loop.set_exception_handler(None)
+
+
+class Flaky(LocalCounts):
+    """A shared store's counts that can be cut off (`down`): an outage of the queue store."""
+
+    def __init__(self) -> None:
+        super().__init__(time.time)
+        self.down = False
+        self.returns = 0  # give-backs the store took
+
+    def _check(self) -> None:
+        if self.down:
+            raise SpoolUnavailable("queue down")
+
+    async def quota_take(
+        self, login: str, windows: tuple[Window, ...], size: int
+    ) -> tuple[quota.Verdict, dict[str, Counts]]:
+        self._check()
+        return await super().quota_take(login, windows, size)
+
+    async def quota_return(self, login: str, windows: tuple[Window, ...], size: int) -> None:
+        self._check()
+        await super().quota_return(login, windows, size)
+        self.returns += 1
+
+    async def quota_counts(self, login: str, windows: tuple[Window, ...]) -> dict[str, Counts]:
+        self._check()
+        return await super().quota_counts(login, windows)
+
+
+async def test_a_message_is_given_back_where_it_was_counted() -> None:
+    """Counted by this process alone during an outage, then given back after it: the shared count is not
+    touched (it never had the message). Counted by the store, then given back during an outage: the shared
+    count stays one too high until its window ends (it refuses early, never lets a login past its quota), said
+    in the log, and this process's own counts are left alone."""
+    store = Flaky()
+    tracker = QuotaTracker(store)
+    limits = Quota(messages_per_hour=5)
+    windows = tracker.windows(limits)
+    key = f"acme/{METERED}"
+    with captured_logs() as logs:
+        store.down = True
+        _, alone = await tracker.take("acme", METERED, limits, 10)
+        store.down = False
+        assert alone is not None and not alone.shared
+        await tracker.give_back(alone)
+        assert store.returns == 0  # the store never counted it: nothing taken from its count
+        assert (await tracker._local.quota_counts(key, windows))[windows[0].key] == Counts()
+
+        _, shared = await tracker.take("acme", METERED, limits, 10)
+        assert shared is not None and shared.shared
+        store.down = True
+        await tracker.give_back(shared)
+        store.down = False
+        assert (await store.quota_counts(key, windows))[windows[0].key] == Counts(1, 10)
+        assert (await tracker._local.quota_counts(key, windows))[windows[0].key] == Counts()
+    assert len(events(logs, "quota_return_skipped")) == 1

@@ -83,6 +83,10 @@ class Taken:
     key: str
     windows: tuple[Window, ...]
     size: int
+    # Where it was counted: the shared store, or this process alone (the store was unreachable). It is given
+    # back where it was counted: a count taken alone during an outage and given back to the store after it
+    # would take the shared count below what the instances counted.
+    shared: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,19 +146,25 @@ class QuotaTracker:
         key = _key(account, login)
         counting = asyncio.ensure_future(self._take(key, windows, size))
         try:
-            verdict, counts = await asyncio.shield(counting)
+            verdict, counts, shared = await asyncio.shield(counting)
         except asyncio.CancelledError:
             # The caller left (its client gone) while the store counted: a shared store's transaction is not
             # cut in half, and may have counted the message; once done, a count is given back (nothing is sent).
-            taken = Taken(key, windows, size)
-            counting.add_done_callback(lambda done: self._give_back_late(done, taken))
+            counting.add_done_callback(lambda done: self._give_back_late(done, key, windows, size))
             raise
         self._remember(key, windows, counts)
-        return verdict, Taken(key, windows, size) if verdict.ok else None
+        return verdict, Taken(key, windows, size, shared) if verdict.ok else None
 
-    def _give_back_late(self, counting: asyncio.Future[tuple[Verdict, dict[str, Counts]]], taken: Taken) -> None:
+    def _give_back_late(
+        self,
+        counting: asyncio.Future[tuple[Verdict, dict[str, Counts], bool]],
+        key: str,
+        windows: tuple[Window, ...],
+        size: int,
+    ) -> None:
         if counting.cancelled() or counting.exception() is not None or not counting.result()[0].ok:
             return
+        taken = Taken(key, windows, size, counting.result()[2])
         task = asyncio.get_running_loop().create_task(self._give_back_now(taken))
         self._late.add(task)
         task.add_done_callback(self._late.discard)
@@ -170,7 +180,7 @@ class QuotaTracker:
 
     async def give_back(self, taken: Taken) -> None:
         """Uncount a message that was not accepted after all."""
-        await self._return(taken.key, taken.windows, taken.size)
+        await self._return(taken)
         view = self._views.get(taken.key)
         if view is not None and view.windows == taken.windows:
             counts = {k: quota.added(c, -1, -taken.size) for k, c in view.counts.items()}
@@ -196,21 +206,29 @@ class QuotaTracker:
         self._available()
         return counts
 
-    async def _take(self, key: str, windows: tuple[Window, ...], size: int) -> tuple[Verdict, dict[str, Counts]]:
+    async def _take(self, key: str, windows: tuple[Window, ...], size: int) -> tuple[Verdict, dict[str, Counts], bool]:
+        """The verdict, the counts, and whether the shared store counted it (False: this process alone)."""
         try:
-            taken = await self._store.quota_take(key, windows, size)
+            verdict, counts = await self._store.quota_take(key, windows, size)
         except Deferred as exc:
             self._unavailable(exc)
-            return await self._local.quota_take(key, windows, size)
+            return (*await self._local.quota_take(key, windows, size), False)
         self._available()
-        return taken
+        return verdict, counts, self._store is not self._local
 
-    async def _return(self, key: str, windows: tuple[Window, ...], size: int) -> None:
+    async def _return(self, taken: Taken) -> None:
+        if not taken.shared:
+            await self._local.quota_return(taken.key, taken.windows, taken.size)
+            return
         try:
-            await self._store.quota_return(key, windows, size)
+            await self._store.quota_return(taken.key, taken.windows, taken.size)
         except Deferred as exc:
+            # The shared count stays one message too high until its window ends: it refuses early, never lets
+            # a login past its quota; taking it back from this process's own counts would do neither.
             self._unavailable(exc)
-            await self._local.quota_return(key, windows, size)
+            log.warning("quota_return_skipped", login=taken.key, reason="the queue store is unreachable")
+            return
+        self._available()
 
     def _unavailable(self, exc: Deferred) -> None:
         if not self._degraded:
