@@ -12,6 +12,7 @@ import smtplib
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -190,3 +191,19 @@ def test_a_lockout_lifted_on_one_console_is_lifted_in_every_process(
     assert _login(first, "127.0.0.2", PASSWORD).startswith("235 ")
     reply = _login(second, "127.0.0.2", PASSWORD)
     assert reply.startswith("235 "), f"still locked out on the other process after the lift: {reply}"
+
+
+def test_every_process_lists_the_lockouts_of_every_process(
+    gateway_factory: Callable[..., Running], tmp_path: Path, queue: str
+) -> None:
+    """The console's list of held-back addresses is read from the shared records: a lockout made through one
+    process, and another address's recent failures, show on a process that never saw either address."""
+    first, second = _pair(gateway_factory, tmp_path, queue)
+    _lock_out(first, "127.0.0.4")
+    assert _login(first, "127.0.0.5", "wrong").startswith("535 ")
+    listed = {lo.client: lo for lo in second.loop.run(second.app.lockouts.in_force()) if lo.scope == "smtp"}
+    assert set(listed) == {"127.0.0.4", "127.0.0.5"}, listed
+    assert listed["127.0.0.4"].until > time.time() + 500 and listed["127.0.0.4"].shared
+    assert (listed["127.0.0.5"].until, listed["127.0.0.5"].failures) == (0.0, 1)
+    assert second.loop.run(second.app.lockouts.lift("smtp", "127.0.0.4"))
+    assert {lo.client for lo in first.loop.run(first.app.lockouts.in_force())} == {"127.0.0.5"}

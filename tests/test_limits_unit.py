@@ -194,6 +194,9 @@ class SharedRecords:
         record = self.records.get(client)
         return None if record is None else (record, self.clock())
 
+    async def auth_held(self, limit: int) -> list[tuple[str, authcount.Record, float]]:
+        return [(client, record, self.clock()) for client, record in list(self.records.items())[:limit]]
+
 
 async def test_no_second_unreserved_attempt_while_the_first_ones_failure_is_written() -> None:
     """With a shared record, one attempt at a time per process goes unreserved (counted nowhere until it

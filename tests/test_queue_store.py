@@ -451,7 +451,8 @@ async def test_quota_counts_are_shared_and_never_go_past_a_limit(make_store: Fac
 
 async def test_auth_records_are_shared_peeked_and_lifted(make_store: Factory) -> None:
     """Two instances counting one client's AUTH attempts: the attempts in flight and the failures of both count
-    toward one lockout; auth_peek reads the record as it is, writing nothing; a lift deletes it for both."""
+    toward one lockout; auth_peek reads the record as it is, writing nothing; auth_held lists the clients held
+    back (locked out first); a lift deletes the record for both."""
     a, b = make_store(), make_store()
     await a.open()
     await b.open()
@@ -473,9 +474,19 @@ async def test_auth_records_are_shared_peeked_and_lifted(make_store: Factory) ->
     assert locked and record.locked_until > now
     _, verdict, _ = await b.auth_begin("192.0.2.7", rules)
     assert verdict.locked_for > 800
+    await a.auth_begin("192.0.2.9", rules)
+    await a.auth_end("192.0.2.9", rules, failed=True, in_flight=True)
+    await a.auth_begin("192.0.2.10", rules)  # only in flight: nothing to list
+    held = await b.auth_held(10)
+    assert [(client, r.failures, r.locked_until > now) for client, r, now in held] == [
+        ("192.0.2.7", 0, True),  # locked out first
+        ("192.0.2.9", 1, False),
+    ]
+    assert [client for client, _, _ in await b.auth_held(1)] == ["192.0.2.7"]
     assert await b.auth_peek("192.0.2.8") is None  # another address: its own record
     assert await b.auth_lift("192.0.2.7", rules)
     assert await a.auth_peek("192.0.2.7") is None
+    assert [client for client, _, _ in await a.auth_held(10)] == ["192.0.2.9"]
     assert not await a.auth_lift("192.0.2.7", rules)  # nothing held any more
     _, verdict, _ = await a.auth_begin("192.0.2.7", rules)
     assert not verdict.locked_for

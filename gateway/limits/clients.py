@@ -101,6 +101,10 @@ class AuthLedger(Protocol):
         """The client's record as it is, and the store's clock (one read, no lock); None: nothing held."""
         ...
 
+    async def auth_held(self, limit: int) -> list[tuple[str, authcount.Record, float]]:
+        """At most `limit` clients with failures or a lockout, locked out first, with the store's clock."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class AuthTicket:
@@ -116,6 +120,9 @@ class AuthTicket:
 # Seconds a shared record read empty is taken as still empty by `AuthGuard.check`: a lockout another process
 # writes meanwhile refuses here after at most this long (its failures, written here, are refused at once).
 NOTHING_HELD_FOR = 1.0
+# The operator's list of held-back clients read from a shared ledger: at most this many, locked out first (an
+# attack from many addresses must not make the console's page as big as the attack).
+MAX_LISTED = 500
 
 
 class AuthGuard:
@@ -241,6 +248,28 @@ class AuthGuard:
         record, locked = authcount.end(record, now, self.rules, failed=failed, in_flight=ticket.where == "local")
         self._keep(key, record)
         return locked
+
+    async def held(self) -> tuple[list[tuple[str, float]], list[tuple[str, int]]]:
+        """The client keys locked out now (with the seconds each has left) and those with failures in the window
+        (with how many): with a shared ledger, what every process and instance holds against them (at most
+        MAX_LISTED, locked out first); without one, or while it cannot be reached, what this process knows."""
+        if self.shared is None:
+            return self.locked(), self.failing()
+        try:
+            rows = await self.shared.auth_held(MAX_LISTED)
+        except Deferred as exc:
+            self._lost(exc)
+            return self.locked(), self.failing()
+        self._reached()
+        locked: list[tuple[str, float]] = []
+        failing: list[tuple[str, int]] = []
+        for key, record, now in rows:
+            current = authcount.current(record, now, self.rules)
+            if current.locked_until > now:
+                locked.append((key, current.locked_until - now))
+            elif current.failures:
+                failing.append((key, current.failures))
+        return locked, failing
 
     def locked(self) -> list[tuple[str, float]]:
         """The client keys locked out now (as this process knows), with the seconds each has left."""

@@ -34,8 +34,8 @@ class Lockouts(Protocol):
 
 
 class LocalLockouts:
-    """The lockouts of AuthGuards in this process, by scope: what each guard has in memory. A guard with a shared
-    ledger (SMTP on a queue) lists the clients this process has seen; a lift deletes the shared record too."""
+    """The lockouts of AuthGuards in this process, by scope: what each guard holds. A guard with a shared ledger
+    (SMTP on a queue) lists what every process and instance holds; a lift deletes the shared record too."""
 
     def __init__(self, guards: Callable[[], Sequence[tuple[str, AuthGuard]]], wall: Callable[[], float] = time.time):
         self._guards = guards
@@ -45,10 +45,11 @@ class LocalLockouts:
         now = self._wall()
         found: list[Lockout] = []
         for scope, guard in self._guards():
-            # A guard with a shared ledger has what it lists from the shared record (or wrote it there).
+            # A guard with a shared ledger lists from the shared records (its own while they cannot be read).
             shared = guard.shared is not None
-            found += [Lockout(scope, key, now + left, shared=shared) for key, left in guard.locked()]
-            found += [Lockout(scope, key, 0.0, failures, shared) for key, failures in guard.failing()]
+            locked, failing = await guard.held()
+            found += [Lockout(scope, key, now + left, shared=shared) for key, left in locked]
+            found += [Lockout(scope, key, 0.0, failures, shared) for key, failures in failing]
         return sorted(found, key=lambda lo: (-lo.until, lo.scope, lo.client))
 
     async def lift(self, scope: str, client: str) -> bool:

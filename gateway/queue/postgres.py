@@ -500,6 +500,11 @@ class PostgresQueue:
             row = await (await conn.execute(SQL.auth_peek, (client,))).fetchone()
         return None if row is None else auth_read(row)
 
+    async def auth_held(self, limit: int) -> list[tuple[str, Record, float]]:
+        async with self._tx() as conn:
+            rows = await (await conn.execute(SQL.auth_held, (limit,))).fetchall()
+        return [(str(row["client"]), *auth_read(row)) for row in rows]
+
     async def _auth(self, client: str, window: float, change: AuthChange) -> tuple[Record, Any, float]:
         """`change` applied to the client's row, locked until commit, with the database's clock (the one clock
         of every instance)."""

@@ -139,6 +139,13 @@ class Statements:
             "SELECT failures, since, in_flight, in_flight_until, locked_until,"
             f" {d.now} AS now FROM auth_clients WHERE client=?"
         )
+        # The clients held back now, for the operator's list: locked out first, then by their failures (the
+        # window is the caller's rules': a failure past it is filtered there).
+        self.auth_held = d(
+            "SELECT client, failures, since, in_flight, in_flight_until, locked_until,"
+            f" {d.now} AS now FROM auth_clients WHERE failures>0 OR locked_until>{d.now}"
+            " ORDER BY locked_until DESC, failures DESC, client LIMIT ?"
+        )
         # Clients with nothing left to remember (a window over, no attempt in flight, no lockout): the counts of
         # addresses that stopped trying.
         self.auth_sweep = d(

@@ -361,6 +361,9 @@ class SqliteQueue:
     async def auth_peek(self, client: str) -> tuple[Record, float] | None:
         return await self._rate.auth_peek(client)
 
+    async def auth_held(self, limit: int) -> list[tuple[str, Record, float]]:
+        return await self._rate.auth_held(limit)
+
     # -- shared quota counts (in the same side file as the rate buckets) ------------------------------------
 
     async def quota_take(self, login: str, windows: Sequence[Window], size: int) -> tuple[Verdict, dict[str, Counts]]:

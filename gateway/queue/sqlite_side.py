@@ -126,6 +126,15 @@ class RateFile:
 
         return await self._run(run)
 
+    async def auth_held(self, limit: int) -> list[tuple[str, Record, float]]:
+        """The clients held back (locked out first), at most `limit` (read only, no lock taken)."""
+
+        def run() -> list[tuple[str, Record, float]]:
+            rows = self._conn().execute(SQL.auth_held, (limit,)).fetchall()
+            return [(str(row["client"]), *auth_read(row)) for row in rows]
+
+        return await self._run(run)
+
     async def quota_take(
         self, login: str, windows: Sequence[quota.Window], size: int
     ) -> tuple[quota.Verdict, dict[str, quota.Counts]]:

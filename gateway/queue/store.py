@@ -186,6 +186,11 @@ class QueueStore(Protocol):
         store holds nothing against it."""
         ...
 
+    async def auth_held(self, limit: int) -> list[tuple[str, Record, float]]:
+        """At most `limit` clients with failures or a lockout (locked out first), each with its record and the
+        store's clock: what every process and instance holds against them (one read, nothing locked)."""
+        ...
+
     # -- per-login quotas shared by every instance on this queue -----------------------------------------
 
     async def quota_take(self, login: str, windows: Sequence[Window], size: int) -> tuple[Verdict, dict[str, Counts]]:
