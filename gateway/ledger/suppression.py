@@ -21,6 +21,19 @@ log = structlog.get_logger("gateway.ledger")
 Change = tuple[list[Suppressed], str | None, str | None]
 
 
+def _slim(e: Suppressed, shared: dict[str, str]) -> Suppressed:
+    """What RCPT TO answers from (source, reason, date), its repeated strings one object each: a database read
+    makes a new string per row, and a list of tens of thousands of entries has few reasons. The message id and
+    the detail stay in the database (pages and the API read them there): a third of the memory per entry."""
+    return Suppressed(
+        shared.setdefault(e.account, e.account),
+        e.address,
+        shared.setdefault(e.reason, e.reason),
+        shared.setdefault(e.source, e.source),
+        e.created,
+    )
+
+
 class SuppressionSet:
     def __init__(self) -> None:
         self._lists: dict[str, dict[str, Suppressed]] = {}  # account -> address key -> entry
@@ -35,8 +48,9 @@ class SuppressionSet:
 
     def replace(self, entries: Iterable[Suppressed]) -> None:
         lists: dict[str, dict[str, Suppressed]] = {}
+        shared: dict[str, str] = {}
         for e in entries:
-            lists.setdefault(e.account, {}).setdefault(e.address, e)
+            lists.setdefault(e.account, {}).setdefault(e.address, _slim(e, shared))
         self._lists = lists
         self._count()
 
@@ -55,8 +69,9 @@ class SuppressionSet:
         self._count()
 
     def _add(self, entries: Iterable[Suppressed]) -> None:
+        shared: dict[str, str] = {}
         for e in entries:
-            self._lists.setdefault(e.account, {}).setdefault(address_key(e.address), e)
+            self._lists.setdefault(e.account, {}).setdefault(address_key(e.address), _slim(e, shared))
 
     def _remove(self, key: str, account: str | None) -> None:
         for name, entries in self._lists.items():
