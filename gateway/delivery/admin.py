@@ -235,14 +235,31 @@ class QueueAdmin:
         return True
 
     async def delete(self, msg_id: str) -> bool:
-        """A queued message or dead letter deleted (not while its call runs): its unsent recipients are dead."""
-        info = await self.store.show(msg_id)
-        if info is None or not await self.store.delete(msg_id):
+        """A queued message or dead letter deleted (not while its call runs): its unsent recipients are dead.
+
+        The calls are those the store deleted, read in the delete's own transaction: a worker's attempt that
+        settled just before (one call accepted) must not be recorded dead (`dead` outranks `sent`). A call
+        whose answer was lost (`lost`) may have been sent: its recipients are not made dead, the timeline
+        says their outcome is unknown (as for any ambiguous call) and events read back can still tell."""
+        info = await self.store.delete(msg_id)
+        if info is None:
             return False
         reason = model.DELETED_BY_OPERATOR
         gone: dict[str, tuple[RecipientState, str | None]] = {}
+        unknown: list[CallRow] = []
         for call in _calls(info):
-            if call.state != "done":
+            if call.state == "done":
+                continue
+            if call.lost:
+                unknown.append(call)
+            else:
                 gone.update({a: ("dead", reason) for a in addresses(call)})
-        self.ledger.operator(msg_id=msg_id, created=info["created"], action=model.DELETED, detail=reason, changed=gone)
+        self.ledger.operator(
+            msg_id=msg_id,
+            created=info["created"],
+            action=model.DELETED,
+            detail=reason,
+            changed=gone,
+            unknown=unknown,
+        )
         return True

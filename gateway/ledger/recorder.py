@@ -283,14 +283,30 @@ class Recorder:
         action: str,
         detail: str,
         changed: Mapping[str, tuple[RecipientState, str | None]] | None = None,
+        unknown: Sequence[CallRow] = (),
     ) -> None:
-        """`action`: model.RETRIED, REQUEUED or DELETED; `changed`: address -> (state, reason) it sets."""
+        """`action`: model.RETRIED, REQUEUED or DELETED; `changed`: address -> (state, reason) it sets;
+        `unknown`: calls the action ended whose answer was lost (they may have been sent), each an
+        `ambiguous` event, their recipients' state left as it was (no outcome is known to record)."""
         if not self.enabled:
             return
         now = self.clock()
         rows: list[Row] = [self._event(msg_id, created, now, action, detail=detail)]
         for address, (state, reason) in (changed or {}).items():
             rows.append(RecipientRow(msg_id, created, address, state, now, reason=reason))
+        for n, call in enumerate(unknown, 1):
+            rows.append(
+                self._event(
+                    msg_id,
+                    created,
+                    now + n * TICK,
+                    model.AMBIGUOUS,
+                    recipient=call.recipients,
+                    call=call.key,
+                    outcome="ambiguous",
+                    detail=f"{detail}: an earlier answer to this call was lost, the upstream may have sent it",
+                )
+            )
         self.sink(rows)
 
     # -- rows --------------------------------------------------------------------------------------------

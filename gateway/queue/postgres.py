@@ -602,10 +602,18 @@ class PostgresQueue:
                 await self._notify(conn, row["account"])
         return row is not None
 
-    async def delete(self, msg_id: str) -> bool:
+    async def delete(self, msg_id: str) -> dict[str, Any] | None:
         async with self._tx() as conn:
-            cur = await conn.execute(SQL.delete, (msg_id,))
-            return cur.rowcount == 1
+            # The row locked first: a claim or settle of it waits for this transaction, and one that
+            # committed before the lock is seen by the calls read next (READ COMMITTED reads anew).
+            row = await (await conn.execute(SQL.delete_lock, (msg_id,))).fetchone()
+            if row is None:
+                return None
+            calls = await (await conn.execute(SQL.calls, (msg_id,))).fetchall()
+            await conn.execute(SQL.delete, (msg_id,))
+        out = dict(row)
+        out["calls"] = [dict(c) for c in calls]
+        return out
 
     async def requeue(self, msg_id: str, now: float, max_lifetime: float) -> bool:
         async with self._tx() as conn:

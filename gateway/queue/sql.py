@@ -72,6 +72,9 @@ _LISTED = (
     " (SELECT COUNT(*) FROM calls c WHERE c.msg_id=m.id) AS calls"
 )
 
+# A deleted message as QueueStore.delete returns it: show's columns without the submission.
+_DELETED = ", ".join(c.strip() for c in MESSAGE_COLUMNS.split(",") if c.strip() != "submission")
+
 
 class Statements:
     """Every statement of one dialect; those taking a list of n values are methods of n."""
@@ -186,6 +189,9 @@ class Statements:
         self.submission = d("SELECT submission FROM messages WHERE id=?")
         self.retry_now = d("UPDATE messages SET next_attempt=? WHERE id=? AND state='queued' RETURNING account")
         self.delete = d("DELETE FROM messages WHERE id=? AND state!='inflight'")
+        # The row a delete is about, locked on PostgreSQL (a settle or claim of it waits, then finds it
+        # gone), so the calls read after it are those the delete removes (QueueStore.delete).
+        self.delete_lock = d(f"SELECT {_DELETED} FROM messages WHERE id=? AND state!='inflight'{d.for_update}")
         self.requeue = d(
             "UPDATE messages SET state='queued', next_attempt=?, expires=?, attempts=0, dead_reason=NULL,"
             " dead_at=NULL, internal_errors=0 WHERE id=? AND state='dead' RETURNING account"

@@ -467,10 +467,16 @@ class SqliteQueue:
 
         return await self._run(run)
 
-    async def delete(self, msg_id: str) -> bool:
-        def run() -> bool:
-            with self._tx() as db:
-                return db.execute(SQL.delete, (msg_id,)).rowcount == 1
+    async def delete(self, msg_id: str) -> dict[str, Any] | None:
+        def run() -> dict[str, Any] | None:
+            with self._tx() as db:  # BEGIN IMMEDIATE: no settle between the read and the delete
+                row = db.execute(SQL.delete_lock, (msg_id,)).fetchone()
+                if row is None:
+                    return None
+                out = dict(row)
+                out["calls"] = [dict(r) for r in db.execute(SQL.calls, (msg_id,))]
+                db.execute(SQL.delete, (msg_id,))
+                return out
 
         return await self._run(run)
 
