@@ -10,7 +10,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from gateway.cli.common import Refused, add_spool_option, load_for_queue, spool_failure, with_config
+from gateway.cli.common import add_spool_option, load_for_queue, spool_failure, with_config
 from gateway.cli.exits import Exit
 from gateway.config import Settings
 from gateway.core.errors import SpoolUnavailable
@@ -161,14 +161,20 @@ OUTCOMES = {
 }
 
 
-def _selection(args: argparse.Namespace, dead: bool) -> Selection:
-    from gateway.delivery.admin import BadSelection, Selection, parse_age
+def _age_option(text: str) -> float:
+    """`--older-than`: a bad value is a usage error (exit 2, argparse's message), like `--limit abc`."""
+    from gateway.delivery.admin import BadSelection, parse_age
 
     try:
-        older = parse_age(args.older_than) if args.older_than else None
+        return parse_age(text)
     except BadSelection as exc:
-        raise Refused([f"--older-than: {exc}"]) from None
-    return Selection(dead, args.account, args.login, args.domain, args.reason, older)
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _selection(args: argparse.Namespace, dead: bool) -> Selection:
+    from gateway.delivery.admin import Selection
+
+    return Selection(dead, args.account, args.login, args.domain, args.reason, args.older_than)
 
 
 def _filtered(selection: Selection) -> bool:
@@ -188,7 +194,12 @@ def add_parser(sub: Any) -> None:
         q.add_argument("--login", help="only messages sent by this login (as the message ledger recorded it)")
         q.add_argument("--domain", help="only messages with a recipient in this domain (or a subdomain of it)")
         q.add_argument("--reason", help="only messages whose last error (dead letters: reason) contains these words")
-        q.add_argument("--older-than", metavar="AGE", help="only messages accepted longer ago than AGE (30m, 2h, 1d)")
+        q.add_argument(
+            "--older-than",
+            metavar="AGE",
+            type=_age_option,
+            help="only messages accepted longer ago than AGE (30m, 2h, 1d)",
+        )
     qsub.add_parser("migrate", help="apply pending schema migrations (servers also do it at start)")
     qsub.add_parser("show", help="one message with its calls").add_argument(
         "id", metavar="ID", help="the message's queue id"
