@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from urllib.parse import quote
 
 from gateway.ledger.model import SuppressionRow
 from tests.console_util import Client, console_gateway
@@ -115,3 +116,30 @@ async def test_the_console_lists_filters_and_removes_and_rcpt_follows(gateway_fa
         assert "<td>gone@example.com</td>" not in page
     assert send(gw, "gone@example.com")[0] == 250  # this instance's copy at once
     assert send(gw, "kept@example.org")[0] == 550
+
+
+def test_an_idn_address_as_typed_is_found_and_removed_by_the_cli_and_the_api(
+    gateway_factory: Callable[..., Running],
+) -> None:
+    """Entries are kept in the form RCPT TO checks (IDNA domain); the address typed with its Unicode domain
+    names the same entry in `suppression list --address|remove` and the API's filter and DELETE."""
+    gw = gateway_factory(http=API, return_path={"suppression_refresh": 3600})
+    suppressed(gw, "a@xn--bcher-kva.example", "b@xn--bcher-kva.example")
+    spool = str(gw.settings.delivery.spool_path)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*CLI, "suppression", *args, "--spool", spool], capture_output=True, text=True)
+
+    listed = json.loads(cli("list", "--address", "A@Bücher.example", "--json").stdout)["suppressions"]
+    assert [e["address"] for e in listed] == ["a@xn--bcher-kva.example"]
+    removed = cli("remove", "a@Bücher.example")
+    assert removed.returncode == 0 and "removed" in removed.stdout, removed.stdout
+    url = f"{base(gw)}/api/v1/suppressions"
+    typed = quote("b@Bücher.example")
+    _, _, one = curl(f"{url}?address={typed}", *bearer())
+    assert [e["address"] for e in one["suppressions"]] == ["b@xn--bcher-kva.example"]
+    gw.loop.run(gw.app.returnpath.suppressions.refresh(gw.app.returnpath.returns))  # type: ignore[union-attr]
+    assert send(gw, "b@xn--bcher-kva.example")[0] == 550
+    status, _, gone = curl("-X", "DELETE", f"{url}/{typed}?account=acme", *bearer())
+    assert status == 200 and gone["removed"] == 1, gone
+    assert send(gw, "b@xn--bcher-kva.example")[0] == 250  # this instance's copy at once

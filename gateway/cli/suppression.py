@@ -20,7 +20,7 @@ from gateway.cli.common import (
 from gateway.cli.exits import Exit
 from gateway.config import Settings
 from gateway.ledger.backends import open_ledger, open_returns
-from gateway.ledger.model import iso
+from gateway.ledger.model import address_key, iso
 from gateway.ledger.store import LedgerUnavailable
 
 
@@ -44,7 +44,7 @@ async def _main(settings: Settings, args: argparse.Namespace) -> int:
         if args.action == "list":
             entries = await returns.suppressions(args.account)
             if args.address:
-                entries = [e for e in entries if e.address == args.address.strip().lower()]
+                entries = [e for e in entries if e.address == address_key(args.address)]
             if args.json:
                 print(json.dumps({"suppressions": [e.to_json() for e in entries]}, indent=2))
                 return Exit.OK

@@ -32,6 +32,8 @@ from typing import Any, Literal, NamedTuple
 
 import orjson
 
+from gateway.policy.senders import ascii_address
+
 RecipientState = Literal["accepted", "deferred", "sent", "delivered", "bounced", "not_sent", "dead", "test"]
 STATES: tuple[RecipientState, ...] = (
     "accepted",
@@ -200,8 +202,10 @@ Row = MessageRow | RecipientRow | EventRow | OutboxRow | SuppressionRow | Notice
 
 
 def address_key(address: str) -> str:
-    """How an address is searched: in lower case (`User@Example.COM` finds `user@example.com`)."""
-    return address.strip().lower()
+    """How an address is stored and searched: as RCPT TO compares it (policy.senders.ascii_address), in lower
+    case and an internationalized domain in its IDNA (xn--) form: `User@Bücher.example` finds
+    `user@xn--bcher-kva.example`, the form RCPT TO checked and readback recorded."""
+    return ascii_address(address)
 
 
 def message_id_key(message_id: str) -> str:

@@ -23,7 +23,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from gateway.ledger.model import MAX_LIMIT, BadQuery, Query
+from gateway.ledger.model import MAX_LIMIT, BadQuery, Query, address_key
 from gateway.ledger.query import parse_query
 from gateway.ledger.returns import ReturnStore
 from gateway.ledger.store import LedgerStore, LedgerUnavailable
@@ -149,7 +149,7 @@ class MessageApi:
         if unknown:
             raise BadQuery(f"unknown parameter {', '.join(unknown)} (filters: account, address)")
         entries = await self.returns.suppressions(request.query.get("account") or None)
-        address = (request.query.get("address") or "").strip().lower()
+        address = address_key(request.query.get("address") or "")  # as stored: lower case, IDNA domain
         if address:
             entries = [e for e in entries if e.address == address]
         return web.json_response({"suppressions": [e.to_json() for e in entries]})
