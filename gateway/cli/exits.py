@@ -30,7 +30,9 @@ class Exit(IntEnum):
         "or a command that found problems: `check-config` (its last line counts them), `check-domains`, "
         "`check-upstream` (an account not reached, its credentials refused, an answer not understood, a "
         "campaign or sender it does not have: each named with what to fix), `queue "
-        "show`/`retry`/`delete`/`requeue` (no such message, or not in a state that allows it). `serve --workers "
+        "show`/`retry`/`delete`/`requeue` (no such message, or not in a state that allows it), `status` (no "
+        "message found, or no queue and so no ledger), `suppression remove` (the address was not suppressed). "
+        "`serve --workers "
         "N`: the highest status of a worker that did not stop cleanly (a worker killed by signal S counts as S). "
         "Also an unexpected error, printed with its traceback.",
     )
