@@ -709,7 +709,13 @@ def test_the_queue_cli_selects_and_acts_on_several_like_the_console(gateway_fact
     assert json.loads(cli("dead", "--account", "nope", "--json").stdout)["messages"] == []
     assert json.loads(cli("dead", "--older-than", "1d", "--json").stdout)["messages"] == []
     text = cli("dead", "--domain", "elsewhere.example").stdout
-    assert "matching dead letters, domain elsewhere.example: 1" in text and other in text
+    assert "matching dead letters, domain elsewhere.example: 1\n" in text and other in text
+    # --limit cuts the list: the count line says so (one of two shown), as the console's page does.
+    cut = cli("dead", "--domain", "acme-clients.example", "--limit", "1")
+    assert "matching dead letters, domain acme-clients.example: 1 shown, the oldest: more match" in cut.stdout
+    assert json.loads(cli("dead", "--domain", "acme-clients.example", "--limit", "1", "--json").stdout)["more"]
+    whole = json.loads(cli("dead", "--domain", "acme-clients.example", "--limit", "2", "--json").stdout)
+    assert (len(whole["messages"]), whole["more"], whole["truncated"]) == (2, False, False)
     bad = cli("dead", "--older-than", "soon")
     # An invalid value is a usage error (exit 2), as `--limit abc` is (docs/reference/exit-statuses.md).
     assert bad.returncode == 2 and "argument --older-than: age:" in bad.stderr

@@ -121,3 +121,17 @@ def test_selections_match_every_filter_given() -> None:
     assert [parse_age(t) for t in ("90", "90s", "30m", "2h", "1.5d")] == [90, 90, 1800, 7200, 129600]
     with pytest.raises(BadSelection):
         parse_age("soon")
+
+
+def test_the_queue_cli_count_line_says_when_the_limit_or_the_scan_cap_cut_it() -> None:
+    """`queue list|dead` with filters: the count is the number shown, so the line says when more match than
+    --limit shows, and when the scan stopped at its cap (as the console's Queue page says both)."""
+    from gateway.cli.queue import _matched
+
+    assert _matched(3, {"more": False, "scanned": 40, "truncated": False}) == "3"
+    assert (
+        _matched(5, {"more": True, "scanned": 40, "truncated": False})
+        == "5 shown, the oldest: more match (raise --limit)"
+    )
+    capped = _matched(0, {"more": False, "scanned": 10_000, "truncated": True})
+    assert capped == "0; only the oldest 10000 were read: narrow the filters to reach younger ones"

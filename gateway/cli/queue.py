@@ -95,27 +95,35 @@ async def _act(store: QueueStore, settings: Settings, args: argparse.Namespace) 
         return Exit.OK
     if action in ("list", "dead"):
         selection = _selection(args, dead=action == "dead")
+        notes: dict[str, Any] = {}
         if _filtered(selection):
             ledger = open_ledger(settings.delivery)
             try:
+                # One more than shown: the count line says when more match than --limit lets it show.
                 listing = await QueueAdmin(store, Recorder(lambda rows: None, "", enabled=False), ledger).select(
-                    selection, now, args.limit
+                    selection, now, args.limit + 1
                 )
             finally:
                 await ledger.close()
-            rows = [dict(item.row, login=item.login, recipients=list(item.recipients)) for item in listing.items]
+            items = listing.items[: args.limit]
+            rows = [dict(item.row, login=item.login, recipients=list(item.recipients)) for item in items]
+            notes = {
+                "more": len(listing.items) > len(items),
+                "scanned": listing.scanned,
+                "truncated": listing.truncated,
+            }
         else:
             rows = await store.list(list(selection.states), limit=args.limit)
         counts = await store.counts(now)
         if args.json:
-            print(json.dumps({"counts": counts, "messages": rows}, indent=2))
+            print(json.dumps({"counts": counts, "messages": rows, **notes}, indent=2))
             return Exit.OK
         summary = ", ".join(
             f"{state} {c['count']} (oldest {_age(c['oldest_age'])})" for state, c in sorted(counts.items())
         )
         print(f"queue {store.url}: {summary or 'empty'}")
         if _filtered(selection):
-            print(f"matching {selection.describe()}: {len(rows)}")
+            print(f"matching {selection.describe()}: {_matched(len(rows), notes)}")
         for line in _table(rows, now, dead=action == "dead"):
             print(line)
         return Exit.OK
@@ -151,6 +159,15 @@ async def _act(store: QueueStore, settings: Settings, args: argparse.Namespace) 
         finally:
             await ledger.close()
     return Exit.PROBLEM if results.skipped else Exit.OK
+
+
+def _matched(shown: int, notes: dict[str, Any]) -> str:
+    """The count line's tail, as the console says it: whether --limit cut the list, whether the scan stopped
+    at its cap (younger messages were not read)."""
+    text = f"{shown} shown, the oldest: more match (raise --limit)" if notes["more"] else str(shown)
+    if notes["truncated"]:
+        text += f"; only the oldest {notes['scanned']} were read: narrow the filters to reach younger ones"
+    return text
 
 
 # What each action says of one message: (not done, done).
