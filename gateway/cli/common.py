@@ -57,6 +57,22 @@ def load_for_queue(args: argparse.Namespace) -> Settings:
     return settings
 
 
+def no_queue(settings: Settings, what: str = "") -> str:
+    """The line for a SQLite queue file that does not exist, naming the absolute path looked at.
+
+    `serve` creates its file when it starts, so a missing one means the path is not the one the running
+    gateway uses; a relative path (the example's `var/spool.sqlite3`) is the usual cause: each process reads
+    it from its own current directory, and a service's is not the operator's shell's."""
+    path = settings.delivery.spool_path
+    where = f"no queue{what} at {path.absolute()}"
+    if path.is_absolute():
+        return f"{where} (no gateway has run with it: is it the delivery.spool_path that serve uses?)"
+    return (
+        f"{where} ({path} is relative: read from the current directory, and serve reads it from its own; an "
+        "absolute delivery.spool_path names one file for both, or give it with --spool FILE)"
+    )
+
+
 def no_config_file(args: argparse.Namespace) -> bool:
     return not args.config and not os.environ.get(CONFIG_ENV)
 

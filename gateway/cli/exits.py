@@ -20,13 +20,13 @@ class Exit(IntEnum):
         0,
         "Done. For `serve`, `quickstart` and `sandbox`: stopped by SIGTERM once started. For `check-config`: no "
         "problem found. For `check-domains`: no domain with a problem. For `check-upstream`: every account's API "
-        "reached, the credentials taken, every answer understood, every configured campaign or sender found. "
-        "For `queue list` and `queue dead`: also when there is no queue yet.",
+        "reached, the credentials taken, every answer understood, every configured campaign or sender found.",
     )
     PROBLEM = (
         1,
         "A problem on this machine (a port taken, a file the configuration names that cannot be read or loaded: "
-        "a certificate, a CA file, a `*_file` secret; the resolver), a queue that cannot be opened, "
+        "a certificate, a CA file, a `*_file` secret; the resolver), a queue that cannot be opened, no SQLite "
+        "queue file where `queue`, `status` or `suppression` looked (the line names the absolute path), "
         "or a command that found problems: `check-config` (its last line counts them), `check-domains`, "
         "`check-upstream` (an account not reached, its credentials refused, an answer not understood, a "
         "campaign or sender it does not have: each named with what to fix), `queue "

@@ -10,7 +10,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from gateway.cli.common import add_spool_option, load_for_queue, spool_failure, with_config
+from gateway.cli.common import add_spool_option, load_for_queue, no_queue, spool_failure, with_config
 from gateway.cli.exits import Exit
 from gateway.config import Settings
 from gateway.core.errors import SpoolUnavailable
@@ -66,8 +66,10 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         and not settings.delivery.queue_url.startswith("postgres")
         and not (settings.delivery.spool_path.exists())
     ):
-        print(f"no queue at {settings.delivery.spool_path}")
-        return Exit.OK if args.action in ("list", "dead") else Exit.PROBLEM
+        # Exit 1 for list and dead too: "nothing queued" would hide a queue at another path (a relative
+        # delivery.spool_path read from another directory than serve's).
+        print(no_queue(settings))
+        return Exit.PROBLEM
     return asyncio.run(_main(settings, args))
 
 

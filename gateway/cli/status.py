@@ -14,6 +14,7 @@ from typing import Any
 from gateway.cli.common import (
     add_spool_option,
     load_for_queue,
+    no_queue,
     refuse_unreachable_queue,
     spool_failure,
     with_config,
@@ -28,7 +29,7 @@ from gateway.ledger.store import LedgerUnavailable
 def cmd_status(args: argparse.Namespace) -> int:
     settings = load_for_queue(args)
     if not settings.delivery.queue_url and not settings.delivery.spool_path.exists():
-        print(f"no queue (and so no message ledger) at {settings.delivery.spool_path}")
+        print(no_queue(settings, " (and so no message ledger)"))
         return Exit.PROBLEM
     refuse_unreachable_queue(settings)
     try:

@@ -13,6 +13,7 @@ from typing import Any
 from gateway.cli.common import (
     add_spool_option,
     load_for_queue,
+    no_queue,
     refuse_unreachable_queue,
     spool_failure,
     with_config,
@@ -27,8 +28,8 @@ from gateway.ledger.store import LedgerUnavailable
 def cmd_suppression(args: argparse.Namespace) -> int:
     settings = load_for_queue(args)
     if not settings.delivery.queue_url and not settings.delivery.spool_path.exists():
-        print(f"no queue (and so no suppression list) at {settings.delivery.spool_path}")
-        return Exit.OK if args.action == "list" else Exit.PROBLEM
+        print(no_queue(settings, " (and so no suppression list)"))
+        return Exit.PROBLEM
     refuse_unreachable_queue(settings)
     try:
         return asyncio.run(_main(settings, args))
