@@ -4,13 +4,21 @@ unions of models (a discriminated union on `provider`, as accounts are becoming)
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Annotated, Literal
 
 import pytest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gateway.config import keys
-from gateway.config.settings import ENV_PREFIX, FOREIGN_ENV, config_keys, format_validation_error
+from gateway.config.settings import (
+    ENV_PREFIX,
+    FOREIGN_ENV,
+    ConfigError,
+    config_keys,
+    format_validation_error,
+    load_settings,
+)
 
 
 class _Strict(BaseModel):
@@ -29,10 +37,16 @@ class Dmds(_Strict):
     users: list[User] = []
 
 
+class DengageUser(_Strict):
+    username: str
+    tags: list[str] = []
+
+
 class Dengage(_Strict):
     provider: Literal["dengage"]
     account_id: str
     token: str
+    users: list[DengageUser] = []
 
 
 class Log(_Strict):
@@ -49,6 +63,7 @@ class Root(_Strict):
 
 
 ROOT = keys.tree(Root)
+USER_HASH = "scrypt$16384$8$1$0D40zWYVDiOciVoUbojShQ==$PCjVXnlyzsOPEmaXK08RTF9PYcyyht2Kf4VfibFCnjU="
 
 
 def unknown(*names: str) -> list[str]:
@@ -141,3 +156,41 @@ def test_unknown_file_key_in_the_real_settings_is_named_with_a_hint() -> None:
     text = format_validation_error(info.value)
     assert re.search(r"^  dns\.nameserver: unknown key; did you mean nameservers\?$", text, re.M), text
     assert re.search(r"^  hostnme: unknown key; did you mean hostname\?$", text, re.M), text
+
+
+def test_keys_of_members_lists_of_different_models_are_all_known() -> None:
+    """Both members have `users`, each a list of its own user model: the keys of both are known (the last
+    member's list hid the first's: a misspelled DMDS `campaign` got no hint)."""
+    users = ROOT.fields["accounts"].item.fields["users"].item  # type: ignore[union-attr]
+    assert users is not None and set(users.fields) == {"username", "campaign", "tags"}
+    _, parent = keys.display_key(ROOT, ("accounts", "acme", "dmds", "users", 0, "campain"))
+    assert keys.suggest_key(parent, "campain") == "campaign"
+
+
+@pytest.mark.parametrize(
+    ("line", "meant"),
+    [
+        ("default_form = 'a@example.com'", "default_from"),
+        ("campain = 22", "campaign"),
+        ("campaing = 22", "campaign"),
+        ("may_chose_campaign = true", "may_choose_campaign"),
+        ("campaign_from_subjet = true", "campaign_from_subject"),
+    ],
+)
+def test_misspelled_user_key_of_a_provider_names_the_nearest(tmp_path: Path, line: str, meant: str) -> None:
+    """The real settings (providers registered): a DMDS user's own keys get "did you mean" too."""
+    config = tmp_path / "gw.toml"
+    config.write_text(f"""
+[accounts.acme]
+dmdsid = "acme"
+apikey = "k"
+
+[[accounts.acme.users]]
+username = "dev"
+password_hash = "{USER_HASH}"
+{line}
+""")
+    with pytest.raises(ConfigError) as info:
+        load_settings(config)
+    key = line.split(" ")[0]
+    assert f"accounts.acme.users[0].{key}: unknown key; did you mean {meant}?" in str(info.value)

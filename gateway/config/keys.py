@@ -63,7 +63,8 @@ def _union(members: list[Any], seen: tuple[type, ...]) -> Node:
         # Every member's keys are valid somewhere (which ones apply depends on the member chosen).
         merged: dict[str, Node] = {}
         for node in models:
-            merged.update(node.fields)
+            for name, child in node.fields.items():
+                merged[name] = _merge(merged[name], child) if name in merged else child
         tags: set[str] = set()
         for i, m in enumerate(members):
             if typing.get_origin(m) is typing.Annotated:  # Annotated[Model, Tag("x")]: a callable discriminator's
@@ -81,6 +82,20 @@ def _union(members: list[Any], seen: tuple[type, ...]) -> Node:
             if node.kind == kind:
                 return node
     return Node("leaf")
+
+
+def _merge(first: Node, second: Node) -> Node:
+    """One node for a key two union members both have: a key valid under either is valid under it. Members'
+    `users` lists hold different user models (a DMDS user's `campaign`, a dEngage user's `tags`): keeping only
+    the last member's would leave the other's keys unknown to the hints."""
+    if first.kind == second.kind == "model":
+        fields = dict(first.fields)
+        for name, child in second.fields.items():
+            fields[name] = _merge(fields[name], child) if name in fields else child
+        return Node("model", fields=fields, tags=first.tags | second.tags)
+    if first.kind == second.kind and first.item is not None and second.item is not None:
+        return Node(first.kind, item=_merge(first.item, second.item))
+    return second if second.kind != "leaf" else first
 
 
 # ---- keys as paths -----------------------------------------------------------------------------
