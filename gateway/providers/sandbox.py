@@ -15,8 +15,9 @@ entries say); this module holds what they share: the request record and the faul
     GET  /_sandbox/faults                                         the faults still to come (a count-1 fault
                                                                   gone: its request has arrived)
     DELETE /_sandbox/faults                                       clear all faults
-    GET  /_sandbox/requests                                       every request recorded, faulted ones too
-                                                                  (`at`: when it arrived, epoch seconds)
+    GET  /_sandbox/requests                                       the last KEPT_REQUESTS requests recorded,
+                                                                  faulted ones too (`at`: when it arrived,
+                                                                  epoch seconds)
     DELETE /_sandbox/requests                                     forget them
     POST /_sandbox/shape    {"shape": "alt"}                      answer in the other documented shapes
     GET  /_sandbox/shape                                          the shape answered now
@@ -59,6 +60,14 @@ from gateway.config import ConfigError
 from gateway.core import signature
 from gateway.ops.signals import StopSignals
 from gateway.providers.fates import FateError, Fates
+
+# The request record is bounded: the quick start's own event polls add a request a second for as long as it
+# runs. In memory (GET /_sandbox/requests) the newest KEPT_REQUESTS; on disk (--record FILE) the file is
+# moved to FILE.1 (replacing the one before) once it passes RECORD_MAX_BYTES, so at most twice that is kept.
+KEPT_REQUESTS = 10_000
+RECORD_MAX_BYTES = 10 * 1024 * 1024
+# What a poll's printed line is compared by: not when it came or the time window it asked about.
+POLL_VOLATILE = frozenset({"at", "body", "query"})
 
 Redactor = Callable[[dict[str, Any]], dict[str, Any]]
 ErrorBody = Callable[[str, int], web.Response]
@@ -108,7 +117,10 @@ class SandboxState:
     latency: float = 0.0
     record_path: Path | None = None
     echo: TextIO | None = None
-    requests: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=100_000))
+    requests: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=KEPT_REQUESTS))
+    # Counts since the start or the last DELETE /_sandbox/requests (GET /_sandbox/health), not bounded by
+    # the record: the benchmarks count more requests than it keeps.
+    totals: dict[str, int] = field(default_factory=dict)
     faults: list[Fault] = field(default_factory=list)
     # campania_apikey lookups (numid per request), also recorded in `requests` with kind "lookup".
     lookups: deque[int | str] = field(default_factory=lambda: deque(maxlen=100_000))
@@ -133,6 +145,15 @@ class SandboxState:
         return None
 
 
+def _append_capped(path: Path, line: str) -> None:
+    """Append `line` to the record file, moving it to `<path>.1` first once it has RECORD_MAX_BYTES."""
+    with contextlib.suppress(FileNotFoundError):
+        if path.stat().st_size >= RECORD_MAX_BYTES:
+            path.replace(path.with_name(path.name + ".1"))
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(line)
+
+
 class Sandbox:
     """The aiohttp application: shared routes here, each provider's routes installed by its package."""
 
@@ -141,6 +162,10 @@ class Sandbox:
         self.state = state
         self.app = web.Application(client_max_size=128 * 1024 * 1024)
         self.redactors: list[Redactor] = []
+        # (provider, kind) of the requests the gateway makes on a timer (event polls), added by the providers'
+        # routes: printed only when their answer changes, so that the sends stay readable in a terminal.
+        self.polls: set[tuple[str, str]] = set()
+        self._last_poll: dict[tuple[str, str], str] = {}
         self.app.router.add_get("/_sandbox/requests", self.list_requests)
         self.app.router.add_delete("/_sandbox/requests", self.clear_requests)
         self.app.router.add_post("/_sandbox/faults", self.add_fault)
@@ -162,6 +187,12 @@ class Sandbox:
     def record(self, entry: dict[str, Any]) -> None:
         state = self.state
         state.requests.append(entry)
+        totals = state.totals
+        totals["requests"] = totals.get("requests", 0) + 1
+        if entry["kind"] == "send":
+            totals["sends"] = totals.get("sends", 0) + 1
+        if entry.get("status") == 429:
+            totals["status_429"] = totals.get("status_429", 0) + 1
         if state.record_path is not None or state.echo is not None:
             shown = dict(entry)
             if isinstance(shown.get("body"), dict):
@@ -169,11 +200,21 @@ class Sandbox:
                     shown["body"] = redact(shown["body"])
             line = json.dumps(shown, ensure_ascii=False)
             if state.record_path is not None:
-                with state.record_path.open("a", encoding="utf-8") as fh:
-                    fh.write(line + "\n")
-            if state.echo is not None:
+                _append_capped(state.record_path, line + "\n")
+            if state.echo is not None and not self._repeated_poll(shown):
                 state.echo.write(line + "\n")
                 state.echo.flush()
+
+    def _repeated_poll(self, shown: dict[str, Any]) -> bool:
+        """Whether `shown` is a poll answered as the last one of its kind was (nothing new to print)."""
+        key = (str(shown.get("provider")), str(shown["kind"]))
+        if key not in self.polls:
+            return False
+        outcome = json.dumps({k: v for k, v in shown.items() if k not in POLL_VOLATILE}, sort_keys=True)
+        if self._last_poll.get(key) == outcome:
+            return True
+        self._last_poll[key] = outcome
+        return False
 
     def answer(
         self, entry: dict[str, Any], response: web.Response, *, error: str | None = None, response_body: Any = None
@@ -226,6 +267,7 @@ class Sandbox:
 
     async def clear_requests(self, request: web.Request) -> web.Response:
         self.state.requests.clear()
+        self.state.totals.clear()
         return json_response({"status": "ok"})
 
     async def add_fault(self, request: web.Request) -> web.Response:
@@ -285,10 +327,9 @@ class Sandbox:
         return self.answer(entry, json_response({"received": True}))
 
     async def health(self, request: web.Request) -> web.Response:
-        requests = self.state.requests
-        sends = sum(1 for r in requests if r["kind"] == "send")
-        refused_429 = sum(1 for r in requests if r.get("status") == 429)
-        return json_response({"status": "ok", "requests": len(requests), "sends": sends, "status_429": refused_429})
+        totals = self.state.totals
+        counts = {name: totals.get(name, 0) for name in ("requests", "sends", "status_429")}
+        return json_response({"status": "ok", **counts})
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         # Requests stuck in a "timeout" fault must not hold the sandbox's stop for aiohttp's default 60 s.

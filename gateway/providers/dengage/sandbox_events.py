@@ -59,6 +59,7 @@ def install_events(
     not_authenticated: str,
 ) -> None:
     fates = sandbox.state.fates
+    sandbox.polls.add(("dengage", "report"))  # read on a timer by the return path
 
     async def report(request: web.Request) -> web.StreamResponse:
         entry = entry_for("report", request)

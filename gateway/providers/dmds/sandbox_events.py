@@ -63,6 +63,7 @@ def install_events(
     sandbox: Sandbox, authorized: Callable[[web.Request], bool], err: Callable[..., web.Response]
 ) -> None:
     fates = sandbox.state.fates
+    sandbox.polls.update({("dmds", "events"), ("dmds", "contacts")})  # read on a timer by the return path
 
     async def guarded(request: web.Request, kind: str, body: Any = None) -> tuple[dict[str, Any], web.Response | None]:
         entry: dict[str, Any] = {"kind": kind, "provider": "dmds", "path": request.path}
