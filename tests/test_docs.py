@@ -503,7 +503,17 @@ def test_quickstart_output(tmp_path: Path) -> None:
         # The rehearsal: the sandbox fails, the next message waits in the queue under a local id.
         [faults] = blocks["faults"]
         [(command, _)] = commands(faults)
+        posted = len(out.lines)
         assert subprocess.run(shlex.split(to_real(command)), capture_output=True, timeout=30, check=True).stdout
+        # A reader takes a few seconds to type the next command; meanwhile the quick start's own requests (its
+        # event polls) reach the sandbox. As many of them as the fault's count must leave it in place.
+        count = json.loads(shlex.split(command)[-1])["count"]
+
+        def polled(lines: list[str]) -> bool:
+            kinds = [json.loads(line)["kind"] for line in lines[posted:] if line.startswith("{")]
+            return sum(kind != "send" for kind in kinds) >= count
+
+        out.wait_until(polled, f"{count} requests of the quick start's own after the fault", timeout=60)
         again = subprocess.run(shlex.split(to_real(demo)), capture_output=True, text=True, timeout=60, check=True)
         [queued] = re.findall(r"<-  250 2\.0\.0 Ok: queued as ([0-9A-F]{16})\n", again.stdout)
 
