@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import ast
 import datetime
+import inspect
+import re
 import shutil
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import aiosmtpd.smtp
 import pytest
 from pydantic import BaseModel
 
@@ -20,6 +23,8 @@ from gateway.cli.exits import Exit
 from gateway.providers import registry
 from gateway.providers.dengage.config import DengageAccount
 from gateway.providers.dmds.config import DmdsAccount
+from gateway.smtp.handler import GatewayHandler
+from gateway.smtp.protocol import GatewaySMTP, _with_code
 from tests.docs_blocks import ROOT, commands, doc_blocks
 from tests.test_third_provider import SPEC as TINYMAIL
 from tools.docgen import COMMAND, PAGES, cli, config, logevents, metrics, replies
@@ -123,6 +128,73 @@ def test_replies_link_to_the_troubleshooting_section_that_lists_them() -> None:
     assert replies.fix_section(shown["MESSAGE_TOO_BIG"], spans) == "The message: end of DATA"
     assert replies.fix_section(shown["NEED_RCPT"], spans) == "The envelope: MAIL and RCPT"  # a cell's second reply
     assert replies.fix_section(shown["AUTH_OK"], spans) is None
+
+
+# aiosmtpd replies the gateway's listeners never send, and why (each is still checked to exist in aiosmtpd).
+UNSENT_LIBRARY_REPLIES = {
+    "554 5.0.0 Command refused due to lack of security": "require_starttls is off on every listener",
+    "530 5.7.0 Must issue a STARTTLS command first": "require_starttls is off on every listener",
+    "501 5.5.4 SMTPUTF8 disabled": "SMTPUTF8 is enabled on every listener",
+    "500 5.5.2 strict ASCII mode": "SMTPUTF8 is enabled, so a command's argument is never decoded as strict ASCII",
+    "500 5.5.2 (<x>) <x>": "GatewayHandler.handle_exception answers 451 4.3.0 Internal error instead",
+    "500 5.5.2 Cannot describe error": "only if GatewayHandler.handle_exception itself failed",
+}
+
+
+def _library_replies() -> set[str]:
+    """aiosmtpd's own refusals (4xx, 5xx) as the gateway sends them (enhanced code added, rewordings applied),
+    read from its source; `<x>` stands for what is filled in per use. A method the gateway's session or handler
+    replaces without calling aiosmtpd's own (AUTH, STARTTLS, DATA, auth_PLAIN, ...) sends none of them."""
+    found = set()
+    for function in ast.walk(ast.parse(inspect.getsource(aiosmtpd.smtp))):
+        if not isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        own = GatewaySMTP.__dict__.get(function.name) or GatewayHandler.__dict__.get(function.name)
+        if own is not None and f"super().{function.name}(" not in inspect.getsource(own):
+            continue
+        inside_fstrings = {id(v) for n in ast.walk(function) if isinstance(n, ast.JoinedStr) for v in n.values}
+        for node in ast.walk(function):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in inside_fstrings:
+                text = node.value
+            elif isinstance(node, ast.JoinedStr):
+                text = "".join(v.value if isinstance(v, ast.Constant) else "<x>" for v in node.values)
+            else:
+                continue
+            if isinstance(node, ast.Constant) and any(
+                isinstance(b, ast.BinOp) and b.left is node for b in ast.walk(function)
+            ):
+                text += "<x>"  # '502 Could not VRFY ' + arg
+            if re.match(r"[45]\d\d[ -]", text):
+                found.add(_with_code(text.replace("{}", "<x>")).rstrip())
+    return found
+
+
+def _listed(sent: str, spans: list[replies._Span]) -> bool:
+    """A reply as a client gets it is in a Troubleshooting table: the same codes, and the start of each of
+    its literal parts (what is filled in per use aside)."""
+    codes, text = re.fullmatch(r"(\d{3} [245]\.\d+\.\d+ )(.*)", sent).groups()  # type: ignore[union-attr]
+    pieces = [p.strip()[:24].lower() for p in re.split(r"<[a-z_]+>", text) if p.strip()]
+    return any(s.text.startswith(codes) and all(p in s.text.lower() for p in pieces) for s in spans)
+
+
+def test_troubleshooting_lists_every_refusal_a_client_can_get() -> None:
+    """Troubleshooting promises every SMTP reply a client can get: every 4xx and 5xx reply of the reply table
+    has a section there (the reference links to it), and so has every refusal of the SMTP library's own."""
+    spans = replies._troubleshooting_spans()
+    unlinked = [
+        e.name for e in replies.entries() if e.reply.code >= 400 and not replies.fix_section(replies.as_sent(e), spans)
+    ]
+    assert unlinked == [], "replies of gateway/core/replies.py not in docs/troubleshooting.md's tables: " + ", ".join(
+        unlinked
+    )
+    library = _library_replies()
+    assert {
+        "503 5.5.1 Need MAIL command first",
+        "555 5.5.4 MAIL FROM parameters not recognized or not implemented",
+    } <= library
+    assert set(UNSENT_LIBRARY_REPLIES) <= library, "aiosmtpd no longer sends these: drop them from the list"
+    missing = sorted(r for r in library - set(UNSENT_LIBRARY_REPLIES) if not _listed(r, spans))
+    assert missing == [], "aiosmtpd's replies not in docs/troubleshooting.md's tables: " + ", ".join(missing)
 
 
 def test_every_metric_has_help_and_the_collectors_are_there() -> None:

@@ -136,6 +136,21 @@ def fix_section(reply: Reply, spans: list[_Span]) -> str | None:
     return sections.pop() if len(sections) == 1 else None
 
 
+# Replies the code always sends with a text of its own (Reply.with_text), none of it the table's default: what
+# Troubleshooting lists them by (a client never sees "From header address rejected").
+SENT_AS: dict[str, str] = {
+    "QUOTA_TOO_BIG": "Message larger than the byte quota of <login> (...)",
+    "HEADER_FROM_REJECTED": "From: header domain X is not a permitted sender domain for this account",
+    "CAMPAIGN_NOT_PERMITTED": "Login <login> may not choose the campaign",
+}
+
+
+def as_sent(entry: Entry) -> Reply:
+    """The entry's reply as a client gets it, where its text is always replaced (SENT_AS)."""
+    text = SENT_AS.get(entry.name)
+    return entry.reply if text is None else Reply(entry.reply.code, entry.reply.status, text)
+
+
 def _rewordings() -> dict[str, str]:
     # The library's texts the reply module words differently (a private table of the module).
     reworded: dict[str, str] = getattr(replies, "_REWORDED", {})
@@ -152,7 +167,7 @@ def render(notes: Notes) -> str:
         rows: list[tuple[str, ...]] = []
         chosen = sorted((e for e in table_entries if e.reply.code // 100 == klass), key=_order(table_entries))
         for entry in chosen:
-            section = fix_section(entry.reply, spans)
+            section = fix_section(as_sent(entry), spans)
             fix = f"[{section}](../troubleshooting.md#{slugify(section)})" if section else ""
             when = " ".join(t for t in (sentence(entry.doc), notes.item(entry.name.rstrip("()"))) if t)
             rows.append(
