@@ -338,7 +338,8 @@ def test_quickstart_with_the_port_taken_names_it(tmp_path: Path, listening: sock
     assert result.returncode == 1
     lines = result.stderr.splitlines()
     assert lines[0].startswith(f"smtp-gateway: quick start SMTP (--port) 127.0.0.1:{port}: in use by pid {os.getpid()}")
-    assert "pick free ports: smtp-gateway quickstart --port" in lines[1]
+    # The program as it was started (here `python -m gateway`), so that the line can be pasted.
+    assert f"pick free ports: {shlex.quote(sys.executable)} -m gateway quickstart --port" in lines[1]
     assert len(lines) == 2
 
 
@@ -573,6 +574,45 @@ def test_quickstart_answers_the_documented_swaks_examples(tmp_path: Path) -> Non
     assert len([json.loads(line) for line in record.read_text().splitlines()]) >= 3
     assert status == 130, err.text()
     assert "Traceback" not in err.text() + out.text()
+
+
+def test_quickstart_banner_commands_run_when_pasted(tmp_path: Path) -> None:
+    """The banner's "what to run next" lines, pasted into the shell where the README's
+    `./install.sh && .venv/bin/smtp-gateway quickstart` ran (nothing put .venv/bin on PATH), with a --workdir
+    holding a space: they name the program by its path and quote the queue's."""
+    venv_bin = tmp_path / ".venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    (venv_bin / "smtp-gateway").symlink_to(Path(sys.executable).parent / "smtp-gateway")
+    workdir = tmp_path / "my work"
+    proc = spawn(
+        [".venv/bin/smtp-gateway", "quickstart", "--workdir", str(workdir), "--port", "0", "--tls-port", "0",
+         "--sandbox-port", "0", "--http-port", "0"],
+        cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    err, out = Lines(proc.stderr), Lines(proc.stdout)
+    try:
+        err.event("ready")
+        text = err.text()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+        err.close()
+        out.close()
+    shown = re.findall(r"^.*?(\S*smtp-gateway (?:status|suppression list) --spool .*)$", text, re.M)
+    assert [line.split(" --spool")[0] for line in shown] == [
+        ".venv/bin/smtp-gateway status",
+        ".venv/bin/smtp-gateway suppression list",
+    ], text
+    # The user's PATH: the system's, without the environment running the tests.
+    env = _env()
+    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if ".venv" not in p and "smtp" not in p)
+    for line in shown:
+        pasted = subprocess.run(
+            ["bash", "-c", line.replace("<id>", "no-such-id")], cwd=tmp_path, env=env, capture_output=True,
+            text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert pasted.returncode in (0, 1) and "Traceback" not in pasted.stderr, (line, pasted.stderr)
+        assert "no queue at" not in pasted.stdout + pasted.stderr, (line, pasted.stdout, pasted.stderr)
 
 
 def _bound(line: str) -> int:

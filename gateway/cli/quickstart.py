@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import secrets
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -105,8 +107,29 @@ async def quickstart(
         await sandbox.stop()
 
 
+def program() -> str:
+    """This program as a shell line can run it: the path it was started by (relative to the current directory
+    when inside it: `.venv/bin/smtp-gateway`), shell-quoted. Not the bare name: ./install.sh puts nothing on
+    PATH, so a bare `smtp-gateway` the banner prints would be "command not found" when pasted."""
+    started = Path(os.path.abspath(sys.argv[0]))
+    if started.name != "smtp-gateway":  # python -m gateway
+        return f"{_pasteable(Path(sys.executable))} -m gateway"
+    return _pasteable(started)
+
+
+def _pasteable(path: Path) -> str:
+    """A path as a shell word: relative to the current directory when inside it, quoted when it must be."""
+    try:
+        shown = str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return shlex.quote(str(path))
+    return shlex.quote(shown if "/" in shown else f"./{shown}")
+
+
 def _banner(sandbox_port: int, smtp_port: int, tls_port: int, record: Path) -> str:
     entries = _entries()
+    run = program()
+    spool = shlex.quote(str(record.parent / "spool.sqlite3"))
     paths = ", ".join(f"{spec.label} at {routes.prefix or '/'}" for spec, _, routes in entries)
     howtos = "".join(entry.howto(smtp_port) for _, entry, _ in entries)
     return f"""
@@ -118,11 +141,11 @@ smtp-gateway quick start
 Send a message (the sandbox prints the API request it received):
 {howtos}Read back what the gateway sent:  curl -s http://127.0.0.1:{sandbox_port}/_sandbox/requests
 What became of a message (its 250 id, Message-ID or an address):
-  smtp-gateway status --spool {record.parent / "spool.sqlite3"} <id>
+  {run} status --spool {spool} <id>
 After the 250: the sandbox bounces bounce-hard@..., bounce-soft@... and not-sent@... (any domain, +tags too)
 and reports it within two seconds: the message turns bounced, its sender gets a delivery status notice (a
 request above), the sandbox's webhook receiver gets each event (kind "webhook"), and the address is refused
-at RCPT TO from then on:  smtp-gateway suppression list --spool {record.parent / "spool.sqlite3"}
+at RCPT TO from then on:  {run} suppression list --spool {spool}
 """
 
 
@@ -146,7 +169,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
             [
                 *(f.text for f in findings),
                 "another quick start may be running; or pick free ports: "
-                "smtp-gateway quickstart --port 2526 --tls-port 2588 --sandbox-port 8027 --http-port 8028",
+                f"{program()} quickstart --port 2526 --tls-port 2588 --sandbox-port 8027 --http-port 8028",
             ]
         )
     logs.configure(LogSettings())
