@@ -351,6 +351,30 @@ def test_check_config_names_the_port_holder(tmp_path: Path, listening: socket.so
     assert json.loads(result.stdout)["listeners"][0]["port"] == port  # the configuration is still shown
 
 
+def test_check_config_notes_a_port_held_by_an_smtp_gateway_without_claiming_it_is_this_one(tmp_path: Path) -> None:
+    """A port held by some smtp-gateway (here a sandbox; a quick start in another terminal alike) is a note,
+    exit 0: it may be this configuration's gateway, checked before a restart. The note says what is known,
+    the holder's pid, and that serve fails if it is another gateway."""
+    proc = spawn(
+        [*CLI, "sandbox", "--listen", "127.0.0.1:0", "--quiet"],
+        cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    err = Lines(proc.stderr)
+    try:
+        port = _bound(err.wait_for("compatible upstream on http"))
+        result = run("check-config", "-c", str(config(tmp_path, port)), cwd=tmp_path)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+        err.close()
+    assert result.returncode == 0, result.stderr
+    [note] = [line for line in result.stderr.splitlines() if f"127.0.0.1:{port}" in line]
+    assert note.startswith(f"smtp-gateway: note: listener plain 127.0.0.1:{port}: in use by pid {proc.pid} ("), note
+    assert note.endswith(
+        "(an smtp-gateway: if it is not the one running this configuration, serve fails until it stops)"
+    ), note
+
+
 def test_sandbox_with_the_port_taken_names_it(tmp_path: Path, listening: socket.socket) -> None:
     port = listening.getsockname()[1]
     result = run("sandbox", "--listen", f"127.0.0.1:{port}", cwd=tmp_path)

@@ -265,7 +265,9 @@ def ports(wanted: Iterable[Port], *, running_gateway_is_ok: bool = False) -> lis
     """Whether each port can be bound as asyncio will bind it; a port held by another process names it.
 
     With ``running_gateway_is_ok`` (check-config), a port held by a running smtp-gateway is only a note:
-    checking the configuration of the gateway that is running is what an operator does before a restart.
+    checking the configuration of the gateway that is running is what an operator does before a restart. The
+    note says no more than is known: some smtp-gateway holds the port, not that it runs this configuration (a
+    quick start in another terminal holds 2525 too).
     """
     findings = []
     for port in wanted:
@@ -279,7 +281,13 @@ def ports(wanted: Iterable[Port], *, running_gateway_is_ok: bool = False) -> lis
             gateway = holder is not None and ("smtp-gateway" in holder or "-m gateway" in holder)
             who = f"in use by {holder}" if holder else "in use by another process"
             if gateway and running_gateway_is_ok:
-                findings.append(Finding(f"{port}: {who} (a running gateway: serve fails until it stops)", False))
+                findings.append(
+                    Finding(
+                        f"{port}: {who} (an smtp-gateway: if it is not the one running this configuration, serve "
+                        "fails until it stops)",
+                        False,
+                    )
+                )
             else:
                 findings.append(Finding(f"{port}: {who}: stop it or choose another port"))
         elif err.errno == errno.EACCES:
