@@ -7,16 +7,21 @@ on first use, so both are read per event from `_STATE` rather than baked into th
 from __future__ import annotations
 
 import datetime
+import io
 import logging
+import os
 import sys
+import threading
 import time
 from collections.abc import MutableMapping
-from typing import Any
+from typing import Any, TextIO
 
 import orjson
 import structlog
 
 from gateway.config import LogSettings
+from gateway.core.episode import Episode
+from gateway.ops.metrics import LOG_LINES_DROPPED
 
 # structlog method names -> levels ("exception" logs at error level with the traceback).
 _LEVELS = {
@@ -88,6 +93,110 @@ class _Timestamp:
 
 
 _configured = False
+_TIMESTAMP = _Timestamp()
+
+
+class _Sink:
+    """Where every line goes (ours and the libraries'): a line that cannot be written (ENOSPC under a log
+    file, EPIPE once `serve | tee`'s reader died, EIO) is dropped and counted, never raised. A log call sits
+    between a message's 250 and its reply, between a claim and its outcome: its failing must change no reply
+    and no delivery. Each line is tried (one failed write is the whole cost), so the log comes back by itself
+    once writes succeed again, with one line saying how many were lost.
+
+    The stream's descriptor is written with os.write, one call per line: a file object's buffer would keep
+    a failed line and write it, or half of it, later; a stream without a descriptor (a test's) is written
+    and flushed."""
+
+    def __init__(self, file: TextIO) -> None:
+        self._file = file
+        self._encoding = getattr(file, "encoding", None) or "utf-8"
+        self._fd: int | None
+        try:
+            file.flush()  # what was written through the file object before goes first
+            self._fd = file.fileno()
+        except (OSError, AttributeError, io.UnsupportedOperation):
+            self._fd = None
+        self._lock = threading.Lock()  # threads (executors) log too: one line at a time, whole
+        self._dropping = Episode()
+        self._torn = False  # a write failed half-way: the next line starts on a line of its own
+
+    def write(self, line: str) -> None:
+        with self._lock:
+            try:
+                self._put(line)
+            except OSError:
+                LOG_LINES_DROPPED.inc()
+                self._dropping.occurred()
+                return
+            over = self._dropping.ended()
+            if over is None:
+                return
+            notice = {
+                "event": "log_lines_dropped",
+                "level": "warning",
+                "dropped": over.seen,
+                "lasted": over.lasted,
+                "timestamp": _TIMESTAMP.now(),
+            }
+            try:
+                self._put(_STATE.render(None, "warning", notice))
+            except OSError:
+                LOG_LINES_DROPPED.inc()
+                self._dropping.occurred()
+
+    def _put(self, line: str) -> None:
+        text = ("\n" if self._torn else "") + line + "\n"
+        if self._fd is None:
+            self._file.write(text)
+            self._file.flush()
+            return
+        data = memoryview(text.encode(self._encoding, "backslashreplace"))
+        written = 0
+        try:
+            while written < len(data):
+                written += os.write(self._fd, data[written:])
+        except OSError:
+            self._torn = written > 0 or self._torn
+            raise
+        self._torn = False
+
+
+class _SinkLogger:
+    """structlog's WriteLogger with the sink: every method writes the rendered line."""
+
+    def __init__(self, sink: _Sink) -> None:
+        self._sink = sink
+
+    def msg(self, message: str) -> None:
+        self._sink.write(message)
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+
+class _SinkLoggerFactory:
+    def __init__(self, sink: _Sink) -> None:
+        self._sink = sink
+
+    def __call__(self, *args: Any) -> _SinkLogger:
+        return _SinkLogger(self._sink)
+
+
+class _LibraryHandler(logging.Handler):
+    """Libraries' records through the same sink: a failing log drops their lines as it drops ours (the
+    standard StreamHandler would print a traceback per record to the same failing stream)."""
+
+    def __init__(self, sink: _Sink) -> None:
+        super().__init__()
+        self._sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:  # a record's own arguments that do not format: logging's usual report
+            self.handleError(record)
+            return
+        self._sink.write(line)
 
 
 class _LibraryFormatter(logging.Formatter):
@@ -131,23 +240,24 @@ def configure(settings: LogSettings) -> None:
     if _configured:
         return
     _configured = True
+    sink = _Sink(sys.stderr)
     structlog.configure(
         processors=[
             _STATE.filter,
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            _Timestamp(),
+            _TIMESTAMP,
             structlog.processors.format_exc_info,
             _STATE.render,
         ],
         # Nothing below debug is ever logged; the level itself is _STATE's, read per event.
         wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
-        # One write per line (WriteLogger; print() writes the newline apart): workers share stderr.
-        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
+        # One write per line (print() writes the newline apart): workers share stderr.
+        logger_factory=_SinkLoggerFactory(sink),
         cache_logger_on_first_use=True,
     )
     # Libraries: warnings only (aiosmtpd logs every command at INFO; httpx every request).
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _LibraryHandler(sink)
     handler.setFormatter(_LibraryFormatter())
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
     for name in ("httpx", "httpcore", "aiohttp.access"):

@@ -236,6 +236,12 @@ LEDGER_DROPPED = Counter(
     "database could not take them; the messages themselves are unaffected",
     registry=REGISTRY,
 )
+LOG_LINES_DROPPED = Counter(
+    "smtp_gateway_log_lines_dropped_total",
+    "Log lines that could not be written (a full disk under the log file, the log pipe's reader gone) and were "
+    "dropped; replies and deliveries are unaffected, and each later line is tried again",
+    registry=REGISTRY,
+)
 LEDGER_WRITE_ERRORS = Counter(
     "smtp_gateway_ledger_write_errors_total",
     "Message ledger batches that could not be written (database unreachable, disk full); kept and tried again",

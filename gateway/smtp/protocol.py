@@ -664,6 +664,8 @@ class GatewaySMTP(SMTP):
                 # Whatever happened, the transaction is over: the next MAIL starts afresh (not "nested MAIL").
                 self._release()  # the pipeline took it over (or the hook failed before it could)
                 self._set_post_data_state()  # type: ignore[no-untyped-call]
+        # The line before the reply (a client holding its reply finds its line); a log that cannot be written
+        # drops the line and raises nothing (gateway/ops/logs.py _Sink), so the reply never waits on the log.
         self._summarize(envelope, txn, status)
         self.mark_logged()
         try:
