@@ -242,6 +242,13 @@ LOG_LINES_DROPPED = Counter(
     "dropped; replies and deliveries are unaffected, and each later line is tried again",
     registry=REGISTRY,
 )
+DESCRIPTORS_EXHAUSTED = Counter(
+    "smtp_gateway_descriptors_exhausted_total",
+    "Times the process was out of file descriptors (RLIMIT_NOFILE): where=accept, a connection asyncio could "
+    "not accept; where=check, the once-a-second check (both loops: uvloop closes such connections unseen)",
+    ["where"],
+    registry=REGISTRY,
+)
 LEDGER_WRITE_ERRORS = Counter(
     "smtp_gateway_ledger_write_errors_total",
     "Message ledger batches that could not be written (database unreachable, disk full); kept and tried again",

@@ -20,6 +20,7 @@ from gateway.limits.clients import Defenses, client_key
 from gateway.limits.quotas import QuotaTracker
 from gateway.ops.metrics import CONNECTIONS_REFUSED, REFUSALS, SESSIONS, SESSIONS_ACTIVE
 from gateway.pipeline import Pipeline
+from gateway.smtp.descriptors import DescriptorWatch
 from gateway.smtp.gate import Gate
 from gateway.smtp.handler import GatewayHandler
 from gateway.smtp.handshake import HandshakeFailures, ListenerTls
@@ -113,6 +114,8 @@ class Listeners:
     handlers: dict[str, GatewayHandler] = field(default_factory=dict)
     # Connections waiting for their PROXY header (not sessions yet, but they hold a slot).
     gates: set[Gate] = field(default_factory=set)
+    # Out of file descriptors: logged once per episode (accept() failing is otherwise silent).
+    descriptors: DescriptorWatch = field(default_factory=DescriptorWatch)
     _released: asyncio.Event = field(default_factory=asyncio.Event)
     _session_metrics: dict[str, tuple[Any, Any]] = field(default_factory=dict, init=False, repr=False)
     # Set while no session is open (drain waits for it).
@@ -147,6 +150,7 @@ class Listeners:
                         note="TLS 1.0/1.1 and CBC suites are enabled for old devices; keep this listener for them only",
                     )
         self._build_handlers()
+        self.descriptors.start(loop)
         for listener in self.settings.listeners:
             if listener.allow_wide_trusted_network and listener.trusted_map:
                 log.warning(
@@ -194,6 +198,7 @@ class Listeners:
 
     def _connected(self, name: str) -> asyncio.BaseProtocol:
         """The protocol of a new connection: a Gate (admission, PROXY header) or a refusal."""
+        self.descriptors.available()  # a connection was accepted: descriptors were free
         listener = self.handlers[name].listener
         implicit = listener.tls == "implicit"
         if self.draining.is_set():
@@ -384,6 +389,7 @@ class Listeners:
                 break
             await asyncio.sleep(0.05)
         await self._stop_accepting()
+        await self.descriptors.stop()
         for gate in list(self.gates):  # still waiting for a PROXY header: no session yet, nothing to say
             gate.close()
         # A session past its final "." is owed the reply about its message: a 421 instead would tell the
