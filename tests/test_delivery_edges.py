@@ -137,6 +137,31 @@ def test_a_key_answered_while_the_store_fails_still_refuses_a_different_message(
     assert [r["body"]["asunto"] for r in gw.sent] == ["invoice 7"]
 
 
+def test_a_queue_that_cannot_store_is_logged_once_per_outage(gateway_factory: Callable[..., Running]) -> None:
+    """Each message the queue cannot take has its own summary line (message_deferred, with the reason); the
+    outage itself is one spool_unavailable when it begins and one spool_available when a message is stored
+    again, not an error line per message beside each summary line."""
+    gw = gateway_factory(delivery=FAST)
+    store: Any = gw.app.store
+    insert = store.insert
+
+    async def down(*args: Any, **kwargs: Any) -> Any:
+        raise SpoolUnavailable("database or disk is full")
+
+    gw.fault(status=503, count=None)  # every message needs the queue
+    with structlog.testing.capture_logs() as logs:
+        store.insert = down
+        refused = [send(gw.port(), f"refused {i}")[0] for i in range(3)]
+        store.insert = insert
+        queued = send(gw.port(), "queued")[0]
+    gw.clear_faults()
+    assert (refused, queued) == ([452, 452, 452], 250)
+    assert [e["event"] for e in logs if e["event"].startswith("spool_")] == ["spool_unavailable", "spool_available"]
+    assert [e["failures"] for e in logs if e["event"] == "spool_available"] == [3]
+    assert len([e for e in logs if e["event"] == "message_deferred"]) == 3
+    wait_for(lambda: [r["body"]["asunto"] for r in gw.sent] == ["queued"] or None, 10, "the queued one delivered")
+
+
 def key_row(path: Path, account: str = "acme") -> sqlite3.Row | None:
     """The account's one idempotency key row in the SQLite queue (the tests use one key at a time)."""
     with contextlib.closing(sqlite3.connect(path)) as db:

@@ -139,6 +139,9 @@ class DeliveryOwner:
         self._tasks: set[asyncio.Task[None]] = set()
         self._heartbeat: asyncio.Task[None] | None = None
         self._renewals_failing = Episode()
+        # The queue refusing to store messages: spool_unavailable once per outage (each refused message has its
+        # own summary line, message_deferred, with the reason).
+        self._spool_failing = Episode()
         # Past the inline budget (+ time to store) a first attempt has answered, or its process is gone.
         self.keys = IdempotencyKeys(store, settings.idempotency_window, settings.inline_budget + 60.0, clock)
 
@@ -315,7 +318,8 @@ class DeliveryOwner:
             await self._store_inflight(attempt)
         except SpoolUnavailable as exc:
             # Cannot store it: the running call's answer is all there is (bounded by the HTTP timeout).
-            attempt.log.error("spool_unavailable", queue_id=attempt.msg_id, error=exc.reason)
+            if self._spool_failing.occurred():
+                attempt.log.error("spool_unavailable", queue_id=attempt.msg_id, error=exc.reason)
             outcome = await call
             decision = self._decide(attempt.before, outcome, attempt.submission, "inline", self._bound(attempt))
             if decision.verdict == "delivered":
@@ -328,6 +332,7 @@ class DeliveryOwner:
                 reply = replies.SPOOL_FULL
             decided.set_result(reply)
             return
+        self._stored()
         attempt.receipt.queue_id = attempt.msg_id
         reply = attempt.queued(attempt.msg_id)
         decided.set_result(reply)
@@ -402,14 +407,16 @@ class DeliveryOwner:
         try:
             await self.store.insert(self._new(attempt, decision, inflight=False))
         except SpoolUnavailable as exc:
-            bound.error(
-                "spool_unavailable",
-                queue_id=attempt.msg_id,
-                error=exc.reason,
-                delivered=sorted(k for k, c in decision.calls.items() if c.state == "done"),
-            )
-            self._unqueued(attempt, decision)
+            if self._spool_failing.occurred():
+                bound.error(
+                    "spool_unavailable",
+                    queue_id=attempt.msg_id,
+                    error=exc.reason,
+                    delivered=sorted(k for k, c in decision.calls.items() if c.state == "done"),
+                )
+            self._unqueued(attempt, decision)  # a partial delivery is logged per message (delivery_ambiguous)
             raise
+        self._stored()
         receipt.queue_id = attempt.msg_id
         receipt.upstream_ids = _ids(decision)
         receipt.reason = decision.dead_reason if verdict == "dead" else decision.last_error
@@ -422,6 +429,11 @@ class DeliveryOwner:
                 "message_spooled", queue_id=attempt.msg_id, upstream_ids=_ids(decision), reason=decision.last_error
             )
         return attempt.queued(decision.first_id or attempt.msg_id)
+
+    def _stored(self) -> None:
+        """The queue took a message: an episode of spool_unavailable is over."""
+        if (over := self._spool_failing.ended()) is not None:
+            log.info("spool_available", failed_for=over.lasted, failures=over.seen)
 
     def _unqueued(self, attempt: InlineAttempt, decision: Decision) -> None:
         """A message partly delivered whose rest the queue cannot take: its reply is a 4xx (nothing else keeps
