@@ -99,6 +99,13 @@ class QueueUnreachable(SpoolUnavailable):
     """The queue's database server cannot be reached (refused, unknown host, timeout): not a wrong database."""
 
 
+class QueueBusy(SpoolUnavailable):
+    """The queue's database answers but did not serve in time: a lock held by another session past the
+    queue's lock_timeout, a statement past its statement_timeout (the server cancelled it: a definite
+    rollback, nothing written), or every pooled connection in use. 452 4.3.1, as SQLite's busy timeout; not an
+    outage (the circuit stays closed)."""
+
+
 class SpillFailed(SpoolUnavailable):
     """A write to a message's spill file failed (ENOSPC, EDQUOT, EIO: gateway/core/spill.py): 452 4.3.1, as
     when DATA cannot be written to it. `directory`: the file's (limits.spill_dir); `error`: the system's words."""

@@ -4,6 +4,11 @@ connections the queue's claims and settles need).
 Each batch commits with `synchronous_commit = off`: the commit returns before the WAL is flushed, so a
 crash of the database server (not of the gateway) can lose the last fraction of a second of ledger rows;
 the queue's own commits keep the server's setting.
+
+Ledger writes never hold an SMTP reply (the writer buffers rows and writes them from a task of its own), but
+a batch waiting for a lock without end would fill that buffer: the pool's connections wait LOCK_TIMEOUT at
+most for a lock (the batch fails, is kept and retried; gateway/ledger/writer.py). No statement_timeout: a
+large batch or a prune over a large table may legitimately run long.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from gateway.queue import postgres_schema
 from gateway.queue.postgres import redacted
 
 P = "%s"
+LOCK_TIMEOUT = 30.0  # seconds; the schema migration lifts it (it waits for the instances' transactions)
 _STATEMENTS = sql.statements(P)
 
 
@@ -34,10 +40,20 @@ class PostgresLedger:
         if password:
             kwargs["password"] = password
         self._pool = AsyncConnectionPool(
-            url, kwargs=kwargs, min_size=1, max_size=max_connections, open=False, name="smtp-gateway-ledger"
+            url,
+            kwargs=kwargs,
+            min_size=1,
+            max_size=max_connections,
+            open=False,
+            name="smtp-gateway-ledger",
+            configure=self._configure,
         )
         self._opened = False
         self._opening: asyncio.Lock | None = None  # the first uses may come at once (writer, return path)
+
+    @staticmethod
+    async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
+        await conn.execute(f"SET lock_timeout = {int(LOCK_TIMEOUT * 1000)}")
 
     def connection(self, write: bool = False) -> contextlib.AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]:
         """A pooled connection in one transaction (`write`: not waiting for the WAL flush); the return path's
@@ -65,6 +81,7 @@ class PostgresLedger:
                 return
             await self._pool.open(wait=True, timeout=10.0)  # safe to call again after a failure
             async with self._pool.connection() as conn, conn.transaction():
+                await conn.execute("SET LOCAL lock_timeout = 0")  # a migration is not cut
                 await postgres_schema.migrate(conn)
             self._opened = True
 

@@ -10,6 +10,12 @@ clocks: keep them NTP-synchronised (leases are 60 s; a skew of a second or two d
 A database that cannot be reached is known down (a circuit): every caller gets SpoolUnavailable at once
 instead of waiting for a pooled connection, while one background probe asks the database every second;
 the first answer closes the circuit (and drops the pool's dead connections), so the queue is back at once.
+
+A database that answers but does not serve in time is busy, not down: every pooled connection has a
+`lock_timeout` and a `statement_timeout` (server-side, so a cancelled statement is a definite rollback; a
+client-side cancel of a COMMIT would leave the client not knowing). A lock held by another session (LOCK
+TABLE, VACUUM FULL, a migration, an operator's open transaction) makes the store answer 452 after the bound,
+as SQLite's busy timeout does, instead of a reply that never comes and a row written after the client left.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Any
 
 import psycopg
 import psycopg.conninfo
+import psycopg.errors
 import structlog
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
@@ -29,7 +36,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from gateway.core import authcount, quota, tokenbucket
 from gateway.core.authcount import Record, Rules
 from gateway.core.episode import Episode
-from gateway.core.errors import QueueTooNew, QueueUnreachable, SpoolUnavailable
+from gateway.core.errors import QueueBusy, QueueTooNew, QueueUnreachable, SpoolUnavailable
 from gateway.core.quota import Counts, Verdict, Window
 from gateway.core.records import Decision
 from gateway.core.storable import storable_decision
@@ -64,6 +71,20 @@ SQL = FOR_POSTGRES
 FAIL_FAST = 1.0
 POOL_WAIT = 10.0
 PROBE_EVERY = 1.0  # while the database is known down, how often the one probe asks it
+
+
+# Server-side bounds of every statement on the queue's pooled connections, seconds: SQLite's busy timeout
+# (gateway/queue/sqlite.py, 10 s), so both backends answer a locked queue with 452 in about the same time.
+LOCK_TIMEOUT = 10.0
+STATEMENT_TIMEOUT = 10.0
+# Whole-table reads (operators' counts and listings) and large bodies streamed (a claim, a submission) may run
+# longer on a large queue: their own statement bound (locks are still waited for LOCK_TIMEOUT). The schema
+# migration has none (a DDL statement must not be cut, and it waits for the instances' running transactions).
+LONG_READ_TIMEOUT = 300.0
+
+
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)
 
 
 # Seconds a first connection may take before the queue is called unreachable (libpq's minimum is 2).
@@ -124,6 +145,7 @@ class PostgresQueue:
             max_size=max_connections,
             open=False,
             name="smtp-gateway-queue",
+            configure=self._configure,
         )
         self._pool_open = False
         self._opened = False  # the pool is open and the schema migrated
@@ -131,18 +153,33 @@ class PostgresQueue:
         self.health = QueueHealth()
         self._down: str | None = None  # why the database is known down (the circuit is open)
         self._outage = Episode()  # callers refused while it is down
+        self._slow = Episode()  # statements the server cancelled (lock_timeout, statement_timeout)
         self._probe: asyncio.Task[None] | None = None
         self._next_sweep = 0.0
 
+    @staticmethod
+    async def _configure(conn: psycopg.AsyncConnection[DictRow]) -> None:
+        """Each new pooled connection's session bounds (SET, not the URL's `options`, which they would replace)."""
+        await conn.execute(f"SET lock_timeout = {_ms(LOCK_TIMEOUT)}")
+        await conn.execute(f"SET statement_timeout = {_ms(STATEMENT_TIMEOUT)}")
+
     @contextlib.asynccontextmanager
-    async def _tx(self) -> AsyncIterator[psycopg.AsyncConnection[DictRow]]:
-        """A pooled connection inside one transaction; backend failures become SpoolUnavailable."""
+    async def _tx(self, statement_timeout: float | None = None) -> AsyncIterator[psycopg.AsyncConnection[DictRow]]:
+        """A pooled connection inside one transaction; backend failures become SpoolUnavailable
+        (`statement_timeout`: this transaction's own bound, seconds; 0: none)."""
         if not self._opened:
             await self.open()
         conn = await self._connection()
         try:
             async with conn.transaction():
+                if statement_timeout is not None:
+                    await conn.execute(f"SET LOCAL statement_timeout = {_ms(statement_timeout)}")
                 yield conn
+            if self._slow.active:
+                self._served()
+        except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled) as exc:
+            # The server cancelled the statement at its bound and rolled the transaction back: nothing written.
+            raise self._busy(exc) from exc
         except psycopg.DataError as exc:
             # The values written, not the database (storable() keeps NULs out of text): retrying cannot help.
             raise QueueDataRefused(f"queue {self.url}: {type(exc).__name__}: {exc}") from exc
@@ -178,6 +215,22 @@ class PostgresQueue:
         except (psycopg.Error, OSError, TimeoutError):
             return False
         return True
+
+    def _busy(self, exc: psycopg.Error) -> QueueBusy:
+        """A statement cancelled at the queue's bound (a lock held by another session, a slow statement): 452;
+        logged once per episode, with the server's words (which lock, which bound)."""
+        bound = "lock_timeout" if isinstance(exc, psycopg.errors.LockNotAvailable) else "statement_timeout"
+        seconds = LOCK_TIMEOUT if bound == "lock_timeout" else STATEMENT_TIMEOUT
+        reason = f"queue {self.url}: busy: {bound} ({seconds:g} s) reached: {str(exc).strip().splitlines()[0]}"
+        if self._slow.occurred():
+            log.warning("queue_database_slow", queue=self.url, bound=bound, seconds=seconds, error=reason)
+        return QueueBusy(reason)
+
+    def _served(self) -> None:
+        """A transaction committed after statements were cancelled: the slow episode is over."""
+        over = self._slow.ended()
+        if over is not None:
+            log.info("queue_database_served", queue=self.url, slow_for=over.lasted, cancelled=over.seen)
 
     def _unreachable(self, exc: BaseException | None) -> QueueUnreachable:
         """The database is gone (`exc`: what said so; None: known already): the circuit open, the error."""
@@ -241,6 +294,9 @@ class PostgresQueue:
 
     async def _migrate(self, conn: psycopg.AsyncConnection[DictRow]) -> int:
         async with conn.transaction():
+            # No bound: a migration waits for the instances' running transactions and must not be cut.
+            await conn.execute("SET LOCAL lock_timeout = 0")
+            await conn.execute("SET LOCAL statement_timeout = 0")
             applied = await postgres_schema.migrate(conn)
         for number in applied:
             log.info("queue_migrated", queue=self.url, version=number)
@@ -296,7 +352,7 @@ class PostgresQueue:
         await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, account))
 
     async def claim(self, owner: str, account: str, now: float, limit: int, lease: float) -> list[Claimed]:
-        async with self._tx() as conn:
+        async with self._tx(LONG_READ_TIMEOUT) as conn:
             rows = await (await conn.execute(SQL.due, (account, now, limit))).fetchall()
             if len(rows) < limit:
                 rows += await (await conn.execute(SQL.reapable, (account, now, limit - len(rows)))).fetchall()
@@ -566,17 +622,17 @@ class PostgresQueue:
     # -- operators ------------------------------------------------------------------------------------
 
     async def counts(self, now: float) -> dict[str, dict[str, Any]]:
-        async with self._tx() as conn:
+        async with self._tx(LONG_READ_TIMEOUT) as conn:
             rows = await (await conn.execute(SQL.counts)).fetchall()
         return {r["state"]: {"count": r["n"], "oldest_age": now - r["oldest"]} for r in rows}
 
     async def waiting(self) -> dict[str, int]:
-        async with self._tx() as conn:
+        async with self._tx(LONG_READ_TIMEOUT) as conn:
             rows = await (await conn.execute(SQL.waiting)).fetchall()
         return {r["account"]: r["n"] for r in rows}
 
     async def list(self, states: Sequence[str], limit: int = 1000) -> list[dict[str, Any]]:
-        async with self._tx() as conn:
+        async with self._tx(LONG_READ_TIMEOUT) as conn:
             rows = await (await conn.execute(SQL.listing(len(states)), (*POSTGRES.items(states), limit))).fetchall()
         return [dict(r) for r in rows]
 
@@ -591,7 +647,7 @@ class PostgresQueue:
         return out
 
     async def submission(self, msg_id: str) -> bytes | None:
-        async with self._tx() as conn:
+        async with self._tx(LONG_READ_TIMEOUT) as conn:
             row = await (await conn.execute(SQL.submission, (msg_id,))).fetchone()
         return None if row is None else bytes(row["submission"])
 

@@ -1,0 +1,60 @@
+"""PostgreSQL queue busy, not down: another session holds a lock on the queue's `messages` table (a migration,
+VACUUM FULL, an operator's open transaction). A message that needs the queue gets 452 once the server cancels
+the statement at the queue's lock_timeout (as SQLite's busy timeout), nothing is written for it after its
+452 (its resend is not a duplicate), the circuit stays closed, and the next message after the lock is 250."""
+
+from __future__ import annotations
+
+import smtplib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+import structlog
+
+from tests.harness import Running
+from tests.pgserver import PgCluster, PgUnavailable
+from tests.spool_helpers import send
+
+FAST = {"retry_schedule": [0.3], "retry_jitter": 0.0, "poll_interval": 0.2, "inline_budget": 2.0}
+
+
+@pytest.fixture
+def own_cluster() -> Iterator[PgCluster]:
+    try:
+        cluster = PgCluster()
+    except PgUnavailable as exc:
+        pytest.skip(str(exc))
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+def events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    return [e for e in logs if e["event"] == name]
+
+
+def test_locked_queue_table_gets_452_then_250_and_nothing_written_after_the_452(
+    gateway_factory: Callable[..., Running], own_cluster: PgCluster
+) -> None:
+    url = own_cluster.new_database()
+    gw = gateway_factory(delivery={**FAST, "queue_url": url})
+    gw.fault(status=503, count=None)  # every message needs the queue
+    with structlog.testing.capture_logs() as logs:
+        with psycopg.connect(url, autocommit=False) as locker:
+            locker.execute("LOCK TABLE messages IN ACCESS EXCLUSIVE MODE")
+            try:
+                code, text = send(gw.port(), "while locked")
+            except (TimeoutError, smtplib.SMTPServerDisconnected) as exc:  # the hang this test is about
+                pytest.fail(f"no reply while the queue table is locked ({type(exc).__name__})")
+            assert code == 452, (code, text)
+            locker.rollback()  # the lock goes: had the insert waited, its row would be written now
+        assert send(gw.port(), "after the lock")[0] == 250
+    [slow] = events(logs, "queue_database_slow")
+    assert slow["bound"] == "lock_timeout"
+    assert not events(logs, "queue_database_unreachable")  # it answered all along: not an outage
+    assert len(events(logs, "queue_database_served")) == 1
+    with psycopg.connect(url) as db:
+        rows = db.execute("SELECT count(*) FROM messages").fetchone()
+    assert rows == (1,)  # the 250's message only: the 452's was rolled back, not written once the lock went
