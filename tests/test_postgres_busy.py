@@ -13,6 +13,8 @@ import psycopg
 import pytest
 import structlog
 
+from gateway.core.errors import QueueBusy
+from gateway.queue import postgres
 from tests.harness import Running
 from tests.pgserver import PgCluster, PgUnavailable
 from tests.spool_helpers import send
@@ -58,3 +60,28 @@ def test_locked_queue_table_gets_452_then_250_and_nothing_written_after_the_452(
     with psycopg.connect(url) as db:
         rows = db.execute("SELECT count(*) FROM messages").fetchone()
     assert rows == (1,)  # the 250's message only: the 452's was rolled back, not written once the lock went
+
+
+async def test_an_exhausted_pool_is_busy_not_unreachable(
+    pg_cluster: PgCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every pooled connection in use, the database answering: 452 (QueueBusy) with its own line, once per
+    episode; the unreachable circuit stays closed (no queue_database_unreachable / _back flapping)."""
+    monkeypatch.setattr(postgres, "POOL_WAIT", 2.0)  # the wait for a pooled connection, shortened
+    queue = postgres.PostgresQueue(pg_cluster.new_database(), max_connections=1)
+    await queue.open()
+    try:
+        with structlog.testing.capture_logs() as logs:
+            async with queue._tx():  # the only pooled connection, held (as by a session waiting for a lock)
+                for _ in range(2):
+                    with pytest.raises(QueueBusy, match="pooled connections in use"):
+                        await queue.counts(0.0)
+            assert await queue.counts(0.0) == {}  # served at once: no circuit was opened
+    finally:
+        await queue.close()
+    assert not events(logs, "queue_database_unreachable")
+    assert not events(logs, "queue_database_back")
+    [exhausted] = events(logs, "queue_pool_exhausted")  # one line for the episode, not one per refusal
+    assert exhausted["connections"] == 1
+    [available] = events(logs, "queue_pool_available")
+    assert available["refused"] == 2

@@ -153,6 +153,7 @@ class PostgresQueue:
         self.health = QueueHealth()
         self._down: str | None = None  # why the database is known down (the circuit is open)
         self._outage = Episode()  # callers refused while it is down
+        self._exhausted = Episode()  # callers refused a pooled connection while the database answered
         self._slow = Episode()  # statements the server cancelled (lock_timeout, statement_timeout)
         self._probe: asyncio.Task[None] | None = None
         self._next_sweep = 0.0
@@ -197,13 +198,31 @@ class PostgresQueue:
             raise self._unreachable(None)
         try:
             try:
-                return await self._pool.getconn(timeout=FAIL_FAST)
+                conn = await self._pool.getconn(timeout=FAIL_FAST)
             except PoolTimeout:
                 if not await self._reachable():
                     raise
-            return await self._pool.getconn(timeout=POOL_WAIT - FAIL_FAST)
+                try:
+                    conn = await self._pool.getconn(timeout=POOL_WAIT - FAIL_FAST)
+                except PoolTimeout as exc:
+                    # The database answered a new connection: every pooled one is in use (slow statements,
+                    # a lock they wait for), which is busy, not down; the circuit stays closed.
+                    raise self._pool_exhausted(exc) from exc
         except (psycopg.Error, PoolTimeout, OSError) as exc:
             raise self._unreachable(exc) from exc
+        if self._exhausted.active:
+            over = self._exhausted.ended()
+            if over is not None:
+                log.info("queue_pool_available", queue=self.url, exhausted_for=over.lasted, refused=over.seen)
+        return conn
+
+    def _pool_exhausted(self, exc: PoolTimeout) -> QueueBusy:
+        """No pooled connection within POOL_WAIT, the database answering: 452, logged once per episode."""
+        size = self._pool.max_size
+        reason = f"queue {self.url}: busy: all {size} pooled connections in use for {POOL_WAIT:g} s"
+        if self._exhausted.occurred():
+            log.warning("queue_pool_exhausted", queue=self.url, connections=size, waited=POOL_WAIT, error=str(exc))
+        return QueueBusy(reason)
 
     async def _reachable(self) -> bool:
         """Whether the database answers a new connection now (past the pool, its waits and its backoff)."""
