@@ -113,6 +113,19 @@ def scan_message(size: int, seed: int = 3) -> bytes:
     return head.encode() + encoded + b"--b1--\r\n"
 
 
+def text_message(size: int, one_line: bool = False, seed: int = 3) -> bytes:
+    """A plain-text message of a `size`-byte body: words in 76-character CRLF lines, or (`one_line`) a single
+    line, as a report generator that never wraps sends it (the gateway folds it)."""
+    rng = random.Random(seed)
+    words = [bytes(rng.choices(b"abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9))) for _ in range(2000)]
+    line = b" ".join(words)
+    text = (line * (size // len(line) + 1))[:size]
+    if not one_line:
+        text = b"\r\n".join(text[i : i + 76] for i in range(0, len(text), 76))
+    head = f"From: {SENDER}\r\nTo: {RECIPIENT}\r\nSubject: report\r\nContent-Type: text/plain\r\n\r\n"
+    return head.encode() + text + b"\r\n"
+
+
 def to_lf(data: bytes) -> bytes:
     """Convert CRLF line ends to LF (smtp-source -F appends CRLF to each line itself)."""
     return data.replace(b"\r\n", b"\n")

@@ -2,6 +2,7 @@
 and how much memory does the gateway take for it?
 
     python bench/scan.py                 # ~1 minute; --size-mb 40 --repeat 3
+    python bench/scan.py --kind text     # a plain-text body instead (76-character lines; text-line: one line)
 
 Reports, for the small-message session: p50/p99/max latency of the transactions that overlapped a scan,
 next to the same session's latency without a scan; and the gateway's peak RSS during the scans above its
@@ -95,9 +96,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-mb", type=float, default=40.0, help="the scan's attachment size")
     parser.add_argument("--repeat", type=int, default=3, help="scans, one after the other")
+    parser.add_argument(
+        "--kind",
+        choices=("pdf", "text", "text-line"),
+        default="pdf",
+        help="a base64 PDF attachment (default), a plain-text body in 76-character lines, or one text line",
+    )
     args = parser.parse_args(argv)
     size = int(args.size_mb * MIB)
-    raw = genmsg.scan_message(size)
+    raw = genmsg.scan_message(size) if args.kind == "pdf" else genmsg.text_message(size, args.kind == "text-line")
     workdir = Path(tempfile.mkdtemp(prefix="bench-scan-"))
     scan_file = workdir / "scan.eml"
     scan_file.write_bytes(raw)
@@ -144,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         during = [s for t, s in prober.samples if any(a <= t + s and t <= b for a, b in windows)]
         before = [s for t, s in prober.samples if t + s < baseline_end]
         result = {
+            "kind": args.kind,
             "scan_bytes": size,
             "scan_wire_bytes": len(raw),
             "scans": args.repeat,
@@ -161,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         terminate(scan_sandbox)
         scan_file.unlink()  # 57 MB; the logs stay in workdir
     print(json.dumps(result, indent=2))
-    out = BENCH_DIR / "results" / "scan.json"
+    out = BENCH_DIR / "results" / ("scan.json" if args.kind == "pdf" else f"scan-{args.kind}.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
     return 0

@@ -10,7 +10,7 @@ import pytest
 from gateway import mime
 from gateway.core.errors import ContentRejected
 from gateway.core.model import Message
-from gateway.mime import parser
+from gateway.mime import parser, sanitize
 from tests.harness import Running
 from tests.smtputil import SENDER, send, session
 
@@ -472,3 +472,13 @@ def test_encodings_concatenated_line_by_line_are_all_decoded() -> None:
     raw = mixed(b"Content-Type: text/plain\r\nContent-Transfer-Encoding: base64\r\n\r\n" + b"\r\n".join(lines))
     msg = mime.parse(raw)
     assert (msg.text, msg.defects) == ("Hello, world!", ())
+
+
+def test_body_controls_and_lone_surrogates_past_the_first_slice_are_found() -> None:
+    """sanitize.body checks a long text a slice at a time (no whole-text copies): what sits in a later slice,
+    or right at a slice's edge, is still cleaned."""
+    size = sanitize._BODY_SLICE
+    text = "a" * (size - 1) + "\x00" + "b" * size + "\ud800" + "c" * 10 + "\x1b"
+    assert sanitize.body(text) == "a" * (size - 1) + "b" * size + "\ufffd" + "c" * 10
+    clean = "x" * (2 * size + 5)
+    assert sanitize.body(clean) is clean  # nothing to remove: the text itself, no copy

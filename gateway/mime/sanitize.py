@@ -25,6 +25,7 @@ _BODY_CONTROLS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]+")
 _BODY_CONTROL_BYTES = bytes([*range(0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F])
 # A lone surrogate cannot be encoded as UTF-8 (the JSON body would fail): it becomes U+FFFD.
 _SURROGATES = re.compile("[\ud800-\udfff]")
+_BODY_SLICE = 1024 * 1024  # characters body() checks at a time
 _WS = re.compile(r"\s+")
 # RFC 6838 §4.2 restricted-name characters, for "type/subtype".
 _MEDIA_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,126}/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}")
@@ -45,12 +46,21 @@ def field(text: str, collapse: bool = True) -> str:
 
 def body(text: str) -> str:
     """Body text (plain or HTML): NUL and C0 controls other than TAB, LF and CR removed."""
-    try:
-        data = text.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate
+    surrogates = controls = False
+    # Checked a slice at a time: the whole text encoded, and translated, would be two more copies of a body
+    # of tens of MB at once (bytes.translate is 5x faster than a regex search; a slice never splits a
+    # character, Python strings have no surrogate pairs).
+    for start in range(0, len(text), _BODY_SLICE):
+        piece = text[start : start + _BODY_SLICE]
+        try:
+            data = piece.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate
+            surrogates = True
+            data = _SURROGATES.sub("\ufffd", piece).encode("utf-8")
+        controls = controls or len(data.translate(None, _BODY_CONTROL_BYTES)) != len(data)
+    if surrogates:
         text = _SURROGATES.sub("\ufffd", text)
-        data = text.encode("utf-8")
-    if len(data.translate(None, _BODY_CONTROL_BYTES)) != len(data):
+    if controls:
         text = _BODY_CONTROLS.sub("", text)
     return text
 
