@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
+import re
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
@@ -20,7 +21,7 @@ from gateway.core.errors import QueueTooNew, UpstreamRejected, UpstreamUnavailab
 from gateway.core.model import Attachment
 from gateway.core.outcome import Outcome
 from gateway.delivery import transition
-from gateway.queue import codec
+from gateway.queue import codec, postgres_schema, shared_schema
 from gateway.queue.postgres import PostgresQueue
 from gateway.queue.sql import FOR_POSTGRES, FOR_SQLITE, POSTGRES
 from gateway.queue.sqlite import SqliteQueue
@@ -549,6 +550,52 @@ async def test_a_value_postgresql_refuses_is_no_outage(pg_cluster: PgCluster) ->
         assert await store.claim_key("acme", "k", "M", time.time(), 60.0, 60.0) is None  # still serving
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+async def test_a_queue_of_the_previous_version_gets_the_scale_indexes_at_its_next_start(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """An existing queue (SQLite version 6, PostgreSQL version 7) gets the indexes retention needs at size
+    (the webhook outbox by message) when the next gateway opens it."""
+    indexes = re.findall(r"CREATE INDEX IF NOT EXISTS (\w+)", shared_schema.SCALE_INDEXES)
+    assert indexes
+    store: QueueStore
+    if backend == "sqlite":
+        path = tmp_path / "queue.sqlite3"
+        store = SqliteQueue(path)
+        await store.open()
+        await store.close()
+        with contextlib.closing(sqlite3.connect(path)) as db:  # back to what the previous version left
+            for name in indexes:
+                db.execute(f"DROP INDEX {name}")
+            db.execute("UPDATE schema_version SET version = ?", (LATEST - 1,))
+            db.commit()
+        store = SqliteQueue(path)
+        try:
+            assert await store.migrate() == (LATEST - 1, LATEST)
+        finally:
+            await store.close()
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            found = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert set(indexes) <= found
+        return
+    url = request.getfixturevalue("pg_cluster").new_database()
+    store = PostgresQueue(url)
+    await store.open()
+    await store.close()
+    with psycopg.connect(url, autocommit=True) as conn:
+        for name in indexes:
+            conn.execute(f"DROP INDEX {name}".encode())
+        conn.execute("UPDATE schema_version SET version = %s", (postgres_schema.LATEST - 1,))
+    store = PostgresQueue(url)
+    try:
+        assert await store.migrate() == (postgres_schema.LATEST - 1, postgres_schema.LATEST)
+    finally:
+        await store.close()
+    with psycopg.connect(url, autocommit=True) as conn:
+        found = {r[0] for r in conn.execute("SELECT indexname FROM pg_indexes").fetchall()}
+    assert set(indexes) <= found
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])

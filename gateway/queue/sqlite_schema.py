@@ -102,7 +102,10 @@ ALTER TABLE idempotency ADD COLUMN digest TEXT;
 # The return path: event cursors, suppressions, the webhook outbox, notices.
 V6 = shared_schema.RETURN_PATH
 
-MIGRATIONS: list[str] = [V1, V2, V3, V4, V5, V6]
+# Indexes retention and the ledger's reads need at size (the webhook outbox by message).
+V7 = shared_schema.SCALE_INDEXES
+
+MIGRATIONS: list[str] = [V1, V2, V3, V4, V5, V6, V7]
 LATEST = len(MIGRATIONS)
 
 
