@@ -365,3 +365,28 @@ async def test_a_prune_batch_deletes_outbox_rows_by_an_index(explain: Explain) -
     for table in sql.TABLES:
         plan = explain(functools.partial(sql.delete_ids, table, count=3), ["A", "B", "C"])
         assert not full_scans(plan, table), plan
+
+
+@pytest.mark.parametrize("table", sql.TABLES)
+async def test_finding_expired_ids_reads_the_time_index(explain: Explain, table: str) -> None:
+    """The last call of every prune run (every 5 minutes) finds fewer expired messages than it asks for: it
+    must stop at the end of the expired rows of the `created` index, not walk the table in id order testing
+    `created` on every row (SQLite did: 9.4 s at 1,000,000 messages on the ledger's one thread)."""
+    plan = explain(functools.partial(sql.expired_ids, table), [T0, 500])
+    assert not full_scans(plan, table), plan
+    assert any(f"{table}_created" in step for step in plan), plan
+
+
+async def test_retention_prunes_each_message_once_oldest_first(store: LedgerStore) -> None:
+    """A message's rows in every table are pruned together, in the order the messages were accepted."""
+    await store.write(
+        [
+            *[message(f"C{n:015X}", T0 + 10 - n) for n in range(4)],  # ids and times in opposite orders
+            *[rcpt(f"C{n:015X}", f"{m}@example.com", "sent", T0 + 20, T0 + 10 - n) for n in range(4) for m in "ab"],
+            *[event(f"c-e{n}-{m}", f"C{n:015X}", T0 + 20, created=T0 + 10 - n) for n in range(4) for m in "xyz"],
+        ]
+    )
+    assert await store.prune(T0 + 9, limit=3) == 2  # fewer than asked: the last call of a run
+    assert sorted(r.id for r in (await store.find(Query())).records) == ["C000000000000000", "C000000000000001"]
+    assert await store.prune(T0 + 100, limit=1) == 1
+    assert [r.id for r in (await store.find(Query())).records] == ["C000000000000000"]

@@ -138,10 +138,8 @@ class PostgresLedger:
     async def prune(self, before: float, limit: int) -> int:
         async with self._conn(write=True) as conn:
             for table in sql.TABLES:
-                ids = [
-                    r[0]
-                    for r in await (await conn.execute(sql.expired_ids(table, P).encode(), (before, limit))).fetchall()
-                ]
+                cursor = await conn.execute(sql.expired_ids(table, P).encode(), (before, limit))
+                ids = sql.ids_of(await cursor.fetchall())
                 if ids:
                     for target in sql.TABLES:
                         await conn.execute(sql.delete_ids(target, P, len(ids)).encode(), ids)

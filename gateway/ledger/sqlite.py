@@ -163,7 +163,7 @@ class SqliteLedger:
     async def prune(self, before: float, limit: int) -> int:
         def run(db: sqlite3.Connection) -> int:
             for table in sql.TABLES:
-                ids = [r[0] for r in db.execute(sql.expired_ids(table, P), (before, limit))]
+                ids = sql.ids_of(db.execute(sql.expired_ids(table, P), (before, limit)).fetchall())
                 if ids:
                     db.execute("BEGIN IMMEDIATE")
                     try:
