@@ -390,3 +390,14 @@ async def test_retention_prunes_each_message_once_oldest_first(store: LedgerStor
     assert sorted(r.id for r in (await store.find(Query())).records) == ["C000000000000000", "C000000000000001"]
     assert await store.prune(T0 + 100, limit=1) == 1
     assert [r.id for r in (await store.find(Query())).records] == ["C000000000000000"]
+
+
+async def test_the_overview_tally_reads_only_its_window(explain: Explain) -> None:
+    """The Overview's counts of the last hour and day (twice a page load) read the window's range of the
+    `created` index, not every message of the ledger."""
+    plan = explain(sql.tally_messages, [T0])
+    assert not full_scans(plan, "ledger_messages"), plan
+    assert any("ledger_messages_created" in step for step in plan), plan
+    plan = explain(sql.tally_recipients, [T0])
+    assert not full_scans(plan, "ledger_recipients"), plan
+    assert any("ledger_recipients_created" in step for step in plan), plan

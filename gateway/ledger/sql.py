@@ -381,9 +381,15 @@ def page_of(
 
 def tally_messages(p: str) -> str:
     """Messages accepted since {p} by account and login, with the newest one's time."""
+    # The window is read from the `created` index in a subquery: given the GROUP BY, SQLite rather walked the
+    # whole (account, created) index testing `created` on every row, whatever the window (116 ms for the last
+    # hour at 1,000,000 messages, linear in the ledger's size). Its ORDER BY keeps SQLite from flattening the
+    # subquery into the grouping query (an aggregate's subquery with ORDER BY is never flattened), and it is
+    # the index's own order on both backends.
     return (
-        "SELECT account, login, COUNT(*), MAX(created) FROM ledger_messages"
-        f" WHERE created >= {p} GROUP BY account, login"
+        "SELECT account, login, COUNT(*), MAX(created) FROM"
+        f" (SELECT account, login, created FROM ledger_messages WHERE created >= {p} ORDER BY created) AS w"
+        " GROUP BY account, login"
     )
 
 
