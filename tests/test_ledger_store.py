@@ -5,6 +5,7 @@ lookup of the search, paging, retention."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -401,3 +402,17 @@ async def test_the_overview_tally_reads_only_its_window(explain: Explain) -> Non
     plan = explain(sql.tally_recipients, [T0])
     assert not full_scans(plan, "ledger_recipients"), plan
     assert any("ledger_recipients_created" in step for step in plan), plan
+
+
+@pytest.mark.parametrize("query", [Query(), Query(account="acme"), Query(since=T0)], ids=["all", "account", "since"])
+async def test_a_page_after_a_cursor_starts_at_the_cursor_in_the_index(explain: Explain, query: Query) -> None:
+    """A page deep in the ledger (a script paging a month by 500) begins where the cursor points in the index,
+    not at the newest message with every row before the cursor filtered out (N²/2 rows for the whole month)."""
+    query = dataclasses.replace(query, cursor=Cursor(T0 + 50, "A000000000000001"))
+    plan = explain(lambda p: sql.search(query, p)[0], sql.search(query, "?")[1])
+    assert not full_scans(plan, "ledger_messages"), plan
+    # The cursor bounds the index range: SQLite's SEARCH (created,id)<(?,?) or created<?, PostgreSQL's Index
+    # Cond on ROW(created, id) or the created <= it derives from it.
+    bounds = ("(created,id)<(?,?)", "created<?", "ROW(created, id) <", "created <=")
+    ranges = [step for step in plan if step.startswith("SEARCH") or "Index Cond" in step]
+    assert any(bound in step for step in ranges for bound in bounds), plan
