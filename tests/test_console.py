@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from gateway.console import queuepage
 from gateway.console.sessions import Session, SessionKeys
 from gateway.ledger.model import Record
 from gateway.smtp.tls import write_self_signed
@@ -363,6 +364,39 @@ async def test_every_one_matching_posts_its_filters_and_asks_again_when_they_sel
         assert not [e for e in logs if e["event"] == "console_action"]
         status, _, done = await admin.post("/console/queue/act", hidden_fields(again))
         assert status == 200 and "Delete: 3 done" in done
+
+
+async def test_every_one_matching_says_it_takes_the_oldest_an_action_reads_and_what_becomes_of_the_rest(
+    gateway_factory: Callable[..., Running], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One action reads the oldest 10,000 messages of its states (2 here): with more in the queue, the page said
+    "every one matching" acts on all of them and the confirmation "every one of the queued messages" while it
+    took the oldest 10,000 only. Both say which it takes, of how many, and what becomes of the rest."""
+    monkeypatch.setattr(queuepage, "MAX_IDS", 2)
+    gw = console_gateway(gateway_factory)
+    queue_some(gw, 3)
+    async with Client(base(gw)) as admin:
+        await admin.signin()
+        _, _, listed = await admin.get("/console/queue")
+        text = html.unescape(listed)
+        assert "acts on all of them" not in text and "only the oldest 2 of the 3 were read" in text
+        assert "every one matching (queued messages, among the oldest 2)" in text
+        fields = {"action": "retry", "scope": "all", "state": "queue"}
+        _, _, confirm = await admin.form("/console/queue", "/console/queue/confirm", fields)
+        assert "Retry now 2 messages?" in confirm and "every one" not in confirm
+        assert (
+            "the queued messages among the oldest 2 of the 3 queued and in-flight messages (one action reads at"
+            " most 2; the rest are tried at their own next attempt)" in html.unescape(confirm)
+        )
+        fields = {"action": "delete", "scope": "all", "state": "queue"}
+        _, _, confirm = await admin.form("/console/queue", "/console/queue/confirm", fields)
+        assert "Delete 2 messages?" in confirm and "run it again for the rest" in html.unescape(confirm)
+        status, _, done = await admin.post("/console/queue/act", hidden_fields(confirm))
+        assert status == 200 and "Delete: 2 done" in done
+        _, _, confirm = await admin.form("/console/queue", "/console/queue/confirm", fields)
+        assert "Delete 1 message?" in confirm and "every one of the queued messages" in confirm
+        _, _, listed = await admin.get("/console/queue")
+        assert "were read" not in listed
 
 
 async def test_tick_all_shown_fits_in_one_form_and_more_ticked_is_refused(

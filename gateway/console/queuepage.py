@@ -30,7 +30,9 @@ PAGE = 200
 # The most a listing shows, and so the most ids one form carries ("tick all shown"): with the form's other
 # fields well under the 1000 fields aiohttp (from 3.13) takes in one form; a form over it is answered 413.
 MAX_PAGE = 500
-# The most one action takes: "every one matching" posts its filters, never the ids, and is resolved here.
+# The most one action takes: "every one matching" posts its filters, never the ids, and is resolved here
+# among the oldest MAX_IDS messages of its states (a listing reads as many); the page and the confirmation say
+# so when more are in the queue, and the admin runs it again for the rest.
 MAX_IDS = SCAN_LIMIT
 VERBS = {"retry": "Retry now", "requeue": "Requeue", "delete": "Delete"}
 
@@ -88,8 +90,10 @@ async def listing(gw: Gateway, params: Mapping[str, str]) -> dict[str, Any]:
     try:
         chosen = selection(params)
         # One more than shown: the page says when more match than it shows.
-        found: Listing = await admin(gw, "").select(chosen, now, limit + 1)
-        out.update(items=found.items[:limit], listing=found, counts=await gw.store.counts(now), now=now)
+        found: Listing = await admin(gw, "").select(chosen, now, limit + 1, scan=MAX_IDS)
+        counts = await gw.store.counts(now)
+        out.update(items=found.items[:limit], listing=found, counts=counts, now=now)
+        out["in_states"] = in_states(counts, chosen)
         out["more"] = len(found.items) > limit
         if out["more"] and limit < MAX_PAGE:
             out["show_more"] = {**given, "limit": str(MAX_PAGE)}
@@ -102,17 +106,39 @@ async def listing(gw: Gateway, params: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
-async def chosen_ids(gw: Gateway, form: Mapping[str, str], ids: Sequence[str]) -> tuple[list[str], str]:
-    """The ids a form acts on: those ticked, or (scope=all) every message its filters select now; and what
-    they are. BadSelection: more ticked than a listing shows (a crafted form)."""
+async def chosen_ids(gw: Gateway, form: Mapping[str, str], ids: Sequence[str], name: Action) -> tuple[list[str], str]:
+    """The ids a form acts on: those ticked, or (scope=all) every message its filters select now among the
+    oldest MAX_IDS of its states; and what they are. BadSelection: more ticked than a listing shows (a crafted
+    form)."""
     if form.get("scope") == "all":
+        assert gw.store is not None  # the caller answers 503 without a queue
         chosen = selection(form)
-        found = await admin(gw, "").select(chosen, time.time(), MAX_IDS)
-        return [item.id for item in found.items], f"every one of the {chosen.describe()}"
+        now = time.time()
+        found = await admin(gw, "").select(chosen, now, MAX_IDS, scan=MAX_IDS)
+        ids = [item.id for item in found.items]
+        total = in_states(await gw.store.counts(now), chosen) if found.truncated else found.scanned
+        if total <= found.scanned:
+            return ids, f"every one of the {chosen.describe()}"
+        # Never "every one" when more are in the queue than one action reads: it says which it takes, and
+        # what becomes of the rest (retried messages stay queued, so a second retry takes the same oldest).
+        rest = "the rest are tried at their own next attempt" if name == "retry" else "run it again for the rest"
+        return ids, (
+            f"the {chosen.describe()} among the oldest {found.scanned:,} of the {total:,} {noun(chosen)}"
+            f" (one action reads at most {MAX_IDS:,}; {rest})"
+        )
     picked = list(dict.fromkeys(i.strip().upper() for i in ids if i.strip()))
     if len(picked) > MAX_PAGE:
         raise BadSelection(f"at most {MAX_PAGE} ticked at once: choose every one matching for more")
     return picked, "the messages ticked"
+
+
+def in_states(counts: Mapping[str, Mapping[str, Any]], chosen: Selection) -> int:
+    """How many messages are in the selection's states, whatever its filters (store.counts)."""
+    return sum(int(counts[state]["count"]) for state in chosen.states if state in counts)
+
+
+def noun(chosen: Selection) -> str:
+    return "dead letters" if chosen.dead else "queued and in-flight messages"
 
 
 def digest(ids: Sequence[str]) -> str:

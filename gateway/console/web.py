@@ -432,7 +432,7 @@ class Console:
             return self._page(request, "error.html", status=503, title="Queue", message="the queue is not open")
         try:
             action = queuepage.action(_field(form, "action"))
-            ids, what = await queuepage.chosen_ids(self.gw, fields, [str(v) for v in form.getall("id", [])])
+            ids, what = await queuepage.chosen_ids(self.gw, fields, [str(v) for v in form.getall("id", [])], action)
         except BadSelection as exc:
             return self._page(request, "error.html", status=400, title="Queue", message=str(exc))
         except (SpoolUnavailable, LedgerUnavailable) as exc:
