@@ -376,6 +376,9 @@ async def test_finding_expired_ids_reads_the_time_index(explain: Explain, table:
     plan = explain(functools.partial(sql.expired_ids, table), [T0, 500])
     assert not full_scans(plan, table), plan
     assert any(f"{table}_created" in step for step in plan), plan
+    # In the index's order, distinct as it goes: no sort of every expired row (SQLite's plan says; PostgreSQL's
+    # planner sorts an empty table's rows as cheaply as it reads them: shown on 300,000 messages instead).
+    assert not any("TEMP B-TREE FOR DISTINCT" in step or "FOR ORDER BY" in step for step in plan), plan
 
 
 async def test_retention_prunes_each_message_once_oldest_first(store: LedgerStore) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
-import re
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
@@ -21,7 +20,7 @@ from gateway.core.errors import QueueTooNew, UpstreamRejected, UpstreamUnavailab
 from gateway.core.model import Attachment
 from gateway.core.outcome import Outcome
 from gateway.delivery import transition
-from gateway.queue import codec, postgres_schema, shared_schema
+from gateway.queue import codec, postgres_schema, sqlite_schema
 from gateway.queue.postgres import PostgresQueue
 from gateway.queue.sql import FOR_POSTGRES, FOR_SQLITE, POSTGRES
 from gateway.queue.sqlite import SqliteQueue
@@ -552,50 +551,60 @@ async def test_a_value_postgresql_refuses_is_no_outage(pg_cluster: PgCluster) ->
         await store.close()
 
 
+# The indexes SQLite's version 7 and PostgreSQL's version 8 add or widen: name -> columns.
+SCALE_INDEXES = {
+    "webhook_outbox_msg": ["msg_id"],
+    **{f"{table}_created": ["created", "msg_id"] for table in ("ledger_recipients", "ledger_events")},
+    **{f"{table}_created": ["created", "msg_id"] for table in ("webhook_outbox", "ledger_notices")},
+}
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 async def test_a_queue_of_the_previous_version_gets_the_scale_indexes_at_its_next_start(
-    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An existing queue (SQLite version 6, PostgreSQL version 7) gets the indexes retention needs at size
-    (the webhook outbox by message) when the next gateway opens it."""
-    indexes = re.findall(r"CREATE INDEX IF NOT EXISTS (\w+)", shared_schema.SCALE_INDEXES)
-    assert indexes
+    """A queue the previous version made (SQLite version 6, PostgreSQL version 7, with its ledger) gets the
+    indexes retention needs at size when the next gateway opens it: the outbox by message, and the expired
+    rows by (created, msg_id)."""
     store: QueueStore
     if backend == "sqlite":
         path = tmp_path / "queue.sqlite3"
-        store = SqliteQueue(path)
-        await store.open()
-        await store.close()
-        with contextlib.closing(sqlite3.connect(path)) as db:  # back to what the previous version left
-            for name in indexes:
-                db.execute(f"DROP INDEX {name}")
-            db.execute("UPDATE schema_version SET version = ?", (LATEST - 1,))
-            db.commit()
+        with monkeypatch.context() as previous:
+            previous.setattr(sqlite_schema, "LATEST", LATEST - 1)
+            store = SqliteQueue(path)
+            assert await store.migrate() == (0, LATEST - 1)
+            await store.close()
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            assert "webhook_outbox_msg" not in {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
         store = SqliteQueue(path)
         try:
             assert await store.migrate() == (LATEST - 1, LATEST)
         finally:
             await store.close()
         with contextlib.closing(sqlite3.connect(path)) as db:
-            found = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
-        assert set(indexes) <= found
+            found = {name: [r[2] for r in db.execute(f"PRAGMA index_info({name})")] for name in SCALE_INDEXES}
+        assert found == SCALE_INDEXES
         return
     url = request.getfixturevalue("pg_cluster").new_database()
-    store = PostgresQueue(url)
-    await store.open()
-    await store.close()
+    latest = postgres_schema.LATEST
+    with monkeypatch.context() as previous:
+        previous.setattr(postgres_schema, "LATEST", latest - 1)
+        store = PostgresQueue(url)
+        try:
+            assert await store.migrate() == (0, latest - 1)
+        finally:
+            await store.close()
     with psycopg.connect(url, autocommit=True) as conn:
-        for name in indexes:
-            conn.execute(f"DROP INDEX {name}".encode())
-        conn.execute("UPDATE schema_version SET version = %s", (postgres_schema.LATEST - 1,))
+        assert not conn.execute("SELECT 1 FROM pg_indexes WHERE indexname = 'webhook_outbox_msg'").fetchall()
     store = PostgresQueue(url)
     try:
-        assert await store.migrate() == (postgres_schema.LATEST - 1, postgres_schema.LATEST)
+        assert await store.migrate() == (latest - 1, latest)
     finally:
         await store.close()
     with psycopg.connect(url, autocommit=True) as conn:
-        found = {r[0] for r in conn.execute("SELECT indexname FROM pg_indexes").fetchall()}
-    assert set(indexes) <= found
+        rows = conn.execute("SELECT indexname, indexdef FROM pg_indexes").fetchall()
+    defs = {name: d for name, d in rows if name in SCALE_INDEXES}
+    assert {name: d[d.rindex("(") + 1 : -1].split(", ") for name, d in defs.items()} == SCALE_INDEXES
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])

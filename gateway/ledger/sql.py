@@ -428,15 +428,17 @@ def expired_ids(table: str, p: str) -> str:
     """Up to {p} message ids with rows in `table` older than {p} (the message's acceptance time), but for those
     with work still pending (PENDING); rows (created, id), oldest first: read them with ids_of.
 
-    Ordered by `created` so that both backends walk the table's `created` index from its start and stop after
-    the expired rows. Without it SQLite served the DISTINCT by walking the whole table in id order, testing
-    `created` on every row: the last call of every prune run (fewer than {p} found) read each big table whole,
-    ~9 s at 1,000,000 messages. `created` is selected too because PostgreSQL orders a DISTINCT only by what it
-    selects; every row of a message carries the message's acceptance time, so the pairs are the ids."""
+    Ordered by (created, id) so that both backends walk the table's (created, id) index from its start and stop
+    after {p} distinct ids, sorting nothing (shared_schema.SCALE_INDEXES; with `created` alone PostgreSQL sorted
+    every expired row for each batch). Without the order SQLite served the DISTINCT by walking the whole table in
+    id order, testing `created` on every row: the last call of every prune run (fewer than {p} found) read each
+    big table whole, ~9 s at 1,000,000 messages. `created` is selected too because PostgreSQL orders a DISTINCT
+    only by what it selects; every row of a message carries the message's acceptance time, so the pairs are the
+    ids."""
     column = "id" if table == "ledger_messages" else "msg_id"
     return (
         f"SELECT DISTINCT created, {column} FROM {table} WHERE created < {p} AND {column} NOT IN ({PENDING})"
-        f" ORDER BY created LIMIT {p}"
+        f" ORDER BY created, {column} LIMIT {p}"
     )
 
 
