@@ -142,6 +142,9 @@ def answer(status: int, body: Any = None, headers: dict[str, str] | None = None)
         ({"code": 0, "data": {"transactionId": 123456}}, "123456", None),
         ({"code": 0, "data": {"transactionalIds": [987, "t-9"], "groupId": 55}}, "987", "55"),
         ({"code": 0, "data": {"transactionalIds": {ANN: 4242}}}, "4242", None),
+        # Letter case ignored (an ASP.NET serialiser writes PascalCase or camelCase).
+        ({"Code": 0, "Data": {"TransactionalIds": ["t-10"], "GroupId": "g-10"}}, "t-10", "g-10"),
+        ({"code": 0, "data": {"transactionalids": [{"Email": ANN, "TransactionalId": "t-11"}]}}, "t-11", None),
     ],
 )
 def test_send_answers_give_the_recipient_id(body: dict[str, Any], upstream_id: str, group: str | None) -> None:
@@ -158,6 +161,11 @@ def test_send_answers_give_the_recipient_id(body: dict[str, Any], upstream_id: s
         (answer(200, {"code": 0, "data": {"HasError": True}, "message": "1 error"}), UpstreamRejected, "1 error"),
         (answer(200, {"code": 0, "data": {"HasError": "True"}, "message": "2 errors"}), UpstreamRejected, "2 errors"),
         (answer(200, {"code": "0", "data": {"errorCount": "1"}, "message": "3 errors"}), UpstreamRejected, "3 errors"),
+        # The failure spelled in another letter case is still a failure (never a 250 for nothing sent).
+        (answer(200, {"Code": 11, "Message": "c1 content is null", "Data": None}), UpstreamRejected, "c1 content"),
+        (answer(200, {"code": 0, "data": {"hasError": True}, "message": "4 errors"}), UpstreamRejected, "4 errors"),
+        (answer(200, {"CODE": "0", "Data": {"ErrorCount": 2}, "MESSAGE": "5 errors"}), UpstreamRejected, "5 errors"),
+        (answer(200, {"Code": 0, "Data": {"HASERROR": "true"}}), UpstreamRejected, "code 0"),
         # Sent, and the status fields cannot be read: ambiguous (AnswerLost), never a crash.
         (answer(200, {"code": 0, "data": {"errorCount": "some"}}), AnswerLost, "unreadable status field"),
         (answer(200, {"code": [0], "data": {}}), AnswerLost, "unreadable status field"),

@@ -211,6 +211,23 @@ class SendResult:
     keys: tuple[str, ...] = field(default_factory=tuple)
 
 
+def field_of(obj: Mapping[str, Any], *names: str) -> Any:
+    """The value under the first of `names` that `obj` has, letter case ignored (None when it has none).
+
+    dEngage is an ASP.NET API: depending on its serialiser it writes `code`, `Code` or `HasError`,
+    `hasError`. docs/unconfirmed.md promises every answer is read ignoring case, and a status field missed
+    because of its case would turn a failure into a success. The exact spelling wins over another case."""
+    for name in names:
+        if name in obj:
+            return obj[name]
+    folded = {k.lower(): k for k in obj if isinstance(k, str)}
+    for name in names:
+        key = folded.get(name.lower())
+        if key is not None:
+            return obj[key]
+    return None
+
+
 def _json(response: HttpResponse) -> Any:
     try:
         return response.json()
@@ -223,11 +240,11 @@ def upstream_reason(response: HttpResponse, data: Any = None) -> str:
     data = _json(response) if data is None else data
     if isinstance(data, dict):
         parts: list[str] = []
-        for key in ("message", "Message", "actionResult", "error", "title", "detail"):
-            value = data.get(key)
+        for key in ("message", "actionResult", "error", "title", "detail"):
+            value = field_of(data, key)
             if isinstance(value, str) and value.strip() and value.strip() not in parts:
                 parts.append(value.strip())
-        errors = data.get("errors")
+        errors = field_of(data, "errors")
         if isinstance(errors, dict):
             for name, problems in errors.items():
                 texts = problems if isinstance(problems, list) else [problems]
@@ -236,7 +253,7 @@ def upstream_reason(response: HttpResponse, data: Any = None) -> str:
             parts.extend(str(e) for e in errors)
         if parts:
             return " - ".join(parts)
-        code = data.get("code")
+        code = field_of(data, "code")
         if code is not None:
             return f"dEngage answered code {code}"
     return response.text().strip() or f"dEngage answered HTTP {response.status}"
@@ -256,7 +273,7 @@ def caller_ip(text: str) -> str | None:
 
 
 def _allowlist_refusal(response: HttpResponse, data: Any) -> IpNotAllowlisted | None:
-    action = data.get("actionResult") if isinstance(data, dict) else None
+    action = field_of(data, "actionResult") if isinstance(data, dict) else None
     text = action if isinstance(action, str) else response.text()
     if not any(word in text.lower() for word in ALLOWLIST_WORDS):
         return None
@@ -310,7 +327,7 @@ def login_token(response: HttpResponse, reading: Reading | None = None) -> Token
         raise UpstreamAuthFailed(f"dEngage refused the API user's credentials ({exc.reason})") from None
     reading = reading if reading is not None else Reading()
     # At the root [C], or inside the {code, message, data} envelope the other endpoints use [I].
-    places = [p for p in (data, data.get("data") if isinstance(data, dict) else None) if isinstance(p, dict)]
+    places = [p for p in (data, field_of(data, "data") if isinstance(data, dict) else None) if isinstance(p, dict)]
     token = next((t for p in places if (t := reading.first(p, "access_token", TOKEN_KEYS["access_token"]))), None)
     if not isinstance(token, str) or not token:
         if data is None:
@@ -348,14 +365,15 @@ def _flag(value: Any) -> bool:
 
 def _failure_code(data: dict[str, Any]) -> int | None:
     """A non-zero `code`, or a `data.HasError`/`errorCount` flag [C] (HTTP 200 with the failure inside).
-    Each read whatever its JSON type (0, "0", 0.0); raises Unreadable when one is there but unreadable."""
-    code = _count(data.get("code"))
+    Each read whatever its JSON type (0, "0", 0.0) and letter case (Code, hasError); raises Unreadable when
+    one is there but unreadable."""
+    code = _count(field_of(data, "code"))
     if code is not None and code != 0:
         return code
-    inner = data.get("data")
+    inner = field_of(data, "data")
     if isinstance(inner, dict):
-        errors = _count(inner.get("errorCount"))
-        if _flag(inner.get("HasError")) or (errors is not None and errors > 0):
+        errors = _count(field_of(inner, "errorCount"))
+        if _flag(field_of(inner, "HasError")) or (errors is not None and errors > 0):
             return -1
     return None
 
@@ -374,8 +392,9 @@ def _ids(value: Any) -> Iterator[str]:
             yield from _ids(item)
     elif isinstance(value, dict):
         for key in ID_KEYS:
-            if key in value:
-                yield from _ids(value[key])
+            found = field_of(value, key)
+            if found is not None:
+                yield from _ids(found)
                 return
         for item in value.values():  # {"<recipient>": "<id>"}
             if not isinstance(item, (list, dict)):
@@ -385,10 +404,9 @@ def _ids(value: Any) -> Iterator[str]:
 def _first(places: list[dict[str, Any]], keys: tuple[str, ...]) -> str | None:
     for place in places:
         for key in keys:
-            if key in place:
-                found = next(_ids(place[key]), None)
-                if found:
-                    return found
+            found = next(_ids(field_of(place, key)), None)
+            if found:
+                return found
     return None
 
 
@@ -408,7 +426,7 @@ def send_result(response: HttpResponse) -> SendResult:
         raise AnswerLost(f"dEngage answered {response.status} with an unreadable status field ({exc})") from None
     if code is not None and CODES.get(code, "refused") == "refused":
         raise UpstreamRejected(upstream_reason(response, data))
-    places = [p for p in (data.get("data"), data) if isinstance(p, dict)]
+    places = [p for p in (field_of(data, "data"), data) if isinstance(p, dict)]
     return SendResult(
         upstream_id=_first(places, ID_KEYS) or "",
         group_id=_first(places, GROUP_KEYS),
