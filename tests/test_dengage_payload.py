@@ -166,6 +166,11 @@ def test_send_answers_give_the_recipient_id(body: dict[str, Any], upstream_id: s
         (answer(200, {"code": 0, "data": {"hasError": True}, "message": "4 errors"}), UpstreamRejected, "4 errors"),
         (answer(200, {"CODE": "0", "Data": {"ErrorCount": 2}, "MESSAGE": "5 errors"}), UpstreamRejected, "5 errors"),
         (answer(200, {"Code": 0, "Data": {"HASERROR": "true"}}), UpstreamRejected, "code 0"),
+        # Nothing says the call was taken (no code, no id; or an empty id list): ambiguous, resent and counted.
+        (answer(200, {"message": "Subject cannot be empty"}), AnswerLost, "neither a code nor an id"),
+        (answer(200, {}), AnswerLost, "neither a code nor an id"),
+        (answer(200, {"code": 0, "data": {"transactionalIds": []}}), AnswerLost, "empty transactionalIds"),
+        (answer(200, {"code": 0, "data": {"transactionalIds": [], "groupId": "g"}}), AnswerLost, "empty"),
         # Sent, and the status fields cannot be read: ambiguous (AnswerLost), never a crash.
         (answer(200, {"code": 0, "data": {"errorCount": "some"}}), AnswerLost, "unreadable status field"),
         (answer(200, {"code": [0], "data": {}}), AnswerLost, "unreadable status field"),

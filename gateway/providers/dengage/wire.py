@@ -26,6 +26,7 @@ from gateway.mime import jsonbody, text_to_html
 from gateway.providers.dengage.data import DengageParams
 from gateway.upstream.response import HttpResponse
 from gateway.upstream.shape import Reading, number
+from gateway.upstream.shape import keys as answer_keys
 
 # Every wire name in one table, tagged as in shared/upstream-apis.md part 2:
 #   [V] vendor docs, [C] seen in real client code or notes, [I] our inference.
@@ -427,11 +428,19 @@ def send_result(response: HttpResponse) -> SendResult:
     if code is not None and CODES.get(code, "refused") == "refused":
         raise UpstreamRejected(upstream_reason(response, data))
     places = [p for p in (field_of(data, "data"), data) if isinstance(p, dict)]
-    return SendResult(
-        upstream_id=_first(places, ID_KEYS) or "",
-        group_id=_first(places, GROUP_KEYS),
-        keys=tuple(sorted(data)),
-    )
+    upstream_id, group_id = _first(places, ID_KEYS), _first(places, GROUP_KEYS)
+    if not upstream_id:
+        # Only a `code` 0 or an id says the call was taken. An empty id list says no recipient was; an answer
+        # with neither ({"message": "Subject cannot be empty"}) says nothing: both ambiguous, resent, counted.
+        empty = next((key for place in places for key in ID_KEYS if field_of(place, key) is not None), None)
+        if empty is not None:
+            raise AnswerLost(f"dEngage answered {response.status} with an empty {empty} ({answer_keys(data)})")
+        if field_of(data, "code") is None and group_id is None:
+            raise AnswerLost(
+                f"dEngage answered {response.status} with neither a code nor an id ({answer_keys(data)}): "
+                f"{upstream_reason(response, data)[:200]}"
+            )
+    return SendResult(upstream_id=upstream_id or "", group_id=group_id, keys=tuple(sorted(data)))
 
 
 # The froms answer's keys [I]: its shape is not documented, and C-TT only names what it lists (a name and an
