@@ -285,6 +285,34 @@ async def test_froms_never_fetched_and_unreachable_is_temporary() -> None:
         await p.sender_policy()
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"code": "OK", "data": [{"fromAddress": "billing@crm.example"}]},
+        {"code": 0, "data": {"HasError": "no", "items": []}},
+    ],
+)
+async def test_froms_with_an_unreadable_status_field_is_held_like_any_froms_failure(body: Any) -> None:
+    # The status fields' JSON types are [I]: one that cannot be read is a typed temporary failure (MAIL FROM
+    # 451), held for FAILURE_HOLD like the others, never an internal error with a new request per message.
+    up = Upstream()
+    up.froms_answers = [httpx.Response(200, json=body)] * 3
+    p = provider(up)
+    for _ in range(3):
+        with pytest.raises(wire.AnswerNotUnderstood, match="status field"):
+            await p.sender_policy()
+    assert len(up.of("/rest/email/froms")) == 1
+
+
+async def test_check_upstream_reports_an_unreadable_froms_status_field() -> None:
+    up = Upstream()
+    up.froms_answers = [httpx.Response(200, json={"code": 0, "data": {"HasError": "no", "items": []}})]
+    report = await provider(up).check_upstream()
+    assert not report.ok
+    [fix] = report.fixes
+    assert "status field" in fix and "_failure_code" in fix and "IDENTITY_KEYS" not in fix
+
+
 async def test_sender_domains_narrow_the_identities() -> None:
     up = Upstream()
     up.froms_answers = [httpx.Response(200, json=["a@crm.example", "b@other.example"])]

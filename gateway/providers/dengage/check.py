@@ -73,9 +73,11 @@ async def check_account(provider: DengageProvider) -> AccountCheck:
     )
     if not answered or identities is None:
         froms.recognised = False if froms.status is not None and froms.status < 300 else None
+        # A problem that names its own fix (an unreadable status field) gets no IDENTITY_KEYS hint.
+        names_fix = WIRE_FILE in (froms.problem or "")
         report.fixes.append(
             f"the identities ({froms.call}) cannot be read: {froms.problem}"
-            + (f"; correct IDENTITY_KEYS in {WIRE_FILE}" if froms.recognised is False else "")
+            + (f"; correct IDENTITY_KEYS in {WIRE_FILE}" if froms.recognised is False and not names_fix else "")
         )
         return report
     froms.recognised = True

@@ -344,6 +344,11 @@ class Unreadable(ValueError):
     """A field of an answer whose JSON type or value the gateway cannot read (a number that is no number)."""
 
 
+class AnswerNotUnderstood(UpstreamUnavailable):
+    """dEngage answered, and a status field of the answer cannot be read (its JSON type is [I]): temporary,
+    like every answer read by a guess that proved wrong; never a refusal and never an internal error."""
+
+
 def _count(value: Any) -> int | None:
     """A numeric field read whatever its JSON type (3, 3.0, "3": the types of the answers' fields are [C]/[I],
     never documented); None when absent (null). Raises Unreadable for anything else."""
@@ -527,8 +532,17 @@ def from_identities(response: HttpResponse, reading: Reading | None = None) -> t
     data = check_status(response, "the froms list")
     if data is None:
         raise UpstreamUnavailable("dEngage answered the froms list with a body that is not JSON")
-    if isinstance(data, dict) and _failure_code(data) is not None:
-        raise UpstreamUnavailable(f"dEngage refused the froms list: {upstream_reason(response, data)}")
+    if isinstance(data, dict):
+        try:
+            refused = _failure_code(data) is not None
+        except Unreadable as exc:
+            # Not a crash: the identities' callers hold this failure (FAILURE_HOLD) as they do any other.
+            raise AnswerNotUnderstood(
+                f"dEngage's froms answer has a status field (code, data.HasError, data.errorCount) the gateway "
+                f"cannot read ({exc}): correct _failure_code in {__name__.replace('.', '/')}.py"
+            ) from None
+        if refused:
+            raise UpstreamUnavailable(f"dEngage refused the froms list: {upstream_reason(response, data)}")
     reading = reading if reading is not None else Reading()
     items = _identity_list(data, reading)
     if items is None:
