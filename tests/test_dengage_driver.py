@@ -342,6 +342,29 @@ async def test_api_user_login_cannot_be_checked_through_a_down_upstream() -> Non
         await p.verify_login("the-userkey", "the-password")
 
 
+@pytest.mark.parametrize(
+    ("answer", "error"),
+    [
+        # A proxy's page on POST /login (not dEngage's answer) and the allowlist's empty 403 [C] say nothing
+        # of the password: 454 (cannot check now), never 535 for the right credentials.
+        (httpx.Response(400, content=b"<html><title>400 Bad Request</title></html>"), UpstreamUnavailable),
+        (httpx.Response(407, content=b"<html><title>407 Proxy Authentication</title></html>"), UpstreamUnavailable),
+        (httpx.Response(403, content=b""), wire.IpNotAllowlisted),
+    ],
+)
+async def test_api_user_login_through_a_foreign_page_or_an_empty_403_is_not_a_wrong_password(
+    answer: httpx.Response, error: type[Exception]
+) -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return answer
+
+    p = provider(handler, api_user_logins=True)
+    with pytest.raises(error) as info:
+        await p.verify_login("the-userkey", "the-password")
+    # A Deferred: the AUTH edge answers 454 (cannot check now); the page never reaches the reply.
+    assert isinstance(info.value, Deferred) and "<html" not in info.value.reply.text
+
+
 async def test_idempotency_header_is_sent_once_configured(monkeypatch: pytest.MonkeyPatch) -> None:
     up = Upstream()
     p = provider(up)

@@ -122,6 +122,9 @@ def test_idempotency_key_is_stable_per_message_and_recipient() -> None:
     assert key != wire.idempotency_key("ref-2", "ann@example.com")
 
 
+PROXY_PAGE = b"<html><head><title>408 Request Time-out</title></head><body><h1>408 Request Time-out</h1></body></html>"
+
+
 def answer(status: int, body: Any = None, headers: dict[str, str] | None = None) -> HttpResponse:
     raw = body if isinstance(body, bytes) else orjson.dumps(body) if body is not None else b""
     return HttpResponse(status=status, body=raw, headers=headers or {})
@@ -195,12 +198,28 @@ def test_send_answers_give_the_recipient_id(body: dict[str, Any], upstream_id: s
         (answer(404, b"<html>Not Found</html>"), UpstreamUnavailable, "the path or api_base is wrong"),
         (answer(405, b""), UpstreamUnavailable, "the path or api_base is wrong"),
         (answer(404, {"code": 404, "message": "Content not found"}), UpstreamRejected, "Content not found"),
+        # A 4xx that is not dEngage's JSON (a proxy's or load balancer's page): temporary, never a refusal.
+        (answer(400, PROXY_PAGE), UpstreamUnavailable, "no dEngage answer"),
+        (answer(407, PROXY_PAGE), UpstreamUnavailable, "408 Request Time-out"),  # the page, cut, in the log
+        (answer(408, PROXY_PAGE), UpstreamUnavailable, "a proxy or load balancer"),
+        (answer(421, b""), UpstreamUnavailable, "an empty body"),
+        (answer(403, PROXY_PAGE), UpstreamUnavailable, "no dEngage answer"),
+        # The allowlist's 403 "sometimes with an empty body" [C]: the allowlist, not the API user refused.
+        (answer(403, b""), wire.IpNotAllowlisted, "API IP allowlist"),
     ],
 )
 def test_send_failures_are_typed(response: HttpResponse, error: type[Exception], text: str) -> None:
     with pytest.raises(error) as info:
         wire.send_result(response)
     assert text in str(info.value)
+
+
+def test_a_page_that_is_not_dengages_answer_never_reaches_a_reply() -> None:
+    for status in (400, 403, 407, 408, 421):
+        with pytest.raises(UpstreamUnavailable) as info:
+            wire.send_result(answer(status, PROXY_PAGE + b" " * 50 + b"x" * 500))
+        assert "<html" not in info.value.reply.text.lower()
+        assert len(info.value.reason) < 400  # the page is cut short in the log too
 
 
 def test_allowlist_refusal_names_the_caller_ip_and_is_an_auth_failure() -> None:
@@ -228,6 +247,11 @@ def test_login_answers() -> None:
         wire.login_token(answer(403, {"actionResult": "IP 10.1.2.3 is not whitelisted"}))
     with pytest.raises(UpstreamAuthFailed, match="no token"):
         wire.login_token(answer(200, {"code": 5, "message": "User locked"}))
+    # Not a verdict on the credentials: a proxy's page is temporary, an empty 403 is the allowlist [C].
+    with pytest.raises(UpstreamUnavailable, match="no dEngage answer"):
+        wire.login_token(answer(407, PROXY_PAGE))
+    with pytest.raises(wire.IpNotAllowlisted):
+        wire.login_token(answer(403, b""))
     assert wire.login_body("k", "p") == {"userkey": "k", "password": "p"}
 
 

@@ -273,7 +273,21 @@ def caller_ip(text: str) -> str | None:
     return None
 
 
+def _excerpt(response: HttpResponse) -> str:
+    """The start of a body that is not dEngage's answer (a proxy's HTML page), on one line: for the log
+    only, never for a reply."""
+    return " ".join(response.text().split())[:200] or "an empty body"
+
+
 def _allowlist_refusal(response: HttpResponse, data: Any) -> IpNotAllowlisted | None:
+    if not response.body.strip():
+        # The allowlist's 403 comes before the credentials are checked, "sometimes with an empty body" [C]:
+        # an empty 403 cannot mean the API user was refused, so it is taken for the allowlist.
+        return IpNotAllowlisted(
+            "dEngage answered 403 with an empty body, as it does to an address that is not on the account's "
+            "API IP allowlist (Settings > Identity & Access Management > API IP Restriction)",
+            None,
+        )
     action = field_of(data, "actionResult") if isinstance(data, dict) else None
     text = action if isinstance(action, str) else response.text()
     if not any(word in text.lower() for word in ALLOWLIST_WORDS):
@@ -298,6 +312,8 @@ def check_status(response: HttpResponse, what: str) -> Any:
         refusal = _allowlist_refusal(response, data)
         if refusal is not None:
             raise refusal
+        if not isinstance(data, dict):
+            raise UpstreamUnavailable(f"dEngage answered 403 to {what} with no dEngage answer: {_excerpt(response)}")
         raise UpstreamAuthFailed(
             f"dEngage answered 403 to {what}: the API user may not do this ({upstream_reason(response, data)})"
         )
@@ -314,6 +330,13 @@ def check_status(response: HttpResponse, what: str) -> Any:
             f"dEngage answered {status} to {what} with no dEngage answer: the path or api_base is wrong "
             "(smtp-gateway check-upstream shows which)"
         )
+    if status >= 400 and not isinstance(data, dict):
+        # No dEngage answer either: a proxy's or load balancer's page (400, 407, 408, 421), an operator
+        # matter and temporary by nature. Never a refusal, and the page goes to the log, not to a reply.
+        raise UpstreamUnavailable(
+            f"dEngage answered {status} to {what} with no dEngage answer (a proxy or load balancer on the way?): "
+            f"{_excerpt(response)}"
+        )
     if status >= 400:
         raise UpstreamRejected(upstream_reason(response, data))
     return data
@@ -324,7 +347,8 @@ def login_token(response: HttpResponse, reading: Reading | None = None) -> Token
     try:
         data = check_status(response, "login")
     except (TokenRejected, UpstreamRejected) as exc:
-        # 401 or another 4xx on login: the API user's key or password is wrong.
+        # 401 or another 4xx in dEngage's own JSON on login: the API user's key or password is wrong (a page that
+        # is not dEngage's answer, or an empty 403, is temporary: check_status raised that already).
         raise UpstreamAuthFailed(f"dEngage refused the API user's credentials ({exc.reason})") from None
     reading = reading if reading is not None else Reading()
     # At the root [C], or inside the {code, message, data} envelope the other endpoints use [I].
