@@ -156,5 +156,7 @@ def test_dengage_report_request_and_its_failures() -> None:
     assert "tag=" not in dengage.report_path(0, 1, 0, 100, "", UTC)
     with pytest.raises(UpstreamUnavailable):
         dengage.report_data(answer({"code": 5, "message": "range too long"}), dengage_wire.check_status)
+    with pytest.raises(UpstreamUnavailable):
+        dengage.report_data(answer({"Code": 5, "Message": "range too long"}), dengage_wire.check_status)
     with pytest.raises(UpstreamAuthFailed):
         dengage.report_data(answer({"message": "Not auhenticated"}, 401), dengage_wire.check_status)

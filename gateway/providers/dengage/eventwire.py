@@ -113,7 +113,7 @@ def report_data(response: HttpResponse, check: Any) -> Any:
     """The report's JSON after `check` (wire.check_status: 401, 403, 429, 5xx) and its `code` [C]."""
     data = check(response, "the report")
     if isinstance(data, dict):
-        code = data.get("code")
+        code = Reading().first(data, "code", ("code",))  # letter case ignored, as every answer (Code)
         if code not in (None, 0, "0"):
             raise UpstreamUnavailable(f"dEngage answered the report with code {code}: {response.text(200)}")
     return data
