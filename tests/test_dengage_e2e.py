@@ -294,6 +294,47 @@ def test_code_not_zero_at_http_200_is_refused_inline_with_dengage_text(gateway_f
     assert spool_rows(gw.settings.delivery.spool_path) == []
 
 
+@pytest.mark.parametrize("style", ["pascal", "flag"])
+def test_a_failure_spelled_in_another_letter_case_is_refused_not_sent(
+    gateway_factory: Callable[..., Running], style: str
+) -> None:
+    # {"Code": 99, "Message": ...} (PascalCase) or {"code": 0, "data": {"hasError": true}} (camelCase) at HTTP
+    # 200: a refusal with dEngage's text, never "250 queued" for a message dEngage did not take.
+    gw = gateway_factory(dengage={})
+    gw.dengage_control(fault_style=style)
+    gw.fault(mode="err", reason="Content is not flagged as transactional", kind="send", provider="dengage")
+    code, text = send(gw, message("refused"))
+    assert (code, text) == (554, "5.6.0 Content is not flagged as transactional")
+    assert spool_rows(gw.settings.delivery.spool_path) == []
+
+
+@pytest.mark.parametrize(("style", "status"), [("bare", 200), ("html", 407), ("html", 400)])
+def test_an_answer_that_says_nothing_or_a_proxy_page_is_temporary(
+    gateway_factory: Callable[..., Running], style: str, status: int
+) -> None:
+    # {"message": ...} at 200 (neither a code nor an id) or a proxy's HTML 4xx: 451 in passthrough, never
+    # 250 and never a 554 carrying the page.
+    gw = gateway_factory(dengage={}, delivery={"mode": "passthrough"})
+    gw.dengage_control(fault_style=style)
+    gw.fault(status=status, reason="Proxy Authentication Required", kind="send", provider="dengage")
+    code, text = send(gw, message("not taken"))
+    assert code == 451, (code, text)
+    assert "<html" not in text.lower() and "Proxy" not in text
+
+
+def test_api_user_login_answered_by_an_empty_403_is_454_not_535(gateway_factory: Callable[..., Running]) -> None:
+    # The allowlist's 403 "sometimes with an empty body" [C] comes before the credentials are checked.
+    gw = gateway_factory(dengage={"api_user_logins": True})
+    gw.dengage_control(fault_style="empty")
+    gw.fault(status=403, kind="login", provider="dengage", count=None)  # smtplib tries each mechanism
+    with (
+        smtplib.SMTP("127.0.0.1", gw.port(), timeout=30) as client,
+        pytest.raises(smtplib.SMTPAuthenticationError) as info,
+    ):
+        client.login(DENGAGE_USERKEY, DENGAGE_API_PASSWORD)
+    assert info.value.smtp_code == 454
+
+
 def test_code_not_zero_in_a_retry_dead_letters_with_the_reason(gateway_factory: Callable[..., Running]) -> None:
     gw = gateway_factory(dengage={}, delivery=FAST)
     gw.fault(status=503, kind="send", provider="dengage")

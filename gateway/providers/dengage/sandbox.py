@@ -18,9 +18,20 @@ Answers use the spelling of the sandbox's shape (gateway/providers/sandbox.py):
 
 Every identity also names the user who created it (`createdBy`, an address that is no sender).
 
+A fault (POST /_sandbox/faults, "err" or a status) answers in the account's `fault_style`, the shapes a
+real deployment may see although the vendor's examples do not show them (FAULT_STYLES):
+
+    seed     {"code": 99 (or the status), "message": reason}
+    pascal   {"Code": ..., "Message": reason, "Data": null}          (an ASP.NET PascalCase serialiser)
+    flag     {"code": 0, "message": reason, "data": {"hasError": true}}   (camelCase)
+    bare     {"message": reason}                                      (neither a code nor an id)
+    html     a proxy's HTML page (text/html), whatever the status     (a proxy or load balancer)
+    empty    no body at all                                           (the allowlist's 403 [C])
+
     POST /_sandbox/dengage   {"token_ttl": 5, "expire_tokens": true, "rate_limit": 30, "refuse_all": true,
                               "refused_ips": ["127.0.0.1"], "fail_to": {"b@example.com": 1},
-                              "froms": ["Team <team@example.com>"], "send_expires_in": false}
+                              "froms": ["Team <team@example.com>"], "send_expires_in": false,
+                              "fault_style": "pascal"}
     GET  /_sandbox/dengage   the current settings
 """
 
@@ -48,6 +59,7 @@ NOT_AUTHENTICATED = "Not auhenticated. Please re-login."  # [V] the typo is the 
 VALIDATION_CODE = 2  # the sandbox's non-zero code for a refused send (the vendor's numbers are unknown)
 REDACTED = "<redacted>"
 CREATED_BY = "admin@sandbox-users.example"  # who created the identities: an address that is no sender
+FAULT_STYLES = ("seed", "pascal", "flag", "bare", "html", "empty")
 
 
 @dataclass
@@ -61,6 +73,7 @@ class DengageSandbox:
     refuse_all: bool = False  # 403 "not whitelisted" for every caller
     refused_ips: set[str] = field(default_factory=set)
     fail_to: dict[str, int] = field(default_factory=dict)  # recipient -> sends to answer 503 first
+    fault_style: str = "seed"  # how a fault's answer is written (FAULT_STYLES)
     tokens: dict[str, float] = field(default_factory=dict)  # token -> when it expires (clock)
     windows: dict[str, deque[float]] = field(default_factory=dict)  # client IP -> accepted request times
     clock: Callable[[], float] = time.monotonic
@@ -74,6 +87,7 @@ class DengageSandbox:
             "refuse_all": self.refuse_all,
             "refused_ips": sorted(self.refused_ips),
             "fail_to": self.fail_to,
+            "fault_style": self.fault_style,
             "tokens": len(self.tokens),
         }
 
@@ -94,6 +108,10 @@ class DengageSandbox:
             self.fail_to = {str(k).lower(): int(v) for k, v in dict(spec["fail_to"]).items()}
         if "froms" in spec:
             self.froms = [str(f) for f in spec["froms"]]
+        if "fault_style" in spec:
+            if spec["fault_style"] not in FAULT_STYLES:
+                raise ValueError(f"fault_style must be one of {', '.join(FAULT_STYLES)}")
+            self.fault_style = str(spec["fault_style"])
 
 
 def _refused(message: str, status: int = 200, code: int = VALIDATION_CODE) -> web.Response:
@@ -178,7 +196,19 @@ def install(sandbox: Sandbox, state: DengageSandbox) -> None:
     """Add the dEngage routes to a sandbox."""
 
     def fault_body(reason: str, status: int) -> web.Response:
-        return _refused(reason, status, code=99 if status == 200 else status)
+        code, style = 99 if status == 200 else status, state.fault_style
+        if style == "pascal":
+            return json_response({"Code": code, "Message": reason, "Data": None}, status)
+        if style == "flag":
+            return json_response({"code": 0, "message": reason, "data": {"hasError": True}}, status)
+        if style == "bare":
+            return json_response({"message": reason}, status)
+        if style == "html":
+            page = f"<html><head><title>{status} {reason}</title></head><body><h1>{status} {reason}</h1></body></html>"
+            return web.Response(text=page, status=status, content_type="text/html")
+        if style == "empty":
+            return web.Response(status=status)
+        return _refused(reason, status, code=code)
 
     def ip_of(request: web.Request) -> str:
         return request.remote or "unknown"
@@ -316,7 +346,10 @@ def install(sandbox: Sandbox, state: DengageSandbox) -> None:
 
     async def control(request: web.Request) -> web.Response:
         if request.method == "POST":
-            state.update(await request.json())
+            try:
+                state.update(await request.json())
+            except ValueError as exc:
+                return json_response({"code": 400, "message": str(exc)}, 400)
         return json_response(state.settings())
 
     sandbox.app.router.add_post("/rest/login", login)
