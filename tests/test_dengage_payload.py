@@ -198,6 +198,9 @@ def test_send_answers_give_the_recipient_id(body: dict[str, Any], upstream_id: s
         (answer(404, b"<html>Not Found</html>"), UpstreamUnavailable, "the path or api_base is wrong"),
         (answer(405, b""), UpstreamUnavailable, "the path or api_base is wrong"),
         (answer(404, {"code": 404, "message": "Content not found"}), UpstreamRejected, "Content not found"),
+        # A web framework's own JSON 404 (no dEngage envelope): the path is wrong too.
+        (answer(404, {"detail": "Not Found"}), UpstreamUnavailable, "the path or api_base is wrong"),
+        (answer(404, {"title": "Not Found", "status": 404}), UpstreamUnavailable, "the path or api_base is wrong"),
         # A 4xx that is not dEngage's JSON (a proxy's or load balancer's page): temporary, never a refusal.
         (answer(400, PROXY_PAGE), UpstreamUnavailable, "no dEngage answer"),
         (answer(407, PROXY_PAGE), UpstreamUnavailable, "408 Request Time-out"),  # the page, cut, in the log

@@ -324,8 +324,9 @@ def check_status(response: HttpResponse, what: str) -> Any:
     if 300 <= status < 400:
         # Not processed where it was sent: a wrong api_base (http for https, a moved data centre).
         raise UpstreamUnavailable(f"dEngage answered {status} (a redirect) to {what}: check api_base")
-    if status in (404, 405) and not isinstance(data, dict):
-        # No dEngage answer: the path or api_base is wrong, which no message should be refused for.
+    if status in (404, 405) and (not isinstance(data, dict) or field_of(data, "code") is None):
+        # No dEngage answer (its envelope has a `code` [C]; a web framework's own 404 is {"detail": ...} or
+        # {"title": ...}): the path or api_base is wrong, which no message should be refused for.
         raise UpstreamUnavailable(
             f"dEngage answered {status} to {what} with no dEngage answer: the path or api_base is wrong "
             "(smtp-gateway check-upstream shows which)"
