@@ -92,7 +92,12 @@ async def test_several_contacts_use_send_many_inline() -> None:
         # Sent, with a batch id the gateway cannot read: ambiguous, never taken for an id ("{...}", "True").
         (httpx.Response(200, json={"status": "ok", "eeid": {"id": 1}}), AnswerLost, "without an eeid it can read"),
         (httpx.Response(200, json={"status": "ok", "eeid": True}), AnswerLost, "without an eeid it can read"),
-        (httpx.Response(200, json={"status": ["ok"], "eeid": "e-1"}), UpstreamRejected, ""),
+        # A 2xx without a status the gateway can read is neither ok nor a refusal: ambiguous (it may have been
+        # sent, an eeid even says so), never refused for good (554 or a bounce notice, and a resent copy).
+        (httpx.Response(200, json={"status": ["ok"], "eeid": "e-1"}), AnswerLost, "without a status it can read"),
+        (httpx.Response(200, json={"sent": 1, "eeid": "e-1"}), AnswerLost, "without a status it can read"),
+        (httpx.Response(200, json={"data": {"status": "ok", "eeid": "e-1"}}), AnswerLost, "keys: data"),
+        (httpx.Response(200, json=[{"status": "ok", "eeid": "e-1"}]), AnswerLost, "a JSON list"),
     ],
 )
 async def test_answers_map_to_typed_errors(response: httpx.Response, error: type[Exception], text: str) -> None:

@@ -14,7 +14,7 @@ from gateway.mime import jsonbody
 from gateway.providers.dmds.data import DmdsParams
 from gateway.providers.dmds.legs import Leg
 from gateway.upstream.response import HttpResponse
-from gateway.upstream.shape import Reading, number
+from gateway.upstream.shape import Reading, keys, number
 
 # Every wire name in one table, tagged as in shared/upstream-apis.md:
 #   [V] vendor docs, [C] seen in real client code, [S] seed document only, [I] our inference.
@@ -162,8 +162,9 @@ def upstream_reason(response: HttpResponse) -> str:
     return str(reason) if reason else response.text()
 
 
-def _ok(data: Any, reading: Reading) -> bool:
-    return isinstance(data, dict) and str(reading.first(data, "status", ANSWERS["status"]) or "").lower() == "ok"
+def _shape(data: Any) -> str:
+    """What an answer is, for a log line (never its values): its keys, or its JSON type."""
+    return keys(data) if isinstance(data, dict) else f"a JSON {type(data).__name__}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,7 +193,12 @@ def classify(response: HttpResponse) -> SendResult:
         # A 2xx whose body is not JSON (a proxy's page, a cut answer): DMDS may well have taken the message.
         raise AnswerLost(f"DMDS answered {status} with a body that is not JSON")
     reading = Reading()
-    if not _ok(data, reading):
+    said = reading.first(data, "status", ANSWERS["status"])
+    if not isinstance(said, str) or not said.strip():
+        # No status the gateway can read (none, another envelope, a list, a status that is no word): neither
+        # "ok" nor a refusal, and a 2xx; DMDS may have sent it (resending counts it as a possible copy).
+        raise AnswerLost(f"DMDS answered {status} without a status it can read ({_shape(data)})")
+    if said.strip().lower() != "ok":
         raise UpstreamRejected(upstream_reason(response))
     eeid = _id(reading.first(data, "eeid", ANSWERS["eeid"]))
     if not eeid:
