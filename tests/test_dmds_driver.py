@@ -12,6 +12,7 @@ from structlog.testing import capture_logs
 from gateway.core.errors import AnswerLost, Deferred, UpstreamAuthFailed, UpstreamRejected, UpstreamUnavailable
 from gateway.core.model import Address
 from gateway.core.replies import RATE_LIMITED
+from gateway.providers.dmds.check import check_account
 from gateway.providers.dmds.config import DmdsAccount
 from gateway.providers.dmds.legs import Leg
 from gateway.providers.dmds.provider import DmdsProvider
@@ -35,14 +36,14 @@ class Driver:
         return await self.provider.send_leg(sub, leg, batch)  # type: ignore[arg-type]
 
 
-def driver(handler: Handler, seen: list[httpx.Request] | None = None) -> Driver:
+def driver(handler: Handler, seen: list[httpx.Request] | None = None, **settings: object) -> Driver:
     def record(request: httpx.Request) -> httpx.Response:
         if seen is not None:
             seen.append(request)
         return handler(request)
 
     base = "https://api-dmds-acme.example"
-    account = DmdsAccount(dmdsid="acme", api_base=base, apikey="the-key")  # type: ignore[arg-type]
+    account = DmdsAccount(dmdsid="acme", api_base=base, apikey="the-key", **settings)  # type: ignore[arg-type]
     http = HttpClient(base, upstream="DMDS", account="acme", timeout=5.0, transport=httpx.MockTransport(record))
     return Driver(DmdsProvider("acme", account, http))
 
@@ -81,6 +82,9 @@ async def test_several_contacts_use_send_many_inline() -> None:
         # A 404 that is no DMDS answer: the path (or api_base) is wrong, not the message.
         (httpx.Response(404, text="<h1>Not Found</h1>"), UpstreamUnavailable, "the path or api_base is wrong"),
         (httpx.Response(405, text=""), UpstreamUnavailable, "the path or api_base is wrong"),
+        # A web framework's own JSON "not found" (FastAPI, Falcon) has no DMDS status: the path, not the message.
+        (httpx.Response(404, json={"detail": "Not Found"}), UpstreamUnavailable, "the path or api_base is wrong"),
+        (httpx.Response(404, json={"title": "404 Not Found"}), UpstreamUnavailable, "the path or api_base is wrong"),
         (httpx.Response(404, json={"status": "err", "on": "campana 99 inexistente"}), UpstreamRejected, "campana 99"),
         (
             httpx.Response(200, json={"status": "err", "on": "dominio remitente no permitido"}),
@@ -268,8 +272,33 @@ async def test_campaign_answer_without_a_known_key_name_is_temporary_not_a_missi
         await d.provider.campaign_apikey(22)
 
 
-async def test_campaign_lookup_at_a_wrong_path_is_temporary() -> None:
-    # Every SMTP-API login would otherwise be refused (535) because of a path guessed wrong: 454 instead.
-    d = driver(lambda r: httpx.Response(404, text="<html>Not Found</html>"))
+@pytest.mark.parametrize(
+    "response",
+    [httpx.Response(404, text="<html>Not Found</html>"), httpx.Response(404, json={"detail": "Not Found"})],
+)
+async def test_campaign_lookup_at_a_wrong_path_is_temporary(response: httpx.Response) -> None:
+    # Every SMTP-API login would otherwise be refused (535) because of a path guessed wrong: 454 instead,
+    # whether the framework's 404 is a page or its own JSON (no DMDS status in it).
+    d = driver(lambda r: response)
     with pytest.raises(UpstreamUnavailable, match="the path or api_base is wrong"):
         await d.provider.campaign_apikey(22)
+
+
+async def test_campaign_lookup_not_found_in_dmds_own_words_is_no_such_campaign() -> None:
+    d = driver(lambda r: httpx.Response(404, json={"status": "err", "on": "campana inexistente"}))
+    assert await d.provider.campaign_apikey(22) is None
+
+
+async def test_check_upstream_says_a_campaign_lookup_path_is_wrong_not_to_create_the_campaign() -> None:
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/version/":
+            return httpx.Response(200, json={"status": "ok", "version": "1.5"})
+        if request.url.path == "/v1/campania/":
+            return httpx.Response(200, json={"status": "ok", "campanias": [{"numid": 22, "tipo": "api"}]})
+        return httpx.Response(404, json={"detail": "Not Found"})
+
+    report = await check_account(driver(answer, campaigns=[22]).provider)
+    assert not report.ok
+    fixes = " ".join(report.fixes)
+    assert "the path or api_base is wrong" in fixes
+    assert "create it as an API campaign" not in fixes

@@ -222,10 +222,17 @@ def redirect(response: HttpResponse, what: str) -> None:
         raise UpstreamUnavailable(f"DMDS answered {response.status} (a redirect) to {what}: check api_base")
 
 
+def dmds_answer(data: Any) -> bool:
+    """Whether a JSON answer has DMDS' own shape, a `status` key ({"status": "err", "on": ...} [S]): a web
+    framework's "not found" ({"detail": "Not Found"}, {"title": "404 Not Found"}) has none."""
+    return Reading().first(data, "status", ANSWERS["status"]) is not None
+
+
 def not_found(response: HttpResponse, what: str) -> None:
-    """A 404 or 405 whose body is not a JSON object is no DMDS answer: the path or the host is wrong (a
-    wrong guess in WIRE, or api_base), which no message or login should be refused for: temporary."""
-    if response.status in (404, 405) and not isinstance(_object(response), dict):
+    """A 404 or 405 that is not DMDS' own answer (no JSON, or JSON without DMDS' `status`: a framework's page)
+    says the path or the host is wrong (a wrong guess in WIRE, or api_base), which no message or login
+    should be refused for: temporary."""
+    if response.status in (404, 405) and not dmds_answer(_object(response)):
         raise UpstreamUnavailable(
             f"DMDS answered {response.status} to {what} with no DMDS answer: the path or api_base is wrong "
             "(smtp-gateway check-upstream shows which)"
