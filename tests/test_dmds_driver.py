@@ -302,3 +302,53 @@ async def test_check_upstream_says_a_campaign_lookup_path_is_wrong_not_to_create
     fixes = " ".join(report.fixes)
     assert "the path or api_base is wrong" in fixes
     assert "create it as an API campaign" not in fixes
+
+
+PROXY_PAGE = "<html><head><title>408 Request Time-out</title></head><body><h1>408 Request Time-out</h1></body></html>"
+
+
+@pytest.mark.parametrize("status", [400, 407, 408, 421])
+async def test_a_proxys_html_4xx_is_temporary_and_never_the_reply(status: int) -> None:
+    """A proxy's or load balancer's page is no DMDS answer (DMDS answers in JSON): temporary, the reply the
+    generic one, the page's start in the reason (for the log) only."""
+    response = httpx.Response(status, text=PROXY_PAGE, headers={"content-type": "text/html"})
+    d = driver(lambda r: response)
+    with pytest.raises(UpstreamUnavailable, match="a proxy or load balancer") as info:
+        await d.send(submission(ONE), ONE[0], None)
+    assert not isinstance(info.value, AnswerLost)
+    assert "<html" not in info.value.reply.text.lower()
+    assert "408 Request Time-out" in info.value.reason
+    with pytest.raises(UpstreamUnavailable, match="a proxy or load balancer"):
+        await d.provider.campaign_apikey(22)
+
+
+async def test_a_long_foreign_page_is_logged_cut_short() -> None:
+    d = driver(lambda r: httpx.Response(400, text="<p>" + "x" * 5000 + "</p>"))
+    with pytest.raises(UpstreamUnavailable) as info:
+        await d.send(submission(ONE), ONE[0], None)
+    assert len(info.value.reason) < 400 and info.value.reason.endswith("...")
+
+
+async def test_a_refusal_without_a_reason_names_no_raw_body() -> None:
+    d = driver(lambda r: httpx.Response(400, json={"status": "err", "detalle": {"campo": "html"}}))
+    with pytest.raises(UpstreamRejected) as info:
+        await d.send(submission(ONE), ONE[0], None)
+    assert info.value.reply.text.endswith("DMDS refused the call (HTTP 400) without a reason (keys: detalle, status)")
+
+
+@pytest.mark.parametrize(
+    ("response", "key"),
+    [
+        (httpx.Response(400, json={"status": "err", "on": "campana inexistente"}), None),
+        (httpx.Response(400, json={"detail": "Bad Request"}), UpstreamUnavailable),
+    ],
+)
+async def test_campaign_lookup_400_is_no_such_campaign_only_in_dmds_words(
+    response: httpx.Response, key: type[Exception] | None
+) -> None:
+    d = driver(lambda r: response)
+    if key is None:
+        assert await d.provider.campaign_apikey(22) is None
+    else:
+        with pytest.raises(key, match="no DMDS answer"):
+            await d.provider.campaign_apikey(22)

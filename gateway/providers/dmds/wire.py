@@ -153,13 +153,33 @@ def _object(response: HttpResponse) -> Any:
         return None
 
 
+EXCERPT = 200  # characters of a foreign body kept for the log (never for a reply)
+
+
+def excerpt(response: HttpResponse) -> str:
+    """The start of an answer's body on one line, for a log line: a proxy's page is no reply text."""
+    text = " ".join(response.text().split())
+    return text[:EXCERPT] + ("..." if len(text) > EXCERPT else "") if text else "an empty body"
+
+
 def upstream_reason(response: HttpResponse) -> str:
-    """DMDS' own words: {"status":"err","on":"<reason>"} [S], or another of ANSWERS["reason"]."""
+    """DMDS' own words: {"status":"err","on":"<reason>"} [S], or another of ANSWERS["reason"]; without any,
+    what the answer was (never its raw body: the reason is the client's reply text)."""
     data = _object(response)
-    if data is None:
-        return response.text() or f"HTTP {response.status}"
     reason = Reading().first(data, "reason", ANSWERS["reason"])
-    return str(reason) if reason else response.text()
+    if isinstance(reason, (str, int, float)) and str(reason).strip():
+        return str(reason)
+    return f"DMDS refused the call (HTTP {response.status}) without a reason ({_shape(data)})"
+
+
+def foreign(response: HttpResponse, what: str) -> None:
+    """A 4xx that is not JSON is no DMDS answer (DMDS answers in JSON [S]): a proxy's or load balancer's page
+    (400, 407, 408, 421), an operator matter and temporary by nature; its start goes to the log only."""
+    if 400 <= response.status < 500 and _object(response) is None:
+        raise UpstreamUnavailable(
+            f"DMDS answered {response.status} to {what} with no DMDS answer (not JSON; a proxy or load "
+            f"balancer?): {excerpt(response)}"
+        )
 
 
 def _shape(data: Any) -> str:
@@ -187,6 +207,7 @@ def classify(response: HttpResponse) -> SendResult:
     redirect(response, "the send")
     if status >= 400:
         not_found(response, "the send")
+        foreign(response, "the send")
         raise UpstreamRejected(upstream_reason(response))
     data = _object(response)
     if data is None:
@@ -253,7 +274,11 @@ def campaign_apikey(response: HttpResponse, reading: Reading | None = None) -> s
     """The campania_apikey answer: the campaign's apikey, or None when DMDS has no such API campaign."""
     data = _readable(response, "campania_apikey")
     not_found(response, "campania_apikey")
+    foreign(response, "campania_apikey")
     if response.status in (404, 400):
+        if not dmds_answer(data):
+            # A 400 that is JSON but not DMDS' (a framework's or a proxy's): no word on the campaign.
+            raise UpstreamUnavailable(f"DMDS answered {response.status} to campania_apikey with no DMDS answer")
         return None
     if data is None:
         raise UpstreamUnavailable("campania_apikey answer is not JSON")
