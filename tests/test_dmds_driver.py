@@ -352,3 +352,55 @@ async def test_campaign_lookup_400_is_no_such_campaign_only_in_dmds_words(
     else:
         with pytest.raises(key, match="no DMDS answer"):
             await d.provider.campaign_apikey(22)
+
+
+def listing_typed(value: object, seen: list[httpx.Request]) -> Handler:
+    """The listing names campaign 22 with its type written `value` (the answer's shape is a screenshot [I])."""
+
+    def listing(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"status": "ok", "campanias": [{"numid": 22, "tipo": value}]})
+
+    answer = listing_and_lookup(listing, seen)
+
+    def with_version(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/version/":
+            return httpx.Response(200, json={"status": "ok", "version": "1.5"})
+        return answer(request)
+
+    return with_version
+
+
+@pytest.mark.parametrize("value", ["API REST", "Api", "api_rest"])
+async def test_a_listing_type_naming_api_in_any_spelling_is_api(value: str) -> None:
+    seen: list[httpx.Request] = []
+    d = driver(listing_typed(value, seen), seen)
+    assert await d.provider.campaign_known(22) is True
+    assert [r.url.path for r in seen] == ["/v1/campania/"]
+
+
+@pytest.mark.parametrize("value", [3, "REST", "transaccional"])
+async def test_a_listing_whose_types_none_reads_as_api_falls_back_to_campania_apikey(value: object) -> None:
+    """Not every [NN] campaign "unknown" (5xx, cached) because the type is written otherwise: campania_apikey
+    says instead, from then on, said once."""
+    seen: list[httpx.Request] = []
+    d = driver(listing_typed(value, seen), seen)
+    with capture_logs() as logs:
+        assert await d.provider.campaign_known(22) is True
+        assert await d.provider.campaign_known(24) is False
+    assert [r.url.path for r in seen] == ["/v1/campania/", "/v1/campania_apikey/22", "/v1/campania_apikey/24"]
+    warned = [e["reason"] for e in logs if e["event"] == "dmds_campaign_listing_unusable"]
+    assert len(warned) == 1 and "none of a type the gateway reads as API" in warned[0]
+
+
+async def test_a_listing_of_other_known_types_only_is_read_not_unusable() -> None:
+    seen: list[httpx.Request] = []
+    d = driver(listing_typed("normal", seen), seen)
+    assert await d.provider.campaign_known(22) is False
+    assert [r.url.path for r in seen] == ["/v1/campania/"]
+
+
+async def test_check_upstream_flags_a_listing_whose_api_campaigns_it_cannot_tell() -> None:
+    # With no `campaigns` configured (any [NN] allowed) too: the day-one check must not say OK.
+    report = await check_account(driver(listing_typed("3", [])).provider)
+    assert not report.ok
+    assert any("none of a type the gateway reads as API (types seen: 3)" in fix for fix in report.fixes)

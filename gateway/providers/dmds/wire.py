@@ -322,6 +322,7 @@ def campaign_listing(response: HttpResponse, reading: Reading | None = None) -> 
     if not isinstance(items, list):
         raise ListingUnusable("the campaign listing's answer holds no list of campaigns")
     numids: set[int] = set()
+    unknown_types: list[str] = []
     for item in items:
         if not isinstance(item, dict):
             raise ListingUnusable("the campaign listing's items are not objects")
@@ -329,9 +330,33 @@ def campaign_listing(response: HttpResponse, reading: Reading | None = None) -> 
         numid = number(fields.get("numid"))
         if numid is None:
             raise ListingUnusable("a campaign of the listing has no numid the gateway recognises")
-        if str(fields.get("type", WIRE["campaign_type_api"])).lower() == WIRE["campaign_type_api"]:
+        kind = campaign_type(fields.get("type", WIRE["campaign_type_api"]))
+        if kind == WIRE["campaign_type_api"]:
             numids.add(numid)
+        elif kind is None:
+            unknown_types.append(str(fields["type"])[:40])
+    if unknown_types and not numids:
+        # The type is written some other way ("API REST", a code): refusing every [NN] campaign for good
+        # would be the guess's cost; campania_apikey can say instead.
+        raise ListingUnusable(
+            "the campaign listing names campaigns but none of a type the gateway reads as API "
+            f"(types seen: {', '.join(sorted(set(unknown_types))[:5])})"
+        )
     return frozenset(numids)
+
+
+OTHER_TYPES = ("normal", "bulk")  # [S] the campaign types that are not API
+
+
+def campaign_type(value: Any) -> str | None:
+    """A listing's campaign type as the gateway reads it: "api" for any text naming it in any letter case
+    ("api", "API", "API REST"), "normal" or "bulk", None for anything else (a code, another word)."""
+    if not isinstance(value, str):
+        return None
+    words = value.strip().lower().replace("-", " ").replace("_", " ").split()
+    if WIRE["campaign_type_api"] in words:
+        return WIRE["campaign_type_api"]
+    return next((kind for kind in OTHER_TYPES if kind in words), None)
 
 
 def version(response: HttpResponse, reading: Reading | None = None) -> str | None:
