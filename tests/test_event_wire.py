@@ -115,9 +115,26 @@ def test_dmds_contacts_and_whitelist_in_the_shapes_seen() -> None:
     assert dmds.read_contacts(answer([{"Email": "c@x.com", "invalido": True}])) == ["c@x.com"]
     assert dmds.read_whitelisted(answer({"status": "ok", "msg": "a@x.com whitelisted"}), "a@x.com")
     assert not dmds.read_whitelisted(answer({"status": "ok", "msg": "a@x.com not whitelisted"}), "a@x.com")
-    assert not dmds.read_whitelisted(answer({}, 404), "a@x.com")
+    assert not dmds.read_whitelisted(answer({"status": "err", "msg": "a@x.com not found"}, 404), "a@x.com")
     with pytest.raises(UpstreamUnavailable):
         dmds.read_whitelisted(answer({"status": "ok"}), "a@x.com")
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        HttpResponse(404, b"<h1>Not Found</h1>", {"content-type": "text/html"}),
+        HttpResponse(404, b"", {}),
+        answer({"detail": "Not Found"}, 404),
+        answer({}, 404),
+    ],
+)
+def test_dmds_whitelist_404_that_is_no_dmds_answer_is_unknown_not_not_whitelisted(response: HttpResponse) -> None:
+    """The whitelist path is [I]: a wrong one answers 404 to every check. Read as "not on it", a whitelisted
+    contact that bounced would be suppressed (the gateway refusing mail DMDS would send); unknown instead,
+    so nothing is suppressed until the check can be read (docs/unconfirmed.md)."""
+    with pytest.raises(UpstreamUnavailable, match="404"):
+        dmds.read_whitelisted(response, "a@x.com")
 
 
 def test_dengage_report_rows_in_either_envelope_and_spelling() -> None:

@@ -152,8 +152,9 @@ def read_contacts(response: HttpResponse, reading: Reading | None = None) -> lis
 
 def read_whitelisted(response: HttpResponse, address: str) -> bool:
     """The whitelist check: `{"status":"ok","msg":"<address> whitelisted"}` or `"... not whitelisted"` [S]; a
-    404 is "not on it" [I]."""
-    if response.status == 404:
+    404 in DMDS' own JSON (with a `status`) is "not on it" [I]. Any other 404 (a page, an empty body, a
+    framework's JSON) says the path is wrong ([I]): unknown, so that nothing is suppressed meanwhile."""
+    if response.status == 404 and _dmds_json(response):
         return False
     data = _check(response, "whitelist")
     text = Reading().first(data, "message", EVENT_ANSWERS["message"]) if isinstance(data, dict) else None
@@ -163,6 +164,15 @@ def read_whitelisted(response: HttpResponse, address: str) -> bool:
         raise UpstreamUnavailable(f"DMDS answered the whitelist check of {address} in a shape not recognised")
     words = text.lower()
     return "whitelisted" in words and "not whitelisted" not in words
+
+
+def _dmds_json(response: HttpResponse) -> bool:
+    """Whether an answer is DMDS' own JSON: an object with a `status` (every answer shown has one [V])."""
+    try:
+        data = response.json()
+    except ValueError:
+        return False
+    return Reading().first(data, "status", EVENT_ANSWERS["status"]) is not None
 
 
 def number_of(data: Any) -> int | None:
