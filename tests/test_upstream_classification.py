@@ -332,3 +332,17 @@ async def test_a_connection_lost_before_the_body_went_whole_is_not_sent(transpor
     """aiohttp reports these as ClientOSError, ClientConnectionResetError or ServerDisconnectedError alike
     whether they came while writing or reading: the body's progress decides."""
     await _big_body_not_sent(behaviour, transport, timeout=5)
+
+
+async def test_an_answer_whose_encoding_cannot_be_undone_is_lost_over_httpx_too() -> None:
+    """A corrupt gzip body: aiohttp's transport maps it to ReadError (AnswerLost); httpx raises DecodingError,
+    which must be as lost (resent and counted), not an internal error with a traceback on every attempt."""
+
+    def corrupt(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-encoding": "gzip"}, content=b"not gzip")
+
+    client = HttpClient(
+        "https://x.example", upstream="DMDS", account="a", timeout=5, transport=httpx.MockTransport(corrupt)
+    )
+    with pytest.raises(AnswerLost, match="cannot be decoded"):
+        await client.request("send_one", "POST", "/v1/envio/send_one_inline/", headers={}, content=b"{}")

@@ -152,6 +152,12 @@ class HttpClient:
             raise AnswerLost(
                 f"{self.upstream} connection lost after the request was sent ({type(exc).__name__}: {exc})"
             ) from exc
+        except httpx.DecodingError as exc:
+            # A body its Content-Encoding cannot undo (a corrupt gzip): the request went, the answer is
+            # unreadable; as lost as aiohttp's payload errors, which its transport maps to ReadError.
+            raise AnswerLost(
+                f"{self.upstream} answered with a body that cannot be decoded after the request was sent ({exc})"
+            ) from exc
         else:
             outcome = _OUTCOMES.get(status // 100, "server_error")
         finally:
