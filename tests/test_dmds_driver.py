@@ -404,3 +404,51 @@ async def test_check_upstream_flags_a_listing_whose_api_campaigns_it_cannot_tell
     report = await check_account(driver(listing_typed("3", [])).provider)
     assert not report.ok
     assert any("none of a type the gateway reads as API (types seen: 3)" in fix for fix in report.fixes)
+
+
+def return_path(whitelist: httpx.Response, seen: list[httpx.Request]) -> Handler:
+    """DMDS with the return path's calls answering in the seed's shapes (the whitelist as given)."""
+    listing = listing_typed("api", seen)
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path == "/v1/ver_eventos/":
+            return httpx.Response(200, json={"status": "ok", "eventos": []})
+        if path == "/v1/contactos/invalidos/":
+            return httpx.Response(200, json={"status": "ok", "contactos": [{"email": "gone@example.com"}]})
+        if path.startswith("/v1/whitelist/"):
+            return whitelist
+        return listing(request)
+
+    return answer
+
+
+async def test_check_upstream_reads_the_return_paths_calls_when_events_are_enabled() -> None:
+    seen: list[httpx.Request] = []
+    ok = httpx.Response(200, json={"status": "ok", "msg": "check-upstream@example.com not whitelisted"})
+    d = driver(return_path(ok, seen), seen, events={"enabled": True})
+    report = await check_account(d.provider)
+    assert report.ok, report.fixes
+    assert [c.call for c in report.calls][-3:] == [
+        "GET /v1/ver_eventos/ (the last hour)",
+        "GET /v1/contactos/invalidos/",
+        "GET /v1/whitelist/check-upstream@example.com",
+    ]
+    events = next(r for r in seen if r.url.path == "/v1/ver_eventos/")
+    assert set(json.loads(events.content)) == {"desde", "hasta", "pagina", "cantidad"}
+    assert {r.method for r in seen} == {"GET"}  # read-only: nothing added to or removed from any list
+
+
+async def test_check_upstream_says_when_a_return_path_call_is_not_there() -> None:
+    page = httpx.Response(404, text="<h1>Not Found</h1>", headers={"content-type": "text/html"})
+    report = await check_account(driver(return_path(page, []), events={"enabled": True}).provider)
+    assert not report.ok
+    whitelist = report.calls[-1]
+    assert (whitelist.reached, whitelist.recognised) == (True, False)
+    assert any("EVENT_WIRE['whitelist']" in fix for fix in report.fixes)
+
+
+async def test_check_upstream_leaves_the_return_path_alone_when_events_are_off() -> None:
+    seen: list[httpx.Request] = []
+    await check_account(driver(return_path(httpx.Response(500), seen), seen).provider)
+    assert not [r for r in seen if r.url.path != "/v1/version/" and not r.url.path.startswith("/v1/campania")]

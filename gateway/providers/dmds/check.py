@@ -1,13 +1,18 @@
 """`smtp-gateway check-upstream` for a DMDS account: the version call, the campaign listing and the apikey of
-each configured campaign, each read as the gateway reads it (read-only: nothing is sent or changed)."""
+each configured campaign, and with `events` enabled the return path's calls (a page of events, the invalid
+contacts, one whitelist check), each read as the gateway reads it (read-only: nothing is sent or changed)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+import orjson
+
+from gateway.core.events import zone
 from gateway.providers.checks import AccountCheck, CallCheck, not_reached, probe
-from gateway.providers.dmds import wire
+from gateway.providers.dmds import eventwire, wire
 from gateway.upstream.response import HttpResponse
 from gateway.upstream.shape import Reading
 
@@ -15,6 +20,9 @@ if TYPE_CHECKING:
     from gateway.providers.dmds.provider import DmdsProvider
 
 WIRE_FILE = "gateway/providers/dmds/wire.py"
+EVENTWIRE_FILE = "gateway/providers/dmds/eventwire.py"
+# The whitelist check asks about an address no one has (a GET only reads; POST/PUT/DELETE would change it).
+CHECKED_ADDRESS = "check-upstream@example.com"
 
 
 def configured_campaigns(provider: DmdsProvider) -> dict[int, str]:
@@ -98,7 +106,53 @@ async def check_account(provider: DmdsProvider) -> AccountCheck:
                 f"campaign {numid} ({where}) is not among the API campaigns the listing names: check its type "
                 "in DMDS (only API campaigns can be sent to)"
             )
+    if provider.settings.events.enabled:
+        await _check_return_path(provider, report)
     return report
+
+
+async def _check_return_path(provider: DmdsProvider, report: AccountCheck) -> None:
+    """The event and contact calls, whose paths, parameters and answers are all [I] (eventwire.EVENT_WIRE):
+    a page of the last hour's events, the invalid contacts, and the whitelist check of an address no one has.
+    Each is a GET, as the poller makes it; a failure here is what the poller would say once and retry."""
+    ew = eventwire.EVENT_WIRE
+    settings = provider.settings.events
+    tz, size = zone(settings.timezone), settings.page_size
+    until = time.time()
+    body = orjson.dumps(eventwire.events_body(until - 3600, until, 0, size, tz))
+    checks = [
+        (
+            CallCheck(f"{ew['events_method']} {ew['events']} (the last hour)"),
+            lambda: provider.get("ver_eventos", ew["events"], body, method=ew["events_method"]),
+            lambda r, reading: eventwire.read_events(r, provider.account, tz, size, 0, reading),
+            "EVENT_WIRE['events'], ['events_method'], ['since'], ['until'], ['datetime'] or EVENT_ANSWERS['events']",
+        ),
+        (
+            CallCheck(f"GET {ew['invalid']}"),
+            lambda: provider.get("contactos_invalidos", ew["invalid"]),
+            lambda r, reading: eventwire.read_contacts(r, reading),
+            "EVENT_WIRE['invalid'] or EVENT_ANSWERS['contacts']",
+        ),
+        (
+            CallCheck(f"GET {ew['whitelist'].format(email=CHECKED_ADDRESS)}"),
+            lambda: provider.get("whitelist", ew["whitelist"].format(email=CHECKED_ADDRESS)),
+            lambda r, reading: eventwire.read_whitelisted(r, CHECKED_ADDRESS),
+            "EVENT_WIRE['whitelist'] or EVENT_ANSWERS['message']",
+        ),
+    ]
+    for call, send, parse, names in checks:
+        report.calls.append(call)
+        answered, _ = await probe(call, send, parse)
+        if answered:
+            call.recognised = True
+        elif call.reached and call.authenticated is not False:
+            call.recognised = False
+            report.fixes.append(
+                f"the return path's {call.call} cannot be read ({call.problem}): events.enabled reads it; "
+                f"correct {names} in {EVENTWIRE_FILE}"
+            )
+        else:
+            report.fixes.append(f"{call.call}: {call.problem}")
 
 
 def _lookup(provider: DmdsProvider, numid: int) -> Callable[[], Awaitable[HttpResponse]]:

@@ -125,9 +125,10 @@ class DmdsProvider(ProviderBase[DmdsAccount]):
             return Principal(account=self.account, login=username, extra=DmdsLogin(campaign_from_subject=True))
         return None
 
-    async def get(self, endpoint: str, path: str, content: bytes | None = None) -> HttpResponse:
-        """A read-only call with the account APIKEY (`endpoint`: its name in the metrics)."""
-        return await self.http.request(endpoint, "GET", path, headers=self._headers, content=content)
+    async def get(self, endpoint: str, path: str, content: bytes | None = None, method: str = "GET") -> HttpResponse:
+        """A read-only call with the account APIKEY (`endpoint`: its name in the metrics; `method`: another
+        verb where a read-only call's is a guess, as ver_eventos')."""
+        return await self.http.request(endpoint, method, path, headers=self._headers, content=content)
 
     async def campaign_apikey(self, numid: int, reading: Reading | None = None) -> str | None:
         """The campaign's apikey (campania_apikey), or None when DMDS has no such API campaign."""
