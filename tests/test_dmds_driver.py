@@ -18,6 +18,7 @@ from gateway.providers.dmds.legs import Leg
 from gateway.providers.dmds.provider import DmdsProvider
 from gateway.upstream.client import HttpClient
 from gateway.upstream.shape import Reading
+from tests.harness import APIKEY, sandbox_for_tests
 from tests.test_dmds_payload import submission
 
 ONE = (Leg(0, (Address("ann@example.com"),)),)
@@ -452,3 +453,39 @@ async def test_check_upstream_leaves_the_return_path_alone_when_events_are_off()
     seen: list[httpx.Request] = []
     await check_account(driver(return_path(httpx.Response(500), seen), seen).provider)
     assert not [r for r in seen if r.url.path != "/v1/version/" and not r.url.path.startswith("/v1/campania")]
+
+
+async def test_one_bad_address_of_a_send_many_lowers_sent_in_the_sandbox_as_the_seed_says() -> None:
+    """The seed: with several contacts, "the number of emails sent ... may be less than the number of specified
+    recipients" (a bad address is not sent; the call is not refused). The sandbox refused the whole call (the
+    tests saw a 554 where production gives a 250); the gateway delivers and logs the shortfall."""
+    sandbox = sandbox_for_tests()
+    port = await sandbox.start()
+    try:
+        base = f"http://127.0.0.1:{port}"
+        account = DmdsAccount(dmdsid="acme", api_base=base, apikey=APIKEY)  # type: ignore[arg-type]
+        http = HttpClient(base, upstream="DMDS", account="acme", timeout=5.0)
+        provider = DmdsProvider("acme", account, http)
+        leg = Leg(0, (Address("ann@example.com"), Address("bob@gmail")))  # "gmail": no period [S]
+        with capture_logs() as logs:
+            result = await provider.send_leg(submission((leg,)), leg, None)
+        assert result.sent == 1
+        assert [(e["sent"], e["recipients"]) for e in logs if e["event"] == "dmds_sent_fewer_than_recipients"] == [
+            (1, 2)
+        ]
+        # The seed's own word for the list is taken too.
+        async with httpx.AsyncClient() as client:
+            answer = await client.post(
+                base + "/v1/envio/send_many_inline/",
+                headers={"Authorization": APIKEY},
+                json={
+                    "campana_id": 22,
+                    "email": True,
+                    "html": "<p>Hi</p>",
+                    "contacts": [{"email": "ann@example.com"}, {"email": "bob@example.com"}],
+                },
+            )
+        assert (answer.status_code, answer.json()["sent"]) == (200, 2)
+        await http.aclose()
+    finally:
+        await sandbox.stop()

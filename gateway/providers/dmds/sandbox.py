@@ -26,7 +26,13 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.providers.dmds.sandbox_events import install_events, record_send, send_addresses
+from gateway.providers.dmds.sandbox_events import (
+    CONTACT_LISTS,
+    contact_list,
+    install_events,
+    record_send,
+    send_addresses,
+)
 from gateway.providers.sandbox import Sandbox, Shape, email_error, json_response
 
 SEND_PATHS = ("/v1/envio/send_one_inline/", "/v1/envio/send_many_inline/")
@@ -77,13 +83,15 @@ def validate_send(body: Any, state: DmdsSandbox, many: bool) -> str | None:
         return "email must be true"
     if not isinstance(body.get("html"), str) or not body["html"]:
         return "html missing"
-    contacts = body.get("contactos") if many else [body.get("contacto")]
+    contacts = contact_list(body, many)
     if not isinstance(contacts, list) or not contacts:
         return "contactos missing" if many else "contacto missing"
     for contact in contacts:
         if not isinstance(contact, dict):
             return "contacto must be an object"
-        if error := _check_email(contact.get("email"), "contacto email"):
+        # One contact's bad address refuses a send_one; a send_many sends to the others, with a lower `sent`
+        # (the seed: "the number of emails sent ... may be less than the number of specified recipients").
+        if not many and (error := _check_email(contact.get("email"), "contacto email")):
             return error
     for key, sub in (("copia", "cc_email"), ("copia_oculta", "bcc_email")):
         for item in body.get(key) or []:
@@ -103,6 +111,18 @@ def validate_send(body: Any, state: DmdsSandbox, many: bool) -> str | None:
     if body.get("reuse_eeid") and not body.get("eeid"):
         return "reuse_eeid needs eeid"
     return None
+
+
+def without_bad_addresses(body: dict[str, Any], many: bool) -> tuple[dict[str, Any], set[str]]:
+    """A send_many without its contacts whose address DMDS would not take, and those addresses (lower case):
+    they are neither sent nor counted in `sent`."""
+    if not many:
+        return body, set()
+    key = next(k for k in CONTACT_LISTS if k in body)
+    bad = [c for c in body[key] if _check_email(c.get("email"), "contacto email")]
+    if not bad:
+        return body, set()
+    return {**body, key: [c for c in body[key] if c not in bad]}, {str(c.get("email")).lower() for c in bad}
 
 
 def _count_sent(body: dict[str, Any], many: bool, unsent: set[str]) -> int:
@@ -163,7 +183,8 @@ def install(sandbox: Sandbox, state: DmdsSandbox) -> None:
             return sandbox.answer(entry, err(error), error=error)
         eeid = body["eeid"] if body.get("reuse_eeid") else str(uuid.uuid4())
         # Counted out: the recipients set as unsent, and those whose fate is not to be sent (fates.py).
-        sent = _count_sent(body, many, state.unsent | record_send(sandbox, body, many, eeid))
+        sendable, _ = without_bad_addresses(body, many)
+        sent = _count_sent(sendable, many, state.unsent | record_send(sandbox, sendable, many, eeid))
         entry["upstream_id"] = eeid  # whatever the shape calls it
         if sandbox.state.shape == "alt":
             return sandbox.answer(entry, json_response({"status": "ok", "sent": str(sent), "envio_efectivo_id": eeid}))

@@ -46,9 +46,19 @@ def _time(text: object) -> int | None:
         return None
 
 
+CONTACT_LISTS = ("contactos", "contacts")  # the gateway's [I] word; the seed's own ("change contact to contacts")
+
+
+def contact_list(body: dict[str, Any], many: bool) -> Any:
+    """A send's contacts: send_many's list under either name, or send_one's single contact as a list."""
+    if not many:
+        return [body.get("contacto")]
+    return next((body[key] for key in CONTACT_LISTS if key in body), None)
+
+
 def send_addresses(body: dict[str, Any], many: bool) -> list[str]:
     """Every address a send names: its contacts and copies (DMDS counts copies in `sent` [V])."""
-    addresses = [c["email"] for c in (body["contactos"] if many else [body["contacto"]])]
+    addresses = [c["email"] for c in contact_list(body, many)]
     addresses += [c["cc_email"] for c in body.get("copia") or []]
     addresses += [c["bcc_email"] for c in body.get("copia_oculta") or []]
     return [str(a) for a in addresses]
