@@ -7,13 +7,18 @@ recorded was delivered twice."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import json
+import logging
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import httpx
 
+from gateway.ops import logs
 from tests.configs import serve_config, write
 from tests.ops_util import scraped
 from tests.procs import CLI, queue_empty, recorded, spawn, start_sandbox
@@ -102,3 +107,52 @@ def test_lines_that_cannot_be_written_are_dropped_counted_and_the_log_recovers(t
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert [line["event"] for line in lines] == ["before_full", "after_full", "log_lines_dropped"]
     assert (lines[-1]["dropped"], lines[-1]["level"]) == (4, "warning")
+
+
+def test_a_line_logged_by_a_finalizer_during_a_write_waits_for_it(tmp_path: Path) -> None:
+    """A collection can start at any allocation inside the sink's write and run a finalizer that logs on the same
+    thread (asyncio's "Future exception was never retrieved"): that line is written after the one being
+    written, whole; the thread does not wait for its own lock (before: it hung for good). The collector is made
+    to run at the k-th allocation from the write on, for each k, to hit every point of the write."""
+    path = tmp_path / "log"
+    with path.open("w") as out:
+        sink = logs._Sink(out)
+        logger = logging.getLogger("asyncio")
+        handler = logs._LibraryHandler(sink)
+        logger.addHandler(handler)
+        loop = asyncio.new_event_loop()
+        threshold = gc.get_threshold()
+
+        def write_with_a_collection_at(k: int, done: threading.Event) -> None:
+            gc.disable()
+            future = loop.create_future()  # an exception nobody retrieved, in a cycle: only a collection frees it
+            future.set_exception(RuntimeError("never retrieved"))
+            future.cycle = future  # type: ignore[attr-defined]
+            del future
+            gc.set_threshold(gc.get_count()[0] + k)
+            gc.enable()
+            sink.write('{"event":"message_accepted"}')
+            gc.set_threshold(*threshold)
+            done.set()
+
+        hung = None
+        try:
+            for k in range(40):
+                done = threading.Event()
+                threading.Thread(target=write_with_a_collection_at, args=(k, done), daemon=True).start()
+                if not done.wait(30.0):
+                    hung = k
+                    break
+                gc.set_threshold(*threshold)
+                gc.collect()
+        finally:
+            gc.set_threshold(*threshold)
+            gc.enable()
+            logger.removeHandler(handler)
+            loop.close()
+    assert hung is None, f"the thread hung in the sink's write: a finalizer's line took its lock again (k={hung})"
+    lines = path.read_text().splitlines()
+    assert lines.count('{"event":"message_accepted"}') == 40
+    finalizers = [line for line in lines if "never retrieved" in line]
+    assert finalizers, "no finalizer logged during a write: the test did not reach the window"
+    assert sum("message_accepted" in line for line in lines) == 40  # never cut by a finalizer's line

@@ -116,33 +116,50 @@ class _Sink:
             self._fd = file.fileno()
         except (OSError, AttributeError, io.UnsupportedOperation):
             self._fd = None
-        self._lock = threading.Lock()  # threads (executors) log too: one line at a time, whole
+        # Threads (executors) log too: one line at a time, whole. Re-entrant: a collection that starts at an
+        # allocation inside a write can run a finalizer that logs on the same thread ("Future exception was
+        # never retrieved", "Unclosed client session"); its line waits in `_pending` for the one being
+        # written, rather than the thread waiting for itself for ever.
+        self._lock = threading.RLock()
+        self._pending: list[str] | None = None  # not None while a line is being written (by the lock's holder)
         self._dropping = Episode()
         self._torn = False  # a write failed half-way: the next line starts on a line of its own
 
     def write(self, line: str) -> None:
         with self._lock:
-            try:
-                self._put(line)
-            except OSError:
-                LOG_LINES_DROPPED.inc()
-                self._dropping.occurred()
+            if self._pending is not None:  # the holder itself, re-entered: after the current line
+                self._pending.append(line)
                 return
-            over = self._dropping.ended()
-            if over is None:
-                return
-            notice = {
-                "event": "log_lines_dropped",
-                "level": "warning",
-                "dropped": over.seen,
-                "lasted": over.lasted,
-                "timestamp": _TIMESTAMP.now(),
-            }
+            self._pending = []
             try:
-                self._put(_STATE.render(None, "warning", notice))
-            except OSError:
-                LOG_LINES_DROPPED.inc()
-                self._dropping.occurred()
+                self._write(line)
+                while self._pending:
+                    self._write(self._pending.pop(0))
+            finally:
+                self._pending = None
+
+    def _write(self, line: str) -> None:
+        try:
+            self._put(line)
+        except OSError:
+            LOG_LINES_DROPPED.inc()
+            self._dropping.occurred()
+            return
+        over = self._dropping.ended()
+        if over is None:
+            return
+        notice = {
+            "event": "log_lines_dropped",
+            "level": "warning",
+            "dropped": over.seen,
+            "lasted": over.lasted,
+            "timestamp": _TIMESTAMP.now(),
+        }
+        try:
+            self._put(_STATE.render(None, "warning", notice))
+        except OSError:
+            LOG_LINES_DROPPED.inc()
+            self._dropping.occurred()
 
     def _put(self, line: str) -> None:
         text = ("\n" if self._torn else "") + line + "\n"
