@@ -14,6 +14,8 @@ import contextlib
 import errno
 import os
 import resource
+import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -24,14 +26,20 @@ from gateway.ops.metrics import DESCRIPTORS_EXHAUSTED
 log = structlog.get_logger("gateway.smtp")
 
 CHECK_EVERY = 1.0
+# Seconds without a failure before an episode ends: at the limit, with connections coming and going, each
+# freed descriptor lets one accept through and the next one fails again; that is one episode, not two lines a
+# second.
+QUIET = 5.0
 EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE})
 # asyncio's context message for a failed accept (selector_events.py).
 ACCEPT_FAILED = "socket.accept() out of system resource"
 
 
 class DescriptorWatch:
-    def __init__(self) -> None:
-        self._episode = Episode()
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._episode = Episode(clock)
+        self._last_failure = 0.0
         self._accepts_failed = 0
         self._checks_failed = 0
         self._task: asyncio.Task[None] | None = None
@@ -53,7 +61,10 @@ class DescriptorWatch:
             self._task = None
 
     def available(self) -> None:
-        """A descriptor could be had (a connection was accepted, the check opened one): the episode ends."""
+        """A descriptor could be had (a connection was accepted, the check opened one): the episode ends once
+        none has failed for QUIET seconds."""
+        if not self._episode.active or self._clock() - self._last_failure < QUIET:
+            return
         over = self._episode.ended()
         if over is None:
             return
@@ -67,6 +78,7 @@ class DescriptorWatch:
 
     def _exhausted(self, where: str, exc: OSError) -> None:
         DESCRIPTORS_EXHAUSTED.labels(where=where).inc()
+        self._last_failure = self._clock()
         if where == "accept":
             self._accepts_failed += 1
         else:
@@ -93,16 +105,22 @@ class DescriptorWatch:
 
     async def _check_forever(self) -> None:
         while True:
+            if not self.check():
+                return
             await asyncio.sleep(CHECK_EVERY)
-            self.check()
 
-    def check(self) -> None:
+    def check(self) -> bool:
+        """Open and close one descriptor; False when this check cannot be made here at all (the device refused
+        for another reason than exhaustion: a sandbox or security module), said once: asyncio's failed accepts
+        are still counted."""
         try:
             fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
-            if exc.errno not in EXHAUSTED:
-                raise
-            self._exhausted("check", exc)
-            return
+            if exc.errno in EXHAUSTED:
+                self._exhausted("check", exc)
+                return True
+            log.warning("descriptors_check_unavailable", error=os.strerror(exc.errno or 0), path=os.devnull)
+            return False
         os.close(fd)
         self.available()
+        return True
