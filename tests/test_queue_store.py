@@ -21,6 +21,7 @@ from gateway.core.model import Attachment
 from gateway.core.outcome import Outcome
 from gateway.delivery import transition
 from gateway.queue import codec, postgres_schema, sqlite_schema
+from gateway.queue import store as queue_store
 from gateway.queue.postgres import PostgresQueue
 from gateway.queue.sql import FOR_POSTGRES, FOR_SQLITE, POSTGRES
 from gateway.queue.sqlite import SqliteQueue
@@ -240,6 +241,26 @@ async def test_wake_makes_an_accounts_backlog_due(store: QueueStore) -> None:
     assert await store.wake("acme", now) == 2
     assert sorted(c.id for c in await store.claim("A", "acme", now, 5, lease=30)) == ["W1", "W2"]
     assert await store.claim("A", "other", now, 5, lease=30) == []
+
+
+async def test_a_backlog_is_woken_in_batches(store: QueueStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An account's whole backlog made due a batch per transaction (a million in one UPDATE held SQLite's writer
+    lock for seconds, or passed PostgreSQL's statement bound and was undone, the error swallowed)."""
+    monkeypatch.setattr(queue_store, "WAKE_BATCH", 2)
+    now = time.time()
+    for n in range(5):
+        await store.insert(new(f"B{n}", now + 300 + n))
+    limits: list[int | None] = []
+    wake = store.wake
+
+    async def counted(account: str, now: float, limit: int | None = None) -> int:
+        limits.append(limit)
+        return await wake(account, now, limit)
+
+    monkeypatch.setattr(store, "wake", counted)
+    assert await store.wake("acme", now) == 5
+    assert limits == [None, 2, 2, 2]  # 2 + 2 + 1: the last batch short, so the backlog is done
+    assert sorted(c.id for c in await store.claim("A", "acme", now, 10, lease=30)) == [f"B{n}" for n in range(5)]
 
 
 async def test_large_attachments_are_stored_in_chunks_and_come_back_whole(store: QueueStore) -> None:

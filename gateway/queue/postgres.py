@@ -61,6 +61,7 @@ from gateway.queue.store import (
     chunks,
     message_row,
     storable_message,
+    woken_in_batches,
 )
 
 log = structlog.get_logger("gateway.queue.postgres")
@@ -182,7 +183,7 @@ class PostgresQueue:
                 self._served()
         except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled) as exc:
             # The server cancelled the statement at its bound and rolled the transaction back: nothing written.
-            raise self._busy(exc) from exc
+            raise self._busy(exc, STATEMENT_TIMEOUT if statement_timeout is None else statement_timeout) from exc
         except psycopg.DataError as exc:
             # The values written, not the database (storable() keeps NULs out of text): retrying cannot help.
             raise QueueDataRefused(f"queue {self.url}: {type(exc).__name__}: {exc}") from exc
@@ -237,11 +238,11 @@ class PostgresQueue:
             return False
         return True
 
-    def _busy(self, exc: psycopg.Error) -> QueueBusy:
+    def _busy(self, exc: psycopg.Error, statement_timeout: float) -> QueueBusy:
         """A statement cancelled at the queue's bound (a lock held by another session, a slow statement): 452;
-        logged once per episode, with the server's words (which lock, which bound)."""
+        logged once per episode, with the server's words (which lock, which bound: the transaction's own)."""
         bound = "lock_timeout" if isinstance(exc, psycopg.errors.LockNotAvailable) else "statement_timeout"
-        seconds = LOCK_TIMEOUT if bound == "lock_timeout" else STATEMENT_TIMEOUT
+        seconds = LOCK_TIMEOUT if bound == "lock_timeout" else statement_timeout
         reason = f"queue {self.url}: busy: {bound} ({seconds:g} s) reached: {str(exc).strip().splitlines()[0]}"
         if self._slow.occurred():
             log.warning("queue_database_slow", queue=self.url, bound=bound, seconds=seconds, error=reason)
@@ -469,8 +470,10 @@ class PostgresQueue:
         return None if row is None or row["t"] is None else float(row["t"])
 
     async def wake(self, account: str, now: float, limit: int | None = None) -> int:
+        if limit is None:
+            return await woken_in_batches(lambda batch: self.wake(account, now, batch))
         async with self._tx() as conn:
-            cur = await conn.execute(SQL.wake, (now, account, now, POSTGRES.no_limit if limit is None else limit))
+            cur = await conn.execute(SQL.wake, (now, account, now, limit))
             if cur.rowcount:
                 await self._notify(conn, account)
             return cur.rowcount

@@ -44,6 +44,7 @@ from gateway.queue.store import (
     chunks,
     message_row,
     storable_message,
+    woken_in_batches,
 )
 
 log = structlog.get_logger("gateway.queue.sqlite")
@@ -326,9 +327,12 @@ class SqliteQueue:
         return await self._run(run)
 
     async def wake(self, account: str, now: float, limit: int | None = None) -> int:
+        if limit is None:
+            return await woken_in_batches(lambda batch: self.wake(account, now, batch))
+
         def run() -> int:
             with self._tx() as db:
-                return db.execute(SQL.wake, (now, account, now, SQLITE.no_limit if limit is None else limit)).rowcount
+                return db.execute(SQL.wake, (now, account, now, limit)).rowcount
 
         return await self._run(run)
 

@@ -17,7 +17,7 @@ gateway/delivery/transition.py; the store applies them atomically and only under
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple, Protocol
 
@@ -314,6 +314,22 @@ def message_row(m: NewMessage) -> MessageRow:
 
 
 # How often a process sweeps the shared AUTH counts of clients that stopped trying (seconds).
+# Messages one wake makes due per transaction: an account's whole backlog (a million after a long outage) in
+# one UPDATE would hold SQLite's writer lock for seconds, or pass PostgreSQL's statement bound and be undone.
+WAKE_BATCH = 5000
+
+
+async def woken_in_batches(wake: Callable[[int], Awaitable[int]]) -> int:
+    """An unlimited wake, WAKE_BATCH at a time (each batch makes its messages due, so the next one reads the
+    rest): how many were made due."""
+    total = 0
+    while True:
+        woken = await wake(WAKE_BATCH)
+        total += woken
+        if woken < WAKE_BATCH:
+            return total
+
+
 AUTH_SWEEP_EVERY = 60.0
 AuthChange = Callable[[Record, float], tuple[Record, Any]]
 
