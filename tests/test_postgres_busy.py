@@ -6,8 +6,7 @@ the statement at the queue's lock_timeout (as SQLite's busy timeout), nothing is
 from __future__ import annotations
 
 import smtplib
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable
 
 import psycopg
 import pytest
@@ -15,32 +14,18 @@ import structlog
 
 from gateway.core.errors import QueueBusy
 from gateway.queue import postgres
+from tests.devices_util import events
 from tests.harness import Running
-from tests.pgserver import PgCluster, PgUnavailable
+from tests.pgserver import PgCluster
 from tests.spool_helpers import send
 
 FAST = {"retry_schedule": [0.3], "retry_jitter": 0.0, "poll_interval": 0.2, "inline_budget": 2.0}
 
 
-@pytest.fixture
-def own_cluster() -> Iterator[PgCluster]:
-    try:
-        cluster = PgCluster()
-    except PgUnavailable as exc:
-        pytest.skip(str(exc))
-    cluster.start()
-    yield cluster
-    cluster.stop()
-
-
-def events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
-    return [e for e in logs if e["event"] == name]
-
-
 def test_locked_queue_table_gets_452_then_250_and_nothing_written_after_the_452(
-    gateway_factory: Callable[..., Running], own_cluster: PgCluster
+    gateway_factory: Callable[..., Running], pg_cluster: PgCluster
 ) -> None:
-    url = own_cluster.new_database()
+    url = pg_cluster.new_database()
     gw = gateway_factory(delivery={**FAST, "queue_url": url})
     gw.fault(status=503, count=None)  # every message needs the queue
     with structlog.testing.capture_logs() as logs:
