@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.ledger import sql as ledger_sql
 from gateway.ledger.backends import open_returns
 from gateway.ledger.model import EventRow, MessageRow, NoticeRow, OutboxRow, RecipientRow, SuppressionRow
 from gateway.ledger.postgres import PostgresLedger
@@ -241,3 +242,18 @@ async def test_the_leases_of_an_owner_that_is_gone_end_at_once(instances: Callab
     assert again.reclaimed
     assert len(await b.claim_notices("host:2:live", T0 + 3, 600, 10)) == 1
     assert await b.owners() == ["host:2:live"]
+
+
+async def test_a_suppression_kept_under_an_old_unicode_key_is_still_removed(
+    instances: Callable[[], Pair], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Schema 6 and older kept an internationalized domain as typed (lower case), the keys are now IDNA: removing
+    the address removes the entry under either key (else the operator could never remove it)."""
+    ledger, returns = instances()
+    await ledger.open()
+    with monkeypatch.context() as old:
+        old.setattr(ledger_sql, "address_key", lambda address: address.strip().lower())
+        await returns.suppress([SuppressionRow("acme", "a@Bücher.example", "hard bounce", "bounced", T0)])
+    assert [s.address for s in await returns.suppressions("acme")] == ["a@bücher.example"]
+    assert await returns.unsuppress("A@bücher.example", "acme") == 1
+    assert await returns.suppressions() == []

@@ -208,6 +208,15 @@ def address_key(address: str) -> str:
     return ascii_address(address)
 
 
+def address_keys(address: str) -> tuple[str, ...]:
+    """The keys a row of `address` may be stored under: address_key's, and (a Unicode domain) the lower-cased
+    address as typed, which rows written before the keys were IDNA kept (schema 6 and older): a removal finds
+    both."""
+    old = address.strip().lower()
+    new = address_key(address)
+    return (new,) if old == new else (new, old)
+
+
 def message_id_key(message_id: str) -> str:
     """A Message-ID as stored and searched: without its angle brackets."""
     return message_id.strip().removeprefix("<").removesuffix(">").strip()

@@ -9,7 +9,7 @@ from typing import Any
 
 from gateway.core.storable import storable
 from gateway.ledger import readback
-from gateway.ledger.model import Record, Row, SuppressionRow, address_key
+from gateway.ledger.model import Record, Row, SuppressionRow, address_key, address_keys
 from gateway.ledger.postgres import PostgresLedger
 from gateway.ledger.returns import Claim, Delivery, Lease, Match, Suppressed
 from gateway.ledger.returns_sql import FOR_POSTGRES
@@ -112,12 +112,15 @@ class PostgresReturns:
                 await PostgresLedger.write_in(conn, rows)
 
     async def unsuppress(self, address: str, account: str | None = None) -> int:
+        removed = 0
         async with self.ledger.connection() as conn:
-            if account is None:
-                cur = await conn.execute(SQL.suppression_drop_any, (address_key(address),))
-            else:
-                cur = await conn.execute(SQL.suppression_drop, (account, address_key(address)))
-            return cur.rowcount
+            for key in address_keys(address):
+                if account is None:
+                    cur = await conn.execute(SQL.suppression_drop_any, (key,))
+                else:
+                    cur = await conn.execute(SQL.suppression_drop, (account, key))
+                removed += cur.rowcount
+        return removed
 
     async def sync_source(
         self,

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from gateway.ledger import readback
-from gateway.ledger.model import Record, Row, SuppressionRow, address_key
+from gateway.ledger.model import Record, Row, SuppressionRow, address_key, address_keys
 from gateway.ledger.returns import Claim, Delivery, Lease, Match, Suppressed
 from gateway.ledger.returns_sql import FOR_SQLITE
 from gateway.ledger.sqlite import SqliteLedger
@@ -152,10 +152,14 @@ class SqliteReturns:
 
     async def unsuppress(self, address: str, account: str | None = None) -> int:
         def run(db: sqlite3.Connection) -> int:
+            removed = 0
             with _tx(db):
-                if account is None:
-                    return db.execute(SQL.suppression_drop_any, (address_key(address),)).rowcount
-                return db.execute(SQL.suppression_drop, (account, address_key(address))).rowcount
+                for key in address_keys(address):
+                    if account is None:
+                        removed += db.execute(SQL.suppression_drop_any, (key,)).rowcount
+                    else:
+                        removed += db.execute(SQL.suppression_drop, (account, key)).rowcount
+            return removed
 
         return await self._run(run)
 
