@@ -3,6 +3,7 @@ self-signed certificate the gateway is told to trust) by aiohttp on loopback, to
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ from typing import Any
 import jwt
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+from jwt.algorithms import RSAAlgorithm
 
 from gateway.smtp.tls import server_context, write_self_signed
 
@@ -36,9 +37,23 @@ def public_jwk(key: PrivateKey, kid: str) -> dict[str, Any]:
         jwk = json.loads(RSAAlgorithm.to_jwk(key.public_key()))
         jwk["alg"] = "RS256"
     else:
-        jwk = json.loads(ECAlgorithm.to_jwk(key.public_key()))
+        jwk = ec_jwk(key)
         jwk["alg"] = ec_algorithm(key)
     return {**jwk, "kid": kid, "use": "sig"}
+
+
+def ec_jwk(key: ec.EllipticCurvePrivateKey) -> dict[str, Any]:
+    """An EC public key as RFC 7518 §6.2.1.2 writes it: each coordinate the curve's full size in bytes. PyJWT
+    2.8's to_jwk drops a coordinate's leading zero bytes (one key in about 128), and its from_jwk, as the
+    gateway reads keys with the minimum versions, refuses such a key: the test issuer must publish it whole."""
+    numbers = key.public_key().public_numbers()
+    size = (key.curve.key_size + 7) // 8
+    crv = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}[key.curve.name]
+
+    def coordinate(value: int) -> str:
+        return base64.urlsafe_b64encode(value.to_bytes(size, "big")).rstrip(b"=").decode()
+
+    return {"kty": "EC", "crv": crv, "x": coordinate(numbers.x), "y": coordinate(numbers.y)}
 
 
 @dataclass

@@ -15,11 +15,12 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from gateway.auth import sasl
+from gateway.auth import jwks, sasl
+from gateway.upstream.response import HttpResponse
 from tests.configs import PASSWORD_HASH, listener
 from tests.devices_util import captured_logs, events, raw_send, require_tool
 from tests.harness import LoopThread, Running
-from tests.oauth_issuer import AUDIENCE, Issuer, issuer_config, rsa_key
+from tests.oauth_issuer import AUDIENCE, Issuer, issuer_config, public_jwk, rsa_key
 from tests.ops_util import sample
 from tests.smtputil import RECIPIENT, SENDER, RawClient, message
 from tests.test_reload import config_of, reload_with
@@ -357,3 +358,15 @@ def test_issuers_are_reloaded(gateway_factory: Factory, issuer: Issuer) -> None:
     del config["oauth"]
     assert reload_with(gw, config)
     assert token_login(gw, "XOAUTH2", xoauth2("", issuer.token(sub="svc")))[-1].startswith("504 ")
+
+
+def test_the_test_issuer_publishes_ec_coordinates_at_their_full_size() -> None:
+    """RFC 7518 §6.2.1.2: a coordinate is the curve's size in bytes, leading zeros kept. One P-256 key in about
+    128 has a coordinate below 2**248; written short (PyJWT 2.8's to_jwk), the gateway's key reader with the
+    minimum versions refuses the key, and a test that uses it failed now and then in CI's first run."""
+    keys = (ec.derive_private_key(v, ec.SECP256R1()) for v in range(1, 100_000))
+    key = next(k for k in keys if k.public_key().public_numbers().x < 2**248)
+    jwk = public_jwk(key, "short-x")
+    assert len(base64.urlsafe_b64decode(jwk["x"] + "==")) == 32
+    assert len(base64.urlsafe_b64decode(jwk["y"] + "==")) == 32
+    assert jwks.parse_jwks(HttpResponse(200, json.dumps({"keys": [jwk]}).encode(), {})).keys() == {"short-x"}
