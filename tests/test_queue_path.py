@@ -33,6 +33,11 @@ def _env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
+def _operator(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """The CLI run from an operator's shell in `cwd`."""
+    return subprocess.run([*CLI, *args], cwd=cwd, env=_env(), capture_output=True, text=True, timeout=60, check=False)
+
+
 def _unit_environment(state: Path) -> dict[str, str]:
     """The unit's Environment= lines, its state directory moved to `state`."""
     lines = re.findall(r"^Environment=(\w+)=(.*)$", UNIT.read_text(), re.MULTILINE)
@@ -90,15 +95,7 @@ check_sender_domain = false
             s.login("dev", "a long random password")
             s.sendmail("a@example.com", ["b@example.net"], b"Subject: invoice\r\n\r\nhello\r\n")
         # The operator's shell: its own directory, none of the unit's environment.
-        listed = subprocess.run(
-            [*CLI, "queue", "-c", str(config), "list"],
-            cwd=home,
-            env=_env(),
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        listed = _operator(["queue", "-c", str(config), "list"], home)
     finally:
         proc.terminate()
         proc.wait(30)
@@ -126,9 +123,7 @@ RELATIVE = (
     ],
 )
 def test_no_queue_names_the_absolute_path_and_exits_1(tmp_path: Path, command: list[str], what: str) -> None:
-    done = subprocess.run(
-        [*CLI, *command], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=60, check=False
-    )
+    done = _operator(command, tmp_path)
     absolute = tmp_path / "var" / "spool.sqlite3"
     expected = f"no queue{what} at {absolute} {RELATIVE.format(path='var/spool.sqlite3')}\n"
     assert (done.returncode, done.stdout) == (1, expected), done.stderr
@@ -136,15 +131,7 @@ def test_no_queue_names_the_absolute_path_and_exits_1(tmp_path: Path, command: l
 
 def test_no_queue_at_an_absolute_path_asks_whether_serve_uses_it(tmp_path: Path) -> None:
     spool = tmp_path / "elsewhere.sqlite3"
-    done = subprocess.run(
-        [*CLI, "queue", "--spool", str(spool), "list"],
-        cwd=tmp_path,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = _operator(["queue", "--spool", str(spool), "list"], tmp_path)
     assert (done.returncode, done.stdout) == (
         1,
         f"no queue at {spool} (no gateway has run with it: is it the delivery.spool_path that serve uses?)\n",
