@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,14 +94,6 @@ class Lines:
             line = found()
         assert line is not None, f"no line matching {pattern!r} in:\n{''.join(self.lines)}"
         return line
-
-    def wait_until(self, done: Callable[[list[str]], bool], what: str, timeout: float = 30.0) -> list[str]:
-        """Blocks until ``done(lines)`` holds (``what`` names it in the failure); a copy of the lines then."""
-        with self._cond:
-            self._cond.wait_for(lambda: done(self.lines) or self._closed, timeout)
-            lines = list(self.lines)
-        assert done(lines), f"never {what} in:\n{''.join(lines)}"
-        return lines
 
     def event(self, name: str, timeout: float = 30.0) -> dict[str, Any]:
         """The first JSON log line of the event `name`, parsed (however its JSON is spaced)."""
