@@ -426,3 +426,22 @@ async def test_identities_never_fetched_are_reported_once_at_the_failures_level(
                 await identities.current()
     [line] = events(logs, "dengage_froms_unavailable")
     assert (line["log_level"], line["account"], line["reason"]) == (level, "acme", failure.reason)
+
+
+async def test_check_upstream_reports_a_refused_report_query_instead_of_crashing() -> None:
+    # dEngage's own 400 naming a parameter (limit/offset's names are [I]): a name to correct, not a crash.
+    up = Upstream()
+
+    async def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/rest/transactional/email/report":
+            up.requests.append(request)
+            return httpx.Response(400, json={"code": 400, "message": "The Limit field is required."})
+        return await up(request)
+
+    report = await provider(answer, events={"enabled": True}).check_upstream()
+    assert not report.ok
+    assert (report.calls[-1].status, report.calls[-1].recognised) == (400, False)
+    [fix] = report.fixes
+    assert "dEngage refused the report query: The Limit field is required." in fix and "REPORT_WIRE" in fix
+    [asked] = up.of("/rest/transactional/email/report")
+    assert asked.headers["Authorization"].startswith("Bearer tok-")

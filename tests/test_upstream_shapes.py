@@ -263,3 +263,52 @@ def test_check_upstream_as_the_page_shows(tmp_path: Path, loop_thread: LoopThrea
         assert one.returncode == 0 and [a["account"] for a in json.loads(one.stdout)] == ["crm"]
     finally:
         loop_thread.run(sandbox.stop())
+
+
+def report_check(tmp_path: Path, sandbox: Sandbox) -> dict[str, Any]:
+    """check-upstream of the dEngage account alone with events enabled: its report (JSON)."""
+    events = {"enabled": True, "tag": "smtp-gateway"}
+    result = check_upstream(tmp_path, sandbox, "crm", "--json", crm={"events": events})
+    assert result.returncode in (0, 1), result.stdout + result.stderr
+    [dengage] = json.loads(result.stdout)
+    return dict(dengage)
+
+
+def test_check_upstream_reads_the_dengage_report_when_events_are_enabled(tmp_path: Path, upstream: Sandbox) -> None:
+    dengage = report_check(tmp_path, upstream)
+    assert dengage["ok"], dengage["fixes"]
+    assert [c["call"] for c in dengage["calls"]] == [
+        "POST /login",
+        "GET /email/froms",
+        "GET /transactional/email/report (the last hour)",
+    ]
+    [asked] = [r for r in upstream.state.requests if r["kind"] == "report"]
+    # The window and the page by the [I] names, the tag the poller filters by (the sandbox refuses others).
+    assert set(asked["query"]) == {"beginTime", "endTime", "limit", "offset", "tag"}
+    assert [r for r in upstream.state.requests if r["kind"] == "send"] == []
+
+
+@pytest.mark.parametrize(
+    ("style", "fault", "problem"),
+    [
+        ("html", {"status": 404}, "the path or api_base is wrong"),  # no report at that path
+        ("bare", {"mode": "err"}, "no list of rows under a known name"),  # an answer in another shape
+    ],
+)
+def test_check_upstream_says_when_the_dengage_report_cannot_be_read(
+    tmp_path: Path, upstream: Sandbox, style: str, fault: dict[str, Any], problem: str
+) -> None:
+    url = f"http://127.0.0.1:{upstream.port}/_sandbox"
+    httpx.post(f"{url}/dengage", json={"fault_style": style}).raise_for_status()
+    httpx.post(f"{url}/faults", json={**fault, "kind": "report", "provider": "dengage"}).raise_for_status()
+    dengage = report_check(tmp_path, upstream)
+    assert not dengage["ok"]
+    report = dengage["calls"][-1]
+    assert (report["call"], report["reached"], report["recognised"]) == (
+        "GET /transactional/email/report (the last hour)",
+        True,
+        False,
+    )
+    [fix] = dengage["fixes"]
+    assert problem in fix and "REPORT_WIRE['report']" in fix and "gateway/providers/dengage/eventwire.py" in fix
+    assert "<html" not in json.dumps(dengage)  # a proxy's page is not repeated in the report

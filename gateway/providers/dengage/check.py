@@ -1,22 +1,28 @@
 """`smtp-gateway check-upstream` for a dEngage account: the API user's login and the From identities, each
-read as the gateway reads it, against the sender domains and addresses the configuration names (read-only:
-nothing is sent or changed)."""
+read as the gateway reads it, against the sender domains and addresses the configuration names, and with
+`events` enabled a page of the transactional email report (read-only: nothing is sent or changed)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import time
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from gateway.core.errors import UpstreamRejected, UpstreamUnavailable
+from gateway.core.events import EventPage, zone
 from gateway.policy import ascii_domain, domain_of
 from gateway.providers.checks import AccountCheck, CallCheck, not_reached, probe
-from gateway.providers.dengage import wire
+from gateway.providers.dengage import eventwire, wire
 from gateway.providers.dengage.session import JSON
+from gateway.upstream.response import HttpResponse
+from gateway.upstream.shape import Reading
 
 if TYPE_CHECKING:
     from gateway.providers.dengage.provider import DengageProvider
 
 WIRE_FILE = "gateway/providers/dengage/wire.py"
+EVENTWIRE_FILE = "gateway/providers/dengage/eventwire.py"
 
 
 def configured_senders(provider: DengageProvider) -> dict[str, str]:
@@ -41,7 +47,7 @@ async def check_account(provider: DengageProvider) -> AccountCheck:
     report.calls.append(login)
     body = orjson.dumps(wire.login_body(settings.api_userkey, settings.api_password))
     await provider.limiter.acquire()
-    answered, token = await probe(
+    _, token = await probe(
         login,
         lambda: provider.http.request("login", "POST", str(w["login"]), headers=JSON, content=body),
         wire.login_token,
@@ -63,10 +69,19 @@ async def check_account(provider: DengageProvider) -> AccountCheck:
         return report
     login.recognised = True
     assert token is not None
+    headers = {**JSON, "Authorization": f"Bearer {token.value}"}
+    await _check_froms(provider, report, configured, headers)
+    if settings.events.enabled:
+        await _check_report(provider, report, headers)
+    return report
 
+
+async def _check_froms(
+    provider: DengageProvider, report: AccountCheck, configured: dict[str, str], headers: dict[str, str]
+) -> None:
+    settings, w = provider.settings, wire.WIRE
     froms = CallCheck(f"GET {w['froms']}")
     report.calls.append(froms)
-    headers = {**JSON, "Authorization": f"Bearer {token.value}"}
     await provider.limiter.acquire()
     answered, identities = await probe(
         froms, lambda: provider.http.request("froms", "GET", str(w["froms"]), headers=headers), wire.from_identities
@@ -79,7 +94,7 @@ async def check_account(provider: DengageProvider) -> AccountCheck:
             f"the identities ({froms.call}) cannot be read: {froms.problem}"
             + (f"; correct IDENTITY_KEYS in {WIRE_FILE}" if froms.recognised is False and not names_fix else "")
         )
-        return report
+        return
     froms.recognised = True
     report.found = [f"{i.name} <{i.address}>" + (f" (id {i.id})" if i.id else "") for i in identities]
     domains = {ascii_domain(domain_of(i.address)) for i in identities}
@@ -96,4 +111,38 @@ async def check_account(provider: DengageProvider) -> AccountCheck:
             f"from_identity_field is set but the identities answer gives no id for some of them: correct "
             f"IDENTITY_KEYS['id'] in {WIRE_FILE}, or unset from_identity_field"
         )
-    return report
+
+
+async def _check_report(provider: DengageProvider, report: AccountCheck, headers: dict[str, str]) -> None:
+    """The report call the return path polls, whose path and `limit`/`offset` names are [I]
+    (eventwire.REPORT_WIRE): the last hour's first page, read as the poller reads it. A failure here is what
+    the poller would say once (events_poll_failed) and retry at every interval."""
+    settings = provider.settings.events
+    tz, size = zone(settings.timezone), settings.page_size
+    until = time.time()
+    path = eventwire.report_path(until - 3600, until, 0, size, settings.tag, tz)
+    call = CallCheck(f"GET {eventwire.REPORT_WIRE['report']} (the last hour)")
+    report.calls.append(call)
+
+    def read(response: HttpResponse, reading: Reading) -> EventPage:
+        try:
+            data: Any = eventwire.report_data(response, wire.check_status)
+        except UpstreamRejected as exc:
+            # dEngage's own refusal of the query (a 400 naming a parameter): its names are the guess to correct,
+            # not a refusal of anything sent (the poller says the same once and retries).
+            raise UpstreamUnavailable(f"dEngage refused the report query: {exc.reason}") from None
+        return eventwire.read_report(data, provider.account, tz, size, 0, reading)
+
+    await provider.limiter.acquire()
+    answered, _ = await probe(call, lambda: provider.http.request("report", "GET", path, headers=headers), read)
+    if answered:
+        call.recognised = True
+    elif call.reached and call.authenticated is not False:
+        call.recognised = False
+        report.fixes.append(
+            f"the return path's {call.call} cannot be read ({call.problem}): events.enabled reads it; correct "
+            f"REPORT_WIRE['report'], ['since'], ['until'], ['limit'], ['offset'] or REPORT_ANSWERS['rows'] in "
+            f"{EVENTWIRE_FILE}"
+        )
+    else:
+        report.fixes.append(f"{call.call}: {call.problem}")
