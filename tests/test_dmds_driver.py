@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -12,6 +13,7 @@ from structlog.testing import capture_logs
 from gateway.core.errors import AnswerLost, Deferred, UpstreamAuthFailed, UpstreamRejected, UpstreamUnavailable
 from gateway.core.model import Address
 from gateway.core.replies import RATE_LIMITED
+from gateway.providers.dmds import eventwire
 from gateway.providers.dmds.check import check_account
 from gateway.providers.dmds.config import DmdsAccount
 from gateway.providers.dmds.legs import Leg
@@ -74,7 +76,7 @@ async def test_several_contacts_use_send_many_inline() -> None:
     ("response", "error", "text"),
     [
         (httpx.Response(403, json={"status": "err", "on": "forbidden"}), UpstreamAuthFailed, "APIKEY"),
-        (httpx.Response(401, text=""), UpstreamAuthFailed, "APIKEY"),
+        (httpx.Response(401, json={"detail": "Invalid token."}), UpstreamAuthFailed, "APIKEY"),
         (httpx.Response(429, text="slow down"), UpstreamUnavailable, "429"),
         (httpx.Response(500, text="boom"), UpstreamUnavailable, "500"),
         (httpx.Response(503, text=""), UpstreamUnavailable, "503"),
@@ -321,6 +323,41 @@ async def test_a_proxys_html_4xx_is_temporary_and_never_the_reply(status: int) -
     assert "408 Request Time-out" in info.value.reason
     with pytest.raises(UpstreamUnavailable, match="a proxy or load balancer"):
         await d.provider.campaign_apikey(22)
+
+
+@pytest.mark.parametrize("status", [401, 403])
+@pytest.mark.parametrize(
+    "body", [{"text": "<html><title>403 Forbidden</title><h1>Request blocked</h1></html>"}, {"content": b""}]
+)
+async def test_a_proxys_401_or_403_page_is_temporary_not_a_refused_apikey(status: int, body: dict[str, Any]) -> None:
+    """A 401/403 page or empty body from a proxy or WAF in front of DMDS is no DMDS answer: temporary (the
+    message queued, an SMTP-API login 454), never the APIKEY refused (upstream_refused_credentials, /readyz
+    blaming the key), and the page is not in the reply."""
+    response = httpx.Response(status, headers={"content-type": "text/html"}, **body)
+    d = driver(lambda r: response)
+    with pytest.raises(UpstreamUnavailable, match="a proxy or WAF") as info:
+        await d.send(submission(ONE), ONE[0], None)
+    assert not isinstance(info.value, (AnswerLost, UpstreamAuthFailed))
+    assert "<html" not in info.value.reply.text.lower()
+    for call in (d.provider.campaign_apikey(22), _whitelisted(d.provider)):
+        with pytest.raises(UpstreamUnavailable, match="a proxy or WAF"):
+            await call
+
+
+async def _whitelisted(provider: DmdsProvider) -> bool:
+    path = eventwire.EVENT_WIRE["whitelist"].format(email="ann@example.com")
+    return eventwire.read_whitelisted(await provider.get("whitelist", path), "ann@example.com")
+
+
+@pytest.mark.parametrize("status", [401, 403])
+async def test_dmds_own_401_or_403_is_still_the_apikey_refused(status: int) -> None:
+    response = httpx.Response(status, json={"status": "err", "on": "apikey invalida"})
+    d = driver(lambda r: response)
+    with pytest.raises(UpstreamAuthFailed, match="APIKEY was refused"):
+        await d.send(submission(ONE), ONE[0], None)
+    for call in (d.provider.campaign_apikey(22), _whitelisted(d.provider)):
+        with pytest.raises(UpstreamAuthFailed, match="APIKEY was refused"):
+            await call
 
 
 async def test_a_long_foreign_page_is_logged_cut_short() -> None:

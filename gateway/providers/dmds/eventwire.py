@@ -9,8 +9,9 @@ from collections.abc import Mapping
 from datetime import tzinfo
 from typing import Any
 
-from gateway.core.errors import RateLimited, UpstreamAuthFailed, UpstreamUnavailable
+from gateway.core.errors import RateLimited, UpstreamUnavailable
 from gateway.core.events import EventPage, EventType, add_event, vendor_stamp
+from gateway.providers.dmds.wire import key_refused
 from gateway.upstream.response import HttpResponse
 from gateway.upstream.shape import Reading, keys, number
 
@@ -87,8 +88,7 @@ def events_body(since: float, until: float, page: int, size: int, tz: tzinfo) ->
 def _check(response: HttpResponse, what: str) -> Any:
     """The JSON body of an answer, or the typed error a poll waits out (nothing here refuses a message)."""
     status = response.status
-    if status in (401, 403):
-        raise UpstreamAuthFailed(f"DMDS answered {status} to {what}: the gateway's APIKEY was refused")
+    key_refused(response, what)
     if status == 429:
         raise RateLimited(f"DMDS rate limit (429) on {what}", retry_after=response.retry_after(0.0))
     if status >= 300:

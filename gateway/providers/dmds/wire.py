@@ -182,6 +182,22 @@ def foreign(response: HttpResponse, what: str) -> None:
         )
 
 
+def key_refused(response: HttpResponse, what: str, whose: str = "the gateway's") -> None:
+    """A 401 or 403 is DMDS refusing the APIKEY only in DMDS' own answer, JSON (DMDS answers in JSON [S]);
+    an HTML page or an empty body is a proxy's or WAF's in front of it (its own authentication, a blocked
+    address, a rule matched): an operator matter and temporary, never "wrong key" (a 535 at AUTH, the
+    account named as refusing in /readyz), its start for the log only."""
+    status = response.status
+    if status not in (401, 403):
+        return
+    if _object(response) is None:
+        raise UpstreamUnavailable(
+            f"DMDS answered {status} to {what} with no DMDS answer (not JSON; a proxy or WAF in front of it?): "
+            f"{excerpt(response)}"
+        )
+    raise UpstreamAuthFailed(f"DMDS answered {status} to {what}: {whose} APIKEY was refused")
+
+
 def _shape(data: Any) -> str:
     """What an answer is, for a log line (never its values): its keys, or its JSON type."""
     return keys(data) if isinstance(data, dict) else f"a JSON {type(data).__name__}"
@@ -198,8 +214,7 @@ class SendResult:
 def classify(response: HttpResponse) -> SendResult:
     """Map a send answer to its result, or raise the typed error of design.md's reply table."""
     status = response.status
-    if status in (401, 403):
-        raise UpstreamAuthFailed(f"DMDS answered {status}: the gateway's APIKEY was refused")
+    key_refused(response, "the send")
     if status == 429:
         raise RateLimited("DMDS rate limit (429)", retry_after=response.retry_after(time.time()))
     if status >= 500:
@@ -262,8 +277,7 @@ def not_found(response: HttpResponse, what: str) -> None:
 
 def _readable(response: HttpResponse, what: str) -> Any:
     """The JSON of a read-only call's answer; typed errors for what is not the answer's business."""
-    if response.status in (401, 403):
-        raise UpstreamAuthFailed(f"DMDS answered {response.status} to {what}: the account APIKEY was refused")
+    key_refused(response, what, "the account")
     if response.status == 429 or response.status >= 500:
         raise UpstreamUnavailable(f"DMDS answered {response.status} to {what}")
     redirect(response, what)
