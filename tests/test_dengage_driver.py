@@ -188,6 +188,28 @@ async def test_a_second_401_is_an_auth_failure_not_a_loop() -> None:
     assert len(up.of("/rest/transactional/email")) == 3  # the first send, then one call and one retry
 
 
+@pytest.mark.parametrize(
+    "page",
+    [
+        httpx.Response(401, text="<html><title>401 Authorization Required</title></html>"),
+        httpx.Response(401, headers={"content-type": "text/html"}, content=b""),
+    ],
+)
+async def test_a_proxys_401_is_temporary_not_a_refused_token(page: httpx.Response) -> None:
+    """A 401 that is no dEngage answer (a proxy's or WAF's page, an empty body): one new token is tried, as for
+    any 401, then the call is temporary (queued, 451 4.4.1), never the API user refused (/readyz, 4.7.0), and
+    the page stays out of the reply."""
+    up = Upstream()
+    p = provider(up)
+    await p.deliver(submission("a@example.com"), {})
+    up.send_answers = [page, page]
+    outcome = await p.deliver(submission("b@example.com"), {})
+    [error] = outcome.deferred.values()
+    assert isinstance(error, UpstreamUnavailable) and not isinstance(error, UpstreamAuthFailed)
+    assert "a proxy or WAF" in error.reason and "<html" not in error.reply.text
+    assert len(up.of("/rest/login")) == 2 and len(up.of("/rest/transactional/email")) == 3
+
+
 async def test_code_not_zero_refuses_only_that_recipient() -> None:
     up = Upstream()
     up.send_answers = [
@@ -350,6 +372,9 @@ async def test_api_user_login_cannot_be_checked_through_a_down_upstream() -> Non
         (httpx.Response(400, content=b"<html><title>400 Bad Request</title></html>"), UpstreamUnavailable),
         (httpx.Response(407, content=b"<html><title>407 Proxy Authentication</title></html>"), UpstreamUnavailable),
         (httpx.Response(403, content=b""), wire.IpNotAllowlisted),
+        # A proxy's or WAF's own 401 (a page, or an empty body): no word on the API user's password either.
+        (httpx.Response(401, content=b"<html><title>401 Authorization Required</title></html>"), UpstreamUnavailable),
+        (httpx.Response(401, content=b""), UpstreamUnavailable),
     ],
 )
 async def test_api_user_login_through_a_foreign_page_or_an_empty_403_is_not_a_wrong_password(
@@ -445,3 +470,15 @@ async def test_check_upstream_reports_a_refused_report_query_instead_of_crashing
     assert "dEngage refused the report query: The Limit field is required." in fix and "REPORT_WIRE" in fix
     [asked] = up.of("/rest/transactional/email/report")
     assert asked.headers["Authorization"].startswith("Bearer tok-")
+
+
+async def test_check_upstream_does_not_blame_the_credentials_for_a_proxys_401_page() -> None:
+    async def page(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(401, text="<html><title>401 Authorization Required</title></html>")
+
+    report = await provider(page).check_upstream()
+    assert not report.ok
+    [login] = report.calls
+    assert (login.reached, login.authenticated, login.status) == (True, None, 401)
+    [fix] = report.fixes
+    assert "a proxy or WAF" in fix and "userkey and password" not in fix

@@ -526,3 +526,12 @@ async def test_one_bad_address_of_a_send_many_lowers_sent_in_the_sandbox_as_the_
         await http.aclose()
     finally:
         await sandbox.stop()
+
+
+async def test_check_upstream_does_not_blame_the_apikey_for_a_proxys_403_page() -> None:
+    page = httpx.Response(403, text="<html><h1>Request blocked</h1></html>", headers={"content-type": "text/html"})
+    report = await check_account(driver(lambda r: page, campaigns=[22]).provider)
+    assert not report.ok
+    assert (report.calls[0].reached, report.calls[0].authenticated) == (True, None)
+    assert "a proxy or WAF" in (report.calls[0].problem or "")
+    assert not any("apikey (or apikey_file)" in fix for fix in report.fixes)

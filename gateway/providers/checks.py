@@ -41,6 +41,10 @@ class CallCheck:
         """A typed failure of the call: not reached (no answer), or an answer refusing the credentials."""
         if isinstance(exc, UpstreamAuthFailed):
             self.reached, self.authenticated = True, False
+        elif self.authenticated is False:
+            # A 401/403 that is no refusal of the account's credentials (a proxy's or WAF's page): it says
+            # nothing of them either way.
+            self.authenticated = None
         self.problem = exc.reason
 
     @property

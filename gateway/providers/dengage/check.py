@@ -67,8 +67,11 @@ async def check_account(provider: DengageProvider) -> AccountCheck:
     )
     if not_reached(report, "dEngage", fix):
         return report
+    if token is None:
+        # Answered, and neither a token nor a refusal of the credentials (a proxy's or WAF's 401 page, a 5xx).
+        report.fixes.append(f"{login.call}: {login.problem}")
+        return report
     login.recognised = True
-    assert token is not None
     headers = {**JSON, "Authorization": f"Bearer {token.value}"}
     await _check_froms(provider, report, configured, headers)
     if settings.events.enabled:

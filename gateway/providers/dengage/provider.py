@@ -339,6 +339,8 @@ class DengageProvider(ProviderBase[DengageAccount]):
                 return parse(response)
             except wire.TokenRejected as exc:
                 self.tokens.invalidate(token)
+                if attempt == 2 and exc.foreign:
+                    raise wire.ForeignRefusal(f"a fresh token was answered 401 too ({exc.reason})") from None
                 if attempt == 2:
                     raise UpstreamAuthFailed(f"dEngage refused a fresh token too ({exc.reason})") from None
                 log.info("dengage_token_rejected", account=self.account, endpoint=endpoint)

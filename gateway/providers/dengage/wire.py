@@ -108,7 +108,18 @@ class IpNotAllowlisted(UpstreamAuthFailed):
 
 
 class TokenRejected(UpstreamAuthFailed):
-    """HTTP 401 "Not auhenticated. Please re-login." [V]: the bearer token expired or is unknown."""
+    """HTTP 401 "Not auhenticated. Please re-login." [V]: the bearer token expired or is unknown. `foreign`:
+    the 401 was no dEngage answer (an HTML page or an empty body: a proxy or WAF on the way); a new token is
+    still tried once (cheap), but a foreign 401 never says the credentials or the token were refused."""
+
+    def __init__(self, reason: str, foreign: bool = False) -> None:
+        super().__init__(reason)
+        self.foreign = foreign
+
+
+class ForeignRefusal(UpstreamUnavailable):
+    """A 401 that is no dEngage answer, after a fresh token or on the login: temporary, an operator matter
+    (the proxy's or WAF's own authentication or rules), never "wrong password" nor the API user refused."""
 
 
 # -- requests ------------------------------------------------------------------------------------------
@@ -279,6 +290,16 @@ def _excerpt(response: HttpResponse) -> str:
     return " ".join(response.text().split())[:200] or "an empty body"
 
 
+def _foreign_page(response: HttpResponse, data: Any) -> bool:
+    """Whether a refusal is no dEngage answer: no JSON object, and an empty body or an HTML page (dEngage's
+    own 401 is "Not auhenticated. Please re-login." [V], JSON or its text)."""
+    if isinstance(data, dict):
+        return False
+    text = response.text().lstrip()
+    html = "html" in response.headers.get("content-type", "").lower() or text.startswith("<")
+    return not text or html
+
+
 def _allowlist_refusal(response: HttpResponse, data: Any) -> IpNotAllowlisted | None:
     if not response.body.strip():
         # The allowlist's 403 comes before the credentials are checked, "sometimes with an empty body" [C]:
@@ -307,6 +328,12 @@ def check_status(response: HttpResponse, what: str) -> Any:
     status = response.status
     data = _json(response)
     if status == 401:
+        if _foreign_page(response, data):
+            raise TokenRejected(
+                f"dEngage answered 401 to {what} with no dEngage answer (a proxy or WAF on the way?): "
+                f"{_excerpt(response)}",
+                foreign=True,
+            )
         raise TokenRejected(f"dEngage answered 401 to {what}: {upstream_reason(response, data)}")
     if status == 403:
         refusal = _allowlist_refusal(response, data)
@@ -347,7 +374,11 @@ def login_token(response: HttpResponse, reading: Reading | None = None) -> Token
     """POST /rest/login's answer: the token, or UpstreamAuthFailed when the credentials are refused."""
     try:
         data = check_status(response, "login")
-    except (TokenRejected, UpstreamRejected) as exc:
+    except TokenRejected as exc:
+        if exc.foreign:
+            raise ForeignRefusal(exc.reason) from None
+        raise UpstreamAuthFailed(f"dEngage refused the API user's credentials ({exc.reason})") from None
+    except UpstreamRejected as exc:
         # 401 or another 4xx in dEngage's own JSON on login: the API user's key or password is wrong (a page that
         # is not dEngage's answer, or an empty 403, is temporary: check_status raised that already).
         raise UpstreamAuthFailed(f"dEngage refused the API user's credentials ({exc.reason})") from None
