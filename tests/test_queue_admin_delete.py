@@ -1,8 +1,9 @@
 """An operator's delete tells the ledger about the calls it deleted, as they stood at the delete (on both
 backends): a worker's attempt that settles between a read of the message and its delete (one call accepted
 by the upstream, the other deferred: the message is queued again) must not leave the accepted recipient
-recorded `dead` (which outranks `sent`); and a call whose answer was lost is an unknown outcome, not a
-definite `dead`."""
+recorded `dead` (which outranks `sent`); and a call whose answer was lost is an unknown outcome: its
+recipients are `dead` with a reason that says the upstream may have them (never left `deferred`: nothing will
+retry them), and an `ambiguous` event."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ import pytest
 from gateway.core.records import CallRow, Decision
 from gateway.delivery.admin import QueueAdmin
 from gateway.ledger import model
-from gateway.ledger.model import EventRow, RecipientRow
+from gateway.ledger.model import EventRow, MessageRow, RecipientRow
 from gateway.ledger.recorder import Recorder
+from gateway.ledger.sqlite import SqliteLedger
 from gateway.queue.postgres import PostgresQueue
 from gateway.queue.sqlite import SqliteQueue
 from gateway.queue.store import QueueStore
@@ -69,7 +71,7 @@ async def test_a_recipient_delivered_just_before_the_delete_is_not_recorded_dead
     assert states == {"b@example.com": ("dead", model.DELETED_BY_OPERATOR)}
 
 
-async def test_a_call_whose_answer_was_lost_is_not_recorded_dead_by_a_delete(store: QueueStore) -> None:
+async def test_a_call_whose_answer_was_lost_is_recorded_dead_with_its_doubt_by_a_delete(store: QueueStore) -> None:
     calls = {
         "c1": CallRow("c1", "a@example.com", "pending", None, "answer lost", lost=1),
         "c2": CallRow("c2", "b@example.com", "pending", None, "503"),
@@ -77,8 +79,12 @@ async def test_a_call_whose_answer_was_lost_is_not_recorded_dead_by_a_delete(sto
     await store.insert(new(MSG, calls=calls))
     rows: list[Any] = []
     assert await QueueAdmin(store, Recorder(rows.extend, "op@host")).delete(MSG)
-    states = {r.address: r.state for r in rows if isinstance(r, RecipientRow)}
-    assert states == {"b@example.com": "dead"}  # a@ may have been sent: no definite state is recorded
+    states = {r.address: (r.state, r.reason) for r in rows if isinstance(r, RecipientRow)}
+    # a@ may have been sent: dead (nothing will retry it), the reason says the upstream may have it
+    assert states == {
+        "a@example.com": ("dead", model.DELETED_ANSWER_LOST),
+        "b@example.com": ("dead", model.DELETED_BY_OPERATOR),
+    }
     [doubt] = [r for r in rows if isinstance(r, EventRow) and r.kind == model.AMBIGUOUS]
     assert (doubt.call, doubt.recipient, doubt.outcome) == ("c1", "a@example.com", "ambiguous")
 
@@ -93,3 +99,32 @@ async def test_the_store_returns_the_calls_it_deleted_and_nothing_for_a_running_
     assert gone is not None and gone["id"] == MSG and "submission" not in gone
     assert [c["recipients"] for c in gone["calls"]] == ["a@example.com,c@example.com", "b@example.com"]
     assert await store.delete(MSG) is None
+
+
+async def test_a_deleted_message_whose_answer_was_lost_is_not_shown_deferred(tmp_path: Path) -> None:
+    """The message's one word (API, console, `status`) after the delete: not `deferred` ("it will be retried")
+    although it left the queue and nothing will try it again."""
+    queue = SqliteQueue(tmp_path / "spool.sqlite3")
+    await queue.open()
+    ledger = SqliteLedger(tmp_path / "spool.sqlite3")
+    await ledger.open()
+    try:
+        now = time.time()
+        calls = {"c1": CallRow("c1", "a@example.com", "pending", None, "answer lost", lost=1)}
+        await queue.insert(new(MSG, now, calls=calls))
+        rows: list[Any] = [MessageRow(MSG, now, "acme", "billing@acme.example", "s", 10)]
+        recorder = Recorder(rows.extend, "gw:1:x")
+        # what the inline attempt recorded: its answer lost, the message queued (the recipient `deferred`)
+        decision = Decision("queued", calls, 1, now + 60, "answer lost")
+        recorder.attempt(msg_id=MSG, created=now, decision=decision, outcome=None, path="inline", settled=True)
+        assert await QueueAdmin(queue, recorder).delete(MSG)
+        assert await queue.show(MSG) is None  # nothing will retry it
+        await ledger.write(rows)
+        record = await ledger.get(MSG)
+        assert record is not None
+        [recipient] = record.recipients
+        assert (recipient.state, recipient.reason) == ("dead", model.DELETED_ANSWER_LOST)
+        assert record.state == "dead"
+    finally:
+        await ledger.close()
+        await queue.close()

@@ -239,8 +239,9 @@ class QueueAdmin:
 
         The calls are those the store deleted, read in the delete's own transaction: a worker's attempt that
         settled just before (one call accepted) must not be recorded dead (`dead` outranks `sent`). A call
-        whose answer was lost (`lost`) may have been sent: its recipients are not made dead, the timeline
-        says their outcome is unknown (as for any ambiguous call) and events read back can still tell."""
+        whose answer was lost (`lost`) may have been sent: its recipients are dead too (nothing will retry
+        them: `deferred` would say something will), with a reason saying the upstream may have them, and the
+        timeline gets an `ambiguous` event for the call; events read back can still tell (readback)."""
         info = await self.store.delete(msg_id)
         if info is None:
             return False
@@ -252,6 +253,7 @@ class QueueAdmin:
                 continue
             if call.lost:
                 unknown.append(call)
+                gone.update({a: ("dead", model.DELETED_ANSWER_LOST) for a in addresses(call)})
             else:
                 gone.update({a: ("dead", reason) for a in addresses(call)})
         self.ledger.operator(

@@ -85,6 +85,11 @@ WEBHOOK_DELIVERED = "webhook_delivered"  # a webhook took an event (data: webhoo
 WEBHOOK_FAILED = "webhook_failed"  # a webhook never took an event within its max_age (data: last error)
 # Why an operator's `queue delete` made recipients dead (no notice is sent for those).
 DELETED_BY_OPERATOR = "deleted by an operator"
+# Why a `queue delete` made dead the recipients of a call whose answer was lost: nothing will retry them (a
+# `deferred` would say it will), but the upstream may have them. Events read back may still tell
+# (readback: a recipient whose call was lost takes the vendor's word over this `dead`).
+DELETED_ANSWER_LOST = "deleted by an operator; its call's answer had been lost: the upstream may have sent it"
+DELETED_REASONS = (DELETED_BY_OPERATOR, DELETED_ANSWER_LOST)  # neither is told to the sender in a notice
 TEST_MODE = "test_mode"  # a test-mode login's message: answered with a TEST- id, not sent
 
 Outcome = Literal["delivered", "deferred", "refused", "ambiguous"]

@@ -287,7 +287,7 @@ class Recorder:
     ) -> None:
         """`action`: model.RETRIED, REQUEUED or DELETED; `changed`: address -> (state, reason) it sets;
         `unknown`: calls the action ended whose answer was lost (they may have been sent), each an
-        `ambiguous` event, their recipients' state left as it was (no outcome is known to record)."""
+        `ambiguous` event (their recipients' state is in `changed`: a delete makes them dead, saying so)."""
         if not self.enabled:
             return
         now = self.clock()

@@ -193,7 +193,7 @@ class NoticeSender:
             data = NoticeData.read(text)
         except ValueError:
             return _skip("no_data"), None, None
-        if all(r.reason == model.DELETED_BY_OPERATOR for r in recipients):
+        if all(r.reason in model.DELETED_REASONS for r in recipients):
             return _skip("deleted"), None, data
         causes = [e.data.get("cause") for e in record.events if e.kind == model.DEAD_LETTERED and e.data]
         if causes and causes[-1] == "held" and all(r.state == "dead" for r in recipients):
@@ -214,7 +214,7 @@ class NoticeSender:
         now = self.clock()
         if not await self.returns.count_notice(address_key(data.to), account.dsn.window, account.dsn.per_sender, now):
             return _skip("rate_limited"), None
-        failures = [_failure(record, r) for r in recipients if r.reason != model.DELETED_BY_OPERATOR]
+        failures = [_failure(record, r) for r in recipients if r.reason not in model.DELETED_REASONS]
         domain = account.dsn.from_domain or _domain(account.return_paths(), data.from_address or record.mail_from)
         local = secrets.token_hex(8).upper()
         raw = dsn.build(
