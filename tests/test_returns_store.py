@@ -85,6 +85,32 @@ async def test_events_match_the_recipients_sent_by_upstream_id_or_by_address(ins
     assert [m.msg_id for m in await returns.match_addresses(["a@example.com"], T0 + 5)] == ["M2"]
 
 
+async def test_recipients_whose_call_answer_was_lost_are_found_by_address(instances: Callable[[], Pair]) -> None:
+    """match_lost: recipients with no upstream id whose call has an `ambiguous` event (its answer was lost),
+    not settled since (deferred, held or deleted dead); not a call refused or deferred plainly, nor one sent."""
+    ledger, returns = instances()
+    await ledger.open()
+    rows: list[MessageRow | RecipientRow | EventRow] = []
+    for msg_id, state, call, upstream_id, ambiguous in (
+        ("L1", "deferred", "c1", None, True),  # answer lost, queued
+        ("L2", "dead", "c1", None, True),  # answer lost, then held or deleted
+        ("P1", "deferred", "c1", None, False),  # a plain 503: never sent
+        ("P2", "dead", "c1", None, False),  # refused for good
+        ("S1", "sent", "c1", "TX-9", True),  # answer lost, then a retry was answered
+    ):
+        rows.append(MessageRow(msg_id, T0, "acme", "billing@acme.example", "Invoice", 100))
+        rows.append(RecipientRow(msg_id, T0, "A@Example.com", state, T0 + 1, upstream_id, call))  # type: ignore[arg-type]
+        if ambiguous:
+            rows.append(EventRow(f"{msg_id}-e", msg_id, T0, T0 + 1, "attempt", "A@Example.com", call, "ambiguous"))
+    await ledger.write(rows)
+    found = await returns.match_lost(["a@example.com", "x@example.com"], T0)
+    assert sorted((m.msg_id, m.rcpt, m.state, m.lost) for m in found) == [
+        ("L1", "a@example.com", "deferred", True),
+        ("L2", "a@example.com", "dead", True),
+    ]
+    assert await returns.match_lost(["a@example.com"], T0 + 5) == []  # accepted before the window
+
+
 async def test_suppressions_are_listed_removed_and_synced_with_a_vendor_list(instances: Callable[[], Pair]) -> None:
     ledger, returns = instances()
     await ledger.open()

@@ -17,7 +17,8 @@ for every message, queued or not). Each recipient has its own state:
 Rows of one message may be written by several instances in any order (the one that accepted it, the one
 that claimed it from the queue, a late answer to an instance whose lease had expired). A recipient's row
 therefore only moves forward (RANK), or within one rank to a newer state; the one way back is from
-`dead`, by a newer row (an operator requeued the dead letter). An upstream event stamped by the vendor's
+`dead`, by a newer row (an operator requeued the dead letter; readback: the vendor's event about a
+recipient whose call's answer was lost, stamped after the `dead`). An upstream event stamped by the vendor's
 clock still advances `sent`, and a stale `deferred` never undoes a `sent`.
 """
 

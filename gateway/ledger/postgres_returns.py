@@ -5,6 +5,7 @@ over (`FOR UPDATE SKIP LOCKED`), as the queue's claims do."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from gateway.core.storable import storable
@@ -95,6 +96,14 @@ class PostgresReturns:
         async with self.ledger.connection() as conn:
             rows = await (await conn.execute(SQL.addresses(len(keys)), (*POSTGRES.items(keys), since))).fetchall()
         return [Match(*r) for r in rows]
+
+    async def match_lost(self, addresses: Sequence[str], since: float) -> list[Match]:
+        keys = sorted({address_key(a) for a in addresses})
+        if not keys:
+            return []
+        async with self.ledger.connection() as conn:
+            rows = await (await conn.execute(SQL.lost(len(keys)), (*POSTGRES.items(keys), since))).fetchall()
+        return [replace(Match(*r), lost=True) for r in rows]
 
     # -- suppressions -------------------------------------------------------------------------------------
 

@@ -20,20 +20,34 @@ SKEW = 120.0
 NOTICE_TYPES = ("bounced", "not_sent")
 
 
+# An event whose recipient's call answer was lost (no upstream id learnt) is matched by address and time
+# only: to a recipient of this account at its address accepted at most this long before the event (a queued
+# message's lifetime and the vendor's delay both fit), when exactly one fits.
+LOST_WINDOW = 7 * 24 * 3600.0
+
+
 def pick(event: VendorEvent, candidates: Iterable[Match], account: str) -> Match | None:
     """The recipient an event is about: this account's, with the event's address (and upstream id when it
-    names one); of several (a batch id shared by messages), the latest accepted before the event."""
+    names one); of several (a batch id shared by messages), the latest accepted before the event. None of
+    those: the one recipient whose call's answer was lost that fits (lost_pick)."""
     key = address_key(event.address)
-    found = [
-        m
-        for m in candidates
-        if m.rcpt == key
-        and (event.upstream_id is None or m.upstream_id == event.upstream_id)
-        and (m.account is None or m.account == account)
-    ]
+    mine = [m for m in candidates if m.rcpt == key and (m.account is None or m.account == account)]
+    found = [m for m in mine if not m.lost and (event.upstream_id is None or m.upstream_id == event.upstream_id)]
     before = [m for m in found if m.created <= event.at + SKEW]
     pool = before or found
-    return max(pool, key=lambda m: (m.created, m.msg_id)) if pool else None
+    if pool:
+        return max(pool, key=lambda m: (m.created, m.msg_id))
+    return lost_pick(event, mine)
+
+
+def lost_pick(event: VendorEvent, candidates: Iterable[Match]) -> Match | None:
+    """The recipient whose call's answer was lost that `event` is about, by address and time only (the id the
+    event names was never learnt; `candidates`: the account's at the event's address): the one accepted
+    within LOST_WINDOW before it. Two or more: None, never a guess (the event stays unmatched)."""
+    fits = {
+        (m.msg_id, m.rcpt): m for m in candidates if m.lost and event.at - LOST_WINDOW <= m.created <= event.at + SKEW
+    }
+    return next(iter(fits.values())) if len(fits) == 1 else None
 
 
 @dataclass
@@ -42,6 +56,7 @@ class Applied:
 
     rows: list[Row] = field(default_factory=list)
     matched: int = 0
+    lost: int = 0  # of `matched`, matched to a recipient whose call's answer was lost (lost_pick)
     unmatched: list[VendorEvent] = field(default_factory=list)
 
 
@@ -68,6 +83,7 @@ def apply(
             out.unmatched.append(event)
             continue
         out.matched += 1
+        out.lost += match.lost
         key = (match.msg_id, match.rcpt)
         current = states.get(key, (match.state, match.state_at))
         rows, states[key] = _rows(event, match, current, account, actor, now, subscriptions, n)
@@ -128,8 +144,11 @@ def _rows(
     state = STATE_OF.get(event.type)
     after, after_at = current
     won = False
-    if state is not None and RANK[state] >= RANK[after]:
-        if state == "sent":
+    # A recipient whose call's answer was lost that the gateway gave up on (held, or deleted) is `dead` because
+    # nothing more would be tried, not because the upstream refused it: the vendor's word is what happened.
+    overrules = match.lost and after == "dead"
+    if state is not None and (RANK[state] >= RANK[after] or overrules):
+        if state == "sent" or overrules:
             # Confirms the send (and clears "upstream reported N of M sent"); a whole-second vendor time may
             # be older than the state it confirms.
             at, reason = max(event.at, after_at + TICK), None

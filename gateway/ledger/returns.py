@@ -53,6 +53,8 @@ class Match:
     subject: str | None = None
     login: str | None = None
     reply_id: str | None = None
+    # Its call's answer was lost (match_lost): no upstream id is known, an event finds it by address and time.
+    lost: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +160,11 @@ class ReturnStore(Protocol):
 
     async def match_addresses(self, addresses: Sequence[str], since: float) -> list[Match]:
         """Recipients sent to these addresses since `since` (events that name no upstream id)."""
+        ...
+
+    async def match_lost(self, addresses: Sequence[str], since: float) -> list[Match]:
+        """Recipients at these addresses accepted since `since` whose call's answer was lost and that nothing
+        settled since (no upstream id learnt; `accepted`, `deferred` or `dead`): `lost` matches."""
         ...
 
     # -- suppressions -------------------------------------------------------------------------------------

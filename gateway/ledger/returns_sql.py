@@ -135,6 +135,18 @@ class ReturnStatements:
             f" WHERE r.rcpt{d.among(n)} AND r.upstream_id IS NOT NULL AND r.created>=?"
         )
 
+    def lost(self, n: int) -> str:
+        """Recipients at these addresses accepted since a time whose call's answer was lost (an `ambiguous`
+        event on their call, no upstream id learnt) and not settled since: events about them name an id the
+        gateway never learnt (readback.pick matches them by address and time)."""
+        d = self.dialect
+        return d(
+            f"SELECT {_MATCHED} FROM ledger_recipients r LEFT JOIN ledger_messages m ON m.id = r.msg_id"
+            f" WHERE r.rcpt{d.among(n)} AND r.upstream_id IS NULL AND r.created>=?"
+            " AND r.state IN ('accepted', 'deferred', 'dead') AND EXISTS (SELECT 1 FROM ledger_events e"
+            " WHERE e.msg_id = r.msg_id AND e.call_key = r.call_key AND e.outcome = 'ambiguous')"
+        )
+
 
 FOR_SQLITE = ReturnStatements(SQLITE)
 FOR_POSTGRES = ReturnStatements(POSTGRES)

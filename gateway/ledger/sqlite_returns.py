@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from gateway.ledger import readback
@@ -133,6 +134,21 @@ class SqliteReturns:
             for start in range(0, len(keys), 500):
                 part = keys[start : start + 500]
                 found += [_match(r) for r in db.execute(SQL.addresses(len(part)), (*SQLITE.items(part), since))]
+            return found
+
+        return await self._run(run)
+
+    async def match_lost(self, addresses: Sequence[str], since: float) -> list[Match]:
+        keys = sorted({address_key(a) for a in addresses})
+        if not keys:
+            return []
+
+        def run(db: sqlite3.Connection) -> list[Match]:
+            found: list[Match] = []
+            for start in range(0, len(keys), 500):
+                part = keys[start : start + 500]
+                rows = db.execute(SQL.lost(len(part)), (*SQLITE.items(part), since))
+                found += [replace(Match(*r), lost=True) for r in rows]
             return found
 
         return await self._run(run)

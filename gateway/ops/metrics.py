@@ -357,6 +357,13 @@ EVENTS_UNMATCHED = Counter(
     ["account"],
     registry=REGISTRY,
 )
+EVENTS_MATCHED_LOST = Counter(
+    "smtp_gateway_events_matched_lost_total",
+    "Upstream events matched by address and time alone to the one recipient whose call's answer was lost (the "
+    "upstream id they name was never learnt); an event that fits two such recipients is left unmatched",
+    ["account"],
+    registry=REGISTRY,
+)
 EVENTS_UNREADABLE = Counter(
     "smtp_gateway_events_unreadable_total",
     "Upstream event rows that could not be read (not an object, no address, no time)",

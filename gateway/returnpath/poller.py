@@ -32,6 +32,7 @@ from gateway.ledger.suppression import SuppressionSet
 from gateway.ops.metrics import (
     EVENT_POLLS,
     EVENTS_CURSOR_AGE,
+    EVENTS_MATCHED_LOST,
     EVENTS_READ,
     EVENTS_UNMATCHED,
     EVENTS_UNREADABLE,
@@ -186,6 +187,8 @@ class EventPoller:
         for event in read.events:
             EVENTS_READ.labels(account=self.account, type=event.type).inc()
         self._count_unmatched(applied.unmatched)
+        if applied.lost:
+            EVENTS_MATCHED_LOST.labels(account=self.account).inc(applied.lost)
         ctx.suppressions.add(Suppressed.of(row) for row in written if isinstance(row, SuppressionRow))
         if applied.matched:
             ctx.written()
@@ -194,6 +197,7 @@ class EventPoller:
                 account=self.account,
                 page=page,
                 matched=applied.matched,
+                matched_lost=applied.lost,
                 unmatched=len(applied.unmatched),
             )
         return read.more
@@ -206,6 +210,13 @@ class EventPoller:
         if bare:
             since = min(e.at for e in bare) - ADDRESS_LOOKBACK
             found += await returns.match_addresses([e.address for e in bare], since)
+        # Events no recipient answers by id (or with no id): one may be about a call whose answer was lost,
+        # whose id the gateway never learnt (readback.lost_pick matches it by address and time).
+        known = {m.upstream_id for m in found}
+        orphans = [e for e in events if not e.upstream_id or e.upstream_id not in known]
+        if orphans:
+            since = min(e.at for e in orphans) - readback.LOST_WINDOW
+            found += await returns.match_lost([e.address for e in orphans], since)
         return found
 
     async def _whitelisted(self, events: list[VendorEvent], candidates: list[Match]) -> frozenset[str]:
