@@ -183,3 +183,31 @@ async def test_the_reviews_reproducer_a_delivered_for_a_held_recipient_is_matche
             [late], candidates, account="acme", actor="gw", now=at, subscriptions=Subscriptions(), suppress=True
         )
         assert again.matched == 0
+
+
+async def test_a_dmds_batch_whose_answer_was_lost_is_settled_recipient_by_recipient(ledger) -> None:  # type: ignore[no-untyped-def]
+    """One DMDS call (one eeid) for two recipients: the eeid learnt from a@'s event does not make b@'s event,
+    read in a later poll, look like another recipient's."""
+    await ledger.write(
+        [
+            MessageRow("M1", T0, "acme", "billing@acme.example", "Invoice", 100),
+            RecipientRow("M1", T0, "a@example.net", "deferred", T0 + 5, None, "c1", "answer lost"),
+            RecipientRow("M1", T0, "b@example.net", "deferred", T0 + 5, None, "c1", "answer lost"),
+            EventRow("M1-a1", "M1", T0, T0 + 5, "attempt", "a@example.net,b@example.net", "c1", "ambiguous"),
+        ]
+    )
+    clock, source = Clock(T0), Rows("dmds")
+    polls = poller(ledger, source, clock)
+    assert await polls.poll() == "ok"
+    source.rows = [row("dmds", "sent", "a@example.net", T0 + 10, "EEID-1")]
+    clock.t = T0 + 300
+    assert await polls.poll() == "ok"
+    source.rows = [row("dmds", "sent", "b@example.net", T0 + 320, "EEID-1")]
+    clock.t = T0 + 600
+    assert await polls.poll() == "ok"
+    record = await ledger.get("M1")
+    assert record is not None
+    assert sorted((r.address, r.state, r.upstream_id) for r in record.recipients) == [
+        ("a@example.net", "sent", "EEID-1"),
+        ("b@example.net", "sent", "EEID-1"),
+    ]

@@ -210,10 +210,11 @@ class EventPoller:
         if bare:
             since = min(e.at for e in bare) - ADDRESS_LOOKBACK
             found += await returns.match_addresses([e.address for e in bare], since)
-        # Events no recipient answers by id (or with no id): one may be about a call whose answer was lost,
-        # whose id the gateway never learnt (readback.lost_pick matches it by address and time).
-        known = {m.upstream_id for m in found}
-        orphans = [e for e in events if not e.upstream_id or e.upstream_id not in known]
+        # Events no recipient answers by id and address (or with no id): one may be about a call whose answer
+        # was lost, whose id the gateway never learnt (readback.lost_pick matches it by address and time). By
+        # id and address: a DMDS eeid learnt for one recipient of a lost call is not its other recipients'.
+        known = {(m.upstream_id, m.rcpt) for m in found}
+        orphans = [e for e in events if not e.upstream_id or (e.upstream_id, address_key(e.address)) not in known]
         if orphans:
             since = min(e.at for e in orphans) - readback.LOST_WINDOW
             found += await returns.match_lost([e.address for e in orphans], since)
