@@ -136,7 +136,7 @@ async def test_a_bounce_settles_a_recipient_deleted_after_its_answer_was_lost(le
     record = await ledger.get("M1")
     assert record is not None
     [rcpt] = record.recipients
-    assert (rcpt.state, rcpt.upstream_id) == ("bounced", "TX-VENDOR-2")
+    assert (rcpt.state, rcpt.upstream_id, rcpt.reason) == ("bounced", "TX-VENDOR-2", "the upstream reported Bounced")
     assert [s.address for s in await open_returns(ledger).suppressions("acme")] == ["a@example.net"]
 
 

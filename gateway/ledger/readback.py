@@ -148,12 +148,14 @@ def _rows(
     # nothing more would be tried, not because the upstream refused it: the vendor's word is what happened.
     overrules = match.lost and after == "dead"
     if state is not None and (RANK[state] >= RANK[after] or overrules):
-        if state == "sent" or overrules:
+        if state == "sent":
             # Confirms the send (and clears "upstream reported N of M sent"); a whole-second vendor time may
             # be older than the state it confirms.
             at, reason = max(event.at, after_at + TICK), None
         else:
             at, reason = event.at, event.detail or f"the upstream reported {event.raw_type}"
+        if overrules:
+            at = max(at, after_at + TICK)  # the `dead` it replaces was written after the vendor's event
         # Only a row the ledger's upsert keeps is written and told: an older event of the same rank (a
         # Delivered read after a later Bounced) loses, and the recipient stays as it is.
         won = model.replaces(state, at, after, after_at)
