@@ -98,3 +98,47 @@ def test_the_upstream_gets_the_notice_as_html_and_one_attachment() -> None:
     assert "User unknown" in parsed.html and "X-Ref: 42" in parsed.html
     non_ascii = mime.parse(notice(original=dsn.Original("X", 0.0, "Subject: Größe\r\n", "Größe")))
     assert "Subject: Größe" in non_ascii.html
+
+
+def _status_blocks(raw: bytes) -> list[email.message.Message]:
+    msg = email.message_from_bytes(raw, policy=policy.default)
+    _, status, _ = msg.iter_parts()  # type: ignore[attr-defined]
+    assert status.get_content_type() == "message/delivery-status"
+    return list(status.get_payload()[1:])
+
+
+def test_a_vendors_words_in_spanish_make_an_ascii_diagnostic_and_stay_whole_for_people() -> None:
+    """DMDS answers in Spanish: Diagnostic-Code is US-ASCII (RFC 3464), so it has the words without their
+    accents (anything else escaped); the part for people has them as they were. Before, the notice could not
+    be made (UnicodeEncodeError) and the sender was never told."""
+    words = "Dirección de correo inválida: buzón 名 inexistente"
+    raw = notice(failures=[dsn.Failure("jose@example.net", "bounced", words, 1.0)])
+    raw.decode("ascii")  # 7-bit, as message/delivery-status must be
+    [block] = _status_blocks(raw)
+    assert block["Final-Recipient"] == "rfc822; jose@example.net"
+    # (Folded by the email package, sometimes before the value: compared unfolded.)
+    diagnostic = " ".join(block["Diagnostic-Code"].split())
+    assert diagnostic == "X-Gateway; Direccion de correo invalida: buzon \\x{540D} inexistente"
+    human = next(email.message_from_bytes(raw, policy=policy.default).iter_parts())  # type: ignore[attr-defined]
+    assert words in human.get_content()
+    assert words in mime.parse(raw).html
+
+
+def test_an_internationalized_recipient_is_a_utf8_address_in_xtext_form() -> None:
+    """RFC 6533: the `utf-8` address type, in message/delivery-status in its utf-8-addr-xtext form (non-ASCII
+    characters and `+`, `=`, `\\` as \\x{HEX})."""
+    raw = notice(failures=[dsn.Failure("josé+1@exämple.net", "bounced", "550 5.1.1 user unknown", 1.0)])
+    raw.decode("ascii")
+    [block] = _status_blocks(raw)
+    assert block["Final-Recipient"] == "utf-8; jos\\x{E9}\\x{2B}1@ex\\x{E4}mple.net"
+    assert "josé+1@exämple.net" in mime.parse(raw).html
+
+
+def test_a_notice_to_or_from_an_internationalized_address_has_utf8_headers() -> None:
+    """Neither has an ASCII form: the headers are UTF-8 (RFC 6532), as the gateway's parser reads them."""
+    raw = notice(to="josé@exämple.net", sender="MAILER-DAEMON@exämple.net")
+    msg = email.message_from_bytes(raw, policy=policy.default)
+    assert msg["To"] == "josé@exämple.net" and msg["From"] == "Mail Delivery System <MAILER-DAEMON@exämple.net>"
+    parsed = mime.parse(raw)
+    assert parsed.from_ is not None and parsed.from_.email == "MAILER-DAEMON@exämple.net"
+    assert [a.email for a in parsed.to] == ["josé@exämple.net"]

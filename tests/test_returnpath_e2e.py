@@ -177,6 +177,48 @@ def test_a_hard_bounce_is_read_back_told_to_the_sender_and_a_webhook_and_suppres
     assert send(gw, "bounce-hard+x@example.com", "After the removal")[0] == 250
 
 
+def test_a_bounce_in_the_vendors_spanish_is_told_to_the_sender(
+    gateway_factory: Callable[..., Running], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DMDS writes its bounces in Spanish. Before, the notice could not be made (UnicodeEncodeError in the
+    delivery-status part): `failed` for good, the sender never told. The report the sandbox received, read with
+    the email package: an ASCII Diagnostic-Code; the words whole in the HTML."""
+    import base64
+    import email
+    from email import policy
+
+    from gateway.providers import fates
+
+    # Short enough not to be folded: a long one was folded into RFC 2047 encoded words (which RFC 3464 has
+    # no place for), a short one raised.
+    words = "550 5.1.1 Dirección inválida: buzón inexistente"
+    monkeypatch.setitem(fates.DETAIL, "rebote-hard", words)
+    gw = returning(gateway_factory, dict(FAST))
+    code, text = send(gw, "bounce-hard+es@example.com", "Factura 8")
+    assert code == 250
+    eeid = text.rsplit(" ", 1)[1]
+
+    def told() -> list[dict[str, Any]] | None:
+        poll(gw)
+        return notices(gw) or None
+
+    [dsn] = wait_for(told, what="the notice of a bounce in Spanish")
+    body = dsn["body"]
+    assert body["contacto"]["email"] == "billing@acme.example"
+    assert words in body["html"]
+    [attachment] = body["adjuntos"]
+    report = base64.b64decode(attachment["contenido"])
+    per_message, per_recipient = (
+        email.message_from_bytes(block, policy=policy.default) for block in report.strip().split(b"\r\n\r\n")
+    )
+    assert per_message["Reporting-MTA"]
+    assert per_recipient["Final-Recipient"] == "rfc822; bounce-hard+es@example.com"
+    assert (per_recipient["Action"], per_recipient["Status"]) == ("failed", "5.1.1")
+    assert per_recipient["Diagnostic-Code"] == "X-Gateway; 550 5.1.1 Direccion invalida: buzon inexistente"
+    [decision] = wait_for(lambda: decided(gw, eeid) or None, what="the decision")
+    assert decision.kind == "dsn_sent"
+
+
 def notices(gw: Running) -> list[dict[str, Any]]:
     """The notices the sandbox received (sends whose subject says so)."""
     return [

@@ -17,6 +17,7 @@ from gateway.config import EventSettings
 from gateway.config.returnpath import WebhookSettings
 from gateway.core.errors import AnswerTooLarge
 from gateway.core.events import EventPage, VendorEvent
+from gateway.core.model import Submission
 from gateway.ledger.announce import Subscriptions
 from gateway.ledger.backends import open_returns
 from gateway.ledger.model import RANK, MessageRow, RecipientRow, replaces
@@ -325,10 +326,16 @@ class BusyOwner:
 
 
 async def _notice_sender(
-    tmp_path: Path, owner: object, clock: Clock, messages: list[str]
+    tmp_path: Path,
+    owner: object,
+    clock: Clock,
+    messages: list[str],
+    address: str = "a@example.net",
+    reason: str = "550 5.1.1 unknown",
 ) -> tuple[NoticeSender, SqliteLedger]:
-    """A NoticeSender over a SQLite ledger holding, for each of `messages`, one bounced recipient whose
-    sender is to be told (per_sender 1); returns it and the ledger (to close)."""
+    """A NoticeSender over a SQLite ledger holding, for each of `messages`, one bounced recipient (`address`,
+    the vendor's words `reason`) whose sender is to be told (per_sender 1); returns it and the ledger (to
+    close)."""
     from gateway.config import load_settings
     from gateway.ledger.model import NoticeRow
     from gateway.ledger.notice import NoticeData
@@ -349,8 +356,8 @@ async def _notice_sender(
                 MessageRow(
                     msg_id, created, "acme", "billing@acme.example", "Invoice", 100, login="scanner", notice=notice
                 ),
-                RecipientRow(msg_id, created, "a@example.net", "bounced", T0 - 60, reason="550 5.1.1 unknown"),
-                NoticeRow(msg_id, created, "a@example.net", T0 - 60),
+                RecipientRow(msg_id, created, address, "bounced", T0 - 60, reason=reason),
+                NoticeRow(msg_id, created, address, T0 - 60),
             ]
         )
     sender = NoticeSender(
@@ -422,6 +429,88 @@ async def test_a_bug_with_one_notice_fails_it_and_the_others_claimed_with_it_go(
         assert owner.submitted == 3
         assert INTERNAL_ERRORS.labels(where="notices")._value.get() == bugs + 1
         assert [e["event"] for e in logs if e["log_level"] == "error"] == ["notice_internal_error"]
+    finally:
+        await ledger.close()
+
+
+class TakingOwner:
+    """A delivery owner taking every notice, keeping what it was given."""
+
+    def __init__(self) -> None:
+        self.submissions: list[Submission] = []
+
+    async def submit(self, submission: Submission, *args: object, **kwargs: object) -> object:
+        from gateway.core.replies import Reply
+
+        self.submissions.append(submission)
+        return Reply(250, "2.0.0", f"queued as N{len(self.submissions)}")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("address", "reason", "final_recipient", "diagnostic"),
+    [
+        # DMDS answers in Spanish: its words are the recipient's reason.
+        (
+            "jose@example.net",
+            "Dirección de correo inválida: buzón inexistente",
+            "rfc822; jose@example.net",
+            "X-Gateway; Direccion de correo invalida: buzon inexistente",
+        ),
+        # An SMTPUTF8 recipient: RFC 6533's utf-8 address type, xtext form.
+        (
+            "josé@exämple.net",
+            "550 5.1.1 user unknown",
+            "utf-8; jos\\x{E9}@ex\\x{E4}mple.net",
+            "X-Gateway; 550 5.1.1 user unknown",
+        ),
+    ],
+)
+async def test_a_notice_with_non_ascii_words_or_recipient_is_sent(
+    tmp_path: Path, address: str, reason: str, final_recipient: str, diagnostic: str
+) -> None:
+    """Before, dsn.build raised UnicodeEncodeError: the notice `failed` for good as an internal error and the
+    sender was never told. The delivery-status part the upstream gets, read with the email package."""
+    import email
+    from email import policy
+
+    owner = TakingOwner()
+    sender, ledger = await _notice_sender(tmp_path, owner, Clock(T0), ["M1"], address, reason)
+    try:
+        assert await sender.round() == 1
+        assert _select(tmp_path, "SELECT state, notice_id FROM ledger_notices") == [("sent", "N1")]
+        [submission] = owner.submissions
+        [report] = submission.message.attachments
+        assert (report.filename, report.content_type) == ("delivery-status.txt", "message/delivery-status")
+        per_message, per_recipient = (
+            email.message_from_bytes(block, policy=policy.default)
+            for block in report.decoded().strip().split(b"\r\n\r\n")
+        )
+        assert per_message["Reporting-MTA"]
+        assert per_recipient["Final-Recipient"] == final_recipient
+        assert " ".join(per_recipient["Diagnostic-Code"].split()) == diagnostic
+        assert address in submission.message.html and reason in submission.message.html
+    finally:
+        await ledger.close()
+
+
+@pytest.mark.asyncio
+async def test_a_notice_that_cannot_be_made_takes_nothing_from_the_senders_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """per_sender is 1: a notice failed by a bug while it was made leaves the count as it was, so the
+    sender's next notice goes."""
+    from gateway.ledger import dsn
+
+    def broken(**kwargs: object) -> bytes:
+        raise RuntimeError("a bug in the notice's making")
+
+    monkeypatch.setattr(dsn, "build", broken)
+    sender, ledger = await _notice_sender(tmp_path, TakingOwner(), Clock(T0), ["M1"])
+    try:
+        assert await sender.round() == 1
+        assert _select(tmp_path, "SELECT state FROM ledger_notices") == [("failed",)]
+        assert _select(tmp_path, "SELECT n FROM notice_counts") in ([], [(0,)])
     finally:
         await ledger.close()
 

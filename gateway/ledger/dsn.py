@@ -1,10 +1,19 @@
 """Pure: a delivery status notification (RFC 3464) as MIME bytes, built with the standard library's email
 package: `multipart/report; report-type=delivery-status` with a part for people, the `message/delivery-status`
 part (Reporting-MTA, Arrival-Date, then per recipient Final-Recipient, Action, Status, Diagnostic-Code,
-Last-Attempt-Date) and the original message's header block as `text/rfc822-headers`."""
+Last-Attempt-Date) and the original message's header block as `text/rfc822-headers`.
+
+The delivery-status part stays `message/delivery-status`, 7-bit, whatever the vendor's words or the
+recipient: it is the type every DSN reader (mail clients, bounce processors) knows, where RFC 6533's
+`message/global-delivery-status` is known to few, and nothing in it needs 8 bits: an internationalized
+address is RFC 6533's `utf-8` address type in its utf-8-addr-xtext form (the form that type allows in
+`message/delivery-status`), and Diagnostic-Code (US-ASCII text, RFC 3464 2.3.6) is the words without their
+accents, any other non-ASCII character escaped as `\\x{HEX}`. The words as they were are in the part for
+people (UTF-8)."""
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -14,7 +23,7 @@ from email.message import Message
 from email.mime.base import MIMEBase
 from email.mime.multipart import MIMEMultipart
 from email.mime.nonmultipart import MIMENonMultipart
-from email.utils import format_datetime, formataddr
+from email.utils import format_datetime
 
 SUBJECT = "Undelivered Mail Returned to Sender"
 FROM_NAME = "Mail Delivery System"
@@ -54,6 +63,29 @@ class Original:
 
 def _date(at: float) -> str:
     return format_datetime(datetime.fromtimestamp(at, UTC))
+
+
+def _escaped(ch: str) -> str:
+    """RFC 6533's EmbeddedUnicodeChar: `\\x{` the code point in upper-case hex, at least two digits `}`."""
+    return f"\\x{{{ord(ch):02X}}}"
+
+
+def recipient_field(address: str) -> str:
+    """Final-Recipient's value: `rfc822; <address>`, or for an internationalized address (RFC 6531) RFC
+    6533's `utf-8; <utf-8-addr-xtext>`: every character but QCHAR (printable ASCII but `+`, `=`, `\\`)
+    escaped, so the field is ASCII."""
+    if address.isascii():
+        return f"rfc822; {address}"
+    return "utf-8; " + "".join(ch if "!" <= ch <= "~" and ch not in "+=\\" else _escaped(ch) for ch in address)
+
+
+def ascii_text(text: str) -> str:
+    """Text for an ASCII-only field: accents dropped (NFKD without its combining marks: "Dirección inválida"
+    becomes "Direccion invalida"), any other non-ASCII character escaped as RFC 6533 does in addresses."""
+    if text.isascii():
+        return text
+    kept = (ch for ch in unicodedata.normalize("NFKD", text) if not unicodedata.combining(ch))
+    return "".join(ch if ch.isascii() else _escaped(ch) for ch in kept)
 
 
 def _fields(**values: str) -> Message:
@@ -100,7 +132,7 @@ def build(
     """The notice's bytes (CRLF line ends). `sender`: its From (MAILER-DAEMON@...); `to`: whom it tells;
     `boundary`: fixed for golden tests (None: a random one)."""
     report = MIMEMultipart("report", boundary=boundary, report_type="delivery-status")
-    report["From"] = formataddr((FROM_NAME, sender))
+    report["From"] = f"{FROM_NAME} <{sender}>"  # formataddr takes no internationalized address
     report["To"] = to
     report["Subject"] = SUBJECT
     report["Date"] = _date(now)
@@ -120,10 +152,10 @@ def build(
         code, words = STATUS.get(f.how, STATUS["refused"])
         blocks.append(
             _fields(
-                Final_Recipient=f"rfc822; {f.address}",
+                Final_Recipient=recipient_field(f.address),
                 Action="failed",
                 Status=code,
-                Diagnostic_Code=f"X-Gateway; {' '.join(f.diagnostic.split()) or words}",
+                Diagnostic_Code=f"X-Gateway; {ascii_text(' '.join(f.diagnostic.split()) or words)}",
                 Last_Attempt_Date=_date(f.at),
             )
         )
@@ -138,7 +170,9 @@ def build(
     report.attach(headers)
     for part in (human, status, headers):
         del part["MIME-Version"]  # the message's own says it
-    return report.as_bytes(policy=policy.SMTP)
+    # An internationalized sender or domain to tell (RFC 6531) has no ASCII form: its headers go as UTF-8
+    # (RFC 6532); the notice is handed on parsed, never relayed as bytes, and the gateway's parser reads them.
+    return report.as_bytes(policy=policy.SMTP if f"{sender}{to}".isascii() else policy.SMTPUTF8)
 
 
 def _text_part(text: str, subtype: str) -> MIMENonMultipart:

@@ -212,8 +212,6 @@ class NoticeSender:
         account = settings.accounts[record.account]
         provider = self.providers()[record.account]
         now = self.clock()
-        if not await self.returns.count_notice(address_key(data.to), account.dsn.window, account.dsn.per_sender, now):
-            return _skip("rate_limited"), None
         failures = [_failure(record, r) for r in recipients if r.reason not in model.DELETED_REASONS]
         domain = account.dsn.from_domain or _domain(account.return_paths(), data.from_address or record.mail_from)
         local = secrets.token_hex(8).upper()
@@ -230,6 +228,9 @@ class NoticeSender:
             message = mime.parse(raw)
         except ContentRejected as exc:  # our own bytes: a bug if it ever happens
             return Decision("failed", "failed", f"the notice could not be parsed: {exc.reason}"), None
+        # Counted once the notice exists: one that cannot be made takes nothing from the sender's limit.
+        if not await self.returns.count_notice(address_key(data.to), account.dsn.window, account.dsn.per_sender, now):
+            return _skip("rate_limited"), None
         principal = Principal(
             account=record.account, login=data.login or record.login or "", extra=StoredData(data.extra)
         )
