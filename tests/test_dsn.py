@@ -9,6 +9,8 @@ from email import policy
 from email.message import EmailMessage
 from pathlib import Path
 
+import pytest
+
 from gateway import mime
 from gateway.ledger import dsn
 
@@ -142,3 +144,31 @@ def test_a_notice_to_or_from_an_internationalized_address_has_utf8_headers() -> 
     parsed = mime.parse(raw)
     assert parsed.from_ is not None and parsed.from_.email == "MAILER-DAEMON@exämple.net"
     assert [a.email for a in parsed.to] == ["josé@exämple.net"]
+
+
+@pytest.mark.parametrize(
+    ("how", "words", "expected"),
+    [
+        ("bounced", "552 5.2.2 <a@example.com>: mailbox full", "5.2.2"),
+        ("bounced", "550 5.7.1 blocked by policy", "5.7.1"),
+        ("bounced", "452 4.2.2 Mailbox full", "5.2.2"),  # a hard bounce: permanent whatever the code's class
+        ("bounced", "550 <a@example.com>: Recipient address rejected: User unknown", "5.1.1"),
+        ("bounced", "Dirección inválida: buzón inexistente", "5.1.1"),
+        ("bounced", "rejected by the receiving server", "5.0.0"),
+        ("bounced", "server 10.4.5.6 said no", "5.0.0"),  # a dotted number is no code
+        ("expired", "expired after 7 attempts in 432000s; last error: 452 4.2.2 mailbox full", "4.2.2"),
+        ("expired", "expired after 7 attempts in 432000s; last error: HTTP 503", "4.4.7"),
+        ("refused", "refused by upstream: invalid email", "5.0.0"),
+        ("not_sent", "the upstream reported Not-Sent", "5.7.1"),
+        ("internal_error", "5.1.1 in the gateway's own words", "5.3.0"),
+    ],
+)
+def test_the_status_is_the_receiving_servers_own_code_when_its_words_carry_one(
+    how: str, words: str, expected: str
+) -> None:
+    """Before, every hard bounce said 5.1.1 (a bad mailbox), whatever the server's code: software cleaning its
+    lists on the Status would drop a good address whose mailbox was full or whose mail was blocked."""
+    raw = notice(failures=[dsn.Failure("a@example.com", how, words, 1.0)])
+    [block] = _status_blocks(raw)
+    assert block["Status"] == expected
+    assert f"(status {expected}," in mime.parse(raw).html

@@ -13,6 +13,7 @@ people (UTF-8)."""
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,15 +29,43 @@ from email.utils import format_datetime
 SUBJECT = "Undelivered Mail Returned to Sender"
 FROM_NAME = "Mail Delivery System"
 
-# What each way of failing is called in the notice, and its RFC 3463 status.
+# What each way of failing is called in the notice, and its RFC 3463 status when the words name none (see
+# `status_code`).
 STATUS = {
-    "bounced": ("5.1.1", "the receiving server refused it (a hard bounce)"),
+    "bounced": ("5.0.0", "the receiving server refused it (a hard bounce)"),
     "not_sent": ("5.7.1", "the upstream did not send it: it holds the address invalid"),
     "refused": ("5.0.0", "the upstream refused it"),
     "expired": ("4.4.7", "it could not be delivered in time and was given up"),
     "internal_error": ("5.3.0", "the gateway could not process it"),
     "corrupt": ("5.3.0", "the gateway could not read it back from its queue"),
 }
+
+
+# The ways of failing whose words are the upstream's (its bounce, its refusal, the last error before expiry),
+# and so may carry the receiving server's own enhanced status code; the others' words are the gateway's.
+VENDOR_WORDS = frozenset({"bounced", "not_sent", "refused", "expired"})
+# An RFC 3463 code in the words ("552 5.2.2 mailbox full"): class 4 or 5, not within a longer dotted number.
+_CODE = re.compile(r"(?<![\d.])[45]\.(\d{1,3}\.\d{1,3})(?![\d.])")
+# A hard bounce's words that say the mailbox does not exist, when they carry no code (5.1.1).
+_NO_MAILBOX = re.compile(
+    r"user unknown|unknown user|no such (user|mailbox|recipient)|mailbox (not found|does not exist|unavailable)"
+    r"|does not exist|usuario desconocido|inexistente|no existe",
+    re.IGNORECASE,
+)
+
+
+def status_code(how: str, diagnostic: str) -> str:
+    """The notice's Status for one recipient: the receiving server's own code when the upstream's words carry
+    one ("550 5.7.1 blocked" is 5.7.1, not a bad mailbox: software acting on the Status, such as list cleaning,
+    would drop a good address), in the class of the way it failed (a hard bounce is permanent: 5; an expiry 4);
+    else 5.1.1 for a hard bounce whose words say the mailbox does not exist; else the way's own (STATUS)."""
+    default = STATUS.get(how, STATUS["refused"])[0]
+    if how in VENDOR_WORDS:
+        if found := _CODE.search(diagnostic):
+            return f"{default[0]}.{found.group(1)}"
+        if how == "bounced" and _NO_MAILBOX.search(diagnostic):
+            return "5.1.1"
+    return default
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,8 +138,13 @@ def _text(failures: Sequence[Failure], original: Original, reporting_mta: str) -
         lines.append(f"  Message-ID:  <{original.message_id}>")
     lines += [f"  Accepted:    {_date(original.arrival)}", f"  Gateway id:  {original.local_id}", ""]
     for f in failures:
-        status, words = STATUS.get(f.how, STATUS["refused"])
-        lines += [f"<{f.address}>: {words}.", f"    {f.diagnostic}", f"    (status {status}, {_date(f.at)})", ""]
+        words = STATUS.get(f.how, STATUS["refused"])[1]
+        lines += [
+            f"<{f.address}>: {words}.",
+            f"    {f.diagnostic}",
+            f"    (status {status_code(f.how, f.diagnostic)}, {_date(f.at)})",
+            "",
+        ]
     lines += [
         "Your message's headers follow below. This notice was written",
         "automatically: replies to it are not read.",
@@ -149,12 +183,12 @@ def build(
     status = MIMEBase("message", "delivery-status")
     blocks = [_fields(Reporting_MTA=f"dns; {reporting_mta}", Arrival_Date=_date(original.arrival))]
     for f in failures:
-        code, words = STATUS.get(f.how, STATUS["refused"])
+        words = STATUS.get(f.how, STATUS["refused"])[1]
         blocks.append(
             _fields(
                 Final_Recipient=recipient_field(f.address),
                 Action="failed",
-                Status=code,
+                Status=status_code(f.how, f.diagnostic),
                 Diagnostic_Code=f"X-Gateway; {ascii_text(' '.join(f.diagnostic.split()) or words)}",
                 Last_Attempt_Date=_date(f.at),
             )
