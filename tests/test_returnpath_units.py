@@ -515,6 +515,41 @@ async def test_a_notice_that_cannot_be_made_takes_nothing_from_the_senders_count
         await ledger.close()
 
 
+@pytest.mark.asyncio
+async def test_a_record_rebuilt_from_the_queue_is_not_counted_as_notify_off(tmp_path: Path) -> None:
+    """A message whose accepting instance died before writing its rows: the claiming instance writes its
+    record from the queue (recorder.attempt: no listener, no reply, no notice data). Its bounce tells nobody,
+    as `rebuilt`; before, `notify_off`, a false claim that nobody was to be told. A record written on
+    acceptance (a reply) without notice data is notify = off."""
+    from gateway.ledger.model import NoticeRow
+    from gateway.ops.metrics import NOTICES
+
+    sender, ledger = await _notice_sender(tmp_path, TakingOwner(), Clock(T0), [])
+    created = T0 - 600
+    rows: list[object] = [
+        MessageRow("REBUILT", created, "acme", "billing@acme.example", "Invoice", 100, login="scanner"),
+        MessageRow("OFF", created, "acme", "billing@acme.example", "Invoice", 100, login="scanner", reply="250 ok"),
+    ]
+    for msg_id in ("REBUILT", "OFF"):
+        rows += [
+            RecipientRow(msg_id, created, "a@example.net", "bounced", T0 - 60, reason="550 5.1.1 unknown"),
+            NoticeRow(msg_id, created, "a@example.net", T0 - 60),
+        ]
+    counts = {r: NOTICES.labels(account="acme", result=r)._value.get() for r in ("rebuilt", "notify_off")}
+    try:
+        await ledger.write(rows)  # type: ignore[arg-type]
+        assert await sender.round() == 2
+        found = dict(_select(tmp_path, "SELECT msg_id, state || ': ' || reason FROM ledger_notices"))
+        assert found["REBUILT"].startswith("skipped: its record was rebuilt from the queue")
+        assert found["OFF"] == "skipped: nobody is to be told (notify = off)"
+        assert {r: NOTICES.labels(account="acme", result=r)._value.get() - n for r, n in counts.items()} == {
+            "rebuilt": 1,
+            "notify_off": 1,
+        }
+    finally:
+        await ledger.close()
+
+
 # -- an unrecognised event page keeps the cursor -------------------------------------------------------------
 
 

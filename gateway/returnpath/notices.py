@@ -12,7 +12,8 @@ answered with the first one's id instead of sending it twice.
 
 No notice: for a null sender or about a notice (no loops: a notice's own failures never make one), when
 nobody is to be told (`notify = "off"`), to a suppressed address, past the per-sender limit, for recipients
-an operator deleted, for a message held as ambiguous (it may have been delivered).
+an operator deleted, for a message held as ambiguous (it may have been delivered), for a message whose
+record was rebuilt from the queue (its accepting instance died before writing it: the notice's data is lost).
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ SKIP = {
     "notice": "the message is itself a notice (notices never make notices)",
     "notify_off": "nobody is to be told (notify = off)",
     "no_data": "the message's record has no notice data",
+    "rebuilt": "its record was rebuilt from the queue (the accepting instance died before writing it): "
+    "what a notice needs was lost with that instance's rows",
     "suppressed": "the address to tell is suppressed",
     "rate_limited": "the sender got its limit of notices in this window",
     "deleted": "an operator deleted it",
@@ -188,7 +191,9 @@ class NoticeSender:
         if not record.mail_from:
             return _skip("null_sender"), None, None
         if text is None:
-            return _skip("notify_off"), None, None
+            # No reply: the record is the one a claiming instance wrote from what the queue holds, which has
+            # neither the header block a notice quotes nor whom to tell; nobody chose `notify = off`.
+            return _skip("notify_off" if record.reply else "rebuilt"), None, None
         try:
             data = NoticeData.read(text)
         except ValueError:
