@@ -12,9 +12,9 @@ import httpx
 import orjson
 import pytest
 
-from gateway.core.errors import AnswerLost, AnswerTooLarge, UpstreamUnavailable
+from gateway.core.errors import AnswerInvalid, AnswerLost, AnswerTooLarge, UpstreamUnavailable
 from gateway.mime import jsonbody
-from gateway.upstream.aiohttp_transport import AiohttpTransport
+from gateway.upstream.aiohttp_transport import AiohttpTransport, said
 from gateway.upstream.client import MAX_RESPONSE, HttpClient
 from gateway.upstream.response import HttpResponse
 from gateway.upstream.upload import Upload
@@ -129,6 +129,42 @@ async def test_an_answer_is_an_answer_whatever_its_status(transport: str) -> Non
     async for port in _server(answer):
         response = await _answer(port, transport)
         assert response.status == 503 and response.json() == {}
+
+
+KEY = "k3y-5ecret-0f-the-account"
+
+
+async def not_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await _read_request(reader)
+    writer.write(b"HTTP/1.1 2OO OK\r\nContent-Length: 2\r\n\r\n{}")  # not a status code
+    await writer.drain()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_an_answer_that_is_not_http_says_so_without_the_url(transport: str) -> None:
+    """aiohttp's text of a malformed answer ends `url='<the whole URL>'`: a vendor's key in its query (or a
+    hook's token in its path) would go with it to the logs and the ledger."""
+    async for port in _server(not_http):
+        client = HttpClient(f"http://127.0.0.1:{port}", upstream="Test", account="t", timeout=2, transport=transport)  # type: ignore[arg-type]
+        try:
+            with pytest.raises(AnswerInvalid) as info:
+                await client.request("send", "POST", f"/send/{KEY}?key={KEY}", headers={}, content=b"{}")
+        finally:
+            await client.aclose()
+    assert "not HTTP" in info.value.reason
+    assert KEY not in info.value.reason and KEY not in str(info.value.__cause__), info.value.reason
+
+
+def test_aiohttps_error_texts_lose_their_urls() -> None:
+    """The texts of aiohttp's errors that name the URL (a connect timeout says `to host <the URL>`) as the
+    transport passes them on."""
+    import aiohttp
+
+    url = f"https://api.vendor.example/v1/{KEY}?key={KEY}"
+    timeout = aiohttp.ConnectionTimeoutError(f"Connection timeout to host {url}")
+    assert said(timeout) == "Connection timeout to host https://api.vendor.example/**********"
+    invalid = aiohttp.InvalidURL(url, "bad port")
+    assert KEY not in said(invalid)
 
 
 async def too_large(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -3,6 +3,7 @@ refuses, and how they are printed. One place, so a URL field added later gets th
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
@@ -36,6 +37,18 @@ def shown_url(url: str, *, path: bool = False) -> str:
     query = MASK if parts.query else ""
     fragment = MASK if parts.fragment else ""
     return urlunsplit((parts.scheme, parts.netloc, parts.path, query, fragment))
+
+
+# A URL inside a text (an HTTP library's error message: aiohttp's ends `url='<the whole URL>'`): a scheme, `://`,
+# then anything up to a space, a quote or a bracket.
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>()\[\]]+")
+
+
+def without_urls(text: str) -> str:
+    """`text` with every URL in it as `shown_url(url, path=True)` prints it: error texts of HTTP libraries name
+    the URL they called, and a hook's path or a vendor's query may be its key. For texts that go to the logs,
+    the ledger or the API."""
+    return _URL_IN_TEXT.sub(lambda found: shown_url(found.group(), path=True), text)
 
 
 def _shown_with_path(url: str) -> str:

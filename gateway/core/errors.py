@@ -70,6 +70,11 @@ class AnswerLost(UpstreamUnavailable):
     """The request went out and its answer was lost: resending it may deliver a second copy."""
 
 
+class AnswerInvalid(AnswerLost):
+    """What came back after the request was sent is not HTTP (a malformed status line or header: a proxy, a
+    wrong port, a broken server): whether the request was acted on is as unknown as for a lost answer."""
+
+
 class AnswerTooLarge(AnswerLost):
     """The answer was bigger than the gateway reads (gateway.upstream.client.MAX_RESPONSE): not read, so as lost
     as any other; a reader that asked for it (an event page) can ask for less."""

@@ -411,7 +411,8 @@ WEBHOOK_SENT = Counter(
 )
 WEBHOOK_FAILED = Counter(
     "smtp_gateway_webhook_failures_total",
-    "Webhook delivery attempts that failed, by reason class: timeout, connect, http_4xx, http_5xx, internal (an "
+    "Webhook delivery attempts that failed, by reason class: timeout (sent, no answer came), invalid_answer (sent, "
+    "what came back is not HTTP), connect, http_4xx, http_5xx, internal (an "
     "unforeseen error of the gateway's, logged as webhook_internal_error), expired (no more retries: max_age "
     "passed, the delivery failed for good), removed (the webhook is no longer configured)",
     ["webhook", "reason"],
@@ -426,7 +427,8 @@ WEBHOOK_PENDING = Gauge(
 WEBHOOK_DUPLICATES = Counter(
     "smtp_gateway_webhook_possible_duplicates_total",
     "Webhook deliveries POSTed again although the receiver may have taken them (the at-least-once window): "
-    "answer_lost (the request was sent, no answer came), lease_expired (an instance stopped mid-POST)",
+    "answer_lost (the request was sent, no answer came, or one that is not HTTP), lease_expired (an instance "
+    "stopped mid-POST)",
     ["webhook", "cause"],
     registry=REGISTRY,
 )

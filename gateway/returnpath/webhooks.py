@@ -20,8 +20,9 @@ import structlog
 
 from gateway import __version__
 from gateway.config import WebhookSettings
+from gateway.config.urls import without_urls
 from gateway.core import signature
-from gateway.core.errors import AnswerLost, UpstreamUnavailable
+from gateway.core.errors import AnswerInvalid, AnswerLost, UpstreamUnavailable
 from gateway.core.events import event_id
 from gateway.core.waits import woken
 from gateway.ledger import model
@@ -116,7 +117,8 @@ class WebhookSender:
             if kind not in self._internal_logged:
                 self._internal_logged.add(kind)
                 log.error("webhook_internal_error", webhook=d.webhook, event_id=d.event_id, exc_info=exc)
-            await self._fail(d, "internal", f"{type(exc).__name__}: {exc}"[:300], hook=hook)
+            # Without URLs: an error of a URL library quotes it, and a hook's path is often its token.
+            await self._fail(d, "internal", without_urls(f"{type(exc).__name__}: {exc}")[:300], hook=hook)
 
     async def deliver(self, d: Delivery, hook: WebhookSettings | None) -> None:
         if hook is None:
@@ -139,9 +141,12 @@ class WebhookSender:
                 "webhook", "POST", hook.url, headers=headers, content=body, timeout=hook.timeout
             )
         except AnswerLost as exc:
-            # Sent; no answer: it may have been received, and the next POST may be a duplicate.
+            # Sent; no answer (or one that is not HTTP): it may have been received, and the next POST may be a
+            # duplicate.
             WEBHOOK_DUPLICATES.labels(webhook=d.webhook, cause="answer_lost").inc()
-            await self._fail(d, "timeout", exc.reason, hook=hook)
+            await self._fail(
+                d, "invalid_answer" if isinstance(exc, AnswerInvalid) else "timeout", exc.reason, hook=hook
+            )
             return
         except UpstreamUnavailable as exc:
             await self._fail(d, "connect", exc.reason, hook=hook)

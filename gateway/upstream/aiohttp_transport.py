@@ -13,6 +13,7 @@ import aiohttp
 import httpx
 import yarl
 
+from gateway.config.urls import without_urls
 from gateway.upstream.upload import Upload, deadline
 
 # Parsed URLs and timeouts kept for reuse: an upstream is called at a handful of URLs with one or two
@@ -31,6 +32,19 @@ async def slices(body: bytes | bytearray) -> AsyncIterator[bytes]:
 
 class OverLimit(httpx.ReadError):
     """An answer over the size read (`max_response`): it was not read, so it is lost like a broken read."""
+
+
+class NotHttp(httpx.RemoteProtocolError):
+    """An answer came that is not HTTP (a malformed status line or header): the request had gone."""
+
+
+def said(exc: BaseException, default: str = "") -> str:
+    """What an error of aiohttp's says, without the URL it names (aiohttp's texts end `url='<the URL>'` or say
+    `to host <the URL>`): a hook's path or a vendor's query string may be its key, and these texts go to the
+    logs, the ledger and the API."""
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return f"{exc.status}, message={exc.message!r}"
+    return without_urls(str(exc)) or default or type(exc).__name__
 
 
 class AiohttpTransport(httpx.AsyncBaseTransport):
@@ -145,9 +159,13 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
     ) -> tuple[int, list[tuple[str, str]], bytes]:
         """The call; `upload`: the body's, when it is sent in pieces (else the request is whole as it goes)."""
         try:
+            target = self._url(url)
+        except ValueError as exc:  # yarl's: its text quotes the URL
+            raise httpx.UnsupportedProtocol(f"a URL that cannot be requested ({type(exc).__name__})") from exc
+        try:
             async with self._get_session().request(
                 method,
-                self._url(url),
+                target,
                 headers=headers,
                 data=upload.pieces(body) if upload is not None and body is not None else data,
                 timeout=timeout,
@@ -165,26 +183,28 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                     bytes(content),
                 )
         except aiohttp.ConnectionTimeoutError as exc:  # connect / pool timeout: nothing was sent
-            raise httpx.ConnectTimeout(str(exc) or "connect timeout", request=request) from exc
+            raise httpx.ConnectTimeout(said(exc, "connect timeout"), request=request) from exc
         except (aiohttp.ClientConnectorError, aiohttp.ServerFingerprintMismatch) as exc:
             # refused, unreachable, DNS, TLS handshake, a certificate not the pinned one: before any request
-            raise httpx.ConnectError(str(exc), request=request) from exc
+            raise httpx.ConnectError(said(exc), request=request) from exc
         except aiohttp.ClientResponseError as exc:  # an answer, not valid HTTP: the request had gone
-            raise httpx.RemoteProtocolError(str(exc), request=request) from exc
+            raise NotHttp(said(exc), request=request) from exc
         except aiohttp.ClientPayloadError as exc:  # the answer's body cut short
-            raise httpx.ReadError(str(exc) or type(exc).__name__, request=request) from exc
+            raise httpx.ReadError(said(exc), request=request) from exc
         except aiohttp.ServerTimeoutError as exc:  # the read timeout; it starts once the body is written
             if upload is not None and not upload.complete:
-                raise httpx.WriteTimeout(str(exc) or "write timeout", request=request) from exc
-            raise httpx.ReadTimeout(str(exc) or "read timeout", request=request) from exc
+                raise httpx.WriteTimeout(said(exc, "write timeout"), request=request) from exc
+            raise httpx.ReadTimeout(said(exc, "read timeout"), request=request) from exc
+        except (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError) as exc:  # before anything was sent
+            raise httpx.UnsupportedProtocol(f"a URL that cannot be requested ({type(exc).__name__})") from exc
         except aiohttp.ClientConnectionError as exc:
             # Closed, reset or failed while writing or reading (ServerDisconnectedError, ClientOSError,
             # ClientConnectionResetError, ...): whether the request had gone decides, not the error's class.
             if upload is not None and not upload.complete:
-                raise httpx.WriteError(str(exc) or type(exc).__name__, request=request) from exc
+                raise httpx.WriteError(said(exc), request=request) from exc
             if isinstance(exc, aiohttp.ServerDisconnectedError):
-                raise httpx.RemoteProtocolError(str(exc) or "server disconnected", request=request) from exc
-            raise httpx.ReadError(str(exc) or type(exc).__name__, request=request) from exc
+                raise httpx.RemoteProtocolError(said(exc, "server disconnected"), request=request) from exc
+            raise httpx.ReadError(said(exc), request=request) from exc
 
     async def aclose(self) -> None:
         if self._session is not None:

@@ -24,13 +24,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Literal
 
+import h11
 import httpx
 from prometheus_client import Histogram
 
-from gateway.core.errors import AnswerLost, AnswerTooLarge, UpstreamUnavailable
+from gateway.config.urls import without_urls
+from gateway.core.errors import AnswerInvalid, AnswerLost, AnswerTooLarge, UpstreamUnavailable
 from gateway.mime import jsonbody
 from gateway.ops.metrics import UPSTREAM_SECONDS
-from gateway.upstream.aiohttp_transport import AiohttpTransport, OverLimit, slices
+from gateway.upstream.aiohttp_transport import AiohttpTransport, NotHttp, OverLimit, slices
 from gateway.upstream.response import HttpResponse
 from gateway.upstream.upload import Upload
 
@@ -142,21 +144,28 @@ class HttpClient:
         except _NOT_SENT as exc:
             outcome = "not_sent"
             raise UpstreamUnavailable(
-                f"{self.upstream} unreachable, request not sent ({type(exc).__name__}: {exc})"
+                f"{self.upstream} unreachable, request not sent ({type(exc).__name__}: {_said(exc)})"
             ) from exc
         except OverLimit as exc:
             raise AnswerTooLarge(f"{self.upstream} answered with more than {MAX_RESPONSE} bytes, not read") from exc
         except httpx.ReadTimeout as exc:
-            raise AnswerLost(f"{self.upstream} sent no answer in time after the request was sent ({exc})") from exc
-        except (httpx.ReadError, httpx.RemoteProtocolError) as exc:
             raise AnswerLost(
-                f"{self.upstream} connection lost after the request was sent ({type(exc).__name__}: {exc})"
+                f"{self.upstream} sent no answer in time after the request was sent ({_said(exc)})"
+            ) from exc
+        except (httpx.ReadError, httpx.RemoteProtocolError) as exc:
+            if _not_http(exc):
+                raise AnswerInvalid(
+                    f"{self.upstream} answered with something that is not HTTP after the request was sent"
+                    f" ({_said(exc)})"
+                ) from exc
+            raise AnswerLost(
+                f"{self.upstream} connection lost after the request was sent ({type(exc).__name__}: {_said(exc)})"
             ) from exc
         except httpx.DecodingError as exc:
             # A body its Content-Encoding cannot undo (a corrupt gzip): the request went, the answer is
             # unreadable; as lost as aiohttp's payload errors, which its transport maps to ReadError.
             raise AnswerLost(
-                f"{self.upstream} answered with a body that cannot be decoded after the request was sent ({exc})"
+                f"{self.upstream} answered with a body that cannot be decoded after the request was sent ({_said(exc)})"
             ) from exc
         else:
             outcome = _OUTCOMES.get(status // 100, "server_error")
@@ -248,6 +257,24 @@ class HttpClient:
 
     async def aclose(self) -> None:
         await self._transport.aclose()
+
+
+def _said(exc: BaseException) -> str:
+    """An HTTP library's error text without the URLs it names (a hook's path, a vendor's query may be a key):
+    reasons go to the logs, the ledger and the API. The aiohttp transport's texts carry none already; httpx's
+    own transport's, and what one of them wraps, are cleaned here."""
+    return without_urls(str(exc))
+
+
+def _not_http(exc: BaseException) -> bool:
+    """Whether a protocol error is an answer that is not HTTP, not a connection closed without one: the aiohttp
+    transport says so by its class; httpx's, by the parser's (h11) error at the root of the chain."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, NotHttp | h11.RemoteProtocolError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 async def _read_capped(response: httpx.Response, limit: int) -> bytes:
