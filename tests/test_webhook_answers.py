@@ -14,7 +14,7 @@ from structlog.testing import capture_logs
 from gateway.config.returnpath import WebhookSettings
 from gateway.ledger.backends import open_returns
 from gateway.ledger.model import OutboxRow
-from gateway.ops.metrics import WEBHOOK_FAILED
+from gateway.ops.metrics import WEBHOOK_DUPLICATES, WEBHOOK_FAILED
 from gateway.returnpath.webhooks import WebhookSender
 from gateway.upstream.client import HttpClient, TransportKind
 from tests.test_returnpath_units import T0, Clock, _ledger, _select, _sent
@@ -25,24 +25,52 @@ TOKEN = "T0KEN-8f3a9c2e71d44b0f"
 
 
 @asynccontextmanager
-async def _receiver(answer: bytes) -> AsyncIterator[int]:
-    """A receiver that reads one request (head and body) and writes `answer` as it is; yields its port."""
+async def _receiver(answer: bytes, got: list[bytes] | None = None) -> AsyncIterator[int]:
+    """A receiver that reads one request (head and body: kept in `got`) and writes `answer` as it is; yields its
+    port. The client may close before the answer is all written (it reads no more than it needs)."""
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
         length = next(
             int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")
         )
-        await reader.readexactly(length)
-        writer.write(answer)
-        await writer.drain()
-        writer.close()
+        body = await reader.readexactly(length)
+        if got is not None:
+            got.append(body)
+        try:
+            writer.write(answer)
+            await writer.drain()
+        except ConnectionError:
+            pass  # the client had what it needed
+        finally:
+            writer.close()
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     try:
         yield server.sockets[0].getsockname()[1]
     finally:
         server.close()
+
+
+async def _one_round(
+    tmp_path: Path, answer: bytes, name: str, transport: TransportKind
+) -> tuple[int, str, int, str | None]:
+    """One delivery to a receiver answering `answer`: (POSTs received, the row's state, attempts, last_error)."""
+    got: list[bytes] = []
+    ledger = await _ledger(tmp_path)
+    http = HttpClient("", upstream="webhook", account="webhooks", timeout=30.0, transport=transport)
+    try:
+        async with _receiver(answer, got) as port:
+            await _sent(ledger, "M1", "a@example.net", "TX1", T0 - 600)
+            await ledger.write([OutboxRow(name, "ev1", "M1", T0 - 600, T0, "bounced", '{"id": "ev1"}')])
+            hook = WebhookSettings(name=name, url=f"http://127.0.0.1:{port}/h", secret="s", timeout=5, backoff=1)
+            sender = WebhookSender(open_returns(ledger), http, "gw-a", lambda: {name: hook}, clock=Clock(T0))
+            await sender.round()
+        [(state, attempts, error)] = _select(tmp_path, "SELECT state, attempts, last_error FROM webhook_outbox")
+        return len(got), str(state), int(attempts), error  # type: ignore[call-overload]
+    finally:
+        await http.aclose()
+        await ledger.close()
 
 
 def _count(webhook: str) -> dict[str, float]:
@@ -94,3 +122,35 @@ async def test_a_hooks_secret_path_is_in_no_log_line_outbox_row_or_timeline(
         finally:
             await http.aclose()
             await ledger.close()
+
+
+BIG = 2 << 20  # over the client's MAX_RESPONSE (1 MiB)
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+async def test_a_2xx_with_a_body_over_the_size_read_is_a_delivery(tmp_path: Path, transport: TransportKind) -> None:
+    """A receiver that took the event and answered 200 with a big page (a framework's debug page, an echo): the
+    status says it was taken. Not an answer lost, not POSTed again for max_age."""
+    name = f"big-{transport}"
+    lost = WEBHOOK_DUPLICATES.labels(webhook=name, cause="answer_lost")._value.get()
+    before = _count(name)
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % BIG + b"x" * BIG
+    posts, state, attempts, error = await _one_round(tmp_path, answer, name, transport)
+    assert (posts, state, attempts, error) == (1, "delivered", 1, None)
+    assert WEBHOOK_DUPLICATES.labels(webhook=name, cause="answer_lost")._value.get() == lost
+    assert _count(name) == before
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+async def test_a_5xx_with_a_body_over_the_size_read_is_an_http_5xx_with_its_first_words(
+    tmp_path: Path, transport: TransportKind
+) -> None:
+    name = f"big5-{transport}"
+    before = _count(name)
+    answer = b"HTTP/1.1 503 Busy\r\nContent-Length: %d\r\n\r\n" % BIG + b"busy " * (BIG // 5)
+    posts, state, attempts, error = await _one_round(tmp_path, answer, name, transport)
+    assert (posts, state, attempts) == (1, "pending", 1)
+    assert error is not None and error.startswith("HTTP 503: busy busy") and len(error) < 300
+    after = _count(name)
+    assert after.get("http_5xx", 0) == before.get("http_5xx", 0) + 1
+    assert after.get("timeout", 0) == before.get("timeout", 0)

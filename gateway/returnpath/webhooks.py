@@ -41,6 +41,9 @@ from gateway.upstream.client import HttpClient
 log = structlog.get_logger("gateway.webhooks")
 
 BACKOFF_MAX = 3600.0
+# What is read of a receiver's answer: its status decides, and its first words go into a failure's text. A 2xx
+# with a big page (a framework's debug page, an echo) was taken all the same, so it is never read whole.
+ANSWER_KEPT = 200
 # A delivery's lease: its timeout and this margin (renewed by nobody: one POST fits in it).
 LEASE_MARGIN = 30.0
 
@@ -138,7 +141,7 @@ class WebhookSender:
         }
         try:
             response = await self.http.request(
-                "webhook", "POST", hook.url, headers=headers, content=body, timeout=hook.timeout
+                "webhook", "POST", hook.url, headers=headers, content=body, timeout=hook.timeout, keep=ANSWER_KEPT
             )
         except AnswerLost as exc:
             # Sent; no answer (or one that is not HTTP): it may have been received, and the next POST may be a
@@ -154,7 +157,7 @@ class WebhookSender:
         if 200 <= response.status < 300:
             await self._delivered(d, response.status)
         else:
-            text = f"HTTP {response.status}: {response.text(200)}".strip()
+            text = f"HTTP {response.status}: {response.text(ANSWER_KEPT)}".strip()
             await self._fail(d, f"http_{response.status // 100}xx", text, hook=hook)
 
     async def _delivered(self, d: Delivery, status: int) -> None:

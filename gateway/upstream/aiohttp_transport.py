@@ -117,10 +117,12 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         body: bytes | AsyncIterator[bytes] | None,
         timeouts: dict[str, float],
         request: httpx.Request | None = None,
+        keep: int | None = None,
     ) -> tuple[int, list[tuple[str, str]], bytes]:
         """One call without httpx's request and response objects (HttpClient's own path): the status, the
         headers as sent (latin-1) and the body. Failures raise the same httpx errors as handle_async_request;
-        `request`: the one they name, if any."""
+        `request`: the one they name, if any. `keep`: only the body's first `keep` bytes are read (the rest is
+        not: the connection is closed), for a caller that needs no more (over `max_response` is then no error)."""
         if body is None or (isinstance(body, bytes | bytearray) and len(body) <= _SLICE):
             # Whole with the request's head (the socket's buffers take it at once): the request is complete as
             # it goes, and aiohttp's own `total` bounds the call (an asyncio.timeout per call cost about 10 %
@@ -128,7 +130,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             # which aiohttp reports as such: a deadline that strikes later struck an answer.
             total = self._timeout(timeouts, whole=True)
             try:
-                return await self._call(method, url, headers, None, body or None, None, total, request)
+                return await self._call(method, url, headers, None, body or None, None, total, request, keep)
             except TimeoutError:
                 raise httpx.ReadTimeout("no complete answer before the call's deadline", request=request) from None
         if isinstance(body, bytes | bytearray):
@@ -140,7 +142,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         upload = Upload(timeouts, body=True)
         try:
             async with upload.bound:
-                return await self._call(method, url, headers, body, None, upload, self._timeout(timeouts), request)
+                return await self._call(
+                    method, url, headers, body, None, upload, self._timeout(timeouts), request, keep
+                )
         except TimeoutError:  # the call's deadline (aiohttp's own timeouts are mapped inside)
             if upload.complete:
                 raise httpx.ReadTimeout("no complete answer before the call's deadline", request=request) from None
@@ -156,8 +160,10 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         upload: Upload | None,
         timeout: aiohttp.ClientTimeout,
         request: httpx.Request | None,
+        keep: int | None = None,
     ) -> tuple[int, list[tuple[str, str]], bytes]:
-        """The call; `upload`: the body's, when it is sent in pieces (else the request is whole as it goes)."""
+        """The call; `upload`: the body's, when it is sent in pieces (else the request is whole as it goes);
+        `keep`: exchange's."""
         try:
             target = self._url(url)
         except ValueError as exc:  # yarl's: its text quotes the URL
@@ -172,9 +178,11 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 allow_redirects=False,
             ) as response:
                 content = bytearray()
-                while chunk := await response.content.read(_SLICE):
+                while (keep is None or len(content) < keep) and (
+                    chunk := await response.content.read(_SLICE if keep is None else min(_SLICE, keep - len(content)))
+                ):
                     content += chunk
-                    if len(content) > self._max_response:
+                    if keep is None and len(content) > self._max_response:
                         # No API answer is this big: stop reading (a misbehaving upstream must not fill memory).
                         raise OverLimit(f"answer larger than {self._max_response} bytes", request=request)
                 return (

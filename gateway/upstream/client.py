@@ -101,11 +101,14 @@ class HttpClient:
         content: bytes | jsonbody.Body | None = None,
         before_send: Callable[[], Awaitable[None]] | None = None,
         timeout: float | None = None,
+        keep: int | None = None,
     ) -> HttpResponse:
         """One call; `endpoint` is a short stable name for metrics ("send_one", "login", ...). A `Body` (a JSON
         body with large blobs) is streamed from its pieces, with its Content-Length. `before_send` runs once
         a connection is free, right before the request goes; what it raises, the request does not send.
-        `timeout`: this call's (the client's otherwise)."""
+        `timeout`: this call's (the client's otherwise). `keep`: only the answer body's first `keep` bytes
+        are read and returned, the rest never (for a caller that needs its status and a few words of it: a
+        big body is then no AnswerTooLarge)."""
         limits = self._timeout if timeout is None else self.timeouts(timeout)
         if not self._connections.locked():
             await self._connections.acquire()  # free: no timer needed
@@ -122,7 +125,7 @@ class HttpClient:
         try:
             if before_send is not None:
                 await before_send()
-            return await self._send(endpoint, method, path, headers, content, limits)
+            return await self._send(endpoint, method, path, headers, content, limits, keep)
         finally:
             self._connections.release()
 
@@ -134,13 +137,14 @@ class HttpClient:
         headers: dict[str, str],
         content: bytes | jsonbody.Body | None,
         limits: dict[str, float],
+        keep: int | None = None,
     ) -> HttpResponse:
         if isinstance(content, jsonbody.Body):
             headers = {**headers, "Content-Length": str(len(content))}
         started = time.perf_counter()
         outcome = "answer_lost"
         try:
-            status, answer_headers, body = await self._exchange(method, path, headers, content, limits)
+            status, answer_headers, body = await self._exchange(method, path, headers, content, limits, keep)
         except _NOT_SENT as exc:
             outcome = "not_sent"
             raise UpstreamUnavailable(
@@ -180,6 +184,7 @@ class HttpClient:
         headers: dict[str, str],
         content: bytes | jsonbody.Body | None,
         limits: dict[str, float],
+        keep: int | None = None,
     ) -> tuple[int, dict[str, str], bytes]:
         """The status, the answer's headers (names lower-cased, a header sent twice: its values joined by
         ", ") and body. Over aiohttp without httpx's request and response objects, which only cost CPU there."""
@@ -190,6 +195,7 @@ class HttpClient:
                 headers,
                 content.aiter() if isinstance(content, jsonbody.Body) else content,
                 limits,
+                keep=keep,
             )
             joined: dict[str, str] = {}
             for name, value in raw_headers:
@@ -218,7 +224,7 @@ class HttpClient:
             async with upload.bound:
                 response = await self._transport.handle_async_request(request)
                 try:
-                    body = await _read_capped(response, MAX_RESPONSE)
+                    body = await _read_capped(response, MAX_RESPONSE, keep)
                 finally:
                     await response.aclose()
         except TimeoutError:  # the call's deadline (httpx's own timeouts raise httpx's errors)
@@ -277,10 +283,14 @@ def _not_http(exc: BaseException) -> bool:
     return False
 
 
-async def _read_capped(response: httpx.Response, limit: int) -> bytes:
+async def _read_capped(response: httpx.Response, limit: int, keep: int | None = None) -> bytes:
+    """The body, at most `limit` bytes (OverLimit past it); with `keep`, its first `keep` bytes and no more read
+    (the response is closed unread: its connection is not reused)."""
     body = bytearray()
     async for chunk in response.aiter_bytes():
         body += chunk
+        if keep is not None and len(body) >= keep:
+            return bytes(body[:keep])
         if len(body) > limit:
             raise OverLimit(f"answer larger than {limit} bytes")
     return bytes(body)
