@@ -19,8 +19,6 @@ from gateway.returnpath.webhooks import WebhookSender
 from gateway.upstream.client import HttpClient, TransportKind
 from tests.test_returnpath_units import T0, Clock, _ledger, _select, _sent
 
-pytestmark = pytest.mark.asyncio
-
 TOKEN = "T0KEN-8f3a9c2e71d44b0f"
 
 
@@ -82,6 +80,7 @@ def _count(webhook: str) -> dict[str, float]:
     }
 
 
+@pytest.mark.asyncio
 @pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
 async def test_a_hooks_secret_path_is_in_no_log_line_outbox_row_or_timeline(
     tmp_path: Path, transport: TransportKind
@@ -127,6 +126,7 @@ async def test_a_hooks_secret_path_is_in_no_log_line_outbox_row_or_timeline(
 BIG = 2 << 20  # over the client's MAX_RESPONSE (1 MiB)
 
 
+@pytest.mark.asyncio
 @pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
 async def test_a_2xx_with_a_body_over_the_size_read_is_a_delivery(tmp_path: Path, transport: TransportKind) -> None:
     """A receiver that took the event and answered 200 with a big page (a framework's debug page, an echo): the
@@ -141,6 +141,7 @@ async def test_a_2xx_with_a_body_over_the_size_read_is_a_delivery(tmp_path: Path
     assert _count(name) == before
 
 
+@pytest.mark.asyncio
 @pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
 async def test_a_5xx_with_a_body_over_the_size_read_is_an_http_5xx_with_its_first_words(
     tmp_path: Path, transport: TransportKind
@@ -154,3 +155,63 @@ async def test_a_5xx_with_a_body_over_the_size_read_is_an_http_5xx_with_its_firs
     after = _count(name)
     assert after.get("http_5xx", 0) == before.get("http_5xx", 0) + 1
     assert after.get("timeout", 0) == before.get("timeout", 0)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+async def test_a_redirect_is_not_followed_counted_http_3xx_and_says_where_without_its_query(
+    tmp_path: Path, transport: TransportKind
+) -> None:
+    """A moved endpoint (http to https, a new path) or a hostile one (the cloud's metadata address): never
+    followed, counted under a documented reason, and the operator is told where it points (not its query)."""
+    name = f"moved-{transport}"
+    before = _count(name)
+    answer = (
+        b"HTTP/1.1 308 Permanent Redirect\r\n"
+        b"Location: http://169.254.169.254/latest/meta-data/?token=T0KEN#frag\r\nContent-Length: 0\r\n\r\n"
+    )
+    posts, state, attempts, error = await _one_round(tmp_path, answer, name, transport)
+    assert (posts, state, attempts) == (1, "pending", 1)
+    assert error == "HTTP 308 to http://169.254.169.254/latest/meta-data/ (not followed)"
+    after = _count(name)
+    assert {r for r in after if after[r] != before.get(r, 0)} == {"http_3xx"}
+
+
+@pytest.mark.asyncio
+async def test_a_removed_webhooks_delivery_fails_at_once_counted_once_as_removed(tmp_path: Path) -> None:
+    ledger = await _ledger(tmp_path)
+    http = HttpClient("", upstream="webhook", account="webhooks", timeout=30.0)
+    try:
+        await _sent(ledger, "M1", "a@example.net", "TX1", T0 - 600)
+        await ledger.write([OutboxRow("gone", "ev1", "M1", T0 - 600, T0, "bounced", '{"id": "ev1"}')])
+        other = WebhookSettings(name="other", url="https://hooks.example/h", secret="s")
+        before = _count("gone")
+        sender = WebhookSender(open_returns(ledger), http, "gw-a", lambda: {"other": other}, clock=Clock(T0))
+        await sender.round()
+        [(state, error)] = _select(tmp_path, "SELECT state, last_error FROM webhook_outbox")
+        assert (state, error) == ("failed", "the webhook is no longer configured")
+        after = _count("gone")
+        assert {r: after[r] - before.get(r, 0) for r in after if after[r] != before.get(r, 0)} == {"removed": 1}
+    finally:
+        await http.aclose()
+        await ledger.close()
+
+
+def test_the_docs_name_exactly_the_failure_reasons_counted() -> None:
+    """docs/after-250.md's metrics table and the metric's help (docs/reference/metrics.md) name the reasons an
+    alert is written against: every one the sender counts, and no other."""
+    import re
+
+    from gateway.returnpath.webhooks import FAILURE_REASONS
+
+    [row] = [
+        line
+        for line in Path("docs/after-250.md").read_text().splitlines()
+        if line.startswith("| `smtp_gateway_webhook_failures_total`")
+    ]
+    assert set(re.findall(r"`([a-z0-9_]+)`", row.split("|")[4])) == set(FAILURE_REASONS)
+    documented = WEBHOOK_FAILED._documentation.split("by reason class:", 1)[1]
+    named = re.sub(r"\([^)]*\)", "", documented)  # the words in parentheses explain: the names stand outside
+    assert {word.strip() for word in named.split(",")} == set(FAILURE_REASONS)
+    reference = Path("docs/reference/metrics.md").read_text()
+    assert documented.strip() in reference

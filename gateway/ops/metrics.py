@@ -411,10 +411,12 @@ WEBHOOK_SENT = Counter(
 )
 WEBHOOK_FAILED = Counter(
     "smtp_gateway_webhook_failures_total",
-    "Webhook delivery attempts that failed, by reason class: timeout (sent, no answer came), invalid_answer (sent, "
-    "what came back is not HTTP), connect, http_4xx, http_5xx, internal (an "
-    "unforeseen error of the gateway's, logged as webhook_internal_error), expired (no more retries: max_age "
-    "passed, the delivery failed for good), removed (the webhook is no longer configured)",
+    "Webhook delivery attempts that failed, by reason class: http_3xx (a redirect: not followed), http_4xx, "
+    "http_5xx, http_other (a status outside 200-599), timeout (sent, no answer came: a read timeout, a reset), "
+    "invalid_answer (sent, what came back is not HTTP), connect, internal (an unforeseen error of the gateway's, "
+    "logged as "
+    "webhook_internal_error), expired (no more retries: max_age passed, the delivery failed for good), removed "
+    "(the webhook is no longer configured: the delivery failed for good at once)",
     ["webhook", "reason"],
     registry=REGISTRY,
 )

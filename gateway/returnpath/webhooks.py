@@ -44,6 +44,22 @@ BACKOFF_MAX = 3600.0
 # What is read of a receiver's answer: its status decides, and its first words go into a failure's text. A 2xx
 # with a big page (a framework's debug page, an echo) was taken all the same, so it is never read whole.
 ANSWER_KEPT = 200
+# smtp_gateway_webhook_failures_total's reasons, by the answer's status class (redirects are not followed: a
+# receiver's Location is no place to send a signed event to unasked); a status outside 300-599 is http_other.
+_STATUS_REASONS = {3: "http_3xx", 4: "http_4xx", 5: "http_5xx"}
+# Every reason the failures are counted under (the docs and the metric's help name these: tested).
+FAILURE_REASONS = (
+    "http_3xx",
+    "http_4xx",
+    "http_5xx",
+    "http_other",
+    "timeout",
+    "invalid_answer",
+    "connect",
+    "internal",
+    "expired",
+    "removed",
+)
 # A delivery's lease: its timeout and this margin (renewed by nobody: one POST fits in it).
 LEASE_MARGIN = 30.0
 
@@ -158,7 +174,11 @@ class WebhookSender:
             await self._delivered(d, response.status)
         else:
             text = f"HTTP {response.status}: {response.text(ANSWER_KEPT)}".strip()
-            await self._fail(d, f"http_{response.status // 100}xx", text, hook=hook)
+            location = response.headers.get("location")
+            if 300 <= response.status < 400 and location:
+                # Where it moved, for the operator to fix the URL; without its query (a token may be there).
+                text = f"HTTP {response.status} to {location.partition('?')[0].partition('#')[0]} (not followed)"
+            await self._fail(d, _STATUS_REASONS.get(response.status // 100, "http_other"), text, hook=hook)
 
     async def _delivered(self, d: Delivery, status: int) -> None:
         now = self.clock()
@@ -192,7 +212,8 @@ class WebhookSender:
                     next_in=round(wait, 1),
                 )
             return
-        WEBHOOK_FAILED.labels(webhook=d.webhook, reason="expired").inc()
+        if not final:  # failed for good because max_age passed (`final`: for its own reason, counted once)
+            WEBHOOK_FAILED.labels(webhook=d.webhook, reason="expired").inc()
         row = self._timeline(d, model.WEBHOOK_FAILED, now, f"{d.webhook}: {error}", attempts)
         if await self.returns.settle_delivery(
             d, "failed", attempts=attempts, next_attempt=now, error=error, now=now, rows=[row]
