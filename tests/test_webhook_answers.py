@@ -215,3 +215,16 @@ def test_the_docs_name_exactly_the_failure_reasons_counted() -> None:
     assert {word.strip() for word in named.split(",")} == set(FAILURE_REASONS)
     reference = Path("docs/reference/metrics.md").read_text()
     assert documented.strip() in reference
+
+
+def test_retries_are_at_most_an_hour_apart_and_jittered_below_it() -> None:
+    """docs/after-250.md: backoff x 2^(n-1) s, +-50 % jitter, at most an hour apart (the cap after the jitter)."""
+    import random
+
+    from gateway.returnpath.webhooks import BACKOFF_MAX, backoff
+
+    rng = random.Random(1)
+    late = [backoff(10.0, 30, rng) for _ in range(1000)]
+    assert max(late) == BACKOFF_MAX
+    early = [backoff(10.0, 2, rng) for _ in range(1000)]
+    assert 10.0 <= min(early) < 20.0 < max(early) <= 30.0

@@ -65,8 +65,9 @@ LEASE_MARGIN = 30.0
 
 
 def backoff(base: float, attempts: int, rng: random.Random) -> float:
-    """Seconds before the next try after `attempts` failed ones: base, doubling, at most an hour, +-50 %."""
-    return min(base * 2.0 ** max(attempts - 1, 0), BACKOFF_MAX) * rng.uniform(0.5, 1.5)
+    """Seconds before the next try after `attempts` failed ones: base, doubling, +-50 %, at most an hour (the
+    cap after the jitter: the docs promise retries at most an hour apart)."""
+    return min(base * 2.0 ** max(attempts - 1, 0) * rng.uniform(0.5, 1.5), BACKOFF_MAX)
 
 
 class WebhookSender:
