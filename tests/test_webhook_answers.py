@@ -4,6 +4,7 @@ receiver on 127.0.0.1, over a real SQLite outbox: what is logged, kept in the ou
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from gateway.config.returnpath import WebhookSettings
+from gateway.ledger import render
 from gateway.ledger.backends import open_returns
 from gateway.ledger.model import OutboxRow
 from gateway.ops.metrics import WEBHOOK_DUPLICATES, WEBHOOK_FAILED
@@ -111,7 +113,10 @@ async def test_a_hooks_secret_path_is_in_no_log_line_outbox_row_or_timeline(
             [(state, error)] = _select(tmp_path, "SELECT state, last_error FROM webhook_outbox")
             [(detail,)] = _select(tmp_path, "SELECT detail FROM ledger_events WHERE kind='webhook_failed'")
             assert state == "failed"
-            for text in (str(error), str(detail), *(repr(line) for line in logs)):
+            record = await ledger.get("M1")  # as the API (to_json) and `status` (render) show it
+            assert record is not None and any(e.kind == "webhook_failed" for e in record.events)
+            shown = (json.dumps(record.to_json()), *render.record(record))
+            for text in (str(error), str(detail), *shown, *(repr(line) for line in logs)):
                 assert TOKEN not in text and "/hooks/" not in text, text
             assert "not HTTP" in str(error)
             assert len(logs) == 2
