@@ -13,8 +13,10 @@ import json
 import os
 import re
 import smtplib
+import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from email.message import EmailMessage
 from typing import Any
 
@@ -248,6 +250,54 @@ def test_ip_allowlist_403_queues_logs_once_and_fails_readiness(gateway_factory: 
     wait_for(lambda: spool_rows(gw.settings.delivery.spool_path) == [] or None, 20, "backlog delivered")
     assert sorted(subjects(gw)) == ["refused 0", "refused 1", "refused 2", "while allowed"]
     assert _readyz(gw).status_code == 200
+
+
+UNREAD_TOKEN = "eyJhbGciOi.SessionTokenSecret.42"
+
+
+@contextmanager
+def login_answering_with_an_unread_key() -> Iterator[int]:
+    """A dEngage whose login answers 200 with the token under a name the gateway does not read (`jwt`):
+    every request gets that answer. Yields its port."""
+    body = json.dumps({"jwt": UNREAD_TOKEN, "expires": 3600}).encode()
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+    sock = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:  # closed: the test is over
+                return
+            with conn:
+                conn.recv(65536)
+                conn.sendall(head % len(body) + body)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+        thread.join(10)
+
+
+def test_a_login_answers_token_is_in_no_log_line_and_not_in_readyz(gateway_factory: Callable[..., Running]) -> None:
+    """The token under a name the gateway does not read: the login's failure names the answer's keys, never
+    its body, in the log (dengage_login_failed, upstream_refused_credentials, ...) and in /readyz, which
+    needs no authentication."""
+    with login_answering_with_an_unread_key() as port:
+        gw = gateway_factory(dengage={"api_base": f"http://127.0.0.1:{port}/rest"}, http={"port": 0})
+        with capture_logs() as logs:
+            with smtplib.SMTP("127.0.0.1", gw.port(), timeout=30) as client:
+                client.login(DENGAGE_USER, PASSWORD)
+                assert client.mail(DENGAGE_SENDER)[0] == 451  # no token: the identities cannot be fetched
+            ready = wait_for(lambda: (r := _readyz(gw)).status_code == 503 and r, 10, "readyz 503")
+    problems = json.dumps(ready.json())
+    assert "keys: expires, jwt" in problems and UNREAD_TOKEN not in problems, problems
+    assert [e for e in logs if "keys: expires, jwt" in repr(e)]
+    assert not [e for e in logs if UNREAD_TOKEN in repr(e)], [e for e in logs if UNREAD_TOKEN in repr(e)]
 
 
 def test_ip_allowlist_403_at_the_identities_lookup_is_a_refusal_too(gateway_factory: Callable[..., Running]) -> None:

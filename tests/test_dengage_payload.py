@@ -258,6 +258,42 @@ def test_login_answers() -> None:
     assert wire.login_body("k", "p") == {"userkey": "k", "password": "p"}
 
 
+TOKEN = "eyJhbGciOi.SessionTokenSecret.42"
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "error"),
+    [
+        # A 2xx with the token under a name the gateway does not read: named by its keys, never quoted.
+        (200, {"jwt": TOKEN, "expires": 3600}, UpstreamAuthFailed),
+        (200, {"result": {"access_token": TOKEN}}, UpstreamAuthFailed),
+        (200, {"code": 0, "data": {"jwt": TOKEN}}, UpstreamAuthFailed),
+        (200, TOKEN, UpstreamAuthFailed),  # a bare JSON string
+        (200, [TOKEN], UpstreamAuthFailed),
+        # Refusals whose JSON has no message: the same (their raw body was the reason).
+        (401, {"jwt": TOKEN}, UpstreamAuthFailed),
+        (403, {"jwt": TOKEN}, UpstreamAuthFailed),
+        (400, {"jwt": TOKEN}, UpstreamAuthFailed),
+        (401, TOKEN.encode(), UpstreamAuthFailed),  # not JSON
+        # An allowlist refusal found in a raw body: the refusal without the body.
+        (403, {"jwt": TOKEN, "note": "not whitelisted"}, wire.IpNotAllowlisted),
+    ],
+)
+def test_a_login_answer_is_never_quoted(status: int, body: Any, error: type[Exception]) -> None:
+    """The login's answer may hold the token under a name the gateway does not read (the login wire is
+    [C]/[I]): its reason, logged, queued as last_error, printed by check-upstream and served by /readyz,
+    names the answer's keys or its type only."""
+    with pytest.raises(error) as info:
+        wire.login_token(answer(status, body))
+    assert TOKEN not in str(info.value) and "SessionTokenSecret" not in str(info.value)
+    if status == 200 and isinstance(body, dict):
+        assert "keys: " in str(info.value)  # what came instead, for TOKEN_KEYS
+    # A call that is not the login keeps dEngage's raw answer as its reason.
+    if status == 400:
+        with pytest.raises(UpstreamRejected, match="SessionTokenSecret"):
+            wire.send_result(answer(status, body))
+
+
 @pytest.mark.parametrize(
     "body",
     [

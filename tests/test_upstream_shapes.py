@@ -32,6 +32,7 @@ from tests.ops_util import captured_with_context, sample
 from tests.smtputil import message, send, session
 from tests.spool_helpers import wait_for
 from tests.test_cli import run_cli
+from tests.test_dengage_e2e import UNREAD_TOKEN, login_answering_with_an_unread_key
 from tests.test_dengage_e2e import message as dengage_message
 from tests.test_dengage_e2e import send as dengage_send
 
@@ -216,6 +217,21 @@ def test_check_upstream_one_account_with_refused_credentials(tmp_path: Path, ups
     assert "dEngage refused the API user's credentials" in result.stdout
     assert "check the account's userkey and password" in result.stdout
     assert "s3cr3t" not in result.stdout + result.stderr
+
+
+def test_check_upstream_names_a_login_answers_keys_never_its_token(tmp_path: Path) -> None:
+    """A login answer with the token under a name the gateway does not read: check-upstream says which keys
+    came (for TOKEN_KEYS), plain and --json, and never prints the answer, token included."""
+    with login_answering_with_an_unread_key() as port:
+        config = gateway_config(tmp_path, NO_UPSTREAM, listeners=[listener()])
+        config["accounts"] = {"crm": dengage_account(port)}
+        path = configs.write(tmp_path / "gateway.toml", config)
+        for extra in ([], ["--json"]):
+            result = run_cli("check-upstream", "-c", str(path), *extra)
+            out = result.stdout + result.stderr
+            assert result.returncode == 1, out
+            assert "without a token under any name the gateway knows" in out and "keys: expires, jwt" in out, out
+            assert UNREAD_TOKEN not in out, out
 
 
 def test_check_upstream_when_the_listing_is_not_there(tmp_path: Path, upstream: Sandbox) -> None:

@@ -247,27 +247,47 @@ def _json(response: HttpResponse) -> Any:
         return None
 
 
-def upstream_reason(response: HttpResponse, data: Any = None) -> str:
-    """The upstream's own words: `message` [C], `actionResult` [C], ASP.NET validation `errors` [I]."""
+def _words(data: Any) -> str | None:
+    """The upstream's own words in a JSON answer: `message` [C], `actionResult` [C], ASP.NET validation
+    `errors` [I], or its `code`; None when it has none."""
+    if not isinstance(data, dict):
+        return None
+    parts: list[str] = []
+    for key in ("message", "actionResult", "error", "title", "detail"):
+        value = field_of(data, key)
+        if isinstance(value, str) and value.strip() and value.strip() not in parts:
+            parts.append(value.strip())
+    errors = field_of(data, "errors")
+    if isinstance(errors, dict):
+        for name, problems in errors.items():
+            texts = problems if isinstance(problems, list) else [problems]
+            parts.append(f"{name}: {'; '.join(str(t) for t in texts)}")
+    elif isinstance(errors, list):
+        parts.extend(str(e) for e in errors)
+    if parts:
+        return " - ".join(parts)
+    code = field_of(data, "code")
+    return None if code is None else f"dEngage answered code {code}"
+
+
+def _shape(data: Any) -> str:
+    """What an answer is, never its values: its keys (and those of a `data` envelope), or its JSON type."""
+    if not isinstance(data, dict):
+        return "not JSON" if data is None else f"a JSON {type(data).__name__}"
+    inner = field_of(data, "data")
+    return answer_keys(data) + (f"; data {answer_keys(inner)}" if isinstance(inner, dict) else "")
+
+
+def upstream_reason(response: HttpResponse, data: Any = None, *, quote_body: bool = True) -> str:
+    """The upstream's own words (`_words`); without any, the raw body, or with `quote_body` off (an answer
+    that may hold a secret: the login's, whose token may sit under a name the gateway does not read) only
+    what the answer is (its keys or JSON type), the way DMDS' campania_apikey check names its answer."""
     data = _json(response) if data is None else data
-    if isinstance(data, dict):
-        parts: list[str] = []
-        for key in ("message", "actionResult", "error", "title", "detail"):
-            value = field_of(data, key)
-            if isinstance(value, str) and value.strip() and value.strip() not in parts:
-                parts.append(value.strip())
-        errors = field_of(data, "errors")
-        if isinstance(errors, dict):
-            for name, problems in errors.items():
-                texts = problems if isinstance(problems, list) else [problems]
-                parts.append(f"{name}: {'; '.join(str(t) for t in texts)}")
-        elif isinstance(errors, list):
-            parts.extend(str(e) for e in errors)
-        if parts:
-            return " - ".join(parts)
-        code = field_of(data, "code")
-        if code is not None:
-            return f"dEngage answered code {code}"
+    words = _words(data)
+    if words is not None:
+        return words
+    if not quote_body:
+        return f"dEngage answered HTTP {response.status} without a message ({_shape(data)})"
     return response.text().strip() or f"dEngage answered HTTP {response.status}"
 
 
@@ -300,7 +320,7 @@ def _foreign_page(response: HttpResponse, data: Any) -> bool:
     return not text or html
 
 
-def _allowlist_refusal(response: HttpResponse, data: Any) -> IpNotAllowlisted | None:
+def _allowlist_refusal(response: HttpResponse, data: Any, quote_body: bool = True) -> IpNotAllowlisted | None:
     if not response.body.strip():
         # The allowlist's 403 comes before the credentials are checked, "sometimes with an empty body" [C]:
         # an empty 403 cannot mean the API user was refused, so it is taken for the allowlist.
@@ -315,16 +335,20 @@ def _allowlist_refusal(response: HttpResponse, data: Any) -> IpNotAllowlisted | 
         return None
     ip = caller_ip(text)
     where = f"from {ip}" if ip else "from this gateway's address"
+    # dEngage's actionResult is quoted; a raw body only where it cannot be an answer holding a secret.
+    said = text if isinstance(action, str) or quote_body else ""
     return IpNotAllowlisted(
         f"dEngage refuses API calls {where}: the address is not on the account's API IP allowlist "
-        f"(Settings > Identity & Access Management > API IP Restriction): {text.strip()[:200]}",
+        f"(Settings > Identity & Access Management > API IP Restriction)"
+        + (f": {said.strip()[:200]}" if said.strip() else ""),
         ip,
     )
 
 
-def check_status(response: HttpResponse, what: str) -> Any:
+def check_status(response: HttpResponse, what: str, *, quote_body: bool = True) -> Any:
     """The HTTP layer of every dEngage answer: raises the typed error of design.md's reply table, or
-    returns the JSON body (None when it is not JSON) of a 2xx answer."""
+    returns the JSON body (None when it is not JSON) of a 2xx answer. `quote_body` off: an answer that may
+    hold a secret (the login's): its raw body is quoted nowhere (see upstream_reason)."""
     status = response.status
     data = _json(response)
     if status == 401:
@@ -334,15 +358,16 @@ def check_status(response: HttpResponse, what: str) -> Any:
                 f"{_excerpt(response)}",
                 foreign=True,
             )
-        raise TokenRejected(f"dEngage answered 401 to {what}: {upstream_reason(response, data)}")
+        raise TokenRejected(f"dEngage answered 401 to {what}: {upstream_reason(response, data, quote_body=quote_body)}")
     if status == 403:
-        refusal = _allowlist_refusal(response, data)
+        refusal = _allowlist_refusal(response, data, quote_body)
         if refusal is not None:
             raise refusal
         if not isinstance(data, dict):
             raise UpstreamUnavailable(f"dEngage answered 403 to {what} with no dEngage answer: {_excerpt(response)}")
         raise UpstreamAuthFailed(
-            f"dEngage answered 403 to {what}: the API user may not do this ({upstream_reason(response, data)})"
+            f"dEngage answered 403 to {what}: the API user may not do this "
+            f"({upstream_reason(response, data, quote_body=quote_body)})"
         )
     if status == 429:
         raise RateLimited(f"dEngage rate limit (429) on {what}", retry_after=response.retry_after(time.time()))
@@ -366,14 +391,16 @@ def check_status(response: HttpResponse, what: str) -> Any:
             f"{_excerpt(response)}"
         )
     if status >= 400:
-        raise UpstreamRejected(upstream_reason(response, data))
+        raise UpstreamRejected(upstream_reason(response, data, quote_body=quote_body))
     return data
 
 
 def login_token(response: HttpResponse, reading: Reading | None = None) -> Token:
     """POST /rest/login's answer: the token, or UpstreamAuthFailed when the credentials are refused."""
     try:
-        data = check_status(response, "login")
+        # The login's answer is the token's: never quoted (a token under a name the gateway does not read
+        # would be logged, queued as last_error and served by /readyz), only its words or its keys.
+        data = check_status(response, "login", quote_body=False)
     except TokenRejected as exc:
         if exc.foreign:
             raise ForeignRefusal(exc.reason) from None
@@ -389,7 +416,8 @@ def login_token(response: HttpResponse, reading: Reading | None = None) -> Token
     if not isinstance(token, str) or not token:
         if data is None:
             raise UpstreamUnavailable("dEngage answered the login with a body that is not JSON")
-        raise UpstreamAuthFailed(f"dEngage login returned no token ({upstream_reason(response, data)})")
+        said = _words(data)
+        raise UpstreamAuthFailed(f"dEngage login returned no token ({_shape(data)}{f': {said}' if said else ''})")
     expires = next((e for p in places if (e := reading.first(p, "expires_in", TOKEN_KEYS["expires_in"]))), None)
     lasts = expires if isinstance(expires, float) else number(expires)  # 120, 120.5 or "120"
     seconds = float(lasts) if lasts is not None and lasts > 0 else DEFAULT_EXPIRES_IN
