@@ -4,6 +4,7 @@ login. A bad actor on one address never denies service to another."""
 
 from __future__ import annotations
 
+import base64
 import select
 import socket
 import threading
@@ -246,8 +247,25 @@ def test_command_counts_restart_after_a_message_but_not_auth(gateway_factory: Fa
             # AUTH is a security limit: counted for the whole connection.
             assert client.cmd("AUTH PLAIN") == "421 4.7.0 AUTH sent too many times"
             assert client.closed()
-    limits = [cut["limit"] for cut in events(logs, "session_cut_off")]
-    assert limits == ["command_call_limit", "unknown_commands", "command_call_limit"]
+    cuts = [(cut["limit"], cut["command"]) for cut in events(logs, "session_cut_off")]
+    assert cuts == [("command_call_limit", "HELP"), ("unknown_commands", "unknown"), ("command_call_limit", "AUTH")]
+
+
+def test_the_line_that_hits_the_unknown_command_limit_is_not_logged(gateway: Running) -> None:
+    """A client that goes on sending its base64 AUTH lines after AUTH was refused (or never started): each is
+    an unknown command, and the fifth ends the session. Its line (base64 of a password, upper-cased by the
+    parser) is in no log line, as in no reply."""
+    secret = "Tr0ub4dor&3-horse"
+    line = base64.b64encode(secret.encode()).decode()
+    with captured_logs() as logs, RawClient(gateway) as client:
+        client.cmd("EHLO script.test")
+        for _ in range(4):
+            assert client.cmd("BOGUS") == "500 5.5.2 Command not recognized"
+        assert client.cmd(line).startswith("502 ")  # the fifth: the session ends
+        assert client.closed()
+    [cut] = events(logs, "session_cut_off")
+    assert (cut["limit"], cut["command"]) == ("unknown_commands", "unknown")
+    assert line.upper() not in repr(logs).upper(), [e for e in logs if line.upper() in repr(e).upper()]
 
 
 def test_messages_per_minute_per_login(gateway_factory: Factory) -> None:

@@ -401,7 +401,9 @@ class GatewaySMTP(SMTP):
         """A command line with a verb the session does not know (looked up through _Commands)."""
         self._unknown += 1
         if self._unknown >= UNKNOWN_LIMIT and self.transport is not None:
-            await self._end_for_limit("unknown_commands", self._unknown, verb, replies.TOO_MANY_UNKNOWN)
+            # Not the verb: an unknown "command" is often a base64 AUTH line sent on after AUTH was refused
+            # (its password, upper-cased), so the log names none, as the reply does (see _UNKNOWN_COMMAND).
+            await self._end_for_limit("unknown_commands", self._unknown, "unknown", replies.TOO_MANY_UNKNOWN)
             return
         await self.push(f'500 Error: command "{verb}" not recognized')  # never echoed (see _with_code)
 
