@@ -245,3 +245,14 @@ async def test_a_flood_of_failed_logins_does_not_evict_a_working_one(
             await auth.authenticate(f"stuffed{n}@victim.example", "123456")
     assert (await auth.authenticate(USER, PASSWORD)).login == USER
     assert scrypt_calls == [1]  # the working login was still cached: no second hash
+
+
+async def test_a_refused_username_is_not_in_the_exception(authenticator: Authenticator) -> None:
+    """A username may be a password typed into the wrong field: AuthFailed's str(), repr() and args never hold
+    it (the handler logs the login it checked as a fingerprint), and still say what happened."""
+    typed = "Tr0ub4dor&3-horse"
+    for username in (typed, USER):
+        with pytest.raises(AuthFailed) as info:
+            await authenticator.authenticate(username, "not the password")
+        shown = f"{info.value} {info.value!r} {info.value.args!r}"
+        assert username not in shown and "credentials refused" in shown, shown

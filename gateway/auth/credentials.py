@@ -20,12 +20,13 @@ from gateway.providers.base import Provider
 
 
 class AuthFailed(Exception):
-    """The credentials are wrong (535). `label`: the username as it may be logged; `reason`: why, when it is
-    more than a wrong password (a password past its expiry: "expired password 2026")."""
+    """The credentials are wrong (535). `reason`: why, when it is more than a wrong password (a password past
+    its expiry: "expired password 2026"). It carries no username: a refused username may be a password typed
+    in the wrong field, so its str() and repr() (a traceback, a future `reason=str(exc)`) must not hold it;
+    the handler logs the login it checked as a fingerprint (handler.py's _loggable)."""
 
-    def __init__(self, label: str, reason: str = "") -> None:
-        super().__init__(label)
-        self.label = label
+    def __init__(self, reason: str = "") -> None:
+        super().__init__(f"credentials refused ({reason})" if reason else "credentials refused")
         self.reason = reason
 
 
@@ -132,7 +133,7 @@ class Authenticator:
         key = hmac.new(self._secret, f"{username}\0{password}".encode(), hashlib.sha256).digest()
         found = await self._cache.get(key, lambda: self._check(username, password))
         if isinstance(found, Refused):
-            raise AuthFailed(self.label(username), found.reason)
+            raise AuthFailed(found.reason)
         return found
 
     def label(self, username: str) -> str:
