@@ -297,6 +297,18 @@ def test_sasl_messages_are_read_as_the_rfcs_define_them() -> None:
     for bad in (b"n,,\x01auth=Bearer tok\x01", b"y,,\x01auth=Bearer t\x01\x01", b"n,,\x01auth=Basic t\x01\x01"):
         with pytest.raises(sasl.SaslError):
             sasl.parse("OAUTHBEARER", bad)
+    # A malformed item (the bearer token sent without its auth=) is named by its place, never quoted: the
+    # reason goes to auth_failed's log line.
+    secret = "opaque-Tok3n-s3cret-value"
+    malformed: list[tuple[sasl.Mechanism, str]] = [
+        ("XOAUTH2", f"user=x\x01Bearer {secret}\x01\x01"),
+        ("OAUTHBEARER", f"n,,\x01Bearer {secret}\x01\x01"),
+    ]
+    for mechanism, blob in malformed:
+        with pytest.raises(sasl.SaslError) as info:
+            sasl.parse(mechanism, blob.encode())
+        assert "is not a key=value pair (32 characters)" in str(info.value)
+        assert "Bearer" not in str(info.value) and secret[:5] not in str(info.value), info.value
 
 
 # -- msmtp: a real client with auth xoauth2 / oauthbearer and passwordeval -----------------------------------

@@ -25,12 +25,13 @@ class BearerLogin:
 
 def _fields(text: str) -> dict[str, str]:
     out: dict[str, str] = {}
-    for item in text.split("\x01"):
+    for n, item in enumerate(text.split("\x01"), 1):
         if not item:
             continue
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise SaslError(f"not a key=value pair: {item[:20]!r}")
+            # Where and how long, never the item: it may be the bearer token sent without its `auth=`.
+            raise SaslError(f"item {n} is not a key=value pair ({len(item)} characters)")
         out[key] = value
     return out
 
