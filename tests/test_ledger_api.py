@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -183,6 +185,28 @@ def test_the_documented_token_recipe_makes_a_hash_the_api_takes(
     token_hash, token = out.split()
     gw = gateway_factory(http={"port": 0, "api_tokens": [{"name": "ops", "token_hash": token_hash}]})
     assert curl(f"{base(gw)}/api/v1/messages", *bearer(token))[0] == 200
+
+
+def test_the_documented_curl_keeps_the_token_off_the_command_line(gateway_factory: Callable[..., Running]) -> None:
+    """docs/after-250.md's way of sending the token with curl works, and no curl command in the docs has the
+    token in its arguments (readable by every local user in `ps` while it runs)."""
+    if shutil.which("curl") is None:
+        pytest.skip("curl not installed (apt-get install curl)")
+    gw = gateway_factory(http={"port": 0, "api_tokens": [{"name": "ops", "token_hash": TOKEN_HASH}]})
+    (block,) = doc_blocks("test_the_documented_curl_keeps_the_token_off_the_command_line")
+    script = block.text.replace("http://127.0.0.1:8080", base(gw))
+    run = subprocess.run(
+        ["sh", "-c", script],
+        env={"PATH": os.environ["PATH"], "token": TOKEN},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0 and json.loads(run.stdout)["messages"] == [], run
+    on_argv = re.compile(r"curl\b[^|\n]*(?:\$token|\$\{token\}|Bearer)")
+    for page in Path("docs").rglob("*.md"):
+        for line in page.read_text().splitlines():
+            assert not on_argv.search(line), f"{page}: {line}"
 
 
 def test_a_plain_http_api_on_a_public_address_is_refused() -> None:
