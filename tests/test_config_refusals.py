@@ -93,6 +93,31 @@ def test_api_base_without_its_scheme(tmp_path: Path, provider: str) -> None:
     assert "api.shop.example" not in cli(tmp_path, "check-config", "--config", str(path)).stderr
 
 
+@pytest.mark.parametrize("provider", ["dmds", "dengage"])
+@pytest.mark.parametrize(
+    "api_base",
+    [
+        "https://api.shop.example/rest?key=URLSECRET",
+        "https://api.shop.example/rest#URLSECRET",
+        "https://api.shop.example/?",
+    ],
+)
+def test_api_base_with_a_query_or_fragment(tmp_path: Path, provider: str, api_base: str) -> None:
+    """Each call's path is appended to api_base: after a query (`/rest?key=K/v1/version/`) no call could work,
+    so a query is refused at load, not found out by every message failing; never quoted (a key goes there)."""
+    secrets = {"dmdsid": "shop", "apikey": APIKEY} if provider == "dmds" else {"userkey": "k", "password": "p"}
+    shop = {"provider": provider, "api_base": api_base, **secrets}
+    path = config(tmp_path, accounts={"acme": {}, "shop": shop})
+    refused(
+        tmp_path,
+        path,
+        2,
+        "accounts.shop.api_base: must have no query or fragment (?... or #...): each call's path is appended to "
+        "it; the account's keys go in its own settings",
+    )
+    assert "URLSECRET" not in cli(tmp_path, "check-config", "--config", str(path)).stderr
+
+
 @pytest.mark.parametrize(
     ("where", "url"),
     [

@@ -29,6 +29,13 @@ def http_base_url(value: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("must be an http:// or https:// URL with a host, written whole, e.g. https://api.example.com")
     refuse_credentials(parts, "the account's keys authenticate its calls: remove them from the URL")
+    if parts.query or parts.fragment or text.endswith(("?", "#")):
+        # Each call's path is appended to the base (base + "/v1/version/"): after a query it would land inside
+        # it, and no call could work. Keys go in the account's key settings, never in the URL.
+        raise ValueError(
+            "must have no query or fragment (?... or #...): each call's path is appended to it; "
+            "the account's keys go in its own settings"
+        )
     return text
 
 
