@@ -239,7 +239,9 @@ class App:
             self.api_auth = TokenAuth(http.api_tokens, settings.limits)
             self.console = Console(self)
             api = MessageApi(self.ledger, self.api_auth, self.returnpath.returns, self.returnpath.suppressions)
-            self.operator = OperatorEndpoint(problems=self.problems, api=api, console=self.console)
+            self.operator = OperatorEndpoint(
+                problems=self.problems, degraded=self.degraded, api=api, console=self.console
+            )
             tls = None
             if http.tls_cert_file is not None and http.tls_key_file is not None:
                 try:
@@ -260,11 +262,18 @@ class App:
             self._spawn(self._log_domain_findings())
 
     def problems(self) -> list[str]:
-        """Why this instance should not get traffic now (/readyz): an upstream refusing our credentials, a
-        queue that cannot store."""
-        found = self.health.problems()
+        """Why this instance cannot take mail now, so the balancer should send it elsewhere (/readyz 503): its
+        own queue (a SQLite file on its disk) failing or its disk full. Draining is the endpoint's own flag."""
+        return self.store.health.problems() if self.store is not None else []
+
+    def degraded(self) -> list[str]:
+        """Faults every instance shares, said by /readyz and /healthz while the instance stays ready (taking
+        them all out would leave the balancer no server, while each can still take mail): an upstream refusing
+        the account's key (messages are queued with a 250), the shared PostgreSQL queue down (inline delivery
+        goes on with a 250; only messages that need the queue get 452 4.3.1)."""
+        found = self.health.degraded()
         if self.store is not None:
-            found += self.store.health.problems()
+            found += self.store.health.degraded()
         return found
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:

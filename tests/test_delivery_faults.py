@@ -1,5 +1,5 @@
 """Faults inside delivery, end to end in-process: the upstream refusing the gateway's own key (queued,
-logged at error level once a minute, counted, /readyz 503), a corrupt queue record (dead-lettered with the
+logged at error level once a minute, counted, /readyz degraded), a corrupt queue record (dead-lettered with the
 reason), a bug in delivery (451 4.3.0 inline; from the queue: retried, then dead-lettered, each time
 logged once with its traceback and counted; never retried silently for days), and a bug in MIME parsing
 (451 4.3.0, logged with its traceback and counted, not a silent 554)."""
@@ -38,7 +38,7 @@ def metric(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-def test_a_refused_key_is_queued_logged_once_counted_and_not_ready(gateway_factory: Callable[..., Running]) -> None:
+def test_a_refused_key_is_queued_logged_once_counted_and_degraded(gateway_factory: Callable[..., Running]) -> None:
     gw = gateway_factory(delivery=FAST, http={"port": 0})
     before = metric("smtp_gateway_upstream_auth_refused_total", account="acme")
     gw.fault(status=403, count=None, kind="send")
@@ -49,11 +49,16 @@ def test_a_refused_key_is_queued_logged_once_counted_and_not_ready(gateway_facto
     assert [e["event"] for e in logs].count("upstream_refused_credentials") == 1
     assert metric("smtp_gateway_upstream_auth_refused_total", account="acme") >= before + 3
     assert gw.app.operator is not None
+    # Ready but degraded: the key is every instance's, so taking this one out of the balancer would only
+    # move the clients to another refused the same (or to none), while this one queues with a 250.
     ready = httpx.get(f"http://127.0.0.1:{gw.app.operator.port}/readyz", timeout=5)
-    assert ready.status_code == 503 and "refuses the gateway's credentials" in ready.json()["problems"][0]
+    assert ready.status_code == 200 and "problems" not in ready.json()
+    assert "refuses the gateway's credentials" in ready.json()["degraded"][0]
+    health = httpx.get(f"http://127.0.0.1:{gw.app.operator.port}/healthz", timeout=5).json()
+    assert health["degraded"] == ready.json()["degraded"]
     gw.clear_faults()
     wait_for(lambda: len(gw.sent) == 3, what="delivered once the key works")
-    assert httpx.get(f"http://127.0.0.1:{gw.app.operator.port}/readyz", timeout=5).status_code == 200
+    assert httpx.get(f"http://127.0.0.1:{gw.app.operator.port}/readyz", timeout=5).json() == {"ready": True}
 
 
 def test_a_corrupt_queue_record_is_dead_lettered_with_the_reason(gateway_factory: Callable[..., Running]) -> None:

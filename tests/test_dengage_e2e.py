@@ -226,7 +226,7 @@ def _refused_metric(gw: Running) -> float:
     return float(m.group(1)) if m else 0.0
 
 
-def test_ip_allowlist_403_queues_logs_once_and_fails_readiness(gateway_factory: Callable[..., Running]) -> None:
+def test_ip_allowlist_403_queues_logs_once_and_is_degraded(gateway_factory: Callable[..., Running]) -> None:
     gw = gateway_factory(dengage={}, delivery=FAST, http={"port": 0})
     assert send(gw, message("while allowed"))[0] == 250
     before = _refused_metric(gw)
@@ -236,7 +236,8 @@ def test_ip_allowlist_403_queues_logs_once_and_fails_readiness(gateway_factory: 
         assert [code for code, _ in replies] == [250] * 3
         ids = [queued_id(text) for _, text in replies]
         assert all(len(i) == 16 for i in ids)  # local queue ids: spooled, not sent
-        ready = wait_for(lambda: (r := _readyz(gw)).status_code == 503 and r, 10, "readyz 503")
+        ready = wait_for(lambda: "degraded" in (r := _readyz(gw)).json() and r, 10, "readyz degraded")
+        assert ready.status_code == 200  # the fleet shares the key: degraded, still ready (health.md)
         wait_for(
             lambda: all(r["attempts"] >= 2 for r in spool_rows(gw.settings.delivery.spool_path)),
             what="retries while refused",
@@ -302,7 +303,7 @@ def test_a_login_answers_token_is_in_no_log_line_and_not_in_readyz(gateway_facto
 
 def test_ip_allowlist_403_at_the_identities_lookup_is_a_refusal_too(gateway_factory: Callable[..., Running]) -> None:
     """Refused by the allowlist from the start: the identities were never fetched, so MAIL FROM gets 451 as
-    before, and the refusal is what it is at the send endpoint: counted, logged once, /readyz 503."""
+    before, and the refusal is what it is at the send endpoint: counted, logged once, /readyz degraded (200)."""
     sandbox = sandbox_for_tests(dengage=dengage_sandbox(refuse_all=True))
     gw = gateway_factory(dengage={}, delivery=FAST, http={"port": 0}, sandbox=sandbox)
     before = _refused_metric(gw)
@@ -313,15 +314,15 @@ def test_ip_allowlist_403_at_the_identities_lookup_is_a_refusal_too(gateway_fact
             replies.add(send(gw, message("refused")))
         ready = _readyz(gw)
     assert replies == {(451, "4.7.0 Upstream rejected the gateway's credentials; try again later")}
-    assert ready.status_code == 503
-    [problem] = ready.json()["problems"]
+    assert ready.status_code == 200
+    [problem] = ready.json()["degraded"]
     assert problem.startswith("crm: upstream refuses the gateway's credentials") and "127.0.0.1" in problem
     assert _refused_metric(gw) >= before + 3
     refusals = [e for e in logs if e["event"] == "upstream_refused_credentials"]
     assert len(refusals) == 1 and refusals[0]["log_level"] == "error" and "127.0.0.1" in refusals[0]["reason"]
     gw.dengage_control(refuse_all=False)
     wait_for(lambda: send(gw, message("allowed again"))[0] == 250, 10, "the identities fetched")
-    assert _readyz(gw).status_code == 200
+    assert _readyz(gw).json() == {"ready": True}
     assert subjects(gw) == ["allowed again"]
 
 

@@ -9,6 +9,7 @@ import smtplib
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import httpx
 import pytest
 import structlog
 
@@ -125,3 +126,40 @@ def test_a_partly_delivered_message_the_queue_cannot_take_is_452_and_counted(
     assert metric("smtp_gateway_ambiguous_calls_total", account=DENGAGE_ACCOUNT, cause="partial_unqueued") == before + 1
     [line] = [e for e in events(logs, "delivery_ambiguous") if e["cause"] == "partial_unqueued"]
     assert line["calls"] == [delivered[0]["to"]] and len(line["upstream_ids"]) == 1
+
+
+def _health(gw: Running, path: str) -> httpx.Response:
+    assert gw.app.operator is not None
+    return httpx.get(f"http://127.0.0.1:{gw.app.operator.port}{path}", timeout=5)
+
+
+def test_a_shared_queue_outage_leaves_the_fleet_ready_and_says_it_degraded(
+    gateway_factory: Callable[..., Running], own_cluster: PgCluster
+) -> None:
+    """Every instance on the queue has the outage at once: were each unready, a balancer acting on /readyz
+    (config/haproxy.cfg) would have no server left, while each still delivers inline with a 250. So /readyz
+    stays 200 and names the outage under `degraded` (so does /healthz); draining is still 503."""
+    url = own_cluster.new_database()
+    one = gateway_factory(delivery={**FAST, "queue_url": url}, http={"port": 0})
+    two = gateway_factory(sandbox=one.sandbox, delivery={**FAST, "queue_url": url}, http={"port": 0})
+    assert _health(one, "/readyz").json() == {"ready": True}
+    own_cluster.halt()
+    try:
+        # No client traffic at all: each instance's own queue-stats poll finds the outage.
+        for gw in (one, two):
+            wait_for(lambda gw=gw: "degraded" in _health(gw, "/readyz").json() or None, 25, "degraded")
+            ready = _health(gw, "/readyz")
+            assert ready.status_code == 200 and ready.json()["ready"] is True
+            assert "queue: cannot be read" in ready.json()["degraded"][0]
+            assert _health(gw, "/healthz").json()["degraded"] == ready.json()["degraded"]
+        assert send(one.port(), "inline during the outage")[0] == 250
+        assert send(two.port(), "inline during the outage 2")[0] == 250
+        # What really stops an instance still makes it unready (the flag a stop clears: test_operator_http).
+        assert one.app.operator is not None
+        one.app.operator.is_ready = False
+        drained = _health(one, "/readyz")
+        assert drained.status_code == 503 and drained.json()["problems"] == ["starting or draining"]
+        one.app.operator.is_ready = True
+    finally:
+        own_cluster.resume()
+    wait_for(lambda: _health(two, "/readyz").json() == {"ready": True} or None, 25, "not degraded once back")

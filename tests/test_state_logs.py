@@ -65,12 +65,12 @@ def test_refused_credentials_are_one_line_for_the_whole_refusal() -> None:
         for _ in range(200):  # three minutes of refusals
             health.failed("acme", UpstreamAuthFailed("DMDS refused the APIKEY (403)"))
             clock.now += 1.0
-        assert health.problems() == ["acme: upstream refuses the gateway's credentials (DMDS refused the APIKEY (403))"]
+        assert health.degraded() == ["acme: upstream refuses the gateway's credentials (DMDS refused the APIKEY (403))"]
         health.succeeded("acme")
     refused, recovered = events(logs, "upstream_refused_credentials", "upstream_recovered")
     assert refused["event"] == "upstream_refused_credentials" and refused["log_level"] == "error"
     assert (recovered["refusals"], recovered["refused_for"]) == (200, 200.0)
-    assert health.problems() == []
+    assert health.degraded() == []
 
 
 async def test_dead_processes_leases_are_logged_once_not_at_every_look(tmp_path: Path) -> None:

@@ -126,8 +126,10 @@ class AccountHealth:
                 found.append((account, "ok", 0.0, ""))
         return found
 
-    def problems(self) -> list[str]:
-        """Why this instance is not ready (for /readyz), or [] when every account is fine."""
+    def degraded(self) -> list[str]:
+        """Accounts whose upstream refuses the gateway's credentials (for /readyz and /healthz), or [] when
+        every account is fine. Degraded, not unready: the key is every instance's, so another instance would
+        be refused the same, while this one still queues messages with a 250 until the key works again."""
         return [
             f"{account}: upstream refuses the gateway's credentials ({s.refused_reason})"
             for account, s in self._states.items()

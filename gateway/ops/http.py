@@ -21,7 +21,11 @@ class OperatorEndpoint:
     """Health and metrics over HTTP for load balancers, container runtimes and Prometheus."""
 
     def __init__(
-        self, problems: Callable[[], list[str]] = list, api: MessageApi | None = None, console: Console | None = None
+        self,
+        problems: Callable[[], list[str]] = list,
+        api: MessageApi | None = None,
+        console: Console | None = None,
+        degraded: Callable[[], list[str]] = list,
     ) -> None:
         self.app = web.Application()
         if console is not None:
@@ -33,19 +37,27 @@ class OperatorEndpoint:
             api.install(self.app)
         self.is_ready = False
         self._problems = problems
+        self._degraded = degraded
         self._runner: web.AppRunner | None = None
         self.port = 0
 
     async def healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+        """Liveness, 200 whatever else is wrong (a restart cures none of it); faults the fleet shares named."""
+        degraded = self._degraded()
+        return web.json_response({"status": "ok", "degraded": degraded} if degraded else {"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        """503 while starting or draining, and while an upstream refuses the gateway's own credentials
-        (messages are queued meanwhile: an operator must act)."""
+        """Can this instance take mail now? 503 while starting or draining and while its own queue fails;
+        faults every instance shares (a refused key, the shared database down) are named under `degraded` but
+        leave it ready, since every other instance has them too (docs/operations/health.md)."""
         problems = self._problems() if self.is_ready else ["starting or draining"]
-        if not problems:
-            return web.json_response({"ready": True})
-        return web.json_response({"ready": False, "problems": problems}, status=503)
+        body: dict[str, object] = {"ready": not problems}
+        if problems:
+            body["problems"] = problems
+        degraded = self._degraded()
+        if degraded:
+            body["degraded"] = degraded
+        return web.json_response(body, status=503 if problems else 200)
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,5 +1,10 @@
 """Whether the queue can take new messages now, for /readyz: a recent failure to store one (or to read
-the queue at all), or the disk reserve in use because the disk is full."""
+the queue at all), or the disk reserve in use because the disk is full.
+
+A fault of a queue this instance alone uses (a SQLite file on its own disk) makes it unready: another
+instance behind the balancer can still store what this one cannot. A fault of a queue every instance shares
+(PostgreSQL) is only *degraded*: every instance has it at the same moment, so turning each of them unready
+would leave the balancer no server at all, while each one still delivers inline with a 250."""
 
 from __future__ import annotations
 
@@ -12,11 +17,14 @@ RECENT = 60.0
 
 
 class QueueHealth:
-    def __init__(self, clock: Callable[[], float] = time.monotonic, recent: float = RECENT) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, recent: float = RECENT, shared: bool = False
+    ) -> None:
         self._clock = clock
         self._recent = recent
         self._failures: dict[str, tuple[float, str]] = {}  # kind ("insert", "read") -> (when, why)
         self.reserve_released = False
+        self.shared = shared  # every instance of the fleet uses this queue (PostgreSQL)
 
     def record(self, kind: str, error: str | None) -> None:
         """The outcome of one queue operation of `kind`: None for success."""
@@ -25,16 +33,24 @@ class QueueHealth:
         else:
             self._failures[kind] = (self._clock(), error)
 
-    def problems(self) -> list[str]:
+    def _failing(self) -> list[str]:
         now = self._clock()
-        found = [
+        return [
             f"queue: {'cannot store new messages' if kind == 'insert' else 'cannot be read'} "
             f"({round(now - when)} s ago: {error})"
             for kind, (when, error) in sorted(self._failures.items())
             if now - when < self._recent
         ]
+
+    def problems(self) -> list[str]:
+        """What makes this instance unready: its own queue failing, its own disk full."""
+        found = [] if self.shared else self._failing()
         if self.reserve_released:
             found.append(
                 "queue: the disk is full (its reserve is in use to drain the queue); new messages get 452 4.3.1"
             )
         return found
+
+    def degraded(self) -> list[str]:
+        """What every instance on a shared queue has at once: said, but the instance stays ready."""
+        return self._failing() if self.shared else []

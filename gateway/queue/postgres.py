@@ -153,7 +153,7 @@ class PostgresQueue:
         self._pool_open = False
         self._opened = False  # the pool is open and the schema migrated
         self._found_version = 0
-        self.health = QueueHealth()
+        self.health = QueueHealth(shared=True)  # one database for the fleet: its outage is everyone's
         self._down: str | None = None  # why the database is known down (the circuit is open)
         self._outage = Episode()  # callers refused while it is down
         self._exhausted = Episode()  # callers refused a pooled connection while the database answered
