@@ -136,6 +136,18 @@ def test_balancer_health_check_is_its_own_client(gw: Running) -> None:
     assert [e["peer"].rsplit(":", 1)[0] for e in events(logs, "command_refused")] == ["127.0.0.1", "127.0.0.1"]
 
 
+def test_v2_local_with_an_address_block_is_the_balancer(gw: Running) -> None:
+    """v2 LOCAL may carry an address block (family TCP4 here); the spec says the receiver must ignore it, so the
+    session is the balancer's, not the block's 203.0.113.99 (limits, lockouts, trusted networks, logs)."""
+    body = socket.inet_aton("203.0.113.99") + socket.inet_aton("192.0.2.1") + struct.pack("!HH", 4242, 25)
+    local = proxy_v2(None)[:12] + struct.pack("!BBH", 0x20, 0x11, len(body)) + body
+    with captured_with_context() as logs, RawClient(gw, "lb", proxy=local) as client:
+        assert client.greeting[-1].startswith("220 ")
+        assert client.cmd("BOGUS").startswith("500 ")
+    [refused] = events(logs, "command_refused")
+    assert refused["peer"].rsplit(":", 1)[0] == "127.0.0.1", refused["peer"]
+
+
 def test_limits_count_the_real_client(gateway_factory: Factory) -> None:
     """max_sessions_per_ip = 1: two clients behind the one balancer both get in; one client twice does not."""
     gw = gateway_factory(listeners=[proxied("lb")], limits={"max_sessions_per_ip": 1})

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
-from aiosmtpd.proxy_protocol import get_proxy
+from aiosmtpd.proxy_protocol import V2_CMD, get_proxy
 
 from gateway.limits.clients import LogSampler, client_ip
 from gateway.ops.metrics import CONNECTIONS_REFUSED
@@ -193,9 +193,12 @@ class Gate(asyncio.Protocol):
             self._refuse("proxy_invalid", balancer, f"not a valid PROXY header: {data.error or 'unknown'}")
             return
         peer = balancer_peer
-        if isinstance(data.src_addr, ipaddress.IPv4Address | ipaddress.IPv6Address):
+        # v2 LOCAL is the balancer's own connection (a health check) whatever it carries: the spec
+        # (proxy-protocol.txt 2.2) says an address block after LOCAL must be ignored, and aiosmtpd parses one.
+        local = data.version == 2 and data.command == V2_CMD.LOCAL
+        if not local and isinstance(data.src_addr, ipaddress.IPv4Address | ipaddress.IPv6Address):
             peer = (str(data.src_addr), data.src_port or 0)
-        # else: v2 LOCAL or v1 UNKNOWN, the balancer's own connection (a health check): it is the client.
+        # else: v2 LOCAL or v1 UNKNOWN, the balancer's own connection: it is the client.
         leftover = bytes(self._reader._buffer)  # type: ignore[attr-defined]  # read past the header
         self._reader = None
         # On Python 3.11, wait_for swallows connection_lost's cancel when the header had already been read:
