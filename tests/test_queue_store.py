@@ -475,6 +475,23 @@ async def test_quota_counts_are_shared_and_never_go_past_a_limit(make_store: Fac
     assert (await b.quota_take("acme/printer", later, 1))[0].ok
 
 
+async def test_a_clock_ahead_does_not_reset_the_count_of_an_instance_behind(make_store: Factory) -> None:
+    """B's clock is behind (HH:59:00), A's ahead (HH+1:01:00): each computes its windows with its own clock.
+    A's take must not drop B's current window as ended, or B's count would start from 0 again (its hourly
+    quota of 1 taken twice); a day's quota would be reset the same way at midnight."""
+    a, b = make_store(), make_store()
+    await a.open()
+    await b.open()
+    hour = int(time.time()) // quota.HOUR * quota.HOUR  # the database's clock is in this hour, or later
+    b_windows = quota.windows(hour - 60, (1, 0), (1, 0))
+    a_windows = quota.windows(hour + 60, (1, 0), (0, 0))
+    assert [(await b.quota_take("acme/metered", b_windows, 100))[0].ok for _ in range(2)] == [True, False]
+    assert (await a.quota_take("acme/metered", a_windows, 100))[0].ok  # A's new hour: a window of its own
+    verdict, counts = await b.quota_take("acme/metered", b_windows, 100)
+    assert not verdict.ok, f"B's window was dropped by A's take: {counts}"
+    assert counts[b_windows[0].key] == quota.Counts(1, 100)
+
+
 async def test_auth_records_are_shared_peeked_and_lifted(make_store: Factory) -> None:
     """Two instances counting one client's AUTH attempts: the attempts in flight and the failures of both count
     toward one lockout; auth_peek reads the record as it is, writing nothing; auth_held lists the clients held

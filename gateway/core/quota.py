@@ -10,6 +10,9 @@ from typing import Literal
 
 HOUR = 3600
 DAY = 86400
+# How long a window's shared count outlives its end before it is dropped: instances on one queue compute their
+# windows with their own clocks, and one behind by less than this still finds the count of its current window.
+KEEP_AFTER_END = float(HOUR)
 Unit = Literal["messages", "bytes"]
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -543,9 +542,9 @@ class PostgresQueue:
     async def _quota_rows(
         conn: psycopg.AsyncConnection[DictRow], login: str, windows: Sequence[Window]
     ) -> dict[str, Counts]:
-        """The windows' counts, their rows made on first use and locked until commit (the login's ended
-        windows dropped)."""
-        await conn.execute(SQL.quota_expired, (login, time.time()))
+        """The windows' counts, their rows made on first use and locked until commit (the login's windows
+        that ended over an hour ago by the database's clock dropped: never another instance's current one)."""
+        await conn.execute(SQL.quota_expired, (login, quota.KEEP_AFTER_END))
         counts = {}
         for window in windows:
             await conn.execute(SQL.quota_row, (login, window.key, window.end))

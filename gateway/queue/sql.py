@@ -161,7 +161,9 @@ class Statements:
         )
         self.quota_read = d(f"SELECT messages, bytes FROM quota_counts WHERE login=? AND win=?{d.for_update}")
         self.quota_add = d("UPDATE quota_counts SET messages=messages+?, bytes=bytes+? WHERE login=? AND win=?")
-        self.quota_expired = d("DELETE FROM quota_counts WHERE login=? AND expires<?")
+        # A login's windows that ended more than `?` seconds ago by the database's clock: not the caller's, so an
+        # instance whose clock is ahead cannot drop the window one whose clock is behind still counts in.
+        self.quota_expired = d(f"DELETE FROM quota_counts WHERE login=? AND expires<{d.now} - ?")
         # -- idempotency keys
         self.key_row = d(
             f"SELECT msg_id, reply_id, created, digest FROM idempotency WHERE account=? AND key=?{d.for_update}"

@@ -8,7 +8,6 @@ import errno
 import functools
 import os
 import sqlite3
-import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -167,8 +166,9 @@ class RateFile:
 
     @staticmethod
     def _quota_rows(db: sqlite3.Connection, login: str, windows: Sequence[quota.Window]) -> dict[str, quota.Counts]:
-        """The windows' counts, their rows made on first use (and the login's ended windows dropped)."""
-        db.execute(SQL.quota_expired, (login, time.time()))
+        """The windows' counts, their rows made on first use (and the login's windows ended over
+        an hour ago dropped)."""
+        db.execute(SQL.quota_expired, (login, quota.KEEP_AFTER_END))
         counts = {}
         for window in windows:
             db.execute(SQL.quota_row, (login, window.key, window.end))
