@@ -39,6 +39,7 @@ from gateway.limits.clients import AuthGuard, Defenses
 from gateway.limits.lockouts import LocalLockouts, Lockouts
 from gateway.limits.quotas import QuotaTracker
 from gateway.ops import logs
+from gateway.ops.clockskew import ClockWatch
 from gateway.ops.memory import MmapThreshold, set_mmap_threshold
 from gateway.ops.metrics import CONFIG_RELOADS
 from gateway.ops.queuestats import QUEUE_STATS
@@ -126,6 +127,7 @@ class App:
     onetime: OneTimeLogins = field(default_factory=OneTimeLogins)
     lockouts: Lockouts = field(init=False)
     _background: set[asyncio.Task[None]] = field(default_factory=set)
+    _clock_watch: ClockWatch = field(default_factory=ClockWatch)  # this host's clock against the queue database's
     _retired: list[Provider] = field(default_factory=list)
     _reloading: asyncio.Lock = field(default_factory=asyncio.Lock)
     # run() froze what was alive at the start (gc.freeze): only then does a reload touch the collector. An App
@@ -291,7 +293,18 @@ class App:
                 self.store.health.record("read", exc.reason)
             else:
                 self.store.health.record("read", None)
+                await self._measure_clock()
             await idle(QUEUE_STATS_EVERY)
+
+    async def _measure_clock(self) -> None:
+        """This host's clock against the shared queue database's (a skewed instance takes over live leases)."""
+        assert self.store is not None
+        try:
+            offset = await self.store.clock_offset()
+        except SpoolUnavailable:
+            return  # the stats poll just read the queue; an outage now is the next poll's to report
+        if offset is not None:
+            self._clock_watch.observe(offset)
 
     async def _unconfigured_queued(self) -> None:
         """Messages queued for accounts no longer configured (removed by a reload, or before a restart): said

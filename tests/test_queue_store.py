@@ -475,6 +475,16 @@ async def test_quota_counts_are_shared_and_never_go_past_a_limit(make_store: Fac
     assert (await b.quota_take("acme/printer", later, 1))[0].ok
 
 
+async def test_the_clock_offset_is_measured_against_the_database(store: QueueStore) -> None:
+    """PostgreSQL: this host's clock minus the database's (here the same host: the round trip's worth);
+    SQLite: None, a file on this host has no clock of its own."""
+    offset = await store.clock_offset()
+    if isinstance(store, SqliteQueue):
+        assert offset is None
+    else:
+        assert offset is not None and abs(offset) < 1.0
+
+
 async def test_a_clock_ahead_does_not_reset_the_count_of_an_instance_behind(make_store: Factory) -> None:
     """B's clock is behind (HH:59:00), A's ahead (HH+1:01:00): each computes its windows with its own clock.
     A's take must not drop B's current window as ended, or B's count would start from 0 again (its hourly

@@ -5,7 +5,8 @@ each other and never claim one message twice; every write happens in one transac
 before the call returns (with a synchronous standby, `synchronous_commit` decides when a commit is
 acknowledged: docs/operations/instances.md). Changes that make a message due NOTIFY the other
 instances (LISTEN/NOTIFY), so they need not poll. Time values are epoch seconds from the instances'
-clocks: keep them NTP-synchronised (leases are 60 s; a skew of a second or two does not matter).
+clocks: keep them NTP-synchronised (leases are 60 s; a skew of a second or two does not matter; the
+gateway measures its clock against the database's: gateway/ops/clockskew.py).
 
 A database that cannot be reached is known down (a circuit): every caller gets SpoolUnavailable at once
 instead of waiting for a pooled connection, while one background probe asks the database every second;
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -648,6 +650,16 @@ class PostgresQueue:
         async with self._tx(LONG_READ_TIMEOUT) as conn:
             rows = await (await conn.execute(SQL.counts)).fetchall()
         return {r["state"]: {"count": r["n"], "oldest_age": now - r["oldest"]} for r in rows}
+
+    async def clock_offset(self) -> float | None:
+        """The database's clock read between two of this host's: the offset from their midpoint (the round trip
+        is milliseconds, against a bound of seconds)."""
+        async with self._tx() as conn:
+            before = time.time()
+            row = await (await conn.execute(SQL.clock)).fetchone()
+            after = time.time()
+        assert row is not None
+        return (before + after) / 2 - float(row["now"])
 
     async def waiting(self) -> dict[str, int]:
         async with self._tx(LONG_READ_TIMEOUT) as conn:

@@ -123,6 +123,7 @@ class Statements:
             "UPDATE messages SET next_attempt=? WHERE id IN (SELECT id FROM messages WHERE account=?"
             f" AND state='queued' AND next_attempt>? ORDER BY seq LIMIT ?{d.skip_locked})"
         )
+        self.clock = d(f"SELECT {d.now} AS now")  # the database's clock, to measure this host's against
         # -- rate buckets shared by every process (gateway.core.tokenbucket does the arithmetic)
         self.rate_row = d("INSERT INTO rate_buckets (account, tat) VALUES (?, 0) ON CONFLICT (account) DO NOTHING")
         self.rate_read = d(f"SELECT tat, slow_until, {d.now} AS now FROM rate_buckets WHERE account=?{d.for_update}")

@@ -426,6 +426,9 @@ class SqliteQueue:
 
     # -- operators ------------------------------------------------------------------------------------
 
+    async def clock_offset(self) -> float | None:
+        return None  # a file on this host: every process reads the same clock
+
     async def counts(self, now: float) -> dict[str, dict[str, Any]]:
         def run() -> dict[str, dict[str, Any]]:
             rows = self.db.execute(SQL.counts).fetchall()

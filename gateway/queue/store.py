@@ -234,6 +234,11 @@ class QueueStore(Protocol):
 
     async def counts(self, now: float) -> dict[str, dict[str, Any]]: ...
 
+    async def clock_offset(self) -> float | None:
+        """This host's clock minus the queue database's, in seconds; None when the database has no clock of
+        its own (SQLite, on this host)."""
+        ...
+
     async def waiting(self) -> dict[str, int]:
         """Account -> its messages not yet delivered or dead (queued or in flight)."""
         ...
