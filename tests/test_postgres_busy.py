@@ -17,6 +17,7 @@ from gateway.queue import postgres
 from tests.devices_util import events
 from tests.harness import Running
 from tests.pgserver import PgCluster
+from tests.queue_contract import new
 from tests.spool_helpers import send
 
 FAST = {"retry_schedule": [0.3], "retry_jitter": 0.0, "poll_interval": 0.2, "inline_budget": 2.0}
@@ -70,3 +71,32 @@ async def test_an_exhausted_pool_is_busy_not_unreachable(
     assert exhausted["connections"] == 1
     [available] = events(logs, "queue_pool_available")
     assert available["refused"] == 2
+
+
+async def test_an_exhausted_pool_makes_this_instance_unready_a_slow_database_only_degraded(
+    pg_cluster: PgCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/readyz: every pooled connection of this instance in use is its own overload (another instance can store
+    the message: unready), while the shared database cancelling at lock_timeout is every instance's (degraded,
+    still ready: docs/operations/health.md)."""
+    monkeypatch.setattr(postgres, "POOL_WAIT", 1.0)
+    monkeypatch.setattr(postgres, "LOCK_TIMEOUT", 0.5)
+    monkeypatch.setattr(postgres, "STATEMENT_TIMEOUT", 1.0)
+    url = pg_cluster.new_database()
+    queue = postgres.PostgresQueue(url, max_connections=1)
+    await queue.open()
+    try:
+        async with queue._tx():  # the only pooled connection, held
+            with pytest.raises(QueueBusy, match="pooled connections in use"):
+                await queue.insert(new("0" * 16))
+        assert "cannot store new messages" in queue.health.problems()[0] and not queue.health.degraded()
+        with psycopg.connect(url, autocommit=False) as locker:
+            locker.execute("LOCK TABLE messages IN ACCESS EXCLUSIVE MODE")
+            with pytest.raises(QueueBusy):
+                await queue.insert(new("1" * 16))
+            locker.rollback()
+        assert queue.health.problems() == [] and "cannot store new messages" in queue.health.degraded()[0]
+        await queue.insert(new("2" * 16))
+        assert queue.health.problems() == queue.health.degraded() == []
+    finally:
+        await queue.close()

@@ -22,29 +22,31 @@ class QueueHealth:
     ) -> None:
         self._clock = clock
         self._recent = recent
-        self._failures: dict[str, tuple[float, str]] = {}  # kind ("insert", "read") -> (when, why)
+        # kind ("insert", "read") -> (when, why, this instance's own: not a fault every instance shares)
+        self._failures: dict[str, tuple[float, str, bool]] = {}
         self.reserve_released = False
         self.shared = shared  # every instance of the fleet uses this queue (PostgreSQL)
 
-    def record(self, kind: str, error: str | None) -> None:
-        """The outcome of one queue operation of `kind`: None for success."""
+    def record(self, kind: str, error: str | None, local: bool = False) -> None:
+        """The outcome of one queue operation of `kind`: None for success. `local`: a failure of this
+        instance's own even on a shared queue (its connection pool all in use), which another can serve."""
         if error is None:
             self._failures.pop(kind, None)
         else:
-            self._failures[kind] = (self._clock(), error)
+            self._failures[kind] = (self._clock(), error, local or not self.shared)
 
-    def _failing(self) -> list[str]:
+    def _failing(self, own: bool) -> list[str]:
         now = self._clock()
         return [
             f"queue: {'cannot store new messages' if kind == 'insert' else 'cannot be read'} "
             f"({round(now - when)} s ago: {error})"
-            for kind, (when, error) in sorted(self._failures.items())
-            if now - when < self._recent
+            for kind, (when, error, mine) in sorted(self._failures.items())
+            if now - when < self._recent and mine == own
         ]
 
     def problems(self) -> list[str]:
         """What makes this instance unready: its own queue failing, its own disk full."""
-        found = [] if self.shared else self._failing()
+        found = self._failing(own=True)
         if self.reserve_released:
             found.append(
                 "queue: the disk is full (its reserve is in use to drain the queue); new messages get 452 4.3.1"
@@ -53,4 +55,4 @@ class QueueHealth:
 
     def degraded(self) -> list[str]:
         """What every instance on a shared queue has at once: said, but the instance stays ready."""
-        return self._failing() if self.shared else []
+        return self._failing(own=False)

@@ -345,7 +345,9 @@ class PostgresQueue:
         try:
             token = await self._insert(m)
         except SpoolUnavailable as exc:
-            self.health.record("insert", exc.reason)
+            # Every pooled connection of this instance in use is its own overload (another instance can store
+            # the message: unready); the database down or slow is every instance's (degraded).
+            self.health.record("insert", exc.reason, local=self._exhausted.active)
             raise
         self.health.record("insert", None)
         return token
