@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from gateway.smtp.tls import write_self_signed
 from tests.console_util import ADMIN, ADMIN_PASSWORD, base, console_gateway
 from tests.harness import PASSWORD, USER, Running
 from tests.spool_helpers import wait_for
@@ -42,8 +43,8 @@ def missing(what: str) -> None:
     pytest.skip(what)
 
 
-@pytest.fixture
-def page(tmp_path: Path) -> Iterator[Any]:
+def chromium_context(**options: Any) -> Iterator[Any]:
+    """A browser context of Debian's chromium (skips or fails as `missing` says when it or Playwright is not there)."""
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
@@ -52,12 +53,24 @@ def page(tmp_path: Path) -> Iterator[Any]:
         missing(f"no {CHROMIUM} (apt-get install chromium)")
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        context = browser.new_context(viewport={"width": 1280, "height": 900})
+        context = browser.new_context(**options)
         try:
-            yield context.new_page()
+            yield context
         finally:
             context.close()
             browser.close()
+
+
+@pytest.fixture
+def page() -> Iterator[Any]:
+    for context in chromium_context(viewport={"width": 1280, "height": 900}):
+        yield context.new_page()
+
+
+@pytest.fixture
+def tls_context() -> Iterator[Any]:
+    """For the console over HTTPS (a self-signed certificate): the `__Host-` cookies' rules apply there."""
+    yield from chromium_context(ignore_https_errors=True)
 
 
 def shot(page: Any, tmp: Path, name: str) -> Path:
@@ -185,3 +198,51 @@ def test_an_operator_uses_the_console(page: Any, gateway_factory: Callable[..., 
         )
     )  # fmt: skip
     wait_for(lambda: gw.sent, what="the test message delivered")
+
+
+def _tls_console(gateway_factory: Callable[..., Running], tmp_path: Path, **overrides: Any) -> Running:
+    cert, key = write_self_signed(tmp_path / "http-tls")
+    return console_gateway(gateway_factory, http={"tls_cert_file": str(cert), "tls_key_file": str(key)}, **overrides)
+
+
+def _sign_in(page: Any, url: str) -> None:
+    page.goto(f"{url}/console/signin")
+    page.fill("input[name=name]", ADMIN)
+    page.fill("input[name=password]", ADMIN_PASSWORD)
+    page.click("button[type=submit]")
+    assert page.locator("h1").inner_text() == "Overview"
+
+
+def test_sign_out_over_tls_removes_the_cookies_from_the_browser(
+    tls_context: Any, gateway_factory: Callable[..., Running], tmp_path: Path
+) -> None:
+    """Over TLS the cookies are `__Host-` ones (Secure); a browser ignores a Set-Cookie for such a name without
+    Secure, the expiring one too: sign-out (and sign-in, for the sign-in form's nonce) must expire them with
+    the attributes they were set with, or the browser keeps sending the signed-out cookie."""
+    url = base(_tls_console(gateway_factory, tmp_path), "https")
+    page = tls_context.new_page()
+    _sign_in(page, url)
+    assert sorted(c["name"] for c in tls_context.cookies()) == ["__Host-smtp-gateway-console"]
+    page.click("form.signout button[type=submit]")
+    assert page.url.startswith(f"{url}/console/signin")
+    # Only the sign-in form's new nonce is left.
+    assert sorted(c["name"] for c in tls_context.cookies()) == ["__Host-smtp-gateway-signin"]
+
+
+def test_signed_out_a_browser_is_not_signed_in_on_a_sibling_instance(
+    tls_context: Any, gateway_factory: Callable[..., Running], tmp_path: Path
+) -> None:
+    """Two instances behind one host name sharing `session_secret` (as docs/console.md sets up): signed out on
+    one, the browser is not signed in on the other (cookies are per host, not per port)."""
+    one = _tls_console(gateway_factory, tmp_path / "one")
+    other = _tls_console(gateway_factory, tmp_path / "other")
+    page = tls_context.new_page()
+    _sign_in(page, base(one, "https"))
+    page.goto(f"{base(other, 'https')}/console/")
+    assert page.locator("h1").inner_text() == "Overview"  # the shared key: signed in on both
+    page.goto(f"{base(one, 'https')}/console/")
+    page.click("form.signout button[type=submit]")
+    page.goto(f"{base(other, 'https')}/console/")
+    assert "/console/signin" in page.url, (
+        f"signed out, yet the other instance shows {page.locator('h1').inner_text()!r}"
+    )

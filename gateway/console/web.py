@@ -263,6 +263,20 @@ class Console:
             self.cookie, self.keys.seal(session), path="/", httponly=True, secure=self.tls, samesite="Strict"
         )
 
+    def _expire(self, response: web.StreamResponse, name: str) -> None:
+        """Remove a cookie from the browser: with the attributes it was set with. aiohttp's del_cookie omits
+        Secure, and a browser ignores every Set-Cookie for a `__Host-` name without it, the expiring one too."""
+        response.set_cookie(
+            name,
+            "",
+            path="/",
+            httponly=True,
+            secure=self.tls,
+            samesite="Strict",
+            max_age=0,
+            expires="Thu, 01 Jan 1970 00:00:00 GMT",
+        )
+
     def _redirect(self, location: str) -> web.Response:
         return web.Response(status=303, headers={"Location": location})
 
@@ -385,7 +399,7 @@ class Console:
         session = new_session(admin.name, self.keys.fingerprint(admin.password_hash.get_secret_value()), time.time())
         response = self._redirect(_safe_next(_field(form, "next")))
         self._set_session(response, session)
-        response.del_cookie(self.signin_cookie, path="/")
+        self._expire(response, self.signin_cookie)
         return response
 
     async def _signout(self, request: web.Request) -> web.StreamResponse:
@@ -395,7 +409,7 @@ class Console:
         self._revoked[session.sid] = session.issued + self.settings.session_lifetime
         self._audit(request, "sign_out")
         response = self._redirect("/console/signin")
-        response.del_cookie(self.cookie, path="/")
+        self._expire(response, self.cookie)
         return response
 
     # -- pages ---------------------------------------------------------------------------------------------
