@@ -465,6 +465,24 @@ async def test_a_bookmarked_search_keeps_its_filters_through_the_sign_in(
     assert urllib.parse.parse_qs(landed.query) == {"sender": ["a@b.example"], "state": ["bounced"], "reason": ["r&d"]}
 
 
+async def test_a_sign_in_next_with_a_control_character_goes_to_the_console_home(
+    gateway_factory: Callable[..., Running],
+) -> None:
+    """A `next=` with CR/LF/NUL went into the 303's Location; aiohttp refused to send it after the console's
+    handler returned: the connection dropped with no answer and no session cookie, and aiohttp logged a traceback."""
+    gw = console_gateway(gateway_factory)
+    for target in ("/console/\r\nX-Injected: 1", "/console/\x00", "/console/\x1b[0m", "/console/\x7f"):
+        async with Client(base(gw)) as browser:
+            _, _, form = await browser.get("/console/signin")
+            fields = {"name": ADMIN, "password": ADMIN_PASSWORD, "csrf": csrf(form), "next": target}
+            status, response, _ = await browser.post("/console/signin", fields)
+            assert status == 303 and response.headers["Location"] == "/console/", repr(target)
+            assert "X-Injected" not in response.headers
+            # Signed in, a link to the sign-in page with such a next= is the same.
+            status, response, _ = await browser.get("/console/signin?" + urllib.parse.urlencode({"next": target}))
+            assert status == 303 and response.headers["Location"] == "/console/", repr(target)
+
+
 async def test_a_queue_listing_cut_at_its_limit_says_more_match(gateway_factory: Callable[..., Running]) -> None:
     """The listing showed the oldest `limit` and said "N shown." whatever more matched."""
     gw = console_gateway(gateway_factory)

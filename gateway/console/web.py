@@ -118,8 +118,16 @@ def environment() -> jinja2.Environment:
 
 
 def _safe_next(target: str | None) -> str:
-    """Where to go after signing in: a console path on this site, never elsewhere."""
-    if target and target.startswith(ROOT) and not target.startswith("//") and "\\" not in target:
+    """Where to go after signing in: a console path on this site, never elsewhere. Never with a control
+    character either: aiohttp refuses to send a Location holding one, after the handler returned (the
+    connection dropped, no answer)."""
+    if (
+        target
+        and target.startswith(ROOT)
+        and not target.startswith("//")
+        and "\\" not in target
+        and not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in target)
+    ):
         return target
     return ROOT
 
