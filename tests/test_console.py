@@ -577,6 +577,43 @@ async def test_an_unexpected_error_in_a_page_is_the_consoles_error_page_logged_o
     assert sample("smtp_gateway_console_errors_total") == before + 1
 
 
+MALFORMED_BODIES = [
+    ("multipart/form-data; boundary=x", b"garbage"),
+    ("multipart/form-data", b"--x\r\n"),  # no boundary
+    ("application/x-www-form-urlencoded; charset=bogus", b"name=a&password=b"),
+    ("application/x-www-form-urlencoded; charset=utf-16", b"name=a&password=b"),
+    ("application/x-www-form-urlencoded", "name=\u00e4&password=b".encode("latin-1")),  # a raw byte, not UTF-8
+]
+
+
+async def test_a_malformed_form_body_is_a_bad_request_not_a_counted_bug(
+    gateway_factory: Callable[..., Running],
+) -> None:
+    """aiohttp's request.post() raises on a body that is no readable form; nothing caught it, so anyone (the
+    sign-in needs no session) got the 500 page, an error-level console_error with its traceback and +1 on the
+    bug counter per request, before the sign-in throttle was consulted."""
+    limits = {"auth_failures_per_ip": 1, "auth_lockout_failures": 1, "auth_delay_max": 0.0}
+    gw = console_gateway(gateway_factory, limits=limits)
+    before = sample("smtp_gateway_console_errors_total")
+    async with Client(base(gw)) as admin, Client(base(gw), address="127.0.0.2") as anyone:
+        await admin.signin()
+        for ctype, body in MALFORMED_BODIES:
+            for client, path in ((anyone, "/console/signin"), (admin, "/console/logins/lift")):
+                with captured_with_context() as logs:
+                    status, response, page = await client.post(path, body, headers={"Content-Type": ctype})
+                errors = [e["event"] for e in logs if e["log_level"] == "error"]
+                assert status == 400 and not errors, f"{path} {ctype}: {status}, logged {errors}"
+                assert "could not be read" in page and response.headers["Cache-Control"] == "no-store"
+                assert "Content-Security-Policy" in response.headers
+                assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["console_bad_form"]
+        assert sample("smtp_gateway_console_errors_total") == before
+        # A locked-out address is refused before its body is read.
+        assert (await anyone.signin(password="guess"))[0] == 429
+        ctype, body = MALFORMED_BODIES[0]
+        status, _, _ = await anyone.post("/console/signin", body, headers={"Content-Type": ctype})
+        assert status == 429
+
+
 async def test_a_cookie_that_is_not_ascii_is_signed_out_not_a_500(gateway_factory: Callable[..., Running]) -> None:
     """Sent raw: a client library would not send these bytes in a cookie."""
     gw = console_gateway(gateway_factory)

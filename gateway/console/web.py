@@ -243,7 +243,9 @@ class Console:
             return self._redirect("/console/signin")
         _SESSION.set(session)
         if request.method == "POST":
-            form = await request.post()
+            form = await self._form(request)
+            if form is None:
+                return self._bad_form(request)
             token = form.get("csrf")
             if not self.keys.csrf_valid(session, token if isinstance(token, str) else None):
                 return self._csrf_refused(request, session.admin)
@@ -283,6 +285,32 @@ class Console:
             samesite="Strict",
             max_age=0,
             expires="Thu, 01 Jan 1970 00:00:00 GMT",
+        )
+
+    async def _form(self, request: web.Request) -> Mapping[str, object] | None:
+        """The POST's form, or None when its body is no form aiohttp can read (a broken multipart boundary, an
+        unknown or not ASCII-compatible charset, bytes that are not of it): a client's error, not a bug.
+        aiohttp caches it: a handler's own `request.post()` gets the same. A too large body stays a 413."""
+        try:
+            return await request.post()
+        except (ValueError, LookupError) as exc:  # UnicodeDecodeError is a ValueError
+            log.warning(
+                "console_bad_form",
+                client=request.remote,
+                path=request.path,
+                content_type=request.headers.get("Content-Type", "")[:100],
+                error=type(exc).__name__,
+            )
+            return None
+
+    def _bad_form(self, request: web.Request) -> web.Response:
+        return self._page(
+            request,
+            "error.html",
+            status=400,
+            title="Bad request",
+            message="This form could not be read: its body is not a form in a known encoding. Go back, reload "
+            "the page and try again.",
         )
 
     def _redirect(self, location: str) -> web.Response:
@@ -379,20 +407,19 @@ class Console:
         return response
 
     async def _signin(self, request: web.Request) -> web.StreamResponse:
-        form = await request.post()
+        client = request.remote or ""
+        # A client locked out is refused before its body is read (a malformed one too).
+        if (locked_for := self.signin.locked_for(client)) > 0:
+            return await self._locked_out(request, client, locked_for)
+        form = await self._form(request)
+        if form is None:
+            return self._bad_form(request)
         name, password, token = (_field(form, k) for k in ("name", "password", "csrf"))
         if not self.keys.signin_valid(request.cookies.get(self.signin_cookie), token):
             return self._csrf_refused(request, None)
-        client = request.remote or ""
         verdict = await self.signin.check(self.settings.admins, name, password, client)
         if verdict.result == "locked_out":
-            CONSOLE_LOGINS.labels(result="locked_out").inc()
-            log.warning("console_signin_locked_out", client=client, retry_after=round(verdict.retry_after))
-            response = await self._signin_form(
-                request, error="Too many failed sign-ins from this address: try again later.", status=429
-            )
-            response.headers["Retry-After"] = str(max(1, round(verdict.retry_after)))
-            return response
+            return await self._locked_out(request, client, verdict.retry_after)
         if verdict.result != "ok" or verdict.admin is None:
             CONSOLE_LOGINS.labels(result="invalid").inc()
             # A name is logged only when it is an admin's: a password typed into the name field is not.
@@ -408,6 +435,15 @@ class Console:
         response = self._redirect(_safe_next(_field(form, "next")))
         self._set_session(response, session)
         self._expire(response, self.signin_cookie)
+        return response
+
+    async def _locked_out(self, request: web.Request, client: str, retry_after: float) -> web.Response:
+        CONSOLE_LOGINS.labels(result="locked_out").inc()
+        log.warning("console_signin_locked_out", client=client, retry_after=round(retry_after))
+        response = await self._signin_form(
+            request, error="Too many failed sign-ins from this address: try again later.", status=429
+        )
+        response.headers["Retry-After"] = str(max(1, round(retry_after)))
         return response
 
     async def _signout(self, request: web.Request) -> web.StreamResponse:
