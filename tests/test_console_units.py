@@ -8,8 +8,11 @@ import asyncio
 import pytest
 
 from gateway.auth.onetime import OneTimeLogins
+from gateway.auth.passwords import hash_password
 from gateway.config import LimitsSettings
+from gateway.config.console import ConsoleAdmin
 from gateway.console.sessions import Session, SessionKeys, ended, new_session
+from gateway.core.scrypt import parse_hash
 from gateway.delivery.admin import BadSelection, QueueItem, Selection, parse_age
 from gateway.limits.clients import AuthGuard
 from gateway.limits.lockouts import LocalLockouts
@@ -135,3 +138,28 @@ def test_the_queue_cli_count_line_says_when_the_limit_or_the_scan_cap_cut_it() -
     )
     capped = _matched(0, {"more": False, "scanned": 10_000, "truncated": True})
     assert capped == "0; only the oldest 10000 were read: narrow the filters to reach younger ones"
+
+
+async def test_a_sign_in_with_an_unknown_name_verifies_a_hash_at_the_admins_cost(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The decoy verified for an unknown name was made at the default cost whatever the admins' hashes use:
+    with an admin's hash at another cost, a wrong name was refused many times faster than a wrong password,
+    telling which names are admins'. (Its parameters are compared, not its time.)"""
+    from gateway.console import signin
+
+    verified: list[str] = []
+
+    def spy(password: str, stored: str) -> bool:
+        verified.append(stored)
+        return False
+
+    monkeypatch.setattr(signin, "verify_password", spy)
+    guard = signin.AdminSignIn(LimitsSettings(auth_failures_per_ip=100, auth_lockout_failures=100))
+    for n, r in ((2**13, 8), (2**14, 4)):
+        admin = ConsoleAdmin(name="alice", password_hash=hash_password("right", n=n, r=r))
+        verdict = await guard.check([admin], "mallory", "right", "127.0.0.1")
+        assert verdict.result == "invalid"
+        decoy = parse_hash(verified[-1])
+        assert (decoy.n, decoy.r, decoy.p) == (n, r, 1), "the unknown name's hash is not at the admin's cost"
+        assert verified[-1] != admin.password_hash.get_secret_value()

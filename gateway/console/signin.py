@@ -8,14 +8,12 @@ import hmac
 from dataclasses import dataclass
 from typing import Literal
 
-from gateway.auth.passwords import hash_password, verify_password
+from gateway.auth.passwords import decoy_hash, verify_password
 from gateway.config import LimitsSettings
 from gateway.config.console import ConsoleAdmin
 from gateway.limits.clients import AuthGuard, client_key
 
 Result = Literal["ok", "invalid", "locked_out"]
-# Checked when the name is unknown, so a wrong name takes as long as a wrong password.
-_DUMMY = hash_password("not a password of anyone")
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +26,16 @@ class Verdict:
 class AdminSignIn:
     def __init__(self, limits: LimitsSettings) -> None:
         self.guard = AuthGuard(limits)
+        # Verified when the name is unknown, so a wrong name takes as long as a wrong password: at the cost
+        # the admins' hashes use (as SMTP AUTH's), made again when those hashes change (a reload).
+        self._decoy: tuple[tuple[str, ...], str] = ((), decoy_hash([]))
+
+    def decoy(self, admins: list[ConsoleAdmin]) -> str:
+        """The hash verified for a name that is no admin's: the cost most of `admins`' hashes use."""
+        hashes = tuple(a.password_hash.get_secret_value() for a in admins)
+        if hashes != self._decoy[0]:
+            self._decoy = (hashes, decoy_hash(list(hashes)))
+        return self._decoy[1]
 
     def configure(self, limits: LimitsSettings) -> None:
         self.guard.configure(limits)
@@ -49,7 +57,7 @@ class AdminSignIn:
                 await asyncio.sleep(verdict.delay)
             wanted = name.strip().lower()
             admin = next((a for a in admins if hmac.compare_digest(a.name.lower().encode(), wanted.encode())), None)
-            stored = admin.password_hash.get_secret_value() if admin is not None else _DUMMY
+            stored = admin.password_hash.get_secret_value() if admin is not None else self.decoy(admins)
             matched = await asyncio.to_thread(verify_password, password, stored)
             failed = admin is None or not matched
         finally:
