@@ -483,6 +483,18 @@ async def test_a_sign_in_next_with_a_control_character_goes_to_the_console_home(
             assert status == 303 and response.headers["Location"] == "/console/", repr(target)
 
 
+async def test_a_time_filter_that_is_no_time_is_shown_as_an_error(gateway_factory: Callable[..., Running]) -> None:
+    """`until=nan` was read as a time (float() takes it): the page said "no messages" with no error, where
+    `until=yesterday` says what is wrong."""
+    gw = console_gateway(gateway_factory)
+    async with Client(base(gw)) as admin:
+        await admin.signin()
+        for query in ("until=nan", "since=NaN", "since=inf", "until=-1e400", "since=yesterday"):
+            status, _, page = await admin.get(f"/console/messages?{query}")
+            name = query.split("=")[0]
+            assert status == 200 and 'class="problem"' in page and f"{name}: " in page, query
+
+
 async def test_a_queue_listing_cut_at_its_limit_says_more_match(gateway_factory: Callable[..., Running]) -> None:
     """The listing showed the oldest `limit` and said "N shown." whatever more matched."""
     gw = console_gateway(gateway_factory)

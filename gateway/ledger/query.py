@@ -3,6 +3,7 @@ Message-ID names. The same rules for `smtp-gateway status` and `GET /api/v1/mess
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,9 +32,14 @@ LOCAL_ID = re.compile(r"[0-9A-Fa-f]{16}")
 def parse_time(text: str, name: str) -> float:
     """ISO 8601 (`2025-01-31T12:00:00Z`, a date, an offset) or epoch seconds; a time without a zone is UTC."""
     try:
-        return float(text)
+        seconds = float(text)
     except ValueError:
         pass
+    else:
+        # float() also reads nan and inf (1e400): no time, and NaN compares unlike on SQLite and PostgreSQL.
+        if not math.isfinite(seconds):
+            raise BadQuery(f"{name}: a finite number of epoch seconds, not {text[:40]!r}")
+        return seconds
     try:
         at = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
