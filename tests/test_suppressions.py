@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable
 from urllib.parse import quote
 
@@ -114,6 +115,22 @@ async def test_the_console_lists_filters_and_removes_and_rcpt_follows(gateway_fa
         status, _, page = await admin.get(response.headers["Location"])
         assert "gone@example.com: removed (1 entry)" in page and "kept@example.org" in page
         assert "<td>gone@example.com</td>" not in page
+        # The outcome line comes only from this session's own removal: a link with another text, count or tag
+        # (or this one's, in another session) shows no outcome.
+        words = "Your session is about to expire: sign in again at https://console-login.example"
+        tag = urllib.parse.parse_qs(urllib.parse.urlsplit(response.headers["Location"]).query).get("tag", [""])[0]
+        for forged in (
+            {"removed": words, "n": "1"},
+            {"removed": words, "n": "1", "tag": tag},
+            {"removed": "gone@example.com", "n": "5", "tag": tag},
+            {"removed": "x@example.com", "n": "0"},
+        ):
+            _, _, page = await admin.get("/console/suppressions?" + urllib.parse.urlencode(forged))
+            assert forged["removed"] not in page and 'class="done"' not in page, forged
+    async with Client(console_base(gw)) as other:
+        await other.signin()
+        _, _, page = await other.get(response.headers["Location"])
+        assert 'class="done"' not in page, "another session shows this one's outcome"
     assert send(gw, "gone@example.com")[0] == 250  # this instance's copy at once
     assert send(gw, "kept@example.org")[0] == 550
 

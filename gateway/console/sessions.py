@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import orjson
 
 # Each MAC is over a purpose and the value: a token made for one use is never valid for another.
-_SESSION, _CSRF, _SIGNIN, _ADMIN = b"session|", b"csrf|", b"signin|", b"admin|"
+_SESSION, _CSRF, _SIGNIN, _ADMIN, _OUTCOME = b"session|", b"csrf|", b"signin|", b"admin|", b"outcome|"
 
 
 def _b64(raw: bytes) -> str:
@@ -93,6 +93,14 @@ class SessionKeys:
         if not nonce or token is None:
             return False
         return hmac.compare_digest(token.encode(), self.signin_token(nonce).encode())
+
+    def outcome(self, session: Session, text: str) -> str:
+        """A tag for an action's outcome carried in the URL it redirects to (the page after a POST shows it):
+        bound to the session, so a link made by someone else cannot make the console say its words."""
+        return self._mac(_OUTCOME, f"{session.sid}|{text}")
+
+    def outcome_valid(self, session: Session, text: str, tag: str | None) -> bool:
+        return tag is not None and hmac.compare_digest(tag.encode(), self.outcome(session, text).encode())
 
     def fingerprint(self, password_hash: str) -> str:
         return self._mac(_ADMIN, password_hash)[:22]

@@ -44,6 +44,17 @@ async def page(gw: Gateway, query: Mapping[str, str]) -> dict[str, Any]:
     return context
 
 
+# The query parameters saying what the last removal did; the console shows them only with their tag (web.py).
+OUTCOME = ("removed", "n", "tag")
+
+
+def outcome_text(query: Mapping[str, str]) -> str | None:
+    """What a removal's redirect says (its address and count), as one text to tag, or None when it says none."""
+    if "removed" not in query and "n" not in query:
+        return None
+    return f"{query.get('removed', '')}\n{query.get('n', '')}"
+
+
 def _removed(query: Mapping[str, str]) -> str | None:
     """What the last removal did (the page it redirected to says it)."""
     address = query.get("removed")

@@ -539,7 +539,13 @@ class Console:
         return self._redirect("/console/logins")
 
     async def _suppressions(self, request: web.Request) -> web.StreamResponse:
-        context = await suppressionpage.page(self.gw, request.query)
+        query: Mapping[str, str] = request.query
+        # The outcome of a removal is shown only from the redirect this session's own POST made: a link cannot
+        # make the console say its words ("removed", an address, a count) as an outcome.
+        outcome = suppressionpage.outcome_text(query)
+        if outcome is not None and not self.keys.outcome_valid(_signed_in(), outcome, query.get("tag")):
+            query = {k: v for k, v in query.items() if k not in suppressionpage.OUTCOME}
+        context = await suppressionpage.page(self.gw, query)
         return self._page(request, "suppressions.html", title="Suppressions", **context)
 
     async def _unsuppress(self, request: web.Request) -> web.StreamResponse:
@@ -553,6 +559,7 @@ class Console:
             return self._unavailable(request, exc)
         self._audit(request, "unsuppress", count=removed, address=address, account=account or None)
         back = {"account": account, "removed": address, "n": str(removed)}
+        back["tag"] = self.keys.outcome(_signed_in(), suppressionpage.outcome_text(back) or "")
         return self._redirect("/console/suppressions?" + urllib.parse.urlencode(back))
 
     def _unavailable(self, request: web.Request, exc: SpoolUnavailable | LedgerUnavailable) -> web.Response:
