@@ -291,6 +291,27 @@ async def test_sessions_end_at_sign_out_idle_time_lifetime_and_a_new_password(
         assert (await replay.get("/console/"))[0] == 303
 
 
+async def test_a_session_in_use_is_sealed_again_before_a_short_idle_timeout(
+    gateway_factory: Callable[..., Running],
+) -> None:
+    """The cookie's last-seen time was sealed again only every 30 s, whatever idle_timeout: with idle_timeout
+    under 30 s a session in constant use ended idle_timeout after sign-in. Now at most every idle_timeout / 2."""
+    gw = console_gateway(gateway_factory, console={"idle_timeout": 20})
+    keys = SessionKeys(SESSION_SECRET.encode())
+    now = time.time()
+    for seen, resealed in ((now - 3, False), (now - 11, True)):  # last seen 3 s / 11 s ago, idle_timeout 20 s
+        async with Client(base(gw)) as browser:
+            sealed = keys.seal(Session(ADMIN, now - 15, seen, "s1", keys.fingerprint(ADMIN_HASH)))
+            browser.http.cookie_jar.update_cookies({"smtp-gateway-console": sealed})
+            status, response, _ = await browser.get("/console/")
+        assert status == 200
+        cookie = response.cookies.get("smtp-gateway-console")
+        assert (cookie is not None) == resealed, f"last seen {now - seen:.0f} s ago"
+        if cookie is not None:
+            session = keys.open(cookie.value)
+            assert session is not None and session.seen >= now and session.sid == "s1"
+
+
 def hidden_fields(page: str) -> list[tuple[str, str]]:
     """What the page's (confirmation) form posts when its button is pressed: its hidden fields."""
     return [

@@ -76,7 +76,7 @@ SECURITY_HEADERS = {
 }
 # The session of the request being handled (each request runs in its own task, with its own context).
 _SESSION: contextvars.ContextVar[Session | None] = contextvars.ContextVar("console_session", default=None)
-# A session's cookie is sealed again (its idle clock reset) at most this often.
+# A session's cookie is sealed again (its idle clock reset) at most this often (or every idle_timeout / 2).
 TOUCH_EVERY = 30.0
 # The sign-in form's nonce cookie lives this long.
 SIGNIN_FORM_TTL = 3600
@@ -250,7 +250,9 @@ class Console:
             if not self.keys.csrf_valid(session, token if isinstance(token, str) else None):
                 return self._csrf_refused(request, session.admin)
         response = await handler(request)
-        if now - session.seen >= TOUCH_EVERY and not response.cookies.get(self.cookie):
+        # Every TOUCH_EVERY, or every half idle_timeout when that is shorter: a session in use never goes idle.
+        touch = min(TOUCH_EVERY, self.settings.idle_timeout / 2)
+        if now - session.seen >= touch and not response.cookies.get(self.cookie):
             self._set_session(response, session.touched(now))
         return response
 
