@@ -40,9 +40,10 @@ class AdminSignIn:
     def configure(self, limits: LimitsSettings) -> None:
         self.guard.configure(limits)
 
-    def locked_for(self, client_ip: str) -> float:
-        """How long a client is still locked out, as this process knows now (0: it is not); asks no one."""
-        return max(self.guard.before(client_key(client_ip)).locked_for, 0.0)
+    async def locked_for(self, client_ip: str) -> float:
+        """How long a client is still locked out (0: it is not), as SMTP AUTH asks before an attempt: the shared
+        record read when there is one (a lockout made or lifted by another process counts here)."""
+        return max((await self.guard.check(client_key(client_ip))).locked_for, 0.0)
 
     async def check(self, admins: list[ConsoleAdmin], name: str, password: str, client_ip: str) -> Verdict:
         key = client_key(client_ip)

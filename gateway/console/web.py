@@ -411,7 +411,7 @@ class Console:
     async def _signin(self, request: web.Request) -> web.StreamResponse:
         client = request.remote or ""
         # A client locked out is refused before its body is read (a malformed one too).
-        if (locked_for := self.signin.locked_for(client)) > 0:
+        if (locked_for := await self.signin.locked_for(client)) > 0:
             return await self._locked_out(request, client, locked_for)
         form = await self._form(request)
         if form is None:
