@@ -605,54 +605,68 @@ SCALE_INDEXES = {
     **{f"{table}_created": ["created", "msg_id"] for table in ("ledger_recipients", "ledger_events")},
     **{f"{table}_created": ["created", "msg_id"] for table in ("webhook_outbox", "ledger_notices")},
 }
+# The recipient indexes SQLite's version 8 and PostgreSQL's version 9 widen for the searches.
+SEARCH_INDEXES = {
+    "ledger_recipients_rcpt": ["rcpt", "created", "msg_id"],
+    "ledger_recipients_state": ["state", "created", "msg_id"],
+}
+# (SQLite's version, PostgreSQL's version, what that version adds).
+STEPS = {"scale": (7, 8, SCALE_INDEXES), "search": (8, 9, SEARCH_INDEXES)}
 
 
+@pytest.mark.parametrize("step", STEPS)
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-async def test_a_queue_of_the_previous_version_gets_the_scale_indexes_at_its_next_start(
-    backend: str, request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+async def test_a_queue_of_a_previous_version_gets_the_new_indexes_at_its_next_start(
+    backend: str, step: str, request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A queue the previous version made (SQLite version 6, PostgreSQL version 7, with its ledger) gets the
-    indexes retention needs at size when the next gateway opens it: the outbox by message, and the expired
-    rows by (created, msg_id)."""
+    """A queue the version before made (with its ledger) gets the indexes of the step when the next gateway
+    opens it: scale, those retention needs at size (the outbox by message, the expired rows by (created,
+    msg_id)); search, the recipients by state or address in a page's order (created, msg_id)."""
+    lite, pg, indexes = STEPS[step]
+
+    def columns(found: dict[str, list[str]]) -> dict[str, list[str]]:
+        return {name: cols for name, cols in found.items() if name in indexes}
+
     store: QueueStore
     if backend == "sqlite":
         path = tmp_path / "queue.sqlite3"
         with monkeypatch.context() as previous:
-            previous.setattr(sqlite_schema, "LATEST", LATEST - 1)
+            previous.setattr(sqlite_schema, "LATEST", lite - 1)
             store = SqliteQueue(path)
-            assert await store.migrate() == (0, LATEST - 1)
+            assert await store.migrate() == (0, lite - 1)
             await store.close()
-        with contextlib.closing(sqlite3.connect(path)) as db:
-            assert "webhook_outbox_msg" not in {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
-        store = SqliteQueue(path)
-        try:
-            assert await store.migrate() == (LATEST - 1, LATEST)
-        finally:
-            await store.close()
-        with contextlib.closing(sqlite3.connect(path)) as db:
-            found = {name: [r[2] for r in db.execute(f"PRAGMA index_info({name})")] for name in SCALE_INDEXES}
-        assert found == SCALE_INDEXES
+
+        def on_file() -> dict[str, list[str]]:
+            with contextlib.closing(sqlite3.connect(path)) as db:
+                names = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")]
+                return columns({name: [r[2] for r in db.execute(f"PRAGMA index_info({name})")] for name in names})
+
+        assert on_file() != indexes
+        with monkeypatch.context() as previous:
+            previous.setattr(sqlite_schema, "LATEST", lite)
+            store = SqliteQueue(path)
+            try:
+                assert await store.migrate() == (lite - 1, lite)
+            finally:
+                await store.close()
+        assert on_file() == indexes
         return
     url = request.getfixturevalue("pg_cluster").new_database()
-    latest = postgres_schema.LATEST
-    with monkeypatch.context() as previous:
-        previous.setattr(postgres_schema, "LATEST", latest - 1)
-        store = PostgresQueue(url)
-        try:
-            assert await store.migrate() == (0, latest - 1)
-        finally:
-            await store.close()
-    with psycopg.connect(url, autocommit=True) as conn:
-        assert not conn.execute("SELECT 1 FROM pg_indexes WHERE indexname = 'webhook_outbox_msg'").fetchall()
-    store = PostgresQueue(url)
-    try:
-        assert await store.migrate() == (latest - 1, latest)
-    finally:
-        await store.close()
-    with psycopg.connect(url, autocommit=True) as conn:
-        rows = conn.execute("SELECT indexname, indexdef FROM pg_indexes").fetchall()
-    defs = {name: d for name, d in rows if name in SCALE_INDEXES}
-    assert {name: d[d.rindex("(") + 1 : -1].split(", ") for name, d in defs.items()} == SCALE_INDEXES
+
+    def on_database() -> dict[str, list[str]]:
+        with psycopg.connect(url, autocommit=True) as conn:
+            rows = conn.execute("SELECT indexname, indexdef FROM pg_indexes").fetchall()
+        return columns({name: d[d.rindex("(") + 1 : -1].split(", ") for name, d in rows})
+
+    for version in (pg - 1, pg):
+        with monkeypatch.context() as previous:
+            previous.setattr(postgres_schema, "LATEST", version)
+            store = PostgresQueue(url)
+            try:
+                assert await store.migrate() == ((0, version) if version < pg else (pg - 1, pg))
+            finally:
+                await store.close()
+        assert (on_database() == indexes) is (version == pg)
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])

@@ -284,6 +284,28 @@ def select_recipients(p: str, count: int) -> str:
     )
 
 
+# A search by recipient or state walks that recipient index, newest first, instead of listing every matching
+# message and sorting them all for one page (1.8 s a page of `state=delivered` at 1,000,000 messages on
+# SQLite; 2.1 s for a mailbox that receives half the ledger). The recipient rows carry their message's
+# acceptance time (`created`, shared_schema.LEDGER: every writer gives all rows of a message the same one, and
+# retention relies on it too), so the index (state | rcpt, created, msg_id) gives the messages in the page's
+# own order (created DESC, id DESC) and the walk stops at the page's end. A query with
+# a selective key (an id, a 250's id, a Message-ID, an upstream id) is not driven: its few messages are found
+# first and the recipient conditions probed on each.
+_SELECTIVE = ("id", "ids", "reply_id", "message_id", "upstream_id")
+
+
+def _driver(q: Query) -> str | None:
+    """The recipient column the search walks (rcpt or state), None: ledger_messages' own indexes."""
+    if any(getattr(q, key) not in (None, ()) for key in _SELECTIVE):
+        return None
+    if q.recipient is not None:
+        return "rcpt"
+    if q.state is not None:
+        return "state"
+    return None
+
+
 def search(q: Query, p: str) -> tuple[str, list[Any]]:
     """The page's messages (one more than `limit`: whether there is a next page), newest first."""
     where: list[str] = []
@@ -293,6 +315,19 @@ def search(q: Query, p: str) -> tuple[str, list[Any]]:
         where.append(clause.format(p=p))
         params.extend(values)
 
+    driver = _driver(q)
+    # Time bounds and the cursor on the walked table's own `created` (the same value as the message's).
+    t = "m" if driver is None else "r"
+    key = "id" if driver is None else "msg_id"
+    if driver == "rcpt" and q.recipient is not None:
+        add("r.rcpt = {p}", address_key(q.recipient))
+    elif driver == "state":
+        add("r.state = {p}", q.state)
+        # One row per message: the first of its recipients (by address) in that state.
+        add(
+            "NOT EXISTS (SELECT 1 FROM ledger_recipients d"
+            " WHERE d.msg_id = r.msg_id AND d.state = r.state AND d.rcpt < r.rcpt)"
+        )
     if q.id is not None:
         add("m.id = {p}", q.id.upper())
     if q.ids:
@@ -308,24 +343,35 @@ def search(q: Query, p: str) -> tuple[str, list[Any]]:
     if q.account is not None:
         add("m.account = {p}", q.account)
     if q.since is not None:
-        add("m.created >= {p}", q.since)
+        add(f"{t}.created >= {{p}}", q.since)
     if q.until is not None:
-        add("m.created < {p}", q.until)
-    if q.recipient is not None:
-        add("m.id IN (SELECT msg_id FROM ledger_recipients WHERE rcpt = {p})", address_key(q.recipient))
+        add(f"{t}.created < {{p}}", q.until)
+    if q.recipient is not None and driver != "rcpt":
+        add(
+            "EXISTS (SELECT 1 FROM ledger_recipients s WHERE s.msg_id = m.id AND s.rcpt = {p})",
+            address_key(q.recipient),
+        )
     if q.upstream_id is not None:
         add("m.id IN (SELECT msg_id FROM ledger_recipients WHERE upstream_id = {p})", q.upstream_id)
-    if q.state is not None:
-        add("m.id IN (SELECT msg_id FROM ledger_recipients WHERE state = {p})", q.state)
+    if q.state is not None and driver != "state":
+        # A probe of the message's own recipients (the primary key's msg_id prefix), not the list of every
+        # message with a recipient in that state (95 % of the ledger for `delivered`). `|| ''` keeps SQLite
+        # (no statistics) from probing by the state index instead, which walks every row in that state.
+        add("EXISTS (SELECT 1 FROM ledger_recipients s WHERE s.msg_id = m.id AND s.state || '' = {p})", q.state)
     if q.cursor is not None:
         # A row value, not `created < c OR (created = c AND id < i)`: the OR is no index condition, so both
         # backends walked the (created, id) index from the newest row, filtering out every row before the
         # cursor (661 ms 29 days deep at 1,000,000 messages on PostgreSQL; a whole month by 500 ~ N²/2 rows).
-        add("(m.created, m.id) < ({p}, {p})", q.cursor.created, q.cursor.id)
-    sql = f"SELECT {', '.join('m.' + c for c in _SUMMARY.split(', '))} FROM ledger_messages m"
+        add(f"({t}.created, {t}.{key}) < ({{p}}, {{p}})", q.cursor.created, q.cursor.id)
+    sql = f"SELECT {', '.join('m.' + c for c in _SUMMARY.split(', '))} FROM "
+    # CROSS JOIN: SQLite (no ANALYZE statistics) keeps the recipients as the outer loop, in the index's order;
+    # PostgreSQL plans it as any inner join.
+    sql += "ledger_messages m" if driver is None else "ledger_recipients r CROSS JOIN ledger_messages m"
+    if driver is not None:
+        where.insert(0, "m.id = r.msg_id")
     if where:
         sql += " WHERE " + " AND ".join(where)
-    sql += f" ORDER BY m.created DESC, m.id DESC LIMIT {p}"
+    sql += f" ORDER BY {t}.created DESC, {t}.{key} DESC LIMIT {p}"
     params.append(q.limit + 1)
     return sql, params
 

@@ -113,7 +113,10 @@ V7 = shared_schema.RETURN_PATH
 # Indexes retention and the ledger's reads need at size, as SQLite's version 7.
 V8 = shared_schema.SCALE_INDEXES
 
-MIGRATIONS: list[str] = [V1, V2, V3, V4, V5, V6, V7, V8]
+# The recipient indexes a search walks, as SQLite's version 8.
+V9 = shared_schema.SEARCH_INDEXES
+
+MIGRATIONS: list[str] = [V1, V2, V3, V4, V5, V6, V7, V8, V9]
 LATEST = len(MIGRATIONS)
 # Serialises migrations of several instances starting at once (pg_advisory_xact_lock key).
 MIGRATION_LOCK = 0x5347_5751  # "SGWQ"

@@ -105,7 +105,10 @@ V6 = shared_schema.RETURN_PATH
 # Indexes retention and the ledger's reads need at size (the webhook outbox by message).
 V7 = shared_schema.SCALE_INDEXES
 
-MIGRATIONS: list[str] = [V1, V2, V3, V4, V5, V6, V7]
+# The recipient indexes a search by state or recipient walks in the page's order.
+V8 = shared_schema.SEARCH_INDEXES
+
+MIGRATIONS: list[str] = [V1, V2, V3, V4, V5, V6, V7, V8]
 LATEST = len(MIGRATIONS)
 
 
