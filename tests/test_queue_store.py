@@ -608,7 +608,7 @@ SCALE_INDEXES = {
 # The recipient indexes SQLite's version 8 and PostgreSQL's version 9 widen for the searches.
 SEARCH_INDEXES = {
     "ledger_recipients_rcpt": ["rcpt", "created", "msg_id"],
-    "ledger_recipients_state": ["state", "created", "msg_id"],
+    "ledger_recipients_state": ["state", "created", "msg_id", "rcpt"],
 }
 # (SQLite's version, PostgreSQL's version, what that version adds).
 STEPS = {"scale": (7, 8, SCALE_INDEXES), "search": (8, 9, SEARCH_INDEXES)}

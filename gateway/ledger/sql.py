@@ -5,7 +5,7 @@ which SQLite (3.24+) and PostgreSQL read alike."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
@@ -289,25 +289,75 @@ def select_recipients(p: str, count: int) -> str:
 # SQLite; 2.1 s for a mailbox that receives half the ledger). The recipient rows carry their message's
 # acceptance time (`created`, shared_schema.LEDGER: every writer gives all rows of a message the same one, and
 # retention relies on it too), so the index (state | rcpt, created, msg_id) gives the messages in the page's
-# own order (created DESC, id DESC) and the walk stops at the page's end. A query with
-# a selective key (an id, a 250's id, a Message-ID, an upstream id) is not driven: its few messages are found
-# first and the recipient conditions probed on each.
+# own order (created DESC, id DESC) and the walk stops at the page's end. A query with a selective key (an
+# id, a 250's id, a Message-ID, an upstream id) is not driven: its few messages are found first and the
+# recipient conditions probed on each.
 _SELECTIVE = ("id", "ids", "reply_id", "message_id", "upstream_id")
+# What a search walks: a recipient column (rcpt or state) or None, ledger_messages' own indexes.
+Driver = str | None
+# How many rows of each possible walk `extent` counts at most (SQLite: see drivers()): counting reads an
+# index only (~1 ms per 10,000 rows); a walk chosen below it reads at most that many rows.
+EXTENT = 20000
 
 
-def _driver(q: Query) -> str | None:
-    """The recipient column the search walks (rcpt or state), None: ledger_messages' own indexes."""
+def drivers(q: Query) -> list[Driver]:
+    """The walks that can serve `q`, the default first. Several when `q` combines filters each with its own
+    index (recipient, state, login/account/sender): a walk reads rows until a page of them passes the other
+    filters, so when they share few or no messages it reads the whole of its own range (a login with no
+    `delivered` message walked all 950,000 delivered rows, 15 s on SQLite). SQLite has no statistics to
+    choose from (no ANALYZE is run), so its backend counts each range up to EXTENT rows (extent()) and walks
+    the smallest; PostgreSQL's planner reorders the join by its own statistics."""
     if any(getattr(q, key) not in (None, ()) for key in _SELECTIVE):
-        return None
-    if q.recipient is not None:
-        return "rcpt"
+        return [None]
+    # The state walk first: of equals it is the cheaper (its index holds every column it probes with).
+    out: list[Driver] = []
     if q.state is not None:
-        return "state"
-    return None
+        out.append("state")
+    if q.recipient is not None:
+        out.append("rcpt")
+    if not out or q.login is not None or q.account is not None or q.sender is not None:
+        out.append(None)
+    return out
 
 
-def search(q: Query, p: str) -> tuple[str, list[Any]]:
-    """The page's messages (one more than `limit`: whether there is a next page), newest first."""
+def extent(q: Query, driver: Driver, p: str, most: int = EXTENT) -> tuple[str, list[Any]]:
+    """How many rows (up to `most`) the walk `driver` has in the query's window: one index range, counted."""
+    where: list[str] = []
+    params: list[Any] = []
+    if driver == "rcpt":
+        where.append(f"rcpt = {p}")
+        params.append(address_key(q.recipient or ""))
+    elif driver == "state":
+        where.append(f"state = {p}")
+        params.append(q.state)
+    else:
+        for column, value in (("login", q.login), ("account", q.account), ("sender", q.sender)):
+            if value is not None:
+                where.append(f"{column} = {p}")
+                params.append(address_key(value) if column == "sender" else value)
+    if q.since is not None:
+        where.append(f"created >= {p}")
+        params.append(q.since)
+    if q.until is not None:
+        where.append(f"created < {p}")
+        params.append(q.until)
+    if q.cursor is not None:
+        key = "id" if driver is None else "msg_id"
+        where.append(f"(created, {key}) < ({p}, {p})")
+        params += [q.cursor.created, q.cursor.id]
+    table = "ledger_messages" if driver is None else "ledger_recipients"
+    clause = " WHERE " + " AND ".join(where) if where else ""
+    return f"SELECT COUNT(*) FROM (SELECT 1 FROM {table}{clause} LIMIT {p}) AS e", [*params, most]
+
+
+def smallest(choices: Sequence[Driver], sizes: Sequence[int]) -> Driver:
+    """The walk with the fewest rows (the first of equals: drivers' order)."""
+    return choices[min(range(len(choices)), key=lambda i: sizes[i])]
+
+
+def search(q: Query, p: str, driver: Driver | Literal["default"] = "default") -> tuple[str, list[Any]]:
+    """The page's messages (one more than `limit`: whether there is a next page), newest first, read by the
+    walk `driver` (one of drivers(q); by default its first)."""
     where: list[str] = []
     params: list[Any] = []
 
@@ -315,10 +365,16 @@ def search(q: Query, p: str) -> tuple[str, list[Any]]:
         where.append(clause.format(p=p))
         params.extend(values)
 
-    driver = _driver(q)
-    # Time bounds and the cursor on the walked table's own `created` (the same value as the message's).
+    choices = drivers(q)
+    if driver == "default":
+        driver = choices[0]
+    elif driver not in choices:
+        raise ValueError(f"no walk by {driver} for this query")
+    # Time bounds and the cursor on the walked table's own `created` (the same value as the message's); the
+    # probes of other recipients by the walked row's msg_id, so that they run before the message's row is read.
     t = "m" if driver is None else "r"
     key = "id" if driver is None else "msg_id"
+    walked = f"{t}.{key}"
     if driver == "rcpt" and q.recipient is not None:
         add("r.rcpt = {p}", address_key(q.recipient))
     elif driver == "state":
@@ -348,7 +404,7 @@ def search(q: Query, p: str) -> tuple[str, list[Any]]:
         add(f"{t}.created < {{p}}", q.until)
     if q.recipient is not None and driver != "rcpt":
         add(
-            "EXISTS (SELECT 1 FROM ledger_recipients s WHERE s.msg_id = m.id AND s.rcpt = {p})",
+            f"EXISTS (SELECT 1 FROM ledger_recipients s WHERE s.msg_id = {walked} AND s.rcpt = {{p}})",
             address_key(q.recipient),
         )
     if q.upstream_id is not None:
@@ -357,7 +413,7 @@ def search(q: Query, p: str) -> tuple[str, list[Any]]:
         # A probe of the message's own recipients (the primary key's msg_id prefix), not the list of every
         # message with a recipient in that state (95 % of the ledger for `delivered`). `|| ''` keeps SQLite
         # (no statistics) from probing by the state index instead, which walks every row in that state.
-        add("EXISTS (SELECT 1 FROM ledger_recipients s WHERE s.msg_id = m.id AND s.state || '' = {p})", q.state)
+        add(f"EXISTS (SELECT 1 FROM ledger_recipients s WHERE s.msg_id = {walked} AND s.state || '' = {{p}})", q.state)
     if q.cursor is not None:
         # A row value, not `created < c OR (created = c AND id < i)`: the OR is no index condition, so both
         # backends walked the (created, id) index from the newest row, filtering out every row before the
