@@ -350,8 +350,13 @@ def extent(q: Query, driver: Driver, p: str, most: int = EXTENT) -> tuple[str, l
     return f"SELECT COUNT(*) FROM (SELECT 1 FROM {table}{clause} LIMIT {p}) AS e", [*params, most]
 
 
-def smallest(choices: Sequence[Driver], sizes: Sequence[int]) -> Driver:
-    """The walk with the fewest rows (the first of equals: drivers' order)."""
+def smallest(q: Query, p: str, count: Callable[[str, list[Any]], int]) -> Driver:
+    """The walk of `q` with the fewest rows by extent(), `count` running it (the first of equals: drivers'
+    order); the only one without counting when there is one."""
+    choices = drivers(q)
+    if len(choices) == 1:
+        return choices[0]
+    sizes = [count(*extent(q, d, p)) for d in choices]
     return choices[min(range(len(choices)), key=lambda i: sizes[i])]
 
 

@@ -137,11 +137,8 @@ class SqliteLedger:
 
     async def find(self, query: Query) -> Page:
         def run(db: sqlite3.Connection) -> Page:
-            choices = sql.drivers(query)
-            driver = choices[0]
-            if len(choices) > 1:  # no statistics to plan by: the smallest range, counted (sql.drivers)
-                sizes = [int(db.execute(*sql.extent(query, d, P)).fetchone()[0]) for d in choices]
-                driver = sql.smallest(choices, sizes)
+            # No statistics to plan by: the smallest of the ranges the search could walk, counted (sql.drivers).
+            driver = sql.smallest(query, P, lambda statement, params: int(db.execute(statement, params).fetchone()[0]))
             statement, params = sql.search(query, P, driver)
             rows = db.execute(statement, params).fetchall()
             ids = [r[0] for r in rows[: query.limit]]
