@@ -429,8 +429,9 @@ WEBHOOK_PENDING = Gauge(
 WEBHOOK_DUPLICATES = Counter(
     "smtp_gateway_webhook_possible_duplicates_total",
     "Webhook deliveries POSTed again although the receiver may have taken them (the at-least-once window): "
-    "answer_lost (the request was sent, no answer came, or one that is not HTTP), lease_expired (an instance "
-    "stopped mid-POST)",
+    "answer_lost (the request was sent, no answer came, or one that is not HTTP), lease_expired (taken over "
+    "after its lease: its instance stopped mid-POST, or a 2xx answer could not be recorded because the database "
+    "failed)",
     ["webhook", "cause"],
     registry=REGISTRY,
 )
