@@ -113,12 +113,13 @@ def scan_message(size: int, seed: int = 3) -> bytes:
     return head.encode() + encoded + b"--b1--\r\n"
 
 
-def text_message(size: int, one_line: bool = False, seed: int = 3) -> bytes:
+def text_message(size: int, one_line: bool = False, seed: int = 3, ampersands: bool = False) -> bytes:
     """A plain-text message of a `size`-byte body: words in 76-character CRLF lines, or (`one_line`) a single
-    line, as a report generator that never wraps sends it (the gateway folds it)."""
+    line, as a report generator that never wraps sends it (the gateway folds it). `ampersands`: the words are
+    all "&", the text HTML escaping makes longest (five times: "&amp;"), as an export full of markup."""
     rng = random.Random(seed)
     words = [bytes(rng.choices(b"abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9))) for _ in range(2000)]
-    line = b" ".join(words)
+    line = b"&" * 4096 if ampersands else b" ".join(words)
     text = (line * (size // len(line) + 1))[:size]
     if not one_line:
         text = b"\r\n".join(text[i : i + 76] for i in range(0, len(text), 76))

@@ -3,6 +3,7 @@ and how much memory does the gateway take for it?
 
     python bench/scan.py                 # ~1 minute; --size-mb 40 --repeat 3
     python bench/scan.py --kind text     # a plain-text body instead (76-character lines; text-line: one line)
+    python bench/scan.py --kind text-amp # a plain-text body of "&" (76-character lines): HTML 5x its size
 
 Reports, for the small-message session: p50/p99/max latency of the transactions that overlapped a scan,
 next to the same session's latency without a scan; and the gateway's peak RSS during the scans above its
@@ -98,13 +99,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="scans, one after the other")
     parser.add_argument(
         "--kind",
-        choices=("pdf", "text", "text-line"),
+        choices=("pdf", "text", "text-line", "text-amp"),
         default="pdf",
-        help="a base64 PDF attachment (default), a plain-text body in 76-character lines, or one text line",
+        help="a base64 PDF attachment (default), a plain-text body in 76-character lines, one text line, or"
+        " 76-character lines of '&' (the most HTML escaping makes of text)",
     )
     args = parser.parse_args(argv)
     size = int(args.size_mb * MIB)
-    raw = genmsg.scan_message(size) if args.kind == "pdf" else genmsg.text_message(size, args.kind == "text-line")
+    raw = (
+        genmsg.scan_message(size)
+        if args.kind == "pdf"
+        else genmsg.text_message(size, args.kind == "text-line", ampersands=args.kind == "text-amp")
+    )
     workdir = Path(tempfile.mkdtemp(prefix="bench-scan-"))
     scan_file = workdir / "scan.eml"
     scan_file.write_bytes(raw)

@@ -200,8 +200,9 @@ class LimitsSettings(_Section):
         description="Bytes of messages larger than `large_message_threshold` one process holds at once (from DATA "
         "to their first delivery attempt's end); a message past it gets 452 4.3.1. Memory for them: at most about "
         "1.5 times this for scans (base64 attachments pass through undecoded), up to about 6 times for large "
-        "plain-text bodies, which are decoded, made HTML and sent as JSON (bench/scan.py --kind text; "
-        "docs/performance.md).",
+        "plain-text bodies of ordinary text, which are decoded, made HTML and sent as JSON (bench/scan.py --kind "
+        "text), and up to about 25 times for text full of '&', '<' or '>', whose HTML is up to five times its size "
+        "(bench/scan.py --kind text-amp; docs/performance.md).",
     )
     large_message_threshold: int = Field(
         1024 * 1024, ge=0, description="Messages up to this many bytes never count against `max_large_bytes`."
