@@ -3,10 +3,11 @@ through the one HTTP client for webhooks), then delivered, retried with exponent
 failed for good after the webhook's max_age. Rows another instance left leased when it stopped are taken
 over once their lease expires.
 
-At least once: a delivery is POSTed again only when its first POST may not have been received, and that
-is when a receiver may see it twice (dedupe on the event id): its answer was lost after the request was
-sent (a timeout, a reset), or its instance stopped mid-POST. Both are counted in
-smtp_gateway_webhook_possible_duplicates_total.
+At least once: a delivery is POSTed again only when its first POST may have been received without that
+being recorded, and that is when a receiver may see it twice (dedupe on the event id): its answer was lost
+after the request was sent (a timeout, a reset, an answer that is not HTTP), or the delivery stayed leased
+and was taken over after its lease (its instance stopped mid-POST, or the receiver answered 2xx and the
+database failed while that was recorded). Both are counted in smtp_gateway_webhook_possible_duplicates_total.
 """
 
 from __future__ import annotations
