@@ -24,7 +24,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Literal
 
-import h11
 import httpx
 from prometheus_client import Histogram
 
@@ -272,12 +271,17 @@ def _said(exc: BaseException) -> str:
     return without_urls(str(exc))
 
 
+H11_REMOTE_ERROR = ("h11", "RemoteProtocolError")  # what the peer sent is not HTTP, in httpcore's parser
+
+
 def _not_http(exc: BaseException) -> bool:
     """Whether a protocol error is an answer that is not HTTP, not a connection closed without one: the aiohttp
     transport says so by its class; httpx's, by the parser's (h11) error at the root of the chain."""
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, NotHttp | h11.RemoteProtocolError):
+        # h11 is httpcore's parser, not a dependency of the gateway's own: its error is known by its module.
+        kind = type(seen)
+        if isinstance(seen, NotHttp) or (kind.__module__.partition(".")[0], kind.__name__) == H11_REMOTE_ERROR:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
