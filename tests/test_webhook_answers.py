@@ -13,6 +13,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from gateway.config.returnpath import WebhookSettings
+from gateway.config.urls import MASK
 from gateway.ledger import render
 from gateway.ledger.backends import open_returns
 from gateway.ledger.model import OutboxRow
@@ -168,16 +169,17 @@ async def test_a_redirect_is_not_followed_counted_http_3xx_and_says_where_withou
     tmp_path: Path, transport: TransportKind
 ) -> None:
     """A moved endpoint (http to https, a new path) or a hostile one (the cloud's metadata address): never
-    followed, counted under a documented reason, and the operator is told where it points (not its query)."""
+    followed, counted under a documented reason, and the operator is told where it points: its scheme and host,
+    not its path (an http -> https redirect repeats the hook's path, often its token) nor its query."""
     name = f"moved-{transport}"
     before = _count(name)
     answer = (
         b"HTTP/1.1 308 Permanent Redirect\r\n"
-        b"Location: http://169.254.169.254/latest/meta-data/?token=T0KEN#frag\r\nContent-Length: 0\r\n\r\n"
+        b"Location: https://169.254.169.254/hooks/T0KEN-8f3a/?token=T0KEN#frag\r\nContent-Length: 0\r\n\r\n"
     )
     posts, state, attempts, error = await _one_round(tmp_path, answer, name, transport)
     assert (posts, state, attempts) == (1, "pending", 1)
-    assert error == "HTTP 308 to http://169.254.169.254/latest/meta-data/ (not followed)"
+    assert error == f"HTTP 308 to https://169.254.169.254/{MASK} (not followed)"
     after = _count(name)
     assert {r for r in after if after[r] != before.get(r, 0)} == {"http_3xx"}
 

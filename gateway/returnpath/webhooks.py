@@ -21,7 +21,7 @@ import structlog
 
 from gateway import __version__
 from gateway.config import WebhookSettings
-from gateway.config.urls import without_urls
+from gateway.config.urls import shown_url, without_urls
 from gateway.core import signature
 from gateway.core.errors import AnswerInvalid, AnswerLost, UpstreamUnavailable
 from gateway.core.events import event_id
@@ -178,8 +178,9 @@ class WebhookSender:
             text = f"HTTP {response.status}: {response.text(ANSWER_KEPT)}".strip()
             location = response.headers.get("location")
             if 300 <= response.status < 400 and location:
-                # Where it moved, for the operator to fix the URL; without its query (a token may be there).
-                text = f"HTTP {response.status} to {location.partition('?')[0].partition('#')[0]} (not followed)"
+                # Where it moved, for the operator to fix the URL: its scheme and host only (a hook's token is
+                # often its path, and an http -> https or trailing-slash redirect repeats that path).
+                text = f"HTTP {response.status} to {shown_url(location, path=True)} (not followed)"
             await self._fail(d, _STATUS_REASONS.get(response.status // 100, "http_other"), text, hook=hook)
 
     async def _delivered(self, d: Delivery, status: int) -> None:
