@@ -5,6 +5,7 @@ queue takes messages again as soon as it answers."""
 
 from __future__ import annotations
 
+import contextlib
 import smtplib
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -13,11 +14,13 @@ import httpx
 import pytest
 import structlog
 
-from gateway.core.errors import SpoolUnavailable
+from gateway.core.errors import QueueBusy, SpoolUnavailable
 from gateway.delivery.idempotency import KeyBacklog, LateKey
 from gateway.ops.metrics import REGISTRY
+from gateway.queue import postgres
 from tests.harness import DENGAGE_ACCOUNT, DENGAGE_SENDER, DENGAGE_USER, PASSWORD, Running
 from tests.pgserver import PgCluster, PgUnavailable
+from tests.queue_contract import new
 from tests.spool_helpers import send, wait_for
 
 FAST = {"retry_schedule": [0.3], "retry_jitter": 0.0, "poll_interval": 0.2, "inline_budget": 2.0}
@@ -163,3 +166,31 @@ def test_a_shared_queue_outage_leaves_the_fleet_ready_and_says_it_degraded(
     finally:
         own_cluster.resume()
     wait_for(lambda: _health(two, "/readyz").json() == {"ready": True} or None, 25, "not degraded once back")
+
+
+async def test_an_outage_after_an_exhausted_pool_is_degraded_not_unready(
+    own_cluster: PgCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database that stalls (every pooled connection stuck: this instance's pool exhausted, unready) and then
+    goes away (a failover, a crash): the outage is every instance's, so degraded, not unready, although no
+    connection was had to end the exhaustion episode (the whole fleet would otherwise go unready at once)."""
+    monkeypatch.setattr(postgres, "POOL_WAIT", 1.0)  # the wait for a pooled connection, shortened
+    queue = postgres.PostgresQueue(own_cluster.new_database(), max_connections=1)
+    await queue.open()
+    try:
+        with contextlib.suppress(SpoolUnavailable):
+            async with queue._tx():  # the only pooled connection, stuck on the stalled database
+                with pytest.raises(QueueBusy, match="pooled connections in use"):
+                    await queue.insert(new("0" * 16))
+                assert queue.health.problems()  # the exhaustion alone: this instance's own, unready
+                own_cluster.halt()  # ... and then the database goes away
+                with pytest.raises(SpoolUnavailable) as down:
+                    await queue.insert(new("1" * 16))
+                assert not isinstance(down.value, QueueBusy), down.value
+        with pytest.raises(SpoolUnavailable):  # refused at once by the open circuit
+            await queue.insert(new("2" * 16))
+        assert queue.health.problems() == []
+        assert queue.health.degraded()
+    finally:
+        own_cluster.resume()
+        await queue.close()

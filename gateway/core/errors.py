@@ -111,6 +111,11 @@ class QueueBusy(SpoolUnavailable):
     outage (the circuit stays closed)."""
 
 
+class PoolExhausted(QueueBusy):
+    """Every pooled connection of this instance in use while the database answers: this instance's own overload
+    (another instance may store the message), where a lock or a slow statement is every instance's."""
+
+
 class SpillFailed(SpoolUnavailable):
     """A write to a message's spill file failed (ENOSPC, EDQUOT, EIO: gateway/core/spill.py): 452 4.3.1, as
     when DATA cannot be written to it. `directory`: the file's (limits.spill_dir); `error`: the system's words."""

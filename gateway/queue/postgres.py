@@ -37,7 +37,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from gateway.core import authcount, quota, tokenbucket
 from gateway.core.authcount import Record, Rules
 from gateway.core.episode import Episode
-from gateway.core.errors import QueueBusy, QueueTooNew, QueueUnreachable, SpoolUnavailable
+from gateway.core.errors import PoolExhausted, QueueBusy, QueueTooNew, QueueUnreachable, SpoolUnavailable
 from gateway.core.quota import Counts, Verdict, Window
 from gateway.core.records import Decision
 from gateway.core.storable import storable_decision
@@ -220,13 +220,13 @@ class PostgresQueue:
                 log.info("queue_pool_available", queue=self.url, exhausted_for=over.lasted, refused=over.seen)
         return conn
 
-    def _pool_exhausted(self, exc: PoolTimeout) -> QueueBusy:
+    def _pool_exhausted(self, exc: PoolTimeout) -> PoolExhausted:
         """No pooled connection within POOL_WAIT, the database answering: 452, logged once per episode."""
         size = self._pool.max_size
         reason = f"queue {self.url}: busy: all {size} pooled connections in use for {POOL_WAIT:g} s"
         if self._exhausted.occurred():
             log.warning("queue_pool_exhausted", queue=self.url, connections=size, waited=POOL_WAIT, error=str(exc))
-        return QueueBusy(reason)
+        return PoolExhausted(reason)
 
     async def _reachable(self) -> bool:
         """Whether the database answers a new connection now (past the pool, its waits and its backoff)."""
@@ -346,8 +346,10 @@ class PostgresQueue:
             token = await self._insert(m)
         except SpoolUnavailable as exc:
             # Every pooled connection of this instance in use is its own overload (another instance can store
-            # the message: unready); the database down or slow is every instance's (degraded).
-            self.health.record("insert", exc.reason, local=self._exhausted.active)
+            # the message: unready); the database down or slow is every instance's (degraded). Told by this
+            # failure itself: an exhaustion episode is still open while the database goes away (no connection
+            # is had to end it), and that outage is every instance's.
+            self.health.record("insert", exc.reason, local=isinstance(exc, PoolExhausted))
             raise
         self.health.record("insert", None)
         return token
