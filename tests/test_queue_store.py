@@ -547,6 +547,70 @@ async def test_auth_records_are_shared_peeked_and_lifted(make_store: Factory) ->
     assert not verdict.locked_for
 
 
+async def test_console_sign_outs_are_shared_and_pruned_past_their_lifetime(make_store: Factory) -> None:
+    """A console session signed out on one instance is revoked for another and for a store opened after a
+    restart; a row past its session's lifetime (by more than the clock margin) is deleted by the next
+    sign-out, one still within it is kept."""
+    a, b = make_store(), make_store()
+    await a.open()
+    await b.open()
+    now = time.time()
+    assert not await b.session_revoked("sid-1")
+    await a.session_revoke("sid-1", now + 3600)
+    assert await b.session_revoked("sid-1")
+    assert not await b.session_revoked("sid-2")  # another session: not signed out
+    await a.session_revoke("sid-1", now + 3600)  # signed out twice (two tabs): one row, no error
+    # Over: its lifetime ended longer ago than the margin. Within the margin: kept (a clock behind still counts).
+    await b.session_revoke("old", now - queue_store.SIGNOUT_KEPT_PAST - 60)
+    assert await a.session_revoked("old")
+    await b.session_revoke("recent", now - queue_store.SIGNOUT_KEPT_PAST + 60)  # the next sign-out prunes
+    assert not await a.session_revoked("old")
+    assert await a.session_revoked("recent")
+    await b.session_revoke("sid-3", now + 3600)
+    assert await a.session_revoked("recent")
+    await a.close()
+    again = make_store()  # a restart: the record outlives the process
+    await again.open()
+    assert await again.session_revoked("sid-1") and await again.session_revoked("sid-3")
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+async def test_a_queue_of_the_previous_version_gets_the_sign_out_table_at_its_next_start(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL: the queue migrated by the version before (9) gets console_signouts from migration 10.
+    SQLite: a rate-limit side file the version before made (its tables, none for sign-outs) gets it at open."""
+    store: QueueStore
+    if backend == "sqlite":
+        path = tmp_path / "queue.sqlite3"
+        side = path.with_name(path.name + "-ratelimit")
+        with contextlib.closing(sqlite3.connect(side)) as db:
+            db.execute("CREATE TABLE rate_buckets (account TEXT PRIMARY KEY, tat REAL NOT NULL)")
+            db.commit()
+        store = SqliteQueue(path)
+    else:
+        url = request.getfixturevalue("pg_cluster").new_database()
+        pg = postgres_schema.LATEST
+        assert pg == 10
+        with monkeypatch.context() as previous:
+            previous.setattr(postgres_schema, "LATEST", pg - 1)
+            store = PostgresQueue(url)
+            try:
+                assert await store.migrate() == (0, pg - 1)
+                with pytest.raises(Exception, match="console_signouts"):
+                    await store.session_revoked("sid")  # no such table yet
+            finally:
+                await store.close()
+        store = PostgresQueue(url)
+        assert await store.migrate() == (pg - 1, pg)
+    try:
+        await store.open()
+        await store.session_revoke("sid", time.time() + 60)
+        assert await store.session_revoked("sid")
+    finally:
+        await store.close()
+
+
 async def test_a_v1_spool_is_migrated_and_its_messages_resumed(tmp_path: Path) -> None:
     """A spool written before the provider-neutral queue: legs become calls, its in-flight legs ambiguous."""
     path = tmp_path / "old.sqlite3"

@@ -47,6 +47,7 @@ from gateway.queue.health import QueueHealth
 from gateway.queue.sql import FOR_POSTGRES, POSTGRES
 from gateway.queue.store import (
     AUTH_SWEEP_EVERY,
+    SIGNOUT_KEPT_PAST,
     AuthChange,
     Claimed,
     ClaimedRows,
@@ -604,7 +605,19 @@ class PostgresQueue:
             if now >= self._next_sweep:
                 self._next_sweep = now + AUTH_SWEEP_EVERY
                 await conn.execute(SQL.auth_sweep, (now - window, now, now))
+                await conn.execute(SQL.signout_sweep, (SIGNOUT_KEPT_PAST,))
         return record, result, now
+
+    # -- console sign-outs ----------------------------------------------------------------------------
+
+    async def session_revoke(self, sid: str, until: float) -> None:
+        async with self._tx() as conn:
+            await conn.execute(SQL.signout_sweep, (SIGNOUT_KEPT_PAST,))
+            await conn.execute(SQL.signout_write, (sid, until))
+
+    async def session_revoked(self, sid: str) -> bool:
+        async with self._tx() as conn:
+            return await (await conn.execute(SQL.signout_read, (sid,))).fetchone() is not None
 
     # -- idempotency keys -----------------------------------------------------------------------------
 

@@ -116,7 +116,16 @@ V8 = shared_schema.SCALE_INDEXES
 # The recipient indexes a search walks, as SQLite's version 8.
 V9 = shared_schema.SEARCH_INDEXES
 
-MIGRATIONS: list[str] = [V1, V2, V3, V4, V5, V6, V7, V8, V9]
+# Console sessions signed out, refused by every instance until their lifetime is over (SQLite keeps them in
+# its rate-limit side file, as the AUTH counts).
+V10 = """
+CREATE TABLE console_signouts (
+    sid   text PRIMARY KEY,
+    until double precision NOT NULL
+)
+"""
+
+MIGRATIONS: list[str] = [V1, V2, V3, V4, V5, V6, V7, V8, V9, V10]
 LATEST = len(MIGRATIONS)
 # Serialises migrations of several instances starting at once (pg_advisory_xact_lock key).
 MIGRATION_LOCK = 0x5347_5751  # "SGWQ"

@@ -155,6 +155,11 @@ class Statements:
         self.auth_sweep = d(
             "DELETE FROM auth_clients WHERE (failures=0 OR since<=?) AND in_flight_until<=? AND locked_until<=?"
         )
+        # -- console sessions signed out, refused by every process until their lifetime is over
+        self.signout_write = d("INSERT INTO console_signouts (sid, until) VALUES (?, ?) ON CONFLICT (sid) DO NOTHING")
+        self.signout_read = d("SELECT 1 FROM console_signouts WHERE sid=?")
+        # Rows past their session's lifetime by more than `?` seconds of the database's clock.
+        self.signout_sweep = d(f"DELETE FROM console_signouts WHERE until<{d.now} - ?")
         # -- per-login quota counts shared by every process (gateway.core.quota does the arithmetic)
         self.quota_row = d(
             "INSERT INTO quota_counts (login, win, messages, bytes, expires) VALUES (?, ?, 0, 0, ?)"

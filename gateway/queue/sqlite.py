@@ -368,6 +368,14 @@ class SqliteQueue:
     async def auth_held(self, limit: int) -> list[tuple[str, Record, float]]:
         return await self._rate.auth_held(limit)
 
+    # -- console sign-outs (in the same side file: they outlive a restart, as the AUTH counts do) --------------
+
+    async def session_revoke(self, sid: str, until: float) -> None:
+        await self._rate.session_revoke(sid, until)
+
+    async def session_revoked(self, sid: str) -> bool:
+        return await self._rate.session_revoked(sid)
+
     # -- shared quota counts (in the same side file as the rate buckets) ------------------------------------
 
     async def quota_take(self, login: str, windows: Sequence[Window], size: int) -> tuple[Verdict, dict[str, Counts]]:

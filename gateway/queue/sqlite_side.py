@@ -22,7 +22,7 @@ from gateway.core.errors import SpoolUnavailable
 from gateway.queue.health import QueueHealth
 from gateway.queue.sql import FOR_SQLITE
 from gateway.queue.sqlite_wal import use_wal
-from gateway.queue.store import AUTH_SWEEP_EVERY, AuthChange, auth_read, auth_written
+from gateway.queue.store import AUTH_SWEEP_EVERY, SIGNOUT_KEPT_PAST, AuthChange, auth_read, auth_written
 
 log = structlog.get_logger("gateway.queue.sqlite")
 T = TypeVar("T")
@@ -30,9 +30,9 @@ SQL = FOR_SQLITE
 
 
 class RateFile:
-    """The token buckets, per-login quota counts and AUTH counts of the local processes sharing a SQLite queue,
-    in a side file of their own: they need no durability (no fsync) and must not wait behind the queue's writes (own
-    thread)."""
+    """The token buckets, per-login quota counts, AUTH counts and console sign-outs of the local processes sharing
+    a SQLite queue, in a side file of their own: they must not wait behind the queue's writes (own thread) and need
+    no fsync (a committed row outlives the process, a restart; only a crash of the machine may lose the last)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -64,6 +64,8 @@ class RateFile:
                     "CREATE TABLE IF NOT EXISTS quota_counts (login TEXT NOT NULL, win TEXT NOT NULL, messages"
                     " INTEGER NOT NULL, bytes INTEGER NOT NULL, expires REAL NOT NULL, PRIMARY KEY (login, win))"
                 )
+                # Console sessions signed out (gateway/console/web.py): refused by every local process.
+                db.execute("CREATE TABLE IF NOT EXISTS console_signouts (sid TEXT PRIMARY KEY, until REAL NOT NULL)")
                 db.execute("COMMIT")
             except BaseException:
                 db.close()  # the next use tries again, on a new connection
@@ -112,6 +114,7 @@ class RateFile:
                 if now >= self._next_sweep:
                     self._next_sweep = now + AUTH_SWEEP_EVERY
                     db.execute(SQL.auth_sweep, (now - window, now, now))
+                    db.execute(SQL.signout_sweep, (SIGNOUT_KEPT_PAST,))
             return record, result, now
 
         return await self._run(run)
@@ -131,6 +134,22 @@ class RateFile:
         def run() -> list[tuple[str, Record, float]]:
             rows = self._conn().execute(SQL.auth_held, (limit,)).fetchall()
             return [(str(row["client"]), *auth_read(row)) for row in rows]
+
+        return await self._run(run)
+
+    async def session_revoke(self, sid: str, until: float) -> None:
+        def run() -> None:
+            with self._tx() as db:
+                db.execute(SQL.signout_sweep, (SIGNOUT_KEPT_PAST,))
+                db.execute(SQL.signout_write, (sid, until))
+
+        await self._run(run)
+
+    async def session_revoked(self, sid: str) -> bool:
+        """One primary-key read, no lock taken (a sign-out committed before it is seen)."""
+
+        def run() -> bool:
+            return self._conn().execute(SQL.signout_read, (sid,)).fetchone() is not None
 
         return await self._run(run)
 
