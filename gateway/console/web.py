@@ -3,7 +3,10 @@ every form, security headers, the audit log of every admin action, and each page
 
 Sessions are signed cookies (gateway/console/sessions.py): HttpOnly, SameSite=Strict, Secure (and named
 `__Host-...`) when the endpoint serves TLS; they end after `idle_timeout` without a request, `session_lifetime`
-after sign-in, at sign-out (in this process), when the admin's password hash changes or the admin is removed.
+after sign-in, at sign-out, when the admin's password hash changes or the admin is removed. A sign-out is
+recorded in the queue's store (the session id until its lifetime ends): every instance sharing the key and the
+queue refuses the cookie from then on, after a restart too; each request's session is checked there (one
+primary-key read), and while the store cannot answer the console refuses every page (503: fail closed).
 Without a configured `session_secret` the key is random per start. Every POST carries the session's CSRF
 token in a hidden field; a missing or wrong one gets 403 and a log line.
 """
@@ -138,7 +141,10 @@ class Console:
         self.signin = AdminSignIn(gw.settings.limits)
         self._secret: str | None = None
         self.keys = self._keys(gw.settings.console)
+        # Sessions known here to be signed out (a sign-out is never undone: kept until its lifetime ends). Only
+        # this: a session the store said was not signed out is asked again at the next request (no window).
         self._revoked: dict[str, float] = {}  # session id -> when its lifetime ends anyway
+        self._unchecked = False  # the store could not say whether sessions were signed out (logged once)
         self.env = environment()
 
     # -- configuration -------------------------------------------------------------------------------------
@@ -233,7 +239,10 @@ class Console:
         if path.startswith("/console/static/") or path in ("/", "/console", "/console/signin"):
             return await handler(request)
         now = time.time()
-        session = self._session(request, now)
+        try:
+            session = await self._session(request, now)
+        except SpoolUnavailable as exc:
+            return self._sessions_unchecked(request, exc)
         if session is None:
             if request.method == "GET":
                 # One query value: an unescaped `&` would end `next` at the first filter. The raw target, as
@@ -256,7 +265,9 @@ class Console:
             self._set_session(response, session.touched(now))
         return response
 
-    def _session(self, request: web.Request, now: float) -> Session | None:
+    async def _session(self, request: web.Request, now: float) -> Session | None:
+        """The request's session, or None. Raises SpoolUnavailable when the store cannot say whether it was
+        signed out (its other checks passed: a forged or ended cookie costs no read of the store)."""
         session = self.keys.open(request.cookies.get(self.cookie))
         if session is None or session.sid in self._revoked:
             return None
@@ -265,7 +276,46 @@ class Console:
             return None
         if ended(session, now, self.settings.idle_timeout, self.settings.session_lifetime) is not None:
             return None
+        if await self._signed_out(session, now):
+            return None
         return session
+
+    async def _signed_out(self, session: Session, now: float) -> bool:
+        """Whether the session was signed out on any instance on the queue (or on this one before a restart):
+        asked of the store at every request, one primary-key read, so a sign-out anywhere refuses here at once."""
+        store = self.gw.store
+        if store is None:  # before the gateway's start: only this process's sign-outs
+            return False
+        revoked = await store.session_revoked(session.sid)
+        if self._unchecked:
+            self._unchecked = False
+            # The store answers again: the console serves its pages again (after console_sessions_unchecked).
+            log.info("console_sessions_checked")
+        if revoked:
+            self._remember_revoked(session, now)
+        return revoked
+
+    def _remember_revoked(self, session: Session, now: float) -> None:
+        self._revoked = {sid: until for sid, until in self._revoked.items() if until > now}
+        self._revoked[session.sid] = session.issued + self.settings.session_lifetime
+
+    def _sessions_unchecked(self, request: web.Request, exc: SpoolUnavailable) -> web.Response:
+        """Fail closed: a session the store cannot check may have been signed out on another instance."""
+        if not self._unchecked:
+            self._unchecked = True
+            # Once an episode: every signed-in page is refused (503) until the store can say again whether its
+            # session was signed out on another instance (fail closed).
+            log.warning("console_sessions_unchecked", error=exc.reason, client=request.remote, path=request.path)
+        response = self._page(
+            request,
+            "error.html",
+            status=503,
+            title="Unavailable",
+            message="The console cannot check its sessions now: the queue's database, where sign-outs are "
+            f"recorded, cannot be read ({exc.reason}). Try again later.",
+        )
+        response.headers["Retry-After"] = "10"
+        return response
 
     def _admin(self, name: str) -> ConsoleAdmin | None:
         return next((a for a in self.settings.admins if a.name.lower() == name.lower()), None)
@@ -385,8 +435,13 @@ class Console:
     # -- sign-in -------------------------------------------------------------------------------------------
 
     async def _signin_form(self, request: web.Request, *, error: str = "", status: int = 200) -> web.Response:
-        if not error and self._session(request, time.time()) is not None:
-            return self._redirect(_safe_next(request.query.get("next")))
+        if not error:
+            try:
+                signed_in = await self._session(request, time.time()) is not None
+            except SpoolUnavailable:
+                signed_in = False  # cannot be told: the form (a page asked for next says why)
+            if signed_in:
+                return self._redirect(_safe_next(request.query.get("next")))
         nonce = secrets.token_urlsafe(16)
         response = self._page(
             request,
@@ -450,11 +505,31 @@ class Console:
 
     async def _signout(self, request: web.Request) -> web.StreamResponse:
         session = _signed_in()
-        now = time.time()
-        self._revoked = {sid: until for sid, until in self._revoked.items() if until > now}
-        self._revoked[session.sid] = session.issued + self.settings.session_lifetime
+        self._remember_revoked(session, time.time())
         self._audit(request, "sign_out")
-        response = self._redirect("/console/signin")
+        until = session.issued + self.settings.session_lifetime
+        try:
+            if self.gw.store is not None:
+                await self.gw.store.session_revoke(session.sid, until)
+            response = self._redirect("/console/signin")
+        except SpoolUnavailable as exc:
+            # Signed out in this browser and this process only: the operator must know a copy of the cookie
+            # still opens the console on another instance, or here after a restart, until it ends by itself.
+            log.warning(
+                "console_signout_not_shared",
+                admin=session.admin,
+                client=request.remote,
+                error=exc.reason,
+                usable_until=iso(until),
+            )
+            _SESSION.set(None)
+            response = await self._signin_form(
+                request,
+                error="Signed out in this browser, but the sign-out could not be recorded in the queue's database "
+                f"({exc.reason}): a copy of this session's cookie still opens the console on another instance, or "
+                f"on this one after a restart, until it has gone unused for {round(self.settings.idle_timeout)} s "
+                f"(idle_timeout) or until {iso(until)} (its lifetime).",
+            )
         self._expire(response, self.cookie)
         return response
 
