@@ -572,6 +572,13 @@ async def test_console_sign_outs_are_shared_and_pruned_past_their_lifetime(make_
     again = make_store()  # a restart: the record outlives the process
     await again.open()
     assert await again.session_revoked("sid-1") and await again.session_revoked("sid-3")
+    # The periodic AUTH sweep (its first at a store's first AUTH record) prunes them too.
+    await b.session_revoke("stale", now - queue_store.SIGNOUT_KEPT_PAST - 60)
+    assert await again.session_revoked("stale")
+    rules = authcount.Rules(window=600.0, slow_from=100, delay_max=1.0, lockout_at=3, lockout_time=900.0)
+    await again.auth_begin("192.0.2.7", rules)
+    assert not await again.session_revoked("stale")
+    assert await again.session_revoked("sid-1")
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
