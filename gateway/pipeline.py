@@ -33,7 +33,14 @@ from gateway.ledger.model import iso
 from gateway.ledger.suppression import SuppressionSet
 from gateway.limits.budget import Reservation
 from gateway.mime.headers import header_block
-from gateway.ops.metrics import FIELDS_NOT_SENT, INTERNAL_ERRORS, MESSAGES, SPILL_FAILURES, SUPPRESSED_RECIPIENTS
+from gateway.ops.metrics import (
+    FIELDS_NOT_SENT,
+    INTERNAL_ERRORS,
+    LIMIT_HITS,
+    MESSAGES,
+    SPILL_FAILURES,
+    SUPPRESSED_RECIPIENTS,
+)
 from gateway.policy.dns import DnsResolver, DnsTemporaryError
 from gateway.providers.base import Provider
 
@@ -151,7 +158,7 @@ class Pipeline:
             headers = header_block(raw) if notify is not None else None
             origin = replace(origin or Origin(), size=len(raw), notify=notify, headers=headers)
             submission, plan = await self.prepare(
-                principal, mail_from, rcpt_tos, raw, smtputf8, drop_invalid_header_addresses
+                principal, mail_from, rcpt_tos, raw, smtputf8, drop_invalid_header_addresses, reservation
             )
             if submission.message.defects:
                 # Repaired or sent as it arrived (never upstream in these words): for the operator to see.
@@ -233,12 +240,15 @@ class Pipeline:
         raw: bytes | bytearray | SpillMap,
         smtputf8: bool,
         drop_invalid_header_addresses: bool = False,
+        reservation: Reservation | None = None,
     ) -> tuple[Submission, tuple[Call, ...]]:
-        """Parse, let the provider decide what it must (campaign, ...), apply the From policy, plan the calls."""
+        """Parse, let the provider decide what it must (campaign, ...), apply the From policy, plan the calls.
+        `reservation`: the message's share of the large-message budget, grown by what its text's HTML adds."""
+        charge = None if reservation is None else _charger(reservation, len(raw))
         if len(raw) > PARSE_IN_THREAD_BYTES or mime.expensive(raw):
-            message = await asyncio.get_running_loop().run_in_executor(_PARSER, _parse_large, raw)
+            message = await asyncio.get_running_loop().run_in_executor(_PARSER, _parse_large, raw, charge)
         else:
-            message = mime.parse(raw)
+            message = mime.parse(raw, charge=charge)
         if isinstance(raw, bytearray) and not any(isinstance(a.b64, memoryview) for a in message.attachments):
             # Everything the call needs is in `message` now; release the raw copy (the session's envelope
             # and the callers' frames still point at this buffer, not at its contents). A scan's base64 was
@@ -286,10 +296,38 @@ async def _digest(submission: Submission) -> str:
     return await asyncio.get_running_loop().run_in_executor(_PARSER, idempotency.digest_of, submission)
 
 
-def _parse_large(raw: bytes | bytearray | SpillMap) -> Message:
+def _charger(reservation: Reservation, size: int) -> Callable[[int], None]:
+    """What the parser calls before it builds HTML from a text body (gateway/mime/bodies.py extract), with
+    what escaping adds to the text in memory: the message is charged by what it becomes, `size` + that, so
+    that "about 6 times limits.max_large_bytes" holds for text of "&", "<" or ">" too (docs/messages.md).
+    Thread-safe (a parser thread calls it): Reservation.grow takes the budget's lock."""
+
+    def charge(extra: int) -> None:
+        if extra <= 0:
+            return
+        charged = size + extra
+        if not reservation.fits(charged):
+            # Never fits, even with the whole budget free: permanent, as the decoded-size check's refusal.
+            LIMIT_HITS.labels(limit="max_large_bytes").inc()
+            raise ContentRejected(
+                f"decoded message would be charged {charged} bytes, over limits.max_large_bytes",
+                reply=replies.MESSAGE_TOO_BIG.with_text("Message size exceeds fixed limit once decoded"),
+            )
+        if not reservation.grow(charged):
+            LIMIT_HITS.labels(limit="max_large_bytes").inc()
+            raise Deferred(
+                f"decoded message would be charged {charged} bytes: too many large messages in this process now "
+                "(limits.max_large_bytes)",
+                reply=replies.LARGE_BUSY,
+            )
+
+    return charge
+
+
+def _parse_large(raw: bytes | bytearray | SpillMap, charge: Callable[[int], None] | None = None) -> Message:
     """mime.parse on a parser thread, and large decoded attachments made base64 there, once: the API
     wants base64, and encoding megabytes later would run on the event loop (payload) or twice (queue)."""
-    message = mime.parse(raw)
+    message = mime.parse(raw, charge=charge)
     if not any(a.b64 is None and len(a.data) >= CARRY_MIN for a in message.attachments):
         return message
     attachments = tuple(

@@ -160,3 +160,72 @@ def test_a_client_gone_mid_message_leaves_no_copy_of_it_behind(gateway_factory: 
         tracemalloc.stop()
         gc.enable()
     assert left < MIB, f"{left} bytes left behind"
+
+
+TEXT_HEAD = (
+    b"From: billing@acme.example\r\nTo: client@example.com\r\nSubject: export\r\n"
+    b"Content-Type: text/plain; charset=us-ascii\r\n\r\n"
+)
+
+
+def text_charged(charged: int, char: bytes = b"&") -> bytes:
+    """A plain-text message charged exactly `charged` bytes: lines of `char` ("&" grows by 4 once escaped)
+    and, to make up the rest, one line of letters (which escaping leaves as they are)."""
+    grows = 4 if char == b"&" else 0
+    line = char * 74 + b"\r\n"
+    lines = (charged - len(TEXT_HEAD)) // (len(line) + 74 * grows) - 1
+    raw = TEXT_HEAD + line * lines
+    pad = charged - (len(raw) + grows * raw.count(b"&")) - 2
+    return raw + b"a" * pad + b"\r\n"
+
+
+def test_text_of_ampersands_is_charged_by_its_html(gateway_factory: Callable[..., Running]) -> None:
+    """A text body made HTML counts against limits.max_large_bytes by what it becomes ("&" is "&amp;"): the
+    message's raw size plus what escaping adds. One that could never fit gets the decoded-size refusal,
+    one that fits only with other messages' shares free gets 452 4.3.1, as a message past the budget."""
+    gw = gateway_factory(limits=SMALL_BUDGET)  # 5 MiB: about 1.07 MiB of "&" text, charged 5 MiB
+    listeners = gw.app.listeners
+    assert listeners is not None
+    over = text_charged(5 * MIB + 1)
+    assert len(over) < 1.1 * MIB  # raw, it would fit five times over
+    assert submit(gw.port(), over) == (552, "5.3.4 Message size exceeds fixed limit once decoded")
+    assert gw.sent == []
+    assert listeners.budget.used == 0
+    gw.fault(delay=1.0, count=1, kind="send")  # the message's share held while the upstream answers
+    results: list[tuple[int, str]] = []
+    under = text_charged(5 * MIB)
+    first = threading.Thread(target=lambda: results.append(submit(gw.port(), under)))
+    first.start()
+    wait_for(lambda: listeners.budget.used > 0, 10, "the message parsed")
+    assert listeners.budget.used == 5 * MIB  # charged by its HTML, not its 1.07 MiB
+    first.join(30)
+    assert results[0][0] == 250, results
+    [sent] = gw.sent
+    assert str(sent["body"]).count("&amp;") == under.count(b"&")  # the whole text, escaped
+    wait_for(lambda: listeners.budget.used == 0, 10, "released")
+    listeners.budget.used = 2 * MIB  # as if another large message held part of the budget
+    try:
+        busy = submit(gw.port(), text_charged(4 * MIB))
+    finally:
+        listeners.budget.used -= 2 * MIB
+    assert busy == (452, "4.3.1 Too many large messages in progress here; try again later")
+    assert len(gw.sent) == 1
+    wait_for(lambda: listeners.budget.used == 0, 10, "the refused message's share released")
+
+
+def test_ordinary_text_is_charged_its_raw_size(gateway_factory: Callable[..., Running]) -> None:
+    """Text without "&", "<" or ">" grows by nothing once escaped: its limit is the one it had."""
+    gw = gateway_factory(limits=SMALL_BUDGET)
+    listeners = gw.app.listeners
+    assert listeners is not None
+    raw = text_charged(3 * MIB, b"x")
+    assert len(raw) == 3 * MIB
+    gw.fault(delay=1.0, count=1, kind="send")
+    results: list[tuple[int, str]] = []
+    first = threading.Thread(target=lambda: results.append(submit(gw.port(), raw)))
+    first.start()
+    wait_for(lambda: not gw.sandbox.state.faults, 10, "the upstream called")
+    # What DATA reserved as it came in (a chunk at a time): never more than the raw size.
+    assert 2 * MIB < listeners.budget.used <= 3 * MIB
+    first.join(30)
+    assert results[0][0] == 250, results

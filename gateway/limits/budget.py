@@ -4,9 +4,14 @@ A message counts once it grows past `threshold` (small mail never waits for anyt
 size, from its DATA until its first delivery attempt has ended (delivered, refused, or stored in the
 queue). A message that would go past the limit is read to its end and refused with 452 4.3.1, so many
 scans at once cannot exhaust memory; the client sends it again later, as SMTP clients do after a 4xx.
+
+A plain-text body is charged by what it becomes: the parser grows the message's share by what escaping its
+text for the HTML body adds (gateway/mime/bodies.py), on its thread, before it builds that HTML.
 """
 
 from __future__ import annotations
+
+import threading
 
 from gateway.ops.metrics import LARGE_BYTES, LARGE_REFUSED
 
@@ -16,6 +21,9 @@ class ByteBudget:
         self.limit = limit
         self.threshold = threshold
         self.used = 0
+        # The sessions grow their shares on the event loop, a parser thread grows a text body's: `used` is
+        # read and written under this lock (held for a few operations, never across an await).
+        self.lock = threading.Lock()
 
     def free(self) -> int:
         return self.limit - self.used
@@ -36,17 +44,23 @@ class Reservation:
         budget = self._budget
         if size <= budget.threshold or size <= self.held:
             return True
-        more = size - self.held
-        if budget.used + more > budget.limit:
-            LARGE_REFUSED.inc()
-            return False
-        budget.used += more
-        self.held = size
-        LARGE_BYTES.set(budget.used)
+        with budget.lock:
+            more = size - self.held
+            if budget.used + more > budget.limit:
+                LARGE_REFUSED.inc()
+                return False
+            budget.used += more
+            self.held = size
+            LARGE_BYTES.set(budget.used)
         return True
+
+    def fits(self, size: int) -> bool:
+        """Whether a message charged `size` bytes could ever be held (the whole budget free)."""
+        return size <= self._budget.limit
 
     def release(self) -> None:
         budget = self._budget
-        budget.used -= self.held
-        self.held = 0
-        LARGE_BYTES.set(budget.used)
+        with budget.lock:
+            budget.used -= self.held
+            self.held = 0
+            LARGE_BYTES.set(budget.used)

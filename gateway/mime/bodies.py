@@ -7,7 +7,7 @@ import hashlib
 import html
 import quopri
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from email.message import Message as EmailMessage
 from email.parser import BytesHeaderParser
@@ -48,12 +48,21 @@ class _Piece:
     plain: bool = False  # a text/plain part (not text/enriched, text/calendar, ...)
 
 
-def extract(msg: EmailMessage, limit: int, carried: Mapping[int, bytes | memoryview] | None = None) -> Bodies:
+def extract(
+    msg: EmailMessage,
+    limit: int,
+    carried: Mapping[int, bytes | memoryview] | None = None,
+    charge: Callable[[int], None] | None = None,
+) -> Bodies:
     """Bodies and attachments of `msg`. `limit`: most bytes of memory the decoded bodies and attachments
     may take (ContentRejected 552 5.3.4 past it, checked before an HTML body is built from text: escaping
     can make it five times longer, and one character beyond U+FFFF makes a Python string 4 bytes a
     character). `carried`: base64 text (no line breaks) by id() of the leaf it stands for, a body lifted
-    out before parsing (gateway/mime/largeparts.py); such a part's attachment carries it as it is."""
+    out before parsing (gateway/mime/largeparts.py); such a part's attachment carries it as it is.
+    `charge`: called, before HTML is built from text, with the bytes of memory escaping adds to that text
+    (0 for text without "&", "<" or ">"), only when HTML is built from text (not for a text part beside
+    which the client gave an HTML alternative); it raises to refuse the message (the caller's
+    large-message budget, gateway/pipeline.py). Called again if a second HTML is built from text."""
     walk = _Walk(carried=carried or {})
     pieces = walk.part(msg)
     size = sum(a.size for a in walk.attachments) + sum(_memory(t) for t in walk.texts)
@@ -62,6 +71,8 @@ def extract(msg: EmailMessage, limit: int, carried: Mapping[int, bytes | memoryv
     if htmls:
         texts = [p.content for p in pieces if p.kind == "text"]
         _within(limit, size + sum(_memory(h.content) for h in htmls) + sum(_escaped_memory(t) for t in texts))
+        if charge is not None and texts:
+            charge(sum(_escaped_memory(t) - _memory(t) for t in texts))
         body = htmls[0].content if len(htmls) == 1 and not texts else _join(pieces, walk)
     text = "\n".join(t for t in walk.texts if t) if walk.texts else None
     if not body.strip():
@@ -69,6 +80,8 @@ def extract(msg: EmailMessage, limit: int, carried: Mapping[int, bytes | memoryv
         shown = "\n".join(p.content for p in pieces if p.kind == "text" and p.content) if pieces else ""
         shown = shown or text or ""
         _within(limit, size + _escaped_memory(shown))
+        if charge is not None and shown:
+            charge(_escaped_memory(shown) - _memory(shown))
         body = text_to_html(shown)
     return Bodies(html=body, text=text, attachments=tuple(walk.attachments), defects=tuple(walk.defects))
 

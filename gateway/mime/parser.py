@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from email.errors import MessageError
 from email.feedparser import BytesFeedParser, FeedParser
 from email.message import Message as EmailMessage
@@ -84,16 +84,22 @@ class _BoundedParser(BytesFeedParser):
 
 
 def parse(
-    raw: bytes | bytearray | SpillMap, lift_above: int | None = largeparts.THRESHOLD, fast: bool = True
+    raw: bytes | bytearray | SpillMap,
+    lift_above: int | None = largeparts.THRESHOLD,
+    fast: bool = True,
+    charge: Callable[[int], None] | None = None,
 ) -> Message:
     """Decode a submitted message. Raises ContentRejected when it cannot be turned into an API call.
+
+    `charge`: told what escaping a text body for its HTML adds to the message in memory, before that HTML is
+    built; it may raise to refuse the message (gateway/mime/bodies.py extract).
 
     Attachments of at least `lift_above` bytes of clean base64 carry that text as it arrived
     (Attachment.b64) and never pass through the parser (gateway/mime/largeparts.py); None: none do.
     `fast`: the tree of a plainly well-formed message is cut by gateway/mime/fastsplit.py; False: always by
     the feed parser, the reference the fast path is tested against (the result is the same)."""
     try:
-        return _parse(raw, lift_above, fast)
+        return _parse(raw, lift_above, fast, charge)
     except RecursionError:
         # The stdlib's address parser recurses per word: a To: of thousands of encoded words exhausts it.
         raise _too_complex("recursion limit reached", "Message structure is too complex") from None
@@ -172,7 +178,9 @@ def _raised_in(exc: BaseException, path: str, function: str) -> bool:
     return bool(frames) and frames[-1].filename.replace("\\", "/").endswith(path) and frames[-1].name == function
 
 
-def _parse(raw: bytes | bytearray | SpillMap, lift_above: int | None, fast: bool) -> Message:
+def _parse(
+    raw: bytes | bytearray | SpillMap, lift_above: int | None, fast: bool, charge: Callable[[int], None] | None
+) -> Message:
     msg, carried = _tree(raw, lift_above, fast)
     if not msg.keys() and not raw.strip():
         raise ContentRejected("Empty message")
@@ -185,7 +193,7 @@ def _parse(raw: bytes | bytearray | SpillMap, lift_above: int | None, fast: bool
             defects.append(f"header_truncated: {sanitize.field(name)[:60]} ({len(text)} characters)")
             text = _cut(text)
         headers.setdefault(name.lower(), []).append(text)
-    decoded = bodies.extract(msg, max(DECODED_FACTOR * len(raw), DECODED_FLOOR), carried)
+    decoded = bodies.extract(msg, max(DECODED_FACTOR * len(raw), DECODED_FLOOR), carried, charge)
     options = {
         name[len(OPTION_PREFIX) :]: sanitize.field(header_text(values[0]))
         for name, values in headers.items()
