@@ -4,6 +4,7 @@ and how much memory does the gateway take for it?
     python bench/scan.py                 # ~1 minute; --size-mb 40 --repeat 3
     python bench/scan.py --kind text     # a plain-text body instead (76-character lines; text-line: one line)
     python bench/scan.py --kind text-amp # a plain-text body of "&" (76-character lines): HTML 5x its size
+    python bench/scan.py --kind text-amp --max-large-mb 128 --parallel 4  # four at once against a 128 MiB cap
 
 Reports, for the small-message session: p50/p99/max latency of the transactions that overlapped a scan,
 next to the same session's latency without a scan; and the gateway's peak RSS during the scans above its
@@ -52,7 +53,10 @@ host, port, password, sender, recipient, path = sys.argv[1:]
 raw = open(path, "rb").read()
 with smtplib.SMTP(host, int(port), timeout=300) as client:
     client.login("scanner", password)
-    client.sendmail(sender, [recipient], raw)
+    client.mail(sender)
+    client.rcpt(recipient)
+    code, text = client.data(raw)
+    print(code, text.decode())
 """
 
 
@@ -104,6 +108,15 @@ def main(argv: list[str] | None = None) -> int:
         help="a base64 PDF attachment (default), a plain-text body in 76-character lines, one text line, or"
         " 76-character lines of '&' (the most HTML escaping makes of text)",
     )
+    parser.add_argument(
+        "--max-large-mb",
+        type=float,
+        default=None,
+        help="limits.max_large_bytes in MiB (default: the gateway's, 256); the replies are in the results",
+    )
+    parser.add_argument(
+        "--parallel", type=int, default=1, help="scans sent at once, each repeat (each from a process of its own)"
+    )
     args = parser.parse_args(argv)
     size = int(args.size_mb * MIB)
     raw = (
@@ -125,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     gateway.extra_config = SCAN_ACCOUNT.format(
         api_base=f"http://{HOST}:{scan_port}", apikey=APIKEY, domain=genmsg.SENDER_DOMAIN, hash=password_hash(PASSWORD)
     )
+    max_large = None if args.max_large_mb is None else int(args.max_large_mb * MIB)
+    if max_large is not None:
+        gateway.env["GATEWAY_LIMITS__MAX_LARGE_BYTES"] = str(max_large)
     gateway.start()
     try:
         prober = Prober(gateway.port)
@@ -133,24 +149,33 @@ def main(argv: list[str] | None = None) -> int:
         baseline_end = time.monotonic()
         idle_rss = tree_rss(gateway.rss_roots())
         windows: list[tuple[float, float]] = []
+        replies: list[str] = []
         with PeakRss(gateway.rss_roots, interval_s=0.05) as rss:
             for _ in range(args.repeat):
                 started = time.monotonic()
-                subprocess.run(
-                    [
-                        sys.executable,
-                        "-c",
-                        SEND_SCAN,
-                        HOST,
-                        str(gateway.port),
-                        PASSWORD,
-                        genmsg.SENDER,
-                        genmsg.RECIPIENT,
-                        str(scan_file),
-                    ],
-                    check=True,
-                    timeout=600,
-                )
+                senders = [
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            "-c",
+                            SEND_SCAN,
+                            HOST,
+                            str(gateway.port),
+                            PASSWORD,
+                            genmsg.SENDER,
+                            genmsg.RECIPIENT,
+                            str(scan_file),
+                        ],
+                        stdout=subprocess.PIPE,
+                        text=True,
+                    )
+                    for _ in range(args.parallel)
+                ]
+                for sender in senders:
+                    out, _ = sender.communicate(timeout=600)
+                    if sender.returncode:
+                        raise subprocess.CalledProcessError(sender.returncode, "SEND_SCAN")
+                    replies.append(out.strip())
                 windows.append((started, time.monotonic()))
         prober.stop_event.set()
         prober.join(60)
@@ -161,13 +186,19 @@ def main(argv: list[str] | None = None) -> int:
             "scan_bytes": size,
             "scan_wire_bytes": len(raw),
             "scans": args.repeat,
+            "parallel": args.parallel,
             "scan_seconds": [round(b - a, 2) for a, b in windows],
+            "scan_replies": replies,
+            "max_large_bytes": max_large if max_large is not None else 256 * MIB,
             "small_messages_without_scan": percentiles(before),
             "small_messages_during_scans": percentiles(during),
             "idle_rss_mib": round(idle_rss / MIB, 1),
             "peak_rss_mib": round(rss.peak / MIB, 1),
             "peak_above_idle_mib": round((rss.peak - idle_rss) / MIB, 1),
             "peak_above_idle_per_scan_size": round((rss.peak - idle_rss) / size, 2),
+            "peak_above_idle_per_max_large_bytes": round(
+                (rss.peak - idle_rss) / (max_large if max_large is not None else 256 * MIB), 2
+            ),
             "prober_error": prober.error,
         }
     finally:
@@ -175,7 +206,12 @@ def main(argv: list[str] | None = None) -> int:
         terminate(scan_sandbox)
         scan_file.unlink()  # 57 MB; the logs stay in workdir
     print(json.dumps(result, indent=2))
-    out = BENCH_DIR / "results" / ("scan.json" if args.kind == "pdf" else f"scan-{args.kind}.json")
+    name = "scan" if args.kind == "pdf" else f"scan-{args.kind}"
+    if max_large is not None:
+        name += f"-max{args.max_large_mb:g}"
+    if args.parallel > 1:
+        name += f"-x{args.parallel}"
+    out = BENCH_DIR / "results" / f"{name}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
