@@ -121,7 +121,8 @@ HEADER_ONLY_SYNTAX = Reply(550, "5.1.3", "Bad address syntax in a To or Cc heade
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 """RCPT TO past `limits.max_recipients`."""
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
-"""A message larger than `limits.max_message_size`, or one that grows too much when decoded."""
+"""A message larger than `limits.max_message_size`, or one that grows too much when decoded (past 12 times its
+size, or a plain-text body whose HTML would count more than `limits.max_large_bytes`)."""
 INVALID_CONTENT = Reply(554, "5.6.0", "Message content rejected")
 """End of DATA: a message the parser cannot take (too many parts or headers, nested too deeply, unparseable)."""
 NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
@@ -164,7 +165,8 @@ SPOOL_FULL = Reply(452, "4.3.1", "Insufficient system storage")
 """The message had to be queued and the queue cannot store it (disk full, read-only, database down), or a large
 message's DATA could not be written to `limits.spill_dir`."""
 LARGE_BUSY = Reply(452, "4.3.1", "Too many large messages in progress here; try again later")
-"""MAIL with a SIZE, or a message, past what `limits.max_large_bytes` has free."""
+"""MAIL with a SIZE, or a message (a plain-text body counted by its HTML), past what `limits.max_large_bytes`
+has free."""
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
 """The gateway is stopping (SIGTERM or Ctrl-C)."""
 INTERNAL_ERROR = Reply(451, "4.3.0", "Internal error; try again later")
