@@ -16,6 +16,7 @@ from collections.abc import Callable
 import httpx
 
 from tests.harness import PASSWORD, USER, Running
+from tests.ops_util import sample
 from tests.smtputil import RawClient
 from tests.spool_helpers import wait_for
 
@@ -186,9 +187,11 @@ def test_text_of_ampersands_is_charged_by_its_html(gateway_factory: Callable[...
     gw = gateway_factory(limits=SMALL_BUDGET)  # 5 MiB: about 1.07 MiB of "&" text, charged 5 MiB
     listeners = gw.app.listeners
     assert listeners is not None
+    before = sample("smtp_gateway_limit_hits_total", limit="max_large_bytes")
     over = text_charged(5 * MIB + 1)
     assert len(over) < 1.1 * MIB  # raw, it would fit five times over
     assert submit(gw.port(), over) == (552, "5.3.4 Message size exceeds fixed limit once decoded")
+    assert sample("smtp_gateway_limit_hits_total", limit="max_large_bytes") == before + 1
     assert gw.sent == []
     assert listeners.budget.used == 0
     gw.fault(delay=1.0, count=1, kind="send")  # the message's share held while the upstream answers
@@ -209,6 +212,7 @@ def test_text_of_ampersands_is_charged_by_its_html(gateway_factory: Callable[...
     finally:
         listeners.budget.used -= 2 * MIB
     assert busy == (452, "4.3.1 Too many large messages in progress here; try again later")
+    assert sample("smtp_gateway_limit_hits_total", limit="max_large_bytes") == before + 2
     assert len(gw.sent) == 1
     wait_for(lambda: listeners.budget.used == 0, 10, "the refused message's share released")
 
