@@ -11,6 +11,7 @@ import pytest
 from gateway.config import LimitsSettings
 from gateway.core import authcount
 from gateway.core.authcount import Verdict
+from gateway.limits.budget import ByteBudget
 from gateway.limits.clients import NOTHING_HELD_FOR, AuthGuard, LoginRates, LogSampler, SessionCounter, client_key
 
 
@@ -268,3 +269,17 @@ async def test_check_takes_an_empty_shared_record_as_empty_for_a_second() -> Non
     assert (await here.check("192.0.2.9")).locked_for > 0
     assert (await here.check("192.0.2.9")).locked_for > 0
     assert len(reads) == 3  # the record held: read at each check
+
+
+def test_a_released_share_is_never_grown_again() -> None:
+    """A text body's share is grown on a parser thread (gateway/pipeline.py): if its message's task was
+    cancelled meanwhile and released the share, that growth would be held by nobody, for good."""
+    budget = ByteBudget(limit=10_000, threshold=100)
+    share = budget.reservation()
+    assert share.grow(1_000) and budget.used == 1_000
+    share.release()
+    assert not share.grow(5_000)
+    assert budget.used == 0 and share.held == 0
+    share.release()  # idempotent
+    assert budget.used == 0
+    assert budget.reservation().fits(10_000) and not budget.reservation().fits(10_001)

@@ -33,11 +33,14 @@ class ByteBudget:
 
 
 class Reservation:
-    """One message's share of the budget; released once (idempotent)."""
+    """One message's share of the budget; released once (idempotent), and never grown again after."""
 
     def __init__(self, budget: ByteBudget) -> None:
         self._budget = budget
         self.held = 0
+        # Released for good: a parser thread still at work when its message's task was cancelled (and the
+        # share released) must not take a share that nobody would release.
+        self._released = False
 
     def grow(self, size: int) -> bool:
         """The message is `size` bytes now: reserve them if it is large. False: over the limit."""
@@ -45,6 +48,8 @@ class Reservation:
         if size <= budget.threshold or size <= self.held:
             return True
         with budget.lock:
+            if self._released:
+                return False
             more = size - self.held
             if budget.used + more > budget.limit:
                 LARGE_REFUSED.inc()
@@ -63,4 +68,5 @@ class Reservation:
         with budget.lock:
             budget.used -= self.held
             self.held = 0
+            self._released = True
             LARGE_BYTES.set(budget.used)
