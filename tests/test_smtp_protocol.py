@@ -11,7 +11,9 @@ from collections.abc import Callable
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from prometheus_client import REGISTRY
 
+from gateway.smtp.protocol import GatewaySMTP
 from tests.harness import Running
 from tests.smtputil import ENHANCED, RECIPIENT, SENDER, RawClient, insecure_context, message
 
@@ -341,3 +343,44 @@ def test_a_printable_reply_has_nothing_to_replace(line: str) -> None:
         assert _UNPRINTABLE.sub("?", line) == line
     for char in ("\x00", "\x1f", "\x7f", "\ud800", "\udfff"):
         assert not (line + char).isprintable()
+
+
+# A path aiosmtpd's RFC 5322 parser reads in time quadratic in its length (12 KB: ~0.8 s of event-loop CPU,
+# every session of the process waiting), and one it recurses on, once per nested comment.
+SLOW_PATH = "<" + '"a".' * 3000 + "x@y.example>"
+NESTED_PATH = "<" + "(" * 1200 + ">"
+
+
+@pytest.mark.parametrize("greeting", ["EHLO client.test", "HELO client.test"])
+def test_a_command_line_over_512_octets_is_refused_by_its_length_after_helo_too(
+    gateway: Running, greeting: str
+) -> None:
+    """Only AUTH lines may be 12288 octets long (RFC 4954 §4; tests/test_devices_auth.py), after HELO as after
+    EHLO: every other command line is refused unparsed past 512 octets."""
+    with RawClient(gateway) as client:
+        client.cmd(greeting)
+        assert client.cmd("MAIL FROM:" + SLOW_PATH) == "500 5.5.2 Command line too long"
+        assert client.cmd("MAIL FROM:" + NESTED_PATH) == "500 5.5.2 Command line too long"
+        assert client.cmd("NOOP " + "x" * 508) == "500 5.5.2 Command line too long"  # 513 octets
+        assert client.cmd("NOOP " + "x" * 507).startswith("250 ")  # 512 octets
+        assert client.login().startswith("235 2.7.0 ")
+
+
+def internal_errors() -> float:
+    return REGISTRY.get_sample_value("smtp_gateway_internal_errors_total", {"where": "smtp_session"}) or 0.0
+
+
+def test_deeply_nested_comments_in_a_path_are_a_syntax_error(gateway: Running) -> None:
+    """aiosmtpd's address parser recurses once per nested comment: a path with ~1000 of them raised
+    RecursionError, answered 451 (try again) and counted as an internal error. A command line's limit keeps
+    them out now; the parser's own answer is a malformed address too."""
+    errors = internal_errors()
+    with RawClient(gateway) as client:
+        client.cmd("HELO client.test")
+        assert client.cmd("MAIL FROM:<" + "(" * 490 + ">").startswith("553 5.1.3 ")
+        assert client.cmd("NOOP").startswith("250 ")
+    assert internal_errors() == errors
+    # Past the recursion limit: no command line is that long any more, so the parser is asked directly.
+    protocol = GatewaySMTP.__new__(GatewaySMTP)
+    protocol.local_part_limit = 0
+    assert protocol._getaddr(NESTED_PATH) == (None, None)

@@ -51,6 +51,8 @@ _SPILL_TAIL = len(_END) - 1
 # RFC 4954 §4: an AUTH command line (with its initial response) and each line answering a 334 challenge may
 # be 12288 octets long; aiosmtpd's default of 512 (and 1001 for any line it reads) refuses a long password.
 AUTH_LINE_LIMIT = 12288
+# RFC 5321 §4.5.3.1.4: a command line's 512 octets (aiosmtpd's default for every command but AUTH).
+_COMMAND_LINE_LIMIT = 512
 # aiosmtpd's reply to a line that is no command quotes the (upper-cased) first word back to the client. A
 # client whose AUTH was refused goes on with its base64 username and password lines: never echo those.
 _UNKNOWN_COMMAND = re.compile(r'500 Error: command ".*" not recognized\Z', re.DOTALL)
@@ -157,9 +159,6 @@ class GatewaySMTP(SMTP):
     AuthLoginPasswordChallenge = "Password:"
     # The StreamReader's line limit: must hold an AUTH line (and is the buffer's flow-control unit).
     line_length_limit = AUTH_LINE_LIMIT + 2
-    # aiosmtpd applies this one limit to every line of a session that did not send EHLO (an EHLO session
-    # gets per-command limits, set in __init__). AUTH is accepted after HELO, so its limit applies there.
-    command_size_limit = AUTH_LINE_LIMIT
 
     def __init__(
         self,
@@ -195,7 +194,7 @@ class GatewaySMTP(SMTP):
         self._calls: dict[str, int] = {}  # of the commands in _call_limits, since the last accepted message
         self._unknown = 0  # unrecognised commands since the last accepted message
         # Per session: aiosmtpd's own dict is a class attribute that every EHLO adds to.
-        self.command_size_limits = collections.defaultdict(lambda: 512, AUTH=AUTH_LINE_LIMIT)
+        self.command_size_limits = collections.defaultdict(lambda: _COMMAND_LINE_LIMIT, AUTH=AUTH_LINE_LIMIT)
         self._in_ehlo = False
         # EHLO's lines up to its last: sent together with it, one write (one TLS record) instead of one each.
         self._ehlo_lines: list[str] = []
@@ -294,6 +293,15 @@ class GatewaySMTP(SMTP):
         closed = getattr(self, "_closed", None)
         if isinstance(closed, asyncio.Future) and closed.done() and not closed.cancelled():
             closed.exception()
+
+    @property
+    def command_size_limit(self) -> int:  # type: ignore[override]  # aiosmtpd's is a class attribute
+        """The limit aiosmtpd applies to a command line of a session that did not send EHLO (an EHLO session
+        gets per-command limits, set in __init__), read once the line is read. AUTH is accepted after HELO,
+        so an AUTH line may be long there too; every other command keeps 512 octets, as after EHLO: a 12 KB
+        MAIL path would reach aiosmtpd's address parser, which is quadratic on some shapes and recursive
+        on nested comments (event-loop CPU for every session of the process)."""
+        return AUTH_LINE_LIMIT if cast(CommandReader, self._reader).long_line_was_auth else _COMMAND_LINE_LIMIT
 
     @property
     def peer(self) -> str:
@@ -470,10 +478,12 @@ class GatewaySMTP(SMTP):
             return m.group(1), m.group(2)
         try:
             result: tuple[str | None, str | None] = super()._getaddr(arg)
-        except (IndexError, AttributeError):
+        except (IndexError, AttributeError, RecursionError):
             # The stdlib's address parser fails on truncated paths instead of raising HeaderParseError:
             # IndexError past the end of "<" or "<@", AttributeError on an unclosed "[" domain literal
-            # (found by tests/test_fuzz_smtp.py). Both are syntax errors, not internal ones.
+            # (found by tests/test_fuzz_smtp.py), RecursionError on about a thousand nested comments "((("
+            # (a command line's limit keeps such paths out; this is the parser's own answer). All are syntax
+            # errors, not internal ones.
             return None, None
         return result
 
