@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import socket
 import ssl
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
 from gateway.smtp.protocol import GatewaySMTP
-from tests.harness import Running
+from tests.harness import PASSWORD, USER, Running
 from tests.smtputil import ENHANCED, RECIPIENT, SENDER, RawClient, insecure_context, message
 
 
@@ -384,3 +385,51 @@ def test_deeply_nested_comments_in_a_path_are_a_syntax_error(gateway: Running) -
     protocol = GatewaySMTP.__new__(GatewaySMTP)
     protocol.local_part_limit = 0
     assert protocol._getaddr(NESTED_PATH) == (None, None)
+
+
+def replies_until_closed(client: RawClient) -> list[str]:
+    """Every reply line the gateway writes until it closes the connection."""
+    lines = []
+    while raw := client.file.readline():
+        lines.append(raw.decode().rstrip("\r\n"))
+    return lines
+
+
+def test_a_client_that_half_closes_after_its_dot_still_gets_its_250(gateway: Running) -> None:
+    """shutdown(SHUT_WR) after the final dot and QUIT (`nc -N`, scripted senders): the client is done writing,
+    not reading. The FIN comes while the message is being delivered (a slow upstream): its 250 and the 221 still
+    go out, then the gateway closes. It used to take the FIN for a disconnect: delivered, but no reply, so the
+    client would send the message again."""
+    gateway.fault(delay=1.0, count=1, kind="send")
+    with RawClient(gateway) as client:
+        client.open_data()
+        client.write(message(subject="half-close") + b".\r\nQUIT\r\n")
+        client.sock.shutdown(socket.SHUT_WR)
+        replies = replies_until_closed(client)
+    assert [line[:3] for line in replies] == ["250", "221"], replies
+    assert replies[0].startswith("250 2.0.0 ")
+    assert [r["body"]["asunto"] for r in gateway.requests] == ["half-close"]
+
+
+def test_a_whole_session_written_then_half_closed_gets_every_reply(gateway: Running) -> None:
+    blob = base64.b64encode(f"\0{USER}\0{PASSWORD}".encode()).decode()
+    with RawClient(gateway) as client:
+        client.write(
+            f"EHLO client.test\r\nAUTH PLAIN {blob}\r\n".encode()
+            + f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{RECIPIENT}>\r\nDATA\r\n".encode()
+            + message(subject="one write")
+            + b".\r\nNOOP\r\nNOOP"  # the last line unterminated: no command
+        )
+        client.sock.shutdown(socket.SHUT_WR)
+        replies = replies_until_closed(client)
+    assert [line[:3] for line in replies if line[3:4] != "-"] == ["250", "235", "250", "250", "354", "250", "250"]
+    assert [r["body"]["asunto"] for r in gateway.sent] == ["one write"]
+
+
+def test_a_client_that_half_closes_in_its_data_sends_nothing(gateway: Running) -> None:
+    with RawClient(gateway) as client:
+        client.open_data()
+        client.write(message(subject="cut short"))  # no final dot
+        client.sock.shutdown(socket.SHUT_WR)
+        assert replies_until_closed(client) == []
+    assert gateway.requests == []

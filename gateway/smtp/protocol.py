@@ -94,6 +94,10 @@ _SYNTAX_ATTRS = ("__smtp_syntax__", "__smtp_syntax_extended__", "__smtp_syntax_w
 _LINE_TOO_LONG = "500 Command line too long"
 
 
+class ClientDone(ConnectionResetError):
+    """The client half-closed its side and every whole line it sent has been read: the session ends."""
+
+
 class CommandReader(asyncio.StreamReader):
     """The session's reader, remembering how the last command line began: aiosmtpd answers every over-long
     line with one generic 500 (it reads past the line without looking at it), and RFC 4954 §4 wants 500 5.5.6
@@ -105,6 +109,11 @@ class CommandReader(asyncio.StreamReader):
     async def readuntil(self, separator: Any = b"\n") -> bytes:  # typeshed's type is private
         try:
             line = await super().readuntil(separator)
+        except asyncio.IncompleteReadError as exc:
+            # The client half-closed (GatewaySMTP.eof_received) and every line it sent has been handled; an
+            # unterminated rest is no command. aiosmtpd's command loop ends the session on this error as on a
+            # reset: it closes the transport, which first writes the replies still buffered.
+            raise ClientDone("the client sent no more commands") from exc
         except asyncio.LimitOverrunError:
             if not self._overrun:  # the line's first piece: the command is at the buffer's start
                 self.head = bytes(self._buffer[:5]).upper()  # type: ignore[attr-defined]
@@ -236,6 +245,7 @@ class GatewaySMTP(SMTP):
         # The idle timer (see _reset_timeout): when it is due, and whether a timer for it is armed.
         self._idle_deadline = 0.0
         self._idle_armed = False
+        self._client_done = False  # the client half-closed: no more commands (eof_received)
 
     # -- connection ------------------------------------------------------------------------------------
 
@@ -276,11 +286,22 @@ class GatewaySMTP(SMTP):
         return self.handshake is not None and not self.handshake.result.done() and not self.tls_up
 
     def eof_received(self) -> bool | None:
-        # aiosmtpd cancels the session task and keeps the socket half-open (True): if the task had not
-        # started yet (uvloop delivers connect and FIN in one loop iteration) nothing ever closed it and the
-        # session kept its slot in CLOSE-WAIT until the idle timeout. The client has gone: close now.
-        super().eof_received()
-        return False
+        if self.tls_up or self.handshake is not None or self._implicit_tls:
+            # TLS: asyncio's SSL transport writes nothing after the client's close_notify, and closes on a
+            # bare TCP FIN: the client is gone as far as the session can tell. aiosmtpd cancels the session
+            # task (a delivery under way goes on); close now (aiosmtpd would keep the socket half-open, and a
+            # task that had not started yet would never close it: CLOSE-WAIT until the idle timeout).
+            super().eof_received()
+            return False
+        # Plain TCP: a FIN says the client is done writing (shutdown(SHUT_WR) after its final dot or QUIT:
+        # `nc -N`, scripted senders), not that it stopped reading. As Postfix does, the commands it sent are
+        # handled (a DATA being delivered included) and answered; the reader's EOF then ends the command loop
+        # (CommandReader.readuntil), which closes the connection. A client really gone resets it:
+        # connection_lost() cancels the session task as before. aiosmtpd's eof_received is skipped: it
+        # cancels the task, whose replies the client would never see (its resend: a duplicate).
+        self._client_done = True
+        asyncio.StreamReaderProtocol.eof_received(self)  # the reader's EOF
+        return True  # half-open: the replies still go out
 
     def connection_lost(self, error: Exception | None) -> None:
         self._on_close(self)
@@ -312,7 +333,13 @@ class GatewaySMTP(SMTP):
         # The session task's own context: every line logged by the session, and by the delivery tasks it
         # starts (they copy the context), carries these.
         structlog.contextvars.bind_contextvars(session=self.session_id, peer=self.peer, listener=self.listener)
-        await super()._handle_client()
+        try:
+            await super()._handle_client()
+        except ConnectionResetError:
+            # The end of a half-closed session (or its DATA cut short by the FIN, logged as message_aborted):
+            # aiosmtpd closed the transport; nothing is left to report.
+            if not self._client_done:
+                raise
 
     # -- replies -------------------------------------------------------------------------------------------
 
