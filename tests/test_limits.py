@@ -121,6 +121,21 @@ def test_each_command_gives_an_idle_client_its_whole_timeout_again(gateway_facto
         assert client.closed()
 
 
+def test_a_delivery_slower_than_command_timeout_is_answered_not_timed_out(gateway_factory: Factory) -> None:
+    """command_timeout is for a silent client, not for one waiting for its message's delivery (which may take
+    inline_budget, then the queue's store): the timer used to fire during it, telling the client 421 (send it
+    again) for a message that was then delivered. It runs again from the reply on."""
+    gw = gateway_factory(limits={"command_timeout": 1.0}, delivery={"inline_budget": 5.0})
+    gw.fault(delay=2.5, count=1, kind="send")  # the upstream answers within the inline budget
+    with RawClient(gw) as client:
+        client.open_data()
+        client.write(message(subject="slow upstream") + b".\r\n")
+        assert client.reply()[-1].startswith("250 2.0.0 ")
+        assert client.reply()[-1] == "421 4.4.2 gw.test Error: timeout exceeded, closing connection"
+        assert client.closed()
+    assert [r["body"]["asunto"] for r in gw.requests] == ["slow upstream"]
+
+
 def _slowloris(gw: Running, source: str, stop: threading.Event, outcome: list[str]) -> None:
     """DATA, then one byte at a time, never the final dot."""
     with RawClient(gw, source=source) as client:

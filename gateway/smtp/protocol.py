@@ -219,6 +219,8 @@ class GatewaySMTP(SMTP):
         # Past the final "." until the reply about the message is written: the drain waits for it (a 421 here
         # would tell the client to resend a message that may go out).
         self.replying = False
+        # Past the final "." until the delivery has answered: the idle timer holds off (_timeout_cb).
+        self._delivering = False
         # The TLS handshake of the session (implicit TLS: before connection_made(); or STARTTLS's).
         self.handshake: TlsHandshake | None = None
         self.budget = budget
@@ -474,6 +476,12 @@ class GatewaySMTP(SMTP):
         if self.transport is None or self._in_handshake():
             # A STARTTLS handshake has its own timeout (at most this one) and ends without a plaintext line.
             return
+        if self._delivering:
+            # The client is not silent, it waits for us: its message is being delivered (inline_budget, then
+            # the queue's store), which may take longer than command_timeout. A 421 now would tell it to send
+            # again a message whose delivery goes on (a second copy). The timer starts afresh once the
+            # delivery has answered (smtp_DATA).
+            return
         self._cut_off = "command_timeout"
         LIMIT_HITS.labels(limit="command_timeout").inc()
         log.info(
@@ -684,6 +692,7 @@ class GatewaySMTP(SMTP):
             envelope.content = content  # type: ignore[assignment]
             envelope.original_content = content  # type: ignore[assignment]
             self.replying = True  # cleared once the reply is written (below)
+            self._delivering = True
             try:
                 status = await self._call_handler_hook("DATA")
             except asyncio.CancelledError as exc:
@@ -696,6 +705,12 @@ class GatewaySMTP(SMTP):
             except Exception as exc:  # logged with its traceback and counted by the handler
                 status = await self.handle_exception(exc)
             finally:
+                self._delivering = False
+                if self.transport is not None:
+                    # The idle timer was held off while the delivery ran (_timeout_cb): the client has
+                    # command_timeout from here on (its reply is written next; a client that stops reading
+                    # it is cut off as ever).
+                    self._reset_timeout()
                 # The pipeline holds the message as long as its delivery needs it; this session does not, also
                 # while its reply is written (a client gone by then leaves this frame to the cyclic GC).
                 envelope.content = envelope.original_content = None
