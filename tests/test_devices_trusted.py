@@ -88,6 +88,28 @@ def test_auth_from_a_trusted_network_replaces_the_trusted_identity(gateway_facto
     assert sent["body"]["campana_id"] == 22
 
 
+def test_auth_during_a_mail_transaction_is_503(gateway_factory: Callable[..., Running]) -> None:
+    """RFC 4954 §4: no AUTH during a mail transaction. From a trusted network MAIL comes before any AUTH, and
+    was checked as the trusted login: a login taking over then would send a message its checks never saw."""
+    running = gateway_factory(
+        extra_users=[ERP_USER],
+        listeners=[listener("lan", trusted=[{"network": "127.0.0.2/32", "login": ERP}])],
+    )
+    with RawClient(running, "lan", source="127.0.0.2") as client:
+        client.cmd("EHLO erp.lan")
+        assert client.cmd(f"MAIL FROM:<{ERP_SENDER}>").startswith("250 ")
+        assert client.login(USER, PASSWORD) == "503 5.5.1 MAIL transaction in progress"
+        assert client.cmd(f"RCPT TO:<{RECIPIENT}>").startswith("250 ")
+        assert client.cmd("DATA").startswith("354 ")
+        client.write(message(subject="as the erp", sender=ERP_SENDER) + b".\r\n")
+        assert client.reply()[-1].startswith("250 2.0.0 ")
+        # Once the transaction is over (the message sent, or RSET), AUTH is accepted.
+        assert client.cmd(f"MAIL FROM:<{ERP_SENDER}>").startswith("250 ")
+        assert client.cmd("RSET").startswith("250 ")
+        assert client.login(USER, PASSWORD).startswith("235 2.7.0 ")
+    assert [s["body"]["campana_id"] for s in running.sent] == [23]
+
+
 def test_shorthand_trusted_networks_still_work(gateway_factory: Callable[..., Running]) -> None:
     running = gateway_factory(
         listeners=[listener("lan", trusted_networks=["127.0.0.2/32", "127.0.0.5/32"], trusted_login=USER)]

@@ -186,6 +186,9 @@ ENCRYPTION_REQUIRED = Reply(538, "5.7.11", "Encryption required for requested au
 """AUTH before TLS on a listener without `allow_insecure_auth`."""
 ALREADY_AUTHENTICATED = Reply(503, "5.5.1", "Already authenticated")
 """A second AUTH in one session."""
+AUTH_IN_TRANSACTION = Reply(503, "5.5.1", "MAIL transaction in progress")
+"""AUTH after MAIL and before the end of its DATA (or RSET): RFC 4954 §4 (a listener's trusted networks allow
+MAIL before AUTH)."""
 AUTH_SYNTAX = Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
 """AUTH without a mechanism."""
 AUTH_TOO_MANY_VALUES = Reply(501, "5.5.4", "Too many values")

@@ -555,6 +555,12 @@ class GatewaySMTP(SMTP):
         if self.session.authenticated:
             await self.push(str(replies.ALREADY_AUTHENTICATED))
             return
+        if self.envelope is not None and self.envelope.mail_from is not None:
+            # RFC 4954 §4: AUTH during a mail transaction is refused. On a listener with trusted networks the
+            # MAIL was checked as the trusted login (sender policy, rate, quota); a login taking over now
+            # would send a message its own checks never saw.
+            await self.push(str(replies.AUTH_IN_TRANSACTION))
+            return
         args = (arg or "").split()
         if not args:
             await self.push(str(replies.AUTH_SYNTAX))
