@@ -266,6 +266,37 @@ def test_command_counts_restart_after_a_message_but_not_auth(gateway_factory: Fa
     assert cuts == [("command_call_limit", "HELP"), ("unknown_commands", "unknown"), ("command_call_limit", "AUTH")]
 
 
+# Lines aiosmtpd answers itself, before any command lookup: each is an unrecognised command all the same.
+JUNK_LINES = {"empty": b"\r\n", "8bit-verb": b"\xc3\xa9HLO x\r\n", "too-long": b"NOOP " + b"x" * 600 + b"\r\n"}
+
+
+@pytest.mark.parametrize("junk", JUNK_LINES.values(), ids=JUNK_LINES.keys())
+def test_junk_lines_count_as_unrecognised_commands(gateway: Running, junk: bytes) -> None:
+    """Without this, a client kept its session (and per-IP) slot for ever with one junk line per
+    command_timeout: the fifth ends the session, as the fifth unknown command does."""
+    with captured_logs() as logs, RawClient(gateway) as client:
+        client.cmd("EHLO client.test")
+        client.write(junk * 7)  # pipelined: the lines behind the fifth get no reply
+        replies = [client.reply()[-1] for _ in range(5)]
+        assert client.closed()
+    assert replies[:4] == [replies[0]] * 4 and replies[0].startswith("500 5.5.2 "), replies
+    assert replies[4] == "502 5.5.1 Too many unrecognized commands, goodbye."
+    assert [(cut["limit"], cut["command"]) for cut in events(logs, "session_cut_off")] == [
+        ("unknown_commands", "unknown")
+    ]
+
+
+def test_junk_lines_count_towards_max_commands_before_data(gateway_factory: Factory) -> None:
+    gw = gateway_factory(limits={"max_commands_before_data": 5})
+    with RawClient(gw) as client:
+        client.cmd("EHLO chatty.test")
+        for _ in range(3):
+            assert client.cmd("NOOP").startswith("250 ")
+        assert client.cmd("") == "500 5.5.2 Syntax error"  # the fifth command
+        assert client.cmd("") == "421 4.7.0 Too many commands without sending mail, closing connection"
+        assert client.closed()
+
+
 def test_the_line_that_hits_the_unknown_command_limit_is_not_logged(gateway: Running) -> None:
     """A client that goes on sending its base64 AUTH lines after AUTH was refused (or never started): each is
     an unknown command, and the fifth ends the session. Its line (base64 of a password, upper-cased by the

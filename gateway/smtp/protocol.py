@@ -92,6 +92,10 @@ _SYNTAX_ATTRS = ("__smtp_syntax__", "__smtp_syntax_extended__", "__smtp_syntax_w
 
 # aiosmtpd's reply to any command line over its limit (or over the reader's): no enhanced code, no command.
 _LINE_TOO_LONG = "500 Command line too long"
+# aiosmtpd's replies to lines it answers itself before any command lookup: an empty line or a command name
+# that is not ASCII, an argument that is not ASCII (SMTPUTF8 off), a line over its limit. Each is counted as
+# an unrecognised command (GatewaySMTP._junk_line), as Postfix's smtpd_junk_command_limit counts them.
+_JUNK_LINE_REPLIES = frozenset({"500 Error: bad syntax", "500 Error: strict ASCII mode", _LINE_TOO_LONG})
 
 
 class ClientDone(ConnectionResetError):
@@ -346,6 +350,8 @@ class GatewaySMTP(SMTP):
     # -- replies -------------------------------------------------------------------------------------------
 
     async def push(self, status: str | bytes) -> None:
+        if self._verb is None and status in _JUNK_LINE_REPLIES and await self._junk_line():
+            return
         if isinstance(status, str):
             if status == _LINE_TOO_LONG and cast(CommandReader, self._reader).long_line_was_auth:
                 status = str(replies.AUTH_LINE_TOO_LONG)  # RFC 4954 §4; other commands: 500 5.5.2
@@ -443,6 +449,23 @@ class GatewaySMTP(SMTP):
             await self._end_for_limit("unknown_commands", self._unknown, "unknown", replies.TOO_MANY_UNKNOWN)
             return
         await self.push(f'500 Error: command "{verb}" not recognized')  # never echoed (see _with_code)
+
+    async def _junk_line(self) -> bool:
+        """A line aiosmtpd answered itself, before any command lookup (_JUNK_LINE_REPLIES): an unrecognised
+        command for the session's limits, and one towards max_commands_before_data; without this a client
+        kept its session slot for ever with one such line per command_timeout. True when the line is not to be
+        answered: it ended the session (its reply sent), or the session is ending already."""
+        if self.transport is None or self.transport.is_closing():
+            return True  # cut off already (a line buffered behind the one that ended it): nothing more is said
+        self._unknown += 1
+        if self._unknown >= UNKNOWN_LIMIT:
+            await self._end_for_limit("unknown_commands", self._unknown, "unknown", replies.TOO_MANY_UNKNOWN)
+            return True
+        if self._commands >= self._max_commands:
+            await self._end_for_limit("max_commands_before_data", self._commands, "unknown", replies.TOO_MANY_COMMANDS)
+            return True
+        self._commands += 1
+        return False
 
     def _message_accepted(self) -> None:
         """Restart the per-message counts (not the security limits in PER_CONNECTION)."""
