@@ -205,7 +205,8 @@ STARTTLS_READY = Reply(220, "2.0.0", "Ready to start TLS")
 """STARTTLS accepted: the handshake follows (with its enhanced code, as Postfix answers; RFC 2034 exempts only
 the greeting and EHLO/HELO)."""
 TLS_ALREADY_ACTIVE = Reply(554, "5.5.1", "TLS already active")
-"""STARTTLS inside TLS, or on an implicit-TLS listener; the session goes on."""
+"""STARTTLS inside TLS, or on an implicit-TLS listener; the session goes on (STARTTLS past its count of 2 per
+connection: 421 4.7.0, closed)."""
 STARTTLS_SYNTAX = Reply(501, "5.5.4", "Syntax: STARTTLS")
 """STARTTLS with an argument."""
 TLS_UNAVAILABLE = Reply(454, "4.7.0", "TLS not available")
