@@ -99,7 +99,8 @@ _JUNK_LINE_REPLIES = frozenset({"500 Error: bad syntax", "500 Error: strict ASCI
 
 
 class ClientDone(ConnectionResetError):
-    """The client half-closed its side and every whole line it sent has been read: the session ends."""
+    """The reader is at its end (the client half-closed its side) and every whole line it sent has been read:
+    the session ends. A ConnectionResetError, which aiosmtpd's command loop ends the session on."""
 
 
 class CommandReader(asyncio.StreamReader):
@@ -341,10 +342,10 @@ class GatewaySMTP(SMTP):
         structlog.contextvars.bind_contextvars(session=self.session_id, peer=self.peer, listener=self.listener)
         try:
             await super()._handle_client()
-        except ConnectionResetError:
+        except ConnectionResetError as exc:
             # The end of a half-closed session (or its DATA cut short by the FIN, logged as message_aborted):
             # aiosmtpd closed the transport; nothing is left to report.
-            if not self._client_done:
+            if not (self._client_done or isinstance(exc, ClientDone)):
                 raise
 
     # -- replies -------------------------------------------------------------------------------------------
