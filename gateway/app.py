@@ -133,9 +133,30 @@ class App:
     # run() froze what was alive at the start (gc.freeze): only then does a reload touch the collector. An App
     # started inside another program (the tests) leaves that program's collector alone.
     _frozen: bool = False
+    # Set when the queue or its ledger turns out written by a newer version after the start (opened lazily
+    # after an outage): run() stops the process with it, as the start would have refused it.
+    too_new: QueueTooNew | None = None
+    _too_new_seen: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
         self.lockouts = LocalLockouts(self._guards)
+
+    def _newer_version(self, reason: str) -> None:
+        """The queue (or ledger) was migrated by a newer version while this one ran: serving on would answer
+        452 to every message that needs the queue and retry the ledger for ever. Said once; run() stops."""
+        if self.too_new is not None:
+            return
+        self.too_new = QueueTooNew(reason)
+        # Fatal: the queue (or its ledger) was migrated by a newer version after this process started; /readyz
+        # answers 503 with the reason and the process drains and exits 1, as a start on that queue is refused.
+        log.critical("queue_too_new", error=reason, effect="stopping (exit 1), as a start on it is refused")
+        self._too_new_seen.set()
+
+    async def newer_version(self) -> QueueTooNew:
+        """Wait until the queue turns out written by a newer version (see _newer_version)."""
+        await self._too_new_seen.wait()
+        assert self.too_new is not None
+        return self.too_new
 
     def freeze(self) -> None:
         """Everything alive now (modules, configuration, pools) lives as long as the process: out of the cyclic
@@ -176,6 +197,8 @@ class App:
             # be opened (each use tries again).
             log.error("queue_unavailable", queue=self.store.url, error=exc.reason)
             self.store.health.record("read", exc.reason)
+        # From here on a queue found newer (opened lazily) stops the process rather than refusing every use.
+        self.store.health.on_too_new = self._newer_version
         self.health = AccountHealth(list(settings.accounts))
         for name, account in settings.accounts.items():
             self.providers[name] = registry.build(name, account, self.store, self.health)
@@ -186,7 +209,9 @@ class App:
         # The message ledger beside the queue: rows buffered here, written by the writer's task. On a full
         # disk it leaves the queue's reserve alone.
         store = self.store
-        self.ledger = open_ledger(settings.delivery, disk_full=lambda: store.health.reserve_released)
+        self.ledger = open_ledger(
+            settings.delivery, disk_full=lambda: store.health.reserve_released, too_new=store.health.newer_version
+        )
         self.ledger_writer = LedgerWriter(self.ledger, settings.ledger)
         self.ledger_writer.start()
         owner = owner_id(settings.delivery.instance_name)
@@ -556,8 +581,8 @@ async def run(
     # The bound ports (a port configured as 0 is any free one): what a supervisor or a test connects to.
     log.info("ready", listeners=app.ports, **({"http": app.operator.port} if app.operator else {}))
     try:
-        received = await stop.wait()
-        if unready_delay > 0 and app.operator is not None:
+        received = await _stop_or_too_new(stop, app)
+        if unready_delay > 0 and app.operator is not None and app.too_new is None:
             # A load balancer learns from /readyz that this instance is leaving only at its next health checks
             # (HAProxy `inter 5s fall 2`: up to 10 s): meanwhile it still sends sessions, served as before
             # rather than refused with 421.
@@ -568,4 +593,20 @@ async def run(
     finally:
         log.info("shutting_down", drain_timeout=drain_timeout, signal=stop.received.name if stop.received else None)
         await app.stop(drain_timeout)
+    if app.too_new is not None:
+        raise app.too_new  # serve exits 1 naming it, as when the start finds it
     return received
+
+
+async def _stop_or_too_new(stop: StopSignals, app: App) -> signal.Signals:
+    """The first stop signal, or SIGTERM's part when the queue turns out written by a newer version."""
+    signalled = asyncio.ensure_future(stop.wait())
+    newer = asyncio.ensure_future(app.newer_version())
+    try:
+        await asyncio.wait({signalled, newer}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (signalled, newer):
+            task.cancel()
+    if signalled.done() and not signalled.cancelled():
+        return signalled.result()
+    return signal.SIGTERM

@@ -10,15 +10,20 @@ from gateway.ledger.sqlite import SqliteLedger
 from gateway.ledger.store import LedgerStore
 
 
-def open_ledger(settings: DeliverySettings, disk_full: Callable[[], bool] | None = None) -> LedgerStore:
+def open_ledger(
+    settings: DeliverySettings,
+    disk_full: Callable[[], bool] | None = None,
+    too_new: Callable[[str], None] | None = None,
+) -> LedgerStore:
     """The ledger beside the queue (not connected yet: `open`, or any first use, connects).
-    `disk_full`: the SQLite queue's reserve is in use, so the ledger leaves the disk to the queue."""
+    `disk_full`: the SQLite queue's reserve is in use, so the ledger leaves the disk to the queue.
+    `too_new`: called with the reason when the schema turns out newer than this gateway's."""
     if settings.queue_url:
         from gateway.ledger.postgres import PostgresLedger  # psycopg is only needed for PostgreSQL
 
         password = settings.queue_password.get_secret_value() if settings.queue_password else None
-        return PostgresLedger(settings.queue_url, password)
-    return SqliteLedger(settings.spool_path, disk_full)
+        return PostgresLedger(settings.queue_url, password, too_new=too_new)
+    return SqliteLedger(settings.spool_path, disk_full, too_new)
 
 
 def open_returns(ledger: LedgerStore) -> ReturnStore:

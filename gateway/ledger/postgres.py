@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import psycopg
@@ -34,8 +34,17 @@ _STATEMENTS = sql.statements(P)
 
 
 class PostgresLedger:
-    def __init__(self, url: str, password: str | None = None, *, max_connections: int = 2) -> None:
+    def __init__(
+        self,
+        url: str,
+        password: str | None = None,
+        *,
+        max_connections: int = 2,
+        too_new: Callable[[str], None] | None = None,
+    ) -> None:
         self.url = redacted(url)
+        # Told when the database turns out migrated by a newer version (the app stops the process on it).
+        self._too_new = too_new or (lambda reason: None)
         kwargs: dict[str, object] = {"autocommit": True}
         if password:
             kwargs["password"] = password
@@ -68,7 +77,11 @@ class PostgresLedger:
                 if write:
                     await conn.execute("SET LOCAL synchronous_commit TO OFF")
                 yield conn
-        except (psycopg.Error, PoolTimeout, OSError, postgres_schema.SchemaTooNew) as exc:
+        except postgres_schema.SchemaTooNew as exc:
+            reason = f"ledger {self.url}: {exc}"
+            self._too_new(reason)
+            raise LedgerUnavailable(reason) from exc
+        except (psycopg.Error, PoolTimeout, OSError) as exc:
             raise LedgerUnavailable(f"ledger {self.url}: {type(exc).__name__}: {exc}") from exc
 
     async def open(self) -> None:

@@ -34,11 +34,18 @@ def _statement(table: str, rows: int) -> str:
 
 
 class SqliteLedger:
-    def __init__(self, path: Path, disk_full: Callable[[], bool] | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        disk_full: Callable[[], bool] | None = None,
+        too_new: Callable[[str], None] | None = None,
+    ) -> None:
         self.path = path
         self.url = f"sqlite:///{path}"
         # True while the queue's disk reserve is in use (gateway/queue/sqlite_side.py): the disk is full.
         self._disk_full = disk_full or (lambda: False)
+        # Told when the file turns out migrated by a newer version (the app stops the process on it).
+        self._too_new = too_new or (lambda reason: None)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-db")
         self._db: sqlite3.Connection | None = None
         self._closed = False
@@ -54,6 +61,10 @@ class SqliteLedger:
             return await asyncio.get_running_loop().run_in_executor(
                 self._executor, functools.partial(self._call, fn, *args)
             )
+        except sqlite_schema.SchemaTooNew as exc:
+            reason = f"ledger {self.path}: {exc}"
+            self._too_new(reason)
+            raise LedgerUnavailable(reason) from exc
         except (sqlite3.Error, OSError) as exc:
             raise LedgerUnavailable(f"ledger {self.path}: {type(exc).__name__}: {exc}") from exc
 

@@ -26,6 +26,19 @@ class QueueHealth:
         self._failures: dict[str, tuple[float, str, bool]] = {}
         self.reserve_released = False
         self.shared = shared  # every instance of the fleet uses this queue (PostgreSQL)
+        # The queue (or its ledger) turned out written by a newer version after the start (opened lazily after
+        # an outage): why, and who is told (the app, which stops the process as a start would have refused).
+        self.too_new: str | None = None
+        self.on_too_new: Callable[[str], None] | None = None
+
+    def newer_version(self, reason: str) -> None:
+        """The queue's schema is newer than this gateway's: not a failure that passes (this instance stays
+        unready for good) and its owner is told once."""
+        if self.too_new is not None:
+            return
+        self.too_new = reason
+        if self.on_too_new is not None:
+            self.on_too_new(reason)
 
     def record(self, kind: str, error: str | None, local: bool = False) -> None:
         """The outcome of one queue operation of `kind`: None for success. `local`: a failure of this
@@ -47,6 +60,8 @@ class QueueHealth:
     def problems(self) -> list[str]:
         """What makes this instance unready: its own queue failing, its own disk full."""
         found = self._failing(own=True)
+        if self.too_new is not None:  # this instance's own version is too old: a newer one can serve
+            found.append(f"queue: written by a newer version of the gateway ({self.too_new})")
         if self.reserve_released:
             found.append(
                 "queue: the disk is full (its reserve is in use to drain the queue); new messages get 452 4.3.1"

@@ -307,7 +307,9 @@ class PostgresQueue:
         try:
             self._found_version = await self._migrate(conn)
         except postgres_schema.SchemaTooNew as exc:
-            raise QueueTooNew(f"queue {self.url}: {exc}") from exc
+            reason = f"queue {self.url}: {exc}"
+            self.health.newer_version(reason)
+            raise QueueTooNew(reason) from exc
         except (psycopg.Error, OSError) as exc:
             if conn.broken:
                 raise self._unreachable(exc) from exc

@@ -79,7 +79,9 @@ class SqliteQueue:
         try:
             return await loop.run_in_executor(self._executor, functools.partial(self._call, fn, *args))
         except sqlite_schema.SchemaTooNew as exc:
-            raise QueueTooNew(f"queue {self.path}: {exc}") from exc
+            reason = f"queue {self.path}: {exc}"
+            self.health.newer_version(reason)
+            raise QueueTooNew(reason) from exc
         except (sqlite3.Error, OSError) as exc:
             raise SpoolUnavailable(f"queue {self.path}: {type(exc).__name__}: {exc}") from exc
 

@@ -129,7 +129,12 @@ def migrate(db: sqlite3.Connection) -> tuple[int, int]:
     for number in range(start + 1, LATEST + 1):
         db.execute("BEGIN IMMEDIATE")
         try:
-            if version(db) >= number:  # another process migrated meanwhile
+            found = version(db)
+            if found > LATEST:
+                # A newer version's migration committed while this one waited for the lock (the check above
+                # was made before it): refused as at the start, never used (PostgreSQL reads it under its lock).
+                raise SchemaTooNew(f"queue schema version {found} is newer than this gateway ({LATEST})")
+            if found >= number:  # another process migrated meanwhile
                 db.execute("ROLLBACK")
                 continue
             for statement in MIGRATIONS[number - 1].split(";"):
