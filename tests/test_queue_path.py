@@ -118,6 +118,7 @@ RELATIVE = (
     [
         (["queue", "list"], ""),
         (["queue", "dead"], ""),
+        (["queue", "migrate"], ""),  # not an empty queue created and reported migrated
         (["status", "someone@example.com"], " (and so no message ledger)"),
         (["suppression", "list"], " (and so no suppression list)"),
     ],

@@ -61,13 +61,10 @@ def cmd_queue(args: argparse.Namespace) -> int:
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
-    if (
-        args.action != "migrate"
-        and not settings.delivery.queue_url.startswith("postgres")
-        and not (settings.delivery.spool_path.exists())
-    ):
+    if not settings.delivery.queue_url.startswith("postgres") and not settings.delivery.spool_path.exists():
         # Exit 1 for list and dead too: "nothing queued" would hide a queue at another path (a relative
-        # delivery.spool_path read from another directory than serve's).
+        # delivery.spool_path read from another directory than serve's). And for migrate: it would create an
+        # empty queue there and report "0 -> N" while the real one waits for its migration at the next start.
         print(no_queue(settings))
         return Exit.PROBLEM
     return asyncio.run(_main(settings, args))
@@ -219,7 +216,11 @@ def add_parser(sub: Any) -> None:
             type=_age_option,
             help="only messages accepted longer ago than AGE (30m, 2h, 1d)",
         )
-    qsub.add_parser("migrate", help="apply pending schema migrations (servers also do it at start)")
+    qsub.add_parser(
+        "migrate",
+        help="apply pending schema migrations to the existing queue (servers also do it at start; a SQLite file "
+        "that does not exist is not created: exit 1 naming the path looked at)",
+    )
     qsub.add_parser("show", help="one message with its calls").add_argument(
         "id", metavar="ID", help="the message's queue id"
     )
