@@ -4,7 +4,9 @@ commands shown are run and their output compared."""
 
 from __future__ import annotations
 
+import argparse
 import ast
+import contextlib
 import json
 import os
 import re
@@ -543,3 +545,81 @@ def test_quickstart_output(tmp_path: Path) -> None:
         assert lines[lines.index("$ echo $?") + 1] == str(status), block.where()
     assert status == 130, err.text()  # Ctrl-C, as shells report it
     assert "Traceback" not in err.text() + out.text()
+
+
+# ---- the commands written in the prose ----------------------------------------------------------------------
+
+# A command of the pages that names its configuration or queue: where `-c`/`--spool` go depends on the command
+# (`queue`'s options come before its action), so each is parsed as written.
+_NAMED = re.compile(r"(?:^|[\s/])smtp-gateway ((?:queue|status|suppression|check-\w+|serve)\b.*)$")
+_PLACED = re.compile(r"(?:^|\s)(?:-c|--config|--spool)(?:[\s=]|$)")
+
+
+def _commands_naming_a_config() -> list[tuple[str, str]]:
+    """(where, the command's arguments) of every `smtp-gateway ...` in inline code or a shell block that
+    gives -c/--config/--spool; a trailing shell operator or comment cut off."""
+    found: list[tuple[str, str]] = []
+    for page in pages():
+        text = page.read_text()
+        where = str(page.relative_to(ROOT))
+        written = [
+            (f"{where}:{text[: m.start()].count(chr(10)) + 1}", m.group(1))
+            for m in re.finditer(r"`([^`\n]*\bsmtp-gateway [^`\n]*)`", text)
+        ]
+        written += [(b.where(), c) for b in all_blocks() if b.page == where and b.is_shell for c, _ in commands(b)]
+        for at, command in written:
+            match = _NAMED.search(command)
+            if match and _PLACED.search(match.group(1)):
+                found.append((at, re.split(r"\s(?:#|\||&&|>|2>)\s?|\)", match.group(1))[0]))
+    return found
+
+
+def _parse_problem(arguments: str) -> str | None:
+    """What the CLI's parser says about a command as written: None if it parses. `...` after an option is its
+    value; elsewhere it stands for the rest, so a missing positional (prose: `queue -c ...`) is accepted."""
+    from gateway.cli import build_parser
+
+    tokens: list[str] = []
+    for token in shlex.split(arguments):
+        if token == "...":
+            if tokens and tokens[-1].startswith("-"):
+                tokens.append("FILE")
+            continue
+        tokens.append(token)
+    errors: list[str] = []
+    parser = build_parser()
+
+    def refuse(message: str) -> None:
+        errors.append(message)
+        raise SystemExit(2)
+
+    for each in [parser, *_subparsers(parser)]:
+        each.error = refuse  # type: ignore[method-assign]
+    with contextlib.suppress(SystemExit):  # refuse() stops the parse at its first error
+        parser.parse_args(tokens)
+    problems = [e for e in errors if not e.startswith("the following arguments are required")]
+    return problems[0] if problems else None
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    found: list[argparse.ArgumentParser] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found += [sub, *_subparsers(sub)]
+    return found
+
+
+def test_commands_in_the_prose_parse_as_written() -> None:
+    """The rolling upgrade's `smtp-gateway queue migrate -c ...` exited 2 (unrecognized arguments: -c is
+    `queue`'s option, before the action)."""
+    commands_found = _commands_naming_a_config()
+    assert len(commands_found) > 20  # the pages' queue/status/check-config commands were found
+    problems = [f"{at}: smtp-gateway {c}: {p}" for at, c in commands_found if (p := _parse_problem(c))]
+    assert problems == []
+
+
+def test_the_prose_command_check_sees_an_option_after_the_action() -> None:
+    assert _parse_problem("queue migrate -c ...") == "unrecognized arguments: -c FILE"
+    assert _parse_problem("queue -c ...") is None  # prose: the action left to the reader
+    assert _parse_problem("queue -c /etc/smtp-gateway/gateway.toml migrate") is None
