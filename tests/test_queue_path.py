@@ -7,9 +7,11 @@ that finds no queue file names the absolute path it looked at, says when it was 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import smtplib
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from gateway.auth.passwords import hash_password
+from gateway.queue import sqlite_schema
 from tests.procs import ready, spawn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +50,8 @@ def _unit_environment(state: Path) -> dict[str, str]:
 def _install_delivery_block() -> str:
     """The [delivery] block install.md's configuration step says to put in gateway.toml."""
     blocks = re.findall(r"```toml\n(.*?)```", INSTALL.read_text(), re.DOTALL)
-    [block] = [re.sub(r"^ +", "", b, flags=re.MULTILINE) for b in blocks if "spool_path" in b]
+    # The same block again in the Upgrade section (for an installation made before).
+    [block] = {re.sub(r"^ +", "", b, flags=re.MULTILINE) for b in blocks if "spool_path" in b}
     return block
 
 
@@ -137,3 +141,49 @@ def test_no_queue_at_an_absolute_path_asks_whether_serve_uses_it(tmp_path: Path)
         1,
         f"no queue at {spool} (no gateway has run with it: is it the delivery.spool_path that serve uses?)\n",
     )
+
+
+def _relative_config(etc: Path) -> Path:
+    """A gateway.toml of an install made before the unit stopped setting GATEWAY_DELIVERY__SPOOL_PATH: the
+    example's relative spool_path kept (the unit's environment line won over it then)."""
+    etc.mkdir()
+    config = etc / "gateway.toml"
+    config.write_text("""
+[[listeners]]
+name = "plain"
+address = "127.0.0.1"
+port = 0
+tls = "none"
+
+[delivery]
+spool_path = "var/spool.sqlite3"
+
+[dns]
+check_sender_domain = false
+""")
+    return config
+
+
+def test_check_config_notes_a_relative_spool_path(tmp_path: Path) -> None:
+    config = _relative_config(tmp_path / "etc")
+    done = _operator(["check-config", "-c", str(config)], tmp_path)
+    assert (
+        f"note: delivery.spool_path var/spool.sqlite3 is relative: each process reads it from its own current "
+        f"directory ({tmp_path}/var/spool.sqlite3 here;"
+    ) in done.stderr, done.stderr
+    assert "no queue there" not in done.stderr
+
+
+def test_check_config_names_the_old_unit_s_queue_left_behind(tmp_path: Path) -> None:
+    """Upgrade (review: upgrade F5): the new unit (no GATEWAY_DELIVERY__SPOOL_PATH) runs in its state directory,
+    where the old unit's queue is; the relative path in gateway.toml would open a new, empty queue beside it."""
+    config = _relative_config(tmp_path / "etc")
+    state = tmp_path / "state"
+    state.mkdir()
+    old = state / "spool.sqlite3"
+    with contextlib.closing(sqlite3.connect(old)) as db:
+        sqlite_schema.migrate(db)
+    done = _operator(["check-config", "-c", str(config)], state)  # as the service runs it: in its state directory
+    assert f"no queue there, but {old} exists" in done.stderr, done.stderr
+    assert f'set delivery.spool_path = "{old}" to keep using it' in done.stderr
+    assert not (state / "var").exists()  # check-config created nothing

@@ -191,7 +191,46 @@ def _expiry(cert: Path, name: str = "tls.cert_file") -> list[Finding]:
     return []
 
 
+# The queue the systemd unit named with GATEWAY_DELIVERY__SPOOL_PATH before the path moved into gateway.toml
+# (3bbfa02); its WorkingDirectory is the same directory.
+OLD_UNIT_SPOOL = Path("/var/lib/smtp-gateway/spool.sqlite3")
+
+
 def _spool(path: Path) -> list[Finding]:
+    return [*_relative_spool(path), *_spool_file(path)]
+
+
+def _relative_spool(path: Path, old_unit_spool: Path = OLD_UNIT_SPOOL) -> list[Finding]:
+    """A relative queue path depends on the directory each process runs in: a note, and when no queue is
+    there yet but the old unit's is, the line that keeps the gateway on it (else it starts on a new, empty
+    queue, and the old one's messages, ledger, suppressions and idempotency keys are left unused)."""
+    if path.is_absolute():
+        return []
+    where = f"delivery.spool_path {path}"
+    found = [
+        Finding(
+            f"{where} is relative: each process reads it from its own current directory ({path.absolute()} "
+            "here; a service's is its WorkingDirectory, not your shell's): set an absolute path",
+            problem=False,
+        )
+    ]
+    if not path.exists():
+        for old in dict.fromkeys([Path.cwd() / old_unit_spool.name, old_unit_spool]):
+            if old.is_file():
+                found.append(
+                    Finding(
+                        f"{where}: no queue there, but {old} exists (the queue the systemd unit named with "
+                        f"GATEWAY_DELIVERY__SPOOL_PATH before the path moved to the configuration file): set "
+                        f'delivery.spool_path = "{old}" to keep using it, or the gateway starts on a new, empty '
+                        "queue and leaves that one's messages, ledger and suppressions unused",
+                        problem=False,
+                    )
+                )
+                break
+    return found
+
+
+def _spool_file(path: Path) -> list[Finding]:
     where = f"delivery.spool_path {path}"
     if path.exists():
         if not path.is_file():
