@@ -102,6 +102,7 @@ async def test_a_queue_found_newer_after_an_outage_at_start_stops_the_process(tm
             serving.cancel()
             with contextlib.suppress(BaseException):
                 await serving
+        app.thaw()  # run() froze what was alive (gc.freeze): the test process's collector as it was
 
 
 async def test_a_sqlite_ledger_found_newer_says_so_once(tmp_path: Path) -> None:
