@@ -761,8 +761,15 @@ async def test_a_queue_a_newer_version_wrote_is_refused_as_too_new(
             conn.execute("CREATE TABLE schema_version (version integer NOT NULL)")
             conn.execute("INSERT INTO schema_version VALUES (99)")
         store = PostgresQueue(url)
+    told: list[str] = []
+    store.health.on_too_new = told.append  # the app stops the process on it (tests/test_queue_too_new.py)
     try:
         with pytest.raises(QueueTooNew, match="queue schema version 99 is newer than this gateway"):
             await store.open()
+        with pytest.raises(QueueTooNew):  # every later use says the same; the owner was told once
+            await store.open()
     finally:
         await store.close()
+    assert len(told) == 1 and "queue schema version 99 is newer than this gateway" in told[0]
+    # This instance's own fault even on the shared PostgreSQL queue: unready (a newer instance can serve).
+    assert any("written by a newer version of the gateway" in p for p in store.health.problems())
