@@ -125,30 +125,25 @@ class SqliteReturns:
         return await self._run(run)
 
     async def match_addresses(self, addresses: Sequence[str], since: float) -> list[Match]:
-        keys = sorted({address_key(a) for a in addresses})
-        if not keys:
-            return []
-
-        def run(db: sqlite3.Connection) -> list[Match]:
-            found: list[Match] = []
-            for start in range(0, len(keys), 500):
-                part = keys[start : start + 500]
-                found += [_match(r) for r in db.execute(SQL.addresses(len(part)), (*SQLITE.items(part), since))]
-            return found
-
-        return await self._run(run)
+        return await self._by_address(SQL.addresses, addresses, since, lost=False)
 
     async def match_lost(self, addresses: Sequence[str], since: float) -> list[Match]:
+        return await self._by_address(SQL.lost, addresses, since, lost=True)
+
+    async def _by_address(
+        self, statement: Callable[[int], str], addresses: Sequence[str], since: float, *, lost: bool
+    ) -> list[Match]:
+        """Recipients at these addresses since a time, by `statement` (addresses or lost), 500 at a time."""
         keys = sorted({address_key(a) for a in addresses})
         if not keys:
             return []
 
         def run(db: sqlite3.Connection) -> list[Match]:
             found: list[Match] = []
-            for start in range(0, len(keys), 500):
+            for start in range(0, len(keys), 500):  # SQLite's limit on parameters per statement
                 part = keys[start : start + 500]
-                rows = db.execute(SQL.lost(len(part)), (*SQLITE.items(part), since))
-                found += [replace(Match(*r), lost=True) for r in rows]
+                rows = db.execute(statement(len(part)), (*SQLITE.items(part), since))
+                found += [replace(_match(r), lost=True) if lost else _match(r) for r in rows]
             return found
 
         return await self._run(run)
