@@ -19,17 +19,10 @@ from gateway.ledger.sqlite import SqliteLedger
 from gateway.ops.metrics import WEBHOOK_DUPLICATES, WEBHOOK_FAILED, WEBHOOK_SENT
 from gateway.returnpath.webhooks import WebhookSender
 from gateway.upstream.client import HttpClient
+from tests.test_returnpath_units import Clock
 from tests.webhook_receiver import Received, Receiver
 
 T0 = 1_796_544_000.0
-
-
-class Clock:
-    def __init__(self, t: float) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
 
 
 class HoldingReceiver(Receiver):
