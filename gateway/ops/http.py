@@ -3,18 +3,62 @@ console (gateway/console/), over HTTP or HTTPS (aiohttp.web), wired by the compo
 
 from __future__ import annotations
 
+import logging
 import ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from gateway.limits.clients import LogSampler
 from gateway.ops.api import MessageApi
-from gateway.ops.metrics import REGISTRY
+from gateway.ops.metrics import HTTP_BAD_REQUESTS, REGISTRY
 
 if TYPE_CHECKING:
     from gateway.console.web import Console
+
+log = structlog.get_logger("gateway.http")
+
+
+class BadRequestFilter(logging.Filter):
+    """aiohttp's own report of a malformed request ("Error handling request from <client>", at error with a
+    traceback) is the client's fault, not the gateway's, and its exception text quotes the offending request
+    line or header line: a bearer token in a malformed Authorization line, a console cookie. Such a record is
+    dropped and replaced by a counted `http_bad_request` line, once a minute per client address, naming the
+    parser's error class only. Every other aiohttp record (a handler's bug: "Unhandled exception") passes."""
+
+    def __init__(self, sampler: LogSampler | None = None) -> None:
+        super().__init__()
+        self._sampler = sampler or LogSampler()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, HttpProcessingError):
+            return True
+        args = record.args if isinstance(record.args, tuple) else ()
+        client = str(args[0]) if args else "unknown"
+        HTTP_BAD_REQUESTS.inc()
+        suppressed = self._sampler.allow(client)
+        if suppressed is not None:
+            log.info(
+                "http_bad_request",
+                client=client,
+                error=type(error).__name__,
+                status=error.code,
+                suppressed=suppressed,
+            )
+        return False
+
+
+def filter_bad_requests() -> None:
+    """Install BadRequestFilter on aiohttp's server logger (once per process): every aiohttp server the
+    gateway runs logs through it, whether or not gateway.ops.logs configured logging."""
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, BadRequestFilter) for f in server_log.filters):
+        server_log.addFilter(BadRequestFilter())
 
 
 class OperatorEndpoint:
@@ -63,6 +107,7 @@ class OperatorEndpoint:
         return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def start(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> int:
+        filter_bad_requests()
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, reuse_address=True, ssl_context=tls)

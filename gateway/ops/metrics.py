@@ -435,3 +435,9 @@ WEBHOOK_DUPLICATES = Counter(
     ["webhook", "cause"],
     registry=REGISTRY,
 )
+HTTP_BAD_REQUESTS = Counter(
+    "smtp_gateway_http_bad_requests_total",
+    "Malformed HTTP requests to the operator endpoint (message API and console included), answered 4xx by the "
+    "HTTP parser before any handler: logged as http_bad_request, once a minute per client address",
+    registry=REGISTRY,
+)
