@@ -41,7 +41,7 @@ from gateway.limits.quotas import QuotaTracker
 from gateway.ops import logs
 from gateway.ops.clockskew import ClockWatch
 from gateway.ops.memory import MmapThreshold, set_mmap_threshold
-from gateway.ops.metrics import CONFIG_RELOADS
+from gateway.ops.metrics import CONFIG_RELOADS, zero_alerted
 from gateway.ops.queuestats import QUEUE_STATS
 from gateway.ops.quotastats import QUOTA_STATS
 from gateway.ops.signals import Hangups, StopSignals
@@ -254,6 +254,8 @@ class App:
             settings, self.pipeline, self.authenticator, quotas=quotas, oauth=oauth, defenses=defenses
         )
         await self.listeners.start()
+        # The alerted counters' series at 0 from the start, so that increase() sees their first event.
+        zero_alerted(settings.accounts, self.listeners.ports)
         http = settings.http
         if http.port is not None:
             # Here, not at the top: the console's templates (jinja2), aiohttp's web server and the API's token
@@ -458,6 +460,7 @@ class App:
         if new.dns != old.dns:
             self.resolver = resolver_for(new.dns)
         self.health.track(list(new.accounts))
+        zero_alerted(new.accounts)  # an added account's alerted series at 0 too
         self.owner.providers = providers
         self.owner.ledger.enabled = new.ledger.enabled
         self.owner.ledger.keep_requests = new.ledger.keep_requests

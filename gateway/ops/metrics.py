@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -441,3 +443,52 @@ HTTP_BAD_REQUESTS = Counter(
     "HTTP parser before any handler: logged as http_bad_request, once a minute per client address",
     registry=REGISTRY,
 )
+
+# The label values of the counters config/prometheus-alerts.yml alerts on with `increase(...) > 0`, known
+# before any event: each series must exist at 0 from the start, since increase() over a series whose first
+# sample is already 1 is 0 (the first dead letter, the first refused reload would never fire their alert).
+# tests/test_ops_alerts.py checks that every literal label value in the code is listed here.
+RELOAD_RESULTS = ("ok", "invalid", "tls_failed")
+DEAD_CAUSES = ("refused", "expired", "held", "internal_error", "corrupt")
+INTERNAL_ERROR_PLACES = (
+    "accept",
+    "dengage_froms_refresh",
+    "events_poll",
+    "inline_delivery",
+    "invalid_contacts",
+    "ledger_record",
+    "ledger_writer",
+    "notices",
+    "queue_delivery",
+    "quota_return",
+    "retry_worker",
+    "smtp_session",
+    "webhooks",
+)
+CONNECTION_REFUSAL_REASONS = (
+    "draining",
+    "max_sessions",
+    "max_sessions_per_ip",
+    "proxy_invalid",
+    "proxy_timeout",
+    "proxy_untrusted",
+)
+DESCRIPTOR_PLACES = ("accept", "check")
+
+
+def zero_alerted(accounts: Iterable[str] = (), listeners: Iterable[str] = ()) -> None:
+    """Create the alerted counters' series at 0: the fixed label values, and these accounts' and listeners'
+    (at start, and the accounts again after a reload). A series that exists already keeps its count."""
+    for result in RELOAD_RESULTS:
+        CONFIG_RELOADS.labels(result=result)
+    for cause in DEAD_CAUSES:
+        DEAD_LETTERS.labels(cause=cause)
+    for where in INTERNAL_ERROR_PLACES:
+        INTERNAL_ERRORS.labels(where=where)
+    for where in DESCRIPTOR_PLACES:
+        DESCRIPTORS_EXHAUSTED.labels(where=where)
+    for account in accounts:
+        UPSTREAM_AUTH_REFUSED.labels(account=account)
+    for listener in listeners:
+        for reason in CONNECTION_REFUSAL_REASONS:
+            CONNECTIONS_REFUSED.labels(listener=listener, reason=reason)
