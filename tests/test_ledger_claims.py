@@ -18,7 +18,7 @@ from gateway.ledger.model import MessageRow, Query, Row
 from gateway.ledger.sqlite import SqliteLedger
 from gateway.ledger.store import LedgerUnavailable
 from gateway.ledger.writer import LedgerWriter
-from gateway.ops.metrics import LEDGER_DROPPED, LEDGER_PRUNED
+from gateway.ops.metrics import LEDGER_BUFFERED, LEDGER_DROPPED, LEDGER_PRUNED
 from tests.devices_util import events
 
 T0 = 1_796_544_000.0
@@ -60,6 +60,30 @@ async def test_rows_a_graceful_stop_cannot_write_are_counted_and_logged_once(tmp
         assert LEDGER_DROPPED._value.get() == dropped + 3
         assert writer.pending == 0
     finally:
+        await ledger.close()
+
+
+@pytest.mark.asyncio
+async def test_the_buffered_gauge_counts_the_rows_waiting_through_an_outage(tmp_path: Path) -> None:
+    """smtp_gateway_ledger_buffered_rows says the rows waiting at every moment: after put(), and after a failed
+    write puts its batch back (it read 0 for a whole outage of fewer than MAX_BATCH rows)."""
+    ledger = await _ledger(tmp_path)
+    writer = LedgerWriter(ledger, LedgerSettings())
+    try:
+        ledger.down = True
+        writer.put(_rows("W", 20))
+        assert LEDGER_BUFFERED._value.get() == 20
+        with capture_logs(), pytest.raises(LedgerUnavailable):
+            await writer.flush()  # fails: the batch goes back
+        assert writer.pending == 20
+        assert LEDGER_BUFFERED._value.get() == 20
+        writer.put(_rows("X", 5))
+        assert LEDGER_BUFFERED._value.get() == 25
+        ledger.down = False
+        await writer.flush()
+        assert LEDGER_BUFFERED._value.get() == 0
+    finally:
+        await writer.stop()
         await ledger.close()
 
 

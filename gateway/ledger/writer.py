@@ -80,6 +80,7 @@ class LedgerWriter:
                     effect="the oldest ledger rows are dropped until the database keeps up; messages are unaffected",
                 )
             self._dropping += over
+        LEDGER_BUFFERED.set(len(buffer))  # what waits now, whether or not the database is writing
         if len(buffer) >= EARLY:
             self._wake.set()
 
@@ -123,6 +124,7 @@ class LedgerWriter:
         except LedgerUnavailable as exc:
             LEDGER_WRITE_ERRORS.inc()
             buffer.extendleft(reversed(batch))  # first again; the bound still holds on the next put
+            LEDGER_BUFFERED.set(len(buffer))  # the batch waits again: an outage shows as a growing figure
             if self._failing is None:
                 log.error("ledger_write_failed", error=exc.reason, buffered=len(buffer), effect="kept, tried again")
             self._failing = exc.reason
