@@ -41,7 +41,7 @@ from gateway.limits.quotas import QuotaTracker
 from gateway.ops import logs
 from gateway.ops.clockskew import ClockWatch
 from gateway.ops.memory import MmapThreshold, set_mmap_threshold
-from gateway.ops.metrics import CONFIG_RELOADS, zero_alerted
+from gateway.ops.metrics import AUTH_TRACKED, CONFIG_RELOADS, zero_alerted
 from gateway.ops.queuestats import QUEUE_STATS
 from gateway.ops.quotastats import QUOTA_STATS
 from gateway.ops.signals import Hangups, StopSignals
@@ -311,9 +311,11 @@ class App:
         task.add_done_callback(self._background.discard)
 
     async def _queue_stats(self) -> None:
-        """Keep the queue figures for /metrics fresh (and notice a queue that cannot be read)."""
+        """Keep the queue figures for /metrics fresh (and notice a queue that cannot be read), and the count of
+        client IPs with AUTH failures remembered."""
         assert self.store is not None
         while True:
+            self._auth_figures()
             try:
                 QUEUE_STATS.update(await self.store.counts(time.time()))
             except SpoolUnavailable as exc:
@@ -322,6 +324,13 @@ class App:
                 self.store.health.record("read", None)
                 await self._measure_clock()
             await idle(QUEUE_STATS_EVERY)
+
+    def _auth_figures(self) -> None:
+        """smtp_gateway_auth_failure_ips, read again: the guard forgets failures when their time is up but only
+        notices when read (an AUTH failure sets the gauge too), so a wave's addresses would stay counted until
+        the next failure. Reading it here prunes what expired."""
+        if self.listeners is not None and self.listeners.defenses is not None:
+            AUTH_TRACKED.set(len(self.listeners.defenses.auth))
 
     async def _measure_clock(self) -> None:
         """This host's clock against the shared queue database's (a skewed instance takes over live leases)."""

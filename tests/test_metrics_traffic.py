@@ -190,3 +190,18 @@ def test_readyz_while_the_queue_cannot_be_opened(gateway_factory: Factory, tmp_p
     assert answer.status_code == 503
     assert any(p.startswith("queue: cannot be read") for p in answer.json()["problems"])
     assert send(gw.port(), "the healthy path needs no queue")[0] == 250
+
+
+def test_auth_failure_ips_goes_down_when_the_failures_expire(gateway_factory: Factory) -> None:
+    """smtp_gateway_auth_failure_ips follows the failures remembered: once they have expired it is read again
+    (every QUEUE_STATS_EVERY), not kept at its peak until the next AUTH failure."""
+    gw = gateway_factory(
+        http={"port": 0},
+        limits={"auth_failure_window": 0.5, "auth_lockout_time": 0.5},
+    )
+    with RawClient(gw) as client:
+        client.cmd("EHLO t")
+        assert client.login("scanner", "wrong").startswith("535")
+    assert scraped(metrics(gw), "smtp_gateway_auth_failure_ips") == 1
+    # The failure is forgotten after its window; the figure follows without another AUTH failure.
+    wait_for(lambda: scraped(metrics(gw), "smtp_gateway_auth_failure_ips") == 0, what="the gauge back at 0")

@@ -190,7 +190,8 @@ AUTH_LOCKOUTS = Counter(
 )
 AUTH_TRACKED = Gauge(
     "smtp_gateway_auth_failure_ips",
-    "Client IPs (IPv6: /64 networks) whose recent AUTH failures are remembered (bounded by limits.max_tracked_ips)",
+    "Client IPs (IPv6: /64 networks) whose recent SMTP AUTH failures are remembered (bounded by "
+    "limits.max_tracked_ips), at each AUTH failure and every 10 s",
     registry=REGISTRY,
 )
 DEAD_LETTERS = Counter(
@@ -230,7 +231,10 @@ QUEUE_CLAIM_SECONDS = Histogram(
     registry=REGISTRY,
 )
 LEDGER_BUFFERED = Gauge(
-    "smtp_gateway_ledger_buffered_rows", "Message ledger rows waiting to be written now", registry=REGISTRY
+    "smtp_gateway_ledger_buffered_rows",
+    "Message ledger rows waiting to be written now (a batch being written not included; one whose write "
+    "failed is again)",
+    registry=REGISTRY,
 )
 LEDGER_DROPPED = Counter(
     "smtp_gateway_ledger_dropped_rows_total",
