@@ -70,6 +70,16 @@ class EventPage:
     more: bool = False
     unreadable: int = 0
     unknown: dict[str, int] = field(default_factory=dict)
+    # A stable id of each row counted in `unreadable` and `unknown` (name, id), so that a window read again
+    # (the polls overlap) does not count the same rows again: the metrics count rows, not reads.
+    unreadable_ids: list[str] = field(default_factory=list)
+    unknown_ids: list[tuple[str, str]] = field(default_factory=list)
+
+
+def add_unreadable(page: EventPage, account: str, row: object) -> None:
+    """A row that is not an event (not an object, no type, address or time), counted in `page`."""
+    page.unreadable += 1
+    page.unreadable_ids.append(event_id(account, "unreadable", repr(row)))
 
 
 class EventSource(Protocol):
@@ -121,11 +131,7 @@ def add_event(
     address = str(fields.get("address") or "").strip()
     at = vendor_time(fields.get("time"), tz)
     if not raw_type or "@" not in address or at is None:
-        page.unreadable += 1
-        return
-    kind = types.get(type_key(raw_type))
-    if kind is None:
-        page.unknown[raw_type] = page.unknown.get(raw_type, 0) + 1
+        add_unreadable(page, account, sorted(fields.items(), key=repr))
         return
     upstream = str(fields[upstream_field]) if fields.get(upstream_field) else None
     vendor_id = fields.get("id")
@@ -134,6 +140,11 @@ def add_event(
         if vendor_id
         else event_id(account, upstream, address.lower(), raw_type.lower(), fields.get("time"))
     )
+    kind = types.get(type_key(raw_type))
+    if kind is None:
+        page.unknown[raw_type] = page.unknown.get(raw_type, 0) + 1
+        page.unknown_ids.append((raw_type, ident))
+        return
     detail = str(fields["detail"])[:500] if fields.get("detail") else None
     page.events.append(VendorEvent(ident, kind, raw_type, address, at, upstream, detail))
 

@@ -353,7 +353,8 @@ EVENT_POLLS = Counter(
 EVENTS_READ = Counter(
     "smtp_gateway_events_total",
     "Upstream events read back, by account and type (sent, delivered, bounced, soft_bounced, not_sent, opened, "
-    "clicked, ...; unknown: a vendor name no wire table maps, logged once per name)",
+    "clicked, ...; unknown: a vendor name no wire table maps, logged once per name): each event once, at the "
+    "first poll that reads it, though the polls' windows overlap (by events.overlap)",
     ["account", "type"],
     registry=REGISTRY,
 )
@@ -372,7 +373,8 @@ EVENTS_MATCHED_LOST = Counter(
 )
 EVENTS_UNREADABLE = Counter(
     "smtp_gateway_events_unreadable_total",
-    "Upstream event rows that could not be read (not an object, no address, no time)",
+    "Upstream event rows that could not be read (not an object, no address, no time): each distinct row once, "
+    "though the polls' windows overlap",
     ["account"],
     registry=REGISTRY,
 )

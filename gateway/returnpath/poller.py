@@ -45,6 +45,9 @@ log = structlog.get_logger("gateway.events")
 ADDRESS_LOOKBACK = 30 * 24 * 3600.0
 # Unmatched event ids remembered so that a window read again does not count them again.
 UNMATCHED_SEEN = 100_000
+# Ids of the rows counted in smtp_gateway_events_total / _unreadable_total, so that the overlapping windows
+# count each row once.
+COUNTED_SEEN = 100_000
 
 
 @dataclass
@@ -81,6 +84,7 @@ class EventPoller:
         self.wakeup = asyncio.Event()
         self._failing: str | None = None
         self._unmatched: dict[str, None] = {}
+        self._counted: dict[str, None] = {}  # ids of the rows counted in the events metrics (insertion order)
 
     async def run(self) -> None:
         while True:
@@ -151,7 +155,10 @@ class EventPoller:
         ctx = self.ctx
         read = await self.source.page(since, until, page)
         if read.unreadable:
-            EVENTS_UNREADABLE.labels(account=self.account).inc(read.unreadable)
+            # Rows counted once each (the windows overlap: the same rows are read at several polls); a source
+            # that gives no ids for them has each read counted.
+            fresh = self._first_counted(read.unreadable_ids) + read.unreadable - len(read.unreadable_ids)
+            EVENTS_UNREADABLE.labels(account=self.account).inc(fresh)
             if self.account not in ctx.unreadable_logged:
                 ctx.unreadable_logged.add(self.account)
                 log.warning(
@@ -161,7 +168,9 @@ class EventPoller:
                     note="rows without a type, an address or a usable time: counted, not recorded",
                 )
         for raw, count in read.unknown.items():
-            EVENTS_READ.labels(account=self.account, type="unknown").inc(count)
+            ids = [ident for name, ident in read.unknown_ids if name == raw]
+            fresh = self._first_counted(ids) + count - len(ids)
+            EVENTS_READ.labels(account=self.account, type="unknown").inc(fresh)
             if (self.account, raw) not in ctx.unknown_logged:
                 ctx.unknown_logged.add((self.account, raw))
                 log.warning("events_unknown_type", account=self.account, name=raw, note="counted, not recorded")
@@ -184,8 +193,10 @@ class EventPoller:
         )
         if written is None:
             return None
+        # Each event once, at the first poll that reads and writes it (not at every overlapping poll after).
         for event in read.events:
-            EVENTS_READ.labels(account=self.account, type=event.type).inc()
+            if self._first_counted([event.id]):
+                EVENTS_READ.labels(account=self.account, type=event.type).inc()
         self._count_unmatched(applied.unmatched)
         if applied.lost:
             EVENTS_MATCHED_LOST.labels(account=self.account).inc(applied.lost)
@@ -232,6 +243,19 @@ class EventPoller:
             if await self.contacts.whitelisted(address):
                 protected.add(address)
         return frozenset(protected)
+
+    def _first_counted(self, ids: list[str]) -> int:
+        """How many of these rows' ids were never counted before (and are now), remembering the last
+        COUNTED_SEEN: more than that many rows within one `overlap` would be counted again."""
+        seen = self._counted
+        fresh = 0
+        for ident in ids:
+            if ident not in seen:
+                seen[ident] = None
+                fresh += 1
+        while len(seen) > COUNTED_SEEN:
+            del seen[next(iter(seen))]
+        return fresh
 
     def _count_unmatched(self, events: list[VendorEvent]) -> None:
         fresh = [e for e in events if e.id not in self._unmatched]

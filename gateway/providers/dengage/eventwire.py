@@ -11,7 +11,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from gateway.core.errors import UpstreamUnavailable
-from gateway.core.events import EventPage, EventType, add_event, vendor_stamp
+from gateway.core.events import EventPage, EventType, add_event, add_unreadable, vendor_stamp
 from gateway.upstream.response import HttpResponse
 from gateway.upstream.shape import Reading, keys, number
 
@@ -102,7 +102,7 @@ def read_report(
     table = {k: v for k, v in REPORT_ANSWERS.items() if k not in ("rows", "total")}
     for row in rows:
         if not isinstance(row, dict):
-            page.unreadable += 1
+            add_unreadable(page, account, row)
             continue
         fields = reading.fields(row, table, "rows[].", REPORT_KEYS)
         add_event(page, account, fields, EVENT_TYPES, tz, "upstream_id", _report_type)

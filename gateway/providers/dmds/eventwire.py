@@ -10,7 +10,7 @@ from datetime import tzinfo
 from typing import Any
 
 from gateway.core.errors import RateLimited, UpstreamUnavailable
-from gateway.core.events import EventPage, EventType, add_event, vendor_stamp
+from gateway.core.events import EventPage, EventType, add_event, add_unreadable, vendor_stamp
 from gateway.providers.dmds.wire import key_refused
 from gateway.upstream.response import HttpResponse
 from gateway.upstream.shape import Reading, keys, number
@@ -128,7 +128,7 @@ def read_events(
     table = {k: v for k, v in EVENT_ANSWERS.items() if k in ("type", "address", "time", "eeid", "id", "detail")}
     for row in rows:
         if not isinstance(row, dict):
-            page.unreadable += 1
+            add_unreadable(page, account, row)
             continue
         fields = reading.fields(row, table, "eventos[].", EVENT_KEYS)
         add_event(page, account, fields, EVENT_TYPES, tz, "eeid", str.lower)
