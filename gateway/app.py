@@ -400,8 +400,10 @@ class App:
         if listeners is None:
             return False
         async with self._reloading:
-            if self.source is None:
-                return await listeners.reload_tls()
+            if self.source is None:  # no configuration file: the certificates only, counted like a reload's
+                loaded = await listeners.reload_tls()
+                CONFIG_RELOADS.labels(result="ok" if loaded else "tls_failed").inc()
+                return loaded
             oauth = listeners.oauth
             try:
                 new = await asyncio.to_thread(self.source)  # reads the file and any *_file secrets

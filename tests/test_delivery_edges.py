@@ -140,7 +140,8 @@ def test_a_key_answered_while_the_store_fails_still_refuses_a_different_message(
 def test_a_queue_that_cannot_store_is_logged_once_per_outage(gateway_factory: Callable[..., Running]) -> None:
     """Each message the queue cannot take has its own summary line (message_deferred, with the reason); the
     outage itself is one spool_unavailable when it begins and one spool_available when a message is stored
-    again, not an error line per message beside each summary line."""
+    again, not an error line per message beside each summary line; each is counted in
+    smtp_gateway_queue_store_failures_total."""
     gw = gateway_factory(delivery=FAST)
     store: Any = gw.app.store
     insert = store.insert
@@ -149,6 +150,7 @@ def test_a_queue_that_cannot_store_is_logged_once_per_outage(gateway_factory: Ca
         raise SpoolUnavailable("database or disk is full")
 
     gw.fault(status=503, count=None)  # every message needs the queue
+    failures = REGISTRY.get_sample_value("smtp_gateway_queue_store_failures_total") or 0.0
     with structlog.testing.capture_logs() as logs:
         store.insert = down
         refused = [send(gw.port(), f"refused {i}")[0] for i in range(3)]
@@ -158,6 +160,8 @@ def test_a_queue_that_cannot_store_is_logged_once_per_outage(gateway_factory: Ca
     assert (refused, queued) == ([452, 452, 452], 250)
     assert [e["event"] for e in logs if e["event"].startswith("spool_")] == ["spool_unavailable", "spool_available"]
     assert [e["failures"] for e in logs if e["event"] == "spool_available"] == [3]
+    # Each one counted, for the SmtpGatewayQueueCannotStore alert (the log says the outage once).
+    assert REGISTRY.get_sample_value("smtp_gateway_queue_store_failures_total") == failures + 3
     assert len([e for e in logs if e["event"] == "message_deferred"]) == 3
     wait_for(lambda: [r["body"]["asunto"] for r in gw.sent] == ["queued"] or None, 10, "the queued one delivered")
 

@@ -12,6 +12,7 @@ import pytest
 import pytest_asyncio
 from structlog.testing import capture_logs
 
+from gateway.ops.metrics import DNS_RESOLVER_FAILURES
 from gateway.policy.dns import DnsResolver, DnsResolverBroken, DnsTemporaryError
 from tests.conftest_dns import DNS_TIMEOUT, MX, make_zones
 from tests.dnsserver import DnsServer, ZoneData
@@ -119,6 +120,7 @@ async def test_denials_of_a_broken_resolver_are_not_cached(server: DnsServer) ->
 async def test_broken_resolver_is_logged_once_a_minute(server: DnsServer) -> None:
     clock = FakeClock()
     resolver = DnsResolver(["127.0.0.1"], port=server.port, timeout=DNS_TIMEOUT, clock=clock)
+    failures = DNS_RESOLVER_FAILURES._value.get()
     with capture_logs() as logs:
         for i in range(5):
             with pytest.raises(DnsResolverBroken):
@@ -127,6 +129,8 @@ async def test_broken_resolver_is_logged_once_a_minute(server: DnsServer) -> Non
         clock.now += 40  # 60 s after the first
         with pytest.raises(DnsResolverBroken):
             await resolver.domain_exists("later.example")
+    # Every failed lookup counted (the SmtpGatewayDnsResolverBroken alert), the log sampled.
+    assert DNS_RESOLVER_FAILURES._value.get() == failures + 6
     broken = [e for e in logs if e["event"] == "dns_resolver_broken"]
     assert [(e["log_level"], e["failed_lookups"]) for e in broken] == [("error", 1), ("error", 5)]
     assert broken[0]["nameservers"] == ["127.0.0.1"] and broken[0]["port"] == server.port

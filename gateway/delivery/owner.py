@@ -48,6 +48,7 @@ from gateway.ops.metrics import (
     DELIVERIES,
     FENCED,
     INTERNAL_ERRORS,
+    QUEUE_STORE_FAILURES,
     RESENDS,
 )
 from gateway.queue import codec
@@ -318,6 +319,7 @@ class DeliveryOwner:
             await self._store_inflight(attempt)
         except SpoolUnavailable as exc:
             # Cannot store it: the running call's answer is all there is (bounded by the HTTP timeout).
+            QUEUE_STORE_FAILURES.inc()
             if self._spool_failing.occurred():
                 attempt.log.error("spool_unavailable", queue_id=attempt.msg_id, error=exc.reason)
             outcome = await call
@@ -407,6 +409,7 @@ class DeliveryOwner:
         try:
             await self.store.insert(self._new(attempt, decision, inflight=False))
         except SpoolUnavailable as exc:
+            QUEUE_STORE_FAILURES.inc()
             if self._spool_failing.occurred():
                 bound.error(
                     "spool_unavailable",

@@ -498,3 +498,18 @@ def zero_alerted(accounts: Iterable[str] = (), listeners: Iterable[str] = ()) ->
     for listener in listeners:
         for reason in CONNECTION_REFUSAL_REASONS:
             CONNECTIONS_REFUSED.labels(listener=listener, reason=reason)
+
+
+DNS_RESOLVER_FAILURES = Counter(
+    "smtp_gateway_dns_resolver_failures_total",
+    "DNS lookups (dns.check_sender_domain) that failed because the resolver itself is broken (unconfigured, or "
+    "its check of a top-level domain failed too): a MAIL FROM answered 451 4.4.3; logged as dns_resolver_broken, "
+    "at most once a minute",
+    registry=REGISTRY,
+)
+QUEUE_STORE_FAILURES = Counter(
+    "smtp_gateway_queue_store_failures_total",
+    "Messages the queue could not store (locked, read-only, full, unreachable): a message whose inline delivery "
+    "did not settle it got 452 4.3.1; logged as spool_unavailable, once per outage",
+    registry=REGISTRY,
+)

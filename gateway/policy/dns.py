@@ -19,6 +19,7 @@ import dns.resolver
 import structlog
 
 from gateway.core.cache import AsyncCache, Fresh
+from gateway.ops.metrics import DNS_RESOLVER_FAILURES
 
 __all__ = ["DnsResolver", "DnsResolverBroken", "DnsTemporaryError"]
 
@@ -252,6 +253,7 @@ class DnsResolver:
         """Log a broken resolver at error level, at most once a minute (counting the lookups in between)."""
         self._broken = True
         self._broken_since_log += 1
+        DNS_RESOLVER_FAILURES.inc()
         now = self._clock()
         if self._last_broken_log is None or now - self._last_broken_log >= _LOG_INTERVAL:
             log.error(
