@@ -183,9 +183,15 @@ async def test_sign_in_failures_lock_the_address_out_until_an_admin_lifts_it(
     async with Client(base(gw), address="127.0.0.2") as attacker, Client(base(gw)) as admin:
         for _ in range(2):
             assert (await attacker.signin(password="guess"))[0] == 401
-        assert (await attacker.signin(password="guess"))[0] == 429  # the third failure locks the address out
-        status, response, page = await attacker.signin()  # the right password, refused unchecked
+        with captured_with_context() as refusals:
+            assert (await attacker.signin(password="guess"))[0] == 429  # the third failure locks the address out
+            status, response, page = await attacker.signin()  # the right password, refused unchecked
+            for _ in range(5):
+                assert (await attacker.signin(password="guess"))[0] == 429
         assert status == 429 and int(response.headers["Retry-After"]) > 800 and "Too many" in page
+        # Refused unchecked, each costs no hash: one line a minute per address, the rest counted in `suppressed`.
+        locked = [e for e in refusals if e["event"] == "console_signin_locked_out"]
+        assert [(e["client"], e["suppressed"]) for e in locked] == [("127.0.0.2", 0)]
         assert (await admin.signin())[0] == 303  # another address is not affected
         status, _, page = await admin.get("/console/logins")
         assert "127.0.0.2" in page and "locked out" in page

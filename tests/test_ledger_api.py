@@ -18,11 +18,13 @@ from typing import Any
 
 import httpx
 import pytest
+import structlog
 from pydantic import ValidationError
 
 from gateway.auth.passwords import hash_password
 from gateway.config import HttpSettings, load_settings
 from gateway.config.reload import plan_reload
+from gateway.ops.metrics import REGISTRY
 from gateway.smtp.tls import write_self_signed
 from tests.docs_blocks import doc_blocks
 from tests.harness import Running
@@ -146,6 +148,22 @@ def test_failed_tokens_lock_the_client_ip_out(gateway_factory: Callable[..., Run
     assert [curl(url, *bearer("wrong"))[0] for _ in range(2)] == [401, 401]
     status, headers, body = curl(url, *bearer())  # even the right token, while locked out
     assert status == 429 and int(headers["retry-after"]) > 0 and body["error"] == "too_many_failures"
+
+
+def test_a_locked_out_client_is_logged_once_a_minute_and_counted_each_time(
+    gateway_factory: Callable[..., Running],
+) -> None:
+    """A locked-out request costs no hash: its warning line is sampled (one per address a minute, as SMTP's
+    auth_locked_out), not one per 429; smtp_gateway_api_auth_total{result="locked_out"} counts each."""
+    gw = gateway_factory(http=API, limits={"auth_failures_per_ip": 2, "auth_lockout_failures": 2, "auth_delay_max": 0})
+    url = f"{base(gw)}/api/v1/messages"
+    locked = REGISTRY.get_sample_value("smtp_gateway_api_auth_total", {"result": "locked_out"}) or 0.0
+    with structlog.testing.capture_logs() as logs, httpx.Client(timeout=10) as client:
+        statuses = [client.get(url, headers={"Authorization": f"Bearer wrong-{i}"}).status_code for i in range(22)]
+    assert statuses == [401, 401] + [429] * 20
+    lines = [e for e in logs if e["event"] == "api_auth_locked_out"]
+    assert [(e["log_level"], e["suppressed"]) for e in lines] == [("warning", 0)]
+    assert REGISTRY.get_sample_value("smtp_gateway_api_auth_total", {"result": "locked_out"}) == locked + 20
 
 
 async def test_tokens_sent_together_are_limited_like_ones_sent_in_turn(

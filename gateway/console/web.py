@@ -36,6 +36,7 @@ from gateway.core.errors import SpoolUnavailable
 from gateway.delivery.admin import BadSelection
 from gateway.ledger.model import iso
 from gateway.ledger.store import LedgerUnavailable
+from gateway.limits.clients import LogSampler
 from gateway.ops.metrics import (
     CONSOLE_ACTION_MESSAGES,
     CONSOLE_ACTIONS,
@@ -139,6 +140,9 @@ class Console:
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
         self.signin = AdminSignIn(gw.settings.limits)
+        # A locked-out client's sign-ins cost no hash: one line a minute per address (as SMTP's auth_locked_out),
+        # each one counted in smtp_gateway_console_logins_total{result="locked_out"}.
+        self._lockout_lines = LogSampler()
         self._secret: str | None = None
         self.keys = self._keys(gw.settings.console)
         # Sessions known here to be signed out (a sign-out is never undone: kept until its lifetime ends). Only
@@ -496,7 +500,11 @@ class Console:
 
     async def _locked_out(self, request: web.Request, client: str, retry_after: float) -> web.Response:
         CONSOLE_LOGINS.labels(result="locked_out").inc()
-        log.warning("console_signin_locked_out", client=client, retry_after=round(retry_after))
+        suppressed = self._lockout_lines.allow(client)
+        if suppressed is not None:
+            log.warning(
+                "console_signin_locked_out", client=client, retry_after=round(retry_after), suppressed=suppressed
+            )
         response = await self._signin_form(
             request, error="Too many failed sign-ins from this address: try again later.", status=429
         )

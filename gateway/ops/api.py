@@ -28,6 +28,7 @@ from gateway.ledger.query import parse_query
 from gateway.ledger.returns import ReturnStore
 from gateway.ledger.store import LedgerStore, LedgerUnavailable
 from gateway.ledger.suppression import SuppressionSet
+from gateway.limits.clients import LogSampler
 from gateway.ops.apiauth import TokenAuth
 from gateway.ops.metrics import API_REQUESTS
 
@@ -57,6 +58,9 @@ class MessageApi:
         self.auth = auth
         self.returns = returns
         self.suppressions = suppressions  # this instance's copy: a removal applies to it at once
+        # A locked-out client's requests cost no hash: one line a minute per address (as SMTP's auth_locked_out),
+        # each one counted in smtp_gateway_api_auth_total{result="locked_out"}.
+        self._sampler = LogSampler()
 
     def install(self, app: web.Application) -> None:
         app.router.add_get("/api/v1/messages", self._guarded("messages", self.search))
@@ -83,7 +87,11 @@ class MessageApi:
         client = request.remote or ""
         verdict = await self.auth.check(request.headers.get("Authorization"), client)
         if verdict.result == "locked_out":
-            log.warning("api_auth_locked_out", client=client, retry_after=round(verdict.retry_after))
+            suppressed = self._sampler.allow(client)
+            if suppressed is not None:
+                log.warning(
+                    "api_auth_locked_out", client=client, retry_after=round(verdict.retry_after), suppressed=suppressed
+                )
             response = error(429, "too_many_failures", "too many failed tokens from this address; try again later")
             response.headers["Retry-After"] = str(max(1, round(verdict.retry_after)))
             return response
