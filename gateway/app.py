@@ -38,10 +38,10 @@ from gateway.ledger.writer import LedgerWriter
 from gateway.limits.clients import AuthGuard, Defenses
 from gateway.limits.lockouts import LocalLockouts, Lockouts
 from gateway.limits.quotas import QuotaTracker
-from gateway.ops import logs
+from gateway.ops import logs, tasks
 from gateway.ops.clockskew import ClockWatch
 from gateway.ops.memory import MmapThreshold, set_mmap_threshold
-from gateway.ops.metrics import AUTH_TRACKED, CONFIG_RELOADS, zero_alerted
+from gateway.ops.metrics import AUTH_TRACKED, CONFIG_RELOADS, INTERNAL_ERRORS, zero_alerted
 from gateway.ops.queuestats import QUEUE_STATS
 from gateway.ops.quotastats import QUOTA_STATS
 from gateway.ops.signals import Hangups, StopSignals
@@ -309,21 +309,29 @@ class App:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        task.add_done_callback(tasks.report_failure)  # a bug: logged and counted, not left to asyncio
 
     async def _queue_stats(self) -> None:
         """Keep the queue figures for /metrics fresh (and notice a queue that cannot be read), and the count of
         client IPs with AUTH failures remembered."""
         assert self.store is not None
         while True:
-            self._auth_figures()
             try:
-                QUEUE_STATS.update(await self.store.counts(time.time()))
-            except SpoolUnavailable as exc:
-                self.store.health.record("read", exc.reason)
-            else:
-                self.store.health.record("read", None)
-                await self._measure_clock()
+                self._auth_figures()
+                await self._queue_figures()
+            except Exception as exc:  # a bug: counted and logged; the figures go on next round
+                tasks.loop_failed("queue_stats", exc)
             await idle(QUEUE_STATS_EVERY)
+
+    async def _queue_figures(self) -> None:
+        assert self.store is not None
+        try:
+            QUEUE_STATS.update(await self.store.counts(time.time()))
+        except SpoolUnavailable as exc:
+            self.store.health.record("read", exc.reason)
+        else:
+            self.store.health.record("read", None)
+            await self._measure_clock()
 
     def _auth_figures(self) -> None:
         """smtp_gateway_auth_failure_ips, read again: the guard forgets failures when their time is up but only
@@ -387,7 +395,11 @@ class App:
         """SIGHUP: read the configuration again and apply it (or, without a source, the certificates)."""
 
         async def reload() -> None:
-            await self.reload()  # logs its outcome
+            try:
+                await self.reload()  # logs its outcome
+            except Exception as exc:  # a bug: the running configuration stays; said once, counted
+                INTERNAL_ERRORS.labels(where="reload").inc()
+                log.error("config_reload_internal_error", action="kept the running configuration", exc_info=exc)
 
         self._spawn(reload())
 

@@ -30,7 +30,7 @@ from gateway.ledger.store import LedgerStore, LedgerUnavailable
 from gateway.ledger.suppression import SuppressionSet
 from gateway.limits.clients import LogSampler
 from gateway.ops.apiauth import TokenAuth
-from gateway.ops.metrics import API_REQUESTS
+from gateway.ops.metrics import API_REQUESTS, INTERNAL_ERRORS
 
 log = structlog.get_logger("gateway.api")
 
@@ -114,6 +114,10 @@ class MessageApi:
         except LedgerUnavailable as exc:
             log.error("api_ledger_unavailable", error=exc.reason)
             response = error(503, "unavailable", "the message ledger cannot be read now; try again")
+        except Exception as exc:  # a bug: once with its traceback, counted; the client gets a plain 500
+            INTERNAL_ERRORS.labels(where="api").inc()
+            log.error("api_internal_error", token=verdict.name, path=request.path, exc_info=exc)
+            response = error(500, "internal_error", "internal error (logged as api_internal_error)")
         log.info("api_request", token=verdict.name, client=client, path=request.path, status=response.status)
         return response
 

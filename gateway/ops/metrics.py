@@ -458,6 +458,8 @@ RELOAD_RESULTS = ("ok", "invalid", "tls_failed")
 DEAD_CAUSES = ("refused", "expired", "held", "internal_error", "corrupt")
 INTERNAL_ERROR_PLACES = (
     "accept",
+    "api",
+    "background",
     "dengage_froms_refresh",
     "events_poll",
     "inline_delivery",
@@ -467,6 +469,7 @@ INTERNAL_ERROR_PLACES = (
     "notices",
     "queue_delivery",
     "quota_return",
+    "reload",
     "retry_worker",
     "smtp_session",
     "webhooks",

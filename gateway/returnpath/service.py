@@ -23,6 +23,7 @@ from gateway.ledger.backends import open_returns
 from gateway.ledger.recorder import Recorder
 from gateway.ledger.store import LedgerStore, LedgerUnavailable
 from gateway.ledger.suppression import SuppressionSet
+from gateway.ops import tasks as background
 from gateway.providers.base import Provider
 from gateway.returnpath.contacts import InvalidContacts
 from gateway.returnpath.notices import NoticeSender
@@ -80,6 +81,7 @@ class ReturnPath:
         tasks = self._tasks if into is None else into
         tasks.add(task)
         task.add_done_callback(tasks.discard)
+        task.add_done_callback(background.report_failure)  # a bug: logged and counted, not left to asyncio
         return task
 
     def start(self, providers: Mapping[str, Provider]) -> None:
@@ -153,8 +155,12 @@ class ReturnPath:
 
     async def _pending(self) -> None:
         while True:
-            with contextlib.suppress(LedgerUnavailable):
+            try:
                 await self.webhooks.count_pending()
+            except LedgerUnavailable:
+                pass
+            except Exception as exc:  # a bug: counted and logged; the gauges go on next round
+                background.loop_failed("webhook_pending", exc)
             await idle(PENDING_EVERY)
 
     async def _reap(self) -> None:
@@ -162,11 +168,15 @@ class ReturnPath:
         gateway resumes their polls, notices and webhook deliveries at once (as the retry worker does for the
         queue's messages)."""
         while True:
-            with contextlib.suppress(LedgerUnavailable):
+            try:
                 dead = dead_local_owners(self.ctx.owner, await self.returns.owners())
                 if dead:
                     count = await self.returns.expire_owners(dead, time.time())
                     log.warning("return_path_dead_owners_expired", owners=dead, leases=count)
+            except LedgerUnavailable:
+                pass
+            except Exception as exc:  # a bug: counted and logged; the reaper goes on next round
+                background.loop_failed("return_path_reaper", exc)
             await idle(DEAD_OWNER_CHECK)
 
     async def stop(self) -> None:
