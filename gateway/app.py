@@ -98,6 +98,7 @@ def oauth_verifier(settings: OAuthSettings) -> OAuthVerifier | None:
             timeout=issuer.http_timeout,
             max_connections=2,
             ca_file=issuer.ca_file,
+            vendor=False,  # timed apart from the accounts' vendor calls
         )
         path = (url.path or "/") + (f"?{url.query}" if url.query else "")
         fetch = functools.partial(client.request, "jwks", "GET", path, headers={"Accept": "application/json"})

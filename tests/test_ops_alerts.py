@@ -6,6 +6,7 @@ process's life would never fire its alert."""
 from __future__ import annotations
 
 import ast
+import contextlib
 import re
 import typing
 from collections.abc import Callable
@@ -13,8 +14,10 @@ from pathlib import Path
 
 import httpx
 
+from gateway.core.errors import GatewayError
 from gateway.core.records import DeadCause
 from gateway.ops import metrics
+from gateway.upstream.client import HttpClient
 from tests.harness import Running
 
 GATEWAY = Path(__file__).resolve().parents[1] / "gateway"
@@ -83,3 +86,41 @@ def test_every_literal_label_value_is_zeroed() -> None:
     assert _literal_labels("CONFIG_RELOADS", "result") <= set(metrics.RELOAD_RESULTS)
     assert _literal_labels("CONNECTIONS_REFUSED", "reason") <= set(metrics.CONNECTION_REFUSAL_REASONS)
     assert set(typing.get_args(DeadCause)) == set(metrics.DEAD_CAUSES)
+
+
+async def test_webhook_and_jwks_calls_are_not_an_accounts_upstream_calls() -> None:
+    """A webhook POST (or a JWKS fetch) is timed in smtp_gateway_outbound_http_seconds{client}, not under an
+    `account` of smtp_gateway_upstream_seconds: a receiver that is down does not fire SmtpGatewayUpstreamFailing
+    for an account named "webhooks", nor is an issuer's fetch summed into an account of the same name."""
+    http = HttpClient(
+        "",
+        upstream="webhook",
+        account="webhooks",
+        timeout=5.0,
+        transport=httpx.MockTransport(lambda request: httpx.Response(503)),
+        vendor=False,
+    )
+    labels = {"endpoint": "webhook", "outcome": "server_error"}
+    vendor = metrics.REGISTRY.get_sample_value("smtp_gateway_upstream_seconds_count", {"account": "webhooks", **labels})
+    other = metrics.REGISTRY.get_sample_value(
+        "smtp_gateway_outbound_http_seconds_count", {"client": "webhooks", **labels}
+    )
+    try:
+        with contextlib.suppress(GatewayError):
+            await http.request("webhook", "POST", "http://127.0.0.1:9/h", headers={}, content=b"{}")
+    finally:
+        await http.aclose()
+    assert (
+        metrics.REGISTRY.get_sample_value("smtp_gateway_upstream_seconds_count", {"account": "webhooks", **labels})
+        == vendor
+    )
+    assert (
+        metrics.REGISTRY.get_sample_value("smtp_gateway_outbound_http_seconds_count", {"client": "webhooks", **labels})
+        == (other or 0.0) + 1
+    )
+
+
+def test_the_gateways_webhook_client_is_not_a_vendors(gateway_factory: Callable[..., Running]) -> None:
+    gw = gateway_factory()
+    assert gw.app.returnpath is not None
+    assert gw.app.returnpath.http.vendor is False

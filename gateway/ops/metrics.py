@@ -26,10 +26,19 @@ MESSAGES = Counter(
 )
 UPSTREAM_SECONDS = Histogram(
     "smtp_gateway_upstream_seconds",
-    "Upstream API calls and their latency (the _count is the number of calls) by outcome: ok (2xx), "
-    "client_error (4xx), server_error (5xx), not_sent (never reached the upstream: safe to resend), "
-    "answer_lost (sent, no complete answer: the upstream may have it)",
+    "Upstream API calls of the configured accounts and their latency (the _count is the number of calls) by "
+    "outcome: ok (2xx), client_error (4xx), server_error (5xx), not_sent (never reached the upstream: safe to "
+    "resend), answer_lost (sent, no complete answer: the upstream may have it)",
     ["account", "endpoint", "outcome"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    registry=REGISTRY,
+)
+OUTBOUND_SECONDS = Histogram(
+    "smtp_gateway_outbound_http_seconds",
+    "The gateway's other HTTP calls, none of an account's vendor: webhook POSTs (client=webhooks, "
+    "endpoint=webhook) and OAuth issuers' JWKS fetches (client=<issuer name>, endpoint=jwks), by outcome as "
+    "smtp_gateway_upstream_seconds",
+    ["client", "endpoint", "outcome"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
     registry=REGISTRY,
 )

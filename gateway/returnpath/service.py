@@ -49,7 +49,9 @@ class ReturnPath:
         self.subscriptions = Subscriptions(settings.webhooks)
         recorder.subscriptions = self.subscriptions
         # The one HTTP client of every webhook (each delivery gives its own timeout).
-        self.http = HttpClient("", upstream="webhook", account="webhooks", timeout=30.0, max_connections=64)
+        self.http = HttpClient(
+            "", upstream="webhook", account="webhooks", timeout=30.0, max_connections=64, vendor=False
+        )
         self.webhooks = WebhookSender(
             self.returns,
             self.http,

@@ -30,7 +30,7 @@ from prometheus_client import Histogram
 from gateway.config.urls import without_urls
 from gateway.core.errors import AnswerInvalid, AnswerLost, AnswerTooLarge, UpstreamUnavailable
 from gateway.mime import jsonbody
-from gateway.ops.metrics import UPSTREAM_SECONDS
+from gateway.ops.metrics import OUTBOUND_SECONDS, UPSTREAM_SECONDS
 from gateway.upstream.aiohttp_transport import AiohttpTransport, NotHttp, OverLimit, slices
 from gateway.upstream.response import HttpResponse
 from gateway.upstream.upload import Upload
@@ -70,11 +70,16 @@ class HttpClient:
         max_connections: int = 50,
         transport: TransportKind | httpx.AsyncBaseTransport = "aiohttp",
         ca_file: Path | None = None,
+        vendor: bool = True,
     ) -> None:
-        """`ca_file`: CA certificates (PEM) to trust instead of the system's (a private CA)."""
+        """`ca_file`: CA certificates (PEM) to trust instead of the system's (a private CA). `vendor`: an
+        account's upstream, timed in smtp_gateway_upstream_seconds{account}; else (webhooks, JWKS) in
+        smtp_gateway_outbound_http_seconds{client}, so that an account's figures and alert hold its vendor's
+        calls only."""
         self.base_url = base_url.rstrip("/")
         self.upstream = upstream  # "DMDS", "dEngage": for log reasons
         self.account = account
+        self.vendor = vendor
         self._timeout = self.timeouts(timeout)
         context = ssl.create_default_context(cafile=str(ca_file)) if ca_file is not None else None
         self._transport = (
@@ -255,8 +260,10 @@ class HttpClient:
     def _observe(self, endpoint: str, outcome: str, seconds: float) -> None:
         child = self._metrics.get((endpoint, outcome))
         if child is None:
-            child = self._metrics[(endpoint, outcome)] = UPSTREAM_SECONDS.labels(
-                account=self.account, endpoint=endpoint, outcome=outcome
+            child = self._metrics[(endpoint, outcome)] = (
+                UPSTREAM_SECONDS.labels(account=self.account, endpoint=endpoint, outcome=outcome)
+                if self.vendor
+                else OUTBOUND_SECONDS.labels(client=self.account, endpoint=endpoint, outcome=outcome)
             )
         child.observe(seconds)
 
