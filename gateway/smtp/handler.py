@@ -358,6 +358,8 @@ class GatewayHandler:
         if ticket is not None:
             server.auth_ticket = None
             await self.defenses.auth.end(ticket, failed=False)
+        # Read again at every AUTH (the app's figures loop does too): what expired meanwhile is pruned.
+        AUTH_TRACKED.set(len(self.defenses.auth))
 
     async def _refuse(self, server: Any, session: Session, fields: dict[str, str], checked: bool = True) -> AuthResult:
         key = _client(session)
