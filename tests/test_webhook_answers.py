@@ -17,7 +17,7 @@ from gateway.config.urls import MASK
 from gateway.ledger import render
 from gateway.ledger.backends import open_returns
 from gateway.ledger.model import OutboxRow
-from gateway.ops.metrics import WEBHOOK_DUPLICATES, WEBHOOK_FAILED
+from gateway.ops.metrics import WEBHOOK_DUPLICATES, WEBHOOK_FAILED, WEBHOOK_PENDING
 from gateway.returnpath.webhooks import WebhookSender
 from gateway.upstream.client import HttpClient, TransportKind
 from tests.test_returnpath_units import T0, Clock, _ledger, _select, _sent
@@ -235,3 +235,28 @@ def test_retries_are_at_most_an_hour_apart_and_jittered_below_it() -> None:
     assert max(late) == BACKOFF_MAX
     early = [backoff(10.0, 2, rng) for _ in range(1000)]
     assert 10.0 <= min(early) < 20.0 < max(early) <= 30.0
+
+
+async def test_the_pending_gauge_of_a_removed_webhook_goes_to_zero(tmp_path: Path) -> None:
+    """A webhook removed by a reload with deliveries pending: they fail as `removed`, and its
+    smtp_gateway_webhook_pending reads 0 then, not its last count until a restart."""
+    ledger = await _ledger(tmp_path)
+    http = HttpClient("", upstream="webhook", account="webhooks", timeout=30.0)
+    hooks = {
+        name: WebhookSettings(name=name, url="http://127.0.0.1:9/h", secret="s", timeout=5, backoff=1)
+        for name in ("gone", "kept")
+    }
+    try:
+        await _sent(ledger, "M1", "a@example.net", "TX1", T0 - 600)
+        await ledger.write([OutboxRow("gone", "ev1", "M1", T0 - 600, T0, "bounced", '{"id": "ev1"}')])
+        sender = WebhookSender(open_returns(ledger), http, "gw-a", lambda: hooks, clock=Clock(T0))
+        await sender.count_pending()
+        assert WEBHOOK_PENDING.labels(webhook="gone")._value.get() == 1
+        del hooks["gone"]  # the reload
+        with capture_logs():
+            await sender.round()  # the delivery fails as removed
+        await sender.count_pending()
+        assert WEBHOOK_PENDING.labels(webhook="gone")._value.get() == 0
+    finally:
+        await http.aclose()
+        await ledger.close()

@@ -93,6 +93,7 @@ class WebhookSender:
         self.clock = clock
         self.rng = rng or random.Random()
         self.wakeup = asyncio.Event()  # this instance recorded deliveries: look now
+        self._gauged: set[str] = set()  # webhook names the pending gauge showed at the last count
         self._failing: str | None = None
         self._internal_logged: set[tuple[str, str]] = set()  # (webhook, error type): traceback logged once
 
@@ -238,5 +239,9 @@ class WebhookSender:
     async def count_pending(self) -> None:
         """The pending gauge, from the shared outbox (every instance's deliveries)."""
         pending = await self.returns.pending_deliveries()
-        for name in {*self.webhooks(), *pending}:
+        # Names shown before too: a webhook removed by a reload whose last deliveries have gone reads 0, not
+        # its last count for the process's life.
+        names = {*self.webhooks(), *pending, *self._gauged}
+        for name in names:
             WEBHOOK_PENDING.labels(webhook=name).set(pending.get(name, 0))
+        self._gauged = {*self.webhooks(), *pending}
