@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from gateway.auth.passwords import hash_password
+from gateway.config import Settings, preflight
 from gateway.queue import sqlite_schema
 from tests.procs import ready, spawn
 
@@ -187,3 +188,14 @@ def test_check_config_names_the_old_unit_s_queue_left_behind(tmp_path: Path) -> 
     assert f"no queue there, but {old} exists" in done.stderr, done.stderr
     assert f'set delivery.spool_path = "{old}" to keep using it' in done.stderr
     assert not (state / "var").exists()  # check-config created nothing
+
+
+def test_a_postgresql_queue_gets_no_note_about_spool_path(tmp_path: Path) -> None:
+    """With delivery.queue_url the SQLite file is not used: no note about its (default, relative) path, which
+    `serve` would print before its JSON log lines."""
+    settings = Settings.model_validate(
+        {"delivery": {"queue_url": "postgresql://gateway@127.0.0.1:5432/gateway", "spool_path": "var/spool.sqlite3"}}
+    )
+    assert not [f for f in preflight.files(settings) if "spool_path" in f.text]
+    sqlite = Settings.model_validate({"delivery": {"spool_path": "var/spool.sqlite3"}})
+    assert [f for f in preflight.files(sqlite) if "is relative" in f.text]

@@ -52,13 +52,14 @@ def serve_ports(settings: Settings) -> list[Port]:
 
 
 def files(settings: Settings) -> list[Finding]:
-    """TLS certificate and key (set, readable, loadable together, not expired), the spool's directory and where
-    large messages' DATA goes (limits.spill_dir)."""
+    """TLS certificate and key (set, readable, loadable together, not expired), the SQLite queue's file and
+    directory (not with a PostgreSQL queue) and where large messages' DATA goes (limits.spill_dir)."""
     return [
         *_tls(settings),
         *_http_tls(settings),
         *oauth_ca_files(settings.oauth),
-        *_spool(settings.delivery.spool_path),
+        # The SQLite queue's file only: with a PostgreSQL queue (queue_url) spool_path is not used.
+        *([] if settings.delivery.queue_url else _spool(settings.delivery.spool_path)),
         *_spill(settings),
     ]
 
