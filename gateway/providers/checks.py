@@ -96,6 +96,31 @@ async def probe(
         call.noted(reading)
 
 
+async def probe_return_path(
+    report: AccountCheck,
+    call: CallCheck,
+    send: Callable[[], Awaitable[HttpResponse]],
+    parse: Callable[[HttpResponse, Reading], object],
+    names: str,
+    wire_file: str,
+) -> None:
+    """One call of the return path (events.enabled reads it), as the poller makes it: recognised, or a fix
+    naming the wire constants to correct in `wire_file` when the API answered but not in the guessed shape,
+    or the call's own problem when it was not reached or refused the credentials."""
+    report.calls.append(call)
+    answered, _ = await probe(call, send, parse)
+    if answered:
+        call.recognised = True
+    elif call.reached and call.authenticated is not False:
+        call.recognised = False
+        report.fixes.append(
+            f"the return path's {call.call} cannot be read ({call.problem}): events.enabled reads it; "
+            f"correct {names} in {wire_file}"
+        )
+    else:
+        report.fixes.append(f"{call.call}: {call.problem}")
+
+
 def not_reached(report: AccountCheck, label: str, fix_credentials: str) -> bool:
     """Whether the first call showed that nothing else can be checked (the API unreachable, or refusing the
     account's credentials); the fix is added to `report` then."""

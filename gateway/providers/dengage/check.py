@@ -12,7 +12,7 @@ import orjson
 from gateway.core.errors import UpstreamRejected, UpstreamUnavailable
 from gateway.core.events import EventPage, zone
 from gateway.policy import ascii_domain, domain_of
-from gateway.providers.checks import AccountCheck, CallCheck, not_reached, probe
+from gateway.providers.checks import AccountCheck, CallCheck, not_reached, probe, probe_return_path
 from gateway.providers.dengage import eventwire, wire
 from gateway.providers.dengage.session import JSON
 from gateway.upstream.response import HttpResponse
@@ -125,7 +125,6 @@ async def _check_report(provider: DengageProvider, report: AccountCheck, headers
     until = time.time()
     path = eventwire.report_path(until - 3600, until, 0, size, settings.tag, tz)
     call = CallCheck(f"GET {eventwire.REPORT_WIRE['report']} (the last hour)")
-    report.calls.append(call)
 
     def read(response: HttpResponse, reading: Reading) -> EventPage:
         try:
@@ -137,15 +136,11 @@ async def _check_report(provider: DengageProvider, report: AccountCheck, headers
         return eventwire.read_report(data, provider.account, tz, size, 0, reading)
 
     await provider.limiter.acquire()
-    answered, _ = await probe(call, lambda: provider.http.request("report", "GET", path, headers=headers), read)
-    if answered:
-        call.recognised = True
-    elif call.reached and call.authenticated is not False:
-        call.recognised = False
-        report.fixes.append(
-            f"the return path's {call.call} cannot be read ({call.problem}): events.enabled reads it; correct "
-            f"REPORT_WIRE['report'], ['since'], ['until'], ['limit'], ['offset'] or REPORT_ANSWERS['rows'] in "
-            f"{EVENTWIRE_FILE}"
-        )
-    else:
-        report.fixes.append(f"{call.call}: {call.problem}")
+    await probe_return_path(
+        report,
+        call,
+        lambda: provider.http.request("report", "GET", path, headers=headers),
+        read,
+        "REPORT_WIRE['report'], ['since'], ['until'], ['limit'], ['offset'] or REPORT_ANSWERS['rows']",
+        EVENTWIRE_FILE,
+    )

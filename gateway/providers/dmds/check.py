@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 from gateway.core.events import zone
-from gateway.providers.checks import AccountCheck, CallCheck, not_reached, probe
+from gateway.providers.checks import AccountCheck, CallCheck, not_reached, probe, probe_return_path
 from gateway.providers.dmds import eventwire, wire
 from gateway.upstream.response import HttpResponse
 from gateway.upstream.shape import Reading
@@ -141,18 +141,7 @@ async def _check_return_path(provider: DmdsProvider, report: AccountCheck) -> No
         ),
     ]
     for call, send, parse, names in checks:
-        report.calls.append(call)
-        answered, _ = await probe(call, send, parse)
-        if answered:
-            call.recognised = True
-        elif call.reached and call.authenticated is not False:
-            call.recognised = False
-            report.fixes.append(
-                f"the return path's {call.call} cannot be read ({call.problem}): events.enabled reads it; "
-                f"correct {names} in {EVENTWIRE_FILE}"
-            )
-        else:
-            report.fixes.append(f"{call.call}: {call.problem}")
+        await probe_return_path(report, call, send, parse, names, EVENTWIRE_FILE)
 
 
 def _lookup(provider: DmdsProvider, numid: int) -> Callable[[], Awaitable[HttpResponse]]:
