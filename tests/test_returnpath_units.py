@@ -9,6 +9,7 @@ import json
 import sqlite3
 from datetime import UTC
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -21,7 +22,10 @@ from gateway.core.model import Submission
 from gateway.ledger.announce import Subscriptions
 from gateway.ledger.backends import open_returns
 from gateway.ledger.model import RANK, MessageRow, RecipientRow, replaces
+from gateway.ledger.returns import Lease
 from gateway.ledger.sqlite import SqliteLedger
+from gateway.ledger.sqlite_returns import SqliteReturns
+from gateway.ledger.store import LedgerUnavailable
 from gateway.ledger.suppression import SuppressionSet
 from gateway.providers.dmds import eventwire
 from gateway.returnpath.notices import NoticeSender
@@ -618,5 +622,60 @@ async def test_an_event_page_too_large_to_read_fails_its_poll_naming_page_size(t
         failed = [e for e in logs if e["event"] == "events_poll_failed"]
         assert len(failed) == 1
         assert failed[0]["error"].endswith("lower accounts.acme.events.page_size (now 100)")
+    finally:
+        await ledger.close()
+
+
+# -- the cursor's age through a ledger outage ---------------------------------------------------------------
+
+
+class DownReturns(SqliteReturns):
+    """The return tables of a SQLite ledger whose cursor and page writes fail while `down` is set."""
+
+    down = False
+
+    async def lease_cursor(
+        self, name: str, account: str, owner: str, now: float, lease: float, start: float
+    ) -> tuple[Lease | None, float]:
+        if self.down:
+            raise LedgerUnavailable("OperationalError: disk I/O error")
+        return await super().lease_cursor(name, account, owner, now, lease, start)
+
+    async def apply(self, *args: Any, **kwargs: Any) -> Any:
+        if self.down:
+            raise LedgerUnavailable("OperationalError: disk I/O error")
+        return await super().apply(*args, **kwargs)
+
+
+@pytest.mark.asyncio
+async def test_the_cursor_age_grows_while_the_ledger_cannot_be_written(tmp_path: Path) -> None:
+    """smtp_gateway_events_cursor_age_seconds is now minus the last position stored, at every poll, failed ones
+    too: it was set only by a poll that leased the cursor, so it stood still through a ledger outage."""
+    from structlog.testing import capture_logs
+
+    from gateway.ops.metrics import EVENTS_CURSOR_AGE
+
+    ledger = await _ledger(tmp_path)
+    try:
+        returns = DownReturns(ledger)
+        clock = Clock(T0)
+        ctx = Context(returns, "gw-a", lambda: Subscriptions(), SuppressionSet(), clock=clock)
+        settings = EventSettings(enabled=True)
+        poller = EventPoller("account-down", ListSource(), None, lambda: settings, lambda: True, ctx)
+        age = EVENTS_CURSOR_AGE.labels(account="account-down")
+        assert await poller.poll() == "ok"  # the cursor starts at T0
+        clock.t = T0 + 300
+        assert await poller.poll() == "ok"  # read up to T0 + 300 - lag
+        assert age._value.get() == settings.lag
+        returns.down = True
+        with capture_logs():
+            for step in (1, 2):
+                clock.t = T0 + 300 + 600 * step
+                assert await poller.poll() == "failed"
+                assert age._value.get() == 600 * step + settings.lag
+        returns.down = False
+        clock.t = T0 + 1500
+        assert await poller.poll() == "ok"
+        assert age._value.get() == settings.lag
     finally:
         await ledger.close()

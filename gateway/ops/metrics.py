@@ -389,7 +389,9 @@ EVENTS_UNREADABLE = Counter(
 )
 EVENTS_CURSOR_AGE = Gauge(
     "smtp_gateway_events_cursor_age_seconds",
-    "How far behind now an account's event poll has read (the lag, the overlap and any backlog)",
+    "How far behind now an account's event poll has read (the lag, the overlap and any backlog): set at every "
+    "poll from the last position stored, so it keeps growing while polls fail (the events API or the ledger "
+    "down); not shown until this process has read the account's cursor once",
     ["account"],
     registry=REGISTRY,
 )

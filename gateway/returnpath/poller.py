@@ -85,6 +85,9 @@ class EventPoller:
         self._failing: str | None = None
         self._unmatched: dict[str, None] = {}
         self._counted: dict[str, None] = {}  # ids of the rows counted in the events metrics (insertion order)
+        # The cursor's position as last read from or stored in the ledger: its age is shown from it at every
+        # poll, a failed one too (a ledger outage fails the lease itself, and the age must keep growing).
+        self._position: float | None = None
 
     async def run(self) -> None:
         while True:
@@ -111,6 +114,7 @@ class EventPoller:
             if self._failing is not None and result == "ok":
                 log.info("events_poll_recovered", account=self.account)
                 self._failing = None
+        self._show_age()
         EVENT_POLLS.labels(account=self.account, result=result).inc()
         return result
 
@@ -118,7 +122,8 @@ class EventPoller:
         settings, returns, ctx = self.settings(), self.ctx.returns, self.ctx
         now = ctx.clock()
         lease, position = await returns.lease_cursor(self.account, self.account, ctx.owner, now, settings.lease, now)
-        EVENTS_CURSOR_AGE.labels(account=self.account).set(max(0.0, now - position))
+        self._position = position
+        self._show_age()
         if lease is None:
             return "busy"
         name, token = lease.name, lease.token
@@ -141,8 +146,8 @@ class EventPoller:
                     page += 1
                 if not await returns.complete(name, token, until, ctx.clock(), settings.lease):
                     return "fenced"
-                position = until
-                EVENTS_CURSOR_AGE.labels(account=self.account).set(max(0.0, ctx.clock() - position))
+                position = self._position = until
+                self._show_age()  # as each window of a backlog is stored
                 since = until = None  # the next window, if the backlog goes on
         finally:
             with contextlib.suppress(LedgerUnavailable):
@@ -243,6 +248,11 @@ class EventPoller:
             if await self.contacts.whitelisted(address):
                 protected.add(address)
         return frozenset(protected)
+
+    def _show_age(self) -> None:
+        """smtp_gateway_events_cursor_age_seconds: now minus the last position known (none yet: not shown)."""
+        if self._position is not None:
+            EVENTS_CURSOR_AGE.labels(account=self.account).set(max(0.0, self.ctx.clock() - self._position))
 
     def _first_counted(self, ids: list[str]) -> int:
         """How many of these rows' ids were never counted before (and are now), remembering the last
