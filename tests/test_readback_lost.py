@@ -170,7 +170,7 @@ async def test_the_reviews_reproducer_a_delivered_for_a_held_recipient_is_matche
     applied = readback.apply(
         [delivered], candidates, account="acme", actor="gw", now=T0 + 120, subscriptions=Subscriptions(), suppress=True
     )
-    assert (applied.matched, applied.lost, applied.unmatched) == (1, 1, [])
+    assert (applied.matched, applied.lost, applied.unmatched) == (1, ["ev1"], [])
     # another account's event at the same address is not this recipient's
     other = readback.apply(
         [delivered], candidates, account="crm", actor="gw", now=T0 + 120, subscriptions=Subscriptions(), suppress=True
@@ -211,3 +211,34 @@ async def test_a_dmds_batch_whose_answer_was_lost_is_settled_recipient_by_recipi
         ("a@example.net", "sent", "EEID-1"),
         ("b@example.net", "sent", "EEID-1"),
     ]
+
+
+class Bare:
+    """An EventSource answering every window with the events the test lists that fall in it."""
+
+    max_window = 86400.0
+
+    def __init__(self) -> None:
+        self.events: list[VendorEvent] = []
+
+    async def page(self, since: float, until: float, number: int) -> EventPage:
+        return EventPage([e for e in self.events if since <= e.at < until], more=False)
+
+
+async def test_an_event_matched_to_a_lost_recipient_is_counted_once_though_windows_overlap(ledger) -> None:  # type: ignore[no-untyped-def]
+    """An event naming no upstream id, matched by address and time, that leaves its recipient as it was (a soft
+    bounce): the next poll's window overlaps this one and matches it again; smtp_gateway_events_matched_lost_total
+    counts it once, as smtp_gateway_events_total does (it was counted at every overlapping poll)."""
+    await lost(ledger, "M1", "a@example.net", "deferred", T0 + 5, "answer lost")
+    clock, source = Clock(T0), Bare()
+    polls = poller(ledger, source, clock)
+    assert await polls.poll() == "ok"  # the cursor starts now
+    source.events = [VendorEvent("ev-soft-1", "soft_bounced", "soft-bounce", "a@example.net", T0 + 10)]
+    before = counted()
+    for step in (1, 2, 3):  # each window reaches back `overlap` (900 s) over the last: all three read ev-soft-1
+        clock.t = T0 + 300 * step
+        assert await polls.poll() == "ok"
+        assert counted() == (before[0] + 1, before[1])
+    record = await ledger.get("M1")
+    assert record is not None
+    assert [e.kind for e in record.events].count("soft_bounced") == 1

@@ -56,7 +56,10 @@ class Applied:
 
     rows: list[Row] = field(default_factory=list)
     matched: int = 0
-    lost: int = 0  # of `matched`, matched to a recipient whose call's answer was lost (lost_pick)
+    # Of `matched`, the ids of the events matched to a recipient whose call's answer was lost (lost_pick): the
+    # poller counts each id once (an event naming no id leaves the recipient lost, and is matched again by the
+    # next overlapping window).
+    lost: list[str] = field(default_factory=list)
     unmatched: list[VendorEvent] = field(default_factory=list)
 
 
@@ -83,7 +86,8 @@ def apply(
             out.unmatched.append(event)
             continue
         out.matched += 1
-        out.lost += match.lost
+        if match.lost:
+            out.lost.append(event.id)
         key = (match.msg_id, match.rcpt)
         current = states.get(key, (match.state, match.state_at))
         rows, states[key] = _rows(event, match, current, account, actor, now, subscriptions, n)

@@ -376,7 +376,10 @@ EVENTS_UNMATCHED = Counter(
 EVENTS_MATCHED_LOST = Counter(
     "smtp_gateway_events_matched_lost_total",
     "Upstream events matched by address and time alone to the one recipient whose call's answer was lost (the "
-    "upstream id they name was never learnt); an event that fits two such recipients is left unmatched",
+    "upstream id they name was never learnt); an event that fits two such recipients is left unmatched. Each "
+    "event once though the polls' windows overlap, as this process remembers the last 100,000 it counted: an "
+    "instance that takes the account's poll over (or this one after a restart) may count again an event read "
+    "within the overlap",
     ["account"],
     registry=REGISTRY,
 )

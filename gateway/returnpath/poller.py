@@ -45,8 +45,8 @@ log = structlog.get_logger("gateway.events")
 ADDRESS_LOOKBACK = 30 * 24 * 3600.0
 # Unmatched event ids remembered so that a window read again does not count them again.
 UNMATCHED_SEEN = 100_000
-# Ids of the rows counted in smtp_gateway_events_total / _unreadable_total, so that the overlapping windows
-# count each row once.
+# Ids of the rows counted in smtp_gateway_events_total / _unreadable_total / _matched_lost_total, so that the
+# overlapping windows count each row once.
 COUNTED_SEEN = 100_000
 
 
@@ -85,6 +85,7 @@ class EventPoller:
         self._failing: str | None = None
         self._unmatched: dict[str, None] = {}
         self._counted: dict[str, None] = {}  # ids of the rows counted in the events metrics (insertion order)
+        self._lost_counted: dict[str, None] = {}  # ids of the events counted in _matched_lost_total
         # The cursor's position as last read from or stored in the ledger: its age is shown from it at every
         # poll, a failed one too (a ledger outage fails the lease itself, and the age must keep growing).
         self._position: float | None = None
@@ -203,8 +204,9 @@ class EventPoller:
             if self._first_counted([event.id]):
                 EVENTS_READ.labels(account=self.account, type=event.type).inc()
         self._count_unmatched(applied.unmatched)
-        if applied.lost:
-            EVENTS_MATCHED_LOST.labels(account=self.account).inc(applied.lost)
+        lost = self._first_counted(applied.lost, self._lost_counted)
+        if lost:
+            EVENTS_MATCHED_LOST.labels(account=self.account).inc(lost)
         ctx.suppressions.add(Suppressed.of(row) for row in written if isinstance(row, SuppressionRow))
         if applied.matched:
             ctx.written()
@@ -213,7 +215,7 @@ class EventPoller:
                 account=self.account,
                 page=page,
                 matched=applied.matched,
-                matched_lost=applied.lost,
+                matched_lost=len(applied.lost),
                 unmatched=len(applied.unmatched),
             )
         return read.more
@@ -254,10 +256,11 @@ class EventPoller:
         if self._position is not None:
             EVENTS_CURSOR_AGE.labels(account=self.account).set(max(0.0, self.ctx.clock() - self._position))
 
-    def _first_counted(self, ids: list[str]) -> int:
-        """How many of these rows' ids were never counted before (and are now), remembering the last
-        COUNTED_SEEN: more than that many rows within one `overlap` would be counted again."""
-        seen = self._counted
+    def _first_counted(self, ids: list[str], seen: dict[str, None] | None = None) -> int:
+        """How many of these rows' ids were never counted before in `seen` (the events metrics' by default),
+        and are now, remembering the last COUNTED_SEEN: more than that many rows within one `overlap` would be
+        counted again."""
+        seen = self._counted if seen is None else seen
         fresh = 0
         for ident in ids:
             if ident not in seen:
