@@ -37,7 +37,6 @@ from gateway.ops.metrics import (
     FIELDS_NOT_SENT,
     INTERNAL_ERRORS,
     LIMIT_HITS,
-    MESSAGES,
     SPILL_FAILURES,
     SUPPRESSED_RECIPIENTS,
 )
@@ -45,7 +44,6 @@ from gateway.policy.dns import DnsResolver, DnsTemporaryError
 from gateway.providers.base import Provider
 
 log = structlog.get_logger("gateway.pipeline")
-MESSAGES_BY_CLASS = {cls: MESSAGES.labels(result=f"{cls}xx") for cls in (2, 4, 5)}
 
 # Parsing a large message takes milliseconds of CPU: do it off the event loop.
 PARSE_IN_THREAD_BYTES = 256 * 1024
@@ -165,7 +163,7 @@ class Pipeline:
                 bound.warning("message_repaired", defects=list(submission.message.defects))
             if test_mode:
                 requests = self.providers[principal.account].requests(submission)
-                return self._counted(testmode.accept(requests, submission, bound, receipt, self._test_recorder(origin)))
+                return testmode.accept(requests, submission, bound, receipt, self._test_recorder(origin))
             key = idempotency.key_of(submission, account.idempotency_from_message_id)
             digest = None if key is None else await _digest(submission)
             if spill is not None:
@@ -214,7 +212,7 @@ class Pipeline:
                 reservation.release()
             if spill is not None:
                 spill.discard()
-        return self._counted(reply)
+        return reply
 
     def _test_recorder(self, origin: Origin) -> testmode.TestRecorder:
         """A test message's record in the ledger: the requests it would have sent, its TEST- reply."""
@@ -226,11 +224,6 @@ class Pipeline:
             )
 
         return record
-
-    @staticmethod
-    def _counted(reply: Reply) -> Reply:
-        MESSAGES_BY_CLASS[reply.code // 100].inc()
-        return reply
 
     async def prepare(
         self,

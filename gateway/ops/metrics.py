@@ -22,7 +22,12 @@ TLS_HANDSHAKE_FAILURES = Counter(
     registry=REGISTRY,
 )
 MESSAGES = Counter(
-    "smtp_gateway_messages_total", "Messages by final SMTP reply class: 2xx, 4xx, 5xx", ["result"], registry=REGISTRY
+    "smtp_gateway_messages_total",
+    "Messages whose data the client sent (DATA to its final dot), each once by the class of the reply to it: 2xx, "
+    "4xx, 5xx, whoever refused it (too big, the large-message budget, a quota, the upstream, an internal error). A "
+    "DATA refused before 354 is no message; one whose client left before its reply is not counted",
+    ["result"],
+    registry=REGISTRY,
 )
 UPSTREAM_SECONDS = Histogram(
     "smtp_gateway_upstream_seconds",

@@ -28,11 +28,13 @@ from gateway.core.model import Principal, Receipt
 from gateway.core.replies import Reply, add_enhanced_code
 from gateway.core.spill import SpillFile, SpillMap
 from gateway.limits.budget import ByteBudget, Reservation
-from gateway.ops.metrics import LIMIT_HITS, REFUSALS, SESSIONS_TLS, SPILL_FAILURES, SPILLED
+from gateway.ops.metrics import LIMIT_HITS, MESSAGES, REFUSALS, SESSIONS_TLS, SPILL_FAILURES, SPILLED
 from gateway.smtp.fastinit import MethodTables, init_session
 from gateway.smtp.handshake import ListenerTls, TlsHandshake
 
 log = structlog.get_logger("gateway.smtp")
+# smtp_gateway_messages_total's series, by the first digit of the reply to a message's data.
+_MESSAGES_BY_CLASS = {cls: MESSAGES.labels(result=f"{cls}xx") for cls in "245"}
 
 # Replies that never carry an enhanced code (RFC 2034 §3: not the greeting, not EHLO/HELO lines) and
 # intermediate replies whose text is protocol data (334 challenges, 354).
@@ -751,6 +753,11 @@ class GatewaySMTP(SMTP):
         # The line before the reply (a client holding its reply finds its line); a log that cannot be written
         # drops the line and raises nothing (gateway/ops/logs.py _Sink), so the reply never waits on the log.
         self._summarize(envelope, txn, status)
+        # Counted here, where every message whose data was read gets its one reply: the pipeline's, and the
+        # session's own (552 too big, 452 over the large-message budget or no room to spill, a quota, 451 a
+        # bug), so smtp_gateway_messages_total sums every such reply once. A DATA refused before 354 is no
+        # message; one whose client left (or was cut off) before its reply is message_aborted, not counted.
+        _MESSAGES_BY_CLASS[status[:1]].inc()
         self.mark_logged()
         try:
             await self.push(status)
