@@ -136,8 +136,8 @@ UNSENT_LIBRARY_REPLIES = {
     "530 5.7.0 Must issue a STARTTLS command first": "require_starttls is off on every listener",
     "501 5.5.4 SMTPUTF8 disabled": "SMTPUTF8 is enabled on every listener",
     "500 5.5.2 strict ASCII mode": "SMTPUTF8 is enabled, so a command's argument is never decoded as strict ASCII",
-    "500 5.5.2 (<x>) <x>": "GatewayHandler.handle_exception answers 451 4.3.0 Internal error instead",
-    "500 5.5.2 Cannot describe error": "only if GatewayHandler.handle_exception itself failed",
+    "500 5.5.2 (<x>) <x>": "GatewaySMTP.handle_exception answers 451 4.3.0 Internal error instead",
+    "500 5.5.2 Cannot describe error": "only if GatewaySMTP.handle_exception itself failed",
 }
 
 

@@ -12,9 +12,10 @@ from collections.abc import Callable
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from prometheus_client import REGISTRY
 
+from gateway.ops.metrics import REGISTRY
 from gateway.smtp.protocol import GatewaySMTP
+from tests.devices_util import captured_logs, events
 from tests.harness import PASSWORD, USER, Running
 from tests.smtputil import ENHANCED, RECIPIENT, SENDER, RawClient, insecure_context, message
 
@@ -318,6 +319,43 @@ def test_unexpected_exception_in_mail_is_451(gateway: Running, monkeypatch: pyte
         client.login()
         line = client.cmd(f"MAIL FROM:<{SENDER}>")
     assert line.startswith("451 4.3.0 "), line
+
+
+@pytest.mark.parametrize("command", ["MAIL", "AUTH", "DATA"])
+def test_an_unexpected_exception_is_logged_once_with_its_command_and_counted_once(
+    gateway: Running, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    """One smtp_unexpected_error line with the command's verb (never its arguments: AUTH's carry a password)
+    and the traceback; no second line for the 451 (it was command_refused, without the command)."""
+
+    async def boom(*args: object, **kwargs: object) -> str:
+        raise RuntimeError("unexpected")
+
+    target = {"MAIL": (gateway.app.pipeline, "check_sender"), "AUTH": (gateway.app.authenticator, "authenticate")}
+    obj, name = target.get(command, (gateway.app.pipeline, "accept"))
+    monkeypatch.setattr(obj, name, boom)
+    errors = internal_errors()
+    with captured_logs() as logs, RawClient(gateway) as client:
+        client.cmd("EHLO client.test")
+        line = client.login()
+        if command != "AUTH":
+            line = client.cmd(f"MAIL FROM:<{SENDER}>")
+        if command == "DATA":
+            client.cmd(f"RCPT TO:<{RECIPIENT}>")
+            assert client.cmd("DATA").startswith("354")
+            client.write(message() + b".\r\n")
+            line = client.reply()[-1]
+        assert line.startswith("451 4.3.0 "), line
+        assert client.cmd("NOOP").startswith("250 ")  # the session goes on
+    assert internal_errors() == errors + 1
+    about = [e for e in logs if e["log_level"] in ("warning", "error") or e["event"] == "command_refused"]
+    assert [(e["event"], e.get("command")) for e in about] == [
+        ("smtp_unexpected_error", command),
+        *([("message_deferred", None)] if command == "DATA" else []),  # the transaction's summary line
+    ], about
+    [error] = events(logs, "smtp_unexpected_error")
+    assert isinstance(error["exc_info"], RuntimeError) and error["error_type"] == "RuntimeError"
+    assert PASSWORD not in str(logs)
 
 
 def test_dot_stuffed_bare_lf_lines_are_unstuffed(gateway: Running) -> None:

@@ -30,7 +30,6 @@ from gateway.ops.metrics import (
     AUTH_DELAYED,
     AUTH_LOCKOUTS,
     AUTH_TRACKED,
-    INTERNAL_ERRORS,
     LIMIT_HITS,
     LOGIN_AUTH_FAILURES,
 )
@@ -540,12 +539,6 @@ class GatewayHandler:
         if per_login is not None:
             per_login.settle(principal, taken, str(reply))
         return str(reply)
-
-    async def handle_exception(self, error: Exception) -> str:
-        # Never aiosmtpd's "500 Error: (Type) text": log the traceback here, tell the client 451.
-        INTERNAL_ERRORS.labels(where="smtp_session").inc()
-        log.error("smtp_unexpected_error", error_type=type(error).__name__, exc_info=error)
-        return str(replies.INTERNAL_ERROR)
 
 
 def _why(exc: GatewayError) -> dict[str, str]:

@@ -28,7 +28,15 @@ from gateway.core.model import Principal, Receipt
 from gateway.core.replies import Reply, add_enhanced_code
 from gateway.core.spill import SpillFile, SpillMap
 from gateway.limits.budget import ByteBudget, Reservation
-from gateway.ops.metrics import LIMIT_HITS, MESSAGES, REFUSALS, SESSIONS_TLS, SPILL_FAILURES, SPILLED
+from gateway.ops.metrics import (
+    INTERNAL_ERRORS,
+    LIMIT_HITS,
+    MESSAGES,
+    REFUSALS,
+    SESSIONS_TLS,
+    SPILL_FAILURES,
+    SPILLED,
+)
 from gateway.smtp.fastinit import MethodTables, init_session
 from gateway.smtp.handshake import ListenerTls, TlsHandshake
 
@@ -248,6 +256,8 @@ class GatewaySMTP(SMTP):
         self._max_commands = max_commands_before_data
         self._commands = 0  # commands counted since the last message
         self._verb: str | None = None  # the command being handled
+        # The command whose method raised, for handle_exception (aiosmtpd calls it once _verb is cleared).
+        self._failed_verb: str | None = None
         self._logged = False  # the refusal about to be sent has its own log line already
         self._cut_off: str | None = None  # the limit that ended the session (command_timeout, data_timeout)
         self._last_code = 0  # of the last final reply sent
@@ -734,7 +744,8 @@ class GatewaySMTP(SMTP):
                 # parsed) goes now, not when the cyclic GC finds this exception's traceback (see _read_data).
                 traceback.clear_frames(exc.__traceback__)
                 raise
-            except Exception as exc:  # logged with its traceback and counted by the handler
+            except Exception as exc:  # a bug: logged with its traceback and counted (handle_exception)
+                txn.receipt.reason = "internal error (logged as smtp_unexpected_error)"
                 status = await self.handle_exception(exc)
             finally:
                 self._delivering = False
@@ -763,6 +774,18 @@ class GatewaySMTP(SMTP):
             await self.push(status)
         finally:
             self.replying = False
+
+    async def handle_exception(self, error: Exception) -> str:
+        """A bug in a command (raised into aiosmtpd's command loop, or by smtp_DATA's hook): logged here once,
+        with the command's verb (never its arguments: AUTH's carry a password) and the traceback, and counted;
+        the client gets 451 4.3.0, not aiosmtpd's "500 Error: (Type) text". Marked logged, so the 451 gets
+        no command_refused line of its own (one without the command: aiosmtpd sends it after _verb is clear)."""
+        command = self._verb or self._failed_verb
+        self._failed_verb = None
+        INTERNAL_ERRORS.labels(where="smtp_session").inc()
+        log.error("smtp_unexpected_error", command=command, error_type=type(error).__name__, exc_info=error)
+        self.mark_logged()
+        return str(replies.INTERNAL_ERROR)
 
     def take_reservation(self) -> Reservation | None:
         """The pipeline takes the message's share of the budget; it releases it when the attempt ends."""
@@ -970,6 +993,10 @@ def _counted(verb: str, method: FunctionType) -> FunctionType:
         self._verb = verb
         try:
             await method(self, arg)
+        except Exception:
+            # aiosmtpd's command loop hands it to handle_exception, which logs it with this verb.
+            self._failed_verb = verb
+            raise
         finally:
             self._verb = None
         if verb == "DATA" and self.txn is not None:
