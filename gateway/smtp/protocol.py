@@ -783,6 +783,8 @@ class GatewaySMTP(SMTP):
         command = self._verb or self._failed_verb
         self._failed_verb = None
         INTERNAL_ERRORS.labels(where="smtp_session").inc()
+        # A bug in a command (its verb, never its arguments: they may carry a password): once with its
+        # traceback; the client gets 451 and the session goes on.
         log.error("smtp_unexpected_error", command=command, error_type=type(error).__name__, exc_info=error)
         self.mark_logged()
         return str(replies.INTERNAL_ERROR)
