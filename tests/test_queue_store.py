@@ -295,6 +295,82 @@ async def test_two_instances_never_claim_the_same_message(make_store: Factory) -
     assert len(ids) == 20 and len(set(ids)) == 20
 
 
+# A host's clock 2 minutes off the database's: more than a 60 s lease either way.
+SKEW = 120.0
+
+
+def ahead(seconds: float) -> Callable[[], float]:
+    """A host's clock `seconds` ahead of this one's (behind when negative), as the store reads it."""
+    return lambda: time.time() + seconds
+
+
+@contextlib.asynccontextmanager
+async def instances(pg_cluster: PgCluster, *skews: float) -> AsyncIterator[list[PostgresQueue]]:
+    """Instances on one PostgreSQL queue, the host of each with its clock `skew` seconds ahead of the
+    database's (the database runs on this host)."""
+    url = pg_cluster.new_database()
+    stores = [PostgresQueue(url, clock=ahead(skew)) for skew in skews]
+    try:
+        for store in stores:
+            await store.open()
+        yield stores
+    finally:
+        for store in stores:
+            await store.close()
+
+
+async def test_an_instance_whose_clock_is_ahead_does_not_take_over_a_live_lease(pg_cluster: PgCluster) -> None:
+    """A holds a 60 s lease; B's clock is 2 minutes ahead and B passes its own clock's `now`, as its worker
+    does. The lease ends by the database's clock: B may not reap it now (it would resend A's calls in flight),
+    nor 55 s later by its clock, only once the 60 s are over; C, 2 minutes behind, reaps an ended lease as soon
+    as it has ended, not 2 minutes late."""
+    async with instances(pg_cluster, 0.0, SKEW, -SKEW) as (a, b, c):
+        now = time.time()
+        await a.insert(new("L1", now))
+        [held] = await a.claim("A", "acme", now, 1, lease=60)
+        b_now = time.time() + SKEW
+        assert await b.claim("B", "acme", b_now, 1, lease=60) == [], "B took over A's live lease"
+        assert await b.next_due(["acme"]) == pytest.approx(b_now + 60, abs=5)  # on B's clock
+        assert await a.renew("A", time.time() + 60) == 1  # A's heartbeat: 60 s more from now
+        assert await b.claim("B", "acme", b_now + 55, 1, lease=60) == []
+        [reaped] = await b.claim("B", "acme", b_now + 65, 1, lease=60)
+        assert reaped.reaped and reaped.token != held.token
+        assert not await a.mark_sending("L1", held.token, ["0"])  # A is fenced off
+
+        await a.insert(new("L2", now))
+        [short] = await a.claim("A", "acme", now, 1, lease=5)
+        c_now = time.time() - SKEW
+        assert await c.claim("C", "acme", c_now, 1, lease=60) == []
+        [late] = await c.claim("C", "acme", c_now + 6, 1, lease=60)  # 6 s later: A's 5 s lease is over
+        assert late.id == "L2" and late.reaped and late.token != short.token
+
+
+async def test_due_times_are_kept_by_the_database_clock(pg_cluster: PgCluster) -> None:
+    """A retry A scheduled 20 s ahead is due in 20 s for every instance, whatever its clock: not at once for B
+    (2 minutes ahead), not 2 minutes late for C (behind). What a skewed instance makes due now (a release at
+    shutdown) is due now for the others; the times it reads back are on its own clock."""
+    async with instances(pg_cluster, 0.0, SKEW, -SKEW) as (a, b, c):
+        now = time.time()
+        for msg_id in ("R1", "R2"):
+            await a.insert(new(msg_id, now))
+            [claimed] = await a.claim("A", "acme", now, 1, lease=60)
+            retry = transition.decide(claimed.before, Outcome(deferred={"0": UpstreamUnavailable("503")}), POLICY, now)
+            assert retry.next_attempt == now + 20  # the second attempt failed (POLICY)
+            assert await a.settle(msg_id, claimed.token, retry, now)
+        b_now, c_now = time.time() + SKEW, time.time() - SKEW
+        assert await b.claim("B", "acme", b_now + 15, 2, lease=60) == [], "B sent a retry early"
+        assert await b.next_due(["acme"]) == pytest.approx(b_now + 20, abs=5)
+        shown = await b.show("R1")
+        assert shown is not None and shown["next_attempt"] == pytest.approx(b_now + 20, abs=5)
+        [first] = await c.claim("C", "acme", c_now + 25, 1, lease=60)  # due 20 s later by C's clock too
+        [second] = await b.claim("B", "acme", b_now + 25, 1, lease=60)
+        assert {first.id, second.id} == {"R1", "R2"} and not first.reaped and not second.reaped
+
+        assert await b.release(second.id, second.token, b_now)  # B shuts down: due now, for A too
+        [again] = await a.claim("A", "acme", time.time(), 1, lease=60)
+        assert again.id == second.id and not again.reaped
+
+
 async def test_idempotency_keys(make_store: Factory) -> None:
     a, b = make_store(), make_store()
     await a.open()

@@ -4,9 +4,17 @@ psycopg 3, async, pooled. Claims lock rows with `FOR UPDATE SKIP LOCKED`, so ins
 each other and never claim one message twice; every write happens in one transaction and is committed
 before the call returns (with a synchronous standby, `synchronous_commit` decides when a commit is
 acknowledged: docs/operations/instances.md). Changes that make a message due NOTIFY the other
-instances (LISTEN/NOTIFY), so they need not poll. Time values are epoch seconds from the instances'
-clocks: keep them NTP-synchronised (leases are 60 s; a skew of a second or two does not matter; the
-gateway measures its clock against the database's: gateway/ops/clockskew.py).
+instances (LISTEN/NOTIFY), so they need not poll.
+
+One clock, the database's: every lease end, due time and message lifetime is stored and compared in epoch
+seconds of the database's clock (clock_timestamp()), never of an instance's. Callers pass and get times on
+their own clock (the store's interface is SQLite's too); each transaction that reads or writes one first reads
+the database's clock between two readings of this host's, and moves the caller's times by the difference
+(`_shift`): measured afresh in every such transaction, so there is no first measurement to wait for and a
+clock stepped by NTP is followed at once. A host whose clock is minutes off neither takes over live leases
+nor sends retries early or late; only durations (a 60 s lease, a 20 s backoff) come from its clock. The
+offset is still exported and logged (gateway/ops/clockskew.py): ledger timestamps and quota windows remain
+on each instance's clock (docs/operations/instances.md).
 
 A database that cannot be reached is known down (a circuit): every caller gets SpoolUnavailable at once
 instead of waiting for a pooled connection, while one background probe asks the database every second;
@@ -92,6 +100,11 @@ def _ms(seconds: float) -> int:
     return int(seconds * 1000)
 
 
+# Seconds by which a new reading of the database's clock against this host's may miss the last offset, and the
+# last is kept (PostgresQueue._shift): a scheduler's hiccup between the readings, not a clock that moved.
+SHIFT_SLACK = 0.05
+
+
 # Seconds a first connection may take before the queue is called unreachable (libpq's minimum is 2).
 CONNECT_TIMEOUT = 2
 
@@ -135,9 +148,34 @@ def redacted(url: str) -> str:
     return f"{scheme}://{userinfo.partition(':')[0]}{at}{host}" if at else url
 
 
+# The messages table's columns that hold a time: on the database's clock there, on the caller's outside.
+_TIME_COLUMNS = ("created", "expires", "next_attempt", "lease_until", "dead_at")
+
+
+def _on_caller_clock(row: DictRow, shift: float) -> dict[str, Any]:
+    """A messages row read back, its times moved from the database's clock to the caller's (`shift`: the
+    database's minus this host's, PostgresQueue._shift)."""
+    out = dict(row)
+    for column in _TIME_COLUMNS:
+        if out.get(column) is not None:
+            out[column] -= shift
+    return out
+
+
 class PostgresQueue:
-    def __init__(self, url: str, password: str | None = None, *, max_connections: int = 10) -> None:
+    def __init__(
+        self,
+        url: str,
+        password: str | None = None,
+        *,
+        max_connections: int = 10,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
         self.url = redacted(url)
+        # This host's clock, the one the callers' times are on (tests give a skewed one); None: time.time,
+        # looked up at each reading.
+        self._clock = clock
+        self._last_shift: float | None = None  # the database's clock minus this host's, as last read
         self._conninfo = url
         self._kwargs: dict[str, Any] = {"autocommit": True, "row_factory": dict_row}
         if password:
@@ -162,6 +200,29 @@ class PostgresQueue:
         self._slow = Episode()  # statements the server cancelled (lock_timeout, statement_timeout)
         self._probe: asyncio.Task[None] | None = None
         self._next_sweep = 0.0
+
+    def _host_time(self) -> float:
+        return time.time() if self._clock is None else self._clock()
+
+    async def _shift(self, conn: psycopg.AsyncConnection[DictRow]) -> float:
+        """The database's clock minus this host's, read in the caller's transaction (the round trip is
+        milliseconds): added to a caller's time it is on the database's clock, subtracted to go back.
+
+        The offset lies between the database's clock minus this host's after and before the reading. Within that
+        range (give or take SHIFT_SLACK) no offset is taken if none is possible, else the last one is kept: a
+        host's offset is steady, so a time passed twice (a release at `now`, then a claim at that `now`, on this
+        instance or another on an agreeing clock) is moved alike and compares as on SQLite, not by a reading's
+        jitter; a clock stepped by NTP leaves the range and is followed at once."""
+        before = self._host_time()
+        row = await (await conn.execute(SQL.clock)).fetchone()
+        after = self._host_time()
+        assert row is not None
+        low, high = float(row["now"]) - after, float(row["now"]) - before
+        if low - SHIFT_SLACK <= 0.0 <= high + SHIFT_SLACK:
+            self._last_shift = 0.0
+        elif self._last_shift is None or not low - SHIFT_SLACK <= self._last_shift <= high + SHIFT_SLACK:
+            self._last_shift = (low + high) / 2
+        return self._last_shift
 
     @staticmethod
     async def _configure(conn: psycopg.AsyncConnection[DictRow]) -> None:
@@ -359,8 +420,8 @@ class PostgresQueue:
 
     async def _insert(self, m: NewMessage) -> int:
         m = storable_message(m)
-        stored = message_row(m)
         async with self._tx() as conn:
+            stored = message_row(m, await self._shift(conn))
             await conn.execute(SQL.insert_message, stored.values)
             async with conn.cursor() as cur:
                 await cur.executemany(
@@ -383,6 +444,8 @@ class PostgresQueue:
 
     async def claim(self, owner: str, account: str, now: float, limit: int, lease: float) -> list[Claimed]:
         async with self._tx(LONG_READ_TIMEOUT) as conn:
+            shift = await self._shift(conn)
+            now += shift
             rows = await (await conn.execute(SQL.due, (account, now, limit))).fetchall()
             if len(rows) < limit:
                 rows += await (await conn.execute(SQL.reapable, (account, now, limit - len(rows)))).fetchall()
@@ -391,7 +454,7 @@ class PostgresQueue:
             reaped = {r["id"]: r["state"] == "inflight" for r in rows}
             ids = POSTGRES.items(list(reaped))
             updated = await (await conn.execute(SQL.claim(len(reaped)), (owner, now + lease, *ids))).fetchall()
-            rows_read = ClaimedRows(account, reaped, updated)
+            rows_read = ClaimedRows(account, reaped, [_on_caller_clock(r, shift) for r in updated])
             for c in await (await conn.execute(SQL.claimed_calls(len(reaped)), ids)).fetchall():
                 rows_read.call(c)
             async with conn.cursor() as cur:
@@ -404,6 +467,7 @@ class PostgresQueue:
             if lease_past is None:
                 held = await self._holds(conn, msg_id, token)
             else:
+                lease_past += await self._shift(conn)
                 held = await (await conn.execute(SQL.holds_lease, (msg_id, token, lease_past))).fetchone() is not None
             if not held:
                 return False
@@ -424,16 +488,17 @@ class PostgresQueue:
                 await conn.execute(SQL.delete_message, (msg_id,))
                 return True
             dead = d.verdict in ("dead", "refused")
+            shift = await self._shift(conn)
             row = await (
                 await conn.execute(
                     SQL.settle,
                     (
                         "dead" if dead else "queued",
                         d.attempts,
-                        d.next_attempt,
+                        d.next_attempt + shift,
                         d.last_error,
                         d.dead_reason if dead else None,
-                        now if dead else None,
+                        now + shift if dead else None,
                         d.internal_errors,
                         msg_id,
                     ),
@@ -450,18 +515,19 @@ class PostgresQueue:
 
     async def release(self, msg_id: str, token: int, now: float) -> bool:
         async with self._tx() as conn:
-            row = await (await conn.execute(SQL.release, (now, msg_id, token))).fetchone()
+            row = await (await conn.execute(SQL.release, (now + await self._shift(conn), msg_id, token))).fetchone()
             if row is not None:
                 await self._notify(conn, row["account"])
         return row is not None
 
     async def renew(self, owner: str, lease_until: float) -> int:
         async with self._tx() as conn:
-            cur = await conn.execute(SQL.lease, (lease_until, owner))
+            cur = await conn.execute(SQL.lease, (lease_until + await self._shift(conn), owner))
             return cur.rowcount
 
     async def expire_owners(self, owners: Sequence[str], now: float) -> int:
         async with self._tx() as conn:
+            now += await self._shift(conn)
             expired = 0
             for owner in owners:
                 expired += (await conn.execute(SQL.expire, (now - 1, owner, now))).rowcount
@@ -474,13 +540,15 @@ class PostgresQueue:
 
     async def next_due(self, accounts: Sequence[str]) -> float | None:
         async with self._tx() as conn:
+            shift = await self._shift(conn)
             row = await (await conn.execute(SQL.next_due(len(accounts)), 2 * POSTGRES.items(accounts))).fetchone()
-        return None if row is None or row["t"] is None else float(row["t"])
+        return None if row is None or row["t"] is None else float(row["t"]) - shift
 
     async def wake(self, account: str, now: float, limit: int | None = None) -> int:
         if limit is None:
             return await woken_in_batches(lambda batch: self.wake(account, now, batch))
         async with self._tx() as conn:
+            now += await self._shift(conn)
             cur = await conn.execute(SQL.wake, (now, account, now, limit))
             if cur.rowcount:
                 await self._notify(conn, account)
@@ -627,6 +695,7 @@ class PostgresQueue:
         self, account: str, key: str, msg_id: str, now: float, window: float, stale: float, digest: str | None = None
     ) -> KeyHit | KeyTakenOver | None:
         async with self._tx() as conn:
+            now += await self._shift(conn)  # a key's age decides a takeover: one clock for every instance
             # Only this key's expired row: a table-wide delete in every claim would have instances contend
             # (SQLite, one writer at a time, deletes every expired key).
             await conn.execute(
@@ -659,7 +728,8 @@ class PostgresQueue:
         self, account: str, key: str, msg_id: str, reply_id: str, created: float, expires: float, digest: str | None
     ) -> bool:
         async with self._tx() as conn:
-            values = (account, key, msg_id, reply_id, created, expires, digest)
+            shift = await self._shift(conn)
+            values = (account, key, msg_id, reply_id, created + shift, expires + shift, digest)
             row = await (await conn.execute(SQL.key_late, values)).fetchone()
         return row is not None
 
@@ -667,6 +737,7 @@ class PostgresQueue:
 
     async def counts(self, now: float) -> dict[str, dict[str, Any]]:
         async with self._tx(LONG_READ_TIMEOUT) as conn:
+            now += await self._shift(conn)
             rows = await (await conn.execute(SQL.counts)).fetchall()
         return {r["state"]: {"count": r["n"], "oldest_age": now - r["oldest"]} for r in rows}
 
@@ -674,11 +745,7 @@ class PostgresQueue:
         """The database's clock read between two of this host's: the offset from their midpoint (the round trip
         is milliseconds, against a bound of seconds)."""
         async with self._tx() as conn:
-            before = time.time()
-            row = await (await conn.execute(SQL.clock)).fetchone()
-            after = time.time()
-        assert row is not None
-        return (before + after) / 2 - float(row["now"])
+            return -await self._shift(conn)
 
     async def waiting(self) -> dict[str, int]:
         async with self._tx(LONG_READ_TIMEOUT) as conn:
@@ -687,16 +754,18 @@ class PostgresQueue:
 
     async def list(self, states: Sequence[str], limit: int = 1000) -> list[dict[str, Any]]:
         async with self._tx(LONG_READ_TIMEOUT) as conn:
+            shift = await self._shift(conn)
             rows = await (await conn.execute(SQL.listing(len(states)), (*POSTGRES.items(states), limit))).fetchall()
-        return [dict(r) for r in rows]
+        return [_on_caller_clock(r, shift) for r in rows]
 
     async def show(self, msg_id: str) -> dict[str, Any] | None:
         async with self._tx() as conn:
+            shift = await self._shift(conn)
             row = await (await conn.execute(SQL.show, (msg_id,))).fetchone()
             if row is None:
                 return None
             calls = await (await conn.execute(SQL.calls, (msg_id,))).fetchall()
-        out = {k: v for k, v in row.items() if k != "submission"}
+        out = {k: v for k, v in _on_caller_clock(row, shift).items() if k != "submission"}
         out["calls"] = [dict(c) for c in calls]
         return out
 
@@ -707,7 +776,7 @@ class PostgresQueue:
 
     async def retry_now(self, msg_id: str, now: float) -> bool:
         async with self._tx() as conn:
-            row = await (await conn.execute(SQL.retry_now, (now, msg_id))).fetchone()
+            row = await (await conn.execute(SQL.retry_now, (now + await self._shift(conn), msg_id))).fetchone()
             if row is not None:
                 await self._notify(conn, row["account"])
         return row is not None
@@ -719,14 +788,16 @@ class PostgresQueue:
             row = await (await conn.execute(SQL.delete_lock, (msg_id,))).fetchone()
             if row is None:
                 return None
+            shift = await self._shift(conn)
             calls = await (await conn.execute(SQL.calls, (msg_id,))).fetchall()
             await conn.execute(SQL.delete, (msg_id,))
-        out = dict(row)
+        out = _on_caller_clock(row, shift)
         out["calls"] = [dict(c) for c in calls]
         return out
 
     async def requeue(self, msg_id: str, now: float, max_lifetime: float) -> bool:
         async with self._tx() as conn:
+            now += await self._shift(conn)
             row = await (await conn.execute(SQL.requeue, (now, now + max_lifetime, msg_id))).fetchone()
             if row is not None:
                 await conn.execute(SQL.requeue_calls, (msg_id,))

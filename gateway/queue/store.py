@@ -13,6 +13,12 @@
 
 A delivered message is deleted. Decisions (what state comes next) are made above the store, by
 gateway/delivery/transition.py; the store applies them atomically and only under the caller's token.
+
+Times (`now`, lease ends, due times, a claimed message's created and expires) are epoch seconds of the caller's
+clock, in and out. SQLite stores them as they are (one host, one clock). PostgreSQL, shared by instances on
+several hosts, stores and compares them on the database's clock: each is moved by the database's clock minus
+this host's, read in the same transaction (gateway/queue/postgres.py), so a skewed host neither takes over live
+leases nor sends retries early or late.
 """
 
 from __future__ import annotations
@@ -297,8 +303,9 @@ def storable_message(m: NewMessage) -> NewMessage:
     )
 
 
-def message_row(m: NewMessage) -> MessageRow:
-    """A new message's row of the messages table."""
+def message_row(m: NewMessage, shift: float = 0.0) -> MessageRow:
+    """A new message's row of the messages table, `shift` seconds added to each of its times (PostgreSQL: the
+    caller's clock onto the database's; SQLite: 0, this host's clock is the one clock)."""
     d = m.decision
     inflight = m.inflight_owner is not None
     state = "inflight" if inflight else ("dead" if d.verdict == "dead" else "queued")
@@ -310,18 +317,18 @@ def message_row(m: NewMessage) -> MessageRow:
             m.id,
             m.account,
             state,
-            m.created,
-            m.expires,
-            d.next_attempt,
+            m.created + shift,
+            m.expires + shift,
+            d.next_attempt + shift,
             d.attempts,
             m.mail_from,
             m.subject,
             len(m.submission),
             d.last_error,
             d.dead_reason,
-            m.created if state == "dead" else None,
+            m.created + shift if state == "dead" else None,
             m.inflight_owner,
-            m.lease_until if inflight else None,
+            m.lease_until + shift if inflight else None,
             token,
             d.internal_errors,
             m.idempotency_key,
