@@ -342,7 +342,8 @@ class App:
             AUTH_TRACKED.set(len(self.listeners.defenses.auth))
 
     async def _measure_clock(self) -> None:
-        """This host's clock against the shared queue database's (a skewed instance takes over live leases)."""
+        """This host's clock against the shared queue database's (exported and logged: the queue's leases and due
+        times are on the database's clock, but ledger timestamps and quota windows are on this host's)."""
         assert self.store is not None
         try:
             offset = await self.store.clock_offset()

@@ -1,8 +1,9 @@
-"""This instance's clock against the shared queue database's: instances on one PostgreSQL queue compare
-leases and due times in epoch seconds of their own clocks, so one whose clock is ahead by more than a lease
-takes over the others' live leases (their calls resent as ambiguous) and sends retries early. Measured at
-every queue-stats poll (every 10 s, the first at start), exported as a gauge, and logged once per episode
-beyond the bound: the operator learns of a broken NTP before duplicates appear."""
+"""This instance's clock against the shared queue database's. Leases and due times no longer depend on it
+(the PostgreSQL queue stores and compares them on the database's clock, measuring the offset in each of its
+transactions: gateway/queue/postgres.py), but the ledger's timestamps, the per-login quotas' clock hours and
+days, console sessions' lifetimes and the logs are on this host's clock. Measured at every queue-stats poll
+(every 10 s, the first at start), exported as a gauge, and logged once per episode beyond the bound: the
+operator learns of a broken NTP before the timeline and the quota windows drift."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from gateway.ops.metrics import REGISTRY
 
 log = structlog.get_logger("gateway.ops.clockskew")
 
-# Leases are 60 s and renewed every 20 s: a skew well under that costs nothing, one near it takes leases over.
+# A skew past this is a broken NTP: timestamps and quota windows seconds off another instance's.
 SKEW_BOUND = 10.0
 
 CLOCK_OFFSET = Gauge(
@@ -41,9 +42,9 @@ class ClockWatch:
                     "queue_clock_skew",
                     offset=round(offset, 1),
                     bound=self._bound,
-                    action="synchronise this host's clock (NTP): leases and due times are compared in epoch "
-                    "seconds of each instance's clock, so a skewed instance takes over live leases (duplicates) "
-                    "or sends retries early",
+                    action="synchronise this host's clock (NTP): queue leases and due times are on the "
+                    "database's clock and unaffected, but ledger timestamps, quota hours and days, console "
+                    "sessions and log times are on this host's",
                 )
         elif (over := self._skewed.ended()) is not None:
             log.info("queue_clock_skew_over", offset=round(offset, 1), lasted=over.lasted)
