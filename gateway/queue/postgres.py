@@ -8,10 +8,11 @@ instances (LISTEN/NOTIFY), so they need not poll.
 
 One clock, the database's: every lease end, due time and message lifetime is stored and compared in epoch
 seconds of the database's clock (clock_timestamp()), never of an instance's. Callers pass and get times on
-their own clock (the store's interface is SQLite's too); each transaction that reads or writes one first reads
-the database's clock between two readings of this host's, and moves the caller's times by the difference
-(`_shift`): measured afresh in every such transaction, so there is no first measurement to wait for and a
-clock stepped by NTP is followed at once. A host whose clock is minutes off neither takes over live leases
+their own clock (the store's interface is SQLite's too); each transaction that reads or writes one moves the
+caller's times by the database's clock minus this host's (`_shift`, the database's read between two readings
+of this host's): read in the first such transaction, then again in the first one after SHIFT_REFRESH seconds (no
+round trip per message on the accept path), so there is no first measurement to wait for and a clock stepped
+by NTP is followed within SHIFT_REFRESH. A host whose clock is minutes off neither takes over live leases
 nor sends retries early or late; only durations (a 60 s lease, a 20 s backoff) come from its clock. The
 offset is still exported and logged (gateway/ops/clockskew.py): ledger timestamps and quota windows remain
 on each instance's clock (docs/operations/instances.md).
@@ -104,6 +105,10 @@ def _ms(seconds: float) -> int:
 # last is kept (PostgresQueue._shift): a scheduler's hiccup between the readings, not a clock that moved.
 SHIFT_SLACK = 0.05
 
+# Seconds a reading of the offset serves before the next transaction reads it again: a host's offset drifts by
+# milliseconds a day; only a stepped clock moves it, and leases are 60 s.
+SHIFT_REFRESH = 5.0
+
 
 # Seconds a first connection may take before the queue is called unreachable (libpq's minimum is 2).
 CONNECT_TIMEOUT = 2
@@ -176,6 +181,7 @@ class PostgresQueue:
         # looked up at each reading.
         self._clock = clock
         self._last_shift: float | None = None  # the database's clock minus this host's, as last read
+        self._shift_read = 0.0  # time.monotonic() of that reading
         self._conninfo = url
         self._kwargs: dict[str, Any] = {"autocommit": True, "row_factory": dict_row}
         if password:
@@ -204,15 +210,18 @@ class PostgresQueue:
     def _host_time(self) -> float:
         return time.time() if self._clock is None else self._clock()
 
-    async def _shift(self, conn: psycopg.AsyncConnection[DictRow]) -> float:
+    async def _shift(self, conn: psycopg.AsyncConnection[DictRow], fresh: bool = False) -> float:
         """The database's clock minus this host's, read in the caller's transaction (the round trip is
-        milliseconds): added to a caller's time it is on the database's clock, subtracted to go back.
+        milliseconds) unless the last reading is younger than SHIFT_REFRESH and `fresh` is not asked: added to a
+        caller's time it is on the database's clock, subtracted to go back.
 
         The offset lies between the database's clock minus this host's after and before the reading. Within that
         range (give or take SHIFT_SLACK) no offset is taken if none is possible, else the last one is kept: a
         host's offset is steady, so a time passed twice (a release at `now`, then a claim at that `now`, on this
         instance or another on an agreeing clock) is moved alike and compares as on SQLite, not by a reading's
-        jitter; a clock stepped by NTP leaves the range and is followed at once."""
+        jitter; a clock stepped by NTP leaves the range and is followed at the next reading."""
+        if not fresh and self._last_shift is not None and time.monotonic() - self._shift_read < SHIFT_REFRESH:
+            return self._last_shift
         before = self._host_time()
         row = await (await conn.execute(SQL.clock)).fetchone()
         after = self._host_time()
@@ -222,6 +231,7 @@ class PostgresQueue:
             self._last_shift = 0.0
         elif self._last_shift is None or not low - SHIFT_SLACK <= self._last_shift <= high + SHIFT_SLACK:
             self._last_shift = (low + high) / 2
+        self._shift_read = time.monotonic()
         return self._last_shift
 
     @staticmethod
@@ -745,7 +755,7 @@ class PostgresQueue:
         """The database's clock read between two of this host's: the offset from their midpoint (the round trip
         is milliseconds, against a bound of seconds)."""
         async with self._tx() as conn:
-            return -await self._shift(conn)
+            return -await self._shift(conn, fresh=True)
 
     async def waiting(self) -> dict[str, int]:
         async with self._tx(LONG_READ_TIMEOUT) as conn:
