@@ -21,12 +21,14 @@ from gateway.core.model import Attachment
 from gateway.core.outcome import Outcome
 from gateway.delivery import transition
 from gateway.queue import codec, postgres_schema, sqlite_schema
+from gateway.queue import postgres as postgres_queue
+from gateway.queue import sqlite as sqlite_queue
 from gateway.queue import store as queue_store
 from gateway.queue.postgres import PostgresQueue
 from gateway.queue.sql import FOR_POSTGRES, FOR_SQLITE, POSTGRES
 from gateway.queue.sqlite import SqliteQueue
 from gateway.queue.sqlite_schema import LATEST, V1
-from gateway.queue.store import KeyHit, KeyTakenOver, QueueDataRefused, QueueStore
+from gateway.queue.store import KeyHit, KeyTakenOver, NewMessage, QueueDataRefused, QueueStore
 from tests.pgserver import PgCluster
 from tests.queue_contract import PLAN, POLICY, new, stores_on_backend, submission
 
@@ -229,6 +231,26 @@ async def test_counts_list_and_show(store: QueueStore) -> None:
     await store.insert(new("O1", now - 30, account="other"))
     await store.insert(new("O2", now - 30, account="other", owner="gw:1:x"))  # in flight: waiting all the same
     assert await store.waiting() == {"acme": 1, "other": 2}  # per account, dead letters left out
+
+
+async def test_a_messages_notice_data_is_stored_with_it_and_comes_back_with_its_claim(store: QueueStore) -> None:
+    """What a notice needs beyond the submission (whom to tell, the header block) is in the message's own row
+    and comes back with every claim (a reaped one too), for the record a claiming instance rebuilds; a message
+    stored without any claims None. `show` and `delete` leave it out, as they leave out the submission."""
+    now = time.time()
+    kept = '{"to":"billing@acme.example","headers":"Subject: s\\r\\n"}'
+    await store.insert(replace(new("N1", now), notice=kept))
+    await store.insert(new("N2", now))
+    claimed = {c.id: c.notice for c in await store.claim("A", "acme", now, 5, lease=30)}
+    assert claimed == {"N1": kept, "N2": None}
+    await store.expire_owners(["A"], now)
+    [reaped] = [c for c in await store.claim("B", "acme", now + 1, 5, lease=30) if c.id == "N1"]
+    assert reaped.reaped and reaped.notice == kept
+    shown = await store.show("N1")
+    assert shown is not None and "notice" not in shown and "submission" not in shown
+    assert await store.release("N1", reaped.token, now)
+    deleted = await store.delete("N1")
+    assert deleted is not None and "notice" not in deleted
 
 
 async def test_wake_makes_an_accounts_backlog_due(store: QueueStore) -> None:
@@ -673,8 +695,7 @@ async def test_a_queue_of_the_previous_version_gets_the_sign_out_table_at_its_ne
         store = SqliteQueue(path)
     else:
         url = request.getfixturevalue("pg_cluster").new_database()
-        pg = postgres_schema.LATEST
-        assert pg == 10
+        pg = 10  # the version that adds console_signouts
         with monkeypatch.context() as previous:
             previous.setattr(postgres_schema, "LATEST", pg - 1)
             store = PostgresQueue(url)
@@ -684,8 +705,14 @@ async def test_a_queue_of_the_previous_version_gets_the_sign_out_table_at_its_ne
                     await store.session_revoked("sid")  # no such table yet
             finally:
                 await store.close()
+        with monkeypatch.context() as previous:
+            previous.setattr(postgres_schema, "LATEST", pg)
+            store = PostgresQueue(url)
+            try:
+                assert await store.migrate() == (pg - 1, pg)
+            finally:
+                await store.close()
         store = PostgresQueue(url)
-        assert await store.migrate() == (pg - 1, pg)
     try:
         await store.open()
         await store.session_revoke("sid", time.time() + 60)
@@ -816,6 +843,64 @@ async def test_a_queue_of_a_previous_version_gets_the_new_indexes_at_its_next_st
             finally:
                 await store.close()
         assert (on_database() == indexes) is (version == pg)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+async def test_a_queue_of_the_previous_version_keeps_notice_data_from_its_next_start(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A queue the version before made (SQLite 8, PostgreSQL 10), with a message in it, gets the messages'
+    notice column in place at the next start: the old message is claimed with no notice data (its record, if
+    rebuilt, is skipped as `rebuilt`), a new one with its own. An instance of the version before, still
+    running on the migrated queue (a rolling upgrade), stores and claims as it did: its insert and claim
+    name their columns, and the new one is NULL for its messages."""
+    url = "" if backend == "sqlite" else request.getfixturevalue("pg_cluster").new_database()
+    schema = sqlite_schema if backend == "sqlite" else postgres_schema
+    latest = schema.LATEST
+
+    def opened() -> QueueStore:
+        return SqliteQueue(tmp_path / "queue.sqlite3") if backend == "sqlite" else PostgresQueue(url)
+
+    now = time.time()
+    old_columns = queue_store.MESSAGE_COLUMNS.replace(" notice,", "")
+    with monkeypatch.context() as previous:
+        previous.setattr(schema, "LATEST", latest - 1)
+        store = opened()
+        try:
+            assert await store.migrate() == (0, latest - 1)
+            # The previous version's insert: its column list and values, without the notice.
+            backend_module = sqlite_queue if backend == "sqlite" else postgres_queue
+            previous.setattr(backend_module, "message_row", _without_notice(queue_store.message_row))
+            statements = FOR_SQLITE if backend == "sqlite" else FOR_POSTGRES
+            mark = statements.dialect.mark
+            previous.setattr(
+                statements,
+                "insert_message",
+                f"INSERT INTO messages ({old_columns}) VALUES ({','.join([mark] * (old_columns.count(',') + 1))})",
+            )
+            await store.insert(new("OLD", now))
+        finally:
+            await store.close()
+    store = opened()
+    try:
+        assert await store.migrate() == (latest - 1, latest)
+        await store.insert(replace(new("NEW", now), notice='{"to":"billing@acme.example","headers":""}'))
+        claimed = {c.id: c.notice for c in await store.claim("A", "acme", now, 5, lease=30)}
+        assert claimed == {"OLD": None, "NEW": '{"to":"billing@acme.example","headers":""}'}
+    finally:
+        await store.close()
+
+
+def _without_notice(
+    message_row: Callable[[NewMessage], queue_store.MessageRow],
+) -> Callable[[NewMessage], queue_store.MessageRow]:
+    """The previous version's row: the values without the notice (the one before the submission)."""
+
+    def row(m: NewMessage) -> queue_store.MessageRow:
+        made = message_row(m)
+        return made._replace(values=made.values[:-2] + made.values[-1:])
+
+    return row
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])

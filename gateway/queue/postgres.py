@@ -53,7 +53,7 @@ from gateway.core.storable import storable_decision
 from gateway.core.waits import idle
 from gateway.queue import postgres_schema
 from gateway.queue.health import QueueHealth
-from gateway.queue.sql import FOR_POSTGRES, POSTGRES
+from gateway.queue.sql import FOR_POSTGRES, POSTGRES, UNSHOWN
 from gateway.queue.store import (
     AUTH_SWEEP_EVERY,
     SIGNOUT_KEPT_PAST,
@@ -775,7 +775,7 @@ class PostgresQueue:
             if row is None:
                 return None
             calls = await (await conn.execute(SQL.calls, (msg_id,))).fetchall()
-        out = {k: v for k, v in _on_caller_clock(row, shift).items() if k != "submission"}
+        out = {k: v for k, v in _on_caller_clock(row, shift).items() if k not in UNSHOWN}
         out["calls"] = [dict(c) for c in calls]
         return out
 

@@ -167,3 +167,12 @@ CREATE INDEX ledger_recipients_rcpt ON ledger_recipients (rcpt, created, msg_id)
 DROP INDEX ledger_recipients_state;
 CREATE INDEX ledger_recipients_state ON ledger_recipients (state, created, msg_id, rcpt)
 """
+
+# What a delivery status notice about a queued message needs that its submission does not hold: whom to tell
+# and the header block as received (gateway/ledger/notice.py `queued`; NULL when nobody would be told, and for
+# rows stored before). An instance that claims a message whose accepting instance died before writing its
+# ledger record rebuilds the record's notice data from it, so a later bounce is still told (SQLite version 9,
+# PostgreSQL version 11). A column added with no default: no table rewrite on either backend.
+QUEUED_NOTICE = """
+ALTER TABLE messages ADD COLUMN notice text
+"""

@@ -64,7 +64,7 @@ POSTGRES = Dialect(
     array_parameter=True,
 )
 
-_CLAIMED = "id, seq, token, submission, attempts, created, expires, internal_errors"
+_CLAIMED = "id, seq, token, submission, attempts, created, expires, internal_errors, notice"
 _LISTED = (
     "m.id, m.state, m.account, m.created, m.next_attempt, m.attempts, m.mail_from, m.subject, m.size,"
     " m.last_error, m.dead_reason, m.dead_at, m.owner,"
@@ -72,8 +72,10 @@ _LISTED = (
     " (SELECT COUNT(*) FROM calls c WHERE c.msg_id=m.id) AS calls"
 )
 
-# A deleted message as QueueStore.delete returns it: show's columns without the submission.
-_DELETED = ", ".join(c.strip() for c in MESSAGE_COLUMNS.split(",") if c.strip() != "submission")
+# Columns `show` and `delete` leave out: the message itself, and the header block a notice would quote.
+UNSHOWN = ("submission", "notice")
+# A deleted message as QueueStore.delete returns it: show's columns.
+_DELETED = ", ".join(c.strip() for c in MESSAGE_COLUMNS.split(",") if c.strip() not in UNSHOWN)
 
 
 class Statements:

@@ -29,7 +29,7 @@ from gateway.core.records import Decision
 from gateway.core.storable import storable_decision
 from gateway.queue import sqlite_schema
 from gateway.queue.health import QueueHealth
-from gateway.queue.sql import FOR_SQLITE, SQLITE
+from gateway.queue.sql import FOR_SQLITE, SQLITE, UNSHOWN
 from gateway.queue.sqlite_side import RateFile, Reserve, disk_full
 from gateway.queue.sqlite_wal import use_wal
 from gateway.queue.store import (
@@ -464,7 +464,7 @@ class SqliteQueue:
             row = self.db.execute(SQL.show, (msg_id,)).fetchone()
             if row is None:
                 return None
-            out = {k: row[k] for k in row.keys() if k != "submission"}  # noqa: SIM118 (sqlite3.Row)
+            out = {k: row[k] for k in row.keys() if k not in UNSHOWN}  # noqa: SIM118 (sqlite3.Row)
             out["calls"] = [dict(r) for r in self.db.execute(SQL.calls, (msg_id,))]
             return out
 

@@ -108,7 +108,10 @@ V7 = shared_schema.SCALE_INDEXES
 # The recipient indexes a search by state or recipient walks in the page's order.
 V8 = shared_schema.SEARCH_INDEXES
 
-MIGRATIONS: list[str] = [V1, V2, V3, V4, V5, V6, V7, V8]
+# What a notice about a queued message needs (whom to tell, the header block), for a record rebuilt from it.
+V9 = shared_schema.QUEUED_NOTICE
+
+MIGRATIONS: list[str] = [V1, V2, V3, V4, V5, V6, V7, V8, V9]
 LATEST = len(MIGRATIONS)
 
 

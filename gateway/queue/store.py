@@ -54,6 +54,10 @@ class NewMessage:
     expires: float = 0.0
     idempotency_key: str | None = None
     blobs: Sequence[bytes | memoryview] = ()  # the large attachments the submission refers to (codec.encode)
+    # What a notice about it needs beyond the submission (gateway/ledger/notice.py `queued`), stored in the
+    # same row: an instance that claims it rebuilds the ledger record's notice data from it if the accepting
+    # instance died before writing the record. None: nobody would be told.
+    notice: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +71,7 @@ class Claimed:
     before: DeliveryState
     reaped: bool = False
     blobs: Sequence[bytes] = ()
+    notice: str | None = None  # NewMessage.notice as stored (None too for rows stored before it was kept)
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,7 +287,7 @@ class QueueStore(Protocol):
 MESSAGE_COLUMNS = (
     "id, account, state, created, expires, next_attempt, attempts, mail_from, subject, size,"
     " last_error, dead_reason, dead_at, owner, lease_until, token, internal_errors, idem_key,"
-    " submission"
+    " notice, submission"
 )
 CALL_COLUMNS = "key, recipients, state, upstream_id, error, lost"
 MESSAGE_VALUES = MESSAGE_COLUMNS.count(",") + 1
@@ -332,6 +337,7 @@ def message_row(m: NewMessage, shift: float = 0.0) -> MessageRow:
             token,
             d.internal_errors,
             m.idempotency_key,
+            m.notice,
             m.submission,
         ),
     )
@@ -403,7 +409,7 @@ def chunks(msg_id: str, blobs: Sequence[bytes | memoryview]) -> Iterator[tuple[s
 
 class ClaimedRows:
     """A claim's rows read back into Claimed messages, the same for both backends: the claimed messages
-    (`updated`, with id, seq, token, submission, attempts, created, expires, internal_errors), then their
+    (`updated`, with id, seq, token, submission, attempts, created, expires, internal_errors, notice), then their
     calls and their blob chunks in order, one row at a time (a blob's chunks are never all in memory
     beside the blob)."""
 
@@ -435,6 +441,7 @@ class ClaimedRows:
                 DeliveryState(self._calls[m["id"]], m["attempts"], m["created"], m["expires"], m["internal_errors"]),
                 reaped=reaped[m["id"]],
                 blobs=self._blobs[m["id"]],  # type: ignore[arg-type]  # bytearray serves where bytes are read
+                notice=m["notice"],
             )
             for m in sorted(self._updated, key=lambda m: (reaped[m["id"]], m["seq"]))
         ]
