@@ -4,21 +4,25 @@ pending, the notice count, the providers' unrecognised event pages."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import sqlite3
+import time
 from datetime import UTC
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+import structlog
 
 from gateway.config import EventSettings
 from gateway.config.returnpath import WebhookSettings
-from gateway.core.errors import AnswerTooLarge
+from gateway.core.errors import AnswerTooLarge, Deferred, Rejected
 from gateway.core.events import EventPage, VendorEvent
-from gateway.core.model import Submission
+from gateway.core.model import Call, Submission
+from gateway.core.outcome import Outcome
 from gateway.ledger.announce import Subscriptions
 from gateway.ledger.backends import open_returns
 from gateway.ledger.model import RANK, MessageRow, RecipientRow, replaces
@@ -519,32 +523,155 @@ async def test_a_notice_that_cannot_be_made_takes_nothing_from_the_senders_count
         await ledger.close()
 
 
+class RefusingAfterAcceptance:
+    """A Deliverer of one call: the inline attempt is deferred (the message is queued), every later one
+    refused for good (a dead letter, whose sender is told)."""
+
+    account = "acme"
+
+    def __init__(self) -> None:
+        self.attempts = 0
+
+    def plan(self, submission: Submission) -> tuple[Call, ...]:
+        return (Call("0", submission.rcpt_tos),)
+
+    def requests(self, submission: Submission, *, bodies: bool = True) -> list[dict[str, object]]:
+        return []
+
+    async def deliver(self, submission: Submission, done: object, before_send: object = None) -> Outcome:
+        self.attempts += 1
+        outcome = Outcome()
+        if self.attempts == 1:
+            outcome.defer("0", Deferred("503 try later"))
+        else:
+            outcome.reject("0", Rejected("550 5.1.1 unknown"))
+        return outcome
+
+
+HEADERS = "From: Billing <billing@acme.example>\r\nTo: a@example.net\r\nSubject: Invoice 7\r\nX-Ref: inv-7\r\n"
+
+
+async def _accepted_by_a_dead_instance(tmp_path: Path, msg_id_rows: list[object], kept: bool) -> str:
+    """A message accepted (250) by instance A, which dies before writing its ledger record (its recorder
+    writes nothing), then claimed by instance B, whose attempt dead-letters it: B's rows (the record rebuilt
+    from the queue) go into the ledger. `kept` False: the queue row holds no notice data (a row stored before
+    the queue kept it). Returns the message's id."""
+    from gateway.config import DeliverySettings
+    from gateway.core.model import Address, Message, Origin, Principal, StoredData
+    from gateway.delivery.health import AccountHealth
+    from gateway.delivery.owner import DeliveryOwner
+    from gateway.ledger.recorder import Recorder
+    from gateway.queue.sqlite import SqliteQueue
+
+    path = tmp_path / "queue.sqlite3"
+    store = SqliteQueue(path)
+    settings = DeliverySettings(spool_path=path, retry_schedule=[3600.0], retry_jitter=0.0)
+    provider = RefusingAfterAcceptance()
+    submission = Submission(
+        principal=Principal("acme", "scanner", extra=StoredData({"campaign": 22})),
+        mail_from="billing@acme.example",
+        rcpt_tos=("a@example.net",),
+        message=Message(
+            subject="Invoice 7",
+            from_=Address("billing@acme.example", "Billing"),
+            sender=None,
+            reply_to=None,
+            to=(Address("a@example.net"),),
+            cc=(),
+            html="<p>invoice</p>",
+            text=None,
+            attachments=(),
+            message_id="<inv-7@acme.example>",
+        ),
+        params=StoredData({"campaign": 22}),
+    )
+    origin = Origin(listener="plain", peer="127.0.0.1:1", size=300, notify="billing@acme.example", headers=HEADERS)
+    try:
+        await store.open()
+        accepting = DeliveryOwner({"acme": provider}, store, settings, AccountHealth(["acme"]), owner="a")
+        reply = await accepting.submit(submission, provider.plan(submission), structlog.get_logger(), origin=origin)
+        assert reply.code == 250
+        msg_id = reply.text.rsplit(" ", 1)[-1]
+        if not kept:
+            with contextlib.closing(sqlite3.connect(path)) as db:
+                db.execute("UPDATE messages SET notice = NULL")
+                db.commit()
+        rows: list[object] = []
+        claiming = DeliveryOwner(
+            {"acme": provider},
+            store,
+            settings,
+            AccountHealth(["acme"]),
+            owner="b",
+            ledger=Recorder(rows.extend, "b"),
+        )
+        [item] = await store.claim("b", "acme", time.time() + 7200, 1, lease=60)
+        await claiming.run_claimed(item)
+        msg_id_rows += rows
+        return msg_id
+    finally:
+        await store.close()
+
+
 @pytest.mark.asyncio
-async def test_a_record_rebuilt_from_the_queue_is_not_counted_as_notify_off(tmp_path: Path) -> None:
-    """A message whose accepting instance died before writing its rows: the claiming instance writes its
-    record from the queue (recorder.attempt: no listener, no reply, no notice data). Its bounce tells nobody,
-    as `rebuilt`; before, `notify_off`, a false claim that nobody was to be told. A record written on
-    acceptance (a reply) without notice data is notify = off."""
+async def test_a_message_whose_accepting_instance_died_before_its_record_still_gets_its_notice(
+    tmp_path: Path,
+) -> None:
+    """A message whose accepting instance died after its 250 and before writing its ledger record: the
+    claiming instance writes the record from what the queue holds, and the queue keeps, with the message,
+    whom to tell and the header block (notice.queued). Its dead letter is told to its sender, quoting its
+    headers, as if the accepting instance had written the record; before, it was skipped as `rebuilt`."""
+    from gateway.ops.metrics import NOTICES
+
+    rows: list[object] = []
+    msg_id = await _accepted_by_a_dead_instance(tmp_path, rows, kept=True)
+    owner = TakingOwner()
+    sender, ledger = await _notice_sender(tmp_path, owner, Clock(time.time() + 60), [])
+    sent = NOTICES.labels(account="acme", result="sent")._value.get()
+    try:
+        await ledger.write(rows)  # type: ignore[arg-type]
+        record = await ledger.get(msg_id)
+        assert record is not None and record.reply is None and record.listener is None  # rebuilt: not A's
+        assert await sender.round() == 1
+        [(state, reason)] = _select(tmp_path, "SELECT state, reason FROM ledger_notices")
+        assert state == "sent", reason
+        assert NOTICES.labels(account="acme", result="sent")._value.get() == sent + 1
+        [notice] = owner.submissions
+        assert notice.rcpt_tos == ("billing@acme.example",) and notice.mail_from == ""
+        assert (notice.principal.account, notice.principal.login) == ("acme", "scanner")
+        # The header block as received, quoted (the parsed notice's text holds its text/rfc822-headers part).
+        assert notice.message.text is not None
+        assert HEADERS.replace("\r\n", "\n") in notice.message.text.replace("\r\n", "\n")
+    finally:
+        await ledger.close()
+
+
+@pytest.mark.asyncio
+async def test_a_record_rebuilt_from_a_queue_row_stored_before_notices_were_kept_is_skipped_as_rebuilt(
+    tmp_path: Path,
+) -> None:
+    """A queue row stored before the queue kept notice data (the column NULL: an older version accepted it):
+    the record rebuilt from it has none, and its bounce tells nobody, as `rebuilt`, not `notify_off` (a false
+    claim that nobody was to be told). A record written on acceptance (a reply) without notice data is
+    notify = off."""
     from gateway.ledger.model import NoticeRow
     from gateway.ops.metrics import NOTICES
 
-    sender, ledger = await _notice_sender(tmp_path, TakingOwner(), Clock(T0), [])
+    rows: list[object] = []
+    msg_id = await _accepted_by_a_dead_instance(tmp_path, rows, kept=False)
+    sender, ledger = await _notice_sender(tmp_path, TakingOwner(), Clock(time.time() + 60), [])
     created = T0 - 600
-    rows: list[object] = [
-        MessageRow("REBUILT", created, "acme", "billing@acme.example", "Invoice", 100, login="scanner"),
+    rows += [
         MessageRow("OFF", created, "acme", "billing@acme.example", "Invoice", 100, login="scanner", reply="250 ok"),
+        RecipientRow("OFF", created, "a@example.net", "bounced", T0 - 60, reason="550 5.1.1 unknown"),
+        NoticeRow("OFF", created, "a@example.net", T0 - 60),
     ]
-    for msg_id in ("REBUILT", "OFF"):
-        rows += [
-            RecipientRow(msg_id, created, "a@example.net", "bounced", T0 - 60, reason="550 5.1.1 unknown"),
-            NoticeRow(msg_id, created, "a@example.net", T0 - 60),
-        ]
     counts = {r: NOTICES.labels(account="acme", result=r)._value.get() for r in ("rebuilt", "notify_off")}
     try:
         await ledger.write(rows)  # type: ignore[arg-type]
         assert await sender.round() == 2
         found = dict(_select(tmp_path, "SELECT msg_id, state || ': ' || reason FROM ledger_notices"))
-        assert found["REBUILT"].startswith("skipped: its record was rebuilt from the queue")
+        assert found[msg_id].startswith("skipped: its record was rebuilt from the queue")
         assert found["OFF"] == "skipped: nobody is to be told (notify = off)"
         assert {r: NOTICES.labels(account="acme", result=r)._value.get() - n for r, n in counts.items()} == {
             "rebuilt": 1,

@@ -39,6 +39,7 @@ from gateway.delivery import transition
 from gateway.delivery.health import AccountHealth
 from gateway.delivery.keys import IdempotencyKeys
 from gateway.delivery.leaseowners import owner_id
+from gateway.ledger import notice
 from gateway.ledger.recorder import Recorder
 from gateway.ops import logs
 from gateway.ops.metrics import (
@@ -477,6 +478,7 @@ class DeliveryOwner:
             created=attempt.before.created,
             expires=attempt.before.expires,
             idempotency_key=attempt.idempotency_key,
+            notice=notice.queued(attempt.origin),
         )
 
     def _accepted(
@@ -577,7 +579,9 @@ class DeliveryOwner:
             self._record(self.ledger.ambiguous, msg_id=item.id, created=before.created, calls=before.calls, keys=lost)
             if self.policy.ambiguous == "hold":
                 hold = transition.hold(before, lost, now)
-                await self._settle(item.id, item.token, hold, bound, before.created, submission=submission)
+                await self._settle(
+                    item.id, item.token, hold, bound, before.created, submission=submission, notice_kept=item.notice
+                )
                 return
         provider = self.providers.get(item.account)
         if provider is None:
@@ -601,7 +605,16 @@ class DeliveryOwner:
 
             outcome = await provider.deliver(submission, done, before_send)
         decision = self._decide(before, outcome, submission, "queue", bound)
-        await self._settle(item.id, item.token, decision, bound, before.created, outcome, submission=submission)
+        await self._settle(
+            item.id,
+            item.token,
+            decision,
+            bound,
+            before.created,
+            outcome,
+            submission=submission,
+            notice_kept=item.notice,
+        )
 
     # -- shared ----------------------------------------------------------------------------------------
 
@@ -664,9 +677,12 @@ class DeliveryOwner:
         submission: Submission | None = None,
         path: str = "queue",
         account: str = "",
+        notice_kept: str | None = None,
     ) -> None:
         """Store the attempt's decision under our token, then tell the ledger (what the calls answered, and,
-        when the decision was stored, what follows: queued again or dead)."""
+        when the decision was stored, what follows: queued again or dead). `submission`, `notice_kept`: a claimed
+        message's, and what the queue kept for a notice about it (its record rebuilt from them if the
+        accepting instance never wrote it)."""
         settled = await self._store_decision(msg_id, token, decision, bound, outcome)
         self._record(
             self.ledger.attempt,
@@ -678,6 +694,7 @@ class DeliveryOwner:
             settled=settled,
             submission=submission,
             account=account,
+            notice_kept=notice_kept,
         )
 
     async def _store_decision(

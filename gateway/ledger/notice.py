@@ -5,6 +5,10 @@ A notice goes to the envelope sender, or to the login's (else the account's) `no
 (`notify = "off"`); never for a null sender, never about a notice. It is sent through the message's own
 account, as its own login, under the message's provider data (DMDS: its campaign), so `extra` and
 `params` are kept; and it quotes the message's header block (RFC 3464 text/rfc822-headers).
+
+The queue keeps whom to tell and the header block with the message too (`queued`), in its own row: an
+instance that claims a message whose accepting instance died before writing its record makes the same
+notice data from them and the queued submission (`rebuilt`).
 """
 
 from __future__ import annotations
@@ -63,6 +67,39 @@ def of(submission: Submission, origin: Origin | None) -> str | None:
     return _json(
         origin.notify,
         origin.headers or "",
+        submission.principal.login,
+        submission.principal.extra.to_json(),
+        submission.params.to_json(),
+        message.from_.email if message.from_ is not None else None,
+    )
+
+
+def queued(origin: Origin | None) -> str | None:
+    """What the queue keeps with a message for a notice about it (JSON text), or None when nobody would be
+    told: only what its stored submission does not hold, whom to tell and the header block as received
+    (bounded by the header block's own limit). An instance that claims the message makes the record's notice
+    data from it with `rebuilt` if the accepting instance died before writing the record."""
+    if origin is None or origin.notify is None or origin.dsn_of is not None:
+        return None
+    return orjson.dumps({"to": origin.notify, "headers": origin.headers or ""}).decode()
+
+
+def rebuilt(submission: Submission, kept: str | None) -> str | None:
+    """The notice data (JSON text) `of` made at acceptance, made again from the queued submission and what
+    `queued` kept with it; None when nothing was kept (nobody would be told, or a row stored before the
+    queue kept it) or what was kept is not `queued`'s."""
+    if kept is None:
+        return None
+    try:
+        data = orjson.loads(kept)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("to"), str):
+        return None
+    message = submission.message
+    return _json(
+        data["to"],
+        str(data.get("headers") or ""),
         submission.principal.login,
         submission.principal.extra.to_json(),
         submission.params.to_json(),

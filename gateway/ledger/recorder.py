@@ -208,10 +208,12 @@ class Recorder:
         submission: Submission | None = None,
         size: int | None = None,
         account: str = "",
+        notice_kept: str | None = None,
     ) -> None:
         """An attempt that settled a stored message (`settled` False: fenced, another owner has it now: its
         verdict is not ours to record, the calls' answers are). `submission`: a claimed message's, so
-        its record exists even if the accepting instance never wrote it."""
+        its record exists even if the accepting instance never wrote it; `notice_kept`: what the queue kept
+        with it for a notice (notice.queued), so that record's notice data is the one acceptance made."""
         if not self.enabled:
             return
         now = self.clock()
@@ -240,6 +242,7 @@ class Recorder:
                     size=size,
                     login=submission.principal.login,
                     message_id=submission.message.message_id,
+                    notice=notice.rebuilt(submission, notice_kept),
                 )
             )
         rows += self._attempt(msg_id, created, decision, outcome, path, now, settled=settled, about=lambda: about)

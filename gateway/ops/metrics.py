@@ -424,8 +424,8 @@ SUPPRESSION_SYNCS = Counter(
 NOTICES = Counter(
     "smtp_gateway_notices_total",
     "Delivery status notices by result: sent (handed to delivery like any message), failed (refused), and why "
-    "none was sent: null_sender, notice (about a notice), notify_off, no_data, rebuilt (its record rebuilt from the "
-    "queue: the notice's data lost with the accepting instance), suppressed, rate_limited, deleted (by an "
+    "none was sent: null_sender, notice (about a notice), notify_off, no_data, rebuilt (its record rebuilt from a "
+    "queue row without a notice's data: an older version's), suppressed, rate_limited, deleted (by an "
     "operator), held (ambiguous: it may have been delivered), no_account (no longer configured)",
     ["account", "result"],
     registry=REGISTRY,

@@ -13,7 +13,10 @@ answered with the first one's id instead of sending it twice.
 No notice: for a null sender or about a notice (no loops: a notice's own failures never make one), when
 nobody is to be told (`notify = "off"`), to a suppressed address, past the per-sender limit, for recipients
 an operator deleted, for a message held as ambiguous (it may have been delivered), for a message whose
-record was rebuilt from the queue (its accepting instance died before writing it: the notice's data is lost).
+record was rebuilt from a queue row without a notice's data (its accepting instance died before writing the
+record, and the row was stored, or claimed, by a version before the queue kept that data). A record rebuilt
+from a newer row has the notice data the accepting instance would have written (gateway/ledger/notice.py
+`rebuilt`).
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ SKIP = {
     "notify_off": "nobody is to be told (notify = off)",
     "no_data": "the message's record has no notice data",
     "rebuilt": "its record was rebuilt from the queue (the accepting instance died before writing it): "
-    "what a notice needs was lost with that instance's rows",
+    "its queue row was without what a notice needs (stored, or claimed, by a version before the queue kept it)",
     "suppressed": "the address to tell is suppressed",
     "rate_limited": "the sender got its limit of notices in this window",
     "deleted": "an operator deleted it",
@@ -191,8 +194,10 @@ class NoticeSender:
         if not record.mail_from:
             return _skip("null_sender"), None, None
         if text is None:
-            # No reply: the record is the one a claiming instance wrote from what the queue holds, which has
-            # neither the header block a notice quotes nor whom to tell; nobody chose `notify = off`.
+            # No reply: the record is the one a claiming instance wrote from what the queue holds, and its
+            # queue row had no notice data (stored, or claimed, by a version before the queue kept whom to
+            # tell and the header block: a newer one's record has them, notice.rebuilt); nobody chose
+            # `notify = off`.
             return _skip("notify_off" if record.reply else "rebuilt"), None, None
         try:
             data = NoticeData.read(text)
