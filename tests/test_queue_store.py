@@ -892,12 +892,12 @@ async def test_a_queue_of_the_previous_version_keeps_notice_data_from_its_next_s
 
 
 def _without_notice(
-    message_row: Callable[[NewMessage], queue_store.MessageRow],
-) -> Callable[[NewMessage], queue_store.MessageRow]:
+    message_row: Callable[[NewMessage, float], queue_store.MessageRow],
+) -> Callable[[NewMessage, float], queue_store.MessageRow]:
     """The previous version's row: the values without the notice (the one before the submission)."""
 
-    def row(m: NewMessage) -> queue_store.MessageRow:
-        made = message_row(m)
+    def row(m: NewMessage, shift: float = 0.0) -> queue_store.MessageRow:
+        made = message_row(m, shift)
         return made._replace(values=made.values[:-2] + made.values[-1:])
 
     return row
