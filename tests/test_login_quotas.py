@@ -22,7 +22,7 @@ from gateway.limits.quotas import LocalCounts, QuotaTracker
 from gateway.ops.metrics import REGISTRY
 from tests.configs import listener
 from tests.devices_util import captured_logs, events, raw_send
-from tests.harness import PASSWORD, PASSWORD_HASH, Running
+from tests.harness import CAMPAIGNS, PASSWORD, PASSWORD_HASH, Running
 from tests.ops_util import sample
 from tests.smtputil import RECIPIENT, SENDER, RawClient, message
 from tests.spool_helpers import wait_for
@@ -120,6 +120,45 @@ def test_a_message_not_accepted_after_all_is_not_counted(gateway_factory: Factor
         assert raw_send(client, message(subject="yes")).startswith("250 2.0.0 ")
         assert client.cmd(f"MAIL FROM:<{SENDER}>").startswith("452 4.7.1 ")
     assert [r["body"]["asunto"] for r in gw.sent] == ["yes"]
+
+
+def send_as(gw: Running, login: str, password: str = CAMPAIGNS[23]) -> str:
+    """One message by `login` in a session of its own: the final reply, or the first refusal."""
+    with RawClient(gw) as client:
+        client.cmd("EHLO client.test")
+        auth = client.login(login, password)
+        if not auth.startswith("235 "):
+            return auth
+        mail = client.cmd(f"MAIL FROM:<{SENDER}>")  # (a quota or rate used up refuses here)
+        if not mail.startswith("250 "):
+            return mail
+        assert client.cmd(f"RCPT TO:<{RECIPIENT}>").startswith("250 ")
+        assert client.cmd("DATA").startswith("354 ")
+        client.write(message(subject=f"as {login}") + b".\r\n")
+        return client.reply()[-1]
+
+
+# Each of them logged in as campaign 23 with its key, a login of its own with a fresh quota and rate: int()
+# drops leading zeros and reads every script's digits (\d matched them), `$` matched before a final newline.
+SPELLINGS = ["acme-023", "acme-000000000023", "acme-\u0662\u0663", "acme-23\n"]
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS)
+def test_a_campaign_login_has_one_spelling_and_so_one_quota(gateway_factory: Factory, spelling: str) -> None:
+    gw = gateway_factory(accounts={"acme": {"quota": {"messages_per_day": 1}}})
+    assert send_as(gw, "acme-23").startswith("250 2.0.0 ")
+    assert send_as(gw, "acme-23").startswith("452 4.7.1 Message quota of acme-23 reached")
+    # The campaign's key with another spelling of its login: no login (a wrong password's reply).
+    assert send_as(gw, spelling).startswith("535 5.7.8 "), spelling
+    assert len(gw.sent) == 1
+
+
+def test_a_campaign_login_has_one_spelling_and_so_one_rate(gateway_factory: Factory) -> None:
+    gw = gateway_factory(limits={"messages_per_minute": 1})
+    assert send_as(gw, "acme-23").startswith("250 2.0.0 ")
+    assert send_as(gw, "acme-23").startswith("451 4.7.1 Message rate limit reached for acme-23")
+    assert send_as(gw, "acme-0023").startswith("535 5.7.8 ")
+    assert len(gw.sent) == 1
 
 
 @pytest.mark.parametrize(("fault", "counted"), [({}, 1), ({"status": 400, "reason": "contenido invalido"}, 0)])

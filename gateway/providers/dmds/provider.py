@@ -39,7 +39,11 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("gateway.dmds")
 
-_SMTP_API_LOGIN = re.compile(r"^(?P<dmdsid>[A-Za-z0-9_.]+)-(?P<numid>\d{1,12})$")
+# An SMTP-API login is written one way only: ASCII digits without a leading zero, nothing after them (\Z, not $,
+# which matches before a final newline). Every per-login key (quota, rate, ledger, logs) is the login's name, so
+# a second spelling of one campaign (`acme-023`, `acme-\u0662\u0663` in Arabic-Indic digits, which \d and int()
+# accept, `acme-23\n`) would be a login of its own, with a fresh quota and rate, under the same campaign key.
+_SMTP_API_LOGIN = re.compile(r"\A(?P<dmdsid>[A-Za-z0-9_.]+)-(?P<numid>0|[1-9][0-9]{0,11})\Z")
 # Campaign numids whose existence is remembered (each of known and unknown ones): a client choosing
 # campaigns by Subject can name any number.
 CAMPAIGNS_CACHED = 10_000
@@ -111,7 +115,7 @@ class DmdsProvider(ProviderBase[DmdsAccount]):
                 return None
             return Principal(
                 account=self.account,
-                login=username,
+                login=f"{settings.dmdsid}-{numid}",  # the one spelling the pattern admits
                 extra=DmdsLogin(campaign=numid),
                 credential=matched.which,
                 credential_expires=matched.expires,
