@@ -122,6 +122,22 @@ def test_a_message_not_accepted_after_all_is_not_counted(gateway_factory: Factor
     assert [r["body"]["asunto"] for r in gw.sent] == ["yes"]
 
 
+def test_a_resend_answered_with_the_first_messages_250_is_not_counted_again(gateway_factory: Factory) -> None:
+    # A client that lost its 250 resends the message: it gets the first one's 250 and nothing is sent again,
+    # so its quota is charged once (it was counted at the end of DATA, before the resend was recognised).
+    gw = gateway_factory(extra_users=[metered(messages_per_day=2)])
+    keyed = "X-Gateway-Idempotency-Key: invoice-4711\r\n"
+    with session(gw) as client:
+        first = raw_send(client, message(subject="invoice 4711", extra=keyed))
+        assert first.startswith("250 2.0.0 ")
+        assert raw_send(client, message(subject="invoice 4711", extra=keyed)) == first
+        wait_for(lambda: used("day", "messages") == 1, 10, "the resend given back")
+        # One message sent of the two allowed: the next one fits.
+        assert raw_send(client, message(subject="invoice 4712")).startswith("250 2.0.0 ")
+        assert client.cmd(f"MAIL FROM:<{SENDER}>").startswith("452 4.7.1 ")
+    assert [r["body"]["asunto"] for r in gw.sent] == ["invoice 4711", "invoice 4712"]
+
+
 def send_as(gw: Running, login: str, password: str = CAMPAIGNS[23]) -> str:
     """One message by `login` in a session of its own: the final reply, or the first refusal."""
     with RawClient(gw) as client:

@@ -181,3 +181,6 @@ class Receipt:
     # of sends, which may be lower than the recipients, never a delivery.
     upstream_sent: int | None = None
     reason: str | None = None  # refused or deferred: why (for the log; the client sees the reply)
+    # A resend (its idempotency key's) answered with this earlier message's 250: nothing was sent, so a
+    # per-login quota that counted the message gives it back.
+    resend_of: str | None = None

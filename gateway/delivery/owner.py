@@ -238,6 +238,7 @@ class DeliveryOwner:
             attempt.receipt.reason = "a message with this idempotency key is being delivered"
             return replies.RESEND_IN_PROGRESS
         attempt.receipt.reason = f"resend of {hit.msg_id}: not sent again"
+        attempt.receipt.resend_of = hit.msg_id
         self._record(self.ledger.resend, msg_id=hit.msg_id, reply_id=hit.reply_id)
         return replies.queued(hit.reply_id)
 

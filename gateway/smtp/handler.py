@@ -20,7 +20,7 @@ from gateway.auth.credentials import Authenticator, AuthFailed, AuthUnavailable
 from gateway.config import LimitsSettings, ListenerSettings
 from gateway.core import replies
 from gateway.core.errors import GatewayError
-from gateway.core.model import Origin, Principal
+from gateway.core.model import Origin, Principal, Receipt
 from gateway.core.replies import Reply
 from gateway.core.spill import SpillMap
 from gateway.limits.clients import AuthTicket, Defenses, client_ip, client_key
@@ -504,6 +504,8 @@ class GatewayHandler:
             if principal is None:
                 return str(replies.AUTH_REQUIRED)
             txn = server.txn
+            # Read after accept(): a resend answered with its first message's 250 sent nothing (resend_of).
+            receipt = txn.receipt if txn is not None else Receipt()
             taken = None
             per_login = self.per_login
             if per_login is not None:
@@ -526,7 +528,7 @@ class GatewayHandler:
                 list(envelope.rcpt_tos),
                 raw,
                 "SMTPUTF8" in envelope.mail_options,
-                receipt=txn.receipt if txn is not None else None,
+                receipt=receipt,
                 reservation=server.take_reservation(),
                 origin=origin,
                 test_mode=test_mode,
@@ -537,7 +539,7 @@ class GatewayHandler:
             if unhanded is not None:
                 unhanded.discard()
         if per_login is not None:
-            per_login.settle(principal, taken, str(reply))
+            per_login.settle(principal, taken, str(reply), resend=receipt.resend_of is not None)
         return str(reply)
 
 

@@ -121,11 +121,12 @@ class PerLogin:
     def test_mode(self, principal: Principal) -> bool:
         return self.controls.rules(principal).test_mode
 
-    def settle(self, principal: Principal, taken: Taken | None, reply: str) -> None:
-        """The message was answered: a counted one that was not accepted is taken back."""
+    def settle(self, principal: Principal, taken: Taken | None, reply: str, resend: bool = False) -> None:
+        """The message was answered: a counted one that was not accepted is taken back, and so is a resend
+        answered with its first message's 250 (`resend`: nothing was sent, the first message is counted)."""
         if reply.startswith("2") and self.test_mode(principal):
             TEST_MESSAGES.labels(account=principal.account, login=self.controls.metric_login(principal)).inc()
-        if taken is None or reply.startswith("2"):
+        if taken is None or (reply.startswith("2") and not resend):
             return
         task = asyncio.get_running_loop().create_task(self._give_back(taken))
         self._returns.add(task)
