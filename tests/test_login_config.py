@@ -74,11 +74,55 @@ def refused(tmp_path: Path, **overrides: Any) -> str:
             "accounts.acme.users[printer].quota: messages_per_hour (100) is more than messages_per_day (50): the "
             "hourly limit could never be reached",
         ),
+        # Sender keys that could never work: every MAIL FROM (553) or From they give (550) would be refused.
+        (
+            {"allowed_senders": ["scanner@acme.exmaple"]},
+            "accounts.acme.users[printer].allowed_senders: 'scanner@acme.exmaple' is outside the account's "
+            "sender_domains (acme.example): the login could never send as it",
+        ),
+        ({"allowed_senders": ["@other.example"]}, "'@other.example' is outside the account's sender_domains"),
+        (
+            {"default_from": "noreply@other.example"},
+            "accounts.acme.users[printer].default_from: 'noreply@other.example' is outside the account's "
+            "sender_domains (acme.example): every message it would give a From to would be refused",
+        ),
+        (
+            {"allowed_senders": ["scanner@acme.example"], "default_from": "noreply@acme.example"},
+            "accounts.acme.users[printer].default_from: 'noreply@acme.example' is not among the login's "
+            "allowed_senders",
+        ),
+        (
+            {"force_from": True},
+            "accounts.acme.users[printer].force_from: true without default_from: there is no From to force; set "
+            "default_from",
+        ),
     ],
 )
 def test_invalid_rules_are_refused_naming_where(tmp_path: Path, rules: dict[str, Any], error: str) -> None:
     text = refused(tmp_path, networks={"vlan20": ["192.168.20.0/24"]}, extra_users=[user(**rules)])
     assert error in text, text
+
+
+def test_sender_keys_within_the_sender_domains_are_taken(tmp_path: Path) -> None:
+    # Compared as the sender policy compares them: letter case and IDN forms alike; the account's registered
+    # return-path is a MAIL FROM its domain's logins may be limited to.
+    users = [
+        user(
+            "a",
+            allowed_senders=["Scanner@ACME.example", "dmds-acme@nl.acme.example"],
+            default_from="scanner@acme.example",
+        ),
+        user("b", allowed_senders=["@acme.example"], default_from="noreply@acme.example", force_from=True),
+        user("c", allowed_senders=["bücher.example"], default_from="info@xn--bcher-kva.example"),
+    ]
+    domains = {"acme.example": "dmds-acme@nl.acme.example", "bücher.example": "rp@nl.xn--bcher-kva.example"}
+    settings = load_settings(
+        None,
+        **gateway_config(
+            tmp_path, listeners=[listener()], accounts={"acme": {"sender_domains": domains}}, extra_users=users
+        ),
+    )
+    assert {"a", "b", "c"} <= {u.username for u in settings.accounts["acme"].configured_users}
 
 
 def test_an_accounts_defaults_are_checked_as_well(tmp_path: Path) -> None:

@@ -107,7 +107,7 @@ def sender_permitted(senders: SenderPolicy, principal: Principal, address: str) 
     return login_may_use(principal, lowered, domain)
 
 
-def _entry(entry: str) -> tuple[str, str]:
+def sender_entry(entry: str) -> tuple[str, str]:
     """An allowed_senders entry as ("address", a@dom) or ("domain", dom); "@dom" and "dom" are domains."""
     entry = entry.strip()
     if "@" in entry.lstrip("@"):
@@ -120,7 +120,7 @@ def login_may_use(principal: Principal, address: str, domain: str) -> bool:
     if not principal.allowed_senders:
         return True
     address, domain = ascii_address(address), ascii_domain(domain)
-    for kind, value in map(_entry, principal.allowed_senders):
+    for kind, value in map(sender_entry, principal.allowed_senders):
         if value == (address if kind == "address" else domain):
             return True
     return False
@@ -138,7 +138,7 @@ def check_sender(senders: SenderPolicy, principal: Principal, address: str, smtp
         # The return-path belongs to the domain, not to one login's addresses: a login limited to some
         # addresses of a domain may use that domain's return-path.
         if login_may_use(principal, lowered, rp_domain) or any(
-            domain_of(value) == rp_domain for _, value in map(_entry, principal.allowed_senders)
+            domain_of(value) == rp_domain for _, value in map(sender_entry, principal.allowed_senders)
         ):
             return normalized
     elif sender_permitted(senders, principal, normalized):
