@@ -274,6 +274,27 @@ def test_a_token_login_refused_for_require_tls_counts_as_an_auth_failure(
     ]
 
 
+def test_a_token_logins_require_tls_is_its_own_login_s_not_a_remapped_one(
+    gateway_factory: Factory, issuer: Issuer
+) -> None:
+    """The token names a configured login (mapped already): its rules are looked up as they are, not mapped
+    again as an AUTH username is (strip_login_domain made `erp@acme.example` `erp`, a login with no rules)."""
+    gw = gateway_factory(
+        listeners=[listener("plain", strip_login_domain=True)],
+        oauth={"issuers": [issuer_config(issuer, claim="email")]},
+        extra_users=[
+            {
+                "username": "erp@acme.example",
+                "passwords": [{"hash": PASSWORD_HASH}],
+                "campaign": 22,
+                "require_tls": True,
+            }
+        ],
+    )
+    token = issuer.token(email="erp@acme.example")
+    assert token_login(gw, "XOAUTH2", xoauth2("", token))[-1].startswith("538 5.7.11 ")
+
+
 def test_mechanisms_are_offered_only_with_issuers(gateway_factory: Factory, gw: Running) -> None:
     def auth_line(running: Running) -> str:
         with RawClient(running) as client:

@@ -192,6 +192,13 @@ class GatewayHandler:
             checked, _ = self.login_for(login.decode("utf-8"))
         except UnicodeDecodeError:
             return None
+        return self._tls_refusal_of(server, checked)
+
+    def _tls_refusal_of(self, server: Any, checked: str) -> str | None:
+        """`_tls_refusal` of a login already mapped (login_for), as a token's is: mapping it again would look up
+        another login's rules (`erp@acme.example` stripped to `erp`)."""
+        if self.per_login is None:
+            return None
         owner = self.authenticator.owner(checked)
         return self.per_login.tls_refusal(server, owner, self.authenticator.label(checked))
 
@@ -338,7 +345,7 @@ class GatewayHandler:
             answered = await server.challenge_auth(challenge) is not MISSING  # else aiosmtpd said 501
             refused = await self._refuse(server, server.session, {**fields, "reason": str(exc)})
             return refused if answered else AuthResult(success=False, handled=True)
-        refusal = self._tls_refusal(server, token.login.encode())
+        refusal = self._tls_refusal_of(server, token.login)  # the token's login, mapped already
         if refusal is not None:
             return await self._tls_refused_failure(server, refusal)
         credential = f"oauth:{token.issuer.name}"
