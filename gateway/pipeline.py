@@ -37,6 +37,7 @@ from gateway.ops.metrics import (
     FIELDS_NOT_SENT,
     INTERNAL_ERRORS,
     LIMIT_HITS,
+    MESSAGES_REPAIRED,
     SPILL_FAILURES,
     SUPPRESSED_RECIPIENTS,
 )
@@ -161,6 +162,8 @@ class Pipeline:
             if submission.message.defects:
                 # Repaired or sent as it arrived (never upstream in these words): for the operator to see.
                 bound.warning("message_repaired", defects=list(submission.message.defects))
+                for kind in sorted({defect.partition(":")[0] for defect in submission.message.defects}):
+                    MESSAGES_REPAIRED.labels(account=principal.account, defect=kind).inc()
             if test_mode:
                 requests = self.providers[principal.account].requests(submission)
                 return testmode.accept(requests, submission, bound, receipt, self._test_recorder(origin))

@@ -136,7 +136,7 @@ def displayed(part: EmailMessage) -> list[tuple[str, str | None]]:
     """RULE display: what a mail client shows, in order, as (kind, content): of a multipart/alternative the
     last branch with HTML, else the last with text/plain, else the first with text; of a multipart/related
     the root and the parts nothing can refer to (no Content-ID or -Location); of any other multipart every
-    part. Inline text/plain parts are shown even when they carry a file name."""
+    part. Inline text/plain parts are shown even when they carry a file name; an unsplit multipart, its text."""
     if part.is_multipart() and part.get_content_maintype() == "multipart":
         kids: list[EmailMessage] = list(part.iter_parts())  # type: ignore[arg-type]
         subtype = part.get_content_subtype()
@@ -150,6 +150,16 @@ def displayed(part: EmailMessage) -> list[tuple[str, str | None]]:
         if subtype == "related":
             kids = [kid for i, kid in enumerate(kids) if i == 0 or not (kid["Content-ID"] or kid["Content-Location"])]
         return [piece for kid in kids for piece in displayed(kid)]
+    if part.get_content_maintype() == "multipart":
+        # RULE unsplit: a multipart without a usable boundary (the parser left its body whole) is shown as
+        # its text, as it arrived.
+        body = part.get_payload()
+        if not isinstance(body, str) or not body.strip():
+            return []
+        written = _BOUNDARY.search(" ".join(str(v) for k, v in part.raw_items() if k.lower() == "content-type"))
+        if written is not None and f"\n--{written[1].strip()}" in "\n" + body:
+            return [("text", None)]  # a boundary the body has that policy.default does not read: no reference
+        return [("text", None if not body.isascii() else re.sub("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", "", body))]
     ctype, disposition = part.get_content_type(), part.get_content_disposition()
     if disposition == "attachment" or part.get_content_maintype() == "message":
         return []
@@ -163,6 +173,7 @@ def displayed(part: EmailMessage) -> list[tuple[str, str | None]]:
     return []
 
 
+_BOUNDARY = re.compile(r'boundary\s*=\s*"?([^";\r\n]+)', re.IGNORECASE)
 _BODY = re.compile(r"<body\b[^>]*>(.*?)(?:</body\s*>|\Z)", re.IGNORECASE | re.DOTALL)
 _CONTROLS = re.compile("[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f]")
 

@@ -328,6 +328,62 @@ def test_part_that_is_not_base64_at_all_is_a_defect_and_sent_as_it_arrived() -> 
     assert msg.defects == ("undecodable_base64: part 1 (text/plain) sent as it arrived",)
 
 
+_INVOICE = b"--x\r\nContent-Type: text/html\r\n\r\n<b>Invoice 42</b>\r\n--x--\r\n"
+
+
+@pytest.mark.parametrize(
+    ("source", "shown", "why"),
+    [
+        (HEAD + b"Content-Type: multipart/mixed\r\n\r\n" + _INVOICE, "&lt;b&gt;Invoice 42", "no boundary parameter"),
+        (HEAD + b'Content-Type: multipart/mixed; boundary="y"\r\n\r\n' + _INVOICE, "Invoice 42", "no boundary line"),
+        # A DSN whose boundary parameter was cut ("bo"): 5 KB of report.
+        ("cpython/msg_25.txt", "The original message was received", "no boundary parameter"),
+        # A boundary parameter that matches no line, over a base64 HTML part: shown as it arrived.
+        ("spamscope-mail-parser/mail_malformed_3.eml", "PGh0bWw+PGhlYWQ+", "no boundary line"),
+        ("enmime/mail-multipart-wo-boundary.raw", "multipart message without boundary", "no boundary parameter"),
+    ],
+    ids=["no-boundary-param", "no-boundary-line", "cpython-msg_25", "spamscope-malformed_3", "enmime-wo-boundary"],
+)
+def test_multipart_without_a_usable_boundary_is_sent_as_its_text_and_recorded(
+    source: bytes | str, shown: str, why: str
+) -> None:
+    """The parser leaves such a multipart's body whole; a mail client shows it as text. It was sent as an
+    empty document with no defect: the recipient got a blank mail and nobody knew."""
+    if isinstance(source, str):
+        from tests.conftest import CORPUS
+
+        if not (CORPUS / source).is_file():
+            pytest.skip(f"{source} not in the corpus at {CORPUS}")
+        source = (CORPUS / source).read_bytes()
+    msg = mime.parse(source)
+    assert shown in msg.html
+    assert len(msg.defects) == 1
+    assert msg.defects[0].startswith("multipart_unsplit: part 1 (multipart/")
+    assert msg.defects[0].endswith(f"): {why}, its body sent as text as it arrived")
+
+
+def test_an_empty_multipart_is_no_defect() -> None:
+    msg = mime.parse(HEAD + b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n\r\n')
+    assert msg.defects == ()
+    assert msg.attachments == ()
+
+
+def test_multipart_without_boundary_through_the_server_is_shown_and_counted(gateway: Running) -> None:
+    from gateway.ops.metrics import REGISTRY
+
+    def repaired() -> float:
+        labels = {"account": "acme", "defect": "multipart_unsplit"}
+        return REGISTRY.get_sample_value("smtp_gateway_messages_repaired_total", labels) or 0.0
+
+    before = repaired()
+    raw = HEAD + b"Content-Type: multipart/mixed\r\n\r\n" + _INVOICE
+    with session(gateway) as client:
+        code, text = send(client, raw)
+    assert code == 250, text
+    assert "Invoice 42" in gateway.sent[-1]["body"]["html"]
+    assert repaired() == before + 1
+
+
 def test_sloppy_transfer_encoding_names_are_understood() -> None:
     png = base64.b64encode(b"\x89PNG-data").decode()
     raw = mixed(

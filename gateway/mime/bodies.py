@@ -29,6 +29,9 @@ from gateway.mime.headers import (
     undo_surrogates,
 )
 
+# The defect of a multipart whose parts could not be told apart (no usable boundary): its body is sent as text.
+UNSPLIT_MULTIPART = "multipart_unsplit"
+
 
 @dataclass(frozen=True, slots=True)
 class Bodies:
@@ -188,12 +191,31 @@ class _Walk:
                 self.texts.append(text)
                 return [_Piece("text", text, plain=ctype == "text/plain")]
         if ctype.startswith("multipart/"):
-            return []  # an empty multipart: nothing to carry
+            return self.unsplit(part, ctype, fields)
         attachment = self.attachment(part, ctype, disposition, filename, fields)
         self.attachments.append(attachment)
         if attachment.inline and ctype.startswith("image/"):
             return [_Piece("image", image=len(self.attachments) - 1)]
         return []
+
+    def unsplit(self, part: EmailMessage, ctype: str, fields: dict[str, str]) -> list[_Piece]:
+        """A multipart the parser could not split: no boundary parameter, or none of its lines is the
+        boundary (the parser then leaves its whole body as one text). A mail client shows that body as it
+        arrived, as text; sent as body text here too, and recorded: dropped, the recipient would get an
+        empty message and nobody would know (an empty multipart, only blank lines, has nothing to show)."""
+        data = _raw_payload(part)
+        if not data.strip():
+            return []
+        label = content_charset(part, fields)
+        decoded = charsets.decode(data, label)
+        del data
+        why = "no boundary parameter" if get_param(part, "boundary", fields=fields) is None else "no boundary line"
+        self.defects.append(
+            f"{UNSPLIT_MULTIPART}: part {self.leaves} ({ctype}): {why}, its body sent as text as it arrived"
+        )
+        text = sanitize.body(decoded.text.replace("\r\n", "\n"))
+        self.texts.append(text)
+        return [_Piece("text", text)]
 
     def text_payload(self, part: EmailMessage, ctype: str, fields: dict[str, str]) -> str:
         data = self.payload_bytes(part, ctype, fields)

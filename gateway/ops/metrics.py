@@ -106,6 +106,15 @@ FIELDS_NOT_SENT = Counter(
     ["account", "field"],
     registry=REGISTRY,
 )
+MESSAGES_REPAIRED = Counter(
+    "smtp_gateway_messages_repaired_total",
+    "Messages whose parse repaired something or sent a part as it arrived (the log line message_repaired), "
+    "once per message and kind of defect: charset_errors, undecodable_base64, base64_trailing_text, cr_cr_lf, "
+    "header_truncated, several_addresses, header_address_dropped, multipart_unsplit (a multipart without a "
+    "usable boundary, its body sent as text)",
+    ["account", "defect"],
+    registry=REGISTRY,
+)
 DELIVERIES = Counter(
     "smtp_gateway_deliveries_total",
     "Delivery attempts by path (inline: during the SMTP session; queue: the retry worker) and verdict "
