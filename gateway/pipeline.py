@@ -173,20 +173,23 @@ class Pipeline:
                 # Parsed and hashed: what the call needs of the file is read again only while it is sent.
                 spill.release_pages()
             handed = True
+            # From here the owner releases the share and the spill file, when the first attempt has ended:
+            # also when this task is cancelled meanwhile (the client gone after its final dot), since the
+            # attempt goes on and still holds the message (the finally below must not free them then).
+            done, reservation, spill = _ended(reservation, spill), None, None
             reply = await self.owner.submit(
                 submission,
                 plan,
                 bound,
                 key,
                 receipt,
-                on_done=_ended(reservation, spill),
+                on_done=done,
                 origin=origin,
                 digest=digest,
                 on_gone=on_gone,
                 # This session's provider, kept if a reload replaces or removes the account meanwhile.
                 provider=self.providers[principal.account],
             )
-            reservation = spill = None  # the owner releases them
         except asyncio.CancelledError:
             if on_gone is not None and not handed:
                 on_gone(None)  # the client left before its message was handed over: nothing is sent

@@ -123,6 +123,29 @@ def test_a_client_vanishing_mid_data_releases_its_share(gateway_factory: Callabl
     assert gw.sent == []  # a message cut off mid-DATA is never sent
 
 
+def test_a_client_gone_after_its_dot_keeps_its_share_until_the_attempt_ends(
+    gateway_factory: Callable[..., Running],
+) -> None:
+    """The session is cancelled when its client leaves after the final dot; the delivery attempt goes on
+    with the message (docs/messages.md: its share counts "until its first delivery attempt has ended"). The
+    session's cleanup released the share at once: a second scan was taken while the first still held memory."""
+    gw = gateway_factory(limits=SMALL_BUDGET)
+    listeners = gw.app.listeners
+    assert listeners is not None
+    gw.fault(mode="timeout", count=1, kind="send")  # the upstream never answers the first call
+    raw, _ = scan(2 * MIB)  # ~2.7 MiB on the wire: the budget (5 MiB) has room for one
+    with RawClient(gw) as client:
+        client.open_data()
+        client.write(raw + b".\r\n")
+        wait_for(lambda: not gw.sandbox.state.faults, 10, "the upstream called")
+        client.reset_on_close()
+    wait_for(lambda: not listeners.sessions, 10, "the session over")
+    assert listeners.budget.used > 2 * MIB  # the attempt still holds the message
+    assert submit(gw.port(), raw) == (452, "4.3.1 Too many large messages in progress here; try again later")
+    # The attempt ends (its inline budget spent, the message stored in the queue): the share goes then.
+    wait_for(lambda: listeners.budget.used == 0, 30, "released when the attempt ended")
+
+
 def traced() -> int:
     """Bytes allocated since tracemalloc started and still held, but the sandbox's (its aiohttp server's)."""
     snapshot = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(False, "*/aiohttp/web_*")])

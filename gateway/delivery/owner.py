@@ -168,34 +168,43 @@ class DeliveryOwner:
         kept with its key: a key reused for different content is refused. `on_gone`: if the session is
         cancelled, called once with the reply its first attempt decided (when it has one), or None when
         nothing was sent (what a per-login quota must know of a message whose client left). `provider`: the
-        one the session started with (a reload may have replaced or removed its account since)."""
+        one the session started with (a reload may have replaced or removed its account since).
+
+        `on_done` is ours from the call on, however submit ends: called when the first attempt has ended, or
+        at once when there is none (a resend answered from its key; cancelled or failed before the attempt
+        started). The caller must not release what it frees: a session cancelled while the attempt runs
+        would free the message's memory budget while the attempt still holds the message."""
         now = self.clock()
-        attempt = InlineAttempt(
-            new_id(),
-            submission,
-            transition.fresh(plan, now, self.policy),
-            bound,
-            idempotency_key=idempotency_key,
-            digest=digest,
-            receipt=receipt if receipt is not None else Receipt(),
-            origin=origin,
-            provider=provider,
-        )
-        if idempotency_key is not None:
-            try:
-                resent = await self._resent(attempt, now)  # (raising, the caller releases `on_done` itself)
-            except asyncio.CancelledError:
-                if on_gone is not None:
-                    on_gone(None)  # gone before the message was taken: nothing is sent
-                raise
-            if resent is not None:
-                if on_done is not None:
-                    on_done()
-                return resent
-        decided: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        if idempotency_key is not None:
-            decided.add_done_callback(lambda f: self._spawn(self._finish_key(attempt)))
-        self._spawn(self._first_attempt(attempt, decided, on_done))
+        taken = False  # on_done handed to the first attempt
+        try:
+            attempt = InlineAttempt(
+                new_id(),
+                submission,
+                transition.fresh(plan, now, self.policy),
+                bound,
+                idempotency_key=idempotency_key,
+                digest=digest,
+                receipt=receipt if receipt is not None else Receipt(),
+                origin=origin,
+                provider=provider,
+            )
+            if idempotency_key is not None:
+                try:
+                    resent = await self._resent(attempt, now)
+                except asyncio.CancelledError:
+                    if on_gone is not None:
+                        on_gone(None)  # gone before the message was taken: nothing is sent
+                    raise
+                if resent is not None:
+                    return resent
+            decided: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+            if idempotency_key is not None:
+                decided.add_done_callback(lambda f: self._spawn(self._finish_key(attempt)))
+            self._spawn(self._first_attempt(attempt, decided, on_done))
+            taken = True
+        finally:
+            if not taken and on_done is not None:
+                on_done()  # no attempt holds the message: a resend answered from its key, or ended before one
         try:
             return await asyncio.shield(decided)
         except asyncio.CancelledError:
