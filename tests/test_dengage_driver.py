@@ -482,3 +482,46 @@ async def test_check_upstream_does_not_blame_the_credentials_for_a_proxys_401_pa
     assert (login.reached, login.authenticated, login.status) == (True, None, 401)
     [fix] = report.fixes
     assert "a proxy or WAF" in fix and "userkey and password" not in fix
+
+
+async def test_each_recipients_body_is_built_only_once_its_call_holds_a_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """deliver starts every recipient's call at once; each body is a copy of the HTML (a 10 MB HTML to 50
+    recipients: 50 copies). Built before the waits for the token, the limiter and a connection, all of them
+    existed at once; built once the call holds a connection, at most max_connections do."""
+    from gateway.mime import jsonbody
+
+    built = answered = 0
+    alive: list[int] = []  # bodies built and not yet answered, seen by each send as it arrives
+    encode = jsonbody.encode
+
+    def counting(payload: Any) -> bytes | jsonbody.Body:
+        nonlocal built
+        built += 1
+        return encode(payload)
+
+    up = Upstream()
+
+    async def upstream(request: httpx.Request) -> httpx.Response:
+        nonlocal answered
+        if request.url.path != "/rest/transactional/email":
+            return await up(request)
+        alive.append(built - answered)
+        await asyncio.sleep(0)  # the others get their turn to run while this one holds its connection
+        response = await up(request)
+        answered += 1
+        return response
+
+    monkeypatch.setattr(jsonbody, "encode", counting)
+    account = DengageAccount(provider="dengage", api_base=BASE, userkey="the-userkey", password="the-password")  # type: ignore[arg-type]
+    http = HttpClient(
+        BASE, upstream="dEngage", account="crm", timeout=5.0, max_connections=3, transport=httpx.MockTransport(upstream)
+    )
+    p = DengageProvider("crm", account, http, None, clock=Clock())
+    rcpts = [f"r{i}@example.com" for i in range(40)]
+    outcome = await p.deliver(submission(*rcpts), {})
+    assert sorted(outcome.delivered) == sorted(rcpts)  # one call per recipient, each naming only its own
+    assert sorted(json.loads(r.content)["send"]["to"] for r in up.of("/rest/transactional/email")) == sorted(rcpts)
+    assert built == 40
+    assert max(alive) <= 3, f"{max(alive)} request bodies existed at once with 3 connections"

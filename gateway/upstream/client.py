@@ -102,14 +102,16 @@ class HttpClient:
         path: str,
         *,
         headers: dict[str, str],
-        content: bytes | jsonbody.Body | None = None,
+        content: bytes | jsonbody.Body | Callable[[], bytes | jsonbody.Body] | None = None,
         before_send: Callable[[], Awaitable[None]] | None = None,
         timeout: float | None = None,
         keep: int | None = None,
     ) -> HttpResponse:
         """One call; `endpoint` is a short stable name for metrics ("send_one", "login", ...). A `Body` (a JSON
         body with large blobs) is streamed from its pieces, with its Content-Length. `before_send` runs once
-        a connection is free, right before the request goes; what it raises, the request does not send.
+        a connection is free, right before the request goes; what it raises, the request does not send. A
+        callable `content` is called for the body only then (after `before_send`): callers with many requests
+        waiting for a connection (one per recipient) hold at most as many bodies as there are connections.
         `timeout`: this call's (the client's otherwise). `keep`: only the answer body's first `keep` bytes
         are read and returned, the rest never (for a caller that needs its status and a few words of it: a
         big body is then no AnswerTooLarge)."""
@@ -129,7 +131,8 @@ class HttpClient:
         try:
             if before_send is not None:
                 await before_send()
-            return await self._send(endpoint, method, path, headers, content, limits, keep)
+            body = content() if callable(content) else content
+            return await self._send(endpoint, method, path, headers, body, limits, keep)
         finally:
             self._connections.release()
 

@@ -285,7 +285,15 @@ class DengageProvider(ProviderBase[DengageAccount]):
 
     async def send_one(self, submission: Submission, call: Call, before_send: BeforeSend = no_hook) -> wire.SendResult:
         recipient = call.recipients[0]
-        content = jsonbody.encode(wire.build_payload(submission, recipient, await self._sender(submission.message)))
+        sender = await self._sender(submission.message)
+
+        def content() -> bytes | jsonbody.Body:
+            # Built once this call holds a connection (gateway/upstream/client.py), not when deliver starts
+            # every recipient's call: each body is a copy of the HTML (and of small attachments' base64),
+            # so a 10 MB HTML to 50 recipients held 50 of them at once; now at most the connection limit's
+            # number (docs/messages.md). Built again for the one repeat after a 401: the same bytes.
+            return jsonbody.encode(wire.build_payload(submission, recipient, sender))
+
         extra: dict[str, str] = {}
         header = wire.WIRE["idempotency_header"]
         ref = DengageParams.read(submission.params).ref
@@ -321,7 +329,7 @@ class DengageProvider(ProviderBase[DengageAccount]):
         method: str,
         path: str,
         parse: Callable[[HttpResponse], T],
-        content: bytes | jsonbody.Body | None = None,
+        content: bytes | jsonbody.Body | Callable[[], bytes | jsonbody.Body] | None = None,
         extra: Mapping[str, str] | None = None,
         sending: Callable[[], Awaitable[None]] | None = None,
     ) -> T:
