@@ -384,6 +384,45 @@ def test_multipart_without_boundary_through_the_server_is_shown_and_counted(gate
     assert repaired() == before + 1
 
 
+_ICS = b"BEGIN:VCALENDAR\r\nMETHOD:REQUEST\r\nBEGIN:VEVENT\r\nUID:1\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n"
+
+
+def test_a_calendar_invitation_beside_the_body_is_sent_as_an_attachment_and_recorded() -> None:
+    """An iMIP invitation (text, HTML, text/calendar in one multipart/alternative, as Outlook and Google send
+    it): the HTML is the body, and the calendar branch, which neither API can take as an alternative, was
+    dropped without a word."""
+    raw = mixed(
+        b"Content-Type: text/plain\r\n\r\nYou are invited",
+        b"Content-Type: text/html\r\n\r\n<p>You are invited</p>",
+        b'Content-Type: text/calendar; method="request"; charset="UTF-8"\r\n\r\n' + _ICS,
+        kind="alternative",
+    )
+    msg = mime.parse(raw)
+    assert msg.html == "<p>You are invited</p>"
+    (invite,) = msg.attachments
+    assert (invite.filename, invite.content_type, invite.inline) == ("invite.ics", "text/calendar", False)
+    assert invite.data.rstrip(b"\r\n") == _ICS.rstrip(b"\r\n")
+    assert msg.defects == (
+        "calendar_attached: part 3 (text/calendar; method=REQUEST): an alternative to the body, sent as the "
+        "attachment invite.ics",
+    )
+
+
+def test_a_calendar_attachment_or_a_calendar_only_alternative_is_unchanged() -> None:
+    attached = mixed(
+        b"Content-Type: text/html\r\n\r\n<p>Agenda</p>",
+        b"Content-Type: text/calendar\r\nContent-Disposition: attachment; filename=meeting.ics\r\n\r\n" + _ICS,
+        kind="alternative",
+    )
+    msg = mime.parse(attached)
+    assert [(a.filename, a.content_type) for a in msg.attachments] == [("meeting.ics", "text/calendar")]
+    assert msg.defects == ()
+    alone = mixed(b"Content-Type: text/calendar; method=REQUEST\r\n\r\n" + _ICS, kind="alternative")
+    msg = mime.parse(alone)
+    assert "BEGIN:VCALENDAR" in msg.html  # the one branch is the body, as before
+    assert msg.attachments == () and msg.defects == ()
+
+
 def test_sloppy_transfer_encoding_names_are_understood() -> None:
     png = base64.b64encode(b"\x89PNG-data").decode()
     raw = mixed(

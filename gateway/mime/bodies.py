@@ -33,6 +33,11 @@ from gateway.mime.headers import (
 UNSPLIT_MULTIPART = "multipart_unsplit"
 
 
+# The defect of a calendar invitation beside the body of a multipart/alternative: sent as an attachment.
+CALENDAR_ATTACHED = "calendar_attached"
+_METHOD = re.compile(r"[A-Za-z-]{1,40}")
+
+
 @dataclass(frozen=True, slots=True)
 class Bodies:
     html: str
@@ -153,12 +158,39 @@ class _Walk:
         """One branch is displayed, the last one a client can show (RFC 2046 §5.1.4: the richest is last):
         the last with HTML, else the last with text/plain, else the first with any text. The other branches'
         attachments are kept; their text stays in Message.text only."""
-        branches = [self.part(child) for child in children]
+        branches: list[list[_Piece]] = []
+        calendars: list[tuple[int, EmailMessage, int]] = []  # (branch, part, its number among the leaves)
+        for child in children:
+            branches.append(self.part(child))
+            if not child.is_multipart() and content_type(child, content_fields(child)) == "text/calendar":
+                calendars.append((len(branches) - 1, child, self.leaves))
         with_html = [b for b in branches if any(p.kind == "html" for p in b)]
         with_plain = [b for b in branches if any(p.plain for p in b)]
         if with_html or with_plain:
-            return (with_html or with_plain)[-1]
-        return next((b for b in branches if any(p.kind == "text" for p in b)), [])
+            shown = (with_html or with_plain)[-1]
+        else:
+            shown = next((b for b in branches if any(p.kind == "text" for p in b)), [])
+        for index, child, number in calendars:
+            if branches[index] is not shown and any(p.kind == "text" for p in branches[index]):
+                self.invitation(child, number)
+        return shown
+
+    def invitation(self, part: EmailMessage, number: int) -> None:
+        """A text/calendar branch of an alternative beside the body shown (an iMIP invitation, as Outlook,
+        Google and booking systems send it: text, HTML, calendar): its client shows the HTML and offers the
+        invitation (Accept / Decline) from the calendar branch. Neither API takes alternatives, so it goes as
+        the attachment invite.ics; recorded, since the recipient's client may show it as a file rather than
+        as an invitation. Its type is the bare text/calendar, as every attachment's (the APIs take a
+        type/subtype): the method parameter is named in the defect, and the file says it itself (METHOD:,
+        which RFC 5546 requires to match it)."""
+        fields = content_fields(part)
+        method = get_param(part, "method", fields=fields)
+        method = method.strip().upper() if isinstance(method, str) and _METHOD.fullmatch(method.strip()) else None
+        self.attachments.append(self.attachment(part, "text/calendar", "attachment", "invite.ics", fields))
+        self.defects.append(
+            f"{CALENDAR_ATTACHED}: part {number} (text/calendar{f'; method={method}' if method else ''}): an "
+            "alternative to the body, sent as the attachment invite.ics"
+        )
 
     def related(self, part: EmailMessage, children: list[EmailMessage]) -> list[_Piece]:
         """The root is displayed; the other parts are resources it refers to (by Content-ID or -Location),

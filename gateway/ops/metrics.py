@@ -111,7 +111,8 @@ MESSAGES_REPAIRED = Counter(
     "Messages whose parse repaired something or sent a part as it arrived (the log line message_repaired), "
     "once per message and kind of defect: charset_errors, undecodable_base64, base64_trailing_text, cr_cr_lf, "
     "header_truncated, several_addresses, header_address_dropped, multipart_unsplit (a multipart without a "
-    "usable boundary, its body sent as text)",
+    "usable boundary, its body sent as text), calendar_attached (a text/calendar alternative to the body, sent as "
+    "the attachment invite.ics)",
     ["account", "defect"],
     registry=REGISTRY,
 )
