@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from aiohttp import web
 
 from gateway.core.errors import SpoolUnavailable
 from gateway.ops.metrics import REGISTRY
 from gateway.queue.postgres import PostgresQueue
-from tests.harness import Running
+from tests.harness import Running, sandbox_for_tests
 from tests.pgserver import PgCluster
 from tests.smtputil import RawClient
 from tests.spool_helpers import send, spool_rows, wait_for
@@ -164,6 +165,29 @@ def test_a_queue_that_cannot_store_is_logged_once_per_outage(gateway_factory: Ca
     assert REGISTRY.get_sample_value("smtp_gateway_queue_store_failures_total") == failures + 3
     assert len([e for e in logs if e["event"] == "message_deferred"]) == 3
     wait_for(lambda: [r["body"]["asunto"] for r in gw.sent] == ["queued"] or None, 10, "the queued one delivered")
+
+
+def test_a_429_with_retry_after_zero_waits_on_the_schedule(gateway_factory: Callable[..., Running]) -> None:
+    """An upstream (a proxy, a skewed clock's past date) answering every send 429 with `Retry-After: 0`: the
+    queued message is due on the retry schedule, not again at once (it was sent ~130 times a second, for its
+    whole lifetime). The sandbox's fault API sends no Retry-After: a middleware answers instead."""
+    sandbox = sandbox_for_tests()
+    hits: list[str] = []
+
+    @web.middleware
+    async def always_429(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.method == "POST" and not request.path.startswith("/_sandbox"):
+            await request.read()
+            hits.append(request.path)
+            return web.json_response({"status": "err", "on": "rate"}, status=429, headers={"Retry-After": "0"})
+        return await handler(request)
+
+    sandbox.app.middlewares.append(always_429)
+    gw = gateway_factory(sandbox=sandbox, delivery={"retry_schedule": [60.0], "retry_jitter": 0.0})
+    assert send(gw.port(), "rate limited")[0] == 250
+    [row] = spool_rows(gw.settings.delivery.spool_path)
+    assert row["next_attempt"] >= row["created"] + 60.0  # type: ignore[operator]
+    assert (row["attempts"], len(hits)) == (1, 1)
 
 
 def key_row(path: Path, account: str = "acme") -> sqlite3.Row | None:

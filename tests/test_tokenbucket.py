@@ -17,7 +17,7 @@ from gateway.core import tokenbucket
 from gateway.core.errors import RateLimited, SpoolUnavailable
 from gateway.limits.clients import LoginRates
 from gateway.upstream.ratelimit import SharedBucket, TokenBucket
-from gateway.upstream.response import MAX_RETRY_AFTER, HttpResponse
+from gateway.upstream.response import MAX_RETRY_AFTER, MIN_RETRY_AFTER, HttpResponse
 
 
 class Clock:
@@ -113,6 +113,30 @@ async def test_a_429_pauses_an_account_for_at_most_the_longest_retry_after_honou
 
     await SharedBucket(_slots(TokenBucket(10.0, 1)), pause, 10.0, 1, account="acme").penalize(86400.0)
     assert pauses == [MAX_RETRY_AFTER]  # the queue's row too, for every instance
+
+
+async def test_a_429_asking_for_no_pause_pauses_an_account_a_second() -> None:
+    """`Retry-After: 0` or a date now or past (a proxy's "try again now", a skewed clock) names no pause: the
+    limiter pauses its second, as for a 429 without the header, and the queue waits on its schedule
+    (tests/test_transition.py); a pause under a second is a second."""
+    clock = Clock()
+    wall = 1_700_000_000.0  # a whole second: the HTTP date below is exact
+    past = "Tue, 14 Nov 2023 22:13:19 GMT"  # wall - 1
+    soon = "Tue, 14 Nov 2023 22:13:21 GMT"  # wall + 1
+    assert [HttpResponse(429, b"", {"retry-after": v}).retry_after(wall) for v in ("0", "00", past)] == [None] * 3
+    assert HttpResponse(429, b"", {"retry-after": soon}).retry_after(wall + 0.7) == MIN_RETRY_AFTER == 1.0
+    bucket = TokenBucket(10.0, 1, account="acme", recovery=30.0, clock=clock)
+    await bucket.penalize(retry_after=0.0)
+    assert bucket.reserve() == pytest.approx(MIN_RETRY_AFTER)
+    pauses: list[float] = []
+
+    async def pause(account: str, seconds: float, recovery: float) -> None:
+        pauses.append(seconds)
+
+    shared = SharedBucket(_slots(TokenBucket(10.0, 1)), pause, 10.0, 1, account="acme")
+    await shared.penalize(0.0)
+    await shared.penalize(0.2)
+    assert pauses == [MIN_RETRY_AFTER, MIN_RETRY_AFTER]  # the queue's row too, for every instance
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["own", "shared"])

@@ -74,6 +74,15 @@ def test_rate_limits_come_back_when_the_upstream_says() -> None:
     assert transition.decide(fresh(), mixed, POLICY, NOW).next_attempt == NOW + 10.0
 
 
+def test_a_rate_limit_naming_no_pause_waits_on_the_schedule_and_none_comes_back_within_a_second() -> None:
+    """Retry-After: 0 (read as none) was due again at once: a message sent as fast as the upstream answered 429
+    for its whole lifetime. It goes on the schedule; a pause asked under a second is a second."""
+    zero = Outcome(deferred={"0": RateLimited("429", retry_after=0.0), "1": RateLimited("429", retry_after=0.0)})
+    assert transition.decide(fresh(), zero, POLICY, NOW).next_attempt == NOW + 10.0
+    short = Outcome(deferred={"0": RateLimited("429", retry_after=0.01), "1": RateLimited("429", retry_after=0.2)})
+    assert transition.decide(fresh(), short, POLICY, NOW).next_attempt == NOW + 1.0
+
+
 def test_a_lost_answer_is_counted_on_its_call() -> None:
     d = transition.decide(
         fresh(), Outcome(delivered={"0": "E"}, deferred={"1": AnswerLost("read timeout")}), POLICY, NOW

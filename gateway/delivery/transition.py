@@ -26,6 +26,7 @@ from gateway.core.errors import RateLimited, Rejected
 from gateway.core.model import Call
 from gateway.core.outcome import Outcome, bug_reason
 from gateway.core.records import CallRow, DeadCause, Decision, DeliveryState, RetryPolicy, Verdict
+from gateway.upstream.response import MIN_RETRY_AFTER
 
 
 def fresh(plan: Sequence[Call], now: float, policy: RetryPolicy) -> DeliveryState:
@@ -153,9 +154,12 @@ def internal_error(
 
 def _wait(outcome: Outcome, policy: RetryPolicy, attempts: int, rng: random.Random | None) -> float:
     deferrals = list(outcome.deferred.values())
-    if deferrals and all(isinstance(d, RateLimited) and d.retry_after is not None for d in deferrals):
-        # Only rate limits: come back when the upstream said to, not on the outage schedule.
-        return max(d.retry_after or 0.0 for d in deferrals if isinstance(d, RateLimited))
+    if deferrals and all(isinstance(d, RateLimited) and (d.retry_after or 0.0) > 0 for d in deferrals):
+        # Only rate limits, each naming a pause: come back when the upstream said to, not on the outage
+        # schedule, and never sooner than the rate limiter's own pause. A 429 naming none, or 0
+        # (HttpResponse.retry_after reads Retry-After: 0 or a past date as none), waits on the schedule: due
+        # again at once, such a message was sent as fast as the upstream answered, for its whole lifetime.
+        return max(MIN_RETRY_AFTER, *(d.retry_after or 0.0 for d in deferrals if isinstance(d, RateLimited)))
     return policy.delay(attempts, rng)
 
 

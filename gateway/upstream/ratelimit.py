@@ -23,7 +23,7 @@ from gateway.core import tokenbucket
 from gateway.core.episode import Episode
 from gateway.core.errors import Deferred, RateLimited
 from gateway.ops.metrics import RATE_LIMIT_WAIT
-from gateway.upstream.response import MAX_RETRY_AFTER
+from gateway.upstream.response import MAX_RETRY_AFTER, MIN_RETRY_AFTER, bounded
 
 log = structlog.get_logger("gateway.upstream")
 # A slot reached later than one interval (at least 50 ms of event-loop jitter, at most this) is given up.
@@ -44,15 +44,19 @@ async def reached(wait: float, allowed: float, clock: Callable[[], float] = time
     return clock() - due <= allowed
 
 
+def pause_for(retry_after: float | None) -> float:
+    """The pause a 429 asks for: a second (MIN_RETRY_AFTER) when it names none or less (Retry-After: 0 gave
+    no pause at all), at most MAX_RETRY_AFTER."""
+    return bounded(retry_after) or MIN_RETRY_AFTER
+
+
 def capped(retry_after: float | None, account: str) -> float:
-    """The pause a 429 asks for (a second when it names none), at most MAX_RETRY_AFTER: logged when that long."""
-    if retry_after is None:
-        return 1.0
-    if retry_after >= MAX_RETRY_AFTER:
+    """pause_for(), logged when it is the longest honoured."""
+    if retry_after is not None and retry_after >= MAX_RETRY_AFTER:
         # A 429 asked for a pause at least as long as the longest honoured (HttpResponse.retry_after caps it):
         # the account pauses for that long and then tries again.
         log.warning("upstream_retry_after_capped", account=account, pause=MAX_RETRY_AFTER)
-    return min(retry_after, MAX_RETRY_AFTER)
+    return pause_for(retry_after)
 
 
 class RateLimiter(Protocol):
@@ -192,9 +196,7 @@ class SharedBucket:
         await self._local.penalize(retry_after)
         try:
             # The local bucket's penalize logged a capped pause already.
-            await self._pause(
-                self._account, min(retry_after, MAX_RETRY_AFTER) if retry_after is not None else 1.0, self._recovery
-            )
+            await self._pause(self._account, pause_for(retry_after), self._recovery)
         except Deferred as exc:
             self._unavailable(exc)
 

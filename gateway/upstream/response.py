@@ -13,6 +13,11 @@ import orjson
 # misconfiguration, a vendor's daily quota page) would otherwise stop the account for a day. Past this, the
 # account tries again and a second 429 pauses it again.
 MAX_RETRY_AFTER = 300.0
+# The shortest pause a positive Retry-After gives (seconds): what the rate limiter pauses for a 429 naming
+# none. A Retry-After of 0, or an HTTP date now or past (a proxy's "try again now", a skewed clock), names
+# no pause at all and reads as absent: taken at its word, every queued retry of the message was due again at
+# once, and a message was sent as fast as the upstream answered 429, for its whole lifetime.
+MIN_RETRY_AFTER = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,14 +34,22 @@ class HttpResponse:
         return self.body[:limit].decode("utf-8", "replace")
 
     def retry_after(self, now: float) -> float | None:
-        """Seconds from `now` the upstream asks us to wait (Retry-After: seconds or an HTTP date), at most
-        MAX_RETRY_AFTER (the rate limiter logs when it meets a pause that long)."""
+        """Seconds from `now` the upstream asks us to wait (Retry-After: seconds or an HTTP date), between
+        MIN_RETRY_AFTER and MAX_RETRY_AFTER (the rate limiter logs when it meets a pause that long); None when
+        it names no pause: no header, an unreadable one, 0, or a date now or past (the caller's own pause
+        applies: the limiter's second, the queue's retry_schedule)."""
         value = self.headers.get("retry-after", "").strip()
         if not value:
             return None
-        if value.isdigit():
-            return min(float(value), MAX_RETRY_AFTER)
         try:
-            return min(max(0.0, parsedate_to_datetime(value).timestamp() - now), MAX_RETRY_AFTER)
+            seconds = float(value) if value.isdigit() else parsedate_to_datetime(value).timestamp() - now
         except (TypeError, ValueError, OverflowError):
             return None
+        return bounded(seconds)
+
+
+def bounded(retry_after: float | None) -> float | None:
+    """An asked pause between MIN_RETRY_AFTER and MAX_RETRY_AFTER; None when it asks for none (None, 0, <0)."""
+    if retry_after is None or not retry_after > 0:
+        return None
+    return min(max(retry_after, MIN_RETRY_AFTER), MAX_RETRY_AFTER)
