@@ -132,6 +132,55 @@ def test_a_partly_delivered_message_the_queue_cannot_take_is_452_and_counted(
     assert line["calls"] == [delivered[0]["to"]] and len(line["upstream_ids"]) == 1
 
 
+def test_a_refusal_after_the_budget_while_the_queue_cannot_store_is_the_refusals_5xx(
+    gateway_factory: Callable[..., Running],
+) -> None:
+    """The budget runs out, the queue cannot store the message in flight, then the upstream refuses it for
+    good: the client gets the refusal's 5xx, as within the budget (it was 452 4.3.1: the client resent, at every
+    resend while the queue was down, a message refused for good, and never saw why)."""
+    gw = gateway_factory(delivery={**FAST, "inline_budget": 0.5})
+    store: Any = gw.app.store
+
+    async def insert(message: Any) -> int:
+        raise SpoolUnavailable("database or disk is full")
+
+    store.insert = insert
+    gw.fault(status=400, count=1, kind="send", reason="invalid sender")
+    quick = send(gw.port(), "refused quickly")
+    gw.fault(status=400, delay=1.5, count=1, kind="send", reason="invalid sender")  # answers after the budget
+    late = send(gw.port(), "refused late")
+    assert late == quick and late[0] >= 500 and "invalid sender" in late[1], (quick, late)
+
+
+def test_a_partial_refusal_after_the_budget_while_the_queue_cannot_store_is_250_and_logged(
+    gateway_factory: Callable[..., Running],
+) -> None:
+    """One recipient delivered, the other refused for good after the budget ran out, the queue unable to keep
+    the dead letter: nothing is left to send, so the client gets the 250 (a 452 had it resend to the delivered
+    recipient too); the refusal is logged and counted as the dead letter it would be, with stored=False."""
+    gw = gateway_factory(delivery={**FAST, "inline_budget": 0.5}, dengage={})
+    store: Any = gw.app.store
+
+    async def insert(message: Any) -> int:
+        raise SpoolUnavailable("database or disk is full")
+
+    store.insert = insert
+    gw.fault(status=400, delay=1.5, count=1, kind="send", reason="invalid recipient")
+    before = metric("smtp_gateway_dead_letters_total", cause="refused")
+    raw = f"From: {DENGAGE_SENDER}\r\nTo: a@example.com, b@example.com\r\nSubject: partial\r\n\r\nhello\r\n"
+    with structlog.testing.capture_logs() as logs, smtplib.SMTP("127.0.0.1", gw.port(), timeout=30) as client:
+        client.login(DENGAGE_USER, PASSWORD)
+        client.mail(DENGAGE_SENDER)
+        client.rcpt("a@example.com")
+        client.rcpt("b@example.com")
+        code, _ = client.data(raw.encode())
+    assert code == 250 and len(gw.calls("send", status=200)) == 1
+    [dead] = events(logs, "message_dead_lettered")
+    assert dead["stored"] is False and "invalid recipient" in dead["reason"]
+    assert metric("smtp_gateway_dead_letters_total", cause="refused") == before + 1
+    assert not [e for e in events(logs, "delivery_ambiguous") if e["cause"] == "partial_unqueued"]
+
+
 def _health(gw: Running, path: str) -> httpx.Response:
     assert gw.app.operator is not None
     return httpx.get(f"http://127.0.0.1:{gw.app.operator.port}{path}", timeout=5)

@@ -335,15 +335,7 @@ class DeliveryOwner:
                 attempt.log.error("spool_unavailable", queue_id=attempt.msg_id, error=exc.reason)
             outcome = await call
             decision = self._decide(attempt.before, outcome, attempt.submission, "inline", self._bound(attempt))
-            if decision.verdict == "delivered":
-                attempt.receipt.upstream_ids = _ids(decision)
-                reply = attempt.queued(decision.first_id or attempt.msg_id)
-                self._accepted(attempt, reply, decision.calls, decision, outcome)
-            else:
-                attempt.receipt.reason = f"queue unavailable: {exc.reason}"
-                self._unqueued(attempt, decision)
-                reply = replies.SPOOL_FULL
-            decided.set_result(reply)
+            decided.set_result(self._unstored(attempt, decision, outcome, exc))
             return
         self._stored()
         attempt.receipt.queue_id = attempt.msg_id
@@ -383,6 +375,37 @@ class DeliveryOwner:
             )
         finally:
             self.held.pop(attempt.msg_id, None)
+
+    def _unstored(self, attempt: InlineAttempt, decision: Decision, outcome: Outcome, exc: SpoolUnavailable) -> Reply:
+        """The reply to a first attempt that outlived the budget while the queue could not store it: the
+        outcome's own, as within the budget (_conclude), when nothing is left to send: delivered, a 250;
+        refused, the upstream's 5xx (the client keeps the message and sees why; a 452 had it resend a message
+        refused for good); some delivered and the rest refused, the 250 (a 452 had the client resend to the
+        delivered recipients too), with the refusal in its summary line and the ledger, though no dead letter
+        can be kept. Only a message with calls still pending, which nothing but the queue could keep, is 452."""
+        verdict, receipt = decision.verdict, attempt.receipt
+        if verdict == "refused":
+            assert decision.refusal is not None
+            self._gone(attempt, verdict)
+            receipt.reason = decision.refusal.reason
+            return decision.refusal.reply
+        if verdict == "delivered" or (verdict == "dead" and decision.dead_cause == "refused"):
+            # "dead" and "refused": nothing pending (transition.decide); any other dead letter may have some.
+            self._gone(attempt, verdict)
+            receipt.upstream_ids = _ids(decision)
+            receipt.upstream_sent = outcome.sent_total()
+            if verdict == "dead":  # logged and counted as the dead letter it would be, for the operators
+                receipt.reason = decision.dead_reason
+                DEAD_LETTERS.labels(cause=dead_cause(decision)).inc()
+                attempt.log.error(
+                    "message_dead_lettered", queue_id=attempt.msg_id, reason=decision.dead_reason, stored=False
+                )
+            reply = attempt.queued(decision.first_id or attempt.msg_id)
+            self._accepted(attempt, reply, decision.calls, decision, outcome)
+            return reply
+        receipt.reason = f"queue unavailable: {exc.reason}"
+        self._unqueued(attempt, decision)
+        return replies.SPOOL_FULL
 
     async def _store_inflight(self, attempt: InlineAttempt) -> None:
         now = self.clock()
