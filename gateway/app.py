@@ -53,6 +53,7 @@ from gateway.providers.base import Provider
 from gateway.queue.backends import open_store
 from gateway.queue.store import QueueStore
 from gateway.returnpath.service import ReturnPath
+from gateway.smtp import tickets
 from gateway.smtp.protocol import GatewaySMTP
 from gateway.smtp.server import Listeners
 from gateway.smtp.tls import CertificateError, server_context
@@ -124,8 +125,9 @@ class App:
     console: Console | None = None
     # When the configuration was loaded and what the last reload did (the console shows it).
     config_status: ConfigStatus = field(default_factory=ConfigStatus)
-    # The console's test send logs in with these (gateway/auth/onetime.py).
-    onetime: OneTimeLogins = field(default_factory=OneTimeLogins)
+    # The console's test send logs in with these (gateway/auth/onetime.py), keyed by the secret the workers of
+    # `serve --workers N` share, so any worker takes a password another one's console issued.
+    onetime: OneTimeLogins = field(default_factory=lambda: OneTimeLogins(shared=tickets.shared_secrets))
     lockouts: Lockouts = field(init=False)
     _background: set[asyncio.Task[None]] = field(default_factory=set)
     _clock_watch: ClockWatch = field(default_factory=ClockWatch)  # this host's clock against the queue database's

@@ -1,45 +1,93 @@
 """One-time passwords the console issues for its test send: a configured login's password for one AUTH, within
 a minute, over a real SMTP session to the gateway's own listener (so the message takes the same way as any
-device's). Kept as keyed HMACs in this process; never cached as a verified login."""
+device's). Never cached as a verified login.
+
+Under `serve --workers N` the console of one worker issues the password and the kernel gives its SMTP session
+to any worker (SO_REUSEPORT), so the password verifies itself: it carries its login, its expiry and a random
+nonce under an HMAC whose key every worker derives from the secret the supervisor shares with them through a
+pipe (the TLS session-ticket secret, gateway/smtp/tickets.py). Single use is enforced by each worker (the
+nonces it has taken, until they expire): within the minute the same password could be taken once by each of
+the other workers. It never leaves the gateway (the console sends it over loopback to its own listener), and
+docs/console.md says so. A single process (no shared secret) uses a random key of its own."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import os
 import secrets
+import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 PREFIX = "onetime$"
 TTL = 60.0
-MAX_PENDING = 100
+# Nonces taken and not yet expired that a worker remembers; past it a password is refused (fail closed). The
+# console issues one per test send, so this is never reached in use.
+MAX_TAKEN = 10_000
+_NONCE = 16
+_HEAD = struct.Struct(">Q")  # the expiry, in milliseconds of the clock
+_MAC = 32
 
 
 class OneTimeLogins:
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._key = os.urandom(32)
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.time,
+        shared: Callable[[], Sequence[bytes]] = tuple,
+    ) -> None:
+        # `shared`: the secrets the workers share, the newest first, then the one before the last rotation (so
+        # a password issued just before a SIGHUP still verifies); none in a single process. The composition
+        # root gives gateway.smtp.tickets.shared_secrets.
+        # time.time, not monotonic: the expiry is read by another process.
         self._clock = clock
-        self._pending: dict[bytes, tuple[str, float]] = {}  # HMAC(password) -> (login, expires)
+        self._shared = shared
+        self._own = os.urandom(32)
+        self._taken: dict[bytes, float] = {}  # nonce -> expiry
 
-    def _mac(self, password: str) -> bytes:
-        return hmac.new(self._key, password.encode("utf-8", "surrogateescape"), hashlib.sha256).digest()
+    def _current_keys(self) -> list[bytes]:
+        """The keys to verify with, the one to issue with first."""
+        shared = self._shared()
+        if not shared:
+            return [self._own]
+        return [hashlib.sha256(b"smtp-gateway one-time logins\0" + secret).digest() for secret in shared]
+
+    @staticmethod
+    def _mac(key: bytes, body: bytes) -> bytes:
+        return hmac.new(key, body, hashlib.sha256).digest()
 
     def issue(self, login: str, ttl: float = TTL) -> str:
-        """A password `login` may AUTH with once, within `ttl` seconds."""
-        now = self._clock()
-        self._pending = {mac: held for mac, held in self._pending.items() if held[1] > now}
-        while len(self._pending) >= MAX_PENDING:
-            self._pending.pop(next(iter(self._pending)))
-        password = PREFIX + secrets.token_urlsafe(32)
-        self._pending[self._mac(password)] = (login, now + ttl)
-        return password
+        """A password `login` may AUTH with once, within `ttl` seconds (in any worker)."""
+        expires = int((self._clock() + ttl) * 1000)
+        body = _HEAD.pack(expires) + secrets.token_bytes(_NONCE) + login.encode("utf-8", "surrogateescape")
+        token = body + self._mac(self._current_keys()[0], body)
+        return PREFIX + base64.urlsafe_b64encode(token).decode("ascii")
 
     def redeem(self, login: str, password: str) -> bool:
-        """True once for an issued password of `login` still in its time (it is used up either way)."""
+        """True once (per worker) for an issued password of `login` still in its time; an issued password is
+        used up by any try, for its login or another."""
         if not password.startswith(PREFIX):
             return False
-        held = self._pending.pop(self._mac(password), None)
-        if held is None:
+        try:
+            token = base64.urlsafe_b64decode(password[len(PREFIX) :].encode("ascii"))
+        except (binascii.Error, UnicodeEncodeError):
             return False
-        return hmac.compare_digest(held[0].encode(), login.encode()) and held[1] > self._clock()
+        if len(token) < _HEAD.size + _NONCE + _MAC:
+            return False
+        body, mac = token[:-_MAC], token[-_MAC:]
+        if not any(hmac.compare_digest(self._mac(key, body), mac) for key in self._current_keys()):
+            return False  # not issued by this gateway
+        (expires_ms,) = _HEAD.unpack_from(body)
+        expires = expires_ms / 1000
+        nonce = body[_HEAD.size : _HEAD.size + _NONCE]
+        now = self._clock()
+        if expires <= now:
+            return False
+        self._taken = {n: until for n, until in self._taken.items() if until > now}
+        if nonce in self._taken or len(self._taken) >= MAX_TAKEN:
+            return False
+        self._taken[nonce] = expires
+        owner = body[_HEAD.size + _NONCE :]
+        return hmac.compare_digest(owner, login.encode("utf-8", "surrogateescape"))

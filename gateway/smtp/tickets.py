@@ -36,6 +36,7 @@ KEYS_SIZE = 80
 SECRET_SIZE = 32
 
 _secret: bytes | None = None
+_previous: bytes | None = None  # the secret before the last rotation
 _updates: int | None = None  # the supervisor's pipe: a fresh secret comes through it before each SIGHUP
 _lock = threading.Lock()  # contexts are built on worker threads (a reload's to_thread)
 
@@ -94,9 +95,9 @@ def new_secret() -> bytes:
 def share(secret: bytes | None, updates: int | None = None) -> None:
     """This process's contexts use keys derived from `secret` from now on (None: OpenSSL's own), and the
     fresh secrets that come through the pipe `updates` (see `follow`)."""
-    global _secret, _updates
+    global _secret, _previous, _updates
     with _lock:
-        _secret, _updates = secret, updates
+        _secret, _previous, _updates = secret, None, updates
 
 
 def apply(context: ssl.SSLContext, label: str) -> bool:
@@ -113,9 +114,18 @@ def apply(context: ssl.SSLContext, label: str) -> bool:
     return True
 
 
+def shared_secrets() -> tuple[bytes, ...]:
+    """The secrets this worker shares with the others, the newest the supervisor sent first, then the one
+    before it (none in a single process): the keys of the console's one-time passwords too
+    (gateway/auth/onetime.py), which any worker must verify, also one issued just before a rotation."""
+    newest = _newest()
+    with _lock:
+        return tuple(s for s in (newest, _previous) if s is not None)
+
+
 def _newest() -> bytes | None:
     """This process's secret, after taking the last of those the supervisor has sent since (a rotation)."""
-    global _secret, _updates
+    global _secret, _previous, _updates
     with _lock:
         while _updates is not None:
             try:
@@ -128,7 +138,8 @@ def _newest() -> bytes | None:
                 os.close(_updates)
                 _updates = None
                 break
-            _secret = chunk[-SECRET_SIZE:]
+            if chunk[-SECRET_SIZE:] != _secret:
+                _previous, _secret = _secret, chunk[-SECRET_SIZE:]
         return _secret
 
 
