@@ -225,6 +225,13 @@ DEAD_LETTERS = Counter(
     ["cause"],
     registry=REGISTRY,
 )
+TLS_CERTIFICATE_EXPIRY = Gauge(
+    "smtp_gateway_tls_certificate_expiry_timestamp_seconds",
+    "When the first of the certificates a TLS listener serves (tls.cert_file, and tls.extra_cert_file if set) "
+    "expires, as a Unix time; set at start and at each reload that loads the certificates",
+    ["listener"],
+    registry=REGISTRY,
+)
 CONFIG_RELOADS = Counter(
     "smtp_gateway_config_reloads_total",
     "Configuration reloads (SIGHUP) by result: ok, invalid (the configuration was refused), tls_failed (the "

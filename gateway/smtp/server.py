@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import functools
 import ssl
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -18,7 +21,13 @@ from gateway.core import replies
 from gateway.limits.budget import ByteBudget
 from gateway.limits.clients import Defenses, client_key
 from gateway.limits.quotas import QuotaTracker
-from gateway.ops.metrics import CONNECTIONS_REFUSED, REFUSALS, SESSIONS, SESSIONS_ACTIVE
+from gateway.ops.metrics import (
+    CONNECTIONS_REFUSED,
+    REFUSALS,
+    SESSIONS,
+    SESSIONS_ACTIVE,
+    TLS_CERTIFICATE_EXPIRY,
+)
 from gateway.pipeline import Pipeline
 from gateway.smtp.descriptors import DescriptorWatch
 from gateway.smtp.gate import Gate
@@ -26,7 +35,7 @@ from gateway.smtp.handler import GatewayHandler
 from gateway.smtp.handshake import HandshakeFailures, ListenerTls
 from gateway.smtp.logins import PerLogin
 from gateway.smtp.protocol import GatewaySMTP
-from gateway.smtp.tls import CertificateError, Profile, describe_certificate, server_context
+from gateway.smtp.tls import CertificateError, Profile, describe_certificate, server_context, validity
 
 if TYPE_CHECKING:
     from gateway.auth.oauth import OAuthVerifier
@@ -51,14 +60,49 @@ def certificate_chains(tls: TlsSettings) -> list[tuple[Path, Path]]:
     return chains
 
 
-def load_contexts(tls: TlsSettings, profiles: dict[str, Profile]) -> tuple[dict[str, ssl.SSLContext], dict[str, str]]:
+CERT_KEYS = ["tls.cert_file / tls.key_file:", "tls.extra_cert_file / tls.extra_key_file:"]
+
+
+def check_current(tls: TlsSettings, now: datetime.datetime | None = None) -> None:
+    """Raise CertificateError when a certificate the listeners would serve has expired or is not valid yet: a
+    reload keeps the one it has (`serve` refuses an expired one at start, gateway/config/preflight.py, so a
+    reload that took it would only defer the failure to the next restart)."""
+    now = now or datetime.datetime.now(datetime.UTC)
+    for (cert, _), name in zip(certificate_chains(tls), ("tls.cert_file", "tls.extra_cert_file"), strict=False):
+        try:
+            begins, ends = validity(cert)
+        except (ValueError, OSError):
+            continue  # OpenSSL loaded it: a format only it knows (as the preflight's check)
+        if ends <= now:
+            raise CertificateError(f"{name} {cert} expired on {ends:%Y-%m-%d %H:%M} UTC: renew the certificate")
+        if begins > now:
+            raise CertificateError(
+                f"{name} {cert} is not valid before {begins:%Y-%m-%d %H:%M} UTC: check the machine's clock or "
+                "the certificate"
+            )
+
+
+def certificate_expiry(tls: TlsSettings) -> float | None:
+    """When the first of the certificates the listeners serve expires (Unix time), None if none can be read."""
+    ends = []
+    for cert, _ in certificate_chains(tls):
+        with contextlib.suppress(ValueError, OSError):
+            ends.append(validity(cert)[1].timestamp())
+    return min(ends) if ends else None
+
+
+def load_contexts(
+    tls: TlsSettings, profiles: dict[str, Profile], *, current: bool = False
+) -> tuple[dict[str, ssl.SSLContext], dict[str, str]]:
     """One new SSLContext per listener (name -> profile), and what the main certificate is, for the log.
+    With `current` (a reload), a certificate that has expired or is not valid yet is refused too.
 
     Raises CertificateError: nothing is half-replaced by a file that does not load.
     """
     chains = certificate_chains(tls)
-    keys = ["tls.cert_file / tls.key_file:", "tls.extra_cert_file / tls.extra_key_file:"]
-    contexts = {name: server_context(profile, chains, keys) for name, profile in profiles.items()}
+    if current:
+        check_current(tls)
+    contexts = {name: server_context(profile, chains, CERT_KEYS) for name, profile in profiles.items()}
     try:
         described = describe_certificate(chains[0][0])
     except ValueError as exc:
@@ -139,6 +183,7 @@ class Listeners:
             except CertificateError as exc:  # checked by the preflight: changed since
                 raise ConfigFileError(f"a TLS certificate cannot be loaded: {exc}") from None
             log.info("tls_certificate_loaded", **described)
+            self._export_expiry(self.settings.tls, profiles)
             timeout = handshake_timeout(limits)
             for name, profile in profiles.items():
                 self.tls[name] = ListenerTls(name, profile, contexts[name], self.handshake_failures, timeout)
@@ -325,7 +370,7 @@ class Listeners:
     def prepare_tls(self, settings: Settings) -> tuple[dict[str, ssl.SSLContext], dict[str, str]] | None:
         """New TLS contexts for every TLS listener under `settings` (raises CertificateError), or None."""
         profiles = {lsn.name: lsn.tls_profile for lsn in settings.listeners if lsn.name in self.tls}
-        return load_contexts(settings.tls, profiles) if profiles else None
+        return load_contexts(settings.tls, profiles, current=True) if profiles else None
 
     def apply(
         self,
@@ -350,6 +395,7 @@ class Listeners:
                 self.tls[name].profile = by_name[name].tls_profile
                 self.tls[name].handshake_timeout = timeout
             log.info("tls_reloaded", listeners=sorted(contexts[0]), **contexts[1])
+            self._export_expiry(settings.tls, contexts[0])
 
     async def reload_tls(self) -> bool:
         """Load the certificate files again (SIGHUP): new handshakes use them, open sessions keep theirs.
@@ -360,14 +406,25 @@ class Listeners:
             return True
         profiles = {name: tls.profile for name, tls in self.tls.items()}
         try:
-            contexts, described = await asyncio.to_thread(load_contexts, self.settings.tls, profiles)
+            contexts, described = await asyncio.to_thread(
+                functools.partial(load_contexts, self.settings.tls, profiles, current=True)
+            )
         except CertificateError as exc:
             log.error("tls_reload_failed", reason=str(exc), action="kept the certificate already loaded")
             return False
         for name, context in contexts.items():
             self.tls[name].context = context
         log.info("tls_reloaded", listeners=sorted(contexts), **described)
+        self._export_expiry(self.settings.tls, contexts)
         return True
+
+    @staticmethod
+    def _export_expiry(tls: TlsSettings, listeners: Iterable[str]) -> None:
+        """The certificates' expiry, per TLS listener, for the alert before they expire."""
+        expiry = certificate_expiry(tls)
+        if expiry is not None:
+            for name in listeners:
+                TLS_CERTIFICATE_EXPIRY.labels(listener=name).set(expiry)
 
     @property
     def reply_grace(self) -> float:

@@ -111,6 +111,14 @@ def describe_certificate(cert_file: Path) -> dict[str, str]:
     }
 
 
+def validity(cert_file: Path) -> tuple[datetime.datetime, datetime.datetime]:
+    """When the first certificate of a PEM file begins and ends being valid (UTC). Raises ValueError."""
+    from cryptography import x509  # (see describe_certificate)
+
+    cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    return cert.not_valid_before_utc, cert.not_valid_after_utc
+
+
 def write_self_signed(
     directory: Path, hostname: str = "localhost", key_type: Literal["ec", "rsa"] = "ec"
 ) -> tuple[Path, Path]:
