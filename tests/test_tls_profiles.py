@@ -18,6 +18,7 @@ from gateway.smtp.tls import write_self_signed
 from tests.configs import listener
 from tests.devices_util import captured_logs, events
 from tests.harness import Running
+from tests.spool_helpers import wait_for
 
 VERSIONS = {
     "TLSv1": ssl.TLSVersion.TLSv1,
@@ -125,6 +126,33 @@ def test_rsa_only_device_needs_the_rsa_certificate(gateway_factory: Callable[...
     running = gateway_factory(listeners=[listener("legacy", "implicit", tls_profile="legacy")])
     assert handshake(running.port("legacy"), client_context("TLSv1", "AES128-SHA:@SECLEVEL=0")) is None
     assert handshake(running.port("legacy"), client_context("TLSv1", "ECDHE-ECDSA-AES128-SHA:@SECLEVEL=0"))
+
+
+@pytest.mark.parametrize(
+    ("ciphers", "advice", "not_advised"),
+    [
+        # Every suite it offers is in intermediate: the RSA certificate is all it needs, not legacy's
+        # TLS 1.0/1.1, CBC and @SECLEVEL=0.
+        ("ECDHE-RSA-AES128-GCM-SHA256:ECDHE-RSA-AES256-GCM-SHA384", "tls.extra_cert_file", "legacy"),
+        # RSA key exchange only: legacy, and the RSA certificate.
+        ("AES128-SHA:AES128-GCM-SHA256:@SECLEVEL=0", 'tls_profile = "legacy" and an RSA certificate', None),
+        # ECDSA CBC only: legacy; the ECDSA certificate it has does.
+        ("ECDHE-ECDSA-AES128-SHA:@SECLEVEL=0", 'tls_profile = "legacy"', "extra_cert_file"),
+    ],
+    ids=["ecdhe-rsa", "static-rsa", "ecdsa-cbc"],
+)
+def test_the_no_shared_cipher_hint_names_legacy_only_where_the_offer_needs_it(
+    gateway_factory: Callable[..., Running], ciphers: str, advice: str, not_advised: str | None
+) -> None:
+    """An intermediate listener with only the ECDSA certificate, and a TLS 1.2 client with these suites."""
+    running = gateway_factory(listeners=[listener("implicit", "implicit")])
+    with captured_logs() as logs:
+        assert handshake(running.port("implicit"), client_context("TLSv1.2", ciphers)) is None
+        wait_for(lambda: events(logs, "tls_handshake_failed"), 10, "the failure line")
+    [line] = events(logs, "tls_handshake_failed")
+    assert line["reason"] == "NO_SHARED_CIPHER" and line["profile"] == "intermediate"
+    assert advice in line["hint"], line["hint"]
+    assert not_advised is None or not_advised not in line["hint"], line["hint"]
 
 
 def test_each_listener_has_its_own_context(profiles: Running) -> None:

@@ -19,13 +19,14 @@ import time
 from asyncio import sslproto
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any, cast
 
 import structlog
 
 from gateway.ops.metrics import TLS_HANDSHAKE_FAILURES
 from gateway.smtp.clienthello import Offer, parse_client_hello
-from gateway.smtp.tls import Profile
+from gateway.smtp.tls import PROFILES, Profile
 
 try:
     import uvloop
@@ -113,11 +114,51 @@ def _hint(reason: str, offer: Offer, profile: Profile) -> str | None:
     if reason == "UNSUPPORTED_PROTOCOL" and profile != "legacy":
         return f'the client offers at most {offer.version}; tls_profile = "legacy" accepts TLS 1.0 and 1.1'
     if reason == "NO_SHARED_CIPHER":
-        return (
-            "no cipher suite in common; devices limited to RSA key exchange need an RSA certificate "
-            '(tls.extra_cert_file) and tls_profile = "legacy"'
-        )
+        return _cipher_hint(offer, profile)
     return None
+
+
+_RSA_CERT = "an RSA certificate (tls.extra_cert_file)"
+
+
+def _cipher_hint(offer: Offer, profile: Profile) -> str:
+    """NO_SHARED_CIPHER: `legacy` only for a client whose suites are not in the listener's profile but in
+    legacy's (CBC, RSA key exchange); an RSA certificate alone for one whose suites are in the profile but
+    need it (ECDHE-RSA against an ECDSA certificate): legacy would add TLS 1.0/1.1, CBC and @SECLEVEL=0 for
+    nothing."""
+    offered = frozenset(offer.ciphers)
+    if not offered:  # the suites could not be read (an SSLv2-framed or cut-short hello)
+        return (
+            f"no cipher suite in common; a device limited to RSA needs {_RSA_CERT}, one limited to CBC suites or "
+            'TLS 1.0/1.1 also tls_profile = "legacy"'
+        )
+    usable = offered & profile_suites(profile)
+    if usable:
+        if any(_needs_rsa(name) for name in usable):
+            return f"no cipher suite in common with the certificate: the client's suites need {_RSA_CERT}"
+        return (
+            "no cipher suite in common, though the client offers suites of this profile (its signature algorithms "
+            f"may not fit the certificate): {_RSA_CERT} may suit it"
+        )
+    old = offered & profile_suites("legacy") if profile != "legacy" else frozenset()
+    if old:
+        also = f" and {_RSA_CERT}" if all(_needs_rsa(name) for name in old) else ""
+        return f'the client offers only CBC or RSA key-exchange suites: tls_profile = "legacy"{also}'
+    return "the client offers no cipher suite any profile accepts"
+
+
+def _needs_rsa(suite: str) -> bool:
+    """A TLS 1.2-and-older suite authenticated by an RSA certificate (ECDHE-RSA, static RSA key exchange);
+    TLS 1.3's suites (TLS_...) go with any certificate."""
+    return not suite.startswith("TLS_") and "ECDSA" not in suite
+
+
+@cache
+def profile_suites(profile: Profile) -> frozenset[str]:
+    """The OpenSSL names of the suites a listener of `profile` accepts."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.set_ciphers(PROFILES[profile].ciphers)
+    return frozenset(cipher["name"] for cipher in context.get_ciphers())
 
 
 class TlsHandshake(asyncio.BufferedProtocol):
