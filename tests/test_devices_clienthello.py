@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import tests.fuzzing  # noqa: F401  (the hypothesis profiles)
 from gateway.smtp.clienthello import Offer, parse_client_hello
+from gateway.smtp.handshake import _hint
 from tests.test_tls_profiles import client_context
 
 
@@ -61,6 +62,19 @@ def test_sslv2_framed_hello() -> None:
     body = b"\x01" + struct.pack("!HHHH", 0x0301, 3, 0, 16) + b"\x00\x00\x2f" + b"r" * 16
     data = struct.pack("!H", 0x8000 | len(body)) + body
     assert parse_client_hello(data).version == "TLSv1"
+
+
+def test_an_sslv2_hello_is_reported_as_sslv2() -> None:
+    """A pure SSL 2.0 CLIENT-HELLO carries version 0x0002 (SSLv2's own numbering): reported as SSLv2, so its
+    hint says no profile accepts it."""
+    # msg type 1, version 0x0002, cipher-spec length 3, session-id 0, challenge 16, SSL_CK_RC4_128_WITH_MD5.
+    body = b"\x01" + struct.pack("!HHHH", 0x0002, 3, 0, 16) + b"\x01\x00\x80" + b"\x22" * 16
+    offer = parse_client_hello(struct.pack("!H", 0x8000 | len(body)) + body)
+    assert offer.version == "SSLv2"
+    assert (
+        _hint("UNSUPPORTED_PROTOCOL", offer, "intermediate")
+        == "the client offers at most SSLv2, which no profile accepts"
+    )
 
 
 @pytest.mark.parametrize(

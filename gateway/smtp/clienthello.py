@@ -7,7 +7,9 @@ import struct
 from dataclasses import dataclass
 from functools import cache
 
-VERSIONS = {0x0200: "SSLv2", 0x0300: "SSLv3", 0x0301: "TLSv1", 0x0302: "TLSv1.1", 0x0303: "TLSv1.2", 0x0304: "TLSv1.3"}
+# SSL 2.0's CLIENT-HELLO carries 0x0002 (its own numbering; a v2-framed hello from a TLS-capable stack carries
+# 0x0300 or 0x0301); 0x0200 never occurs on the wire.
+VERSIONS = {0x0002: "SSLv2", 0x0300: "SSLv3", 0x0301: "TLSv1", 0x0302: "TLSv1.1", 0x0303: "TLSv1.2", 0x0304: "TLSv1.3"}
 _HANDSHAKE, _CLIENT_HELLO, _SUPPORTED_VERSIONS, _SERVER_NAME = 0x16, 0x01, 0x002B, 0x0000
 
 
