@@ -161,6 +161,25 @@ def test_overlong_auth_command_line_is_5_5_6(gateway: Running, greeting: str, le
         assert client.login().startswith("235 2.7.0 ")
 
 
+def test_bad_base64_gets_one_text_whether_initial_response_or_challenge_answer(gateway: Running) -> None:
+    """The same 501 5.5.2 for a bad initial response and a bad answer to a 334 challenge (aiosmtpd's own
+    challenge said "Can't decode base64"); "*" aborts; the session goes on and nothing is counted."""
+    with captured_logs() as logs, RawClient(gateway) as client:
+        client.cmd("EHLO client.test")
+        assert client.cmd("AUTH PLAIN not*base64") == "501 5.5.2 Cannot decode base64"
+        assert client.cmd("AUTH PLAIN") == "334 "
+        assert client.cmd("not*base64") == "501 5.5.2 Cannot decode base64"
+        assert client.cmd("AUTH LOGIN") == USERNAME_PROMPT
+        assert client.cmd("%%%") == "501 5.5.2 Cannot decode base64"
+        assert client.cmd("AUTH LOGIN") == USERNAME_PROMPT
+        assert client.cmd(b64(USER)) == PASSWORD_PROMPT
+        assert client.cmd("=") == "501 5.5.2 Cannot decode base64"  # "=" only as an initial response
+        assert client.cmd("AUTH PLAIN") == "334 "
+        assert client.cmd("*") == "501 5.7.0 Auth aborted"
+        assert client.login().startswith("235 2.7.0 ")
+    assert not events(logs, "auth_failed")
+
+
 # -- usernames in email form ----------------------------------------------------------------------------
 
 

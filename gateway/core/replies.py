@@ -198,7 +198,9 @@ AUTH_UNKNOWN_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication type")
 AUTH_LINE_TOO_LONG = Reply(500, "5.5.6", "Authentication exchange line is too long")
 """An AUTH line longer than the limit (12288 octets)."""
 AUTH_BAD_BASE64 = Reply(501, "5.5.2", "Cannot decode base64")
-"""An AUTH response that is not valid base64."""
+"""An AUTH response that is not valid base64 (an initial response or the answer to a 334 challenge)."""
+AUTH_ABORTED = Reply(501, "5.7.0", "Auth aborted")
+"""The client answered an AUTH challenge with `*` (RFC 4954 §4): it gave up; not counted as a failure."""
 AUTH_PLAIN_UNSPLIT = Reply(501, "5.5.2", "Cannot split AUTH PLAIN value")
 """An AUTH PLAIN value without its NUL separators."""
 STARTTLS_READY = Reply(220, "2.0.0", "Ready to start TLS")

@@ -6,6 +6,8 @@ tagged with a session id, one summary line per DATA."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import collections
 import contextlib
 import functools
@@ -623,12 +625,28 @@ class GatewaySMTP(SMTP):
     async def challenge_auth(
         self, challenge: str | bytes, encode_to_b64: bool = True, log_client_response: bool = False
     ) -> Any:
-        """aiosmtpd's 334 challenge, answering a response line longer than the reader's limit with RFC 4954's
-        500 5.5.6 (aiosmtpd lets the reader's ValueError escape, which would end as 451 Internal error)."""
+        """A 334 challenge and the client's decoded answer, or MISSING when it was answered here already.
+
+        aiosmtpd's own, with the gateway's replies: a response line longer than the reader's limit gets RFC
+        4954's 500 5.5.6 (aiosmtpd lets the reader's ValueError escape, which would end as 451 Internal error),
+        and an answer that is not base64 the same 501 5.5.2 as a bad initial response (aiosmtpd's text
+        differs). The answer is never logged (`log_client_response` is ignored: it may be a password)."""
+        raw = challenge.encode() if isinstance(challenge, str) else challenge
+        # RFC 4954: the space after 334 is there even for an empty challenge.
+        await self.push(b"334 " + (base64.b64encode(raw) if encode_to_b64 else raw))
         try:
-            return await super().challenge_auth(challenge, encode_to_b64, log_client_response)
+            line = await self._reader.readline()
         except ValueError:
             await self.push(str(replies.AUTH_LINE_TOO_LONG))
+            return MISSING
+        blob = line.strip()
+        if blob == b"*":
+            await self.push(str(replies.AUTH_ABORTED))
+            return MISSING
+        try:
+            return base64.b64decode(blob, validate=True)
+        except binascii.Error:
+            await self.push(str(replies.AUTH_BAD_BASE64))
             return MISSING
 
     # -- STARTTLS --------------------------------------------------------------------------------------
