@@ -23,6 +23,7 @@ from servers import (
     BENCH_DIR,
     HOST,
     Server,
+    Settled,
     SetupError,
     free_port,
     log_tail,
@@ -337,7 +338,7 @@ class Gateway(Server):
         refused = health.get("status_429", 0)
         return int(str(sends)) - int(str(refused)) if int(str(sends)) >= 0 else -1
 
-    def settle(self, expected: int, slack: int = 0, timeout: float = 20.0) -> str:
+    def settle(self, expected: int, slack: int = 0, timeout: float = 20.0) -> Settled:
         """Check every accepted message reached the sandbox, then clear its request log (memory).
 
         `slack`: how many of the `expected` messages may not have been accepted (client stopped mid-way).
@@ -355,16 +356,15 @@ class Gateway(Server):
         self.upstream_429 += limited
         with contextlib.suppress(OSError):
             http_json(f"{self.sandbox_url}/_sandbox/requests", method="DELETE")
-        warnings = []
+        error = ""
         if seen < 0:
             # The sandbox died or hung: in store-and-forward the gateway queued what it could not send and
             # answered 250, so the client's rate says nothing about delivery.
-            warnings.append(f"sandbox could not be asked: unknown how many of {expected} messages reached it")
+            error = f"sandbox could not be asked: unknown how many of {expected} messages reached it"
         elif not expected - slack <= seen <= expected + slack:
-            warnings.append(f"sandbox saw {seen} API calls for {expected} messages")
-        if limited:
-            warnings.append(f"sandbox answered {limited} calls with 429")
-        return "; ".join(warnings)
+            error = f"sandbox saw {seen} API calls for {expected} messages"
+        # 429s alone are a note: the count above excludes them, so calls they held back are already missing.
+        return Settled(error, f"sandbox answered {limited} calls with 429" if limited else "")
 
     def _wait_stable(self, seen: int, deadline: float) -> int:
         """Poll the sandbox's request count until it has not changed for 0.5 s, or the deadline."""

@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                 thread.join()
         elapsed = time.perf_counter() - started
         total = sum(len(k.latencies) for k in classes.values())
-        warning = gateway.settle(total, len(threads), timeout=120)
+        warning = str(gateway.settle(total, len(threads), timeout=120))
         cpu = cpu_seconds(pids | tree(gateway.rss_roots())) - cpu_before
     result = {
         "date": machine_info()["date"],

@@ -173,7 +173,11 @@ def measure_point(server: Server, setup: str, message: str, mode: str, sessions:
     point.msgs_per_s, point.error = sent.msgs_per_s, sent.error
     point.peak_rss_bytes, point.peak_pss_bytes = rss.peak, rss.peak_pss
     # smtp-source counts a message before its reply: up to one per session may not have been taken.
-    point.warning = server.settle(sent.sent, sessions if sent.time_limited or sent.error else 0)
+    settled = server.settle(sent.sent, sessions if sent.time_limited or sent.error else 0)
+    # Messages answered 250 but not passed on (or not known to be) make no rate: an error, like a refusal,
+    # so that no table, ratio or paired comparison takes the point as valid.
+    point.error = "; ".join(text for text in (point.error, settled.error) if text)
+    point.warning = settled.warning
     return point
 
 
@@ -208,7 +212,9 @@ def measure_latency(server: Server, setup: str, message: str, profile: Profile) 
     lat.mean_ms, lat.max_ms = ms.get("mean", 0.0), ms.get("max", 0.0)
     if data["errors"]:
         lat.error = f"{data['errors']} errors, first: {data['first_error']}"
-    server.settle(lat.count, 1)
+    # The latency of messages that never reached the upstream is not the gateway's latency of a relay.
+    settled = server.settle(lat.count, 1)
+    lat.error = "; ".join(text for text in (lat.error, settled.error) if text)
     return lat
 
 
@@ -222,8 +228,11 @@ def warm_up(server: Server, profile: Profile, messages: list[str]) -> None:
         sent = source(server, message, 1, count, True, 120.0)
         if sent.error or sent.time_limited:
             raise SetupError(f"warm-up with the {message} message failed: {sent.error or 'too slow'}")
-        if warning := server.settle(count):
-            print(f"  warm-up warning: {warning}", flush=True)
+        settled = server.settle(count)
+        if settled.error:
+            raise SetupError(f"warm-up with the {message} message: {settled.error}")
+        if settled.warning:
+            print(f"  warm-up warning: {settled.warning}", flush=True)
 
 
 def say(point: Point) -> None:

@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from procmon import die_with_parent
@@ -26,6 +27,22 @@ PIDS_FILE = "servers.pids"
 
 class SetupError(Exception):
     """A server could not be started; the benchmark skips its rows."""
+
+
+@dataclass(frozen=True)
+class Settled:
+    """What a server's settle() found once a point's messages were sent.
+
+    `error`: the accepted messages did not all reach what stands behind the server (the sandbox, Postfix's
+    sink), or that cannot be told: the point's rate is not a relay rate and is published as an error.
+    `warning`: they did, with something worth a note (calls the sandbox answered with 429).
+    """
+
+    error: str = ""
+    warning: str = ""
+
+    def __str__(self) -> str:
+        return "; ".join(text for text in (self.error, self.warning) if text)
 
 
 def free_port() -> int:
@@ -204,9 +221,9 @@ class Server:
         """Pids whose process trees make up the server (for peak RSS)."""
         return [self.proc.pid] if self.proc is not None else []
 
-    def settle(self, expected: int, slack: int = 0) -> str:
-        """Called after each run of `expected` (+ up to `slack` in flight) messages; a warning or ""."""
-        return ""
+    def settle(self, expected: int, slack: int = 0) -> Settled:
+        """Called after each run of `expected` (+ up to `slack` in flight) messages."""
+        return Settled()
 
     def __enter__(self) -> Server:
         try:
@@ -433,14 +450,14 @@ class PrivatePostfix(Server):
                 total += len(files)
         return total
 
-    def settle(self, expected: int, slack: int = 0, timeout: float = 120.0) -> str:
+    def settle(self, expected: int, slack: int = 0, timeout: float = 120.0) -> Settled:
         """Wait until the queue has drained to the sink, so points do not overlap."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.queued() == 0:
-                return ""
+                return Settled()
             time.sleep(0.1)
-        return f"postfix queue not empty after {timeout:.0f}s ({self.queued()} left)"
+        return Settled(error=f"postfix queue not empty after {timeout:.0f}s ({self.queued()} left)")
 
     def stop(self) -> None:
         if self.tmp is not None:

@@ -142,7 +142,9 @@ def measure(setup: Setup, shape: Shape, sessions: int, duration: float) -> TlsPo
     point.p50_ms, point.p99_ms = latencies.get("p50", 0.0), latencies.get("p99", 0.0)
     if data["errors"]:
         point.error = f"{data['errors']} errors, first: {data['first_error']}"
-    point.warning = setup.server.settle(point.messages, sessions)
+    settled = setup.server.settle(point.messages, sessions)
+    point.error = "; ".join(text for text in (point.error, settled.error) if text)  # not passed on: no rate
+    point.warning = settled.warning
     used = cpu_seconds(pids | tree(setup.server.rss_roots()), children=True) - before
     point.cpu_us_per_msg = 1e6 * used / max(point.messages, 1)
     return point

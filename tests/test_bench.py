@@ -4,9 +4,12 @@ and the servers' settle() are stand-ins."""
 
 from __future__ import annotations
 
+import argparse
 import socket
 import sys
 from pathlib import Path
+
+import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 # bench/ is no package: its scripts import each other as top-level modules.
@@ -14,6 +17,12 @@ if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
 import gateway_target  # noqa: E402
+import pairs  # noqa: E402
+import report  # noqa: E402
+import run as bench_run  # noqa: E402
+import smtpsource  # noqa: E402
+from results_model import Point, RunResult, SetupResult  # noqa: E402
+from servers import Settled  # noqa: E402
 
 
 def _closed_port() -> int:
@@ -28,4 +37,50 @@ def test_settle_warns_when_the_sandbox_cannot_be_asked(tmp_path: Path) -> None:
     gw = gateway_target.Gateway(tmp_path, 0, ["smtp-gateway"], [])
     gw.sandbox_port = _closed_port()  # nothing listens: upstream_requests() == -1
     assert gw.upstream_requests() == -1
-    assert "could not be asked" in str(gw.settle(5000, 0, timeout=0.5))
+    assert "could not be asked" in gw.settle(5000, 0, timeout=0.5).error
+
+
+class _Undelivered:
+    """A server whose settle() finds the messages did not reach the sandbox (as Gateway.settle says)."""
+
+    auth = None
+    port = 1
+
+    def rss_roots(self) -> list[int]:
+        return []
+
+    def settle(self, expected: int, slack: int = 0) -> Settled:
+        return Settled(error=f"sandbox saw 0 API calls for {expected} messages")
+
+
+@pytest.fixture()
+def fast_source(monkeypatch: pytest.MonkeyPatch) -> None:
+    """smtp-source "sent" 5000 messages at 1000 msgs/s in a time-limited window."""
+    monkeypatch.setattr(bench_run, "source", lambda *a, **k: smtpsource.SourceRun(5000, 5.0, 1000.0, True))
+
+
+def test_pairs_refuses_a_point_whose_messages_did_not_reach_the_sandbox(fast_source: None) -> None:
+    """A version that answers 250 without delivering must not pass as faster and cheaper per message."""
+    args = argparse.Namespace(message="5KB", mode="per-connection", sessions=10)
+    with pytest.raises(SystemExit, match="0 API calls"):
+        pairs.point(_Undelivered(), args)  # type: ignore[arg-type]
+
+
+def test_run_gives_no_rate_nor_ratio_for_a_point_whose_messages_did_not_reach_the_sandbox(fast_source: None) -> None:
+    profile = bench_run.PROFILES["quick"]
+    point = bench_run.measure_point(_Undelivered(), "gateway", "5KB", "persistent", 10, profile)  # type: ignore[arg-type]
+    gateway = SetupResult("gateway", "")
+    gateway.points.append(point)
+    postfix = SetupResult("postfix", "")
+    postfix.points.append(Point("postfix", "5KB", "persistent", 10, 5000, sent=5000, msgs_per_s=900.0))
+    run = RunResult("quick", {}, {}, [postfix, gateway])
+    run.ratios = bench_run.compute_ratios(run.setups)
+    assert not [r for r in run.ratios if r["vs_postfix"] is not None], run.ratios
+    assert "| gateway | 5KB | persistent | error |" in report.throughput_table(run)
+
+
+def test_latency_of_messages_that_did_not_reach_the_sandbox_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    one_session = {"messages": 1000, "msgs_per_s": 500.0, "latencies_ms": {"p50": 1.0}, "errors": 0}
+    monkeypatch.setattr(bench_run, "run_smtpload", lambda *a, **k: one_session)
+    lat = bench_run.measure_latency(_Undelivered(), "gateway", "5KB", bench_run.PROFILES["quick"])  # type: ignore[arg-type]
+    assert "0 API calls" in lat.error
