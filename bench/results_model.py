@@ -22,6 +22,11 @@ class Point:
     peak_pss_bytes: int = 0
     error: str = ""
     warning: str = ""
+    # Postfix: messages still in its queue when the window closed, and the seconds they took to drain
+    # after it (outside the rate's window). None: not measured (the other servers pass each message on
+    # before their 250).
+    backlog: int | None = None
+    drain_s: float | None = None
 
 
 @dataclass

@@ -178,6 +178,7 @@ def measure_point(server: Server, setup: str, message: str, mode: str, sessions:
     # so that no table, ratio or paired comparison takes the point as valid.
     point.error = "; ".join(text for text in (point.error, settled.error) if text)
     point.warning = settled.warning
+    point.backlog, point.drain_s = settled.backlog, settled.drain_s
     return point
 
 
@@ -241,6 +242,7 @@ def say(point: Point) -> None:
     print(
         f"  {point.setup:15} {point.message:4} {point.mode:14} {point.sessions:3} sess. n={point.sent:<6}"
         f"{what}  ({point.elapsed_s:.1f}s, rss {point.peak_rss_bytes / report.MIB:.0f} MiB)"
+        + (f"  {point.backlog} queued, drained {point.drain_s:.1f}s later" if point.drain_s is not None else "")
         + (f"  WARNING: {point.warning}" if point.warning else ""),
         flush=True,
     )

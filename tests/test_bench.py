@@ -20,9 +20,12 @@ import gateway_target  # noqa: E402
 import pairs  # noqa: E402
 import report  # noqa: E402
 import run as bench_run  # noqa: E402
+import servers  # noqa: E402
 import smtpsource  # noqa: E402
 from results_model import Point, RunResult, SetupResult  # noqa: E402
 from servers import Settled  # noqa: E402
+
+MACHINE_KEYS = ("date", "cpu", "cores", "kernel", "python", "postfix", "aiosmtpd", "gateway_rev")
 
 
 def _closed_port() -> int:
@@ -84,3 +87,22 @@ def test_latency_of_messages_that_did_not_reach_the_sandbox_is_an_error(monkeypa
     monkeypatch.setattr(bench_run, "run_smtpload", lambda *a, **k: one_session)
     lat = bench_run.measure_latency(_Undelivered(), "gateway", "5KB", bench_run.PROFILES["quick"])  # type: ignore[arg-type]
     assert "0 API calls" in lat.error
+
+
+def test_postfix_backlog_at_the_windows_end_and_its_drain_time_are_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fast_source: None
+) -> None:
+    """Postfix answers 250 once a message is queued: the messages still queued when the window closed are in
+    its rate, their relaying after it. The point records both, and the report prints them."""
+    postfix = servers.PrivatePostfix(tmp_path)
+    postfix.tmp = tmp_path  # not started: no master.pid, so no processes to watch
+    left = iter([946, 300, 0])  # the queue as settle() finds it at each look
+    monkeypatch.setattr(postfix, "queued", lambda: next(left))
+    point = bench_run.measure_point(postfix, "postfix", "5KB", "persistent", 50, bench_run.PROFILES["quick"])
+    assert not point.error
+    assert point.backlog == 946
+    assert point.drain_s is not None and point.drain_s > 0
+    setup = SetupResult("postfix", "")
+    setup.points.append(point)
+    text = "\n".join(report.tables(RunResult("quick", dict.fromkeys(MACHINE_KEYS, "?"), {}, [setup])))
+    assert "| postfix | 5KB | persistent | 50 | 5,000 | 946 |" in text
