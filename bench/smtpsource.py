@@ -127,7 +127,10 @@ def run(
                 first = counter.first_at_least(min(2 * sessions, count))
                 enough = first is not None and value - first[1] >= need
                 if now >= 4 * time_limit or (now >= time_limit and enough):
-                    window = (*first, now, value) if first and value > first[1] else (0.0, 0, now, value)
+                    # It may have exited during the sleep (done, or msg_fatal on a refused message): then its
+                    # exit status decides below, not a window it did not run to.
+                    if proc.poll() is None:
+                        window = (*first, now, value) if first and value > first[1] else (0.0, 0, now, value)
                     break
             elapsed = time.perf_counter() - start
         finally:

@@ -5,9 +5,12 @@ and the servers' settle() are stand-ins."""
 from __future__ import annotations
 
 import argparse
+import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -106,3 +109,29 @@ def test_postfix_backlog_at_the_windows_end_and_its_drain_time_are_reported(
     setup.points.append(point)
     text = "\n".join(report.tables(RunResult("quick", dict.fromkeys(MACHINE_KEYS, "?"), {}, [setup])))
     assert "| postfix | 5KB | persistent | 50 | 5,000 | 946 |" in text
+
+
+def test_smtp_source_dying_as_the_time_limit_is_reached_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """smtp-source exits non-zero on any refused message; if it does so while the loop sleeps, just as the time
+    limit is reached, the run must not come back as a valid time-limited rate."""
+    go = tmp_path / "go"
+    script = f"printf '1\\r2\\r3\\r'; while [ ! -e {go} ]; do sleep 0.01; done; echo 'fatal: 554 no' >&2; exit 1"
+    monkeypatch.setattr(smtpsource, "command", lambda *a: ["sh", "-c", script])
+    started: list[subprocess.Popen[bytes]] = []
+
+    class Recorded(subprocess.Popen[bytes]):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            started.append(self)
+
+    def sleep(_seconds: float) -> None:  # the loop's sleep: smtp-source dies meanwhile
+        go.touch()
+        os.waitid(os.P_PID, started[0].pid, os.WEXITED | os.WNOWAIT)  # exited, left for Popen to reap
+
+    monkeypatch.setattr(smtpsource.subprocess, "Popen", Recorded)
+    monkeypatch.setattr(smtpsource.time, "sleep", sleep)
+    ran = smtpsource.run("127.0.0.1:1", tmp_path / "m.eml", 1, 100, True, 0.0, "a@b.example", "c@d.example")
+    assert "554" in ran.error
+    assert not ran.time_limited
