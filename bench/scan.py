@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import smtplib
 import statistics
 import subprocess
@@ -87,7 +88,8 @@ def percentiles(values: list[float]) -> dict[str, float]:
     if not values:
         return {}
     ordered = sorted(values)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    # Nearest rank: the ceil(q * n)-th smallest (int(q * n) as an index was one rank high: the p99 of 100 was the max).
+    pick = lambda q: ordered[max(0, math.ceil(q * len(ordered)) - 1)]  # noqa: E731
     return {
         "n": len(ordered),
         "p50_ms": round(pick(0.5) * 1000, 2),
@@ -214,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     out = BENCH_DIR / "results" / f"{name}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
+    if prober.error:
+        # The prober stops at its first error: the latencies above cover only what it sent before it.
+        print(f"prober failed, its latencies are partial: {prober.error}", file=sys.stderr)
+        return 1
     return 0
 
 

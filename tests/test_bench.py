@@ -23,6 +23,7 @@ import gateway_target  # noqa: E402
 import pairs  # noqa: E402
 import report  # noqa: E402
 import run as bench_run  # noqa: E402
+import scan  # noqa: E402
 import servers  # noqa: E402
 import smtpsource  # noqa: E402
 from results_model import Point, RunResult, SetupResult  # noqa: E402
@@ -135,3 +136,11 @@ def test_smtp_source_dying_as_the_time_limit_is_reached_is_an_error(
     ran = smtpsource.run("127.0.0.1:1", tmp_path / "m.eml", 1, 100, True, 0.0, "a@b.example", "c@d.example")
     assert "554" in ran.error
     assert not ran.time_limited
+
+
+def test_scan_percentiles_are_nearest_rank() -> None:
+    """The p99 of 100 samples is the 99th smallest, not the largest."""
+    seconds = [n / 1000 for n in range(1, 101)]
+    assert scan.percentiles(seconds)["p99_ms"] == 99.0
+    assert scan.percentiles(seconds)["p50_ms"] == 50.0
+    assert scan.percentiles([0.004])["p99_ms"] == 4.0
