@@ -20,6 +20,7 @@ if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
 import gateway_target  # noqa: E402
+import mix  # noqa: E402
 import pairs  # noqa: E402
 import report  # noqa: E402
 import run as bench_run  # noqa: E402
@@ -144,3 +145,11 @@ def test_scan_percentiles_are_nearest_rank() -> None:
     assert scan.percentiles(seconds)["p99_ms"] == 99.0
     assert scan.percentiles(seconds)["p50_ms"] == 50.0
     assert scan.percentiles([0.004])["p99_ms"] == 4.0
+
+
+def test_a_mix_run_with_errors_or_undelivered_messages_fails() -> None:
+    quiet, noisy = mix.Klass("app 5 KB (persistent)"), mix.Klass("scan 100 KB-2 MB")
+    assert mix.failures([quiet], Settled(warning="sandbox answered 3 calls with 429")) == []
+    noisy.failed(OSError("connection reset"))
+    assert mix.failures([quiet, noisy], Settled()) == ["scan 100 KB-2 MB: 1 errors, first: OSError: connection reset"]
+    assert mix.failures([quiet], Settled(error="sandbox saw 9 API calls for 10 messages")) != []
