@@ -7,7 +7,10 @@ so that a drifting machine moves both alike; 5 KB messages by smtp-source, one p
 BASE_TREE (A) and --tree (B, default: this checkout) are source trees with a gateway/ package, e.g. an export of
 main (`git archive main | tar -x -C /tmp/main`); both run with this checkout's Python and packages. Prints each
 point's throughput and the gateway's CPU time per message (its process tree, every thread: on a shared
-machine it moves less than throughput does), and the medians of the B/A ratios.
+machine it moves less than throughput does), and the medians of the B/A ratios with their quartiles and range
+(an A/A run differs by a few %: a median whose quartiles straddle 1.0 shows no change). Each side goes first
+in half the pairs: an odd --pairs is raised by one. A point with an error (refused messages, or messages
+that did not reach the sandbox) stops the run with a non-zero exit.
 """
 
 from __future__ import annotations
@@ -36,6 +39,21 @@ def point(server: Gateway, args: argparse.Namespace) -> tuple[float, float]:
     if measured.error:
         raise SystemExit(f"point failed: {measured.error}")
     return measured.msgs_per_s, 1e3 * used / max(measured.sent, 1)
+
+
+def orders(pairs: int) -> list[tuple[int, int]]:
+    """The order of each pair's two points: A B, B A, ... over an even number of pairs, so that each side
+    goes first equally often (a machine that drifts, or a first point that is slower, favours neither)."""
+    return [(0, 1) if n % 2 == 0 else (1, 0) for n in range(pairs + pairs % 2)]
+
+
+def summary(ratios: list[float]) -> str:
+    """The median of the pairs' ratios, their quartiles (the middle half of the pairs) and their range."""
+    ordered = sorted(ratios)
+    if len(ordered) < 2:
+        return f"{ordered[0]:.3f}" if ordered else "-"
+    low, mid, high = statistics.quantiles(ordered, n=4, method="inclusive")
+    return f"{mid:.3f}, quartiles {low:.3f}-{high:.3f}, range {ordered[0]:.2f}-{ordered[-1]:.2f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,8 +88,11 @@ def main(argv: list[str] | None = None) -> int:
             stack.enter_context(server)
             warm_up(server, PROFILES["full"], [args.message])
             servers.append(server)
-        for n in range(args.pairs):
-            for index in (0, 1) if n % 2 == 0 else (1, 0):
+        turns = orders(args.pairs)
+        if len(turns) != args.pairs:
+            print(f"{len(turns)} pairs, not {args.pairs}: each side goes first in half of them", flush=True)
+        for n, order in enumerate(turns):
+            for index in order:
                 rate, per_message = point(servers[index], args)
                 rates[index].append(rate)
                 cpu[index].append(per_message)
@@ -82,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
     throughput = [b / a for a, b in zip(rates[0], rates[1], strict=True)]
     per_msg = [b / a for a, b in zip(cpu[0], cpu[1], strict=True)]
-    print(f"B/A throughput {statistics.median(throughput):.3f} (" + ", ".join(f"{r:.2f}" for r in throughput) + ")")
-    print(f"B/A CPU per message {statistics.median(per_msg):.3f} (" + ", ".join(f"{r:.2f}" for r in per_msg) + ")")
+    print(f"B/A throughput {summary(throughput)} (" + ", ".join(f"{r:.2f}" for r in throughput) + ")")
+    print(f"B/A CPU per message {summary(per_msg)} (" + ", ".join(f"{r:.2f}" for r in per_msg) + ")")
     return 0
 
 

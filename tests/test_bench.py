@@ -153,3 +153,14 @@ def test_a_mix_run_with_errors_or_undelivered_messages_fails() -> None:
     noisy.failed(OSError("connection reset"))
     assert mix.failures([quiet, noisy], Settled()) == ["scan 100 KB-2 MB: 1 errors, first: OSError: connection reset"]
     assert mix.failures([quiet], Settled(error="sandbox saw 9 API calls for 10 messages")) != []
+
+
+def test_pairs_take_each_side_first_equally_often() -> None:
+    for requested in (4, 5, 15):
+        turns = pairs.orders(requested)
+        assert len(turns) >= requested
+        assert turns.count((0, 1)) == turns.count((1, 0))
+
+
+def test_pairs_give_the_ratios_quartiles_next_to_their_median() -> None:
+    assert pairs.summary([0.9, 1.0, 1.1, 1.2, 1.3]) == "1.100, quartiles 1.000-1.200, range 0.90-1.30"
