@@ -142,22 +142,40 @@ async def _act(store: QueueStore, settings: Settings, args: argparse.Namespace) 
                 info["decode_error"] = str(exc)
         print(json.dumps(info, indent=2, default=str))
         return Exit.OK
-    # Each action is recorded in the message's ledger record (who, what, when).
+    # Each action is recorded in the message's ledger record (who, what, when). Each id is its own transaction:
+    # its line is printed as soon as it is done, and what was done is written to the ledger whatever stops the
+    # ids after it (a lock wait, an outage, Ctrl-C), else a deleted message would stay `deferred` there.
     recorded: list[Row] = []
     admin = QueueAdmin(store, Recorder(recorded.extend, operator_name(), enabled=settings.ledger.enabled))
-    results = await admin.act(action, args.ids, now, settings.delivery.max_lifetime)
-    for msg_id in args.ids:
-        msg_id = msg_id.upper()
-        print(f"{msg_id}: {OUTCOMES[action][msg_id in results.done]}")
-    if recorded:
-        ledger = open_ledger(settings.delivery)
-        try:
-            await ledger.write(recorded)
-        except LedgerUnavailable as exc:
-            print(f"not recorded in the message ledger: {exc.reason}", file=sys.stderr)
-        finally:
-            await ledger.close()
+    told: list[str] = []
+
+    def say(msg_id: str, done: bool) -> None:
+        told.append(msg_id)
+        print(f"{msg_id}: {OUTCOMES[action][done]}", flush=True)
+
+    try:
+        results = await admin.act(action, args.ids, now, settings.delivery.max_lifetime, each=say)
+    except BaseException:
+        left = [i.upper() for i in args.ids[len(told) :]]
+        if left:  # the ids above it are said; this one's own transaction may or may not have committed
+            more = f" and the {len(left) - 1} after it" if len(left) > 1 else ""
+            print(f"smtp-gateway: stopped at {left[0]}: it{more} not known to be done (queue show ID)", file=sys.stderr)
+        raise
+    finally:
+        await _record(settings, recorded)
     return Exit.PROBLEM if results.skipped else Exit.OK
+
+
+async def _record(settings: Settings, recorded: list[Row]) -> None:
+    if not recorded:
+        return
+    ledger = open_ledger(settings.delivery)
+    try:
+        await ledger.write(recorded)
+    except LedgerUnavailable as exc:
+        print(f"not recorded in the message ledger: {exc.reason}", file=sys.stderr)
+    finally:
+        await ledger.close()
 
 
 def _matched(shown: int, notes: dict[str, Any]) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import getpass
 import re
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -192,8 +192,18 @@ class QueueAdmin:
             items.append(QueueItem(row, None, tuple(a for c in calls for a in addresses(c))))
         return items
 
-    async def act(self, action: Action, ids: Sequence[str], now: float, max_lifetime: float) -> Results:
-        """One action on each of `ids`, in order, by the same rule as one at a time."""
+    async def act(
+        self,
+        action: Action,
+        ids: Sequence[str],
+        now: float,
+        max_lifetime: float,
+        each: Callable[[str, bool], None] | None = None,
+    ) -> Results:
+        """One action on each of `ids`, in order, by the same rule as one at a time. `each(id, done)` is told
+        of every id as soon as it is acted on: each id is its own transaction, so when a later one fails (a
+        lock wait, an outage, Ctrl-C) the earlier ones are done, and the caller must still say and record
+        them."""
         results = Results(action)
         for msg_id in ids:
             msg_id = msg_id.upper()
@@ -204,6 +214,8 @@ class QueueAdmin:
             else:
                 ok = await self.delete(msg_id)
             (results.done if ok else results.skipped).append(msg_id)
+            if each is not None:
+                each(msg_id, ok)
         return results
 
     async def retry(self, msg_id: str, now: float) -> bool:

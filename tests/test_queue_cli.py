@@ -1,0 +1,113 @@
+"""`smtp-gateway queue ...` as an operator runs it, against the queue a gateway serves: what a multi-id action
+says and records when it stops part way."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from gateway.cli import queue as queue_cli
+from gateway.core.errors import QueueBusy
+from gateway.queue.backends import open_store
+from gateway.queue.store import QueueStore
+from tests.harness import Running
+from tests.spool_helpers import send
+
+# Messages stay queued (the sandbox answers 503, the next attempt is an hour away).
+SLOW = {"retry_schedule": [3600], "retry_jitter": 0.0, "inline_budget": 2.0, "probe_interval": 3600}
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    return subprocess.run(["smtp-gateway", *args], capture_output=True, text=True, timeout=120, env=env, check=False)
+
+
+def _queued(gw: Running, subject: str) -> str:
+    code, text = send(gw.port(), subject)
+    assert code == 250 and "queued as" in text, text
+    return text.rsplit(" ", 1)[1]
+
+
+def _two_queued(gw: Running) -> tuple[str, str]:
+    gw.fault(status=503, count=1000, kind="send")
+    first, second = _queued(gw, "first"), _queued(gw, "second")
+    assert gw.app.ledger_writer is not None
+    gw.loop.run(gw.app.ledger_writer.flush())
+    return first, second
+
+
+def _states(gw: Running, msg_id: str) -> set[str]:
+    assert gw.app.ledger is not None
+    record = gw.loop.run(gw.app.ledger.get(msg_id))
+    assert record is not None
+    return {r.state for r in record.recipients}
+
+
+def test_a_multi_id_delete_stopped_by_a_lock_says_and_records_what_it_deleted(
+    gateway_factory: Callable[..., Running], pg_cluster: Any, tmp_path: Path
+) -> None:
+    url = pg_cluster.new_database()
+    gw = gateway_factory(delivery={**SLOW, "queue_url": url})
+    first, second = _two_queued(gw)
+    config = tmp_path / "cli.toml"
+    config.write_text(f'[delivery]\nqueue_url = "{url}"\n')
+    with psycopg.connect(url) as holder:  # holds `second`'s row, as a claim or an open transaction does
+        holder.execute("SELECT id FROM messages WHERE id = %s FOR UPDATE", (second,))
+        result = cli("queue", "-c", str(config), "delete", first, second)  # second: lock_timeout
+        holder.rollback()
+    assert result.returncode == 1
+    assert gw.app.store is not None
+    assert gw.loop.run(gw.app.store.show(first)) is None
+    assert gw.loop.run(gw.app.store.show(second)) is not None
+    # The operator is told what was done and where it stopped, and the ledger says what the queue holds.
+    assert f"{first}: deleted" in result.stdout, result.stdout
+    assert f"stopped at {second}" in result.stderr, result.stderr
+    assert _states(gw, first) == {"dead"}
+    assert _states(gw, second) == {"deferred"}
+
+
+class _BusyOn:
+    """The queue store, its delete of one id failing as a lock wait past the busy timeout does."""
+
+    def __init__(self, store: QueueStore, busy: str) -> None:
+        self.store, self.busy = store, busy
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    async def delete(self, msg_id: str) -> Any:
+        if msg_id == self.busy:
+            raise QueueBusy("database is locked")
+        return await self.store.delete(msg_id)
+
+
+def test_a_multi_id_delete_that_fails_part_way_on_sqlite_records_what_it_deleted(
+    gateway_factory: Callable[..., Running], capsys: pytest.CaptureFixture[str]
+) -> None:
+    gw = gateway_factory(delivery=SLOW)
+    first, second = _two_queued(gw)
+    args = argparse.Namespace(action="delete", ids=[first.lower(), second])
+
+    async def act() -> int:
+        store = open_store(gw.settings.delivery, server=False)
+        try:
+            await store.open()
+            return await queue_cli._act(_BusyOn(store, second), gw.settings, args)  # type: ignore[arg-type]
+        finally:
+            await store.close()
+
+    with pytest.raises(QueueBusy):
+        asyncio.run(act())
+    out = capsys.readouterr()
+    assert f"{first}: deleted" in out.out
+    assert f"stopped at {second}" in out.err
+    assert _states(gw, first) == {"dead"}
+    assert _states(gw, second) == {"deferred"}
