@@ -1,11 +1,12 @@
-"""`smtp-gateway queue ...` as an operator runs it, against the queue a gateway serves: what a multi-id action
-says and records when it stops part way."""
+"""`smtp-gateway queue ...` (and `status`, `suppression`) as an operator runs them: what a multi-id action says
+and records when it stops part way; a file that is not a queue is refused, not written into."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import os
+import sqlite3
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 from gateway.cli import queue as queue_cli
 from gateway.core.errors import QueueBusy
 from gateway.queue.backends import open_store
+from gateway.queue.sqlite import SqliteQueue
 from gateway.queue.store import QueueStore
 from tests.harness import Running
 from tests.spool_helpers import send
@@ -111,3 +113,77 @@ def test_a_multi_id_delete_that_fails_part_way_on_sqlite_records_what_it_deleted
     assert f"stopped at {second}" in out.err
     assert _states(gw, first) == {"dead"}
     assert _states(gw, second) == {"deferred"}
+
+
+def _tables(path: Path) -> set[str]:
+    db = sqlite3.connect(path)
+    try:
+        return {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    finally:
+        db.close()
+
+
+def _make_queue(path: Path) -> Path:
+    """An (empty) SQLite queue as `serve` leaves it: made by the queue store itself."""
+
+    async def make() -> None:
+        store = SqliteQueue(path)
+        try:
+            await store.open()
+        finally:
+            await store.close()
+
+    asyncio.run(make())
+    return path
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["queue", "--spool", "{spool}", "list"],
+        ["queue", "--spool", "{spool}", "migrate"],
+        ["status", "--spool", "{spool}", "a@example.com"],
+        ["suppression", "list", "--spool", "{spool}"],
+    ],
+    ids=["queue-list", "queue-migrate", "status", "suppression-list"],
+)
+def test_another_programs_database_is_refused_and_left_alone(tmp_path: Path, command: list[str]) -> None:
+    other = tmp_path / "app.db"
+    db = sqlite3.connect(other)
+    db.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY, total REAL)")
+    db.commit()
+    db.close()
+    before = other.read_bytes()
+    result = cli(*(str(other) if a == "{spool}" else a for a in command))
+    assert other.read_bytes() == before, "a read-only command wrote into another program's database"
+    assert result.returncode == 1, result.stdout
+    assert f"smtp-gateway: {other} is not an smtp-gateway queue" in result.stderr, result.stderr
+    assert "invoices" in result.stderr
+
+
+async def _touch_rate_file(path: Path) -> None:
+    from gateway.queue.sqlite_side import RateFile
+
+    rate = RateFile(path)
+    try:
+        await rate.pause("acme", 0.0, 0.0)
+    finally:
+        await rate.close()
+
+
+def test_the_queues_ratelimit_side_file_is_refused(tmp_path: Path) -> None:
+    queue = _make_queue(tmp_path / "spool.sqlite3")
+    side = queue.with_name("spool.sqlite3-ratelimit")  # tab completion offers it next to the queue
+    asyncio.run(_touch_rate_file(side))  # as a serving gateway has it
+    before = _tables(side)
+    result = cli("queue", "--spool", str(side), "list")
+    assert _tables(side) == before
+    assert result.returncode == 1, result.stdout  # not "queue ...: empty", exit 0
+    assert "not an smtp-gateway queue" in result.stderr, result.stderr
+
+
+def test_the_queue_itself_is_read(tmp_path: Path) -> None:
+    queue = _make_queue(tmp_path / "spool.sqlite3")
+    result = cli("queue", "--spool", str(queue), "list")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"queue sqlite:///{queue}: empty") or ": empty" in result.stdout, result.stdout

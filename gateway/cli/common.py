@@ -73,6 +73,17 @@ def no_queue(settings: Settings, what: str = "") -> str:
     )
 
 
+def refuse_other_files(settings: Settings) -> None:
+    """An existing SQLite file that is not a queue (another program's database, the queue's own `-ratelimit`
+    side file that tab completion offers next to it) is refused before it is opened: opening it as the queue
+    would write the gateway's schema into it and VACUUM it, and report an empty queue."""
+    if settings.delivery.queue_url:
+        return
+    problems = preflight.queue_file_contents(settings.delivery.spool_path)
+    if problems:
+        raise Refused([f.text for f in problems])
+
+
 def no_config_file(args: argparse.Namespace) -> bool:
     return not args.config and not os.environ.get(CONFIG_ENV)
 

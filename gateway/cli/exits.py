@@ -26,7 +26,8 @@ class Exit(IntEnum):
         1,
         "A problem on this machine (a port taken, a file the configuration names that cannot be read or loaded: "
         "a certificate, a CA file, a `*_file` secret; the resolver), a queue that cannot be opened, no SQLite "
-        "queue file where `queue`, `status` or `suppression` looked (the line names the absolute path), "
+        "queue file where `queue`, `status` or `suppression` looked (the line names the absolute path) or a file "
+        "there that is not a queue (another program's database, the queue's `-ratelimit` side file: left unchanged), "
         "or a command that found problems: `check-config` (its last line counts them), `check-domains`, "
         "`check-upstream` (an account not reached, its credentials refused, an answer not understood, a "
         "campaign or sender it does not have: each named with what to fix), `queue "

@@ -10,7 +10,14 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from gateway.cli.common import add_spool_option, load_for_queue, no_queue, spool_failure, with_config
+from gateway.cli.common import (
+    add_spool_option,
+    load_for_queue,
+    no_queue,
+    refuse_other_files,
+    spool_failure,
+    with_config,
+)
 from gateway.cli.exits import Exit
 from gateway.config import Settings
 from gateway.core.errors import SpoolUnavailable
@@ -67,6 +74,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         # empty queue there and report "0 -> N" while the real one waits for its migration at the next start.
         print(no_queue(settings))
         return Exit.PROBLEM
+    refuse_other_files(settings)
     return asyncio.run(_main(settings, args))
 
 

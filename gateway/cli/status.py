@@ -15,6 +15,7 @@ from gateway.cli.common import (
     add_spool_option,
     load_for_queue,
     no_queue,
+    refuse_other_files,
     refuse_unreachable_queue,
     spool_failure,
     with_config,
@@ -31,6 +32,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not settings.delivery.queue_url and not settings.delivery.spool_path.exists():
         print(no_queue(settings, " (and so no message ledger)"))
         return Exit.PROBLEM
+    refuse_other_files(settings)
     refuse_unreachable_queue(settings)
     try:
         return asyncio.run(_main(settings, args))

@@ -14,6 +14,7 @@ from gateway.cli.common import (
     add_spool_option,
     load_for_queue,
     no_queue,
+    refuse_other_files,
     refuse_unreachable_queue,
     spool_failure,
     with_config,
@@ -30,6 +31,7 @@ def cmd_suppression(args: argparse.Namespace) -> int:
     if not settings.delivery.queue_url and not settings.delivery.spool_path.exists():
         print(no_queue(settings, " (and so no suppression list)"))
         return Exit.PROBLEM
+    refuse_other_files(settings)
     refuse_unreachable_queue(settings)
     try:
         return asyncio.run(_main(settings, args))

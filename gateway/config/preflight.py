@@ -268,10 +268,26 @@ def _spill(settings: Settings) -> list[Finding]:
     ]
 
 
-def _spool_contents(path: Path, where: str) -> list[Finding]:
+def queue_file_contents(path: Path) -> list[Finding]:
+    """What `queue`, `status` and `suppression` check before they open an existing SQLite file as the queue
+    (opening it writes the gateway's schema into it and VACUUMs it): the same test as serve's, with the fix an
+    operator reading a queue needs (another program's database, the queue's own `-ratelimit` side file)."""
+    return _spool_contents(
+        path,
+        f"{path.absolute()}",
+        fix="it was left unchanged; name the queue file: delivery.spool_path as serve uses it, or --spool FILE",
+        other="not an smtp-gateway queue: an SQLite database",
+    )
+
+
+def _spool_contents(
+    path: Path,
+    where: str,
+    fix: str = "set delivery.spool_path to a file of its own (the gateway creates it)",
+    other: str = "another program's SQLite database",
+) -> list[Finding]:
     """An existing spool file must be an SQLite database that is empty or the gateway's own: any other file
     would turn every message that has to be queued into a 452."""
-    fix = "set delivery.spool_path to a file of its own (the gateway creates it)"
     try:
         with path.open("rb") as f:
             head = f.read(len(_SQLITE_MAGIC))
@@ -291,7 +307,7 @@ def _spool_contents(path: Path, where: str) -> list[Finding]:
         return [Finding(f"{where} cannot be read as an SQLite database ({exc}): {fix}")]
     if tables and "schema_version" not in tables:
         shown = ", ".join(sorted(tables)[:5])
-        return [Finding(f"{where} is another program's SQLite database (tables {shown}): {fix}")]
+        return [Finding(f"{where} is {other} (tables {shown}): {fix}")]
     return []
 
 
