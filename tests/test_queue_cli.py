@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sqlite3
 import subprocess
@@ -187,3 +188,18 @@ def test_the_queue_itself_is_read(tmp_path: Path) -> None:
     result = cli("queue", "--spool", str(queue), "list")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"queue sqlite:///{queue}: empty") or ": empty" in result.stdout, result.stdout
+
+
+def test_queue_list_json_is_json_on_an_older_queue_file(tmp_path: Path) -> None:
+    """A queue file made before auto_vacuum=INCREMENTAL (an upgrade): the CLI converts it and logs so, on
+    stderr, not in front of the JSON on stdout."""
+    queue = _make_queue(tmp_path / "spool.sqlite3")
+    db = sqlite3.connect(queue, isolation_level=None)
+    db.execute("PRAGMA journal_mode=DELETE")
+    db.execute("PRAGMA auto_vacuum=NONE")
+    db.execute("VACUUM")
+    db.close()
+    result = cli("queue", "--spool", str(queue), "list", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["messages"] == []
+    assert "queue_auto_vacuum_on" in result.stderr

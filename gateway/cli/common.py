@@ -49,8 +49,14 @@ def add_spool_option(p: argparse.ArgumentParser) -> None:
 
 
 def load_for_queue(args: argparse.Namespace) -> Settings:
-    """The configuration, with `--spool FILE` (if given) as the queue: how `queue` and `status` find it."""
+    """The configuration, with `--spool FILE` (if given) as the queue: how `queue`, `status` and `suppression`
+    find it. Logging is set up here, to stderr: the queue logs as it opens (queue_migrated,
+    queue_auto_vacuum_on, queue_database_unreachable...), and structlog's default would print those on stdout,
+    in front of `--json` output."""
+    from gateway.ops import logs  # structlog's setup: only for commands that open the queue
+
     settings = load(args)
+    logs.configure(settings.log)
     if args.spool:
         delivery = settings.delivery.model_copy(update={"spool_path": Path(args.spool), "queue_url": ""})
         settings = settings.model_copy(update={"delivery": delivery})
