@@ -39,6 +39,19 @@ def load(args: argparse.Namespace) -> Settings:
     return load_settings(Path(args.config) if args.config else None)
 
 
+def utf8_text(value: str) -> str:
+    """An argparse type for arguments that are looked up in the queue or the ledger (ids, addresses, names): a
+    byte that is not UTF-8 (a Latin-1 terminal's `ü`, a pasted stray byte) arrives as a surrogate escape that no
+    database can take; it is a usage error (exit 2) naming the argument, not a traceback."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(
+            f"{ascii(value)[:60]} is not UTF-8 text: type it in a UTF-8 terminal (LANG=C.UTF-8), or give it in ASCII"
+        ) from None
+    return value
+
+
 def add_spool_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--spool",

@@ -40,7 +40,8 @@ class Exit(IntEnum):
     USAGE = (
         2,
         "The configuration or the command line: an unknown key or `GATEWAY_*` variable, an invalid value, a TOML "
-        "syntax error, a wrong option or argument, an empty password for `hash-password`.",
+        "syntax error, a wrong option or argument (an id, address or name that is not UTF-8 text: a Latin-1 "
+        "terminal's), an empty password for `hash-password` or one that is not UTF-8 text.",
     )
     INTERRUPTED = (
         130,

@@ -14,14 +14,24 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
 
     from gateway.auth.passwords import hash_password
 
-    if args.stdin or not sys.stdin.isatty():
-        # piped in (echo pw | smtp-gateway hash-password): the first line is the password
-        password = sys.stdin.readline().rstrip("\r\n")
-    else:
-        try:
-            password = getpass.getpass("Password: ")
-        except EOFError:  # Ctrl-D at the prompt
-            password = ""
+    try:
+        if args.stdin or not sys.stdin.isatty():
+            # piped in (echo pw | smtp-gateway hash-password): the first line is the password
+            password = sys.stdin.readline().rstrip("\r\n")
+        else:
+            try:
+                password = getpass.getpass("Password: ")
+            except EOFError:  # Ctrl-D at the prompt
+                password = ""
+        # Under a C/POSIX locale stdin decodes with surrogateescape: such a password cannot be hashed either.
+        password.encode("utf-8")
+    except UnicodeError:  # a Latin-1 terminal or file: the error names no byte of the password
+        print(
+            "smtp-gateway: the password is not UTF-8 text: type it in a UTF-8 terminal (LANG=C.UTF-8), or pipe "
+            "it in as UTF-8",
+            file=sys.stderr,
+        )
+        return Exit.USAGE
     if not password:
         print(
             "smtp-gateway: empty password: type one, or pipe it in (printf '%s\\n' PASSWORD | "

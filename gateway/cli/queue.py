@@ -16,6 +16,7 @@ from gateway.cli.common import (
     no_queue,
     refuse_other_files,
     spool_failure,
+    utf8_text,
     with_config,
 )
 from gateway.cli.exits import Exit
@@ -232,10 +233,18 @@ def add_parser(sub: Any) -> None:
         q = qsub.add_parser(name, help=text)
         q.add_argument("--json", action="store_true", help="the counts and the messages as JSON")
         q.add_argument("--limit", type=int, default=1000, help="list at most this many messages")
-        q.add_argument("--account", help="only messages of this account")
-        q.add_argument("--login", help="only messages sent by this login (as the message ledger recorded it)")
-        q.add_argument("--domain", help="only messages with a recipient in this domain (or a subdomain of it)")
-        q.add_argument("--reason", help="only messages whose last error (dead letters: reason) contains these words")
+        q.add_argument("--account", type=utf8_text, help="only messages of this account")
+        q.add_argument(
+            "--login", type=utf8_text, help="only messages sent by this login (as the message ledger recorded it)"
+        )
+        q.add_argument(
+            "--domain", type=utf8_text, help="only messages with a recipient in this domain (or a subdomain of it)"
+        )
+        q.add_argument(
+            "--reason",
+            type=utf8_text,
+            help="only messages whose last error (dead letters: reason) contains these words",
+        )
         q.add_argument(
             "--older-than",
             metavar="AGE",
@@ -248,13 +257,15 @@ def add_parser(sub: Any) -> None:
         "that does not exist is not created: exit 1 naming the path looked at)",
     )
     qsub.add_parser("show", help="one message with its calls").add_argument(
-        "id", metavar="ID", help="the message's queue id"
+        "id", metavar="ID", type=utf8_text, help="the message's queue id"
     )
     for name, text in (
         ("retry", "make queued messages due now"),
         ("delete", "delete queued messages or dead letters"),
         ("requeue", "put dead letters back in the queue with a fresh lifetime"),
     ):
-        qsub.add_parser(name, help=text).add_argument("ids", metavar="ID", nargs="+", help="the messages' queue ids")
+        qsub.add_parser(name, help=text).add_argument(
+            "ids", metavar="ID", nargs="+", type=utf8_text, help="the messages' queue ids"
+        )
     add_spool_option(p)
     p.set_defaults(func=cmd_queue)

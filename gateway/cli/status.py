@@ -18,6 +18,7 @@ from gateway.cli.common import (
     refuse_other_files,
     refuse_unreachable_queue,
     spool_failure,
+    utf8_text,
     with_config,
 )
 from gateway.cli.exits import Exit
@@ -93,7 +94,7 @@ def add_parser(sub: Any) -> None:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
     )
-    p.add_argument("query", help="an id, a Message-ID, or an address")
+    p.add_argument("query", type=utf8_text, help="an id, a Message-ID, or an address")
     p.add_argument("--json", action="store_true", help="JSON for scripts (as the API gives it)")
     p.add_argument("--limit", type=_limit, default=20, help="at most this many messages for an address (20)")
     add_spool_option(p)

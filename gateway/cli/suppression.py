@@ -17,6 +17,7 @@ from gateway.cli.common import (
     refuse_other_files,
     refuse_unreachable_queue,
     spool_failure,
+    utf8_text,
     with_config,
 )
 from gateway.cli.exits import Exit
@@ -73,8 +74,8 @@ def add_parser(sub: Any) -> None:
     )
     actions = p.add_subparsers(dest="action", required=True)
     listing = with_config(actions.add_parser("list", help="the suppressed addresses, newest first per account"))
-    listing.add_argument("--account", help="only this account's")
-    listing.add_argument("--address", help="only this address")
+    listing.add_argument("--account", type=utf8_text, help="only this account's")
+    listing.add_argument("--address", type=utf8_text, help="only this address")
     listing.add_argument("--json", action="store_true", help="JSON for scripts (as the API gives it)")
     remove = with_config(
         actions.add_parser(
@@ -83,8 +84,8 @@ def add_parser(sub: Any) -> None:
             "unless DMDS revalidates it)",
         )
     )
-    remove.add_argument("address", help="the address")
-    remove.add_argument("--account", help="only from this account's list (default: every account's)")
+    remove.add_argument("address", type=utf8_text, help="the address")
+    remove.add_argument("--account", type=utf8_text, help="only from this account's list (default: every account's)")
     for action in (listing, remove):
         add_spool_option(action)
     p.set_defaults(func=cmd_suppression)
