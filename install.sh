@@ -45,11 +45,18 @@ if ! "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1; then
 fi
 
 # A venv made by another Python than $PYTHON (or too old, or half-made) is made anew: PYTHON=python3.12
-# after a first install with python3 must not keep the old one.
+# after a first install with python3 must not keep the old one. Half made: an install interrupted while
+# `python -m venv` ran (Ctrl-C, a full disk, a dropped session) leaves its interpreter without pip, and every
+# re-run would fail at pip.
 base='import sys; print(sys.base_prefix, sys.version)'
-if [ -x "$VENV/bin/python" ] && [ "$("$VENV/bin/python" -c "$base" 2>/dev/null)" != "$("$PYTHON" -c "$base")" ]; then
-  say "$VENV was made with another Python: making it anew with $PYTHON"
-  rm -rf "$VENV"
+if [ -x "$VENV/bin/python" ]; then
+  if [ "$("$VENV/bin/python" -c "$base" 2>/dev/null)" != "$("$PYTHON" -c "$base")" ]; then
+    say "$VENV was made with another Python: making it anew with $PYTHON"
+    rm -rf "$VENV"
+  elif ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
+    say "$VENV is half made (no pip: an interrupted install?): making it anew"
+    rm -rf "$VENV"
+  fi
 fi
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"

@@ -212,6 +212,22 @@ def test_install_command_works_with_the_distribution_python(tmp_path: Path) -> N
     assert gateway.returncode == 0 and verify_password("pw", gateway.stdout.strip()), gateway.stderr
 
 
+def test_install_remakes_a_venv_left_without_pip(tmp_path: Path) -> None:
+    """A first install interrupted while `python3 -m venv` ran (Ctrl-C in its first seconds, a full disk): the
+    .venv has its interpreter but no pip. install.md says a half-made .venv is made anew by running it again;
+    it was kept, and every re-run failed with "No module named pip"."""
+    assert DEBIAN_PYTHON.exists(), "needs the distribution's /usr/bin/python3 (Debian 12 / Ubuntu 24.04)"
+    project = _project_copy(tmp_path)
+    env = _install_env(_path_with(tmp_path, python3=str(DEBIAN_PYTHON)))
+    subprocess.run([str(DEBIAN_PYTHON), "-m", "venv", "--without-pip", str(project / ".venv")], check=True)
+    result = subprocess.run(
+        ["./install.sh"], cwd=project, env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert "is half made" in result.stderr, result.stderr
+    assert (project / ".venv" / "bin" / "smtp-gateway").exists()
+
+
 def test_install_without_venv_support_names_the_package(tmp_path: Path) -> None:
     """Debian without python3-venv, not root: the exact apt-get command, exit 1 (root installs it itself)."""
     project = _project_copy(tmp_path)
