@@ -203,3 +203,13 @@ def test_queue_list_json_is_json_on_an_older_queue_file(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["messages"] == []
     assert "queue_auto_vacuum_on" in result.stderr
+
+
+@pytest.mark.parametrize("limit", ["0", "-1", "99999999999999999999", "ten"])
+@pytest.mark.parametrize("action", ["list", "dead"])
+def test_a_limit_out_of_range_is_a_usage_error(tmp_path: Path, action: str, limit: str) -> None:
+    queue = _make_queue(tmp_path / "spool.sqlite3")
+    result = cli("queue", "--spool", str(queue), action, "--limit", limit, "--account", "acme")
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 2, result.stdout
+    assert "argument --limit" in result.stderr, result.stderr

@@ -204,6 +204,22 @@ OUTCOMES = {
 }
 
 
+# The most `--limit` takes: beyond it a listing is for a database query, not a terminal or a script's page.
+MAX_LIST = 100_000
+
+
+def _limit(text: str) -> int:
+    """`--limit`: 0, a negative or a huge count is a usage error (exit 2) as `status --limit` is: SQLite took -1
+    as no limit, PostgreSQL refused it with a traceback, and 0 listed nothing without saying so."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text[:20]!r}") from None
+    if not 1 <= value <= MAX_LIST:
+        raise argparse.ArgumentTypeError(f"between 1 and {MAX_LIST}")
+    return value
+
+
 def _age_option(text: str) -> float:
     """`--older-than`: a bad value is a usage error (exit 2, argparse's message), like `--limit abc`."""
     from gateway.delivery.admin import BadSelection, parse_age
@@ -232,7 +248,7 @@ def add_parser(sub: Any) -> None:
     for name, text in (("list", "queued messages, with counts by state and age"), ("dead", "dead letters")):
         q = qsub.add_parser(name, help=text)
         q.add_argument("--json", action="store_true", help="the counts and the messages as JSON")
-        q.add_argument("--limit", type=int, default=1000, help="list at most this many messages")
+        q.add_argument("--limit", type=_limit, default=1000, help=f"list at most this many messages (1 to {MAX_LIST})")
         q.add_argument("--account", type=utf8_text, help="only messages of this account")
         q.add_argument(
             "--login", type=utf8_text, help="only messages sent by this login (as the message ledger recorded it)"
