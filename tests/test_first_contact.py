@@ -502,7 +502,10 @@ def test_good_configuration_is_ok(tmp_path: Path) -> None:
 
 def test_without_a_config_file_the_tools_work(tmp_path: Path, dns_thread: DnsServer) -> None:
     listed = run("queue", "list", cwd=tmp_path)
-    assert (listed.returncode, listed.stdout.split(" (")[0]) == (1, f"no queue at {tmp_path}/var/spool.sqlite3")
+    assert (listed.returncode, listed.stderr.split(" (")[0]) == (
+        1,
+        f"smtp-gateway: no queue at {tmp_path}/var/spool.sqlite3",
+    )
     spool = tmp_path / "var" / "quickstart" / "spool.sqlite3"
     _empty_queue(spool)
     assert run("queue", "--spool", str(spool), "migrate", cwd=tmp_path).returncode == 0

@@ -68,4 +68,4 @@ def test_status_finds_a_message_by_each_of_its_names(gateway_factory: Callable[.
     assert json.loads(status(spool, "nobody@example.net", "--json").stdout) == {"found": None, "messages": []}
     assert status(spool, eeid, "--limit", "0").returncode == 2
     gone = status(spool.with_name("nothing-here.sqlite3"), eeid)
-    assert gone.returncode == 1 and "no queue" in gone.stdout
+    assert gone.returncode == 1 and gone.stderr.startswith("smtp-gateway: no queue"), gone.stderr

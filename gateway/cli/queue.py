@@ -11,6 +11,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from gateway.cli.common import (
+    Refused,
     add_spool_option,
     load_for_queue,
     no_queue,
@@ -73,8 +74,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         # Exit 1 for list and dead too: "nothing queued" would hide a queue at another path (a relative
         # delivery.spool_path read from another directory than serve's). And for migrate: it would create an
         # empty queue there and report "0 -> N" while the real one waits for its migration at the next start.
-        print(no_queue(settings))
-        return Exit.PROBLEM
+        raise Refused([no_queue(settings)])
     refuse_other_files(settings)
     return asyncio.run(_main(settings, args))
 

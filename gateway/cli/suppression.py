@@ -11,6 +11,7 @@ import sqlite3
 from typing import Any
 
 from gateway.cli.common import (
+    Refused,
     add_spool_option,
     load_for_queue,
     no_queue,
@@ -30,8 +31,7 @@ from gateway.ledger.store import LedgerUnavailable
 def cmd_suppression(args: argparse.Namespace) -> int:
     settings = load_for_queue(args)
     if not settings.delivery.queue_url and not settings.delivery.spool_path.exists():
-        print(no_queue(settings, " (and so no suppression list)"))
-        return Exit.PROBLEM
+        raise Refused([no_queue(settings, " (and so no suppression list)")])
     refuse_other_files(settings)
     refuse_unreachable_queue(settings)
     try:
