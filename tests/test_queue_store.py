@@ -393,6 +393,69 @@ async def test_due_times_are_kept_by_the_database_clock(pg_cluster: PgCluster) -
         assert again.id == second.id and not again.reaped
 
 
+class SteppedClock:
+    """A host's clock `skew` seconds off this one's; `skew` changes as NTP steps it."""
+
+    def __init__(self, skew: float) -> None:
+        self.skew = skew
+
+    def __call__(self) -> float:
+        return time.time() + self.skew
+
+
+@contextlib.asynccontextmanager
+async def stepped(
+    pg_cluster: PgCluster, skew: float
+) -> AsyncIterator[tuple[PostgresQueue, PostgresQueue, SteppedClock]]:
+    """A, on this host's clock, and B, whose host's clock is `skew` seconds off until the test steps it."""
+    url = pg_cluster.new_database()
+    clock = SteppedClock(skew)
+    a, b = PostgresQueue(url), PostgresQueue(url, clock=clock)
+    try:
+        await a.open()
+        await b.open()
+        yield a, b, clock
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_clock_stepped_forward_is_followed_at_once_and_takes_over_no_live_lease(
+    pg_cluster: PgCluster,
+) -> None:
+    """B's host booted 2 minutes behind (its offset read: +120 s); NTP steps it to the right time. B's next
+    claim comes well before the offset's refresh (SHIFT_REFRESH): with the offset from before the step, its
+    now right clock would pass as 2 minutes ahead, A's 60 s lease of a moment ago would look over and B would
+    resend A's calls in flight."""
+    async with stepped(pg_cluster, -SKEW) as (a, b, clock):
+        assert await b.next_due(["acme"]) is None  # any queue call: B reads its offset (+120 s)
+        now = time.time()
+        await a.insert(new("L1", now))
+        [held] = await a.claim("A", "acme", now, 1, lease=60)
+        clock.skew = 0.0  # NTP steps B's clock to the right time
+        taken = await b.claim("B", "acme", time.time(), 1, lease=60)
+        assert taken == [], f"B took over A's live lease (token {held.token} -> {taken[0].token})"
+        assert await b.next_due(["acme"]) == pytest.approx(time.time() + 60, abs=5)  # B's times follow too
+
+
+async def test_a_clock_stepped_back_is_followed_at_once_and_writes_no_lease_already_over(
+    pg_cluster: PgCluster,
+) -> None:
+    """B's host ran 2 minutes ahead (offset -120 s); NTP steps it back. B's claim right after, with a 60 s
+    lease, must end 60 s from now by the database's clock: with the offset from before the step it was
+    written as ended a minute ago, and A reaped B's live attempt at once (and so B's heartbeats until the
+    refresh)."""
+    async with stepped(pg_cluster, SKEW) as (a, b, clock):
+        assert await b.next_due(["acme"]) is None  # B reads its offset (-120 s)
+        await a.insert(new("L2", time.time() - 300))  # a retry due a while ago
+        clock.skew = 0.0  # NTP steps B's clock back
+        [mine] = await b.claim("B", "acme", time.time(), 1, lease=60)
+        taken = await a.claim("A", "acme", time.time(), 1, lease=60)
+        assert taken == [], f"A took over B's lease of a moment ago (token {mine.token} -> {taken[0].token})"
+        assert await b.renew("B", time.time() + 60) == 1
+        assert await a.claim("A", "acme", time.time(), 1, lease=60) == []
+
+
 async def test_idempotency_keys(make_store: Factory) -> None:
     a, b = make_store(), make_store()
     await a.open()

@@ -11,10 +11,12 @@ seconds of the database's clock (clock_timestamp()), never of an instance's. Cal
 their own clock (the store's interface is SQLite's too); each transaction that reads or writes one moves the
 caller's times by the database's clock minus this host's (`_shift`, the database's read between two readings
 of this host's): read in the first such transaction, then again in the first one after SHIFT_REFRESH seconds (no
-round trip per message on the accept path), so there is no first measurement to wait for and a clock stepped
-by NTP is followed within SHIFT_REFRESH. A host whose clock is minutes off neither takes over live leases
-nor sends retries early or late; only durations (a 60 s lease, a 20 s backoff) come from its clock. The
-offset is still exported and logged (gateway/ops/clockskew.py): ledger timestamps and quota windows remain
+round trip per message on the accept path), so there is no first measurement to wait for; and at once in the
+first transaction after this host's clock was stepped (NTP, a VM resumed): seen at no cost as its difference
+from the monotonic clock moving, so no transaction passes a time moved by the offset from before the step (the
+database's own clock stepped is followed within SHIFT_REFRESH). A host whose clock is minutes off neither takes
+over live leases nor sends retries early or late; only durations (a 60 s lease, a 20 s backoff) come from its
+clock. The offset is still exported and logged (gateway/ops/clockskew.py): ledger timestamps and quota windows remain
 on each instance's clock (docs/operations/instances.md).
 
 A database that cannot be reached is known down (a circuit): every caller gets SpoolUnavailable at once
@@ -106,7 +108,9 @@ def _ms(seconds: float) -> int:
 SHIFT_SLACK = 0.05
 
 # Seconds a reading of the offset serves before the next transaction reads it again: a host's offset drifts by
-# milliseconds a day; only a stepped clock moves it, and leases are 60 s.
+# milliseconds a day; only a stepped clock moves it, and leases are 60 s. This host's clock stepped is seen at
+# once (PostgresQueue._shift: its difference from time.monotonic() moved by more than SHIFT_SLACK); this bound is
+# for the database's clock stepped, which only a reading shows.
 SHIFT_REFRESH = 5.0
 
 
@@ -182,6 +186,9 @@ class PostgresQueue:
         self._clock = clock
         self._last_shift: float | None = None  # the database's clock minus this host's, as last read
         self._shift_read = 0.0  # time.monotonic() of that reading
+        # This host's clock minus time.monotonic() at that reading: a step of the host's clock moves it (a
+        # slewing NTP by microseconds a second), so a cached offset is never used across a step.
+        self._host_base = 0.0
         self._conninfo = url
         self._kwargs: dict[str, Any] = {"autocommit": True, "row_factory": dict_row}
         if password:
@@ -219,10 +226,19 @@ class PostgresQueue:
         range (give or take SHIFT_SLACK) no offset is taken if none is possible, else the last one is kept: a
         host's offset is steady, so a time passed twice (a release at `now`, then a claim at that `now`, on this
         instance or another on an agreeing clock) is moved alike and compares as on SQLite, not by a reading's
-        jitter; a clock stepped by NTP leaves the range and is followed at the next reading."""
-        if not fresh and self._last_shift is not None and time.monotonic() - self._shift_read < SHIFT_REFRESH:
-            return self._last_shift
+        jitter; a clock stepped by NTP leaves the range and is followed at the next reading, which is this
+        transaction's: the step is seen here, before any time is moved, as this host's clock minus the monotonic
+        clock having moved since the last reading (two local calls, no round trip)."""
+        monotonic = time.monotonic()
         before = self._host_time()
+        base = before - monotonic
+        if (
+            not fresh
+            and self._last_shift is not None
+            and monotonic - self._shift_read < SHIFT_REFRESH
+            and abs(base - self._host_base) <= SHIFT_SLACK
+        ):
+            return self._last_shift
         row = await (await conn.execute(SQL.clock)).fetchone()
         after = self._host_time()
         assert row is not None
@@ -231,7 +247,7 @@ class PostgresQueue:
             self._last_shift = 0.0
         elif self._last_shift is None or not low - SHIFT_SLACK <= self._last_shift <= high + SHIFT_SLACK:
             self._last_shift = (low + high) / 2
-        self._shift_read = time.monotonic()
+        self._shift_read, self._host_base = monotonic, base
         return self._last_shift
 
     @staticmethod
