@@ -393,6 +393,31 @@ async def test_due_times_are_kept_by_the_database_clock(pg_cluster: PgCluster) -
         assert again.id == second.id and not again.reaped
 
 
+async def test_a_messages_acceptance_time_comes_back_as_the_accepting_instance_wrote_it(
+    pg_cluster: PgCluster,
+) -> None:
+    """`created` labels the message's acceptance: the accepting instance writes its ledger rows with it, and
+    every other writer (the instance that claims it, an operator's show, retry or delete from another host)
+    must hand the ledger the same value, whatever its clock (gateway/queue/shared_schema.py LEDGER). A's clock
+    is 2 minutes ahead, B's right: B gets A's value, not one moved onto its own clock. Ages are taken on the
+    reader's clock: A's count of its own message's age is right."""
+    async with instances(pg_cluster, SKEW, 0.0) as (a, b):
+        created = time.time() + SKEW - 60  # A's clock: what A's ledger.accepted rows carry
+        await a.insert(new("K1", created))
+        await a.insert(new("K2", created, verdict="dead"))
+        counts = await a.counts(time.time() + SKEW)
+        assert counts["queued"]["oldest_age"] == pytest.approx(60, abs=5)
+        [claimed] = await b.claim("B", "acme", time.time(), 1, lease=60)
+        assert claimed.before.created == created  # what B's DeliveryOwner hands the ledger
+        shown = await b.show("K1")
+        assert shown is not None and shown["created"] == created
+        assert [r["created"] for r in await b.list(["inflight", "dead"])] == [created, created]
+        deleted = await b.delete("K2")
+        assert deleted is not None and deleted["created"] == created
+        # The other times are still moved onto B's clock: the dead letter's time is A's, 2 minutes back.
+        assert deleted["dead_at"] == pytest.approx(created - SKEW, abs=5)
+
+
 class SteppedClock:
     """A host's clock `skew` seconds off this one's; `skew` changes as NTP steps it."""
 

@@ -157,8 +157,11 @@ def redacted(url: str) -> str:
     return f"{scheme}://{userinfo.partition(':')[0]}{at}{host}" if at else url
 
 
-# The messages table's columns that hold a time: on the database's clock there, on the caller's outside.
-_TIME_COLUMNS = ("created", "expires", "next_attempt", "lease_until", "dead_at")
+# The messages table's columns that hold a time compared there: on the database's clock there, on the caller's
+# outside. Not `created`: the accepting instance's label of the message, stored and read back as it wrote it (the
+# ledger keys the message's rows by it; a claiming instance or an operator's host moving it onto its own clock
+# handed the ledger another acceptance time: gateway/queue/store.py).
+_TIME_COLUMNS = ("expires", "next_attempt", "lease_until", "dead_at")
 
 
 def _on_caller_clock(row: DictRow, shift: float) -> dict[str, Any]:
@@ -762,8 +765,9 @@ class PostgresQueue:
     # -- operators ------------------------------------------------------------------------------------
 
     async def counts(self, now: float) -> dict[str, dict[str, Any]]:
+        # `created` is on the accepting instances' clocks (never moved: _TIME_COLUMNS): the ages are taken on the
+        # caller's, unshifted (off by no more than the hosts' skew, which queue_clock_skew reports).
         async with self._tx(LONG_READ_TIMEOUT) as conn:
-            now += await self._shift(conn)
             rows = await (await conn.execute(SQL.counts)).fetchall()
         return {r["state"]: {"count": r["n"], "oldest_age": now - r["oldest"]} for r in rows}
 

@@ -14,11 +14,14 @@
 A delivered message is deleted. Decisions (what state comes next) are made above the store, by
 gateway/delivery/transition.py; the store applies them atomically and only under the caller's token.
 
-Times (`now`, lease ends, due times, a claimed message's created and expires) are epoch seconds of the caller's
-clock, in and out. SQLite stores them as they are (one host, one clock). PostgreSQL, shared by instances on
-several hosts, stores and compares them on the database's clock: each is moved by the database's clock minus
-this host's, read in the same transaction (gateway/queue/postgres.py), so a skewed host neither takes over live
-leases nor sends retries early or late.
+Times (`now`, lease ends, due times, a claimed message's expires) are epoch seconds of the caller's clock, in
+and out. SQLite stores them as they are (one host, one clock). PostgreSQL, shared by instances on several hosts,
+stores and compares them on the database's clock: each is moved by the database's clock minus this host's, read
+in the same transaction (gateway/queue/postgres.py), so a skewed host neither takes over live leases nor sends
+retries early or late. A message's `created` is not one of them: it is the label of the message's acceptance,
+the accepting instance's clock as it wrote it, which every ledger row of the message carries (shared_schema.LEDGER)
+whichever instance or operator writes it; it is stored and handed back unchanged on both backends, and only ages
+(counts' oldest_age, an operator's older_than) are taken from it, on the reader's clock.
 """
 
 from __future__ import annotations
@@ -310,7 +313,8 @@ def storable_message(m: NewMessage) -> NewMessage:
 
 def message_row(m: NewMessage, shift: float = 0.0) -> MessageRow:
     """A new message's row of the messages table, `shift` seconds added to each of its times (PostgreSQL: the
-    caller's clock onto the database's; SQLite: 0, this host's clock is the one clock)."""
+    caller's clock onto the database's; SQLite: 0, this host's clock is the one clock) but `created`, the
+    acceptance's label as the ledger has it (the module's docstring)."""
     d = m.decision
     inflight = m.inflight_owner is not None
     state = "inflight" if inflight else ("dead" if d.verdict == "dead" else "queued")
@@ -322,7 +326,7 @@ def message_row(m: NewMessage, shift: float = 0.0) -> MessageRow:
             m.id,
             m.account,
             state,
-            m.created + shift,
+            m.created,
             m.expires + shift,
             d.next_attempt + shift,
             d.attempts,
