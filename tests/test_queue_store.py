@@ -519,6 +519,41 @@ async def test_idempotency_keys(make_store: Factory) -> None:
     assert isinstance(hit, KeyHit) and (hit.msg_id, hit.digest) == ("M14", "digest-3")
 
 
+async def test_expired_idempotency_keys_are_swept_in_batches_on_postgresql(
+    pg_cluster: PgCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL deleted only the expired row of the key being claimed: every other key stayed for ever (the
+    table grew by one row per keyed message). Claims sweep the expired ones, a bounded batch at a time and
+    again at once while a batch comes back full; live keys stay. (SQLite deletes them all in each claim.)"""
+    monkeypatch.setattr(postgres_queue, "KEY_SWEEP_BATCH", 2)
+    url = pg_cluster.new_database()
+    store = PostgresQueue(url)
+    await store.open()
+
+    def keys() -> set[str]:
+        with psycopg.connect(url, autocommit=True) as conn:
+            return {row[0] for row in conn.execute("SELECT key FROM idempotency").fetchall()}
+
+    try:
+        now = time.time()
+        for n in range(5):  # expired an hour ago (late keys recorded with their own times)
+            assert await store.record_key("acme", f"old{n}", f"M{n}", f"M{n}", now - 7200, now - 3600, None)
+        assert await store.record_key("acme", "live", "L", "L", now - 60, now + 3600, None)
+        assert await store.claim_key("acme", "k1", "N1", now, 3600, 60) is None  # a batch of 2: full
+        assert len(keys() & {f"old{n}" for n in range(5)}) == 3
+        assert await store.claim_key("acme", "k2", "N2", now, 3600, 60) is None  # full again
+        assert await store.claim_key("acme", "k3", "N3", now, 3600, 60) is None  # the last one
+        assert keys() == {"live", "k1", "k2", "k3"}
+        # Not full: the next sweep waits KEY_SWEEP_EVERY; a key expiring meanwhile stays until then.
+        assert await store.record_key("acme", "old5", "M5", "M5", now - 7200, now - 3600, None)
+        assert await store.claim_key("acme", "k4", "N4", now, 3600, 60) is None
+        assert "old5" in keys()
+        hit = await store.claim_key("acme", "live", "N5", now, 3600, 60)
+        assert hit is not None and hit.msg_id == "L"  # a live key still answers
+    finally:
+        await store.close()
+
+
 async def test_migrate_is_idempotent(make_store: Factory) -> None:
     first = make_store()
     found, latest = await first.migrate()

@@ -114,6 +114,19 @@ SHIFT_SLACK = 0.05
 SHIFT_REFRESH = 5.0
 
 
+# Expired idempotency keys are deleted by the instances' own claim_key transactions (the path every key is
+# made on), at most KEY_SWEEP_BATCH rows at a time, once per KEY_SWEEP_EVERY seconds of the database's clock per
+# instance, and at each claim while a batch comes back full (a backlog: the table of a queue that swept none).
+KEY_SWEEP_EVERY = 60.0
+KEY_SWEEP_BATCH = 1000
+# The batch: rows another instance's sweep (or a claim of that key) holds are skipped, not waited for, so
+# instances sweeping at once never contend; by the expires index.
+_KEY_SWEEP = (
+    "DELETE FROM idempotency WHERE (account, key) IN (SELECT account, key FROM idempotency WHERE expires<%s"
+    " LIMIT %s FOR UPDATE SKIP LOCKED)"
+)
+
+
 # Seconds a first connection may take before the queue is called unreachable (libpq's minimum is 2).
 CONNECT_TIMEOUT = 2
 
@@ -216,6 +229,7 @@ class PostgresQueue:
         self._slow = Episode()  # statements the server cancelled (lock_timeout, statement_timeout)
         self._probe: asyncio.Task[None] | None = None
         self._next_sweep = 0.0
+        self._next_key_sweep = 0.0  # the database's clock, as _next_sweep
 
     def _host_time(self) -> float:
         return time.time() if self._clock is None else self._clock()
@@ -725,26 +739,50 @@ class PostgresQueue:
     ) -> KeyHit | KeyTakenOver | None:
         async with self._tx() as conn:
             now += await self._shift(conn)  # a key's age decides a takeover: one clock for every instance
-            # Only this key's expired row: a table-wide delete in every claim would have instances contend
-            # (SQLite, one writer at a time, deletes every expired key).
-            await conn.execute(
-                "DELETE FROM idempotency WHERE account=%s AND key=%s AND expires<%s", (account, key, now)
-            )
-            # Insert first: two instances claiming one new key at once cannot both get it.
-            inserted = await (
-                await conn.execute(SQL.key_insert, (account, key, msg_id, now, now + window, digest))
-            ).fetchone()
-            if inserted is not None:
-                return None
-            row = await (await conn.execute(SQL.key_row, (account, key))).fetchone()
-            if row is None or row["reply_id"] is not None or row["created"] >= now - stale:
-                return None if row is None else KeyHit(row["msg_id"], row["reply_id"], row["digest"])
-            if await (await conn.execute(SQL.stored, (row["msg_id"],))).fetchone() is not None:
-                await conn.execute(SQL.key_answered, (account, key))
-                return KeyHit(row["msg_id"], row["msg_id"], row["digest"])
-            # A stale claim whose message was never stored: this one takes the key over, in place.
-            await conn.execute(SQL.key_take_over, (msg_id, now, now + window, digest, account, key))
+            claimed = await self._claim_key(conn, account, key, msg_id, now, window, stale, digest)
+            # Last: the sweep never waits (SKIP LOCKED) and nothing waits after it, so two instances' claims
+            # cannot each hold a row the other's own key waits for.
+            await self._sweep_keys(conn, now)
+        return claimed
+
+    @staticmethod
+    async def _claim_key(
+        conn: psycopg.AsyncConnection[DictRow],
+        account: str,
+        key: str,
+        msg_id: str,
+        now: float,
+        window: float,
+        stale: float,
+        digest: str | None,
+    ) -> KeyHit | KeyTakenOver | None:
+        # This key's expired row at once (the others are swept in batches: a table-wide delete in every claim
+        # would have instances contend; SQLite, one writer at a time, deletes every expired key).
+        await conn.execute("DELETE FROM idempotency WHERE account=%s AND key=%s AND expires<%s", (account, key, now))
+        # Insert first: two instances claiming one new key at once cannot both get it.
+        inserted = await (
+            await conn.execute(SQL.key_insert, (account, key, msg_id, now, now + window, digest))
+        ).fetchone()
+        if inserted is not None:
+            return None
+        row = await (await conn.execute(SQL.key_row, (account, key))).fetchone()
+        if row is None or row["reply_id"] is not None or row["created"] >= now - stale:
+            return None if row is None else KeyHit(row["msg_id"], row["reply_id"], row["digest"])
+        if await (await conn.execute(SQL.stored, (row["msg_id"],))).fetchone() is not None:
+            await conn.execute(SQL.key_answered, (account, key))
+            return KeyHit(row["msg_id"], row["msg_id"], row["digest"])
+        # A stale claim whose message was never stored: this one takes the key over, in place.
+        await conn.execute(SQL.key_take_over, (msg_id, now, now + window, digest, account, key))
         return KeyTakenOver(row["msg_id"])
+
+    async def _sweep_keys(self, conn: psycopg.AsyncConnection[DictRow], now: float) -> None:
+        """One batch of expired keys deleted (`now`: the database's clock), when this instance's turn has come:
+        the keys of resends never made would otherwise stay for ever, one row per keyed message."""
+        if now < self._next_key_sweep:
+            return
+        swept = (await conn.execute(_KEY_SWEEP, (now, KEY_SWEEP_BATCH))).rowcount
+        # A full batch: more may be left, swept at the next claim; else not before KEY_SWEEP_EVERY.
+        self._next_key_sweep = now if swept >= KEY_SWEEP_BATCH else now + KEY_SWEEP_EVERY
 
     async def finish_key(self, account: str, key: str, msg_id: str, reply_id: str | None) -> None:
         async with self._tx() as conn:
