@@ -40,6 +40,27 @@ def own_cluster() -> Iterator[PgCluster]:
     cluster.stop()
 
 
+def _queue_full(gw: Running) -> None:
+    """The queue refuses every new message from now on (a full disk), the rest of the gateway untouched."""
+    store: Any = gw.app.store
+
+    async def insert(message: Any) -> int:
+        raise SpoolUnavailable("database or disk is full")
+
+    store.insert = insert
+
+
+def _send_to_two(gw: Running) -> int:
+    """One dEngage message to two recipients (a call each); the reply's code."""
+    raw = f"From: {DENGAGE_SENDER}\r\nTo: a@example.com, b@example.com\r\nSubject: partial\r\n\r\nhello\r\n"
+    with smtplib.SMTP("127.0.0.1", gw.port(), timeout=30) as client:
+        client.login(DENGAGE_USER, PASSWORD)
+        client.mail(DENGAGE_SENDER)
+        client.rcpt("a@example.com")
+        client.rcpt("b@example.com")
+        return client.data(raw.encode())[0]
+
+
 def metric(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
@@ -110,21 +131,11 @@ def test_a_partly_delivered_message_the_queue_cannot_take_is_452_and_counted(
     right (452 makes the client resend the whole message, a second copy for the delivered recipient), so the
     window is counted in smtp_gateway_ambiguous_calls_total{cause="partial_unqueued"} and logged with its id."""
     gw = gateway_factory(delivery=FAST, dengage={})
-    store: Any = gw.app.store
-
-    async def insert(message: Any) -> int:
-        raise SpoolUnavailable("database or disk is full")
-
-    store.insert = insert
+    _queue_full(gw)
     gw.fault(status=503, count=1, kind="send")  # one of the two recipients' calls fails (temporary)
     before = metric("smtp_gateway_ambiguous_calls_total", account=DENGAGE_ACCOUNT, cause="partial_unqueued")
-    raw = f"From: {DENGAGE_SENDER}\r\nTo: a@example.com, b@example.com\r\nSubject: partial\r\n\r\nhello\r\n"
-    with structlog.testing.capture_logs() as logs, smtplib.SMTP("127.0.0.1", gw.port(), timeout=30) as client:
-        client.login(DENGAGE_USER, PASSWORD)
-        client.mail(DENGAGE_SENDER)
-        client.rcpt("a@example.com")
-        client.rcpt("b@example.com")
-        code, _ = client.data(raw.encode())
+    with structlog.testing.capture_logs() as logs:
+        code = _send_to_two(gw)
     delivered = gw.calls("send", status=200)
     assert code == 452 and len(delivered) == 1
     assert metric("smtp_gateway_ambiguous_calls_total", account=DENGAGE_ACCOUNT, cause="partial_unqueued") == before + 1
@@ -139,12 +150,7 @@ def test_a_refusal_after_the_budget_while_the_queue_cannot_store_is_the_refusals
     good: the client gets the refusal's 5xx, as within the budget (it was 452 4.3.1: the client resent, at every
     resend while the queue was down, a message refused for good, and never saw why)."""
     gw = gateway_factory(delivery={**FAST, "inline_budget": 0.5})
-    store: Any = gw.app.store
-
-    async def insert(message: Any) -> int:
-        raise SpoolUnavailable("database or disk is full")
-
-    store.insert = insert
+    _queue_full(gw)
     gw.fault(status=400, count=1, kind="send", reason="invalid sender")
     quick = send(gw.port(), "refused quickly")
     gw.fault(status=400, delay=1.5, count=1, kind="send", reason="invalid sender")  # answers after the budget
@@ -159,21 +165,11 @@ def test_a_partial_refusal_after_the_budget_while_the_queue_cannot_store_is_250_
     the dead letter: nothing is left to send, so the client gets the 250 (a 452 had it resend to the delivered
     recipient too); the refusal is logged and counted as the dead letter it would be, with stored=False."""
     gw = gateway_factory(delivery={**FAST, "inline_budget": 0.5}, dengage={})
-    store: Any = gw.app.store
-
-    async def insert(message: Any) -> int:
-        raise SpoolUnavailable("database or disk is full")
-
-    store.insert = insert
+    _queue_full(gw)
     gw.fault(status=400, delay=1.5, count=1, kind="send", reason="invalid recipient")
     before = metric("smtp_gateway_dead_letters_total", cause="refused")
-    raw = f"From: {DENGAGE_SENDER}\r\nTo: a@example.com, b@example.com\r\nSubject: partial\r\n\r\nhello\r\n"
-    with structlog.testing.capture_logs() as logs, smtplib.SMTP("127.0.0.1", gw.port(), timeout=30) as client:
-        client.login(DENGAGE_USER, PASSWORD)
-        client.mail(DENGAGE_SENDER)
-        client.rcpt("a@example.com")
-        client.rcpt("b@example.com")
-        code, _ = client.data(raw.encode())
+    with structlog.testing.capture_logs() as logs:
+        code = _send_to_two(gw)
     assert code == 250 and len(gw.calls("send", status=200)) == 1
     [dead] = events(logs, "message_dead_lettered")
     assert dead["stored"] is False and "invalid recipient" in dead["reason"]
