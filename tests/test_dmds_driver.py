@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from typing import Any
@@ -535,3 +536,63 @@ async def test_check_upstream_does_not_blame_the_apikey_for_a_proxys_403_page() 
     assert (report.calls[0].reached, report.calls[0].authenticated) == (True, None)
     assert "a proxy or WAF" in (report.calls[0].problem or "")
     assert not any("apikey (or apikey_file)" in fix for fix in report.fixes)
+
+
+async def test_each_legs_body_is_built_only_once_its_call_holds_a_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A message with a Reply-To makes one call per To contact, each body a copy of the HTML; the calls after
+    the first start together once it has answered. Built before the limiter and the connection wait, all of
+    them existed at once; built once the call holds a connection, at most max_connections do. A repeat of a
+    leg sends the bytes of its first try."""
+    from dataclasses import replace
+
+    from gateway.mime import jsonbody
+    from gateway.providers.dmds.data import DmdsParams
+
+    built = answered = 0
+    alive: list[int] = []  # bodies built and not yet answered, seen by each send as it arrives
+    sent: dict[str, list[bytes]] = {}  # contact -> each try's body
+    refuse = {"r5@example.com"}  # answers 503 at its first try: deliver repeats only that leg
+    encode = jsonbody.encode
+
+    def counting(payload: Any) -> bytes | jsonbody.Body:
+        nonlocal built
+        built += 1
+        return encode(payload)
+
+    async def upstream(request: httpx.Request) -> httpx.Response:
+        nonlocal answered
+        alive.append(built - answered)
+        await asyncio.sleep(0)  # the others get their turn to run while this one holds its connection
+        contact = json.loads(request.content)["contacto"]["email"]
+        sent.setdefault(contact, []).append(request.content)
+        answered += 1
+        if contact in refuse:
+            refuse.discard(contact)
+            return httpx.Response(503, text="")
+        return httpx.Response(200, json={"status": "ok", "sent": 1, "eeid": "e-1"})
+
+    monkeypatch.setattr(jsonbody, "encode", counting)
+    base = "https://api-dmds-acme.example"
+    account = DmdsAccount(dmdsid="acme", api_base=base, apikey="the-key")  # type: ignore[arg-type]
+    http = HttpClient(
+        base, upstream="DMDS", account="acme", timeout=5.0, max_connections=3, transport=httpx.MockTransport(upstream)
+    )
+    provider = DmdsProvider("acme", account, http)
+    rcpts = tuple(f"r{i}@example.com" for i in range(40))
+    sub = submission(reply_to=Address("support@acme.example"))
+    sub = replace(
+        sub,
+        rcpt_tos=rcpts,
+        message=replace(sub.message, to=tuple(Address(r) for r in rcpts)),
+        params=replace(DmdsParams.read(sub.params), one_contact_per_call=True),
+    )
+    outcome = await provider.deliver(sub, {})
+    assert len(outcome.delivered) == 39 and sorted(sent) == sorted(rcpts)  # one call per To contact
+    assert built == 40
+    assert max(alive) <= 3, f"{max(alive)} request bodies existed at once with 3 connections"
+    again = await provider.deliver(sub, outcome.delivered)
+    assert len(again.delivered) == 1
+    assert {r: len(tries) for r, tries in sent.items()} == {r: 2 if r == "r5@example.com" else 1 for r in rcpts}
+    first, repeat = sent["r5@example.com"]
+    assert first == repeat and json.loads(repeat)["eeid"] == "e-1"  # the same bytes, joined to the first's batch
+    await http.aclose()

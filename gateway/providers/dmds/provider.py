@@ -286,7 +286,14 @@ class DmdsProvider(ProviderBase[DmdsAccount]):
         if not one and submission.message.reply_to is not None:
             # Queued before such messages got one call per contact: reply-to is for send_one calls only [S].
             FIELDS_NOT_SENT.labels(account=self.account, field="reply_to").inc()
-        content = jsonbody.encode(wire.build_payload(submission, leg, batch))
+
+        def content() -> bytes | jsonbody.Body:
+            # Built once this call holds a connection (gateway/upstream/client.py), after the limiter and the
+            # connection wait, not when deliver starts the legs after the first: each body is a copy of the
+            # HTML, and a message with a Reply-To makes one call per To contact (docs/messages.md). The same
+            # submission, leg and batch give the same bytes at each try (a repeat after a crash or a lost lease).
+            return jsonbody.encode(wire.build_payload(submission, leg, batch))
+
         await self.limiter.acquire()
 
         async def sending() -> None:  # once a connection is free too: right before the request goes
