@@ -802,6 +802,34 @@ async def test_console_sign_outs_are_shared_and_pruned_past_their_lifetime(make_
     assert await again.session_revoked("sid-1")
 
 
+async def test_a_sign_out_on_an_instance_behind_the_database_is_kept_while_its_clock_holds_the_session(
+    pg_cluster: PgCluster,
+) -> None:
+    """B's clock is 10 minutes behind the database's. It signs out a session whose lifetime ends in 30 s by
+    its clock, as its console checks it. Compared as written with the database's clock, the row was already
+    past its lifetime by more than SIGNOUT_KEPT_PAST: the next sign-out swept it, and B took the cookie again
+    for those 30 s. A row over by B's clock is still swept."""
+    behind = -600.0
+    async with instances(pg_cluster, 0.0, behind) as (a, b):
+        b_now = time.time() + behind
+        await b.session_revoke("sid-1", b_now + 30)
+        await b.session_revoke("over", b_now - queue_store.SIGNOUT_KEPT_PAST - 60)
+        await a.session_revoke("sid-2", time.time() + 3600)  # the next sign-out sweeps
+        assert await b.session_revoked("sid-1"), "B's sign-out was swept while B still accepts the session"
+        assert not await a.session_revoked("over")
+
+
+async def test_an_instance_over_an_hour_behind_the_database_keeps_its_quota_count(pg_cluster: PgCluster) -> None:
+    """B's clock is 2.5 hours behind the database's; it computes its windows with its own clock, as the
+    gateway does. Its current window's end compared as written with the database's clock was over an hour
+    past: each take dropped the row first, and B's hourly quota of 1 let every message through."""
+    behind = -9000.0
+    async with instances(pg_cluster, behind) as (b,):
+        windows = quota.windows(time.time() + behind, (1, 0), (0, 0))
+        assert [(await b.quota_take("acme/metered", windows, 100))[0].ok for _ in range(2)] == [True, False]
+        assert (await b.quota_counts("acme/metered", windows))[windows[0].key] == quota.Counts(1, 100)
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 async def test_a_queue_of_the_previous_version_gets_the_sign_out_table_at_its_next_start(
     backend: str, request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

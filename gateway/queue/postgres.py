@@ -658,16 +658,19 @@ class PostgresQueue:
         async with self._tx() as conn:
             return await self._quota_rows(conn, login, windows)
 
-    @staticmethod
     async def _quota_rows(
-        conn: psycopg.AsyncConnection[DictRow], login: str, windows: Sequence[Window]
+        self, conn: psycopg.AsyncConnection[DictRow], login: str, windows: Sequence[Window]
     ) -> dict[str, Counts]:
         """The windows' counts, their rows made on first use and locked until commit (the login's windows
-        that ended over an hour ago by the database's clock dropped: never another instance's current one)."""
+        that ended over an hour ago by the database's clock dropped: never another instance's current one).
+        A window's end is stored moved onto the database's clock, which the clean-up compares it with: on
+        this host's, an instance over an hour behind the database had its current window dropped at each
+        take, its count starting from 0 every time. (The window is still this host's clock hour or day.)"""
         await conn.execute(SQL.quota_expired, (login, quota.KEEP_AFTER_END))
+        shift = await self._shift(conn)
         counts = {}
         for window in windows:
-            await conn.execute(SQL.quota_row, (login, window.key, window.end))
+            await conn.execute(SQL.quota_row, (login, window.key, window.end + shift))
             row = await (await conn.execute(SQL.quota_read, (login, window.key))).fetchone()
             assert row is not None
             counts[window.key] = Counts(int(row["messages"]), int(row["bytes"]))
@@ -725,6 +728,10 @@ class PostgresQueue:
 
     async def session_revoke(self, sid: str, until: float) -> None:
         async with self._tx() as conn:
+            # Stored on the database's clock, which the sweep compares it with: on this host's, a console
+            # instance more than SIGNOUT_KEPT_PAST behind the database had its own sign-out swept while its
+            # clock still held the session open, and took the cookie again.
+            until += await self._shift(conn)
             await conn.execute(SQL.signout_sweep, (SIGNOUT_KEPT_PAST,))
             await conn.execute(SQL.signout_write, (sid, until))
 

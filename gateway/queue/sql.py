@@ -160,7 +160,8 @@ class Statements:
         # -- console sessions signed out, refused by every process until their lifetime is over
         self.signout_write = d("INSERT INTO console_signouts (sid, until) VALUES (?, ?) ON CONFLICT (sid) DO NOTHING")
         self.signout_read = d("SELECT 1 FROM console_signouts WHERE sid=?")
-        # Rows past their session's lifetime by more than `?` seconds of the database's clock.
+        # Rows past their session's lifetime by more than `?` seconds of the database's clock (PostgreSQL
+        # stores `until` moved onto it; SQLite's callers share its host's clock).
         self.signout_sweep = d(f"DELETE FROM console_signouts WHERE until<{d.now} - ?")
         # -- per-login quota counts shared by every process (gateway.core.quota does the arithmetic)
         self.quota_row = d(
@@ -170,7 +171,8 @@ class Statements:
         self.quota_read = d(f"SELECT messages, bytes FROM quota_counts WHERE login=? AND win=?{d.for_update}")
         self.quota_add = d("UPDATE quota_counts SET messages=messages+?, bytes=bytes+? WHERE login=? AND win=?")
         # A login's windows that ended more than `?` seconds ago by the database's clock: not the caller's, so an
-        # instance whose clock is ahead cannot drop the window one whose clock is behind still counts in.
+        # instance whose clock is ahead cannot drop the window one whose clock is behind still counts in
+        # (PostgreSQL stores `expires` moved onto the database's clock; SQLite's callers share its host's).
         self.quota_expired = d(f"DELETE FROM quota_counts WHERE login=? AND expires<{d.now} - ?")
         # -- idempotency keys
         self.key_row = d(

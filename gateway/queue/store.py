@@ -208,9 +208,10 @@ class QueueStore(Protocol):
     # -- console sign-outs shared by every instance on this queue ------------------------------------------
 
     async def session_revoke(self, sid: str, until: float) -> None:
-        """Record the console session `sid` as signed out until `until` (when its lifetime ends anyway: its
-        cookie is refused everywhere by then), for every process and instance and after a restart. The rows
-        whose time is over are deleted here (the table grows only by sign-outs) and at the AUTH sweep."""
+        """Record the console session `sid` as signed out until `until` (on the caller's clock: when its
+        lifetime ends anyway, its cookie refused everywhere by then), for every process and instance and after
+        a restart. The rows whose time is over are deleted here (the table grows only by sign-outs) and at the
+        AUTH sweep."""
         ...
 
     async def session_revoked(self, sid: str) -> bool:
@@ -365,8 +366,9 @@ async def woken_in_batches(wake: Callable[[int], Awaitable[int]]) -> int:
 
 
 AUTH_SWEEP_EVERY = 60.0
-# A sign-out's row is kept this long past its session's lifetime: an instance whose clock is behind the
-# store's still refuses the cookie until its own clock says the lifetime is over.
+# A sign-out's row is kept this long past its session's lifetime (on the store's clock: PostgreSQL moves the
+# signing-out instance's `until` onto the database's): an instance whose clock is behind that instance's by
+# less than this still refuses the cookie until its own clock says the lifetime is over.
 SIGNOUT_KEPT_PAST = 300.0
 AuthChange = Callable[[Record, float], tuple[Record, Any]]
 
