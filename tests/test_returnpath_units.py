@@ -551,11 +551,14 @@ class RefusingAfterAcceptance:
 HEADERS = "From: Billing <billing@acme.example>\r\nTo: a@example.net\r\nSubject: Invoice 7\r\nX-Ref: inv-7\r\n"
 
 
-async def _accepted_by_a_dead_instance(tmp_path: Path, msg_id_rows: list[object], kept: bool) -> str:
+async def _accepted_by_a_dead_instance(
+    tmp_path: Path, msg_id_rows: list[object], kept: bool, notify: str | None = "billing@acme.example"
+) -> str:
     """A message accepted (250) by instance A, which dies before writing its ledger record (its recorder
     writes nothing), then claimed by instance B, whose attempt dead-letters it: B's rows (the record rebuilt
     from the queue) go into the ledger. `kept` False: the queue row holds no notice data (a row stored before
-    the queue kept it). Returns the message's id."""
+    the queue kept it). `notify`: whom A's pipeline names (notice.target: None for notify = off). Returns the
+    message's id."""
     from gateway.config import DeliverySettings
     from gateway.core.model import Address, Message, Origin, Principal, StoredData
     from gateway.delivery.health import AccountHealth
@@ -585,7 +588,7 @@ async def _accepted_by_a_dead_instance(tmp_path: Path, msg_id_rows: list[object]
         ),
         params=StoredData({"campaign": 22}),
     )
-    origin = Origin(listener="plain", peer="127.0.0.1:1", size=300, notify="billing@acme.example", headers=HEADERS)
+    origin = Origin(listener="plain", peer="127.0.0.1:1", size=300, notify=notify, headers=HEADERS)
     try:
         await store.open()
         accepting = DeliveryOwner({"acme": provider}, store, settings, AccountHealth(["acme"]), owner="a")
@@ -675,6 +678,34 @@ async def test_a_record_rebuilt_from_a_queue_row_stored_before_notices_were_kept
         assert found["OFF"] == "skipped: nobody is to be told (notify = off)"
         assert {r: NOTICES.labels(account="acme", result=r)._value.get() - n for r, n in counts.items()} == {
             "rebuilt": 1,
+            "notify_off": 1,
+        }
+    finally:
+        await ledger.close()
+
+
+@pytest.mark.asyncio
+async def test_a_notify_off_message_rebuilt_by_a_current_instance_is_skipped_as_notify_off(tmp_path: Path) -> None:
+    """notify = off, and the accepting instance died before its record: the claiming instance (this version)
+    rebuilds the record from a queue row that says nobody is to be told (notice.NOBODY), and its bounce is
+    skipped as `notify_off`, the accepting instance's own record's reason. Before, the row held nothing, as an
+    older version's does, and it was counted `rebuilt`, blamed on "a version before" that never ran (review
+    today4a F1)."""
+    from gateway.ops.metrics import NOTICES
+
+    rows: list[object] = []
+    msg_id = await _accepted_by_a_dead_instance(tmp_path, rows, kept=True, notify=None)
+    sender, ledger = await _notice_sender(tmp_path, TakingOwner(), Clock(time.time() + 60), [])
+    counts = {r: NOTICES.labels(account="acme", result=r)._value.get() for r in ("rebuilt", "notify_off")}
+    try:
+        await ledger.write(rows)  # type: ignore[arg-type]
+        record = await ledger.get(msg_id)
+        assert record is not None and record.reply is None  # rebuilt: not A's
+        assert await sender.round() == 1
+        [(found,)] = _select(tmp_path, "SELECT state || ': ' || reason FROM ledger_notices")
+        assert found == "skipped: nobody is to be told (notify = off)"
+        assert {r: NOTICES.labels(account="acme", result=r)._value.get() - n for r, n in counts.items()} == {
+            "rebuilt": 0,
             "notify_off": 1,
         }
     finally:

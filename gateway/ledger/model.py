@@ -121,7 +121,8 @@ class MessageRow(NamedTuple):
     request: str | None = None
     dsn_of: str | None = None  # a delivery status notice: the local id of the message it is about
     # JSON text (notice.py): what a notice about this message needs later (its original headers, the
-    # provider's data, whom to tell); None when nobody would be told (null sender, notify off, a notice).
+    # provider's data, whom to tell); None when nobody would be told (null sender, notify off, a notice),
+    # notice.NOBODY for that in a record rebuilt from the queue (None there: an older version's queue row).
     notice: str | None = None
 
 

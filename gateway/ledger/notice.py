@@ -8,7 +8,9 @@ account, as its own login, under the message's provider data (DMDS: its campaign
 
 The queue keeps whom to tell and the header block with the message too (`queued`), in its own row: an
 instance that claims a message whose accepting instance died before writing its record makes the same
-notice data from them and the queued submission (`rebuilt`).
+notice data from them and the queued submission (`rebuilt`). When nobody would be told, the queue row and
+the record rebuilt from it keep `NOBODY` (`{"to": null}`), not nothing: a row without notice data is one
+stored before the queue kept it (an older version), and the two are skipped for different reasons.
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ from typing import Any
 import orjson
 
 from gateway.core.model import Origin, Submission
+
+# Kept in a queue row (and the record rebuilt from it) when nobody would be told (notify = off, a null
+# sender, a notice): a row of this version, unlike NULL (a row stored before the queue kept notice data).
+NOBODY = orjson.dumps({"to": None}).decode()
 
 
 def target(notify: str, mail_from: str) -> str | None:
@@ -74,22 +80,25 @@ def of(submission: Submission, origin: Origin | None) -> str | None:
     )
 
 
-def queued(origin: Origin | None) -> str | None:
-    """What the queue keeps with a message for a notice about it (JSON text), or None when nobody would be
-    told: only what its stored submission does not hold, whom to tell and the header block as received
+def queued(origin: Origin | None) -> str:
+    """What the queue keeps with a message for a notice about it (JSON text), or `NOBODY` when nobody would
+    be told: only what its stored submission does not hold, whom to tell and the header block as received
     (bounded by the header block's own limit). An instance that claims the message makes the record's notice
     data from it with `rebuilt` if the accepting instance died before writing the record."""
     if origin is None or origin.notify is None or origin.dsn_of is not None:
-        return None
+        return NOBODY
     return orjson.dumps({"to": origin.notify, "headers": origin.headers or ""}).decode()
 
 
 def rebuilt(submission: Submission, kept: str | None) -> str | None:
     """The notice data (JSON text) `of` made at acceptance, made again from the queued submission and what
-    `queued` kept with it; None when nothing was kept (nobody would be told, or a row stored before the
-    queue kept it) or what was kept is not `queued`'s."""
+    `queued` kept with it; `NOBODY` when that was kept (nobody would be told: `of` made None, but the
+    record must not read as one rebuilt from an older version's row); None when nothing was kept (a row
+    stored before the queue kept it) or what was kept is not `queued`'s."""
     if kept is None:
         return None
+    if nobody(kept):
+        return NOBODY
     try:
         data = orjson.loads(kept)
     except orjson.JSONDecodeError:
@@ -105,6 +114,15 @@ def rebuilt(submission: Submission, kept: str | None) -> str | None:
         submission.params.to_json(),
         message.from_.email if message.from_ is not None else None,
     )
+
+
+def nobody(text: str) -> bool:
+    """Whether `text` (a queue row's or a record's notice data) is `NOBODY`: nobody would be told."""
+    try:
+        data = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(data, dict) and "to" in data and data["to"] is None
 
 
 def _json(

@@ -59,7 +59,7 @@ class NewMessage:
     blobs: Sequence[bytes | memoryview] = ()  # the large attachments the submission refers to (codec.encode)
     # What a notice about it needs beyond the submission (gateway/ledger/notice.py `queued`), stored in the
     # same row: an instance that claims it rebuilds the ledger record's notice data from it if the accepting
-    # instance died before writing the record. None: nobody would be told.
+    # instance died before writing the record (notice.NOBODY when nobody would be told). None: not kept.
     notice: str | None = None
 
 

@@ -15,8 +15,8 @@ nobody is to be told (`notify = "off"`), to a suppressed address, past the per-s
 an operator deleted, for a message held as ambiguous (it may have been delivered), for a message whose
 record was rebuilt from a queue row without a notice's data (its accepting instance died before writing the
 record, and the row was stored, or claimed, by a version before the queue kept that data). A record rebuilt
-from a newer row has the notice data the accepting instance would have written (gateway/ledger/notice.py
-`rebuilt`).
+from a newer row has the notice data the accepting instance would have written, or says nobody is to be
+told (gateway/ledger/notice.py `rebuilt`, `NOBODY`).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from gateway.core.errors import ContentRejected
 from gateway.core.model import Origin, Principal, Receipt, StoredData, Submission
 from gateway.core.waits import woken
 from gateway.delivery.owner import DeliveryOwner
-from gateway.ledger import dsn, model
+from gateway.ledger import dsn, model, notice
 from gateway.ledger.model import EventRow, Record, address_key
 from gateway.ledger.notice import NoticeData
 from gateway.ledger.returns import Claim, ReturnStore
@@ -196,9 +196,11 @@ class NoticeSender:
         if text is None:
             # No reply: the record is the one a claiming instance wrote from what the queue holds, and its
             # queue row had no notice data (stored, or claimed, by a version before the queue kept whom to
-            # tell and the header block: a newer one's record has them, notice.rebuilt); nobody chose
-            # `notify = off`.
+            # tell and the header block: a newer one's record has them, or notice.NOBODY when nobody would
+            # be told, notice.rebuilt); nobody chose `notify = off`.
             return _skip("notify_off" if record.reply else "rebuilt"), None, None
+        if notice.nobody(text):
+            return _skip("notify_off"), None, None  # rebuilt from a row whose accepting instance told nobody
         try:
             data = NoticeData.read(text)
         except ValueError:
