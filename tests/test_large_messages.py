@@ -128,11 +128,13 @@ def test_a_client_gone_after_its_dot_keeps_its_share_until_the_attempt_ends(
 ) -> None:
     """The session is cancelled when its client leaves after the final dot; the delivery attempt goes on
     with the message (docs/messages.md: its share counts "until its first delivery attempt has ended"). The
-    session's cleanup released the share at once: a second scan was taken while the first still held memory."""
-    gw = gateway_factory(limits=SMALL_BUDGET)
+    session's cleanup released the share at once: a second scan was taken while the first still held memory.
+    The upstream holds the first call until the test lets it go (no http_timeout ends it meanwhile), so the
+    second scan meets the attempt in flight however slow the machine is."""
+    gw = gateway_factory(limits=SMALL_BUDGET, accounts={"acme": {"http_timeout": 600.0}})
     listeners = gw.app.listeners
     assert listeners is not None
-    gw.fault(mode="timeout", count=1, kind="send")  # the upstream never answers the first call
+    gw.fault(mode="hold", count=1, kind="send")  # the upstream answers the first call when the test says so
     raw, _ = scan(2 * MIB)  # ~2.7 MiB on the wire: the budget (5 MiB) has room for one
     with RawClient(gw) as client:
         client.open_data()
@@ -142,8 +144,10 @@ def test_a_client_gone_after_its_dot_keeps_its_share_until_the_attempt_ends(
     wait_for(lambda: not listeners.sessions, 10, "the session over")
     assert listeners.budget.used > 2 * MIB  # the attempt still holds the message
     assert submit(gw.port(), raw) == (452, "4.3.1 Too many large messages in progress here; try again later")
-    # The attempt ends (its inline budget spent, the message stored in the queue): the share goes then.
+    assert len(gw.sent) == 0  # the first call still held: nothing timed out behind the test's back
+    gw.clear_faults()  # the upstream answers the first call: its attempt ends, and the share goes then
     wait_for(lambda: listeners.budget.used == 0, 30, "released when the attempt ended")
+    assert len(gw.sent) == 1
 
 
 def traced() -> int:

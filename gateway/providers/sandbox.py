@@ -7,6 +7,8 @@ entries say); this module holds what they share: the request record and the faul
                             {"status": 429, "probability": 0.3}  30% of requests answer 429, until cleared
                             {"delay": 2.0, "count": 1}           next request answers after 2 s
                             {"mode": "timeout", "count": 1}      next request never answers
+                            {"mode": "hold", "count": 1}         next request waits for DELETE
+                                                                 /_sandbox/faults, then is answered
                             {"mode": "reset", "count": 1}        next request's connection is dropped
                             {"mode": "err", "reason": "..."}     next request: HTTP 200 with an error body
                             any of them with "kind": "send"      only for that kind of request
@@ -14,7 +16,7 @@ entries say); this module holds what they share: the request record and the faul
                             ... and/or "provider": "dengage"     only for that provider's requests
     GET  /_sandbox/faults                                         the faults still to come (a count-1 fault
                                                                   gone: its request has arrived)
-    DELETE /_sandbox/faults                                       clear all faults
+    DELETE /_sandbox/faults                                       clear all faults, release held requests
     GET  /_sandbox/requests                                       the last KEPT_REQUESTS requests recorded,
                                                                   faulted ones too (`at`: when it arrived,
                                                                   epoch seconds)
@@ -103,7 +105,7 @@ def json_response(data: Any, status: int = 200) -> web.Response:
 @dataclass
 class Fault:
     status: int | None = None
-    mode: str | None = None  # "timeout" | "reset" | "err"
+    mode: str | None = None  # "timeout" | "hold" | "reset" | "err"
     delay: float = 0.0
     count: int | None = 1  # None: until cleared
     probability: float = 1.0
@@ -122,6 +124,9 @@ class SandboxState:
     # the record: the benchmarks count more requests than it keeps.
     totals: dict[str, int] = field(default_factory=dict)
     faults: list[Fault] = field(default_factory=list)
+    # Set (and replaced) by DELETE /_sandbox/faults: the requests a "hold" fault keeps go on then. A test can
+    # keep a call in flight for as long as it needs and end it when it chooses, not after a timeout.
+    released: asyncio.Event = field(default_factory=asyncio.Event)
     # campania_apikey lookups (numid per request), also recorded in `requests` with kind "lookup".
     lookups: deque[int | str] = field(default_factory=lambda: deque(maxlen=100_000))
     rng: random.Random = field(default_factory=lambda: random.Random(1234))
@@ -247,6 +252,8 @@ class Sandbox:
             entry["status"] = None
             self.record(entry)
             await asyncio.sleep(3600)
+        if fault.mode == "hold":
+            await state.released.wait()  # until DELETE /_sandbox/faults: then answered as without a fault
         if fault.mode == "reset":
             entry["status"] = None
             self.record(entry)
@@ -290,6 +297,8 @@ class Sandbox:
 
     async def clear_faults(self, request: web.Request) -> web.Response:
         self.state.faults.clear()
+        self.state.released.set()
+        self.state.released = asyncio.Event()  # for the next "hold" fault
         return json_response({"status": "ok"})
 
     async def set_shape(self, request: web.Request) -> web.Response:
