@@ -40,7 +40,7 @@ def test_check_config_masks_the_api_user(tmp_path: Path) -> None:
     assert (crm["provider"], crm["userkey"], crm["password"]) == ("dengage", MASK, MASK)
     assert crm["users"][0]["password_hash"] == MASK and crm["users"][0]["tags"] == ["erp"]
     assert crm["rate_limit"] is None  # 0: no limit
-    assert (crm["api_base"], crm["rate_burst"], crm["api_user_logins"]) == ("https://tr-api.dengage.com/rest", 5, False)
+    assert (crm["api_base"], crm["rate_burst"], crm["api_user_logins"]) == ("https://tr-api.dengage.com/rest", 2, False)
     _secrets_absent(result, USERKEY, API_PASSWORD, PASSWORD_HASH)
 
 
