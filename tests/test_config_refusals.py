@@ -301,6 +301,38 @@ def test_the_ledger_commands_on_an_unreachable_postgresql_queue(tmp_path: Path, 
     )
 
 
+@pytest.mark.parametrize(
+    ("where", "reason", "hint"),
+    [
+        (
+            "/nodb?host={dir}",
+            'database "nodb" does not exist',
+            "create the database on the server (createdb --owner ROLE NAME), or correct the database name in "
+            "delivery.queue_url",
+        ),
+        (
+            "/gateway?host={dir}&user=nobody",
+            'role "nobody" does not exist',
+            "create the role on the server (createuser NAME), or correct the user name in delivery.queue_url",
+        ),
+    ],
+    ids=["missing-database", "unknown-role"],
+)
+def test_a_postgresql_server_that_refuses_the_connection(
+    tmp_path: Path, pg_cluster: Any, where: str, reason: str, hint: str
+) -> None:
+    """The server answered: "start PostgreSQL there, or correct the host and port" was the wrong fix for the
+    likeliest first-install mistakes (review cli2 F8); each gets its own."""
+    url = "postgresql://gateway@" + where.format(dir=pg_cluster.dir)
+    path = config(tmp_path, delivery={"queue_url": url})
+    message = f"delivery.queue_url {url}: cannot connect to {pg_cluster.dir}:5432: {reason}: {hint}"
+    refused(tmp_path, path, 1, message)
+    done = cli(tmp_path, "queue", "--config", str(path), "list")
+    assert done.returncode == 1
+    assert done.stderr == f"smtp-gateway: {message}\n"
+    assert "start PostgreSQL" not in done.stderr
+
+
 def test_an_api_token_hash_cut_short(tmp_path: Path) -> None:
     """The message API's token hashes are read by the same rule as the logins' password hashes."""
     tokens = [{"name": "ci", "token_hash": PASSWORD_HASH[:-4]}]

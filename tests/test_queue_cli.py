@@ -213,3 +213,19 @@ def test_a_limit_out_of_range_is_a_usage_error(tmp_path: Path, action: str, limi
     assert "Traceback" not in result.stderr, result.stderr
     assert result.returncode == 2, result.stdout
     assert "argument --limit" in result.stderr, result.stderr
+
+
+def test_a_locked_sqlite_queue_says_another_process_holds_its_lock(tmp_path: Path) -> None:
+    """A lock held past the busy timeout: "try again", not "is it an smtp-gateway queue, readable and writable?"
+    with the library's exception name (review cli2 F8)."""
+    queue = _make_queue(tmp_path / "spool.sqlite3")
+    holder = sqlite3.connect(queue, isolation_level=None)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")  # a process paused inside its write transaction
+        result = cli("queue", "--spool", str(queue), "delete", "0123456789abcdef")
+    finally:
+        holder.close()
+    assert result.returncode == 1, result.stdout
+    assert result.stderr == (
+        f"smtp-gateway: delivery.spool_path {queue}: another process holds the queue's lock; try again\n"
+    ), result.stderr

@@ -6,7 +6,9 @@ import argparse
 import asyncio
 import errno
 import os
+import re
 import signal
+import sqlite3
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
@@ -14,7 +16,7 @@ from typing import Any, TypeVar
 
 from gateway.cli.exits import Exit
 from gateway.config import CONFIG_ENV, Settings, load_settings, preflight
-from gateway.core.errors import QueueUnreachable
+from gateway.core.errors import QueueBusy, QueueUnreachable
 from gateway.providers import registry  # noqa: F401 - registers the providers' account models (load)
 
 T = TypeVar("T")
@@ -123,15 +125,95 @@ def refuse_on_problems(findings: list[preflight.Finding], args: argparse.Namespa
 def spool_failure(settings: Settings, exc: Exception) -> Refused:
     if isinstance(exc, QueueUnreachable):
         return Refused([unreachable(settings, exc)])
-    where = settings.delivery.queue_url or f"delivery.spool_path {settings.delivery.spool_path}"
+    where = queue_named(settings)
+    if _lock_wait(exc):
+        # Not the queue's fault and nothing to fix: another process (serve, another command) held the lock past
+        # the wait (operations/queue.md "A locked or slow queue"); the library's words would only mislead.
+        return Refused([f"{where}: another process holds the queue's lock; try again"])
+    if isinstance(exc, QueueBusy):
+        # A statement past its bound or every pooled connection in use: the server's words, without the
+        # queue's URL a second time.
+        return Refused([f"{where}: {str(exc).partition(': busy: ')[2] or exc}: the queue is busy; try again"])
     return Refused([f"{where}: {exc} (is it an smtp-gateway queue, readable and writable?)"])
 
 
+def queue_named(settings: Settings) -> str:
+    """The queue as the operator's lines name it: the setting and its value (a URL without its password)."""
+    url = settings.delivery.queue_url
+    if not url:
+        return f"delivery.spool_path {settings.delivery.spool_path}"
+    from gateway.queue.postgres import redacted  # psycopg is only needed for PostgreSQL
+
+    return f"delivery.queue_url {redacted(url)}"
+
+
+# SQLite's result codes for a lock another connection holds (the extended codes keep them in the low byte).
+_SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
+# PostgreSQL's lock_not_available: a lock_timeout reached (the queue's, the ledger's).
+_LOCK_NOT_AVAILABLE = "55P03"
+
+
+def _lock_wait(exc: BaseException) -> bool:
+    """Whether `exc`, or what it was raised from, is a wait for another session's lock that timed out."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, sqlite3.OperationalError) and seen.sqlite_errorcode & 0xFF in (
+            _SQLITE_BUSY,
+            _SQLITE_LOCKED,
+        ):
+            return True
+        if getattr(seen, "sqlstate", None) == _LOCK_NOT_AVAILABLE:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+# What to do when the PostgreSQL server (or libpq) refused the connection for a reason other than the network:
+# read from their words, as psycopg gives no SQLSTATE for a connection that failed (there is no result yet).
+# The server's words are English unless its lc_messages says otherwise; then the general line stands.
+_CONNECT_HINTS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (
+        re.compile(r'database "[^"]*" does not exist'),
+        "create the database on the server (createdb --owner ROLE NAME), or correct the database name in "
+        "delivery.queue_url",
+    ),
+    (
+        re.compile(r'role "[^"]*" does not exist'),
+        "create the role on the server (createuser NAME), or correct the user name in delivery.queue_url",
+    ),
+    (
+        re.compile(r"password authentication failed|authentication failed for user|no password supplied"),
+        "set the role's password in delivery.queue_password (or queue_password_file, or PGPASSWORD), or correct "
+        "the user name in delivery.queue_url",
+    ),
+    (
+        re.compile(r"no pg_hba\.conf entry"),
+        "allow this host, user and database in the server's pg_hba.conf (or set sslmode in delivery.queue_url if "
+        "it allows only TLS connections)",
+    ),
+    (
+        re.compile(r"permission denied for database"),
+        "grant the role CONNECT on the database (GRANT CONNECT ON DATABASE NAME TO ROLE)",
+    ),
+    (
+        re.compile(r"invalid sslmode value"),
+        "sslmode is one of disable, allow, prefer, require, verify-ca, verify-full: correct it in delivery.queue_url",
+    ),
+    (
+        re.compile(r"invalid .*value|invalid .*option"),
+        "correct that parameter in delivery.queue_url",
+    ),
+    (
+        re.compile(r"SSL|certificate"),
+        "check the TLS parameters in delivery.queue_url (sslmode, sslrootcert, sslcert, sslkey) against the server's",
+    ),
+)
+_NOT_ANSWERING = "start PostgreSQL there, or correct the host and port in delivery.queue_url"
+
+
 def unreachable(settings: Settings, exc: QueueUnreachable) -> str:
-    return (
-        f"delivery.queue_url {settings.delivery.queue_url}: {exc.reason}: start PostgreSQL there, or correct "
-        "the host and port in delivery.queue_url"
-    )
+    hint = next((hint for words, hint in _CONNECT_HINTS if words.search(exc.reason)), _NOT_ANSWERING)
+    return f"{queue_named(settings)}: {exc.reason}: {hint}"
 
 
 def queue_findings(settings: Settings) -> list[preflight.Finding]:

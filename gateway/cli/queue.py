@@ -16,6 +16,7 @@ from gateway.cli.common import (
     load_for_queue,
     no_queue,
     refuse_other_files,
+    refuse_unreachable_queue,
     spool_failure,
     utf8_text,
     with_config,
@@ -76,6 +77,9 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         # empty queue there and report "0 -> N" while the real one waits for its migration at the next start.
         raise Refused([no_queue(settings)])
     refuse_other_files(settings)
+    # One connection attempt and its one line, as status and suppression: the store's own open would also log
+    # queue_database_unreachable (its circuit, for serve) on the operator's terminal.
+    refuse_unreachable_queue(settings)
     return asyncio.run(_main(settings, args))
 
 
