@@ -17,6 +17,7 @@ import psycopg
 import pytest
 
 from gateway.cli import queue as queue_cli
+from gateway.config import preflight
 from gateway.core.errors import QueueBusy
 from gateway.queue.backends import open_store
 from gateway.queue.sqlite import SqliteQueue
@@ -229,3 +230,39 @@ def test_a_locked_sqlite_queue_says_another_process_holds_its_lock(tmp_path: Pat
     assert result.stderr == (
         f"smtp-gateway: delivery.spool_path {queue}: another process holds the queue's lock; try again\n"
     ), result.stderr
+
+
+def _no_tables(path: Path) -> None:
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA user_version = 0")  # a header written: an SQLite database with nothing in it
+    db.execute("CREATE TABLE t (x)")
+    db.execute("DROP TABLE t")
+    db.commit()
+    db.close()
+
+
+@pytest.mark.parametrize("kind", ["0-bytes", "no-tables"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["queue", "--spool", "{spool}", "list"],
+        ["queue", "--spool", "{spool}", "migrate"],
+        ["status", "--spool", "{spool}", "a@example.com"],
+        ["suppression", "list", "--spool", "{spool}"],
+    ],
+    ids=["queue-list", "queue-migrate", "status", "suppression-list"],
+)
+def test_an_empty_file_is_no_queue(tmp_path: Path, command: list[str], kind: str) -> None:
+    """These commands never create a queue: an empty file was made one (the schema written, "empty" listed,
+    "0 -> N" migrated) where a missing file is "no queue at PATH"; now it is that, exit 1, the file untouched."""
+    spool = tmp_path / "spool.sqlite3"
+    spool.touch()
+    if kind == "no-tables":
+        _no_tables(spool)
+    before = spool.read_bytes()
+    result = cli(*(str(spool) if a == "{spool}" else a for a in command))
+    assert spool.read_bytes() == before, "a command that never creates a queue wrote one"
+    assert result.returncode == 1, result.stdout
+    assert result.stderr.startswith(f"smtp-gateway: no queue at {spool}: the file is empty"), result.stderr
+    # serve still takes an empty file for a new queue (SQLite makes a database of it).
+    assert preflight._spool_file(spool) == []

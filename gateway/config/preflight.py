@@ -271,12 +271,20 @@ def _spill(settings: Settings) -> list[Finding]:
 def queue_file_contents(path: Path) -> list[Finding]:
     """What `queue`, `status` and `suppression` check before they open an existing SQLite file as the queue
     (opening it writes the gateway's schema into it and VACUUMs it): the same test as serve's, with the fix an
-    operator reading a queue needs (another program's database, the queue's own `-ratelimit` side file)."""
+    operator reading a queue needs (another program's database, the queue's own `-ratelimit` side file).
+
+    Unlike serve's, an empty file (0 bytes, or an SQLite database with no tables) is no queue: these commands
+    never create one, and opening it would write the gateway's schema into it and report an empty queue, as for
+    a path that does not exist (a file touched by hand, a wrong path another tool created)."""
     return _spool_contents(
         path,
         f"{path.absolute()}",
         fix="it was left unchanged; name the queue file: delivery.spool_path as serve uses it, or --spool FILE",
         other="not an smtp-gateway queue: an SQLite database",
+        empty=(
+            f"no queue at {path.absolute()}: the file is empty (no gateway has run with it: is it the "
+            "delivery.spool_path that serve uses?); it was left unchanged"
+        ),
     )
 
 
@@ -285,16 +293,18 @@ def _spool_contents(
     where: str,
     fix: str = "set delivery.spool_path to a file of its own (the gateway creates it)",
     other: str = "another program's SQLite database",
+    empty: str | None = None,
 ) -> list[Finding]:
     """An existing spool file must be an SQLite database that is empty or the gateway's own: any other file
-    would turn every message that has to be queued into a 452."""
+    would turn every message that has to be queued into a 452. `empty`: the finding for an empty file (0 bytes
+    or no tables), where one is not taken as a new queue."""
     try:
         with path.open("rb") as f:
             head = f.read(len(_SQLITE_MAGIC))
     except OSError as exc:
         return [Finding(f"{where} cannot be read ({exc.strerror}): fix the file or set delivery.spool_path")]
     if not head:
-        return []  # an empty file: SQLite makes a database of it
+        return [Finding(empty)] if empty else []  # an empty file: SQLite makes a database of it
     if head != _SQLITE_MAGIC:
         return [Finding(f"{where} is not an SQLite database but some other file: {fix}")]
     try:
@@ -308,6 +318,8 @@ def _spool_contents(
     if tables and "schema_version" not in tables:
         shown = ", ".join(sorted(tables)[:5])
         return [Finding(f"{where} is {other} (tables {shown}): {fix}")]
+    if not tables and empty:
+        return [Finding(empty)]
     return []
 
 
