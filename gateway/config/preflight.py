@@ -187,6 +187,16 @@ def _expiry(cert: Path, name: str = "tls.cert_file") -> list[Finding]:
     ends = leaf.not_valid_after_utc
     if ends <= now:
         return [Finding(f"{name} {cert} expired on {ends:%Y-%m-%d}: renew the certificate")]
+    begins = leaf.not_valid_before_utc
+    if begins > now:
+        # Every client would refuse it (as an expired one), and a reload refuses it (gateway/smtp/server.py
+        # check_current): a start that took it would serve a certificate no client accepts until its notBefore.
+        return [
+            Finding(
+                f"{name} {cert} is not valid before {begins:%Y-%m-%d %H:%M} UTC (its notBefore): check the "
+                "machine's clock or the certificate"
+            )
+        ]
     if ends - now < _EXPIRY_WARNING:
         return [Finding(f"{name} {cert} expires on {ends:%Y-%m-%d %H:%M} UTC: renew it soon", problem=False)]
     return []

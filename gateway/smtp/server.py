@@ -65,8 +65,8 @@ CERT_KEYS = ["tls.cert_file / tls.key_file:", "tls.extra_cert_file / tls.extra_k
 
 def check_current(tls: TlsSettings, now: datetime.datetime | None = None) -> None:
     """Raise CertificateError when a certificate the listeners would serve has expired or is not valid yet: a
-    reload keeps the one it has (`serve` refuses an expired one at start, gateway/config/preflight.py, so a
-    reload that took it would only defer the failure to the next restart)."""
+    reload keeps the one it has (`serve` refuses either at start, gateway/config/preflight.py, so a reload
+    that took it would only defer the failure to the next restart)."""
     now = now or datetime.datetime.now(datetime.UTC)
     for (cert, _), name in zip(certificate_chains(tls), ("tls.cert_file", "tls.extra_cert_file"), strict=False):
         try:
@@ -77,8 +77,8 @@ def check_current(tls: TlsSettings, now: datetime.datetime | None = None) -> Non
             raise CertificateError(f"{name} {cert} expired on {ends:%Y-%m-%d %H:%M} UTC: renew the certificate")
         if begins > now:
             raise CertificateError(
-                f"{name} {cert} is not valid before {begins:%Y-%m-%d %H:%M} UTC: check the machine's clock or "
-                "the certificate"
+                f"{name} {cert} is not valid before {begins:%Y-%m-%d %H:%M} UTC (its notBefore): check the "
+                "machine's clock or the certificate"
             )
 
 
