@@ -4,7 +4,6 @@ real CLI, naming the key, where it is and the fix, in the operator's words (no T
 from __future__ import annotations
 
 import contextlib
-import json
 import socket
 import sqlite3
 import subprocess
@@ -275,11 +274,10 @@ def test_an_unreachable_postgresql_queue(tmp_path: Path) -> None:
         refused(tmp_path, path, 1, message)
         # The queue commands too: the same message, no "is it an smtp-gateway queue?".
         done = cli(tmp_path, "queue", "--config", str(path), "list")
+    # Only the message: the connection is tried before the queue opens (whose circuit would log
+    # queue_database_unreachable on stderr ahead of it).
     assert done.returncode == 1 and done.stdout == ""
-    # The queue's own log lines (queue_database_unreachable) go to stderr too, before it: JSON, as serve's.
-    *logged, said = done.stderr.splitlines()
-    assert said == f"smtp-gateway: {message}"
-    assert all(json.loads(line)["event"].startswith("queue_") for line in logged)
+    assert done.stderr == f"smtp-gateway: {message}\n"
 
 
 @pytest.mark.parametrize(
