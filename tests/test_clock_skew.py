@@ -45,9 +45,10 @@ def test_a_gateway_measures_its_clock_against_the_queue_database(
     # Same host, same clock: within the round trip (far under a second).
     wait_for(lambda: ((g := offset_gauge()) is not None and abs(g) < 1.0) or None, 10, "a measured offset")
     with structlog.testing.capture_logs() as logs:
-        # This host's clock 2 minutes ahead, as the queue backend reads it (its only use of time.time).
+        # This host's clock 2 minutes ahead, as the queue backend reads it (through gateway/core/dbclock.py,
+        # its only use of time.time).
         monkeypatch.setattr(
-            "gateway.queue.postgres.time", SimpleNamespace(time=lambda: time.time() + 120.0, monotonic=time.monotonic)
+            "gateway.core.dbclock.time", SimpleNamespace(time=lambda: time.time() + 120.0, monotonic=time.monotonic)
         )
         wait_for(lambda: any(e["event"] == "queue_clock_skew" for e in logs) or None, 10, "the skew logged")
     assert 119.0 < (offset_gauge() or 0.0) < 121.0

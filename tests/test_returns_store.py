@@ -5,6 +5,8 @@ retried and reclaimed; one notice decision per message and recipient; notices co
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -14,9 +16,11 @@ from gateway.ledger import sql as ledger_sql
 from gateway.ledger.backends import open_returns
 from gateway.ledger.model import EventRow, MessageRow, NoticeRow, OutboxRow, RecipientRow, SuppressionRow
 from gateway.ledger.postgres import PostgresLedger
+from gateway.ledger.postgres_returns import PostgresReturns
 from gateway.ledger.returns import ReturnStore
 from gateway.ledger.sqlite import SqliteLedger
 from gateway.ledger.store import LedgerStore
+from tests.pgserver import PgCluster
 from tests.queue_contract import stores_on_backend
 
 T0 = 1_700_000_000.0
@@ -283,3 +287,61 @@ async def test_a_suppression_kept_under_an_old_unicode_key_is_still_removed(
     assert [s.address for s in await returns.suppressions("acme")] == ["a@bücher.example"]
     assert await returns.unsuppress("A@bücher.example", "acme") == 1
     assert await returns.suppressions() == []
+
+
+# The return path's leases on a PostgreSQL ledger shared by instances whose clocks disagree: B's host runs 2 minutes
+# ahead of A's (and of the database's, which runs on this host), more than any lease here.
+SKEW = 120.0
+
+
+@contextlib.asynccontextmanager
+async def skewed(pg_cluster: PgCluster) -> AsyncIterator[tuple[PostgresLedger, ReturnStore, ReturnStore]]:
+    """A's return store on this host's clock, B's on a clock SKEW seconds ahead, on one PostgreSQL ledger."""
+    url = pg_cluster.new_database()
+    ledgers = [PostgresLedger(url), PostgresLedger(url)]
+    try:
+        await ledgers[0].open()
+        yield ledgers[0], PostgresReturns(ledgers[0]), PostgresReturns(ledgers[1], clock=lambda: time.time() + SKEW)
+    finally:
+        for ledger in ledgers:
+            await ledger.close()
+
+
+async def test_a_webhook_lease_is_not_taken_over_by_an_instance_whose_clock_is_ahead(pg_cluster: PgCluster) -> None:
+    """A is POSTing a delivery under a 60 s lease; B's clock is 2 minutes ahead and B passes its own clock's
+    `now`, as its webhook loop does. The lease ends by the database's clock: B may not reclaim it now (the
+    receiver would get the event twice), only once its 60 s are over."""
+    async with skewed(pg_cluster) as (ledger, a, b):
+        now = time.time()
+        await ledger.write([OutboxRow("app", "ev1", "M1", now, now, "bounced", '{"id": "ev1"}')])
+        [held] = await a.claim_deliveries("gw-a", now, 10, 60)
+        b_now = time.time() + SKEW
+        assert await b.claim_deliveries("gw-b", b_now, 10, 60) == [], "B took over A's live webhook lease"
+        # The events poll's cursor, leased likewise.
+        assert (await a.lease_cursor("acme", "acme", "gw-a", now, 60, now))[0] is not None
+        assert (await b.lease_cursor("acme", "acme", "gw-b", b_now, 60, now))[0] is None, "B took A's cursor"
+        # Durations still come from B's clock: 61 s on, A's lease is over for B too.
+        [reclaimed] = await b.claim_deliveries("gw-b", b_now + 61, 10, 60)
+        assert reclaimed.reclaimed and reclaimed.token > held.token
+        assert (await b.lease_cursor("acme", "acme", "gw-b", b_now + 61, 60, now))[0] is not None
+
+
+async def test_a_notice_lease_is_not_taken_over_by_an_instance_whose_clock_is_ahead(pg_cluster: PgCluster) -> None:
+    """A decides a notice under notices.LEASE (120 s); B, 2 minutes ahead, may not take the decision over while
+    it is A's, nor a decision A postponed before its time."""
+    async with skewed(pg_cluster) as (ledger, a, b):
+        now = time.time()
+        await ledger.write(
+            [
+                MessageRow("M2", now, "acme", "billing@acme.example", "Invoice", 100),
+                RecipientRow("M2", now, "c@example.com", "dead", now + 1),
+                NoticeRow("M2", now, "c@example.com", now + 2),
+            ]
+        )
+        [held] = await a.claim_notices("gw-a", now, 120, 10)
+        b_now = time.time() + SKEW
+        assert await b.claim_notices("gw-b", b_now + 5, 120, 10) == [], "B took over A's live notice lease"
+        await a.postpone_notices([held], time.time() + 300, "the delivery owner was busy")
+        assert await b.claim_notices("gw-b", b_now + 200, 120, 10) == [], "B took a postponed notice early"
+        [taken] = await b.claim_notices("gw-b", b_now + 301, 120, 10)
+        assert taken.token > held.token

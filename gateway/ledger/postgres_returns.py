@@ -1,13 +1,23 @@
 """The ReturnStore on the PostgreSQL ledger: its pool, one transaction per change, committed with the server's
 own durability (the ledger's batches alone skip the WAL flush). Rows another instance is claiming are passed
-over (`FOR UPDATE SKIP LOCKED`), as the queue's claims do."""
+over (`FOR UPDATE SKIP LOCKED`), as the queue's claims do.
+
+Leases (the events poll's cursor, webhook deliveries being POSTed, notice decisions and their postponements) are
+stored and compared on the database's clock, as the queue's are: callers pass times on their own clock, moved by
+the offset `_shift` measures (gateway/core/dbclock.py), so an instance whose clock is ahead does not take over a
+sibling's live lease (a webhook POSTed twice). The other times stay on the caller's clock, as the ledger's
+timestamps do: the outbox's due times (an OutboxRow's is written by the ledger's writer), a cursor's position
+and `polled`, notices' decision times and windows."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
+import psycopg
+
+from gateway.core.dbclock import DbClock
 from gateway.core.storable import storable
 from gateway.ledger import readback
 from gateway.ledger.model import Record, Row, SuppressionRow, address_key, address_keys
@@ -20,8 +30,21 @@ SQL = FOR_POSTGRES
 
 
 class PostgresReturns:
-    def __init__(self, ledger: PostgresLedger) -> None:
+    def __init__(self, ledger: PostgresLedger, clock: Callable[[], float] | None = None) -> None:
         self.ledger = ledger
+        # This host's clock against the database's (`clock`: the host's, tests give a skewed one; None: time.time).
+        self._clock = DbClock(clock)
+
+    async def _shift(self, conn: psycopg.AsyncConnection[Any]) -> float:
+        """The database's clock minus this host's, read in the caller's transaction unless the last reading
+        serves: added to a caller's time it is on the database's clock."""
+
+        async def read() -> float:
+            row = await (await conn.execute(SQL.clock)).fetchone()
+            assert row is not None
+            return float(row[0])
+
+        return await self._clock.shift(read)
 
     # -- event cursors ------------------------------------------------------------------------------------
 
@@ -33,9 +56,10 @@ class PostgresReturns:
             row = await (await conn.execute(SQL.cursor_read, (name,))).fetchone()
             assert row is not None
             position, since, until, page, holder, lease_until, _ = row
-            if holder is not None and holder != owner and (lease_until or 0) >= now:
+            now_there = now + await self._shift(conn)
+            if holder is not None and holder != owner and (lease_until or 0) >= now_there:
                 return None, float(position)
-            leased = await (await conn.execute(SQL.cursor_lease, (owner, now + lease, name))).fetchone()
+            leased = await (await conn.execute(SQL.cursor_lease, (owner, now_there + lease, name))).fetchone()
             assert leased is not None
         return Lease(name, int(leased[0]), float(position), since, until, int(page)), float(position)
 
@@ -61,12 +85,14 @@ class PostgresReturns:
                 known = [r[0] for r in await cur.fetchall()]
             written = readback.unread(rows, known)
             await PostgresLedger.write_in(conn, written)
-            await conn.execute(SQL.cursor_progress, (since, until, page, now + lease, now, name))
+            lease_until = now + await self._shift(conn) + lease
+            await conn.execute(SQL.cursor_progress, (since, until, page, lease_until, now, name))
         return written
 
     async def complete(self, name: str, token: int, position: float, now: float, lease: float) -> bool:
         async with self.ledger.connection() as conn:
-            cur = await conn.execute(SQL.cursor_complete, (position, now + lease, now, name, token))
+            lease_until = now + await self._shift(conn) + lease
+            cur = await conn.execute(SQL.cursor_complete, (position, lease_until, now, name, token))
             return cur.rowcount == 1
 
     async def release(self, name: str, token: int) -> None:
@@ -75,9 +101,14 @@ class PostgresReturns:
 
     async def cursors(self) -> list[dict[str, Any]]:
         async with self.ledger.connection() as conn:
+            shift = await self._shift(conn)
             cur = await conn.execute(SQL.cursors)
             names = [c.name for c in cur.description or ()]
-            return [dict(zip(names, row, strict=True)) for row in await cur.fetchall()]
+            out = [dict(zip(names, row, strict=True)) for row in await cur.fetchall()]
+        for cursor in out:  # the lease's end back on the caller's clock
+            if cursor["lease_until"] is not None:
+                cursor["lease_until"] -= shift
+        return out
 
     # -- matching -----------------------------------------------------------------------------------------
 
@@ -160,13 +191,15 @@ class PostgresReturns:
 
     async def claim_deliveries(self, owner: str, now: float, limit: int, lease: float) -> list[Delivery]:
         async with self.ledger.connection() as conn:
+            # Due times are on the writers' clocks (the ledger's writer wrote the first); leases on the database's.
             rows = await (await conn.execute(SQL.outbox_due, (now, limit))).fetchall()
+            now_there = now + await self._shift(conn)
             if len(rows) < limit:
-                rows += await (await conn.execute(SQL.outbox_reapable, (now, limit - len(rows)))).fetchall()
+                rows += await (await conn.execute(SQL.outbox_reapable, (now_there, limit - len(rows)))).fetchall()
             out = []
             for webhook, event_id, state in rows:
                 leased = await (
-                    await conn.execute(SQL.outbox_lease, (owner, now + lease, webhook, event_id))
+                    await conn.execute(SQL.outbox_lease, (owner, now_there + lease, webhook, event_id))
                 ).fetchone()
                 assert leased is not None
                 out.append(Delivery.of(leased, reclaimed=state == "sending"))
@@ -211,10 +244,12 @@ class PostgresReturns:
         claims = []
         async with self.ledger.connection() as conn:
             rows = await (await conn.execute(SQL.notice_pending, (limit,))).fetchall()
+            now_there = now + await self._shift(conn)
             if len(rows) < limit:
-                rows += await (await conn.execute(SQL.notice_expired, (now, limit - len(rows)))).fetchall()
+                rows += await (await conn.execute(SQL.notice_expired, (now_there, limit - len(rows)))).fetchall()
             for msg_id, rcpt in rows:
-                row = await (await conn.execute(SQL.notice_claim, (owner, now + lease, msg_id, rcpt))).fetchone()
+                leased = (owner, now_there + lease, msg_id, rcpt)
+                row = await (await conn.execute(SQL.notice_claim, leased)).fetchone()
                 assert row is not None
                 claims.append(Claim(msg_id, rcpt, int(row[0])))
         return claims
@@ -241,6 +276,7 @@ class PostgresReturns:
 
     async def postpone_notices(self, claims: Sequence[Claim], until: float, reason: str) -> None:
         async with self.ledger.connection() as conn:
+            until += await self._shift(conn)  # stored as the claim's lease: on the database's clock
             for c in claims:
                 await conn.execute(SQL.notice_postpone, (until, storable(reason), c.msg_id, c.rcpt, c.token))
 
@@ -271,7 +307,8 @@ class PostgresReturns:
     async def expire_owners(self, owners: Sequence[str], now: float) -> int:
         expired = 0
         async with self.ledger.connection() as conn:
+            over = now + await self._shift(conn) - 1  # a lease's end, on the database's clock
             for owner in owners:
                 for statement in SQL.expire:
-                    expired += (await conn.execute(statement, (now - 1, owner))).rowcount
+                    expired += (await conn.execute(statement, (over, owner))).rowcount
         return expired

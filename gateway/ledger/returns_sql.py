@@ -16,6 +16,7 @@ _SUPPRESSED = "account, address, reason, source, created, msg_id, detail"
 class ReturnStatements:
     def __init__(self, d: Dialect) -> None:
         self.dialect = d
+        self.clock = d(f"SELECT {d.now}")  # the database's clock, to measure this host's against (PostgreSQL)
         # -- event cursors: one row per account (and per DMDS invalid-contacts list), leased like a queue row
         self.cursor_row = d(
             "INSERT INTO event_cursors (name, account, position, page, token) VALUES (?, ?, ?, 0, 0)"

@@ -42,9 +42,10 @@ class ClockWatch:
                     "queue_clock_skew",
                     offset=round(offset, 1),
                     bound=self._bound,
-                    action="synchronise this host's clock (NTP): queue leases and due times are on the "
-                    "database's clock and unaffected, but ledger timestamps, quota hours and days, console "
-                    "sessions and log times are on this host's",
+                    action="synchronise this host's clock (NTP): queue leases and due times and the return "
+                    "path's leases are on the database's clock and unaffected, but ledger timestamps, webhook "
+                    "retries' due times, quota hours and days, console sessions, acceptance times and log "
+                    "times are on this host's",
                 )
         elif (over := self._skewed.ended()) is not None:
             log.info("queue_clock_skew_over", offset=round(offset, 1), lasted=over.lasted)

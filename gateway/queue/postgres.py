@@ -9,15 +9,15 @@ instances (LISTEN/NOTIFY), so they need not poll.
 One clock, the database's: every lease end, due time and message lifetime is stored and compared in epoch
 seconds of the database's clock (clock_timestamp()), never of an instance's. Callers pass and get times on
 their own clock (the store's interface is SQLite's too); each transaction that reads or writes one moves the
-caller's times by the database's clock minus this host's (`_shift`, the database's read between two readings
-of this host's): read in the first such transaction, then again in the first one after SHIFT_REFRESH seconds (no
-round trip per message on the accept path), so there is no first measurement to wait for; and at once in the
-first transaction after this host's clock was stepped (NTP, a VM resumed): seen at no cost as its difference
-from the monotonic clock moving, so no transaction passes a time moved by the offset from before the step (the
-database's own clock stepped is followed within SHIFT_REFRESH). A host whose clock is minutes off neither takes
-over live leases nor sends retries early or late; only durations (a 60 s lease, a 20 s backoff) come from its
-clock. The offset is still exported and logged (gateway/ops/clockskew.py): ledger timestamps and quota windows remain
-on each instance's clock (docs/operations/instances.md).
+caller's times by the database's clock minus this host's (`_shift`: gateway/core/dbclock.py, shared with the
+ledger's return path): read in the first such transaction, then again in the first one after SHIFT_REFRESH
+seconds (no round trip per message on the accept path), so there is no first measurement to wait for; and at
+once in the first transaction after this host's clock was stepped (NTP, a VM resumed), so no transaction passes
+a time moved by the offset from before the step (the database's own clock stepped is followed within
+SHIFT_REFRESH). A host whose clock is minutes off neither takes over live leases nor sends retries early or
+late; only durations (a 60 s lease, a 20 s backoff) come from its clock. The offset is still exported and
+logged (gateway/ops/clockskew.py): ledger timestamps and quota windows remain on each instance's clock
+(docs/operations/instances.md).
 
 A database that cannot be reached is known down (a circuit): every caller gets SpoolUnavailable at once
 instead of waiting for a pooled connection, while one background probe asks the database every second;
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -47,6 +46,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from gateway.core import authcount, quota, tokenbucket
 from gateway.core.authcount import Record, Rules
+from gateway.core.dbclock import DbClock
 from gateway.core.episode import Episode
 from gateway.core.errors import PoolExhausted, QueueBusy, QueueTooNew, QueueUnreachable, SpoolUnavailable
 from gateway.core.quota import Counts, Verdict, Window
@@ -101,17 +101,6 @@ LONG_READ_TIMEOUT = 300.0
 
 def _ms(seconds: float) -> int:
     return int(seconds * 1000)
-
-
-# Seconds by which a new reading of the database's clock against this host's may miss the last offset, and the
-# last is kept (PostgresQueue._shift): a scheduler's hiccup between the readings, not a clock that moved.
-SHIFT_SLACK = 0.05
-
-# Seconds a reading of the offset serves before the next transaction reads it again: a host's offset drifts by
-# milliseconds a day; only a stepped clock moves it, and leases are 60 s. This host's clock stepped is seen at
-# once (PostgresQueue._shift: its difference from time.monotonic() moved by more than SHIFT_SLACK); this bound is
-# for the database's clock stepped, which only a reading shows.
-SHIFT_REFRESH = 5.0
 
 
 # Expired idempotency keys are deleted by the instances' own claim_key transactions (the path every key is
@@ -197,14 +186,8 @@ class PostgresQueue:
         clock: Callable[[], float] | None = None,
     ) -> None:
         self.url = redacted(url)
-        # This host's clock, the one the callers' times are on (tests give a skewed one); None: time.time,
-        # looked up at each reading.
-        self._clock = clock
-        self._last_shift: float | None = None  # the database's clock minus this host's, as last read
-        self._shift_read = 0.0  # time.monotonic() of that reading
-        # This host's clock minus time.monotonic() at that reading: a step of the host's clock moves it (a
-        # slewing NTP by microseconds a second), so a cached offset is never used across a step.
-        self._host_base = 0.0
+        # This host's clock against the database's (`clock`: the host's, tests give a skewed one; None: time.time).
+        self._clock = DbClock(clock)
         self._conninfo = url
         self._kwargs: dict[str, Any] = {"autocommit": True, "row_factory": dict_row}
         if password:
@@ -231,41 +214,17 @@ class PostgresQueue:
         self._next_sweep = 0.0
         self._next_key_sweep = 0.0  # the database's clock, as _next_sweep
 
-    def _host_time(self) -> float:
-        return time.time() if self._clock is None else self._clock()
-
     async def _shift(self, conn: psycopg.AsyncConnection[DictRow], fresh: bool = False) -> float:
-        """The database's clock minus this host's, read in the caller's transaction (the round trip is
-        milliseconds) unless the last reading is younger than SHIFT_REFRESH and `fresh` is not asked: added to a
-        caller's time it is on the database's clock, subtracted to go back.
+        """The database's clock minus this host's, read in the caller's transaction unless the last reading
+        serves (gateway/core/dbclock.py): added to a caller's time it is on the database's clock, subtracted
+        to go back."""
 
-        The offset lies between the database's clock minus this host's after and before the reading. Within that
-        range (give or take SHIFT_SLACK) no offset is taken if none is possible, else the last one is kept: a
-        host's offset is steady, so a time passed twice (a release at `now`, then a claim at that `now`, on this
-        instance or another on an agreeing clock) is moved alike and compares as on SQLite, not by a reading's
-        jitter; a clock stepped by NTP leaves the range and is followed at the next reading, which is this
-        transaction's: the step is seen here, before any time is moved, as this host's clock minus the monotonic
-        clock having moved since the last reading (two local calls, no round trip)."""
-        monotonic = time.monotonic()
-        before = self._host_time()
-        base = before - monotonic
-        if (
-            not fresh
-            and self._last_shift is not None
-            and monotonic - self._shift_read < SHIFT_REFRESH
-            and abs(base - self._host_base) <= SHIFT_SLACK
-        ):
-            return self._last_shift
-        row = await (await conn.execute(SQL.clock)).fetchone()
-        after = self._host_time()
-        assert row is not None
-        low, high = float(row["now"]) - after, float(row["now"]) - before
-        if low - SHIFT_SLACK <= 0.0 <= high + SHIFT_SLACK:
-            self._last_shift = 0.0
-        elif self._last_shift is None or not low - SHIFT_SLACK <= self._last_shift <= high + SHIFT_SLACK:
-            self._last_shift = (low + high) / 2
-        self._shift_read, self._host_base = monotonic, base
-        return self._last_shift
+        async def read() -> float:
+            row = await (await conn.execute(SQL.clock)).fetchone()
+            assert row is not None
+            return float(row["now"])
+
+        return await self._clock.shift(read, fresh)
 
     @staticmethod
     async def _configure(conn: psycopg.AsyncConnection[DictRow]) -> None:
