@@ -1,10 +1,12 @@
 """Per-login controls in the configuration: what check-config refuses (an unknown or invalid network, overlapping
-or contradictory rules), each error naming where it is; a valid configuration passes `check-config`."""
+or contradictory rules), each error naming where it is; what it only notes (sender keys that cannot work as
+written); a valid configuration passes `check-config`."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,8 @@ from gateway.config.logins import Quota, resolve
 from gateway.policy.recipients import RecipientRules
 from tests.configs import gateway_config, listener, write
 from tests.docs_blocks import doc_blocks
-from tests.harness import PASSWORD_HASH
+from tests.harness import PASSWORD_HASH, Running
+from tests.ops_util import captured_with_context
 
 
 def user(name: str = "printer", **rules: Any) -> dict[str, Any]:
@@ -74,33 +77,61 @@ def refused(tmp_path: Path, **overrides: Any) -> str:
             "accounts.acme.users[printer].quota: messages_per_hour (100) is more than messages_per_day (50): the "
             "hourly limit could never be reached",
         ),
-        # Sender keys that could never work: every MAIL FROM (553) or From they give (550) would be refused.
-        (
-            {"allowed_senders": ["scanner@acme.exmaple"]},
-            "accounts.acme.users[printer].allowed_senders: 'scanner@acme.exmaple' is outside the account's "
-            "sender_domains (acme.example): the login could never send as it",
-        ),
-        ({"allowed_senders": ["@other.example"]}, "'@other.example' is outside the account's sender_domains"),
-        (
-            {"default_from": "noreply@other.example"},
-            "accounts.acme.users[printer].default_from: 'noreply@other.example' is outside the account's "
-            "sender_domains (acme.example): every message it would give a From to would be refused",
-        ),
-        (
-            {"allowed_senders": ["scanner@acme.example"], "default_from": "noreply@acme.example"},
-            "accounts.acme.users[printer].default_from: 'noreply@acme.example' is not among the login's "
-            "allowed_senders",
-        ),
-        (
-            {"force_from": True},
-            "accounts.acme.users[printer].force_from: true without default_from: there is no From to force; set "
-            "default_from",
-        ),
     ],
 )
 def test_invalid_rules_are_refused_naming_where(tmp_path: Path, rules: dict[str, Any], error: str) -> None:
     text = refused(tmp_path, networks={"vlan20": ["192.168.20.0/24"]}, extra_users=[user(**rules)])
     assert error in text, text
+
+
+# Sender keys that cannot work as written: a note, never a refusal (configurations holding them loaded and sent
+# before these checks: a refusal would stop serve after an upgrade). The rest of the login's senders work.
+SENDER_NOTES = [
+    (
+        {"force_from": True},
+        "users[printer].force_from: true without default_from does nothing (there is no From to force): set "
+        "default_from, or remove force_from",
+    ),
+    (
+        {"allowed_senders": ["@acme.example", "@old-brand.example"]},
+        "users[printer].allowed_senders: '@old-brand.example' is outside the account's sender_domains "
+        "(acme.example): the login can never send as it (553); remove the entry or add the domain",
+    ),
+    (
+        {"allowed_senders": ["scanner@acme.exmaple"]},
+        "users[printer].allowed_senders: 'scanner@acme.exmaple' is outside the account's sender_domains",
+    ),
+    (
+        {"default_from": "noreply@other.example"},
+        "users[printer].default_from: 'noreply@other.example' is outside the account's sender_domains "
+        "(acme.example): every message it gives a From to is refused (550)",
+    ),
+    (
+        {"allowed_senders": ["scanner@acme.example"], "default_from": "noreply@acme.example"},
+        "users[printer].default_from: 'noreply@acme.example' is not among the login's allowed_senders: every "
+        "message it gives a From to is refused (550)",
+    ),
+]
+
+
+@pytest.mark.parametrize(("rules", "note"), SENDER_NOTES)
+def test_sender_keys_that_cannot_work_are_noted_not_refused(tmp_path: Path, rules: dict[str, Any], note: str) -> None:
+    settings = load_settings(None, **gateway_config(tmp_path, listeners=[listener()], extra_users=[user(**rules)]))
+    notes = settings.accounts["acme"].notes()
+    assert len(notes) == 1 and note in notes[0], notes
+    path = write(tmp_path / "noted.toml", gateway_config(tmp_path, listeners=[listener()], extra_users=[user(**rules)]))
+    run = [sys.executable, "-m", "gateway", "check-config", "--config-only", "-c", str(path)]
+    result = subprocess.run(run, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert f"smtp-gateway: note: accounts.acme: {notes[0]}" in result.stderr
+
+
+def test_serve_starts_with_a_noted_sender_key_and_logs_it(gateway_factory: Callable[..., Running]) -> None:
+    with captured_with_context() as logs:
+        gateway_factory(extra_users=[user(force_from=True), user("old", allowed_senders=["@old-brand.example"])])
+    notes = [(e["account"], e["note"]) for e in logs if e["event"] == "account_note"]
+    assert [n[0] for n in notes] == ["acme", "acme"], notes
+    assert notes[0][1].startswith("users[printer].force_from:") and notes[1][1].startswith("users[old].allowed_")
 
 
 def test_sender_keys_within_the_sender_domains_are_taken(tmp_path: Path) -> None:
@@ -123,6 +154,7 @@ def test_sender_keys_within_the_sender_domains_are_taken(tmp_path: Path) -> None
         ),
     )
     assert {"a", "b", "c"} <= {u.username for u in settings.accounts["acme"].configured_users}
+    assert settings.accounts["acme"].notes() == []
 
 
 def test_an_accounts_defaults_are_checked_as_well(tmp_path: Path) -> None:

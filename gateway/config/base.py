@@ -13,6 +13,7 @@ from gateway.config.returnpath import DsnSettings, EventSettings, check_notify
 from gateway.config.section import Section, read_secret_file, secret_or_file
 from gateway.config.urls import refuse_credentials
 from gateway.core.scrypt import parse_hash
+from gateway.policy.senders import ascii_address, ascii_domain, domain_of, sender_entry
 
 __all__ = ["AccountBase", "Section", "UserSettings", "read_secret_file", "secret_or_file"]
 
@@ -244,8 +245,54 @@ class AccountBase(LoginRules):
 
     def notes(self) -> list[str]:
         """What an operator should know about this account's settings though nothing is wrong with them
-        (`check-config` prints them as notes, `serve` logs them once at startup as `account_note`)."""
-        return []
+        (`check-config` prints them as notes, `serve` logs them once at startup as `account_note`). A provider
+        that adds its own keeps these (super().notes())."""
+        return [note for user in self.configured_users for note in self.sender_notes(user)]
+
+    def sender_notes(self, user: UserSettings) -> list[str]:
+        """A user's sender keys that cannot work as written: `force_from` with no `default_from` to force, and,
+        where the account names its sender domains (DMDS: all it may use; dEngage: the identities it narrows
+        to), an `allowed_senders` entry or a `default_from` outside them, or a `default_from` outside the
+        login's `allowed_senders`. Each is refused at run time only where it is used (553, 550) while the
+        login's other senders work, and configurations holding them loaded before these checks existed: so
+        they are notes, never a refusal that would stop `serve` after an upgrade."""
+        where = f"users[{user.username}]"
+        notes = []
+        if user.force_from and not user.default_from:
+            notes.append(
+                f"{where}.force_from: true without default_from does nothing (there is no From to force): set "
+                "default_from, or remove force_from"
+            )
+        named = self.sender_domain_names()
+        if not named:
+            return notes
+        domains = {ascii_domain(d) for d in named}
+        shown = ", ".join(sorted(named))
+        # A registered return-path (DMDS) is a MAIL FROM of its domain, so an address entry may name one.
+        return_paths = {ascii_address(rp) for rp in self.return_paths().values()}
+        for entry in user.allowed_senders:
+            kind, value = sender_entry(entry)
+            if (domain_of(value) if kind == "address" else value) not in domains and value not in return_paths:
+                notes.append(
+                    f"{where}.allowed_senders: {entry!r} is outside the account's sender_domains ({shown}): the "
+                    "login can never send as it (553); remove the entry or add the domain"
+                )
+        if user.default_from:
+            default = ascii_address(user.default_from)
+            if domain_of(default) not in domains:
+                notes.append(
+                    f"{where}.default_from: {user.default_from!r} is outside the account's sender_domains "
+                    f"({shown}): every message it gives a From to is refused (550)"
+                )
+            elif user.allowed_senders and not any(
+                value == (default if kind == "address" else domain_of(default))
+                for kind, value in map(sender_entry, user.allowed_senders)
+            ):
+                notes.append(
+                    f"{where}.default_from: {user.default_from!r} is not among the login's allowed_senders: every "
+                    "message it gives a From to is refused (550)"
+                )
+        return notes
 
     def return_paths(self) -> Mapping[str, str]:
         """Sender domain -> the return-path address registered for it, where the upstream has such

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.config.base import AccountBase, LoginRules, UserSettings
 from gateway.policy.recipients import RecipientRules
-from gateway.policy.senders import ascii_address, ascii_domain, domain_of, sender_entry
 
 if TYPE_CHECKING:
     from gateway.config.settings import Settings
@@ -150,44 +149,6 @@ def user_where(account: str, user: UserSettings) -> str:
     return f"accounts.{account}.users[{user.username}]"
 
 
-def check_senders(account: AccountBase, user: UserSettings, where: str) -> None:
-    """A user's sender keys can work: `force_from` has a `default_from` to force, and where the account names its
-    sender domains (DMDS: all it may use; dEngage: the identities it narrows to), `allowed_senders` and
-    `default_from` lie within them. Outside, every MAIL FROM the entry allows, or every message whose From it
-    would give, is refused at run time (553, 550), with nothing at load to say why. ValueError naming `where`."""
-    if user.force_from and not user.default_from:
-        raise ValueError(f"{where}.force_from: true without default_from: there is no From to force; set default_from")
-    named = account.sender_domain_names()
-    if not named:
-        return
-    domains = {ascii_domain(d) for d in named}
-    shown = ", ".join(sorted(named))
-    # A registered return-path (DMDS) is a MAIL FROM of its domain, so an address entry may name one.
-    return_paths = {ascii_address(rp) for rp in account.return_paths().values()}
-    for entry in user.allowed_senders:
-        kind, value = sender_entry(entry)
-        if (domain_of(value) if kind == "address" else value) not in domains and value not in return_paths:
-            raise ValueError(
-                f"{where}.allowed_senders: {entry!r} is outside the account's sender_domains ({shown}): the login "
-                "could never send as it"
-            )
-    if user.default_from:
-        default = ascii_address(user.default_from)
-        if domain_of(default) not in domains:
-            raise ValueError(
-                f"{where}.default_from: {user.default_from!r} is outside the account's sender_domains ({shown}): "
-                "every message it would give a From to would be refused"
-            )
-        if user.allowed_senders and not any(
-            value == (default if kind == "address" else domain_of(default))
-            for kind, value in map(sender_entry, user.allowed_senders)
-        ):
-            raise ValueError(
-                f"{where}.default_from: {user.default_from!r} is not among the login's allowed_senders: every "
-                "message it would give a From to would be refused"
-            )
-
-
 def check(settings: Settings) -> None:
     """Every login's rules resolve, and none contradicts a listener's trusted networks. ValueError."""
     named = settings.networks
@@ -202,7 +163,6 @@ def check(settings: Settings) -> None:
             )
         for user in users:
             rules = by_login[user.username] = resolve(account, user, named, user_where(name, user))
-            check_senders(account, user, user_where(name, user))
             if user.require_tls_except is not None and not rules.require_tls:
                 raise ValueError(
                     f"{user_where(name, user)}.require_tls_except: set, but the login does not require TLS "

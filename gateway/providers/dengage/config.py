@@ -199,10 +199,11 @@ class DengageAccount(AccountBase):
 
     def notes(self) -> list[str]:
         if self.sends_from:
-            return []
+            return super().notes()
         return [
+            *super().notes(),
             "dEngage mail goes out under the account's default sender: no request field carries the message's "
-            "From (dEngage has not confirmed one); set from_address_field or from_identity_field once it has"
+            "From (dEngage has not confirmed one); set from_address_field or from_identity_field once it has",
         ]
 
     @field_validator("rate_limit")
