@@ -423,6 +423,66 @@ def test_a_calendar_attachment_or_a_calendar_only_alternative_is_unchanged() -> 
     assert msg.attachments == () and msg.defects == ()
 
 
+def _invitation(calendar_file: bytes, *, file_first: bool = False) -> bytes:
+    """An invitation as Google Calendar, Exchange and Lotus Notes send it: multipart/mixed of the alternative
+    (text, HTML, calendar: for the client's Accept / Decline) and the same calendar as a file."""
+    alternative = (
+        b'Content-Type: multipart/alternative; boundary="a"\r\n\r\n'
+        b"--a\r\nContent-Type: text/plain\r\n\r\nYou are invited\r\n"
+        b"--a\r\nContent-Type: text/html\r\n\r\n<p>You are invited</p>\r\n"
+        b"--a\r\nContent-Type: text/calendar; method=REQUEST\r\n\r\n" + _ICS + b"--a--"
+    )
+    file = calendar_file + _ICS
+    return mixed(*((file, alternative) if file_first else (alternative, file)))
+
+
+@pytest.mark.parametrize(
+    ("calendar_file", "file_first", "expected"),
+    [
+        (  # Google Calendar
+            b'Content-Type: application/ics; name="invite.ics"\r\n'
+            b'Content-Disposition: attachment; filename="invite.ics"\r\n\r\n',
+            False,
+            ("invite.ics", "application/ics"),
+        ),
+        (  # Exchange
+            b'Content-Type: text/calendar; method=REQUEST; name="meeting.ics"\r\n'
+            b'Content-Disposition: attachment; filename="meeting.ics"\r\n\r\n',
+            False,
+            ("meeting.ics", "text/calendar"),
+        ),
+        (  # Lotus Notes (corpus thunderbird/invite.eml): a text/plain file named .ics, here before the alternative
+            b'Content-Type: text/plain; name="c141520.ics"\r\n'
+            b'Content-Disposition: attachment; filename="c141520.ics"\r\n\r\n',
+            True,
+            ("c141520.ics", "text/plain"),
+        ),
+    ],
+    ids=["google", "exchange", "lotus-file-first"],
+)
+def test_an_invitation_that_also_comes_as_a_file_carries_its_calendar_once(
+    calendar_file: bytes, file_first: bool, expected: tuple[str, str]
+) -> None:
+    """The alternative's calendar branch was attached as invite.ics beside the sender's own file: two copies
+    of one invitation. The sender's file is the one sent; no calendar_attached defect."""
+    msg = mime.parse(_invitation(calendar_file, file_first=file_first))
+    assert msg.html == "<p>You are invited</p>"
+    assert [(a.filename, a.content_type) for a in msg.attachments] == [expected]
+    assert msg.defects == ()
+
+
+def test_the_corpus_lotus_invitation_carries_its_calendar_once() -> None:
+    from tests.conftest import CORPUS
+
+    source = CORPUS / "thunderbird/invite.eml"
+    if not source.is_file():
+        pytest.skip(f"thunderbird/invite.eml not in the corpus at {CORPUS}")
+    msg = mime.parse(source.read_bytes())
+    calendars = [(a.filename, a.content_type) for a in msg.attachments if b"BEGIN:VCALENDAR" in a.data]
+    assert calendars == [("c141520.ics", "text/plain")]
+    assert not any(d.startswith("calendar_attached") for d in msg.defects)
+
+
 def test_sloppy_transfer_encoding_names_are_understood() -> None:
     png = base64.b64encode(b"\x89PNG-data").decode()
     raw = mixed(

@@ -36,6 +36,9 @@ UNSPLIT_MULTIPART = "multipart_unsplit"
 # The defect of a calendar invitation beside the body of a multipart/alternative: sent as an attachment.
 CALENDAR_ATTACHED = "calendar_attached"
 _METHOD = re.compile(r"[A-Za-z-]{1,40}")
+# A sender's own calendar file: by type (Google: application/ics) or by name (Lotus Notes: text/plain c1.ics).
+_CALENDAR_TYPES = frozenset({"text/calendar", "application/ics"})
+_CALENDAR_NAMES = (".ics", ".vcs")
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +94,8 @@ def extract(
         if charge is not None and shown:
             charge(_escaped_memory(shown) - _memory(shown))
         body = text_to_html(shown)
-    return Bodies(html=body, text=text, attachments=tuple(walk.attachments), defects=tuple(walk.defects))
+    attachments, defects = walk.settled()
+    return Bodies(html=body, text=text, attachments=attachments, defects=defects)
 
 
 def _within(limit: int, size: int) -> None:
@@ -137,6 +141,25 @@ class _Walk:
     defects: list[str] = field(default_factory=list)
     leaves: int = 0
     carried: Mapping[int, bytes | memoryview] = field(default_factory=dict)
+    # The invitations attached from an alternative's calendar branch: (attachment index, defect index).
+    invitations: list[tuple[int, int]] = field(default_factory=list)
+
+    def settled(self) -> tuple[tuple[Attachment, ...], tuple[str, ...]]:
+        """The attachments and defects, less the invitations attached from an alternative's calendar branch
+        when the sender attached the calendar as a file too (Google Calendar, Exchange, Lotus Notes: the
+        alternative for the client's Accept / Decline, the file for everyone else): the recipient gets it
+        once, as the sender attached it. Decided at the end: the file may come before or after the
+        alternative. The body is built by then, so no inline image's index moves under it."""
+        if not self.invitations:
+            return tuple(self.attachments), tuple(self.defects)
+        ours = {index for index, _ in self.invitations}
+        if not any(_is_calendar(a) for i, a in enumerate(self.attachments) if i not in ours):
+            return tuple(self.attachments), tuple(self.defects)
+        dropped = {index for _, index in self.invitations}
+        return (
+            tuple(a for i, a in enumerate(self.attachments) if i not in ours),
+            tuple(d for i, d in enumerate(self.defects) if i not in dropped),
+        )
 
     def part(self, part: EmailMessage, resource: bool = False) -> list[_Piece]:
         # Each part's Content-* fields read once (compat32's get() scans every field on every call).
@@ -182,10 +205,12 @@ class _Walk:
         the attachment invite.ics; recorded, since the recipient's client may show it as a file rather than
         as an invitation. Its type is the bare text/calendar, as every attachment's (the APIs take a
         type/subtype): the method parameter is named in the defect, and the file says it itself (METHOD:,
-        which RFC 5546 requires to match it)."""
+        which RFC 5546 requires to match it). Dropped again at the end (settled) when the sender attached the
+        calendar as a file too."""
         fields = content_fields(part)
         method = get_param(part, "method", fields=fields)
         method = method.strip().upper() if isinstance(method, str) and _METHOD.fullmatch(method.strip()) else None
+        self.invitations.append((len(self.attachments), len(self.defects)))
         self.attachments.append(self.attachment(part, "text/calendar", "attachment", "invite.ics", fields))
         self.defects.append(
             f"{CALENDAR_ATTACHED}: part {number} (text/calendar{f'; method={method}' if method else ''}): an "
@@ -311,6 +336,10 @@ class _Walk:
             inline=disposition == "inline" or (content_id is not None and disposition != "attachment"),
             b64=carried,
         )
+
+
+def _is_calendar(attachment: Attachment) -> bool:
+    return attachment.content_type in _CALENDAR_TYPES or attachment.filename.lower().endswith(_CALENDAR_NAMES)
 
 
 def _param_is(part: EmailMessage, fields: dict[str, str], param: str, value: str) -> bool:
