@@ -136,7 +136,8 @@ def displayed(part: EmailMessage) -> list[tuple[str, str | None]]:
     """RULE display: what a mail client shows, in order, as (kind, content): of a multipart/alternative the
     last branch with HTML, else the last with text/plain, else the first with text; of a multipart/related
     the root and the parts nothing can refer to (no Content-ID or -Location); of any other multipart every
-    part. Inline text/plain parts are shown even when they carry a file name; an unsplit multipart, its text."""
+    part. Inline text/plain parts are shown even when they carry a file name; an unsplit multipart, its text
+    (kind "unsplit": shown only when nothing else is, see shown())."""
     if part.is_multipart() and part.get_content_maintype() == "multipart":
         kids: list[EmailMessage] = list(part.iter_parts())  # type: ignore[arg-type]
         subtype = part.get_content_subtype()
@@ -158,8 +159,8 @@ def displayed(part: EmailMessage) -> list[tuple[str, str | None]]:
             return []
         written = _BOUNDARY.search(" ".join(str(v) for k, v in part.raw_items() if k.lower() == "content-type"))
         if written is not None and f"\n--{written[1].strip()}" in "\n" + body:
-            return [("text", None)]  # a boundary the body has that policy.default does not read: no reference
-        return [("text", None if not body.isascii() else re.sub("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", "", body))]
+            return [("unsplit", None)]  # a boundary the body has that policy.default does not read: no reference
+        return [("unsplit", None if not body.isascii() else re.sub("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", "", body))]
     ctype, disposition = part.get_content_type(), part.get_content_disposition()
     if disposition == "attachment" or part.get_content_maintype() == "message":
         return []
@@ -232,6 +233,11 @@ def check_request(bodies: list[dict[str, Any]], rcpts: list[str], ref: EmailMess
     if not froms and first.get("remitente") != SENDER:
         problems.append(f"sender {first.get('remitente')!r} != envelope {SENDER}")
     pieces = displayed(ref)
+    # RULE unsplit: an unsplit multipart's text (its preamble, which clients never show) is shown only when
+    # nothing else is; then as text.
+    if any(kind != "unsplit" and content and content.strip() for kind, content in pieces):
+        pieces = [(kind, content) for kind, content in pieces if kind != "unsplit"]
+    pieces = [("text" if kind == "unsplit" else kind, content) for kind, content in pieces]
     # Where the reference decoder cannot decode a shown part (or had to substitute characters) it is no reference.
     if any(content is None or "\ufffd" in content for _, content in pieces):
         return problems

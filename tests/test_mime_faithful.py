@@ -362,6 +362,43 @@ def test_multipart_without_a_usable_boundary_is_sent_as_its_text_and_recorded(
     assert msg.defects[0].endswith(f"): {why}, its body sent as text as it arrived")
 
 
+@pytest.mark.parametrize(
+    "inner",
+    [b"This is a multi-part message in MIME format.\r\n", b"AAA\r\n\r\n--c--\r\n"],
+    ids=["stripped-parts", "preamble-then-close"],
+)
+def test_a_nested_multiparts_preamble_beside_the_body_is_recorded_not_shown(inner: bytes) -> None:
+    """A nested multipart left with only its preamble (a filter stripped its parts; mime4j's
+    missing-inner-boundary): mail clients never show a preamble. It was appended to the HTML body."""
+    raw = HEAD + (
+        b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n'
+        b"--b\r\nContent-Type: text/html\r\n\r\n<p>hello</p>\r\n"
+        b'--b\r\nContent-Type: multipart/alternative; boundary="c"\r\n\r\n' + inner + b"--b--\r\n"
+    )
+    msg = mime.parse(raw)
+    assert msg.html == "<p>hello</p>"
+    assert msg.text is None
+    assert msg.defects == (
+        "multipart_unsplit: part 2 (multipart/alternative): no boundary line, its body (a preamble) not shown "
+        "beside the message's body",
+    )
+
+
+def test_boundary_lines_with_text_after_the_boundary_are_named_so() -> None:
+    """RFC 2046 §5.1.1: a boundary line matches by its start, text may follow (mime4j's ending-boundaries.msg);
+    the parser does not read such lines. The defect said "no boundary line", which was not true."""
+    raw = HEAD + (
+        b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n'
+        b"--b trailing words\r\nContent-Type: text/plain\r\n\r\nfirst part\r\n--b-- more words\r\n"
+    )
+    msg = mime.parse(raw)
+    assert "first part" in msg.html
+    assert msg.defects == (
+        "multipart_unsplit: part 1 (multipart/mixed): text after the boundary on its lines (not read), its body "
+        "sent as text as it arrived",
+    )
+
+
 def test_an_empty_multipart_is_no_defect() -> None:
     msg = mime.parse(HEAD + b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n\r\n')
     assert msg.defects == ()

@@ -57,6 +57,7 @@ class _Piece:
     content: str = ""
     image: int = -1
     plain: bool = False  # a text/plain part (not text/enriched, text/calendar, ...)
+    unsplit: bool = False  # the text of a multipart the parser could not split
 
 
 def extract(
@@ -75,7 +76,7 @@ def extract(
     which the client gave an HTML alternative); it raises to refuse the message (the caller's
     large-message budget, gateway/pipeline.py). Called again if a second HTML is built from text."""
     walk = _Walk(carried=carried or {})
-    pieces = walk.part(msg)
+    pieces = walk.beside_a_body(walk.part(msg))
     size = sum(a.size for a in walk.attachments) + sum(_memory(t) for t in walk.texts)
     htmls = [p for p in pieces if p.kind == "html"]
     body = ""
@@ -143,6 +144,23 @@ class _Walk:
     carried: Mapping[int, bytes | memoryview] = field(default_factory=dict)
     # The invitations attached from an alternative's calendar branch: (attachment index, defect index).
     invitations: list[tuple[int, int]] = field(default_factory=list)
+    # The multiparts sent as text (unsplit): (defect index, text index, the defect's start).
+    unsplits: list[tuple[int, int, str]] = field(default_factory=list)
+
+    def beside_a_body(self, pieces: list[_Piece]) -> list[_Piece]:
+        """`pieces` less the text of unsplit multiparts when the message shows a body besides: a nested
+        multipart whose parts were stripped (a filter) keeps only its preamble ("This is a multi-part message
+        in MIME format."), and all a multipart holds before a boundary line is a preamble, which mail clients
+        never show (RFC 2046 §5.1.1). Its text is sent only when nothing else would be: a blank mail is worse.
+        Recorded either way, saying which."""
+        if not self.unsplits or not any(not p.unsplit and (p.kind == "image" or p.content.strip()) for p in pieces):
+            return pieces
+        hidden = {text for _, text, _ in self.unsplits}
+        for defect, _, start in self.unsplits:
+            self.defects[defect] = f"{start}, its body (a preamble) not shown beside the message's body"
+        self.texts = [t for i, t in enumerate(self.texts) if i not in hidden]
+        self.unsplits = []
+        return [p for p in pieces if not p.unsplit]
 
     def settled(self) -> tuple[tuple[Attachment, ...], tuple[str, ...]]:
         """The attachments and defects, less the invitations attached from an alternative's calendar branch
@@ -266,13 +284,12 @@ class _Walk:
         label = content_charset(part, fields)
         decoded = charsets.decode(data, label)
         del data
-        why = "no boundary parameter" if get_param(part, "boundary", fields=fields) is None else "no boundary line"
-        self.defects.append(
-            f"{UNSPLIT_MULTIPART}: part {self.leaves} ({ctype}): {why}, its body sent as text as it arrived"
-        )
         text = sanitize.body(decoded.text.replace("\r\n", "\n"))
+        start = f"{UNSPLIT_MULTIPART}: part {self.leaves} ({ctype}): {_unsplit_why(part, fields, text)}"
+        self.unsplits.append((len(self.defects), len(self.texts), start))
+        self.defects.append(f"{start}, its body sent as text as it arrived")
         self.texts.append(text)
-        return [_Piece("text", text)]
+        return [_Piece("text", text, unsplit=True)]
 
     def text_payload(self, part: EmailMessage, ctype: str, fields: dict[str, str]) -> str:
         data = self.payload_bytes(part, ctype, fields)
@@ -336,6 +353,18 @@ class _Walk:
             inline=disposition == "inline" or (content_id is not None and disposition != "attachment"),
             b64=carried,
         )
+
+
+def _unsplit_why(part: EmailMessage, fields: dict[str, str], text: str) -> str:
+    """Why the parser could not split a multipart. RFC 2046 §5.1.1 lets a boundary line carry text after the
+    boundary (mime4j's ending-boundaries.msg); Python's parser reads only a boundary followed by blanks."""
+    boundary = get_param(part, "boundary", fields=fields)
+    if boundary is None:
+        return "no boundary parameter"
+    delimiter = f"--{boundary if isinstance(boundary, str) else ''}"
+    if any(line.startswith(delimiter) for line in text.split("\n")):
+        return "text after the boundary on its lines (not read)"
+    return "no boundary line"
 
 
 def _is_calendar(attachment: Attachment) -> bool:
