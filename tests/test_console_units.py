@@ -70,7 +70,7 @@ def test_sessions_end_when_idle_or_old() -> None:
 
 def test_a_one_time_password_works_once_for_its_login_within_its_time() -> None:
     clock = Clock()
-    onetime = OneTimeLogins(clock)
+    onetime = OneTimeLogins(clock, monotonic=clock)  # a clock that never steps: both agree
     first = onetime.issue("scanner")
     assert first.startswith("onetime$") and len(first) > 40
     assert not onetime.redeem("scanner", "onetime$guess")
@@ -86,6 +86,23 @@ def test_a_one_time_password_works_once_for_its_login_within_its_time() -> None:
         assert onetime.redeem("scanner", onetime.issue("scanner"))
     assert len(onetime._taken) == 5
     clock.now += 61
+    assert onetime.redeem("scanner", onetime.issue("scanner")) and len(onetime._taken) == 1
+
+
+def test_a_used_one_time_password_stays_used_when_the_wall_clock_steps_forward_and_back() -> None:
+    """A taken nonce was forgotten on the wall clock alone: stepped forward past the expiry (NTP makestep, a VM
+    resumed), any redeem forgot it, and stepped back within the minute the used password logged in again."""
+    wall, ticks = Clock(), Clock()
+    onetime = OneTimeLogins(wall, monotonic=ticks)
+    password = onetime.issue("scanner")
+    assert onetime.redeem("scanner", password)
+    wall.now += 120  # stepped forward past the expiry
+    assert onetime.redeem("scanner", onetime.issue("scanner"))  # any redeem prunes
+    wall.now -= 120  # and back: the password is within its minute again
+    assert not onetime.redeem("scanner", password)  # still used up
+    # Forgotten once both clocks say its time is over (the one taken at +120 s too).
+    wall.now += 181
+    ticks.now += 61
     assert onetime.redeem("scanner", onetime.issue("scanner")) and len(onetime._taken) == 1
 
 

@@ -6,9 +6,10 @@ Under `serve --workers N` the console of one worker issues the password and the 
 to any worker (SO_REUSEPORT), so the password verifies itself: it carries its login, its expiry and a random
 nonce under an HMAC whose key every worker derives from the secret the supervisor shares with them through a
 pipe (the TLS session-ticket secret, gateway/smtp/tickets.py). Single use is enforced by each worker (the
-nonces it has taken, until they expire): within the minute the same password could be taken once by each of
-the other workers. It never leaves the gateway (the console sends it over loopback to its own listener), and
-docs/console.md says so. A single process (no shared secret) uses a random key of its own."""
+nonces it has taken, until they expire on both the wall and the monotonic clock): within the minute the same
+password could be taken once by each of the other workers. It never leaves the gateway (the console sends it
+over loopback to its own listener), and docs/console.md says so. A single process (no shared secret) uses a
+random key of its own."""
 
 from __future__ import annotations
 
@@ -37,15 +38,18 @@ class OneTimeLogins:
         self,
         clock: Callable[[], float] = time.time,
         shared: Callable[[], Sequence[bytes]] = tuple,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         # `shared`: the secrets the workers share, the newest first, then the one before the last rotation (so
         # a password issued just before a SIGHUP still verifies); none in a single process. The composition
         # root gives gateway.smtp.tickets.shared_secrets.
-        # time.time, not monotonic: the expiry is read by another process.
+        # time.time, not monotonic: the expiry is read by another process. Forgetting a taken nonce needs the
+        # monotonic clock too (redeem).
         self._clock = clock
+        self._monotonic = monotonic
         self._shared = shared
         self._own = os.urandom(32)
-        self._taken: dict[bytes, float] = {}  # nonce -> expiry
+        self._taken: dict[bytes, tuple[float, float]] = {}  # nonce -> (its expiry, a monotonic keep-until)
 
     def _current_keys(self) -> list[bytes]:
         """The keys to verify with, the one to issue with first."""
@@ -82,12 +86,16 @@ class OneTimeLogins:
         (expires_ms,) = _HEAD.unpack_from(body)
         expires = expires_ms / 1000
         nonce = body[_HEAD.size : _HEAD.size + _NONCE]
-        now = self._clock()
+        now, ticks = self._clock(), self._monotonic()
         if expires <= now:
             return False
-        self._taken = {n: until for n, until in self._taken.items() if until > now}
+        # A taken nonce is forgotten only once its expiry has passed on the wall clock AND its time (at least
+        # TTL) has passed on the monotonic one: on the wall clock alone, a clock stepped forward past the
+        # expiry (NTP makestep, a VM resumed) let any redeem forget it, and stepped back within the minute
+        # the used password logged in again.
+        self._taken = {n: (until, keep) for n, (until, keep) in self._taken.items() if until > now or keep > ticks}
         if nonce in self._taken or len(self._taken) >= MAX_TAKEN:
             return False
-        self._taken[nonce] = expires
+        self._taken[nonce] = (expires, ticks + max(TTL, expires - now))
         owner = body[_HEAD.size + _NONCE :]
         return hmac.compare_digest(owner, login.encode("utf-8", "surrogateescape"))
