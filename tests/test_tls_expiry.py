@@ -123,6 +123,18 @@ def test_a_renewed_certificate_sets_the_expiry_gauge_at_reload(gateway: Running)
     assert "plain" not in listeners  # no certificate there
 
 
+def test_a_certificate_valid_from_a_minute_ahead_is_taken(gateway: Running) -> None:
+    """A CA that does not backdate, and a deploy hook that reloads at once on a host a minute behind: the new
+    certificate is served (NOT_BEFORE_SLACK), at reload and by the start-up check, not refused until the next
+    reload."""
+    tls = gateway.app.settings.tls
+    assert tls.cert_file and tls.key_file
+    renewed = _write_pair(tls.cert_file, tls.key_file, datetime.timedelta(minutes=1), datetime.timedelta(days=90))
+    assert not [f for f in preflight.files(gateway.app.settings) if f.problem]
+    assert _reload(gateway, with_config=True)
+    assert _served_expiry(gateway) == renewed
+
+
 def test_a_certificate_not_valid_yet_is_refused_at_start(tmp_path: Path) -> None:
     """check-config and serve refused only an expired certificate: one whose notBefore is still to come started,
     and every client refused it (while a reload refused it, the test above)."""

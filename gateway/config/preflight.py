@@ -188,7 +188,9 @@ def _expiry(cert: Path, name: str = "tls.cert_file") -> list[Finding]:
     if ends <= now:
         return [Finding(f"{name} {cert} expired on {ends:%Y-%m-%d}: renew the certificate")]
     begins = leaf.not_valid_before_utc
-    if begins > now:
+    from gateway.smtp.tls import NOT_BEFORE_SLACK  # (the TLS module: cryptography only where it is used)
+
+    if begins > now + NOT_BEFORE_SLACK:
         # Every client would refuse it (as an expired one), and a reload refuses it (gateway/smtp/server.py
         # check_current): a start that took it would serve a certificate no client accepts until its notBefore.
         return [

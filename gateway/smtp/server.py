@@ -35,7 +35,7 @@ from gateway.smtp.handler import GatewayHandler
 from gateway.smtp.handshake import HandshakeFailures, ListenerTls
 from gateway.smtp.logins import PerLogin
 from gateway.smtp.protocol import GatewaySMTP
-from gateway.smtp.tls import CertificateError, Profile, describe_certificate, server_context, validity
+from gateway.smtp.tls import NOT_BEFORE_SLACK, CertificateError, Profile, describe_certificate, server_context, validity
 
 if TYPE_CHECKING:
     from gateway.auth.oauth import OAuthVerifier
@@ -75,7 +75,7 @@ def check_current(tls: TlsSettings, now: datetime.datetime | None = None) -> Non
             continue  # OpenSSL loaded it: a format only it knows (as the preflight's check)
         if ends <= now:
             raise CertificateError(f"{name} {cert} expired on {ends:%Y-%m-%d %H:%M} UTC: renew the certificate")
-        if begins > now:
+        if begins > now + NOT_BEFORE_SLACK:
             raise CertificateError(
                 f"{name} {cert} is not valid before {begins:%Y-%m-%d %H:%M} UTC (its notBefore): check the "
                 "machine's clock or the certificate"

@@ -111,6 +111,13 @@ def describe_certificate(cert_file: Path) -> dict[str, str]:
     }
 
 
+# How far a certificate's notBefore may be ahead of this machine's clock and still be served: a CA that does not
+# backdate, and a deploy hook that reloads at once on a host a second or a minute behind, would otherwise have
+# the new certificate refused (a reload keeps the old one until the next). The gateway's own self-signed one is
+# backdated as much. Clients with the right time accept it; one a few minutes behind refuses it either way.
+NOT_BEFORE_SLACK = datetime.timedelta(minutes=5)
+
+
 def validity(cert_file: Path) -> tuple[datetime.datetime, datetime.datetime]:
     """When the first certificate of a PEM file begins and ends being valid (UTC). Raises ValueError."""
     from cryptography import x509  # (see describe_certificate)
