@@ -59,3 +59,17 @@ def spool_rows(path: Path, *states: str) -> list[dict[str, object]]:
             await store.close()
 
     return asyncio.run(read())
+
+
+def make_queue(path: Path) -> Path:
+    """An (empty) SQLite queue as `serve` leaves it: made by the queue store itself."""
+
+    async def make() -> None:
+        store = SqliteQueue(path)
+        try:
+            await store.open()
+        finally:
+            await store.close()
+
+    asyncio.run(make())
+    return path

@@ -5,7 +5,6 @@ password is never echoed."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.queue.sqlite import SqliteQueue
+from tests.spool_helpers import make_queue
 
 CLI = str(Path(sys.executable).parent / "smtp-gateway")
 LATIN1 = "müller@example.de".encode("latin-1")  # b"m\xfcller@example.de"
@@ -22,18 +21,6 @@ LATIN1 = "müller@example.de".encode("latin-1")  # b"m\xfcller@example.de"
 def run(*args: str | bytes, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     return subprocess.run([CLI, *args], input=stdin, capture_output=True, timeout=60, env=env, check=False)
-
-
-def _make_queue(path: Path) -> Path:
-    async def make() -> None:
-        store = SqliteQueue(path)
-        try:
-            await store.open()
-        finally:
-            await store.close()
-
-    asyncio.run(make())
-    return path
 
 
 @pytest.mark.parametrize(
@@ -49,7 +36,7 @@ def _make_queue(path: Path) -> Path:
     ids=["status", "queue-show", "queue-delete", "queue-retry", "suppression-remove", "suppression-list-account"],
 )
 def test_a_non_utf8_argument_is_a_usage_error_not_a_traceback(tmp_path: Path, args: list[str | bytes]) -> None:
-    q = str(_make_queue(tmp_path / "spool.sqlite3"))
+    q = str(make_queue(tmp_path / "spool.sqlite3"))
     result = run(*(q if a == "{q}" else a for a in args))
     assert b"Traceback" not in result.stderr, result.stderr.decode(errors="replace")
     assert result.returncode == 2

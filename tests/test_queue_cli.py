@@ -20,10 +20,9 @@ from gateway.cli import queue as queue_cli
 from gateway.config import preflight
 from gateway.core.errors import QueueBusy
 from gateway.queue.backends import open_store
-from gateway.queue.sqlite import SqliteQueue
 from gateway.queue.store import QueueStore
 from tests.harness import Running
-from tests.spool_helpers import send
+from tests.spool_helpers import make_queue, send
 
 # Messages stay queued (the sandbox answers 503, the next attempt is an hour away).
 SLOW = {"retry_schedule": [3600], "retry_jitter": 0.0, "inline_budget": 2.0, "probe_interval": 3600}
@@ -125,20 +124,6 @@ def _tables(path: Path) -> set[str]:
         db.close()
 
 
-def _make_queue(path: Path) -> Path:
-    """An (empty) SQLite queue as `serve` leaves it: made by the queue store itself."""
-
-    async def make() -> None:
-        store = SqliteQueue(path)
-        try:
-            await store.open()
-        finally:
-            await store.close()
-
-    asyncio.run(make())
-    return path
-
-
 @pytest.mark.parametrize(
     "command",
     [
@@ -174,7 +159,7 @@ async def _touch_rate_file(path: Path) -> None:
 
 
 def test_the_queues_ratelimit_side_file_is_refused(tmp_path: Path) -> None:
-    queue = _make_queue(tmp_path / "spool.sqlite3")
+    queue = make_queue(tmp_path / "spool.sqlite3")
     side = queue.with_name("spool.sqlite3-ratelimit")  # tab completion offers it next to the queue
     asyncio.run(_touch_rate_file(side))  # as a serving gateway has it
     before = _tables(side)
@@ -185,7 +170,7 @@ def test_the_queues_ratelimit_side_file_is_refused(tmp_path: Path) -> None:
 
 
 def test_the_queue_itself_is_read(tmp_path: Path) -> None:
-    queue = _make_queue(tmp_path / "spool.sqlite3")
+    queue = make_queue(tmp_path / "spool.sqlite3")
     result = cli("queue", "--spool", str(queue), "list")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"queue sqlite:///{queue}: empty") or ": empty" in result.stdout, result.stdout
@@ -194,7 +179,7 @@ def test_the_queue_itself_is_read(tmp_path: Path) -> None:
 def test_queue_list_json_is_json_on_an_older_queue_file(tmp_path: Path) -> None:
     """A queue file made before auto_vacuum=INCREMENTAL (an upgrade): the CLI converts it and logs so, on
     stderr, not in front of the JSON on stdout."""
-    queue = _make_queue(tmp_path / "spool.sqlite3")
+    queue = make_queue(tmp_path / "spool.sqlite3")
     db = sqlite3.connect(queue, isolation_level=None)
     db.execute("PRAGMA journal_mode=DELETE")
     db.execute("PRAGMA auto_vacuum=NONE")
@@ -209,7 +194,7 @@ def test_queue_list_json_is_json_on_an_older_queue_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize("limit", ["0", "-1", "99999999999999999999", "ten"])
 @pytest.mark.parametrize("action", ["list", "dead"])
 def test_a_limit_out_of_range_is_a_usage_error(tmp_path: Path, action: str, limit: str) -> None:
-    queue = _make_queue(tmp_path / "spool.sqlite3")
+    queue = make_queue(tmp_path / "spool.sqlite3")
     result = cli("queue", "--spool", str(queue), action, "--limit", limit, "--account", "acme")
     assert "Traceback" not in result.stderr, result.stderr
     assert result.returncode == 2, result.stdout
@@ -219,7 +204,7 @@ def test_a_limit_out_of_range_is_a_usage_error(tmp_path: Path, action: str, limi
 def test_a_locked_sqlite_queue_says_another_process_holds_its_lock(tmp_path: Path) -> None:
     """A lock held past the busy timeout: "try again", not "is it an smtp-gateway queue, readable and writable?"
     with the library's exception name (review cli2 F8)."""
-    queue = _make_queue(tmp_path / "spool.sqlite3")
+    queue = make_queue(tmp_path / "spool.sqlite3")
     holder = sqlite3.connect(queue, isolation_level=None)
     try:
         holder.execute("BEGIN EXCLUSIVE")  # a process paused inside its write transaction
