@@ -124,14 +124,18 @@ def _tables(path: Path) -> set[str]:
         db.close()
 
 
+# The commands that read a queue file an operator names and never create one.
+QUEUE_READERS = [
+    ["queue", "--spool", "{spool}", "list"],
+    ["queue", "--spool", "{spool}", "migrate"],
+    ["status", "--spool", "{spool}", "a@example.com"],
+    ["suppression", "list", "--spool", "{spool}"],
+]
+
+
 @pytest.mark.parametrize(
     "command",
-    [
-        ["queue", "--spool", "{spool}", "list"],
-        ["queue", "--spool", "{spool}", "migrate"],
-        ["status", "--spool", "{spool}", "a@example.com"],
-        ["suppression", "list", "--spool", "{spool}"],
-    ],
+    QUEUE_READERS,
     ids=["queue-list", "queue-migrate", "status", "suppression-list"],
 )
 def test_another_programs_database_is_refused_and_left_alone(tmp_path: Path, command: list[str]) -> None:
@@ -229,12 +233,7 @@ def _no_tables(path: Path) -> None:
 @pytest.mark.parametrize("kind", ["0-bytes", "no-tables"])
 @pytest.mark.parametrize(
     "command",
-    [
-        ["queue", "--spool", "{spool}", "list"],
-        ["queue", "--spool", "{spool}", "migrate"],
-        ["status", "--spool", "{spool}", "a@example.com"],
-        ["suppression", "list", "--spool", "{spool}"],
-    ],
+    QUEUE_READERS,
     ids=["queue-list", "queue-migrate", "status", "suppression-list"],
 )
 def test_an_empty_file_is_no_queue(tmp_path: Path, command: list[str], kind: str) -> None:
