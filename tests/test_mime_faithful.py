@@ -674,3 +674,52 @@ def test_body_controls_and_lone_surrogates_past_the_first_slice_are_found() -> N
     assert sanitize.body(text) == "a" * (size - 1) + "b" * size + "\ufffd" + "c" * 10
     clean = "x" * (2 * size + 5)
     assert sanitize.body(clean) is clean  # nothing to remove: the text itself, no copy
+
+
+# Review today5: only a preamble is hidden beside a body; an invitation is dropped only beside its own calendar.
+_INVITE = (
+    b"BEGIN:VCALENDAR\r\nMETHOD:REQUEST\r\nBEGIN:VEVENT\r\nUID:meeting-42\r\nSUMMARY:Budget\r\n"
+    b"END:VEVENT\r\nEND:VCALENDAR\r\n"
+)
+_HOLIDAYS = (
+    b"BEGIN:VCALENDAR\r\nMETHOD:PUBLISH\r\nBEGIN:VEVENT\r\nUID:holiday-1\r\nSUMMARY:New Year\r\n"
+    b"END:VEVENT\r\nEND:VCALENDAR\r\n"
+)
+
+
+def test_unsplit_multipart_with_boundary_lines_carrying_text_keeps_its_content_beside_a_footer() -> None:
+    """A multipart whose boundary lines carry text after the boundary (RFC 2046; the new defect names it) holds
+    parts, not a preamble. Beside a sibling text part (a list footer, a disclaimer), it is now dropped: the
+    recipient gets the footer alone."""
+    inner = (
+        b'Content-Type: multipart/alternative; boundary="c"\r\n\r\n'
+        b"--c trailing words\r\nContent-Type: text/plain\r\n\r\nThe invoice total is 42 EUR\r\n--c-- more words\r\n"
+    )
+    footer = b"Content-Type: text/plain\r\n\r\n-- \r\nlist footer\r\n"
+    msg = mime.parse(mixed(inner, footer))
+    assert "invoice total is 42" in msg.html, msg.html
+
+
+def test_unsplit_multipart_without_boundary_parameter_keeps_its_content_beside_a_footer() -> None:
+    """No boundary parameter: the whole body is the sender's content (no preamble can exist), still hidden."""
+    inner = b"Content-Type: multipart/alternative\r\n\r\nThe invoice total is 42 EUR\r\n"
+    footer = b"Content-Type: text/plain\r\n\r\n-- \r\nlist footer\r\n"
+    msg = mime.parse(mixed(inner, footer))
+    assert "invoice total is 42" in msg.html, msg.html
+
+
+def test_an_invitation_beside_an_unrelated_calendar_file_keeps_its_calendar() -> None:
+    """The alternative's calendar is dropped when any other calendar file is attached, even a different one
+    (a holidays.ics beside a meeting invitation): the meeting's only copy is lost."""
+    alternative = (
+        b'Content-Type: multipart/alternative; boundary="a"\r\n\r\n'
+        b"--a\r\nContent-Type: text/plain\r\n\r\nYou are invited\r\n"
+        b"--a\r\nContent-Type: text/html\r\n\r\n<p>You are invited</p>\r\n"
+        b"--a\r\nContent-Type: text/calendar; method=REQUEST\r\n\r\n" + _INVITE + b"--a--"
+    )
+    holidays = (
+        b'Content-Type: text/calendar; name="holidays.ics"\r\n'
+        b'Content-Disposition: attachment; filename="holidays.ics"\r\n\r\n' + _HOLIDAYS
+    )
+    msg = mime.parse(mixed(alternative, holidays))
+    assert any(b"meeting-42" in a.data for a in msg.attachments), [a.filename for a in msg.attachments]

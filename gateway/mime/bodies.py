@@ -58,6 +58,7 @@ class _Piece:
     image: int = -1
     plain: bool = False  # a text/plain part (not text/enriched, text/calendar, ...)
     unsplit: bool = False  # the text of a multipart the parser could not split
+    preamble: bool = False  # ... which may be only its preamble (_preamble_only)
 
 
 def extract(
@@ -144,15 +145,16 @@ class _Walk:
     carried: Mapping[int, bytes | memoryview] = field(default_factory=dict)
     # The invitations attached from an alternative's calendar branch: (attachment index, defect index).
     invitations: list[tuple[int, int]] = field(default_factory=list)
-    # The multiparts sent as text (unsplit): (defect index, text index, the defect's start).
+    # The multiparts sent as text (unsplit) that may be only a preamble: (defect index, text index, the defect's
+    # start).
     unsplits: list[tuple[int, int, str]] = field(default_factory=list)
 
     def beside_a_body(self, pieces: list[_Piece]) -> list[_Piece]:
-        """`pieces` less the text of unsplit multiparts when the message shows a body besides: a nested
-        multipart whose parts were stripped (a filter) keeps only its preamble ("This is a multi-part message
-        in MIME format."), and all a multipart holds before a boundary line is a preamble, which mail clients
-        never show (RFC 2046 §5.1.1). Its text is sent only when nothing else would be: a blank mail is worse.
-        Recorded either way, saying which."""
+        """`pieces` less the text of unsplit multiparts that are only a preamble when the message shows a body
+        besides: a nested multipart whose parts were stripped (a filter) keeps only its preamble ("This is a
+        multi-part message in MIME format."), which mail clients never show (RFC 2046 §5.1.1). Only such a
+        text (a boundary parameter and no boundary line, a few lines at most: `_preamble_only`) is hidden; any
+        other unsplit multipart's text is the sender's and is sent. Recorded either way, saying which."""
         if not self.unsplits or not any(not p.unsplit and (p.kind == "image" or p.content.strip()) for p in pieces):
             return pieces
         hidden = {text for _, text, _ in self.unsplits}
@@ -160,7 +162,7 @@ class _Walk:
             self.defects[defect] = f"{start}, its body (a preamble) not shown beside the message's body"
         self.texts = [t for i, t in enumerate(self.texts) if i not in hidden]
         self.unsplits = []
-        return [p for p in pieces if not p.unsplit]
+        return [p for p in pieces if not p.preamble]
 
     def settled(self) -> tuple[tuple[Attachment, ...], tuple[str, ...]]:
         """The attachments and defects, less the invitations attached from an alternative's calendar branch
@@ -171,12 +173,20 @@ class _Walk:
         if not self.invitations:
             return tuple(self.attachments), tuple(self.defects)
         ours = {index for index, _ in self.invitations}
-        if not any(_is_calendar(a) for i, a in enumerate(self.attachments) if i not in ours):
+        files = [a for i, a in enumerate(self.attachments) if i not in ours and _is_calendar(a)]
+        # Only the same calendar (an event it names: its UID, or the same bytes): an unrelated calendar file
+        # (holidays.ics beside a meeting invitation) leaves the invitation's only copy in place.
+        same = {
+            (attachment, defect)
+            for attachment, defect in self.invitations
+            if any(_same_calendar(self.attachments[attachment], f) for f in files)
+        }
+        if not same:
             return tuple(self.attachments), tuple(self.defects)
-        dropped = {index for _, index in self.invitations}
+        dropped_files, dropped_defects = {a for a, _ in same}, {d for _, d in same}
         return (
-            tuple(a for i, a in enumerate(self.attachments) if i not in ours),
-            tuple(d for i, d in enumerate(self.defects) if i not in dropped),
+            tuple(a for i, a in enumerate(self.attachments) if i not in dropped_files),
+            tuple(d for i, d in enumerate(self.defects) if i not in dropped_defects),
         )
 
     def part(self, part: EmailMessage, resource: bool = False) -> list[_Piece]:
@@ -285,11 +295,14 @@ class _Walk:
         decoded = charsets.decode(data, label)
         del data
         text = sanitize.body(decoded.text.replace("\r\n", "\n"))
-        start = f"{UNSPLIT_MULTIPART}: part {self.leaves} ({ctype}): {_unsplit_why(part, fields, text)}"
-        self.unsplits.append((len(self.defects), len(self.texts), start))
+        why = _unsplit_why(part, fields, text)
+        start = f"{UNSPLIT_MULTIPART}: part {self.leaves} ({ctype}): {why}"
+        preamble = _preamble_only(why, text)
+        if preamble:
+            self.unsplits.append((len(self.defects), len(self.texts), start))
         self.defects.append(f"{start}, its body sent as text as it arrived")
         self.texts.append(text)
-        return [_Piece("text", text, unsplit=True)]
+        return [_Piece("text", text, unsplit=True, preamble=preamble)]
 
     def text_payload(self, part: EmailMessage, ctype: str, fields: dict[str, str]) -> str:
         data = self.payload_bytes(part, ctype, fields)
@@ -367,8 +380,32 @@ def _unsplit_why(part: EmailMessage, fields: dict[str, str], text: str) -> str:
     return "no boundary line"
 
 
+# A preamble is a line or two ("This is a multi-part message in MIME format."); more is the sender's text.
+_PREAMBLE_MAX = 300
+
+
+def _preamble_only(why: str, text: str) -> bool:
+    """Whether an unsplit multipart's text can be only its preamble: a boundary parameter none of whose lines
+    is there (its parts stripped), and a short text. Without a boundary parameter there is no preamble, and
+    boundary lines carrying text after the boundary are followed by real parts."""
+    return why == "no boundary line" and len(text.strip()) <= _PREAMBLE_MAX
+
+
 def _is_calendar(attachment: Attachment) -> bool:
     return attachment.content_type in _CALENDAR_TYPES or attachment.filename.lower().endswith(_CALENDAR_NAMES)
+
+
+_UID = re.compile(rb"^UID[;:][^\r\n]*", re.MULTILINE | re.IGNORECASE)
+
+
+def _same_calendar(invitation: Attachment, other: Attachment) -> bool:
+    """Whether a calendar file is the invitation's own calendar: the same bytes, or an event UID in common
+    (RFC 5545's UID names the event whatever else the copies differ in: folding, METHOD, a client's fields)."""
+    ours, theirs = bytes(invitation.data), bytes(other.data)
+    if ours == theirs:
+        return True
+    uids = {m.group().split(b":", 1)[-1].strip() for m in _UID.finditer(ours)}
+    return bool(uids & {m.group().split(b":", 1)[-1].strip() for m in _UID.finditer(theirs)})
 
 
 def _param_is(part: EmailMessage, fields: dict[str, str], param: str, value: str) -> bool:
