@@ -104,24 +104,32 @@ class Depth:
             return {str(a): int(n) for a, n in conn.execute(query).fetchall()}
 
 
-def fill(gateway: Gateway, quiet_port: int, count: int) -> None:
-    """The outage: every send answered 503; N messages accepted and queued by the gateway."""
+def fill(gateway: Gateway, quiet_port: int, count: int) -> list[str]:
+    """The outage: every send answered 503; N messages accepted and queued by the gateway. Returns what went
+    wrong (smtp-source's error per port)."""
     http_json(f"{gateway.sandbox_url}/_sandbox/faults", method="POST", body={"status": 503, "probability": 1.0})
     path = genmsg.MESSAGES_DIR / f"{genmsg.SMALL_NAME}.eml"
     quiet = count // 10
     runs = [(gateway.port, count - quiet), (quiet_port, quiet)]
-    threads = [
-        threading.Thread(
-            target=lambda port=port, n=n: smtpsource.run(
-                f"{HOST}:{port}", path, 10, n, True, 3600.0, genmsg.SENDER, genmsg.RECIPIENT
-            )
-        )
-        for port, n in runs
-    ]
+    errors: list[str] = []
+
+    def send(port: int, n: int) -> None:
+        sent = smtpsource.run(f"{HOST}:{port}", path, 10, n, True, 3600.0, genmsg.SENDER, genmsg.RECIPIENT)
+        if sent.error:
+            errors.append(f"filling through port {port}: {sent.error}")
+
+    threads = [threading.Thread(target=send, args=run) for run in runs]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    return errors
+
+
+def failures(fill_errors: list[str], left: int, timeout: float) -> list[str]:
+    """What makes the run incomplete: smtp-source's errors while filling, and a queue not drained in time
+    (`left` messages still queued at the end)."""
+    return fill_errors + ([f"{left} messages still queued after {timeout:.0f} s of draining"] if left else [])
 
 
 def drain(gateway: Gateway, depth: Depth, http_port: int, count: int, timeout: float) -> list[dict[str, Any]]:
@@ -209,10 +217,11 @@ def main(argv: list[str] | None = None) -> int:
         depth = Depth(gateway.tmp / "spool.sqlite3" if args.queue == "sqlite" else None, gateway.queue_url)
         print(f"filling: {args.messages} messages while the upstream answers 503", flush=True)
         fill_started = time.monotonic()
-        fill(gateway, quiet_port, args.messages)
+        fill_errors = fill(gateway, quiet_port, args.messages)
         fill_s = time.monotonic() - fill_started
         print(f"  queued in {fill_s:.0f} s: {depth()}", flush=True)
         records = drain(gateway, depth, http_port, args.messages, args.timeout)
+        left = sum(depth().values())  # drain() records every 10 %: its last record may predate a timeout
     result = {
         "machine": machine_info(),
         "queue": args.queue,
@@ -223,8 +232,14 @@ def main(argv: list[str] | None = None) -> int:
         "duration_s": time.monotonic() - started,
         "loadavg_after": os.getloadavg(),
     }
+    failed = failures(fill_errors, left, args.timeout)
+    result["failures"] = failed
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
+    if failed:
+        # A scripted run tells an incomplete result by the exit status; the last line says why.
+        print(f"FAILED (exit 1): {'; '.join(failed)}", flush=True)
+        return 1
     return 0
 
 

@@ -443,12 +443,34 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(report.render_markdown(run))
     print(f"wrote {json_path} and {md_path}")
-    failed = any(s.skipped for s in run.setups) or any(p.error for s in run.setups for p in s.points)
+    failed = failures(run)
     if args.keep_logs or failed:
         print(f"server logs kept in {workdir}")
     else:
         shutil.rmtree(workdir, ignore_errors=True)
-    return 130 if run.interrupted else 0
+    return exit_status(run, failed)
+
+
+def failures(run: RunResult) -> list[str]:
+    """What makes the run incomplete: each skipped setup, and the points and latency runs with an error."""
+    out = [f"{s.name} skipped: {s.skipped}" for s in run.setups if s.skipped]
+    out += [
+        f"{p.setup} {p.message} {p.mode} {p.sessions} sess.: {p.error}" for s in run.setups for p in s.points if p.error
+    ]
+    out += [f"{s.name} {lat.message} latency: {lat.error}" for s in run.setups for lat in s.latencies if lat.error]
+    return out
+
+
+def exit_status(run: RunResult, failed: list[str]) -> int:
+    """130 after Ctrl-C (or SIGTERM), 1 when a setup was skipped or a point failed, else 0; the last line says
+    which, so that a scripted run can tell a complete result from a partial one."""
+    if run.interrupted:
+        print("INTERRUPTED: partial results (exit 130)", flush=True)
+        return 130
+    if failed:
+        print(f"FAILED (exit 1): {len(failed)} setups or points did not complete, first: {failed[0]}", flush=True)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

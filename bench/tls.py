@@ -70,6 +70,7 @@ class TlsRun:
     duration_s: float = 0.0
     points: list[TlsPoint] = field(default_factory=list)
     interrupted: bool = False
+    setup_error: str = ""  # a server that would not start or warm up: the points after it were not taken
 
 
 def plan(args: argparse.Namespace) -> list[Shape]:
@@ -317,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         run.interrupted = True
     except SetupError as exc:
         print(f"setup failed: {exc}", flush=True)
-        run.interrupted = True
+        run.setup_error = str(exc)
     run.duration_s = time.monotonic() - started
     args.out.mkdir(parents=True, exist_ok=True)
     data = asdict(run)
@@ -328,7 +329,21 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + text)
     if args.update_readme and not update_block(BENCH_DIR.parent / "docs" / "performance.md", START, END, text):
         print("bench:tls markers not found; docs/performance.md not updated", flush=True)
-    return 130 if run.interrupted else 0
+    return exit_status(run)
+
+
+def exit_status(run: TlsRun) -> int:
+    """130 after Ctrl-C, 1 when a setup failed or a point has an error, else 0; the last line says which, so
+    that a scripted run can tell a complete result from a partial one."""
+    if run.interrupted:
+        print("INTERRUPTED: partial results (exit 130)", flush=True)
+        return 130
+    failed = [f"setup failed: {run.setup_error}"] if run.setup_error else []
+    failed += [f"{p.setup} {p.shape.cert} {p.shape.mode} {p.sessions} sess.: {p.error}" for p in run.points if p.error]
+    if failed:
+        print(f"FAILED (exit 1): {len(failed)} setups or points did not complete, first: {failed[0]}", flush=True)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
+import backlog  # noqa: E402
+import failover  # noqa: E402
 import gateway_target  # noqa: E402
 import mix  # noqa: E402
 import pairs  # noqa: E402
@@ -27,6 +29,7 @@ import run as bench_run  # noqa: E402
 import scan  # noqa: E402
 import servers  # noqa: E402
 import smtpsource  # noqa: E402
+import tls  # noqa: E402
 from results_model import Point, RunResult, SetupResult  # noqa: E402
 from servers import Settled  # noqa: E402
 
@@ -164,3 +167,120 @@ def test_pairs_take_each_side_first_equally_often() -> None:
 
 def test_pairs_give_the_ratios_quartiles_next_to_their_median() -> None:
     assert pairs.summary([0.9, 1.0, 1.1, 1.2, 1.3]) == "1.100, quartiles 1.000-1.200, range 0.90-1.30"
+
+
+@pytest.fixture()
+def no_servers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """run.main() without a server, a load generator nor a signal handler: each setup is what the test's
+    run_setup returns; results go to the returned folder."""
+    monkeypatch.setattr(bench_run, "preflight", lambda: None)
+    monkeypatch.setattr(bench_run, "stop_stale", lambda: None)
+    monkeypatch.setattr(bench_run, "claim", lambda _workdir: None)
+    monkeypatch.setattr(bench_run, "machine_info", lambda: dict.fromkeys(MACHINE_KEYS, "?"))
+    monkeypatch.setattr(bench_run, "resolve_gateway", lambda _wanted: (None, "not selected"))
+    monkeypatch.setattr(bench_run.signal, "signal", lambda *_a: None)
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    monkeypatch.setattr(bench_run.tempfile, "mkdtemp", lambda prefix: str(workdir))
+    return tmp_path / "out"
+
+
+def _setup_with(point_error: str = "", skipped: str = "") -> SetupResult:
+    setup = SetupResult("smtp-sink", "", skipped=skipped)
+    if not skipped:
+        setup.points.append(Point("smtp-sink", "5KB", "persistent", 1, 5000, sent=5000, msgs_per_s=900.0))
+        setup.points[0].error = point_error
+    return setup
+
+
+@pytest.mark.parametrize(
+    ("setup", "status", "last"),
+    [
+        (_setup_with(), 0, "wrote "),
+        (_setup_with(point_error="sandbox saw 0 API calls"), 1, "FAILED (exit 1): 1 setups or points"),
+        (_setup_with(skipped="postfix not installed"), 1, "FAILED (exit 1): 1 setups or points"),
+    ],
+)
+def test_run_exits_1_when_a_point_failed_or_a_setup_was_skipped(
+    no_servers: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    setup: SetupResult,
+    status: int,
+    last: str,
+) -> None:
+    """A scripted run must tell a partial result from a complete one by the exit status and the last line."""
+    monkeypatch.setattr(bench_run, "run_setup", lambda *_a: setup)
+    argv = ["--quick", "--setups", "smtp-sink", "--messages", "5KB", "--no-latency", "--out", str(no_servers)]
+    assert bench_run.main(argv) == status
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith(last)
+
+
+def test_run_exits_130_when_interrupted(no_servers: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def interrupted(*_a: object) -> SetupResult:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench_run, "run_setup", interrupted)
+    assert bench_run.main(["--quick", "--setups", "smtp-sink", "--out", str(no_servers)]) == 130
+
+
+@pytest.fixture()
+def no_tls_servers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """tls.main() without a server: each certificate's points are what the test's run_cert adds."""
+    monkeypatch.setattr(tls, "stop_stale", lambda: None)
+    monkeypatch.setattr(tls, "claim", lambda _workdir: None)
+    monkeypatch.setattr(tls, "machine_info", lambda: dict.fromkeys(MACHINE_KEYS, "?"))
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    monkeypatch.setattr(tls.tempfile, "mkdtemp", lambda prefix: str(workdir))
+
+
+def _tls_point(error: str = "") -> Any:
+    return tls.TlsPoint("gateway", tls.Shape("ecdsa", "starttls", "1.3", "full", "5KB"), 1, 10, 10.0, error=error)
+
+
+@pytest.mark.parametrize(
+    ("outcome", "status"),
+    [("ok", 0), ("point error", 1), ("setup failed", 1), ("interrupted", 130)],
+)
+def test_tls_exits_1_when_a_point_failed_or_a_setup_failed(
+    tmp_path: Path,
+    no_tls_servers: None,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    outcome: str,
+    status: int,
+) -> None:
+    def run_cert(_workdir: Path, _cert: str, _shapes: object, _args: object, out: Any) -> None:
+        out.points.append(_tls_point("3 errors, first: SMTPServerDisconnected" if outcome == "point error" else ""))
+        if outcome == "setup failed":
+            raise servers.SetupError("gateway did not start")
+        if outcome == "interrupted":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(tls, "run_cert", run_cert)
+    assert tls.main(["--quick", "--out", str(tmp_path)]) == status
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith({0: "|", 1: "FAILED (exit 1)", 130: "INTERRUPTED"}[status]), last
+
+
+def test_backlog_fill_errors_and_an_undrained_queue_fail_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """smtp-source refused while filling, or a queue not drained before --timeout: not a valid backlog figure."""
+    monkeypatch.setattr(backlog, "http_json", lambda *a, **k: None)
+    refused = smtpsource.SourceRun(12, 1.0, 12.0, False, error="smtp-source: fatal: 451 4.3.0")
+    monkeypatch.setattr(backlog.smtpsource, "run", lambda *a, **k: refused)
+    gateway = argparse.Namespace(sandbox_url="http://127.0.0.1:1", port=2)
+    errors = backlog.fill(gateway, 3, 100)  # type: ignore[arg-type]
+    assert sorted(errors) == [f"filling through port {p}: smtp-source: fatal: 451 4.3.0" for p in (2, 3)]
+    assert backlog.failures([], 0, 60.0) == []
+    assert backlog.failures([], 7, 60.0) == ["7 messages still queued after 60 s of draining"]
+
+
+@pytest.mark.parametrize(("accepted", "delivered", "status"), [(20, 20, 0), (20, 19, 1), (18, 18, 1)])
+def test_failover_exits_1_when_a_scenario_lost_or_refused_messages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, accepted: int, delivered: int, status: int
+) -> None:
+    result = {"scenario": "?", "accepted": accepted, "delivered": delivered, "seconds_from_kill_to_all_delivered": 1}
+    monkeypatch.setattr(failover, "machine_info", lambda: {})
+    monkeypatch.setattr(failover, "scenario", lambda name, _workdir: {**result, "scenario": name})
+    assert failover.main(["--out", str(tmp_path / "failover.json")]) == status
