@@ -9,10 +9,11 @@ alike): `postfix` (STARTTLS offered, TLS from the first byte on a second port, m
 session tickets and its session cache on), `gateway` (one process; the clients AUTH PLAIN inside TLS),
 `gateway-trusted` (the same process, a listener with a trusted network: no AUTH, like Postfix) and, with
 `--workers`, `gateway-x2` (`serve --workers 2`, AUTH). The client is bench/tlsload.py (smtp-source has no
-TLS). Each point: its rate, how many connections resumed a TLS session, the latency of one connection
-(connect to QUIT), and the server's CPU time per message (its whole process tree: every Postfix process,
-the gateway's workers; not the sandbox). Writes results/tls.json and results/tls.md; --update-readme also
-puts the tables into docs/performance.md between its bench:tls markers.
+TLS). Each setup is warmed up first (10 messages per TLS mode, not reported). Each point: its rate, how many
+connections resumed a TLS session, the latency of one connection (connect to QUIT), and the server's CPU time
+per message (its whole process tree: every Postfix process, the gateway's workers; not the sandbox). Writes
+results/tls.json and results/tls.md; --update-readme also puts the tables into docs/performance.md between its
+bench:tls markers.
 """
 
 from __future__ import annotations
@@ -107,10 +108,13 @@ class Setup:
         return self.server.tls_ports[f"{mode}-trusted" if self.trusted else mode]
 
 
-def load(setup: Setup, shape: Shape, sessions: int, duration: float) -> dict[str, object]:
+def load(setup: Setup, shape: Shape, sessions: int, duration: float, messages: int = 0) -> dict[str, object]:
+    """One tlsload.py run: `duration` seconds, or `messages` messages when given."""
     path = genmsg.MESSAGES_DIR / f"{MESSAGES[shape.message]}.eml"
     cmd = [sys.executable, str(BENCH_DIR / "tlsload.py"), f"{HOST}:{setup.port(shape.mode)}", "-F", str(path)]
     cmd += ["-s", str(sessions), "--duration", str(duration), "--tls", shape.version, "--json"]
+    if messages:
+        cmd += ["--messages", str(messages)]
     cmd += ["--from", genmsg.SENDER, "--to", genmsg.RECIPIENT]
     if shape.mode == "implicit":
         cmd.append("--implicit")
@@ -151,6 +155,29 @@ def measure(setup: Setup, shape: Shape, sessions: int, duration: float) -> TlsPo
     return point
 
 
+# Unmeasured connections per setup and TLS mode before the first point (as run.py's warm-up): otherwise the
+# first point pays the server's first handshakes, its caches filling and its lazy imports.
+WARMUP_MESSAGES = 10
+WARMUP_LIMIT_S = 60.0
+
+
+def warm_up(setups: list[Setup], shapes: list[Shape]) -> None:
+    """A few messages on one session through each setup and TLS mode of `shapes`, not reported; a setup
+    whose warm-up fails (or is not passed on) is a SetupError before any point is measured."""
+    for setup in setups:
+        for mode in dict.fromkeys(shape.mode for shape in shapes):
+            shape = next(shape for shape in shapes if shape.mode == mode)
+            try:
+                data = load(setup, shape, 1, WARMUP_LIMIT_S, messages=WARMUP_MESSAGES)
+            except (subprocess.TimeoutExpired, ValueError) as exc:
+                raise SetupError(f"{setup.name} {mode} warm-up failed: {exc}") from exc
+            if data["errors"]:
+                raise SetupError(f"{setup.name} {mode} warm-up failed: {data['first_error']}")
+            settled = setup.server.settle(int(str(data["messages"])))
+            if settled.error:
+                raise SetupError(f"{setup.name} {mode} warm-up: {settled.error}")
+
+
 def certificate(workdir: Path, cert: str) -> tuple[Path, Path]:
     sys.path.insert(0, str(BENCH_DIR.parent))
     try:
@@ -179,6 +206,7 @@ def run_cert(workdir: Path, cert: str, shapes: list[Shape], args: argparse.Names
             if setup.server not in started:
                 setup.server.start()
                 started.append(setup.server)
+        warm_up(setups, shapes)
         for shape in shapes:
             for sessions in args.sessions:
                 for setup in setups:

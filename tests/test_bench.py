@@ -284,3 +284,48 @@ def test_failover_exits_1_when_a_scenario_lost_or_refused_messages(
     monkeypatch.setattr(failover, "machine_info", lambda: {})
     monkeypatch.setattr(failover, "scenario", lambda name, _workdir: {**result, "scenario": name})
     assert failover.main(["--out", str(tmp_path / "failover.json")]) == status
+
+
+class _TlsServer(servers.Server):
+    """A started server as run_cert sees it: nothing runs, every message passed on."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def start(self) -> None:
+        self.events.append("start")
+
+    def stop(self) -> None:
+        self.events.append("stop")
+
+    def rss_roots(self) -> list[int]:
+        return []
+
+
+def test_tls_warms_each_setup_and_mode_up_before_its_first_point_and_does_not_report_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first measured point must not pay the server's first handshakes, cache fills and imports."""
+    server = _TlsServer()
+    setups = [tls.Setup("postfix", server, auth=False), tls.Setup("gateway", server, auth=True)]
+    calls: list[tuple[str, str, int]] = []
+
+    def load(setup: Any, shape: Any, sessions: int, duration: float, messages: int = 0) -> dict[str, object]:
+        calls.append((setup.name, shape.mode, messages))
+        return {"messages": messages or 50, "msgs_per_s": 50.0, "resumed": 0, "errors": 0, "latencies_ms": {}}
+
+    monkeypatch.setattr(tls, "load", load)
+    monkeypatch.setattr(tls, "servers", lambda *_a: setups)
+    monkeypatch.setattr(tls, "certificate", lambda *_a: (tmp_path / "c", tmp_path / "k"))
+    monkeypatch.setattr(tls, "check_cli", lambda: [])
+    args = argparse.Namespace(
+        certs=["ecdsa"], versions=["1.3"], handshakes=["full"], plan="standard", sessions=[1], duration=1.0
+    )
+    shapes = tls.plan(args)
+    run = tls.TlsRun({})
+    tls.run_cert(tmp_path, "ecdsa", shapes, args, run)
+    warm = [(name, mode) for name, mode, messages in calls if messages]  # a count, not the points' duration
+    assert warm == [(s.name, mode) for s in setups for mode in ("starttls", "implicit")]
+    assert all(messages for _name, _mode, messages in calls[: len(warm)]), "warm-up before the first point"
+    assert len(run.points) == len(shapes) * len(setups)
+    assert all(p.messages == 50 for p in run.points), "a warm-up was reported as a point"
