@@ -281,6 +281,31 @@ def test_an_unreachable_postgresql_queue(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("url", "refusal"),
+    [
+        (
+            "postgresql://gateway@127.0.0.1/gateway?foo=bar",
+            'is not a URL libpq can read: invalid URI query parameter: "foo"',
+        ),
+        ("postgresql://[::1", 'is not a URL libpq can read: end of string reached when looking for matching "]"'),
+        ("postgresql://gateway@127.0.0.1:99999/gateway", "port '99999' is not a port number (1-65535)"),
+        ("postgresql://gateway@127.0.0.1/gateway?sslmode=requir", "sslmode 'requir' is not one of disable, allow"),
+    ],
+    ids=["unknown-parameter", "malformed", "port-out-of-range", "unknown-sslmode"],
+)
+def test_a_queue_url_libpq_cannot_use_is_refused_where_the_config_is_read(
+    tmp_path: Path, url: str, refusal: str
+) -> None:
+    """libpq reads the URL only when it connects: an unknown query parameter or a malformed URL gave psycopg's
+    traceback, a port out of range or an unknown sslmode "cannot connect" to a server never tried. Now the
+    config's refusal naming the key, from every command that reads it."""
+    path = config(tmp_path, delivery={"queue_url": url})
+    refused(tmp_path, path, 2, f"delivery.queue_url: {refusal}")
+    done = cli(tmp_path, "queue", "--config", str(path), "list")
+    assert done.returncode == 2 and f"delivery.queue_url: {refusal}" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize(
     "command", [["suppression", "list"], ["suppression", "remove", "a@example.com"], ["status", "x"]]
 )
 def test_the_ledger_commands_on_an_unreachable_postgresql_queue(tmp_path: Path, command: list[str]) -> None:

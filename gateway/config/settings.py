@@ -403,6 +403,9 @@ class DeliverySettings(_Section):
                 "holds the client key's passphrase (sslpassword=): give libpq an unencrypted sslkey readable only "
                 "by the gateway, or set it in a service file (PGSERVICEFILE)"
             )
+        problem = _conninfo_problem(v) if v else None
+        if problem:
+            raise ValueError(problem)
         return v
 
     @model_validator(mode="after")
@@ -410,6 +413,31 @@ class DeliverySettings(_Section):
         password = secret_or_file(self.queue_password, self.queue_password_file, "queue_password", required=False)
         object.__setattr__(self, "queue_password", password)
         return self
+
+
+# libpq's sslmode values: libpq checks them only when it connects.
+_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+def _conninfo_problem(url: str) -> str | None:
+    """What libpq would refuse in the queue's URL, said at config load where the key is named: libpq parses the
+    URL only when it connects, and a malformed one, an unknown query parameter, a port out of range or an
+    unknown sslmode came out as psycopg's traceback or as "cannot connect" to a server never tried."""
+    import psycopg  # only with a PostgreSQL queue
+
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "unreadable"
+        # libpq repeats the whole URL after its reason: the refusal names the key, the URL is the operator's.
+        return f"is not a URL libpq can read: {reason.partition(' in URI: ')[0]}"
+    for port in str(info.get("port") or "").split(","):  # one per host: postgresql://h1:5432,h2:5433/db
+        if port and not (port.isdigit() and 1 <= int(port) <= 65535):
+            return f"port {port!r} is not a port number (1-65535)"
+    sslmode = info.get("sslmode")
+    if sslmode is not None and sslmode not in _SSLMODES:
+        return f"sslmode {sslmode!r} is not one of {', '.join(_SSLMODES)}"
+    return None
 
 
 class DnsSettings(_Section):
