@@ -47,11 +47,15 @@ class PgCluster:
             raise RuntimeError(f"{args[0]} failed: {result.stdout}{result.stderr}")
         return result.stdout
 
-    def start(self) -> None:
+    def start(self, hba: str = "") -> None:
+        """initdb and start; `hba`: the pg_hba.conf lines instead of initdb's (which trust every connection),
+        in place before the server starts (a reload would take effect at a time nobody can wait for)."""
         if self.user is not None:
             pw = pwd.getpwnam(self.user)
             os.chown(self.dir, pw.pw_uid, pw.pw_gid)
         self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "gateway", "--no-sync", "-E", "UTF8")
+        if hba:
+            (self.data / "pg_hba.conf").write_text(hba)
         self.resume()
 
     def resume(self) -> None:

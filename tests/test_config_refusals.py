@@ -4,15 +4,19 @@ real CLI, naming the key, where it is and the fix, in the operator's words (no T
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import sqlite3
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from tests.configs import APIKEY, PASSWORD_HASH, USER, gateway_config, listener, write
+from tests.pgserver import PgCluster, PgUnavailable
 from tests.procs import CLI
 from tests.test_first_contact import _env
 
@@ -354,6 +358,79 @@ def test_a_postgresql_server_that_refuses_the_connection(
     assert done.returncode == 1
     assert done.stderr == f"smtp-gateway: {message}\n"
     assert "start PostgreSQL" not in done.stderr
+
+
+@pytest.fixture(scope="module")
+def password_cluster() -> Iterator[PgCluster]:
+    """A private cluster of its own (the session's trusts every connection): the role `pwuser` logs in with a
+    scram-sha-256 password, the role `nohba` has no pg_hba.conf line."""
+    try:
+        cluster = PgCluster()
+    except PgUnavailable as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL is required in CI: {exc}")
+        pytest.skip(str(exc))
+    try:
+        cluster.start(hba="local all gateway trust\nlocal all pwuser scram-sha-256\n")
+        with psycopg.connect(f"postgresql://gateway@/postgres?host={cluster.dir}", autocommit=True) as conn:
+            conn.execute("SET password_encryption = 'scram-sha-256'")
+            conn.execute("CREATE ROLE pwuser LOGIN PASSWORD 'right-one'")
+            conn.execute("CREATE ROLE nohba LOGIN")
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.parametrize(
+    ("user", "password", "reason", "hint"),
+    [
+        (
+            "pwuser",
+            "wrong-one",
+            'password authentication failed for user "pwuser"',
+            "set the role's password in delivery.queue_password (or queue_password_file, or PGPASSWORD), or "
+            "correct the user name in delivery.queue_url",
+        ),
+        (
+            "pwuser",
+            None,
+            "fe_sendauth: no password supplied",
+            "set the role's password in delivery.queue_password (or queue_password_file, or PGPASSWORD), or "
+            "correct the user name in delivery.queue_url",
+        ),
+        (
+            "nohba",
+            None,
+            'no pg_hba.conf entry for host "[local]", user "nohba"',
+            "allow this host, user and database in the server's pg_hba.conf (or set sslmode in "
+            "delivery.queue_url if it allows only TLS connections)",
+        ),
+    ],
+    ids=["bad-password", "no-password", "no-pg_hba-entry"],
+)
+def test_a_postgresql_server_that_refuses_the_login(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    password_cluster: PgCluster,
+    user: str,
+    password: str | None,
+    reason: str,
+    hint: str,
+) -> None:
+    """The hints for a wrong or missing password and for a missing pg_hba.conf line, from a server that asks
+    for them (the session's cluster trusts every connection); the password is never printed."""
+    monkeypatch.delenv("PGPASSWORD", raising=False)  # the only password libpq may find is the config's
+    monkeypatch.setenv("PGPASSFILE", str(tmp_path / "no-pgpass"))
+    url = password_cluster.new_database().replace("postgresql://gateway@", f"postgresql://{user}@", 1)
+    delivery: dict[str, Any] = {"queue_url": url}
+    if password is not None:
+        delivery["queue_password"] = password
+    path = config(tmp_path, delivery=delivery)
+    refused(tmp_path, path, 1, f"delivery.queue_url {url}: cannot connect to {password_cluster.dir}:5432: {reason}")
+    done = cli(tmp_path, "queue", "--config", str(path), "list")
+    assert done.returncode == 1
+    assert reason in done.stderr and done.stderr.rstrip().endswith(hint), done.stderr
+    assert "wrong-one" not in done.stderr and "right-one" not in done.stderr
 
 
 def test_an_api_token_hash_cut_short(tmp_path: Path) -> None:
