@@ -194,3 +194,49 @@ password_hash = "{USER_HASH}"
         load_settings(config)
     key = line.split(" ")[0]
     assert f"accounts.acme.users[0].{key}: unknown key; did you mean {meant}?" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("listeners", "users", "key"),
+    [
+        ("[listeners]", "[[accounts.acme.users]]", "listeners"),
+        ("[[listeners]]", "[accounts.acme.users]", "accounts.acme.users"),
+    ],
+)
+def test_a_single_bracket_list_of_tables_names_the_two_brackets(
+    tmp_path: Path, listeners: str, users: str, key: str
+) -> None:
+    """`[listeners]` for `[[listeners]]` got pydantic's bare "Input should be a valid list" (review
+    firstcontact2 F4)."""
+    config = tmp_path / "gw.toml"
+    config.write_text(f"""
+{listeners}
+name = "plain"
+address = "127.0.0.1"
+port = 2525
+tls = "none"
+allow_insecure_auth = true
+
+[accounts.acme]
+dmdsid = "acme"
+apikey = "k"
+sender_domains = {{ "example.com" = "r@nl.example.com" }}
+
+{users}
+username = "u"
+password_hash = "{USER_HASH}"
+campaign = 22
+""")
+    with pytest.raises(ConfigError) as info:
+        load_settings(config)
+    assert f"  {key}: a list of tables: write each one under [[{key}]] (two brackets), not [{key}]" in str(
+        info.value
+    ), str(info.value)
+
+
+def test_a_list_of_values_given_a_table_keeps_pydantics_words() -> None:
+    from gateway.config import Settings
+
+    with pytest.raises(ValidationError) as info:
+        Settings.model_validate({"delivery": {"retry_schedule": {"a": 1}}})
+    assert "delivery.retry_schedule: Input should be a valid list" in format_validation_error(info.value)

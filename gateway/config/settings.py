@@ -790,9 +790,20 @@ def format_validation_error(exc: ValidationError, path: Path | None = None) -> s
         if err["type"] == "extra_forbidden" and err["loc"]:
             near = keys.suggest_key(parent, str(err["loc"][-1]))
             msg = "unknown key" + (f"; did you mean {near}?" if near else "")
+        if err["type"] == "list_type" and _list_of_tables(parent, err["loc"]):
+            # `[listeners]` for `[[listeners]]`, the commonest TOML slip: pydantic's "a valid list" names no fix.
+            msg = f"a list of tables: write each one under [[{key}]] (two brackets), not [{key}]"
         lines.append(f"{key}: {msg}" if key else msg)  # a check of the whole names its keys itself
     where = f" in {path}" if path is not None else ""
     return f"invalid configuration{where}:\n  " + "\n  ".join(lines)
+
+
+def _list_of_tables(parent: keys.Node | None, loc: tuple[int | str, ...]) -> bool:
+    """Whether the key at `loc` (under `parent`) holds a list of tables, as `listeners` and `users` do."""
+    if parent is None or parent.kind != "model" or not loc:
+        return False
+    node = parent.fields.get(str(loc[-1]))
+    return node is not None and node.kind == "sequence" and node.item is not None and node.item.kind == "model"
 
 
 def masked_dump(settings: Settings) -> dict[str, Any]:
