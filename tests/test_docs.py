@@ -423,7 +423,7 @@ def _role(block: Block) -> str:
         return "faults"
     if "queue --spool" in text:
         return "queue_list"
-    if "sqlite3.connect" in text:
+    if " backup " in text:
         return "backup"
     return "unknown"
 
@@ -526,8 +526,8 @@ def test_quickstart_output(tmp_path: Path) -> None:
         # Install's backup of the queue, taken while the gateway runs, holds the queued message.
         [backup] = blocks["backup"]
         [(command, _)] = commands(backup)
-        command = command.replace("/opt/smtp-gateway/.venv/bin/python", sys.executable)
-        command = command.replace("/var/lib/smtp-gateway/spool.sqlite3", "var/quickstart/spool.sqlite3")
+        command = command.replace("/opt/smtp-gateway/.venv/bin/smtp-gateway", str(BIN / "smtp-gateway"))
+        command = command.replace("-c /etc/smtp-gateway/gateway.toml", "--spool var/quickstart/spool.sqlite3")
         command = command.replace("/backup/spool.sqlite3", "backup.sqlite3")
         subprocess.run(["bash", "-c", command], cwd=tmp_path, env=_env(), timeout=60, check=True)
         listed = subprocess.run(

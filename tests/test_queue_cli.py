@@ -250,3 +250,67 @@ def test_an_empty_file_is_no_queue(tmp_path: Path, command: list[str], kind: str
     assert result.stderr.startswith(f"smtp-gateway: no queue at {spool}: the file is empty"), result.stderr
     # serve still takes an empty file for a new queue (SQLite makes a database of it).
     assert preflight._spool_file(spool) == []
+
+
+def test_backup_copies_the_queue_while_a_gateway_runs(gateway_factory: Callable[..., Running], tmp_path: Path) -> None:
+    """`queue backup DEST` (review firstcontact2 F1): the queued message is in the copy, which `queue list` reads."""
+    gw = gateway_factory(delivery=SLOW)
+    gw.fault(status=503, count=1000, kind="send")
+    queued = _queued(gw, "kept")
+    dest = tmp_path / "backup.sqlite3"
+    result = cli("queue", "--spool", str(gw.settings.delivery.spool_path), "backup", str(dest))
+    assert result.returncode == 0, result.stderr
+    assert f"backed up to {dest}" in result.stdout, result.stdout
+    listed = cli("queue", "--spool", str(dest), "list")
+    assert f"{queued}  queued" in listed.stdout, listed.stdout
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".backup")] == []  # no temporary left
+
+
+def test_backup_of_a_missing_queue_creates_nothing(tmp_path: Path) -> None:
+    """The one-liner install.md gave created an empty queue at a mistyped path and an empty backup, exit 0."""
+    missing, dest = tmp_path / "lib" / "spool.sqlite3", tmp_path / "backup.sqlite3"
+    missing.parent.mkdir()
+    result = cli("queue", "--spool", str(missing), "backup", str(dest))
+    assert result.returncode == 1, result.stdout
+    assert f"no queue at {missing}" in result.stderr, result.stderr
+    assert not missing.exists() and not dest.exists()
+    assert list(missing.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["0-bytes", "other-program"])
+def test_backup_of_a_file_that_is_not_a_queue_is_refused(tmp_path: Path, kind: str) -> None:
+    source, dest = tmp_path / "spool.sqlite3", tmp_path / "backup.sqlite3"
+    source.touch()
+    if kind == "other-program":
+        db = sqlite3.connect(source)
+        db.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY)")
+        db.commit()
+        db.close()
+    before = source.read_bytes()
+    result = cli("queue", "--spool", str(source), "backup", str(dest))
+    assert result.returncode == 1, result.stdout
+    assert source.read_bytes() == before
+    assert not dest.exists()
+
+
+def test_backup_refuses_an_existing_dest_unless_forced(tmp_path: Path) -> None:
+    queue = make_queue(tmp_path / "spool.sqlite3")
+    dest = tmp_path / "backup.sqlite3"
+    dest.write_bytes(b"yesterday's")
+    result = cli("queue", "--spool", str(queue), "backup", str(dest))
+    assert result.returncode == 1, result.stdout
+    assert f"{dest} exists: give another name, or --force" in result.stderr, result.stderr
+    assert dest.read_bytes() == b"yesterday's"
+    forced = cli("queue", "--spool", str(queue), "backup", "--force", str(dest))
+    assert forced.returncode == 0, forced.stderr
+    assert cli("queue", "--spool", str(dest), "list").returncode == 0
+
+
+def test_backup_of_a_postgresql_queue_says_pg_dump(tmp_path: Path) -> None:
+    config = tmp_path / "pg.toml"
+    config.write_text('[delivery]\nqueue_url = "postgresql://gw@127.0.0.1:9/gateway"\n')
+    dest = tmp_path / "backup.sqlite3"
+    result = cli("queue", "-c", str(config), "backup", str(dest))
+    assert result.returncode == 1, result.stdout
+    assert "pg_dump" in result.stderr, result.stderr
+    assert not dest.exists()

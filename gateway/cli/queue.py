@@ -8,13 +8,16 @@ import json
 import sqlite3
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gateway.cli.backup import backup, refuse_postgres
 from gateway.cli.common import (
     Refused,
     add_spool_option,
     load_for_queue,
     no_queue,
+    queue_named,
     refuse_other_files,
     refuse_unreachable_queue,
     spool_failure,
@@ -71,16 +74,27 @@ def cmd_queue(args: argparse.Namespace) -> int:
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
+    if args.action == "backup" and settings.delivery.queue_url:
+        raise refuse_postgres(queue_named(settings))
     if not settings.delivery.queue_url.startswith("postgres") and not settings.delivery.spool_path.exists():
         # Exit 1 for list and dead too: "nothing queued" would hide a queue at another path (a relative
         # delivery.spool_path read from another directory than serve's). And for migrate: it would create an
         # empty queue there and report "0 -> N" while the real one waits for its migration at the next start.
         raise Refused([no_queue(settings)])
     refuse_other_files(settings)
+    if args.action == "backup":
+        return _backup(settings, args)
     # One connection attempt and its one line, as status and suppression: the store's own open would also log
     # queue_database_unreachable (its circuit, for serve) on the operator's terminal.
     refuse_unreachable_queue(settings)
     return asyncio.run(_main(settings, args))
+
+
+def _backup(settings: Settings, args: argparse.Namespace) -> int:
+    source, dest = settings.delivery.spool_path, Path(args.dest)
+    size = backup(source, dest, args.force)
+    print(f"queue {source.absolute()}: backed up to {dest.absolute()} ({size} bytes)")
+    return Exit.OK
 
 
 async def _main(settings: Settings, args: argparse.Namespace) -> int:
@@ -276,6 +290,14 @@ def add_parser(sub: Any) -> None:
         help="apply pending schema migrations to the existing queue (servers also do it at start; a SQLite file "
         "that does not exist is not created: exit 1 naming the path looked at)",
     )
+    q = qsub.add_parser(
+        "backup",
+        help="a consistent copy of the SQLite queue in DEST, taken while servers run (SQLite's online backup; "
+        "DEST appears only whole; a missing queue file or one that is not a queue is refused, untouched; a "
+        "PostgreSQL queue is refused: back it up with pg_dump)",
+    )
+    q.add_argument("dest", metavar="DEST", help="the backup file to write (refused if it exists, unless --force)")
+    q.add_argument("--force", action="store_true", help="replace DEST if it exists")
     qsub.add_parser("show", help="one message with its calls").add_argument(
         "id", metavar="ID", type=utf8_text, help="the message's queue id"
     )
