@@ -527,15 +527,23 @@ def test_without_a_config_file_the_tools_work(tmp_path: Path, dns_thread: DnsSer
 
 
 def test_without_a_config_file_serve_says_what_is_missing(tmp_path: Path) -> None:
+    """The hint alone, as troubleshooting.md shows it: not the built-in defaults' note on a relative spool_path
+    and their listener `submission` without TLS files first, of a configuration never written (review
+    firstcontact2 F5)."""
     result = run("serve", cwd=tmp_path)
     assert result.returncode == 1
-    # Notes first (the default queue path is relative), then the refusal's lines.
+    assert result.stderr == (
+        "smtp-gateway: no config file was given (--config FILE or $GATEWAY_CONFIG); "
+        "to try the gateway without one: smtp-gateway quickstart\n"
+    )
+
+
+def test_configured_by_variables_alone_serve_names_their_problems_and_the_hint(tmp_path: Path) -> None:
+    result = run("serve", cwd=tmp_path, GATEWAY_HOSTNAME="relay.example.com")
+    assert result.returncode == 1
     lines = [line for line in result.stderr.splitlines() if not line.startswith("smtp-gateway: note:")]
     assert "listener submission uses TLS but tls.cert_file and tls.key_file are not set" in lines[0]
-    assert lines[-1] == (
-        "smtp-gateway: no config file was given (--config FILE or $GATEWAY_CONFIG); "
-        "to try the gateway without one: smtp-gateway quickstart"
-    )
+    assert lines[-1].startswith("smtp-gateway: no config file was given"), lines
 
 
 # ---- DNS resolver not answering ------------------------------------------------------------------------------

@@ -201,3 +201,20 @@ def test_a_postgresql_queue_gets_no_note_about_spool_path(tmp_path: Path) -> Non
     assert not [f for f in preflight.files(settings) if "spool_path" in f.text]
     sqlite = Settings.model_validate({"delivery": {"spool_path": "var/spool.sqlite3"}})
     assert [f for f in preflight.files(sqlite) if "is relative" in f.text]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["queue", "--spool", "nope.sqlite3", "list"],
+        ["status", "--spool", "nope.sqlite3", "someone@example.com"],
+        ["suppression", "list", "--spool", "nope.sqlite3"],
+    ],
+)
+def test_no_queue_at_a_relative_spool_option_says_no_such_file(tmp_path: Path, command: list[str]) -> None:
+    """The path came from --spool, not delivery.spool_path: no advice on the setting (review firstcontact2 F6)."""
+    done = _operator(command, tmp_path)
+    assert done.returncode == 1, done.stdout
+    assert done.stderr.endswith(
+        f"at {tmp_path / 'nope.sqlite3'} (--spool nope.sqlite3: no such file in the current directory)\n"
+    ), done.stderr

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from gateway.cli.exits import Exit
 from gateway.config import CONFIG_ENV, Settings, load_settings, preflight
+from gateway.config.settings import ENV_PREFIX
 from gateway.core.errors import QueueBusy, QueueUnreachable
 from gateway.providers import registry  # noqa: F401 - registers the providers' account models (load)
 
@@ -78,16 +79,19 @@ def load_for_queue(args: argparse.Namespace) -> Settings:
     return settings
 
 
-def no_queue(settings: Settings, what: str = "") -> str:
+def no_queue(settings: Settings, what: str = "", *, from_spool: bool = False) -> str:
     """The line for a SQLite queue file that does not exist, naming the absolute path looked at.
 
     `serve` creates its file when it starts, so a missing one means the path is not the one the running
     gateway uses; a relative path (the example's `var/spool.sqlite3`) is the usual cause: each process reads
-    it from its own current directory, and a service's is not the operator's shell's."""
+    it from its own current directory, and a service's is not the operator's shell's. A path given with
+    `--spool FILE` is the operator's own: advice on delivery.spool_path would not apply to it."""
     path = settings.delivery.spool_path
     where = f"no queue{what} at {path.absolute()}"
     if path.is_absolute():
         return f"{where} (no gateway has run with it: is it the delivery.spool_path that serve uses?)"
+    if from_spool:
+        return f"{where} (--spool {path}: no such file in the current directory)"
     return (
         f"{where} ({path} is relative: read from the current directory, and serve reads it from its own; an "
         "absolute delivery.spool_path names one file for both, or give it with --spool FILE)"
@@ -110,14 +114,19 @@ def no_config_file(args: argparse.Namespace) -> bool:
 
 
 def refuse_on_problems(findings: list[preflight.Finding], args: argparse.Namespace) -> None:
-    for note in (f for f in findings if not f.problem):
-        print(f"smtp-gateway: {note}", file=sys.stderr)
     problems = [f.text for f in findings if f.problem]
     if problems and args.command == "serve" and no_config_file(args):
-        problems.append(
+        hint = (
             f"no config file was given (--config FILE or ${CONFIG_ENV}); to try the gateway "
             "without one: smtp-gateway quickstart"
         )
+        if not any(n.upper().startswith(ENV_PREFIX) and n.upper() != CONFIG_ENV for n in os.environ):
+            # Nothing configured at all: the built-in defaults' problems (a listener "submission", a relative
+            # spool_path) are of a configuration the user never wrote; the hint is the one line that helps.
+            raise Refused([hint])
+        problems.append(hint)  # configured by GATEWAY_* variables alone: their problems are the user's
+    for note in (f for f in findings if not f.problem):
+        print(f"smtp-gateway: {note}", file=sys.stderr)
     if problems:
         raise Refused(problems)
 

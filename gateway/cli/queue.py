@@ -80,7 +80,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         # Exit 1 for list and dead too: "nothing queued" would hide a queue at another path (a relative
         # delivery.spool_path read from another directory than serve's). And for migrate: it would create an
         # empty queue there and report "0 -> N" while the real one waits for its migration at the next start.
-        raise Refused([no_queue(settings)])
+        raise Refused([no_queue(settings, from_spool=bool(args.spool))])
     refuse_other_files(settings)
     if args.action == "backup":
         return _backup(settings, args)

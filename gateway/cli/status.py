@@ -32,7 +32,7 @@ from gateway.ledger.store import LedgerUnavailable
 def cmd_status(args: argparse.Namespace) -> int:
     settings = load_for_queue(args)
     if not settings.delivery.queue_url and not settings.delivery.spool_path.exists():
-        raise Refused([no_queue(settings, " (and so no message ledger)")])
+        raise Refused([no_queue(settings, " (and so no message ledger)", from_spool=bool(args.spool))])
     refuse_other_files(settings)
     refuse_unreachable_queue(settings)
     try:

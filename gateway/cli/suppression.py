@@ -31,7 +31,7 @@ from gateway.ledger.store import LedgerUnavailable
 def cmd_suppression(args: argparse.Namespace) -> int:
     settings = load_for_queue(args)
     if not settings.delivery.queue_url and not settings.delivery.spool_path.exists():
-        raise Refused([no_queue(settings, " (and so no suppression list)")])
+        raise Refused([no_queue(settings, " (and so no suppression list)", from_spool=bool(args.spool))])
     refuse_other_files(settings)
     refuse_unreachable_queue(settings)
     try:
