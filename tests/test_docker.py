@@ -130,3 +130,14 @@ def test_compose_gives_the_drain_its_time() -> None:
     delivery = DeliverySettings()  # a message past its final "." gets its reply first (budget, then storing it)
     assert int(grace[1]) > drain + delivery.inline_budget + STORE_GRACE + delivery.shutdown_timeout
     assert "./gateway.toml:/etc/smtp-gateway/gateway.toml:ro" in gateway["volumes"]
+
+
+def test_the_pages_give_the_tls_key_to_the_images_uid() -> None:
+    """A 0600 root key stops the container at start: Install and the compose file say which uid must read it
+    (review firstcontact2 F7), and it is the Dockerfile's."""
+    [uid] = re.findall(r"useradd [^\n]*--uid (\d+)", (ROOT / "Dockerfile").read_text())
+    docker = (ROOT / "docs" / "install.md").read_text().partition("## Docker")[2]
+    compose = (ROOT / "config" / "docker-compose.yml").read_text()
+    for text in (docker, compose):
+        assert f"chgrp {uid} " in text and "chmod 0640" in text
+    assert f"**The TLS key must be readable by uid {uid}**" in docker
