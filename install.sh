@@ -5,10 +5,12 @@
 #   ./install.sh            the gateway:            .venv/bin/smtp-gateway
 #   ./install.sh --test     and the test tools:     .venv/bin/python -m pytest -q
 #
-# Environment: PYTHON (default python3), VENV (default .venv); pip's own PIP_* variables apply
-# (CI installs the minimum versions with PIP_CONSTRAINT).
+# Environment: PYTHON (default python3), VENV (default .venv; a relative path is taken from this tree, where
+# install.sh is); pip's own PIP_* variables apply (CI installs the minimum versions with PIP_CONSTRAINT).
 set -eu
+start=$(pwd -P)
 cd "$(dirname "$0")"
+tree=$(pwd -P)
 
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
@@ -20,6 +22,19 @@ case "${1:-}" in
 esac
 
 say() { echo "install.sh: $*" >&2; }
+
+# A path as the user can paste it where they started install.sh: relative to this tree only when that is
+# where they are (the README's `.venv/bin/smtp-gateway`), else absolute; quoted when the shell would split it.
+shown() {
+  case $1 in
+    /*) p=$1 ;;
+    *) if [ "$start" = "$tree" ]; then p=$1; else p=$tree/${1#./}; fi ;;
+  esac
+  case $p in
+    *[!A-Za-z0-9_./+:@%=,-]*) printf "'%s'" "$(printf '%s' "$p" | sed "s/'/'\\\\''/g")" ;;
+    *) printf '%s' "$p" ;;
+  esac
+}
 
 if ! command -v "$PYTHON" >/dev/null 2>&1; then
   say "no $PYTHON found: install Python 3.11 or newer (Debian/Ubuntu: apt-get install python3 python3-venv)"
@@ -62,5 +77,24 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 
-"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --editable "$target"
-say "installed into $VENV: run $VENV/bin/smtp-gateway (e.g. $VENV/bin/smtp-gateway quickstart)"
+# pip's lines are shown as they come and kept, to tell a missing network from other failures: pip's own last
+# line is then "No matching distribution found", which reads like a version problem.
+log=$(mktemp)
+trap 'rm -f "$log" "$log.rc"' EXIT
+status=0
+{ "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --editable "$target" 2>&1 || echo "$?" >"$log.rc"; } | tee "$log" >&2
+if [ -e "$log.rc" ]; then
+  status=$(cat "$log.rc")
+  rm -f "$log.rc"
+fi
+again="run $(shown ./install.sh)${1:+ $1} again"
+if [ "$status" != 0 ]; then
+  if grep -Eq 'NewConnectionError|ConnectTimeoutError|ReadTimeoutError|ProxyError|Failed to establish a new connection|Temporary failure in name resolution|Name or service not known|Network is unreachable|Connection refused|Could not fetch URL' "$log"; then
+    say "pip could not reach the package index (no network, or a proxy needed? https_proxy, PIP_INDEX_URL and PIP_FIND_LINKS apply): $again once it is reachable"
+  else
+    say "pip failed: see the lines above; $again once it is fixed"
+  fi
+  exit 1
+fi
+run=$(shown "$VENV/bin/smtp-gateway")
+say "installed into $(shown "$VENV"): run $run (e.g. $run quickstart)"

@@ -253,6 +253,90 @@ def test_install_without_venv_support_names_the_package(tmp_path: Path) -> None:
     assert not (project / ".venv").exists()
 
 
+def _fake_venv(project: Path, pip: str) -> None:
+    """A .venv install.sh keeps (made by the same Python, with pip) whose pip runs ``pip`` (a shell body) and
+    whose smtp-gateway echoes its arguments: install.sh's own lines, without a real install's minutes."""
+    bindir = project / ".venv" / "bin"
+    bindir.mkdir(parents=True)
+    python = bindir / "python"
+    python.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1 $2" = "-m pip" ]; then\n'
+        '  [ "$3" = --version ] && exit 0\n'
+        f"  {pip}\n"
+        "fi\n"
+        f'exec {DEBIAN_PYTHON} "$@"\n'
+    )
+    gateway = bindir / "smtp-gateway"
+    gateway.write_text('#!/bin/sh\necho "smtp-gateway $*"\n')
+    for script in (python, gateway):
+        script.chmod(0o755)
+
+
+def test_install_from_another_directory_prints_a_command_that_works_there(tmp_path: Path) -> None:
+    """`cd /tmp && /path/to/install.sh` printed `run .venv/bin/smtp-gateway`, which is not there from /tmp; the
+    tree's path, quoted (it has a space), works as pasted (review firstcontact2 F2)."""
+    assert DEBIAN_PYTHON.exists(), "needs the distribution's /usr/bin/python3 (Debian 12 / Ubuntu 24.04)"
+    project = tmp_path / "sp ace"
+    project.mkdir()
+    _project_copy(project)
+    _fake_venv(project, "exit 0")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = _install_env(_path_with(tmp_path, python3=str(DEBIAN_PYTHON)))
+    result = subprocess.run(
+        [str(project / "install.sh")], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    program = shlex.quote(str(project.resolve() / ".venv/bin/smtp-gateway"))
+    last = result.stderr.splitlines()[-1]
+    assert last == (
+        f"install.sh: installed into {shlex.quote(str(project.resolve() / '.venv'))}: run {program} "
+        f"(e.g. {program} quickstart)"
+    ), result.stderr
+    pasted = last.partition("(e.g. ")[2].removesuffix(")")
+    ran = subprocess.run(["sh", "-c", pasted], cwd=elsewhere, capture_output=True, text=True, check=False)
+    assert (ran.returncode, ran.stdout) == (0, "smtp-gateway quickstart\n"), ran.stderr
+
+
+NO_NETWORK = (
+    'echo "WARNING: Retrying (Retry(total=0, connect=None, read=None, redirect=None, status=None)) after connection '
+    "broken by 'NewConnectionError(...: Failed to establish a new connection: [Errno 111] Connection refused)': "
+    "/simple/setuptools/\" >&2; echo 'ERROR: No matching distribution found for setuptools>=68' >&2; exit 1"
+)
+
+
+@pytest.mark.parametrize(
+    ("pip", "said"),
+    [
+        (
+            NO_NETWORK,
+            "install.sh: pip could not reach the package index (no network, or a proxy needed? https_proxy, "
+            "PIP_INDEX_URL and PIP_FIND_LINKS apply): run ./install.sh again once it is reachable",
+        ),
+        (
+            "echo 'ERROR: ResolutionImpossible: for help visit https://pip.pypa.io' >&2; exit 1",
+            "install.sh: pip failed: see the lines above; run ./install.sh again once it is fixed",
+        ),
+    ],
+    ids=["no-network", "other"],
+)
+def test_install_says_why_pip_failed(tmp_path: Path, pip: str, said: str) -> None:
+    """Without network pip's last line reads like a version problem and install.sh said nothing of its own
+    (review firstcontact2 F3); pip's own lines still show."""
+    assert DEBIAN_PYTHON.exists(), "needs the distribution's /usr/bin/python3 (Debian 12 / Ubuntu 24.04)"
+    project = _project_copy(tmp_path)
+    _fake_venv(project, pip)
+    env = _install_env(_path_with(tmp_path, python3=str(DEBIAN_PYTHON)))
+    result = subprocess.run(
+        ["./install.sh"], cwd=project, env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[-1] == said, result.stderr
+    assert lines[-2].startswith("ERROR: "), result.stderr
+
+
 # ---- misspelled variables ---------------------------------------------------------------------------------
 
 
