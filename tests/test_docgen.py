@@ -273,7 +273,7 @@ def test_log_events_are_found_with_their_levels_fields_and_context() -> None:
         by_name["delivery_internal_error"].sites[0].traceback or by_name["delivery_internal_error"].sites[1].traceback
     )
     assert "library_log" in by_name  # a library's record written as our line
-    assert {c.name for c in context} == {"session", "peer", "listener", "worker"}
+    assert {c.name for c in context} == {"session", "peer", "proxy_peer", "listener", "worker"}
 
 
 def _package(tmp_path: Path, code: str) -> Path:

@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 import uvloop
 
+from gateway.config import ConfigError, load_settings
+from tests.configs import gateway_config
 from tests.devices_util import events, raw_send, require_tool
 from tests.harness import LoopThread, Running, start, stop
 from tests.ops_util import captured_with_context, proxy_v1, proxy_v2, sample
@@ -189,6 +191,61 @@ def test_proxy_protocol_needs_its_balancers() -> None:
 
     with pytest.raises(ValueError, match="proxy_trusted"):
         ListenerSettings(proxy_protocol=True)
+
+
+@pytest.mark.parametrize(
+    ("wide", "limit"), [(["0.0.0.0/0"], 8), (["::/0"], 16), (["10.0.0.5/32", "0.0.0.0/1"], 8), (["2000::/3"], 16)]
+)
+def test_a_proxy_trusted_network_wider_than_a_trusted_one_is_refused(
+    tmp_path: Path, wide: list[str], limit: int
+) -> None:
+    """Every host in proxy_trusted may claim any client address (a trusted network's: mail without AUTH; a fresh
+    one per AUTH guess: no lockout), so it gets the trusted networks' width rule (proxy3 F1)."""
+    with pytest.raises(ConfigError) as info:
+        load_settings(None, **gateway_config(tmp_path, listeners=[proxied("lb", proxy_trusted=wide)]))
+    said = str(info.value)
+    assert f"listener 'lb': proxy_trusted network {wide[-1]} is wider than /{limit}" in said
+    assert "allow_wide_proxy_trusted" in said
+
+
+@pytest.mark.parametrize("network", ["10.0.0.5/32", "10.0.0.0/8", "fd00::5/128", "2001::/16"])
+def test_balancer_sized_proxy_trusted_networks_are_accepted(tmp_path: Path, network: str) -> None:
+    load_settings(None, **gateway_config(tmp_path, listeners=[proxied("lb", proxy_trusted=[network])]))
+
+
+def test_a_wide_proxy_trusted_when_forced_starts_with_a_warning(gateway_factory: Factory) -> None:
+    """The opt-in is the operator's word that anyone reaching the listener may name any client: it works as said,
+    a forged header naming a trusted network's address sends without AUTH, and every start says so."""
+    lan = [{"network": "192.168.20.0/24", "login": "scanner"}]
+    with captured_with_context() as logs:
+        gw = gateway_factory(
+            listeners=[proxied("lb", proxy_trusted=["0.0.0.0/0"], allow_wide_proxy_trusted=True, trusted=lan)]
+        )
+    [warning] = events(logs, "proxy_trusted_wide_allowed")
+    assert warning["log_level"] == "warning" and (warning["listener"], warning["networks"]) == ("lb", ["0.0.0.0/0"])
+    with RawClient(gw, "lb", proxy=proxy_v1("192.168.20.7", 1234)) as forged:
+        forged.cmd("EHLO anyone")
+        assert raw_send(forged, message(subject="forced")).startswith("250 2.0.0 ")
+
+
+def test_session_lines_name_the_balancer_beside_the_client(gw: Running) -> None:
+    """With several balancers, a session is traced to the one that relayed it: `proxy_peer` beside `peer`."""
+    with captured_with_context() as logs:
+        assert send_through(gw, proxy_v2("203.0.113.7", 40001), "traced").startswith("250 2.0.0 ")
+        assert send_through(gw, proxy_v1("198.51.100.9", 40004), "tls", listener="lb-tls").startswith("250 2.0.0 ")
+    summaries = events(logs, "message_accepted")
+    assert [s["peer"] for s in summaries] == ["203.0.113.7:40001", "198.51.100.9:40004"]
+    assert all(s["proxy_peer"].rsplit(":", 1)[0] == "127.0.0.1" for s in summaries), summaries
+
+
+def test_a_direct_session_has_no_balancer(gateway_factory: Factory) -> None:
+    gw = gateway_factory(listeners=[{**proxied("direct"), "proxy_protocol": False, "proxy_trusted": []}])
+    with captured_with_context() as logs, RawClient(gw, "direct") as client:
+        client.cmd("EHLO direct.test")
+        assert client.login().startswith("235 ")
+        assert raw_send(client, message(subject="direct")).startswith("250 2.0.0 ")
+    [summary] = events(logs, "message_accepted")
+    assert "proxy_peer" not in summary
 
 
 # -- HAProxy in front ----------------------------------------------------------------------------------------

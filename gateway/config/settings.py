@@ -121,7 +121,15 @@ class ListenerSettings(_Section):
         "naming the real client; accepted only from `proxy_trusted`, other peers are closed.",
     )
     proxy_trusted: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(
-        [], description='The load balancers\' networks (required with `proxy_protocol`), e.g. `["10.0.0.0/8"]`.'
+        [],
+        description="The load balancers' own addresses (required with `proxy_protocol`), e.g. "
+        '`["10.0.0.5/32"]`: every host in these networks may claim any client address in a PROXY header; wider '
+        "than /8 (IPv4) or /16 (IPv6) is refused unless `allow_wide_proxy_trusted`.",
+    )
+    allow_wide_proxy_trusted: bool = Field(
+        False,
+        description="Allow a `proxy_trusted` network shorter than /8 (IPv4) or /16 (IPv6): any host in it could "
+        "claim a trusted network's address (mail without AUTH) or a fresh address per AUTH guess (no lockout).",
     )
 
     @field_validator("login_aliases")
@@ -139,6 +147,17 @@ class ListenerSettings(_Section):
                 "proxy_protocol needs proxy_trusted: the load balancers' addresses (a PROXY header "
                 "from anyone else would let any client claim any address)"
             )
+        if not self.allow_wide_proxy_trusted:
+            # The same width rule as trusted networks: a balancer network that wide lets anyone who reaches the
+            # listener claim any client address, which beats trusted networks and every per-IP defence.
+            for network in self.proxy_trusted:
+                if network.prefixlen < WIDEST_TRUSTED_PREFIX[network.version]:
+                    raise ValueError(
+                        f"listener {self.name!r}: proxy_trusted network {network} is wider than "
+                        f"/{WIDEST_TRUSTED_PREFIX[network.version]}: every host in it could claim any client "
+                        "address in a PROXY header; list the load balancers' own addresses (/32, /128) "
+                        "(or set allow_wide_proxy_trusted = true if this is really meant)"
+                    )
         if self.trusted_networks and not self.trusted_login:
             raise ValueError("trusted_networks needs trusted_login (the login those clients act as)")
         if not self.allow_wide_trusted_network:

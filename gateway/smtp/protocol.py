@@ -354,6 +354,10 @@ class GatewaySMTP(SMTP):
         # The session task's own context: every line logged by the session, and by the delivery tasks it
         # starts (they copy the context), carries these.
         structlog.contextvars.bind_contextvars(session=self.session_id, peer=self.peer, listener=self.listener)
+        balancer = self.transport.get_extra_info("proxy_peer") if self.transport is not None else None
+        if isinstance(balancer, tuple):
+            # Behind a load balancer: which one relayed the session, when there are several.
+            structlog.contextvars.bind_contextvars(proxy_peer=f"{balancer[0]}:{balancer[1]}")
         try:
             await super()._handle_client()
         except ConnectionResetError as exc:

@@ -203,6 +203,14 @@ class Listeners:
                     listener=listener.name,
                     networks=[str(network) for network, _ in listener.trusted_map],
                 )
+            if listener.allow_wide_proxy_trusted and listener.proxy_protocol:
+                # At each start, a listener with allow_wide_proxy_trusted: every host in these networks can claim
+                # any client address in a PROXY header (a trusted network's, a fresh one per AUTH guess).
+                log.warning(
+                    "proxy_trusted_wide_allowed",
+                    listener=listener.name,
+                    networks=[str(network) for network in listener.proxy_trusted],
+                )
 
             def factory(name: str = listener.name) -> asyncio.BaseProtocol:
                 return self._connected(name)
