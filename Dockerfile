@@ -17,6 +17,7 @@ ENV GATEWAY_CONFIG=/etc/smtp-gateway/gateway.toml
 EXPOSE 587 465 8080
 VOLUME ["/var/lib/smtp-gateway"]
 # Asks the operator endpoint at [http] port 8080 of config/docker.toml: a mounted config keeps that port.
+# Plain HTTP: with http.tls_cert_file the endpoint speaks HTTPS only; docs/install.md has the HEALTHCHECK for it.
 HEALTHCHECK --interval=30s --timeout=3s --start-period=10s --retries=3 \
   CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2).status == 200 else 1)"
 # SIGTERM drains (serve --drain-timeout, 30 s, then running upstream calls get delivery.shutdown_timeout):

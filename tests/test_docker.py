@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import re
 import shlex
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,9 @@ import yaml
 from gateway.cli import build_parser
 from gateway.config import DeliverySettings, load_settings
 from gateway.smtp.server import STORE_GRACE
+from gateway.smtp.tls import write_self_signed
+from tests.docs_blocks import doc_blocks
+from tests.harness import Running
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -141,3 +147,32 @@ def test_the_pages_give_the_tls_key_to_the_images_uid() -> None:
     for text in (docker, compose):
         assert f"chgrp {uid} " in text and "chmod 0640" in text
     assert f"**The TLS key must be readable by uid {uid}**" in docker
+
+
+def _healthcheck_command(instruction: str) -> str:
+    """The Python code of a HEALTHCHECK's `CMD python -c "..."`."""
+    found = re.search(r'CMD python -c "(.*)"\s*$', instruction)
+    assert found, instruction
+    return found[1]
+
+
+def test_the_documented_https_healthcheck_passes_against_a_tls_endpoint(
+    gateway_factory: Callable[..., Running], tmp_path: Path
+) -> None:
+    """With a certificate on the operator endpoint the image's HEALTHCHECK (plain HTTP) fails every time, and
+    docs/install.md says so and gives the one that works (proxy3 F2): both run against such an endpoint."""
+    cert, key = write_self_signed(tmp_path / "http-tls")
+    gw = gateway_factory(http={"port": 0, "tls_cert_file": str(cert), "tls_key_file": str(key)})
+    assert gw.app.operator is not None
+    port = str(gw.app.operator.port)
+
+    def probe(code: str) -> int:
+        code = code.replace(":8080/", f":{port}/")
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30, check=False).returncode
+
+    shipped = _healthcheck_command(dict(instructions())["HEALTHCHECK"])
+    assert probe(shipped) != 0  # what the doc warns of
+    (block,) = doc_blocks("test_the_documented_https_healthcheck_passes_against_a_tls_endpoint")
+    documented = re.sub(r"\\\n", " ", block.text)
+    assert "FROM smtp-gateway" in documented
+    assert probe(_healthcheck_command(documented.splitlines()[-1])) == 0

@@ -5,8 +5,10 @@ front (send-proxy-v2), when it is installed."""
 
 from __future__ import annotations
 
+import csv
 import gc
 import os
+import re
 import signal
 import socket
 import struct
@@ -19,6 +21,7 @@ import pytest
 import uvloop
 
 from gateway.config import ConfigError, load_settings
+from gateway.smtp.tls import write_self_signed
 from tests.configs import gateway_config
 from tests.devices_util import events, raw_send, require_tool
 from tests.harness import LoopThread, Running, start, stop
@@ -393,3 +396,65 @@ def test_haproxy_send_proxy_v2(gw: Running, haproxy: int) -> None:
     [summary] = events(logs, "message_accepted")
     assert summary["peer"].startswith("127.0.0.5:")  # the client HAProxy saw, not HAProxy itself
     assert gw.sent[-1]["body"]["asunto"] == "via haproxy"
+
+
+def last_check(stats: Path) -> str | None:
+    """The result of HAProxy's last health check of gw1 (`L7OK`, `L6RSP`, ...), None before the first one."""
+    try:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(str(stats))
+            sock.sendall(b"show stat\n")
+            answer = b"".join(iter(lambda: sock.recv(65536), b"")).decode()
+    except OSError:  # not listening yet
+        return None
+    header, *rows = answer.lstrip("# ").splitlines()
+    for row in csv.DictReader(rows, fieldnames=header.split(",")):
+        if row["svname"] == "gw1":
+            status = row["check_status"].lstrip("* ")
+            return None if status in ("", "INI") else status
+    return None
+
+
+def test_the_shipped_haproxy_cfg_checks_an_https_endpoint(gateway_factory: Factory, tmp_path: Path) -> None:
+    """config/haproxy.cfg as shipped (this machine's addresses and ports, a lower maxconn, faster checks) in front
+    of a gateway whose operator endpoint has a certificate, as it must off loopback with the API or the console:
+    its /readyz checks speak HTTPS, so the server comes UP and a client gets the greeting. Checked over plain
+    HTTP, every check failed and HAProxy closed every client (proxy3 F2)."""
+    binary = require_tool("haproxy", "haproxy")
+    cert, key = write_self_signed(tmp_path / "http-tls")
+    gw = gateway_factory(
+        listeners=[proxied("sub", "starttls")], http={"port": 0, "tls_cert_file": str(cert), "tls_key_file": str(key)}
+    )
+    assert gw.app.operator is not None
+    front = socket.socket()
+    front.bind(("127.0.0.1", 0))
+    front.listen()
+    port = front.getsockname()[1]
+    shipped = (Path(__file__).parent.parent / "config" / "haproxy.cfg").read_text()
+    # Only the submission frontend and one gateway (the smtps frontend would bind :465).
+    sections = [s for s in shipped.split("\n\n") if not s.startswith(("frontend smtps", "backend gateways_465"))]
+    text = re.sub(r"\n +server gw2 .*", "", "\n\n".join(sections)).rstrip("\n") + "\n"
+    text = text.replace("maxconn 20000", "maxconn 100").replace("bind :587", f"bind fd@{front.fileno()}")
+    text = text.replace("10.0.0.11:587", f"127.0.0.1:{gw.port('sub')}")
+    text = text.replace("port 8080", f"port {gw.app.operator.port}").replace("inter 5s", "inter 100ms")
+    # HAProxy counts a server UP until its checks fail: its stats socket tells when a check has been done.
+    stats = tmp_path / "stats.sock"
+    text = text.replace("\nglobal\n", f"\nglobal\n    stats socket {stats}\n")
+    assert "gw2" not in text and ":465" not in text and "stats socket" in text, text
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(text)
+    proc = spawn(
+        [binary, "-db", "-f", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, pass_fds=[front.fileno()]
+    )
+    front.close()  # HAProxy's now
+    try:
+        checked = wait_for(lambda: proc.poll() is not None or last_check(stats), 15, "haproxy's first check")
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert checked == "L7OK", f"the /readyz check failed ({checked}): HAProxy would mark every gateway DOWN"
+        assert greets(port)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+            proc.wait(10)
+        if proc.stderr is not None:
+            proc.stderr.close()
