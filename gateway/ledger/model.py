@@ -91,6 +91,10 @@ DELETED_BY_OPERATOR = "deleted by an operator"
 # (readback: a recipient whose call was lost takes the vendor's word over this `dead`).
 DELETED_ANSWER_LOST = "deleted by an operator; its call's answer had been lost: the upstream may have sent it"
 DELETED_REASONS = (DELETED_BY_OPERATOR, DELETED_ANSWER_LOST)  # neither is told to the sender in a notice
+# Why a notice decision was skipped for a recipient no longer failed when it was decided (a newer Delivered
+# overruled its bounce, an operator requeued its dead letter): if it fails again, its decision is pending
+# again (sql.notice_insert), so a later failure is still told.
+NO_LONGER_FAILED = "the recipient is no longer failed (delivered, or requeued, since it failed)"
 TEST_MODE = "test_mode"  # a test-mode login's message: answered with a TEST- id, not sent
 
 Outcome = Literal["delivered", "deferred", "refused", "ambiguous"]

@@ -10,6 +10,7 @@ from typing import Any, Literal
 import orjson
 
 from gateway.ledger.model import (
+    NO_LONGER_FAILED,
     Cursor,
     Event,
     EventRow,
@@ -143,7 +144,10 @@ def suppression_insert(p: str, rows: int = 1) -> str:
 def notice_insert(p: str, rows: int = 1) -> str:
     return (
         f"INSERT INTO ledger_notices ({', '.join(NOTICE_COLUMNS)}) VALUES {_rows(p, len(NOTICE_COLUMNS), rows)}"
-        " ON CONFLICT (msg_id, rcpt) DO NOTHING"
+        # A decision is made once; only one skipped because its recipient was no longer failed is decided
+        # again when the recipient fails again (a requeued dead letter that dies again is told then).
+        " ON CONFLICT (msg_id, rcpt) DO UPDATE SET state='pending', at=excluded.at, notice_id=NULL, reason=NULL"
+        f" WHERE ledger_notices.state='skipped' AND ledger_notices.reason='{NO_LONGER_FAILED}'"
     )
 
 

@@ -443,7 +443,8 @@ NOTICES = Counter(
     "Delivery status notices by result: sent (handed to delivery like any message), failed (refused), and why "
     "none was sent: null_sender, notice (about a notice), notify_off, no_data, rebuilt (its record rebuilt from a "
     "queue row without a notice's data: an older version's), suppressed, rate_limited, deleted (by an "
-    "operator), held (ambiguous: it may have been delivered), no_account (no longer configured)",
+    "operator), held (ambiguous: it may have been delivered), no_account (no longer configured), "
+    "no_longer_failed (the recipient was delivered or requeued before the decision)",
     ["account", "result"],
     registry=REGISTRY,
 )

@@ -74,7 +74,11 @@ SKIP = {
     "deleted": "an operator deleted it",
     "held": "it was held as ambiguous (it may have been delivered)",
     "no_account": "its account is no longer configured",
+    "no_longer_failed": model.NO_LONGER_FAILED,
 }
+# The states a notice tells of: a recipient in any other state at decision time (a newer Delivered overruled
+# its bounce, an operator requeued its dead letter and it is under way or delivered) is not told as failed.
+FAILED_STATES = frozenset({"bounced", "not_sent", "dead"})
 
 
 def _skip(result: str) -> Decision:
@@ -147,15 +151,40 @@ class NoticeSender:
     async def decide(self, msg_id: str, claims: Sequence[Claim]) -> None:
         found = await self.returns.notice_data(msg_id)
         record, text = found if found is not None else (None, None)
-        account = record.account if record is not None else ""
         rcpts = {c.rcpt for c in claims}
-        recipients = [r for r in record.recipients if address_key(r.address) in rcpts] if record else []
+        claimed = [r for r in record.recipients if address_key(r.address) in rcpts] if record else []
+        # Decided against each recipient's state now, not when it failed: one no longer failed is left out
+        # of the notice, and its decision is recorded skipped (its sender is told nothing about it).
+        recipients = [r for r in claimed if r.state in FAILED_STATES]
+        settled = [r for r in claimed if r.state not in FAILED_STATES]
+        if settled:
+            keys = {address_key(r.address) for r in settled}
+            await self._finish(
+                msg_id, record, [c for c in claims if c.rcpt in keys], settled, _skip("no_longer_failed"), None, None
+            )
+            claims = [c for c in claims if c.rcpt not in keys]
+            if not claims:
+                return
         decision, notice_id, data = self._rules(record, text, recipients)
         if decision is None and record is not None and data is not None:
             decision, notice_id = await self._send_or_fail(record, data, recipients)
         if decision is None:  # the queue cannot take it now: later
             await self.returns.postpone_notices(claims, self.clock() + RETRY_LATER, "the delivery owner was busy")
             return
+        await self._finish(msg_id, record, claims, recipients, decision, notice_id, data)
+
+    async def _finish(
+        self,
+        msg_id: str,
+        record: Record | None,
+        claims: Sequence[Claim],
+        recipients: Sequence[model.Recipient],
+        decision: Decision,
+        notice_id: str | None,
+        data: NoticeData | None,
+    ) -> None:
+        """Record the decision for these claims, with a timeline row per recipient, counted and logged."""
+        account = record.account if record is not None else ""
         now = self.clock()
         kind = model.DSN_SENT if decision.state == "sent" else model.DSN_SKIPPED
         rows = [
