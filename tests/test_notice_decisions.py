@@ -12,13 +12,15 @@ import pytest
 from gateway.config import load_settings
 from gateway.config.returnpath import WebhookSettings
 from gateway.core.events import VendorEvent
+from gateway.core.replies import Reply
 from gateway.ledger.announce import Subscriptions
 from gateway.ledger.backends import open_returns
 from gateway.ledger.model import NO_LONGER_FAILED, MessageRow, NoticeRow, RecipientRow
 from gateway.ledger.notice import NoticeData
+from gateway.ledger.store import LedgerUnavailable
 from gateway.ledger.suppression import SuppressionSet
 from gateway.providers import registry
-from gateway.returnpath.notices import NoticeSender
+from gateway.returnpath.notices import LEASE, NoticeSender
 from tests.configs import gateway_config
 from tests.test_returnpath_units import T0, Clock, ListSource, TakingOwner, _ledger, _notice_sender, _poller
 
@@ -173,5 +175,57 @@ async def test_a_failed_recipient_is_told_without_its_delivered_sibling(tmp_path
                 NO_LONGER_FAILED,
             ),
         ]
+    finally:
+        await ledger.close()
+
+
+class KeyedOwner(TakingOwner):
+    """Answers a resend under a key it took with the first id, as DeliveryOwner's idempotency keys do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.keys: dict[str, str] = {}
+
+    async def submit(self, submission: Any, plan: object, log: object, key: str, *args: object, **kw: object) -> Reply:
+        if key in self.keys:
+            return Reply(250, "2.0.0", f"queued as {self.keys[key]}")
+        self.submissions.append(submission)
+        self.keys[key] = f"N{len(self.submissions)}"
+        return Reply(250, "2.0.0", f"queued as {self.keys[key]}")
+
+
+@pytest.mark.asyncio
+async def test_a_notice_decided_again_after_its_record_was_lost_is_recorded_sent_and_counted_once(
+    tmp_path: Path,
+) -> None:
+    """The notice was handed to the queue, then recording the decision failed (the database, or a SIGKILL
+    there); the decision taken over after its lease finds the first hand-off: recorded sent with the first
+    notice's id, not skipped as rate_limited (per_sender is 1), and the sender's limit counted once."""
+    owner, clock = KeyedOwner(), Clock(T0)
+    sender, ledger = await _notice_sender(tmp_path, owner, clock, ["M1"])  # per_sender = 1
+    try:
+        real_finish = sender.returns.finish_notices
+        calls = 0
+
+        async def finish_once_lost(*args: Any, **kwargs: Any) -> int:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise LedgerUnavailable("the database went away while the decision was recorded")
+            return await real_finish(*args, **kwargs)
+
+        sender.returns.finish_notices = finish_once_lost  # type: ignore[method-assign]
+        with pytest.raises(LedgerUnavailable):
+            await sender.round()
+        assert len(owner.submissions) == 1  # handed over: it goes out
+        clock.t = T0 + LEASE + 1  # its lease ends; the decision is taken over
+        assert await sender.round() == 1
+        assert _decisions(tmp_path) == [("sent", "N1", "a notice (N1) went to billing0@acme.example")]
+        assert len(owner.submissions) == 1
+        db = sqlite3.connect(tmp_path / "queue.sqlite3")
+        try:
+            assert db.execute("SELECT n FROM notice_tally").fetchall() == [(1,)]
+        finally:
+            db.close()
     finally:
         await ledger.close()

@@ -1007,7 +1007,7 @@ async def test_a_queue_of_the_previous_version_keeps_notice_data_from_its_next_s
     name their columns, and the new one is NULL for its messages."""
     url = "" if backend == "sqlite" else request.getfixturevalue("pg_cluster").new_database()
     schema = sqlite_schema if backend == "sqlite" else postgres_schema
-    latest = schema.LATEST
+    latest = 9 if backend == "sqlite" else 11  # the version that adds the messages' notice column
 
     def opened() -> QueueStore:
         return SqliteQueue(tmp_path / "queue.sqlite3") if backend == "sqlite" else PostgresQueue(url)
@@ -1034,12 +1034,48 @@ async def test_a_queue_of_the_previous_version_keeps_notice_data_from_its_next_s
             await store.close()
     store = opened()
     try:
-        assert await store.migrate() == (latest - 1, latest)
+        assert await store.migrate() == (latest - 1, schema.LATEST)
         await store.insert(replace(new("NEW", now), notice='{"to":"billing@acme.example","headers":""}'))
         claimed = {c.id: c.notice for c in await store.claim("A", "acme", now, 5, lease=30)}
         assert claimed == {"OLD": None, "NEW": '{"to":"billing@acme.example","headers":""}'}
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+async def test_a_queue_of_the_previous_version_gets_the_notice_tally_at_its_next_start(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A queue the version before made (SQLite 9, PostgreSQL 11) gets notice_tally and notice_counted, and
+    keeps notice_counts, where an instance of the version before still counts (a rolling upgrade)."""
+    url = "" if backend == "sqlite" else request.getfixturevalue("pg_cluster").new_database()
+    schema = sqlite_schema if backend == "sqlite" else postgres_schema
+    step = 10 if backend == "sqlite" else 12
+
+    def opened() -> QueueStore:
+        return SqliteQueue(tmp_path / "queue.sqlite3") if backend == "sqlite" else PostgresQueue(url)
+
+    def tables() -> set[str]:
+        if backend == "sqlite":
+            with contextlib.closing(sqlite3.connect(tmp_path / "queue.sqlite3")) as db:
+                return {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        with psycopg.connect(url, autocommit=True) as conn:
+            return {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+
+    with monkeypatch.context() as previous:
+        previous.setattr(schema, "LATEST", step - 1)
+        store = opened()
+        try:
+            assert await store.migrate() == (0, step - 1)
+        finally:
+            await store.close()
+    assert "notice_counts" in tables() and "notice_tally" not in tables()
+    store = opened()
+    try:
+        assert await store.migrate() == (step - 1, schema.LATEST)
+    finally:
+        await store.close()
+    assert {"notice_counts", "notice_tally", "notice_counted"} <= tables()
 
 
 def _without_notice(

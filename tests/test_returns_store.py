@@ -244,17 +244,47 @@ async def test_notices_per_sender_are_counted_per_window(instances: Callable[[],
     (ledger, a), (_, b) = instances(), instances()
     await ledger.open()
     now = 3600 * 1000 + 10.0
-    assert await a.count_notice("s@example.com", 3600, 2, now)
-    assert await b.count_notice("s@example.com", 3600, 2, now + 1)
-    assert not await a.count_notice("s@example.com", 3600, 2, now + 2)
-    assert await a.count_notice("t@example.com", 3600, 2, now + 2)
-    await a.uncount_notice("s@example.com", 3600, now + 5)  # a notice not handed over (4xx): given back
-    assert await b.count_notice("s@example.com", 3600, 2, now + 6)
-    assert not await a.count_notice("s@example.com", 3600, 2, now + 7)
-    await a.uncount_notice("u@example.com", 3600, now)  # nothing taken: nothing to give back
-    assert await a.count_notice("u@example.com", 3600, 1, now + 8)
-    assert not await a.count_notice("u@example.com", 3600, 1, now + 9)
-    assert await b.count_notice("s@example.com", 3600, 2, now + 3600)  # the next window
+    assert await a.count_notice("k1", "acme", "s@example.com", 3600, 2, now)
+    assert await b.count_notice("k2", "acme", "s@example.com", 3600, 2, now + 1)
+    assert not await a.count_notice("k3", "acme", "s@example.com", 3600, 2, now + 2)
+    assert await a.count_notice("k4", "acme", "t@example.com", 3600, 2, now + 2)
+    await a.uncount_notice("k2")  # a notice not handed over (4xx): given back
+    assert await b.count_notice("k5", "acme", "s@example.com", 3600, 2, now + 6)
+    assert not await a.count_notice("k6", "acme", "s@example.com", 3600, 2, now + 7)
+    await a.uncount_notice("k7")  # nothing taken: nothing to give back
+    assert await a.count_notice("k8", "acme", "u@example.com", 3600, 1, now + 8)
+    assert not await a.count_notice("k9", "acme", "u@example.com", 3600, 1, now + 9)
+    assert await b.count_notice("k10", "acme", "s@example.com", 3600, 2, now + 3600)  # the next window
+
+
+async def test_a_notice_counted_already_is_not_counted_again(instances: Callable[[], Pair]) -> None:
+    """A decision taken over after its notice was handed to the queue counts it again under the same key:
+    it is not refused by the limit, and takes nothing more (review after250c F3)."""
+    (ledger, a), (_, b) = instances(), instances()
+    await ledger.open()
+    now = 3600 * 1000 + 10.0
+    assert await a.count_notice("notice:m1", "acme", "s@example.com", 3600, 1, now)
+    assert await b.count_notice("notice:m1", "acme", "s@example.com", 3600, 1, now + 130)  # taken over
+    assert not await b.count_notice("notice:m2", "acme", "s@example.com", 3600, 1, now + 131)
+    # In the next window too (the takeover came late): still the one count, which the new window does not hold.
+    assert await b.count_notice("notice:m1", "acme", "s@example.com", 3600, 1, now + 3600)
+    assert await b.count_notice("notice:m3", "acme", "s@example.com", 3600, 1, now + 3601)
+
+
+async def test_notice_counts_are_per_account_and_pruned_by_their_own_window(instances: Callable[[], Pair]) -> None:
+    """Account A allows one notice a day per sender, B one a minute: B's counting neither shares A's count
+    nor prunes it (review after250c F4)."""
+    (ledger, a), (_, b) = instances(), instances()
+    await ledger.open()
+    day = 86400 * 20000.0  # the start of a day, and of a minute
+    assert await a.count_notice("a1", "A", "s@example.com", 86400, 1, day + 10)
+    assert await b.count_notice("b1", "B", "s@example.com", 60, 1, day + 20)  # another account's count
+    assert await b.count_notice("b2", "B", "s@example.com", 60, 1, day + 130)  # B's next minute: prunes B's
+    assert not await a.count_notice("a2", "A", "s@example.com", 86400, 1, day + 140), "A's daily limit was reset"
+    # Two windows of one account starting together (an hour and ten minutes, on the hour) count apart.
+    assert await a.count_notice("a3", "A", "t@example.com", 3600, 1, day + 3600)
+    assert await a.count_notice("a4", "A", "t@example.com", 600, 1, day + 3601)
+    assert await a.count_notice("a5", "A", "s@example.com", 86400, 1, day + 86400)  # A's next day
 
 
 async def test_the_leases_of_an_owner_that_is_gone_end_at_once(instances: Callable[[], Pair]) -> None:

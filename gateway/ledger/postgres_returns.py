@@ -22,7 +22,7 @@ from gateway.core.storable import storable
 from gateway.ledger import readback
 from gateway.ledger.model import Record, Row, SuppressionRow, address_key, address_keys
 from gateway.ledger.postgres import PostgresLedger
-from gateway.ledger.returns import Claim, Delivery, Lease, Match, Suppressed
+from gateway.ledger.returns import COUNTED_KEPT, Claim, Delivery, Lease, Match, Suppressed
 from gateway.ledger.returns_sql import FOR_POSTGRES
 from gateway.queue.sql import POSTGRES
 
@@ -288,17 +288,26 @@ class PostgresReturns:
             row = await (await conn.execute(SQL.notice_of, (record.id,))).fetchone()
         return record, None if row is None else row[0]
 
-    async def count_notice(self, sender: str, window: float, limit: int, now: float) -> bool:
+    async def count_notice(self, key: str, account: str, sender: str, window: float, limit: int, now: float) -> bool:
         start = now - now % window
         async with self.ledger.connection() as conn:
-            await conn.execute(SQL.count_prune, (start,))
-            await conn.execute(SQL.count_row, (sender, start))
-            return await (await conn.execute(SQL.count_take, (sender, start, limit))).fetchone() is not None
+            await conn.execute(SQL.count_prune, (now,))
+            await conn.execute(SQL.counted_prune, (now,))
+            marked = (key, account, sender, window, start, start + window + COUNTED_KEPT)
+            if await (await conn.execute(SQL.count_mark, marked)).fetchone() is None:
+                return True  # counted by the decision this one takes over
+            await conn.execute(SQL.count_row, (account, sender, window, start, start + window))
+            taken = await conn.execute(SQL.count_take, (account, sender, window, start, limit))
+            if await taken.fetchone() is not None:
+                return True
+            await conn.execute(SQL.count_unmark, (key,))
+            return False
 
-    async def uncount_notice(self, sender: str, window: float, now: float) -> None:
-        start = now - now % window
+    async def uncount_notice(self, key: str) -> None:
         async with self.ledger.connection() as conn:
-            await conn.execute(SQL.count_back, (sender, start))
+            row = await (await conn.execute(SQL.count_unmark, (key,))).fetchone()
+            if row is not None:
+                await conn.execute(SQL.count_back, tuple(row))
 
     async def owners(self) -> list[str]:
         async with self.ledger.connection() as conn:

@@ -9,7 +9,9 @@ backends, the same connection), shared by every instance on one queue.
                     announces; leased while it is POSTed; pending -> sending -> delivered | failed
     ledger_notices  one notice decision per (message, recipient), written with what made the recipient fail:
                     pending -> claimed (leased) -> sent | skipped | failed
-    notice_counts   notices per sender address and window (the per-sender limit)
+    notice_tally    notices per account, sender address, window length and window start (the per-sender
+                    limit), each row pruned once its own window has ended
+    notice_counted  each notice counted, by its idempotency key: a decision taken over counts it once
 
 Every method raises LedgerUnavailable when the database cannot be used.
 """
@@ -106,6 +108,11 @@ class Delivery:
         """From a leased outbox row (webhook, event_id, msg_id, created, enqueued, type, body, attempts, token)."""
         webhook, event_id, msg_id, created, enqueued, type_, body, attempts, token = row
         return cls(webhook, event_id, msg_id, created, enqueued, type_, body, attempts, token, reclaimed)
+
+
+# How long a counted notice's key is kept after its window ended: a decision taken over later than that
+# (its lease long gone) would count its notice again.
+COUNTED_KEPT = 86400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,12 +252,14 @@ class ReturnStore(Protocol):
         """The message's record and its notice data (JSON text, None when it has none)."""
         ...
 
-    async def count_notice(self, sender: str, window: float, limit: int, now: float) -> bool:
-        """Count one notice to `sender` in the current window if fewer than `limit` were; False: the limit."""
+    async def count_notice(self, key: str, account: str, sender: str, window: float, limit: int, now: float) -> bool:
+        """Count the notice `key` to `sender` in `account`'s current window (`window` seconds long) if fewer
+        than `limit` were; False: the limit. True without counting again when `key` was counted already (a
+        decision taken over after its notice was handed to the queue: the notice counts once)."""
         ...
 
-    async def uncount_notice(self, sender: str, window: float, now: float) -> None:
-        """Give back the count `count_notice` took at `now` (the notice was not handed over: a 4xx)."""
+    async def uncount_notice(self, key: str) -> None:
+        """Give back the count `count_notice` took for `key` (the notice was not handed over: a 4xx)."""
         ...
 
     # -- leases of owners that are gone -------------------------------------------------------------------

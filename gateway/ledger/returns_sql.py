@@ -101,10 +101,23 @@ class ReturnStatements:
         self.notices = d(
             "SELECT msg_id, rcpt, state, at, notice_id, reason FROM ledger_notices WHERE msg_id=? ORDER BY rcpt"
         )
-        self.count_row = d("INSERT INTO notice_counts (sender, win, n) VALUES (?, ?, 0) ON CONFLICT DO NOTHING")
-        self.count_take = d("UPDATE notice_counts SET n=n+1 WHERE sender=? AND win=? AND n<? RETURNING n")
-        self.count_prune = d("DELETE FROM notice_counts WHERE win<?")
-        self.count_back = d("UPDATE notice_counts SET n=n-1 WHERE sender=? AND win=? AND n>0")
+        # -- the per-sender limit: a tally per (account, sender, window length, window start), and each
+        # counted notice by its idempotency key (counted once, however often its decision is taken)
+        self.count_prune = d("DELETE FROM notice_tally WHERE ends<=?")
+        self.counted_prune = d("DELETE FROM notice_counted WHERE ends<=?")
+        self.count_mark = d(
+            "INSERT INTO notice_counted (key, account, sender, length, win, ends) VALUES (?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (key) DO NOTHING RETURNING key"
+        )
+        self.count_unmark = d("DELETE FROM notice_counted WHERE key=? RETURNING account, sender, length, win")
+        self.count_row = d(
+            "INSERT INTO notice_tally (account, sender, length, win, ends, n) VALUES (?, ?, ?, ?, ?, 0)"
+            " ON CONFLICT DO NOTHING"
+        )
+        self.count_take = d(
+            "UPDATE notice_tally SET n=n+1 WHERE account=? AND sender=? AND length=? AND win=? AND n<? RETURNING n"
+        )
+        self.count_back = d("UPDATE notice_tally SET n=n-1 WHERE account=? AND sender=? AND length=? AND win=? AND n>0")
         # -- leases of owners known to be gone (a process of this instance that was killed)
         self.owners = d(
             "SELECT owner FROM event_cursors WHERE owner IS NOT NULL"

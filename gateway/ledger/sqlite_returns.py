@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 from gateway.ledger import readback
 from gateway.ledger.model import Record, Row, SuppressionRow, address_key, address_keys
-from gateway.ledger.returns import Claim, Delivery, Lease, Match, Suppressed
+from gateway.ledger.returns import COUNTED_KEPT, Claim, Delivery, Lease, Match, Suppressed
 from gateway.ledger.returns_sql import FOR_SQLITE
 from gateway.ledger.sqlite import SqliteLedger
 from gateway.queue.sql import SQLITE
@@ -304,23 +304,30 @@ class SqliteReturns:
 
         return record, await self._run(run)
 
-    async def count_notice(self, sender: str, window: float, limit: int, now: float) -> bool:
+    async def count_notice(self, key: str, account: str, sender: str, window: float, limit: int, now: float) -> bool:
         start = now - now % window
 
         def run(db: sqlite3.Connection) -> bool:
             with _tx(db):
-                db.execute(SQL.count_prune, (start,))
-                db.execute(SQL.count_row, (sender, start))
-                return db.execute(SQL.count_take, (sender, start, limit)).fetchone() is not None
+                db.execute(SQL.count_prune, (now,))
+                db.execute(SQL.counted_prune, (now,))
+                marked = (key, account, sender, window, start, start + window + COUNTED_KEPT)
+                if db.execute(SQL.count_mark, marked).fetchone() is None:
+                    return True  # counted by the decision this one takes over
+                db.execute(SQL.count_row, (account, sender, window, start, start + window))
+                if db.execute(SQL.count_take, (account, sender, window, start, limit)).fetchone() is not None:
+                    return True
+                db.execute(SQL.count_unmark, (key,)).fetchall()
+                return False
 
         return await self._run(run)
 
-    async def uncount_notice(self, sender: str, window: float, now: float) -> None:
-        start = now - now % window
-
+    async def uncount_notice(self, key: str) -> None:
         def run(db: sqlite3.Connection) -> None:
             with _tx(db):
-                db.execute(SQL.count_back, (sender, start))
+                row = db.execute(SQL.count_unmark, (key,)).fetchone()
+                if row is not None:
+                    db.execute(SQL.count_back, tuple(row))
 
         await self._run(run)
 

@@ -128,7 +128,10 @@ CREATE TABLE console_signouts (
 # What a notice about a queued message needs, as SQLite's version 9.
 V11 = shared_schema.QUEUED_NOTICE
 
-MIGRATIONS: list[str] = [V1, V2, V3, V4, V5, V6, V7, V8, V9, V10, V11]
+# Notices counted per account, sender and window length, and by notice, as SQLite's version 10.
+V12 = shared_schema.NOTICE_TALLY
+
+MIGRATIONS: list[str] = [V1, V2, V3, V4, V5, V6, V7, V8, V9, V10, V11, V12]
 LATEST = len(MIGRATIONS)
 # Serialises migrations of several instances starting at once (pg_advisory_xact_lock key).
 MIGRATION_LOCK = 0x5347_5751  # "SGWQ"

@@ -176,3 +176,32 @@ CREATE INDEX ledger_recipients_state ON ledger_recipients (state, created, msg_i
 QUEUED_NOTICE = """
 ALTER TABLE messages ADD COLUMN notice text
 """
+
+# Notices counted per account, sender and window length (SQLite version 10, PostgreSQL version 12), each row
+# pruned once its own window has ended (`ends`): notice_counts, keyed by sender and window start alone, was
+# shared by two accounts counting the same address and pruned by whichever account had the shortest window
+# (an account's daily limit reset by another's minute). Each counted notice is kept by its idempotency key
+# (notice_counted), so a decision taken over after its notice was handed to the queue finds its count, and
+# counts the notice once. New tables, not a rewrite of notice_counts: an instance of the version before,
+# still running on the migrated queue (a rolling upgrade), counts in the old table as it did.
+NOTICE_TALLY = """
+CREATE TABLE notice_tally (
+    account text NOT NULL,
+    sender  text NOT NULL,
+    length  double precision NOT NULL,
+    win     double precision NOT NULL,
+    ends    double precision NOT NULL,
+    n       integer NOT NULL,
+    PRIMARY KEY (account, sender, length, win)
+);
+CREATE INDEX notice_tally_ends ON notice_tally (ends);
+CREATE TABLE notice_counted (
+    key     text PRIMARY KEY,
+    account text NOT NULL,
+    sender  text NOT NULL,
+    length  double precision NOT NULL,
+    win     double precision NOT NULL,
+    ends    double precision NOT NULL
+);
+CREATE INDEX notice_counted_ends ON notice_counted (ends)
+"""

@@ -111,7 +111,10 @@ V8 = shared_schema.SEARCH_INDEXES
 # What a notice about a queued message needs (whom to tell, the header block), for a record rebuilt from it.
 V9 = shared_schema.QUEUED_NOTICE
 
-MIGRATIONS: list[str] = [V1, V2, V3, V4, V5, V6, V7, V8, V9]
+# Notices counted per account, sender and window length, each pruned by its own window, and by notice.
+V10 = shared_schema.NOTICE_TALLY
+
+MIGRATIONS: list[str] = [V1, V2, V3, V4, V5, V6, V7, V8, V9, V10]
 LATEST = len(MIGRATIONS)
 
 

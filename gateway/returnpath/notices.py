@@ -269,9 +269,6 @@ class NoticeSender:
             message = mime.parse(raw)
         except ContentRejected as exc:  # our own bytes: a bug if it ever happens
             return Decision("failed", "failed", f"the notice could not be parsed: {exc.reason}"), None
-        # Counted once the notice exists: one that cannot be made takes nothing from the sender's limit.
-        if not await self.returns.count_notice(address_key(data.to), account.dsn.window, account.dsn.per_sender, now):
-            return _skip("rate_limited"), None
         principal = Principal(
             account=record.account, login=data.login or record.login or "", extra=StoredData(data.extra)
         )
@@ -289,6 +286,15 @@ class NoticeSender:
                 f"{record.id}\0{','.join(sorted(address_key(r.address) for r in recipients))}".encode()
             ).hexdigest()[:32]
         )
+        # Counted once the notice exists: one that cannot be made takes nothing from the sender's limit. Counted
+        # by its key: a decision taken over after the notice was handed to the queue (its instance killed, or
+        # the database failing, before the decision was recorded) finds the count, hands the notice again and
+        # is answered with the first one's id (recorded sent, not rate_limited; counted once).
+        to = address_key(data.to)
+        if not await self.returns.count_notice(
+            key, record.account, to, account.dsn.window, account.dsn.per_sender, now
+        ):
+            return _skip("rate_limited"), None
         receipt = Receipt()
         origin = Origin(listener=LISTENER, peer="", size=len(raw), dsn_of=record.id)
         reply = await self.owner.submit(
@@ -301,7 +307,7 @@ class NoticeSender:
             return Decision("failed", "failed", f"the notice was refused: {reply}"), None
         # Not handed over (the queue was busy): the count taken for it goes back, or each retry a minute
         # later would take another until the per-sender limit skipped a notice never sent.
-        await self.returns.uncount_notice(address_key(data.to), account.dsn.window, now)
+        await self.returns.uncount_notice(key)
         log.warning("notice_deferred", queue_id=record.id, reply=str(reply), reason=receipt.reason)
         return None, None
 
