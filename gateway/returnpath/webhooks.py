@@ -98,32 +98,84 @@ class WebhookSender:
         self._internal_logged: set[tuple[str, str]] = set()  # (webhook, error type): traceback logged once
 
     async def run(self) -> None:
-        """Deliver until cancelled: what is due now, then again on a wake-up or every poll_interval."""
-        while True:
-            try:
-                while await self.round() >= self.concurrency:
-                    pass  # a full batch: more may be due
-                if self._failing is not None:
-                    log.info("webhook_outbox_recovered")
-                    self._failing = None
-            except LedgerUnavailable as exc:
-                if self._failing is None:
-                    log.error("webhook_outbox_unavailable", error=exc.reason, effect="deliveries wait")
-                self._failing = exc.reason
-            except Exception as exc:  # a bug: once with its traceback; the loop goes on
-                INTERNAL_ERRORS.labels(where="webhooks").inc()
-                log.error("webhook_internal_error", exc_info=exc)
-            await woken(self.wakeup, self.poll_interval())
+        """Deliver until cancelled: each delivery its own task, at most `concurrency` under way; a slot that
+        frees is refilled at once (a delivery never waits for the slowest of those leased with it: one
+        receiver that never answers takes only its own deliveries' slots for its timeout). Looks again on a
+        wake-up, when a delivery ends, or every poll_interval."""
+        in_flight: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                try:
+                    self._reap(in_flight)
+                    free = self.concurrency - len(in_flight)
+                    if free > 0:
+                        in_flight |= await self._start(free)
+                    if self._failing is not None:
+                        log.info("webhook_outbox_recovered")
+                        self._failing = None
+                except LedgerUnavailable as exc:
+                    self._unavailable(exc)
+                except Exception as exc:  # a bug: once with its traceback; the loop goes on
+                    INTERNAL_ERRORS.labels(where="webhooks").inc()
+                    log.error("webhook_internal_error", exc_info=exc)
+                await self._idle(in_flight)
+        finally:
+            # Stopping: the POSTs under way end with the loop; their deliveries stay leased and are taken
+            # over after their lease (counted as lease_expired duplicates), as before.
+            for task in in_flight:
+                task.cancel()
+            await asyncio.gather(*in_flight, return_exceptions=True)
 
     async def round(self) -> int:
-        """Lease what is due and deliver it; returns how many were leased."""
+        """Lease what is due (up to `concurrency`) and deliver it, waiting for every one; returns how many
+        were leased. (One pass, for tools and tests: `run` does not wait for a batch.)"""
+        tasks = await self._start(self.concurrency)
+        if tasks:
+            await asyncio.gather(*tasks)
+        return len(tasks)
+
+    async def _start(self, limit: int) -> set[asyncio.Task[None]]:
+        """Lease up to `limit` due deliveries and start one task for each."""
         hooks = self.webhooks()
         if not hooks:
-            return 0
+            return set()
         lease = max(w.timeout for w in hooks.values()) + LEASE_MARGIN
-        deliveries = await self.returns.claim_deliveries(self.owner, self.clock(), self.concurrency, lease)
-        await asyncio.gather(*(self._deliver_one(d, hooks.get(d.webhook)) for d in deliveries))
-        return len(deliveries)
+        deliveries = await self.returns.claim_deliveries(self.owner, self.clock(), limit, lease)
+        return {asyncio.create_task(self._deliver_one(d, hooks.get(d.webhook))) for d in deliveries}
+
+    def _reap(self, in_flight: set[asyncio.Task[None]]) -> None:
+        """Take the ended deliveries out of `in_flight`; one that met the ledger unavailable says so (once)."""
+        for task in [t for t in in_flight if t.done()]:
+            in_flight.discard(task)
+            if task.cancelled():
+                continue
+            exc = task.exception()
+            if isinstance(exc, LedgerUnavailable):
+                self._unavailable(exc)
+            elif exc is not None:  # _deliver_one lets only LedgerUnavailable through: a bug
+                INTERNAL_ERRORS.labels(where="webhooks").inc()
+                log.error("webhook_internal_error", exc_info=exc)
+
+    def _unavailable(self, exc: LedgerUnavailable) -> None:
+        if self._failing is None:
+            log.error("webhook_outbox_unavailable", error=exc.reason, effect="deliveries wait")
+        self._failing = exc.reason
+
+    async def _idle(self, in_flight: set[asyncio.Task[None]]) -> None:
+        """Wait for a wake-up (deliveries recorded by this instance), a delivery to end (a slot freed) or
+        poll_interval. All slots taken: for a delivery to end (nothing more could be started)."""
+        if len(in_flight) >= self.concurrency:
+            await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+            return
+        if not in_flight:
+            await woken(self.wakeup, self.poll_interval())
+            return
+        waking = asyncio.ensure_future(self.wakeup.wait())
+        try:
+            await asyncio.wait({waking, *in_flight}, timeout=self.poll_interval(), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waking.cancel()
+        self.wakeup.clear()
 
     async def _deliver_one(self, d: Delivery, hook: WebhookSettings | None) -> None:
         """`deliver`, with an unforeseen error (a bug, a URL the client cannot request) one failed attempt of

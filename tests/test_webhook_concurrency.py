@@ -1,0 +1,135 @@
+"""Webhook deliveries run each on its own, at most webhook_concurrency at once: one receiver that never
+answers holds only its own deliveries, not the other webhooks' (review after250c F2)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+
+import pytest
+
+from gateway.config.returnpath import WebhookSettings
+from gateway.ledger.backends import open_returns
+from gateway.ledger.model import OutboxRow
+from gateway.returnpath.webhooks import WebhookSender
+from gateway.upstream.client import HttpClient
+from tests.test_returnpath_units import T0, Clock, _ledger, _sent
+
+SILENT_TIMEOUT = 10  # the silent receiver's timeout: the healthy one's event must not wait for it
+HANG_GUARD = 60.0
+
+
+@pytest.mark.asyncio
+async def test_a_silent_receiver_does_not_hold_up_another_webhooks_delivery(tmp_path: Path) -> None:
+    """`slow` accepts the connection and never answers (a hung proxy); an event for `fast` becomes due while
+    the `slow` POST is under way: `fast` gets it while `slow` still hangs, not after slow's timeout."""
+    order: list[str] = []
+    slow_got, fast_got = asyncio.Event(), asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        slow_got.set()
+        await reader.read()  # never answers; returns when the client gives up and closes
+        order.append("slow gave up")
+        writer.close()
+
+    async def fast(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        order.append("fast received")
+        fast_got.set()
+        writer.write(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    slow_srv = await asyncio.start_server(silent, "127.0.0.1", 0)
+    fast_srv = await asyncio.start_server(fast, "127.0.0.1", 0)
+    ledger = await _ledger(tmp_path)
+    http = HttpClient("", upstream="webhook", account="webhooks", timeout=30.0)
+
+    def url(server: asyncio.Server) -> str:
+        return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/h"
+
+    hooks = {
+        "slow": WebhookSettings(name="slow", url=url(slow_srv), secret="s", timeout=SILENT_TIMEOUT),
+        "fast": WebhookSettings(name="fast", url=url(fast_srv), secret="s", timeout=SILENT_TIMEOUT),
+    }
+    sender = WebhookSender(open_returns(ledger), http, "gw-a", lambda: hooks, clock=Clock(T0))
+    task = asyncio.create_task(sender.run())
+    try:
+        await _sent(ledger, "M1", "a@example.net", "TX1", T0 - 600)
+        await ledger.write([OutboxRow("slow", "ev1", "M1", T0 - 600, T0, "bounced", '{"id": "ev1"}')])
+        sender.wakeup.set()
+        await slow_got.wait()
+        # An event for the healthy receiver, due now; this instance is told at once (as the poller does).
+        await ledger.write([OutboxRow("fast", "ev2", "M1", T0 - 600, T0, "bounced", '{"id": "ev2"}')])
+        sender.wakeup.set()
+        await fast_got.wait()
+        assert order == ["fast received"], f"the healthy receiver waited for the silent one's timeout: {order}"
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await http.aclose()
+        await ledger.close()
+        slow_srv.close()
+        fast_srv.close()
+
+
+@pytest.mark.asyncio
+async def test_no_more_than_webhook_concurrency_posts_are_under_way(tmp_path: Path) -> None:
+    """Three deliveries due to a receiver that answers only when told, concurrency 2: two POSTs arrive, the
+    third only once one of those has ended (its slot refilled without waiting for the other)."""
+    arrived: list[str] = []
+    seen = asyncio.Condition()
+    release: dict[str, asyncio.Event] = {}
+
+    async def held(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode()
+        event = next(
+            line.split(":", 1)[1].strip()
+            for line in head.split("\r\n")
+            if line.lower().startswith("x-gateway-event-id")
+        )
+        release[event] = asyncio.Event()
+        async with seen:
+            arrived.append(event)
+            seen.notify_all()
+        await release[event].wait()
+        writer.write(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(held, "127.0.0.1", 0)
+    ledger = await _ledger(tmp_path)
+    http = HttpClient("", upstream="webhook", account="webhooks", timeout=30.0)
+    hook = WebhookSettings(
+        name="crm", url=f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/h", secret="s", timeout=60
+    )
+    sender = WebhookSender(open_returns(ledger), http, "gw-a", lambda: {"crm": hook}, concurrency=2, clock=Clock(T0))
+    await _sent(ledger, "M1", "a@example.net", "TX1", T0 - 600)
+    await ledger.write(
+        [OutboxRow("crm", f"ev{n}", "M1", T0 - 600, T0 - 3 + n, "bounced", f'{{"id": "ev{n}"}}') for n in range(3)]
+    )
+    task = asyncio.create_task(sender.run())
+    try:
+        async with seen:
+            await seen.wait_for(lambda: len(arrived) == 2)
+        first, second = arrived
+        # The two in flight hold both slots: the third is not leased while they run.
+        assert await sender.returns.pending_deliveries() == {"crm": 3}
+        release[first].set()
+        # A guard against a hang, not a timed assertion: without the refill the third waits for `second`,
+        # which is held until the third arrives.
+        async with asyncio.timeout(HANG_GUARD), seen:
+            await seen.wait_for(lambda: len(arrived) == 3)
+        assert arrived[2] not in (first, second)
+        assert not release[second].is_set()  # refilled while the other still ran
+        release[second].set()
+        release[arrived[2]].set()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await http.aclose()
+        await ledger.close()
+        server.close()
