@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -61,6 +62,21 @@ def loop_thread() -> Iterator[LoopThread]:
     lt = LoopThread()
     yield lt
     lt.close()
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def loop_thread_any(request: pytest.FixtureRequest) -> Iterator[LoopThread]:
+    """The stdlib loop and uvloop (what `serve` runs: the test id names the loop). Whatever the loop would
+    report through its exception handler fails the test."""
+    import uvloop
+
+    lt = LoopThread(uvloop.new_event_loop() if request.param == "uvloop" else None)
+    unexpected: list[dict[str, Any]] = []
+    lt.loop.call_soon_threadsafe(lt.loop.set_exception_handler, lambda loop, context: unexpected.append(context))
+    yield lt
+    lt.close()
+    gc.collect()  # "Task exception was never retrieved" is reported when the task is freed
+    assert unexpected == []
 
 
 @pytest.fixture(scope="session")

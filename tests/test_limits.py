@@ -10,7 +10,8 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +20,7 @@ from gateway.core.replies import codes
 from gateway.ops.metrics import REGISTRY
 from gateway.smtp.server import Listeners
 from tests.devices_util import captured_logs, events, raw_send
-from tests.harness import PASSWORD, PASSWORD_HASH, USER, Running
+from tests.harness import PASSWORD, PASSWORD_HASH, USER, LoopThread, Running, start, stop
 from tests.ops_util import captured_with_context, start_data
 from tests.smtputil import RECIPIENT, SENDER, RawClient, message
 from tests.spool_helpers import wait_for
@@ -295,6 +296,48 @@ def test_junk_lines_count_towards_max_commands_before_data(gateway_factory: Fact
         assert client.cmd("") == "500 5.5.2 Syntax error"  # the fifth command
         assert client.cmd("") == "421 4.7.0 Too many commands without sending mail, closing connection"
         assert client.closed()
+
+
+# A pipelining client past a limit, in one write: (the line sent, the limit, the reply that ends the session).
+PIPELINED_PAST = {
+    "NOOP": (b"NOOP\r\n" * 110, "command_call_limit", "421 4.7.0 NOOP sent too many times"),
+    "RSET": (b"RSET\r\n" * 110, "max_commands_before_data", "421 4.7.0 Too many commands without sending mail"),
+    "unknown": (b"BOGUS\r\n" * 10, "unknown_commands", "502 5.5.1 Too many unrecognized commands, goodbye."),
+    "junk": (b"\r\n" * 10, "unknown_commands", "502 5.5.1 Too many unrecognized commands, goodbye."),
+}
+
+
+@pytest.mark.parametrize("case", PIPELINED_PAST.keys())
+def test_a_pipelining_client_past_a_limit_is_cut_off_once(
+    loop_thread_any: LoopThread, tmp_path: Path, case: str
+) -> None:
+    """The lines behind the one that ended the session are not handled: before, the next could hit a limit
+    again (or another one), logged and counted twice. One reply ends the
+    session, one session_cut_off line, one count (docs/limits.md), on both loops."""
+    lines, limit, last = PIPELINED_PAST[case]
+
+    def hits() -> float:
+        return REGISTRY.get_sample_value("smtp_gateway_limit_hits_total", {"limit": limit}) or 0.0
+
+    # NOOP: max_commands_before_data (100 by default) would come first.
+    gw = start(loop_thread_any, tmp_path, limits={"max_commands_before_data": 1000} if case == "NOOP" else {})
+    try:
+        before = hits()
+        with captured_logs() as logs, RawClient(gw) as client:
+            client.cmd("EHLO pipelining.test")
+            client.write(lines)
+            received = []
+            with suppress(OSError):
+                while raw := client.file.readline():
+                    received.append(raw.decode().rstrip("\r\n"))
+            wait_for(lambda: not listeners(gw).sessions, 10, "the session ended")
+        ends = [line for line in received if line[:3] in ("421", "502")]
+        assert ends and ends[0].startswith(last), received
+        assert len(ends) == 1, ends
+        assert [cut["limit"] for cut in events(logs, "session_cut_off")] == [limit]
+        assert hits() - before == 1
+    finally:
+        stop(gw)
 
 
 def test_the_line_that_hits_the_unknown_command_limit_is_not_logged(gateway: Running) -> None:

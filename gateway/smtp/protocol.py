@@ -122,8 +122,11 @@ class CommandReader(asyncio.StreamReader):
 
     head = b""
     _overrun = False  # reading past the rest of a line longer than the reader's limit
+    # The session is being closed (GatewaySMTP._closing): set by the session.
+    closing: Callable[[], bool] | None = None
 
     async def readuntil(self, separator: Any = b"\n") -> bytes:  # typeshed's type is private
+        self._stop_if_closing()
         try:
             line = await super().readuntil(separator)
         except asyncio.IncompleteReadError as exc:
@@ -140,7 +143,16 @@ class CommandReader(asyncio.StreamReader):
             self._overrun = False  # the over-long line's last piece: its head is kept
         else:
             self.head = line[:5].upper()
+        self._stop_if_closing()
         return line
+
+    def _stop_if_closing(self) -> None:
+        """A session being closed (a limit's 421, QUIT, a timeout, the drain) reads no more command lines: the
+        lines a pipelining client sent behind the one that ended it are neither handled nor answered, so they
+        cannot hit a limit (and log and count it) a second time. aiosmtpd's command loop ends the session on
+        this error as on a reset."""
+        if self.closing is not None and self.closing():
+            raise ClientDone("the session is being closed")
 
     async def readline(self) -> bytes:
         # asyncio's readline drops an over-long line's start itself (ValueError): the next line is new.
@@ -272,6 +284,7 @@ class GatewaySMTP(SMTP):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        cast(CommandReader, self._reader).closing = self._closing  # the reader is made by connection_made
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None and not self.tls_up:
             self.tls_up = True
@@ -301,6 +314,10 @@ class GatewaySMTP(SMTP):
             self.handshake.abort()
         elif self.transport is not None:
             cast(asyncio.WriteTransport, self.transport).abort()
+
+    def _closing(self) -> bool:
+        """The session has been closed, or is being closed (its last replies may still be going out)."""
+        return self.transport is None or self.transport.is_closing()
 
     def _in_handshake(self) -> bool:
         # tls_up: connection_made() of a successful handshake runs before the handshake's result is set.
