@@ -5,19 +5,25 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import logging
 import socket
 import ssl
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
+import uvloop
 from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.ops.metrics import REGISTRY
 from gateway.smtp.protocol import GatewaySMTP
-from tests.devices_util import captured_logs, events
-from tests.harness import PASSWORD, USER, Running
+from tests.configs import listener
+from tests.devices_util import captured_logs, events, server_connections
+from tests.harness import PASSWORD, USER, LoopThread, Running, start, stop
 from tests.smtputil import ENHANCED, RECIPIENT, SENDER, RawClient, insecure_context, message
+from tests.spool_helpers import wait_for
 
 
 def ehlo_keywords(client: RawClient) -> list[str]:
@@ -471,3 +477,55 @@ def test_a_client_that_half_closes_in_its_data_sends_nothing(gateway: Running) -
         client.sock.shutdown(socket.SHUT_WR)
         assert replies_until_closed(client) == []
     assert gateway.requests == []
+
+
+@pytest.mark.parametrize("callback", ["eof_received", "connection_lost", "data_received"])
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_bug_in_a_transport_callback_is_logged_once_and_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, loop: str, callback: str
+) -> None:
+    """A bug (simulated) in a callback the loop calls, not the session task: the loop caught it and gave it to
+    its exception handler, whose default logged it on the asyncio logger (worded differently by each loop) and
+    counted it nowhere. Now one event_loop_internal_error line with its traceback and the internal-errors
+    count, on both loops; the connection is closed and the session released as before."""
+    original = getattr(GatewaySMTP, callback)
+
+    def buggy(self: GatewaySMTP, *args: Any) -> Any:
+        if callback == "connection_lost":
+            original(self, *args)  # the session's own release runs: the bug comes after it
+            raise RuntimeError(f"simulated bug in {callback}")
+        if callback == "data_received" and b"BUG" not in args[0]:
+            return original(self, *args)
+        raise RuntimeError(f"simulated bug in {callback}")
+
+    def loop_errors() -> float:
+        return REGISTRY.get_sample_value("smtp_gateway_internal_errors_total", {"where": "event_loop"}) or 0.0
+
+    lt = LoopThread(uvloop.new_event_loop() if loop == "uvloop" else None)
+    running = start(lt, tmp_path, listeners=[listener("plain")])
+    try:
+        monkeypatch.setattr(GatewaySMTP, callback, buggy)
+        port = running.port()
+        before = loop_errors()
+        with caplog.at_level(logging.ERROR, logger="asyncio"), captured_logs() as logs:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock, sock.makefile("rb") as f:
+                assert f.readline().startswith(b"220")
+                if callback == "eof_received":
+                    sock.shutdown(socket.SHUT_WR)
+                else:
+                    sock.sendall(b"BUG\r\n" if callback == "data_received" else b"QUIT\r\n")
+                with contextlib.suppress(OSError):
+                    while f.readline():
+                        pass
+            wait_for(lambda: server_connections(port) == 0, 10, "the connection closed")
+            wait_for(lambda: not running.app.listeners or not running.app.listeners.sessions, 10, "session released")
+            wait_for(lambda: bool(events(logs, "event_loop_internal_error")), 10, "the bug logged")
+        monkeypatch.undo()
+        [error] = events(logs, "event_loop_internal_error")
+        assert isinstance(error["exc_info"], RuntimeError) and error["error_type"] == "RuntimeError"
+        assert loop_errors() - before == 1
+        assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []  # not a second time
+    finally:
+        monkeypatch.undo()
+        stop(running)
+        lt.close()

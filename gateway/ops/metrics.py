@@ -498,6 +498,7 @@ INTERNAL_ERROR_PLACES = (
     "api",
     "background",
     "dengage_froms_refresh",
+    "event_loop",
     "events_poll",
     "inline_delivery",
     "invalid_contacts",

@@ -5,6 +5,9 @@ second while it lasts) and tries again a second later; uvloop's libuv accepts an
 connections with a reserved descriptor and tells nobody. Either way the operator must learn LimitNOFILE is
 too low: a check once a second (open and close one descriptor) sees it under both loops, asyncio's failed
 accepts are counted too, and the episode is logged once when it begins and once when it ends.
+
+The watch's handler is the loop's exception handler: every other exception the loop reports (a bug in a
+protocol's callback) is logged and counted there too (gateway.ops.tasks.report_loop_exception).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import structlog
 
 from gateway.core.episode import Episode
 from gateway.ops.metrics import DESCRIPTORS_EXHAUSTED
+from gateway.ops.tasks import report_loop_exception
 
 log = structlog.get_logger("gateway.smtp")
 
@@ -97,6 +101,12 @@ class DescriptorWatch:
         exc = context.get("exception")
         if context.get("message") == ACCEPT_FAILED and isinstance(exc, OSError) and exc.errno in EXHAUSTED:
             self._exhausted("accept", exc)  # once per episode, not asyncio's line every second
+            return
+        if report_loop_exception(context):
+            # Logged and counted: the default handler would say it a second time; a handler installed
+            # before (by whoever embeds the gateway, or a test) still sees it.
+            if self._previous is not None:
+                self._previous(loop, context)
             return
         if self._previous is not None:
             self._previous(loop, context)
