@@ -529,3 +529,47 @@ async def test_a_session_lost_with_an_error_leaves_no_unretrieved_future() -> No
     finally:
         loop.set_exception_handler(None)
     assert [r["message"] for r in reports] == []
+
+
+@pytest.mark.parametrize("close", ["tcp_fin", "read_first"])
+def test_a_tls_client_that_closes_before_its_250_is_the_counted_resend_window(
+    loop_thread_any: LoopThread, tmp_path: Path, close: str
+) -> None:
+    """Implicit TLS: the final dot and QUIT, then a bare TCP FIN (shutdown(SHUT_WR), no close_notify) while the
+    upstream is slow. Neither loop's SSLProtocol writes after the peer's EOF, so, unlike plain TCP's
+    half-close, the client reads no 250 although the message is delivered: the window docs/delivery.md names,
+    counted in smtp_gateway_tls_closed_before_reply_total. A client that reads first gets both replies (not
+    counted)."""
+
+    def window() -> float:
+        return REGISTRY.get_sample_value("smtp_gateway_tls_closed_before_reply_total", {"listener": "implicit"}) or 0.0
+
+    running = start(loop_thread_any, tmp_path, listeners=[listener("implicit", "implicit")])
+    try:
+        before = window()
+        running.fault(delay=1.0, count=1, kind="send")
+        with RawClient(running, "implicit") as client:
+            client.open_data()
+            client.write(message(subject="tls-close") + b".\r\n")
+            wait_for(
+                lambda: bool(listeners(running).sessions) and all(s.replying for s in listeners(running).sessions),
+                10,
+                "the dot read",
+            )
+            client.write(b"QUIT\r\n")
+            if close == "tcp_fin":
+                socket.socket.shutdown(client.sock, socket.SHUT_WR)
+            lines = []
+            with contextlib.suppress(ssl.SSLError, OSError):
+                while raw := client.file.readline():
+                    lines.append(raw.decode().rstrip("\r\n"))
+        wait_for(lambda: len(running.requests) == 1, 10, "the delivery")
+        wait_for(lambda: not listeners(running).sessions, 10, "the session ended")
+        if close == "tcp_fin":
+            assert lines == [], lines
+            assert window() - before == 1
+        else:
+            assert [line[:3] for line in lines] == ["250", "221"], lines
+            assert window() == before
+    finally:
+        stop(running)

@@ -129,6 +129,13 @@ CLIENT_GONE = Counter(
     ["verdict"],
     registry=REGISTRY,
 )
+TLS_CLOSED_BEFORE_REPLY = Counter(
+    "smtp_gateway_tls_closed_before_reply_total",
+    "Messages past their final dot whose TLS client closed (a TCP FIN, a close_notify or a reset) before their "
+    "reply: delivered or queued all the same, with no 250 the client saw (it may send the message again)",
+    ["listener"],
+    registry=REGISTRY,
+)
 LARGE_BYTES = Gauge(
     "smtp_gateway_large_message_bytes",
     "Bytes of large messages (over limits.large_message_threshold) held now, of limits.max_large_bytes",

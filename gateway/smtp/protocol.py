@@ -38,6 +38,7 @@ from gateway.ops.metrics import (
     SESSIONS_TLS,
     SPILL_FAILURES,
     SPILLED,
+    TLS_CLOSED_BEFORE_REPLY,
 )
 from gateway.smtp.fastinit import MethodTables, init_session
 from gateway.smtp.handshake import ListenerTls, TlsHandshake
@@ -279,6 +280,7 @@ class GatewaySMTP(SMTP):
         self._idle_deadline = 0.0
         self._idle_armed = False
         self._client_done = False  # the client half-closed: no more commands (eof_received)
+        self._tls_close_counted = False  # in smtp_gateway_tls_closed_before_reply_total
 
     # -- connection ------------------------------------------------------------------------------------
 
@@ -325,10 +327,13 @@ class GatewaySMTP(SMTP):
 
     def eof_received(self) -> bool | None:
         if self.tls_up or self.handshake is not None or self._implicit_tls:
-            # TLS: asyncio's SSL transport writes nothing after the client's close_notify, and closes on a
-            # bare TCP FIN: the client is gone as far as the session can tell. aiosmtpd cancels the session
-            # task (a delivery under way goes on); close now (aiosmtpd would keep the socket half-open, and a
-            # task that had not started yet would never close it: CLOSE-WAIT until the idle timeout).
+            # TLS: asyncio's SSLProtocol calls this on the client's close_notify and on a bare TCP FIN, after
+            # which it writes nothing more (it is shutting the TLS session down; returning True has no effect
+            # there); uvloop's goes straight to connection_lost. The client is gone as far as the session can
+            # tell. aiosmtpd cancels the session task (a delivery under way goes on); close now (aiosmtpd would
+            # keep the socket half-open, and a task that had not started yet would never close it: CLOSE-WAIT
+            # until the idle timeout).
+            self._count_tls_close_before_reply()
             super().eof_received()
             return False
         # Plain TCP: a FIN says the client is done writing (shutdown(SHUT_WR) after its final dot or QUIT:
@@ -341,7 +346,16 @@ class GatewaySMTP(SMTP):
         asyncio.StreamReaderProtocol.eof_received(self)  # the reader's EOF
         return True  # half-open: the replies still go out
 
+    def _count_tls_close_before_reply(self) -> None:
+        """A TLS client that closed (FIN, close_notify or reset) with its message past the final dot: the message
+        goes out, the 250 cannot (unlike plain TCP's half-close), and a client that resends on a missing
+        reply sends a second copy: an at-least-once window of its own (docs/delivery.md), counted once."""
+        if self.replying and self.tls_up and not self._tls_close_counted:
+            self._tls_close_counted = True
+            TLS_CLOSED_BEFORE_REPLY.labels(listener=self.listener).inc()
+
     def connection_lost(self, error: Exception | None) -> None:
+        self._count_tls_close_before_reply()  # uvloop's SSLProtocol: no eof_received() first
         self._on_close(self)
         self._release()  # a client gone mid-DATA holds no budget
         super().connection_lost(error)
