@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.console import queuepage
+from gateway.console import queuepage, testsend
 from gateway.console.sessions import Session, SessionKeys
 from gateway.ledger.model import Record
 from gateway.smtp.tls import write_self_signed
@@ -570,6 +570,14 @@ async def test_test_send_goes_through_a_real_smtp_session_and_opens_the_message(
         ("recipient", "someone", "The recipient must be one address"),
         ("sender", "Billing <billing@acme.example>", "The sender must be one address"),
         ("subject", "one\r\nBcc: x@evil.example", "The subject must be one line"),
+        # Line separators other than CR/LF (pasted from documents, terminals): the email package splits a header
+        # value at whatever str.splitlines() splits at, and raised ValueError in compose: a 500 (review console3 F2).
+        ("subject", "quarterly\u2028report", "The subject must be one line"),
+        ("subject", "quarterly\u2029report", "The subject must be one line"),
+        ("subject", "quarterly\x0breport", "The subject must be one line"),
+        ("subject", "quarterly\x0creport", "The subject must be one line"),
+        ("subject", "quarterly\x85report", "The subject must be one line"),
+        ("subject", "quarterly\x1creport", "The subject must be one line"),
         # smtplib raised UnicodeEncodeError at MAIL or RCPT: a 500 with none of the console's headers.
         ("recipient", "jürgen@example.net", "The recipient must be an ASCII address"),
         ("recipient", "user@exämple.net", "The recipient must be an ASCII address"),
@@ -589,6 +597,19 @@ async def test_test_send_fields_that_make_no_message_are_a_form_error(
             status, response, page = await admin.form("/console/test-send", "/console/test-send", fields)
     assert status == 400 and words in page and "Content-Security-Policy" in response.headers
     assert not [e for e in logs if e["event"] == "console_action"] and not gw.sent
+
+
+def test_every_character_that_breaks_a_header_line_is_refused_in_the_subject() -> None:
+    """Every character str.splitlines() splits at (the email package's test for a header value) is the form's
+    refusal, never compose's ValueError; what the form lets through composes (review console3 F2)."""
+    breaks = [chr(c) for c in range(0x110000) if len(f"a{chr(c)}b".splitlines()) > 1]
+    assert {"\n", "\r", "\x0b", "\x0c", "\x1c", "\x85", "\u2028"} <= set(breaks)
+    for char in breaks:
+        assert testsend.form_error("a@acme.example", "b@example.net", f"quarterly{char}report") is not None, repr(char)
+    for char in [chr(c) for c in range(0x3000)] + ["\ud800", "\udfff"]:
+        for subject, body in ((f"x{char}y", "body"), ("subject", f"x{char}y")):
+            if testsend.form_error("a@acme.example", "b@example.net", subject, body) is None:
+                testsend.compose("a@acme.example", "b@example.net", subject, body, "admin", "gw.example")
 
 
 async def test_an_unexpected_error_in_a_page_is_the_consoles_error_page_logged_once(

@@ -70,7 +70,15 @@ def host_of(address: str) -> str:
 _ADDRESS = re.compile(r"[^\s\x00-\x1f\x7f<>()\[\],;:\\\"@]+@[^\s\x00-\x1f\x7f<>()\[\],;:\\\"@]+")
 
 
-def form_error(sender: str, recipient: str, subject: str) -> str | None:
+# What a header value must not hold: every character str.splitlines() breaks a line at (the email package
+# refuses a header value it splits: ValueError, a 500), and the other C0 and C1 controls (NUL, ESC, DEL...), which
+# no subject is meant to carry. A tab is kept: it is folding whitespace, valid in a header.
+_NOT_IN_A_LINE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+# A lone surrogate (a form field can carry one) has no UTF-8 encoding: compose would raise UnicodeEncodeError.
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def form_error(sender: str, recipient: str, subject: str, body: str = "") -> str | None:
     """Why the test send's fields cannot make a message and an SMTP session, or None."""
     for name, value in (("sender", sender), ("recipient", recipient)):
         if not _ADDRESS.fullmatch(value):
@@ -81,8 +89,10 @@ def form_error(sender: str, recipient: str, subject: str) -> str | None:
                 f"The {name} must be an ASCII address: write an internationalised domain in its xn-- form; "
                 "a local part with other characters cannot be tested here."
             )
-    if any(char in subject for char in "\r\n\x00"):
-        return "The subject must be one line."
+    if _NOT_IN_A_LINE.search(subject) or _SURROGATE.search(subject):
+        return "The subject must be one line, without line separators or control characters."
+    if _SURROGATE.search(body):
+        return "The body must be text: it holds a character with no UTF-8 form (a lone surrogate)."
     return None
 
 

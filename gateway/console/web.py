@@ -693,7 +693,7 @@ class Console:
             error = "Pick one of the configured logins."
         elif listener is None:
             error = "Pick one of the listeners."
-        elif refusal := testsend.form_error(chosen["sender"], chosen["recipient"], chosen["subject"]):
+        elif refusal := testsend.form_error(chosen["sender"], chosen["recipient"], chosen["subject"], chosen["body"]):
             error = refusal
         if error or listener is None:
             return self._page(
