@@ -35,7 +35,7 @@ from gateway.ledger.returns import ReturnStore
 from gateway.ledger.store import LedgerStore
 from gateway.ledger.suppression import SuppressionSet
 from gateway.ledger.writer import LedgerWriter
-from gateway.limits.clients import AuthGuard, Defenses
+from gateway.limits.clients import AuthGuard, Defenses, ScopedLedger
 from gateway.limits.lockouts import LocalLockouts, Lockouts
 from gateway.limits.quotas import QuotaTracker
 from gateway.ops import logs, tasks
@@ -252,7 +252,7 @@ class App:
         QUOTA_STATS.track(quotas)
         oauth = await asyncio.to_thread(oauth_verifier, settings.oauth)  # reads any ca_file
         # AUTH failures per client IP are counted for every process and instance on the queue.
-        defenses = Defenses(settings.limits, shared=self.store)
+        defenses = Defenses(settings.limits, shared=ScopedLedger(self.store, None))
         self.listeners = Listeners(
             settings, self.pipeline, self.authenticator, quotas=quotas, oauth=oauth, defenses=defenses
         )
@@ -268,7 +268,7 @@ class App:
             from gateway.ops.apiauth import TokenAuth
             from gateway.ops.http import OperatorEndpoint
 
-            self.api_auth = TokenAuth(http.api_tokens, settings.limits)
+            self.api_auth = TokenAuth(http.api_tokens, settings.limits, ScopedLedger(self.store, "api"))
             self.console = Console(self)
             api = MessageApi(self.ledger, self.api_auth, self.returnpath.returns, self.returnpath.suppressions)
             self.operator = OperatorEndpoint(

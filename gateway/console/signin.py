@@ -1,5 +1,6 @@
 """Console sign-in: an admin's name and password checked against the configured hashes (scrypt, in a thread),
-failures throttled per client IP as SMTP AUTH's are (gateway/limits: a delay, then a lockout)."""
+failures throttled per client IP as SMTP AUTH's are (gateway/limits: a delay, then a lockout), shared through the
+queue by every process and instance."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Literal
 from gateway.auth.passwords import decoy_hash, verify_password
 from gateway.config import LimitsSettings
 from gateway.config.console import ConsoleAdmin
-from gateway.limits.clients import AuthGuard, client_key
+from gateway.limits.clients import AuthGuard, AuthLedger, client_key
 
 Result = Literal["ok", "invalid", "locked_out"]
 
@@ -24,8 +25,10 @@ class Verdict:
 
 
 class AdminSignIn:
-    def __init__(self, limits: LimitsSettings) -> None:
-        self.guard = AuthGuard(limits)
+    def __init__(self, limits: LimitsSettings, shared: AuthLedger | None = None) -> None:
+        # `shared`: the queue's AUTH ledger under the console's own keys, so a lockout (and its lift) holds for
+        # every process and instance on the queue, as SMTP AUTH's does.
+        self.guard = AuthGuard(limits, shared=shared)
         # Verified when the name is unknown, so a wrong name takes as long as a wrong password: at the cost
         # the admins' hashes use (as SMTP AUTH's), made again when those hashes change (a reload).
         self._decoy: tuple[tuple[str, ...], str] = ((), decoy_hash([]))

@@ -36,7 +36,7 @@ from gateway.core.errors import SpoolUnavailable
 from gateway.delivery.admin import BadSelection
 from gateway.ledger.model import iso
 from gateway.ledger.store import LedgerUnavailable
-from gateway.limits.clients import LogSampler
+from gateway.limits.clients import LogSampler, ScopedLedger
 from gateway.ops.metrics import (
     CONSOLE_ACTION_MESSAGES,
     CONSOLE_ACTIONS,
@@ -139,7 +139,8 @@ def _safe_next(target: str | None) -> str:
 class Console:
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
-        self.signin = AdminSignIn(gw.settings.limits)
+        shared = ScopedLedger(gw.store, "console") if gw.store is not None else None
+        self.signin = AdminSignIn(gw.settings.limits, shared)
         # A locked-out client's sign-ins cost no hash: one line a minute per address (as SMTP's auth_locked_out),
         # each one counted in smtp_gateway_console_logins_total{result="locked_out"}.
         self._lockout_lines = LogSampler()

@@ -106,6 +106,48 @@ class AuthLedger(Protocol):
         ...
 
 
+# The scopes other than SMTP AUTH that count their failures in the same shared ledger, each under keys of its
+# own (`<scope>:<client key>`): a client locked out of the console is not locked out of SMTP AUTH, and the
+# reverse, as with one process's guards (docs/limits.md).
+SCOPES = ("console", "api")
+
+
+class ScopedLedger:
+    """The shared AUTH ledger as one scope sees it: `scope` None is SMTP AUTH's (its keys are bare client keys,
+    the rows of the other scopes left out of its list); any other scope's keys are prefixed `<scope>:`, so the
+    console's sign-in and the API's tokens are counted, locked out and lifted for every process and instance on
+    the queue exactly as SMTP AUTH is, apart from it."""
+
+    def __init__(self, ledger: AuthLedger, scope: str | None) -> None:
+        self._ledger = ledger
+        self._prefix = f"{scope}:" if scope else ""
+
+    def _mine(self, key: str) -> bool:
+        if self._prefix:
+            return key.startswith(self._prefix)
+        return not key.startswith(tuple(f"{s}:" for s in SCOPES))
+
+    async def auth_begin(self, client: str, rules: authcount.Rules) -> tuple[authcount.Record, Verdict, float]:
+        return await self._ledger.auth_begin(self._prefix + client, rules)
+
+    async def auth_end(
+        self, client: str, rules: authcount.Rules, failed: bool, in_flight: bool
+    ) -> tuple[authcount.Record, bool, float]:
+        return await self._ledger.auth_end(self._prefix + client, rules, failed, in_flight)
+
+    async def auth_lift(self, client: str, rules: authcount.Rules) -> bool:
+        return await self._ledger.auth_lift(self._prefix + client, rules)
+
+    async def auth_peek(self, client: str) -> tuple[authcount.Record, float] | None:
+        return await self._ledger.auth_peek(self._prefix + client)
+
+    async def auth_held(self, limit: int) -> list[tuple[str, authcount.Record, float]]:
+        # The store lists every scope's rows at once: the other scopes' are left out here (an attack on one
+        # scope can push another's rows past `limit` in the operator's list; each is still counted and enforced).
+        rows = await self._ledger.auth_held(limit)
+        return [(key[len(self._prefix) :], record, now) for key, record, now in rows if self._mine(key)]
+
+
 @dataclass(frozen=True, slots=True)
 class AuthTicket:
     """One AUTH attempt let through: where it is counted. `local`: this process's record (no shared ledger,

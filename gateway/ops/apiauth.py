@@ -22,7 +22,7 @@ from typing import Literal
 from gateway.auth.passwords import verify_password
 from gateway.config import LimitsSettings
 from gateway.config.settings import ApiToken
-from gateway.limits.clients import AuthGuard, client_key
+from gateway.limits.clients import AuthGuard, AuthLedger, client_key
 from gateway.ops.metrics import API_AUTH
 
 Result = Literal["ok", "missing", "invalid", "locked_out"]
@@ -36,11 +36,12 @@ class Verdict:
 
 
 class TokenAuth:
-    def __init__(self, tokens: list[ApiToken], limits: LimitsSettings) -> None:
+    def __init__(self, tokens: list[ApiToken], limits: LimitsSettings, shared: AuthLedger | None = None) -> None:
         self._key = os.urandom(32)
         self._tokens = [(t.name, t.token_hash.get_secret_value()) for t in tokens]
         self._verified: dict[bytes, str] = {}  # HMAC(token) -> name; at most one entry per configured token
-        self.guard = AuthGuard(limits)
+        # `shared`: the queue's AUTH ledger under the API's own keys (every process and instance on the queue).
+        self.guard = AuthGuard(limits, shared=shared)
 
     @property
     def enabled(self) -> bool:
@@ -59,12 +60,16 @@ class TokenAuth:
         key = client_key(client_ip)
         if not authorization:
             # No token, no guess: not an attempt, though a locked-out client is still told so.
-            locked_for = self.guard.before(key).locked_for
+            locked_for = (await self.guard.check(key)).locked_for
             result: Result = "locked_out" if locked_for > 0 else "missing"
             API_AUTH.labels(result=result).inc()
             return Verdict(result, retry_after=max(locked_for, 0.0))
         # The attempt counts toward the lockout from here until its outcome (as SMTP AUTH's do): tokens sent
         # together cannot all pass a check of the failures recorded so far and then all be tried.
+        # The shared record first (as SMTP AUTH's `check`): a lockout made or lifted by another process counts here.
+        if (locked_for := (await self.guard.check(key)).locked_for) > 0:
+            API_AUTH.labels(result="locked_out").inc()
+            return Verdict("locked_out", retry_after=locked_for)
         ticket, verdict = await self.guard.begin(key)
         if ticket is None:
             API_AUTH.labels(result="locked_out").inc()
