@@ -599,6 +599,27 @@ async def test_test_send_fields_that_make_no_message_are_a_form_error(
     assert not [e for e in logs if e["event"] == "console_action"] and not gw.sent
 
 
+async def test_a_test_send_as_a_login_whose_every_password_has_expired_is_a_form_error(
+    gateway_factory: Callable[..., Running],
+) -> None:
+    """The one-time password logged such a login in and the page said "Accepted", where a device logging in as
+    it gets 535 (expired password): now the form says why, and no session is opened (review console3 L2)."""
+    retired = {
+        "username": "retired",
+        "passwords": [{"hash": PASSWORD_HASH, "expires": "2020-01-31", "label": "old"}],
+        "campaign": 22,
+    }
+    gw = console_gateway(gateway_factory, extra_users=[retired])
+    async with Client(base(gw)) as admin:
+        await admin.signin()
+        with captured_with_context() as logs:
+            status, _, page = await admin.form(
+                "/console/test-send", "/console/test-send", {**TEST_SEND, "login": "acme/retired"}
+            )
+    assert status == 400 and "Every password of acme/retired has expired (old)" in html.unescape(page)
+    assert not [e for e in logs if e["event"] == "console_action"] and not gw.sent
+
+
 def test_every_character_that_breaks_a_header_line_is_refused_in_the_subject() -> None:
     """Every character str.splitlines() splits at (the email package's test for a header value) is the form's
     refusal, never compose's ValueError; what the form lets through composes (review console3 F2)."""

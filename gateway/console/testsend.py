@@ -78,6 +78,19 @@ _NOT_IN_A_LINE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
+def login_error(login: str, user: UserSettings, now: float) -> str | None:
+    """Why `user` cannot log in at all now, or None: every one of its passwords has expired. The one-time
+    password would still log it in, so the test would say "accepted" where a device gets 535."""
+    entries = user.credentials()
+    expired = [label for entry, label in entries if (at := entry.expires_at) is not None and at <= now]
+    if entries and len(expired) == len(entries):
+        return (
+            f"Every password of {login} has expired ({', '.join(expired)}): a device logging in as it gets "
+            "535 (expired password). Give it a password that has not expired to test it."
+        )
+    return None
+
+
 def form_error(sender: str, recipient: str, subject: str, body: str = "") -> str | None:
     """Why the test send's fields cannot make a message and an SMTP session, or None."""
     for name, value in (("sender", sender), ("recipient", recipient)):

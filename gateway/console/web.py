@@ -694,8 +694,11 @@ class Console:
             error = "Pick one of the configured logins."
         elif listener is None:
             error = "Pick one of the listeners."
-        elif refusal := testsend.form_error(chosen["sender"], chosen["recipient"], chosen["subject"], chosen["body"]):
-            error = refusal
+        else:
+            user = next(u for a, u in context["users"] if f"{a}/{u.username}" == chosen["login"])
+            error = testsend.login_error(chosen["login"], user, time.time()) or (
+                testsend.form_error(chosen["sender"], chosen["recipient"], chosen["subject"], chosen["body"]) or ""
+            )
         if error or listener is None:
             return self._page(
                 request, "testsend.html", status=400, title="Test send", outcome=None, error=error, **context
