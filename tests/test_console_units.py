@@ -68,6 +68,15 @@ def test_sessions_end_when_idle_or_old() -> None:
     assert ended(Session("alice", 5000.0, 5000.0, "sid", "fp"), 100.0, idle=60, lifetime=1000) == "lifetime"
 
 
+def test_a_session_signed_in_on_an_instance_minutes_ahead_holds_here() -> None:
+    """Sessions' times are each instance's own clock: one signed in on an instance 2 minutes ahead was ended
+    ("lifetime") by every other at each request (it allowed 60 s); now up to the 5 minutes the sign-out records
+    allow for differing clocks (review console3 L1)."""
+    ahead = Session("alice", 1120.0, 1120.0, "sid", "fp")
+    assert ended(ahead, 1000.0, idle=60, lifetime=1000) is None
+    assert ended(Session("alice", 1301.0, 1301.0, "sid", "fp"), 1000.0, idle=60, lifetime=1000) == "lifetime"
+
+
 def test_a_one_time_password_works_once_for_its_login_within_its_time() -> None:
     clock = Clock()
     onetime = OneTimeLogins(clock, monotonic=clock)  # a clock that never steps: both agree

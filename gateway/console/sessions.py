@@ -41,9 +41,18 @@ def new_session(admin: str, fingerprint: str, now: float) -> Session:
     return Session(admin, now, now, secrets.token_urlsafe(16), fingerprint)
 
 
+# Seconds a session's sign-in time may lie ahead of this process's clock: it was signed in on an instance whose
+# clock is ahead of this one's (sessions' times are each instance's own clock, docs/operations/instances.md).
+# The same 5 minutes the queue keeps a sign-out past a session's lifetime for clocks that differ
+# (SIGNOUT_KEPT_PAST): within them every instance takes the session; beyond them it is ended (a cookie from
+# further ahead than any clock the sign-outs allow for). It was 60 s: a sibling 61 s ahead sent every admin it
+# signed in back to sign-in at each request another instance served.
+FUTURE_TOLERANCE = 300.0
+
+
 def ended(session: Session, now: float, idle: float, lifetime: float) -> str | None:
     """Why a session is over (`idle`, `lifetime`), or None while it holds."""
-    if now - session.issued >= lifetime or session.issued > now + 60:
+    if now - session.issued >= lifetime or session.issued > now + FUTURE_TOLERANCE:
         return "lifetime"
     if now - session.seen >= idle:
         return "idle"
