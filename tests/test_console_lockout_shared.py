@@ -8,9 +8,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tests.console_util import ADMIN, ADMIN_PASSWORD, Client, base, console_gateway, csrf
-from tests.harness import LoopThread, start, stop
+import httpx
 
+from gateway.auth.passwords import hash_password
+from tests.console_util import ADMIN, ADMIN_PASSWORD, Client, base, console_gateway, csrf
+from tests.harness import PASSWORD, LoopThread, Running, start, stop
+from tests.smtputil import RawClient
+
+TOKEN = "api-token-for-the-tests"
+TOKEN_HASH = hash_password(TOKEN)
 LIMITS = {"auth_failures_per_ip": 3, "auth_lockout_failures": 3, "auth_delay_max": 0.0}
 
 
@@ -41,6 +47,40 @@ async def test_a_sign_in_lockout_on_one_instance_holds_on_the_other_and_a_lift_o
                 await admin.form("/console/logins", "/console/logins/lift", {"scope": "console", "client": "127.0.0.9"})
             # Lifted on B: A reads the shared record again and lets the address sign in.
             assert await _try(on_a, ADMIN_PASSWORD) == 303
+    finally:
+        stop(a)
+        stop(b)
+
+
+async def test_an_api_token_lockout_on_one_instance_holds_on_the_other_apart_from_smtp_auth(
+    loop_thread: LoopThread, tmp_path: Path
+) -> None:
+    """The message API's token guard was per process in the same way: it is shared too, under keys of its own
+    (a client locked out of the API is not locked out of SMTP AUTH, nor listed under it)."""
+    delivery: dict[str, Any] = {"spool_path": str(tmp_path / "shared.sqlite3")}
+    http = {"api_tokens": [{"name": "ci", "token_hash": TOKEN_HASH}]}
+    a = console_gateway(
+        lambda **kw: start(loop_thread, tmp_path / "a", **kw), delivery=delivery, limits=LIMITS, http=http
+    )
+    b = console_gateway(
+        lambda **kw: start(loop_thread, tmp_path / "b", **kw), delivery=delivery, limits=LIMITS, http=http
+    )
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+
+            async def status(gw: Running, token: str) -> int:
+                answer = await client.get(f"{base(gw)}/api/v1/messages", headers={"Authorization": f"Bearer {token}"})
+                return answer.status_code
+
+            assert [await status(a, f"wrong-{n}") for n in range(4)] == [401, 401, 401, 429]
+            assert await status(b, TOKEN) == 429  # B reads the lockout A made, the right token included
+        with RawClient(b) as smtp:  # SMTP AUTH's count is apart: the same address logs in
+            smtp.cmd("EHLO client.test")
+            assert smtp.login("scanner", PASSWORD).startswith("235 ")
+        async with Client(base(b)) as admin:
+            await admin.signin()
+            _, _, logins = await admin.get("/console/logins")
+        assert "api:" not in logins and "console:" not in logins  # each scope's rows under its own name
     finally:
         stop(a)
         stop(b)
