@@ -212,6 +212,21 @@ async def test_the_outbox_delivers_each_event_once_leased_retried_and_reclaimed(
     assert await b.claim_deliveries("gw-b", T0 + 10_000, 10, 30) == []
 
 
+async def test_the_outbox_claims_each_webhook_up_to_its_room(instances: Callable[[], Pair]) -> None:
+    """`room`: each named webhook's due deliveries read on their own (another's earlier queue cannot crowd
+    them out), at most its room; a webhook not named (removed) shares what the limit leaves."""
+    (ledger, a), _ = instances(), instances()
+    await ledger.open()
+    rows = [OutboxRow("slow", f"s{n}", "M1", T0, T0 - 100 + n, "bounced", "{}") for n in range(6)]
+    rows += [OutboxRow("fast", "f1", "M1", T0, T0, "bounced", "{}"), OutboxRow("gone", "g1", "M1", T0, T0, "x", "{}")]
+    await ledger.write(rows)
+    got = await a.claim_deliveries("gw-a", T0 + 1, 4, 30, room={"slow": 2, "fast": 2})
+    assert sorted(d.event_id for d in got) == ["f1", "g1", "s0", "s1"]
+    assert await a.claim_deliveries("gw-a", T0 + 1, 4, 30, room={"slow": 0, "fast": 2}) == []
+    more = await a.claim_deliveries("gw-a", T0 + 1, 1, 30, room={"slow": 3, "fast": 2})
+    assert [d.event_id for d in more] == ["s2"]  # the limit before the room
+
+
 async def test_one_notice_decision_per_message_and_recipient(instances: Callable[[], Pair]) -> None:
     (ledger, a), (_, b) = instances(), instances()
     await ledger.open()

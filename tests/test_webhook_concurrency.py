@@ -133,3 +133,61 @@ async def test_no_more_than_webhook_concurrency_posts_are_under_way(tmp_path: Pa
         await http.aclose()
         await ledger.close()
         server.close()
+
+
+@pytest.mark.asyncio
+async def test_a_silent_receiver_with_many_events_holds_only_its_share_of_the_slots(tmp_path: Path) -> None:
+    """Ten events due to `slow` (a receiver that never answers), queued before one for `fast`, concurrency 4:
+    `slow` holds at most its share (4 // 2 webhooks = 2 POSTs) and `fast` gets its event while `slow` hangs,
+    not after slow's timeout (review follow6 1: one task per delivery alone let the silent one fill every slot)."""
+    order: list[str] = []
+    slow_open = 0
+    fast_got = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal slow_open
+        slow_open += 1
+        await reader.read()  # never answers; returns when the client gives up and closes
+        order.append("slow gave up")
+        writer.close()
+
+    async def fast(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        order.append("fast received")
+        fast_got.set()
+        writer.write(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    slow_srv = await asyncio.start_server(silent, "127.0.0.1", 0)
+    fast_srv = await asyncio.start_server(fast, "127.0.0.1", 0)
+    ledger = await _ledger(tmp_path)
+    http = HttpClient("", upstream="webhook", account="webhooks", timeout=30.0)
+
+    def url(server: asyncio.Server) -> str:
+        return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/h"
+
+    hooks = {
+        "slow": WebhookSettings(name="slow", url=url(slow_srv), secret="s", timeout=SILENT_TIMEOUT),
+        "fast": WebhookSettings(name="fast", url=url(fast_srv), secret="s", timeout=SILENT_TIMEOUT),
+    }
+    sender = WebhookSender(open_returns(ledger), http, "gw-a", lambda: hooks, concurrency=4, clock=Clock(T0))
+    await _sent(ledger, "M1", "a@example.net", "TX1", T0 - 600)
+    # slow's events are due first (an older next_attempt): a claim in due order takes them before fast's.
+    await ledger.write(
+        [OutboxRow("slow", f"s{n}", "M1", T0 - 600, T0 - 100 + n, "bounced", f'{{"id": "s{n}"}}') for n in range(10)]
+        + [OutboxRow("fast", "f1", "M1", T0 - 600, T0, "bounced", '{"id": "f1"}')]
+    )
+    task = asyncio.create_task(sender.run())
+    try:
+        await fast_got.wait()
+        assert order == ["fast received"], f"the healthy receiver waited for the silent one's timeout: {order}"
+        assert slow_open <= sender.share(2) == 2
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await http.aclose()
+        await ledger.close()
+        slow_srv.close()
+        fast_srv.close()

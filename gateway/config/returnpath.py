@@ -209,4 +209,9 @@ class ReturnPathSettings(Section):
         description="Seconds between reloads of the suppression lists RCPT TO is checked against (in memory; "
         "entries this instance adds apply at once).",
     )
-    webhook_concurrency: int = Field(8, ge=1, le=256, description="Webhook deliveries under way at once.")
+    webhook_concurrency: int = Field(
+        8,
+        ge=1,
+        le=256,
+        description="Webhook deliveries under way at once; one webhook's at most an even share (at least one).",
+    )

@@ -11,7 +11,7 @@ and `polled`, notices' decision times and windows."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -189,13 +189,21 @@ class PostgresReturns:
 
     # -- the webhook outbox -------------------------------------------------------------------------------
 
-    async def claim_deliveries(self, owner: str, now: float, limit: int, lease: float) -> list[Delivery]:
+    async def claim_deliveries(
+        self, owner: str, now: float, limit: int, lease: float, *, room: Mapping[str, int] | None = None
+    ) -> list[Delivery]:
         async with self.ledger.connection() as conn:
             # Due times are on the writers' clocks (the ledger's writer wrote the first); leases on the database's.
-            rows = await (await conn.execute(SQL.outbox_due, (now, limit))).fetchall()
             now_there = now + await self._shift(conn)
-            if len(rows) < limit:
-                rows += await (await conn.execute(SQL.outbox_reapable, (now_there, limit - len(rows)))).fetchall()
+            rows: list[Any] = []
+            for due, reapable, params, most in SQL.outbox_claims(room, limit):
+                want = min(most, limit - len(rows))
+                if want <= 0:
+                    continue
+                found = await (await conn.execute(due, (*params, now, want))).fetchall()
+                if len(found) < want:
+                    found += await (await conn.execute(reapable, (*params, now_there, want - len(found)))).fetchall()
+                rows += found
             out = []
             for webhook, event_id, state in rows:
                 leased = await (

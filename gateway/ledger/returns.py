@@ -18,7 +18,7 @@ Every method raises LedgerUnavailable when the database cannot be used.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -202,8 +202,12 @@ class ReturnStore(Protocol):
 
     # -- the webhook outbox -------------------------------------------------------------------------------
 
-    async def claim_deliveries(self, owner: str, now: float, limit: int, lease: float) -> list[Delivery]:
-        """Lease up to `limit` deliveries: due pending ones, then those whose owner's lease expired."""
+    async def claim_deliveries(
+        self, owner: str, now: float, limit: int, lease: float, *, room: Mapping[str, int] | None = None
+    ) -> list[Delivery]:
+        """Lease up to `limit` deliveries: due pending ones, then those whose owner's lease expired. `room`: at
+        most so many more of each webhook it names (each read on its own, so that one webhook's queue cannot
+        crowd another's out), then of the webhooks it does not name (removed ones) what `limit` leaves."""
         ...
 
     async def settle_delivery(

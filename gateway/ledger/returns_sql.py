@@ -3,6 +3,9 @@ cursors, matching events to recipients, suppressions, the webhook outbox and not
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+from typing import Any
+
 from gateway.queue.sql import POSTGRES, SQLITE, Dialect
 
 _MATCHED = (
@@ -64,6 +67,16 @@ class ReturnStatements:
         self.outbox_reapable = d(
             "SELECT webhook, event_id, state FROM webhook_outbox WHERE state='sending' AND lease_until<?"
             f" LIMIT ?{d.skip_locked}"
+        )
+        # One webhook's, so that another's queue cannot crowd it out (each webhook has its own share of an
+        # instance's slots: gateway/returnpath/webhooks.py); and those of the webhooks not named (removed ones).
+        self.outbox_due_of = d(
+            "SELECT webhook, event_id, state FROM webhook_outbox WHERE state='pending' AND webhook=?"
+            f" AND next_attempt<=? ORDER BY next_attempt LIMIT ?{d.skip_locked}"
+        )
+        self.outbox_reapable_of = d(
+            "SELECT webhook, event_id, state FROM webhook_outbox WHERE state='sending' AND webhook=?"
+            f" AND lease_until<? LIMIT ?{d.skip_locked}"
         )
         self.outbox_lease = d(
             "UPDATE webhook_outbox SET state='sending', owner=?, lease_until=?, token=token+1"
@@ -136,6 +149,40 @@ class ReturnStatements:
             f"SELECT {_MATCHED} FROM ledger_recipients r LEFT JOIN ledger_messages m ON m.id = r.msg_id"
             f" WHERE r.upstream_id{d.among(n)}"
         )
+
+    def outbox_due_besides(self, n: int) -> str:
+        """Due deliveries of the webhooks other than these `n` (a removed webhook's: each ends at once)."""
+        d = self.dialect
+        return d(
+            "SELECT webhook, event_id, state FROM webhook_outbox WHERE state='pending'"
+            f" AND NOT (webhook{d.among(n)}) AND next_attempt<=? ORDER BY next_attempt LIMIT ?{d.skip_locked}"
+        )
+
+    def outbox_reapable_besides(self, n: int) -> str:
+        d = self.dialect
+        return d(
+            "SELECT webhook, event_id, state FROM webhook_outbox WHERE state='sending'"
+            f" AND NOT (webhook{d.among(n)}) AND lease_until<? LIMIT ?{d.skip_locked}"
+        )
+
+    def outbox_claims(
+        self, room: Mapping[str, int] | None, limit: int
+    ) -> Iterator[tuple[str, str, tuple[Any, ...], int]]:
+        """What claim_deliveries reads, in order: (due query, reapable query, their leading parameters, most
+        rows wanted), the most wanted being capped by the caller at what `limit` leaves. `room`: how many more
+        of each named webhook may be leased (each its own query, so that one webhook's queue cannot crowd
+        another's out); the webhooks it does not name share what is left. None: any webhook's."""
+        if room is None:
+            yield self.outbox_due, self.outbox_reapable, (), limit
+            return
+        for name, n in room.items():
+            if n > 0:
+                yield self.outbox_due_of, self.outbox_reapable_of, (name,), n
+        if not room:
+            yield self.outbox_due, self.outbox_reapable, (), limit
+            return
+        names = self.dialect.items(list(room))
+        yield self.outbox_due_besides(len(room)), self.outbox_reapable_besides(len(room)), names, limit
 
     def events_known(self, n: int) -> str:
         """Which of these event ids the ledger holds already (an event read again)."""

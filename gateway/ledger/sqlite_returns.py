@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -205,12 +205,20 @@ class SqliteReturns:
 
     # -- the webhook outbox -------------------------------------------------------------------------------
 
-    async def claim_deliveries(self, owner: str, now: float, limit: int, lease: float) -> list[Delivery]:
+    async def claim_deliveries(
+        self, owner: str, now: float, limit: int, lease: float, *, room: Mapping[str, int] | None = None
+    ) -> list[Delivery]:
         def run(db: sqlite3.Connection) -> list[Delivery]:
             with _tx(db):
-                rows = db.execute(SQL.outbox_due, (now, limit)).fetchall()
-                if len(rows) < limit:
-                    rows += db.execute(SQL.outbox_reapable, (now, limit - len(rows))).fetchall()
+                rows: list[Any] = []
+                for due, reapable, params, most in SQL.outbox_claims(room, limit):
+                    want = min(most, limit - len(rows))
+                    if want <= 0:
+                        continue
+                    found = db.execute(due, (*params, now, want)).fetchall()
+                    if len(found) < want:
+                        found += db.execute(reapable, (*params, now, want - len(found))).fetchall()
+                    rows += found
                 out = []
                 for webhook, event_id, state in rows:
                     leased = db.execute(SQL.outbox_lease, (owner, now + lease, webhook, event_id)).fetchone()

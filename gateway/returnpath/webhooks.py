@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 
 import structlog
@@ -96,20 +97,22 @@ class WebhookSender:
         self._gauged: set[str] = set()  # webhook names the pending gauge showed at the last count
         self._failing: str | None = None
         self._internal_logged: set[tuple[str, str]] = set()  # (webhook, error type): traceback logged once
+        self._turn = 0  # which webhook is asked first for deliveries next time (_start)
 
     async def run(self) -> None:
-        """Deliver until cancelled: each delivery its own task, at most `concurrency` under way; a slot that
-        frees is refilled at once (a delivery never waits for the slowest of those leased with it: one
-        receiver that never answers takes only its own deliveries' slots for its timeout). Looks again on a
-        wake-up, when a delivery ends, or every poll_interval."""
-        in_flight: set[asyncio.Task[None]] = set()
+        """Deliver until cancelled: each delivery its own task, at most `concurrency` under way and at most
+        `share` of them one webhook's; a slot that frees is refilled at once (a delivery never waits for the
+        slowest of those leased with it, and one receiver that never answers, however many events wait for
+        it, holds only its share of the slots for its timeout). Looks again on a wake-up, when a delivery
+        ends, or every poll_interval."""
+        in_flight: dict[asyncio.Task[None], str] = {}  # each delivery under way, with its webhook's name
         try:
             while True:
                 try:
                     self._reap(in_flight)
                     free = self.concurrency - len(in_flight)
                     if free > 0:
-                        in_flight |= await self._start(free)
+                        in_flight |= await self._start(free, Counter(in_flight.values()))
                     if self._failing is not None:
                         log.info("webhook_outbox_recovered")
                         self._failing = None
@@ -129,24 +132,39 @@ class WebhookSender:
     async def round(self) -> int:
         """Lease what is due (up to `concurrency`) and deliver it, waiting for every one; returns how many
         were leased. (One pass, for tools and tests: `run` does not wait for a batch.)"""
-        tasks = await self._start(self.concurrency)
+        tasks = await self._start(self.concurrency, Counter())
         if tasks:
             await asyncio.gather(*tasks)
         return len(tasks)
 
-    async def _start(self, limit: int) -> set[asyncio.Task[None]]:
-        """Lease up to `limit` due deliveries and start one task for each."""
+    def share(self, webhooks: int) -> int:
+        """How many of an instance's `concurrency` slots one webhook's deliveries may hold: an even share,
+        at least one. With no more webhooks than slots the shares add up to at most `concurrency`, so every
+        webhook always has its share free, whatever the others' receivers do; a lone webhook still has every
+        slot. (A fixed small cap would either slow a lone busy webhook or promise nothing once the caps add
+        up to more than `concurrency`.)"""
+        return max(1, self.concurrency // max(1, webhooks))
+
+    async def _start(self, limit: int, busy: Counter[str]) -> dict[asyncio.Task[None], str]:
+        """Lease up to `limit` due deliveries, each webhook's up to its share less its `busy` ones, and start
+        one task for each. The webhooks are asked in turn from a different one each time: when their shares
+        add up to more than `limit`, none is always last."""
         hooks = self.webhooks()
         if not hooks:
-            return set()
+            return {}
         lease = max(w.timeout for w in hooks.values()) + LEASE_MARGIN
-        deliveries = await self.returns.claim_deliveries(self.owner, self.clock(), limit, lease)
-        return {asyncio.create_task(self._deliver_one(d, hooks.get(d.webhook))) for d in deliveries}
+        share = self.share(len(hooks))
+        names = sorted(hooks)
+        turn = self._turn % len(names)
+        self._turn += 1
+        room = {name: share - busy[name] for name in names[turn:] + names[:turn]}
+        deliveries = await self.returns.claim_deliveries(self.owner, self.clock(), limit, lease, room=room)
+        return {asyncio.create_task(self._deliver_one(d, hooks.get(d.webhook))): d.webhook for d in deliveries}
 
-    def _reap(self, in_flight: set[asyncio.Task[None]]) -> None:
+    def _reap(self, in_flight: dict[asyncio.Task[None], str]) -> None:
         """Take the ended deliveries out of `in_flight`; one that met the ledger unavailable says so (once)."""
         for task in [t for t in in_flight if t.done()]:
-            in_flight.discard(task)
+            del in_flight[task]
             if task.cancelled():
                 continue
             exc = task.exception()
@@ -161,11 +179,11 @@ class WebhookSender:
             log.error("webhook_outbox_unavailable", error=exc.reason, effect="deliveries wait")
         self._failing = exc.reason
 
-    async def _idle(self, in_flight: set[asyncio.Task[None]]) -> None:
+    async def _idle(self, in_flight: dict[asyncio.Task[None], str]) -> None:
         """Wait for a wake-up (deliveries recorded by this instance), a delivery to end (a slot freed) or
         poll_interval. All slots taken: for a delivery to end (nothing more could be started)."""
         if len(in_flight) >= self.concurrency:
-            await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(set(in_flight), return_when=asyncio.FIRST_COMPLETED)
             return
         if not in_flight:
             await woken(self.wakeup, self.poll_interval())
