@@ -126,6 +126,13 @@ async def test_a_requeued_dead_letter_is_told_only_if_it_fails_again(tmp_path: P
         assert await sender.round() == 1
         assert len(owner.submissions) == 1
         assert _decisions(tmp_path)[0][:2] == ("sent", "N1")
+        # The timeline keeps both decisions: the skip, then the notice (the later row was dropped as already
+        # written, under the same id: review follow6 3).
+        record = await ledger.get("M3")
+        assert record is not None
+        told = [(e.kind, e.detail) for e in record.events if e.kind in ("dsn_skipped", "dsn_sent")]
+        assert [k for k, _ in told] == ["dsn_skipped", "dsn_sent"], told
+        assert told[0][1] == NO_LONGER_FAILED
         # A decision already sent is not made pending again by another failure row.
         await ledger.write([NoticeRow("M3", created, "a@example.net", T0)])
         assert _decisions(tmp_path)[0][0] == "sent"

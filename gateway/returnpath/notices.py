@@ -187,9 +187,16 @@ class NoticeSender:
         account = record.account if record is not None else ""
         now = self.clock()
         kind = model.DSN_SENT if decision.state == "sent" else model.DSN_SKIPPED
+        # A timeline row's id is what makes it once (a decision recorded again after a takeover writes the same
+        # row). A decision skipped as no_longer_failed is reopened when its recipient fails again (sql
+        # notice_insert): its row's id takes the lease's token, so the later decision's row is a row of its own
+        # and not dropped as one already written.
+        tokens = {c.rcpt: c.token for c in claims}
+        again = decision.result == "no_longer_failed"
         rows = [
             EventRow(
-                f"{msg_id}.notice.{address_key(r.address)}",
+                f"{msg_id}.notice.{address_key(r.address)}"
+                + (f".{tokens.get(address_key(r.address), 0)}" if again else ""),
                 msg_id,
                 record.created if record else now,
                 now,
