@@ -5,6 +5,7 @@ token bucket and the log sampler."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 import pytest
 
@@ -195,8 +196,11 @@ class SharedRecords:
         record = self.records.get(client)
         return None if record is None else (record, self.clock())
 
-    async def auth_held(self, limit: int) -> list[tuple[str, authcount.Record, float]]:
-        return [(client, record, self.clock()) for client, record in list(self.records.items())[:limit]]
+    async def auth_held(
+        self, limit: int, *, prefix: str = "", besides: Sequence[str] = ()
+    ) -> list[tuple[str, authcount.Record, float]]:
+        held = [c for c in self.records if c.startswith(prefix) and not c.startswith(tuple(besides))]
+        return [(client, self.records[client], self.clock()) for client in held[:limit]]
 
 
 async def test_no_second_unreserved_attempt_while_the_first_ones_failure_is_written() -> None:

@@ -20,6 +20,7 @@ from gateway.core.errors import QueueTooNew, UpstreamRejected, UpstreamUnavailab
 from gateway.core.model import Attachment
 from gateway.core.outcome import Outcome
 from gateway.delivery import transition
+from gateway.limits.clients import MAX_LISTED, ScopedLedger
 from gateway.queue import codec, postgres_schema, sqlite_schema
 from gateway.queue import postgres as postgres_queue
 from gateway.queue import sqlite as sqlite_queue
@@ -723,6 +724,24 @@ async def test_a_clock_ahead_does_not_reset_the_count_of_an_instance_behind(make
     verdict, counts = await b.quota_take("acme/metered", b_windows, 100)
     assert not verdict.ok, f"B's window was dropped by A's take: {counts}"
     assert counts[b_windows[0].key] == quota.Counts(1, 100)
+
+
+async def test_each_scopes_held_list_is_read_on_its_own(make_store: Factory) -> None:
+    """More than MAX_LISTED SMTP AUTH records (bare keys, sorted before `console:`) and one console sign-in
+    failure: the console's list still shows its one, and SMTP's its first MAX_LISTED and no console key. Read
+    as one list of every scope's and split, the flood pushed the console's record off the page (review
+    follow6 2)."""
+    store = make_store()
+    await store.open()
+    rules = authcount.Rules(window=600.0, slow_from=100, delay_max=1.0, lockout_at=3, lockout_time=900.0)
+    smtp, console, api = (ScopedLedger(store, scope) for scope in (None, "console", "api"))
+    for n in range(MAX_LISTED + 1):
+        await smtp.auth_end(f"10.0.{n // 256}.{n % 256}", rules, failed=True, in_flight=False)
+    await console.auth_end("192.0.2.9", rules, failed=True, in_flight=False)
+    assert [client for client, _, _ in await console.auth_held(MAX_LISTED)] == ["192.0.2.9"]
+    assert await api.auth_held(MAX_LISTED) == []
+    listed = [client for client, _, _ in await smtp.auth_held(MAX_LISTED)]
+    assert len(listed) == MAX_LISTED and all(client.startswith("10.0.") for client in listed)
 
 
 async def test_auth_records_are_shared_peeked_and_lifted(make_store: Factory) -> None:

@@ -13,7 +13,7 @@ import functools
 import ipaddress
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -101,8 +101,11 @@ class AuthLedger(Protocol):
         """The client's record as it is, and the store's clock (one read, no lock); None: nothing held."""
         ...
 
-    async def auth_held(self, limit: int) -> list[tuple[str, authcount.Record, float]]:
-        """At most `limit` clients with failures or a lockout, locked out first, with the store's clock."""
+    async def auth_held(
+        self, limit: int, *, prefix: str = "", besides: Sequence[str] = ()
+    ) -> list[tuple[str, authcount.Record, float]]:
+        """At most `limit` clients with failures or a lockout, locked out first, with the store's clock: of
+        those whose key starts with `prefix` and with none of `besides`."""
         ...
 
 
@@ -141,10 +144,13 @@ class ScopedLedger:
     async def auth_peek(self, client: str) -> tuple[authcount.Record, float] | None:
         return await self._ledger.auth_peek(self._prefix + client)
 
-    async def auth_held(self, limit: int) -> list[tuple[str, authcount.Record, float]]:
-        # The store lists every scope's rows at once: the other scopes' are left out here (an attack on one
-        # scope can push another's rows past `limit` in the operator's list; each is still counted and enforced).
-        rows = await self._ledger.auth_held(limit)
+    async def auth_held(
+        self, limit: int, *, prefix: str = "", besides: Sequence[str] = ()
+    ) -> list[tuple[str, authcount.Record, float]]:
+        # This scope's rows only, chosen by the store's query: read from one list of every scope's and split
+        # here, a flood of one scope's records pushed another's past `limit`, off the operator's list.
+        others = () if self._prefix else tuple(f"{s}:" for s in SCOPES)
+        rows = await self._ledger.auth_held(limit, prefix=self._prefix + prefix, besides=(*others, *besides))
         return [(key[len(self._prefix) :], record, now) for key, record, now in rows if self._mine(key)]
 
 

@@ -55,7 +55,7 @@ from gateway.core.storable import storable_decision
 from gateway.core.waits import idle
 from gateway.queue import postgres_schema
 from gateway.queue.health import QueueHealth
-from gateway.queue.sql import FOR_POSTGRES, POSTGRES, UNSHOWN
+from gateway.queue.sql import FOR_POSTGRES, POSTGRES, UNSHOWN, auth_held_parameters
 from gateway.queue.store import (
     AUTH_SWEEP_EVERY,
     SIGNOUT_KEPT_PAST,
@@ -661,9 +661,12 @@ class PostgresQueue:
             row = await (await conn.execute(SQL.auth_peek, (client,))).fetchone()
         return None if row is None else auth_read(row)
 
-    async def auth_held(self, limit: int) -> list[tuple[str, Record, float]]:
+    async def auth_held(
+        self, limit: int, *, prefix: str = "", besides: Sequence[str] = ()
+    ) -> list[tuple[str, Record, float]]:
+        held, parameters = SQL.auth_held_of(len(besides)), auth_held_parameters(limit, prefix, besides)
         async with self._tx() as conn:
-            rows = await (await conn.execute(SQL.auth_held, (limit,))).fetchall()
+            rows = await (await conn.execute(held, parameters)).fetchall()
         return [(str(row["client"]), *auth_read(row)) for row in rows]
 
     async def _auth(self, client: str, window: float, change: AuthChange) -> tuple[Record, Any, float]:

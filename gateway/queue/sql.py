@@ -145,13 +145,6 @@ class Statements:
             "SELECT failures, since, in_flight, in_flight_until, locked_until,"
             f" {d.now} AS now FROM auth_clients WHERE client=?"
         )
-        # The clients held back now, for the operator's list: locked out first, then by their failures (the
-        # window is the caller's rules': a failure past it is filtered there).
-        self.auth_held = d(
-            "SELECT client, failures, since, in_flight, in_flight_until, locked_until,"
-            f" {d.now} AS now FROM auth_clients WHERE failures>0 OR locked_until>{d.now}"
-            " ORDER BY locked_until DESC, failures DESC, client LIMIT ?"
-        )
         # Clients with nothing left to remember (a window over, no attempt in flight, no lockout): the counts of
         # addresses that stopped trying.
         self.auth_sweep = d(
@@ -239,9 +232,32 @@ class Statements:
             ") AS due"
         )
 
+    def auth_held_of(self, besides: int) -> str:
+        """The clients held back now, for the operator's list: locked out first, then by their failures (the
+        window is the caller's rules': a failure past it is filtered there); of the clients whose key starts
+        with one prefix and with none of `besides` others (its parameters: auth_held_parameters). A scope's
+        list read on its own: a flood of one scope's records would otherwise push another's past the limit."""
+        d = self.dialect
+        others = " AND client NOT LIKE ? ESCAPE '!'" * besides
+        return d(
+            "SELECT client, failures, since, in_flight, in_flight_until, locked_until,"
+            f" {d.now} AS now FROM auth_clients WHERE (failures>0 OR locked_until>{d.now})"
+            f" AND client LIKE ? ESCAPE '!'{others} ORDER BY locked_until DESC, failures DESC, client LIMIT ?"
+        )
+
     def listing(self, n: int) -> str:
         d = self.dialect
         return d(f"SELECT {_LISTED} FROM messages m WHERE m.state{d.among(n)} ORDER BY m.seq LIMIT ?")
+
+
+def starting(prefix: str) -> str:
+    """A LIKE pattern (ESCAPE '!') of the keys that start with `prefix`."""
+    return "".join(f"!{c}" if c in "!%_" else c for c in prefix) + "%"
+
+
+def auth_held_parameters(limit: int, prefix: str, besides: Sequence[str]) -> tuple[Any, ...]:
+    """Statements.auth_held_of's parameters."""
+    return (starting(prefix), *(starting(b) for b in besides), limit)
 
 
 FOR_SQLITE = Statements(SQLITE)

@@ -367,8 +367,10 @@ class SqliteQueue:
     async def auth_peek(self, client: str) -> tuple[Record, float] | None:
         return await self._rate.auth_peek(client)
 
-    async def auth_held(self, limit: int) -> list[tuple[str, Record, float]]:
-        return await self._rate.auth_held(limit)
+    async def auth_held(
+        self, limit: int, *, prefix: str = "", besides: Sequence[str] = ()
+    ) -> list[tuple[str, Record, float]]:
+        return await self._rate.auth_held(limit, prefix=prefix, besides=besides)
 
     # -- console sign-outs (in the same side file: they outlive a restart, as the AUTH counts do) --------------
 

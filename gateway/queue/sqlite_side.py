@@ -20,7 +20,7 @@ from gateway.core import quota, tokenbucket
 from gateway.core.authcount import Record
 from gateway.core.errors import SpoolUnavailable
 from gateway.queue.health import QueueHealth
-from gateway.queue.sql import FOR_SQLITE
+from gateway.queue.sql import FOR_SQLITE, auth_held_parameters
 from gateway.queue.sqlite_wal import use_wal
 from gateway.queue.store import AUTH_SWEEP_EVERY, SIGNOUT_KEPT_PAST, AuthChange, auth_read, auth_written
 
@@ -128,11 +128,15 @@ class RateFile:
 
         return await self._run(run)
 
-    async def auth_held(self, limit: int) -> list[tuple[str, Record, float]]:
-        """The clients held back (locked out first), at most `limit` (read only, no lock taken)."""
+    async def auth_held(
+        self, limit: int, *, prefix: str = "", besides: Sequence[str] = ()
+    ) -> list[tuple[str, Record, float]]:
+        """The clients held back (locked out first), at most `limit` (read only, no lock taken), of those whose
+        key starts with `prefix` and with none of `besides`."""
+        held = SQL.auth_held_of(len(besides))
 
         def run() -> list[tuple[str, Record, float]]:
-            rows = self._conn().execute(SQL.auth_held, (limit,)).fetchall()
+            rows = self._conn().execute(held, auth_held_parameters(limit, prefix, besides)).fetchall()
             return [(str(row["client"]), *auth_read(row)) for row in rows]
 
         return await self._run(run)

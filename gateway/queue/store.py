@@ -200,9 +200,12 @@ class QueueStore(Protocol):
         store holds nothing against it."""
         ...
 
-    async def auth_held(self, limit: int) -> list[tuple[str, Record, float]]:
+    async def auth_held(
+        self, limit: int, *, prefix: str = "", besides: Sequence[str] = ()
+    ) -> list[tuple[str, Record, float]]:
         """At most `limit` clients with failures or a lockout (locked out first), each with its record and the
-        store's clock: what every process and instance holds against them (one read, nothing locked)."""
+        store's clock: what every process and instance holds against them (one read, nothing locked). Only the
+        keys that start with `prefix` and with none of `besides` (one scope's: limits.clients.ScopedLedger)."""
         ...
 
     # -- console sign-outs shared by every instance on this queue ------------------------------------------
