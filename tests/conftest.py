@@ -67,7 +67,8 @@ def loop_thread() -> Iterator[LoopThread]:
 @pytest.fixture(params=["asyncio", "uvloop"])
 def loop_thread_any(request: pytest.FixtureRequest) -> Iterator[LoopThread]:
     """The stdlib loop and uvloop (what `serve` runs: the test id names the loop). Whatever the loop would
-    report through its exception handler fails the test."""
+    report through its exception handler (asyncio's "SSL handshake failed" traceback, uvloop's "Fatal error on
+    transport" or "handler is closed" RuntimeError of a task nobody awaited) fails the test."""
     import uvloop
 
     lt = LoopThread(uvloop.new_event_loop() if request.param == "uvloop" else None)

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import uvloop
 
 from gateway.ops.metrics import REGISTRY
 from gateway.smtp.server import Listeners
@@ -30,18 +29,6 @@ from tests.smtputil import RawClient, insecure_context, message, reset_on_close
 from tests.spool_helpers import wait_for
 from tests.test_devices_clienthello import odd_length_hello
 from tests.test_tls_profiles import client_context
-
-
-@pytest.fixture(params=["asyncio", "uvloop"])
-def loop_thread_any(request: pytest.FixtureRequest) -> Iterator[LoopThread]:
-    lt = LoopThread(uvloop.new_event_loop() if request.param == "uvloop" else None)
-    unexpected: list[dict[str, Any]] = []
-    # Whatever the loop would report through its exception handler (asyncio's "SSL handshake failed"
-    # traceback, uvloop's "Fatal error on transport") is recorded here and fails the test.
-    lt.loop.call_soon_threadsafe(lt.loop.set_exception_handler, lambda loop, context: unexpected.append(context))
-    yield lt
-    lt.close()
-    assert unexpected == []
 
 
 @pytest.fixture
