@@ -956,8 +956,10 @@ SEARCH_INDEXES = {
     "ledger_recipients_rcpt": ["rcpt", "created", "msg_id"],
     "ledger_recipients_state": ["state", "created", "msg_id", "rcpt"],
 }
+# The index SQLite's version 11 and PostgreSQL's version 13 add: each webhook's due deliveries in due order.
+WEBHOOK_DUE_INDEX = {"webhook_outbox_due_of": ["webhook", "state", "next_attempt"]}
 # (SQLite's version, PostgreSQL's version, what that version adds).
-STEPS = {"scale": (7, 8, SCALE_INDEXES), "search": (8, 9, SEARCH_INDEXES)}
+STEPS = {"scale": (7, 8, SCALE_INDEXES), "search": (8, 9, SEARCH_INDEXES), "webhook_due": (11, 13, WEBHOOK_DUE_INDEX)}
 
 
 @pytest.mark.parametrize("step", STEPS)
@@ -967,7 +969,8 @@ async def test_a_queue_of_a_previous_version_gets_the_new_indexes_at_its_next_st
 ) -> None:
     """A queue the version before made (with its ledger) gets the indexes of the step when the next gateway
     opens it: scale, those retention needs at size (the outbox by message, the expired rows by (created,
-    msg_id)); search, the recipients by state or address in a page's order (created, msg_id)."""
+    msg_id)); search, the recipients by state or address in a page's order (created, msg_id); webhook_due,
+    the outbox by webhook, state and due time (each webhook's due deliveries read by a query of its own)."""
     lite, pg, indexes = STEPS[step]
 
     def columns(found: dict[str, list[str]]) -> dict[str, list[str]]:

@@ -131,7 +131,10 @@ V11 = shared_schema.QUEUED_NOTICE
 # Notices counted per account, sender and window length, and by notice, as SQLite's version 10.
 V12 = shared_schema.NOTICE_TALLY
 
-MIGRATIONS: list[str] = [V1, V2, V3, V4, V5, V6, V7, V8, V9, V10, V11, V12]
+# Each webhook's due deliveries by webhook, in due order, as SQLite's version 11.
+V13 = shared_schema.WEBHOOK_DUE_INDEX
+
+MIGRATIONS: list[str] = [V1, V2, V3, V4, V5, V6, V7, V8, V9, V10, V11, V12, V13]
 LATEST = len(MIGRATIONS)
 # Serialises migrations of several instances starting at once (pg_advisory_xact_lock key).
 MIGRATION_LOCK = 0x5347_5751  # "SGWQ"

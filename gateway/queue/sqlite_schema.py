@@ -114,7 +114,10 @@ V9 = shared_schema.QUEUED_NOTICE
 # Notices counted per account, sender and window length, each pruned by its own window, and by notice.
 V10 = shared_schema.NOTICE_TALLY
 
-MIGRATIONS: list[str] = [V1, V2, V3, V4, V5, V6, V7, V8, V9, V10]
+# Each webhook's due deliveries by webhook, in due order (its own query's index, not another's backlog).
+V11 = shared_schema.WEBHOOK_DUE_INDEX
+
+MIGRATIONS: list[str] = [V1, V2, V3, V4, V5, V6, V7, V8, V9, V10, V11]
 LATEST = len(MIGRATIONS)
 
 
