@@ -6,12 +6,15 @@ retried and reclaimed; one notice decision per message and recipient; notices co
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import psycopg
 import pytest
 
+from gateway.ledger import returns_sql
 from gateway.ledger import sql as ledger_sql
 from gateway.ledger.backends import open_returns
 from gateway.ledger.model import EventRow, MessageRow, NoticeRow, OutboxRow, RecipientRow, SuppressionRow
@@ -225,6 +228,46 @@ async def test_the_outbox_claims_each_webhook_up_to_its_room(instances: Callable
     assert await a.claim_deliveries("gw-a", T0 + 1, 4, 30, room={"slow": 0, "fast": 2}) == []
     more = await a.claim_deliveries("gw-a", T0 + 1, 1, 30, room={"slow": 3, "fast": 2})
     assert [d.event_id for d in more] == ["s2"]  # the limit before the room
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+async def test_each_webhooks_due_deliveries_and_the_outbox_webhooks_are_read_by_index(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """A receiver's outage leaves a backlog of one webhook's due deliveries: another webhook's query seeks its
+    own rows by (webhook, state, next_attempt), not a walk of that backlog in due order, and the webhooks that
+    have rows (to read a removed one's by name) are found one index seek each, not by a walk of every row."""
+    big = [OutboxRow("big", f"b{n}", "M1", T0, T0 - 10_000 + n, "bounced", "{}") for n in range(2000)]
+    small = [OutboxRow("small", f"s{n}", "M1", T0, T0 - 10 + n, "bounced", "{}") for n in range(3)]
+    due = (returns_sql.FOR_SQLITE if backend == "sqlite" else returns_sql.FOR_POSTGRES).outbox_due_of
+    hooks = (returns_sql.FOR_SQLITE if backend == "sqlite" else returns_sql.FOR_POSTGRES).outbox_webhooks
+    if backend == "sqlite":
+        path = tmp_path / "queue.sqlite3"
+        ledger: LedgerStore = SqliteLedger(path)
+    else:
+        url = request.getfixturevalue("pg_cluster").new_database()
+        ledger = PostgresLedger(url)
+    try:
+        await ledger.open()
+        await ledger.write([*big, *small])
+        assert await open_returns(ledger).claim_deliveries("gw-a", T0, 2, 30, room={"small": 1}) != []
+    finally:
+        await ledger.close()
+    if backend == "sqlite":
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            plan = [r[3] for r in db.execute(f"EXPLAIN QUERY PLAN {due}", ("small", T0, 8))]
+            assert plan == [
+                "SEARCH webhook_outbox USING INDEX webhook_outbox_due_of (webhook=? AND state=? AND next_attempt<?)"
+            ]
+            plan = [r[3] for r in db.execute(f"EXPLAIN QUERY PLAN {hooks}")]
+            assert not [p for p in plan if p.startswith("SCAN webhook_outbox")] and len(plan) > 1, plan
+        return
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("ANALYZE webhook_outbox")  # the statistics autovacuum would gather, now
+        plan = "\n".join(r[0] for r in conn.execute(f"EXPLAIN {due}", ("small", T0, 8)))
+        assert "Index Scan using webhook_outbox_due_of" in plan and "Sort" not in plan, plan
+        plan = "\n".join(r[0] for r in conn.execute(f"EXPLAIN {hooks}"))
+        assert "Seq Scan" not in plan, plan
 
 
 async def test_one_notice_decision_per_message_and_recipient(instances: Callable[[], Pair]) -> None:

@@ -196,7 +196,9 @@ class PostgresReturns:
             # Due times are on the writers' clocks (the ledger's writer wrote the first); leases on the database's.
             now_there = now + await self._shift(conn)
             rows: list[Any] = []
-            for due, reapable, params, most in SQL.outbox_claims(room, limit):
+            # The webhooks with rows, to read those of removed ones (only when some are named).
+            present = [r[0] for r in await (await conn.execute(SQL.outbox_webhooks)).fetchall()] if room else []
+            for due, reapable, params, most in SQL.outbox_claims(room, limit, present):
                 want = min(most, limit - len(rows))
                 if want <= 0:
                     continue
