@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,59 +23,81 @@ SILENT_TIMEOUT = 10  # the silent receiver's timeout: the healthy one's event mu
 HANG_GUARD = 60.0
 
 
-@pytest.mark.asyncio
-async def test_a_silent_receiver_does_not_hold_up_another_webhooks_delivery(tmp_path: Path) -> None:
-    """`slow` accepts the connection and never answers (a hung proxy); an event for `fast` becomes due while
-    the `slow` POST is under way: `fast` gets it while `slow` still hangs, not after slow's timeout."""
-    order: list[str] = []
-    slow_got, fast_got = asyncio.Event(), asyncio.Event()
+@dataclass
+class Receivers:
+    """A receiver that accepts the connection and never answers (`slow`, a hung proxy) beside one that answers
+    at once (`fast`), and what they saw."""
+
+    order: list[str] = field(default_factory=list)
+    slow_open: int = 0
+    slow_got: asyncio.Event = field(default_factory=asyncio.Event)
+    fast_got: asyncio.Event = field(default_factory=asyncio.Event)
+    hooks: dict[str, WebhookSettings] = field(default_factory=dict)
+
+
+@contextlib.asynccontextmanager
+async def _receivers() -> AsyncIterator[Receivers]:
+    seen = Receivers()
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        slow_got.set()
+        seen.slow_open += 1
+        seen.slow_got.set()
         await reader.read()  # never answers; returns when the client gives up and closes
-        order.append("slow gave up")
+        seen.order.append("slow gave up")
         writer.close()
 
     async def fast(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
-        order.append("fast received")
-        fast_got.set()
+        seen.order.append("fast received")
+        seen.fast_got.set()
         writer.write(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
         await writer.drain()
         writer.close()
 
-    slow_srv = await asyncio.start_server(silent, "127.0.0.1", 0)
-    fast_srv = await asyncio.start_server(fast, "127.0.0.1", 0)
-    ledger = await _ledger(tmp_path)
-    http = HttpClient("", upstream="webhook", account="webhooks", timeout=30.0)
+    servers = {"slow": await asyncio.start_server(silent, "127.0.0.1", 0)}
+    servers["fast"] = await asyncio.start_server(fast, "127.0.0.1", 0)
+    for name, server in servers.items():
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/h"
+        seen.hooks[name] = WebhookSettings(name=name, url=url, secret="s", timeout=SILENT_TIMEOUT)
+    try:
+        yield seen
+    finally:
+        for server in servers.values():
+            server.close()
 
-    def url(server: asyncio.Server) -> str:
-        return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/h"
 
-    hooks = {
-        "slow": WebhookSettings(name="slow", url=url(slow_srv), secret="s", timeout=SILENT_TIMEOUT),
-        "fast": WebhookSettings(name="fast", url=url(fast_srv), secret="s", timeout=SILENT_TIMEOUT),
-    }
-    sender = WebhookSender(open_returns(ledger), http, "gw-a", lambda: hooks, clock=Clock(T0))
+@contextlib.asynccontextmanager
+async def _running(sender: WebhookSender, http: HttpClient, ledger: Any) -> AsyncIterator[None]:
+    """The sender's loop for the block; then it, the HTTP client and the ledger are closed."""
     task = asyncio.create_task(sender.run())
     try:
-        await _sent(ledger, "M1", "a@example.net", "TX1", T0 - 600)
-        await ledger.write([OutboxRow("slow", "ev1", "M1", T0 - 600, T0, "bounced", '{"id": "ev1"}')])
-        sender.wakeup.set()
-        await slow_got.wait()
-        # An event for the healthy receiver, due now; this instance is told at once (as the poller does).
-        await ledger.write([OutboxRow("fast", "ev2", "M1", T0 - 600, T0, "bounced", '{"id": "ev2"}')])
-        sender.wakeup.set()
-        await fast_got.wait()
-        assert order == ["fast received"], f"the healthy receiver waited for the silent one's timeout: {order}"
+        yield
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await http.aclose()
         await ledger.close()
-        slow_srv.close()
-        fast_srv.close()
+
+
+@pytest.mark.asyncio
+async def test_a_silent_receiver_does_not_hold_up_another_webhooks_delivery(tmp_path: Path) -> None:
+    """`slow` never answers; an event for `fast` becomes due while the `slow` POST is under way: `fast` gets it
+    while `slow` still hangs, not after slow's timeout."""
+    async with _receivers() as seen:
+        ledger = await _ledger(tmp_path)
+        http = HttpClient("", upstream="webhook", account="webhooks", timeout=30.0)
+        sender = WebhookSender(open_returns(ledger), http, "gw-a", lambda: seen.hooks, clock=Clock(T0))
+        async with _running(sender, http, ledger):
+            await _sent(ledger, "M1", "a@example.net", "TX1", T0 - 600)
+            await ledger.write([OutboxRow("slow", "ev1", "M1", T0 - 600, T0, "bounced", '{"id": "ev1"}')])
+            sender.wakeup.set()
+            await seen.slow_got.wait()
+            # An event for the healthy receiver, due now; this instance is told at once (as the poller does).
+            await ledger.write([OutboxRow("fast", "ev2", "M1", T0 - 600, T0, "bounced", '{"id": "ev2"}')])
+            sender.wakeup.set()
+            await seen.fast_got.wait()
+            assert seen.order == ["fast received"], f"the healthy receiver waited for the silent one: {seen.order}"
 
 
 @pytest.mark.asyncio
@@ -110,28 +135,23 @@ async def test_no_more_than_webhook_concurrency_posts_are_under_way(tmp_path: Pa
     await ledger.write(
         [OutboxRow("crm", f"ev{n}", "M1", T0 - 600, T0 - 3 + n, "bounced", f'{{"id": "ev{n}"}}') for n in range(3)]
     )
-    task = asyncio.create_task(sender.run())
     try:
-        async with seen:
-            await seen.wait_for(lambda: len(arrived) == 2)
-        first, second = arrived
-        # The two in flight hold both slots: the third is not leased while they run.
-        assert await sender.returns.pending_deliveries() == {"crm": 3}
-        release[first].set()
-        # A guard against a hang, not a timed assertion: without the refill the third waits for `second`,
-        # which is held until the third arrives.
-        async with asyncio.timeout(HANG_GUARD), seen:
-            await seen.wait_for(lambda: len(arrived) == 3)
-        assert arrived[2] not in (first, second)
-        assert not release[second].is_set()  # refilled while the other still ran
-        release[second].set()
-        release[arrived[2]].set()
+        async with _running(sender, http, ledger):
+            async with seen:
+                await seen.wait_for(lambda: len(arrived) == 2)
+            first, second = arrived
+            # The two in flight hold both slots: the third is not leased while they run.
+            assert await sender.returns.pending_deliveries() == {"crm": 3}
+            release[first].set()
+            # A guard against a hang, not a timed assertion: without the refill the third waits for `second`,
+            # which is held until the third arrives.
+            async with asyncio.timeout(HANG_GUARD), seen:
+                await seen.wait_for(lambda: len(arrived) == 3)
+            assert arrived[2] not in (first, second)
+            assert not release[second].is_set()  # refilled while the other still ran
+            release[second].set()
+            release[arrived[2]].set()
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await http.aclose()
-        await ledger.close()
         server.close()
 
 
@@ -140,54 +160,20 @@ async def test_a_silent_receiver_with_many_events_holds_only_its_share_of_the_sl
     """Ten events due to `slow` (a receiver that never answers), queued before one for `fast`, concurrency 4:
     `slow` holds at most its share (4 // 2 webhooks = 2 POSTs) and `fast` gets its event while `slow` hangs,
     not after slow's timeout (review follow6 1: one task per delivery alone let the silent one fill every slot)."""
-    order: list[str] = []
-    slow_open = 0
-    fast_got = asyncio.Event()
-
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal slow_open
-        slow_open += 1
-        await reader.read()  # never answers; returns when the client gives up and closes
-        order.append("slow gave up")
-        writer.close()
-
-    async def fast(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        order.append("fast received")
-        fast_got.set()
-        writer.write(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-        await writer.drain()
-        writer.close()
-
-    slow_srv = await asyncio.start_server(silent, "127.0.0.1", 0)
-    fast_srv = await asyncio.start_server(fast, "127.0.0.1", 0)
-    ledger = await _ledger(tmp_path)
-    http = HttpClient("", upstream="webhook", account="webhooks", timeout=30.0)
-
-    def url(server: asyncio.Server) -> str:
-        return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/h"
-
-    hooks = {
-        "slow": WebhookSettings(name="slow", url=url(slow_srv), secret="s", timeout=SILENT_TIMEOUT),
-        "fast": WebhookSettings(name="fast", url=url(fast_srv), secret="s", timeout=SILENT_TIMEOUT),
-    }
-    sender = WebhookSender(open_returns(ledger), http, "gw-a", lambda: hooks, concurrency=4, clock=Clock(T0))
-    await _sent(ledger, "M1", "a@example.net", "TX1", T0 - 600)
-    # slow's events are due first (an older next_attempt): a claim in due order takes them before fast's.
-    await ledger.write(
-        [OutboxRow("slow", f"s{n}", "M1", T0 - 600, T0 - 100 + n, "bounced", f'{{"id": "s{n}"}}') for n in range(10)]
-        + [OutboxRow("fast", "f1", "M1", T0 - 600, T0, "bounced", '{"id": "f1"}')]
-    )
-    task = asyncio.create_task(sender.run())
-    try:
-        await fast_got.wait()
-        assert order == ["fast received"], f"the healthy receiver waited for the silent one's timeout: {order}"
-        assert slow_open <= sender.share(2) == 2
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await http.aclose()
-        await ledger.close()
-        slow_srv.close()
-        fast_srv.close()
+    async with _receivers() as seen:
+        ledger = await _ledger(tmp_path)
+        http = HttpClient("", upstream="webhook", account="webhooks", timeout=30.0)
+        sender = WebhookSender(open_returns(ledger), http, "gw-a", lambda: seen.hooks, concurrency=4, clock=Clock(T0))
+        await _sent(ledger, "M1", "a@example.net", "TX1", T0 - 600)
+        # slow's events are due first (an older next_attempt): a claim in due order takes them before fast's.
+        await ledger.write(
+            [
+                OutboxRow("slow", f"s{n}", "M1", T0 - 600, T0 - 100 + n, "bounced", f'{{"id": "s{n}"}}')
+                for n in range(10)
+            ]
+            + [OutboxRow("fast", "f1", "M1", T0 - 600, T0, "bounced", '{"id": "f1"}')]
+        )
+        async with _running(sender, http, ledger):
+            await seen.fast_got.wait()
+            assert seen.order == ["fast received"], f"the healthy receiver waited for the silent one: {seen.order}"
+            assert seen.slow_open <= sender.share(2) == 2
