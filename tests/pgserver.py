@@ -89,3 +89,16 @@ class PgCluster:
                 time.sleep(0.05)
             self.pid = None
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def new_cluster() -> PgCluster:
+    """A cluster not started yet. Missing server binaries skip the test on a developer machine and fail it in CI
+    (CI=true), where .ci/run installs PostgreSQL."""
+    import pytest
+
+    try:
+        return PgCluster()
+    except PgUnavailable as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL is required in CI: {exc}")
+        pytest.skip(str(exc))

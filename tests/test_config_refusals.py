@@ -4,7 +4,6 @@ real CLI, naming the key, where it is and the fix, in the operator's words (no T
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import sqlite3
 import subprocess
@@ -16,7 +15,7 @@ import psycopg
 import pytest
 
 from tests.configs import APIKEY, PASSWORD_HASH, USER, gateway_config, listener, write
-from tests.pgserver import PgCluster, PgUnavailable
+from tests.pgserver import PgCluster, new_cluster
 from tests.procs import CLI
 from tests.test_first_contact import _env
 
@@ -364,12 +363,7 @@ def test_a_postgresql_server_that_refuses_the_connection(
 def password_cluster() -> Iterator[PgCluster]:
     """A private cluster of its own (the session's trusts every connection): the role `pwuser` logs in with a
     scram-sha-256 password, the role `nohba` has no pg_hba.conf line."""
-    try:
-        cluster = PgCluster()
-    except PgUnavailable as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"PostgreSQL is required in CI: {exc}")
-        pytest.skip(str(exc))
+    cluster = new_cluster()
     try:
         cluster.start(hba="local all gateway trust\nlocal all pwuser scram-sha-256\n")
         with psycopg.connect(f"postgresql://gateway@/postgres?host={cluster.dir}", autocommit=True) as conn:

@@ -20,7 +20,7 @@ from gateway.delivery.idempotency import KeyBacklog, LateKey
 from gateway.ops.metrics import REGISTRY
 from gateway.queue import postgres
 from tests.harness import DENGAGE_ACCOUNT, DENGAGE_SENDER, DENGAGE_USER, PASSWORD, Running
-from tests.pgserver import PgCluster, PgUnavailable
+from tests.pgserver import PgCluster, new_cluster
 from tests.queue_contract import new
 from tests.spool_helpers import send, wait_for
 
@@ -31,10 +31,7 @@ KEY = "X-Gateway-Idempotency-Key: invoice-2024-7\r\n"
 @pytest.fixture
 def own_cluster() -> Iterator[PgCluster]:
     """A cluster of this test's own: it is stopped and started, which the session's shared one must not be."""
-    try:
-        cluster = PgCluster()
-    except PgUnavailable as exc:
-        pytest.skip(str(exc))
+    cluster = new_cluster()
     cluster.start()
     yield cluster
     cluster.stop()
