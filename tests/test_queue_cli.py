@@ -306,6 +306,34 @@ def test_backup_refuses_an_existing_dest_unless_forced(tmp_path: Path) -> None:
     assert cli("queue", "--spool", str(dest), "list").returncode == 0
 
 
+@pytest.mark.parametrize("dest", ["itself", "symlink", "hard-link", "other-path", "-wal", "-shm", "-ratelimit"])
+def test_backup_onto_the_queue_or_its_files_is_refused_even_forced(tmp_path: Path, dest: str) -> None:
+    """`backup --force` onto the queue renamed a snapshot over the live file (a new inode under the running
+    gateway; review today6b F1): refused, exit 1, whatever path names it, and so are its -wal/-shm/side files."""
+    queue = make_queue(tmp_path / "lib" / "spool.sqlite3")
+    (tmp_path / "lib" / "spool.sqlite3-wal").write_bytes(b"")  # a running gateway's WAL
+    inodes = {p.name: p.stat().st_ino for p in queue.parent.iterdir()}
+    target = {
+        "itself": queue,
+        "symlink": tmp_path / "link.sqlite3",
+        "hard-link": tmp_path / "hard.sqlite3",
+        "other-path": tmp_path / "via" / "spool.sqlite3",
+        "-wal": queue.with_name(queue.name + "-wal"),
+        "-shm": queue.with_name(queue.name + "-shm"),  # maybe not there: refused by its name
+        "-ratelimit": queue.with_name(queue.name + "-ratelimit"),
+    }[dest]
+    if dest == "symlink":
+        target.symlink_to(queue)
+    elif dest == "hard-link":
+        os.link(queue, target)
+    elif dest == "other-path":
+        target.parent.symlink_to(queue.parent)
+    result = cli("queue", "--spool", str(queue), "backup", "--force", str(target))
+    assert result.returncode == 1, result.stdout
+    assert "is the queue itself or one of its files" in result.stderr, result.stderr
+    assert {name: (queue.parent / name).stat().st_ino for name in inodes} == inodes  # none renamed over
+
+
 def test_backup_of_a_postgresql_queue_says_pg_dump(tmp_path: Path) -> None:
     config = tmp_path / "pg.toml"
     config.write_text('[delivery]\nqueue_url = "postgresql://gw@127.0.0.1:9/gateway"\n')

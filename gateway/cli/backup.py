@@ -34,6 +34,10 @@ def backup(source: Path, dest: Path, force: bool) -> int:
     Raises Refused when DEST cannot be written, or exists and `force` is not set."""
     if dest.is_dir():
         raise Refused([f"{dest.absolute()} is a directory: give the backup's file name (e.g. {dest / source.name})"])
+    if _is_a_queue_file(source, dest):
+        # Even with --force: the rename would put a new inode under the running gateway's queue (or its WAL),
+        # which SQLite documents as a way to corrupt it (review today6b F1).
+        raise Refused([f"{dest.absolute()} is the queue itself or one of its files: give the backup another name"])
     if dest.exists() and not force:
         raise Refused([f"{dest.absolute()} exists: give another name, or --force to replace it"])
     if not dest.parent.is_dir():
@@ -54,6 +58,26 @@ def backup(source: Path, dest: Path, force: bool) -> int:
         raise
     _sync_dir(dest.parent)
     return dest.stat().st_size
+
+
+# The files SQLite keeps beside a database, and the queue's own side files (sqlite.py: rate limits, reserve).
+_SQLITE_SUFFIXES = ("", "-wal", "-shm", "-journal")
+_SIDE_FILES = ("", "-ratelimit", "-reserve")
+
+
+def _is_a_queue_file(source: Path, dest: Path) -> bool:
+    """Whether DEST names the queue or one of its files: by path once symlinks are resolved, or as the same
+    inode (a hard link, or a path through a bind mount) when both exist."""
+    target, base = dest.resolve(), source.resolve()
+    for side in _SIDE_FILES:
+        for suffix in _SQLITE_SUFFIXES:
+            own = base.with_name(base.name + side + suffix)
+            if target == own:
+                return True
+            with contextlib.suppress(OSError):  # either missing: only the path comparison applies
+                if os.path.samefile(dest, own):
+                    return True
+    return False
 
 
 def _copy(source: Path, tmp: Path) -> None:

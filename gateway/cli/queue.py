@@ -296,7 +296,11 @@ def add_parser(sub: Any) -> None:
         "DEST appears only whole; a missing queue file or one that is not a queue is refused, untouched; a "
         "PostgreSQL queue is refused: back it up with pg_dump)",
     )
-    q.add_argument("dest", metavar="DEST", help="the backup file to write (refused if it exists, unless --force)")
+    q.add_argument(
+        "dest",
+        metavar="DEST",
+        help="the backup file to write (refused if it exists, unless --force; always if it is the queue or its files)",
+    )
     q.add_argument("--force", action="store_true", help="replace DEST if it exists")
     qsub.add_parser("show", help="one message with its calls").add_argument(
         "id", metavar="ID", type=utf8_text, help="the message's queue id"
