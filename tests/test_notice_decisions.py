@@ -12,11 +12,13 @@ import pytest
 from gateway.config import load_settings
 from gateway.config.returnpath import WebhookSettings
 from gateway.core.events import VendorEvent
+from gateway.core.records import CallRow, Decision
 from gateway.core.replies import Reply
 from gateway.ledger.announce import Subscriptions
 from gateway.ledger.backends import open_returns
 from gateway.ledger.model import NO_LONGER_FAILED, MessageRow, NoticeRow, RecipientRow
 from gateway.ledger.notice import NoticeData
+from gateway.ledger.recorder import Recorder
 from gateway.ledger.store import LedgerUnavailable
 from gateway.ledger.suppression import SuppressionSet
 from gateway.providers import registry
@@ -234,5 +236,35 @@ async def test_a_notice_decided_again_after_its_record_was_lost_is_recorded_sent
             assert db.execute("SELECT n FROM notice_tally").fetchall() == [(1,)]
         finally:
             db.close()
+    finally:
+        await ledger.close()
+
+
+@pytest.mark.asyncio
+async def test_a_fenced_attempt_after_a_dead_letter_neither_shows_it_accepted_nor_cancels_its_notice(
+    tmp_path: Path,
+) -> None:
+    """Review today6a F3. B holds the lease: its call refused for good, the recipient dead (notice pending). A,
+    whose lease had run out while its call of the same message was slow, records its fenced attempt later
+    (settled=False: `accepted`, its answer being no verdict). That row undid the `dead` (the ledger and API
+    said accepted for a dead letter) and the decision was skipped no_longer_failed: the sender never told."""
+    owner, clock = TakingOwner(), Clock(T0)
+    sender, ledger = await _notice_sender(tmp_path, owner, clock, ["M4"])
+    created = T0 - 600
+    try:
+        await ledger.write([RecipientRow("M4", created, "a@example.net", "dead", T0 - 50, reason="550 refused")])
+        rows: list[Any] = []
+        recorder = Recorder(rows.extend, "gw-a", clock=lambda: T0 - 40)
+        calls = {"c1": CallRow("c1", "a@example.net", "pending", None, "451 try later")}
+        decision = Decision("queued", calls, 1, T0 + 60, "451 try later")
+        recorder.attempt(msg_id="M4", created=created, decision=decision, outcome=None, path="queue", settled=False)
+        assert [r.state for r in rows if isinstance(r, RecipientRow)] == ["accepted"]
+        await ledger.write(rows)
+        record = await ledger.get("M4")
+        assert record is not None
+        assert [(r.state, r.reason) for r in record.recipients] == [("dead", "550 refused")]
+        assert await sender.round() == 1
+        assert _decisions(tmp_path)[0][0] == "sent", _decisions(tmp_path)
+        assert len(owner.submissions) == 1
     finally:
         await ledger.close()

@@ -18,8 +18,9 @@ Rows of one message may be written by several instances in any order (the one th
 that claimed it from the queue, a late answer to an instance whose lease had expired). A recipient's row
 therefore only moves forward (RANK), or within one rank to a newer state; the one way back is from
 `dead`, by a newer row (an operator requeued the dead letter; readback: the vendor's event about a
-recipient whose call's answer was lost, stamped after the `dead`). An upstream event stamped by the vendor's
-clock still advances `sent`, and a stale `deferred` never undoes a `sent`.
+recipient whose call's answer was lost, stamped after the `dead`), never by an `accepted` (a fenced
+attempt's). An upstream event stamped by the vendor's clock still advances `sent`, and a stale `deferred`
+never undoes a `sent`.
 """
 
 from __future__ import annotations
@@ -62,10 +63,14 @@ RANK: Mapping[str, int] = {
 def replaces(state: str, at: float, old_state: str, old_at: float) -> bool:
     """Whether a recipient row `state` stamped `at` replaces the one the ledger holds (`old_state`, `old_at`):
     further along (RANK), or as far and not older, or not older than a `dead` it replaces (an operator's
-    requeue). The ledger's upsert applies the same rule in SQL (sql._recipient_conflict); a test holds the two
-    to one table of cases, so what readback tells (a webhook's state, a notice) is what the ledger keeps."""
+    requeue: `deferred`; an upstream's answer or event: `sent` and further) unless it is `accepted`: that says
+    no call has answered yet, so after a `dead` it can only be a fenced attempt's (its lease lost, the answer
+    not a verdict: recorder.recipient_state), which must not undo the lease holder's dead letter and with it
+    the notice to the sender (review today6a F3). The ledger's upsert applies the same rule in SQL
+    (sql._recipient_conflict); a test holds the two to one table of cases, so what readback tells (a
+    webhook's state, a notice) is what the ledger keeps."""
     new, old = RANK[state], RANK[old_state]
-    return new > old or (at >= old_at and (new == old or old_state == "dead"))
+    return new > old or (at >= old_at and (new == old or (old_state == "dead" and state != "accepted")))
 
 
 # Timeline event kinds written by the gateway itself (other parts add theirs: upstream events read back,

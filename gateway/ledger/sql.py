@@ -96,12 +96,13 @@ def message_upsert(p: str, rows: int = 1) -> str:
 
 def _recipient_conflict() -> str:
     """A recipient's state (model.py): the incoming row wins when it is further along (RANK), or as far
-    and not older, or not older than a `dead` it replaces (an operator's requeue). model.replaces is the same
-    rule in Python (readback decides webhooks and notices by it): change both or neither."""
+    and not older, or not older than a `dead` it replaces unless it is `accepted` (a fenced attempt's: see
+    model.replaces). model.replaces is the same rule in Python (readback decides webhooks and notices by it):
+    change both or neither."""
     new, old = _RANK.format(t="excluded"), _RANK.format(t="ledger_recipients")
     wins = (
         f"({new} > {old} OR (excluded.state_at >= ledger_recipients.state_at"
-        f" AND ({new} = {old} OR ledger_recipients.state = 'dead')))"
+        f" AND ({new} = {old} OR (ledger_recipients.state = 'dead' AND excluded.state <> 'accepted'))))"
     )
     updates = ", ".join(
         f"{c} = CASE WHEN {wins} THEN excluded.{c} ELSE ledger_recipients.{c} END"
