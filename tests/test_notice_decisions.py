@@ -268,3 +268,37 @@ async def test_a_fenced_attempt_after_a_dead_letter_neither_shows_it_accepted_no
         assert len(owner.submissions) == 1
     finally:
         await ledger.close()
+
+
+@pytest.mark.asyncio
+async def test_a_decision_taken_over_after_its_notice_went_out_is_sent_though_the_recipient_was_requeued(
+    tmp_path: Path,
+) -> None:
+    """Review today6a F4. The notice was handed to the queue (counted under its key), then recording the
+    decision failed; before the takeover an operator requeued the recipient. The takeover recorded it
+    skipped no_longer_failed though its notice went out: the counted key says it went, so it is sent (N1)."""
+    owner, clock = KeyedOwner(), Clock(T0)
+    sender, ledger = await _notice_sender(tmp_path, owner, clock, ["M1"])
+    try:
+        await ledger.write([RecipientRow("M1", T0 - 600, "a@example.net", "dead", T0 - 50, reason="550 refused")])
+        real_finish = sender.returns.finish_notices
+        calls = 0
+
+        async def finish_once_lost(*args: Any, **kwargs: Any) -> int:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise LedgerUnavailable("killed while the decision was recorded")
+            return await real_finish(*args, **kwargs)
+
+        sender.returns.finish_notices = finish_once_lost  # type: ignore[method-assign]
+        with pytest.raises(LedgerUnavailable):
+            await sender.round()
+        assert len(owner.submissions) == 1  # handed over: it goes out
+        await ledger.write([RecipientRow("M1", T0 - 600, "a@example.net", "deferred", T0 + 5)])  # requeued
+        clock.t = T0 + LEASE + 1  # its lease ends; the decision is taken over
+        assert await sender.round() == 1
+        assert _decisions(tmp_path) == [("sent", "N1", "a notice (N1) went to billing0@acme.example")]
+        assert len(owner.submissions) == 1
+    finally:
+        await ledger.close()

@@ -319,6 +319,10 @@ class PostgresReturns:
             if row is not None:
                 await conn.execute(SQL.count_back, tuple(row))
 
+    async def notice_counted(self, key: str, now: float) -> bool:
+        async with self.ledger.connection() as conn:
+            return await (await conn.execute(SQL.counted, (key, now))).fetchone() is not None
+
     async def owners(self) -> list[str]:
         async with self.ledger.connection() as conn:
             return [r[0] for r in await (await conn.execute(SQL.owners)).fetchall()]

@@ -266,6 +266,10 @@ class ReturnStore(Protocol):
         """Give back the count `count_notice` took for `key` (the notice was not handed over: a 4xx)."""
         ...
 
+    async def notice_counted(self, key: str, now: float) -> bool:
+        """Whether the notice `key` was counted (and so handed to the queue) and its mark still kept."""
+        ...
+
     # -- leases of owners that are gone -------------------------------------------------------------------
 
     async def owners(self) -> list[str]:

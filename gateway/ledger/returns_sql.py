@@ -139,6 +139,7 @@ class ReturnStatements:
             "INSERT INTO notice_counted (key, account, sender, length, win, ends) VALUES (?, ?, ?, ?, ?, ?)"
             " ON CONFLICT (key) DO NOTHING RETURNING key"
         )
+        self.counted = d("SELECT 1 FROM notice_counted WHERE key=? AND ends>?")
         self.count_unmark = d("DELETE FROM notice_counted WHERE key=? RETURNING account, sender, length, win")
         self.count_row = d(
             "INSERT INTO notice_tally (account, sender, length, win, ends, n) VALUES (?, ?, ?, ?, ?, 0)"

@@ -341,6 +341,12 @@ class SqliteReturns:
 
         await self._run(run)
 
+    async def notice_counted(self, key: str, now: float) -> bool:
+        def run(db: sqlite3.Connection) -> bool:
+            return db.execute(SQL.counted, (key, now)).fetchone() is not None
+
+        return await self._run(run)
+
     # -- leases of owners that are gone -------------------------------------------------------------------
 
     async def owners(self) -> list[str]:

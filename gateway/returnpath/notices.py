@@ -157,6 +157,10 @@ class NoticeSender:
         # of the notice, and its decision is recorded skipped (its sender is told nothing about it).
         recipients = [r for r in claimed if r.state in FAILED_STATES]
         settled = [r for r in claimed if r.state not in FAILED_STATES]
+        if settled and record is not None and await self.returns.notice_counted(_key(record, claimed), self.clock()):
+            # A decision taken over after its notice was handed to the queue (counted under its key), its
+            # recipients requeued since: the notice went out, so it is recorded sent (review today6a F4).
+            recipients, settled = claimed, []
         if settled:
             keys = {address_key(r.address) for r in settled}
             await self._finish(
@@ -287,12 +291,7 @@ class NoticeSender:
             params=provider.notice_params(StoredData(data.params)),
         )
         plan = provider.plan(submission)
-        key = (
-            "notice:"
-            + hashlib.sha256(
-                f"{record.id}\0{','.join(sorted(address_key(r.address) for r in recipients))}".encode()
-            ).hexdigest()[:32]
-        )
+        key = _key(record, recipients)
         # Counted once the notice exists: one that cannot be made takes nothing from the sender's limit. Counted
         # by its key: a decision taken over after the notice was handed to the queue (its instance killed, or
         # the database failing, before the decision was recorded) finds the count, hands the notice again and
@@ -317,6 +316,12 @@ class NoticeSender:
         await self.returns.uncount_notice(key)
         log.warning("notice_deferred", queue_id=record.id, reply=str(reply), reason=receipt.reason)
         return None, None
+
+
+def _key(record: Record, recipients: Sequence[model.Recipient]) -> str:
+    """The notice's idempotency key (the queue's, and its count's): one per message and set of recipients."""
+    addresses = ",".join(sorted(address_key(r.address) for r in recipients))
+    return "notice:" + hashlib.sha256(f"{record.id}\0{addresses}".encode()).hexdigest()[:32]
 
 
 def _failure(record: Record, r: model.Recipient) -> dsn.Failure:
