@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 from collections.abc import Callable, Iterator
@@ -27,6 +28,7 @@ from tests.ops_util import captured_with_context, proxy_v1, proxy_v2, sample
 from tests.procs import spawn
 from tests.smtputil import RawClient, message
 from tests.spool_helpers import wait_for
+from tests.test_tls_profiles import client_context
 
 Factory = Callable[..., Running]
 
@@ -237,6 +239,27 @@ def test_session_lines_name_the_balancer_beside_the_client(gw: Running) -> None:
     summaries = events(logs, "message_accepted")
     assert [s["peer"] for s in summaries] == ["203.0.113.7:40001", "198.51.100.9:40004"]
     assert all(s["proxy_peer"].rsplit(":", 1)[0] == "127.0.0.1" for s in summaries), summaries
+
+
+def test_lines_outside_the_session_task_name_the_balancer_too(gateway_factory: Factory) -> None:
+    """Review today6b F2: the command timeout's line (logged by a timer, outside the session task's context)
+    and a refused implicit-TLS handshake's (before any session) had `peer` but no `proxy_peer`."""
+    gw = gateway_factory(listeners=[proxied("lb"), proxied("lb-tls", "implicit")], limits={"command_timeout": 1.0})
+    with captured_with_context() as logs:
+        with RawClient(gw, "lb", proxy=proxy_v2("203.0.113.7", 40001)) as client:
+            assert client.greeting[-1].startswith("220 ")
+            client.cmd("EHLO client.test")
+            wait_for(lambda: bool(events(logs, "session_timeout")), 10, "the command timeout")
+        with socket.create_connection(("127.0.0.1", gw.port("lb-tls")), timeout=10) as sock:
+            sock.sendall(proxy_v2("198.51.100.9", 40004))
+            with pytest.raises((ssl.SSLError, ConnectionResetError)):
+                client_context("TLSv1").wrap_socket(sock)  # the profile refuses TLS 1.0
+        wait_for(lambda: bool(events(logs, "tls_handshake_failed")), 10, "the handshake failure line")
+    [timeout] = events(logs, "session_timeout")
+    [handshake] = events(logs, "tls_handshake_failed")
+    assert (timeout["peer"], handshake["peer"]) == ("203.0.113.7:40001", "198.51.100.9:40004")
+    assert timeout.get("proxy_peer", "").startswith("127.0.0.1:"), timeout
+    assert handshake.get("proxy_peer", "").startswith("127.0.0.1:"), handshake
 
 
 def test_a_direct_session_has_no_balancer(gateway_factory: Factory) -> None:

@@ -61,13 +61,18 @@ class HandshakeFailures:
     # client IP -> (when its last line was logged, failures since then that were not logged)
     _seen: dict[str, tuple[float, int]] = field(default_factory=dict)
 
-    def report(self, listener: str, profile: Profile, peer: Any, head: bytes, error: BaseException | None) -> None:
+    def report(
+        self, listener: str, profile: Profile, peer: Any, head: bytes, error: BaseException | None, balancer: Any = None
+    ) -> None:
+        """`balancer`: the load balancer that relayed the connection (a proxy_protocol listener's), or None."""
         offer = parse_client_hello(head)
+        # Behind a balancer, as on every session line (logs.md): which one relayed it.
+        relayed = {"proxy_peer": f"{balancer[0]}:{balancer[1]}"} if isinstance(balancer, tuple) else {}
         TLS_HANDSHAKE_FAILURES.labels(listener=listener, offered=offer.version).inc()
         ip, port = (str(peer[0]), peer[1]) if isinstance(peer, tuple) else (str(peer), None)
         if offer.version == "none":
             # Connected and left without a word: TCP health checks and port scanners. Counted only.
-            log.debug("tls_handshake_abandoned", listener=listener, peer=ip)
+            log.debug("tls_handshake_abandoned", listener=listener, peer=ip, **relayed)
             return
         now = self.clock()
         last = self._seen.get(ip)
@@ -92,6 +97,7 @@ class HandshakeFailures:
             reason=reason,
             hint=_hint(reason, offer, profile),
             suppressed=last[1] if last is not None else 0,
+            **relayed,
         )
 
 
@@ -185,6 +191,7 @@ class TlsHandshake(asyncio.BufferedProtocol):
         self._view: memoryview | None = None
         self._transport: asyncio.BaseTransport | None = None
         self._peer: Any = None
+        self._balancer: Any = None
         self._aborted = False
         self.result: asyncio.Future[bool] = loop.create_future()
         waiter: asyncio.Future[None] = loop.create_future()
@@ -218,6 +225,7 @@ class TlsHandshake(asyncio.BufferedProtocol):
         # Read now: once the client has reset the connection, uvloop's transport cannot tell any more
         # (its get_extra_info("peername") raises AttributeError on the closed socket).
         self._peer = transport.get_extra_info("peername")
+        self._balancer = transport.get_extra_info("proxy_peer")  # a ProxiedTransport's (gate.py); else None
         self.tls.connection_made(transport)
         if self._aborted:  # aborted between the accept and now
             cast(asyncio.Transport, transport).abort()
@@ -274,7 +282,7 @@ class TlsHandshake(asyncio.BufferedProtocol):
                 transport.set_protocol(self.tls)
             elif not ok and not self._aborted:
                 self._listener.failures.report(
-                    self._listener.name, self._listener.profile, self._peer, bytes(self._head), error
+                    self._listener.name, self._listener.profile, self._peer, bytes(self._head), error, self._balancer
                 )
         finally:
             # Whatever the report did: the connection is closed, its session slot freed, the waiter told.

@@ -381,14 +381,20 @@ class GatewaySMTP(SMTP):
         peer = self.session.peer if self.session is not None else None
         return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
 
+    @property
+    def proxy_peer(self) -> str | None:
+        """Behind a load balancer (proxy_protocol), the one that relayed the session; else None."""
+        balancer = self.transport.get_extra_info("proxy_peer") if self.transport is not None else None
+        return f"{balancer[0]}:{balancer[1]}" if isinstance(balancer, tuple) else None
+
     async def _handle_client(self) -> None:
         # The session task's own context: every line logged by the session, and by the delivery tasks it
         # starts (they copy the context), carries these.
         structlog.contextvars.bind_contextvars(session=self.session_id, peer=self.peer, listener=self.listener)
-        balancer = self.transport.get_extra_info("proxy_peer") if self.transport is not None else None
-        if isinstance(balancer, tuple):
+        balancer = self.proxy_peer
+        if balancer is not None:
             # Behind a load balancer: which one relayed the session, when there are several.
-            structlog.contextvars.bind_contextvars(proxy_peer=f"{balancer[0]}:{balancer[1]}")
+            structlog.contextvars.bind_contextvars(proxy_peer=balancer)
         try:
             await super()._handle_client()
         except ConnectionResetError as exc:
@@ -557,6 +563,8 @@ class GatewaySMTP(SMTP):
             return
         self._cut_off = "command_timeout"
         LIMIT_HITS.labels(limit="command_timeout").inc()
+        balancer = self.proxy_peer
+        relayed = {"proxy_peer": balancer} if balancer is not None else {}
         log.info(
             "session_timeout",
             limit="command_timeout",
@@ -566,6 +574,7 @@ class GatewaySMTP(SMTP):
             session=self.session_id,
             peer=self.peer,
             listener=self.listener,
+            **relayed,
         )
         self.say_and_close(str(replies.command_timeout(self.hostname)), logged=True)
 
