@@ -234,6 +234,21 @@ campaign = 22
     ), str(info.value)
 
 
+@pytest.mark.parametrize("value", ['"x"', "3", '{ name = "plain" }'])
+def test_a_list_of_tables_given_no_table_is_not_told_to_undo_one(tmp_path: Path, value: str) -> None:
+    """`listeners = "x"` was told "not [listeners]", a single-bracket table the file never had (review today6b
+    F3): that hint only for a table; an inline table is one (`listeners = { ... }` for `[listeners]`)."""
+    config = tmp_path / "gw.toml"
+    config.write_text(f"listeners = {value}\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(config)
+    if value.startswith("{"):
+        assert "listeners: a list of tables: write each one under [[listeners]] (two brackets)" in str(info.value)
+    else:
+        assert "  listeners: must be a list of tables, each one under [[listeners]]" in str(info.value), str(info.value)
+        assert "not [listeners]" not in str(info.value)
+
+
 def test_a_list_of_values_given_a_table_keeps_pydantics_words() -> None:
     from gateway.config import Settings
 

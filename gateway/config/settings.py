@@ -801,7 +801,8 @@ def _toml_error(path: Path | None, exc: tomllib.TOMLDecodeError) -> str:
 def format_validation_error(exc: ValidationError, path: Path | None = None) -> str:
     root = config_keys()
     lines = []
-    for err in exc.errors(include_input=False, include_url=False):
+    # The input is only looked at (a table where a list of tables belongs), never printed: it may hold secrets.
+    for err in exc.errors(include_input=True, include_url=False):
         key, parent = keys.display_key(root, err["loc"])
         msg = err["msg"]
         if err["type"] == "value_error":
@@ -810,8 +811,12 @@ def format_validation_error(exc: ValidationError, path: Path | None = None) -> s
             near = keys.suggest_key(parent, str(err["loc"][-1]))
             msg = "unknown key" + (f"; did you mean {near}?" if near else "")
         if err["type"] == "list_type" and _list_of_tables(parent, err["loc"]):
-            # `[listeners]` for `[[listeners]]`, the commonest TOML slip: pydantic's "a valid list" names no fix.
-            msg = f"a list of tables: write each one under [[{key}]] (two brackets), not [{key}]"
+            if isinstance(err.get("input"), dict):
+                # `[listeners]` for `[[listeners]]`, the commonest TOML slip: pydantic's "a valid list" names
+                # no fix.
+                msg = f"a list of tables: write each one under [[{key}]] (two brackets), not [{key}]"
+            else:  # `listeners = "x"`: no single-bracket table to undo (review today6b F3)
+                msg = f"must be a list of tables, each one under [[{key}]]"
         lines.append(f"{key}: {msg}" if key else msg)  # a check of the whole names its keys itself
     where = f" in {path}" if path is not None else ""
     return f"invalid configuration{where}:\n  " + "\n  ".join(lines)
