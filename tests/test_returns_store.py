@@ -327,6 +327,10 @@ async def test_a_notice_counted_already_is_not_counted_again(instances: Callable
     # In the next window too (the takeover came late): still the one count, which the new window does not hold.
     assert await b.count_notice("notice:m1", "acme", "s@example.com", 3600, 1, now + 3600)
     assert await b.count_notice("notice:m3", "acme", "s@example.com", 3600, 1, now + 3601)
+    # What a decision taken over looks at first (its recipients may have been requeued since: review today6a F4).
+    assert await a.notice_counted("notice:m1", now + 3602) and not await a.notice_counted("notice:m2", now + 3602)
+    await a.uncount_notice("notice:m3")
+    assert not await b.notice_counted("notice:m3", now + 3602)
 
 
 async def test_notice_counts_are_per_account_and_pruned_by_their_own_window(instances: Callable[[], Pair]) -> None:
