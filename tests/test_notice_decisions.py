@@ -203,6 +203,22 @@ class KeyedOwner(TakingOwner):
         return Reply(250, "2.0.0", f"queued as {self.keys[key]}")
 
 
+def _lose_the_first_record(sender: Any) -> None:
+    """Recording the first decision fails after its notice was handed over (the database went away, or a
+    SIGKILL there); later ones are recorded."""
+    real_finish = sender.returns.finish_notices
+    calls = 0
+
+    async def finish_once_lost(*args: Any, **kwargs: Any) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise LedgerUnavailable("the database went away while the decision was recorded")
+        return await real_finish(*args, **kwargs)
+
+    sender.returns.finish_notices = finish_once_lost
+
+
 @pytest.mark.asyncio
 async def test_a_notice_decided_again_after_its_record_was_lost_is_recorded_sent_and_counted_once(
     tmp_path: Path,
@@ -213,17 +229,7 @@ async def test_a_notice_decided_again_after_its_record_was_lost_is_recorded_sent
     owner, clock = KeyedOwner(), Clock(T0)
     sender, ledger = await _notice_sender(tmp_path, owner, clock, ["M1"])  # per_sender = 1
     try:
-        real_finish = sender.returns.finish_notices
-        calls = 0
-
-        async def finish_once_lost(*args: Any, **kwargs: Any) -> int:
-            nonlocal calls
-            calls += 1
-            if calls == 1:
-                raise LedgerUnavailable("the database went away while the decision was recorded")
-            return await real_finish(*args, **kwargs)
-
-        sender.returns.finish_notices = finish_once_lost  # type: ignore[method-assign]
+        _lose_the_first_record(sender)
         with pytest.raises(LedgerUnavailable):
             await sender.round()
         assert len(owner.submissions) == 1  # handed over: it goes out
@@ -281,17 +287,7 @@ async def test_a_decision_taken_over_after_its_notice_went_out_is_sent_though_th
     sender, ledger = await _notice_sender(tmp_path, owner, clock, ["M1"])
     try:
         await ledger.write([RecipientRow("M1", T0 - 600, "a@example.net", "dead", T0 - 50, reason="550 refused")])
-        real_finish = sender.returns.finish_notices
-        calls = 0
-
-        async def finish_once_lost(*args: Any, **kwargs: Any) -> int:
-            nonlocal calls
-            calls += 1
-            if calls == 1:
-                raise LedgerUnavailable("killed while the decision was recorded")
-            return await real_finish(*args, **kwargs)
-
-        sender.returns.finish_notices = finish_once_lost  # type: ignore[method-assign]
+        _lose_the_first_record(sender)
         with pytest.raises(LedgerUnavailable):
             await sender.round()
         assert len(owner.submissions) == 1  # handed over: it goes out

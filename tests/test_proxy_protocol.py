@@ -5,6 +5,7 @@ front (send-proxy-v2), when it is installed."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import re
@@ -351,31 +352,42 @@ def greets(port: int) -> bool:
         return False
 
 
-@pytest.fixture
-def haproxy(gw: Running, tmp_path: Path) -> Iterator[int]:
-    binary = require_tool("haproxy", "haproxy")
-    # HAProxy's frontend is a socket this test listens on and hands over (bind fd@N): its port is known
-    # before HAProxy starts, and no other program can take it meanwhile.
-    front = socket.socket()
-    front.bind(("127.0.0.1", 0))
-    front.listen()
-    port = front.getsockname()[1]
-    config = tmp_path / "haproxy.cfg"
-    config.write_text(HAPROXY_CFG.format(front=front.fileno(), back=gw.port("lb")))
+@contextlib.contextmanager
+def haproxy_on(binary: str, config: Path, front: socket.socket) -> Iterator[subprocess.Popen[bytes]]:
+    """HAProxy with `config`, handed the listening socket `front` (bind fd@N); stopped after the block."""
     proc = spawn(
         [binary, "-db", "-f", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, pass_fds=[front.fileno()]
     )
     front.close()  # HAProxy's now
     try:
-        wait_for(lambda: greets(port) or proc.poll() is not None, 15, "haproxy relaying to the gateway")
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-        yield port
+        yield proc
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGTERM)
             proc.wait(10)
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+def front_socket() -> tuple[socket.socket, int]:
+    """HAProxy's frontend: a socket the test listens on and hands over, so its port is known before HAProxy
+    starts and no other program can take it meanwhile."""
+    front = socket.socket()
+    front.bind(("127.0.0.1", 0))
+    front.listen()
+    return front, front.getsockname()[1]
+
+
+@pytest.fixture
+def haproxy(gw: Running, tmp_path: Path) -> Iterator[int]:
+    binary = require_tool("haproxy", "haproxy")
+    front, port = front_socket()
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(HAPROXY_CFG.format(front=front.fileno(), back=gw.port("lb")))
+    with haproxy_on(binary, config, front) as proc:
+        wait_for(lambda: greets(port) or proc.poll() is not None, 15, "haproxy relaying to the gateway")
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        yield port
 
 
 def test_haproxy_send_proxy_v2(gw: Running, haproxy: int) -> None:
@@ -434,10 +446,7 @@ def test_the_shipped_haproxy_cfg_checks_an_https_endpoint(gateway_factory: Facto
         listeners=[proxied("sub", "starttls")], http={"port": 0, "tls_cert_file": str(cert), "tls_key_file": str(key)}
     )
     assert gw.app.operator is not None
-    front = socket.socket()
-    front.bind(("127.0.0.1", 0))
-    front.listen()
-    port = front.getsockname()[1]
+    front, port = front_socket()
     shipped = (Path(__file__).parent.parent / "config" / "haproxy.cfg").read_text()
     # Only the submission frontend and one gateway (the smtps frontend would bind :465).
     sections = [s for s in shipped.split("\n\n") if not s.startswith(("frontend smtps", "backend gateways_465"))]
@@ -451,18 +460,8 @@ def test_the_shipped_haproxy_cfg_checks_an_https_endpoint(gateway_factory: Facto
     assert "gw2" not in text and ":465" not in text and "stats socket" in text, text
     config = tmp_path / "haproxy.cfg"
     config.write_text(text)
-    proc = spawn(
-        [binary, "-db", "-f", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, pass_fds=[front.fileno()]
-    )
-    front.close()  # HAProxy's now
-    try:
+    with haproxy_on(binary, config, front) as proc:
         checked = wait_for(lambda: proc.poll() is not None or last_check(stats), 15, "haproxy's first check")
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
         assert checked == "L7OK", f"the /readyz check failed ({checked}): HAProxy would mark every gateway DOWN"
         assert greets(port)
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            proc.wait(10)
-        if proc.stderr is not None:
-            proc.stderr.close()
