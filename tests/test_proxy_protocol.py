@@ -446,20 +446,21 @@ def test_the_shipped_haproxy_cfg_checks_an_https_endpoint(gateway_factory: Facto
         listeners=[proxied("sub", "starttls")], http={"port": 0, "tls_cert_file": str(cert), "tls_key_file": str(key)}
     )
     assert gw.app.operator is not None
-    front, port = front_socket()
     shipped = (Path(__file__).parent.parent / "config" / "haproxy.cfg").read_text()
     # Only the submission frontend and one gateway (the smtps frontend would bind :465).
     sections = [s for s in shipped.split("\n\n") if not s.startswith(("frontend smtps", "backend gateways_465"))]
     text = re.sub(r"\n +server gw2 .*", "", "\n\n".join(sections)).rstrip("\n") + "\n"
-    text = text.replace("maxconn 20000", "maxconn 100").replace("bind :587", f"bind fd@{front.fileno()}")
+    text = text.replace("maxconn 20000", "maxconn 100").replace("bind :587", "bind fd@FRONT")
     text = text.replace("10.0.0.11:587", f"127.0.0.1:{gw.port('sub')}")
     text = text.replace("port 8080", f"port {gw.app.operator.port}").replace("inter 5s", "inter 100ms")
     # HAProxy counts a server UP until its checks fail: its stats socket tells when a check has been done.
     stats = tmp_path / "stats.sock"
     text = text.replace("\nglobal\n", f"\nglobal\n    stats socket {stats}\n")
-    assert "gw2" not in text and ":465" not in text and "stats socket" in text, text
+    # "server gw2", not "gw2": the temporary directory's path names the xdist worker (popen-gw2).
+    assert "server gw2" not in text and ":465" not in text and "stats socket" in text, text
+    front, port = front_socket()  # only now: an assertion above would leave it open
     config = tmp_path / "haproxy.cfg"
-    config.write_text(text)
+    config.write_text(text.replace("bind fd@FRONT", f"bind fd@{front.fileno()}"))
     with haproxy_on(binary, config, front) as proc:
         checked = wait_for(lambda: proc.poll() is not None or last_check(stats), 15, "haproxy's first check")
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
