@@ -230,6 +230,28 @@ async def test_the_outbox_claims_each_webhook_up_to_its_room(instances: Callable
     assert [d.event_id for d in more] == ["s2"]  # the limit before the room
 
 
+async def test_the_outbox_claims_a_removed_webhooks_deliveries_besides_the_named_ones(
+    instances: Callable[[], Pair],
+) -> None:
+    """A removed webhook's deliveries (a webhook `room` does not name) are read besides the named webhooks'
+    `limit`, up to `removed`: they end without a POST, so they never wait for the named ones' backlog (review
+    today7 F1: they got only what `limit` left, nothing while the rooms filled it); an empty `room` (no webhook
+    configured) reads only those (N4)."""
+    (ledger, a), _ = instances(), instances()
+    await ledger.open()
+    rows = [OutboxRow("gone", f"g{n}", "M1", T0, T0 - 200 + n, "x", "{}") for n in range(3)]
+    rows += [OutboxRow(w, f"{w}{n}", "M1", T0, T0 - 50 + n, "x", "{}") for w in ("a", "b") for n in range(5)]
+    await ledger.write(rows)
+    got = await a.claim_deliveries("gw-a", T0, 4, 30, room={"a": 2, "b": 2}, removed=1)
+    assert sorted(d.event_id for d in got) == ["a0", "a1", "b0", "b1", "g0"]
+    got = await a.claim_deliveries("gw-a", T0, 0, 30, room={"a": 0, "b": 2}, removed=8)
+    assert sorted(d.event_id for d in got) == ["g1", "g2"]  # every slot taken: still ended
+    await ledger.write([OutboxRow("gone", "g3", "M1", T0, T0 - 10, "x", "{}")])
+    # No webhook configured: every webhook with rows is a removed one.
+    got = await a.claim_deliveries("gw-a", T0, 0, 30, room={}, removed=20)
+    assert sorted(d.event_id for d in got) == ["a2", "a3", "a4", "b2", "b3", "b4", "g3"]
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 async def test_each_webhooks_due_deliveries_and_the_outbox_webhooks_are_read_by_index(
     backend: str, request: pytest.FixtureRequest, tmp_path: Path

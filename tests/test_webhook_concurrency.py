@@ -11,10 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from gateway.config.returnpath import WebhookSettings
 from gateway.ledger.backends import open_returns
 from gateway.ledger.model import OutboxRow
+from gateway.ledger.returns import Delivery, ReturnStore
+from gateway.ops.metrics import WEBHOOK_PENDING
 from gateway.returnpath.webhooks import WebhookSender
 from gateway.upstream.client import HttpClient
 from tests.test_returnpath_units import T0, Clock, _ledger, _sent
@@ -177,3 +180,70 @@ async def test_a_silent_receiver_with_many_events_holds_only_its_share_of_the_sl
             await seen.fast_got.wait()
             assert seen.order == ["fast received"], f"the healthy receiver waited for the silent one: {seen.order}"
             assert seen.slow_open <= sender.share(2) == 2
+
+
+def _ended(returns: ReturnStore, webhook: str, monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+    """Set once a delivery of `webhook` is settled (to await it instead of polling the outbox)."""
+    ended = asyncio.Event()
+    settle = returns.settle_delivery
+
+    async def told(delivery: Delivery, state: str, **kwargs: Any) -> bool:
+        settled = await settle(delivery, state, **kwargs)
+        if delivery.webhook == webhook:
+            ended.set()
+        return settled
+
+    monkeypatch.setattr(returns, "settle_delivery", told)
+    return ended
+
+
+@pytest.mark.asyncio
+async def test_a_removed_webhooks_delivery_ends_while_a_silent_receiver_holds_every_slot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`gone` was removed on a reload; the lone `slow` (every slot its share) never answers and has a backlog:
+    gone's delivery (no receiver needed) ends at once, not after slow's timeout (review today7 F1: it was read
+    only with what slow's room left of the free slots, i.e. never while slow had a due backlog)."""
+    async with _receivers() as seen:
+        hooks = {"slow": seen.hooks["slow"]}
+        ledger = await _ledger(tmp_path)
+        returns = open_returns(ledger)
+        ended = _ended(returns, "gone", monkeypatch)
+        http = HttpClient("", upstream="webhook", account="webhooks", timeout=30.0)
+        sender = WebhookSender(returns, http, "gw-a", lambda: hooks, concurrency=2, clock=Clock(T0))
+        await _sent(ledger, "M1", "a@example.net", "TX1", T0 - 600)
+        rows = [OutboxRow("slow", f"s{n}", "M1", T0 - 600, T0 - 200 + n, "bounced", "{}") for n in range(4)]
+        rows.append(OutboxRow("gone", "g1", "M1", T0 - 600, T0 - 100, "bounced", '{"id": "g1"}'))  # due after
+        await ledger.write(rows)
+        async with _running(sender, http, ledger):
+            while seen.slow_open < 2:  # both slots now hang on the silent receiver
+                await seen.slow_got.wait()
+                seen.slow_got.clear()
+            await ended.wait()
+            assert seen.order == [], f"the removed webhook's delivery waited for the silent one: {seen.order}"
+            assert await returns.pending_deliveries() == {"slow": 4}
+
+
+@pytest.mark.asyncio
+async def test_a_removed_webhooks_deliveries_end_when_no_webhook_is_configured(tmp_path: Path) -> None:
+    """Every webhook removed by a reload: their deliveries still end (as removed), and the pending gauge reads
+    0 (review today7 N4: the sender claimed nothing with no webhook configured, so they stayed pending)."""
+    ledger = await _ledger(tmp_path)
+    http = HttpClient("", upstream="webhook", account="webhooks", timeout=30.0)
+    hooks = {"gone": WebhookSettings(name="gone", url="http://127.0.0.1:9/h", secret="s", timeout=5)}
+    try:
+        await _sent(ledger, "M1", "a@example.net", "TX1", T0 - 600)
+        await ledger.write([OutboxRow("gone", f"g{n}", "M1", T0 - 600, T0, "bounced", "{}") for n in range(3)])
+        sender = WebhookSender(open_returns(ledger), http, "gw-a", lambda: hooks, concurrency=2, clock=Clock(T0))
+        await sender.count_pending()
+        assert WEBHOOK_PENDING.labels(webhook="gone")._value.get() == 3
+        hooks.clear()  # the reload
+        with capture_logs():
+            assert await sender.round() == 2  # a bounded batch: up to `concurrency`
+            assert await sender.round() == 1
+        assert await sender.returns.pending_deliveries() == {}
+        await sender.count_pending()
+        assert WEBHOOK_PENDING.labels(webhook="gone")._value.get() == 0
+    finally:
+        await http.aclose()
+        await ledger.close()

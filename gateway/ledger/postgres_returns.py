@@ -190,22 +190,35 @@ class PostgresReturns:
     # -- the webhook outbox -------------------------------------------------------------------------------
 
     async def claim_deliveries(
-        self, owner: str, now: float, limit: int, lease: float, *, room: Mapping[str, int] | None = None
+        self,
+        owner: str,
+        now: float,
+        limit: int,
+        lease: float,
+        *,
+        room: Mapping[str, int] | None = None,
+        removed: int | None = None,
     ) -> list[Delivery]:
         async with self.ledger.connection() as conn:
             # Due times are on the writers' clocks (the ledger's writer wrote the first); leases on the database's.
             now_there = now + await self._shift(conn)
             rows: list[Any] = []
-            # The webhooks with rows, to read those of removed ones (only when some are named).
-            present = [r[0] for r in await (await conn.execute(SQL.outbox_webhooks)).fetchall()] if room else []
-            for due, reapable, params, most in SQL.outbox_claims(room, limit, present):
-                want = min(most, limit - len(rows))
-                if want <= 0:
-                    continue
-                found = await (await conn.execute(due, (*params, now, want))).fetchall()
-                if len(found) < want:
-                    found += await (await conn.execute(reapable, (*params, now_there, want - len(found)))).fetchall()
-                rows += found
+            # The webhooks with rows, to read those of removed ones (only when webhooks are named).
+            gone = room is not None and (limit if removed is None else removed) > 0
+            present = [r[0] for r in await (await conn.execute(SQL.outbox_webhooks)).fetchall()] if gone else []
+            for cap, reads in SQL.outbox_claims(room, limit, present, removed):
+                got = 0
+                for due, reapable, params, most in reads:
+                    want = min(most, cap - got)
+                    if want <= 0:
+                        break
+                    found = await (await conn.execute(due, (*params, now, want))).fetchall()
+                    if len(found) < want:
+                        found += await (
+                            await conn.execute(reapable, (*params, now_there, want - len(found)))
+                        ).fetchall()
+                    got += len(found)
+                    rows += found
             out = []
             for webhook, event_id, state in rows:
                 leased = await (

@@ -203,11 +203,20 @@ class ReturnStore(Protocol):
     # -- the webhook outbox -------------------------------------------------------------------------------
 
     async def claim_deliveries(
-        self, owner: str, now: float, limit: int, lease: float, *, room: Mapping[str, int] | None = None
+        self,
+        owner: str,
+        now: float,
+        limit: int,
+        lease: float,
+        *,
+        room: Mapping[str, int] | None = None,
+        removed: int | None = None,
     ) -> list[Delivery]:
         """Lease up to `limit` deliveries: due pending ones, then those whose owner's lease expired. `room`: at
         most so many more of each webhook it names (each read on its own, so that one webhook's queue cannot
-        crowd another's out), then of the webhooks it does not name (removed ones) what `limit` leaves."""
+        crowd another's out), `limit` in all; besides those, up to `removed` (None: `limit`) of the webhooks it
+        does not name (removed ones: they end without a POST, so they never wait for the named ones' backlog;
+        an empty `room` reads only those)."""
         ...
 
     async def settle_delivery(

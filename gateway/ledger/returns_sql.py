@@ -169,22 +169,22 @@ class ReturnStatements:
         )
 
     def outbox_claims(
-        self, room: Mapping[str, int] | None, limit: int, present: Sequence[str] = ()
-    ) -> Iterator[tuple[str, str, tuple[Any, ...], int]]:
-        """What claim_deliveries reads, in order: (due query, reapable query, their leading parameters, most
-        rows wanted), the most wanted being capped by the caller at what `limit` leaves. `room`: how many more
-        of each named webhook may be leased (each its own query, so that one webhook's queue cannot crowd
-        another's out); the webhooks of `present` (those with rows: outbox_webhooks) that it does not name
-        (removed ones) share what is left, each by its own query too. None: any webhook's."""
-        if room is None or not room:
-            yield self.outbox_due, self.outbox_reapable, (), limit
+        self, room: Mapping[str, int] | None, limit: int, present: Sequence[str] = (), removed: int | None = None
+    ) -> Iterator[tuple[int, list[tuple[str, str, tuple[Any, ...], int]]]]:
+        """What claim_deliveries reads, in groups: (most rows of the group, its reads), each read (due query,
+        reapable query, their leading parameters, most rows wanted), the most wanted being capped by the caller
+        at what its group's most leaves. `room`: how many more of each named webhook may be leased (each its
+        own query, so that one webhook's queue cannot crowd another's out), `limit` in all; the webhooks of
+        `present` (those with rows: outbox_webhooks) that it does not name (removed ones) are a group of their
+        own, up to `removed` (None: `limit`) besides: they end without a POST, so they never wait for the named
+        webhooks' backlog (an empty `room`: no webhook is configured, only those). None: any webhook's."""
+        if room is None:
+            yield limit, [(self.outbox_due, self.outbox_reapable, (), limit)]
             return
-        for name, n in room.items():
-            if n > 0:
-                yield self.outbox_due_of, self.outbox_reapable_of, (name,), n
-        for name in present:
-            if name not in room:
-                yield self.outbox_due_of, self.outbox_reapable_of, (name,), limit
+        yield limit, [(self.outbox_due_of, self.outbox_reapable_of, (name,), n) for name, n in room.items() if n > 0]
+        most = limit if removed is None else removed
+        gone = [name for name in present if name not in room]
+        yield most, [(self.outbox_due_of, self.outbox_reapable_of, (name,), most) for name in gone]
 
     def events_known(self, n: int) -> str:
         """Which of these event ids the ledger holds already (an event read again)."""

@@ -103,16 +103,15 @@ class WebhookSender:
         """Deliver until cancelled: each delivery its own task, at most `concurrency` under way and at most
         `share` of them one webhook's; a slot that frees is refilled at once (a delivery never waits for the
         slowest of those leased with it, and one receiver that never answers, however many events wait for
-        it, holds only its share of the slots for its timeout). Looks again on a wake-up, when a delivery
-        ends, or every poll_interval."""
+        it, holds only its share of the slots for its timeout). A removed webhook's deliveries (ended at once,
+        no POST) are claimed besides, at most `concurrency` of them under way. Looks again on a wake-up, when
+        a delivery ends, or every poll_interval."""
         in_flight: dict[asyncio.Task[None], str] = {}  # each delivery under way, with its webhook's name
         try:
             while True:
                 try:
                     self._reap(in_flight)
-                    free = self.concurrency - len(in_flight)
-                    if free > 0:
-                        in_flight |= await self._start(free, Counter(in_flight.values()))
+                    in_flight |= await self._start(Counter(in_flight.values()))
                     if self._failing is not None:
                         log.info("webhook_outbox_recovered")
                         self._failing = None
@@ -130,9 +129,10 @@ class WebhookSender:
             await asyncio.gather(*in_flight, return_exceptions=True)
 
     async def round(self) -> int:
-        """Lease what is due (up to `concurrency`) and deliver it, waiting for every one; returns how many
-        were leased. (One pass, for tools and tests: `run` does not wait for a batch.)"""
-        tasks = await self._start(self.concurrency, Counter())
+        """Lease what is due (up to `concurrency`, and a removed webhook's up to `concurrency` besides) and
+        deliver it, waiting for every one; returns how many were leased. (One pass, for tools and tests: `run`
+        does not wait for a batch.)"""
+        tasks = await self._start(Counter())
         if tasks:
             await asyncio.gather(*tasks)
         return len(tasks)
@@ -145,20 +145,30 @@ class WebhookSender:
         up to more than `concurrency`.)"""
         return max(1, self.concurrency // max(1, webhooks))
 
-    async def _start(self, limit: int, busy: Counter[str]) -> dict[asyncio.Task[None], str]:
-        """Lease up to `limit` due deliveries, each webhook's up to its share less its `busy` ones, and start
-        one task for each. The webhooks are asked in turn from a different one each time: when their shares
-        add up to more than `limit`, none is always last."""
+    async def _start(self, busy: Counter[str]) -> dict[asyncio.Task[None], str]:
+        """Lease due deliveries, up to the free slots, each configured webhook's up to its share less its `busy`
+        ones, and a removed webhook's (no longer configured: ended at once, without a POST, so taking no slot)
+        up to `concurrency` less theirs, and start one task for each. The webhooks are asked in turn from a
+        different one each time: when their shares add up to more than the free slots, none is always last.
+        The removed webhooks' deliveries never wait for the configured ones' backlog (nor for any webhook
+        being configured at all)."""
         hooks = self.webhooks()
-        if not hooks:
-            return {}
-        lease = max(w.timeout for w in hooks.values()) + LEASE_MARGIN
-        share = self.share(len(hooks))
         names = sorted(hooks)
-        turn = self._turn % len(names)
-        self._turn += 1
-        room = {name: share - busy[name] for name in names[turn:] + names[:turn]}
-        deliveries = await self.returns.claim_deliveries(self.owner, self.clock(), limit, lease, room=room)
+        share = self.share(len(names))
+        gone = sum(n for name, n in busy.items() if name not in hooks)
+        room: dict[str, int] = {}
+        if names:
+            turn = self._turn % len(names)
+            self._turn += 1
+            room = {name: share - busy[name] for name in names[turn:] + names[:turn]}
+        limit = max(0, self.concurrency - (sum(busy.values()) - gone))
+        removed = max(0, self.concurrency - gone)
+        if limit <= 0 and removed <= 0:
+            return {}
+        lease = max((w.timeout for w in hooks.values()), default=0.0) + LEASE_MARGIN
+        deliveries = await self.returns.claim_deliveries(
+            self.owner, self.clock(), limit, lease, room=room, removed=removed
+        )
         return {asyncio.create_task(self._deliver_one(d, hooks.get(d.webhook))): d.webhook for d in deliveries}
 
     def _reap(self, in_flight: dict[asyncio.Task[None], str]) -> None:
@@ -181,10 +191,7 @@ class WebhookSender:
 
     async def _idle(self, in_flight: dict[asyncio.Task[None], str]) -> None:
         """Wait for a wake-up (deliveries recorded by this instance), a delivery to end (a slot freed) or
-        poll_interval. All slots taken: for a delivery to end (nothing more could be started)."""
-        if len(in_flight) >= self.concurrency:
-            await asyncio.wait(set(in_flight), return_when=asyncio.FIRST_COMPLETED)
-            return
+        poll_interval. Also with every slot taken: a removed webhook's deliveries take no slot."""
         if not in_flight:
             await woken(self.wakeup, self.poll_interval())
             return
