@@ -247,3 +247,27 @@ async def test_a_removed_webhooks_deliveries_end_when_no_webhook_is_configured(t
     finally:
         await http.aclose()
         await ledger.close()
+
+
+@pytest.mark.asyncio
+async def test_a_webhook_added_on_reload_gets_its_share_while_a_silent_one_holds_every_slot(tmp_path: Path) -> None:
+    """A lone `slow` (every slot its share) never answers and holds both slots; a reload adds `fast` (shares 1
+    each): fast's event is POSTed while slow still hangs, the total then over webhook_concurrency until slow's
+    over-share POSTs end (review today7 F2: it waited for slow's timeout)."""
+    async with _receivers() as seen:
+        hooks = {"slow": seen.hooks["slow"]}
+        ledger = await _ledger(tmp_path)
+        http = HttpClient("", upstream="webhook", account="webhooks", timeout=30.0)
+        sender = WebhookSender(open_returns(ledger), http, "gw-a", lambda: hooks, concurrency=2, clock=Clock(T0))
+        await _sent(ledger, "M1", "a@example.net", "TX1", T0 - 600)
+        await ledger.write([OutboxRow("slow", f"s{n}", "M1", T0 - 600, T0 - 5 + n, "bounced", "{}") for n in range(3)])
+        async with _running(sender, http, ledger):
+            while seen.slow_open < 2:  # both slots now hang on the silent receiver
+                await seen.slow_got.wait()
+                seen.slow_got.clear()
+            hooks["fast"] = seen.hooks["fast"]  # a reload adds a webhook: its share is 2 // 2 = 1
+            await ledger.write([OutboxRow("fast", "f1", "M1", T0 - 600, T0, "bounced", '{"id": "f1"}')])
+            sender.wakeup.set()
+            await seen.fast_got.wait()
+            assert seen.order == ["fast received"], f"the added webhook waited for the silent one: {seen.order}"
+            assert seen.slow_open == 2  # slow, over its new share, started no more

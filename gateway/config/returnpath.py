@@ -213,5 +213,6 @@ class ReturnPathSettings(Section):
         8,
         ge=1,
         le=256,
-        description="Webhook deliveries under way at once; one webhook's at most an even share (at least one).",
+        description="Webhook deliveries under way at once; one webhook's at most an even share (at least one),"
+        " which it always has (a reload's added webhook too, the total then over this until older ones end).",
     )

@@ -100,8 +100,9 @@ class WebhookSender:
         self._turn = 0  # which webhook is asked first for deliveries next time (_start)
 
     async def run(self) -> None:
-        """Deliver until cancelled: each delivery its own task, at most `concurrency` under way and at most
-        `share` of them one webhook's; a slot that frees is refilled at once (a delivery never waits for the
+        """Deliver until cancelled: each delivery its own task, each webhook's up to its `share` under way (and
+        at most `concurrency` in all, but for the deliveries started under a larger share before a reload
+        added webhooks, until they end); a slot that frees is refilled at once (a delivery never waits for the
         slowest of those leased with it, and one receiver that never answers, however many events wait for
         it, holds only its share of the slots for its timeout). A removed webhook's deliveries (ended at once,
         no POST) are claimed besides, at most `concurrency` of them under way. Looks again on a wake-up, when
@@ -129,7 +130,7 @@ class WebhookSender:
             await asyncio.gather(*in_flight, return_exceptions=True)
 
     async def round(self) -> int:
-        """Lease what is due (up to `concurrency`, and a removed webhook's up to `concurrency` besides) and
+        """Lease what is due (each webhook up to its share, and a removed webhook's up to `concurrency`) and
         deliver it, waiting for every one; returns how many were leased. (One pass, for tools and tests: `run`
         does not wait for a batch.)"""
         tasks = await self._start(Counter())
@@ -139,19 +140,21 @@ class WebhookSender:
 
     def share(self, webhooks: int) -> int:
         """How many of an instance's `concurrency` slots one webhook's deliveries may hold: an even share,
-        at least one. With no more webhooks than slots the shares add up to at most `concurrency`, so every
-        webhook always has its share free, whatever the others' receivers do; a lone webhook still has every
-        slot. (A fixed small cap would either slow a lone busy webhook or promise nothing once the caps add
-        up to more than `concurrency`.)"""
+        at least one. With no more webhooks than slots the shares add up to at most `concurrency`, and a
+        webhook below its share may always start more (even while deliveries started under a larger share,
+        before a reload added webhooks, still hold slots: the total is then over `concurrency` until they
+        end), so every webhook always has its share free, whatever the others' receivers do; a lone webhook
+        has every slot. The cost: a busy webhook is held to its share even while the others are idle. With
+        more webhooks than slots each has one, at most `concurrency` in all, taken in turn."""
         return max(1, self.concurrency // max(1, webhooks))
 
     async def _start(self, busy: Counter[str]) -> dict[asyncio.Task[None], str]:
-        """Lease due deliveries, up to the free slots, each configured webhook's up to its share less its `busy`
-        ones, and a removed webhook's (no longer configured: ended at once, without a POST, so taking no slot)
-        up to `concurrency` less theirs, and start one task for each. The webhooks are asked in turn from a
-        different one each time: when their shares add up to more than the free slots, none is always last.
-        The removed webhooks' deliveries never wait for the configured ones' backlog (nor for any webhook
-        being configured at all)."""
+        """Lease due deliveries, each configured webhook's up to its share less its `busy` ones, and a removed
+        webhook's (no longer configured: ended at once, without a POST) up to `concurrency` less theirs, and
+        start one task for each. With no more webhooks than slots each webhook gets its room (see `share`);
+        with more, at most the free slots in all, the webhooks asked in turn from a different one each time
+        so that none is always last. The removed webhooks' deliveries never wait for the configured ones'
+        backlog (nor for any webhook being configured at all)."""
         hooks = self.webhooks()
         names = sorted(hooks)
         share = self.share(len(names))
@@ -161,7 +164,10 @@ class WebhookSender:
             turn = self._turn % len(names)
             self._turn += 1
             room = {name: share - busy[name] for name in names[turn:] + names[:turn]}
-        limit = max(0, self.concurrency - (sum(busy.values()) - gone))
+        if len(names) <= self.concurrency:
+            limit = sum(max(0, n) for n in room.values())  # every webhook its room, whatever the total
+        else:
+            limit = max(0, self.concurrency - (sum(busy.values()) - gone))
         removed = max(0, self.concurrency - gone)
         if limit <= 0 and removed <= 0:
             return {}
@@ -191,7 +197,8 @@ class WebhookSender:
 
     async def _idle(self, in_flight: dict[asyncio.Task[None], str]) -> None:
         """Wait for a wake-up (deliveries recorded by this instance), a delivery to end (a slot freed) or
-        poll_interval. Also with every slot taken: a removed webhook's deliveries take no slot."""
+        poll_interval. Also with every slot taken: a reload may add a webhook, which has its share all the
+        same, and a removed webhook's deliveries take no slot."""
         if not in_flight:
             await woken(self.wakeup, self.poll_interval())
             return
