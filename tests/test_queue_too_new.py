@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -78,8 +79,13 @@ def test_migrate_refuses_a_newer_version_that_committed_while_it_waited_for_the_
 async def test_a_queue_found_newer_after_an_outage_at_start_stops_the_process(tmp_path: Path) -> None:
     """The start could not open the queue (queue_unavailable; it serves on); the queue that appears later was
     written by a newer version. Before: QueueTooNew was a SpoolUnavailable at every use (452 for good)."""
+    # `later`, the queue's directory, is a link to a file at the start: the queue cannot be opened. It is then
+    # pointed at a directory holding the newer version's queue in one rename: the gateway's own threads (the
+    # ledger's writer) retry opening it meanwhile, and a directory made first and filled after gave them the
+    # moment to create this version's queue there (the test then failed on its own CREATE TABLE).
+    (tmp_path / "a-file").write_text("")
     later = tmp_path / "later"
-    later.write_text("")  # a file where the queue's directory goes: the start cannot open the queue
+    later.symlink_to(tmp_path / "a-file")
     spool = later / "spool.sqlite3"
     settings = load_settings(None, **gateway_config(tmp_path, delivery={"spool_path": str(spool)}))
     app = App(settings)
@@ -88,9 +94,10 @@ async def test_a_queue_found_newer_after_an_outage_at_start_stops_the_process(tm
     try:
         await asyncio.wait({serving, asyncio.ensure_future(started.wait())}, return_when=asyncio.FIRST_COMPLETED)
         assert not serving.done(), serving.exception()  # the start's outage is not fatal
-        later.unlink()
-        later.mkdir()
-        _newer(spool)
+        (tmp_path / "newer").mkdir()
+        _newer(tmp_path / "newer" / "spool.sqlite3")
+        (tmp_path / "link").symlink_to(tmp_path / "newer")
+        os.replace(tmp_path / "link", later)
         assert app.store is not None
         with pytest.raises(QueueTooNew):
             await app.store.counts(time.time())  # any use of the queue opens it now
