@@ -35,6 +35,7 @@ from gateway.ops.metrics import (
 )
 from gateway.pipeline import Pipeline
 from gateway.smtp.logins import PerLogin
+from gateway.smtp.peers import peer_text
 
 if TYPE_CHECKING:
     from gateway.auth.oauth import OAuthVerifier
@@ -564,8 +565,7 @@ def _b64(value: str) -> bytes | None:
 
 
 def _peer(session: Session) -> str:
-    peer = session.peer
-    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+    return peer_text(session.peer)
 
 
 def _declared_too_large(server: Any, mail_options: list[str]) -> str | None:

@@ -26,6 +26,7 @@ import structlog
 
 from gateway.ops.metrics import TLS_HANDSHAKE_FAILURES
 from gateway.smtp.clienthello import Offer, parse_client_hello
+from gateway.smtp.peers import balancer_text
 from gateway.smtp.tls import PROFILES, Profile
 
 try:
@@ -67,7 +68,8 @@ class HandshakeFailures:
         """`balancer`: the load balancer that relayed the connection (a proxy_protocol listener's), or None."""
         offer = parse_client_hello(head)
         # Behind a balancer, as on every session line (logs.md): which one relayed it.
-        relayed = {"proxy_peer": f"{balancer[0]}:{balancer[1]}"} if isinstance(balancer, tuple) else {}
+        relay = balancer_text(balancer)
+        relayed = {"proxy_peer": relay} if relay is not None else {}
         TLS_HANDSHAKE_FAILURES.labels(listener=listener, offered=offer.version).inc()
         ip, port = (str(peer[0]), peer[1]) if isinstance(peer, tuple) else (str(peer), None)
         if offer.version == "none":

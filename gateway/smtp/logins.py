@@ -23,13 +23,13 @@ from gateway.ops.metrics import (
     LOGIN_REFUSALS,
     TEST_MESSAGES,
 )
+from gateway.smtp.peers import peer_text
 
 log = structlog.get_logger("gateway.smtp")
 
 
 def _peer(session: Session) -> str:
-    peer = session.peer
-    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+    return peer_text(session.peer)
 
 
 def _size(mail_options: list[str]) -> int:

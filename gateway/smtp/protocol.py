@@ -42,6 +42,7 @@ from gateway.ops.metrics import (
 )
 from gateway.smtp.fastinit import MethodTables, init_session
 from gateway.smtp.handshake import ListenerTls, TlsHandshake
+from gateway.smtp.peers import balancer_text, peer_text
 
 log = structlog.get_logger("gateway.smtp")
 # smtp_gateway_messages_total's series, by the first digit of the reply to a message's data.
@@ -379,13 +380,12 @@ class GatewaySMTP(SMTP):
     @property
     def peer(self) -> str:
         peer = self.session.peer if self.session is not None else None
-        return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        return peer_text(peer)
 
     @property
     def proxy_peer(self) -> str | None:
         """Behind a load balancer (proxy_protocol), the one that relayed the session; else None."""
-        balancer = self.transport.get_extra_info("proxy_peer") if self.transport is not None else None
-        return f"{balancer[0]}:{balancer[1]}" if isinstance(balancer, tuple) else None
+        return balancer_text(self.transport.get_extra_info("proxy_peer") if self.transport is not None else None)
 
     async def _handle_client(self) -> None:
         # The session task's own context: every line logged by the session, and by the delivery tasks it
