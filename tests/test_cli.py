@@ -30,6 +30,7 @@ from gateway.config import (
     TlsSettings,
     WebhookSettings,
     load_settings,
+    masked_dump,
 )
 from gateway.config.settings import ApiToken
 from gateway.providers import registry
@@ -122,6 +123,70 @@ def test_a_queue_url_holding_a_password_is_refused_without_echoing_it(tmp_path: 
     assert result.returncode == 2
     assert f"delivery.queue_url: {refusal}" in result.stderr
     assert "pw@" not in result.stderr and "password=pw" not in result.stderr
+
+
+SLASHED = "Zq9SecretMark"  # in a password written into queue_url: never printed
+
+
+@pytest.mark.parametrize(
+    ("url", "refusal"),
+    [
+        # A base64 password holds '/' (about 40 % of `openssl rand -base64` ones): libpq ends the authority
+        # there and reads `user:pass` as host:port, so the password check that cut the URL there let it by,
+        # to be quoted as a port that is no number or a percent-encoded token libpq cannot read...
+        (f"postgresql://gateway:{SLASHED}/xY+2@db.example/gateway", "holds a password"),
+        (f"postgresql://gateway:{SLASHED}%zz/x@db.example/gateway", "holds a password"),
+        # ... or accepted (the port empty or a number, the rest a database name) and printed whole.
+        (f"postgresql://gateway:/{SLASHED}+x@db.example/gateway", "holds a password"),
+        (f"postgresql://gateway:4242/{SLASHED}@db.example/gateway", "holds a password"),
+        # A '?' in the password: libpq reads it as the password all the same (its '@' comes before any '/').
+        (f"postgresql://gateway:{SLASHED}?a=b@db.example/gateway", "holds a password"),
+        # libpq decodes the user part after cutting it at ':': `gateway%3A...` is one user name, a password in it.
+        (f"postgresql://gateway%3A{SLASHED}@db.example/gateway", "holds a percent-encoded ':' (%3A) in its user"),
+        # libpq's own refusals name the problem, not the text it could not read.
+        (f"postgresql://gateway@db.example:{SLASHED}/gateway", "has a port that is not a port number (1-65535)"),
+        (f"postgresql://gateway@db.example/{SLASHED}%zz", "is not a URL libpq can read: invalid percent-encoded"),
+        (f"postgresql://gateway@db.example/gateway?{SLASHED}=1", "is not a URL libpq can read: invalid URI query"),
+        (f"postgresql://gateway@db.example/gateway?{SLASHED}", "is not a URL libpq can read: missing key/value"),
+        (f"postgresql://gateway@db.example/gateway?sslmode={SLASHED}", "sslmode is not one of disable, allow,"),
+    ],
+    ids=[
+        "slash-in-password",
+        "slash-and-percent",
+        "slash-first",
+        "digits-then-slash",
+        "question-mark",
+        "encoded-colon",
+        "port",
+        "percent-token",
+        "query-name",
+        "query-no-value",
+        "sslmode",
+    ],
+)
+def test_a_queue_url_is_refused_without_quoting_any_of_it(tmp_path: Path, url: str, refusal: str) -> None:
+    result = run_cli("check-config", "--config", str(write_config(tmp_path, delivery={"queue_url": url})))
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr
+    assert f"delivery.queue_url: {refusal}" in result.stderr, result.stderr
+    _secrets_absent(result, SLASHED)
+
+
+def test_a_queue_url_is_printed_without_a_user_parts_password() -> None:
+    """Belt and braces: a password the validator missed is not printed by check-config and the console's
+    Configuration page (masked_dump); the rest of the URL is, '@' in its query too."""
+    settings = load_settings(None, listeners=[{"name": "a", "port": 2525}])
+    for url, shown in [
+        (f"postgresql://gw:{SLASHED}/x@db.example/gw", "postgresql://gw@db.example/gw"),
+        (f"postgresql://gw%3A{SLASHED}@db.example/gw", "postgresql://gw@db.example/gw"),
+        (
+            "postgresql://gw@db.example:5432/gw?application_name=a@b",
+            "postgresql://gw@db.example:5432/gw?application_name=a@b",
+        ),
+        ("postgresql:///gw?host=/run/postgresql", "postgresql:///gw?host=/run/postgresql"),
+    ]:
+        delivery = settings.delivery.model_copy(update={"queue_url": url})  # unvalidated, as if it got through
+        dumped = masked_dump(settings.model_copy(update={"delivery": delivery}))
+        assert dumped["delivery"]["queue_url"] == shown
 
 
 def test_check_config_masks_the_query_of_a_jwks_url(tmp_path: Path) -> None:

@@ -288,11 +288,12 @@ def test_an_unreachable_postgresql_queue(tmp_path: Path) -> None:
     [
         (
             "postgresql://gateway@127.0.0.1/gateway?foo=bar",
-            'is not a URL libpq can read: invalid URI query parameter: "foo"',
+            "is not a URL libpq can read: invalid URI query parameter",
         ),
         ("postgresql://[::1", 'is not a URL libpq can read: end of string reached when looking for matching "]"'),
-        ("postgresql://gateway@127.0.0.1:99999/gateway", "port '99999' is not a port number (1-65535)"),
-        ("postgresql://gateway@127.0.0.1/gateway?sslmode=requir", "sslmode 'requir' is not one of disable, allow"),
+        # Named, not quoted: what libpq cannot read is most often a password misplaced (tests/test_cli.py).
+        ("postgresql://gateway@127.0.0.1:99999/gateway", "has a port that is not a port number (1-65535)"),
+        ("postgresql://gateway@127.0.0.1/gateway?sslmode=requir", "sslmode is not one of disable, allow"),
     ],
     ids=["unknown-parameter", "malformed", "port-out-of-range", "unknown-sslmode"],
 )

@@ -8,9 +8,9 @@ import re
 import tomllib
 import urllib.parse
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, PlainSerializer, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -327,6 +327,37 @@ class LimitsSettings(_Section):
         return self
 
 
+_PASSWORD_IN_URL = "holds a password: put it in queue_password (or queue_password_file, or PGPASSWORD)"
+
+
+def _user_parts(url: str) -> tuple[str, ...]:
+    """Every text of the queue's URL that may be its user part (`user:password@`), to be searched for a password.
+    libpq's own: the text before an '@' met before any '/'. And the text before the last '@' ahead of the
+    query: a password may hold '/' (base64 ones often do), where libpq ends the authority and reads
+    `user:pass` as host:port and the rest as the database name, so libpq's rule alone let that password
+    through to the messages and the printed configuration."""
+    rest = url.partition("://")[2]
+    head = re.split(r"[@/]", rest, maxsplit=1)[0]
+    libpq = (head,) if rest[len(head) : len(head) + 1] == "@" else ()
+    return (*libpq, rest.partition("?")[0].rpartition("@")[0])
+
+
+def _shown_queue_url(url: str) -> str:
+    """The queue's URL as check-config and the console print it: without whatever follows the user name in a
+    user part (a password, should one ever get past the validator above). Not the queue's redacted(): it
+    takes the last '@' of the whole URL, one in the query too (`?application_name=a@b`), and mangles the URL."""
+    user = max(_user_parts(url), key=len)
+    if not user:
+        return url
+    scheme, _, rest = url.partition("://")
+    name = re.split(r":|%3[aA]", user, maxsplit=1)[0]
+    return f"{scheme}://{name}{rest[len(user) :]}"
+
+
+# The queue's URL: the value itself for the code, without a password in model_dump(mode="json") (masked_dump).
+ShownQueueUrl = Annotated[str, PlainSerializer(_shown_queue_url, when_used="json")]
+
+
 class DeliverySettings(_Section):
     """How messages reach the upstream: the queue, retries, leases and resends."""
 
@@ -348,7 +379,7 @@ class DeliverySettings(_Section):
         description="Bytes of disk kept free beside the SQLite queue and released only when the disk fills up, so "
         "messages already queued can still be retried and deleted (new ones get 452 4.3.1 until there is room).",
     )
-    queue_url: str = Field(
+    queue_url: ShownQueueUrl = Field(
         "",
         description="A PostgreSQL queue shared by several machines, `postgresql://user@host:5432/db` (no password "
         "in it); empty: the SQLite queue at `spool_path`.",
@@ -410,13 +441,21 @@ class DeliverySettings(_Section):
     def _no_password_in_url(cls, v: str) -> str:
         if v and not v.startswith(("postgresql://", "postgres://")):
             raise ValueError("must be a postgresql:// URL (leave it empty for the SQLite queue at spool_path)")
-        netloc = v.split("://", 1)[-1].split("/", 1)[0]
         # libpq also takes the password as a query parameter (postgresql://u@h/db?password=...), and the client
         # key's passphrase as ?sslpassword=: the URL is printed and logged, so neither may be in it.
         query = urllib.parse.unquote(v.partition("?")[2]).lower()
         names = {p.partition("=")[0].strip() for p in query.split("&")}
-        if ":" in netloc.rpartition("@")[0] or "password" in names:
-            raise ValueError("holds a password: put it in queue_password (or queue_password_file, or PGPASSWORD)")
+        users = _user_parts(v)
+        if any(":" in user for user in users) or "password" in names:
+            raise ValueError(_PASSWORD_IN_URL)
+        if any("%3a" in user.lower() for user in users):
+            # libpq decodes the user part after splitting it at its ':': `gateway%3Asecret@` is the user name
+            # "gateway:secret", no role, and most likely a password written where it does not belong.
+            raise ValueError(
+                "holds a percent-encoded ':' (%3A) in its user name: libpq would take all of it as the user "
+                "name, so it most likely holds a password: put the password in queue_password (or "
+                "queue_password_file, or PGPASSWORD)"
+            )
         if "sslpassword" in names:
             raise ValueError(
                 "holds the client key's passphrase (sslpassword=): give libpq an unencrypted sslkey readable only "
@@ -438,24 +477,38 @@ class DeliverySettings(_Section):
 _SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
 
+# What libpq's URL messages quote that is libpq's own text, not the URL's: `matching "]"`, `separator "="`.
+_LIBPQ_QUOTED = ("]", "=", ":", "/")
+
+
+def _unquoted(reason: str) -> str:
+    """libpq's reason without the URL's text: libpq ends it with the URL, or the part it could not read, in
+    quotes (`invalid percent-encoded token: "..."`), and names a wrong character (`unexpected character "x"`):
+    the refusal names the key and the problem, the text is the operator's and may be a password."""
+    reason = reason.partition(': "')[0].removesuffix(" in URI")
+    reason = re.sub(r'\s*"([^"]*)"', lambda m: m[0] if m[1] in _LIBPQ_QUOTED else "", reason)
+    return reason.strip() or "unreadable"
+
+
 def _conninfo_problem(url: str) -> str | None:
     """What libpq would refuse in the queue's URL, said at config load where the key is named: libpq parses the
     URL only when it connects, and a malformed one, an unknown query parameter, a port out of range or an
-    unknown sslmode came out as psycopg's traceback or as "cannot connect" to a server never tried."""
+    unknown sslmode came out as psycopg's traceback or as "cannot connect" to a server never tried. The
+    problem is named, the text never quoted: a password misplaced in the URL is what libpq most often
+    cannot read (as a port, a percent-encoded token or a query parameter)."""
     import psycopg  # only with a PostgreSQL queue
 
     try:
         info = psycopg.conninfo.conninfo_to_dict(url)
     except psycopg.ProgrammingError as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "unreadable"
-        # libpq repeats the whole URL after its reason: the refusal names the key, the URL is the operator's.
-        return f"is not a URL libpq can read: {reason.partition(' in URI: ')[0]}"
+        return f"is not a URL libpq can read: {_unquoted(reason)}"
     for port in str(info.get("port") or "").split(","):  # one per host: postgresql://h1:5432,h2:5433/db
         if port and not (port.isdigit() and 1 <= int(port) <= 65535):
-            return f"port {port!r} is not a port number (1-65535)"
+            return "has a port that is not a port number (1-65535)"
     sslmode = info.get("sslmode")
     if sslmode is not None and sslmode not in _SSLMODES:
-        return f"sslmode {sslmode!r} is not one of {', '.join(_SSLMODES)}"
+        return f"sslmode is not one of {', '.join(_SSLMODES)}"
     return None
 
 
