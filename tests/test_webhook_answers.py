@@ -13,12 +13,12 @@ import pytest
 from structlog.testing import capture_logs
 
 from gateway.config.returnpath import WebhookSettings
-from gateway.config.urls import MASK
+from gateway.config.urls import MASK, without_url_parts
 from gateway.ledger import render
 from gateway.ledger.backends import open_returns
 from gateway.ledger.model import OutboxRow
 from gateway.ops.metrics import WEBHOOK_DUPLICATES, WEBHOOK_FAILED, WEBHOOK_PENDING
-from gateway.returnpath.webhooks import WebhookSender
+from gateway.returnpath.webhooks import ANSWER_KEPT, WebhookSender
 from gateway.upstream.client import HttpClient, TransportKind
 from tests.test_returnpath_units import T0, Clock, _ledger, _select, _sent
 
@@ -127,6 +127,75 @@ async def test_a_hooks_secret_path_is_in_no_log_line_outbox_row_or_timeline(
         finally:
             await http.aclose()
             await ledger.close()
+
+
+def _page(status: bytes, page: bytes) -> bytes:
+    return b"HTTP/1.1 %s\r\nContent-Type: text/html\r\nContent-Length: %d\r\n\r\n%s" % (status, len(page), page)
+
+
+# Express's default 404 (and a hook whose token was revoked or whose route was removed answers 404) repeats the
+# request's path; the kept text is cut at ANSWER_KEPT, mid-token too; a framework may repeat it lowercased.
+_ECHOES = {
+    "express-404": _page(b"404 Not Found", f"<pre>Cannot POST /hooks/{TOKEN}</pre>".encode()),
+    "cut-mid-token": _page(b"404 Not Found", b"x" * (ANSWER_KEPT - 24) + f" POST /hooks/{TOKEN}".encode()),
+    "lowercased": _page(b"410 Gone", f"route /hooks/{TOKEN.lower()} gone".encode()),
+}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+@pytest.mark.parametrize("echo", list(_ECHOES))
+async def test_an_error_page_that_repeats_the_hooks_path_is_kept_without_it(
+    tmp_path: Path, transport: TransportKind, echo: str
+) -> None:
+    """The answer's text was kept as it came (`HTTP 404: <body>`): the hook's token went into the outbox's
+    last_error, the logs, the timeline and the API. Now its status and its text without the URL's path."""
+    name = f"{echo}-{transport}"
+    ledger = await _ledger(tmp_path)
+    http = HttpClient("", upstream="webhook", account="webhooks", timeout=30.0, transport=transport)
+    async with _receiver(_ECHOES[echo]) as port:
+        try:
+            await _sent(ledger, "M1", "a@example.net", "TX1", T0 - 600)
+            await ledger.write([OutboxRow(name, "ev1", "M1", T0 - 600, T0, "bounced", '{"id": "ev1"}')])
+            hook = WebhookSettings(
+                name=name, url=f"http://127.0.0.1:{port}/hooks/{TOKEN}", secret="s", timeout=5, backoff=1, max_age=60
+            )
+            clock = Clock(T0)
+            sender = WebhookSender(open_returns(ledger), http, "gw-a", lambda: {name: hook}, clock=clock)
+            with capture_logs() as logs:
+                await sender.round()  # retried: logged at warning, kept as last_error
+                [(kept,)] = _select(tmp_path, "SELECT last_error FROM webhook_outbox")
+                clock.t = T0 + 3600.0  # past max_age: failed for good, on the timeline
+                await sender.round()
+            [(state, error)] = _select(tmp_path, "SELECT state, last_error FROM webhook_outbox")
+            [(detail,)] = _select(tmp_path, "SELECT detail FROM ledger_events WHERE kind='webhook_failed'")
+            record = await ledger.get("M1")
+            assert record is not None and state == "failed"
+            shown = (json.dumps(record.to_json()), *render.record(record))
+            for text in (str(kept), str(error), str(detail), *shown, *(repr(line) for line in logs)):
+                # Not the token, nor its first characters (the kept text is cut mid-token).
+                assert TOKEN[:8].lower() not in text.lower(), text
+            assert str(error).startswith(("HTTP 404: ", "HTTP 410: ")) and MASK in str(error), error
+        finally:
+            await http.aclose()
+            await ledger.close()
+
+
+def test_a_hooks_path_query_and_long_segments_are_masked_wherever_they_are_repeated() -> None:
+    url = f"https://hooks.example.net/services/{TOKEN}?sig=Q5ecret77"
+    assert (
+        without_url_parts(f"HTTP 404: Cannot POST /services/{TOKEN}?sig=Q5ecret77", url)
+        == f"HTTP 404: Cannot POST {MASK}"
+    )
+    assert (
+        without_url_parts(f"HTTP 403: {TOKEN} revoked (sig Q5ecret77)", url) == f"HTTP 403: {MASK} revoked (sig {MASK})"
+    )
+    assert without_url_parts("HTTP 404: not%2Dhere", "https://h.example/a%2Dlongish") == "HTTP 404: not%2Dhere"
+    assert without_url_parts("HTTP 404: see /a-longish", "https://h.example/a%2Dlongish") == f"HTTP 404: see {MASK}"
+    assert without_url_parts(f"HTTP 500: at {url} now", url) == f"HTTP 500: at {MASK} now"
+    # Short segments and a URL with no path say nothing: the answer stays readable.
+    assert without_url_parts("HTTP 404: Cannot POST /v1/x", "https://h.example/v1/x") == "HTTP 404: Cannot POST /v1/x"
+    assert without_url_parts("HTTP 502: Bad Gateway", "https://h.example:8443") == "HTTP 502: Bad Gateway"
 
 
 BIG = 2 << 20  # over the client's MAX_RESPONSE (1 MiB)

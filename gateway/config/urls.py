@@ -3,9 +3,10 @@ refuses, and how they are printed. One place, so a URL field added later gets th
 
 from __future__ import annotations
 
+import html
 import re
 from typing import Annotated
-from urllib.parse import SplitResult, urlsplit, urlunsplit
+from urllib.parse import SplitResult, quote, unquote, urlsplit, urlunsplit
 
 from pydantic import PlainSerializer
 
@@ -49,6 +50,42 @@ def without_urls(text: str) -> str:
     the URL they called, and a hook's path or a vendor's query may be its key. For texts that go to the logs,
     the ledger or the API."""
     return _URL_IN_TEXT.sub(lambda found: shown_url(found.group(), path=True), text)
+
+
+# A piece of a URL's path or query this long, repeated in a text, is masked (a hook's token is one); shorter
+# ones ("hooks", "v1") name no secret and keep the text readable.
+SECRET_PIECE = 6
+_PIECE_SEPARATORS = re.compile(r"[/?&=#;]")
+
+
+def without_url_parts(text: str, url: str) -> str:
+    """`text` (a receiver's answer, an HTTP library's error) without `url`'s path, query and fragment, nor any
+    piece of them SECRET_PIECE characters or longer, wherever they appear in it: a server's error page repeats
+    the request's path (Express's 404: `Cannot POST /hooks/<token>`), and a hook's token lives there. In any
+    case, percent-decoded, percent-encoded or HTML-escaped as a page may print them; a piece's beginning
+    that ends the text (kept only up to a length) too. Then every URL in it as without_urls() prints it."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return without_urls(text)
+    tail = url[len(f"{parts.scheme}://{parts.netloc}") :] if parts.scheme else url
+    pieces = {tail, parts.path, parts.query, parts.fragment, *_PIECE_SEPARATORS.split(tail)}
+    if tail:
+        pieces.add(url)
+    variants = {v for p in pieces for v in (p, unquote(p), quote(unquote(p), safe="/"), html.escape(p))}
+    secrets = sorted((v for v in variants if len(v) >= SECRET_PIECE), key=len, reverse=True)
+    if not secrets:
+        return without_urls(text)
+    text = re.sub("|".join(map(re.escape, secrets)), MASK, text, flags=re.IGNORECASE)
+    folded = text.casefold()
+    for secret in secrets:
+        cut = next(
+            (k for k in range(len(secret) - 1, SECRET_PIECE - 1, -1) if folded.endswith(secret[:k].casefold())), 0
+        )
+        if cut:
+            text = text[:-cut] + MASK
+            folded = text.casefold()
+    return without_urls(text)
 
 
 def _shown_with_path(url: str) -> str:

@@ -22,7 +22,7 @@ import structlog
 
 from gateway import __version__
 from gateway.config import WebhookSettings
-from gateway.config.urls import shown_url, without_urls
+from gateway.config.urls import shown_url, without_url_parts, without_urls
 from gateway.core import signature
 from gateway.core.errors import AnswerInvalid, AnswerLost, UpstreamUnavailable
 from gateway.core.events import event_id
@@ -281,6 +281,10 @@ class WebhookSender:
     async def _fail(
         self, d: Delivery, reason: str, error: str, *, hook: WebhookSettings | None = None, final: bool = False
     ) -> None:
+        if hook is not None:
+            # Kept in the outbox, logged, on the timeline and the API: a receiver's error page (and an HTTP
+            # library's error) may repeat the hook's path, where its token lives.
+            error = without_url_parts(error, hook.url)
         now = self.clock()
         attempts = d.attempts + 1
         WEBHOOK_FAILED.labels(webhook=d.webhook, reason=reason).inc()
