@@ -232,6 +232,20 @@ def test_invalid_configuration_is_refused_and_the_running_one_stays(gateway: Run
         assert raw_send(client, message(subject="still here")).startswith("250 2.0.0 ")
 
 
+def test_a_reload_refusing_a_queue_url_with_a_password_quotes_none_of_it(gateway: Running) -> None:
+    """The refusal is logged (config_reload_failed) and shown on the console (config_status): a base64
+    password holding '/' once slipped past the password check to be quoted by libpq's parse as a port."""
+    secret = "Zq9SecretMark"
+    for url in (f"postgresql://gw:{secret}/xY+2@db.example/gw", f"postgresql://gw@db.example:{secret}/gw"):
+        config = config_of(gateway)
+        config["delivery"] = {**config.get("delivery", {}), "queue_url": url}
+        with captured_logs() as logs:
+            assert not reload_with(gateway, config)
+        [failed] = events(logs, "config_reload_failed")
+        assert "delivery.queue_url" in failed["reason"] and secret not in repr(failed)
+        assert gateway.app.config_status.result == "invalid" and secret not in gateway.app.config_status.detail
+
+
 def test_a_certificate_that_does_not_load_refuses_the_whole_reload(gateway: Running, tmp_path: Path) -> None:
     broken = tmp_path / "broken.pem"
     broken.write_text("-----BEGIN CERTIFICATE-----\nnot a certificate\n")
