@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gc
 import logging
 import socket
 import ssl
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -529,3 +531,48 @@ def test_a_bug_in_a_transport_callback_is_logged_once_and_counted(
         monkeypatch.undo()
         stop(running)
         lt.close()
+
+
+@pytest.mark.parametrize(
+    ("listener_name", "quit_first"),
+    [("plain", True), ("plain", False), ("starttls", True), ("implicit", True)],
+)
+def test_an_ended_session_is_freed_without_the_garbage_collector(
+    gateway: Running, monkeypatch: pytest.MonkeyPatch, listener_name: str, quit_first: bool
+) -> None:
+    """A session over (its connection lost, its command loop ended) holds no reference to itself: without
+    GatewaySMTP._unlink its command tables, its writer and its callbacks made each session and its transport,
+    task, reader and writer a reference cycle, freed only by the garbage collector, which then ran for them
+    (3.6 % of a process's CPU with one message per connection, 2.0-2.8 % without these). A TLS client that
+    hangs up without QUIT is not covered: the session's task is cancelled then, and the task keeps its
+    CancelledError, whose traceback holds the session (the collector frees those)."""
+    sessions: list[weakref.ref[GatewaySMTP]] = []
+    made = GatewaySMTP.connection_made
+
+    def record(self: GatewaySMTP, transport: asyncio.BaseTransport) -> None:
+        if not any(ref() is self for ref in sessions):  # STARTTLS: once more for the encrypted session
+            sessions.append(weakref.ref(self))
+        made(self, transport)
+
+    monkeypatch.setattr(GatewaySMTP, "connection_made", record)
+    gc.collect()
+    gc.disable()
+    try:
+        with RawClient(gateway, listener_name) as client:
+            if listener_name == "starttls":
+                client.cmd("EHLO client.test")
+                client.starttls()
+            client.cmd("EHLO client.test")
+            client.login()
+            assert client.cmd(f"MAIL FROM:<{SENDER}>").startswith("250 ")
+            assert client.cmd(f"RCPT TO:<{RECIPIENT}>").startswith("250 ")
+            assert client.cmd("DATA").startswith("354 ")
+            client.write(message(subject="freed") + b".\r\n")
+            assert client.reply()[-1].startswith("250 ")
+            if quit_first:
+                assert client.cmd("QUIT").startswith("221 ")
+        assert len(sessions) == 1
+        wait_for(lambda: sessions[0]() is None, 10, "the ended session freed by its reference count")
+    finally:
+        gc.enable()
+    assert gateway.sent[0]["body"]["asunto"] == "freed"
