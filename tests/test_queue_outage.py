@@ -242,3 +242,33 @@ async def test_an_outage_after_an_exhausted_pool_is_degraded_not_unready(
     finally:
         own_cluster.resume()
         await queue.close()
+
+
+def test_an_answer_the_queue_cannot_take_waits_for_it_under_a_renewed_lease_and_is_sent_once(
+    gateway_factory: Callable[..., Running], own_cluster: PgCluster
+) -> None:
+    """A short outage while a call stored in flight is on the wire: the owner holds the answer and its lease,
+    offers it again until the queue is back, and the message is sent once (it gave up after ~3 s, stopped
+    renewing, and the message was resent after its lease as lease_expired: queue3 F1)."""
+    url = own_cluster.new_database()
+    delivery = {**FAST, "queue_url": url, "inline_budget": 0.5, "lease_seconds": 10.0, "retry_schedule": [0.5]}
+    gw = gateway_factory(delivery=delivery)
+    lost = metric("smtp_gateway_ambiguous_calls_total", account="acme", cause="lease_expired")
+    with structlog.testing.capture_logs() as logs:
+        gw.fault(delay=4.0, count=1, kind="send")  # the call is on the wire for 4 s
+        code, text = send(gw.port(), "outage during the call")
+        assert code == 250, text  # stored in flight after the inline budget, leased to this process
+        own_cluster.halt()
+        wait_for(lambda: events(logs, "queue_settle_failed") or None, 20, "the answer, not recorded")
+        # Longer than the ~3 s the owner used to try for, shorter than the lease.
+        wait_for(lambda: len(events(logs, "queue_lease_renew_failed")) or None, 20, "a heartbeat failing")
+        own_cluster.resume()
+        wait_for(lambda: events(logs, "queue_settle_recorded") or None, 30, "the answer recorded once back")
+    assert len(events(logs, "queue_settle_failed")) == 1  # once for the message, not once per try
+    [recorded] = events(logs, "queue_settle_recorded")
+    assert recorded["stored"] is True and recorded["tries"] >= 2, recorded
+    assert events(logs, "message_delivered")
+    assert not [e for e in events(logs, "delivery_ambiguous") if e.get("cause") == "lease_expired"]
+    assert metric("smtp_gateway_ambiguous_calls_total", account="acme", cause="lease_expired") == lost
+    copies = [r for r in gw.sent if "outage during the call" in str(r["body"])]
+    assert len(copies) == 1

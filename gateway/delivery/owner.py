@@ -56,8 +56,15 @@ from gateway.queue import codec
 from gateway.queue.store import Claimed, KeyTakenOver, NewMessage, QueueStore
 
 log = structlog.get_logger("gateway.delivery")
-# How often an attempt's result is offered to a queue that cannot take it, before it is left to the lease.
-SETTLE_TRIES = 5
+# An attempt's result offered to a queue that cannot take it: again after SETTLE_FIRST_WAIT s, doubling up to
+# SETTLE_MAX_WAIT s, for as long as the process lives (its lease renewed meanwhile: _store_decision).
+SETTLE_FIRST_WAIT = 0.2
+SETTLE_MAX_WAIT = 5.0
+
+
+def settle_backoff(tries: int) -> float:
+    """Seconds to wait after the `tries`-th failed settle: 0.2, 0.4, 0.8, ... capped at SETTLE_MAX_WAIT."""
+    return min(SETTLE_MAX_WAIT, SETTLE_FIRST_WAIT * 2.0 ** min(tries - 1, 16))
 
 
 # Queue ids drawn from the OS's random source 256 at a time (one getrandom call, not one per message): as
@@ -738,18 +745,36 @@ class DeliveryOwner:
         bound: structlog.typing.FilteringBoundLogger,
         outcome: Outcome | None = None,
     ) -> bool:
-        for attempt in range(SETTLE_TRIES):
+        """Store the decision under our token, trying again for as long as the queue cannot take it. The message
+        stays in `held` meanwhile (its caller pops it when this returns), so the heartbeat renews its lease the
+        moment the queue is back: nobody else may claim it while we hold its answer, and giving up early had
+        it resent after its lease (a duplicate counted lease_expired) although this owner held the only token.
+        Ends when stored, when fenced (another owner claimed it: the queue was out longer than the lease, so it
+        was reaped; its resend is then counted lease_expired) or when the task is cancelled at shutdown (the
+        lease is then ended by stop() or runs out, and the next claim counts the calls lease_expired)."""
+        failed_since: float | None = None
+        tries = 0
+        while True:
             try:
                 settled = await self.store.settle(msg_id, token, decision, self.clock())
                 break
             except SpoolUnavailable as exc:
-                error = exc.reason
-                await asyncio.sleep(0.2 * (attempt + 1))
-        else:
-            # The result was only in memory: when the lease expires, the calls this attempt sent count as
-            # ambiguous when the message is claimed again.
-            bound.error("queue_settle_failed", error=error, tries=SETTLE_TRIES, verdict=decision.verdict)
-            return False
+                tries += 1
+                if failed_since is None:  # once per message, not per try
+                    failed_since = time.monotonic()
+                    # The attempt's answer is only in memory: offered again (backoff up to 5 s) while the
+                    # lease is renewed; lost only if the queue stays out past lease_seconds (reaped, resent:
+                    # lease_expired) or the process stops first.
+                    bound.error("queue_settle_failed", error=exc.reason, verdict=decision.verdict)
+                await asyncio.sleep(settle_backoff(tries))
+        if failed_since is not None:
+            # The answer that waited is stored (stored=False: fenced, another owner claimed the message).
+            bound.info(
+                "queue_settle_recorded",
+                tries=tries + 1,
+                failed_for=round(time.monotonic() - failed_since, 1),
+                stored=settled,
+            )
         if not settled:
             bound.warning(
                 "settle_fenced",
