@@ -49,17 +49,23 @@ from gateway.ops.metrics import (
     DELIVERIES,
     FENCED,
     INTERNAL_ERRORS,
+    QUEUE_COMMIT_UNKNOWN,
     QUEUE_STORE_FAILURES,
     RESENDS,
 )
 from gateway.queue import codec
-from gateway.queue.store import Claimed, KeyTakenOver, NewMessage, QueueStore
+from gateway.queue.store import Claimed, CommitUnknown, KeyTakenOver, NewMessage, QueueStore
 
 log = structlog.get_logger("gateway.delivery")
 # An attempt's result offered to a queue that cannot take it: again after SETTLE_FIRST_WAIT s, doubling up to
 # SETTLE_MAX_WAIT s, for as long as the process lives (its lease renewed meanwhile: _store_decision).
 SETTLE_FIRST_WAIT = 0.2
 SETTLE_MAX_WAIT = 5.0
+
+
+# A new message whose insert's COMMIT answer was lost: how often the queue is asked whether it is there before
+# the client is answered (waits of settle_backoff: about 3 s in all; the circuit's probe asks every second).
+LANDED_TRIES = 5
 
 
 def settle_backoff(tries: int) -> float:
@@ -419,7 +425,7 @@ class DeliveryOwner:
         snapshot = set(attempt.started)
         calls = {k: replace(r, state="sending") if k in snapshot else r for k, r in attempt.before.calls.items()}
         decision = Decision("queued", calls, 0, now, None)
-        attempt.token = await self.store.insert(self._new(attempt, decision, inflight=True))
+        attempt.token = await self._insert(self._new(attempt, decision, inflight=True))
         self.held[attempt.msg_id] = attempt.token
         self._start_heartbeat()
         late = attempt.started - snapshot  # handed over while the insert ran
@@ -448,7 +454,7 @@ class DeliveryOwner:
             receipt.reason = decision.last_error
             return first.reply if first is not None else replies.UPSTREAM_UNAVAILABLE
         try:
-            await self.store.insert(self._new(attempt, decision, inflight=False))
+            await self._insert(self._new(attempt, decision, inflight=False))
         except SpoolUnavailable as exc:
             QUEUE_STORE_FAILURES.inc()
             if self._spool_failing.occurred():
@@ -473,6 +479,75 @@ class DeliveryOwner:
                 "message_spooled", queue_id=attempt.msg_id, upstream_ids=_ids(decision), reason=decision.last_error
             )
         return attempt.queued(decision.first_id or attempt.msg_id)
+
+    async def _insert(self, message: NewMessage) -> int:
+        """store.insert, and when its COMMIT's answer was lost (CommitUnknown), whether the message is there:
+        found, it is stored (its token: 1 in flight, 0 queued; the caller goes on as for any insert); not
+        found, SpoolUnavailable (452: nothing was written, the client's resend is no duplicate); the queue not
+        answering within ~3 s, SpoolUnavailable too, and the message is withdrawn once the queue answers (a
+        452'd message left in the queue would be delivered, and the client's resend with it)."""
+        token = 1 if message.inflight_owner is not None else 0
+        try:
+            return await self.store.insert(message)
+        except CommitUnknown as exc:
+            bound = log.bind(queue_id=message.id)
+            landed = await self._landed(message.id)
+            result = "unknown" if landed is None else "stored" if landed else "absent"
+            # The message's insert may or may not have committed: what the queue said when asked again.
+            bound.warning("queue_commit_unknown", result=result, error=exc.reason)
+            if landed:
+                QUEUE_COMMIT_UNKNOWN.labels(result="stored").inc()
+                return token
+            if landed is None:
+                self._spawn(self._withdraw(message.id, token, bound))
+            else:
+                QUEUE_COMMIT_UNKNOWN.labels(result="absent").inc()
+            raise
+
+    async def _landed(self, msg_id: str) -> bool | None:
+        """Whether a message whose insert's COMMIT answer was lost is in the queue; None: the queue did not say."""
+        for tries in range(1, LANDED_TRIES + 1):
+            try:
+                return await self.store.token_of(msg_id) is not None
+            except SpoolUnavailable:
+                if tries < LANDED_TRIES:
+                    await asyncio.sleep(settle_backoff(tries))
+        return None
+
+    async def _withdraw(self, msg_id: str, token: int, bound: structlog.typing.FilteringBoundLogger) -> None:
+        """Delete a message answered 452 whose insert may have committed, once the queue answers, if still ours
+        (its token unchanged: nobody claimed it). Held meanwhile: a message stored in flight is leased to us,
+        and the heartbeat renews that lease as soon as the queue answers, so nobody claims it before this does.
+        The window left: the queue out longer than the lease (in flight) or the message's first retry delay
+        (queued), or the process stopped first (counted: claimed, abandoned)."""
+        self.held.setdefault(msg_id, token)
+        self._start_heartbeat()
+        tries = 0
+        try:
+            while True:
+                try:
+                    result = await self.store.withdraw(msg_id, token)
+                    break
+                except SpoolUnavailable:  # CommitUnknown too: asked again, "absent" then means it was deleted
+                    tries += 1
+                    await asyncio.sleep(settle_backoff(tries))
+        except asyncio.CancelledError:
+            QUEUE_COMMIT_UNKNOWN.labels(result="abandoned").inc()
+            # Stopped before the queue answered: the message, if stored, is delivered after its lease though
+            # its client heard 452.
+            bound.error("queue_commit_unknown_left", result="abandoned")
+            raise
+        finally:
+            self.held.pop(msg_id, None)
+        if result == "claimed":
+            QUEUE_COMMIT_UNKNOWN.labels(result="claimed").inc()
+            # Claimed by another owner before it could be withdrawn: it may be delivered, its client told 452.
+            bound.error("queue_commit_unknown_left", result="claimed")
+        else:
+            # "absent": it never landed, or (queued, its first retry due before the queue answered us) it was
+            # claimed and delivered meanwhile: the window, not told apart.
+            QUEUE_COMMIT_UNKNOWN.labels(result=result).inc()
+            bound.info("queue_commit_withdrawn", found=result == "withdrawn")
 
     def _stored(self) -> None:
         """The queue took a message: an episode of spool_unavailable is over."""
@@ -754,11 +829,16 @@ class DeliveryOwner:
         lease is then ended by stop() or runs out, and the next claim counts the calls lease_expired)."""
         failed_since: float | None = None
         tries = 0
+        unknown = False  # a try's COMMIT answer was lost: it may have landed
         while True:
             try:
                 settled = await self.store.settle(msg_id, token, decision, self.clock())
+                if not settled and unknown and decision.verdict == "delivered":
+                    # A delivered settle deletes the message: gone after a lost COMMIT answer, it was ours.
+                    settled = await self.store.token_of(msg_id) is None
                 break
             except SpoolUnavailable as exc:
+                unknown = unknown or isinstance(exc, CommitUnknown)
                 tries += 1
                 if failed_since is None:  # once per message, not per try
                     failed_since = time.monotonic()

@@ -555,6 +555,18 @@ DNS_RESOLVER_FAILURES = Counter(
     "at most once a minute",
     registry=REGISTRY,
 )
+QUEUE_COMMIT_UNKNOWN = Counter(
+    "smtp_gateway_queue_commit_unknown_total",
+    "New messages whose queue COMMIT's answer was lost (PostgreSQL: the connection cut after the COMMIT went), by "
+    "what they turned out: stored (found: answered as stored), absent (452; not there when asked, or when it was to "
+    "be withdrawn: it never landed, or a queued one was claimed and delivered before the queue answered us), "
+    "withdrawn (could not be told within ~3 s: 452, and deleted once the queue answered), claimed (could not be "
+    "told, and another owner claimed it before it could be deleted: it may be delivered although its client heard "
+    "452, a duplicate if the client resends), abandoned (the process stopped before it could be deleted: the same "
+    "window); logged as queue_commit_unknown",
+    ["result"],
+    registry=REGISTRY,
+)
 QUEUE_STORE_FAILURES = Counter(
     "smtp_gateway_queue_store_failures_total",
     "Messages the queue could not store (locked, read-only, full, unreachable): a message whose inline delivery "

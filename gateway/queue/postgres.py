@@ -62,6 +62,7 @@ from gateway.queue.store import (
     AuthChange,
     Claimed,
     ClaimedRows,
+    CommitUnknown,
     KeyHit,
     KeyTakenOver,
     NewMessage,
@@ -239,11 +240,13 @@ class PostgresQueue:
         if not self._opened:
             await self.open()
         conn = await self._connection()
+        committing = False  # the body is done: an error now is the COMMIT's
         try:
             async with conn.transaction():
                 if statement_timeout is not None:
                     await conn.execute(f"SET LOCAL statement_timeout = {_ms(statement_timeout)}")
                 yield conn
+                committing = True
             if self._slow.active:
                 self._served()
         except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled) as exc:
@@ -254,7 +257,12 @@ class PostgresQueue:
             raise QueueDataRefused(f"queue {self.url}: {type(exc).__name__}: {exc}") from exc
         except (psycopg.Error, OSError) as exc:
             if conn.broken:  # the connection went away under the transaction: so did the database
-                raise self._unreachable(exc) from exc
+                down = self._unreachable(exc)
+                if committing:
+                    # The COMMIT went and no answer came back: the server may have committed. An error the
+                    # server answered to the COMMIT (a connection still whole) is a definite rollback.
+                    raise CommitUnknown(f"{down.reason}; the COMMIT's answer was lost") from exc
+                raise down from exc
             raise SpoolUnavailable(f"queue {self.url}: {type(exc).__name__}: {exc}") from exc
         finally:
             await self._pool.putconn(conn)
@@ -480,6 +488,21 @@ class PostgresQueue:
     @staticmethod
     async def _holds(conn: psycopg.AsyncConnection[DictRow], msg_id: str, token: int) -> bool:
         return await (await conn.execute(SQL.holds, (msg_id, token))).fetchone() is not None
+
+    async def token_of(self, msg_id: str) -> int | None:
+        async with self._tx() as conn:
+            row = await (await conn.execute(SQL.token_of, (msg_id,))).fetchone()
+        return None if row is None else int(row["token"])
+
+    async def withdraw(self, msg_id: str, token: int) -> str:
+        async with self._tx() as conn:
+            row = await (await conn.execute(SQL.token_of, (msg_id,))).fetchone()  # locked: no claim in between
+            if row is None:
+                return "absent"
+            if int(row["token"]) != token:
+                return "claimed"
+            await conn.execute(SQL.delete_message, (msg_id,))
+        return "withdrawn"
 
     async def settle(self, msg_id: str, token: int, d: Decision, now: float) -> bool:
         d = storable_decision(d)

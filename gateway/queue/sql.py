@@ -108,6 +108,8 @@ class Statements:
         )
         self.mark_sending = d("UPDATE calls SET state='sending' WHERE msg_id=? AND key=? AND state='pending'")
         self.delete_message = d("DELETE FROM messages WHERE id=?")
+        # A write whose COMMIT's answer was lost: whether it landed (QueueStore.token_of, withdraw).
+        self.token_of = d(f"SELECT token FROM messages WHERE id=?{d.for_update}")
         self.settle = d(
             "UPDATE messages SET state=?, attempts=?, next_attempt=?, last_error=?, dead_reason=?, dead_at=?,"
             " internal_errors=?, owner=NULL, lease_until=NULL WHERE id=? RETURNING account"

@@ -294,6 +294,29 @@ class SqliteQueue:
             )
         return True
 
+    async def token_of(self, msg_id: str) -> int | None:
+        def run() -> int | None:
+            with self._tx() as db:
+                row = db.execute(SQL.token_of, (msg_id,)).fetchone()
+            return None if row is None else int(row[0])
+
+        return await self._run(run)
+
+    async def withdraw(self, msg_id: str, token: int) -> str:
+        # SQLite's COMMIT is local: its error means not committed (CommitUnknown is PostgreSQL's), so this is
+        # never needed for SQLite's own inserts; here for the interface (and a test's fault injection).
+        def run() -> str:
+            with self._tx() as db:
+                row = db.execute(SQL.token_of, (msg_id,)).fetchone()
+                if row is None:
+                    return "absent"
+                if int(row[0]) != token:
+                    return "claimed"
+                db.execute(SQL.delete_message, (msg_id,))
+            return "withdrawn"
+
+        return await self._run(run)
+
     async def release(self, msg_id: str, token: int, now: float) -> bool:
         def run() -> bool:
             with self._tx() as db:

@@ -32,10 +32,17 @@ from typing import Any, NamedTuple, Protocol
 
 from gateway.core import authcount
 from gateway.core.authcount import Record, Rules
+from gateway.core.errors import QueueUnreachable
 from gateway.core.quota import Counts, Verdict, Window
 from gateway.core.records import CallRow, Decision, DeliveryState
 from gateway.core.storable import storable, storable_decision
 from gateway.queue.health import QueueHealth
+
+
+class CommitUnknown(QueueUnreachable):
+    """The COMMIT was sent and its answer lost (the connection cut after it went: a failover, a proxy restarted,
+    a network cut): the transaction may or may not have committed. Not a failure before the commit, which
+    wrote nothing: the caller of a write whose outcome matters asks the queue (`token_of`) before it answers."""
 
 
 class QueueDataRefused(Exception):
@@ -130,6 +137,19 @@ class QueueStore(Protocol):
 
     async def settle(self, msg_id: str, token: int, decision: Decision, now: float) -> bool:
         """Apply an attempt's decision: delete (delivered), queue again or dead-letter. False: stale token."""
+        ...
+
+    async def token_of(self, msg_id: str) -> int | None:
+        """The message's fencing token now; None: no such message. What tells a write whose COMMIT's answer was
+        lost (CommitUnknown) from one that failed: an insert landed when its row is there with the token it
+        wrote (1 in flight, 0 queued); a settle that deletes (delivered) landed when the row is gone."""
+        ...
+
+    async def withdraw(self, msg_id: str, token: int) -> str:
+        """Delete a message that still carries `token` (nobody claimed it since), with its calls and body: one
+        whose insert's outcome was unknown and whose client was answered 452. "withdrawn" (deleted), "absent"
+        (no such message: the insert never landed, or an earlier withdraw did) or "claimed" (another token:
+        claimed since, it may be sent; left alone)."""
         ...
 
     async def release(self, msg_id: str, token: int, now: float) -> bool:
