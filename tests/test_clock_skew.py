@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import structlog
 
 from gateway.ops.clockskew import CLOCK_OFFSET, ClockWatch
 from gateway.ops.metrics import REGISTRY
+from gateway.queue.sqlite import SqliteQueue
 from tests.harness import Running
 from tests.pgserver import PgCluster
+from tests.queue_contract import new
 from tests.spool_helpers import wait_for
 
 
@@ -54,3 +58,46 @@ def test_a_gateway_measures_its_clock_against_the_queue_database(
     assert 119.0 < (offset_gauge() or 0.0) < 121.0
     [skew] = [e for e in logs if e["event"] == "queue_clock_skew"]
     assert skew["log_level"] == "error" and 119.0 < skew["offset"] < 121.0 and skew["bound"] == 10.0
+
+
+@pytest.mark.asyncio
+async def test_a_wall_clock_step_on_sqlite_renews_and_reaps_no_live_lease(tmp_path: Path) -> None:
+    """SQLite's leases are on the host's wall clock: a forward step of it by more than a lease (NTP's makestep,
+    a VM resumed) made every live lease look expired, and the first claim reaped them before the heartbeats
+    renewed them (queue3 F3). Two processes on one queue file, fake clocks, the wall clock stepped: the
+    process that sees the step renews its own leases and reaps nothing until a heartbeat interval has passed;
+    then a lease nobody renewed (a dead process's) is reaped as before."""
+    path = tmp_path / "queue.db"
+    t0, lease = 1_800_000_000.0, 30.0
+    mono, wall = [100.0], [t0]
+    clocks: dict[str, Any] = {"wall": lambda: wall[0], "monotonic": lambda: mono[0]}
+    a, b = SqliteQueue(path, **clocks), SqliteQueue(path, **clocks)
+
+    def tick(seconds: float, step: float = 0.0) -> float:
+        """Both clocks on by `seconds`, the wall clock by `step` more; the wall clock's now."""
+        mono[0] += seconds
+        wall[0] += seconds + step
+        return wall[0]
+
+    try:
+        await a.insert(new("AAAAAAAAAAAAAAAA", t0, owner="A"))  # live: A's heartbeat renews it
+        await a.insert(new("BBBBBBBBBBBBBBBB", t0, owner="B"))  # B's own
+        await a.insert(new("CCCCCCCCCCCCCCCC", t0, owner="C"))  # a dead process's
+        assert await b.claim("B", "acme", t0, 10, lease) == []  # B's first reading of the wall clock
+        stepped = tick(1.0, step=3600.0)  # one second later by the monotonic clock, an hour by the wall clock
+        with structlog.testing.capture_logs() as logs:
+            assert await b.claim("B", "acme", stepped, 10, lease) == []  # nothing reaped
+        [seen] = [e for e in logs if e["event"] == "queue_clock_stepped"]
+        assert seen["renewed"] == 1 and seen["step"] == 3600.0
+        own = await b.show("BBBBBBBBBBBBBBBB")
+        assert own is not None and own["lease_until"] == stepped + lease  # B's lease renewed at once
+        # A sees the step too: its heartbeat renews its leases onto the stepped clock.
+        now = tick(lease / 3)
+        await a.renew("A", now + lease)
+        assert await b.claim("B", "acme", now, 10, lease) == []  # still within the hold
+        now = tick(lease / 2)  # the hold is over: only the lease nobody renewed is taken over
+        claimed = await b.claim("B", "acme", now, 10, lease)
+        assert [c.id for c in claimed] == ["CCCCCCCCCCCCCCCC"]
+    finally:
+        await a.close()
+        await b.close()

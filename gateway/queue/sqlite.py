@@ -46,6 +46,7 @@ from gateway.queue.store import (
     storable_message,
     woken_in_batches,
 )
+from gateway.queue.wallstep import WallStep
 
 log = structlog.get_logger("gateway.queue.sqlite")
 T = TypeVar("T")
@@ -59,8 +60,19 @@ VACUUM_AT_MOST = 64 * 1024 * 1024
 
 
 class SqliteQueue:
-    def __init__(self, path: Path, *, max_page_count: int | None = None, reserve: int = 0) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_page_count: int | None = None,
+        reserve: int = 0,
+        wall: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.path = path
+        # The host's wall clock stepped (leases are on it): renew ours, reap nobody's for a while (wallstep.py;
+        # `wall`, `monotonic`: the host's clocks, tests give fakes).
+        self._wall = WallStep(wall, monotonic)
         self.url = f"sqlite:///{path}"
         self._max_page_count = max_page_count
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="queue-db")
@@ -222,19 +234,32 @@ class SqliteQueue:
         return stored.token
 
     async def claim(self, owner: str, account: str, now: float, limit: int, lease: float) -> list[Claimed]:
-        return await self._run(self._claim, owner, account, now, limit, lease)
+        # Held for half a lease: more than a heartbeat's interval (a third), so every live sibling has renewed.
+        step = self._wall.seen(hold=lease / 2)
+        if step:
+            renewed = await self._run(self._renew_all, owner, now + lease)
+            # Leases are on this clock: live ones looked expired. Ours renewed now; nobody's reaped meanwhile.
+            log.warning("queue_clock_stepped", step=round(step, 1), renewed=renewed, reap_after=lease / 2)
+        return await self._run(self._claim, owner, account, now, limit, lease, self._wall.may_reap())
 
-    def _claim(self, owner: str, account: str, now: float, limit: int, lease: float) -> list[Claimed]:
+    def _renew_all(self, owner: str, lease_until: float) -> int:
+        with self._tx() as db:
+            return db.execute(SQL.lease, (lease_until, owner)).rowcount
+
+    def _claim(
+        self, owner: str, account: str, now: float, limit: int, lease: float, reap: bool = True
+    ) -> list[Claimed]:
         # Looked for first without the write lock, which every process of the queue waits for: an idle
         # worker's polls never take it (and a process paused while holding it would stop them all).
         db = self.db
         if not (
-            db.execute(SQL.due, (account, now, 1)).fetchone() or db.execute(SQL.reapable, (account, now, 1)).fetchone()
+            db.execute(SQL.due, (account, now, 1)).fetchone()
+            or (reap and db.execute(SQL.reapable, (account, now, 1)).fetchone())
         ):
             return []
         with self._tx() as db:
             rows = db.execute(SQL.due, (account, now, limit)).fetchall()
-            if len(rows) < limit:
+            if reap and len(rows) < limit:
                 rows += db.execute(SQL.reapable, (account, now, limit - len(rows))).fetchall()
             if not rows:
                 return []

@@ -1,0 +1,51 @@
+"""A forward step of this host's wall clock, seen by the SQLite queue (whose leases are on that clock).
+
+SQLite's processes share one machine and so one wall clock: leases, due times and lifetimes are stored in its
+epoch seconds (gateway/queue/sqlite.py), as the callers pass them. A forward step of that clock (NTP's makestep,
+a VM resumed from a snapshot) by lease_seconds or more makes every live lease look expired at once, before the
+heartbeats (every third of the lease) have renewed them under the new time: the first claim after the step
+would reap them all, and their messages' calls, still running, would be resent. PostgreSQL's backend measures
+the host's clock against the database's instead (gateway/core/dbclock.py).
+
+A step is seen at no cost: the host's wall clock minus its monotonic clock moves by the step (a slewing NTP
+moves it by at most 0.5 ms a second). Both are read here, not taken from the caller (whose `now` a test may
+move on purpose). The process that sees it renews its own leases at once and does not reap for a while
+(`hold`), so that its sibling processes, which see the same step, renew theirs first: by their heartbeat
+(renewing to their clock's now, the stepped one) or their own first claim. Pure: both clocks are injectable
+(tests step a fake wall clock; nothing sleeps)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+# Seconds by which the wall clock minus the monotonic clock may move forward between two readings and not count
+# as a step: far above a slew (0.5 ms/s) and a thread's preemption between the two reads, far below a
+# lease (a step shorter than two thirds of a lease cannot reap a lease a heartbeat renewed).
+STEP_TOLERANCE = 1.0
+
+
+class WallStep:
+    """The wall clock's steps as one process sees them (one per queue store)."""
+
+    def __init__(self, wall: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic) -> None:
+        self._wall = wall
+        self._monotonic = monotonic
+        self._base: float | None = None  # the wall clock minus the monotonic clock at the last reading
+        self._reap_from = float("-inf")  # monotonic time from which this process may reap leases again
+
+    def seen(self, hold: float) -> float:
+        """Read the clocks; returns the wall clock's forward step since the last reading (0.0: none, or a
+        backward step, which only makes leases last longer). After a step, reaping waits `hold` seconds."""
+        mono = self._monotonic()
+        base = self._wall() - mono
+        step = 0.0 if self._base is None else base - self._base
+        self._base = base
+        if step <= STEP_TOLERANCE:
+            return 0.0
+        self._reap_from = mono + hold
+        return step
+
+    def may_reap(self) -> bool:
+        """Whether expired leases may be taken over now (no step seen within its hold)."""
+        return self._monotonic() >= self._reap_from
