@@ -203,3 +203,28 @@ def test_a_delivered_settle_whose_commit_answer_was_lost_is_not_called_fenced(
         wait_for(lambda: events(logs, "queue_settle_recorded") or None, 20, "the settle tried again")
     assert cut and events(logs, "queue_settle_recorded")[0]["stored"] is True
     assert events(logs, "message_delivered") and not events(logs, "settle_fenced")
+
+
+def test_a_message_stored_in_flight_whose_commit_is_unknown_is_withdrawn_and_not_sent_again(
+    gateway_factory: Callable[..., Running],
+) -> None:
+    """Past the inline budget the message is stored in flight (its call marked sending): that insert's COMMIT
+    answer lost and the queue silent, the reply is the call's own (here delivered: 250, as when the queue
+    cannot store), and the row, leased to this process meanwhile, is withdrawn once the queue answers: left,
+    its lease would run out and the call be resent (lease_expired)."""
+    gw = gateway_factory(delivery={**FAST, "inline_budget": 0.3, "lease_seconds": 30.0})
+    back = threading.Event()
+    _commit_answer_lost(gw)
+    _queue_silent_until(gw, back)
+    with structlog.testing.capture_logs() as logs:
+        gw.fault(delay=1.0, count=1, kind="send")  # answers after the budget, while the insert is unknown
+        code, text = send(gw.port(), "in flight, commit unknown")
+        assert code == 250, text  # the call's own answer: delivered
+        [unknown] = events(logs, "queue_commit_unknown")
+        assert unknown["result"] == "unknown"
+        assert gw.loop.run(gw.app.store.show(unknown["queue_id"])) is not None  # it had landed, leased to us
+        back.set()
+        wait_for(lambda: events(logs, "queue_commit_withdrawn") or None, 20, "the message withdrawn")
+    assert events(logs, "queue_commit_withdrawn")[0]["found"] is True
+    assert gw.loop.run(gw.app.store.show(unknown["queue_id"])) is None
+    assert len([r for r in gw.sent if "in flight, commit unknown" in str(r["body"])]) == 1
