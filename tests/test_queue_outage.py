@@ -16,6 +16,7 @@ import pytest
 import structlog
 
 from gateway.core.errors import QueueBusy, SpoolUnavailable
+from gateway.delivery import owner as owner_module
 from gateway.delivery.idempotency import KeyBacklog, LateKey
 from gateway.ops.metrics import REGISTRY
 from gateway.queue import postgres
@@ -272,3 +273,34 @@ def test_an_answer_the_queue_cannot_take_waits_for_it_under_a_renewed_lease_and_
     assert metric("smtp_gateway_ambiguous_calls_total", account="acme", cause="lease_expired") == lost
     copies = [r for r in gw.sent if "outage during the call" in str(r["body"])]
     assert len(copies) == 1
+
+
+def test_a_retry_whose_answer_the_queue_refuses_for_a_while_is_recorded_once_it_takes_it(
+    gateway_factory: Callable[..., Running], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The retry worker's path (run_claimed) alike: the settle refused more times than the owner used to try
+    (5), then taken; the message stays held (its lease renewed) and its answer is recorded, not left to the
+    lease (the waits between tries made short for the test)."""
+    monkeypatch.setattr(owner_module, "SETTLE_FIRST_WAIT", 0.01)
+    monkeypatch.setattr(owner_module, "SETTLE_MAX_WAIT", 0.05)
+    gw = gateway_factory(delivery=FAST)
+    store: Any = gw.app.store
+    real = store.settle
+    refused: list[str] = []
+
+    async def settle(msg_id: str, token: int, decision: Any, now: float) -> bool:
+        if len(refused) < 8:
+            refused.append(msg_id)
+            raise SpoolUnavailable("database or disk is full")
+        return bool(await real(msg_id, token, decision, now))
+
+    store.settle = settle  # the inline attempt stores its message with an insert: only the retry settles
+    with structlog.testing.capture_logs() as logs:
+        gw.fault(status=503, count=1)  # queued inline, then delivered by the retry worker
+        assert send(gw.port(), "retry outage")[0] == 250
+        wait_for(lambda: events(logs, "queue_settle_recorded") or None, 20, "the retry's answer recorded")
+    assert len(events(logs, "queue_settle_failed")) == 1
+    [recorded] = events(logs, "queue_settle_recorded")
+    assert recorded["stored"] is True and recorded["tries"] == 9
+    assert events(logs, "message_delivered")
+    assert len([r for r in gw.sent if "retry outage" in str(r["body"])]) == 1
