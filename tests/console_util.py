@@ -9,11 +9,11 @@ from typing import Any
 
 import aiohttp
 
-from gateway.auth.passwords import hash_password
+from tests.configs import hash_for_tests
 from tests.harness import Running
 
 ADMIN, ADMIN_PASSWORD = "alice", "alice-console-password"
-ADMIN_HASH = hash_password(ADMIN_PASSWORD)
+ADMIN_HASH = hash_for_tests(ADMIN_PASSWORD)
 SESSION_SECRET = "console-session-secret-of-the-tests-0123456789"
 _CSRF = re.compile(r'name="csrf" value="([^"]*)"')
 

@@ -716,9 +716,9 @@ async def test_a_cookie_that_is_not_ascii_is_signed_out_not_a_500(gateway_factor
 
 
 async def test_no_page_shows_a_secret(gateway_factory: Callable[..., Running], tmp_path: Any) -> None:
-    from gateway.auth.passwords import hash_password
+    from tests.configs import hash_for_tests
 
-    api_hash = hash_password("api-token-of-the-test")
+    api_hash = hash_for_tests("api-token-of-the-test")
     gw = console_gateway(
         gateway_factory,
         http={"api_tokens": [{"name": "ci", "token_hash": api_hash}]},
@@ -783,15 +783,14 @@ def test_the_console_off_loopback_needs_tls() -> None:
 
 
 async def test_a_reload_ends_the_sessions_of_a_changed_password(gateway_factory: Callable[..., Running]) -> None:
-    from gateway.auth.passwords import hash_password
     from gateway.config import load_settings
-    from tests.configs import gateway_config
+    from tests.configs import gateway_config, hash_for_tests
 
     gw = console_gateway(gateway_factory)
     async with Client(base(gw)) as browser:
         await browser.signin()
         assert (await browser.get("/console/configuration"))[0] == 200
-        new_hash = hash_password("a-new-password")
+        new_hash = hash_for_tests("a-new-password")
         config = gateway_config(
             gw.tmp,
             gw.sandbox.port,

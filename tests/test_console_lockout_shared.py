@@ -10,13 +10,13 @@ from typing import Any
 
 import httpx
 
-from gateway.auth.passwords import hash_password
+from tests.configs import hash_for_tests
 from tests.console_util import ADMIN, ADMIN_PASSWORD, Client, base, console_gateway, csrf
 from tests.harness import PASSWORD, LoopThread, Running, start, stop
 from tests.smtputil import RawClient
 
 TOKEN = "api-token-for-the-tests"
-TOKEN_HASH = hash_password(TOKEN)
+TOKEN_HASH = hash_for_tests(TOKEN)
 LIMITS = {"auth_failures_per_ip": 3, "auth_lockout_failures": 3, "auth_delay_max": 0.0}
 
 

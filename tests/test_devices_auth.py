@@ -7,8 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from gateway.auth.passwords import hash_password
-from tests.configs import listener
+from tests.configs import hash_for_tests, listener
 from tests.devices_util import b64, captured_logs, events, plain_blob, raw_send
 from tests.harness import CAMPAIGNS, PASSWORD, USER, Running
 from tests.smtputil import RawClient, message, send, session
@@ -20,7 +19,7 @@ PASSWORD_PROMPT = "334 " + b64("Password:")
 # its 1001-octet line limit once encoded (RFC 4954 §4 allows 12288).
 LONG_USER = "multifunction-device-" + "x" * 400
 LONG_PASSWORD = "Long-pass-" + "p" * 600 + "!#%"
-LONG_HASH = hash_password(LONG_PASSWORD)
+LONG_HASH = hash_for_tests(LONG_PASSWORD)
 
 
 @pytest.mark.parametrize("command", ["auth login", "AUTH Login", "Auth LOGIN", "aUtH lOgIn"])

@@ -21,17 +21,17 @@ import pytest
 import structlog
 from pydantic import ValidationError
 
-from gateway.auth.passwords import hash_password
 from gateway.config import HttpSettings, load_settings
 from gateway.config.reload import plan_reload
 from gateway.ops.metrics import REGISTRY
 from gateway.smtp.tls import write_self_signed
+from tests.configs import hash_for_tests
 from tests.docs_blocks import doc_blocks
 from tests.harness import Running
 from tests.spool_helpers import send
 
 TOKEN = "api-token-for-the-tests"
-TOKEN_HASH = hash_password(TOKEN)
+TOKEN_HASH = hash_for_tests(TOKEN)
 API = {"port": 0, "api_tokens": [{"name": "ci", "token_hash": TOKEN_HASH}]}
 
 

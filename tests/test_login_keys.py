@@ -12,13 +12,12 @@ from typing import Any
 import pytest
 
 from gateway.auth.credentials import Authenticator, AuthFailed
-from gateway.auth.passwords import hash_password
 from gateway.config import load_settings
 from gateway.providers import registry
 from gateway.providers.base import Provider
 from gateway.providers.dmds.keys import CampaignKeys
 from gateway.providers.dmds.sandbox import DmdsSandbox
-from tests.configs import gateway_config, listener
+from tests.configs import TEST_SCRYPT_N, gateway_config, hash_for_tests, listener
 from tests.devices_util import captured_logs, events, raw_send
 from tests.harness import APIKEY, CAMPAIGNS, PASSWORD, Running, sandbox_for_tests
 from tests.ops_util import sample
@@ -27,7 +26,7 @@ from tests.smtputil import RawClient, message
 Factory = Callable[..., Running]
 ROTATING = "rotating"
 OLD, NEW = "old-password", "new-password"
-OLD_HASH, NEW_HASH = hash_password(OLD), hash_password(NEW)
+OLD_HASH, NEW_HASH = hash_for_tests(OLD), hash_for_tests(NEW)
 
 
 def rotating(*entries: dict[str, Any]) -> dict[str, Any]:
@@ -141,7 +140,7 @@ async def test_a_login_that_does_not_exist_costs_what_a_wrong_password_does(
     finally:
         for provider in built.values():
             await provider.aclose()
-    assert len(work) == 2 and work[0] == work[1] == (2**14, 8, 1)
+    assert len(work) == 2 and work[0] == work[1] == (TEST_SCRYPT_N, 8, 1)
 
 
 # -- DMDS campaign apikeys changed upstream ---------------------------------------------------------------

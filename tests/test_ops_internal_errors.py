@@ -11,9 +11,9 @@ import pytest
 import structlog
 
 from gateway import app as app_module
-from gateway.auth.passwords import hash_password
 from gateway.ops.api import MessageApi
 from gateway.ops.metrics import INTERNAL_ERRORS
+from tests.configs import hash_for_tests
 from tests.harness import Running
 from tests.spool_helpers import wait_for
 
@@ -71,7 +71,7 @@ def test_an_api_handler_bug_is_a_counted_500(
         raise KeyError("a bug in a handler")
 
     monkeypatch.setattr(MessageApi, "search", broken)  # before the routes are installed
-    gw = gateway_factory(http={"port": 0, "api_tokens": [{"name": "ci", "token_hash": hash_password(token)}]})
+    gw = gateway_factory(http={"port": 0, "api_tokens": [{"name": "ci", "token_hash": hash_for_tests(token)}]})
     before = errors("api")
     assert gw.app.operator is not None
     with structlog.testing.capture_logs() as logs:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.auth.passwords import hash_password
 from gateway.config import Settings, preflight
 from gateway.queue import sqlite_schema
+from tests.configs import hash_for_tests
 from tests.procs import ready, spawn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +77,7 @@ sender_domains = {{ "example.com" = "dmds-acme@nl.example.com" }}
 
 [[accounts.acme.users]]
 username = "dev"
-password_hash = "{hash_password("a long random password")}"
+password_hash = "{hash_for_tests("a long random password")}"
 campaign = 22
 
 {_install_delivery_block().replace(STATE, str(state))}

@@ -16,7 +16,7 @@ import pytest
 
 from gateway.config import ConfigError, Settings, load_settings
 from gateway.config.reload import needs_restart, plan_reload
-from tests.configs import gateway_config
+from tests.configs import gateway_config, hash_for_tests
 from tests.devices_util import captured_logs, events, raw_send
 from tests.harness import PASSWORD, PASSWORD_HASH, USER, Running
 from tests.ops_util import sample
@@ -167,13 +167,11 @@ def test_unchanged_accounts_keep_their_provider(gateway: Running) -> None:
 
 
 def test_a_changed_password_takes_effect_at_once(gateway: Running) -> None:
-    from gateway.auth.passwords import hash_password
-
     with RawClient(gateway) as client:
         client.cmd("EHLO cached.test")
         assert client.login().startswith("235 ")  # now in the login cache
     config = config_of(gateway)
-    config["accounts"]["acme"]["users"][0]["password_hash"] = hash_password("a-new-password")
+    config["accounts"]["acme"]["users"][0]["password_hash"] = hash_for_tests("a-new-password")
     assert reload_with(gateway, config)
     with RawClient(gateway) as client:
         client.cmd("EHLO changed.test")
