@@ -12,9 +12,9 @@ from gateway.smtp.tls import write_self_signed
 
 APIKEY = "test-account-apikey"
 USER, PASSWORD = "scanner", "scanner-password"
-# The scrypt cost N of the tests' hashes. The gateway's default (2**14) costs ~40 ms of CPU per verification,
-# and nearly every test verifies one at AUTH (and the console's admin and API token hashes): at 2**10 (~2 ms)
-# the suite spends its CPU on what it tests. Tests about the cost itself (timing parity, the default
+# The scrypt cost N of the tests' hashes. The gateway's default (2**14) costs 40-50 ms of CPU per verification,
+# and nearly every test verifies one at AUTH (and the console's admin and API token hashes): at 2**10 (a
+# sixteenth: 2-3 ms) the suite spends its CPU on what it tests. Tests about the cost itself (timing parity, the default
 # parameters, `hash-password`'s output) hash at the default.
 TEST_SCRYPT_N = 2**10
 
