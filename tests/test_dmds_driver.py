@@ -596,3 +596,97 @@ async def test_each_legs_body_is_built_only_once_its_call_holds_a_connection(mon
     first, repeat = sent["r5@example.com"]
     assert first == repeat and json.loads(repeat)["eeid"] == "e-1"  # the same bytes, joined to the first's batch
     await http.aclose()
+
+
+class SlotsTaken:
+    """A rate limiter that notes how many requests were at the upstream each time a slot was taken."""
+
+    def __init__(self, at_upstream: list[int], wait: float = 0.0) -> None:
+        self.at_upstream, self.wait = at_upstream, wait
+        self.seen: list[int] = []
+
+    async def acquire(self, max_wait: float | None = None) -> None:
+        self.seen.append(self.at_upstream[0])
+        await asyncio.sleep(self.wait)  # the slot's wait
+
+    async def penalize(self, retry_after: float | None) -> None:
+        return None
+
+
+async def test_a_rate_slot_is_taken_only_once_a_connection_is_free() -> None:
+    """Review limits2 F1: calls that took their slots while a slow upstream held every connection went all in
+    the instant a connection freed up (up to max_connections at once, past rate_burst). A slot is taken only
+    once the call holds a connection, so it goes in its slot's moment."""
+    at_upstream = [0]
+    answering = asyncio.Event()
+    answer = asyncio.Event()
+
+    async def upstream(request: httpx.Request) -> httpx.Response:
+        at_upstream[0] += 1
+        answering.set()
+        await answer.wait()  # a slow answer holds the one connection
+        at_upstream[0] -= 1
+        return httpx.Response(200, json={"status": "ok", "sent": 1, "eeid": "e-1"})
+
+    base = "https://api-dmds-acme.example"
+    account = DmdsAccount(dmdsid="acme", api_base=base, apikey="the-key")  # type: ignore[arg-type]
+    http = HttpClient(
+        base, upstream="DMDS", account="acme", timeout=5.0, max_connections=1, transport=httpx.MockTransport(upstream)
+    )
+    limiter = SlotsTaken(at_upstream)
+    provider = DmdsProvider("acme", account, http, limiter)
+    sub = submission(ONE)
+    first = asyncio.create_task(provider.send_leg(sub, ONE[0], None))
+    await answering.wait()
+    others = [asyncio.create_task(provider.send_leg(sub, ONE[0], None)) for _ in range(3)]
+    for _ in range(20):  # the others run up to their first real wait (no I/O before it)
+        await asyncio.sleep(0)
+    assert limiter.seen == [0], "calls waiting for the connection took rate slots"
+    answer.set()
+    await asyncio.gather(first, *others)
+    await http.aclose()
+    assert limiter.seen == [0, 0, 0, 0]  # each slot taken with no other request at the upstream
+
+
+async def test_a_call_behind_others_rate_slots_waits_for_the_rate_not_the_pool_timeout() -> None:
+    """A connection held while its call waits for its rate slot is held by the rate: a call waiting for it past
+    the pool timeout is not 'no free connection' (it waited for the rate before, with slots taken first)."""
+    at_upstream = [0]
+    http = HttpClient(
+        "https://api.example",
+        upstream="DMDS",
+        account="acme",
+        timeout=0.1,
+        max_connections=1,
+        transport=httpx.MockTransport(lambda r: httpx.Response(200)),
+    )
+    slow = SlotsTaken(at_upstream, wait=0.4)  # the slot is 4 pool timeouts away
+    first = asyncio.create_task(http.request("version", "GET", "/v", headers={}, limiter=slow))
+    second = asyncio.create_task(http.request("version", "GET", "/v", headers={}))
+    assert [(await first).status, (await second).status] == [200, 200]
+    await http.aclose()
+
+
+async def test_every_connection_busy_sending_past_the_pool_timeout_is_not_sent() -> None:
+    stuck, sending = asyncio.Event(), asyncio.Event()
+
+    async def upstream(request: httpx.Request) -> httpx.Response:
+        sending.set()
+        await stuck.wait()
+        return httpx.Response(200)
+
+    http = HttpClient(
+        "https://api.example",
+        upstream="DMDS",
+        account="acme",
+        timeout=0.1,
+        max_connections=1,
+        transport=httpx.MockTransport(upstream),
+    )
+    first = asyncio.create_task(http.request("version", "GET", "/v", headers={}, timeout=30.0))
+    await sending.wait()
+    with pytest.raises(UpstreamUnavailable, match="no free connection"):
+        await http.request("version", "GET", "/v", headers={}, limiter=SlotsTaken([0]))
+    stuck.set()
+    await first
+    await http.aclose()

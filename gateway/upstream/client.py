@@ -12,7 +12,11 @@ bounded as a whole (gateway.upstream.upload): an upstream that stops reading can
 
 A request waits for one of the account's `max_connections` first (here, not inside the transport), so
 that its `before_send` (the delivery owner's fencing check) runs after every wait and right before the
-request is written.
+request is written. It takes its rate limit slot (`limiter`) only then, holding the connection: a slot is a
+moment, and slots taken by calls still waiting for a connection (a slow upstream holding them all) would
+be spent together the instant connections free up, up to `max_connections` requests at once, far past
+`rate_burst`. Holding a connection while waiting for the slot costs nothing the rate does not already
+impose: at most `max_connections` calls wait for slots at once, and each goes within its slot's moment.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from gateway.core.errors import AnswerInvalid, AnswerLost, AnswerTooLarge, Upstr
 from gateway.mime import jsonbody
 from gateway.ops.metrics import OUTBOUND_SECONDS, UPSTREAM_SECONDS
 from gateway.upstream.aiohttp_transport import AiohttpTransport, NotHttp, OverLimit, slices
+from gateway.upstream.ratelimit import RateLimiter
 from gateway.upstream.response import HttpResponse
 from gateway.upstream.upload import Upload
 
@@ -91,6 +96,8 @@ class HttpClient:
         self._metrics: dict[tuple[str, str], Histogram] = {}
         # One per connection of the pool: a request holding one never waits inside the transport.
         self._connections = asyncio.Semaphore(max_connections)
+        # How many holders of a connection are waiting for their rate slot (not sending): see _connection().
+        self._for_slot = 0
         # Each path's URL parsed once (httpx parses a string URL for every request); bounded, in case a path
         # carries ids.
         self._urls: dict[str, httpx.URL] = {}
@@ -106,6 +113,7 @@ class HttpClient:
         before_send: Callable[[], Awaitable[None]] | None = None,
         timeout: float | None = None,
         keep: int | None = None,
+        limiter: RateLimiter | None = None,
     ) -> HttpResponse:
         """One call; `endpoint` is a short stable name for metrics ("send_one", "login", ...). A `Body` (a JSON
         body with large blobs) is streamed from its pieces, with its Content-Length. `before_send` runs once
@@ -114,27 +122,43 @@ class HttpClient:
         waiting for a connection (one per recipient) hold at most as many bodies as there are connections.
         `timeout`: this call's (the client's otherwise). `keep`: only the answer body's first `keep` bytes
         are read and returned, the rest never (for a caller that needs its status and a few words of it: a
-        big body is then no AnswerTooLarge)."""
+        big body is then no AnswerTooLarge). `limiter`: the account's rate limit, whose slot is taken once the
+        connection is free (before `before_send`); what it raises (RateLimited), the request does not send."""
         limits = self._timeout if timeout is None else self.timeouts(timeout)
-        if not self._connections.locked():
-            await self._connections.acquire()  # free: no timer needed
-        else:
-            started = time.perf_counter()
-            try:
-                async with asyncio.timeout(limits["pool"]):
-                    await self._connections.acquire()
-            except TimeoutError:
-                self._observe(endpoint, "not_sent", time.perf_counter() - started)
-                raise UpstreamUnavailable(
-                    f"{self.upstream}: no free connection within {limits['pool']:g}s, request not sent"
-                ) from None
+        await self._connection(endpoint, limits["pool"])
         try:
+            if limiter is not None:
+                self._for_slot += 1
+                try:
+                    await limiter.acquire()
+                finally:
+                    self._for_slot -= 1
             if before_send is not None:
                 await before_send()
             body = content() if callable(content) else content
             return await self._send(endpoint, method, path, headers, body, limits, keep)
         finally:
             self._connections.release()
+
+    async def _connection(self, endpoint: str, pool: float) -> None:
+        """One of the connections, or UpstreamUnavailable when every one stayed busy sending for `pool`
+        seconds. A wait behind holders waiting for their rate slots is the rate's, as long as the rate makes
+        it (it was, when calls took their slots before a connection): the timer then starts again."""
+        if not self._connections.locked():
+            await self._connections.acquire()  # free: no timer needed
+            return
+        started = time.perf_counter()
+        while True:
+            try:
+                async with asyncio.timeout(pool):
+                    await self._connections.acquire()
+                return
+            except TimeoutError:
+                if not self._for_slot:
+                    self._observe(endpoint, "not_sent", time.perf_counter() - started)
+                    raise UpstreamUnavailable(
+                        f"{self.upstream}: no free connection within {pool:g}s, request not sent"
+                    ) from None
 
     async def _send(
         self,

@@ -46,10 +46,11 @@ async def check_account(provider: DengageProvider) -> AccountCheck:
     login = CallCheck(f"POST {w['login']}")
     report.calls.append(login)
     body = orjson.dumps(wire.login_body(settings.api_userkey, settings.api_password))
-    await provider.limiter.acquire()
     _, token = await probe(
         login,
-        lambda: provider.http.request("login", "POST", str(w["login"]), headers=JSON, content=body),
+        lambda: provider.http.request(
+            "login", "POST", str(w["login"]), headers=JSON, content=body, limiter=provider.limiter
+        ),
         wire.login_token,
     )
     if login.status is not None and login.status < 300 and token is None:
@@ -85,9 +86,10 @@ async def _check_froms(
     settings, w = provider.settings, wire.WIRE
     froms = CallCheck(f"GET {w['froms']}")
     report.calls.append(froms)
-    await provider.limiter.acquire()
     answered, identities = await probe(
-        froms, lambda: provider.http.request("froms", "GET", str(w["froms"]), headers=headers), wire.from_identities
+        froms,
+        lambda: provider.http.request("froms", "GET", str(w["froms"]), headers=headers, limiter=provider.limiter),
+        wire.from_identities,
     )
     if not answered or identities is None:
         froms.recognised = False if froms.status is not None and froms.status < 300 else None
@@ -135,11 +137,10 @@ async def _check_report(provider: DengageProvider, report: AccountCheck, headers
             raise UpstreamUnavailable(f"dEngage refused the report query: {exc.reason}") from None
         return eventwire.read_report(data, provider.account, tz, size, 0, reading)
 
-    await provider.limiter.acquire()
     await probe_return_path(
         report,
         call,
-        lambda: provider.http.request("report", "GET", path, headers=headers),
+        lambda: provider.http.request("report", "GET", path, headers=headers, limiter=provider.limiter),
         read,
         "REPORT_WIRE['report'], ['since'], ['until'], ['limit'], ['offset'] or REPORT_ANSWERS['rows']",
         EVENTWIRE_FILE,

@@ -96,13 +96,13 @@ class DengageProvider(ProviderBase[DengageAccount]):
         """The API user's userkey + password, checked by a real POST /rest/login (the core caches it)."""
         if not self.owns_login(username):
             return None
-        await self.limiter.acquire()
         response = await self.http.request(
             "login",
             "POST",
             str(wire.WIRE["login"]),
             headers=JSON,
             content=orjson.dumps(wire.login_body(username, password)),
+            limiter=self.limiter,
         )
         try:
             wire.login_token(response)
@@ -337,11 +337,11 @@ class DengageProvider(ProviderBase[DengageAccount]):
         same token) and repeats the call once. A 429 slows the account's rate limiter."""
         for attempt in (1, 2):
             token = await self.tokens.get()
-            await self.limiter.acquire()
             headers = {**JSON, "Authorization": f"Bearer {token}", **(extra or {})}
-            # `sending` (the fencing check) runs after the waits for the token, the limiter and a connection.
+            # `sending` (the fencing check) runs after the waits for the token, a connection and the limiter's
+            # slot (taken once the connection is free: gateway/upstream/client.py).
             response = await self.http.request(
-                endpoint, method, path, headers=headers, content=content, before_send=sending
+                endpoint, method, path, headers=headers, content=content, before_send=sending, limiter=self.limiter
             )
             try:
                 return parse(response)

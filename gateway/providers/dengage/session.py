@@ -70,11 +70,10 @@ class TokenSource:
 
     async def _log_in(self) -> str:
         try:
-            await self._limiter.acquire()
-            sent = self._clock()
+            sent = self._clock()  # before the waits for a connection and a slot: the token's age errs older
             self.logins += 1
             response = await self._http.request(
-                "login", "POST", str(wire.WIRE["login"]), headers=JSON, content=self._body
+                "login", "POST", str(wire.WIRE["login"]), headers=JSON, content=self._body, limiter=self._limiter
             )
             token = wire.login_token(response)
         except Deferred as exc:

@@ -54,13 +54,13 @@ class DmdsEvents:
     async def page(self, since: float, until: float, number: int) -> EventPage:
         size = self.settings.events.page_size
         body = orjson.dumps(eventwire.events_body(since, until, number, size, self.tz))
-        await self.limiter.acquire()
         response = await self.http.request(
             "ver_eventos",
             eventwire.EVENT_WIRE["events_method"],
             eventwire.EVENT_WIRE["events"],
             headers=self.headers,
             content=body,
+            limiter=self.limiter,
         )
         reading = Reading()
         page = eventwire.read_events(response, self.account, self.tz, size, number, reading)
@@ -71,9 +71,8 @@ class DmdsEvents:
         return page
 
     async def invalid(self) -> list[str]:
-        await self.limiter.acquire()
         response = await self.http.request(
-            "contactos_invalidos", "GET", eventwire.EVENT_WIRE["invalid"], headers=self.headers
+            "contactos_invalidos", "GET", eventwire.EVENT_WIRE["invalid"], headers=self.headers, limiter=self.limiter
         )
         return eventwire.read_contacts(response)
 
@@ -82,7 +81,6 @@ class DmdsEvents:
         return await self._whitelist.get(key, lambda: self._look_up(key))
 
     async def _look_up(self, address: str) -> Fresh[bool]:
-        await self.limiter.acquire()
         path = eventwire.EVENT_WIRE["whitelist"].format(email=address)
-        response = await self.http.request("whitelist", "GET", path, headers=self.headers)
+        response = await self.http.request("whitelist", "GET", path, headers=self.headers, limiter=self.limiter)
         return Fresh(eventwire.read_whitelisted(response, address), WHITELIST_TTL)

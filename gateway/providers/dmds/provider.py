@@ -294,8 +294,6 @@ class DmdsProvider(ProviderBase[DmdsAccount]):
             # submission, leg and batch give the same bytes at each try (a repeat after a crash or a lost lease).
             return jsonbody.encode(wire.build_payload(submission, leg, batch))
 
-        await self.limiter.acquire()
-
         async def sending() -> None:  # once a connection is free too: right before the request goes
             await before_send((leg.key,))
 
@@ -306,6 +304,7 @@ class DmdsProvider(ProviderBase[DmdsAccount]):
             headers=self._headers,
             content=content,
             before_send=sending,
+            limiter=self.limiter,  # its slot once a connection is free (gateway/upstream/client.py)
         )
         try:
             result = wire.classify(response)
