@@ -14,7 +14,7 @@ from structlog.testing import capture_logs
 
 from gateway.config import LimitsSettings
 from gateway.core import tokenbucket
-from gateway.core.errors import RateLimited, SpoolUnavailable
+from gateway.core.errors import PoolExhausted, QueueBusy, QueueUnreachable, RateLimited, SpoolUnavailable
 from gateway.limits.clients import LoginRates
 from gateway.upstream.ratelimit import SharedBucket, TokenBucket
 from gateway.upstream.response import MAX_RETRY_AFTER, MIN_RETRY_AFTER, HttpResponse
@@ -196,6 +196,29 @@ async def test_callers_waiting_together_share_one_trip_to_the_store() -> None:
     trips.clear()
     await asyncio.gather(*(limiter.acquire() for _ in range(3)))  # none left waiting for an answer
     assert sum(trips) == 3
+
+
+@pytest.mark.parametrize("busy", [QueueBusy("queue: busy: lock_timeout"), PoolExhausted("queue: busy: pool")])
+async def test_a_busy_store_defers_the_call_and_only_an_unreachable_one_falls_back(busy: QueueBusy) -> None:
+    """Review limits2 F2: the local bucket is the fallback while the store is unreachable only. A store that
+    answers but is busy defers the call (as the queue's own calls are): falling back on each such failure let
+    a process send up to rate_burst at once on top of the shared rate."""
+    failure: SpoolUnavailable = busy
+
+    async def slots(account: str, count: int, interval: float, burst: int, recovery: float) -> list[float]:
+        raise failure
+
+    limiter = SharedBucket(slots, _no_pause, 10.0, 3, account="acme")
+    with capture_logs() as logs:
+        for _ in range(5):  # the local bucket's burst is 3: a fall-back would let them through
+            with pytest.raises(type(busy)):
+                await limiter.acquire()
+        await limiter.penalize(None)
+    assert not [e for e in logs if e["event"] == "rate_limit_store_unavailable"]  # busy is no outage
+    failure = QueueUnreachable("queue: database unreachable")
+    with capture_logs() as logs:
+        await limiter.acquire()  # this process's own bucket serves
+    assert [e["event"] for e in logs] == ["rate_limit_store_unavailable"]
 
 
 def _slots(bucket: TokenBucket) -> Callable[[str, int, float, int, float], Awaitable[list[float]]]:

@@ -21,7 +21,7 @@ import structlog
 
 from gateway.core import tokenbucket
 from gateway.core.episode import Episode
-from gateway.core.errors import Deferred, RateLimited
+from gateway.core.errors import Deferred, QueueBusy, RateLimited
 from gateway.ops.metrics import RATE_LIMIT_WAIT
 from gateway.upstream.response import MAX_RETRY_AFTER, MIN_RETRY_AFTER, bounded
 
@@ -128,7 +128,10 @@ PauseFn = Callable[[str, float, float], Awaitable[None]]
 class SharedBucket:
     """One bucket for every process and instance on the same queue: the queue store keeps its state
     (a row per account), so N instances together stay under the upstream's limit. When the store
-    cannot be reached, this process falls back to its own bucket rather than stop sending.
+    cannot be reached, this process falls back to its own bucket rather than stop sending. When it answers
+    but is busy (QueueBusy: a lock or statement timeout, every pooled connection in use), the call is
+    deferred instead: the store is back in moments, and each such failure falling back would let this
+    process send up to `rate_burst` at once on top of the shared rate, on every instance at once.
 
     This process's callers share their trips to the store: those that ask while one is under way are served
     together by the next, which takes as many slots as they are in one transaction. A deep backlog then costs
@@ -152,6 +155,10 @@ class SharedBucket:
         while True:
             try:
                 wait = await self._slot()
+            except QueueBusy as exc:
+                # Deferred as any call the queue cannot serve now (the store logs its busy episode); a fresh
+                # error each, for the callers of one trip to the store share its exception.
+                raise type(exc)(exc.reason) from None
             except Deferred as exc:
                 self._unavailable(exc)
                 await self._local.acquire(max_wait)
@@ -197,6 +204,8 @@ class SharedBucket:
         try:
             # The local bucket's penalize logged a capped pause already.
             await self._pause(self._account, pause_for(retry_after), self._recovery)
+        except QueueBusy:
+            pass  # the store is there: not an outage to announce; this process's bucket is paused all the same
         except Deferred as exc:
             self._unavailable(exc)
 
