@@ -149,6 +149,25 @@ def test_login_rates_token_bucket() -> None:
     assert all(unlimited.take("a") == 0 for _ in range(1000))
 
 
+def test_a_reload_keeps_what_each_login_used_of_its_burst() -> None:
+    """Review limits2 F3: a reload that cut messages_per_minute refilled every login's burst (the buckets were
+    cleared), the flooding login's first. Each login keeps what it used, counted in the new interval."""
+    clock = Clock()
+    rates = LoginRates(LimitsSettings(messages_per_minute=600, message_burst=3), clock)
+    assert [rates.take("flood") for _ in range(3)] == [0, 0, 0]  # its burst spent
+    assert rates.take("calm") == 0  # one of three
+    rates.configure(LimitsSettings(messages_per_minute=60, message_burst=3))  # cut to one a second
+    assert rates.take("flood") == pytest.approx(1.0)  # still spent: the next token one new interval away
+    assert [rates.take("calm") for _ in range(2)] == [0, 0]  # the two it had left, no more
+    assert rates.take("calm") == pytest.approx(1.0)
+    rates.configure(LimitsSettings(messages_per_minute=60, message_burst=1))  # the burst alone cut
+    assert rates.take("flood") == pytest.approx(3.0)  # three tokens used, one at a time now
+    clock.now += 3
+    assert rates.take("flood") == 0
+    rates.configure(LimitsSettings())  # unlimited
+    assert all(rates.take("flood") == 0 for _ in range(10))
+
+
 def test_log_sampler() -> None:
     clock = Clock()
     sampler = LogSampler(interval=60, max_keys=10, clock=clock)

@@ -383,12 +383,24 @@ class LoginRates:
         self.limits = limits
 
     def configure(self, limits: LimitsSettings) -> None:
-        if (limits.messages_per_minute, limits.message_burst) != (
-            self.limits.messages_per_minute,
-            self.limits.message_burst,
-        ):
-            self._buckets.clear()
+        """New rules (a reload). Each login keeps what it has used of its burst: clearing the buckets would
+        refill every login's burst, the flooding one's too, the moment its `messages_per_minute` is cut. A
+        bucket's tat is `used` intervals ahead of now; with a new interval it is the same `used` intervals
+        ahead (a changed burst then counts them against the new one)."""
+        old, new = self.limits.messages_per_minute, limits.messages_per_minute
         self.limits = limits
+        if old == new:
+            return  # the burst alone changed: the same tats, measured against the new burst
+        if old <= 0 or new <= 0:
+            self._buckets.clear()  # no interval to carry over (unlimited before) or nothing to take (after)
+            return
+        now = self._clock()
+        old_interval, new_interval = 60.0 / old, 60.0 / new
+        for login, tat in self._buckets.items():
+            # Whole intervals stay whole (rounded at a nanosecond's precision): a float's last bits must not
+            # make a token still due when the next is free (take() refuses any wait above 0).
+            used = round((tat - now) / old_interval, 9)
+            self._buckets.put(login, now + used * new_interval, used * new_interval)
 
     def take(self, login: str) -> float:
         """Take one message's token: 0.0, or the seconds until one is free (nothing taken)."""
