@@ -117,11 +117,17 @@ class TinyProvider(ProviderBase[TinyAccount]):
             "Content-Type": "application/json",
             "Idempotency-Key": TinyParams.read(submission.params).ref,
         }
-        await self.limiter.acquire()
-        await before_send(("all",))
-        return classify(
-            await self.http.request("send", "POST", "/tiny/v1/send", headers=headers, content=orjson.dumps(body))
+        # The limiter's slot is taken once a connection is free, and before_send runs right before the request.
+        response = await self.http.request(
+            "send",
+            "POST",
+            "/tiny/v1/send",
+            headers=headers,
+            content=orjson.dumps(body),
+            before_send=lambda: before_send(("all",)),
+            limiter=self.limiter,
         )
+        return classify(response)
 
 
 def install(sandbox: Sandbox) -> None:
