@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import structlog
 from aiohttp import web
 
@@ -78,6 +79,23 @@ def test_hold_policy_dead_letters_instead_of_resending(gateway_factory: Callable
     assert code == 250
     [dead] = wait_for(lambda: spool_rows(gw.settings.delivery.spool_path, "dead"), what="held")
     assert dead["dead_reason"].startswith("held") and "queue requeue" in dead["dead_reason"]
+    assert gw.sent == []
+
+
+@pytest.mark.parametrize("status", [500, 502, 504])
+def test_a_5xx_after_sending_is_ambiguous_and_held(gateway_factory: Callable[..., Running], status: int) -> None:
+    """The upstream's own 500, or a proxy's 502/504 after it forwarded the call: the mail may be out, so the
+    call is counted ambiguous and held under ambiguous = "hold", never resent as if not sent (vendors3 F3)."""
+    gw = gateway_factory(delivery={**FAST, "ambiguous": "hold"})
+    before = metric("smtp_gateway_ambiguous_calls_total", account="acme", cause="answer_lost")
+    gw.fault(status=status, count=1, kind="send")
+    with structlog.testing.capture_logs() as logs:
+        code, _ = send(gw.port(), "held after a 5xx")
+        assert code == 250
+        [dead] = wait_for(lambda: spool_rows(gw.settings.delivery.spool_path, "dead"), what="held")
+    assert dead["dead_reason"].startswith("held")
+    assert metric("smtp_gateway_ambiguous_calls_total", account="acme", cause="answer_lost") == before + 1
+    assert any(e["event"] == "delivery_ambiguous" for e in logs)
     assert gw.sent == []
 
 

@@ -24,7 +24,7 @@ from gateway.core.errors import (
 from gateway.core.model import Submission
 from gateway.mime import jsonbody, text_to_html
 from gateway.providers.dengage.data import DengageParams
-from gateway.upstream.response import HttpResponse
+from gateway.upstream.response import AMBIGUOUS_STATUSES, HttpResponse
 from gateway.upstream.shape import Reading, number
 from gateway.upstream.shape import keys as answer_keys
 
@@ -505,6 +505,13 @@ def send_result(response: HttpResponse) -> SendResult:
 
     HTTP 200 with a non-zero `code` is a failure, never a success [C]: a refusal carrying dEngage's
     message (every code, known or not, refuses: none is documented as temporary)."""
+    if response.status in AMBIGUOUS_STATUSES:
+        # Sent, and whatever failed (dEngage itself, or a proxy that forwarded it) may have failed after the
+        # mail went: resending may deliver a second copy (counted, held under ambiguous = "hold"). Only the
+        # send: a read-only call's 5xx stays check_status' plain "temporary".
+        raise AnswerLost(
+            f"dEngage answered {response.status} to the send: it may have been sent ({_excerpt(response)})"
+        )
     data = check_status(response, "the send")
     if not isinstance(data, dict):
         # It answered, but nothing says whether it sent: the ambiguous case, like a lost answer.

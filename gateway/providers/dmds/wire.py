@@ -13,7 +13,7 @@ from gateway.core.model import Address, Submission
 from gateway.mime import jsonbody
 from gateway.providers.dmds.data import DmdsParams
 from gateway.providers.dmds.legs import Leg
-from gateway.upstream.response import HttpResponse
+from gateway.upstream.response import AMBIGUOUS_STATUSES, HttpResponse
 from gateway.upstream.shape import Reading, keys, number
 
 # Every wire name in one table, tagged as in shared/upstream-apis.md:
@@ -217,6 +217,10 @@ def classify(response: HttpResponse) -> SendResult:
     key_refused(response, "the send")
     if status == 429:
         raise RateLimited("DMDS rate limit (429)", retry_after=response.retry_after(time.time()))
+    if status in AMBIGUOUS_STATUSES:
+        # Sent, and whatever failed (DMDS itself, or a proxy that forwarded it) may have failed after the mail
+        # went: resending may deliver a second copy (counted, held under ambiguous = "hold").
+        raise AnswerLost(f"DMDS answered {status} to the send: it may have been sent ({excerpt(response)})")
     if status >= 500:
         raise UpstreamUnavailable(f"DMDS answered {status}")
     redirect(response, "the send")
