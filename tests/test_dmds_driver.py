@@ -702,3 +702,47 @@ async def test_a_503_or_429_says_the_send_was_not_taken(status: int) -> None:
     with pytest.raises(UpstreamUnavailable) as info:
         await d.send(submission(ONE), ONE[0], None)
     assert not isinstance(info.value, AnswerLost)
+
+
+# campania_apikey's answer shape is [S]/[I]: one without DMDS' `status` is never "no such campaign" (535 cached
+# for the right key, 554 Unknown campaign) (review vendors3 F1).
+@pytest.mark.parametrize(
+    ("body", "key"),
+    [
+        ({"camp_apikey": "k22"}, "k22"),  # a key under a known name: taken
+        ({"apikey": "k22", "numid": 22}, "k22"),
+        ({"numid": 22}, UpstreamUnavailable),  # no status, no key: nothing the gateway can read
+        ({"the_key": "k22"}, UpstreamUnavailable),  # the key under another name
+        ("k22", UpstreamUnavailable),  # a bare JSON string: the key or an error's text, cannot be told
+        (["k22"], UpstreamUnavailable),
+        ({"status": "err", "on": "campana inexistente"}, None),  # DMDS' own word: no such campaign
+    ],
+)
+async def test_campaign_apikey_without_a_status_is_never_no_such_campaign(body: object, key: object) -> None:
+    d = driver(lambda r: httpx.Response(200, json=body))
+    if isinstance(key, type):
+        with pytest.raises(key, match=r"shape|status"):
+            await d.provider.campaign_apikey(22)
+    else:
+        assert await d.provider.campaign_apikey(22) == key
+
+
+async def test_smtp_api_login_is_deferred_not_refused_for_an_answer_of_unknown_shape() -> None:
+    d = driver(lambda r: httpx.Response(200, json={"the_key": "k22"}))
+    with pytest.raises(UpstreamUnavailable):
+        await d.provider.verify_login("acme-22", "k22")
+    ok = driver(lambda r: httpx.Response(200, json={"camp_apikey": "k22"}))
+    assert await ok.provider.verify_login("acme-22", "k22") is not None
+
+
+async def test_check_upstream_says_a_campaign_apikey_answer_has_an_unknown_shape() -> None:
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/version/":
+            return httpx.Response(200, json={"status": "ok", "version": "1.5"})
+        if request.url.path == "/v1/campania/":
+            return httpx.Response(200, json={"status": "ok", "campanias": [{"numid": 22, "tipo": "api"}]})
+        return httpx.Response(200, json="k22")
+
+    report = await check_account(driver(answer, campaigns=[22]).provider)
+    fixes = " ".join(report.fixes)
+    assert "shape the gateway does not know" in fixes and "create it as an API campaign" not in fixes

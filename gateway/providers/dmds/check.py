@@ -95,9 +95,10 @@ async def check_account(provider: DmdsProvider) -> AccountCheck:
         elif lookup.status is not None and lookup.status < 300:
             lookup.recognised = False
             report.fixes.append(
-                f"campania_apikey answered for campaign {numid} without an apikey under any name the gateway "
-                f"knows (keys not expected: {', '.join(lookup.unexpected) or 'none'}): add the name to "
-                f"ANSWERS['apikey'] in {WIRE_FILE}"
+                f"campania_apikey answered for campaign {numid} in a shape the gateway does not know "
+                f"({lookup.problem}; keys not expected: {', '.join(lookup.unexpected) or 'none'}): logins of "
+                f"this campaign are deferred (454), never refused; add the key's or the status' name to "
+                f"ANSWERS['apikey'] or ANSWERS['status'] in {WIRE_FILE}"
             )
         else:
             report.fixes.append(f"campaign {numid}: {lookup.problem}")

@@ -302,11 +302,22 @@ def campaign_apikey(response: HttpResponse, reading: Reading | None = None) -> s
         raise UpstreamUnavailable("campania_apikey answer is not JSON")
     reading = reading if reading is not None else Reading()
     if not isinstance(data, dict):
-        return None
+        # A bare string, a list, a number: the answer's shape is [S]/[I] and this is not it. A string may be
+        # the key or an error's text; neither can be told, so nothing is refused for it (docs/unconfirmed.md).
+        raise UpstreamUnavailable(f"campania_apikey answered with a shape the gateway does not know ({_shape(data)})")
     fields = reading.fields(data, {k: ANSWERS[k] for k in ("status", "apikey", "numid", "reason")}, known=["id"])
-    if str(fields.get("status") or "").lower() != "ok":
+    status, key = fields.get("status"), fields.get("apikey")
+    if status is None:
+        # No DMDS `status`: a key under a known name says the campaign has one (taken); without one, the answer
+        # says nothing the gateway can read, never "no such campaign" (a 535 cached for a right password).
+        if isinstance(key, (str, int)) and not isinstance(key, bool) and str(key).strip():
+            return str(key).strip()
+        raise UpstreamUnavailable(
+            f"campania_apikey answered without a status or an apikey the gateway recognises ({reading.describe()})"
+        )
+    if str(status).lower() != "ok":
         return None
-    if not fields.get("apikey"):
+    if not key:
         # "ok" and no key under any known name: a spelling the gateway does not know, not a missing campaign
         # (refusing every login of that campaign for good would be the wrong guess's cost).
         raise UpstreamUnavailable(
