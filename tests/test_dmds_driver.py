@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -471,8 +472,9 @@ async def test_check_upstream_reads_the_return_paths_calls_when_events_are_enabl
     d = driver(return_path(ok, seen), seen, events={"enabled": True})
     report = await check_account(d.provider)
     assert report.ok, report.fixes
-    assert [c.call for c in report.calls][-3:] == [
+    assert [c.call for c in report.calls][-4:] == [
         "GET /v1/ver_eventos/ (the last hour)",
+        "GET /v1/ver_eventos/ (pagina 1 and 0: how pages are numbered)",
         "GET /v1/contactos/invalidos/",
         "GET /v1/whitelist/check-upstream@example.com",
     ]
@@ -746,3 +748,98 @@ async def test_check_upstream_says_a_campaign_apikey_answer_has_an_unknown_shape
     report = await check_account(driver(answer, campaigns=[22]).provider)
     fixes = " ".join(report.fixes)
     assert "shape the gateway does not know" in fixes and "create it as an API campaign" not in fixes
+
+
+# ver_eventos' `pagina` from 0 or from 1, and pages shorter than asked: nothing is skipped (review vendors3 F2, F4).
+def paged_dmds(rows: int, *, first: int, cap: int = 1000, clamp: bool = False, ignore_page: bool = False) -> Handler:
+    """A DMDS whose window holds `rows` events, numbering its pages from `first`, answering at most `cap` rows
+    a page (fewer than asked), answering pagina=0 as page 1 when counting from 1 (`clamp`, else nothing), or
+    the first page whatever `pagina` says (`ignore_page`)."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(time.time() - 60))
+    events = [
+        {"evento": "view", "email": f"u{i}@example.com", "timestamp": stamp, "id": f"ev-{i}"} for i in range(rows)
+    ]
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        size = min(body["cantidad"], cap)
+        index = 0 if ignore_page else body["pagina"] - first
+        if index < 0:
+            index = 0 if clamp else -1
+        chunk = events[index * size : (index + 1) * size] if index >= 0 else []
+        return httpx.Response(200, json={"status": "ok", "eventos": chunk})
+
+    return answer
+
+
+async def read_window(source: Any, since: float, until: float) -> list[str]:
+    """Every page of one window, as the poller reads it (gateway/returnpath/poller.py)."""
+    addresses: list[str] = []
+    number = 0
+    while True:
+        page = await source.page(since, until, number)
+        addresses.extend(e.address for e in page.events)
+        if not page.more:
+            return addresses
+        number += 1
+        assert number < 100, "the window never ends"
+
+
+@pytest.mark.parametrize(
+    ("rows", "first", "cap", "clamp"),
+    [
+        (3, 0, 1000, False),  # fewer than a page, counted from 0: pagina=1 is empty
+        (250, 0, 1000, False),  # more than a page, counted from 0: pagina=1 is the second page
+        (250, 1, 1000, False),  # counted from 1, pagina=0 answered with nothing
+        (250, 1, 1000, True),  # counted from 1, pagina=0 answered as pagina=1
+        (250, 1, 40, False),  # pages shorter than asked (100): a short page ends nothing
+        (250, 0, 40, False),
+        (3, 1, 1000, False),
+    ],
+)
+async def test_every_event_of_a_window_is_read_in_either_numbering(
+    rows: int, first: int, cap: int, clamp: bool
+) -> None:
+    d = driver(paged_dmds(rows, first=first, cap=cap, clamp=clamp), events={"enabled": True})
+    source = d.provider.event_source()
+    now = time.time()
+    with capture_logs() as logs:
+        got = await read_window(source, now - 3600, now)
+        again = await read_window(source, now - 3600, now)  # the numbering is known: asked one way only
+    assert sorted(got) == sorted(again) == sorted(f"u{i}@example.com" for i in range(rows))
+    assert [e["first"] for e in logs if e["event"] == "dmds_events_page_numbering"] == [first]
+
+
+async def test_the_first_window_without_events_decides_nothing_and_the_next_one_does() -> None:
+    seen: list[httpx.Request] = []
+    empty = driver(lambda r: httpx.Response(200, json={"status": "ok", "eventos": []}), seen, events={"enabled": True})
+    now = time.time()
+    assert await read_window(empty.provider.event_source(), now - 3600, now) == []
+    assert [json.loads(r.content)["pagina"] for r in seen] == [1, 0]
+
+
+async def test_a_dmds_that_ignores_pagina_ends_the_window_once_a_page_repeats() -> None:
+    d = driver(paged_dmds(30, first=1, ignore_page=True), events={"enabled": True})
+    now = time.time()
+    with capture_logs() as logs:
+        got = await read_window(d.provider.event_source(), now - 3600, now)
+    assert sorted(set(got)) == sorted(f"u{i}@example.com" for i in range(30))
+    assert [e["event"] for e in logs].count("dmds_events_page_repeated") == 1
+
+
+@pytest.mark.parametrize(("first", "said"), [(0, "pagina counts from 0"), (1, "pagina counts from 1")])
+async def test_check_upstream_reports_how_ver_eventos_numbers_its_pages(first: int, said: str) -> None:
+    events = paged_dmds(5, first=first)
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/ver_eventos/":
+            return events(request)
+        if request.url.path.startswith("/v1/whitelist/"):
+            return httpx.Response(200, json={"status": "ok", "msg": "x not whitelisted"})
+        if request.url.path == "/v1/contactos/invalidos/":
+            return httpx.Response(200, json={"status": "ok", "contactos": []})
+        return httpx.Response(200, json={"status": "ok", "version": "1.5", "campanias": []})
+
+    report = await check_account(driver(answer, events={"enabled": True}).provider)
+    numbering = next(c for c in report.calls if "how pages are numbered" in c.call)
+    assert numbering.read == said and numbering.ok

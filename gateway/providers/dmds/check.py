@@ -10,9 +10,11 @@ from typing import TYPE_CHECKING
 
 import orjson
 
+from gateway.core.errors import Deferred
 from gateway.core.events import zone
 from gateway.providers.checks import AccountCheck, CallCheck, not_reached, probe, probe_return_path
 from gateway.providers.dmds import eventwire, wire
+from gateway.providers.dmds.events import DmdsEvents
 from gateway.upstream.response import HttpResponse
 from gateway.upstream.shape import Reading
 
@@ -143,6 +145,32 @@ async def _check_return_path(provider: DmdsProvider, report: AccountCheck) -> No
     ]
     for call, send, parse, names in checks:
         await probe_return_path(report, call, send, parse, names, EVENTWIRE_FILE)
+        if call is checks[0][0] and call.ok:
+            await _check_numbering(provider, report, until)
+
+
+async def _check_numbering(provider: DmdsProvider, report: AccountCheck, until: float) -> None:
+    """How ver_eventos numbers its pages (`pagina` from 1 or from 0: [I]), as the poller finds out: the last
+    hour's pagina=1 and pagina=0 compared. Nothing to fix either way (the poller adapts); an hour without
+    events cannot tell."""
+    ew = eventwire.EVENT_WIRE
+    call = CallCheck(f"{ew['events_method']} {ew['events']} (pagina 1 and 0: how pages are numbered)")
+    report.calls.append(call)
+    source = provider.event_source()
+    if not isinstance(source, DmdsEvents):  # events off: not asked (the caller checks)
+        return
+    try:
+        first, _, _ = await source.first_page(until - 3600, until)
+    except Deferred as exc:
+        call.failed(exc)
+        report.fixes.append(f"{call.call}: {call.problem}")
+        return
+    call.reached, call.authenticated, call.recognised = True, True, True
+    call.read = (
+        f"pagina counts from {first}"
+        if first is not None
+        else "cannot tell: the last hour has no events (the poller asks both until a window has some)"
+    )
 
 
 def _lookup(provider: DmdsProvider, numid: int) -> Callable[[], Awaitable[HttpResponse]]:

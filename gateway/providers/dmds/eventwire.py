@@ -24,14 +24,14 @@ EVENT_WIRE = {
     "events_method": "GET",  # [I]
     "since": "desde",  # [I]
     "until": "hasta",  # [I]
-    "page": "pagina",  # [V] numeric, from 1 [I]
+    "page": "pagina",  # [V] numeric; from 1 or from 0 [I]: events.py finds out (FIRST_PAGE, first_page)
     "size": "cantidad",  # [V] numeric, at least 10 [V]
     "datetime": "%Y-%m-%d %H:%M:%S",  # [I] the contact events show 2020-10-15T08:25:11 [S]
     "batch": "/v1/eeid/{eeid}",  # [S] path; [V] "the eeid ... can be queried later with a GET": one batch's events
     "invalid": "/v1/contactos/invalidos/",  # [V] GET: the contacts invalidated by bounces or complaints
     "whitelist": "/v1/whitelist/{email}",  # [S] method `whitelist` (GET checks, POST adds, DELETE removes); path [I]
 }
-FIRST_PAGE = 1  # [I] `pagina` counts from 1
+FIRST_PAGE = 1  # [I] `pagina` counts from 1 until an answer shows it counts from 0 (first_page)
 
 # The answers' key names (first match wins, letter case ignored).
 EVENT_ANSWERS: dict[str, tuple[str, ...]] = {
@@ -74,13 +74,15 @@ EVENT_TYPES: Mapping[str, EventType] = {
 }
 
 
-def events_body(since: float, until: float, page: int, size: int, tz: tzinfo) -> dict[str, Any]:
-    """The JSON body of one `ver_eventos` page (`page` from 0; DMDS counts from FIRST_PAGE)."""
+def events_body(
+    since: float, until: float, page: int, size: int, tz: tzinfo, first: int = FIRST_PAGE
+) -> dict[str, Any]:
+    """The JSON body of one `ver_eventos` page (`page` from 0; DMDS counts from `first`)."""
     fmt = EVENT_WIRE["datetime"]
     return {
         EVENT_WIRE["since"]: vendor_stamp(since, tz, fmt),
         EVENT_WIRE["until"]: vendor_stamp(until, tz, fmt),
-        EVENT_WIRE["page"]: page + FIRST_PAGE,
+        EVENT_WIRE["page"]: page + first,
         EVENT_WIRE["size"]: size,
     }
 
@@ -107,11 +109,19 @@ def _check(response: HttpResponse, what: str) -> Any:
 
 
 def read_events(
-    response: HttpResponse, account: str, tz: tzinfo, size: int, number: int = 0, reading: Reading | None = None
+    response: HttpResponse,
+    account: str,
+    tz: tzinfo,
+    size: int,
+    number: int = 0,
+    reading: Reading | None = None,
+    before: int | None = None,
 ) -> EventPage:
     """Page `number` (from 0) of `ver_eventos`: its events in the gateway's words. Rows without an address or a
-    time are unreadable; names no table maps are counted by name. Another page follows when this one is full,
-    or when the answer's total says so."""
+    time are unreadable; names no table maps are counted by name. Another page may follow any page with rows:
+    DMDS may answer fewer rows than asked (`cantidad` is [V] "at least 10", its ceiling unknown), so a short
+    page ends nothing; an empty page, or the answer's total reached by the `before` rows of the window's
+    earlier pages (known for page 0, and when the reader counted them), does."""
     reading = reading if reading is not None else Reading()
     data = _check(response, "ver_eventos")
     rows = data if isinstance(data, list) else reading.first(data, "events", EVENT_ANSWERS["events"])
@@ -124,7 +134,9 @@ def read_events(
     if not isinstance(rows, list):
         raise UpstreamUnavailable("DMDS answered ver_eventos without a list of events")
     count = number_of(data)
-    page = EventPage(more=len(rows) >= size if count is None else (number + 1) * size < count)
+    before = 0 if number == 0 else before
+    more = bool(rows) and (count is None or before is None or before + len(rows) < count)
+    page = EventPage(more=more)
     table = {k: v for k, v in EVENT_ANSWERS.items() if k in ("type", "address", "time", "eeid", "id", "detail")}
     for row in rows:
         if not isinstance(row, dict):
@@ -178,3 +190,42 @@ def _dmds_json(response: HttpResponse) -> bool:
 def number_of(data: Any) -> int | None:
     """The window's count of events, when the answer says it."""
     return number(Reading().first(data, "total", EVENT_ANSWERS["total"])) if isinstance(data, dict) else None
+
+
+def rows_in(page: EventPage) -> int:
+    """How many rows a page held: its events, its unreadable rows and those of unknown names."""
+    return len(page.events) + page.unreadable + sum(page.unknown.values())
+
+
+def row_ids(page: EventPage) -> frozenset[object]:
+    """A page's rows by their stable ids, to tell two answers apart (the same rows, or others)."""
+    return frozenset([*(e.id for e in page.events), *page.unreadable_ids, *page.unknown_ids])
+
+
+def first_page(one: EventPage, zero: EventPage | None) -> int | None:
+    """The number DMDS gives a window's first page, from its answers to `pagina` 1 and 0 for the same window
+    (`zero` None: pagina=0 was refused, so DMDS counts from 1); None while they cannot tell (both empty).
+    A DMDS counting from 1 answers pagina=0 with nothing or with page 1 again (a clamp); one counting from 0
+    answers it with rows that pagina=1 (its second page) does not have."""
+    if zero is None:
+        return 1
+    ones, zeros = row_ids(one), row_ids(zero)
+    if not zeros:
+        return 1 if ones else None
+    return 1 if zeros == ones else 0
+
+
+def refused(response: HttpResponse) -> bool:
+    """Whether an answer refuses the request's parameters (a 4xx but 401, 403 and 429, or DMDS' own status
+    other than ok in a 2xx): pagina=0 refused, where pagina=1 of the same window was answered, says `pagina`
+    counts from 1. The account's failures and a rate limit say nothing of it."""
+    if 400 <= response.status < 500 and response.status not in (401, 403, 429):
+        return True
+    if 200 <= response.status < 300:
+        try:
+            data = response.json()
+        except ValueError:
+            return False
+        state = Reading().first(data, "status", EVENT_ANSWERS["status"]) if isinstance(data, dict) else None
+        return state is not None and str(state).lower() not in ("ok", "success")
+    return False
