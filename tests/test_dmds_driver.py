@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
@@ -843,3 +844,16 @@ async def test_check_upstream_reports_how_ver_eventos_numbers_its_pages(first: i
     report = await check_account(driver(answer, events={"enabled": True}).provider)
     numbering = next(c for c in report.calls if "how pages are numbered" in c.call)
     assert numbering.read == said and numbering.ok
+
+
+@pytest.mark.parametrize("address", ["a#b@example.com", "a?b@example.com", "a/b@example.com", "a%2Fb@example.com"])
+async def test_whitelist_check_asks_about_the_whole_address(address: str) -> None:
+    """`#`, `?`, `/` and `%` are legal in a local part: percent-encoded in the path (review vendors3 F5)."""
+    seen: list[httpx.Request] = []
+    ok = httpx.Response(200, json={"status": "ok", "msg": f"{address} whitelisted"})
+    contacts = driver(lambda r: ok, seen, events={"enabled": True}).provider.contacts()
+    assert contacts is not None and await contacts.whitelisted(address)
+    [request] = seen
+    raw = request.url.raw_path.decode()
+    assert raw.startswith("/v1/whitelist/") and "?" not in raw
+    assert urllib.parse.unquote(raw.removeprefix("/v1/whitelist/")) == address.lower()

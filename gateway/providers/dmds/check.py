@@ -138,7 +138,7 @@ async def _check_return_path(provider: DmdsProvider, report: AccountCheck) -> No
         ),
         (
             CallCheck(f"GET {ew['whitelist'].format(email=CHECKED_ADDRESS)}"),
-            lambda: provider.get("whitelist", ew["whitelist"].format(email=CHECKED_ADDRESS)),
+            lambda: provider.get("whitelist", eventwire.whitelist_path(CHECKED_ADDRESS)),
             lambda r, reading: eventwire.read_whitelisted(r, CHECKED_ADDRESS),
             "EVENT_WIRE['whitelist'] or EVENT_ANSWERS['message']",
         ),

@@ -156,6 +156,6 @@ class DmdsEvents:
         return await self._whitelist.get(key, lambda: self._look_up(key))
 
     async def _look_up(self, address: str) -> Fresh[bool]:
-        path = eventwire.EVENT_WIRE["whitelist"].format(email=address)
+        path = eventwire.whitelist_path(address)
         response = await self.http.request("whitelist", "GET", path, headers=self.headers, limiter=self.limiter)
         return Fresh(eventwire.read_whitelisted(response, address), WHITELIST_TTL)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import tzinfo
 from typing import Any
+from urllib.parse import quote
 
 from gateway.core.errors import RateLimited, UpstreamUnavailable
 from gateway.core.events import EventPage, EventType, add_event, add_unreadable, vendor_stamp
@@ -160,6 +161,12 @@ def read_contacts(response: HttpResponse, reading: Reading | None = None) -> lis
         if isinstance(value, str) and "@" in value:
             out.append(value.strip())
     return out
+
+
+def whitelist_path(address: str) -> str:
+    """The whitelist check's path for `address`, percent-encoded: `#`, `?`, `/` and `%` are legal in a local
+    part (RFC 5321 atext) and would cut the path short or change it (DMDS asked about another resource)."""
+    return EVENT_WIRE["whitelist"].format(email=quote(address, safe="@"))
 
 
 def read_whitelisted(response: HttpResponse, address: str) -> bool:
