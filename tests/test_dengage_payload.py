@@ -148,6 +148,10 @@ def answer(status: int, body: Any = None, headers: dict[str, str] | None = None)
         # Letter case ignored (an ASP.NET serialiser writes PascalCase or camelCase).
         ({"Code": 0, "Data": {"TransactionalIds": ["t-10"], "GroupId": "g-10"}}, "t-10", "g-10"),
         ({"code": 0, "data": {"transactionalids": [{"Email": ANN, "TransactionalId": "t-11"}]}}, "t-11", None),
+        # Never the recipient's address, nor a value under a key no table names (review vendors3 F6): no id.
+        ({"code": 0, "data": {"transactionalIds": [{"email": ANN, "trackingNo": "T-1"}]}}, "", None),
+        ({"code": 0, "data": {"transactionalIds": [ANN]}}, "", None),
+        ({"code": 0, "data": {"transactionId": ANN, "groupId": "g-12"}}, "", "g-12"),
     ],
 )
 def test_send_answers_give_the_recipient_id(body: dict[str, Any], upstream_id: str, group: str | None) -> None:

@@ -470,9 +470,12 @@ def _failure_code(data: dict[str, Any]) -> int | None:
 
 def _ids(value: Any) -> Iterator[str]:
     """Id strings in a value: a string or a number (a numeric id is kept as its digits), a list of them or of
-    objects, or an object of them."""
+    objects, or an object of them. Never an address (any value with '@': the id keys are [I], and an object's
+    `email` is the recipient, not its id), and from an object only its known id keys (ID_KEYS) or the
+    recipient -> id mapping ({"<address>": "<id>"}); else none, as an answer without an id."""
     if isinstance(value, str) and value:
-        yield value
+        if "@" not in value:
+            yield value
     elif isinstance(value, int) and not isinstance(value, bool):
         yield str(value)
     elif isinstance(value, float) and value.is_integer():
@@ -486,8 +489,8 @@ def _ids(value: Any) -> Iterator[str]:
             if found is not None:
                 yield from _ids(found)
                 return
-        for item in value.values():  # {"<recipient>": "<id>"}
-            if not isinstance(item, (list, dict)):
+        for name, item in value.items():  # {"<recipient>": "<id>"}: keyed by the address
+            if isinstance(name, str) and "@" in name and not isinstance(item, (list, dict)):
                 yield from _ids(item)
 
 
@@ -528,7 +531,9 @@ def send_result(response: HttpResponse) -> SendResult:
     if not upstream_id:
         # Only a `code` 0 or an id says the call was taken. An empty id list says no recipient was; an answer
         # with neither ({"message": "Subject cannot be empty"}) says nothing: both ambiguous, resent, counted.
-        empty = next((key for place in places for key in ID_KEYS if field_of(place, key) is not None), None)
+        # (An id list with entries none of which is an id the gateway takes, an address, is not empty: the
+        # call was taken, and the reply falls back to the local queue id, logged once.)
+        empty = next((key for place in places for key in ID_KEYS if field_of(place, key) in ([], {}, "")), None)
         if empty is not None:
             raise AnswerLost(f"dEngage answered {response.status} with an empty {empty} ({answer_keys(data)})")
         if field_of(data, "code") is None and group_id is None:
