@@ -240,6 +240,16 @@ def test_a_503_or_429_says_it_was_not_taken(status: int) -> None:
     assert not isinstance(info.value, AnswerLost)
 
 
+def test_a_refusal_without_dengages_words_is_not_quoted_in_the_reply() -> None:
+    """dEngage's JSON 4xx with none of the message keys: a generic reply, the body in the log only (as DMDS)
+    (review vendors3 F7)."""
+    with pytest.raises(UpstreamRejected) as info:
+        wire.send_result(answer(400, {"internalTrace": "at Dengage.Api.Controllers.Send(...) line 42"}))
+    assert "Dengage.Api" not in info.value.reply.text and "HTTP 400" in info.value.reply.text
+    assert "Dengage.Api" in info.value.reason  # for the log
+    assert info.value.reply.code == 554
+
+
 def test_a_page_that_is_not_dengages_answer_never_reaches_a_reply() -> None:
     for status in (400, 403, 407, 408, 421):
         with pytest.raises(UpstreamUnavailable) as info:

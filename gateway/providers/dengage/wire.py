@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from email.utils import parseaddr
 from typing import Any
 
+from gateway.core import replies
 from gateway.core.errors import (
     AnswerLost,
     RateLimited,
@@ -391,7 +392,14 @@ def check_status(response: HttpResponse, what: str, *, quote_body: bool = True) 
             f"{_excerpt(response)}"
         )
     if status >= 400:
-        raise UpstreamRejected(upstream_reason(response, data, quote_body=quote_body))
+        words = _words(data)
+        if words is None:
+            # dEngage's JSON without any of the message keys: its raw body is no reply text (it may be anything,
+            # of any length); the client reads a generic refusal, as DMDS' clients do, the log the body's start.
+            generic = f"dEngage refused the call (HTTP {status}) without a reason ({_shape(data)})"
+            said = f"{generic}: {_excerpt(response)}" if quote_body else generic
+            raise UpstreamRejected(said, reply=replies.UPSTREAM_REFUSED.with_text(generic))
+        raise UpstreamRejected(words)
     return data
 
 
