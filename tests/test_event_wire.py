@@ -95,9 +95,13 @@ def test_an_unrecognised_event_page_says_the_keys_it_had_and_an_empty_list_is_an
         dmds.read_events(answer({"status": "ok", "registros": []}), "acme", UTC, 10)
     with pytest.raises(UpstreamUnavailable, match="keys: filas, total"):
         dengage.read_report({"code": 0, "data": {"filas": [], "total": 0}}, "crm", UTC, 100)
-    with pytest.raises(UpstreamUnavailable, match="keys: code, message"):
-        dengage.read_report({"code": 0, "message": "Success"}, "crm", UTC, 100)
+    with pytest.raises(UpstreamUnavailable, match="keys: code, filas"):
+        dengage.read_report({"code": 0, "filas": []}, "crm", UTC, 100)
     for page in (
+        # The envelope alone, code 0 (report_data checked it): no rows anywhere, an empty page (review vendors3 F9).
+        dengage.read_report({"code": 0, "message": "Success"}, "crm", UTC, 100),
+        dengage.read_report({"code": 0, "data": None}, "crm", UTC, 100),
+        dengage.read_report({"Code": 0, "Data": None, "Message": "ok"}, "crm", UTC, 100),
         dmds.read_events(answer({"status": "ok", "eventos": []}), "acme", UTC, 10),
         dmds.read_events(answer([]), "acme", UTC, 10),
         dengage.read_report({"code": 0, "data": {"items": [], "totalCount": 0}}, "crm", UTC, 100),

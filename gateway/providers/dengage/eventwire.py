@@ -87,6 +87,10 @@ def read_report(
     inner = reading.first(data, "data", ("data",)) if isinstance(data, dict) else data
     place = inner if inner is not None else data
     rows = place if isinstance(place, list) else reading.first(place, "rows", REPORT_ANSWERS["rows"])
+    if rows is None and place is data and isinstance(data, dict) and _envelope_only(data):
+        # {"code": 0, "data": null} or {"code": 0, "message": "Success"}: the envelope [C] says success and holds
+        # nothing else, so no rows can be under a name the gateway does not know: an empty page.
+        rows = []
     if rows is None and isinstance(place, dict):
         # Read as an empty page, the cursor would move past whatever rows the answer held under a name no
         # table knows: the window is read again at the next poll instead (an empty list is an empty page).
@@ -117,6 +121,14 @@ def report_data(response: HttpResponse, check: Any) -> Any:
         if code not in (None, 0, "0"):
             raise UpstreamUnavailable(f"dEngage answered the report with code {code}: {response.text(200)}")
     return data
+
+
+# The report envelope's own keys [C] (report_data has checked its `code`): an answer with no others holds no rows.
+ENVELOPE_KEYS = frozenset({"code", "message", "data", "success", "actionresult", "errors", "haserror"})
+
+
+def _envelope_only(data: dict[str, Any]) -> bool:
+    return all(isinstance(k, str) and k.lower() in ENVELOPE_KEYS for k in data)
 
 
 def _report_type(name: str) -> str:
