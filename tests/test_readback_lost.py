@@ -49,10 +49,13 @@ class Rows:
         self.rows: list[dict[str, object]] = []
 
     async def page(self, since: float, until: float, number: int) -> EventPage:
+        # Every row on the first page and none after: a window is read until an empty page (DMDS' pages may
+        # be shorter than asked, so a short page ends nothing).
+        rows = self.rows if number == 0 else []
         if self.vendor == "dmds":
-            body = orjson.dumps({"status": "ok", "eventos": self.rows})
+            body = orjson.dumps({"status": "ok", "eventos": rows})
             return dmds_wire.read_events(HttpResponse(200, body, {}), "acme", UTC, 100, number)
-        return dengage_wire.read_report({"code": 0, "data": {"items": self.rows}}, "acme", UTC, 100, number)
+        return dengage_wire.read_report({"code": 0, "data": {"items": rows}}, "acme", UTC, 100, number)
 
 
 def row(vendor: str, kind: str, address: str, at: float, upstream_id: str) -> dict[str, object]:
