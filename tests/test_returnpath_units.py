@@ -68,7 +68,8 @@ class DmdsRowsSource:
         self.rows = rows
 
     async def page(self, since: float, until: float, number: int) -> EventPage:
-        body = orjson.dumps({"status": "ok", "eventos": self.rows})
+        # Every row on the first page and none after, as DMDS answers: a window is read until an empty page.
+        body = orjson.dumps({"status": "ok", "eventos": self.rows if number == 0 else []})
         return eventwire.read_events(HttpResponse(200, body, {}), "acme", UTC, 100, number)
 
 
@@ -724,7 +725,9 @@ class DmdsBodySource:
         self.body = body
 
     async def page(self, since: float, until: float, number: int) -> EventPage:
-        return eventwire.read_events(HttpResponse(200, orjson.dumps(self.body), {}), "acme", UTC, 100, number)
+        # The body on the first page, an empty page after (a window is read until an empty page).
+        body = self.body if number == 0 else {"status": "ok", "eventos": []}
+        return eventwire.read_events(HttpResponse(200, orjson.dumps(body), {}), "acme", UTC, 100, number)
 
 
 @pytest.mark.asyncio
