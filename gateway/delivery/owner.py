@@ -100,6 +100,23 @@ def _delivered(account: str, path: str, verdict: str) -> Any:
 NOT_CONFIGURED = "is no longer configured (removed by a reload, or before a restart)"
 
 
+# The longest upstream id a 250 names: an id is the upstream's to choose ([I] for both drivers), and a reply
+# line holds at most 512 octets (RFC 5321 4.5.3.1.5); a longer one, or one with characters outside printable
+# ASCII (a space, a control character, UTF-8), is kept whole in the queue and the ledger, and the 250 names the
+# local queue id instead.
+MAX_REPLY_ID = 200
+_unreplyable_logged: set[str] = set()  # "logged once": per process, by the id's problem
+
+
+def reply_id_problem(upstream_id: str) -> str | None:
+    """Why an upstream id cannot stand in a 250 line (None: it can)."""
+    if len(upstream_id) > MAX_REPLY_ID:
+        return "too_long"
+    if not all(33 <= ord(c) <= 126 for c in upstream_id):
+        return "not_printable_ascii"
+    return None
+
+
 @dataclass
 class InlineAttempt:
     """One new message's first attempt."""
@@ -121,7 +138,19 @@ class InlineAttempt:
     provider: Deliverer | None = None
 
     def queued(self, reply_id: str) -> Reply:
-        """The 250 naming `reply_id`, remembered for the idempotency key."""
+        """The 250 naming `reply_id` (the local queue id when the upstream's cannot stand in a reply line:
+        reply_id_problem), remembered for the idempotency key."""
+        problem = reply_id_problem(reply_id) if reply_id != self.msg_id else None
+        if problem is not None:
+            if problem not in _unreplyable_logged:
+                _unreplyable_logged.add(problem)
+                self.log.warning(
+                    "upstream_id_not_in_reply",
+                    problem=problem,
+                    length=len(reply_id),
+                    note="the 250 names the local queue id; the upstream's id is kept whole in the queue and ledger",
+                )
+            reply_id = self.msg_id
         self.reply_id = reply_id
         return replies.queued(reply_id)
 
