@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -525,3 +526,33 @@ async def test_each_recipients_body_is_built_only_once_its_call_holds_a_connecti
     assert sorted(json.loads(r.content)["send"]["to"] for r in up.of("/rest/transactional/email")) == sorted(rcpts)
     assert built == 40
     assert max(alive) <= 3, f"{max(alive)} request bodies existed at once with 3 connections"
+
+
+@pytest.mark.parametrize(("rows", "cap", "total"), [(250, 40, False), (250, 40, True), (7, 1000, False)])
+async def test_report_pages_shorter_than_asked_skip_nothing(rows: int, cap: int, total: bool) -> None:
+    """dEngage may answer fewer rows than `limit` asked: the next `offset` is the rows read so far, and a
+    window is read until an empty page (or its total) (review vendors3 F4)."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(time.time() - 60))
+    items = [{"transactionId": f"T{i}", "email": f"u{i}@example.com", "eventType": "Delivered", "eventDate": stamp}
+             for i in range(rows)]  # fmt: skip
+
+    async def upstream(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/rest/login":
+            return httpx.Response(200, json={"access_token": "tok", "expires_in": 3600})
+        offset, limit = int(request.url.params["offset"]), min(int(request.url.params["limit"]), cap)
+        data: dict[str, Any] = {"items": items[offset : offset + limit]}
+        if total:
+            data["totalCount"] = rows
+        return httpx.Response(200, json={"code": 0, "data": data})
+
+    source = provider(upstream, events={"enabled": True}).event_source()
+    assert source is not None
+    now, number, got = time.time(), 0, []
+    while True:
+        page = await source.page(now - 3600, now, number)
+        got += [e.address for e in page.events]
+        if not page.more:
+            break
+        number += 1
+        assert number < 100, "the window never ends"
+    assert sorted(got) == sorted(f"u{i}@example.com" for i in range(rows))

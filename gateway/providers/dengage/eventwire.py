@@ -64,14 +64,17 @@ EVENT_TYPES: Mapping[str, EventType] = {
 }
 
 
-def report_path(since: float, until: float, page: int, size: int, tag: str, tz: tzinfo) -> str:
-    """The path and query of one report page (`page` from 0)."""
+def report_path(
+    since: float, until: float, page: int, size: int, tag: str, tz: tzinfo, offset: int | None = None
+) -> str:
+    """The path and query of one report page (`page` from 0), starting at row `offset` of the window (the rows
+    read before it; `page` * `size` when not given: only right while every page held `size` rows)."""
     fmt = REPORT_WIRE["datetime"]
     query: dict[str, Any] = {
         REPORT_WIRE["since"]: vendor_stamp(since, tz, fmt),
         REPORT_WIRE["until"]: vendor_stamp(until, tz, fmt),
         REPORT_WIRE["limit"]: size,
-        REPORT_WIRE["offset"]: page * size,
+        REPORT_WIRE["offset"]: page * size if offset is None else offset,
     }
     if tag:
         query[REPORT_WIRE["tag"]] = tag
@@ -79,10 +82,18 @@ def report_path(since: float, until: float, page: int, size: int, tag: str, tz: 
 
 
 def read_report(
-    data: Any, account: str, tz: tzinfo, size: int, number_: int = 0, reading: Reading | None = None
+    data: Any,
+    account: str,
+    tz: tzinfo,
+    size: int,
+    number_: int = 0,
+    reading: Reading | None = None,
+    before: int | None = None,
 ) -> EventPage:
     """Page `number_` of the report (its JSON body, after the HTTP and `code` checks): its events in the
-    gateway's words. Rows without an address or a time are unreadable; names no table maps are counted."""
+    gateway's words. Rows without an address or a time are unreadable; names no table maps are counted.
+    Another page may follow any page with rows (dEngage may answer fewer than `limit` asked): an empty page,
+    or the total reached by the `before` rows of the window's earlier pages, ends the window."""
     reading = reading if reading is not None else Reading()
     inner = reading.first(data, "data", ("data",)) if isinstance(data, dict) else data
     place = inner if inner is not None else data
@@ -102,7 +113,8 @@ def read_report(
     if not isinstance(rows, list):
         raise UpstreamUnavailable("dEngage answered the report without a list of rows")
     count = number(reading.first(place, "total", REPORT_ANSWERS["total"])) if isinstance(place, dict) else None
-    page = EventPage(more=len(rows) >= size if count is None else (number_ + 1) * size < count)
+    before = 0 if number_ == 0 else before
+    page = EventPage(more=bool(rows) and (count is None or before is None or before + len(rows) < count))
     table = {k: v for k, v in REPORT_ANSWERS.items() if k not in ("rows", "total")}
     for row in rows:
         if not isinstance(row, dict):
@@ -134,3 +146,13 @@ def _envelope_only(data: dict[str, Any]) -> bool:
 def _report_type(name: str) -> str:
     """dEngage's event names as the table keys them: lower case, without spaces ("Hard Bounce")."""
     return name.lower().replace(" ", "")
+
+
+def rows_in(page: EventPage) -> int:
+    """How many rows a page held: its events, its unreadable rows and those of unknown names."""
+    return len(page.events) + page.unreadable + sum(page.unknown.values())
+
+
+def row_ids(page: EventPage) -> frozenset[object]:
+    """A page's rows by their stable ids, to tell a repeated page."""
+    return frozenset([*(e.id for e in page.events), *page.unreadable_ids, *page.unknown_ids])
