@@ -97,6 +97,8 @@ def test_an_unrecognised_event_page_says_the_keys_it_had_and_an_empty_list_is_an
         dengage.read_report({"code": 0, "data": {"filas": [], "total": 0}}, "crm", UTC, 100)
     with pytest.raises(UpstreamUnavailable, match="keys: code, filas"):
         dengage.read_report({"code": 0, "filas": []}, "crm", UTC, 100)
+    with pytest.raises(UpstreamUnavailable, match="keys: message"):
+        dengage.read_report({"message": "Success"}, "crm", UTC, 100)  # no code: nothing says it succeeded
     for page in (
         # The envelope alone, code 0 (report_data checked it): no rows anywhere, an empty page (review vendors3 F9).
         dengage.read_report({"code": 0, "message": "Success"}, "crm", UTC, 100),

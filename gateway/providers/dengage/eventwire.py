@@ -140,7 +140,10 @@ ENVELOPE_KEYS = frozenset({"code", "message", "data", "success", "actionresult",
 
 
 def _envelope_only(data: dict[str, Any]) -> bool:
-    return all(isinstance(k, str) and k.lower() in ENVELOPE_KEYS for k in data)
+    """The envelope with its `code` (0: report_data refused any other) and nothing else: no answer without a
+    code ({"message": ...} says nothing of success) and no key that could hold rows."""
+    names = {k.lower() for k in data if isinstance(k, str)}
+    return "code" in names and len(names) == len(data) and names <= ENVELOPE_KEYS
 
 
 def _report_type(name: str) -> str:
