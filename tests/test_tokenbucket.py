@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
@@ -16,6 +18,7 @@ from gateway.config import LimitsSettings
 from gateway.core import tokenbucket
 from gateway.core.errors import PoolExhausted, QueueBusy, QueueUnreachable, RateLimited, SpoolUnavailable
 from gateway.limits.clients import LoginRates
+from gateway.queue.sqlite_side import RateFile
 from gateway.upstream.ratelimit import SharedBucket, TokenBucket
 from gateway.upstream.response import MAX_RETRY_AFTER, MIN_RETRY_AFTER, HttpResponse
 
@@ -219,6 +222,31 @@ async def test_a_busy_store_defers_the_call_and_only_an_unreachable_one_falls_ba
     with capture_logs() as logs:
         await limiter.acquire()  # this process's own bucket serves
     assert [e["event"] for e in logs] == ["rate_limit_store_unavailable"]
+
+
+async def test_a_locked_sqlite_rate_file_is_busy_not_unreachable(tmp_path: Path) -> None:
+    """Another process holding the SQLite queue's rate limit file past the busy timeout ("database is locked")
+    is a busy store: the call is deferred (QueueBusy). It raised plain SpoolUnavailable, so the shared bucket
+    fell back to this process's own bucket, up to rate_burst at once on top of the shared rate."""
+    rate = RateFile(tmp_path / "spool.sqlite3-ratelimit", busy_timeout=0.05)
+    limiter = SharedBucket(rate.slots, rate.pause, 10.0, 3, account="acme")
+    try:
+        await limiter.acquire()  # the file made, one slot taken
+        holder = sqlite3.connect(rate.path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # another process's write transaction
+        try:
+            with capture_logs() as logs:
+                for _ in range(4):  # the local bucket's burst is 3: a fall-back would let them through
+                    with pytest.raises(QueueBusy, match="busy: database is locked"):
+                        await limiter.acquire()
+                await limiter.penalize(None)
+            assert not [e for e in logs if e["event"] == "rate_limit_store_unavailable"]
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        await limiter.acquire()  # the lock released: the file serves again
+    finally:
+        await rate.close()
 
 
 def _slots(bucket: TokenBucket) -> Callable[[str, int, float, int, float], Awaitable[list[float]]]:

@@ -8,7 +8,6 @@ import errno
 import os
 import re
 import signal
-import sqlite3
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
@@ -19,6 +18,7 @@ from gateway.config import CONFIG_ENV, Settings, load_settings, preflight
 from gateway.config.settings import ENV_PREFIX
 from gateway.core.errors import QueueBusy, QueueUnreachable
 from gateway.providers import registry  # noqa: F401 - registers the providers' account models (load)
+from gateway.queue.sqlite_wal import busy as sqlite_busy
 
 T = TypeVar("T")
 
@@ -156,8 +156,6 @@ def queue_named(settings: Settings) -> str:
     return f"delivery.queue_url {redacted(url)}"
 
 
-# SQLite's result codes for a lock another connection holds (the extended codes keep them in the low byte).
-_SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
 # PostgreSQL's lock_not_available: a lock_timeout reached (the queue's, the ledger's).
 _LOCK_NOT_AVAILABLE = "55P03"
 
@@ -166,10 +164,7 @@ def _lock_wait(exc: BaseException) -> bool:
     """Whether `exc`, or what it was raised from, is a wait for another session's lock that timed out."""
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, sqlite3.OperationalError) and seen.sqlite_errorcode & 0xFF in (
-            _SQLITE_BUSY,
-            _SQLITE_LOCKED,
-        ):
+        if sqlite_busy(seen):
             return True
         if getattr(seen, "sqlstate", None) == _LOCK_NOT_AVAILABLE:
             return True

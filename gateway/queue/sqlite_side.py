@@ -18,10 +18,10 @@ import structlog
 
 from gateway.core import quota, tokenbucket
 from gateway.core.authcount import Record
-from gateway.core.errors import SpoolUnavailable
+from gateway.core.errors import QueueBusy, SpoolUnavailable
 from gateway.queue.health import QueueHealth
 from gateway.queue.sql import FOR_SQLITE, auth_held_parameters
-from gateway.queue.sqlite_wal import use_wal
+from gateway.queue.sqlite_wal import busy, use_wal
 from gateway.queue.store import AUTH_SWEEP_EVERY, SIGNOUT_KEPT_PAST, AuthChange, auth_read, auth_written
 
 log = structlog.get_logger("gateway.queue.sqlite")
@@ -34,15 +34,16 @@ class RateFile:
     a SQLite queue, in a side file of their own: they must not wait behind the queue's writes (own thread) and need
     no fsync (a committed row outlives the process, a restart; only a crash of the machine may lose the last)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, busy_timeout: float = 10.0) -> None:
         self.path = path
+        self._busy_timeout = busy_timeout  # seconds a statement waits for another process's lock
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="queue-rate")
         self._db: sqlite3.Connection | None = None
         self._next_sweep = 0.0
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
-            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=self._busy_timeout)
             try:
                 db.row_factory = sqlite3.Row
                 use_wal(db)  # every worker's first use may come at once, on a new file
@@ -77,6 +78,11 @@ class RateFile:
         try:
             return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args))
         except (sqlite3.Error, OSError) as exc:
+            if busy(exc):
+                # Another process held the file's lock past the busy timeout: the file answers, so QueueBusy (the
+                # shared bucket defers the call, as PostgreSQL's lock_timeout does), not an unreachable store (its
+                # own bucket, up to rate_burst at once on top of the shared rate, in every process at once).
+                raise QueueBusy(f"rate limit file {self.path}: busy: {exc}") from exc
             raise SpoolUnavailable(f"rate limit file {self.path}: {type(exc).__name__}: {exc}") from exc
 
     async def slots(self, account: str, count: int, interval: float, burst: int, recovery: float) -> list[float]:
