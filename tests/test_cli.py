@@ -15,6 +15,7 @@ import pytest
 from pydantic import BaseModel
 
 from gateway.auth.passwords import verify_password
+from gateway.cli.common import queue_named
 from gateway.config import (
     DeliverySettings,
     DnsSettings,
@@ -171,22 +172,37 @@ def test_a_queue_url_is_refused_without_quoting_any_of_it(tmp_path: Path, url: s
     _secrets_absent(result, SLASHED)
 
 
+_SHOWN_QUEUE_URLS = [
+    (f"postgresql://gw:{SLASHED}/x@db.example/gw", "postgresql://gw@db.example/gw"),
+    (f"postgresql://gw%3A{SLASHED}@db.example/gw", "postgresql://gw@db.example/gw"),
+    (
+        "postgresql://gw@db.example:5432/gw?application_name=a@b",
+        "postgresql://gw@db.example:5432/gw?application_name=a@b",
+    ),
+    ("postgresql:///gw?host=/run/postgresql", "postgresql:///gw?host=/run/postgresql"),
+]
+
+
 def test_a_queue_url_is_printed_without_a_user_parts_password() -> None:
     """Belt and braces: a password the validator missed is not printed by check-config and the console's
     Configuration page (masked_dump); the rest of the URL is, '@' in its query too."""
     settings = load_settings(None, listeners=[{"name": "a", "port": 2525}])
-    for url, shown in [
-        (f"postgresql://gw:{SLASHED}/x@db.example/gw", "postgresql://gw@db.example/gw"),
-        (f"postgresql://gw%3A{SLASHED}@db.example/gw", "postgresql://gw@db.example/gw"),
-        (
-            "postgresql://gw@db.example:5432/gw?application_name=a@b",
-            "postgresql://gw@db.example:5432/gw?application_name=a@b",
-        ),
-        ("postgresql:///gw?host=/run/postgresql", "postgresql:///gw?host=/run/postgresql"),
-    ]:
+    for url, shown in _SHOWN_QUEUE_URLS:
         delivery = settings.delivery.model_copy(update={"queue_url": url})  # unvalidated, as if it got through
         dumped = masked_dump(settings.model_copy(update={"delivery": delivery}))
         assert dumped["delivery"]["queue_url"] == shown
+
+
+@pytest.mark.parametrize(("url", "shown"), _SHOWN_QUEUE_URLS)
+def test_the_queue_and_the_cli_lines_show_a_queue_url_as_check_config_does(url: str, shown: str) -> None:
+    """The queue's and the ledger's `self.url` and the CLI's lines (redacted()) took the last '@' of the whole
+    URL: `?application_name=a@b` gave `postgresql://gw@b`, and a %3A password tail was kept. One helper now."""
+    from gateway.queue.postgres import redacted
+
+    assert redacted(url) == shown
+    settings = load_settings(None, listeners=[{"name": "a", "port": 2525}])
+    delivery = settings.delivery.model_copy(update={"queue_url": url})
+    assert queue_named(settings.model_copy(update={"delivery": delivery})) == f"delivery.queue_url {shown}"
 
 
 def test_check_config_masks_the_query_of_a_jwks_url(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from gateway.config.console import check as check_console
 from gateway.config.oauth import OAuthSettings
 from gateway.config.returnpath import ReturnPathSettings, WebhookSettings
 from gateway.config.section import UnreadableFile
+from gateway.core import queueurl
 
 ENV_PREFIX = "GATEWAY_"
 CONFIG_ENV = "GATEWAY_CONFIG"
@@ -330,28 +331,9 @@ class LimitsSettings(_Section):
 _PASSWORD_IN_URL = "holds a password: put it in queue_password (or queue_password_file, or PGPASSWORD)"
 
 
-def _user_parts(url: str) -> tuple[str, ...]:
-    """Every text of the queue's URL that may be its user part (`user:password@`), to be searched for a password.
-    libpq's own: the text before an '@' met before any '/'. And the text before the last '@' ahead of the
-    query: a password may hold '/' (base64 ones often do), where libpq ends the authority and reads
-    `user:pass` as host:port and the rest as the database name, so libpq's rule alone let that password
-    through to the messages and the printed configuration."""
-    rest = url.partition("://")[2]
-    head = re.split(r"[@/]", rest, maxsplit=1)[0]
-    libpq = (head,) if rest[len(head) : len(head) + 1] == "@" else ()
-    return (*libpq, rest.partition("?")[0].rpartition("@")[0])
-
-
 def _shown_queue_url(url: str) -> str:
-    """The queue's URL as check-config and the console print it: without whatever follows the user name in a
-    user part (a password, should one ever get past the validator above). Not the queue's redacted(): it
-    takes the last '@' of the whole URL, one in the query too (`?application_name=a@b`), and mangles the URL."""
-    user = max(_user_parts(url), key=len)
-    if not user:
-        return url
-    scheme, _, rest = url.partition("://")
-    name = re.split(r":|%3[aA]", user, maxsplit=1)[0]
-    return f"{scheme}://{name}{rest[len(user) :]}"
+    """The queue's URL as check-config and the console print it (the queue's own lines show it alike)."""
+    return queueurl.shown(url)
 
 
 # The queue's URL: the value itself for the code, without a password in model_dump(mode="json") (masked_dump).
@@ -445,7 +427,7 @@ class DeliverySettings(_Section):
         # key's passphrase as ?sslpassword=: the URL is printed and logged, so neither may be in it.
         query = urllib.parse.unquote(v.partition("?")[2]).lower()
         names = {p.partition("=")[0].strip() for p in query.split("&")}
-        users = _user_parts(v)
+        users = queueurl.user_parts(v)
         if any(":" in user for user in users) or "password" in names:
             raise ValueError(_PASSWORD_IN_URL)
         if any("%3a" in user.lower() for user in users):

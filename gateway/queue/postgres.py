@@ -44,7 +44,7 @@ import structlog
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from gateway.core import authcount, quota, tokenbucket
+from gateway.core import authcount, queueurl, quota, tokenbucket
 from gateway.core.authcount import Record, Rules
 from gateway.core.dbclock import DbClock
 from gateway.core.episode import Episode
@@ -154,10 +154,9 @@ def _why(exc: BaseException) -> str:
 
 
 def redacted(url: str) -> str:
-    """The URL as it may be logged (settings refuse a password in it; belt and braces)."""
-    scheme, _, rest = url.partition("://")
-    userinfo, at, host = rest.rpartition("@")
-    return f"{scheme}://{userinfo.partition(':')[0]}{at}{host}" if at else url
+    """The URL as it may be logged (settings refuse a password in it; belt and braces): the user part found as
+    the settings find it, never at an '@' of the query (`?application_name=a@b`), a %3A tail cut as a ':' one."""
+    return queueurl.shown(url)
 
 
 # The messages table's columns that hold a time compared there: on the database's clock there, on the caller's
