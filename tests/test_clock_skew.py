@@ -12,6 +12,9 @@ from typing import Any
 import pytest
 import structlog
 
+from gateway.ledger.model import MessageRow, NoticeRow, OutboxRow, RecipientRow
+from gateway.ledger.sqlite import SqliteLedger
+from gateway.ledger.sqlite_returns import SqliteReturns
 from gateway.ops.clockskew import CLOCK_OFFSET, ClockWatch
 from gateway.ops.metrics import REGISTRY
 from gateway.queue.sqlite import SqliteQueue
@@ -101,3 +104,64 @@ async def test_a_wall_clock_step_on_sqlite_renews_and_reaps_no_live_lease(tmp_pa
     finally:
         await a.close()
         await b.close()
+
+
+@pytest.mark.asyncio
+async def test_a_wall_clock_step_on_sqlite_takes_over_no_live_return_path_lease(tmp_path: Path) -> None:
+    """The ledger's return path on SQLite has leases of its own on the host's wall clock (a notice decision's
+    120 s, a webhook POST's timeout and a margin, an event cursor's), renewed by nobody while the work runs: a
+    forward step of the clock by a lease made them look expired and the next claim, in any process, took
+    them over (the notice or the webhook POST sent twice). Two processes on one ledger file, fake clocks, the
+    wall clock stepped: the process that sees it takes over none of them for one lease of each kind (not half
+    of one, as the queue, whose heartbeats renew), while new notices are still claimed; then the leases
+    nobody settled (a dead process's) are taken over as before, each kind after its own lease."""
+    path = tmp_path / "queue.sqlite3"
+    t0, notice_lease, hook_lease, cursor_lease = 1_800_000_000.0, 120.0, 40.0, 60.0
+    mono, wall = [100.0], [t0]
+    clocks: dict[str, Any] = {"wall": lambda: wall[0], "monotonic": lambda: mono[0]}
+    ledger_a, ledger_b = SqliteLedger(path), SqliteLedger(path)
+    a, b = SqliteReturns(ledger_a, **clocks), SqliteReturns(ledger_b, **clocks)
+
+    def tick(seconds: float, step: float = 0.0) -> float:
+        """Both clocks on by `seconds`, the wall clock by `step` more; the wall clock's now."""
+        mono[0] += seconds
+        wall[0] += seconds + step
+        return wall[0]
+
+    def sent(msg_id: str, at: float) -> list[Any]:
+        return [
+            MessageRow(msg_id, at, "acme", "billing@acme.example", "Invoice", 100),
+            RecipientRow(msg_id, at, "a@example.com", "bounced", at + 1, upstream_id=f"U-{msg_id}"),
+            NoticeRow(msg_id, at, "a@example.com", at + 1),
+        ]
+
+    try:
+        await ledger_a.open()
+        await ledger_a.write([*sent("M1", t0), OutboxRow("app", "ev1", "M1", t0, t0, "bounced", "{}")])
+        # A takes the notice decision, the webhook delivery and the event cursor: its work runs.
+        assert [c.msg_id for c in await a.claim_notices("A", t0, notice_lease, 10)] == ["M1"]
+        assert [d.event_id for d in await a.claim_deliveries("A", t0, 10, hook_lease)] == ["ev1"]
+        cursor, _ = await a.lease_cursor("acme", "acme", "A", t0, cursor_lease, t0)
+        assert cursor is not None
+        assert await b.claim_notices("B", t0, notice_lease, 10) == []  # B's first reading of the wall clock
+        stepped = tick(1.0, step=3600.0)  # one second later by the monotonic clock, an hour by the wall clock
+        await ledger_a.write(sent("M2", stepped))  # new work, after the step
+        with structlog.testing.capture_logs() as logs:
+            assert [c.msg_id for c in await b.claim_notices("B", stepped, notice_lease, 10)] == ["M2"]
+            assert await b.claim_deliveries("B", stepped, 10, hook_lease) == []
+            busy, _ = await b.lease_cursor("acme", "acme", "B", stepped, cursor_lease, stepped)
+        assert busy is None
+        [seen] = [e for e in logs if e["event"] == "return_path_clock_stepped"]
+        assert seen["log_level"] == "warning" and seen["step"] == 3600.0 and seen["seen_by"] == "notice"
+        now = tick(notice_lease / 2)  # half a lease: enough for the queue (renewed), not for these
+        assert await b.claim_notices("B", now, notice_lease, 10) == []
+        [hook] = await b.claim_deliveries("B", now, 10, hook_lease)  # the webhook's own lease (40 s) is over
+        assert hook.event_id == "ev1" and hook.reclaimed
+        taken, _ = await b.lease_cursor("acme", "acme", "B", now, cursor_lease, now)  # and the cursor's (60 s)
+        assert taken is not None and taken.token > cursor.token
+        now = tick(notice_lease / 2)  # a whole notice lease since the step: A's decision, never settled, is B's
+        [notice] = await b.claim_notices("B", now, notice_lease, 10)
+        assert notice.msg_id == "M1"
+    finally:
+        await ledger_a.close()
+        await ledger_b.close()

@@ -1,12 +1,21 @@
-"""The ReturnStore on the SQLite ledger: its connection and thread, one `BEGIN IMMEDIATE` per change."""
+"""The ReturnStore on the SQLite ledger: its connection and thread, one `BEGIN IMMEDIATE` per change.
+
+Its leases (event cursors, webhook deliveries being POSTed, notice decisions) are on this host's wall clock, as
+the callers pass it, like the SQLite queue's: a forward step of that clock by a lease made a live lease look
+expired and the next claim, in any process, took it over (a webhook or a notice sent twice). Each claim reads
+the clock's steps (gateway/queue/wallstep.py) and, for a while after one, takes over nobody's expired lease of
+its kind; due and new work is still claimed."""
 
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any, TypeVar
+
+import structlog
 
 from gateway.ledger import readback
 from gateway.ledger.model import Record, Row, SuppressionRow, address_key, address_keys
@@ -14,7 +23,9 @@ from gateway.ledger.returns import COUNTED_KEPT, Claim, Delivery, Lease, Match, 
 from gateway.ledger.returns_sql import FOR_SQLITE
 from gateway.ledger.sqlite import SqliteLedger
 from gateway.queue.sql import SQLITE
+from gateway.queue.wallstep import WallStep
 
+log = structlog.get_logger("gateway.ledger.sqlite_returns")
 SQL = FOR_SQLITE
 T = TypeVar("T")
 
@@ -36,22 +47,51 @@ def _match(r: Sequence[Any]) -> Match:
 
 
 class SqliteReturns:
-    def __init__(self, ledger: SqliteLedger) -> None:
+    def __init__(
+        self,
+        ledger: SqliteLedger,
+        *,
+        wall: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.ledger = ledger
+        # The host's wall clock stepped (leases are on it): reap nobody's for a while (`_may_reap`; `wall`,
+        # `monotonic`: the host's clocks, tests give fakes).
+        self._wall = WallStep(wall, monotonic)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await self.ledger.run(fn, *args)
+
+    def _may_reap(self, kind: str, lease: float) -> bool:
+        """Whether a claim of `kind` (leases of `lease` seconds) may take over others' expired leases now.
+
+        After a forward step of the wall clock, not for one whole lease (on the monotonic clock) from when this
+        process saw it. The queue holds for half a lease because its heartbeats renew every live lease within a
+        third of one; nothing renews these (a webhook's lease is its timeout and a margin, one POST; a notice
+        decision's 120 s; a cursor's is renewed only with each page, however long a provider takes to answer),
+        so a lease taken before the step is known to be over only when a whole lease has passed since it was
+        taken: by then its owner has settled it (or overran it, which a lease never covered). The step came
+        before this process saw it, so the hold ends a lease after the step or later: no live owner loses its
+        lease. Each kind is held for its own lease (the one its caller passes, as its siblings do); a kind held
+        longer only waits, as a dead process's leases of it are taken over that much later."""
+        step = self._wall.seen()
+        if step:
+            # Return-path leases are on this clock: live ones looked expired. None taken over for a lease of each kind.
+            log.warning("return_path_clock_stepped", step=round(step, 1), seen_by=kind, reap_after=lease)
+        return self._wall.may_reap(hold=lease)
 
     # -- event cursors ------------------------------------------------------------------------------------
 
     async def lease_cursor(
         self, name: str, account: str, owner: str, now: float, lease: float, start: float
     ) -> tuple[Lease | None, float]:
+        reap = self._may_reap("cursor", lease)
+
         def run(db: sqlite3.Connection) -> tuple[Lease | None, float]:
             with _tx(db):
                 db.execute(SQL.cursor_row, (name, account, start))
                 position, since, until, page, holder, lease_until, _ = db.execute(SQL.cursor_read, (name,)).fetchone()
-                if holder is not None and holder != owner and (lease_until or 0) >= now:
+                if holder is not None and holder != owner and (not reap or (lease_until or 0) >= now):
                     return None, float(position)
                 (token,) = db.execute(SQL.cursor_lease, (owner, now + lease, name)).fetchone()
             return Lease(name, int(token), float(position), since, until, int(page)), float(position)
@@ -215,6 +255,8 @@ class SqliteReturns:
         room: Mapping[str, int] | None = None,
         removed: int | None = None,
     ) -> list[Delivery]:
+        reap = self._may_reap("webhook", lease)
+
         def run(db: sqlite3.Connection) -> list[Delivery]:
             with _tx(db):
                 rows: list[Any] = []
@@ -228,7 +270,7 @@ class SqliteReturns:
                         if want <= 0:
                             break
                         found = db.execute(due, (*params, now, want)).fetchall()
-                        if len(found) < want:
+                        if reap and len(found) < want:
                             found += db.execute(reapable, (*params, now, want - len(found))).fetchall()
                         got += len(found)
                         rows += found
@@ -272,11 +314,13 @@ class SqliteReturns:
     # -- notices ------------------------------------------------------------------------------------------
 
     async def claim_notices(self, owner: str, now: float, lease: float, limit: int) -> list[Claim]:
+        reap = self._may_reap("notice", lease)
+
         def run(db: sqlite3.Connection) -> list[Claim]:
             claims = []
             with _tx(db):
                 rows = db.execute(SQL.notice_pending, (limit,)).fetchall()
-                if len(rows) < limit:
+                if reap and len(rows) < limit:
                     rows += db.execute(SQL.notice_expired, (now, limit - len(rows))).fetchall()
                 for msg_id, rcpt in rows:
                     (token,) = db.execute(SQL.notice_claim, (owner, now + lease, msg_id, rcpt)).fetchone()

@@ -26,15 +26,16 @@ STEP_TOLERANCE = 1.0
 
 
 class WallStep:
-    """The wall clock's steps as one process sees them (one per queue store)."""
+    """The wall clock's steps as one process sees them (one per queue store, one per SQLite return store)."""
 
     def __init__(self, wall: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic) -> None:
         self._wall = wall
         self._monotonic = monotonic
         self._base: float | None = None  # the wall clock minus the monotonic clock at the last reading
         self._reap_from = float("-inf")  # monotonic time from which this process may reap leases again
+        self._stepped_at = float("-inf")  # monotonic time at which the last step was seen
 
-    def seen(self, hold: float) -> float:
+    def seen(self, hold: float = 0.0) -> float:
         """Read the clocks; returns the wall clock's forward step since the last reading (0.0: none, or a
         backward step, which only makes leases last longer). After a step, reaping waits `hold` seconds."""
         mono = self._monotonic()
@@ -44,8 +45,12 @@ class WallStep:
         if step <= STEP_TOLERANCE:
             return 0.0
         self._reap_from = mono + hold
+        self._stepped_at = mono
         return step
 
-    def may_reap(self) -> bool:
-        """Whether expired leases may be taken over now (no step seen within its hold)."""
-        return self._monotonic() >= self._reap_from
+    def may_reap(self, hold: float | None = None) -> bool:
+        """Whether expired leases may be taken over now (no step seen within its hold). `hold`: this many
+        seconds from the last step seen instead of seen()'s own (a store whose kinds of lease differ in length,
+        each held for its own: gateway/ledger/sqlite_returns.py)."""
+        mono = self._monotonic()
+        return mono >= (self._reap_from if hold is None else self._stepped_at + hold)
