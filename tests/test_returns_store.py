@@ -157,6 +157,53 @@ async def test_suppressions_are_listed_removed_and_synced_with_a_vendor_list(ins
     ]
 
 
+@pytest.mark.parametrize("invalid_first", [True, False], ids=["list-first", "bounce-first"])
+async def test_a_read_back_bounce_replaces_an_entry_only_the_invalid_list_made(
+    instances: Callable[[], Pair], invalid_first: bool
+) -> None:
+    """DMDS lists a hard-bounced address among its invalid contacts: its list's sync and the poll that reads the
+    bounce back race (which writes first is chance). Either way the entry is the bounce's (its reason, message
+    and detail), and the list's next sync, the address listed or not, neither adds to it nor removes it."""
+    ledger, returns = instances()
+    await ledger.open()
+    listed = [SuppressionRow("acme", "gone@example.com", "invalid contact at the upstream", "invalid_list", T0)]
+    bounce = SuppressionRow(
+        "acme", "Gone@Example.com", "hard bounce", "bounced", T0 + 5, "M1", "550 5.1.1 User unknown", "ev-1"
+    )
+    lease, _ = await returns.lease_cursor("acme", "acme", "gw-a", T0, 60, T0 - 900)
+    assert lease is not None
+    if invalid_first:
+        assert await returns.sync_source("acme", "invalid_list", listed) == (["gone@example.com"], [])
+    page = [EventRow("ev-1", "M1", T0 + 5, T0 + 6, "bounced", recipient="gone@example.com"), bounce]
+    assert await returns.apply("acme", lease.token, page, since=T0, until=T0 + 10, page=1, now=T0 + 10, lease=60)
+    if not invalid_first:
+        assert await returns.sync_source("acme", "invalid_list", listed) == ([], [])
+    [kept] = await returns.suppressions("acme")
+    assert (kept.address, kept.reason, kept.source, kept.created, kept.msg_id, kept.detail) == (
+        "gone@example.com",
+        "hard bounce",
+        "bounced",
+        T0 + 5,
+        "M1",
+        "550 5.1.1 User unknown",
+    )
+    assert await returns.sync_source("acme", "invalid_list", listed) == ([], [])
+    assert await returns.sync_source("acme", "invalid_list", []) == ([], [])  # revalidated: the bounce stays
+    assert [(e.address, e.source) for e in await returns.suppressions("acme")] == [("gone@example.com", "bounced")]
+    # Nothing else is replaced: an operator's entry, or an event's, by another event or by the list.
+    await returns.suppress([SuppressionRow("acme", "kept@example.com", "asked to", "operator", T0)])
+    await returns.suppress([SuppressionRow("acme", "kept@example.com", "hard bounce", "bounced", T0 + 1, "M2")])
+    await returns.suppress([SuppressionRow("acme", "gone@example.com", "spam complaint", "complained", T0 + 2)])
+    assert await returns.sync_source("acme", "invalid_list", [listed[0]._replace(address="kept@example.com")]) == (
+        [],
+        [],
+    )
+    assert sorted((e.address, e.source) for e in await returns.suppressions("acme")) == [
+        ("gone@example.com", "bounced"),
+        ("kept@example.com", "operator"),
+    ]
+
+
 async def test_an_event_read_again_does_not_suppress_again(instances: Callable[[], Pair]) -> None:
     """The next window's overlap reads an event again: its suppression, removed since (by the operator, or by
     the vendor's invalid-contacts list), stays removed; an event read for the first time still suppresses."""

@@ -4,6 +4,7 @@ database is not undone by that reload (the read may have begun before the change
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import Any, cast
 
 from gateway.ledger.returns import ReturnStore, Suppressed
@@ -71,3 +72,26 @@ def test_the_copy_keeps_what_rcpt_to_answers_from_with_one_object_per_repeated_s
     assert kept[0] is not None and kept[1] is not None
     assert kept[0].reason is kept[1].reason and kept[0].account is kept[1].account
     assert all(k is not None and k.msg_id is None and k.detail is None for k in kept)
+
+
+def test_an_entry_only_the_invalid_list_made_is_replaced_by_any_other_in_either_order() -> None:
+    """As the database's upsert does: the copy answers with the bounce whether the invalid list's sync or the
+    poll that read the bounce added its entry first; other entries keep the first."""
+    listed = Suppressed("acme", "gone@example.com", "invalid contact at the upstream", "invalid_list", T0)
+    bounce = Suppressed("acme", "Gone@Example.com", "hard bounce", "bounced", T0 + 5, "M1", "550 User unknown")
+    for order in ([listed, bounce], [bounce, listed]):
+        copy = SuppressionSet()
+        for e in order:
+            copy.add([e])
+        kept = copy.check("acme", "gone@example.com")
+        assert kept is not None and (kept.source, kept.reason, kept.created) == ("bounced", "hard bounce", T0 + 5)
+        assert copy.counts() == {"acme": 1}
+    copy = SuppressionSet()
+    copy.add([entry("a@example.com", "operator"), entry("b@example.com"), listed])
+    copy.add([entry("a@example.com", "bounced"), entry("b@example.com", "complained"), replace(listed, reason="x")])
+    kept = [copy.check("acme", a) for a in ("a@example.com", "b@example.com", "gone@example.com")]
+    assert [(k.source, k.reason) for k in kept if k is not None] == [
+        ("operator", "hard bounce"),
+        ("bounced", "hard bounce"),
+        ("invalid_list", "invalid contact at the upstream"),
+    ]

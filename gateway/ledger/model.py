@@ -185,8 +185,22 @@ class OutboxRow(NamedTuple):
     body: str  # the JSON POSTed, fixed when the event is recorded (each retry sends the same bytes)
 
 
+# The source of the entries the vendor's invalid-contacts list made (gateway/returnpath/contacts.py): the
+# least specific, replaced by any other (suppression_replaces).
+INVALID_LIST = "invalid_list"
+
+
+def suppression_replaces(new: str, old: str) -> bool:
+    """Whether an entry from source `new` replaces the entry from `old` already held for its address. The first
+    entry is kept, but for one only the vendor's invalid list made: an event read back (a hard bounce, with its
+    message and the vendor's words) says why and where, and the list's sync and a read-back event race in one
+    poll (which is written first is chance). The database's upsert (sql.suppression_insert) says the same."""
+    return old == INVALID_LIST and new != INVALID_LIST
+
+
 class SuppressionRow(NamedTuple):
-    """An address the account will not take mail for (the first reason recorded is kept)."""
+    """An address the account will not take mail for (the first reason recorded is kept, but one only the
+    invalid list made is replaced: suppression_replaces)."""
 
     account: str
     address: str  # address_key

@@ -10,6 +10,7 @@ from typing import Any, Literal
 import orjson
 
 from gateway.ledger.model import (
+    INVALID_LIST,
     NO_LONGER_FAILED,
     Cursor,
     Event,
@@ -136,9 +137,16 @@ def outbox_insert(p: str, rows: int = 1) -> str:
 
 
 def suppression_insert(p: str, rows: int = 1) -> str:
+    # The first entry is kept, but one only the vendor's invalid list made is replaced by any other source's
+    # (model.suppression_replaces: the in-memory copy's rule): the list's sync and a read-back hard bounce race
+    # within one poll, and the more specific entry must win whichever is written first. An operator's entry
+    # and an event's are never replaced; the list's sync removes only its own source's, so not the new entry.
+    # (PostgreSQL executes one row per statement: an upsert may not touch a row twice in one statement.)
+    updated = ", ".join(f"{c}=excluded.{c}" for c in SUPPRESSION_COLUMNS[2:])
     return (
         f"INSERT INTO suppressions ({', '.join(SUPPRESSION_COLUMNS)})"
-        f" VALUES {_rows(p, len(SUPPRESSION_COLUMNS), rows)} ON CONFLICT (account, address) DO NOTHING"
+        f" VALUES {_rows(p, len(SUPPRESSION_COLUMNS), rows)} ON CONFLICT (account, address) DO UPDATE SET {updated}"
+        f" WHERE suppressions.source='{INVALID_LIST}' AND excluded.source<>'{INVALID_LIST}'"
     )
 
 

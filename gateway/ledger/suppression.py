@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 import structlog
 
 from gateway.core.waits import idle
-from gateway.ledger.model import address_key
+from gateway.ledger.model import address_key, suppression_replaces
 from gateway.ledger.returns import ReturnStore, Suppressed
 from gateway.ledger.store import LedgerUnavailable
 from gateway.ops.metrics import SUPPRESSIONS
@@ -69,9 +69,15 @@ class SuppressionSet:
         self._count()
 
     def _add(self, entries: Iterable[Suppressed]) -> None:
+        """The first entry of an address is kept, but one only the invalid list made is replaced (as the
+        database's upsert does), so the copy answers as the database will whichever was added first."""
         shared: dict[str, str] = {}
         for e in entries:
-            self._lists.setdefault(e.account, {}).setdefault(address_key(e.address), _slim(e, shared))
+            held = self._lists.setdefault(e.account, {})
+            key = address_key(e.address)
+            old = held.get(key)
+            if old is None or suppression_replaces(e.source, old.source):
+                held[key] = _slim(e, shared)
 
     def _remove(self, key: str, account: str | None) -> None:
         for name, entries in self._lists.items():

@@ -16,7 +16,7 @@ import structlog
 from gateway.core.errors import GatewayError
 from gateway.core.events import Contacts
 from gateway.core.waits import idle
-from gateway.ledger.model import SuppressionRow, address_key
+from gateway.ledger.model import INVALID_LIST, SuppressionRow, address_key
 from gateway.ledger.returns import ReturnStore, Suppressed
 from gateway.ledger.store import LedgerUnavailable
 from gateway.ledger.suppression import SuppressionSet
@@ -24,7 +24,9 @@ from gateway.ops.metrics import INTERNAL_ERRORS, SUPPRESSION_SYNCS
 
 log = structlog.get_logger("gateway.events")
 
-SOURCE = "invalid_list"
+# An event read back about an address replaces this source's entry (model.suppression_replaces); the sync
+# removes only this source's entries (and LIFTED's), so never the entry that replaced one.
+SOURCE = INVALID_LIST
 REASON = "invalid contact at the upstream"
 # Entries of events that say the contact is on the list: DMDS' `Not-Sent` (it sends nothing to an invalid
 # contact) and its invalidation event. They end when the contact leaves the list (revalidated), as the list's
