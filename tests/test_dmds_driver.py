@@ -22,6 +22,7 @@ from gateway.providers.dmds.config import DmdsAccount
 from gateway.providers.dmds.legs import Leg
 from gateway.providers.dmds.provider import DmdsProvider
 from gateway.upstream.client import HttpClient
+from gateway.upstream.ratelimit import TokenBucket
 from gateway.upstream.shape import Reading
 from tests.harness import APIKEY, sandbox_for_tests
 from tests.test_dmds_payload import submission
@@ -668,9 +669,66 @@ async def test_a_call_behind_others_rate_slots_waits_for_the_rate_not_the_pool_t
     )
     slow = SlotsTaken(at_upstream, wait=0.4)  # the slot is 4 pool timeouts away
     first = asyncio.create_task(http.request("version", "GET", "/v", headers={}, limiter=slow))
-    second = asyncio.create_task(http.request("version", "GET", "/v", headers={}))
+    second = asyncio.create_task(http.request("version", "GET", "/v", headers={}, limiter=SlotsTaken(at_upstream)))
     assert [(await first).status, (await second).status] == [200, 200]
     await http.aclose()
+
+
+async def test_a_call_without_a_limiter_keeps_its_pool_timeout_behind_slot_waiters() -> None:
+    """Review today8b F1: a call that takes no rate slot is not held by the rate; behind the only connection,
+    held by a call waiting out a slot, it fails as 'no free connection' (454 for an AUTH), never hangs."""
+    held = asyncio.Event()
+
+    class Waiting(SlotsTaken):
+        async def acquire(self, max_wait: float | None = None) -> None:
+            held.set()
+            await asyncio.Event().wait()  # a 429's pause, for as long as the test needs
+
+    http = HttpClient(
+        "https://api.example",
+        upstream="DMDS",
+        account="acme",
+        timeout=0.1,
+        max_connections=1,
+        transport=httpx.MockTransport(lambda r: httpx.Response(200)),
+    )
+    waiting = asyncio.create_task(http.request("send_one", "POST", "/v", headers={}, limiter=Waiting([0])))
+    await held.wait()
+    with pytest.raises(UpstreamUnavailable, match="no free connection"):
+        await http.request("campaign_apikey", "GET", "/v", headers={})
+    waiting.cancel()
+    await asyncio.gather(waiting, return_exceptions=True)
+    await http.aclose()
+
+
+async def test_an_auth_lookup_is_not_queued_behind_sends_waiting_out_a_429() -> None:
+    """Review today8b F1: sends waiting for their rate slot hold at most max_connections - 1 connections; the
+    SMTP-API login's campania_apikey (no rate slot) goes at once on the one left."""
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        if "campania_apikey" in request.url.path:
+            return httpx.Response(200, json={"status": "ok", "apikey": "k-7"})
+        return httpx.Response(200, json={"status": "ok", "sent": 1, "eeid": "e-1"})
+
+    base = "https://api-dmds-acme.example"
+    account = DmdsAccount(dmdsid="acme", api_base=base, apikey="the-key")  # type: ignore[arg-type]
+    http = HttpClient(
+        base, upstream="DMDS", account="acme", timeout=30.0, max_connections=2, transport=httpx.MockTransport(upstream)
+    )
+    limiter = TokenBucket(100.0, 1, account="acme")
+    await limiter.penalize(300.0)  # DMDS answered 429, Retry-After: 300
+    provider = DmdsProvider("acme", account, http, limiter)
+    sends = [asyncio.create_task(provider.send_leg(submission(ONE), ONE[0], None)) for _ in range(3)]
+    for _ in range(20):  # the sends run up to their waits
+        await asyncio.sleep(0)
+    try:
+        # With the pool timeout at 30 s, a lookup queued behind the sends would only end by wait_for's timeout.
+        assert await asyncio.wait_for(provider.campaign_apikey(7), 10.0) == "k-7"
+    finally:
+        for task in sends:
+            task.cancel()
+        await asyncio.gather(*sends, return_exceptions=True)
+        await http.aclose()
 
 
 async def test_every_connection_busy_sending_past_the_pool_timeout_is_not_sent() -> None:

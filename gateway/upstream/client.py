@@ -16,7 +16,10 @@ request is written. It takes its rate limit slot (`limiter`) only then, holding 
 moment, and slots taken by calls still waiting for a connection (a slow upstream holding them all) would
 be spent together the instant connections free up, up to `max_connections` requests at once, far past
 `rate_burst`. Holding a connection while waiting for the slot costs nothing the rate does not already
-impose: at most `max_connections` calls wait for slots at once, and each goes within its slot's moment.
+impose, with two limits: calls waiting for slots hold at most `max_connections - 1` connections (one
+while `max_connections` is 1), so a call that takes no slot (DMDS' campania_apikey for an SMTP-API AUTH,
+check-upstream's reads) is never queued behind a 429's pause; and only calls that take a slot themselves
+wait out the slot waiters past the pool timeout (a call without a limiter gets its pool timeout as always).
 """
 
 from __future__ import annotations
@@ -98,6 +101,9 @@ class HttpClient:
         self._connections = asyncio.Semaphore(max_connections)
         # How many holders of a connection are waiting for their rate slot (not sending): see _connection().
         self._for_slot = 0
+        # Taken before a connection by calls with a limiter, given back once their slot is taken: slot waiters
+        # never hold the last connection (while there are two or more), left for calls that take no slot.
+        self._slot_waiters = asyncio.Semaphore(max(1, max_connections - 1))
         # Each path's URL parsed once (httpx parses a string URL for every request); bounded, in case a path
         # carries ids.
         self._urls: dict[str, httpx.URL] = {}
@@ -125,14 +131,11 @@ class HttpClient:
         big body is then no AnswerTooLarge). `limiter`: the account's rate limit, whose slot is taken once the
         connection is free (before `before_send`); what it raises (RateLimited), the request does not send."""
         limits = self._timeout if timeout is None else self.timeouts(timeout)
-        await self._connection(endpoint, limits["pool"])
+        if limiter is None:
+            await self._connection(endpoint, limits["pool"], behind_rate=False)
+        else:
+            await self._connection_and_slot(endpoint, limits["pool"], limiter)
         try:
-            if limiter is not None:
-                self._for_slot += 1
-                try:
-                    await limiter.acquire()
-                finally:
-                    self._for_slot -= 1
             if before_send is not None:
                 await before_send()
             body = content() if callable(content) else content
@@ -140,10 +143,27 @@ class HttpClient:
         finally:
             self._connections.release()
 
-    async def _connection(self, endpoint: str, pool: float) -> None:
-        """One of the connections, or UpstreamUnavailable when every one stayed busy sending for `pool`
-        seconds. A wait behind holders waiting for their rate slots is the rate's, as long as the rate makes
-        it (it was, when calls took their slots before a connection): the timer then starts again."""
+    async def _connection_and_slot(self, endpoint: str, pool: float, limiter: RateLimiter) -> None:
+        """A connection, then the rate slot while holding it (the request goes within the slot's moment). The
+        wait for a turn among slot waiters has no timer: its holders wait for a connection (with one) or for
+        the rate. On any failure the connection is given back."""
+        async with self._slot_waiters:
+            await self._connection(endpoint, pool, behind_rate=True)
+            self._for_slot += 1
+            try:
+                await limiter.acquire()
+            except BaseException:  # RateLimited, a cancellation: the request does not go
+                self._connections.release()
+                raise
+            finally:
+                self._for_slot -= 1
+
+    async def _connection(self, endpoint: str, pool: float, *, behind_rate: bool) -> None:
+        """One of the connections, or UpstreamUnavailable when every one stayed busy for `pool` seconds. For a
+        call that takes a rate slot itself (`behind_rate`), a wait behind holders waiting for their rate slots
+        is the rate's, as long as the rate makes it (it was, when calls took their slots before a connection):
+        the timer then starts again. A call without a limiter is not held by the rate: its pool timeout stands
+        (and slot waiters leave it a connection: _slot_waiters)."""
         if not self._connections.locked():
             await self._connections.acquire()  # free: no timer needed
             return
@@ -154,7 +174,7 @@ class HttpClient:
                     await self._connections.acquire()
                 return
             except TimeoutError:
-                if not self._for_slot:
+                if not (behind_rate and self._for_slot):
                     self._observe(endpoint, "not_sent", time.perf_counter() - started)
                     raise UpstreamUnavailable(
                         f"{self.upstream}: no free connection within {pool:g}s, request not sent"
