@@ -14,6 +14,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from gateway.core.errors import AnswerLost, Deferred, UpstreamAuthFailed, UpstreamRejected, UpstreamUnavailable
+from gateway.core.events import EventPage
 from gateway.core.model import Address
 from gateway.core.replies import RATE_LIMITED
 from gateway.providers.dmds import eventwire
@@ -884,6 +885,77 @@ async def test_a_dmds_that_ignores_pagina_ends_the_window_once_a_page_repeats() 
         got = await read_window(d.provider.event_source(), now - 3600, now)
     assert sorted(set(got)) == sorted(f"u{i}@example.com" for i in range(30))
     assert [e["event"] for e in logs].count("dmds_events_page_repeated") == 1
+
+
+async def test_a_late_row_does_not_make_a_dmds_counting_from_1_read_as_counting_from_0() -> None:
+    """Review today8b F2: pagina=0 answered as page 1 (a clamp) with an event landing between the two calls
+    shares some rows with pagina=1, not all: undecided (not "from 0", which would read every later window one
+    page deep), and that window read from both answers."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(time.time() - 60))
+    rows = [{"evento": "view", "email": f"u{i}@example.com", "timestamp": stamp, "id": f"ev-{i}"} for i in range(250)]
+    calls = [0]
+
+    def dmds(request: httpx.Request) -> httpx.Response:  # counts from 1; pagina=0 is answered as pagina=1
+        calls[0] += 1
+        if calls[0] == 2:  # an event lands in the window (newest first) between the first two calls
+            rows.insert(0, {"evento": "view", "email": "late@example.com", "timestamp": stamp, "id": "ev-late"})
+        body = json.loads(request.content)
+        size, index = body["cantidad"], max(body["pagina"] - 1, 0)
+        return httpx.Response(200, json={"status": "ok", "eventos": rows[index * size : (index + 1) * size]})
+
+    d = driver(dmds, events={"enabled": True})
+    source = d.provider.event_source()
+    now = time.time()
+    with capture_logs() as logs:
+        got = await read_window(source, now - 3600, now)
+        every = sorted(r["email"] for r in rows)  # the late row's too
+        # The late row shifts the list: a row at a page's edge is read again on the next page (recorded once, by
+        # its id, as rows of overlapping polls are).
+        assert sorted(set(got)) == every
+        again = await read_window(source, now - 3600, now)  # the next poll of the same window: nothing new
+    assert sorted(set(again)) == every, f"{len(set(again))} of {len(rows)} rows read"
+    assert [e["first"] for e in logs if e["event"] == "dmds_events_page_numbering"] == [1]
+
+
+async def test_a_wrong_numbering_is_dropped_when_pagina_1_repeats_pagina_0() -> None:
+    """Review today8b F2: "from 0" decided wrongly (by an earlier process state, a race) shows as pagina=1
+    answering pagina=0's rows again: the decision is dropped (said once), the window goes on from DMDS' page 2,
+    and the next window decides again."""
+    seen: list[httpx.Request] = []
+    d = driver(paged_dmds(250, first=1, clamp=True), seen, events={"enabled": True})
+    source = d.provider.event_source()
+    source._first = 0  # the wrong decision
+    now = time.time()
+    every = sorted(f"u{i}@example.com" for i in range(250))
+    with capture_logs() as logs:
+        assert sorted(await read_window(source, now - 3600, now)) == every
+        assert sorted(await read_window(source, now - 7200, now)) == every
+    names = [e["event"] for e in logs]
+    assert names.count("dmds_events_numbering_dropped") == 1 and "dmds_events_page_repeated" not in names
+    assert [e["first"] for e in logs if e["event"] == "dmds_events_page_numbering"] == [1]
+    assert [json.loads(r.content)["pagina"] for r in seen] == [0, 1, 2, 3, 4, 1, 0, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    ("one", "zero", "first"),
+    [
+        (["a", "b"], ["a", "b"], 1),  # a clamp: page 1 again
+        (["a", "b"], [], 1),  # pagina=0 answered with nothing
+        (["c", "d"], ["a", "b"], 0),  # no row shared: pagina=1 is the second page
+        ([], ["a", "b"], 0),  # counting from 0, one page of rows
+        (["a", "b"], ["x", "a"], None),  # some rows shared, not all: undecided
+        ([], [], None),
+    ],
+)
+def test_the_numbering_is_decided_only_from_the_same_rows_or_no_shared_row(
+    one: list[str], zero: list[str], first: int | None
+) -> None:
+    def page(ids: list[str]) -> EventPage:
+        return EventPage(unreadable=len(ids), unreadable_ids=list(ids), more=bool(ids))
+
+    assert eventwire.first_page(page(one), page(zero)) == first
+    both = eventwire.merged(page(one), page(zero))
+    assert sorted(both.unreadable_ids) == sorted(set(one) | set(zero)) and both.unreadable == len(set(one) | set(zero))
 
 
 @pytest.mark.parametrize(("first", "said"), [(0, "pagina counts from 0"), (1, "pagina counts from 1")])

@@ -169,7 +169,8 @@ async def _check_numbering(provider: DmdsProvider, report: AccountCheck, until: 
     call.read = (
         f"pagina counts from {first}"
         if first is not None
-        else "cannot tell: the last hour has no events (the poller asks both until a window has some)"
+        else "cannot tell: the last hour has no events, or the two answers share some rows but not all"
+        " (the poller asks both until a window tells)"
     )
 
 

@@ -54,6 +54,7 @@ class DmdsEvents:
         self._next: tuple[float, float, int, int] | None = None
         self._last: tuple[float, float, int, frozenset[object]] | None = None
         self._repeat_logged = False
+        self._dropped_logged = False
 
     @property
     def max_window(self) -> float:
@@ -88,6 +89,10 @@ class DmdsEvents:
         zeros = Reading()
         zero = eventwire.read_events(answer, self.account, self.tz, size, 0, zeros)
         first = eventwire.first_page(one, zero)
+        if first is None and eventwire.rows_in(zero):
+            # The answers overlap without being the same rows: undecided, and both read (the next page asked
+            # is pagina=2, which skips nothing whichever way DMDS counts).
+            return None, eventwire.merged(one, zero), reading
         return (first, zero, zeros) if first == 0 else (first, one, reading)
 
     async def _decide(self, since: float, until: float) -> tuple[int | None, EventPage, Reading]:
@@ -138,12 +143,36 @@ class DmdsEvents:
             response = await self._ask(since, until, number + first)
             before = self._before(since, until, number)
             page = eventwire.read_events(response, self.account, self.tz, size, number, reading, before)
+            if number == 1 and first == 0 and self._repeats_first(since, until, page):
+                page = await self._renumbered(since, until, size, reading, before)
         self._paged(since, until, number, page)
         if not self._described and page.events:
             # How the answer was understood, once: the names are unconfirmed (eventwire.EVENT_WIRE).
             self._described = True
             log.info("dmds_events_read", account=self.account, read=reading.describe())
         return page
+
+    def _repeats_first(self, since: float, until: float, page: EventPage) -> bool:
+        """Whether pagina=1 answered the rows pagina=0 did in this window: DMDS counts from 1 and clamps 0."""
+        ids = eventwire.row_ids(page)
+        last = self._last
+        return bool(ids) and last is not None and last[:3] == (since, until, 0) and last[3] == ids
+
+    async def _renumbered(
+        self, since: float, until: float, size: int, reading: Reading, before: int | None
+    ) -> EventPage:
+        """Counting from 0 was a wrong decision (pagina=1 repeats pagina=0, review today8b F2): it is dropped
+        (the next window decides again) and this window goes on from DMDS' page 2, its page 1 read already."""
+        self._first = None
+        if not self._dropped_logged:
+            self._dropped_logged = True
+            log.warning(
+                "dmds_events_numbering_dropped",
+                account=self.account,
+                note="pagina=1 answered what pagina=0 did: ver_eventos counts from 1; the numbering is decided again",
+            )
+        response = await self._ask(since, until, 1 + eventwire.FIRST_PAGE)
+        return eventwire.read_events(response, self.account, self.tz, size, 1, reading, before)
 
     async def invalid(self) -> list[str]:
         response = await self.http.request(

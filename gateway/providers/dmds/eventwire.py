@@ -211,15 +211,39 @@ def row_ids(page: EventPage) -> frozenset[object]:
 
 def first_page(one: EventPage, zero: EventPage | None) -> int | None:
     """The number DMDS gives a window's first page, from its answers to `pagina` 1 and 0 for the same window
-    (`zero` None: pagina=0 was refused, so DMDS counts from 1); None while they cannot tell (both empty).
+    (`zero` None: pagina=0 was refused, so DMDS counts from 1); None while they cannot tell.
     A DMDS counting from 1 answers pagina=0 with nothing or with page 1 again (a clamp); one counting from 0
-    answers it with rows that pagina=1 (its second page) does not have."""
+    answers it with rows that pagina=1 (its second page) does not have, none of them. Two answers sharing some
+    rows but not all tell nothing (review today8b F2): a clamp while an event landed in the window between the
+    two calls, or rows of equal times in no stable order, looks so; taken as "from 0", every later window
+    would be read one page deep. Undecided, the window is read from both answers (`merged`)."""
     if zero is None:
         return 1
     ones, zeros = row_ids(one), row_ids(zero)
     if not zeros:
         return 1 if ones else None
-    return 1 if zeros == ones else 0
+    if zeros == ones:
+        return 1
+    return 0 if zeros.isdisjoint(ones) else None
+
+
+def merged(one: EventPage, zero: EventPage) -> EventPage:
+    """The rows of both answers to a window's first page, each once (by its id), for a window whose numbering
+    is undecided: pagina=0 and pagina=1 together are its first page or its first two, and the next page asked
+    (pagina=2) skips nothing either way. Rows read twice are recorded once anyway (events by id, the poller's
+    counts by id): this only keeps the page itself free of repeats."""
+    page = EventPage(more=one.more or zero.more)
+    seen: set[str] = set()
+    for event in (*zero.events, *one.events):
+        if event.id not in seen:
+            seen.add(event.id)
+            page.events.append(event)
+    page.unreadable_ids = list(dict.fromkeys((*zero.unreadable_ids, *one.unreadable_ids)))
+    page.unreadable = len(page.unreadable_ids)
+    page.unknown_ids = list(dict.fromkeys((*zero.unknown_ids, *one.unknown_ids)))
+    for name, _ in page.unknown_ids:
+        page.unknown[name] = page.unknown.get(name, 0) + 1
+    return page
 
 
 def refused(response: HttpResponse) -> bool:
