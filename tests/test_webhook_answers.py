@@ -198,6 +198,26 @@ def test_a_hooks_path_query_and_long_segments_are_masked_wherever_they_are_repea
     assert without_url_parts("HTTP 502: Bad Gateway", "https://h.example:8443") == "HTTP 502: Bad Gateway"
 
 
+def test_plain_words_of_a_hooks_path_stay_readable_in_its_answers() -> None:
+    """Review today8b F3: every 6+ character piece of the path was masked anywhere in the answer: a hook at
+    /hooks/internal made 'Internal Server Error' a mask. The path, the query and secret-looking pieces still are."""
+    kept = without_url_parts("HTTP 400: invalid events payload", "https://hooks.example.com/smtp/events?t=Zx81kQp2")
+    assert kept == "HTTP 400: invalid events payload"
+    hook = "https://example.com/hooks/internal"
+    assert without_url_parts("HTTP 500: Internal Server Error", hook) == "HTTP 500: Internal Server Error"
+    assert without_url_parts("HTTP 404: Cannot POST /hooks/internal", hook) == f"HTTP 404: Cannot POST {MASK}"
+    signed = "https://h.example/smtp-events/abcDEFghiJKL?sig=Zx81kQp2&user=webhook_receiver"
+    said = "HTTP 403: smtp-events refused abcDEFghiJKL (sig Zx81kQp2) for webhook_receiver"
+    assert without_url_parts(said, signed) == f"HTTP 403: smtp-events refused {MASK} (sig {MASK}) for webhook_receiver"
+    long_word = "https://h.example/hooks/abcdefghijklmnopqrstuvwxyz"  # letters only, but a token's length
+    assert without_url_parts("HTTP 404: no abcdefghijklmnopqrstuvwxyz", long_word) == f"HTTP 404: no {MASK}"
+    # A secret piece cut at the end of the kept text: its beginning is masked; a plain word's is not.
+    assert without_url_parts("HTTP 403: token Zx81kQ", "https://h.example/hooks/internal/Zx81kQp2") == (
+        f"HTTP 403: token {MASK}"
+    )
+    assert without_url_parts("HTTP 500: Internal", hook) == "HTTP 500: Internal"
+
+
 BIG = 2 << 20  # over the client's MAX_RESPONSE (1 MiB)
 
 

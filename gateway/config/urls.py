@@ -52,24 +52,42 @@ def without_urls(text: str) -> str:
     return _URL_IN_TEXT.sub(lambda found: shown_url(found.group(), path=True), text)
 
 
-# A piece of a URL's path or query this long, repeated in a text, is masked (a hook's token is one); shorter
-# ones ("hooks", "v1") name no secret and keep the text readable.
+# The URL's path, query and fragment are masked as whole strings this long or longer; shorter ones ("/v1") name
+# no secret and keep the text readable.
 SECRET_PIECE = 6
+# A piece of them (between `/`, `?`, `&`, `=`, `#`, `;`) is masked only when it looks like a secret: this long, or
+# not a plain word (review today8b F3: a hook at /hooks/internal made every "Internal" of an answer a mask).
+LONG_PIECE = 20
 _PIECE_SEPARATORS = re.compile(r"[/?&=#;]")
+# A plain word, or words joined by `-` or `_`: letters only, lower case, capitalised or all capitals ("events",
+# "smtp-events", "Internal", "API"). A token mixes cases, or has digits or other signs.
+_PLAIN_WORD = re.compile(r"(?:[A-Za-z][a-z]*|[A-Z]+)(?:[-_](?:[A-Za-z][a-z]*|[A-Z]+))*")
+
+
+def secret_looking(piece: str) -> bool:
+    """Whether a piece of a URL's path or query may be a secret (a token, a signature): SECRET_PIECE
+    characters or more, and LONG_PIECE or more or anything but a plain word (percent-decoded)."""
+    plain = unquote(piece)
+    if len(plain) < SECRET_PIECE:
+        return False
+    return len(plain) >= LONG_PIECE or _PLAIN_WORD.fullmatch(plain) is None
 
 
 def without_url_parts(text: str, url: str) -> str:
-    """`text` (a receiver's answer, an HTTP library's error) without `url`'s path, query and fragment, nor any
-    piece of them SECRET_PIECE characters or longer, wherever they appear in it: a server's error page repeats
-    the request's path (Express's 404: `Cannot POST /hooks/<token>`), and a hook's token lives there. In any
-    case, percent-decoded, percent-encoded or HTML-escaped as a page may print them; a piece's beginning
-    that ends the text (kept only up to a length) too. Then every URL in it as without_urls() prints it."""
+    """`text` (a receiver's answer, an HTTP library's error) without `url`'s path, query and fragment (each as a
+    whole, SECRET_PIECE characters or longer), nor any piece of them that looks like a secret
+    (secret_looking), wherever they appear in it: a server's error page repeats the request's path (Express's
+    404: `Cannot POST /hooks/<token>`), and a hook's token lives there. Pieces that are plain words ("events",
+    "internal") stay: masked, they would hide the answer's own words. In any case, percent-decoded,
+    percent-encoded or HTML-escaped as a page may print them; a secret's beginning that ends the text (kept
+    only up to a length) too. Then every URL in it as without_urls() prints it."""
     try:
         parts = urlsplit(url)
     except ValueError:
         return without_urls(text)
     tail = url[len(f"{parts.scheme}://{parts.netloc}") :] if parts.scheme else url
-    pieces = {tail, parts.path, parts.query, parts.fragment, *_PIECE_SEPARATORS.split(tail)}
+    pieces = {tail, parts.path, parts.query, parts.fragment}
+    pieces.update(p for p in _PIECE_SEPARATORS.split(tail) if secret_looking(p))
     if tail:
         pieces.add(url)
     variants = {v for p in pieces for v in (p, unquote(p), quote(unquote(p), safe="/"), html.escape(p))}
