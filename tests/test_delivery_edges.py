@@ -84,11 +84,12 @@ def test_hold_policy_dead_letters_instead_of_resending(gateway_factory: Callable
 
 @pytest.mark.parametrize("status", [500, 502, 504])
 def test_a_5xx_after_sending_is_ambiguous_and_held(gateway_factory: Callable[..., Running], status: int) -> None:
-    """The upstream's own 500, or a proxy's 502/504 after it forwarded the call: the mail may be out, so the
-    call is counted ambiguous and held under ambiguous = "hold", never resent as if not sent (vendors3 F3)."""
+    """A 500 that is not the upstream's own JSON (a crashed server's page), or a proxy's 502/504 after it
+    forwarded the call: the mail may be out, so the call is counted ambiguous and held under ambiguous =
+    "hold", never resent as if not sent (vendors3 F3)."""
     gw = gateway_factory(delivery={**FAST, "ambiguous": "hold"})
     before = metric("smtp_gateway_ambiguous_calls_total", account="acme", cause="answer_lost")
-    gw.fault(status=status, count=1, kind="send")
+    gw.fault(status=status, count=1, kind="send", mode="page")
     with structlog.testing.capture_logs() as logs:
         code, _ = send(gw.port(), "held after a 5xx")
         assert code == 250
@@ -97,6 +98,20 @@ def test_a_5xx_after_sending_is_ambiguous_and_held(gateway_factory: Callable[...
     assert metric("smtp_gateway_ambiguous_calls_total", account="acme", cause="answer_lost") == before + 1
     assert any(e["event"] == "delivery_ambiguous" for e in logs)
     assert gw.sent == []
+
+
+def test_a_500_in_the_vendors_own_error_json_is_retried_not_held(gateway_factory: Callable[..., Running]) -> None:
+    """Review today8b F4: DMDS answering 500 with its own `{"status": "err", ...}` says the call failed: a plain
+    temporary failure, retried, not counted ambiguous; under ambiguous = "hold" an outage answering so to every
+    call no longer turns every message into a dead letter."""
+    gw = gateway_factory(delivery={**FAST, "ambiguous": "hold"})
+    before = metric("smtp_gateway_ambiguous_calls_total", account="acme", cause="answer_lost")
+    gw.fault(status=500, count=2, kind="send", reason="internal error")
+    code, _ = send(gw.port(), "retried after DMDS' own 500")
+    assert code == 250
+    wait_for(lambda: len(gw.sent) == 1, what="sent after the 500s")
+    assert metric("smtp_gateway_ambiguous_calls_total", account="acme", cause="answer_lost") == before
+    assert spool_rows(gw.settings.delivery.spool_path, "dead") == []
 
 
 def test_a_resend_with_the_same_key_is_not_sent_again(gateway_factory: Callable[..., Running]) -> None:

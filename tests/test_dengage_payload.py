@@ -233,6 +233,27 @@ def test_a_5xx_after_sending_is_ambiguous(status: int) -> None:
     assert str(status) in info.value.reason and "<html" not in info.value.reply.text.lower()
 
 
+@pytest.mark.parametrize(
+    ("status", "body", "ambiguous"),
+    [
+        (500, {"code": 500, "message": "Internal error"}, False),  # dEngage's envelope: it failed, not sent
+        (500, {"code": 0, "data": {"HasError": True, "Errors": ["db down"]}}, False),
+        (500, {"Code": "17", "Message": "Service unavailable"}, False),
+        (500, {"message": "An error has occurred."}, True),  # no code: says nothing of the mail
+        (500, {"code": 0, "data": {"transactionId": "t-1"}}, True),  # a success inside a 500: cannot tell
+        (500, {"code": "x"}, True),  # a code that is no number
+        (502, {"code": 500, "message": "Internal error"}, True),  # a proxy's status: the answer may be lost
+        (504, {"code": 500, "message": "Internal error"}, True),
+    ],
+)
+def test_a_500_in_dengages_own_error_envelope_is_temporary(status: int, body: object, ambiguous: bool) -> None:
+    """Review today8b F4: a 500 whose body is dEngage's envelope saying it failed is a plain temporary failure
+    (not sent, not counted ambiguous, never held); other 500s, and 502/504, stay ambiguous."""
+    with pytest.raises(UpstreamUnavailable) as info:
+        wire.send_result(answer(status, body))
+    assert isinstance(info.value, AnswerLost) is ambiguous
+
+
 @pytest.mark.parametrize("status", [503, 429])
 def test_a_503_or_429_says_it_was_not_taken(status: int) -> None:
     with pytest.raises(UpstreamUnavailable) as info:

@@ -85,6 +85,11 @@ async def test_several_contacts_use_send_many_inline() -> None:
         (httpx.Response(429, text="slow down"), UpstreamUnavailable, "429"),
         # DMDS' own 500, or a proxy's 502/504 after forwarding the call: it may be out (review vendors3 F3).
         (httpx.Response(500, text="boom"), AnswerLost, "500"),
+        (httpx.Response(500, json={"detail": "Server Error (500)"}), AnswerLost, "may have been sent"),
+        (httpx.Response(500, json={"status": "ok", "eeid": "e-1"}), AnswerLost, "may have been sent"),
+        # DMDS' own JSON saying it failed: not sent, a plain temporary failure (review today8b F4).
+        (httpx.Response(500, json={"status": "err", "on": "internal error"}), UpstreamUnavailable, "own error"),
+        (httpx.Response(502, json={"status": "err", "on": "x"}), AnswerLost, "may have been sent"),
         (httpx.Response(502, text="<h1>502 Bad Gateway</h1>"), AnswerLost, "may have been sent"),
         (httpx.Response(504, text="<h1>504 Gateway Time-out</h1>"), AnswerLost, "may have been sent"),
         (httpx.Response(503, text=""), UpstreamUnavailable, "503"),

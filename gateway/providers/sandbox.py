@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import html
 import json
 import os
 import random
@@ -105,7 +106,7 @@ def json_response(data: Any, status: int = 200) -> web.Response:
 @dataclass
 class Fault:
     status: int | None = None
-    mode: str | None = None  # "timeout" | "hold" | "reset" | "err"
+    mode: str | None = None  # "timeout" | "hold" | "reset" | "err" | "page" (with a status: an HTML page)
     delay: float = 0.0
     count: int | None = 1  # None: until cleared
     probability: float = 1.0
@@ -260,6 +261,10 @@ class Sandbox:
             if request.transport is not None:
                 request.transport.abort()
             raise web.HTTPInternalServerError()
+        if fault.status is not None and fault.mode == "page":
+            # Not the vendor's own answer (a proxy's or a crashed server's page): says nothing of the call.
+            page = f"<html><body><h1>{fault.status} {html.escape(fault.reason)}</h1></body></html>"
+            return self.answer(entry, web.Response(status=fault.status, text=page, content_type="text/html"))
         if fault.status is not None:
             return self.answer(entry, error(fault.reason, fault.status), error=fault.reason)
         if fault.mode == "err":

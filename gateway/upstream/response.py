@@ -18,8 +18,9 @@ MAX_RETRY_AFTER = 300.0
 # no pause at all and reads as absent: taken at its word, every queued retry of the message was due again at
 # once, and a message was sent as fast as the upstream answered 429, for its whole lifetime.
 MIN_RETRY_AFTER = 1.0
-# A send's statuses that come after the request was sent and do not say it was not acted on: the upstream's
-# own 500 (it failed somewhere in handling the call, perhaps after sending the mail), and a gateway's or load
+# A send's statuses that come after the request was sent and do not say it was not acted on: a 500 (the
+# upstream failed somewhere in handling the call, perhaps after sending the mail; the drivers take a 500 in
+# the vendor's own error JSON as "failed, not sent" first, review today8b F4), and a gateway's or load
 # balancer's 502 and 504 (it forwarded the request and lost or timed out on the answer). Resending such a
 # call may deliver a second copy: the ambiguous case (AnswerLost). A 503 (and a 429) is the server saying it
 # did not take the request: safe to resend.

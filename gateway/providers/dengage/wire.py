@@ -511,11 +511,28 @@ def _first(places: list[dict[str, Any]], keys: tuple[str, ...]) -> str | None:
     return None
 
 
+def _says_failed(response: HttpResponse) -> bool:
+    """Whether an answer is dEngage's envelope saying the call failed: a JSON object with a non-zero `code`
+    or `data.HasError`/`errorCount` (_failure_code). Anything else (a page, other JSON, an unreadable field,
+    code 0) says nothing of whether the mail went."""
+    data = _json(response)
+    if not isinstance(data, dict):
+        return False
+    try:
+        return _failure_code(data) is not None
+    except Unreadable:
+        return False
+
+
 def send_result(response: HttpResponse) -> SendResult:
     """POST /rest/transactional/email's answer: the recipient's transactional id, or a typed error.
 
     HTTP 200 with a non-zero `code` is a failure, never a success [C]: a refusal carrying dEngage's
     message (every code, known or not, refuses: none is documented as temporary)."""
+    if response.status == 500 and _says_failed(response):
+        # dEngage's own envelope saying the call failed (review today8b F4): not sent, a plain temporary failure.
+        # Ambiguous, an outage answering 500 to every call would hold every message under ambiguous = "hold".
+        raise UpstreamUnavailable(f"dEngage answered 500 with its own error, not sent ({_excerpt(response)})")
     if response.status in AMBIGUOUS_STATUSES:
         # Sent, and whatever failed (dEngage itself, or a proxy that forwarded it) may have failed after the
         # mail went: resending may deliver a second copy (counted, held under ambiguous = "hold"). Only the

@@ -217,6 +217,10 @@ def classify(response: HttpResponse) -> SendResult:
     key_refused(response, "the send")
     if status == 429:
         raise RateLimited("DMDS rate limit (429)", retry_after=response.retry_after(time.time()))
+    if status == 500 and _says_failed(response):
+        # DMDS' own JSON saying it failed (review today8b F4): not sent, a plain temporary failure. Ambiguous,
+        # an outage answering 500 to every call would hold every message under ambiguous = "hold".
+        raise UpstreamUnavailable(f"DMDS answered 500 with its own error, not sent ({excerpt(response)})")
     if status in AMBIGUOUS_STATUSES:
         # Sent, and whatever failed (DMDS itself, or a proxy that forwarded it) may have failed after the mail
         # went: resending may deliver a second copy (counted, held under ambiguous = "hold").
@@ -245,6 +249,15 @@ def classify(response: HttpResponse) -> SendResult:
         # Sent, and no batch id the gateway can read (none, or an object, a list, a bool): ambiguous.
         raise AnswerLost("DMDS answered ok without an eeid it can read")
     return SendResult(eeid, number(reading.first(data, "sent", ANSWERS["sent"])))
+
+
+def _says_failed(response: HttpResponse) -> bool:
+    """Whether an answer is DMDS' own JSON saying the call failed: an object whose `status` is a word other
+    than ok (`{"status": "err", ...}`). Anything else (a page, other JSON, no status, "ok") says nothing of
+    whether the mail went."""
+    data = _object(response)
+    said = Reading().first(data, "status", ANSWERS["status"]) if isinstance(data, dict) else None
+    return isinstance(said, str) and said.strip().lower() not in ("", "ok")
 
 
 def _id(value: Any) -> str | None:
