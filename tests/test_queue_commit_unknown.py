@@ -228,3 +228,40 @@ def test_a_message_stored_in_flight_whose_commit_is_unknown_is_withdrawn_and_not
     assert events(logs, "queue_commit_withdrawn")[0]["found"] is True
     assert gw.loop.run(gw.app.store.show(unknown["queue_id"])) is None
     assert len([r for r in gw.sent if "in flight, commit unknown" in str(r["body"])]) == 1
+
+
+# review today8a F2: a withdraw that finds the message claimed by this process's own retry worker (it had landed,
+# queued, its first retry due while the owner asked) must not drop that attempt's `held` entry: the heartbeat
+# would stop renewing the running attempt's lease, and the message could be reaped and sent again.
+def test_a_withdraw_that_finds_the_message_claimed_leaves_the_claimed_attempts_entry_alone(
+    gateway_factory: Callable[..., Running],
+) -> None:
+    gw = gateway_factory(
+        delivery={
+            "retry_schedule": [0.3],
+            "retry_jitter": 0.0,
+            "poll_interval": 0.2,
+            "probe_interval": 0.3,
+            "inline_budget": 2.0,
+        }
+    )
+    back = threading.Event()
+    _commit_answer_lost(gw)
+    _queue_silent_until(gw, back)
+    owner: Any = gw.app.owner
+    with structlog.testing.capture_logs() as logs:
+        gw.fault(status=503, count=1, kind="send")  # the inline attempt: queued (its insert's answer lost)
+        gw.fault(delay=4.0, count=1, kind="send")  # the retry worker's attempt: its call takes 4 s
+        code, text = send(gw.port(), "withdraw meets claim")
+        assert code == 452, text
+        [unknown] = events(logs, "queue_commit_unknown")
+        msg_id = unknown["queue_id"]
+        # The message had landed (queued, due in 0.3 s): this process's worker claimed it while _landed asked.
+        wait_for(lambda: owner.held.get(msg_id) == 1 or None, 20, "the claimed attempt (token 1)")
+        back.set()  # the queue answers the withdraw: "claimed" (another token), left alone
+        [left] = wait_for(lambda: events(logs, "queue_commit_unknown_left") or None, 20, "the withdraw's answer")
+        held_after = dict(owner.held)
+        running = not events(logs, "message_delivered")
+    assert left["result"] == "claimed"
+    assert running, "the claimed attempt ended before the withdraw answered: no evidence either way"
+    assert held_after.get(msg_id) == 1, "the withdraw dropped the running claimed attempt's `held` entry"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import re
 import smtplib
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -304,3 +305,51 @@ def test_a_retry_whose_answer_the_queue_refuses_for_a_while_is_recorded_once_it_
     assert recorded["stored"] is True and recorded["tries"] == 9
     assert events(logs, "message_delivered")
     assert len([r for r in gw.sent if "retry outage" in str(r["body"])]) == 1
+
+
+# review today8a F3: a settle retried through an outage longer than the lease comes back fenced after this
+# process's worker re-claimed the message (token 2); the old attempt must leave the new attempt's `held` entry
+# (and so its lease renewals) alone.
+def test_a_fenced_settle_leaves_the_new_attempts_held_entry(gateway_factory: Callable[..., Running]) -> None:
+    gw = gateway_factory(
+        delivery={
+            "inline_budget": 0.5,
+            "lease_seconds": 1.5,
+            "retry_schedule": [0.3],
+            "retry_jitter": 0.0,
+            "poll_interval": 0.2,
+            "probe_interval": 0.3,
+        }
+    )
+    store: Any = gw.app.store
+    owner: Any = gw.app.owner
+    out = threading.Event()
+    for name in ("settle", "renew"):
+        real = getattr(store, name)
+
+        def failing(real: Callable[..., Any]) -> Callable[..., Any]:
+            async def call(*args: Any) -> Any:
+                if out.is_set():
+                    raise SpoolUnavailable("queue: database unreachable")
+                return await real(*args)
+
+            return call
+
+        setattr(store, name, failing(real))
+    with structlog.testing.capture_logs() as logs:
+        gw.fault(delay=1.2, count=1, kind="send")  # past the inline budget: stored in flight, 250
+        code, text = send(gw.port(), "settle outlives lease")
+        assert code == 250, text
+        out.set()  # the queue goes away before the call's answer can be settled
+        gw.fault(delay=4.5, count=1, kind="send")  # the re-claimed attempt's call takes a while
+        wait_for(lambda: events(logs, "queue_settle_failed") or None, 20, "the settle failing")
+        [spooled] = events(logs, "message_spooled")
+        msg_id = spooled["queue_id"]
+        # The lease runs out (renewals fail); this process's worker reaps the message: a new attempt, token 2.
+        wait_for(lambda: owner.held.get(msg_id) == 2 or None, 20, "the message reaped by this process (token 2)")
+        out.clear()  # the queue is back: the old attempt's settle is fenced (token 1)
+        wait_for(lambda: events(logs, "settle_fenced") or None, 20, "the old settle fenced")
+        held_after = dict(owner.held)
+        running = not events(logs, "message_delivered")
+    assert running, "the new attempt ended before the old settle came back: no evidence either way"
+    assert held_after.get(msg_id) == 2, "the fenced old attempt dropped the new attempt's `held` entry"

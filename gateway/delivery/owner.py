@@ -416,7 +416,7 @@ class DeliveryOwner:
                 account=attempt.submission.principal.account,
             )
         finally:
-            self.held.pop(attempt.msg_id, None)
+            self._release(attempt.msg_id, attempt.token or 0)
 
     def _unstored(self, attempt: InlineAttempt, decision: Decision, outcome: Outcome, exc: SpoolUnavailable) -> Reply:
         """The reply to a first attempt that outlived the budget while the queue could not store it: the
@@ -567,7 +567,7 @@ class DeliveryOwner:
             bound.error("queue_commit_unknown_left", result="abandoned")
             raise
         finally:
-            self.held.pop(msg_id, None)
+            self._release(msg_id, token)
         if result == "claimed":
             QUEUE_COMMIT_UNKNOWN.labels(result="claimed").inc()
             # Claimed by another owner before it could be withdrawn: it may be delivered, its client told 452.
@@ -684,7 +684,7 @@ class DeliveryOwner:
         except Exception as exc:
             await self._internal_error(item.id, item.token, item.before, exc, "queue_delivery", item.account)
         finally:
-            self.held.pop(item.id, None)
+            self._release(item.id, item.token)
 
     async def _attempt_claimed(self, item: Claimed, bound: structlog.typing.FilteringBoundLogger) -> None:
         now = self.clock()
@@ -850,7 +850,7 @@ class DeliveryOwner:
         outcome: Outcome | None = None,
     ) -> bool:
         """Store the decision under our token, trying again for as long as the queue cannot take it. The message
-        stays in `held` meanwhile (its caller pops it when this returns), so the heartbeat renews its lease the
+        stays in `held` meanwhile (its caller releases it when this returns), so the heartbeat renews its lease the
         moment the queue is back: nobody else may claim it while we hold its answer, and giving up early had
         it resent after its lease (a duplicate counted lease_expired) although this owner held the only token.
         Ends when stored, when fenced (another owner claimed it: the queue was out longer than the lease, so it
@@ -959,6 +959,14 @@ class DeliveryOwner:
         return self._spawn(self.run_claimed(item))
 
     # -- leases ----------------------------------------------------------------------------------------
+
+    def _release(self, msg_id: str, token: int) -> None:
+        """An attempt (or a withdraw) is over: forget the message in `held` only if the entry is still this
+        attempt's token. A newer attempt of the same message (this process's retry worker claimed it after the
+        old one's lease ran out, or while a withdraw waited) owns the entry then, and dropping it stopped the
+        heartbeat renewing that attempt's lease while its call was out."""
+        if self.held.get(msg_id) == token:
+            del self.held[msg_id]
 
     def _start_heartbeat(self) -> None:
         if self._heartbeat is None or self._heartbeat.done():
