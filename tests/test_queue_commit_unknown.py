@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import structlog
 
@@ -24,7 +25,7 @@ from gateway.ops.metrics import REGISTRY
 from gateway.queue.postgres import PostgresQueue
 from gateway.queue.store import CommitUnknown, NewMessage
 from tests.harness import Running
-from tests.pgserver import PgCluster
+from tests.pgserver import PgCluster, new_cluster
 from tests.queue_contract import new
 from tests.spool_helpers import send, wait_for
 
@@ -33,10 +34,12 @@ class CommitCutter:
     """A proxy in front of the cluster's socket: passes everything through and, once armed, forwards a COMMIT,
     waits for the server's answer (so the server has committed) and closes the client's side instead."""
 
-    def __init__(self, real_socket: str) -> None:
+    def __init__(self, real_socket: str, *, await_answer: bool = True) -> None:
         self.real = real_socket
+        self.await_answer = await_answer  # False: the client's side is cut as soon as the COMMIT went
         self.armed = False
         self.cut = 0
+        self.kept: list[asyncio.StreamWriter] = []  # server sides left open (their backend in the COMMIT)
         self.dir = Path(tempfile.mkdtemp(prefix="gwpx-"))
 
     async def start(self) -> asyncio.AbstractServer:
@@ -52,6 +55,10 @@ class CommitCutter:
                 await s_writer.drain()
                 if self.armed and b"COMMIT" in data:
                     commit_sent.set()
+                    if not self.await_answer:  # the server finishes the COMMIT whenever it does, unheard
+                        self.cut += 1
+                        self.armed = False
+                        c_writer.close()
                     return
 
         async def down() -> None:
@@ -65,13 +72,23 @@ class CommitCutter:
 
         tasks = [asyncio.ensure_future(up()), asyncio.ensure_future(down())]
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        if commit_sent.is_set():
+        if commit_sent.is_set() and self.await_answer:
             await tasks[1]
         for t in tasks:
             t.cancel()
-        for w in (c_writer, s_writer):
+        # Without awaiting the answer, the server's side stays open (closed by close_kept): its backend is
+        # still in the COMMIT.
+        if not self.await_answer:
+            self.kept.append(s_writer)
+        for w in (c_writer, s_writer) if self.await_answer else (c_writer,):
             with contextlib.suppress(Exception):
                 w.close()
+
+    async def close_kept(self) -> None:
+        for w in self.kept:
+            w.close()
+            with contextlib.suppress(Exception):
+                await w.wait_closed()
 
 
 @pytest.mark.asyncio
@@ -265,3 +282,109 @@ def test_a_withdraw_that_finds_the_message_claimed_leaves_the_claimed_attempts_e
     assert left["result"] == "claimed"
     assert running, "the claimed attempt ended before the withdraw answered: no evidence either way"
     assert held_after.get(msg_id) == 1, "the withdraw dropped the running claimed attempt's `held` entry"
+
+
+async def _reconfigured(url: str, change: str, expected: str) -> None:
+    """ALTER SYSTEM `change`, reloaded, and waited for until the server shows `expected`."""
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        await conn.execute(change)
+        await conn.execute("SELECT pg_reload_conf()")
+        for _ in range(200):
+            row = await (await conn.execute("SHOW synchronous_standby_names")).fetchone()
+            if row is not None and row[0] == expected:
+                return
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"synchronous_standby_names never became {expected!r}")
+
+
+@pytest.mark.asyncio
+async def test_a_commit_still_finishing_after_its_answer_was_lost_is_in_progress_not_absent() -> None:
+    """Review today8a F1: the COMMIT went, its answer was lost, and the server has not finished it (waiting for
+    a synchronous standby; also a slow WAL flush). Its row is invisible to every other session and FOR UPDATE
+    does not wait for a row it cannot see, so the row alone says "absent" (once answered 452, final) and the
+    message lands after. The insert's transaction id (CommitUnknown.xid) tells: in progress, then committed."""
+    cluster = new_cluster()  # its own: synchronous_standby_names is the whole cluster's
+    cluster.start()
+    server = None
+    queue = direct = None
+    try:
+        url = cluster.new_database()
+        proxy = CommitCutter(str(cluster.dir / ".s.PGSQL.5432"), await_answer=False)
+        server = await proxy.start()
+        queue = PostgresQueue(url.replace(f"host={cluster.dir}", f"host={proxy.dir}"))
+        direct = PostgresQueue(url)
+        await queue.open()
+        await direct.open()
+        # A synchronous standby that is not there (yet): a COMMIT waits for it, its rows unseen meanwhile.
+        await _reconfigured(url, "ALTER SYSTEM SET synchronous_standby_names = 'standby1'", "standby1")
+        proxy.armed = True
+        with pytest.raises(CommitUnknown) as lost:
+            await asyncio.wait_for(queue.insert(new("0123456789ABCDEF")), 10)
+        assert proxy.cut == 1
+        xid = lost.value.xid
+        assert xid is not None
+        assert await direct.token_of("0123456789ABCDEF") is None  # the row alone: "absent", which it is not
+        assert await direct.commit_state(xid) == "in progress"
+        # The standby catches up (or the operator drops synchronous mode): the waiting COMMIT completes.
+        await _reconfigured(url, "ALTER SYSTEM RESET synchronous_standby_names", "")
+        state = None
+        for _ in range(200):
+            if (state := await direct.commit_state(xid)) != "in progress":
+                break
+            await asyncio.sleep(0.05)
+        assert state == "committed"
+        assert await direct.token_of("0123456789ABCDEF") == 0  # committed: seen by every statement from now
+        # A transaction rolled back is "aborted": nothing it wrote exists, for good.
+        async with await psycopg.AsyncConnection.connect(url) as conn:
+            row = await (await conn.execute("SELECT txid_current()")).fetchone()
+            assert row is not None
+            await conn.rollback()
+        assert await direct.commit_state(int(row[0])) == "aborted"
+    finally:
+        for q in (queue, direct):
+            if q is not None:
+                with contextlib.suppress(Exception):
+                    await q.close()
+        if server is not None:
+            server.close()
+            await proxy.close_kept()
+        cluster.stop()
+
+
+def test_a_message_whose_commit_is_still_finishing_is_answered_452_and_withdrawn_not_taken_for_absent(
+    gateway_factory: Callable[..., Running],
+) -> None:
+    """Review today8a F1, the owner's side: while the queue says the insert's transaction is still in progress
+    (its row unseen), the message is not "absent" (a final 452 for a message that then lands and is sent, its
+    resend a duplicate): 452 as for a queue that does not answer, and withdrawn once the COMMIT has ended."""
+    gw = gateway_factory(delivery={**FAST, "inline_budget": 2.0, "retry_schedule": [60.0]})
+    store: Any = gw.app.store
+    real_insert = store.insert
+    finishing: list[NewMessage] = []
+    ended = threading.Event()
+
+    async def insert(message: NewMessage) -> int:
+        finishing.append(message)  # the COMMIT went and waits for a synchronous standby: nothing seen yet
+        raise CommitUnknown("queue: database unreachable (connection cut); the COMMIT's answer was lost", xid=7)
+
+    async def commit_state(xid: int) -> str | None:
+        assert xid == 7
+        if not ended.is_set():
+            return "in progress"
+        while finishing:  # the standby answered: the row is there, seen from now on
+            await real_insert(finishing.pop())
+        return "committed"
+
+    store.insert = insert
+    store.commit_state = commit_state
+    with structlog.testing.capture_logs() as logs:
+        gw.fault(status=503, count=1)  # queued after the inline attempt: its insert's answer is lost
+        code, text = send(gw.port(), "commit still finishing")
+        assert code == 452, text
+        [unknown] = events(logs, "queue_commit_unknown")
+        assert unknown["result"] == "unknown"  # not "absent": the COMMIT may yet land
+        ended.set()
+        wait_for(lambda: events(logs, "queue_commit_withdrawn") or None, 20, "the message withdrawn")
+    assert events(logs, "queue_commit_withdrawn")[0]["found"] is True
+    assert gw.loop.run(store.show(unknown["queue_id"])) is None
+    assert not [r for r in gw.sent if "commit still finishing" in str(r["body"])]

@@ -520,7 +520,7 @@ class DeliveryOwner:
             return await self.store.insert(message)
         except CommitUnknown as exc:
             bound = log.bind(queue_id=message.id)
-            landed = await self._landed(message.id)
+            landed = await self._landed(message.id, exc.xid)
             result = "unknown" if landed is None else "stored" if landed else "absent"
             # The message's insert may or may not have committed: what the queue said when asked again.
             bound.warning("queue_commit_unknown", result=result, error=exc.reason)
@@ -528,38 +528,60 @@ class DeliveryOwner:
                 QUEUE_COMMIT_UNKNOWN.labels(result="stored").inc()
                 return token
             if landed is None:
-                self._spawn(self._withdraw(message.id, token, bound))
+                self._spawn(self._withdraw(message.id, token, bound, exc.xid))
             else:
                 QUEUE_COMMIT_UNKNOWN.labels(result="absent").inc()
             raise
 
-    async def _landed(self, msg_id: str) -> bool | None:
-        """Whether a message whose insert's COMMIT answer was lost is in the queue; None: the queue did not say."""
+    async def _landed(self, msg_id: str, xid: int | None) -> bool | None:
+        """Whether a message whose insert's COMMIT answer was lost is in the queue; None: the queue did not say
+        (it did not answer, or the COMMIT was still finishing) within ~3 s. Asked by the transaction's own
+        state where the queue keeps one (PostgreSQL, `xid`): the row alone is not enough, as a COMMIT still
+        waiting for a synchronous standby (or a slow WAL flush) has a row no other session sees yet, which
+        then lands after the client was told 452. Only when the queue cannot tell (no xid, or one too old)
+        is the row's presence the answer: the transaction is then long over."""
         for tries in range(1, LANDED_TRIES + 1):
             try:
-                return await self.store.token_of(msg_id) is not None
+                state = None if xid is None else await self.store.commit_state(xid)
+                if state is None:
+                    return await self.store.token_of(msg_id) is not None
+                if state != "in progress":
+                    # Committed: its row is seen from now on (the caller goes on as for any insert); aborted:
+                    # nothing was written, for good.
+                    return state == "committed"
             except SpoolUnavailable:
-                if tries < LANDED_TRIES:
-                    await asyncio.sleep(settle_backoff(tries))
+                pass
+            if tries < LANDED_TRIES:
+                await asyncio.sleep(settle_backoff(tries))
         return None
 
-    async def _withdraw(self, msg_id: str, token: int, bound: structlog.typing.FilteringBoundLogger) -> None:
+    async def _withdraw(
+        self, msg_id: str, token: int, bound: structlog.typing.FilteringBoundLogger, xid: int | None = None
+    ) -> None:
         """Delete a message answered 452 whose insert may have committed, once the queue answers, if still ours
         (its token unchanged: nobody claimed it). Held meanwhile: a message stored in flight is leased to us,
         and the heartbeat renews that lease as soon as the queue answers, so nobody claims it before this does.
-        The window left: the queue out longer than the lease (in flight) or the message's first retry delay
-        (queued), or the process stopped first (counted: claimed, abandoned)."""
+        While the insert's COMMIT is still finishing (`xid` in progress: its row not seen yet, so a withdraw
+        would find it "absent" and it would land after), asked again. The window left: the queue out, or the
+        COMMIT finishing, for longer than the lease (in flight) or the message's first retry delay (queued),
+        or the process stopped first (counted: claimed, abandoned)."""
         self.held.setdefault(msg_id, token)
         self._start_heartbeat()
         tries = 0
         try:
             while True:
                 try:
-                    result = await self.store.withdraw(msg_id, token)
-                    break
+                    state = None if xid is None else await self.store.commit_state(xid)
+                    if state == "aborted":  # never landed: nothing to withdraw, for good
+                        result = "absent"
+                        break
+                    if state != "in progress":  # committed (its row seen now) or not known: the row decides
+                        result = await self.store.withdraw(msg_id, token)
+                        break
                 except SpoolUnavailable:  # CommitUnknown too: asked again, "absent" then means it was deleted
-                    tries += 1
-                    await asyncio.sleep(settle_backoff(tries))
+                    pass
+                tries += 1
+                await asyncio.sleep(settle_backoff(tries))
         except asyncio.CancelledError:
             QUEUE_COMMIT_UNKNOWN.labels(result="abandoned").inc()
             # Stopped before the queue answered: the message, if stored, is delivered after its lease though

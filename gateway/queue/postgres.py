@@ -81,6 +81,12 @@ from gateway.queue.store import (
 log = structlog.get_logger("gateway.queue.postgres")
 CHANNEL = "smtp_gateway_queue"
 SQL = FOR_POSTGRES
+# txid_current() / txid_status() (PostgreSQL 10 and later; pg_current_xact_id() is 13's name for the same):
+# the inserting transaction's 64-bit id, and after a lost COMMIT answer what became of it. A transaction in
+# the snapshot's running list is not visible yet, even once its commit log says committed (a COMMIT waiting
+# for a synchronous standby): `visible` tells that case from one whose rows every new statement sees.
+RETURNING_XID = " RETURNING txid_current() AS xid"
+COMMIT_STATE = "SELECT txid_status(%s) AS status, txid_visible_in_snapshot(%s, txid_current_snapshot()) AS visible"
 # Seconds without a pooled connection before the database itself is asked whether it is there (a busy pool
 # goes on waiting, up to POOL_WAIT in all; a database that does not answer opens the circuit).
 FAIL_FAST = 1.0
@@ -429,22 +435,47 @@ class PostgresQueue:
 
     async def _insert(self, m: NewMessage) -> int:
         m = storable_message(m)
-        async with self._tx() as conn:
-            stored = message_row(m, await self._shift(conn))
-            await conn.execute(SQL.insert_message, stored.values)
-            async with conn.cursor() as cur:
-                await cur.executemany(
-                    SQL.insert_call,
-                    [
-                        (m.id, n, c.key, c.recipients, c.state, c.upstream_id, c.error, c.lost)
-                        for n, c in enumerate(m.decision.calls.values())
-                    ],
-                )
-                for row in chunks(m.id, m.blobs):  # one chunk in memory at a time
-                    await cur.execute(SQL.insert_blob, row)
-            if stored.state == "queued":
-                await self._notify(conn, m.account)
+        xid: int | None = None
+        try:
+            async with self._tx() as conn:
+                stored = message_row(m, await self._shift(conn))
+                # The transaction's id in the INSERT's own answer (no round trip): after a lost COMMIT answer it
+                # tells a commit still finishing, its row invisible to every other session, from none.
+                row = await (await conn.execute(SQL.insert_message + RETURNING_XID, stored.values)).fetchone()
+                assert row is not None
+                xid = int(row["xid"])
+                await self._insert_rest(conn, m)
+                if stored.state == "queued":
+                    await self._notify(conn, m.account)
+        except CommitUnknown as exc:
+            exc.xid = xid
+            raise
         return stored.token
+
+    @staticmethod
+    async def _insert_rest(conn: psycopg.AsyncConnection[DictRow], m: NewMessage) -> None:
+        """The new message's calls and body."""
+        async with conn.cursor() as cur:
+            await cur.executemany(
+                SQL.insert_call,
+                [
+                    (m.id, n, c.key, c.recipients, c.state, c.upstream_id, c.error, c.lost)
+                    for n, c in enumerate(m.decision.calls.values())
+                ],
+            )
+            for row in chunks(m.id, m.blobs):  # one chunk in memory at a time
+                await cur.execute(SQL.insert_blob, row)
+
+    async def commit_state(self, xid: int) -> str | None:
+        async with self._tx() as conn:
+            row = await (await conn.execute(COMMIT_STATE, (xid, xid))).fetchone()
+        assert row is not None
+        status = row["status"]
+        if status == "committed" and not row["visible"]:
+            # Marked committed in the commit log, not yet ended (PostgreSQL marks it, then waits for the
+            # synchronous standby, then makes it visible): its rows are not seen yet.
+            return "in progress"
+        return None if status is None else str(status)
 
     @staticmethod
     async def _notify(conn: psycopg.AsyncConnection[DictRow], account: str) -> None:

@@ -327,6 +327,10 @@ class SqliteQueue:
 
         return await self._run(run)
 
+    async def commit_state(self, xid: int) -> str | None:
+        # No transaction ids: SQLite's COMMIT is local and never unknown (CommitUnknown carries no xid here).
+        return None
+
     async def withdraw(self, msg_id: str, token: int) -> str:
         # SQLite's COMMIT is local: its error means not committed (CommitUnknown is PostgreSQL's), so this is
         # never needed for SQLite's own inserts; here for the interface (and a test's fault injection).

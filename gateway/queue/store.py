@@ -42,7 +42,14 @@ from gateway.queue.health import QueueHealth
 class CommitUnknown(QueueUnreachable):
     """The COMMIT was sent and its answer lost (the connection cut after it went: a failover, a proxy restarted,
     a network cut): the transaction may or may not have committed. Not a failure before the commit, which
-    wrote nothing: the caller of a write whose outcome matters asks the queue (`token_of`) before it answers."""
+    wrote nothing: the caller of a write whose outcome matters asks the queue before it answers. `xid`: the
+    transaction's id when the backend told it before the COMMIT (PostgreSQL's insert), for `commit_state`: a
+    row not seen yet may belong to a COMMIT still finishing (waiting for a synchronous standby), so its
+    absence alone does not say the write failed."""
+
+    def __init__(self, reason: str, xid: int | None = None) -> None:
+        super().__init__(reason)
+        self.xid = xid
 
 
 class QueueDataRefused(Exception):
@@ -143,6 +150,14 @@ class QueueStore(Protocol):
         """The message's fencing token now; None: no such message. What tells a write whose COMMIT's answer was
         lost (CommitUnknown) from one that failed: an insert landed when its row is there with the token it
         wrote (1 in flight, 0 queued); a settle that deletes (delivered) landed when the row is gone."""
+        ...
+
+    async def commit_state(self, xid: int) -> str | None:
+        """What became of the transaction `xid` (CommitUnknown.xid): "committed" (and seen by every statement
+        begun from now: its rows, unless changed since, are there), "aborted" (nothing it wrote exists, for
+        good), "in progress" (running, or committed but not yet visible to others: a COMMIT waiting for a
+        synchronous standby; ask again) or None (the backend cannot tell: too old for its commit log, or no
+        transaction ids, as SQLite, whose COMMIT is local and never unknown)."""
         ...
 
     async def withdraw(self, msg_id: str, token: int) -> str:
