@@ -4,6 +4,7 @@ attachment reaches the upstream byte-identical, inline and from the queue."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import gc
 import hashlib
@@ -12,9 +13,12 @@ import smtplib
 import threading
 import tracemalloc
 from collections.abc import Callable
+from typing import Any
 
 import httpx
+import structlog
 
+from gateway.core.errors import SpoolUnavailable
 from tests.harness import PASSWORD, USER, Running
 from tests.ops_util import sample
 from tests.smtputil import RawClient
@@ -260,3 +264,43 @@ def test_ordinary_text_is_charged_its_raw_size(gateway_factory: Callable[..., Ru
     assert 2 * MIB < listeners.budget.used <= 3 * MIB
     first.join(30)
     assert results[0][0] == 250, results
+
+
+def test_a_settle_waiting_for_the_queue_does_not_hold_the_messages_share(
+    gateway_factory: Callable[..., Running],
+) -> None:
+    """Review today8a F4: a large message stored in flight (its call past the inline budget) whose call has
+    answered while the queue cannot take the settle: the settle is retried for as long as the queue is out,
+    and the message's share stayed held all that time, so new large messages got 452 for the whole outage.
+    The share goes once the call's outcome is known: the settle needs only the decision (nor does it hold the
+    provider, which a reload's wait for running attempts kept open)."""
+    gw = gateway_factory(limits=SMALL_BUDGET, delivery={"inline_budget": 0.5, "lease_seconds": 60.0})
+    listeners = gw.app.listeners
+    assert listeners is not None
+    store: Any = gw.app.store
+    real = store.settle
+    out = threading.Event()
+
+    async def settle(*args: Any) -> Any:
+        if out.is_set():
+            raise SpoolUnavailable("queue: database unreachable")
+        return await real(*args)
+
+    store.settle = settle
+    gw.fault(mode="hold", count=1, kind="send")  # the call answers when the test says so
+    raw, _ = scan(2 * MIB)
+    with structlog.testing.capture_logs() as logs:
+        assert submit(gw.port(), raw)[0] == 250  # past the inline budget: stored in flight
+        assert listeners.budget.used > 2 * MIB  # the call still out: the attempt holds the message
+        out.set()  # the queue goes away before the call's answer can be settled
+        gw.clear_faults()
+        wait_for(lambda: [e for e in logs if e["event"] == "queue_settle_failed"] or None, 30, "the settle failing")
+        used = listeners.budget.used
+        # A reload meanwhile waits for the attempts running then before it closes retired providers: a settle
+        # waiting for the queue holds none, so that wait is over while the queue is still out.
+        running = asyncio.run_coroutine_threadsafe(gw.app.owner.running(), gw.loop.loop)
+        wait_for(lambda: running.done() or None, 20, "running() done with the settling attempt")
+        out.clear()
+        wait_for(lambda: [e for e in logs if e["event"] == "message_delivered"] or None, 30, "the settle stored")
+    assert used == 0, "the share was held while the settle waited for the queue"
+    assert len(gw.sent) == 1

@@ -181,6 +181,10 @@ class DeliveryOwner:
         self.wakeup = asyncio.Event()  # something became due sooner than the retry worker expects
         self.held: dict[str, int] = {}  # message id -> token of the leases this owner holds
         self._tasks: set[asyncio.Task[None]] = set()
+        # Tasks past their upstream calls (storing a decision, withdrawing): they hold no provider, and a reload
+        # need not wait for them (a settle retried through a queue outage) before closing retired ones.
+        self._calls_over: set[asyncio.Task[Any]] = set()
+        self._calls_over_wake: asyncio.Future[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._renewals_failing = Episode()
         # The queue refusing to store messages: spool_unavailable once per outage (each refused message has its
@@ -303,8 +307,16 @@ class DeliveryOwner:
     async def _first_attempt(
         self, attempt: InlineAttempt, decided: asyncio.Future[Reply], on_done: Callable[[], None] | None = None
     ) -> None:
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released and on_done is not None:
+                released = True
+                on_done()  # the message's memory may go now (it is delivered, refused or stored)
+
         try:
-            await self._inline(attempt, decided)
+            await self._inline(attempt, decided, release)
         except GatewayError as exc:  # expected, and logged where it was raised (the queue cannot store)
             attempt.receipt.reason = attempt.receipt.reason or exc.reason
             if not decided.done():
@@ -319,10 +331,14 @@ class DeliveryOwner:
                 attempt.receipt.reason = "internal error (logged as delivery_internal_error)"
                 decided.set_result(replies.INTERNAL_ERROR)
         finally:
-            if on_done is not None:
-                on_done()  # the message's memory may go now (it is delivered, refused or stored)
+            release()
 
-    async def _inline(self, attempt: InlineAttempt, decided: asyncio.Future[Reply]) -> None:
+    async def _inline(
+        self, attempt: InlineAttempt, decided: asyncio.Future[Reply], release: Callable[[], None] = lambda: None
+    ) -> None:
+        """The first attempt. `release`: frees the message's memory (its budget share and spill file) once
+        nothing left needs it; called here as soon as a call stored in flight has its outcome, so a settle
+        retried through a queue outage does not keep new large messages refused for the whole outage."""
         provider = attempt.provider or self.providers.get(attempt.submission.principal.account)
         if provider is None:  # a notice of an account a reload removed (a session passes its own provider)
             raise Deferred(f"account {attempt.submission.principal.account} {NOT_CONFIGURED}")
@@ -400,11 +416,13 @@ class DeliveryOwner:
         try:
             outcome = await call
         except Exception as exc:
+            release()  # what is stored needs only the state before the call
             await self._internal_error(
                 attempt.msg_id, attempt.token or 0, stored, exc, "inline_delivery", attempt.submission.principal.account
             )
         else:
             decision = self._decide(stored, outcome, attempt.submission, "inline", self._bound(attempt))
+            release()  # the settle below needs only the decision, however long the queue takes to answer
             await self._settle(
                 attempt.msg_id,
                 attempt.token or 0,
@@ -565,6 +583,7 @@ class DeliveryOwner:
         would find it "absent" and it would land after), asked again. The window left: the queue out, or the
         COMMIT finishing, for longer than the lease (in flight) or the message's first retry delay (queued),
         or the process stopped first (counted: claimed, abandoned)."""
+        self._past_calls()
         self.held.setdefault(msg_id, token)
         self._start_heartbeat()
         tries = 0
@@ -878,6 +897,7 @@ class DeliveryOwner:
         Ends when stored, when fenced (another owner claimed it: the queue was out longer than the lease, so it
         was reaped; its resend is then counted lease_expired) or when the task is cancelled at shutdown (the
         lease is then ended by stop() or runs out, and the next claim counts the calls lease_expired)."""
+        self._past_calls()
         failed_since: float | None = None
         tries = 0
         unknown = False  # a try's COMMIT answer was lost: it may have landed
@@ -1008,11 +1028,26 @@ class DeliveryOwner:
                 if (over := self._renewals_failing.ended()) is not None:
                     log.info("queue_lease_renewed_again", failed_for=over.lasted, failures=over.seen)
 
+    def _past_calls(self) -> None:
+        """The current task makes no more upstream calls (it stores a decision or withdraws a message): it
+        holds no provider, and running() stops waiting for it."""
+        task = asyncio.current_task()
+        if task is None or task not in self._tasks:
+            return
+        self._calls_over.add(task)
+        task.add_done_callback(self._calls_over.discard)
+        if self._calls_over_wake is not None and not self._calls_over_wake.done():
+            self._calls_over_wake.set_result(None)
+
     async def running(self) -> None:
-        """Wait for the attempts running now (not those started later) to finish: after a reload, the
-        providers they hold can then be closed."""
-        if self._tasks:
-            await asyncio.wait(set(self._tasks))
+        """Wait for the attempts running now (not those started later) to be done with their providers:
+        ended, or past their calls (a settle retried while the queue is out, a withdraw: they hold no
+        provider). After a reload, the retired providers can then be closed."""
+        waiting = set(self._tasks)
+        while waiting := {t for t in waiting if not t.done() and t not in self._calls_over}:
+            if self._calls_over_wake is None or self._calls_over_wake.done():
+                self._calls_over_wake = asyncio.get_running_loop().create_future()
+            await asyncio.wait({*waiting, self._calls_over_wake}, return_when=asyncio.FIRST_COMPLETED)
 
     async def stop(self, timeout: float) -> None:
         """Let running attempts finish and record within `timeout`; the rest stay leased (reaped later)."""
