@@ -3,8 +3,10 @@ as a gauge, logged once when it passes the bound (a skewed instance takes over i
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -12,6 +14,7 @@ from typing import Any
 import pytest
 import structlog
 
+from gateway.core.errors import SpoolUnavailable
 from gateway.ledger.model import MessageRow, NoticeRow, OutboxRow, RecipientRow
 from gateway.ledger.sqlite import SqliteLedger
 from gateway.ledger.sqlite_returns import SqliteReturns
@@ -165,3 +168,92 @@ async def test_a_wall_clock_step_on_sqlite_takes_over_no_live_return_path_lease(
     finally:
         await ledger_a.close()
         await ledger_b.close()
+
+
+class _Clocks:
+    """A fake wall clock and monotonic clock for SqliteQueue (wallstep.py reads both; nothing sleeps)."""
+
+    def __init__(self, t0: float) -> None:
+        self.wall, self.mono = t0, 100.0
+
+    def tick(self, seconds: float, step: float = 0.0) -> float:
+        """Both clocks on by `seconds`, the wall clock by `step` more; the wall clock's now."""
+        self.mono += seconds
+        self.wall += seconds + step
+        return self.wall
+
+    def queue(self, path: Path) -> SqliteQueue:
+        return SqliteQueue(path, wall=lambda: self.wall, monotonic=lambda: self.mono)
+
+
+@pytest.mark.asyncio
+async def test_a_step_before_a_process_first_claims_is_seen_at_that_claim(tmp_path: Path) -> None:
+    """Review today8a F5: the first reading was taken at the first claim, so a step between the process's
+    start and that claim was its baseline: its own live lease, looking expired, was reaped by itself."""
+    t0, lease = 1_800_000_000.0, 30.0
+    clocks = _Clocks(t0)
+    b = clocks.queue(tmp_path / "queue.db")  # started (its first reading) before the step
+    try:
+        await b.insert(new("BBBBBBBBBBBBBBBB", t0, owner="B"))
+        stepped = clocks.tick(1.0, step=3600.0)
+        with structlog.testing.capture_logs() as logs:
+            assert await b.claim("B", "acme", stepped, 10, lease) == []  # its own live lease not reaped
+        [seen] = [e for e in logs if e["event"] == "queue_clock_stepped"]
+        assert seen["renewed"] == 1
+    finally:
+        await b.close()
+
+
+@pytest.mark.asyncio
+async def test_a_step_whose_renewal_failed_is_renewed_at_the_next_claim(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review today8a F5: the step was consumed when it was read, so a renewal the queue refused (busy) was
+    never tried again: the process's live leases stayed expired on the stepped clock, to be reaped once the
+    hold was over."""
+    t0, lease = 1_800_000_000.0, 30.0
+    clocks = _Clocks(t0)
+    b = clocks.queue(tmp_path / "queue.db")
+    try:
+        await b.insert(new("BBBBBBBBBBBBBBBB", t0, owner="B"))
+        assert await b.claim("B", "acme", t0, 10, lease) == []
+        real = b._renew_all
+        busy = [True]
+
+        def renew_all(owner: str, lease_until: float) -> int:
+            if busy.pop() if busy else False:
+                raise sqlite3.OperationalError("database is locked")
+            return real(owner, lease_until)
+
+        monkeypatch.setattr(b, "_renew_all", renew_all)
+        stepped = clocks.tick(1.0, step=3600.0)
+        with pytest.raises(SpoolUnavailable):
+            await b.claim("B", "acme", stepped, 10, lease)
+        now = clocks.tick(1.0)
+        with structlog.testing.capture_logs() as logs:
+            assert await b.claim("B", "acme", now, 10, lease) == []
+        [seen] = [e for e in logs if e["event"] == "queue_clock_stepped"]
+        assert seen["renewed"] == 1
+        own = await b.show("BBBBBBBBBBBBBBBB")
+        assert own is not None and own["lease_until"] == now + lease
+    finally:
+        await b.close()
+
+
+@pytest.mark.asyncio
+async def test_a_step_shorter_than_a_second_is_seen_for_a_short_lease(tmp_path: Path) -> None:
+    """Review today8a F5: a step of up to STEP_TOLERANCE (1 s) was never a step, though it reaps a live lease
+    of 1.5 s (a heartbeat every 0.5 s leaves as little as 1 s of it). The tolerance is a third of a short
+    lease."""
+    t0, lease = 1_800_000_000.0, 1.5
+    clocks = _Clocks(t0)
+    b = clocks.queue(tmp_path / "queue.db")
+    try:
+        await b.insert(replace(new("BBBBBBBBBBBBBBBB", t0, owner="B"), lease_until=t0 + lease))
+        assert await b.claim("B", "acme", t0, 10, lease) == []
+        stepped = clocks.tick(0.7, step=0.9)  # 1.6 s on by the wall clock: the live lease looks expired
+        with structlog.testing.capture_logs() as logs:
+            assert await b.claim("B", "acme", stepped, 10, lease) == []
+        assert [e["renewed"] for e in logs if e["event"] == "queue_clock_stepped"] == [1]
+    finally:
+        await b.close()

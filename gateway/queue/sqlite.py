@@ -27,7 +27,7 @@ from gateway.core.errors import QueueTooNew, SpoolUnavailable
 from gateway.core.quota import Counts, Verdict, Window
 from gateway.core.records import Decision
 from gateway.core.storable import storable_decision
-from gateway.queue import sqlite_schema
+from gateway.queue import sqlite_schema, wallstep
 from gateway.queue.health import QueueHealth
 from gateway.queue.sql import FOR_SQLITE, SQLITE, UNSHOWN
 from gateway.queue.sqlite_side import RateFile, Reserve, disk_full
@@ -235,9 +235,13 @@ class SqliteQueue:
 
     async def claim(self, owner: str, account: str, now: float, limit: int, lease: float) -> list[Claimed]:
         # Held for half a lease: more than a heartbeat's interval (a third), so every live sibling has renewed.
-        step = self._wall.seen(hold=lease / 2)
+        step = self._wall.seen(hold=lease / 2, tolerance=wallstep.tolerance(lease))
         if step:
-            renewed = await self._run(self._renew_all, owner, now + lease)
+            try:
+                renewed = await self._run(self._renew_all, owner, now + lease)
+            except SpoolUnavailable:
+                self._wall.again(step)  # not consumed: the next claim sees the step and renews again
+                raise
             # Leases are on this clock: live ones looked expired. Ours renewed now; nobody's reaped meanwhile.
             log.warning("queue_clock_stepped", step=round(step, 1), renewed=renewed, reap_after=lease / 2)
         return await self._run(self._claim, owner, account, now, limit, lease, self._wall.may_reap())
