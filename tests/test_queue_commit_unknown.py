@@ -14,6 +14,7 @@ import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import psycopg
@@ -21,9 +22,10 @@ import pytest
 import structlog
 
 from gateway.core.errors import SpoolUnavailable
+from gateway.delivery.owner import DeliveryOwner
 from gateway.ops.metrics import REGISTRY
 from gateway.queue.postgres import PostgresQueue
-from gateway.queue.store import CommitUnknown, NewMessage
+from gateway.queue.store import CommitUnknown, NewMessage, QueueDataRefused
 from tests.harness import Running
 from tests.pgserver import PgCluster, new_cluster
 from tests.queue_contract import new
@@ -388,3 +390,84 @@ def test_a_message_whose_commit_is_still_finishing_is_answered_452_and_withdrawn
     assert events(logs, "queue_commit_withdrawn")[0]["found"] is True
     assert gw.loop.run(store.show(unknown["queue_id"])) is None
     assert not [r for r in gw.sent if "commit still finishing" in str(r["body"])]
+
+
+# Review today9 F1: after a failover to an asynchronous standby that never got the insert's WAL, the insert's
+# transaction id is past the new primary's next one, and txid_status() raises "transaction ID ... is in the
+# future" (SQLSTATE 22023). That server does not know the transaction: None (the row decides), not a refusal.
+@pytest.mark.asyncio
+async def test_the_commit_state_of_an_xid_the_server_has_not_reached_is_not_known(pg_cluster: PgCluster) -> None:
+    url = pg_cluster.new_database()
+    async with await psycopg.AsyncConnection.connect(url) as conn:
+        row = await (await conn.execute("SELECT txid_current()")).fetchone()
+        assert row is not None
+        now = int(row[0])
+    queue = PostgresQueue(url)
+    await queue.open()
+    try:
+        assert await queue.commit_state(now + 1000) is None  # the old primary's id, not handed out here yet
+    finally:
+        await queue.close()
+
+
+# Review today9 F2: a transaction id means something only on the server that gave it: a standby promoted before
+# the insert's WAL reached it hands the same id to transactions of its own, and txid_status answers for those.
+# Simulated on one cluster: the insert's id is one the server gives an unrelated, committed transaction, and the
+# message's row does not exist. "Committed" without the row is not "stored" (a 250 for a message that is nowhere).
+@pytest.mark.asyncio
+async def test_a_reused_xid_is_not_taken_for_the_insert_having_landed(pg_cluster: PgCluster) -> None:
+    url = pg_cluster.new_database()
+    queue = PostgresQueue(url)
+    await queue.open()
+    try:
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+            row = await (await conn.execute("SELECT txid_current()")).fetchone()
+            assert row is not None
+            lost_xid = int(row[0]) + 5  # the old primary's id for the insert, never replicated
+            for _ in range(10):  # the promoted server's own traffic hands that id out again
+                await conn.execute("SELECT txid_current()")
+        assert await queue.commit_state(lost_xid) == "committed"  # someone else's transaction
+        assert await queue.token_of("0123456789ABCDEF") is None  # the message is not there
+        owner: Any = SimpleNamespace(store=queue)
+        # Not known (None): 452, and the message withdrawn should it land after all.
+        assert await DeliveryOwner._landed(owner, "0123456789ABCDEF", lost_xid) is None
+        await queue.insert(new("0123456789ABCDEF"))  # its row there, "committed" is confirmed
+        assert await DeliveryOwner._landed(owner, "0123456789ABCDEF", lost_xid) is True
+    finally:
+        await queue.close()
+
+
+def test_an_error_asking_the_commit_state_is_not_known_not_a_451_with_the_call_going_on(
+    gateway_factory: Callable[..., Running],
+) -> None:
+    """Review today9 F1, the owner's side: an error the owner does not expect while asking what became of an
+    in-flight insert whose COMMIT's answer was lost (here QueueDataRefused, what txid_status's "in the future"
+    was before commit_state knew it) is logged once with its traceback and taken for "not known": the call's
+    own answer (delivered: 250), and the row withdrawn. It was a 451 (delivery_internal_error) while the call
+    went on and delivered (the resend a duplicate), and a withdraw already running died unretrieved."""
+    gw = gateway_factory(delivery={**FAST, "inline_budget": 0.3, "lease_seconds": 30.0, "retry_schedule": [60.0]})
+    store: Any = gw.app.store
+    real_insert = store.insert
+    internal = metric("smtp_gateway_internal_errors_total", where="queue_commit_unknown")
+
+    async def insert(message: NewMessage) -> int:  # it lands, and the COMMIT's answer is lost
+        await real_insert(message)
+        raise CommitUnknown("queue: database unreachable (connection cut); the COMMIT's answer was lost", xid=7)
+
+    async def commit_state(xid: int) -> str | None:
+        raise QueueDataRefused("queue: InvalidParameterValue: transaction ID 7 is in the future")
+
+    store.insert = insert
+    store.commit_state = commit_state
+    with structlog.testing.capture_logs() as logs:
+        gw.fault(delay=1.0, count=1, kind="send")  # answers after the budget: stored in flight
+        code, text = send(gw.port(), "in flight, state refused")
+        assert code == 250, text  # the call's own answer: delivered
+        wait_for(lambda: events(logs, "queue_commit_withdrawn") or None, 20, "the message withdrawn")
+    assert not events(logs, "delivery_internal_error")
+    assert [e["result"] for e in events(logs, "queue_commit_unknown")] == ["unknown"]
+    failed = events(logs, "queue_commit_check_failed")
+    assert [e["step"] for e in failed] == ["landed", "withdraw"] and all(e["exc_info"] for e in failed)
+    assert metric("smtp_gateway_internal_errors_total", where="queue_commit_unknown") == internal + 2
+    assert events(logs, "queue_commit_withdrawn")[0]["found"] is True
+    assert len([r for r in gw.sent if "in flight, state refused" in str(r["body"])]) == 1

@@ -556,19 +556,30 @@ class DeliveryOwner:
         (it did not answer, or the COMMIT was still finishing) within ~3 s. Asked by the transaction's own
         state where the queue keeps one (PostgreSQL, `xid`): the row alone is not enough, as a COMMIT still
         waiting for a synchronous standby (or a slow WAL flush) has a row no other session sees yet, which
-        then lands after the client was told 452. Only when the queue cannot tell (no xid, or one too old)
-        is the row's presence the answer: the transaction is then long over."""
+        then lands after the client was told 452. Only when the queue cannot tell (no xid, one too old, or
+        one the server has not reached: a standby promoted before the insert's WAL reached it) is the row's
+        presence the answer: the transaction is then long over, or never reached this server. "Committed"
+        needs the row too (else None): after such a failover the id may be another transaction's. A bug
+        while asking is logged (queue_commit_check_failed) and taken for None."""
         for tries in range(1, LANDED_TRIES + 1):
             try:
                 state = None if xid is None else await self.store.commit_state(xid)
-                if state is None:
-                    return await self.store.token_of(msg_id) is not None
+                if state == "aborted":  # nothing was written, for good
+                    return False
                 if state != "in progress":
-                    # Committed: its row is seen from now on (the caller goes on as for any insert); aborted:
-                    # nothing was written, for good.
-                    return state == "committed"
+                    found = await self.store.token_of(msg_id) is not None
+                    # Committed is confirmed by the row (seen from now on): a transaction id means something
+                    # only on the server that gave it, and a standby promoted before the insert's WAL reached
+                    # it gives that id to transactions of its own. Committed and no row: not known (452, and
+                    # withdrawn should it land after all). Not known by the server: the row decides.
+                    if found:
+                        return True
+                    return None if state == "committed" else False
             except SpoolUnavailable:
                 pass
+            except Exception as exc:  # a bug: not known, so the client hears 452 and the message is withdrawn
+                self._commit_check_failed(msg_id, "landed", exc)
+                return None
             if tries < LANDED_TRIES:
                 await asyncio.sleep(settle_backoff(tries))
         return None
@@ -587,18 +598,28 @@ class DeliveryOwner:
         self.held.setdefault(msg_id, token)
         self._start_heartbeat()
         tries = 0
+        failed = False  # a bug met: logged the first time only
         try:
             while True:
+                asking = "commit_state"
                 try:
                     state = None if xid is None else await self.store.commit_state(xid)
                     if state == "aborted":  # never landed: nothing to withdraw, for good
                         result = "absent"
                         break
-                    if state != "in progress":  # committed (its row seen now) or not known: the row decides
+                    if state != "in progress":  # committed or not known: the row decides
+                        asking = "withdraw"
                         result = await self.store.withdraw(msg_id, token)
                         break
                 except SpoolUnavailable:  # CommitUnknown too: asked again, "absent" then means it was deleted
                     pass
+                except Exception as exc:  # a bug: the message stays held, and is not left unwithdrawn
+                    if not failed:
+                        self._commit_check_failed(msg_id, "withdraw", exc)
+                    failed = True
+                    if asking == "commit_state":
+                        xid = None  # its state is not to be had: the row decides, at once
+                        continue
                 tries += 1
                 await asyncio.sleep(settle_backoff(tries))
         except asyncio.CancelledError:
@@ -618,6 +639,15 @@ class DeliveryOwner:
             # claimed and delivered meanwhile: the window, not told apart.
             QUEUE_COMMIT_UNKNOWN.labels(result=result).inc()
             bound.info("queue_commit_withdrawn", found=result == "withdrawn")
+
+    @staticmethod
+    def _commit_check_failed(msg_id: str, step: str, exc: Exception) -> None:
+        """An unexpected error asking the queue about an insert whose COMMIT's answer was lost: once with its
+        traceback, counted; the caller goes on as for "not known" (452, the message withdrawn)."""
+        INTERNAL_ERRORS.labels(where="queue_commit_unknown").inc()
+        # A bug (or an answer the queue was not expected to give) while asking whether the insert committed:
+        # taken for "not known", so the client hears 452 and the message is withdrawn if it landed.
+        log.error("queue_commit_check_failed", queue_id=msg_id, step=step, exc_info=exc)
 
     def _stored(self) -> None:
         """The queue took a message: an episode of spool_unavailable is over."""

@@ -467,8 +467,16 @@ class PostgresQueue:
                 await cur.execute(SQL.insert_blob, row)
 
     async def commit_state(self, xid: int) -> str | None:
-        async with self._tx() as conn:
-            row = await (await conn.execute(COMMIT_STATE, (xid, xid))).fetchone()
+        try:
+            async with self._tx() as conn:
+                row = await (await conn.execute(COMMIT_STATE, (xid, xid))).fetchone()
+        except QueueDataRefused as exc:
+            if not isinstance(exc.__cause__, psycopg.errors.InvalidParameterValue):
+                raise
+            # "transaction ID N is in the future" (SQLSTATE 22023): the server answering now has not handed
+            # that id out yet (a standby promoted before the insert's WAL reached it). It does not know the
+            # transaction, as for one too old: the row decides.
+            return None
         assert row is not None
         status = row["status"]
         if status == "committed" and not row["visible"]:
