@@ -199,23 +199,46 @@ def test_a_hooks_path_query_and_long_segments_are_masked_wherever_they_are_repea
 
 
 def test_plain_words_of_a_hooks_path_stay_readable_in_its_answers() -> None:
-    """Review today8b F3: every 6+ character piece of the path was masked anywhere in the answer: a hook at
-    /hooks/internal made 'Internal Server Error' a mask. The path, the query and secret-looking pieces still are."""
-    kept = without_url_parts("HTTP 400: invalid events payload", "https://hooks.example.com/smtp/events?t=Zx81kQp2")
-    assert kept == "HTTP 400: invalid events payload"
+    """Review today8b F3: every 6+ character piece of the path was masked anywhere in the answer, whatever its
+    case: a hook at /hooks/internal made 'Internal Server Error' a mask. A piece that is a plain word is masked
+    only as written in the URL (review today9 F3: it may be a token of letters); the path, the query and
+    secret-looking pieces whatever their case."""
+    kept = without_url_parts("HTTP 400: invalid Events payload", "https://hooks.example.com/smtp/events?t=Zx81kQp2")
+    assert kept == "HTTP 400: invalid Events payload"
     hook = "https://example.com/hooks/internal"
     assert without_url_parts("HTTP 500: Internal Server Error", hook) == "HTTP 500: Internal Server Error"
     assert without_url_parts("HTTP 404: Cannot POST /hooks/internal", hook) == f"HTTP 404: Cannot POST {MASK}"
+    assert without_url_parts("HTTP 404: Cannot POST /HOOKS/INTERNAL", hook) == f"HTTP 404: Cannot POST {MASK}"
     signed = "https://h.example/smtp-events/abcDEFghiJKL?sig=Zx81kQp2&user=webhook_receiver"
-    said = "HTTP 403: smtp-events refused abcDEFghiJKL (sig Zx81kQp2) for webhook_receiver"
-    assert without_url_parts(said, signed) == f"HTTP 403: smtp-events refused {MASK} (sig {MASK}) for webhook_receiver"
+    said = "HTTP 403: SMTP-Events refused ABCdefGHIjkl (sig zx81kqp2) for Webhook_Receiver, webhook_receiver"
+    assert without_url_parts(said, signed) == (
+        f"HTTP 403: SMTP-Events refused {MASK} (sig {MASK}) for Webhook_Receiver, {MASK}"
+    )
     long_word = "https://h.example/hooks/abcdefghijklmnopqrstuvwxyz"  # letters only, but a token's length
-    assert without_url_parts("HTTP 404: no abcdefghijklmnopqrstuvwxyz", long_word) == f"HTTP 404: no {MASK}"
-    # A secret piece cut at the end of the kept text: its beginning is masked; a plain word's is not.
-    assert without_url_parts("HTTP 403: token Zx81kQ", "https://h.example/hooks/internal/Zx81kQp2") == (
+    assert without_url_parts("HTTP 404: no ABCDEFGHIJKLMNOPQRSTUVWXYZ", long_word) == f"HTTP 404: no {MASK}"
+    # A piece cut at the end of the kept text: its beginning is masked, a secret's whatever its case, any
+    # other's as written.
+    assert without_url_parts("HTTP 403: token zX81Kq", "https://h.example/hooks/internal/Zx81kQp2") == (
         f"HTTP 403: token {MASK}"
     )
     assert without_url_parts("HTTP 500: Internal", hook) == "HTTP 500: Internal"
+    assert without_url_parts("HTTP 500: from intern", hook) == f"HTTP 500: from {MASK}"
+
+
+@pytest.mark.parametrize(
+    ("token", "url"),
+    [
+        ("QWERTYUIOPASDFGH", "https://h.example/hooks/in?token={t}"),  # a base32 token without a digit
+        ("kzqvwxmplrtbnhsd", "https://h.example/hooks/{t}"),  # lower-case letters
+        ("Kzqvwxmplrtb", "https://h.example/hooks/{t}/events"),
+    ],
+)
+def test_a_letters_only_token_echoed_alone_is_masked(token: str, url: str) -> None:
+    """Review today9 F3: a token of letters only, under LONG_PIECE, is a "plain word", and was kept when the
+    receiver echoed it alone (in the outbox row, webhook_delivery_failed, the timeline, the API)."""
+    hook = url.format(t=token)
+    assert without_url_parts(f"HTTP 401: unknown token {token}", hook) == f"HTTP 401: unknown token {MASK}"
+    assert without_url_parts(f"HTTP 401: unknown token {token[:8]}", hook) == f"HTTP 401: unknown token {MASK}"
 
 
 BIG = 2 << 20  # over the client's MAX_RESPONSE (1 MiB)

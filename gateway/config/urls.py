@@ -52,11 +52,12 @@ def without_urls(text: str) -> str:
     return _URL_IN_TEXT.sub(lambda found: shown_url(found.group(), path=True), text)
 
 
-# The URL's path, query and fragment are masked as whole strings this long or longer; shorter ones ("/v1") name
-# no secret and keep the text readable.
+# The URL's path, query and fragment, and each piece of them (between `/`, `?`, `&`, `=`, `#`, `;`), are masked
+# when this long or longer; shorter ones ("/v1") name no secret and keep the text readable.
 SECRET_PIECE = 6
-# A piece of them (between `/`, `?`, `&`, `=`, `#`, `;`) is masked only when it looks like a secret: this long, or
-# not a plain word (review today8b F3: a hook at /hooks/internal made every "Internal" of an answer a mask).
+# A piece that looks like a secret is masked whatever its case; any other only as written in the URL (review
+# today8b F3: a hook at /hooks/internal made every "Internal" of an answer a mask; review today9 F3: a token of
+# letters only, "kzqvwxmplrtbnhsd", echoed alone was kept, as a "plain word").
 LONG_PIECE = 20
 _PIECE_SEPARATORS = re.compile(r"[/?&=#;]")
 # A plain word, or words joined by `-` or `_`: letters only, lower case, capitalised or all capitals ("events",
@@ -73,36 +74,57 @@ def secret_looking(piece: str) -> bool:
     return len(plain) >= LONG_PIECE or _PLAIN_WORD.fullmatch(plain) is None
 
 
+def _variants(pieces: set[str]) -> set[str]:
+    """Each piece as a text may print it: as written, percent-decoded, percent-encoded, HTML-escaped."""
+    return {
+        v
+        for p in pieces
+        for v in (p, unquote(p), quote(unquote(p), safe="/"), html.escape(p))
+        if len(v) >= SECRET_PIECE
+    }
+
+
 def without_url_parts(text: str, url: str) -> str:
-    """`text` (a receiver's answer, an HTTP library's error) without `url`'s path, query and fragment (each as a
-    whole, SECRET_PIECE characters or longer), nor any piece of them that looks like a secret
-    (secret_looking), wherever they appear in it: a server's error page repeats the request's path (Express's
-    404: `Cannot POST /hooks/<token>`), and a hook's token lives there. Pieces that are plain words ("events",
-    "internal") stay: masked, they would hide the answer's own words. In any case, percent-decoded,
-    percent-encoded or HTML-escaped as a page may print them; a secret's beginning that ends the text (kept
-    only up to a length) too. Then every URL in it as without_urls() prints it."""
+    """`text` (a receiver's answer, an HTTP library's error) without `url`'s path, query and fragment, nor any
+    piece of them, each SECRET_PIECE characters or longer, wherever they appear in it: a server's error page
+    repeats the request's path (Express's 404: `Cannot POST /hooks/<token>`), and a receiver may echo the
+    token alone (`unknown token <token>`). The whole strings and the pieces that look like a secret
+    (secret_looking) are masked whatever their case; the other pieces, which may be plain words or a token of
+    letters, only as written in the URL, so an echoed token always is, while "Internal Server Error" stays
+    readable for a hook at /hooks/internal. In any case, percent-decoded, percent-encoded or HTML-escaped as a
+    page may print them; a piece's beginning that ends the text (kept only up to a length) too. Then every URL
+    in it as without_urls() prints it."""
     try:
         parts = urlsplit(url)
     except ValueError:
         return without_urls(text)
     tail = url[len(f"{parts.scheme}://{parts.netloc}") :] if parts.scheme else url
-    pieces = {tail, parts.path, parts.query, parts.fragment}
-    pieces.update(p for p in _PIECE_SEPARATORS.split(tail) if secret_looking(p))
+    split = set(_PIECE_SEPARATORS.split(tail))
+    whole = {tail, parts.path, parts.query, parts.fragment} | {p for p in split if secret_looking(p)}
     if tail:
-        pieces.add(url)
-    variants = {v for p in pieces for v in (p, unquote(p), quote(unquote(p), safe="/"), html.escape(p))}
-    secrets = sorted((v for v in variants if len(v) >= SECRET_PIECE), key=len, reverse=True)
+        whole.add(url)
+    folded_secrets = _variants(whole)
+    exact_secrets = _variants(split) - folded_secrets
+    # Longest first: a whole path is masked as one, not piece by piece.
+    secrets = sorted(folded_secrets | exact_secrets, key=len, reverse=True)
     if not secrets:
         return without_urls(text)
-    text = re.sub("|".join(map(re.escape, secrets)), MASK, text, flags=re.IGNORECASE)
-    folded = text.casefold()
+    text = re.sub(
+        "|".join(f"(?i:{re.escape(v)})" if v in folded_secrets else re.escape(v) for v in secrets), MASK, text
+    )
     for secret in secrets:
+        fold = secret in folded_secrets
+        end = text.casefold() if fold else text
         cut = next(
-            (k for k in range(len(secret) - 1, SECRET_PIECE - 1, -1) if folded.endswith(secret[:k].casefold())), 0
+            (
+                k
+                for k in range(len(secret) - 1, SECRET_PIECE - 1, -1)
+                if end.endswith(secret[:k].casefold() if fold else secret[:k])
+            ),
+            0,
         )
         if cut:
             text = text[:-cut] + MASK
-            folded = text.casefold()
     return without_urls(text)
 
 
