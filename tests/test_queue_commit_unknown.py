@@ -41,14 +41,37 @@ class CommitCutter:
         self.await_answer = await_answer  # False: the client's side is cut as soon as the COMMIT went
         self.armed = False
         self.cut = 0
-        self.kept: list[asyncio.StreamWriter] = []  # server sides left open (their backend in the COMMIT)
         self.dir = Path(tempfile.mkdtemp(prefix="gwpx-"))
+        # Every connection's two sides and its serving task: closed by close(), in the test's own loop (a side
+        # left to the garbage collector warns in whichever later test collects it, which then fails).
+        self.writers: list[asyncio.StreamWriter] = []
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.server: asyncio.AbstractServer | None = None
 
     async def start(self) -> asyncio.AbstractServer:
-        return await asyncio.start_unix_server(self.serve, str(self.dir / ".s.PGSQL.5432"))
+        self.server = await asyncio.start_unix_server(self.serve, str(self.dir / ".s.PGSQL.5432"))
+        return self.server
+
+    async def close(self) -> None:
+        """Stop accepting, close every side of every connection, and wait for the serving tasks to end."""
+        if self.server is not None:
+            self.server.close()
+        for w in self.writers:
+            w.close()
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for w in self.writers:
+            with contextlib.suppress(Exception):
+                await w.wait_closed()
 
     async def serve(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self.tasks.add(task)
+        self.writers.append(c_writer)
         s_reader, s_writer = await asyncio.open_unix_connection(self.real)
+        self.writers.append(s_writer)
         commit_sent = asyncio.Event()
 
         async def up() -> None:
@@ -73,31 +96,24 @@ class CommitCutter:
                 await c_writer.drain()
 
         tasks = [asyncio.ensure_future(up()), asyncio.ensure_future(down())]
+        self.tasks.update(tasks)
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         if commit_sent.is_set() and self.await_answer:
             await tasks[1]
         for t in tasks:
             t.cancel()
-        # Without awaiting the answer, the server's side stays open (closed by close_kept): its backend is
-        # still in the COMMIT.
-        if not self.await_answer:
-            self.kept.append(s_writer)
+        # Without awaiting the answer, the server's side stays open until close(): its backend is still in
+        # the COMMIT.
         for w in (c_writer, s_writer) if self.await_answer else (c_writer,):
             with contextlib.suppress(Exception):
                 w.close()
-
-    async def close_kept(self) -> None:
-        for w in self.kept:
-            w.close()
-            with contextlib.suppress(Exception):
-                await w.wait_closed()
 
 
 @pytest.mark.asyncio
 async def test_a_commit_whose_answer_is_lost_is_told_from_a_failure_and_found(pg_cluster: PgCluster) -> None:
     url = pg_cluster.new_database()
     proxy = CommitCutter(str(pg_cluster.dir / ".s.PGSQL.5432"))
-    server = await proxy.start()
+    await proxy.start()
     via_proxy = url.replace(f"host={pg_cluster.dir}", f"host={proxy.dir}")
     queue, direct = PostgresQueue(via_proxy), PostgresQueue(url)
     try:
@@ -116,7 +132,7 @@ async def test_a_commit_whose_answer_is_lost_is_told_from_a_failure_and_found(pg
     finally:
         await queue.close()
         await direct.close()
-        server.close()
+        await proxy.close()
 
 
 def metric(name: str, **labels: str) -> float:
@@ -348,8 +364,7 @@ async def test_a_commit_still_finishing_after_its_answer_was_lost_is_in_progress
                 with contextlib.suppress(Exception):
                     await q.close()
         if server is not None:
-            server.close()
-            await proxy.close_kept()
+            await proxy.close()
         cluster.stop()
 
 
