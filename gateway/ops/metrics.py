@@ -512,6 +512,7 @@ INTERNAL_ERROR_PLACES = (
     "ledger_record",
     "ledger_writer",
     "notices",
+    "queue_commit_unknown",
     "queue_delivery",
     "quota_return",
     "reload",
