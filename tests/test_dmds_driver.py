@@ -626,6 +626,18 @@ class SlotsTaken:
         return None
 
 
+def one_connection(answer: Callable[[httpx.Request], Any]) -> HttpClient:
+    """A client of one connection whose pool wait times out after 0.1 s: the pool and rate slot tests'."""
+    return HttpClient(
+        "https://api.example",
+        upstream="DMDS",
+        account="acme",
+        timeout=0.1,
+        max_connections=1,
+        transport=httpx.MockTransport(answer),
+    )
+
+
 async def test_a_rate_slot_is_taken_only_once_a_connection_is_free() -> None:
     """Review limits2 F1: calls that took their slots while a slow upstream held every connection went all in
     the instant a connection freed up (up to max_connections at once, past rate_burst). A slot is taken only
@@ -665,14 +677,7 @@ async def test_a_call_behind_others_rate_slots_waits_for_the_rate_not_the_pool_t
     """A connection held while its call waits for its rate slot is held by the rate: a call waiting for it past
     the pool timeout is not 'no free connection' (it waited for the rate before, with slots taken first)."""
     at_upstream = [0]
-    http = HttpClient(
-        "https://api.example",
-        upstream="DMDS",
-        account="acme",
-        timeout=0.1,
-        max_connections=1,
-        transport=httpx.MockTransport(lambda r: httpx.Response(200)),
-    )
+    http = one_connection(lambda r: httpx.Response(200))
     slow = SlotsTaken(at_upstream, wait=0.4)  # the slot is 4 pool timeouts away
     first = asyncio.create_task(http.request("version", "GET", "/v", headers={}, limiter=slow))
     second = asyncio.create_task(http.request("version", "GET", "/v", headers={}, limiter=SlotsTaken(at_upstream)))
@@ -690,14 +695,7 @@ async def test_a_call_without_a_limiter_keeps_its_pool_timeout_behind_slot_waite
             held.set()
             await asyncio.Event().wait()  # a 429's pause, for as long as the test needs
 
-    http = HttpClient(
-        "https://api.example",
-        upstream="DMDS",
-        account="acme",
-        timeout=0.1,
-        max_connections=1,
-        transport=httpx.MockTransport(lambda r: httpx.Response(200)),
-    )
+    http = one_connection(lambda r: httpx.Response(200))
     waiting = asyncio.create_task(http.request("send_one", "POST", "/v", headers={}, limiter=Waiting([0])))
     await held.wait()
     with pytest.raises(UpstreamUnavailable, match="no free connection"):
@@ -745,14 +743,7 @@ async def test_every_connection_busy_sending_past_the_pool_timeout_is_not_sent()
         await stuck.wait()
         return httpx.Response(200)
 
-    http = HttpClient(
-        "https://api.example",
-        upstream="DMDS",
-        account="acme",
-        timeout=0.1,
-        max_connections=1,
-        transport=httpx.MockTransport(upstream),
-    )
+    http = one_connection(upstream)
     first = asyncio.create_task(http.request("version", "GET", "/v", headers={}, timeout=30.0))
     await sending.wait()
     with pytest.raises(UpstreamUnavailable, match="no free connection"):
